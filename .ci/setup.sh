@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up edgekit in ./.venv on a fresh machine: CPU torch first (a loose torch requirement would
+# pull GBs of CUDA packages), llama-cpp-python built with safe CPU flags into edgekit's own
+# wheelhouse (pip's wheel cache ignores CMAKE_ARGS, and a natively built llama.cpp faults on VMs
+# whose CPUs report AMX), then edgekit itself in editable mode.
+#   bash .ci/setup.sh                 # idempotent; fast once done
+#   bash .ci/setup.sh --rebuild-llama # rebuild the llama.cpp wheel
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHEELHOUSE=${EDGEKIT_WHEELHOUSE:-$HOME/.cache/edgekit/wheels}
+LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==//p' .ci/constraints.txt)
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip install -q -c .ci/constraints.txt)
+
+.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
+
+if [ "${1:-}" = "--rebuild-llama" ]; then rm -f "$WHEELHOUSE"/llama_cpp_python-*.whl; fi
+if ! ls "$WHEELHOUSE"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $LLAMA_VERSION with portable CPU flags (about 8 minutes, once)..."
+  mkdir -p "$WHEELHOUSE"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
+    .venv/bin/python -m pip wheel -q --no-cache-dir --no-deps -w "$WHEELHOUSE" "llama-cpp-python==$LLAMA_VERSION"
+fi
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  "${pip[@]}" numpy typing-extensions diskcache jinja2
+  .venv/bin/python -m pip install -q --no-index --no-deps --find-links "$WHEELHOUSE" "llama-cpp-python==$LLAMA_VERSION"
+fi
+
+"${pip[@]}" -e ".[torch,dev]"
+echo "edgekit is set up: $(.venv/bin/edgekit --help >/dev/null && echo ok) (.venv/bin/edgekit)"

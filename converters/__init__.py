@@ -1,0 +1,1 @@
+"""edgekit.converters: compression methods (quantize/) and artifact formats (formats/)."""

@@ -1,0 +1,1 @@
+"""Artifact formats (one file each): gguf, and the ones later issues add."""

@@ -1,0 +1,85 @@
+"""The artifact-format interface and its registry: one file per format, ``@register_format``."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgekit.errors import InputError
+from edgekit.registry import Registry
+
+if TYPE_CHECKING:
+    from edgekit.converters.quantize.base import Quantizer
+    from edgekit.model import HFCheckpoint
+
+FORMATS: Registry[type[Format]] = Registry("format", ["edgekit.converters.formats.gguf"])
+register_format = FORMATS.register
+
+# progress(description, completed, total): called as long steps advance.
+ProgressFn = Callable[[str, int, int], None]
+
+
+def no_progress(desc: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ConvertRecipe:
+    """What to produce.
+
+    bits: nominal bits per weight (2, 3, 4, 5, 6, 8) selecting a preset mix; ignored when ``preset`` is set.
+    preset: a named type mix (for GGUF: llama.cpp's names, e.g. "Q4_K_M", "Q4_0", "F16").
+    tensor_types: ``(regex, type)`` overrides applied after the preset, matched against tensor names.
+    method: the quantization method (a registered quantizer name).
+    """
+
+    bits: int | None = 4
+    preset: str | None = None
+    tensor_types: tuple[tuple[str, str], ...] = ()
+    method: str = "rtn"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preset is None and self.bits is None:
+            raise InputError("give --bits or --type")
+        for pattern, _ in self.tensor_types:
+            import re
+
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InputError(f"--tensor-type pattern {pattern!r} is not a valid regex ({exc})") from exc
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "preset": self.preset,
+            "tensor_types": [list(t) for t in self.tensor_types],
+            "method": self.method,
+            **self.extra,
+        }
+
+
+class Format(abc.ABC):
+    """Writes artifacts of one format from a checkpoint."""
+
+    name: str = ""
+    model_filename: str = ""
+
+    @abc.abstractmethod
+    def convert(
+        self,
+        checkpoint: HFCheckpoint,
+        out_dir: Path,
+        recipe: ConvertRecipe,
+        quantizer: Quantizer,
+        progress: ProgressFn = no_progress,
+    ) -> dict[str, Any]:
+        """Write the model file into ``out_dir`` (a fresh temporary folder); return manifest fields."""
+
+    def default_output_suffix(self, recipe: ConvertRecipe) -> str:
+        """Suffix of the default output folder name, e.g. ``gguf-q4``."""
+        return f"{self.name}-q{recipe.bits}" if recipe.preset is None else f"{self.name}-{recipe.preset.lower()}"

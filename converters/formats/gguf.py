@@ -1,0 +1,173 @@
+"""GGUF writer: architecture metadata, tokenizer, and tensors in any ggml type edgekit encodes.
+
+Tensors are streamed: the header (metadata and tensor table) is written first, then each tensor
+is loaded, transformed (Q/K permutation for llama), encoded and written before the next is read,
+so memory stays at about one tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from edgekit.arch import permute_for_rope
+from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
+from edgekit.converters.formats.gguf_vocab import read_vocab
+from edgekit.converters.quantize import ggml, mixes
+from edgekit.converters.quantize.base import Quantizer
+from edgekit.errors import DiskFullError
+from edgekit.fsutil import check_free_space
+from edgekit.model import HFCheckpoint
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor of the output: where it comes from, its GGUF name and numpy shape, its type."""
+
+    hf_name: str
+    name: str
+    shape: tuple[int, ...]
+    assignment: mixes.Assignment
+
+    @property
+    def qtype(self) -> gguf.GGMLQuantizationType:
+        return self.assignment.type
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) * (self.shape[-1] // block) * size
+
+
+def _order_key(name: str) -> tuple[int, int, str]:
+    m = re.match(r"blk\.(\d+)\.", name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return (0 if name.startswith("token_embd") else 2, 0, name)
+
+
+def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe) -> list[PlannedTensor]:
+    """Map every checkpoint tensor to its GGUF name and ggml type (preset mix, overrides, fallbacks)."""
+    hp, spec = ckpt.hparams, ckpt.spec
+    mapped: list[tuple[str, str, tuple[int, ...]]] = []
+    for hf_name, ref in ckpt.tensors.items():
+        if hf_name == "lm_head.weight" and hp.tie_embeddings:
+            continue
+        name = spec.gguf_name(hf_name)
+        if name is not None:
+            mapped.append((hf_name, name, ref.shape))
+    mapped.sort(key=lambda t: _order_key(t[1]))
+    infos = [mixes.TensorInfo(name=name, shape=tuple(reversed(shape))) for _, name, shape in mapped]
+    arch = mixes.ArchInfo(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv, arch=spec.gguf_arch)
+    preset = recipe.preset or mixes.preset_for_bits(recipe.bits).name
+    assignments = mixes.assign_types(infos, preset, arch, overrides=list(recipe.tensor_types))
+    return [PlannedTensor(hf, name, shape, assignments[name]) for hf, name, shape in mapped]
+
+
+def _transform(ckpt: HFCheckpoint, t: PlannedTensor, w: np.ndarray) -> np.ndarray:
+    """HF layout -> llama.cpp layout for this tensor."""
+    if ckpt.spec.permute_qk:
+        if t.name.endswith("attn_q.weight"):
+            return permute_for_rope(w, ckpt.hparams.n_head)
+        if t.name.endswith("attn_k.weight"):
+            return permute_for_rope(w, ckpt.hparams.n_head_kv)
+    return w
+
+
+def _add_kv(writer: gguf.GGUFWriter, key: str, value: object) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        writer.add_string(key, str(value))
+
+
+@register_format("gguf")
+class GGUFFormat(Format):
+    """llama.cpp's single-file format."""
+
+    name = "gguf"
+    model_filename = "model.gguf"
+
+    def convert(
+        self,
+        checkpoint: HFCheckpoint,
+        out_dir: Path,
+        recipe: ConvertRecipe,
+        quantizer: Quantizer,
+        progress: ProgressFn = no_progress,
+    ) -> dict[str, Any]:
+        checkpoint.require_tokenizer()
+        plan = plan_tensors(checkpoint, recipe)
+        vocab = read_vocab(checkpoint.path, checkpoint.hparams.n_vocab)
+        total = sum(t.nbytes for t in plan)
+        check_free_space(out_dir, total + (64 << 20), "the GGUF file")
+        quantizer.prepare(checkpoint, {t.name: t.qtype for t in plan})
+
+        preset = recipe.preset or mixes.preset_for_bits(recipe.bits).name
+        arch = checkpoint.spec.gguf_arch
+        path = out_dir / self.model_filename
+        writer = gguf.GGUFWriter(path=None, arch=arch)
+        writer.add_name(checkpoint.path.name)
+        writer.add_file_type(mixes.preset_from_name(preset).ftype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value in checkpoint.hparams.gguf_kv(arch).items():
+            _add_kv(writer, key, value)
+        vocab.add_to(writer)
+        if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
+            writer.add_chat_template(tmpl)
+        for t in plan:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        try:
+            writer.write_header_to_file(path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for i, t in enumerate(plan):
+                progress(f"encoding {t.name} as {t.qtype.name}", i, len(plan))
+                w = _transform(checkpoint, t, checkpoint.load(t.hf_name))
+                data = quantizer.quantize(t.name, w, t.qtype)
+                if data.nbytes != t.nbytes:
+                    raise AssertionError(f"{t.name}: encoder gave {data.nbytes} bytes, expected {t.nbytes}")
+                writer.write_tensor_data(data)
+            progress("done", len(plan), len(plan))
+        except OSError as exc:
+            if exc.errno == 28:
+                raise DiskFullError("the disk filled up while writing the GGUF file; free space and retry") from exc
+            raise
+        finally:
+            writer.close()
+        return self._manifest_fields(plan, path, preset, vocab.pre)
+
+    @staticmethod
+    def _manifest_fields(plan: list[PlannedTensor], path: Path, preset: str, pre: str | None) -> dict[str, Any]:
+        n_params = sum(int(np.prod(t.shape)) for t in plan)
+        tensors = {}
+        for t in plan:
+            entry: dict[str, Any] = {"type": t.qtype.name, "shape": list(reversed(t.shape))}
+            if t.assignment.wanted is not None:
+                entry["wanted"] = t.assignment.wanted.name
+                entry["fallback_reason"] = t.assignment.reason
+            tensors[t.name] = entry
+        size = path.stat().st_size
+        return {
+            "files": {"model": path.name},
+            "preset": preset,
+            "n_params": n_params,
+            "size_bytes": size,
+            "tensor_bytes": sum(t.nbytes for t in plan),
+            "bpw": round(8 * sum(t.nbytes for t in plan) / n_params, 4),
+            "tokenizer_pre": pre,
+            "tensors": tensors,
+        }
+
+
+def supported_types() -> tuple[str, ...]:
+    return tuple(t.name for t in ggml.SUPPORTED_TYPES)

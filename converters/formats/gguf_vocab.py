@@ -1,0 +1,158 @@
+"""Tokenizer -> GGUF vocabulary: BPE (tokenizer.json, byte-level) and SentencePiece (tokenizer.model).
+
+Special tokens, merges, add-BOS/EOS flags and the chat template are read with gguf-py's
+``SpecialVocab``; the pre-tokenizer name llama.cpp needs is looked up in ``BPE_PRE_TOKENIZERS``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from edgekit.errors import InputError, UnsupportedError
+
+_T = gguf.TokenType
+
+# llama.cpp pre-tokenizer name <- the split regex(es) a tokenizer.json's pre_tokenizer uses.
+# (Only the pattern matters for identity; a byte-level BPE with no Split is plain GPT-2.)
+_LLAMA3_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BPE_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
+    ("bytelevel",): "gpt-2",
+    ("digits:individual", "bytelevel"): "smollm",
+    ("split:" + _LLAMA3_RE, "bytelevel"): "llama-bpe",
+    ("split:" + _QWEN2_RE, "bytelevel"): "qwen2",
+}
+# The reverse, for `edgekit import`: llama.cpp pre name -> tokenizer.json pre_tokenizer.
+_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+PRE_TOKENIZER_JSON: dict[str, dict] = {
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTELEVEL]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_RE}, "behavior": "Isolated", "invert": False},
+        {**_BYTELEVEL, "use_regex": False}]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _QWEN2_RE}, "behavior": "Isolated", "invert": False},
+        {**_BYTELEVEL, "use_regex": False}]},
+}
+
+
+def _pre_signature(pre: dict | None) -> tuple[str, ...]:
+    if not pre:
+        return ()
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    sig = []
+    for p in parts or []:
+        kind = p.get("type", "")
+        if kind == "ByteLevel":
+            sig.append("bytelevel")
+        elif kind == "Digits":
+            sig.append("digits:individual" if p.get("individual_digits") else "digits")
+        elif kind == "Split":
+            pat = p.get("pattern", {})
+            sig.append("split:" + (pat.get("Regex") or pat.get("String") or ""))
+        else:
+            sig.append(kind.lower())
+    return tuple(sig)
+
+
+def detect_bpe_pre(tokenizer_json: dict) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer; 'default' (with a warning) if unknown."""
+    sig = _pre_signature(tokenizer_json.get("pre_tokenizer"))
+    name = BPE_PRE_TOKENIZERS.get(sig)
+    if name is None:
+        warnings.warn(
+            "unrecognised BPE pre-tokenizer; writing 'default' (llama.cpp may split text slightly differently "
+            "from the original tokenizer)",
+            stacklevel=2,
+        )
+        return "default"
+    return name
+
+
+@dataclass
+class GGUFVocab:
+    """Everything the GGUF tokenizer block holds, ready for a ``GGUFWriter``."""
+
+    model: str  # "gpt2" (BPE) or "llama" (SentencePiece)
+    tokens: list[bytes]
+    scores: list[float]
+    types: list[int]
+    pre: str | None
+    special: gguf.SpecialVocab = field(repr=False)
+
+    def add_to(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model(self.model)
+        if self.pre is not None:
+            writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_scores(self.scores)
+        writer.add_token_types(self.types)
+        self.special.add_to_gguf(writer, quiet=True)
+
+
+def _bpe_vocab(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int], str]:
+    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tj.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise UnsupportedError(
+            f"{folder / 'tokenizer.json'} is not a byte-level BPE tokenizer and the folder has no tokenizer.model; "
+            "edgekit converts byte-level BPE (GPT-2/Llama-3/Qwen2 style) and SentencePiece tokenizers"
+        )
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    for i, a in added.items():
+        by_id[i] = a["content"]
+    size = max(n_vocab, max(by_id) + 1)
+    tokens, types = [], []
+    for i in range(size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]".encode())
+            types.append(_T.UNUSED)
+            continue
+        tokens.append(by_id[i].encode("utf-8"))
+        if i in added:
+            types.append(_T.CONTROL if added[i].get("special") else _T.USER_DEFINED)
+        else:
+            types.append(_T.NORMAL)
+    return tokens, [0.0] * size, [int(t) for t in types], detect_bpe_pre(tj)
+
+
+def _spm_vocab(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+    sp = gguf.vocab.SentencePieceVocab(folder)
+    tokens, scores, types = [], [], []
+    for text, score, ttype in sp.all_tokens():
+        tokens.append(text)
+        scores.append(float(score))
+        types.append(int(ttype))
+    for i in range(len(tokens), n_vocab):  # the embedding can be larger than the vocabulary
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(_T.UNUSED))
+    return tokens, scores, types
+
+
+def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
+    """Read a checkpoint folder's tokenizer into GGUF form; missing files raise with the fix."""
+    has_spm = (folder / "tokenizer.model").exists()
+    has_json = (folder / "tokenizer.json").exists()
+    if not (has_spm or has_json):
+        raise InputError(f"{folder} has no tokenizer.json or tokenizer.model; copy the tokenizer files into it")
+    if has_spm:
+        tokens, scores, types = _spm_vocab(folder, n_vocab)
+        kind, pre = "llama", None
+        special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
+    else:
+        tokens, scores, types, pre = _bpe_vocab(folder, n_vocab)
+        kind = "gpt2"
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+        if not special.merges:
+            raise InputError(f"{folder / 'tokenizer.json'} has no BPE merges; the tokenizer file is incomplete")
+    return GGUFVocab(model=kind, tokens=tokens, scores=scores, types=types, pre=pre, special=special)

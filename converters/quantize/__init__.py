@@ -1,0 +1,1 @@
+"""Quantization methods (one file each) and the ggml block kernels they encode with."""

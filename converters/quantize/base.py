@@ -1,0 +1,58 @@
+"""The quantizer interface and its registry.
+
+A quantizer turns one float32 weight matrix into the exact bytes of a ggml block type. Round-to-
+nearest needs nothing else; calibrated methods (GPTQ, AWQ) also get the model and calibration data
+through :meth:`Quantizer.prepare` before tensors are encoded, and keep whatever they learn there.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekit.registry import Registry
+
+if TYPE_CHECKING:
+    import gguf
+
+    from edgekit.model import HFCheckpoint
+
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method", ["edgekit.converters.quantize.rtn"])
+register_quantizer = QUANTIZERS.register
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Base config shared by every method.
+
+    method: registered quantizer name ("rtn", later "gptq", "awq", ...).
+    """
+
+    method: str = "rtn"
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+class Quantizer(abc.ABC):
+    """Encodes weights onto ggml grids. One instance serves one conversion."""
+
+    config_class: type[QuantizeConfig] = QuantizeConfig
+
+    def __init__(self, config: QuantizeConfig | None = None) -> None:
+        self.config = config or self.config_class()
+
+    def prepare(self, checkpoint: HFCheckpoint, plan: dict[str, gguf.GGMLQuantizationType]) -> None:  # noqa: B027
+        """Hook for calibrated methods: see the model and the per-tensor type plan before encoding."""
+
+    @abc.abstractmethod
+    def quantize(self, name: str, weight: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+        """Bytes (uint8, shape (rows, bytes per row)) of ``weight`` (float32, (rows, cols)) as ``qtype``.
+
+        ``name`` is the GGUF tensor name, for methods that keep per-tensor state.
+        """

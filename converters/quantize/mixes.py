@@ -1,0 +1,571 @@
+"""Which GGUF type each tensor gets under llama.cpp's quantization presets ("mixes").
+
+``llama-quantize model.gguf out.gguf Q4_K_M`` does not write every tensor as Q4_K: it keeps
+norms and biases in F32, gives the output head (or the token embedding when it doubles as the
+output head) Q6_K or Q8_0, spends more bits on some ``attn_v`` / ``ffn_down`` layers, and falls
+back to a 32-wide block type when a row is not a multiple of the 256-wide K-quant block. This
+module restates those rules as tables plus one pure function, :func:`assign_types`, so that
+``edgekit convert --type Q4_K_M`` (or ``--bits 4``) writes the same mix that llama.cpp would.
+
+The rules follow llama.cpp's ``src/llama-quant.cpp`` (``tensor_allows_quantization``,
+``llama_tensor_get_type``, ``llama_tensor_get_type_impl``, ``tensor_type_fallback``) and the
+``llama_ftype`` values of ``include/llama.h``. They cover the presets in :data:`PRESETS`, for
+dense models, Falcon, 70B-class GQA models and 8-expert MoE models without an importance
+matrix. Not covered: the IQ*/TQ*/MXFP4 presets, rules that only apply with an imatrix, and
+llama.cpp's per-architecture exceptions for GLM-5-next.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from math import prod
+from typing import TypeVar
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from edgekit.errors import InputError, UnsupportedError
+
+T = GGMLQuantizationType
+_V = TypeVar("_V")
+
+# --------------------------------------------------------------------------------------------
+# Data types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One llama.cpp quantization preset.
+
+    ``name``: as ``llama-quantize`` prints it. ``base``: the type most weights get.
+    ``ftype``: the ``llama_ftype`` enum value to pass to ``llama_model_quantize`` and to store
+    in ``general.file_type``. ``description``: a one-line summary for listings.
+    """
+
+    name: str
+    base: GGMLQuantizationType
+    ftype: int
+    description: str
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as it will appear in the GGUF file.
+
+    ``name``: the GGUF name (``blk.3.ffn_down.weight``). ``shape``: GGUF order, row width
+    (ne0) first. ``source_type``: the type it has before quantizing; tensors llama.cpp never
+    quantizes (norms, biases, ...) keep it.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    source_type: GGMLQuantizationType = T.F32
+
+    @property
+    def n_dims(self) -> int:
+        """Dimensions as ggml counts them: trailing sizes of 1 do not count (``ggml_n_dims``)."""
+        dims = len(self.shape)
+        while dims > 1 and self.shape[dims - 1] == 1:
+            dims -= 1
+        return max(dims, 1)
+
+    @property
+    def n_elements(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """The model facts the mix rules look at.
+
+    ``n_layer``: number of blocks (``block_count``). ``n_head`` / ``n_head_kv``: attention heads
+    and key/value heads; their ratio (GQA factor) decides ``attn_v`` for Q2_K. ``n_expert``: 0
+    for dense models. ``tied_embeddings``: ``token_embd`` is also the output head; ``None``
+    means "decide as llama.cpp does": tied when the tensor list has no ``output.weight``.
+    ``arch``: the GGUF architecture name; ``falcon`` has its own rules, and a few architectures
+    at 80 layers are "70B" models whose ``attn_v`` gets more bits.
+    """
+
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_expert: int = 0
+    tied_embeddings: bool | None = None
+    arch: str = "llama"
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The type chosen for one tensor.
+
+    ``type``: what gets written. ``origin``: ``"kept"`` (llama.cpp does not quantize this
+    tensor; it keeps its source type), ``"preset"`` (the preset's rules chose it) or
+    ``"override"`` (a ``--tensor-type`` pattern chose it; ``pattern`` says which).
+    ``wanted`` and ``reason``: set only when the row width did not fit the chosen type's block
+    and a fallback type was written instead; ``wanted`` is the type that did not fit.
+    """
+
+    type: GGMLQuantizationType
+    origin: str
+    wanted: GGMLQuantizationType | None = None
+    reason: str | None = None
+    pattern: str | None = None
+
+    @property
+    def fell_back(self) -> bool:
+        return self.wanted is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Presets (include/llama.h llama_ftype values; tools/quantize's names)
+# --------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("F32", T.F32, 0, "32-bit floats, no quantization"),
+        Preset("F16", T.F16, 1, "16-bit floats"),
+        Preset("BF16", T.BF16, 32, "bfloat16"),
+        Preset("Q8_0", T.Q8_0, 7, "8.5 bpw, near lossless"),
+        Preset("Q4_0", T.Q4_0, 2, "4.5 bpw legacy type, output head Q6_K"),
+        Preset("Q4_1", T.Q4_1, 3, "5.0 bpw legacy type, output head Q6_K"),
+        Preset("Q5_0", T.Q5_0, 8, "5.5 bpw legacy type, output head Q6_K"),
+        Preset("Q5_1", T.Q5_1, 9, "6.0 bpw legacy type, output head Q6_K"),
+        Preset("Q2_K", T.Q2_K, 10, "Q2_K mix: attn_v, attn_output and ffn_down Q3_K or better"),
+        Preset("Q3_K_S", T.Q3_K, 11, "Q3_K everywhere but the output head"),
+        Preset("Q3_K_M", T.Q3_K, 12, "Q3_K mix: attn_v, attn_output and ffn_down Q4_K/Q5_K"),
+        Preset("Q3_K_L", T.Q3_K, 13, "Q3_K mix: attn_v, attn_output and ffn_down Q5_K"),
+        Preset("Q4_K_S", T.Q4_K, 14, "Q4_K, first attn_v and ffn_down layers Q5_K"),
+        Preset("Q4_K_M", T.Q4_K, 15, "Q4_K, about half of attn_v and ffn_down Q6_K"),
+        Preset("Q5_K_S", T.Q5_K, 16, "Q5_K everywhere but the output head"),
+        Preset("Q5_K_M", T.Q5_K, 17, "Q5_K, about half of attn_v and ffn_down Q6_K"),
+        Preset("Q6_K", T.Q6_K, 18, "Q6_K everywhere"),
+    )
+}
+
+# llama-quantize accepts these short names for the _M mixes.
+PRESET_ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+# `edgekit convert --bits N`
+BITS_TO_PRESET: dict[int, str] = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
+
+# Types a tensor can be written as (and named in --tensor-type). The integer types, F64 and the
+# Q8_1/Q8_K intermediates are not storage types for weights.
+_NOT_WRITABLE = {T.I8, T.I16, T.I32, T.I64, T.F64, T.Q8_1, T.Q8_K}
+WRITABLE_TYPES: dict[str, GGMLQuantizationType] = {t.name: t for t in T if t not in _NOT_WRITABLE}
+
+_FLOAT_TYPES = {T.F32, T.F16, T.BF16}
+
+# --------------------------------------------------------------------------------------------
+# Which tensors llama.cpp quantizes at all (tensor_allows_quantization)
+# --------------------------------------------------------------------------------------------
+
+# Only names ending in "weight" with 2+ dims are quantized; these are kept even so: small or
+# precision-critical tensors of various architectures.
+_KEEP_SUBSTRINGS = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",  # MoE router
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "attn_rel_b.weight",  # T5 relative position bias
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
+) + tuple(
+    f"time_mix_{part}.weight"  # RWKV's small 2-D weights
+    for part in "first w0 w1 w2 v0 v1 v2 a0 a1 a2 g1 g2 decay_w1 decay_w2 lerp_fused".split()
+)
+_KEEP_NAMES = ("position_embd.weight", "token_types.weight")  # learned positions, BERT token types
+
+
+def is_quantizable(info: TensorInfo) -> bool:
+    """Whether llama.cpp would quantize this tensor; the rest keep their source type."""
+    name = info.name
+    if info.n_dims < 2 or not name.endswith("weight") or name in _KEEP_NAMES:
+        return False
+    return not any(part in name for part in _KEEP_SUBSTRINGS)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor categories (tensor_get_category)
+# --------------------------------------------------------------------------------------------
+
+_EXACT_CATEGORY = {
+    "output.weight": "output",
+    "token_embd.weight": "token_embd",
+    "per_layer_token_embd.weight": "token_embd",
+}
+# Checked in order: the first substring found decides.
+_SUBSTRING_CATEGORY = (
+    ("attn_qkv.weight", "attn_qkv"),
+    ("attn_kv_b.weight", "attn_kv_b"),
+    ("attn_v.weight", "attn_v"),
+    ("attn_k.weight", "attn_k"),
+    ("attn_q.weight", "attn_q"),
+    ("attn_output.weight", "attn_output"),
+    ("ffn_up", "ffn_up"),
+    ("ffn_gate", "ffn_gate"),
+    ("ffn_down", "ffn_down"),
+)
+# A fused QKV (or MLA's kv_b) carries the values, so llama.cpp gives it the attn_v treatment,
+# counter included.
+_RULE_GROUP = {"attn_qkv": "attn_v", "attn_kv_b": "attn_v"}
+
+
+def tensor_category(name: str) -> str:
+    """The rule category of a tensor name: ``attn_v``, ``ffn_down``, ``output``, ... or ``other``."""
+    if name in _EXACT_CATEGORY:
+        return _EXACT_CATEGORY[name]
+    return next((cat for part, cat in _SUBSTRING_CATEGORY if part in name), "other")
+
+
+# --------------------------------------------------------------------------------------------
+# Mix rules (llama_tensor_get_type_impl, for the presets above)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a tensor sits for the layer-selecting rules: ``i`` of ``n`` (0-based)."""
+
+    i: int
+    n: int
+    n_gqa: int
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    # llama.cpp's choice of "important" layers: the first and last eighth, plus every third
+    # layer in between.
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+_CONDITIONS: dict[str, Callable[[_Where], bool]] = {
+    "always": lambda w: True,
+    "more_bits": lambda w: _use_more_bits(w.i, w.n),
+    "first_8th": lambda w: w.i < w.n // 8,
+    "first_16th": lambda w: w.i < w.n // 16,
+    "first_2": lambda w: w.i < 2,
+    "first_4": lambda w: w.i < 4,
+    "gqa_4": lambda w: w.n_gqa >= 4,
+}
+
+Rules = tuple[tuple[str, GGMLQuantizationType], ...]
+"""Ordered (condition, type) pairs; the first condition that holds gives the type."""
+
+_MORE_BITS_Q6: Rules = (("more_bits", T.Q6_K),)
+
+# preset -> rule group -> rules, for every architecture but Falcon. Missing: the base type.
+# attn_v and ffn_down count "i of n" by their own per-category counters; attn_output has no
+# layer-dependent rule.
+_MIX_RULES: dict[str, dict[str, Rules]] = {
+    "Q2_K": {
+        "attn_v": (("gqa_4", T.Q4_K), ("always", T.Q3_K)),
+        "ffn_down": (("always", T.Q3_K),),
+        "attn_output": (("always", T.Q3_K),),
+    },
+    "Q3_K_M": {
+        "attn_v": (("first_2", T.Q5_K), ("always", T.Q4_K)),
+        "ffn_down": (("first_16th", T.Q5_K), ("always", T.Q4_K)),
+        "attn_output": (("always", T.Q4_K),),
+    },
+    "Q3_K_L": {
+        "attn_v": (("always", T.Q5_K),),
+        "ffn_down": (("always", T.Q5_K),),
+        "attn_output": (("always", T.Q5_K),),
+    },
+    "Q4_K_S": {
+        "attn_v": (("first_4", T.Q5_K),),
+        "ffn_down": (("first_8th", T.Q5_K),),
+    },
+    "Q4_K_M": {"attn_v": _MORE_BITS_Q6, "ffn_down": _MORE_BITS_Q6},
+    "Q5_K_M": {"attn_v": _MORE_BITS_Q6, "ffn_down": _MORE_BITS_Q6},
+}
+
+# Falcon has its own ffn_down and attn_output rules (its attn_v rules are the common ones); a
+# preset missing here leaves those two groups at the base type on Falcon.
+_FALCON_GROUPS = ("ffn_down", "attn_output")
+_FALCON_RULES: dict[str, dict[str, Rules]] = {
+    "Q2_K": {"ffn_down": (("always", T.Q3_K),)},
+    "Q3_K_M": {"ffn_down": (("first_16th", T.Q5_K), ("more_bits", T.Q4_K), ("always", T.Q3_K))},
+    "Q3_K_L": {"ffn_down": (("always", T.Q4_K),), "attn_output": (("always", T.Q4_K),)},
+    "Q4_K_M": {"ffn_down": (("first_16th", T.Q6_K), ("more_bits", T.Q5_K), ("always", T.Q4_K))},
+    "Q5_K_M": {"ffn_down": _MORE_BITS_Q6},
+}
+
+# Models with exactly 8 experts (Mixtral-like): attn_v and attn_k are small next to the experts,
+# so llama.cpp makes them Q8_0; attn_output gets Q5_K in the low-bit mixes, and the dense
+# attn_output rules do not apply.
+_EIGHT_EXPERT_TYPE = {"attn_v": T.Q8_0, "attn_k": T.Q8_0}
+_EIGHT_EXPERT_ATTN_OUTPUT_Q5K = {"Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"}
+
+# llama.cpp marks these (architecture, n_layer) models "70B" and bumps their attn_v from
+# Q3_K/Q4_K to Q5_K: 8 query heads share each attn_v head, so it is cheap. For llama, only when
+# it uses GQA (n_head != n_head_kv); otherwise it is the 65B.
+_70B_LAYERS = {"llama": 80, "qwen2": 80, "deci": 80, "olmo": 80, "jais2": 68}
+_70B_BUMP = {T.Q3_K: T.Q5_K, T.Q4_K: T.Q5_K}
+
+
+def _is_70b(arch: ArchInfo) -> bool:
+    if _70B_LAYERS.get(arch.arch) != arch.n_layer:
+        return False
+    return arch.arch != "llama" or arch.n_head != arch.n_head_kv
+
+
+def _first_match(rules: Rules, where: _Where, default: GGMLQuantizationType) -> GGMLQuantizationType:
+    return next((qtype for cond, qtype in rules if _CONDITIONS[cond](where)), default)
+
+
+# --------------------------------------------------------------------------------------------
+# Fallback for rows that do not fit the block (tensor_type_fallback)
+# --------------------------------------------------------------------------------------------
+
+# 256-wide types -> a 32-wide type of similar or better quality.
+_FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
+    **dict.fromkeys((T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS), T.IQ4_NL),
+    **dict.fromkeys((T.Q2_K, T.Q3_K, T.TQ1_0, T.TQ2_0), T.Q4_0),
+    T.Q4_K: T.Q5_0,
+    T.Q5_K: T.Q5_1,
+    T.Q6_K: T.Q8_0,
+}
+# When even the fallback's block does not divide the row (width not a multiple of 32).
+_LAST_RESORT = T.F16
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    """Elements per block of ``qtype`` (1 for float types)."""
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def _fallback(info: TensorInfo, wanted: GGMLQuantizationType) -> tuple[GGMLQuantizationType, str | None]:
+    """The type to write for ``wanted`` on this tensor's rows, and why it differs (or None)."""
+    ncols = info.shape[0]
+    block = block_size(wanted)
+    if ncols % block == 0:
+        return wanted, None
+    reason = f"row width {ncols} is not a multiple of {block} ({wanted.name}'s block size)"
+    if wanted in _FALLBACK:
+        chosen = _FALLBACK[wanted]
+    elif block <= 32:
+        chosen = wanted  # already a 32-wide type: nothing smaller to try, so F16 below
+    else:
+        raise UnsupportedError(f"{info.name}: {reason}, and llama.cpp defines no fallback for {wanted.name}")
+    if ncols % block_size(chosen) != 0:
+        reason += f", nor of {block_size(chosen)}" if chosen != wanted else ""
+        chosen = _LAST_RESORT
+    return chosen, reason
+
+
+# --------------------------------------------------------------------------------------------
+# The assignment
+# --------------------------------------------------------------------------------------------
+
+
+_LAYER_RE = re.compile(r"^blk\.([+-]?\d+)")
+
+
+def _layer_of(name: str) -> int:
+    match = _LAYER_RE.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def _llama_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
+    # llama.cpp walks tensors sorted by block number (non-block tensors first), then by name; the
+    # attn_v / ffn_down counters below depend on this order.
+    return sorted(tensors, key=lambda t: (_layer_of(t.name), t.name))
+
+
+class _MixState:
+    """Per-file state of the mix rules: the per-category counters llama.cpp keeps."""
+
+    def __init__(self, preset: Preset, arch: ArchInfo, tensors: Sequence[TensorInfo]) -> None:
+        self.preset = preset
+        self.arch = arch
+        names = {t.name for t in tensors}
+        self.tied = arch.tied_embeddings if arch.tied_embeddings is not None else "output.weight" not in names
+        # attn_v's "n" is the number of attn_v-like tensors; ffn_down's is the layer count.
+        n_v = sum(_RULE_GROUP.get(c, c) == "attn_v" for c in map(tensor_category, names))
+        self.totals = {"attn_v": n_v, "ffn_down": arch.n_layer}
+        self.seen = {"attn_v": 0, "ffn_down": 0}
+
+    def _where(self, group: str, name: str) -> _Where:
+        i = self.seen.get(group, 0)  # attn_output has no layer rule, so no counter
+        if group == "ffn_down" and self.arch.n_expert > 1:
+            # MoE files do not list experts layer by layer, so llama.cpp reads the block number.
+            i = _layer_of(name)
+            if not 0 <= i < self.arch.n_layer:
+                raise InputError(f"{name}: cannot tell which of {self.arch.n_layer} layers it belongs to")
+        return _Where(i, self.totals.get(group, 0), self.arch.n_gqa)
+
+    def mix_type(self, info: TensorInfo) -> GGMLQuantizationType:
+        """The preset's type for a quantizable tensor, before any row-width fallback."""
+        category = tensor_category(info.name)
+        if category == "output" or (category == "token_embd" and self.tied):
+            return self._output_type(info)
+        group = _RULE_GROUP.get(category, category)
+        qtype = self._rule_type(group, info.name)
+        if group in self.seen:
+            self.seen[group] += 1
+        return qtype
+
+    def _output_type(self, info: TensorInfo) -> GGMLQuantizationType:
+        # The output head is the most sensitive matrix: Q6_K, unless the preset is already Q8_0,
+        # or its rows do not fit the base block (then Q8_0 directly, no fallback). Falcon: Q8_0.
+        base = self.preset.base
+        if self.arch.arch == "falcon" or info.shape[0] % block_size(base) != 0:
+            return T.Q8_0
+        return base if base == T.Q8_0 else T.Q6_K
+
+    def _rule_type(self, group: str, name: str) -> GGMLQuantizationType:
+        base, arch = self.preset.base, self.arch
+        if arch.n_expert == 8 and group in _EIGHT_EXPERT_TYPE:
+            return _EIGHT_EXPERT_TYPE[group]  # wins over the attn_v rules and the 70B bump
+        if group == "attn_output" and arch.n_expert == 8 and arch.arch != "falcon":
+            return T.Q5_K if self.preset.name in _EIGHT_EXPERT_ATTN_OUTPUT_Q5K else base
+        table = _FALCON_RULES if arch.arch == "falcon" and group in _FALCON_GROUPS else _MIX_RULES
+        rules = table.get(self.preset.name, {}).get(group, ())
+        qtype = _first_match(rules, self._where(group, name), base) if rules else base
+        if group == "attn_v" and _is_70b(arch):
+            qtype = _70B_BUMP.get(qtype, qtype)
+        return qtype
+
+
+def _compile_overrides(
+    overrides: Iterable[tuple[str, str | GGMLQuantizationType]],
+) -> list[tuple[str, re.Pattern[str], GGMLQuantizationType]]:
+    compiled = []
+    for pattern, qtype in overrides:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise InputError(f"--tensor-type pattern {pattern!r} is not a valid regex: {exc}") from exc
+        compiled.append((pattern, regex, qtype if isinstance(qtype, T) else type_from_name(qtype)))
+    return compiled
+
+
+def assign_types(
+    tensors: Sequence[TensorInfo],
+    preset: str | Preset,
+    arch: ArchInfo,
+    overrides: Iterable[tuple[str, str | GGMLQuantizationType]] = (),
+) -> dict[str, Assignment]:
+    """Choose each tensor's GGUF type as ``llama-quantize`` would for ``preset``.
+
+    ``overrides`` are ``--tensor-type`` pairs (regex, type): the first regex that
+    ``re.search``-matches a quantizable tensor's name sets its type in place of the preset's
+    rules, and the row-width fallback still applies. As in llama.cpp, overrides only act when
+    the preset's base type is quantized (not for F32/F16/BF16), and an overridden ``attn_v`` /
+    ``ffn_down`` does not advance the layer counters the preset rules use.
+
+    Returns a dict keyed by tensor name, in the order of ``tensors``.
+    """
+    preset = preset if isinstance(preset, Preset) else preset_from_name(preset)
+    if len({t.name for t in tensors}) != len(tensors):
+        raise InputError("tensor names must be unique")
+    patterns = _compile_overrides(overrides)
+    state = _MixState(preset, arch, tensors)
+    chosen = {t.name: _assign_one(t, preset, state, patterns) for t in _llama_order(tensors)}
+    return {t.name: chosen[t.name] for t in tensors}
+
+
+def _assign_one(
+    info: TensorInfo,
+    preset: Preset,
+    state: _MixState,
+    patterns: list[tuple[str, re.Pattern[str], GGMLQuantizationType]],
+) -> Assignment:
+    if not is_quantizable(info):
+        return Assignment(info.source_type, "kept")
+    if preset.base in _FLOAT_TYPES:
+        return Assignment(preset.base, "preset")
+    hit = next((p for p in patterns if p[1].search(info.name)), None)
+    if hit is not None:
+        origin, pattern, wanted = "override", hit[0], hit[2]
+    else:
+        origin, pattern, wanted = "preset", None, state.mix_type(info)
+    qtype, reason = _fallback(info, wanted)
+    if reason is None:
+        return Assignment(qtype, origin, pattern=pattern)
+    return Assignment(qtype, origin, wanted=wanted, reason=reason, pattern=pattern)
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+
+
+def _lookup(name: str, table: Mapping[str, _V], what: str) -> _V:
+    key = name.strip().upper()
+    if key not in table:
+        raise UnsupportedError(f"unknown {what} {name!r}; valid: {', '.join(table)}")
+    return table[key]
+
+
+def type_from_name(name: str) -> GGMLQuantizationType:
+    """The GGML type called ``name`` (case-insensitive), e.g. ``"q6_k"`` -> ``Q6_K``."""
+    return _lookup(name, WRITABLE_TYPES, "tensor type")
+
+
+def preset_from_name(name: str) -> Preset:
+    """The preset called ``name`` (case-insensitive; ``Q4_K`` is ``Q4_K_M`` as in llama-quantize)."""
+    key = name.strip().upper()
+    return _lookup(PRESET_ALIASES.get(key, key), PRESETS, "quantization preset")
+
+
+def preset_for_bits(bits: int) -> Preset:
+    """The preset ``--bits N`` stands for (see :data:`BITS_TO_PRESET`)."""
+    if bits not in BITS_TO_PRESET:
+        raise UnsupportedError(
+            f"--bits {bits} is not supported; valid: {', '.join(map(str, BITS_TO_PRESET))}"
+        )
+    return PRESETS[BITS_TO_PRESET[bits]]
+
+
+def parse_override(text: str) -> tuple[str, GGMLQuantizationType]:
+    """Split a ``--tensor-type REGEX=TYPE`` argument (at the first ``=``, as llama-quantize does).
+
+    The regex is lower-cased, as llama-quantize does, since GGUF tensor names are lower case.
+    """
+    pattern, sep, type_name = text.partition("=")
+    if not sep or not pattern or not type_name:
+        raise InputError(f"--tensor-type {text!r} must look like REGEX=TYPE, e.g. 'attn_v=Q8_0'")
+    return pattern.lower(), type_from_name(type_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_nbytes(info: TensorInfo, qtype: GGMLQuantizationType) -> int:
+    """Bytes of ``info``'s data stored as ``qtype`` (rows of whole blocks, like ``ggml_row_size``)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    if info.shape[0] % block:
+        raise InputError(
+            f"{info.name}: row width {info.shape[0]} does not fit {qtype.name} blocks of {block}"
+        )
+    return info.shape[0] // block * size * prod(info.shape[1:])
+
+
+def nominal_bpw(tensors: Sequence[TensorInfo], assignments: Mapping[str, Assignment]) -> float:
+    """Bits per weight of the tensor data over all tensors (what llama-quantize prints as BPW)."""
+    n_bits = sum(8 * tensor_nbytes(t, assignments[t.name].type) for t in tensors)
+    n_elements = sum(t.n_elements for t in tensors)
+    return n_bits / n_elements if n_elements else 0.0

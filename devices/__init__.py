@@ -1,0 +1,1 @@
+"""edgekit.devices: discovery of this host and attached devices, verified pushes of artifacts."""

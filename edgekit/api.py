@@ -1,0 +1,136 @@
+"""The public SDK. The CLI is a thin layer over these functions.
+
+    from edgekit import api
+    art = api.convert("./SmolLM2-135M", to="gguf", recipe=api.ConvertRecipe(bits=4))
+    for piece in api.generate(art.path, "What is the capital of France?"):
+        print(piece, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgekit.artifact import SCHEMA, Artifact, now_iso, tool_versions, write_manifest
+from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
+from edgekit.converters.quantize.base import QUANTIZERS
+from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text
+from edgekit.fsutil import atomic_dir, sha256_files
+from edgekit.importer import import_gguf
+from edgekit.model import HFCheckpoint
+from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, backend_for_format
+
+__all__ = [
+    "Artifact", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
+    "convert", "default_output", "evaluate", "generate", "import_gguf", "inspect", "open_backend",
+]
+
+
+def default_output(model: Path, fmt: str, recipe: ConvertRecipe) -> Path:
+    """``./SmolLM2-135M`` + gguf, 4 bits -> ``./SmolLM2-135M-gguf-q4``."""
+    return model.parent / f"{model.name}-{FORMATS.get(fmt)().default_output_suffix(recipe)}"
+
+
+def convert(
+    model: str | Path,
+    to: str = "gguf",
+    *,
+    output: str | Path | None = None,
+    recipe: ConvertRecipe | None = None,
+    force: bool = False,
+    progress: ProgressFn = no_progress,
+) -> Artifact:
+    """Convert a Hugging Face checkpoint folder into an artifact folder (model file + edgekit.json).
+
+    Nothing is left under ``output`` if anything fails; an existing ``output`` needs ``force``.
+    """
+    recipe = recipe or ConvertRecipe()
+    fmt = FORMATS.get(to)()
+    quantizer = QUANTIZERS.get(recipe.method)()
+    ckpt = HFCheckpoint.open(model)
+    out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe)
+    with atomic_dir(out, force=force) as tmp:
+        fields = fmt.convert(ckpt, tmp, recipe, quantizer, progress)
+        manifest: dict[str, Any] = {
+            "schema": SCHEMA,
+            "format": fmt.name,
+            "created": now_iso(),
+            "source": {
+                "path": str(ckpt.path.resolve()),
+                "sha256": sha256_files(ckpt.weight_files),
+                "architecture": (ckpt.config.get("architectures") or ["?"])[0],
+                "n_params": ckpt.n_params,
+            },
+            "recipe": {**recipe.to_json(), "quantizer": quantizer.config.to_json()},
+            "tools": tool_versions("gguf", "numpy", "safetensors", "torch", "transformers"),
+            **fields,
+        }
+        write_manifest(tmp, manifest)
+    return Artifact.open(out)
+
+
+def open_backend(target: str | Path | Artifact, **options: Any) -> Backend:
+    """Load an artifact (or a bare model file, or a Hugging Face folder) with the backend for its format."""
+    if isinstance(target, Artifact):
+        art = target
+    else:
+        p = Path(target).expanduser()
+        if p.is_dir() and (p / "config.json").exists() and not (p / "edgekit.json").exists():
+            return backend_for_format("hf")(p, **options)
+        art = Artifact.open(p)
+    return backend_for_format(art.format)(art.model_file, **options)
+
+
+def generate(
+    target: str | Path | Artifact,
+    prompt: str | list[dict[str, str]],
+    sampling: SamplingConfig | None = None,
+    stats: GenerationStats | None = None,
+    **options: Any,
+) -> Iterator[str]:
+    """Stream text from ``target``. A str prompt is sent as one user message through the chat template
+    unless ``raw=True`` is in ``options``."""
+    raw = options.pop("raw", False)
+    messages = prompt if raw or not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+    with open_backend(target, **options) as backend:
+        yield from backend.generate(messages, sampling or SamplingConfig(), stats)
+
+
+def evaluate(
+    target: str | Path | Artifact,
+    text_file: str | Path,
+    cfg: EvalConfig | None = None,
+    ref: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    record: bool = True,
+    **options: Any,
+) -> EvalResult:
+    """Perplexity of an artifact on a text file; with ``ref`` (a checkpoint folder) also KL and top-1.
+
+    The result is added to the artifact's manifest when ``record`` and the target is an artifact folder.
+    """
+    cfg = cfg or EvalConfig()
+    text = read_text(text_file)
+    options.setdefault("n_ctx", cfg.ctx)
+    with open_backend(target, **options) as backend:
+        if ref is None:
+            result = perplexity(backend, text, cfg, progress=progress)
+        else:
+            with open_backend(ref, n_ctx=cfg.ctx) as ref_backend:
+                result = perplexity(backend, text, cfg, ref=ref_backend, progress=progress)
+    if record and not isinstance(target, Artifact):
+        p = Path(target).expanduser()
+        if (p / "edgekit.json").exists():
+            Artifact.open(p).record_eval({**result.to_json(), "text": str(Path(text_file).resolve()),
+                                          "ref": str(Path(ref).resolve()) if ref else None})
+    elif record and isinstance(target, Artifact):
+        target.record_eval({**result.to_json(), "text": str(Path(text_file).resolve())})
+    return result
+
+
+def inspect(target: str | Path, ctx: int = 4096) -> dict[str, Any]:
+    """Architecture, parameters, per-tensor types, size, bits per weight and memory at ``ctx``."""
+    from edgekit.describe import describe
+
+    return describe(Artifact.open(target), ctx)

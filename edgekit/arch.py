@@ -1,0 +1,185 @@
+"""Per-architecture knowledge as data: Hugging Face class -> GGUF architecture, tensor-name map,
+hyperparameter keys and whether Q/K rows are permuted for llama.cpp's rotary layout.
+
+Adding a Llama-like family is one more :class:`ArchSpec` in ``ARCHITECTURES``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from edgekit.errors import UnsupportedError
+
+# Hugging Face tensor name (per-layer part after "model.layers.{i}.") -> GGUF name suffix.
+_LLAMA_LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_QKV_BIASES = {
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+}
+_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+# Buffers some checkpoints carry that llama.cpp recomputes.
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What edgekit needs to know about one model family.
+
+    hf_classes: ``architectures`` entries in config.json that map here.
+    gguf_arch: llama.cpp's architecture name (``general.architecture``).
+    layer_tensors: per-layer HF suffix -> GGUF suffix.
+    permute_qk: llama.cpp's llama arch expects Q/K rows interleaved for its rotary kernel
+        (the HF layout is "rotate half"); qwen2 uses the NEOX layout and needs no permutation.
+    """
+
+    hf_classes: tuple[str, ...]
+    gguf_arch: str
+    layer_tensors: dict[str, str]
+    permute_qk: bool
+    global_tensors: dict[str, str] = field(default_factory=lambda: dict(_GLOBAL_TENSORS))
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        """GGUF tensor name for a HF tensor name; None for buffers llama.cpp does not store."""
+        if _IGNORED.search(hf_name):
+            return None
+        if hf_name in self.global_tensors:
+            return self.global_tensors[hf_name]
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+        if m and m.group(2) in self.layer_tensors:
+            return f"blk.{m.group(1)}.{self.layer_tensors[m.group(2)]}"
+        raise UnsupportedError(
+            f"tensor {hf_name!r} is not part of the {self.gguf_arch} layout edgekit knows; "
+            "the checkpoint may be a variant edgekit does not support yet"
+        )
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.hf_classes[0]: spec
+    for spec in (
+        ArchSpec(("LlamaForCausalLM",), "llama", _LLAMA_LAYER_TENSORS, permute_qk=True),
+        ArchSpec(("MistralForCausalLM",), "llama", _LLAMA_LAYER_TENSORS, permute_qk=True),
+        ArchSpec(("Qwen2ForCausalLM",), "qwen2", {**_LLAMA_LAYER_TENSORS, **_QKV_BIASES}, permute_qk=False),
+    )
+}
+
+# GGUF architecture -> Hugging Face class, for `edgekit import`.
+GGUF_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def supported_list() -> str:
+    return ", ".join(ARCHITECTURES)
+
+
+def spec_for(hf_architectures: list[str] | None) -> ArchSpec:
+    """The spec for a config.json's ``architectures`` list; unsupported ones list what is supported."""
+    for name in hf_architectures or []:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    got = ", ".join(hf_architectures or ["(none given)"])
+    raise UnsupportedError(f"architecture {got} is not supported; edgekit converts: {supported_list()}")
+
+
+def permute_for_rope(w, n_head: int):
+    """Reorder Q/K projection rows from HF's rotate-half layout to llama.cpp's interleaved pairs.
+
+    Works on numpy arrays of shape (n_head * head_dim, ...) (weights or biases).
+    """
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_for_rope(w, n_head: int):
+    """Inverse of :func:`permute_for_rope`."""
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- GGUF hyperparameter keys, filled from config.json -------------------------------------
+
+@dataclass(frozen=True)
+class HParams:
+    """The hyperparameters every supported family shares, read from config.json."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ctx_train: int
+    rope_theta: float
+    rms_eps: float
+    tie_embeddings: bool
+    rope_scaling: dict | None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> HParams:
+        try:
+            n_head = int(cfg["num_attention_heads"])
+            n_embd = int(cfg["hidden_size"])
+            rope = cfg.get("rope_parameters") or {}
+            theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+            scaling = cfg.get("rope_scaling")
+            if scaling is None and rope.get("rope_type", "default") != "default":
+                scaling = rope
+            return cls(
+                n_layer=int(cfg["num_hidden_layers"]),
+                n_embd=n_embd,
+                n_ff=int(cfg["intermediate_size"]),
+                n_head=n_head,
+                n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+                head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+                n_vocab=int(cfg["vocab_size"]),
+                n_ctx_train=int(cfg.get("max_position_embeddings", 2048)),
+                rope_theta=float(theta),
+                rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                rope_scaling=scaling,
+            )
+        except KeyError as exc:
+            raise UnsupportedError(f"config.json lacks {exc.args[0]!r}; is this a decoder-only LLM checkpoint?") from exc
+
+    def gguf_kv(self, arch: str) -> dict[str, object]:
+        """``{key: value}`` for the GGUF architecture block (keys as llama.cpp reads them)."""
+        kv: dict[str, object] = {
+            f"{arch}.block_count": self.n_layer,
+            f"{arch}.context_length": self.n_ctx_train,
+            f"{arch}.embedding_length": self.n_embd,
+            f"{arch}.feed_forward_length": self.n_ff,
+            f"{arch}.attention.head_count": self.n_head,
+            f"{arch}.attention.head_count_kv": self.n_head_kv,
+            f"{arch}.rope.freq_base": self.rope_theta,
+            f"{arch}.attention.layer_norm_rms_epsilon": self.rms_eps,
+            f"{arch}.vocab_size": self.n_vocab,
+            f"{arch}.rope.dimension_count": self.head_dim,
+        }
+        if self.head_dim != self.n_embd // self.n_head:
+            kv[f"{arch}.attention.key_length"] = self.head_dim
+            kv[f"{arch}.attention.value_length"] = self.head_dim
+        if self.rope_scaling:
+            kind = self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
+            if kind == "linear":
+                kv[f"{arch}.rope.scaling.type"] = "linear"
+                kv[f"{arch}.rope.scaling.factor"] = float(self.rope_scaling["factor"])
+            elif kind not in (None, "default"):
+                raise UnsupportedError(
+                    f"rope scaling {kind!r} is not supported yet (edgekit handles none and 'linear')"
+                )
+        return kv

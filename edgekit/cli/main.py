@@ -1,0 +1,247 @@
+"""``edgekit``: convert, run, eval, inspect, import, quickstart, list.
+
+Every command imports its heavy machinery inside the function body, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from edgekit.cli.ui import err, handle_errors, out, progress_bar
+
+app = typer.Typer(
+    name="edgekit",
+    help="Compress, convert, run and measure large models for the devices people own.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _parse_tensor_types(values: list[str]) -> tuple[tuple[str, str], ...]:
+    from edgekit.errors import InputError
+
+    pairs = []
+    for v in values:
+        if "=" not in v:
+            raise InputError(f"--tensor-type {v!r} must look like REGEX=TYPE, e.g. 'ffn_down=Q6_K'")
+        pattern, _, qtype = v.rpartition("=")
+        pairs.append((pattern, qtype.strip()))
+    return tuple(pairs)
+
+
+@app.command()
+@handle_errors
+def convert(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)."),
+    to: str = typer.Option("gguf", "--to", help="Output format."),
+    bits: int | None = typer.Option(4, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: a llama.cpp-style _M mix."),
+    type_: str | None = typer.Option(None, "--type", "-t", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override; repeatable."),
+    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default MODEL-FORMAT-qBITS)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Convert a checkpoint into an artifact folder.
+
+    Examples:
+      edgekit convert ./SmolLM2-135M --to gguf --bits 4
+      edgekit convert ./SmolLM2-135M --type Q4_0 -o ./smol-q4_0
+      edgekit convert ./SmolLM2-135M --bits 4 --tensor-type 'ffn_down=Q6_K'
+    """
+    from edgekit import api
+
+    recipe = api.ConvertRecipe(bits=None if type_ else bits, preset=type_, method=method,
+                               tensor_types=_parse_tensor_types(tensor_type))
+    with progress_bar(not as_json) as progress:
+        art = api.convert(model, to, output=output, recipe=recipe, force=force, progress=progress)
+    m = art.manifest
+    if as_json:
+        out.print_json(json.dumps(m))
+        return
+    fallbacks = sum(1 for t in m.get("tensors", {}).values() if "wanted" in t)
+    out.print(f"[green]wrote[/] {art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, "
+              f"{m['preset']}, {fallbacks} tensors fell back: see 'edgekit inspect')")
+
+
+def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int,
+              max_tokens: int, stop: list[str]):
+    from edgekit.runtime.base import SamplingConfig
+
+    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, stop=tuple(stop))
+
+
+@app.command()
+@handle_errors
+def run(
+    artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message (or raw text with --raw)."),
+    system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
+    raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
+    temperature: float = typer.Option(0.7, "--temperature", "--temp", help="0 is greedy."),
+    top_k: int = typer.Option(40, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    min_p: float = typer.Option(0.05, "--min-p"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+    seed: int = typer.Option(0, "--seed"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    stop: list[str] = typer.Option([], "--stop", help="Stop sequence; repeatable."),
+    ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tokens/s on stderr at the end."),
+) -> None:
+    """Generate a reply, streaming tokens as they come.
+
+    Examples:
+      edgekit run ./SmolLM2-135M-gguf-q4 -p "What is the capital of France?"
+      edgekit run ./model.gguf -p "Once upon a time" --raw --temp 0 -n 64
+    """
+    from edgekit import api
+    from edgekit.runtime.base import GenerationStats
+
+    sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
+    if raw:
+        message: str | list[dict[str, str]] = prompt
+    else:
+        message = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    st = GenerationStats()
+    for piece in api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        err.print(f"[dim]{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated, "
+                  f"TTFT {st.time_to_first_token * 1000:.0f} ms, {st.tokens_per_second:.1f} tok/s, "
+                  f"stop: {st.stop_reason}[/]", highlight=False)
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
+    text: Path = typer.Option(..., "--text", help="Plain-text file to measure on."),
+    ref: Path | None = typer.Option(None, "--ref", help="Reference checkpoint folder: adds KL and top-1."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
+    chunks: int | None = typer.Option(None, "--chunks", help="At most this many chunks."),
+    threads: int | None = typer.Option(None, "--threads"),
+    record: bool = typer.Option(True, "--record/--no-record", help="Store the result in the manifest."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement.
+
+    Examples:
+      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt
+      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt --ref ./SmolLM2-135M --chunks 16
+    """
+    from edgekit import api
+
+    with progress_bar(not as_json) as progress:
+        res = api.evaluate(artifact, text, api.EvalConfig(ctx=ctx, chunks=chunks), ref=ref, progress=progress,
+                           record=record, n_threads=threads)
+    if as_json:
+        out.print_json(json.dumps(res.to_json()))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{artifact} on {text.name} (ctx {ctx}, {res.chunks} chunks, {res.tokens_scored} tokens)")
+    for col in ("perplexity", "±", "ref perplexity", "KL mean", "KL p99", "top-1"):
+        table.add_column(col, justify="right")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    table.add_row(f"{res.ppl:.4f}", f"{res.ppl_stderr:.4f}", fmt(res.ref_ppl, ".4f"), fmt(res.kl_mean, ".5f"),
+                  fmt(res.kl_p99, ".4f"), fmt(None if res.top1_agreement is None else 100 * res.top1_agreement, ".2f"))
+    out.print(table)
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder or model file."),
+    ctx: int = typer.Option(4096, "--ctx", "-c", help="Context length for the memory estimate."),
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Architecture, parameters, per-tensor types, size, bits per weight, memory at a context length.
+
+    Examples:
+      edgekit inspect ./SmolLM2-135M-gguf-q4
+      edgekit inspect ./model.gguf --tensors --json
+    """
+    from edgekit import api
+    from edgekit.cli.render import render_inspect
+
+    info = api.inspect(artifact, ctx)
+    if as_json:
+        if not tensors:
+            info = {k: v for k, v in info.items() if k != "tensors"}
+        out.print_json(json.dumps(info))
+    else:
+        render_inspect(out, info, tensors)
+
+
+@app.command("import")
+@handle_errors
+def import_cmd(
+    gguf_file: Path = typer.Argument(..., help="A .gguf file of a supported architecture."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint folder to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Turn a GGUF (any ggml type) into a dequantized safetensors checkpoint with its tokenizer.
+
+    Example:
+      edgekit import SmolLM2-135M-Instruct.Q4_1.gguf -o ./SmolLM2-135M
+    """
+    from edgekit import api
+
+    with progress_bar() as progress:
+        path = api.import_gguf(gguf_file, output, force=force, progress=progress)
+    out.print(f"[green]wrote[/] {path}")
+
+
+@app.command()
+@handle_errors
+def quickstart(
+    bits: int = typer.Option(4, "--bits", "-b"),
+    home: Path | None = typer.Option(None, "--home", help="Cache folder (default ~/.cache/edgekit)."),
+    force: bool = typer.Option(False, "--force", help="Redo every step even if cached."),
+) -> None:
+    """The built-in default end to end: get SmolLM2-135M-Instruct, import, convert, evaluate, answer.
+
+    Example:
+      edgekit quickstart
+    """
+    from edgekit.quickstart import run_quickstart
+
+    run_quickstart(bits=bits, home=home, force=force)
+
+
+@app.command("list")
+@handle_errors
+def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+    """What is registered: formats, quantization methods, runtimes, GGUF presets."""
+    from edgekit.converters.formats.base import FORMATS
+    from edgekit.converters.quantize import mixes
+    from edgekit.converters.quantize.base import QUANTIZERS
+    from edgekit.runtime.base import BACKENDS
+
+    data = {"formats": FORMATS.names(), "methods": QUANTIZERS.names(), "backends": BACKENDS.names(),
+            "gguf_presets": list(mixes.PRESETS), "bits": {str(k): v for k, v in mixes.BITS_TO_PRESET.items()}}
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        for k, v in data.items():
+            out.print(f"[bold]{k}[/]: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

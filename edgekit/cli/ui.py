@@ -1,0 +1,72 @@
+"""Console helpers: errors as one line and an exit code, rich progress bars as ProgressFn."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edgekit.errors import EdgekitError
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn edgekit errors into one line on stderr and a non-zero exit; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgekitError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; nothing half-written was kept", 130) from None
+        except MemoryError:
+            raise fail("out of memory; close other programs or use a smaller model / --ctx", 137) from None
+        except OSError as exc:
+            if os.environ.get("EDGEKIT_DEBUG"):
+                raise
+            raise fail(f"{exc.strerror or exc} ({exc.filename or ''})".strip(), 1) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug: still one line, with a way to see more
+            if os.environ.get("EDGEKIT_DEBUG"):
+                raise
+            raise fail(f"internal error: {type(exc).__name__}: {exc} (set EDGEKIT_DEBUG=1 for the traceback)", 1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A ProgressFn drawing one rich bar per step description prefix (on stderr)."""
+    if not enabled or not sys.stderr.isatty() and not os.environ.get("EDGEKIT_PROGRESS"):
+        yield lambda desc, done, total: None
+        return
+    bar = Progress(TextColumn("{task.description:<48.48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=False)
+    task_id = None
+
+    def update(desc: str, done: int, total: int) -> None:
+        nonlocal task_id
+        if task_id is None:
+            task_id = bar.add_task(desc, total=total)
+        bar.update(task_id, description=desc, completed=done, total=total)
+
+    with bar:
+        yield update

@@ -1,0 +1,72 @@
+"""One family of errors. Each message names what was wrong and what to do about it.
+
+Only the CLI turns these into exit codes; the SDK raises them.
+"""
+
+from __future__ import annotations
+
+
+class EdgekitError(Exception):
+    """Base of every error edgekit raises on purpose. ``str(err)`` is a one-line message with the fix."""
+
+    exit_code = 1
+
+
+class InputError(EdgekitError):
+    """A path or argument the user gave is missing, malformed or of the wrong kind."""
+
+    exit_code = 2
+
+
+class UnsupportedError(EdgekitError):
+    """An architecture, type, format or option edgekit does not handle."""
+
+    exit_code = 2
+
+
+class CorruptFileError(EdgekitError):
+    """A model file exists but cannot be read: truncated, corrupt or not what its name says."""
+
+    exit_code = 3
+
+
+class OutputExistsError(EdgekitError):
+    """The output already exists and ``--force`` was not given."""
+
+    exit_code = 2
+
+
+class DiskFullError(EdgekitError):
+    """Not enough free space to write the output."""
+
+    exit_code = 4
+
+
+class MissingDependencyError(EdgekitError):
+    """An optional Python package needed for this step is not installed."""
+
+    exit_code = 5
+
+
+class BackendError(EdgekitError):
+    """A runtime backend failed to load or run an artifact."""
+
+    exit_code = 6
+
+
+class BackendCrashed(BackendError):
+    """The native runtime died (a signal, not an exception); the CLI survives and reports it."""
+
+    exit_code = 7
+
+
+def require(module: str, extra: str) -> object:
+    """Import ``module`` or raise a :class:`MissingDependencyError` that says how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(
+            f"{module} is not installed (needed for {extra}); install it with: pip install 'edgekit[{extra}]'"
+        ) from exc

@@ -1,0 +1,113 @@
+"""Atomic outputs, free-space checks and hashing.
+
+Every artifact is written into a hidden temporary sibling folder and renamed into place at the
+end, so a failed or interrupted write leaves nothing under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgekit.errors import DiskFullError, InputError, OutputExistsError
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over several files (sorted by name), for sharded checkpoints."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_free_space(folder: Path, needed_bytes: int, what: str = "the output") -> None:
+    """Raise :class:`DiskFullError` when ``folder``'s file system has less than ``needed_bytes`` free."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise DiskFullError(
+            f"not enough disk space for {what}: needs {needed_bytes / 1e6:.0f} MB, "
+            f"{probe} has {free / 1e6:.0f} MB free; free some space or choose another output folder with -o"
+        )
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success it replaces ``dest``, on any error it is removed.
+
+    ``dest`` that already exists is refused unless ``force``; with ``force`` the old folder is
+    only removed once the new one is complete.
+    """
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise OutputExistsError(f"{dest} already exists; pass --force to replace it or choose another -o")
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {parent}: {exc.strerror}; choose a writable output folder") from exc
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact should not be
+    try:
+        yield tmp
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
+            os.rename(dest, old / "x")
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"the disk filled up while writing {dest}; nothing was kept. Free some space or choose another -o"
+            ) from exc
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; renamed onto ``dest`` on success, removed on error."""
+    dest = Path(dest)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"the disk filled up while writing {dest}; free some space and retry") from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,87 @@
+"""``edgekit import``: any GGUF of a supported architecture -> a dequantized safetensors checkpoint.
+
+transformers reads the GGUF (dequantizing every ggml type through gguf-py) and rebuilds config and
+tokenizer; edgekit drops the GGUF quantization marker so the folder is a plain float checkpoint, and
+restores the pre-tokenizer llama.cpp used (transformers' conversion can lose it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgekit.arch import GGUF_TO_HF
+from edgekit.converters.formats.base import ProgressFn, no_progress
+from edgekit.errors import CorruptFileError, InputError, UnsupportedError, require
+from edgekit.fsutil import atomic_dir, check_free_space, sha256_file
+
+
+def read_gguf_header(path: Path):
+    """Open a GGUF with gguf-py; a corrupt or truncated file raises :class:`CorruptFileError`."""
+    import gguf
+
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; give a .gguf file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on bad files
+        raise CorruptFileError(f"{path} is not a readable GGUF file ({exc}); re-download or re-convert it") from exc
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def import_gguf(
+    gguf_path: str | Path, output: str | Path, *, force: bool = False, progress: ProgressFn = no_progress
+) -> Path:
+    """Write a transformers-loadable safetensors checkpoint (with tokenizer) from ``gguf_path``."""
+    src = Path(gguf_path).expanduser()
+    reader = read_gguf_header(src)
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_TO_HF:
+        raise UnsupportedError(f"GGUF architecture {arch!r} is not supported; edgekit imports: {', '.join(GGUF_TO_HF)}")
+    pre = _field(reader, "tokenizer.ggml.pre")
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    del reader
+    out = Path(output).expanduser()
+    check_free_space(out.parent if out.parent.exists() else Path.cwd(), n_params * 4 + (64 << 20), "the checkpoint")
+
+    torch = require("torch", "torch")
+    transformers = require("transformers", "torch")
+    with atomic_dir(out, force=force) as tmp:
+        progress("reading GGUF (dequantizing)", 0, 3)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(src.parent), gguf_file=src.name, dtype=torch.float32
+            )
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CorruptFileError(f"transformers could not rebuild a model from {src}: {exc}") from exc
+        # A plain float checkpoint now: the GGUF marker would make loaders look for the .gguf file.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        progress("writing safetensors", 1, 3)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        _restore_pre_tokenizer(tmp, pre)
+        progress("done", 3, 3)
+        (tmp / "edgekit_import.json").write_text(json.dumps(
+            {"source": str(src.resolve()), "sha256": sha256_file(src), "architecture": arch,
+             "tokenizer_pre": pre}, indent=2) + "\n")
+    return out
+
+
+def _restore_pre_tokenizer(folder: Path, pre: str | None) -> None:
+    from edgekit.converters.formats.gguf_vocab import PRE_TOKENIZER_JSON
+
+    tj_path = folder / "tokenizer.json"
+    if pre not in PRE_TOKENIZER_JSON or not tj_path.exists():
+        return
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    if tj.get("model", {}).get("type") != "BPE":
+        return
+    tj["pre_tokenizer"] = PRE_TOKENIZER_JSON[pre]
+    tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=2), encoding="utf-8")

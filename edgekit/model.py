@@ -1,0 +1,178 @@
+"""Hugging Face checkpoint folders: validation, config, safetensors (sharded or not), tokenizer files.
+
+Only safetensors are read. Pickle checkpoints (``*.bin``, ``*.pt``) are refused, and no code from
+the model folder ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.arch import ArchSpec, HParams, spec_for
+from edgekit.errors import CorruptFileError, InputError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype name -> bytes per element, to validate headers without loading data.
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class TensorRef:
+    """Where one tensor lives: its file, dtype and shape (numpy order, outer dimension first)."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+def _read_safetensors_header(path: Path) -> dict[str, TensorRef]:
+    """Parse and validate a safetensors header: a truncated or corrupt file fails here, cheaply."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond end of file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(
+            f"{path} is not a valid safetensors file ({exc}); re-download or re-save the checkpoint"
+        ) from exc
+    refs = {}
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = info["data_offsets"]
+            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFileError(f"{path} has a malformed entry for {name!r}; re-save the checkpoint") from exc
+        expected = int(np.prod(shape)) * _ST_SIZES.get(dtype, 0) if shape else _ST_SIZES.get(dtype, 0)
+        if dtype in _ST_SIZES and stop - start != expected:
+            raise CorruptFileError(f"{path}: tensor {name!r} has inconsistent size; the file is corrupt")
+        end = max(end, stop)
+        refs[name] = TensorRef(name, path, dtype, shape)
+    if 8 + n + end > size:
+        raise CorruptFileError(
+            f"{path} is truncated ({size} bytes, header needs {8 + n + end}); re-download or re-save the checkpoint"
+        )
+    return refs
+
+
+@dataclass
+class HFCheckpoint:
+    """A validated Hugging Face checkpoint folder."""
+
+    path: Path
+    config: dict
+    spec: ArchSpec
+    hparams: HParams
+    tensors: dict[str, TensorRef] = field(repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> HFCheckpoint:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise InputError(f"{p} does not exist; give a Hugging Face model folder (config.json + *.safetensors)")
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            raise InputError(f"{p} is a GGUF file; turn it into a checkpoint first with: edgekit import {p} -o DIR")
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise InputError(f"{p} is not a Hugging Face model folder (no config.json)")
+        try:
+            config = json.loads((p / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptFileError(f"{p / 'config.json'} is not valid JSON ({exc}); fix or re-download it") from exc
+        spec = spec_for(config.get("architectures"))
+        files = cls._weight_files(p)
+        tensors: dict[str, TensorRef] = {}
+        for f in files:
+            tensors.update(_read_safetensors_header(f))
+        return cls(path=p, config=config, spec=spec, hparams=HParams.from_config(config), tensors=tensors)
+
+    @staticmethod
+    def _weight_files(p: Path) -> list[Path]:
+        index = p / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CorruptFileError(f"{index} is malformed; re-download the checkpoint") from exc
+            files = sorted({p / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise InputError(f"{p} lacks shard(s) {', '.join(missing)} named in {index.name}; download them all")
+            return files
+        files = sorted(p.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise InputError(
+                f"{p} holds only pickle weights ({', '.join(pickles)}); edgekit never loads pickles. "
+                "Re-save it as safetensors where you trust its source: "
+                "model.save_pretrained(DIR, safe_serialization=True)"
+            )
+        raise InputError(f"{p} has no *.safetensors weights; is the download complete?")
+
+    @cached_property
+    def weight_files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor as a float32 numpy array (bf16/f16 upcast)."""
+        ref = self.tensors[name]
+        try:
+            if ref.dtype == "BF16":
+                from safetensors import safe_open
+
+                with safe_open(ref.file, framework="pt") as f:
+                    return f.get_tensor(name).float().numpy()
+            from safetensors import safe_open
+
+            with safe_open(ref.file, framework="numpy") as f:
+                return np.ascontiguousarray(f.get_tensor(name), dtype=np.float32)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CorruptFileError(f"cannot read tensor {name!r} from {ref.file}: {exc}") from exc
+
+    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.tensors:
+            yield name, self.load(name)
+
+    @cached_property
+    def tokenizer_config(self) -> dict:
+        f = self.path / "tokenizer_config.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    def require_tokenizer(self) -> None:
+        if not (self.path / "tokenizer.json").exists() and not (self.path / "tokenizer.model").exists():
+            raise InputError(
+                f"{self.path} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files "
+                "from the original model into the folder"
+            )
+
+    def chat_template(self) -> str | None:
+        jinja = self.path / "chat_template.jinja"
+        if jinja.exists():
+            return jinja.read_text()
+        tmpl = self.tokenizer_config.get("chat_template")
+        if isinstance(tmpl, list):  # named templates: take the default one
+            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
+        return tmpl

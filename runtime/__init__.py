@@ -1,0 +1,1 @@
+"""edgekit.runtime: one backend per file (llama.cpp, PyTorch reference, ...), chosen by artifact format."""

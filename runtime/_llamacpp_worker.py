@@ -1,0 +1,355 @@
+"""The child process that hosts llama.cpp for :class:`edgekit.runtime.llamacpp.LlamaCppBackend`.
+
+llama.cpp is native code: a bad build (e.g. native CPU flags on a VM that faults on AMX), a bad
+file or a bug can kill the process with a signal. Running it here keeps the CLI alive to report it.
+
+Protocol (one JSON object per line):
+  * requests come on stdin: ``{"op": ..., "id": ..., ...}``; the first one is ``load``.
+  * replies go to the process's original stdout, which is reserved for them: fd 1 is pointed at
+    stderr so nothing native can corrupt the stream. Replies carry ``"ev"``: ``ready``, ``result``,
+    ``start``, ``token``, ``done`` or ``error``.
+  * bulk arrays (logits) are written to the ``.npy`` path the parent names, never sent as JSON.
+  * ``{"op": "cancel", "id": N}`` may arrive while generation ``N`` streams; it ends it early.
+  * stdin EOF means the parent is gone: the worker exits at once, even mid-generation.
+llama.cpp's log goes to stderr; the parent shows it (verbose) or keeps its tail for error messages.
+
+This file imports nothing from edgekit (it is started by path) and is not a public API.
+Test hook: ``EDGEKIT_LLAMACPP_TEST_CRASH="<op>:<SIGNAL>[:unsafe]"`` makes the worker kill itself
+with that signal when it starts ``<op>`` (``load``, ``tokenize``, ``generate``, ``logits``);
+``:unsafe`` limits it to runs without safe CPU mode.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Started as a script: drop its own folder from the import path so sibling modules cannot shadow others.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import codecs  # noqa: E402
+import ctypes  # noqa: E402
+import faulthandler  # noqa: E402
+import json  # noqa: E402
+import queue  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+CRASH_ENV = "EDGEKIT_LLAMACPP_TEST_CRASH"
+
+
+class StopFilter:
+    """Cuts streamed text at the first stop string, holding back any tail that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was hit (the rest is then dropped)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Worker:
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.cancelled: int | None = None
+        self.llm: Any = None
+        self.safe_cpu = False
+        self.n_batch = 512
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def send(self, **msg: Any) -> None:
+        self.out.write(json.dumps(msg) + "\n")
+        self.out.flush()
+
+    def read_stdin(self) -> None:
+        for line in sys.stdin:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("op") == "cancel":
+                self.cancelled = msg.get("id")
+            else:
+                self.inbox.put(msg)
+        os._exit(0)  # the parent is gone (or closed us): leave now, whatever the main thread does
+
+    def maybe_crash(self, op: str) -> None:
+        spec = os.environ.get(CRASH_ENV, "")
+        if not spec:
+            return
+        parts = spec.split(":")
+        if parts[0] != op or ("unsafe" in parts[2:] and self.safe_cpu):
+            return
+        sig = getattr(signal, parts[1] if len(parts) > 1 else "SIGSEGV")
+        faulthandler.disable()
+        sys.stderr.write(f"test hook: raising {sig.name} in {op}\n")
+        sys.stderr.flush()
+        if sig == signal.SIGABRT:
+            os.abort()
+        os.kill(os.getpid(), sig)
+        time.sleep(5)
+
+    def serve(self) -> None:
+        threading.Thread(target=self.read_stdin, daemon=True).start()
+        while True:
+            msg = self.inbox.get()
+            op = msg.get("op", "")
+            rid = msg.get("id")
+            handler = getattr(self, "op_" + op, None)
+            if handler is None:
+                self.send(ev="error", id=rid, type="ValueError", message=f"unknown op {op!r}")
+                continue
+            try:
+                if op != "load":  # load checks once it knows whether it runs in safe mode
+                    self.maybe_crash(op)
+                handler(msg)
+            except Exception as exc:  # noqa: BLE001 - every Python error goes back as one line
+                text = str(exc).strip().splitlines()
+                self.send(ev="error", id=rid, type=type(exc).__name__, message=text[0] if text else "")
+                if op == "load":
+                    return
+
+    # -- ops ------------------------------------------------------------------------------------
+
+    def op_load(self, msg: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        import llama_cpp
+        import llama_cpp.llama as llama_mod
+
+        self.safe_cpu = bool(msg.get("safe_cpu"))
+        self.maybe_crash("load")
+        params_fields = {f[0] for f in llama_cpp.llama_model_params._fields_}
+        has_extra_bufts = "use_extra_bufts" in params_fields
+        if self.safe_cpu and has_extra_bufts:
+            default_params = llama_mod.llama_cpp.llama_model_default_params
+
+            def safe_params() -> Any:
+                params = default_params()
+                params.use_extra_bufts = False  # no repacked (AMX, ...) weight buffers
+                return params
+
+            llama_mod.llama_cpp.llama_model_default_params = safe_params
+        self.n_batch = int(msg.get("n_batch") or 512)
+        kwargs = dict(msg.get("extra") or {})
+        kwargs.update(
+            n_ctx=int(msg["n_ctx"]),
+            n_batch=self.n_batch,
+            n_threads=msg.get("n_threads"),
+            n_gpu_layers=int(msg.get("n_gpu_layers") or 0),
+            verbose=True,  # everything goes to stderr; the parent decides what to show
+        )
+        kwargs.setdefault("n_threads_batch", kwargs["n_threads"])  # --threads caps prompt batches too
+        self.llm = llama_cpp.Llama(model_path=msg["model_path"], **kwargs)
+        llm = self.llm
+        self.vocab = llm._model.vocab
+        self.n_batch = llm.n_batch
+        metadata = dict(llm.metadata)
+        self.send(
+            ev="ready",
+            id=msg.get("id"),
+            n_vocab=llm.n_vocab(),
+            n_ctx=llm.n_ctx(),
+            n_batch=llm.n_batch,
+            add_bos=bool(llm._model.add_bos_token()),
+            bos=llm.token_bos(),
+            eos=llm.token_eos(),
+            metadata=metadata,
+            llama_cpp_version=getattr(llama_cpp, "__version__", "?"),
+            safe_cpu=self.safe_cpu,
+            has_extra_bufts=has_extra_bufts,
+            system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+            load_time=time.perf_counter() - t0,
+        )
+
+    def op_tokenize(self, msg: dict[str, Any]) -> None:
+        add = bool(msg.get("add_special", True))
+        tokens = self.llm.tokenize(msg["text"].encode("utf-8"), add_bos=add, special=True)
+        self.send(ev="result", id=msg.get("id"), value=list(tokens))
+
+    def op_detokenize(self, msg: dict[str, Any]) -> None:
+        data = b"".join(self.piece(int(t), bool(msg.get("special"))) for t in msg["tokens"])
+        self.send(ev="result", id=msg.get("id"), value=data.decode("utf-8", "replace"))
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        import llama_cpp
+
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n + 1
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+        from llama_cpp import llama_chat_format
+
+        llm = self.llm
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + "<|im_start|>assistant\n", "chatml (the GGUF has no chat template)"
+
+        def token_text(tok: int) -> str:
+            return llm._model.token_get_text(tok) if tok >= 0 else ""
+
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=token_text(llm.token_eos()), bos_token=token_text(llm.token_bos())
+        )
+        return formatter(messages=messages).prompt, "gguf"
+
+    def op_generate(self, msg: dict[str, Any]) -> None:
+        import llama_cpp
+
+        llm, rid = self.llm, msg["id"]
+        s = msg["sampling"]
+        t0 = time.perf_counter()
+        if msg.get("messages") is not None:
+            text, template = self.chat_prompt(msg["messages"])
+            bos_text = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
+            add_bos = bool(llm._model.add_bos_token()) and not (bos_text and text.startswith(bos_text))
+        else:
+            text, template, add_bos = msg["prompt"], "", True
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        if not tokens:
+            bos = llm.token_bos()
+            if bos < 0:
+                raise ValueError("the prompt is empty")
+            tokens = [bos]
+        n_ctx = llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise ValueError(
+                f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
+                "shorten it or load with a larger n_ctx (--ctx)"
+            )
+        self.send(ev="start", id=rid, prompt_tokens=len(tokens), template=template)
+        max_new = min(int(s["max_tokens"]), n_ctx - len(tokens))
+        llm.set_seed(int(s["seed"]) & 0xFFFFFFFF)
+        gen = llm.generate(
+            tokens,
+            top_k=int(s["top_k"]),
+            top_p=float(s["top_p"]),
+            min_p=float(s["min_p"]),
+            temp=float(s["temperature"]),
+            repeat_penalty=float(s["repeat_penalty"]),
+            reset=True,
+        )
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        stopper = StopFilter(list(s.get("stop") or ()))
+        n, reason, t_first = 0, "length", 0.0
+        try:
+            for tok in gen:
+                if self.cancelled == rid:
+                    reason = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+                    reason = "eos"
+                    break
+                n += 1
+                if n == 1:
+                    t_first = time.perf_counter() - t0
+                out, hit = stopper.feed(decoder.decode(self.piece(tok)))
+                self.send(ev="token", id=rid, t=out, n=n)
+                if hit:
+                    reason = "stop"
+                    break
+                if n >= max_new or self.cancelled == rid:
+                    reason = "length" if n >= max_new else "cancelled"
+                    break
+        finally:
+            gen.close()
+        tail = "" if reason == "stop" else stopper.feed(decoder.decode(b"", final=True))[0] + stopper.flush()
+        self.send(
+            ev="done",
+            id=rid,
+            t=tail,
+            n=n,
+            stop_reason=reason,
+            context_full=reason == "length" and max_new < int(s["max_tokens"]),
+            time_to_first_token=t_first,
+            total_time=time.perf_counter() - t0,
+        )
+
+    def op_logits(self, msg: dict[str, Any]) -> None:
+        import llama_cpp
+        import numpy as np
+        from llama_cpp import _internals
+
+        llm = self.llm
+        tokens = [int(t) for t in msg["tokens"]]
+        n, n_vocab, n_ctx = len(tokens), llm.n_vocab(), llm.n_ctx()
+        if n == 0:
+            raise ValueError("no tokens to evaluate")
+        if n > n_ctx:
+            raise ValueError(f"{n} tokens do not fit the context of {n_ctx}; load with a larger n_ctx")
+        self.clear_kv()
+        out = np.lib.format.open_memmap(msg["path"], mode="w+", dtype=np.float32, shape=(n, n_vocab))
+        batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+        try:
+            for i in range(0, n, self.n_batch):
+                chunk = tokens[i : i + self.n_batch]
+                batch.set_batch(batch=chunk, n_past=i, logits_all=True)
+                llm._ctx.decode(batch)
+                ptr = llama_cpp.llama_get_logits(llm.ctx)
+                out[i : i + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), n_vocab))
+            out.flush()
+        finally:
+            del out
+            batch.close()
+            self.clear_kv()
+        self.send(ev="result", id=msg.get("id"), value={"path": msg["path"], "shape": [n, n_vocab]})
+
+    def clear_kv(self) -> None:
+        """Empty the KV cache and make the next generate start from scratch."""
+        import llama_cpp
+
+        llm = self.llm
+        if hasattr(llama_cpp, "llama_memory_clear"):
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        elif hasattr(llama_cpp, "llama_kv_self_clear"):  # older llama-cpp-python
+            llama_cpp.llama_kv_self_clear(llm.ctx)
+        else:
+            llama_cpp.llama_kv_cache_clear(llm.ctx)
+        llm.n_tokens = 0
+        if hasattr(llm, "_requires_eval"):
+            llm._requires_eval = True
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it cancels)
+    proto = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)  # anything native that prints to stdout lands in stderr, not in the protocol
+    sys.stdout = sys.stderr
+    faulthandler.enable()  # a Python-side stack in the stderr tail when a signal hits
+    Worker(proto).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,521 @@
+"""Run GGUF artifacts with llama.cpp (through llama-cpp-python), in a child process.
+
+llama.cpp is native code, and a native crash (a SIGSEGV from a CPU-feature fault, an abort on a bad
+tensor) would take the whole CLI down with no message. So the model lives in a worker process
+(``_llamacpp_worker.py``) and this side only talks to it over pipes: JSON lines for control and
+streamed text, ``.npy`` files for logits. If the worker dies, :class:`BackendCrashed` says which
+signal, while doing what, and how to fix it; a crash while loading or on the first decode is retried
+once in safe CPU mode (no repacked/AMX weight buffers) with a warning.
+
+Not thread-safe: one call at a time per backend.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import itertools
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import (
+    BackendCrashed,
+    BackendError,
+    CorruptFileError,
+    InputError,
+    MissingDependencyError,
+    UnsupportedError,
+)
+from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
+
+_WORKER = Path(__file__).with_name("_llamacpp_worker.py")
+_EOF = object()
+_FAULT_SIGNALS = {"SIGSEGV", "SIGILL", "SIGBUS", "SIGFPE"}
+REBUILD_HINT = "bash .ci/setup.sh --rebuild-llama"
+
+
+@register_backend("llamacpp")
+class LlamaCppBackend(Backend):
+    """A GGUF model loaded by llama.cpp in a worker process.
+
+    ``n_ctx``: context length in tokens. ``n_threads``: CPU threads (None: llama.cpp's choice).
+    ``n_gpu_layers``: layers to offload (-1: all). ``n_batch``: prompt/logits batch size.
+    ``verbose``: show llama.cpp's log on stderr (otherwise only its last lines appear in errors).
+    ``safe_cpu``: load without the extra (repacked, AMX) weight buffers - slower, avoids CPU-feature
+    faults. ``retry_safe``: after a crash while loading or on the first decode, retry once with
+    ``safe_cpu``. ``on_warning``: called with one-line warnings (default: :func:`warnings.warn`).
+    Other keyword arguments go to ``llama_cpp.Llama`` unchanged (JSON-serialisable values only).
+    """
+
+    name = "llamacpp"
+    formats = ("gguf",)
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        verbose: bool = False,
+        safe_cpu: bool = False,
+        retry_safe: bool = True,
+        on_warning: Callable[[str], None] | None = None,
+        **extra: Any,
+    ) -> None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise MissingDependencyError(
+                "llama-cpp-python is not installed (needed to run GGUF files); "
+                "install it with: pip install 'edgekit[llamacpp]' (or: bash .ci/setup.sh --rebuild-llama)"
+            )
+        self.model_path = Path(model_path)
+        if not self.model_path.exists():
+            raise InputError(f"model file not found: {self.model_path}")
+        if not self.model_path.is_file():
+            raise InputError(f"expected a .gguf file, got a directory: {self.model_path}")
+        if n_ctx <= 0 or n_batch <= 0:
+            raise InputError("n_ctx and n_batch must be > 0")
+        try:
+            json.dumps(extra)
+        except TypeError as exc:
+            raise InputError(f"llama.cpp options must be plain values: {exc}") from None
+        self._config = {
+            "model_path": str(self.model_path.resolve()),
+            "n_ctx": int(n_ctx),
+            "n_threads": n_threads,
+            "n_gpu_layers": int(n_gpu_layers),
+            "n_batch": int(n_batch),
+            "extra": extra,
+        }
+        self.verbose = verbose
+        self.safe_cpu = safe_cpu
+        self.retry_safe = retry_safe
+        self._on_warning = on_warning
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=60)
+        self._threads: list[threading.Thread] = []
+        self._ids = itertools.count(1)
+        self._active: int | None = None  # id of the generation now streaming
+        self._decoded = False  # a decode has succeeded in this worker (no more safe-mode retries)
+        self._tmpdir: str | None = None
+        self._info: dict[str, Any] = {}
+        self._gone = "it is closed"  # why there is no worker, for calls made after close or a crash
+        self.load_time = 0.0
+        try:
+            self._start_with_retry()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self._info["n_vocab"])
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self._info["n_ctx"])
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the worker reported on load: llama.cpp version, system info, safe mode, BOS/EOS ids, ..."""
+        return {k: v for k, v in self._info.items() if k != "metadata"}
+
+    def metadata(self) -> dict[str, str]:
+        """The GGUF metadata as llama.cpp reads it (values as strings; arrays summarised)."""
+        return dict(self._info.get("metadata", {}))
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return list(self._call("tokenize", "tokenizing", text=text, add_special=add_special))
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        """Text of ``tokens``; ``special`` also renders control tokens such as ``<|im_end|>``."""
+        return str(self._call("detokenize", "detokenizing", tokens=[int(t) for t in tokens], special=special))
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InputError("logits() needs at least one token")
+        if len(tokens) > self.n_ctx:
+            raise InputError(
+                f"{len(tokens)} tokens do not fit the context of {self.n_ctx}; load with a larger n_ctx"
+            )
+        while True:
+            path = os.path.join(self._tempdir(), f"logits-{next(self._ids)}.npy")
+            try:
+                self._call("logits", "computing logits", tokens=tokens, path=path)
+                arr = np.load(path)
+                self._decoded = True
+                return np.ascontiguousarray(arr, dtype=np.float32)
+            except BackendCrashed as exc:
+                if not self._can_retry_safe():
+                    raise
+                self._restart_safe(exc)
+            finally:
+                if os.path.exists(path):
+                    os.unlink(path)
+
+    def generate(
+        self,
+        prompt: str | list[dict[str, str]],
+        sampling: SamplingConfig,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """Stream text pieces; a list of messages goes through the GGUF's own chat template.
+
+        Nothing runs until the first piece is asked for. Closing the iterator early stops the
+        generation in the worker, which is then ready for the next call.
+        """
+        if isinstance(prompt, str):
+            request: dict[str, Any] = {"prompt": prompt}
+        else:
+            messages = [dict(m) for m in prompt]
+            if not all(
+                isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+            ):
+                raise InputError('chat messages must be {"role": str, "content": str} dicts')
+            request = {"messages": messages}
+        request["sampling"] = {**asdict(sampling), "stop": list(sampling.stop)}
+        return self._stream(request, stats if stats is not None else GenerationStats())
+
+    def _stream(self, request: dict[str, Any], stats: GenerationStats) -> Iterator[str]:
+        while True:
+            inner = self._generate_once(request, stats)
+            yielded = False
+            try:
+                for piece in inner:
+                    yielded = True
+                    yield piece
+                return
+            except BackendCrashed as exc:
+                if yielded or not self._can_retry_safe():
+                    raise
+                self._restart_safe(exc)
+            finally:
+                inner.close()
+
+    def close(self) -> None:
+        """Stop the worker (politely: stdin EOF; then by force) and remove temporary files."""
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        self._reap()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        self._gone = self._gone or "it is closed"
+
+    def _reap(self) -> int | None:
+        """Wait for the worker to exit (killing it if it hangs), close its pipes; its exit status."""
+        proc, self._proc = self._proc, None
+        self._active = None
+        if proc is None:
+            return None
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait(timeout=5)
+        for t in self._threads:
+            t.join(timeout=2)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        return rc
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _generate_once(self, request: dict[str, Any], stats: GenerationStats) -> Iterator[str]:
+        self._abort_active()
+        rid = next(self._ids)
+        t0 = time.perf_counter()
+        stats.prompt_tokens = stats.generated_tokens = 0
+        stats.time_to_first_token = stats.total_time = 0.0
+        stats.stop_reason = ""
+        self._send({"op": "generate", "id": rid, **request})
+        self._active = rid
+        finished = False
+        try:
+            while True:
+                msg = self._recv("generating text", rid)
+                ev = msg["ev"]
+                if ev == "start":
+                    stats.prompt_tokens = int(msg["prompt_tokens"])
+                    if msg.get("template"):
+                        stats.extra["chat_template"] = msg["template"]
+                elif ev == "token":
+                    if stats.generated_tokens == 0:
+                        stats.time_to_first_token = time.perf_counter() - t0
+                        self._decoded = True
+                    stats.generated_tokens = int(msg["n"])
+                    if msg["t"]:
+                        yield msg["t"]
+                        if self._active != rid:  # another call took the worker while we were paused
+                            stats.stop_reason = stats.stop_reason or "cancelled"
+                            finished = True
+                            return
+                elif ev == "done":
+                    finished = True
+                    self._active = None
+                    self._decoded = True
+                    stats.generated_tokens = int(msg["n"])
+                    stats.total_time = time.perf_counter() - t0
+                    stats.stop_reason = msg["stop_reason"]
+                    stats.extra["worker_time_to_first_token"] = msg["time_to_first_token"]
+                    stats.extra["worker_total_time"] = msg["total_time"]
+                    if msg.get("context_full"):
+                        stats.extra["context_full"] = True
+                    if msg["t"]:
+                        yield msg["t"]
+                    return
+                elif ev == "error":
+                    finished = True
+                    self._active = None
+                    raise self._error_from(msg, "generating text")
+        finally:
+            if not finished and self._active == rid:
+                stats.total_time = time.perf_counter() - t0
+                stats.stop_reason = stats.stop_reason or "cancelled"
+                try:
+                    self._abort_active()
+                except BackendCrashed:
+                    pass  # reported by the next call; do not mask the consumer's own exit
+
+    def _abort_active(self) -> None:
+        """Cancel a generation still streaming (its consumer stopped early) and drain its messages."""
+        rid, self._active = self._active, None
+        if rid is None or self._proc is None:
+            return
+        self._send({"op": "cancel", "id": rid})
+        while True:
+            msg = self._recv("stopping a generation", rid)
+            if msg["ev"] in ("done", "error"):
+                return
+
+    # -- worker plumbing ------------------------------------------------------------------------
+
+    def _start_with_retry(self) -> None:
+        try:
+            self._start(self.safe_cpu)
+        except BackendCrashed as exc:
+            if not self._can_retry_safe():
+                raise
+            self._restart_safe(exc)
+
+    def _can_retry_safe(self) -> bool:
+        return self.retry_safe and not self.safe_cpu and not self._decoded
+
+    def _restart_safe(self, exc: BackendCrashed) -> None:
+        self._warn(f"{exc} - retrying once in safe CPU mode (slower)")
+        self.close()
+        self.safe_cpu = True
+        self._start(True)
+
+    def _warn(self, message: str) -> None:
+        if self._on_warning is not None:
+            self._on_warning(message)
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _start(self, safe_cpu: bool) -> None:
+        self._inbox = queue.Queue()
+        self._stderr_tail.clear()
+        self._decoded = False
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._proc = subprocess.Popen(
+            [sys.executable, str(_WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+        )
+        self._threads = [
+            threading.Thread(target=self._read_stdout, args=(self._proc, self._inbox), daemon=True),
+            threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        t0 = time.perf_counter()
+        self._send({"op": "load", "id": 0, **self._config, "safe_cpu": safe_cpu})
+        msg = self._recv("loading", None)
+        if msg["ev"] == "error":
+            self._reap()
+            raise self._load_error(msg)
+        self._info = msg
+        self._gone = ""
+        self.load_time = time.perf_counter() - t0
+
+    def _read_stdout(self, proc: subprocess.Popen[bytes], inbox: queue.Queue[Any]) -> None:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                try:
+                    inbox.put(json.loads(line))
+                except ValueError:
+                    continue
+        except (OSError, ValueError):
+            pass
+        inbox.put(_EOF)
+
+    def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        try:
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    self._stderr_tail.append(line)
+                if self.verbose:
+                    sys.stderr.write(raw.decode("utf-8", "replace"))
+                    sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            raise BackendError(f"the llama.cpp model is not loaded ({self._gone}); load it again")
+        try:
+            proc.stdin.write((json.dumps(msg) + "\n").encode("utf-8"))
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the worker died: _recv sees its EOF and reports how
+
+    def _recv(self, doing: str, rid: int | None) -> dict[str, Any]:
+        """The next message of request ``rid`` (stale ones are skipped); a dead worker raises."""
+        while True:
+            msg = self._inbox.get()
+            if msg is _EOF:
+                raise self._crashed(doing)
+            if rid is None or msg.get("id") in (rid, None):
+                return msg
+
+    def _call(self, op: str, doing: str, **kwargs: Any) -> Any:
+        self._abort_active()
+        rid = next(self._ids)
+        self._send({"op": op, "id": rid, **kwargs})
+        msg = self._recv(doing, rid)
+        if msg["ev"] == "error":
+            raise self._error_from(msg, doing)
+        return msg.get("value")
+
+    def _tempdir(self) -> str:
+        if self._tmpdir is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="edgekit-llamacpp-")
+        return self._tmpdir
+
+    # -- error messages -------------------------------------------------------------------------
+
+    def _log_hint(self, *needles: str) -> str:
+        """The most telling recent llama.cpp log line (one line, trimmed), or ''."""
+        lines = list(self._stderr_tail)
+        for needle in needles:
+            for line in reversed(lines):
+                if needle.lower() in line.lower():
+                    return line.strip()[:240]
+        return ""
+
+    def _crashed(self, doing: str) -> BackendCrashed:
+        rc = self._reap()
+        self._gone = "its worker crashed"
+        name = self.model_path.name
+        safe_note = " (already in safe CPU mode)" if self.safe_cpu else ""
+        if rc is not None and rc < 0:
+            try:
+                sig = signal.Signals(-rc).name
+            except ValueError:
+                sig = f"signal {-rc}"
+            if sig in _FAULT_SIGNALS:
+                fix = f"rebuild it with `{REBUILD_HINT}`" + (
+                    "" if self.safe_cpu else " or retry with --safe-cpu"
+                )
+                return BackendCrashed(
+                    f"llama.cpp crashed ({sig}) while {doing} ({name}){safe_note}: if llama-cpp-python was "
+                    f"built with native CPU flags on a VM that faults on AMX, {fix}"
+                )
+            if sig == "SIGKILL":
+                return BackendCrashed(
+                    f"llama.cpp was killed (SIGKILL) while {doing} ({name}), most likely out of memory: "
+                    "use a smaller context (--ctx) or a smaller model"
+                )
+            hint = self._log_hint("GGML_ASSERT", "error", "failed", "abort")
+            return BackendCrashed(
+                f"llama.cpp died ({sig}) while {doing} ({name})"
+                + (f": {hint}" if hint else "")
+                + f"; rerun with --verbose for its log, or rebuild llama-cpp-python with `{REBUILD_HINT}`"
+            )
+        hint = self._log_hint("Error", "error", "failed")
+        return BackendCrashed(
+            f"the llama.cpp worker exited unexpectedly (exit code {rc}) while {doing} ({name})"
+            + (f": {hint}" if hint else "")
+            + "; rerun with --verbose for its log"
+        )
+
+    def _load_error(self, msg: dict[str, Any]) -> Exception:
+        name = self.model_path.name
+        try:
+            with open(self.model_path, "rb") as fh:
+                magic = fh.read(4)
+        except OSError:
+            magic = b""
+        if msg.get("type") in (
+            "ImportError",
+            "ModuleNotFoundError",
+            "OSError",
+            "RuntimeError",
+        ) and not self._log_hint("llama_model_load"):
+            return BackendError(
+                f"llama-cpp-python could not start: {msg.get('message')}; reinstall it with `{REBUILD_HINT}`"
+            )
+        if magic != b"GGUF":
+            return CorruptFileError(f"{name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+        reason = self._log_hint("error loading model:")
+        if "error loading model:" in reason:
+            reason = reason.split("error loading model:", 1)[1].strip()
+        if not reason or "failed to load model from" in reason:
+            gguf = self._log_hint("gguf_init_from", "invalid", "failed to read")
+            reason = gguf.split(": ", 1)[-1] if gguf else reason
+        if "unknown model architecture" in reason:
+            return UnsupportedError(
+                f"llama.cpp cannot run {name}: {reason}; update llama-cpp-python or use another runtime"
+            )
+        detail = reason or str(msg.get("message") or "llama.cpp could not load it")
+        return CorruptFileError(
+            f"llama.cpp could not load {name} ({detail}); the file may be truncated or corrupt: "
+            "convert or download it again"
+        )
+
+    def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError:
+        text = str(msg.get("message") or msg.get("type") or "unknown error")
+        return BackendError(f"llama.cpp failed while {doing}: {text}")

@@ -1,0 +1,137 @@
+"""PyTorch reference backend: a Hugging Face safetensors checkpoint run by transformers.
+
+It is the ground truth that quantized artifacts are measured against (``eval --ref``) and it runs
+source checkpoints directly. No remote code, safetensors only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import BackendError, require
+from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
+    """(index of the first complete stop string or None, length of text safe to emit now)."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    if hits:
+        return min(hits), min(hits)
+    hold = 0
+    for s in stops:  # keep back a tail that could still become a stop string
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return None, len(text) - hold
+
+
+@register_backend("torch")
+class TorchBackend(Backend):
+    """transformers ``AutoModelForCausalLM`` in float32 on the CPU."""
+
+    name = "torch"
+    formats = ("hf",)
+
+    def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None, **_: object):
+        torch = require("torch", "torch")
+        transformers = require("transformers", "torch")
+        from edgekit.model import HFCheckpoint
+
+        ckpt = HFCheckpoint.open(model_path)  # validates: safetensors only, supported architecture
+        ckpt.require_tokenizer()
+        if n_threads:
+            torch.set_num_threads(n_threads)
+        self._torch = torch
+        self.n_ctx = n_ctx
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=False)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(ckpt.path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+            ).eval()
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"transformers could not load {ckpt.path}: {exc}") from exc
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(torch.tensor([tokens]), use_cache=False)
+        return out.logits[0].float().numpy()
+
+    def _prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _pick(self, logits, sampling: SamplingConfig, gen):
+        torch = self._torch
+        if sampling.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / sampling.temperature, -1)
+        if sampling.top_k:
+            kth = torch.topk(probs, min(sampling.top_k, probs.numel())).values[-1]
+            probs = torch.where(probs >= kth, probs, 0)
+        if sampling.min_p:
+            probs = torch.where(probs >= sampling.min_p * probs.max(), probs, 0)
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < sampling.top_p * sorted_p.sum()
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+    def generate(
+        self, prompt: str | list[dict[str, str]], sampling: SamplingConfig, stats: GenerationStats | None = None
+    ) -> Iterator[str]:
+        torch = self._torch
+        stats = stats if stats is not None else GenerationStats()
+        ids = self._prompt_ids(prompt)
+        stats.prompt_tokens = len(ids)
+        gen = torch.Generator().manual_seed(sampling.seed)
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = {self.tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
+        t0 = time.perf_counter()
+        past, inp, out_ids, emitted = None, torch.tensor([ids]), [], 0
+        stats.stop_reason = "length"
+        with torch.inference_mode():
+            for _ in range(sampling.max_tokens):
+                res = self.model(inp, past_key_values=past, use_cache=True)
+                past, logits = res.past_key_values, res.logits[0, -1]
+                if sampling.repeat_penalty != 1.0 and out_ids:
+                    prev = torch.tensor(sorted(set(out_ids)))
+                    vals = logits[prev]
+                    logits[prev] = torch.where(vals > 0, vals / sampling.repeat_penalty, vals * sampling.repeat_penalty)
+                tok = self._pick(logits, sampling, gen)
+                if not out_ids:
+                    stats.time_to_first_token = time.perf_counter() - t0
+                if tok in eos:
+                    stats.stop_reason = "eos"
+                    break
+                out_ids.append(tok)
+                stats.generated_tokens = len(out_ids)
+                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                stop_at, safe = _stop_cut(text, sampling.stop)
+                if stop_at is not None:
+                    if stop_at > emitted:
+                        yield text[emitted:stop_at]
+                    stats.stop_reason = "stop"
+                    break
+                if safe > emitted and not text.endswith("\ufffd"):
+                    yield text[emitted:safe]
+                    emitted = safe
+                inp = torch.tensor([[tok]])
+        if stats.stop_reason != "stop":
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if len(text) > emitted:
+                yield text[emitted:]
+        stats.total_time = time.perf_counter() - t0

@@ -1,0 +1,80 @@
+"""Builders for tiny, random but real checkpoints (config, safetensors, tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _training_text() -> list[str]:
+    from edgekit.quickstart import sample_text_path
+
+    return [line for line in sample_text_path().read_text().splitlines() if line.strip()]
+
+
+def _bpe_tokenizer(folder: Path, vocab_size: int) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_training_text(), trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+        "chat_template": CHATML, "model_max_length": 2048,
+    }))
+    return tok.get_vocab_size()
+
+
+def _spm_tokenizer(folder: Path, vocab_size: int) -> int:
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_text()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "chat_template": CHATML,
+    }))
+    return vocab_size
+
+
+def build_tiny_model(folder: Path, arch: str, *, hidden: int = 256, ffn: int = 512, layers: int = 2,
+                     heads: int = 4, kv_heads: int = 2, tokenizer: str = "bpe", vocab_size: int = 384,
+                     tie: bool = False, seed: int = 0) -> Path:
+    """Write a random ``arch`` checkpoint with a trained tokenizer into ``folder``."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n_vocab = (_spm_tokenizer if tokenizer == "spm" else _bpe_tokenizer)(folder, vocab_size)
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    cfg = config_cls(
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(cfg).eval()
+    with torch.no_grad():  # larger than default init so that quantization error is visible in outputs
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,310 @@
+"""LlamaCppBackend: llama.cpp in a worker process; real-model behaviour, crash and corrupt-file handling.
+
+Real-model tests read the GGUF path from EDGEKIT_REAL_GGUF (SmolLM2-135M-Instruct) and skip without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("llama_cpp") is None:  # (not imported here: only the worker loads it)
+    pytest.skip("llama-cpp-python is not installed", allow_module_level=True)
+
+from edgekit.errors import BackendCrashed, BackendError, CorruptFileError, InputError, UnsupportedError  # noqa: E402
+from edgekit.runtime.base import BACKENDS, GenerationStats, SamplingConfig, backend_for_format  # noqa: E402
+from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
+
+pytestmark = pytest.mark.llamacpp
+
+CRASH_ENV = "EDGEKIT_LLAMACPP_TEST_CRASH"
+GREEDY = SamplingConfig(temperature=0.0, max_tokens=48)
+# The template's default system prompt makes this Q4_1 135M model ramble in French when greedy;
+# with an explicit system message it answers plainly.
+CAPITAL = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+def _real_gguf() -> Path | None:
+    path = os.environ.get("EDGEKIT_REAL_GGUF", "")
+    return Path(path) if path and Path(path).is_file() else None
+
+
+needs_real = pytest.mark.skipif(_real_gguf() is None, reason="set EDGEKIT_REAL_GGUF to a SmolLM2-135M GGUF")
+
+
+def _open(path: Path, **kwargs) -> LlamaCppBackend:
+    # Passive OpenMP waits: spinning threads collapse when the CI box's cores are shared.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_WAIT_POLICY", "PASSIVE")
+        return LlamaCppBackend(path, **{"n_ctx": 512, "n_threads": 2, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def llm():
+    path = _real_gguf()
+    if path is None:
+        pytest.skip("set EDGEKIT_REAL_GGUF to a SmolLM2-135M GGUF")
+    backend = _open(path)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def junk_file(tmp_path: Path) -> Path:
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return path
+
+
+def test_registered_for_gguf():
+    assert BACKENDS.get("llamacpp") is LlamaCppBackend
+    assert backend_for_format("gguf") is LlamaCppBackend
+
+
+def test_missing_file_is_input_error(tmp_path: Path):
+    with pytest.raises(InputError, match="not found"):
+        LlamaCppBackend(tmp_path / "nope.gguf")
+
+
+# -- real model ----------------------------------------------------------------------------------
+
+
+@needs_real
+def test_model_info(llm: LlamaCppBackend):
+    assert llm.n_vocab == 49152
+    assert llm.n_ctx == 512
+    assert llm.metadata()["general.architecture"] == "llama"
+    assert "tokenizer.chat_template" in llm.metadata()
+    assert llm.info["add_bos"] is False
+    assert llm.load_time > 0
+
+
+@needs_real
+def test_tokenize_round_trip(llm: LlamaCppBackend):
+    text = "Hello, world! Ünïcödé text 🙂 with  two spaces."
+    tokens = llm.tokenize(text)
+    assert tokens and all(isinstance(t, int) for t in tokens)
+    assert llm.detokenize(tokens) == text
+    assert llm.tokenize(text, add_special=False) == tokens  # SmolLM2 asks for no BOS
+    assert llm.tokenize("<|im_start|>") == [1]  # special tokens are parsed
+    assert llm.detokenize([1], special=True) == "<|im_start|>"
+
+
+@needs_real
+def test_greedy_chat_answer_streams(llm: LlamaCppBackend):
+    stats = GenerationStats()
+    pieces = list(llm.generate(CAPITAL, GREEDY, stats))
+    answer = "".join(pieces)
+    assert "Paris" in answer
+    assert len(pieces) >= 3
+    assert stats.prompt_tokens > 10
+    assert 0 < stats.generated_tokens < GREEDY.max_tokens
+    assert stats.stop_reason == "eos"
+    assert 0 < stats.time_to_first_token <= stats.total_time
+    assert stats.extra["chat_template"] == "gguf"
+    assert "<|im_end|>" not in answer
+
+
+@needs_real
+def test_max_tokens_gives_length(llm: LlamaCppBackend):
+    stats = GenerationStats()
+    out = "".join(llm.generate("Once upon a time", SamplingConfig(temperature=0.0, max_tokens=5), stats))
+    assert out
+    assert stats.generated_tokens == 5
+    assert stats.stop_reason == "length"
+
+
+@needs_real
+def test_seeded_sampling_is_reproducible(llm: LlamaCppBackend):
+    def sample(seed: int) -> str:
+        cfg = SamplingConfig(temperature=0.9, seed=seed, max_tokens=16)
+        return "".join(llm.generate("My favourite animal is", cfg))
+
+    first = sample(7)
+    assert first == sample(7)
+    assert any(sample(s) != first for s in (8, 9, 10))
+
+
+@needs_real
+def test_stop_strings_cut_output_without_leaking(llm: LlamaCppBackend):
+    prompt = "The three primary colors are"
+    ref = "".join(llm.generate(prompt, SamplingConfig(temperature=0.0, max_tokens=24)))
+    assert len(ref) > 30
+    stop = ref[12:19]  # a stop string that likely spans token boundaries
+    cut = ref.find(stop)
+    stats = GenerationStats()
+    pieces = list(
+        llm.generate(prompt, SamplingConfig(temperature=0.0, max_tokens=24, stop=(stop, "zzzq")), stats)
+    )
+    assert "".join(pieces) == ref[:cut]
+    assert stats.stop_reason == "stop"
+    assert not any(stop in p for p in pieces)
+
+
+@needs_real
+def test_logits_argmax_is_greedy_continuation(llm: LlamaCppBackend):
+    prompt = "The capital of France is"
+    ids = llm.tokenize(prompt)
+    n_prompt = len(ids)
+    for _ in range(6):
+        rows = llm.logits(ids)
+        assert rows.shape == (len(ids), llm.n_vocab) and rows.dtype == np.float32
+        ids.append(int(rows[-1].argmax()))
+    greedy = "".join(llm.generate(prompt, SamplingConfig(temperature=0.0, max_tokens=6)))
+    assert llm.detokenize(ids[n_prompt:]) == greedy
+    assert "Paris" in greedy
+    # teacher forcing over the whole chain agrees with the step-by-step argmaxes
+    full = llm.logits(ids)
+    assert full[n_prompt - 1 : -1].argmax(axis=1).tolist() == ids[n_prompt:]
+
+
+@needs_real
+def test_logits_full_context(llm: LlamaCppBackend):
+    base = llm.tokenize("The quick brown fox jumps over the lazy dog. ")
+    tokens = (base * (llm.n_ctx // len(base) + 1))[: llm.n_ctx]
+    rows = llm.logits(tokens)
+    assert rows.shape == (llm.n_ctx, llm.n_vocab)
+    assert np.isfinite(rows).all()
+    head = llm.logits(tokens[:7])  # starts again from an empty KV cache
+    np.testing.assert_allclose(head, rows[:7], atol=0.05, rtol=0)
+    with pytest.raises(InputError, match="context"):
+        llm.logits(tokens + tokens[:1])
+
+
+@needs_real
+def test_early_close_then_generate_again(llm: LlamaCppBackend):
+    stats = GenerationStats()
+    gen = llm.generate(
+        "Write a long story about a dragon.", SamplingConfig(temperature=0.8, max_tokens=200), stats
+    )
+    got = [next(gen) for _ in range(3)]
+    gen.close()
+    assert len(got) == 3 and stats.stop_reason == "cancelled"
+    assert stats.generated_tokens < 200
+    stats = GenerationStats()
+    assert "Paris" in "".join(llm.generate(CAPITAL, GREEDY, stats))
+    assert stats.stop_reason == "eos"
+
+    # a paused generator is superseded by the next call and then simply ends
+    paused = llm.generate("Count: 1, 2, 3,", SamplingConfig(temperature=0.0, max_tokens=100))
+    next(paused)
+    assert llm.tokenize("hi")
+    assert list(paused) == []
+
+
+@needs_real
+def test_worker_exits_when_parent_dies():
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from edgekit.runtime.llamacpp import LlamaCppBackend
+        b = LlamaCppBackend({str(_real_gguf())!r}, n_ctx=256, n_threads=1)
+        print(b._proc.pid, flush=True)
+        os._exit(0)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    worker_pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker_pid, signal.SIGKILL)
+    pytest.fail("the worker outlived its parent")
+
+
+# -- crashes and bad files -------------------------------------------------------------------------
+
+
+def test_crash_while_loading_names_signal(junk_file: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(CRASH_ENV, "load:SIGSEGV")
+    with pytest.raises(BackendCrashed) as err:
+        LlamaCppBackend(junk_file, retry_safe=False)
+    msg = str(err.value)
+    assert "SIGSEGV" in msg and "loading" in msg and "--rebuild-llama" in msg and "--safe-cpu" in msg
+    assert "\n" not in msg
+
+
+def test_crash_retries_once_in_safe_mode(junk_file: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(CRASH_ENV, "load:SIGILL")  # crashes in safe mode too
+    seen: list[str] = []
+    with pytest.raises(BackendCrashed, match=r"SIGILL.*already in safe CPU mode"):
+        LlamaCppBackend(junk_file, on_warning=seen.append)
+    assert len(seen) == 1 and "retrying once in safe CPU mode" in seen[0]
+
+
+@needs_real
+def test_crash_on_first_decode_recovers_in_safe_mode(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(CRASH_ENV, "generate:SIGSEGV:unsafe")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _open(_real_gguf(), n_ctx=256) as backend:
+            assert backend.safe_cpu is False
+            text = "".join(backend.generate(CAPITAL, GREEDY))
+            assert backend.safe_cpu is True and backend.info["safe_cpu"] is True
+    assert "Paris" in text
+    assert any("SIGSEGV" in str(w.message) and w.category is RuntimeWarning for w in caught)
+
+
+@needs_real
+def test_crash_while_generating_keeps_parent_alive(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(CRASH_ENV, "generate:SIGSEGV")
+    backend = _open(_real_gguf(), n_ctx=256, retry_safe=False)
+    with pytest.raises(BackendCrashed, match=r"SIGSEGV.*generating text"):
+        list(backend.generate("Hello", GREEDY))
+    with pytest.raises(BackendError, match="crashed"):
+        backend.tokenize("hi")
+    backend.close()
+
+
+@needs_real
+def test_abort_in_worker_is_reported(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(CRASH_ENV, "tokenize:SIGABRT")
+    with _open(_real_gguf(), n_ctx=256) as backend, pytest.raises(BackendCrashed, match="SIGABRT"):
+        backend.tokenize("hello")
+
+
+def test_random_bytes_are_corrupt_file(junk_file: Path):
+    with pytest.raises(CorruptFileError, match="not a GGUF file"):
+        LlamaCppBackend(junk_file)
+
+
+def test_unknown_architecture_is_unsupported(tmp_path: Path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "no-such-arch")
+    writer.add_tensor("x", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedError, match="no-such-arch"):
+        LlamaCppBackend(path)
+
+
+@needs_real
+@pytest.mark.parametrize("keep", [100, 3_000_000])
+def test_truncated_gguf_is_corrupt_file(tmp_path: Path, keep: int):
+    path = tmp_path / "cut.gguf"
+    with open(_real_gguf(), "rb") as fh:
+        path.write_bytes(fh.read(keep))
+    with pytest.raises(CorruptFileError) as err:
+        LlamaCppBackend(path)
+    msg = str(err.value)
+    assert "cut.gguf" in msg and "\n" not in msg and "Traceback" not in msg

@@ -1,0 +1,1 @@
+"""edgekit.tui: the Textual app (chat, live profiling, artifacts, conversion, devices)."""
