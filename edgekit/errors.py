@@ -70,3 +70,10 @@ def require(module: str, extra: str) -> object:
         raise MissingDependencyError(
             f"{module} is not installed (needed for {extra}); install it with: pip install 'edgekit[{extra}]'"
         ) from exc
+
+
+def quiet_transformers(transformers: object) -> None:
+    """transformers prints its own tqdm bars and advice; edgekit shows its own progress instead."""
+    utils = transformers.utils.logging  # type: ignore[attr-defined]
+    utils.disable_progress_bar()
+    utils.set_verbosity_error()

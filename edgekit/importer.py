@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgekit.arch import GGUF_TO_HF
 from edgekit.converters.formats.base import ProgressFn, no_progress
-from edgekit.errors import CorruptFileError, InputError, UnsupportedError, require
+from edgekit.errors import CorruptFileError, InputError, UnsupportedError, quiet_transformers, require
 from edgekit.fsutil import atomic_dir, check_free_space, sha256_file
 
 
@@ -50,6 +50,7 @@ def import_gguf(
 
     torch = require("torch", "torch")
     transformers = require("transformers", "torch")
+    quiet_transformers(transformers)
     with atomic_dir(out, force=force) as tmp:
         progress("reading GGUF (dequantizing)", 0, 3)
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.errors import BackendError, require
+from edgekit.errors import BackendError, quiet_transformers, require
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 
 
@@ -40,6 +40,7 @@ class TorchBackend(Backend):
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None, **_: object):
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
+        quiet_transformers(transformers)
         from edgekit.model import HFCheckpoint
 
         ckpt = HFCheckpoint.open(model_path)  # validates: safetensors only, supported architecture

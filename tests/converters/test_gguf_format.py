@@ -1,0 +1,146 @@
+"""The GGUF writer on tiny real checkpoints: every type, every architecture, llama.cpp as the judge."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+from edgekit import api
+from edgekit.arch import permute_for_rope
+from edgekit.converters.quantize import ggml
+from edgekit.model import HFCheckpoint
+
+PRESETS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]
+TEXT = "The river city grew around its bridges, and 1,204 people crossed them every day in 1887."
+
+
+def _convert(model, tmp_path, preset, **kw):
+    return api.convert(model, "gguf", output=tmp_path / preset, recipe=api.ConvertRecipe(bits=None, preset=preset), **kw)
+
+
+def _torch_logits(model_dir, tokens):
+    from edgekit.runtime.torch_ref import TorchBackend
+
+    return TorchBackend(model_dir).logits(tokens)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_type_is_bit_exact(tiny_llama, tmp_path, preset):
+    """Each tensor in the file dequantizes exactly to what edgekit's encoder decided for the source weights."""
+    art = _convert(tiny_llama, tmp_path, preset)
+    ckpt = HFCheckpoint.open(tiny_llama)
+    reader = gguf.GGUFReader(art.model_file)
+    by_name = {t.name: t for t in reader.tensors}
+    hf_names = {ckpt.spec.gguf_name(n): n for n in ckpt.tensors}
+    for name, entry in art.manifest["tensors"].items():
+        t = by_name[name]
+        assert t.tensor_type.name == entry["type"]
+        w = ckpt.load(hf_names[name])
+        if name.endswith("attn_q.weight"):
+            w = permute_for_rope(w, ckpt.hparams.n_head)
+        elif name.endswith("attn_k.weight"):
+            w = permute_for_rope(w, ckpt.hparams.n_head_kv)
+        _, expected = ggml.quantize_roundtrip(w, t.tensor_type)
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
+        np.testing.assert_array_equal(got, expected.reshape(w.shape), err_msg=name)
+    assert art.manifest["size_bytes"] == art.model_file.stat().st_size
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("preset", PRESETS)
+def test_llamacpp_runs_every_type_like_pytorch(tiny_llama, tmp_path, preset):
+    """llama.cpp on the quantized file agrees with PyTorch carrying the same (dequantized) weights."""
+    from edgekit.runtime.llamacpp import LlamaCppBackend
+
+    art = _convert(tiny_llama, tmp_path, preset)
+    with LlamaCppBackend(art.model_file, n_ctx=64) as b:
+        tokens = b.tokenize(TEXT)
+        logits = b.logits(tokens)
+    same_weights = api.import_gguf(art.model_file, tmp_path / "dequantized")
+    ref = _torch_logits(same_weights, tokens)
+    # llama.cpp keeps the KV cache in f16 and quantizes activations to 8 bits for quantized matmuls.
+    rel = np.linalg.norm(logits - ref) / np.linalg.norm(ref)
+    assert rel < (2e-3 if preset == "F32" else 0.06), rel  # a wrong tensor gives ~1
+
+
+def _reference_tokens(model) -> list[int]:
+    """The source tokenizer's ids, from the library that defines each file: sentencepiece for
+    tokenizer.model, tokenizers for tokenizer.json. (transformers rebuilds some tokenizers by model
+    type, e.g. drops SentencePiece's dummy prefix, so it is not the reference here.)"""
+    if (model / "tokenizer.model").exists():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
+        return [sp.bos_id(), *sp.encode(TEXT)]
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model / "tokenizer.json")).encode(TEXT).ids
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_llamacpp_f32_logits_match_pytorch(tiny_models, tmp_path, arch):
+    """Names, Q/K permutation, hyperparameters and tokenizer all have to be right for this to hold."""
+    from edgekit.runtime.llamacpp import LlamaCppBackend
+    from edgekit.runtime.torch_ref import TorchBackend
+
+    model = tiny_models[arch]
+    art = _convert(model, tmp_path, "F32")
+    ref = TorchBackend(model)
+    with LlamaCppBackend(art.model_file, n_ctx=128) as b:
+        tokens = b.tokenize(TEXT)
+        assert tokens == _reference_tokens(model), "llama.cpp tokenizes differently from the source tokenizer"
+        logits = b.logits(tokens)
+        meta = b.metadata()
+    expected = ref.logits(tokens)
+    # f16 KV cache in llama.cpp: small absolute differences, tiny relative error overall.
+    np.testing.assert_allclose(logits, expected, atol=1e-2)
+    assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) < 2e-3
+    assert "tokenizer.chat_template" in meta
+
+
+def test_fallbacks_recorded_for_narrow_rows(tiny_models, tmp_path):
+    """Rows of 96 cannot hold 256-weight super-blocks: llama.cpp's fallbacks apply and are recorded."""
+    art = _convert(tiny_models["MistralForCausalLM"], tmp_path, "Q4_K_M")
+    tensors = art.manifest["tensors"]
+    q = tensors["blk.0.attn_q.weight"]
+    assert (q["wanted"], q["type"]) == ("Q4_K", "Q5_0")
+    assert "256" in q["fallback_reason"]
+    info = api.inspect(art.path)
+    assert info["fallbacks"] == sum(1 for t in tensors.values() if "wanted" in t) > 0
+
+
+def test_tensor_type_override(tiny_llama, tmp_path):
+    recipe = api.ConvertRecipe(bits=4, tensor_types=((r"ffn_down", "Q8_0"), (r"attn_v", "F16")))
+    art = api.convert(tiny_llama, "gguf", output=tmp_path / "o", recipe=recipe)
+    types = {n: t["type"] for n, t in art.manifest["tensors"].items()}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.1.attn_v.weight"] == "F16"
+    assert types["blk.0.ffn_up.weight"] == "Q4_K"
+
+
+def test_manifest_records_source_and_recipe(tiny_llama, tmp_path):
+    art = _convert(tiny_llama, tmp_path, "Q4_0")
+    m = json.loads((art.path / "edgekit.json").read_text())
+    assert m["schema"] == "edgekit.artifact/1" and m["format"] == "gguf"
+    assert len(m["source"]["sha256"]) == 64 and m["source"]["architecture"] == "LlamaForCausalLM"
+    assert m["recipe"]["preset"] == "Q4_0" and m["recipe"]["method"] == "rtn"
+    assert {"edgekit", "gguf", "numpy"} <= set(m["tools"])
+    assert 4.5 <= m["bpw"] < 6.0
+
+
+def test_import_then_convert_round_trip(tiny_llama, tmp_path):
+    """GGUF -> safetensors (edgekit import) -> GGUF F32 gives back exactly the dequantized weights."""
+    q8 = _convert(tiny_llama, tmp_path, "Q8_0")
+    hf = api.import_gguf(q8.model_file, tmp_path / "imported")
+    assert (hf / "model.safetensors").exists() and not list(hf.glob("*.bin"))
+    cfg = json.loads((hf / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["num_hidden_layers"] == 2
+    back = _convert(hf, tmp_path, "F32")
+    src = {t.name: t for t in gguf.GGUFReader(q8.model_file).tensors}
+    for t in gguf.GGUFReader(back.model_file).tensors:
+        s = src[t.name]
+        expected = gguf.quants.dequantize(np.asarray(s.data), s.tensor_type)
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(expected.shape), expected, err_msg=t.name)

@@ -1,0 +1,208 @@
+"""Bad input: one-line errors that say the fix, a non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekit.cli.main import app
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_clean_error(code: int, output: str, *fragments: str) -> None:
+    assert code != 0, output
+    assert "Traceback" not in output, output
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("error:"), output
+    text = " ".join(output.split())
+    for frag in fragments:
+        assert frag in text, (frag, output)
+
+
+def no_leftovers(folder: Path) -> None:
+    assert not [p.name for p in folder.iterdir() if ".partial" in p.name or ".old-" in p.name]
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_path(tmp_path):
+    assert_clean_error(*run_cli("convert", tmp_path / "nope"), "does not exist")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "x").mkdir()
+    assert_clean_error(*run_cli("convert", tmp_path / "x"), "not a Hugging Face model folder")
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_llama, tmp_path):
+    m = copy_model(tiny_llama, tmp_path / "m")
+    (m / "model.safetensors").rename(m / "pytorch_model.bin")
+    assert_clean_error(*run_cli("convert", m, "-o", tmp_path / "out"), "never loads pickles", "safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_safetensors(tiny_llama, tmp_path):
+    m = copy_model(tiny_llama, tmp_path / "m")
+    (m / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert_clean_error(*run_cli("convert", m, "-o", tmp_path / "out"), "not a valid safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors(tiny_llama, tmp_path):
+    m = copy_model(tiny_llama, tmp_path / "m")
+    data = (m / "model.safetensors").read_bytes()
+    (m / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_clean_error(*run_cli("convert", m, "-o", tmp_path / "out"), "truncated")
+    no_leftovers(tmp_path)
+
+
+def test_unsupported_architecture_lists_supported(tiny_llama, tmp_path):
+    m = copy_model(tiny_llama, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(*run_cli("convert", m), "GPTNeoXForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+def test_missing_tokenizer(tiny_llama, tmp_path):
+    m = copy_model(tiny_llama, tmp_path / "m")
+    (m / "tokenizer.json").unlink()
+    assert_clean_error(*run_cli("convert", m, "-o", tmp_path / "out"), "no tokenizer")
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--bits", "7"), "--bits 7 is not supported"),
+    (("--type", "Q9_X"), "Q9_X"),
+    (("--tensor-type", "ffn_down"), "REGEX=TYPE"),
+    (("--tensor-type", "ffn_down=Q9"), "Q9"),
+    (("--to", "tflite"), "unknown format"),
+    (("--method", "magic"), "unknown quantization method"),
+])
+def test_unsupported_options(tiny_llama, tmp_path, args, fragment):
+    code, out = run_cli("convert", tiny_llama, "-o", tmp_path / "out", *args)
+    assert_clean_error(code, out, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    code, text = run_cli("convert", tiny_llama, "--type", "Q8_0", "-o", out)
+    assert code == 0, text
+    before = (out / "model.gguf").stat().st_mtime_ns
+    assert_clean_error(*run_cli("convert", tiny_llama, "--type", "Q4_0", "-o", out), "--force")
+    assert (out / "model.gguf").stat().st_mtime_ns == before
+    code, text = run_cli("convert", tiny_llama, "--type", "Q4_0", "-o", out, "--force")
+    assert code == 0, text
+    assert json.loads((out / "edgekit.json").read_text())["preset"] == "Q4_0"
+    no_leftovers(tmp_path)
+
+
+def test_not_enough_disk_space(tiny_llama, tmp_path, monkeypatch):
+    import edgekit.fsutil as fsutil
+
+    monkeypatch.setattr(fsutil.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    assert_clean_error(*run_cli("convert", tiny_llama, "-o", tmp_path / "out"), "not enough disk space")
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+def test_disk_fills_up_mid_write(tiny_llama, tmp_path, monkeypatch):
+    import gguf
+
+    calls = {"n": 0}
+    real = gguf.GGUFWriter.write_tensor_data
+
+    def write_then_fail(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_then_fail)
+    assert_clean_error(*run_cli("convert", tiny_llama, "-o", tmp_path / "out"), "disk filled up")
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+def test_interrupted_convert_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    from edgekit.converters.quantize.rtn import RTNQuantizer
+
+    def interrupt(self, name, w, qtype):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RTNQuantizer, "quantize", interrupt)
+    code, out = run_cli("convert", tiny_llama, "-o", tmp_path / "out")
+    assert code == 130 and "interrupted" in out
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "header-only"])
+def test_corrupt_gguf_on_import_and_inspect(tiny_llama, tmp_path, damage):
+    code, text = run_cli("convert", tiny_llama, "--type", "Q8_0", "-o", tmp_path / "a")
+    assert code == 0, text
+    data = (tmp_path / "a" / "model.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes({"garbage": b"GARBAGE!" * 100, "truncated": data[: len(data) // 2],
+                     "header-only": data[:24]}[damage])
+    assert_clean_error(*run_cli("import", bad, "-o", tmp_path / "hf"), "GGUF")
+    assert not (tmp_path / "hf").exists()
+    assert_clean_error(*run_cli("inspect", bad), "GGUF")
+
+
+@pytest.mark.llamacpp
+def test_corrupt_gguf_at_run_time(tiny_llama, tmp_path):
+    code, text = run_cli("convert", tiny_llama, "--type", "Q8_0", "-o", tmp_path / "a")
+    assert code == 0, text
+    model = tmp_path / "a" / "model.gguf"
+    model.write_bytes(model.read_bytes()[:-5000])
+    assert_clean_error(*run_cli("run", tmp_path / "a", "-p", "hi"), "model.gguf")
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\x00" * 100)
+    assert_clean_error(*run_cli("run", empty, "-p", "hi"), "empty.gguf")
+
+
+def test_unsupported_gguf_architecture_on_import(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "gpt2")
+    w.add_block_count(1)
+    import numpy as np
+
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_clean_error(*run_cli("import", tmp_path / "m.gguf", "-o", tmp_path / "hf"), "'gpt2'", "llama")
+
+
+def test_eval_text_missing_or_too_short(tiny_llama, tmp_path):
+    assert_clean_error(*run_cli("eval", tiny_llama, "--text", tmp_path / "none.txt"), "does not exist")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert_clean_error(*run_cli("eval", tiny_llama, "--text", short, "--ctx", "64"), "fewer than one chunk")
+
+
+def test_artifact_with_broken_manifest(tmp_path):
+    d = tmp_path / "art"
+    d.mkdir()
+    (d / "edgekit.json").write_text("{not json")
+    assert_clean_error(*run_cli("inspect", d), "not valid JSON")
