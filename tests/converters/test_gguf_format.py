@@ -144,3 +144,20 @@ def test_import_then_convert_round_trip(tiny_llama, tmp_path):
         s = src[t.name]
         expected = gguf.quants.dequantize(np.asarray(s.data), s.tensor_type)
         np.testing.assert_array_equal(np.asarray(t.data).reshape(expected.shape), expected, err_msg=t.name)
+
+
+def test_sharded_checkpoint_gives_the_same_file(tiny_llama, tmp_path):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, safe_serialization=True, max_shard_size="300KB")
+    for f in tiny_llama.glob("tokenizer*"):
+        (sharded / f.name).write_bytes(f.read_bytes())
+    assert len(list(sharded.glob("*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").exists()
+    a = _convert(tiny_llama, tmp_path / "a", "Q4_K_M")
+    b = _convert(sharded, tmp_path / "b", "Q4_K_M")
+    ta = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(a.model_file).tensors}
+    tb = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(b.model_file).tensors}
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
