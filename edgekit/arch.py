@@ -170,9 +170,8 @@ class HParams:
             f"{arch}.vocab_size": self.n_vocab,
             f"{arch}.rope.dimension_count": self.head_dim,
         }
-        if self.head_dim != self.n_embd // self.n_head:
-            kv[f"{arch}.attention.key_length"] = self.head_dim
-            kv[f"{arch}.attention.value_length"] = self.head_dim
+        kv[f"{arch}.attention.key_length"] = self.head_dim  # written always, as llama.cpp's converter does
+        kv[f"{arch}.attention.value_length"] = self.head_dim
         if self.rope_scaling:
             kind = self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
             if kind == "linear":

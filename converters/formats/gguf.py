@@ -7,7 +7,11 @@ so memory stays at about one tensor.
 
 from __future__ import annotations
 
+import os
 import re
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +83,35 @@ def _transform(ckpt: HFCheckpoint, t: PlannedTensor, w: np.ndarray) -> np.ndarra
     return w
 
 
+def _encode_in_order(
+    ckpt: HFCheckpoint, plan: list[PlannedTensor], quantizer: Quantizer
+) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
+    """Load, transform and encode tensors on a few threads (numpy releases the GIL in the kernels),
+    yielding them in file order; at most ``2 * threads`` tensors are in memory at once."""
+
+    def encode(t: PlannedTensor) -> np.ndarray:
+        return quantizer.quantize(t.name, _transform(ckpt, t, ckpt.load(t.hf_name)), t.qtype)
+
+    threads = min(os.cpu_count() or 1, 8) if quantizer.parallel_safe else 1
+    if threads == 1:
+        yield from ((t, encode(t)) for t in plan)
+        return
+    window: deque[tuple[PlannedTensor, Future[np.ndarray]]] = deque()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        try:
+            for t in plan:
+                window.append((t, pool.submit(encode, t)))
+                if len(window) >= 2 * threads:
+                    head, fut = window.popleft()
+                    yield head, fut.result()
+            while window:
+                head, fut = window.popleft()
+                yield head, fut.result()
+        finally:
+            for _, fut in window:
+                fut.cancel()
+
+
 def _add_kv(writer: gguf.GGUFWriter, key: str, value: object) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
@@ -130,10 +163,8 @@ class GGUFFormat(Format):
             writer.write_header_to_file(path)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for i, t in enumerate(plan):
+            for i, (t, data) in enumerate(_encode_in_order(checkpoint, plan, quantizer)):
                 progress(f"encoding {t.name} as {t.qtype.name}", i, len(plan))
-                w = _transform(checkpoint, t, checkpoint.load(t.hf_name))
-                data = quantizer.quantize(t.name, w, t.qtype)
                 if data.nbytes != t.nbytes:
                     raise AssertionError(f"{t.name}: encoder gave {data.nbytes} bytes, expected {t.nbytes}")
                 writer.write_tensor_data(data)

@@ -93,7 +93,8 @@ class GGUFVocab:
         if self.pre is not None:
             writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
-        writer.add_token_scores(self.scores)
+        if self.model == "llama":  # SentencePiece merges by score; byte-level BPE by its merge list
+            writer.add_token_scores(self.scores)
         writer.add_token_types(self.types)
         self.special.add_to_gguf(writer, quiet=True)
 

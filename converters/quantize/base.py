@@ -43,6 +43,8 @@ class Quantizer(abc.ABC):
     """Encodes weights onto ggml grids. One instance serves one conversion."""
 
     config_class: type[QuantizeConfig] = QuantizeConfig
+    #: ``quantize`` may run on several tensors at once from worker threads.
+    parallel_safe: bool = True
 
     def __init__(self, config: QuantizeConfig | None = None) -> None:
         self.config = config or self.config_class()
