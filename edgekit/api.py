@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.artifact import SCHEMA, Artifact, now_iso, tool_versions, write_manifest
+from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
-from edgekit.converters.quantize.base import QUANTIZERS
+from edgekit.converters.quantize.base import QUANTIZERS, Quantizer
 from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text
 from edgekit.fsutil import atomic_dir, sha256_files
 from edgekit.importer import import_gguf
@@ -22,8 +23,8 @@ from edgekit.model import HFCheckpoint
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, backend_for_format
 
 __all__ = [
-    "Artifact", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
-    "convert", "default_output", "evaluate", "generate", "import_gguf", "inspect", "open_backend",
+    "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
+    "convert", "default_output", "make_quantizer", "evaluate", "generate", "import_gguf", "inspect", "open_backend",
 ]
 
 
@@ -43,11 +44,12 @@ def convert(
 ) -> Artifact:
     """Convert a Hugging Face checkpoint folder into an artifact folder (model file + edgekit.json).
 
+
     Nothing is left under ``output`` if anything fails; an existing ``output`` needs ``force``.
     """
     recipe = recipe or ConvertRecipe()
     fmt = FORMATS.get(to)()
-    quantizer = QUANTIZERS.get(recipe.method)()
+    quantizer = make_quantizer(recipe.method, recipe.calib)
     ckpt = HFCheckpoint.open(model)
     out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe)
     with atomic_dir(out, force=force) as tmp:
@@ -68,6 +70,15 @@ def convert(
         }
         write_manifest(tmp, manifest)
     return Artifact.open(out)
+
+
+def make_quantizer(method: str, calib: CalibConfig | None = None) -> Quantizer:
+    """The registered quantizer ``method``, with ``calib`` for methods that calibrate."""
+    cls = QUANTIZERS.get(method)
+    fields = getattr(cls.config_class, "__dataclass_fields__", {})
+    if "calib" in fields:
+        return cls(cls.config_class(calib=calib or CalibConfig()))
+    return cls()
 
 
 def open_backend(target: str | Path | Artifact, **options: Any) -> Backend:

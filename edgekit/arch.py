@@ -182,3 +182,72 @@ class HParams:
                     f"rope scaling {kind!r} is not supported yet (edgekit handles none and 'linear')"
                 )
         return kv
+
+
+# ---- AWQ scaling groups of one decoder layer ------------------------------------------------
+# Read by edgekit.converters.quantize.awq. Kept apart from ArchSpec: only the calibrated AWQ path
+# needs it, and the table is keyed by GGUF architecture so Llama and Mistral share one entry.
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that all read one op's output, so a per-channel scale can move between them.
+
+    AWQ multiplies the linears' input columns by ``s`` and divides ``prev``'s output channels by ``s``;
+    the float layer computes the same function before and after.
+
+    prev: module name inside a decoder layer whose output is the linears' input: an RMSNorm (its
+        weight absorbs 1/s) or a Linear (its output rows and bias do).
+    linears: module names of the linears reading that output; they share one input.
+
+    A Linear ``prev`` must feed the linears channel for channel through ops that are linear per
+    channel (attention's weighted sum over positions, the MLP's ``act(gate) * up``). When its output
+    width differs from the linears' input width (v_proj -> o_proj under grouped-query attention, where
+    one KV head feeds several query heads) the group is skipped, as AutoAWQ does.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AWQLayout:
+    """The AWQ groups of one decoder layer, in the order they are searched and applied.
+
+    no_clip: linears whose weights the clip search leaves alone. Q and K feed the q.k product, which
+        amplifies weight errors in a way the per-linear output loss does not see (AutoAWQ skips them).
+    """
+
+    groups: tuple[ScaleGroup, ...]
+    no_clip: tuple[str, ...] = ()
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every linear of the layer that AWQ reads, in group order."""
+        return tuple(name for group in self.groups for name in group.linears)
+
+
+_LLAMA_AWQ = AWQLayout(
+    groups=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),  # skipped under GQA
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+)
+
+# GGUF architecture -> AWQ layout; every ArchSpec.gguf_arch in ARCHITECTURES has an entry.
+# Qwen2's q/k/v biases need no entry: input-channel scaling leaves them alone, and v_proj's bias is
+# divided with v_proj's output rows when v_proj is a group's ``prev``.
+AWQ_LAYOUTS: dict[str, AWQLayout] = {"llama": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ}
+
+
+def awq_layout(arch: str) -> AWQLayout:
+    """The AWQ layout for a GGUF architecture (``"llama"``) or a Hugging Face class name."""
+    gguf_arch = ARCHITECTURES[arch].gguf_arch if arch in ARCHITECTURES else arch
+    if gguf_arch not in AWQ_LAYOUTS:
+        raise UnsupportedError(
+            f"AWQ does not know the decoder layer of {arch!r}; it supports: {', '.join(AWQ_LAYOUTS)} "
+            f"({supported_list()}); use --method rtn or gptq for this model"
+        )
+    return AWQ_LAYOUTS[gguf_arch]

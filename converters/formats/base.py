@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgekit.calibration import CalibConfig
 from edgekit.errors import InputError
 from edgekit.registry import Registry
 
@@ -32,19 +33,26 @@ class ConvertRecipe:
 
     bits: nominal bits per weight (2, 3, 4, 5, 6, 8) selecting a preset mix; ignored when ``preset`` is set.
     preset: a named type mix (for GGUF: llama.cpp's names, e.g. "Q4_K_M", "Q4_0", "F16").
+    bpw: a size budget in bits per weight (whole file): types chosen per tensor by measured
+        sensitivity instead of a preset's rules.
     tensor_types: ``(regex, type)`` overrides applied after the preset, matched against tensor names.
     method: the quantization method (a registered quantizer name).
+    calib: calibration data for calibrated methods and for ``bpw`` (None: sampled from the model).
     """
 
     bits: int | None = 4
     preset: str | None = None
+    bpw: float | None = None
     tensor_types: tuple[tuple[str, str], ...] = ()
     method: str = "rtn"
+    calib: CalibConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.preset is None and self.bits is None:
-            raise InputError("give --bits or --type")
+        if self.preset is None and self.bits is None and self.bpw is None:
+            raise InputError("give --bits, --type or --bpw")
+        if self.bpw is not None and not 1.5 <= self.bpw <= 16:
+            raise InputError("--bpw must be between 1.5 and 16")
         for pattern, _ in self.tensor_types:
             import re
 
@@ -57,8 +65,10 @@ class ConvertRecipe:
         return {
             "bits": self.bits,
             "preset": self.preset,
+            "bpw": self.bpw,
             "tensor_types": [list(t) for t in self.tensor_types],
             "method": self.method,
+            **({"calib": self.calib.describe()} if self.calib else {}),
             **self.extra,
         }
 
@@ -82,4 +92,6 @@ class Format(abc.ABC):
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         """Suffix of the default output folder name, e.g. ``gguf-q4``."""
+        if recipe.bpw is not None:
+            return f"{self.name}-{recipe.bpw:g}bpw"
         return f"{self.name}-q{recipe.bits}" if recipe.preset is None else f"{self.name}-{recipe.preset.lower()}"

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from edgekit.arch import permute_for_rope
+from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
 from edgekit.converters.formats.gguf_vocab import read_vocab
 from edgekit.converters.quantize import ggml, mixes
@@ -68,19 +69,47 @@ def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe) -> list[PlannedTenso
     mapped.sort(key=lambda t: _order_key(t[1]))
     infos = [mixes.TensorInfo(name=name, shape=tuple(reversed(shape))) for _, name, shape in mapped]
     arch = mixes.ArchInfo(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv, arch=spec.gguf_arch)
-    preset = recipe.preset or mixes.preset_for_bits(recipe.bits).name
-    assignments = mixes.assign_types(infos, preset, arch, overrides=list(recipe.tensor_types))
+    assignments = mixes.assign_types(infos, _preset_name(recipe), arch, overrides=list(recipe.tensor_types))
     return [PlannedTensor(hf, name, shape, assignments[name]) for hf, name, shape in mapped]
 
 
-def _transform(ckpt: HFCheckpoint, t: PlannedTensor, w: np.ndarray) -> np.ndarray:
-    """HF layout -> llama.cpp layout for this tensor."""
+def to_gguf_layout(ckpt: HFCheckpoint, gguf_name: str, rows: np.ndarray) -> np.ndarray:
+    """HF row order -> llama.cpp row order for this tensor (Q/K rows interleaved for llama's rope).
+
+    Works on float weights and equally on encoded bytes (one row of blocks per weight row).
+    """
     if ckpt.spec.permute_qk:
-        if t.name.endswith("attn_q.weight"):
-            return permute_for_rope(w, ckpt.hparams.n_head)
-        if t.name.endswith("attn_k.weight"):
-            return permute_for_rope(w, ckpt.hparams.n_head_kv)
-    return w
+        if gguf_name.endswith("attn_q.weight"):
+            return permute_for_rope(rows, ckpt.hparams.n_head)
+        if gguf_name.endswith("attn_k.weight"):
+            return permute_for_rope(rows, ckpt.hparams.n_head_kv)
+    return rows
+
+
+def _preset_name(recipe: ConvertRecipe) -> str:
+    """The preset whose rules shape the file; a --bpw budget starts from Q4_K_M's structure."""
+    if recipe.preset:
+        return recipe.preset
+    return mixes.preset_for_bits(recipe.bits).name if recipe.bpw is None else "Q4_K_M"
+
+
+def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertRecipe, calib: CalibConfig,
+                 progress: ProgressFn) -> dict[str, Any]:
+    """Re-type the preset's quantized tensors so the file lands at ``recipe.bpw`` (see budget.py)."""
+    from edgekit.converters.quantize import budget
+
+    free = [t for t in plan if t.assignment.origin == "preset"]
+    fixed = sum(t.nbytes for t in plan if t.assignment.origin != "preset")
+    n_params = sum(int(np.prod(t.shape)) for t in plan)
+    types, report = budget.assign(ckpt, {t.name: t.shape for t in free}, fixed, n_params, recipe.bpw, calib,
+                                  progress)
+    for t in free:
+        t.assignment = mixes.Assignment(type=types[t.name], origin="budget")
+    return report
+
+
+def _transform(ckpt: HFCheckpoint, t: PlannedTensor, w: np.ndarray) -> np.ndarray:
+    return to_gguf_layout(ckpt, t.name, w)
 
 
 def _encode_in_order(
@@ -140,12 +169,16 @@ class GGUFFormat(Format):
     ) -> dict[str, Any]:
         checkpoint.require_tokenizer()
         plan = plan_tensors(checkpoint, recipe)
+        budget_report = None
+        if recipe.bpw is not None:
+            calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
+            budget_report = apply_budget(checkpoint, plan, recipe, calib, progress)
         vocab = read_vocab(checkpoint.path, checkpoint.hparams.n_vocab)
         total = sum(t.nbytes for t in plan)
         check_free_space(out_dir, total + (64 << 20), "the GGUF file")
-        quantizer.prepare(checkpoint, {t.name: t.qtype for t in plan})
+        quantizer.prepare(checkpoint, {t.name: t.qtype for t in plan}, progress)
 
-        preset = recipe.preset or mixes.preset_for_bits(recipe.bits).name
+        preset = _preset_name(recipe)
         arch = checkpoint.spec.gguf_arch
         path = out_dir / self.model_filename
         writer = gguf.GGUFWriter(path=None, arch=arch)
@@ -175,7 +208,12 @@ class GGUFFormat(Format):
             raise
         finally:
             writer.close()
-        return self._manifest_fields(plan, path, preset, vocab.pre)
+        fields = self._manifest_fields(plan, path, preset if recipe.bpw is None else f"{recipe.bpw:g}bpw", vocab.pre)
+        if budget_report is not None:
+            fields["budget"] = {k: v for k, v in budget_report.items() if k != "errors"}
+        if getattr(quantizer, "report", None):
+            fields["quantizer_report"] = {k: v for k, v in quantizer.report.items() if k.endswith("_s")}
+        return fields
 
     @staticmethod
     def _manifest_fields(plan: list[PlannedTensor], path: Path, preset: str, pre: str | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ through :meth:`Quantizer.prepare` before tensors are encoded, and keep whatever 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,10 @@ if TYPE_CHECKING:
 
     from edgekit.model import HFCheckpoint
 
-QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method", ["edgekit.converters.quantize.rtn"])
+QUANTIZERS: Registry[type[Quantizer]] = Registry(
+    "quantization method",
+    ["edgekit.converters.quantize.rtn", "edgekit.converters.quantize.gptq", "edgekit.converters.quantize.awq"],
+)
 register_quantizer = QUANTIZERS.register
 
 
@@ -49,8 +53,14 @@ class Quantizer(abc.ABC):
     def __init__(self, config: QuantizeConfig | None = None) -> None:
         self.config = config or self.config_class()
 
-    def prepare(self, checkpoint: HFCheckpoint, plan: dict[str, gguf.GGMLQuantizationType]) -> None:  # noqa: B027
-        """Hook for calibrated methods: see the model and the per-tensor type plan before encoding."""
+    def prepare(  # noqa: B027 - optional hook
+        self,
+        checkpoint: HFCheckpoint,
+        plan: dict[str, gguf.GGMLQuantizationType],
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        """Hook for calibrated methods: see the model and the per-tensor type plan (GGUF names) before
+        encoding, reporting long work through ``progress(description, done, total)``."""
 
     @abc.abstractmethod
     def quantize(self, name: str, weight: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:

@@ -41,8 +41,13 @@ def convert(
     to: str = typer.Option("gguf", "--to", help="Output format."),
     bits: int | None = typer.Option(4, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: a llama.cpp-style _M mix."),
     type_: str | None = typer.Option(None, "--type", "-t", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
+    bpw: float | None = typer.Option(None, "--bpw", help="Size budget in bits per weight: types per tensor by "
+                                     "measured sensitivity."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override; repeatable."),
-    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn, imatrix, gptq, awq or awq+gptq."),
+    calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default MODEL-FORMAT-qBITS)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -53,11 +58,17 @@ def convert(
       edgekit convert ./SmolLM2-135M --to gguf --bits 4
       edgekit convert ./SmolLM2-135M --type Q4_0 -o ./smol-q4_0
       edgekit convert ./SmolLM2-135M --bits 4 --tensor-type 'ffn_down=Q6_K'
+      edgekit convert ./SmolLM2-135M --bits 4 --method gptq                # calibrates on its own samples
+      edgekit convert ./SmolLM2-135M --bits 4 --method awq+gptq --calib corpus.txt
+      edgekit convert ./SmolLM2-135M --bpw 3.5 --method gptq               # mixed precision to a budget
     """
     from edgekit import api
 
-    recipe = api.ConvertRecipe(bits=None if type_ else bits, preset=type_, method=method,
-                               tensor_types=_parse_tensor_types(tensor_type))
+    calibrated = method != "rtn" or bpw is not None
+    recipe = api.ConvertRecipe(bits=None if type_ or bpw else bits, preset=type_, bpw=bpw, method=method,
+                               tensor_types=_parse_tensor_types(tensor_type),
+                               calib=api.CalibConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen)
+                               if calibrated else None)
     with progress_bar(not as_json) as progress:
         art = api.convert(model, to, output=output, recipe=recipe, force=force, progress=progress)
     m = art.manifest

@@ -1,0 +1,139 @@
+"""Mixed precision to a size budget (``--bpw X``): each tensor's type chosen by measured sensitivity.
+
+For every quantizable tensor and every ggml type its rows can hold, the error is measured as the
+Hessian-weighted output error ``trace((W - Q(W)) H (W - Q(W))^T)`` on calibration activations of the
+float model (H from the same hooks the calibrated methods use). The allocation then minimises the
+summed error under the byte budget: each tensor starts at its cheapest type and the upgrade with the
+best error reduction per extra byte is taken while it fits (greedy on each tensor's lower convex
+hull, which is optimal for this separable problem up to the last, partial step).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import gguf
+import numpy as np
+
+from edgekit.errors import InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from edgekit.calibration import CalibConfig
+    from edgekit.model import HFCheckpoint
+
+T = gguf.GGMLQuantizationType
+# Candidate types, cheapest first; K-quants only where a row holds whole 256-weight super-blocks.
+_K = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+_LEGACY = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+
+
+def candidates(row_width: int) -> list[gguf.GGMLQuantizationType]:
+    out = [t for t in _LEGACY if row_width % 32 == 0]
+    if row_width % 256 == 0:
+        out += list(_K)
+    return out
+
+
+def type_bytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1])) * (shape[-1] // block) * size
+
+
+@dataclass
+class Item:
+    """One tensor's options: ``(type, bytes, error)`` for every candidate type."""
+
+    name: str
+    options: list[tuple[gguf.GGMLQuantizationType, int, float]] = field(default_factory=list)
+
+    def hull(self) -> list[tuple[gguf.GGMLQuantizationType, int, float]]:
+        """Options on the lower convex hull of (bytes, error), cheapest first."""
+        pts = sorted(self.options, key=lambda o: (o[1], o[2]))
+        frontier: list[tuple[gguf.GGMLQuantizationType, int, float]] = []
+        for o in pts:  # drop options that cost more and are not better
+            if not frontier or o[2] < frontier[-1][2]:
+                if frontier and o[1] == frontier[-1][1]:
+                    frontier.pop()
+                frontier.append(o)
+        hull: list[tuple[gguf.GGMLQuantizationType, int, float]] = []
+        for o in frontier:
+            while len(hull) >= 2:
+                (_, b1, e1), (_, b2, e2) = hull[-2], hull[-1]
+                if (e1 - e2) * (o[1] - b2) <= (e2 - o[2]) * (b2 - b1):  # middle point above the chord
+                    hull.pop()
+                else:
+                    break
+            hull.append(o)
+        return hull
+
+
+def allocate(items: list[Item], budget_bytes: int) -> dict[str, gguf.GGMLQuantizationType]:
+    """The type per tensor minimising the summed error within ``budget_bytes``."""
+    hulls = {it.name: it.hull() for it in items}
+    level = dict.fromkeys(hulls, 0)
+    spent = sum(h[0][1] for h in hulls.values())
+    if spent > budget_bytes:
+        raise InputError("the budget is below what the smallest types need; raise --bpw")
+    heap: list[tuple[float, str]] = []
+
+    def push(name: str) -> None:
+        h, i = hulls[name], level[name]
+        if i + 1 < len(h):
+            gain = (h[i][2] - h[i + 1][2]) / max(1, h[i + 1][1] - h[i][1])
+            heapq.heappush(heap, (-gain, name))
+
+    for name in hulls:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        h, i = hulls[name], level[name]
+        extra = h[i + 1][1] - h[i][1]
+        if spent + extra > budget_bytes:
+            continue  # this upgrade does not fit; a cheaper one of another tensor still might
+        spent += extra
+        level[name] = i + 1
+        push(name)
+    return {name: hulls[name][level[name]][0] for name in hulls}
+
+
+def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: CalibConfig,
+            progress: Callable[[str, int, int], None] | None = None) -> list[Item]:
+    """Errors of every candidate type for every quantizable tensor (GGUF names -> numpy shapes)."""
+    from edgekit.converters.quantize import gptq_kernel
+    from edgekit.converters.quantize.calibrated import CalibratedConfig, CalibratedQuantizer
+
+    q = CalibratedQuantizer(CalibratedConfig(calib=calib, gptq=False))
+    hessians = q.float_hessians(ckpt, progress)
+    hf_of = {ckpt.spec.gguf_name(h): h for h in ckpt.tensors}
+    items = []
+    for i, (name, shape) in enumerate(quantizable.items()):
+        if progress:
+            progress(f"measuring sensitivity of {name}", i, len(quantizable))
+        H = hessians[name]
+        W = ckpt.load(hf_of[name])
+        imatrix = np.diag(H).astype(np.float32)
+        item = Item(name)
+        for t in candidates(shape[-1]):
+            err = gptq_kernel.hessian_error(W, gptq_kernel.rtn(W, t, imatrix=imatrix).weight, H)
+            item.options.append((t, type_bytes(t, shape), err))
+        items.append(item)
+    return items
+
+
+def assign(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], fixed_bytes: int, n_params: int,
+           bpw: float, calib: CalibConfig, progress: Callable[[str, int, int], None] | None = None,
+           ) -> tuple[dict[str, gguf.GGMLQuantizationType], dict[str, Any]]:
+    """Types for the quantizable tensors so the whole file lands at ``bpw`` bits per weight."""
+    budget = int(bpw * n_params / 8) - fixed_bytes
+    floor = fixed_bytes + sum(type_bytes(candidates(s[-1])[0], s) for s in quantizable.values())
+    if budget + fixed_bytes < floor:
+        raise InputError(f"--bpw {bpw} is below the smallest file possible here ({8 * floor / n_params:.2f} bpw)")
+    items = measure(ckpt, quantizable, calib, progress)
+    types = allocate(items, budget)
+    spent = sum(type_bytes(types[it.name], quantizable[it.name]) for it in items)
+    return types, {"bpw_target": bpw, "bpw_planned": round(8 * (spent + fixed_bytes) / n_params, 4),
+                   "errors": {it.name: {t.name: e for t, _, e in it.options} for it in items}}
