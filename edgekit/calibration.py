@@ -7,11 +7,15 @@ random windows of its tokens instead.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgekit.errors import InputError
+
+_VERSION = 3  # bump when the sampling procedure changes, so cached data is not reused
 
 
 @dataclass(frozen=True)
@@ -52,31 +56,37 @@ def _start_token(tokenizer) -> int:
 
 
 def self_generated(model, tokenizer, cfg: CalibConfig, progress=None):
-    """``cfg.samples`` sequences of ``cfg.seqlen`` tokens sampled from ``model`` (batched, KV cache)."""
+    """``cfg.samples`` sequences of ``cfg.seqlen`` tokens sampled from ``model``.
+
+    All sequences advance together against a preallocated (static) KV cache: at this model size a
+    decoding step costs about the same for 1 or 32 sequences, and a growing cache would be copied at
+    every step.
+    """
     import torch
+    from transformers import StaticCache
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    start = _start_token(tokenizer)
-    out = torch.full((cfg.samples, cfg.seqlen), start, dtype=torch.long)
-    batch = 16
+    n = cfg.seqlen + 1  # the start token is dropped at the end (see below)
+    out = torch.full((cfg.samples, n), _start_token(tokenizer), dtype=torch.long)
+    cache = StaticCache(config=model.config, max_cache_len=n)
+    ids = out[:, :1]
     with torch.inference_mode():
-        for b0 in range(0, cfg.samples, batch):
-            rows = slice(b0, min(b0 + batch, cfg.samples))
-            ids = out[rows, :1]
-            past = None
-            for t in range(1, cfg.seqlen):
-                res = model(ids, past_key_values=past, use_cache=True)
-                past = res.past_key_values
-                logits = res.logits[:, -1].float() / cfg.temperature
-                kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
-                out[rows, t] = nxt[:, 0]
-                ids = nxt
-                if progress and t % 32 == 0:
-                    done = b0 * cfg.seqlen + (rows.stop - b0) * t
-                    progress("sampling calibration text from the model", done, cfg.samples * cfg.seqlen)
-    return out
+        for t in range(1, n):
+            res = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.tensor([t - 1]))
+            logits = res.logits[:, -1].float() / cfg.temperature
+            if t == 1:  # diverse openings (LLM-QAT samples the first token at random): uniform over the
+                # model's 200 likeliest first tokens, so sequences do not share one opening or mode
+                top = torch.topk(logits, 200, dim=-1).indices
+                ids = top.gather(1, torch.randint(0, 200, (top.shape[0], 1), generator=gen))
+            else:  # sample within the top k only: the same distribution, without a 49k-way multinomial
+                vals, top = torch.topk(logits, cfg.top_k, dim=-1)
+                ids = top.gather(1, torch.multinomial(torch.softmax(vals, -1), 1, generator=gen))
+            out[:, t] = ids[:, 0]
+            if progress and t % 16 == 0:
+                progress("sampling calibration text from the model", t, n)
+    # Sequences start on an ordinary token, as evaluation chunks and most of a model's contexts do:
+    # position 0 is the attention sink and its statistics depend on which token sits there.
+    return out[:, 1:].contiguous()
 
 
 def from_text(tokenizer, cfg: CalibConfig):
@@ -93,8 +103,29 @@ def from_text(tokenizer, cfg: CalibConfig):
     return torch.stack([ids[s:s + cfg.seqlen] for s in starts.tolist()])
 
 
-def calibration_tokens(model, tokenizer, cfg: CalibConfig, progress=None):
-    """(samples, seqlen) token ids for calibration."""
-    if cfg.source == "self":
-        return self_generated(model, tokenizer, cfg, progress)
-    return from_text(tokenizer, cfg)
+def calibration_tokens(model, tokenizer, cfg: CalibConfig, progress=None, cache_key: str | None = None):
+    """(samples, seqlen) token ids for calibration.
+
+    Self-generated data is kept in edgekit's cache under ``cache_key`` (the source weights' hash):
+    the same model and settings give the same tokens, and sampling them is the slow part.
+    """
+    import numpy as np
+    import torch
+
+    if cfg.source != "self":
+        return from_text(tokenizer, cfg)
+    path = None
+    if cache_key:
+        from edgekit.fsutil import atomic_file, edgekit_home
+
+        tag = hashlib.sha256(json.dumps([cache_key, cfg.describe(), _VERSION]).encode()).hexdigest()[:24]
+        path = edgekit_home() / "calib" / f"{tag}.npy"
+        if path.exists():
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+    ids = self_generated(model, tokenizer, cfg, progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, ids.numpy(), allow_pickle=False)
+    return ids

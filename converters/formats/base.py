@@ -35,6 +35,7 @@ class ConvertRecipe:
     preset: a named type mix (for GGUF: llama.cpp's names, e.g. "Q4_K_M", "Q4_0", "F16").
     bpw: a size budget in bits per weight (whole file): types chosen per tensor by measured
         sensitivity instead of a preset's rules.
+    bpw_types: the types a ``bpw`` budget may choose from (empty: every type a tensor's rows can hold).
     tensor_types: ``(regex, type)`` overrides applied after the preset, matched against tensor names.
     method: the quantization method (a registered quantizer name).
     calib: calibration data for calibrated methods and for ``bpw`` (None: sampled from the model).
@@ -43,6 +44,7 @@ class ConvertRecipe:
     bits: int | None = 4
     preset: str | None = None
     bpw: float | None = None
+    bpw_types: tuple[str, ...] = ()
     tensor_types: tuple[tuple[str, str], ...] = ()
     method: str = "rtn"
     calib: CalibConfig | None = None
@@ -66,6 +68,7 @@ class ConvertRecipe:
             "bits": self.bits,
             "preset": self.preset,
             "bpw": self.bpw,
+            **({"bpw_types": list(self.bpw_types)} if self.bpw_types else {}),
             "tensor_types": [list(t) for t in self.tensor_types],
             "method": self.method,
             **({"calib": self.calib.describe()} if self.calib else {}),

@@ -101,8 +101,9 @@ def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertR
     free = [t for t in plan if t.assignment.origin == "preset"]
     fixed = sum(t.nbytes for t in plan if t.assignment.origin != "preset")
     n_params = sum(int(np.prod(t.shape)) for t in plan)
+    allowed = frozenset(mixes.type_from_name(n) for n in recipe.bpw_types) or None
     types, report = budget.assign(ckpt, {t.name: t.shape for t in free}, fixed, n_params, recipe.bpw, calib,
-                                  progress)
+                                  progress, allowed)
     for t in free:
         t.assignment = mixes.Assignment(type=types[t.name], origin="budget")
     return report

@@ -31,11 +31,13 @@ _K = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 _LEGACY = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 
 
-def candidates(row_width: int) -> list[gguf.GGMLQuantizationType]:
+def candidates(row_width: int, allowed: frozenset[gguf.GGMLQuantizationType] | None = None,
+               ) -> list[gguf.GGMLQuantizationType]:
+    """Types a row of ``row_width`` weights can hold, restricted to ``allowed`` when given."""
     out = [t for t in _LEGACY if row_width % 32 == 0]
     if row_width % 256 == 0:
         out += list(_K)
-    return out
+    return [t for t in out if allowed is None or t in allowed]
 
 
 def type_bytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
@@ -101,7 +103,8 @@ def allocate(items: list[Item], budget_bytes: int) -> dict[str, gguf.GGMLQuantiz
 
 
 def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: CalibConfig,
-            progress: Callable[[str, int, int], None] | None = None) -> list[Item]:
+            progress: Callable[[str, int, int], None] | None = None,
+            allowed: frozenset[gguf.GGMLQuantizationType] | None = None) -> list[Item]:
     """Errors of every candidate type for every quantizable tensor (GGUF names -> numpy shapes)."""
     from edgekit.converters.quantize import gptq_kernel
     from edgekit.converters.quantize.calibrated import CalibratedConfig, CalibratedQuantizer
@@ -117,7 +120,7 @@ def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: 
         W = ckpt.load(hf_of[name])
         imatrix = np.diag(H).astype(np.float32)
         item = Item(name)
-        for t in candidates(shape[-1]):
+        for t in candidates(shape[-1], allowed):
             err = gptq_kernel.hessian_error(W, gptq_kernel.rtn(W, t, imatrix=imatrix).weight, H)
             item.options.append((t, type_bytes(t, shape), err))
         items.append(item)
@@ -126,13 +129,17 @@ def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: 
 
 def assign(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], fixed_bytes: int, n_params: int,
            bpw: float, calib: CalibConfig, progress: Callable[[str, int, int], None] | None = None,
+           allowed: frozenset[gguf.GGMLQuantizationType] | None = None,
            ) -> tuple[dict[str, gguf.GGMLQuantizationType], dict[str, Any]]:
     """Types for the quantizable tensors so the whole file lands at ``bpw`` bits per weight."""
     budget = int(bpw * n_params / 8) - fixed_bytes
-    floor = fixed_bytes + sum(type_bytes(candidates(s[-1])[0], s) for s in quantizable.values())
+    for name, shape in quantizable.items():
+        if not candidates(shape[-1], allowed):
+            raise InputError(f"none of the allowed types fits {name} (rows of {shape[-1]}); allow more types")
+    floor = fixed_bytes + sum(type_bytes(candidates(s[-1], allowed)[0], s) for s in quantizable.values())
     if budget + fixed_bytes < floor:
         raise InputError(f"--bpw {bpw} is below the smallest file possible here ({8 * floor / n_params:.2f} bpw)")
-    items = measure(ckpt, quantizable, calib, progress)
+    items = measure(ckpt, quantizable, calib, progress, allowed)
     types = allocate(items, budget)
     spent = sum(type_bytes(types[it.name], quantizable[it.name]) for it in items)
     return types, {"bpw_target": bpw, "bpw_planned": round(8 * (spent + fixed_bytes) / n_params, 4),

@@ -145,9 +145,11 @@ class CalibratedQuantizer(Quantizer):
         with torch.inference_mode():
             hidden, kwargs = self._first_layer_inputs(torch, model, ids)
             layers = model.model.layers
+            t1 = time.perf_counter()
             for i, layer in enumerate(layers):
                 progress(f"layer {i + 1}/{len(layers)}: calibrating", i, len(layers))
                 hidden = self._quantize_layer(torch, checkpoint, plan, i, layer, hidden, kwargs)
+            self.report["layers_s"] = round(time.perf_counter() - t1, 1)
             self._output_head(torch, checkpoint, plan, model, hidden)
         progress("calibrated quantization done", len(layers), len(layers))
         self.model = model  # the PyTorch model carrying exactly the quantized weights (tests compare it)
@@ -190,7 +192,10 @@ class CalibratedQuantizer(Quantizer):
             str(ckpt.path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True).eval()
         tok = transformers.AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=False)
         torch.manual_seed(self.cfg.calib.seed)
-        return model, calibration_tokens(model, tok, self.cfg.calib, progress)
+        from edgekit.fsutil import sha256_files
+
+        key = sha256_files(ckpt.weight_files)
+        return model, calibration_tokens(model, tok, self.cfg.calib, progress, cache_key=key)
 
     def _first_layer_inputs(self, torch: Any, model: Any, ids: Any) -> tuple[list[Any], list[dict[str, Any]]]:
         """Catch what the model passes to its first decoder layer, one entry per batch."""

@@ -43,6 +43,7 @@ def convert(
     type_: str | None = typer.Option(None, "--type", "-t", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
     bpw: float | None = typer.Option(None, "--bpw", help="Size budget in bits per weight: types per tensor by "
                                      "measured sensitivity."),
+    bpw_types: str = typer.Option("", "--bpw-types", help="Comma-separated types --bpw may use (default: all)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override; repeatable."),
     method: str = typer.Option("rtn", "--method", "-m", help="rtn, imatrix, gptq, awq or awq+gptq."),
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
@@ -66,6 +67,7 @@ def convert(
 
     calibrated = method != "rtn" or bpw is not None
     recipe = api.ConvertRecipe(bits=None if type_ or bpw else bits, preset=type_, bpw=bpw, method=method,
+                               bpw_types=tuple(t.strip() for t in bpw_types.split(",") if t.strip()),
                                tensor_types=_parse_tensor_types(tensor_type),
                                calib=api.CalibConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen)
                                if calibrated else None)

@@ -35,15 +35,17 @@ def test_gptq_lowers_every_layers_output_error(tiny_llama, tmp_path, preset):
     assert all(g["0"][n] < r["0"][n] for n in g["0"]), (g["0"], r["0"])
 
 
-@pytest.mark.parametrize("preset", ["Q4_0", "Q4_K_M"])
-def test_file_holds_exactly_the_weights_gptq_chose(tiny_llama, tmp_path, preset):
-    quantizer, path = _convert_with(tiny_llama, tmp_path, "gptq", preset)
+@pytest.mark.parametrize(("method", "preset"), [("gptq", "Q4_0"), ("gptq", "Q4_K_M"), ("awq+gptq", "Q4_K_M"),
+                                                ("awq", "Q4_0")])
+def test_file_holds_exactly_the_weights_the_method_chose(tiny_llama, tmp_path, method, preset):
+    """Every tensor, norms rescaled by AWQ included, is exactly what the PyTorch model now carries."""
+    quantizer, path = _convert_with(tiny_llama, tmp_path, method, preset)
     ckpt = HFCheckpoint.open(tiny_llama)
     by_name = {t.name: t for t in gguf.GGUFReader(path).tensors}
     params = dict(quantizer.model.named_parameters())
     for hf_name in ckpt.tensors:
         name = ckpt.spec.gguf_name(hf_name)
-        if hf_name == "lm_head.weight" or name is None or hf_name not in params:
+        if name is None or hf_name not in params:
             continue
         t = by_name[name]
         got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
