@@ -73,12 +73,11 @@ class _Stats:
     """Per-linear Hessian accumulation through forward hooks; inputs shared by several linears
     (q/k/v, gate/up) are multiplied out once."""
 
-    def __init__(self, torch: Any, linears: dict[str, Any], sink_weight: float, keep_tokens: int) -> None:
-        self.torch = torch
+    def __init__(self, linears: dict[str, Any], sink_weight: float, keep_samples: bool) -> None:
         self.H: dict[str, Any] = {}
         self.samples: dict[str, list[Any]] = {}
         self._last: tuple[Any, Any, Any] | None = None
-        self._keep = keep_tokens
+        self._keep = keep_samples
         self._sink = float(sink_weight) ** 0.5
         self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
 
@@ -167,7 +166,7 @@ class CalibratedQuantizer(Quantizer):
                 if progress:
                     progress(f"layer {i + 1}: activation statistics", i, len(model.model.layers))
                 linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-                stats = _Stats(torch, linears, self.cfg.sink_weight, keep_tokens=False)
+                stats = _Stats(linears, self.cfg.sink_weight, keep_samples=False)
                 try:
                     hidden = self._run_layer(layer, hidden, kwargs)
                 finally:
@@ -235,7 +234,7 @@ class CalibratedQuantizer(Quantizer):
 
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         gguf_names = {n: ckpt.spec.gguf_name(f"model.layers.{i}.{n}.weight") for n in linears}
-        stats = _Stats(torch, linears, self.cfg.sink_weight, keep_tokens=self.cfg.awq)
+        stats = _Stats(linears, self.cfg.sink_weight, keep_samples=self.cfg.awq)
         try:
             self._run_layer(layer, hidden, kwargs)
         finally:
