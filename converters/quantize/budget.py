@@ -118,10 +118,11 @@ def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: 
             progress(f"measuring sensitivity of {name}", i, len(quantizable))
         H = hessians[name]
         W = ckpt.load(hf_of[name])
+        imatrix = np.diag(H).astype(np.float32)
         item = Item(name)
         for t in candidates(shape[-1], allowed):
-            # plain RTN: the weighted searches cost several times more and rank the types the same way
-            err = gptq_kernel.hessian_error(W, gptq_kernel.rtn(W, t).weight, H)
+            # importance-weighted RTN: closer to what the calibrated methods will store than plain RTN
+            err = gptq_kernel.hessian_error(W, gptq_kernel.rtn(W, t, imatrix=imatrix).weight, H)
             item.options.append((t, type_bytes(t, shape), err))
         items.append(item)
     return items
