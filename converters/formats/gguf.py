@@ -23,7 +23,7 @@ from edgekit.arch import permute_for_rope
 from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
 from edgekit.converters.formats.gguf_vocab import read_vocab
-from edgekit.converters.quantize import ggml, mixes
+from edgekit.converters.quantize import mixes
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.errors import DiskFullError
 from edgekit.fsutil import check_free_space
@@ -237,7 +237,3 @@ class GGUFFormat(Format):
             "tokenizer_pre": pre,
             "tensors": tensors,
         }
-
-
-def supported_types() -> tuple[str, ...]:
-    return tuple(t.name for t in ggml.SUPPORTED_TYPES)
