@@ -29,5 +29,12 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   .venv/bin/python -m pip install -q --no-index --no-deps --find-links "$WHEELHOUSE" "llama-cpp-python==$LLAMA_VERSION"
 fi
 
-"${pip[@]}" -e ".[torch,dev]"
+# Device tests run the real adb server and a real OpenSSH server on loopback.
+command -v adb >/dev/null || { apt-get update -qq && apt-get install -y -qq adb; } || echo "no adb: Android tests skip"
+[ -x /usr/sbin/sshd ] || { apt-get update -qq && apt-get install -y -qq openssh-server; } || echo "no sshd: SSH tests skip"
+"${pip[@]}" -e ".[torch,onnx,dev,tui,devices]"
+# Snapshot tests for the TUI: pytest-textual-snapshot pins syrupy==4.8.0, which declares pytest<9 (it
+# runs fine on the pinned pytest 9), so both are installed without dependency resolution.
+.venv/bin/python -c "import pytest_textual_snapshot, syrupy" 2>/dev/null || \
+  .venv/bin/python -m pip install -q --no-deps "pytest-textual-snapshot==1.1.0" "syrupy==4.8.0"
 echo "edgekit is set up: $(.venv/bin/edgekit --help >/dev/null && echo ok) (.venv/bin/edgekit)"

@@ -95,7 +95,8 @@ def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create {parent}: {exc.strerror}; choose a writable output folder") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=parent))
+    _sweep_stale_partials(parent, dest.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact should not be
     try:
         yield tmp
@@ -116,6 +117,16 @@ def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sweep_stale_partials(parent: Path, name: str) -> None:
+    """Remove temporary folders an earlier writer of ``name`` left when it was killed (its pid is gone)."""
+    import psutil
+
+    for p in parent.glob(f".{name}.partial-*"):
+        pid = p.name[len(f".{name}.partial-"):].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager

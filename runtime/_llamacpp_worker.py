@@ -147,6 +147,7 @@ class Worker:
         self.maybe_crash("load")
         params_fields = {f[0] for f in llama_cpp.llama_model_params._fields_}
         has_extra_bufts = "use_extra_bufts" in params_fields
+        rss_before = rss_bytes()
         if self.safe_cpu and has_extra_bufts:
             default_params = llama_mod.llama_cpp.llama_model_default_params
 
@@ -156,6 +157,9 @@ class Worker:
                 return params
 
             llama_mod.llama_cpp.llama_model_default_params = safe_params
+        overrides = [(str(p), str(b)) for p, b in msg.get("tensor_overrides") or ()]
+        if overrides:
+            self.install_overrides(llama_mod, overrides)
         self.n_batch = int(msg.get("n_batch") or 512)
         kwargs = dict(msg.get("extra") or {})
         kwargs.update(
@@ -186,7 +190,153 @@ class Worker:
             has_extra_bufts=has_extra_bufts,
             system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
             load_time=time.perf_counter() - t0,
+            rss_before_load=rss_before,
+            rss_after_load=rss_bytes(),
+            tensor_overrides=[list(o) for o in overrides],
+            pid=os.getpid(),
         )
+
+    def install_overrides(self, llama_mod: Any, overrides: list[tuple[str, str]]) -> None:
+        """Pass llama.cpp's tensor buffer-type overrides (``-ot PATTERN=BUFT``) through the model params.
+
+        llama-cpp-python 0.3.36 declares ``tensor_buft_overrides`` as a plain pointer and never sets
+        it, so the NULL-terminated array of {pattern, buffer type} is built here and kept alive on self.
+        """
+        bufts = buffer_types()
+        wanted = {b.upper() for _, b in overrides}
+        missing = sorted(wanted - set(bufts))
+        if missing:
+            raise ValueError(f"unknown buffer type(s) {', '.join(missing)} for a tensor override; "
+                             f"this llama.cpp has: {', '.join(sorted(bufts))}")
+
+        class Override(ctypes.Structure):
+            _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+        arr = (Override * (len(overrides) + 1))()
+        self._override_keep = [p.encode("utf-8") for p, _ in overrides]
+        for i, (_, b) in enumerate(overrides):
+            arr[i].pattern = self._override_keep[i]
+            arr[i].buft = bufts[b.upper()]
+        arr[len(overrides)].pattern = None
+        self._override_arr = arr
+        previous = llama_mod.llama_cpp.llama_model_default_params
+
+        def with_overrides() -> Any:
+            params = previous()
+            params.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
+            return params
+
+        llama_mod.llama_cpp.llama_model_default_params = with_overrides
+
+    # -- profiling: timing loops run here, next to the model, so no IPC is inside a timed region --
+
+    def op_bench(self, msg: dict[str, Any]) -> None:
+        """llama-bench's tests: ``pp N`` (N prompt tokens in n_batch chunks on an empty cache), ``tg N``
+        (N single-token decodes), ``pp N + tg M``; ``n_depth`` tokens are prefilled first, untimed.
+        One ``rep`` event per repetition, then ``done``; a cancel stops within one decode."""
+        import random
+
+        import llama_cpp
+        import numpy as np
+
+        llm, rid = self.llm, msg["id"]
+        ctx = llm.ctx
+        n_vocab = llm.n_vocab()
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        bos = llama_cpp.llama_vocab_bos(self.vocab)
+        n_prompt, n_gen, n_depth = int(msg.get("n_prompt", 0)), int(msg.get("n_gen", 0)), int(msg.get("n_depth", 0))
+        if n_depth + n_prompt + n_gen > llm.n_ctx():
+            raise ValueError(f"depth {n_depth} + {n_prompt} prompt + {n_gen} generated tokens do not fit the "
+                             f"context of {llm.n_ctx()}; load with a larger n_ctx")
+        rng = random.Random(int(msg.get("seed", 0)))
+        rapl = [(str(p), int(m)) for p, m in msg.get("rapl") or ()]
+        token_buf = (llama_cpp.llama_token * max(self.n_batch, 1))()
+
+        def decode(tokens: list[int]) -> None:
+            for i in range(0, len(tokens), self.n_batch):
+                chunk = tokens[i : i + self.n_batch]
+                token_buf[: len(chunk)] = chunk
+                rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(token_buf, len(chunk)))
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+            llama_cpp.llama_synchronize(ctx)
+
+        def prompt_tokens(n: int, first: bool) -> list[int]:
+            toks = [rng.randrange(n_vocab) for _ in range(n)]
+            if first and add_bos and bos >= 0 and toks:
+                toks[0] = bos
+            return toks
+
+        def gen(n: int) -> None:
+            tok = bos if add_bos and bos >= 0 else rng.randrange(n_vocab)
+            for _ in range(n):
+                if self.cancelled == rid:
+                    return
+                token_buf[0] = tok
+                rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(token_buf, 1))
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+                llama_cpp.llama_synchronize(ctx)
+                tok = rng.randrange(n_vocab)
+
+        if msg.get("warmup", True):
+            self.clear_kv()
+            if n_prompt:
+                decode(prompt_tokens(min(self.n_batch, n_prompt, 32), True))
+            if n_gen:
+                gen(1)
+        done = 0
+        for rep in range(int(msg.get("reps", 1))):
+            if self.cancelled == rid:
+                break
+            self.clear_kv()
+            if n_depth:
+                decode(prompt_tokens(n_depth, True))
+            toks = prompt_tokens(n_prompt, not n_depth)
+            e0 = read_rapl(rapl)
+            t0 = time.perf_counter()
+            ttft = None
+            if n_prompt:
+                decode(toks)
+                if n_gen:  # TTFT includes picking the first token (greedy)
+                    int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
+                ttft = time.perf_counter() - t0
+            gen(n_gen)
+            seconds = time.perf_counter() - t0
+            e1 = read_rapl(rapl)
+            if self.cancelled == rid:
+                break
+            done += 1
+            self.send(ev="rep", id=rid, rep=rep, seconds=seconds, ttft=ttft, peak_rss=peak_rss_bytes(),
+                      joules=rapl_joules(e0, e1, rapl))
+        self.clear_kv()
+        self.send(ev="done", id=rid, reps=done, cancelled=self.cancelled == rid, peak_rss=peak_rss_bytes())
+
+    def op_reset(self, msg: dict[str, Any]) -> None:
+        self.clear_kv()
+        self.send(ev="result", id=msg.get("id"), value=None)
+
+    def op_decode(self, msg: dict[str, Any]) -> None:
+        """Evaluate tokens after what the cache holds (the generic profiler's primitive)."""
+        import llama_cpp
+
+        tokens = [int(t) for t in msg["tokens"]]
+        pos = self.llm.n_tokens
+        if pos + len(tokens) > self.llm.n_ctx():
+            raise ValueError(f"{pos + len(tokens)} tokens do not fit the context of {self.llm.n_ctx()}")
+        buf = (llama_cpp.llama_token * max(len(tokens), 1))(*tokens)
+        for i in range(0, len(tokens), self.n_batch):
+            n = min(self.n_batch, len(tokens) - i)
+            ptr = ctypes.cast(ctypes.addressof(buf) + 4 * i, ctypes.POINTER(llama_cpp.llama_token))
+            rc = llama_cpp.llama_decode(self.llm.ctx, llama_cpp.llama_batch_get_one(ptr, n))
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+        llama_cpp.llama_synchronize(self.llm.ctx)
+        self.llm.n_tokens = pos + len(tokens)
+        self.send(ev="result", id=msg.get("id"), value={"peak_rss": peak_rss_bytes()})
+
+    def op_memory(self, msg: dict[str, Any]) -> None:
+        self.send(ev="result", id=msg.get("id"), value={"rss": rss_bytes(), "peak_rss": peak_rss_bytes()})
 
     def op_tokenize(self, msg: dict[str, Any]) -> None:
         add = bool(msg.get("add_special", True))
@@ -342,7 +492,110 @@ class Worker:
             llm._requires_eval = True
 
 
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now."""
+    value = _status_kb("VmRSS")
+    if value is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return value
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started."""
+    value = _status_kb("VmHWM")
+    if value is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return value
+
+
+def read_rapl(zones: list[tuple[str, int]]) -> list[int] | None:
+    if not zones:
+        return None
+    try:
+        return [int(open(path).read()) for path, _ in zones]
+    except (OSError, ValueError):
+        return None
+
+
+def rapl_joules(e0: list[int] | None, e1: list[int] | None, zones: list[tuple[str, int]]) -> float | None:
+    """Energy between two RAPL readings (microjoule counters that wrap at their max range)."""
+    if e0 is None or e1 is None:
+        return None
+    total = 0
+    for a, b, (_, wrap) in zip(e0, e1, zones, strict=True):
+        total += b - a if b >= a else b + wrap - a
+    return total / 1e6
+
+
+def buffer_types() -> dict[str, int]:
+    """ggml buffer type name (upper case) -> pointer, over every device of this llama.cpp build."""
+    from llama_cpp import _ggml
+
+    g = _ggml.libggml
+    g.ggml_backend_dev_count.restype = ctypes.c_size_t
+    g.ggml_backend_dev_get.restype = ctypes.c_void_p
+    g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    g.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    g.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_buft_name.restype = ctypes.c_char_p
+    g.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    out = {}
+    for i in range(g.ggml_backend_dev_count()):
+        buft = g.ggml_backend_dev_buffer_type(g.ggml_backend_dev_get(i))
+        if buft:
+            out[g.ggml_backend_buft_name(buft).decode().upper()] = buft
+    return out
+
+
+def devices() -> list[dict[str, Any]]:
+    """Every ggml device this llama.cpp build sees: name, kind (cpu/gpu/igpu/accel), memory."""
+    from llama_cpp import _ggml
+
+    g = _ggml.libggml
+    g.ggml_backend_dev_count.restype = ctypes.c_size_t
+    g.ggml_backend_dev_get.restype = ctypes.c_void_p
+    g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    g.ggml_backend_dev_name.restype = ctypes.c_char_p
+    g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_description.restype = ctypes.c_char_p
+    g.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_type.restype = ctypes.c_int
+    g.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                          ctypes.POINTER(ctypes.c_size_t)]
+    kinds = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append({"name": g.ggml_backend_dev_name(dev).decode(), "description":
+                    (g.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
+                    "kind": kinds.get(g.ggml_backend_dev_type(dev), "other"),
+                    "free_bytes": free.value, "total_bytes": total.value})
+    return out
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--devices"]:  # a one-shot query, isolated like everything else native
+        result = {"devices": devices(), "baseline_rss": rss_bytes()}
+        sys.__stdout__.write(json.dumps(result) + "\n")
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it cancels)
     proto = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
     os.dup2(2, 1)  # anything native that prints to stdout lands in stderr, not in the protocol

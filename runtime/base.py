@@ -16,7 +16,7 @@ import numpy as np
 from edgekit.errors import InputError, UnsupportedError
 from edgekit.registry import Registry
 
-BACKENDS: Registry[type[Backend]] = Registry("backend", ["edgekit.runtime.llamacpp", "edgekit.runtime.torch_ref"])
+BACKENDS: Registry[type[Backend]] = Registry("backend", ["edgekit.runtime.llamacpp", "edgekit.runtime.onnx", "edgekit.runtime.torch_ref"])
 register_backend = BACKENDS.register
 
 
@@ -95,6 +95,17 @@ class Backend(abc.ABC):
     @property
     @abc.abstractmethod
     def n_vocab(self) -> int: ...
+
+    # Incremental evaluation: the profiler's primitives (pp = decode(N tokens) on an empty cache,
+    # tg = N x decode(1 token)). A backend that cannot evaluate incrementally leaves them unsupported.
+    def reset(self) -> None:
+        """Empty the KV cache: the next :meth:`decode` starts from position 0."""
+        raise UnsupportedError(f"the {self.name} backend cannot evaluate incrementally")
+
+    def decode(self, tokens: list[int]) -> None:
+        """Evaluate ``tokens`` after what is already in the KV cache (logits of the last one are computed
+        and discarded). Raises when the context would overflow."""
+        raise UnsupportedError(f"the {self.name} backend cannot evaluate incrementally")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model."""

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class LlamaCppBackend(Backend):
     ``safe_cpu``: load without the extra (repacked, AMX) weight buffers - slower, avoids CPU-feature
     faults. ``retry_safe``: after a crash while loading or on the first decode, retry once with
     ``safe_cpu``. ``on_warning``: called with one-line warnings (default: :func:`warnings.warn`).
+    ``tensor_overrides``: ``(regex, buffer type)`` pairs, llama.cpp's ``-ot`` (e.g. ``("ffn_.*", "CPU")``
+    keeps matching tensors in host memory when layers are offloaded).
     Other keyword arguments go to ``llama_cpp.Llama`` unchanged (JSON-serialisable values only).
     """
 
@@ -77,6 +79,7 @@ class LlamaCppBackend(Backend):
         safe_cpu: bool = False,
         retry_safe: bool = True,
         on_warning: Callable[[str], None] | None = None,
+        tensor_overrides: Sequence[tuple[str, str]] = (),
         **extra: Any,
     ) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -101,6 +104,7 @@ class LlamaCppBackend(Backend):
             "n_threads": n_threads,
             "n_gpu_layers": int(n_gpu_layers),
             "n_batch": int(n_batch),
+            "tensor_overrides": [[str(p), str(b)] for p, b in tensor_overrides],
             "extra": extra,
         }
         self.verbose = verbose
@@ -138,6 +142,77 @@ class LlamaCppBackend(Backend):
     def info(self) -> dict[str, Any]:
         """What the worker reported on load: llama.cpp version, system info, safe mode, BOS/EOS ids, ..."""
         return {k: v for k, v in self._info.items() if k != "metadata"}
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id (its memory is the model's), or None when it is not running."""
+        return self._proc.pid if self._proc is not None else None
+
+    def memory(self) -> dict[str, int]:
+        """The worker's resident set size now and its peak since it started (bytes)."""
+        return dict(self._call("memory", "reading memory use"))
+
+    def reset(self) -> None:
+        self._call("reset", "clearing the KV cache")
+
+    def decode(self, tokens: list[int]) -> None:
+        self._call("decode", "decoding", tokens=[int(t) for t in tokens])
+        self._decoded = True
+
+    def bench(
+        self,
+        n_prompt: int,
+        n_gen: int,
+        n_depth: int = 0,
+        *,
+        reps: int = 5,
+        warmup: bool = True,
+        seed: int = 0,
+        rapl: Sequence[tuple[str, int]] = (),
+        on_rep: Callable[[dict[str, Any]], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """Run llama-bench's timing loop inside the worker (no IPC inside a timed region).
+
+        Returns ``{"reps": [{"seconds", "ttft", "peak_rss", "joules"}...], "cancelled": bool,
+        "peak_rss": int}``; ``on_rep`` sees each repetition as it ends; ``cancel()`` returning True
+        stops the worker within one decode.
+        """
+        self._abort_active()
+        rid = next(self._ids)
+        self._send({"op": "bench", "id": rid, "n_prompt": int(n_prompt), "n_gen": int(n_gen),
+                    "n_depth": int(n_depth), "reps": int(reps), "warmup": bool(warmup), "seed": int(seed),
+                    "rapl": [[str(p), int(m)] for p, m in rapl]})
+        reps_out: list[dict[str, Any]] = []
+        cancel_sent = False
+        try:
+            while True:
+                try:
+                    msg = self._inbox.get(timeout=0.1)
+                except queue.Empty:
+                    if cancel is not None and not cancel_sent and cancel():
+                        self._send({"op": "cancel", "id": rid})
+                        cancel_sent = True
+                    continue
+                if msg is _EOF:
+                    raise self._crashed("profiling")
+                if msg.get("id") not in (rid, None):
+                    continue
+                if msg["ev"] == "rep":
+                    self._decoded = True
+                    rep = {k: msg.get(k) for k in ("seconds", "ttft", "peak_rss", "joules")}
+                    reps_out.append(rep)
+                    if on_rep is not None:
+                        on_rep(rep)
+                elif msg["ev"] == "done":
+                    return {"reps": reps_out, "cancelled": bool(msg.get("cancelled")),
+                            "peak_rss": msg.get("peak_rss")}
+                elif msg["ev"] == "error":
+                    raise self._error_from(msg, "profiling")
+        except KeyboardInterrupt:
+            # Ctrl-C: stop the worker's loop, then let the caller keep what finished.
+            self._send({"op": "cancel", "id": rid})
+            raise
 
     def metadata(self) -> dict[str, str]:
         """The GGUF metadata as llama.cpp reads it (values as strings; arrays summarised)."""
@@ -484,6 +559,8 @@ class LlamaCppBackend(Backend):
 
     def _load_error(self, msg: dict[str, Any]) -> Exception:
         name = self.model_path.name
+        if str(msg.get("message", "")).startswith("unknown buffer type"):
+            return InputError(str(msg["message"]))
         try:
             with open(self.model_path, "rb") as fh:
                 magic = fh.read(4)

@@ -14,20 +14,7 @@ import numpy as np
 
 from edgekit.errors import BackendError, quiet_transformers, require
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
-
-
-def _stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
-    """(index of the first complete stop string or None, length of text safe to emit now)."""
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    if hits:
-        return min(hits), min(hits)
-    hold = 0
-    for s in stops:  # keep back a tail that could still become a stop string
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return None, len(text) - hold
+from edgekit.runtime.sampling import TextStream
 
 
 @register_backend("torch")
@@ -102,37 +89,31 @@ class TorchBackend(Backend):
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos = {self.tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
         t0 = time.perf_counter()
-        past, inp, out_ids, emitted = None, torch.tensor([ids]), [], 0
+        past, inp = None, torch.tensor([ids])
+        stream = TextStream(lambda t: self.tokenizer.decode(t, skip_special_tokens=True), sampling.stop)
         stats.stop_reason = "length"
         with torch.inference_mode():
             for _ in range(sampling.max_tokens):
                 res = self.model(inp, past_key_values=past, use_cache=True)
                 past, logits = res.past_key_values, res.logits[0, -1]
-                if sampling.repeat_penalty != 1.0 and out_ids:
-                    prev = torch.tensor(sorted(set(out_ids)))
+                if sampling.repeat_penalty != 1.0 and stream.ids:
+                    prev = torch.tensor(sorted(set(stream.ids)))
                     vals = logits[prev]
                     logits[prev] = torch.where(vals > 0, vals / sampling.repeat_penalty, vals * sampling.repeat_penalty)
                 tok = self._pick(logits, sampling, gen)
-                if not out_ids:
+                if not stream.ids:
                     stats.time_to_first_token = time.perf_counter() - t0
                 if tok in eos:
                     stats.stop_reason = "eos"
                     break
-                out_ids.append(tok)
-                stats.generated_tokens = len(out_ids)
-                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                stop_at, safe = _stop_cut(text, sampling.stop)
-                if stop_at is not None:
-                    if stop_at > emitted:
-                        yield text[emitted:stop_at]
+                piece, stopped = stream.push(tok)
+                stats.generated_tokens = len(stream.ids)
+                if piece:
+                    yield piece
+                if stopped:
                     stats.stop_reason = "stop"
                     break
-                if safe > emitted and not text.endswith("\ufffd"):
-                    yield text[emitted:safe]
-                    emitted = safe
                 inp = torch.tensor([[tok]])
-        if stats.stop_reason != "stop":
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if len(text) > emitted:
-                yield text[emitted:]
+        if stats.stop_reason != "stop" and (tail := stream.rest()):
+            yield tail
         stats.total_time = time.perf_counter() - t0

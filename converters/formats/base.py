@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from edgekit.converters.quantize.base import Quantizer
     from edgekit.model import HFCheckpoint
 
-FORMATS: Registry[type[Format]] = Registry("format", ["edgekit.converters.formats.gguf"])
+FORMATS: Registry[type[Format]] = Registry("format", ["edgekit.converters.formats.gguf", "edgekit.converters.formats.onnx"])
 register_format = FORMATS.register
 
 # progress(description, completed, total): called as long steps advance.

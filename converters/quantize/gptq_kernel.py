@@ -46,10 +46,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from edgekit.converters.quantize import ggml
+from edgekit.converters.quantize import ggml, nbits
 from edgekit.converters.quantize.ggml import iq4nl, kquants, legacy
 from edgekit.converters.quantize.ggml._common import best_index
 from edgekit.errors import InputError
@@ -97,6 +96,8 @@ class InverseHessian:
 
 
 def _qtype(qtype: T | int | str) -> T:
+    if isinstance(qtype, nbits.NBitsType):
+        return qtype
     ggml.block_size(qtype)  # raises UnsupportedError with the list of supported types
     return T[qtype.upper()] if isinstance(qtype, str) else T(qtype)
 
@@ -166,7 +167,7 @@ def gptq(
     n_out, n_in = w.shape
     if qt in FLOAT_TYPES:
         return rtn(w, qt)
-    bs = GGML_QUANT_SIZES[qt][0]
+    bs = ggml.block_size(qt)
     if n_in % bs:
         raise InputError(
             f"rows of {n_in} weights cannot be stored as {qt.name}: the row length must be a multiple of {bs}"
@@ -404,7 +405,34 @@ class _IQ4NLGrid(_Grid):
         return iq4nl.dequantize_codes(codes, params)
 
 
+class _NBitsGrid(_Grid):
+    """MatMulNBits grids (nbits.py): per-block fp16 scale and integer zero point."""
+
+    def __init__(self, qt: nbits.NBitsType, w: np.ndarray, im: np.ndarray | None):
+        self.t, self.im = qt, im
+
+    def block(self, cols: np.ndarray, c0: int):
+        blocks = np.ascontiguousarray(cols.T)
+        qw = None if self.im is None else np.broadcast_to(self.im[c0 : c0 + blocks.shape[1]], blocks.shape)
+        p = nbits.choose_params(self.t, blocks, qw)
+        d0 = p.d.astype(F32)
+        rnd = _scale_rounder(d0, d0 * p.zp.astype(F32), 0, self.t.levels - 1, 0)  # d*(q - zp) = d*q - d*zp
+        return (lambda j, x: rnd(x)), p
+
+    def stack(self, ps: list) -> nbits.NBitsParams:
+        return nbits.NBitsParams(np.stack([p.d for p in ps], axis=1).reshape(-1),
+                                 np.stack([p.zp for p in ps], axis=1).reshape(-1))
+
+    def pack(self, codes, params):
+        return nbits.pack(self.t, codes, params)
+
+    def dequantize(self, codes, params):
+        return nbits.dequantize_codes(self.t, codes, params)
+
+
 def _grid(qt: T, w: np.ndarray, im: np.ndarray | None) -> _Grid:
+    if isinstance(qt, nbits.NBitsType):
+        return _NBitsGrid(qt, w, im)
     if qt in kquants.TYPES:
         return _KGrid(qt, w, im)
     if qt == T.IQ4_NL:

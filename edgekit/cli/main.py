@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from edgekit.cli import devices_cmd, profile_cmd, tui_cmd
 from edgekit.cli.ui import err, handle_errors, out, progress_bar
+from edgekit.errors import InputError
 
 app = typer.Typer(
     name="edgekit",
@@ -39,7 +42,8 @@ def _parse_tensor_types(values: list[str]) -> tuple[tuple[str, str], ...]:
 def convert(
     model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)."),
     to: str = typer.Option("gguf", "--to", help="Output format."),
-    bits: int | None = typer.Option(4, "--bits", "-b", help="2, 3, 4, 5, 6 or 8: a llama.cpp-style _M mix."),
+    bits: int | None = typer.Option(4, "--bits", "-b", help="GGUF: 2, 3, 4, 5, 6 or 8 (a llama.cpp-style _M mix); "
+                                    "ONNX: 4 or 8 (MatMulNBits), 16 or 32 (float)."),
     type_: str | None = typer.Option(None, "--type", "-t", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
     bpw: float | None = typer.Option(None, "--bpw", help="Size budget in bits per weight: types per tensor by "
                                      "measured sensitivity."),
@@ -49,6 +53,14 @@ def convert(
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence."),
+    block_size: int | None = typer.Option(None, "--block-size", help="ONNX: weights per quantization block "
+                                          "(32 default, 16..256)."),
+    sym: bool | None = typer.Option(None, "--sym/--asym", help="ONNX: symmetric grid or zero points per block "
+                                    "(default: asymmetric 4-bit, symmetric 8-bit)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="ONNX: fp32 or fp16 activations."),
+    option: list[str] = typer.Option([], "--option", "-O", help="Format option KEY=VALUE; repeatable (ONNX: "
+                                     "embed=float|int8|shared, lm_head=int4|int8|float|tied, accuracy_level=0..4, "
+                                     "opset=17..23, external_data=true|false)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default MODEL-FORMAT-qBITS)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -62,11 +74,16 @@ def convert(
       edgekit convert ./SmolLM2-135M --bits 4 --method gptq                # calibrates on its own samples
       edgekit convert ./SmolLM2-135M --bits 4 --method awq+gptq --calib corpus.txt
       edgekit convert ./SmolLM2-135M --bpw 3.5 --method gptq               # mixed precision to a budget
+      edgekit convert ./SmolLM2-135M --to onnx --bits 4 --method gptq      # MatMulNBits, block 32
+      edgekit convert ./SmolLM2-135M --to onnx --bits 32                   # float graph with KV cache
     """
     from edgekit import api
 
     calibrated = method != "rtn" or bpw is not None
-    recipe = api.ConvertRecipe(bits=None if type_ or bpw else bits, preset=type_, bpw=bpw, method=method,
+    extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype)
+    if extra and to != "onnx":
+        raise InputError(f"--block-size, --sym/--asym, --dtype and -O are ONNX options; --to {to} does not take them")
+    recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw else bits, preset=type_, bpw=bpw, method=method,
                                bpw_types=tuple(t.strip() for t in bpw_types.split(",") if t.strip()),
                                tensor_types=_parse_tensor_types(tensor_type),
                                calib=api.CalibConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen)
@@ -80,6 +97,21 @@ def convert(
     fallbacks = sum(1 for t in m.get("tensors", {}).values() if "wanted" in t)
     out.print(f"[green]wrote[/] {art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, "
               f"{m['preset']}, {fallbacks} tensors fell back: see 'edgekit inspect')")
+
+
+def _format_options(pairs: list[str], **given: Any) -> dict[str, Any]:
+    """``-O key=value`` pairs (values parsed as JSON scalars where they parse) plus the named options given."""
+    opts: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"-O {item!r}: expected KEY=VALUE")
+        try:
+            parsed = json.loads(value.strip().lower() if value.strip().lower() in ("true", "false") else value)
+        except json.JSONDecodeError:
+            parsed = value.strip()
+        opts[key.strip().replace("-", "_")] = parsed
+    return opts
 
 
 def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int,
@@ -107,6 +139,7 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence; repeatable."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    offload: str = typer.Option("none", "--offload", help="'auto': GPU layers / tensor placement from `edgekit plan`."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tokens/s on stderr at the end."),
 ) -> None:
     """Generate a reply, streaming tokens as they come.
@@ -124,7 +157,8 @@ def run(
     else:
         message = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     st = GenerationStats()
-    for piece in api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads):
+    placement = profile_cmd.offload_options(artifact, offload, ctx)
+    for piece in api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads, **placement):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -252,7 +286,16 @@ def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
             out.print(f"[bold]{k}[/]: {', '.join(map(str, v)) if isinstance(v, list) else v}")
 
 
+tui_cmd.register(app)
+devices_cmd.register(app)
+profile_cmd.register(app)
+
+
 def main() -> None:
+    import signal
+
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed instead of left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     app()
 
 

@@ -25,8 +25,13 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
     head.add_row("parameters", f"{info['n_params'] / 1e6:.1f} M")
     head.add_row("size", f"{mb(info['file_bytes'])} file, {mb(info['weight_bytes'])} weights, {info['bpw']:.3f} bits/weight")
     mem = info["memory"]
+    kv, kv_type = (mem["kv_cache_f16"], "f16") if "kv_cache_f16" in mem else (mem["kv_cache"], mem["kv_type"])
     head.add_row(f"memory @ ctx {mem['ctx']}", f"{mb(mem['total'])} = {mb(mem['weights'])} weights + "
-                                               f"{mb(mem['kv_cache_f16'])} KV cache (f16), plus compute buffers")
+                                               f"{mb(kv)} KV cache ({kv_type}), plus compute buffers")
+    if info.get("onnx"):
+        o = info["onnx"]
+        head.add_row("onnx", f"opset {o['opset']}, IR {o['ir_version']}; ops "
+                             + ", ".join(f"{k} x{v}" for k, v in o["ops"].items()))
     if info.get("recipe"):
         r = info["recipe"]
         head.add_row("recipe", f"method {r.get('method')}, preset {info.get('preset') or r.get('preset')}"

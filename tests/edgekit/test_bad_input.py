@@ -206,3 +206,36 @@ def test_artifact_with_broken_manifest(tmp_path):
     d.mkdir()
     (d / "edgekit.json").write_text("{not json")
     assert_clean_error(*run_cli("inspect", d), "not valid JSON")
+
+
+def test_killed_writer_leaves_nothing_and_is_swept(tmp_path):
+    """A conversion killed with SIGTERM removes its temporary folder; one left by a SIGKILLed writer
+    (its pid gone) is swept by the next write of the same output."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from edgekit.fsutil import atomic_dir
+
+    dest = tmp_path / "out"
+    code = ("import time, sys\nfrom pathlib import Path\nfrom edgekit.fsutil import atomic_dir\n"
+            f"with atomic_dir(Path({str(dest)!r})) as t:\n    (t / 'x').write_text('1')\n    print('ready', flush=True)\n"
+            "    time.sleep(60)\n")
+    # the CLI's SIGTERM handler turns the signal into an exit that unwinds atomic_dir
+    wrapper = f"import signal, sys\nsignal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))\n{code}"
+    p = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.terminate()
+    assert p.wait(30) == 143
+    assert list(tmp_path.iterdir()) == []
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.kill()
+    p.wait(30)
+    assert [x.name.split("-")[0] for x in tmp_path.iterdir()] == [".out.partial"]
+    time.sleep(0.1)
+    with atomic_dir(dest) as t:
+        (t / "y").write_text("2")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]
+    assert os.listdir(dest) == ["y"]

@@ -1,0 +1,144 @@
+"""Profiling on a device: push the artifact (verified), run there, return rows of the local schema.
+
+SSH boards (and this host) run edgekit's own profiler with the edgekit installed on the device; a
+llama.cpp ``llama-bench`` built for the device (``runner``) works on SSH boards and on Android, where
+edgekit pushes it and parses its ``-o json`` output with issue 5's ``from_llama_bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import shlex
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekit.artifact import Artifact
+from edgekit.devices.base import Device, DeviceError, normalize_arch
+from edgekit.devices.transfer import ProgressFn, PushConfig, push
+from edgekit.errors import InputError, UnsupportedError
+
+# ELF e_machine -> normalized arch (the values of the ELF spec's EM_* constants).
+ELF_MACHINES = {0x03: "x86", 0x28: "armv7", 0x3E: "x86_64", 0xB7: "aarch64", 0xF3: "riscv64"}
+
+
+def elf_arch(path: Path) -> str:
+    """The architecture an ELF executable is built for; InputError when it is not an ELF file."""
+    head = path.read_bytes()[:20] if path.is_file() else b""
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        raise InputError(f"runner {path} is not an ELF executable; give a llama-bench binary built for the device")
+    (machine,) = struct.unpack("<H" if head[5] == 1 else ">H", head[18:20])
+    return ELF_MACHINES.get(machine, f"e_machine {machine:#x}")
+
+
+def check_runner_abi(runner: Path, device: Device, arch: str | None, abi: str | None) -> None:
+    """Refuse a runner built for another CPU than the device's, saying which build is needed."""
+    built = elf_arch(runner)
+    ok = built == arch or (built == "armv7" and arch == "aarch64")  # 64-bit Arm runs 32-bit Arm code
+    if not ok:
+        target = abi or arch or "the device's CPU"
+        hint = f" (Android NDK: cmake -DANDROID_ABI={abi})" if abi else ""
+        raise InputError(f"runner {runner} is built for {built}, but {device.id} is {target}; build llama-bench "
+                         f"for {target}{hint}")
+
+
+@dataclass(frozen=True)
+class RemoteProfileConfig:
+    """What to run on the device.
+
+    tests: llama-bench style tests ("pp512,tg128", "pp512+tg128"). reps: timed repetitions. threads:
+    CPU threads (None: all). runner: a local llama-bench binary built for the device (pushed and run);
+    None runs edgekit's profiler there (edgekit must be installed on the device). remote_edgekit: the
+    edgekit executable on the device (default: the SSH host's configured one, else ``edgekit``).
+    dest: push destination (default the device's).
+    """
+
+    tests: str = "pp512,tg128"
+    reps: int = 5
+    threads: int | None = None
+    runner: Path | None = None
+    remote_edgekit: str | None = None
+    dest: str | None = None
+    ctx: int = 4096
+
+    def __post_init__(self) -> None:
+        from edgekit.runtime.profile_schema import parse_tests
+
+        parse_tests(self.tests)
+        if self.reps < 1:
+            raise InputError("--reps must be >= 1")
+
+
+def remote_profile(device: Device, artifact: str | Path | Artifact, config: RemoteProfileConfig | None = None,
+                   progress: ProgressFn | None = None) -> list[dict[str, Any]]:
+    """Push ``artifact`` to ``device`` and profile it there; rows in the ``edgekit.profile/1`` schema."""
+    config = config or RemoteProfileConfig()
+    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
+    info = device.info()
+    if config.runner is not None:
+        check_runner_abi(Path(config.runner), device, info.arch, info.abi)
+    elif device.platform == "android":
+        raise UnsupportedError(f"{device.id}: Android runs llama.cpp, not edgekit; give --runner with a llama-bench "
+                               f"built for {info.abi or 'the phone'}")
+    pushed = push(art, device, PushConfig(dest=config.dest, ctx=config.ctx), progress=progress)
+    remote_model = posixpath.join(pushed.remote_dir, art.model_file.name)
+    if config.runner is not None:
+        return _run_llama_bench(device, Path(config.runner), remote_model, pushed.remote_dir, art, config)
+    return _run_edgekit(device, pushed.remote_dir, config)
+
+
+def _run_edgekit(device: Device, remote_dir: str, config: RemoteProfileConfig) -> list[dict[str, Any]]:
+    exe = config.remote_edgekit or getattr(getattr(device, "host", None), "remote_edgekit", None) or "edgekit"
+    # The interpreter behind the edgekit script (its shebang) runs edgekit's profiler module directly.
+    find = f"head -1 \"$(command -v {shlex.quote(exe)})\" | sed 's/^#!//'"
+    py = device.run(find).stdout.strip()
+    if not py:
+        raise DeviceError(f"edgekit is not installed on {device.id} ({exe} not found); install it there or give "
+                          "--runner with a llama-bench built for the device")
+    args = ["-m", "edgekit.devices.remote_main", remote_dir, "--tests", config.tests, "--reps", str(config.reps)]
+    if config.threads:
+        args += ["--threads", str(config.threads)]
+    r = device.run(" ".join(shlex.quote(a) for a in [py, *args]), timeout=None)
+    if r.rc != 0:
+        raise DeviceError(f"profiling on {device.id} failed: {r.output.splitlines()[-1] if r.output else r.rc}")
+    return json.loads(r.stdout)["rows"]
+
+
+def _llama_bench_args(tests: str, reps: int, threads: int | None) -> list[str]:
+    from edgekit.runtime.profile_schema import parse_tests
+
+    pp, tg, pg = [], [], []
+    for t in parse_tests(tests):
+        if t.n_depth:
+            raise InputError("context depth (@dN) is not passed to llama-bench runners; drop it or profile with "
+                             "edgekit on the device")
+        (pg.append(f"{t.n_prompt},{t.n_gen}") if t.n_prompt and t.n_gen else
+         pp.append(str(t.n_prompt)) if t.n_prompt else tg.append(str(t.n_gen)))
+    args = ["-p", ",".join(pp) or "0", "-n", ",".join(tg) or "0", "-r", str(reps), "-o", "json"]
+    for x in pg:
+        args += ["-pg", x]
+    return args + (["-t", str(threads)] if threads else [])
+
+
+def _run_llama_bench(device: Device, runner: Path, model: str, remote_dir: str, art: Artifact,
+                     config: RemoteProfileConfig) -> list[dict[str, Any]]:
+    from edgekit.runtime.profile import artifact_info
+    from edgekit.runtime.profile_schema import from_llama_bench
+
+    remote_runner = posixpath.join(posixpath.dirname(remote_dir), "bin", runner.name)
+    device.makedirs(posixpath.dirname(remote_runner))
+    device.remove(remote_runner)
+    device.append_from(runner, remote_runner, 0, lambda n: None, None)
+    device.run(f"chmod 755 {shlex.quote(remote_runner)}")
+    cmd = " ".join(shlex.quote(a) for a in [remote_runner, "-m", model,
+                                            *_llama_bench_args(config.tests, config.reps, config.threads)])
+    r = device.run(cmd, timeout=None)
+    if r.rc != 0:
+        raise DeviceError(f"{runner.name} failed on {device.id}: {r.output.splitlines()[-1] if r.output else r.rc}")
+    rows = from_llama_bench(json.loads(r.stdout), artifact_info(art))
+    return [row.to_json() for row in rows]
+
+
+__all__ = ["RemoteProfileConfig", "check_runner_abi", "elf_arch", "normalize_arch", "remote_profile"]

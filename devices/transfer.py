@@ -1,0 +1,258 @@
+"""Verified, resumable pushes of an artifact to any device, written once against Device's primitives.
+
+Per file: hash it locally; if the device already holds it under the real name with the same sha256,
+skip it. Otherwise append to ``.NAME.<sha12>.partial`` from the size that temp file already has (an
+interrupted push resumes there), hash the temp file on the device, and only then rename it onto the
+real name. The manifest goes last, so a folder with ``edgekit.json`` on the device is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgekit.artifact import MANIFEST_NAME, Artifact
+from edgekit.devices.base import (
+    Cancel,
+    Device,
+    InsufficientMemoryError,
+    PushCancelledCheck,
+    VerificationError,
+)
+from edgekit.errors import DiskFullError, InputError
+from edgekit.fsutil import sha256_file_cached
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def check_remote_name(name: str, what: str = "name") -> str:
+    """Refuse names that could escape the destination folder: absolute, ``..``, empty parts, control chars."""
+    if not name or name.startswith("/") or name.startswith("~"):
+        raise InputError(f"{what} {name!r} must be a relative name inside the destination; give a plain "
+                         "folder name (use --dest for where it goes)")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in name) or "\\" in name:
+        raise InputError(f"{what} {name!r} contains '..', '.', an empty part or a control character; "
+                         "give a plain name like 'smol-q4'")
+    return name
+
+
+def check_dest(dest: str) -> str:
+    """A destination folder on the device: absolute (or ``~/...`` over SSH), without ``..`` parts."""
+    if not (dest.startswith("/") or dest == "~" or dest.startswith("~/")):
+        raise InputError(f"--dest {dest!r} must be an absolute folder on the device (or ~/... over SSH)")
+    if any(p == ".." for p in dest.split("/")) or any(ord(c) < 32 for c in dest):
+        raise InputError(f"--dest {dest!r} contains '..' or a control character; give the folder plainly")
+    return dest.rstrip("/") or "/"
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    """How to push.
+
+    dest: folder on the device (None: the device's default, e.g. /data/local/tmp/edgekit on Android).
+    name: folder name for the artifact under dest (None: the artifact folder's name, or a bare file's stem).
+    ctx: context length the RAM check assumes. check_ram: refuse when the model cannot run in the device's
+    RAM at ctx. check_storage: refuse when the device lacks free storage. dry_run: check and plan only.
+    """
+
+    dest: str | None = None
+    name: str | None = None
+    ctx: int = 4096
+    check_ram: bool = True
+    check_storage: bool = True
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dest is not None:
+            check_dest(self.dest)
+        if self.name is not None:
+            check_remote_name(self.name, "--name")
+        if self.ctx <= 0:
+            raise InputError(f"--ctx {self.ctx} must be positive")
+
+
+@dataclass
+class FilePush:
+    name: str
+    size: int
+    sha256: str
+    resumed_from: int = 0
+    skipped: bool = False
+
+
+@dataclass
+class FitReport:
+    ok: bool
+    reasons: list[str]
+    storage_needed: int
+    storage_free: int | None
+    ram_needed: int | None
+    ram_total: int | None
+    ctx: int
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PushResult:
+    device_id: str
+    remote_dir: str
+    files: list[FilePush] = field(default_factory=list)
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    fit: FitReport | None = None
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("files", "fit")}
+        d["files"] = [f.__dict__ for f in self.files]
+        d["fit"] = self.fit.to_json() if self.fit else None
+        return d
+
+
+def artifact_files(art: Artifact, scratch: Path) -> list[tuple[Path, str]]:
+    """(local path, relative remote name) of everything to push, manifest last.
+
+    A folder artifact sends its visible files (recursively); a bare model file sends itself plus the
+    manifest derived for it, written into ``scratch``.
+    """
+    if art.bare_file is not None:
+        manifest = scratch / MANIFEST_NAME
+        manifest.write_text(json.dumps(art.manifest, indent=2))
+        return [(art.bare_file, art.bare_file.name), (manifest, MANIFEST_NAME)]
+    files = []
+    for p in sorted(art.path.rglob("*")):
+        rel = p.relative_to(art.path)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.name != MANIFEST_NAME:
+            files.append((p, check_remote_name(rel.as_posix(), "file name")))
+    files.append((art.path / MANIFEST_NAME, MANIFEST_NAME))
+    return files
+
+
+def ram_needed(art: Artifact, ctx: int) -> int | None:
+    """Memory to run the artifact at ``ctx``: issue 5's memory model when present, else weights + f16 KV."""
+    if art.format != "gguf":
+        return art.model_file.stat().st_size
+    try:
+        from edgekit.runtime.memory import MemoryConfig, estimate_memory, read_shape
+    except ImportError:
+        from edgekit.describe import describe
+
+        return int(describe(art, ctx)["memory"]["total"])
+    return int(estimate_memory(read_shape(art.model_file), MemoryConfig(n_ctx=ctx)).ram_bytes)
+
+
+def remote_dir_for(device: Device, art: Artifact, config: PushConfig) -> str:
+    dest = device.resolve(check_dest(config.dest or device.default_dest()))
+    name = config.name or (art.bare_file.stem if art.bare_file is not None else art.path.resolve().name)
+    return posixpath.join(dest, check_remote_name(name))
+
+
+def partial_name(remote: str, sha: str) -> str:
+    folder, base = posixpath.split(remote)
+    return posixpath.join(folder, f".{base}.{sha[:12]}.partial")
+
+
+def _plan(device: Device, files: list[tuple[Path, str]], remote_dir: str) -> list[tuple[Path, str, FilePush]]:
+    plan = []
+    for local, rel in files:
+        size = local.stat().st_size
+        sha = sha256_file_cached(local)
+        remote = posixpath.join(remote_dir, rel)
+        fp = FilePush(rel, size, sha)
+        if device.file_size(remote) == size and device.sha256(remote) == sha:
+            fp.skipped = True
+        else:
+            have = device.file_size(partial_name(remote, sha)) or 0
+            fp.resumed_from = have if have <= size else 0
+        plan.append((local, remote, fp))
+    return plan
+
+
+def check_fit(device: Device, artifact: str | Path | Artifact, ctx: int = 4096, dest: str | None = None,
+              storage_needed: int | None = None) -> FitReport:
+    """Whether ``artifact`` fits the device's free storage at ``dest`` and its RAM at ``ctx``."""
+    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
+    if storage_needed is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            storage_needed = sum(p.stat().st_size for p, _ in artifact_files(art, Path(scratch)))
+    dest = device.resolve(check_dest(dest or device.default_dest()))
+    free = device.free_bytes(dest)
+    info = device.info()
+    ram = ram_needed(art, ctx)
+    reasons = []
+    if free is not None and storage_needed > free:
+        reasons.append(f"needs {storage_needed / 1e6:.1f} MB of storage, {device.id} has {free / 1e6:.1f} MB "
+                       f"free at {dest}; free space on the device or choose another --dest")
+    if ram is not None and info.ram_total is not None and ram > info.ram_total:
+        reasons.append(f"needs about {ram / 1e6:.0f} MB of RAM at context {ctx}, {device.id} has "
+                       f"{info.ram_total / 1e6:.0f} MB; use a smaller quantization or --ctx, or --no-ram-check "
+                       "to push anyway")
+    return FitReport(ok=not reasons, reasons=reasons, storage_needed=storage_needed, storage_free=free,
+                     ram_needed=ram, ram_total=info.ram_total, ctx=ctx)
+
+
+def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | None = None,
+         progress: ProgressFn | None = None, cancel: Cancel | None = None) -> PushResult:
+    """Push ``artifact`` to ``device``: fit check, resumable transfer, sha256 on the device, rename."""
+    config = config or PushConfig()
+    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
+    progress = progress or (lambda desc, done, total: None)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgekit-push-") as scratch:
+        files = artifact_files(art, Path(scratch))
+        remote_dir = remote_dir_for(device, art, config)
+        if not config.dry_run:  # a destination we may not write fails here, before any checks or bytes
+            device.makedirs(remote_dir)
+        plan = _plan(device, files, remote_dir)
+        to_send = sum(fp.size - fp.resumed_from for _, _, fp in plan if not fp.skipped)
+        fit = check_fit(device, art, config.ctx, config.dest, storage_needed=to_send)
+        result = PushResult(device.id, remote_dir, [fp for _, _, fp in plan], dry_run=config.dry_run, fit=fit)
+        storage_bad = [r for r in fit.reasons if "storage" in r]
+        ram_bad = [r for r in fit.reasons if "RAM" in r]
+        if config.check_storage and storage_bad:
+            raise DiskFullError(f"not pushing to {device.id}: {storage_bad[0]}")
+        if config.check_ram and ram_bad:
+            raise InsufficientMemoryError(f"not pushing to {device.id}: {ram_bad[0]}")
+        if config.dry_run:
+            return result
+        done = 0
+        progress(f"push to {device.id}", 0, to_send)
+        for local, remote, fp in plan:
+            if fp.skipped:
+                continue
+            if posixpath.dirname(remote) != remote_dir:
+                device.makedirs(posixpath.dirname(remote))
+            tmp = partial_name(remote, fp.sha256)
+            if fp.resumed_from == 0:
+                device.remove(tmp)
+
+            def on_bytes(n: int, _name: str = fp.name) -> None:
+                nonlocal done
+                done += n
+                result.bytes_sent += n
+                progress(f"{_name} -> {device.id}", done, to_send)
+
+            PushCancelledCheck(cancel)
+            device.append_from(local, tmp, fp.resumed_from, on_bytes, cancel)
+            _verify(device, tmp, fp)
+            device.rename(tmp, remote)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _verify(device: Device, tmp: str, fp: FilePush) -> None:
+    got_size = device.file_size(tmp)
+    got = device.sha256(tmp) if got_size == fp.size else None
+    if got != fp.sha256:
+        device.remove(tmp)
+        what = f"size {got_size} instead of {fp.size}" if got is None else f"sha256 {got[:12]}… instead of {fp.sha256[:12]}…"
+        raise VerificationError(f"{fp.name} arrived on {device.id} with {what}; the partial copy was removed, "
+                                "push again to send it afresh")

@@ -1,0 +1,159 @@
+"""``edgekit devices`` (list, add, remove, show) and ``edgekit push``.
+
+The device layer (adbutils, paramiko, pymobiledevice3) is imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from edgekit.cli.ui import handle_errors, out, progress_bar
+
+devices_app = typer.Typer(help="This host, Android phones (adb), iPhones (usbmuxd) and SSH boards.",
+                          invoke_without_command=True, no_args_is_help=False)
+
+
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def _render(found) -> None:
+    from rich.table import Table
+
+    table = Table(title="devices")
+    for col in ("id", "state", "model", "os", "arch", "cores", "RAM GiB", "free GiB", "GPUs"):
+        table.add_column(col, justify="right" if col in ("cores", "RAM GiB", "free GiB") else "left")
+    for d in found.devices:
+        gpus = ", ".join(f"{g.name} ({_gb(g.vram_total)} GiB)" for g in d.gpus) or "-"
+        table.add_row(d.id, d.state if d.state == "ready" else f"[yellow]{d.state}[/]", d.model or "-",
+                      " ".join(filter(None, (d.os, d.os_version))) or "-", d.abi or d.arch or "-",
+                      str(d.cores or "-"), _gb(d.ram_total), _gb(d.storage_free), gpus)
+    out.print(table)
+    for d in found.devices:
+        if d.detail:
+            out.print(f"[yellow]{d.id}[/]: {d.detail}", highlight=False)
+    for platform, note in found.notes.items():
+        out.print(f"[dim]{platform}: {note}[/]", highlight=False)
+
+
+@devices_app.callback()
+@handle_errors
+def devices(
+    ctx: typer.Context,
+    platform: list[str] = typer.Option([], "--platform", "-p", help="Only these: host, android, ios, ssh."),
+    as_json: bool = typer.Option(False, "--json", help="Print the devices as JSON."),
+) -> None:
+    """List this host and every device edgekit can reach.
+
+    Examples:
+      edgekit devices
+      edgekit devices --json
+      edgekit devices add ssh:jetson --host 10.0.0.5 --user me --key ~/.ssh/id_ed25519
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgekit.devices import list_devices
+
+    found = list_devices(platform or None)
+    if as_json:
+        out.print_json(json.dumps(found.to_json()))
+    else:
+        _render(found)
+
+
+@devices_app.command("add")
+@handle_errors
+def add(
+    device: str = typer.Argument(..., help="ssh:NAME, the id the board will have."),
+    host: str = typer.Option(..., "--host", help="Host name or address."),
+    port: int = typer.Option(22, "--port"),
+    user: str | None = typer.Option(None, "--user", "-u"),
+    key: str | None = typer.Option(None, "--key", "-i", help="Private key file (default: agent and ~/.ssh)."),
+    remote_edgekit: str | None = typer.Option(None, "--remote-edgekit", help="edgekit on the board, for profiling."),
+    dest: str | None = typer.Option(None, "--dest", help="Default push folder on the board (default ~/edgekit)."),
+) -> None:
+    """Remember an SSH board (Jetson, Raspberry Pi...) as ssh:NAME."""
+    from edgekit.devices.config import SSHHost, add_ssh_host, config_path
+    from edgekit.devices.transfer import check_dest
+    from edgekit.errors import InputError
+
+    kind, _, name = device.partition(":")
+    if kind != "ssh" or not name:
+        raise InputError(f"{device!r}: only SSH boards are added by hand, as ssh:NAME (adb and usbmuxd find the rest)")
+    if dest is not None:
+        check_dest(dest)
+    add_ssh_host(SSHHost(name=name, host=host, port=port, user=user, key=key, remote_edgekit=remote_edgekit,
+                         dest=dest))
+    out.print(f"[green]added[/] ssh:{name} ({user + '@' if user else ''}{host}:{port}) to {config_path()}")
+
+
+@devices_app.command("remove")
+@handle_errors
+def remove(device: str = typer.Argument(..., help="ssh:NAME")) -> None:
+    """Forget an SSH board."""
+    from edgekit.devices.config import remove_ssh_host
+
+    remove_ssh_host(device.removeprefix("ssh:"))
+    out.print(f"removed {device}")
+
+
+@devices_app.command("show")
+@handle_errors
+def show(device: str = typer.Argument(..., help="host, android:SERIAL, ios:UDID or ssh:NAME")) -> None:
+    """Everything edgekit knows about one device, as JSON."""
+    from edgekit.devices import open_device
+
+    with open_device(device) as dev:
+        out.print_json(json.dumps(dev.info().to_json()))
+
+
+@handle_errors
+def push(
+    artifact: Path = typer.Argument(..., help="Artifact folder (or a .gguf file)."),
+    device: str = typer.Argument(..., help="host, android:SERIAL, ssh:NAME (see 'edgekit devices')."),
+    dest: str | None = typer.Option(None, "--dest", help="Folder on the device (Android: /data/local/tmp/edgekit, "
+                                    "SSH: ~/edgekit)."),
+    name: str | None = typer.Option(None, "--name", help="Folder name under --dest (default: the artifact's)."),
+    ctx: int = typer.Option(4096, "--ctx", "-c", help="Context length the RAM check assumes."),
+    ram_check: bool = typer.Option(True, "--ram-check/--no-ram-check", help="Refuse if it cannot run in the "
+                                   "device's RAM at --ctx."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check fit and show the plan; send nothing."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Copy an artifact to a device: checks fit, resumes, verifies sha256 there, never leaves half files.
+
+    Examples:
+      edgekit push ./model-gguf-q4 android:R58M12345
+      edgekit push ./model-gguf-q4 ssh:jetson --dest ~/models
+      edgekit push ./model-gguf-q4 ssh:jetson --dry-run
+    """
+    from edgekit.devices import PushConfig, open_device
+    from edgekit.devices import push as do_push
+
+    cfg = PushConfig(dest=dest, name=name, ctx=ctx, check_ram=ram_check, dry_run=dry_run)
+    with open_device(device) as dev, progress_bar(not as_json and not dry_run) as progress:
+        res = do_push(artifact, dev, cfg, progress=progress)
+    if as_json:
+        out.print_json(json.dumps(res.to_json()))
+        return
+    verb = "would send" if res.dry_run else "sent"
+    for f in res.files:
+        state = ("already there (sha256 matches)" if f.skipped else
+                 f"resumed at {f.resumed_from / 1e6:.1f} MB" if f.resumed_from else "new")
+        out.print(f"  {f.name:<32} {f.size / 1e6:9.1f} MB  {state}", highlight=False)
+    fit = res.fit
+    ram = f", needs ~{fit.ram_needed / 1e6:.0f} MB RAM at ctx {fit.ctx} of {_gb(fit.ram_total)} GiB" \
+        if fit and fit.ram_needed and fit.ram_total else ""
+    sent = sum(f.size - f.resumed_from for f in res.files if not f.skipped) if res.dry_run else res.bytes_sent
+    speed = f" in {res.seconds:.1f} s ({res.bytes_sent / 1e6 / res.seconds:.1f} MB/s)" if res.seconds > 0 else ""
+    out.print(f"[green]{verb}[/] {sent / 1e6:.1f} MB to {res.device_id}:{res.remote_dir}{speed}{ram}"
+              + ("" if res.dry_run else "; sha256 verified on the device"), highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``devices`` (a group) and ``push`` to the main app."""
+    app.add_typer(devices_app, name="devices")
+    app.command("push")(push)

@@ -1,0 +1,331 @@
+"""``edgekit profile`` and ``edgekit plan``: measure artifacts, and plan how to fit them on a device.
+
+Registered on the main app by :mod:`edgekit.cli.main`; heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgekit.cli.ui import err, handle_errors, out
+
+
+def _ints(text: str, name: str, allow_none: bool = False) -> tuple[Any, ...]:
+    from edgekit.errors import InputError
+
+    vals: list[int | None] = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if allow_none and item.lower() in ("auto", "default"):
+            vals.append(None)
+            continue
+        try:
+            vals.append(int(item))
+        except ValueError:
+            raise InputError(f"--{name} takes comma-separated integers, e.g. 1,2,4 (got {item!r})") from None
+    if not vals:
+        raise InputError(f"--{name} needs at least one value")
+    return tuple(vals)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.0f} MB"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _table(rows: list[Any], title: str) -> Any:
+    from rich.table import Table
+
+    from edgekit.runtime.profile import summarize
+
+    table = Table(title=title)
+    for col in ("artifact", "test", "config", "tokens/s", "TTFT ms", "load s", "peak RSS", "roofline", "J/tok", "status"):
+        table.add_column(col, justify="left" if col in ("artifact", "test", "config", "status") else "right",
+                         overflow="fold")
+    for s in summarize(rows):
+        tps = "-" if s["tps"] is None else f"{s['tps']:.1f}±{s['tps_std']:.1f}"
+        config = f"t{s['threads']} b{s['batch']} c{s['ctx']}" + (f" ngl{s['ngl']}" if s["ngl"] else "")
+        roof = s["roofline_fraction"]
+        table.add_row(s["artifact"], s["test"], config, tps, _fmt(None if s["ttft_s"] is None else s["ttft_s"] * 1000, ".0f"),
+                      _fmt(s["load_s"], ".2f"), _mb(s["peak_rss_bytes"]), "-" if roof is None else f"{100 * roof:.0f}%",
+                      _fmt(s["j_per_token"], ".3f"), s["status"])
+    return table
+
+
+def _csv(rows: list[Any]) -> str:
+    from edgekit.runtime.profile import summarize
+
+    buf = io.StringIO()
+    summary = summarize(rows)
+    fields = list(summary[0]) if summary else ["artifact", "test"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(summary)
+    return buf.getvalue()
+
+
+def _emit(run: Any, as_json: bool, as_csv: bool, plot: Path | None, terminal_plot: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(run.to_json(), indent=1) + "\n")
+    elif as_csv:
+        sys.stdout.write(_csv(run.rows))
+    else:
+        out.print(_table(run.rows, f"edgekit profile ({run.status})"))
+    if plot is not None and run.rows:
+        from edgekit.runtime.profile_plot import pareto_png
+
+        pareto_png(run.rows, plot)
+        err.print(f"[green]wrote[/] {plot}")
+    if terminal_plot and run.rows:
+        from edgekit.runtime.profile_plot import terminal_bars
+
+        sys.stderr.write(terminal_bars(run.rows) + "\n")
+
+
+@handle_errors
+def profile_cmd(
+    artifacts: list[Path] = typer.Argument(None, help="Artifact folders or model files (several: interleaved)."),
+    tests: str = typer.Option("pp512,tg128", "--tests", "-t", help="llama-bench tests: pp512, tg128, pp512+tg128, "
+                              "tg128@d4096 (depth)."),
+    reps: int = typer.Option(5, "--reps", "-r", help="Timed repetitions per test."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed short run before each test."),
+    threads: str = typer.Option("auto", "--threads", help="Sweep, e.g. 1,2 (auto: all cores)."),
+    batch: str = typer.Option("512", "--batch", "-b", help="Sweep of n_batch, e.g. 128,512."),
+    ctx: str = typer.Option("auto", "--ctx", "-c", help="Sweep of n_ctx, e.g. 512,2048 (auto: just enough)."),
+    depth: str = typer.Option("0", "--depth", "-d", help="Sweep of context depth added to every test."),
+    gpu_layers: str = typer.Option("0", "--gpu-layers", "--ngl", help="Sweep of n_gpu_layers."),
+    offload: str = typer.Option("none", "--offload", help="'auto': GPU layers and overrides from `edgekit plan`."),
+    method: str = typer.Option("auto", "--method", help="auto (llama.cpp in-worker loop) or generic."),
+    as_json: bool = typer.Option(False, "--json", help="All rows as JSON (schema edgekit.profile/1)."),
+    as_csv: bool = typer.Option(False, "--csv", help="The table as CSV."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a Pareto PNG: size vs perplexity vs tokens/s."),
+    terminal_plot: bool = typer.Option(False, "--terminal-plot", help="Tokens/s bars in the terminal."),
+    compare: bool = typer.Option(False, "--compare", help="Show change over time from the local history."),
+    history: bool = typer.Option(True, "--history/--no-history", help="Keep this run in the local history."),
+    llama_bench: Path | None = typer.Option(None, "--from-llama-bench", help="Import `llama-bench -o json` output."),
+    device: str | None = typer.Option(None, "--device", help="Run on a device (ssh:NAME, android:SERIAL): pushes "
+                                      "the artifact, profiles there, same report."),
+    runner: Path | None = typer.Option(None, "--runner", help="With --device: a llama-bench binary built for the "
+                                       "device (needed on Android; otherwise edgekit installed there is used)."),
+    remote_edgekit: str | None = typer.Option(None, "--remote-edgekit", help="With --device: edgekit's path there."),
+) -> None:
+    """Measure prompt processing, generation, TTFT, load time, peak memory; sweep and compare.
+
+    Examples:
+      edgekit profile ./model-gguf-q4
+      edgekit profile a/ b/ c/ --threads 1,2 --ctx 512,2048 --json > runs.json
+      edgekit profile a/ b/ --plot pareto.png
+      edgekit profile --compare
+      edgekit profile ./model-gguf-q4 --device ssh:jetson
+    """
+    from edgekit.errors import InputError
+    from edgekit.runtime.profile import ProfileConfig, ProfileInterrupted, ProfileRun, parse_tests, profile
+
+    if compare:
+        _show_compare(artifacts, as_json)
+        return
+    if llama_bench is not None:
+        run = _import_llama_bench(llama_bench)
+    elif device is not None:
+        run = _profile_on_device(device, artifacts, tests, reps, threads, runner, remote_edgekit,
+                                 not (as_json or as_csv))
+    else:
+        if not artifacts:
+            raise InputError("give one or more artifact folders or model files to profile (or --compare)")
+        if offload not in ("none", "auto"):
+            raise InputError("--offload takes 'auto' or 'none'")
+        cfg = ProfileConfig(tests=parse_tests(tests), reps=reps, warmup=warmup, threads=_ints(threads, "threads", True),
+                            batch=_ints(batch, "batch"), ctx=_ints(ctx, "ctx", True), depth=_ints(depth, "depth"),
+                            gpu_layers=_ints(gpu_layers, "gpu-layers"), offload_auto=offload == "auto", method=method)
+        interrupted: ProfileRun | None = None
+        with _progress(not (as_json or as_csv)) as progress:
+            try:
+                run = profile(artifacts, cfg, on_progress=progress)
+            except ProfileInterrupted as exc:
+                interrupted = run = exc.run
+        if interrupted is not None:
+            err.print("[yellow]interrupted:[/] partial results below are marked 'interrupted'", highlight=False)
+    if history and run.rows:
+        from edgekit.runtime.history import History
+
+        with History() as h:
+            h.save(run.rows, started=run.started, status=run.status, host=run.host)
+    _emit(run, as_json, as_csv, plot, terminal_plot)
+    if run.status == "interrupted":
+        raise typer.Exit(130)
+    errors = [r for r in run.rows if r.status == "error"]
+    if errors:
+        err.print(f"[bold red]error:[/] {errors[0].error}", highlight=False)
+        raise typer.Exit(6)
+
+
+def _progress(enabled: bool) -> Any:
+    from edgekit.cli.ui import progress_bar
+
+    class _Wrap:
+        def __init__(self) -> None:
+            self.cm = progress_bar(enabled)
+
+        def __enter__(self) -> Any:
+            fn = self.cm.__enter__()
+            return lambda done, total, label: fn(label, done, total)
+
+        def __exit__(self, *exc: Any) -> Any:
+            return self.cm.__exit__(*exc)
+
+    return _Wrap()
+
+
+def _profile_on_device(device_id: str, artifacts: list[Path] | None, tests: str, reps: int, threads: str,
+                       runner: Path | None, remote_edgekit: str | None, show_progress: bool) -> Any:
+    """Push each artifact to the device and profile it there (edgekit.devices.profile)."""
+    from edgekit.artifact import now_iso
+    from edgekit.cli.ui import progress_bar
+    from edgekit.devices import open_device
+    from edgekit.devices.profile import RemoteProfileConfig, remote_profile
+    from edgekit.errors import InputError
+    from edgekit.runtime.profile import ProfileRun
+    from edgekit.runtime.profile_schema import ProfileRow
+
+    if not artifacts:
+        raise InputError("give the artifact(s) to profile on the device")
+    t = _ints(threads, "threads", True)
+    if len(t) > 1:
+        raise InputError("--device runs one configuration; give a single --threads value")
+    dev = open_device(device_id)
+    cfg = RemoteProfileConfig(tests=tests, reps=reps, threads=t[0], runner=runner, remote_edgekit=remote_edgekit)
+    rows = []
+    with progress_bar(show_progress) as progress:
+        for art in artifacts:
+            rows += [ProfileRow.from_json(r) for r in remote_profile(dev, art, cfg, progress=progress)]
+    return ProfileRun(rows=rows, started=now_iso(), host={"device": device_id, **dev.info().to_json()})
+
+
+def _import_llama_bench(path: Path) -> Any:
+    from edgekit.errors import InputError
+    from edgekit.runtime import hostinfo
+    from edgekit.runtime.profile import ProfileRun, from_llama_bench
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path} as llama-bench JSON ({exc}); produce it with `llama-bench -o json`") from None
+    rows = from_llama_bench(data)
+    from edgekit.artifact import now_iso
+
+    return ProfileRun(rows=rows, started=now_iso(), host={**hostinfo.host_fingerprint(), "imported_from": str(path)})
+
+
+def _show_compare(artifacts: list[Path] | None, as_json: bool) -> None:
+    from rich.table import Table
+
+    from edgekit.runtime.history import History
+
+    names = [p.name if p.is_dir() else p.stem for p in artifacts or []] or [None]
+    with History() as h:
+        data = [c for n in names for c in h.compare(n)]
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
+        return
+    if not data:
+        out.print("no profile history yet: run `edgekit profile ARTIFACT` first")
+        return
+    table = Table(title="profile history (tokens/s, oldest to newest)")
+    for col in ("artifact", "test", "threads", "ctx", "ngl", "runs", "latest", "change"):
+        table.add_column(col, justify="left" if col in ("artifact", "test", "runs") else "right")
+    for c in data:
+        series = " → ".join(f"{r['tps']:.1f}" for r in c["runs"] if r["tps"] is not None)
+        change = "-" if c["change"] is None else f"{100 * c['change']:+.1f}%"
+        latest = c["runs"][-1]
+        table.add_row(c["artifact"], c["test"], str(c["config"]["n_threads"]), str(c["config"]["n_ctx"]),
+                      str(c["config"]["n_gpu_layers"]), series, latest["timestamp"], change)
+    out.print(table)
+
+
+@handle_errors
+def plan_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder or GGUF file."),
+    vram: str = typer.Option("0", "--vram", help="GPU memory budget, e.g. 6GiB (0: no GPU)."),
+    ram: str | None = typer.Option(None, "--ram", help="Host memory budget, e.g. 8GiB (default: available now)."),
+    ctx: int = typer.Option(4096, "--ctx", "-c", help="Context length to plan for."),
+    batch: int = typer.Option(512, "--batch", "-b", help="n_batch / n_ubatch."),
+    cache_type: str = typer.Option("f16", "--cache-type", help="KV cache type (f16, q8_0, q4_0...)."),
+    gpu_bandwidth: float = typer.Option(300.0, "--gpu-bandwidth", help="GPU memory bandwidth in GB/s (assumed)."),
+    cpu_bandwidth: float | None = typer.Option(None, "--cpu-bandwidth", help="Host bandwidth in GB/s "
+                                               "(default: measured once on this host)."),
+    as_json: bool = typer.Option(False, "--json", help="The plan as JSON."),
+) -> None:
+    """Does it fit, and how to split it: memory by part and a llama.cpp offload plan.
+
+    Examples:
+      edgekit plan ./model-gguf-q4 --vram 6GiB --ram 8GiB --ctx 8192
+      edgekit plan ./model-gguf-q4 --ctx 4096 --json
+    """
+    import psutil
+
+    from edgekit.artifact import Artifact
+    from edgekit.errors import UnsupportedError
+    from edgekit.runtime import hostinfo
+    from edgekit.runtime.memory import read_shape
+    from edgekit.runtime.plan import Bandwidths, Budget, parse_size, plan_offload
+
+    art = Artifact.open(artifact)
+    if art.format != "gguf":
+        raise UnsupportedError(f"plan models llama.cpp (GGUF) artifacts; this one is {art.format!r}")
+    shape = read_shape(art.model_file)
+    budget = Budget(ram_bytes=parse_size(ram) if ram else int(psutil.virtual_memory().available),
+                    vram_bytes=parse_size(vram))
+    bws = Bandwidths(cpu_Bps=cpu_bandwidth * 1e9 if cpu_bandwidth else hostinfo.memory_bandwidth(),
+                     gpu_Bps=gpu_bandwidth * 1e9)
+    p = plan_offload(shape, budget, ctx, bws, gpu_available=True, baseline_bytes=hostinfo.baseline_rss(),
+                     n_batch=batch, type_k=cache_type, type_v=cache_type)
+    if as_json:
+        sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")
+        return
+    parts = p.memory.parts
+    out.print(f"[bold]{art.name}[/] at ctx {ctx}: [green]fits[/] ({p.device})")
+    out.print(f"  {p.reason}")
+    out.print(f"  RAM  {_mb(p.memory.ram_bytes)}: weights {_mb(parts['weights_cpu'] + parts['weights_repacked'])}, "
+              f"KV {_mb(parts['kv_cpu'])}, compute {_mb(parts['compute_cpu'])}, baseline {_mb(parts['baseline'])}, "
+              f"other {_mb(parts['overhead'] + parts['output_cpu'])}")
+    if p.memory.vram_bytes:
+        out.print(f"  VRAM {_mb(p.memory.vram_bytes)}: weights {_mb(parts['weights_gpu'])}, KV {_mb(parts['kv_gpu'])}, "
+                  f"compute {_mb(parts['compute_gpu'])} (modeled)")
+    flags = [f"-ngl {p.n_gpu_layers}"] + ([] if p.offload_kqv or not p.n_gpu_layers else ["--no-kv-offload"])
+    flags += [f"-ot '{pat}={buft}'" for pat, buft in p.tensor_overrides]
+    out.print(f"  llama.cpp: {' '.join(flags)}    edgekit: run {artifact} --offload auto", highlight=False)
+
+
+def offload_options(artifact: Path, offload: str, ctx: int) -> dict[str, Any]:
+    """``run --offload auto``: the plan's llama.cpp options for this host (with its reason on stderr)."""
+    from edgekit.artifact import Artifact
+    from edgekit.errors import InputError
+
+    if offload == "none":
+        return {}
+    if offload != "auto":
+        raise InputError("--offload takes 'auto' or 'none'")
+    art = Artifact.open(artifact)
+    if art.format != "gguf":
+        return {}
+    from edgekit.runtime.plan import auto_plan
+
+    p = auto_plan(art.model_file, ctx)
+    err.print(f"[dim]offload: {p.reason}[/]", highlight=False)
+    opts = p.backend_options()
+    opts.pop("n_ctx", None)
+    return opts
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile_cmd)
+    app.command("plan")(plan_cmd)

@@ -1,0 +1,65 @@
+"""``edgekit tui`` and ``edgekit chat``: the Textual app. Textual is imported only when they run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgekit.cli.ui import handle_errors
+
+
+def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threads: int | None) -> None:
+    from edgekit.errors import InputError, require
+
+    require("textual", "tui")
+    require("textual_plotext", "tui")
+    if chat is not None:
+        from edgekit.artifact import Artifact
+
+        Artifact.open(chat)  # a wrong path fails here, as one line, before the screen is taken over
+    if not folder.expanduser().is_dir():
+        raise InputError(f"--dir {folder} is not a folder; give the folder that holds your artifacts")
+    from edgekit.tui.app import EdgekitApp
+
+    EdgekitApp(folder=folder, chat=chat, start=start, backend_options={"n_ctx": ctx, "n_threads": threads}).run()
+
+
+@handle_errors
+def tui(
+    folder: Path = typer.Option(Path("."), "--dir", "-d", help="Folder the Artifacts screen lists."),
+    screen: str = typer.Option("artifacts", "--screen", help="First screen: chat, artifacts, convert, profile, devices."),
+    ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length for chat."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for chat (default: all cores)."),
+) -> None:
+    """The terminal app: chat, live profiling, artifacts, conversion, devices (F1 for help).
+
+    Examples:
+      edgekit tui
+      edgekit tui --dir ~/models --screen convert
+    """
+    from edgekit.errors import InputError
+
+    if screen not in ("chat", "artifacts", "convert", "profile", "devices"):
+        raise InputError(f"--screen {screen!r}: choose chat, artifacts, convert, profile or devices")
+    _run_app(folder, None, screen, ctx, threads)
+
+
+@handle_errors
+def chat(
+    artifact: Path = typer.Argument(..., help="Artifact folder or model file."),
+    folder: Path = typer.Option(Path("."), "--dir", "-d", help="Folder the Artifacts screen lists."),
+    ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+) -> None:
+    """Chat with an artifact in the terminal app (streaming, Esc stops, history kept per artifact).
+
+    Example:
+      edgekit chat ./SmolLM2-135M-gguf-q4
+    """
+    _run_app(folder, artifact, "chat", ctx, threads)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tui")(tui)
+    app.command("chat")(chat)

@@ -1,0 +1,291 @@
+"""A memory model for GGUF artifacts under llama.cpp: what a model needs in RAM and VRAM.
+
+Read from the GGUF header alone (no weights are loaded): weights by tensor type and layer, the KV
+cache by context length, heads and cache type, compute buffers, and the process's own baseline.
+
+What is modeled and what is measured:
+  * weights, KV cache and the output buffer are exact byte counts (llama.cpp allocates exactly these;
+    the KV cache is cleared at load, so it is resident from the start);
+  * weights repacked for the CPU (llama.cpp's CPU_REPACK buffers: Q4_0, Q4_K, IQ4_NL on x86 with
+    AVX2, when rows come in multiples of 8) are counted twice: the repacked copy plus the mapped
+    file pages read to make it;
+  * compute buffers are a formula over the graph's largest live tensors for one ubatch (attention
+    scores n_head x n_kv x n_ubatch unless flash attention, FFN and hidden activations) plus the
+    output logits; its constants were fitted to llama.cpp's logged buffer sizes and measured RSS
+    (bench/profile_overhead.py checks the result against measured peak RSS);
+  * the baseline (Python + llama.cpp libraries, before a model is loaded) is measured once per host
+    by :func:`edgekit.runtime.hostinfo.baseline_rss` and cached, or passed in.
+VRAM parts are modeled the same way but have not been measured (no GPU was available).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import InputError, UnsupportedError
+
+# Bytes per element of KV cache types (ggml block sizes: q8_0 = 34 bytes / 32, q4_0 = 18 / 32 ...).
+CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                    "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+# Tensor types llama.cpp's CPU backend repacks into interleaved layouts on x86 with AVX2 (its
+# "CPU_REPACK" buffer), when the row count is a multiple of 8.
+REPACK_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
+KV_PAD = 256  # llama.cpp rounds the KV cache size up to this many cells
+# Memory besides the buffers llama.cpp logs: vocabulary tables, thread pools, allocator slack.
+# Fitted on SmolLM2-135M (Q4_1/Q8_0/Q4_0, ctx 512-4096) against measured peak RSS.
+VOCAB_BYTES_PER_TOKEN = 96
+FIXED_OVERHEAD = 8 << 20
+
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type: str
+    n_elements: int
+    n_bytes: int
+    rows: int  # ne[1]: output features of a matrix (1 for vectors)
+    layer: int | None  # the block index, None for token_embd / output / output_norm
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs from a GGUF: hyperparameters and every tensor's type and size."""
+
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    tensors: tuple[TensorInfo, ...]
+    n_expert: int = 0
+    n_expert_used: int = 0
+    file_bytes: int = 0
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    def layer_bytes(self, layer: int) -> int:
+        return sum(t.n_bytes for t in self.tensors if t.layer == layer)
+
+    @property
+    def output_tied(self) -> bool:
+        """The output projection reuses token_embd (no output.weight tensor)."""
+        return not any(t.name == "output.weight" for t in self.tensors)
+
+
+def read_shape(path: str | Path) -> ModelShape:
+    """The :class:`ModelShape` of a GGUF file (header only)."""
+    from edgekit.importer import read_gguf_header
+
+    p = Path(path)
+    reader = read_gguf_header(p)
+
+    def kv(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = kv("general.architecture")
+    if not arch:
+        raise UnsupportedError(f"{p.name} has no general.architecture; cannot model its memory")
+    n_layer = int(kv(f"{arch}.block_count", 0) or 0)
+    n_embd = int(kv(f"{arch}.embedding_length", 0) or 0)
+    n_head = _scalar(kv(f"{arch}.attention.head_count", 1))
+    n_head_kv = _scalar(kv(f"{arch}.attention.head_count_kv", n_head))
+    head_k = int(kv(f"{arch}.attention.key_length", 0) or (n_embd // max(n_head, 1)))
+    head_v = int(kv(f"{arch}.attention.value_length", 0) or head_k)
+    tensors = []
+    for t in reader.tensors:
+        m = _LAYER_RE.match(t.name)
+        shape = [int(x) for x in t.shape]
+        tensors.append(TensorInfo(name=t.name, type=t.tensor_type.name, n_elements=int(t.n_elements),
+                                  n_bytes=int(t.n_bytes), rows=shape[1] if len(shape) > 1 else 1,
+                                  layer=int(m.group(1)) if m else None))
+    vocab = kv(f"{arch}.vocab_size")
+    if vocab is None:
+        toks = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(toks.data) if toks is not None else 0
+    if not n_layer or not n_embd or not vocab:
+        raise UnsupportedError(f"{p.name} lacks block_count/embedding_length/vocabulary; cannot model its memory")
+    return ModelShape(
+        architecture=str(arch), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+        head_dim_k=head_k, head_dim_v=head_v, n_ff=_scalar(kv(f"{arch}.feed_forward_length", 4 * n_embd)),
+        n_vocab=int(vocab), n_ctx_train=int(kv(f"{arch}.context_length", 0) or 0), tensors=tuple(tensors),
+        n_expert=int(kv(f"{arch}.expert_count", 0) or 0), n_expert_used=int(kv(f"{arch}.expert_used_count", 0) or 0),
+        file_bytes=p.stat().st_size,
+    )
+
+
+def _scalar(v: Any) -> int:
+    """Per-layer arrays (head counts that vary by layer) are summarised by their maximum."""
+    if isinstance(v, (list, tuple)):
+        return int(max(v)) if v else 0
+    return int(v or 0)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How the model will be run.
+
+    n_ctx: KV cache cells. n_kv: the most cells attention reads in one step (default n_ctx: a full
+    context; a short run reads fewer). n_batch / n_ubatch: llama.cpp's logical and physical batch.
+    type_k / type_v: KV cache types. flash_attn: no attention-score matrix in the compute buffer.
+    n_gpu_layers: the last N blocks go to the GPU (N > n_layer also moves the output layer).
+    offload_kqv: the KV cache of offloaded blocks lives on the GPU. tensor_overrides: (regex, buffer
+    type) pairs as llama.cpp's -ot; "CPU" keeps matching tensors in host memory. use_mmap: weights
+    are mapped from the file (llama.cpp's default). repack: CPU repacking of REPACK_TYPES is on.
+    """
+
+    n_ctx: int = 4096
+    n_kv: int | None = None
+    n_batch: int = 512
+    n_ubatch: int = 512
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+    n_gpu_layers: int = 0
+    offload_kqv: bool = True
+    tensor_overrides: tuple[tuple[str, str], ...] = ()
+    repack: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_ctx <= 0 or self.n_batch <= 0 or self.n_ubatch <= 0:
+            raise InputError("context and batch sizes must be > 0")
+        for t in (self.type_k, self.type_v):
+            if t not in CACHE_TYPE_BYTES:
+                raise InputError(f"unknown KV cache type {t!r}; use one of {', '.join(CACHE_TYPE_BYTES)}")
+        for pattern, _ in self.tensor_overrides:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InputError(f"tensor override pattern {pattern!r} is not a valid regex: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak resident memory: ``ram_bytes`` on the host, ``vram_bytes`` on the GPU."""
+
+    ram_bytes: int
+    vram_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+    n_ctx: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ram_required_bytes(self) -> int:
+        """What must fit in RAM: the peak less the file pages read to repack weights (page cache the
+        kernel can drop once the repacked copy exists; they count in RSS only while nothing needs them)."""
+        return self.ram_bytes - self.parts.get("weights_repacked", 0)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ram_required_bytes"] = self.ram_required_bytes
+        d["notes"] = list(self.notes)
+        return d
+
+
+def tensor_device(shape: ModelShape, t: TensorInfo, cfg: MemoryConfig) -> str:
+    """"gpu" or "cpu": where llama.cpp puts tensor ``t`` under ``cfg`` (overrides win, as with -ot)."""
+    for pattern, buft in cfg.tensor_overrides:
+        if re.search(pattern, t.name):
+            return "cpu" if buft.upper().startswith("CPU") else "gpu"
+    if t.layer is None:
+        if t.name.startswith("token_embd"):
+            return "cpu"  # the input layer always stays on the CPU
+        return "gpu" if cfg.n_gpu_layers > shape.n_layer else "cpu"
+    return "gpu" if t.layer >= shape.n_layer - min(cfg.n_gpu_layers, shape.n_layer) else "cpu"
+
+
+def kv_bytes_per_cell(shape: ModelShape, cfg: MemoryConfig) -> float:
+    """KV cache bytes per context cell per layer (K and V)."""
+    return shape.n_head_kv * (shape.head_dim_k * CACHE_TYPE_BYTES[cfg.type_k]
+                              + shape.head_dim_v * CACHE_TYPE_BYTES[cfg.type_v])
+
+
+def compute_bytes(shape: ModelShape, cfg: MemoryConfig, n_outputs: int = 1) -> int:
+    """Peak live activations of one ubatch: attention scores, FFN and hidden states, logits."""
+    t = min(cfg.n_ubatch, cfg.n_batch)
+    n_kv = min(_pad(cfg.n_kv or cfg.n_ctx), _pad(cfg.n_ctx))
+    # KQ and the part of its softmax that cannot reuse it in place (1.5x: fitted to measured RSS).
+    scores = 0 if cfg.flash_attn else 3 * shape.n_head * n_kv * t // 2
+    ffn = 3 * shape.n_ff * t
+    hidden = 6 * shape.n_embd * t
+    return 4 * (scores + ffn + hidden + n_outputs * shape.n_vocab)
+
+
+def _pad(n: int) -> int:
+    return -(-n // KV_PAD) * KV_PAD
+
+
+def estimate_memory(shape: ModelShape, cfg: MemoryConfig | None = None, *, baseline_bytes: int = 0) -> MemoryEstimate:
+    """Predicted peak memory of running ``shape`` under ``cfg`` (``baseline_bytes``: the process before
+    loading, see :func:`edgekit.runtime.hostinfo.baseline_rss`)."""
+    cfg = cfg or MemoryConfig()
+    weights = {"cpu": 0, "gpu": 0}
+    repacked = 0
+    for t in shape.tensors:
+        dev = tensor_device(shape, t, cfg)
+        weights[dev] += t.n_bytes
+        if dev == "cpu" and cfg.repack and t.type in REPACK_TYPES and t.rows % 8 == 0 and t.layer is not None:
+            repacked += t.n_bytes
+    n_gpu_blocks = min(cfg.n_gpu_layers, shape.n_layer)
+    cells = _pad(cfg.n_ctx)
+    per_layer = kv_bytes_per_cell(shape, cfg) * cells
+    kv_gpu = int(per_layer * n_gpu_blocks) if cfg.offload_kqv else 0
+    kv_cpu = int(per_layer * shape.n_layer) - kv_gpu
+    any_gpu = weights["gpu"] > 0 or kv_gpu > 0
+    compute_cpu = compute_bytes(shape, cfg)
+    # A GPU compute buffer is allocated whole (cudaMalloc), sized for the worst ubatch: all outputs.
+    compute_gpu = compute_bytes(shape, cfg, n_outputs=cfg.n_ubatch) if any_gpu else 0
+    output = 4 * shape.n_vocab
+    overhead = FIXED_OVERHEAD + VOCAB_BYTES_PER_TOKEN * shape.n_vocab
+    parts = {"baseline": int(baseline_bytes), "weights_cpu": weights["cpu"], "weights_repacked": repacked,
+             "weights_gpu": weights["gpu"], "kv_cpu": kv_cpu, "kv_gpu": kv_gpu, "compute_cpu": compute_cpu,
+             "compute_gpu": compute_gpu, "output_cpu": output, "overhead": overhead}
+    ram = baseline_bytes + weights["cpu"] + repacked + kv_cpu + compute_cpu + output + overhead
+    vram = weights["gpu"] + kv_gpu + compute_gpu
+    notes = []
+    if not baseline_bytes:
+        notes.append("process baseline not included")
+    if any_gpu:
+        notes.append("VRAM figures are modeled, not measured")
+    return MemoryEstimate(ram_bytes=int(ram), vram_bytes=int(vram), parts=parts, n_ctx=cfg.n_ctx, notes=tuple(notes))
+
+
+def decode_bytes_per_token(shape: ModelShape, depth: int = 0, cfg: MemoryConfig | None = None) -> dict[str, float]:
+    """Bytes one decode step reads, split by device: every weight but the embedding rows not looked up
+    (experts at their active fraction), plus ``depth`` cells of KV cache per layer."""
+    cfg = cfg or MemoryConfig()
+    out = {"cpu": 0.0, "gpu": 0.0}
+    expert_frac = shape.n_expert_used / shape.n_expert if shape.n_expert else 1.0
+    for t in shape.tensors:
+        if t.name.startswith("token_embd") and not shape.output_tied:
+            read = t.n_bytes / max(shape.n_vocab, 1)  # one row looked up
+        elif "_exps" in t.name:
+            read = t.n_bytes * expert_frac
+        else:
+            read = float(t.n_bytes)
+        if t.name.startswith("token_embd") and shape.output_tied:
+            dev = "gpu" if cfg.n_gpu_layers > shape.n_layer else "cpu"  # read by the output matmul
+        else:
+            dev = tensor_device(shape, t, cfg)
+        out[dev] += read
+    kv_layer = kv_bytes_per_cell(shape, cfg) * depth
+    n_gpu_blocks = min(cfg.n_gpu_layers, shape.n_layer)
+    out["gpu" if cfg.offload_kqv else "cpu"] += kv_layer * n_gpu_blocks
+    out["cpu"] += kv_layer * (shape.n_layer - n_gpu_blocks)
+    return out

@@ -1,0 +1,282 @@
+"""Run ONNX decoder artifacts with onnxruntime: KV-cache generation, chat template, streaming.
+
+The graph is the one :mod:`edgekit.converters.formats.onnx_graph` writes (the Optimum / onnxruntime-
+genai input names: ``input_ids``, ``attention_mask``, ``past_key_values.{i}.key/value``; outputs
+``logits``, ``present.{i}.key/value``), so other exporters' decoders with those names run too. The
+tokenizer and chat template come from the files beside the graph (``tokenizer.json``,
+``tokenizer_config.json``); the template is rendered in a sandboxed Jinja environment, as transformers
+does. Sampling is numpy (:mod:`.sampling`): no torch at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError, require
+from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
+from edgekit.runtime.sampling import TextStream, pick
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+GRAPH_OPT = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+             "none": "ORT_DISABLE_ALL"}
+
+
+class _Tokenizer:
+    """tokenizers' fast tokenizer plus the chat template and special tokens from tokenizer_config.json."""
+
+    def __init__(self, folder: Path) -> None:
+        cfg_file = folder / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        tj = folder / "tokenizer.json"
+        if tj.exists():
+            tokenizers = require("tokenizers", "onnx")
+            self._tok = tokenizers.Tokenizer.from_file(str(tj))
+            self._hf = None
+        elif (folder / "tokenizer.model").exists():
+            transformers = require("transformers", "torch")
+            self._tok = None
+            self._hf = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        else:
+            raise InputError(f"{folder} has no tokenizer.json or tokenizer.model next to the ONNX graph; "
+                             "re-run 'edgekit convert' (it copies them)")
+        jinja = folder / "chat_template.jinja"
+        tmpl = jinja.read_text() if jinja.exists() else self.config.get("chat_template")
+        if isinstance(tmpl, list):
+            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
+        self.chat_template: str | None = tmpl
+
+    def special(self, key: str) -> str | None:
+        v = self.config.get(key)
+        return v.get("content") if isinstance(v, dict) else v
+
+    def encode(self, text: str, add_special: bool) -> list[int]:
+        if self._hf is not None:
+            return list(self._hf(text, add_special_tokens=add_special)["input_ids"])
+        return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, text: str | None) -> int | None:
+        if text is None:
+            return None
+        if self._hf is not None:
+            return self._hf.convert_tokens_to_ids(text)
+        return self._tok.token_to_id(text)
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        if not self.chat_template:
+            raise InputError("this model has no chat template; pass raw text (--raw)")
+        from datetime import datetime
+
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=True, bos_token=self.special("bos_token") or "",
+                eos_token=self.special("eos_token") or "")
+        except TemplateError as exc:
+            raise InputError(f"the chat template refused these messages: {exc}") from exc
+
+
+@register_backend("onnxruntime")
+class OnnxBackend(Backend):
+    """An ONNX decoder in an onnxruntime CPU session.
+
+    ``n_ctx``: most tokens the KV cache may hold. ``n_threads``: intra-op threads (None: the physical
+    cores). ``graph_opt``: onnxruntime's graph optimisation level (all, extended, basic, none).
+    ``n_batch``: prompt tokens evaluated per run (longer prompts go in chunks).
+    """
+
+    name = "onnxruntime"
+    formats = ("onnx",)
+
+    def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 graph_opt: str = "all", n_batch: int = 512, **_: Any) -> None:
+        ort = require("onnxruntime", "onnx")
+        path = Path(model_path)
+        if not path.exists():
+            raise InputError(f"{path} does not exist")
+        if graph_opt not in GRAPH_OPT:
+            raise InputError(f"graph_opt must be one of {', '.join(GRAPH_OPT)}")
+        if n_ctx <= 0 or n_batch <= 0:
+            raise InputError("n_ctx and n_batch must be > 0")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPT[graph_opt])
+        so.intra_op_num_threads = int(n_threads or _physical_cores())
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        t0 = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptFileError(f"onnxruntime cannot load {path.name}: {first[:300]}; the file is damaged "
+                                   "or incomplete: re-run 'edgekit convert'") from exc
+        self.load_time = time.perf_counter() - t0
+        self.path, self.n_ctx, self.n_batch, self.n_threads = path, n_ctx, n_batch, so.intra_op_num_threads
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if "input_ids" not in inputs or "attention_mask" not in inputs:
+            raise UnsupportedError(f"{path.name} is not a decoder with input_ids/attention_mask inputs")
+        self._past_names = sorted((n for n in inputs if n.startswith("past_key_values.")),
+                                  key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
+        if not self._past_names:
+            raise UnsupportedError(f"{path.name} has no past_key_values inputs; edgekit runs KV-cache decoders")
+        self._kv_heads, self._head_dim = _kv_shape(inputs[self._past_names[0]].shape, path.parent)
+        self._kv_dtype = _ORT_TYPES.get(inputs[self._past_names[0]].type, np.float32)
+        self._out_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past_names]
+        self.tokenizer = _Tokenizer(path.parent)
+        self._n_vocab = int(self.session.get_outputs()[0].shape[-1])
+        self._eos = self._eos_ids(path.parent)
+        self._bos_in_template = False
+        self.reset()
+
+    # -- Backend API ----------------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"n_ctx": self.n_ctx, "n_threads": self.n_threads, "load_time_s": self.load_time,
+                "kv_dtype": np.dtype(self._kv_dtype).name, "n_layer": len(self._past_names) // 2}
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special)
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
+        self._past = [empty] * len(self._past_names)
+        self._pos = 0
+
+    def decode(self, tokens: list[int]) -> None:
+        for i in range(0, len(tokens), self.n_batch):
+            self._run(tokens[i : i + self.n_batch], last_only=True)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        if len(tokens) > self.n_ctx:
+            raise InputError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}; load with a larger n_ctx")
+        self.reset()
+        parts = [self._run(tokens[i : i + self.n_batch], last_only=False) for i in range(0, len(tokens), self.n_batch)]
+        self.reset()
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def generate(self, prompt: str | list[dict[str, str]], sampling: SamplingConfig,
+                 stats: GenerationStats | None = None) -> Iterator[str]:
+        stats = stats if stats is not None else GenerationStats()
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        else:
+            ids = self.tokenize(self.tokenizer.render(prompt), add_special=False)
+        if not ids:
+            raise InputError("the prompt is empty")
+        if len(ids) >= self.n_ctx:
+            raise InputError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}: raise --ctx")
+        stats.prompt_tokens = len(ids)
+        rng = np.random.default_rng(sampling.seed)
+        t0 = time.perf_counter()
+        self.reset()
+        logits = None
+        for i in range(0, len(ids), self.n_batch):
+            logits = self._run(ids[i : i + self.n_batch], last_only=True)[-1]
+        stream = TextStream(self.tokenizer.decode, sampling.stop)
+        stats.stop_reason = "length"
+        budget = min(sampling.max_tokens, self.n_ctx - len(ids))
+        while True:
+            tok = pick(logits, sampling, rng, stream.ids)
+            if not stream.ids:
+                stats.time_to_first_token = time.perf_counter() - t0
+            if tok in self._eos:
+                stats.stop_reason = "eos"
+                break
+            piece, stopped = stream.push(tok)
+            stats.generated_tokens = len(stream.ids)
+            if piece:
+                yield piece
+            if stopped:
+                stats.stop_reason = "stop"
+                break
+            if len(stream.ids) >= budget:
+                break
+            logits = self._run([tok], last_only=True)[-1]
+        if stats.stop_reason != "stop" and (tail := stream.rest()):
+            yield tail
+        stats.total_time = time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._past = []
+        self.session = None  # type: ignore[assignment]
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _run(self, tokens: list[int], last_only: bool) -> np.ndarray:
+        n = len(tokens)
+        if self._pos + n > self.n_ctx:
+            raise InputError(f"the context of {self.n_ctx} tokens is full; raise --ctx")
+        feed = {"input_ids": np.asarray([tokens], dtype=np.int64),
+                "attention_mask": np.ones((1, self._pos + n), dtype=np.int64)}
+        feed.update(zip(self._past_names, self._past, strict=True))
+        try:
+            outs = self.session.run(self._out_names, feed)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed while evaluating {n} tokens: {str(exc).splitlines()[0][:300]}") from exc
+        self._past = outs[1:]
+        self._pos += n
+        logits = outs[0][0]
+        return logits[-1:] if last_only else logits
+
+    def _eos_ids(self, folder: Path) -> set[int]:
+        ids: set[int] = set()
+        gen = folder / "generation_config.json"
+        if gen.exists():
+            v = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(v if isinstance(v, list) else [v] if v is not None else [])
+        eos = self.tokenizer.token_id(self.tokenizer.special("eos_token"))
+        if eos is not None:
+            ids.add(eos)
+        return ids
+
+
+def _kv_shape(shape: list, folder: Path) -> tuple[int, int]:
+    """(kv heads, head dim) of the past inputs; symbolic dims are read from config.json."""
+    heads, dim = shape[1], shape[3]
+    if isinstance(heads, int) and isinstance(dim, int):
+        return heads, dim
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    gcfg_file = folder / "genai_config.json"
+    dec = json.loads(gcfg_file.read_text()).get("model", {}).get("decoder", {}) if gcfg_file.exists() else {}
+    n_head = cfg.get("num_attention_heads") or dec.get("num_attention_heads")
+    heads = heads if isinstance(heads, int) else cfg.get("num_key_value_heads") or dec.get("num_key_value_heads") or n_head
+    if not isinstance(dim, int):
+        dim = cfg.get("head_dim") or dec.get("head_size") or (cfg.get("hidden_size", 0) // (n_head or 1))
+    if not heads or not dim:
+        raise UnsupportedError("the past key/value inputs have symbolic shapes and no config.json says the "
+                               "KV heads and head size")
+    return int(heads), int(dim)
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1

@@ -1,0 +1,216 @@
+"""Offload planning for llama.cpp: does a model fit a device, and how to split it for speed.
+
+The planner enumerates llama.cpp's placements - N GPU layers (``-ngl``), KV cache of offloaded
+layers on the GPU or not (``--no-kv-offload``), and with all layers offloaded, the FFN (or, for MoE
+models, the expert) tensors of some layers kept on the CPU (``-ot 'blk\\.(..)\\.ffn_.*=CPU'``) -
+predicts each one's memory with :mod:`edgekit.runtime.memory`, drops those over budget, and ranks the
+rest by a decode cost model: bytes read per token on each device over that device's bandwidth,
+plus a fixed cost per CPU<->GPU hand-over in the graph. Decode is memory-bound, so this ranks
+placements well; its absolute tokens/s are a ceiling, not a promise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgekit.errors import InputError
+from edgekit.runtime.memory import (
+    MemoryConfig,
+    MemoryEstimate,
+    ModelShape,
+    decode_bytes_per_token,
+    estimate_memory,
+)
+
+SPLIT_COST_S = 40e-6  # one CPU<->GPU hand-over of activations plus a synchronisation, per token
+DEFAULT_GPU_BPS = 300e9  # assumed GPU memory bandwidth when none is given (a mid-range discrete GPU)
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.I)
+
+
+def parse_size(text: str | int | float) -> int:
+    """``"6GiB"``, ``"8G"``, ``"512MB"``, ``"1.5T"`` or a byte count -> bytes (G and GiB are both 2**30)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise InputError(f"size {text!r} is not like 6GiB, 8G or 512MB")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory the model may use: ``ram_bytes`` on the host, ``vram_bytes`` on the GPU (0: no GPU)."""
+
+    ram_bytes: int
+    vram_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ram_bytes <= 0 or self.vram_bytes < 0:
+            raise InputError("--ram must be > 0 and --vram >= 0")
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Memory bandwidth in bytes/s of the host (``cpu_Bps``) and the GPU (``gpu_Bps``)."""
+
+    cpu_Bps: float
+    gpu_Bps: float = DEFAULT_GPU_BPS
+
+
+@dataclass
+class OffloadPlan:
+    """A placement: what llama.cpp should be told, what it will use, and how fast it should decode."""
+
+    device: str  # "cpu" | "gpu" | "split"
+    n_gpu_layers: int
+    offload_kqv: bool
+    tensor_overrides: list[tuple[str, str]]
+    n_ctx: int
+    memory: MemoryEstimate
+    predicted_tps: float
+    reason: str
+    fits: bool = True
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~edgekit.runtime.llamacpp.LlamaCppBackend` / ``api.open_backend``."""
+        opts: dict[str, Any] = {"n_gpu_layers": self.n_gpu_layers, "n_ctx": self.n_ctx}
+        if self.n_gpu_layers:
+            opts["offload_kqv"] = self.offload_kqv
+        if self.tensor_overrides:
+            opts["tensor_overrides"] = [tuple(o) for o in self.tensor_overrides]
+        return opts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "fits": self.fits, "n_ctx": self.n_ctx, "n_gpu_layers": self.n_gpu_layers,
+                "offload_kqv": self.offload_kqv, "tensor_overrides": [list(o) for o in self.tensor_overrides],
+                "predicted_tps": round(self.predicted_tps, 2), "reason": self.reason, "memory": self.memory.to_json(),
+                "backend_options": {k: [list(o) for o in v] if k == "tensor_overrides" else v
+                                    for k, v in self.backend_options().items()},
+                "candidates": self.candidates}
+
+
+def _layers_pattern(layers: list[int], what: str) -> str:
+    return rf"blk\.({'|'.join(str(i) for i in layers)})\.{what}"
+
+
+def _candidates(shape: ModelShape, gpu: bool) -> list[tuple[int, bool, tuple[tuple[str, str], ...], str]]:
+    """(n_gpu_layers, offload_kqv, overrides, label) placements worth comparing."""
+    out: list[tuple[int, bool, tuple[tuple[str, str], ...], str]] = [(0, True, (), "CPU only")]
+    if not gpu:
+        return out
+    full = shape.n_layer + 1
+    for ngl in range(1, full + 1):
+        for kqv in (True, False):
+            out.append((ngl, kqv, (), f"-ngl {ngl}" + ("" if kqv else " --no-kv-offload")))
+    moe = shape.n_expert > 0
+    what = r"ffn_(up|down|gate)_exps" if moe else r"ffn_(up|down|gate)"
+    if moe:  # all experts on the CPU, everything else on the GPU: the usual MoE split
+        out.append((full, True, ((r"ffn_(up|down|gate)_exps", "CPU"),), "-ngl all, all experts on CPU"))
+    for j in range(1, shape.n_layer + 1):
+        layers = list(range(j))
+        out.append((full, True, ((_layers_pattern(layers, what), "CPU"),),
+                    f"-ngl all, {'experts' if moe else 'FFN'} of {j} layer(s) on CPU"))
+    return out
+
+
+def _splits(shape: ModelShape, cfg: MemoryConfig) -> int:
+    """CPU<->GPU hand-overs per token: at the layer boundary, around each overridden block part,
+    and twice per offloaded layer whose attention runs on the CPU (KV there)."""
+    ngl = min(cfg.n_gpu_layers, shape.n_layer)
+    if ngl == 0:
+        return 0
+    n = 1 if ngl < shape.n_layer or cfg.n_gpu_layers <= shape.n_layer else 0
+    overridden = {t.layer for t in shape.tensors if t.layer is not None and any(
+        re.search(p, t.name) for p, b in cfg.tensor_overrides if b.upper().startswith("CPU"))}
+    n += 2 * len(overridden)
+    if not cfg.offload_kqv:
+        n += 2 * ngl
+    return n
+
+
+def plan_offload(
+    shape: ModelShape,
+    budget: Budget,
+    n_ctx: int,
+    bandwidths: Bandwidths,
+    *,
+    gpu_available: bool = True,
+    baseline_bytes: int = 0,
+    n_batch: int = 512,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    depth: int | None = None,
+) -> OffloadPlan:
+    """The fastest placement of ``shape`` at ``n_ctx`` that fits ``budget``.
+
+    ``gpu_available`` False (no GPU device, or a budget of 0 VRAM) leaves only the CPU. ``depth``:
+    the context depth decode speed is predicted at (default: half the context). Raises
+    :class:`InputError` when nothing fits.
+    """
+    if n_ctx <= 0:
+        raise InputError("--ctx must be > 0")
+    gpu = gpu_available and budget.vram_bytes > 0
+    depth = n_ctx // 2 if depth is None else depth
+    scored = []
+    for ngl, kqv, overrides, label in _candidates(shape, gpu):
+        cfg = MemoryConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, type_k=type_k, type_v=type_v,
+                           n_gpu_layers=ngl, offload_kqv=kqv, tensor_overrides=overrides)
+        est = estimate_memory(shape, cfg, baseline_bytes=baseline_bytes)
+        reads = decode_bytes_per_token(shape, depth, cfg)
+        seconds = reads["cpu"] / bandwidths.cpu_Bps + reads["gpu"] / bandwidths.gpu_Bps + SPLIT_COST_S * _splits(shape, cfg)
+        fits = est.ram_required_bytes <= budget.ram_bytes and est.vram_bytes <= budget.vram_bytes
+        scored.append((fits, 1.0 / seconds, -len(overrides), ngl, kqv, overrides, label, est))
+    fitting = [s for s in scored if s[0]]
+    summary = [{"label": s[6], "fits": s[0], "predicted_tps": round(s[1], 2), "ram_bytes": s[7].ram_required_bytes,
+                "vram_bytes": s[7].vram_bytes} for s in scored]
+    if not fitting:
+        cpu_only = scored[0][7]
+        least_vram = min(scored, key=lambda s: (s[7].ram_required_bytes, s[7].vram_bytes))[7]
+        need = f"at least {_gib(least_vram.ram_required_bytes)} RAM" + (
+            f" with {_gib(least_vram.vram_bytes)} VRAM" if least_vram.vram_bytes else "")
+        raise InputError(
+            f"nothing fits: at --ctx {n_ctx} this model needs {need} (CPU only: {_gib(cpu_only.ram_required_bytes)} RAM); "
+            f"the budget is {_gib(budget.ram_bytes)} RAM + {_gib(budget.vram_bytes)} VRAM. Use a smaller --ctx, "
+            "a smaller quantization (edgekit convert --bits 3), or a q8_0 KV cache")
+    best = max(fitting, key=lambda s: (s[1], s[2]))
+    _, tps, _, ngl, kqv, overrides, label, est = best
+    device = "cpu" if ngl == 0 else ("gpu" if est.parts["weights_cpu"] <= _embd_bytes(shape) and kqv else "split")
+    if not gpu:
+        why = ("no GPU device in this llama.cpp build" if not gpu_available else "no VRAM budget (--vram 0)")
+        reason = f"CPU only: {why}; needs {_gib(est.ram_required_bytes)} RAM of {_gib(budget.ram_bytes)}"
+    else:
+        reason = (f"{label}: fastest placement within {_gib(budget.vram_bytes)} VRAM + {_gib(budget.ram_bytes)} RAM "
+                  f"(predicted {tps:.1f} tok/s at depth {depth}; uses {_gib(est.vram_bytes)} VRAM, "
+                  f"{_gib(est.ram_bytes)} RAM)")
+    return OffloadPlan(device=device, n_gpu_layers=ngl, offload_kqv=kqv, tensor_overrides=list(overrides),
+                       n_ctx=n_ctx, memory=est, predicted_tps=tps, reason=reason, candidates=summary)
+
+
+def _embd_bytes(shape: ModelShape) -> int:
+    return sum(t.n_bytes for t in shape.tensors if t.name.startswith("token_embd"))
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def auto_plan(model_file: Any, n_ctx: int, *, ram_bytes: int | None = None, vram_bytes: int | None = None,
+              n_batch: int = 512) -> OffloadPlan:
+    """``--offload auto``: plan for this host - its GPUs' free memory (or ``vram_bytes``), its available RAM
+    (or ``ram_bytes``), its measured bandwidth and llama.cpp's baseline."""
+    import psutil
+
+    from edgekit.runtime import hostinfo
+    from edgekit.runtime.memory import read_shape
+
+    shape = read_shape(model_file)
+    gpus = hostinfo.gpu_devices()
+    vram = vram_bytes if vram_bytes is not None else sum(int(g["free_bytes"]) for g in gpus[:1])
+    ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)
+    return plan_offload(shape, Budget(ram_bytes=ram, vram_bytes=vram), n_ctx,
+                        Bandwidths(cpu_Bps=hostinfo.memory_bandwidth()), gpu_available=bool(gpus),
+                        baseline_bytes=hostinfo.baseline_rss(), n_batch=n_batch)

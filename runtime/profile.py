@@ -1,0 +1,417 @@
+"""The profiler: llama-bench's tests (pp N, tg N, pp N + tg M at a depth) on any artifact, with time to
+first token, load time, peak resident memory, repetitions (mean, stddev), warm-up, sweeps over
+threads / batch / context / depth / GPU layers, several artifacts interleaved, roofline and energy.
+
+GGUF artifacts are timed inside the llama.cpp worker process (its ``bench`` op), so no pipe traffic
+falls inside a timed region; other backends go through ``Backend.reset()`` / ``Backend.decode()``.
+The API (config, row schema, callbacks, cancelling) is documented in /tmp/prompts/profile_api.md and
+in :mod:`edgekit.runtime.profile_schema`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.artifact import Artifact, now_iso
+from edgekit.errors import BackendError, EdgekitError, InputError
+from edgekit.runtime.profile_schema import (
+    SCHEMA,
+    ProfileRow,
+    TestSpec,
+    from_llama_bench,
+    mean_std,
+    parse_tests,
+    summarize,
+)
+
+__all__ = ["ProfileConfig", "ProfileInterrupted", "ProfileRow", "ProfileRun", "TestSpec", "from_llama_bench",
+           "mean_std", "parse_tests", "profile", "summarize", "SCHEMA"]
+
+RowFn = Callable[[ProfileRow], None]
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What to measure.
+
+    tests: llama-bench tests (default pp512 and tg128). reps: timed repetitions per test. warmup: one
+    short untimed run before each test. threads / batch / ctx / depth / gpu_layers: values to sweep
+    (every combination is run); ctx None sizes the context to the largest test; depth is added to
+    every test. offload_auto: GPU layers and tensor overrides from the offload planner instead of
+    gpu_layers. method: "auto" (llama.cpp's in-worker loop for GGUF, else generic) or "generic"
+    (``Backend.reset``/``decode``, any backend). energy / roofline: add those measurements.
+    seed: random prompt tokens. backend_options: more keyword arguments for the backend.
+    """
+
+    tests: tuple[TestSpec, ...] = (TestSpec(n_prompt=512), TestSpec(n_gen=128))
+    reps: int = 5
+    warmup: bool = True
+    threads: tuple[int | None, ...] = (None,)
+    batch: tuple[int, ...] = (512,)
+    ctx: tuple[int | None, ...] = (None,)
+    depth: tuple[int, ...] = (0,)
+    gpu_layers: tuple[int, ...] = (0,)
+    offload_auto: bool = False
+    method: str = "auto"
+    energy: bool = True
+    roofline: bool = True
+    seed: int = 0
+    backend_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.tests:
+            raise InputError("give at least one test (e.g. pp512,tg128)")
+        if self.reps < 1:
+            raise InputError("--reps must be >= 1")
+        if self.method not in ("auto", "generic"):
+            raise InputError("method must be 'auto' or 'generic'")
+        for name in ("threads", "batch", "ctx", "depth", "gpu_layers"):
+            values = getattr(self, name)
+            if not values:
+                raise InputError(f"--{name} needs at least one value")
+            if any(v is not None and v < 0 for v in values) or (name in ("threads", "batch", "ctx") and 0 in values):
+                raise InputError(f"--{name} values must be positive")
+
+    def combos(self) -> list[dict[str, Any]]:
+        """Every configuration of the sweep, in a stable order."""
+        return [{"n_threads": t, "n_batch": b, "n_ctx": c, "depth": d, "n_gpu_layers": g}
+                for t, b, c, d, g in itertools.product(self.threads, self.batch, self.ctx, self.depth, self.gpu_layers)]
+
+
+@dataclass
+class ProfileRun:
+    """The rows of one profile run; ``status`` is "interrupted" when it was cancelled or Ctrl-C'd."""
+
+    rows: list[ProfileRow] = field(default_factory=list)
+    status: str = "ok"
+    started: str = ""
+    host: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "status": self.status, "started": self.started, "host": self.host,
+                "rows": [r.to_json() for r in self.rows]}
+
+
+class ProfileInterrupted(EdgekitError):
+    """Ctrl-C during a profile; ``run`` holds what was measured (marked interrupted)."""
+
+    exit_code = 130
+
+    def __init__(self, run: ProfileRun) -> None:
+        super().__init__(f"interrupted: kept {len(run.rows)} result row(s), marked 'interrupted'")
+        self.run = run
+
+
+def artifact_info(art: Artifact) -> dict[str, Any]:
+    """The row's ``artifact`` block: identity (path, sha256, size) and what the manifest says about it."""
+    from edgekit.fsutil import sha256_file_cached
+
+    m = art.manifest
+    ppl = None
+    for ev in reversed(m.get("eval") or []):
+        if ev.get("ppl") is not None or ev.get("perplexity") is not None:
+            ppl = ev.get("ppl", ev.get("perplexity"))
+            break
+    f = art.model_file
+    return {"name": art.name, "path": str(art.path.resolve() if art.bare_file is None else f.resolve()),
+            "format": art.format, "model_file": f.name, "size_bytes": f.stat().st_size if f.is_file() else None,
+            "sha256": sha256_file_cached(f) if f.is_file() else None, "preset": m.get("preset"), "bpw": m.get("bpw"),
+            "n_params": (m.get("source") or {}).get("n_params"), "perplexity": ppl}
+
+
+def profile(
+    targets: Sequence[str | Path | Artifact],
+    cfg: ProfileConfig | None = None,
+    *,
+    on_row: RowFn | None = None,
+    on_progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> ProfileRun:
+    """Profile ``targets`` (artifact folders or model files) under every configuration of ``cfg``.
+
+    Configurations are the outer loop and artifacts the inner one, so drift hits them alike. Rows
+    reach ``on_row`` as they complete. ``cancel.set()`` (any thread) stops within one decode and
+    returns a run marked "interrupted"; Ctrl-C does the same and raises :class:`ProfileInterrupted`.
+    """
+    from edgekit.runtime import hostinfo
+    from edgekit.runtime.base import backend_for_format
+
+    cfg = cfg or ProfileConfig()
+    arts = [t if isinstance(t, Artifact) else Artifact.open(t) for t in targets]
+    if not arts:
+        raise InputError("give at least one artifact to profile")
+    for art in arts:
+        backend_for_format(art.format)  # a missing runtime fails here, before anything runs
+    run = ProfileRun(started=now_iso(), host=hostinfo.host_fingerprint())
+    ctx = _Context(cfg, run, on_row, cancel)
+    combos = cfg.combos()
+    total = len(combos) * len(arts) * len(cfg.tests)
+    infos = {id(a): artifact_info(a) for a in arts}
+    try:
+        for combo in combos:
+            for art in arts:
+                if ctx.cancelled():
+                    break
+                _profile_one(ctx, art, infos[id(art)], combo, on_progress, total)
+    except KeyboardInterrupt:
+        ctx.flush_partial()
+        run.status = "interrupted"
+        raise ProfileInterrupted(run) from None
+    if ctx.cancelled():
+        run.status = "interrupted"
+    return run
+
+
+class _Context:
+    """Shared state of one run: the config, the rows so far, the test in progress (for Ctrl-C)."""
+
+    def __init__(self, cfg: ProfileConfig, run: ProfileRun, on_row: RowFn | None, cancel: threading.Event | None):
+        self.cfg, self.run, self.on_row, self.cancel = cfg, run, on_row, cancel
+        self.partial: ProfileRow | None = None
+        self.done = 0
+        self._bandwidth: float | None = None
+        self._energy: Any = None
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def emit(self, row: ProfileRow) -> None:
+        self.partial = None
+        self.run.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def flush_partial(self) -> None:
+        if self.partial is not None and self.partial.samples_s:
+            self.partial.status = "interrupted"
+            self.emit(self.partial)
+        self.partial = None
+
+    def bandwidth(self) -> float:
+        if self._bandwidth is None:
+            from edgekit.runtime import hostinfo
+
+            self._bandwidth = hostinfo.memory_bandwidth()
+        return self._bandwidth
+
+    def energy(self) -> Any:
+        if self._energy is None:
+            from edgekit.runtime.hostinfo import EnergyMeter
+
+            self._energy = EnergyMeter()
+        return self._energy
+
+
+def _needed_ctx(tests: Sequence[TestSpec], depth: int) -> int:
+    need = max(t.n_depth + depth + t.n_tokens for t in tests)
+    return max(256, -(-need // 256) * 256)
+
+
+def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict[str, Any],
+                 on_progress: ProgressFn | None, total: int) -> None:
+    cfg = ctx.cfg
+    tests = [t.with_depth(combo["depth"]) for t in cfg.tests]
+    n_ctx = combo["n_ctx"] or _needed_ctx(cfg.tests, combo["depth"])
+    options: dict[str, Any] = dict(cfg.backend_options)
+    # llama-cpp-python's own default is half the cores for generation: name the count so rows say it.
+    threads = combo["n_threads"] or os.cpu_count() or 1
+    options.update(n_ctx=n_ctx, n_batch=combo["n_batch"], n_threads=threads, n_gpu_layers=combo["n_gpu_layers"])
+    plan_note = None
+    if cfg.offload_auto and art.format == "gguf":
+        from edgekit.runtime.plan import auto_plan
+
+        plan = auto_plan(art.model_file, n_ctx, n_batch=combo["n_batch"])
+        options.update(plan.backend_options())
+        plan_note = plan.reason
+    config = {"n_threads": threads, "n_batch": combo["n_batch"], "n_ubatch": combo["n_batch"],
+              "n_ctx": n_ctx, "n_gpu_layers": options.get("n_gpu_layers", 0), "type_k": options.get("type_k", "f16"),
+              "type_v": options.get("type_v", "f16"), "offload_kqv": options.get("offload_kqv", True),
+              "tensor_overrides": [list(o) for o in options.get("tensor_overrides", ())], "plan": plan_note}
+    use_worker = cfg.method == "auto" and art.format == "gguf"
+
+    def row_for(test: TestSpec, backend_name: str, runtime: dict[str, Any], load_s: float | None) -> ProfileRow:
+        return ProfileRow(test=test.name, n_prompt=test.n_prompt, n_gen=test.n_gen, n_depth=test.n_depth,
+                          artifact=info, config=dict(config), timestamp=now_iso(),
+                          method="llamacpp-worker" if use_worker else "generic", backend=backend_name,
+                          runtime=runtime, host=ctx.run.host, load_s=load_s)
+
+    try:
+        backend, load_s = _open(art, options)
+    except (BackendError, InputError) as exc:
+        for test in tests:
+            row = row_for(test, "", {}, None)
+            row.status, row.error = "error", str(exc)
+            ctx.emit(row)
+        return
+    try:
+        runtime = _runtime_info(backend)
+        for test in tests:
+            if ctx.cancelled():
+                return
+            label = f"{info['name']} {test.name} (ctx {n_ctx}, threads {config['n_threads']}, batch {combo['n_batch']})"
+            if on_progress is not None:
+                on_progress(ctx.done, total, label)
+            row = row_for(test, getattr(backend, "name", ""), runtime, load_s)
+            ctx.partial = row
+            try:
+                if use_worker:
+                    _run_worker_test(ctx, backend, test, row)
+                else:
+                    _run_generic_test(ctx, backend, test, row)
+            except BackendError as exc:
+                row.status, row.error = "error", str(exc)
+                ctx.emit(row)
+                return
+            _finish(ctx, art, row, test)
+            ctx.done += 1
+            if row.status == "interrupted" and not row.samples_s:
+                ctx.partial = None
+                return
+            ctx.emit(row)
+            if on_progress is not None:
+                on_progress(ctx.done, total, label)
+    finally:
+        backend.close()
+
+
+def _open(art: Artifact, options: dict[str, Any]) -> tuple[Any, float]:
+    from edgekit.api import open_backend
+
+    t0 = time.perf_counter()
+    backend = open_backend(art, **options)
+    load_s = float(getattr(backend, "load_time", 0.0) or (time.perf_counter() - t0))
+    return backend, load_s
+
+
+def _runtime_info(backend: Any) -> dict[str, Any]:
+    info = getattr(backend, "info", None) or {}
+    return {"llama_cpp_python": info.get("llama_cpp_version"), "system_info": info.get("system_info"),
+            "safe_cpu": info.get("safe_cpu")} if info else {}
+
+
+def _run_worker_test(ctx: _Context, backend: Any, test: TestSpec, row: ProfileRow) -> None:
+    cfg = ctx.cfg
+    meter = ctx.energy() if cfg.energy else None
+    joules: list[float] = []
+
+    def on_rep(rep: dict[str, Any]) -> None:
+        row.samples_s.append(float(rep["seconds"]))
+        if rep.get("ttft") is not None:
+            row.ttft_samples_s.append(float(rep["ttft"]))
+        if rep.get("peak_rss"):
+            row.peak_rss_bytes = int(rep["peak_rss"])
+        if rep.get("joules") is not None:
+            joules.append(float(rep["joules"]))
+
+    res = backend.bench(test.n_prompt, test.n_gen, test.n_depth, reps=cfg.reps, warmup=cfg.warmup, seed=cfg.seed,
+                        rapl=meter.zones if meter is not None and meter.available else (),
+                        on_rep=on_rep, cancel=ctx.cancelled)
+    if res.get("peak_rss"):
+        row.peak_rss_bytes = int(res["peak_rss"])
+    if res["cancelled"]:
+        row.status = "interrupted"
+    if meter is not None:
+        row.energy = _energy_block(meter, joules, row)
+
+
+def _run_generic_test(ctx: _Context, backend: Any, test: TestSpec, row: ProfileRow) -> None:
+    """The same tests on ``Backend.reset()`` / ``decode()``: any backend, timed in this process."""
+    cfg = ctx.cfg
+    rng = random.Random(cfg.seed)
+    n_vocab = backend.n_vocab
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(n_vocab) for _ in range(n)]
+
+    if cfg.warmup:
+        backend.reset()
+        if test.n_prompt:
+            backend.decode(toks(min(32, test.n_prompt)))
+        if test.n_gen:
+            backend.decode(toks(1))
+    for _ in range(cfg.reps):
+        if ctx.cancelled():
+            row.status = "interrupted"
+            break
+        backend.reset()
+        if test.n_depth:
+            backend.decode(toks(test.n_depth))
+        prompt = toks(test.n_prompt)
+        t0 = time.perf_counter()
+        if prompt:
+            backend.decode(prompt)
+            row.ttft_samples_s.append(time.perf_counter() - t0)
+        for tok in toks(test.n_gen):
+            if ctx.cancelled():
+                break
+            backend.decode([tok])
+        seconds = time.perf_counter() - t0
+        if ctx.cancelled():
+            row.status = "interrupted"
+            break
+        row.samples_s.append(seconds)
+    row.peak_rss_bytes = _peak_rss(backend)
+    if cfg.energy:
+        row.energy = {"available": False, "reason": "energy is measured on the llama.cpp worker path only"}
+
+
+def _peak_rss(backend: Any) -> int | None:
+    """Peak RSS of the process holding the model: the backend's worker if it has one, else this one."""
+    if hasattr(backend, "memory"):
+        try:
+            return int(backend.memory()["peak_rss"])
+        except (EdgekitError, KeyError, TypeError):
+            pass
+    pid = getattr(backend, "pid", None)
+    path = f"/proc/{pid}/status" if pid else "/proc/self/status"
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _energy_block(meter: Any, joules: list[float], row: ProfileRow) -> dict[str, Any]:
+    if not meter.available:
+        return {"available": False, "reason": meter.reason}
+    if not joules:
+        return {"available": False, "reason": "RAPL counters could not be read during the test"}
+    mean_j = sum(joules) / len(joules)
+    tokens = row.n_prompt + row.n_gen
+    return {"available": True, "source": "rapl", "scope": "CPU package (whole host)", "joules": mean_j,
+            "joules_per_token": mean_j / tokens if tokens else None}
+
+
+def _finish(ctx: _Context, art: Artifact, row: ProfileRow, test: TestSpec) -> None:
+    """Roofline for generation tests on the CPU: bytes read per token over host bandwidth."""
+    if not ctx.cfg.roofline or not test.n_gen or test.n_prompt or art.format != "gguf":
+        return
+    if row.config.get("n_gpu_layers"):
+        row.roofline = {"available": False, "reason": "GPU bandwidth is not measured; roofline covers CPU runs"}
+        return
+    from edgekit.runtime.memory import MemoryConfig, decode_bytes_per_token, read_shape
+
+    shape = read_shape(art.model_file)
+    reads = decode_bytes_per_token(shape, test.n_depth + test.n_gen // 2,
+                                   MemoryConfig(n_ctx=row.config["n_ctx"], type_k=row.config["type_k"],
+                                                type_v=row.config["type_v"]))
+    per_token = reads["cpu"] + reads["gpu"]
+    bw = ctx.bandwidth()
+    ceiling = bw / per_token
+    tps, _ = row.tps
+    row.roofline = {"available": True, "bytes_per_token": int(per_token), "bandwidth_Bps": bw,
+                    "ceiling_tps": ceiling, "fraction": (tps / ceiling) if tps else None}

@@ -1,0 +1,83 @@
+"""Token selection and stop strings in numpy, for backends that compute logits themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from edgekit.runtime.base import SamplingConfig
+
+
+def stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
+    """(index of the first complete stop string or None, length of text safe to emit now)."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    if hits:
+        return min(hits), min(hits)
+    hold = 0
+    for s in stops:  # keep back a tail that could still become a stop string
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return None, len(text) - hold
+
+
+def pick(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator, previous: list[int]) -> int:
+    """The next token from ``logits`` (float, (n_vocab,)): repeat penalty, then greedy or
+    temperature / top-k / min-p / top-p sampling (llama.cpp's order of truncations)."""
+    z = np.asarray(logits, dtype=np.float64).copy()
+    if sampling.repeat_penalty != 1.0 and previous:
+        prev = np.unique(np.asarray(previous))
+        v = z[prev]
+        z[prev] = np.where(v > 0, v / sampling.repeat_penalty, v * sampling.repeat_penalty)
+    if sampling.temperature == 0:
+        return int(np.argmax(z))
+    if sampling.top_k:
+        k = min(sampling.top_k, z.size)
+        idx = np.argpartition(-z, k - 1)[:k]
+    else:
+        idx = np.arange(z.size)
+    zl = z[idx] / sampling.temperature
+    p = np.exp(zl - zl.max())
+    p /= p.sum()
+    if sampling.min_p:
+        keep = p >= sampling.min_p * p.max()
+        idx, p = idx[keep], p[keep]
+    order = np.argsort(-p, kind="stable")
+    idx, p = idx[order], p[order]
+    if sampling.top_p < 1.0:
+        keep = np.cumsum(p) - p < sampling.top_p * p.sum()
+        idx, p = idx[keep], p[keep]
+    return int(rng.choice(idx, p=p / p.sum()))
+
+
+class TextStream:
+    """Generated token ids -> text pieces safe to show as they come: a tail that could still become a
+    stop string, or an incomplete UTF-8 character, is held back; the text ends at the first stop string
+    (which is not shown). ``decode(ids)`` turns the whole id list into text."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> None:
+        self.decode, self.stops = decode, stops
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add one token: (text to show now, whether a stop string ended the text)."""
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        stop_at, safe = stop_cut(text, self.stops)
+        if stop_at is not None:
+            piece = text[self.emitted : stop_at] if stop_at > self.emitted else ""
+            self.emitted = max(self.emitted, stop_at)
+            return piece, True
+        if safe > self.emitted and not text.endswith("\ufffd"):
+            piece, self.emitted = text[self.emitted : safe], safe
+            return piece, False
+        return "", False
+
+    def rest(self) -> str:
+        """What is still held back, once generation ended without a stop string."""
+        text = self.decode(self.ids)
+        piece, self.emitted = text[self.emitted :], max(self.emitted, len(text))
+        return piece

@@ -1,0 +1,223 @@
+"""ONNX artifacts: the graph against PyTorch (float and with the same quantized weights), KV-cache
+decoding, every bits / block / grid / head option, calibrated methods, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgekit import api
+from edgekit.artifact import Artifact
+from edgekit.converters.formats.base import ConvertRecipe
+from edgekit.errors import CorruptFileError, InputError, UnsupportedError
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+TOKENS = list(range(5, 45))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_models, tmp_path_factory):
+    """The shared tiny models, with a Mistral whose head size (32) onnxruntime's attention kernel takes."""
+    from tests.helpers import build_tiny_model
+
+    mistral = build_tiny_model(tmp_path_factory.mktemp("onnx") / "mistral", "MistralForCausalLM", hidden=96,
+                               ffn=256, heads=3, kv_heads=1, tokenizer="spm")
+    return {**tiny_models, "MistralForCausalLM": mistral, "head24": tiny_models["MistralForCausalLM"]}
+
+
+def torch_logits(src, weights: dict[str, np.ndarray] | None, tokens: list[int]) -> np.ndarray:
+    """PyTorch's logits for ``src``'s architecture, with ``weights`` (HF names) if given."""
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    if weights is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    else:
+        cfg.tie_word_embeddings = False  # the ONNX head may be encoded apart from the table
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        res = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()},
+                                    strict=False)
+        assert not res.unexpected_keys and not [k for k in res.missing_keys if "rotary" not in k], res
+    with torch.inference_mode():
+        return model.eval()(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def convert(src, out, **extra):
+    bits = extra.pop("bits", 4)
+    method = extra.pop("method", "rtn")
+    return api.convert(src, "onnx", output=out, force=True, recipe=ConvertRecipe(bits=bits, method=method, extra=extra))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float_graph_equals_pytorch(tiny_models, tmp_path, arch):
+    src = tiny_models[arch]
+    ref = torch_logits(src, None, TOKENS)
+    art = convert(src, tmp_path / "f32", bits=32)
+    with api.open_backend(art) as be:
+        got = be.logits(TOKENS)
+        assert np.abs(got - ref).max() < 1e-4
+        # KV-cache decoding: a prefix, then a chunk, then single tokens, equals one full pass
+        be.reset()
+        be.decode(TOKENS[:30])
+        tail = np.concatenate([be._run(TOKENS[30:37], last_only=False), be._run(TOKENS[37:], last_only=False)])
+        assert np.abs(tail - got[30:]).max() < 1e-4
+    m = art.manifest
+    assert m["format"] == "onnx" and m["onnx"]["opset"] == {"ai.onnx": 21, "com.microsoft": 1}
+    assert "com.microsoft::GroupQueryAttention" in m["onnx"]["ops"]
+    assert (art.path / "model.onnx.data").exists() and (art.path / "tokenizer_config.json").exists()
+    onnx.checker.check_model(str(art.model_file))
+    fp16 = convert(src, tmp_path / "f16", bits=16)
+    with api.open_backend(fp16) as be:
+        assert np.abs(be.logits(TOKENS) - ref).max() < 0.05 * np.abs(ref).max()
+    assert fp16.manifest["size_bytes"] < 0.6 * art.manifest["size_bytes"]
+
+
+OPTIONS = [
+    dict(bits=4),                                               # UINT4_B32, int8 embedding and head
+    dict(bits=4, symmetric=True, lm_head="int4"),
+    dict(bits=4, block_size=128 // 4, embed="float", lm_head="tied"),
+    dict(bits=8),
+    dict(bits=8, symmetric=False, block_size=16, lm_head="float"),
+    dict(bits=4, block_size=128),                               # Llama only (hidden 256)
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_quantized_graph_equals_pytorch_with_the_same_weights(tiny_models, tmp_path, arch, opts):
+    from edgekit.converters.formats.onnx import read_weights
+
+    src = tiny_models[arch]
+    hidden = json.loads((src / "config.json").read_text())["hidden_size"]
+    if hidden % opts.get("block_size", 32):
+        with pytest.raises(InputError, match="--block-size"):
+            convert(src, tmp_path / "q", **opts)
+        assert not (tmp_path / "q").exists()
+        return
+    art = convert(src, tmp_path / "q", accuracy_level=0, **opts)
+    weights = read_weights(art.model_file)
+    ref = torch_logits(src, weights, TOKENS)
+    with api.open_backend(art) as be:
+        got = be.logits(TOKENS)
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    # and the quantized weights are close to the source (a sane grid, not garbage that agrees with itself)
+    src_w = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
+    w = weights["model.layers.0.mlp.down_proj.weight"]
+    s = src_w["model.layers.0.mlp.down_proj.weight"].numpy()
+    bits = opts["bits"]
+    assert np.abs(w - s).mean() < np.abs(s).mean() * (0.2 if bits == 4 else 0.02)
+    info = art.manifest["onnx"]
+    assert info["block_size"] == opts.get("block_size", 32) and info["accuracy_level"] == 0
+    assert "com.microsoft::MatMulNBits" in info["ops"]
+
+
+def test_shared_embedding_for_tied_checkpoints(tiny_models, tmp_path):
+    """A tied checkpoint gets one quantized tensor read by both the lm_head (MatMulNBits) and the
+    embedding (GatherBlockQuantized through a Reshape): smaller, and the same logits as two copies."""
+    from edgekit.converters.formats.onnx import read_weights
+
+    src = tiny_models["Qwen2ForCausalLM"]
+    shared = convert(src, tmp_path / "shared", bits=4, accuracy_level=0)
+    assert shared.manifest["onnx"]["embed"] == "shared"
+    two = convert(src, tmp_path / "two", bits=4, accuracy_level=0, embed="int8")
+    assert shared.manifest["size_bytes"] < two.manifest["size_bytes"] - 0.9 * 128 * 384
+    w = read_weights(shared.model_file)
+    np.testing.assert_array_equal(w["model.embed_tokens.weight"], w["lm_head.weight"])
+    with api.open_backend(shared) as be:
+        got = be.logits(TOKENS)
+    assert np.abs(got - torch_logits(src, w, TOKENS)).max() < 1e-4 * max(1.0, np.abs(got).max())
+    with pytest.raises(InputError, match="tied embeddings"):
+        convert(tiny_models["LlamaForCausalLM"], tmp_path / "x", embed="shared")
+
+
+def test_int8_activation_kernels_stay_close(tiny_models, tmp_path):
+    """The default accuracy_level 4 (int8 activations, the fast CPU path) stays near the exact product."""
+    from edgekit.converters.formats.onnx import read_weights
+
+    src = tiny_models["LlamaForCausalLM"]
+    art = convert(src, tmp_path / "q", bits=4)
+    ref = torch_logits(src, read_weights(art.model_file), TOKENS)
+    with api.open_backend(art) as be:
+        got = be.logits(TOKENS)
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_calibrated_methods_carry_into_onnx(tiny_llama, tmp_path, method):
+    """GPTQ / AWQ fit the MatMulNBits grid: the graph holds exactly the weights the calibrated PyTorch
+    model carries (AWQ's rescaled norms included), and GPTQ's weights differ from RTN's."""
+    from edgekit.calibration import CalibConfig
+    from edgekit.converters.formats.onnx import OnnxFormat, read_weights
+
+    q = api.make_quantizer(method, CalibConfig(samples=4, seqlen=64))
+    from edgekit.model import HFCheckpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    OnnxFormat().convert(HFCheckpoint.open(tiny_llama), out, ConvertRecipe(bits=4, method=method,
+                                                                         extra={"accuracy_level": 0}), q)
+    got = read_weights(out / "model.onnx")
+    carried = {k: v.detach().float().numpy() for k, v in q.model.state_dict().items()}
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                 "model.layers.1.input_layernorm.weight", "lm_head.weight"):
+        np.testing.assert_array_equal(got[name], carried[name], err_msg=name)
+    rtn = read_weights(convert(tiny_llama, tmp_path / "rtn", bits=4, accuracy_level=0).model_file)
+    assert not np.array_equal(rtn["model.layers.0.mlp.down_proj.weight"], got["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_single_file_and_protobuf_limit(tiny_llama, tmp_path, monkeypatch):
+    art = convert(tiny_llama, tmp_path / "one", bits=4, external_data=False)
+    assert sorted(p.name for p in art.path.glob("model.onnx*")) == ["model.onnx"]
+    with api.open_backend(art) as be:
+        assert be.logits(TOKENS[:4]).shape == (4, be.n_vocab)
+    from edgekit.converters.formats import onnx as fmt
+
+    monkeypatch.setattr(fmt, "PROTOBUF_LIMIT", 1 << 20)
+    with pytest.raises(InputError, match="2 GiB"):
+        convert(tiny_llama, tmp_path / "big", bits=32, external_data=False)
+    assert not (tmp_path / "big").exists()
+
+
+def test_bad_options(tiny_llama, tiny_models, tmp_path):
+    with pytest.raises(UnsupportedError, match="head size 24"):
+        convert(tiny_models["head24"], tmp_path / "a")
+    with pytest.raises(UnsupportedError, match="opset"):
+        convert(tiny_llama, tmp_path / "a", opset=11)
+    with pytest.raises(InputError, match="bits 3"):
+        convert(tiny_llama, tmp_path / "a", bits=3)
+    with pytest.raises(InputError, match="unknown ONNX option"):
+        convert(tiny_llama, tmp_path / "a", colour="red")
+    with pytest.raises(InputError, match="tied"):
+        convert(tiny_llama, tmp_path / "a", embed="int8", lm_head="tied")
+    with pytest.raises(UnsupportedError, match="--bpw"):
+        api.convert(tiny_llama, "onnx", output=tmp_path / "a", recipe=ConvertRecipe(bpw=4.5))
+    with pytest.raises(InputError, match="--bits 4 or 8"):
+        convert(tiny_llama, tmp_path / "a", bits=32, method="gptq")
+    assert not (tmp_path / "a").exists()
+
+
+def test_corrupt_graph_and_missing_data_fail_clearly(tiny_llama, tmp_path):
+    art = convert(tiny_llama, tmp_path / "q", bits=4)
+    data = art.path / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match="re-run 'edgekit convert'"):
+        api.open_backend(art.path)
+    art.model_file.write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(CorruptFileError, match="re-run 'edgekit convert'"):
+        api.open_backend(art.path)
+    assert Artifact.open(art.path).format == "onnx"
+
+
+def test_inspect_reports_graph_and_memory(tiny_llama, tmp_path):
+    art = convert(tiny_llama, tmp_path / "q", bits=4)
+    info = api.inspect(art.path, ctx=1024)
+    assert info["format"] == "onnx" and info["type_counts"]["UINT4_B32"] == 2 * 7 + 1  # linears and the lm_head
+    # fp32 KV cache: 2 (K, V) x layers x ctx x kv heads x head dim x 4 bytes
+    assert info["memory"]["kv_cache"] == 2 * 2 * 1024 * 2 * 64 * 4
+    assert info["onnx"]["ops"]["com.microsoft::MatMulNBits"] == 2 * 4 + 1

@@ -1,0 +1,95 @@
+"""Android through the real adb server, talking to the adbd stand-in: discovery, push, resume, faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekit.cli.main import app
+from edgekit.devices import DeviceDisconnected, PushConfig, open_device, push
+from edgekit.devices.transfer import partial_name
+from edgekit.fsutil import sha256_file
+from tests.devices.conftest import reconnect
+
+runner = CliRunner()
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_discovery_reads_the_phone(phone):
+    standin, dev_id = phone
+    r = runner.invoke(app, ["devices", "--json", "-p", "android"])
+    assert r.exit_code == 0, r.output
+    (d,) = json.loads(r.output)["devices"]
+    assert d["id"] == dev_id and d["state"] == "ready"
+    assert (d["model"], d["abi"], d["arch"], d["soc"]) == ("edgekit Standin 7", "arm64-v8a", "aarch64", "SM8550")
+    assert d["os"] == "Android" and d["os_version"] == "14 (SDK 34)"
+    assert d["storage_path"] == "/data/local/tmp/edgekit"
+    assert 7 << 30 < d["storage_free"] <= 8 << 30 and d["ram_total"] > 0 and d["cores"] >= 1
+
+
+def test_push_to_default_dest_verifies_then_skips(phone, tiny_artifact):
+    standin, dev_id = phone
+    r = runner.invoke(app, ["push", str(tiny_artifact), dev_id])
+    assert r.exit_code == 0, r.output
+    remote = standin.host_path("/data/local/tmp/edgekit/tiny-q8")
+    assert _files(remote) == _files(tiny_artifact)
+    assert remote.stat().st_uid == 2000  # written by the device's shell user, as on a phone
+    r = runner.invoke(app, ["push", str(tiny_artifact), dev_id, "--json"])
+    res = json.loads(r.output)
+    assert res["bytes_sent"] == 0 and all(f["skipped"] for f in res["files"])
+
+
+def test_unplugged_mid_push_resumes_from_the_temp_file(phone, big_artifact, adb_server, monkeypatch):
+    from edgekit.devices import adb
+
+    monkeypatch.setattr(adb, "CHUNK", 1 << 20)
+    standin, dev_id = phone
+    standin.drop_after = (3 << 20) + 300_000  # mid-way through the fourth 1 MiB chunk of extra.bin
+    with open_device(dev_id) as dev, pytest.raises(DeviceDisconnected, match="resume"):
+        push(big_artifact, dev, PushConfig())
+    assert standin.drops == 1
+    remote = standin.host_path("/data/local/tmp/edgekit/padded")
+    extra = big_artifact / "extra.bin"
+    partial = Path(partial_name(str(remote / "extra.bin"), sha256_file(extra)))
+    assert not (remote / "extra.bin").exists() and not (remote / "edgekit.json").exists()
+    assert not list(remote.glob("*.chunk")) and not list(remote.glob(".*.chunk"))  # the broken SEND is gone
+    kept = partial.stat().st_size
+    assert kept > 0 and kept % (1 << 20) == 0  # whole chunks only
+    reconnect(adb_server, standin)
+    with open_device(dev_id) as dev:
+        res = push(big_artifact, dev, PushConfig())
+    assert {f.name: f.resumed_from for f in res.files}["extra.bin"] == kept
+    assert res.bytes_sent == extra.stat().st_size - kept + sum(
+        f.size for f in res.files if f.name != "extra.bin" and not f.skipped)
+    assert _files(remote) == _files(big_artifact)
+    assert not [p for p in remote.iterdir() if p.name.startswith(".")]
+
+
+def test_no_space_is_refused_before_sending(phone, tiny_artifact):
+    standin, dev_id = phone
+    standin.set_capacity(512 << 10)
+    r = runner.invoke(app, ["push", str(tiny_artifact), dev_id])
+    assert r.exit_code == 4, r.output
+    assert "needs 1.5 MB of storage" in r.output and "free space on the device" in r.output
+    assert standin.received == 0
+
+
+def test_permission_denied_destination(phone, tiny_artifact):
+    standin, dev_id = phone
+    r = runner.invoke(app, ["push", str(tiny_artifact), dev_id, "--dest", "/system/edgekit"])
+    assert r.exit_code == 8, r.output
+    assert "refused to create /system/edgekit" in r.output and "Permission denied" in r.output
+    assert not standin.host_path("/system/edgekit").exists()
+
+
+def test_unknown_android_device(phone):
+    standin, dev_id = phone
+    r = runner.invoke(app, ["push", ".", "android:R58M12345"])
+    assert r.exit_code == 2
+    assert "unknown Android device 'android:R58M12345'" in r.output and dev_id in r.output

@@ -1,0 +1,90 @@
+"""Profiling on a device: edgekit's profiler run over real SSH, and runner binaries checked by ELF header."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgekit.devices import open_device
+from edgekit.devices.config import SSHHost, add_ssh_host
+from edgekit.devices.profile import RemoteProfileConfig, _llama_bench_args, elf_arch, remote_profile
+from edgekit.errors import InputError, UnsupportedError
+
+EDGEKIT = Path(sys.executable).with_name("edgekit")
+
+
+@pytest.mark.llamacpp
+def test_profile_over_ssh_returns_the_local_schema(sshd, home, tiny_artifact, tmp_path):
+    add_ssh_host(SSHHost(name="loop", host=sshd["host"], port=sshd["port"], user=sshd["user"], key=sshd["key"],
+                         remote_edgekit=str(EDGEKIT)))
+    with open_device("ssh:loop") as dev:
+        rows = remote_profile(dev, tiny_artifact, RemoteProfileConfig(tests="pp16,tg8", reps=2, threads=1,
+                                                                      dest=str(tmp_path / "board")))
+    assert [r["test"] for r in rows] == ["pp16", "tg8"]
+    for r in rows:
+        assert r["schema"] == "edgekit.profile/1" and r["status"] == "ok" and r["reps"] == 2
+        assert r["tps_mean"] > 0 and r["config"]["n_threads"] == 1
+        assert r["artifact"]["path"].startswith(str(tmp_path / "board"))  # it ran on the pushed copy
+
+
+def test_wrong_abi_runner_is_explained(phone, tiny_artifact):
+    standin, dev_id = phone
+    with open_device(dev_id) as dev, pytest.raises(InputError) as e:
+        remote_profile(dev, tiny_artifact, RemoteProfileConfig(runner=Path("/bin/true")))
+    assert "built for x86_64" in str(e.value) and "arm64-v8a" in str(e.value) and "ANDROID_ABI" in str(e.value)
+    assert not standin.host_path("/data/local/tmp/edgekit").exists()  # refused before anything was pushed
+
+
+def test_android_needs_a_runner_and_runner_must_be_elf(phone, tiny_artifact, tmp_path):
+    standin, dev_id = phone
+    with open_device(dev_id) as dev:
+        with pytest.raises(UnsupportedError, match="--runner"):
+            remote_profile(dev, tiny_artifact, RemoteProfileConfig())
+        script = tmp_path / "llama-bench"
+        script.write_text("#!/bin/sh\n")
+        with pytest.raises(InputError, match="not an ELF executable"):
+            remote_profile(dev, tiny_artifact, RemoteProfileConfig(runner=script))
+
+
+def _elf(machine: int, little: bool = True) -> bytes:
+    head = bytearray(b"\x7fELF" + bytes([2, 1 if little else 2]) + bytes(12))
+    head += machine.to_bytes(2, "little" if little else "big")
+    return bytes(head)
+
+
+@pytest.mark.parametrize("machine,arch", [(0xB7, "aarch64"), (0x28, "armv7"), (0x3E, "x86_64"), (0xF3, "riscv64")])
+def test_elf_machine_table(tmp_path, machine, arch):
+    f = tmp_path / "bin"
+    f.write_bytes(_elf(machine) + bytes(64))
+    assert elf_arch(f) == arch
+    assert elf_arch(Path(sys.executable).resolve()) == "x86_64" or sys.platform != "linux"
+
+
+def test_llama_bench_arguments():
+    assert _llama_bench_args("pp512,tg128,pp64+tg16", 3, 4) == [
+        "-p", "512", "-n", "128", "-r", "3", "-o", "json", "-pg", "64,16", "-t", "4"]
+    with pytest.raises(InputError, match="depth"):
+        _llama_bench_args("tg128@d512", 1, None)
+
+
+@pytest.mark.llamacpp
+def test_profile_cli_with_device(sshd, home, tiny_artifact, tmp_path):
+    """`edgekit profile ART --device ssh:NAME --json`: the same rows as a local profile, from the board."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    add_ssh_host(SSHHost(name="loop2", host=sshd["host"], port=sshd["port"], user=sshd["user"], key=sshd["key"],
+                         remote_edgekit=str(EDGEKIT), dest=str(tmp_path / "board")))
+    r = CliRunner().invoke(app, ["profile", str(tiny_artifact), "--device", "ssh:loop2", "-t", "pp16,tg8", "-r", "2",
+                                 "--threads", "1", "--json", "--no-history"])
+    assert r.exit_code == 0, r.output
+    run = json.loads(r.output[r.output.index("{"):])
+    assert [row["test"] for row in run["rows"]] == ["pp16", "tg8"]
+    assert run["host"]["device"] == "ssh:loop2" and all(row["tps_mean"] > 0 for row in run["rows"])
+    r = CliRunner().invoke(app, ["profile", str(tiny_artifact), "--device", "ssh:nope"])
+    assert r.exit_code != 0 and "Traceback" not in r.output

@@ -1,0 +1,132 @@
+"""The onnxruntime backend: generation loop, sampling, stop strings, chat template, the CLI on ONNX
+artifacts, and (real model) PyTorch parity and a Paris answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgekit import api
+from edgekit.cli.main import app
+from edgekit.converters.formats.base import ConvertRecipe
+from edgekit.errors import InputError
+from edgekit.runtime.base import GenerationStats, SamplingConfig, backend_for_format
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    return api.convert(tiny_llama, "onnx", output=out, recipe=ConvertRecipe(bits=4)).path
+
+
+def test_registered_for_onnx_artifacts():
+    assert backend_for_format("onnx").name == "onnxruntime"
+
+
+def test_generation_streams_and_counts(tiny_onnx):
+    with api.open_backend(tiny_onnx, n_ctx=256) as be:
+        st = GenerationStats()
+        pieces = list(be.generate([{"role": "user", "content": "hello"}], SamplingConfig(temperature=0, max_tokens=12), st))
+        assert st.generated_tokens >= 1 and st.prompt_tokens > 3
+        assert "".join(pieces) and st.stop_reason in ("length", "eos")
+        assert st.time_to_first_token > 0 and st.total_time >= st.time_to_first_token
+        # the chat template wraps the message: more tokens than the raw text
+        assert st.prompt_tokens > len(be.tokenize("hello"))
+        # greedy decoding equals argmax over full-sequence logits
+        ids = be.tokenize(be.tokenizer.render([{"role": "user", "content": "hello"}]), add_special=False)
+        first = int(be.logits(ids)[-1].argmax())
+        st2 = GenerationStats()
+        raw = list(be.generate(be.tokenizer.render([{"role": "user", "content": "hello"}]),
+                               SamplingConfig(temperature=0, max_tokens=1), st2))
+        assert st2.stop_reason in ("length", "eos")
+        if raw:
+            assert be.tokenizer.decode([first]).strip() == "".join(raw).strip()
+
+
+def test_sampling_is_seeded_and_stops_are_cut(tiny_onnx):
+    with api.open_backend(tiny_onnx) as be:
+        cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, min_p=0.0, seed=3, max_tokens=24)
+        a = "".join(be.generate("once upon a time", cfg))
+        b = "".join(be.generate("once upon a time", cfg))
+        c = "".join(be.generate("once upon a time", SamplingConfig(**{**cfg.__dict__, "seed": 4})))
+        assert a == b and a != c
+        if len(a) > 4:
+            stop = a[2:4]
+            st = GenerationStats()
+            cut = "".join(be.generate("once upon a time", SamplingConfig(**{**cfg.__dict__, "stop": (stop,)}), st))
+            assert stop not in cut and st.stop_reason == "stop"
+
+
+def test_context_overflow_is_an_input_error(tiny_onnx):
+    with api.open_backend(tiny_onnx, n_ctx=8) as be, pytest.raises(InputError, match="context"):
+        be.logits(list(range(20)))
+
+
+def test_sampler_truncations():
+    from edgekit.runtime.sampling import pick
+
+    logits = np.array([5.0, 4.0, 1.0, -3.0])
+    rng = np.random.default_rng(0)
+    assert pick(logits, SamplingConfig(temperature=0), rng, []) == 0
+    draws = {pick(logits, SamplingConfig(temperature=1.0, top_k=2, min_p=0.0, top_p=1.0), rng, []) for _ in range(200)}
+    assert draws == {0, 1}
+    assert pick(logits, SamplingConfig(temperature=0, repeat_penalty=100.0), rng, [0]) == 1
+
+
+def test_cli_convert_run_eval_inspect(tiny_llama, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli-onnx"
+    r = runner.invoke(app, ["convert", str(tiny_llama), "--to", "onnx", "--bits", "8", "--block-size", "16",
+                            "-O", "lm_head=int4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "INT8_B16" in r.output
+    r = runner.invoke(app, ["run", str(out), "-p", "hi", "-n", "4", "--temp", "0"])
+    assert r.exit_code == 0, r.output
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    r = runner.invoke(app, ["eval", str(out), "--text", str(text), "--ctx", "64", "--ref", str(tiny_llama), "--json"])
+    assert r.exit_code == 0, r.output
+    assert '"kl_mean"' in r.output
+    assert api.Artifact.open(out).manifest["eval"][-1]["ppl"] > 1
+    r = runner.invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "MatMulNBits" in r.output and "INT8_B16" in r.output
+    r = runner.invoke(app, ["convert", str(tiny_llama), "--to", "onnx", "-O", "opset=9", "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "opset 9" in r.output and "Traceback" not in r.output
+    (out / "model.onnx").write_bytes(b"not a protobuf")
+    r = runner.invoke(app, ["run", str(out), "-p", "hi"])
+    assert r.exit_code != 0 and "re-run 'edgekit convert'" in r.output and "Traceback" not in r.output
+
+
+# --- the real model -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_onnx(real_hf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("real-onnx")
+    f32 = api.convert(real_hf, "onnx", output=root / "f32", recipe=ConvertRecipe(bits=32))
+    q4 = api.convert(real_hf, "onnx", output=root / "q4", recipe=ConvertRecipe(bits=4))
+    return f32.path, q4.path
+
+
+@pytest.mark.real
+def test_real_model_parity_and_paris(real_hf, real_onnx):
+    import torch
+    import transformers
+
+    f32, q4 = real_onnx
+    with api.open_backend(f32, n_ctx=512) as be:
+        tokens = be.tokenize("The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey "
+                             "building, and the tallest structure in Paris. " * 3)
+        got = be.logits(tokens)
+    model = transformers.AutoModelForCausalLM.from_pretrained(real_hf, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    assert np.abs(got - ref).max() <= 1e-4
+    with api.open_backend(q4) as be:
+        answer = "".join(be.generate([{"role": "user", "content": "What is the capital of France?"}],
+                                     SamplingConfig(temperature=0, max_tokens=24)))
+    assert "Paris" in answer, answer

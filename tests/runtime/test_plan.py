@@ -1,0 +1,132 @@
+"""The offload planner on synthetic budgets (70B-like dense and MoE shapes), tensor overrides reaching
+llama.cpp, and the `plan` / `run --offload auto` commands on this CPU-only host."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekit.errors import InputError
+from edgekit.runtime.memory import ModelShape, TensorInfo
+from edgekit.runtime.plan import Bandwidths, Budget, parse_size, plan_offload
+
+needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing")
+GiB = 1 << 30
+Q4K = 144 / 256  # bytes per weight
+
+
+def _shape(n_layer=80, n_embd=8192, n_ff=28672, n_head=64, n_head_kv=8, vocab=128256, n_expert=0, n_used=0):
+    tensors = [TensorInfo("token_embd.weight", "Q4_K", n_embd * vocab, int(n_embd * vocab * Q4K), vocab, None),
+               TensorInfo("output.weight", "Q6_K", n_embd * vocab, int(n_embd * vocab * 210 / 256), vocab, None)]
+    kv = n_embd // n_head * n_head_kv
+    for i in range(n_layer):
+        for name, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", kv, n_embd), ("attn_v", kv, n_embd),
+                                 ("attn_output", n_embd, n_embd)):
+            tensors.append(TensorInfo(f"blk.{i}.{name}.weight", "Q4_K", rows * cols, int(rows * cols * Q4K), rows, i))
+        suffix, mult = ("_exps", n_expert) if n_expert else ("", 1)
+        for name in ("ffn_up", "ffn_gate", "ffn_down"):
+            n = n_ff * n_embd * mult
+            tensors.append(TensorInfo(f"blk.{i}.{name}{suffix}.weight", "Q4_K", n, int(n * Q4K), n_ff, i))
+    return ModelShape("llama", n_layer, n_embd, n_head, n_head_kv, n_embd // n_head, n_embd // n_head, n_ff, vocab,
+                      8192, tuple(tensors), n_expert=n_expert, n_expert_used=n_used)
+
+
+BW = Bandwidths(cpu_Bps=60e9, gpu_Bps=400e9)
+
+
+def test_parse_size():
+    assert parse_size("6GiB") == 6 * GiB == parse_size("6G") == parse_size("6 gb")
+    assert parse_size("512MB") == 512 << 20 and parse_size("1.5T") == int(1.5 * (1 << 40)) and parse_size(42) == 42
+    with pytest.raises(InputError):
+        parse_size("lots")
+
+
+def test_70b_split_within_small_vram():
+    shape = _shape()
+    plan = plan_offload(shape, Budget(ram_bytes=64 * GiB, vram_bytes=6 * GiB), 8192, BW)
+    cpu = plan_offload(shape, Budget(ram_bytes=64 * GiB, vram_bytes=6 * GiB), 8192, BW, gpu_available=False)
+    assert plan.device == "split" and 0 < plan.n_gpu_layers < shape.n_layer
+    assert plan.memory.vram_bytes <= 6 * GiB and plan.memory.ram_required_bytes <= 64 * GiB
+    assert plan.predicted_tps > cpu.predicted_tps and cpu.n_gpu_layers == 0
+    # No fitting candidate is predicted faster than the chosen one.
+    assert all(c["predicted_tps"] <= round(plan.predicted_tps, 2) for c in plan.candidates if c["fits"])
+    # More VRAM never gives a slower plan, and enough VRAM puts everything on the GPU.
+    bigger = plan_offload(shape, Budget(ram_bytes=64 * GiB, vram_bytes=24 * GiB), 8192, BW)
+    assert bigger.n_gpu_layers > plan.n_gpu_layers and bigger.predicted_tps > plan.predicted_tps
+    allin = plan_offload(shape, Budget(ram_bytes=64 * GiB, vram_bytes=80 * GiB), 8192, BW)
+    assert allin.device == "gpu" and allin.n_gpu_layers == shape.n_layer + 1 and allin.offload_kqv
+    assert allin.backend_options()["n_gpu_layers"] == shape.n_layer + 1
+
+
+def test_70b_does_not_fit_32gib_ram_and_6gib_vram():
+    with pytest.raises(InputError, match="nothing fits"):
+        plan_offload(_shape(), Budget(ram_bytes=32 * GiB, vram_bytes=6 * GiB), 8192, BW)
+
+
+def test_cpu_only_host_says_why():
+    plan = plan_offload(_shape(n_layer=8), Budget(ram_bytes=64 * GiB, vram_bytes=6 * GiB), 4096, BW, gpu_available=False)
+    assert plan.device == "cpu" and plan.n_gpu_layers == 0 and "no GPU" in plan.reason
+    assert plan.backend_options() == {"n_gpu_layers": 0, "n_ctx": 4096}
+
+
+def test_moe_keeps_experts_on_cpu():
+    shape = _shape(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, vocab=32000, n_expert=8, n_used=2)
+    plan = plan_offload(shape, Budget(ram_bytes=128 * GiB, vram_bytes=8 * GiB), 4096, BW)
+    assert plan.tensor_overrides and all(b == "CPU" and "_exps" in p for p, b in plan.tensor_overrides)
+    assert plan.n_gpu_layers == shape.n_layer + 1 and plan.memory.vram_bytes <= 8 * GiB
+    layers_only = max(c["predicted_tps"] for c in plan.candidates if c["fits"] and "-ngl" in c["label"]
+                      and "CPU" not in c["label"])
+    assert plan.predicted_tps > layers_only
+
+
+def test_kv_cache_type_changes_what_fits():
+    shape = _shape(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, vocab=32000)
+    f16 = plan_offload(shape, Budget(ram_bytes=64 * GiB, vram_bytes=6 * GiB), 32768, BW)
+    q8 = plan_offload(shape, Budget(ram_bytes=64 * GiB, vram_bytes=6 * GiB), 32768, BW, type_k="q8_0", type_v="q8_0")
+    assert q8.memory.parts["kv_cpu"] + q8.memory.parts["kv_gpu"] < f16.memory.parts["kv_cpu"] + f16.memory.parts["kv_gpu"]
+    assert q8.predicted_tps >= f16.predicted_tps
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_llama, tmp_path_factory):
+    from edgekit import api
+
+    out = tmp_path_factory.mktemp("plan") / "tiny-f16"
+    return api.convert(tiny_llama, "gguf", output=out, recipe=api.ConvertRecipe(bits=None, preset="F16")).path
+
+
+@needs_llama
+def test_tensor_overrides_reach_llama_cpp(tiny_gguf, capfd):
+    from edgekit.artifact import Artifact
+    from edgekit.runtime.llamacpp import LlamaCppBackend
+
+    model = Artifact.open(tiny_gguf).model_file
+    with LlamaCppBackend(model, n_ctx=256, tensor_overrides=[(r"ffn_.*", "CPU")], verbose=True) as b:
+        assert b.info["tensor_overrides"] == [["ffn_.*", "CPU"]]
+        b.reset()
+        b.decode(b.tokenize("hello there"))
+    # llama.cpp logs each override it applies
+    assert "blk.0.ffn_up.weight (0 MiB f16) buffer type overridden to CPU" in capfd.readouterr().err
+    with pytest.raises(InputError, match="unknown buffer type"):
+        LlamaCppBackend(model, n_ctx=256, tensor_overrides=[(r"ffn_.*", "NOPE0")])
+
+
+@needs_llama
+def test_plan_and_run_offload_auto_cli(tiny_gguf, tmp_path, monkeypatch):
+    from edgekit.cli.main import app
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["plan", str(tiny_gguf), "--ctx", "1024", "--ram", "4GiB", "--json",
+                              "--cpu-bandwidth", "20"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["device"] == "cpu" and data["fits"] and data["memory"]["ram_bytes"] > data["memory"]["parts"]["baseline"]
+    res = runner.invoke(app, ["plan", str(tiny_gguf), "--ram", "1MB", "--cpu-bandwidth", "20"])
+    assert res.exit_code == 2 and "nothing fits" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["run", str(tiny_gguf), "-p", "hi", "-n", "4", "--offload", "auto", "--temp", "0"])
+    assert res.exit_code == 0, res.output
+    assert "offload: CPU only: no GPU device in this llama.cpp build" in res.stderr

@@ -1,0 +1,170 @@
+"""The chat screen driven by Textual's pilot on a tiny real GGUF (llama.cpp in its worker process)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+
+import pytest
+
+from edgekit.tui.app import EdgekitApp
+from edgekit.tui.chat_session import ChatSession, history_path
+from edgekit.tui.screens.chat import ChatScreen
+from edgekit.tui.screens.dialogs import ErrorPanel
+from edgekit.tui.widgets.chat import ChatMessage
+from tests.tui.conftest import wait_for
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.llamacpp,
+    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed"),
+]
+OPTIONS = {"n_ctx": 2048, "n_threads": 2}
+
+
+def _app(target) -> EdgekitApp:
+    return EdgekitApp(folder="models", chat=target, backend_options=OPTIONS)
+
+
+async def _ready(pilot, app) -> ChatScreen:
+    chat = app.get_screen("chat")
+    await wait_for(pilot, lambda: chat.session is not None and chat.session.backend is not None and not chat.busy,
+                   what="the model to load")
+    return chat
+
+
+async def _send(pilot, chat: ChatScreen, text: str, max_tokens: int = 64) -> None:
+    chat.query_one("#s-max_tokens").value = str(max_tokens)
+    chat.query_one("#chat-input").focus()
+    await pilot.press(*text)
+    await pilot.press("enter")
+
+
+async def test_typed_message_streams_tokens_into_the_reply(real_gguf):
+    app = _app(real_gguf)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        seen: list[tuple[bool, int]] = []
+        on_chunk = chat._on_chunk
+
+        async def spy(session, chunk, live):
+            await on_chunk(session, chunk, live)
+            seen.append((chat.busy, live.generated_tokens))
+
+        chat._on_chunk = spy
+        chat.query_one("#s-temperature").value = "0"
+        await _send(pilot, chat, "What is the capital of France?", max_tokens=24)
+        await wait_for(pilot, lambda: not chat.busy, what="the reply")
+        streaming = [n for busy, n in seen if busy]
+        # pieces reached the screen while the worker thread was still generating (the UI loop never blocked)
+        assert len(streaming) >= 3 and streaming == sorted(streaming) and streaming[0] < streaming[-1]
+        stats = chat.last_stats
+        assert 0 < stats.generated_tokens <= 24 and stats.stop_reason in ("eos", "length")
+        assert stats.tokens_per_second > 0 and stats.n_ctx == 2048 and stats.prompt_tokens > 10
+        status = str(chat.query_one("#chat-stats").render())
+        assert "tok/s" in status and f"ctx {stats.context_used}/2048" in status and "stop: " in status
+        messages = [m for m in chat.query(ChatMessage)]
+        assert [m.role for m in messages] == ["user", "assistant"]
+        assert messages[0].content == "What is the capital of France?" and "Paris" in messages[1].content
+        # kept per artifact on disk, system prompt included
+        saved = json.loads(history_path(real_gguf).read_text())
+        assert saved["system"] == chat.session.system
+        assert [m["content"] for m in saved["messages"]] == [messages[0].content, messages[1].content]
+        assert "chat template" in str(chat.query_one("#chat-title").render())
+        assert not chat.query_one("#chat-input").disabled
+
+
+async def test_escape_stops_a_generation_and_the_next_message_works(real_gguf):
+    app = _app(real_gguf)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        await _send(pilot, chat, "Tell me a very long story about a dragon, in many paragraphs.", max_tokens=1500)
+        reply = chat._reply
+        await wait_for(pilot, lambda: len(reply.content) > 0, what="the first tokens")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not chat.busy, what="the generation to stop")
+        assert chat.last_stats.stop_reason == "cancelled"
+        assert 0 < chat.last_stats.generated_tokens < 200
+        assert "stopped" in str(reply.query_one(".role").render())
+        assert chat.session.messages[-1] == {"role": "assistant", "content": reply.content}
+        await _send(pilot, chat, "Thanks!", max_tokens=8)
+        await wait_for(pilot, lambda: not chat.busy, what="the second reply")
+        assert chat.last_stats.stop_reason in ("length", "eos") and 0 < chat.last_stats.generated_tokens <= 8
+        assert [m["role"] for m in chat.session.messages] == ["user", "assistant", "user", "assistant"]
+
+
+async def test_a_crashed_runtime_shows_the_error_panel_and_chat_recovers(real_gguf, models):
+    app = _app(real_gguf)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        await _send(pilot, chat, "Tell me a very long story about a knight.", max_tokens=1500)
+        await wait_for(pilot, lambda: len(chat._reply.content) > 0, what="the first tokens")
+        os.kill(chat.session.backend._proc.pid, signal.SIGKILL)  # the worker dies mid-generation
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorPanel), what="the error panel")
+        panel = app.screen
+        assert panel.title_text == "The runtime crashed" and "SIGKILL" in panel.message
+        await pilot.press("escape")
+        assert app.screen is chat and chat.session.backend is None and not chat.busy
+        assert "failed" in str(chat.query(ChatMessage).last().query_one(".role").render())
+        await _send(pilot, chat, "Still there?", max_tokens=8)  # the model loads again
+        await wait_for(pilot, lambda: not chat.busy and chat.last_stats is not None, what="a reply after the crash")
+        assert chat.last_stats.generated_tokens > 0 and chat.session.backend is not None
+
+
+async def test_history_is_per_artifact_and_reopens(models):
+    session = ChatSession.open(models / "tiny-q8")
+    session.system = "Answer briefly."
+    session.messages = [{"role": "user", "content": "earlier question"},
+                        {"role": "assistant", "content": "earlier **answer**"}]
+    session.save()
+    app = _app(models / "tiny-q8")
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        assert [m.content for m in chat.query(ChatMessage)] == ["earlier question", "earlier **answer**"]
+        assert chat.query_one("#system-prompt").text == "Answer briefly."
+        await app.open_in_chat(models / "tiny-f16")  # another artifact: its own (empty) history
+        chat = await _ready(pilot, app)
+        assert list(chat.query(ChatMessage)) == [] and chat.session.artifact.name == "tiny-f16"
+        await pilot.press("ctrl+y")  # nothing to copy yet: a warning, no crash
+        await app.open_in_chat(models / "tiny-q8")
+        chat = await _ready(pilot, app)
+        assert len(chat.query(ChatMessage)) == 2
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert list(chat.query(ChatMessage)) == [] and ChatSession.open(models / "tiny-q8").messages == []
+
+
+async def test_bad_sampling_value_is_refused_without_sending(models):
+    app = _app(models / "tiny-q8")
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        chat.query_one("#s-temperature").value = "-1"
+        await _send(pilot, chat, "hi")
+        await pilot.pause()
+        assert not chat.busy and chat.session.messages == []
+        assert chat.query_one("#chat-input").value == "hi"  # kept for a retry
+
+
+async def test_corrupt_model_and_missing_runtime_show_the_error_panel(models, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    app = _app(bad)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorPanel), what="the error panel")
+        assert "could not load bad.gguf" in app.screen.message
+        await pilot.press("escape")
+        await pilot.press("f3")  # the app is still usable
+        await wait_for(pilot, lambda: app.current_mode == "artifacts" and len(app.screen.rows) == 2,
+                       what="the artifacts list")
+        other = tmp_path / "other-format"
+        other.mkdir()
+        (other / "model.mlpackage").write_bytes(b"x")
+        (other / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "coreml",
+                                                        "files": {"model": "model.mlpackage"}}))
+        await app.open_in_chat(other)
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorPanel), what="the error panel")
+        assert app.screen.title_text == "Not supported" and "no runtime for 'coreml'" in app.screen.message
+        await pilot.press("enter")
+        assert app.current_mode == "chat" and not isinstance(app.screen, ErrorPanel)

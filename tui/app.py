@@ -1,0 +1,102 @@
+"""The edgekit Textual app: five screens (modes) switched with F2..F6, help on F1, a command palette.
+
+    from edgekit.tui.app import EdgekitApp
+    EdgekitApp(folder=".", chat="./model-gguf-q4").run()
+
+Long work (loading a model, generating, converting, profiling) runs in worker threads and reports
+back with ``call_from_thread``; a failure shows the error panel and the app stays usable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from edgekit.tui.screens.artifacts import ArtifactsScreen
+from edgekit.tui.screens.chat import ChatScreen
+from edgekit.tui.screens.convert import ConvertScreen
+from edgekit.tui.screens.devices import DevicesScreen
+from edgekit.tui.screens.dialogs import ErrorPanel, HelpScreen, error_text, error_title
+from edgekit.tui.screens.profile import ProfileScreen
+
+SCREEN_KEYS = {"chat": "f2", "artifacts": "f3", "convert": "f4", "profile": "f5", "devices": "f6"}
+
+
+class EdgekitApp(App[None]):
+    """``folder``: where the artifacts screen looks. ``chat``: an artifact to open in chat at start.
+    ``start``: the first screen. ``backend_options``: passed to the runtime (n_ctx, n_threads...)."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "edgekit"
+    SCREENS = {"chat": ChatScreen, "artifacts": ArtifactsScreen, "convert": ConvertScreen,
+               "profile": ProfileScreen, "devices": DevicesScreen}
+    MODES = {name: name for name in SCREENS}
+    BINDINGS = [
+        Binding("f1", "help", "Help"),
+        *(Binding(key, f"show('{name}')", name.capitalize()) for name, key in SCREEN_KEYS.items()),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(self, folder: str | Path = ".", chat: str | Path | None = None, start: str | None = None,
+                 backend_options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.folder = Path(folder).expanduser()
+        self.chat_target = Path(chat).expanduser() if chat else None
+        self.start = start or ("chat" if chat else "artifacts")
+        self.backend_options = dict(backend_options or {})
+
+    async def on_mount(self) -> None:
+        await self.switch_mode(self.start)
+        if self.chat_target is not None:
+            await self.open_in_chat(self.chat_target)
+
+    # -- navigation ---------------------------------------------------------------------------
+
+    async def action_show(self, name: str) -> None:
+        if self.current_mode != name:
+            await self.switch_mode(name)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    async def open_in_chat(self, path: str | Path) -> None:
+        await self.switch_mode("chat")
+        chat = self.get_screen("chat")
+        assert isinstance(chat, ChatScreen)
+        await chat.open_artifact(path)
+
+    async def open_in_profile(self, paths: list[Path]) -> None:
+        await self.switch_mode("profile")
+        profile = self.get_screen("profile")
+        assert isinstance(profile, ProfileScreen)
+        profile.set_targets(paths)
+
+    def artifact_added(self, path: Path) -> None:
+        """A conversion finished: the artifacts list shows it (even outside the scanned folder)."""
+        artifacts = self.get_screen("artifacts")
+        assert isinstance(artifacts, ArtifactsScreen)
+        artifacts.add_extra(path)
+
+    def show_error(self, exc: BaseException | str, title: str | None = None) -> None:
+        """The error panel, on top of whatever screen is showing; the app stays usable."""
+        message = exc if isinstance(exc, str) else error_text(exc)
+        self.push_screen(ErrorPanel(title or (error_title(exc) if not isinstance(exc, str) else "Error"), message))
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for name, key in SCREEN_KEYS.items():
+            yield SystemCommand(f"Go to {name}", f"The {name} screen ({key.upper()})",
+                                lambda name=name: self.run_worker(self.action_show(name)))
+        yield SystemCommand("Help", "Keys and screens (F1)", self.action_help)
+
+    async def action_quit(self) -> None:
+        chat = self.get_screen("chat")
+        if isinstance(chat, ChatScreen):
+            chat.shutdown()
+        self.exit()

@@ -1,0 +1,186 @@
+"""A conversation with one artifact: history kept per artifact on disk, the backend loaded lazily,
+generation streamed with cancel (no Textual here; the chat screen drives it from a worker thread).
+
+The backend is not thread-safe (one call at a time), so every use goes through ``_lock``; a crash
+drops the backend and the next message loads it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.artifact import Artifact
+from edgekit.errors import BackendCrashed
+from edgekit.fsutil import atomic_file, edgekit_home
+from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def history_path(artifact: Path) -> Path:
+    """Where the conversation with ``artifact`` is kept: one JSON file per artifact path."""
+    key = hashlib.sha1(str(artifact.resolve()).encode()).hexdigest()[:16]
+    folder = edgekit_home() / "chats"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}.json"
+
+
+@dataclass
+class LiveStats:
+    """What the screen shows while tokens stream: counts, tokens/s so far, context use."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    tokens_per_second: float = 0.0
+    n_ctx: int = 0
+    stop_reason: str = ""
+    template: str = ""
+
+    @property
+    def context_used(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+
+@dataclass
+class ChatSession:
+    """The conversation with one artifact. ``options`` go to the backend (n_ctx, n_threads...)."""
+
+    artifact: Artifact
+    options: dict[str, Any] = field(default_factory=dict)
+    system: str = DEFAULT_SYSTEM
+    messages: list[dict[str, str]] = field(default_factory=list)
+    backend: Backend | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def open(cls, target: str | Path, **options: Any) -> ChatSession:
+        """Open ``target`` (artifact folder or model file) and its saved history, if any."""
+        art = Artifact.open(target)
+        session = cls(artifact=art, options=options)
+        session._load_history()
+        return session
+
+    @property
+    def key_path(self) -> Path:
+        return self.artifact.bare_file or self.artifact.path
+
+    # -- history ------------------------------------------------------------------------------
+
+    def _load_history(self) -> None:
+        try:
+            data = json.loads(history_path(self.key_path).read_text())
+        except (OSError, ValueError):
+            return
+        self.system = str(data.get("system", self.system))
+        self.messages = [m for m in data.get("messages", [])
+                         if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+
+    def save(self) -> None:
+        """Write the history atomically (a read-only cache only loses the history)."""
+        with contextlib.suppress(OSError):
+            dest = history_path(self.key_path)
+            with atomic_file(dest) as tmp:
+                tmp.write_text(json.dumps({"artifact": str(self.key_path.resolve()), "system": self.system,
+                                           "messages": self.messages}, indent=1))
+
+    def clear(self) -> None:
+        self.messages = []
+        self.save()
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system.strip() else []
+        return system + [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
+    # -- the model ----------------------------------------------------------------------------
+
+    def ensure_loaded(self) -> Backend:
+        """Load the backend for the artifact's format (slow the first time; call from a worker thread)."""
+        if self.backend is None:
+            from edgekit import api
+
+            self.backend = api.open_backend(self.artifact, **self.options)
+        return self.backend
+
+    @property
+    def n_ctx(self) -> int:
+        return int(getattr(self.backend, "n_ctx", 0) or self.options.get("n_ctx", 0) or 0)
+
+    def reply(
+        self,
+        user_text: str,
+        sampling: SamplingConfig,
+        cancel: threading.Event,
+        on_text: Callable[[str, LiveStats], None],
+        flush_every: float = 0.03,
+    ) -> LiveStats:
+        """Add ``user_text``, stream the reply to ``on_text(chunk, stats)`` (chunks batched every
+        ``flush_every`` seconds) until done or ``cancel`` is set; the reply (even partial) joins the
+        history. Errors propagate; a crashed backend is dropped so the next call reloads it."""
+        self.messages.append({"role": "user", "content": user_text})
+        self.save()
+        with self._lock:
+            live = LiveStats()
+            reply = ""
+            try:
+                backend = self.ensure_loaded()
+                live.n_ctx = self.n_ctx
+                stats = GenerationStats()
+                reply = self._stream(backend.generate(self.prompt_messages(), sampling, stats),
+                                     stats, live, cancel, on_text, flush_every)
+                live.stop_reason = "cancelled" if cancel.is_set() else stats.stop_reason
+            except BackendCrashed:
+                self._drop_backend()
+                raise
+            finally:
+                if reply:
+                    self.messages.append({"role": "assistant", "content": reply})
+                    self.save()
+            return live
+
+    def _stream(self, gen: Iterator[str], stats: GenerationStats, live: LiveStats, cancel: threading.Event,
+                on_text: Callable[[str, LiveStats], None], flush_every: float) -> str:
+        text: list[str] = []
+        pending: list[str] = []
+        t_first = last_flush = 0.0
+        with contextlib.closing(gen):  # closing stops the generation in the backend
+            for piece in gen:
+                now = time.perf_counter()
+                if not t_first:
+                    t_first = now
+                text.append(piece)
+                pending.append(piece)
+                live.prompt_tokens = stats.prompt_tokens
+                live.generated_tokens = stats.generated_tokens
+                live.template = str(stats.extra.get("chat_template", ""))
+                if live.generated_tokens > 1 and now > t_first:
+                    live.tokens_per_second = (live.generated_tokens - 1) / (now - t_first)
+                if cancel.is_set():
+                    break
+                if now - last_flush >= flush_every:
+                    on_text("".join(pending), live)
+                    pending.clear()
+                    last_flush = now
+        live.generated_tokens = stats.generated_tokens
+        live.prompt_tokens = stats.prompt_tokens or live.prompt_tokens
+        if stats.tokens_per_second:
+            live.tokens_per_second = stats.tokens_per_second
+        on_text("".join(pending), live)
+        return "".join(text)
+
+    def _drop_backend(self) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            with contextlib.suppress(Exception):
+                backend.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_backend()

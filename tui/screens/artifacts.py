@@ -1,0 +1,208 @@
+"""Artifacts: what is under a folder with its manifest; inspect, delete, open in chat or profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import DataTable, Footer, Header, Input, Label, Static
+
+from edgekit.tui.catalog import ArtifactRow, delete_artifact, find_artifacts, human_bytes, row_for
+from edgekit.tui.screens.dialogs import Confirm
+
+COLUMNS = ("name", "format", "method", "quant", "size", "bpw", "ppl", "KL")
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+class ArtifactsScreen(Screen[None]):
+    BINDINGS = [
+        Binding("enter,i", "inspect", "Inspect"),
+        Binding("c", "chat", "Chat"),
+        Binding("p", "profile", "Profile"),
+        Binding("d", "delete", "Delete"),
+        Binding("r", "rescan", "Rescan"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(id="artifacts")
+        self.rows: list[ArtifactRow] = []
+        self.extra: list[Path] = []  # artifacts made in this session outside the scanned folder
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="artifacts-bar"):
+            yield Label("folder")
+            yield Input(str(self.app.folder), id="artifacts-folder")  # type: ignore[attr-defined]
+        table: DataTable[str] = DataTable(id="artifacts-table", cursor_type="row", zebra_stripes=True)
+        table.add_columns(*COLUMNS)
+        yield table
+        yield Static("", id="artifacts-status", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.rescan()
+        self.query_one(DataTable).focus()
+
+    @on(Input.Submitted, "#artifacts-folder")
+    def _folder_changed(self, event: Input.Submitted) -> None:
+        self.app.folder = Path(event.value).expanduser()  # type: ignore[attr-defined]
+        self.rescan()
+        self.query_one(DataTable).focus()
+
+    def rescan(self) -> None:
+        self.query_one("#artifacts-status", Static).update("scanning...")
+        self._scan(self.app.folder)  # type: ignore[attr-defined]
+
+    @work(thread=True, exclusive=True, group="scan")
+    def _scan(self, folder: Path) -> None:
+        try:
+            rows = find_artifacts(folder)
+        except Exception as exc:  # noqa: BLE001 - shown in the error panel
+            self.app.call_from_thread(self.app.show_error, exc)  # type: ignore[attr-defined]
+            rows = []
+        seen = {r.path.resolve() for r in rows}
+        rows += [row_for(p) for p in self.extra if p.exists() and p.resolve() not in seen]
+        self.app.call_from_thread(self._show, rows, folder)
+
+    def _show(self, rows: list[ArtifactRow], folder: Path) -> None:
+        self.rows = rows
+        table = self.query_one(DataTable)
+        table.clear()
+        for r in rows:
+            name = r.name if not r.problem else f"{r.name} (unreadable)"
+            table.add_row(name, r.format, r.method, r.quant, r.size_text if r.size_bytes else "-",
+                          _num(r.bpw, ".2f"), _num(r.ppl, ".3f"), _num(r.kl, ".4f"), key=str(r.path))
+        total = sum(r.size_bytes for r in rows)
+        self.query_one("#artifacts-status", Static).update(
+            f"{len(rows)} artifacts under {folder} ({human_bytes(total)})" if rows else
+            f"no artifacts under {folder}: convert one on the Convert screen (F4) or type another folder above")
+
+    def add_extra(self, path: Path) -> None:
+        if path not in self.extra:
+            self.extra.append(path)
+        if self.is_mounted:
+            self.rescan()
+
+    def selected(self) -> ArtifactRow | None:
+        table = self.query_one(DataTable)
+        if not self.rows or table.cursor_row < 0 or table.cursor_row >= len(self.rows):
+            self.notify("no artifact selected", severity="warning")
+            return None
+        return self.rows[table.cursor_row]
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def action_rescan(self) -> None:
+        self.rescan()
+
+    @on(DataTable.RowSelected)
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.action_inspect()
+
+    def action_inspect(self) -> None:
+        row = self.selected()
+        if row is not None:
+            if row.problem:
+                self.app.show_error(row.problem, "Unreadable artifact")  # type: ignore[attr-defined]
+                return
+            self.app.push_screen(InspectScreen(row))
+
+    async def action_chat(self) -> None:
+        row = self.selected()
+        if row is not None:
+            await self.app.open_in_chat(row.path)  # type: ignore[attr-defined]
+
+    async def action_profile(self) -> None:
+        row = self.selected()
+        if row is not None:
+            await self.app.open_in_profile([row.path])  # type: ignore[attr-defined]
+
+    def action_delete(self) -> None:
+        row = self.selected()
+        if row is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                delete_artifact(row)
+            except Exception as exc:  # noqa: BLE001
+                self.app.show_error(exc)  # type: ignore[attr-defined]
+                return
+            self.notify(f"deleted {row.path}")
+            self.rescan()
+
+        what = "the model file" if row.bare else "the folder"
+        self.app.push_screen(Confirm(f"Delete {row.name}?\n{what} {row.path} ({row.size_text}) is removed."), answered)
+
+
+class InspectScreen(ModalScreen[None]):
+    """``edgekit inspect`` as a dialog: summary, types by size, and every tensor."""
+
+    BINDINGS = [Binding("escape,q", "close", "Close")]
+
+    def __init__(self, row: ArtifactRow) -> None:
+        super().__init__()
+        self.row = row
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="inspect"):
+            yield Static(f"{self.row.name}: reading...", id="inspect-summary", markup=False)
+            table: DataTable[str] = DataTable(id="inspect-tensors", zebra_stripes=True)
+            table.add_columns("tensor", "type", "shape", "size", "note")
+            yield table
+
+    def on_mount(self) -> None:
+        self._read()
+
+    @work(thread=True)
+    def _read(self) -> None:
+        from edgekit import api
+
+        try:
+            info = api.inspect(self.row.path)
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self._failed, exc)
+            return
+        self.app.call_from_thread(self._show, info)
+
+    def _failed(self, exc: Exception) -> None:
+        self.dismiss(None)
+        self.app.show_error(exc)  # type: ignore[attr-defined]
+
+    def _show(self, info: dict[str, Any]) -> None:
+        hp = info["hparams"]
+        types = ", ".join(f"{t} x{n} ({human_bytes(info['type_bytes'][t])})" for t, n in info["type_counts"].items())
+        lines = [
+            f"{self.row.name}  ·  {info['architecture']}  ·  {hp['block_count']} layers, hidden "
+            f"{hp['embedding_length']}, vocab {hp['vocab_size']}",
+            f"{info['n_params'] / 1e6:.2f} M parameters  ·  {human_bytes(info['file_bytes'])}  ·  "
+            f"{info['bpw']:.3f} bits/weight  ·  memory at ctx {info['memory']['ctx']}: "
+            f"{human_bytes(info['memory']['total'])} (weights + f16 KV)",
+            f"types: {types}",
+        ]
+        if info["fallbacks"]:
+            lines.append(f"fallbacks: {info['fallbacks']} tensors "
+                         + ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items()))
+        for e in info.get("eval", [])[-2:]:
+            kl = f", KL {e['kl_mean']:.4f}" if e.get("kl_mean") is not None else ""
+            lines.append(f"eval: ppl {e['ppl']:.3f} (ctx {e.get('ctx')}){kl}")
+        self.query_one("#inspect-summary", Static).update("\n".join(lines))
+        table = self.query_one(DataTable)
+        for t in info["tensors"]:
+            note = f"wanted {t['wanted']}" if "wanted" in t else ""
+            table.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), human_bytes(t["bytes"]), note)
+        table.focus()
+
+    def action_close(self) -> None:
+        self.dismiss(None)

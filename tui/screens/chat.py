@@ -1,0 +1,246 @@
+"""Chat: stream replies from an artifact in a worker thread; Esc stops, history is kept per artifact."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, Static, TextArea
+
+from edgekit.errors import EdgekitError
+from edgekit.runtime.base import SamplingConfig
+from edgekit.tui.chat_session import ChatSession, LiveStats
+from edgekit.tui.widgets.chat import ChatMessage
+
+# Sampling fields shown in the settings pane: (SamplingConfig field, label, Input type).
+SAMPLING_FIELDS = (
+    ("temperature", "temperature (0 = greedy)", "number"),
+    ("top_p", "top-p", "number"),
+    ("top_k", "top-k", "integer"),
+    ("min_p", "min-p", "number"),
+    ("repeat_penalty", "repeat penalty", "number"),
+    ("max_tokens", "max new tokens", "integer"),
+    ("seed", "seed", "integer"),
+)
+NO_ARTIFACT = "No artifact open: pick one on the Artifacts screen (F3, then c) or run `edgekit chat PATH`."
+
+
+def describe_stats(live: LiveStats, state: str = "") -> str:
+    """The status line: tokens/s, context use, tokens generated and why it stopped."""
+    parts = [f"{live.tokens_per_second:.1f} tok/s"]
+    if live.n_ctx:
+        parts.append(f"ctx {live.context_used}/{live.n_ctx} ({100 * live.context_used / live.n_ctx:.0f}%)")
+    parts.append(f"{live.generated_tokens} tokens")
+    if live.stop_reason:
+        parts.append(f"stop: {live.stop_reason}")
+    return " · ".join(parts + ([state] if state else []))
+
+
+class ChatScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+y", "copy_reply", "Copy reply"),
+        Binding("ctrl+s", "toggle_settings", "Settings"),
+        Binding("ctrl+l", "clear_history", "Clear"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(id="chat")
+        self.session: ChatSession | None = None
+        self.busy = False
+        self._cancel = threading.Event()
+        self._reply: ChatMessage | None = None
+        self.last_stats: LiveStats | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="chat-main"):
+            with Vertical(id="chat-pane"):
+                yield Static(NO_ARTIFACT, id="chat-title", markup=False)
+                yield VerticalScroll(id="chat-log")
+                yield Static("", id="chat-stats", markup=False)
+                yield Input(placeholder="Type a message, Enter to send", id="chat-input", disabled=True)
+            with VerticalScroll(id="chat-settings"):
+                yield Label("system prompt")
+                yield TextArea("", id="system-prompt", soft_wrap=True, show_line_numbers=False)
+                defaults = SamplingConfig()
+                for name, label, kind in SAMPLING_FIELDS:
+                    yield Label(label)
+                    yield Input(str(getattr(defaults, name)), id=f"s-{name}", type=kind, classes="sampling")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#chat-settings").display = self.app.size.width >= 110
+
+    # -- opening an artifact ------------------------------------------------------------------
+
+    async def open_artifact(self, path: str | Path) -> None:
+        """Show the conversation with ``path`` and start loading its model in the background."""
+        self.action_stop()
+        old, self.session = self.session, None
+        if old is not None:
+            self._close_session(old)
+        try:
+            session = ChatSession.open(path, **getattr(self.app, "backend_options", {}))
+        except EdgekitError as exc:
+            self.app.show_error(exc)  # type: ignore[attr-defined]
+            return
+        self.session = session
+        self.query_one("#chat-title", Static).update(f"{session.artifact.name} ({session.artifact.format})")
+        self.query_one("#system-prompt", TextArea).text = session.system
+        log = self.query_one("#chat-log", VerticalScroll)
+        await log.remove_children()
+        await log.mount_all([ChatMessage(m["role"], m["content"]) for m in session.messages])
+        log.scroll_end(animate=False)
+        self._set_status("loading the model..." if session.backend is None else "ready")
+        self.busy = True
+        self._load(session)
+
+    @work(thread=True, group="chat-load")
+    def _load(self, session: ChatSession) -> None:
+        try:
+            with session._lock:
+                session.ensure_loaded()
+        except BaseException as exc:  # noqa: BLE001 - shown in the error panel
+            self.app.call_from_thread(self._loaded, session, exc)
+            return
+        self.app.call_from_thread(self._loaded, session, None)
+
+    def _loaded(self, session: ChatSession, exc: BaseException | None) -> None:
+        if session is not self.session:
+            return
+        self.busy = False
+        inp = self.query_one("#chat-input", Input)
+        if exc is not None:
+            self._set_status("the model did not load; fix the problem and open it again")
+            self.app.show_error(exc)  # type: ignore[attr-defined]
+            return
+        self._set_status(f"ready · context {session.n_ctx} tokens")
+        inp.disabled = False
+        inp.focus()
+
+    @work(thread=True, group="chat-close")
+    def _close_session(self, session: ChatSession) -> None:
+        session.close()
+
+    # -- sending and streaming ----------------------------------------------------------------
+
+    def sampling(self) -> SamplingConfig:
+        values: dict[str, float | int] = {}
+        for name, label, kind in SAMPLING_FIELDS:
+            raw = self.query_one(f"#s-{name}", Input).value.strip()
+            try:
+                values[name] = int(raw) if kind == "integer" else float(raw)
+            except ValueError:
+                from edgekit.errors import InputError
+
+                raise InputError(f"{label} must be a number, got {raw!r}") from None
+        return SamplingConfig(**values)  # type: ignore[arg-type]
+
+    @on(Input.Submitted, "#chat-input")
+    async def send(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text or self.session is None or self.busy:
+            return
+        try:
+            sampling = self.sampling()
+        except EdgekitError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.session.system = self.query_one("#system-prompt", TextArea).text
+        event.input.value = ""
+        event.input.disabled = True
+        log = self.query_one("#chat-log", VerticalScroll)
+        self._reply = ChatMessage("assistant")
+        await log.mount_all([ChatMessage("user", text), self._reply])
+        log.scroll_end(animate=False)
+        self.busy = True
+        self._cancel.clear()
+        self._set_status("generating... (Esc stops)")
+        self._generate(self.session, text, sampling)
+
+    @work(thread=True, group="chat")
+    def _generate(self, session: ChatSession, text: str, sampling: SamplingConfig) -> None:
+        def on_text(chunk: str, live: LiveStats) -> None:
+            self.app.call_from_thread(self._on_chunk, session, chunk, live)
+
+        try:
+            live = session.reply(text, sampling, self._cancel, on_text)
+        except BaseException as exc:  # noqa: BLE001 - shown in the error panel, the app goes on
+            if self.app.is_running:
+                self.app.call_from_thread(self._on_done, session, None, exc)
+            return
+        if self.app.is_running:
+            self.app.call_from_thread(self._on_done, session, live, None)
+
+    async def _on_chunk(self, session: ChatSession, chunk: str, live: LiveStats) -> None:
+        if session is not self.session or self._reply is None:
+            return
+        await self._reply.append(chunk)
+        self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
+        self._set_status(describe_stats(live, "stopping..." if self._cancel.is_set() else "generating... (Esc stops)"))
+
+    def _on_done(self, session: ChatSession, live: LiveStats | None, exc: BaseException | None) -> None:
+        if session is not self.session:
+            return
+        self.busy = False
+        inp = self.query_one("#chat-input", Input)
+        inp.disabled = False
+        inp.focus()
+        reply, self._reply = self._reply, None
+        if exc is not None:
+            if reply is not None:
+                reply.mark("failed")
+            self._set_status("the generation failed; send again to retry (the model reloads if it crashed)")
+            self.app.show_error(exc)  # type: ignore[attr-defined]
+            return
+        assert live is not None
+        self.last_stats = live
+        if reply is not None and live.stop_reason == "cancelled":
+            reply.mark("stopped")
+        if live.template:
+            art = session.artifact
+            self.query_one("#chat-title", Static).update(f"{art.name} ({art.format}) · chat template: {live.template}")
+        self._set_status(describe_stats(live))
+
+    def _set_status(self, text: str) -> None:
+        self.query_one("#chat-stats", Static).update(text)
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def action_stop(self) -> None:
+        if self.busy and self._reply is not None:
+            self._cancel.set()
+            self._set_status("stopping...")
+
+    def action_copy_reply(self) -> None:
+        replies = [m for m in (self.session.messages if self.session else []) if m["role"] == "assistant"]
+        if not replies:
+            self.notify("no reply to copy yet", severity="warning")
+            return
+        self.app.copy_to_clipboard(replies[-1]["content"])
+        self.notify(f"copied the last reply ({len(replies[-1]['content'])} characters)")
+
+    def action_toggle_settings(self) -> None:
+        pane = self.query_one("#chat-settings")
+        pane.display = not pane.display
+
+    async def action_clear_history(self) -> None:
+        if self.session is None or self.busy:
+            return
+        self.session.clear()
+        await self.query_one("#chat-log", VerticalScroll).remove_children()
+        self._set_status("history cleared")
+
+    def shutdown(self) -> None:
+        """Stop a generation and free the model (the app is closing). Closing waits for the generation
+        to let go of the backend, so it happens off the UI thread, which that generation may be waiting on."""
+        self._cancel.set()
+        session, self.session = self.session, None
+        if session is not None:
+            threading.Thread(target=session.close, daemon=True).start()

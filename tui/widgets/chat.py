@@ -1,0 +1,36 @@
+"""Chat messages: the user's as plain text, the model's as Markdown that grows as tokens stream."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Label, Markdown, Static
+
+
+class ChatMessage(Vertical):
+    """One message. Assistant replies render Markdown (code blocks highlighted); ``append`` streams."""
+
+    can_focus = True
+
+    def __init__(self, role: str, content: str = "") -> None:
+        super().__init__(classes=f"message {role}")
+        self.role = role
+        self.content = content
+
+    def compose(self) -> ComposeResult:
+        yield Label("you" if self.role == "user" else self.role, classes="role")
+        if self.role == "assistant":
+            yield Markdown(self.content, classes="body")
+        else:
+            yield Static(self.content, classes="body", markup=False)
+
+    async def append(self, text: str) -> None:
+        """Add streamed text to the reply."""
+        if not text:
+            return
+        self.content += text
+        await self.query_one(Markdown).append(text)
+
+    def mark(self, note: str) -> None:
+        """Show a note under the role label, e.g. ``stopped`` after a cancel."""
+        self.query_one(".role", Label).update(f"{self.role}  [dim]({note})[/]")
