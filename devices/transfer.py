@@ -138,8 +138,12 @@ def artifact_files(art: Artifact, scratch: Path) -> list[tuple[Path, str]]:
 
 def ram_needed(art: Artifact, ctx: int) -> int | None:
     """Memory to run the artifact at ``ctx``: issue 5's memory model when present, else weights + f16 KV."""
+    if art.format == "onnx":
+        from edgekit.runtime.memory_onnx import estimate_onnx_memory
+
+        return estimate_onnx_memory(art.model_file, ctx).ram_bytes
     if art.format != "gguf":
-        return art.model_file.stat().st_size
+        return sum(f.stat().st_size for f in art.path.glob(art.model_file.name + "*"))
     try:
         from edgekit.runtime.memory import MemoryConfig, estimate_memory, read_shape
     except ImportError:

@@ -123,5 +123,13 @@ def backend_for_format(fmt: str) -> type[Backend]:
         cls = BACKENDS.get(name)
         if fmt in cls.formats:
             return cls
-    raise UnsupportedError(f"no runtime for {fmt!r} artifacts; runtimes exist for: "
-                           + ", ".join(f for n in BACKENDS.names() for f in BACKENDS.get(n).formats))
+    have = ", ".join(f"{f} ({n})" for n in BACKENDS.names() for f in BACKENDS.get(n).formats)
+    hint = _RUNTIME_HINTS.get(fmt, "convert the model to a format edgekit runs (edgekit convert MODEL --to gguf)")
+    raise UnsupportedError(f"no runtime for {fmt!r} artifacts in this edgekit ({hint}); it runs: {have}")
+
+
+# What a user can do about a format edgekit writes or knows but cannot run here.
+_RUNTIME_HINTS = {
+    "coreml": "Core ML models run on macOS/iOS only: run it there with coremltools, or convert --to gguf/onnx here",
+    "mlc": "MLC models run with mlc-llm: pip install mlc-llm, or convert --to gguf/onnx",
+}

@@ -398,18 +398,22 @@ def _energy_block(meter: Any, joules: list[float], row: ProfileRow) -> dict[str,
 
 def _finish(ctx: _Context, art: Artifact, row: ProfileRow, test: TestSpec) -> None:
     """Roofline for generation tests on the CPU: bytes read per token over host bandwidth."""
-    if not ctx.cfg.roofline or not test.n_gen or test.n_prompt or art.format != "gguf":
+    if not ctx.cfg.roofline or not test.n_gen or test.n_prompt or art.format not in ("gguf", "onnx"):
         return
     if row.config.get("n_gpu_layers"):
         row.roofline = {"available": False, "reason": "GPU bandwidth is not measured; roofline covers CPU runs"}
         return
     from edgekit.runtime.memory import MemoryConfig, decode_bytes_per_token, read_shape
 
-    shape = read_shape(art.model_file)
-    reads = decode_bytes_per_token(shape, test.n_depth + test.n_gen // 2,
-                                   MemoryConfig(n_ctx=row.config["n_ctx"], type_k=row.config["type_k"],
-                                                type_v=row.config["type_v"]))
-    per_token = reads["cpu"] + reads["gpu"]
+    if art.format == "onnx":
+        from edgekit.runtime.memory_onnx import onnx_decode_bytes_per_token
+
+        per_token = onnx_decode_bytes_per_token(art.model_file, test.n_depth + test.n_gen // 2)
+    else:
+        reads = decode_bytes_per_token(read_shape(art.model_file), test.n_depth + test.n_gen // 2,
+                                       MemoryConfig(n_ctx=row.config["n_ctx"], type_k=row.config.get("type_k", "f16"),
+                                                    type_v=row.config.get("type_v", "f16")))
+        per_token = reads["cpu"] + reads["gpu"]
     bw = ctx.bandwidth()
     ceiling = bw / per_token
     tps, _ = row.tps

@@ -279,8 +279,12 @@ def plan_cmd(
     from edgekit.runtime.plan import Bandwidths, Budget, parse_size, plan_offload
 
     art = Artifact.open(artifact)
+    if art.format == "onnx":
+        _plan_onnx(art, ram, vram, ctx, batch, as_json)
+        return
     if art.format != "gguf":
-        raise UnsupportedError(f"plan models llama.cpp (GGUF) artifacts; this one is {art.format!r}")
+        raise UnsupportedError(f"plan models GGUF (llama.cpp) and ONNX (onnxruntime) artifacts; this one is "
+                               f"{art.format!r}")
     shape = read_shape(art.model_file)
     budget = Budget(ram_bytes=parse_size(ram) if ram else int(psutil.virtual_memory().available),
                     vram_bytes=parse_size(vram))
@@ -303,6 +307,35 @@ def plan_cmd(
     flags = [f"-ngl {p.n_gpu_layers}"] + ([] if p.offload_kqv or not p.n_gpu_layers else ["--no-kv-offload"])
     flags += [f"-ot '{pat}={buft}'" for pat, buft in p.tensor_overrides]
     out.print(f"  llama.cpp: {' '.join(flags)}    edgekit: run {artifact} --offload auto", highlight=False)
+
+
+def _plan_onnx(art: Any, ram: str | None, vram: str, ctx: int, batch: int, as_json: bool) -> None:
+    """Memory of an onnxruntime CPU session by part, and whether it fits ``--ram``."""
+    import psutil
+
+    from edgekit.errors import InputError
+    from edgekit.runtime.memory_onnx import estimate_onnx_memory
+    from edgekit.runtime.plan import parse_size
+
+    est = estimate_onnx_memory(art.model_file, ctx, n_batch=batch)
+    ram_budget = parse_size(ram) if ram else int(psutil.virtual_memory().available)
+    fits = est.ram_bytes <= ram_budget
+    note = ("onnxruntime's CPU execution provider runs the whole graph in host memory; "
+            "GPU offload is not planned for ONNX" + (" (--vram ignored)" if parse_size(vram) else ""))
+    if as_json:
+        sys.stdout.write(json.dumps({**est.to_json(), "fits": fits, "ram_budget": ram_budget, "device": "CPU",
+                                     "reason": note}, indent=1) + "\n")
+    else:
+        p = est.parts
+        verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
+        out.print(f"[bold]{art.name}[/] at ctx {ctx}: {verdict} in {_mb(ram_budget)} RAM (onnxruntime, CPU)")
+        out.print(f"  RAM  {_mb(est.ram_bytes)}: weights {_mb(p['weights'])} + repacked {_mb(p['weights_prepacked'])}, "
+                  f"KV {_mb(p['kv'])}, logits {_mb(p['logits'])}, activations {_mb(p['activations'])}, "
+                  f"runtime {_mb(p['overhead'] + p['baseline'])}")
+        out.print(f"  {note}")
+    if not fits:
+        raise InputError(f"{art.name} needs about {_mb(est.ram_bytes)} at ctx {ctx} but the budget is "
+                         f"{_mb(ram_budget)}; lower --ctx or use a smaller artifact")
 
 
 def offload_options(artifact: Path, offload: str, ctx: int) -> dict[str, Any]:

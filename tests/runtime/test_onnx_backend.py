@@ -130,3 +130,71 @@ def test_real_model_parity_and_paris(real_hf, real_onnx):
         answer = "".join(be.generate([{"role": "user", "content": "What is the capital of France?"}],
                                      SamplingConfig(temperature=0, max_tokens=24)))
     assert "Paris" in answer, answer
+
+
+# VmHWM (this process image's peak RSS), not ru_maxrss: Linux carries ru_maxrss across fork and exec,
+# so a child of the big pytest process would report pytest's own peak.
+_RSS_PROBE = """
+import sys
+from edgekit.runtime.onnx import OnnxBackend
+be = OnnxBackend(sys.argv[1], n_ctx=int(sys.argv[2]))
+toks = list(range(100, 100 + int(sys.argv[2])))
+for i in range(0, len(toks), 512):
+    be.decode(toks[i:i + 512])
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) * 1024)
+"""
+
+
+def _peak_rss(model_file, ctx: int) -> int:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(model_file), str(ctx)], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.real
+def test_real_model_memory_model_matches_peak_rss(real_onnx):
+    from edgekit.runtime.memory_onnx import estimate_onnx_memory
+
+    for art in real_onnx:
+        model = art / "model.onnx"
+        for ctx in (512, 1024):
+            predicted = estimate_onnx_memory(model, ctx).ram_bytes
+            measured = _peak_rss(model, ctx)
+            assert abs(predicted / measured - 1) < 0.10, (art.name, ctx, predicted, measured)
+
+
+def test_plan_and_push_fit_use_the_onnx_memory_model(tiny_onnx, tmp_path):
+    import json
+
+    from edgekit.artifact import Artifact
+    from edgekit.devices.transfer import ram_needed
+    from edgekit.runtime.memory_onnx import estimate_onnx_memory
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["plan", str(tiny_onnx), "--ctx", "1024", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output)
+    est = estimate_onnx_memory(tiny_onnx / "model.onnx", 1024)
+    assert plan["fits"] and plan["ram_bytes"] == est.ram_bytes
+    # KV grows with the context: 2 (K, V) x 2 (past, present) x layers x ctx x kv heads x head dim x 4 bytes
+    assert est.parts["kv"] == 2 * 2 * 2 * 1024 * 2 * 64 * 4
+    assert ram_needed(Artifact.open(tiny_onnx), 1024) == est.ram_bytes
+    r = runner.invoke(app, ["plan", str(tiny_onnx), "--ctx", "1024", "--ram", "10MB"])
+    assert r.exit_code != 0 and "lower --ctx" in r.output
+
+
+def test_profile_runs_onnx_artifacts_on_the_generic_path(tiny_onnx):
+    from edgekit.runtime.profile import ProfileConfig, parse_tests, profile
+
+    run = profile([tiny_onnx], ProfileConfig(tests=parse_tests("pp16,tg8"), reps=2, threads=(1,)))
+    assert [r.test for r in run.rows] == ["pp16", "tg8"] and all(r.status == "ok" for r in run.rows)
+    tg = run.rows[1]
+    assert tg.method == "generic" and tg.tps[0] > 0
+    # the int8 embedding table is only looked up (one row per token): the rest of the weights are read
+    data = (tiny_onnx / "model.onnx.data").stat().st_size
+    table = 384 * 256 + 384 * 256 // 32 * (4 + 1)  # int8 codes, fp32 scales, zero points
+    assert tg.roofline["available"] and 0.7 * (data - table) < tg.roofline["bytes_per_token"] < data - table / 2

@@ -75,11 +75,16 @@ class ArtifactsScreen(Screen[None]):
     def _show(self, rows: list[ArtifactRow], folder: Path) -> None:
         self.rows = rows
         table = self.query_one(DataTable)
-        table.clear()
-        for r in rows:
-            name = r.name if not r.problem else f"{r.name} (unreadable)"
-            table.add_row(name, r.format, r.method, r.quant, r.size_text if r.size_bytes else "-",
-                          _num(r.bpw, ".2f"), _num(r.ppl, ".3f"), _num(r.kl, ".4f"), key=str(r.path))
+        cells = [(r.name if not r.problem else f"{r.name} (unreadable)", r.format, r.method, r.quant,
+                  r.size_text if r.size_bytes else "-", _num(r.bpw, ".2f"), _num(r.ppl, ".3f"), _num(r.kl, ".4f"))
+                 for r in rows]
+        # explicit widths: DataTable's own auto-width settles on a later refresh, which made the layout
+        # depend on timing (seen as truncated columns in snapshots on a loaded machine)
+        table.clear(columns=True)
+        for i, label in enumerate(COLUMNS):
+            table.add_column(label, width=max([len(str(label))] + [len(str(c[i])) for c in cells]))
+        for r, c in zip(rows, cells, strict=True):
+            table.add_row(*c, key=str(r.path))
         total = sum(r.size_bytes for r in rows)
         self.query_one("#artifacts-status", Static).update(
             f"{len(rows)} artifacts under {folder} ({human_bytes(total)})" if rows else
@@ -188,7 +193,7 @@ class InspectScreen(ModalScreen[None]):
             f"{hp['embedding_length']}, vocab {hp['vocab_size']}",
             f"{info['n_params'] / 1e6:.2f} M parameters  ·  {human_bytes(info['file_bytes'])}  ·  "
             f"{info['bpw']:.3f} bits/weight  ·  memory at ctx {info['memory']['ctx']}: "
-            f"{human_bytes(info['memory']['total'])} (weights + f16 KV)",
+            f"{human_bytes(info['memory']['total'])} (weights + KV cache)",
             f"types: {types}",
         ]
         if info["fallbacks"]:
@@ -199,9 +204,13 @@ class InspectScreen(ModalScreen[None]):
             lines.append(f"eval: ppl {e['ppl']:.3f} (ctx {e.get('ctx')}){kl}")
         self.query_one("#inspect-summary", Static).update("\n".join(lines))
         table = self.query_one(DataTable)
-        for t in info["tensors"]:
-            note = f"wanted {t['wanted']}" if "wanted" in t else ""
-            table.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), human_bytes(t["bytes"]), note)
+        cells = [(t["name"], t["type"], "x".join(map(str, t["shape"])), human_bytes(t["bytes"]),
+                  f"wanted {t['wanted']}" if "wanted" in t else "") for t in info["tensors"]]
+        table.clear(columns=True)  # explicit widths: a layout that does not depend on refresh timing
+        for i, label in enumerate(("tensor", "type", "shape", "size", "note")):
+            table.add_column(label, width=max([len(label)] + [len(c[i]) for c in cells]))
+        for c in cells:
+            table.add_row(*c)
         table.focus()
 
     def action_close(self) -> None:

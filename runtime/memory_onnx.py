@@ -1,0 +1,107 @@
+"""Memory model for ONNX decoders on onnxruntime's CPU execution provider.
+
+What a session holds at its peak, by part (bytes):
+
+* ``weights``: the external data file. onnxruntime reads it into the session, except rows of a float
+  ``Gather`` table (the token embedding) that are never looked up: their pages stay cold;
+* ``weights_prepacked``: ``MatMulNBits`` weights repacked into MLAS's own block layout at load (the
+  original initializer stays mapped), so 4/8-bit weights count about twice;
+* ``kv``: the past key/values fed in plus the presents returned (edgekit's loop keeps both for one
+  step), 2 x layers x ctx x KV heads x head size x element size, twice;
+* ``logits``: the logits of one prefill chunk (``n_batch`` x vocab x 4 bytes), the largest activation;
+* ``activations``: the arena for one chunk's hidden states (hidden, Q/K/V, FFN), a few times over;
+* ``overhead``: onnxruntime's own allocations at load (session, kernels, thread pools): a constant
+  measured on this machine, like ``baseline`` (the Python process with onnxruntime imported).
+
+Checked against measured peak RSS in tests/runtime/test_onnx_backend.py (SmolLM2-135M: fp32 and 4-bit
+graphs within about 3% at ctx 512 and 2048 when the constants were measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import UnsupportedError, require
+
+# Measured on x86-64 Linux with onnxruntime 1.31 (SmolLM2-135M, fp32 and 4-bit graphs): RSS after
+# loading a session less the weights it reads and repacks; and a Python process with onnxruntime imported.
+ORT_OVERHEAD = 40 << 20
+BASELINE = 47 << 20
+_ELEM = {1: 4, 10: 2, 16: 2}  # ONNX FLOAT, FLOAT16, BFLOAT16
+
+
+@dataclass(frozen=True)
+class OnnxMemoryEstimate:
+    ram_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+    n_ctx: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ram_bytes": self.ram_bytes, "ram_required_bytes": self.ram_bytes, "vram_bytes": 0,
+                "parts": self.parts, "n_ctx": self.n_ctx, "runtime": "onnxruntime (CPU)"}
+
+
+def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
+                         baseline_bytes: int = BASELINE) -> OnnxMemoryEstimate:
+    """Predicted peak RSS of an onnxruntime session of ``model_file`` filled to ``n_ctx`` tokens."""
+    onnx = require("onnx", "onnx")
+    path = Path(model_file)
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {t.name: _nbytes(onnx, t) for t in model.graph.initializer}
+    nbits = cold = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.input[1] in sizes:
+            nbits += sizes[node.input[1]]
+        if node.op_type == "Gather" and node.input[0] in sizes and node.input[1] == "input_ids":
+            cold += sizes[node.input[0]]
+    past = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
+    if not past:
+        raise UnsupportedError(f"{path.name} has no past_key_values inputs; cannot model its KV cache")
+    tt = past[0].type.tensor_type
+    dims = [d.dim_value for d in tt.shape.dim]
+    kv_heads, head_dim = dims[1], dims[3]
+    if not kv_heads or not head_dim:
+        raise UnsupportedError(f"{path.name}: symbolic KV shapes; cannot model its KV cache")
+    elem = _ELEM.get(tt.elem_type, 4)
+    logits_dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    vocab = logits_dims[-1] or 0
+    hidden = kv_heads * head_dim  # lower bound; refined from an initializer below when available
+    for t in model.graph.initializer:
+        if t.name.endswith("input_layernorm.weight") and t.dims:
+            hidden = int(t.dims[0])
+            break
+    data = sum(sizes.values())
+    chunk = min(n_batch, n_ctx)
+    parts = {
+        "weights": data - cold,
+        "weights_prepacked": nbits,
+        "kv": 2 * 2 * len(past) // 2 * n_ctx * kv_heads * head_dim * elem,
+        "logits": chunk * vocab * 4,
+        "activations": 8 * chunk * hidden * 4,
+        "overhead": ORT_OVERHEAD,
+        "baseline": baseline_bytes,
+    }
+    return OnnxMemoryEstimate(ram_bytes=sum(parts.values()), parts=parts, n_ctx=n_ctx)
+
+
+def onnx_decode_bytes_per_token(model_file: str | Path, depth: int) -> int:
+    """Bytes one decode step must read: every weight the graph multiplies with (a table that is only
+    looked up, by Gather or GatherBlockQuantized, gives one row) plus the KV cache up to ``depth``."""
+    onnx = require("onnx", "onnx")
+    model = onnx.load(str(model_file), load_external_data=False)
+    sizes = {t.name: _nbytes(onnx, t) for t in model.graph.initializer}
+    lookups = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    others = {i for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for i in n.input}
+    lookup_only = {name for name in lookups & sizes.keys() if name not in others}
+    est = estimate_onnx_memory(model_file, max(depth, 1), n_batch=1)
+    kv_per_cell = est.parts["kv"] // 2 // max(depth, 1)  # one copy (past), per context cell
+    return sum(v for k, v in sizes.items() if k not in lookup_only) + kv_per_cell * depth
+
+
+def _nbytes(onnx: Any, t: Any) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
