@@ -33,6 +33,26 @@ fi
 command -v adb >/dev/null || { apt-get update -qq && apt-get install -y -qq adb; } || echo "no adb: Android tests skip"
 [ -x /usr/sbin/sshd ] || { apt-get update -qq && apt-get install -y -qq openssh-server; } || echo "no sshd: SSH tests skip"
 "${pip[@]}" -e ".[torch,onnx,dev,tui,devices]"
+
+# A real llama-bench (static, portable CPU flags) from the same llama.cpp sources, for the on-device
+# profiling tests (`edgekit profile --device X --runner llama-bench`); about 4 minutes, once.
+BENCH_BIN="$HOME/.cache/edgekit/bin/llama-bench-$LLAMA_VERSION"
+if [ ! -x "$BENCH_BIN" ] && command -v cmake >/dev/null && command -v g++ >/dev/null; then
+  echo "building llama-bench $LLAMA_VERSION (about 4 minutes, once)..."
+  src=$(mktemp -d)
+  if .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d "$src" "llama-cpp-python==$LLAMA_VERSION" \
+     && tar xzf "$src"/llama_cpp_python-*.tar.gz -C "$src" \
+     && cmake -S "$src"/llama_cpp_python-*/vendor/llama.cpp -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
+          -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+          -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+          -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON >/dev/null \
+     && cmake --build "$src/build" --target llama-bench -j"$(nproc)" >/dev/null; then
+    mkdir -p "$(dirname "$BENCH_BIN")" && cp "$src/build/bin/llama-bench" "$BENCH_BIN.tmp" && mv "$BENCH_BIN.tmp" "$BENCH_BIN"
+  else
+    echo "llama-bench did not build: the runner tests skip"
+  fi
+  rm -rf "$src"
+fi
 # Snapshot tests for the TUI: pytest-textual-snapshot pins syrupy==4.8.0, which declares pytest<9 (it
 # runs fine on the pinned pytest 9), so both are installed without dependency resolution.
 .venv/bin/python -c "import pytest_textual_snapshot, syrupy" 2>/dev/null || \

@@ -88,3 +88,63 @@ def test_profile_cli_with_device(sshd, home, tiny_artifact, tmp_path):
     assert run["host"]["device"] == "ssh:loop2" and all(row["tps_mean"] > 0 for row in run["rows"])
     r = CliRunner().invoke(app, ["profile", str(tiny_artifact), "--device", "ssh:nope"])
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def _llama_bench() -> Path:
+    """The real llama-bench .ci/setup.sh builds (static, this host's ABI)."""
+    import os
+
+    llama_version = next((line.split("==")[1].strip() for line in
+                          (Path(__file__).resolve().parents[2] / ".ci/constraints.txt").read_text().splitlines()
+                          if line.startswith("llama-cpp-python==")), "")
+    p = Path(os.environ.get("EDGEKIT_LLAMA_BENCH") or Path.home() / ".cache/edgekit/bin" / f"llama-bench-{llama_version}")
+    if not p.is_file():
+        pytest.skip(f"no llama-bench at {p} (.ci/setup.sh builds it)")
+    return p
+
+
+def _check_llama_bench_rows(rows: list[dict], board_dir: str) -> None:
+    assert [r["test"] for r in rows] == ["pp16", "tg8"]
+    for r in rows:
+        assert r["schema"] == "edgekit.profile/1" and r["source"] == "llama-bench" and r["status"] == "ok"
+        assert r["reps"] == 2 and len(r["samples_s"]) == 2 and r["tps_mean"] > 0
+        assert r["config"]["n_threads"] == 1 and r["artifact"]["sha256"]  # the local artifact's identity
+
+
+def test_real_llama_bench_runner_over_ssh(sshd, home, tiny_artifact, tmp_path):
+    """--runner: the llama-bench binary is checked against the board's ABI, pushed next to the artifact,
+    run there over SSH, and its JSON parsed into the same rows."""
+    bench = _llama_bench()
+    add_ssh_host(SSHHost(name="lb", host=sshd["host"], port=sshd["port"], user=sshd["user"], key=sshd["key"]))
+    with open_device("ssh:lb") as dev:
+        rows = remote_profile(dev, tiny_artifact, RemoteProfileConfig(tests="pp16,tg8", reps=2, threads=1,
+                                                                      runner=bench, dest=str(tmp_path / "board")))
+    _check_llama_bench_rows(rows, str(tmp_path / "board"))
+    assert (tmp_path / "board" / "bin" / bench.name).is_file()  # pushed beside the artifact folder
+
+
+def test_real_llama_bench_runner_on_an_android_standin(adb_server, home, tiny_artifact):
+    """The same over adb: a stand-in phone reporting this host's ABI runs the pushed binary as the
+    shell user, through the real adb server."""
+    import platform
+    import shutil
+    import tempfile
+
+    from tests.devices.adbd_standin import AdbdStandin
+    from tests.devices.conftest import _adb, reconnect
+
+    bench = _llama_bench()
+    abi = {"x86_64": "x86_64", "aarch64": "arm64-v8a"}.get(platform.machine(), platform.machine())
+    base = Path(tempfile.mkdtemp(prefix="edgekit-adbd-"))
+    base.chmod(0o755)
+    dev = AdbdStandin(base / "root", props={"ro.product.cpu.abi": abi, "ro.product.cpu.abilist": abi})
+    serial = reconnect(adb_server, dev)
+    try:
+        with open_device(f"android:{serial}") as phone:
+            rows = remote_profile(phone, tiny_artifact, RemoteProfileConfig(tests="pp16,tg8", reps=2, threads=1,
+                                                                            runner=bench))
+        _check_llama_bench_rows(rows, "/data/local/tmp/edgekit")
+    finally:
+        _adb(adb_server, "disconnect", serial)
+        dev.close()
+        shutil.rmtree(base, ignore_errors=True)
