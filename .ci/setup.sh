@@ -45,8 +45,8 @@ if [ ! -x "$BENCH_BIN" ] && command -v cmake >/dev/null && command -v g++ >/dev/
      && cmake -S "$src"/llama_cpp_python-*/vendor/llama.cpp -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
           -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
           -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-          -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON >/dev/null \
-     && cmake --build "$src/build" --target llama-bench -j"$(nproc)" >/dev/null; then
+          -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON >/dev/null 2>&1 \
+     && cmake --build "$src/build" --target llama-bench -j"$(nproc)" >/dev/null 2>&1; then
     mkdir -p "$(dirname "$BENCH_BIN")" && cp "$src/build/bin/llama-bench" "$BENCH_BIN.tmp" && mv "$BENCH_BIN.tmp" "$BENCH_BIN"
   else
     echo "llama-bench did not build: the runner tests skip"
