@@ -21,7 +21,7 @@ import numpy as np
 
 from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError, require
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
-from edgekit.runtime.sampling import TextStream, pick
+from edgekit.runtime.sampling import TextStream, decode_loop, pick
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 GRAPH_OPT = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
@@ -197,27 +197,9 @@ class OnnxBackend(Backend):
         for i in range(0, len(ids), self.n_batch):
             logits = self._run(ids[i : i + self.n_batch], last_only=True)[-1]
         stream = TextStream(self.tokenizer.decode, sampling.stop)
-        stats.stop_reason = "length"
         budget = min(sampling.max_tokens, self.n_ctx - len(ids))
-        while True:
-            tok = pick(logits, sampling, rng, stream.ids)
-            if not stream.ids:
-                stats.time_to_first_token = time.perf_counter() - t0
-            if tok in self._eos:
-                stats.stop_reason = "eos"
-                break
-            piece, stopped = stream.push(tok)
-            stats.generated_tokens = len(stream.ids)
-            if piece:
-                yield piece
-            if stopped:
-                stats.stop_reason = "stop"
-                break
-            if len(stream.ids) >= budget:
-                break
-            logits = self._run([tok], last_only=True)[-1]
-        if stats.stop_reason != "stop" and (tail := stream.rest()):
-            yield tail
+        yield from decode_loop(logits, lambda tok: self._run([tok], last_only=True)[-1],
+                               lambda lg, prev: pick(lg, sampling, rng, prev), self._eos, stream, stats, budget, t0)
         stats.total_time = time.perf_counter() - t0
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -81,3 +83,30 @@ class TextStream:
         text = self.decode(self.ids)
         piece, self.emitted = text[self.emitted :], max(self.emitted, len(text))
         return piece
+
+
+def decode_loop(logits: Any, step: Callable[[int], Any], choose: Callable[[Any, list[int]], int], eos: set[int],
+                stream: TextStream, stats: Any, budget: int, t0: float) -> Iterator[str]:
+    """The shared generation loop: ``choose`` a token from ``logits``, stop on EOS / a stop string /
+    ``budget`` tokens, else ``step(token)`` for the next logits; text pieces stream out as they are safe.
+    Fills ``stats`` (a GenerationStats): time to first token, generated tokens, stop reason."""
+    stats.stop_reason = "length"
+    while True:
+        tok = choose(logits, stream.ids)
+        if not stream.ids:
+            stats.time_to_first_token = time.perf_counter() - t0
+        if tok in eos:
+            stats.stop_reason = "eos"
+            break
+        piece, stopped = stream.push(tok)
+        stats.generated_tokens = len(stream.ids)
+        if piece:
+            yield piece
+        if stopped:
+            stats.stop_reason = "stop"
+            break
+        if len(stream.ids) >= budget:
+            break
+        logits = step(tok)
+    if stats.stop_reason != "stop" and (tail := stream.rest()):
+        yield tail

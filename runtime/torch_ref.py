@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgekit.errors import BackendError, quiet_transformers, require
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
-from edgekit.runtime.sampling import TextStream
+from edgekit.runtime.sampling import TextStream, decode_loop
 
 
 @register_backend("torch")
@@ -89,31 +90,25 @@ class TorchBackend(Backend):
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos = {self.tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
         t0 = time.perf_counter()
-        past, inp = None, torch.tensor([ids])
         stream = TextStream(lambda t: self.tokenizer.decode(t, skip_special_tokens=True), sampling.stop)
-        stats.stop_reason = "length"
-        with torch.inference_mode():
-            for _ in range(sampling.max_tokens):
+        past = None
+
+        def forward(inp: Any) -> Any:
+            nonlocal past
+            with torch.inference_mode():
                 res = self.model(inp, past_key_values=past, use_cache=True)
-                past, logits = res.past_key_values, res.logits[0, -1]
-                if sampling.repeat_penalty != 1.0 and stream.ids:
-                    prev = torch.tensor(sorted(set(stream.ids)))
+            past = res.past_key_values
+            return res.logits[0, -1]
+
+        def choose(logits: Any, previous: list[int]) -> int:
+            with torch.inference_mode():  # the logits are inference tensors: edit them in that mode
+                if sampling.repeat_penalty != 1.0 and previous:
+                    prev = torch.tensor(sorted(set(previous)))
                     vals = logits[prev]
-                    logits[prev] = torch.where(vals > 0, vals / sampling.repeat_penalty, vals * sampling.repeat_penalty)
-                tok = self._pick(logits, sampling, gen)
-                if not stream.ids:
-                    stats.time_to_first_token = time.perf_counter() - t0
-                if tok in eos:
-                    stats.stop_reason = "eos"
-                    break
-                piece, stopped = stream.push(tok)
-                stats.generated_tokens = len(stream.ids)
-                if piece:
-                    yield piece
-                if stopped:
-                    stats.stop_reason = "stop"
-                    break
-                inp = torch.tensor([[tok]])
-        if stats.stop_reason != "stop" and (tail := stream.rest()):
-            yield tail
+                    logits[prev] = torch.where(vals > 0, vals / sampling.repeat_penalty,
+                                               vals * sampling.repeat_penalty)
+                return self._pick(logits, sampling, gen)
+
+        yield from decode_loop(forward(torch.tensor([ids])), lambda tok: forward(torch.tensor([[tok]])), choose, eos,
+                               stream, stats, sampling.max_tokens, t0)
         stats.total_time = time.perf_counter() - t0
