@@ -54,6 +54,7 @@ from edgekit.evaluate import EvalConfig, perplexity, read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home, sha256_file  # noqa: E402
 from edgekit.importer import import_gguf  # noqa: E402
 from edgekit.quickstart import fetch_default_gguf  # noqa: E402
+from edgekit.runtime.hostinfo import cpu_name  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,13 +99,7 @@ def pkg_version(name: str) -> str | None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    return cpu_name()
 
 
 def get_model() -> Path:

@@ -542,14 +542,20 @@ def rapl_joules(e0: list[int] | None, e1: list[int] | None, zones: list[tuple[st
     return total / 1e6
 
 
-def buffer_types() -> dict[str, int]:
-    """ggml buffer type name (upper case) -> pointer, over every device of this llama.cpp build."""
+def _ggml_devices() -> Any:
+    """libggml with the device-enumeration signatures declared (ctypes needs them for 64-bit pointers)."""
     from llama_cpp import _ggml
 
     g = _ggml.libggml
     g.ggml_backend_dev_count.restype = ctypes.c_size_t
     g.ggml_backend_dev_get.restype = ctypes.c_void_p
     g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    return g
+
+
+def buffer_types() -> dict[str, int]:
+    """ggml buffer type name (upper case) -> pointer, over every device of this llama.cpp build."""
+    g = _ggml_devices()
     g.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
     g.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
     g.ggml_backend_buft_name.restype = ctypes.c_char_p
@@ -564,12 +570,7 @@ def buffer_types() -> dict[str, int]:
 
 def devices() -> list[dict[str, Any]]:
     """Every ggml device this llama.cpp build sees: name, kind (cpu/gpu/igpu/accel), memory."""
-    from llama_cpp import _ggml
-
-    g = _ggml.libggml
-    g.ggml_backend_dev_count.restype = ctypes.c_size_t
-    g.ggml_backend_dev_get.restype = ctypes.c_void_p
-    g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    g = _ggml_devices()
     g.ggml_backend_dev_name.restype = ctypes.c_char_p
     g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
     g.ggml_backend_dev_description.restype = ctypes.c_char_p

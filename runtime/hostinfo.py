@@ -30,7 +30,8 @@ RAPL_ROOT = Path("/sys/class/powercap")
 _WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -108,7 +109,7 @@ def host_fingerprint() -> dict[str, Any]:
         gpus = [d["description"] or d["name"] for d in gpu_devices()]
     except BackendError:
         gpus = []
-    info = {"hostname": platform.node(), "cpu": _cpu_name(), "cores": os.cpu_count() or 1, "ram_bytes": _ram_bytes(),
+    info = {"hostname": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count() or 1, "ram_bytes": _ram_bytes(),
             "os": f"{platform.system()}-{platform.release()}", "machine": platform.machine(), "gpus": gpus,
             "llama_cpp_python": _llama_version()}
     key = json.dumps({k: info[k] for k in ("hostname", "cpu", "cores", "ram_bytes", "machine", "gpus")}, sort_keys=True)
