@@ -1,60 +1,171 @@
 #!/usr/bin/env bash
-# Sets up edgekit in ./.venv on a fresh machine: CPU torch first (a loose torch requirement would
-# pull GBs of CUDA packages), llama-cpp-python built with safe CPU flags into edgekit's own
-# wheelhouse (pip's wheel cache ignores CMAKE_ARGS, and a natively built llama.cpp faults on VMs
-# whose CPUs report AMX), then edgekit itself in editable mode.
-#   bash .ci/setup.sh                 # idempotent; fast once done
-#   bash .ci/setup.sh --rebuild-llama # rebuild the llama.cpp wheel
+# Sets up edgekit in ./.venv on a fresh machine of any x86-64 CPU:
+#   * CPU PyTorch first (a loose torch requirement would pull GBs of CUDA packages);
+#   * llama-cpp-python built for the instruction sets this CPU has (never AMX, which VMs report but
+#     fault on), into edgekit's wheelhouse under a key naming those instruction sets, so that another
+#     machine never reuses a build it cannot run; built in the background while the rest installs;
+#   * a smoke decode of a tiny GGUF in a child process: a crash rebuilds once for a safer level, or
+#     stops naming the missing CPU features;
+#   * edgekit itself in editable mode.
+# With --tests it also installs what only the test suite needs: the static llama-bench runner (built
+# for x86-64-v3, the level devices are likely to have), qemu-user, adb and OpenSSH's server.
+#
+#   bash .ci/setup.sh                       # idempotent; a second run takes seconds
+#   bash .ci/setup.sh --tests               # plus the test-only tools
+#   bash .ci/setup.sh --rebuild-llama       # rebuild llama.cpp for this CPU
+#   bash .ci/setup.sh --rebuild-llama --cpu x86-64-v3   # ... for a level (auto, x86-64[-v2|-v3|-v4])
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-WHEELHOUSE=${EDGEKIT_WHEELHOUSE:-$HOME/.cache/edgekit/wheels}
+CACHE=${EDGEKIT_CACHE:-$HOME/.cache/edgekit}
+WHEELHOUSE=${EDGEKIT_WHEELHOUSE:-$CACHE/wheels}
 LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==//p' .ci/constraints.txt)
-export PIP_DISABLE_PIP_VERSION_CHECK=1
+BUILD_PY=runtime/llamacpp_build.py
+export PIP_DISABLE_PIP_VERSION_CHECK=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip=(.venv/bin/python -m pip install -q -c .ci/constraints.txt)
+TESTS=0 REBUILD=0 CPU=${EDGEKIT_LLAMA_CPU:-auto}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests) TESTS=1 ;;
+    --rebuild-llama) REBUILD=1 ;;
+    --cpu) CPU=${2:?--cpu needs a level: auto, x86-64, x86-64-v2, x86-64-v3, x86-64-v4}; shift ;;
+    *) echo "setup.sh: unknown option $1 (use --tests, --rebuild-llama, --cpu LEVEL)" >&2; exit 2 ;;
+  esac
+  shift
+done
 
-.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
+T0=$SECONDS
+say() { printf '[setup %3ds] %s\n' $((SECONDS - T0)) "$*"; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 
-if [ "${1:-}" = "--rebuild-llama" ]; then rm -f "$WHEELHOUSE"/llama_cpp_python-*.whl; fi
-if ! ls "$WHEELHOUSE"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
-  echo "building llama-cpp-python $LLAMA_VERSION with portable CPU flags (about 8 minutes, once)..."
-  mkdir -p "$WHEELHOUSE"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
-    .venv/bin/python -m pip wheel -q --no-cache-dir --no-deps -w "$WHEELHOUSE" "llama-cpp-python==$LLAMA_VERSION"
-fi
-if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
-  "${pip[@]}" numpy typing-extensions diskcache jinja2
-  .venv/bin/python -m pip install -q --no-index --no-deps --find-links "$WHEELHOUSE" "llama-cpp-python==$LLAMA_VERSION"
-fi
+[ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
+# pip configs that name absent local indexes make pip warn once per package: keep the output readable.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip=(quiet .venv/bin/python -m pip install -q -c .ci/constraints.txt)
 
-# Device tests run the real adb server and a real OpenSSH server on loopback.
-command -v adb >/dev/null || { apt-get update -qq && apt-get install -y -qq adb; } || echo "no adb: Android tests skip"
-[ -x /usr/sbin/sshd ] || { apt-get update -qq && apt-get install -y -qq openssh-server; } || echo "no sshd: SSH tests skip"
-"${pip[@]}" -e ".[torch,onnx,dev,tui,devices]"
-
-# A real llama-bench (static, portable CPU flags) from the same llama.cpp sources, for the on-device
-# profiling tests (`edgekit profile --device X --runner llama-bench`); about 4 minutes, once.
-BENCH_BIN="$HOME/.cache/edgekit/bin/llama-bench-$LLAMA_VERSION"
-if [ ! -x "$BENCH_BIN" ] && command -v cmake >/dev/null && command -v g++ >/dev/null; then
-  echo "building llama-bench $LLAMA_VERSION (about 4 minutes, once)..."
-  src=$(mktemp -d)
-  if .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d "$src" "llama-cpp-python==$LLAMA_VERSION" \
-     && tar xzf "$src"/llama_cpp_python-*.tar.gz -C "$src" \
-     && cmake -S "$src"/llama_cpp_python-*/vendor/llama.cpp -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
-          -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-          -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-          -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON >/dev/null 2>&1 \
-     && cmake --build "$src/build" --target llama-bench -j"$(nproc)" >/dev/null 2>&1; then
-    mkdir -p "$(dirname "$BENCH_BIN")" && cp "$src/build/bin/llama-bench" "$BENCH_BIN.tmp" && mv "$BENCH_BIN.tmp" "$BENCH_BIN"
-  else
-    echo "llama-bench did not build: the runner tests skip"
+# The llama-cpp-python sources, downloaded once and shared by the wheel and the llama-bench builds.
+sdist() {
+  local src="$CACHE/src/llama_cpp_python-$LLAMA_VERSION.tar.gz"
+  if [ ! -f "$src" ]; then
+    mkdir -p "$CACHE/src"
+    local tmp; tmp=$(mktemp -d "$CACHE/src/.dl-XXXXXX")
+    quiet .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$LLAMA_VERSION" >/dev/null
+    mv "$tmp"/llama_cpp_python-*.tar.gz "$src"; rm -rf "$tmp"
   fi
-  rm -rf "$src"
+  echo "$src"
+}
+
+# build_wheel LEVEL: llama-cpp-python for LEVEL's instruction sets into $WHEELHOUSE/<version>-<key>/,
+# only the libraries the Python package loads (no mtmd, no common), with both cores.
+wheel_dir() { echo "$WHEELHOUSE/llama-cpp-python-$LLAMA_VERSION-$(.venv/bin/python $BUILD_PY key --cpu "$1")"; }
+build_wheel() {
+  local dir tmp src args
+  dir=$(wheel_dir "$1"); src=$(sdist)
+  args="$(.venv/bin/python $BUILD_PY cmake-args --cpu "$1") -DLLAVA_BUILD=OFF"
+  mkdir -p "$WHEELHOUSE"; tmp=$(mktemp -d "$WHEELHOUSE/.build-XXXXXX")
+  if ! CMAKE_ARGS="$args" .venv/bin/python -m pip wheel --no-cache-dir --no-deps -w "$tmp" \
+        -C "build.targets=llama;llama-common" "$src" >"$tmp/build.log" 2>&1; then
+    tail -20 "$tmp/build.log" >&2; rm -rf "$tmp"; return 1
+  fi
+  .venv/bin/python $BUILD_PY record "$tmp/build.json" --cpu "$1" --version "$LLAMA_VERSION"
+  rm -f "$tmp/build.log"; chmod 755 "$tmp"; rm -rf "$dir"; mv "$tmp" "$dir"
+}
+install_wheel() {
+  local dir; dir=$(wheel_dir "$1")
+  quiet .venv/bin/python -m pip install -q --no-index --no-deps --force-reinstall --find-links "$dir" \
+    "llama-cpp-python==$LLAMA_VERSION"
+  .venv/bin/python $BUILD_PY install-record "$dir" >/dev/null
+}
+
+KEY=$(.venv/bin/python $BUILD_PY key --cpu "$CPU")
+WHEEL=$(wheel_dir "$CPU")
+[ "$REBUILD" = 1 ] && rm -rf "$WHEEL"
+BUILD_PID=
+if ! ls "$WHEEL"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  say "building llama.cpp for this CPU ($KEY) in the background: about 6 minutes on 2 cores, once"
+  build_wheel "$CPU" & BUILD_PID=$!
 fi
-# Snapshot tests for the TUI: pytest-textual-snapshot pins syrupy==4.8.0, which declares pytest<9 (it
-# runs fine on the pinned pytest 9), so both are installed without dependency resolution.
-.venv/bin/python -c "import pytest_textual_snapshot, syrupy" 2>/dev/null || \
-  .venv/bin/python -m pip install -q --no-deps "pytest-textual-snapshot==1.1.0" "syrupy==4.8.0"
-echo "edgekit is set up: $(.venv/bin/edgekit --help >/dev/null && echo ok) (.venv/bin/edgekit)"
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  say "installing PyTorch (CPU build): about 1 minute"
+  "${pip[@]}" "torch==2.13.0"
+fi
+STAMP=.venv/.edgekit-setup
+WANT=$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -c1-16)
+if [ "$(cat $STAMP 2>/dev/null)" != "$WANT" ] || ! .venv/bin/python -c "import edgekit" 2>/dev/null; then
+  say "installing edgekit and its dependencies: about 2 minutes"
+  "${pip[@]}" numpy typing-extensions diskcache jinja2
+  "${pip[@]}" -e ".[torch,onnx,dev,tui,devices]"
+  echo "$WANT" >$STAMP
+fi
+
+if [ -n "$BUILD_PID" ]; then
+  say "waiting for the llama.cpp build ($KEY)"
+  wait "$BUILD_PID" || die "llama-cpp-python $LLAMA_VERSION did not build (log above); check that cmake and g++ are installed"
+  say "llama.cpp built"
+fi
+installed=$(.venv/bin/python -c "import json,sys; r=json.load(open(sys.prefix+'/share/edgekit/llama-build.json')); print(r['key'], r.get('cpu_library_sha256',''))" 2>/dev/null || true)
+if [ -z "$installed" ] || [ "${installed%% *}" != "$KEY" ] || [ -n "$BUILD_PID" ] \
+   || ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llama_cpp')" 2>/dev/null; then
+  install_wheel "$CPU"
+fi
+
+# Setup checks what it built: a tiny GGUF loaded and decoded in a child process (cached per library).
+SMOKE=.venv/.llama-smoke-ok
+LIBSHA=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.prefix+'/share/edgekit/llama-build.json')).get('cpu_library_sha256',''))")
+if [ "$(cat $SMOKE 2>/dev/null)" != "$LIBSHA" ]; then
+  say "checking llama.cpp: loading a tiny GGUF and decoding a token"
+  rc=0; .venv/bin/python $BUILD_PY check || rc=$?
+  [ $rc = 0 ] || [ $rc = 3 ] || die "the llama.cpp smoke check failed (above); rerun with --rebuild-llama"
+  if [ $rc = 3 ]; then
+    SAFE=$(.venv/bin/python -c "import sys; sys.path.insert(0,'runtime'); import llamacpp_build as b; print('x86-64-v3' if 'AVX2' in b.supported(b.cpu_flags()) else 'x86-64-v2')")
+    [ "$KEY" != "$SAFE" ] || die "llama.cpp does not run on this CPU even at $SAFE (see above)"
+    if ! ls "$(wheel_dir "$SAFE")"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+      say "rebuilding llama.cpp for $SAFE: about 6 minutes"
+      build_wheel "$SAFE" || die "llama-cpp-python did not build for $SAFE"
+    fi
+    install_wheel "$SAFE"; KEY=$SAFE
+    .venv/bin/python $BUILD_PY check || die "llama.cpp does not run on this CPU even at $SAFE (see above)"
+    LIBSHA=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.prefix+'/share/edgekit/llama-build.json')).get('cpu_library_sha256',''))")
+  fi
+  echo "$LIBSHA" >$SMOKE
+fi
+
+if [ "$TESTS" = 1 ]; then
+  # Device tests run the real adb server and a real OpenSSH server on loopback; the portability test
+  # runs llama.cpp as an AVX2-only CPU would, under qemu-user.
+  need=()
+  command -v adb >/dev/null || need+=(adb)
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  command -v qemu-x86_64 >/dev/null || need+=(qemu-user)
+  command -v objdump >/dev/null || need+=(binutils)
+  if [ ${#need[@]} -gt 0 ]; then
+    say "installing ${need[*]} (Debian packages)"
+    { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; } || echo "could not install ${need[*]}: those tests skip"
+  fi
+  # Snapshot tests for the TUI: pytest-textual-snapshot pins syrupy==4.8.0, which declares pytest<9 (it
+  # runs fine on the pinned pytest 9), so both are installed without dependency resolution.
+  .venv/bin/python -c "import pytest_textual_snapshot, syrupy" 2>/dev/null || \
+    quiet .venv/bin/python -m pip install -q --no-deps "pytest-textual-snapshot==1.1.0" "syrupy==4.8.0"
+  # A real llama-bench (static) from the same sources, for `edgekit profile --device X --runner`: built
+  # for x86-64-v3 (capped by this CPU), since it is pushed to other machines; its record sits beside it.
+  BKEY=$(.venv/bin/python $BUILD_PY key --cpu x86-64-v3)
+  BENCH_BIN="$CACHE/bin/llama-bench-$LLAMA_VERSION-$BKEY"
+  if [ ! -x "$BENCH_BIN" ] && command -v cmake >/dev/null && command -v g++ >/dev/null; then
+    say "building the static llama-bench runner ($BKEY): about 4 minutes, once"
+    src=$(mktemp -d)
+    if tar xzf "$(sdist)" -C "$src" \
+       && cmake -S "$src"/llama_cpp_python-*/vendor/llama.cpp -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
+            -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+            -DLLAMA_BUILD_SERVER=OFF $(.venv/bin/python $BUILD_PY cmake-args --cpu x86-64-v3) >/dev/null 2>&1 \
+       && cmake --build "$src/build" --target llama-bench -j"$(nproc)" >/dev/null 2>&1; then
+      mkdir -p "$(dirname "$BENCH_BIN")"
+      .venv/bin/python $BUILD_PY record "$BENCH_BIN.json" --cpu x86-64-v3 --version "$LLAMA_VERSION"
+      cp "$src/build/bin/llama-bench" "$BENCH_BIN.tmp" && mv "$BENCH_BIN.tmp" "$BENCH_BIN"
+    else
+      echo "llama-bench did not build: the runner tests skip"
+    fi
+    rm -rf "$src"
+  fi
+fi
+say "edgekit is set up: $(.venv/bin/edgekit --help >/dev/null && echo ok) (.venv/bin/edgekit; llama.cpp built for $KEY)"

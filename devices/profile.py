@@ -44,6 +44,31 @@ def check_runner_abi(runner: Path, device: Device, arch: str | None, abi: str | 
                          f"for {target}{hint}")
 
 
+def check_runner_cpu(runner: Path, device: Device) -> None:
+    """Refuse an x86-64 runner that uses instruction sets the device's CPU lacks (it would die with
+    SIGILL there). The instruction sets come from the build record edgekit's setup writes beside the
+    runner (``<runner>.json``); a runner without one is not checked."""
+    from edgekit.runtime import llamacpp_build
+
+    try:
+        record = json.loads(Path(f"{runner}.json").read_text())
+    except (OSError, ValueError):
+        return
+    options = record.get("options") or []
+    if not options:
+        return
+    r = device.run("cat /proc/cpuinfo")
+    flags = llamacpp_build.cpu_flags(r.stdout) if r.rc == 0 else set()
+    if not flags:
+        return  # the device does not say; llama-bench's own crash report will
+    lacking = llamacpp_build.missing(options, flags)
+    if lacking:
+        have = llamacpp_build.label(llamacpp_build.supported(flags))
+        raise InputError(f"runner {runner.name} is built for {record.get('key')}, but {device.id}'s CPU lacks "
+                         f"{', '.join(lacking)}; build llama-bench for it with CMAKE_ARGS "
+                         f"\"{llamacpp_build.cmake_args(llamacpp_build.supported(flags))}\" ({have})")
+
+
 @dataclass(frozen=True)
 class RemoteProfileConfig:
     """What to run on the device.
@@ -79,6 +104,8 @@ def remote_profile(device: Device, artifact: str | Path | Artifact, config: Remo
     info = device.info()
     if config.runner is not None:
         check_runner_abi(Path(config.runner), device, info.arch, info.abi)
+        if info.arch == "x86_64":
+            check_runner_cpu(Path(config.runner), device)
     elif device.platform == "android":
         raise UnsupportedError(f"{device.id}: Android runs llama.cpp, not edgekit; give --runner with a llama-bench "
                                f"built for {info.abi or 'the phone'}")

@@ -55,9 +55,12 @@ class BackendError(EdgekitError):
 
 
 class BackendCrashed(BackendError):
-    """The native runtime died (a signal, not an exception); the CLI survives and reports it."""
+    """The native runtime died (a signal, not an exception); the CLI survives and reports it.
+
+    ``signal``: the signal's name (``"SIGILL"``), when one killed it."""
 
     exit_code = 7
+    signal: str | None = None
 
 
 def require(module: str, extra: str) -> object:

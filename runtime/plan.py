@@ -208,9 +208,9 @@ def auto_plan(model_file: Any, n_ctx: int, *, ram_bytes: int | None = None, vram
     from edgekit.runtime.memory import read_shape
 
     shape = read_shape(model_file)
-    gpus = hostinfo.gpu_devices()
+    gpus = hostinfo.gpu_devices(strict=False)
     vram = vram_bytes if vram_bytes is not None else sum(int(g["free_bytes"]) for g in gpus[:1])
     ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)
     return plan_offload(shape, Budget(ram_bytes=ram, vram_bytes=vram), n_ctx,
                         Bandwidths(cpu_Bps=hostinfo.memory_bandwidth()), gpu_available=bool(gpus),
-                        baseline_bytes=hostinfo.baseline_rss(), n_batch=n_batch)
+                        baseline_bytes=hostinfo.baseline_rss(strict=False), n_batch=n_batch)

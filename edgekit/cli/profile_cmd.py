@@ -290,7 +290,7 @@ def plan_cmd(
                     vram_bytes=parse_size(vram))
     bws = Bandwidths(cpu_Bps=cpu_bandwidth * 1e9 if cpu_bandwidth else hostinfo.memory_bandwidth(),
                      gpu_Bps=gpu_bandwidth * 1e9)
-    p = plan_offload(shape, budget, ctx, bws, gpu_available=True, baseline_bytes=hostinfo.baseline_rss(),
+    p = plan_offload(shape, budget, ctx, bws, gpu_available=True, baseline_bytes=hostinfo.baseline_rss(strict=False),
                      n_batch=batch, type_k=cache_type, type_v=cache_type)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")

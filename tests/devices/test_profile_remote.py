@@ -91,15 +91,14 @@ def test_profile_cli_with_device(sshd, home, tiny_artifact, tmp_path):
 
 
 def _llama_bench() -> Path:
-    """The real llama-bench .ci/setup.sh builds (static, this host's ABI)."""
+    """The real llama-bench `.ci/setup.sh --tests` builds (static, x86-64-v3 at most, this host's ABI)."""
     import os
 
-    llama_version = next((line.split("==")[1].strip() for line in
-                          (Path(__file__).resolve().parents[2] / ".ci/constraints.txt").read_text().splitlines()
-                          if line.startswith("llama-cpp-python==")), "")
-    p = Path(os.environ.get("EDGEKIT_LLAMA_BENCH") or Path.home() / ".cache/edgekit/bin" / f"llama-bench-{llama_version}")
+    from edgekit.runtime.llamacpp_build import runner_path
+
+    p = Path(os.environ.get("EDGEKIT_LLAMA_BENCH") or runner_path())
     if not p.is_file():
-        pytest.skip(f"no llama-bench at {p} (.ci/setup.sh builds it)")
+        pytest.skip(f"no llama-bench at {p} (bash .ci/setup.sh --tests builds it)")
     return p
 
 

@@ -237,16 +237,49 @@ def test_crash_while_loading_names_signal(junk_file: Path, monkeypatch: pytest.M
     with pytest.raises(BackendCrashed) as err:
         LlamaCppBackend(junk_file, retry_safe=False)
     msg = str(err.value)
-    assert "SIGSEGV" in msg and "loading" in msg and "--rebuild-llama" in msg and "--safe-cpu" in msg
+    assert err.value.signal == "SIGSEGV" and "loading" in msg and "--rebuild-llama" in msg
+    assert "EDGEKIT_LLAMACPP_LOG=1" in msg and "--safe-cpu" not in msg and "--verbose" not in msg
     assert "\n" not in msg
 
 
-def test_crash_retries_once_in_safe_mode(junk_file: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(CRASH_ENV, "load:SIGILL")  # crashes in safe mode too
+def test_protection_fault_retries_once_in_safe_mode(junk_file: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(CRASH_ENV, "load:SIGSEGV")  # crashes in safe mode too
     seen: list[str] = []
-    with pytest.raises(BackendCrashed, match=r"SIGILL.*already in safe CPU mode"):
+    with pytest.raises(BackendCrashed, match=r"SIGSEGV.*also in safe CPU mode"):
         LlamaCppBackend(junk_file, on_warning=seen.append)
     assert len(seen) == 1 and "retrying once in safe CPU mode" in seen[0]
+
+
+def test_sigill_is_explained_not_retried(junk_file: Path, monkeypatch: pytest.MonkeyPatch):
+    """An illegal instruction is the build's fault, not the weights' layout: safe CPU mode cannot help."""
+    from edgekit.runtime import llamacpp_build
+
+    monkeypatch.setenv(CRASH_ENV, "load:SIGILL")
+    monkeypatch.setenv(llamacpp_build.CPUINFO_ENV, str(Path(__file__).with_name("data") / "cpuinfo-epyc-avx2.txt"))
+    seen: list[str] = []
+    with pytest.raises(BackendCrashed) as err:
+        LlamaCppBackend(junk_file, on_warning=seen.append)
+    msg = str(err.value)
+    assert seen == [] and err.value.signal == "SIGILL" and "AMD EPYC 7B12" in msg and "--rebuild-llama" in msg
+    record = llamacpp_build.installed_record()
+    if record and "AVX512" in record["options"]:  # an AVX-512 build on the EPYC: name what it lacks
+        assert "uses AVX_VNNI, AVX512" in msg or "uses AVX512" in msg
+
+
+def test_amx_fault_message_only_where_amx_can_be_the_cause(monkeypatch: pytest.MonkeyPatch):
+    from edgekit.runtime import llamacpp, llamacpp_build
+
+    data = Path(__file__).with_name("data")
+    monkeypatch.setenv(llamacpp_build.CPUINFO_ENV, str(data / "cpuinfo-xeon-amx.txt"))
+    monkeypatch.setattr(llamacpp_build, "installed_record", lambda: None)  # a build edgekit did not make
+    msg = llamacpp.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
+    assert "reports AMX" in msg and "--rebuild-llama" in msg
+    monkeypatch.setattr(llamacpp_build, "installed_record", lambda: {"options": ["AVX2"], "key": "x86-64-v3"})
+    assert "AMX" not in llamacpp.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
+    monkeypatch.setenv(llamacpp_build.CPUINFO_ENV, str(data / "cpuinfo-epyc-avx2.txt"))
+    monkeypatch.setattr(llamacpp_build, "installed_record", lambda: None)
+    assert "AMX" not in llamacpp.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
+    assert "out of memory" in llamacpp.crash_message(-signal.SIGKILL, "loading", "m.gguf")
 
 
 @needs_real
