@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from edgekit.converters.quantize.mixes import preset_from_name  # noqa: E402
+from edgekit.converters.formats.gguf.mixes import preset_from_name  # noqa: E402
 from edgekit.evaluate import EvalConfig, perplexity, read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home, sha256_file  # noqa: E402
 from edgekit.importer import import_gguf  # noqa: E402

@@ -12,7 +12,6 @@ import json
 import posixpath
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +25,7 @@ from edgekit.devices.base import (
 )
 from edgekit.errors import DiskFullError, InputError
 from edgekit.fsutil import sha256_file_cached
-
-ProgressFn = Callable[[str, int, int], None]
+from edgekit.progress import ProgressFn
 
 
 def check_remote_name(name: str, what: str = "name") -> str:
@@ -137,20 +135,18 @@ def artifact_files(art: Artifact, scratch: Path) -> list[tuple[Path, str]]:
 
 
 def ram_needed(art: Artifact, ctx: int) -> int | None:
-    """Memory to run the artifact at ``ctx``: issue 5's memory model when present, else weights + f16 KV."""
-    if art.format == "onnx":
-        from edgekit.runtime.memory_onnx import estimate_onnx_memory
+    """Memory to run the artifact at ``ctx``: its backend's memory model when it declares one, else the
+    size of its model files."""
+    from edgekit.errors import UnsupportedError
+    from edgekit.runtime.base import MemoryModel, backend_for_format
 
-        return estimate_onnx_memory(art.model_file, ctx).ram_bytes
-    if art.format != "gguf":
-        return sum(f.stat().st_size for f in art.path.glob(art.model_file.name + "*"))
     try:
-        from edgekit.runtime.memory import MemoryConfig, estimate_memory, read_shape
-    except ImportError:
-        from edgekit.describe import describe
-
-        return int(describe(art, ctx)["memory"]["total"])
-    return int(estimate_memory(read_shape(art.model_file), MemoryConfig(n_ctx=ctx)).ram_bytes)
+        backend = backend_for_format(art.format)
+    except UnsupportedError:
+        backend = None
+    if isinstance(backend, MemoryModel):
+        return int(backend.memory_estimate(art.model_file, ctx).ram_bytes)
+    return sum(f.stat().st_size for f in art.path.glob(art.model_file.name + "*"))
 
 
 def remote_dir_for(device: Device, art: Artifact, config: PushConfig) -> str:

@@ -20,11 +20,14 @@ from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text
 from edgekit.fsutil import atomic_dir, sha256_files
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
-from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, backend_for_format
+from edgekit.runtime.base import GenerationStats, SamplingConfig, open_backend
+from edgekit.runtime.plan import offload_options
+from edgekit.runtime.plan import plan_artifact as plan
 
 __all__ = [
     "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
-    "convert", "default_output", "make_quantizer", "evaluate", "generate", "import_gguf", "inspect", "open_backend",
+    "calibration_applies", "convert", "default_output", "make_quantizer", "evaluate", "generate", "import_gguf",
+    "inspect", "open_backend", "plan", "offload_options",
 ]
 
 
@@ -72,6 +75,13 @@ def convert(
     return Artifact.open(out)
 
 
+def calibration_applies(method: str, bpw: float | None = None) -> bool:
+    """Whether calibration data matters for a conversion: a method that calibrates (its config has a
+    ``calib`` field), or a ``bpw`` size budget (it measures each tensor's sensitivity)."""
+    cls = QUANTIZERS.get(method)
+    return bpw is not None or "calib" in getattr(cls.config_class, "__dataclass_fields__", {})
+
+
 def make_quantizer(method: str, calib: CalibConfig | None = None) -> Quantizer:
     """The registered quantizer ``method``, with ``calib`` for methods that calibrate."""
     cls = QUANTIZERS.get(method)
@@ -79,18 +89,6 @@ def make_quantizer(method: str, calib: CalibConfig | None = None) -> Quantizer:
     if "calib" in fields:
         return cls(cls.config_class(calib=calib or CalibConfig()))
     return cls()
-
-
-def open_backend(target: str | Path | Artifact, **options: Any) -> Backend:
-    """Load an artifact (or a bare model file, or a Hugging Face folder) with the backend for its format."""
-    if isinstance(target, Artifact):
-        art = target
-    else:
-        p = Path(target).expanduser()
-        if p.is_dir() and (p / "config.json").exists() and not (p / "edgekit.json").exists():
-            return backend_for_format("hf")(p, **options)
-        art = Artifact.open(p)
-    return backend_for_format(art.format)(art.model_file, **options)
 
 
 def generate(

@@ -12,20 +12,9 @@ from pathlib import Path
 
 from edgekit.arch import GGUF_TO_HF
 from edgekit.converters.formats.base import ProgressFn, no_progress
-from edgekit.errors import CorruptFileError, InputError, UnsupportedError, quiet_transformers, require
+from edgekit.converters.formats.gguf.read import read_gguf_header
+from edgekit.errors import CorruptFileError, UnsupportedError, quiet_transformers, require
 from edgekit.fsutil import atomic_dir, check_free_space, sha256_file
-
-
-def read_gguf_header(path: Path):
-    """Open a GGUF with gguf-py; a corrupt or truncated file raises :class:`CorruptFileError`."""
-    import gguf
-
-    if not path.is_file():
-        raise InputError(f"{path} does not exist; give a .gguf file")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on bad files
-        raise CorruptFileError(f"{path} is not a readable GGUF file ({exc}); re-download or re-convert it") from exc
 
 
 def _field(reader, key: str):
@@ -76,7 +65,7 @@ def import_gguf(
 
 
 def _restore_pre_tokenizer(folder: Path, pre: str | None) -> None:
-    from edgekit.converters.formats.gguf_vocab import PRE_TOKENIZER_JSON
+    from edgekit.converters.formats.gguf.vocab import PRE_TOKENIZER_JSON
 
     tj_path = folder / "tokenizer.json"
     if pre not in PRE_TOKENIZER_JSON or not tj_path.exists():

@@ -170,6 +170,14 @@ class Worker:
             verbose=True,  # everything goes to stderr; the parent decides what to show
         )
         kwargs.setdefault("n_threads_batch", kwargs["n_threads"])  # --threads caps prompt batches too
+        # llama_cpp.Llama swallows unknown keywords: a misspelt option must fail, naming the valid ones.
+        import inspect
+
+        known = {n for n, p in inspect.signature(llama_cpp.Llama.__init__).parameters.items()
+                 if p.kind is not p.VAR_KEYWORD and n not in ("self", "model_path")}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown llama.cpp option(s) {', '.join(unknown)}; it takes: {', '.join(sorted(known))}")
         self.llm = llama_cpp.Llama(model_path=msg["model_path"], **kwargs)
         llm = self.llm
         self.vocab = llm._model.vocab

@@ -1,20 +1,31 @@
-"""The backend interface and its registry.
+"""The backend interface, its registry, and the capabilities a backend may declare.
 
-A backend runs one artifact format. ``run``, ``eval`` (and later ``profile`` and ``chat``) only
-talk to this interface, so a new format's runtime is one file with ``@register_backend``.
+A backend runs artifact formats. ``run``, ``eval``, ``chat``, ``profile``, ``plan`` and ``push`` only talk
+to this interface, so a new format's runtime is one file with ``@register_backend``. What a backend can
+do beyond loading and generating it declares by implementing a Protocol below (callers check the
+capability with ``isinstance``, never the class or the format): :class:`MemoryModel` (memory at a context
+length and bytes read per decoded token: fit checks, plans, rooflines), :class:`OffloadPlanner` (a
+CPU/GPU split for this host), :class:`InProcessBench` (a timed loop inside the runtime, no IPC in it),
+:class:`ReportsMemory` (peak RSS of the process that holds the model), and incremental decoding
+(``incremental = True``: :meth:`Backend.reset` / :meth:`Backend.decode`).
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from edgekit.errors import InputError, UnsupportedError
 from edgekit.registry import Registry
+
+if TYPE_CHECKING:
+    from edgekit.artifact import Artifact
 
 BACKENDS: Registry[type[Backend]] = Registry("backend", ["edgekit.runtime.llamacpp", "edgekit.runtime.onnx", "edgekit.runtime.torch_ref"])
 register_backend = BACKENDS.register
@@ -69,11 +80,15 @@ class GenerationStats:
 class Backend(abc.ABC):
     """A loaded model. Use as a context manager; ``close`` frees it.
 
-    formats: the artifact formats this backend runs.
+    formats: the artifact formats this backend runs. preference: which backend a format gets when none
+    is named (lowest first). incremental: :meth:`reset` / :meth:`decode` work. The keyword-only
+    parameters of ``__init__`` are the options it takes; :func:`open_backend` refuses others by name.
     """
 
     name: str = ""
     formats: tuple[str, ...] = ()
+    preference: int = 100
+    incremental: bool = False
 
     @abc.abstractmethod
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -117,12 +132,67 @@ class Backend(abc.ABC):
         self.close()
 
 
-def backend_for_format(fmt: str) -> type[Backend]:
-    """The registered backend that runs artifacts of format ``fmt``."""
-    for name in BACKENDS.names():
-        cls = BACKENDS.get(name)
-        if fmt in cls.formats:
-            return cls
+@runtime_checkable
+class MemoryModel(Protocol):
+    """Knows what its format costs: resident bytes at a context length (by part: ``memory_estimate``
+    returns an object with ``ram_bytes``, ``parts`` and ``to_json()``), bytes read per decoded token."""
+
+    @classmethod
+    def memory_estimate(cls, model_file: Path, n_ctx: int, n_batch: int = 512) -> Any: ...
+
+    @classmethod
+    def decode_bytes_per_token(cls, model_file: Path, depth: int, n_ctx: int, type_k: str = "f16",
+                               type_v: str = "f16") -> int: ...
+
+
+@runtime_checkable
+class OffloadPlanner(Protocol):
+    """Plans a CPU/GPU split (an ``OffloadPlan``): for this host's GPUs, free RAM and measured bandwidth
+    when ``budget`` is None (``run --offload auto``), else for that budget (``plan``)."""
+
+    @classmethod
+    def offload_plan(cls, model_file: Path, n_ctx: int, n_batch: int = 512, *, budget: Any = None,
+                     bandwidths: Any = None, cache_type: str = "f16") -> Any: ...
+
+
+@runtime_checkable
+class InProcessBench(Protocol):
+    """Runs llama-bench's tests inside the runtime, so no IPC falls inside a timed region."""
+
+    def bench(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class ReportsMemory(Protocol):
+    """Reports the resident memory of the process holding the model (``{"rss", "peak_rss"}``)."""
+
+    def memory(self) -> dict[str, int]: ...
+
+
+def backend_options(cls: type[Backend]) -> list[str]:
+    """The options a backend takes: the keyword-only parameters of its ``__init__``."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def backend_by_name(name: str, fmt: str | None = None) -> type[Backend]:
+    """The backend registered as ``name``; with ``fmt``, one that runs that format (else a clear error)."""
+    cls = BACKENDS.get(name)
+    if fmt is not None and fmt not in cls.formats:
+        runs = [n for n in BACKENDS.names() if fmt in BACKENDS.get(n).formats]
+        raise UnsupportedError(f"the {name} backend does not run {fmt!r} artifacts; "
+                               + (f"use {', '.join(runs)}" if runs else "no backend here runs them"))
+    return cls
+
+
+def backend_for_format(fmt: str, backend: str | None = None) -> type[Backend]:
+    """The backend that runs artifacts of format ``fmt``: ``backend`` when named, else the preferred one."""
+    if backend is not None:
+        return backend_by_name(backend, fmt)
+    runs = sorted((BACKENDS.get(n) for n in BACKENDS.names() if fmt in BACKENDS.get(n).formats),
+                  key=lambda c: (c.preference, c.name))
+    if runs:
+        return runs[0]
     have = ", ".join(f"{f} ({n})" for n in BACKENDS.names() for f in BACKENDS.get(n).formats)
     hint = _RUNTIME_HINTS.get(fmt, "convert the model to a format edgekit runs (edgekit convert MODEL --to gguf)")
     raise UnsupportedError(f"no runtime for {fmt!r} artifacts in this edgekit ({hint}); it runs: {have}")
@@ -133,3 +203,35 @@ _RUNTIME_HINTS = {
     "coreml": "Core ML models run on macOS/iOS only: run it there with coremltools, or convert --to gguf/onnx here",
     "mlc": "MLC models run with mlc-llm: pip install mlc-llm, or convert --to gguf/onnx",
 }
+
+
+def open_backend(target: str | Path | Artifact, backend: str | None = None, **options: Any) -> Backend:
+    """Load an artifact (or a bare model file, or a Hugging Face folder) with ``backend`` (default: the
+    preferred one for its format). An option the backend does not take is an error that lists those it
+    does (a misspelt option is never silently ignored)."""
+    from edgekit.artifact import Artifact
+
+    if isinstance(target, Artifact):
+        art: Artifact | None = target
+        path = target.model_file
+        fmt = target.format
+    else:
+        p = Path(target).expanduser()
+        if p.is_dir() and (p / "config.json").exists() and not (p / "edgekit.json").exists():
+            art, path, fmt = None, p, "hf"
+        else:
+            art = Artifact.open(p)
+            path, fmt = art.model_file, art.format
+    cls = backend_for_format(fmt, backend)
+    known = backend_options(cls)
+    if not _takes_any(cls):
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise InputError(f"the {cls.name} backend has no option {', '.join(unknown)}; "
+                             f"its options: {', '.join(known)}")
+    return cls(path, **options)
+
+
+def _takes_any(cls: type[Backend]) -> bool:
+    """A backend whose ``__init__`` passes other keywords on to its runtime (llama.cpp's ``Llama``)."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())

@@ -22,7 +22,6 @@ import json
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,14 +45,10 @@ from edgekit.errors import (
 )
 from edgekit.runtime import llamacpp_build
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
+from edgekit.runtime.llamacpp_build import LOG_ENV, PROTECTION_FAULTS, crash_message, signal_name
 
 _WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 _EOF = object()
-# Protection faults: what a CPU feature the OS does not enable (AMX on some VMs) raises; safe CPU mode
-# (no repacked weight buffers) avoids those code paths. SIGILL (an instruction the CPU lacks) it cannot.
-_PROTECTION_FAULTS = {"SIGSEGV", "SIGBUS"}
-LOG_ENV = "EDGEKIT_LLAMACPP_LOG"
-LOG_HINT = f"rerun with {LOG_ENV}=1 to see llama.cpp's log"
 
 
 @register_backend("llamacpp")
@@ -74,6 +69,40 @@ class LlamaCppBackend(Backend):
 
     name = "llamacpp"
     formats = ("gguf",)
+    preference = 0
+    incremental = True
+
+    # -- capabilities (runtime.base's Protocols) -----------------------------------------------------
+
+    @classmethod
+    def memory_estimate(cls, model_file: Path, n_ctx: int, n_batch: int = 512) -> Any:
+        """Weights, repacked copies, KV cache and compute buffers at ``n_ctx`` (:mod:`.memory`)."""
+        from edgekit.runtime.memory import MemoryConfig, estimate_memory, read_shape
+
+        return estimate_memory(read_shape(model_file), MemoryConfig(n_ctx=n_ctx, n_batch=n_batch))
+
+    @classmethod
+    def decode_bytes_per_token(cls, model_file: Path, depth: int, n_ctx: int, type_k: str = "f16",
+                               type_v: str = "f16") -> int:
+        from edgekit.runtime.memory import MemoryConfig, decode_bytes_per_token, read_shape
+
+        reads = decode_bytes_per_token(read_shape(model_file), depth,
+                                       MemoryConfig(n_ctx=n_ctx, type_k=type_k, type_v=type_v))
+        return int(reads["cpu"] + reads["gpu"])
+
+    @classmethod
+    def offload_plan(cls, model_file: Path, n_ctx: int, n_batch: int = 512, *, budget: Any = None,
+                     bandwidths: Any = None, cache_type: str = "f16") -> Any:
+        """llama.cpp's fastest placement (:mod:`.plan`): for this host when ``budget`` is None."""
+        from edgekit.runtime import hostinfo
+        from edgekit.runtime.memory import read_shape
+        from edgekit.runtime.plan import auto_plan, plan_offload
+
+        if budget is None:
+            return auto_plan(model_file, n_ctx, n_batch=n_batch)
+        return plan_offload(read_shape(model_file), budget, n_ctx, bandwidths, gpu_available=True,
+                            baseline_bytes=hostinfo.baseline_rss(strict=False), n_batch=n_batch,
+                            type_k=cache_type, type_v=cache_type)
 
     def __init__(
         self,
@@ -416,7 +445,7 @@ class LlamaCppBackend(Backend):
             self._restart_safe(exc)
 
     def _can_retry_safe(self, exc: BackendCrashed | None = None) -> bool:
-        if exc is not None and exc.signal not in _PROTECTION_FAULTS:
+        if exc is not None and exc.signal not in PROTECTION_FAULTS:
             return False
         return self.retry_safe and not self.safe_cpu and not self._decoded
 
@@ -534,7 +563,7 @@ class LlamaCppBackend(Backend):
     def _crashed(self, doing: str) -> BackendCrashed:
         rc = self._reap()
         self._gone = "its worker crashed"
-        sig = _signal_name(rc)
+        sig = signal_name(rc)
         exc = BackendCrashed(crash_message(rc, doing, self.model_path.name, self.safe_cpu,
                                           self._log_hint("GGML_ASSERT", "error", "failed", "abort")))
         exc.signal = sig
@@ -542,7 +571,7 @@ class LlamaCppBackend(Backend):
 
     def _load_error(self, msg: dict[str, Any]) -> Exception:
         name = self.model_path.name
-        if str(msg.get("message", "")).startswith("unknown buffer type"):
+        if str(msg.get("message", "")).startswith(("unknown buffer type", "unknown llama.cpp option")):
             return InputError(str(msg["message"]))
         try:
             with open(self.model_path, "rb") as fh:
@@ -581,42 +610,3 @@ class LlamaCppBackend(Backend):
         text = str(msg.get("message") or msg.get("type") or "unknown error")
         return BackendError(f"llama.cpp failed while {doing}: {text}")
 
-
-def _signal_name(rc: int | None) -> str | None:
-    if rc is None or rc >= 0:
-        return None
-    try:
-        return signal.Signals(-rc).name
-    except ValueError:
-        return f"signal {-rc}"
-
-
-def crash_message(rc: int | None, doing: str, name: str, safe_cpu: bool = False, hint: str = "") -> str:
-    """One line that says how llama.cpp died while ``doing`` (on model ``name``) and the fix.
-
-    SIGILL: the build uses instructions this CPU lacks - which ones, and the rebuild command. A
-    protection fault on a CPU that reports AMX: the native-flags/AMX fault safe CPU mode was made for.
-    SIGKILL: the kernel's OOM killer. Anything else: the signal, llama.cpp's last telling log line."""
-    sig = _signal_name(rc)
-    where = f"while {doing}" + (f" ({name})" if name else "")
-    if sig == "SIGILL":
-        return f"llama.cpp crashed (SIGILL) {where}: {llamacpp_build.explain_sigill()}"
-    if sig in _PROTECTION_FAULTS:
-        record = llamacpp_build.installed_record()
-        amx_host = "amx_tile" in llamacpp_build.cpu_flags()
-        if amx_host and (record is None or any(o.startswith("AMX") for o in record.get("options", []))):
-            mode = " (already in safe CPU mode)" if safe_cpu else ""
-            return (f"llama.cpp crashed ({sig}) {where}{mode}: this CPU reports AMX, which VMs often do not "
-                    f"enable, and this llama-cpp-python build may use it; rebuild it without AMX with "
-                    f"`{llamacpp_build.rebuild_command()}`")
-        mode = " (also in safe CPU mode)" if safe_cpu else ""
-        return (f"llama.cpp crashed ({sig}) {where}{mode}" + (f": {hint}" if hint else "")
-                + f"; {LOG_HINT}, and if the model file is sound, rebuild llama-cpp-python with "
-                  f"`{llamacpp_build.rebuild_command()}`")
-    if sig == "SIGKILL":
-        return (f"llama.cpp was killed (SIGKILL) {where}, most likely out of memory: use a smaller context "
-                "(--ctx) or a smaller model")
-    if sig is not None:
-        return f"llama.cpp died ({sig}) {where}" + (f": {hint}" if hint else "") + f"; {LOG_HINT}"
-    return (f"the llama.cpp worker exited unexpectedly (exit code {rc}) {where}" + (f": {hint}" if hint else "")
-            + f"; {LOG_HINT}")

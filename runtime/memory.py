@@ -90,7 +90,7 @@ class ModelShape:
 
 def read_shape(path: str | Path) -> ModelShape:
     """The :class:`ModelShape` of a GGUF file (header only)."""
-    from edgekit.importer import read_gguf_header
+    from edgekit.converters.formats.gguf.read import read_gguf_header
 
     p = Path(path)
     reader = read_gguf_header(p)

@@ -1,6 +1,6 @@
 """Run ONNX decoder artifacts with onnxruntime: KV-cache generation, chat template, streaming.
 
-The graph is the one :mod:`edgekit.converters.formats.onnx_graph` writes (the Optimum / onnxruntime-
+The graph is the one :mod:`edgekit.converters.formats.onnx.graph` writes (the Optimum / onnxruntime-
 genai input names: ``input_ids``, ``attention_mask``, ``past_key_values.{i}.key/value``; outputs
 ``logits``, ``present.{i}.key/value``), so other exporters' decoders with those names run too. The
 tokenizer and chat template come from the files beside the graph (``tokenizer.json``,
@@ -107,8 +107,25 @@ class OnnxBackend(Backend):
     name = "onnxruntime"
     formats = ("onnx",)
 
+    preference = 0
+    incremental = True
+
+    @classmethod
+    def memory_estimate(cls, model_file: Path, n_ctx: int, n_batch: int = 512) -> Any:
+        """An onnxruntime CPU session at ``n_ctx`` by part (see :mod:`.memory_onnx`)."""
+        from edgekit.runtime.memory_onnx import estimate_onnx_memory
+
+        return estimate_onnx_memory(model_file, n_ctx, n_batch=n_batch)
+
+    @classmethod
+    def decode_bytes_per_token(cls, model_file: Path, depth: int, n_ctx: int, type_k: str = "f16",
+                               type_v: str = "f16") -> int:
+        from edgekit.runtime.memory_onnx import onnx_decode_bytes_per_token
+
+        return int(onnx_decode_bytes_per_token(model_file, depth))
+
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 graph_opt: str = "all", n_batch: int = 512, **_: Any) -> None:
+                 graph_opt: str = "all", n_batch: int = 512) -> None:
         ort = require("onnxruntime", "onnx")
         path = Path(model_path)
         if not path.exists():

@@ -198,6 +198,70 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB"
 
 
+@dataclass
+class MemoryPlan:
+    """Whether an artifact whose runtime has a memory model but no offload planner fits a RAM budget."""
+
+    fits: bool
+    ram_bytes: int
+    ram_budget: int
+    n_ctx: int
+    runtime: str
+    parts: dict[str, int]
+    reason: str
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.estimate, "fits": self.fits, "ram_budget": self.ram_budget, "device": "CPU",
+                "runtime": self.runtime, "reason": self.reason}
+
+
+def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0, n_ctx: int = 4096,
+                  n_batch: int = 512, cache_type: str = "f16", cpu_Bps: float | None = None,
+                  gpu_Bps: float = DEFAULT_GPU_BPS, backend: str | None = None) -> OffloadPlan | MemoryPlan:
+    """Does ``art`` fit, and how to split it: an :class:`OffloadPlan` where its runtime plans offloading
+    (raises :class:`InputError` when nothing fits), else a :class:`MemoryPlan` from its memory model.
+    ``ram_bytes`` defaults to the memory available now, ``cpu_Bps`` to this host's measured bandwidth."""
+    import psutil
+
+    from edgekit.errors import UnsupportedError
+    from edgekit.runtime import hostinfo
+    from edgekit.runtime.base import MemoryModel, OffloadPlanner, backend_for_format
+
+    cls = backend_for_format(art.format, backend)
+    ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)
+    if isinstance(cls, OffloadPlanner):
+        bws = Bandwidths(cpu_Bps=cpu_Bps or hostinfo.memory_bandwidth(), gpu_Bps=gpu_Bps)
+        return cls.offload_plan(art.model_file, n_ctx, n_batch, budget=Budget(ram, vram_bytes), bandwidths=bws,
+                                cache_type=cache_type)
+    if isinstance(cls, MemoryModel):
+        est = cls.memory_estimate(art.model_file, n_ctx, n_batch)
+        note = (f"{cls.name} runs the whole model in host memory; GPU offload is not planned for "
+                f"{art.format.upper()}" + (" (--vram ignored)" if vram_bytes else ""))
+        return MemoryPlan(fits=est.ram_bytes <= ram, ram_bytes=int(est.ram_bytes), ram_budget=ram, n_ctx=n_ctx,
+                          runtime=cls.name, parts=dict(est.parts), reason=note, estimate=est.to_json())
+    raise UnsupportedError(f"plan needs a runtime with a memory model; the {cls.name} backend for "
+                           f"{art.format!r} artifacts has none")
+
+
+def offload_options(art: Any, offload: str, n_ctx: int) -> tuple[dict[str, Any], str | None]:
+    """``--offload auto|none``: the backend options of this host's plan and its reason (None when the
+    artifact's runtime plans no offloading or ``none`` was asked)."""
+    from edgekit.runtime.base import OffloadPlanner, backend_for_format
+
+    if offload == "none":
+        return {}, None
+    if offload != "auto":
+        raise InputError("--offload takes 'auto' or 'none'")
+    cls = backend_for_format(art.format)
+    if not isinstance(cls, OffloadPlanner):
+        return {}, None
+    plan = cls.offload_plan(art.model_file, n_ctx)
+    opts = plan.backend_options()
+    opts.pop("n_ctx", None)
+    return opts, plan.reason
+
+
 def auto_plan(model_file: Any, n_ctx: int, *, ram_bytes: int | None = None, vram_bytes: int | None = None,
               n_batch: int = 512) -> OffloadPlan:
     """``--offload auto``: plan for this host - its GPUs' free memory (or ``vram_bytes``), its available RAM

@@ -4,8 +4,8 @@ threads / batch / context / depth / GPU layers, several artifacts interleaved, r
 
 GGUF artifacts are timed inside the llama.cpp worker process (its ``bench`` op), so no pipe traffic
 falls inside a timed region; other backends go through ``Backend.reset()`` / ``Backend.decode()``.
-The API (config, row schema, callbacks, cancelling) is documented in /tmp/prompts/profile_api.md and
-in :mod:`edgekit.runtime.profile_schema`.
+The row schema is :mod:`edgekit.runtime.profile_schema`; which path a backend takes is decided by the
+capabilities it declares (:mod:`edgekit.runtime.base`), never by its format.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from edgekit.artifact import Artifact, now_iso
 from edgekit.errors import BackendError, EdgekitError, InputError
+from edgekit.progress import ProgressFn
 from edgekit.runtime.profile_schema import (
     SCHEMA,
     ProfileRow,
@@ -36,7 +37,6 @@ __all__ = ["ProfileConfig", "ProfileInterrupted", "ProfileRow", "ProfileRun", "T
            "mean_std", "parse_tests", "profile", "summarize", "SCHEMA"]
 
 RowFn = Callable[[ProfileRow], None]
-ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class ProfileConfig:
     every test. offload_auto: GPU layers and tensor overrides from the offload planner instead of
     gpu_layers. method: "auto" (llama.cpp's in-worker loop for GGUF, else generic) or "generic"
     (``Backend.reset``/``decode``, any backend). energy / roofline: add those measurements.
-    seed: random prompt tokens. backend_options: more keyword arguments for the backend.
+    seed: random prompt tokens. backend_options: more keyword arguments for the backend. backend: the
+    registered backend to use (None: the preferred one for each artifact's format).
     """
 
     tests: tuple[TestSpec, ...] = (TestSpec(n_prompt=512), TestSpec(n_gen=128))
@@ -66,6 +67,7 @@ class ProfileConfig:
     roofline: bool = True
     seed: int = 0
     backend_options: tuple[tuple[str, Any], ...] = ()
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         if not self.tests:
@@ -150,7 +152,7 @@ def profile(
     if not arts:
         raise InputError("give at least one artifact to profile")
     for art in arts:
-        backend_for_format(art.format)  # a missing runtime fails here, before anything runs
+        backend_for_format(art.format, cfg.backend)  # a missing runtime fails here, before anything runs
     run = ProfileRun(started=now_iso(), host=hostinfo.host_fingerprint())
     ctx = _Context(cfg, run, on_row, cancel)
     combos = cfg.combos()
@@ -224,19 +226,22 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
     options: dict[str, Any] = dict(cfg.backend_options)
     # llama-cpp-python's own default is half the cores for generation: name the count so rows say it.
     threads = combo["n_threads"] or os.cpu_count() or 1
-    options.update(n_ctx=n_ctx, n_batch=combo["n_batch"], n_threads=threads, n_gpu_layers=combo["n_gpu_layers"])
-    plan_note = None
-    if cfg.offload_auto and art.format == "gguf":
-        from edgekit.runtime.plan import auto_plan
+    from edgekit.runtime.base import InProcessBench, OffloadPlanner, backend_for_format, backend_options
 
-        plan = auto_plan(art.model_file, n_ctx, n_batch=combo["n_batch"])
+    backend_cls = backend_for_format(art.format, cfg.backend)
+    options.update(n_ctx=n_ctx, n_batch=combo["n_batch"], n_threads=threads)
+    if combo["n_gpu_layers"] or "n_gpu_layers" in backend_options(backend_cls):
+        options["n_gpu_layers"] = combo["n_gpu_layers"]
+    plan_note = None
+    if cfg.offload_auto and isinstance(backend_cls, OffloadPlanner):
+        plan = backend_cls.offload_plan(art.model_file, n_ctx, n_batch=combo["n_batch"])
         options.update(plan.backend_options())
         plan_note = plan.reason
     config = {"n_threads": threads, "n_batch": combo["n_batch"], "n_ubatch": combo["n_batch"],
               "n_ctx": n_ctx, "n_gpu_layers": options.get("n_gpu_layers", 0), "type_k": options.get("type_k", "f16"),
               "type_v": options.get("type_v", "f16"), "offload_kqv": options.get("offload_kqv", True),
               "tensor_overrides": [list(o) for o in options.get("tensor_overrides", ())], "plan": plan_note}
-    use_worker = cfg.method == "auto" and art.format == "gguf"
+    use_worker = cfg.method == "auto" and isinstance(backend_cls, InProcessBench)
 
     def row_for(test: TestSpec, backend_name: str, runtime: dict[str, Any], load_s: float | None) -> ProfileRow:
         return ProfileRow(test=test.name, n_prompt=test.n_prompt, n_gen=test.n_gen, n_depth=test.n_depth,
@@ -245,7 +250,7 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
                           runtime=runtime, host=ctx.run.host, load_s=load_s)
 
     try:
-        backend, load_s = _open(art, options)
+        backend, load_s = _open(art, options, cfg.backend)
     except (BackendError, InputError) as exc:
         for test in tests:
             row = row_for(test, "", {}, None)
@@ -259,7 +264,7 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
                 return
             label = f"{info['name']} {test.name} (ctx {n_ctx}, threads {config['n_threads']}, batch {combo['n_batch']})"
             if on_progress is not None:
-                on_progress(ctx.done, total, label)
+                on_progress(label, ctx.done, total)
             row = row_for(test, getattr(backend, "name", ""), runtime, load_s)
             ctx.partial = row
             try:
@@ -278,16 +283,16 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
                 return
             ctx.emit(row)
             if on_progress is not None:
-                on_progress(ctx.done, total, label)
+                on_progress(label, ctx.done, total)
     finally:
         backend.close()
 
 
-def _open(art: Artifact, options: dict[str, Any]) -> tuple[Any, float]:
-    from edgekit.api import open_backend
+def _open(art: Artifact, options: dict[str, Any], backend_name: str | None = None) -> tuple[Any, float]:
+    from edgekit.runtime.base import open_backend
 
     t0 = time.perf_counter()
-    backend = open_backend(art, **options)
+    backend = open_backend(art, backend_name, **options)
     load_s = float(getattr(backend, "load_time", 0.0) or (time.perf_counter() - t0))
     return backend, load_s
 
@@ -366,7 +371,9 @@ def _run_generic_test(ctx: _Context, backend: Any, test: TestSpec, row: ProfileR
 
 def _peak_rss(backend: Any) -> int | None:
     """Peak RSS of the process holding the model: the backend's worker if it has one, else this one."""
-    if hasattr(backend, "memory"):
+    from edgekit.runtime.base import ReportsMemory
+
+    if isinstance(backend, ReportsMemory):
         try:
             return int(backend.memory()["peak_rss"])
         except (EdgekitError, KeyError, TypeError):
@@ -398,22 +405,17 @@ def _energy_block(meter: Any, joules: list[float], row: ProfileRow) -> dict[str,
 
 def _finish(ctx: _Context, art: Artifact, row: ProfileRow, test: TestSpec) -> None:
     """Roofline for generation tests on the CPU: bytes read per token over host bandwidth."""
-    if not ctx.cfg.roofline or not test.n_gen or test.n_prompt or art.format not in ("gguf", "onnx"):
+    from edgekit.runtime.base import MemoryModel, backend_for_format
+
+    backend_cls = backend_for_format(art.format, ctx.cfg.backend)
+    if not ctx.cfg.roofline or not test.n_gen or test.n_prompt or not isinstance(backend_cls, MemoryModel):
         return
     if row.config.get("n_gpu_layers"):
         row.roofline = {"available": False, "reason": "GPU bandwidth is not measured; roofline covers CPU runs"}
         return
-    from edgekit.runtime.memory import MemoryConfig, decode_bytes_per_token, read_shape
-
-    if art.format == "onnx":
-        from edgekit.runtime.memory_onnx import onnx_decode_bytes_per_token
-
-        per_token = onnx_decode_bytes_per_token(art.model_file, test.n_depth + test.n_gen // 2)
-    else:
-        reads = decode_bytes_per_token(read_shape(art.model_file), test.n_depth + test.n_gen // 2,
-                                       MemoryConfig(n_ctx=row.config["n_ctx"], type_k=row.config.get("type_k", "f16"),
-                                                    type_v=row.config.get("type_v", "f16")))
-        per_token = reads["cpu"] + reads["gpu"]
+    per_token = backend_cls.decode_bytes_per_token(art.model_file, test.n_depth + test.n_gen // 2,
+                                                   row.config["n_ctx"], row.config.get("type_k", "f16"),
+                                                   row.config.get("type_v", "f16"))
     bw = ctx.bandwidth()
     ceiling = bw / per_token
     tps, _ = row.tps

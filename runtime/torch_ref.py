@@ -25,7 +25,7 @@ class TorchBackend(Backend):
     name = "torch"
     formats = ("hf",)
 
-    def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None, **_: object):
+    def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None):
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
         quiet_transformers(transformers)

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekit.calibration import CalibConfig
 from edgekit.errors import InputError
+from edgekit.progress import ProgressFn, no_progress
 from edgekit.registry import Registry
 
 if TYPE_CHECKING:
+    from edgekit.artifact import Artifact
     from edgekit.converters.quantize.base import Quantizer
     from edgekit.model import HFCheckpoint
 
 FORMATS: Registry[type[Format]] = Registry("format", ["edgekit.converters.formats.gguf", "edgekit.converters.formats.onnx"])
 register_format = FORMATS.register
 
-# progress(description, completed, total): called as long steps advance.
-ProgressFn = Callable[[str, int, int], None]
-
-
-def no_progress(desc: str, done: int, total: int) -> None:
-    return None
+__all__ = ["FORMATS", "ConvertRecipe", "Format", "ProgressFn", "no_progress", "register_format"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +88,11 @@ class Format(abc.ABC):
         progress: ProgressFn = no_progress,
     ) -> dict[str, Any]:
         """Write the model file into ``out_dir`` (a fresh temporary folder); return manifest fields."""
+
+    @abc.abstractmethod
+    def describe(self, art: Artifact, ctx: int = 4096) -> dict[str, Any]:
+        """What ``edgekit inspect`` shows, read from the artifact's files: architecture, hparams,
+        tensors (name, type, shape, bytes), size, bits per weight, memory at ``ctx``."""
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         """Suffix of the default output folder name, e.g. ``gguf-q4``."""

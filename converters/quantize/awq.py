@@ -399,39 +399,3 @@ def awq_layer(layer: torch.nn.Module, captured_inputs: Mapping[str, torch.Tensor
             if name not in layout.no_clip:
                 report.clips.append(_clip(layer.get_submodule(name), stats[name], qtype_of(name), config, name))
     return report
-
-
-# -- the registered methods ------------------------------------------------------------------------
-# AWQ runs inside the calibrated pipeline (calibrated.py calls awq_layer before each layer's linears
-# are put on their grids); these configs switch it on, with or without GPTQ after it.
-
-from edgekit.converters.quantize.base import register_quantizer  # noqa: E402
-from edgekit.converters.quantize.calibrated import CalibratedConfig, CalibratedQuantizer  # noqa: E402
-
-
-@dataclass(frozen=True)
-class AWQMethodConfig(CalibratedConfig):
-    """AWQ scales and clipping, then importance-weighted round-to-nearest onto the grid."""
-
-    method: str = "awq"
-    awq: bool = True
-    gptq: bool = False
-
-
-@dataclass(frozen=True)
-class AWQGPTQConfig(CalibratedConfig):
-    """AWQ scales and clipping, then GPTQ onto the grid with the rescaled Hessians."""
-
-    method: str = "awq+gptq"
-    awq: bool = True
-    gptq: bool = True
-
-
-@register_quantizer("awq")
-class AWQQuantizer(CalibratedQuantizer):
-    config_class = AWQMethodConfig
-
-
-@register_quantizer("awq+gptq")
-class AWQGPTQQuantizer(CalibratedQuantizer):
-    config_class = AWQGPTQConfig

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry(
     "quantization method",
-    ["edgekit.converters.quantize.rtn", "edgekit.converters.quantize.gptq", "edgekit.converters.quantize.awq"],
+    ["edgekit.converters.quantize.rtn", "edgekit.converters.quantize.gptq", "edgekit.converters.quantize.awq_methods"],
 )
 register_quantizer = QUANTIZERS.register
 
@@ -64,7 +64,7 @@ class Quantizer(abc.ABC):
 
     @abc.abstractmethod
     def quantize(self, name: str, weight: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-        """Bytes (uint8, shape (rows, bytes per row)) of ``weight`` (float32, (rows, cols)) as ``qtype``.
-
-        ``name`` is the GGUF tensor name, for methods that keep per-tensor state.
+        """Bytes (uint8, shape (rows, bytes per row)) of ``weight`` (float32, (rows, cols), in the
+        checkpoint's own layout: a format's writer applies its own row order to the encoded rows) as
+        ``qtype``. ``name`` is the GGUF tensor name, for methods that keep per-tensor state.
         """

@@ -3,8 +3,8 @@
 The float model runs on calibration sequences one decoder layer at a time. Each layer sees the
 outputs of the already-quantized layers before it; hooks on its linears accumulate the Hessian proxy
 ``H = sum_t w_t x_t x_t^T`` of their inputs; the method then puts every linear onto the exact grid of
-its planned GGUF type (the bytes are kept for the writer, the dequantized weights go back into the
-model) and the quantized layer produces the next layer's inputs. Memory stays at one layer's
+its planned type (the bytes, in the checkpoint's own layout, are kept for the writer; the dequantized
+weights go back into the model) and the quantized layer produces the next layer's inputs. Memory stays at one layer's
 activations plus the layer's Hessians.
 
 Why positions are weighted: the first position of every sequence is the attention sink. Its
@@ -230,8 +230,6 @@ class CalibratedQuantizer(Quantizer):
 
     def _quantize_layer(self, torch: Any, ckpt: HFCheckpoint, plan: dict[str, gguf.GGMLQuantizationType],
                         i: int, layer: Any, hidden: list[Any], kwargs: list[dict[str, Any]]) -> list[Any]:
-        from edgekit.converters.formats.gguf import to_gguf_layout
-
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         gguf_names = {n: ckpt.spec.gguf_name(f"model.layers.{i}.{n}.weight") for n in linears}
         stats = _Stats(linears, self.cfg.sink_weight, keep_samples=self.cfg.awq)
@@ -256,7 +254,7 @@ class CalibratedQuantizer(Quantizer):
                 res = gptq_kernel.rtn(W, qtype, imatrix=imatrix)
             layer_report[name] = round(gptq_kernel.hessian_error(W, res.weight, H), 4)
             lin.weight.data = torch.from_numpy(np.ascontiguousarray(res.weight))
-            self._bytes[gname] = to_gguf_layout(ckpt, gname, res.data)
+            self._bytes[gname] = res.data
         self.report.setdefault("hessian_error", {})[str(i)] = layer_report
         return self._run_layer(layer, hidden, kwargs)
 
@@ -277,13 +275,11 @@ class CalibratedQuantizer(Quantizer):
     def _keep_changed_small_tensors(self, ckpt: HFCheckpoint, plan: dict[str, gguf.GGMLQuantizationType], i: int,
                                     layer: Any, linears: dict[str, Any]) -> None:
         """AWQ folded 1/s into norms (and biases): the file must carry them as the model now has them."""
-        from edgekit.converters.formats.gguf import to_gguf_layout
-
         weights = {f"{n}.weight" for n in linears}
         for pname, param in layer.named_parameters():
             gname = None if pname in weights else ckpt.spec.gguf_name(f"model.layers.{i}.{pname}")
             if gname in plan:
-                w = to_gguf_layout(ckpt, gname, param.detach().float().numpy())
+                w = param.detach().float().numpy()
                 self._bytes[gname] = gptq_kernel.rtn(w.reshape(1, -1), plan[gname]).data.reshape(-1)
 
     def _output_head(self, torch: Any, ckpt: HFCheckpoint, plan: dict[str, gguf.GGMLQuantizationType],

@@ -79,7 +79,7 @@ def convert(
     """
     from edgekit import api
 
-    calibrated = method != "rtn" or bpw is not None
+    calibrated = api.calibration_applies(method, bpw)
     extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype)
     if extra and to != "onnx":
         raise InputError(f"--block-size, --sym/--asym, --dtype and -O are ONNX options; --to {to} does not take them")
@@ -140,6 +140,8 @@ def run(
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers / tensor placement from `edgekit plan`."),
+    backend: str | None = typer.Option(None, "--backend", help="Runtime to use (see `edgekit list`; default: the "
+                                       "preferred one for the artifact's format)."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tokens/s on stderr at the end."),
 ) -> None:
     """Generate a reply, streaming tokens as they come.
@@ -158,6 +160,8 @@ def run(
         message = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     st = GenerationStats()
     placement = profile_cmd.offload_options(artifact, offload, ctx)
+    if backend:
+        placement["backend"] = backend
     for piece in api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads, **placement):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -178,6 +182,7 @@ def eval_cmd(
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
     chunks: int | None = typer.Option(None, "--chunks", help="At most this many chunks."),
     threads: int | None = typer.Option(None, "--threads"),
+    backend: str | None = typer.Option(None, "--backend", help="Runtime to use (default: the preferred one)."),
     record: bool = typer.Option(True, "--record/--no-record", help="Store the result in the manifest."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -191,7 +196,7 @@ def eval_cmd(
 
     with progress_bar(not as_json) as progress:
         res = api.evaluate(artifact, text, api.EvalConfig(ctx=ctx, chunks=chunks), ref=ref, progress=progress,
-                           record=record, n_threads=threads)
+                           record=record, n_threads=threads, **({"backend": backend} if backend else {}))
     if as_json:
         out.print_json(json.dumps(res.to_json()))
         return
@@ -263,7 +268,7 @@ def quickstart(
     Example:
       edgekit quickstart
     """
-    from edgekit.quickstart import run_quickstart
+    from edgekit.cli.quickstart_cmd import run_quickstart
 
     run_quickstart(bits=bits, home=home, force=force)
 
@@ -273,7 +278,7 @@ def quickstart(
 def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     """What is registered: formats, quantization methods, runtimes, GGUF presets."""
     from edgekit.converters.formats.base import FORMATS
-    from edgekit.converters.quantize import mixes
+    from edgekit.converters.formats.gguf import mixes
     from edgekit.converters.quantize.base import QUANTIZERS
     from edgekit.runtime.base import BACKENDS
 

@@ -171,18 +171,7 @@ def profile_cmd(
 def _progress(enabled: bool) -> Any:
     from edgekit.cli.ui import progress_bar
 
-    class _Wrap:
-        def __init__(self) -> None:
-            self.cm = progress_bar(enabled)
-
-        def __enter__(self) -> Any:
-            fn = self.cm.__enter__()
-            return lambda done, total, label: fn(label, done, total)
-
-        def __exit__(self, *exc: Any) -> Any:
-            return self.cm.__exit__(*exc)
-
-    return _Wrap()
+    return progress_bar(enabled)
 
 
 def _profile_on_device(device_id: str, artifacts: list[Path] | None, tests: str, reps: int, threads: str,
@@ -270,28 +259,16 @@ def plan_cmd(
       edgekit plan ./model-gguf-q4 --vram 6GiB --ram 8GiB --ctx 8192
       edgekit plan ./model-gguf-q4 --ctx 4096 --json
     """
-    import psutil
-
     from edgekit.artifact import Artifact
-    from edgekit.errors import UnsupportedError
-    from edgekit.runtime import hostinfo
-    from edgekit.runtime.memory import read_shape
-    from edgekit.runtime.plan import Bandwidths, Budget, parse_size, plan_offload
+    from edgekit.runtime.plan import MemoryPlan, parse_size, plan_artifact
 
     art = Artifact.open(artifact)
-    if art.format == "onnx":
-        _plan_onnx(art, ram, vram, ctx, batch, as_json)
+    p = plan_artifact(art, ram_bytes=parse_size(ram) if ram else None, vram_bytes=parse_size(vram), n_ctx=ctx,
+                      n_batch=batch, cache_type=cache_type, cpu_Bps=cpu_bandwidth * 1e9 if cpu_bandwidth else None,
+                      gpu_Bps=gpu_bandwidth * 1e9)
+    if isinstance(p, MemoryPlan):
+        _print_memory_plan(art, p, as_json)
         return
-    if art.format != "gguf":
-        raise UnsupportedError(f"plan models GGUF (llama.cpp) and ONNX (onnxruntime) artifacts; this one is "
-                               f"{art.format!r}")
-    shape = read_shape(art.model_file)
-    budget = Budget(ram_bytes=parse_size(ram) if ram else int(psutil.virtual_memory().available),
-                    vram_bytes=parse_size(vram))
-    bws = Bandwidths(cpu_Bps=cpu_bandwidth * 1e9 if cpu_bandwidth else hostinfo.memory_bandwidth(),
-                     gpu_Bps=gpu_bandwidth * 1e9)
-    p = plan_offload(shape, budget, ctx, bws, gpu_available=True, baseline_bytes=hostinfo.baseline_rss(strict=False),
-                     n_batch=batch, type_k=cache_type, type_v=cache_type)
     if as_json:
         sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")
         return
@@ -309,53 +286,33 @@ def plan_cmd(
     out.print(f"  llama.cpp: {' '.join(flags)}    edgekit: run {artifact} --offload auto", highlight=False)
 
 
-def _plan_onnx(art: Any, ram: str | None, vram: str, ctx: int, batch: int, as_json: bool) -> None:
-    """Memory of an onnxruntime CPU session by part, and whether it fits ``--ram``."""
-    import psutil
-
+def _print_memory_plan(art: Any, p: Any, as_json: bool) -> None:
+    """A runtime with a memory model but no offload planner (onnxruntime): memory by part, fits or not."""
     from edgekit.errors import InputError
-    from edgekit.runtime.memory_onnx import estimate_onnx_memory
-    from edgekit.runtime.plan import parse_size
 
-    est = estimate_onnx_memory(art.model_file, ctx, n_batch=batch)
-    ram_budget = parse_size(ram) if ram else int(psutil.virtual_memory().available)
-    fits = est.ram_bytes <= ram_budget
-    note = ("onnxruntime's CPU execution provider runs the whole graph in host memory; "
-            "GPU offload is not planned for ONNX" + (" (--vram ignored)" if parse_size(vram) else ""))
     if as_json:
-        sys.stdout.write(json.dumps({**est.to_json(), "fits": fits, "ram_budget": ram_budget, "device": "CPU",
-                                     "reason": note}, indent=1) + "\n")
+        sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")
     else:
-        p = est.parts
-        verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
-        out.print(f"[bold]{art.name}[/] at ctx {ctx}: {verdict} in {_mb(ram_budget)} RAM (onnxruntime, CPU)")
-        out.print(f"  RAM  {_mb(est.ram_bytes)}: weights {_mb(p['weights'])} + repacked {_mb(p['weights_prepacked'])}, "
-                  f"KV {_mb(p['kv'])}, logits {_mb(p['logits'])}, activations {_mb(p['activations'])}, "
-                  f"runtime {_mb(p['overhead'] + p['baseline'])}")
-        out.print(f"  {note}")
-    if not fits:
-        raise InputError(f"{art.name} needs about {_mb(est.ram_bytes)} at ctx {ctx} but the budget is "
-                         f"{_mb(ram_budget)}; lower --ctx or use a smaller artifact")
+        verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
+        out.print(f"[bold]{art.name}[/] at ctx {p.n_ctx}: {verdict} in {_mb(p.ram_budget)} RAM ({p.runtime}, CPU)")
+        parts = ", ".join(f"{k.replace('_', ' ')} {_mb(v)}" for k, v in p.parts.items() if v)
+        out.print(f"  RAM  {_mb(p.ram_bytes)}: {parts}")
+        out.print(f"  {p.reason}")
+    if not p.fits:
+        raise InputError(f"{art.name} needs about {_mb(p.ram_bytes)} at ctx {p.n_ctx} but the budget is "
+                         f"{_mb(p.ram_budget)}; lower --ctx or use a smaller artifact")
 
 
 def offload_options(artifact: Path, offload: str, ctx: int) -> dict[str, Any]:
-    """``run --offload auto``: the plan's llama.cpp options for this host (with its reason on stderr)."""
+    """``run --offload auto``: the plan's backend options for this host (with its reason on stderr)."""
     from edgekit.artifact import Artifact
-    from edgekit.errors import InputError
+    from edgekit.runtime.plan import offload_options as plan_options
 
     if offload == "none":
         return {}
-    if offload != "auto":
-        raise InputError("--offload takes 'auto' or 'none'")
-    art = Artifact.open(artifact)
-    if art.format != "gguf":
-        return {}
-    from edgekit.runtime.plan import auto_plan
-
-    p = auto_plan(art.model_file, ctx)
-    err.print(f"[dim]offload: {p.reason}[/]", highlight=False)
-    opts = p.backend_options()
-    opts.pop("n_ctx", None)
+    opts, reason = plan_options(Artifact.open(artifact), offload, ctx)
+    if reason:
+        err.print(f"[dim]offload: {reason}[/]", highlight=False)
     return opts
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from edgekit import api
 from edgekit.calibration import CalibConfig
-from edgekit.converters.quantize.budget import Item, allocate, candidates, type_bytes
+from edgekit.converters.formats.gguf.budget import Item, allocate, candidates, type_bytes
 from edgekit.errors import EdgekitError
 
 T = gguf.GGMLQuantizationType

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from edgekit.converters.quantize.mixes import (
+from edgekit.converters.formats.gguf.mixes import (
     BITS_TO_PRESET,
     PRESETS,
     ArchInfo,

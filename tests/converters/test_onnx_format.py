@@ -176,7 +176,7 @@ def test_single_file_and_protobuf_limit(tiny_llama, tmp_path, monkeypatch):
     assert sorted(p.name for p in art.path.glob("model.onnx*")) == ["model.onnx"]
     with api.open_backend(art) as be:
         assert be.logits(TOKENS[:4]).shape == (4, be.n_vocab)
-    from edgekit.converters.formats import onnx as fmt
+    from edgekit.converters.formats.onnx import format as fmt
 
     monkeypatch.setattr(fmt, "PROTOBUF_LIMIT", 1 << 20)
     with pytest.raises(InputError, match="2 GiB"):

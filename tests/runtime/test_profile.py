@@ -135,7 +135,7 @@ def test_cancel_from_another_thread_keeps_partial_rows(tiny_ggufs, home):
 
 @needs_llama
 def test_keyboard_interrupt_raises_with_partial_run(tiny_ggufs, home):
-    def on_progress(done, total, label):
+    def on_progress(label, done, total):
         if done == 1:
             raise KeyboardInterrupt
 

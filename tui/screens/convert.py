@@ -55,7 +55,7 @@ class ConvertForm:
             raise InputError("bpw must be a number (or empty) and calibration samples a whole number") from None
         bits = int(quant) if quant.isdigit() else None
         preset = None if bits is not None or not quant else quant.upper()
-        calibrated = self.method != "rtn" or bpw_value is not None
+        calibrated = api.calibration_applies(self.method, bpw_value)
         calib = api.CalibConfig(source=self.calib.strip() or "self", samples=samples) if calibrated else None
         return api.ConvertRecipe(bits=None if preset or bpw_value else (bits or 4), preset=preset,
                                  bpw=bpw_value, method=self.method, calib=calib)

@@ -200,7 +200,7 @@ class ProfileScreen(Screen[None]):
             data = row.to_json()
             self.app.call_from_thread(self._add_row, data, earlier(data))
 
-        def on_progress(done: int, total: int, label: str) -> None:
+        def on_progress(label: str, done: int, total: int) -> None:
             self.app.call_from_thread(self._progress, done, total, label)
 
         try:

@@ -1,8 +1,8 @@
 """GGUF writer: architecture metadata, tokenizer, and tensors in any ggml type edgekit encodes.
 
 Tensors are streamed: the header (metadata and tensor table) is written first, then each tensor
-is loaded, transformed (Q/K permutation for llama), encoded and written before the next is read,
-so memory stays at about one tensor.
+is loaded, encoded (in the checkpoint's layout), put in llama.cpp's row order (Q/K interleaved for
+llama's rope) and written before the next is read, so memory stays at about one tensor.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 import gguf
 import numpy as np
 
+import edgekit.converters.formats.gguf.mixes as mixes
 from edgekit.arch import permute_for_rope
 from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
-from edgekit.converters.formats.gguf_vocab import read_vocab
-from edgekit.converters.quantize import mixes
+from edgekit.converters.formats.gguf.vocab import read_vocab
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.errors import DiskFullError
 from edgekit.fsutil import check_free_space
@@ -96,7 +96,7 @@ def _preset_name(recipe: ConvertRecipe) -> str:
 def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertRecipe, calib: CalibConfig,
                  progress: ProgressFn) -> dict[str, Any]:
     """Re-type the preset's quantized tensors so the file lands at ``recipe.bpw`` (see budget.py)."""
-    from edgekit.converters.quantize import budget
+    import edgekit.converters.formats.gguf.budget as budget
 
     free = [t for t in plan if t.assignment.origin == "preset"]
     fixed = sum(t.nbytes for t in plan if t.assignment.origin != "preset")
@@ -109,18 +109,15 @@ def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertR
     return report
 
 
-def _transform(ckpt: HFCheckpoint, t: PlannedTensor, w: np.ndarray) -> np.ndarray:
-    return to_gguf_layout(ckpt, t.name, w)
-
-
 def _encode_in_order(
     ckpt: HFCheckpoint, plan: list[PlannedTensor], quantizer: Quantizer
 ) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
-    """Load, transform and encode tensors on a few threads (numpy releases the GIL in the kernels),
-    yielding them in file order; at most ``2 * threads`` tensors are in memory at once."""
+    """Load and encode tensors on a few threads (numpy releases the GIL in the kernels), yielding them in
+    file order; at most ``2 * threads`` tensors are in memory at once. Quantizers see the checkpoint's own
+    layout; llama.cpp's row order is applied here, to the encoded rows (each row's blocks stay whole)."""
 
     def encode(t: PlannedTensor) -> np.ndarray:
-        return quantizer.quantize(t.name, _transform(ckpt, t, ckpt.load(t.hf_name)), t.qtype)
+        return to_gguf_layout(ckpt, t.name, quantizer.quantize(t.name, ckpt.load(t.hf_name), t.qtype))
 
     threads = min(os.cpu_count() or 1, 8) if quantizer.parallel_safe else 1
     if threads == 1:
@@ -215,6 +212,11 @@ class GGUFFormat(Format):
         if getattr(quantizer, "report", None):
             fields["quantizer_report"] = {k: v for k, v in quantizer.report.items() if k.endswith("_s")}
         return fields
+
+    def describe(self, art: Any, ctx: int = 4096) -> dict[str, Any]:
+        from edgekit.converters.formats.gguf.read import describe_gguf
+
+        return describe_gguf(art, ctx)
 
     @staticmethod
     def _manifest_fields(plan: list[PlannedTensor], path: Path, preset: str, pre: str | None) -> dict[str, Any]:

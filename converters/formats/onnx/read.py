@@ -1,13 +1,16 @@
-"""Read an edgekit ONNX graph's weights back as float32 Hugging Face tensors (tests and benchmarks load
-them into PyTorch to check the graph against the reference model)."""
+"""Reading ONNX artifacts: the weights back as float32 Hugging Face tensors (tests and benchmarks load them
+into PyTorch to check the graph against the reference model), and the report ``edgekit inspect`` shows."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from edgekit.artifact import Artifact
 from edgekit.converters.quantize import nbits
 from edgekit.converters.quantize.nbits import NBitsType
 from edgekit.errors import require
@@ -89,3 +92,70 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
                 out[f"model.layers.{i}.{hf}.bias"] = arr[r0 : r0 + rows].astype(np.float32)
                 r0 += rows
     return out
+
+
+def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
+    """``edgekit inspect``'s report for an ONNX artifact: graph facts from the model file (opset, operators, I/O),
+    tensor types from the manifest, memory = weight bytes + the KV cache in the graph's dtype."""
+    import json
+
+    from edgekit.errors import MissingDependencyError
+
+    try:
+        import onnx
+    except ImportError as exc:
+        raise MissingDependencyError("inspecting ONNX artifacts needs onnx: pip install 'edgekit[onnx]'") from exc
+    from edgekit.converters.formats.onnx.graph import ops_used
+
+    model = onnx.load(str(art.model_file), load_external_data=False)
+    files = [art.model_file, *[art.path / f for k, f in art.manifest.get("files", {}).items() if k != "model"]]
+    weight_bytes = sum(f.stat().st_size for f in files if f.exists())
+    cfg_file = art.path / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    past = next((i for i in model.graph.input if i.name.startswith("past_key_values.")), None)
+    elem = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).itemsize if past else 4
+    n_layer = int(cfg.get("num_hidden_layers", 0))
+    n_head = int(cfg.get("num_attention_heads", 1))
+    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
+    head_dim = int(cfg.get("head_dim") or cfg.get("hidden_size", 0) // n_head)
+    kv_bytes = 2 * n_layer * ctx * n_head_kv * head_dim * elem
+    from edgekit.converters.quantize.nbits import NBitsType
+
+    def nbytes(t: dict[str, Any]) -> int:
+        n = int(np.prod(t["shape"]))
+        if t["type"] in ("FP32", "F32"):
+            return 4 * n
+        if t["type"] in ("FP16", "F16"):
+            return 2 * n
+        return int(n * NBitsType.parse(t["type"]).bits_per_weight / 8)
+
+    tensors = [{"name": n, **t, "bytes": nbytes(t)} for n, t in art.manifest.get("tensors", {}).items()]
+    counts = Counter(t["type"] for t in tensors)
+    n_params = sum(int(np.prod(t["shape"])) for t in tensors)
+    return {
+        "path": str(art.model_file),
+        "format": art.format,
+        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "name": art.name,
+        "hparams": {"block_count": n_layer, "embedding_length": cfg.get("hidden_size"),
+                    "feed_forward_length": cfg.get("intermediate_size"), "attention.head_count": n_head,
+                    "attention.head_count_kv": n_head_kv, "vocab_size": cfg.get("vocab_size"),
+                    "context_length": cfg.get("max_position_embeddings")},
+        "n_params": n_params,
+        "file_bytes": weight_bytes,
+        "weight_bytes": weight_bytes,
+        "bpw": round(8 * weight_bytes / n_params, 4) if n_params else 0.0,
+        "type_counts": dict(counts.most_common()),
+        "type_bytes": {k: sum(t["bytes"] for t in tensors if t["type"] == k) for k in counts},
+        "fallbacks": 0,
+        "fallback_summary": {},
+        "memory": {"ctx": ctx, "weights": weight_bytes, "kv_cache": kv_bytes, "kv_type": "f16" if elem == 2 else "f32",
+                   "total": weight_bytes + kv_bytes},
+        "onnx": {"opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+                 "ir_version": model.ir_version, "ops": ops_used(model),
+                 "inputs": len(model.graph.input), "outputs": len(model.graph.output)},
+        "preset": art.manifest.get("preset"),
+        "recipe": art.manifest.get("recipe"),
+        "eval": art.manifest.get("eval", []),
+        "tensors": tensors,
+    }

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from edgekit.arch import unpermute_for_rope
 from edgekit.converters.formats.base import ProgressFn
 from edgekit.converters.quantize import nbits
 from edgekit.converters.quantize.base import Quantizer
@@ -20,7 +19,7 @@ from edgekit.errors import InputError, UnsupportedError
 from edgekit.model import HFCheckpoint
 
 if TYPE_CHECKING:
-    from edgekit.converters.formats.onnx import OnnxOptions
+    from edgekit.converters.formats.onnx.options import OnnxOptions
 
 
 @dataclass
@@ -73,31 +72,17 @@ def _plan(ckpt: HFCheckpoint, opts: OnnxOptions) -> dict[str, _Planned]:
 
 
 class _Weights:
-    """Loads a tensor, runs it through the quantizer (in GGUF row order, as quantizers expect), and
-    hands back HF-layout floats or MatMulNBits tensors."""
+    """Loads a tensor, runs it through the quantizer (in the checkpoint's own layout, as every quantizer
+    works), and hands back HF-layout floats or MatMulNBits tensors."""
 
     def __init__(self, ckpt: HFCheckpoint, quantizer: Quantizer, plan: dict[str, _Planned]) -> None:
         self.ckpt, self.quantizer, self.plan = ckpt, quantizer, plan
 
-    def _to_gguf(self, g: str, w: np.ndarray) -> np.ndarray:
-        from edgekit.converters.formats.gguf import to_gguf_layout
-
-        return to_gguf_layout(self.ckpt, g, w)
-
-    def _from_gguf(self, g: str, rows: np.ndarray) -> np.ndarray:
-        hp = self.ckpt.hparams
-        if self.ckpt.spec.permute_qk:
-            if g.endswith("attn_q.weight"):
-                return unpermute_for_rope(rows, hp.n_head)
-            if g.endswith("attn_k.weight"):
-                return unpermute_for_rope(rows, hp.n_head_kv)
-        return rows
-
     def float(self, g: str) -> np.ndarray:
         p = self.plan[g]
         w = self.ckpt.load(p.hf).astype(np.float32)
-        raw = self.quantizer.quantize(g, self._to_gguf(g, w), T.F32)
-        return self._from_gguf(g, np.frombuffer(raw.tobytes(), np.float32).reshape(w.shape))
+        raw = self.quantizer.quantize(g, w, T.F32)
+        return np.frombuffer(raw.tobytes(), np.float32).reshape(w.shape)
 
     def embedding(self) -> tuple[Any, np.ndarray]:
         """The token embedding: float32 table, or int8 records by round-to-nearest (a lookup table
@@ -115,12 +100,12 @@ class _Weights:
         """MatMulNBits tensors of ``g`` on grid ``qt`` and the float32 weights they decode to (HF layout)."""
         hf = self.plan[g].hf
         w = self.ckpt.load(hf).astype(np.float32)
-        rec = self._from_gguf(g, self.quantizer.quantize(g, self._to_gguf(g, w), qt))
+        rec = self.quantizer.quantize(g, w, qt)
         return nbits.split(qt, rec, w.shape[0]), nbits.dequantize(qt, rec)
 
 
 def _build(ckpt: HFCheckpoint, opts: OnnxOptions, gopts, weights: _Weights, data, progress: ProgressFn):
-    from edgekit.converters.formats import onnx_graph as og
+    import edgekit.converters.formats.onnx.graph as og
 
     hp = ckpt.hparams
     b = og.GraphBuilder(hp, gopts, data)
@@ -201,7 +186,7 @@ def _build(ckpt: HFCheckpoint, opts: OnnxOptions, gopts, weights: _Weights, data
 def _linear(weights: _Weights, opts: OnnxOptions, names: list[str], bias_names: list[str],
             record: Callable) -> Any:
     """One (possibly fused) projection from the GGUF-named tensors ``names`` (rows concatenated)."""
-    from edgekit.converters.formats.onnx_graph import Linear
+    from edgekit.converters.formats.onnx.graph import Linear
 
     plan = weights.plan
     biases = [weights.float(n) for n in bias_names if n in plan]
@@ -226,7 +211,7 @@ def _linear(weights: _Weights, opts: OnnxOptions, names: list[str], bias_names: 
 
 def _lm_head(b, weights: _Weights, opts: OnnxOptions, h: str, embed_float: np.ndarray | None,
              record: Callable) -> str:
-    from edgekit.converters.formats.onnx_graph import Linear
+    from edgekit.converters.formats.onnx.graph import Linear
 
     hp = weights.ckpt.hparams
     tied = hp.tie_embeddings

@@ -1,0 +1,6 @@
+"""The GGUF format's home: writer, vocabulary, reader/describe, and its policy (llama.cpp's preset
+mixes and the size budget)."""
+
+from edgekit.converters.formats.gguf.writer import GGUFFormat, PlannedTensor, plan_tensors, to_gguf_layout
+
+__all__ = ["GGUFFormat", "PlannedTensor", "plan_tensors", "to_gguf_layout"]

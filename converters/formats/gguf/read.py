@@ -1,0 +1,78 @@
+"""Reading GGUF files: the header (metadata and tensor table) and the report ``edgekit inspect`` shows."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.artifact import Artifact
+from edgekit.errors import CorruptFileError, InputError
+
+
+def read_gguf_header(path: Path):
+    """Open a GGUF with gguf-py; a corrupt or truncated file raises :class:`CorruptFileError`."""
+    import gguf
+
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; give a .gguf file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on bad files
+        raise CorruptFileError(f"{path} is not a readable GGUF file ({exc}); re-download or re-convert it") from exc
+
+
+def _kv(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def describe_gguf(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
+    """What ``edgekit inspect`` shows, read from the GGUF itself (tensor table, hyperparameters) and the
+    manifest (the fallbacks the converter applied); memory = weights + an f16 KV cache at ``ctx``."""
+    reader = read_gguf_header(art.model_file)
+    arch = _kv(reader, "general.architecture")
+    hp = {k: _kv(reader, f"{arch}.{k}") for k in (
+        "block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+        "attention.head_count_kv", "context_length", "rope.freq_base", "vocab_size")}
+    manifest_tensors = art.manifest.get("tensors", {})
+    tensors = []
+    for t in reader.tensors:
+        entry = {"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape],
+                 "n_elements": int(t.n_elements), "bytes": int(t.n_bytes)}
+        m = manifest_tensors.get(t.name, {})
+        if "wanted" in m:
+            entry["wanted"] = m["wanted"]
+            entry["fallback_reason"] = m.get("fallback_reason")
+        tensors.append(entry)
+    n_params = sum(t["n_elements"] for t in tensors)
+    weight_bytes = sum(t["bytes"] for t in tensors)
+    n_layer = int(hp["block_count"] or 0)
+    n_head = int(hp["attention.head_count"] or 1)
+    n_head_kv = int(hp["attention.head_count_kv"] or n_head)
+    head_dim = int(_kv(reader, f"{arch}.attention.key_length", 0) or (hp["embedding_length"] or 0) // n_head)
+    kv_bytes = 2 * n_layer * ctx * n_head_kv * head_dim * 2  # K and V, f16 cache (llama.cpp's default)
+    counts = Counter(t["type"] for t in tensors)
+    fallbacks = [t for t in tensors if "wanted" in t]
+    return {
+        "path": str(art.model_file),
+        "format": art.format,
+        "architecture": arch,
+        "name": _kv(reader, "general.name"),
+        "hparams": hp,
+        "n_params": n_params,
+        "file_bytes": art.model_file.stat().st_size,
+        "weight_bytes": weight_bytes,
+        "bpw": round(8 * weight_bytes / n_params, 4) if n_params else 0.0,
+        "type_counts": dict(counts.most_common()),
+        "type_bytes": {k: int(np.sum([t["bytes"] for t in tensors if t["type"] == k])) for k in counts},
+        "fallbacks": len(fallbacks),
+        "fallback_summary": dict(Counter(f"{t['wanted']}->{t['type']}" for t in fallbacks)),
+        "memory": {"ctx": ctx, "weights": weight_bytes, "kv_cache_f16": kv_bytes, "total": weight_bytes + kv_bytes},
+        "preset": art.manifest.get("preset"),
+        "recipe": art.manifest.get("recipe"),
+        "eval": art.manifest.get("eval", []),
+        "tensors": tensors,
+    }
