@@ -82,7 +82,7 @@ WHEEL=$(wheel_dir "$CPU")
 [ "$REBUILD" = 1 ] && rm -rf "$WHEEL"
 BUILD_PID=
 if ! ls "$WHEEL"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-  say "building llama.cpp for this CPU ($KEY) in the background: about 6 minutes on 2 cores, once"
+  say "building llama.cpp for this CPU ($KEY) in the background: about 4 minutes on 2 cores, once"
   build_wheel "$CPU" & BUILD_PID=$!
 fi
 
@@ -121,7 +121,7 @@ if [ "$(cat $SMOKE 2>/dev/null)" != "$LIBSHA" ]; then
     SAFE=$(.venv/bin/python -c "import sys; sys.path.insert(0,'runtime'); import llamacpp_build as b; print('x86-64-v3' if 'AVX2' in b.supported(b.cpu_flags()) else 'x86-64-v2')")
     [ "$KEY" != "$SAFE" ] || die "llama.cpp does not run on this CPU even at $SAFE (see above)"
     if ! ls "$(wheel_dir "$SAFE")"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-      say "rebuilding llama.cpp for $SAFE: about 6 minutes"
+      say "rebuilding llama.cpp for $SAFE: about 4 minutes"
       build_wheel "$SAFE" || die "llama-cpp-python did not build for $SAFE"
     fi
     install_wheel "$SAFE"; KEY=$SAFE

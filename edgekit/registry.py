@@ -7,6 +7,7 @@ plug-ins are imported only when a registry is first read, so ``edgekit --help`` 
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -23,6 +24,8 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._builtin_modules = tuple(builtin_modules)
         self._loaded = False
+        # Encoders look grids up from worker threads: the first lookups must all wait for the imports.
+        self._lock = threading.RLock()
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@registry.register("gguf")``. A duplicate name raises ``ValueError``."""
@@ -37,10 +40,14 @@ class Registry(Generic[T]):
         return decorate
 
     def _load_builtins(self) -> None:
-        if not self._loaded:
-            self._loaded = True
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
             for mod in self._builtin_modules:
                 importlib.import_module(mod)
+            self._loaded = True
 
     def get(self, name: str) -> T:
         """The object registered under ``name``; an unknown name lists the known ones."""

@@ -169,6 +169,14 @@ class ReportsMemory(Protocol):
     def memory(self) -> dict[str, int]: ...
 
 
+def capabilities(cls: type[Backend]) -> list[str]:
+    """The capabilities a backend declares, by name (what ``edgekit list`` shows)."""
+    caps = [name for name, proto in (("memory-model", MemoryModel), ("offload-plan", OffloadPlanner),
+                                     ("in-process-bench", InProcessBench), ("reports-memory", ReportsMemory))
+            if isinstance(cls, proto)]
+    return caps + (["incremental-decode"] if cls.incremental else [])
+
+
 def backend_options(cls: type[Backend]) -> list[str]:
     """The options a backend takes: the keyword-only parameters of its ``__init__``."""
     params = inspect.signature(cls.__init__).parameters.values()

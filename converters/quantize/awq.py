@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from edgekit.arch import AWQLayout, ScaleGroup, awq_layout
-from edgekit.converters.quantize import ggml
+from edgekit.converters.quantize.grids import as_grid
 from edgekit.errors import InputError
 
 QType = gguf.GGMLQuantizationType | int | str
@@ -191,7 +191,7 @@ def _weight(module: torch.nn.Module) -> np.ndarray:
 
 
 def _quantized(w: np.ndarray, qtype: QType) -> np.ndarray:
-    return ggml.quantize_roundtrip(np.ascontiguousarray(w, dtype=np.float32), qtype)[1]
+    return as_grid(qtype).quantize_roundtrip(np.ascontiguousarray(w, dtype=np.float32))[1]
 
 
 def _row_errors(delta: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -310,7 +310,7 @@ def _clip(linear: torch.nn.Module, stats: _Stats, qtype: QType, config: AWQConfi
           name: str = "") -> ClipResult:
     w = _weight(linear)
     rows, width = w.shape
-    bs = ggml.block_size(qtype)
+    bs = as_grid(qtype).block
     if bs == 1:  # float types: nothing to clip
         err = float(_row_errors(w.astype(np.float64) - _quantized(w, qtype), stats.gram).sum())
         return ClipResult(name, err, err, np.ones((rows, 0)))

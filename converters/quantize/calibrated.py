@@ -22,8 +22,9 @@ import gguf
 import numpy as np
 
 from edgekit.calibration import CalibConfig, calibration_tokens
-from edgekit.converters.quantize import ggml, gptq_kernel
+from edgekit.converters.quantize import gptq_kernel
 from edgekit.converters.quantize.base import QuantizeConfig, Quantizer
+from edgekit.converters.quantize.grids import as_grid
 from edgekit.errors import InputError, quiet_transformers, require
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class CalibratedQuantizer(Quantizer):
             return self._bytes.pop(name)
         weight = np.ascontiguousarray(weight, dtype=np.float32)
         if weight.ndim == 1 or qtype in _FLOAT:
-            return ggml.quantize(weight, qtype)
+            return as_grid(qtype).quantize(weight)
         return gptq_kernel.rtn(weight, qtype).data
 
     # -- the pipeline -----------------------------------------------------------------------------

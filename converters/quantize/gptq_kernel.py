@@ -48,9 +48,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from edgekit.converters.quantize import ggml, nbits
-from edgekit.converters.quantize.ggml import iq4nl, kquants, legacy
-from edgekit.converters.quantize.ggml._common import best_index
+from edgekit.converters.quantize.grids import Grid, as_grid
 from edgekit.errors import InputError
 
 __all__ = ["GridResult", "InverseHessian", "gptq", "hessian_error", "inverse_hessian", "rtn"]
@@ -95,11 +93,10 @@ class InverseHessian:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _qtype(qtype: T | int | str) -> T:
-    if isinstance(qtype, nbits.NBitsType):
-        return qtype
-    ggml.block_size(qtype)  # raises UnsupportedError with the list of supported types
-    return T[qtype.upper()] if isinstance(qtype, str) else T(qtype)
+def _qtype(qtype: Grid | T | int | str) -> Grid:
+    if isinstance(qtype, int) and not isinstance(qtype, T):
+        qtype = T(qtype)
+    return as_grid(qtype)  # raises UnsupportedError with the list of registered grids
 
 
 def _matrix(W: np.ndarray) -> np.ndarray:
@@ -128,13 +125,13 @@ def _importance(imatrix: np.ndarray | None, n_in: int) -> np.ndarray | None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def rtn(W: np.ndarray, qtype: T | int | str, imatrix: np.ndarray | None = None) -> GridResult:
-    """The baseline: llama.cpp's own round-to-nearest choice (``ggml.quantize_roundtrip``)."""
-    qt = _qtype(qtype)
+def rtn(W: np.ndarray, qtype: Grid | T | int | str, imatrix: np.ndarray | None = None) -> GridResult:
+    """The baseline: the grid's own round-to-nearest choice (llama.cpp's, for ggml types)."""
+    grid = _qtype(qtype)
     w = _matrix(W)
     im = _importance(imatrix, w.shape[1])
-    data, weight = ggml.quantize_roundtrip(w, qt, im)
-    return GridResult(qt, data, weight)
+    data, weight = grid.quantize_roundtrip(w, im)
+    return GridResult(_spec(qtype, grid), data, weight)
 
 
 def hessian_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
@@ -148,7 +145,7 @@ def hessian_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
 def gptq(
     W: np.ndarray,
     H: np.ndarray | InverseHessian,
-    qtype: T | int | str,
+    qtype: Grid | T | int | str,
     *,
     damp: float = 0.01,
     block_cols: int = 128,
@@ -162,15 +159,15 @@ def gptq(
     InputError for bad shapes, non-finite values, an H that no dampening up to its mean diagonal makes
     positive definite, or a row length that is not a multiple of the type's block size.
     """
-    qt = _qtype(qtype)
+    grid = _qtype(qtype)
     w = _matrix(W)
     n_out, n_in = w.shape
-    if qt in FLOAT_TYPES:
-        return rtn(w, qt)
-    bs = ggml.block_size(qt)
+    if grid.is_float:
+        return rtn(w, qtype)
+    bs = grid.block
     if n_in % bs:
         raise InputError(
-            f"rows of {n_in} weights cannot be stored as {qt.name}: the row length must be a multiple of {bs}"
+            f"rows of {n_in} weights cannot be stored as {grid.name}: the row length must be a multiple of {bs}"
         )
     if block_cols < 1:
         raise InputError(f"block_cols must be positive; got {block_cols}")
@@ -184,7 +181,7 @@ def gptq(
         ih = inverse_hessian(H, damp)
     im = _importance(imatrix, n_in)
     U = np.ascontiguousarray(ih.U, dtype=F32)
-    grid = _grid(qt, w, im)
+    sweep = grid.sweep(w, im)
     batch = -(-block_cols // bs) * bs
 
     Wt = np.ascontiguousarray(w.T)  # (in, out): column i of W is the contiguous row Wt[i]
@@ -198,7 +195,7 @@ def gptq(
             for k0 in range(b0, b1, bs):
                 k1 = k0 + bs
                 # every earlier column's error is already in Wt[k0:k1]: choose the block's parameters now
-                rounder, params = grid.block(Wt[k0:k1], k0)
+                rounder, params = sweep.block(Wt[k0:k1], k0)
                 block_params.append(params)
                 for i in range(k0, k1):
                     x = Wt[i]
@@ -213,11 +210,16 @@ def gptq(
             if b1 < n_in:
                 tWt[b1:].addmm_(tU[b0:b1, b1:].T, torch.from_numpy(err), alpha=-1.0)
 
-    codes = grid.codes(np.ascontiguousarray(codes_t.T).reshape(-1, bs))
-    params = grid.stack(block_params)
-    data = grid.pack(codes, params).reshape(n_out, -1)
-    weight = grid.dequantize(codes, params).reshape(n_out, n_in)
-    return GridResult(qt, data, weight, codes.reshape(n_out, n_in), params, ih.damp)
+    codes = sweep.codes(np.ascontiguousarray(codes_t.T).reshape(-1, bs))
+    params = sweep.stack(block_params)
+    data = sweep.pack(codes, params).reshape(n_out, -1)
+    weight = sweep.dequantize(codes, params).reshape(n_out, n_in)
+    return GridResult(_spec(qtype, grid), data, weight, codes.reshape(n_out, n_in), params, ih.damp)
+
+
+def _spec(qtype: Grid | T | int | str, grid: Grid) -> Any:
+    """What ``GridResult.qtype`` reports: the ggml type for ggml grids (as callers name them), else the grid."""
+    return getattr(grid, "qtype", grid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,172 +271,3 @@ def inverse_hessian(H: np.ndarray, damp: float = 0.01) -> InverseHessian:
                 "expected sum x x^T over the calibration inputs"
             )
         factor = min(_MAX_DAMP, factor * 10 if factor > 0 else 1e-4)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the grids: one adapter per kernel family, all vectorised over the rows
-# ----------------------------------------------------------------------------------------------------
-
-
-class _Grid:
-    """Adapter interface: ``block(cols, first_col) -> (rounder, params)``, then assembly."""
-
-    def block(self, cols: np.ndarray, c0: int):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def codes(self, codes: np.ndarray) -> np.ndarray:
-        return codes.astype(np.uint8)
-
-
-def _scale_rounder(d0: np.ndarray, a: np.ndarray | None, lo: int, hi: int, off: int):
-    """Per-column rounding under per-row scales ``d0`` ``(out,)`` (float32, possibly 0) and offsets
-    ``a`` (decoded value ``d0*q - a``)."""
-    d = np.where(d0 != 0, d0, F32(np.inf)).astype(F32)
-    flo, fhi = F32(lo), F32(hi)
-
-    def rnd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        v = x / d if a is None else (x + a) / d
-        q = np.clip(np.rint(v), flo, fhi)
-        value = d0 * q if a is None else d0 * q - a
-        return q + off, value
-
-    return rnd
-
-
-class _LegacyGrid(_Grid):
-    def __init__(self, qt: T, w: np.ndarray, im: np.ndarray | None):
-        self.qt = qt
-        off, levels, self.affine = legacy._SPEC[qt]  # the kernel's own table: one source of truth
-        if qt == T.Q8_0:  # signed int8 codes
-            self.lo, self.hi, self.off = -128, 127, 0
-        elif self.affine:  # d*q + m, q in [0, levels)
-            self.lo, self.hi, self.off = 0, levels - 1, 0
-        else:  # d*(code - off)
-            self.lo, self.hi, self.off = -off, levels - 1 - off, off
-        self.im = None if qt == T.Q8_0 else im
-        # llama.cpp's weighted search uses each row's mean square as a prior: taken from the original row
-        self.sigma2 = None if self.im is None else legacy.row_sigma2(w)
-
-    def block(self, cols: np.ndarray, c0: int):
-        blocks = np.ascontiguousarray(cols.T)  # (out, 32)
-        qw = None if self.im is None else np.broadcast_to(self.im[c0 : c0 + blocks.shape[1]], blocks.shape)
-        p = legacy.choose_params(self.qt, blocks, qw, self.sigma2)
-        d0 = p.d.astype(F32)
-        # stored as d*q + m; written as d*q - (-m), the same float32 result
-        a = -p.m.astype(F32) if self.affine else None
-        rnd = _scale_rounder(d0, a, self.lo, self.hi, self.off)
-        return (lambda j, x: rnd(x)), p
-
-    def codes(self, codes: np.ndarray) -> np.ndarray:
-        return codes.astype(np.int8) if self.qt == T.Q8_0 else codes.astype(np.uint8)
-
-    def stack(self, ps: list) -> legacy.LegacyParams:
-        d = np.stack([p.d for p in ps], axis=1).reshape(-1)
-        m = np.stack([p.m for p in ps], axis=1).reshape(-1) if self.affine else None
-        return legacy.LegacyParams(d, m)
-
-    def pack(self, codes, params):
-        return legacy.pack(self.qt, codes, params)
-
-    def dequantize(self, codes, params):
-        return legacy.dequantize_codes(self.qt, codes, params)
-
-
-class _KGrid(_Grid):
-    def __init__(self, qt: T, w: np.ndarray, im: np.ndarray | None):
-        self.qt = qt
-        self.g, self.lo, self.hi, self.off, self.affine = kquants._SPEC[qt]  # the kernel's own table
-        self.im = im
-
-    def block(self, cols: np.ndarray, c0: int):
-        blocks = np.ascontiguousarray(cols.T)  # (out, 256)
-        qw = None if self.im is None else np.broadcast_to(self.im[c0 : c0 + blocks.shape[1]], blocks.shape)
-        p = kquants.choose_params(self.qt, blocks, qw)
-        d_eff, m_eff = kquants.sub_block_scales(self.qt, p)  # exactly as ggml decodes them
-        d_t = np.ascontiguousarray(d_eff.T)
-        m_t = None if m_eff is None else np.ascontiguousarray(m_eff.T)
-        rounders = [
-            _scale_rounder(d_t[s], None if m_t is None else m_t[s], self.lo, self.hi, self.off)
-            for s in range(d_t.shape[0])
-        ]
-        g = self.g
-        return (lambda j, x: rounders[j // g](x)), p
-
-    def stack(self, ps: list) -> kquants.KParams:
-        def cat(name: str) -> np.ndarray | None:
-            parts = [getattr(p, name) for p in ps]
-            if parts[0] is None:
-                return None
-            arr = np.stack(parts, axis=1)  # (out, n_blocks_per_row, ...)
-            return arr.reshape(-1, *arr.shape[2:])
-
-        return kquants.KParams(cat("d"), cat("scales"), cat("dmin"), cat("mins"))
-
-    def pack(self, codes, params):
-        return kquants.pack(self.qt, codes, params)
-
-    def dequantize(self, codes, params):
-        return kquants.dequantize_codes(self.qt, codes, params)
-
-
-class _IQ4NLGrid(_Grid):
-    def __init__(self, qt: T, w: np.ndarray, im: np.ndarray | None):
-        self.im = im
-
-    def block(self, cols: np.ndarray, c0: int):
-        blocks = np.ascontiguousarray(cols.T)
-        qw = None if self.im is None else np.broadcast_to(self.im[c0 : c0 + blocks.shape[1]], blocks.shape)
-        p = iq4nl.choose_params(blocks, qw)
-        d0 = p.d.astype(F32)
-        inv = np.where(d0 != 0, F32(1.0) / np.where(d0 != 0, d0, F32(1.0)), F32(0.0)).astype(F32)
-        table = iq4nl.KVALUES
-
-        def rnd(j: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            idx = best_index(table, x * inv)
-            return idx, d0 * table[idx]
-
-        return rnd, p
-
-    def stack(self, ps: list) -> iq4nl.IQ4NLParams:
-        return iq4nl.IQ4NLParams(np.stack([p.d for p in ps], axis=1).reshape(-1))
-
-    def pack(self, codes, params):
-        return iq4nl.pack(codes, params)
-
-    def dequantize(self, codes, params):
-        return iq4nl.dequantize_codes(codes, params)
-
-
-class _NBitsGrid(_Grid):
-    """MatMulNBits grids (nbits.py): per-block fp16 scale and integer zero point."""
-
-    def __init__(self, qt: nbits.NBitsType, w: np.ndarray, im: np.ndarray | None):
-        self.t, self.im = qt, im
-
-    def block(self, cols: np.ndarray, c0: int):
-        blocks = np.ascontiguousarray(cols.T)
-        qw = None if self.im is None else np.broadcast_to(self.im[c0 : c0 + blocks.shape[1]], blocks.shape)
-        p = nbits.choose_params(self.t, blocks, qw)
-        d0 = p.d.astype(F32)
-        rnd = _scale_rounder(d0, d0 * p.zp.astype(F32), 0, self.t.levels - 1, 0)  # d*(q - zp) = d*q - d*zp
-        return (lambda j, x: rnd(x)), p
-
-    def stack(self, ps: list) -> nbits.NBitsParams:
-        return nbits.NBitsParams(np.stack([p.d for p in ps], axis=1).reshape(-1),
-                                 np.stack([p.zp for p in ps], axis=1).reshape(-1))
-
-    def pack(self, codes, params):
-        return nbits.pack(self.t, codes, params)
-
-    def dequantize(self, codes, params):
-        return nbits.dequantize_codes(self.t, codes, params)
-
-
-def _grid(qt: T, w: np.ndarray, im: np.ndarray | None) -> _Grid:
-    if isinstance(qt, nbits.NBitsType):
-        return _NBitsGrid(qt, w, im)
-    if qt in kquants.TYPES:
-        return _KGrid(qt, w, im)
-    if qt == T.IQ4_NL:
-        return _IQ4NLGrid(qt, w, im)
-    return _LegacyGrid(qt, w, im)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgekit.converters.quantize.grids.base import Grid, GridSweep, importance_block, scale_rounder
 from edgekit.errors import InputError, UnsupportedError
 
 F32 = np.float32
@@ -30,14 +31,30 @@ F32 = np.float32
 _SHRINK = {4: np.linspace(1.0, 0.70, 16, dtype=F32), 8: np.linspace(1.0, 0.94, 4, dtype=F32)}
 
 
-@dataclass(frozen=True)
-class NBitsType:
+@dataclass(frozen=True, repr=False)
+class NBitsType(Grid):
     """One grid: ``bits`` (4 or 8), ``block`` weights per block (a power of two, 16..256),
     ``symmetric`` (zero point fixed at ``2**(bits-1)``) or asymmetric (a zero point per block)."""
 
     bits: int
     block: int
     symmetric: bool
+    is_float = False
+
+    def row_bytes(self, n: int) -> int:
+        return n // self.block * self.record
+
+    def quantize_roundtrip(self, x: np.ndarray, imatrix: np.ndarray | None = None, *,
+                           want_values: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        a = np.asarray(x, dtype=F32)
+        raw, values = quantize_rows(self, a.reshape(-1, a.shape[-1]), imatrix, want_values)
+        return raw.reshape(*a.shape[:-1], -1), None if values is None else values.reshape(a.shape)
+
+    def dequantize(self, raw: np.ndarray) -> np.ndarray:
+        return dequantize(self, raw)
+
+    def sweep(self, w: np.ndarray, imatrix: np.ndarray | None) -> GridSweep:
+        return _NBitsSweep(self, imatrix)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -250,3 +267,27 @@ def dequantize(t: NBitsType, records: np.ndarray) -> np.ndarray:
     r = np.asarray(records, dtype=np.uint8)
     codes, params = unpack(t, r.reshape(-1, t.record))
     return dequantize_codes(t, codes, params).reshape(*r.shape[:-1], -1)
+
+
+class _NBitsSweep(GridSweep):
+    """GPTQ onto a MatMulNBits grid: per-block fp16 scale and integer zero point."""
+
+    def __init__(self, t: NBitsType, im: np.ndarray | None) -> None:
+        self.t, self.im = t, im
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple:
+        blocks = np.ascontiguousarray(cols.T)
+        p = choose_params(self.t, blocks, importance_block(self.im, c0, blocks.shape))
+        d0 = p.d.astype(F32)
+        rnd = scale_rounder(d0, d0 * p.zp.astype(F32), 0, self.t.levels - 1, 0)  # d*(q - zp) = d*q - d*zp
+        return (lambda j, x: rnd(x)), p
+
+    def stack(self, ps: list) -> NBitsParams:
+        return NBitsParams(np.stack([p.d for p in ps], axis=1).reshape(-1),
+                           np.stack([p.zp for p in ps], axis=1).reshape(-1))
+
+    def pack(self, codes: np.ndarray, params: NBitsParams) -> np.ndarray:
+        return pack(self.t, codes, params)
+
+    def dequantize(self, codes: np.ndarray, params: NBitsParams) -> np.ndarray:
+        return dequantize_codes(self.t, codes, params)

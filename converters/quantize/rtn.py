@@ -5,8 +5,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from edgekit.converters.quantize import ggml
 from edgekit.converters.quantize.base import Quantizer, register_quantizer
+from edgekit.converters.quantize.grids import as_grid
 
 
 @register_quantizer("rtn")
@@ -14,4 +14,4 @@ class RTNQuantizer(Quantizer):
     """The reference method: exactly what llama-quantize stores without an importance matrix."""
 
     def quantize(self, name: str, weight: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-        return ggml.quantize(np.ascontiguousarray(weight, dtype=np.float32), qtype)
+        return as_grid(qtype).quantize(np.ascontiguousarray(weight, dtype=np.float32))

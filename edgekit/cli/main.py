@@ -276,18 +276,25 @@ def quickstart(
 @app.command("list")
 @handle_errors
 def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
-    """What is registered: formats, quantization methods, runtimes, GGUF presets."""
+    """What is registered: formats, quantization methods, storage grids, runtimes (with what each can
+    do), GGUF presets."""
     from edgekit.converters.formats.base import FORMATS
     from edgekit.converters.formats.gguf import mixes
     from edgekit.converters.quantize.base import QUANTIZERS
-    from edgekit.runtime.base import BACKENDS
+    from edgekit.converters.quantize.grids import GRIDS, as_grid
+    from edgekit.runtime.base import BACKENDS, capabilities
 
-    data = {"formats": FORMATS.names(), "methods": QUANTIZERS.names(), "backends": BACKENDS.names(),
+    data = {"formats": FORMATS.names(), "methods": QUANTIZERS.names(),
+            "grids": [as_grid(n).name for n in GRIDS.names()],
+            "backends": {n: {"formats": list(BACKENDS.get(n).formats), "can": capabilities(BACKENDS.get(n))}
+                         for n in BACKENDS.names()},
             "gguf_presets": list(mixes.PRESETS), "bits": {str(k): v for k, v in mixes.BITS_TO_PRESET.items()}}
     if as_json:
         out.print_json(json.dumps(data))
     else:
         for k, v in data.items():
+            if k == "backends":
+                v = ", ".join(f"{n} ({'/'.join(b['formats'])}: {', '.join(b['can']) or 'run'})" for n, b in v.items())
             out.print(f"[bold]{k}[/]: {', '.join(map(str, v)) if isinstance(v, list) else v}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgekit.converters.quantize import ggml, gptq_kernel, nbits
+from edgekit.converters.quantize import gptq_kernel, nbits
 from edgekit.converters.quantize.nbits import NBitsType
 from edgekit.errors import InputError, UnsupportedError
 
@@ -20,9 +20,9 @@ def _weights(n: int = 24, k: int = 384, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("t", GRIDS, ids=lambda t: t.name)
 def test_roundtrip_and_decode_agree(t):
     w = _weights()
-    raw, values = ggml.quantize_roundtrip(w, t)
+    raw, values = t.quantize_roundtrip(w)
     assert raw.shape == (w.shape[0], w.shape[1] // t.block * t.record)
-    assert np.array_equal(ggml.dequantize(raw, t), values)
+    assert np.array_equal(t.dequantize(raw), values)
     codes, params = nbits.unpack(t, raw)
     assert codes.max() < t.levels
     if t.symmetric:
@@ -36,7 +36,7 @@ def test_roundtrip_and_decode_agree(t):
 @pytest.mark.parametrize("t", [NBitsType(4, 32, False), NBitsType(4, 128, True)], ids=lambda t: t.name)
 def test_scale_search_beats_plain_minmax(t):
     w = _weights(64, 512, seed=1)
-    _, values = ggml.quantize_roundtrip(w, t)
+    _, values = t.quantize_roundtrip(w)
     blocks = w.reshape(-1, t.block)
     if t.symmetric:
         idx = np.argmax(np.abs(blocks), axis=1)
@@ -60,7 +60,7 @@ def test_gptq_onto_nbits_grid_lowers_the_output_error():
     for t in (NBitsType(4, 32, False), NBitsType(4, 128, True), NBitsType(8, 32, True)):
         g = gptq_kernel.gptq(w, H, t)
         r = gptq_kernel.rtn(w, t)
-        assert np.array_equal(ggml.dequantize(g.data, t), g.weight)  # bytes == the weights it reports
+        assert np.array_equal(t.dequantize(g.data), g.weight)  # bytes == the weights it reports
         assert gptq_kernel.hessian_error(w, g.weight, H) < 0.8 * gptq_kernel.hessian_error(w, r.weight, H)
 
 
@@ -72,9 +72,9 @@ def test_bad_grids_and_rows():
     with pytest.raises(InputError):
         NBitsType.parse("Q4_0")
     with pytest.raises(InputError, match="multiple of 32"):
-        ggml.quantize(np.ones((2, 40), np.float32), NBitsType(4, 32, True))
+        NBitsType(4, 32, True).quantize(np.ones((2, 40), np.float32))
     with pytest.raises(InputError, match="NaN"):
-        ggml.quantize(np.full((2, 32), np.nan, np.float32), NBitsType(4, 32, True))
+        NBitsType(4, 32, True).quantize(np.full((2, 32), np.nan, np.float32))
     assert NBitsType.parse("uint4_b128") == NBitsType(4, 128, False)
 
 
@@ -106,7 +106,7 @@ def test_matmulnbits_computes_with_exactly_our_weights(t, k):
     if k % t.block:
         pytest.skip("row length not a multiple of the block")
     w = _weights(40, k, seed=k)
-    raw, values = ggml.quantize_roundtrip(w, t)
+    raw, values = t.quantize_roundtrip(w)
     s = nbits.split(t, raw, w.shape[0])
     inits = {"B": s.B, "scales": s.scales.astype(np.float32)}
     ins = ["x", "B", "scales"]
@@ -126,7 +126,7 @@ def test_gather_block_quantized_reads_our_int8_table(block):
 
     t = NBitsType(8, block, True)
     w = _weights(50, 256, seed=9)
-    raw, values = ggml.quantize_roundtrip(w, t)
+    raw, values = t.quantize_roundtrip(w)
     s = nbits.split(t, raw, w.shape[0])
     zp = np.full(s.scales.shape, t.default_zp, np.uint8)
     node = helper.make_node("GatherBlockQuantized", ["data", "ids", "scales", "zp"], ["y"], domain="com.microsoft",

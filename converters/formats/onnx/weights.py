@@ -91,9 +91,7 @@ class _Weights:
         w = self.ckpt.load(p.hf).astype(np.float32)
         if p.qtype == T.F32:
             return None, w
-        from edgekit.converters.quantize import ggml
-
-        rec = ggml.quantize(w, p.qtype)
+        rec = p.qtype.quantize(w)
         return nbits.split(p.qtype, rec, w.shape[0]), w
 
     def quantized(self, g: str, qt: NBitsType) -> tuple[nbits.SplitTensors, np.ndarray]:

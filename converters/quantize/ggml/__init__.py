@@ -27,8 +27,6 @@ from edgekit.errors import InputError, UnsupportedError
 from . import iq4nl, kquants, legacy
 from ._common import F32, fp16
 
-# MatMulNBits grids (ONNX) share these verbs; imported lazily below to keep this package ggml-only.
-
 __all__ = [
     "SUPPORTED_TYPES",
     "bits_per_weight",
@@ -59,29 +57,17 @@ def _check(qtype: T | int | str) -> T:
     return qt
 
 
-def _nbits(qtype: object):
-    from edgekit.converters.quantize.nbits import NBitsType
-
-    return qtype if isinstance(qtype, NBitsType) else None
-
-
 def block_size(qtype: T | int | str) -> int:
     """Weights per block (1 for the float types)."""
-    if nb := _nbits(qtype):
-        return nb.block
     return GGML_QUANT_SIZES[_check(qtype)][0]
 
 
 def type_size(qtype: T | int | str) -> int:
     """Bytes per block."""
-    if nb := _nbits(qtype):
-        return nb.record
     return GGML_QUANT_SIZES[_check(qtype)][1]
 
 
 def bits_per_weight(qtype: T | int | str) -> float:
-    if nb := _nbits(qtype):
-        return nb.bits_per_weight
     bs, ts = GGML_QUANT_SIZES[_check(qtype)]
     return ts * 8 / bs
 
@@ -113,13 +99,6 @@ def _encode_blocks(
 def _run(
     data: np.ndarray, qtype: T | int | str, imatrix: np.ndarray | None, want_values: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    if nb := _nbits(qtype):
-        from edgekit.converters.quantize import nbits
-
-        x = np.asarray(data, dtype=F32)
-        raw, values = nbits.quantize_rows(nb, x.reshape(-1, x.shape[-1]), imatrix, want_values)
-        return (raw.reshape(*x.shape[:-1], -1),
-                None if values is None else values.reshape(x.shape))
     qt = _check(qtype)
     x = np.ascontiguousarray(np.asarray(data, dtype=F32))
     if x.ndim == 0:
@@ -202,9 +181,5 @@ def quantize_roundtrip(
 
 def dequantize(raw: np.ndarray, qtype: T | int | str) -> np.ndarray:
     """Decode ggml bytes ``(..., n_bytes)`` to float32 ``(..., n)`` (through gguf-py)."""
-    if nb := _nbits(qtype):
-        from edgekit.converters.quantize import nbits
-
-        return nbits.dequantize(nb, raw)
     qt = _check(qtype)
     return np.asarray(_gguf_quants.dequantize(np.asarray(raw).view(np.uint8), qt), dtype=F32)

@@ -1,0 +1,162 @@
+"""The ggml block types as grids: byte-identical with llama.cpp's quantisers (the kernels are
+:mod:`edgekit.converters.quantize.ggml`), with GPTQ's sweep onto each family's exact grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from edgekit.converters.quantize import ggml
+from edgekit.converters.quantize.ggml import iq4nl, kquants, legacy
+from edgekit.converters.quantize.ggml._common import best_index
+from edgekit.converters.quantize.grids.base import (
+    F32,
+    Grid,
+    GridSweep,
+    importance_block,
+    register_grid,
+    scale_rounder,
+)
+
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+class GGMLGrid(Grid):
+    """One ggml type. ``qtype``: the ``gguf.GGMLQuantizationType`` it stores."""
+
+    def __init__(self, qtype: T) -> None:
+        self.qtype = qtype
+        self.name = qtype.name
+        self.block, self._type_size = GGML_QUANT_SIZES[qtype]
+        self.is_float = qtype in FLOAT_TYPES
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self._type_size * 8 / self.block
+
+    def row_bytes(self, n: int) -> int:
+        return n // self.block * self._type_size
+
+    def quantize_roundtrip(self, x: np.ndarray, imatrix: np.ndarray | None = None, *,
+                           want_values: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        if want_values:
+            return ggml.quantize_roundtrip(x, self.qtype, imatrix)
+        return ggml.quantize(x, self.qtype, imatrix), None
+
+    def dequantize(self, raw: np.ndarray) -> np.ndarray:
+        return ggml.dequantize(raw, self.qtype)
+
+    def sweep(self, w: np.ndarray, imatrix: np.ndarray | None) -> GridSweep:
+        if self.qtype in kquants.TYPES:
+            return _KSweep(self.qtype, imatrix)
+        if self.qtype == T.IQ4_NL:
+            return _IQ4NLSweep(imatrix)
+        if self.qtype in legacy.TYPES:
+            return _LegacySweep(self.qtype, w, imatrix)
+        return super().sweep(w, imatrix)
+
+
+class _LegacySweep(GridSweep):
+    def __init__(self, qt: T, w: np.ndarray, im: np.ndarray | None) -> None:
+        self.qt = qt
+        off, levels, self.affine = legacy._SPEC[qt]  # the kernel's own table: one source of truth
+        if qt == T.Q8_0:  # signed int8 codes
+            self.lo, self.hi, self.off = -128, 127, 0
+        elif self.affine:  # d*q + m, q in [0, levels)
+            self.lo, self.hi, self.off = 0, levels - 1, 0
+        else:  # d*(code - off)
+            self.lo, self.hi, self.off = -off, levels - 1 - off, off
+        self.im = None if qt == T.Q8_0 else im
+        # llama.cpp's weighted search uses each row's mean square as a prior: taken from the original row
+        self.sigma2 = None if self.im is None else legacy.row_sigma2(w)
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple[Any, Any]:
+        blocks = np.ascontiguousarray(cols.T)  # (out, 32)
+        p = legacy.choose_params(self.qt, blocks, importance_block(self.im, c0, blocks.shape), self.sigma2)
+        d0 = p.d.astype(F32)
+        # stored as d*q + m; written as d*q - (-m), the same float32 result
+        a = -p.m.astype(F32) if self.affine else None
+        rnd = scale_rounder(d0, a, self.lo, self.hi, self.off)
+        return (lambda j, x: rnd(x)), p
+
+    def codes(self, codes: np.ndarray) -> np.ndarray:
+        return codes.astype(np.int8) if self.qt == T.Q8_0 else codes.astype(np.uint8)
+
+    def stack(self, ps: list) -> legacy.LegacyParams:
+        d = np.stack([p.d for p in ps], axis=1).reshape(-1)
+        m = np.stack([p.m for p in ps], axis=1).reshape(-1) if self.affine else None
+        return legacy.LegacyParams(d, m)
+
+    def pack(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return legacy.pack(self.qt, codes, params)
+
+    def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return legacy.dequantize_codes(self.qt, codes, params)
+
+
+class _KSweep(GridSweep):
+    def __init__(self, qt: T, im: np.ndarray | None) -> None:
+        self.qt = qt
+        self.g, self.lo, self.hi, self.off, self.affine = kquants._SPEC[qt]  # the kernel's own table
+        self.im = im
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple[Any, Any]:
+        blocks = np.ascontiguousarray(cols.T)  # (out, 256)
+        p = kquants.choose_params(self.qt, blocks, importance_block(self.im, c0, blocks.shape))
+        d_eff, m_eff = kquants.sub_block_scales(self.qt, p)  # exactly as ggml decodes them
+        d_t = np.ascontiguousarray(d_eff.T)
+        m_t = None if m_eff is None else np.ascontiguousarray(m_eff.T)
+        rounders = [scale_rounder(d_t[s], None if m_t is None else m_t[s], self.lo, self.hi, self.off)
+                    for s in range(d_t.shape[0])]
+        g = self.g
+        return (lambda j, x: rounders[j // g](x)), p
+
+    def stack(self, ps: list) -> kquants.KParams:
+        def cat(name: str) -> np.ndarray | None:
+            parts = [getattr(p, name) for p in ps]
+            if parts[0] is None:
+                return None
+            arr = np.stack(parts, axis=1)  # (out, n_blocks_per_row, ...)
+            return arr.reshape(-1, *arr.shape[2:])
+
+        return kquants.KParams(cat("d"), cat("scales"), cat("dmin"), cat("mins"))
+
+    def pack(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return kquants.pack(self.qt, codes, params)
+
+    def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return kquants.dequantize_codes(self.qt, codes, params)
+
+
+class _IQ4NLSweep(GridSweep):
+    def __init__(self, im: np.ndarray | None) -> None:
+        self.im = im
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple[Any, Any]:
+        blocks = np.ascontiguousarray(cols.T)
+        p = iq4nl.choose_params(blocks, importance_block(self.im, c0, blocks.shape))
+        d0 = p.d.astype(F32)
+        inv = np.where(d0 != 0, F32(1.0) / np.where(d0 != 0, d0, F32(1.0)), F32(0.0)).astype(F32)
+        table = iq4nl.KVALUES
+
+        def rnd(j: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            idx = best_index(table, x * inv)
+            return idx, d0 * table[idx]
+
+        return rnd, p
+
+    def stack(self, ps: list) -> iq4nl.IQ4NLParams:
+        return iq4nl.IQ4NLParams(np.stack([p.d for p in ps], axis=1).reshape(-1))
+
+    def pack(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return iq4nl.pack(codes, params)
+
+    def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return iq4nl.dequantize_codes(codes, params)
+
+
+for _t in ggml.SUPPORTED_TYPES:
+    register_grid(GGMLGrid(_t))
