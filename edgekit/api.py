@@ -15,7 +15,8 @@ from typing import Any
 from edgekit.artifact import SCHEMA, Artifact, now_iso, tool_versions, write_manifest
 from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
-from edgekit.converters.quantize.base import QUANTIZERS, Quantizer
+from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
+from edgekit.errors import InputError
 from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text
 from edgekit.fsutil import atomic_dir, sha256_files
 from edgekit.importer import import_gguf
@@ -42,17 +43,34 @@ def convert(
     *,
     output: str | Path | None = None,
     recipe: ConvertRecipe | None = None,
+    quantize: QuantizeConfig | None = None,
+    options: Any = None,
     force: bool = False,
     progress: ProgressFn = no_progress,
 ) -> Artifact:
     """Convert a Hugging Face checkpoint folder into an artifact folder (model file + edgekit.json).
 
-
+    ``recipe``: what to produce (bits, preset, size budget, per-tensor types). ``quantize``: a method's
+    own config (``GPTQConfig(damp=0.05, sink_weight=4)``, ``AWQGPTQConfig(awq_config=AWQConfig(...))``):
+    every setting of the method, which then replaces ``recipe.method``. ``options``: the format's typed
+    options (``OnnxOptions(block_size=128, lm_head="int8")``), the SDK's form of the CLI's ``-O``.
     Nothing is left under ``output`` if anything fails; an existing ``output`` needs ``force``.
     """
+    import dataclasses
+
     recipe = recipe or ConvertRecipe()
     fmt = FORMATS.get(to)()
-    quantizer = make_quantizer(recipe.method, recipe.calib)
+    if options is not None:
+        if not dataclasses.is_dataclass(options) or type(options) is not getattr(fmt, "options_class", None):
+            want = getattr(getattr(fmt, "options_class", None), "__name__", None)
+            raise InputError(f"options for {to} must be {want}" if want else f"the {to} format takes no options")
+        given = dataclasses.asdict(options)
+        recipe = dataclasses.replace(recipe, bits=given.pop("bits", recipe.bits), extra={**recipe.extra, **given})
+    if quantize is not None:
+        recipe = dataclasses.replace(recipe, method=quantize.method, calib=getattr(quantize, "calib", recipe.calib))
+        quantizer = QUANTIZERS.get(quantize.method)(quantize)
+    else:
+        quantizer = make_quantizer(recipe.method, recipe.calib)
     ckpt = HFCheckpoint.open(model)
     out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe)
     with atomic_dir(out, force=force) as tmp:

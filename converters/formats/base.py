@@ -73,10 +73,13 @@ class ConvertRecipe:
 
 
 class Format(abc.ABC):
-    """Writes artifacts of one format from a checkpoint."""
+    """Writes artifacts of one format from a checkpoint. ``options_class``: the frozen dataclass of its
+    typed options (the SDK passes an instance to ``api.convert(options=...)``, the CLI builds it from
+    ``-O key=value``), or None when it has none."""
 
     name: str = ""
     model_filename: str = ""
+    options_class: type | None = None
 
     @abc.abstractmethod
     def convert(

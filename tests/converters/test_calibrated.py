@@ -83,3 +83,18 @@ def test_calibration_from_a_text_file(tiny_llama, tmp_path):
                                calib=CalibConfig(source=str(sample_text_path()), samples=4, seqlen=64))
     art = api.convert(tiny_llama, "gguf", output=tmp_path / "a", recipe=recipe)
     assert art.manifest["recipe"]["calib"]["source"].endswith("sample.txt")
+
+
+def test_sdk_reaches_every_method_setting(tiny_llama, tmp_path):
+    """api.convert(quantize=...) takes a method's own config: its settings reach the quantizer and the
+    manifest, and its method replaces the recipe's."""
+    from edgekit import api
+    from edgekit.calibration import CalibConfig
+    from edgekit.converters.quantize.gptq import GPTQConfig
+
+    cfg = GPTQConfig(damp=0.05, sink_weight=3.0, calib=CalibConfig(samples=2, seqlen=32))
+    art = api.convert(tiny_llama, "gguf", output=tmp_path / "g", recipe=api.ConvertRecipe(bits=4, method="rtn"),
+                      quantize=cfg)
+    q = art.manifest["recipe"]["quantizer"]
+    assert art.manifest["recipe"]["method"] == "gptq" and q["damp"] == 0.05 and q["sink_weight"] == 3.0
+    assert q["calib"]["samples"] == 2

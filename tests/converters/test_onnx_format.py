@@ -221,3 +221,14 @@ def test_inspect_reports_graph_and_memory(tiny_llama, tmp_path):
     # fp32 KV cache: 2 (K, V) x layers x ctx x kv heads x head dim x 4 bytes
     assert info["memory"]["kv_cache"] == 2 * 2 * 1024 * 2 * 64 * 4
     assert info["onnx"]["ops"]["com.microsoft::MatMulNBits"] == 2 * 4 + 1
+
+
+def test_sdk_takes_typed_format_options(tiny_llama, tmp_path):
+    from edgekit.converters.formats.onnx import OnnxOptions
+
+    art = api.convert(tiny_llama, "onnx", output=tmp_path / "o",
+                      options=OnnxOptions(bits=4, block_size=64, lm_head="int8", symmetric=True))
+    types = {t["type"] for t in art.manifest["tensors"].values()}
+    assert "INT4_B64" in types and "INT8_B64" in types
+    with pytest.raises(InputError, match="options for gguf|gguf format takes no options"):
+        api.convert(tiny_llama, "gguf", output=tmp_path / "g", options=OnnxOptions())

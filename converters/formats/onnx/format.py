@@ -39,6 +39,7 @@ class OnnxFormat(Format):
     """onnxruntime's format: decoder graph with KV cache, MatMulNBits weights, external data."""
 
     name = "onnx"
+    options_class = OnnxOptions
     model_filename = "model.onnx"
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
