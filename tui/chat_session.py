@@ -51,13 +51,16 @@ class LiveStats:
 
 @dataclass
 class ChatSession:
-    """The conversation with one artifact. ``options`` go to the backend (n_ctx, n_threads...)."""
+    """The conversation with one artifact. ``options`` go to the backend (n_ctx, n_threads...);
+    ``offload="auto"`` among them adds the offload planner's GPU layers and overrides for this host."""
 
     artifact: Artifact
     options: dict[str, Any] = field(default_factory=dict)
     system: str = DEFAULT_SYSTEM
     messages: list[dict[str, str]] = field(default_factory=list)
     backend: Backend | None = None
+    #: Why the offload planner split the model as it did (``offload="auto"``), once loaded.
+    offload_reason: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -106,7 +109,10 @@ class ChatSession:
         if self.backend is None:
             from edgekit import api
 
-            self.backend = api.open_backend(self.artifact, **self.options)
+            opts = dict(self.options)
+            offload = opts.pop("offload", None) or "none"
+            planned, self.offload_reason = api.offload_options(self.artifact, offload, int(opts.get("n_ctx") or 4096))
+            self.backend = api.open_backend(self.artifact, **opts, **planned)
         return self.backend
 
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,8 @@ class ConvertRecipe:
     tensor_types: ``(regex, type)`` overrides applied after the preset, matched against tensor names.
     method: the quantization method (a registered quantizer name).
     calib: calibration data for calibrated methods and for ``bpw`` (None: sampled from the model).
+    prune: structural pruning before conversion, ``"depth:6"`` or ``"width:ffn=1024,heads=6"`` (see
+        :mod:`edgekit.converters.structure`); heal: a ``HealConfig`` to distil the pruned model afterwards.
     """
 
     bits: int | None = 4
@@ -44,6 +46,8 @@ class ConvertRecipe:
     tensor_types: tuple[tuple[str, str], ...] = ()
     method: str = "rtn"
     calib: CalibConfig | None = None
+    prune: str | None = None
+    heal: Any = None  # a structure.heal.HealConfig: distil the pruned model from the unpruned one
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -51,6 +55,12 @@ class ConvertRecipe:
             raise InputError("give --bits, --type or --bpw")
         if self.bpw is not None and not 1.5 <= self.bpw <= 16:
             raise InputError("--bpw must be between 1.5 and 16")
+        if self.prune is not None:
+            from edgekit.converters.structure import validate
+
+            validate(self.prune)
+        if self.heal is not None and self.prune is None:
+            raise InputError("--heal distils a pruned model: give --prune depth:K or width:... with it")
         for pattern, _ in self.tensor_types:
             import re
 
@@ -68,6 +78,8 @@ class ConvertRecipe:
             "tensor_types": [list(t) for t in self.tensor_types],
             "method": self.method,
             **({"calib": self.calib.describe()} if self.calib else {}),
+            **({"prune": self.prune} if self.prune else {}),
+            **({"heal": asdict(self.heal)} if self.heal is not None else {}),
             **self.extra,
         }
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import gguf
 import numpy as np
@@ -32,6 +32,7 @@ import torch
 
 from edgekit.arch import AWQLayout, ScaleGroup, awq_layout
 from edgekit.converters.quantize.grids import as_grid
+from edgekit.converters.quantize.steps.base import RESHAPE, StepConfig
 from edgekit.errors import InputError
 
 QType = gguf.GGMLQuantizationType | int | str
@@ -42,8 +43,8 @@ _MIN_STAT = 1e-4  # floor on mean|x|: a dead channel would otherwise get scale 0
 
 
 @dataclass(frozen=True)
-class AWQConfig:
-    """Settings of the AWQ searches.
+class AWQConfig(StepConfig):
+    """Settings of the AWQ searches (the config of the ``awq`` layer step).
 
     n_grid: number of scale exponents tried: ``alpha = i / n_grid`` for ``i < n_grid`` (AutoAWQ's
         grid, 0 to 0.95 by default). 1 tries only ``alpha = 0``, which is plain round-to-nearest.
@@ -55,6 +56,8 @@ class AWQConfig:
     seed: seed of that subset, so a conversion is repeatable.
     """
 
+    step: ClassVar[str] = "awq"
+    stage: ClassVar[int] = RESHAPE
     n_grid: int = 20
     clip: bool = True
     clip_grid: int = 11

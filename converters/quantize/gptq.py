@@ -1,8 +1,5 @@
-"""GPTQ onto the exact grid of each tensor's GGUF type, with importance-weighted block scales.
-
-The calibration pipeline is :mod:`edgekit.converters.quantize.calibrated`; the per-matrix algorithm
-is :mod:`edgekit.converters.quantize.gptq_kernel`.
-"""
+"""GPTQ and importance-matrix round-to-nearest: calibrated methods of one rounding step each
+(:mod:`.steps.gptq_round`, :mod:`.steps.rtn_round`) run by :mod:`.pipeline`."""
 
 from __future__ import annotations
 
@@ -10,15 +7,23 @@ from dataclasses import dataclass
 
 from edgekit.converters.quantize.base import register_quantizer
 from edgekit.converters.quantize.calibrated import CalibratedConfig, CalibratedQuantizer
+from edgekit.converters.quantize.steps import StepConfig
+from edgekit.converters.quantize.steps.gptq_round import GPTQRoundConfig
 
 
 @dataclass(frozen=True)
 class GPTQConfig(CalibratedConfig):
-    """GPTQ with an importance matrix; see :class:`CalibratedConfig` for every field."""
+    """GPTQ with an importance matrix. damp: Hessian dampening (fraction of its mean diagonal);
+    imatrix: weight block scales by activation second moments; tied_head: GPTQ a head tied to the
+    embedding too (see :class:`GPTQRoundConfig`). Shared fields: :class:`CalibratedConfig`."""
 
     method: str = "gptq"
-    gptq: bool = True
-    awq: bool = False
+    damp: float = 0.01
+    imatrix: bool = True
+    tied_head: bool = False
+
+    def method_steps(self) -> tuple[StepConfig, ...]:
+        return (GPTQRoundConfig(damp=self.damp, imatrix=self.imatrix, tied_head=self.tied_head),)
 
 
 @register_quantizer("gptq")
@@ -29,11 +34,10 @@ class GPTQQuantizer(CalibratedQuantizer):
 @dataclass(frozen=True)
 class ImatrixConfig(CalibratedConfig):
     """Round-to-nearest whose scale/min searches are weighted by activation second moments
-    (llama.cpp's importance matrix, computed here from the calibration data)."""
+    (llama.cpp's importance matrix, computed here from the calibration data): the pipeline's default
+    rounding alone, so ``ImatrixConfig(extra_steps=(...))`` spells any recipe out step by step."""
 
     method: str = "imatrix"
-    gptq: bool = False
-    awq: bool = False
 
 
 @register_quantizer("imatrix")

@@ -150,8 +150,14 @@ def gptq(
     damp: float = 0.01,
     block_cols: int = 128,
     imatrix: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> GridResult:
     """GPTQ of ``W`` ``(out, in)`` against ``H`` ``(in, in)`` onto the grid of ``qtype``.
+
+    ``mask`` (bool ``(out, in)``, True = pruned) keeps a pruning's zeros: a masked weight's target is 0
+    (the grid's nearest value to 0 is stored: exactly 0 on symmetric grids), its whole current value is
+    the error passed on to the later columns (SparseGPT's joint sparsify-and-quantize with a given mask),
+    and masked weights take no part in their block's scale choice.
 
     ``block_cols`` is the lazy-batch width; it is rounded up to a whole number of ggml blocks, so a block
     never straddles two batches. ``imatrix`` ``(in,)`` weights the per-block scale/min searches (callers
@@ -180,6 +186,9 @@ def gptq(
             raise InputError(f"H has shape {np.shape(H)}; expected ({n_in}, {n_in})")
         ih = inverse_hessian(H, damp)
     im = _importance(imatrix, n_in)
+    if mask is not None and np.shape(mask) != (n_out, n_in):
+        raise InputError(f"the pruning mask has shape {np.shape(mask)}; expected ({n_out}, {n_in})")
+    mask_t = None if mask is None else np.ascontiguousarray(np.asarray(mask, dtype=bool).T)
     U = np.ascontiguousarray(ih.U, dtype=F32)
     sweep = grid.sweep(w, im)
     batch = -(-block_cols // bs) * bs
@@ -195,11 +204,12 @@ def gptq(
             for k0 in range(b0, b1, bs):
                 k1 = k0 + bs
                 # every earlier column's error is already in Wt[k0:k1]: choose the block's parameters now
-                rounder, params = sweep.block(Wt[k0:k1], k0)
+                cols = Wt[k0:k1] if mask_t is None else np.where(mask_t[k0:k1], F32(0), Wt[k0:k1])
+                rounder, params = sweep.block(cols, k0)
                 block_params.append(params)
                 for i in range(k0, k1):
                     x = Wt[i]
-                    codes_t[i], value = rounder(i - k0, x)
+                    codes_t[i], value = rounder(i - k0, x if mask_t is None else np.where(mask_t[i], F32(0), x))
                     e = (x - value) / U[i, i]
                     err[i - b0] = e
                     # rank-1 update of the rest of the batch: elementwise numpy on one thread; a matrix

@@ -50,6 +50,14 @@ def convert(
     bpw_types: str = typer.Option("", "--bpw-types", help="Comma-separated types --bpw may use (default: all)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override; repeatable."),
     method: str = typer.Option("rtn", "--method", "-m", help="rtn, imatrix, gptq, awq or awq+gptq."),
+    prune: str | None = typer.Option(None, "--prune", help="depth:K drops the K least influential blocks "
+                                     "(faster: depth:K:angular, depth:layers=3,7); wanda:0.5, sparsegpt:2:4, "
+                                     "magnitude:0.5 prune weights before rounding (quality per parameter; no "
+                                     "CPU runtime skips zeros)."),
+    heal: str | None = typer.Option(None, "--heal", help="With --prune depth/width: distil the pruned model from "
+                                    "the unpruned one for this long (20m, 1h); Ctrl-C and re-run resume it."),
+    steps: str = typer.Option("", "--steps", help="More layer steps by name, comma-separated (see 'edgekit "
+                              "list'), run with the method's in stage order; e.g. --method imatrix --steps awq."),
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence."),
@@ -58,7 +66,8 @@ def convert(
     sym: bool | None = typer.Option(None, "--sym/--asym", help="ONNX: symmetric grid or zero points per block "
                                     "(default: asymmetric 4-bit, symmetric 8-bit)."),
     dtype: str | None = typer.Option(None, "--dtype", help="ONNX: fp32 or fp16 activations."),
-    option: list[str] = typer.Option([], "--option", "-O", help="Format option KEY=VALUE; repeatable (ONNX: "
+    option: list[str] = typer.Option([], "--option", "-O", help="Format option KEY=VALUE; repeatable (GGUF: "
+                                     "output_type=Q8_0, embed_type=Q6_K, name=...; ONNX: "
                                      "embed=float|int8|shared, lm_head=int4|int8|float|tied, accuracy_level=0..4, "
                                      "opset=17..23, external_data=true|false)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default MODEL-FORMAT-qBITS)."),
@@ -74,22 +83,34 @@ def convert(
       edgekit convert ./SmolLM2-135M --bits 4 --method gptq                # calibrates on its own samples
       edgekit convert ./SmolLM2-135M --bits 4 --method awq+gptq --calib corpus.txt
       edgekit convert ./SmolLM2-135M --bpw 3.5 --method gptq               # mixed precision to a budget
+      edgekit convert ./SmolLM2-135M --bits 4 --method gptq --steps awq    # a recipe of layer steps
+      edgekit convert ./SmolLM2-135M --bits 4 --method gptq --prune sparsegpt:0.5
+      edgekit convert ./SmolLM2-135M --bits 4 --prune depth:6               # 6 fewer blocks: faster
+      edgekit convert ./SmolLM2-135M --bits 4 --prune width:ffn=1024 --heal 20m
       edgekit convert ./SmolLM2-135M --to onnx --bits 4 --method gptq      # MatMulNBits, block 32
       edgekit convert ./SmolLM2-135M --to onnx --bits 32                   # float graph with KV cache
     """
     from edgekit import api
 
-    calibrated = api.calibration_applies(method, bpw)
+    step_names = tuple(n.strip() for n in steps.split(",") if n.strip())
+    structural = prune if prune and prune.startswith(("depth:", "width:")) else None
+    if structural:
+        prune = None
+    if (step_names or prune) and method == "rtn":
+        method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
+    calibrated = api.calibration_applies(method, bpw) or bool(structural)
     extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype)
-    if extra and to != "onnx":
-        raise InputError(f"--block-size, --sym/--asym, --dtype and -O are ONNX options; --to {to} does not take them")
+    if to != "onnx" and any(v is not None for v in (block_size, sym, dtype)):
+        raise InputError(f"--block-size, --sym/--asym and --dtype are ONNX options; --to {to} does not take them")
     recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw else bits, preset=type_, bpw=bpw, method=method,
                                bpw_types=tuple(t.strip() for t in bpw_types.split(",") if t.strip()),
                                tensor_types=_parse_tensor_types(tensor_type),
                                calib=api.CalibConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen)
-                               if calibrated else None)
+                               if calibrated else None, prune=structural,
+                               heal=_heal_config(heal))
+    quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
     with progress_bar(not as_json) as progress:
-        art = api.convert(model, to, output=output, recipe=recipe, force=force, progress=progress)
+        art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
     m = art.manifest
     if as_json:
         out.print_json(json.dumps(m))
@@ -97,6 +118,14 @@ def convert(
     fallbacks = sum(1 for t in m.get("tensors", {}).values() if "wanted" in t)
     out.print(f"[green]wrote[/] {art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, "
               f"{m['preset']}, {fallbacks} tensors fell back: see 'edgekit inspect')")
+
+
+def _heal_config(text: str | None) -> Any:
+    if text is None:
+        return None
+    from edgekit.converters.structure.heal import HealConfig
+
+    return HealConfig(minutes=HealConfig.parse_minutes(text))
 
 
 def _format_options(pairs: list[str], **given: Any) -> dict[str, Any]:
@@ -276,15 +305,16 @@ def quickstart(
 @app.command("list")
 @handle_errors
 def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
-    """What is registered: formats, quantization methods, storage grids, runtimes (with what each can
-    do), GGUF presets."""
+    """What is registered: formats, quantization methods, layer steps, storage grids, runtimes (with
+    what each can do), GGUF presets."""
     from edgekit.converters.formats.base import FORMATS
     from edgekit.converters.formats.gguf import mixes
     from edgekit.converters.quantize.base import QUANTIZERS
     from edgekit.converters.quantize.grids import GRIDS, as_grid
+    from edgekit.converters.quantize.steps import STEPS
     from edgekit.runtime.base import BACKENDS, capabilities
 
-    data = {"formats": FORMATS.names(), "methods": QUANTIZERS.names(),
+    data = {"formats": FORMATS.names(), "methods": QUANTIZERS.names(), "steps": STEPS.names(),
             "grids": [as_grid(n).name for n in GRIDS.names()],
             "backends": {n: {"formats": list(BACKENDS.get(n).formats), "can": capabilities(BACKENDS.get(n))}
                          for n in BACKENDS.names()},

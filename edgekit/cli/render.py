@@ -36,6 +36,12 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         r = info["recipe"]
         head.add_row("recipe", f"method {r.get('method')}, preset {info.get('preset') or r.get('preset')}"
                                 + (f" (--bits {r['bits']})" if r.get("bits") else ""))
+    if info.get("pruned"):
+        head.add_row("pruned", pruning_line(info["pruned"]))
+    if info.get("sparsity"):
+        sp = info["sparsity"]
+        head.add_row("sparsity", f"{100 * sp['mean']:.1f}% of the weights of {sp['linears']} linears are zero "
+                                 f"({', '.join(sp['steps'])}); no CPU runtime skips zeros, so no speed-up")
     if info["fallbacks"]:
         summary = ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items())
         head.add_row("fallbacks", f"{info['fallbacks']} tensors ({summary}): row width not a multiple of the "
@@ -58,3 +64,17 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
             note = f"wanted {t['wanted']}" if "wanted" in t else ""
             tt.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), mb(t["bytes"]), note)
         console.print(tt)
+
+
+def pruning_line(p: dict) -> str:
+    """One line on what structural pruning removed (and how healing went)."""
+    if p.get("kind") == "depth":
+        line = (f"depth: blocks {', '.join(map(str, p['dropped_layers']))} of {p['n_layer_source']} removed "
+                f"(by {p.get('measure', '?')})")
+    else:
+        line = (f"width: FFN {p['n_ff_source']} -> {p['n_ff']}, query heads {p['n_head_source']} -> {p['n_head']} "
+                "per block (by activation importance)")
+    h = p.get("heal")
+    if h:
+        line += f"; healed {h['steps']} steps in {h['minutes']} min, KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}"
+    return line

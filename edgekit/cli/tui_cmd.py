@@ -9,8 +9,12 @@ import typer
 from edgekit.cli.ui import handle_errors
 
 
-def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threads: int | None) -> None:
+def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threads: int | None,
+             offload: str = "none") -> None:
     from edgekit.errors import InputError, require
+
+    if offload not in ("none", "auto"):
+        raise InputError("--offload takes 'auto' or 'none'")
 
     require("textual", "tui")
     require("textual_plotext", "tui")
@@ -22,7 +26,7 @@ def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threa
         raise InputError(f"--dir {folder} is not a folder; give the folder that holds your artifacts")
     from edgekit.tui.app import EdgekitApp
 
-    EdgekitApp(folder=folder, chat=chat, start=start, backend_options={"n_ctx": ctx, "n_threads": threads}).run()
+    EdgekitApp(folder=folder, chat=chat, start=start, backend_options={"n_ctx": ctx, "n_threads": threads, "offload": offload}).run()
 
 
 @handle_errors
@@ -31,6 +35,8 @@ def tui(
     screen: str = typer.Option("artifacts", "--screen", help="First screen: chat, artifacts, convert, profile, devices."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length for chat."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for chat (default: all cores)."),
+    offload: str = typer.Option("none", "--offload", help="'auto': chat and profile with the offload planner's "
+                                "GPU layers and overrides for this host (`edgekit plan`)."),
 ) -> None:
     """The terminal app: chat, live profiling, artifacts, conversion, devices (F1 for help).
 
@@ -42,7 +48,7 @@ def tui(
 
     if screen not in ("chat", "artifacts", "convert", "profile", "devices"):
         raise InputError(f"--screen {screen!r}: choose chat, artifacts, convert, profile or devices")
-    _run_app(folder, None, screen, ctx, threads)
+    _run_app(folder, None, screen, ctx, threads, offload)
 
 
 @handle_errors
@@ -51,13 +57,14 @@ def chat(
     folder: Path = typer.Option(Path("."), "--dir", "-d", help="Folder the Artifacts screen lists."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    offload: str = typer.Option("none", "--offload", help="'auto': GPU layers and overrides from `edgekit plan`."),
 ) -> None:
     """Chat with an artifact in the terminal app (streaming, Esc stops, history kept per artifact).
 
     Example:
       edgekit chat ./SmolLM2-135M-gguf-q4
     """
-    _run_app(folder, artifact, "chat", ctx, threads)
+    _run_app(folder, artifact, "chat", ctx, threads, offload)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 
 from edgekit import api
 from edgekit.calibration import CalibConfig
-from edgekit.converters.formats.gguf import GGUFFormat, to_gguf_layout
+from edgekit.converters.formats.gguf import GGUFFormat
 from edgekit.model import HFCheckpoint
 from edgekit.quickstart import sample_text_path
 
@@ -39,18 +38,10 @@ def test_gptq_lowers_every_layers_output_error(tiny_llama, tmp_path, preset):
                                                 ("awq", "Q4_0")])
 def test_file_holds_exactly_the_weights_the_method_chose(tiny_llama, tmp_path, method, preset):
     """Every tensor, norms rescaled by AWQ included, is exactly what the PyTorch model now carries."""
+    from tests.helpers import assert_gguf_holds_model
+
     quantizer, path = _convert_with(tiny_llama, tmp_path, method, preset)
-    ckpt = HFCheckpoint.open(tiny_llama)
-    by_name = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    params = dict(quantizer.model.named_parameters())
-    for hf_name in ckpt.tensors:
-        name = ckpt.spec.gguf_name(hf_name)
-        if name is None or hf_name not in params:
-            continue
-        t = by_name[name]
-        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        expected = to_gguf_layout(ckpt, name, params[hf_name].detach().numpy())
-        np.testing.assert_array_equal(got.reshape(expected.shape), expected, err_msg=name)
+    assert_gguf_holds_model(tiny_llama, path, quantizer.model)
 
 
 @pytest.mark.llamacpp
@@ -74,7 +65,7 @@ def test_manifest_records_method_and_calibration(tiny_llama, tmp_path):
     art = api.convert(tiny_llama, "gguf", output=tmp_path / "a", recipe=recipe)
     r = art.manifest["recipe"]
     assert r["method"] == "gptq" and r["calib"]["source"] == "self" and r["calib"]["samples"] == 6
-    assert r["quantizer"]["sink_weight"] == 10.0 and r["quantizer"]["gptq"] is True
+    assert r["quantizer"]["sink_weight"] == 10.0 and r["quantizer"]["steps"] == [{"step": "gptq", "damp": 0.01, "imatrix": True, "tied_head": False}]
     assert art.manifest["quantizer_report"]["total_s"] > 0
 
 

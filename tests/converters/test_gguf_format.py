@@ -161,3 +161,44 @@ def test_sharded_checkpoint_gives_the_same_file(tiny_llama, tmp_path):
     ta = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(a.model_file).tensors}
     tb = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(b.model_file).tensors}
     assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])  # tied and untied heads
+def test_gguf_options_choose_types_as_llama_quantize_does(tiny_models, tmp_path, arch):
+    """-O output_type / embed_type give every tensor the type llama-quantize gives it with
+    --output-tensor-type / --token-embedding-type, for a tied and an untied checkpoint."""
+    import ctypes
+
+    import llama_cpp
+
+    from edgekit.converters.formats.gguf import GGUFOptions
+
+    src = tiny_models[arch]
+    f32 = api.convert(src, "gguf", output=tmp_path / "f32", recipe=api.ConvertRecipe(bits=None, preset="F32"))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 15  # Q4_K_M
+    params.output_tensor_type = int(gguf.GGMLQuantizationType.Q8_0)
+    params.token_embedding_type = int(gguf.GGMLQuantizationType.Q5_0)
+    ref_path = tmp_path / "ref.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32.model_file).encode(), str(ref_path).encode(),
+                                          ctypes.byref(params)) == 0
+    ref = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(ref_path).tensors}
+    art = api.convert(src, "gguf", output=tmp_path / "ours", recipe=api.ConvertRecipe(bits=None, preset="Q4_K_M"),
+                      options=GGUFOptions(output_type="Q8_0", embed_type="q5_0", name="my-model"))
+    ours = {n: t["type"] for n, t in art.manifest["tensors"].items()}
+    assert ours == ref
+    assert "Q8_0" in ours.values()
+    reader = gguf.GGUFReader(art.model_file)
+    assert bytes(reader.fields["general.name"].parts[-1]).decode() == "my-model"
+
+
+def test_gguf_options_are_checked(tiny_llama, tmp_path):
+    from edgekit.converters.formats.gguf import GGUFOptions
+    from edgekit.errors import InputError, UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="unknown tensor type 'Q9_X'"):
+        GGUFOptions(output_type="Q9_X")
+    with pytest.raises(InputError, match="unknown GGUF option.*known: embed_type, name, output_type"):
+        api.convert(tiny_llama, "gguf", output=tmp_path / "a", recipe=api.ConvertRecipe(extra={"colour": "red"}))
+    assert not (tmp_path / "a").exists()

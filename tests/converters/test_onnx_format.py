@@ -195,8 +195,13 @@ def test_bad_options(tiny_llama, tiny_models, tmp_path):
         convert(tiny_llama, tmp_path / "a", colour="red")
     with pytest.raises(InputError, match="tied"):
         convert(tiny_llama, tmp_path / "a", embed="int8", lm_head="tied")
-    with pytest.raises(UnsupportedError, match="--bpw"):
-        api.convert(tiny_llama, "onnx", output=tmp_path / "a", recipe=ConvertRecipe(bpw=4.5))
+    with pytest.raises(InputError, match="below the smallest file"):
+        api.convert(tiny_llama, "onnx", output=tmp_path / "a", recipe=ConvertRecipe(bits=None, bpw=3.0))
+    with pytest.raises(InputError, match="not a MatMulNBits grid"):
+        api.convert(tiny_llama, "onnx", output=tmp_path / "a",
+                    recipe=ConvertRecipe(bits=4, tensor_types=(("ffn_down", "Q6_K"),)))
+    with pytest.raises(InputError, match="quantized ONNX model"):
+        api.convert(tiny_llama, "onnx", output=tmp_path / "a", recipe=ConvertRecipe(bits=16, bpw=8.0))
     with pytest.raises(InputError, match="--bits 4 or 8"):
         convert(tiny_llama, tmp_path / "a", bits=32, method="gptq")
     assert not (tmp_path / "a").exists()
@@ -232,3 +237,60 @@ def test_sdk_takes_typed_format_options(tiny_llama, tmp_path):
     assert "INT4_B64" in types and "INT8_B64" in types
     with pytest.raises(InputError, match="options for gguf|gguf format takes no options"):
         api.convert(tiny_llama, "gguf", output=tmp_path / "g", options=OnnxOptions())
+
+
+CAL = api.CalibConfig(samples=4, seqlen=32)
+
+
+def test_bpw_budget_allocates_grids_by_sensitivity(tiny_models, tmp_path):
+    """--bpw for ONNX: the file lands at or under the budget, fused projections share one grid, a
+    larger budget buys lower measured error, and the graph is exactly PyTorch with the same weights."""
+    from edgekit.converters.formats.onnx import read_weights
+
+    src = tiny_models["Qwen2ForCausalLM"]  # tied: the shared head/embedding is budgeted too
+    arts = {bpw: api.convert(src, "onnx", output=tmp_path / str(bpw), recipe=ConvertRecipe(
+        bits=None, bpw=bpw, calib=CAL, extra={"accuracy_level": 0})) for bpw in (10.0, 13.0)}
+    err = {}
+    for bpw, art in arts.items():
+        m = art.manifest
+        assert m["bpw"] <= bpw and m["budget"]["bpw_planned"] <= bpw and m["preset"] == f"{bpw:g} bpw"
+        grids, errors = m["budget"]["grids"], m["budget"]["errors"]
+        assert "blk.0.attn_qkv" in grids and "token_embd.weight" in grids
+        t = m["tensors"]
+        assert len({t[f"model.layers.0.self_attn.{p}_proj.weight"]["type"] for p in "qkv"}) == 1
+        assert t["model.layers.1.mlp.gate_proj.weight"]["type"] == t["model.layers.1.mlp.up_proj.weight"]["type"]
+        err[bpw] = sum(errors[u][g] for u, g in grids.items())
+        w = read_weights(art.model_file)
+        with api.open_backend(art) as be:
+            got = be.logits(TOKENS)
+        assert np.abs(got - torch_logits(src, w, TOKENS)).max() < 1e-4 * max(1.0, np.abs(got).max())
+    assert err[13.0] < 0.5 * err[10.0]
+    assert arts[13.0].manifest["size_bytes"] > arts[10.0].manifest["size_bytes"]
+
+
+def test_tensor_type_overrides_pick_grids(tiny_llama, tmp_path):
+    art = api.convert(tiny_llama, "onnx", output=tmp_path / "o", recipe=ConvertRecipe(
+        bits=4, tensor_types=(("ffn_down", "INT8_B64"), ("attn_k", "UINT4_B128"))))
+    t = art.manifest["tensors"]
+    assert t["model.layers.0.mlp.down_proj.weight"]["type"] == "INT8_B64"
+    # k shares its MatMulNBits with q and v: the whole fused group follows
+    assert {t[f"model.layers.1.self_attn.{p}_proj.weight"]["type"] for p in "qkv"} == {"UINT4_B128"}
+    assert t["model.layers.0.mlp.up_proj.weight"]["type"] == "UINT4_B32"
+    with api.open_backend(art) as be:
+        assert np.isfinite(be.logits(TOKENS)).all()
+    with pytest.raises(InputError, match="matches no quantized tensor"):
+        api.convert(tiny_llama, "onnx", output=tmp_path / "x", recipe=ConvertRecipe(
+            bits=4, tensor_types=(("nothing_here", "INT8_B64"),)))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_bpw_for_onnx(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    r = CliRunner().invoke(app, ["convert", str(tiny_llama), "--to", "onnx", "--bpw", "9", "--calib-samples", "2",
+                                 "--calib-seqlen", "32", "--bpw-types", "UINT4_B32,INT8_B32", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "c" / "edgekit.json").read_text())
+    assert set(m["budget"]["grids"].values()) <= {"UINT4_B32", "INT8_B32"} and m["bpw"] <= 9.0

@@ -168,3 +168,14 @@ async def test_corrupt_model_and_missing_runtime_show_the_error_panel(models, tm
         assert app.screen.title_text == "Not supported" and "no runtime for 'coreml'" in app.screen.message
         await pilot.press("enter")
         assert app.current_mode == "chat" and not isinstance(app.screen, ErrorPanel)
+
+
+async def test_offload_auto_plans_for_this_host(models):
+    """`edgekit chat --offload auto`: the session loads with the planner's options and says why."""
+    app = EdgekitApp(folder="models", chat=models / "tiny-q8", backend_options={**OPTIONS, "offload": "auto"})
+    async with app.run_test(size=(120, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        reason = chat.session.offload_reason
+        assert reason and "offload:" in str(chat.query_one("#chat-stats").content)
+        await _send(pilot, chat, "hi", max_tokens=4)
+        await wait_for(pilot, lambda: not chat.busy and len(chat.session.messages) == 2, what="a reply")

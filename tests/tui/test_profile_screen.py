@@ -78,3 +78,18 @@ async def test_missing_artifact_shows_the_error_panel(models):
         assert "does not exist" in app.screen.message
         await pilot.press("escape")
         assert screen.outcome == "failed" and screen.cancel_event is None
+
+
+async def test_offload_field_reaches_the_profiler(models):
+    """The offload choice (prefilled from `edgekit tui --offload auto`) becomes the profile's offload_auto."""
+    app = EdgekitApp(folder="models", backend_options={"offload": "auto"})
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f5")
+        screen = app.get_screen("profile")
+        screen.query_one("#pf-targets").value = str(models / "tiny-q8")
+        assert screen.query_one("#pf-offload").value == "auto"
+        _, cfg = screen.config()
+        assert cfg.offload_auto is True
+        screen.query_one("#pf-offload").value = "none"
+        _, cfg = screen.config()
+        assert cfg.offload_auto is False

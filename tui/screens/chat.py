@@ -120,7 +120,8 @@ class ChatScreen(Screen[None]):
             self._set_status("the model did not load; fix the problem and open it again")
             self.app.show_error(exc)  # type: ignore[attr-defined]
             return
-        self._set_status(f"ready · context {session.n_ctx} tokens")
+        offload = f" · offload: {session.offload_reason}" if session.offload_reason else ""
+        self._set_status(f"ready · context {session.n_ctx} tokens{offload}")
         inp.disabled = False
         inp.focus()
 

@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
 
 from edgekit.errors import EdgekitError, InputError
 from edgekit.fsutil import atomic_file
@@ -123,6 +123,9 @@ class ProfileScreen(Screen[None]):
             yield Input("pp512,tg128", id="pf-tests", tooltip="llama-bench style: pp512, tg128, pp512+tg128, tg128@d4096")
             yield Input("3", id="pf-reps", type="integer", tooltip="repetitions per test")
             yield Input("", placeholder="threads: 1,2", id="pf-threads")
+            offload = str(getattr(self.app, "backend_options", {}).get("offload") or "none")
+            yield Select([("offload: none", "none"), ("offload: auto", "auto")], value=offload, allow_blank=False,
+                         id="pf-offload", tooltip="auto: GPU layers and overrides from the offload planner")
         with Horizontal(id="pf-charts"):
             yield self._plot("pf-tps")
             yield self._plot("pf-mem")
@@ -166,8 +169,9 @@ class ProfileScreen(Screen[None]):
             threads = tuple(int(t) for t in threads_text.split(",") if t.strip()) or (None,)
         except ValueError:
             raise InputError("repetitions and threads must be whole numbers (threads: e.g. 1,2)") from None
+        offload = self.query_one("#pf-offload", Select).value
         cfg = mod.ProfileConfig(tests=mod.parse_tests(self.query_one("#pf-tests", Input).value), reps=reps,
-                                threads=threads)
+                                threads=threads, offload_auto=offload == "auto")
         return targets, cfg
 
     def action_start(self) -> None:

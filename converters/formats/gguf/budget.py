@@ -1,22 +1,19 @@
-"""Mixed precision to a size budget (``--bpw X``): each tensor's type chosen by measured sensitivity.
+"""GGUF's mixed precision to a size budget (``--bpw X``): each tensor's ggml type chosen by measured
+sensitivity, through the format-neutral allocator (:mod:`edgekit.converters.quantize.allocate`).
 
 For every quantizable tensor and every ggml type its rows can hold, the error is measured as the
 Hessian-weighted output error ``trace((W - Q(W)) H (W - Q(W))^T)`` on calibration activations of the
-float model (H from the same hooks the calibrated methods use). The allocation then minimises the
-summed error under the byte budget: each tensor starts at its cheapest type and the upgrade with the
-best error reduction per extra byte is taken while it fits (greedy on each tensor's lower convex
-hull, which is optimal for this separable problem up to the last, partial step).
+float model (H from the same hooks the calibrated methods use).
 """
 
 from __future__ import annotations
 
-import heapq
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 
+from edgekit.converters.quantize.allocate import Item, allocate
 from edgekit.errors import InputError
 
 if TYPE_CHECKING:
@@ -45,72 +42,14 @@ def type_bytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1])) * (shape[-1] // block) * size
 
 
-@dataclass
-class Item:
-    """One tensor's options: ``(type, bytes, error)`` for every candidate type."""
-
-    name: str
-    options: list[tuple[gguf.GGMLQuantizationType, int, float]] = field(default_factory=list)
-
-    def hull(self) -> list[tuple[gguf.GGMLQuantizationType, int, float]]:
-        """Options on the lower convex hull of (bytes, error), cheapest first."""
-        pts = sorted(self.options, key=lambda o: (o[1], o[2]))
-        frontier: list[tuple[gguf.GGMLQuantizationType, int, float]] = []
-        for o in pts:  # drop options that cost more and are not better
-            if not frontier or o[2] < frontier[-1][2]:
-                if frontier and o[1] == frontier[-1][1]:
-                    frontier.pop()
-                frontier.append(o)
-        hull: list[tuple[gguf.GGMLQuantizationType, int, float]] = []
-        for o in frontier:
-            while len(hull) >= 2:
-                (_, b1, e1), (_, b2, e2) = hull[-2], hull[-1]
-                if (e1 - e2) * (o[1] - b2) <= (e2 - o[2]) * (b2 - b1):  # middle point above the chord
-                    hull.pop()
-                else:
-                    break
-            hull.append(o)
-        return hull
-
-
-def allocate(items: list[Item], budget_bytes: int) -> dict[str, gguf.GGMLQuantizationType]:
-    """The type per tensor minimising the summed error within ``budget_bytes``."""
-    hulls = {it.name: it.hull() for it in items}
-    level = dict.fromkeys(hulls, 0)
-    spent = sum(h[0][1] for h in hulls.values())
-    if spent > budget_bytes:
-        raise InputError("the budget is below what the smallest types need; raise --bpw")
-    heap: list[tuple[float, str]] = []
-
-    def push(name: str) -> None:
-        h, i = hulls[name], level[name]
-        if i + 1 < len(h):
-            gain = (h[i][2] - h[i + 1][2]) / max(1, h[i + 1][1] - h[i][1])
-            heapq.heappush(heap, (-gain, name))
-
-    for name in hulls:
-        push(name)
-    while heap:
-        _, name = heapq.heappop(heap)
-        h, i = hulls[name], level[name]
-        extra = h[i + 1][1] - h[i][1]
-        if spent + extra > budget_bytes:
-            continue  # this upgrade does not fit; a cheaper one of another tensor still might
-        spent += extra
-        level[name] = i + 1
-        push(name)
-    return {name: hulls[name][level[name]][0] for name in hulls}
-
-
 def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: CalibConfig,
             progress: Callable[[str, int, int], None] | None = None,
             allowed: frozenset[gguf.GGMLQuantizationType] | None = None) -> list[Item]:
     """Errors of every candidate type for every quantizable tensor (GGUF names -> numpy shapes)."""
     from edgekit.converters.quantize import gptq_kernel
-    from edgekit.converters.quantize.calibrated import CalibratedConfig, CalibratedQuantizer
+    from edgekit.converters.quantize.pipeline import LayerPipeline
 
-    q = CalibratedQuantizer(CalibratedConfig(calib=calib, gptq=False))
-    hessians = q.float_hessians(ckpt, progress)
+    hessians = LayerPipeline(calib).float_hessians(ckpt, progress)
     hf_of = {ckpt.spec.gguf_name(h): h for h in ckpt.tensors}
     items = []
     for i, (name, shape) in enumerate(quantizable.items()):

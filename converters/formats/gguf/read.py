@@ -73,6 +73,8 @@ def describe_gguf(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         "memory": {"ctx": ctx, "weights": weight_bytes, "kv_cache_f16": kv_bytes, "total": weight_bytes + kv_bytes},
         "preset": art.manifest.get("preset"),
         "recipe": art.manifest.get("recipe"),
+        "pruned": art.manifest.get("pruned"),
+        "sparsity": art.manifest.get("sparsity"),
         "eval": art.manifest.get("eval", []),
         "tensors": tensors,
     }

@@ -23,6 +23,7 @@ import edgekit.converters.formats.gguf.mixes as mixes
 from edgekit.arch import permute_for_rope
 from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
+from edgekit.converters.formats.gguf.options import GGUFOptions
 from edgekit.converters.formats.gguf.vocab import read_vocab
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.errors import DiskFullError
@@ -69,7 +70,9 @@ def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe) -> list[PlannedTenso
     mapped.sort(key=lambda t: _order_key(t[1]))
     infos = [mixes.TensorInfo(name=name, shape=tuple(reversed(shape))) for _, name, shape in mapped]
     arch = mixes.ArchInfo(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv, arch=spec.gguf_arch)
-    assignments = mixes.assign_types(infos, _preset_name(recipe), arch, overrides=list(recipe.tensor_types))
+    opts = GGUFOptions.from_recipe(recipe)
+    overrides = [*opts.overrides(hp.tie_embeddings or "lm_head.weight" not in ckpt.tensors), *recipe.tensor_types]
+    assignments = mixes.assign_types(infos, _preset_name(recipe), arch, overrides=overrides)
     return [PlannedTensor(hf, name, shape, assignments[name]) for hf, name, shape in mapped]
 
 
@@ -155,6 +158,7 @@ class GGUFFormat(Format):
     """llama.cpp's single-file format."""
 
     name = "gguf"
+    options_class = GGUFOptions
     model_filename = "model.gguf"
 
     def convert(
@@ -180,7 +184,7 @@ class GGUFFormat(Format):
         arch = checkpoint.spec.gguf_arch
         path = out_dir / self.model_filename
         writer = gguf.GGUFWriter(path=None, arch=arch)
-        writer.add_name(checkpoint.path.name)
+        writer.add_name(GGUFOptions.from_recipe(recipe).name or checkpoint.path.name)
         writer.add_file_type(mixes.preset_from_name(preset).ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value in checkpoint.hparams.gguf_kv(arch).items():

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
 from edgekit.converters.formats.onnx.options import OnnxOptions
 from edgekit.converters.formats.onnx.weights import _build, _plan, _Weights
@@ -44,6 +45,8 @@ class OnnxFormat(Format):
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         opts = OnnxOptions.from_recipe(recipe)
+        if recipe.bpw is not None:
+            return f"onnx-{recipe.bpw:g}bpw"
         if not opts.quantized:
             return f"onnx-{opts.graph_dtype}"
         return f"onnx-{opts.grid.name.lower()}"
@@ -70,6 +73,13 @@ class OnnxFormat(Format):
             raise UnsupportedError(f"head size {hp.head_dim} is not a multiple of 16, which onnxruntime's "
                                    "GroupQueryAttention kernel needs; export this model to GGUF instead")
         plan = _plan(checkpoint, opts)
+        budget_report = None
+        if recipe.bpw is not None or recipe.tensor_types:
+            from edgekit.converters.formats.onnx.budget import apply as apply_budget
+
+            calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
+            budget_report = apply_budget(checkpoint, plan, opts, bpw=recipe.bpw, grids=recipe.bpw_types,
+                                         tensor_types=recipe.tensor_types, calib=calib, progress=progress)
         est = sum(checkpoint.tensors[p.hf].numel * (4 if p.qtype == T.F32 else 1) for p in plan.values())
         check_free_space(out_dir, est + (64 << 20), "the ONNX files")
         if not opts.external_data and est > PROTOBUF_LIMIT - (64 << 20):
@@ -105,8 +115,13 @@ class OnnxFormat(Format):
         for name in SIDE_FILES:
             if (checkpoint.path / name).exists():
                 shutil.copy2(checkpoint.path / name, out_dir / name)
-        return _manifest_fields(opts, model, tensors, model_path, data_path if opts.external_data else None,
-                                quantizer)
+        fields_ = _manifest_fields(opts, model, tensors, model_path, data_path if opts.external_data else None,
+                                   quantizer)
+        if budget_report is not None:
+            fields_["budget"] = budget_report
+            if recipe.bpw is not None:
+                fields_["preset"] = f"{recipe.bpw:g} bpw"
+        return fields_
 
 
 def _manifest_fields(opts: OnnxOptions, model, tensors: dict, model_path: Path, data_path: Path | None,

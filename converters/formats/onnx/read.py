@@ -156,6 +156,8 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
                  "inputs": len(model.graph.input), "outputs": len(model.graph.output)},
         "preset": art.manifest.get("preset"),
         "recipe": art.manifest.get("recipe"),
+        "pruned": art.manifest.get("pruned"),
+        "sparsity": art.manifest.get("sparsity"),
         "eval": art.manifest.get("eval", []),
         "tensors": tensors,
     }

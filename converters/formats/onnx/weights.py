@@ -224,7 +224,8 @@ def _lm_head(b, weights: _Weights, opts: OnnxOptions, h: str, embed_float: np.nd
         shape = b.one("Concat", [b.one("Shape", ["input_ids"], "lm_head/ids_shape"),
                                  b.const("lm_head/vocab", np.array([hp.n_vocab], np.int64))], "lm_head/shape", axis=0)
         return b.one("Reshape", [y, shape], "lm_head/unflat")
-    grid = opts.lm_head_grid()
+    head = weights.plan.get("output.weight")
+    grid = head.qtype if head is not None and isinstance(head.qtype, NBitsType) else None
     if grid is not None:
         q, _ = weights.quantized("output.weight", grid)
         record(["lm_head.weight"], grid, (hp.n_vocab, hp.n_embd))

@@ -1,0 +1,192 @@
+"""The layer-sequential pipeline that calibrated methods run (GPTQ, AWQ, importance matrices, and the
+steps that later issues add: pruning, codebooks, ternary).
+
+The float model runs on calibration sequences one decoder layer at a time. Each layer sees the
+outputs of the already-processed layers before it; hooks on its linears accumulate the Hessian proxy
+``H = sum_t w_t x_t x_t^T`` of their inputs once; the recipe's steps (:mod:`.steps`) then work on the
+layer in stage order, the last one putting every linear onto the exact grid of its planned type (the
+bytes, in the checkpoint's own layout, are kept for the writer; the dequantized weights go back into
+the model), and the processed layer produces the next layer's inputs. Memory stays at one layer's
+activations plus the layer's Hessians.
+
+Why positions are weighted: the first position of every sequence is the attention sink. Its
+activations are massive and every later token attends to it, so its errors cost far more than its
+share of tokens; leaving it out of H is catastrophic and weighting it ~10x helps (FINDINGS.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekit.calibration import CalibConfig, calibration_tokens
+from edgekit.converters.quantize.steps.base import HeadState, LayerState, Step
+from edgekit.errors import quiet_transformers, require
+
+if TYPE_CHECKING:
+    import gguf
+
+    from edgekit.model import HFCheckpoint
+
+Progress = Callable[[str, int, int], None]
+
+
+class _Stats:
+    """Per-linear Hessian accumulation through forward hooks; inputs shared by several linears
+    (q/k/v, gate/up) are multiplied out once."""
+
+    def __init__(self, linears: dict[str, Any], sink_weight: float, keep_samples: bool) -> None:
+        self.H: dict[str, Any] = {}
+        self.samples: dict[str, list[Any]] = {}
+        self._last: tuple[Any, Any, Any] | None = None
+        self._keep = keep_samples
+        self._sink = float(sink_weight) ** 0.5
+        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                h, sub = self._last[1], self._last[2]
+            else:
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                if self._sink != 1.0 and x.dim() == 3:
+                    x2 = x2.reshape(x.shape[0], x.shape[1], -1).clone()
+                    x2[:, 0] *= self._sink
+                    x2 = x2.reshape(-1, x.shape[-1])
+                h = (x2.T @ x2).double()
+                sub = x.detach().reshape(-1, x.shape[-1])[:: max(1, x2.shape[0] // 512)].float()
+                self._last = (x, h, sub)
+            self.H[name] = self.H[name] + h if name in self.H else h.clone()
+            if self._keep:
+                self.samples.setdefault(name, []).append(sub)
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last = None
+
+
+class LayerPipeline:
+    """Calibration data, the float model, and the layer walk; ``sink_weight`` and ``batch`` as in
+    :class:`edgekit.converters.quantize.calibrated.CalibratedConfig`."""
+
+    def __init__(self, calib: CalibConfig, sink_weight: float = 10.0, batch: int = 8) -> None:
+        self.calib, self.sink_weight, self.batch = calib, sink_weight, batch
+
+    def run(self, ckpt: HFCheckpoint, plan: dict[str, gguf.GGMLQuantizationType], steps: list[Step],
+            out: dict[str, np.ndarray], report: dict[str, Any], progress: Progress | None = None) -> Any:
+        """Run ``steps`` on every layer and the head; encoded tensors land in ``out`` (GGUF names),
+        per-layer step reports and timings in ``report``. Returns the processed PyTorch model."""
+        torch = require("torch", "torch")
+        progress = progress or (lambda d, a, b: None)
+        t0 = time.perf_counter()
+        model, ids = self.load(ckpt, progress)
+        t_calib = time.perf_counter() - t0
+        keep = any(s.needs_samples for s in steps)
+        with torch.inference_mode():
+            hidden, kwargs = self._first_layer_inputs(torch, model, ids)
+            layers = model.model.layers
+            t1 = time.perf_counter()
+            for i, layer in enumerate(layers):
+                progress(f"layer {i + 1}/{len(layers)}: calibrating", i, len(layers))
+                linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+                stats = _Stats(linears, self.sink_weight, keep_samples=keep)
+                try:
+                    self._run_layer(layer, hidden, kwargs)
+                finally:
+                    stats.close()
+                st = LayerState(torch, ckpt, plan, i, layer, linears,
+                                {n: ckpt.spec.gguf_name(f"model.layers.{i}.{n}.weight") for n in linears},
+                                stats.H, stats.samples, out)
+                for step in steps:
+                    r = step.layer(st)
+                    if r is not None and step.report_key:
+                        report.setdefault(step.report_key, {})[str(i)] = r
+                hidden = self._run_layer(layer, hidden, kwargs)
+            report["layers_s"] = round(time.perf_counter() - t1, 1)
+            head = HeadState(torch, ckpt, plan, model, self._head_hessian(model, hidden), out)
+            for step in steps:
+                step.head(head)
+        progress("calibrated quantization done", len(layers), len(layers))
+        report.update(calib_s=round(t_calib, 1), total_s=round(time.perf_counter() - t0, 1))
+        return model
+
+    def float_hessians(self, ckpt: HFCheckpoint, progress: Progress | None = None) -> dict[str, np.ndarray]:
+        """H of every linear's inputs in the float model (GGUF names), plus the output head's."""
+        torch = require("torch", "torch")
+        model, ids = self.load(ckpt, progress)
+        out: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            hidden, kwargs = self._first_layer_inputs(torch, model, ids)
+            for i, layer in enumerate(model.model.layers):
+                if progress:
+                    progress(f"layer {i + 1}: activation statistics", i, len(model.model.layers))
+                linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+                stats = _Stats(linears, self.sink_weight, keep_samples=False)
+                try:
+                    hidden = self._run_layer(layer, hidden, kwargs)
+                finally:
+                    stats.close()
+                for n, h in stats.H.items():
+                    out[ckpt.spec.gguf_name(f"model.layers.{i}.{n}.weight")] = h.float().numpy()
+            head = "output.weight" if "lm_head.weight" in ckpt.tensors and not ckpt.hparams.tie_embeddings \
+                else "token_embd.weight"
+            out[head] = self._head_hessian(model, hidden)
+        return out
+
+    @staticmethod
+    def _head_hessian(model: Any, hidden: list[Any]) -> np.ndarray:
+        x = [model.model.norm(h).reshape(-1, h.shape[-1]) for h in hidden]
+        return sum((xx.T @ xx).double() for xx in x).numpy()
+
+    def load(self, ckpt: HFCheckpoint, progress: Progress | None) -> tuple[Any, Any]:
+        """The float model (safetensors only, no remote code) and the calibration token ids."""
+        torch = require("torch", "torch")
+        transformers = require("transformers", "torch")
+        quiet_transformers(transformers)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(ckpt.path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=False)
+        torch.manual_seed(self.calib.seed)
+        from edgekit.fsutil import sha256_files
+
+        key = sha256_files(ckpt.weight_files)
+        return model, calibration_tokens(model, tok, self.calib, progress, cache_key=key)
+
+    def _first_layer_inputs(self, torch: Any, model: Any, ids: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Catch what the model passes to its first decoder layer, one entry per batch."""
+
+        class _Stop(Exception):
+            pass
+
+        caught: list[tuple[Any, dict[str, Any]]] = []
+
+        def catch(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            caught.append((hs, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            raise _Stop
+
+        handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for b0 in range(0, ids.shape[0], self.batch):
+                try:
+                    model(ids[b0:b0 + self.batch], use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return [c[0] for c in caught], [c[1] for c in caught]
+
+    @staticmethod
+    def _run_layer(layer: Any, hidden: list[Any], kwargs: list[dict[str, Any]]) -> list[Any]:
+        outs = []
+        for h, kw in zip(hidden, kwargs, strict=True):
+            out = layer(h, **kw)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs

@@ -1,0 +1,57 @@
+"""Rounding step: GPTQ onto each tensor's grid (column by column, later columns absorb earlier
+columns' errors through the Hessian; :mod:`edgekit.converters.quantize.gptq_kernel`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from edgekit.converters.quantize import gptq_kernel
+from edgekit.converters.quantize.steps.base import (
+    ROUND,
+    HeadState,
+    LayerState,
+    Step,
+    StepConfig,
+    register_step,
+)
+from edgekit.converters.quantize.steps.rtn_round import round_head, round_layer
+from edgekit.errors import InputError
+
+
+@dataclass(frozen=True)
+class GPTQRoundConfig(StepConfig):
+    """damp: dampening added to the Hessian diagonal, as a fraction of its mean.
+    imatrix: weight each block's scale/min choice by activation second moments.
+    tied_head: GPTQ also for a head tied to the token embedding (fits the head's outputs at some cost to
+        the table's lookups; default: importance-weighted RTN of the shared tensor)."""
+
+    step: ClassVar[str] = "gptq"
+    stage: ClassVar[int] = ROUND
+    damp: float = 0.01
+    imatrix: bool = True
+    tied_head: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise InputError("GPTQ dampening must be in [0, 1)")
+
+
+@register_step("gptq")
+class GPTQRound(Step):
+    config_class = GPTQRoundConfig
+    report_key = "hessian_error"
+
+    @property
+    def cfg(self) -> GPTQRoundConfig:
+        assert isinstance(self.config, GPTQRoundConfig)
+        return self.config
+
+    def _gptq(self, W, H, qtype, imatrix, mask=None):  # noqa: ANN001, ANN202 - a RoundFn
+        return gptq_kernel.gptq(W, H, qtype, damp=self.cfg.damp, imatrix=imatrix, mask=mask)
+
+    def layer(self, st: LayerState) -> dict[str, float]:
+        return round_layer(st, self.cfg.imatrix, self._gptq, masked=True)
+
+    def head(self, st: HeadState) -> None:
+        round_head(st, self.cfg.imatrix, self._gptq, tied_too=self.cfg.tied_head)

@@ -1,0 +1,225 @@
+"""Depth pruning: block importance on constructed cases, the pruned checkpoint, and pruned artifacts
+that llama.cpp and onnxruntime run exactly like PyTorch runs the pruned model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgekit import api
+from edgekit.calibration import CalibConfig
+from edgekit.converters.structure import DepthSpec, layer_importance
+from edgekit.errors import InputError
+from edgekit.model import HFCheckpoint
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+CAL = CalibConfig(samples=4, seqlen=32)
+TOKENS = list(range(5, 40))
+
+
+@pytest.fixture(scope="module")
+def four_blocks(tmp_path_factory):
+    """A 4-block Llama whose block 2 is an identity (its attention and MLP outputs are zero)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("depth") / "llama", "LlamaForCausalLM", hidden=128, ffn=256,
+                            layers=4)
+    f = next(path.glob("*.safetensors"))
+    sd = load_file(str(f))
+    for name in ("model.layers.2.self_attn.o_proj.weight", "model.layers.2.mlp.down_proj.weight"):
+        sd[name] = torch.zeros_like(sd[name])
+    save_file(sd, str(f), metadata={"format": "pt"})
+    return path
+
+
+def _torch_logits(src, drop=()):
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    keep = [layer for i, layer in enumerate(model.model.layers) if i not in drop]
+    model.model.layers = torch.nn.ModuleList(keep)
+    model.config.num_hidden_layers = len(keep)
+    for i, layer in enumerate(keep):
+        layer.self_attn.layer_idx = i
+    with torch.inference_mode():
+        return model(torch.tensor([TOKENS])).logits[0].numpy()
+
+
+def test_identity_block_has_zero_influence(four_blocks):
+    imp = layer_importance(HFCheckpoint.open(four_blocks), CAL, windows=(1, 2))
+    assert imp.influence[2] == pytest.approx(0.0, abs=1e-6)
+    assert min(v for i, v in enumerate(imp.influence) if i != 2) > 1e-3
+    assert imp.least_influential(1) == [2] and imp.best_window(1) == [2]
+    assert len(imp.angular[2]) == 3 and 2 in imp.best_window(2)
+
+
+@pytest.mark.llamacpp
+def test_depth_pruned_gguf_runs_like_the_pruned_pytorch_model(four_blocks, tmp_path):
+    art = api.convert(four_blocks, "gguf", output=tmp_path / "d", recipe=api.ConvertRecipe(
+        bits=None, preset="F32", prune="depth:1", calib=CAL))
+    p = art.manifest["pruned"]
+    assert p["dropped_layers"] == [2] and p["n_layer"] == 3 and p["n_layer_source"] == 4
+    assert art.manifest["source"]["path"] == str(four_blocks.resolve())
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")], "the scratch checkpoint was left behind"
+    with api.open_backend(art, n_ctx=128) as be:
+        got = be.logits(TOKENS)
+    ref = _torch_logits(four_blocks, drop=(2,))
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    # dropping the identity block changes nothing: the unpruned model gives the same logits
+    np.testing.assert_allclose(ref, _torch_logits(four_blocks), atol=1e-4)
+
+
+def test_depth_pruned_onnx_and_named_layers(four_blocks, tmp_path):
+    art = api.convert(four_blocks, "onnx", output=tmp_path / "o", recipe=api.ConvertRecipe(
+        bits=32, prune="depth:layers=0,3"))
+    assert art.manifest["pruned"]["dropped_layers"] == [0, 3] and art.manifest["pruned"]["measure"] == "given"
+    with api.open_backend(art) as be:
+        got = be.logits(TOKENS)
+    ref = _torch_logits(four_blocks, drop=(0, 3))
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_bad_depth_specs(four_blocks, tmp_path):
+    for spec, msg in (("depth:4", "at most 3"), ("depth:x", "block count"), ("depth:2:random", "angular"),
+                      ("depth:layers=1,9", "do not exist"), ("depth:0", "at least one")):
+        with pytest.raises(InputError, match=msg):
+            api.convert(four_blocks, "gguf", output=tmp_path / "x", recipe=api.ConvertRecipe(prune=spec))
+        assert not list(tmp_path.iterdir())
+    with pytest.raises(InputError, match="ffn=N"):
+        api.ConvertRecipe(prune="width:0.5")
+    with pytest.raises(InputError, match="depth:K or width"):
+        api.ConvertRecipe(prune="breadth:3")
+    assert DepthSpec.parse("3:angular") == DepthSpec(3, "angular")
+
+
+def test_cli_depth_prune(four_blocks, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    r = CliRunner().invoke(app, ["convert", str(four_blocks), "--bits", "4", "--prune", "depth:1", "--calib-samples",
+                                 "2", "--calib-seqlen", "32", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "c" / "edgekit.json").read_text())
+    assert m["recipe"]["prune"] == "depth:1" and m["pruned"]["dropped_layers"] == [2]
+    assert len({n.split(".")[1] for n in m["tensors"] if n.startswith("blk.")}) == 3
+
+
+def test_width_importance_drops_dead_units(four_blocks, tmp_path):
+    """An FFN neuron whose down-projection column is zero adds nothing: it is the first one dropped."""
+    from safetensors.torch import load_file, save_file
+
+    from edgekit.converters.structure import width
+
+    src = tmp_path / "src"
+    shutil.copytree(four_blocks, src)
+    f = next(src.glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd["model.layers.1.mlp.down_proj.weight"][:, 17] = 0.0
+    sd["model.layers.1.self_attn.o_proj.weight"][:, 32:64] = 0.0  # query head 1 (head size 32)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    ck = HFCheckpoint.open(src)
+    scores = width.importance(ck, CAL)
+    assert scores[1]["ffn"][17] == 0.0 and scores[1]["heads"][1] == 0.0
+    keep = width.choose(width.WidthSpec(ffn=224, heads=2), ck, scores)
+    assert 17 not in keep[1]["ffn"] and len(keep[1]["ffn"]) == 224
+    # GQA: 4 query heads over 2 KV heads -> one query head kept per KV group; head 1 loses in group 0
+    assert keep[1]["heads"] == [0, 2] or keep[1]["heads"] == [0, 3]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("to", ["gguf", "onnx"])
+def test_width_pruned_artifacts_run_like_pytorch(four_blocks, tmp_path, to):
+    from edgekit.converters import structure
+
+    spec = "width:ffn=192,heads=2"
+    pruned, info = structure.apply(HFCheckpoint.open(four_blocks), spec, CAL, tmp_path / "pruned")
+    assert info["n_ff"] == 192 and info["n_head"] == 2
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert cfg["intermediate_size"] == 192 and cfg["num_attention_heads"] == 2 and cfg["head_dim"] == 32
+    model = transformers.AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = model(torch.tensor([TOKENS])).logits[0].numpy()
+    recipe = api.ConvertRecipe(bits=None, preset="F32") if to == "gguf" else api.ConvertRecipe(bits=32)
+    art = api.convert(four_blocks, to, output=tmp_path / "a", recipe=dataclasses.replace(recipe, prune=spec,
+                                                                                         calib=CAL))
+    assert art.manifest["pruned"]["kind"] == "width"
+    with api.open_backend(art, n_ctx=128) as be:
+        got = be.logits(TOKENS)
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    assert art.manifest["size_bytes"] < 0.85 * api.convert(four_blocks, to, output=tmp_path / "full",
+                                                           recipe=recipe).manifest["size_bytes"]
+    for bad, msg in (("width:ffn=250", "multiple of 32"), ("width:heads=3", "multiple of the 2"),
+                     ("width:ffn=512", "smaller")):
+        with pytest.raises(InputError, match=msg):
+            api.convert(four_blocks, to, output=tmp_path / "x", recipe=dataclasses.replace(recipe, prune=bad))
+
+
+def test_healing_lowers_kl_and_resumes_after_ctrl_c(four_blocks, tmp_path):
+    from edgekit.converters import structure
+    from edgekit.converters.structure.heal import HealConfig, heal
+
+    src = HFCheckpoint.open(four_blocks)
+    spec = "width:ffn=96,heads=2"
+    calib = CalibConfig(samples=10, seqlen=32)
+    cfg = HealConfig(minutes=5, max_steps=40, lr=1e-3, batch=4, checkpoint_s=0)
+    pruned, _ = structure.apply(src, spec, calib, tmp_path / "a")
+    seen = []
+
+    def stop_at_5(desc, done, total):
+        if desc.startswith("healing: step"):
+            seen.append(desc)
+            if len(seen) == 5:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(src, pruned, spec, cfg, calib, stop_at_5, state_root=tmp_path / "state")
+    state = json.loads(next((tmp_path / "state").glob("*/state.json")).read_text())
+    assert state["step"] == 5 and not state["done"]
+    seen.clear()
+    report = heal(src, pruned, spec, cfg, calib, lambda d, a, b: seen.append(d), state_root=tmp_path / "state")
+    assert report["steps"] == 40 and seen[0].startswith("healing: step 6")  # continued, not restarted
+    losses = json.loads(next((tmp_path / "state").glob("*/state.json")).read_text())["losses"]
+    # the distillation KL falls on the data it trains on (a random tiny teacher has nothing to generalize;
+    # bench/pruning.py measures held-out KL on the real model)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    assert report["kl_before"] > 0 and report["kl_after"] > 0
+    # the healed weights are what the folder now holds: the pruned model, not the teacher
+    again = heal(src, pruned, spec, cfg, calib, state_root=tmp_path / "state")  # finished: reused as is
+    assert again["steps"] == 40 and again["kl_after"] == pytest.approx(report["kl_after"], rel=1e-4)
+
+
+def test_cli_heal_needs_prune_and_a_duration(four_blocks, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    r = CliRunner().invoke(app, ["convert", str(four_blocks), "--heal", "5m", "-o", str(tmp_path / "a")])
+    assert r.exit_code != 0 and "give --prune depth:K or width" in r.output
+    r = CliRunner().invoke(app, ["convert", str(four_blocks), "--prune", "depth:1", "--heal", "soon",
+                                 "-o", str(tmp_path / "a")])
+    assert r.exit_code != 0 and "20m, 90s or 1h" in r.output and not (tmp_path / "a").exists()
+
+
+def test_inspect_shows_pruning_and_sparsity(four_blocks, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    run = CliRunner()
+    r = run.invoke(app, ["convert", str(four_blocks), "--type", "Q8_0", "--prune", "depth:1", "--calib-samples", "2",
+                         "--calib-seqlen", "32", "-o", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["inspect", str(tmp_path / "d")])
+    assert r.exit_code == 0 and "depth: blocks 2 of 4 removed (by influence)" in " ".join(r.output.split())
+    r = run.invoke(app, ["convert", str(four_blocks), "--to", "onnx", "--bits", "8", "--prune", "wanda:2:4",
+                         "--calib-samples", "2", "--calib-seqlen", "32", "-o", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["inspect", str(tmp_path / "w")])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "50.0% of the weights of 28 linears are zero (wanda:2:4)" in out, out
