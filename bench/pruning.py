@@ -10,7 +10,8 @@ Reference: edgekit's F16 GGUF of the float checkpoint (KL and top-1 are against 
 * ``depth:K`` (edgekit: the K blocks of lowest block influence on self-generated calibration text) at
   Q8_0 and Q4_0, and llama.cpp's own layer pruning (``llama_model_quantize_params.prune_layers``, from
   edgekit's F32 GGUF, same types) of the K blocks before the last one and of the last K blocks: the
-  choices llama.cpp's tools leave to the user, without a measurement;
+  choices llama.cpp's tools leave to the user, without a measurement; and edgekit dropping those same
+  blocks (``depth:layers=...``), which separates the choice of blocks from the tool;
 * ``width:ffn=1152`` (a quarter of every FFN removed by activation importance) at Q8_0, unhealed and
   healed for ``--heal-minutes`` (distilled from the unpruned model on the FIRST half of the text, the
   half perplexity does not read);
@@ -126,6 +127,12 @@ def target_lines(report: dict[str, Any]) -> list[str]:
                 ok = ours["kl"] < best["kl"]
                 lines.append(f"target: depth:{k} {t} KL {ours['kl']:.4f} < llama.cpp's best layer choice "
                              f"({best['name']}: {best['kl']:.4f}): {'HOLDS' if ok else 'FAILS'}")
+            given = [rows[n] for n in rows if rows[n]["kind"] == "given" and n.endswith(f" {k} {t}")]
+            if ours and given:
+                best = min(given, key=lambda r: r["kl"])
+                ok = ours["kl"] < best["kl"]
+                lines.append(f"  same blocks dropped by edgekit (the choice alone): best {best['name']} KL "
+                             f"{best['kl']:.4f} vs measured choice {ours['kl']:.4f}: {'HOLDS' if ok else 'FAILS'}")
             base = rows.get(f"unpruned {t}")
             if ours and base:
                 speedup = ours["tps"] / base["tps"]
@@ -176,7 +183,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(9, 6))
     style = {"unpruned": ("o", "tab:blue"), "depth": ("s", "tab:green"), "width": ("D", "tab:purple"),
-             "llama.cpp": ("^", "tab:red"),
+             "given": ("v", "tab:orange"), "llama.cpp": ("^", "tab:red"),
              "unstructured": ("x", "tab:gray")}
     for kind, (marker, colour) in style.items():
         pts = [r for r in report["rows"] if r.get("kind") == kind and "kl" in r]
@@ -255,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
                 row(f"llama.cpp prune {k} {label} {t}", "llama.cpp",
                     lambda k=k, t=t, label=label, layers=layers: (
                         *llamacpp_pruned(f32, f"llamacpp-{k}-{label}-{t}", preset_from_name(t).ftype, layers),
+                        {"dropped": layers}))
+                # the same blocks dropped by edgekit: separates the choice of blocks from the tool
+                spec = "depth:layers=" + ",".join(map(str, layers))
+                row(f"edgekit {label} {k} {t}", "given",
+                    lambda t=t, spec=spec, layers=layers, label=label, k=k: (*convert(
+                        hf, f"given-{k}-{label}-{t}", api.ConvertRecipe(bits=None, preset=t, prune=spec))[:2],
                         {"dropped": layers}))
     import tempfile
 
