@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--depths", default="3,6")
+    ap.add_argument("--types", default="Q8_0,Q4_0", help="the GGUF types of the unpruned and depth rows")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--kl-chunks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n_layer = HFCheckpoint.open(hf).hparams.n_layer
 
-    for t in ("Q8_0", "Q4_0"):
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    for t in types:
         row(f"unpruned {t}", "unpruned",
             lambda t=t: (*convert(hf, f"unpruned-{t}", api.ConvertRecipe(bits=None, preset=t))[:2], {}))
     if args.bpw:
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: (*convert(hf, "unpruned-gptq-bpw", api.ConvertRecipe(bits=None, bpw=args.bpw, method="gptq"))[:2],
                      {}))
     for k in depths:
-        for t in ("Q8_0", "Q4_0"):
+        for t in types:
             def ours(k=k, t=t):  # noqa: ANN202
                 path, secs, m = convert(hf, f"depth{k}-{t}", api.ConvertRecipe(bits=None, preset=t, prune=f"depth:{k}"))
                 return path, secs, {"dropped": m["pruned"]["dropped_layers"]}
