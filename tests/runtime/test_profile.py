@@ -205,7 +205,8 @@ def test_cli_bad_input(tmp_path, home):
 @needs_llama
 def test_ctrl_c_keeps_marked_partial_results(tiny_ggufs, tmp_path):
     env = {**os.environ, "EDGEKIT_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "edgekit.cli.main", "profile", str(tiny_ggufs["F16"]), "-t", "tg8,tg256", "-r", "200",
+    # enough work that no machine finishes it before the signal (a fast CPU did 200 reps in under 6 s)
+    cmd = [sys.executable, "-m", "edgekit.cli.main", "profile", str(tiny_ggufs["F16"]), "-t", "tg8,tg256", "-r", "5000",
            "--threads", "1", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     time.sleep(6)
