@@ -69,8 +69,8 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
 def pruning_line(p: dict) -> str:
     """One line on what structural pruning removed (and how healing went)."""
     if p.get("kind") == "depth":
-        line = (f"depth: blocks {', '.join(map(str, p['dropped_layers']))} of {p['n_layer_source']} removed "
-                f"(by {p.get('measure', '?')})")
+        why = "as named" if p.get("measure") == "given" else f"by {p.get('measure', '?')}"
+        line = f"depth: blocks {', '.join(map(str, p['dropped_layers']))} of {p['n_layer_source']} removed ({why})"
     else:
         line = (f"width: FFN {p['n_ff_source']} -> {p['n_ff']}, query heads {p['n_head_source']} -> {p['n_head']} "
                 "per block (by activation importance)")

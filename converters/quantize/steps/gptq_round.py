@@ -9,13 +9,10 @@ from typing import ClassVar
 from edgekit.converters.quantize import gptq_kernel
 from edgekit.converters.quantize.steps.base import (
     ROUND,
-    HeadState,
-    LayerState,
-    Step,
     StepConfig,
     register_step,
 )
-from edgekit.converters.quantize.steps.rtn_round import round_head, round_layer
+from edgekit.converters.quantize.steps.rtn_round import RoundStep
 from edgekit.errors import InputError
 
 
@@ -38,20 +35,10 @@ class GPTQRoundConfig(StepConfig):
 
 
 @register_step("gptq")
-class GPTQRound(Step):
+class GPTQRound(RoundStep):
     config_class = GPTQRoundConfig
-    report_key = "hessian_error"
+    masked = True
 
-    @property
-    def cfg(self) -> GPTQRoundConfig:
+    def _round(self, W, H, qtype, imatrix, mask=None):  # noqa: ANN001, ANN202 - a RoundFn
         assert isinstance(self.config, GPTQRoundConfig)
-        return self.config
-
-    def _gptq(self, W, H, qtype, imatrix, mask=None):  # noqa: ANN001, ANN202 - a RoundFn
-        return gptq_kernel.gptq(W, H, qtype, damp=self.cfg.damp, imatrix=imatrix, mask=mask)
-
-    def layer(self, st: LayerState) -> dict[str, float]:
-        return round_layer(st, self.cfg.imatrix, self._gptq, masked=True)
-
-    def head(self, st: HeadState) -> None:
-        round_head(st, self.cfg.imatrix, self._gptq, tied_too=self.cfg.tied_head)
+        return gptq_kernel.gptq(W, H, qtype, damp=self.config.damp, imatrix=imatrix, mask=mask)

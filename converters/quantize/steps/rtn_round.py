@@ -83,18 +83,28 @@ def round_head(st: HeadState, imatrix_on: bool, round_output: RoundFn | None, ti
         st.out[name] = res.data
 
 
-@register_step("rtn")
-class RTNRound(Step):
-    config_class = RTNRoundConfig
-    report_key = "hessian_error"
+class RoundStep(Step):
+    """A rounding step: ``_round(W, H, qtype, imatrix[, mask])`` onto one tensor's grid; ``tied_head``
+    sends a head tied to the embedding through ``_round`` too (else importance-weighted RTN)."""
 
-    @property
-    def cfg(self) -> RTNRoundConfig:
-        assert isinstance(self.config, RTNRoundConfig)
-        return self.config
+    report_key = "hessian_error"
+    masked = False  # ``_round`` takes a pruning mask
+
+    def _round(self, W, H, qtype, imatrix, mask=None):  # noqa: ANN001, ANN202 - a RoundFn
+        raise NotImplementedError
 
     def layer(self, st: LayerState) -> dict[str, float]:
-        return round_layer(st, self.cfg.imatrix, lambda W, H, t, im: gptq_kernel.rtn(W, t, imatrix=im))
+        return round_layer(st, self.config.imatrix, self._round, masked=self.masked)  # type: ignore[attr-defined]
 
     def head(self, st: HeadState) -> None:
-        round_head(st, self.cfg.imatrix, None)
+        own = None if type(self)._round is RoundStep._round else self._round
+        round_head(st, self.config.imatrix, own, tied_too=getattr(self.config, "tied_head", False))  # type: ignore[attr-defined]
+
+
+@register_step("rtn")
+class RTNRound(RoundStep):
+    config_class = RTNRoundConfig
+
+    def layer(self, st: LayerState) -> dict[str, float]:
+        return round_layer(st, self.config.imatrix,  # type: ignore[attr-defined]
+                           lambda W, H, t, im: gptq_kernel.rtn(W, t, imatrix=im))
