@@ -29,7 +29,7 @@ from edgekit.runtime.plan import plan_artifact as plan
 __all__ = [
     "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
     "calibration_applies", "convert", "default_output", "make_quantizer", "method_config", "evaluate", "generate", "import_gguf",
-    "inspect", "open_backend", "plan", "offload_options",
+    "inspect", "evaluate_streaming", "open_backend", "plan", "offload_options",
 ]
 
 
@@ -215,6 +215,36 @@ def evaluate(
     elif record and isinstance(target, Artifact):
         target.record_eval({**result.to_json(), "text": str(Path(text_file).resolve())})
     return result
+
+
+def evaluate_streaming(
+    target: str | Path | Artifact,
+    text_file: str | Path,
+    kv_window: int,
+    kv_sinks: int = 4,
+    chunk: int = 32,
+    max_tokens: int | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Perplexity of a long text streamed ``chunk`` tokens at a time through a KV window of ``kv_window``
+    tokens keeping the first ``kv_sinks``: what a long chat sees of its history. Returns the perplexity,
+    tokens scored, the most cache cells held and the tokens evicted."""
+    import math
+
+    text = read_text(text_file)
+    with open_backend(target, kv_window=kv_window, kv_sinks=kv_sinks, **options) as backend:
+        stream = getattr(backend, "stream_nll", None)
+        if stream is None:
+            raise InputError(f"the {backend.name} backend cannot stream a text through a KV window")
+        tokens = backend.tokenize(text)[: max_tokens or None]
+        if len(tokens) < 2:
+            raise InputError(f"{text_file} has fewer than 2 tokens")
+        report = (lambda done, total: progress("streaming", done, total)) if progress else None
+        nll, info = stream(tokens, chunk=chunk, progress=report)
+    mean = float(nll.mean())
+    return {"ppl": math.exp(mean), "tokens_scored": int(nll.size), "kv_window": kv_window, "kv_sinks": kv_sinks,
+            "chunk": chunk, "peak_cells": int(info["peak_cells"]), "evicted": int(info["kv"]["evicted"])}
 
 
 def inspect(target: str | Path, ctx: int = 4096) -> dict[str, Any]:

@@ -13,7 +13,11 @@ Protocol (one JSON object per line):
   * stdin EOF means the parent is gone: the worker exits at once, even mid-generation.
 llama.cpp's log goes to stderr; the parent shows it (verbose) or keeps its tail for error messages.
 
-This file imports nothing from edgekit (it is started by path) and is not a public API.
+Started by path, this file imports from edgekit only numpy-level modules (the token loop of
+:mod:`edgekit.runtime.speculative`, the KV context of :mod:`edgekit.runtime._llamacpp_context`); it is
+not a public API. Load options ``draft`` (a second GGUF sharing the vocabulary), ``speculative``
+(``draft``/``ngram``), ``n_draft`` (fixed draft length; default adaptive) and ``kv_window``/``kv_sinks``
+(an attention-sink window over the KV cache) shape how ``generate`` decodes.
 Test hook: ``EDGEKIT_LLAMACPP_TEST_CRASH="<op>:<SIGNAL>[:unsafe]"`` makes the worker kill itself
 with that signal when it starts ``<op>`` (``load``, ``tokenize``, ``generate``, ``logits``);
 ``:unsafe`` limits it to runs without safe CPU mode.
@@ -33,6 +37,7 @@ import ctypes  # noqa: E402
 import faulthandler  # noqa: E402
 import json  # noqa: E402
 import queue  # noqa: E402
+import random  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -178,10 +183,21 @@ class Worker:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown llama.cpp option(s) {', '.join(unknown)}; it takes: {', '.join(sorted(known))}")
+        spec = msg.get("speculative") or {}
+        if spec.get("mode"):
+            # Flash attention when drafting: on CPUs its results for a verification batch of a few tokens
+            # equal those of one-token steps (the default attention's differ by up to ~0.5 in a logit for
+            # Q8_0), so the drafted tokens are checked exactly as decoding them one by one would. Plain
+            # decoding with flash_attn=True gives the same tokens.
+            kwargs.setdefault("flash_attn", True)
+        window = spec.get("kv_window")
+        if window:
+            kwargs["n_ctx"] = max(int(window), 32)
         self.llm = llama_cpp.Llama(model_path=msg["model_path"], **kwargs)
         llm = self.llm
         self.vocab = llm._model.vocab
         self.n_batch = llm.n_batch
+        self.setup_decoding(llama_cpp, kwargs, spec)
         metadata = dict(llm.metadata)
         self.send(
             ev="ready",
@@ -202,7 +218,50 @@ class Worker:
             rss_after_load=rss_bytes(),
             tensor_overrides=[list(o) for o in overrides],
             pid=os.getpid(),
+            speculative=self.spec_info,
         )
+
+    def setup_decoding(self, llama_cpp: Any, kwargs: dict[str, Any], spec: dict[str, Any]) -> None:
+        """The target's KV context (with its window) and the drafter ``spec`` asks for."""
+        from edgekit.runtime._llamacpp_context import LlamaContext, vocab_fingerprint
+        from edgekit.runtime.speculative import ModelDrafter, NgramDrafter
+
+        window, sinks = spec.get("kv_window"), int(spec.get("kv_sinks", 4))
+        step = spec.get("kv_evict_step")
+        self.seq = LlamaContext(self.llm, window=int(window) if window else None, sinks=sinks, evict_step=step)
+        self.drafter: Any = None
+        self.draft_llm: Any = None
+        self.n_draft = spec.get("n_draft")
+        mode = spec.get("mode")
+        info: dict[str, Any] = {"mode": mode or "none", "kv_window": window, "kv_sinks": sinks if window else None}
+        if mode == "ngram":
+            self.drafter = NgramDrafter()
+        elif mode == "draft":
+            t0 = time.perf_counter()
+            dk = {k: v for k, v in kwargs.items() if k in ("n_ctx", "n_batch", "n_threads", "n_threads_batch", "verbose")}
+            self.draft_llm = llama_cpp.Llama(model_path=spec["draft_path"], **dk)
+            if vocab_fingerprint(self.draft_llm) != vocab_fingerprint(self.llm):
+                raise ValueError("the draft model's vocabulary differs from the target's; a draft must share the "
+                                 "target's tokenizer (make one with: edgekit convert MODEL --draft-for MODEL)")
+            self.draft_seq = LlamaContext(self.draft_llm, window=self.seq.window, sinks=sinks, evict_step=step)
+            self.drafter = ModelDrafter(self.draft_seq)
+            info.update(draft_path=spec["draft_path"], draft_load_time=time.perf_counter() - t0)
+        elif mode:
+            raise ValueError(f"unknown speculative mode {mode!r}: use draft or ngram")
+        self.costs = None
+        if self.drafter is not None:
+            from edgekit.runtime.speculative import measure_costs
+
+            rng = random.Random(0)
+            room = (self.seq.window or self.seq.n_ctx) // 2
+            probe = [rng.randrange(3, self.llm.n_vocab()) for _ in range(min(256, room))]
+            draft_seq = getattr(self, "draft_seq", None)
+            self.costs = measure_costs(self.seq, draft_seq, probe)
+            self.seq.clear()
+            if draft_seq is not None:
+                draft_seq.clear()
+            info["costs"] = self.costs.to_json()
+        self.spec_info = info
 
     def install_overrides(self, llama_mod: Any, overrides: list[tuple[str, str]]) -> None:
         """Pass llama.cpp's tensor buffer-type overrides (``-ot PATTERN=BUFT``) through the model params.
@@ -329,18 +388,10 @@ class Worker:
         import llama_cpp
 
         tokens = [int(t) for t in msg["tokens"]]
-        pos = self.llm.n_tokens
-        if pos + len(tokens) > self.llm.n_ctx():
-            raise ValueError(f"{pos + len(tokens)} tokens do not fit the context of {self.llm.n_ctx()}")
-        buf = (llama_cpp.llama_token * max(len(tokens), 1))(*tokens)
-        for i in range(0, len(tokens), self.n_batch):
-            n = min(self.n_batch, len(tokens) - i)
-            ptr = ctypes.cast(ctypes.addressof(buf) + 4 * i, ctypes.POINTER(llama_cpp.llama_token))
-            rc = llama_cpp.llama_decode(self.llm.ctx, llama_cpp.llama_batch_get_one(ptr, n))
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
+        if self.seq.window is None and self.seq.cells + len(tokens) > self.llm.n_ctx():
+            raise ValueError(f"{self.seq.cells + len(tokens)} tokens do not fit the context of {self.llm.n_ctx()}")
+        self.seq.extend(tokens, "none")
         llama_cpp.llama_synchronize(self.llm.ctx)
-        self.llm.n_tokens = pos + len(tokens)
         self.send(ev="result", id=msg.get("id"), value={"peak_rss": peak_rss_bytes()})
 
     def op_memory(self, msg: dict[str, Any]) -> None:
@@ -402,23 +453,15 @@ class Worker:
                 raise ValueError("the prompt is empty")
             tokens = [bos]
         n_ctx = llm.n_ctx()
-        if len(tokens) >= n_ctx:
+        if len(tokens) >= n_ctx and not self.seq.window:
             raise ValueError(
                 f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
                 "shorten it or load with a larger n_ctx (--ctx)"
             )
         self.send(ev="start", id=rid, prompt_tokens=len(tokens), template=template)
-        max_new = min(int(s["max_tokens"]), n_ctx - len(tokens))
-        llm.set_seed(int(s["seed"]) & 0xFFFFFFFF)
-        gen = llm.generate(
-            tokens,
-            top_k=int(s["top_k"]),
-            top_p=float(s["top_p"]),
-            min_p=float(s["min_p"]),
-            temp=float(s["temperature"]),
-            repeat_penalty=float(s["repeat_penalty"]),
-            reset=True,
-        )
+        window = self.seq.window
+        max_new = int(s["max_tokens"]) if window else min(int(s["max_tokens"]), n_ctx - len(tokens))
+        gen, spec_stats = self.token_loop(tokens, s, max_new, rid)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stopper = StopFilter(list(s.get("stop") or ()))
         n, reason, t_first = 0, "length", 0.0
@@ -453,7 +496,65 @@ class Worker:
             context_full=reason == "length" and max_new < int(s["max_tokens"]),
             time_to_first_token=t_first,
             total_time=time.perf_counter() - t0,
+            speculative=spec_stats.to_json() if self.drafter is not None else None,
+            kv=self.kv_state(),
         )
+
+    def token_loop(self, tokens: list[int], s: dict[str, Any], max_new: int, rid: Any) -> tuple[Any, Any]:
+        """The generator of token ids for ``generate`` (speculative when a drafter is loaded), and its stats."""
+        import llama_cpp
+        import numpy as np
+
+        from edgekit.runtime.base import SamplingConfig
+        from edgekit.runtime.speculative import AdaptiveDraft, SpecStats, generate_tokens
+
+        sampling = SamplingConfig(**{**s, "stop": tuple(s.get("stop") or ())})
+        stats = SpecStats()
+        control = AdaptiveDraft(fixed=int(self.n_draft) if self.n_draft else None, costs=self.costs)
+        gen = generate_tokens(self.seq, tokens, sampling, np.random.default_rng(int(s["seed"]) & 0xFFFFFFFF),
+                              max_new, lambda t: bool(llama_cpp.llama_vocab_is_eog(self.vocab, t)),
+                              drafter=self.drafter, control=control, cancelled=lambda: self.cancelled == rid,
+                              stats=stats)
+        return gen, stats
+
+    def kv_state(self) -> dict[str, Any]:
+        seq = self.seq
+        return {"cells": seq.cells, "window": seq.window, "sinks": seq.sinks if seq.window else None,
+                "evicted": seq.dropped, "tokens": len(seq.tokens), "n_ctx": seq.n_ctx}
+
+    def op_stream_nll(self, msg: dict[str, Any]) -> None:
+        """Negative log-likelihood of each token of a long text evaluated in ``chunk``-token steps through the
+        loaded KV window (or the plain context): how a long chat sees its history. Written to ``path``."""
+        import numpy as np
+
+        tokens = [int(t) for t in msg["tokens"]]
+        chunk = max(1, int(msg.get("chunk", 64)))
+        rid = msg.get("id")
+        self.seq.clear()
+        nll = np.lib.format.open_memmap(msg["path"], mode="w+", dtype=np.float32, shape=(max(len(tokens) - 1, 0),))
+        peak_cells = 0
+        try:
+            for i in range(0, len(tokens) - 1, chunk):
+                if self.cancelled == rid:
+                    break
+                part = tokens[i : i + chunk]
+                rows = self.seq.extend(part, "all")
+                peak_cells = max(peak_cells, self.seq.cells)
+                z = rows.astype(np.float64)
+                z -= z.max(axis=1, keepdims=True)
+                lse = np.log(np.exp(z).sum(axis=1))
+                nxt = tokens[i + 1 : i + 1 + len(part)]
+                m = len(nxt)
+                nll[i : i + m] = lse[:m] - z[np.arange(m), nxt]
+                if (i // chunk) % 16 == 0:
+                    self.send(ev="progress", id=rid, done=i + m, total=len(tokens) - 1)
+            nll.flush()
+        finally:
+            del nll
+            state = self.kv_state()
+            self.seq.clear()
+        self.send(ev="result", id=rid, value={"path": msg["path"], "peak_cells": peak_cells, "kv": state,
+                                               "peak_rss": peak_rss_bytes()})
 
     def op_logits(self, msg: dict[str, Any]) -> None:
         import llama_cpp
@@ -489,6 +590,10 @@ class Worker:
         import llama_cpp
 
         llm = self.llm
+        seq = getattr(self, "seq", None)
+        if seq is not None:
+            seq.clear()
+            return
         if hasattr(llama_cpp, "llama_memory_clear"):
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
         elif hasattr(llama_cpp, "llama_kv_self_clear"):  # older llama-cpp-python

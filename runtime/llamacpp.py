@@ -64,6 +64,13 @@ class LlamaCppBackend(Backend):
     ``safe_cpu``. ``on_warning``: called with one-line warnings (default: :func:`warnings.warn`).
     ``tensor_overrides``: ``(regex, buffer type)`` pairs, llama.cpp's ``-ot`` (e.g. ``("ffn_.*", "CPU")``
     keeps matching tensors in host memory when layers are offloaded).
+    ``draft``: a smaller GGUF (artifact folder or file) with the same vocabulary: speculative decoding,
+    lossless (:mod:`.speculative`). ``speculative``: ``"draft"`` (implied by ``draft``) or ``"ngram"``
+    (prompt lookup, no second model). ``n_draft``: a fixed draft length (default: adaptive).
+    ``kv_window`` / ``kv_sinks``: keep at most ``kv_window`` tokens in the KV cache, the first ``kv_sinks``
+    always (attention sinks) and the most recent ones: generation and chats go on past the window in
+    bounded memory; the context allocated is the window. ``kv_evict_step``: tokens dropped at once when
+    the window is full (default window/32; llama.cpp's own context shift drops half).
     Other keyword arguments go to ``llama_cpp.Llama`` unchanged (JSON-serialisable values only).
     """
 
@@ -117,6 +124,12 @@ class LlamaCppBackend(Backend):
         retry_safe: bool = True,
         on_warning: Callable[[str], None] | None = None,
         tensor_overrides: Sequence[tuple[str, str]] = (),
+        draft: str | Path | None = None,
+        speculative: str | None = None,
+        n_draft: int | None = None,
+        kv_window: int | None = None,
+        kv_sinks: int = 4,
+        kv_evict_step: int | None = None,
         **extra: Any,
     ) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -143,6 +156,7 @@ class LlamaCppBackend(Backend):
             "n_batch": int(n_batch),
             "tensor_overrides": [[str(p), str(b)] for p, b in tensor_overrides],
             "extra": extra,
+            "speculative": decoding_options(draft, speculative, n_draft, kv_window, kv_sinks, kv_evict_step),
         }
         self.verbose = verbose if verbose is not None else os.environ.get(LOG_ENV, "") not in ("", "0")
         self.safe_cpu = safe_cpu
@@ -285,6 +299,35 @@ class LlamaCppBackend(Backend):
                 if os.path.exists(path):
                     os.unlink(path)
 
+    def stream_nll(self, tokens: list[int], chunk: int = 64,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Per-token negative log-likelihood of a long token sequence fed ``chunk`` tokens at a time through
+        this backend's KV cache (with ``kv_window``, the window evicts as it goes): (nll of tokens 1..n-1,
+        {peak_cells, kv, peak_rss})."""
+        self._abort_active()
+        path = os.path.join(self._tempdir(), f"nll-{next(self._ids)}.npy")
+        rid = next(self._ids)
+        self._send({"op": "stream_nll", "id": rid, "tokens": [int(t) for t in tokens], "chunk": int(chunk),
+                    "path": path})
+        try:
+            while True:
+                msg = self._recv("evaluating a long text", rid)
+                if msg["ev"] == "progress":
+                    if progress is not None:
+                        progress(int(msg["done"]), int(msg["total"]))
+                    continue
+                if msg["ev"] == "error":
+                    raise self._error_from(msg, "evaluating a long text")
+                value = msg["value"]
+                nll = np.load(path)
+                return np.array(nll), {k: v for k, v in value.items() if k != "path"}
+        except KeyboardInterrupt:
+            self._send({"op": "cancel", "id": rid})
+            raise
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+
     def generate(
         self,
         prompt: str | list[dict[str, str]],
@@ -407,6 +450,10 @@ class LlamaCppBackend(Backend):
                     stats.extra["worker_total_time"] = msg["total_time"]
                     if msg.get("context_full"):
                         stats.extra["context_full"] = True
+                    if msg.get("speculative"):
+                        stats.extra["speculative"] = msg["speculative"]
+                    if msg.get("kv"):
+                        stats.extra["kv"] = msg["kv"]
                     if msg["t"]:
                         yield msg["t"]
                     return
@@ -610,3 +657,51 @@ class LlamaCppBackend(Backend):
         text = str(msg.get("message") or msg.get("type") or "unknown error")
         return BackendError(f"llama.cpp failed while {doing}: {text}")
 
+
+def decoding_options(draft: str | Path | None, speculative: str | None, n_draft: int | None,
+                     kv_window: int | None, kv_sinks: int, kv_evict_step: int | None = None) -> dict[str, Any]:
+    """The worker's decoding options, checked here so a bad one is a one-line error before anything loads."""
+    mode = speculative or ("draft" if draft is not None else None)
+    if mode not in (None, "draft", "ngram"):
+        raise InputError(f"--speculative {speculative!r}: use 'ngram' (prompt lookup) or give --draft MODEL")
+    out: dict[str, Any] = {"mode": mode}
+    if mode == "draft":
+        if draft is None:
+            raise InputError("speculative decoding with a draft model needs --draft MODEL (a smaller GGUF with the "
+                             "same tokenizer; make one with: edgekit convert MODEL --draft-for MODEL)")
+        out["draft_path"] = str(draft_model_file(draft))
+    elif draft is not None:
+        raise InputError("--draft and --speculative ngram exclude each other: give one")
+    if n_draft is not None:
+        if not 1 <= int(n_draft) <= 32:
+            raise InputError("--n-draft must be between 1 and 32")
+        out["n_draft"] = int(n_draft)
+    if kv_window is not None:
+        if int(kv_window) < 64:
+            raise InputError("--kv-window must be at least 64 tokens")
+        if not 0 <= int(kv_sinks) < int(kv_window) // 2:
+            raise InputError("--kv-sinks must be >= 0 and under half the window")
+        out.update(kv_window=int(kv_window), kv_sinks=int(kv_sinks))
+        if kv_evict_step is not None:
+            if not 1 <= int(kv_evict_step) <= int(kv_window) - int(kv_sinks):
+                raise InputError("--kv-evict-step must be between 1 and the window minus the sinks")
+            out["kv_evict_step"] = int(kv_evict_step)
+    elif kv_evict_step is not None:
+        raise InputError("--kv-evict-step needs --kv-window")
+    return out
+
+
+def draft_model_file(draft: str | Path) -> Path:
+    """The GGUF file of a draft given as an artifact folder or a file (a one-line error otherwise)."""
+    p = Path(draft).expanduser()
+    if p.is_file():
+        return p.resolve()
+    if p.is_dir():
+        from edgekit.artifact import Artifact
+
+        art = Artifact.open(p)
+        if art.format != "gguf":
+            raise InputError(f"the draft {p} is a {art.format} artifact; llama.cpp drafts are GGUF (convert it "
+                             "with: edgekit convert MODEL --draft-for MODEL)")
+        return art.model_file.resolve()
+    raise InputError(f"draft model not found: {p}")

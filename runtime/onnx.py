@@ -102,6 +102,11 @@ class OnnxBackend(Backend):
     ``n_ctx``: most tokens the KV cache may hold. ``n_threads``: intra-op threads (None: the physical
     cores). ``graph_opt``: onnxruntime's graph optimisation level (all, extended, basic, none).
     ``n_batch``: prompt tokens evaluated per run (longer prompts go in chunks).
+    ``kv_window`` / ``kv_sinks``: an attention-sink window over the KV cache, as the llama.cpp backend
+    keeps it: when a run would exceed ``kv_window`` tokens, the oldest tokens after the first ``kv_sinks``
+    leave the cache and the later keys are rotated back by the number removed (the graph's own rotary
+    tables), so positions stay contiguous and generation goes on in bounded memory. ``kv_evict_step``:
+    tokens dropped at once (default window/32).
     """
 
     name = "onnxruntime"
@@ -125,7 +130,8 @@ class OnnxBackend(Backend):
         return int(onnx_decode_bytes_per_token(model_file, depth))
 
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 graph_opt: str = "all", n_batch: int = 512) -> None:
+                 graph_opt: str = "all", n_batch: int = 512, kv_window: int | None = None,
+                 kv_sinks: int = 4, kv_evict_step: int | None = None) -> None:
         ort = require("onnxruntime", "onnx")
         path = Path(model_path)
         if not path.exists():
@@ -162,6 +168,11 @@ class OnnxBackend(Backend):
         self._n_vocab = int(self.session.get_outputs()[0].shape[-1])
         self._eos = self._eos_ids(path.parent)
         self._bos_in_template = False
+        self.window: KVWindow | None = None
+        if kv_window is not None:
+            self.window = KVWindow(int(kv_window), int(kv_sinks), *_rotary_tables(path), step=kv_evict_step)
+            self.n_ctx = int(kv_window)
+            self.n_batch = min(self.n_batch, self.window.size - self.window.sinks)
         self.reset()
 
     # -- Backend API ----------------------------------------------------------------------------------
@@ -182,6 +193,8 @@ class OnnxBackend(Backend):
         empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
         self._past = [empty] * len(self._past_names)
         self._pos = 0
+        if self.window is not None:
+            self.window.evicted = 0
 
     def decode(self, tokens: list[int]) -> None:
         for i in range(0, len(tokens), self.n_batch):
@@ -204,7 +217,7 @@ class OnnxBackend(Backend):
             ids = self.tokenize(self.tokenizer.render(prompt), add_special=False)
         if not ids:
             raise InputError("the prompt is empty")
-        if len(ids) >= self.n_ctx:
+        if len(ids) >= self.n_ctx and self.window is None:
             raise InputError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}: raise --ctx")
         stats.prompt_tokens = len(ids)
         rng = np.random.default_rng(sampling.seed)
@@ -214,10 +227,38 @@ class OnnxBackend(Backend):
         for i in range(0, len(ids), self.n_batch):
             logits = self._run(ids[i : i + self.n_batch], last_only=True)[-1]
         stream = TextStream(self.tokenizer.decode, sampling.stop)
-        budget = min(sampling.max_tokens, self.n_ctx - len(ids))
+        budget = sampling.max_tokens if self.window else min(sampling.max_tokens, self.n_ctx - len(ids))
         yield from decode_loop(logits, lambda tok: self._run([tok], last_only=True)[-1],
                                lambda lg, prev: pick(lg, sampling, rng, prev), self._eos, stream, stats, budget, t0)
         stats.total_time = time.perf_counter() - t0
+        stats.extra["kv"] = self.kv_state()
+
+    def kv_state(self) -> dict[str, Any]:
+        w = self.window
+        return {"cells": self._pos, "window": w.size if w else None, "sinks": w.sinks if w else None,
+                "evicted": w.evicted if w else 0, "n_ctx": self.n_ctx}
+
+    def stream_nll(self, tokens: list[int], chunk: int = 64,
+                   progress: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Per-token negative log-likelihood of a long sequence fed ``chunk`` tokens at a time (through the
+        KV window when there is one), as :meth:`LlamaCppBackend.stream_nll`."""
+        self.reset()
+        nll = np.zeros(max(len(tokens) - 1, 0), np.float32)
+        peak = 0
+        for i in range(0, len(tokens) - 1, chunk):
+            part = tokens[i : i + chunk]
+            z = np.concatenate([self._run(part[j : j + self.n_batch], last_only=False)
+                                for j in range(0, len(part), self.n_batch)]).astype(np.float64)
+            peak = max(peak, self._pos)
+            z -= z.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(z).sum(axis=1))
+            nxt = tokens[i + 1 : i + 1 + len(part)]
+            nll[i : i + len(nxt)] = lse[: len(nxt)] - z[np.arange(len(nxt)), nxt]
+            if progress is not None:
+                progress(i + len(nxt), len(tokens) - 1)
+        state = self.kv_state()
+        self.reset()
+        return nll, {"peak_cells": peak, "kv": state}
 
     def close(self) -> None:
         self._past = []
@@ -227,6 +268,9 @@ class OnnxBackend(Backend):
 
     def _run(self, tokens: list[int], last_only: bool) -> np.ndarray:
         n = len(tokens)
+        if self.window is not None and self._pos + n > self.window.size:
+            self._past = self.window.evict(self._past, self._pos + n - self.window.size)
+            self._pos = int(self._past[0].shape[2])
         if self._pos + n > self.n_ctx:
             raise InputError(f"the context of {self.n_ctx} tokens is full; raise --ctx")
         feed = {"input_ids": np.asarray([tokens], dtype=np.int64),
@@ -251,6 +295,58 @@ class OnnxBackend(Backend):
         if eos is not None:
             ids.add(eos)
         return ids
+
+
+class KVWindow:
+    """Attention-sink eviction over ONNX past key/values (keys were stored rotated: the kept ones after the
+    gap are rotated back by the gap, ``cos``/``sin`` being the graph's tables, row = position offset)."""
+
+    def __init__(self, size: int, sinks: int, cos: np.ndarray, sin: np.ndarray, step: int | None = None) -> None:
+        if size < 64:
+            raise InputError("--kv-window must be at least 64 tokens")
+        if not 0 <= sinks < size // 2:
+            raise InputError("--kv-sinks must be >= 0 and under half the window")
+        self.size, self.sinks, self.cos, self.sin = size, sinks, cos, sin
+        self.step = max(1, step if step is not None else size // 32)
+        self.evicted = 0
+
+    def evict(self, past: list[np.ndarray], over: int) -> list[np.ndarray]:
+        """``past`` (key, value per layer, (1, heads, len, dim)) with at least ``over`` tokens removed."""
+        length = int(past[0].shape[2])
+        n = min(length - self.sinks, max(over, self.step))
+        if n < over:
+            raise InputError(f"a batch does not fit a KV window of {self.size} with {self.sinks} sinks")
+        if n >= self.cos.shape[0]:
+            raise InputError("the KV window is larger than the model's rotary table")
+        s = self.sinks
+        cos, sin = self.cos[n].astype(np.float32), self.sin[n].astype(np.float32)
+        out = []
+        for j, arr in enumerate(past):
+            rest = arr[:, :, s + n :]
+            if j % 2 == 0:  # keys: rotate by -n (non-interleaved halves)
+                half = rest.shape[-1] // 2
+                x1, x2 = rest[..., :half].astype(np.float32), rest[..., half:].astype(np.float32)
+                rest = np.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1).astype(arr.dtype)
+            out.append(np.concatenate([arr[:, :, :s], rest], axis=2))
+        self.evicted += n
+        return out
+
+
+def _rotary_tables(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's rotary cos/sin caches ((max positions, head_dim/2), from its initializers)."""
+    onnx = require("onnx", "onnx")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    found: dict[str, np.ndarray] = {}
+    for init in model.graph.initializer:
+        for key in ("cos_cache", "sin_cache"):
+            if init.name.endswith(key) and key not in found:
+                found[key] = numpy_helper.to_array(init, base_dir=str(path.parent))
+    if len(found) != 2:
+        raise UnsupportedError(f"{path.name} has no rotary cos/sin tables; a KV window needs a graph that applies "
+                               "rotary embeddings from tables (edgekit's or onnxruntime-genai's)")
+    return found["cos_cache"].astype(np.float32), found["sin_cache"].astype(np.float32)
 
 
 def _kv_shape(shape: list, folder: Path) -> tuple[int, int]:

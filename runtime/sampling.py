@@ -25,16 +25,17 @@ def stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
     return None, len(text) - hold
 
 
-def pick(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator, previous: list[int]) -> int:
-    """The next token from ``logits`` (float, (n_vocab,)): repeat penalty, then greedy or
-    temperature / top-k / min-p / top-p sampling (llama.cpp's order of truncations)."""
+def distribution(logits: np.ndarray, sampling: SamplingConfig, previous: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution ``pick`` draws from: (token ids, probabilities summing to 1). Repeat penalty, then
+    temperature / top-k / min-p / top-p (llama.cpp's order of truncations); greedy is one token with p=1.
+    Speculative decoding's acceptance rule compares these for the target and the draft."""
     z = np.asarray(logits, dtype=np.float64).copy()
     if sampling.repeat_penalty != 1.0 and previous:
         prev = np.unique(np.asarray(previous))
         v = z[prev]
         z[prev] = np.where(v > 0, v / sampling.repeat_penalty, v * sampling.repeat_penalty)
     if sampling.temperature == 0:
-        return int(np.argmax(z))
+        return np.array([int(np.argmax(z))]), np.ones(1)
     if sampling.top_k:
         k = min(sampling.top_k, z.size)
         idx = np.argpartition(-z, k - 1)[:k]
@@ -51,7 +52,15 @@ def pick(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator,
     if sampling.top_p < 1.0:
         keep = np.cumsum(p) - p < sampling.top_p * p.sum()
         idx, p = idx[keep], p[keep]
-    return int(rng.choice(idx, p=p / p.sum()))
+    return idx, p / p.sum()
+
+
+def pick(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator, previous: list[int]) -> int:
+    """The next token from ``logits`` (float, (n_vocab,)): greedy, or a draw from :func:`distribution`."""
+    if sampling.temperature == 0 and sampling.repeat_penalty == 1.0:
+        return int(np.argmax(logits))
+    idx, p = distribution(logits, sampling, previous)
+    return int(idx[0]) if sampling.temperature == 0 else int(rng.choice(idx, p=p))
 
 
 class TextStream:

@@ -43,10 +43,26 @@ class LiveStats:
     n_ctx: int = 0
     stop_reason: str = ""
     template: str = ""
+    #: speculative decoding: share of drafted tokens the target kept (None: no drafting), and how many
+    acceptance: float | None = None
+    drafted: int = 0
+    #: the attention-sink KV window: its size (0: none), tokens it holds, tokens it has evicted
+    kv_window: int = 0
+    kv_cells: int = 0
+    kv_evicted: int = 0
 
     @property
     def context_used(self) -> int:
         return self.prompt_tokens + self.generated_tokens
+
+    def take_decoding(self, extra: dict[str, Any]) -> None:
+        """Acceptance and KV-window figures from a finished generation's ``GenerationStats.extra``."""
+        spec = extra.get("speculative") or {}
+        if spec.get("mode") not in (None, "none"):
+            self.acceptance, self.drafted = spec.get("acceptance"), int(spec.get("drafted") or 0)
+        kv = extra.get("kv") or {}
+        if kv.get("window"):
+            self.kv_window, self.kv_cells, self.kv_evicted = int(kv["window"]), int(kv["cells"]), int(kv["evicted"])
 
 
 @dataclass
@@ -111,7 +127,8 @@ class ChatSession:
 
             opts = dict(self.options)
             offload = opts.pop("offload", None) or "none"
-            planned, self.offload_reason = api.offload_options(self.artifact, offload, int(opts.get("n_ctx") or 4096))
+            n_ctx = int(opts.get("kv_window") or opts.get("n_ctx") or 4096)  # a KV window bounds the cache
+            planned, self.offload_reason = api.offload_options(self.artifact, offload, n_ctx)
             self.backend = api.open_backend(self.artifact, **opts, **planned)
         return self.backend
 
@@ -176,6 +193,7 @@ class ChatSession:
                     last_flush = now
         live.generated_tokens = stats.generated_tokens
         live.prompt_tokens = stats.prompt_tokens or live.prompt_tokens
+        live.take_decoding(stats.extra)
         if stats.tokens_per_second:
             live.tokens_per_second = stats.tokens_per_second
         on_text("".join(pending), live)

@@ -48,6 +48,7 @@ class ConvertRecipe:
     calib: CalibConfig | None = None
     prune: str | None = None
     heal: Any = None  # a structure.heal.HealConfig: distil the pruned model from the unpruned one
+    draft_for: dict[str, Any] | None = None  # a speculative-decoding draft: its target (converters.draft)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,6 +81,7 @@ class ConvertRecipe:
             **({"calib": self.calib.describe()} if self.calib else {}),
             **({"prune": self.prune} if self.prune else {}),
             **({"heal": asdict(self.heal)} if self.heal is not None else {}),
+            **({"draft_for": self.draft_for} if self.draft_for else {}),
             **self.extra,
         }
 

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from edgekit.cli import devices_cmd, profile_cmd, tui_cmd
-from edgekit.cli.ui import err, handle_errors, out, progress_bar
+from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar
 from edgekit.errors import InputError
 
 app = typer.Typer(
@@ -70,6 +70,9 @@ def convert(
                                      "output_type=Q8_0, embed_type=Q6_K, name=...; ONNX: "
                                      "embed=float|int8|shared, lm_head=int4|int8|float|tied, accuracy_level=0..4, "
                                      "opset=17..23, external_data=true|false)."),
+    draft_for: Path | None = typer.Option(None, "--draft-for", help="Make a speculative-decoding draft for this "
+                                          "target (checkpoint or artifact): a third of the blocks, distilled "
+                                          "(--heal, default 20m), Q4_0 (--type); use it with run --draft."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default MODEL-FORMAT-qBITS)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -89,6 +92,7 @@ def convert(
       edgekit convert ./SmolLM2-135M --bits 4 --prune width:ffn=1024 --heal 20m
       edgekit convert ./SmolLM2-135M --to onnx --bits 4 --method gptq      # MatMulNBits, block 32
       edgekit convert ./SmolLM2-135M --to onnx --bits 32                   # float graph with KV cache
+      edgekit convert ./SmolLM2-135M --draft-for ./SmolLM2-135M -o ./smol-draft   # then: run --draft ./smol-draft
     """
     from edgekit import api
 
@@ -98,7 +102,7 @@ def convert(
         prune = None
     if (step_names or prune) and method == "rtn":
         method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
-    calibrated = api.calibration_applies(method, bpw) or bool(structural)
+    calibrated = api.calibration_applies(method, bpw) or bool(structural) or draft_for is not None
     extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype)
     if to != "onnx" and any(v is not None for v in (block_size, sym, dtype)):
         raise InputError(f"--block-size, --sym/--asym and --dtype are ONNX options; --to {to} does not take them")
@@ -107,7 +111,14 @@ def convert(
                                tensor_types=_parse_tensor_types(tensor_type),
                                calib=api.CalibConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen)
                                if calibrated else None, prune=structural,
-                               heal=_heal_config(heal))
+                               heal=_heal_config(heal) if draft_for is None else None)
+    if draft_for is not None:
+        from edgekit.converters.draft import DEFAULT_HEAL, DEFAULT_TYPE, draft_recipe
+
+        if to != "gguf":
+            raise InputError("--draft-for makes GGUF drafts (llama.cpp's speculative decoding); drop --to")
+        recipe = draft_recipe(model, draft_for, recipe, heal=heal or DEFAULT_HEAL,
+                              preset=None if type_ or bpw else DEFAULT_TYPE)
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
     with progress_bar(not as_json) as progress:
         art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
@@ -143,6 +154,13 @@ def _format_options(pairs: list[str], **given: Any) -> dict[str, Any]:
     return opts
 
 
+DRAFT_HELP = "A smaller GGUF with the same tokenizer: speculative decoding (lossless, faster)."
+SPEC_HELP = "'ngram': draft from the prompt itself (prompt lookup; rewrites, extraction)."
+NDRAFT_HELP = "Fixed draft length (default: adaptive to the measured acceptance)."
+WINDOW_HELP = "Keep at most this many tokens in the KV cache (attention sinks + recent): unbounded text, bounded memory."
+SINKS_HELP = "With --kv-window: first tokens always kept (default 4)."
+
+
 def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int,
               max_tokens: int, stop: list[str]):
     from edgekit.runtime.base import SamplingConfig
@@ -172,15 +190,26 @@ def run(
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (see `edgekit list`; default: the "
                                        "preferred one for the artifact's format)."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tokens/s on stderr at the end."),
+    draft: Path | None = typer.Option(None, "--draft", help=DRAFT_HELP),
+    speculative: str | None = typer.Option(None, "--speculative", help=SPEC_HELP),
+    n_draft: int | None = typer.Option(None, "--n-draft", help=NDRAFT_HELP),
+    kv_window: int | None = typer.Option(None, "--kv-window", help=WINDOW_HELP),
+    kv_sinks: int | None = typer.Option(None, "--kv-sinks", help=SINKS_HELP),
+    option: list[str] = typer.Option([], "--option", "-O", help="Runtime option KEY=VALUE; repeatable (llama.cpp: "
+                                     "flash_attn=true, type_k=8, ...; a misspelt one is refused)."),
 ) -> None:
     """Generate a reply, streaming tokens as they come.
 
     Examples:
       edgekit run ./SmolLM2-135M-gguf-q4 -p "What is the capital of France?"
       edgekit run ./model.gguf -p "Once upon a time" --raw --temp 0 -n 64
+      edgekit run ./smol-q8_0 --draft ./smol-draft -p "..."         # speculative, lossless
+      edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
+      edgekit run ./smol-q4 --kv-window 512 -n 4000 -p "..."        # past the context, bounded memory
     """
     from edgekit import api
     from edgekit.runtime.base import GenerationStats
+    from edgekit.runtime.speculative import decoding_note
 
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     if raw:
@@ -188,9 +217,11 @@ def run(
     else:
         message = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     st = GenerationStats()
-    placement = profile_cmd.offload_options(artifact, offload, ctx)
+    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx)  # a window bounds the KV cache
     if backend:
         placement["backend"] = backend
+    placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
+    placement.update(_format_options(option))
     for piece in api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads, **placement):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -199,7 +230,7 @@ def run(
     if stats:
         err.print(f"[dim]{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated, "
                   f"TTFT {st.time_to_first_token * 1000:.0f} ms, {st.tokens_per_second:.1f} tok/s, "
-                  f"stop: {st.stop_reason}[/]", highlight=False)
+                  f"stop: {st.stop_reason}{decoding_note(st.extra)}[/]", highlight=False)
 
 
 @app.command("eval")
@@ -214,14 +245,34 @@ def eval_cmd(
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (default: the preferred one)."),
     record: bool = typer.Option(True, "--record/--no-record", help="Store the result in the manifest."),
     as_json: bool = typer.Option(False, "--json"),
+    kv_window: int | None = typer.Option(None, "--kv-window", help="Stream the whole text through a KV window of "
+                                         "this many tokens instead (how a long chat sees its history)."),
+    kv_sinks: int = typer.Option(4, "--kv-sinks", help="With --kv-window: first tokens always kept."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="With --kv-window: stream at most this many tokens."),
 ) -> None:
     """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement.
 
     Examples:
       edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt
       edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt --ref ./SmolLM2-135M --chunks 16
+      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt --kv-window 1024 --kv-sinks 4
     """
     from edgekit import api
+
+    if kv_window is not None:
+        if ref is not None:
+            raise InputError("--kv-window measures perplexity alone; drop --ref")
+        with progress_bar(not as_json) as progress:
+            res_s = api.evaluate_streaming(artifact, text, kv_window, kv_sinks, max_tokens=max_tokens,
+                                           progress=progress, n_threads=threads,
+                                           **({"backend": backend} if backend else {}))
+        if as_json:
+            out.print_json(json.dumps(res_s))
+        else:
+            out.print(f"perplexity {res_s['ppl']:.4f} over {res_s['tokens_scored']:,} tokens streamed through a KV "
+                      f"window of {kv_window} ({kv_sinks} sinks): at most {res_s['peak_cells']} cells held, "
+                      f"{res_s['evicted']:,} evicted")
+        return
 
     with progress_bar(not as_json) as progress:
         res = api.evaluate(artifact, text, api.EvalConfig(ctx=ctx, chunks=chunks), ref=ref, progress=progress,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from edgekit.cli.ui import handle_errors
+from edgekit.cli.ui import decoding_options, handle_errors
 
 
 def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threads: int | None,
-             offload: str = "none") -> None:
+             offload: str = "none", decoding: dict[str, Any] | None = None) -> None:
     from edgekit.errors import InputError, require
 
     if offload not in ("none", "auto"):
@@ -26,7 +27,8 @@ def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threa
         raise InputError(f"--dir {folder} is not a folder; give the folder that holds your artifacts")
     from edgekit.tui.app import EdgekitApp
 
-    EdgekitApp(folder=folder, chat=chat, start=start, backend_options={"n_ctx": ctx, "n_threads": threads, "offload": offload}).run()
+    options = {"n_ctx": ctx, "n_threads": threads, "offload": offload, **(decoding or {})}
+    EdgekitApp(folder=folder, chat=chat, start=start, backend_options=options).run()
 
 
 @handle_errors
@@ -37,18 +39,24 @@ def tui(
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for chat (default: all cores)."),
     offload: str = typer.Option("none", "--offload", help="'auto': chat and profile with the offload planner's "
                                 "GPU layers and overrides for this host (`edgekit plan`)."),
+    speculative: str | None = typer.Option(None, "--speculative", help="'ngram': chat drafts from the conversation "
+                                           "itself (lossless)."),
+    kv_window: int | None = typer.Option(None, "--kv-window", help="Chat keeps at most this many tokens in the KV "
+                                         "cache (attention sinks + recent): it never runs out of context."),
+    kv_sinks: int | None = typer.Option(None, "--kv-sinks", help="With --kv-window: first tokens always kept (4)."),
 ) -> None:
     """The terminal app: chat, live profiling, artifacts, conversion, devices (F1 for help).
 
     Examples:
       edgekit tui
       edgekit tui --dir ~/models --screen convert
+      edgekit tui --kv-window 1024 --speculative ngram
     """
     from edgekit.errors import InputError
 
     if screen not in ("chat", "artifacts", "convert", "profile", "devices"):
         raise InputError(f"--screen {screen!r}: choose chat, artifacts, convert, profile or devices")
-    _run_app(folder, None, screen, ctx, threads, offload)
+    _run_app(folder, None, screen, ctx, threads, offload, decoding_options(None, speculative, None, kv_window, kv_sinks))
 
 
 @handle_errors
@@ -58,13 +66,21 @@ def chat(
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers and overrides from `edgekit plan`."),
+    draft: Path | None = typer.Option(None, "--draft", help="A smaller GGUF with the same tokenizer: speculative "
+                                      "decoding (lossless, faster)."),
+    speculative: str | None = typer.Option(None, "--speculative", help="'ngram': draft from the conversation itself."),
+    kv_window: int | None = typer.Option(None, "--kv-window", help="Keep at most this many tokens in the KV cache "
+                                         "(attention sinks + recent): an unbounded chat in bounded memory."),
+    kv_sinks: int | None = typer.Option(None, "--kv-sinks", help="With --kv-window: first tokens always kept (4)."),
 ) -> None:
     """Chat with an artifact in the terminal app (streaming, Esc stops, history kept per artifact).
 
-    Example:
+    Examples:
       edgekit chat ./SmolLM2-135M-gguf-q4
+      edgekit chat ./smol-q8_0 --draft ./smol-draft              # speculative decoding
+      edgekit chat ./smol-q4 --kv-window 1024 --kv-sinks 4       # unbounded chat in bounded memory
     """
-    _run_app(folder, artifact, "chat", ctx, threads, offload)
+    _run_app(folder, artifact, "chat", ctx, threads, offload, decoding_options(draft, speculative, None, kv_window, kv_sinks))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,13 +7,14 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, InputError
 
 out = Console()
 err = Console(stderr=True)
@@ -70,3 +71,16 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
 
     with bar:
         yield update
+
+
+def decoding_options(draft: Path | None, speculative: str | None, n_draft: int | None, kv_window: int | None,
+                     kv_sinks: int | None) -> dict[str, Any]:
+    """Backend options for speculative decoding and the KV window, only those given (a backend that
+    cannot do one refuses it by name)."""
+    opts: dict[str, Any] = {"draft": str(draft) if draft else None, "speculative": speculative,
+                            "n_draft": n_draft, "kv_window": kv_window}
+    if kv_sinks is not None:
+        if kv_window is None:
+            raise InputError("--kv-sinks needs --kv-window")
+        opts["kv_sinks"] = kv_sinks
+    return {k: v for k, v in opts.items() if v is not None}

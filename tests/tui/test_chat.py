@@ -179,3 +179,23 @@ async def test_offload_auto_plans_for_this_host(models):
         assert reason and "offload:" in str(chat.query_one("#chat-stats").content)
         await _send(pilot, chat, "hi", max_tokens=4)
         await wait_for(pilot, lambda: not chat.busy and len(chat.session.messages) == 2, what="a reply")
+
+
+async def test_a_long_chat_runs_past_a_kv_window_with_drafting_shown(real_gguf, tmp_path, monkeypatch):
+    """Three turns through a 256-token KV window with prompt-lookup drafting: the chat never runs out of
+    context, and the status line shows the window's use and the drafts' acceptance."""
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path))
+    app = EdgekitApp(folder="models", chat=real_gguf,
+                     backend_options={**OPTIONS, "kv_window": 256, "kv_sinks": 4, "speculative": "ngram"})
+    async with app.run_test(size=(120, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        assert "KV window 256" in str(chat.query_one("#chat-stats").render())
+        chat.query_one("#s-temperature").value = "0"
+        for text in ("Tell me a long story about a dragon.", "Now repeat the story.", "Tell me another one."):
+            await _send(pilot, chat, text, max_tokens=120)
+            await wait_for(pilot, lambda: not chat.busy, what="the reply", timeout=120)
+        status = str(chat.query_one("#chat-stats").render())
+        live = chat.last_stats
+        assert live is not None and live.kv_window == 256 and live.kv_evicted > 0 and live.kv_cells <= 256
+        assert "KV window" in status and "evicted" in status and "draft" in status
+        assert len(chat.session.messages) == 6

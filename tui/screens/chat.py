@@ -33,8 +33,12 @@ NO_ARTIFACT = "No artifact open: pick one on the Artifacts screen (F3, then c) o
 def describe_stats(live: LiveStats, state: str = "") -> str:
     """The status line: tokens/s, context use, tokens generated and why it stopped."""
     parts = [f"{live.tokens_per_second:.1f} tok/s"]
-    if live.n_ctx:
+    if live.kv_window:
+        parts.append(f"KV window {live.kv_cells}/{live.kv_window} ({live.kv_evicted:,} evicted)")
+    elif live.n_ctx:
         parts.append(f"ctx {live.context_used}/{live.n_ctx} ({100 * live.context_used / live.n_ctx:.0f}%)")
+    if live.acceptance is not None:
+        parts.append(f"draft {100 * live.acceptance:.0f}% of {live.drafted} accepted")
     parts.append(f"{live.generated_tokens} tokens")
     if live.stop_reason:
         parts.append(f"stop: {live.stop_reason}")
@@ -121,7 +125,17 @@ class ChatScreen(Screen[None]):
             self.app.show_error(exc)  # type: ignore[attr-defined]
             return
         offload = f" · offload: {session.offload_reason}" if session.offload_reason else ""
-        self._set_status(f"ready · context {session.n_ctx} tokens{offload}")
+        opts = session.options
+        if opts.get("kv_window"):
+            room = f"KV window {opts['kv_window']} tokens ({opts.get('kv_sinks', 4)} sinks): the chat never runs out"
+        else:
+            room = f"context {session.n_ctx} tokens"
+        spec = ""
+        if opts.get("draft"):
+            spec = f" · drafting with {Path(str(opts['draft'])).name}"
+        elif opts.get("speculative"):
+            spec = f" · {opts['speculative']} drafting"
+        self._set_status(f"ready · {room}{spec}{offload}")
         inp.disabled = False
         inp.focus()
 

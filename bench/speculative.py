@@ -1,0 +1,237 @@
+"""Speculative decoding on SmolLM2-135M-Instruct: edgekit's drafts of the model itself and prompt lookup,
+against plain decoding, in one run on one machine.
+
+    python bench/speculative.py [--targets F16,Q8_0] [--drafts DIR,...] [--max-tokens 128] [--threads 2]
+
+Targets: edgekit's F16 and Q8_0 GGUFs of the float checkpoint. Drafts (GGUF, same tokenizer), by default:
+
+* ``draft-for``: ``edgekit convert MODEL --draft-for MODEL`` (the draft recipe: depth-pruned to a third of
+  the blocks by block influence, distilled from the model, Q4_0), built once and cached;
+* ``depth:20 Q4_0``: the same pruning without distillation;
+* ``Q4_0``: a low-bit copy at full depth (agrees often, but costs about as much as the target here).
+
+Prompts: 10 open chat questions and 10 input-grounded tasks (rewrite, extract, correct) over paragraphs of
+WikiText-2 valid (read from ../shared). Each is generated greedily for ``--max-tokens`` tokens with each
+drafter and without; decode speed is the worker's own (generated - 1) / (time after the first token), so no
+IPC is in it. Lossless: greedy output token-identical to plain decoding, prompt by prompt (where they differ,
+the script checks whether the target's top-2 logits at the first difference are within the difference its
+own batched and one-at-a-time evaluations show: llama.cpp's CPU kernels round differently by batch size).
+
+Writes ``bench/results/speculative.json`` and ``.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# OpenMP threads spin between ops, as with OpenMP's defaults in a user's shell (gguf_rtn sets a passive wait
+# for shared CI cores, which adds a wake-up to every op of a one-token step: about 3x its time here)
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+from gguf_rtn import cpu_model, get_model, log, pkg_version  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from edgekit import api  # noqa: E402
+from edgekit.artifact import Artifact  # noqa: E402
+from edgekit.converters.formats.base import ConvertRecipe  # noqa: E402
+from edgekit.evaluate import read_text  # noqa: E402
+from edgekit.fsutil import edgekit_home  # noqa: E402
+from edgekit.runtime.base import GenerationStats, SamplingConfig  # noqa: E402
+from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
+HOME = edgekit_home() / "bench-spec"
+
+CHAT = [
+    "What are the benefits of regular exercise?",
+    "Explain how photosynthesis works.",
+    "Write a short story about a robot who learns to paint.",
+    "What is the difference between a virus and a bacterium?",
+    "Give me three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Describe the water cycle.",
+    "What should I pack for a weekend camping trip?",
+    "How does a computer store information?",
+    "Write a poem about the sea.",
+]
+TASKS = [
+    "Rewrite the following text in simpler words:\n\n{p}",
+    "Copy the following text, correcting any spelling mistakes:\n\n{p}",
+    "Extract every name, place and date from this text:\n\n{p}",
+    "Summarize the following text, quoting its key sentences:\n\n{p}",
+    "Repeat the following paragraph exactly:\n\n{p}",
+]
+
+
+def grounded_prompts(text: Path, n: int = 10) -> list[str]:
+    paras = [p.strip() for p in read_text(text).split("\n") if 300 < len(p.strip()) < 700 and not p.strip().startswith("=")]
+    return [TASKS[i % len(TASKS)].format(p=paras[i * 7]) for i in range(n)]
+
+
+def build(hf: Path, name: str, recipe: ConvertRecipe) -> Path:
+    out = HOME / name
+    if not (out / "edgekit.json").exists():
+        log(f"converting {name}")
+        t0 = time.perf_counter()
+        api.convert(hf, "gguf", output=out, recipe=recipe, force=True)
+        log(f"  {name}: {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def run_prompts(target: Path, prompts: list[str], max_tokens: int, threads: int,
+                **opts: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    greedy = SamplingConfig(temperature=0, max_tokens=max_tokens)
+    out = []
+    with api.open_backend(target, n_ctx=2048, n_threads=threads, **opts) as b:
+        info = dict(b.info.get("speculative") or {})
+        "".join(b.generate([{"role": "user", "content": "Hi"}], SamplingConfig(temperature=0, max_tokens=8)))  # warm
+        for p in prompts:
+            st = GenerationStats()
+            text = "".join(b.generate([{"role": "user", "content": p}], greedy, st))
+            decode = st.extra["worker_total_time"] - st.extra["worker_time_to_first_token"]
+            spec = st.extra.get("speculative") or {}
+            out.append({"text": text, "tokens": st.generated_tokens, "decode_s": decode,
+                        "tok_s": (st.generated_tokens - 1) / decode if decode > 0 else 0.0,
+                        "drafted": spec.get("drafted", 0), "accepted": spec.get("accepted", 0)})
+    return out, info
+
+
+def best_possible(costs: dict[str, float]) -> tuple[float, int]:
+    """The speedup a draft that is always right could give at these measured costs, and its length:
+    (k + 1) tokens per (one target step + k extra verified tokens + k draft steps)."""
+    step, extra, draft = costs["step_ms"], costs["extra_ms"], costs["draft_ms"]
+    return max(((k + 1) * step / (step + k * (extra + draft)), k) for k in range(1, 17))
+
+
+def first_difference(target: Path, prompt: str, a: str, b: str, threads: int) -> dict[str, Any]:
+    """Where two greedy outputs part: the target's top-2 logit gap there."""
+    import numpy as np
+
+    with LlamaCppBackend(Artifact.open(target).model_file, n_ctx=2048, n_threads=threads) as be:
+        ta, tb = be.tokenize(a, add_special=False), be.tokenize(b, add_special=False)
+        i = next((j for j in range(min(len(ta), len(tb))) if ta[j] != tb[j]), min(len(ta), len(tb)))
+        head = be.tokenize(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", add_special=False)
+        z = be.logits(head + ta[:i])[-1]
+    top = np.sort(z)[-2:]
+    return {"token": i, "top2_gap": float(top[1] - top[0])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    ap.add_argument("--targets", default="F16,Q8_0")
+    ap.add_argument("--drafts", default="", help="extra draft artifact folders (name=path,...)")
+    ap.add_argument("--draft-heal", default="15m", help="distillation time of the draft-for recipe")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "speculative")
+    args = ap.parse_args(argv)
+
+    hf = get_model()
+    targets = {t: build(hf, t.lower(), ConvertRecipe(preset=t)) for t in args.targets.split(",")}
+    drafts: dict[str, Path] = {}
+    log("building the draft-for draft (cached)")
+    t0 = time.perf_counter()
+    from edgekit.converters.draft import draft_recipe
+
+    drafts["draft-for"] = build(hf, f"draft-for-{args.draft_heal}", draft_recipe(hf, heal=args.draft_heal))
+    draft_build_s = time.perf_counter() - t0
+    spec = draft_recipe(hf, heal=args.draft_heal).prune
+    drafts[f"{spec} Q4_0 (undistilled)"] = build(hf, f"{spec.replace(':', '')}-q4_0", ConvertRecipe(preset="Q4_0", prune=spec))
+    drafts["Q4_0 full depth"] = build(hf, "q4_0", ConvertRecipe(preset="Q4_0"))
+    for item in filter(None, args.drafts.split(",")):
+        name, _, path = item.partition("=")
+        drafts[name] = Path(path)
+
+    chat, grounded = CHAT, grounded_prompts(args.text)
+    rows: list[dict[str, Any]] = []
+    checks: list[str] = []
+    for tname, target in targets.items():
+        for kind, prompts in (("chat", chat), ("grounded", grounded)):
+            log(f"{tname} {kind}: plain (flash attention off, llama-cpp-python's default)")
+            plain_nofa, _ = run_prompts(target, prompts, args.max_tokens, args.threads)
+            log(f"{tname} {kind}: plain")
+            plain, _ = run_prompts(target, prompts, args.max_tokens, args.threads, flash_attn=True)
+            base = statistics.mean(r["tok_s"] for r in plain)
+            nofa = statistics.mean(r["tok_s"] for r in plain_nofa)
+            rows.append({"target": tname, "prompts": kind, "drafter": "none (plain, no flash attention)", "tok_s": nofa,
+                         "speedup": nofa / base, "acceptance": None,
+                         "identical": sum(a["text"] == b["text"] for a, b in zip(plain, plain_nofa, strict=True))})
+            rows.append({"target": tname, "prompts": kind, "drafter": "none (plain)", "tok_s": base, "speedup": 1.0,
+                         "acceptance": None, "identical": len(prompts)})
+            modes: list[tuple[str, dict[str, Any]]] = [("ngram", {"speculative": "ngram"})]
+            modes += [(f"draft: {n}", {"draft": str(p)}) for n, p in drafts.items()]
+            for name, opts in modes:
+                log(f"{tname} {kind}: {name}")
+                res, info = run_prompts(target, prompts, args.max_tokens, args.threads, **opts)
+                tok_s = statistics.mean(r["tok_s"] for r in res)
+                drafted = sum(r["drafted"] for r in res)
+                same = [a["text"] == b["text"] for a, b in zip(plain, res, strict=True)]
+                diffs = [first_difference(target, p, a["text"], b["text"], args.threads)
+                         for p, a, b, s in zip(prompts, plain, res, same, strict=True) if not s]
+                rows.append({"target": tname, "prompts": kind, "drafter": name, "tok_s": tok_s,
+                             "speedup": tok_s / base, "acceptance": sum(r["accepted"] for r in res) / drafted
+                             if drafted else None, "identical": sum(same), "diffs": diffs, "costs": info.get("costs")})
+
+    console = Console(record=True, width=150)
+    table = Table(title=f"Speculative decoding, SmolLM2-135M-Instruct, greedy, {args.max_tokens} tokens, "
+                        f"{args.threads} threads, llama.cpp via llama-cpp-python {pkg_version('llama_cpp_python')}")
+    for col in ("target", "prompts", "drafter", "tok/s", "speedup", "accepted", "identical", "step/extra/draft ms",
+                "perfect draft"):
+        table.add_column(col, justify="left" if col in ("target", "prompts", "drafter") else "right")
+    for r in rows:
+        c = r.get("costs")
+        perfect = best_possible(c) if c else None
+        table.add_row(r["target"], r["prompts"], r["drafter"], f"{r['tok_s']:.1f}", f"{r['speedup']:.2f}x",
+                      "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
+                      f"{r['identical']}/{len(chat)}",
+                      f"{c['step_ms']:.1f}/{c['extra_ms']:.1f}/{c['draft_ms']:.1f}" if c else "-",
+                      f"{perfect[0]:.2f}x (k={perfect[1]})" if perfect else "-")
+    console.print(table)
+    console.print("step: one-token target step; extra: each further token verified in the same batch; draft: one "
+                  "draft step (measured when the drafter loads). perfect draft: the speedup a draft that is always "
+                  "right would give at those costs.")
+
+    def row(t: str, k: str, d: str) -> dict[str, Any]:
+        return next(r for r in rows if r["target"] == t and r["prompts"] == k and r["drafter"] == d)
+
+    for t in targets:
+        for k in ("chat", "grounded"):
+            best = max((r for r in rows if r["target"] == t and r["prompts"] == k and r["drafter"].startswith("draft")),
+                       key=lambda r: r["speedup"])
+            ok = best["speedup"] >= 1.5
+            checks.append(f"{t} {k}: best edgekit draft ({best['drafter']}) {best['speedup']:.2f}x plain decode "
+                          f"(target >= 1.5x): {'HOLDS' if ok else 'MISSED'}")
+        g, c = row(t, "grounded", "ngram"), row(t, "chat", "ngram")
+        checks.append(f"{t} grounded: ngram {g['speedup']:.2f}x (target >= 2x): {'HOLDS' if g['speedup'] >= 2 else 'MISSED'}")
+        checks.append(f"{t} chat: ngram {c['speedup']:.2f}x (target: at most 5% slower): "
+                      f"{'HOLDS' if c['speedup'] >= 0.95 else 'MISSED'}")
+    spec_rows = [r for r in rows if not r["drafter"].startswith("none")]
+    total = sum(r["identical"] for r in spec_rows)
+    n = len(chat) * len(spec_rows)
+    checks.append(f"lossless: {total}/{n} greedy outputs token-identical to plain decoding")
+    for c in checks:
+        console.print(c)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(), "machine": platform.machine(),
+              "llama_cpp_python": pkg_version("llama_cpp_python"), "max_tokens": args.max_tokens,
+              "threads": args.threads, "draft_build_s": draft_build_s, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "drafts": {k: str(v) for k, v in drafts.items()}, "rows": rows, "checks": checks}
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    args.out.with_suffix(".txt").write_text(console.export_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Speculative decoding: drafters, the acceptance rule, adaptive draft length, and the token loop.
+
+A cheap drafter proposes ``k`` tokens; the target evaluates ``[last, d1..dk]`` in one batch and keeps
+the longest prefix its own sampler agrees with, plus one token of its own (the correction or a bonus).
+The acceptance rule (Leviathan et al. / Chen et al.) makes the output follow the target's sampling
+distribution exactly: draft token ``d`` drawn from ``q`` is kept with probability ``min(1, p(d)/q(d))``;
+on a rejection the next token is drawn from ``max(0, p - q)`` renormalised. Greedy decoding is the
+special case where both are one-hot: tokens are kept while they equal the target's argmax.
+
+Backend-agnostic: the target and a draft model are :class:`Context` objects (a KV cache that can be
+extended, truncated and synchronised to a token list). Draft length adapts to the measured acceptance
+rate and to the measured cost of a draft token and of a wider verification batch; when drafting does
+not pay it stops, and probes again now and then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgekit.runtime.base import SamplingConfig
+from edgekit.runtime.sampling import distribution
+
+
+class Context(Protocol):
+    """A KV cache over one token sequence."""
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens the cache was filled with, in order (tokens a window evicted included)."""
+        ...
+
+    def extend(self, tokens: list[int], logits: str = "all") -> np.ndarray | None:
+        """Evaluate ``tokens`` after the cache; logits ``"all"`` (len, n_vocab), ``"last"`` (n_vocab,) or
+        ``"none"``."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens."""
+        ...
+
+    def sync(self, tokens: list[int], logits: bool = False) -> np.ndarray | None:
+        """Make the cache hold ``tokens`` (reusing the common prefix); the last token's logits if asked."""
+        ...
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass
+class SpecStats:
+    """What speculation did in one generation."""
+
+    mode: str = "none"
+    drafted: int = 0
+    accepted: int = 0
+    cycles: int = 0
+    draft_cycles: int = 0
+    target_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    k_history: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    def to_json(self) -> dict[str, Any]:
+        ks = [k for k in self.k_history if k]
+        return {"mode": self.mode, "drafted": self.drafted, "accepted": self.accepted, "cycles": self.cycles,
+                "acceptance": self.acceptance, "mean_draft_len": float(np.mean(ks)) if ks else 0.0,
+                "target_seconds": round(self.target_seconds, 4), "draft_seconds": round(self.draft_seconds, 4)}
+
+
+def _draw(idx: np.ndarray, p: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+    return int(idx[0]) if sampling.temperature == 0 or idx.size == 1 else int(rng.choice(idx, p=p))
+
+
+def accept(rows: np.ndarray, drafts: list[int], qs: list[tuple[np.ndarray, np.ndarray]], sampling: SamplingConfig,
+           rng: np.random.Generator, previous: list[int]) -> tuple[int, int]:
+    """(drafts kept, the target's own next token) for target logits ``rows`` (``len(drafts) + 1`` rows:
+    row ``i`` predicts the token after ``drafts[:i]``). ``qs[i]`` is the draft's distribution for
+    ``drafts[i]`` (ids, probabilities; one-hot for a deterministic drafter). ``previous``: the tokens
+    generated before (for the repeat penalty)."""
+    for i, d in enumerate(drafts):
+        idx, p = distribution(rows[i], sampling, previous + drafts[:i])
+        if sampling.temperature == 0:
+            if int(idx[0]) == d:
+                continue
+            return i, int(idx[0])
+        q_idx, q_p = qs[i]
+        pd = float(p[idx == d].sum())
+        qd = float(q_p[q_idx == d].sum())
+        if qd > 0 and rng.random() < min(1.0, pd / qd):
+            continue
+        # rejected: draw from the residual max(0, p - q) over the union of both supports
+        ids = np.union1d(idx, q_idx)
+        r = np.zeros(ids.size)
+        r[np.searchsorted(ids, idx)] += p
+        r[np.searchsorted(ids, q_idx)] -= q_p
+        r = np.maximum(r, 0.0)
+        total = r.sum()
+        if total <= 0:  # p == q on the support: any draw from p is exact
+            return i, _draw(idx, p, sampling, rng)
+        return i, int(rng.choice(ids, p=r / total))
+    idx, p = distribution(rows[len(drafts)], sampling, previous + drafts)
+    return len(drafts), _draw(idx, p, sampling, rng)
+
+
+class Drafter(Protocol):
+    name: str
+    #: seconds per proposed token is measured by the loop; ``cheap`` drafters (no model) cost ~0
+    cheap: bool
+
+    def propose(self, committed: list[int], k: int, sampling: SamplingConfig, rng: np.random.Generator,
+                previous: list[int]) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+        """Up to ``k`` tokens to follow ``committed`` and the distribution each was drawn from."""
+        ...
+
+
+def _one_hot(tok: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([tok]), np.ones(1)
+
+
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the text's last n tokens (n from ``max_n``
+    down to ``min_n``) and propose what followed it. Free to run; strong when the output copies the input
+    (rewrites, extraction, code edits)."""
+
+    name = "ngram"
+    cheap = True
+
+    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, committed: list[int], k: int, sampling: SamplingConfig, rng: np.random.Generator,
+                previous: list[int]) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+        arr = np.asarray(committed)
+        for n in range(self.max_n, self.min_n - 1, -1):
+            if arr.size <= n:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
+            hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                cont = [int(t) for t in arr[start : start + k]]
+                if cont:
+                    return cont, [_one_hot(t) for t in cont]
+        return [], []
+
+
+class ModelDrafter:
+    """A small model sharing the target's vocabulary proposes tokens one at a time with the target's
+    sampling settings; drafting stops early when its top probability falls under ``p_min``."""
+
+    name = "draft"
+    cheap = False
+
+    def __init__(self, ctx: Context, p_min: float = 0.3) -> None:
+        self.ctx, self.p_min = ctx, p_min
+
+    def propose(self, committed: list[int], k: int, sampling: SamplingConfig, rng: np.random.Generator,
+                previous: list[int]) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+        logits = self.ctx.sync(committed, logits=True)
+        drafts: list[int] = []
+        qs: list[tuple[np.ndarray, np.ndarray]] = []
+        for i in range(k):
+            assert logits is not None
+            z = np.asarray(logits, dtype=np.float64)
+            top = float(1.0 / np.exp(z - z.max()).sum())
+            if drafts and top < self.p_min:
+                break
+            idx, q = distribution(logits, sampling, previous + drafts)
+            d = _draw(idx, q, sampling, rng)
+            drafts.append(d)
+            qs.append((idx, q))
+            if i < k - 1:
+                logits = self.ctx.extend([d], logits="last")
+        return drafts, qs
+
+
+@dataclass(frozen=True)
+class DraftCosts:
+    """Measured once when a drafter is loaded: seconds for a one-token target step, per extra token in a
+    verification batch, per draft token. Freezing them keeps the draft lengths, and so a seeded sampled
+    generation, reproducible (times measured on the fly differ from run to run)."""
+
+    step: float
+    extra: float
+    draft: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"step_ms": round(1e3 * self.step, 3), "extra_ms": round(1e3 * self.extra, 3),
+                "draft_ms": round(1e3 * self.draft, 3)}
+
+
+def measure_costs(target: Context, draft: Context | None, tokens: list[int], reps: int = 3) -> DraftCosts:
+    """Time a one-token and a five-token target step after ``tokens``, and a one-token draft step."""
+
+    def timed(ctx: Context, width: int) -> float:
+        ts = []
+        for _ in range(reps):
+            ctx.sync(tokens)
+            t0 = time.perf_counter()
+            ctx.extend(tokens[:width], logits="all")
+            ts.append(time.perf_counter() - t0)
+        ctx.truncate(0)
+        return float(np.median(ts))
+
+    one, five = timed(target, 1), timed(target, 5)
+    return DraftCosts(step=one, extra=max(five - one, 0.0) / 4, draft=timed(draft, 1) if draft is not None else 0.0)
+
+
+class AdaptiveDraft:
+    """Chooses the draft length that maximises expected tokens per second from what it measured: the
+    per-token acceptance rate (geometric model, decayed counts), the target's time for one token and for
+    each extra verified token, and the drafter's time per token. k = 0 (plain decoding) when no k pays;
+    then a probe of k = 1 after ``probe_every`` plain steps keeps the estimates fresh, the interval
+    doubling after each probe that does not change the verdict; past ``max_probe_every`` drafting stops
+    for the rest of the generation (a model draft must evaluate what it missed before each probe, so
+    probing a draft that never pays costs time of its own)."""
+
+    def __init__(self, k_max: int = 8, prior: float = 0.6, fixed: int | None = None, probe_every: int = 16,
+                 decay: float = 0.9, max_probe_every: int = 64, costs: DraftCosts | None = None) -> None:
+        self.k_max, self.fixed, self.decay = k_max, fixed, decay
+        self.probe_every, self.min_probe_every, self.max_probe_every = probe_every, probe_every, max_probe_every
+        self.acc, self.rej = prior * 4, (1 - prior) * 4
+        self.frozen = costs is not None
+        self.t1: float | None = costs.step if costs else None  # seconds for a one-token target step
+        self.t_extra = costs.extra if costs else 0.0  # seconds per extra token in a verification batch
+        self.t_draft = costs.draft if costs else 0.0  # seconds per draft token
+        self.idle = 0
+
+    @property
+    def alpha(self) -> float:
+        return min(self.acc / max(self.acc + self.rej, 1e-9), 0.999)
+
+    def expected_rate(self, k: int) -> float:
+        a, t1 = self.alpha, self.t1 or 1.0
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        return tokens / (t1 + k * (self.t_extra + self.t_draft))
+
+    def can_pay(self) -> bool:
+        """Whether some draft length beats plain decoding at these costs when every draft is right."""
+        t1 = self.t1 or 1.0
+        return any((k + 1) / (t1 + k * (self.t_extra + self.t_draft)) > 1 / t1 for k in range(1, self.k_max + 1))
+
+    def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.t1 is None:
+            return min(4, self.k_max)
+        if self.frozen and not self.can_pay():
+            return 0  # even a draft that is always right would not be faster: never pay for probes
+        best = max(range(self.k_max + 1), key=self.expected_rate)
+        if best == 0:
+            self.idle += 1
+            if self.idle >= self.probe_every <= self.max_probe_every:
+                self.idle = 0
+                self.probe_every *= 2
+                return 1
+        else:
+            self.idle = 0
+            self.probe_every = self.min_probe_every
+        return best
+
+    def update(self, drafted: int, accepted: int, t_target: float, t_draft: float) -> None:
+        if drafted:
+            self.acc = self.decay * self.acc + accepted
+            self.rej = self.decay * self.rej + (1 if accepted < drafted else 0)
+        if self.frozen:
+            return
+        if drafted:
+            self.t_draft = 0.8 * self.t_draft + 0.2 * (t_draft / drafted) if self.t_draft else t_draft / drafted
+        if self.t1 is None:
+            self.t1 = t_target
+        elif drafted == 0:
+            self.t1 = 0.8 * self.t1 + 0.2 * t_target
+        else:
+            extra = max(t_target - self.t1, 0.0) / drafted
+            self.t_extra = 0.8 * self.t_extra + 0.2 * extra
+
+
+def generate_tokens(target: Context, prompt: list[int], sampling: SamplingConfig, rng: np.random.Generator,
+                    max_new: int, is_eos: Callable[[int], bool], drafter: Drafter | None = None,
+                    control: AdaptiveDraft | None = None, cancelled: Callable[[], bool] = lambda: False,
+                    stats: SpecStats | None = None) -> Iterator[int]:
+    """Token ids generated after ``prompt`` (the end-of-generation token is yielded last when it comes).
+    With a ``drafter``, speculatively; without, one target step per token through the same sampler."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    stats = stats if stats is not None else SpecStats()
+    stats.mode = drafter.name if drafter is not None else "none"
+    control = control or AdaptiveDraft()
+    target.sync(prompt[:-1])
+    committed = list(prompt)
+    generated: list[int] = []
+    last = prompt[-1]
+    while len(generated) < max_new and not cancelled():
+        room = max_new - len(generated) - 1
+        k = min(control.choose(), room) if drafter is not None else 0
+        t0 = time.perf_counter()
+        drafts, qs = drafter.propose(committed, k, sampling, rng, generated) if k > 0 and drafter else ([], [])
+        t1 = time.perf_counter()
+        rows = target.extend([last, *drafts], logits="all")
+        t2 = time.perf_counter()
+        assert rows is not None
+        kept, final = accept(rows, drafts, qs, sampling, rng, generated)
+        if kept < len(drafts):
+            target.truncate(len(committed) + kept)
+        stats.cycles += 1
+        stats.k_history.append(len(drafts))
+        if drafts:
+            stats.draft_cycles += 1
+            stats.drafted += len(drafts)
+            stats.accepted += kept
+        stats.draft_seconds += t1 - t0
+        stats.target_seconds += t2 - t1
+        if drafter is not None:
+            control.update(len(drafts), kept, t2 - t1, 0.0 if drafter.cheap else t1 - t0)
+        for tok in [*drafts[:kept], final]:
+            committed.append(tok)
+            generated.append(tok)
+            yield tok
+            if is_eos(tok) or len(generated) >= max_new:
+                return
+        last = final
+
+
+def decoding_note(extra: dict[str, Any]) -> str:
+    """``", draft: 71% of 340 accepted, KV window 1024: 2,048 evicted"`` from a generation's
+    ``GenerationStats.extra`` (empty when neither was used)."""
+    parts = []
+    spec = extra.get("speculative") or {}
+    if spec.get("mode") not in (None, "none"):
+        acc = spec.get("acceptance")
+        parts.append(f"{spec['mode']}: " + (f"{100 * acc:.0f}% of {spec['drafted']} drafted accepted"
+                                            if acc is not None else "nothing drafted"))
+    kv = extra.get("kv") or {}
+    if kv.get("window"):
+        parts.append(f"KV window {kv['window']} ({kv['sinks']} sinks): {kv['cells']} held, {kv['evicted']:,} evicted")
+    return "".join(", " + p for p in parts)

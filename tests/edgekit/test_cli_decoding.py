@@ -1,0 +1,87 @@
+"""The user's path through speculative decoding and KV windows: convert --draft-for, run --draft,
+run --speculative ngram, run/eval --kv-window, and their one-line errors (Typer's runner, tiny models)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekit.cli.main import app
+from edgekit.quickstart import sample_text_path
+from tests.helpers import build_tiny_model
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing")
+runner = CliRunner()
+
+
+def cli(*args, fails=False):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert (result.exit_code != 0) if fails else (result.exit_code == 0), result.output
+    return " ".join(result.output.split())  # rich wraps long lines
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("six") / "m", "LlamaForCausalLM", hidden=256, ffn=512, layers=6)
+
+
+@pytest.fixture(scope="module")
+def target(six, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t") / "target"
+    cli("convert", six, "--type", "F16", "-o", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def draft(six, tmp_path_factory):
+    out = tmp_path_factory.mktemp("d") / "draft"
+    cli("convert", six, "--draft-for", six, "--heal", "4s", "--calib-samples", "4", "--calib-seqlen", "64",
+        "-o", out)
+    return out
+
+
+def test_draft_for_makes_a_pruned_distilled_q4_0_draft_that_records_its_target(six, draft):
+    m = json.loads((draft / "edgekit.json").read_text())
+    assert m["recipe"]["prune"] == "depth:4" and m["recipe"]["preset"] == "Q4_0"
+    assert m["recipe"]["draft_for"]["target"] == str(six.resolve())
+    assert m["pruned"]["kind"] == "depth" and len(m["pruned"]["dropped_layers"]) == 4
+    assert "heal" in m["recipe"]
+
+
+def test_run_with_the_draft_and_with_ngram(target, draft):
+    out = cli("run", target, "--raw", "-p", "hello there", "--temp", "0", "-n", "24", "--draft", draft)
+    assert "drafted accepted" in out or "nothing drafted" in out
+    plain = cli("run", target, "--raw", "-p", "hello there", "--temp", "0", "-n", "24", "--no-stats",
+                "-O", "flash_attn=true")
+    assert plain
+    spec = cli("run", target, "--raw", "-p", "hello there", "--temp", "0", "-n", "24", "--draft", draft, "--no-stats")
+    ngram = cli("run", target, "--raw", "-p", "hello there", "--temp", "0", "-n", "24", "--speculative", "ngram", "--no-stats")
+    assert plain == spec == ngram
+
+
+def test_run_and_eval_past_a_kv_window(target):
+    out = cli("run", target, "--raw", "-p", "a b c", "--temp", "0", "-n", "150", "--kv-window", "64")
+    assert "KV window 64" in out and "evicted" in out
+    res = json.loads(cli("eval", target, "--text", sample_text_path(), "--kv-window", "64", "--max-tokens", "300",
+                         "--json"))
+    assert res["tokens_scored"] == 299 and res["peak_cells"] <= 64 and res["evicted"] > 0 and res["ppl"] > 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--draft", "/no/such/draft"], "draft model not found"),
+    (["--speculative", "medusa"], "--speculative"),
+    (["--kv-sinks", "4"], "--kv-sinks needs --kv-window"),
+    (["--kv-window", "8"], "at least 64"),
+])
+def test_bad_decoding_options_are_one_line_errors(target, args, message):
+    out = cli("run", target, "-p", "hi", *args, fails=True)
+    assert message in out and "Traceback" not in out
+
+
+def test_draft_for_refuses_another_tokenizer(six, tmp_path):
+    other = build_tiny_model(tmp_path / "other", "MistralForCausalLM", hidden=96, ffn=256, tokenizer="spm", layers=6)
+    out = cli("convert", six, "--draft-for", other, "-o", tmp_path / "d", fails=True)
+    assert "tokenizer differs" in out and not (tmp_path / "d").exists()

@@ -1,0 +1,206 @@
+"""Speculative decoding's token loop, acceptance rule, drafters and draft-length control (no runtime)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgekit.runtime.base import SamplingConfig
+from edgekit.runtime.speculative import (
+    AdaptiveDraft,
+    ModelDrafter,
+    NgramDrafter,
+    SpecStats,
+    common_prefix,
+    decoding_note,
+    generate_tokens,
+)
+
+
+class TableContext:
+    """A fake KV context whose logits depend only on the position: row ``table[pos]``."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.table = table
+        self.logical: list[int] = []
+        self.evals = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.logical
+
+    def extend(self, tokens, logits="all"):
+        start = len(self.logical)
+        self.logical += list(tokens)
+        self.evals += 1
+        rows = self.table[start : start + len(tokens)]
+        return rows if logits == "all" else rows[-1] if logits == "last" else None
+
+    def truncate(self, n):
+        self.logical = self.logical[:n]
+
+    def sync(self, tokens, logits=False):
+        p = common_prefix(self.logical, tokens)
+        if logits and p == len(tokens):
+            p -= 1
+        self.truncate(p)
+        return self.extend(tokens[p:], "last" if logits else "none") if tokens[p:] else None
+
+
+class ContextLogits(TableContext):
+    """Logits that depend on the previous token too (a first-order model), so drafts matter."""
+
+    def __init__(self, trans: np.ndarray) -> None:
+        super().__init__(trans)
+
+    def extend(self, tokens, logits="all"):
+        rows = np.array([self.table[t] for t in tokens])  # row i predicts the token after tokens[i]
+        self.logical += list(tokens)
+        return rows if logits == "all" else rows[-1] if logits == "last" else None
+
+
+def _never(_: int) -> bool:
+    return False
+
+
+def test_greedy_is_identical_to_plain_decoding():
+    rng = np.random.default_rng(0)
+    vocab = 12
+    target = rng.normal(size=(vocab, vocab)) * 3
+    draft = target + rng.normal(size=(vocab, vocab)) * 2  # a draft that is often right, sometimes wrong
+    greedy = SamplingConfig(temperature=0, max_tokens=40)
+    plain = list(generate_tokens(ContextLogits(target), [1, 2, 3], greedy, rng, 40, _never))
+    stats = SpecStats()
+    spec = list(generate_tokens(ContextLogits(target), [1, 2, 3], greedy, rng, 40, _never,
+                                drafter=ModelDrafter(ContextLogits(draft), p_min=0.0),
+                                control=AdaptiveDraft(fixed=4), stats=stats))
+    assert spec == plain
+    assert 0 < stats.accepted < stats.drafted  # both outcomes of the rule were exercised
+    assert stats.cycles < len(plain)  # fewer target steps than tokens: speculation happened
+
+
+def test_acceptance_rule_preserves_the_target_distribution():
+    """Tokens 1-3 after a fixed prompt, sampled with a bad draft, follow the target's distribution."""
+    vocab = 5
+    rng = np.random.default_rng(1)
+    target = rng.normal(size=(vocab, vocab)) * 1.5
+    draft = rng.normal(size=(vocab, vocab)) * 1.5  # unrelated: many rejections and residual draws
+    s = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=3)
+    runs = 6000
+    counts = np.zeros((3, vocab))
+    pair = np.zeros((vocab, vocab))
+    for i in range(runs):
+        out = list(generate_tokens(ContextLogits(target), [0], s, np.random.default_rng(i), 3, _never,
+                                   drafter=ModelDrafter(ContextLogits(draft), p_min=0.0),
+                                   control=AdaptiveDraft(fixed=2)))
+        for j, t in enumerate(out):
+            counts[j, t] += 1
+        pair[out[0], out[1]] += 1
+
+    def softmax(z):
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    p1 = softmax(target[0])
+    expected_pair = p1[:, None] * np.array([softmax(target[a]) for a in range(vocab)])
+    # chi-square statistics against the exact target distributions (df = 4 and 24)
+    chi1 = ((counts[0] - runs * p1) ** 2 / (runs * p1)).sum()
+    chi2 = ((pair - runs * expected_pair) ** 2 / (runs * expected_pair)).sum()
+    assert chi1 < 18.5  # p ~ 0.001 at df=4
+    assert chi2 < 51.2  # p ~ 0.001 at df=24
+    # the draft distribution itself is far from the target: the test can tell them apart
+    q1 = softmax(draft[0])
+    assert ((runs * q1 - runs * p1) ** 2 / (runs * p1)).sum() > 100
+
+
+def test_a_wrong_rule_would_fail_the_statistical_test():
+    """Accepting every draft token (no rule) gives the draft's distribution; the chi-square sees it."""
+    vocab = 5
+    rng = np.random.default_rng(1)
+    target = rng.normal(size=(vocab, vocab)) * 1.5
+    draft = rng.normal(size=(vocab, vocab)) * 1.5
+    e = np.exp(draft[0] - draft[0].max())
+    q = e / e.sum()
+    e = np.exp(target[0] - target[0].max())
+    p = e / e.sum()
+    draws = np.bincount(rng.choice(vocab, size=6000, p=q), minlength=vocab)
+    assert ((draws - 6000 * p) ** 2 / (6000 * p)).sum() > 18.5
+
+
+def test_ngram_drafter_proposes_what_followed_the_last_match():
+    d = NgramDrafter(max_n=3)
+    greedy = SamplingConfig(temperature=0)
+    rng = np.random.default_rng(0)
+    toks, qs = d.propose([5, 6, 7, 8, 9, 1, 5, 6, 7], 3, greedy, rng, [])
+    assert toks == [8, 9, 1] and all(q[1][0] == 1.0 for q in qs)
+    assert d.propose([1, 2, 3], 4, greedy, rng, []) == ([], [])
+    # the latest occurrence wins
+    assert d.propose([4, 1, 4, 2, 4], 1, greedy, rng, [])[0] == [2]
+
+
+def test_ngram_drafting_on_a_repetitive_target_takes_fewer_steps():
+    vocab = 8
+    cycle = np.full((vocab, vocab), -10.0)
+    for a in range(vocab):
+        cycle[a, (a + 1) % vocab] = 10.0  # the target counts 0,1,2,...
+    greedy = SamplingConfig(temperature=0, max_tokens=30)
+    ctx = ContextLogits(cycle)
+    stats = SpecStats()
+    out = list(generate_tokens(ctx, [0, 1, 2, 3, 4, 5, 6, 7, 0], greedy, np.random.default_rng(0), 30, _never,
+                               drafter=NgramDrafter(), stats=stats))
+    assert out == [(1 + i) % vocab for i in range(30)]
+    assert stats.acceptance == 1.0 and stats.cycles <= 8
+
+
+def test_adaptive_draft_backs_off_when_drafting_does_not_pay_and_probes_again():
+    c = AdaptiveDraft(k_max=8, probe_every=4)
+    c.update(0, 0, 0.010, 0.0)  # a plain step: 10 ms
+    for _ in range(20):
+        c.update(2, 0, 0.010, 0.006)  # expensive drafts, all rejected
+    ks = [c.choose() for _ in range(8)]
+    assert ks.count(0) >= 6 and 1 in ks
+    later = [c.choose() for _ in range(400)]  # probes at doubling intervals, then none
+    assert 1 <= later.count(1) <= 4 and later[-200:].count(1) == 0
+    good = AdaptiveDraft(k_max=8)
+    good.update(0, 0, 0.010, 0.0)
+    for _ in range(20):
+        good.update(4, 4, 0.010, 0.002 * 4)  # cheap drafts, all accepted
+    assert good.choose() >= 4
+
+
+def test_end_of_generation_inside_accepted_drafts_stops_there():
+    vocab = 6
+    t = np.full((vocab, vocab), -5.0)
+    for a in range(vocab):
+        t[a, min(a + 1, 5)] = 5.0
+    greedy = SamplingConfig(temperature=0, max_tokens=20)
+    out = list(generate_tokens(ContextLogits(t), [0, 1, 2, 3, 4, 5, 0, 1], greedy, np.random.default_rng(0), 20,
+                               lambda tok: tok == 4, drafter=NgramDrafter()))
+    assert out == [2, 3, 4]
+
+
+def test_decoding_note():
+    assert decoding_note({}) == ""
+    note = decoding_note({"speculative": {"mode": "draft", "acceptance": 0.5, "drafted": 10},
+                          "kv": {"window": 64, "sinks": 4, "cells": 60, "evicted": 100}})
+    assert "50% of 10" in note and "KV window 64" in note
+
+
+@pytest.mark.parametrize("bad", [{"speculative": "medusa"}, {"n_draft": 0}, {"kv_window": 8},
+                                 {"kv_window": 128, "kv_sinks": 64}, {"speculative": "draft"}])
+def test_bad_decoding_options_are_one_line_errors(bad):
+    from edgekit.errors import InputError
+    from edgekit.runtime.llamacpp import decoding_options
+
+    args = {"draft": None, "speculative": None, "n_draft": None, "kv_window": None, "kv_sinks": 4, **bad}
+    with pytest.raises(InputError):
+        decoding_options(**args)
+
+
+def test_a_draft_that_could_never_pay_is_not_even_probed():
+    from edgekit.runtime.speculative import DraftCosts
+
+    dear = AdaptiveDraft(k_max=8, prior=0.99, costs=DraftCosts(step=0.010, extra=0.003, draft=0.009))
+    assert not dear.can_pay() and [dear.choose() for _ in range(300)] == [0] * 300
+    cheap = AdaptiveDraft(k_max=8, prior=0.9, costs=DraftCosts(step=0.010, extra=0.001, draft=0.001))
+    assert cheap.can_pay() and cheap.choose() >= 4
