@@ -45,6 +45,7 @@ from edgekit.converters.formats.base import ConvertRecipe  # noqa: E402
 from edgekit.evaluate import read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
+from edgekit.runtime.sampling import next_token_nll  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
@@ -70,11 +71,7 @@ def full_context(model: Path, tokens: list[int], threads: int) -> np.ndarray:
     with LlamaCppBackend(Artifact.open(model).model_file, n_ctx=PIECE, n_threads=threads) as b:
         for i in range(0, len(tokens), PIECE):
             piece = tokens[i : i + PIECE]
-            z = b.logits(piece).astype(np.float64)
-            z -= z.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(z).sum(axis=1))
-            nxt = piece[1:]
-            parts.append(lse[:-1] - z[np.arange(len(nxt)), nxt])
+            parts.append(next_token_nll(b.logits(piece), piece[1:]))
             if i + PIECE < len(tokens):  # the piece's last token predicts the next piece's first
                 parts.append(np.array([np.nan]))
     out = np.concatenate(parts)[: len(tokens) - 1]

@@ -22,7 +22,7 @@ from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text
 from edgekit.fsutil import atomic_dir, sha256_files
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
-from edgekit.runtime.base import GenerationStats, SamplingConfig, open_backend
+from edgekit.runtime.base import GenerationStats, SamplingConfig, StreamsLongText, open_backend
 from edgekit.runtime.plan import offload_options
 from edgekit.runtime.plan import plan_artifact as plan
 
@@ -234,14 +234,13 @@ def evaluate_streaming(
 
     text = read_text(text_file)
     with open_backend(target, kv_window=kv_window, kv_sinks=kv_sinks, **options) as backend:
-        stream = getattr(backend, "stream_nll", None)
-        if stream is None:
+        if not isinstance(backend, StreamsLongText):
             raise InputError(f"the {backend.name} backend cannot stream a text through a KV window")
         tokens = backend.tokenize(text)[: max_tokens or None]
         if len(tokens) < 2:
             raise InputError(f"{text_file} has fewer than 2 tokens")
         report = (lambda done, total: progress("streaming", done, total)) if progress else None
-        nll, info = stream(tokens, chunk=chunk, progress=report)
+        nll, info = backend.stream_nll(tokens, chunk=chunk, progress=report)
     mean = float(nll.mean())
     return {"ppl": math.exp(mean), "tokens_scored": int(nll.size), "kv_window": kv_window, "kv_sinks": kv_sinks,
             "chunk": chunk, "peak_cells": int(info["peak_cells"]), "evicted": int(info["kv"]["evicted"])}

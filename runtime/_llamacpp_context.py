@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.runtime.speculative import common_prefix
+
 
 class ContextFull(ValueError):
     pass
@@ -70,11 +72,7 @@ class LlamaContext:
         self.llm.n_tokens = self.cells
 
     def sync(self, tokens: list[int], logits: bool = False) -> np.ndarray | None:
-        a, b = self.logical, tokens
-        n = min(len(a), len(b))
-        p = 0
-        while p < n and a[p] == b[p]:
-            p += 1
+        p = common_prefix(self.logical, tokens)
         if logits and p == len(tokens) and p > 0:
             p -= 1  # the last token must be evaluated to have its logits
         if self.dropped and p < len(self.logical) and p < self.sinks + self.dropped:

@@ -13,9 +13,9 @@ Protocol (one JSON object per line):
   * stdin EOF means the parent is gone: the worker exits at once, even mid-generation.
 llama.cpp's log goes to stderr; the parent shows it (verbose) or keeps its tail for error messages.
 
-Started by path, this file imports from edgekit only numpy-level modules (the token loop of
-:mod:`edgekit.runtime.speculative`, the KV context of :mod:`edgekit.runtime._llamacpp_context`); it is
-not a public API. Load options ``draft`` (a second GGUF sharing the vocabulary), ``speculative``
+Started by path, this file imports from edgekit only light modules: the token loop of
+:mod:`edgekit.runtime.speculative`, the KV context of :mod:`edgekit.runtime._llamacpp_context`, and the
+process / ggml helpers of :mod:`edgekit.runtime._llamacpp_native`; it is not a public API. Load options ``draft`` (a second GGUF sharing the vocabulary), ``speculative``
 (``draft``/``ngram``), ``n_draft`` (fixed draft length; default adaptive) and ``kv_window``/``kv_sinks``
 (an attention-sink window over the KV cache) shape how ``generate`` decodes.
 Test hook: ``EDGEKIT_LLAMACPP_TEST_CRASH="<op>:<SIGNAL>[:unsafe]"`` makes the worker kill itself
@@ -43,7 +43,20 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
+from edgekit.runtime._llamacpp_native import (  # noqa: E402
+    devices,
+    install_overrides,
+    peak_rss_bytes,
+    rapl_joules,
+    read_rapl,
+    rss_bytes,
+)
+
 CRASH_ENV = "EDGEKIT_LLAMACPP_TEST_CRASH"
+
+
+class DecodingOptionError(ValueError):
+    """A draft or KV-window option this model cannot take (the parent reports it as the user's input)."""
 
 
 class StopFilter:
@@ -164,7 +177,7 @@ class Worker:
             llama_mod.llama_cpp.llama_model_default_params = safe_params
         overrides = [(str(p), str(b)) for p, b in msg.get("tensor_overrides") or ()]
         if overrides:
-            self.install_overrides(llama_mod, overrides)
+            self._overrides = install_overrides(llama_mod, overrides)  # alive as long as the model
         self.n_batch = int(msg.get("n_batch") or 512)
         kwargs = dict(msg.get("extra") or {})
         kwargs.update(
@@ -228,7 +241,10 @@ class Worker:
 
         window, sinks = spec.get("kv_window"), int(spec.get("kv_sinks", 4))
         step = spec.get("kv_evict_step")
-        self.seq = LlamaContext(self.llm, window=int(window) if window else None, sinks=sinks, evict_step=step)
+        try:
+            self.seq = LlamaContext(self.llm, window=int(window) if window else None, sinks=sinks, evict_step=step)
+        except ValueError as exc:
+            raise DecodingOptionError(str(exc)) from None
         self.drafter: Any = None
         self.draft_llm: Any = None
         self.n_draft = spec.get("n_draft")
@@ -239,15 +255,19 @@ class Worker:
         elif mode == "draft":
             t0 = time.perf_counter()
             dk = {k: v for k, v in kwargs.items() if k in ("n_ctx", "n_batch", "n_threads", "n_threads_batch", "verbose")}
-            self.draft_llm = llama_cpp.Llama(model_path=spec["draft_path"], **dk)
+            try:
+                self.draft_llm = llama_cpp.Llama(model_path=spec["draft_path"], **dk)
+            except ValueError as exc:
+                raise DecodingOptionError(f"llama.cpp cannot load the draft {spec['draft_path']}: {exc}; convert it "
+                                          "again (edgekit convert MODEL --draft-for MODEL)") from None
             if vocab_fingerprint(self.draft_llm) != vocab_fingerprint(self.llm):
-                raise ValueError("the draft model's vocabulary differs from the target's; a draft must share the "
+                raise DecodingOptionError("the draft model's vocabulary differs from the target's; a draft must share the "
                                  "target's tokenizer (make one with: edgekit convert MODEL --draft-for MODEL)")
             self.draft_seq = LlamaContext(self.draft_llm, window=self.seq.window, sinks=sinks, evict_step=step)
             self.drafter = ModelDrafter(self.draft_seq)
             info.update(draft_path=spec["draft_path"], draft_load_time=time.perf_counter() - t0)
         elif mode:
-            raise ValueError(f"unknown speculative mode {mode!r}: use draft or ngram")
+            raise DecodingOptionError(f"unknown speculative mode {mode!r}: use draft or ngram")
         self.costs = None
         if self.drafter is not None:
             from edgekit.runtime.speculative import measure_costs
@@ -262,38 +282,6 @@ class Worker:
                 draft_seq.clear()
             info["costs"] = self.costs.to_json()
         self.spec_info = info
-
-    def install_overrides(self, llama_mod: Any, overrides: list[tuple[str, str]]) -> None:
-        """Pass llama.cpp's tensor buffer-type overrides (``-ot PATTERN=BUFT``) through the model params.
-
-        llama-cpp-python 0.3.36 declares ``tensor_buft_overrides`` as a plain pointer and never sets
-        it, so the NULL-terminated array of {pattern, buffer type} is built here and kept alive on self.
-        """
-        bufts = buffer_types()
-        wanted = {b.upper() for _, b in overrides}
-        missing = sorted(wanted - set(bufts))
-        if missing:
-            raise ValueError(f"unknown buffer type(s) {', '.join(missing)} for a tensor override; "
-                             f"this llama.cpp has: {', '.join(sorted(bufts))}")
-
-        class Override(ctypes.Structure):
-            _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-        arr = (Override * (len(overrides) + 1))()
-        self._override_keep = [p.encode("utf-8") for p, _ in overrides]
-        for i, (_, b) in enumerate(overrides):
-            arr[i].pattern = self._override_keep[i]
-            arr[i].buft = bufts[b.upper()]
-        arr[len(overrides)].pattern = None
-        self._override_arr = arr
-        previous = llama_mod.llama_cpp.llama_model_default_params
-
-        def with_overrides() -> Any:
-            params = previous()
-            params.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
-            return params
-
-        llama_mod.llama_cpp.llama_model_default_params = with_overrides
 
     # -- profiling: timing loops run here, next to the model, so no IPC is inside a timed region --
 
@@ -527,6 +515,8 @@ class Worker:
         loaded KV window (or the plain context): how a long chat sees its history. Written to ``path``."""
         import numpy as np
 
+        from edgekit.runtime.sampling import next_token_nll
+
         tokens = [int(t) for t in msg["tokens"]]
         chunk = max(1, int(msg.get("chunk", 64)))
         rid = msg.get("id")
@@ -540,12 +530,9 @@ class Worker:
                 part = tokens[i : i + chunk]
                 rows = self.seq.extend(part, "all")
                 peak_cells = max(peak_cells, self.seq.cells)
-                z = rows.astype(np.float64)
-                z -= z.max(axis=1, keepdims=True)
-                lse = np.log(np.exp(z).sum(axis=1))
                 nxt = tokens[i + 1 : i + 1 + len(part)]
                 m = len(nxt)
-                nll[i : i + m] = lse[:m] - z[np.arange(m), nxt]
+                nll[i : i + m] = next_token_nll(rows, nxt)
                 if (i // chunk) % 16 == 0:
                     self.send(ev="progress", id=rid, done=i + m, total=len(tokens) - 1)
             nll.flush()
@@ -603,106 +590,6 @@ class Worker:
         llm.n_tokens = 0
         if hasattr(llm, "_requires_eval"):
             llm._requires_eval = True
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int:
-    """This process's resident set size now."""
-    value = _status_kb("VmRSS")
-    if value is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return value
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size since it started."""
-    value = _status_kb("VmHWM")
-    if value is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return value
-
-
-def read_rapl(zones: list[tuple[str, int]]) -> list[int] | None:
-    if not zones:
-        return None
-    try:
-        return [int(open(path).read()) for path, _ in zones]
-    except (OSError, ValueError):
-        return None
-
-
-def rapl_joules(e0: list[int] | None, e1: list[int] | None, zones: list[tuple[str, int]]) -> float | None:
-    """Energy between two RAPL readings (microjoule counters that wrap at their max range)."""
-    if e0 is None or e1 is None:
-        return None
-    total = 0
-    for a, b, (_, wrap) in zip(e0, e1, zones, strict=True):
-        total += b - a if b >= a else b + wrap - a
-    return total / 1e6
-
-
-def _ggml_devices() -> Any:
-    """libggml with the device-enumeration signatures declared (ctypes needs them for 64-bit pointers)."""
-    from llama_cpp import _ggml
-
-    g = _ggml.libggml
-    g.ggml_backend_dev_count.restype = ctypes.c_size_t
-    g.ggml_backend_dev_get.restype = ctypes.c_void_p
-    g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    return g
-
-
-def buffer_types() -> dict[str, int]:
-    """ggml buffer type name (upper case) -> pointer, over every device of this llama.cpp build."""
-    g = _ggml_devices()
-    g.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-    g.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_buft_name.restype = ctypes.c_char_p
-    g.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
-    out = {}
-    for i in range(g.ggml_backend_dev_count()):
-        buft = g.ggml_backend_dev_buffer_type(g.ggml_backend_dev_get(i))
-        if buft:
-            out[g.ggml_backend_buft_name(buft).decode().upper()] = buft
-    return out
-
-
-def devices() -> list[dict[str, Any]]:
-    """Every ggml device this llama.cpp build sees: name, kind (cpu/gpu/igpu/accel), memory."""
-    g = _ggml_devices()
-    g.ggml_backend_dev_name.restype = ctypes.c_char_p
-    g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_dev_description.restype = ctypes.c_char_p
-    g.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_dev_type.restype = ctypes.c_int
-    g.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                          ctypes.POINTER(ctypes.c_size_t)]
-    kinds = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
-    out = []
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out.append({"name": g.ggml_backend_dev_name(dev).decode(), "description":
-                    (g.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
-                    "kind": kinds.get(g.ggml_backend_dev_type(dev), "other"),
-                    "free_bytes": free.value, "total_bytes": total.value})
-    return out
 
 
 def main() -> None:

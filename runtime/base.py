@@ -6,7 +6,8 @@ do beyond loading and generating it declares by implementing a Protocol below (c
 capability with ``isinstance``, never the class or the format): :class:`MemoryModel` (memory at a context
 length and bytes read per decoded token: fit checks, plans, rooflines), :class:`OffloadPlanner` (a
 CPU/GPU split for this host), :class:`InProcessBench` (a timed loop inside the runtime, no IPC in it),
-:class:`ReportsMemory` (peak RSS of the process that holds the model), and incremental decoding
+:class:`ReportsMemory` (peak RSS of the process that holds the model), :class:`StreamsLongText` (per-token
+NLL of a long text through the KV cache or its window), and incremental decoding
 (``incremental = True``: :meth:`Backend.reset` / :meth:`Backend.decode`).
 """
 
@@ -169,10 +170,19 @@ class ReportsMemory(Protocol):
     def memory(self) -> dict[str, int]: ...
 
 
+@runtime_checkable
+class StreamsLongText(Protocol):
+    """Streams a long token sequence through its KV cache (its window, when loaded with one) and returns each
+    token's negative log-likelihood: ``stream_nll(tokens, chunk, progress) -> (nll, info)``."""
+
+    def stream_nll(self, tokens: list[int], chunk: int = 64, progress: Any = None) -> tuple[np.ndarray, dict[str, Any]]: ...
+
+
 def capabilities(cls: type[Backend]) -> list[str]:
     """The capabilities a backend declares, by name (what ``edgekit list`` shows)."""
     caps = [name for name, proto in (("memory-model", MemoryModel), ("offload-plan", OffloadPlanner),
-                                     ("in-process-bench", InProcessBench), ("reports-memory", ReportsMemory))
+                                     ("in-process-bench", InProcessBench), ("reports-memory", ReportsMemory),
+                                     ("streams-long-text", StreamsLongText))
             if isinstance(cls, proto)]
     return caps + (["incremental-decode"] if cls.incremental else [])
 

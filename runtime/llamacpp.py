@@ -38,14 +38,14 @@ import numpy as np
 from edgekit.errors import (
     BackendCrashed,
     BackendError,
-    CorruptFileError,
     InputError,
     MissingDependencyError,
-    UnsupportedError,
 )
 from edgekit.runtime import llamacpp_build
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 from edgekit.runtime.llamacpp_build import LOG_ENV, PROTECTION_FAULTS, crash_message, signal_name
+from edgekit.runtime.llamacpp_decoding import decoding_options
+from edgekit.runtime.llamacpp_errors import load_error, log_hint
 
 _WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 _EOF = object()
@@ -599,13 +599,7 @@ class LlamaCppBackend(Backend):
     # -- error messages -------------------------------------------------------------------------
 
     def _log_hint(self, *needles: str) -> str:
-        """The most telling recent llama.cpp log line (one line, trimmed), or ''."""
-        lines = list(self._stderr_tail)
-        for needle in needles:
-            for line in reversed(lines):
-                if needle.lower() in line.lower():
-                    return line.strip()[:240]
-        return ""
+        return log_hint(self._stderr_tail, *needles)
 
     def _crashed(self, doing: str) -> BackendCrashed:
         rc = self._reap()
@@ -617,91 +611,8 @@ class LlamaCppBackend(Backend):
         return exc
 
     def _load_error(self, msg: dict[str, Any]) -> Exception:
-        name = self.model_path.name
-        if str(msg.get("message", "")).startswith(("unknown buffer type", "unknown llama.cpp option")):
-            return InputError(str(msg["message"]))
-        try:
-            with open(self.model_path, "rb") as fh:
-                magic = fh.read(4)
-        except OSError:
-            magic = b""
-        if msg.get("type") in (
-            "ImportError",
-            "ModuleNotFoundError",
-            "OSError",
-            "RuntimeError",
-        ) and not self._log_hint("llama_model_load"):
-            return BackendError(
-                f"llama-cpp-python could not start: {msg.get('message')}; reinstall it with "
-                f"`{llamacpp_build.rebuild_command()}`"
-            )
-        if magic != b"GGUF":
-            return CorruptFileError(f"{name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
-        reason = self._log_hint("error loading model:")
-        if "error loading model:" in reason:
-            reason = reason.split("error loading model:", 1)[1].strip()
-        if not reason or "failed to load model from" in reason:
-            gguf = self._log_hint("gguf_init_from", "invalid", "failed to read")
-            reason = gguf.split(": ", 1)[-1] if gguf else reason
-        if "unknown model architecture" in reason:
-            return UnsupportedError(
-                f"llama.cpp cannot run {name}: {reason}; update llama-cpp-python or use another runtime"
-            )
-        detail = reason or str(msg.get("message") or "llama.cpp could not load it")
-        return CorruptFileError(
-            f"llama.cpp could not load {name} ({detail}); the file may be truncated or corrupt: "
-            "convert or download it again"
-        )
+        return load_error(msg, self.model_path, self._stderr_tail)
 
     def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError:
         text = str(msg.get("message") or msg.get("type") or "unknown error")
         return BackendError(f"llama.cpp failed while {doing}: {text}")
-
-
-def decoding_options(draft: str | Path | None, speculative: str | None, n_draft: int | None,
-                     kv_window: int | None, kv_sinks: int, kv_evict_step: int | None = None) -> dict[str, Any]:
-    """The worker's decoding options, checked here so a bad one is a one-line error before anything loads."""
-    mode = speculative or ("draft" if draft is not None else None)
-    if mode not in (None, "draft", "ngram"):
-        raise InputError(f"--speculative {speculative!r}: use 'ngram' (prompt lookup) or give --draft MODEL")
-    out: dict[str, Any] = {"mode": mode}
-    if mode == "draft":
-        if draft is None:
-            raise InputError("speculative decoding with a draft model needs --draft MODEL (a smaller GGUF with the "
-                             "same tokenizer; make one with: edgekit convert MODEL --draft-for MODEL)")
-        out["draft_path"] = str(draft_model_file(draft))
-    elif draft is not None:
-        raise InputError("--draft and --speculative ngram exclude each other: give one")
-    if n_draft is not None:
-        if not 1 <= int(n_draft) <= 32:
-            raise InputError("--n-draft must be between 1 and 32")
-        out["n_draft"] = int(n_draft)
-    if kv_window is not None:
-        if int(kv_window) < 64:
-            raise InputError("--kv-window must be at least 64 tokens")
-        if not 0 <= int(kv_sinks) < int(kv_window) // 2:
-            raise InputError("--kv-sinks must be >= 0 and under half the window")
-        out.update(kv_window=int(kv_window), kv_sinks=int(kv_sinks))
-        if kv_evict_step is not None:
-            if not 1 <= int(kv_evict_step) <= int(kv_window) - int(kv_sinks):
-                raise InputError("--kv-evict-step must be between 1 and the window minus the sinks")
-            out["kv_evict_step"] = int(kv_evict_step)
-    elif kv_evict_step is not None:
-        raise InputError("--kv-evict-step needs --kv-window")
-    return out
-
-
-def draft_model_file(draft: str | Path) -> Path:
-    """The GGUF file of a draft given as an artifact folder or a file (a one-line error otherwise)."""
-    p = Path(draft).expanduser()
-    if p.is_file():
-        return p.resolve()
-    if p.is_dir():
-        from edgekit.artifact import Artifact
-
-        art = Artifact.open(p)
-        if art.format != "gguf":
-            raise InputError(f"the draft {p} is a {art.format} artifact; llama.cpp drafts are GGUF (convert it "
-                             "with: edgekit convert MODEL --draft-for MODEL)")
-        return art.model_file.resolve()
-    raise InputError(f"draft model not found: {p}")

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError, require
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
-from edgekit.runtime.sampling import TextStream, decode_loop, pick
+from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 GRAPH_OPT = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
@@ -248,12 +248,10 @@ class OnnxBackend(Backend):
         for i in range(0, len(tokens) - 1, chunk):
             part = tokens[i : i + chunk]
             z = np.concatenate([self._run(part[j : j + self.n_batch], last_only=False)
-                                for j in range(0, len(part), self.n_batch)]).astype(np.float64)
+                                for j in range(0, len(part), self.n_batch)])
             peak = max(peak, self._pos)
-            z -= z.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(z).sum(axis=1))
             nxt = tokens[i + 1 : i + 1 + len(part)]
-            nll[i : i + len(nxt)] = lse[: len(nxt)] - z[np.arange(len(nxt)), nxt]
+            nll[i : i + len(nxt)] = next_token_nll(z, nxt)
             if progress is not None:
                 progress(i + len(nxt), len(tokens) - 1)
         state = self.kv_state()

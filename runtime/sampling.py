@@ -25,6 +25,15 @@ def stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
     return None, len(text) - hold
 
 
+def next_token_nll(rows: np.ndarray, following: list[int]) -> np.ndarray:
+    """Negative log-likelihood of ``following[i]`` under logits row ``i`` (float64 log-softmax); rows past
+    the end of ``following`` are ignored."""
+    m = len(following)
+    z = np.asarray(rows[:m], dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return np.log(np.exp(z).sum(axis=1)) - z[np.arange(m), following]
+
+
 def distribution(logits: np.ndarray, sampling: SamplingConfig, previous: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """The distribution ``pick`` draws from: (token ids, probabilities summing to 1). Repeat penalty, then
     temperature / top-k / min-p / top-p (llama.cpp's order of truncations); greedy is one token with p=1.

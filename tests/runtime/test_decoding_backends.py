@@ -76,8 +76,11 @@ def test_sampled_speculative_generation_is_reproducible(models):
 
 @needs_llama
 def test_a_draft_with_another_vocabulary_is_refused(models):
-    with pytest.raises(EdgekitError, match="vocabulary"):
+    from edgekit.errors import InputError
+
+    with pytest.raises(InputError, match="vocabulary") as err:  # the user's choice, not a damaged file
         _open(models["target"], draft=str(models["other_gguf"]))
+    assert "corrupt" not in str(err.value)
 
 
 @pytest.mark.parametrize("fmt, tol", [
@@ -129,3 +132,11 @@ def test_generation_runs_past_the_window(models):
 def test_onnx_backend_refuses_a_draft_by_name(models):
     with pytest.raises(EdgekitError, match="no option draft"):
         _open(models["one_onnx"], draft="x")
+
+
+def test_both_backends_declare_they_stream_long_text():
+    from edgekit.runtime.base import BACKENDS, capabilities
+
+    assert "streams-long-text" in capabilities(BACKENDS.get("onnxruntime"))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert "streams-long-text" in capabilities(BACKENDS.get("llamacpp"))

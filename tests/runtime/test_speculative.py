@@ -190,7 +190,7 @@ def test_decoding_note():
                                  {"kv_window": 128, "kv_sinks": 64}, {"speculative": "draft"}])
 def test_bad_decoding_options_are_one_line_errors(bad):
     from edgekit.errors import InputError
-    from edgekit.runtime.llamacpp import decoding_options
+    from edgekit.runtime.llamacpp_decoding import decoding_options
 
     args = {"draft": None, "speculative": None, "n_draft": None, "kv_window": None, "kv_sinks": 4, **bad}
     with pytest.raises(InputError):

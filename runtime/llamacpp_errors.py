@@ -1,0 +1,63 @@
+"""What a failed llama.cpp load means, said in one line the user can act on (from the worker's error and
+the tail of llama.cpp's log)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError
+from edgekit.runtime import llamacpp_build
+
+
+def log_hint(tail: Iterable[str], *needles: str) -> str:
+    """The most telling recent llama.cpp log line (one line, trimmed), or ''."""
+    lines = list(tail)
+    for needle in needles:
+        for line in reversed(lines):
+            if needle.lower() in line.lower():
+                return line.strip()[:240]
+    return ""
+
+
+def load_error(msg: dict[str, Any], model_path: Path, tail: Iterable[str]) -> Exception:
+    """The error a failed load means for the user: a bad option, a broken install, a file that is not GGUF,
+    an unknown architecture or a damaged file, from the worker's message and llama.cpp's log tail."""
+    tail = list(tail)
+    name = model_path.name
+    if msg.get("type") == "DecodingOptionError" or str(msg.get("message", "")).startswith(
+            ("unknown buffer type", "unknown llama.cpp option")):
+        return InputError(str(msg["message"]))
+    try:
+        with open(model_path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        magic = b""
+    if msg.get("type") in (
+        "ImportError",
+        "ModuleNotFoundError",
+        "OSError",
+        "RuntimeError",
+    ) and not log_hint(tail, "llama_model_load"):
+        return BackendError(
+            f"llama-cpp-python could not start: {msg.get('message')}; reinstall it with "
+            f"`{llamacpp_build.rebuild_command()}`"
+        )
+    if magic != b"GGUF":
+        return CorruptFileError(f"{name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+    reason = log_hint(tail, "error loading model:")
+    if "error loading model:" in reason:
+        reason = reason.split("error loading model:", 1)[1].strip()
+    if not reason or "failed to load model from" in reason:
+        gguf = log_hint(tail, "gguf_init_from", "invalid", "failed to read")
+        reason = gguf.split(": ", 1)[-1] if gguf else reason
+    if "unknown model architecture" in reason:
+        return UnsupportedError(
+            f"llama.cpp cannot run {name}: {reason}; update llama-cpp-python or use another runtime"
+        )
+    detail = reason or str(msg.get("message") or "llama.cpp could not load it")
+    return CorruptFileError(
+        f"llama.cpp could not load {name} ({detail}); the file may be truncated or corrupt: "
+        "convert or download it again"
+    )
