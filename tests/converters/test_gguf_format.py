@@ -39,7 +39,8 @@ def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _source_weights(model) -> dict[str, np.ndarray]:
-    """Every GGUF tensor's source weights as float32, read with safetensors, in llama.cpp's layout."""
+    """A Llama checkpoint's weights by GGUF name, float32, read with safetensors, Q/K rows permuted as
+    llama.cpp's converter does (Qwen2's NEOX RoPE would need no permutation)."""
     from safetensors.numpy import load_file
 
     ckpt = HFCheckpoint.open(model)
