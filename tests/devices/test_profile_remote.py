@@ -29,10 +29,12 @@ def test_profile_over_ssh_returns_the_local_schema(sshd, home, tiny_artifact, tm
         assert r["artifact"]["path"].startswith(str(tmp_path / "board"))  # it ran on the pushed copy
 
 
-def test_wrong_abi_runner_is_explained(phone, tiny_artifact):
+def test_wrong_abi_runner_is_explained(phone, tiny_artifact, tmp_path):
     standin, dev_id = phone
+    runner = tmp_path / "llama-bench"  # an x86-64 ELF whatever this host is (the stand-in phone is arm64-v8a)
+    runner.write_bytes(_elf(0x3E) + bytes(64))
     with open_device(dev_id) as dev, pytest.raises(InputError) as e:
-        remote_profile(dev, tiny_artifact, RemoteProfileConfig(runner=Path("/bin/true")))
+        remote_profile(dev, tiny_artifact, RemoteProfileConfig(runner=runner))
     assert "built for x86_64" in str(e.value) and "arm64-v8a" in str(e.value) and "ANDROID_ABI" in str(e.value)
     assert not standin.host_path("/data/local/tmp/edgekit").exists()  # refused before anything was pushed
 
@@ -59,7 +61,20 @@ def test_elf_machine_table(tmp_path, machine, arch):
     f = tmp_path / "bin"
     f.write_bytes(_elf(machine) + bytes(64))
     assert elf_arch(f) == arch
-    assert elf_arch(Path(sys.executable).resolve()) == "x86_64" or sys.platform != "linux"
+    f.write_bytes(_elf(machine, little=False) + bytes(64))  # e_machine is in the file's own byte order
+    assert elf_arch(f) == arch
+
+
+# platform.machine()'s spellings of the architectures ELF_MACHINES names
+_MACHINE_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64",
+                 "armv7l": "armv7", "armv8l": "armv7", "riscv64": "riscv64", "i686": "x86", "i386": "x86"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="this interpreter is an ELF file only on Linux")
+def test_elf_arch_of_this_interpreter_is_this_host():
+    import platform
+
+    assert elf_arch(Path(sys.executable).resolve()) == _MACHINE_ARCH[platform.machine().lower()]
 
 
 def test_llama_bench_arguments():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -35,27 +36,50 @@ def test_every_command_has_help_with_examples(command):
     assert "Example" in out
 
 
-def test_convert_inspect_run_eval(tiny_llama, tmp_path):
-    out_dir = tmp_path / "tiny-gguf-q4"
+@pytest.fixture(scope="module")
+def tiny_q4(tiny_llama, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("cli") / "tiny-gguf-q4"
     cli("convert", tiny_llama, "--bits", "4", "-o", out_dir)
-    manifest = json.loads((out_dir / "edgekit.json").read_text())
+    return out_dir
+
+
+def test_convert_then_inspect(tiny_q4):
+    manifest = json.loads((tiny_q4 / "edgekit.json").read_text())
     assert manifest["preset"] == "Q4_K_M"
 
-    info = json.loads(cli("inspect", out_dir, "--json", "--tensors", "--ctx", "1024"))
+    info = json.loads(cli("inspect", tiny_q4, "--json", "--tensors", "--ctx", "1024"))
     assert info["architecture"] == "llama" and info["hparams"]["block_count"] == 2
     assert {t["name"] for t in info["tensors"]} == set(manifest["tensors"])
     assert info["memory"]["kv_cache_f16"] == 2 * 2 * 1024 * 2 * 64 * 2  # K+V, layers, ctx, kv heads x dim, f16
-    assert "tensor types" in cli("inspect", out_dir)
+    assert "tensor types" in cli("inspect", tiny_q4)
 
-    if not _have_llamacpp():
-        return
-    text = cli("run", out_dir, "-p", "The river", "--raw", "--temp", "0", "-n", "8", "--no-stats")
-    assert text.strip()
-    res = json.loads(cli("eval", out_dir, "--text", sample_text_path(), "--ctx", "64", "--chunks", "3",
+
+@pytest.mark.llamacpp
+def test_run_is_greedy_llama_cpp_completion(tiny_q4):
+    """`run --raw --temp 0 -n 8` prints exactly the 8-token greedy continuation that llama-cpp-python
+    itself gives for the prompt, and the stats line on stderr says what happened."""
+    import llama_cpp
+
+    result = runner.invoke(app, ["run", str(tiny_q4), "-p", "The river", "--raw", "--temp", "0", "-n", "8",
+                                 "--ctx", "64"])
+    assert result.exit_code == 0, result.output
+    llm = llama_cpp.Llama(model_path=str(tiny_q4 / "model.gguf"), n_ctx=64, verbose=False)
+    prompt = llm.tokenize(b"The river")
+    greedy = list(itertools.islice(llm.generate(prompt, temp=0.0), 8))
+    assert llm.token_eos() not in greedy  # the tiny model runs to the length limit
+    # the random model emits byte tokens that are not valid UTF-8: edgekit shows them as U+FFFD
+    expected = llm.detokenize(greedy).decode("utf-8", errors="replace")
+    assert result.stdout == expected + "\n"
+    assert f"{len(prompt)} prompt tokens, 8 generated" in result.stderr and "stop: length" in result.stderr
+
+
+@pytest.mark.llamacpp
+def test_eval_with_reference_is_recorded(tiny_q4, tiny_llama):
+    res = json.loads(cli("eval", tiny_q4, "--text", sample_text_path(), "--ctx", "64", "--chunks", "3",
                          "--ref", tiny_llama, "--json"))
     assert res["chunks"] == 3 and res["tokens_scored"] == 3 * 31
     assert 0 <= res["kl_mean"] and 0 <= res["top1_agreement"] <= 1 and res["ppl"] > 1
-    recorded = json.loads((out_dir / "edgekit.json").read_text())["eval"][-1]
+    recorded = json.loads((tiny_q4 / "edgekit.json").read_text())["eval"][-1]
     assert recorded["ppl"] == pytest.approx(res["ppl"]) and recorded["ref"]
 
 
@@ -71,9 +95,3 @@ def test_list(tiny_llama):
     data = json.loads(cli("list", "--json"))
     assert "gguf" in data["formats"] and "rtn" in data["methods"] and "Q4_K_M" in data["gguf_presets"]
     assert {"llamacpp", "torch"} <= set(data["backends"])
-
-
-def _have_llamacpp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None

@@ -113,6 +113,11 @@ async def test_a_crashed_runtime_shows_the_error_panel_and_chat_recovers(real_gg
         assert chat.last_stats.generated_tokens > 0 and chat.session.backend is not None
 
 
+def _notes(app) -> list[tuple[str, str]]:
+    """The toasts the app is showing, oldest first, as (message, severity)."""
+    return [(n.message, n.severity) for n in app._notifications]
+
+
 async def test_history_is_per_artifact_and_reopens(models):
     session = ChatSession.open(models / "tiny-q8")
     session.system = "Answer briefly."
@@ -127,10 +132,17 @@ async def test_history_is_per_artifact_and_reopens(models):
         await app.open_in_chat(models / "tiny-f16")  # another artifact: its own (empty) history
         chat = await _ready(pilot, app)
         assert list(chat.query(ChatMessage)) == [] and chat.session.artifact.name == "tiny-f16"
-        await pilot.press("ctrl+y")  # nothing to copy yet: a warning, no crash
+        await pilot.press("ctrl+y")  # nothing to copy yet: a warning, the clipboard untouched
+        await pilot.pause()
+        assert app.clipboard == ""
+        assert _notes(app)[-1] == ("no reply to copy yet", "warning")
         await app.open_in_chat(models / "tiny-q8")
         chat = await _ready(pilot, app)
         assert len(chat.query(ChatMessage)) == 2
+        await pilot.press("ctrl+y")  # the last assistant reply, as written (markdown source, not rendered)
+        await pilot.pause()
+        assert app.clipboard == "earlier **answer**"
+        assert _notes(app)[-1] == ("copied the last reply (18 characters)", "information")
         await pilot.press("ctrl+l")
         await pilot.pause()
         assert list(chat.query(ChatMessage)) == [] and ChatSession.open(models / "tiny-q8").messages == []
