@@ -370,14 +370,11 @@ def _disagreements(ours: dict[str, Assignment], theirs: dict[str, T]) -> list[st
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_real_smollm2_matches_llama_cpp(preset, tmp_path):
+def test_real_smollm2_matches_llama_cpp(preset, tmp_path, real_gguf):
     _llama_cpp()
-    src = os.environ.get("EDGEKIT_REAL_GGUF")
-    if not src or not Path(src).is_file():
-        pytest.skip("set EDGEKIT_REAL_GGUF to a SmolLM2-135M GGUF file")
-    tensors = _read_tensor_infos(Path(src))
+    tensors = _read_tensor_infos(real_gguf)
     theirs = _quantize_with_llama_cpp(
-        Path(src), tmp_path / "out.gguf", PRESETS[preset].ftype, requantize=True
+        real_gguf, tmp_path / "out.gguf", PRESETS[preset].ftype, requantize=True
     )
     assert _disagreements(assign_types(tensors, preset, SMOL_ARCH), theirs) == []
 

@@ -37,12 +37,12 @@ CAPITAL = [
 ]
 
 
-def _real_gguf() -> Path | None:
-    path = os.environ.get("EDGEKIT_REAL_GGUF", "")
-    return Path(path) if path and Path(path).is_file() else None
+def _real_gguf() -> Path:
+    return Path(os.environ["EDGEKIT_REAL_GGUF"])
 
 
-needs_real = pytest.mark.skipif(_real_gguf() is None, reason="set EDGEKIT_REAL_GGUF to a SmolLM2-135M GGUF")
+# The conftest fixture decides: skip offline, fail under CI or when the model is broken.
+needs_real = pytest.mark.usefixtures("real_gguf")
 
 
 def _open(path: Path, **kwargs) -> LlamaCppBackend:
@@ -53,11 +53,8 @@ def _open(path: Path, **kwargs) -> LlamaCppBackend:
 
 
 @pytest.fixture(scope="module")
-def llm():
-    path = _real_gguf()
-    if path is None:
-        pytest.skip("set EDGEKIT_REAL_GGUF to a SmolLM2-135M GGUF")
-    backend = _open(path)
+def llm(real_gguf):
+    backend = _open(real_gguf)
     yield backend
     backend.close()
 
