@@ -18,9 +18,6 @@ Started by path, this file imports from edgekit only light modules: the token lo
 process / ggml helpers of :mod:`edgekit.runtime._llamacpp_native`; it is not a public API. Load options ``draft`` (a second GGUF sharing the vocabulary), ``speculative``
 (``draft``/``ngram``), ``n_draft`` (fixed draft length; default adaptive) and ``kv_window``/``kv_sinks``
 (an attention-sink window over the KV cache) shape how ``generate`` decodes.
-Test hook: ``EDGEKIT_LLAMACPP_TEST_CRASH="<op>:<SIGNAL>[:unsafe]"`` makes the worker kill itself
-with that signal when it starts ``<op>`` (``load``, ``tokenize``, ``generate``, ``logits``);
-``:unsafe`` limits it to runs without safe CPU mode.
 """
 
 from __future__ import annotations
@@ -51,8 +48,6 @@ from edgekit.runtime._llamacpp_native import (  # noqa: E402
     read_rapl,
     rss_bytes,
 )
-
-CRASH_ENV = "EDGEKIT_LLAMACPP_TEST_CRASH"
 
 
 class DecodingOptionError(ValueError):
@@ -119,22 +114,6 @@ class Worker:
                 self.inbox.put(msg)
         os._exit(0)  # the parent is gone (or closed us): leave now, whatever the main thread does
 
-    def maybe_crash(self, op: str) -> None:
-        spec = os.environ.get(CRASH_ENV, "")
-        if not spec:
-            return
-        parts = spec.split(":")
-        if parts[0] != op or ("unsafe" in parts[2:] and self.safe_cpu):
-            return
-        sig = getattr(signal, parts[1] if len(parts) > 1 else "SIGSEGV")
-        faulthandler.disable()
-        sys.stderr.write(f"test hook: raising {sig.name} in {op}\n")
-        sys.stderr.flush()
-        if sig == signal.SIGABRT:
-            os.abort()
-        os.kill(os.getpid(), sig)
-        time.sleep(5)
-
     def serve(self) -> None:
         threading.Thread(target=self.read_stdin, daemon=True).start()
         while True:
@@ -146,8 +125,6 @@ class Worker:
                 self.send(ev="error", id=rid, type="ValueError", message=f"unknown op {op!r}")
                 continue
             try:
-                if op != "load":  # load checks once it knows whether it runs in safe mode
-                    self.maybe_crash(op)
                 handler(msg)
             except Exception as exc:  # noqa: BLE001 - every Python error goes back as one line
                 text = str(exc).strip().splitlines()
@@ -163,7 +140,6 @@ class Worker:
         import llama_cpp.llama as llama_mod
 
         self.safe_cpu = bool(msg.get("safe_cpu"))
-        self.maybe_crash("load")
         params_fields = {f[0] for f in llama_cpp.llama_model_params._fields_}
         has_extra_bufts = "use_extra_bufts" in params_fields
         rss_before = rss_bytes()
