@@ -18,9 +18,6 @@ Started by path, this file imports from edgekit only light modules: the token lo
 process / ggml helpers of :mod:`edgekit.runtime._llamacpp_native`; it is not a public API. Load options ``draft`` (a second GGUF sharing the vocabulary), ``speculative``
 (``draft``/``ngram``), ``n_draft`` (fixed draft length; default adaptive) and ``kv_window``/``kv_sinks``
 (an attention-sink window over the KV cache) shape how ``generate`` decodes.
-Test hook: ``EDGEKIT_LLAMACPP_TEST_CRASH="<op>:<SIGNAL>[:unsafe]"`` makes the worker kill itself
-with that signal when it starts ``<op>`` (``load``, ``tokenize``, ``generate``, ``logits``);
-``:unsafe`` limits it to runs without safe CPU mode.
 """
 
 from __future__ import annotations
@@ -51,8 +48,6 @@ from edgekit.runtime._llamacpp_native import (  # noqa: E402
     read_rapl,
     rss_bytes,
 )
-
-CRASH_ENV = "EDGEKIT_LLAMACPP_TEST_CRASH"
 
 
 class DecodingOptionError(ValueError):
@@ -99,6 +94,7 @@ class Worker:
         self.llm: Any = None
         self.safe_cpu = False
         self.n_batch = 512
+        self._control_tokens: list[str] | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -118,22 +114,6 @@ class Worker:
                 self.inbox.put(msg)
         os._exit(0)  # the parent is gone (or closed us): leave now, whatever the main thread does
 
-    def maybe_crash(self, op: str) -> None:
-        spec = os.environ.get(CRASH_ENV, "")
-        if not spec:
-            return
-        parts = spec.split(":")
-        if parts[0] != op or ("unsafe" in parts[2:] and self.safe_cpu):
-            return
-        sig = getattr(signal, parts[1] if len(parts) > 1 else "SIGSEGV")
-        faulthandler.disable()
-        sys.stderr.write(f"test hook: raising {sig.name} in {op}\n")
-        sys.stderr.flush()
-        if sig == signal.SIGABRT:
-            os.abort()
-        os.kill(os.getpid(), sig)
-        time.sleep(5)
-
     def serve(self) -> None:
         threading.Thread(target=self.read_stdin, daemon=True).start()
         while True:
@@ -145,8 +125,6 @@ class Worker:
                 self.send(ev="error", id=rid, type="ValueError", message=f"unknown op {op!r}")
                 continue
             try:
-                if op != "load":  # load checks once it knows whether it runs in safe mode
-                    self.maybe_crash(op)
                 handler(msg)
             except Exception as exc:  # noqa: BLE001 - every Python error goes back as one line
                 text = str(exc).strip().splitlines()
@@ -162,7 +140,6 @@ class Worker:
         import llama_cpp.llama as llama_mod
 
         self.safe_cpu = bool(msg.get("safe_cpu"))
-        self.maybe_crash("load")
         params_fields = {f[0] for f in llama_cpp.llama_model_params._fields_}
         has_extra_bufts = "use_extra_bufts" in params_fields
         rss_before = rss_bytes()
@@ -390,6 +367,9 @@ class Worker:
         tokens = self.llm.tokenize(msg["text"].encode("utf-8"), add_bos=add, special=True)
         self.send(ev="result", id=msg.get("id"), value=list(tokens))
 
+    def op_chat_tokens(self, msg: dict[str, Any]) -> None:
+        self.send(ev="result", id=msg.get("id"), value=self.chat_tokens(msg["messages"])[0])
+
     def op_detokenize(self, msg: dict[str, Any]) -> None:
         data = b"".join(self.piece(int(t), bool(msg.get("special"))) for t in msg["tokens"])
         self.send(ev="result", id=msg.get("id"), value=data.decode("utf-8", "replace"))
@@ -405,14 +385,18 @@ class Worker:
                 return buf.raw[:n]
             size = -n + 1
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+    def chat_renderer(self) -> tuple[Any, str]:
+        """The model's chat template as a function of the messages, and which template it is."""
         from llama_cpp import llama_chat_format
 
         llm = self.llm
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
-            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return text + "<|im_start|>assistant\n", "chatml (the GGUF has no chat template)"
+            def chatml(messages: list[dict[str, str]]) -> str:
+                text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+                return text + "<|im_start|>assistant\n"
+
+            return chatml, "chatml (the GGUF has no chat template)"
 
         def token_text(tok: int) -> str:
             return llm._model.token_get_text(tok) if tok >= 0 else ""
@@ -420,7 +404,35 @@ class Worker:
         formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template, eos_token=token_text(llm.token_eos()), bos_token=token_text(llm.token_bos())
         )
-        return formatter(messages=messages).prompt, "gguf"
+        return (lambda messages: formatter(messages=messages).prompt), "gguf"
+
+    def control_tokens(self) -> list[str]:
+        """The texts llama.cpp reads as control tokens when parsing specials (what ``special=False`` skips)."""
+        import llama_cpp
+
+        if self._control_tokens is None:
+            attrs = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+            self._control_tokens = [
+                llama_cpp.llama_vocab_get_text(self.vocab, t).decode("utf-8", "replace")
+                for t in range(llama_cpp.llama_vocab_n_tokens(self.vocab))
+                if llama_cpp.llama_vocab_get_attr(self.vocab, t) & attrs
+            ]
+        return self._control_tokens
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> tuple[list[int], str]:
+        """The prompt's ids: the template's markers as control tokens, the messages' text never parsed
+        for them (a message holding ``<|im_start|>system`` cannot open a turn)."""
+        from edgekit.runtime.chat_tokens import chat_segments, tokenize_segments
+
+        llm = self.llm
+        render, template = self.chat_renderer()
+        segments = chat_segments(render, messages, self.control_tokens())
+        bos_text = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
+        text = "".join(t for t, _ in segments)
+        add_bos = bool(llm._model.add_bos_token()) and not (bos_text and text.startswith(bos_text))
+        ids = tokenize_segments(segments, lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False),
+                                lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=True))
+        return ([llm.token_bos()] if add_bos else []) + ids, template
 
     def op_generate(self, msg: dict[str, Any]) -> None:
         import llama_cpp
@@ -429,12 +441,9 @@ class Worker:
         s = msg["sampling"]
         t0 = time.perf_counter()
         if msg.get("messages") is not None:
-            text, template = self.chat_prompt(msg["messages"])
-            bos_text = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
-            add_bos = bool(llm._model.add_bos_token()) and not (bos_text and text.startswith(bos_text))
-        else:
-            text, template, add_bos = msg["prompt"], "", True
-        tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+            tokens, template = self.chat_tokens(msg["messages"])
+        else:  # raw text is the caller's own prompt format: its special tokens are meant (see run --raw)
+            tokens, template = llm.tokenize(msg["prompt"].encode("utf-8"), add_bos=True, special=True), ""
         if not tokens:
             bos = llm.token_bos()
             if bos < 0:

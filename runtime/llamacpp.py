@@ -272,6 +272,12 @@ class LlamaCppBackend(Backend):
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return list(self._call("tokenize", "tokenizing", text=text, add_special=add_special))
 
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt ids ``generate(messages)`` evaluates: the GGUF's chat template with its own markers
+        as control tokens and the messages' text tokenized as plain text (special tokens typed in a
+        message stay text)."""
+        return list(self._call("chat_tokens", "applying the chat template", messages=_messages(messages)))
+
     def detokenize(self, tokens: list[int], special: bool = False) -> str:
         """Text of ``tokens``; ``special`` also renders control tokens such as ``<|im_end|>``."""
         return str(self._call("detokenize", "detokenizing", tokens=[int(t) for t in tokens], special=special))
@@ -342,12 +348,7 @@ class LlamaCppBackend(Backend):
         if isinstance(prompt, str):
             request: dict[str, Any] = {"prompt": prompt}
         else:
-            messages = [dict(m) for m in prompt]
-            if not all(
-                isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-            ):
-                raise InputError('chat messages must be {"role": str, "content": str} dicts')
-            request = {"messages": messages}
+            request = {"messages": _messages(prompt)}
         request["sampling"] = {**asdict(sampling), "stop": list(sampling.stop)}
         return self._stream(request, stats if stats is not None else GenerationStats())
 
@@ -616,3 +617,10 @@ class LlamaCppBackend(Backend):
     def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError:
         text = str(msg.get("message") or msg.get("type") or "unknown error")
         return BackendError(f"llama.cpp failed while {doing}: {text}")
+
+
+def _messages(prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+    messages = [dict(m) for m in prompt]
+    if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise InputError('chat messages must be {"role": str, "content": str} dicts')
+    return messages

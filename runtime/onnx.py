@@ -61,6 +61,28 @@ class _Tokenizer:
             return list(self._hf(text, add_special_tokens=add_special)["input_ids"])
         return self._tok.encode(text, add_special_tokens=add_special).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` with special-token parsing off: ``<|im_start|>`` in it stays plain text."""
+        if self._hf is not None:
+            return list(self._hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        self._tok.encode_special_tokens = True
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = False
+
+    def special_tokens(self) -> list[str]:
+        """The added tokens matched as control tokens in text (those ``encode_text`` leaves alone)."""
+        added = self._hf.added_tokens_decoder if self._hf is not None else self._tok.get_added_tokens_decoder()
+        return [t.content for t in added.values() if t.special]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template's ids: its own markers as special tokens, the messages' text as plain text."""
+        from edgekit.runtime.chat_tokens import chat_segments, tokenize_segments
+
+        segments = chat_segments(self.render, messages, self.special_tokens())
+        return tokenize_segments(segments, self.encode_text, lambda t: self.encode(t, add_special=False))
+
     def decode(self, ids: list[int]) -> str:
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=True)
@@ -189,6 +211,10 @@ class OnnxBackend(Backend):
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special)
 
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt ids ``generate(messages)`` evaluates (special tokens typed in a message stay text)."""
+        return self.tokenizer.encode_chat(messages)
+
     def reset(self) -> None:
         empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
         self._past = [empty] * len(self._past_names)
@@ -214,7 +240,7 @@ class OnnxBackend(Backend):
         if isinstance(prompt, str):
             ids = self.tokenize(prompt)
         else:
-            ids = self.tokenize(self.tokenizer.render(prompt), add_special=False)
+            ids = self.chat_tokens(prompt)
         if not ids:
             raise InputError("the prompt is empty")
         if len(ids) >= self.n_ctx and self.window is None:

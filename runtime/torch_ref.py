@@ -61,8 +61,7 @@ class TorchBackend(Backend):
     def _prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
-        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return hf_chat_ids(self.tokenizer, prompt)
 
     def _pick(self, logits, sampling: SamplingConfig, gen):
         torch = self._torch
@@ -112,3 +111,19 @@ class TorchBackend(Backend):
         yield from decode_loop(forward(torch.tensor([ids])), lambda tok: forward(torch.tensor([[tok]])), choose, eos,
                                stream, stats, sampling.max_tokens, t0)
         stats.total_time = time.perf_counter() - t0
+
+
+def hf_chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """A transformers tokenizer's chat-template ids with the messages' text never parsed for special tokens
+    (``apply_chat_template(tokenize=True)`` would read ``<|im_start|>`` typed in a message as a turn)."""
+    from edgekit.runtime.chat_tokens import chat_segments, tokenize_segments
+
+    def render(msgs: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def encode(text: str, split: bool) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"])
+
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return tokenize_segments(chat_segments(render, list(messages), specials),
+                             lambda t: encode(t, True), lambda t: encode(t, False))

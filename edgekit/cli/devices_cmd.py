@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import handle_errors, out, progress_bar
+from edgekit.cli.ui import handle_errors, out, progress_bar, say
 
 devices_app = typer.Typer(help="This host, Android phones (adb), iPhones (usbmuxd) and SSH boards.",
                           invoke_without_command=True, no_args_is_help=False)
@@ -22,21 +22,23 @@ def _gb(n: int | None) -> str:
 
 def _render(found) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="devices")
     for col in ("id", "state", "model", "os", "arch", "cores", "RAM GiB", "free GiB", "GPUs"):
         table.add_column(col, justify="right" if col in ("cores", "RAM GiB", "free GiB") else "left")
     for d in found.devices:
         gpus = ", ".join(f"{g.name} ({_gb(g.vram_total)} GiB)" for g in d.gpus) or "-"
-        table.add_row(d.id, d.state if d.state == "ready" else f"[yellow]{d.state}[/]", d.model or "-",
-                      " ".join(filter(None, (d.os, d.os_version))) or "-", d.abi or d.arch or "-",
-                      str(d.cores or "-"), _gb(d.ram_total), _gb(d.storage_free), gpus)
+        # what devices report about themselves is data: Text cells, never markup
+        table.add_row(Text(d.id), Text(d.state, style="" if d.state == "ready" else "yellow"), Text(d.model or "-"),
+                      Text(" ".join(filter(None, (d.os, d.os_version))) or "-"), Text(d.abi or d.arch or "-"),
+                      str(d.cores or "-"), _gb(d.ram_total), _gb(d.storage_free), Text(gpus))
     out.print(table)
     for d in found.devices:
         if d.detail:
-            out.print(f"[yellow]{d.id}[/]: {d.detail}", highlight=False)
+            say(out, str(d.detail), f"{d.id}:", "yellow")
     for platform, note in found.notes.items():
-        out.print(f"[dim]{platform}: {note}[/]", highlight=False)
+        say(out, Text(f"{platform}: {note}", style="dim"))
 
 
 @devices_app.callback()
@@ -87,7 +89,7 @@ def add(
         check_dest(dest)
     add_ssh_host(SSHHost(name=name, host=host, port=port, user=user, key=key, remote_edgekit=remote_edgekit,
                          dest=dest))
-    out.print(f"[green]added[/] ssh:{name} ({user + '@' if user else ''}{host}:{port}) to {config_path()}")
+    say(out, f"ssh:{name} ({user + '@' if user else ''}{host}:{port}) to {config_path()}", "added", "green")
 
 
 @devices_app.command("remove")
@@ -97,7 +99,7 @@ def remove(device: str = typer.Argument(..., help="ssh:NAME")) -> None:
     from edgekit.devices.config import remove_ssh_host
 
     remove_ssh_host(device.removeprefix("ssh:"))
-    out.print(f"removed {device}")
+    say(out, f"removed {device}")
 
 
 @devices_app.command("show")
@@ -143,14 +145,14 @@ def push(
     for f in res.files:
         state = ("already there (sha256 matches)" if f.skipped else
                  f"resumed at {f.resumed_from / 1e6:.1f} MB" if f.resumed_from else "new")
-        out.print(f"  {f.name:<32} {f.size / 1e6:9.1f} MB  {state}", highlight=False)
+        say(out, f"  {f.name:<32} {f.size / 1e6:9.1f} MB  {state}")
     fit = res.fit
     ram = f", needs ~{fit.ram_needed / 1e6:.0f} MB RAM at ctx {fit.ctx} of {_gb(fit.ram_total)} GiB" \
         if fit and fit.ram_needed and fit.ram_total else ""
     sent = sum(f.size - f.resumed_from for f in res.files if not f.skipped) if res.dry_run else res.bytes_sent
     speed = f" in {res.seconds:.1f} s ({res.bytes_sent / 1e6 / res.seconds:.1f} MB/s)" if res.seconds > 0 else ""
-    out.print(f"[green]{verb}[/] {sent / 1e6:.1f} MB to {res.device_id}:{res.remote_dir}{speed}{ram}"
-              + ("" if res.dry_run else "; sha256 verified on the device"), highlight=False)
+    say(out, f"{sent / 1e6:.1f} MB to {res.device_id}:{res.remote_dir}{speed}{ram}"
+        + ("" if res.dry_run else "; sha256 verified on the device"), verb, "green")
 
 
 def register(app: typer.Typer) -> None:

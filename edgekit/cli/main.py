@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from edgekit.cli import devices_cmd, profile_cmd, tui_cmd
-from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar
+from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say, tagged
 from edgekit.errors import InputError
 
 app = typer.Typer(
@@ -127,8 +127,8 @@ def convert(
         out.print_json(json.dumps(m))
         return
     fallbacks = sum(1 for t in m.get("tensors", {}).values() if "wanted" in t)
-    out.print(f"[green]wrote[/] {art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, "
-              f"{m['preset']}, {fallbacks} tensors fell back: see 'edgekit inspect')")
+    say(out, f"{art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, {m['preset']}, "
+             f"{fallbacks} tensors fell back: see 'edgekit inspect')", "wrote", "green")
 
 
 def _heal_config(text: str | None) -> Any:
@@ -175,7 +175,9 @@ def run(
     artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message (or raw text with --raw)."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
-    raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
+    raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template; "
+                             "special tokens written in it (<|im_start|>...) are read as the model's control "
+                             "tokens. Without --raw, -p and --system are message text and never are."),
     temperature: float = typer.Option(0.7, "--temperature", "--temp", help="0 is greedy."),
     top_k: int = typer.Option(40, "--top-k"),
     top_p: float = typer.Option(0.95, "--top-p"),
@@ -228,9 +230,11 @@ def run(
     sys.stdout.write("\n")
     sys.stdout.flush()
     if stats:
-        err.print(f"[dim]{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated, "
-                  f"TTFT {st.time_to_first_token * 1000:.0f} ms, {st.tokens_per_second:.1f} tok/s, "
-                  f"stop: {st.stop_reason}{decoding_note(st.extra)}[/]", highlight=False)
+        from rich.text import Text
+
+        say(err, Text(f"{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated, "
+                      f"TTFT {st.time_to_first_token * 1000:.0f} ms, {st.tokens_per_second:.1f} tok/s, "
+                      f"stop: {st.stop_reason}{decoding_note(st.extra)}", style="dim"))
 
 
 @app.command("eval")
@@ -269,9 +273,9 @@ def eval_cmd(
         if as_json:
             out.print_json(json.dumps(res_s))
         else:
-            out.print(f"perplexity {res_s['ppl']:.4f} over {res_s['tokens_scored']:,} tokens streamed through a KV "
-                      f"window of {kv_window} ({kv_sinks} sinks): at most {res_s['peak_cells']} cells held, "
-                      f"{res_s['evicted']:,} evicted")
+            say(out, f"perplexity {res_s['ppl']:.4f} over {res_s['tokens_scored']:,} tokens streamed through a KV "
+                 f"window of {kv_window} ({kv_sinks} sinks): at most {res_s['peak_cells']} cells held, "
+                 f"{res_s['evicted']:,} evicted")
         return
 
     with progress_bar(not as_json) as progress:
@@ -281,8 +285,9 @@ def eval_cmd(
         out.print_json(json.dumps(res.to_json()))
         return
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{artifact} on {text.name} (ctx {ctx}, {res.chunks} chunks, {res.tokens_scored} tokens)")
+    table = Table(title=Text(f"{artifact} on {text.name} (ctx {ctx}, {res.chunks} chunks, {res.tokens_scored} tokens)"))
     for col in ("perplexity", "±", "ref perplexity", "KL mean", "KL p99", "top-1"):
         table.add_column(col, justify="right")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -333,7 +338,7 @@ def import_cmd(
 
     with progress_bar() as progress:
         path = api.import_gguf(gguf_file, output, force=force, progress=progress)
-    out.print(f"[green]wrote[/] {path}")
+    say(out, str(path), "wrote", "green")
 
 
 @app.command()
@@ -376,7 +381,7 @@ def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
         for k, v in data.items():
             if k == "backends":
                 v = ", ".join(f"{n} ({'/'.join(b['formats'])}: {', '.join(b['can']) or 'run'})" for n, b in v.items())
-            out.print(f"[bold]{k}[/]: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+            say(out, tagged(f"{k}:", "bold", ", ".join(map(str, v)) if isinstance(v, list) else str(v)))
 
 
 tui_cmd.register(app)

@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from edgekit.cli.ui import err, handle_errors, out
+from edgekit.cli.ui import err, handle_errors, out, say, tagged
 
 
 def _ints(text: str, name: str, allow_none: bool = False) -> tuple[Any, ...]:
@@ -44,10 +44,11 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def _table(rows: list[Any], title: str) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     from edgekit.runtime.profile import summarize
 
-    table = Table(title=title)
+    table = Table(title=Text(title))
     for col in ("artifact", "test", "config", "tokens/s", "TTFT ms", "load s", "peak RSS", "roofline", "J/tok", "status"):
         table.add_column(col, justify="left" if col in ("artifact", "test", "config", "status") else "right",
                          overflow="fold")
@@ -55,7 +56,7 @@ def _table(rows: list[Any], title: str) -> Any:
         tps = "-" if s["tps"] is None else f"{s['tps']:.1f}±{s['tps_std']:.1f}"
         config = f"t{s['threads']} b{s['batch']} c{s['ctx']}" + (f" ngl{s['ngl']}" if s["ngl"] else "")
         roof = s["roofline_fraction"]
-        table.add_row(s["artifact"], s["test"], config, tps, _fmt(None if s["ttft_s"] is None else s["ttft_s"] * 1000, ".0f"),
+        table.add_row(Text(s["artifact"]), s["test"], config, tps, _fmt(None if s["ttft_s"] is None else s["ttft_s"] * 1000, ".0f"),
                       _fmt(s["load_s"], ".2f"), _mb(s["peak_rss_bytes"]), "-" if roof is None else f"{100 * roof:.0f}%",
                       _fmt(s["j_per_token"], ".3f"), s["status"])
     return table
@@ -84,7 +85,7 @@ def _emit(run: Any, as_json: bool, as_csv: bool, plot: Path | None, terminal_plo
         from edgekit.runtime.profile_plot import pareto_png
 
         pareto_png(run.rows, plot)
-        err.print(f"[green]wrote[/] {plot}")
+        say(err, str(plot), "wrote", "green")
     if terminal_plot and run.rows:
         from edgekit.runtime.profile_plot import terminal_bars
 
@@ -153,7 +154,7 @@ def profile_cmd(
             except ProfileInterrupted as exc:
                 interrupted = run = exc.run
         if interrupted is not None:
-            err.print("[yellow]interrupted:[/] partial results below are marked 'interrupted'", highlight=False)
+            say(err, "partial results below are marked 'interrupted'", "interrupted:", "yellow")
     if history and run.rows:
         from edgekit.runtime.history import History
 
@@ -164,7 +165,7 @@ def profile_cmd(
         raise typer.Exit(130)
     errors = [r for r in run.rows if r.status == "error"]
     if errors:
-        err.print(f"[bold red]error:[/] {errors[0].error}", highlight=False)
+        say(err, str(errors[0].error), "error:", "bold red")
         raise typer.Exit(6)
 
 
@@ -216,6 +217,7 @@ def _import_llama_bench(path: Path) -> Any:
 
 def _show_compare(artifacts: list[Path] | None, as_json: bool) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from edgekit.runtime.history import History
 
@@ -235,7 +237,7 @@ def _show_compare(artifacts: list[Path] | None, as_json: bool) -> None:
         series = " → ".join(f"{r['tps']:.1f}" for r in c["runs"] if r["tps"] is not None)
         change = "-" if c["change"] is None else f"{100 * c['change']:+.1f}%"
         latest = c["runs"][-1]
-        table.add_row(c["artifact"], c["test"], str(c["config"]["n_threads"]), str(c["config"]["n_ctx"]),
+        table.add_row(Text(c["artifact"]), c["test"], str(c["config"]["n_threads"]), str(c["config"]["n_ctx"]),
                       str(c["config"]["n_gpu_layers"]), series, latest["timestamp"], change)
     out.print(table)
 
@@ -273,17 +275,19 @@ def plan_cmd(
         sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")
         return
     parts = p.memory.parts
-    out.print(f"[bold]{art.name}[/] at ctx {ctx}: [green]fits[/] ({p.device})")
-    out.print(f"  {p.reason}")
-    out.print(f"  RAM  {_mb(p.memory.ram_bytes)}: weights {_mb(parts['weights_cpu'] + parts['weights_repacked'])}, "
+    from rich.text import Text
+
+    say(out, Text.assemble((art.name, "bold"), f" at ctx {ctx}: ", ("fits", "green"), f" ({p.device})"))
+    say(out, f"  {p.reason}")
+    say(out, f"  RAM  {_mb(p.memory.ram_bytes)}: weights {_mb(parts['weights_cpu'] + parts['weights_repacked'])}, "
               f"KV {_mb(parts['kv_cpu'])}, compute {_mb(parts['compute_cpu'])}, baseline {_mb(parts['baseline'])}, "
               f"other {_mb(parts['overhead'] + parts['output_cpu'])}")
     if p.memory.vram_bytes:
-        out.print(f"  VRAM {_mb(p.memory.vram_bytes)}: weights {_mb(parts['weights_gpu'])}, KV {_mb(parts['kv_gpu'])}, "
+        say(out, f"  VRAM {_mb(p.memory.vram_bytes)}: weights {_mb(parts['weights_gpu'])}, KV {_mb(parts['kv_gpu'])}, "
                   f"compute {_mb(parts['compute_gpu'])} (modeled)")
     flags = [f"-ngl {p.n_gpu_layers}"] + ([] if p.offload_kqv or not p.n_gpu_layers else ["--no-kv-offload"])
     flags += [f"-ot '{pat}={buft}'" for pat, buft in p.tensor_overrides]
-    out.print(f"  llama.cpp: {' '.join(flags)}    edgekit: run {artifact} --offload auto", highlight=False)
+    say(out, f"  llama.cpp: {' '.join(flags)}    edgekit: run {artifact} --offload auto")
 
 
 def _print_memory_plan(art: Any, p: Any, as_json: bool) -> None:
@@ -293,11 +297,14 @@ def _print_memory_plan(art: Any, p: Any, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")
     else:
-        verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
-        out.print(f"[bold]{art.name}[/] at ctx {p.n_ctx}: {verdict} in {_mb(p.ram_budget)} RAM ({p.runtime}, CPU)")
+        from rich.text import Text
+
+        verdict = ("fits", "green") if p.fits else ("does not fit", "red")
+        say(out, Text.assemble((art.name, "bold"), f" at ctx {p.n_ctx}: ", verdict,
+                               f" in {_mb(p.ram_budget)} RAM ({p.runtime}, CPU)"))
         parts = ", ".join(f"{k.replace('_', ' ')} {_mb(v)}" for k, v in p.parts.items() if v)
-        out.print(f"  RAM  {_mb(p.ram_bytes)}: {parts}")
-        out.print(f"  {p.reason}")
+        say(out, f"  RAM  {_mb(p.ram_bytes)}: {parts}")
+        say(out, f"  {p.reason}")
     if not p.fits:
         raise InputError(f"{art.name} needs about {_mb(p.ram_bytes)} at ctx {p.n_ctx} but the budget is "
                          f"{_mb(p.ram_budget)}; lower --ctx or use a smaller artifact")
@@ -312,7 +319,7 @@ def offload_options(artifact: Path, offload: str, ctx: int) -> dict[str, Any]:
         return {}
     opts, reason = plan_options(Artifact.open(artifact), offload, ctx)
     if reason:
-        err.print(f"[dim]offload: {reason}[/]", highlight=False)
+        say(err, tagged("offload:", "dim", reason))
     return opts
 
 

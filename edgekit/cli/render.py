@@ -1,4 +1,8 @@
-"""Rich renderings of SDK results for the terminal."""
+"""Rich renderings of SDK results for the terminal.
+
+Cells are :class:`rich.text.Text`: a str cell is parsed as markup, and paths, model names and tensor
+names are data that may hold brackets.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def mb(n: float) -> str:
@@ -17,44 +22,48 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("file", info["path"])
-    head.add_row("architecture", f"{info['architecture']}  ({info.get('name') or ''})")
-    head.add_row("shape", f"{hp['block_count']} layers, hidden {hp['embedding_length']}, ffn {hp['feed_forward_length']}, "
-                          f"{hp['attention.head_count']} heads / {hp['attention.head_count_kv']} KV heads, "
-                          f"vocab {hp['vocab_size']}, trained ctx {hp['context_length']}")
-    head.add_row("parameters", f"{info['n_params'] / 1e6:.1f} M")
-    head.add_row("size", f"{mb(info['file_bytes'])} file, {mb(info['weight_bytes'])} weights, {info['bpw']:.3f} bits/weight")
+
+    def row(label: str, value: str) -> None:
+        head.add_row(label, Text(value))
+
+    row("file", info["path"])
+    row("architecture", f"{info['architecture']}  ({info.get('name') or ''})")
+    row("shape", f"{hp['block_count']} layers, hidden {hp['embedding_length']}, ffn {hp['feed_forward_length']}, "
+                 f"{hp['attention.head_count']} heads / {hp['attention.head_count_kv']} KV heads, "
+                 f"vocab {hp['vocab_size']}, trained ctx {hp['context_length']}")
+    row("parameters", f"{info['n_params'] / 1e6:.1f} M")
+    row("size", f"{mb(info['file_bytes'])} file, {mb(info['weight_bytes'])} weights, {info['bpw']:.3f} bits/weight")
     mem = info["memory"]
     kv, kv_type = (mem["kv_cache_f16"], "f16") if "kv_cache_f16" in mem else (mem["kv_cache"], mem["kv_type"])
-    head.add_row(f"memory @ ctx {mem['ctx']}", f"{mb(mem['total'])} = {mb(mem['weights'])} weights + "
-                                               f"{mb(kv)} KV cache ({kv_type}), plus compute buffers")
+    row(f"memory @ ctx {mem['ctx']}", f"{mb(mem['total'])} = {mb(mem['weights'])} weights + "
+                                      f"{mb(kv)} KV cache ({kv_type}), plus compute buffers")
     if info.get("onnx"):
         o = info["onnx"]
-        head.add_row("onnx", f"opset {o['opset']}, IR {o['ir_version']}; ops "
-                             + ", ".join(f"{k} x{v}" for k, v in o["ops"].items()))
+        row("onnx", f"opset {o['opset']}, IR {o['ir_version']}; ops "
+                    + ", ".join(f"{k} x{v}" for k, v in o["ops"].items()))
     if info.get("recipe"):
         r = info["recipe"]
-        head.add_row("recipe", f"method {r.get('method')}, preset {info.get('preset') or r.get('preset')}"
-                                + (f" (--bits {r['bits']})" if r.get("bits") else ""))
+        row("recipe", f"method {r.get('method')}, preset {info.get('preset') or r.get('preset')}"
+                       + (f" (--bits {r['bits']})" if r.get("bits") else ""))
     if info.get("pruned"):
-        head.add_row("pruned", pruning_line(info["pruned"]))
+        row("pruned", pruning_line(info["pruned"]))
     if info.get("sparsity"):
         sp = info["sparsity"]
-        head.add_row("sparsity", f"{100 * sp['mean']:.1f}% of the weights of {sp['linears']} linears are zero "
-                                 f"({', '.join(sp['steps'])}); no CPU runtime skips zeros, so no speed-up")
+        row("sparsity", f"{100 * sp['mean']:.1f}% of the weights of {sp['linears']} linears are zero "
+                        f"({', '.join(sp['steps'])}); no CPU runtime skips zeros, so no speed-up")
     if info["fallbacks"]:
         summary = ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items())
-        head.add_row("fallbacks", f"{info['fallbacks']} tensors ({summary}): row width not a multiple of the "
-                                  "K-quant super-block (256), same rule as llama.cpp")
+        row("fallbacks", f"{info['fallbacks']} tensors ({summary}): row width not a multiple of the "
+                         "K-quant super-block (256), same rule as llama.cpp")
     for e in info.get("eval", [])[-3:]:
         extra = f", KL {e['kl_mean']:.4f}, top-1 {100 * e['top1_agreement']:.1f}%" if "kl_mean" in e else ""
-        head.add_row("eval", f"ppl {e['ppl']:.3f} (ctx {e['ctx']}, {e['chunks']} chunks){extra}")
+        row("eval", f"ppl {e['ppl']:.3f} (ctx {e['ctx']}, {e['chunks']} chunks){extra}")
     console.print(head)
     types = Table(title="tensor types")
     for col in ("type", "tensors", "size"):
         types.add_column(col, justify="right" if col != "type" else "left")
     for t, n in info["type_counts"].items():
-        types.add_row(t, str(n), mb(info["type_bytes"][t]))
+        types.add_row(Text(t), str(n), mb(info["type_bytes"][t]))
     console.print(types)
     if show_tensors:
         tt = Table(title="tensors")
@@ -62,7 +71,7 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
             tt.add_column(col)
         for t in info["tensors"]:
             note = f"wanted {t['wanted']}" if "wanted" in t else ""
-            tt.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), mb(t["bytes"]), note)
+            tt.add_row(Text(t["name"]), Text(t["type"]), "x".join(map(str, t["shape"])), mb(t["bytes"]), note)
         console.print(tt)
 
 

@@ -1,4 +1,9 @@
-"""Console helpers: errors as one line and an exit code, rich progress bars as ProgressFn."""
+"""Console helpers: errors as one line and an exit code, rich progress bars as ProgressFn.
+
+Messages carry user and data text (paths, model names, model output) that may hold brackets: they are
+printed as :class:`rich.text.Text`, never parsed as rich markup, so ``x[/bold]y`` prints as itself and
+cannot raise MarkupError; only the fixed tag before them is styled.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import contextlib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +19,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from edgekit.errors import EdgekitError, InputError
 
@@ -21,9 +28,27 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def tagged(tag: str, style: str, message: str) -> Text:
+    """``tag`` in ``style``, a space, then ``message`` exactly as given."""
+    return Text.assemble((tag, style), " ", message)
+
+
+def say(console: Console, message: str | Text, tag: str = "", style: str = "") -> None:
+    """One message line, brackets and all; soft-wrapped so a long path stays one line in a pipe."""
+    text = tagged(tag, style, str(message)) if tag else Text(message) if isinstance(message, str) else message
+    console.print(text, highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    say(err, message, "error:", "bold red")
     return typer.Exit(code)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    # A warning is a message to the user (a crash retried in safe mode, a slow path taken): one line,
+    # not Python's file:line plus source echo.
+    say(err, str(message), "warning:", "yellow")
 
 
 def handle_errors(fn: F) -> F:
@@ -32,7 +57,9 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except EdgekitError as exc:
             raise fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
@@ -59,7 +86,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
     if not enabled or not sys.stderr.isatty() and not os.environ.get("EDGEKIT_PROGRESS"):
         yield lambda desc, done, total: None
         return
-    bar = Progress(TextColumn("{task.description:<48.48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bar = Progress(TextColumn("{task.description:<48.48}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=err, transient=False)
     task_id = None
 

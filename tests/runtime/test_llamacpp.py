@@ -27,7 +27,6 @@ from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 
-CRASH_ENV = "EDGEKIT_LLAMACPP_TEST_CRASH"
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=48)
 # The template's default system prompt makes this Q4_1 135M model ramble in French when greedy;
 # with an explicit system message it answers plainly.
@@ -229,30 +228,73 @@ def test_worker_exits_when_parent_dies():
 # -- crashes and bad files -------------------------------------------------------------------------
 
 
-def test_crash_while_loading_names_signal(junk_file: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(CRASH_ENV, "load:SIGSEGV")
+def _die_at_start(monkeypatch: pytest.MonkeyPatch, sig: str, tmp_path: Path | None = None) -> None:
+    """Every llama.cpp worker process dies of ``sig`` as it starts (with ``tmp_path``: only the first one).
+
+    The process the backend started is really killed by the signal: the wrapper shell ``exec``s the
+    worker, so it is the same pid the parent waits on."""
+    from edgekit.runtime import llamacpp_build
+
+    if tmp_path is None:
+        monkeypatch.setenv(llamacpp_build.WRAPPER_ENV, f"sh -c 'kill -{sig} $$' --")
+        return
+    mark = tmp_path / "crashed-once"
+    monkeypatch.setenv(llamacpp_build.WRAPPER_ENV,
+                       f"sh -c 'if [ ! -e {mark} ]; then : > {mark}; kill -{sig} $$; fi; exec \"$@\"' --")
+
+
+def _kill_worker(backend: LlamaCppBackend, sig: signal.Signals) -> None:
+    """Send ``sig`` to the backend's live worker process and wait until it is dead."""
+    proc = backend._proc
+    assert proc is not None and proc.poll() is None
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=30)
+    assert proc.returncode == -sig
+
+
+@pytest.fixture
+def no_amx_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without AMX, so a protection fault gets the general advice on any build host."""
+    from edgekit.runtime import llamacpp_build
+
+    monkeypatch.setenv(llamacpp_build.CPUINFO_ENV, str(Path(__file__).with_name("data") / "cpuinfo-epyc-avx2.txt"))
+
+
+def test_crash_while_loading_names_signal(junk_file: Path, monkeypatch: pytest.MonkeyPatch, no_amx_host):
+    _die_at_start(monkeypatch, "SEGV")
     with pytest.raises(BackendCrashed) as err:
         LlamaCppBackend(junk_file, retry_safe=False)
     msg = str(err.value)
-    assert err.value.signal == "SIGSEGV" and "loading" in msg and "--rebuild-llama" in msg
+    assert msg.startswith(f"llama.cpp crashed (SIGSEGV) while loading ({junk_file.name}); ")
+    assert err.value.signal == "SIGSEGV" and "--rebuild-llama" in msg
+    # the advice names only what exists: an environment variable and the setup script's option
     assert "EDGEKIT_LLAMACPP_LOG=1" in msg and "--safe-cpu" not in msg and "--verbose" not in msg
     assert "\n" not in msg
 
 
-def test_protection_fault_retries_once_in_safe_mode(junk_file: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(CRASH_ENV, "load:SIGSEGV")  # crashes in safe mode too
+def test_protection_fault_retries_once_in_safe_mode(junk_file: Path, monkeypatch: pytest.MonkeyPatch, no_amx_host):
+    _die_at_start(monkeypatch, "SEGV")  # crashes in safe mode too
     seen: list[str] = []
     with pytest.raises(BackendCrashed, match=r"SIGSEGV.*also in safe CPU mode"):
         LlamaCppBackend(junk_file, on_warning=seen.append)
     assert len(seen) == 1 and "retrying once in safe CPU mode" in seen[0]
 
 
-def test_sigill_is_explained_not_retried(junk_file: Path, monkeypatch: pytest.MonkeyPatch):
+@needs_real
+def test_crash_while_loading_recovers_in_safe_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_amx_host):
+    _die_at_start(monkeypatch, "SEGV", tmp_path)
+    seen: list[str] = []
+    with _open(_real_gguf(), n_ctx=256, on_warning=seen.append) as backend:
+        assert backend.safe_cpu is True and backend.info["safe_cpu"] is True
+        assert "Paris" in "".join(backend.generate(CAPITAL, GREEDY))
+    assert len(seen) == 1 and seen[0].startswith("llama.cpp crashed (SIGSEGV) while loading")
+
+
+def test_sigill_is_explained_not_retried(junk_file: Path, monkeypatch: pytest.MonkeyPatch, no_amx_host):
     """An illegal instruction is the build's fault, not the weights' layout: safe CPU mode cannot help."""
     from edgekit.runtime import llamacpp_build
 
-    monkeypatch.setenv(CRASH_ENV, "load:SIGILL")
-    monkeypatch.setenv(llamacpp_build.CPUINFO_ENV, str(Path(__file__).with_name("data") / "cpuinfo-epyc-avx2.txt"))
+    _die_at_start(monkeypatch, "ILL")
     seen: list[str] = []
     with pytest.raises(BackendCrashed) as err:
         LlamaCppBackend(junk_file, on_warning=seen.append)
@@ -280,34 +322,43 @@ def test_amx_fault_message_only_where_amx_can_be_the_cause(monkeypatch: pytest.M
 
 
 @needs_real
-def test_crash_on_first_decode_recovers_in_safe_mode(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(CRASH_ENV, "generate:SIGSEGV:unsafe")
+def test_crash_before_first_decode_recovers_in_safe_mode(no_amx_host):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _open(_real_gguf(), n_ctx=256) as backend:
             assert backend.safe_cpu is False
+            _kill_worker(backend, signal.SIGSEGV)  # as a fault in the first decode would
             text = "".join(backend.generate(CAPITAL, GREEDY))
             assert backend.safe_cpu is True and backend.info["safe_cpu"] is True
     assert "Paris" in text
-    assert any("SIGSEGV" in str(w.message) and w.category is RuntimeWarning for w in caught)
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning and "SIGSEGV" in str(w.message)]
 
 
 @needs_real
-def test_crash_while_generating_keeps_parent_alive(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(CRASH_ENV, "generate:SIGSEGV")
+def test_crash_while_generating_keeps_parent_alive(no_amx_host):
     backend = _open(_real_gguf(), n_ctx=256, retry_safe=False)
-    with pytest.raises(BackendCrashed, match=r"SIGSEGV.*generating text"):
-        list(backend.generate("Hello", GREEDY))
+    stream = backend.generate("Once upon a time", SamplingConfig(temperature=0.0, max_tokens=200))
+    next(stream)
+    _kill_worker(backend, signal.SIGSEGV)
+    with pytest.raises(BackendCrashed) as err:
+        list(stream)
+    msg = str(err.value)
+    assert msg.startswith(f"llama.cpp crashed (SIGSEGV) while generating text ({_real_gguf().name})")
+    assert "\n" not in msg
     with pytest.raises(BackendError, match="crashed"):
         backend.tokenize("hi")
     backend.close()
 
 
 @needs_real
-def test_abort_in_worker_is_reported(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(CRASH_ENV, "tokenize:SIGABRT")
-    with _open(_real_gguf(), n_ctx=256) as backend, pytest.raises(BackendCrashed, match="SIGABRT"):
-        backend.tokenize("hello")
+def test_abort_in_worker_is_reported():
+    with _open(_real_gguf(), n_ctx=256) as backend:
+        _kill_worker(backend, signal.SIGABRT)
+        with pytest.raises(BackendCrashed) as err:
+            backend.tokenize("hello")
+    msg = str(err.value)
+    assert msg.startswith(f"llama.cpp died (SIGABRT) while tokenizing ({_real_gguf().name})")
+    assert msg.endswith("rerun with EDGEKIT_LLAMACPP_LOG=1 to see llama.cpp's log") and "\n" not in msg
 
 
 def test_random_bytes_are_corrupt_file(junk_file: Path):

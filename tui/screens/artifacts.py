@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -84,7 +85,7 @@ class ArtifactsScreen(Screen[None]):
         for i, label in enumerate(COLUMNS):
             table.add_column(label, width=max([len(str(label))] + [len(str(c[i])) for c in cells]))
         for r, c in zip(rows, cells, strict=True):
-            table.add_row(*c, key=str(r.path))
+            table.add_row(*map(escape, c), key=str(r.path))  # str cells are markup; names are data
         total = sum(r.size_bytes for r in rows)
         self.query_one("#artifacts-status", Static).update(
             f"{len(rows)} artifacts under {folder} ({human_bytes(total)})" if rows else
@@ -144,7 +145,7 @@ class ArtifactsScreen(Screen[None]):
             except Exception as exc:  # noqa: BLE001
                 self.app.show_error(exc)  # type: ignore[attr-defined]
                 return
-            self.notify(f"deleted {row.path}")
+            self.notify(f"deleted {row.path}", markup=False)
             self.rescan()
 
         what = "the model file" if row.bare else "the folder"
@@ -210,7 +211,7 @@ class InspectScreen(ModalScreen[None]):
         for i, label in enumerate(("tensor", "type", "shape", "size", "note")):
             table.add_column(label, width=max([len(label)] + [len(c[i]) for c in cells]))
         for c in cells:
-            table.add_row(*c)
+            table.add_row(*map(escape, c))
         table.focus()
 
     def action_close(self) -> None:

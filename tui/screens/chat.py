@@ -165,7 +165,7 @@ class ChatScreen(Screen[None]):
         try:
             sampling = self.sampling()
         except EdgekitError as exc:
-            self.notify(str(exc), severity="error")
+            self.notify(str(exc), severity="error", markup=False)
             return
         self.session.system = self.query_one("#system-prompt", TextArea).text
         event.input.value = ""

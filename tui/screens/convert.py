@@ -202,7 +202,7 @@ class ConvertScreen(Screen[None]):
         self._set_step(f"done: {path}")
         log.write(f"wrote {path} in {seconds:.1f} s; it is on the Artifacts screen (F3)")
         self.app.artifact_added(path)  # type: ignore[attr-defined]
-        self.notify(f"wrote {path.name}")
+        self.notify(f"wrote {path.name}", markup=False)
 
     def action_cancel(self) -> None:
         if self.job is not None and not self.job.cancelled:

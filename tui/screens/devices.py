@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -30,10 +31,11 @@ def _size(v: int | None) -> str:
 
 
 def device_row(d: Any) -> tuple[str, ...]:
+    """The table's cells, escaped: DataTable reads str cells as markup and devices name themselves."""
     os_text = " ".join(x for x in (d.os, d.os_version) if x) or "-"
     gpus = ", ".join(g.name for g in d.gpus) or "-"
-    return (d.id, d.name or "-", d.state, os_text, d.arch or "-", str(d.cores or "-"), _size(d.ram_total),
-            _size(d.storage_free), gpus)
+    return tuple(escape(c) for c in (d.id, d.name or "-", d.state, os_text, d.arch or "-", str(d.cores or "-"),
+                                     _size(d.ram_total), _size(d.storage_free), gpus))
 
 
 class DevicesScreen(Screen[None]):

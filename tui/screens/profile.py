@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -217,7 +218,7 @@ class ProfileScreen(Screen[None]):
 
     def _add_row(self, row: dict[str, Any], before: float | None) -> None:
         self.rows.append(row)
-        self.query_one("#pf-table", DataTable).add_row(*row_cells(row, before))
+        self.query_one("#pf-table", DataTable).add_row(*map(escape, row_cells(row, before)))  # cells are markup
         self._draw()
 
     def _progress(self, done: int, total: int, label: str) -> None:
@@ -276,7 +277,7 @@ class ProfileScreen(Screen[None]):
         except (EdgekitError, OSError) as exc:
             self.app.show_error(exc)  # type: ignore[attr-defined]
             return
-        self.notify(f"wrote {path}")
+        self.notify(f"wrote {path}", markup=False)
         self._status(f"exported {len(self.rows)} row(s) to {path}")
 
     def _status(self, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.content import Content
 from textual.widgets import Label, Markdown, Static
 
 
@@ -33,4 +34,4 @@ class ChatMessage(Vertical):
 
     def mark(self, note: str) -> None:
         """Show a note under the role label, e.g. ``stopped`` after a cancel."""
-        self.query_one(".role", Label).update(f"{self.role}  [dim]({note})[/]")
+        self.query_one(".role", Label).update(Content.assemble(self.role, "  ", (f"({note})", "dim")))
