@@ -164,6 +164,8 @@ def member(folder: Path, name: str, mpath: Path) -> Path:
     if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or any(ord(c) < 32 for c in name):
         raise CorruptFileError(f"{mpath} names {name!r}, which is not a file inside {folder}; {_RECONVERT}")
     path = folder / name
+    if path.resolve() == folder.resolve():
+        raise CorruptFileError(f"{mpath} names {name!r}, which is not a file inside {folder}; {_RECONVERT}")
     if not path.resolve().is_relative_to(folder.resolve()):
         raise CorruptFileError(f"{path} is a link leading out of {folder}; an artifact holds its own files: "
                                f"replace the link with the file, or {_RECONVERT}")

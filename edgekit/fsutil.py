@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgekit.errors import DiskFullError, EdgekitError, InputError, OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no locks, the pid in the name alone marks the owner
+    fcntl = None  # type: ignore[assignment]
 
 # .NAME.KIND-PID-RANDOM: what atomic_dir, atomic_file and api's pruning scratch create.
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|prune)-(?P<pid>\d+)-[^/]*$")
@@ -96,7 +100,10 @@ def sha256_files(paths: list[Path]) -> str:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    with contextlib.suppress(OSError, ValueError, StopIteration):  # Linux: read it without changing it
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0)  # elsewhere: set and restore, which briefly affects other threads
     os.umask(mask)
     return mask
 
@@ -107,6 +114,8 @@ def check_free_space(folder: Path, needed_bytes: int, what: str = "the output") 
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
+    if _TEMP_RE.match(probe.name):  # the user chose its folder, not our temporary name
+        probe = probe.parent
     if free < needed_bytes:
         raise DiskFullError(
             f"not enough disk space for {what}: needs {needed_bytes / 1e6:.0f} MB, "
@@ -156,6 +165,8 @@ def _check_dest(dest: Path, force: bool, replaceable: Callable[[Path], bool], ag
 
 
 def _lock(fd: int) -> bool:
+    if fcntl is None:  # pragma: no cover
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -172,6 +183,7 @@ def _make_temp(parent: Path, name: str, kind: str, directory: bool) -> tuple[Pat
     else:
         fd, name_ = tempfile.mkstemp(prefix=prefix, dir=parent)
         path = Path(name_)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; what it becomes should not be
     _lock(fd)
     return path, fd
 

@@ -59,7 +59,7 @@ def _manifest_dir(tmp_path: Path, manifest) -> Path:
 GOOD = {"schema": SCHEMA, "format": "gguf", "files": {"model": "model.gguf"}}
 
 
-@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.gguf", ".."])
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.gguf", "..", ".", ""])
 def test_manifest_names_outside_the_folder_are_refused(tmp_path, name):
     d = _manifest_dir(tmp_path, {**GOOD, "files": {"model": name}})
     with pytest.raises(CorruptFileError, match="not a file inside"):
@@ -341,7 +341,8 @@ def test_short_write_is_a_full_disk(tmp_path):
 def test_free_space_check_on_a_small_disk(tiny_llama, small_disk):
     code, text = run_cli("convert", tiny_llama, "-o", small_disk / "out")
     assert code == 4
-    assert_clean_error(code, text, "not enough disk space", "choose another output folder with -o")
+    assert_clean_error(code, text, "not enough disk space", f"{small_disk} has 1 MB free",
+                       "choose another output folder with -o")
     assert list(small_disk.iterdir()) == []
 
 
@@ -380,3 +381,20 @@ def test_threads_of_one_process_never_sweep_each_other(tmp_path):
     release.set()
     th.join(30)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fast", "slow"]
+
+
+def test_import_output_may_be_replaced_but_not_a_users_folder(tmp_path):
+    """``import --force`` rewrites its own checkpoint (it carries edgekit_import.json), nothing else."""
+    from edgekit.fsutil import is_edgekit_output
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    (ours / "edgekit_import.json").write_text('{"source": "x.gguf"}')
+    (theirs / "config.json").write_text("{}")
+    assert is_edgekit_output(ours) and not is_edgekit_output(theirs)
+    with atomic_dir(ours, force=True) as t:
+        (t / "edgekit_import.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="not an edgekit artifact"), atomic_dir(theirs, force=True):
+        pass
+    assert (theirs / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ours", "theirs"]
