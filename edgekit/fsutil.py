@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from edgekit.errors import DiskFullError, EdgekitError, InputError, OutputExistsError
 
@@ -179,7 +181,11 @@ def _make_temp(parent: Path, name: str, kind: str, directory: bool) -> tuple[Pat
     prefix = f".{name}.{kind}-{os.getpid()}-"
     if directory:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            path.rmdir()
+            raise
     else:
         fd, name_ = tempfile.mkstemp(prefix=prefix, dir=parent)
         path = Path(name_)
@@ -256,13 +262,21 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """Linux renameat2; False where the C library or the file system lacks it (the caller falls back)."""
+@functools.cache
+def _libc_renameat2() -> Any:
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
+    except (AttributeError, OSError):  # not glibc >= 2.28 / musl >= 1.2.4 (macOS, Windows, older C libraries)
+        return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2; False where the C library or the file system lacks it (the caller falls back)."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True
     err = ctypes.get_errno()

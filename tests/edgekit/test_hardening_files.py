@@ -398,3 +398,16 @@ def test_import_output_may_be_replaced_but_not_a_users_folder(tmp_path):
     with pytest.raises(OutputExistsError, match="not an edgekit artifact"), atomic_dir(theirs, force=True):
         pass
     assert (theirs / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ours", "theirs"]
+
+
+def test_force_without_kernel_exchange_swaps_through_an_old_folder(tmp_path, monkeypatch):
+    import edgekit.fsutil as fsutil
+
+    monkeypatch.setattr(fsutil, "_renameat2", lambda src, dst, flags: False)
+    for tag in ("first", "second"):
+        notes: list[str] = []
+        with atomic_dir(tmp_path / "out", force=True, notes=notes) as t:
+            (t / "edgekit_import.json").write_text(json.dumps({"tag": tag}))
+    assert notes == [f"replaced {tmp_path / 'out'} (an earlier edgekit output)"]
+    assert json.loads((tmp_path / "out" / "edgekit_import.json").read_text()) == {"tag": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
