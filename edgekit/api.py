@@ -31,7 +31,8 @@ from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text
 from edgekit.fsutil import atomic_dir, sha256_files, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
-from edgekit.runtime.base import GenerationStats, SamplingConfig, StreamsLongText, open_backend
+from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, StreamsLongText
+from edgekit.runtime.base import open_backend as _open_backend
 from edgekit.runtime.plan import offload_options
 from edgekit.runtime.plan import plan_artifact as plan
 
@@ -177,6 +178,20 @@ def method_config(method: str, calib: CalibConfig | None = None, steps: tuple[st
 
         extra += (from_spec(prune),)
     return cls.config_class(calib=calib or CalibConfig(), extra_steps=extra)
+
+
+def open_backend(target: str | Path | Artifact, backend: str | None = None, **options: Any) -> Backend:
+    """Load an artifact (or a bare model file, or a Hugging Face folder) with ``backend`` (default: the
+    preferred one for its format), after checking the artifact's files against the sha256 its manifest
+    recorded: a file corrupted or edited since convert is a one-line :class:`CorruptFileError`, not garbage
+    output. Checksums are remembered by size and mtime, so only a changed file is read twice."""
+    if not isinstance(target, Artifact):
+        p = Path(target).expanduser()
+        if p.is_dir() and (p / "config.json").exists() and not (p / "edgekit.json").exists():
+            return _open_backend(p, backend, **options)  # a checkpoint folder: no manifest to check against
+        target = Artifact.open(p)
+    target.verify()
+    return _open_backend(target, backend, **options)
 
 
 def generate(

@@ -56,9 +56,9 @@ class Artifact:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> Artifact:
-        """Open an artifact folder, or a bare model file; errors say what was expected. With ``verify``
-        (the default) the files must match the checksums in the manifest (see :meth:`verify`)."""
+    def open(cls, path: str | Path, verify: bool = False) -> Artifact:
+        """Open an artifact folder, or a bare model file; errors say what was expected. With ``verify`` the
+        files must also match the checksums in the manifest (see :meth:`verify`; loading a backend does it)."""
         p = Path(path).expanduser()
         if not p.exists():
             raise InputError(f"{p} does not exist; give an artifact folder (made by 'edgekit convert') or a .gguf file")
@@ -178,7 +178,9 @@ def is_artifact_folder(folder: Path) -> bool:
         return False
     try:
         check_manifest(json.loads((folder / MANIFEST_NAME).read_text()), folder / MANIFEST_NAME)
-    except (OSError, ValueError, CorruptFileError, InputError):
+    except InputError:  # a newer edgekit's artifact is still an artifact
+        return True
+    except (OSError, ValueError, CorruptFileError):
         return False
     return True
 

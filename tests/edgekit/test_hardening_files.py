@@ -115,7 +115,7 @@ def _count_hashes(monkeypatch) -> list[str]:
     real = fsutil.sha256_file
 
     def counting(path, *a, **kw):
-        seen.append(Path(path).name)
+        seen.append(str(path))
         return real(path, *a, **kw)
 
     monkeypatch.setattr(fsutil, "sha256_file", counting)
@@ -127,16 +127,20 @@ def test_convert_records_checksums_and_a_changed_file_is_caught(tiny_art, tmp_pa
     m = json.loads((art / MANIFEST_NAME).read_text())
     assert set(m["sha256"]) == {"model.gguf"} and len(m["sha256"]["model.gguf"]) == 64
     hashed = _count_hashes(monkeypatch)
-    Artifact.open(art)
-    Artifact.open(art)
-    assert hashed == ["model.gguf"]  # hashed once (a new path), then remembered by size and mtime
+    Artifact.open(art).verify()
+    Artifact.open(art, verify=True)
+    assert hashed == [str(art / "model.gguf")]  # hashed once (a new path), then remembered by size and mtime
     data = bytearray((art / "model.gguf").read_bytes())
     data[-100] ^= 0xFF  # tensor data, not the header: the file still parses and would run
     (art / "model.gguf").write_bytes(bytes(data))
     (tmp_path / "t.txt").write_text("some text to measure " * 50)
-    for cmd in (("run", art, "-p", "hi"), ("eval", art, "--text", tmp_path / "t.txt"), ("inspect", art)):
+    for cmd in (("run", art, "-p", "hi"), ("eval", art, "--text", tmp_path / "t.txt"),
+                ("eval", tiny_art, "--text", tmp_path / "t.txt", "--ref", art)):
         assert_clean_error(*run_cli(*cmd), "model.gguf changed since it was converted", "re-run 'edgekit convert'")
-    assert hashed == ["model.gguf", "model.gguf"]  # the changed file once; the mismatch is remembered too
+    assert hashed.count(str(art / "model.gguf")) == 2  # the changed file once; the mismatch is remembered too
+    assert Artifact.open(art).format == "gguf"  # describing it (inspect, the catalog) still works
+    with pytest.raises(CorruptFileError, match="changed since"):
+        Artifact.open(art, verify=True)
 
 
 def test_fresh_convert_needs_no_rehash(tiny_llama, tmp_path, monkeypatch):
@@ -160,7 +164,7 @@ def test_missing_checksummed_file_is_named(tiny_art, tmp_path):
     m = json.loads((art / MANIFEST_NAME).read_text())
     m["sha256"]["tokenizer.json"] = "0" * 64
     write_manifest(art, m)
-    assert_clean_error(*run_cli("inspect", art), "tokenizer.json is missing")
+    assert_clean_error(*run_cli("run", art, "-p", "hi"), "tokenizer.json is missing")
 
 
 # -- convert --force -------------------------------------------------------------------------------
