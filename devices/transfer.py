@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -118,8 +119,8 @@ class PushResult:
 def artifact_files(art: Artifact, scratch: Path) -> list[tuple[Path, str]]:
     """(local path, relative remote name) of everything to push, manifest last.
 
-    A folder artifact sends its visible files (recursively); a bare model file sends itself plus the
-    manifest derived for it, written into ``scratch``.
+    A folder artifact sends its visible files (recursively) and refuses symbolic links among them; a bare
+    model file sends itself plus the manifest derived for it, written into ``scratch``.
     """
     if art.bare_file is not None:
         manifest = scratch / MANIFEST_NAME
@@ -128,7 +129,12 @@ def artifact_files(art: Artifact, scratch: Path) -> list[tuple[Path, str]]:
     files = []
     for p in sorted(art.path.rglob("*")):
         rel = p.relative_to(art.path)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.name != MANIFEST_NAME:
+        if any(part.startswith(".") for part in rel.parts) or rel.name == MANIFEST_NAME:
+            continue
+        if p.is_symlink():  # a link could send anything on this machine (/etc/shadow) under an innocent name
+            raise InputError(f"{p} is a symbolic link; push sends only the artifact's own files: remove the link, "
+                             "or put a copy of the file there if it belongs in the artifact")
+        if p.is_file():
             files.append((p, check_remote_name(rel.as_posix(), "file name")))
     files.append((art.path / MANIFEST_NAME, MANIFEST_NAME))
     return files
@@ -149,8 +155,18 @@ def ram_needed(art: Artifact, ctx: int) -> int | None:
     return sum(f.stat().st_size for f in art.path.glob(art.model_file.name + "*"))
 
 
+def resolved_dest(device: Device, dest: str) -> str:
+    """``dest`` as the device resolves it (``~`` over SSH); an answer that is not a plain absolute folder is
+    refused, since everything pushed is written under it."""
+    got = device.resolve(check_dest(dest))
+    if not got.startswith("/") or any(p == ".." for p in got.split("/")) or any(ord(c) < 32 for c in got):
+        raise VerificationError(f"{device.id} resolved {dest!r} to {got!r}, not an absolute folder; give --dest "
+                                "as an absolute path")
+    return got.rstrip("/") or "/"
+
+
 def remote_dir_for(device: Device, art: Artifact, config: PushConfig) -> str:
-    dest = device.resolve(check_dest(config.dest or device.default_dest()))
+    dest = resolved_dest(device, config.dest or device.default_dest())
     name = config.name or (art.bare_file.stem if art.bare_file is not None else art.path.resolve().name)
     return posixpath.join(dest, check_remote_name(name))
 
@@ -183,7 +199,7 @@ def check_fit(device: Device, artifact: str | Path | Artifact, ctx: int = 4096, 
     if storage_needed is None:
         with tempfile.TemporaryDirectory() as scratch:
             storage_needed = sum(p.stat().st_size for p, _ in artifact_files(art, Path(scratch)))
-    dest = device.resolve(check_dest(dest or device.default_dest()))
+    dest = resolved_dest(device, dest or device.default_dest())
     free = device.free_bytes(dest)
     info = device.info()
     ram = ram_needed(art, ctx)
@@ -203,24 +219,31 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
          progress: ProgressFn | None = None, cancel: Cancel | None = None) -> PushResult:
     """Push ``artifact`` to ``device``: fit check, resumable transfer, sha256 on the device, rename."""
     config = config or PushConfig()
-    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
+    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact, verify=False)
+    art.verify()  # a file changed since convert would be sent, and verified on the device, as it is now
     progress = progress or (lambda desc, done, total: None)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgekit-push-") as scratch:
         files = artifact_files(art, Path(scratch))
         remote_dir = remote_dir_for(device, art, config)
+        created: list[str] = []
         if not config.dry_run:  # a destination we may not write fails here, before any checks or bytes
+            created = _missing_dirs(device, remote_dir)
             device.makedirs(remote_dir)
-        plan = _plan(device, files, remote_dir)
-        to_send = sum(fp.size - fp.resumed_from for _, _, fp in plan if not fp.skipped)
-        fit = check_fit(device, art, config.ctx, config.dest, storage_needed=to_send)
+        try:
+            plan = _plan(device, files, remote_dir)
+            to_send = sum(fp.size - fp.resumed_from for _, _, fp in plan if not fp.skipped)
+            fit = check_fit(device, art, config.ctx, config.dest, storage_needed=to_send)
+            storage_bad = [r for r in fit.reasons if "storage" in r]
+            ram_bad = [r for r in fit.reasons if "RAM" in r]
+            if config.check_storage and storage_bad:
+                raise DiskFullError(f"not pushing to {device.id}: {storage_bad[0]}")
+            if config.check_ram and ram_bad:
+                raise InsufficientMemoryError(f"not pushing to {device.id}: {ram_bad[0]}")
+        except BaseException:
+            _remove_empty(device, created)  # a refused push leaves the device as it was
+            raise
         result = PushResult(device.id, remote_dir, [fp for _, _, fp in plan], dry_run=config.dry_run, fit=fit)
-        storage_bad = [r for r in fit.reasons if "storage" in r]
-        ram_bad = [r for r in fit.reasons if "RAM" in r]
-        if config.check_storage and storage_bad:
-            raise DiskFullError(f"not pushing to {device.id}: {storage_bad[0]}")
-        if config.check_ram and ram_bad:
-            raise InsufficientMemoryError(f"not pushing to {device.id}: {ram_bad[0]}")
         if config.dry_run:
             return result
         done = 0
@@ -246,6 +269,21 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
             device.rename(tmp, remote)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _missing_dirs(device: Device, remote_dir: str) -> list[str]:
+    """The folders ``makedirs(remote_dir)`` will create, deepest first."""
+    missing = []
+    d = remote_dir
+    while d not in ("/", "") and device.file_size(d) is None:
+        missing.append(d)
+        d = posixpath.dirname(d)
+    return missing
+
+
+def _remove_empty(device: Device, folders: list[str]) -> None:
+    for d in folders:  # rmdir leaves a folder something else has filled meanwhile
+        device.run(f"rmdir {shlex.quote(d)} 2>/dev/null")
 
 
 def _verify(device: Device, tmp: str, fp: FilePush) -> None:

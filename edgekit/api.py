@@ -13,16 +13,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgekit.artifact import SCHEMA, Artifact, now_iso, tool_versions, write_manifest
+from edgekit.artifact import (
+    SCHEMA,
+    Artifact,
+    checksum_files,
+    is_artifact_folder,
+    now_iso,
+    remember_checksums,
+    tool_versions,
+    write_manifest,
+)
 from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
 from edgekit.errors import InputError
 from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text
-from edgekit.fsutil import atomic_dir, sha256_files
+from edgekit.fsutil import atomic_dir, sha256_files, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
-from edgekit.runtime.base import GenerationStats, SamplingConfig, StreamsLongText, open_backend
+from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, StreamsLongText
+from edgekit.runtime.base import open_backend as _open_backend
 from edgekit.runtime.plan import offload_options
 from edgekit.runtime.plan import plan_artifact as plan
 
@@ -59,7 +69,9 @@ def convert(
     own config (``GPTQConfig(damp=0.05, sink_weight=4)``, ``AWQGPTQConfig(awq_config=AWQConfig(...))``):
     every setting of the method, which then replaces ``recipe.method``. ``options``: the format's typed
     options (``OnnxOptions(block_size=128, lm_head="int8")``), the SDK's form of the CLI's ``-O``.
-    Nothing is left under ``output`` if anything fails; an existing ``output`` needs ``force``.
+    Nothing is left under ``output`` if anything fails; an existing ``output`` needs ``force``, and must be
+    an edgekit artifact. The returned artifact's ``notes`` say what else was done (an earlier artifact
+    replaced, leftovers of killed conversions removed).
     """
     import dataclasses
 
@@ -78,7 +90,8 @@ def convert(
         quantizer = make_quantizer(recipe.method, recipe.calib)
     ckpt = HFCheckpoint.open(model)
     out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe)
-    with atomic_dir(out, force=force) as tmp:
+    notes: list[str] = []
+    with atomic_dir(out, force=force, replaceable=is_artifact_folder, notes=notes) as tmp:
         source = ckpt
         with _structured(ckpt, recipe, quantizer, out, progress) as (ckpt, pruned):
             fields = fmt.convert(ckpt, tmp, recipe, quantizer, progress)
@@ -104,8 +117,12 @@ def convert(
             "tools": tool_versions("gguf", "numpy", "safetensors", "torch", "transformers"),
             **fields,
         }
+        manifest["sha256"] = checksum_files(tmp)  # checked before each use: a changed file is caught
         write_manifest(tmp, manifest)
-    return Artifact.open(out)
+    art = Artifact.open(out, verify=False)
+    remember_checksums(art)
+    art.notes = notes
+    return art
 
 
 @contextlib.contextmanager
@@ -116,23 +133,16 @@ def _structured(ckpt: HFCheckpoint, recipe: ConvertRecipe, quantizer: Quantizer,
     if not recipe.prune:
         yield ckpt, None
         return
-    import shutil
-    import tempfile
-
     from edgekit.converters import structure
 
     calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.prune-", dir=out.parent))
-    try:
+    with temp_dir(out.parent, out.name, "prune") as scratch:
         path, info = structure.apply(ckpt, recipe.prune, calib, scratch / "model", progress)
         if recipe.heal is not None:
             from edgekit.converters.structure.heal import heal
 
             info["heal"] = heal(ckpt, path, recipe.prune, recipe.heal, calib, progress)
         yield HFCheckpoint.open(path), info
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def calibration_applies(method: str, bpw: float | None = None) -> bool:
@@ -168,6 +178,20 @@ def method_config(method: str, calib: CalibConfig | None = None, steps: tuple[st
 
         extra += (from_spec(prune),)
     return cls.config_class(calib=calib or CalibConfig(), extra_steps=extra)
+
+
+def open_backend(target: str | Path | Artifact, backend: str | None = None, **options: Any) -> Backend:
+    """Load an artifact (or a bare model file, or a Hugging Face folder) with ``backend`` (default: the
+    preferred one for its format), after checking the artifact's files against the sha256 its manifest
+    recorded: a file corrupted or edited since convert is a one-line :class:`CorruptFileError`, not garbage
+    output. Checksums are remembered by size and mtime, so only a changed file is read twice."""
+    if not isinstance(target, Artifact):
+        p = Path(target).expanduser()
+        if p.is_dir() and (p / "config.json").exists() and not (p / "edgekit.json").exists():
+            return _open_backend(p, backend, **options)  # a checkpoint folder: no manifest to check against
+        target = Artifact.open(p)
+    target.verify()
+    return _open_backend(target, backend, **options)
 
 
 def generate(

@@ -1,8 +1,11 @@
 """Artifacts: a folder holding the model file(s) and ``edgekit.json``, the versioned manifest.
 
 The manifest records where the model came from (path and sha256), the recipe, tool versions,
-per-tensor types, size, bits per weight, and evaluation results once measured. A bare model
-file (``model.gguf``) is accepted wherever an artifact is, with a manifest derived on the fly.
+per-tensor types, size, bits per weight, the sha256 of each file written (checked before the files
+are used), and evaluation results once measured. A bare model file (``model.gguf``) is accepted
+wherever an artifact is, with a manifest derived on the fly.
+
+A manifest is data from disk, perhaps from someone else: every name in it must stay inside its folder.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import CorruptFileError, InputError
-from edgekit.fsutil import atomic_file
+from edgekit.fsutil import atomic_file, remember_sha256, sha256_file, sha256_file_cached
 
 MANIFEST_NAME = "edgekit.json"
 SCHEMA = "edgekit.artifact/1"
 
 # File suffix -> artifact format, for model files given without a manifest.
 FORMAT_SUFFIXES = {".gguf": "gguf", ".onnx": "onnx", ".mlpackage": "coreml"}
+
+_RECONVERT = "re-run 'edgekit convert' to rebuild it"
 
 
 def now_iso() -> str:
@@ -42,15 +47,18 @@ def tool_versions(*packages: str) -> dict[str, str]:
 
 @dataclass
 class Artifact:
-    """An artifact on disk: ``path`` is its folder, ``manifest`` the parsed ``edgekit.json``."""
+    """An artifact on disk: ``path`` is its folder, ``manifest`` the parsed ``edgekit.json``; ``notes``: what
+    writing it did besides (an earlier artifact replaced, leftovers of killed conversions removed)."""
 
     path: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     bare_file: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: str | Path) -> Artifact:
-        """Open an artifact folder, or a bare model file; errors say what was expected."""
+    def open(cls, path: str | Path, verify: bool = False) -> Artifact:
+        """Open an artifact folder, or a bare model file; errors say what was expected. With ``verify`` the
+        files must also match the checksums in the manifest (see :meth:`verify`; loading a backend does it)."""
         p = Path(path).expanduser()
         if not p.exists():
             raise InputError(f"{p} does not exist; give an artifact folder (made by 'edgekit convert') or a .gguf file")
@@ -71,16 +79,31 @@ class Artifact:
         try:
             manifest = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptFileError(f"{mpath} is not valid JSON ({exc}); re-run 'edgekit convert' to rebuild it") from exc
-        schema = str(manifest.get("schema", ""))
-        if not schema.startswith("edgekit.artifact/"):
-            raise CorruptFileError(f"{mpath} is not an edgekit manifest; re-run 'edgekit convert'")
-        if int(schema.rsplit("/", 1)[1]) > int(SCHEMA.rsplit("/", 1)[1]):
-            raise InputError(f"{mpath} was written by a newer edgekit ({schema}); upgrade edgekit to read it")
+            raise CorruptFileError(f"{mpath} is not valid JSON ({exc}); {_RECONVERT}") from exc
+        except OSError as exc:
+            raise InputError(f"cannot read {mpath}: {exc.strerror or exc}; check its permissions") from exc
+        check_manifest(manifest, mpath)
         art = cls(path=p, manifest=manifest)
+        for name in art.manifest["files"].values():
+            member(p, name, mpath)
         if not art.model_file.exists():
-            raise CorruptFileError(f"{art.model_file} is missing from the artifact; re-run 'edgekit convert'")
+            raise CorruptFileError(f"{art.model_file} is missing from the artifact; {_RECONVERT}")
+        if verify:
+            art.verify()
         return art
+
+    def verify(self) -> None:
+        """Check each file against the sha256 the manifest recorded when it was written (a bare file or an
+        older manifest records none). Hashes are remembered by size and mtime, so only a changed file is
+        read again; one that no longer matches is a :class:`CorruptFileError` naming it."""
+        mpath = self.path / MANIFEST_NAME
+        for name, want in (self.manifest.get("sha256") or {}).items():
+            f = member(self.path, name, mpath)
+            if not f.is_file():
+                raise CorruptFileError(f"{f} is missing from the artifact; {_RECONVERT}")
+            if sha256_file_cached(f) != want:
+                raise CorruptFileError(f"{f} changed since it was converted (its sha256 no longer matches "
+                                       f"{MANIFEST_NAME}): it is corrupt or was edited; {_RECONVERT}")
 
     @property
     def format(self) -> str:
@@ -90,7 +113,7 @@ class Artifact:
     def model_file(self) -> Path:
         if self.bare_file is not None:
             return self.bare_file
-        return self.path / self.manifest["files"]["model"]
+        return member(self.path, self.manifest["files"]["model"], self.path / MANIFEST_NAME)
 
     @property
     def name(self) -> str:
@@ -107,6 +130,74 @@ class Artifact:
         evals = self.manifest.setdefault("eval", [])
         evals.append({**results, "measured": now_iso()})
         self.save_manifest()
+
+
+def check_manifest(manifest: Any, mpath: Path) -> None:
+    """Refuse a manifest whose shape edgekit cannot use, with a one-line error that says to rebuild it."""
+    if not isinstance(manifest, dict):
+        raise CorruptFileError(f"{mpath} is not an edgekit manifest (a JSON object); {_RECONVERT}")
+    schema = manifest.get("schema")
+    if not isinstance(schema, str) or not schema.startswith("edgekit.artifact/"):
+        raise CorruptFileError(f"{mpath} is not an edgekit manifest; {_RECONVERT}")
+    version = schema.rsplit("/", 1)[1]
+    if not version.isdigit():
+        raise CorruptFileError(f"{mpath} has an unknown schema {schema!r}; {_RECONVERT}")
+    if int(version) > int(SCHEMA.rsplit("/", 1)[1]):
+        raise InputError(f"{mpath} was written by a newer edgekit ({schema}); upgrade edgekit to read it")
+    if not isinstance(manifest.get("format"), str) or not manifest["format"]:
+        raise CorruptFileError(f"{mpath} names no format (a string such as \"gguf\"); {_RECONVERT}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(files.get("model"), str):
+        raise CorruptFileError(f"{mpath} lists no model file (\"files\": {{\"model\": NAME}}); {_RECONVERT}")
+    if not all(isinstance(v, str) for v in files.values()):
+        raise CorruptFileError(f"{mpath}: every entry of \"files\" must be a file name; {_RECONVERT}")
+    sums = manifest.get("sha256", {})
+    if not isinstance(sums, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in sums.items()):
+        raise CorruptFileError(f"{mpath}: \"sha256\" must map file names to hex digests; {_RECONVERT}")
+
+
+def member(folder: Path, name: str, mpath: Path) -> Path:
+    """``folder / name`` for a name read from ``mpath``, refused unless it stays inside ``folder`` (no absolute
+    path, no '..', no symbolic link leading out)."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or any(ord(c) < 32 for c in name):
+        raise CorruptFileError(f"{mpath} names {name!r}, which is not a file inside {folder}; {_RECONVERT}")
+    path = folder / name
+    if path.resolve() == folder.resolve():
+        raise CorruptFileError(f"{mpath} names {name!r}, which is not a file inside {folder}; {_RECONVERT}")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise CorruptFileError(f"{path} is a link leading out of {folder}; an artifact holds its own files: "
+                               f"replace the link with the file, or {_RECONVERT}")
+    return path
+
+
+def is_artifact_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a well-formed edgekit manifest (what ``convert --force`` may replace)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        check_manifest(json.loads((folder / MANIFEST_NAME).read_text()), folder / MANIFEST_NAME)
+    except InputError:  # a newer edgekit's artifact is still an artifact
+        return True
+    except (OSError, ValueError, CorruptFileError):
+        return False
+    return True
+
+
+def checksum_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file just written into ``folder`` (but the manifest), by name, for its manifest."""
+    sums = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink() and p.name != MANIFEST_NAME:
+            sums[p.relative_to(folder).as_posix()] = sha256_file(p)
+    return sums
+
+
+def remember_checksums(art: Artifact) -> None:
+    """Seed the sha256 cache with a fresh artifact's sums, so its first run does not hash it again."""
+    for name, digest in (art.manifest.get("sha256") or {}).items():
+        remember_sha256(art.path / name, digest)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

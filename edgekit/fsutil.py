@@ -1,22 +1,40 @@
 """Atomic outputs, free-space checks and hashing.
 
 Every artifact is written into a hidden temporary sibling folder and renamed into place at the
-end, so a failed or interrupted write leaves nothing under the real name.
+end, so a failed or interrupted write leaves nothing under the real name. Temporary names carry the
+writer's pid and the writer holds an ``flock`` on them, so a later write into the same folder can tell
+the leftovers of a killed writer from the work of a live one and sweep them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from edgekit.errors import DiskFullError, InputError, OutputExistsError
+from edgekit.errors import DiskFullError, EdgekitError, InputError, OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no locks, the pid in the name alone marks the owner
+    fcntl = None  # type: ignore[assignment]
+
+# .NAME.KIND-PID-RANDOM: what atomic_dir, atomic_file and api's pruning scratch create.
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|prune)-(?P<pid>\d+)-[^/]*$")
+# numpy's tofile reports a short write (a full disk) as an OSError with no errno.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+# Folders holding one of these were written by edgekit, so --force may replace them.
+OUTPUT_MARKERS = ("edgekit.json", "edgekit_import.json")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -35,21 +53,43 @@ def edgekit_home(home: Path | None = None) -> Path:
     return base
 
 
-def sha256_file_cached(path: Path) -> str:
-    """sha256 of ``path``, remembered by (path, size, mtime) so re-converting a source does not rehash it."""
+def _cache_key(path: Path) -> tuple[str, str]:
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    where = str(path.resolve())
+    return where, f"{where}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _update_sha_cache(where: str, key: str, digest: str | None) -> str:
     cache_path = edgekit_home() / "sha256-cache.json"
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
-        cache[key] = sha256_file(path)
-        with contextlib.suppress(OSError):  # a read-only cache only costs time
-            with atomic_file(cache_path) as tmp:
-                tmp.write_text(json.dumps(cache))
-    return cache[key]
+    if not isinstance(cache, dict):
+        cache = {}
+    if digest is None and isinstance(cache.get(key), str):
+        return cache[key]
+    if digest is None:
+        digest = sha256_file(where)
+    # Entries for earlier sizes/mtimes of the same file can never match again.
+    cache = {k: v for k, v in cache.items() if k.rsplit("|", 2)[0] != where}
+    cache[key] = digest
+    with contextlib.suppress(OSError, EdgekitError):  # a read-only or full cache only costs time
+        with atomic_file(cache_path) as tmp:
+            tmp.write_text(json.dumps(cache))
+    return digest
+
+
+def sha256_file_cached(path: Path) -> str:
+    """sha256 of ``path``, remembered by (path, size, mtime) so re-converting a source does not rehash it."""
+    where, key = _cache_key(Path(path))
+    return _update_sha_cache(where, key, None)
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record ``digest`` as ``path``'s sha256 (just written, so hashed already) for :func:`sha256_file_cached`."""
+    where, key = _cache_key(Path(path))
+    _update_sha_cache(where, key, digest)
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -62,7 +102,10 @@ def sha256_files(paths: list[Path]) -> str:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    with contextlib.suppress(OSError, ValueError, StopIteration):  # Linux: read it without changing it
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0)  # elsewhere: set and restore, which briefly affects other threads
     os.umask(mask)
     return mask
 
@@ -73,6 +116,8 @@ def check_free_space(folder: Path, needed_bytes: int, what: str = "the output") 
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
+    if _TEMP_RE.match(probe.name):  # the user chose its folder, not our temporary name
+        probe = probe.parent
     if free < needed_bytes:
         raise DiskFullError(
             f"not enough disk space for {what}: needs {needed_bytes / 1e6:.0f} MB, "
@@ -80,70 +125,264 @@ def check_free_space(folder: Path, needed_bytes: int, what: str = "the output") 
         )
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dest``; on success it replaces ``dest``, on any error it is removed.
+def write_error(exc: OSError, dest: Path, elsewhere: str = "choose another output folder with -o"
+                ) -> EdgekitError | None:
+    """The one-line error for an OSError met while writing ``dest``: a full disk or a read-only target.
+    ``elsewhere`` is the other way out the message offers."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (exc.errno is None
+                                                                  and _SHORT_WRITE.search(str(exc))):
+        return DiskFullError(f"the disk filled up while writing {dest}; nothing was kept. Free some space or "
+                             f"{elsewhere}")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return InputError(f"cannot write {dest}: {exc.strerror or exc}; make it writable or {elsewhere}")
+    return None
 
-    ``dest`` that already exists is refused unless ``force``; with ``force`` the old folder is
-    only removed once the new one is complete.
+
+def is_edgekit_output(folder: Path) -> bool:
+    """Whether ``folder`` is something edgekit wrote: a real folder with a JSON marker (see OUTPUT_MARKERS)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    for marker in OUTPUT_MARKERS:
+        try:
+            if isinstance(json.loads((folder / marker).read_text()), dict):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _check_dest(dest: Path, force: bool, replaceable: Callable[[Path], bool], again: bool = False) -> None:
+    """Refuse to replace ``dest`` unless ``force`` and it is something edgekit wrote; ``again``: it appeared
+    while this run was writing."""
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if again and not force:
+        raise OutputExistsError(f"{dest} was written by another edgekit while this one ran; this run kept "
+                                "nothing: choose another -o, or pass --force to replace it")
+    if not replaceable(dest):
+        raise OutputExistsError(f"{dest} exists and is not an edgekit artifact; --force only replaces those, so "
+                                "nothing was touched: choose another -o")
+    if not force:
+        raise OutputExistsError(f"{dest} already exists; pass --force to replace it or choose another -o")
+
+
+def _lock(fd: int) -> bool:
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _make_temp(parent: Path, name: str, kind: str, directory: bool) -> tuple[Path, int]:
+    """A temporary ``.NAME.KIND-PID-*`` in ``parent``, and an fd holding its lock (close it when done)."""
+    prefix = f".{name}.{kind}-{os.getpid()}-"
+    if directory:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            path.rmdir()
+            raise
+    else:
+        fd, name_ = tempfile.mkstemp(prefix=prefix, dir=parent)
+        path = Path(name_)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; what it becomes should not be
+    _lock(fd)
+    return path, fd
+
+
+@contextlib.contextmanager
+def temp_dir(parent: Path, name: str, kind: str = "prune") -> Iterator[Path]:
+    """A scratch folder beside ``parent / name``, removed afterwards; one a killed process leaves is swept."""
+    path, fd = _make_temp(parent, name, kind, directory=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
+
+
+def _abandoned(path: Path) -> bool:
+    """No live writer: its pid is gone (a reused pid keeps it, the safe side) and nobody holds its lock."""
+    m = _TEMP_RE.match(path.name)
+    if not m or path.is_symlink() or _pid_alive(int(m["pid"])):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return _lock(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def sweep_stale(parent: Path) -> list[str]:
+    """Remove what killed edgekit writers left in ``parent`` (temporary folders and files); says what went."""
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in entries:
+        if not _abandoned(p):
+            continue
+        with contextlib.suppress(OSError):
+            size = _size(p)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(f"removed {p} ({size / 1e6:.1f} MB), left by an edgekit that was killed "
+                           f"(pid {_TEMP_RE.match(p.name)['pid']})")  # type: ignore[index]
+    return removed
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+@functools.cache
+def _libc_renameat2() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 / musl >= 1.2.4 (macOS, Windows, older C libraries)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2; False where the C library or the file system lacks it (the caller falls back)."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist (FileExistsError otherwise), atomically."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+    try:
+        os.rename(src, dst)  # a folder onto a non-empty folder fails, which keeps the race harmless
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, "File exists", str(dst)) from exc
+        raise
+
+
+def _swap_in(tmp: Path, dest: Path) -> Path:
+    """Put ``tmp`` in ``dest``'s place without a moment where ``dest`` is missing; returns what holds the old."""
+    if _renameat2(tmp, dest, _RENAME_EXCHANGE):
+        return tmp
+    old, fd = _make_temp(dest.parent, dest.name, "old", directory=True)
+    try:
+        os.rename(dest, old / "x")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            os.rename(old / "x", dest)
+            raise
+    finally:
+        os.close(fd)
+    return old
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, force: bool = False, *, replaceable: Callable[[Path], bool] = is_edgekit_output,
+               notes: list[str] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success it becomes ``dest``, on any error it is removed.
+
+    ``dest`` that already exists is refused unless ``force``, and even then unless ``replaceable(dest)``
+    (something edgekit wrote): the user's own folder is never replaced. The final rename is atomic against
+    concurrent writers: of two runs writing the same ``dest`` without ``force`` one fails. Leftovers of
+    killed writers in ``dest``'s folder are swept first. ``notes`` gets a line for each thing removed or
+    replaced, for the caller to show.
     """
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise OutputExistsError(f"{dest} already exists; pass --force to replace it or choose another -o")
+    notes = notes if notes is not None else []
+    _check_dest(dest, force, replaceable)
     parent = dest.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        notes.extend(sweep_stale(parent))
+        tmp, fd = _make_temp(parent, dest.name, "partial", directory=True)
     except OSError as exc:
-        raise InputError(f"cannot create {parent}: {exc.strerror}; choose a writable output folder") from exc
-    _sweep_stale_partials(parent, dest.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact should not be
+        raise write_error(exc, dest) or InputError(
+            f"cannot create {dest}: {exc.strerror or exc}; choose a writable output folder with -o") from exc
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact should not be
         yield tmp
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
-            os.rename(dest, old / "x")
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        try:
+            rename_noreplace(tmp, dest)
+        except FileExistsError:
+            _check_dest(dest, force, replaceable, again=True)
+            shutil.rmtree(_swap_in(tmp, dest), ignore_errors=True)
+            notes.append(f"replaced {dest} (an earlier edgekit output)")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise DiskFullError(
-                f"the disk filled up while writing {dest}; nothing was kept. Free some space or choose another -o"
-            ) from exc
+        mapped = write_error(exc, dest)
+        if mapped is not None:
+            raise mapped from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
 
 
-def _sweep_stale_partials(parent: Path, name: str) -> None:
-    """Remove temporary folders an earlier writer of ``name`` left when it was killed (its pid is gone)."""
-    import psutil
-
-    for p in parent.glob(f".{name}.partial-*"):
-        pid = p.name[len(f".{name}.partial-"):].split("-", 1)[0]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+_FILE_FIX = "retry in another folder"
 
 
 @contextlib.contextmanager
 def atomic_file(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; renamed onto ``dest`` on success, removed on error."""
     dest = Path(dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    try:
+        tmp, fd = _make_temp(dest.parent, dest.name, "partial", directory=False)
+    except OSError as exc:
+        raise write_error(exc, dest, _FILE_FIX) or InputError(
+            f"cannot write {dest}: {exc.strerror or exc}; make it writable or {_FILE_FIX}") from exc
     try:
         yield tmp
         os.replace(tmp, dest)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise DiskFullError(f"the disk filled up while writing {dest}; free some space and retry") from exc
+        mapped = write_error(exc, dest, _FILE_FIX)
+        if mapped is not None:
+            raise mapped from exc
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)

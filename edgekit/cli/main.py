@@ -122,6 +122,8 @@ def convert(
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
     with progress_bar(not as_json) as progress:
         art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
+    for note in art.notes:  # on stderr, so --json output stays a manifest
+        err.print(note, markup=False, highlight=False, soft_wrap=True)
     m = art.manifest
     if as_json:
         out.print_json(json.dumps(m))

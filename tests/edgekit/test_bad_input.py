@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import struct
@@ -119,24 +118,6 @@ def test_not_enough_disk_space(tiny_llama, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fsutil.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     assert_clean_error(*run_cli("convert", tiny_llama, "-o", tmp_path / "out"), "not enough disk space")
-    assert not (tmp_path / "out").exists()
-    no_leftovers(tmp_path)
-
-
-def test_disk_fills_up_mid_write(tiny_llama, tmp_path, monkeypatch):
-    import gguf
-
-    calls = {"n": 0}
-    real = gguf.GGUFWriter.write_tensor_data
-
-    def write_then_fail(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_then_fail)
-    assert_clean_error(*run_cli("convert", tiny_llama, "-o", tmp_path / "out"), "disk filled up")
     assert not (tmp_path / "out").exists()
     no_leftovers(tmp_path)
 

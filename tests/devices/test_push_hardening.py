@@ -1,0 +1,88 @@
+"""Push against hostile artifacts and device answers: no symbolic links followed out of an artifact,
+no changed files sent, no folder left on a device that refused the push."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekit.cli.main import app
+from edgekit.devices import PushConfig, open_device, push
+from edgekit.devices.base import InsufficientMemoryError, VerificationError
+from edgekit.devices.host import HostDevice
+from edgekit.errors import CorruptFileError, InputError
+from tests.devices.test_ssh import _add
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def art(tiny_artifact, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_artifact, tmp_path / "tiny-q8"))
+
+
+def test_symlink_in_an_artifact_is_refused(home, art, tmp_path):
+    (art / "notes.txt").symlink_to("/etc/shadow")
+    with open_device("host") as dev, pytest.raises(InputError, match="is a symbolic link"):
+        push(art, dev, PushConfig(dest=str(tmp_path / "board")))
+    r = runner.invoke(app, ["push", str(art), "host", "--dest", str(tmp_path / "board")])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "remove the link" in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "board").exists()
+
+
+def test_a_changed_file_is_not_pushed(home, art, tmp_path):
+    data = bytearray((art / "model.gguf").read_bytes())
+    data[-10] ^= 1
+    (art / "model.gguf").write_bytes(bytes(data))
+    r = runner.invoke(app, ["push", str(art), "host", "--dest", str(tmp_path / "board")])
+    assert r.exit_code == 3 and "model.gguf changed since it was converted" in r.output, r.output
+    from edgekit.artifact import Artifact
+
+    opened = Artifact.open(art, verify=False)  # an Artifact handed to push is checked too
+    with open_device("host") as dev, pytest.raises(CorruptFileError, match="changed since"):
+        push(opened, dev, PushConfig(dest=str(tmp_path / "board")))
+    assert not (tmp_path / "board").exists()
+
+
+def test_ram_refusal_leaves_no_folder(home, art, tmp_path):
+    (tmp_path / "board").mkdir()
+    with open_device("host") as dev, pytest.raises(InsufficientMemoryError, match="--no-ram-check"):
+        push(art, dev, PushConfig(dest=str(tmp_path / "board" / "models" / "new"), ctx=1 << 30))
+    assert list((tmp_path / "board").iterdir()) == []  # the three folders it had made are gone
+
+
+def test_ssh_ram_refusal_leaves_no_folder(sshd, home, tiny_artifact, tmp_path):
+    with open_device(_add(sshd)) as dev, pytest.raises(InsufficientMemoryError):
+        push(tiny_artifact, dev, PushConfig(dest=str(tmp_path / "b"), ctx=1 << 30))
+    assert not (tmp_path / "b").exists()
+
+
+def test_phone_storage_refusal_leaves_no_folder(phone, tiny_artifact):
+    standin, dev_id = phone
+    standin.set_capacity(512 << 10)
+    r = runner.invoke(app, ["push", str(tiny_artifact), dev_id])
+    assert r.exit_code == 4 and "free space on the device" in r.output, r.output
+    assert not standin.host_path("/data/local/tmp/edgekit").exists()
+    assert standin.host_path("/data/local/tmp").exists()
+
+
+def test_a_folder_the_device_already_had_is_kept(home, art, tmp_path):
+    (tmp_path / "board" / "tiny-q8").mkdir(parents=True)
+    (tmp_path / "board" / "tiny-q8" / "theirs.txt").write_text("x")
+    with open_device("host") as dev, pytest.raises(InsufficientMemoryError):
+        push(art, dev, PushConfig(dest=str(tmp_path / "board"), ctx=1 << 30))
+    assert (tmp_path / "board" / "tiny-q8" / "theirs.txt").read_text() == "x"
+
+
+class _Liar(HostDevice):
+    def resolve(self, path: str) -> str:
+        return "../../etc"
+
+
+def test_device_answer_outside_a_folder_is_refused(home, art):
+    with pytest.raises(VerificationError, match="not an absolute folder"):
+        push(art, _Liar(), PushConfig(dest="~/models"))
