@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover - Windows: no locks, the pid in the name
 # .NAME.KIND-PID-RANDOM: what atomic_dir, atomic_file and api's pruning scratch create.
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|prune)-(?P<pid>\d+)-[^/]*$")
 # numpy's tofile reports a short write (a full disk) as an OSError with no errno.
-_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+# numpy reports a full disk without an errno: a short write in tofile(), or its fallocate() pre-check
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|Not enough free space to write \d+ bytes")
 # Folders holding one of these were written by edgekit, so --force may replace them.
 OUTPUT_MARKERS = ("edgekit.json", "edgekit_import.json")
 
