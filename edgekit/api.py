@@ -229,7 +229,7 @@ def evaluate(
         if ref is None:
             result = perplexity(backend, text, cfg, progress=progress)
         else:
-            with open_backend(ref, n_ctx=cfg.ctx) as ref_backend:
+            with open_backend(ref, n_ctx=cfg.ctx, n_threads=options.get("n_threads")) as ref_backend:
                 result = perplexity(backend, text, cfg, ref=ref_backend, progress=progress)
     if record and not isinstance(target, Artifact):
         p = Path(target).expanduser()

@@ -7,6 +7,8 @@
   the llama.cpp libraries), measured once per host and llama-cpp-python version, cached.
 * :func:`devices`: the ggml devices this llama.cpp build sees (CPU, CUDA/Metal/Vulkan GPUs, memory).
 * :class:`EnergyMeter`: Linux RAPL powercap counters when readable; otherwise it says why not.
+* :func:`pick_threads`: how many CPU threads a run should use: the physical cores, fewer when other
+  programs keep the CPUs busy (threads that must take turns on a core wait on each other at every step).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -218,3 +223,121 @@ class EnergyMeter:
     @property
     def available(self) -> bool:
         return bool(self.zones)
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask: a container's cpuset, ``taskset``)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: SMT siblings share one core's arithmetic units, so a thread
+    per logical CPU only adds contention. Falls back to the logical count when psutil cannot tell."""
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except (ImportError, OSError, RuntimeError):
+        physical = None
+    logical = os.cpu_count() or 1
+    usable = usable_cpus()
+    if not physical:
+        return usable
+    return max(1, min(usable, round(usable * physical / logical)))  # a cpuset keeps its share of SMT pairs
+
+
+def busy_cpus(interval: float = 0.1) -> float:
+    """How many of the usable CPUs other programs keep busy now, measured over ``interval`` seconds
+    (this process sleeps meanwhile, so it is not counted).
+
+    Measured, not read from the load average: the 1-minute load lags by a minute either way (right after
+    a conversion it still says "busy" and would starve the next run; a job started seconds ago does not
+    show yet), counts processes waiting on the disk, and inside a container it is the whole host's."""
+    import psutil
+
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = None
+    per_cpu = psutil.cpu_percent(interval=interval, percpu=True)
+    if allowed is not None and max(allowed, default=-1) < len(per_cpu):
+        per_cpu = [per_cpu[i] for i in allowed]
+    return sum(per_cpu) / 100.0
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The thread count to use and, when other programs compete for the CPUs, one line saying so
+    (``adapted``: the default was lowered; otherwise the count asked for was kept)."""
+
+    threads: int
+    note: str | None = None
+    adapted: bool = False
+
+
+# Half a CPU of slack: a desktop's background work (a browser tab, an editor) should not cost a thread.
+_SLACK = 0.5
+
+
+def pick_threads(requested: int | None = None, *, adapt: bool = True, busy: float | None = None) -> ThreadChoice:
+    """Threads for llama.cpp, onnxruntime or PyTorch work.
+
+    ``requested`` None: the physical cores, lowered (``adapt``) to the CPUs other programs leave free, at
+    least one; ``requested`` N: N, with a note when N threads cannot each have a CPU. Oversubscription is
+    not a slowdown in proportion: llama.cpp's threads meet at a barrier after every matrix product, and a
+    thread waiting for a time slice stalls all the others (measured on a 2-core machine with two busy
+    programs: two threads 0.2 tok/s, one thread 50.7)."""
+    default = physical_cores()
+    want = requested or default
+    if want <= 1:
+        return ThreadChoice(1)
+    usable = usable_cpus()
+    busy = busy_cpus() if busy is None else busy
+    free = usable - busy
+    if want <= free + _SLACK:
+        return ThreadChoice(want)
+    fits = max(1, int(free + _SLACK))
+    load = f"{busy:.1f} of {usable} CPUs are busy with other programs"
+    if requested is None and adapt:
+        return ThreadChoice(fits, f"{load}: using {fits} thread{'s' * (fits > 1)} instead of {default} "
+                                  f"(-t {default} to use them all anyway)", adapted=True)
+    return ThreadChoice(want, f"{load}: {want} threads will wait on each other and can run many times slower; "
+                              f"use -t {fits} (or stop the other work)")
+
+
+_busy_cache: tuple[float, float] | None = None  # (monotonic time, busy CPUs): one measurement serves a sweep
+_said: set[str] = set()
+
+
+def thread_count(requested: int | None, warn: Callable[[str], None] | None = None, *, adapt: bool = True) -> int:
+    """:func:`pick_threads` for a backend or a conversion about to start: its note goes to ``warn`` (default:
+    a RuntimeWarning), once per process; a measurement is reused for 10 seconds, so a profile sweep that
+    opens one backend after another measures once (and never its own workers)."""
+    global _busy_cache
+    if (requested or physical_cores()) <= 1:
+        return 1
+    now = time.monotonic()
+    if _busy_cache is None or now - _busy_cache[0] > 10:
+        _busy_cache = (now, busy_cpus())
+    choice = pick_threads(requested, adapt=adapt, busy=_busy_cache[1])
+    if choice.note and choice.note not in _said:
+        _said.add(choice.note)
+        if warn is not None:
+            warn(choice.note)
+        else:
+            warnings.warn(choice.note, RuntimeWarning, stacklevel=3)
+    return choice.threads
+
+
+def use_torch_threads(requested: int | None = None) -> int:
+    """Size PyTorch's intra-op pool (process-wide) for calibration and other PyTorch work, as
+    :func:`thread_count` decides; its OpenMP threads spin at barriers like llama.cpp's, so a busy machine
+    stalls them alike. Imports torch: call only where PyTorch work follows."""
+    import torch
+
+    n = thread_count(requested)
+    torch.set_num_threads(n)
+    return n

@@ -41,7 +41,7 @@ from edgekit.errors import (
     InputError,
     MissingDependencyError,
 )
-from edgekit.runtime import llamacpp_build
+from edgekit.runtime import hostinfo, llamacpp_build
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 from edgekit.runtime.llamacpp_build import LOG_ENV, PROTECTION_FAULTS, crash_message, signal_name
 from edgekit.runtime.llamacpp_decoding import decoding_options
@@ -55,7 +55,8 @@ _EOF = object()
 class LlamaCppBackend(Backend):
     """A GGUF model loaded by llama.cpp in a worker process.
 
-    ``n_ctx``: context length in tokens. ``n_threads``: CPU threads (None: llama.cpp's choice).
+    ``n_ctx``: context length in tokens. ``n_threads``: CPU threads (None: the physical cores, fewer when
+    other programs keep them busy; :func:`.hostinfo.pick_threads`).
     ``n_gpu_layers``: layers to offload (-1: all). ``n_batch``: prompt/logits batch size.
     ``verbose``: show llama.cpp's log on stderr (otherwise only its last lines appear in errors; None:
     as ``EDGEKIT_LLAMACPP_LOG`` says).
@@ -101,7 +102,6 @@ class LlamaCppBackend(Backend):
     def offload_plan(cls, model_file: Path, n_ctx: int, n_batch: int = 512, *, budget: Any = None,
                      bandwidths: Any = None, cache_type: str = "f16") -> Any:
         """llama.cpp's fastest placement (:mod:`.plan`): for this host when ``budget`` is None."""
-        from edgekit.runtime import hostinfo
         from edgekit.runtime.memory import read_shape
         from edgekit.runtime.plan import auto_plan, plan_offload
 
@@ -148,10 +148,13 @@ class LlamaCppBackend(Backend):
             json.dumps(extra)
         except TypeError as exc:
             raise InputError(f"llama.cpp options must be plain values: {exc}") from None
+        self._on_warning = on_warning
         self._config = {
             "model_path": str(self.model_path.resolve()),
             "n_ctx": int(n_ctx),
-            "n_threads": n_threads,
+            # llama-cpp-python's own default is half the logical CPUs for generation and all of them for
+            # prompts: on a busy machine the prompt's threads take turns and stall (TTFT of seconds).
+            "n_threads": hostinfo.thread_count(n_threads, self._warn),
             "n_gpu_layers": int(n_gpu_layers),
             "n_batch": int(n_batch),
             "tensor_overrides": [[str(p), str(b)] for p, b in tensor_overrides],
@@ -161,7 +164,6 @@ class LlamaCppBackend(Backend):
         self.verbose = verbose if verbose is not None else os.environ.get(LOG_ENV, "") not in ("", "0")
         self.safe_cpu = safe_cpu
         self.retry_safe = retry_safe
-        self._on_warning = on_warning
         self._proc: subprocess.Popen[bytes] | None = None
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=60)

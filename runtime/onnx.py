@@ -11,7 +11,6 @@ does. Sampling is numpy (:mod:`.sampling`): no torch at run time.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError, require
+from edgekit.runtime import hostinfo
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick
 
@@ -122,7 +122,7 @@ class OnnxBackend(Backend):
     """An ONNX decoder in an onnxruntime CPU session.
 
     ``n_ctx``: most tokens the KV cache may hold. ``n_threads``: intra-op threads (None: the physical
-    cores). ``graph_opt``: onnxruntime's graph optimisation level (all, extended, basic, none).
+    cores, fewer when other programs keep them busy). ``graph_opt``: onnxruntime's graph optimisation level (all, extended, basic, none).
     ``n_batch``: prompt tokens evaluated per run (longer prompts go in chunks).
     ``kv_window`` / ``kv_sinks``: an attention-sink window over the KV cache, as the llama.cpp backend
     keeps it: when a run would exceed ``kv_window`` tokens, the oldest tokens after the first ``kv_sinks``
@@ -164,7 +164,7 @@ class OnnxBackend(Backend):
             raise InputError("n_ctx and n_batch must be > 0")
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPT[graph_opt])
-        so.intra_op_num_threads = int(n_threads or _physical_cores())
+        so.intra_op_num_threads = hostinfo.thread_count(n_threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         t0 = time.perf_counter()
@@ -391,11 +391,3 @@ def _kv_shape(shape: list, folder: Path) -> tuple[int, int]:
                                "KV heads and head size")
     return int(heads), int(dim)
 
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1

@@ -11,7 +11,6 @@ capabilities it declares (:mod:`edgekit.runtime.base`), never by its format.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import threading
 import time
@@ -224,8 +223,11 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
     tests = [t.with_depth(combo["depth"]) for t in cfg.tests]
     n_ctx = combo["n_ctx"] or _needed_ctx(cfg.tests, combo["depth"])
     options: dict[str, Any] = dict(cfg.backend_options)
-    # llama-cpp-python's own default is half the cores for generation: name the count so rows say it.
-    threads = combo["n_threads"] or os.cpu_count() or 1
+    # The physical cores, named so rows say it; not lowered on a busy machine (rows stay comparable in the
+    # history), but said: such a run measures the other programs as much as the artifact.
+    from edgekit.runtime import hostinfo
+
+    threads = hostinfo.thread_count(combo["n_threads"], adapt=False)
     from edgekit.runtime.base import InProcessBench, OffloadPlanner, backend_for_format, backend_options
 
     backend_cls = backend_for_format(art.format, cfg.backend)

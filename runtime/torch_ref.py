@@ -33,8 +33,9 @@ class TorchBackend(Backend):
 
         ckpt = HFCheckpoint.open(model_path)  # validates: safetensors only, supported architecture
         ckpt.require_tokenizer()
-        if n_threads:
-            torch.set_num_threads(n_threads)
+        from edgekit.runtime import hostinfo
+
+        torch.set_num_threads(hostinfo.thread_count(n_threads))  # process-wide: torch's own pool
         self._torch = torch
         self.n_ctx = n_ctx
         try:

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from edgekit.cli import devices_cmd, profile_cmd, tui_cmd
+from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say, tagged
 from edgekit.errors import InputError
 
@@ -22,7 +23,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=EdgekitGroup,
+    context_settings=CONTEXT_SETTINGS,
 )
+flags_take_no_value()
+
+
+@app.callback()
+def _app_options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                 help="Print edgekit's version and exit (after a command too)."),
+) -> None:
+    """Compress, convert, run and measure large models for the devices people own."""
 
 
 def _parse_tensor_types(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -42,9 +54,9 @@ def _parse_tensor_types(values: list[str]) -> tuple[tuple[str, str], ...]:
 def convert(
     model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)."),
     to: str = typer.Option("gguf", "--to", help="Output format."),
-    bits: int | None = typer.Option(4, "--bits", "-b", help="GGUF: 2, 3, 4, 5, 6 or 8 (a llama.cpp-style _M mix); "
+    bits: int | None = typer.Option(4, "--bits", help="GGUF: 2, 3, 4, 5, 6 or 8 (a llama.cpp-style _M mix); "
                                     "ONNX: 4 or 8 (MatMulNBits), 16 or 32 (float)."),
-    type_: str | None = typer.Option(None, "--type", "-t", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
+    type_: str | None = typer.Option(None, "--type", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
     bpw: float | None = typer.Option(None, "--bpw", help="Size budget in bits per weight: types per tensor by "
                                      "measured sensitivity."),
     bpw_types: str = typer.Option("", "--bpw-types", help="Comma-separated types --bpw may use (default: all)."),
@@ -76,12 +88,15 @@ def convert(
     output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default MODEL-FORMAT-qBITS)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for calibration and other "
+                                       "PyTorch work (default: the physical cores, fewer when others keep them busy)."),
 ) -> None:
     """Convert a checkpoint into an artifact folder.
 
     Examples:
       edgekit convert ./SmolLM2-135M --to gguf --bits 4
       edgekit convert ./SmolLM2-135M --type Q4_0 -o ./smol-q4_0
+      edgekit convert ./SmolLM2-135M --bits 4 --method gptq -t 1        # one thread on a busy machine
       edgekit convert ./SmolLM2-135M --bits 4 --tensor-type 'ffn_down=Q6_K'
       edgekit convert ./SmolLM2-135M --bits 4 --method gptq                # calibrates on its own samples
       edgekit convert ./SmolLM2-135M --bits 4 --method awq+gptq --calib corpus.txt
@@ -103,6 +118,10 @@ def convert(
     if (step_names or prune) and method == "rtn":
         method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
     calibrated = api.calibration_applies(method, bpw) or bool(structural) or draft_for is not None
+    if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
+        from edgekit.runtime.hostinfo import use_torch_threads
+
+        use_torch_threads(threads)
     extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype)
     if to != "onnx" and any(v is not None for v in (block_size, sym, dtype)):
         raise InputError(f"--block-size, --sym/--asym and --dtype are ONNX options; --to {to} does not take them")
@@ -175,7 +194,9 @@ def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat
 @handle_errors
 def run(
     artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message (or raw text with --raw)."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="The user message (or raw text with --raw); "
+                                      "'-' reads it from stdin. None: a chat in the terminal (or, with stdin "
+                                      "piped, all of stdin as the prompt)."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template; "
                              "special tokens written in it (<|im_start|>...) are read as the model's control "
@@ -189,7 +210,7 @@ def run(
     max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence; repeatable."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers / tensor placement from `edgekit plan`."),
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (see `edgekit list`; default: the "
                                        "preferred one for the artifact's format)."),
@@ -201,42 +222,58 @@ def run(
     kv_sinks: int | None = typer.Option(None, "--kv-sinks", help=SINKS_HELP),
     option: list[str] = typer.Option([], "--option", "-O", help="Runtime option KEY=VALUE; repeatable (llama.cpp: "
                                      "flash_attn=true, type_k=8, ...; a misspelt one is refused)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object when done (text, token counts, "
+                                 "timings, stop reason) instead of streaming."),
 ) -> None:
-    """Generate a reply, streaming tokens as they come.
+    """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal.
 
     Examples:
       edgekit run ./SmolLM2-135M-gguf-q4 -p "What is the capital of France?"
+      edgekit run ./SmolLM2-135M-gguf-q4                            # chat: /exit or Ctrl-D ends
+      cat question.txt | edgekit run ./SmolLM2-135M-gguf-q4 -p - --json
       edgekit run ./model.gguf -p "Once upon a time" --raw --temp 0 -n 64
       edgekit run ./smol-q8_0 --draft ./smol-draft -p "..."         # speculative, lossless
       edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
       edgekit run ./smol-q4 --kv-window 512 -n 4000 -p "..."        # past the context, bounded memory
     """
     from edgekit import api
+    from edgekit.cli import repl
     from edgekit.runtime.base import GenerationStats
-    from edgekit.runtime.speculative import decoding_note
 
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
-    if raw:
-        message: str | list[dict[str, str]] = prompt
-    else:
-        message = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    st = GenerationStats()
     placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx)  # a window bounds the KV cache
     if backend:
         placement["backend"] = backend
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
     placement.update(_format_options(option))
-    for piece in api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads, **placement):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    if prompt is None and sys.stdin.isatty():
+        if as_json:
+            raise InputError("--json answers one prompt: give it with -p TEXT (or -p - to read stdin)")
+        repl.chat_repl(lambda: api.open_backend(artifact, n_ctx=ctx, n_threads=threads, **placement), sampling,
+                       system=system, raw=raw, show_stats=stats)
+        return
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+        if not raw:  # the newline that ends a piped line is not part of the message; raw text is kept as is
+            prompt = prompt.rstrip("\n")
+        if not prompt.strip():
+            raise InputError("stdin is empty: pipe the prompt in, or give it with -p TEXT")
+    if raw:
+        message: str | list[dict[str, str]] = prompt
+    else:
+        message = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    st = GenerationStats()
+    pieces = api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads, **placement)
+    text, stopped = repl.stream(pieces, None if as_json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    if stopped:
+        raise KeyboardInterrupt
+    if as_json:
+        sys.stdout.write(json.dumps(repl.as_json(text, st, str(artifact)), ensure_ascii=False) + "\n")
+        return
     sys.stdout.write("\n")
     sys.stdout.flush()
     if stats:
-        from rich.text import Text
-
-        say(err, Text(f"{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated, "
-                      f"TTFT {st.time_to_first_token * 1000:.0f} ms, {st.tokens_per_second:.1f} tok/s, "
-                      f"stop: {st.stop_reason}{decoding_note(st.extra)}", style="dim"))
+        say(err, repl.dim(repl.stats_line(st)))
 
 
 @app.command("eval")
@@ -247,7 +284,7 @@ def eval_cmd(
     ref: Path | None = typer.Option(None, "--ref", help="Reference checkpoint folder: adds KL and top-1."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
     chunks: int | None = typer.Option(None, "--chunks", help="At most this many chunks."),
-    threads: int | None = typer.Option(None, "--threads"),
+    threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (default: the preferred one)."),
     record: bool = typer.Option(True, "--record/--no-record", help="Store the result in the manifest."),
     as_json: bool = typer.Option(False, "--json"),
@@ -346,9 +383,10 @@ def import_cmd(
 @app.command()
 @handle_errors
 def quickstart(
-    bits: int = typer.Option(4, "--bits", "-b"),
+    bits: int = typer.Option(4, "--bits", help="GGUF bits for the conversion step."),
     home: Path | None = typer.Option(None, "--home", help="Cache folder (default ~/.cache/edgekit)."),
     force: bool = typer.Option(False, "--force", help="Redo every step even if cached."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
 ) -> None:
     """The built-in default end to end: get SmolLM2-135M-Instruct, import, convert, evaluate, answer.
 
@@ -357,7 +395,7 @@ def quickstart(
     """
     from edgekit.cli.quickstart_cmd import run_quickstart
 
-    run_quickstart(bits=bits, home=home, force=force)
+    run_quickstart(bits=bits, home=home, force=force, threads=threads)
 
 
 @app.command("list")

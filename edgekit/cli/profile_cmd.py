@@ -28,7 +28,9 @@ def _ints(text: str, name: str, allow_none: bool = False) -> tuple[Any, ...]:
         try:
             vals.append(int(item))
         except ValueError:
-            raise InputError(f"--{name} takes comma-separated integers, e.g. 1,2,4 (got {item!r})") from None
+            moved = name == "threads" and item.lower().startswith(("pp", "tg"))  # `-t pp512`: -t was --tests
+            raise InputError(f"--{name} takes comma-separated integers, e.g. 1,2,4 (got {item!r})"
+                             + ("; -t is --threads now, as in llama.cpp: give tests as --tests" if moved else "")) from None
     if not vals:
         raise InputError(f"--{name} needs at least one value")
     return tuple(vals)
@@ -95,11 +97,11 @@ def _emit(run: Any, as_json: bool, as_csv: bool, plot: Path | None, terminal_plo
 @handle_errors
 def profile_cmd(
     artifacts: list[Path] = typer.Argument(None, help="Artifact folders or model files (several: interleaved)."),
-    tests: str = typer.Option("pp512,tg128", "--tests", "-t", help="llama-bench tests: pp512, tg128, pp512+tg128, "
+    tests: str = typer.Option("pp512,tg128", "--tests", help="llama-bench tests: pp512, tg128, pp512+tg128, "
                               "tg128@d4096 (depth)."),
     reps: int = typer.Option(5, "--reps", "-r", help="Timed repetitions per test."),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed short run before each test."),
-    threads: str = typer.Option("auto", "--threads", help="Sweep, e.g. 1,2 (auto: all cores)."),
+    threads: str = typer.Option("auto", "--threads", "-t", help="Sweep, e.g. 1,2 (auto: the physical cores)."),
     batch: str = typer.Option("512", "--batch", "-b", help="Sweep of n_batch, e.g. 128,512."),
     ctx: str = typer.Option("auto", "--ctx", "-c", help="Sweep of n_ctx, e.g. 512,2048 (auto: just enough)."),
     depth: str = typer.Option("0", "--depth", "-d", help="Sweep of context depth added to every test."),

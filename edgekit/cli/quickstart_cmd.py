@@ -14,8 +14,9 @@ from edgekit.fsutil import edgekit_home
 from edgekit.quickstart import GGUF_NAME, PROMPT, fetch_default_gguf, sample_text_path
 
 
-def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False) -> dict:
-    """Run every step, print as it goes, end with a summary table; returns the figures."""
+def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False, threads: int | None = None) -> dict:
+    """Run every step, print as it goes, end with a summary table; returns the figures. ``threads``: for
+    the evaluation (llama.cpp and the PyTorch reference) and the answer (None: as the backends choose)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -59,7 +60,8 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
 
     t = step("4/5 evaluate against the float model (built-in text, ctx 512)", "about 15 s")
     with progress_bar() as progress:
-        res = api.evaluate(art_dir, sample_text_path(), api.EvalConfig(ctx=512), ref=hf, progress=progress)
+        res = api.evaluate(art_dir, sample_text_path(), api.EvalConfig(ctx=512), ref=hf, progress=progress,
+                           n_threads=threads)
     figures.update(ppl=res.ppl, ref_ppl=res.ref_ppl, kl=res.kl_mean, top1=res.top1_agreement,
                    eval_s=time.perf_counter() - t)
     out.print(f"perplexity {res.ppl:.3f} (float {res.ref_ppl:.3f}), KL {res.kl_mean:.4f}, "
@@ -68,7 +70,8 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False)
     step(f"5/5 ask: {PROMPT}", "a few seconds")
     stats = api.GenerationStats()
     answer = []
-    for piece in api.generate(art_dir, PROMPT, api.SamplingConfig(temperature=0, max_tokens=64), stats):
+    for piece in api.generate(art_dir, PROMPT, api.SamplingConfig(temperature=0, max_tokens=64), stats,
+                              n_threads=threads):
         answer.append(piece)
         out.print(piece, end="", highlight=False, markup=False)
     out.print()

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from edgekit.cli.flags import THREADS_HELP
 from edgekit.cli.ui import decoding_options, handle_errors
 
 
@@ -36,7 +37,7 @@ def tui(
     folder: Path = typer.Option(Path("."), "--dir", "-d", help="Folder the Artifacts screen lists."),
     screen: str = typer.Option("artifacts", "--screen", help="First screen: chat, artifacts, convert, profile, devices."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length for chat."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for chat (default: all cores)."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     offload: str = typer.Option("none", "--offload", help="'auto': chat and profile with the offload planner's "
                                 "GPU layers and overrides for this host (`edgekit plan`)."),
     speculative: str | None = typer.Option(None, "--speculative", help="'ngram': chat drafts from the conversation "
@@ -64,7 +65,7 @@ def chat(
     artifact: Path = typer.Argument(..., help="Artifact folder or model file."),
     folder: Path = typer.Option(Path("."), "--dir", "-d", help="Folder the Artifacts screen lists."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers and overrides from `edgekit plan`."),
     draft: Path | None = typer.Option(None, "--draft", help="A smaller GGUF with the same tokenizer: speculative "
                                       "decoding (lossless, faster)."),

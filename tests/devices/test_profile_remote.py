@@ -95,7 +95,7 @@ def test_profile_cli_with_device(sshd, home, tiny_artifact, tmp_path):
 
     add_ssh_host(SSHHost(name="loop2", host=sshd["host"], port=sshd["port"], user=sshd["user"], key=sshd["key"],
                          remote_edgekit=str(EDGEKIT), dest=str(tmp_path / "board")))
-    r = CliRunner().invoke(app, ["profile", str(tiny_artifact), "--device", "ssh:loop2", "-t", "pp16,tg8", "-r", "2",
+    r = CliRunner().invoke(app, ["profile", str(tiny_artifact), "--device", "ssh:loop2", "--tests", "pp16,tg8", "-r", "2",
                                  "--threads", "1", "--json", "--no-history"])
     assert r.exit_code == 0, r.output
     run = json.loads(r.output[r.output.index("{"):])

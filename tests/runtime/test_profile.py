@@ -174,11 +174,11 @@ def test_cli_json_csv_history_compare(tiny_ggufs, home):
     from edgekit.cli.main import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["profile", str(tiny_ggufs["F16"]), "-t", "pp8,tg4", "-r", "2", "--json"])
+    res = runner.invoke(app, ["profile", str(tiny_ggufs["F16"]), "--tests", "pp8,tg4", "-r", "2", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["status"] == "ok" and [r["test"] for r in data["rows"]] == ["pp8", "tg4"]
-    res = runner.invoke(app, ["profile", str(tiny_ggufs["F16"]), "-t", "pp8,tg4", "-r", "2", "--csv"])
+    res = runner.invoke(app, ["profile", str(tiny_ggufs["F16"]), "--tests", "pp8,tg4", "-r", "2", "--csv"])
     assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith("artifact,test,")
     assert len(res.stdout.strip().splitlines()) == 3
     assert (home / "profile.sqlite").exists()
@@ -195,7 +195,7 @@ def test_cli_bad_input(tmp_path, home):
     from edgekit.cli.main import app
 
     runner = CliRunner()
-    for args in (["profile", str(tmp_path / "nope")], ["profile", str(tmp_path), "-t", "zz9"], ["profile"],
+    for args in (["profile", str(tmp_path / "nope")], ["profile", str(tmp_path), "--tests", "zz9"], ["profile"],
                  ["profile", str(tmp_path), "--threads", "a,b"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
@@ -205,7 +205,7 @@ def test_cli_bad_input(tmp_path, home):
 @needs_llama
 def test_ctrl_c_keeps_marked_partial_results(tiny_ggufs, tmp_path):
     env = {**os.environ, "EDGEKIT_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "edgekit.cli.main", "profile", str(tiny_ggufs["F16"]), "-t", "tg8,tg256", "-r", "200",
+    cmd = [sys.executable, "-m", "edgekit.cli.main", "profile", str(tiny_ggufs["F16"]), "--tests", "tg8,tg256", "-r", "200",
            "--threads", "1", "--json"]
     # Ctrl-C as a terminal delivers it: a harness started in the background (`cmd &` in a script) runs with
     # SIGINT ignored, and Python then never installs its KeyboardInterrupt handler in the child.
