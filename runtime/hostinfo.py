@@ -287,9 +287,10 @@ def pick_threads(requested: int | None = None, *, adapt: bool = True, busy: floa
 
     ``requested`` None: the physical cores, lowered (``adapt``) to the CPUs other programs leave free, at
     least one; ``requested`` N: N, with a note when N threads cannot each have a CPU. Oversubscription is
-    not a slowdown in proportion: llama.cpp's threads meet at a barrier after every matrix product, and a
-    thread waiting for a time slice stalls all the others (measured on a 2-core machine with two busy
-    programs: two threads 0.2 tok/s, one thread 50.7)."""
+    not a slowdown in proportion: llama.cpp's threads meet at a barrier after every matrix product and
+    spin there, so a thread waiting for a time slice stalls all the others (SmolLM2-135M Q4_K_M, 64 tokens,
+    on a 2-core machine that other programs kept busy: two threads 0.6-2.3 tok/s with a 9-17 s first
+    token, one thread 6-28 tok/s with a 0.3-1.3 s first token)."""
     default = physical_cores()
     want = requested or default
     if want <= 1:

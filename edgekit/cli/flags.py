@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.22 carries its own copy of click
+try:  # recent typer carries its own copy of click
     from typer._click.exceptions import NoSuchOption, UsageError
 except ImportError:  # pragma: no cover - older typer
     from click.exceptions import NoSuchOption, UsageError  # type: ignore[no-redef]

@@ -195,8 +195,8 @@ def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat
 def run(
     artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The user message (or raw text with --raw); "
-                                      "'-' reads it from stdin. None: a chat in the terminal (or, with stdin "
-                                      "piped, all of stdin as the prompt)."),
+                                      "'-' reads it from stdin. Without -p: a chat in the terminal, or all "
+                                      "of stdin as the prompt when it is piped."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template; "
                              "special tokens written in it (<|im_start|>...) are read as the model's control "
