@@ -2,7 +2,7 @@
 hint when a short flag is typed with the meaning it had before it followed llama.cpp's.
 
 edgekit's short flags mean what they mean in llama.cpp (``-t`` threads, ``-c`` context, ``-n`` tokens,
-``-b`` batch) in every command that has them, and nothing else anywhere.
+``-b`` batch, ``-s`` seed) in every command that has them, and nothing else anywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ RETIRED: dict[str, dict[str, tuple[str, str | None]]] = {
     "convert": {"-t": ("--type", "--threads"), "-b": ("--bits", None)},
     "quickstart": {"-b": ("--bits", None)},
     "profile": {"-t": ("--tests", "--threads")},
+    "run": {"-s": ("--system", "--seed")},
 }
 
 

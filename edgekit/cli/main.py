@@ -197,7 +197,7 @@ def run(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The user message (or raw text with --raw); "
                                       "'-' reads it from stdin. Without -p: a chat in the terminal, or all "
                                       "of stdin as the prompt when it is piped."),
-    system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template; "
                              "special tokens written in it (<|im_start|>...) are read as the model's control "
                              "tokens. Without --raw, -p and --system are message text and never are."),
@@ -206,7 +206,7 @@ def run(
     top_p: float = typer.Option(0.95, "--top-p"),
     min_p: float = typer.Option(0.05, "--min-p"),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", "-s"),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence; repeatable."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
