@@ -313,32 +313,48 @@ _busy_cache: tuple[float, float] | None = None  # (monotonic time, busy CPUs): o
 _said: set[str] = set()
 
 
-def thread_count(requested: int | None, warn: Callable[[str], None] | None = None, *, adapt: bool = True) -> int:
-    """:func:`pick_threads` for a backend or a conversion about to start: its note goes to ``warn`` (default:
-    a RuntimeWarning), once per process; a measurement is reused for 10 seconds, so a profile sweep that
-    opens one backend after another measures once (and never its own workers)."""
+def _busy_now() -> float:
     global _busy_cache
-    if (requested or physical_cores()) <= 1:
-        return 1
     now = time.monotonic()
     if _busy_cache is None or now - _busy_cache[0] > 10:
         _busy_cache = (now, busy_cpus())
-    choice = pick_threads(requested, adapt=adapt, busy=_busy_cache[1])
-    if choice.note and choice.note not in _said:
-        _said.add(choice.note)
-        if warn is not None:
-            warn(choice.note)
-        else:
-            warnings.warn(choice.note, RuntimeWarning, stacklevel=3)
+    return _busy_cache[1]
+
+
+def _say_once(note: str, warn: Callable[[str], None] | None) -> None:
+    if note in _said:
+        return
+    _said.add(note)
+    if warn is not None:
+        warn(note)
+    else:
+        warnings.warn(note, RuntimeWarning, stacklevel=4)
+
+
+def thread_count(requested: int | None, warn: Callable[[str], None] | None = None, *, adapt: bool = True) -> int:
+    """:func:`pick_threads` for a backend about to start: its note goes to ``warn`` (default: a
+    RuntimeWarning), once per process; a measurement is reused for 10 seconds, so a profile sweep that
+    opens one backend after another measures once (and never its own workers)."""
+    if (requested or physical_cores()) <= 1:
+        return 1
+    choice = pick_threads(requested, adapt=adapt, busy=_busy_now())
+    if choice.note:
+        _say_once(choice.note, warn)
     return choice.threads
 
 
 def use_torch_threads(requested: int | None = None) -> int:
-    """Size PyTorch's intra-op pool (process-wide) for calibration and other PyTorch work, as
-    :func:`thread_count` decides; its OpenMP threads spin at barriers like llama.cpp's, so a busy machine
-    stalls them alike. Imports torch: call only where PyTorch work follows."""
+    """Size PyTorch's intra-op pool (process-wide) for calibration and other PyTorch work: ``requested``
+    or the physical cores. Not lowered on a busy machine: PyTorch's pool does not stall as llama.cpp's
+    does (GPTQ of SmolLM2-135M with 8x128 calibration tokens on a 2-core machine that other programs
+    kept busy: 2 threads 93 s, 1 thread 107 s); the note only says it will take longer. Imports torch:
+    call only where PyTorch work follows."""
     import torch
 
-    n = thread_count(requested)
+    n = requested or physical_cores()
     torch.set_num_threads(n)
+    busy, usable = _busy_now(), usable_cpus()
+    if busy > _SLACK + max(0, usable - n):
+        _say_once(f"{busy:.1f} of {usable} CPUs are busy with other programs: PyTorch work (calibration, "
+                  "pruning, healing) will take longer than on a quiet machine", None)
     return n

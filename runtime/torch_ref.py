@@ -35,7 +35,7 @@ class TorchBackend(Backend):
         ckpt.require_tokenizer()
         from edgekit.runtime import hostinfo
 
-        torch.set_num_threads(hostinfo.thread_count(n_threads))  # process-wide: torch's own pool
+        hostinfo.use_torch_threads(n_threads)  # process-wide: torch has one pool
         self._torch = torch
         self.n_ctx = n_ctx
         try:

@@ -89,7 +89,7 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for calibration and other "
-                                       "PyTorch work (default: the physical cores, fewer when others keep them busy)."),
+                                       "PyTorch work (default: the physical cores)."),
 ) -> None:
     """Convert a checkpoint into an artifact folder.
 
