@@ -35,7 +35,7 @@ class TorchBackend(Backend):
         ckpt.require_tokenizer()
         from edgekit.runtime import hostinfo
 
-        hostinfo.use_torch_threads(n_threads)  # process-wide: torch has one pool
+        torch.set_num_threads(n_threads or hostinfo.physical_cores())  # process-wide: torch has one pool
         self._torch = torch
         self.n_ctx = n_ctx
         try:
