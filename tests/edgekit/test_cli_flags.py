@@ -342,6 +342,11 @@ def _pty_run(args, steps, timeout=90):
                     except OSError:
                         break
             seen = i + len(wait_for)
+            if typed == b"\x03":
+                # A person is never this fast: a SIGINT that lands between readline drawing the prompt and
+                # waiting for a key is only noticed at the next key (CPython checks signals when select
+                # is interrupted), so the test waits until the prompt is surely waiting.
+                time.sleep(0.5)
             os.write(fd, typed)
         end = time.time() + timeout
         while time.time() < end:  # the rest of the output, until the child closes the terminal
