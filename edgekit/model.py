@@ -17,6 +17,7 @@ import numpy as np
 
 from edgekit.arch import ArchSpec, HParams, spec_for
 from edgekit.errors import CorruptFileError, InputError
+from edgekit.validate import check_config, check_shapes
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # safetensors dtype name -> bytes per element, to validate headers without loading data.
@@ -51,6 +52,9 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorRef]:
         raise CorruptFileError(
             f"{path} is not a valid safetensors file ({exc}); re-download or re-save the checkpoint"
         ) from exc
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path} is not a valid safetensors file (its header is not a JSON object); "
+                               "re-download or re-save the checkpoint")
     refs = {}
     end = 0
     for name, info in header.items():
@@ -58,7 +62,9 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             continue
         try:
             start, stop = info["data_offsets"]
-            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+            dtype, shape = info["dtype"], tuple(info["shape"])
+            if not all(type(x) is int and x >= 0 for x in (start, stop, *shape)) or stop < start:
+                raise ValueError("offsets and dimensions must be whole numbers >= 0")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptFileError(f"{path} has a malformed entry for {name!r}; re-save the checkpoint") from exc
         expected = int(np.prod(shape)) * _ST_SIZES.get(dtype, 0) if shape else _ST_SIZES.get(dtype, 0)
@@ -96,12 +102,16 @@ class HFCheckpoint:
             config = json.loads((p / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptFileError(f"{p / 'config.json'} is not valid JSON ({exc}); fix or re-download it") from exc
+        source = str(p / "config.json")
+        check_config(config, source)
         spec = spec_for(config.get("architectures"))
+        hparams = HParams.from_config(config, source)
         files = cls._weight_files(p)
         tensors: dict[str, TensorRef] = {}
         for f in files:
             tensors.update(_read_safetensors_header(f))
-        return cls(path=p, config=config, spec=spec, hparams=HParams.from_config(config), tensors=tensors)
+        check_shapes(spec, hparams, tensors, str(p))
+        return cls(path=p, config=config, spec=spec, hparams=hparams, tensors=tensors)
 
     @staticmethod
     def _weight_files(p: Path) -> list[Path]:
@@ -109,9 +119,16 @@ class HFCheckpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise CorruptFileError(f"{index} is malformed; re-download the checkpoint") from exc
             files = sorted({p / f for f in weight_map.values()})
+            # A shard named outside the folder ("../x", "/etc/x") is never read.
+            outside = [f for f in weight_map.values() if (p / f).resolve().parent != p.resolve()]
+            if outside:
+                raise CorruptFileError(f"{index} names shard {outside[0]!r} outside {p}; shards must sit in the "
+                                       "model folder: re-download the checkpoint")
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise InputError(f"{p} lacks shard(s) {', '.join(missing)} named in {index.name}; download them all")
