@@ -7,6 +7,7 @@ the model folder ever runs.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 
 from edgekit.arch import ArchSpec, HParams, spec_for
 from edgekit.errors import CorruptFileError, InputError
-from edgekit.validate import check_config, check_shapes
+from edgekit.validate import check_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # safetensors dtype name -> bytes per element, to validate headers without loading data.
@@ -77,6 +78,47 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             f"{path} is truncated ({size} bytes, header needs {8 + n + end}); re-download or re-save the checkpoint"
         )
     return refs
+
+
+# A config that disagrees with its weights converts into a file that only fails when it runs, far from the
+# cause: checked here from the safetensors headers alone.
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def check_shapes(spec: ArchSpec, hp: HParams, tensors: dict[str, TensorRef], source: str) -> None:
+    """Check every tensor the architecture knows against the shape config.json implies, and that each of
+    the ``num_hidden_layers`` layers is present with nothing beyond them."""
+    dims = {"embd": hp.n_embd, "q": hp.n_head * hp.head_dim, "kv": hp.n_head_kv * hp.head_dim,
+            "ff": hp.n_ff, "vocab": hp.n_vocab}
+    layers: dict[int, set[str]] = {}
+    for name, ref in tensors.items():
+        m = _LAYER_RE.fullmatch(name)
+        if m:
+            i = int(m.group(1))
+            if i >= hp.n_layer:
+                raise CorruptFileError(f"{source}: tensor {name!r} is beyond num_hidden_layers {hp.n_layer} in "
+                                       "config.json; fix num_hidden_layers or re-download the model")
+            layers.setdefault(i, set()).add(m.group(2))
+            wanted = spec.tensor_shapes.get(m.group(2))
+        else:
+            wanted = spec.tensor_shapes.get(name)
+        if wanted is None:
+            continue
+        expected = tuple(dims[d] for d in wanted)
+        if tuple(ref.shape) != expected:
+            raise CorruptFileError(
+                f"{source}: tensor {name!r} has shape {list(ref.shape)} but config.json implies {list(expected)} "
+                f"({', '.join(f'{d}={dims[d]}' for d in dict.fromkeys(wanted))}); the config does not match the "
+                "weights: fix config.json or re-download the model")
+    required = [s for s in spec.layer_tensors if s not in spec.optional_layer_tensors]
+    for i in range(hp.n_layer):
+        missing = [s for s in required if s not in layers.get(i, ())]
+        if missing:
+            raise CorruptFileError(
+                f"{source}: tensor 'model.layers.{i}.{missing[0]}' is missing, but config.json says "
+                f"num_hidden_layers {hp.n_layer}; fix num_hidden_layers or give the complete checkpoint")
+    if "model.embed_tokens.weight" not in tensors:
+        raise CorruptFileError(f"{source}: tensor 'model.embed_tokens.weight' is missing; give the complete checkpoint")
 
 
 @dataclass

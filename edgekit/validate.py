@@ -1,21 +1,16 @@
-"""Checks on a Hugging Face checkpoint before anything is converted: config.json's types and values, and
-the config against the tensor shapes in the safetensors headers (no weights are loaded).
+"""Checks on a Hugging Face config.json before anything is sized from it: types, bounds and the head layout.
 
-A config that disagrees with its weights converts into a file that only fails when it runs, far from the
-cause; these checks refuse it up front and name the key or tensor that is wrong.
+A bad value otherwise surfaces far from its cause (a ZeroDivisionError from zero heads, an architecture
+list iterated letter by letter); these checks refuse it up front and name the key. The config is checked
+against the weights' shapes by :func:`edgekit.model.check_shapes`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgekit.errors import CorruptFileError
-
-if TYPE_CHECKING:
-    from edgekit.arch import ArchSpec, HParams
-    from edgekit.model import TensorRef
 
 # Upper bounds far above any released model: a value past them is a typo or a corrupted file, and
 # taking it at face value would size a KV cache or a loop from it.
@@ -98,42 +93,3 @@ def _check_head_layout(cfg: dict, source: str) -> None:
         head_dim = hidden // heads
     if head_dim % 2:  # rotary embeddings rotate pairs of dimensions
         raise _fail(source, "head_dim", f"is {head_dim}; rotary attention needs an even head size")
-
-
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
-
-
-def check_shapes(spec: ArchSpec, hp: HParams, tensors: dict[str, TensorRef], source: str) -> None:
-    """Check every tensor the architecture knows against the shape config.json implies, and that each of
-    the ``num_hidden_layers`` layers is present with nothing beyond them."""
-    dims = {"embd": hp.n_embd, "q": hp.n_head * hp.head_dim, "kv": hp.n_head_kv * hp.head_dim,
-            "ff": hp.n_ff, "vocab": hp.n_vocab}
-    layers: dict[int, set[str]] = {}
-    for name, ref in tensors.items():
-        m = _LAYER_RE.fullmatch(name)
-        if m:
-            i = int(m.group(1))
-            if i >= hp.n_layer:
-                raise CorruptFileError(f"{source}: tensor {name!r} is beyond num_hidden_layers {hp.n_layer} in "
-                                       "config.json; fix num_hidden_layers or re-download the model")
-            layers.setdefault(i, set()).add(m.group(2))
-            wanted = spec.tensor_shapes.get(m.group(2))
-        else:
-            wanted = spec.tensor_shapes.get(name)
-        if wanted is None:
-            continue
-        expected = tuple(dims[d] for d in wanted)
-        if tuple(ref.shape) != expected:
-            raise CorruptFileError(
-                f"{source}: tensor {name!r} has shape {list(ref.shape)} but config.json implies {list(expected)} "
-                f"({', '.join(f'{d}={dims[d]}' for d in dict.fromkeys(wanted))}); the config does not match the "
-                "weights: fix config.json or re-download the model")
-    required = [s for s in spec.layer_tensors if s not in spec.optional_layer_tensors]
-    for i in range(hp.n_layer):
-        missing = [s for s in required if s not in layers.get(i, ())]
-        if missing:
-            raise CorruptFileError(
-                f"{source}: tensor 'model.layers.{i}.{missing[0]}' is missing, but config.json says "
-                f"num_hidden_layers {hp.n_layer}; fix num_hidden_layers or give the complete checkpoint")
-    if "model.embed_tokens.weight" not in tensors:
-        raise CorruptFileError(f"{source}: tensor 'model.embed_tokens.weight' is missing; give the complete checkpoint")
