@@ -14,7 +14,7 @@ from typing import Any
 
 from edgekit.artifact import Artifact
 from edgekit.converters.formats.base import FORMATS
-from edgekit.errors import CorruptFileError, UnsupportedError
+from edgekit.errors import CorruptFileError, InputError, UnsupportedError
 
 _NUM = (Real,)
 _OPT = object()  # marks an optional key: {"key": (_OPT, spec)}
@@ -73,7 +73,12 @@ def check_manifest_report(manifest: dict[str, Any]) -> None:
         _check(pruned, _PRUNED[kind], "pruned")
 
 
+MAX_CTX = 1 << 28  # the bound the GGUF and config checks put on a model's context length
+
+
 def describe(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or not 0 < ctx <= MAX_CTX:
+        raise InputError(f"--ctx {ctx!r} is out of range; give a context length between 1 and {MAX_CTX}")
     if art.format not in FORMATS:
         raise UnsupportedError(f"inspect reads {', '.join(f.upper() for f in FORMATS.names())} artifacts; "
                                f"this one is {art.format!r}")

@@ -308,3 +308,47 @@ def test_onnx_manifest_tensor_entries(tiny_onnx, tmp_path):
     (art / "edgekit.json").write_text(json.dumps(manifest))
     assert_clean_error(*run_cli("inspect", art), f"tensor {name!r} needs a shape (whole numbers) and a type name")
 
+
+
+# ---- arch.py error paths ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("archs", "error", "says"), [
+    ("LlamaForCausalLM", CorruptFileError, r"'architectures' must be a list of class names .*got 'LlamaForCausalLM'"),
+    (["LlamaForCausalLM", 7], CorruptFileError, "'architectures' must be a list of class names"),
+    ({"a": 1}, CorruptFileError, "'architectures' must be a list"),
+    ([], UnsupportedError, r"architecture \(none given\) is not supported"),
+    (["GPTNeoXForCausalLM"], UnsupportedError, "architecture GPTNeoXForCausalLM is not supported; edgekit converts: "
+                                                "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+])
+def test_spec_for_error_paths(archs, error, says):
+    from edgekit.arch import spec_for
+
+    with pytest.raises(error, match=says):
+        spec_for(archs)
+
+
+def test_hparams_error_paths():
+    from edgekit.arch import HParams, awq_layout
+
+    base = {"num_attention_heads": 4, "hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 512,
+            "vocab_size": 384}
+    assert HParams.from_config({**base, "rope_theta": None, "rms_norm_eps": None}).rope_theta == 10000.0
+    with pytest.raises(CorruptFileError, match="'num_hidden_layers' must be a whole number, got None"):
+        HParams.from_config({**base, "num_hidden_layers": None})
+    with pytest.raises(CorruptFileError, match="config.json holds a JSON str"):
+        HParams.from_config("LlamaForCausalLM")
+    hp = HParams.from_config({**base, "rope_scaling": {"rope_type": "linear"}})
+    with pytest.raises(CorruptFileError, match="linear rope scaling has no 'factor'"):
+        hp.gguf_kv("llama")
+    hp = HParams.from_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UnsupportedError, match="rope scaling 'yarn' is not supported yet"):
+        hp.gguf_kv("llama")
+    with pytest.raises(UnsupportedError, match="AWQ does not know the decoder layer of 'gpt2'"):
+        awq_layout("gpt2")
+
+
+@pytest.mark.parametrize("ctx", ["0", "-5", str(1 << 40)])
+def test_inspect_context_length_is_bounded(tiny_gguf, ctx):
+    code, out = run_cli("inspect", tiny_gguf, "--ctx", ctx)
+    assert_clean_error(code, out, f"--ctx {ctx} is out of range; give a context length between 1 and 268435456")
+    assert code == 2
