@@ -91,7 +91,15 @@ def check_shapes(spec: ArchSpec, hp: HParams, tensors: dict[str, TensorRef], sou
     dims = {"embd": hp.n_embd, "q": hp.n_head * hp.head_dim, "kv": hp.n_head_kv * hp.head_dim,
             "ff": hp.n_ff, "vocab": hp.n_vocab}
     layers: dict[int, set[str]] = {}
-    for name, ref in tensors.items():
+    table = list(spec.tensor_shapes)
+
+    def order(name: str) -> tuple[int, int]:
+        # Global tensors first, then layer by layer in the table's order: q_proj is named before o_proj.
+        m = _LAYER_RE.fullmatch(name)
+        key = m.group(2) if m else name
+        return (int(m.group(1)) if m else -1, table.index(key) if key in table else len(table))
+
+    for name, ref in sorted(tensors.items(), key=lambda item: order(item[0])):
         m = _LAYER_RE.fullmatch(name)
         if m:
             i = int(m.group(1))

@@ -24,7 +24,8 @@ def read_gguf_header(path: Path, *, check: bool = True):
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on bad files
-        raise CorruptFileError(f"{path} is not a readable GGUF file ({exc}); re-download or re-convert it") from exc
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CorruptFileError(f"{path} is not a readable GGUF file ({detail}); re-download or re-convert it") from exc
     if check:
         check_gguf(reader, path)
     return reader
