@@ -75,6 +75,7 @@ class Case:
         self.rng = random.Random(seed)
         self.mutation = ""
         self.artifact_keys = False
+        self.n_targets = 1
 
 
 def _copy_folder(src: Path, dst: Path, mutated: str) -> None:
@@ -94,7 +95,7 @@ def materialize(case: Case, fx: dict[str, Path], layouts: dict[str, tuple], d: P
         data, case.mutation = mutate_gguf(src.read_bytes(), spans, end, rng)
         out = d / "m.gguf"
         out.write_bytes(data)
-        if t == "gguf-tiny" and case.i % 4 == 0:
+        if t == "gguf-tiny" and case.i // case.n_targets % 4 == 0:  # every 4th case of this target
             return ["import", str(out), "-o", str(d / "imported")]
         return ["inspect", str(out)]
     if t == "hf-config":
@@ -149,6 +150,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as a hang")
     ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--name", default="fuzz", help="results file name: bench/results/NAME.json and NAME.md")
     ap.add_argument("--artifact-keys", action="store_true",
                     help="also mutate the manifest keys Artifact.open reads (schema, format, files)")
     a = ap.parse_args()
@@ -164,7 +166,7 @@ def main() -> None:
         master = random.Random(a.seed)
         cases = [Case(i, targets[i % len(targets)], master.getrandbits(32)) for i in range(a.cases)]
         for c in cases:
-            c.artifact_keys = a.artifact_keys
+            c.artifact_keys, c.n_targets = a.artifact_keys, len(targets)
         rows: list[dict] = []
         t0 = time.perf_counter()
         with ThreadPoolExecutor(a.jobs) as pool:
@@ -196,20 +198,25 @@ def report(rows: list[dict], a: argparse.Namespace, wall: float) -> None:
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     Console().print(table)
+    by_command = {cmd: dict(Counter(r["outcome"] for r in rows if r["command"] == cmd))
+                  for cmd in sorted({r["command"] for r in rows})}
+    lines += ["", "By command: " + "; ".join(f"{cmd} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})"
+                                          for cmd, c in by_command.items())]
     bad = [r for r in rows if r["outcome"] in ("crash", "hang")]
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
             "artifact_keys": a.artifact_keys,
             "cases": len(rows), "seed": a.seed, "timeout_s": a.timeout, "jobs": a.jobs, "wall_s": round(wall, 1)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fuzz.json").write_text(json.dumps({**meta, "totals": {o: total[o] for o in outcomes},
+    (RESULTS / f"{a.name}.json").write_text(json.dumps({**meta, "totals": {o: total[o] for o in outcomes},
                                                     "by_target": {t: dict(c) for t, c in by_target.items()},
+                                                    "by_command": by_command,
                                                     "failures": bad}, indent=2) + "\n")
     md = [f"# edgekit fuzz: {len(rows)} cases", "",
           f"{meta['date']}, {meta['cpu']}, seed {a.seed}, timeout {a.timeout:g} s per case, {a.jobs} jobs, "
-          f"{wall:.0f} s wall. Replay with `python bench/fuzz.py --cases {len(rows)} --seed {a.seed}`.", "", *lines, ""]
+          f"{wall:.0f} s wall. Replay with `python bench/fuzz.py --cases {len(rows)} --seed {a.seed} --targets {a.targets}`.", "", *lines, ""]
     md += [f"- {r['outcome']}: case {r['case']} ({r['target']}, {r['mutation']}): `{r['last_line']}`" for r in bad]
-    (RESULTS / "fuzz.md").write_text("\n".join(md) + "\n")
-    print(f"crashes {total['crash']}, hangs {total['hang']}; wrote {RESULTS / 'fuzz.json'} and fuzz.md")
+    (RESULTS / f"{a.name}.md").write_text("\n".join(md) + "\n")
+    print(f"crashes {total['crash']}, hangs {total['hang']}; wrote {RESULTS / a.name}.json and .md")
 
 
 if __name__ == "__main__":
