@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from edgekit.errors import UnsupportedError
+from edgekit.errors import CorruptFileError, UnsupportedError
 
 # Hugging Face tensor name (per-layer part after "model.layers.{i}.") -> GGUF name suffix.
 _LLAMA_LAYER_TENSORS = {
@@ -33,6 +33,25 @@ _GLOBAL_TENSORS = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
+# Shape of each tensor (numpy order, outer dimension first) in the dimensions config.json implies: embd
+# hidden_size, q heads x head_dim, kv KV heads x head_dim, ff intermediate_size, vocab vocab_size.
+_LLAMA_SHAPES: dict[str, tuple[str, ...]] = {
+    "input_layernorm.weight": ("embd",),
+    "post_attention_layernorm.weight": ("embd",),
+    "self_attn.q_proj.weight": ("q", "embd"),
+    "self_attn.k_proj.weight": ("kv", "embd"),
+    "self_attn.v_proj.weight": ("kv", "embd"),
+    "self_attn.o_proj.weight": ("embd", "q"),
+    "mlp.gate_proj.weight": ("ff", "embd"),
+    "mlp.up_proj.weight": ("ff", "embd"),
+    "mlp.down_proj.weight": ("embd", "ff"),
+    "self_attn.q_proj.bias": ("q",),
+    "self_attn.k_proj.bias": ("kv",),
+    "self_attn.v_proj.bias": ("kv",),
+    "model.embed_tokens.weight": ("vocab", "embd"),
+    "model.norm.weight": ("embd",),
+    "lm_head.weight": ("vocab", "embd"),
+}
 # Buffers some checkpoints carry that llama.cpp recomputes.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -46,6 +65,9 @@ class ArchSpec:
     layer_tensors: per-layer HF suffix -> GGUF suffix.
     permute_qk: llama.cpp's llama arch expects Q/K rows interleaved for its rotary kernel
         (the HF layout is "rotate half"); qwen2 uses the NEOX layout and needs no permutation.
+    tensor_shapes: HF name (or per-layer suffix) -> its dimensions by name (see ``_LLAMA_SHAPES``),
+        checked against config.json before converting.
+    optional_layer_tensors: per-layer suffixes a checkpoint may leave out.
     """
 
     hf_classes: tuple[str, ...]
@@ -53,6 +75,8 @@ class ArchSpec:
     layer_tensors: dict[str, str]
     permute_qk: bool
     global_tensors: dict[str, str] = field(default_factory=lambda: dict(_GLOBAL_TENSORS))
+    tensor_shapes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(_LLAMA_SHAPES))
+    optional_layer_tensors: tuple[str, ...] = tuple(_QKV_BIASES)
 
     def gguf_name(self, hf_name: str) -> str | None:
         """GGUF tensor name for a HF tensor name; None for buffers llama.cpp does not store."""
@@ -88,6 +112,11 @@ def supported_list() -> str:
 
 def spec_for(hf_architectures: list[str] | None) -> ArchSpec:
     """The spec for a config.json's ``architectures`` list; unsupported ones list what is supported."""
+    if hf_architectures is not None and (
+            not isinstance(hf_architectures, list) or not all(isinstance(a, str) for a in hf_architectures)):
+        # A bare string would otherwise be iterated letter by letter.
+        raise CorruptFileError(f"config.json 'architectures' must be a list of class names like "
+                               f"[\"LlamaForCausalLM\"], got {hf_architectures!r:.60}; fix config.json")
     for name in hf_architectures or []:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
@@ -130,12 +159,17 @@ class HParams:
     rope_scaling: dict | None
 
     @classmethod
-    def from_config(cls, cfg: dict) -> HParams:
+    def from_config(cls, cfg: dict, source: str = "config.json") -> HParams:
+        """Read and check ``cfg`` (types, bounds, head layout): a bad value is a :class:`CorruptFileError`
+        naming the key, a missing one an :class:`UnsupportedError` (likely not a decoder-only LLM)."""
+        from edgekit.validate import check_config
+
+        check_config(cfg, source)
         try:
             n_head = int(cfg["num_attention_heads"])
             n_embd = int(cfg["hidden_size"])
             rope = cfg.get("rope_parameters") or {}
-            theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+            theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
             scaling = cfg.get("rope_scaling")
             if scaling is None and rope.get("rope_type", "default") != "default":
                 scaling = rope
@@ -147,9 +181,9 @@ class HParams:
                 n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
                 head_dim=int(cfg.get("head_dim") or n_embd // n_head),
                 n_vocab=int(cfg["vocab_size"]),
-                n_ctx_train=int(cfg.get("max_position_embeddings", 2048)),
+                n_ctx_train=int(cfg.get("max_position_embeddings") or 2048),
                 rope_theta=float(theta),
-                rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rms_eps=float(cfg.get("rms_norm_eps") or 1e-6),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 rope_scaling=scaling,
             )
@@ -176,6 +210,9 @@ class HParams:
             kind = self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
             if kind == "linear":
                 kv[f"{arch}.rope.scaling.type"] = "linear"
+                if self.rope_scaling.get("factor") is None:
+                    raise CorruptFileError("config.json: linear rope scaling has no 'factor'; add it or remove "
+                                           "rope_scaling")
                 kv[f"{arch}.rope.scaling.factor"] = float(self.rope_scaling["factor"])
             elif kind not in (None, "default"):
                 raise UnsupportedError(

@@ -12,14 +12,18 @@ from pathlib import Path
 
 from edgekit.arch import GGUF_TO_HF
 from edgekit.converters.formats.base import ProgressFn, no_progress
+from edgekit.converters.formats.gguf.check import check_gguf
 from edgekit.converters.formats.gguf.read import read_gguf_header
-from edgekit.errors import CorruptFileError, UnsupportedError, quiet_transformers, require
+from edgekit.errors import CorruptFileError, InputError, UnsupportedError, quiet_transformers, require
 from edgekit.fsutil import atomic_dir, check_free_space, sha256_file
 
 
 def _field(reader, key: str):
     f = reader.fields.get(key)
-    return None if f is None else f.contents()
+    try:
+        return None if f is None else f.contents()
+    except Exception:  # noqa: BLE001 - a field gguf-py cannot decode; check_gguf names it
+        return None
 
 
 def import_gguf(
@@ -27,10 +31,13 @@ def import_gguf(
 ) -> Path:
     """Write a transformers-loadable safetensors checkpoint (with tokenizer) from ``gguf_path``."""
     src = Path(gguf_path).expanduser()
-    reader = read_gguf_header(src)
+    reader = read_gguf_header(src, check=False)
     arch = _field(reader, "general.architecture")
-    if arch not in GGUF_TO_HF:
-        raise UnsupportedError(f"GGUF architecture {arch!r} is not supported; edgekit imports: {', '.join(GGUF_TO_HF)}")
+    if not isinstance(arch, str) or arch not in GGUF_TO_HF:
+        raise UnsupportedError(f"GGUF architecture {arch!r:.40} is not supported; edgekit imports: {', '.join(GGUF_TO_HF)}")
+    check_gguf(reader, src)
+    if not reader.tensors:
+        raise InputError(f"{src} holds no tensors (a vocabulary-only GGUF?); import a GGUF with the model's weights")
     pre = _field(reader, "tokenizer.ggml.pre")
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     del reader
@@ -47,8 +54,12 @@ def import_gguf(
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(src.parent), gguf_file=src.name, dtype=torch.float32
             )
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise CorruptFileError(f"transformers could not rebuild a model from {src}: {exc}") from exc
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever transformers trips on, the GGUF is the cause
+            detail = (str(exc).splitlines() or [""])[0][:200]
+            raise CorruptFileError(f"transformers could not rebuild a model from {src} "
+                                   f"({type(exc).__name__}: {detail}); re-download or re-convert it") from exc
         # A plain float checkpoint now: the GGUF marker would make loaders look for the .gguf file.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -7,6 +7,7 @@ the model folder ever runs.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import numpy as np
 
 from edgekit.arch import ArchSpec, HParams, spec_for
 from edgekit.errors import CorruptFileError, InputError
+from edgekit.validate import check_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # safetensors dtype name -> bytes per element, to validate headers without loading data.
@@ -51,6 +53,9 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorRef]:
         raise CorruptFileError(
             f"{path} is not a valid safetensors file ({exc}); re-download or re-save the checkpoint"
         ) from exc
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path} is not a valid safetensors file (its header is not a JSON object); "
+                               "re-download or re-save the checkpoint")
     refs = {}
     end = 0
     for name, info in header.items():
@@ -58,7 +63,9 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             continue
         try:
             start, stop = info["data_offsets"]
-            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+            dtype, shape = info["dtype"], tuple(info["shape"])
+            if not all(type(x) is int and x >= 0 for x in (start, stop, *shape)) or stop < start:
+                raise ValueError("offsets and dimensions must be whole numbers >= 0")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptFileError(f"{path} has a malformed entry for {name!r}; re-save the checkpoint") from exc
         expected = int(np.prod(shape)) * _ST_SIZES.get(dtype, 0) if shape else _ST_SIZES.get(dtype, 0)
@@ -71,6 +78,55 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             f"{path} is truncated ({size} bytes, header needs {8 + n + end}); re-download or re-save the checkpoint"
         )
     return refs
+
+
+# A config that disagrees with its weights converts into a file that only fails when it runs, far from the
+# cause: checked here from the safetensors headers alone.
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def check_shapes(spec: ArchSpec, hp: HParams, tensors: dict[str, TensorRef], source: str) -> None:
+    """Check every tensor the architecture knows against the shape config.json implies, and that each of
+    the ``num_hidden_layers`` layers is present with nothing beyond them."""
+    dims = {"embd": hp.n_embd, "q": hp.n_head * hp.head_dim, "kv": hp.n_head_kv * hp.head_dim,
+            "ff": hp.n_ff, "vocab": hp.n_vocab}
+    layers: dict[int, set[str]] = {}
+    table = list(spec.tensor_shapes)
+
+    def order(name: str) -> tuple[int, int]:
+        # Global tensors first, then layer by layer in the table's order: q_proj is named before o_proj.
+        m = _LAYER_RE.fullmatch(name)
+        key = m.group(2) if m else name
+        return (int(m.group(1)) if m else -1, table.index(key) if key in table else len(table))
+
+    for name, ref in sorted(tensors.items(), key=lambda item: order(item[0])):
+        m = _LAYER_RE.fullmatch(name)
+        if m:
+            i = int(m.group(1))
+            if i >= hp.n_layer:
+                raise CorruptFileError(f"{source}: tensor {name!r} is beyond num_hidden_layers {hp.n_layer} in "
+                                       "config.json; fix num_hidden_layers or re-download the model")
+            layers.setdefault(i, set()).add(m.group(2))
+            wanted = spec.tensor_shapes.get(m.group(2))
+        else:
+            wanted = spec.tensor_shapes.get(name)
+        if wanted is None:
+            continue
+        expected = tuple(dims[d] for d in wanted)
+        if tuple(ref.shape) != expected:
+            raise CorruptFileError(
+                f"{source}: tensor {name!r} has shape {list(ref.shape)} but config.json implies {list(expected)} "
+                f"({', '.join(f'{d}={dims[d]}' for d in dict.fromkeys(wanted))}); the config does not match the "
+                "weights: fix config.json or re-download the model")
+    required = [s for s in spec.layer_tensors if s not in spec.optional_layer_tensors]
+    for i in range(hp.n_layer):
+        missing = [s for s in required if s not in layers.get(i, ())]
+        if missing:
+            raise CorruptFileError(
+                f"{source}: tensor 'model.layers.{i}.{missing[0]}' is missing, but config.json says "
+                f"num_hidden_layers {hp.n_layer}; fix num_hidden_layers or give the complete checkpoint")
+    if "model.embed_tokens.weight" not in tensors:
+        raise CorruptFileError(f"{source}: tensor 'model.embed_tokens.weight' is missing; give the complete checkpoint")
 
 
 @dataclass
@@ -96,12 +152,16 @@ class HFCheckpoint:
             config = json.loads((p / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptFileError(f"{p / 'config.json'} is not valid JSON ({exc}); fix or re-download it") from exc
+        source = str(p / "config.json")
+        check_config(config, source)
         spec = spec_for(config.get("architectures"))
+        hparams = HParams.from_config(config, source)
         files = cls._weight_files(p)
         tensors: dict[str, TensorRef] = {}
         for f in files:
             tensors.update(_read_safetensors_header(f))
-        return cls(path=p, config=config, spec=spec, hparams=HParams.from_config(config), tensors=tensors)
+        check_shapes(spec, hparams, tensors, str(p))
+        return cls(path=p, config=config, spec=spec, hparams=hparams, tensors=tensors)
 
     @staticmethod
     def _weight_files(p: Path) -> list[Path]:
@@ -109,9 +169,16 @@ class HFCheckpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise CorruptFileError(f"{index} is malformed; re-download the checkpoint") from exc
             files = sorted({p / f for f in weight_map.values()})
+            # A shard named outside the folder ("../x", "/etc/x") is never read.
+            outside = [f for f in weight_map.values() if (p / f).resolve().parent != p.resolve()]
+            if outside:
+                raise CorruptFileError(f"{index} names shard {outside[0]!r} outside {p}; shards must sit in the "
+                                       "model folder: re-download the checkpoint")
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise InputError(f"{p} lacks shard(s) {', '.join(missing)} named in {index.name}; download them all")

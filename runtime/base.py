@@ -14,8 +14,9 @@ NLL of a long text through the KV cache or its window), and incremental decoding
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -78,6 +79,49 @@ class GenerationStats:
         return (self.generated_tokens - 1) / decode if self.generated_tokens > 1 and decode > 0 else 0.0
 
 
+def check_text(text: Any, what: str = "the prompt") -> None:
+    """Raise :class:`InputError` unless ``text`` is a str that encodes as UTF-8.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (``sys.argv`` and file names decode with
+    ``surrogateescape``); tokenizers then fail each in their own way, so they are refused here, once,
+    naming the offending byte and its byte offset."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        pos = len(text[: exc.start].encode("utf-8"))
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise InputError(f"{what} is not valid UTF-8 ({bad} at position {pos}); give UTF-8 text "
+                         "(check the terminal's or the file's encoding)") from None
+
+
+def check_prompt(prompt: Any) -> None:
+    """A prompt is UTF-8 text or a list of ``{"role", "content"}`` messages whose fields are UTF-8 text."""
+    if isinstance(prompt, str):
+        check_text(prompt)
+        return
+    if not isinstance(prompt, (list, tuple)):
+        raise InputError(f"the prompt must be text or a list of {{'role', 'content'}} messages, "
+                         f"got {type(prompt).__name__}")
+    for i, msg in enumerate(prompt):
+        if not isinstance(msg, Mapping) or "content" not in msg or "role" not in msg:
+            raise InputError(f"message {i} of the prompt must be a {{'role': ..., 'content': ...}} mapping")
+        check_text(msg["role"], f"the role of message {i}")
+        check_text(msg["content"], f"message {i} ({msg['role']})" if len(prompt) > 1 else "the prompt")
+
+
+def _checking(fn: Any, check: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(self: Backend, text: Any, *args: Any, **kwargs: Any) -> Any:
+        check(text)
+        return fn(self, text, *args, **kwargs)
+
+    wrapper._checks_text = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class Backend(abc.ABC):
     """A loaded model. Use as a context manager; ``close`` frees it.
 
@@ -125,6 +169,15 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every backend's public entries check their text here, so none can forget it or word it its own
+        # way; the backends' own code then only ever sees valid UTF-8.
+        super().__init_subclass__(**kwargs)
+        for name, check in (("generate", check_prompt), ("tokenize", lambda t: check_text(t, "the text"))):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_checks_text", False) and not getattr(fn, "__isabstractmethod__", False):
+                setattr(cls, name, _checking(fn, check))
 
     def __enter__(self) -> Backend:
         return self

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import UnsupportedError, require
+from edgekit.errors import CorruptFileError, UnsupportedError, require
 
 # Measured on x86-64 Linux with onnxruntime 1.31 (SmolLM2-135M, fp32 and 4-bit graphs): RSS after
 # loading a session less the weights it reads and repacks; and a Python process with onnxruntime imported.
@@ -48,25 +48,30 @@ def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
     """Predicted peak RSS of an onnxruntime session of ``model_file`` filled to ``n_ctx`` tokens."""
     onnx = require("onnx", "onnx")
     path = Path(model_file)
-    model = onnx.load(str(path), load_external_data=False)
+    from edgekit.converters.formats.onnx.read import load_graph
+
+    model = load_graph(path)
     sizes = {t.name: _nbytes(onnx, t) for t in model.graph.initializer}
     nbits = cold = 0
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits" and node.input[1] in sizes:
+        if node.op_type == "MatMulNBits" and len(node.input) > 1 and node.input[1] in sizes:
             nbits += sizes[node.input[1]]
-        if node.op_type == "Gather" and node.input[0] in sizes and node.input[1] == "input_ids":
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in sizes and node.input[1] == "input_ids":
             cold += sizes[node.input[0]]
     past = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
     if not past:
         raise UnsupportedError(f"{path.name} has no past_key_values inputs; cannot model its KV cache")
     tt = past[0].type.tensor_type
     dims = [d.dim_value for d in tt.shape.dim]
+    if len(dims) != 4:
+        raise CorruptFileError(f"{path}: {past[0].name} has {len(dims)} dimensions, not (batch, KV heads, "
+                               "positions, head size); re-run 'edgekit convert'")
     kv_heads, head_dim = dims[1], dims[3]
     if not kv_heads or not head_dim:
         raise UnsupportedError(f"{path.name}: symbolic KV shapes; cannot model its KV cache")
     elem = _ELEM.get(tt.elem_type, 4)
-    logits_dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
-    vocab = logits_dims[-1] or 0
+    logits_dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
+    vocab = logits_dims[-1] if logits_dims else 0
     hidden = kv_heads * head_dim  # lower bound; refined from an initializer below when available
     for t in model.graph.initializer:
         if t.name.endswith("input_layernorm.weight") and t.dims:
@@ -90,7 +95,9 @@ def onnx_decode_bytes_per_token(model_file: str | Path, depth: int) -> int:
     """Bytes one decode step must read: every weight the graph multiplies with (a table that is only
     looked up, by Gather or GatherBlockQuantized, gives one row) plus the KV cache up to ``depth``."""
     onnx = require("onnx", "onnx")
-    model = onnx.load(str(model_file), load_external_data=False)
+    from edgekit.converters.formats.onnx.read import load_graph
+
+    model = load_graph(model_file)
     sizes = {t.name: _nbytes(onnx, t) for t in model.graph.initializer}
     lookups = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
     others = {i for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for i in n.input}

@@ -53,3 +53,16 @@ def test_first_lookups_from_many_threads_wait_for_the_builtins(tmp_path, monkeyp
 
 
 CURRENT: list[Registry] = []
+
+
+def test_duplicate_names_are_refused_case_blind_in_the_real_registries():
+    """A plug-in that takes a built-in's name (in any case) fails at import, never replacing the built-in."""
+    from edgekit.converters.formats.base import FORMATS
+    from edgekit.runtime.base import BACKENDS
+
+    gguf_format, llamacpp = FORMATS.get("gguf"), BACKENDS.get("llamacpp")
+    with pytest.raises(ValueError, match="format 'GGUF' is already registered"):
+        FORMATS.register("GGUF")(object())
+    with pytest.raises(ValueError, match="backend 'LlamaCpp' is already registered"):
+        BACKENDS.register("LlamaCpp")(object())
+    assert FORMATS.get("gguf") is gguf_format and BACKENDS.get("llamacpp") is llamacpp

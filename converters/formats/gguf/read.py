@@ -9,24 +9,38 @@ from typing import Any
 import numpy as np
 
 from edgekit.artifact import Artifact
+from edgekit.converters.formats.gguf.check import check_gguf
 from edgekit.errors import CorruptFileError, InputError
 
 
-def read_gguf_header(path: Path):
-    """Open a GGUF with gguf-py; a corrupt or truncated file raises :class:`CorruptFileError`."""
+def read_gguf_header(path: Path, *, check: bool = True):
+    """Open a GGUF with gguf-py and check its header (:func:`check_gguf`); a corrupt or truncated file, or
+    hyperparameters no real model has, raise :class:`CorruptFileError`. ``check=False`` leaves the header
+    check to the caller (who wants to refuse an unsupported architecture first)."""
     import gguf
 
     if not path.is_file():
         raise InputError(f"{path} does not exist; give a .gguf file")
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on bad files
-        raise CorruptFileError(f"{path} is not a readable GGUF file ({exc}); re-download or re-convert it") from exc
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CorruptFileError(f"{path} is not a readable GGUF file ({detail}); re-download or re-convert it") from exc
+    if check:
+        check_gguf(reader, path)
+    return reader
 
 
 def _kv(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     return default if f is None else f.contents()
+
+
+def _largest(v: Any) -> int:
+    """A hyperparameter as one number: per-layer arrays (heads that vary by layer) by their largest entry."""
+    if isinstance(v, list):
+        return max(v, default=0)
+    return int(v or 0)
 
 
 def describe_gguf(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
@@ -49,10 +63,10 @@ def describe_gguf(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         tensors.append(entry)
     n_params = sum(t["n_elements"] for t in tensors)
     weight_bytes = sum(t["bytes"] for t in tensors)
-    n_layer = int(hp["block_count"] or 0)
-    n_head = int(hp["attention.head_count"] or 1)
-    n_head_kv = int(hp["attention.head_count_kv"] or n_head)
-    head_dim = int(_kv(reader, f"{arch}.attention.key_length", 0) or (hp["embedding_length"] or 0) // n_head)
+    n_layer = _largest(hp["block_count"])
+    n_head = _largest(hp["attention.head_count"]) or 1
+    n_head_kv = _largest(hp["attention.head_count_kv"]) or n_head
+    head_dim = _largest(_kv(reader, f"{arch}.attention.key_length")) or _largest(hp["embedding_length"]) // n_head
     kv_bytes = 2 * n_layer * ctx * n_head_kv * head_dim * 2  # K and V, f16 cache (llama.cpp's default)
     counts = Counter(t["type"] for t in tensors)
     fallbacks = [t for t in tensors if "wanted" in t]

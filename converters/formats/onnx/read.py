@@ -4,6 +4,7 @@ into PyTorch to check the graph against the reference model), and the report ``e
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,68 @@ import numpy as np
 from edgekit.artifact import Artifact
 from edgekit.converters.quantize import nbits
 from edgekit.converters.quantize.nbits import NBitsType
-from edgekit.errors import require
+from edgekit.errors import CorruptFileError, InputError, require
+
+# Element types stored packed (two per byte): their byte length is not dims x itemsize.
+_PACKED_TYPES = {21, 22, 23}  # UINT4, INT4, FLOAT4E2M1
+
+
+def load_graph(model_path: str | Path) -> Any:
+    """The graph of ``model_path`` without its external data, checked: a file that is not an ONNX protobuf
+    and external data that is missing, outside the model's folder or shorter than the tensors it holds
+    raise :class:`CorruptFileError` (onnxruntime would fail later, or the report would count nothing)."""
+    onnx = require("onnx", "onnx")
+    path = Path(model_path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; give an ONNX artifact folder or .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors
+        raise CorruptFileError(f"{path} is not a readable ONNX graph ({type(exc).__name__}); "
+                               "re-run 'edgekit convert'") from exc
+    check_external_data(model, path)
+    return model
+
+
+def check_external_data(model: Any, path: Path) -> None:
+    """Every initializer stored outside the graph names a file in the graph's folder that holds its bytes."""
+    onnx = require("onnx", "onnx")
+    folder = Path(os.path.normpath(path.parent))
+    sizes: dict[Path, int] = {}
+    for t in model.graph.initializer:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError) as exc:
+            raise CorruptFileError(f"{path}: tensor {t.name!r} has unknown element type {t.data_type}; "
+                                   "re-run 'edgekit convert'") from exc
+        if any(d < 0 for d in t.dims):
+            raise CorruptFileError(f"{path}: tensor {t.name!r} has a negative dimension; re-run 'edgekit convert'")
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError as exc:
+            raise CorruptFileError(f"{path}: tensor {t.name!r} has a malformed external data entry") from exc
+        want = int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        if length < 0:
+            length = want
+        elif t.data_type not in _PACKED_TYPES and length != want:
+            raise CorruptFileError(f"{path}: tensor {t.name!r} stores {length} bytes for shape {list(t.dims)} "
+                                   f"({want} needed); re-run 'edgekit convert'")
+        # Lexically inside the folder: a symlinked data file is the user's choice, "../x" is not.
+        file = Path(os.path.normpath(path.parent / info.get("location", "")))
+        if file.parent != folder or not info.get("location"):
+            raise CorruptFileError(f"{path}: tensor {t.name!r} points outside the model folder "
+                                   f"({info.get('location')!r}); the graph is corrupt or hostile: re-run 'edgekit convert'")
+        if file not in sizes:
+            if not file.is_file():
+                raise CorruptFileError(f"{path}'s external data {file.name} is missing; copy it next to "
+                                       f"{path.name} or re-run 'edgekit convert'")
+            sizes[file] = file.stat().st_size
+        if offset < 0 or offset + length > sizes[file]:
+            raise CorruptFileError(f"{file} is truncated: tensor {t.name!r} needs bytes up to {offset + length}, "
+                                   f"the file has {sizes[file]}; copy it again or re-run 'edgekit convert'")
 
 
 def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
@@ -24,6 +86,7 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     path = Path(model_path)
+    load_graph(path)
     model = onnx.load(str(path), load_external_data=True)
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     cfg = json.loads((path.parent / "config.json").read_text())
@@ -97,7 +160,6 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
 def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     """``edgekit inspect``'s report for an ONNX artifact: graph facts from the model file (opset, operators, I/O),
     tensor types from the manifest, memory = weight bytes + the KV cache in the graph's dtype."""
-    import json
 
     from edgekit.errors import MissingDependencyError
 
@@ -107,31 +169,41 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         raise MissingDependencyError("inspecting ONNX artifacts needs onnx: pip install 'edgekit[onnx]'") from exc
     from edgekit.converters.formats.onnx.graph import ops_used
 
-    model = onnx.load(str(art.model_file), load_external_data=False)
-    files = [art.model_file, *[art.path / f for k, f in art.manifest.get("files", {}).items() if k != "model"]]
-    weight_bytes = sum(f.stat().st_size for f in files if f.exists())
-    cfg_file = art.path / "config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    model = load_graph(art.model_file)
+    # The graph and the external data files it names (the manifest's file list is not trusted for sizes).
+    data_files = {art.model_file.parent / e.value for t in model.graph.initializer for e in t.external_data
+                  if e.key == "location"}
+    weight_bytes = sum(f.stat().st_size for f in {art.model_file, *data_files})
+    cfg = _read_config(art.path / "config.json")
     past = next((i for i in model.graph.input if i.name.startswith("past_key_values.")), None)
-    elem = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).itemsize if past else 4
-    n_layer = int(cfg.get("num_hidden_layers", 0))
-    n_head = int(cfg.get("num_attention_heads", 1))
-    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
-    head_dim = int(cfg.get("head_dim") or cfg.get("hidden_size", 0) // n_head)
+    try:
+        elem = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).itemsize if past else 4
+    except (KeyError, ValueError) as exc:
+        raise CorruptFileError(f"{art.model_file}: {past.name} has an unknown element type; "
+                               "re-run 'edgekit convert'") from exc
+    n_layer = cfg.get("num_hidden_layers", 0)
+    n_head = cfg.get("num_attention_heads", 1)
+    n_head_kv = cfg.get("num_key_value_heads") or n_head
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // n_head
     kv_bytes = 2 * n_layer * ctx * n_head_kv * head_dim * elem
     from edgekit.converters.quantize.nbits import NBitsType
 
-    def nbytes(t: dict[str, Any]) -> int:
-        n = int(np.prod(t["shape"]))
+    def nbytes(name: str, t: dict[str, Any]) -> int:
+        shape, kind = t.get("shape"), t.get("type")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 32 for d in shape) \
+                or not isinstance(kind, str):
+            raise CorruptFileError(f"{art.path / 'edgekit.json'}: tensor {name!r} needs a shape (whole numbers) "
+                                   "and a type name; re-run 'edgekit convert' to rebuild it")
+        n = int(np.prod(shape, dtype=object))
         if t["type"] in ("FP32", "F32"):
             return 4 * n
         if t["type"] in ("FP16", "F16"):
             return 2 * n
         return int(n * NBitsType.parse(t["type"]).bits_per_weight / 8)
 
-    tensors = [{"name": n, **t, "bytes": nbytes(t)} for n, t in art.manifest.get("tensors", {}).items()]
+    tensors = [{**t, "name": n, "bytes": nbytes(n, t)} for n, t in art.manifest.get("tensors", {}).items()]
     counts = Counter(t["type"] for t in tensors)
-    n_params = sum(int(np.prod(t["shape"])) for t in tensors)
+    n_params = sum(int(np.prod(t["shape"], dtype=object)) for t in tensors)
     return {
         "path": str(art.model_file),
         "format": art.format,
@@ -161,3 +233,17 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         "eval": art.manifest.get("eval", []),
         "tensors": tensors,
     }
+
+
+def _read_config(cfg_file: Path) -> dict[str, Any]:
+    """The artifact's config.json, checked (an absent one reports no hyperparameters)."""
+    if not cfg_file.exists():
+        return {}
+    from edgekit.validate import check_config
+
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{cfg_file} is not valid JSON ({exc}); fix it or re-run 'edgekit convert'") from exc
+    check_config(cfg, str(cfg_file))
+    return cfg

@@ -1,0 +1,95 @@
+"""Checks on a Hugging Face config.json before anything is sized from it: types, bounds and the head layout.
+
+A bad value otherwise surfaces far from its cause (a ZeroDivisionError from zero heads, an architecture
+list iterated letter by letter); these checks refuse it up front and name the key. The config is checked
+against the weights' shapes by :func:`edgekit.model.check_shapes`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from edgekit.errors import CorruptFileError
+
+# Upper bounds far above any released model: a value past them is a typo or a corrupted file, and
+# taking it at face value would size a KV cache or a loop from it.
+_INT_KEYS = {
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 16384,
+    "num_key_value_heads": 16384,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "vocab_size": 1 << 24,
+    "head_dim": 1 << 16,
+    "max_position_embeddings": 1 << 28,
+}
+_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+# GGUF stores these as float32: a value past its range cannot be written.
+_FLOAT_KEYS = {"rope_theta": (0.0, 1e15), "rms_norm_eps": (0.0, 1.0)}
+
+
+def _fail(source: str, key: str, problem: str) -> CorruptFileError:
+    return CorruptFileError(f"{source}: {key!r} {problem}; fix config.json or re-download the model")
+
+
+def check_config(cfg: Any, source: str = "config.json") -> None:
+    """Raise :class:`CorruptFileError` naming the first key of ``cfg`` with a wrong type or value.
+
+    Missing required keys are left to :meth:`HParams.from_config` (a different model kind, not a corrupt file).
+    """
+    if not isinstance(cfg, dict):
+        raise CorruptFileError(f"{source} holds a JSON {type(cfg).__name__}, not an object of settings; "
+                               "fix config.json or re-download the model")
+    archs = cfg.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise _fail(source, "architectures", f"must be a list of class names like [\"LlamaForCausalLM\"], got {archs!r:.60}")
+    for key, top in _INT_KEYS.items():
+        if key not in cfg:
+            continue  # missing: HParams says which family of model it expected (or takes a default)
+        v = cfg[key]
+        if v is None and key in _OPTIONAL_INT_KEYS:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _fail(source, key, f"must be a whole number, got {v!r:.40}")
+        if not 0 < v <= top:
+            raise _fail(source, key, f"is {v}; it must be between 1 and {top}")
+    for key, (lo, hi) in _FLOAT_KEYS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not _positive(v, hi):
+            raise _fail(source, key, f"must be a number in ({lo:g}, {hi:g}), got {v!r:.40}")
+    for key in ("rope_scaling", "rope_parameters"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise _fail(source, key, f"must be an object or null, got {v!r:.40}")
+        for sub, hi in (("rope_theta", 1e15), ("factor", 1e6)):
+            x = (v or {}).get(sub)
+            if x is not None and not _positive(x, hi):
+                raise _fail(source, f"{key}.{sub}", f"must be a number in (0, {hi:g}), got {x!r:.40}")
+    tie = cfg.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise _fail(source, "tie_word_embeddings", f"must be true or false, got {tie!r:.40}")
+    _check_head_layout(cfg, source)
+
+
+def _positive(x: Any, hi: float) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and 0 < x < hi
+
+
+def _check_head_layout(cfg: dict, source: str) -> None:
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    if not isinstance(heads, int) or not isinstance(hidden, int):
+        return
+    kv = cfg.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise _fail(source, "num_key_value_heads", f"is {kv}, which does not divide num_attention_heads {heads}")
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise _fail(source, "hidden_size", f"is {hidden}, not a multiple of num_attention_heads {heads} "
+                                               "(and no head_dim is given)")
+        head_dim = hidden // heads
+    if head_dim % 2:  # rotary embeddings rotate pairs of dimensions
+        raise _fail(source, "head_dim", f"is {head_dim}; rotary attention needs an even head size")
