@@ -26,6 +26,8 @@ def serve(
                                       "unloaded (0: never)."),
     timeout: float = typer.Option(600, "--timeout", help="Seconds a request may take, queueing included (then 504)."),
     max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes (then 413)."),
+    grace: float = typer.Option(10, "--grace", help="On Ctrl-C/SIGTERM, seconds running answers get to finish; "
+                                "then each ends with an error event."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length of each instance."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads in all, shared among the --parallel "
                                        "instances (default: the physical cores).", show_default=False),
@@ -60,7 +62,7 @@ def serve(
         options["backend"] = backend
     config = ServeConfig(models=models, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
                          parallel=parallel, idle_unload=idle_unload, timeout=timeout, max_body=max_body,
-                         backend_options=options)
+                         shutdown_timeout=grace, backend_options=options)
     from edgekit.runtime.serve.app import serve as run_server
 
     def ready(url: str) -> None:

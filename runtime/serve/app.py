@@ -75,7 +75,7 @@ class Server:
     def stop_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         """On SIGINT/SIGTERM (from the signal handler): let running answers go on for most of the grace
         period, then stop them, so that each ends with an error event instead of a dropped connection."""
-        grace = max(self.config.shutdown_timeout - 1.0, 0.0)
+        grace = max(self.config.shutdown_timeout - 1.0, self.config.shutdown_timeout / 2)
         loop.call_soon_threadsafe(loop.call_later, grace, self._stop_all)
 
     def _stop_all(self) -> None:

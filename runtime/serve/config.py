@@ -45,8 +45,8 @@ class ServeConfig:
             raise InputError(f"--port {self.port} is not a TCP port; use 1..65535, or 0 for any free one")
         if self.max_tokens <= 0 or self.parallel <= 0:
             raise InputError("--max-tokens and --parallel must be > 0")
-        if self.idle_unload < 0 or self.timeout <= 0 or self.max_body <= 0:
-            raise InputError("--idle-unload must be >= 0 (0: never), --timeout and the body limit > 0")
+        if self.idle_unload < 0 or self.shutdown_timeout < 0 or self.timeout <= 0 or self.max_body <= 0:
+            raise InputError("--idle-unload and --grace must be >= 0, --timeout and --max-body > 0")
         if self.api_key is not None and not self.api_key.strip():
             raise InputError("--api-key is empty; give a secret, or drop the option to serve without one")
 
