@@ -212,6 +212,15 @@ def test_bad_requests_get_json_errors(server, body, status, needle):
     assert needle in r.json()["error"]["message"]
 
 
+def test_routes_and_methods_answer_in_json(server, client):
+    assert client.models.retrieve("tiny-onnx").id == "tiny-onnx"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for method, path, status in (("GET", "/v2/chat", 404), ("DELETE", "/v1/models", 405),
+                                 ("GET", "/v1/models/nope", 404)):
+        r = httpx.request(method, server.url + path, headers=auth)
+        assert r.status_code == status and r.json()["error"]["message"], (path, r.text)
+
+
 def test_unknown_model_through_the_client(client):
     with pytest.raises(openai.NotFoundError, match="tiny-gguf"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
