@@ -103,11 +103,8 @@ class Server:
     async def model(self, request: Request) -> Response:
         self._authorize(request)
         mid = request.path_params["model"]
-        for entry in describe(self._pool()):
-            if entry["id"] == mid:
-                return JSONResponse(entry)
-        self._pool().path(mid)  # raises the 404 that lists the served ids
-        raise AssertionError("unreachable")
+        self._pool().path(mid)  # the 404 that lists the served ids
+        return JSONResponse(next(entry for entry in describe(self._pool()) if entry["id"] == mid))
 
     async def health(self, request: Request) -> Response:
         self._authorize(request)

@@ -243,24 +243,39 @@ def _wait_idle(server, model: str = "tiny-gguf", key: str = KEY, timeout: float 
 LONG = ["--max-tokens", "30000", "--ctx", "32768", "--threads", "1", "--grace", "1"]
 
 
-def test_disconnect_mid_stream_cancels_and_the_server_goes_on(endless):
-    s = Served([str(endless), *LONG])
-    try:
-        body = {"model": "endless", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 30000,
-                "temperature": 0, "stream": True}
-        for _ in range(2):  # twice: the instance given back after a cancel serves the next stream as well
-            with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
-                lines = (line for line in r.iter_lines() if line)
-                assert all(next(lines).startswith("data: {") for _ in range(20))
-                assert _health(s, "")["models"]["endless"]["busy"] == 1
-            t0 = time.monotonic()
-            h = _wait_idle(s, "endless", "")
-            assert time.monotonic() - t0 < 5 and h["models"]["endless"]["loaded"] == 1  # cancelled, not finished
-        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        r = c.chat.completions.create(model="endless", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
-        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
-    finally:
-        s.stop(signal.SIGKILL)
+@pytest.fixture(scope="module")
+def long_server(endless) -> Iterator[Served]:
+    s = Served([str(endless), *LONG, "--timeout", "3"])
+    yield s
+    s.stop(signal.SIGKILL)
+
+
+def test_disconnect_mid_stream_cancels_and_the_server_goes_on(long_server):
+    s = long_server
+    body = {"model": "endless", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 30000,
+            "temperature": 0, "stream": True}
+    for _ in range(2):  # twice: the instance given back after a cancel serves the next stream as well
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert all(next(lines).startswith("data: {") for _ in range(20))
+            assert _health(s, "")["models"]["endless"]["busy"] == 1
+        t0 = time.monotonic()
+        h = _wait_idle(s, "endless", "")
+        assert time.monotonic() - t0 < 2.5 and h["models"]["endless"]["loaded"] == 1  # cancelled, not timed out
+    c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    r = c.chat.completions.create(model="endless", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+
+
+def test_request_timeout_is_a_504_or_an_error_event(long_server):
+    s = long_server
+    body = {"model": "endless", "prompt": "a", "max_tokens": 30000, "temperature": 0}
+    r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 504 and "--timeout" in r.json()["error"]["message"]
+    with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        last = [line for line in r.iter_lines() if line][-1]
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "timeout"
+    assert _wait_idle(s, "endless", "")["models"]["endless"]["loaded"] == 1
 
 
 def test_concurrent_streams_each_get_their_own_answer(client, local):
