@@ -35,8 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+# OpenMP threads wait passively between ops: on a shared machine whose cores are busy, spinning waits
+# stall every barrier (llama-server -t 2 took 3-30 s for a 32-token answer here, 0.5-0.9 s with this).
+# Both servers inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.runtime.llamacpp_build import cpu_name
 
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(), "machine": platform.machine(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "cpus": os.cpu_count(), "loadavg_end": load, "llama_cpp_python": lb_version(), "model": str(gguf),
               "clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
               "threads": args.threads, "rows": rows, "checks": checks}

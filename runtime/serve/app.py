@@ -63,7 +63,7 @@ class EventStream(StreamingResponse):
 
 
 class Server:
-    """The app's state: config, model pool, the generations running (cancelled at shutdown)."""
+    """The app's state: config, model pool, the generations whose threads run (cancelled at shutdown)."""
 
     def __init__(self, config: ServeConfig, opener: Opener) -> None:
         self.config = config
@@ -89,9 +89,11 @@ class Server:
         try:
             yield
         finally:
-            for gen in list(self.running):
+            running = list(self.running)
+            for gen in running:
                 gen.cancel()
-            await asyncio.to_thread(lambda: [g.join(10) for g in list(self.running)])
+            await asyncio.to_thread(lambda: [g.join(10) for g in running])
+            await asyncio.sleep(0.1)  # their instances come back through loop callbacks
             await self.pool.close()
 
     # -- routes --------------------------------------------------------------------------------------
@@ -128,8 +130,14 @@ class Server:
             backend = await self._lease(request, job.model, deadline)
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; uvicorn drops it
-        gen = Generation(backend, job.prompt, job.sampling,
-                         lambda failure: pool.give_back(job.model, backend, failure))
+        loop = asyncio.get_running_loop()
+
+        def done(failure: BaseException | None) -> None:  # in the generation's thread, once the backend is free
+            pool.give_back(job.model, backend, failure)
+            with contextlib.suppress(RuntimeError):  # `gen` is looked up on the loop, after it is assigned
+                loop.call_soon_threadsafe(lambda: self.running.discard(gen))
+
+        gen = Generation(backend, job.prompt, job.sampling, done)
         self.running.add(gen)
         rid = oai.new_id(job)
         if job.stream:
@@ -143,8 +151,7 @@ class Server:
         return JSONResponse(oai.completion(job, rid, text, gen.stats))
 
     def _finish(self, gen: Generation) -> None:
-        gen.cancel()
-        self.running.discard(gen)
+        gen.cancel()  # a no-op once it has ended; it leaves `running` when its thread has
 
     async def _lease(self, request: Request, model: str, deadline: float) -> Backend:
         """A free instance of ``model``; raises :class:`_ClientGone` if the client hangs up while waiting,
