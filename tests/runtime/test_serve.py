@@ -65,11 +65,20 @@ class Served:
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    import shutil
+
     from edgekit import api
     from edgekit.converters.formats.base import ConvertRecipe
 
     root = tmp_path_factory.mktemp("serve")
-    return {"gguf": api.convert(tiny_llama, "gguf", output=root / "tiny-gguf", recipe=ConvertRecipe(preset="Q8_0")).path,
+    gguf = api.convert(tiny_llama, "gguf", output=root / "tiny-gguf", recipe=ConvertRecipe(preset="Q8_0")).path
+    broken = shutil.copytree(gguf, root / "tiny-broken")
+    with open(broken / "model.gguf", "r+b") as fh:  # one byte of a weight changed after convert
+        fh.seek(-100, 2)
+        byte = fh.read(1)
+        fh.seek(-100, 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    return {"gguf": gguf, "broken": broken,
             "onnx": api.convert(tiny_llama, "onnx", output=root / "tiny-onnx", recipe=ConvertRecipe(bits=32)).path}
 
 
@@ -95,7 +104,7 @@ def endless(tiny_llama, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(artifacts) -> Iterator[Served]:
-    s = Served([str(artifacts["gguf"]), str(artifacts["onnx"]), "--api-key", KEY, "--parallel", "2",
+    s = Served([str(artifacts["gguf"]), str(artifacts["onnx"]), str(artifacts["broken"]), "--api-key", KEY, "--parallel", "2",
                 "--max-tokens", str(MAX_TOKENS), "--max-body", str(MAX_BODY), "--idle-unload", "3", "--threads", "2",
                 "--ctx", "512"])
     yield s
@@ -135,7 +144,7 @@ def _stream_text(client, content: str, **kw) -> tuple[str, list]:
 
 
 def test_models_lists_every_artifact_and_needs_the_key(server, client):
-    assert sorted(m.id for m in client.models.list()) == ["tiny-gguf", "tiny-onnx"]
+    assert sorted(m.id for m in client.models.list()) == ["tiny-broken", "tiny-gguf", "tiny-onnx"]
     wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="--api-key"):
         wrong.models.list()
@@ -219,6 +228,13 @@ def test_routes_and_methods_answer_in_json(server, client):
                                  ("GET", "/v1/models/nope", 404)):
         r = httpx.request(method, server.url + path, headers=auth)
         assert r.status_code == status and r.json()["error"]["message"], (path, r.text)
+
+
+def test_a_model_that_fails_its_checksum_is_a_500_that_says_so(server, client):
+    with pytest.raises(openai.InternalServerError, match="changed since it was converted"):
+        client.chat.completions.create(model="tiny-broken", messages=[{"role": "user", "content": "hi"}])
+    assert _health(server)["models"]["tiny-broken"] == {"loaded": 0, "busy": 0, "loading": 0, "waiting": 0}
+    assert _chat(client, "Hello", max_tokens=3).usage.completion_tokens == 3  # the others still answer
 
 
 def test_unknown_model_through_the_client(client):
