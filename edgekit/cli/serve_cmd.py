@@ -71,12 +71,16 @@ def serve(
 
     try:
         run_server(config, api.open_backend, on_ready=ready)
-    finally:  # also when uvicorn re-raises SIGTERM after its shutdown, which exits through main's handler
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises Ctrl-C once it has shut down: for a server that is the normal way to stop
+    finally:  # also when it re-raises SIGTERM, which exits through main's handler (status 143)
         say(err, "stopped; every model unloaded", "serve", "green")
 
 
 def _threads_each(threads: int | None, parallel: int) -> int | None:
     """Each instance's share of the threads, so that --parallel instances do not oversubscribe the cores."""
+    if parallel <= 0:
+        return threads  # ServeConfig refuses it with the message
     if threads is None and parallel == 1:
         return None  # the backend's own default
     if threads is None:
