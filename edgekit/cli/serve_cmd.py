@@ -30,7 +30,8 @@ def serve(
                                 "then each ends with an error event."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length of each instance."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads in all, shared among the --parallel "
-                                       "instances (default: the physical cores).", show_default=False),
+                                       "instances (default: the physical cores; with --parallel 1, the "
+                                       "backend's own default).", show_default=False),
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (default: the preferred one for "
                                        "each artifact's format).", show_default=False),
 ) -> None:
