@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edgekit.cli import devices_cmd, profile_cmd, tui_cmd
+from edgekit.cli import devices_cmd, profile_cmd, serve_cmd, tui_cmd
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say, tagged
 from edgekit.errors import InputError
@@ -427,6 +427,7 @@ def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
 tui_cmd.register(app)
 devices_cmd.register(app)
 profile_cmd.register(app)
+serve_cmd.register(app)
 
 
 def main() -> None:

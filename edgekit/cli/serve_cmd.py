@@ -1,0 +1,95 @@
+"""``edgekit serve``: the OpenAI-compatible HTTP server. The web stack is imported only when it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgekit.cli.ui import err, handle_errors, say
+
+
+@handle_errors
+def serve(
+    artifacts: list[Path] = typer.Argument(..., metavar="ART...", help="Artifact folders (or model files) to serve; clients pick one "
+                                           "by folder name as 'model'.", show_default=False),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; only "
+                             "with --api-key on a network you trust)."),
+    port: int = typer.Option(8080, "--port", help="TCP port (0: any free one, printed at start)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="EDGEKIT_API_KEY", show_default=False,
+                                       help="Require 'Authorization: Bearer KEY' on every request."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens one request may generate (and the "
+                                   "default when it asks for none)."),
+    parallel: int = typer.Option(1, "--parallel", "-np", help="Generations at once per model, each on its own "
+                                 "loaded instance; further requests queue."),
+    idle_unload: float = typer.Option(300, "--idle-unload", help="Seconds before an unused model instance is "
+                                      "unloaded (0: never)."),
+    timeout: float = typer.Option(600, "--timeout", help="Seconds a request may take, queueing included (then 504)."),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes (then 413)."),
+    grace: float = typer.Option(10, "--grace", help="On Ctrl-C/SIGTERM, seconds running answers get to finish; "
+                                "then each ends with an error event."),
+    ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length of each instance."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads in all, shared among the --parallel "
+                                       "instances (default: the physical cores; with --parallel 1, the "
+                                       "backend's own default).", show_default=False),
+    backend: str | None = typer.Option(None, "--backend", help="Runtime to use (default: the preferred one for "
+                                       "each artifact's format).", show_default=False),
+) -> None:
+    """Serve artifacts over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Models load on the first request that names them and unload after --idle-unload seconds unused.
+    Ctrl-C (or SIGTERM) lets running answers finish for a few seconds, then stops.
+
+    Examples:
+      edgekit serve ./SmolLM2-135M-gguf-q4
+      edgekit serve ./smol-q4 ./smol-onnx --port 8000 --parallel 4 --api-key secret
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "SmolLM2-135M-gguf-q4", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    from edgekit import api
+    from edgekit.artifact import Artifact
+    from edgekit.errors import require
+    from edgekit.runtime.base import backend_for_format
+    from edgekit.runtime.serve.config import ServeConfig, model_ids
+
+    require("starlette", "serve")
+    require("uvicorn", "serve")
+    models = model_ids(artifacts)
+    for path in models.values():  # a wrong path or an unrunnable format fails now, not on the first request
+        if not (path.is_dir() and (path / "config.json").exists() and not (path / "edgekit.json").exists()):
+            backend_for_format(Artifact.open(path).format, backend)
+    options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel)}
+    if backend:
+        options["backend"] = backend
+    config = ServeConfig(models=models, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
+                         parallel=parallel, idle_unload=idle_unload, timeout=timeout, max_body=max_body,
+                         shutdown_timeout=grace, backend_options=options)
+    from edgekit.runtime.serve.app import serve as run_server
+
+    def ready(url: str) -> None:
+        say(err, f"{url}/v1  ({', '.join(models)}; {parallel} at once per model; Ctrl-C stops)", "serving",
+            "green")
+
+    try:
+        run_server(config, api.open_backend, on_ready=ready)
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises Ctrl-C once it has shut down: for a server that is the normal way to stop
+    finally:  # also when it re-raises SIGTERM, which exits through main's handler (status 143)
+        say(err, "stopped; every model unloaded", "serve", "green")
+
+
+def _threads_each(threads: int | None, parallel: int) -> int | None:
+    """Each instance's share of the threads, so that --parallel instances do not oversubscribe the cores."""
+    if parallel <= 0:
+        return threads  # ServeConfig refuses it with the message
+    if threads is None and parallel == 1:
+        return None  # the backend's own default
+    if threads is None:
+        import psutil
+
+        threads = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    return max(1, threads // parallel)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

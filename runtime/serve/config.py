@@ -1,0 +1,66 @@
+"""What an ``edgekit serve`` process allows: one frozen config, built by the CLI, taken by the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import InputError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server runs.
+
+    models: model id -> artifact path (the id is the artifact folder's name; clients send it as ``model``).
+    host / port: where to listen; loopback by default, so nothing outside this machine can reach it.
+    api_key: when set, every request needs ``Authorization: Bearer <api_key>`` (else 401).
+    max_tokens: the most tokens one request may generate, and the default when a request names none.
+    parallel: generations that run at once per model, each on its own loaded instance (a llama.cpp
+    context here holds one sequence); more requests wait in a queue, first come first served.
+    idle_unload: seconds an instance may sit unused before it is unloaded (0: never).
+    timeout: seconds a request may take, waiting in the queue included (then 504, or an error event).
+    max_body: the largest request body in bytes (then 413).
+    shutdown_timeout: on SIGINT/SIGTERM, seconds streams get to finish before they are cancelled.
+    backend_options: passed to every backend as it loads (n_ctx, n_threads, ...).
+    """
+
+    models: dict[str, Path] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_tokens: int = 2048
+    parallel: int = 1
+    idle_unload: float = 300.0
+    timeout: float = 600.0
+    max_body: int = 1 << 20
+    shutdown_timeout: float = 10.0
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise InputError("serve needs at least one artifact: edgekit serve ./SmolLM2-135M-gguf-q4")
+        if not 0 <= self.port < 65536:
+            raise InputError(f"--port {self.port} is not a TCP port; use 1..65535, or 0 for any free one")
+        if self.max_tokens <= 0 or self.parallel <= 0:
+            raise InputError("--max-tokens and --parallel must be > 0")
+        if self.idle_unload < 0 or self.shutdown_timeout < 0 or self.timeout <= 0 or self.max_body <= 0:
+            raise InputError("--idle-unload and --grace must be >= 0, --timeout and --max-body > 0")
+        if self.api_key is not None and not self.api_key.strip():
+            raise InputError("--api-key is empty; give a secret, or drop the option to serve without one")
+
+
+def model_ids(paths: list[Path]) -> dict[str, Path]:
+    """Each artifact under its folder name (a model file under its stem); two with one name are refused."""
+    ids: dict[str, Path] = {}
+    for p in paths:
+        p = p.expanduser()
+        if not p.exists():
+            raise InputError(f"{p} does not exist; give an artifact folder (edgekit convert writes one)")
+        name = p.stem if p.is_file() else p.resolve().name
+        if name in ids:
+            raise InputError(f"two artifacts are both named {name!r} ({ids[name]} and {p}); clients pick a model by "
+                             "folder name, so rename or copy one of them")
+        ids[name] = p
+    return ids

@@ -1,0 +1,215 @@
+"""OpenAI's request and response shapes, mapped onto edgekit's generation (pure: no I/O, no web stack).
+
+A request body becomes a :class:`Job` (prompt, :class:`SamplingConfig`, streaming options), or raises
+:class:`RequestError` with the HTTP status and a message that names the field and what it accepts.
+Results become ``chat.completion`` / ``text_completion`` bodies and their streamed chunks. Sampling
+follows OpenAI's defaults (temperature 1, top_p 1, no top-k or min-p), not ``edgekit run``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edgekit.errors import InputError
+from edgekit.runtime.base import GenerationStats, SamplingConfig
+
+MAX_STOP = 4  # OpenAI's limit on stop strings
+
+# The backends' stop reasons as OpenAI's finish_reason: end of sequence and a stop string are both "stop".
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class RequestError(InputError):
+    """A request the server refuses: ``status`` is the HTTP status, ``param`` the offending field."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+                504: "timeout_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return error_body(str(self), kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request, validated: ``prompt`` is a message list (chat) or raw text (completions)."""
+
+    kind: str  # "chat" or "text"
+    model: str
+    prompt: str | list[dict[str, str]]
+    sampling: SamplingConfig
+    stream: bool
+    include_usage: bool
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON ({exc}); send a JSON object with "
+                           "Content-Type: application/json") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object, e.g. {\"model\": ..., \"messages\": [...]}")
+    return body
+
+
+def parse_job(kind: str, body: dict[str, Any], max_tokens_cap: int) -> Job:
+    """Validate a ``/v1/chat/completions`` (kind ``chat``) or ``/v1/completions`` (``text``) body."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required: one of the ids GET /v1/models lists", param="model")
+    prompt = _messages(body.get("messages")) if kind == "chat" else _prompt(body.get("prompt"))
+    n = body.get("n", 1)
+    if n != 1:
+        raise RequestError("'n' must be 1: this server returns one choice per request", param="n")
+    stream = _typed(body, "stream", bool, False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object such as {\"include_usage\": true}",
+                           param="stream_options")
+    include_usage = bool(options.get("include_usage", False))
+    return Job(kind, model, prompt, _sampling(body, max_tokens_cap), stream, include_usage)
+
+
+def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    # bool is an int in Python; a JSON true is not a number here
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        want = {bool: "true or false", int: "an integer", (int, float): "a number"}.get(kind, str(kind))
+        raise RequestError(f"'{name}' must be {want}, got {json.dumps(value)}", param=name)
+    return value
+
+
+def _sampling(body: dict[str, Any], cap: int) -> SamplingConfig:
+    limit = body.get("max_completion_tokens")
+    name = "max_completion_tokens"
+    if limit is None:
+        limit, name = body.get("max_tokens"), "max_tokens"
+    limit = _typed({name: limit}, name, int, cap)
+    if limit <= 0:
+        raise RequestError(f"'{name}' must be > 0, got {limit}", param=name)
+    if limit > cap:
+        raise RequestError(f"'{name}' is {limit}, above this server's limit of {cap} tokens; ask for fewer, or "
+                           "restart the server with a larger --max-tokens", param=name)
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
+        raise RequestError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
+    temperature = _typed(body, "temperature", (int, float), 1.0)
+    top_p = _typed(body, "top_p", (int, float), 1.0)
+    if not 0 <= temperature <= 2:
+        raise RequestError(f"'temperature' must be in [0, 2] (0 is greedy), got {temperature}", param="temperature")
+    if not 0 < top_p <= 1:
+        raise RequestError(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    seed = _typed(body, "seed", int, None)
+    # llama-server's extensions, for clients that send them: off unless given
+    top_k = _typed(body, "top_k", int, 0)
+    min_p = _typed(body, "min_p", (int, float), 0.0)
+    try:
+        return SamplingConfig(temperature=float(temperature), top_p=float(top_p), top_k=top_k, min_p=float(min_p),
+                              seed=secrets.randbelow(1 << 31) if seed is None else seed & 0x7FFFFFFF, max_tokens=limit,
+                              stop=tuple(stops))
+    except InputError as exc:
+        raise RequestError(str(exc).replace("--", "").replace("-", "_")) from None
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text parts are taken."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in value):
+            raise RequestError(f"{where}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported",
+                               param="messages")
+        return "".join(p["text"] for p in value)
+    raise RequestError(f"{where}: 'content' must be a string or a list of text parts", param="messages")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise RequestError(f"messages[{i}]: 'role' must be system, developer, user or assistant",
+                               param="messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _content(m.get("content"), f"messages[{i}]")})
+    return out
+
+
+def _prompt(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if not isinstance(value, str) or not value:
+        raise RequestError("'prompt' must be a non-empty string (one prompt per request; token arrays are not "
+                           "supported)", param="prompt")
+    return value
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+
+def new_id(job: Job) -> str:
+    return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def usage(stats: GenerationStats) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+
+
+def finish_reason(stats: GenerationStats) -> str:
+    return FINISH.get(stats.stop_reason, "stop")
+
+
+def completion(job: Job, rid: str, text: str, stats: GenerationStats) -> dict[str, Any]:
+    """The whole (non-streamed) response body."""
+    reason = finish_reason(stats)
+    if job.kind == "chat":
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                  "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    return {"id": rid, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": job.model, "choices": [choice], "usage": usage(stats)}
+
+
+def chunk(job: Job, rid: str, text: str | None, reason: str | None = None, first: bool = False) -> dict[str, Any]:
+    """One streamed chunk: a piece of text, or (``reason``) the last one, which carries the finish reason."""
+    if job.kind == "chat":
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if text:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+    body = {"id": rid, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": job.model, "choices": [choice]}
+    if job.include_usage:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk(job: Job, rid: str, stats: GenerationStats) -> dict[str, Any]:
+    """With ``stream_options.include_usage``: the chunk after the last, with no choices and the counts."""
+    return {"id": rid, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": job.model, "choices": [], "usage": usage(stats)}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()

@@ -1,0 +1,83 @@
+"""OpenAI request bodies to edgekit jobs, and results to response bodies (no server, no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgekit.runtime.base import GenerationStats
+from edgekit.runtime.serve import protocol as oai
+from edgekit.runtime.serve.protocol import RequestError
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_defaults_follow_openai_not_edgekit_run():
+    job = oai.parse_job("chat", CHAT, max_tokens_cap=100)
+    s = job.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.max_tokens, s.stop) == (1.0, 1.0, 0, 0.0, 100, ())
+    assert not job.stream and not job.include_usage and job.prompt == [{"role": "user", "content": "hi"}]
+
+
+def test_fields_map_onto_sampling():
+    body = {**CHAT, "temperature": 0, "top_p": 0.5, "max_completion_tokens": 7, "max_tokens": 99, "stop": "x",
+            "seed": -1, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                         {"role": "user", "content": "q"}]}
+    job = oai.parse_job("chat", body, max_tokens_cap=100)
+    assert job.sampling.max_tokens == 7 and job.sampling.stop == ("x",) and job.sampling.temperature == 0
+    assert job.sampling.seed == 0x7FFFFFFF and job.stream and job.include_usage
+    assert job.prompt[0] == {"role": "system", "content": "ab"}
+    assert oai.parse_job("text", {"model": "m", "prompt": ["once"]}, 10).prompt == "once"
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"model": None}, "model"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+    ({"max_tokens": 101}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": 3}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"n": 2}, "n"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream_options": "usage"}, "stream_options"),
+])
+def test_bad_fields_name_the_field(change, param):
+    with pytest.raises(RequestError) as info:
+        oai.parse_job("chat", {**CHAT, **change}, max_tokens_cap=100)
+    assert info.value.status == 400 and info.value.param == param
+    assert info.value.body()["error"]["param"] == param
+
+
+def test_prompt_must_be_one_string():
+    for bad in ([1, 2, 3], ["a", "b"], "", None):
+        with pytest.raises(RequestError, match="one prompt per request"):
+            oai.parse_job("text", {"model": "m", "prompt": bad}, 10)
+
+
+def test_bodies_that_are_not_objects():
+    with pytest.raises(RequestError, match="not valid JSON"):
+        oai.parse_body(b"{")
+    with pytest.raises(RequestError, match="JSON object"):
+        oai.parse_body(b"[1]")
+
+
+@pytest.mark.parametrize("reason, finish", [("eos", "stop"), ("stop", "stop"), ("length", "length")])
+def test_responses_carry_usage_and_finish_reason(reason, finish):
+    st = GenerationStats(prompt_tokens=5, generated_tokens=3, stop_reason=reason)
+    job = oai.parse_job("chat", {**CHAT, "stream_options": {"include_usage": True}}, 10)
+    body = oai.completion(job, "chatcmpl-1", "abc", st)
+    assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "abc"}, "logprobs": None,
+                                  "finish_reason": finish}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    last = oai.chunk(job, "chatcmpl-1", None, reason=oai.finish_reason(st))
+    assert last["choices"][0]["delta"] == {} and last["usage"] is None
+    event = oai.sse(oai.usage_chunk(job, "chatcmpl-1", st))
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    assert json.loads(event[6:])["usage"]["total_tokens"] == 8
