@@ -13,8 +13,8 @@ process with a timeout:
 * ``onnx-graph`` / ``onnx-config`` / ``onnx-manifest`` / ``onnx-data``: the real model's 4-bit ONNX artifact
   (its model.onnx, config.json, edgekit.json, or model.onnx.data cut short) -> ``edgekit inspect``.
 
-Manifest mutations leave the keys Artifact.open reads to find the model file (schema, format, files: checked
-in edgekit/artifact.py) alone unless ``--artifact-keys`` is given.
+Manifest mutations reach every key; ``--past-open`` leaves those Artifact.open reads to find the model file
+(schema, format, files) alone, to aim the cases at what inspect reads after that.
 
 Outcomes: ``accepted`` (exit 0), ``refused`` (one ``error:`` line, exit 2-6), ``crash`` (a traceback, an
 "internal error", a signal or another exit code) and ``hang`` (past the timeout). The target is no crash and
@@ -79,11 +79,15 @@ class Case:
 
 
 def _copy_folder(src: Path, dst: Path, mutated: str) -> None:
-    """The folder with every file but ``mutated`` symlinked (the big weights are never copied)."""
+    """The folder with every file but ``mutated`` hard-linked (the big weights are never copied; an artifact
+    holding a symbolic link out of itself is refused, so links would only test that)."""
     dst.mkdir()
     for f in src.iterdir():
         if f.name != mutated:
-            (dst / f.name).symlink_to(f.resolve())
+            try:
+                (dst / f.name).hardlink_to(f.resolve())
+            except OSError:  # another file system
+                shutil.copy2(f.resolve(), dst / f.name)
 
 
 def materialize(case: Case, fx: dict[str, Path], layouts: dict[str, tuple], d: Path) -> list[str]:
@@ -151,8 +155,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as a hang")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--name", default="fuzz", help="results file name: bench/results/NAME.json and NAME.md")
-    ap.add_argument("--artifact-keys", action="store_true",
-                    help="also mutate the manifest keys Artifact.open reads (schema, format, files)")
+    ap.add_argument("--past-open", dest="artifact_keys", action="store_false",
+                    help="leave the manifest keys Artifact.open reads (schema, format, files) intact")
     a = ap.parse_args()
     targets = [t for t in a.targets.split(",") if t]
     unknown = set(targets) - set(TARGETS)

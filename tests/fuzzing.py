@@ -79,8 +79,8 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
-# The manifest keys Artifact.open reads to find the model file (edgekit/artifact.py checks them: issue 13's
-# manifest part); the fuzzers here aim at what inspect reads after that.
+# The manifest keys Artifact.open reads to find the model file: bench/fuzz.py --past-open keeps them intact to
+# aim its mutations at what inspect reads after that.
 ARTIFACT_KEYS = ("schema", "format", "files")
 
 
