@@ -278,6 +278,21 @@ def test_onnx_external_data_outside_the_folder_is_refused(tiny_onnx, tmp_path):
     assert_clean_error(*run_cli("inspect", art), f"tensor {t.name!r} points outside the model folder")
 
 
+def test_onnx_external_data_location_that_is_not_utf8(tiny_onnx, tmp_path):
+    """A flipped byte in the location string: protobuf hands invalid UTF-8 over as bytes (found by bench/fuzz.py)."""
+    import onnx
+
+    art = _onnx_copy(tiny_onnx, tmp_path / "a")
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    t = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in t.external_data if e.key == "location").value = "model.onnx.dat\u00e9"
+    raw = model.SerializeToString().replace("model.onnx.dat\u00e9".encode(), b"model.onnx.dat\xff\xfe")
+    (art / "model.onnx").write_bytes(raw)
+    code, out = run_cli("inspect", art)
+    assert_clean_error(code, out, f"tensor {t.name!r} has a malformed external data entry")
+    assert code == CorruptFileError.exit_code
+
+
 def test_onnx_inspect_still_reports_a_good_artifact(tiny_onnx):
     info = api.inspect(tiny_onnx, ctx=1024)
     data = (tiny_onnx / "model.onnx.data").stat().st_size + (tiny_onnx / "model.onnx").stat().st_size

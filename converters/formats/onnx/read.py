@@ -54,6 +54,8 @@ def check_external_data(model: Any, path: Path) -> None:
             continue
         info = {e.key: e.value for e in t.external_data}
         try:
+            if not all(isinstance(v, str) for kv in info.items() for v in kv):
+                raise ValueError("not UTF-8")  # protobuf hands invalid UTF-8 strings over as bytes
             offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
         except ValueError as exc:
             raise CorruptFileError(f"{path}: tensor {t.name!r} has a malformed external data entry") from exc
