@@ -1,0 +1,128 @@
+"""Reading a Core ML package back: its MIL program (from the protobuf and weight blob, with coremltools'
+own MIL loader: no Core ML runtime needed), the stored form of each weight, and ``edgekit inspect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.converters.formats.coreml.program import Blockwise, Dense, Palette, Weight
+from edgekit.errors import CorruptFileError
+
+
+def load_program(path: Path) -> Any:
+    """The ``coremltools.converters.mil.Program`` saved in the ``.mlpackage`` at ``path``, and the model's
+    user metadata."""
+    from edgekit.converters.formats.coreml.format import coremltools
+
+    ct = coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    try:
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = model.get_spec()
+        prog = load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+    except Exception as exc:  # coremltools raises protobuf and its own errors for a damaged package
+        raise CorruptFileError(f"coremltools cannot read {path.name}: {str(exc)[:200]}; the package is damaged or "
+                               "incomplete: re-run 'edgekit convert'") from exc
+    return prog, dict(spec.description.metadata.userDefined)
+
+
+def _bits(dtype: Any) -> tuple[int, bool]:
+    """Bits and signedness of a constexpr input's element type (sub-byte types ride on uint8/int8 arrays)."""
+    meta = getattr(np.dtype(dtype), "metadata", None) or {}
+    true = meta.get("true_dtype")
+    if true is not None:
+        from coremltools.converters.mil.mil import types
+
+        name = types.builtin_to_string(true)
+        return int(name.lstrip("uint")), not name.startswith("u")
+    d = np.dtype(dtype)
+    return 8 * d.itemsize, d.kind == "i"
+
+
+def read_weights(path: Path, prog: Any = None) -> dict[str, Weight]:
+    """Every weight of the program by op name: consts as :class:`Dense`, the constexpr ops as the codes,
+    scales, offsets, indices and tables they store (sub-byte values unpacked to one per byte; signed data
+    back to edgekit's unsigned codes)."""
+    if prog is None:
+        prog, _ = load_program(path)
+    out: dict[str, Weight] = {}
+    for op in prog.functions["main"].operations:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            data = op.inputs["data"].val
+            bits, signed = _bits(data.dtype)
+            offset = op.inputs.get("offset")
+            codes = np.asarray(data).astype(np.int16) + ((1 << (bits - 1)) if signed else 0)
+            out[op.outputs[0].name] = Blockwise(bits, codes.astype(np.uint8), np.asarray(op.inputs["scale"].val),
+                                                None if offset is None else np.asarray(offset.val).astype(np.uint8))
+        elif op.op_type == "constexpr_lut_to_dense":
+            idx = op.inputs["indices"].val
+            bits, _ = _bits(idx.dtype)
+            lut = np.asarray(op.inputs["lut"].val)
+            out[op.outputs[0].name] = Palette(bits, np.asarray(idx).astype(np.uint8),
+                                              lut.reshape(lut.shape[0], lut.shape[-2]))
+        elif op.op_type == "const":
+            val = op.outputs[0].val
+            if isinstance(val, np.ndarray) and val.dtype == np.float16 and val.size >= 16:
+                out[op.outputs[0].name] = Dense(val)
+    return out
+
+
+def _grid_name(w: Weight) -> str:
+    if isinstance(w, Dense):
+        return "F16"
+    if isinstance(w, Blockwise):
+        block = w.data.shape[-1] // w.scale.shape[-1]
+        return f"COREML_{'UINT' if w.offset is not None else 'INT'}{w.bits}_B{block}"
+    return f"COREML_LUT{w.bits}_G{w.indices.shape[0] // w.lut.shape[0]}"
+
+
+def _stored_bytes(w: Weight) -> int:
+    if isinstance(w, Dense):
+        return w.value.size * 2
+    if isinstance(w, Blockwise):
+        return (w.data.size * w.bits + (0 if w.offset is None else w.offset.size * w.bits)) // 8 + 2 * w.scale.size
+    return w.indices.size * w.bits // 8 + 2 * w.lut.size
+
+
+def describe_coreml(art: Any, ctx: int = 4096) -> dict[str, Any]:
+    """What ``edgekit inspect`` shows, read from the package: per-tensor grids, size, bits per weight, and
+    the KV-cache state at ``ctx`` (capped at the program's context)."""
+    from edgekit.converters.formats.coreml.format import package_bytes
+
+    path = Path(art.model_file)
+    prog, meta = load_program(path)
+    weights = read_weights(path, prog)
+    states = [v for n, v in prog.functions["main"].inputs.items() if n.startswith(("k_cache_", "v_cache_"))]
+    context = int(meta.get("edgekit.context", 0))
+    size = package_bytes(path)
+    tensors = {n: {"type": _grid_name(w), "shape": list((w.value if isinstance(w, Dense) else
+                                                          w.data if isinstance(w, Blockwise) else w.indices).shape),
+                   "bytes": _stored_bytes(w)}
+               for n, w in weights.items() if not n.startswith("rope_")}
+    n_params = sum(int(np.prod(t["shape"])) for t in tensors.values())
+    kv_cell = sum(int(np.prod(s.shape[:2])) * int(s.shape[3]) * 2 for s in states)
+    cells = min(ctx, context) if context else ctx
+    cfg = path.parent / "config.json"
+    hparams = json.loads(cfg.read_text()) if cfg.exists() else {}
+    grids: dict[str, int] = {}
+    for t in tensors.values():
+        grids[t["type"]] = grids.get(t["type"], 0) + 1
+    return {
+        "format": "coreml",
+        "architecture": (hparams.get("architectures") or ["?"])[0],
+        "hparams": {k: hparams.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                 "num_key_value_heads", "vocab_size") if k in hparams},
+        "context": context,
+        "n_params": n_params,
+        "size_bytes": size,
+        "bpw": round(8 * size / n_params, 4) if n_params else 0.0,
+        "grids": grids,
+        "tensors": tensors,
+        "memory": {"ctx": cells, "weights": size, "kv_state": kv_cell * context,
+                   "kv_used": kv_cell * cells},
+    }
