@@ -32,6 +32,10 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         o = info["onnx"]
         head.add_row("onnx", f"opset {o['opset']}, IR {o['ir_version']}; ops "
                              + ", ".join(f"{k} x{v}" for k, v in o["ops"].items()))
+    if info.get("coreml"):
+        c = info["coreml"]
+        head.add_row("coreml", f"iOS18 program, context {c['context']}, {c['states']} states; ops "
+                               + ", ".join(f"{k} x{v}" for k, v in c["ops"].items()))
     if info.get("recipe"):
         r = info["recipe"]
         head.add_row("recipe", f"method {r.get('method')}, preset {info.get('preset') or r.get('preset')}"

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
 from edgekit.converters.formats.coreml.options import CoreMLOptions
+from edgekit.converters.formats.coreml.package import MODEL_NAME, coremltools, package_bytes
 from edgekit.converters.formats.coreml.program import Blockwise, Dense, Palette, Weight
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.errors import InputError
@@ -32,21 +33,7 @@ from edgekit.model import HFCheckpoint
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
-MODEL_NAME = "model.mlpackage"
 _PALETTE_METHODS = {"squeezellm"}
-
-
-def coremltools() -> Any:
-    """coremltools, imported quietly (it logs that its macOS prediction library is absent on Linux)."""
-    import logging
-    import warnings
-
-    from edgekit.errors import require
-
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return require("coremltools", "coreml")
 
 
 class _Source:
@@ -174,10 +161,6 @@ def _check_shapes(ckpt: HFCheckpoint, opts: CoreMLOptions, grid: Any) -> None:
         if opts.palettize is None and cols % opts.block_size:
             raise InputError(f"{hf} has rows of {cols} weights, not a multiple of --block-size {opts.block_size}; "
                              "pick a block size that divides them (e.g. 32)")
-
-
-def package_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _manifest_fields(opts: CoreMLOptions, path: Path, tensors: dict[str, dict[str, Any]], quantizer: Quantizer,

@@ -173,7 +173,6 @@ class _Layers:
         k = self.rope(self.heads(k, hp.n_head_kv), cos, sin)
         keys = self.cache_write(k_state, k, begin, end)
         values = self.cache_write(v_state, self.heads(v, hp.n_head_kv), begin, end)
-        rep = hp.n_head // hp.n_head_kv
         # query heads j*rep .. j*rep+rep-1 share kv head j (transformers' repeat_kv): group them by kv head
         qg = mb.reshape(x=q, shape=[1, hp.n_head_kv, -1, hp.head_dim])
         scores = mb.matmul(x=qg, y=keys, transpose_y=True)  # (1, kv, rep*L, E)

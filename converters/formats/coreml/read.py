@@ -16,7 +16,7 @@ from edgekit.errors import CorruptFileError
 def load_program(path: Path) -> Any:
     """The ``coremltools.converters.mil.Program`` saved in the ``.mlpackage`` at ``path``, and the model's
     user metadata."""
-    from edgekit.converters.formats.coreml.format import coremltools
+    from edgekit.converters.formats.coreml.package import coremltools
 
     ct = coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load
@@ -50,8 +50,11 @@ def read_weights(path: Path, prog: Any = None) -> dict[str, Weight]:
     back to edgekit's unsigned codes)."""
     if prog is None:
         prog, _ = load_program(path)
+    ops = list(prog.functions["main"].operations)
+    # a constexpr op's scales, offsets, indices and tables are part of its weight, not weights of their own
+    parts = {v.name for op in ops if op.op_type.startswith("constexpr_") for v in op.inputs.values()}
     out: dict[str, Weight] = {}
-    for op in prog.functions["main"].operations:
+    for op in ops:
         if op.op_type == "constexpr_blockwise_shift_scale":
             data = op.inputs["data"].val
             bits, signed = _bits(data.dtype)
@@ -67,7 +70,9 @@ def read_weights(path: Path, prog: Any = None) -> dict[str, Weight]:
                                               lut.reshape(lut.shape[0], lut.shape[-2]))
         elif op.op_type == "const":
             val = op.outputs[0].val
-            if isinstance(val, np.ndarray) and val.dtype == np.float16 and val.size >= 16:
+            # coremltools adds zero biases to bias-free linears: they hold nothing of the model's
+            if (isinstance(val, np.ndarray) and val.dtype == np.float16 and val.size >= 16
+                    and op.outputs[0].name not in parts and np.any(val)):
                 out[op.outputs[0].name] = Dense(val)
     return out
 
@@ -90,39 +95,59 @@ def _stored_bytes(w: Weight) -> int:
 
 
 def describe_coreml(art: Any, ctx: int = 4096) -> dict[str, Any]:
-    """What ``edgekit inspect`` shows, read from the package: per-tensor grids, size, bits per weight, and
-    the KV-cache state at ``ctx`` (capped at the program's context)."""
-    from edgekit.converters.formats.coreml.format import package_bytes
+    """What ``edgekit inspect`` shows, read from the package: per-tensor grids (from the constexpr ops
+    themselves), size, bits per weight, and memory at ``ctx``: weights plus the KV-cache state, which Core ML
+    allocates whole at the program's context (``ctx`` only says how much of it is used)."""
+    from collections import Counter
+
+    from edgekit.converters.formats.coreml.package import package_bytes
 
     path = Path(art.model_file)
     prog, meta = load_program(path)
     weights = read_weights(path, prog)
-    states = [v for n, v in prog.functions["main"].inputs.items() if n.startswith(("k_cache_", "v_cache_"))]
+    fn = prog.functions["main"]
+    states = [v for n, v in fn.inputs.items() if n.startswith(("k_cache_", "v_cache_"))]
     context = int(meta.get("edgekit.context", 0))
     size = package_bytes(path)
-    tensors = {n: {"type": _grid_name(w), "shape": list((w.value if isinstance(w, Dense) else
-                                                          w.data if isinstance(w, Blockwise) else w.indices).shape),
-                   "bytes": _stored_bytes(w)}
-               for n, w in weights.items() if not n.startswith("rope_")}
-    n_params = sum(int(np.prod(t["shape"])) for t in tensors.values())
-    kv_cell = sum(int(np.prod(s.shape[:2])) * int(s.shape[3]) * 2 for s in states)
-    cells = min(ctx, context) if context else ctx
-    cfg = path.parent / "config.json"
-    hparams = json.loads(cfg.read_text()) if cfg.exists() else {}
-    grids: dict[str, int] = {}
-    for t in tensors.values():
-        grids[t["type"]] = grids.get(t["type"], 0) + 1
+    tensors = [{"name": n, "type": _grid_name(w), "shape": list(_shape(w)), "bytes": _stored_bytes(w)}
+               for n, w in weights.items() if not n.startswith("rope_")]
+    counts = Counter(t["type"] for t in tensors)
+    n_params = sum(int(np.prod(t["shape"])) for t in tensors)
+    state_bytes = sum(int(np.prod(s.shape)) * 2 for s in states)
+    weight_bytes = sum(t["bytes"] for t in tensors)
+    cfg_file = art.path / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    n_head = int(cfg.get("num_attention_heads", 1))
     return {
+        "path": str(path),
         "format": "coreml",
-        "architecture": (hparams.get("architectures") or ["?"])[0],
-        "hparams": {k: hparams.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                 "num_key_value_heads", "vocab_size") if k in hparams},
-        "context": context,
+        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "name": art.name,
+        "hparams": {"block_count": cfg.get("num_hidden_layers"), "embedding_length": cfg.get("hidden_size"),
+                    "feed_forward_length": cfg.get("intermediate_size"), "attention.head_count": n_head,
+                    "attention.head_count_kv": int(cfg.get("num_key_value_heads") or n_head),
+                    "vocab_size": cfg.get("vocab_size"), "context_length": cfg.get("max_position_embeddings")},
         "n_params": n_params,
-        "size_bytes": size,
+        "file_bytes": size,
+        "weight_bytes": weight_bytes,
         "bpw": round(8 * size / n_params, 4) if n_params else 0.0,
-        "grids": grids,
+        "type_counts": dict(counts.most_common()),
+        "type_bytes": {k: sum(t["bytes"] for t in tensors if t["type"] == k) for k in counts},
+        "fallbacks": 0,
+        "fallback_summary": {},
+        "memory": {"ctx": min(ctx, context) if context else ctx, "weights": weight_bytes, "kv_cache": state_bytes,
+                   "kv_type": f"f16 state, allocated at the program's context {context}",
+                   "total": weight_bytes + state_bytes},
+        "coreml": {"context": context, "states": len(states), "sliding_window": int(meta.get("edgekit.sliding_window", 0)),
+                   "ops": dict(Counter(op.op_type for op in fn.operations if op.op_type != "const").most_common())},
+        "preset": art.manifest.get("preset"),
+        "recipe": art.manifest.get("recipe"),
+        "pruned": art.manifest.get("pruned"),
+        "sparsity": art.manifest.get("sparsity"),
+        "eval": art.manifest.get("eval", []),
         "tensors": tensors,
-        "memory": {"ctx": cells, "weights": size, "kv_state": kv_cell * context,
-                   "kv_used": kv_cell * cells},
     }
+
+
+def _shape(w: Weight) -> tuple[int, ...]:
+    return (w.value if isinstance(w, Dense) else w.data if isinstance(w, Blockwise) else w.indices).shape
