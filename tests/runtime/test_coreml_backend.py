@@ -14,12 +14,37 @@ DECODE = [14, 77, 5, 90, 33, 12, 64, 3, 28, 50]
 
 
 @pytest.fixture(scope="module")
-def fp16_programs(tiny_models, tmp_path_factory):
+def checkpoints(tiny_models, tmp_path_factory):
+    """The tiny models with norms and biases moved off their initial 1 and 0 (which a program could get
+    wrong, or coremltools fold away, without any logit showing it)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    root = tmp_path_factory.mktemp("coreml-src")
+    rng = np.random.default_rng(0)
+    out = {}
+    for arch, path in tiny_models.items():
+        dst = root / arch
+        shutil.copytree(path, dst)
+        f = dst / "model.safetensors"
+        t = load_file(f)
+        for name, v in t.items():
+            if v.ndim == 1:
+                base = 1.0 if "norm" in name else 0.0
+                t[name] = (base + 0.2 * rng.standard_normal(v.shape)).astype(v.dtype)
+        save_file(t, f, metadata={"format": "pt"})
+        out[arch] = dst
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_programs(checkpoints, tmp_path_factory):
     from edgekit import api
 
     root = tmp_path_factory.mktemp("coreml-fp16")
     return {arch: api.convert(path, "coreml", output=root / arch, recipe=api.ConvertRecipe(bits=16))
-            for arch, path in tiny_models.items()}
+            for arch, path in checkpoints.items()}
 
 
 def _reference(path, tokens):
@@ -31,12 +56,12 @@ def _reference(path, tokens):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_evaluator_matches_pytorch_over_prefill_and_ten_decode_steps(arch, fp16_programs, tiny_models):
+def test_evaluator_matches_pytorch_over_prefill_and_ten_decode_steps(arch, fp16_programs, checkpoints):
     from edgekit.runtime.coreml import causal_mask
     from edgekit.runtime.coreml_mil import MILEvaluator
 
     ev = MILEvaluator(fp16_programs[arch].model_file)
-    ref = _reference(tiny_models[arch], PROMPT + DECODE)
+    ref = _reference(checkpoints[arch], PROMPT + DECODE)
     state = ev.new_state()
     got = [ev.run({"input_ids": np.array([PROMPT], np.int32), "causal_mask": causal_mask(0, len(PROMPT))},
                   state)["logits"][0]]
@@ -52,13 +77,13 @@ def test_evaluator_matches_pytorch_over_prefill_and_ten_decode_steps(arch, fp16_
     assert (logits.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
-def test_the_state_carries_the_cache_between_calls(fp16_programs, tiny_models):
+def test_the_state_carries_the_cache_between_calls(fp16_programs, checkpoints):
     from edgekit.runtime.coreml import causal_mask
     from edgekit.runtime.coreml_mil import MILEvaluator
 
     arch = "LlamaForCausalLM"
     ev = MILEvaluator(fp16_programs[arch].model_file)
-    ref = _reference(tiny_models[arch], PROMPT + DECODE[:1])
+    ref = _reference(checkpoints[arch], PROMPT + DECODE[:1])
     state = ev.new_state()
     ev.run({"input_ids": np.array([PROMPT], np.int32), "causal_mask": causal_mask(0, len(PROMPT))}, state)
     assert np.any(state["k_cache_0"][0, :, : len(PROMPT)]) and not np.any(state["k_cache_0"][0, :, len(PROMPT):])
@@ -70,7 +95,7 @@ def test_the_state_carries_the_cache_between_calls(fp16_programs, tiny_models):
     assert np.abs(without - ref[-1]).max() > 0.05 * scale
 
 
-def test_backend_eval_and_generation(fp16_programs, tiny_models, tmp_path):
+def test_backend_eval_and_generation(fp16_programs, checkpoints, tmp_path):
     from edgekit import api
     from edgekit.runtime.base import BACKENDS, capabilities, open_backend
 
@@ -80,12 +105,12 @@ def test_backend_eval_and_generation(fp16_programs, tiny_models, tmp_path):
     with open_backend(art.path, engine="numpy", n_batch=5) as be:
         ids = be.tokenize("the cat sat on the mat and then it")
         chunked = be.logits(ids)  # prompts go through in chunks of n_batch, the state carrying the rest
-        assert np.abs(chunked - _reference(tiny_models["Qwen2ForCausalLM"], ids)).max() < 0.05
+        assert np.abs(chunked - _reference(checkpoints["Qwen2ForCausalLM"], ids)).max() < 0.05
         text = "".join(api.generate(art, "hi", api.SamplingConfig(temperature=0, max_tokens=5), engine="numpy"))
         assert isinstance(text, str)
     text_file = tmp_path / "t.txt"
     text_file.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    res = api.evaluate(art, text_file, api.EvalConfig(ctx=64, chunks=2), ref=tiny_models["Qwen2ForCausalLM"],
+    res = api.evaluate(art, text_file, api.EvalConfig(ctx=64, chunks=2), ref=checkpoints["Qwen2ForCausalLM"],
                        record=False)
     assert abs(res.ppl / res.ref_ppl - 1) < 0.01
 
