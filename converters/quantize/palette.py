@@ -66,9 +66,8 @@ def fit(w: np.ndarray, bits: int, group: int, importance: np.ndarray | None = No
     ``importance`` ``(in,)`` weights each column's squared error (None: all equal)."""
     x = np.ascontiguousarray(w, dtype=F32)
     rows, n = x.shape
-    if rows % group:
-        raise InputError(f"{rows} rows cannot be cut into palette groups of {group}; pick a group size that "
-                         f"divides every matrix's output size (e.g. -O lut_group=1)")
+    if x.ndim != 2 or rows == 0:
+        raise InputError(f"palettes are fitted to a matrix (out, in); got shape {x.shape}")
     k = 1 << bits
     if importance is None:
         col_w = np.ones(n, np.float64)
@@ -76,19 +75,27 @@ def fit(w: np.ndarray, bits: int, group: int, importance: np.ndarray | None = No
         col_w = np.asarray(importance, np.float64)
         # a column calibration never exercised still holds weights real inputs may meet
         col_w = col_w + 1e-3 * (col_w.mean() if col_w.mean() > 0 else 1.0)
-    luts = np.empty((rows // group, k), np.float16)
+    # a last, shorter group when ``group`` does not divide ``rows``: the kernel fits any matrix; Core ML's
+    # writer refuses such a matrix itself (its groups must be equal)
+    n_groups = -(-rows // group)
+    luts = np.empty((n_groups, k), np.float16)
     idx = np.empty((rows, n), np.uint8)
-    wrow = np.broadcast_to(col_w, (group, n)).reshape(-1)
-    for g in range(rows // group):
+    for g in range(n_groups):
         block = x[g * group:(g + 1) * group]
         flat = block.reshape(-1)
         order = np.argsort(flat, kind="stable")
+        wrow = np.broadcast_to(col_w, block.shape).reshape(-1)
         c = _kmeans_sorted(flat[order].astype(np.float64), wrow[order], k)
         with np.errstate(over="ignore"):
             lut = c.astype(np.float16)
         luts[g] = lut
         idx[g * group:(g + 1) * group] = nearest(lut, block)
     return luts, idx
+
+
+def nearest_rows(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per row ``r``, the index of the entry of ``table[r]`` (``(rows, k)``) nearest ``x[r]`` (lowest on ties)."""
+    return np.abs(x[:, None] - table).argmin(axis=1).astype(np.uint8)
 
 
 def decode(luts: np.ndarray, idx: np.ndarray, group: int) -> np.ndarray:
@@ -101,7 +108,7 @@ def decode(luts: np.ndarray, idx: np.ndarray, group: int) -> np.ndarray:
 def pack_rows(luts: np.ndarray, idx: np.ndarray, group: int) -> np.ndarray:
     """Records ``(out, in + 2*k)``: each row's indices (one byte each), then its group's fp16 table (edgekit's
     transport form between quantizer and writer; the Core ML writer stores the real sub-byte indices)."""
-    table = np.repeat(luts.astype(np.float16), group, axis=0).view(np.uint8)
+    table = np.repeat(luts.astype(np.float16), group, axis=0)[: idx.shape[0]].view(np.uint8)
     return np.concatenate([idx.astype(np.uint8), table], axis=1)
 
 
@@ -112,6 +119,6 @@ def unpack_rows(raw: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.
     idx = r[:, : r.shape[1] - 2 * k]
     tables = np.ascontiguousarray(r[:, r.shape[1] - 2 * k:]).view(np.float16)
     luts = tables[::group]
-    if np.any(np.repeat(luts, group, axis=0).view(np.uint16) != tables.view(np.uint16)):
+    if np.any(np.repeat(luts, group, axis=0)[: r.shape[0]].view(np.uint16) != tables.view(np.uint16)):
         raise InputError("palette records disagree within a group: the tensor was not encoded for this group size")
     return luts, idx

@@ -86,6 +86,7 @@ _NAMES = {"model.layers.{}.self_attn.q_proj.weight": "attn_q", "model.layers.{}.
     ("gptq", {"bits": 4, "block_size": 32}),
     ("rtn", {"bits": 8, "block_size": 64, "symmetric": True}),
     ("squeezellm", {"palettize": 4}),
+    ("gptq", {"palettize": 4, "lut_group": 32}),
     ("rtn", {"palettize": 3, "lut_group": 8}),
     ("rtn", {"palettize": 6, "lut_group": 32}),
 ])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekit.converters.quantize import palette
-from edgekit.converters.quantize.grids.base import Grid, register_grid
+from edgekit.converters.quantize.grids.base import F32, Grid, GridSweep, register_grid
 from edgekit.converters.quantize.nbits import NBitsType
 from edgekit.errors import InputError, UnsupportedError
 
@@ -94,6 +94,38 @@ class CoreMLPalette(Grid):
     def unpack(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tables ``(out/group, 2**bits)`` and indices ``(out, in)`` of a matrix's records."""
         return palette.unpack_rows(raw, self.bits, self.group)
+
+    def sweep(self, w: np.ndarray, imatrix: np.ndarray | None) -> GridSweep:
+        return _PaletteSweep(self, w, imatrix)
+
+
+class _PaletteSweep(GridSweep):
+    """GPTQ onto palettes: the tables are fitted once, to the original matrix (weighted by ``imatrix``),
+    and GPTQ then picks each column's entries, later columns absorbing earlier columns' errors. The tables
+    cannot follow the sweep as a block's scale does: one table spans every column of its rows."""
+
+    def __init__(self, grid: CoreMLPalette, w: np.ndarray, im: np.ndarray | None) -> None:
+        self.grid, self.rows = grid, w.shape[0]
+        self.luts, _ = palette.fit(w, grid.bits, grid.group, im)
+        self.table = np.repeat(self.luts.astype(F32), grid.group, axis=0)[: self.rows]
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple:
+        rows = np.arange(self.rows)
+
+        def rnd(j: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            idx = palette.nearest_rows(self.table, x)
+            return idx, self.table[rows, idx]
+
+        return rnd, None
+
+    def stack(self, params: list) -> np.ndarray:
+        return self.luts
+
+    def pack(self, codes: np.ndarray, params: np.ndarray) -> np.ndarray:
+        return palette.pack_rows(params, codes.reshape(self.rows, -1), self.grid.group)
+
+    def dequantize(self, codes: np.ndarray, params: np.ndarray) -> np.ndarray:
+        return palette.decode(params, codes.reshape(self.rows, -1), self.grid.group)
 
 
 for _bits in BLOCKWISE_BITS:
