@@ -13,6 +13,7 @@ PyTorch). ``auto`` picks Core ML on macOS.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -96,7 +97,8 @@ class CoreMLBackend(Backend):
 
     ``n_ctx``: most tokens a sequence may hold (at most the program's context). ``engine``: auto, numpy or
     coreml (see the module). ``compute_units``: Core ML's all, cpu, gpu or ane. ``n_batch``: prompt tokens
-    per call.
+    per call. ``n_threads`` is taken for the CLI's sake and not used: Core ML schedules its own work, and
+    numpy's BLAS follows ``OMP_NUM_THREADS``.
     """
 
     name = "coreml"
@@ -149,12 +151,14 @@ class CoreMLBackend(Backend):
         self.path, self.n_ctx, self.n_batch = path, min(n_ctx, context), n_batch
         self.tokenizer = _Tokenizer(path.parent)
         self._eos = _eos_ids(path.parent, self.tokenizer)
-        self._n_vocab: int | None = None
+        cfg = path.parent / "config.json"
+        vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.exists() else None
+        self._n_vocab: int | None = int(vocab) if vocab else None
         self.reset()
 
     @property
     def n_vocab(self) -> int:
-        if self._n_vocab is None:
+        if self._n_vocab is None:  # the program's output width, when config.json does not say
             self._n_vocab = int(self.logits([0]).shape[-1])
         return self._n_vocab
 
@@ -249,8 +253,6 @@ def _read_shapes(model_file: Path) -> tuple[dict[str, str], dict[str, Any]]:
     ct = coremltools()
     spec = ct.utils.load_spec(str(model_file))
     states = [tuple(s.type.stateType.arrayType.shape) for s in spec.description.state]
-    import json
-
     cfg_file = Path(model_file).parent / "config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
     return dict(spec.description.metadata.userDefined), {
@@ -258,8 +260,6 @@ def _read_shapes(model_file: Path) -> tuple[dict[str, str], dict[str, Any]]:
 
 
 def _eos_ids(folder: Path, tokenizer: Any) -> set[int]:
-    import json
-
     ids: set[int] = set()
     gen = folder / "generation_config.json"
     if gen.exists():

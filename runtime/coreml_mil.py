@@ -23,6 +23,7 @@ import numpy as np
 from edgekit.errors import UnsupportedError
 
 F32 = np.float32
+_STATE_OPS = ("read_state", "coreml_update_state")  # evaluated by MILEvaluator.run against the held states
 _DTYPES = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "int16": np.int16, "uint16": np.uint16,
            "int8": np.int8, "uint8": np.uint8, "bool": np.bool_, "fp64": np.float64, "int64": np.int64}
 
@@ -191,10 +192,10 @@ class MILEvaluator:
                             for n, v in fn.inputs.items() if self._is_state(v)}
         self.output_names = [v.name for v in fn.outputs]
         self.consts: dict[str, np.ndarray] = {}
-        self.steps: list[tuple[str, Callable, dict[str, Any], list[str], list[Any]]] = []
+        self.steps: list[tuple[str, Callable | None, dict[str, Any], list[str], list[Any]]] = []
         for op in fn.operations:
             self._prepare(op)
-        unknown = sorted({s[0] for s in self.steps if s[1] is None})
+        unknown = sorted({s[0] for s in self.steps if s[1] is None and s[0] not in _STATE_OPS})
         if unknown:
             raise UnsupportedError(f"the reference evaluator has no numpy kernel for op(s) {', '.join(unknown)}")
 
@@ -223,8 +224,6 @@ class MILEvaluator:
             return
         args = {k: ([x.name for x in v] if isinstance(v, (list, tuple)) else v.name) for k, v in op.inputs.items()}
         fn = OPS.get(op.op_type)
-        if op.op_type in ("read_state", "coreml_update_state"):
-            fn = _state_op
         self.steps.append((op.op_type, fn, args, [o.name for o in op.outputs], [_dtype_of(o) for o in op.outputs]))
 
     def new_state(self) -> dict[str, np.ndarray]:
@@ -261,6 +260,3 @@ class MILEvaluator:
             cache[name] = value.astype(F32)
         return cache[name]
 
-
-def _state_op(a: dict[str, Any]) -> np.ndarray:  # handled inline in MILEvaluator.run
-    raise AssertionError("state ops are evaluated by MILEvaluator.run")

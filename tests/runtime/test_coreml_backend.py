@@ -136,3 +136,30 @@ def test_engine_coreml_needs_macos(fp16_programs):
         pytest.skip("Core ML is there")
     with pytest.raises(InputError, match="macOS"):
         open_backend(fp16_programs["LlamaForCausalLM"].path, engine="coreml")
+
+
+@pytest.mark.parametrize("extra", [{"bits": 4}, {"bits": 8, "symmetric": True}, {"palettize": 3}])
+def test_evaluator_decodes_constexpr_weights_as_the_quantizer_reports(extra, checkpoints, tmp_path):
+    """The program's blockwise and palette weights, run by the evaluator, give the logits of PyTorch holding
+    the values the quantizer said it stored (RTN: the grid's own round trip of each matrix)."""
+    import transformers
+
+    from edgekit import api
+    from edgekit.converters.formats.coreml import CoreMLOptions
+    from edgekit.runtime.coreml import causal_mask
+    from edgekit.runtime.coreml_mil import MILEvaluator
+
+    src = checkpoints["LlamaForCausalLM"]
+    bits = extra.pop("bits", 16)
+    art = api.convert(src, "coreml", output=tmp_path / "q", recipe=api.ConvertRecipe(bits=bits, extra=extra))
+    grid = CoreMLOptions(bits=bits, **extra).grid
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.from_numpy(grid.quantize_roundtrip(p.numpy())[1]))
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    ev = MILEvaluator(art.model_file)
+    got = ev.run({"input_ids": np.array([PROMPT], np.int32), "causal_mask": causal_mask(0, len(PROMPT))},
+                 ev.new_state())["logits"][0]
+    assert np.abs(got - ref).max() < 4e-3 * np.abs(ref).max() + 2e-3
