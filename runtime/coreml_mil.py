@@ -213,7 +213,9 @@ class MILEvaluator:
             return
         if op.op_type == "constexpr_blockwise_shift_scale":
             off = op.inputs.get("offset")
-            w = _blockwise(np.asarray(op.inputs["data"].val), np.asarray(op.inputs["scale"].val),
+            data = op.inputs["data"]  # a const, or the output of another constexpr op (a palette's look-up)
+            w = _blockwise(self.consts[data.name] if data.name in self.consts else np.asarray(data.val),
+                           np.asarray(op.inputs["scale"].val),
                            None if off is None else np.asarray(off.val))
             self.consts[out] = w.astype(np.float16)
             return

@@ -12,8 +12,9 @@ centroids toward its values. Without an importance every weight counts the same 
 coremltools' ``palettize_weights(mode="kmeans")`` does).
 
 Why 1-D Lloyd on sorted values: in one dimension the clusters are intervals, so with prefix sums of the
-sorted values each iteration is ``O(K log m)`` and the whole fit costs one sort per group. Centroids start
-at weighted quantiles (no random restarts: the result is deterministic). After the fit the table is
+sorted values each iteration is ``O(K log m)`` and the whole fit costs one sort per group. Lloyd starts from
+weighted quantiles and from an even spread over the range, and the better end is kept (deterministic, no
+random restarts). After the fit the table is
 rounded to fp16 and every weight takes the nearest *stored* entry, so decoding the indices gives exactly
 the values the quantizer reports.
 """
@@ -25,28 +26,61 @@ import numpy as np
 from edgekit.errors import InputError
 
 F32 = np.float32
-_ITERS = 30
+_ITERS = 300  # Lloyd converges slowly in 1-D; 30 iterations left ~15% more error than scikit-learn's
+_CHUNK = 512
 
 
-def _kmeans_sorted(xs: np.ndarray, ws: np.ndarray, k: int) -> np.ndarray:
-    """Centroids (float64, ascending) of sorted values ``xs`` with weights ``ws``."""
-    cw = np.concatenate([[0.0], np.cumsum(ws)])
-    cwx = np.concatenate([[0.0], np.cumsum(ws * xs)])
-    total = cw[-1]
-    qs = (np.arange(k) + 0.5) / k * total
-    c = xs[np.minimum(np.searchsorted(cw[1:], qs), xs.size - 1)].astype(np.float64)
-    for _ in range(_ITERS):
-        c = np.unique(c) if np.any(np.diff(c) <= 0) else c
-        edges = np.concatenate([[0], np.searchsorted(xs, (c[1:] + c[:-1]) / 2), [xs.size]])
-        sw = cw[edges[1:]] - cw[edges[:-1]]
-        new = np.where(sw > 0, (cwx[edges[1:]] - cwx[edges[:-1]]) / np.where(sw > 0, sw, 1.0), c)
-        if np.allclose(new, c, rtol=0, atol=1e-9 * (abs(xs[-1] - xs[0]) + 1e-30)):
+def _cluster_sums(edges: np.ndarray, pre: np.ndarray) -> np.ndarray:
+    """Per group and cluster, the sum of a prefix-summed quantity between consecutive ``edges``."""
+    v = np.take_along_axis(pre, edges, axis=1)
+    return v[:, 1:] - v[:, :-1]
+
+
+def _edges(flat: np.ndarray, c: np.ndarray, offset: np.ndarray, m: int) -> np.ndarray:
+    """Cluster boundaries (indices into each group's sorted values) for centroids ``c`` ``(G, k)``: every
+    group's values are shifted into their own band of one sorted array, so one ``searchsorted`` serves all."""
+    mids = (c[:, 1:] + c[:, :-1]) / 2 + offset
+    inner = np.searchsorted(flat, mids) - (np.arange(c.shape[0]) * m)[:, None]
+    g = c.shape[0]
+    return np.concatenate([np.zeros((g, 1), np.intp), inner, np.full((g, 1), m, np.intp)], axis=1)
+
+
+def _kmeans_groups(xs: np.ndarray, ws: np.ndarray, k: int) -> np.ndarray:
+    """Centroids ``(G, k)`` (float64, ascending) of each group's sorted values ``xs`` ``(G, m)`` under
+    weights ``ws``: Lloyd from two starts -- weighted quantiles (dense where the weights are) and an even
+    spread over the range (which keeps centroids on the tails, where a heavy-tailed group's few large
+    weights matter most) -- run to convergence, the lower weighted squared error kept per group."""
+    g, m = xs.shape
+    zero = np.zeros((g, 1))
+    cw = np.concatenate([zero, np.cumsum(ws, axis=1)], axis=1)
+    cwx = np.concatenate([zero, np.cumsum(ws * xs, axis=1)], axis=1)
+    cwxx = np.concatenate([zero, np.cumsum(ws * xs * xs, axis=1)], axis=1)
+    lo, hi = xs[:, :1], xs[:, -1:]
+    band = float(np.max(hi - lo)) + 1.0
+    offset = (np.arange(g) * band)[:, None] - lo
+    flat = (xs + offset).reshape(-1)
+    q = (np.arange(k) + 0.5) / k * cw[:, -1:]
+    qi = np.minimum(np.stack([np.searchsorted(cw[i, 1:], q[i]) for i in range(g)]), m - 1)
+    starts = [np.take_along_axis(xs, qi, axis=1), lo + (hi - lo) * np.linspace(0, 1, k)[None, :]]
+    best, best_err = None, None
+    for c in starts:
+        for _ in range(_ITERS):
+            e = _edges(flat, c, offset, m)
+            sw = _cluster_sums(e, cw)
+            new = np.where(sw > 0, _cluster_sums(e, cwx) / np.where(sw > 0, sw, 1.0), c)
+            new = np.sort(new, axis=1)
+            if np.array_equal(new, c):
+                break
             c = new
-            break
-        c = new
-    if c.size < k:  # fewer distinct values than entries: pad with copies (never chosen twice)
-        c = np.concatenate([c, np.full(k - c.size, c[-1])])
-    return np.sort(c)
+        e = _edges(flat, c, offset, m)
+        err = (_cluster_sums(e, cwxx) - 2 * c * _cluster_sums(e, cwx) + c * c * _cluster_sums(e, cw)).sum(axis=1)
+        if best is None:
+            best, best_err = c, err
+        else:
+            better = err < best_err
+            best = np.where(better[:, None], c, best)
+            best_err = np.where(better, err, best_err)
+    return best
 
 
 def nearest(lut: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -80,16 +114,23 @@ def fit(w: np.ndarray, bits: int, group: int, importance: np.ndarray | None = No
     n_groups = -(-rows // group)
     luts = np.empty((n_groups, k), np.float16)
     idx = np.empty((rows, n), np.uint8)
-    for g in range(n_groups):
-        block = x[g * group:(g + 1) * group]
-        flat = block.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        wrow = np.broadcast_to(col_w, block.shape).reshape(-1)
-        c = _kmeans_sorted(flat[order].astype(np.float64), wrow[order], k)
-        with np.errstate(over="ignore"):
-            lut = c.astype(np.float16)
-        luts[g] = lut
-        idx[g * group:(g + 1) * group] = nearest(lut, block)
+    full = rows // group
+    for g0, g1, size in ((0, full, group), (full, n_groups, rows - full * group)):
+        if g1 <= g0:
+            continue
+        for c0 in range(g0, g1, _CHUNK):  # bounded memory: a few hundred groups at a time
+            c1 = min(c0 + _CHUNK, g1)
+            block = x[c0 * group: c0 * group + (c1 - c0) * size].reshape(c1 - c0, -1)
+            order = np.argsort(block, axis=1, kind="stable")
+            xs = np.take_along_axis(block, order, axis=1).astype(np.float64)
+            ws = np.broadcast_to(col_w, (c1 - c0, size, n)).reshape(c1 - c0, -1)
+            ws = np.take_along_axis(ws, order, axis=1)
+            with np.errstate(over="ignore"):
+                lut = _kmeans_groups(xs, ws, k).astype(np.float16)
+            luts[c0:c1] = lut
+            for j in range(c1 - c0):
+                r0 = (c0 + j) * group
+                idx[r0: r0 + size] = nearest(lut[j], x[r0: r0 + size])
     return luts, idx
 
 
