@@ -17,7 +17,8 @@ predicts on macOS, and one evaluator for every row means the rows differ only in
   - ``coremltools palettize_weights``: ``OpPalettizerConfig(mode="kmeans", nbits=4,
     granularity="per_grouped_channel", group_size=16)`` on the fp16 program; ``edgekit squeezellm lut4
     g16``: ``--palettize 4 --method squeezellm`` (the same palette shape);
-  - controls: ``edgekit rtn int4 b32`` and ``edgekit rtn lut4 g16`` (plain k-means, no calibration);
+  - controls: ``edgekit rtn int4 b32`` and ``edgekit rtn lut4 g16`` (plain k-means, no calibration), and
+    ``edgekit squeezellm lut4 g1``: a table per row (32 bytes a row more: not at equal size);
 * (c) conversion time of the 135M model: fp16 and the uncalibrated rows end to end; the calibrated rows
   also less their calibration (the pipeline's layer walk is reported apart).
 
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         ("edgekit gptq int4 b32", R(bits=4, method="gptq", extra={"block_size": 32}), calib),
         ("edgekit rtn lut4 g16 (k-means)", R(bits=16, extra={"palettize": 4, "lut_group": 16}), None),
         ("edgekit squeezellm lut4 g16", R(bits=16, method="squeezellm", extra={"palettize": 4, "lut_group": 16}), calib),
+        ("edgekit squeezellm lut4 g1 (larger)", R(bits=16, method="squeezellm", extra={"palettize": 4, "lut_group": 1}),
+         calib),
     ]:
         log(label)
         slug = label.split(" (")[0].replace(" ", "-")

@@ -13,8 +13,7 @@ coremltools' ``palettize_weights(mode="kmeans")`` does).
 
 Why 1-D Lloyd on sorted values: in one dimension the clusters are intervals, so with prefix sums of the
 sorted values each iteration is ``O(K log m)`` and the whole fit costs one sort per group. Lloyd starts from
-weighted quantiles and from an even spread over the range, and the better end is kept (deterministic, no
-random restarts). After the fit the table is
+the weighted quantiles and runs to convergence (deterministic, no random restarts). After the fit the table is
 rounded to fp16 and every weight takes the nearest *stored* entry, so decoding the indices gives exactly
 the values the quantizer reports.
 """
@@ -47,40 +46,26 @@ def _edges(flat: np.ndarray, c: np.ndarray, offset: np.ndarray, m: int) -> np.nd
 
 def _kmeans_groups(xs: np.ndarray, ws: np.ndarray, k: int) -> np.ndarray:
     """Centroids ``(G, k)`` (float64, ascending) of each group's sorted values ``xs`` ``(G, m)`` under
-    weights ``ws``: Lloyd from two starts -- weighted quantiles (dense where the weights are) and an even
-    spread over the range (which keeps centroids on the tails, where a heavy-tailed group's few large
-    weights matter most) -- run to convergence, the lower weighted squared error kept per group."""
+    weights ``ws``: Lloyd from the weighted quantiles, run to convergence."""
     g, m = xs.shape
     zero = np.zeros((g, 1))
     cw = np.concatenate([zero, np.cumsum(ws, axis=1)], axis=1)
     cwx = np.concatenate([zero, np.cumsum(ws * xs, axis=1)], axis=1)
-    cwxx = np.concatenate([zero, np.cumsum(ws * xs * xs, axis=1)], axis=1)
     lo, hi = xs[:, :1], xs[:, -1:]
     band = float(np.max(hi - lo)) + 1.0
     offset = (np.arange(g) * band)[:, None] - lo
     flat = (xs + offset).reshape(-1)
     q = (np.arange(k) + 0.5) / k * cw[:, -1:]
     qi = np.minimum(np.stack([np.searchsorted(cw[i, 1:], q[i]) for i in range(g)]), m - 1)
-    starts = [np.take_along_axis(xs, qi, axis=1), lo + (hi - lo) * np.linspace(0, 1, k)[None, :]]
-    best, best_err = None, None
-    for c in starts:
-        for _ in range(_ITERS):
-            e = _edges(flat, c, offset, m)
-            sw = _cluster_sums(e, cw)
-            new = np.where(sw > 0, _cluster_sums(e, cwx) / np.where(sw > 0, sw, 1.0), c)
-            new = np.sort(new, axis=1)
-            if np.array_equal(new, c):
-                break
-            c = new
+    c = np.take_along_axis(xs, qi, axis=1)
+    for _ in range(_ITERS):
         e = _edges(flat, c, offset, m)
-        err = (_cluster_sums(e, cwxx) - 2 * c * _cluster_sums(e, cwx) + c * c * _cluster_sums(e, cw)).sum(axis=1)
-        if best is None:
-            best, best_err = c, err
-        else:
-            better = err < best_err
-            best = np.where(better[:, None], c, best)
-            best_err = np.where(better, err, best_err)
-    return best
+        sw = _cluster_sums(e, cw)
+        new = np.sort(np.where(sw > 0, _cluster_sums(e, cwx) / np.where(sw > 0, sw, 1.0), c), axis=1)
+        if np.array_equal(new, c):
+            break
+        c = new
+    return c
 
 
 def nearest(lut: np.ndarray, x: np.ndarray) -> np.ndarray:
