@@ -163,3 +163,20 @@ def test_evaluator_decodes_constexpr_weights_as_the_quantizer_reports(extra, che
     got = ev.run({"input_ids": np.array([PROMPT], np.int32), "causal_mask": causal_mask(0, len(PROMPT))},
                  ev.new_state())["logits"][0]
     assert np.abs(got - ref).max() < 4e-3 * np.abs(ref).max() + 2e-3
+
+
+def test_an_op_without_a_numpy_kernel_is_named(tmp_path):
+    from edgekit.converters.formats.coreml.package import coremltools
+    from edgekit.errors import UnsupportedError
+    from edgekit.runtime.coreml_mil import MILEvaluator
+
+    ct = coremltools()
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.sin(x=x, name="y")
+
+    ct.convert(prog, minimum_deployment_target=ct.target.iOS18, skip_model_load=True).save(str(tmp_path / "m.mlpackage"))
+    with pytest.raises(UnsupportedError, match="no numpy kernel for op.* sin"):
+        MILEvaluator(tmp_path / "m.mlpackage")
