@@ -13,7 +13,7 @@ coremltools' ``palettize_weights(mode="kmeans")`` does).
 
 Why 1-D Lloyd on sorted values: in one dimension the clusters are intervals, so with prefix sums of the
 sorted values each iteration is ``O(K log m)`` and the whole fit costs one sort per group. Lloyd starts from
-the weighted quantiles and runs to convergence (deterministic, no random restarts). After the fit the table is
+the weighted quantiles, and from them with the extremes pinned, and runs to convergence (deterministic). After the fit the table is
 rounded to fp16 and every weight takes the nearest *stored* entry, so decoding the indices gives exactly
 the values the quantizer reports.
 """
@@ -46,18 +46,38 @@ def _edges(flat: np.ndarray, c: np.ndarray, offset: np.ndarray, m: int) -> np.nd
 
 def _kmeans_groups(xs: np.ndarray, ws: np.ndarray, k: int) -> np.ndarray:
     """Centroids ``(G, k)`` (float64, ascending) of each group's sorted values ``xs`` ``(G, m)`` under
-    weights ``ws``: Lloyd from the weighted quantiles, run to convergence."""
+    weights ``ws``: Lloyd run to convergence from the weighted quantiles, and again with the outer two
+    pinned to the group's extremes; the lower weighted squared error is kept. From quantiles alone Lloyd
+    often settles with a group's few largest weights (an outlier row) folded into the bulk's outer entry,
+    several units off, which scikit-learn's k-means++ start avoids."""
     g, m = xs.shape
     zero = np.zeros((g, 1))
     cw = np.concatenate([zero, np.cumsum(ws, axis=1)], axis=1)
     cwx = np.concatenate([zero, np.cumsum(ws * xs, axis=1)], axis=1)
+    cwxx = np.concatenate([zero, np.cumsum(ws * xs * xs, axis=1)], axis=1)
     lo, hi = xs[:, :1], xs[:, -1:]
     band = float(np.max(hi - lo)) + 1.0
     offset = (np.arange(g) * band)[:, None] - lo
     flat = (xs + offset).reshape(-1)
     q = (np.arange(k) + 0.5) / k * cw[:, -1:]
     qi = np.minimum(np.stack([np.searchsorted(cw[i, 1:], q[i]) for i in range(g)]), m - 1)
-    c = np.take_along_axis(xs, qi, axis=1)
+    quantiles = np.take_along_axis(xs, qi, axis=1)
+    pinned = quantiles.copy()
+    pinned[:, 0], pinned[:, -1] = xs[:, 0], xs[:, -1]
+    best, best_err = None, None
+    for c in (quantiles, pinned):
+        c = _lloyd(flat, offset, m, cw, cwx, c)
+        e = _edges(flat, c, offset, m)
+        err = (_cluster_sums(e, cwxx) - 2 * c * _cluster_sums(e, cwx) + c * c * _cluster_sums(e, cw)).sum(axis=1)
+        if best is None:
+            best, best_err = c, err
+        else:
+            better = err < best_err * (1 - 1e-9)
+            best = np.where(better[:, None], c, best)
+    return best
+
+
+def _lloyd(flat: np.ndarray, offset: np.ndarray, m: int, cw: np.ndarray, cwx: np.ndarray, c: np.ndarray) -> np.ndarray:
     for _ in range(_ITERS):
         e = _edges(flat, c, offset, m)
         sw = _cluster_sums(e, cw)
