@@ -29,7 +29,8 @@ from edgekit.registry import Registry
 if TYPE_CHECKING:
     from edgekit.artifact import Artifact
 
-BACKENDS: Registry[type[Backend]] = Registry("backend", ["edgekit.runtime.llamacpp", "edgekit.runtime.onnx", "edgekit.runtime.torch_ref"])
+BACKENDS: Registry[type[Backend]] = Registry(
+    "backend", ["edgekit.runtime.llamacpp", "edgekit.runtime.onnx", "edgekit.runtime.torch_ref", "edgekit.runtime.coreml"])
 register_backend = BACKENDS.register
 
 
@@ -271,7 +272,6 @@ def backend_for_format(fmt: str, backend: str | None = None) -> type[Backend]:
 
 # What a user can do about a format edgekit writes or knows but cannot run here.
 _RUNTIME_HINTS = {
-    "coreml": "Core ML models run on macOS/iOS only: run it there with coremltools, or convert --to gguf/onnx here",
     "mlc": "MLC models run with mlc-llm: pip install mlc-llm, or convert --to gguf/onnx",
 }
 

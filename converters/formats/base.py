@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from edgekit.converters.quantize.base import Quantizer
     from edgekit.model import HFCheckpoint
 
-FORMATS: Registry[type[Format]] = Registry("format", ["edgekit.converters.formats.gguf", "edgekit.converters.formats.onnx"])
+FORMATS: Registry[type[Format]] = Registry(
+    "format", ["edgekit.converters.formats.gguf", "edgekit.converters.formats.onnx", "edgekit.converters.formats.coreml"])
 register_format = FORMATS.register
 
 __all__ = ["FORMATS", "ConvertRecipe", "Format", "ProgressFn", "no_progress", "register_format"]

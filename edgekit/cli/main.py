@@ -55,13 +55,16 @@ def convert(
     model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)."),
     to: str = typer.Option("gguf", "--to", help="Output format."),
     bits: int | None = typer.Option(4, "--bits", help="GGUF: 2, 3, 4, 5, 6 or 8 (a llama.cpp-style _M mix); "
-                                    "ONNX: 4 or 8 (MatMulNBits), 16 or 32 (float)."),
+                                    "ONNX: 4 or 8 (MatMulNBits), 16 or 32 (float); Core ML: 4 or 8 (blockwise), 16 (fp16)."),
     type_: str | None = typer.Option(None, "--type", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
     bpw: float | None = typer.Option(None, "--bpw", help="Size budget in bits per weight: types per tensor by "
                                      "measured sensitivity."),
     bpw_types: str = typer.Option("", "--bpw-types", help="Comma-separated types --bpw may use (default: all)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override; repeatable."),
-    method: str = typer.Option("rtn", "--method", "-m", help="rtn, imatrix, gptq, awq or awq+gptq."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn, imatrix, gptq, awq, awq+gptq; squeezellm "
+                               "(sensitivity-weighted palettes, with --palettize)."),
+    palettize: int | None = typer.Option(None, "--palettize", help="Core ML: 2, 3, 4, 6 or 8-bit palettes "
+                                         "(k-means; sensitivity-weighted with --method squeezellm)."),
     prune: str | None = typer.Option(None, "--prune", help="depth:K drops the K least influential blocks "
                                      "(faster: depth:K:angular, depth:layers=3,7); wanda:0.5, sparsegpt:2:4, "
                                      "magnitude:0.5 prune weights before rounding (quality per parameter; no "
@@ -73,7 +76,7 @@ def convert(
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence."),
-    block_size: int | None = typer.Option(None, "--block-size", help="ONNX: weights per quantization block "
+    block_size: int | None = typer.Option(None, "--block-size", help="ONNX, Core ML: weights per quantization block "
                                           "(32 default, 16..256)."),
     sym: bool | None = typer.Option(None, "--sym/--asym", help="ONNX: symmetric grid or zero points per block "
                                     "(default: asymmetric 4-bit, symmetric 8-bit)."),
@@ -107,6 +110,8 @@ def convert(
       edgekit convert ./SmolLM2-135M --bits 4 --prune width:ffn=1024 --heal 20m
       edgekit convert ./SmolLM2-135M --to onnx --bits 4 --method gptq      # MatMulNBits, block 32
       edgekit convert ./SmolLM2-135M --to onnx --bits 32                   # float graph with KV cache
+      edgekit convert ./SmolLM2-135M --to coreml --bits 4 --method gptq    # Core ML, stateful KV cache
+      edgekit convert ./SmolLM2-135M --to coreml --palettize 4 --method squeezellm
       edgekit convert ./SmolLM2-135M --draft-for ./SmolLM2-135M -o ./smol-draft   # then: run --draft ./smol-draft
     """
     from edgekit import api
@@ -122,9 +127,9 @@ def convert(
         from edgekit.runtime.hostinfo import use_torch_threads
 
         use_torch_threads(threads)
-    extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype)
-    if to != "onnx" and any(v is not None for v in (block_size, sym, dtype)):
-        raise InputError(f"--block-size, --sym/--asym and --dtype are ONNX options; --to {to} does not take them")
+    extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize)
+    _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
+                             "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize)})
     recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw else bits, preset=type_, bpw=bpw, method=method,
                                bpw_types=tuple(t.strip() for t in bpw_types.split(",") if t.strip()),
                                tensor_types=_parse_tensor_types(tensor_type),
@@ -150,6 +155,20 @@ def convert(
     fallbacks = sum(1 for t in m.get("tensors", {}).values() if "wanted" in t)
     say(out, f"{art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, {m['preset']}, "
              f"{fallbacks} tensors fell back: see 'edgekit inspect')", "wrote", "green")
+
+
+def _check_format_flags(to: str, flags: dict[str, tuple[str, Any]]) -> None:
+    """A format option given on the command line that ``--to``'s format does not have is an error."""
+    from dataclasses import fields
+
+    from edgekit.converters.formats.base import FORMATS
+
+    cls = FORMATS.get(to).options_class
+    takes = {f.name for f in fields(cls)} if cls is not None else set()
+    bad = [flag for flag, (key, value) in flags.items() if value is not None and key not in takes]
+    if bad:
+        raise InputError(f"{', '.join(bad)} {'is not an option' if len(bad) == 1 else 'are not options'} of "
+                         f"--to {to}; drop {'it' if len(bad) == 1 else 'them'}")
 
 
 def _heal_config(text: str | None) -> Any:

@@ -41,6 +41,10 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         o = info["onnx"]
         row("onnx", f"opset {o['opset']}, IR {o['ir_version']}; ops "
                     + ", ".join(f"{k} x{v}" for k, v in o["ops"].items()))
+    if info.get("coreml"):
+        c = info["coreml"]
+        row("coreml", f"iOS18 program, context {c['context']}, {c['states']} states; ops "
+                      + ", ".join(f"{k} x{v}" for k, v in c["ops"].items()))
     if info.get("recipe"):
         r = info["recipe"]
         row("recipe", f"method {r.get('method')}, preset {info.get('preset') or r.get('preset')}"

@@ -14,7 +14,8 @@ from edgekit.registry import Registry
 F32 = np.float32
 
 GRIDS: Registry[Grid] = Registry(
-    "storage grid", ["edgekit.converters.quantize.grids.ggml", "edgekit.converters.quantize.grids.nbits"])
+    "storage grid", ["edgekit.converters.quantize.grids.ggml", "edgekit.converters.quantize.grids.nbits",
+                    "edgekit.converters.quantize.grids.coreml"])
 
 
 def register_grid(grid: Grid) -> Grid:
