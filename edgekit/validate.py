@@ -68,10 +68,22 @@ def check_config(cfg: Any, source: str = "config.json") -> None:
             x = (v or {}).get(sub)
             if x is not None and not _positive(x, hi):
                 raise _fail(source, f"{key}.{sub}", f"must be a number in (0, {hi:g}), got {x!r:.40}")
+    vocab = cfg.get("vocab_size") if isinstance(cfg.get("vocab_size"), int) else None
+    for key in _TOKEN_ID_KEYS:
+        v = cfg.get(key)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i < (vocab or 2**31)
+                                     for i in ids):
+            raise _fail(source, key, f"must be a token id in 0..{(vocab or 2**31) - 1} (or a list of them, or null), "
+                                     f"got {v!r:.40}")
     tie = cfg.get("tie_word_embeddings")
     if tie is not None and not isinstance(tie, bool):
         raise _fail(source, "tie_word_embeddings", f"must be true or false, got {tie!r:.40}")
     _check_head_layout(cfg, source)
+
+
+# Special token ids: gguf's SpecialVocab reads them from config.json and the writer refuses bad ones mid-way.
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id")
 
 
 def _positive(x: Any, hi: float) -> bool:

@@ -55,6 +55,8 @@ def test_config_that_is_a_list_is_refused(tiny_llama, tmp_path):
     ("tie_word_embeddings", "yes", "'tie_word_embeddings' must be true or false"),
     ("rope_scaling", [1], "'rope_scaling' must be an object or null"),
     ("num_attention_heads", True, "'num_attention_heads' must be a whole number, got True"),
+    ("eos_token_id", -1, "'eos_token_id' must be a token id in 0.."),  # found by bench/fuzz.py
+    ("bos_token_id", [1, 10**6], "'bos_token_id' must be a token id in 0.."),
 ])
 def test_bad_config_values_name_the_key(tiny_llama, tmp_path, key, value, says):
     m = with_config(tiny_llama, tmp_path / "m", **{key: value})
