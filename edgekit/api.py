@@ -225,6 +225,8 @@ def evaluate(
     cfg = cfg or EvalConfig()
     text = read_text(text_file)
     options.setdefault("n_ctx", cfg.ctx)
+    if ref is not None and is_artifact_folder(Path(ref).expanduser()):
+        Artifact.open(ref).verify()  # a corrupt reference is refused before the target spends a load
     with open_backend(target, **options) as backend:
         if ref is None:
             result = perplexity(backend, text, cfg, progress=progress)
