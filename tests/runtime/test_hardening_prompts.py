@@ -100,7 +100,7 @@ def test_onnx_run_refuses_bad_utf8(tiny_onnx):
 def test_gguf_run_refuses_bad_utf8(tiny_gguf):
     code, out = run_cli("run", tiny_gguf, "-p", "\udcc3(", "-n", "2", "--raw")
     assert_clean_error(code, out, "the prompt is not valid UTF-8 (byte 0xc3 at position 0)")
-    code, out = run_cli("run", tiny_gguf, "-p", "hello", "-s", "sys\udcff", "-n", "2")
+    code, out = run_cli("run", tiny_gguf, "-p", "hello", "--system", "sys\udcff", "-n", "2")
     assert_clean_error(code, out, "message 0 (system) is not valid UTF-8 (byte 0xff at position 3)")
 
 
