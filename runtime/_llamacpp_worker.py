@@ -86,15 +86,57 @@ class StopFilter:
         return out
 
 
+class TextOut:
+    """What one generation sends: each token's text (cut at stop strings), then ``done`` with why it ended."""
+
+    def __init__(self, worker: Worker, rid: Any, s: dict[str, Any], max_new: int, t0: float) -> None:
+        self.worker, self.rid, self.max_new, self.t0 = worker, rid, max_new, t0
+        self.max_tokens = int(s["max_tokens"])
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.stopper = StopFilter(list(s.get("stop") or ()))
+        self.n, self.t_first = 0, 0.0
+
+    def push(self, tok: int) -> str | None:
+        """Send ``tok``; the reason the generation ends with it (None: it goes on)."""
+        import llama_cpp
+
+        w = self.worker
+        if w.is_cancelled(self.rid):
+            return "cancelled"
+        if llama_cpp.llama_vocab_is_eog(w.vocab, tok):
+            return "eos"
+        self.n += 1
+        if self.n == 1:
+            self.t_first = time.perf_counter() - self.t0
+        out, hit = self.stopper.feed(self.decoder.decode(w.piece(tok)))
+        w.send(ev="token", id=self.rid, t=out, n=self.n)
+        if hit:
+            return "stop"
+        if self.n >= self.max_new:
+            return "length"
+        return "cancelled" if w.is_cancelled(self.rid) else None
+
+    def done(self, reason: str, **extra: Any) -> None:
+        tail = "" if reason == "stop" else self.stopper.feed(self.decoder.decode(b"", final=True))[0] + self.stopper.flush()
+        self.worker.send(ev="done", id=self.rid, t=tail, n=self.n, stop_reason=reason,
+                         context_full=reason == "length" and self.max_new < self.max_tokens,
+                         time_to_first_token=self.t_first, total_time=time.perf_counter() - self.t0, **extra)
+        self.worker.cancel_ids.discard(self.rid)
+
+
 class Worker:
     def __init__(self, out: Any) -> None:
         self.out = out
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.cancelled: int | None = None
+        self.cancel_ids: set[Any] = set()  # every generation cancelled (several stream at once when batching)
+        self.batcher: Any = None
+        self.batch_out: dict[Any, TextOut] = {}
         self.llm: Any = None
         self.safe_cpu = False
         self.n_batch = 512
         self._control_tokens: list[str] | None = None
+        self._renderer: tuple[Any, str] | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -110,6 +152,7 @@ class Worker:
                 continue
             if msg.get("op") == "cancel":
                 self.cancelled = msg.get("id")
+                self.cancel_ids.add(msg.get("id"))
             else:
                 self.inbox.put(msg)
         os._exit(0)  # the parent is gone (or closed us): leave now, whatever the main thread does
@@ -117,7 +160,14 @@ class Worker:
     def serve(self) -> None:
         threading.Thread(target=self.read_stdin, daemon=True).start()
         while True:
-            msg = self.inbox.get()
+            if self.batcher is not None and self.batcher.active():
+                try:
+                    msg = self.inbox.get_nowait()
+                except queue.Empty:
+                    self.batch_step()
+                    continue
+            else:
+                msg = self.inbox.get()
             op = msg.get("op", "")
             rid = msg.get("id")
             handler = getattr(self, "op_" + op, None)
@@ -183,17 +233,35 @@ class Worker:
         window = spec.get("kv_window")
         if window:
             kwargs["n_ctx"] = max(int(window), 32)
+        n_seq, n_ctx_seq = int(msg.get("n_seq") or 1), kwargs["n_ctx"]
+        if n_seq > 1:
+            if spec.get("mode") or window:
+                raise DecodingOptionError("speculative decoding and the KV window decode one sequence at a time; "
+                                          "they cannot be combined with batched sequences (n_seq > 1)")
+            # the batch context holds the generations; the model's own context only serves the other ops
+            kwargs["n_ctx"] = min(n_ctx_seq, 512)
+            # Flash attention: with it a sequence's attention does not depend on the other sequences' cells
+            # (a tiny Q8_0 model's concurrent greedy answers equal each one alone; without it they differ
+            # after a few tokens). The matrix products of a batch still round differently from one row's for
+            # some weight types (the real Q4 model), so near-ties can go the other way.
+            kwargs.setdefault("flash_attn", True)
         self.llm = llama_cpp.Llama(model_path=msg["model_path"], **kwargs)
         llm = self.llm
         self.vocab = llm._model.vocab
         self.n_batch = llm.n_batch
         self.setup_decoding(llama_cpp, kwargs, spec)
+        if n_seq > 1:
+            from edgekit.runtime._llamacpp_batch import Batcher
+
+            self.batcher = Batcher(llm.model, n_seq=n_seq, n_ctx_seq=n_ctx_seq, n_batch=self.n_batch,
+                                   n_threads=kwargs.get("n_threads"), flash_attn=kwargs.get("flash_attn"))
         metadata = dict(llm.metadata)
         self.send(
             ev="ready",
             id=msg.get("id"),
             n_vocab=llm.n_vocab(),
-            n_ctx=llm.n_ctx(),
+            n_ctx=self.batcher.n_ctx_seq if self.batcher is not None else llm.n_ctx(),
+            n_seq=n_seq,
             n_batch=llm.n_batch,
             add_bos=bool(llm._model.add_bos_token()),
             bos=llm.token_bos(),
@@ -386,7 +454,13 @@ class Worker:
             size = -n + 1
 
     def chat_renderer(self) -> tuple[Any, str]:
-        """The model's chat template as a function of the messages, and which template it is."""
+        """The model's chat template as a function of the messages, and which template it is (made once:
+        compiling the template takes milliseconds, which a batch of other generations would wait for)."""
+        if self._renderer is None:
+            self._renderer = self._make_renderer()
+        return self._renderer
+
+    def _make_renderer(self) -> tuple[Any, str]:
         from llama_cpp import llama_chat_format
 
         llm = self.llm
@@ -435,8 +509,6 @@ class Worker:
         return ([llm.token_bos()] if add_bos else []) + ids, template
 
     def op_generate(self, msg: dict[str, Any]) -> None:
-        import llama_cpp
-
         llm, rid = self.llm, msg["id"]
         s = msg["sampling"]
         t0 = time.perf_counter()
@@ -449,53 +521,75 @@ class Worker:
             if bos < 0:
                 raise ValueError("the prompt is empty")
             tokens = [bos]
-        n_ctx = llm.n_ctx()
+        n_ctx = self.batcher.n_ctx_seq if self.batcher is not None else llm.n_ctx()
         if len(tokens) >= n_ctx and not self.seq.window:
             raise ValueError(
                 f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
                 "shorten it or load with a larger n_ctx (--ctx)"
             )
         self.send(ev="start", id=rid, prompt_tokens=len(tokens), template=template)
+        if self.batcher is not None:
+            self.batch_admit(rid, tokens, s, t0)
+            return
         window = self.seq.window
         max_new = int(s["max_tokens"]) if window else min(int(s["max_tokens"]), n_ctx - len(tokens))
         gen, spec_stats = self.token_loop(tokens, s, max_new, rid)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        stopper = StopFilter(list(s.get("stop") or ()))
-        n, reason, t_first = 0, "length", 0.0
+        out = TextOut(self, rid, s, max_new, t0)
+        reason = "length"
         try:
             for tok in gen:
-                if self.cancelled == rid:
-                    reason = "cancelled"
+                end = out.push(tok)
+                if end:
+                    reason = end
                     break
-                if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
-                    reason = "eos"
-                    break
-                n += 1
-                if n == 1:
-                    t_first = time.perf_counter() - t0
-                out, hit = stopper.feed(decoder.decode(self.piece(tok)))
-                self.send(ev="token", id=rid, t=out, n=n)
-                if hit:
-                    reason = "stop"
-                    break
-                if n >= max_new or self.cancelled == rid:
-                    reason = "length" if n >= max_new else "cancelled"
-                    break
+            else:
+                reason = "cancelled" if self.is_cancelled(rid) else "length"
         finally:
             gen.close()
-        tail = "" if reason == "stop" else stopper.feed(decoder.decode(b"", final=True))[0] + stopper.flush()
-        self.send(
-            ev="done",
-            id=rid,
-            t=tail,
-            n=n,
-            stop_reason=reason,
-            context_full=reason == "length" and max_new < int(s["max_tokens"]),
-            time_to_first_token=t_first,
-            total_time=time.perf_counter() - t0,
-            speculative=spec_stats.to_json() if self.drafter is not None else None,
-            kv=self.kv_state(),
-        )
+        out.done(reason, speculative=spec_stats.to_json() if self.drafter is not None else None, kv=self.kv_state())
+
+    def is_cancelled(self, rid: Any) -> bool:
+        return self.cancelled == rid or rid in self.cancel_ids
+
+    # -- continuous batching (load option n_seq > 1; see _llamacpp_batch) --------------------------
+
+    def batch_admit(self, rid: Any, tokens: list[int], s: dict[str, Any], t0: float) -> None:
+        import numpy as np
+
+        from edgekit.runtime._llamacpp_batch import Sequence
+        from edgekit.runtime.base import SamplingConfig
+
+        sampling = SamplingConfig(**{**s, "stop": tuple(s.get("stop") or ())})
+        seq = Sequence(rid, tokens, sampling, np.random.default_rng(int(s["seed"]) & 0xFFFFFFFF))
+        self.batcher.admit(seq)
+        max_new = min(int(s["max_tokens"]), self.batcher.room(rid))
+        self.batch_out[rid] = TextOut(self, rid, s, max_new, t0)
+
+    def batch_step(self) -> None:
+        b = self.batcher
+        for rid in [r for r in self.batch_out if self.is_cancelled(r)]:
+            b.release(rid)
+            self.batch_out.pop(rid).done("cancelled")
+        if not b.active():
+            return
+        try:
+            sampled = b.step()
+        except Exception as exc:  # noqa: BLE001 - every running generation ends with it, the worker lives on
+            text = str(exc).strip().splitlines()
+            for rid in list(self.batch_out):
+                b.release(rid, keep=False)
+                del self.batch_out[rid]
+                self.send(ev="error", id=rid, type=type(exc).__name__, message=text[0] if text else "")
+            return
+        for rid, tok in sampled:
+            out = self.batch_out[rid]
+            end = out.push(tok)
+            if end:
+                reused = b.running[rid].reused
+                b.release(rid)
+                del self.batch_out[rid]
+                out.done(end, batch={"sequences": b.n_seq, "prompt_cached": reused, "steps": b.steps,
+                                      "decode_s": round(b.decode_seconds, 4), "sample_s": round(b.sample_seconds, 4)})
 
     def token_loop(self, tokens: list[int], s: dict[str, Any], max_new: int, rid: Any) -> tuple[Any, Any]:
         """The generator of token ids for ``generate`` (speculative when a drafter is loaded), and its stats."""

@@ -72,6 +72,9 @@ class LlamaCppBackend(Backend):
     always (attention sinks) and the most recent ones: generation and chats go on past the window in
     bounded memory; the context allocated is the window. ``kv_evict_step``: tokens dropped at once when
     the window is full (default window/32; llama.cpp's own context shift drops half).
+    ``n_seq``: generations decoded together in one batch (continuous batching, as llama-server's parallel
+    slots; each has ``n_ctx`` tokens of its own). With ``n_seq`` > 1, ``generate`` may be called from up to
+    that many threads at once (more wait in the worker's queue); the other calls stay one at a time.
     Other keyword arguments go to ``llama_cpp.Llama`` unchanged (JSON-serialisable values only).
     """
 
@@ -130,6 +133,7 @@ class LlamaCppBackend(Backend):
         kv_window: int | None = None,
         kv_sinks: int = 4,
         kv_evict_step: int | None = None,
+        n_seq: int = 1,
         **extra: Any,
     ) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -142,8 +146,8 @@ class LlamaCppBackend(Backend):
             raise InputError(f"model file not found: {self.model_path}")
         if not self.model_path.is_file():
             raise InputError(f"expected a .gguf file, got a directory: {self.model_path}")
-        if n_ctx <= 0 or n_batch <= 0:
-            raise InputError("n_ctx and n_batch must be > 0")
+        if n_ctx <= 0 or n_batch <= 0 or n_seq <= 0:
+            raise InputError("n_ctx, n_batch and n_seq must be > 0")
         try:
             json.dumps(extra)
         except TypeError as exc:
@@ -160,7 +164,12 @@ class LlamaCppBackend(Backend):
             "tensor_overrides": [[str(p), str(b)] for p, b in tensor_overrides],
             "extra": extra,
             "speculative": decoding_options(draft, speculative, n_draft, kv_window, kv_sinks, kv_evict_step),
+            "n_seq": int(n_seq),
         }
+        self.slots = int(n_seq)  # generations this instance decodes at once
+        self._routes: dict[int, queue.Queue[Any]] = {}  # n_seq > 1: each generation's own messages
+        self._routes_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self.verbose = verbose if verbose is not None else os.environ.get(LOG_ENV, "") not in ("", "0")
         self.safe_cpu = safe_cpu
         self.retry_safe = retry_safe
@@ -414,56 +423,34 @@ class LlamaCppBackend(Backend):
     # -- generation -----------------------------------------------------------------------------
 
     def _generate_once(self, request: dict[str, Any], stats: GenerationStats) -> Iterator[str]:
-        self._abort_active()
-        rid = next(self._ids)
-        t0 = time.perf_counter()
         stats.prompt_tokens = stats.generated_tokens = 0
         stats.time_to_first_token = stats.total_time = 0.0
         stats.stop_reason = ""
+        if self.slots > 1:
+            yield from self._generate_batched(request, stats)
+            return
+        self._abort_active()
+        rid = next(self._ids)
+        t0 = time.perf_counter()
         self._send({"op": "generate", "id": rid, **request})
         self._active = rid
         finished = False
         try:
             while True:
                 msg = self._recv("generating text", rid)
-                ev = msg["ev"]
-                if ev == "start":
-                    stats.prompt_tokens = int(msg["prompt_tokens"])
-                    if msg.get("template"):
-                        stats.extra["chat_template"] = msg["template"]
-                elif ev == "token":
-                    if stats.generated_tokens == 0:
-                        stats.time_to_first_token = time.perf_counter() - t0
-                        self._decoded = True
-                    stats.generated_tokens = int(msg["n"])
-                    if msg["t"]:
-                        yield msg["t"]
-                        if self._active != rid:  # another call took the worker while we were paused
-                            stats.stop_reason = stats.stop_reason or "cancelled"
-                            finished = True
-                            return
-                elif ev == "done":
-                    finished = True
+                finished = self._on_event(msg, stats, t0)
+                if finished:
                     self._active = None
-                    self._decoded = True
-                    stats.generated_tokens = int(msg["n"])
-                    stats.total_time = time.perf_counter() - t0
-                    stats.stop_reason = msg["stop_reason"]
-                    stats.extra["worker_time_to_first_token"] = msg["time_to_first_token"]
-                    stats.extra["worker_total_time"] = msg["total_time"]
-                    if msg.get("context_full"):
-                        stats.extra["context_full"] = True
-                    if msg.get("speculative"):
-                        stats.extra["speculative"] = msg["speculative"]
-                    if msg.get("kv"):
-                        stats.extra["kv"] = msg["kv"]
-                    if msg["t"]:
-                        yield msg["t"]
-                    return
-                elif ev == "error":
-                    finished = True
-                    self._active = None
+                if msg["ev"] == "error":
                     raise self._error_from(msg, "generating text")
+                if msg["ev"] in ("token", "done") and msg["t"]:
+                    yield msg["t"]
+                    if not finished and self._active != rid:  # another call took the worker while we were paused
+                        stats.stop_reason = stats.stop_reason or "cancelled"
+                        finished = True
+                        return
+                if finished:
+                    return
         finally:
             if not finished and self._active == rid:
                 stats.total_time = time.perf_counter() - t0
@@ -472,6 +459,75 @@ class LlamaCppBackend(Backend):
                     self._abort_active()
                 except BackendCrashed:
                     pass  # reported by the next call; do not mask the consumer's own exit
+
+    def _generate_batched(self, request: dict[str, Any], stats: GenerationStats) -> Iterator[str]:
+        """One of several concurrent generations: its messages come through its own route."""
+        rid = next(self._ids)
+        route = self._route(rid)
+        t0 = time.perf_counter()
+        self._send({"op": "generate", "id": rid, **request})
+        finished = False
+        try:
+            while True:
+                msg = self._recv_route(route, "generating text")
+                finished = self._on_event(msg, stats, t0)
+                if msg["ev"] == "error":
+                    raise self._error_from(msg, "generating text")
+                if msg["ev"] in ("token", "done") and msg["t"]:
+                    yield msg["t"]
+                if finished:
+                    return
+        finally:
+            if not finished and self._proc is not None:
+                stats.total_time = time.perf_counter() - t0
+                stats.stop_reason = stats.stop_reason or "cancelled"
+                self._send({"op": "cancel", "id": rid})
+                try:
+                    while self._recv_route(route, "stopping a generation")["ev"] not in ("done", "error"):
+                        pass
+                except BackendCrashed:
+                    pass
+            with self._routes_lock:
+                self._routes.pop(rid, None)
+
+    def _on_event(self, msg: dict[str, Any], stats: GenerationStats, t0: float) -> bool:
+        """Record a generation event in ``stats``; True when it ends the generation."""
+        ev = msg["ev"]
+        if ev == "start":
+            stats.prompt_tokens = int(msg["prompt_tokens"])
+            if msg.get("template"):
+                stats.extra["chat_template"] = msg["template"]
+        elif ev == "token":
+            if stats.generated_tokens == 0:
+                stats.time_to_first_token = time.perf_counter() - t0
+                self._decoded = True
+            stats.generated_tokens = int(msg["n"])
+        elif ev == "done":
+            self._decoded = True
+            stats.generated_tokens = int(msg["n"])
+            stats.total_time = time.perf_counter() - t0
+            stats.stop_reason = msg["stop_reason"]
+            stats.extra["worker_time_to_first_token"] = msg["time_to_first_token"]
+            stats.extra["worker_total_time"] = msg["total_time"]
+            for key in ("speculative", "kv", "batch"):
+                if msg.get(key):
+                    stats.extra[key] = msg[key]
+            if msg.get("context_full"):
+                stats.extra["context_full"] = True
+        return ev in ("done", "error")
+
+    def _route(self, rid: int) -> queue.Queue[Any]:
+        route: queue.Queue[Any] = queue.Queue()
+        with self._routes_lock:
+            self._routes[rid] = route
+        return route
+
+    def _recv_route(self, route: queue.Queue[Any], doing: str) -> dict[str, Any]:
+        msg = route.get()
+        if msg is _EOF:
+            route.put(_EOF)
+            raise self._crashed(doing)
+        return msg
 
     def _abort_active(self) -> None:
         """Cancel a generation still streaming (its consumer stopped early) and drain its messages."""
@@ -546,11 +602,17 @@ class LlamaCppBackend(Backend):
         try:
             for line in proc.stdout:
                 try:
-                    inbox.put(json.loads(line))
+                    msg = json.loads(line)
                 except ValueError:
                     continue
+                with self._routes_lock:
+                    route = self._routes.get(msg.get("id")) if isinstance(msg, dict) else None
+                (route or inbox).put(msg)
         except (OSError, ValueError):
             pass
+        with self._routes_lock:
+            for route in self._routes.values():
+                route.put(_EOF)
         inbox.put(_EOF)
 
     def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
@@ -571,8 +633,9 @@ class LlamaCppBackend(Backend):
         if proc is None or proc.stdin is None:
             raise BackendError(f"the llama.cpp model is not loaded ({self._gone}); load it again")
         try:
-            proc.stdin.write((json.dumps(msg) + "\n").encode("utf-8"))
-            proc.stdin.flush()
+            with self._send_lock:  # batched generations send from several threads
+                proc.stdin.write((json.dumps(msg) + "\n").encode("utf-8"))
+                proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             pass  # the worker died: _recv sees its EOF and reports how
 

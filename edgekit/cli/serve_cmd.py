@@ -20,8 +20,10 @@ def serve(
                                        help="Require 'Authorization: Bearer KEY' on every request."),
     max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens one request may generate (and the "
                                    "default when it asks for none)."),
-    parallel: int = typer.Option(1, "--parallel", "-np", help="Generations at once per model, each on its own "
-                                 "loaded instance; further requests queue."),
+    parallel: int = typer.Option(1, "--parallel", "-np", help="Generations at once per model, decoded together in "
+                                 "one batch (llama.cpp) or each on its own instance; further requests queue."),
+    no_batch: bool = typer.Option(False, "--no-batch", help="Give each of the --parallel generations its own "
+                                  "instance and threads instead of one batch (llama.cpp)."),
     idle_unload: float = typer.Option(300, "--idle-unload", help="Seconds before an unused model instance is "
                                       "unloaded (0: never)."),
     timeout: float = typer.Option(600, "--timeout", help="Seconds a request may take, queueing included (then 504)."),
@@ -49,21 +51,25 @@ def serve(
     from edgekit import api
     from edgekit.artifact import Artifact
     from edgekit.errors import require
-    from edgekit.runtime.base import backend_for_format
+    from edgekit.runtime.base import backend_for_format, backend_options
     from edgekit.runtime.serve.config import ServeConfig, model_ids
 
     require("starlette", "serve")
     require("uvicorn", "serve")
     models = model_ids(artifacts)
-    for path in models.values():  # a wrong path or an unrunnable format fails now, not on the first request
-        if not (path.is_dir() and (path / "config.json").exists() and not (path / "edgekit.json").exists()):
-            backend_for_format(Artifact.open(path).format, backend)
+    per_model: dict[str, dict[str, object]] = {}
+    for mid, path in models.items():  # a wrong path or an unrunnable format fails now, not on the first request
+        if path.is_dir() and (path / "config.json").exists() and not (path / "edgekit.json").exists():
+            continue  # a Hugging Face folder: the PyTorch reference, one sequence per instance
+        cls = backend_for_format(Artifact.open(path).format, backend)
+        if parallel > 1 and not no_batch and "n_seq" in backend_options(cls):
+            per_model[mid] = {"n_seq": parallel, "n_threads": threads}  # one instance batches them all
     options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel)}
     if backend:
         options["backend"] = backend
     config = ServeConfig(models=models, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
                          parallel=parallel, idle_unload=idle_unload, timeout=timeout, max_body=max_body,
-                         shutdown_timeout=grace, backend_options=options)
+                         shutdown_timeout=grace, backend_options=options, model_options=per_model)
     from edgekit.runtime.serve.app import serve as run_server
 
     def ready(url: str) -> None:

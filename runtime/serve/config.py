@@ -17,13 +17,15 @@ class ServeConfig:
     host / port: where to listen; loopback by default, so nothing outside this machine can reach it.
     api_key: when set, every request needs ``Authorization: Bearer <api_key>`` (else 401).
     max_tokens: the most tokens one request may generate, and the default when a request names none.
-    parallel: generations that run at once per model, each on its own loaded instance (a llama.cpp
-    context here holds one sequence); more requests wait in a queue, first come first served.
+    parallel: generations that run at once per model (decoded in one batch where the backend batches
+    sequences, else each on its own loaded instance); more requests wait in a queue, first come first served.
     idle_unload: seconds an instance may sit unused before it is unloaded (0: never).
     timeout: seconds a request may take, waiting in the queue included (then 504, or an error event).
     max_body: the largest request body in bytes (then 413).
     shutdown_timeout: on SIGINT/SIGTERM, seconds streams get to finish before they are cancelled.
     backend_options: passed to every backend as it loads (n_ctx, n_threads, ...).
+    model_options: per model id, options over ``backend_options`` (``n_seq``: sequences one instance
+    batches, so it takes that many generations at once).
     """
 
     models: dict[str, Path] = field(default_factory=dict)
@@ -37,7 +39,10 @@ class ServeConfig:
     max_body: int = 1 << 20
     shutdown_timeout: float = 10.0
     backend_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def options_for(self, model_id: str) -> dict[str, Any]:
+        return {**self.backend_options, **self.model_options.get(model_id, {})}
     def __post_init__(self) -> None:
         if not self.models:
             raise InputError("serve needs at least one artifact: edgekit serve ./SmolLM2-135M-gguf-q4")

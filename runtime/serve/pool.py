@@ -1,17 +1,18 @@
-"""Models loaded on demand, one generation at a time per loaded instance, idle instances unloaded.
+"""Models loaded on demand, each generation on an instance with a free slot, idle instances unloaded.
 
-Each model id has up to ``parallel`` loaded instances (a llama.cpp context here holds one sequence, so
-two streams never share one) and a FIFO of requests waiting for a free instance. An instance is loaded
-by the first request that finds none free, lent to exactly one generation at a time, given back when that
-generation has stopped in the backend (not merely when its client went away), and unloaded after
-``idle_unload`` seconds unused. All bookkeeping runs on the event loop; backends load in a thread.
+A model id runs at most ``parallel`` generations at once; more requests wait in a FIFO. An instance has
+``slots`` places (what the backend decodes at once: llama.cpp with ``n_seq`` batches that many sequences
+in one context, so ``--parallel N`` is one instance with N slots; a backend that holds one sequence gets
+one instance per generation). A request takes a free slot of a loaded instance, else waits for an instance
+being loaded that will have room, else loads one. A slot is given back when its generation has stopped in
+the backend (not merely when its client went away); an instance with no generation for ``idle_unload``
+seconds is unloaded. All bookkeeping runs on the event loop; backends load in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,24 +27,38 @@ Opener = Callable[..., Backend]
 
 
 @dataclass
+class _Instance:
+    backend: Backend
+    slots: int
+    leases: int = 0
+    since: float = field(default_factory=time.monotonic)  # when it last became unused
+
+
+@dataclass
 class _Model:
     path: Path
+    options: dict[str, Any]
     free: asyncio.Semaphore
-    idle: deque[tuple[Backend, float]] = field(default_factory=deque)  # (instance, when it was given back)
-    busy: int = 0
-    loading: int = 0
+    instances: list[_Instance] = field(default_factory=list)
+    load: asyncio.Future[Backend] | None = None  # an instance on its way
     waiting: int = 0
+
+    @property
+    def slots(self) -> int:
+        """Slots of one instance of this model."""
+        return max(1, int(self.options.get("n_seq") or 1))
 
 
 class ModelPool:
-    """``lease(model_id)`` waits for a free instance (loading one if none is loaded) and returns it;
-    ``give_back`` returns it from any thread. ``opener(path, **options)`` loads a backend (the CLI passes
-    ``edgekit.api.open_backend``, which checks the artifact's checksums first)."""
+    """``lease(model_id)`` waits for a free slot (loading an instance if none has one) and returns its
+    backend; ``give_back`` returns it from any thread. ``opener(path, **options)`` loads a backend (the CLI
+    passes ``edgekit.api.open_backend``, which checks the artifact's checksums first)."""
 
     def __init__(self, config: ServeConfig, opener: Opener) -> None:
         self.config = config
         self._opener = opener
-        self._models = {mid: _Model(path, asyncio.Semaphore(config.parallel)) for mid, path in config.models.items()}
+        self._models = {mid: _Model(path, config.options_for(mid), asyncio.Semaphore(config.parallel))
+                        for mid, path in config.models.items()}
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
@@ -57,8 +72,9 @@ class ModelPool:
         return self._entry(model_id).path
 
     def state(self) -> dict[str, dict[str, int]]:
-        """Per model: instances loaded (idle + busy), busy, loading and requests waiting."""
-        return {mid: {"loaded": len(m.idle) + m.busy, "busy": m.busy, "loading": m.loading, "waiting": m.waiting}
+        """Per model: instances loaded, generations running (busy), instances loading, requests waiting."""
+        return {mid: {"loaded": len(m.instances), "busy": sum(i.leases for i in m.instances),
+                      "loading": int(m.load is not None), "waiting": m.waiting}
                 for mid, m in self._models.items()}
 
     def _entry(self, model_id: str) -> _Model:
@@ -70,44 +86,41 @@ class ModelPool:
                                code="model_not_found") from None
 
     async def lease(self, model_id: str) -> Backend:
-        """A loaded instance of ``model_id`` that no one else is using (FIFO among waiting requests)."""
+        """A loaded backend of ``model_id`` with a slot for this generation (FIFO among waiting requests)."""
         m = self._entry(model_id)
         m.waiting += 1
         try:
             await m.free.acquire()
         finally:
             m.waiting -= 1
-        if m.idle:
-            m.busy += 1
-            return m.idle.pop()[0]  # the most recently used: the others may get unloaded
-        m.loading += 1
-        load = asyncio.ensure_future(asyncio.to_thread(self._opener, m.path, **self.config.backend_options))
         try:
-            backend = await asyncio.shield(load)
-        except asyncio.CancelledError:
-            # the request went away (client gone, timeout) while the model loads: keep what loads as idle
-            load.add_done_callback(lambda done: self._park(m, done))
-            raise
+            while True:
+                open_ = [i for i in m.instances if i.leases < i.slots]
+                if open_:
+                    inst = max(open_, key=lambda i: (i.leases, i.since))  # fill one, let the others idle out
+                    inst.leases += 1
+                    return inst.backend
+                if m.load is None:
+                    m.load = asyncio.ensure_future(asyncio.to_thread(self._opener, m.path, **m.options))
+                    m.load.add_done_callback(lambda done, m=m: self._loaded(m, done))
+                # shielded: a request that goes away while the model loads leaves the load running
+                await asyncio.shield(m.load)
         except BaseException:
-            m.loading -= 1
             m.free.release()
             raise
-        m.loading -= 1
-        m.busy += 1
-        return backend
 
-    def _park(self, m: _Model, load: asyncio.Future[Backend]) -> None:
-        m.loading -= 1
-        if not load.cancelled() and load.exception() is None:
-            backend = load.result()
-            if self._closed:
-                backend.close()
-            else:
-                m.idle.append((backend, time.monotonic()))
-        m.free.release()
+    def _loaded(self, m: _Model, load: asyncio.Future[Backend]) -> None:
+        m.load = None
+        if load.cancelled() or load.exception() is not None:
+            return
+        backend = load.result()
+        if self._closed:
+            backend.close()
+        else:
+            m.instances.append(_Instance(backend, m.slots))
 
     def give_back(self, model_id: str, backend: Backend, failure: BaseException | None = None) -> None:
-        """Return an instance (thread-safe). One whose worker crashed is closed, not reused."""
+        """Return a slot (thread-safe). An instance whose worker crashed is closed, not reused."""
         if not self._on_loop():
             try:
                 self._loop.call_soon_threadsafe(self.give_back, model_id, backend, failure)
@@ -115,11 +128,13 @@ class ModelPool:
                 backend.close()
             return
         m = self._models[model_id]
-        m.busy -= 1
-        if self._closed or isinstance(failure, BackendCrashed):
-            backend.close()
-        else:
-            m.idle.append((backend, time.monotonic()))
+        inst = next((i for i in m.instances if i.backend is backend), None)
+        if inst is not None:
+            inst.leases -= 1
+            inst.since = time.monotonic()
+            if isinstance(failure, BackendCrashed) or (self._closed and inst.leases == 0):
+                m.instances.remove(inst)
+                backend.close()
         m.free.release()
 
     def _on_loop(self) -> bool:
@@ -134,19 +149,19 @@ class ModelPool:
             await asyncio.sleep(period)
             now = time.monotonic()
             for m in self._models.values():
-                # oldest first: the deque's left end was given back longest ago
-                while m.idle and now - m.idle[0][1] >= self.config.idle_unload:
-                    backend = m.idle.popleft()[0]
-                    await asyncio.to_thread(backend.close)
+                for inst in [i for i in m.instances if i.leases == 0 and now - i.since >= self.config.idle_unload]:
+                    m.instances.remove(inst)
+                    await asyncio.to_thread(inst.backend.close)
 
     async def close(self) -> None:
-        """Unload every idle instance; busy ones are closed as they are given back."""
+        """Unload every unused instance; busy ones are closed as their last slot is given back."""
         self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
         for m in self._models.values():
-            while m.idle:
-                await asyncio.to_thread(m.idle.pop()[0].close)
+            for inst in [i for i in m.instances if i.leases == 0]:
+                m.instances.remove(inst)
+                await asyncio.to_thread(inst.backend.close)
 
 
 def describe(pool: ModelPool) -> list[dict[str, Any]]:

@@ -296,9 +296,10 @@ def test_request_timeout_is_a_504_or_an_error_event(long_server):
     assert _wait_idle(s, "endless", "")["models"]["endless"]["loaded"] == 1
 
 
-def test_concurrent_streams_each_get_their_own_answer(client, local):
+def test_concurrent_streams_each_get_their_own_answer(client):
     prompts = ["Tell me about the sea.", "Hello", "What is a cat?", "Count to ten.", "Say something.", "Why?"]
-    alone = {p: _direct(local, [{"role": "user", "content": p}], 20)[0] for p in prompts}
+    # --parallel 2 batches the streams in one llama.cpp context: each must get the answer its prompt gets alone
+    alone = {p: _stream_text(client, p, max_tokens=20)[0] for p in prompts}
     assert len(set(alone.values())) > 1  # distinct answers, or mixing streams would go unseen
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = dict(zip(prompts, pool.map(lambda p: _stream_text(client, p, max_tokens=20)[0], prompts), strict=True))
