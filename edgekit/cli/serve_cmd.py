@@ -64,9 +64,15 @@ def serve(
     config = ServeConfig(models=models, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
                          parallel=parallel, idle_unload=idle_unload, timeout=timeout, max_body=max_body,
                          shutdown_timeout=grace, backend_options=options)
+    from contextlib import ExitStack
+
+    from edgekit.runtime.processes import announce_server
     from edgekit.runtime.serve.app import serve as run_server
 
+    listed = ExitStack()  # `edgekit ps` lists the server while it listens
+
     def ready(url: str) -> None:
+        listed.enter_context(announce_server(url, {m: str(p) for m, p in models.items()}))
         say(err, f"{url}/v1  ({', '.join(models)}; {parallel} at once per model; Ctrl-C stops)", "serving",
             "green")
 
@@ -75,6 +81,7 @@ def serve(
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C once it has shut down: for a server that is the normal way to stop
     finally:  # also when it re-raises SIGTERM, which exits through main's handler (status 143)
+        listed.close()
         say(err, "stopped; every model unloaded", "serve", "green")
 
 
