@@ -41,7 +41,7 @@ def artifact_name(model: str, *parts: str) -> str:
     """``("SmolLM2-135M-Instruct", "gguf-Q4_K_M")`` -> ``smollm2-135m-instruct-gguf-q4_k_m``: lower case,
     anything but letters, digits, ``.``, ``_``, ``+`` and ``-`` made a dash."""
     text = "-".join(p for p in (model, *parts) if p)
-    return _UNSAFE.sub("-", text.lower()).strip("-.") or "model"
+    return re.sub(r"-{2,}", "-", _UNSAFE.sub("-", text.lower())).strip("-.") or "model"
 
 
 def is_name(ref: str | Path) -> bool:

@@ -103,8 +103,11 @@ def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertR
     table) and the worst-case alignment padding leave."""
     import edgekit.converters.formats.gguf.budget as budget
 
-    free = [t for t in plan if t.assignment.origin == "preset"]
-    fixed = sum(t.nbytes for t in plan if t.assignment.origin != "preset")
+    # An embedding table that is only looked up (the head has its own weight) multiplies no activations,
+    # so there is no Hessian to weigh its error by: it keeps the preset's type, counted as fixed.
+    tied = not any(t.name == "output.weight" for t in plan)
+    free = [t for t in plan if t.assignment.origin == "preset" and (tied or t.name != "token_embd.weight")]
+    fixed = sum(t.nbytes for t in plan) - sum(t.nbytes for t in free)
     n_params = sum(int(np.prod(t.shape)) for t in plan)
     allowed = frozenset(mixes.type_from_name(n) for n in recipe.bpw_types) or None
     bpw, what = recipe.bpw, None
