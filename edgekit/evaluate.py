@@ -71,10 +71,15 @@ def text_identity(path: str | Path) -> tuple[str, str]:
     return p.name, sha256_file(p)
 
 
+def text_name(e: dict[str, Any]) -> str:
+    """The name of the text a recorded evaluation measured (older records keep only its path)."""
+    return str(e.get("text_name") or (Path(str(e["text"])).name if e.get("text") else "unnamed text"))
+
+
 def provenance_label(e: dict[str, Any]) -> str:
     """``valid.txt sha256:3f2a9c1e, 16 chunks x 512, ref SmolLM2-135M`` from a recorded evaluation (older
     records without a hash say so)."""
-    name = e.get("text_name") or (Path(str(e["text"])).name if e.get("text") else "unnamed text")
+    name = text_name(e)
     sha = f"sha256:{str(e['text_sha256'])[:8]}" if e.get("text_sha256") else "no hash recorded"
     if e.get("kv_window"):
         shape = f"{e.get('tokens_scored', '?')} tokens through a KV window of {e['kv_window']}"

@@ -24,13 +24,13 @@ def _mb(n: int | None) -> str:
 def eval_label(e: dict[str, Any] | None, short: bool = False) -> str:
     """A recorded perplexity with what it was measured on: ``19.64 on valid.txt sha256:3f2a9c1e, 16 chunks
     x 512, ref SmolLM2-135M``; ``short``: ``19.64 valid.txt 16x512`` (a table cell)."""
-    from edgekit.evaluate import provenance_label
+    from edgekit.evaluate import provenance_label, text_name
 
     if not e or not isinstance(e.get("ppl"), (int, float)):
         return "-"
     if not short:
         return f"{e['ppl']:.3f} on {provenance_label(e)}"
-    name = e.get("text_name") or Path(str(e.get("text") or "?")).name
+    name = text_name(e)
     shape = f"{e.get('tokens_scored')} tok" if e.get("kv_window") else f"{e.get('chunks', '?')}x{e.get('ctx', '?')}"
     return f"{e['ppl']:.2f} {name} {shape}"
 
