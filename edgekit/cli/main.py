@@ -258,9 +258,9 @@ def run(
     """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal.
 
     Examples:
-      edgekit run ./SmolLM2-135M-gguf-q4 -p "What is the capital of France?"
-      edgekit run ./SmolLM2-135M-gguf-q4                            # chat: /exit or Ctrl-D ends
-      cat question.txt | edgekit run ./SmolLM2-135M-gguf-q4 -p - --json
+      edgekit run smollm2-135m-gguf-q4_k_m -p "What is the capital of France?"
+      edgekit run smollm2-135m-gguf-q4_k_m                            # chat: /exit or Ctrl-D ends
+      cat question.txt | edgekit run smollm2-135m-gguf-q4_k_m -p - --json
       edgekit run ./model.gguf -p "Once upon a time" --raw --temp 0 -n 64
       edgekit run ./smol-q8_0 --draft ./smol-draft -p "..."         # speculative, lossless
       edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
@@ -326,9 +326,9 @@ def eval_cmd(
     """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement.
 
     Examples:
-      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt
-      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt --ref ./SmolLM2-135M --chunks 16
-      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt --kv-window 1024 --kv-sinks 4
+      edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
+      edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --ref ./SmolLM2-135M --chunks 16
+      edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --kv-window 1024 --kv-sinks 4
     """
     from edgekit import api
 
@@ -376,7 +376,7 @@ def inspect_cmd(
     """Architecture, parameters, per-tensor types, size, bits per weight, memory at a context length.
 
     Examples:
-      edgekit inspect ./SmolLM2-135M-gguf-q4
+      edgekit inspect smollm2-135m-gguf-q4_k_m
       edgekit inspect ./model.gguf --tensors --json
     """
     from edgekit import api

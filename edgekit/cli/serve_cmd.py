@@ -41,10 +41,10 @@ def serve(
     Ctrl-C (or SIGTERM) lets running answers finish for a few seconds, then stops.
 
     Examples:
-      edgekit serve ./SmolLM2-135M-gguf-q4
+      edgekit serve smollm2-135m-gguf-q4_k_m
       edgekit serve ./smol-q4 ./smol-onnx --port 8000 --parallel 4 --api-key secret
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
-        -d '{"model": "SmolLM2-135M-gguf-q4", "messages": [{"role": "user", "content": "Hi"}]}'
+        -d '{"model": "smollm2-135m-gguf-q4_k_m", "messages": [{"role": "user", "content": "Hi"}]}'
     """
     from edgekit import api
     from edgekit.artifact import Artifact

@@ -40,7 +40,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise InputError("serve needs at least one artifact: edgekit serve ./SmolLM2-135M-gguf-q4")
+            raise InputError("serve needs at least one artifact: edgekit serve smollm2-135m-gguf-q4_k_m")
         if not 0 <= self.port < 65536:
             raise InputError(f"--port {self.port} is not a TCP port; use 1..65535, or 0 for any free one")
         if self.max_tokens <= 0 or self.parallel <= 0:
