@@ -102,6 +102,7 @@ class ConvertScreen(Screen[None]):
             with Horizontal(classes="field"):
                 yield Label("calibration")
                 yield Input("self", placeholder="'self' or a text file", id="cv-calib")
+                yield Label("samples", classes="inline")
                 yield Input("32", id="cv-samples", type="integer", tooltip="calibration samples")
             with Horizontal(classes="field"):
                 yield Label("output")
