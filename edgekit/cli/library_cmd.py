@@ -177,13 +177,16 @@ def ps(as_json: bool = typer.Option(False, "--json", help="Print the processes a
         say(out, "no edgekit servers or llama.cpp workers are running")
         return
     table = Table()
-    for col in ("kind", "pid", "model", "port", "MB", "started by"):
-        table.add_column(col, justify="right" if col in ("pid", "port", "MB") else "left")
+    table.add_column("kind")
+    table.add_column("pid", justify="right")
+    table.add_column("model", no_wrap=True)
+    for col in ("port", "MB"):
+        table.add_column(col, justify="right")
+    table.add_column("parent")
     servers = {p.pid for p in procs if p.kind == "server"}
     for p in procs:
-        by = f"server {p.parent}" if p.parent in servers else p.owner or "-"
-        table.add_row(p.kind, str(p.pid), Text(", ".join(p.models) or "-"), str(p.port or "-"), _mb(p.rss),
-                      Text(p.url or by))
+        by = "-" if p.kind == "server" else f"server {p.parent}" if p.parent in servers else p.owner or "-"
+        table.add_row(p.kind, str(p.pid), Text(", ".join(p.models) or "-"), str(p.port or "-"), _mb(p.rss), Text(by))
     out.print(table)
 
 
