@@ -152,7 +152,7 @@ def convert(
         recipe = draft_recipe(model, draft_for, recipe, heal=heal or DEFAULT_HEAL,
                               preset=None if type_ or bpw else DEFAULT_TYPE)
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
-    with progress_bar(not as_json) as progress:
+    with progress_bar(not as_json) as progress, size_opts.explain_fit(fit_target):
         art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
     for note in art.notes:  # on stderr, so --json output stays a manifest
         warn = note.startswith("warning: ")

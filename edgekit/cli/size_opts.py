@@ -6,6 +6,8 @@ the runtime's memory model at ``--ctx``) and free storage, then checks the writt
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,19 @@ def report_fit(art: Any, target: Any) -> None:
     ok, text = check_fit(art, target)
     say(err, tagged("fits:" if ok else "warning:", "green" if ok else "yellow",
                     text if ok else f"{text}: it may not fit; lower --ctx or give a smaller --size"))
+
+
+@contextlib.contextmanager
+def explain_fit(target: Any) -> Iterator[None]:
+    """A ``--fit`` budget below the smallest file the model allows: say what the device leaves and what to
+    change (the context), not to raise a ``--size`` the user never gave."""
+    try:
+        yield
+    except InputError as exc:
+        text = str(exc)
+        if target is None or "below the smallest file" not in text:
+            raise
+        smallest = text.split("possible here", 1)[-1].split(";", 1)[0].strip()
+        raise InputError(f"{target.device} leaves {target.weight_room / 1e6:,.0f} MB for weights at context "
+                         f"{target.n_ctx}, less than the smallest file of this model {smallest}; lower --ctx or "
+                         "free memory on the device") from None

@@ -147,6 +147,19 @@ def test_convert_fit_sizes_for_the_device_and_checks_the_result(tiny_llama, gguf
     assert gguf_sizes["Q4_0"] < size <= room_wanted
 
 
+def test_fit_below_the_smallest_file_says_to_lower_the_context(tiny_llama, tmp_path, monkeypatch):
+    from edgekit.model import HFCheckpoint
+    from edgekit.runtime.llamacpp import LlamaCppBackend
+
+    _, parts = LlamaCppBackend.weight_room(HFCheckpoint.open(tiny_llama).hparams, 256, 1 << 30)
+    monkeypatch.setattr("edgekit.devices.open_device", lambda device_id: _Device(sum(parts.values()) + 50_000,
+                                                                                 1 << 40))
+    r = cli("convert", tiny_llama, "--fit", "android:TEST", "--ctx", "256", *CALIB, "-o", tmp_path / "f")
+    assert r.exit_code != 0 and "android:TEST leaves 0 MB for weights at context 256" in r.output
+    assert "lower --ctx" in r.output and "--size" not in r.stderr.split("error:")[-1]
+    assert not (tmp_path / "f").exists()
+
+
 def test_bits_far_from_its_bpw_warns_with_the_option_that_holds_it(tiny_models, tmp_path):
     """Rows of 96 weights hold no 256-weight K-quant block: --bits 2's Q2_K mix falls back to wide types."""
     r = cli("convert", tiny_models["MistralForCausalLM"], "--bits", "2", "-o", tmp_path / "b")
