@@ -7,8 +7,9 @@
 #   * a smoke decode of a tiny GGUF in a child process: a crash rebuilds once for a safer level, or
 #     stops naming the missing CPU features;
 #   * edgekit itself in editable mode.
-# With --tests it also installs what only the test suite needs: the static llama-bench runner (built
-# for x86-64-v3, the level devices are likely to have), qemu-user, adb and OpenSSH's server.
+# The main command installs only what edgekit runs with (no system packages). With --tests it also installs
+# what only the test suite needs: pytest and the other dev tools, the static llama-bench runner (built for
+# x86-64-v3, the level devices are likely to have), and system-wide qemu-user, adb and OpenSSH's server.
 #
 #   bash .ci/setup.sh                       # idempotent; a second run takes seconds
 #   bash .ci/setup.sh --tests               # plus the test-only tools
@@ -90,14 +91,20 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   say "installing PyTorch (CPU build): about 1 minute"
   "${pip[@]}" "torch==2.13.0"
 fi
-STAMP=.venv/.edgekit-setup
+# What edgekit runs with; --tests adds the test tools (pytest, ruff, the openai client...). Each set has its
+# stamp, so the main command after --tests (or the other way round) reinstalls nothing it already has.
+EXTRAS=torch,onnx,tui,devices,serve,coreml
 WANT=$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -c1-16)
-if [ "$(cat $STAMP 2>/dev/null)" != "$WANT" ] || ! .venv/bin/python -c "import edgekit" 2>/dev/null; then
-  say "installing edgekit and its dependencies: about 2 minutes"
-  "${pip[@]}" numpy typing-extensions diskcache jinja2
-  "${pip[@]}" -e ".[torch,onnx,dev,tui,devices,serve,coreml]"
-  echo "$WANT" >$STAMP
-fi
+install_edgekit() {  # STAMP EXTRAS WHAT
+  if [ "$(cat "$1" 2>/dev/null)" != "$WANT" ] || ! .venv/bin/python -c "import edgekit" 2>/dev/null; then
+    say "installing $3: about 2 minutes"
+    "${pip[@]}" numpy typing-extensions diskcache jinja2
+    "${pip[@]}" -e ".[$2]"
+    echo "$WANT" >"$1"
+  fi
+}
+install_edgekit .venv/.edgekit-setup "$EXTRAS" "edgekit and its dependencies"
+[ "$TESTS" = 1 ] && install_edgekit .venv/.edgekit-setup-tests "$EXTRAS,dev" "the test tools (pytest, ruff, openai)"
 
 if [ -n "$BUILD_PID" ]; then
   say "waiting for the llama.cpp build ($KEY)"

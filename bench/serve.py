@@ -69,9 +69,10 @@ def log(msg: str) -> None:
 
 
 def default_model() -> Path:
-    from edgekit.fsutil import edgekit_home
+    """What `edgekit quickstart` leaves in the model library."""
+    from edgekit.library import store_dir
 
-    return edgekit_home() / "SmolLM2-135M-Instruct-gguf-q4"
+    return store_dir() / "smollm2-135m-instruct-gguf-q4_k_m"
 
 
 def default_peer() -> Path:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edgekit import library
 from edgekit.artifact import (
     SCHEMA,
     Artifact,
@@ -27,7 +28,7 @@ from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
 from edgekit.errors import InputError
-from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text
+from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text, text_identity
 from edgekit.fsutil import atomic_dir, sha256_files, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
@@ -38,18 +39,25 @@ from edgekit.runtime.plan import plan_artifact as plan
 
 __all__ = [
     "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
-    "calibration_applies", "convert", "default_output", "make_quantizer", "method_config", "evaluate", "generate", "import_gguf",
+    "calibration_applies", "convert", "default_output", "default_output_suffix", "make_quantizer", "method_config", "evaluate", "generate", "import_gguf",
     "inspect", "evaluate_streaming", "open_backend", "plan", "offload_options",
 ]
 
 
 def default_output(model: Path, fmt: str, recipe: ConvertRecipe) -> Path:
-    """``./SmolLM2-135M`` + gguf, 4 bits -> ``./SmolLM2-135M-gguf-q4``."""
+    """Where ``convert`` writes without ``output``: the model library (:mod:`edgekit.library`), under the
+    name ``<model>-<format>-<quantization>`` in lower case: ``./SmolLM2-135M`` + gguf, 4 bits ->
+    ``<store>/smollm2-135m-gguf-q4_k_m``."""
     pruned = ""
     if recipe.prune:
         kind, _, rest = recipe.prune.partition(":")
-        pruned = f"-d{rest}" if kind == "depth" and rest.isdigit() else f"-{kind}"
-    return model.parent / f"{model.name}{pruned}-{FORMATS.get(fmt)().default_output_suffix(recipe)}"
+        pruned = f"d{rest}" if kind == "depth" and rest.isdigit() else kind
+    return library.store_dir(create=True) / library.artifact_name(model.name, pruned, default_output_suffix(fmt, recipe))
+
+
+def default_output_suffix(fmt: str, recipe: ConvertRecipe) -> str:
+    """``<format>-<quantization>`` of an artifact's name: ``gguf-q4_k_m``, ``onnx-uint4_b32``, ``gguf-90mb``."""
+    return FORMATS.get(fmt)().default_output_suffix(recipe)
 
 
 def convert(
@@ -95,6 +103,7 @@ def convert(
         source = ckpt
         with _structured(ckpt, recipe, quantizer, out, progress) as (ckpt, pruned):
             fields = fmt.convert(ckpt, tmp, recipe, quantizer, progress)
+        notes.extend(fields.pop("notes", []))  # what the format warns about (--bits far from its bpw)
         if pruned:
             fields["pruned"] = pruned
         sparsity = getattr(quantizer, "report", {}).get("sparsity")
@@ -145,11 +154,11 @@ def _structured(ckpt: HFCheckpoint, recipe: ConvertRecipe, quantizer: Quantizer,
         yield HFCheckpoint.open(path), info
 
 
-def calibration_applies(method: str, bpw: float | None = None) -> bool:
+def calibration_applies(method: str, bpw: float | None = None, size: int | None = None) -> bool:
     """Whether calibration data matters for a conversion: a method that calibrates (its config has a
-    ``calib`` field), or a ``bpw`` size budget (it measures each tensor's sensitivity)."""
+    ``calib`` field), or a size budget, ``bpw`` or ``size`` (it measures each tensor's sensitivity)."""
     cls = QUANTIZERS.get(method)
-    return bpw is not None or "calib" in getattr(cls.config_class, "__dataclass_fields__", {})
+    return bpw is not None or size is not None or "calib" in getattr(cls.config_class, "__dataclass_fields__", {})
 
 
 def make_quantizer(method: str, calib: CalibConfig | None = None) -> Quantizer:
@@ -224,8 +233,11 @@ def evaluate(
     """
     cfg = cfg or EvalConfig()
     text = read_text(text_file)
+    text_name, text_sha = text_identity(text_file)
     options.setdefault("n_ctx", cfg.ctx)
-    if ref is not None and is_artifact_folder(Path(ref).expanduser()):
+    if ref is not None:
+        ref = library.resolve(ref)
+    if ref is not None and is_artifact_folder(ref):
         Artifact.open(ref).verify()  # a corrupt reference is refused before the target spends a load
     with open_backend(target, **options) as backend:
         if ref is None:
@@ -233,13 +245,15 @@ def evaluate(
         else:
             with open_backend(ref, n_ctx=cfg.ctx, n_threads=options.get("n_threads")) as ref_backend:
                 result = perplexity(backend, text, cfg, ref=ref_backend, progress=progress)
+    result.text_name, result.text_sha256 = text_name, text_sha
+    result.ref = str(Path(ref).resolve()) if ref is not None else None
+    record_as = {**result.to_json(), "text": str(Path(text_file).expanduser().resolve())}
     if record and not isinstance(target, Artifact):
-        p = Path(target).expanduser()
+        p = library.resolve(target)
         if (p / "edgekit.json").exists():
-            Artifact.open(p).record_eval({**result.to_json(), "text": str(Path(text_file).resolve()),
-                                          "ref": str(Path(ref).resolve()) if ref else None})
+            Artifact.open(p).record_eval(record_as)
     elif record and isinstance(target, Artifact):
-        target.record_eval({**result.to_json(), "text": str(Path(text_file).resolve())})
+        target.record_eval(record_as)
     return result
 
 
@@ -268,7 +282,9 @@ def evaluate_streaming(
         report = (lambda done, total: progress("streaming", done, total)) if progress else None
         nll, info = backend.stream_nll(tokens, chunk=chunk, progress=report)
     mean = float(nll.mean())
-    return {"ppl": math.exp(mean), "tokens_scored": int(nll.size), "kv_window": kv_window, "kv_sinks": kv_sinks,
+    text_name, text_sha = text_identity(text_file)
+    return {"ppl": math.exp(mean), "text_name": text_name, "text_sha256": text_sha,
+            "tokens_scored": int(nll.size), "kv_window": kv_window, "kv_sinks": kv_sinks,
             "chunk": chunk, "peak_cells": int(info["peak_cells"]), "evicted": int(info["kv"]["evicted"])}
 
 

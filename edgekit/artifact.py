@@ -59,9 +59,12 @@ class Artifact:
     def open(cls, path: str | Path, verify: bool = False) -> Artifact:
         """Open an artifact folder, or a bare model file; errors say what was expected. With ``verify`` the
         files must also match the checksums in the manifest (see :meth:`verify`; loading a backend does it)."""
-        p = Path(path).expanduser()
+        from edgekit import library
+
+        p = library.resolve(path)  # a bare name is looked up in the model library
         if not p.exists():
-            raise InputError(f"{p} does not exist; give an artifact folder (made by 'edgekit convert') or a .gguf file")
+            raise InputError(f"{p} does not exist; give an artifact folder (made by 'edgekit convert'), a .gguf "
+                             f"file or an artifact's name{library.not_found_hint(path)}")
         if p.is_file():
             fmt = FORMAT_SUFFIXES.get(p.suffix.lower())
             if fmt is None:

@@ -51,9 +51,42 @@ class EvalResult:
     kl_p99: float | None = None
     top1_agreement: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    text_name: str | None = None  # what it was measured on: the text file's name and sha256, and the reference
+    text_sha256: str | None = None
+    ref: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+
+    def provenance(self) -> str:
+        """What the perplexity was measured on, in a few words (see :func:`provenance_label`)."""
+        return provenance_label(self.to_json())
+
+
+def text_identity(path: str | Path) -> tuple[str, str]:
+    """A text file's name and sha256, recorded with every evaluation so a figure names what it measured."""
+    from edgekit.fsutil import sha256_file
+
+    p = Path(path).expanduser()
+    return p.name, sha256_file(p)
+
+
+def text_name(e: dict[str, Any]) -> str:
+    """The name of the text a recorded evaluation measured (older records keep only its path)."""
+    return str(e.get("text_name") or (Path(str(e["text"])).name if e.get("text") else "unnamed text"))
+
+
+def provenance_label(e: dict[str, Any]) -> str:
+    """``valid.txt sha256:3f2a9c1e, 16 chunks x 512, ref SmolLM2-135M`` from a recorded evaluation (older
+    records without a hash say so)."""
+    name = text_name(e)
+    sha = f"sha256:{str(e['text_sha256'])[:8]}" if e.get("text_sha256") else "no hash recorded"
+    if e.get("kv_window"):
+        shape = f"{e.get('tokens_scored', '?')} tokens through a KV window of {e['kv_window']}"
+    else:
+        shape = f"{e.get('chunks', '?')} chunks x {e.get('ctx', '?')}"
+    ref = f", ref {Path(str(e['ref'])).name}" if e.get("ref") else ""
+    return f"{name} {sha}, {shape}{ref}"
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

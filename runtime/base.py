@@ -201,6 +201,15 @@ class MemoryModel(Protocol):
 
 
 @runtime_checkable
+class SizesWeights(Protocol):
+    """Inverts its memory model before a model file exists: ``weight_room(hparams, n_ctx, ram_bytes)`` gives
+    the bytes of weights that fit ``ram_bytes`` at ``n_ctx`` and the other parts it counted (``convert --fit``)."""
+
+    @classmethod
+    def weight_room(cls, hparams: Any, n_ctx: int, ram_bytes: int) -> tuple[int, dict[str, int]]: ...
+
+
+@runtime_checkable
 class OffloadPlanner(Protocol):
     """Plans a CPU/GPU split (an ``OffloadPlan``): for this host's GPUs, free RAM and measured bandwidth
     when ``budget`` is None (``run --offload auto``), else for that budget (``plan``)."""
@@ -234,7 +243,8 @@ class StreamsLongText(Protocol):
 
 def capabilities(cls: type[Backend]) -> list[str]:
     """The capabilities a backend declares, by name (what ``edgekit list`` shows)."""
-    caps = [name for name, proto in (("memory-model", MemoryModel), ("offload-plan", OffloadPlanner),
+    caps = [name for name, proto in (("memory-model", MemoryModel), ("sizes-weights", SizesWeights),
+                                     ("offload-plan", OffloadPlanner),
                                      ("in-process-bench", InProcessBench), ("reports-memory", ReportsMemory),
                                      ("streams-long-text", StreamsLongText))
             if isinstance(cls, proto)]

@@ -86,6 +86,15 @@ class LlamaCppBackend(Backend):
     # -- capabilities (runtime.base's Protocols) -----------------------------------------------------
 
     @classmethod
+    def weight_room(cls, hparams: Any, n_ctx: int, ram_bytes: int) -> tuple[int, dict[str, int]]:
+        """Bytes of weights that fit ``ram_bytes`` at ``n_ctx`` (:func:`.memory.weight_room`), with the
+        llama.cpp worker's measured baseline (a typical one where llama.cpp cannot start here)."""
+        from edgekit.runtime.hostinfo import baseline_rss
+        from edgekit.runtime.memory import weight_room
+
+        return weight_room(hparams, n_ctx, ram_bytes, baseline_bytes=baseline_rss(strict=False))
+
+    @classmethod
     def memory_estimate(cls, model_file: Path, n_ctx: int, n_batch: int = 512) -> Any:
         """Weights, repacked copies, KV cache and compute buffers at ``n_ctx`` (:mod:`.memory`)."""
         from edgekit.runtime.memory import MemoryConfig, estimate_memory, read_shape

@@ -289,3 +289,16 @@ def decode_bytes_per_token(shape: ModelShape, depth: int = 0, cfg: MemoryConfig 
     out["gpu" if cfg.offload_kqv else "cpu"] += kv_layer * n_gpu_blocks
     out["cpu"] += kv_layer * (shape.n_layer - n_gpu_blocks)
     return out
+
+
+def weight_room(hp: Any, n_ctx: int, ram_bytes: int, baseline_bytes: int = 0) -> tuple[int, dict[str, int]]:
+    """The inverse of :func:`estimate_memory` before a GGUF exists: bytes of weights that fit in
+    ``ram_bytes`` at ``n_ctx`` for a model of hyperparameters ``hp`` (:class:`edgekit.arch.HParams`), and
+    the other parts it leaves room for. Weights are mapped once; a repacked copy is page cache the kernel
+    can drop, so it is not counted (as in ``ram_required_bytes``)."""
+    shape = ModelShape(architecture="?", n_layer=hp.n_layer, n_embd=hp.n_embd, n_head=hp.n_head,
+                       n_head_kv=hp.n_head_kv, head_dim_k=hp.head_dim, head_dim_v=hp.head_dim, n_ff=hp.n_ff,
+                       n_vocab=hp.n_vocab, n_ctx_train=hp.n_ctx_train, tensors=())
+    est = estimate_memory(shape, MemoryConfig(n_ctx=n_ctx), baseline_bytes=baseline_bytes)
+    parts = {k: v for k, v in est.parts.items() if v and not k.startswith("weights")}
+    return ram_bytes - sum(parts.values()), parts

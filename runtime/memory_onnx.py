@@ -112,3 +112,14 @@ def _nbytes(onnx: Any, t: Any) -> int:
     for d in t.dims:
         n *= d
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def onnx_weight_room(hp: Any, n_ctx: int, ram_bytes: int, n_batch: int = 512,
+                     baseline_bytes: int = BASELINE) -> tuple[int, dict[str, int]]:
+    """The inverse of :func:`estimate_onnx_memory` before a graph exists: bytes of weights (the data file)
+    that fit in ``ram_bytes`` at ``n_ctx`` for hyperparameters ``hp``, and the other parts. MatMulNBits
+    weights are held twice (the file's and MLAS's packed copy), so the room is half what is left."""
+    chunk = min(n_batch, n_ctx)
+    parts = {"kv": 2 * 2 * hp.n_layer * n_ctx * hp.n_head_kv * hp.head_dim * 4, "logits": chunk * hp.n_vocab * 4,
+             "activations": 8 * chunk * hp.n_embd * 4, "overhead": ORT_OVERHEAD, "baseline": baseline_bytes}
+    return (ram_bytes - sum(parts.values())) // 2, parts

@@ -138,6 +138,13 @@ class OnnxBackend(Backend):
     incremental = True
 
     @classmethod
+    def weight_room(cls, hparams: Any, n_ctx: int, ram_bytes: int) -> tuple[int, dict[str, int]]:
+        """Bytes of weights that fit ``ram_bytes`` at ``n_ctx`` (:func:`.memory_onnx.onnx_weight_room`)."""
+        from edgekit.runtime.memory_onnx import onnx_weight_room
+
+        return onnx_weight_room(hparams, n_ctx, ram_bytes)
+
+    @classmethod
     def memory_estimate(cls, model_file: Path, n_ctx: int, n_batch: int = 512) -> Any:
         """An onnxruntime CPU session at ``n_ctx`` by part (see :mod:`.memory_onnx`)."""
         from edgekit.runtime.memory_onnx import estimate_onnx_memory

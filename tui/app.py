@@ -39,7 +39,8 @@ class EdgekitApp(App[None]):
     BINDINGS = [
         Binding("f1", "help", "Help"),
         *(Binding(key, f"show('{name}')", name.capitalize()) for name, key in SCREEN_KEYS.items()),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
+        # Ctrl+Q is every terminal app's quit, and F1 lists it: the footer keeps its room for the screens.
+        Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
     ]
 
     def __init__(self, folder: str | Path = ".", chat: str | Path | None = None, start: str | None = None,
@@ -57,9 +58,16 @@ class EdgekitApp(App[None]):
 
     # -- navigation ---------------------------------------------------------------------------
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The key of the screen being shown leaves the footer (so F6 fits at 120 columns)."""
+        if action == "show" and parameters and parameters[0] == self.current_mode:
+            return False
+        return True
+
     async def action_show(self, name: str) -> None:
         if self.current_mode != name:
             await self.switch_mode(name)
+            self.refresh_bindings()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -94,6 +102,20 @@ class EdgekitApp(App[None]):
             yield SystemCommand(f"Go to {name}", f"The {name} screen ({key.upper()})",
                                 lambda name=name: self.run_worker(self.action_show(name)))
         yield SystemCommand("Help", "Keys and screens (F1)", self.action_help)
+
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """Save an SVG of the screen into ``<edgekit home>/screenshots`` (or ``path``) and say where. Textual's
+        own delivers it to a Downloads folder, which need not exist, and says nothing either way."""
+        from edgekit.fsutil import edgekit_home
+
+        folder = Path(path).expanduser() if path else edgekit_home() / "screenshots"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            saved = self.save_screenshot(filename, str(folder))
+        except OSError as exc:
+            self.show_error(f"the screenshot was not saved: {exc.strerror or exc} ({folder})", "Screenshot")
+            return
+        self.notify(f"saved to {saved}", title="Screenshot")
 
     async def action_quit(self) -> None:
         chat = self.get_screen("chat")

@@ -15,6 +15,7 @@ from typing import Any
 
 from edgekit.artifact import FORMAT_SUFFIXES, MANIFEST_NAME, Artifact
 from edgekit.errors import EdgekitError, InputError
+from edgekit.evaluate import text_name
 
 # Folders that hold thousands of files and never artifacts.
 _SKIP = {"node_modules", "__pycache__", ".git", ".venv", "site-packages"}
@@ -34,7 +35,8 @@ class ArtifactRow:
     ppl: float | None
     kl: float | None
     bare: bool
-    problem: str = ""  # why the manifest could not be read (shown instead of hiding the folder)
+    problem: str = ""
+    ppl_text: str = ""  # the name of the text the perplexity was measured on  # why the manifest could not be read (shown instead of hiding the folder)
 
     @property
     def size_text(self) -> str:
@@ -82,6 +84,7 @@ def row_for(path: Path) -> ArtifactRow:
         ppl=last.get("ppl"),
         kl=last.get("kl_mean"),
         bare=art.bare_file is not None,
+        ppl_text=text_name(last) if last.get("ppl") is not None else "",
     )
 
 

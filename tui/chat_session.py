@@ -22,7 +22,9 @@ from edgekit.errors import BackendCrashed
 from edgekit.fsutil import atomic_file, edgekit_home
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
+# Empty: the model's chat template then puts in its own default system prompt (SmolLM2 names itself),
+# which a pre-filled one silently replaced.
+DEFAULT_SYSTEM = ""
 
 
 def history_path(artifact: Path) -> Path:

@@ -32,6 +32,8 @@ class ConvertRecipe:
     preset: a named type mix (for GGUF: llama.cpp's names, e.g. "Q4_K_M", "Q4_0", "F16").
     bpw: a size budget in bits per weight (whole file): types chosen per tensor by measured
         sensitivity instead of a preset's rules.
+    size: the same budget as the size of the model files in bytes (``--size 90MB``); each format with a
+        budget turns it into bits per weight, counting what its files hold besides the weights.
     bpw_types: the types a ``bpw`` budget may choose from (empty: every type a tensor's rows can hold).
     tensor_types: ``(regex, type)`` overrides applied after the preset, matched against tensor names.
     method: the quantization method (a registered quantizer name).
@@ -43,6 +45,7 @@ class ConvertRecipe:
     bits: int | None = 4
     preset: str | None = None
     bpw: float | None = None
+    size: int | None = None
     bpw_types: tuple[str, ...] = ()
     tensor_types: tuple[tuple[str, str], ...] = ()
     method: str = "rtn"
@@ -53,8 +56,12 @@ class ConvertRecipe:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.preset is None and self.bits is None and self.bpw is None:
-            raise InputError("give --bits, --type or --bpw")
+        if self.preset is None and self.bits is None and self.bpw is None and self.size is None:
+            raise InputError("give --bits, --type, --bpw or --size")
+        if self.size is not None and (self.bpw is not None or self.preset is not None):
+            raise InputError("--size is a budget of its own: drop --bpw and --type")
+        if self.size is not None and self.size <= 0:
+            raise InputError("--size must be more than 0 bytes, e.g. --size 90MB")
         if self.bpw is not None and not 1.5 <= self.bpw <= 16:
             raise InputError("--bpw must be between 1.5 and 16")
         if self.prune is not None:
@@ -71,11 +78,23 @@ class ConvertRecipe:
             except re.error as exc:
                 raise InputError(f"--tensor-type pattern {pattern!r} is not a valid regex ({exc})") from exc
 
+    @property
+    def budgeted(self) -> bool:
+        """Types are chosen per tensor to a size budget (``bpw`` or ``size``), not by a preset's rules."""
+        return self.bpw is not None or self.size is not None
+
+    def budget_label(self) -> str | None:
+        """The budget as an artifact name part: ``90mb``, ``3.5bpw``; None without one."""
+        if self.size is not None:
+            return f"{self.size / 1e6:.4g}mb"
+        return None if self.bpw is None else f"{self.bpw:g}bpw"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "bits": self.bits,
             "preset": self.preset,
             "bpw": self.bpw,
+            **({"size": self.size} if self.size is not None else {}),
             **({"bpw_types": list(self.bpw_types)} if self.bpw_types else {}),
             "tensor_types": [list(t) for t in self.tensor_types],
             "method": self.method,
@@ -113,7 +132,7 @@ class Format(abc.ABC):
         tensors (name, type, shape, bytes), size, bits per weight, memory at ``ctx``."""
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
-        """Suffix of the default output folder name, e.g. ``gguf-q4``."""
-        if recipe.bpw is not None:
-            return f"{self.name}-{recipe.bpw:g}bpw"
-        return f"{self.name}-q{recipe.bits}" if recipe.preset is None else f"{self.name}-{recipe.preset.lower()}"
+        """``<format>-<quantization>`` of the default artifact name (see :mod:`edgekit.library`), e.g.
+        ``gguf-q4_k_m``, ``onnx-uint4_b32``, ``gguf-90mb``; formats name their own storage types."""
+        label = recipe.budget_label() or (recipe.preset.lower() if recipe.preset else f"q{recipe.bits}")
+        return f"{self.name}-{label}"

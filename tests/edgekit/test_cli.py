@@ -92,6 +92,6 @@ def test_eval_of_pytorch_reference_equals_itself(tiny_llama):
 
 
 def test_list(tiny_llama):
-    data = json.loads(cli("list", "--json"))
+    data = json.loads(cli("registry", "--json"))
     assert "gguf" in data["formats"] and "rtn" in data["methods"] and "Q4_K_M" in data["gguf_presets"]
     assert {"llamacpp", "torch"} <= set(data["backends"])

@@ -73,7 +73,7 @@ def test_version_on_the_app_and_after_a_command(path):
 # llama.cpp's meaning of each short flag; any command that has the flag must mean this by it.
 LLAMA_CPP = {"-t": "threads", "-c": "ctx", "-n": "max_tokens", "-b": "batch", "-s": "seed"}
 EXPECTED = {("run",): "-t -c -n -s", ("eval",): "-t -c", ("chat",): "-t -c", ("tui",): "-t -c",
-            ("profile",): "-t -c -b", ("plan",): "-c -b", ("convert",): "-t", ("quickstart",): "-t",
+            ("profile",): "-t -c -b", ("plan",): "-c -b", ("convert",): "-t -c", ("quickstart",): "-t",
             ("inspect",): "-c", ("push",): "-c"}
 
 

@@ -55,6 +55,9 @@ async def test_typed_message_streams_tokens_into_the_reply(real_gguf):
 
         chat._on_chunk = spy
         chat.query_one("#s-temperature").value = "0"
+        # chat starts with no system prompt (the template's own: SmolLM2 then answers this one in French
+        # landmarks, as `edgekit run` does without --system); this test is about streaming, so it sets one
+        chat.query_one("#system-prompt").text = "You are a helpful assistant."
         await _send(pilot, chat, "What is the capital of France?", max_tokens=24)
         await wait_for(pilot, lambda: not chat.busy, what="the reply")
         streaming = [n for busy, n in seen if busy]

@@ -90,8 +90,9 @@ def test_error_panel_and_help(snap_compare, models):
     assert snap_compare(EdgekitApp(folder="models"), terminal_size=(80, 24), run_before=error)
 
 
-def test_profile_screen(snap_compare, models):
-    assert snap_compare(EdgekitApp(folder="models", start="profile"), terminal_size=(80, 24))
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_profile_screen(snap_compare, models, size):
+    assert snap_compare(EdgekitApp(folder="models", start="profile"), terminal_size=size)
 
 
 def test_help_screen(snap_compare, models):

@@ -13,6 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
+from edgekit.evaluate import provenance_label
 from edgekit.tui.catalog import ArtifactRow, delete_artifact, find_artifacts, human_bytes, row_for
 from edgekit.tui.screens.dialogs import Confirm
 
@@ -77,7 +78,8 @@ class ArtifactsScreen(Screen[None]):
         self.rows = rows
         table = self.query_one(DataTable)
         cells = [(r.name if not r.problem else f"{r.name} (unreadable)", r.format, r.method, r.quant,
-                  r.size_text if r.size_bytes else "-", _num(r.bpw, ".2f"), _num(r.ppl, ".3f"), _num(r.kl, ".4f"))
+                  r.size_text if r.size_bytes else "-", _num(r.bpw, ".2f"),
+                  _num(r.ppl, ".3f") + (f" on {r.ppl_text}" if r.ppl_text else ""), _num(r.kl, ".4f"))
                  for r in rows]
         # explicit widths: DataTable's own auto-width settles on a later refresh, which made the layout
         # depend on timing (seen as truncated columns in snapshots on a loaded machine)
@@ -202,7 +204,7 @@ class InspectScreen(ModalScreen[None]):
                          + ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items()))
         for e in info.get("eval", [])[-2:]:
             kl = f", KL {e['kl_mean']:.4f}" if e.get("kl_mean") is not None else ""
-            lines.append(f"eval: ppl {e['ppl']:.3f} (ctx {e.get('ctx')}){kl}")
+            lines.append(f"eval: ppl {e['ppl']:.3f}{kl} on {provenance_label(e)}")
         self.query_one("#inspect-summary", Static).update("\n".join(lines))
         table = self.query_one(DataTable)
         cells = [(t["name"], t["type"], "x".join(map(str, t["shape"])), human_bytes(t["bytes"]),

@@ -71,7 +71,8 @@ class ChatScreen(Screen[None]):
                 yield Input(placeholder="Type a message, Enter to send", id="chat-input", disabled=True)
             with VerticalScroll(id="chat-settings"):
                 yield Label("system prompt")
-                yield TextArea("", id="system-prompt", soft_wrap=True, show_line_numbers=False)
+                yield TextArea("", id="system-prompt", soft_wrap=True, show_line_numbers=False,
+                               placeholder="empty: the model's own")
                 defaults = SamplingConfig()
                 for name, label, kind in SAMPLING_FIELDS:
                     yield Label(label)
@@ -100,6 +101,9 @@ class ChatScreen(Screen[None]):
         log = self.query_one("#chat-log", VerticalScroll)
         await log.remove_children()
         await log.mount_all([ChatMessage(m["role"], m["content"]) for m in session.messages])
+        # Markdown messages take their height over later refreshes: scrolling to the end now would reach the
+        # end of a log still empty (the chat reopened at its top); anchored, it follows them down.
+        log.anchor()
         log.scroll_end(animate=False)
         self._set_status("loading the model..." if session.backend is None else "ready")
         self.busy = True

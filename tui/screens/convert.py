@@ -102,10 +102,11 @@ class ConvertScreen(Screen[None]):
             with Horizontal(classes="field"):
                 yield Label("calibration")
                 yield Input("self", placeholder="'self' or a text file", id="cv-calib")
+                yield Label("samples", classes="inline")
                 yield Input("32", id="cv-samples", type="integer", tooltip="calibration samples")
             with Horizontal(classes="field"):
                 yield Label("output")
-                yield Input("", placeholder="default: MODEL-gguf-q4 beside the model", id="cv-output")
+                yield Input("", placeholder="default: the model library (edgekit ls)", id="cv-output")
                 yield Checkbox("replace", id="cv-force")
             with Horizontal(classes="field buttons"):
                 yield Button("Convert (Ctrl+R)", variant="primary", id="cv-start")

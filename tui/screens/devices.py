@@ -65,6 +65,7 @@ class DevicesScreen(Screen[None]):
         with Horizontal(classes="field"):
             yield Label("destination")
             yield Input(placeholder="default: the device's (e.g. /data/local/tmp/edgekit)", id="dev-dest")
+            yield Label("ctx", classes="inline")
             yield Input("4096", id="dev-ctx", type="integer", tooltip="context length the RAM check assumes")
         yield Static("", id="dev-status", markup=False)
         yield ProgressBar(total=1, id="dev-progress", show_eta=False)

@@ -122,8 +122,11 @@ class ProfileScreen(Screen[None]):
         with Horizontal(classes="field"):
             yield Label("tests")
             yield Input("pp512,tg128", id="pf-tests", tooltip="llama-bench style: pp512, tg128, pp512+tg128, tg128@d4096")
+            yield Label("reps", classes="inline")
             yield Input("3", id="pf-reps", type="integer", tooltip="repetitions per test")
-            yield Input("", placeholder="threads: 1,2", id="pf-threads")
+        with Horizontal(classes="field"):
+            yield Label("threads")
+            yield Input("", placeholder="1,2 (default: the physical cores)", id="pf-threads")
             offload = str(getattr(self.app, "backend_options", {}).get("offload") or "none")
             yield Select([("offload: none", "none"), ("offload: auto", "auto")], value=offload, allow_blank=False,
                          id="pf-offload", tooltip="auto: GPU layers and overrides from the offload planner")

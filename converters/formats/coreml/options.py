@@ -65,9 +65,9 @@ class CoreMLOptions:
 
     @classmethod
     def from_recipe(cls, recipe: ConvertRecipe) -> CoreMLOptions:
-        if recipe.bpw is not None or recipe.tensor_types or recipe.preset:
+        if recipe.budgeted or recipe.tensor_types or recipe.preset:
             raise InputError("Core ML artifacts use one grid for every matrix: give --bits 4|8|16 or --palettize N "
-                             "(not --bpw, --type or --tensor-type)")
+                             "(not --bpw, --size, --fit, --type or --tensor-type)")
         known = {f.name for f in fields(cls)} - {"bits"}
         extra: dict[str, Any] = dict(recipe.extra)
         unknown = sorted(set(extra) - known)

@@ -69,18 +69,22 @@ def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: 
 
 def assign(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], fixed_bytes: int, n_params: int,
            bpw: float, calib: CalibConfig, progress: Callable[[str, int, int], None] | None = None,
-           allowed: frozenset[gguf.GGMLQuantizationType] | None = None,
-           ) -> tuple[dict[str, gguf.GGMLQuantizationType], dict[str, Any]]:
-    """Types for the quantizable tensors so the whole file lands at ``bpw`` bits per weight."""
+           allowed: frozenset[gguf.GGMLQuantizationType] | None = None, what: str | None = None,
+           metadata_bytes: int = 0) -> tuple[dict[str, gguf.GGMLQuantizationType], dict[str, Any]]:
+    """Types for the quantizable tensors so the whole file lands at ``bpw`` bits per weight. ``what``: the
+    option that set the budget, for the error (default ``--bpw X``); ``metadata_bytes``: what the file
+    holds besides tensors, for the smallest file size the error names."""
     budget = int(bpw * n_params / 8) - fixed_bytes
     for name, shape in quantizable.items():
         if not candidates(shape[-1], allowed):
             raise InputError(f"none of the allowed types fits {name} (rows of {shape[-1]}); allow more types")
     floor = fixed_bytes + sum(type_bytes(candidates(s[-1], allowed)[0], s) for s in quantizable.values())
     if budget + fixed_bytes < floor:
-        raise InputError(f"--bpw {bpw} is below the smallest file possible here ({8 * floor / n_params:.2f} bpw)")
+        raise InputError(f"{what or f'--bpw {bpw:g}'} is below the smallest file possible here "
+                         f"({(floor + metadata_bytes) / 1e6:.1f} MB, {8 * floor / n_params:.2f} bpw); raise it or "
+                         "allow more types")
     items = measure(ckpt, quantizable, calib, progress, allowed)
     types = allocate(items, budget)
     spent = sum(type_bytes(types[it.name], quantizable[it.name]) for it in items)
-    return types, {"bpw_target": bpw, "bpw_planned": round(8 * (spent + fixed_bytes) / n_params, 4),
+    return types, {"bpw_target": round(bpw, 4), "bpw_planned": round(8 * (spent + fixed_bytes) / n_params, 4),
                    "errors": {it.name: {t.name: e for t, _, e in it.options} for it in items}}

@@ -93,23 +93,73 @@ def _preset_name(recipe: ConvertRecipe) -> str:
     """The preset whose rules shape the file; a --bpw budget starts from Q4_K_M's structure."""
     if recipe.preset:
         return recipe.preset
-    return mixes.preset_for_bits(recipe.bits).name if recipe.bpw is None else "Q4_K_M"
+    return mixes.preset_for_bits(recipe.bits).name if not recipe.budgeted else "Q4_K_M"
 
 
 def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertRecipe, calib: CalibConfig,
-                 progress: ProgressFn) -> dict[str, Any]:
-    """Re-type the preset's quantized tensors so the file lands at ``recipe.bpw`` (see budget.py)."""
+                 progress: ProgressFn, metadata_bytes: int = 0) -> dict[str, Any]:
+    """Re-type the preset's quantized tensors so the file lands at ``recipe.bpw`` (see budget.py), or at
+    ``recipe.size`` bytes: the tensors get what the file's ``metadata_bytes`` (header, vocabulary, tensor
+    table) and the worst-case alignment padding leave."""
     import edgekit.converters.formats.gguf.budget as budget
 
-    free = [t for t in plan if t.assignment.origin == "preset"]
-    fixed = sum(t.nbytes for t in plan if t.assignment.origin != "preset")
+    # An embedding table that is only looked up (the head has its own weight) multiplies no activations,
+    # so there is no Hessian to weigh its error by: it keeps the preset's type, counted as fixed.
+    tied = not any(t.name == "output.weight" for t in plan)
+    free = [t for t in plan if t.assignment.origin == "preset" and (tied or t.name != "token_embd.weight")]
+    fixed = sum(t.nbytes for t in plan) - sum(t.nbytes for t in free)
     n_params = sum(int(np.prod(t.shape)) for t in plan)
     allowed = frozenset(mixes.type_from_name(n) for n in recipe.bpw_types) or None
-    types, report = budget.assign(ckpt, {t.name: t.shape for t in free}, fixed, n_params, recipe.bpw, calib,
-                                  progress, allowed)
+    bpw, what = recipe.bpw, None
+    if recipe.size is not None:
+        tensor_room = recipe.size - metadata_bytes - _ALIGN * len(plan)
+        bpw, what = 8 * max(tensor_room, 0) / n_params, f"--size {recipe.size / 1e6:.4g}MB"
+    assert bpw is not None
+    types, report = budget.assign(ckpt, {t.name: t.shape for t in free}, fixed, n_params, bpw, calib,
+                                  progress, allowed, what=what, metadata_bytes=metadata_bytes)
     for t in free:
         t.assignment = mixes.Assignment(type=types[t.name], origin="budget")
+    if recipe.size is not None:
+        report.update(size_target=recipe.size, metadata_bytes=metadata_bytes)
     return report
+
+
+_ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT  # each tensor's data starts on this boundary
+
+
+def _new_writer(checkpoint: HFCheckpoint, recipe: ConvertRecipe, vocab: Any, preset: str,
+                plan: list[PlannedTensor]) -> gguf.GGUFWriter:
+    """A writer holding the file's metadata and tensor table (nothing written yet)."""
+    arch = checkpoint.spec.gguf_arch
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_name(GGUFOptions.from_recipe(recipe).name or checkpoint.path.name)
+    writer.add_file_type(mixes.preset_from_name(preset).ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in checkpoint.hparams.gguf_kv(arch).items():
+        _add_kv(writer, key, value)
+    vocab.add_to(writer)
+    if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
+        writer.add_chat_template(tmpl)
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    return writer
+
+
+def metadata_bytes(checkpoint: HFCheckpoint, recipe: ConvertRecipe, vocab: Any, plan: list[PlannedTensor],
+                   scratch: Path) -> int:
+    """Bytes of the file before its tensor data (header, metadata with the vocabulary, tensor table),
+    measured by writing them to a scratch file: a tensor's entry in the table has the same size whatever
+    its type, so this holds for any types a budget then picks."""
+    probe = scratch / ".metadata-probe.gguf"
+    writer = _new_writer(checkpoint, recipe, vocab, _preset_name(recipe), plan)
+    try:
+        writer.write_header_to_file(probe)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        return probe.stat().st_size
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _encode_in_order(
@@ -171,29 +221,19 @@ class GGUFFormat(Format):
     ) -> dict[str, Any]:
         checkpoint.require_tokenizer()
         plan = plan_tensors(checkpoint, recipe)
-        budget_report = None
-        if recipe.bpw is not None:
-            calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
-            budget_report = apply_budget(checkpoint, plan, recipe, calib, progress)
         vocab = read_vocab(checkpoint.path, checkpoint.hparams.n_vocab)
+        budget_report = None
+        if recipe.budgeted:
+            calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
+            meta = metadata_bytes(checkpoint, recipe, vocab, plan, out_dir) if recipe.size is not None else 0
+            budget_report = apply_budget(checkpoint, plan, recipe, calib, progress, meta)
         total = sum(t.nbytes for t in plan)
         check_free_space(out_dir, total + (64 << 20), "the GGUF file")
         quantizer.prepare(checkpoint, {t.name: t.qtype for t in plan}, progress)
 
         preset = _preset_name(recipe)
-        arch = checkpoint.spec.gguf_arch
         path = out_dir / self.model_filename
-        writer = gguf.GGUFWriter(path=None, arch=arch)
-        writer.add_name(GGUFOptions.from_recipe(recipe).name or checkpoint.path.name)
-        writer.add_file_type(mixes.preset_from_name(preset).ftype)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, value in checkpoint.hparams.gguf_kv(arch).items():
-            _add_kv(writer, key, value)
-        vocab.add_to(writer)
-        if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
-            writer.add_chat_template(tmpl)
-        for t in plan:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        writer = _new_writer(checkpoint, recipe, vocab, preset, plan)
         try:
             writer.write_header_to_file(path)
             writer.write_kv_data_to_file()
@@ -210,12 +250,18 @@ class GGUFFormat(Format):
             raise
         finally:
             writer.close()
-        fields = self._manifest_fields(plan, path, preset if recipe.bpw is None else f"{recipe.bpw:g}bpw", vocab.pre)
+        fields = self._manifest_fields(plan, path, recipe.budget_label() or preset, vocab.pre)
         if budget_report is not None:
             fields["budget"] = {k: v for k, v in budget_report.items() if k != "errors"}
+        if (note := bits_note(recipe, plan, fields)) is not None:
+            fields["notes"] = [note]
         if getattr(quantizer, "report", None):
             fields["quantizer_report"] = {k: v for k, v in quantizer.report.items() if k.endswith("_s")}
         return fields
+
+    def default_output_suffix(self, recipe: ConvertRecipe) -> str:
+        """``gguf-q4_k_m`` (the preset that ``--bits`` stands for), ``gguf-q4_0``, ``gguf-90mb``, ``gguf-3.5bpw``."""
+        return f"gguf-{(recipe.budget_label() or _preset_name(recipe)).lower()}"
 
     def describe(self, art: Any, ctx: int = 4096) -> dict[str, Any]:
         from edgekit.converters.formats.gguf.read import describe_gguf
@@ -243,3 +289,31 @@ class GGUFFormat(Format):
             "tokenizer_pre": pre,
             "tensors": tensors,
         }
+
+
+# How far above --bits N a preset's file may land before the user is told (Q4_K_M is about 4.9 bpw on
+# models whose rows hold whole K-quant blocks; rows of 576 weights fall back to wider legacy types).
+BITS_SLACK = 1.5
+
+
+def bits_note(recipe: ConvertRecipe, plan: list[PlannedTensor], fields: dict[str, Any]) -> str | None:
+    """A warning when ``--bits N`` gave a file far from N bits per weight, saying why and which option
+    would hold it near N (a ``--bpw`` budget, never below the smallest file these rows allow); ``fields``:
+    the manifest fields of the file written."""
+    bpw = fields["bpw"]
+    if recipe.bits is None or recipe.preset is not None or recipe.budgeted or bpw - recipe.bits <= BITS_SLACK:
+        return None
+    import edgekit.converters.formats.gguf.budget as budget
+
+    n_params = sum(int(np.prod(t.shape)) for t in plan)
+    floor = sum(budget.type_bytes(budget.candidates(t.shape[-1])[0], t.shape) if t.assignment.origin == "preset"
+                and budget.candidates(t.shape[-1]) else t.nbytes for t in plan)
+    floor_bpw = 8 * floor / n_params
+    fell_back = sum(1 for t in plan if t.assignment.wanted is not None)
+    why = f"{fell_back} tensors fell back to wider types (see 'edgekit inspect')" if fell_back else \
+        "the preset keeps some tensors wide"
+    target = max(recipe.bits + 0.5, -(-floor_bpw * 10 // 1) / 10)
+    mb = (target * n_params / 8 + fields["size_bytes"] - fields["tensor_bytes"]) / 1e6  # + metadata
+    return (f"warning: --bits {recipe.bits} gave {bpw:.2f} bits per weight: {why}. For a file near "
+            f"{recipe.bits} bits use --bpw {target:g} or --size {-(-mb // 1):.0f}MB (the smallest these rows allow "
+            f"is {floor_bpw:.2f} bpw)")

@@ -70,10 +70,11 @@ def parse_grids(names: tuple[str, ...] | list[str]) -> list[NBitsType]:
 
 
 def apply(ckpt: HFCheckpoint, plan: dict[str, _Planned], opts: OnnxOptions, *, bpw: float | None,
-          grids: tuple[str, ...], tensor_types: tuple[tuple[str, str], ...], calib: CalibConfig,
+          size: int | None = None, grids: tuple[str, ...], tensor_types: tuple[tuple[str, str], ...], calib: CalibConfig,
           progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Re-grid the plan's MatMulNBits tensors: overrides first, then (with ``bpw``) the allocator on the
-    rest so the whole file lands at ``bpw`` bits per weight. Returns a report for the manifest."""
+    rest so the whole file lands at ``bpw`` bits per weight, or at ``size`` bytes (the graph and its data
+    file together: their sum is what ``bpw`` counts). Returns a report for the manifest."""
     scale_bytes = 4 if opts.graph_dtype == "fp32" else 2
     # what MatMulNBits reads (a lookup-only embedding table keeps its int8 grid: no activations to weigh)
     quantized = [g for g, p in plan.items() if isinstance(p.qtype, NBitsType)
@@ -92,7 +93,7 @@ def apply(ckpt: HFCheckpoint, plan: dict[str, _Planned], opts: OnnxOptions, *, b
             fixed_units[u] = grid
     report: dict[str, Any] = {"overrides": {u: g.name for u, g in fixed_units.items()}} if fixed_units else {}
     chosen = dict(fixed_units)
-    if bpw is not None:
+    if bpw is not None or size is not None:
         free = {u: m for u, m in units.items() if u not in fixed_units}
         allowed = parse_grids(grids or DEFAULT_GRIDS)
         n_params = sum(int(np.prod(ckpt.tensors[p.hf].shape)) for p in plan.values()
@@ -100,6 +101,8 @@ def apply(ckpt: HFCheckpoint, plan: dict[str, _Planned], opts: OnnxOptions, *, b
         fixed = _fixed_bytes(ckpt, plan, quantized, scale_bytes) + sum(
             grid_bytes(fixed_units[u], _stacked(shapes, units[u]), scale_bytes, u == "token_embd.weight")
             for u in fixed_units)
+        if size is not None:
+            bpw = 8 * size / n_params
         budget_bytes = int(bpw * n_params / 8) - fixed
         floor = 0
         for u, members in free.items():
@@ -110,13 +113,14 @@ def apply(ckpt: HFCheckpoint, plan: dict[str, _Planned], opts: OnnxOptions, *, b
             floor += min(grid_bytes(g, _stacked(shapes, members), scale_bytes, u == "token_embd.weight")
                          for g in fits)
         if floor > budget_bytes:
-            raise InputError(f"--bpw {bpw} is below the smallest file possible here "
-                             f"({8 * (floor + fixed) / n_params:.2f} bpw); raise --bpw or allow smaller grids")
+            what = f"--size {size / 1e6:.4g}MB" if size is not None else f"--bpw {bpw}"
+            raise InputError(f"{what} is below the smallest file possible here ({(floor + fixed) / 1e6:.1f} MB, "
+                             f"{8 * (floor + fixed) / n_params:.2f} bpw); raise it or allow smaller grids")
         items = _measure(ckpt, plan, free, shapes, allowed, scale_bytes, calib, progress)
         picked = allocate(items, budget_bytes)
         chosen.update(picked)
         spent = sum(o[1] for it in items for o in it.options if o[0] == picked[it.name])
-        report.update(bpw_target=bpw, bpw_planned=round(8 * (spent + fixed) / n_params, 4),
+        report.update(bpw_target=round(bpw, 4), **({"size_target": size} if size is not None else {}), bpw_planned=round(8 * (spent + fixed) / n_params, 4),
                       grids={u: g.name for u, g in sorted(picked.items())},
                       errors={it.name: {g.name: e for g, _, e in it.options} for it in items})
     for u, grid in chosen.items():

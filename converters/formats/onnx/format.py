@@ -45,8 +45,8 @@ class OnnxFormat(Format):
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         opts = OnnxOptions.from_recipe(recipe)
-        if recipe.bpw is not None:
-            return f"onnx-{recipe.bpw:g}bpw"
+        if recipe.budgeted:
+            return f"onnx-{recipe.budget_label()}"
         if not opts.quantized:
             return f"onnx-{opts.graph_dtype}"
         return f"onnx-{opts.grid.name.lower()}"
@@ -74,11 +74,12 @@ class OnnxFormat(Format):
                                    "GroupQueryAttention kernel needs; export this model to GGUF instead")
         plan = _plan(checkpoint, opts)
         budget_report = None
-        if recipe.bpw is not None or recipe.tensor_types:
+        if recipe.budgeted or recipe.tensor_types:
             from edgekit.converters.formats.onnx.budget import apply as apply_budget
 
             calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
-            budget_report = apply_budget(checkpoint, plan, opts, bpw=recipe.bpw, grids=recipe.bpw_types,
+            budget_report = apply_budget(checkpoint, plan, opts, bpw=recipe.bpw, size=recipe.size,
+                                         grids=recipe.bpw_types,
                                          tensor_types=recipe.tensor_types, calib=calib, progress=progress)
         est = sum(checkpoint.tensors[p.hf].numel * (4 if p.qtype == T.F32 else 1) for p in plan.values())
         check_free_space(out_dir, est + (64 << 20), "the ONNX files")
@@ -119,8 +120,9 @@ class OnnxFormat(Format):
                                    quantizer)
         if budget_report is not None:
             fields_["budget"] = budget_report
-            if recipe.bpw is not None:
-                fields_["preset"] = f"{recipe.bpw:g} bpw"
+            if recipe.budgeted:
+                fields_["preset"] = f"{recipe.bpw:g} bpw" if recipe.bpw is not None else \
+                    f"{recipe.size / 1e6:.4g} MB"
         return fields_
 
 

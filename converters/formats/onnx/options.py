@@ -101,8 +101,8 @@ class OnnxOptions:
 
     @classmethod
     def from_recipe(cls, recipe: ConvertRecipe) -> OnnxOptions:
-        if (recipe.bpw is not None or recipe.tensor_types) and recipe.bits not in (None, 4, 8):
-            raise InputError("--bpw and --tensor-type choose MatMulNBits grids; use them with a quantized "
+        if (recipe.budgeted or recipe.tensor_types) and recipe.bits not in (None, 4, 8):
+            raise InputError("--bpw, --size and --tensor-type choose MatMulNBits grids; use them with a quantized "
                              "ONNX model (--bits 4 or 8, or no --bits)")
         for grid in [g for _, g in recipe.tensor_types] + list(recipe.bpw_types):
             NBitsType.parse(grid)  # a ggml type name here is a mistake worth a clear message

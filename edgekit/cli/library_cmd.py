@@ -1,0 +1,234 @@
+"""The model library on the command line: ``ls``, ``show``, ``rm``, ``ps``; ``registry`` (what ``list`` was).
+
+Artifacts are named ``<model>-<format>-<quantization>`` in the store (see :mod:`edgekit.library`); every
+command that takes an artifact takes such a name as well as a path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgekit.cli.ui import err, handle_errors, out, say, tagged
+
+DIR_HELP = "Model library folder (default: $EDGEKIT_MODELS, else models/ in edgekit's home)."
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f}"
+
+
+def eval_label(e: dict[str, Any] | None, short: bool = False) -> str:
+    """A recorded perplexity with what it was measured on: ``19.64 on valid.txt sha256:3f2a9c1e, 16 chunks
+    x 512, ref SmolLM2-135M``; ``short``: ``19.64 valid.txt 16x512`` (a table cell)."""
+    from edgekit.evaluate import provenance_label, text_name
+
+    if not e or not isinstance(e.get("ppl"), (int, float)):
+        return "-"
+    if not short:
+        return f"{e['ppl']:.3f} on {provenance_label(e)}"
+    name = text_name(e)
+    shape = f"{e.get('tokens_scored')} tok" if e.get("kv_window") else f"{e.get('chunks', '?')}x{e.get('ctx', '?')}"
+    return f"{e['ppl']:.2f} {name} {shape}"
+
+
+@handle_errors
+def ls(
+    folder: Path | None = typer.Option(None, "--dir", help=DIR_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the artifacts as JSON."),
+) -> None:
+    """The artifacts in the model library: size, bits per weight, latest perplexity.
+
+    Each row: name, format, quantization, size, bits per weight, source, and the latest perplexity with
+    what it was measured on.
+
+    Examples:
+      edgekit ls
+      edgekit ls --dir ./models --json
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgekit import library
+
+    found = library.entries(folder)
+    if as_json:
+        out.print_json(json.dumps({"dir": str(library.store_dir(folder)), "artifacts": [e.to_json() for e in found]}))
+        return
+    if not found:
+        say(out, f"no artifacts in {library.store_dir(folder)}; 'edgekit convert MODEL' writes one there")
+        return
+    table = Table(title=Text(f"{library.store_dir(folder)}"), title_justify="left")
+    table.add_column("name", no_wrap=True)
+    for col in ("format", "quant", "MB", "bpw", "created", "perplexity on"):
+        table.add_column(col, justify="right" if col in ("MB", "bpw") else "left")
+    for e in found:  # names come from disk: Text, never markup
+        table.add_row(Text(e.name), e.format, Text(e.preset), _mb(e.size_bytes), "-" if e.bpw is None else f"{e.bpw:.2f}",
+                      e.created[:10], Text(eval_label(e.eval, short=True)))
+    out.print(table)
+
+
+@handle_errors
+def show(
+    artifact: str = typer.Argument(..., metavar="ART", help="Artifact name (see 'edgekit ls') or folder."),
+    folder: Path | None = typer.Option(None, "--dir", help=DIR_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """One artifact: where it is, how it was made, its files and evaluations.
+
+    Every evaluation is shown with what it was measured on. For tensors and memory: 'edgekit inspect ART'.
+
+    Examples:
+      edgekit show smollm2-135m-instruct-gguf-q4_k_m
+      edgekit show ./my-artifact --json
+    """
+    from edgekit import library
+    from edgekit.artifact import Artifact
+
+    art = Artifact.open(library.resolve(artifact, folder))
+    m = art.manifest
+    if as_json:
+        out.print_json(json.dumps({"path": str(art.path.resolve()), **m}))
+        return
+    src = m.get("source") or {}
+    recipe = m.get("recipe") or {}
+    rows = [("path", str(art.path.resolve())), ("format", f"{m.get('format')} ({m.get('preset', '-')})"),
+            ("size", f"{_mb(library.folder_bytes(art.path))} MB, {m.get('bpw', '-')} bpw, "
+                     f"{m.get('n_params', 0):,} parameters"),
+            ("source", f"{src.get('path', '-')} ({src.get('architecture', '?')}, sha256 {str(src.get('sha256', ''))[:12]})"),
+            ("recipe", ", ".join(f"{k} {v}" for k, v in recipe.items() if k in ("method", "bits", "preset", "bpw", "size",
+                                                                              "prune") and v not in (None, [], ""))),
+            ("created", f"{m.get('created', '-')} by edgekit {(m.get('tools') or {}).get('edgekit', '?')}")]
+    if isinstance(m.get("budget"), dict):
+        b = m["budget"]
+        rows.append(("budget", f"target {b.get('bpw_target')} bpw, planned {b.get('bpw_planned')} bpw"))
+    for name in sorted((m.get("files") or {}).values()):
+        f = art.path / name
+        rows.append(("file", f"{name} ({_mb(f.stat().st_size) if f.exists() else 'missing'} MB)"))
+    for e in m.get("eval") or []:
+        if isinstance(e, dict):
+            rows.append(("eval", eval_label(e) + (f", measured {e['measured']}" if e.get("measured") else "")))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        say(out, tagged(f"{key:<{width}}", "bold", value))
+
+
+@handle_errors
+def rm(
+    artifacts: list[str] = typer.Argument(..., metavar="ART...", help="Artifact names (see 'edgekit ls') or folders.",
+                                          show_default=False),
+    folder: Path | None = typer.Option(None, "--dir", help=DIR_HELP, show_default=False),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+) -> None:
+    """Delete artifacts (only folders edgekit wrote; anything else is refused untouched).
+
+    Examples:
+      edgekit rm smollm2-135m-instruct-gguf-q4_k_m
+      edgekit rm old-a old-b -y
+    """
+    import sys
+
+    from edgekit import library
+    from edgekit.errors import InputError
+
+    paths = []
+    for a in artifacts:
+        p = library.resolve(a, folder)
+        if not p.exists():
+            raise InputError(f"{p} does not exist{library.not_found_hint(a, folder)}; nothing was deleted")
+        if p.is_symlink() or not p.is_dir() or not library.is_edgekit_output(p):
+            raise InputError(f"{p} is not an edgekit artifact (no edgekit.json); rm only deletes what edgekit wrote, "
+                             "so nothing was deleted")
+        paths.append(p)
+    for p in paths:
+        size = library.folder_bytes(p)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise InputError(f"rm asks before deleting {p}, and stdin is not a terminal: pass -y to delete "
+                                 "without asking")
+            if not typer.confirm(f"delete {p} ({_mb(size)} MB)?", default=False, err=True):
+                say(err, f"kept {p}")
+                continue
+        library.remove(p)
+        say(out, f"{p} ({_mb(size)} MB freed)", "deleted", "green")
+
+
+@handle_errors
+def ps(as_json: bool = typer.Option(False, "--json", help="Print the processes as JSON.")) -> None:
+    """Running 'edgekit serve' servers and llama.cpp workers: pid, model, port, memory.
+
+    Examples:
+      edgekit ps
+      edgekit ps --json
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgekit.runtime.processes import running
+
+    procs = running()
+    if as_json:
+        out.print_json(json.dumps([p.to_json() for p in procs]))
+        return
+    if not procs:
+        say(out, "no edgekit servers or llama.cpp workers are running")
+        return
+    table = Table()
+    table.add_column("kind")
+    table.add_column("pid", justify="right")
+    table.add_column("model", no_wrap=True)
+    for col in ("port", "MB"):
+        table.add_column(col, justify="right")
+    table.add_column("parent")
+    servers = {p.pid for p in procs if p.kind == "server"}
+    for p in procs:
+        by = "-" if p.kind == "server" else f"server {p.parent}" if p.parent in servers else p.owner or "-"
+        table.add_row(p.kind, str(p.pid), Text(", ".join(p.models) or "-"), str(p.port or "-"), _mb(p.rss), Text(by))
+    out.print(table)
+
+
+@handle_errors
+def registry(as_json: bool = typer.Option(False, "--json")) -> None:
+    """What edgekit has: formats, methods, layer steps, grids, runtimes, GGUF presets.
+
+    Runtimes are listed with what each can do. For your artifacts: 'edgekit ls'."""
+    from edgekit.converters.formats.base import FORMATS
+    from edgekit.converters.formats.gguf import mixes
+    from edgekit.converters.quantize.base import QUANTIZERS
+    from edgekit.converters.quantize.grids import GRIDS, as_grid
+    from edgekit.converters.quantize.steps import STEPS
+    from edgekit.runtime.base import BACKENDS, capabilities
+
+    data = {"formats": FORMATS.names(), "methods": QUANTIZERS.names(), "steps": STEPS.names(),
+            "grids": [as_grid(n).name for n in GRIDS.names()],
+            "backends": {n: {"formats": list(BACKENDS.get(n).formats), "can": capabilities(BACKENDS.get(n))}
+                         for n in BACKENDS.names()},
+            "gguf_presets": list(mixes.PRESETS), "bits": {str(k): v for k, v in mixes.BITS_TO_PRESET.items()}}
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        for k, v in data.items():
+            if k == "backends":
+                v = ", ".join(f"{n} ({'/'.join(b['formats'])}: {', '.join(b['can']) or 'run'})" for n, b in v.items())
+            say(out, tagged(f"{k}:", "bold", ", ".join(map(str, v)) if isinstance(v, list) else str(v)))
+
+
+@handle_errors
+def list_alias(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Old name of 'edgekit registry'."""
+    if not as_json:
+        say(err, "'edgekit list' is 'edgekit registry' now (formats, methods, runtimes); your artifacts: "
+                 "'edgekit ls'", "hint:", "cyan")
+    registry(as_json=as_json)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ls")(ls)
+    app.command("show")(show)
+    app.command("rm")(rm)
+    app.command("ps")(ps)
+    app.command("registry")(registry)
+    app.command("list", hidden=True)(list_alias)

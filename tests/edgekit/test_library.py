@@ -1,0 +1,128 @@
+"""The model library: one naming scheme, convert writes into the store, names resolve, ls/show/rm/ps."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekit import api, library
+from edgekit.cli.main import app
+
+runner = CliRunner()
+
+
+def cli(*args, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input, terminal_width=200)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "store"
+    monkeypatch.setenv("EDGEKIT_MODELS", str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt, recipe, suffix", [
+    ("gguf", api.ConvertRecipe(bits=4), "gguf-q4_k_m"),
+    ("gguf", api.ConvertRecipe(bits=None, preset="Q4_0"), "gguf-q4_0"),
+    ("gguf", api.ConvertRecipe(bits=None, bpw=3.5), "gguf-3.5bpw"),
+    ("gguf", api.ConvertRecipe(bits=None, size=90_000_000), "gguf-90mb"),
+    ("onnx", api.ConvertRecipe(bits=4), "onnx-uint4_b32"),
+    ("onnx", api.ConvertRecipe(bits=32), "onnx-fp32"),
+    ("onnx", api.ConvertRecipe(bits=None, size=50_000_000), "onnx-50mb"),
+    ("coreml", api.ConvertRecipe(bits=16), "coreml-fp16"),
+])
+def test_one_naming_scheme_for_every_format(store, fmt, recipe, suffix):
+    out = api.default_output(Path("/models/SmolLM2-135M-Instruct"), fmt, recipe)
+    assert out == store / f"smollm2-135m-instruct-{suffix}"
+    assert out.name == out.name.lower()
+
+
+def test_names_are_made_safe():
+    assert library.artifact_name("My Model (v2)", "gguf-Q4_0") == "my-model-v2-gguf-q4_0"
+    assert library.artifact_name("../..", "x") == "x"
+
+
+def test_convert_writes_into_the_store_and_names_resolve(store, tiny_llama, tmp_path):
+    r = cli("convert", tiny_llama, "--type", "Q8_0")
+    assert r.exit_code == 0, r.output
+    art = store / "llama-gguf-q8_0"
+    assert (art / "edgekit.json").is_file() and str(art) in r.output  # it says where it wrote
+    listed = json.loads(cli("ls", "--json").stdout)
+    assert [a["name"] for a in listed["artifacts"]] == ["llama-gguf-q8_0"]
+    assert listed["artifacts"][0]["size_bytes"] > 0 and listed["artifacts"][0]["format"] == "gguf"
+    info = json.loads(cli("inspect", "llama-gguf-q8_0", "--json").stdout)  # a name works where a path does
+    assert info["architecture"] == "llama"
+    shown = cli("show", "llama-gguf-q8_0")
+    assert shown.exit_code == 0 and str(art) in shown.stdout and "Q8_0" in shown.stdout
+    # -o still wins, and a path given wins over a store name
+    r = cli("convert", tiny_llama, "--type", "Q8_0", "-o", tmp_path / "elsewhere")
+    assert r.exit_code == 0 and (tmp_path / "elsewhere" / "edgekit.json").is_file()
+    assert [a.name for a in library.entries()] == ["llama-gguf-q8_0"]
+
+
+def test_a_misspelt_name_gets_the_close_ones(store, tiny_llama):
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    r = cli("inspect", "llama-gguf-q8")
+    assert r.exit_code != 0 and "did you mean llama-gguf-q8_0" in r.output and "Traceback" not in r.output
+
+
+def test_rm_asks_refuses_strangers_and_deletes_with_y(store, tiny_llama, tmp_path):
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    r = cli("rm", "llama-gguf-q8_0")  # stdin is not a terminal: no silent yes
+    assert r.exit_code != 0 and "-y" in r.output and (store / "llama-gguf-q8_0").is_dir()
+    stranger = tmp_path / "photos"
+    stranger.mkdir()
+    (stranger / "a.jpg").write_bytes(b"x")
+    r = cli("rm", stranger, "-y")
+    assert r.exit_code != 0 and "not an edgekit artifact" in r.output and (stranger / "a.jpg").exists()
+    r = cli("rm", "llama-gguf-q8_0", "-y")
+    assert r.exit_code == 0 and "deleted" in r.output and not (store / "llama-gguf-q8_0").exists()
+    assert not list(store.iterdir())  # no hidden leftovers either
+    r = cli("rm", "llama-gguf-q8_0", "-y")
+    assert r.exit_code != 0 and "does not exist" in r.output
+
+
+def test_ls_of_an_empty_store_says_how_to_fill_it(store):
+    r = cli("ls")
+    assert r.exit_code == 0 and "edgekit convert" in r.stdout
+
+
+def test_list_is_registry_now_with_a_hint():
+    data = json.loads(cli("registry", "--json").stdout)
+    assert "gguf" in data["formats"] and "rtn" in data["methods"]
+    r = cli("list")
+    assert r.exit_code == 0 and "'edgekit registry'" in r.stderr and "formats:" in r.stdout
+    assert "list " not in cli("--help").stdout.replace("ls ", "")  # hidden from help
+
+
+def test_ps_lists_an_announced_server_and_sweeps_a_dead_ones_record(tmp_path, monkeypatch):
+    from edgekit.runtime import processes
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
+    stale = tmp_path / "home" / "run" / "serve-999999999.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"pid": 999999999, "started": 0, "url": "http://127.0.0.1:1", "models": {}}))
+    with processes.announce_server("http://127.0.0.1:8123", {"tiny": "/x/tiny"}):
+        found = processes.servers()
+        assert [(s.pid, s.port, s.models) for s in found] == [(os.getpid(), 8123, ("tiny",))]
+        assert found[0].rss > 0
+        r = cli("ps", "--json")
+        assert json.loads(r.stdout)[0]["port"] == 8123
+    assert processes.servers() == [] and not stale.exists()
+
+
+@pytest.mark.llamacpp
+def test_ps_finds_a_llama_cpp_worker_and_its_model(store, tiny_llama):
+    from edgekit.runtime import processes
+
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    with api.open_backend("llama-gguf-q8_0", n_ctx=64, n_threads=1) as backend:
+        mine = [w for w in processes.workers() if w.parent == os.getpid()]
+        assert len(mine) == 1 and mine[0].models == ("llama-gguf-q8_0",) and mine[0].rss > 0
+        assert backend.name == "llamacpp"
+    assert not [w for w in processes.workers() if w.parent == os.getpid()]
