@@ -78,6 +78,11 @@ class ArchSpec:
     tensor_shapes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(_LLAMA_SHAPES))
     optional_layer_tensors: tuple[str, ...] = tuple(_QKV_BIASES)
 
+    @property
+    def linear_suffixes(self) -> tuple[str, ...]:
+        """Per-layer suffixes of the decoder's 2-D linear weights (what ternary and QAT methods replace)."""
+        return tuple(s for s in self.layer_tensors if s.endswith(".weight") and len(self.tensor_shapes.get(s, ())) == 2)
+
     def gguf_name(self, hf_name: str) -> str | None:
         """GGUF tensor name for a HF tensor name; None for buffers llama.cpp does not store."""
         if _IGNORED.search(hf_name):
