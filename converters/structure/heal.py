@@ -39,6 +39,7 @@ class HealConfig:
     lr: AdamW learning rate (after ``warmup`` steps of linear warm-up; cosine decay over the budget).
     batch: sequences per step; max_steps: a step cap (0: time alone bounds it).
     checkpoint_s: seconds between resumable checkpoints; eval_seqs: held-out sequences for the KL figure.
+    seqlen: train on random windows of this many tokens (more, cheaper steps on a slow machine).
     snapshots: minutes of training after which the student's weights are also written to
     ``state/snapshot_<m>m.safetensors``, with the held-out KL then in the report's ``curve``."""
 
@@ -51,9 +52,11 @@ class HealConfig:
     eval_seqs: int = 2
     seed: int = 0
     snapshots: tuple[float, ...] = ()  # minutes at which the student is also kept (a quality-vs-time curve)
+    seqlen: int = 0  # tokens per training sequence: random windows of the calibration sequences (0: whole)
 
     def __post_init__(self) -> None:
-        if self.minutes <= 0 or self.lr <= 0 or self.batch < 1 or self.max_steps < 0 or self.eval_seqs < 1:
+        if self.minutes <= 0 or self.lr <= 0 or self.batch < 1 or self.max_steps < 0 or self.eval_seqs < 1 \
+                or self.seqlen < 0:
             raise InputError("healing needs a positive time budget, learning rate and batch")
 
     @staticmethod
@@ -177,6 +180,9 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
             batch = train[torch.randint(0, train.shape[0], (cfg.batch,), generator=gen)]
+            if 0 < cfg.seqlen < batch.shape[1]:
+                starts = torch.randint(0, batch.shape[1] - cfg.seqlen + 1, (cfg.batch,), generator=gen).tolist()
+                batch = torch.stack([row[s: s + cfg.seqlen] for row, s in zip(batch, starts, strict=True)])
             with torch.no_grad():
                 t_logits = teacher(batch, use_cache=False).logits
             loss = kl_loss(torch, t_logits, student(batch, use_cache=False).logits)
