@@ -47,7 +47,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from gguf_quality import halves  # noqa: E402
+from gguf_quality import evaluate, halves  # noqa: E402
 from gguf_rtn import cpu_model, get_model, log, pkg_version  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -56,7 +56,7 @@ from edgekit import api  # noqa: E402
 from edgekit.calibration import CalibConfig  # noqa: E402
 from edgekit.converters.quantize.ternary import TernaryConfig  # noqa: E402
 from edgekit.converters.structure.heal import HealConfig  # noqa: E402
-from edgekit.evaluate import EvalConfig, perplexity, read_text  # noqa: E402
+from edgekit.evaluate import read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 
@@ -97,7 +97,11 @@ def type_counts(path: Path) -> dict[str, int]:
     import gguf
 
     counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(path).tensors:
+    try:
+        tensors = gguf.GGUFReader(path).tensors
+    except ValueError:  # a type the gguf library does not know (Q2_0 in gguf 0.19)
+        return {"(gguf cannot read)": 0}
+    for t in tensors:
         if len(t.shape) > 1:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return counts
@@ -138,20 +142,20 @@ def ternary_quant_folder(hf: Path) -> Path:
 
 
 def measure(path: Path, text: str, ref: Path | None, args: argparse.Namespace) -> dict[str, Any]:
+    """gguf_quality's perplexity and KL, then decode speed and the worker's peak memory in a fresh load."""
     out: dict[str, Any] = {"mb": path.stat().st_size / 1e6}
+    out.update(evaluate(path, text, args.chunks, args.kl_chunks, ref))
+    if "kl_mean" in out:
+        out["kl"] = out.pop("kl_mean")
     with LlamaCppBackend(path, n_ctx=CTX, n_threads=N_THREADS) as be:
-        res = perplexity(be, text, EvalConfig(ctx=CTX, chunks=args.chunks))
-        out.update(ppl=res.ppl, ppl_stderr=res.ppl_stderr)
-        if ref is not None:
-            with LlamaCppBackend(ref, n_ctx=CTX, n_threads=N_THREADS) as rb:
-                kl = perplexity(be, text, EvalConfig(ctx=CTX, chunks=args.kl_chunks), ref=rb)
-            out.update(kl=kl.kl_mean, top1=kl.top1_agreement)
         if args.reps:
-            reps = be.bench(0, N_GEN, reps=args.reps)["reps"]
-            tps = [N_GEN / r["seconds"] for r in reps]
+            tps = [N_GEN / r["seconds"] for r in be.bench(0, N_GEN, reps=args.reps)["reps"]]
             out.update(tps=statistics.median(tps), tps_all=tps)
         out["peak_rss_mb"] = be.memory()["peak"] / 1e6
-    out["bytes_per_token"] = LlamaCppBackend.decode_bytes_per_token(path, 0, CTX)
+    try:
+        out["bytes_per_token"] = LlamaCppBackend.decode_bytes_per_token(path, 0, CTX)
+    except ValueError:  # edgekit's memory model reads the file with the gguf library
+        out["bytes_per_token"] = None
     return out
 
 
@@ -177,48 +181,64 @@ def target_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+_COLUMNS = {  # header -> cell of a measured row
+    "MB": lambda r: f"{r['mb']:.1f}",
+    "ppl": lambda r: f"{r['ppl']:.2f}",
+    "KL": lambda r: f"{r['kl']:.4f}" if "kl" in r else "-",
+    "top-1": lambda r: f"{r['top1']:.3f}" if "top1" in r else "-",
+    "tok/s": lambda r: f"{r['tps']:.1f}" if "tps" in r else "-",
+    "peak MB": lambda r: f"{r['peak_rss_mb']:.0f}",
+    "MB/token": lambda r: f"{r['bytes_per_token'] / 1e6:.1f}" if r.get("bytes_per_token") else "-",
+    "linears stored as": lambda r: ", ".join(f"{k} x{v}" for k, v in r.get("types", {}).items()),
+}
+
+
 def build_table(report: dict[str, Any]) -> Table:
     c = report["config"]
     t = Table(title=f"Ternary SmolLM2-135M-Instruct: ppl on {c['chunks']} chunks of the second half of WikiText-2 "
                     f"valid, KL/top-1 vs F16 on {c['kl_chunks']}, decode {N_GEN} tokens, {N_THREADS} threads")
-    for col in ("row", "MB", "ppl", "KL", "top-1", "tok/s", "peak MB", "MB/token", "linears stored as"):
-        t.add_column(col, justify="left" if col in ("row", "linears stored as") else "right")
+    t.add_column("row")
+    for col in _COLUMNS:
+        t.add_column(col, justify="left" if col == "linears stored as" else "right")
     for r in report["rows"]:
-        if "error" in r:
-            t.add_row(r["name"], *["-"] * 7, r["error"][:50])
-            continue
-        t.add_row(r["name"], f"{r['mb']:.1f}", f"{r['ppl']:.2f}", f"{r.get('kl', 0):.4f}", f"{r.get('top1', 0):.3f}",
-                  f"{r.get('tps', 0):.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['bytes_per_token'] / 1e6:.1f}",
-                  ", ".join(f"{k} x{v}" for k, v in r.get("types", {}).items()))
+        cells = [r["error"][:60]] if "error" in r else [f(r) for f in _COLUMNS.values()]
+        t.add_row(r["name"], *cells)
     return t
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
+    import importlib.util
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
     rows = [r for r in report["rows"] if "error" not in r]
     dist = sorted((r for r in rows if r.get("minutes") is not None), key=lambda r: r["minutes"])
     fig, ax = plt.subplots(figsize=(8, 5))
     if dist:
         ax.plot([r["minutes"] for r in dist], [r["ppl"] for r in dist], "o-", color="tab:green",
                 label="edgekit ternary distillation")
-    for r, colour in zip([r for r in rows if r.get("minutes") is None and r["name"] != "F16"],
-                         ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:gray", "tab:brown", "k"], strict=False):
+    others = [r for r in rows if r.get("minutes") is None and r["name"] != "F16"]
+    colours = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:gray", "tab:brown", "k"]
+    for r, colour in zip(others, colours, strict=False):
         ax.axhline(r["ppl"], color=colour, ls="--", lw=1, label=f"{r['name']} ({r['ppl']:.0f})")
-    ax.set(xlabel="distillation minutes (2 shared cores)", ylabel="perplexity (log)", yscale="log")
-    ax.set_title("SmolLM2-135M-Instruct ternary: perplexity against distillation time")
-    ax.grid(alpha=0.3), ax.legend(fontsize=7), fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.set(xlabel="distillation minutes (2 shared cores)", ylabel="perplexity (log)", yscale="log",
+           title="SmolLM2-135M-Instruct ternary: perplexity against distillation time")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--minutes", type=float, default=25.0, help="distillation budget (the issue asks 30 and 120)")
@@ -230,19 +250,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kl-chunks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-peers", action="store_true", help="only the distilled rows (and the references)")
+    ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (with --append)")
+    ap.add_argument("--append", action="store_true", help="keep the rows of the existing results, replacing "
+                                                         "those run again")
     ap.add_argument("--out", type=Path, default=RESULTS / "ternary")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     t_start = time.perf_counter()
-    if not args.text.exists():
-        print(f"the text {args.text} does not exist; give --text", file=sys.stderr)
-        return 2
-    text = halves(read_text(args.text))[1]
+    text = halves(read_text(args.text))[1]  # a one-line error when it is missing
     hf = get_model()
     import llama_cpp  # noqa: F401 - fail early when the runtime is missing
 
     rows: list[dict[str, Any]] = []
+    only = tuple(p.strip() for p in args.only.split(",") if p.strip())
+    kept = json.loads(args.out.with_suffix(".json").read_text())["rows"] if args.append else []
 
     def row(name: str, make, **extra: Any) -> None:  # noqa: ANN001
+        if only and not name.startswith(only):
+            return
         log(f"{name}: converting")
         try:
             path, secs, info = make()
@@ -263,17 +291,22 @@ def main(argv: list[str] | None = None) -> int:
             "versions": {p: pkg_version(p) for p in ("edgekit", "llama_cpp_python", "gguf", "torch", "transformers",
                                                         "ternary-quant")},
             "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
-            "rows": rows, "wall_s": time.perf_counter() - t_start}
+            "rows": [*(r for r in kept if r["name"] not in {n["name"] for n in rows}), *rows],
+            "wall_s": time.perf_counter() - t_start}
 
     def types_of(manifest: dict) -> dict[str, Any]:
         t = manifest.get("ternary", {})
         return {"types": t.get("stored_as", {}), "share": t.get("share")}
 
-    ref, _, _ = convert(hf, "f16", api.ConvertRecipe(bits=None, preset="F16"))
+    ref = work_dir() / "f16" / "model.gguf"
+    if not ref.exists() or not args.append:
+        ref, _, _ = convert(hf, "f16", api.ConvertRecipe(bits=None, preset="F16"))
     row("F16", lambda: (ref, 0.0, {}))
     row("Q4_0", lambda: (*convert(hf, "q4_0", api.ConvertRecipe(bits=None, preset="Q4_0"))[:2], {}))
     if not args.skip_peers:
-        f32, _, _ = convert(hf, "f32", api.ConvertRecipe(bits=None, preset="F32"))
+        f32 = work_dir() / "f32" / "model.gguf"
+        if not f32.exists() or not args.append:
+            f32, _, _ = convert(hf, "f32", api.ConvertRecipe(bits=None, preset="F32"))
         for t in ("TQ2_0", "Q2_0"):
             row(f"llama.cpp {t} (llama-quantize)", lambda t=t: llamacpp_quantize(f32, f"llamacpp-{t}", FTYPE[t]))
         try:
