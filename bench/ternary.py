@@ -151,7 +151,7 @@ def measure(path: Path, text: str, ref: Path | None, args: argparse.Namespace) -
         if args.reps:
             tps = [N_GEN / r["seconds"] for r in be.bench(0, N_GEN, reps=args.reps)["reps"]]
             out.update(tps=statistics.median(tps), tps_all=tps)
-        out["peak_rss_mb"] = be.memory()["peak"] / 1e6
+        out["peak_rss_mb"] = be.memory()["peak_rss"] / 1e6
     try:
         out["bytes_per_token"] = LlamaCppBackend.decode_bytes_per_token(path, 0, CTX)
     except ValueError:  # edgekit's memory model reads the file with the gguf library
@@ -303,28 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         ref, _, _ = convert(hf, "f16", api.ConvertRecipe(bits=None, preset="F16"))
     row("F16", lambda: (ref, 0.0, {}))
     row("Q4_0", lambda: (*convert(hf, "q4_0", api.ConvertRecipe(bits=None, preset="Q4_0"))[:2], {}))
-    if not args.skip_peers:
-        f32 = work_dir() / "f32" / "model.gguf"
-        if not f32.exists() or not args.append:
-            f32, _, _ = convert(hf, "f32", api.ConvertRecipe(bits=None, preset="F32"))
-        for t in ("TQ2_0", "Q2_0"):
-            row(f"llama.cpp {t} (llama-quantize)", lambda t=t: llamacpp_quantize(f32, f"llamacpp-{t}", FTYPE[t]))
-        try:
-            import ternary_quant  # noqa: F401
-
-            tq = api.ConvertRecipe(bits=None, preset="F16", tensor_types=(("token_embd", "Q8_0"),))
-            row("ternary-quant g64 (F16 storage)", lambda: (*convert(ternary_quant_folder(hf), "ternary-quant", tq)[:2],
-                                                            {"types": {"F16": 210}}))
-        except ImportError:
-            rows.append({"name": "ternary-quant g64", "error": "ternary-quant is not installed (pip install "
-                                                               "ternary-quant --no-deps)"})
-        for scale in ("best", "absmean"):
-            def posthoc(scale: str = scale) -> tuple[Path, float, dict]:
-                path, secs, m = convert(hf, f"posthoc-{scale}", TERNARY, TernaryConfig(scale=scale))
-                return path, secs, types_of(m)
-
-            row(f"edgekit post-hoc ternary ({scale})", posthoc)
-
     snaps = tuple(float(s) for s in args.snapshots.split(",") if s.strip() and float(s) < args.minutes)
     heal_cfg = HealConfig(minutes=args.minutes, lr=args.lr, batch=args.batch, snapshots=snaps, checkpoint_s=120,
                           seqlen=args.seqlen, eval_seqs=1)
@@ -349,6 +327,28 @@ def main(argv: list[str] | None = None) -> int:
                 return path, secs, types_of(man)
 
             row(f"edgekit distilled, snapshot at {s:g} min", snap, minutes=s)
+    if not args.skip_peers:
+        f32 = work_dir() / "f32" / "model.gguf"
+        if not f32.exists() or not args.append:
+            f32, _, _ = convert(hf, "f32", api.ConvertRecipe(bits=None, preset="F32"))
+        for t in ("TQ2_0", "Q2_0"):
+            row(f"llama.cpp {t} (llama-quantize)", lambda t=t: llamacpp_quantize(f32, f"llamacpp-{t}", FTYPE[t]))
+        try:
+            import ternary_quant  # noqa: F401
+
+            tq = api.ConvertRecipe(bits=None, preset="F16", tensor_types=(("token_embd", "Q8_0"),))
+            row("ternary-quant g64 (F16 storage)", lambda: (*convert(ternary_quant_folder(hf), "ternary-quant", tq)[:2],
+                                                            {"types": {"F16": 210}}))
+        except ImportError:
+            rows.append({"name": "ternary-quant g64", "error": "ternary-quant is not installed (pip install "
+                                                               "ternary-quant --no-deps)"})
+        for scale in ("best", "absmean"):
+            def posthoc(scale: str = scale) -> tuple[Path, float, dict]:
+                path, secs, m = convert(hf, f"posthoc-{scale}", TERNARY, TernaryConfig(scale=scale))
+                return path, secs, types_of(m)
+
+            row(f"edgekit post-hoc ternary ({scale})", posthoc)
+
     final = report()
     write(final, args)
     Console(width=170).print(build_table(final))
