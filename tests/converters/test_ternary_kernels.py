@@ -90,6 +90,7 @@ def test_ternary_weights_are_exact_and_best_beats_the_other_rules(qt: T) -> None
     tern = rng.choice([-1, 0, 1], (8, 256), p=[0.3, 0.4, 0.3]).astype(np.float32) * fp16_scales
     raw, values = as_grid(qt).quantize_roundtrip(tern)
     assert np.array_equal(values, tern)
+    assert np.array_equal(raw, ggml.quantize(tern, qt))  # llama.cpp's absmax gives the same bytes here
     x = _rows(2).reshape(-1, 256)
     errs = {}
     for rule in ternary.SCALES:
