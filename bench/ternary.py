@@ -141,14 +141,14 @@ def ternary_quant_folder(hf: Path) -> Path:
     return folder_with(hf, sd, "ternary-quant-hf")
 
 
-def measure(path: Path, text: str, ref: Path | None, args: argparse.Namespace) -> dict[str, Any]:
+def measure(name: str, path: Path, text: str, ref: Path | None, args: argparse.Namespace) -> dict[str, Any]:
     """gguf_quality's perplexity and KL, then decode speed and the worker's peak memory in a fresh load."""
     out: dict[str, Any] = {"mb": path.stat().st_size / 1e6}
     out.update(evaluate(path, text, args.chunks, args.kl_chunks, ref))
     if "kl_mean" in out:
         out["kl"] = out.pop("kl_mean")
     with LlamaCppBackend(path, n_ctx=CTX, n_threads=N_THREADS) as be:
-        if args.reps:
+        if args.reps and (not args.speed_rows or name.startswith(tuple(args.speed_rows.split(",")))):
             tps = [N_GEN / r["seconds"] for r in be.bench(0, N_GEN, reps=args.reps)["reps"]]
             out.update(tps=statistics.median(tps), tps_all=tps)
         out["peak_rss_mb"] = be.memory()["peak_rss"] / 1e6
@@ -256,6 +256,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--kl-chunks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--speed-rows", default="", help="comma-separated row-name prefixes whose decode speed is "
+                                                       "measured (default: all)")
     ap.add_argument("--skip-peers", action="store_true", help="only the distilled rows (and the references)")
     ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (with --append)")
     ap.add_argument("--append", action="store_true", help="keep the rows of the existing results, replacing "
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             path, secs, info = make()
             log(f"{name}: measuring")
             against = None if path == ref else ref
-            rows.append({"name": name, "convert_s": secs, **extra, **info, **measure(path, text, against, args)})
+            rows.append({"name": name, "convert_s": secs, **extra, **info, **measure(name, path, text, against, args)})
             r = rows[-1]
             log(f"{name}: {r['mb']:.1f} MB ppl {r['ppl']:.2f} KL {r.get('kl', 0):.4f} {r.get('tps', 0):.1f} tok/s")
         except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
