@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                             "kl_after": d["kl_after"], "curve": d.get("curve", [])}
 
     row(f"edgekit distilled {args.minutes:g} min", distilled, minutes=args.minutes)
-    m = holder.get("manifest")
+    done = work_dir() / f"distilled-{args.minutes:g}m" / "edgekit.json"  # an earlier run's, for --append
+    m = holder.get("manifest") or (json.loads(done.read_text()) if done.exists() else None)
     if m:
         state = Path(m["ternary"]["distill"]["state"])
         for s in snaps:
@@ -336,6 +337,17 @@ def main(argv: list[str] | None = None) -> int:
                 return path, secs, types_of(man)
 
             row(f"edgekit distilled, snapshot at {s:g} min", snap, minutes=s)
+
+        def as_q2_0() -> tuple[Path, float, dict]:
+            # the honest answer for 576-wide rows: Q2_0 (64-weight blocks, d = block amax) holds a ternary group
+            # of 64 exactly, so llama.cpp's own quantizer re-encodes edgekit's ternary values losslessly from F32
+            folder = folder_with(hf, state / "student.safetensors", "distilled-final-hf")
+            f32_ternary, secs, _ = convert(folder, "distilled-f32", api.ConvertRecipe(bits=None, preset="F32"),
+                                           TernaryConfig(scale="absmean"))
+            path, q_secs, info = llamacpp_quantize(f32_ternary, "distilled-q2_0", FTYPE["Q2_0"])
+            return path, secs + q_secs, info
+
+        row(f"edgekit distilled {args.minutes:g} min -> Q2_0 (llama-quantize)", as_q2_0)
     if not args.skip_peers:
         f32 = work_dir() / "f32" / "model.gguf"
         if not f32.exists() or not args.append:
