@@ -80,12 +80,13 @@ def convert(hf: Path, name: str, recipe: api.ConvertRecipe, quantize: Any = None
     return art.model_file, time.perf_counter() - t0, art.manifest
 
 
-def llamacpp_quantize(f32: Path, name: str, ftype: int) -> tuple[Path, float, dict]:
+def llamacpp_quantize(f32: Path, name: str, ftype: int, requantize: bool = False) -> tuple[Path, float, dict]:
     import llama_cpp
 
     out = work_dir() / f"{name}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
+    params.allow_requantize = requantize
     params.nthread = N_THREADS
     t0 = time.perf_counter()
     if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
@@ -339,13 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             row(f"edgekit distilled, snapshot at {s:g} min", snap, minutes=s)
 
         def as_q2_0() -> tuple[Path, float, dict]:
-            # the honest answer for 576-wide rows: Q2_0 (64-weight blocks, d = block amax) holds a ternary group
-            # of 64 exactly, so llama.cpp's own quantizer re-encodes edgekit's ternary values losslessly from F32
-            folder = folder_with(hf, state / "student.safetensors", "distilled-final-hf")
-            f32_ternary, secs, _ = convert(folder, "distilled-f32", api.ConvertRecipe(bits=None, preset="F32"),
-                                           TernaryConfig(scale="absmean"))
-            path, q_secs, info = llamacpp_quantize(f32_ternary, "distilled-q2_0", FTYPE["Q2_0"])
-            return path, secs + q_secs, info
+            # the honest answer for 576-wide rows: Q2_0 (64-weight blocks, d = block amax) holds edgekit's ternary
+            # groups exactly, so llama.cpp's own quantizer re-encodes the distilled file into it losslessly
+            return llamacpp_quantize(done.parent / "model.gguf", "distilled-q2_0", FTYPE["Q2_0"], requantize=True)
 
         row(f"edgekit distilled {args.minutes:g} min -> Q2_0 (llama-quantize)", as_q2_0)
     if not args.skip_peers:
