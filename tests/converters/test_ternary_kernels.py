@@ -52,8 +52,8 @@ def _ggml_quantize(lib, x: np.ndarray, qt: T) -> np.ndarray:
     return out
 
 
-def _ggml_dequantize(lib, raw: np.ndarray, qt: T, n: int) -> np.ndarray:
-    fn = getattr(lib, f"dequantize_row_{qt.name.lower()}")
+def _ggml_dequantize(lib, raw: np.ndarray, type_name: str, n: int) -> np.ndarray:
+    fn = getattr(lib, f"dequantize_row_{type_name.lower()}")
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     raw = np.ascontiguousarray(raw)
     out = np.empty((raw.shape[0], n), dtype=np.float32)
@@ -68,7 +68,7 @@ def test_absmax_bytes_identical_with_ggml(qt: T) -> None:
     x = _rows()
     raw, values = ggml.quantize_roundtrip(x, qt)
     assert np.array_equal(raw, _ggml_quantize(lib, x, qt))
-    assert np.array_equal(values, _ggml_dequantize(lib, raw, qt, x.shape[1]))
+    assert np.array_equal(values, _ggml_dequantize(lib, raw, qt.name, x.shape[1]))
     assert np.array_equal(values, gq.dequantize(raw, qt))
 
 
@@ -78,7 +78,7 @@ def test_best_scale_decodes_in_ggml_as_reported(qt: T) -> None:
     lib = _libggml()
     x = _rows(1)
     raw, values = as_grid(qt).quantize_roundtrip(x)
-    assert np.array_equal(values, _ggml_dequantize(lib, raw, qt, x.shape[1]))
+    assert np.array_equal(values, _ggml_dequantize(lib, raw, qt.name, x.shape[1]))
     # round trip: the bytes re-encode to themselves (every value is already on the grid)
     assert np.array_equal(as_grid(qt).quantize(values), raw)
 
@@ -122,3 +122,27 @@ def test_pack_roundtrips_codes() -> None:
         raw = ternary.pack(qt, codes, p)
         assert raw.shape == (16, GGML_QUANT_SIZES[qt][1])
         assert np.array_equal(gq.dequantize(raw, qt), ternary.dequantize_codes(codes, p))
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_q2_0_holds_ternary_groups_exactly() -> None:
+    """The answer for rows that are not multiples of 256: ggml's Q2_0 (64-weight blocks, d = block amax, levels
+    -1/0/1/2) re-encodes edgekit's ternary groups of 64 (and 256) without loss, so llama-quantize can store them
+    at 2.25 bpw; the gguf library 0.19 has no Q2_0, so edgekit itself writes Q4_0 (4.5 bpw, also exact)."""
+    from edgekit.converters.quantize.ternary import encode
+
+    lib = _libggml()
+    q2_0 = 42  # GGML_TYPE_Q2_0 in llama.cpp 0.3.36's ggml.h
+    assert not hasattr(T, "Q2_0")
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((8, 576)).astype(np.float32) * 0.03
+    for group, qt in ((64, T.Q4_0), (192, T.Q4_0)):
+        values = encode(w, qt, group, "best")[1]
+        fn = lib.ggml_quantize_chunk
+        fn.restype = ctypes.c_size_t
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_void_p]
+        raw = np.zeros((8, 576 // 64 * 18), dtype=np.uint8)
+        fn(q2_0, values.ctypes.data, raw.ctypes.data, 0, 8, 576, None)
+        back = _ggml_dequantize(lib, raw, "Q2_0", 576)
+        assert np.array_equal(back, values), group
