@@ -115,3 +115,17 @@ def test_distillation_lowers_kl_and_resumes_after_ctrl_c(narrow, tmp_path, monke
     student = load_file(str(q._weights))["model.layers.0.mlp.up_proj.weight"]
     raw = q.quantize(name, ckpt.load("model.layers.0.mlp.up_proj.weight"), plan[name])
     assert np.array_equal(raw, encode(student, plan[name], 64, "absmean")[0])
+
+
+def test_cli_distill_belongs_to_ternary_and_inspect_shows_the_share(narrow, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    run = CliRunner()
+    r = run.invoke(app, ["convert", str(narrow), "--method", "gptq", "--distill", "5m", "-o", str(tmp_path / "a")])
+    assert r.exit_code != 0 and "--method ternary" in r.output and not (tmp_path / "a").exists()
+    r = run.invoke(app, ["convert", str(narrow), "--method", "ternary", "-o", str(tmp_path / "t")])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["inspect", str(tmp_path / "t")])
+    assert r.exit_code == 0 and "-1/0/+1" in r.output and "TQ2_0 x2" in r.output, r.output
