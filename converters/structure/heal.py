@@ -216,5 +216,5 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
         save_file(weights(), str(pruned / "model.safetensors"), metadata={"format": "pt"})
     return {"steps": info["step"], "minutes": round(info["elapsed_s"] / 60, 2), "kl_before": round(info["kl_before"], 5),
             "kl_after": round(info["kl_after"], 5), "lr": cfg.lr, "batch": cfg.batch,
-            "tokens": info["step"] * cfg.batch * int(ids.shape[1]), "state": str(state),
+            "tokens": info["step"] * cfg.batch * (min(cfg.seqlen, int(ids.shape[1])) or int(ids.shape[1])), "state": str(state),
             "curve": info.get("curve", [])}

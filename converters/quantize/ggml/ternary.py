@@ -67,7 +67,8 @@ def group_scale(x: np.ndarray, scale: str) -> np.ndarray:
     if scale == "absmax":
         return np.max(np.abs(x), axis=1).astype(F32)
     if scale == "absmean":
-        return np.maximum(np.mean(np.abs(x), axis=1, dtype=np.float64), 1e-5).astype(F32)
+        # float32 like the training's torch mean; its rounding can still differ in the last bit
+        return np.maximum(np.mean(np.abs(x), axis=1, dtype=F32), F32(1e-5)).astype(F32)
     raise ValueError(f"unknown ternary scale rule {scale!r}; use one of {', '.join(SCALES)}")
 
 
