@@ -199,13 +199,13 @@ def measure(name: str, path: Path, text: str, ref: Path | None, args: argparse.N
 def target_lines(report: dict[str, Any]) -> list[str]:
     rows = {r["name"]: r for r in report["rows"] if "error" not in r}
     lines = []
-    # post-hoc peers that make every linear ternary (llama.cpp's TQ2_0 preset leaves 180 of 210 linears in its
-    # Q4_0 fallback on this model: a 4-bit model, shown but not a ternary peer)
-    peers = [r for n, r in rows.items() if n.startswith(("llama.cpp Q2_0", "ternary-quant"))]
+    # post-hoc peers: llama.cpp's TQ2_0 preset (absmax ternary where rows allow -- only ffn_down here -- and its
+    # Q4_0 fallback elsewhere), llama.cpp's Q2_0 (absmax ternary everywhere) and ternary-quant
+    peers = [r for n, r in rows.items() if n.startswith(("llama.cpp", "ternary-quant"))]
     ours = rows.get("edgekit post-hoc ternary (best)")
     if peers and ours:
         best = min(peers, key=lambda r: r["ppl"])
-        lines.append(f"post-hoc: edgekit (least-squares scale) ppl {ours['ppl']:.1f} vs the better ternary peer "
+        lines.append(f"post-hoc: edgekit (least-squares scale) ppl {ours['ppl']:.1f} vs the best post-hoc peer "
                      f"({best['name']}) {best['ppl']:.1f}")
     dist = sorted((r for r in rows.values() if r.get("minutes") is not None), key=lambda r: r["minutes"])
     if peers and dist:
