@@ -299,12 +299,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (with --append)")
     ap.add_argument("--append", action="store_true", help="keep the rows of the existing results, replacing "
                                                          "those run again")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .txt and .png from the .json")
     ap.add_argument("--out", type=Path, default=RESULTS / "ternary")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.render:
+        write(json.loads(args.out.with_suffix(".json").read_text()), args)
+        print(args.out.with_suffix(".txt").read_text())
+        return 0
     t_start = time.perf_counter()
     text = halves(read_text(args.text))[1]  # a one-line error when it is missing
     hf = get_model()
