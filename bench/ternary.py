@@ -216,6 +216,15 @@ def target_lines(report: dict[str, Any]) -> list[str]:
                      f"{best['ppl']:.1f} -> {best['ppl'] / 5:.1f}); after {last['minutes']:g} min (not 120): "
                      f"{last['ppl']:.2f}, {best['ppl'] / last['ppl']:.1f}x lower: {'HOLDS' if ok else 'MISSED'}")
     q4 = rows.get("Q4_0")
+    if q4 and dist:
+        lines.append(f"absolute: the distilled model is not usable yet: ppl {dist[-1]['ppl']:.0f} against Q4_0's "
+                     f"{q4['ppl']:.2f} (KL {dist[-1]['kl']:.2f} vs {q4['kl']:.2f}); the curve over "
+                     + ", ".join(f"{r['minutes']:g} min {r['ppl']:.0f}" for r in dist))
+    q2 = rows.get(f"edgekit distilled {dist[-1]['minutes']:g} min -> Q2_0 (llama-quantize)") if dist else None
+    if q2:
+        lines.append(f"576-wide rows: the same distilled model re-encoded by llama-quantize to Q2_0 is {q2['mb']:.1f} MB "
+                     f"instead of {dist[-1]['mb']:.1f} MB (Q4_0 fallback), ppl {q2['ppl']:.1f} vs {dist[-1]['ppl']:.1f}, "
+                     f"KL {q2['kl']:.4f} vs {dist[-1]['kl']:.4f} (lossless up to activation rounding)")
     for name, r in rows.items():
         if q4 and name.startswith("edgekit") and "tps" in r and "tps" in q4:
             lines.append(f"{name}: {r['mb']:.1f} MB vs Q4_0 {q4['mb']:.1f} MB; decode {r['tps']:.1f} vs "
