@@ -39,7 +39,8 @@ from edgekit.runtime.plan import plan_artifact as plan
 
 __all__ = [
     "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
-    "calibration_applies", "convert", "default_output", "default_output_suffix", "make_quantizer", "method_config", "evaluate", "generate", "import_gguf",
+    "calibration_applies", "convert", "default_output", "default_output_suffix", "default_preset", "distill_config",
+    "make_quantizer", "method_config", "evaluate", "generate", "import_gguf",
     "inspect", "evaluate_streaming", "open_backend", "plan", "offload_options",
 ]
 
@@ -112,6 +113,9 @@ def convert(
             values = [v for layer in sparsity.values() for v in layer.values()]
             fields["sparsity"] = {"steps": [f"{c.step}:{c.sparsity}" for c in steps],
                                   "mean": round(sum(values) / len(values), 4), "linears": len(values)}
+        ternary = getattr(quantizer, "report", {}).get("ternary")
+        if ternary:
+            fields["ternary"] = ternary
         manifest: dict[str, Any] = {
             "schema": SCHEMA,
             "format": fmt.name,
@@ -166,6 +170,20 @@ def make_quantizer(method: str, calib: CalibConfig | None = None) -> Quantizer:
     return QUANTIZERS.get(method)(method_config(method, calib))
 
 
+def default_preset(method: str) -> str | None:
+    """The preset a method writes unless told otherwise (``ternary``: TQ2_0), or None."""
+    return getattr(QUANTIZERS.get(method), "default_preset", None)
+
+
+def distill_config(config: QuantizeConfig, heal: Any) -> QuantizeConfig:
+    """``config`` with a distillation budget (a ``HealConfig``): for methods that train their student."""
+    import dataclasses
+
+    if "distill" not in getattr(config, "__dataclass_fields__", {}):
+        raise InputError(f"--distill trains a ternary student: use it with --method ternary, not {config.method}")
+    return dataclasses.replace(config, distill=heal)
+
+
 def method_config(method: str, calib: CalibConfig | None = None, steps: tuple[str, ...] = (),
                   prune: str | None = None) -> QuantizeConfig:
     """The config of the registered ``method`` with its defaults, ``calib`` for methods that calibrate,
@@ -186,6 +204,10 @@ def method_config(method: str, calib: CalibConfig | None = None, steps: tuple[st
         from edgekit.converters.quantize.steps.prune import from_spec
 
         extra += (from_spec(prune),)
+    if "extra_steps" not in fields:
+        if extra:
+            raise InputError(f"--steps and --prune run in the layer pipeline; {method} does not use it")
+        return cls.config_class(calib=calib or CalibConfig())
     return cls.config_class(calib=calib or CalibConfig(), extra_steps=extra)
 
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from edgekit.errors import CorruptFileError, UnsupportedError
+from edgekit.packing import BITNET, Packing
 
 # Hugging Face tensor name (per-layer part after "model.layers.{i}.") -> GGUF name suffix.
 _LLAMA_LAYER_TENSORS = {
@@ -52,6 +53,19 @@ _LLAMA_SHAPES: dict[str, tuple[str, ...]] = {
     "model.norm.weight": ("embd",),
     "lm_head.weight": ("vocab", "embd"),
 }
+# BitNet b1.58: Llama's layout plus an RMSNorm before o_proj and before down_proj, and per-tensor scales
+# that llama.cpp's bitnet architecture multiplies after each linear ("blk.N.attn_q.scale").
+_BITNET_LINEARS = {k: v for k, v in _LLAMA_LAYER_TENSORS.items() if k.endswith("_proj.weight")}
+_BITNET_LAYER_TENSORS = {
+    **_LLAMA_LAYER_TENSORS,
+    "self_attn.attn_sub_norm.weight": "attn_sub_norm.weight",
+    "mlp.ffn_sub_norm.weight": "ffn_sub_norm.weight",
+    **{k.replace(".weight", ".weight_scale"): v.replace(".weight", ".scale") for k, v in _BITNET_LINEARS.items()},
+}
+_BITNET_SHAPES = {**_LLAMA_SHAPES, "self_attn.attn_sub_norm.weight": ("q",), "mlp.ffn_sub_norm.weight": ("ff",)}
+# llama.cpp's bitnet graph reads the token embedding as its output head: no separate lm_head.
+_BITNET_GLOBALS = {k: v for k, v in _GLOBAL_TENSORS.items() if k != "lm_head.weight"}
+
 # Buffers some checkpoints carry that llama.cpp recomputes.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -68,6 +82,8 @@ class ArchSpec:
     tensor_shapes: HF name (or per-layer suffix) -> its dimensions by name (see ``_LLAMA_SHAPES``),
         checked against config.json before converting.
     optional_layer_tensors: per-layer suffixes a checkpoint may leave out.
+    packing: how the checkpoint stores packed weights (BitNet's four trits per byte), or None.
+    gguf_extra: constant GGUF keys (without the ``arch.`` prefix) the architecture wants.
     """
 
     hf_classes: tuple[str, ...]
@@ -77,6 +93,13 @@ class ArchSpec:
     global_tensors: dict[str, str] = field(default_factory=lambda: dict(_GLOBAL_TENSORS))
     tensor_shapes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(_LLAMA_SHAPES))
     optional_layer_tensors: tuple[str, ...] = tuple(_QKV_BIASES)
+    packing: Packing | None = None
+    gguf_extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def linear_suffixes(self) -> tuple[str, ...]:
+        """Per-layer suffixes of the decoder's 2-D linear weights (what ternary and QAT methods replace)."""
+        return tuple(s for s in self.layer_tensors if s.endswith("_proj.weight"))
 
     def gguf_name(self, hf_name: str) -> str | None:
         """GGUF tensor name for a HF tensor name; None for buffers llama.cpp does not store."""
@@ -94,16 +117,22 @@ class ArchSpec:
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    spec.hf_classes[0]: spec
+    cls: spec
     for spec in (
         ArchSpec(("LlamaForCausalLM",), "llama", _LLAMA_LAYER_TENSORS, permute_qk=True),
         ArchSpec(("MistralForCausalLM",), "llama", _LLAMA_LAYER_TENSORS, permute_qk=True),
         ArchSpec(("Qwen2ForCausalLM",), "qwen2", {**_LLAMA_LAYER_TENSORS, **_QKV_BIASES}, permute_qk=False),
+        # llama.cpp runs bitnet with NEOX rope (HF's rotate-half): no Q/K permutation. Its converter writes a
+        # linear rope scaling of factor 1.
+        ArchSpec(("BitNetForCausalLM", "BitnetForCausalLM"), "bitnet", _BITNET_LAYER_TENSORS, permute_qk=False,
+                 global_tensors=_BITNET_GLOBALS, tensor_shapes=_BITNET_SHAPES, optional_layer_tensors=(),
+                 packing=BITNET, gguf_extra={"rope.scaling.type": "linear", "rope.scaling.factor": 1.0}),
     )
+    for cls in spec.hf_classes
 }
 
 # GGUF architecture -> Hugging Face class, for `edgekit import`.
-GGUF_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # bitnet: no importer yet
 
 
 def supported_list() -> str:

@@ -26,6 +26,8 @@ _MANIFEST: dict[str, Any] = {
     "preset": (str, type(None)),
     "recipe": (dict, type(None)),
     "sparsity": (_OPT, {"mean": _NUM, "linears": _NUM, "steps": [str]}),
+    "ternary": (_OPT, {"share": _NUM, "linears": _NUM, "group": _NUM, "scale": str, "stored_as": dict,
+                       "distill": (_OPT, _HEAL)}),
     "eval": [{"ppl": _NUM, "ctx": _NUM, "chunks": _NUM, "kl_mean": (_OPT, _NUM), "top1_agreement": (_OPT, _NUM)}],
 }
 _PRUNED = {
@@ -83,4 +85,7 @@ def describe(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         raise UnsupportedError(f"inspect reads {', '.join(f.upper() for f in FORMATS.names())} artifacts; "
                                f"this one is {art.format!r}")
     check_manifest_report(art.manifest)
-    return FORMATS.get(art.format)().describe(art, ctx)
+    info = FORMATS.get(art.format)().describe(art, ctx)
+    if art.manifest.get("ternary"):
+        info["ternary"] = art.manifest["ternary"]
+    return info

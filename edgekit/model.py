@@ -156,10 +156,15 @@ class HFCheckpoint:
         check_config(config, source)
         spec = spec_for(config.get("architectures"))
         hparams = HParams.from_config(config, source)
+        if spec.packing is not None:
+            spec.packing.check_config(config, source)
         files = cls._weight_files(p)
         tensors: dict[str, TensorRef] = {}
         for f in files:
             tensors.update(_read_safetensors_header(f))
+        if spec.packing is not None:  # packed weights are checked and planned in their unpacked shape
+            for ref in tensors.values():
+                ref.shape = spec.packing.logical_shape(ref.name, ref.dtype, ref.shape)
         check_shapes(spec, hparams, tensors, str(p))
         return cls(path=p, config=config, spec=spec, hparams=hparams, tensors=tensors)
 
@@ -204,7 +209,13 @@ class HFCheckpoint:
         return sum(t.numel for t in self.tensors.values())
 
     def load(self, name: str) -> np.ndarray:
-        """One tensor as a float32 numpy array (bf16/f16 upcast)."""
+        """One tensor as a float32 numpy array (bf16/f16 upcast; packed weights unpacked, see
+        :mod:`edgekit.packing`)."""
+        arr = self._load_stored(name)
+        packing = self.spec.packing
+        return arr if packing is None else packing.decode(name, self.tensors[name].dtype, arr)
+
+    def _load_stored(self, name: str) -> np.ndarray:
         ref = self.tensors[name]
         try:
             if ref.dtype == "BF16":
@@ -215,7 +226,10 @@ class HFCheckpoint:
             from safetensors import safe_open
 
             with safe_open(ref.file, framework="numpy") as f:
-                return np.ascontiguousarray(f.get_tensor(name), dtype=np.float32)
+                t = f.get_tensor(name)
+                if ref.dtype == "U8" and self.spec.packing is not None:
+                    return t  # the packing decodes it
+                return np.ascontiguousarray(t, dtype=np.float32)
         except Exception as exc:  # safetensors raises its own error types
             raise CorruptFileError(f"cannot read tensor {name!r} from {ref.file}: {exc}") from exc
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 QUANTIZERS: Registry[type[Quantizer]] = Registry(
     "quantization method",
     ["edgekit.converters.quantize.rtn", "edgekit.converters.quantize.gptq", "edgekit.converters.quantize.awq_methods",
-     "edgekit.converters.quantize.squeezellm"],
+     "edgekit.converters.quantize.squeezellm", "edgekit.converters.quantize.ternary"],
 )
 register_quantizer = QUANTIZERS.register
 

@@ -65,7 +65,8 @@ def convert(
     bpw_types: str = typer.Option("", "--bpw-types", help="Comma-separated types --bpw may use (default: all)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override; repeatable."),
     method: str = typer.Option("rtn", "--method", "-m", help="rtn, imatrix, gptq, awq, awq+gptq; squeezellm "
-                               "(sensitivity-weighted palettes, with --palettize)."),
+                               "(sensitivity-weighted palettes, with --palettize); ternary (-1/0/+1 linears, "
+                               "TQ2_0 unless --type)."),
     palettize: int | None = typer.Option(None, "--palettize", help="Core ML: 2, 3, 4, 6 or 8-bit palettes "
                                          "(k-means; sensitivity-weighted with --method squeezellm)."),
     prune: str | None = typer.Option(None, "--prune", help="depth:K drops the K least influential blocks "
@@ -74,6 +75,9 @@ def convert(
                                      "CPU runtime skips zeros)."),
     heal: str | None = typer.Option(None, "--heal", help="With --prune depth/width: distil the pruned model from "
                                     "the unpruned one for this long (20m, 1h); Ctrl-C and re-run resume it."),
+    distill: str | None = typer.Option(None, "--distill", help="With --method ternary: train the ternary model by "
+                                       "distillation from the float one for this long (60m, 2h); Ctrl-C and re-run "
+                                       "resume it."),
     steps: str = typer.Option("", "--steps", help="More layer steps by name, comma-separated (see 'edgekit "
                               "list'), run with the method's in stage order; e.g. --method imatrix --steps awq."),
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
@@ -119,6 +123,9 @@ def convert(
       edgekit convert ./SmolLM2-135M --to coreml --bits 4 --method gptq    # Core ML, stateful KV cache
       edgekit convert ./SmolLM2-135M --to coreml --palettize 4 --method squeezellm
       edgekit convert ./SmolLM2-135M --draft-for ./SmolLM2-135M -o ./smol-draft   # then: run --draft ./smol-draft
+      edgekit convert ./SmolLM2-135M --method ternary                      # post-hoc ternary (TQ2_0)
+      edgekit convert ./SmolLM2-135M --method ternary --distill 60m --calib self   # ternary QAT by distillation
+      edgekit convert ./bitnet-b1.58-model --type TQ2_0                    # a BitNet b1.58 checkpoint
     """
     from edgekit import api
 
@@ -137,6 +144,7 @@ def convert(
     extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize)
     _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
                              "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize)})
+    type_ = type_ or (None if bpw or size_bytes else api.default_preset(method))
     recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw or size_bytes else bits, preset=type_, bpw=bpw,
                                size=size_bytes, method=method,
                                bpw_types=tuple(t.strip() for t in bpw_types.split(",") if t.strip()),
@@ -152,6 +160,8 @@ def convert(
         recipe = draft_recipe(model, draft_for, recipe, heal=heal or DEFAULT_HEAL,
                               preset=None if type_ or bpw else DEFAULT_TYPE)
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
+    if distill is not None:
+        quantize = api.distill_config(quantize or api.method_config(method, recipe.calib), _heal_config(distill))
     with progress_bar(not as_json) as progress, size_opts.explain_fit(fit_target):
         art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
     for note in art.notes:  # on stderr, so --json output stays a manifest

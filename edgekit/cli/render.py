@@ -55,6 +55,8 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         sp = info["sparsity"]
         row("sparsity", f"{100 * sp['mean']:.1f}% of the weights of {sp['linears']} linears are zero "
                         f"({', '.join(sp['steps'])}); no CPU runtime skips zeros, so no speed-up")
+    if info.get("ternary"):
+        row("ternary", ternary_line(info["ternary"]))
     if info["fallbacks"]:
         summary = ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items())
         row("fallbacks", f"{info['fallbacks']} tensors ({summary}): row width not a multiple of the "
@@ -90,4 +92,15 @@ def pruning_line(p: dict) -> str:
     h = p.get("heal")
     if h:
         line += f"; healed {h['steps']} steps in {h['minutes']} min, KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}"
+    return line
+
+
+def ternary_line(t: dict) -> str:
+    """One line on the ternary share of a model (and how its distillation went)."""
+    stored = ", ".join(f"{k} x{v}" for k, v in t["stored_as"].items())
+    line = (f"{100 * t['share']:.1f}% of the parameters ({t['linears']} linears) are -1/0/+1 x an fp16 scale per "
+            f"{t['group']} weights, 256 in TQ types ({t['scale']} scale); stored as {stored}")
+    d = t.get("distill")
+    if d:
+        line += f"; distilled {d['steps']} steps in {d['minutes']} min, KL {d['kl_before']:.4f} -> {d['kl_after']:.4f}"
     return line

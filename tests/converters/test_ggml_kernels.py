@@ -214,7 +214,7 @@ def test_type_metadata() -> None:
     assert ggml.bits_per_weight(T.Q4_K) == 4.5
     assert ggml.bits_per_weight(T.Q6_K) == 6.5625
     assert ggml.bits_per_weight(T.F16) == 16
-    assert set(ggml.SUPPORTED_TYPES) == set(ALL)
+    assert set(ggml.SUPPORTED_TYPES) == {*ALL, T.TQ1_0, T.TQ2_0}  # the ternary ones: test_ternary_kernels.py
 
 
 def test_unsupported_type_and_bad_shapes() -> None:

@@ -303,7 +303,7 @@ def test_preset_table():
     assert {p.name: p.ftype for p in PRESETS.values()} == {
         "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9,
         "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
-        "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+        "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "TQ1_0": 36, "TQ2_0": 37,
     }  # fmt: skip
     assert BITS_TO_PRESET == {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
 

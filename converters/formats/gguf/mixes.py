@@ -11,7 +11,7 @@ The rules follow llama.cpp's ``src/llama-quant.cpp`` (``tensor_allows_quantizati
 ``llama_tensor_get_type``, ``llama_tensor_get_type_impl``, ``tensor_type_fallback``) and the
 ``llama_ftype`` values of ``include/llama.h``. They cover the presets in :data:`PRESETS`, for
 dense models, Falcon, 70B-class GQA models and 8-expert MoE models without an importance
-matrix. Not covered: the IQ*/TQ*/MXFP4 presets, rules that only apply with an imatrix, and
+matrix, and the TQ1_0/TQ2_0 presets. Not covered: the IQ*/MXFP4 presets, rules that only apply with an imatrix, and
 llama.cpp's per-architecture exceptions for GLM-5-next.
 """
 
@@ -146,6 +146,8 @@ PRESETS: dict[str, Preset] = {
         Preset("Q5_K_S", T.Q5_K, 16, "Q5_K everywhere but the output head"),
         Preset("Q5_K_M", T.Q5_K, 17, "Q5_K, about half of attn_v and ffn_down Q6_K"),
         Preset("Q6_K", T.Q6_K, 18, "Q6_K everywhere"),
+        Preset("TQ1_0", T.TQ1_0, 36, "1.69 bpw ternary (BitNet b1.58), token embedding Q4_K"),
+        Preset("TQ2_0", T.TQ2_0, 37, "2.06 bpw ternary (BitNet b1.58), token embedding Q4_K"),
     )
 }
 
@@ -297,6 +299,9 @@ _MIX_RULES: dict[str, dict[str, Rules]] = {
     },
     "Q4_K_M": {"attn_v": _MORE_BITS_Q6, "ffn_down": _MORE_BITS_Q6},
     "Q5_K_M": {"attn_v": _MORE_BITS_Q6, "ffn_down": _MORE_BITS_Q6},
+    # an untied token embedding is only looked up, never multiplied: Q4_K (llama_tensor_get_type)
+    "TQ1_0": {"token_embd": (("always", T.Q4_K),)},
+    "TQ2_0": {"token_embd": (("always", T.Q4_K),)},
 }
 
 # Falcon has its own ffn_down and attn_output rules (its attn_v rules are the common ones); a

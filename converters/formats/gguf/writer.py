@@ -137,6 +137,8 @@ def _new_writer(checkpoint: HFCheckpoint, recipe: ConvertRecipe, vocab: Any, pre
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in checkpoint.hparams.gguf_kv(arch).items():
         _add_kv(writer, key, value)
+    for key, value in checkpoint.spec.gguf_extra.items():
+        _add_kv(writer, f"{arch}.{key}", value)
     vocab.add_to(writer)
     if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
         writer.add_chat_template(tmpl)

@@ -5,8 +5,9 @@
 ``ggml_quantize_chunk`` does: the ``quantize_row_*_ref`` paths without an importance matrix and the
 weighted ``quantize_row_*_impl`` searches with one. :func:`dequantize` decodes through gguf-py.
 
-The per-type stages live in :mod:`.legacy` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), :mod:`.kquants` (Q2_K..Q6_K)
-and :mod:`.iq4nl` (IQ4_NL). Each module exposes the same verbs so a calibrated method such as GPTQ can
+The per-type stages live in :mod:`.legacy` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), :mod:`.kquants` (Q2_K..Q6_K),
+:mod:`.iq4nl` (IQ4_NL) and :mod:`.ternary` (TQ1_0, TQ2_0; llama.cpp's absmax scale here, the least-squares
+scale through their registered grids). Each module exposes the same verbs so a calibrated method such as GPTQ can
 fix parameters and round against them:
 
 * ``encode(...) -> (codes, params)``: llama.cpp's own choice;
@@ -24,7 +25,7 @@ from gguf import quants as _gguf_quants
 
 from edgekit.errors import InputError, UnsupportedError
 
-from . import iq4nl, kquants, legacy
+from . import iq4nl, kquants, legacy, ternary
 from ._common import F32, fp16
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
     "type_size",
 ]
 
-SUPPORTED_TYPES: tuple[T, ...] = (T.F32, T.F16, T.BF16, *legacy.TYPES, *kquants.TYPES, T.IQ4_NL)
+SUPPORTED_TYPES: tuple[T, ...] = (T.F32, T.F16, T.BF16, *legacy.TYPES, *kquants.TYPES, T.IQ4_NL, *ternary.TYPES)
 
 # Blocks are processed in chunks of about this many weights: big enough that numpy's per-call overhead
 # is amortised, small enough that the search temporaries stay in cache and memory stays flat.
@@ -87,6 +88,10 @@ def _encode_blocks(
         codes, kp = kquants.encode(qt, blocks, qw)
         values = kquants.dequantize_codes(qt, codes, kp) if want_values else None
         return kquants.pack(qt, codes, kp), values
+    if qt in ternary.TYPES:  # llama.cpp ignores an importance matrix for these
+        codes, tp = ternary.encode(qt, blocks, "absmax")
+        values = ternary.dequantize_codes(codes, tp) if want_values else None
+        return ternary.pack(qt, codes, tp), values
     if qt == T.IQ4_NL:
         codes, ip = iq4nl.encode(blocks, qw)
         values = iq4nl.dequantize_codes(codes, ip) if want_values else None

@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from edgekit.converters.quantize import ggml
-from edgekit.converters.quantize.ggml import iq4nl, kquants, legacy
+from edgekit.converters.quantize.ggml import iq4nl, kquants, legacy, ternary
 from edgekit.converters.quantize.ggml._common import best_index
 from edgekit.converters.quantize.grids.base import (
     F32,
@@ -158,5 +158,48 @@ class _IQ4NLSweep(GridSweep):
         return iq4nl.dequantize_codes(codes, params)
 
 
+class TernaryGrid(GGMLGrid):
+    """TQ1_0 / TQ2_0 with the least-squares scale per block (exact for ternary blocks with an fp16 scale);
+    ``ggml.quantize`` keeps llama.cpp's own absmax rounding for byte identity with llama-quantize."""
+
+    def __init__(self, qtype: T, scale: str = "best") -> None:
+        super().__init__(qtype)
+        self.scale = scale
+
+    def quantize_roundtrip(self, x: np.ndarray, imatrix: np.ndarray | None = None, *,
+                           want_values: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        x = np.ascontiguousarray(np.asarray(x, dtype=F32))
+        if x.shape[-1] % self.block:
+            return super().quantize_roundtrip(x, imatrix, want_values=want_values)  # its one-line error
+        blocks = x.reshape(-1, self.block)
+        codes, p = ternary.encode(self.qtype, blocks, self.scale)
+        raw = ternary.pack(self.qtype, codes, p).reshape(*x.shape[:-1], -1)
+        return raw, ternary.dequantize_codes(codes, p).reshape(x.shape) if want_values else None
+
+    def sweep(self, w: np.ndarray, imatrix: np.ndarray | None) -> GridSweep:
+        return _TernarySweep(self.qtype, self.scale)
+
+
+class _TernarySweep(GridSweep):
+    def __init__(self, qt: T, scale: str) -> None:
+        self.qt, self.scale = qt, scale
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple[Any, Any]:
+        blocks = np.ascontiguousarray(cols.T)  # (out, 256)
+        _, d = ternary.ternarize(blocks, self.scale)
+        p = ternary.TernaryParams(d)
+        rnd = scale_rounder(d.astype(F32), None, -1, 1, 1)
+        return (lambda j, x: rnd(x)), p
+
+    def stack(self, ps: list) -> ternary.TernaryParams:
+        return ternary.TernaryParams(np.stack([p.d for p in ps], axis=1).reshape(-1))
+
+    def pack(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return ternary.pack(self.qt, codes, params)
+
+    def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return ternary.dequantize_codes(codes, params)
+
+
 for _t in ggml.SUPPORTED_TYPES:
-    register_grid(GGMLGrid(_t))
+    register_grid(TernaryGrid(_t) if _t in ternary.TYPES else GGMLGrid(_t))
