@@ -95,7 +95,7 @@ WANT=$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -c1-16)
 if [ "$(cat $STAMP 2>/dev/null)" != "$WANT" ] || ! .venv/bin/python -c "import edgekit" 2>/dev/null; then
   say "installing edgekit and its dependencies: about 2 minutes"
   "${pip[@]}" numpy typing-extensions diskcache jinja2
-  "${pip[@]}" -e ".[torch,onnx,dev,tui,devices,serve,coreml]"
+  "${pip[@]}" -e ".[torch,onnx,dev,tui,devices,serve,coreml,mlc]"
   echo "$WANT" >$STAMP
 fi
 

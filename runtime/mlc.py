@@ -104,7 +104,7 @@ class MLCBackend(TorchBackend):
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
         quiet_transformers(transformers)
-        from edgekit.converters.formats.mlc import layout
+        import edgekit.converters.formats.mlc.layout as layout
         from edgekit.converters.formats.mlc.read import load_weights
         from edgekit.runtime import hostinfo
 

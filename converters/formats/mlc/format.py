@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+import edgekit.converters.formats.mlc.chat_config as chat_config
+import edgekit.converters.formats.mlc.layout as layout
 from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
-from edgekit.converters.formats.mlc import chat_config, layout
 from edgekit.converters.formats.mlc.cache import TensorCacheWriter
 from edgekit.converters.formats.mlc.options import MLCOptions
 from edgekit.converters.quantize import mlcgroup

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.converters.formats.mlc import layout
+import edgekit.converters.formats.mlc.layout as layout
 from edgekit.converters.formats.mlc.cache import load_cache, read_cache_json
 from edgekit.converters.formats.mlc.options import QUANTS
 from edgekit.errors import CorruptFileError, UnsupportedError
