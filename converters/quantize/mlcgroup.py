@@ -15,9 +15,11 @@ Facts of the format (from mlc-llm's ``quantization/group_quantization.py`` and `
 The grid's record for one group is ``[uint32 words (group / (32 // bits)), little-endian][scale]``: the
 exact bits MLC stores, so the format's writer only splits a matrix's records into ``q_weight`` /
 ``q_scale`` and transposes them for the ``_0`` (KN) layouts. :func:`mlc_rtn` reproduces MLC's quantizer
-bit for bit; calibrated methods (imatrix RTN, AWQ, GPTQ) choose scales by a weighted search instead and
-may use the top code (``2**bits - 1``, i.e. ``+(max_int + 1) * scale``), which MLC's dequantizer decodes
-like any other.
+bit for bit; calibrated methods (imatrix RTN, AWQ, GPTQ) choose scales by a weighted search instead (float32 scales
+rounded to what MLC's bf16 encoding stores) and may use the top code (``2**bits - 1``, i.e.
+``+(max_int + 1) * scale``), which MLC's dequantizer decodes like any other. MLC's own ``q4f32_1``
+quantizer computes codes against float32 scales that its tensor cache then stores as bfloat16: the
+writer reproduces that too.
 """
 
 from __future__ import annotations
@@ -187,13 +189,23 @@ def choose_scale(g: MLCGroup, blocks: np.ndarray, qw: np.ndarray | None = None) 
         den = (w * q * q).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             d = np.where(den > 0, num / den, d).astype(F32)
-        d = np.abs(d).astype(dt).astype(F32)
+        d = _storable(np.abs(d).astype(dt).astype(F32), g.dtype)
         q = _round(x, d, lo, hi)
         err = (w * (x - d[:, None] * q) ** 2).sum(axis=1, dtype=np.float64)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, d.astype(dt), best)
     return best.astype(dt)
+
+
+def _storable(d: np.ndarray, dtype: str) -> np.ndarray:
+    """Scales as MLC's tensor cache will hold them: float32 arrays are stored as bfloat16 (its
+    ``f32-to-bf16`` encoding), so a float32 scale is rounded to bfloat16 here (nearest, ties to even) and
+    what the method chose is what the runtime decodes."""
+    if dtype != "float32":
+        return d
+    bits = np.ascontiguousarray(d, dtype=F32).view(np.uint32)
+    return ((bits + ((bits >> 16) & 1) + np.uint32(0x7FFF)) & np.uint32(0xFFFF0000)).view(F32)
 
 
 def _round(x: np.ndarray, d: np.ndarray, lo: int, hi: int) -> np.ndarray:
