@@ -1,6 +1,6 @@
 """MLC artifacts from edgekit's quantizers against MLC's own round-to-nearest, same model, same evaluator.
 
-    python bench/mlc.py [--chunks 16] [--runs rtn,gptq,awq+gptq] [--calib-samples 32] [--calib-seqlen 512]
+    python bench/mlc.py [--chunks 16] [--runs rtn,gptq[,awq+gptq]] [--calib-samples 32] [--calib-seqlen 512]
 
 Model: SmolLM2-135M-Instruct (imported once into edgekit's cache). Every artifact is a real MLC artifact
 (``edgekit convert --to mlc``: tensor cache + mlc-chat-config.json) and every row is evaluated by the MLC
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text; its second half is evaluated")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--kl-chunks", type=int, default=4)
-    ap.add_argument("--runs", default="rtn,gptq,awq+gptq", help="rows besides F16: rtn, gptq, awq+gptq")
+    ap.add_argument("--runs", default="rtn,gptq", help="rows besides F16: rtn, gptq, awq+gptq (AWQ+GPTQ: over 15 "
+                    "minutes more on a busy 2-core machine)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--gguf", type=Path, default=edgekit_home() / "SmolLM2-135M-Instruct.Q4_1.gguf")
