@@ -138,7 +138,7 @@ class MLCBackend(TorchBackend):
             gen.eos_token_id = list(stops)
 
     def _open_mlc_engine(self, folder: Path) -> None:
-        from edgekit.converters.formats.mlc.format import MLC_INSTALL, mlc_llm_available
+        from edgekit.converters.formats.mlc.options import MLC_INSTALL, mlc_llm_available
 
         if not mlc_llm_available():
             raise UnsupportedError(f"engine=mlc: {MLC_INSTALL}")

@@ -275,7 +275,7 @@ def test_bad_options_are_one_line_errors(args, message, tiny_llama, tmp_path):
 
 
 def test_compile_without_mlc_llm_says_how_to_get_it(tiny_llama, tmp_path):
-    from edgekit.converters.formats.mlc.format import mlc_llm_available
+    from edgekit.converters.formats.mlc.options import mlc_llm_available
 
     if mlc_llm_available():
         pytest.skip("mlc_llm is installed here")

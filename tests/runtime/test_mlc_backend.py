@@ -172,7 +172,7 @@ def test_eval_and_run_work_on_an_mlc_artifact(chat_artifact, tmp_path):
 
 def test_the_mlc_engine_without_mlc_llm_says_how_to_get_it(chat_artifact):
     from edgekit import api
-    from edgekit.converters.formats.mlc.format import mlc_llm_available
+    from edgekit.converters.formats.mlc.options import mlc_llm_available
     from edgekit.errors import UnsupportedError
 
     if mlc_llm_available():

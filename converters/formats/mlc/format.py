@@ -15,7 +15,6 @@ The model library (the compiled kernels the MLC runtime needs beside the weights
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from edgekit.converters.formats.mlc.cache import TensorCacheWriter
 from edgekit.converters.formats.mlc.options import MLCOptions
 from edgekit.converters.quantize import mlcgroup
 from edgekit.converters.quantize.base import Quantizer
-from edgekit.errors import BackendError, InputError, UnsupportedError
+from edgekit.errors import BackendError, InputError
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
 
@@ -43,16 +42,6 @@ MODEL_FILE = "mlc-chat-config.json"
 # android/MLCChat AppViewModel.kt; bundle_weight.py pushes weights there through /data/local/tmp).
 ANDROID_DEST = "/storage/emulated/0/Android/data/ai.mlc.mlcchat/files"
 _LIB_SUFFIX = {"android": ".tar", "iphone": ".tar", "webgpu": ".wasm"}
-MLC_INSTALL = ("mlc_llm is not installed here (its PyPI names mlc-llm-cpu / mlc-ai-cpu are empty placeholders): "
-               "install it from MLC's wheels (pip install --pre -f https://mlc.ai/wheels mlc-llm-nightly-cpu "
-               "mlc-ai-nightly-cpu) or build it from source, then re-run with --compile, or run "
-               "'mlc_llm compile DIR/mlc-chat-config.json --device TARGET -o DIR/lib' yourself")
-
-
-def mlc_llm_available() -> bool:
-    return importlib.util.find_spec("mlc_llm") is not None
-
-
 @register_format("mlc")
 class MLCFormat(Format):
     """MLC-LLM: group-quantized (or fp16/fp32) weights in MLC's tensor cache plus its chat config."""
@@ -74,9 +63,7 @@ class MLCFormat(Format):
 
     def convert(self, checkpoint: HFCheckpoint, out_dir: Path, recipe: ConvertRecipe, quantizer: Quantizer,
                 progress: ProgressFn = no_progress) -> dict[str, Any]:
-        opts = MLCOptions.from_recipe(recipe)
-        if opts.compile is not None and not mlc_llm_available():
-            raise UnsupportedError(f"--compile {opts.compile}: {MLC_INSTALL}")
+        opts = MLCOptions.from_recipe(recipe)  # refuses --compile without mlc_llm, before any work
         checkpoint.require_tokenizer()
         _, arch = layout.arch_for(checkpoint.config)
         hp = checkpoint.hparams

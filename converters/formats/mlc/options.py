@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from edgekit.converters.formats.base import ConvertRecipe
-from edgekit.errors import InputError
+from edgekit.errors import InputError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,18 @@ QUANTS = {q.name: q for q in (
     MLCQuant("q0f32", None, "float32"),
 )}
 _BITS = {4: "q4f16_1", 3: "q3f16_1", 16: "q0f16", 32: "q0f32"}
+MLC_INSTALL = ("mlc_llm is not installed here (its PyPI names mlc-llm-cpu / mlc-ai-cpu are empty placeholders): "
+               "install it from MLC's wheels (pip install --pre -f https://mlc.ai/wheels mlc-llm-nightly-cpu "
+               "mlc-ai-nightly-cpu) or build it from source, then re-run with --compile, or run "
+               "'mlc_llm compile DIR/mlc-chat-config.json --device TARGET -o DIR/lib' yourself")
+
+
+def mlc_llm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mlc_llm") is not None
+
+
 COMPILE_TARGETS = ("android", "iphone", "metal", "webgpu", "vulkan", "opencl", "cuda", "llvm")
 
 
@@ -64,6 +76,9 @@ class MLCOptions:
             raise InputError(f"-O shard_mb={self.shard_mb!r}: give a whole number of MiB between 1 and 4096")
         if self.compile is not None and self.compile not in COMPILE_TARGETS:
             raise InputError(f"--compile {self.compile!r}: give one of {', '.join(COMPILE_TARGETS)}")
+        if self.compile is not None:  # refused before any work (a GGUF import, a calibration)
+            if not mlc_llm_available():
+                raise UnsupportedError(f"--compile {self.compile}: {MLC_INSTALL}")
 
     @property
     def mode(self) -> MLCQuant:
