@@ -179,3 +179,31 @@ def test_the_mlc_engine_without_mlc_llm_says_how_to_get_it(chat_artifact):
         pytest.skip("mlc_llm is installed here")
     with pytest.raises(UnsupportedError, match="mlc_llm is not installed"):
         api.open_backend(chat_artifact[1], "mlc", engine="mlc")
+
+
+def test_awq_artifact_carries_the_norms_awq_changed(tiny_llama, tmp_path):
+    """AWQ folds 1/s into the norms before the linears: the artifact must hold the changed norms, so the
+    reference backend's model equals the PyTorch model AWQ+GPTQ produced, tensor for tensor."""
+    import torch
+
+    from edgekit import api
+    from edgekit.calibration import CalibConfig
+    from edgekit.converters.formats.mlc.format import MLCFormat
+    from edgekit.model import HFCheckpoint
+
+    q = _Recording(api.make_quantizer("awq+gptq", CalibConfig(**CALIB)))
+    out = tmp_path / "art"
+    out.mkdir()
+    fields = MLCFormat().convert(HFCheckpoint.open(tiny_llama), out,
+                                 api.ConvertRecipe(method="awq+gptq", extra={"quant": "q4f16_1"}), q)
+    (out / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "mlc", **fields}))
+    carried = q.inner.model.state_dict()
+    with api.open_backend(out, "mlc") as be:
+        ours = be.model.state_dict()
+        norms = [n for n in carried if "layernorm" in n]
+        ck = HFCheckpoint.open(tiny_llama)
+        assert norms and any(not torch.allclose(carried[n].float(), torch.from_numpy(ck.load(n))) for n in norms)
+        for n in norms:
+            assert torch.equal(ours[n], carried[n].float().half().float()), n
+        linears = [n for n in carried if ".layers." in n and n.endswith("proj.weight")]
+        assert all(torch.equal(ours[n], carried[n].float()) for n in linears)

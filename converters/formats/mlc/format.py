@@ -73,7 +73,7 @@ class MLCFormat(Format):
             raise InputError(f"--method {method} quantizes weights; {opts.quant} stores them unquantized: "
                              "give --quant q4f16_1 (or another q3/q4 mode)")
         params = layout.params(arch, hp)
-        plan = _plan(checkpoint, params, grid)
+        plan = _plan(checkpoint, params, grid, opts.mode.dtype)
         est = sum(r.numel for r in checkpoint.tensors.values()) * (2 if grid is None else 1)
         check_free_space(out_dir, est + (64 << 20), "the MLC weights")
         context = opts.context_window_size or hp.n_ctx_train
@@ -113,16 +113,17 @@ class MLCFormat(Format):
         return fields
 
 
-def _plan(ckpt: HFCheckpoint, params: list[layout.Param], grid: Any) -> dict[str, Any]:
-    """GGUF name -> grid for the quantizer: linears and the embedding on ``grid`` (F16 in q0 modes), norms
-    and biases in float."""
+def _plan(ckpt: HFCheckpoint, params: list[layout.Param], grid: Any, dtype: str) -> dict[str, Any]:
+    """GGUF name -> grid for the quantizer: linears and the embedding on ``grid`` (the model dtype in q0
+    modes), norms and biases in F32."""
     plan: dict[str, Any] = {}
+    float_type = T.F16 if dtype == "float16" else T.F32
     for p in params:
         for src in p.sources:
             if src not in ckpt.tensors:
                 raise InputError(f"{ckpt.path} lacks {src}, which MLC's {p.name} is made of; is the checkpoint complete?")
             g = ckpt.spec.gguf_name(src)
-            plan[g] = (grid if grid is not None else T.F16) if p.kind != "float" else T.F32
+            plan[g] = (grid if grid is not None else float_type) if p.kind != "float" else T.F32
     return plan
 
 
@@ -132,8 +133,13 @@ def _encode(ckpt: HFCheckpoint, quantizer: Quantizer, plan: dict[str, Any], p: l
     dtype = np.float16 if opts.mode.dtype == "float16" else np.float32
     grid = opts.grid
     if p.kind == "float" or grid is None:
-        arr = np.concatenate([ckpt.load(s) for s in p.sources], axis=0).astype(dtype)
-        return [(p.name, arr, opts.mode.dtype)]
+        # through the quantizer too: a calibrated step may have changed them (AWQ folds 1/s into the norms)
+        parts = []
+        for src in p.sources:
+            w, g = ckpt.load(src), ckpt.spec.gguf_name(src)
+            raw = np.asarray(quantizer.quantize(g, w, plan[g]))
+            parts.append(np.frombuffer(raw.tobytes(), np.float16 if plan[g] == T.F16 else np.float32).reshape(w.shape))
+        return [(p.name, np.concatenate(parts, axis=0).astype(dtype), opts.mode.dtype)]
     rows, width = [], None
     for src in p.sources:
         w = ckpt.load(src)
