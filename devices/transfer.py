@@ -165,8 +165,16 @@ def resolved_dest(device: Device, dest: str) -> str:
     return got.rstrip("/") or "/"
 
 
+def format_dest(device: Device, art: Artifact) -> str | None:
+    """Where the artifact's format has its apps read models on this kind of device (MLC on Android: the
+    MLCChat app's files folder), from the format's home; None when it names no place."""
+    from edgekit.converters.formats.base import FORMATS
+
+    return FORMATS.get(art.format)().push_dest(device.platform) if art.format in FORMATS else None
+
+
 def remote_dir_for(device: Device, art: Artifact, config: PushConfig) -> str:
-    dest = resolved_dest(device, config.dest or device.default_dest())
+    dest = resolved_dest(device, config.dest or format_dest(device, art) or device.default_dest())
     name = config.name or (art.bare_file.stem if art.bare_file is not None else art.path.resolve().name)
     return posixpath.join(dest, check_remote_name(name))
 
@@ -199,7 +207,7 @@ def check_fit(device: Device, artifact: str | Path | Artifact, ctx: int = 4096, 
     if storage_needed is None:
         with tempfile.TemporaryDirectory() as scratch:
             storage_needed = sum(p.stat().st_size for p, _ in artifact_files(art, Path(scratch)))
-    dest = resolved_dest(device, dest or device.default_dest())
+    dest = resolved_dest(device, dest or format_dest(device, art) or device.default_dest())
     free = device.free_bytes(dest)
     info = device.info()
     ram = ram_needed(art, ctx)

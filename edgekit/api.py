@@ -29,7 +29,7 @@ from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, 
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
 from edgekit.errors import InputError
 from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text, text_identity
-from edgekit.fsutil import atomic_dir, sha256_files, temp_dir
+from edgekit.fsutil import atomic_dir, check_output, sha256_files, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, StreamsLongText
@@ -72,7 +72,8 @@ def convert(
     force: bool = False,
     progress: ProgressFn = no_progress,
 ) -> Artifact:
-    """Convert a Hugging Face checkpoint folder into an artifact folder (model file + edgekit.json).
+    """Convert a Hugging Face checkpoint folder (or a ``.gguf`` file, imported on the way) into an artifact
+    folder (model file + edgekit.json).
 
     ``recipe``: what to produce (bits, preset, size budget, per-tensor types). ``quantize``: a method's
     own config (``GPTQConfig(damp=0.05, sink_weight=4)``, ``AWQGPTQConfig(awq_config=AWQConfig(...))``):
@@ -97,9 +98,38 @@ def convert(
         quantizer = QUANTIZERS.get(quantize.method)(quantize)
     else:
         quantizer = make_quantizer(recipe.method, recipe.calib)
-    ckpt = HFCheckpoint.open(model)
-    out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe)
+    fmt.default_output_suffix(recipe)  # the format's options are checked before any work (an import, say)
     notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        ckpt, out, gguf_src = _open_source(Path(model).expanduser(), output, to, recipe, force, stack, progress)
+        _write(fmt, ckpt, out, gguf_src, recipe, quantizer, force, notes, progress)
+    art = Artifact.open(out, verify=False)
+    remember_checksums(art)
+    art.notes = notes
+    return art
+
+
+def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertRecipe, force: bool,
+                 stack: contextlib.ExitStack, progress: ProgressFn) -> tuple[HFCheckpoint, Path, Path | None]:
+    """The checkpoint to convert, the output folder, and the GGUF it was imported from: a ``.gguf`` input
+    is imported (dequantized, :func:`import_gguf`) into a scratch folder beside the output, removed when
+    ``stack`` closes whatever happens."""
+    if not (src.is_file() and src.suffix.lower() == ".gguf"):
+        ckpt = HFCheckpoint.open(src)
+        return ckpt, Path(output).expanduser() if output else default_output(ckpt.path, to, recipe), None
+    out = Path(output).expanduser() if output else default_output(src.with_suffix(""), to, recipe)
+    check_output(out, force, is_artifact_folder)  # before the import, which takes a while
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {out.parent}: {exc.strerror or exc}; choose a writable -o") from exc
+    scratch = stack.enter_context(temp_dir(out.parent, out.name, "import"))
+    import_gguf(src, scratch / "model", progress=progress)
+    return HFCheckpoint.open(scratch / "model"), out, src
+
+
+def _write(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | None, recipe: ConvertRecipe,
+           quantizer: Quantizer, force: bool, notes: list[str], progress: ProgressFn) -> None:
     with atomic_dir(out, force=force, replaceable=is_artifact_folder, notes=notes) as tmp:
         source = ckpt
         with _structured(ckpt, recipe, quantizer, out, progress) as (ckpt, pruned):
@@ -121,8 +151,9 @@ def convert(
             "format": fmt.name,
             "created": now_iso(),
             "source": {
-                "path": str(source.path.resolve()),
-                "sha256": sha256_files(source.weight_files),
+                "path": str((gguf_src or source.path).resolve()),
+                "sha256": sha256_files([gguf_src] if gguf_src else source.weight_files),
+                **({"imported_from": "gguf"} if gguf_src else {}),
                 "architecture": (source.config.get("architectures") or ["?"])[0],
                 "n_params": source.n_params,
             },
@@ -132,10 +163,6 @@ def convert(
         }
         manifest["sha256"] = checksum_files(tmp)  # checked before each use: a changed file is caught
         write_manifest(tmp, manifest)
-    art = Artifact.open(out, verify=False)
-    remember_checksums(art)
-    art.notes = notes
-    return art
 
 
 @contextlib.contextmanager

@@ -152,6 +152,11 @@ def is_edgekit_output(folder: Path) -> bool:
     return False
 
 
+def check_output(dest: Path, force: bool, replaceable: Callable[[Path], bool]) -> None:
+    """What :func:`atomic_dir` refuses, checked before long work that comes ahead of it."""
+    _check_dest(Path(dest), force, replaceable)
+
+
 def _check_dest(dest: Path, force: bool, replaceable: Callable[[Path], bool], again: bool = False) -> None:
     """Refuse to replace ``dest`` unless ``force`` and it is something edgekit wrote; ``again``: it appeared
     while this run was writing."""

@@ -7,7 +7,10 @@ restores the pre-tokenizer llama.cpp used (transformers' conversion can lose it)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgekit.arch import GGUF_TO_HF
@@ -50,10 +53,11 @@ def import_gguf(
     with atomic_dir(out, force=force) as tmp:
         progress("reading GGUF (dequantizing)", 0, 3)
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(src.parent), gguf_file=src.name, dtype=torch.float32
-            )
+            with _no_tqdm():  # transformers' GGUF reader draws its own bar whatever its logging says
+                tok = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(src.parent), gguf_file=src.name, dtype=torch.float32
+                )
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever transformers trips on, the GGUF is the cause
@@ -73,6 +77,19 @@ def import_gguf(
             {"source": str(src.resolve()), "sha256": sha256_file(src), "architecture": arch,
              "tokenizer_pre": pre}, indent=2) + "\n")
     return out
+
+
+@contextlib.contextmanager
+def _no_tqdm() -> Iterator[None]:
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
 
 
 def _restore_pre_tokenizer(folder: Path, pre: str | None) -> None:

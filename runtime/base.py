@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from edgekit.artifact import Artifact
 
 BACKENDS: Registry[type[Backend]] = Registry(
-    "backend", ["edgekit.runtime.llamacpp", "edgekit.runtime.onnx", "edgekit.runtime.torch_ref", "edgekit.runtime.coreml"])
+    "backend", ["edgekit.runtime.llamacpp", "edgekit.runtime.onnx", "edgekit.runtime.torch_ref", "edgekit.runtime.coreml",
+                "edgekit.runtime.mlc"])
 register_backend = BACKENDS.register
 
 
@@ -281,9 +282,7 @@ def backend_for_format(fmt: str, backend: str | None = None) -> type[Backend]:
 
 
 # What a user can do about a format edgekit writes or knows but cannot run here.
-_RUNTIME_HINTS = {
-    "mlc": "MLC models run with mlc-llm: pip install mlc-llm, or convert --to gguf/onnx",
-}
+_RUNTIME_HINTS: dict[str, str] = {}
 
 
 def open_backend(target: str | Path | Artifact, backend: str | None = None, **options: Any) -> Backend:

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from edgekit.model import HFCheckpoint
 
 FORMATS: Registry[type[Format]] = Registry(
-    "format", ["edgekit.converters.formats.gguf", "edgekit.converters.formats.onnx", "edgekit.converters.formats.coreml"])
+    "format", ["edgekit.converters.formats.gguf", "edgekit.converters.formats.onnx", "edgekit.converters.formats.coreml",
+               "edgekit.converters.formats.mlc"])
 register_format = FORMATS.register
 
 __all__ = ["FORMATS", "ConvertRecipe", "Format", "ProgressFn", "no_progress", "register_format"]
@@ -130,6 +131,11 @@ class Format(abc.ABC):
     def describe(self, art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         """What ``edgekit inspect`` shows, read from the artifact's files: architecture, hparams,
         tensors (name, type, shape, bytes), size, bits per weight, memory at ``ctx``."""
+
+    def push_dest(self, platform: str) -> str | None:
+        """Where an app of this format reads models on a device of ``platform`` (``push`` sends the artifact
+        folder there unless ``--dest`` is given); None: the device's default folder."""
+        return None
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         """``<format>-<quantization>`` of the default artifact name (see :mod:`edgekit.library`), e.g.

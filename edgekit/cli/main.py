@@ -52,7 +52,8 @@ def _parse_tensor_types(values: list[str]) -> tuple[tuple[str, str], ...]:
 @app.command()
 @handle_errors
 def convert(
-    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)."),
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer), "
+                                 "or a .gguf file (imported on the way)."),
     to: str = typer.Option("gguf", "--to", help="Output format."),
     bits: int | None = typer.Option(4, "--bits", help="GGUF: 2, 3, 4, 5, 6 or 8 (a llama.cpp-style _M mix); "
                                     "ONNX: 4 or 8 (MatMulNBits), 16 or 32 (float); Core ML: 4 or 8 (blockwise), 16 (fp16)."),
@@ -88,6 +89,10 @@ def convert(
     sym: bool | None = typer.Option(None, "--sym/--asym", help="ONNX: symmetric grid or zero points per block "
                                     "(default: asymmetric 4-bit, symmetric 8-bit)."),
     dtype: str | None = typer.Option(None, "--dtype", help="ONNX: fp32 or fp16 activations."),
+    quant: str | None = typer.Option(None, "--quant", help="MLC: q4f16_1 (default), q4f16_0, q4f32_1, q3f16_1, "
+                                     "q3f16_0, q0f16, q0f32."),
+    compile_target: str | None = typer.Option(None, "--compile", help="MLC: build the model library for this device "
+                                              "with mlc_llm compile (android, iphone, webgpu, ...; needs mlc_llm)."),
     option: list[str] = typer.Option([], "--option", "-O", help="Format option KEY=VALUE; repeatable (GGUF: "
                                      "output_type=Q8_0, embed_type=Q6_K, name=...; ONNX: "
                                      "embed=float|int8|shared, lm_head=int4|int8|float|tied, accuracy_level=0..4, "
@@ -122,6 +127,8 @@ def convert(
       edgekit convert ./SmolLM2-135M --to onnx --bits 32                   # float graph with KV cache
       edgekit convert ./SmolLM2-135M --to coreml --bits 4 --method gptq    # Core ML, stateful KV cache
       edgekit convert ./SmolLM2-135M --to coreml --palettize 4 --method squeezellm
+      edgekit convert ./SmolLM2-135M --to mlc --quant q4f16_1 --method gptq   # MLC-LLM weights + chat config
+      edgekit convert ./model.Q4_K_M.gguf --to mlc                          # any GGUF in (imported on the way)
       edgekit convert ./SmolLM2-135M --draft-for ./SmolLM2-135M -o ./smol-draft   # then: run --draft ./smol-draft
       edgekit convert ./SmolLM2-135M --method ternary                      # post-hoc ternary (TQ2_0)
       edgekit convert ./SmolLM2-135M --method ternary --distill 60m --calib self   # ternary QAT by distillation
@@ -141,9 +148,11 @@ def convert(
         from edgekit.runtime.hostinfo import use_torch_threads
 
         use_torch_threads(threads)
-    extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize)
+    extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
+                            quant=quant, compile=compile_target)
     _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
-                             "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize)})
+                             "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize),
+                             "--quant": ("quant", quant), "--compile": ("compile", compile_target)})
     type_ = type_ or (None if bpw or size_bytes else api.default_preset(method))
     recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw or size_bytes else bits, preset=type_, bpw=bpw,
                                size=size_bytes, method=method,

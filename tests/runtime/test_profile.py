@@ -146,12 +146,12 @@ def test_keyboard_interrupt_raises_with_partial_run(tiny_ggufs, home):
 
 
 def test_missing_runtime_fails_before_running(tmp_path):
-    model = tmp_path / "mlc-model"  # a format edgekit describes but has no runtime for
+    model = tmp_path / "tflite-model"  # a format edgekit describes but has no runtime for
     model.mkdir()
     (model / "params.bin").write_bytes(b"x")
-    (model / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "mlc",
+    (model / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "tflite",
                                                     "files": {"model": "params.bin"}}))
-    with pytest.raises(UnsupportedError, match="no runtime for 'mlc'"):
+    with pytest.raises(UnsupportedError, match="no runtime for 'tflite'"):
         profile([model], ProfileConfig())
 
 

@@ -176,11 +176,11 @@ async def test_corrupt_model_and_missing_runtime_show_the_error_panel(models, tm
         other = tmp_path / "other-format"
         other.mkdir()
         (other / "params.bin").write_bytes(b"x")
-        (other / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "mlc",
+        (other / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "tflite",
                                                         "files": {"model": "params.bin"}}))
         await app.open_in_chat(other)
         await wait_for(pilot, lambda: isinstance(app.screen, ErrorPanel), what="the error panel")
-        assert app.screen.title_text == "Not supported" and "no runtime for 'mlc'" in app.screen.message
+        assert app.screen.title_text == "Not supported" and "no runtime for 'tflite'" in app.screen.message
         await pilot.press("enter")
         assert app.current_mode == "chat" and not isinstance(app.screen, ErrorPanel)
 

@@ -15,7 +15,7 @@ F32 = np.float32
 
 GRIDS: Registry[Grid] = Registry(
     "storage grid", ["edgekit.converters.quantize.grids.ggml", "edgekit.converters.quantize.grids.nbits",
-                    "edgekit.converters.quantize.grids.coreml"])
+                    "edgekit.converters.quantize.grids.coreml", "edgekit.converters.quantize.grids.mlc"])
 
 
 def register_grid(grid: Grid) -> Grid:

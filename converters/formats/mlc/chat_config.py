@@ -1,0 +1,250 @@
+"""``mlc-chat-config.json``: what MLC's engines and apps read beside the weights.
+
+Fields (mlc-llm's ``protocol/mlc_chat_config.py``, version "0.1.0"): model_type, quantization,
+model_config, vocab_size, context_window_size, sliding_window_size, prefill_chunk_size,
+attention_sink_size, tensor_parallel_shards, pipeline_parallel_stages, active_vocab_size, sampling
+defaults (temperature, presence/frequency/repetition penalty, top_p: generation_config.json's values,
+else MLC's system defaults), tokenizer_files, tokenizer_info, conv_template, pad/bos/eos token ids,
+model_task.
+
+``conv_template`` is MLC's conversation protocol (system_template with ``{system_message}``, roles,
+seps, role_content_sep, role_empty_sep, stop_str, stop_token_ids), derived here from the checkpoint's
+own Jinja chat template: the template is rendered on marker messages and the text between the markers
+is cut into MLC's pieces; :func:`render` (MLC's prompt assembly) must then reproduce the template's own
+output on a test conversation, or the derivation is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import InputError
+
+VERSION = "0.1.0"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "tokenizer_config.json")
+SYSTEM_DEFAULTS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "temperature": 1.0,
+                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "top_p": 1.0}
+_M = {k: f"EdgekitMark{k.upper()}Q" for k in ("sys", "u1", "a1", "u2")}
+_SPECIAL_TAIL = re.compile(r"(<\|?[^<>\s]{1,40}?\|?>|\[[A-Z_/]{2,20}\])$")
+
+
+def jinja_render(template: str, messages: list[dict[str, str]], bos: str = "", eos: str = "",
+                 generation: bool = True) -> str:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: "26 Jul 2024"
+    return env.from_string(template).render(messages=messages, add_generation_prompt=generation,
+                                            bos_token=bos, eos_token=eos)
+
+
+def _common_suffix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n:]
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _split_sep(common: str) -> tuple[str, str]:
+    """The turn separator and the role prefix both turns share (``<|im_end|>\\n`` + ``<|im_start|>``):
+    the prefix is the special token the common part ends with; without one, a line break ends the sep."""
+    m = _SPECIAL_TAIL.search(common)
+    if m and m.start() > 0:
+        return common[: m.start()], m.group(0)
+    if "\n" in common:
+        i = common.rindex("\n") + 1
+        return common[:i], common[i:]
+    return common, ""
+
+
+def derive(template: str, bos: str = "", eos: str = "", stop_ids: list[int] | None = None) -> dict[str, Any]:
+    """MLC's conversation template of a Jinja chat ``template`` (see the module doc)."""
+    msgs = [{"role": "system", "content": _M["sys"]}, {"role": "user", "content": _M["u1"]},
+            {"role": "assistant", "content": _M["a1"]}, {"role": "user", "content": _M["u2"]}]
+    try:
+        text = jinja_render(template, msgs, bos, eos)
+        bare = jinja_render(template, [{"role": "user", "content": _M["u1"]}], bos, eos)
+    except Exception as exc:  # noqa: BLE001 - a template that cannot render these messages
+        raise InputError(f"the chat template cannot be turned into an MLC conversation template ({exc}); "
+                         "fix the template in tokenizer_config.json / chat_template.jinja") from exc
+    parts = re.split("|".join(re.escape(m) for m in _M.values()), text)
+    if len(parts) != 5 or any(m not in text for m in _M.values()):
+        raise InputError("the chat template does not place system, user and assistant messages in order; "
+                         "MLC's conversation protocol cannot express it")
+    p0, p1, p2, p3, p4 = parts
+    role_content_sep = _common_suffix(p2, p3)
+    p2c, p3c = p2[: len(p2) - len(role_content_sep)], p3[: len(p3) - len(role_content_sep)]
+    common = _common_prefix(p2c, p3c)
+    sep_u, role_head = _split_sep(common)
+    assistant = p2c[len(sep_u):]
+    user = p3c[len(sep_u):]
+    sep_a = sep_u  # one separator after every message unless the two turns end differently
+    if not p1.endswith(user + role_content_sep):
+        raise InputError("the chat template's system turn is not followed by a user turn MLC can express")
+    system_template = p0 + "{system_message}" + p1[: len(p1) - len(user) - len(role_content_sep)]
+    if not p4.startswith(sep_u):
+        raise InputError("the chat template's generation prompt does not follow its user turns")
+    role_empty_sep = p4[len(sep_u) + len(assistant):]
+    if p4[len(sep_u): len(sep_u) + len(assistant)] != assistant:
+        raise InputError("the chat template's generation prompt differs from its assistant turns")
+    default_system = ""
+    head, _, tail = system_template.partition("{system_message}")
+    bare_head = bare.split(_M["u1"])[0]
+    if head and bare_head.startswith(head) and tail and tail in bare_head:
+        default_system = bare_head[len(head): bare_head.index(tail, len(head))]
+    stop = sep_a.strip()
+    conv = {
+        "name": "edgekit_derived",
+        "system_template": system_template,
+        "system_message": default_system,
+        "add_role_after_system_message": True,
+        "roles": {"user": user, "assistant": assistant, "tool": user},
+        "role_templates": {"user": "{user_message}", "assistant": "{assistant_message}", "tool": "{tool_message}"},
+        "messages": [],
+        "seps": [sep_u] if sep_u == sep_a else [sep_u, sep_a],
+        "role_content_sep": role_content_sep,
+        "role_empty_sep": role_empty_sep,
+        "stop_str": [stop] if stop else [],
+        "stop_token_ids": list(stop_ids or []),
+        "function_string": "",
+        "use_function_calling": False,
+    }
+    del role_head
+    check_against_template(conv, template, bos, eos)
+    return conv
+
+
+def render(conv: dict[str, Any], messages: list[dict[str, str]]) -> str:
+    """MLC's prompt for ``messages`` under ``conv`` (its ``Conversation.as_prompt`` rules: system prompt,
+    then ``role + role_content_sep + content + sep`` per message, then the assistant role and
+    ``role_empty_sep``)."""
+    msgs = list(messages)
+    system = conv["system_message"]
+    if msgs and msgs[0]["role"] == "system":
+        system = msgs.pop(0)["content"]
+    out = conv["system_template"].replace("{system_message}", system)
+    seps = conv["seps"]
+    for i, m in enumerate(msgs):
+        role = conv["roles"][m["role"]]
+        out += role + conv["role_content_sep"] + m["content"] + seps[i % len(seps)]
+    return out + conv["roles"]["assistant"] + conv["role_empty_sep"]
+
+
+def check_against_template(conv: dict[str, Any], template: str, bos: str = "", eos: str = "") -> None:
+    """Refuse a derived template whose prompts differ from the Jinja template's own."""
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2+2?"}]
+    want = jinja_render(template, msgs, bos, eos)
+    if render(conv, msgs) != want:
+        raise InputError("the chat template has a structure MLC's conversation protocol cannot express "
+                         "(the derived template renders differently); the artifact would prompt the model wrongly")
+
+
+def plain_template(stop_ids: list[int]) -> dict[str, Any]:
+    """For a checkpoint without a chat template: text in, text out (MLC's ``LM`` shape)."""
+    return {"name": "LM", "system_template": "{system_message}", "system_message": "",
+            "add_role_after_system_message": True, "roles": {"user": "", "assistant": "", "tool": ""},
+            "role_templates": {"user": "{user_message}", "assistant": "{assistant_message}", "tool": "{tool_message}"},
+            "messages": [], "seps": [""], "role_content_sep": "", "role_empty_sep": "", "stop_str": [],
+            "stop_token_ids": list(stop_ids), "function_string": "", "use_function_calling": False}
+
+
+def _token_str(tc: dict[str, Any], key: str) -> str:
+    v = tc.get(key)
+    return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+
+def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: dict[str, Any]) -> dict[str, Any]:
+    """Write mlc-chat-config.json and copy the tokenizer files into ``out_dir``; returns the config."""
+    import shutil
+
+    gen_file = ckpt.path / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    eos = gen.get("eos_token_id", ckpt.config.get("eos_token_id"))
+    stop_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
+    tc = ckpt.tokenizer_config
+    template = ckpt.chat_template()
+    if template:
+        conv = derive(template, _token_str(tc, "bos_token"), _token_str(tc, "eos_token"), stop_ids)
+    else:
+        conv = plain_template(stop_ids)
+    files = []
+    for name in TOKENIZER_FILES:
+        if (ckpt.path / name).exists():
+            shutil.copy2(ckpt.path / name, out_dir / name)
+            files.append(name)
+    if (ckpt.path / "chat_template.jinja").exists():  # transformers reads the template from here
+        shutil.copy2(ckpt.path / "chat_template.jinja", out_dir / "chat_template.jinja")
+    cfg: dict[str, Any] = {
+        "version": VERSION,
+        "model_type": model_type,
+        "quantization": quant,
+        "model_config": model_config,
+        "vocab_size": model_config["vocab_size"],
+        "context_window_size": model_config["context_window_size"],
+        "sliding_window_size": -1,
+        "prefill_chunk_size": model_config["prefill_chunk_size"],
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "active_vocab_size": _active_vocab(out_dir, model_config["vocab_size"]),
+        "temperature": None, "presence_penalty": None, "frequency_penalty": None, "repetition_penalty": None,
+        "top_p": None,
+        "tokenizer_files": files,
+        "tokenizer_info": _tokenizer_info(out_dir),
+        "conv_template": conv,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        "model_task": "chat",
+        "embedding_metadata": None,
+    }
+    for source in (gen, ckpt.config):  # generation_config.json first, then config.json, as mlc_llm does
+        for key, value in source.items():
+            if key in cfg and cfg[key] is None and key not in ("embedding_metadata",):
+                cfg[key] = value
+    for key, value in SYSTEM_DEFAULTS.items():
+        if cfg[key] is None:
+            cfg[key] = value
+    (out_dir / "mlc-chat-config.json").write_text(json.dumps(cfg, indent=2))
+    return cfg
+
+
+def _active_vocab(folder: Path, vocab: int) -> int:
+    """Tokens the tokenizer knows (base vocabulary plus added tokens), as len(tokenizer) counts them."""
+    tj = folder / "tokenizer.json"
+    if not tj.exists():
+        return vocab
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    ids = set((data.get("model") or {}).get("vocab", {}).values()) if isinstance((data.get("model") or {}).get("vocab"), dict) else set()
+    ids |= {t["id"] for t in data.get("added_tokens", [])}
+    return len(ids) or vocab
+
+
+def _tokenizer_info(folder: Path) -> dict[str, Any]:
+    """MLC's TokenizerInfo: how token strings decode (byte-level BPE: ``byte_level``; SentencePiece byte
+    fallback: ``byte_fallback``) and whether a leading space is stripped."""
+    tj = folder / "tokenizer.json"
+    if not tj.exists():
+        return {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
+                "strip_space_in_decode": False}
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    decoder = json.dumps(data.get("decoder") or {})
+    byte_level = "ByteLevel" in decoder
+    return {"token_postproc_method": "byte_level" if byte_level else "byte_fallback",
+            "prepend_space_in_encode": False,
+            "strip_space_in_decode": (not byte_level) and "Strip" in decoder}
