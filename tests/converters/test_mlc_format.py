@@ -257,7 +257,9 @@ def test_a_gguf_converts_to_mlc_in_one_command(tiny_llama, tmp_path):
     # the default output name comes from the GGUF's
     r = runner.invoke(app, ["convert", str(gguf_file), "--to", "mlc", "--quant", "q0f16"])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "tiny.Q8_0-mlc-q0f16" / "tensor-cache.json").exists()
+    from edgekit import library
+
+    assert (library.store_dir() / "tiny.q8_0-mlc-q0f16" / "tensor-cache.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [
