@@ -515,5 +515,16 @@ def test_overrides_match_llama_cpp(model, preset, tmp_path):
 @pytest.mark.parametrize("preset", sorted(IMATRIX_ONLY))
 def test_iquant_presets_without_imatrix_say_how(preset):
     with pytest.raises(InputError, match="--method imatrix"):
-        assign_types(SMOL, preset, SMOL_ARCH)
-    assign_types(SMOL, preset, SMOL_ARCH, has_imatrix=True)
+        assign_types(BIG, preset, BIG_ARCH)
+    assign_types(BIG, preset, BIG_ARCH, has_imatrix=True)
+
+
+def test_iquant_fallbacks_on_smollm2():
+    """576-wide rows fit no 256-weight super-block: llama.cpp writes IQ4_NL there, so the imatrix-only
+    types survive only in the 1536-wide ffn_down (and IQ3_XXS without an imatrix avoids them)."""
+    mix = assign_types(SMOL, "IQ2_M", SMOL_ARCH, has_imatrix=True)
+    assert types(mix, "attn_q", 30) == [T.IQ4_NL] * 30
+    assert types(mix, "ffn_down", 30) == [T.IQ3_S] * 3 + [T.IQ2_S] * 27
+    assert mix["token_embd.weight"].type == T.Q8_0
+    plain = assign_types(SMOL, "IQ3_XXS", SMOL_ARCH)
+    assert types(plain, "ffn_down", 30) == [T.Q4_K] * 3 + [T.Q3_K] * 27

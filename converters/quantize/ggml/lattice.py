@@ -87,11 +87,12 @@ class Tables:
     points: np.ndarray
     kmap: np.ndarray
     neighbours: np.ndarray
-    lookup_row: np.ndarray  # rounding-point index -> row of ``rank``
-    rank: np.ndarray  # (n_lookup, n_points) int16: position in the point's neighbour list, -1 if absent
-    levels: np.ndarray  # the coordinate values 2l+1
-    onehot: np.ndarray  # (dim*kmax, n_points): point j has level l at coordinate i
-    penalty: np.ndarray  # (n_lookup, n_points) float32: 0 on the neighbour list, +inf elsewhere
+    lookup_row: np.ndarray  # rounding-point index -> row of ``neighbours_c``
+    neighbours_c: np.ndarray  # (n_off, width): the lists of the off-codebook points only
+    count: np.ndarray  # (n_off,) list lengths
+    buckets: tuple[int, ...]  # list-length bucket bounds for the search
+    levels: np.ndarray  # the coordinate values 2l+1, float32
+    flat_levels: np.ndarray  # (n_points, dim): i*kmax + level of coordinate i
 
 
 @functools.cache
@@ -127,16 +128,11 @@ def tables(qtype: T) -> Tables:
     neighbours[lookup[off]] = nbr
     lookup_row = np.zeros(n_index, dtype=np.int32)
     lookup_row[lookup[off]] = np.arange(nbr.shape[0], dtype=np.int32)
-    rank = np.full((nbr.shape[0], values.shape[0]), -1, dtype=np.int16)
-    r, c = np.nonzero(nbr >= 0)
-    rank[r, nbr[r, c]] = c
-    onehot = np.zeros((spec.dim, spec.kmax, values.shape[0]))
-    for i in range(spec.dim):
-        onehot[i, levels[:, i], np.arange(values.shape[0])] = 1.0
-    penalty = np.where(rank >= 0, F32(0.0), F32(np.inf)).astype(F32)
-    return Tables(points.astype(F32), kmap, neighbours, lookup_row, rank,
-                  (2.0 * np.arange(spec.kmax) + 1.0).astype(F32), onehot.reshape(-1, values.shape[0]).astype(F32),
-                  penalty)
+    count = (nbr >= 0).sum(axis=1)
+    buckets = tuple(sorted({min(width, 1 << k) for k in range(2, 12)}))
+    flat_levels = (np.arange(spec.dim) * spec.kmax + levels).astype(np.intp)
+    return Tables(points.astype(F32), kmap, neighbours, lookup_row, nbr, count, buckets,
+                  (2.0 * np.arange(spec.kmax) + 1.0).astype(F32), flat_levels)
 
 
 @dataclass(frozen=True)
@@ -175,46 +171,38 @@ _NEIGHBOUR_CHUNK = 4096
 def _best_neighbour(tab: Tables, spec: Spec, u: np.ndarray, xs: np.ndarray, ws: np.ndarray,
                     sc: np.ndarray) -> np.ndarray:
     """llama.cpp's ``iq*_find_best_neighbour`` for ``M`` groups: the listed neighbour with the least
-    ``sum(w*(scale*q - x)^2)`` in float32 (sequential), the first listed on ties.
+    ``sum(w*(scale*q - x)^2)`` (float32, summed in coordinate order), the first listed on ties.
 
-    Evaluating every listed neighbour exactly is what C does, and in numpy it is slow (IQ2_XS lists up
-    to ~300). Instead one float64 matrix product scores every codebook point; only the neighbours within
-    a rigorous bound of the float32 rounding error of the best one are then re-scored exactly as C does.
-    Almost always that is a single point.
+    A term ``(w_i*diff)*diff`` depends only on the coordinate and its level, so the ``dim x kmax`` terms
+    are computed once per group, exactly as C computes them, and each listed neighbour's distance is the
+    sequential sum of its gathered terms: C's float32 value. Queries are bucketed by list length so the
+    work follows the lists (a few points on average) rather than the longest one.
     """
     m = u.shape[0]
-    rows_of = tab.lookup_row[u]
+    kmax = spec.kmax
     with np.errstate(all="ignore"):
         diff = sc[:, None, None] * tab.levels[None, None, :] - xs[:, :, None]  # (M, dim, kmax)
-        approx = (ws[:, :, None] * diff * diff).reshape(m, -1) @ tab.onehot  # (M, n_points)
-        approx += tab.penalty[rows_of]  # +inf off the neighbour list
-        choice = np.argmin(approx, axis=1)
-        at = np.arange(m)
-        best = approx[at, choice]
-        approx[at, choice] = np.inf
-        second = approx.min(axis=1)
-        approx[at, choice] = best
-        reach = np.abs(sc)[:, None] * tab.levels[-1] + np.abs(xs)
-        # float32 errors of C's sum and of this product are both below ~1e-6 of sum(w*reach^2)
-        bound = F32(1e-5) * ((ws * reach * reach).sum(axis=1) + best) + F32(1e-36)
-        unsure = ~(second > best + F32(2) * bound)
-    if unsure.any():
-        rows = np.nonzero(unsure)[0]
-        cand = tab.penalty[rows_of[rows]] == 0
-        with np.errstate(invalid="ignore"):
-            lim = (best + F32(2) * bound)[rows]
-            near = cand & ((approx[rows] <= lim[:, None]) | ~np.isfinite(lim)[:, None])
-        r, j = np.nonzero(near)
-        pts = tab.points[j]  # (P, dim)
-        with np.errstate(all="ignore"):
-            dd = sc[rows[r]][:, None] * pts - xs[rows[r]]
-            d2 = seqsum(np.ascontiguousarray((ws[rows[r]] * dd * dd).T))
-        d2 = np.where(np.isnan(d2), np.inf, d2)  # C's strict < never picks a NaN
-        order = np.lexsort((tab.rank[rows_of[rows[r]], j], d2, r))
-        first = np.ones(order.shape[0], bool)
-        first[1:] = r[order][1:] != r[order][:-1]
-        choice[rows[r[order][first]]] = j[order][first]
-    return choice.astype(np.int32)
+        terms = (ws[:, :, None] * diff * diff).reshape(m, -1)
+    terms = np.where(np.isnan(terms), F32(np.inf), terms)  # C's strict < never picks a NaN
+    rows = tab.lookup_row[u]
+    count = tab.count[rows]
+    choice = np.empty(m, dtype=np.int32)
+    lo = 0
+    for width in tab.buckets:
+        sel = np.nonzero((count > lo) & (count <= width))[0]
+        lo = width
+        if sel.size == 0:
+            continue
+        cand = tab.neighbours_c[rows[sel], :width]  # (S, width), -1 pads
+        flat = tab.flat_levels[np.maximum(cand, 0)]  # (S, width, dim): i*kmax + level
+        base = (sel * (spec.dim * kmax))[:, None]
+        tf = terms.reshape(-1)
+        d2 = tf[base + flat[:, :, 0]]
+        for i in range(1, spec.dim):
+            d2 = d2 + tf[base + flat[:, :, i]]
+        d2[cand < 0] = np.inf
+        choice[sel] = cand[np.arange(sel.size), np.argmin(d2, axis=1)]
+    return choice
 
 
 def _fit(tab: Tables, gi: np.ndarray, xval: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
