@@ -16,7 +16,7 @@ from edgekit.errors import InputError
 
 from .test_ggml_kernels import _ggml_quantize_chunk, _pathological
 
-IQUANTS = [T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]
+IQUANTS = [T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M]
 
 
 def _imatrices(n: int, rng: np.random.Generator) -> list[np.ndarray | None]:
@@ -59,30 +59,31 @@ def test_bytes_decode_to_kernel_values_and_error_is_sane(qtype: T) -> None:
     assert np.array_equal(gq.dequantize(raw, qtype), values)
     rel = float(np.sqrt(np.mean((values - x) ** 2)))
     # a Gaussian's RMS rounding error at 2-4.25 bits per weight
-    assert 0.05 < rel < {T.IQ4_XS: 0.12, T.IQ3_S: 0.25, T.IQ3_XXS: 0.27}.get(qtype, 0.5), rel
+    assert 0.05 < rel < {T.IQ4_XS: 0.12, T.IQ3_S: 0.25, T.IQ3_XXS: 0.27, T.IQ1_S: 0.7, T.IQ1_M: 0.65}.get(qtype, 0.5), rel
 
 
 def test_bits_order_the_error() -> None:
     x = np.random.default_rng(5).standard_normal((16, 1024)).astype(np.float32)
     im = np.ones(1024, np.float32)
-    order = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS]
+    order = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS]
     err = [float(np.mean((ggml.quantize_roundtrip(x, t, im)[1] - x) ** 2)) for t in order]
     assert err == sorted(err, reverse=True), dict(zip([t.name for t in order], err, strict=True))
 
 
-@pytest.mark.parametrize("qtype", lattice.TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [*lattice.TYPES, T.IQ1_S], ids=lambda t: t.name)
 def test_neighbour_tables(qtype: T) -> None:
     """Every codebook point maps to itself; every off-codebook rounding point lists codebook points only,
     nearest first, and the nearest codebook point is among them."""
     tab = lattice.tables(qtype)
-    spec = lattice.SPECS[qtype]
+    dim, kmax, _ = lattice.GEOMETRY[qtype]
+    bits = 2 if dim == 8 else 3
     n = tab.points.shape[0]
-    assert n == {T.IQ2_XXS: 256, T.IQ2_XS: 512, T.IQ2_S: 1024, T.IQ3_XXS: 256, T.IQ3_S: 512}[qtype]
+    assert n == {T.IQ2_XXS: 256, T.IQ2_XS: 512, T.IQ2_S: 1024, T.IQ3_XXS: 256, T.IQ3_S: 512, T.IQ1_S: 2048}[qtype]
     on = np.nonzero(tab.kmap >= 0)[0]
     assert np.array_equal(np.sort(tab.kmap[on]), np.arange(n))
     rng = np.random.default_rng(0)
-    digits = rng.integers(0, spec.kmax, (200, spec.dim))
-    u = (digits << (spec.bits * np.arange(spec.dim))).sum(axis=1)
+    digits = rng.integers(0, kmax, (200, dim))
+    u = (digits << (bits * np.arange(dim))).sum(axis=1)
     for d, i in zip(digits, u, strict=True):
         if tab.kmap[i] >= 0:
             assert np.array_equal(tab.points[tab.kmap[i]], 2 * d + 1)

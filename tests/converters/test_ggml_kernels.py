@@ -214,7 +214,7 @@ def test_type_metadata() -> None:
     assert ggml.bits_per_weight(T.Q4_K) == 4.5
     assert ggml.bits_per_weight(T.Q6_K) == 6.5625
     assert ggml.bits_per_weight(T.F16) == 16
-    iquants = {T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S}
+    iquants = {T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M}
     assert set(ggml.SUPPORTED_TYPES) == set(ALL) | iquants
 
 

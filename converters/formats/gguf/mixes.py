@@ -11,8 +11,8 @@ The rules follow llama.cpp's ``src/llama-quant.cpp`` (``tensor_allows_quantizati
 ``llama_tensor_get_type``, ``llama_tensor_get_type_impl``, ``tensor_type_fallback``) and the
 ``llama_ftype`` values of ``include/llama.h``. They cover the presets in :data:`PRESETS`, for
 dense models, Falcon, 70B-class GQA models and 8-expert MoE models, with or without an importance
-matrix (``has_imatrix``; some i-quant and Q4_0/Q5_0 rules depend on it). Not covered: the IQ1_*,
-Q2_K_S, TQ*/MXFP4 presets, and llama.cpp's per-architecture exceptions for GLM-5-next.
+matrix (``has_imatrix``; some i-quant and Q4_0/Q5_0 rules depend on it). Not covered: the Q2_K_S,
+TQ*/MXFP4 presets, and llama.cpp's per-architecture exceptions for GLM-5-next.
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ PRESETS: dict[str, Preset] = {
         Preset("IQ2_S", T.IQ2_XS, 28, "IQ2_XS mix with IQ3_S attn_v/attn_output; needs an importance matrix"),
         Preset("IQ2_M", T.IQ2_S, 29, "IQ2_S mix with IQ3_S attn_v/attn_output; needs an importance matrix"),
         Preset("IQ4_XS", T.IQ4_XS, 30, "4.25 bpw non-linear super-blocks"),
+        Preset("IQ1_S", T.IQ1_S, 24, "1.56 bpw ternary codebook; needs an importance matrix"),
+        Preset("IQ1_M", T.IQ1_M, 31, "1.75 bpw ternary codebook; needs an importance matrix"),
     )
 }
 
@@ -351,10 +353,11 @@ _LOW_IQ_RULES: dict[str, dict[str, Rules]] = {
         "attn_v": (("gqa_4_or_moe_4", T.Q4_K), ("always", hi)),
         "attn_k": (("moe_8", T.Q4_K),),
         "ffn_down": (("first_8th", hi),),
-        "attn_output": (("moe_8", T.Q5_K), *((("always", hi),) if hi == T.IQ3_S else ())),
+        "attn_output": (("moe_8", T.Q5_K), *((("always", out),) if out else ())),
         "token_embd": (("always", hi),),
     }
-    for name, hi in (("IQ2_XXS", T.Q2_K), ("IQ2_XS", T.Q2_K), ("IQ2_S", T.IQ3_S), ("IQ2_M", T.IQ3_S))
+    for name, hi, out in (("IQ2_XXS", T.Q2_K, None), ("IQ2_XS", T.Q2_K, None), ("IQ2_S", T.IQ3_S, T.IQ3_S),
+                          ("IQ2_M", T.IQ3_S, T.IQ3_S), ("IQ1_S", T.Q2_K, T.IQ2_XXS), ("IQ1_M", T.Q2_K, T.IQ2_XXS))
 }
 # their output head (or tied embedding) gets Q5_K when its rows fit, not Q6_K
 _LOW_IQ_OUTPUT = T.Q5_K

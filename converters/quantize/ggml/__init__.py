@@ -24,7 +24,7 @@ from gguf import quants as _gguf_quants
 
 from edgekit.errors import InputError, UnsupportedError
 
-from . import iq4nl, iq4xs, kquants, lattice, legacy
+from . import iq1, iq4nl, iq4xs, kquants, lattice, legacy
 from ._common import F32, fp16
 
 __all__ = [
@@ -38,10 +38,10 @@ __all__ = [
 ]
 
 SUPPORTED_TYPES: tuple[T, ...] = (
-    T.F32, T.F16, T.BF16, *legacy.TYPES, *kquants.TYPES, T.IQ4_NL, T.IQ4_XS, *lattice.TYPES
+    T.F32, T.F16, T.BF16, *legacy.TYPES, *kquants.TYPES, T.IQ4_NL, T.IQ4_XS, *lattice.TYPES, *iq1.TYPES
 )
 # llama.cpp asserts an importance matrix for these (ggml_quantize_requires_imatrix)
-REQUIRES_IMATRIX: tuple[T, ...] = lattice.REQUIRES_IMATRIX
+REQUIRES_IMATRIX: tuple[T, ...] = (*lattice.REQUIRES_IMATRIX, T.IQ1_S)
 
 # Blocks are processed in chunks of about this many weights: big enough that numpy's per-call overhead
 # is amortised, small enough that the search temporaries stay in cache and memory stays flat.
@@ -99,6 +99,9 @@ def _encode_blocks(
         codes, xp = iq4xs.encode(blocks, qw)
         values = iq4xs.dequantize_codes(codes, xp) if want_values else None
         return iq4xs.pack(codes, xp), values
+    if qt in iq1.TYPES:
+        raw = iq1.encode(qt, blocks, qw)
+        return raw, np.asarray(_gguf_quants.dequantize(raw, qt), dtype=F32) if want_values else None
     if qt in lattice.TYPES:
         codes, gp = lattice.encode(qt, blocks, qw)
         return lattice.pack(qt, codes, gp), lattice.dequantize_codes(qt, codes, gp) if want_values else None

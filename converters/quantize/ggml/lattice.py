@@ -75,6 +75,10 @@ SPECS: dict[T, Spec] = {
     T.IQ3_S: Spec(T.IQ3_S, 32, 4, 8, 3, False, 9, 0.2, 2, None, 1.033, "all_if_off", "xx"),
 }
 TYPES: tuple[T, ...] = tuple(SPECS)
+# qtype -> (weights per codebook point, levels per coordinate, distinct neighbour distances kept): the
+# codebook geometry llama.cpp's init builds its neighbour lists from (IQ1_S/IQ1_M share one codebook)
+GEOMETRY: dict[T, tuple[int, int, int]] = {
+    **{t: (s.dim, s.kmax, s.nwant) for t, s in SPECS.items()}, T.IQ1_S: (8, 3, 3), T.IQ1_M: (8, 3, 3)}
 REQUIRES_IMATRIX: tuple[T, ...] = tuple(t for t, s in SPECS.items() if s.plain_weight is None)
 
 
@@ -100,20 +104,21 @@ def tables(qtype: T) -> Tables:
     """The codebook of ``qtype`` from ``gguf.quants`` and the neighbour lists llama.cpp builds at init:
     for every point off the codebook, the codebook points at its ``nwant`` smallest distinct squared
     distances, ordered by (distance, index) -- the order its strict ``<`` search breaks ties in."""
-    spec = SPECS[qtype]
+    dim, kmax, nwant = GEOMETRY[qtype]
+    bits = 2 if dim == 8 else 3
     cls = getattr(gq, qtype.name)
     cls.init_grid()
     values = np.asarray(cls.grid, dtype=np.float64).reshape(cls.grid_shape)
     levels = np.searchsorted(np.asarray(cls.grid_map, dtype=np.float64), values)  # l per coordinate
-    n_index = 1 << (spec.bits * spec.dim)
-    shifts = spec.bits * np.arange(spec.dim)
+    n_index = 1 << (bits * dim)
+    shifts = bits * np.arange(dim)
     index = (levels << shifts).sum(axis=1)
     kmap = np.full(n_index, -1, dtype=np.int32)
     kmap[index] = np.arange(values.shape[0], dtype=np.int32)
     points = (2 * levels + 1).astype(np.int32)
 
     # only indices whose coordinates are all < kmax are ever looked up (the rounding clamps to them)
-    digits = np.stack(np.meshgrid(*[np.arange(spec.kmax)] * spec.dim, indexing="ij"), -1).reshape(-1, spec.dim)
+    digits = np.stack(np.meshgrid(*[np.arange(kmax)] * dim, indexing="ij"), -1).reshape(-1, dim)
     lookup = (digits << shifts).sum(axis=1)
     off = kmap[lookup] < 0
     pos = 2 * digits[off] + 1
@@ -121,7 +126,7 @@ def tables(qtype: T) -> Tables:
     order = np.argsort(d2, axis=1, kind="stable")
     sd2 = np.take_along_axis(d2, order, axis=1)
     distinct = np.concatenate([np.ones((sd2.shape[0], 1), bool), sd2[:, 1:] > sd2[:, :-1]], axis=1)
-    keep = np.cumsum(distinct, axis=1) <= spec.nwant
+    keep = np.cumsum(distinct, axis=1) <= nwant
     width = int(keep.sum(axis=1).max())
     nbr = np.where(keep[:, :width], order[:, :width], -1).astype(np.int32)
     neighbours = np.full((n_index, width), -1, dtype=np.int32)
@@ -130,9 +135,9 @@ def tables(qtype: T) -> Tables:
     lookup_row[lookup[off]] = np.arange(nbr.shape[0], dtype=np.int32)
     count = (nbr >= 0).sum(axis=1)
     buckets = tuple(sorted({min(width, 1 << k) for k in range(2, 12)}))
-    flat_levels = (np.arange(spec.dim) * spec.kmax + levels).astype(np.intp)
+    flat_levels = (np.arange(dim) * kmax + levels).astype(np.intp)
     return Tables(points.astype(F32), kmap, neighbours, lookup_row, nbr, count, buckets,
-                  (2.0 * np.arange(spec.kmax) + 1.0).astype(F32), flat_levels)
+                  (2.0 * np.arange(kmax) + 1.0).astype(F32), flat_levels)
 
 
 @dataclass(frozen=True)
@@ -160,28 +165,30 @@ def _nearest_points(tab: Tables, spec: Spec, xval: np.ndarray, waux: np.ndarray,
         b, k = np.nonzero(~on)
         for c0 in range(0, b.shape[0], _NEIGHBOUR_CHUNK):
             sl = slice(c0, c0 + _NEIGHBOUR_CHUNK)
-            gi[b[sl], k[sl]] = _best_neighbour(tab, spec, u[b[sl], k[sl]], xval[b[sl], k[sl]],
-                                               waux[b[sl], k[sl]], scale[b[sl]])
+            gi[b[sl], k[sl]] = best_neighbour(tab, u[b[sl], k[sl]], xval[b[sl], k[sl]],
+                                              waux[b[sl], k[sl]], scale[b[sl]])
     return gi, on
 
 
 _NEIGHBOUR_CHUNK = 4096
 
 
-def _best_neighbour(tab: Tables, spec: Spec, u: np.ndarray, xs: np.ndarray, ws: np.ndarray,
-                    sc: np.ndarray) -> np.ndarray:
+def best_neighbour(tab: Tables, u: np.ndarray, xs: np.ndarray, ws: np.ndarray, sc: np.ndarray,
+                   levels: np.ndarray | None = None) -> np.ndarray:
     """llama.cpp's ``iq*_find_best_neighbour`` for ``M`` groups: the listed neighbour with the least
-    ``sum(w*(scale*q - x)^2)`` (float32, summed in coordinate order), the first listed on ties.
+    ``sum(w*(scale*q - x)^2)`` (float32, summed in coordinate order), the first listed on ties. ``q`` is
+    the level's value: ``2l+1``, or ``levels[m, l]`` per group (IQ1's shifted levels).
 
     A term ``(w_i*diff)*diff`` depends only on the coordinate and its level, so the ``dim x kmax`` terms
     are computed once per group, exactly as C computes them, and each listed neighbour's distance is the
     sequential sum of its gathered terms: C's float32 value. Queries are bucketed by list length so the
     work follows the lists (a few points on average) rather than the longest one.
     """
-    m = u.shape[0]
-    kmax = spec.kmax
+    m, dim = xs.shape
+    lv = np.broadcast_to(tab.levels if levels is None else levels, (m, tab.levels.shape[0]))
+    kmax = lv.shape[1]
     with np.errstate(all="ignore"):
-        diff = sc[:, None, None] * tab.levels[None, None, :] - xs[:, :, None]  # (M, dim, kmax)
+        diff = sc[:, None, None] * lv[:, None, :] - xs[:, :, None]  # (M, dim, kmax)
         terms = (ws[:, :, None] * diff * diff).reshape(m, -1)
     terms = np.where(np.isnan(terms), F32(np.inf), terms)  # C's strict < never picks a NaN
     rows = tab.lookup_row[u]
@@ -195,10 +202,10 @@ def _best_neighbour(tab: Tables, spec: Spec, u: np.ndarray, xs: np.ndarray, ws: 
             continue
         cand = tab.neighbours_c[rows[sel], :width]  # (S, width), -1 pads
         flat = tab.flat_levels[np.maximum(cand, 0)]  # (S, width, dim): i*kmax + level
-        base = (sel * (spec.dim * kmax))[:, None]
+        base = (sel * (dim * kmax))[:, None]
         tf = terms.reshape(-1)
         d2 = tf[base + flat[:, :, 0]]
-        for i in range(1, spec.dim):
+        for i in range(1, dim):
             d2 = d2 + tf[base + flat[:, :, i]]
         d2[cand < 0] = np.inf
         choice[sel] = cand[np.arange(sel.size), np.argmin(d2, axis=1)]
