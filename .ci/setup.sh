@@ -174,5 +174,24 @@ if [ "$TESTS" = 1 ]; then
     fi
     rm -rf "$src"
   fi
+  # llama-imatrix and llama-quantize from the same sources, for the benchmarks' imatrix-llama.cpp rows (bench/low_bit.py,
+  # bench/gguf_quality.py): built for this CPU, since it only runs here.
+  IMATRIX_BIN="$CACHE/bin/llama-imatrix-$LLAMA_VERSION-$KEY"
+  if [ ! -x "$IMATRIX_BIN" ] && command -v cmake >/dev/null && command -v g++ >/dev/null; then
+    say "building llama-imatrix ($KEY): about 10 minutes, once"
+    src=$(mktemp -d)
+    if tar xzf "$(sdist)" -C "$src" \
+       && cmake -S "$src"/llama_cpp_python-*/vendor/llama.cpp -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
+            -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+            -DLLAMA_BUILD_SERVER=OFF $(.venv/bin/python $BUILD_PY cmake-args) >/dev/null 2>&1 \
+       && cmake --build "$src/build" --target llama-imatrix llama-quantize -j"$(nproc)" >/dev/null 2>&1; then
+      mkdir -p "$(dirname "$IMATRIX_BIN")"
+      cp "$src/build/bin/llama-quantize" "$CACHE/bin/llama-quantize-$LLAMA_VERSION-$KEY"
+      cp "$src/build/bin/llama-imatrix" "$IMATRIX_BIN.tmp" && mv "$IMATRIX_BIN.tmp" "$IMATRIX_BIN"
+    else
+      echo "llama-imatrix did not build: the imatrix-llama.cpp benchmark rows are skipped"
+    fi
+    rm -rf "$src"
+  fi
 fi
 say "edgekit is set up: $(.venv/bin/edgekit --help >/dev/null && echo ok) (.venv/bin/edgekit; llama.cpp built for $KEY)"

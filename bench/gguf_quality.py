@@ -35,6 +35,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gguf  # noqa: E402
+import llamacpp_imatrix as imatrix_peer  # noqa: E402
 from gguf_rtn import cpu_model, get_model, llama_quantize, log, pkg_version  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -153,8 +154,10 @@ def run_edgekit(run: Run, hf: Path, tmp: Path, calib: api.CalibConfig, refs: dic
 def target_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     rows = [r for r in report["rows"] if "error" not in r]
-    for ref, (frac, strict) in TARGETS.items():
-        lref = report["llamacpp"].get(ref)
+    peers = [(ref, "", report["llamacpp"].get(ref)) for ref in TARGETS]
+    peers += [(ref, "+imatrix", report.get("llamacpp_imatrix", {}).get(ref)) for ref in TARGETS]
+    for ref, kind, lref in peers:
+        frac, strict = TARGETS[ref]
         if lref is None or "error" in lref:
             continue
         fits = [r for r in rows if r["size_bytes"] <= lref["size_bytes"]]
@@ -163,8 +166,8 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         best = min(fits, key=lambda r: r["increase_pct"]) if fits else None
         ok = best is not None and (best["increase_pct"] < limit if strict else best["increase_pct"] <= limit)
         got = f"best {best['label']} {best['mb']:.2f} MB {best['increase_pct']:+.2f}%" if best else "no edgekit row fits"
-        report["targets"][ref] = {"ok": ok, "limit_pct": limit, "best": best["label"] if best else None}
-        lines.append(f"target: file <= llama.cpp {ref} ({lref['mb']:.2f} MB), increase {want}: "
+        report["targets"][ref + kind] = {"ok": ok, "limit_pct": limit, "best": best["label"] if best else None}
+        lines.append(f"target: file <= llama.cpp{kind} {ref} ({lref['mb']:.2f} MB), increase {want}: "
                      f"{'HOLDS' if ok else 'FAILS'} ({got})")
     gptq = [r for r in rows if "gptq" in r["method"]]
     if gptq:
@@ -196,6 +199,13 @@ def build_table(report: dict[str, Any]) -> Table:
         table.add_row(f"llama.cpp {ref}" + (" *" if r.get("reused") else ""), f"{r['mb']:.2f}", f"{r['bpw']:.3f}",
                       f"{r['ppl']:.4f}", f"{r['increase_pct']:+.2f}%", _fmt(r.get("kl_mean"), ".4f"),
                       _fmt(r.get("top1"), ".3f"), f"{r['quantize_s']:.1f} (q)", "")
+    for ref, r in report.get("llamacpp_imatrix", {}).items():
+        if "error" in r:
+            table.add_row(f"llama.cpp+imatrix {ref}", *[""] * 7, f"error: {r['error'][:40]}")
+            continue
+        table.add_row(f"llama.cpp+imatrix {ref}", f"{r['mb']:.2f}", f"{r['bpw']:.3f}", f"{r['ppl']:.4f}",
+                      f"{r['increase_pct']:+.2f}%", _fmt(r.get("kl_mean"), ".4f"), _fmt(r.get("top1"), ".3f"),
+                      f"{r['quantize_s']:.1f} (q)", "")
     for r in report["rows"]:
         if "error" in r:
             table.add_row(r["label"], *[""] * 7, f"error: {r['error'][:40]}")
@@ -204,7 +214,8 @@ def build_table(report: dict[str, Any]) -> Table:
         table.add_row(r["label"], f"{r['mb']:.2f}", f"{r['bpw']:.3f}", f"{r['ppl']:.4f}", f"{r['increase_pct']:+.2f}%",
                       _fmt(r.get("kl_mean"), ".4f"), _fmt(r.get("top1"), ".3f"), f"{r['convert_s']:.1f}",
                       "" if fits is None else f"{'yes' if fits else 'NO'} ({r['size_class']})")
-    table.caption = ("llama.cpp: llama_model_quantize from edgekit's F32 GGUF, no imatrix; (q) = quantize time. "
+    table.caption = ("llama.cpp: llama_model_quantize from edgekit's F32 GGUF, no imatrix; llama.cpp+imatrix: "
+                     "llama-imatrix on the text's first half, then llama-quantize --imatrix; (q) = quantize time. "
                      "edgekit: api.convert wall time in-process (calibration sampling is cached after the first "
                      "'self' run). bpw@REF: budget = REF's bits per weight - 0.01, types "
                      f"{','.join(cfg['bpw_types'])}. " + ("" if cfg["allow_q4_1"] else Q4_1_NOTE + ". ")
@@ -231,6 +242,9 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         if "error" not in r:
             series.setdefault("llama.cpp", []).append((r["mb"], r["increase_pct"], ref))
             ax.axvline(r["mb"], color="0.85", lw=0.8, zorder=0)
+    for ref, r in report.get("llamacpp_imatrix", {}).items():
+        if "error" not in r:
+            series.setdefault("llama.cpp+imatrix", []).append((r["mb"], r["increase_pct"], ref))
     for r in report["rows"]:
         if "error" not in r:
             key = f"edgekit {r['method']}" + (" (bpw budget)" if r["ref"] else "")
@@ -273,6 +287,37 @@ def llamacpp_ref(ref: str, f32_path: Path, tmp: Path, text: str, args: argparse.
     return r
 
 
+def llamacpp_imatrix_refs(f32_path: Path, tmp: Path, calib_text: str, text: str, args: argparse.Namespace,
+                          f32_ppl: float) -> dict[str, Any]:
+    """llama.cpp as careful users run it: llama-imatrix on the text's first half, then llama-quantize --imatrix
+    to each reference type (a row per type; {} when the tools are not built or --imatrix-chunks is 0)."""
+    if args.imatrix_chunks <= 0:
+        return {}
+    if imatrix_peer.tools() is None:
+        log("llama-imatrix is not built (bash .ci/setup.sh --tests): no imatrix rows")
+        return {}
+    calib_file, imat = tmp / "imatrix-calib.txt", tmp / "imatrix.gguf"
+    calib_file.write_text(calib_text, encoding="utf-8")
+    log(f"llama-imatrix on {args.imatrix_chunks} chunks of the first half")
+    made = imatrix_peer.make_imatrix(f32_path, calib_file, imat, args.imatrix_chunks)
+    out: dict[str, Any] = {}
+    for ref in TARGETS:
+        lpath = tmp / f"llama-imatrix-{ref}.gguf"
+        try:
+            r: dict[str, Any] = {**imatrix_peer.quantize(f32_path, lpath, ref, imat), **made}
+            r.update(size_bytes=lpath.stat().st_size, mb=lpath.stat().st_size / 1e6, bpw=gguf_bpw(lpath))
+            log(f"llama.cpp+imatrix {ref}: {r['mb']:.2f} MB, evaluating")
+            r.update(evaluate(lpath, text, args.chunks, args.kl_chunks, f32_path))
+            r["increase_pct"] = 100 * (r["ppl"] / f32_ppl - 1)
+            log(f"llama.cpp+imatrix {ref}: ppl {r['ppl']:.4f} ({r['increase_pct']:+.2f}%)")
+        except Exception as exc:  # noqa: BLE001 - report it and go on
+            log(f"llama.cpp+imatrix {ref}: FAILED: {exc}")
+            r = {"error": f"{type(exc).__name__}: {exc}"}
+        lpath.unlink(missing_ok=True)
+        out[ref] = r
+    return out
+
+
 def edgekit_row(run: Run, hf: Path, tmp: Path, calib: api.CalibConfig, report: dict[str, Any], text: str,
                 args: argparse.Namespace, f32_path: Path) -> dict[str, Any]:
     lref = report["llamacpp"].get(run.ref or run.preset or "", {})
@@ -307,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-samples", type=int, default=api.CalibConfig.samples, help="calibration sequences")
     ap.add_argument("--calib-seqlen", type=int, default=api.CalibConfig.seqlen, help="tokens per sequence")
     ap.add_argument("--allow-q4_1", action="store_true", help="let bpw budgets use Q4_1 (see the caption)")
+    ap.add_argument("--imatrix-chunks", type=int, default=32,
+                    help="llama-imatrix chunks of 512 tokens of the first half for the llama.cpp+imatrix rows (0: none)")
     ap.add_argument("--skip-llamacpp-eval", action="store_true",
                     help="reuse F32 and llama.cpp numbers from --out's JSON when its text and chunks match")
     ap.add_argument("--out", type=Path, default=RESULTS / "gguf_quality", help="results path without suffix")
@@ -325,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "text": str(args.text.resolve()), "eval_text": "second half (cut at the first line break after the middle)",
         "eval_text_sha256": hashlib.sha256(text.encode()).hexdigest(), "ctx": CTX, "chunks": args.chunks,
         "kl_chunks": args.kl_chunks, "runs": [r.label for r in runs], "llamacpp_refs": refs,
+        "imatrix_chunks": args.imatrix_chunks,
         "bpw_types": list(bpw_types), "allow_q4_1": args.allow_q4_1, "bpw_margin": BPW_MARGIN,
         "threads": N_THREADS, "q4_1_note": None if args.allow_q4_1 else Q4_1_NOTE}
     report: dict[str, Any] = {
@@ -367,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"F32: ppl {f32['ppl']:.4f}")
         for ref in refs:
             report["llamacpp"][ref] = llamacpp_ref(ref, f32_path, tmp, text, args, f32["ppl"], prev)
+        report["llamacpp_imatrix"] = llamacpp_imatrix_refs(f32_path, tmp, calib_text, text, args, f32["ppl"])
         for run in runs:
             report["rows"].append(edgekit_row(run, hf, tmp, calib, report, text, args, f32_path))
 

@@ -54,6 +54,11 @@ class Quantizer(abc.ABC):
     def __init__(self, config: QuantizeConfig | None = None) -> None:
         self.config = config or self.config_class()
 
+    @property
+    def uses_imatrix(self) -> bool:
+        """Whether the weights are rounded with an importance matrix (some formats' rules depend on it)."""
+        return False
+
     def prepare(  # noqa: B027 - optional hook
         self,
         checkpoint: HFCheckpoint,

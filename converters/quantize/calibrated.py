@@ -88,6 +88,10 @@ class CalibratedQuantizer(Quantizer):
         assert isinstance(self.config, CalibratedConfig)
         return self.config
 
+    @property
+    def uses_imatrix(self) -> bool:
+        return any(getattr(c, "imatrix", False) for c in self.cfg.steps())
+
     def quantize(self, name: str, weight: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
         if name in self._bytes:
             return self._bytes.pop(name)

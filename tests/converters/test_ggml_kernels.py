@@ -214,13 +214,14 @@ def test_type_metadata() -> None:
     assert ggml.bits_per_weight(T.Q4_K) == 4.5
     assert ggml.bits_per_weight(T.Q6_K) == 6.5625
     assert ggml.bits_per_weight(T.F16) == 16
-    assert set(ggml.SUPPORTED_TYPES) == {*ALL, T.TQ1_0, T.TQ2_0}  # the ternary ones: test_ternary_kernels.py
+    iquants = {T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M}
+    assert set(ggml.SUPPORTED_TYPES) == set(ALL) | iquants | {T.TQ1_0, T.TQ2_0}  # ternary: test_ternary_kernels.py
 
 
 def test_unsupported_type_and_bad_shapes() -> None:
     x = np.zeros((2, 256), dtype=np.float32)
     with pytest.raises(UnsupportedError, match="Q4_K"):
-        ggml.quantize(x, T.IQ2_XXS)
+        ggml.quantize(x, T.TQ1_0)
     with pytest.raises(InputError, match="multiple of 256"):
         ggml.quantize(np.zeros((2, 288), np.float32), T.Q4_K)
     with pytest.raises(InputError):

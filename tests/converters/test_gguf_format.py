@@ -94,12 +94,18 @@ def _llama_quantize(src, dst, preset: str) -> None:
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
 
 
+# presets llama.cpp writes without an importance matrix (the others are checked with one in test_mixes and
+# test_ggml_iquants)
+_RTN_PRESETS = [p for p in mixes.PRESETS
+                if p != "F32" and (not p.startswith("IQ") or p in ("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M"))]
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
 # TQ1_0/TQ2_0: edgekit's grids take the least-squares ternary scale, not llama.cpp's absmax (which zeroes most
 # of a Gaussian block); test_ternary_kernels.py holds the absmax encoder byte-identical with ggml, and
 # both rules give the same bytes on genuinely ternary weights (a BitNet checkpoint).
-@pytest.mark.parametrize("preset", [p for p in mixes.PRESETS if p != "F32" and not p.startswith("TQ")])
+@pytest.mark.parametrize("preset", [p for p in _RTN_PRESETS if not p.startswith("TQ")])
 def test_every_preset_is_byte_identical_with_llama_quantize(tiny_models, tmp_path, preset, arch):
     """The README's claim for `rtn` ("llama.cpp's own rounding, byte-identical"), against llama.cpp
     itself: edgekit's file for a preset holds, tensor by tensor, the types and bytes llama.cpp's

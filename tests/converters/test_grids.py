@@ -7,7 +7,8 @@ import gguf
 import numpy as np
 import pytest
 
-from edgekit.converters.quantize import gptq_kernel
+from edgekit.converters.quantize import ggml, gptq_kernel
+from edgekit.converters.quantize.ggml import iq1, lattice
 from edgekit.converters.quantize.grids import GRIDS, Grid, as_grid, register_grid
 from edgekit.converters.quantize.mlcgroup import MLCGroup
 from edgekit.errors import UnsupportedError
@@ -41,10 +42,12 @@ def test_grid_roundtrips(name: str):
     grid = as_grid(name)
     assert isinstance(grid, Grid) and grid.name.lower() == name
     w = _weights(width=_width(grid))
-    raw, values = grid.quantize_roundtrip(w)
+    # llama.cpp's IQ2_XXS, IQ2_XS and IQ1_S quantizers need an importance matrix
+    im = np.ones(w.shape[1], np.float32) if getattr(grid, "qtype", None) in ggml.REQUIRES_IMATRIX else None
+    raw, values = grid.quantize_roundtrip(w, im)
     assert raw.dtype == np.uint8 and raw.shape == (w.shape[0], grid.row_bytes(w.shape[1]))
     assert np.array_equal(grid.dequantize(raw), values)
-    assert np.array_equal(grid.quantize(w), raw)
+    assert np.array_equal(grid.quantize(w, im), raw)
     # bits_per_weight is what the format stores; MatMulNBits records hold a whole byte per zero point,
     # which onnxruntime packs to 4 bits in the file
     assert grid.bits_per_weight <= 8 * raw.nbytes / w.size <= grid.bits_per_weight + 8 / grid.block
@@ -60,6 +63,10 @@ def test_grid_roundtrips(name: str):
 @pytest.mark.parametrize("name", [n for n in NAMES if not as_grid(n).is_float])
 def test_gptq_lands_on_the_grid(name: str):
     grid = as_grid(name)
+    if getattr(grid, "qtype", None) in (*lattice.TYPES, *iq1.TYPES):
+        with pytest.raises(UnsupportedError, match="GPTQ cannot round onto"):
+            grid.sweep(_weights(rows=2), None)
+        return
     w = _weights(rows=16, seed=1, width=_width(grid))
     x = np.random.default_rng(2).standard_normal((256, w.shape[1])).astype(np.float32)
     H = (x.T @ x).astype(np.float64)

@@ -303,7 +303,9 @@ def test_preset_table():
     assert {p.name: p.ftype for p in PRESETS.values()} == {
         "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9,
         "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
-        "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "TQ1_0": 36, "TQ2_0": 37,
+        "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23,
+        "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_S": 24, "IQ1_M": 31,
+        "TQ1_0": 36, "TQ2_0": 37,
     }  # fmt: skip
     assert BITS_TO_PRESET == {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
 
@@ -330,8 +332,20 @@ def _llama_cpp():
     return pytest.importorskip("llama_cpp")
 
 
+# Presets llama.cpp only writes with an importance matrix, and presets whose rules change with one.
+IMATRIX_ONLY = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ1_S", "IQ1_M"}
+IMATRIX_RULES = {"Q4_0", "Q5_0", "IQ4_XS", "IQ4_NL"}
+
+
+def _imatrix_for(tensors: list[TensorInfo]) -> dict[str, np.ndarray]:
+    """All-ones importance for every 2-D+ weight (per expert for 3-D ones), as llama-imatrix would list."""
+    return {t.name: np.ones(t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1), np.float32)
+            for t in tensors if t.n_dims >= 2}
+
+
 def _quantize_with_llama_cpp(
-    src: Path, dst: Path, ftype: int, *, requantize: bool, overrides: list[tuple[str, T]] = ()
+    src: Path, dst: Path, ftype: int, *, requantize: bool, overrides: list[tuple[str, T]] = (),
+    imatrix: dict[str, np.ndarray] | None = None,
 ) -> dict[str, T]:
     import gguf
 
@@ -340,6 +354,17 @@ def _quantize_with_llama_cpp(
     params.ftype = ftype
     params.allow_requantize = requantize
     params.nthread = min(8, os.cpu_count() or 1)
+    keep = []
+    if imatrix is not None:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            keep.append(values)
+            entries[i].name = name.encode()
+            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = values.size
+        entries[len(imatrix)].name = None
+        params.imatrix = ctypes.cast(entries, type(params.imatrix))
+        keep.append(entries)
     if overrides:  # a null-pattern-terminated array, like llama-quantize's --tensor-type list
         table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
         for i, (pattern, qtype) in enumerate(overrides):
@@ -369,14 +394,15 @@ def _disagreements(ours: dict[str, Assignment], theirs: dict[str, T]) -> list[st
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.startswith("IQ")] + ["IQ2_M"])
 def test_real_smollm2_matches_llama_cpp(preset, tmp_path, real_gguf):
     _llama_cpp()
     tensors = _read_tensor_infos(real_gguf)
+    im = _imatrix_for(tensors) if preset in IMATRIX_ONLY else None
     theirs = _quantize_with_llama_cpp(
-        real_gguf, tmp_path / "out.gguf", PRESETS[preset].ftype, requantize=True
+        real_gguf, tmp_path / "out.gguf", PRESETS[preset].ftype, requantize=True, imatrix=im
     )
-    assert _disagreements(assign_types(tensors, preset, SMOL_ARCH), theirs) == []
+    assert _disagreements(assign_types(tensors, preset, SMOL_ARCH, has_imatrix=im is not None), theirs) == []
 
 
 # Small synthetic models for the rules SmolLM2 does not reach: an untied output head, GQA >= 4,
@@ -453,12 +479,15 @@ def test_synthetic_models_match_llama_cpp(model, tmp_path):
     arch, width = SYNTHETIC[model]
     tensors = _write_synthetic(tmp_path / "src.gguf", arch, width)
     problems = {}
-    for preset in PRESETS:
+    runs = [(p, False) for p in PRESETS if p not in IMATRIX_ONLY]
+    runs += [(p, True) for p in PRESETS if p in IMATRIX_ONLY | IMATRIX_RULES]
+    for preset, with_im in runs:
         theirs = _quantize_with_llama_cpp(
-            tmp_path / "src.gguf", tmp_path / "out.gguf", PRESETS[preset].ftype, requantize=False
+            tmp_path / "src.gguf", tmp_path / "out.gguf", PRESETS[preset].ftype, requantize=False,
+            imatrix=_imatrix_for(tensors) if with_im else None,
         )
-        if bad := _disagreements(assign_types(tensors, preset, arch), theirs):
-            problems[preset] = bad
+        if bad := _disagreements(assign_types(tensors, preset, arch, has_imatrix=with_im), theirs):
+            problems[f"{preset} imatrix={with_im}"] = bad
     assert problems == {}
 
 
@@ -482,3 +511,21 @@ def test_overrides_match_llama_cpp(model, preset, tmp_path):
         overrides=OVERRIDES,
     )
     assert _disagreements(assign_types(tensors, preset, arch, OVERRIDES), theirs) == []
+
+
+@pytest.mark.parametrize("preset", sorted(IMATRIX_ONLY))
+def test_iquant_presets_without_imatrix_say_how(preset):
+    with pytest.raises(InputError, match="--method imatrix"):
+        assign_types(BIG, preset, BIG_ARCH)
+    assign_types(BIG, preset, BIG_ARCH, has_imatrix=True)
+
+
+def test_iquant_fallbacks_on_smollm2():
+    """576-wide rows fit no 256-weight super-block: llama.cpp writes IQ4_NL there, so the imatrix-only
+    types survive only in the 1536-wide ffn_down (and IQ3_XXS without an imatrix avoids them)."""
+    mix = assign_types(SMOL, "IQ2_M", SMOL_ARCH, has_imatrix=True)
+    assert types(mix, "attn_q", 30) == [T.IQ4_NL] * 30
+    assert types(mix, "ffn_down", 30) == [T.IQ3_S] * 3 + [T.IQ2_S] * 27
+    assert mix["token_embd.weight"].type == T.Q8_0
+    plain = assign_types(SMOL, "IQ3_XXS", SMOL_ARCH)
+    assert types(plain, "ffn_down", 30) == [T.Q4_K] * 3 + [T.Q3_K] * 27

@@ -10,9 +10,9 @@ module restates those rules as tables plus one pure function, :func:`assign_type
 The rules follow llama.cpp's ``src/llama-quant.cpp`` (``tensor_allows_quantization``,
 ``llama_tensor_get_type``, ``llama_tensor_get_type_impl``, ``tensor_type_fallback``) and the
 ``llama_ftype`` values of ``include/llama.h``. They cover the presets in :data:`PRESETS`, for
-dense models, Falcon, 70B-class GQA models and 8-expert MoE models without an importance
-matrix, and the TQ1_0/TQ2_0 presets. Not covered: the IQ*/MXFP4 presets, rules that only apply with an imatrix, and
-llama.cpp's per-architecture exceptions for GLM-5-next.
+dense models, Falcon, 70B-class GQA models and 8-expert MoE models, with or without an importance
+matrix (``has_imatrix``; some i-quant and Q4_0/Q5_0 rules depend on it), and the TQ1_0/TQ2_0 presets.
+Not covered: the Q2_K_S and MXFP4 presets, and llama.cpp's per-architecture exceptions for GLM-5-next.
 """
 
 from __future__ import annotations
@@ -148,6 +148,18 @@ PRESETS: dict[str, Preset] = {
         Preset("Q6_K", T.Q6_K, 18, "Q6_K everywhere"),
         Preset("TQ1_0", T.TQ1_0, 36, "1.69 bpw ternary (BitNet b1.58), token embedding Q4_K"),
         Preset("TQ2_0", T.TQ2_0, 37, "2.06 bpw ternary (BitNet b1.58), token embedding Q4_K"),
+        Preset("IQ2_XXS", T.IQ2_XXS, 19, "2.06 bpw lattice type; needs an importance matrix"),
+        Preset("IQ2_XS", T.IQ2_XS, 20, "2.31 bpw lattice type; needs an importance matrix"),
+        Preset("IQ3_XS", T.IQ3_S, 22, "IQ3_S mix with IQ3_XXS attn_q/attn_k and middle ffn_gate/ffn_up"),
+        Preset("IQ3_XXS", T.IQ3_XXS, 23, "3.06 bpw lattice type, attn_q/attn_k IQ2_S; needs an importance matrix"),
+        Preset("IQ4_NL", T.IQ4_NL, 25, "4.5 bpw non-linear 32-blocks"),
+        Preset("IQ3_S", T.IQ3_S, 26, "3.44 bpw lattice type"),
+        Preset("IQ3_M", T.IQ3_S, 27, "IQ3_S mix: attn_v, attn_output Q4_K, first ffn_down Q4_K"),
+        Preset("IQ2_S", T.IQ2_XS, 28, "IQ2_XS mix with IQ3_S attn_v/attn_output; needs an importance matrix"),
+        Preset("IQ2_M", T.IQ2_S, 29, "IQ2_S mix with IQ3_S attn_v/attn_output; needs an importance matrix"),
+        Preset("IQ4_XS", T.IQ4_XS, 30, "4.25 bpw non-linear super-blocks"),
+        Preset("IQ1_S", T.IQ1_S, 24, "1.56 bpw ternary codebook; needs an importance matrix"),
+        Preset("IQ1_M", T.IQ1_M, 31, "1.75 bpw ternary codebook; needs an importance matrix"),
     )
 }
 
@@ -251,6 +263,8 @@ class _Where:
     i: int
     n: int
     n_gqa: int
+    n_expert: int = 0
+    imatrix: bool = False
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -267,6 +281,13 @@ _CONDITIONS: dict[str, Callable[[_Where], bool]] = {
     "first_2": lambda w: w.i < 2,
     "first_4": lambda w: w.i < 4,
     "gqa_4": lambda w: w.n_gqa >= 4,
+    "gqa_4_or_moe_4": lambda w: w.n_gqa >= 4 or w.n_expert >= 4,
+    "moe_8": lambda w: w.n_expert == 8,
+    "middle": lambda w: w.n // 8 <= w.i < 7 * w.n // 8,
+    "no_imatrix": lambda w: not w.imatrix,
+    "first_8th_no_imatrix": lambda w: w.i < w.n // 8 and not w.imatrix,
+    "first_8th_imatrix": lambda w: w.i < w.n // 8 and w.imatrix,
+    "first_8th_or_moe_8_more_bits": lambda w: w.i < w.n // 8 or (w.n_expert == 8 and _use_more_bits(w.i, w.n)),
 }
 
 Rules = tuple[tuple[str, GGMLQuantizationType], ...]
@@ -302,12 +323,60 @@ _MIX_RULES: dict[str, dict[str, Rules]] = {
     # an untied token embedding is only looked up, never multiplied: Q4_K (llama_tensor_get_type)
     "TQ1_0": {"token_embd": (("always", T.Q4_K),)},
     "TQ2_0": {"token_embd": (("always", T.Q4_K),)},
+    # with an imatrix, llama.cpp guards the first ffn_down layers of Q4_0/Q5_0 with the _1 types
+    "Q4_0": {"ffn_down": (("first_8th_imatrix", T.Q4_1),)},
+    "Q5_0": {"ffn_down": (("first_8th_imatrix", T.Q5_1),)},
+    "IQ3_XXS": {
+        "attn_v": (("gqa_4", T.Q4_K), ("no_imatrix", T.IQ3_S)),
+        "attn_k": (("always", T.IQ2_S),),
+        "attn_q": (("always", T.IQ2_S),),
+        "ffn_down": (("first_8th_no_imatrix", T.Q4_K), ("no_imatrix", T.Q3_K)),
+        "attn_output": (("always", T.IQ3_S),),
+        "token_embd": (("always", T.IQ3_S),),
+    },
+    "IQ3_XS": {
+        "attn_v": (("gqa_4", T.Q4_K),),
+        "attn_k": (("always", T.IQ3_XXS),),
+        "attn_q": (("always", T.IQ3_XXS),),
+        "ffn_gate": (("middle", T.IQ3_XXS),),
+        "ffn_up": (("middle", T.IQ3_XXS),),
+    },
+    "IQ3_S": {"attn_v": (("gqa_4", T.Q4_K),)},
+    "IQ3_M": {
+        "attn_v": (("always", T.Q4_K),),
+        "ffn_down": (("first_8th_or_moe_8_more_bits", T.Q4_K),),
+        "attn_output": (("always", T.Q4_K),),
+    },
+    "IQ4_NL": {"attn_v": (("gqa_4", T.Q5_K),), "ffn_down": (("first_8th_no_imatrix", T.Q5_K),)},
+    "IQ4_XS": {"attn_v": (("gqa_4", T.Q5_K),), "ffn_down": (("first_8th_no_imatrix", T.Q5_K),)},
 }
+
+# The 2-bit i-quant presets have a branch of their own in llama.cpp: no 70B bump, no 8-expert Q8_0.
+# (attn_v's "n_gqa >= 4 or >= 4 experts" rule, the first eighth of ffn_down, and attn_output.)
+_LOW_IQ_RULES: dict[str, dict[str, Rules]] = {
+    name: {
+        "attn_v": (("gqa_4_or_moe_4", T.Q4_K), ("always", hi)),
+        "attn_k": (("moe_8", T.Q4_K),),
+        "ffn_down": (("first_8th", hi),),
+        "attn_output": (("moe_8", T.Q5_K), *((("always", out),) if out else ())),
+        "token_embd": (("always", hi),),
+    }
+    for name, hi, out in (("IQ2_XXS", T.Q2_K, None), ("IQ2_XS", T.Q2_K, None), ("IQ2_S", T.IQ3_S, T.IQ3_S),
+                          ("IQ2_M", T.IQ3_S, T.IQ3_S), ("IQ1_S", T.Q2_K, T.IQ2_XXS), ("IQ1_M", T.Q2_K, T.IQ2_XXS))
+}
+# their output head (or tied embedding) gets Q5_K when its rows fit, not Q6_K
+_LOW_IQ_OUTPUT = T.Q5_K
+# llama.cpp refuses to write these types without an importance matrix (tensor_requires_imatrix),
+# except for the token embedding and the output head
+NEEDS_IMATRIX = frozenset({T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS})
 
 # Falcon has its own ffn_down and attn_output rules (its attn_v rules are the common ones); a
 # preset missing here leaves those two groups at the base type on Falcon.
 _FALCON_GROUPS = ("ffn_down", "attn_output")
 _FALCON_RULES: dict[str, dict[str, Rules]] = {
+    # the i-quant and imatrix Q4_0/Q5_0 ffn_down rules do not depend on the architecture
+    **{p: {"ffn_down": r["ffn_down"]} for p, r in _MIX_RULES.items()
+       if (p.startswith("IQ") or p in ("Q4_0", "Q5_0")) and "ffn_down" in r},
     "Q2_K": {"ffn_down": (("always", T.Q3_K),)},
     "Q3_K_M": {"ffn_down": (("first_16th", T.Q5_K), ("more_bits", T.Q4_K), ("always", T.Q3_K))},
     "Q3_K_L": {"ffn_down": (("always", T.Q4_K),), "attn_output": (("always", T.Q4_K),)},
@@ -319,7 +388,8 @@ _FALCON_RULES: dict[str, dict[str, Rules]] = {
 # so llama.cpp makes them Q8_0; attn_output gets Q5_K in the low-bit mixes, and the dense
 # attn_output rules do not apply.
 _EIGHT_EXPERT_TYPE = {"attn_v": T.Q8_0, "attn_k": T.Q8_0}
-_EIGHT_EXPERT_ATTN_OUTPUT_Q5K = {"Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"}
+_EIGHT_EXPERT_ATTN_OUTPUT_Q5K = {"Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ3_XS", "IQ3_XXS", "IQ4_NL",
+                                 "IQ3_S", "IQ3_M", "IQ4_XS"}
 
 # llama.cpp marks these (architecture, n_layer) models "70B" and bumps their attn_v from
 # Q3_K/Q4_K to Q5_K: 8 query heads share each attn_v head, so it is cheap. For llama, only when
@@ -400,24 +470,25 @@ def _llama_order(tensors: Iterable[TensorInfo]) -> list[TensorInfo]:
 class _MixState:
     """Per-file state of the mix rules: the per-category counters llama.cpp keeps."""
 
-    def __init__(self, preset: Preset, arch: ArchInfo, tensors: Sequence[TensorInfo]) -> None:
+    def __init__(self, preset: Preset, arch: ArchInfo, tensors: Sequence[TensorInfo], has_imatrix: bool = False) -> None:
         self.preset = preset
         self.arch = arch
+        self.imatrix = has_imatrix
         names = {t.name for t in tensors}
         self.tied = arch.tied_embeddings if arch.tied_embeddings is not None else "output.weight" not in names
         # attn_v's "n" is the number of attn_v-like tensors; ffn_down's is the layer count.
         n_v = sum(_RULE_GROUP.get(c, c) == "attn_v" for c in map(tensor_category, names))
-        self.totals = {"attn_v": n_v, "ffn_down": arch.n_layer}
-        self.seen = {"attn_v": 0, "ffn_down": 0}
+        self.totals = {"attn_v": n_v, "ffn_down": arch.n_layer, "ffn_gate": arch.n_layer, "ffn_up": arch.n_layer}
+        self.seen = {"attn_v": 0, "ffn_down": 0, "ffn_gate": 0, "ffn_up": 0}
 
     def _where(self, group: str, name: str) -> _Where:
         i = self.seen.get(group, 0)  # attn_output has no layer rule, so no counter
-        if group == "ffn_down" and self.arch.n_expert > 1:
+        if group in ("ffn_down", "ffn_gate", "ffn_up") and self.arch.n_expert > 1:
             # MoE files do not list experts layer by layer, so llama.cpp reads the block number.
             i = _layer_of(name)
             if not 0 <= i < self.arch.n_layer:
                 raise InputError(f"{name}: cannot tell which of {self.arch.n_layer} layers it belongs to")
-        return _Where(i, self.totals.get(group, 0), self.arch.n_gqa)
+        return _Where(i, self.totals.get(group, 0), self.arch.n_gqa, self.arch.n_expert, self.imatrix)
 
     def mix_type(self, info: TensorInfo) -> GGMLQuantizationType:
         """The preset's type for a quantizable tensor, before any row-width fallback."""
@@ -436,10 +507,18 @@ class _MixState:
         base = self.preset.base
         if self.arch.arch == "falcon" or info.shape[0] % block_size(base) != 0:
             return T.Q8_0
+        if self.preset.name in _LOW_IQ_RULES or self.preset.name == "IQ3_XXS":
+            return _LOW_IQ_OUTPUT
         return base if base == T.Q8_0 else T.Q6_K
 
     def _rule_type(self, group: str, name: str) -> GGMLQuantizationType:
         base, arch = self.preset.base, self.arch
+        if self.preset.name in _LOW_IQ_RULES:
+            rules = _LOW_IQ_RULES[self.preset.name].get(group, ())
+            return _first_match(rules, self._where(group, name), base) if rules else base
+        if group == "token_embd":
+            rules = _MIX_RULES.get(self.preset.name, {}).get(group, ())
+            return _first_match(rules, self._where(group, name), base) if rules else base
         if arch.n_expert == 8 and group in _EIGHT_EXPERT_TYPE:
             return _EIGHT_EXPERT_TYPE[group]  # wins over the attn_v rules and the 70B bump
         if group == "attn_output" and arch.n_expert == 8 and arch.arch != "falcon":
@@ -470,6 +549,7 @@ def assign_types(
     preset: str | Preset,
     arch: ArchInfo,
     overrides: Iterable[tuple[str, str | GGMLQuantizationType]] = (),
+    has_imatrix: bool = False,
 ) -> dict[str, Assignment]:
     """Choose each tensor's GGUF type as ``llama-quantize`` would for ``preset``.
 
@@ -479,15 +559,30 @@ def assign_types(
     the preset's base type is quantized (not for F32/F16/BF16), and an overridden ``attn_v`` /
     ``ffn_down`` does not advance the layer counters the preset rules use.
 
+    ``has_imatrix``: the weights will be quantized with an importance matrix (llama.cpp's rules for
+    IQ3_XXS, IQ4_NL/IQ4_XS and Q4_0/Q5_0 differ with one); without one, a tensor assigned a type
+    llama.cpp refuses to write unweighted (:data:`NEEDS_IMATRIX`) raises InputError.
+
     Returns a dict keyed by tensor name, in the order of ``tensors``.
     """
     preset = preset if isinstance(preset, Preset) else preset_from_name(preset)
     if len({t.name for t in tensors}) != len(tensors):
         raise InputError("tensor names must be unique")
     patterns = _compile_overrides(overrides)
-    state = _MixState(preset, arch, tensors)
+    state = _MixState(preset, arch, tensors, has_imatrix)
     chosen = {t.name: _assign_one(t, preset, state, patterns) for t in _llama_order(tensors)}
+    if not has_imatrix:
+        _require_imatrix(chosen)
     return {t.name: chosen[t.name] for t in tensors}
+
+
+def _require_imatrix(chosen: Mapping[str, Assignment]) -> None:
+    needy = [n for n, a in chosen.items()
+             if a.type in NEEDS_IMATRIX and tensor_category(n) not in ("token_embd", "output")]
+    if needy:
+        qtype = chosen[needy[0]].type.name
+        raise InputError(f"{qtype} needs an importance matrix ({needy[0]}, as llama.cpp refuses it without one): "
+                         "use --method imatrix (or gptq/awq) with calibration data")
 
 
 def _assign_one(

@@ -57,8 +57,9 @@ def _order_key(name: str) -> tuple[int, int, str]:
     return (0 if name.startswith("token_embd") else 2, 0, name)
 
 
-def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe) -> list[PlannedTensor]:
-    """Map every checkpoint tensor to its GGUF name and ggml type (preset mix, overrides, fallbacks)."""
+def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe, has_imatrix: bool = False) -> list[PlannedTensor]:
+    """Map every checkpoint tensor to its GGUF name and ggml type (preset mix, overrides, fallbacks);
+    ``has_imatrix``: the quantizer weights its rounding by an importance matrix."""
     hp, spec = ckpt.hparams, ckpt.spec
     mapped: list[tuple[str, str, tuple[int, ...]]] = []
     for hf_name, ref in ckpt.tensors.items():
@@ -72,7 +73,7 @@ def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe) -> list[PlannedTenso
     arch = mixes.ArchInfo(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv, arch=spec.gguf_arch)
     opts = GGUFOptions.from_recipe(recipe)
     overrides = [*opts.overrides(hp.tie_embeddings or "lm_head.weight" not in ckpt.tensors), *recipe.tensor_types]
-    assignments = mixes.assign_types(infos, _preset_name(recipe), arch, overrides=overrides)
+    assignments = mixes.assign_types(infos, _preset_name(recipe), arch, overrides=overrides, has_imatrix=has_imatrix)
     return [PlannedTensor(hf, name, shape, assignments[name]) for hf, name, shape in mapped]
 
 
@@ -222,7 +223,7 @@ class GGUFFormat(Format):
         progress: ProgressFn = no_progress,
     ) -> dict[str, Any]:
         checkpoint.require_tokenizer()
-        plan = plan_tensors(checkpoint, recipe)
+        plan = plan_tensors(checkpoint, recipe, quantizer.uses_imatrix)
         vocab = read_vocab(checkpoint.path, checkpoint.hparams.n_vocab)
         budget_report = None
         if recipe.budgeted:

@@ -25,7 +25,7 @@ from gguf import quants as _gguf_quants
 
 from edgekit.errors import InputError, UnsupportedError
 
-from . import iq4nl, kquants, legacy, ternary
+from . import iq1, iq4nl, iq4xs, kquants, lattice, legacy, ternary
 from ._common import F32, fp16
 
 __all__ = [
@@ -38,7 +38,11 @@ __all__ = [
     "type_size",
 ]
 
-SUPPORTED_TYPES: tuple[T, ...] = (T.F32, T.F16, T.BF16, *legacy.TYPES, *kquants.TYPES, T.IQ4_NL, *ternary.TYPES)
+SUPPORTED_TYPES: tuple[T, ...] = (
+    T.F32, T.F16, T.BF16, *legacy.TYPES, *kquants.TYPES, T.IQ4_NL, T.IQ4_XS, *lattice.TYPES, *iq1.TYPES, *ternary.TYPES
+)
+# llama.cpp asserts an importance matrix for these (ggml_quantize_requires_imatrix)
+REQUIRES_IMATRIX: tuple[T, ...] = (*lattice.REQUIRES_IMATRIX, T.IQ1_S)
 
 # Blocks are processed in chunks of about this many weights: big enough that numpy's per-call overhead
 # is amortised, small enough that the search temporaries stay in cache and memory stays flat.
@@ -96,6 +100,16 @@ def _encode_blocks(
         codes, ip = iq4nl.encode(blocks, qw)
         values = iq4nl.dequantize_codes(codes, ip) if want_values else None
         return iq4nl.pack(codes, ip), values
+    if qt == T.IQ4_XS:
+        codes, xp = iq4xs.encode(blocks, qw)
+        values = iq4xs.dequantize_codes(codes, xp) if want_values else None
+        return iq4xs.pack(codes, xp), values
+    if qt in iq1.TYPES:
+        raw = iq1.encode(qt, blocks, qw)
+        return raw, np.asarray(_gguf_quants.dequantize(raw, qt), dtype=F32) if want_values else None
+    if qt in lattice.TYPES:
+        codes, gp = lattice.encode(qt, blocks, qw)
+        return lattice.pack(qt, codes, gp), lattice.dequantize_codes(qt, codes, gp) if want_values else None
     codes, lp = legacy.encode(qt, blocks, qw, sigma2)
     values = legacy.dequantize_codes(qt, codes, lp) if want_values else None
     return legacy.pack(qt, codes, lp), values
@@ -108,6 +122,11 @@ def _run(
     x = np.ascontiguousarray(np.asarray(data, dtype=F32))
     if x.ndim == 0:
         raise InputError("quantize needs an array with at least one dimension (rows of weights)")
+    if imatrix is None and qt in REQUIRES_IMATRIX:
+        raise InputError(
+            f"{qt.name} needs an importance matrix (llama.cpp refuses it without one): "
+            "quantize with --method imatrix or give calibration data"
+        )
     n = x.shape[-1]
     bs, ts = GGML_QUANT_SIZES[qt]
     if n % bs:

@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from edgekit.converters.quantize import ggml
-from edgekit.converters.quantize.ggml import iq4nl, kquants, legacy, ternary
+from edgekit.converters.quantize.ggml import iq4nl, iq4xs, kquants, legacy, ternary
 from edgekit.converters.quantize.ggml._common import best_index
 from edgekit.converters.quantize.grids.base import (
     F32,
@@ -54,6 +54,8 @@ class GGMLGrid(Grid):
             return _KSweep(self.qtype, imatrix)
         if self.qtype == T.IQ4_NL:
             return _IQ4NLSweep(imatrix)
+        if self.qtype == T.IQ4_XS:
+            return _IQ4XSSweep(imatrix)
         if self.qtype in legacy.TYPES:
             return _LegacySweep(self.qtype, w, imatrix)
         return super().sweep(w, imatrix)
@@ -199,6 +201,39 @@ class _TernarySweep(GridSweep):
 
     def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
         return ternary.dequantize_codes(codes, params)
+
+
+class _IQ4XSSweep(GridSweep):
+    """IQ4_XS: the 256-column block's sub-block scales chosen from the columns as GPTQ has updated them,
+    then each column rounded to the table under its sub-block's effective scale."""
+
+    def __init__(self, im: np.ndarray | None) -> None:
+        self.im = im
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple[Any, Any]:
+        blocks = np.ascontiguousarray(cols.T)  # (out, 256)
+        p = iq4xs.choose_params(blocks, importance_block(self.im, c0, blocks.shape))
+        dl = iq4xs.sub_block_scales(p)  # (out, 8)
+        with np.errstate(divide="ignore"):
+            inv = np.where(dl != 0, F32(1.0) / np.where(dl != 0, dl, F32(1.0)), F32(0.0)).astype(F32)
+        table = iq4nl.KVALUES
+
+        def rnd(j: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            s = j // 32
+            idx = best_index(table, x * inv[:, s])
+            return idx, dl[:, s] * table[idx]
+
+        return rnd, p
+
+    def stack(self, ps: list) -> iq4xs.IQ4XSParams:
+        return iq4xs.IQ4XSParams(np.stack([p.d for p in ps], axis=1).reshape(-1),
+                                 np.stack([p.ls for p in ps], axis=1).reshape(-1, 8))
+
+    def pack(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return iq4xs.pack(codes, params)
+
+    def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return iq4xs.dequantize_codes(codes, params)
 
 
 for _t in ggml.SUPPORTED_TYPES:

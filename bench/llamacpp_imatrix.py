@@ -1,0 +1,81 @@
+"""llama.cpp with its importance matrix, as careful users run it: the peer of the quality benchmarks.
+
+``llama-imatrix -m model-f32.gguf -f calibration.txt`` collects each matmul input's mean square over the
+calibration text; ``llama-quantize --imatrix imatrix.gguf`` (which calls ``llama_model_quantize`` with
+it) then quantizes. Both tools are built from the same llama.cpp sources as the llama-cpp-python wheel
+by ``.ci/setup.sh --tests`` and cached in ``~/.cache/edgekit/bin/``; :func:`tools` finds them.
+
+Used by ``bench/gguf_quality.py`` (its ``imatrix`` rows) and ``bench/low_bit.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from edgekit.converters.formats.gguf.mixes import preset_from_name
+from edgekit.runtime import llamacpp_build as build
+
+N_THREADS = 2
+
+
+def tools() -> tuple[Path, Path] | None:
+    """``(llama-imatrix, llama-quantize)`` built for this CPU, or None when setup could not build them."""
+    ver = version("llama_cpp_python")
+    tag = f"{ver}-{build.key(build.resolve())}"
+    paths = (build.cache_dir() / "bin" / f"llama-imatrix-{tag}", build.cache_dir() / "bin" / f"llama-quantize-{tag}")
+    return paths if all(p.is_file() for p in paths) else None
+
+
+def _run(cmd: list[str], what: str) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {tail}")
+    return time.perf_counter() - t0
+
+
+def make_imatrix(model: Path, text_file: Path, out: Path, chunks: int, ctx: int = 512) -> dict[str, float]:
+    """Run llama-imatrix on ``chunks`` chunks of ``ctx`` tokens of ``text_file``; returns its wall time."""
+    found = tools()
+    if found is None:
+        raise RuntimeError("llama-imatrix is not built: run bash .ci/setup.sh --tests")
+    cmd = [str(found[0]), "-m", str(model), "-f", str(text_file), "-o", str(out), "--chunks", str(chunks),
+           "-c", str(ctx), "-t", str(N_THREADS), "--no-ppl"]
+    return {"imatrix_s": _run(cmd, "llama-imatrix"), "imatrix_chunks": chunks}
+
+
+def quantize(src: Path, dst: Path, preset: str, imatrix: Path | None) -> dict[str, float]:
+    """``llama-quantize [--imatrix FILE] src dst PRESET``; returns its wall time."""
+    found = tools()
+    if found is None:
+        raise RuntimeError("llama-quantize is not built: run bash .ci/setup.sh --tests")
+    name = preset_from_name(preset).name
+    cmd = [str(found[1]), *(["--imatrix", str(imatrix)] if imatrix else []), str(src), str(dst), name,
+           str(N_THREADS)]
+    return {"quantize_s": _run(cmd, f"llama-quantize {name}")}
+
+
+def load_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """The per-column importances llama-quantize derives from an imatrix GGUF: ``in_sum2 / counts`` per
+    expert (1 where a tensor saw no tokens), keyed by tensor name."""
+    reader = gguf.GGUFReader(path)
+    sums, counts = {}, {}
+    for t in reader.tensors:
+        if t.name.endswith(".in_sum2"):
+            sums[t.name[: -len(".in_sum2")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        elif t.name.endswith(".counts"):
+            counts[t.name[: -len(".counts")]] = np.round(np.asarray(t.data, dtype=np.float32).reshape(-1))
+    out = {}
+    for name, s in sums.items():
+        c = counts[name].astype(np.float32)
+        per = s.reshape(c.shape[0], -1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[name] = np.where(c[:, None] > 0, per / c[:, None], np.float32(1.0)).astype(np.float32).reshape(-1)
+    return out
