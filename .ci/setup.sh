@@ -13,6 +13,7 @@
 #
 #   bash .ci/setup.sh                       # idempotent; a second run takes seconds
 #   bash .ci/setup.sh --tests               # plus the test-only tools
+#   bash .ci/setup.sh --bench               # plus llama-imatrix/llama-quantize for the benchmarks' peer rows
 #   bash .ci/setup.sh --rebuild-llama       # rebuild llama.cpp for this CPU
 #   bash .ci/setup.sh --rebuild-llama --cpu x86-64-v3   # ... for a level (auto, x86-64[-v2|-v3|-v4])
 set -euo pipefail
@@ -24,13 +25,14 @@ LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==//p' .ci/constraints.txt)
 BUILD_PY=runtime/llamacpp_build.py
 export PIP_DISABLE_PIP_VERSION_CHECK=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
-TESTS=0 REBUILD=0 CPU=${EDGEKIT_LLAMA_CPU:-auto}
+TESTS=0 BENCH=0 REBUILD=0 CPU=${EDGEKIT_LLAMA_CPU:-auto}
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) TESTS=1 ;;
+    --bench) BENCH=1 ;;
     --rebuild-llama) REBUILD=1 ;;
     --cpu) CPU=${2:?--cpu needs a level: auto, x86-64, x86-64-v2, x86-64-v3, x86-64-v4}; shift ;;
-    *) echo "setup.sh: unknown option $1 (use --tests, --rebuild-llama, --cpu LEVEL)" >&2; exit 2 ;;
+    *) echo "setup.sh: unknown option $1 (use --tests, --bench, --rebuild-llama, --cpu LEVEL)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -174,6 +176,8 @@ if [ "$TESTS" = 1 ]; then
     fi
     rm -rf "$src"
   fi
+fi
+if [ "$BENCH" = 1 ]; then
   # llama-imatrix and llama-quantize from the same sources, for the benchmarks' imatrix-llama.cpp rows (bench/low_bit.py,
   # bench/gguf_quality.py): built for this CPU, since it only runs here.
   IMATRIX_BIN="$CACHE/bin/llama-imatrix-$LLAMA_VERSION-$KEY"

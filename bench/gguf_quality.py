@@ -294,7 +294,7 @@ def llamacpp_imatrix_refs(f32_path: Path, tmp: Path, calib_text: str, text: str,
     if args.imatrix_chunks <= 0:
         return {}
     if imatrix_peer.tools() is None:
-        log("llama-imatrix is not built (bash .ci/setup.sh --tests): no imatrix rows")
+        log("llama-imatrix is not built (bash .ci/setup.sh --bench): no imatrix rows")
         return {}
     calib_file, imat = tmp / "imatrix-calib.txt", tmp / "imatrix.gguf"
     calib_file.write_text(calib_text, encoding="utf-8")

@@ -3,7 +3,7 @@
 ``llama-imatrix -m model-f32.gguf -f calibration.txt`` collects each matmul input's mean square over the
 calibration text; ``llama-quantize --imatrix imatrix.gguf`` (which calls ``llama_model_quantize`` with
 it) then quantizes. Both tools are built from the same llama.cpp sources as the llama-cpp-python wheel
-by ``.ci/setup.sh --tests`` and cached in ``~/.cache/edgekit/bin/``; :func:`tools` finds them.
+by ``.ci/setup.sh --bench`` and cached in ``~/.cache/edgekit/bin/``; :func:`tools` finds them.
 
 Used by ``bench/gguf_quality.py`` (its ``imatrix`` rows) and ``bench/low_bit.py``.
 """
@@ -45,7 +45,7 @@ def make_imatrix(model: Path, text_file: Path, out: Path, chunks: int, ctx: int 
     """Run llama-imatrix on ``chunks`` chunks of ``ctx`` tokens of ``text_file``; returns its wall time."""
     found = tools()
     if found is None:
-        raise RuntimeError("llama-imatrix is not built: run bash .ci/setup.sh --tests")
+        raise RuntimeError("llama-imatrix is not built: run bash .ci/setup.sh --bench")
     cmd = [str(found[0]), "-m", str(model), "-f", str(text_file), "-o", str(out), "--chunks", str(chunks),
            "-c", str(ctx), "-t", str(N_THREADS), "--no-ppl"]
     return {"imatrix_s": _run(cmd, "llama-imatrix"), "imatrix_chunks": chunks}
@@ -55,7 +55,7 @@ def quantize(src: Path, dst: Path, preset: str, imatrix: Path | None) -> dict[st
     """``llama-quantize [--imatrix FILE] src dst PRESET``; returns its wall time."""
     found = tools()
     if found is None:
-        raise RuntimeError("llama-quantize is not built: run bash .ci/setup.sh --tests")
+        raise RuntimeError("llama-quantize is not built: run bash .ci/setup.sh --bench")
     name = preset_from_name(preset).name
     cmd = [str(found[1]), *(["--imatrix", str(imatrix)] if imatrix else []), str(src), str(dst), name,
            str(N_THREADS)]

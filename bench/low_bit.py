@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     ek = [s.split(":") for s in args.edgekit.split(",") if s.strip()]
     if peer.tools() is None:
-        ap.error("llama-imatrix / llama-quantize are not built: run bash .ci/setup.sh --tests")
+        ap.error("llama-imatrix / llama-quantize are not built: run bash .ci/setup.sh --bench")
     calib_text, text = halves(read_text(args.text))
     start = time.perf_counter()
     report: dict[str, Any] = {

@@ -221,7 +221,7 @@ def test_type_metadata() -> None:
 def test_unsupported_type_and_bad_shapes() -> None:
     x = np.zeros((2, 256), dtype=np.float32)
     with pytest.raises(UnsupportedError, match="Q4_K"):
-        ggml.quantize(x, T.TQ1_0)
+        ggml.quantize(x, T.MXFP4)
     with pytest.raises(InputError, match="multiple of 256"):
         ggml.quantize(np.zeros((2, 288), np.float32), T.Q4_K)
     with pytest.raises(InputError):
