@@ -183,15 +183,23 @@ class GGUFFormat(Format):
         preset = _preset_name(recipe)
         arch = checkpoint.spec.gguf_arch
         path = out_dir / self.model_filename
+        opts = GGUFOptions.from_recipe(recipe)
+
+        def header(writer: gguf.GGUFWriter, kv: dict[str, object]) -> None:
+            writer.add_name(opts.name or checkpoint.path.name)
+            writer.add_file_type(mixes.preset_from_name(preset).ftype)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for key, value in kv.items():
+                _add_kv(writer, key, value)
+            vocab.add_to(writer)
+            if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
+                writer.add_chat_template(tmpl)
+
+        if opts.sparse_ffn is not None:
+            return self._convert_sparse(checkpoint, path, recipe, quantizer, opts, plan, progress, header, preset,
+                                        vocab.pre)
         writer = gguf.GGUFWriter(path=None, arch=arch)
-        writer.add_name(GGUFOptions.from_recipe(recipe).name or checkpoint.path.name)
-        writer.add_file_type(mixes.preset_from_name(preset).ftype)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, value in checkpoint.hparams.gguf_kv(arch).items():
-            _add_kv(writer, key, value)
-        vocab.add_to(writer)
-        if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
-            writer.add_chat_template(tmpl)
+        header(writer, checkpoint.hparams.gguf_kv(arch))
         for t in plan:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         try:
@@ -215,6 +223,23 @@ class GGUFFormat(Format):
             fields["budget"] = {k: v for k, v in budget_report.items() if k != "errors"}
         if getattr(quantizer, "report", None):
             fields["quantizer_report"] = {k: v for k, v in quantizer.report.items() if k.endswith("_s")}
+        return fields
+
+    @staticmethod
+    def _convert_sparse(checkpoint: HFCheckpoint, path: Path, recipe: ConvertRecipe, quantizer: Quantizer,
+                        opts: GGUFOptions, plan: list[PlannedTensor], progress: ProgressFn, header: Any, preset: str,
+                        pre: str | None) -> dict[str, Any]:
+        """``--sparse-ffn S``: the hot/cold FFN as a Qwen2-MoE file (see :mod:`.sparse`)."""
+        import edgekit.converters.formats.gguf.sparse as sparse
+
+        cfg = opts.sparse_config()
+        tensors, step = sparse.write_sparse(
+            checkpoint, path, recipe, quantizer, cfg, plan, progress,
+            lambda w: header(w, sparse.hparams_kv(checkpoint, cfg)))
+        planned = [PlannedTensor("", t.name, t.shape, mixes.Assignment(type=t.qtype, origin="sparse_ffn"))
+                   for t in tensors]
+        fields = GGUFFormat._manifest_fields(planned, path, f"{preset}+sparse", pre)
+        fields["sparse_ffn"] = sparse.sparse_fields(cfg, checkpoint, step)
         return fields
 
     def describe(self, art: Any, ctx: int = 4096) -> dict[str, Any]:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 STEPS: Registry[type[Step]] = Registry(
     "layer step",
     ["edgekit.converters.quantize.steps.awq_scale", "edgekit.converters.quantize.steps.prune",
-     "edgekit.converters.quantize.steps.gptq_round", "edgekit.converters.quantize.steps.rtn_round"],
+     "edgekit.converters.quantize.steps.gptq_round", "edgekit.converters.quantize.steps.rtn_round",
+     "edgekit.converters.quantize.steps.neuron_stats"],
 )
 register_step = STEPS.register
 
