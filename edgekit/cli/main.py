@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edgekit.cli import devices_cmd, profile_cmd, serve_cmd, tui_cmd
+from edgekit.cli import devices_cmd, neurons_cmd, profile_cmd, serve_cmd, tui_cmd
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say, tagged
 from edgekit.errors import InputError
@@ -88,6 +88,9 @@ def convert(
     draft_for: Path | None = typer.Option(None, "--draft-for", help="Make a speculative-decoding draft for this "
                                           "target (checkpoint or artifact): a third of the blocks, distilled "
                                           "(--heal, default 20m), Q4_0 (--type); use it with run --draft."),
+    sparse_ffn: float | None = typer.Option(None, "--sparse-ffn", help="GGUF: skip this share of FFN neurons per "
+                                            "token (hot set always, cold clusters picked by a trained router; "
+                                            "a Qwen2-MoE file stock llama.cpp runs), e.g. 0.5."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default MODEL-FORMAT-qBITS)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -122,14 +125,17 @@ def convert(
         prune = None
     if (step_names or prune) and method == "rtn":
         method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
-    calibrated = api.calibration_applies(method, bpw) or bool(structural) or draft_for is not None
+    calibrated = (api.calibration_applies(method, bpw) or bool(structural) or draft_for is not None
+                  or sparse_ffn is not None)
     if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
         from edgekit.runtime.hostinfo import use_torch_threads
 
         use_torch_threads(threads)
-    extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize)
+    extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
+                            sparse_ffn=None if sparse_ffn is None else str(sparse_ffn))
     _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
-                             "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize)})
+                             "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize),
+                             "--sparse-ffn": ("sparse_ffn", sparse_ffn)})
     recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw else bits, preset=type_, bpw=bpw, method=method,
                                bpw_types=tuple(t.strip() for t in bpw_types.split(",") if t.strip()),
                                tensor_types=_parse_tensor_types(tensor_type),
@@ -231,6 +237,8 @@ def run(
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers / tensor placement from `edgekit plan`."),
+    vram: str | None = typer.Option(None, "--vram", help="With --offload auto: the GPU memory budget, e.g. 2GiB "
+                                    "(default: the GPU's free memory)."),
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (see `edgekit list`; default: the "
                                        "preferred one for the artifact's format)."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tokens/s on stderr at the end."),
@@ -260,7 +268,7 @@ def run(
     from edgekit.runtime.base import GenerationStats
 
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
-    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx)  # a window bounds the KV cache
+    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram)  # a window bounds the KV
     if backend:
         placement["backend"] = backend
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
@@ -447,6 +455,7 @@ tui_cmd.register(app)
 devices_cmd.register(app)
 profile_cmd.register(app)
 serve_cmd.register(app)
+neurons_cmd.register(app)
 
 
 def main() -> None:
