@@ -116,6 +116,7 @@ def convert(
       edgekit convert ./SmolLM2-135M --to coreml --bits 4 --method gptq    # Core ML, stateful KV cache
       edgekit convert ./SmolLM2-135M --to coreml --palettize 4 --method squeezellm
       edgekit convert ./SmolLM2-135M --draft-for ./SmolLM2-135M -o ./smol-draft   # then: run --draft ./smol-draft
+      edgekit convert ./SmolLM2-135M --bits 4 --sparse-ffn 0.5    # hot/cold FFN: half the neurons skipped
     """
     from edgekit import api
 
@@ -262,6 +263,7 @@ def run(
       edgekit run ./smol-q8_0 --draft ./smol-draft -p "..."         # speculative, lossless
       edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
       edgekit run ./smol-q4 --kv-window 512 -n 4000 -p "..."        # past the context, bounded memory
+      edgekit run ./smol-q4-sparse -p "..." --offload auto --vram 2GiB   # hot on the GPU, cold on the CPU
     """
     from edgekit import api
     from edgekit.cli import repl

@@ -128,3 +128,18 @@ def test_planner_puts_cold_clusters_on_the_cpu_as_the_budget_dictates():
     assert est.parts["weights_gpu"] >= 8 * (2 + 6) * MB  # every hot part on the GPU
     none = plan_offload(shape, Budget(64 << 30, 0), 512, bws)
     assert none.n_gpu_layers == 0
+
+
+def test_cli_refuses_bad_sparse_ffn_and_vram_without_offload(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["convert", str(tiny_llama), "--to", "onnx", "--sparse-ffn", "0.5", "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--sparse-ffn is not an option of --to onnx" in r.output
+    r = runner.invoke(app, ["convert", str(tiny_llama), "--sparse-ffn", "1.5", "-o", str(tmp_path / "y")])
+    assert r.exit_code != 0 and "0 <= S < 1" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "y").exists()
+    r = runner.invoke(app, ["run", str(tmp_path / "none"), "-p", "hi", "--vram", "2GiB"])
+    assert r.exit_code != 0 and "--vram is the budget of --offload auto" in r.output
