@@ -158,9 +158,44 @@ def placement(dense: object, sparse: object, args: argparse.Namespace) -> dict:
         plan = plan_offload(read_shape(art.model_file), Budget(64 << 30, vram), 2048, bws)
         out[name] = {"reason": plan.reason, "n_gpu_layers": plan.n_gpu_layers,
                      "tensor_overrides": plan.tensor_overrides, "predicted_tps": plan.predicted_tps}
+    best_ngl = max((c for c in out_plans(dense, vram, bws) if c["fits"] and c["label"].startswith("-ngl ")
+                    and "CPU" not in c["label"]), key=lambda c: c["predicted_tps"], default=None)
+    out["dense_best_ngl"] = best_ngl
     if not gpus:
         out["measured"] = "not measured: this llama.cpp build sees no GPU"
+        return out
+    # Hot on the GPU / cold on the CPU (the sparse file's plan) against dense's best -ngl layer split.
+    ngl = int(best_ngl["label"].split()[1]) if best_ngl else 0
+    runs = {"dense_ngl": (dense, {"n_gpu_layers": ngl, "offload_kqv": "--no-kv-offload" not in (best_ngl or {}).get(
+        "label", "")}), "sparse_plan": (sparse, {k: v for k, v in plan_options(sparse, vram, bws).items()
+                                                 if k != "n_ctx"})}
+    tps: dict = {n: [] for n in runs}
+    loaded = {n: backend(a.model_file, args.threads, **o) for n, (a, o) in runs.items()}
+    try:
+        for r in range(args.rounds):
+            for n in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                rep = loaded[n].bench(0, args.gen, reps=1, warmup=r == 0)["reps"][0]
+                tps[n].append(args.gen / rep["seconds"])
+    finally:
+        for b in loaded.values():
+            b.close()
+    out["measured_tps"] = {n: float(np.median(v)) for n, v in tps.items()}
+    out["gpu_speedup"] = out["measured_tps"]["sparse_plan"] / out["measured_tps"]["dense_ngl"]
     return out
+
+
+def out_plans(art: object, vram: int, bws: object) -> list[dict]:
+    from edgekit.runtime.memory import read_shape
+    from edgekit.runtime.plan import Budget, plan_offload
+
+    return plan_offload(read_shape(art.model_file), Budget(64 << 30, vram), 2048, bws).candidates
+
+
+def plan_options(art: object, vram: int, bws: object) -> dict:
+    from edgekit.runtime.memory import read_shape
+    from edgekit.runtime.plan import Budget, plan_offload
+
+    return plan_offload(read_shape(art.model_file), Budget(64 << 30, vram), 2048, bws).backend_options()
 
 
 def plot(curve: list[dict], path: Path) -> None:

@@ -49,6 +49,7 @@ class LayerSplit:
 class NeuronStatsStep(Step):
     config_class = NeuronStatsConfig
     needs_samples = True
+    needs_hessians = False
     report_key = "neurons"
 
     def __init__(self, config: StepConfig | None = None) -> None:
