@@ -65,15 +65,16 @@ class NeuronStatsStep(Step):
         a = np.concatenate([s.numpy() for s in st.samples[FFN_ACT]]).astype(np.float32)
         gate = st.linears[FFN_IN].weight.detach().float().numpy()
         down = st.linears[FFN_ACT].weight.detach().float().numpy()
-        g = x @ gate.T
-        silu = g / (1 + np.exp(-g))
         stats = kernels.neuron_stats(a, down)
         self.stats[st.index] = stats
-        self.thresholds[st.index] = {
-            "teal_in": {s: kernels.layer_threshold(x, s) for s in c.sparsities},
-            "teal_act": {s: kernels.layer_threshold(a, s) for s in c.sparsities},
-            "cats": {s: kernels.layer_threshold(silu, s) for s in c.sparsities},
-        }
+        if c.split is None:  # thresholds are for the TEAL/CATS measurements, not for a split
+            g = x @ gate.T
+            silu = g / (1 + np.exp(-g))
+            self.thresholds[st.index] = {
+                "teal_in": {s: kernels.layer_threshold(x, s) for s in c.sparsities},
+                "teal_act": {s: kernels.layer_threshold(a, s) for s in c.sparsities},
+                "cats": {s: kernels.layer_threshold(silu, s) for s in c.sparsities},
+            }
         report: dict[str, Any] = {k: round(v, 4) for k, v in stats.power_law().items()}
         if c.split is not None:
             split = self._split(c.split, x, a, down)
