@@ -117,8 +117,14 @@ def train_router(x: np.ndarray, scores: np.ndarray, k: int, *, steps: int = 300,
     sets (full-batch Adam, a few hundred steps: seconds per layer on 2 cores)."""
     import torch
 
-    with torch.inference_mode(False), torch.enable_grad():  # the layer pipeline runs under inference_mode
-        return _fit_router(torch, x, scores, k, steps, lr, weight_decay, seed)
+    # Small matrices: one thread (a pool of spinning threads on shared, busy cores made this 10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # the layer pipeline runs under inference_mode
+            return _fit_router(torch, x, scores, k, steps, lr, weight_decay, seed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fit_router(torch, x, scores, k, steps, lr, weight_decay, seed) -> np.ndarray:  # noqa: ANN001
