@@ -186,7 +186,8 @@ def sparse_fields(cfg: SparseFFNConfig, ckpt: HFCheckpoint, step: Any) -> dict[s
             "sparsity": round(cfg.achieved(ckpt.hparams.n_ff), 4), "router_scale": cfg.router_scale,
             "recall_mean": round(float(np.mean(rec)), 4),
             "static_recall_mean": round(float(np.mean([s.static_recall for s in splits.values()])), 4),
-            "recall": {str(i): round(s.recall, 4) for i, s in splits.items()}}
+            "recall": {str(i): round(s.recall, 4) for i, s in splits.items()},
+            "calibration_s": getattr(step, "report", {}).get("total_s")}
 
 
 def ffn_norm_loader(ckpt: HFCheckpoint) -> Callable[[int], np.ndarray]:
