@@ -67,6 +67,23 @@ def build(args: argparse.Namespace) -> tuple[object, object, float]:
     return api.Artifact.open(dense_dir), api.Artifact.open(sparse_dir), convert_s
 
 
+def build_float(args: argparse.Namespace) -> tuple[object, object]:
+    """Dense and sparse files in F16 (an element-wise type: the neuron permutation regroups no block), the
+    sparse one split on a small calibration set: with every cluster selected any split is the dense FFN,
+    so this isolates the layout's exactness from the quantization blocks of the timed files."""
+    from edgekit import api
+
+    tag = f"{args.model.name}-f16"
+    dense_dir, sparse_dir = args.work / f"{tag}-dense", args.work / f"{tag}-sparse-e{args.clusters}-exact"
+    if not (dense_dir / "edgekit.json").exists():
+        api.convert(args.model, "gguf", output=dense_dir, recipe=api.ConvertRecipe(preset="F16"), force=True)
+    if not (sparse_dir / "edgekit.json").exists():
+        api.convert(args.model, "gguf", output=sparse_dir, force=True, recipe=api.ConvertRecipe(
+            preset="F16", calib=api.CalibConfig(samples=2, seqlen=128),
+            extra={"sparse_ffn": str(args.sparsity), "sparse_clusters": str(args.clusters)}))
+    return api.Artifact.open(dense_dir), api.Artifact.open(sparse_dir)
+
+
 def backend(path: Path, threads: int, used: int | None = None, **opts: object) -> object:
     from edgekit.runtime.llamacpp import LlamaCppBackend
 
@@ -234,7 +251,9 @@ def main() -> int:
     speed_used = [int(u) for u in args.speed_used.split(",") if int(u) <= E]
     print("exactness (all clusters selected vs dense)...", flush=True)
     exact = exactness(dense, sparse, E, text, args)
-    print(f"  {exact}", flush=True)
+    print(f"  {args.type}: {exact}", flush=True)
+    exact_f16 = exactness(*build_float(args), E, text, args)
+    print(f"  F16: {exact_f16}", flush=True)
     print("speed (interleaved)...", flush=True)
     spd = speed(dense, sparse, speed_used, args)
     print("quality...", flush=True)
@@ -256,9 +275,11 @@ def main() -> int:
         f"routers)",
         f"router recall of each token's true top-{info['used']} clusters (held-out calibration tokens, mean of layers): "
         f"{info['recall_mean']:.3f}; static best-{info['used']} clusters: {info['static_recall_mean']:.3f}",
-        f"exactness, all {E} clusters selected vs dense: max |dlogit| {exact['max_abs_logit_diff']:.2e} of max |logit| "
-        f"{exact['max_abs_logit']:.1f} (relative {exact['relative']:.1e}), top-1 agreement {exact['top1_agreement']:.4f}, "
-        f"KL {exact['kl_mean']:.2e}, {exact['tokens']} tokens",
+        *[f"exactness, all {E} clusters selected vs dense, {name}: max |dlogit| {e['max_abs_logit_diff']:.2e} of max "
+          f"|logit| {e['max_abs_logit']:.1f} (relative {e['relative']:.1e}), top-1 agreement {e['top1_agreement']:.4f}, "
+          f"KL {e['kl_mean']:.2e}, {e['tokens']} tokens" for name, e in (("F16", exact_f16), (args.type, exact))],
+        f"  ({args.type}'s blocks of 32 neurons in ffn_down are regrouped by the permutation, so its sparse file is a "
+        "different quantization of the same weights; F16 is element-wise)",
         "",
         f"{'used':>4} {'sparsity':>8} {'ppl':>9} {'ppl +%':>7} {'tok/s':>7} {'x dense':>8}",
         f"{'dense':>4} {0:>8.3f} {q['dense']:>9.3f} {0:>+7.1f} {spd['median_tps']['dense']:>7.1f} {1:>8.2f}",
@@ -274,7 +295,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.txt").write_text(text_out + "\n")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
-        {"model": str(args.model), "type": args.type, "sparse_ffn": info, "exactness": exact, "speed": spd,
+        {"model": str(args.model), "type": args.type, "sparse_ffn": info, "exactness": exact, "exactness_f16": exact_f16, "speed": spd,
          "ppl": {str(k): v for k, v in q.items()}, "curve": curve, "placement": place, "target_holds": holds,
          "threads": args.threads, "seconds": time.perf_counter() - t0}, indent=1))
     plot(curve, RESULTS / f"{args.name}.png")
