@@ -18,7 +18,8 @@ def neurons_cmd(
                                      "text edgekit ships)."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.6", "--sparsity", help="Activation sparsities to measure."),
     chunks: int = typer.Option(8, "--chunks", help="512-token chunks of --text to measure on."),
-    calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences (sampled from the model)."),
+    calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder for neurons.json and neurons.png "
                                        "(default MODEL-neurons)."),
@@ -49,7 +50,7 @@ def neurons_cmd(
     use_torch_threads(threads)
     body = read_text(text or sample_text_path())
     with progress_bar(not as_json) as progress:
-        rep = neurons.analyze(model, body, sparsities=levels, calib=CalibConfig(samples=calib_samples,
+        rep = neurons.analyze(model, body, sparsities=levels, calib=CalibConfig(source=calib, samples=calib_samples,
                               seqlen=calib_seqlen), chunks=chunks, progress=progress)
     folder = output or model.parent / f"{model.name}-neurons"
     folder.mkdir(parents=True, exist_ok=True)
