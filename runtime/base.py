@@ -217,7 +217,7 @@ class OffloadPlanner(Protocol):
 
     @classmethod
     def offload_plan(cls, model_file: Path, n_ctx: int, n_batch: int = 512, *, budget: Any = None,
-                     bandwidths: Any = None, cache_type: str = "f16") -> Any: ...
+                     bandwidths: Any = None, cache_type: str = "f16", vram_bytes: int | None = None) -> Any: ...
 
 
 @runtime_checkable

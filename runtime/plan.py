@@ -244,9 +244,10 @@ def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0
                            f"{art.format!r} artifacts has none")
 
 
-def offload_options(art: Any, offload: str, n_ctx: int) -> tuple[dict[str, Any], str | None]:
+def offload_options(art: Any, offload: str, n_ctx: int, *, vram_bytes: int | None = None
+                    ) -> tuple[dict[str, Any], str | None]:
     """``--offload auto|none``: the backend options of this host's plan and its reason (None when the
-    artifact's runtime plans no offloading or ``none`` was asked)."""
+    artifact's runtime plans no offloading or ``none`` was asked); ``vram_bytes`` caps the GPU budget."""
     from edgekit.runtime.base import OffloadPlanner, backend_for_format
 
     if offload == "none":
@@ -256,7 +257,7 @@ def offload_options(art: Any, offload: str, n_ctx: int) -> tuple[dict[str, Any],
     cls = backend_for_format(art.format)
     if not isinstance(cls, OffloadPlanner):
         return {}, None
-    plan = cls.offload_plan(art.model_file, n_ctx)
+    plan = cls.offload_plan(art.model_file, n_ctx, vram_bytes=vram_bytes)
     opts = plan.backend_options()
     opts.pop("n_ctx", None)
     return opts, plan.reason

@@ -38,8 +38,9 @@ class _Stats:
     """Per-linear Hessian accumulation through forward hooks; inputs shared by several linears
     (q/k/v, gate/up) are multiplied out once."""
 
-    def __init__(self, linears: dict[str, Any], sink_weight: float, keep_samples: bool) -> None:
+    def __init__(self, linears: dict[str, Any], sink_weight: float, keep_samples: bool, hessians: bool = True) -> None:
         self.H: dict[str, Any] = {}
+        self._hessians = hessians
         self.samples: dict[str, list[Any]] = {}
         self._last: tuple[Any, Any, Any] | None = None
         self._keep = keep_samples
@@ -57,10 +58,11 @@ class _Stats:
                     x2 = x2.reshape(x.shape[0], x.shape[1], -1).clone()
                     x2[:, 0] *= self._sink
                     x2 = x2.reshape(-1, x.shape[-1])
-                h = (x2.T @ x2).double()
+                h = (x2.T @ x2).double() if self._hessians else None
                 sub = x.detach().reshape(-1, x.shape[-1])[:: max(1, x2.shape[0] // 512)].float()
                 self._last = (x, h, sub)
-            self.H[name] = self.H[name] + h if name in self.H else h.clone()
+            if h is not None:
+                self.H[name] = self.H[name] + h if name in self.H else h.clone()
             if self._keep:
                 self.samples.setdefault(name, []).append(sub)
 
@@ -89,6 +91,7 @@ class LayerPipeline:
         model, ids = self.load(ckpt, progress)
         t_calib = time.perf_counter() - t0
         keep = any(s.needs_samples for s in steps)
+        hessians = any(s.needs_hessians for s in steps)  # the costliest part of calibration; skipped if unused
         with torch.inference_mode():
             hidden, kwargs = self._first_layer_inputs(torch, model, ids)
             layers = model.model.layers
@@ -96,7 +99,7 @@ class LayerPipeline:
             for i, layer in enumerate(layers):
                 progress(f"layer {i + 1}/{len(layers)}: calibrating", i, len(layers))
                 linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-                stats = _Stats(linears, self.sink_weight, keep_samples=keep)
+                stats = _Stats(linears, self.sink_weight, keep_samples=keep, hessians=hessians)
                 try:
                     self._run_layer(layer, hidden, kwargs)
                 finally:
@@ -110,7 +113,7 @@ class LayerPipeline:
                         report.setdefault(step.report_key, {})[str(i)] = r
                 hidden = self._run_layer(layer, hidden, kwargs)
             report["layers_s"] = round(time.perf_counter() - t1, 1)
-            head = HeadState(torch, ckpt, plan, model, self._head_hessian(model, hidden), out)
+            head = HeadState(torch, ckpt, plan, model, self._head_hessian(model, hidden) if hessians else None, out)
             for step in steps:
                 step.head(head)
         progress("calibrated quantization done", len(layers), len(layers))

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edgekit.cli import devices_cmd, library_cmd, profile_cmd, serve_cmd, size_opts, tui_cmd
+from edgekit.cli import devices_cmd, library_cmd, neurons_cmd, profile_cmd, serve_cmd, size_opts, tui_cmd
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say
 from edgekit.errors import InputError
@@ -100,6 +100,9 @@ def convert(
     draft_for: Path | None = typer.Option(None, "--draft-for", help="Make a speculative-decoding draft for this "
                                           "target (checkpoint or artifact): a third of the blocks, distilled "
                                           "(--heal, default 20m), Q4_0 (--type); use it with run --draft."),
+    sparse_ffn: float | None = typer.Option(None, "--sparse-ffn", help="GGUF: skip this share of FFN neurons per "
+                                            "token (hot set always, cold clusters picked by a trained router; "
+                                            "a Qwen2-MoE file stock llama.cpp runs), e.g. 0.5."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default: MODEL-FORMAT-QUANT "
                                        "in the model library, see 'edgekit ls')."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
@@ -133,6 +136,7 @@ def convert(
       edgekit convert ./SmolLM2-135M --method ternary                      # post-hoc ternary (TQ2_0)
       edgekit convert ./SmolLM2-135M --method ternary --distill 60m --calib self   # ternary QAT by distillation
       edgekit convert ./bitnet-b1.58-model --type TQ2_0                    # a BitNet b1.58 checkpoint
+      edgekit convert ./SmolLM2-135M --bits 4 --sparse-ffn 0.5    # hot/cold FFN: half the neurons skipped
     """
     from edgekit import api
 
@@ -143,16 +147,19 @@ def convert(
     if (step_names or prune) and method == "rtn":
         method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
     size_bytes, fit_target = size_opts.size_target(model, to, size, fit, ctx, quiet=as_json)
-    calibrated = api.calibration_applies(method, bpw, size_bytes) or bool(structural) or draft_for is not None
+    calibrated = (api.calibration_applies(method, bpw, size_bytes) or bool(structural) or draft_for is not None
+                  or sparse_ffn is not None)
     if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
         from edgekit.runtime.hostinfo import use_torch_threads
 
         use_torch_threads(threads)
     extra = _format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
-                            quant=quant, compile=compile_target)
+                            quant=quant, compile=compile_target,
+                            sparse_ffn=None if sparse_ffn is None else str(sparse_ffn))
     _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
                              "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize),
-                             "--quant": ("quant", quant), "--compile": ("compile", compile_target)})
+                             "--quant": ("quant", quant), "--compile": ("compile", compile_target),
+                             "--sparse-ffn": ("sparse_ffn", sparse_ffn)})
     type_ = type_ or (None if bpw or size_bytes else api.default_preset(method))
     recipe = api.ConvertRecipe(extra=extra, bits=None if type_ or bpw or size_bytes else bits, preset=type_, bpw=bpw,
                                size=size_bytes, method=method,
@@ -261,6 +268,8 @@ def run(
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers / tensor placement from `edgekit plan`."),
+    vram: str | None = typer.Option(None, "--vram", help="With --offload auto: the GPU memory budget, e.g. 2GiB "
+                                    "(default: the GPU's free memory)."),
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (see `edgekit list`; default: the "
                                        "preferred one for the artifact's format)."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tokens/s on stderr at the end."),
@@ -284,13 +293,14 @@ def run(
       edgekit run ./smol-q8_0 --draft ./smol-draft -p "..."         # speculative, lossless
       edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
       edgekit run ./smol-q4 --kv-window 512 -n 4000 -p "..."        # past the context, bounded memory
+      edgekit run ./smol-q4-sparse -p "..." --offload auto --vram 2GiB   # hot on the GPU, cold on the CPU
     """
     from edgekit import api
     from edgekit.cli import repl
     from edgekit.runtime.base import GenerationStats
 
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
-    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx)  # a window bounds the KV cache
+    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram)  # a window bounds the KV
     if backend:
         placement["backend"] = backend
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
@@ -452,6 +462,7 @@ library_cmd.register(app)
 devices_cmd.register(app)
 profile_cmd.register(app)
 serve_cmd.register(app)
+neurons_cmd.register(app)
 
 
 def main() -> None:

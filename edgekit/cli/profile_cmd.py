@@ -312,14 +312,20 @@ def _print_memory_plan(art: Any, p: Any, as_json: bool) -> None:
                          f"{_mb(p.ram_budget)}; lower --ctx or use a smaller artifact")
 
 
-def offload_options(artifact: Path, offload: str, ctx: int) -> dict[str, Any]:
-    """``run --offload auto``: the plan's backend options for this host (with its reason on stderr)."""
+def offload_options(artifact: Path, offload: str, ctx: int, vram: str | None = None) -> dict[str, Any]:
+    """``run --offload auto``: the plan's backend options for this host (with its reason on stderr);
+    ``vram`` caps the GPU budget (default: the GPU's free memory)."""
     from edgekit.artifact import Artifact
+    from edgekit.errors import InputError
     from edgekit.runtime.plan import offload_options as plan_options
+    from edgekit.runtime.plan import parse_size
 
     if offload == "none":
+        if vram is not None:
+            raise InputError("--vram is the budget of --offload auto; add --offload auto")
         return {}
-    opts, reason = plan_options(Artifact.open(artifact), offload, ctx)
+    opts, reason = plan_options(Artifact.open(artifact), offload, ctx,
+                                vram_bytes=None if vram is None else parse_size(vram))
     if reason:
         say(err, tagged("offload:", "dim", reason))
     return opts

@@ -24,11 +24,16 @@ class GGUFOptions:
     embed_type: ggml type of the token embedding (``--token-embedding-type``), when the head does not
         already set it.
     name: ``general.name`` in the file (default: the checkpoint folder's name).
+    sparse_ffn: write the hot/cold sparse FFN (``--sparse-ffn S``): the share S of FFN neurons skipped per
+        token; the file is a Qwen2-MoE whose shared expert is the hot set (see ``gguf/sparse.py``).
+    sparse_clusters: cold clusters per layer (a power of two, default 16).
     """
 
     output_type: str | None = None
     embed_type: str | None = None
     name: str | None = None
+    sparse_ffn: str | None = None
+    sparse_clusters: str | None = None
 
     def __post_init__(self) -> None:
         from edgekit.converters.formats.gguf.mixes import type_from_name
@@ -38,6 +43,18 @@ class GGUFOptions:
                 type_from_name(value)  # an unknown type lists the known ones
         if self.name is not None and not str(self.name).strip():
             raise InputError("name= needs a non-empty model name")
+        if self.sparse_ffn is not None or self.sparse_clusters is not None:
+            self.sparse_config()
+
+    def sparse_config(self):  # -> SparseFFNConfig (imported lazily: it is only needed with --sparse-ffn)
+        from edgekit.converters.sparse_ffn.config import SparseFFNConfig
+
+        try:
+            s = float(self.sparse_ffn if self.sparse_ffn is not None else 0.5)
+            clusters = int(self.sparse_clusters) if self.sparse_clusters is not None else 16
+        except ValueError:
+            raise InputError("--sparse-ffn takes a number like 0.5 and sparse_clusters an integer like 16") from None
+        return SparseFFNConfig(sparsity=s, clusters=clusters)
 
     def overrides(self, tied: bool) -> tuple[tuple[str, str], ...]:
         """The options as ``--tensor-type`` pairs, ahead of the user's (the first match wins)."""

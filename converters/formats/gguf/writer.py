@@ -128,21 +128,26 @@ def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertR
 _ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT  # each tensor's data starts on this boundary
 
 
+def _add_header(writer: gguf.GGUFWriter, checkpoint: HFCheckpoint, recipe: ConvertRecipe, vocab: Any, preset: str,
+                kv: dict[str, Any]) -> None:
+    """The file's metadata: name, file type, the architecture's keys ``kv``, the vocabulary, the chat template."""
+    writer.add_name(GGUFOptions.from_recipe(recipe).name or checkpoint.path.name)
+    writer.add_file_type(mixes.preset_from_name(preset).ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in kv.items():
+        _add_kv(writer, key, value)
+    vocab.add_to(writer)
+    if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
+        writer.add_chat_template(tmpl)
+
+
 def _new_writer(checkpoint: HFCheckpoint, recipe: ConvertRecipe, vocab: Any, preset: str,
                 plan: list[PlannedTensor]) -> gguf.GGUFWriter:
     """A writer holding the file's metadata and tensor table (nothing written yet)."""
     arch = checkpoint.spec.gguf_arch
     writer = gguf.GGUFWriter(path=None, arch=arch)
-    writer.add_name(GGUFOptions.from_recipe(recipe).name or checkpoint.path.name)
-    writer.add_file_type(mixes.preset_from_name(preset).ftype)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, value in checkpoint.hparams.gguf_kv(arch).items():
-        _add_kv(writer, key, value)
-    for key, value in checkpoint.spec.gguf_extra.items():
-        _add_kv(writer, f"{arch}.{key}", value)
-    vocab.add_to(writer)
-    if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
-        writer.add_chat_template(tmpl)
+    kv = {**checkpoint.hparams.gguf_kv(arch), **{f"{arch}.{k}": v for k, v in checkpoint.spec.gguf_extra.items()}}
+    _add_header(writer, checkpoint, recipe, vocab, preset, kv)
     for t in plan:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
     return writer
@@ -236,6 +241,13 @@ class GGUFFormat(Format):
 
         preset = _preset_name(recipe)
         path = out_dir / self.model_filename
+        opts = GGUFOptions.from_recipe(recipe)
+        if opts.sparse_ffn is not None:
+            def header(w: gguf.GGUFWriter, kv: dict[str, object]) -> None:
+                _add_header(w, checkpoint, recipe, vocab, preset, kv)
+
+            return self._convert_sparse(checkpoint, path, recipe, quantizer, opts, plan, progress, header, preset,
+                                        vocab.pre)
         writer = _new_writer(checkpoint, recipe, vocab, preset, plan)
         try:
             writer.write_header_to_file(path)
@@ -265,6 +277,23 @@ class GGUFFormat(Format):
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         """``gguf-q4_k_m`` (the preset that ``--bits`` stands for), ``gguf-q4_0``, ``gguf-90mb``, ``gguf-3.5bpw``."""
         return f"gguf-{(recipe.budget_label() or _preset_name(recipe)).lower()}"
+
+    @staticmethod
+    def _convert_sparse(checkpoint: HFCheckpoint, path: Path, recipe: ConvertRecipe, quantizer: Quantizer,
+                        opts: GGUFOptions, plan: list[PlannedTensor], progress: ProgressFn, header: Any, preset: str,
+                        pre: str | None) -> dict[str, Any]:
+        """``--sparse-ffn S``: the hot/cold FFN as a Qwen2-MoE file (see :mod:`.sparse`)."""
+        import edgekit.converters.formats.gguf.sparse as sparse
+
+        cfg = opts.sparse_config()
+        tensors, step = sparse.write_sparse(
+            checkpoint, path, recipe, quantizer, cfg, plan, progress,
+            lambda w: header(w, sparse.hparams_kv(checkpoint, cfg)))
+        planned = [PlannedTensor("", t.name, t.shape, mixes.Assignment(type=t.qtype, origin="sparse_ffn"))
+                   for t in tensors]
+        fields = GGUFFormat._manifest_fields(planned, path, f"{preset}+sparse", pre)
+        fields["sparse_ffn"] = sparse.sparse_fields(cfg, checkpoint, step)
+        return fields
 
     def describe(self, art: Any, ctx: int = 4096) -> dict[str, Any]:
         from edgekit.converters.formats.gguf.read import describe_gguf

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 STEPS: Registry[type[Step]] = Registry(
     "layer step",
     ["edgekit.converters.quantize.steps.awq_scale", "edgekit.converters.quantize.steps.prune",
-     "edgekit.converters.quantize.steps.gptq_round", "edgekit.converters.quantize.steps.rtn_round"],
+     "edgekit.converters.quantize.steps.gptq_round", "edgekit.converters.quantize.steps.rtn_round",
+     "edgekit.converters.quantize.steps.neuron_stats"],
 )
 register_step = STEPS.register
 
@@ -94,15 +95,18 @@ class HeadState:
     ckpt: HFCheckpoint
     plan: dict[str, gguf.GGMLQuantizationType]
     model: Any
-    H: np.ndarray
+    H: np.ndarray | None  # None when no step needs Hessians
     out: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Step(abc.ABC):
-    """One registered step. ``needs_samples``: the pipeline keeps input samples for it."""
+    """One registered step. ``needs_samples``: the pipeline keeps input samples for it; ``needs_hessians``:
+    it reads ``LayerState.H``."""
 
     config_class: ClassVar[type[StepConfig]] = StepConfig
     needs_samples: ClassVar[bool] = False
+    #: The pipeline accumulates the Hessian proxies H (most of calibration's cost) only if a step needs them.
+    needs_hessians: ClassVar[bool] = True
     #: Key of this step's per-layer reports in the quantizer's report.
     report_key: ClassVar[str] = ""
 

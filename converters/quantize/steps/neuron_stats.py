@@ -1,0 +1,101 @@
+"""Neuron statistics: per-neuron activation frequency and magnitude of each SwiGLU FFN, the TEAL and CATS
+thresholds at given activation sparsities, and (when a split is asked for) the hot/cold split of the FFN
+into an always-computed hot set and cold clusters with a trained router (:mod:`..sparse_ffn`).
+
+It changes no weight: it reads the calibration activations the pipeline captured (the FFN's input, the
+rows ``gate_proj`` sees, and its intermediate activation, the rows ``down_proj`` sees: the same tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgekit.converters.quantize.steps.base import RESHAPE, LayerState, Step, StepConfig, register_step
+from edgekit.converters.sparse_ffn import kernels
+from edgekit.converters.sparse_ffn.config import SparseFFNConfig
+
+FFN_IN, FFN_ACT = "mlp.gate_proj", "mlp.down_proj"
+
+
+@dataclass(frozen=True)
+class NeuronStatsConfig(StepConfig):
+    """sparsities: activation sparsities whose TEAL (FFN input and intermediate magnitudes) and CATS (gate
+    activation magnitude) thresholds are recorded. split: also cut each FFN into hot set and routed cold
+    clusters as this config says (None: statistics only)."""
+
+    step: ClassVar[str] = "neurons"
+    stage: ClassVar[int] = RESHAPE
+    sparsities: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6)
+    split: SparseFFNConfig | None = None
+
+
+@dataclass
+class LayerSplit:
+    """One layer's hot/cold split: ``hot`` and ``clusters`` index the original neurons; ``router`` is
+    (clusters x hidden) over the FFN's normalised input; recall on held-out calibration tokens."""
+
+    hot: np.ndarray
+    clusters: np.ndarray
+    router: np.ndarray
+    recall: float
+    static_recall: float
+    router_max_logit: float
+
+
+@register_step("neurons")
+class NeuronStatsStep(Step):
+    config_class = NeuronStatsConfig
+    needs_samples = True
+    needs_hessians = False
+    report_key = "neurons"
+
+    def __init__(self, config: StepConfig | None = None) -> None:
+        super().__init__(config)
+        self.stats: dict[int, kernels.NeuronStats] = {}
+        self.thresholds: dict[int, dict[str, dict[float, float]]] = {}
+        self.splits: dict[int, LayerSplit] = {}
+
+    def layer(self, st: LayerState) -> dict[str, Any]:
+        c = self.config
+        assert isinstance(c, NeuronStatsConfig)
+        x = np.concatenate([s.numpy() for s in st.samples[FFN_IN]]).astype(np.float32)
+        a = np.concatenate([s.numpy() for s in st.samples[FFN_ACT]]).astype(np.float32)
+        gate = st.linears[FFN_IN].weight.detach().float().numpy()
+        down = st.linears[FFN_ACT].weight.detach().float().numpy()
+        stats = kernels.neuron_stats(a, down)
+        self.stats[st.index] = stats
+        if c.split is None:  # thresholds are for the TEAL/CATS measurements, not for a split
+            g = x @ gate.T
+            silu = g / (1 + np.exp(-g))
+            self.thresholds[st.index] = {
+                "teal_in": {s: kernels.layer_threshold(x, s) for s in c.sparsities},
+                "teal_act": {s: kernels.layer_threshold(a, s) for s in c.sparsities},
+                "cats": {s: kernels.layer_threshold(silu, s) for s in c.sparsities},
+            }
+        report: dict[str, Any] = {k: round(v, 4) for k, v in stats.power_law().items()}
+        if c.split is not None:
+            split = self._split(c.split, x, a, down)
+            self.splits[st.index] = split
+            report.update(recall=round(split.recall, 4), static_recall=round(split.static_recall, 4))
+        return report
+
+    @staticmethod
+    def _split(cfg: SparseFFNConfig, x: np.ndarray, a: np.ndarray, down: np.ndarray) -> LayerSplit:
+        n_ff = a.shape[1]
+        hot_n, _, k = cfg.shape(n_ff)
+        order = kernels.hot_first_order(kernels.neuron_stats(a, down).importance)
+        hot, cold = np.sort(order[:hot_n]), order[hot_n:]
+        contrib = kernels.contributions(a[:, cold], down[:, cold])
+        clusters = cold[kernels.balanced_clusters(contrib.T, cfg.clusters, seed=cfg.seed)]
+        scores = kernels.cluster_scores(a, down, clusters)
+        n_train = int(0.8 * x.shape[0])
+        router = kernels.train_router(x[:n_train], scores[:n_train], k, steps=cfg.router_steps, seed=cfg.seed)
+        held_x, held_s = x[n_train:], scores[n_train:]
+        static = np.broadcast_to(kernels.top_k_mask(scores[:n_train], k).mean(0), held_s.shape)
+        return LayerSplit(hot=hot, clusters=clusters, router=router,
+                          recall=kernels.recall(held_x @ router.T, held_s, k),
+                          static_recall=kernels.recall(np.ascontiguousarray(static), held_s, k),
+                          router_max_logit=float(np.abs(x @ router.T).max()))

@@ -1,0 +1,61 @@
+"""The sparse FFN's shape: how many neurons are hot, how many cold clusters, how many of them run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgekit.errors import InputError
+
+
+@dataclass(frozen=True)
+class SparseFFNConfig:
+    """A hot/cold split of every FFN.
+
+    sparsity: the share of FFN neurons left out per token (0.5: half the FFN is computed). It is reached
+        by running ``k`` of the ``clusters`` cold clusters beside the hot set; the nearest ``k`` is used.
+    clusters: cold clusters per layer (a power of two: the router's 1/clusters weight is compensated
+        in the weights, exactly for a power of two).
+    hot_fraction: share of the neurons that are always computed (rounded so that every cold cluster is a
+        whole number of quantization blocks).
+    block: neurons per cluster are a multiple of this (32: every ggml block type but the K-quants).
+    router_steps: optimizer steps of each layer's router. router_scale: the largest router logit the
+        file carries; llama.cpp's softmax then gives each cluster 1/clusters to within ~2x this, so the
+        all-clusters output equals the dense one to that tolerance, while top-k still ranks by the logits.
+    seed: clustering and router initialisation.
+    """
+
+    sparsity: float = 0.5
+    clusters: int = 16
+    hot_fraction: float = 1 / 3
+    block: int = 32
+    router_steps: int = 300
+    router_scale: float = 1e-5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sparsity < 1:
+            raise InputError("--sparse-ffn takes the share of FFN neurons to skip, 0 <= S < 1 (e.g. 0.5)")
+        if self.clusters < 2 or self.clusters & (self.clusters - 1):
+            raise InputError("sparse FFN clusters must be a power of two >= 2 (e.g. 16)")
+        if not 0 <= self.hot_fraction < 1 or self.block < 1 or self.router_steps < 1:
+            raise InputError("sparse FFN: 0 <= hot_fraction < 1, block >= 1, router_steps >= 1")
+        if not 0 < self.router_scale <= 1e-3:
+            raise InputError("sparse FFN router_scale must be in (0, 1e-3]")
+
+    def shape(self, n_ff: int) -> tuple[int, int, int]:
+        """(hot neurons, neurons per cluster, clusters run per token) for an FFN of ``n_ff`` neurons."""
+        unit = self.clusters * self.block
+        cold = int((n_ff * (1 - self.hot_fraction)) // unit) * unit
+        if cold == 0:
+            raise InputError(f"an FFN of {n_ff} neurons cannot hold {self.clusters} cold clusters of "
+                             f"{self.block}-neuron blocks; use fewer clusters")
+        if self.sparsity > cold / n_ff:
+            raise InputError(f"--sparse-ffn {self.sparsity}: at most {cold / n_ff:.2f} of this FFN is cold "
+                             "(lower the sparsity or the hot fraction)")
+        k = round(self.clusters * (1 - self.sparsity * n_ff / cold))
+        return n_ff - cold, cold // self.clusters, max(1, min(self.clusters, k))
+
+    def achieved(self, n_ff: int, k: int | None = None) -> float:
+        """The sparsity actually reached with ``k`` clusters run (default: this config's)."""
+        hot, size, kk = self.shape(n_ff)
+        return 1 - (hot + size * (kk if k is None else k)) / n_ff
