@@ -330,12 +330,18 @@ def _pty_run(args, steps, timeout=90):
     if pid == 0:  # pragma: no cover - the child
         os.chdir(ROOT)
         os.execv(sys.executable, [sys.executable, "-m", "edgekit.cli.main", *args])
-    buf, seen = b"", 0
+    buf, seen, last = b"", 0, b""
     try:
         for wait_for, typed in steps:
             end = time.time() + timeout
+            resend = time.time() + 3
             while (i := buf.find(wait_for, seen)) < 0:
                 assert time.time() < end, f"no {wait_for!r} in {buf.decode(errors='replace')}"
+                if last == b"\x03" and time.time() > resend:
+                    # still unseen (readline was not yet waiting for a key on a slow machine): press it again,
+                    # which at a prompt only repeats the hint
+                    os.write(fd, last)
+                    resend = time.time() + 3
                 if select.select([fd], [], [], 0.5)[0]:
                     try:
                         buf += os.read(fd, 4096)
@@ -348,6 +354,7 @@ def _pty_run(args, steps, timeout=90):
                 # is interrupted), so the test waits until the prompt is surely waiting.
                 time.sleep(0.5)
             os.write(fd, typed)
+            last = typed
         end = time.time() + timeout
         while time.time() < end:  # the rest of the output, until the child closes the terminal
             done, status = os.waitpid(pid, os.WNOHANG)

@@ -122,7 +122,9 @@ def test_ps_finds_a_llama_cpp_worker_and_its_model(store, tiny_llama):
 
     assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
     with api.open_backend("llama-gguf-q8_0", n_ctx=64, n_threads=1) as backend:
-        mine = [w for w in processes.workers() if w.parent == os.getpid()]
+        # other tests of this session may still hold workers of their own: this one is known by its pid
+        mine = [w for w in processes.workers() if w.parent == os.getpid() and w.pid == backend.pid]
         assert len(mine) == 1 and mine[0].models == ("llama-gguf-q8_0",) and mine[0].rss > 0
         assert backend.name == "llamacpp"
-    assert not [w for w in processes.workers() if w.parent == os.getpid()]
+        pid = backend.pid
+    assert not [w for w in processes.workers() if w.pid == pid]
