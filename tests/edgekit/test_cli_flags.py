@@ -330,6 +330,10 @@ def _pty_run(args, steps, timeout=90):
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
         os.chdir(ROOT)
+        # a terminal starts its programs with SIGINT at its default; CPython keeps it ignored if it inherits
+        # SIG_IGN (something in the whole suite leaves the test process so), and Ctrl-C would never arrive
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.execv(sys.executable, [sys.executable, "-m", "edgekit.cli.main", *args])
     buf, seen, last = b"", 0, b""
     try:
