@@ -20,7 +20,6 @@ can differ from the same request decoded alone after some tokens (llama-server's
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -165,9 +164,3 @@ class Batcher:
         b.seq_id[i][0] = seq.seq_id
         b.logits[i] = 1 if logits else 0
         seq.kv.append(token)
-
-    def close(self) -> None:
-        if self.ctx:
-            self.lib.llama_batch_free(self.batch)
-            self.lib.llama_free(self.ctx)
-            self.ctx = ctypes.c_void_p(None)

@@ -29,7 +29,6 @@ import sys
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-import codecs  # noqa: E402
 import ctypes  # noqa: E402
 import faulthandler  # noqa: E402
 import json  # noqa: E402
@@ -48,88 +47,18 @@ from edgekit.runtime._llamacpp_native import (  # noqa: E402
     read_rapl,
     rss_bytes,
 )
+from edgekit.runtime._llamacpp_text import TextOut  # noqa: E402
 
 
 class DecodingOptionError(ValueError):
     """A draft or KV-window option this model cannot take (the parent reports it as the user's input)."""
 
 
-class StopFilter:
-    """Cuts streamed text at the first stop string, holding back any tail that may begin one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was hit (the rest is then dropped)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-class TextOut:
-    """What one generation sends: each token's text (cut at stop strings), then ``done`` with why it ended."""
-
-    def __init__(self, worker: Worker, rid: Any, s: dict[str, Any], max_new: int, t0: float) -> None:
-        self.worker, self.rid, self.max_new, self.t0 = worker, rid, max_new, t0
-        self.max_tokens = int(s["max_tokens"])
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.stopper = StopFilter(list(s.get("stop") or ()))
-        self.n, self.t_first = 0, 0.0
-
-    def push(self, tok: int) -> str | None:
-        """Send ``tok``; the reason the generation ends with it (None: it goes on)."""
-        import llama_cpp
-
-        w = self.worker
-        if w.is_cancelled(self.rid):
-            return "cancelled"
-        if llama_cpp.llama_vocab_is_eog(w.vocab, tok):
-            return "eos"
-        self.n += 1
-        if self.n == 1:
-            self.t_first = time.perf_counter() - self.t0
-        out, hit = self.stopper.feed(self.decoder.decode(w.piece(tok)))
-        w.send(ev="token", id=self.rid, t=out, n=self.n)
-        if hit:
-            return "stop"
-        if self.n >= self.max_new:
-            return "length"
-        return "cancelled" if w.is_cancelled(self.rid) else None
-
-    def done(self, reason: str, **extra: Any) -> None:
-        tail = "" if reason == "stop" else self.stopper.feed(self.decoder.decode(b"", final=True))[0] + self.stopper.flush()
-        self.worker.send(ev="done", id=self.rid, t=tail, n=self.n, stop_reason=reason,
-                         context_full=reason == "length" and self.max_new < self.max_tokens,
-                         time_to_first_token=self.t_first, total_time=time.perf_counter() - self.t0, **extra)
-        self.worker.cancel_ids.discard(self.rid)
-
-
 class Worker:
     def __init__(self, out: Any) -> None:
         self.out = out
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.cancelled: int | None = None
-        self.cancel_ids: set[Any] = set()  # every generation cancelled (several stream at once when batching)
+        self.cancel_ids: set[Any] = set()  # requests cancelled and not yet ended (several when batching)
         self.batcher: Any = None
         self.batch_out: dict[Any, TextOut] = {}
         self.llm: Any = None
@@ -151,7 +80,6 @@ class Worker:
             except ValueError:
                 continue
             if msg.get("op") == "cancel":
-                self.cancelled = msg.get("id")
                 self.cancel_ids.add(msg.get("id"))
             else:
                 self.inbox.put(msg)
@@ -370,7 +298,7 @@ class Worker:
         def gen(n: int) -> None:
             tok = bos if add_bos and bos >= 0 else rng.randrange(n_vocab)
             for _ in range(n):
-                if self.cancelled == rid:
+                if self.is_cancelled(rid):
                     return
                 token_buf[0] = tok
                 rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(token_buf, 1))
@@ -387,7 +315,7 @@ class Worker:
                 gen(1)
         done = 0
         for rep in range(int(msg.get("reps", 1))):
-            if self.cancelled == rid:
+            if self.is_cancelled(rid):
                 break
             self.clear_kv()
             if n_depth:
@@ -404,13 +332,14 @@ class Worker:
             gen(n_gen)
             seconds = time.perf_counter() - t0
             e1 = read_rapl(rapl)
-            if self.cancelled == rid:
+            if self.is_cancelled(rid):
                 break
             done += 1
             self.send(ev="rep", id=rid, rep=rep, seconds=seconds, ttft=ttft, peak_rss=peak_rss_bytes(),
                       joules=rapl_joules(e0, e1, rapl))
         self.clear_kv()
-        self.send(ev="done", id=rid, reps=done, cancelled=self.cancelled == rid, peak_rss=peak_rss_bytes())
+        self.send(ev="done", id=rid, reps=done, cancelled=self.is_cancelled(rid), peak_rss=peak_rss_bytes())
+        self.cancel_ids.discard(rid)
 
     def op_reset(self, msg: dict[str, Any]) -> None:
         self.clear_kv()
@@ -549,7 +478,7 @@ class Worker:
         out.done(reason, speculative=spec_stats.to_json() if self.drafter is not None else None, kv=self.kv_state())
 
     def is_cancelled(self, rid: Any) -> bool:
-        return self.cancelled == rid or rid in self.cancel_ids
+        return rid in self.cancel_ids
 
     # -- continuous batching (load option n_seq > 1; see _llamacpp_batch) --------------------------
 
@@ -604,7 +533,7 @@ class Worker:
         control = AdaptiveDraft(fixed=int(self.n_draft) if self.n_draft else None, costs=self.costs)
         gen = generate_tokens(self.seq, tokens, sampling, np.random.default_rng(int(s["seed"]) & 0xFFFFFFFF),
                               max_new, lambda t: bool(llama_cpp.llama_vocab_is_eog(self.vocab, t)),
-                              drafter=self.drafter, control=control, cancelled=lambda: self.cancelled == rid,
+                              drafter=self.drafter, control=control, cancelled=lambda: self.is_cancelled(rid),
                               stats=stats)
         return gen, stats
 
@@ -628,7 +557,7 @@ class Worker:
         peak_cells = 0
         try:
             for i in range(0, len(tokens) - 1, chunk):
-                if self.cancelled == rid:
+                if self.is_cancelled(rid):
                     break
                 part = tokens[i : i + chunk]
                 rows = self.seq.extend(part, "all")
