@@ -142,3 +142,17 @@ class Format(abc.ABC):
         ``gguf-q4_k_m``, ``onnx-uint4_b32``, ``gguf-90mb``; formats name their own storage types."""
         label = recipe.budget_label() or (recipe.preset.lower() if recipe.preset else f"q{recipe.bits}")
         return f"{self.name}-{label}"
+
+
+def tensor_summary(tensors: list[dict[str, Any]], n_params: int, file_bytes: int, weight_bytes: int) -> dict[str, Any]:
+    """The size fields every format's ``describe`` shares, from its tensor list (each with "type" and
+    "bytes"): parameters, bytes, bits per weight, counts and bytes per stored type (no fallbacks: only GGUF
+    has those)."""
+    from collections import Counter
+
+    counts = Counter(t["type"] for t in tensors)
+    return {"n_params": n_params, "file_bytes": file_bytes, "weight_bytes": weight_bytes,
+            "bpw": round(8 * file_bytes / n_params, 4) if n_params else 0.0,
+            "type_counts": dict(counts.most_common()),
+            "type_bytes": {k: sum(t["bytes"] for t in tensors if t["type"] == k) for k in counts},
+            "fallbacks": 0, "fallback_summary": {}}

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.converters.formats.base import tensor_summary
 from edgekit.converters.formats.coreml.program import Blockwise, Dense, Palette, Weight
 from edgekit.errors import CorruptFileError
 
@@ -111,7 +112,6 @@ def describe_coreml(art: Any, ctx: int = 4096) -> dict[str, Any]:
     size = package_bytes(path)
     tensors = [{"name": n, "type": _grid_name(w), "shape": list(_shape(w)), "bytes": _stored_bytes(w)}
                for n, w in weights.items() if not n.startswith("rope_")]
-    counts = Counter(t["type"] for t in tensors)
     n_params = sum(int(np.prod(t["shape"])) for t in tensors)
     state_bytes = sum(int(np.prod(s.shape)) * 2 for s in states)
     weight_bytes = sum(t["bytes"] for t in tensors)
@@ -127,14 +127,7 @@ def describe_coreml(art: Any, ctx: int = 4096) -> dict[str, Any]:
                     "feed_forward_length": cfg.get("intermediate_size"), "attention.head_count": n_head,
                     "attention.head_count_kv": int(cfg.get("num_key_value_heads") or n_head),
                     "vocab_size": cfg.get("vocab_size"), "context_length": cfg.get("max_position_embeddings")},
-        "n_params": n_params,
-        "file_bytes": size,
-        "weight_bytes": weight_bytes,
-        "bpw": round(8 * size / n_params, 4) if n_params else 0.0,
-        "type_counts": dict(counts.most_common()),
-        "type_bytes": {k: sum(t["bytes"] for t in tensors if t["type"] == k) for k in counts},
-        "fallbacks": 0,
-        "fallback_summary": {},
+        **tensor_summary(tensors, n_params, size, weight_bytes),
         "memory": {"ctx": min(ctx, context) if context else ctx, "weights": weight_bytes, "kv_cache": state_bytes,
                    "kv_type": f"f16 state, allocated at the program's context {context}",
                    "total": weight_bytes + state_bytes},

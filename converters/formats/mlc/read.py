@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import edgekit.converters.formats.mlc.layout as layout
+from edgekit.converters.formats.base import tensor_summary
 from edgekit.converters.formats.mlc.cache import load_cache, read_cache_json
 from edgekit.converters.formats.mlc.options import QUANTS
 from edgekit.errors import CorruptFileError, UnsupportedError
@@ -107,7 +107,6 @@ def describe_mlc(art: Any, ctx: int = 4096) -> dict[str, Any]:
                             "shape": list(rec["shape"]), "bytes": int(rec["nbytes"]), "shard": shard["dataPath"]})
     size = sum(int(s["nbytes"]) for s in cache["records"])
     n_params = int(art.manifest.get("n_params") or 0) or _count_params(mc)
-    counts = Counter(t["type"] for t in tensors)
     n_kv = int(mc.get("num_key_value_heads") or mc["num_attention_heads"])
     head_dim = int(mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"])
     window = int(cfg.get("context_window_size") or ctx)
@@ -122,14 +121,7 @@ def describe_mlc(art: Any, ctx: int = 4096) -> dict[str, Any]:
                     "feed_forward_length": mc.get("intermediate_size"),
                     "attention.head_count": mc.get("num_attention_heads"), "attention.head_count_kv": n_kv,
                     "vocab_size": mc.get("vocab_size"), "context_length": cfg.get("context_window_size")},
-        "n_params": n_params,
-        "file_bytes": size,
-        "weight_bytes": size,
-        "bpw": round(8 * size / n_params, 4) if n_params else 0.0,
-        "type_counts": dict(counts.most_common()),
-        "type_bytes": {k: sum(t["bytes"] for t in tensors if t["type"] == k) for k in counts},
-        "fallbacks": 0,
-        "fallback_summary": {},
+        **tensor_summary(tensors, n_params, size, size),
         "memory": {"ctx": used, "weights": size, "kv_cache": kv, "kv_type": "f16 (MLC's paged KV cache)",
                    "total": size + kv},
         "mlc": {"quantization": cfg["quantization"], "model_type": cfg["model_type"], "shards": len(cache["records"]),

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekit.artifact import Artifact
+from edgekit.converters.formats.base import tensor_summary
 from edgekit.converters.quantize import nbits
 from edgekit.converters.quantize.nbits import NBitsType
 from edgekit.errors import CorruptFileError, InputError, require
@@ -204,7 +204,6 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         return int(n * NBitsType.parse(t["type"]).bits_per_weight / 8)
 
     tensors = [{**t, "name": n, "bytes": nbytes(n, t)} for n, t in art.manifest.get("tensors", {}).items()]
-    counts = Counter(t["type"] for t in tensors)
     n_params = sum(int(np.prod(t["shape"], dtype=object)) for t in tensors)
     return {
         "path": str(art.model_file),
@@ -215,14 +214,7 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
                     "feed_forward_length": cfg.get("intermediate_size"), "attention.head_count": n_head,
                     "attention.head_count_kv": n_head_kv, "vocab_size": cfg.get("vocab_size"),
                     "context_length": cfg.get("max_position_embeddings")},
-        "n_params": n_params,
-        "file_bytes": weight_bytes,
-        "weight_bytes": weight_bytes,
-        "bpw": round(8 * weight_bytes / n_params, 4) if n_params else 0.0,
-        "type_counts": dict(counts.most_common()),
-        "type_bytes": {k: sum(t["bytes"] for t in tensors if t["type"] == k) for k in counts},
-        "fallbacks": 0,
-        "fallback_summary": {},
+        **tensor_summary(tensors, n_params, weight_bytes, weight_bytes),
         "memory": {"ctx": ctx, "weights": weight_bytes, "kv_cache": kv_bytes, "kv_type": "f16" if elem == 2 else "f32",
                    "total": weight_bytes + kv_bytes},
         "onnx": {"opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
