@@ -156,3 +156,16 @@ def tensor_summary(tensors: list[dict[str, Any]], n_params: int, file_bytes: int
             "type_counts": dict(counts.most_common()),
             "type_bytes": {k: sum(t["bytes"] for t in tensors if t["type"] == k) for k in counts},
             "fallbacks": 0, "fallback_summary": {}}
+
+
+def quantizer_timings(quantizer: Any) -> dict[str, Any]:
+    """``{"quantizer_report": {...}}``: the seconds the quantizer reported (its ``*_s`` entries), or nothing."""
+    report = getattr(quantizer, "report", None)
+    return {"quantizer_report": {k: v for k, v in report.items() if k.endswith("_s")}} if report else {}
+
+
+def size_fields(n_params: int, size: int, tensors: list[dict[str, Any]], quantizer: Any) -> dict[str, Any]:
+    """The manifest fields every format's writer returns about what it wrote: parameters, bytes, bits per
+    weight, the tensor list and the quantizer's timings."""
+    return {"n_params": n_params, "size_bytes": size, "bpw": round(8 * size / n_params, 4) if n_params else 0.0,
+            "tensors": tensors, **quantizer_timings(quantizer)}

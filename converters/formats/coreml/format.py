@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
+from edgekit.converters.formats.base import (
+    ConvertRecipe,
+    Format,
+    ProgressFn,
+    no_progress,
+    register_format,
+    size_fields,
+)
 from edgekit.converters.formats.coreml.options import CoreMLOptions
 from edgekit.converters.formats.coreml.package import MODEL_NAME, coremltools, package_bytes
 from edgekit.converters.formats.coreml.program import Blockwise, Dense, Palette, Weight
@@ -176,11 +183,6 @@ def _manifest_fields(opts: CoreMLOptions, path: Path, tensors: dict[str, dict[st
                    "deployment_target": "iOS18", "compute_precision": "fp16",
                    "inputs": ["input_ids", "causal_mask"], "states": "k_cache_{i}, v_cache_{i}",
                    "sliding_window": window, "ops": ops, "build_s": round(build_s, 1)},
-        "n_params": n_params,
-        "size_bytes": size,
-        "bpw": round(8 * size / n_params, 4) if n_params else 0.0,
-        "tensors": tensors,
+        **size_fields(n_params, size, tensors, quantizer),
     }
-    if getattr(quantizer, "report", None):
-        fields_["quantizer_report"] = {k: v for k, v in quantizer.report.items() if k.endswith("_s")}
     return fields_

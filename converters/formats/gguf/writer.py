@@ -22,7 +22,14 @@ import numpy as np
 import edgekit.converters.formats.gguf.mixes as mixes
 from edgekit.arch import permute_for_rope
 from edgekit.calibration import CalibConfig
-from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
+from edgekit.converters.formats.base import (
+    ConvertRecipe,
+    Format,
+    ProgressFn,
+    no_progress,
+    quantizer_timings,
+    register_format,
+)
 from edgekit.converters.formats.gguf.options import GGUFOptions
 from edgekit.converters.formats.gguf.vocab import read_vocab
 from edgekit.converters.quantize.base import Quantizer
@@ -270,9 +277,7 @@ class GGUFFormat(Format):
             fields["budget"] = {k: v for k, v in budget_report.items() if k != "errors"}
         if (note := bits_note(recipe, plan, fields)) is not None:
             fields["notes"] = [note]
-        if getattr(quantizer, "report", None):
-            fields["quantizer_report"] = {k: v for k, v in quantizer.report.items() if k.endswith("_s")}
-        return fields
+        return {**fields, **quantizer_timings(quantizer)}
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         """``gguf-q4_k_m`` (the preset that ``--bits`` stands for), ``gguf-q4_0``, ``gguf-90mb``, ``gguf-3.5bpw``."""

@@ -27,7 +27,14 @@ from gguf import GGMLQuantizationType as T
 
 import edgekit.converters.formats.mlc.chat_config as chat_config
 import edgekit.converters.formats.mlc.layout as layout
-from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
+from edgekit.converters.formats.base import (
+    ConvertRecipe,
+    Format,
+    ProgressFn,
+    no_progress,
+    register_format,
+    size_fields,
+)
 from edgekit.converters.formats.mlc.cache import TensorCacheWriter
 from edgekit.converters.formats.mlc.options import MLCOptions
 from edgekit.converters.quantize import mlcgroup
@@ -103,13 +110,8 @@ class MLCFormat(Format):
                     "context_window_size": chat["context_window_size"],
                     "prefill_chunk_size": chat["prefill_chunk_size"], "build_s": round(time.perf_counter() - t0, 1),
                     "library": lib},
-            "n_params": n_params,
-            "size_bytes": size,
-            "bpw": round(8 * size / n_params, 4) if n_params else 0.0,
-            "tensors": tensors,
+            **size_fields(n_params, size, tensors, quantizer),
         }
-        if getattr(quantizer, "report", None):
-            fields["quantizer_report"] = {k: v for k, v in quantizer.report.items() if k.endswith("_s")}
         return fields
 
 

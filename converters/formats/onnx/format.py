@@ -21,7 +21,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from edgekit.calibration import CalibConfig
-from edgekit.converters.formats.base import ConvertRecipe, Format, ProgressFn, no_progress, register_format
+from edgekit.converters.formats.base import (
+    ConvertRecipe,
+    Format,
+    ProgressFn,
+    no_progress,
+    register_format,
+    size_fields,
+)
 from edgekit.converters.formats.onnx.options import OnnxOptions
 from edgekit.converters.formats.onnx.weights import _build, _plan, _Weights
 from edgekit.converters.quantize.base import Quantizer
@@ -147,11 +154,6 @@ def _manifest_fields(opts: OnnxOptions, model, tensors: dict, model_path: Path, 
             "ops": ops_used(model),
             "inputs": [i.name for i in model.graph.input][:4] + ["..."],
         },
-        "n_params": n_params,
-        "size_bytes": size,
-        "bpw": round(8 * size / n_params, 4) if n_params else 0.0,
-        "tensors": tensors,
+        **size_fields(n_params, size, tensors, quantizer),
     }
-    if getattr(quantizer, "report", None):
-        fields_["quantizer_report"] = {k: v for k, v in quantizer.report.items() if k.endswith("_s")}
     return fields_
