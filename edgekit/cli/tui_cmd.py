@@ -11,7 +11,7 @@ from edgekit.cli.flags import THREADS_HELP
 from edgekit.cli.ui import decoding_options, handle_errors
 
 
-def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threads: int | None,
+def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int, threads: int | None,
              offload: str = "none", decoding: dict[str, Any] | None = None) -> None:
     from edgekit.errors import InputError, require
 
@@ -24,6 +24,10 @@ def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threa
         from edgekit.artifact import Artifact
 
         Artifact.open(chat)  # a wrong path fails here, as one line, before the screen is taken over
+    if folder is None:
+        from edgekit import library
+
+        folder = library.store_dir(create=True)
     if not folder.expanduser().is_dir():
         raise InputError(f"--dir {folder} is not a folder; give the folder that holds your artifacts")
     from edgekit.tui.app import EdgekitApp
@@ -34,7 +38,8 @@ def _run_app(folder: Path, chat: Path | None, start: str | None, ctx: int, threa
 
 @handle_errors
 def tui(
-    folder: Path = typer.Option(Path("."), "--dir", "-d", help="Folder the Artifacts screen lists."),
+    folder: Path | None = typer.Option(None, "--dir", "-d", help="Folder the Artifacts screen lists (default: the "
+                                       "model library, see 'edgekit ls').", show_default=False),
     screen: str = typer.Option("artifacts", "--screen", help="First screen: chat, artifacts, convert, profile, devices."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length for chat."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
@@ -63,7 +68,8 @@ def tui(
 @handle_errors
 def chat(
     artifact: Path = typer.Argument(..., help="Artifact folder or model file."),
-    folder: Path = typer.Option(Path("."), "--dir", "-d", help="Folder the Artifacts screen lists."),
+    folder: Path | None = typer.Option(None, "--dir", "-d", help="Folder the Artifacts screen lists (default: the "
+                                       "model library, see 'edgekit ls').", show_default=False),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers and overrides from `edgekit plan`."),
