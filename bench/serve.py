@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "serve")
     args = ap.parse_args(argv)
     model_dir = (args.model or default_model()).expanduser()
+    if not model_dir.exists():
+        raise SystemExit(f"{model_dir} does not exist: run 'edgekit quickstart' first, or give --model")
     gguf = next(model_dir.glob("*.gguf")) if model_dir.is_dir() else model_dir
     model_id = model_dir.stem if model_dir.is_file() else model_dir.name
     parallel = args.edgekit_parallel or args.clients
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         cmd = [edgekit, "serve", str(model_dir), "--port", str(port), "--parallel", str(parallel), "--threads",
                str(args.threads), "--ctx", str(args.ctx), "--max-tokens", str(args.max_tokens), *extra]
-        servers.append({"name": " ".join([f"edgekit serve --parallel {parallel}", *extra]), "cmd": " ".join(cmd),
+        servers.append({"name": " ".join([f"edgekit serve --parallel {parallel}", *extra]), "argv": cmd, "cmd": " ".join(cmd),
                         "url": f"http://127.0.0.1:{port}", "model": model_id, "log": f"/tmp/bench-serve-edgekit-{port}.log"})
     peer_note = None
     if peer.is_file():
@@ -275,14 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [str(peer), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(args.clients),
                "-t", str(args.threads), "-c", str(args.ctx * args.clients), "-n", str(args.max_tokens),
                "--no-webui"]
-        servers.append({"name": f"llama-server -np {args.clients}", "cmd": " ".join(cmd),
+        servers.append({"name": f"llama-server -np {args.clients}", "argv": cmd, "cmd": " ".join(cmd),
                         "url": f"http://127.0.0.1:{port}", "model": model_id, "log": f"/tmp/bench-serve-llama-{port}.log"})
     else:
         peer_note = f"no llama-server at {peer}: build it from the llama-cpp-python sources (see bench/README.md)"
     try:
         for srv in servers:  # all up at once (idle servers take no CPU), measured in alternating rounds
             log("starting " + srv["cmd"])
-            procs.append(Proc(srv["cmd"].split(" "), Path(srv["log"])))
+            procs.append(Proc(srv["argv"], Path(srv["log"])))
             wait_ready(srv["url"], procs[-1])
             prepare(srv, args)
         rounds = max(1, min(args.rounds, args.requests))
