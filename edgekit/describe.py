@@ -84,8 +84,24 @@ def describe(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     if art.format not in FORMATS:
         raise UnsupportedError(f"inspect reads {', '.join(f.upper() for f in FORMATS.names())} artifacts; "
                                f"this one is {art.format!r}")
+    if art.manifest.get("task") == "diffusion":
+        return describe_diffusion(art)
     check_manifest_report(art.manifest)
     info = FORMATS.get(art.format)().describe(art, ctx)
     if art.manifest.get("ternary"):
         info["ternary"] = art.manifest["ternary"]
     return info
+
+
+def describe_diffusion(art: Artifact) -> dict[str, Any]:
+    """A diffusion artifact: how it samples, its recipe, and each graph as its exporter reads it back."""
+    from edgekit.converters.diffusion.export import EXPORTERS
+
+    m = art.manifest
+    for key in ("graphs", "unet", "sampler", "source", "recipe"):
+        if not isinstance(m.get(key), dict):
+            raise _bad(key, "an object")
+    keep = ("format", "task", "source", "recipe", "sampler", "unet", "bits", "preset", "bpw", "size_bytes",
+            "quantized_params", "deepcache", "weight_storage", "created")
+    return {"path": str(art.path), **{k: m.get(k) for k in keep},
+            "graphs": EXPORTERS.get(art.format)().describe(art)}
