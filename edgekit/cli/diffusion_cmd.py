@@ -26,7 +26,12 @@ def is_diffusion(target: Path) -> bool:
 
 def refuse_image_options(target: Path, given: dict[str, Any]) -> None:
     """An LLM given ``run``'s image options is refused by name."""
+    from edgekit import library
+
     bad = [flag for flag, value in given.items() if value is not None]
+    if bad and not library.resolve(target).exists():
+        raise InputError(f"{target} does not exist; give a diffusion artifact (made by 'edgekit convert PIPELINE "
+                         f"--to onnx') or a diffusers pipeline folder{library.not_found_hint(target)}")
     if bad:
         raise InputError(f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} for diffusion models; {target} is a "
                          f"language model: drop {'it' if len(bad) == 1 else 'them'}")
