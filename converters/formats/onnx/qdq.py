@@ -56,11 +56,22 @@ def type_name(dtype: int) -> str:
     return str(TensorProto.DataType.Name(dtype))
 
 
-def store_quantized(model: Any, weights: dict[str, Any], floats: dict[str, np.ndarray], prefix: str = "") -> dict[str, int]:
+LOWRANK_GRAPHS = ("merged", "branch")
+
+
+def store_quantized(model: Any, weights: dict[str, Any], floats: dict[str, np.ndarray], prefix: str = "",
+                    lowrank_graph: str = "merged") -> dict[str, int]:
     """Replace the float initializer of every weight in ``weights`` (parameter name -> QuantWeight) by its
     integers and a DequantizeLinear. ``floats``: the float weights the graph was exported with (to find
-    transposed copies by value). Returns how many initializers each storage type now holds."""
+    transposed copies by value). ``lowrank_graph``: a low-rank branch is added to the dequantized weight
+    ("merged") or run beside the layer on its input ("branch": two thin layers, ``x b^T a^T``).
+    Returns how many initializers each storage type now holds."""
+    import dataclasses
+
     from onnx import numpy_helper
+
+    if lowrank_graph not in LOWRANK_GRAPHS:
+        raise InputError(f"lowrank_graph must be one of {', '.join(LOWRANK_GRAPHS)}")
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -79,6 +90,9 @@ def store_quantized(model: Any, weights: dict[str, Any], floats: dict[str, np.nd
                 continue  # not in this graph (a DeepCache shallow graph holds only some layers)
             transposed = True
         graph.initializer.remove(inits.pop(target))
+        if lowrank_graph == "branch" and qw.lowrank is not None:
+            _branch(graph, target, qw.lowrank, qw.shape)
+            qw = dataclasses.replace(qw, lowrank=None)
         new_nodes += _dequantize(graph, target, qw, transposed)
     for node in reversed(new_nodes):  # initializers only: they may run first
         graph.node.insert(0, node)
@@ -123,3 +137,40 @@ def _dequantize(graph: Any, out_name: str, qw: Any, transposed: bool) -> list[An
         graph.initializer.append(numpy_helper.from_array(np.asarray(qw.shape, np.int64), base + "_shape"))
         nodes.append(helper.make_node("Reshape", [dq_out, base + "_shape"], [out_name]))
     return nodes
+
+
+def _branch(graph: Any, weight: str, lowrank: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...]) -> None:
+    """Beside every Conv/Gemm/MatMul reading ``weight``, the same op through the factors: a conv with ``b`` (as
+    ``[r, cin, kh, kw]``, the layer's strides and pads) then a 1x1 conv with ``a``; or ``(x b^T) a^T``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    a, b = (m.astype(np.float16) for m in lowrank)
+    base = weight.replace("::", "_") + "_lr"
+    nodes = list(graph.node)
+    for i in reversed(range(len(nodes))):
+        node = nodes[i]
+        if len(node.input) < 2 or node.input[1] != weight:
+            continue
+        x, y, tag = node.input[0], node.output[0], f"{base}{i}"
+        if node.op_type == "Conv":
+            attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+            if attrs.get("group", 1) != 1:
+                raise InputError(f"{weight}: a low-rank branch beside a grouped conv is not supported; use lowrank_graph=merged")
+            first = b.reshape(b.shape[0], *shape[1:])
+            second = a.reshape(a.shape[0], a.shape[1], 1, 1)
+            ops = [("Conv", {k: v for k, v in attrs.items() if k != "kernel_shape"}), ("Conv", {})]
+        elif node.op_type in ("Gemm", "MatMul"):
+            first, second = np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)
+            ops = [("MatMul", {}), ("MatMul", {})]
+        else:
+            continue
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(first), tag + "_b"))
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(second), tag + "_a"))
+        node.output[0] = tag + "_main"
+        new = [helper.make_node("Cast", [tag + "_b"], [tag + "_b32"], to=TensorProto.FLOAT),
+               helper.make_node("Cast", [tag + "_a"], [tag + "_a32"], to=TensorProto.FLOAT),
+               helper.make_node(ops[0][0], [x, tag + "_b32"], [tag + "_mid"], **ops[0][1]),
+               helper.make_node(ops[1][0], [tag + "_mid", tag + "_a32"], [tag + "_out"], **ops[1][1]),
+               helper.make_node("Add", [tag + "_main", tag + "_out"], [y])]
+        for k, n in enumerate(new):
+            graph.node.insert(i + 1 + k, n)

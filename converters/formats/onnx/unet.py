@@ -45,9 +45,10 @@ class OnnxUNetExporter:
 
         from edgekit.converters.formats.onnx.qdq import store_quantized
 
-        unknown = sorted(set(options) - {"deepcache"})
+        unknown = sorted(set(options) - {"deepcache", "lowrank_graph"})
         if unknown:
-            raise InputError(f"-O {unknown[0]} is not an option of diffusion ONNX export (options: deepcache=true|false)")
+            raise InputError(f"-O {unknown[0]} is not an option of diffusion ONNX export (options: deepcache=true|false, "
+                             "lowrank_graph=merged|branch)")
         deepcache = bool(options.get("deepcache", deepcache_default(unet)))
         if deepcache and len(unet.up_blocks) < 2:
             raise InputError("-O deepcache=true needs a UNet with two or more up blocks; drop it")
@@ -79,7 +80,8 @@ class OnnxUNetExporter:
                 path = out_dir / g["file"]
                 model = onnx.load(str(path))
                 before = {t.name for t in model.graph.initializer}
-                counts = store_quantized(model, wanted, floats, prefix="u.")
+                counts = store_quantized(model, wanted, floats, prefix="u.",
+                                         lowrank_graph=str(options.get("lowrank_graph", "merged")))
                 if key == "unet" and len(before - {t.name for t in model.graph.initializer}) < len(wanted):
                     raise InputError("some quantized weights are not Conv/Gemm/MatMul weights of the exported "
                                      "graph; quantize only the UNet's conv and linear weights")
