@@ -110,7 +110,6 @@ def profile_images(targets: list[Path], *, reps: int, steps: int | None, images:
 
 def render_inspect(info: dict[str, Any]) -> None:
     """``edgekit inspect`` of a diffusion artifact: what it samples with, and each graph."""
-    from rich.table import Table
     from rich.text import Text
 
     u, s = info.get("unet") or {}, info.get("sampler") or {}
@@ -123,14 +122,14 @@ def render_inspect(info: dict[str, Any]) -> None:
     dc = info.get("deepcache")
     if dc:
         say(out, f"  DeepCache: cache = {dc['cache']} {dc.get('cache_shape')}; shallow graph: {', '.join(dc['shallow'])}")
-    table = Table()
-    for col in ("graph", "file", "bytes", "params", "inputs", "outputs", "weights stored as"):
-        table.add_column(col, overflow="fold")
     for key, g in info["graphs"].items():
-        io = lambda vs: ", ".join(f"{v['name']} {v['type']}{v['shape']}" for v in vs)  # noqa: E731
-        types = ", ".join(f"{k} {v['params']:,}" for k, v in sorted(g["initializers"].items()))
-        table.add_row(key, g["file"], f"{g['bytes']:,}", f"{g['params']:,}", io(g["inputs"]), io(g["outputs"]), types)
-    out.print(table)
+        io = lambda vs: ", ".join(f"{v['name']} {v['type']}[{','.join(map(str, v['shape']))}]" for v in vs)  # noqa: E731
+        say(out, Text.assemble(("  " + key, "bold"), f"  {g['file']}  {_mb(g['bytes'])}, {g['params']:,} parameters, "
+                               f"{g['ops']} ops, opset {g['opset']}"))
+        say(out, f"    in:  {io(g['inputs'])}")
+        say(out, f"    out: {io(g['outputs'])}")
+        types = ", ".join(f"{k} {v['params']:,} ({v['tensors']} tensors)" for k, v in sorted(g["initializers"].items()))
+        say(out, f"    stored as: {types}")
 
 
 def _int(text: str, flag: str) -> int:

@@ -87,8 +87,15 @@ class OnnxUNetExporter:
                                      "graph; quantize only the UNet's conv and linear weights")
                 onnx.save_model(model, str(path))
                 storage = counts if key == "unet" else storage
+        else:
+            from collections import Counter
+
+            from edgekit.converters.formats.onnx.qdq import type_name
+
+            storage = dict(Counter(type_name(t.data_type) for t in onnx.load(str(out_dir / GRAPH)).graph.initializer))
         for g in graphs.values():
             g["bytes"] = os.path.getsize(out_dir / g["file"])
+        progress("exported the UNet to ONNX", len(graphs), len(graphs))
         files = {"model": GRAPH, **({"shallow": SHALLOW} if deepcache else {})}
         return {
             "files": files,
@@ -98,17 +105,13 @@ class OnnxUNetExporter:
                           "cache_shape": cache_shape,
                           "shallow": ["conv_in", "down_blocks.0", f"up_blocks.{len(unet.up_blocks) - 1}",
                                       "conv_norm_out", "conv_out"]} if deepcache else None,
-            "weight_storage": storage or {"FLOAT": len(floats_of(unet))},
+            "weight_storage": storage,
             "size_bytes": sum(g["bytes"] for g in graphs.values()),
         }
 
     def describe(self, art: Any) -> dict[str, Any]:
         """inspect: each graph's inputs, outputs, parameters and bytes, and how its weights are stored."""
         return describe_graphs(art.path, art.manifest)
-
-
-def floats_of(unet: Any) -> list[str]:
-    return [k for k, _ in unet.named_parameters()]
 
 
 def _param(key: str, floats: dict[str, Any]) -> str:
