@@ -46,8 +46,8 @@ def run_images(target: Path, *, cls: int | None, n: int | None, output: Path | N
 
     n = 16 if n is None else n
     output = output or Path("grid.png")
-    if output.is_dir():
-        raise InputError(f"-o {output} is a folder; give a file name such as grid.png")
+    if output.is_dir() or output.suffix.lower() != ".png":
+        raise InputError(f"-o {output}: give a PNG file name such as grid.png")
     if not output.parent.exists():
         raise InputError(f"-o {output}: the folder {output.parent} does not exist")
     with open_diffusion(target, threads=threads) as model:
