@@ -65,11 +65,17 @@ def test_convert_quantized_from_the_command_line(tmp_path, monkeypatch):
     m = json.loads(cli("convert", src, "--to", "onnx", "--bits", "4", "-O", "deepcache=false", "--json").stdout)
     assert m["preset"] == "w4" and m["graphs"].keys() == {"unet"} and "INT4" in m["weight_storage"]
     assert m["recipe"]["options"] == {"deepcache": False}
+    from edgekit import library
+
+    assert (library.store_dir() / "pipe-onnx-w4" / "unet.onnx").is_file()  # no -o: the model library
+    again = cli("convert", src, "--to", "onnx", "--bits", "4", code=2)
+    assert "--force" in again.output
 
 
 def test_bad_inputs_are_one_line_errors(art, tmp_path):
     missing = cli("run", tmp_path / "nope", "--class", "1", code=2)
     assert "does not exist" in missing.output and "Traceback" not in missing.output
+    assert "PNG" in cli("run", art, "-o", tmp_path / "g.jpg", code=2).output
     bad = cli("run", art, "--class", "12", "-o", tmp_path / "g.png", code=2)
     assert "between 0 and 9" in bad.output and not (tmp_path / "g.png").exists()
     llm = tmp_path / "llm"
