@@ -6,7 +6,8 @@ each quantized weight's initializer (by name, else by value: the transposed copy
 ``DequantizeLinear`` of the integers whose output takes the old name, so every consumer is unchanged.
 
 Layouts: int8 rows with one scale each are per-axis DQ (opset 13); blocked weights are opset 21's blocked
-DQ (``block_size`` along the inputs) on INT4/UINT4 (or INT8/UINT8) initializers; a conv's weight is
+DQ (``block_size`` along the inputs) on INT4/UINT4 (or INT8/UINT8) initializers, scales in float16 when
+that holds them exactly (edgekit's grids round them so); a conv's weight is
 dequantized as ``[out, cin*kh*kw]`` and reshaped. An SVDQuant low-rank branch ``a @ b`` (float16) is added
 to the dequantized weight in the graph, so the file holds integers + the thin factors, never the product.
 """
@@ -113,7 +114,13 @@ def _dequantize(graph: Any, out_name: str, qw: Any, transposed: bool) -> list[An
     if per_row:
         scale, zero = scale.reshape(-1), None if zero is None else zero.reshape(-1)
     graph.initializer.append(int_tensor(base, q, qw.bits, qw.signed))
-    graph.initializer.append(numpy_helper.from_array(scale, base + "_scale"))
+    nodes = []
+    if np.array_equal(scale, scale.astype(np.float16).astype(np.float32)):
+        # float16 holds these scales exactly: half the bytes; cast before the DQ, so q * scale stays float32
+        graph.initializer.append(numpy_helper.from_array(scale.astype(np.float16), base + "_scale16"))
+        nodes.append(helper.make_node("Cast", [base + "_scale16"], [base + "_scale"], to=TensorProto.FLOAT))
+    else:
+        graph.initializer.append(numpy_helper.from_array(scale, base + "_scale"))
     inputs = [base, base + "_scale"]
     if zero is not None:
         graph.initializer.append(int_tensor(base + "_zero", zero, qw.bits, qw.signed))
@@ -121,7 +128,7 @@ def _dequantize(graph: Any, out_name: str, qw: Any, transposed: bool) -> list[An
     attrs = {"axis": axis} if per_row else {"axis": axis, "block_size": qw.block}
     lowrank, conv = qw.lowrank is not None, len(qw.shape) > 2 and not transposed
     dq_out = base + "_dq" if (lowrank or conv) else out_name
-    nodes = [helper.make_node("DequantizeLinear", inputs, [dq_out], name=base + "_DequantizeLinear", **attrs)]
+    nodes.append(helper.make_node("DequantizeLinear", inputs, [dq_out], name=base + "_DequantizeLinear", **attrs))
     if lowrank:
         a, b = (m.astype(np.float16) for m in qw.lowrank)
         first, second = (b.T, a.T) if transposed else (a, b)

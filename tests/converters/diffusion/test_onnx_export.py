@@ -70,12 +70,13 @@ def test_float_graph_equals_pytorch_and_shallow_with_fresh_cache_equals_full(tmp
     assert names == ["sample", "timestep"] + (["class_labels"] if conditional else [])
 
 
-@pytest.mark.parametrize("bits,block,signed,lowrank,graph", [
-    (8, None, True, 0, "merged"), (4, 8, True, 0, "merged"), (4, 8, False, 0, "merged"), (4, None, True, 0, "merged"),
-    (4, 8, True, 2, "merged"), (4, 8, True, 2, "branch")])
-def test_quantized_graph_equals_dequantized_pytorch(tmp_path, bits, block, signed, lowrank, graph):
-    unet, weights, out, fields = _export(tmp_path, weights_fn=lambda u: rtn_weights(u, bits, block, signed, lowrank),
-                                         options={"lowrank_graph": graph})
+@pytest.mark.parametrize("bits,block,signed,lowrank,graph,fp16", [
+    (8, None, True, 0, "merged", True), (8, None, True, 0, "merged", False), (4, 8, True, 0, "merged", True),
+    (4, 8, False, 0, "merged", True), (4, None, True, 0, "merged", True), (4, 8, True, 2, "merged", True),
+    (4, 8, True, 2, "branch", True)])
+def test_quantized_graph_equals_dequantized_pytorch(tmp_path, bits, block, signed, lowrank, graph, fp16):
+    unet, weights, out, fields = _export(tmp_path, options={"lowrank_graph": graph},
+                                         weights_fn=lambda u: rtn_weights(u, bits, block, signed, lowrank, fp16))
     want = _torch(dequantized_unet(unet, weights))
     full, cache = _run(out / "unet.onnx")
     np.testing.assert_allclose(full, want, atol=2e-4)
@@ -83,8 +84,8 @@ def test_quantized_graph_equals_dequantized_pytorch(tmp_path, bits, block, signe
     np.testing.assert_allclose(_run(out / "unet_shallow.onnx", cache=cache)[0], full, atol=1e-6)
     kind = ("INT" if signed else "UINT") + str(bits)
     assert fields["weight_storage"][kind] >= len(weights)
-    if lowrank:  # two factors per weight (per consumer, as a branch: the time projection is read twice)
-        assert fields["weight_storage"]["FLOAT16"] >= 2 * len(weights)
+    # float16: the scales when float16 holds them, two low-rank factors per weight (per consumer as a branch)
+    assert fields["weight_storage"].get("FLOAT16", 0) >= (len(weights) if fp16 else 0) + 2 * len(weights) * bool(lowrank)
 
 
 def test_files_shrink_with_bits(tmp_path):

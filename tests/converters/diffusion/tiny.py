@@ -29,9 +29,11 @@ def tiny_pipeline(path: Path, conditional: bool = True, seed: int = 0) -> Path:
     return path
 
 
-def rtn(w: np.ndarray, bits: int, block: int | None = None, signed: bool = True, lowrank: int = 0):
-    """``w`` rounded to nearest on a ``bits``-bit grid, ``block`` inputs per scale (None: one per row);
-    ``lowrank``: add a random rank-r float branch (the export must carry it, whatever its values)."""
+def rtn(w: np.ndarray, bits: int, block: int | None = None, signed: bool = True, lowrank: int = 0,
+        fp16_scale: bool = True):
+    """``w`` rounded to nearest on a ``bits``-bit grid, ``block`` inputs per scale (None: one per row), scales
+    rounded to float16 (as edgekit's grids do) unless not ``fp16_scale``; ``lowrank``: add a random rank-r
+    float branch (the export must carry it, whatever its values)."""
     from edgekit.converters.diffusion.qweights import QuantWeight
 
     out = w.shape[0]
@@ -58,12 +60,14 @@ def rtn(w: np.ndarray, bits: int, block: int | None = None, signed: bool = True,
         # float16 values: the factors are stored in float16
         lr = ((rng.standard_normal((out, lowrank)) * 0.05).astype(np.float16).astype(np.float32),
               rng.standard_normal((lowrank, cols)).astype(np.float16).astype(np.float32))
-    return QuantWeight(q.reshape(out, cols), scale.astype(np.float32), zero, bits, block, signed, tuple(w.shape), lr)
+    scale = scale.astype(np.float16 if fp16_scale else np.float32).astype(np.float32)
+    return QuantWeight(q.reshape(out, cols), scale, zero, bits, block, signed, tuple(w.shape), lr)
 
 
-def rtn_weights(unet, bits: int, block: int | None = None, signed: bool = True, lowrank: int = 0) -> dict:
+def rtn_weights(unet, bits: int, block: int | None = None, signed: bool = True, lowrank: int = 0,
+                fp16_scale: bool = True) -> dict:
     """Every conv and linear weight of ``unet`` (not the embeddings), keyed by parameter name."""
-    return {k: rtn(v.numpy(), bits, block, signed, lowrank) for k, v in unet.state_dict().items()
+    return {k: rtn(v.numpy(), bits, block, signed, lowrank, fp16_scale) for k, v in unet.state_dict().items()
             if k.endswith(".weight") and v.ndim in (2, 4) and "embedding" not in k}
 
 
