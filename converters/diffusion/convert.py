@@ -107,7 +107,8 @@ def _manifest(pipe: Pipeline, unet: Any, to: str, bits: int, method: str, lowran
               opts: dict[str, Any], weights: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:
     n_params = sum(p.numel() for p in unet.parameters())
     quantized = sum(int(qw.q.size) for qw in (weights or {}).values())
-    size = int(fields.get("size_bytes", 0))
+    main = (fields.get("graphs") or {}).get("unet") or {}
+    size = int(main.get("bytes") or fields.get("size_bytes", 0))  # bits per weight of the graph one step runs
     info = pipe.info
     return {
         "schema": artifact.SCHEMA,
