@@ -65,6 +65,23 @@ class DiffusionModel:
         raise NotImplementedError
 
     @property
+    def sampler(self) -> str:
+        return self.defaults.sampler
+
+    @property
+    def steps(self) -> int:
+        return self.defaults.steps
+
+    @property
+    def origin_steps(self) -> int:
+        return self.defaults.origin_steps
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """One image: ``(channels, height, width)``."""
+        return (self.in_channels, self.sample_size, self.sample_size)
+
+    @property
     def caches(self) -> bool:
         """Whether DeepCache sampling works (``cache_interval > 1``)."""
         return hasattr(self, "full") and hasattr(self, "shallow")
@@ -261,3 +278,8 @@ def open_diffusion(target: str | Path, threads: int | None = None, **options: An
         raise UnsupportedError(f"no diffusion runtime for {art.format!r} artifacts here; runtimes: "
                                f"{', '.join(RUNTIMES.names())}")
     return RUNTIMES.get(art.format)(art, threads=threads, **options)
+
+
+def open_denoiser(target: str | Path) -> DiffusionModel:
+    """:func:`open_diffusion` with the defaults: what ``edgekit eval`` samples a diffusion artifact with."""
+    return open_diffusion(target)
