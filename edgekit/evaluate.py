@@ -215,7 +215,7 @@ def is_diffusion(target: str | Path) -> bool:
 def open_diffusion(target: str | Path) -> DiffusionTarget:
     """Open what ``evaluate_diffusion`` samples from; the one place that knows the kinds of target.
 
-    A diffusers pipeline folder runs its UNet in PyTorch. An artifact with ``"task": "diffusion"`` in its
+    A diffusers pipeline folder runs its UNet in PyTorch. Any other artifact with ``"task": "diffusion"`` in its
     manifest (an exported UNet) runs through ``edgekit.runtime.diffusion.open_denoiser(path)``, which is
     expected to return a denoiser callable with the attributes ``schedule`` (a NoiseSchedule), ``sampler``,
     ``steps``, ``num_classes``, ``shape`` (c, h, w) and, for consistency students, ``origin_steps``."""
@@ -227,11 +227,13 @@ def open_diffusion(target: str | Path) -> DiffusionTarget:
     p = library.resolve(target)
     if p.is_dir() and is_pipeline(p):
         pipe = open_pipeline(p)
+        # a pipeline folder that is also an artifact (edgekit.json, task diffusion) records its results
+        art = Artifact.open(p, verify=True) if _manifest_task(p) == "diffusion" else None
         return DiffusionTarget(
             name=p.name, denoiser=torch_denoiser(pipe.load_unet()), schedule=pipe.schedule(),
             sampler=pipe.sampler, steps=pipe.default_steps, num_classes=pipe.num_classes,
             shape=(pipe.in_channels, pipe.sample_size, pipe.sample_size),
-            origin_steps=int(pipe.scheduler_config.get("original_inference_steps") or 50))
+            origin_steps=int(pipe.scheduler_config.get("original_inference_steps") or 50), artifact=art)
     if not p.exists():
         raise InputError(f"{p} does not exist; give a diffusers pipeline folder or a diffusion artifact"
                          f"{library.not_found_hint(target)}")
