@@ -287,12 +287,16 @@ def evaluate_diffusion(target: str | Path, n: int = 1000, steps: int | None = No
     count for a consistency student); ``cache_interval`` > 1 samples with DeepCache. Compare models at
     the same ``n``: FID is biased by the sample size. ``floor`` is the FID of 1000 real held-out digits.
     The result is added to an artifact's manifest when ``record``."""
-    import json
-    import time
+    check_diffusion_options(n, steps, sampler, cache_interval)
+    model = open_diffusion(target)
+    result, _ = measure_diffusion(model, n, steps, sampler, cache_interval, seed, progress)
+    if record and model.artifact is not None:
+        model.artifact.record_eval(result)
+    return result
 
-    from edgekit import imagemetrics
+
+def check_diffusion_options(n: int, steps: int | None, sampler: str | None, cache_interval: int) -> None:
     from edgekit.converters.diffusion.sampler import SAMPLERS
-    from edgekit.errors import UnsupportedError
 
     if n < 10:
         raise InputError("-n must be at least 10 (FID and precision/recall need a sample; compare at 1000)")
@@ -302,8 +306,19 @@ def evaluate_diffusion(target: str | Path, n: int = 1000, steps: int | None = No
         raise InputError(f"--sampler must be one of {', '.join(SAMPLERS)}")
     if cache_interval < 1:
         raise InputError("--cache-interval must be at least 1")
+
+
+def measure_diffusion(model: DiffusionTarget, n: int = 1000, steps: int | None = None, sampler: str | None = None,
+                      cache_interval: int = 1, seed: int = 0, progress: ProgressFn | None = None
+                      ) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`evaluate_diffusion` on an opened model: the result and the images it scored."""
+    import json
+    import time
+
+    from edgekit import imagemetrics
+    from edgekit.errors import UnsupportedError
+
     net = imagemetrics.FeatureNet.load()
-    model = open_diffusion(target)
     if model.shape != (1, imagemetrics.SIZE, imagemetrics.SIZE):
         raise UnsupportedError(f"{model.name} makes {'x'.join(map(str, model.shape))} images; the digits metrics "
                                "score 1x16x16 digits (the miniature) only")
@@ -325,9 +340,7 @@ def evaluate_diffusion(target: str | Path, n: int = 1000, steps: int | None = No
     result = {"task": "diffusion", "metric": "digits-FID/1", **scores, "floor": floor, "steps": steps,
               "sampler": sampler, "cache_interval": cache_interval, "seed": seed, "seconds": round(seconds, 2),
               "images_per_second": round(n / seconds, 2) if seconds > 0 else None}
-    if record and model.artifact is not None:
-        model.artifact.record_eval(result)
-    return result
+    return result, images
 
 
 def diffusion_label(e: dict[str, Any]) -> str:
