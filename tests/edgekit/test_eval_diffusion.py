@@ -57,6 +57,10 @@ def test_evaluate_is_a_function_of_its_seed_and_records_into_an_artifact(pipe, t
     evals = json.loads((art / "edgekit.json").read_text())["eval"]
     assert len(evals) == 1 and evals[0]["fid"] == a["fid"] and evals[0]["task"] == "diffusion"
     assert evals[0]["steps"] == 1 and "measured" in evals[0]
+    shown = runner.invoke(app, ["show", str(art)])
+    assert shown.exit_code == 0 and f"digits-FID {a['fid']:.2f}" in shown.stdout, shown.output
+    listed = runner.invoke(app, ["ls", "--dir", str(tmp_path)])
+    assert listed.exit_code == 0 and f"FID {a['fid']:.1f} ddim 1" in listed.stdout, listed.output
 
 
 def test_artifacts_edgekit_cannot_sample_yet_say_so(tmp_path, monkeypatch):

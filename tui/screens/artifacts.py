@@ -203,7 +203,7 @@ class InspectScreen(ModalScreen[None]):
         if info["fallbacks"]:
             lines.append(f"fallbacks: {info['fallbacks']} tensors "
                          + ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items()))
-        for e in info.get("eval", [])[-2:]:
+        for e in [e for e in info.get("eval", []) if "ppl" in e][-2:]:
             kl = f", KL {e['kl_mean']:.4f}" if e.get("kl_mean") is not None else ""
             lines.append(f"eval: ppl {e['ppl']:.3f}{kl} on {provenance_label(e)}")
         self.query_one("#inspect-summary", Static).update("\n".join(lines))
