@@ -233,7 +233,7 @@ def open_diffusion(target: str | Path) -> DiffusionTarget:
             name=p.name, denoiser=torch_denoiser(pipe.load_unet()), schedule=pipe.schedule(),
             sampler=pipe.sampler, steps=pipe.default_steps, num_classes=pipe.num_classes,
             shape=(pipe.in_channels, pipe.sample_size, pipe.sample_size),
-            origin_steps=int(pipe.scheduler_config.get("original_inference_steps") or 50), artifact=art)
+            origin_steps=pipe.origin_steps, artifact=art)
     if not p.exists():
         raise InputError(f"{p} does not exist; give a diffusers pipeline folder or a diffusion artifact"
                          f"{library.not_found_hint(target)}")

@@ -12,7 +12,16 @@ from typing import Any
 
 import typer
 
-from edgekit.cli import devices_cmd, library_cmd, neurons_cmd, profile_cmd, serve_cmd, size_opts, tui_cmd
+from edgekit.cli import (
+    devices_cmd,
+    diffusion_cmd,
+    library_cmd,
+    neurons_cmd,
+    profile_cmd,
+    serve_cmd,
+    size_opts,
+    tui_cmd,
+)
 from edgekit.cli import eval_diffusion_cmd as dx
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say
@@ -483,6 +492,7 @@ devices_cmd.register(app)
 profile_cmd.register(app)
 serve_cmd.register(app)
 neurons_cmd.register(app)
+diffusion_cmd.register(app)
 
 
 def main() -> None:

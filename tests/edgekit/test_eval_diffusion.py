@@ -15,7 +15,7 @@ from edgekit.artifact import SCHEMA, write_manifest
 from edgekit.cli.main import app
 from edgekit.errors import InputError, UnsupportedError
 from edgekit.evaluate import evaluate_diffusion, is_diffusion
-from tests.tiny_pipeline import make_tiny_pipeline
+from tests.converters.diffusion.tiny import tiny_pipeline
 
 if importlib.util.find_spec("diffusers") is None:
     pytest.skip("diffusers is not installed (pip install 'edgekit[diffusion]')", allow_module_level=True)
@@ -26,7 +26,7 @@ FIELDS = {"fid", "precision", "recall", "label_agreement", "n", "steps", "sample
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("dx") / "tiny-pipe")
+    return tiny_pipeline(tmp_path_factory.mktemp("dx") / "tiny-pipe", sample_size=16)
 
 
 def invoke(*args):

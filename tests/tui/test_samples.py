@@ -10,7 +10,7 @@ import pytest
 from edgekit.tui.app import EdgekitApp
 from edgekit.tui.screens.artifacts import SamplesScreen
 from edgekit.tui.widgets.sample_grid import UPPER_HALF, halfblock_grid
-from tests.tiny_pipeline import make_tiny_pipeline
+from tests.converters.diffusion.tiny import tiny_pipeline
 from tests.tui.conftest import wait_for
 
 if importlib.util.find_spec("diffusers") is None:
@@ -30,7 +30,7 @@ def test_halfblock_grid_draws_two_pixel_rows_per_line():
 
 @pytest.mark.anyio
 async def test_diffusion_pipeline_is_inspected_as_a_sample_grid(tmp_path, monkeypatch):
-    make_tiny_pipeline(tmp_path / "models" / "tiny-pipe")
+    tiny_pipeline(tmp_path / "models" / "tiny-pipe", sample_size=16)
     monkeypatch.chdir(tmp_path)
     app = EdgekitApp(folder="models")
     async with app.run_test(size=(100, 40)) as pilot:
