@@ -22,6 +22,7 @@ from edgekit.cli import (
     size_opts,
     tui_cmd,
 )
+from edgekit.cli import eval_diffusion_cmd as dx
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say
 from edgekit.errors import InputError
@@ -347,8 +348,10 @@ def run(
 @app.command("eval")
 @handle_errors
 def eval_cmd(
-    artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
-    text: Path = typer.Option(..., "--text", help="Plain-text file to measure on."),
+    artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder; or a diffusion "
+                                    "pipeline folder or artifact (scored on images it samples)."),
+    text: Path | None = typer.Option(None, "--text", help="Plain-text file to measure on (language models).",
+                                     show_default=False),
     ref: Path | None = typer.Option(None, "--ref", help="Reference checkpoint folder: adds KL and top-1."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
     chunks: int | None = typer.Option(None, "--chunks", help="At most this many chunks."),
@@ -360,15 +363,32 @@ def eval_cmd(
                                          "this many tokens instead (how a long chat sees its history)."),
     kv_sinks: int = typer.Option(4, "--kv-sinks", help="With --kv-window: first tokens always kept."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="With --kv-window: stream at most this many tokens."),
+    n: int | None = dx.register_options()["n"],
+    steps: int | None = dx.register_options()["steps"],
+    sampler: str | None = dx.register_options()["sampler"],
+    cache_interval: int | None = dx.register_options()["cache_interval"],
+    seed: int | None = dx.register_options()["seed"],
 ) -> None:
-    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement.
+    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement. A diffusion
+    model: digits-FID, precision/recall and label agreement of images it samples.
 
     Examples:
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --ref ./SmolLM2-135M --chunks 16
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --kv-window 1024 --kv-sinks 4
+      edgekit eval ./digits-unet --steps 4 -n 1000
     """
     from edgekit import api
+
+    diffusion_opts = dx.diffusion_options(n, steps, sampler, cache_interval, seed)
+    if api.is_diffusion(artifact):
+        dx.refuse_text_options(artifact, text, ref, kv_window)
+        dx.run(artifact, diffusion_opts, record, as_json)
+        return
+    dx.refuse_llm_options(artifact, diffusion_opts)
+    if text is None:
+        dx.check_missing(artifact)
+        raise InputError("--text is required for a language model: give a plain-text file to measure on")
 
     if kv_window is not None:
         if ref is not None:
