@@ -29,7 +29,15 @@ from edgekit.converters.diffusion.pipeline import is_pipeline
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
 from edgekit.errors import InputError
-from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text, text_identity
+from edgekit.evaluate import (
+    EvalConfig,
+    EvalResult,
+    evaluate_diffusion,
+    is_diffusion,
+    perplexity,
+    read_text,
+    text_identity,
+)
 from edgekit.fsutil import atomic_dir, check_output, sha256_files, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
@@ -43,6 +51,7 @@ __all__ = [
     "calibration_applies", "convert", "default_output", "default_output_suffix", "default_preset", "distill_config",
     "make_quantizer", "method_config", "evaluate", "generate", "import_gguf",
     "inspect", "evaluate_streaming", "open_backend", "plan", "offload_options",
+    "evaluate_diffusion", "is_diffusion",
 ]
 
 

@@ -31,23 +31,6 @@ RUNTIMES: Registry[type[DiffusionModel]] = Registry("diffusion runtime", ["edgek
 register_runtime = RUNTIMES.register
 
 
-def is_diffusion(target: str | Path) -> bool:
-    """Whether ``target`` (a path or a library name) is a diffusion artifact or a diffusers pipeline folder;
-    reads JSON only (no heavy import)."""
-    from edgekit import library
-    from edgekit.converters.diffusion.pipeline import is_pipeline
-
-    p = library.resolve(target)
-    if not p.is_dir():
-        return False
-    if is_pipeline(p):
-        return True
-    try:
-        return json.loads((p / "edgekit.json").read_text()).get("task") == TASK
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 class DiffusionModel:
     """A loaded diffusion model. ``schedule``: its NoiseSchedule; ``defaults``: the SampleConfig it was
     made for (sampler, steps, origin grid); ``num_classes`` (0: unconditional), ``in_channels``,

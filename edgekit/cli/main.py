@@ -12,7 +12,17 @@ from typing import Any
 
 import typer
 
-from edgekit.cli import devices_cmd, library_cmd, neurons_cmd, profile_cmd, serve_cmd, size_opts, tui_cmd
+from edgekit.cli import (
+    devices_cmd,
+    diffusion_cmd,
+    library_cmd,
+    neurons_cmd,
+    profile_cmd,
+    serve_cmd,
+    size_opts,
+    tui_cmd,
+)
+from edgekit.cli import eval_diffusion_cmd as dx
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say
 from edgekit.errors import InputError
@@ -310,14 +320,14 @@ def run(
       edgekit run ./pipe-4step-onnx-w8 --class 7 -n 16 -o grid.png      # a diffusion model: images
     """
     from edgekit import api
-    from edgekit.cli import diffusion_cmd, repl
+    from edgekit.cli import diffusion_run, repl
     from edgekit.runtime.base import GenerationStats
 
-    if diffusion_cmd.is_diffusion(artifact):
-        diffusion_cmd.run_images(artifact, cls=class_, n=max_tokens, output=image_out, steps=steps, seed=seed,
+    if diffusion_run.is_diffusion(artifact):
+        diffusion_run.run_images(artifact, cls=class_, n=max_tokens, output=image_out, steps=steps, seed=seed,
                                  cache_interval=cache_interval, threads=threads, as_json=as_json)
         return
-    diffusion_cmd.refuse_image_options(artifact, {"--class": class_, "--output": image_out, "--steps": steps,
+    diffusion_run.refuse_image_options(artifact, {"--class": class_, "--output": image_out, "--steps": steps,
                                                   "--cache-interval": cache_interval})
     max_tokens = 256 if max_tokens is None else max_tokens
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
@@ -359,8 +369,10 @@ def run(
 @app.command("eval")
 @handle_errors
 def eval_cmd(
-    artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
-    text: Path = typer.Option(..., "--text", help="Plain-text file to measure on."),
+    artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder; or a diffusion "
+                                    "pipeline folder or artifact (scored on images it samples)."),
+    text: Path | None = typer.Option(None, "--text", help="Plain-text file to measure on (language models).",
+                                     show_default=False),
     ref: Path | None = typer.Option(None, "--ref", help="Reference checkpoint folder: adds KL and top-1."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
     chunks: int | None = typer.Option(None, "--chunks", help="At most this many chunks."),
@@ -372,15 +384,32 @@ def eval_cmd(
                                          "this many tokens instead (how a long chat sees its history)."),
     kv_sinks: int = typer.Option(4, "--kv-sinks", help="With --kv-window: first tokens always kept."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="With --kv-window: stream at most this many tokens."),
+    n: int | None = dx.register_options()["n"],
+    steps: int | None = dx.register_options()["steps"],
+    sampler: str | None = dx.register_options()["sampler"],
+    cache_interval: int | None = dx.register_options()["cache_interval"],
+    seed: int | None = dx.register_options()["seed"],
 ) -> None:
-    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement.
+    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement. A diffusion
+    model: digits-FID, precision/recall and label agreement of images it samples.
 
     Examples:
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --ref ./SmolLM2-135M --chunks 16
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --kv-window 1024 --kv-sinks 4
+      edgekit eval ./digits-unet --steps 4 -n 1000
     """
     from edgekit import api
+
+    diffusion_opts = dx.diffusion_options(n, steps, sampler, cache_interval, seed)
+    if api.is_diffusion(artifact):
+        dx.refuse_text_options(artifact, text, ref, kv_window)
+        dx.run(artifact, diffusion_opts, record, as_json)
+        return
+    dx.refuse_llm_options(artifact, diffusion_opts)
+    if text is None:
+        dx.check_missing(artifact)
+        raise InputError("--text is required for a language model: give a plain-text file to measure on")
 
     if kv_window is not None:
         if ref is not None:
@@ -434,7 +463,7 @@ def inspect_cmd(
 
     info = api.inspect(artifact, ctx)
     if info.get("task") == "diffusion" and not as_json:
-        from edgekit.cli.diffusion_cmd import render_inspect as render_diffusion
+        from edgekit.cli.diffusion_run import render_inspect as render_diffusion
 
         render_diffusion(info)
         return
@@ -489,6 +518,7 @@ devices_cmd.register(app)
 profile_cmd.register(app)
 serve_cmd.register(app)
 neurons_cmd.register(app)
+diffusion_cmd.register(app)
 
 
 def main() -> None:

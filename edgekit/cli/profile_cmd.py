@@ -135,13 +135,13 @@ def profile_cmd(
       edgekit profile ./model-gguf-q4 --device ssh:jetson
       edgekit profile ./pipe-4step-onnx-w8 --images 16 --cache-interval 3   # a diffusion model
     """
-    from edgekit.cli import diffusion_cmd
+    from edgekit.cli import diffusion_run
     from edgekit.errors import InputError
     from edgekit.runtime.profile import ProfileConfig, ProfileInterrupted, ProfileRun, parse_tests, profile
 
-    kinds = {diffusion_cmd.is_diffusion(a) for a in artifacts or []}
+    kinds = {diffusion_run.is_diffusion(a) for a in artifacts or []}
     if kinds == {True} and not compare and device is None:
-        diffusion_cmd.profile_images(artifacts, reps=reps, steps=steps, images=images, cache_interval=cache_interval,
+        diffusion_run.profile_images(artifacts, reps=reps, steps=steps, images=images, cache_interval=cache_interval,
                                      threads=threads, as_json=as_json)
         return
     if len(kinds) > 1:

@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("onnxruntime")
 
 from edgekit.cli.main import app  # noqa: E402
-from tests.converters.diffusion.tiny import install_rtn_quantizer, tiny_pipeline  # noqa: E402
+from tests.converters.diffusion.qtiny import install_rtn_quantizer, pipeline16  # noqa: E402
 
 runner = CliRunner()
 
@@ -25,7 +25,7 @@ def cli(*args, code=0):
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusion-cli")
-    src = tiny_pipeline(root / "pipe")
+    src = pipeline16(root / "pipe")
     cli("convert", src, "--to", "onnx", "--bits", "16", "-o", root / "art")
     return root / "art"
 
@@ -61,7 +61,7 @@ def test_inspect_and_profile(art):
 
 def test_convert_quantized_from_the_command_line(tmp_path, monkeypatch):
     install_rtn_quantizer(monkeypatch)
-    src = tiny_pipeline(tmp_path / "pipe")
+    src = pipeline16(tmp_path / "pipe")
     m = json.loads(cli("convert", src, "--to", "onnx", "--bits", "4", "-O", "deepcache=false", "--json").stdout)
     assert m["preset"] == "w4" and m["graphs"].keys() == {"unet"} and "INT4" in m["weight_storage"]
     assert m["recipe"]["options"] == {"deepcache": False}

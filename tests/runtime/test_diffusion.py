@@ -14,14 +14,15 @@ pytest.importorskip("onnxruntime")
 from edgekit.converters.diffusion.convert import convert_pipeline  # noqa: E402
 from edgekit.converters.diffusion.sampler import SampleTrace  # noqa: E402
 from edgekit.errors import CorruptFileError, InputError  # noqa: E402
-from edgekit.runtime.diffusion import is_diffusion, open_diffusion  # noqa: E402
-from tests.converters.diffusion.tiny import tiny_pipeline  # noqa: E402
+from edgekit.evaluate import is_diffusion  # noqa: E402
+from edgekit.runtime.diffusion import open_diffusion  # noqa: E402
+from tests.converters.diffusion.qtiny import pipeline16  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pipe_and_art(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusion-rt")
-    src = tiny_pipeline(root / "pipe")
+    src = pipeline16(root / "pipe")
     return src, convert_pipeline(src, "onnx", output=root / "art", bits=16).path
 
 
@@ -52,7 +53,7 @@ def test_bad_requests_are_one_line_errors(pipe_and_art, tmp_path):
             model.labels(2, 10)
         with pytest.raises(InputError, match="--steps"):
             model.generate(1, model.labels(1, 0), model.config(5000))
-    nocache = convert_pipeline(tiny_pipeline(tmp_path / "p"), "onnx", output=tmp_path / "nc", bits=16,
+    nocache = convert_pipeline(pipeline16(tmp_path / "p"), "onnx", output=tmp_path / "nc", bits=16,
                                options={"deepcache": False}).path
     with open_diffusion(nocache, threads=1) as model, pytest.raises(InputError, match="DeepCache"):
         model.config(None, 0, 3)

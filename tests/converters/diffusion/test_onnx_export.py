@@ -15,11 +15,11 @@ from edgekit.converters.diffusion.convert import convert_pipeline  # noqa: E402
 from edgekit.converters.diffusion.export import EXPORTERS  # noqa: E402
 from edgekit.converters.diffusion.pipeline import open_pipeline  # noqa: E402
 from edgekit.errors import InputError, OutputExistsError, UnsupportedError  # noqa: E402
-from tests.converters.diffusion.tiny import (  # noqa: E402
+from tests.converters.diffusion.qtiny import (  # noqa: E402
     dequantized_unet,
     install_rtn_quantizer,
+    pipeline16,
     rtn_weights,
-    tiny_pipeline,
 )
 
 X = np.random.default_rng(1).standard_normal((3, 1, 16, 16)).astype(np.float32)
@@ -28,7 +28,7 @@ C = np.array([0, 9, 4], np.int64)
 
 
 def _export(tmp_path, conditional=True, weights_fn=None, options=None, name="out"):
-    pipe = open_pipeline(tiny_pipeline(tmp_path / f"pipe{int(conditional)}", conditional))
+    pipe = open_pipeline(pipeline16(tmp_path / f"pipe{int(conditional)}", conditional))
     unet = pipe.load_unet()
     weights = weights_fn(unet) if weights_fn else None
     out = tmp_path / name
@@ -106,7 +106,7 @@ def test_convert_pipeline_writes_a_checked_artifact(tmp_path, monkeypatch):
     from edgekit.artifact import Artifact
 
     install_rtn_quantizer(monkeypatch)
-    src = tiny_pipeline(tmp_path / "pipe")
+    src = pipeline16(tmp_path / "pipe")
     art = convert_pipeline(src, "onnx", output=tmp_path / "art", bits=8)
     m = art.manifest
     assert m["task"] == "diffusion" and m["bits"] == 8 and m["preset"] == "w8"
@@ -124,7 +124,7 @@ def test_convert_pipeline_writes_a_checked_artifact(tmp_path, monkeypatch):
 
 
 def test_convert_refuses_what_it_cannot_do(tmp_path, monkeypatch):
-    src = tiny_pipeline(tmp_path / "pipe")
+    src = pipeline16(tmp_path / "pipe")
     monkeypatch.setitem(__import__("sys").modules, "edgekit.converters.diffusion.quantize", None)
     with pytest.raises(UnsupportedError, match="--bits 16"):
         convert_pipeline(src, "onnx", output=tmp_path / "a", bits=4)
