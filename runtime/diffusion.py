@@ -43,6 +43,7 @@ class DiffusionModel:
     in_channels: int
     sample_size: int
     load_time: float = 0.0
+    threads: int | None = None
 
     def __call__(self, x: np.ndarray, t: int, labels: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
@@ -209,7 +210,8 @@ class TorchDiffusion(DiffusionModel):
 
         # Sampling is many small ops: unlike calibration, PyTorch's pool does stall on a busy machine
         # (digits UNet, batch 4, 2 busy cores: 1 thread 16 ms per step, 2 threads 68 ms), so adapt.
-        torch.set_num_threads(hostinfo.thread_count(threads))
+        self.threads = hostinfo.thread_count(threads)
+        torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
         pipe = open_pipeline(path)
         self.unet = pipe.load_unet()

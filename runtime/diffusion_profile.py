@@ -73,7 +73,7 @@ def profile_diffusion(target: str | Path, *, batches: tuple[int, ...] = (1, 8), 
             if progress is not None:
                 progress("profiling", i + 1, len(configs))
         return {"schema": SCHEMA, "artifact": str(target), "runtime": model.name,
-                "threads": getattr(model, "threads", threads), "sampler": model.defaults.sampler,
+                "threads": model.threads, "sampler": model.defaults.sampler,
                 "load_s": load_s, "rss_before_bytes": rss0, "rss_loaded_bytes": rss_loaded,
                 "peak_rss_bytes": _status("VmHWM"), "peak_since": "load" if reset else "process start",
                 "rows": rows}

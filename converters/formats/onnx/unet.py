@@ -22,12 +22,13 @@ from typing import Any
 
 from edgekit.converters.diffusion.deepcache import deepcache_default, split_modules
 from edgekit.converters.diffusion.export import register_exporter
-from edgekit.errors import CorruptFileError, InputError, require
+from edgekit.errors import CorruptFileError, InputError, UnsupportedError, require
 from edgekit.progress import ProgressFn
 
 GRAPH = "unet.onnx"
 SHALLOW = "unet_shallow.onnx"
 OPSET = 21
+PROTOBUF_LIMIT = (2 << 30) - (64 << 20)
 _DIMS = {"sample": {0: "n"}, "timestep": {0: "n"}, "class_labels": {0: "n"}, "cache": {0: "n"},
          "out": {0: "n"}}
 
@@ -49,6 +50,10 @@ class OnnxUNetExporter:
         if unknown:
             raise InputError(f"-O {unknown[0]} is not an option of diffusion ONNX export (options: deepcache=true|false, "
                              "lowrank_graph=merged|branch)")
+        float_bytes = sum(p.numel() * 4 for p in unet.parameters())
+        if float_bytes > PROTOBUF_LIMIT:  # traced in float32 first, whatever the bits stored afterwards
+            raise UnsupportedError(f"this UNet has {float_bytes / 2**30:.1f} GiB of float32 weights, over the 2 GiB "
+                                   "one ONNX protobuf file holds; edgekit's diffusion export writes a single file")
         deepcache = bool(options.get("deepcache", deepcache_default(unet)))
         if deepcache and len(unet.up_blocks) < 2:
             raise InputError("-O deepcache=true needs a UNet with two or more up blocks; drop it")
