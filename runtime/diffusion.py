@@ -219,7 +219,7 @@ class TorchDiffusion(DiffusionModel):
         self.schedule, self.num_classes = pipe.schedule(), pipe.num_classes
         self.in_channels, self.sample_size = pipe.in_channels, pipe.sample_size
         self.defaults = SampleConfig(sampler=pipe.sampler, steps=pipe.default_steps,
-                                     origin_steps=int(pipe.info.get("origin_steps") or 50))
+                                     origin_steps=pipe.origin_steps)
         self._model = torch_denoiser(self.unet)
         self._torch = torch
         if deepcache_default(self.unet):

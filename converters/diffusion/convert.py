@@ -109,7 +109,6 @@ def _manifest(pipe: Pipeline, unet: Any, to: str, bits: int, method: str, lowran
     quantized = sum(int(qw.q.size) for qw in (weights or {}).values())
     main = (fields.get("graphs") or {}).get("unet") or {}
     size = int(main.get("bytes") or fields.get("size_bytes", 0))  # bits per weight of the graph one step runs
-    info = pipe.info
     return {
         "schema": artifact.SCHEMA,
         "format": to,
@@ -120,7 +119,7 @@ def _manifest(pipe: Pipeline, unet: Any, to: str, bits: int, method: str, lowran
         "recipe": {"bits": bits, "method": method if weights else None, "lowrank": lowrank, **quant_opts,
                    "options": opts},
         "sampler": {"sampler": pipe.sampler, "steps": pipe.default_steps,
-                    "origin_steps": int(info.get("origin_steps") or 50)},
+                    "origin_steps": pipe.origin_steps},
         "unet": {"sample_size": pipe.sample_size, "in_channels": pipe.in_channels,
                  "num_classes": pipe.num_classes, "prediction_type": pipe.scheduler_config.get("prediction_type", "epsilon")},
         "bits": bits if weights else 32,

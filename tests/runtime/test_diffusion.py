@@ -85,3 +85,20 @@ def test_corrupt_or_wrong_artifacts_are_refused(pipe_and_art, tmp_path):
 
     with pytest.raises(InputError, match="diffusion model"):
         api.open_backend(art)
+
+
+def test_a_consistency_student_samples_alike_in_onnxruntime_and_pytorch(tmp_path):
+    import json as _json
+
+    src = pipeline16(tmp_path / "student")
+    sched = _json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    sched.update({"_class_name": "LCMScheduler", "original_inference_steps": 20})
+    (src / "scheduler" / "scheduler_config.json").write_text(_json.dumps(sched))
+    art = convert_pipeline(src, "onnx", output=tmp_path / "art", bits=16)
+    assert art.manifest["sampler"] == {"sampler": "consistency", "steps": 4, "origin_steps": 20}
+    with open_diffusion(art.path, threads=1) as a, open_diffusion(src, threads=1) as b:
+        assert a.sampler == b.sampler == "consistency" and a.origin_steps == b.origin_steps == 20
+        trace = SampleTrace()
+        x = a.generate(3, a.labels(3, 5), a.config(seed=2), trace)
+        np.testing.assert_allclose(x, b.generate(3, b.labels(3, 5), b.config(seed=2)), atol=1e-4)
+        assert trace.timesteps == a.schedule.consistency_timesteps(4, 20)
