@@ -194,6 +194,10 @@ def convert(
         warn = note.startswith("warning: ")
         say(err, note.removeprefix("warning: "), "warning:" if warn else "", "yellow" if warn else "")
     m = art.manifest
+    if m.get("task") == "diffusion" and not as_json:
+        graphs = ", ".join(g["file"] for g in m["graphs"].values())
+        say(out, f"{art.path}  ({m['size_bytes'] / 1e6:.2f} MB, {m['preset']}: {graphs})", "wrote", "green")
+        return
     if fit_target is not None:
         size_opts.report_fit(art, fit_target)
     if as_json:
@@ -273,7 +277,8 @@ def run(
     min_p: float = typer.Option(0.05, "--min-p"),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
     seed: int = typer.Option(0, "--seed", "-s"),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Tokens to generate (default 256); "
+                                          "images, for a diffusion model.", show_default=False),
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence; repeatable."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
@@ -292,8 +297,16 @@ def run(
                                      "flash_attn=true, type_k=8, ...; a misspelt one is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when done (text, token counts, "
                                  "timings, stop reason) instead of streaming."),
+    class_: int | None = typer.Option(None, "--class", help="Diffusion: the class of every image (default: one of "
+                                      "each class in turn)."),
+    image_out: Path | None = typer.Option(None, "--output", "-o", help="Diffusion: the PNG grid to write "
+                                          "(default grid.png)."),
+    steps: int | None = typer.Option(None, "--steps", help="Diffusion: sampling steps (default: the model's)."),
+    cache_interval: int | None = typer.Option(None, "--cache-interval", help="Diffusion: DeepCache, the whole "
+                                              "UNet every K steps, its outer level in between."),
 ) -> None:
-    """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal.
+    """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal. A diffusion
+    model (artifact or diffusers pipeline folder) samples a PNG grid instead.
 
     Examples:
       edgekit run smollm2-135m-gguf-q4_k_m -p "What is the capital of France?"
@@ -304,11 +317,19 @@ def run(
       edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
       edgekit run ./smol-q4 --kv-window 512 -n 4000 -p "..."        # past the context, bounded memory
       edgekit run ./smol-q4-sparse -p "..." --offload auto --vram 2GiB   # hot on the GPU, cold on the CPU
+      edgekit run ./pipe-4step-onnx-w8 --class 7 -n 16 -o grid.png      # a diffusion model: images
     """
     from edgekit import api
-    from edgekit.cli import repl
+    from edgekit.cli import diffusion_run, repl
     from edgekit.runtime.base import GenerationStats
 
+    if diffusion_run.is_diffusion(artifact):
+        diffusion_run.run_images(artifact, cls=class_, n=max_tokens, output=image_out, steps=steps, seed=seed,
+                                 cache_interval=cache_interval, threads=threads, as_json=as_json)
+        return
+    diffusion_run.refuse_image_options(artifact, {"--class": class_, "--output": image_out, "--steps": steps,
+                                                  "--cache-interval": cache_interval})
+    max_tokens = 256 if max_tokens is None else max_tokens
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram)  # a window bounds the KV
     if backend:
@@ -441,6 +462,11 @@ def inspect_cmd(
     from edgekit.cli.render import render_inspect
 
     info = api.inspect(artifact, ctx)
+    if info.get("task") == "diffusion" and not as_json:
+        from edgekit.cli.diffusion_run import render_inspect as render_diffusion
+
+        render_diffusion(info)
+        return
     if as_json:
         if not tensors:
             info = {k: v for k, v in info.items() if k != "tensors"}
