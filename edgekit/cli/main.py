@@ -503,12 +503,28 @@ def quickstart(
     home: Path | None = typer.Option(None, "--home", help="Cache folder (default ~/.cache/edgekit)."),
     force: bool = typer.Option(False, "--force", help="Redo every step even if cached."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
+    diffusion: bool = typer.Option(False, "--diffusion", help="The built-in diffusion model instead: distilled "
+                                   "4-step student, 8-bit ONNX, samples, digits-FID against the teacher."),
+    distill: bool = typer.Option(False, "--distill", help="With --diffusion: distill the student here (about 20 "
+                                 "minutes) instead of using the shipped one."),
+    as_json: bool = typer.Option(False, "--json", help="With --diffusion: print the figures as JSON."),
+    n_score: int = typer.Option(1000, "-n", help="With --diffusion: images scored per model (FID is biased by "
+                                "the sample size: compare at the same n)."),
 ) -> None:
     """The built-in default end to end: get SmolLM2-135M-Instruct, import, convert, evaluate, answer.
 
-    Example:
+    Examples:
       edgekit quickstart
+      edgekit quickstart --diffusion --json
     """
+    if diffusion:
+        from edgekit.cli.quickstart_diffusion import run_quickstart_diffusion
+
+        run_quickstart_diffusion(home=home, force=force, distill_again=distill, threads=threads, as_json=as_json,
+                                 n=n_score)
+        return
+    if distill or as_json or n_score != 1000:
+        raise InputError("--distill, --json and -n go with --diffusion")
     from edgekit.cli.quickstart_cmd import run_quickstart
 
     run_quickstart(bits=bits, home=home, force=force, threads=threads)
