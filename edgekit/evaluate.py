@@ -284,7 +284,7 @@ def check_diffusion_options(n: int, steps: int | None, sampler: str | None, cach
     from edgekit.converters.diffusion.sampler import SAMPLERS
 
     if n < 10:
-        raise InputError("-n must be at least 10 (FID and precision/recall need a sample; compare at 1000)")
+        raise InputError("--images must be at least 10 (FID and precision/recall need a sample; compare at 1000)")
     if steps is not None and steps < 1:
         raise InputError("--steps must be at least 1")
     if sampler is not None and sampler not in SAMPLERS:

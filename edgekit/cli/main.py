@@ -399,7 +399,7 @@ def eval_cmd(
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --ref ./SmolLM2-135M --chunks 16
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --kv-window 1024 --kv-sinks 4
-      edgekit eval ./digits-unet --steps 4 -n 1000
+      edgekit eval ./digits-unet --steps 4 --images 1000
     """
     from edgekit import api
 

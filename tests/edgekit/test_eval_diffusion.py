@@ -34,11 +34,11 @@ def invoke(*args):
 
 
 def test_eval_prints_the_metrics_of_a_pipeline(pipe):
-    res = invoke(pipe, "-n", 20, "--steps", 2)
+    res = invoke(pipe, "--images", 20, "--steps", 2)
     assert res.exit_code == 0, res.output
     for word in ("digits-FID", "floor", "precision", "recall", "label agreement", "ddim 2 steps", "20 images"):
         assert word in res.stdout, res.stdout
-    data = json.loads(invoke(pipe, "-n", 20, "--steps", 2, "--json").stdout)
+    data = json.loads(invoke(pipe, "--images", 20, "--steps", 2, "--json").stdout)
     assert FIELDS <= data.keys() and data["n"] == 20 and data["steps"] == 2 and data["sampler"] == "ddim"
     assert 0 <= data["precision"] <= 1 and 0 <= data["recall"] <= 1 and 0 <= data["label_agreement"] <= 1
     assert data["fid"] > 10 * data["floor"]  # random weights draw noise, far from digits
@@ -88,7 +88,7 @@ def test_bad_inputs_are_one_line_errors(pipe, llm, tmp_path):
         ((llm, "--steps", 4), "--steps is for diffusion models"),
         ((llm,), "--text is required for a language model"),
         ((pipe, "--text", tmp_path / "t.txt"), "--text is for language models"),
-        ((pipe, "-n", 5), "-n must be at least 10"),
+        ((pipe, "--images", 5), "--images must be at least 10"),
         ((pipe, "--sampler", "euler"), "--sampler must be one of ddim, consistency"),
         ((pipe, "--cache-interval", 2), "cannot cache features"),
     ]
