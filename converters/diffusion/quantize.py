@@ -98,11 +98,13 @@ class DiffusionQuantConfig:
 
 
 def quantize_unet(pipe: Any, unet: Any, bits: int, method: str = "rtn", lowrank: int = 0, calib_images: int = 64,
-                  timesteps: int = 8, seed: int = 0, progress: ProgressFn = no_progress) -> dict[str, QuantWeight]:
+                  timesteps: int = 8, seed: int = 0, progress: ProgressFn = no_progress,
+                  block_size: int = 32) -> dict[str, QuantWeight]:
     """Weight name (``"down_blocks.0.resnets.0.conv1.weight"``) -> its :class:`QuantWeight`, for every
-    ``Conv2d``/``Linear`` of ``unet`` (see the module's docstring and :class:`DiffusionQuantConfig`)."""
+    ``Conv2d``/``Linear`` of ``unet`` (see the module's docstring and :class:`DiffusionQuantConfig`;
+    ``block_size`` is its ``block``)."""
     cfg = DiffusionQuantConfig(bits=bits, method=method, lowrank=lowrank, calib_images=calib_images,
-                               timesteps=timesteps, seed=seed)
+                               timesteps=timesteps, seed=seed, block=block_size)
     return quantize_with(pipe, unet, cfg, progress)
 
 
