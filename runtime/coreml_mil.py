@@ -175,6 +175,17 @@ def _pad(a: dict[str, Any]) -> np.ndarray:
     return np.pad(x, widths, constant_values=float(a.get("constant_val", 0.0)))
 
 
+def _batch_norm(a: dict[str, Any]) -> np.ndarray:
+    x = _f(a["x"])
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - _f(a["mean"]).reshape(shape)) / np.sqrt(_f(a["variance"]).reshape(shape) + F32(a.get("epsilon", 1e-5)))
+    if a.get("gamma") is not None:
+        y = y * _f(a["gamma"]).reshape(shape)
+    if a.get("beta") is not None:
+        y = y + _f(a["beta"]).reshape(shape)
+    return y
+
+
 def _cast(a: dict[str, Any]) -> np.ndarray:
     return a["x"].astype(_DTYPES[str(a["dtype"])])
 
@@ -215,6 +226,7 @@ OPS: dict[str, Callable[[dict[str, Any]], np.ndarray]] = {
     "identity": lambda a: a["x"],
     "range_1d": lambda a: np.arange(a["start"], a["end"], a["step"]),
     "conv": _conv,
+    "batch_norm": _batch_norm,
     "pad": _pad,
     "upsample_nearest_neighbor": lambda a: np.repeat(np.repeat(a["x"], int(a.get("scale_factor_height", 1)), axis=-2),
                                                      int(a.get("scale_factor_width", 1)), axis=-1),

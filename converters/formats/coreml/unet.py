@@ -9,7 +9,8 @@ GPU / Neural Engine precision:
 
 * the sinusoidal time embedding is a table over the ``T`` training timesteps, computed by the module's own
   ``time_proj`` in float32 and looked up by ``timestep``: ``sin(999 * f)`` computed in fp16 would be noise;
-* group norm is ``layer_norm`` over each group's ``(C/G, h, w)`` values (a reshape), then the affine;
+* group norm is ``layer_norm`` over each group's ``(C/G, h, w)`` values (a reshape), then the affine
+  as a ``batch_norm`` of mean 0 and variance 1;
 * quantized weights are ``constexpr_blockwise_shift_scale`` of the quantizer's own integers, seen as
   ``[out, in]`` (a conv's ``[out, cin*kh*kw]``, reshaped to the kernel for ``conv``): the blocks of 32
   inputs run across kernel positions and channels, which a 4-D per-axis block could not express;
@@ -125,8 +126,12 @@ class _UNet:
         y = mb.layer_norm(x=y, axes=[2], epsilon=np.float16(max(gn.eps, 1e-7)))
         y = mb.reshape(x=y, shape=[-1, c, h, w])
         if gn.affine:
-            y = mb.add(x=mb.mul(x=y, y=self.const(gn.weight.reshape(1, c, 1, 1), op_name(prefix + ".weight"))),
-                       y=self.const(gn.bias.reshape(1, c, 1, 1), op_name(prefix + ".bias")))
+            # the per-channel affine as a batch_norm of mean 0, variance 1: coremltools' own pass would fuse a
+            # mul + add into one, with fp32 statistics beside fp16 gamma that its validation then refuses
+            # (coremltools 9.0), also when a user later runs its optimize APIs on the package
+            zeros, ones = np.zeros(c, np.float16), np.ones(c, np.float16)
+            y = mb.batch_norm(x=y, mean=zeros, variance=ones, gamma=self.const(gn.weight, op_name(prefix + ".weight")),
+                              beta=self.const(gn.bias, op_name(prefix + ".bias")), epsilon=np.float16(0))
         return y
 
     def resnet(self, x: Any, emb: Any, r: Any, p: str, chw: tuple[int, int, int]) -> tuple[Any, tuple[int, int, int]]:
@@ -296,14 +301,10 @@ class CoreMLUNetExporter:
         if unet.class_embedding is not None:
             inputs.append(ct.TensorType("class_labels", shape=(batch,), dtype=np.int32))
         progress("writing the ML program (coremltools)", 1, 1)
-        passes = ct.PassPipeline.DEFAULT
-        # it fuses group norm's affine (mul, add) into a batch_norm with fp32 statistics beside fp16 gamma,
-        # which its own validation then refuses (coremltools 9.0)
-        passes.remove_passes(["common::fuse_elementwise_to_batchnorm"])
         with contextlib.redirect_stderr(io.StringIO()):  # coremltools' pass pipelines draw tqdm bars
             model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                                compute_precision=ct.precision.FLOAT16, skip_model_load=True, inputs=inputs,
-                               outputs=[ct.TensorType("out", dtype=np.float32)], pass_pipeline=passes)
+                               outputs=[ct.TensorType("out", dtype=np.float32)])
         model.user_defined_metadata.update({"edgekit.task": "diffusion", "edgekit.source": pipe.path.name,
                                             "edgekit.num_train_timesteps": str(pipe.schedule().num_train_timesteps)})
         model.short_description = f"{pipe.path.name} UNet for Core ML (edgekit)"
