@@ -123,7 +123,7 @@ def quantize_with(pipe: Any, unet: Any, cfg: DiffusionQuantConfig, progress: Pro
     out: dict[str, QuantWeight] = {}
     for i, (name, module) in enumerate(layers.items()):
         progress(f"quantizing {name}", i, len(layers))
-        w = module.weight.detach().float().cpu().numpy()
+        w = module.weight.detach().float().cpu().numpy().copy()  # never the module's own memory
         grouped = getattr(module, "groups", 1) != 1  # a grouped conv's rows see different inputs: no one H
         H = None if grouped else hessians.get(name)
         out[name + ".weight"] = quantize_weight(w, cfg.grid(name, int(np.prod(w.shape[1:]))), H, cfg.lowrank, cfg.damp)

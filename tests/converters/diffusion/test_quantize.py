@@ -111,6 +111,15 @@ def test_gptq_beats_rtn_on_the_calibration_hessians(tiny):
     assert gptq.mse < rtn.mse
 
 
+def test_quantizing_leaves_the_unet_alone(tiny):
+    """GPTQ updates its working copy in place; a one-row weight (conv_out of a 1-channel UNet) transposes to
+    an array that is already contiguous, and once was the module's own memory."""
+    pipe, unet, _ = tiny
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    _quant(tiny, bits=4, method="gptq")
+    assert all(bool((before[k] == v).all()) for k, v in unet.state_dict().items())
+
+
 def test_lowrank_branch_lowers_the_w4_error(tiny):
     from edgekit.converters.diffusion.quantize import measure
 
