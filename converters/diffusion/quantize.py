@@ -141,7 +141,8 @@ def quantize_weight(w: np.ndarray, grid: Any, H: np.ndarray | None = None, lowra
 
     shape = tuple(int(s) for s in w.shape)
     W = np.ascontiguousarray(w.reshape(shape[0], -1), dtype=np.float32)
-    branch = lr.fit(W, lowrank, H, damp) if lowrank else None
+    C = lr.whitener(H, damp) if lowrank and H is not None else None
+    branch = lr.fit(W, lowrank, C, damp) if lowrank else None
     R = W if branch is None else W - branch[0] @ branch[1]
     if H is not None:
         res = gptq(R, H, grid, damp=damp, imatrix=np.diag(H).astype(np.float32))
@@ -150,7 +151,7 @@ def quantize_weight(w: np.ndarray, grid: Any, H: np.ndarray | None = None, lowra
         res = rtn(R, grid)
         codes, params = nbits.unpack(grid, res.data.reshape(-1, grid.record))
     if branch is not None:
-        branch = lr.fit(W - res.weight, lowrank, H, damp)
+        branch = lr.fit(W - res.weight, lowrank, C, damp)
     out, nb = W.shape[0], W.shape[1] // grid.block
     scale = params.d.astype(np.float32).reshape(out, nb)
     codes = codes.reshape(W.shape)

@@ -15,12 +15,14 @@ import torch
 
 from edgekit.errors import InputError
 
-__all__ = ["fit"]
+__all__ = ["fit", "whitener"]
 
 
-def fit(E: np.ndarray, rank: int, H: np.ndarray | None = None, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def fit(E: np.ndarray, rank: int, H: np.ndarray | torch.Tensor | None = None,
+        damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """``(a, b)`` float32, ``a @ b`` the rank-``rank`` matrix closest to ``E`` ``(out, in)`` in
-    ``trace((E - ab) H (E - ab)^T)`` (``H`` None: in Frobenius norm). ``rank`` is capped at ``min(out, in)``."""
+    ``trace((E - ab) H (E - ab)^T)`` (``H`` None: in Frobenius norm). ``rank`` is capped at ``min(out, in)``.
+    ``H`` may be :func:`whitener`'s factor (a tensor) to share one factorisation between fits."""
     e = torch.from_numpy(np.asarray(E, dtype=np.float64))
     if e.ndim != 2:
         raise InputError(f"expected a 2-D matrix; got shape {tuple(e.shape)}")
@@ -30,7 +32,7 @@ def fit(E: np.ndarray, rank: int, H: np.ndarray | None = None, damp: float = 0.0
     if H is None:
         US, Vt = _top(e, r)
         return US.float().numpy(), Vt.float().numpy()
-    C = _whitener(H, damp)
+    C = H if isinstance(H, torch.Tensor) else whitener(H, damp)
     US, Vt = _top(e @ C, r)
     # b C = Vt_r  <=>  C^T b^T = Vt_r^T (C^T upper triangular)
     b = torch.linalg.solve_triangular(C.T, Vt.T, upper=True).T
@@ -51,8 +53,8 @@ def _top(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return U * S, Vt
 
 
-def _whitener(H: np.ndarray, damp: float) -> torch.Tensor:
-    """Lower ``C`` with ``C C^T = H + damp * mean(diag H) * I`` (raised 10x until it factors)."""
+def whitener(H: np.ndarray, damp: float = 0.01) -> torch.Tensor:
+    """Lower float64 ``C`` with ``C C^T = H + damp * mean(diag H) * I`` (raised 10x until it factors)."""
     h = torch.from_numpy(np.asarray(H, dtype=np.float64))
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise InputError(f"H must be a square matrix; got shape {tuple(h.shape)}")
