@@ -14,8 +14,10 @@ when it exists, else the 30-iteration miniature trained here in seconds, which s
   noise, another trajectory: what GPTQ did not see), relative MSE (MSE / mean square of the output), and
   each layer's relative output error over the calibration inputs, ``tr(dW H dW^T) / tr(W H W^T)``;
 * (b) per layer, the W4 rows side by side (the worst layers of RTN first; every layer in the JSON);
-* (c) the peer: coremltools' ``linear_quantize_weights`` (int8 per channel, int4 per block of 32 with an
-  offset, ``conv_in``/``conv_out`` at int8 per channel as edgekit's W4 keeps them, the time-embedding table
+* (c) the peer: coremltools' ``linear_quantize_weights`` (int8 per channel; int4 per block of 32 with an
+  offset -- on a conv its default block is 32 input channels times the whole kernel, 288 weights a scale on
+  3x3 convs, so it is also run with ``[1, 32, 1, 1]`` blocks, 32 weights a scale like edgekit's --;
+  ``conv_in``/``conv_out`` at int8 per channel as edgekit's W4 keeps them, the time-embedding table
   and the class embedding left in fp16 as edgekit leaves them) applied to edgekit's fp16 program, against
   edgekit's quantized programs; every program run by edgekit's numpy MIL evaluator on held-out inputs
   (Core ML predicts only on macOS), output MSE against PyTorch float32, package bytes.
@@ -119,17 +121,24 @@ def coreml_rows(pipe: Any, unet: Any, quantized: dict[str, Any], inputs: list, s
                                           weight_threshold=1)
     int4_b32 = opt.OpLinearQuantizerConfig(mode="linear", dtype="int4", granularity="per_block", block_size=32,
                                            weight_threshold=1)
+    # a conv's blocks: coremltools' block_size=32 spans 32 input channels times the whole kernel (288 weights a
+    # scale on a 3x3 conv); [1, 32, 1, 1] is 32 channels at one kernel position, edgekit's 32 weights a scale
+    int4_b32_pos = opt.OpLinearQuantizerConfig(mode="linear", dtype="int4", granularity="per_block",
+                                               block_size=[1, 32, 1, 1], weight_threshold=1)
     keep = {"time_proj_table": None, "class_embedding_weight": None}
-    for label, cfg in (("coremltools int8 per-channel", opt.OptimizationConfig(global_config=int8_pc,
-                                                                                 op_name_configs=keep)),
-                       ("coremltools int4 b32", opt.OptimizationConfig(
-                           global_config=int4_b32,
-                           op_name_configs={**keep, "conv_in_weight": int8_pc, "conv_out_weight": int8_pc}))):
+    edges = {**keep, "conv_in_weight": int8_pc, "conv_out_weight": int8_pc}
+    peers = (("coremltools int8 per-channel", opt.OptimizationConfig(global_config=int8_pc, op_name_configs=keep)),
+             ("coremltools int4 b32 (conv: 32 ch x kernel)",
+              opt.OptimizationConfig(global_config=int4_b32, op_name_configs=edges)),
+             ("coremltools int4 b32 (conv: 32 ch per kernel position)",
+              opt.OptimizationConfig(global_config=int4_b32, op_type_configs={"conv": int4_b32_pos},
+                                     op_name_configs=edges)))
+    for label, cfg in peers:
         t0 = time.perf_counter()
         model = ct.models.MLModel(str(f16), skip_model_load=True)
         q = opt.linear_quantize_weights(model, cfg)
         secs = time.perf_counter() - t0
-        path = scratch / (label.replace(" ", "_") + ".mlpackage")
+        path = scratch / (label.split(" (")[0].replace(" ", "_") + str(len(rows)) + ".mlpackage")
         q.save(str(path))
         mse, rel = score(path)
         rows.append({"row": label, "bytes": package_bytes(path), "mse": mse, "rel_mse": rel, "seconds": secs})
