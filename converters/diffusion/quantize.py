@@ -14,8 +14,9 @@ and last convs) is stored on an integer grid as a :class:`~.qweights.QuantWeight
 The class embedding (a lookup table, not a matmul) and the norms stay in float. The rounding is
 edgekit's: the grids' own parameter search (RTN) or GPTQ (:mod:`..quantize.gptq_kernel`) against each
 layer's Hessian from :func:`.calibrate.calibrate`. With ``lowrank = r`` each weight first gives a rank-``r``
-float branch (the output-weighted truncated SVD, :mod:`..quantize.lowrank`) that takes its largest
-directions, the residual is quantized, and the branch is then refitted to what the integers missed.
+float branch (its truncated SVD, :mod:`..quantize.lowrank`) that takes its largest directions, the residual
+is quantized, and the branch is then refitted to what the integers missed (the SVD weighted by the layer's
+inputs when calibrated).
 """
 
 from __future__ import annotations
@@ -141,8 +142,12 @@ def quantize_weight(w: np.ndarray, grid: Any, H: np.ndarray | None = None, lowra
 
     shape = tuple(int(s) for s in w.shape)
     W = np.ascontiguousarray(w.reshape(shape[0], -1), dtype=np.float32)
+    # the branch first takes the weight's own largest directions (SVDQuant's SVD; weights only: no activations
+    # to smooth into it), so the integers hold a residual of smaller range; after rounding it is refitted to
+    # what the integers missed, weighted by the layer's inputs. Measured on the digits UNet: better than a
+    # first fit weighted by H (which leaves the outliers to the integers) or a refit alone (LoRC).
     C = lr.whitener(H, damp) if lowrank and H is not None else None
-    branch = lr.fit(W, lowrank, C, damp) if lowrank else None
+    branch = lr.fit(W, lowrank) if lowrank else None
     R = W if branch is None else W - branch[0] @ branch[1]
     if H is not None:
         res = gptq(R, H, grid, damp=damp, imatrix=np.diag(H).astype(np.float32))
