@@ -22,7 +22,6 @@ inputs when calibrated).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,9 +227,3 @@ def measure(unet: Any, weights: dict[str, QuantWeight], calibration: Any, second
     return QuantReport(se / n, se / max(ss, 1e-30), layer_rel, sum(qw.nbytes for qw in weights.values()), fbytes,
                        seconds)
 
-
-def timed(pipe: Any, unet: Any, cfg: DiffusionQuantConfig, calibration: Any = None) -> tuple[dict[str, QuantWeight], float]:
-    """:func:`quantize_with` and its seconds."""
-    t0 = time.perf_counter()
-    w = quantize_with(pipe, unet, cfg, calibration=calibration)
-    return w, time.perf_counter() - t0
