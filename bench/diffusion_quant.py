@@ -55,7 +55,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("W4-GPTQ+LR16", {"bits": 4, "method": "gptq", "lowrank": 16}),
     ("W4-RTN+LR16", {"bits": 4, "lowrank": 16}),
     # ablations of the defaults
-    ("W4-GPTQ sym", {"bits": 4, "method": "gptq", "symmetric": True}),
+    ("W4-GPTQ zero-points", {"bits": 4, "method": "gptq", "symmetric": False}),
     ("W4-GPTQ edges@4", {"bits": 4, "method": "gptq", "edge_bits": 0}),
 ]
 COREML_ROWS = ("W8-RTN", "W8-GPTQ", "W4-RTN", "W4-GPTQ", "W4-GPTQ+LR16")

@@ -51,15 +51,16 @@ def _torch(unet, feeds):
                     class_labels=torch.from_numpy(feeds["class_labels"]).long()).sample.numpy()
 
 
-@pytest.mark.parametrize("bits,lowrank", [(None, 0), (8, 0), (4, 3)])
-def test_package_round_trips_and_evaluates_like_pytorch(pipe, tmp_path, bits, lowrank):
-    from edgekit.converters.diffusion.quantize import dequantized_unet, quantize_unet
+@pytest.mark.parametrize("bits,lowrank,symmetric", [(None, 0, True), (8, 0, True), (4, 3, True), (4, 0, False)])
+def test_package_round_trips_and_evaluates_like_pytorch(pipe, tmp_path, bits, lowrank, symmetric):
+    from edgekit.converters.diffusion.quantize import DiffusionQuantConfig, dequantized_unet, quantize_with
     from edgekit.converters.formats.coreml.read import load_program, read_weights
     from edgekit.converters.formats.coreml.unet import op_name
     from edgekit.runtime.coreml_mil import MILEvaluator
 
     unet = pipe.load_unet()
-    weights = None if bits is None else quantize_unet(pipe, unet, bits, lowrank=lowrank)
+    weights = None if bits is None else quantize_with(
+        pipe, unet, DiffusionQuantConfig(bits=bits, lowrank=lowrank, symmetric=symmetric))
     fields, path = _export(pipe, unet, weights, tmp_path)
     prog, meta = load_program(path)
     fn = prog.functions["main"]
@@ -92,7 +93,7 @@ def test_int4_package_is_smaller(pipe, tmp_path):
     f16, _ = _export(pipe, unet, None, tmp_path / "f")
     w4, _ = _export(pipe, unet, quantize_unet(pipe, unet, 4), tmp_path / "q")
     assert w4["size_bytes"] < 0.6 * f16["size_bytes"]
-    assert set(w4["coreml"]["weight_storage"]) >= {"UINT4_B32", "INT8_B9"}
+    assert set(w4["coreml"]["weight_storage"]) >= {"INT4_B32", "INT8_B9"}
 
 
 def test_errors_are_one_line(pipe, tmp_path):

@@ -78,15 +78,22 @@ def test_ints_in_range_shapes_and_blocks(tiny, bits):
         if b == 8:  # int8 per output channel, symmetric
             assert qw.signed and qw.zero is None and qw.q.dtype == np.int8 and qw.block == width
             assert qw.scale.shape == (w.shape[0], 1)
-        else:  # 4 bits, blocks of 32 where the width allows, per row elsewhere, a zero point per block
-            assert not qw.signed and qw.q.dtype == np.uint8 and 0 <= qw.q.min() and qw.q.max() <= 15
+        else:  # signed 4 bits, blocks of 32 where the width allows, per row elsewhere
+            assert qw.signed and qw.zero is None and qw.q.dtype == np.int8 and -8 <= qw.q.min() and qw.q.max() <= 7
             assert qw.block == (32 if width % 32 == 0 else width)
-            assert qw.zero is not None and qw.zero.shape == qw.scale.shape
         rel = np.linalg.norm(qw.dequantize() - w) / np.linalg.norm(w)
         assert rel < (0.01 if b == 8 else 0.15), (name, rel)
     # both kinds of W4 layout occur in this UNet
     if bits == 4:
         assert {qw.block == 32 for n, qw in weights.items() if qw.bits == 4} == {True, False}
+        asym = quantize_unet(pipe, unet, 4, block_size=16)  # the wrapper passes the block on
+        assert asym["down_blocks.1.resnets.0.conv1.weight"].block == 16
+
+
+def test_zero_points_when_asked(tiny):
+    weights = _quant(tiny, bits=4, symmetric=False)
+    qw = weights["down_blocks.1.resnets.0.conv1.weight"]
+    assert not qw.signed and qw.q.dtype == np.uint8 and qw.q.max() <= 15 and qw.zero.shape == qw.scale.shape
 
 
 def test_w8_output_error_is_far_below_w4(tiny):
