@@ -25,10 +25,19 @@ from edgekit.artifact import (
     write_manifest,
 )
 from edgekit.calibration import CalibConfig
+from edgekit.converters.diffusion.pipeline import is_pipeline
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
 from edgekit.errors import InputError
-from edgekit.evaluate import EvalConfig, EvalResult, perplexity, read_text, text_identity
+from edgekit.evaluate import (
+    EvalConfig,
+    EvalResult,
+    evaluate_diffusion,
+    is_diffusion,
+    perplexity,
+    read_text,
+    text_identity,
+)
 from edgekit.fsutil import atomic_dir, check_output, sha256_files, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
@@ -42,6 +51,7 @@ __all__ = [
     "calibration_applies", "convert", "default_output", "default_output_suffix", "default_preset", "distill_config",
     "make_quantizer", "method_config", "evaluate", "generate", "import_gguf",
     "inspect", "evaluate_streaming", "open_backend", "plan", "offload_options",
+    "evaluate_diffusion", "is_diffusion",
 ]
 
 
@@ -86,6 +96,8 @@ def convert(
     import dataclasses
 
     recipe = recipe or ConvertRecipe()
+    if is_pipeline(Path(model).expanduser()):
+        return _convert_pipeline(model, to, output, recipe, quantize, options, force, progress)
     fmt = FORMATS.get(to)()
     if options is not None:
         if not dataclasses.is_dataclass(options) or type(options) is not getattr(fmt, "options_class", None):
@@ -107,6 +119,18 @@ def convert(
     remember_checksums(art)
     art.notes = notes
     return art
+
+
+def _convert_pipeline(model: str | Path, to: str, output: str | Path | None, recipe: ConvertRecipe,
+                      quantize: QuantizeConfig | None, options: Any, force: bool, progress: ProgressFn) -> Artifact:
+    """A diffusers pipeline: its UNet exported by the diffusion exporter of ``to`` (:mod:`..diffusion.convert`)."""
+    from edgekit.converters.diffusion.convert import convert_pipeline
+
+    if quantize is not None or options is not None or recipe.preset or recipe.bpw or recipe.size or recipe.prune:
+        raise InputError("a diffusion pipeline takes --bits, --method and -O options (deepcache, lowrank, "
+                         "block_size); drop --type/--bpw/--size/--prune and method configs")
+    return convert_pipeline(model, to, output=output, bits=recipe.bits, method=recipe.method, options=recipe.extra,
+                            force=force, progress=progress)
 
 
 def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertRecipe, force: bool,
@@ -248,6 +272,9 @@ def open_backend(target: str | Path | Artifact, backend: str | None = None, **op
         if p.is_dir() and (p / "config.json").exists() and not (p / "edgekit.json").exists():
             return _open_backend(p, backend, **options)  # a checkpoint folder: no manifest to check against
         target = Artifact.open(p)
+    if target.manifest.get("task") == "diffusion":
+        raise InputError(f"{target.name} is a diffusion model (it makes images, not text): sample it with "
+                         f"'edgekit run {target.name} --class 7 -n 16 -o grid.png' (SDK: edgekit.runtime.diffusion)")
     target.verify()
     return _open_backend(target, backend, **options)
 

@@ -84,8 +84,26 @@ def describe(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     if art.format not in FORMATS:
         raise UnsupportedError(f"inspect reads {', '.join(f.upper() for f in FORMATS.names())} artifacts; "
                                f"this one is {art.format!r}")
+    if art.manifest.get("task") == "diffusion":
+        return describe_diffusion(art)
     check_manifest_report(art.manifest)
     info = FORMATS.get(art.format)().describe(art, ctx)
     if art.manifest.get("ternary"):
         info["ternary"] = art.manifest["ternary"]
     return info
+
+
+def describe_diffusion(art: Artifact) -> dict[str, Any]:
+    """A diffusion artifact: how it samples, its recipe, and each graph as its exporter reads it back."""
+    from edgekit.converters.diffusion.export import EXPORTERS
+
+    m = art.manifest
+    for key in ("graphs", "unet", "sampler", "source", "recipe"):
+        if not isinstance(m.get(key), dict):
+            raise _bad(key, "an object")
+    keep = ("format", "task", "source", "recipe", "sampler", "unet", "bits", "preset", "bpw", "size_bytes",
+            "quantized_params", "deepcache", "weight_storage", "created")
+    exporter = EXPORTERS.get(art.format)()
+    reader = getattr(exporter, "describe", None)  # an exporter that cannot read its files back: the manifest's
+    return {"path": str(art.path), **{k: m.get(k) for k in keep},
+            "graphs": reader(art) if reader is not None else m["graphs"]}

@@ -35,7 +35,7 @@ _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|prune)-(?P<pid>\d+
 # numpy reports a full disk without an errno: a short write in tofile(), or its fallocate() pre-check
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|Not enough free space to write \d+ bytes")
 # Folders holding one of these were written by edgekit, so --force may replace them.
-OUTPUT_MARKERS = ("edgekit.json", "edgekit_import.json")
+OUTPUT_MARKERS = ("edgekit.json", "edgekit_import.json", "edgekit_diffusion.json")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

@@ -1,6 +1,7 @@
 """The artifacts under a folder, as rows the artifacts screen shows (no Textual here).
 
-An artifact is a folder with ``edgekit.json`` (made by ``edgekit convert``) or a bare model file.
+An artifact is a folder with ``edgekit.json`` (made by ``edgekit convert``) or a bare model file; a diffusers
+pipeline folder (``model_index.json``) is listed too.
 The scan is shallow (``depth`` levels) and skips hidden folders, so the temporary ``.NAME.partial-``
 folders of a conversion still running never show up.
 """
@@ -17,6 +18,7 @@ from edgekit.artifact import FORMAT_SUFFIXES, MANIFEST_NAME, Artifact
 from edgekit.errors import EdgekitError, InputError
 from edgekit.evaluate import text_name
 
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder
 # Folders that hold thousands of files and never artifacts.
 _SKIP = {"node_modules", "__pycache__", ".git", ".venv", "site-packages"}
 
@@ -37,6 +39,7 @@ class ArtifactRow:
     bare: bool
     problem: str = ""
     ppl_text: str = ""  # the name of the text the perplexity was measured on  # why the manifest could not be read (shown instead of hiding the folder)
+    task: str = ""  # "diffusion" for an image model (a pipeline folder or a diffusion artifact)
 
     @property
     def size_text(self) -> str:
@@ -85,7 +88,23 @@ def row_for(path: Path) -> ArtifactRow:
         kl=last.get("kl_mean"),
         bare=art.bare_file is not None,
         ppl_text=text_name(last) if last.get("ppl") is not None else "",
+        task=str(m.get("task") or ""),
     )
+
+
+def pipeline_row(path: Path) -> ArtifactRow:
+    """A diffusers pipeline folder as a row (format "diffusers", method: the sampler it wants)."""
+    from edgekit.converters.diffusion.pipeline import open_pipeline
+    from edgekit.library import folder_bytes
+
+    try:
+        pipe = open_pipeline(path)
+    except EdgekitError as exc:
+        return ArtifactRow(path=path, name=path.name, format="diffusers", method="-", quant="-", size_bytes=0,
+                           bpw=None, ppl=None, kl=None, bare=False, problem=str(exc), task="diffusion")
+    return ArtifactRow(path=path, name=path.name, format="diffusers", method=f"{pipe.sampler} {pipe.default_steps}",
+                       quant="-", size_bytes=folder_bytes(path), bpw=None, ppl=None, kl=None, bare=False,
+                       task="diffusion")
 
 
 def find_artifacts(folder: str | Path, depth: int = 3) -> list[ArtifactRow]:
@@ -101,6 +120,10 @@ def find_artifacts(folder: str | Path, depth: int = 3) -> list[ArtifactRow]:
         if MANIFEST_NAME in filenames:
             rows.append(row_for(here))
             dirnames[:] = []  # an artifact's folder holds no further artifacts
+            continue
+        if PIPELINE_INDEX in filenames:
+            rows.append(pipeline_row(here))
+            dirnames[:] = []
             continue
         rows.extend(row_for(here / f) for f in sorted(filenames)
                     if Path(f).suffix.lower() in FORMAT_SUFFIXES and not f.startswith("."))

@@ -79,6 +79,11 @@ class Pipeline:
         return str(self.info.get("sampler", "ddim"))
 
     @property
+    def origin_steps(self) -> int:
+        """The timestep grid a consistency student was distilled on (its sampler picks steps from it)."""
+        return int(self.scheduler_config.get("original_inference_steps") or self.info.get("origin_steps") or 50)
+
+    @property
     def default_steps(self) -> int:
         return int(self.info.get("steps") or (4 if self.sampler == "consistency" else 50))
 

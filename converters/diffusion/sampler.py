@@ -112,7 +112,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def grid_png(images: np.ndarray, path: Any, scale: int = 4, cols: int | None = None) -> None:
-    """Write images ``[n, c, h, w]`` in ``[-1, 1]`` as one PNG grid, each pixel ``scale`` wide."""
+    """Write images ``[n, c, h, w]`` in ``[-1, 1]`` as one PNG grid, each pixel ``scale`` wide (PNG whatever
+    ``path``'s suffix: it may be a temporary name)."""
     from PIL import Image
 
     u8 = to_uint8(images)
@@ -124,4 +125,4 @@ def grid_png(images: np.ndarray, path: Any, scale: int = 4, cols: int | None = N
         r, k = divmod(i, cols)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = u8[i]
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path, format="PNG")

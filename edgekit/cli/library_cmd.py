@@ -24,8 +24,10 @@ def _mb(n: int | None) -> str:
 def eval_label(e: dict[str, Any] | None, short: bool = False) -> str:
     """A recorded perplexity with what it was measured on: ``19.64 on valid.txt sha256:3f2a9c1e, 16 chunks
     x 512, ref SmolLM2-135M``; ``short``: ``19.64 valid.txt 16x512`` (a table cell)."""
-    from edgekit.evaluate import provenance_label, text_name
+    from edgekit.evaluate import diffusion_label, provenance_label, text_name
 
+    if e and isinstance(e.get("fid"), (int, float)):  # a diffusion model's images
+        return f"FID {e['fid']:.1f} {e.get('sampler', '?')} {e.get('steps', '?')}" if short else diffusion_label(e)
     if not e or not isinstance(e.get("ppl"), (int, float)):
         return "-"
     if not short:

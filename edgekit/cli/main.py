@@ -12,7 +12,17 @@ from typing import Any
 
 import typer
 
-from edgekit.cli import devices_cmd, library_cmd, neurons_cmd, profile_cmd, serve_cmd, size_opts, tui_cmd
+from edgekit.cli import (
+    devices_cmd,
+    diffusion_cmd,
+    library_cmd,
+    neurons_cmd,
+    profile_cmd,
+    serve_cmd,
+    size_opts,
+    tui_cmd,
+)
+from edgekit.cli import eval_diffusion_cmd as dx
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say
 from edgekit.errors import InputError
@@ -184,6 +194,10 @@ def convert(
         warn = note.startswith("warning: ")
         say(err, note.removeprefix("warning: "), "warning:" if warn else "", "yellow" if warn else "")
     m = art.manifest
+    if m.get("task") == "diffusion" and not as_json:
+        graphs = ", ".join(g["file"] for g in m["graphs"].values())
+        say(out, f"{art.path}  ({m['size_bytes'] / 1e6:.2f} MB, {m['preset']}: {graphs})", "wrote", "green")
+        return
     if fit_target is not None:
         size_opts.report_fit(art, fit_target)
     if as_json:
@@ -263,7 +277,8 @@ def run(
     min_p: float = typer.Option(0.05, "--min-p"),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
     seed: int = typer.Option(0, "--seed", "-s"),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Tokens to generate (default 256); "
+                                          "images, for a diffusion model.", show_default=False),
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence; repeatable."),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
@@ -282,8 +297,16 @@ def run(
                                      "flash_attn=true, type_k=8, ...; a misspelt one is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when done (text, token counts, "
                                  "timings, stop reason) instead of streaming."),
+    class_: int | None = typer.Option(None, "--class", help="Diffusion: the class of every image (default: one of "
+                                      "each class in turn)."),
+    image_out: Path | None = typer.Option(None, "--output", "-o", help="Diffusion: the PNG grid to write "
+                                          "(default grid.png)."),
+    steps: int | None = typer.Option(None, "--steps", help="Diffusion: sampling steps (default: the model's)."),
+    cache_interval: int | None = typer.Option(None, "--cache-interval", help="Diffusion: DeepCache, the whole "
+                                              "UNet every K steps, its outer level in between."),
 ) -> None:
-    """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal.
+    """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal. A diffusion
+    model (artifact or diffusers pipeline folder) samples a PNG grid instead.
 
     Examples:
       edgekit run smollm2-135m-gguf-q4_k_m -p "What is the capital of France?"
@@ -294,11 +317,19 @@ def run(
       edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
       edgekit run ./smol-q4 --kv-window 512 -n 4000 -p "..."        # past the context, bounded memory
       edgekit run ./smol-q4-sparse -p "..." --offload auto --vram 2GiB   # hot on the GPU, cold on the CPU
+      edgekit run ./pipe-4step-onnx-w8 --class 7 -n 16 -o grid.png      # a diffusion model: images
     """
     from edgekit import api
-    from edgekit.cli import repl
+    from edgekit.cli import diffusion_run, repl
     from edgekit.runtime.base import GenerationStats
 
+    if diffusion_run.is_diffusion(artifact):
+        diffusion_run.run_images(artifact, cls=class_, n=max_tokens, output=image_out, steps=steps, seed=seed,
+                                 cache_interval=cache_interval, threads=threads, as_json=as_json)
+        return
+    diffusion_run.refuse_image_options(artifact, {"--class": class_, "--output": image_out, "--steps": steps,
+                                                  "--cache-interval": cache_interval})
+    max_tokens = 256 if max_tokens is None else max_tokens
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram)  # a window bounds the KV
     if backend:
@@ -338,8 +369,10 @@ def run(
 @app.command("eval")
 @handle_errors
 def eval_cmd(
-    artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
-    text: Path = typer.Option(..., "--text", help="Plain-text file to measure on."),
+    artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder; or a diffusion "
+                                    "pipeline folder or artifact (scored on images it samples)."),
+    text: Path | None = typer.Option(None, "--text", help="Plain-text file to measure on (language models).",
+                                     show_default=False),
     ref: Path | None = typer.Option(None, "--ref", help="Reference checkpoint folder: adds KL and top-1."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
     chunks: int | None = typer.Option(None, "--chunks", help="At most this many chunks."),
@@ -351,15 +384,32 @@ def eval_cmd(
                                          "this many tokens instead (how a long chat sees its history)."),
     kv_sinks: int = typer.Option(4, "--kv-sinks", help="With --kv-window: first tokens always kept."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="With --kv-window: stream at most this many tokens."),
+    n: int | None = dx.register_options()["n"],
+    steps: int | None = dx.register_options()["steps"],
+    sampler: str | None = dx.register_options()["sampler"],
+    cache_interval: int | None = dx.register_options()["cache_interval"],
+    seed: int | None = dx.register_options()["seed"],
 ) -> None:
-    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement.
+    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement. A diffusion
+    model: digits-FID, precision/recall and label agreement of images it samples.
 
     Examples:
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --ref ./SmolLM2-135M --chunks 16
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --kv-window 1024 --kv-sinks 4
+      edgekit eval ./digits-unet --steps 4 -n 1000
     """
     from edgekit import api
+
+    diffusion_opts = dx.diffusion_options(n, steps, sampler, cache_interval, seed)
+    if api.is_diffusion(artifact):
+        dx.refuse_text_options(artifact, text, ref, kv_window)
+        dx.run(artifact, diffusion_opts, record, as_json)
+        return
+    dx.refuse_llm_options(artifact, diffusion_opts)
+    if text is None:
+        dx.check_missing(artifact)
+        raise InputError("--text is required for a language model: give a plain-text file to measure on")
 
     if kv_window is not None:
         if ref is not None:
@@ -412,6 +462,11 @@ def inspect_cmd(
     from edgekit.cli.render import render_inspect
 
     info = api.inspect(artifact, ctx)
+    if info.get("task") == "diffusion" and not as_json:
+        from edgekit.cli.diffusion_run import render_inspect as render_diffusion
+
+        render_diffusion(info)
+        return
     if as_json:
         if not tensors:
             info = {k: v for k, v in info.items() if k != "tensors"}
@@ -446,12 +501,28 @@ def quickstart(
     home: Path | None = typer.Option(None, "--home", help="Cache folder (default ~/.cache/edgekit)."),
     force: bool = typer.Option(False, "--force", help="Redo every step even if cached."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
+    diffusion: bool = typer.Option(False, "--diffusion", help="The built-in diffusion model instead: distilled "
+                                   "4-step student, 8-bit ONNX, samples, digits-FID against the teacher."),
+    distill: bool = typer.Option(False, "--distill", help="With --diffusion: distill the student here (about 20 "
+                                 "minutes) instead of using the shipped one."),
+    as_json: bool = typer.Option(False, "--json", help="With --diffusion: print the figures as JSON."),
+    n_score: int = typer.Option(1000, "-n", help="With --diffusion: images scored per model (FID is biased by "
+                                "the sample size: compare at the same n)."),
 ) -> None:
     """The built-in default end to end: get SmolLM2-135M-Instruct, import, convert, evaluate, answer.
 
-    Example:
+    Examples:
       edgekit quickstart
+      edgekit quickstart --diffusion --json
     """
+    if diffusion:
+        from edgekit.cli.quickstart_diffusion import run_quickstart_diffusion
+
+        run_quickstart_diffusion(home=home, force=force, distill_again=distill, threads=threads, as_json=as_json,
+                                 n=n_score)
+        return
+    if distill or as_json or n_score != 1000:
+        raise InputError("--distill, --json and -n go with --diffusion")
     from edgekit.cli.quickstart_cmd import run_quickstart
 
     run_quickstart(bits=bits, home=home, force=force, threads=threads)
@@ -463,6 +534,7 @@ devices_cmd.register(app)
 profile_cmd.register(app)
 serve_cmd.register(app)
 neurons_cmd.register(app)
+diffusion_cmd.register(app)
 
 
 def main() -> None:

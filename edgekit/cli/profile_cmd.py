@@ -120,6 +120,10 @@ def profile_cmd(
     runner: Path | None = typer.Option(None, "--runner", help="With --device: a llama-bench binary built for the "
                                        "device (needed on Android; otherwise edgekit installed there is used)."),
     remote_edgekit: str | None = typer.Option(None, "--remote-edgekit", help="With --device: edgekit's path there."),
+    images: int = typer.Option(8, "--images", help="Diffusion: the batch timed besides batch 1."),
+    steps: int | None = typer.Option(None, "--steps", help="Diffusion: sampling steps (default: the model's)."),
+    cache_interval: int | None = typer.Option(None, "--cache-interval", help="Diffusion: also time DeepCache "
+                                              "sampling with this interval."),
 ) -> None:
     """Measure prompt processing, generation, TTFT, load time, peak memory; sweep and compare.
 
@@ -129,9 +133,19 @@ def profile_cmd(
       edgekit profile a/ b/ --plot pareto.png
       edgekit profile --compare
       edgekit profile ./model-gguf-q4 --device ssh:jetson
+      edgekit profile ./pipe-4step-onnx-w8 --images 16 --cache-interval 3   # a diffusion model
     """
+    from edgekit.cli import diffusion_run
     from edgekit.errors import InputError
     from edgekit.runtime.profile import ProfileConfig, ProfileInterrupted, ProfileRun, parse_tests, profile
+
+    kinds = {diffusion_run.is_diffusion(a) for a in artifacts or []}
+    if kinds == {True} and not compare and device is None:
+        diffusion_run.profile_images(artifacts, reps=reps, steps=steps, images=images, cache_interval=cache_interval,
+                                     threads=threads, as_json=as_json)
+        return
+    if len(kinds) > 1:
+        raise InputError("profile diffusion models and language models in separate runs")
 
     if compare:
         _show_compare(artifacts, as_json)

@@ -62,6 +62,11 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         row("fallbacks", f"{info['fallbacks']} tensors ({summary}): row width not a multiple of the "
                          "K-quant super-block (256), same rule as llama.cpp")
     for e in info.get("eval", [])[-3:]:
+        if "fid" in e:  # a diffusion model's images
+            from edgekit.evaluate import diffusion_label
+
+            row("eval", diffusion_label(e))
+            continue
         extra = f", KL {e['kl_mean']:.4f}, top-1 {100 * e['top1_agreement']:.1f}%" if "kl_mean" in e else ""
         row("eval", f"ppl {e['ppl']:.3f} (ctx {e['ctx']}, {e['chunks']} chunks){extra}")
     console.print(head)

@@ -1,4 +1,5 @@
-"""Artifacts: what is under a folder with its manifest; inspect, delete, open in chat or profile."""
+"""Artifacts: what is under a folder with its manifest; inspect, delete, open in chat or profile. A diffusion
+model (a pipeline folder or a diffusion artifact) is inspected as a grid of images it samples."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ class ArtifactsScreen(Screen[None]):
             if row.problem:
                 self.app.show_error(row.problem, "Unreadable artifact")  # type: ignore[attr-defined]
                 return
-            self.app.push_screen(InspectScreen(row))
+            self.app.push_screen(SamplesScreen(row) if row.task == "diffusion" else InspectScreen(row))
 
     async def action_chat(self) -> None:
         row = self.selected()
@@ -202,7 +203,7 @@ class InspectScreen(ModalScreen[None]):
         if info["fallbacks"]:
             lines.append(f"fallbacks: {info['fallbacks']} tensors "
                          + ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items()))
-        for e in info.get("eval", [])[-2:]:
+        for e in [e for e in info.get("eval", []) if "ppl" in e][-2:]:
             kl = f", KL {e['kl_mean']:.4f}" if e.get("kl_mean") is not None else ""
             lines.append(f"eval: ppl {e['ppl']:.3f}{kl} on {provenance_label(e)}")
         self.query_one("#inspect-summary", Static).update("\n".join(lines))
@@ -215,6 +216,70 @@ class InspectScreen(ModalScreen[None]):
         for c in cells:
             table.add_row(*map(escape, c))
         table.focus()
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class SamplesScreen(ModalScreen[None]):
+    """A diffusion model's detail view: what it is, its last recorded scores and a grid of images it samples
+    with its own sampler and step count (in a worker thread; ``r`` draws new ones)."""
+
+    BINDINGS = [Binding("escape,q", "close", "Close"), Binding("r", "resample", "New samples")]
+    N = 8  # two rows of four 16x16 digits: 8 classes, fits 80x24
+
+    def __init__(self, row: ArtifactRow) -> None:
+        super().__init__()
+        self.row = row
+        self.seed = 0
+        self.images: Any = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="samples"):
+            yield Static(f"{self.row.name}: sampling {self.N} images...", id="samples-summary", markup=False)
+            yield Static("", id="samples-grid")
+
+    def on_mount(self) -> None:
+        self._sample(self.seed)
+
+    @work(thread=True, exclusive=True)
+    def _sample(self, seed: int) -> None:
+        import time
+
+        from edgekit.evaluate import open_diffusion, sample_images
+
+        try:
+            model = open_diffusion(self.row.path)
+            t0 = time.perf_counter()
+            images, labels = sample_images(model, self.N, model.steps, model.sampler, seed=seed)
+        except Exception as exc:  # noqa: BLE001 - shown in the error panel
+            self.app.call_from_thread(self._failed, exc)
+            return
+        self.app.call_from_thread(self._show, model, images, labels, time.perf_counter() - t0, seed)
+
+    def _failed(self, exc: Exception) -> None:
+        self.dismiss(None)
+        self.app.show_error(exc)  # type: ignore[attr-defined]
+
+    def _show(self, model: Any, images: Any, labels: Any, seconds: float, seed: int) -> None:
+        from edgekit.evaluate import diffusion_label
+        from edgekit.tui.widgets.sample_grid import halfblock_grid
+
+        self.images = images
+        c, h, w = model.shape
+        lines = [f"{self.row.name}  ·  {model.sampler} {model.steps} steps  ·  {h}x{w}x{c}  ·  "
+                 f"{model.num_classes or 'no'} classes",
+                 f"{len(images)} samples in {seconds:.1f} s (seed {seed}); r: new samples"]
+        evals = (model.artifact.manifest.get("eval") or []) if model.artifact is not None else []
+        lines += [f"eval: {diffusion_label(e)}" for e in evals[-2:] if isinstance(e, dict) and "fid" in e]
+        self.query_one("#samples-summary", Static).update("\n".join(lines))
+        captions = None if labels is None else [f"class {int(k)}" for k in labels]
+        self.query_one("#samples-grid", Static).update(halfblock_grid(images, cols=4, captions=captions))
+
+    def action_resample(self) -> None:
+        self.seed += 1
+        self.query_one("#samples-summary", Static).update(f"{self.row.name}: sampling {self.N} images...")
+        self._sample(self.seed)
 
     def action_close(self) -> None:
         self.dismiss(None)

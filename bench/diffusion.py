@@ -1,0 +1,269 @@
+"""Few-step diffusion on this CPU: the digits teacher against its distilled students, their quantized ONNX
+artifacts and DeepCache, in one run (issue 20's targets).
+
+Every row samples the same N images (N/10 per class, the same seed) with onnxruntime and scores them with
+edgekit's digits-FID (``edgekit.imagemetrics``: features of a digits CNN, the whole dataset as reference),
+precision/recall (k-NN manifolds, k=3) and label agreement. Latency per image is timed separately at batch 1
+(median of repeats), and per step.
+
+    python bench/diffusion.py                                   # shipped teacher, students given or distilled
+    python bench/diffusion.py --student /tmp/digits-4step --student-consistency /tmp/digits-4step-cd
+    python bench/diffusion.py --distill-iters 3000              # distil the students in this run first
+
+Writes bench/results/diffusion.{txt,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def shipped_teacher() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("edgekit") / "data" / "digits-unet"))
+
+
+def convert(src: Path, work: Path, name: str, bits: int, method: str = "rtn", lowrank: int = 0) -> Path:
+    from edgekit.converters.diffusion.convert import convert_pipeline
+
+    out = work / name
+    if (out / "edgekit.json").exists():
+        return out
+    t0 = time.perf_counter()
+    convert_pipeline(src, "onnx", output=out, bits=bits, method=method, options={"lowrank": lowrank} if lowrank else None)
+    print(f"  converted {name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+def quality(art: Path, n: int, steps: int | None, cache_interval: int = 1, threads: int | None = None,
+            seed: int = 0) -> dict[str, Any]:
+    """Sample ``n`` images (balanced classes) and score them; seconds per image at batch 250."""
+    from edgekit.imagemetrics import score
+    from edgekit.runtime.diffusion import open_diffusion
+
+    with open_diffusion(art, threads=threads) as model:
+        cfg = model.config(steps=steps, seed=seed, cache_interval=cache_interval)
+        labels = np.arange(n, dtype=np.int64) % 10
+        t0 = time.perf_counter()
+        imgs = np.concatenate([model.generate(len(labels[i:i + 250]), labels[i:i + 250],
+                                              model.config(steps=steps, seed=seed + i, cache_interval=cache_interval))
+                               for i in range(0, n, 250)])
+        secs = time.perf_counter() - t0
+    s = score(imgs, labels)
+    return {"steps": cfg.steps, "sampler": cfg.sampler, "cache_interval": cache_interval, "n": n,
+            "fid": round(s["fid"], 3), "precision": round(s["precision"], 4), "recall": round(s["recall"], 4),
+            "label_agreement": round(s["label_agreement"], 4), "batch_s_per_image": round(secs / n, 5),
+            "images": imgs[:20]}
+
+
+def latency(art: Path, steps: int | None, cache_interval: int = 1, threads: int | None = None,
+            repeats: int = 5) -> dict[str, float]:
+    """Seconds for one image at batch 1 (median of ``repeats``), and per network evaluation."""
+    from edgekit.converters.diffusion.sampler import SampleTrace
+    from edgekit.runtime.diffusion import open_diffusion
+
+    with open_diffusion(art, threads=threads) as model:
+        cfg = model.config(steps=steps, cache_interval=cache_interval)
+        lab = model.labels(1, 3)
+        model.generate(1, lab, cfg)  # warm
+        times, per_step = [], []
+        for r in range(repeats):
+            trace = SampleTrace()
+            t0 = time.perf_counter()
+            model.generate(1, lab, model.config(steps=steps, seed=r, cache_interval=cache_interval), trace)
+            times.append(time.perf_counter() - t0)
+            per_step.extend(trace.step_seconds)
+    return {"image_s": statistics.median(times), "step_ms": 1000 * statistics.median(per_step)}
+
+
+def size_of(art: Path) -> int:
+    return int(json.loads((art / "edgekit.json").read_text()).get("size_bytes", 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", type=Path, default=None, help="teacher pipeline (default: the shipped digits UNet)")
+    ap.add_argument("--student", type=Path, default=None, help="a 4-step LCM student pipeline")
+    ap.add_argument("--student-consistency", type=Path, default=None, help="a consistency-distilled student")
+    ap.add_argument("--distill-iters", type=int, default=0, help="distil missing students here (0: skip them)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgekit-bench-diffusion"))
+    ap.add_argument("-n", type=int, default=1000, help="images per row")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer rows, n=200 (a smoke run)")
+    args = ap.parse_args(argv)
+    from edgekit.runtime.hostinfo import use_torch_threads
+
+    use_torch_threads(args.threads)
+    n = 200 if args.quick else args.n
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = args.teacher or shipped_teacher()
+    students = {"lcm": args.student, "consistency": args.student_consistency}
+    for method, path in list(students.items()):
+        if path is None and args.distill_iters:
+            from edgekit.converters.diffusion.distill import DistillConfig, distill
+
+            path = work / f"digits-4step-{method}"
+            if not path.exists():
+                t0 = time.perf_counter()
+                distill(teacher, path, DistillConfig(steps=4, method=method, iters=args.distill_iters))
+                print(f"  distilled {method} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            students[method] = path
+    t32 = convert(teacher, work, "teacher-fp32", 32)
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, art: Path, steps: int | None, ci: int = 1, **extra: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        r = {"row": name, "artifact": art.name, "bytes": size_of(art), **quality(art, n, steps, ci, args.threads),
+             **extra}
+        print(f"  {name}: FID {r['fid']:.2f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        rows.append(r)
+        return r
+
+    row("teacher DDIM 50", t32, 50)
+    for s in (8, 4, 2, 1) if not args.quick else (4, 2):
+        row(f"teacher DDIM {s}", t32, s)
+    for ci in (2, 3, 5):
+        row(f"teacher DDIM 50 DeepCache {ci}", t32, 50, ci)
+    for method, path in students.items():
+        if path is None:
+            continue
+        s32 = convert(path, work, f"student-{method}-fp32", 32)
+        for s in (4, 2, 1):
+            row(f"{method} student {s}-step", s32, s)
+        if method != "lcm":
+            continue
+        for bits, qm, lr in ((8, "rtn", 0), (8, "gptq", 0), (4, "rtn", 0), (4, "gptq", 0), (4, "gptq", 16)):
+            label = f"w{bits}-{qm}" + (f"-lr{lr}" if lr else "")
+            art = convert(path, work, f"student-lcm-{label}", bits, qm, lr)
+            row(f"lcm student 4-step {label}", art, 4)
+    if not args.quick:
+        for bits, qm in ((8, "gptq"), (4, "gptq")):
+            art = convert(teacher, work, f"teacher-w{bits}-{qm}", bits, qm)
+            row(f"teacher DDIM 50 w{bits}-{qm}", art, 50)
+
+    lat = {"teacher DDIM 50": latency(t32, 50, threads=args.threads)}
+    for ci in (2, 3, 5):
+        lat[f"teacher DDIM 50 DeepCache {ci}"] = latency(t32, 50, ci, threads=args.threads)
+    if students["lcm"] is not None:
+        s32 = work / "student-lcm-fp32"
+        for s in (4, 1):
+            lat[f"lcm student {s}-step"] = latency(s32, s, threads=args.threads)
+        lat["lcm student 4-step w8-gptq"] = latency(work / "student-lcm-w8-gptq", 4, threads=args.threads)
+    for r in rows:
+        if r["row"] in lat:
+            r.update({k: round(v, 5) for k, v in lat[r["row"]].items()})
+    report(rows, lat, n, teacher, students)
+    return 0
+
+
+def find(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["row"] == name), None)
+
+
+def targets(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]]) -> list[tuple[str, str, bool | None]]:
+    out: list[tuple[str, str, bool | None]] = []
+    t50, t4, t2 = find(rows, "teacher DDIM 50"), find(rows, "teacher DDIM 4"), find(rows, "teacher DDIM 2")
+    s4, s1 = find(rows, "lcm student 4-step"), find(rows, "lcm student 1-step")
+    if t50 and s4:
+        ratio = s4["fid"] / t50["fid"]
+        out.append(("4-step student FID within 10% of the 50-step teacher's",
+                    f"{s4['fid']:.2f} vs {t50['fid']:.2f} ({ratio:.2f}x)", ratio <= 1.10))
+    if t4 and s4:
+        out.append(("4-step student better than teacher DDIM 4", f"{s4['fid']:.2f} vs {t4['fid']:.2f}",
+                    s4["fid"] < t4["fid"]))
+    if t2 and s1:
+        out.append(("1-step student better than teacher DDIM 2", f"{s1['fid']:.2f} vs {t2['fid']:.2f}",
+                    s1["fid"] < t2["fid"]))
+    if "teacher DDIM 50" in lat and "lcm student 4-step" in lat:
+        sp = lat["teacher DDIM 50"]["image_s"] / lat["lcm student 4-step"]["image_s"]
+        out.append(("4-step student >= 10x faster per image than the 50-step teacher (onnxruntime, batch 1)",
+                    f"{sp:.1f}x", sp >= 10))
+    w8, f32 = find(rows, "lcm student 4-step w8-gptq"), s4
+    if w8 and f32:
+        d = w8["fid"] / f32["fid"] - 1
+        out.append(("W8 within 5% FID of fp32 (4-step student)", f"{w8['fid']:.2f} vs {f32['fid']:.2f} ({d:+.1%})",
+                    d <= 0.05))
+    tw8 = find(rows, "teacher DDIM 50 w8-gptq")
+    if tw8 and t50:
+        d = tw8["fid"] / t50["fid"] - 1
+        out.append(("W8 within 5% FID of fp32 (teacher, 50 steps)", f"{tw8['fid']:.2f} vs {t50['fid']:.2f} ({d:+.1%})",
+                    d <= 0.05))
+    for name in ("lcm student 4-step w4-gptq", "lcm student 4-step w4-gptq-lr16"):
+        r = find(rows, name)
+        if r and f32:
+            out.append((f"{name.split()[-1].upper()} reported", f"FID {r['fid']:.2f} vs fp32 {f32['fid']:.2f}", None))
+    return out
+
+
+def report(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], n: int, teacher: Path,
+           students: dict[str, Path | None]) -> None:
+    from edgekit.imagemetrics import FeatureNet
+
+    floor = FeatureNet.load().meta.get("fid_floor") if hasattr(FeatureNet.load(), "meta") else None
+    lines = [f"# bench/diffusion.py: digits miniature, {n} images per row (N/10 per class), onnxruntime on this CPU",
+             f"# teacher {teacher}; students {', '.join(f'{k}={v}' for k, v in students.items() if v)}",
+             *([f"# digits-FID floor (a second real sample of the same size): {floor}"] if floor else []), "",
+             f"{'row':<36} {'steps':>5} {'FID':>8} {'prec':>6} {'recall':>6} {'labels':>6} {'KB':>7} "
+             f"{'ms/img b250':>11} {'s/img b1':>9} {'ms/step':>8}"]
+    for r in rows:
+        lines.append(f"{r['row']:<36} {r['steps']:>5} {r['fid']:>8.2f} {r['precision']:>6.3f} {r['recall']:>6.3f} "
+                     f"{r['label_agreement']:>6.3f} {r['bytes'] / 1024:>7.0f} {1000 * r['batch_s_per_image']:>11.2f} "
+                     + (f"{r['image_s']:>9.4f} {r['step_ms']:>8.2f}" if "image_s" in r else f"{'':>9} {'':>8}"))
+    lines += ["", "targets:"]
+    for what, fig, ok in targets(rows, lat):
+        lines.append(f"  {'HOLDS ' if ok else 'MISSED' if ok is False else '      '} {what}: {fig}")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "diffusion.txt").write_text(text)
+    clean = [{k: v for k, v in r.items() if k != "images"} for r in rows]
+    (RESULTS / "diffusion.json").write_text(json.dumps({"n": n, "rows": clean, "latency": lat,
+                                                        "targets": [list(t) for t in targets(rows, lat)]}, indent=1))
+    plot(rows)
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgekit.converters.diffusion.sampler import to_uint8
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    for r in rows:
+        x = r.get("image_s", r["batch_s_per_image"])
+        ax.scatter(x, r["fid"], s=25)
+        ax.annotate(r["row"].replace("teacher ", "T ").replace("student ", "S "), (x, r["fid"]), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds per image (batch 1 where timed, else batch 250)")
+    ax.set_ylabel("digits-FID (lower is better)")
+    ax.set_title("quality vs speed, onnxruntime on this CPU")
+    picks = [r for r in rows if r["row"] in ("teacher DDIM 50", "teacher DDIM 4", "lcm student 4-step",
+                                             "lcm student 1-step", "lcm student 4-step w8-gptq",
+                                             "lcm student 4-step w4-gptq")]
+    tiles = [np.concatenate(list(to_uint8(r["images"][:10])[..., 0]), axis=1) for r in picks]
+    if tiles:
+        ax2.imshow(np.concatenate(tiles, axis=0), cmap="gray")
+        ax2.set_yticks([8 + 16 * i for i in range(len(picks))], [r["row"] for r in picks], fontsize=7)
+        ax2.set_xticks([])
+        ax2.set_title("samples, classes 0-9")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "diffusion.png", dpi=130)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

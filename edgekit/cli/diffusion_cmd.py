@@ -1,0 +1,71 @@
+"""``edgekit distill``: a diffusion pipeline distilled into a few-step consistency student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from edgekit.cli.ui import handle_errors, out, progress_bar, say
+
+
+@handle_errors
+def distill_cmd(
+    pipeline: Path = typer.Argument(..., help="A diffusers pipeline folder (UNet2DModel; model_index.json, unet/, "
+                                    "scheduler/)."),
+    steps: int = typer.Option(4, "--steps", help="Sampling steps the student is for (1-8)."),
+    method: str = typer.Option("lcm", "--method", help="lcm (skipping-step solver, pseudo-Huber loss) or "
+                               "consistency (finer grid, L2 loss)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Student pipeline folder (default "
+                                       "PIPELINE-<steps>step beside it)."),
+    iters: int = typer.Option(4000, "--iters", help="Optimizer steps."),
+    minutes: float = typer.Option(0.0, "--minutes", help="Stop after this long and keep a state that a rerun "
+                                  "resumes from (0: no limit)."),
+    batch: int = typer.Option(64, "--batch", help="Images per step."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate."),
+    data: str | None = typer.Option(None, "--data", help="Training images: 'digits', 'teacher' (sampled by the "
+                                    "teacher first) or a folder of images (default: digits for the built-in "
+                                    "model, else teacher)."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing student edgekit wrote."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for PyTorch."),
+    as_json: bool = typer.Option(False, "--json", help="Print the distillation record as JSON."),
+) -> None:
+    """Distill a diffusion pipeline to 1-8 sampling steps (consistency / LCM distillation).
+
+    Interrupted (Ctrl-C) or stopped by --minutes, a rerun with the same arguments resumes.
+
+    Examples:
+      edgekit distill ./digits-unet --steps 4 --method lcm -o ./digits-4step
+      edgekit distill ./my-ddpm --steps 2 --data ./images --minutes 60
+    """
+    from edgekit.converters.diffusion.distill import DistillConfig, distill
+    from edgekit.runtime.hostinfo import use_torch_threads
+
+    cfg = DistillConfig(steps=steps, method=method, iters=iters, minutes=minutes, batch=batch, lr=lr, data=data,
+                        seed=seed)
+    use_torch_threads(threads)
+    dest = output or pipeline.parent / f"{pipeline.name}-{steps}step"
+    try:
+        with progress_bar(not as_json) as progress:
+            rec = distill(pipeline, dest, cfg, force=force, progress=progress)
+    except KeyboardInterrupt:
+        say(out, f"interrupted; {dest.name} was not written. Run the same command again to resume from the last "
+                 "save", "stopped", "yellow")
+        raise typer.Exit(130) from None
+    if as_json:
+        out.print_json(json.dumps(rec))
+        return
+    if not rec["finished"]:
+        say(out, f"stopped at step {rec['step']}/{rec['iters']} after {rec['seconds']:.0f} s (--minutes); run the "
+                 "same command again to go on", "paused", "yellow")
+        return
+    d = rec["distilled"]
+    last = d["losses"][-1][1] if d["losses"] else float("nan")
+    say(out, f"{dest}: a {rec['steps']}-step {method} student ({d['iters']} steps, {d['seconds']:.0f} s, final loss "
+             f"{last:.5f}); sample it with 'edgekit run {dest} --class 7'", "wrote", "green")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(distill_cmd)

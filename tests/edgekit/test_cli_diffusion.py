@@ -1,0 +1,96 @@
+"""convert / run / inspect / profile of a diffusion pipeline, as a user types them (Typer's runner)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("diffusers")
+pytest.importorskip("onnxruntime")
+
+from edgekit.cli.main import app  # noqa: E402
+from tests.converters.diffusion.qtiny import install_rtn_quantizer, pipeline16  # noqa: E402
+
+runner = CliRunner()
+
+
+def cli(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusion-cli")
+    src = pipeline16(root / "pipe")
+    cli("convert", src, "--to", "onnx", "--bits", "16", "-o", root / "art")
+    return root / "art"
+
+
+def test_run_writes_a_png_grid_and_reports_timings(art, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "grid.png"
+    rep = json.loads(cli("run", art, "--class", "7", "-n", "6", "-o", png, "--steps", "3", "--seed", "1",
+                         "--cache-interval", "2", "--json").stdout)
+    assert rep["images"] == 6 and rep["labels"] == [7] * 6 and rep["steps"] == 3 and rep["cache_interval"] == 2
+    assert rep["ms_full_step"] > 0 and rep["ms_shallow_step"] > 0 and rep["s_per_image"] > 0
+    # 6 images of 16x16 in 3 columns x 2 rows, a 1-pixel border, every pixel 4 wide
+    assert Image.open(png).size == ((3 * 17 + 1) * 4, (2 * 17 + 1) * 4)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    text = cli("run", art, "-n", "2", "-o", png).output
+    assert "2 images (one of each class), 4 ddim steps" in text
+
+
+def test_inspect_and_profile(art):
+    info = json.loads(cli("inspect", art, "--json").stdout)
+    assert info["task"] == "diffusion" and set(info["graphs"]) == {"unet", "shallow"}
+    unet = info["graphs"]["unet"]
+    assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "class_labels"]
+    # the exporter folds and merges a few small tensors (norm scales, attention biases)
+    assert unet["initializers"]["FLOAT"]["params"] == pytest.approx(info["source"]["n_params"], rel=0.05)
+    assert "DeepCache" in cli("inspect", art).output
+    prof = json.loads(cli("profile", art, "--reps", "1", "--images", "2", "--steps", "2", "--cache-interval", "2",
+                          "--threads", "1", "--json", "--no-history").stdout)
+    assert [(r["batch"], r["cache_interval"]) for r in prof["rows"]] == [(1, 1), (2, 1), (1, 2), (2, 2)]
+    assert prof["load_s"] > 0 and prof["peak_rss_bytes"] > 0 and all(r["s_per_image"] > 0 for r in prof["rows"])
+
+
+def test_convert_quantized_from_the_command_line(tmp_path, monkeypatch):
+    install_rtn_quantizer(monkeypatch)
+    src = pipeline16(tmp_path / "pipe")
+    m = json.loads(cli("convert", src, "--to", "onnx", "--bits", "4", "-O", "deepcache=false", "--json").stdout)
+    assert m["preset"] == "w4" and m["graphs"].keys() == {"unet"} and "INT4" in m["weight_storage"]
+    assert m["recipe"]["options"] == {"deepcache": False}
+    from edgekit import library
+
+    assert (library.store_dir() / "pipe-onnx-w4" / "unet.onnx").is_file()  # no -o: the model library
+    again = cli("convert", src, "--to", "onnx", "--bits", "4", code=2)
+    assert "--force" in again.output
+
+
+def test_bad_inputs_are_one_line_errors(art, tmp_path):
+    missing = cli("run", tmp_path / "nope", "--class", "1", code=2)
+    assert "does not exist" in missing.output and "Traceback" not in missing.output
+    assert "PNG" in cli("run", art, "-o", tmp_path / "g.jpg", code=2).output
+    bad = cli("run", art, "--class", "12", "-o", tmp_path / "g.png", code=2)
+    assert "between 0 and 9" in bad.output and not (tmp_path / "g.png").exists()
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    (llm / "model.gguf").write_bytes(b"GGUF")
+    (llm / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "gguf",
+                                                  "files": {"model": "model.gguf"}}))
+    wrong = cli("run", llm, "--class", "3", "-p", "hi", code=2)
+    assert "--class is for diffusion models" in wrong.output
+    text_cmd = cli("eval", art, "--text", __file__, code=2)
+    assert "diffusion model" in text_cmd.output
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(art, corrupt)
+    (corrupt / "unet_shallow.onnx").write_bytes(b"\x00garbage")
+    res = cli("run", corrupt, "-o", tmp_path / "g.png", code=3)
+    assert len(res.output.strip().splitlines()) == 1 and "unet_shallow.onnx" in res.output
