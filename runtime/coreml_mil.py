@@ -133,6 +133,59 @@ def _matmul(a: dict[str, Any]) -> np.ndarray:
     return np.matmul(x, y)
 
 
+def _conv(a: dict[str, Any]) -> np.ndarray:
+    """2-D convolution (NCHW, weight ``(out, in/groups, kh, kw)``), as a sum over kernel positions of
+    strided views times the kernel's slice: float32 accumulation."""
+    x, w = _f(a["x"]), _f(a["weight"])
+    if x.ndim != 4:
+        raise UnsupportedError("the reference evaluator convolves 2-D images (NCHW) only")
+    sh, sw = (int(v) for v in (a.get("strides") if a.get("strides") is not None else [1, 1]))
+    dh, dw = (int(v) for v in (a.get("dilations") if a.get("dilations") is not None else [1, 1]))
+    pad_type = str(a.get("pad_type", "valid"))
+    kh, kw = w.shape[2:]
+    if pad_type == "custom":
+        pt, pb, pl, pr = (int(v) for v in a["pad"])
+    elif pad_type == "valid":
+        pt = pb = pl = pr = 0
+    else:
+        raise UnsupportedError(f"the reference evaluator has no conv pad_type {pad_type!r}")
+    x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    groups = int(a.get("groups", 1))
+    n, c, h, wd = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
+    cin, cout = c // groups, w.shape[0] // groups
+    out = np.zeros((n, w.shape[0], oh, ow), F32)
+    for g in range(groups):
+        xs, ws = x[:, g * cin:(g + 1) * cin], w[g * cout:(g + 1) * cout]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+                out[:, g * cout:(g + 1) * cout] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j], optimize=True)
+    if a.get("bias") is not None:
+        out += _f(a["bias"]).reshape(1, -1, 1, 1)
+    return out
+
+
+def _pad(a: dict[str, Any]) -> np.ndarray:
+    x = a["x"]
+    p = [int(v) for v in np.asarray(a["pad"])]
+    if str(a.get("mode", "constant")) != "constant":
+        raise UnsupportedError("the reference evaluator pads with a constant only")
+    widths = [(0, 0)] * (x.ndim - len(p) // 2) + [(p[2 * i], p[2 * i + 1]) for i in range(len(p) // 2)]
+    return np.pad(x, widths, constant_values=float(a.get("constant_val", 0.0)))
+
+
+def _batch_norm(a: dict[str, Any]) -> np.ndarray:
+    x = _f(a["x"])
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - _f(a["mean"]).reshape(shape)) / np.sqrt(_f(a["variance"]).reshape(shape) + F32(a.get("epsilon", 1e-5)))
+    if a.get("gamma") is not None:
+        y = y * _f(a["gamma"]).reshape(shape)
+    if a.get("beta") is not None:
+        y = y + _f(a["beta"]).reshape(shape)
+    return y
+
+
 def _cast(a: dict[str, Any]) -> np.ndarray:
     return a["x"].astype(_DTYPES[str(a["dtype"])])
 
@@ -172,6 +225,11 @@ OPS: dict[str, Callable[[dict[str, Any]], np.ndarray]] = {
     "tile": lambda a: np.tile(a["x"], [int(v) for v in a["reps"]]),
     "identity": lambda a: a["x"],
     "range_1d": lambda a: np.arange(a["start"], a["end"], a["step"]),
+    "conv": _conv,
+    "batch_norm": _batch_norm,
+    "pad": _pad,
+    "upsample_nearest_neighbor": lambda a: np.repeat(np.repeat(a["x"], int(a.get("scale_factor_height", 1)), axis=-2),
+                                                     int(a.get("scale_factor_width", 1)), axis=-1),
 }
 
 

@@ -30,5 +30,6 @@ class UNetExporter(Protocol):
                options: dict[str, Any], progress: ProgressFn) -> dict[str, Any]: ...
 
 
-EXPORTERS: Registry[type[UNetExporter]] = Registry("diffusion format", ["edgekit.converters.formats.onnx.unet"])
+EXPORTERS: Registry[type[UNetExporter]] = Registry("diffusion format", ["edgekit.converters.formats.onnx.unet",
+                                                                        "edgekit.converters.formats.coreml.unet"])
 register_exporter = EXPORTERS.register

@@ -193,7 +193,9 @@ def gptq(
     sweep = grid.sweep(w, im)
     batch = -(-block_cols // bs) * bs
 
-    Wt = np.ascontiguousarray(w.T)  # (in, out): column i of W is the contiguous row Wt[i]
+    # (in, out): column i of W is the contiguous row Wt[i]. Always a copy: the sweep updates it in place, and
+    # the transpose of a one-row matrix is already contiguous (it would be the caller's own array)
+    Wt = np.array(w.T, dtype=F32, order="C", copy=True)
     codes_t = np.empty((n_in, n_out), dtype=np.int16)
     tWt, tU = torch.from_numpy(Wt), torch.from_numpy(U)
     block_params = []

@@ -76,8 +76,8 @@ class NBitsType(Grid):
 
     @property
     def blob(self) -> int:
-        """Bytes of packed codes per block."""
-        return self.block * self.bits // 8
+        """Bytes of packed codes per block (an odd 4-bit block, only a per-row grid's, ends in half a byte)."""
+        return (self.block * self.bits + 7) // 8
 
     @property
     def record(self) -> int:
@@ -179,6 +179,8 @@ def _pack_codes(t: NBitsType, codes: np.ndarray) -> np.ndarray:
     c = codes.astype(np.uint8)
     if t.bits == 8:
         return c
+    if c.shape[1] % 2:
+        c = np.concatenate([c, np.zeros((c.shape[0], 1), np.uint8)], axis=1)
     return (c[:, 0::2] & 0x0F) | ((c[:, 1::2] & 0x0F) << 4)
 
 
@@ -199,7 +201,7 @@ def unpack(t: NBitsType, records: np.ndarray) -> tuple[np.ndarray, NBitsParams]:
     else:
         codes = np.empty((r.shape[0], t.block), dtype=np.uint8)
         codes[:, 0::2] = blob & 0x0F
-        codes[:, 1::2] = blob >> 4
+        codes[:, 1::2] = (blob >> 4)[:, : t.block // 2]
     d = np.ascontiguousarray(r[:, t.blob : t.blob + 2]).view(np.float16).reshape(-1)
     zp = r[:, t.blob + 2] if not t.symmetric else np.full(r.shape[0], t.default_zp, dtype=np.uint8)
     return codes, NBitsParams(d, zp.astype(np.uint8))

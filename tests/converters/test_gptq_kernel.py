@@ -256,3 +256,14 @@ def test_gptq_on_smollm_shapes_is_exact_and_beats_rtn(shape):
         _check_exact(res, qt, shape)
         ratio = hessian_error(W, res.weight, H) / hessian_error(W, base.weight, H)
         assert ratio < MAX_RATIO, (qt.name, ratio)
+
+
+def test_the_callers_matrix_is_never_updated_in_place():
+    """A one-row matrix transposes to an array that is already contiguous: the sweep must still copy it."""
+    rng = np.random.default_rng(3)
+    for shape in ((1, 64), (4, 64)):
+        w = rng.standard_normal(shape).astype(np.float32)
+        x = rng.standard_normal((256, 64))
+        keep = w.copy()
+        gptq(w, x.T @ x, T.Q8_0)
+        assert np.array_equal(w, keep)
