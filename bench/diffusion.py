@@ -211,7 +211,7 @@ def report(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], n: int,
            students: dict[str, Path | None]) -> None:
     from edgekit.imagemetrics import FeatureNet
 
-    floor = FeatureNet.load().meta.get("fid_floor") if hasattr(FeatureNet.load(), "meta") else None
+    floor = json.loads(FeatureNet.load().meta.get("record", "{}")).get("fid_floor_heldout")
     lines = [f"# bench/diffusion.py: digits miniature, {n} images per row (N/10 per class), onnxruntime on this CPU",
              f"# teacher {teacher}; students {', '.join(f'{k}={v}' for k, v in students.items() if v)}",
              *([f"# digits-FID floor (a second real sample of the same size): {floor}"] if floor else []), "",

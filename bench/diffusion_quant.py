@@ -1,10 +1,10 @@
 """Quantization of a diffusion UNet: W8/W4, RTN/GPTQ, the low-rank branch, and coremltools' own weight
 quantization as the peer, on the same UNet in the same run.
 
-    python bench/diffusion_quant.py [--pipe /tmp/diff/teacher] [--calib-images 64] [--timesteps 8]
+    python bench/diffusion_quant.py [--pipe edgekit/data/digits-unet] [--calib-images 64] [--timesteps 8]
                                     [--heldout-images 32] [--coreml-samples 64] [--no-coreml]
 
-The UNet: ``--pipe`` (a diffusers pipeline folder; default the trained digits teacher at /tmp/diff/teacher
+The UNet: ``--pipe`` (a diffusers pipeline folder; default the shipped digits teacher, edgekit/data/digits-unet
 when it exists, else the 30-iteration miniature trained here in seconds, which says so in the title).
 
 * (a) every quantizer row of :func:`edgekit.converters.diffusion.quantize.quantize_with`, calibrated once
@@ -44,7 +44,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-TEACHER = Path("/tmp/diff/teacher")
+TEACHER = ROOT / "edgekit" / "data" / "digits-unet"  # the shipped digits teacher
 
 ROWS: list[tuple[str, dict[str, Any]]] = [
     ("W8-RTN", {"bits": 8}),

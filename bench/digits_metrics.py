@@ -5,7 +5,7 @@ Rows: the held-out real digits (1000, 100 per class: the FID floor), the same bl
 uniform noise, 200 of the held-out digits (how FID's bias grows at a smaller N), then the model sampled with DDIM at each ``--steps`` (N images, classes balanced, batch 250).
 Writes ``results/digits_metrics.{txt,json,png}`` (the png: the first 40 samples of each model row).
 
-    .venv/bin/python bench/digits_metrics.py --pipeline /tmp/diff/teacher --steps 50,4,2
+    .venv/bin/python bench/digits_metrics.py --pipeline edgekit/data/digits-unet --steps 50,4,2
     .venv/bin/python bench/digits_metrics.py --pipeline ./tiny-pipe --steps 4 -n 200   # a quick check
 """
 

@@ -213,43 +213,28 @@ def is_diffusion(target: str | Path) -> bool:
 
 
 def open_diffusion(target: str | Path) -> DiffusionTarget:
-    """Open what ``evaluate_diffusion`` samples from; the one place that knows the kinds of target.
-
-    A diffusers pipeline folder runs its UNet in PyTorch. Any other artifact with ``"task": "diffusion"`` in its
-    manifest (an exported UNet) runs through ``edgekit.runtime.diffusion.open_denoiser(path)``, which is
-    expected to return a denoiser callable with the attributes ``schedule`` (a NoiseSchedule), ``sampler``,
-    ``steps``, ``num_classes``, ``shape`` (c, h, w) and, for consistency students, ``origin_steps``."""
+    """Open what ``evaluate_diffusion`` samples from: a diffusers pipeline folder (its UNet in PyTorch) or a
+    diffusion artifact (its graphs in the runtime of its format), through :mod:`edgekit.runtime.diffusion`."""
     from edgekit import library
     from edgekit.artifact import Artifact
-    from edgekit.converters.diffusion.pipeline import is_pipeline, open_pipeline, torch_denoiser
+    from edgekit.converters.diffusion.pipeline import is_pipeline
     from edgekit.errors import UnsupportedError
+    from edgekit.runtime.diffusion import open_diffusion as open_model
 
     p = library.resolve(target)
-    if p.is_dir() and is_pipeline(p):
-        pipe = open_pipeline(p)
-        # a pipeline folder that is also an artifact (edgekit.json, task diffusion) records its results
-        art = Artifact.open(p, verify=True) if _manifest_task(p) == "diffusion" else None
-        return DiffusionTarget(
-            name=p.name, denoiser=torch_denoiser(pipe.load_unet()), schedule=pipe.schedule(),
-            sampler=pipe.sampler, steps=pipe.default_steps, num_classes=pipe.num_classes,
-            shape=(pipe.in_channels, pipe.sample_size, pipe.sample_size),
-            origin_steps=pipe.origin_steps, artifact=art)
     if not p.exists():
         raise InputError(f"{p} does not exist; give a diffusers pipeline folder or a diffusion artifact"
                          f"{library.not_found_hint(target)}")
-    art = Artifact.open(p, verify=True)
-    if art.manifest.get("task") != "diffusion":
+    task = _manifest_task(p) if p.is_dir() else None
+    art = Artifact.open(p, verify=True) if task == "diffusion" or not (p.is_dir() and is_pipeline(p)) else None
+    if art is not None and art.manifest.get("task") != "diffusion":
         raise UnsupportedError(f"{art.name} is a {art.format} language model, not a diffusion model: image "
                                f"metrics make no sense for it; measure it with 'edgekit eval {target} --text FILE'")
-    try:
-        from edgekit.runtime.diffusion import open_denoiser  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise UnsupportedError(f"this edgekit cannot sample {art.format} diffusion artifacts yet; evaluate the "
-                               "pipeline folder it was converted from") from exc
-    d = open_denoiser(art.path)
-    return DiffusionTarget(name=art.name, denoiser=d, schedule=d.schedule, sampler=d.sampler, steps=int(d.steps),
-                           num_classes=int(d.num_classes), shape=tuple(d.shape),
-                           origin_steps=int(getattr(d, "origin_steps", 50)), artifact=art)
+    m = open_model(p)
+    d = m.defaults
+    return DiffusionTarget(name=p.name, denoiser=m, schedule=m.schedule, sampler=d.sampler, steps=d.steps,
+                           num_classes=m.num_classes, shape=(m.in_channels, m.sample_size, m.sample_size),
+                           origin_steps=d.origin_steps, artifact=art)
 
 
 def balanced_labels(n: int, num_classes: int) -> np.ndarray | None:
@@ -299,7 +284,7 @@ def check_diffusion_options(n: int, steps: int | None, sampler: str | None, cach
     from edgekit.converters.diffusion.sampler import SAMPLERS
 
     if n < 10:
-        raise InputError("-n must be at least 10 (FID and precision/recall need a sample; compare at 1000)")
+        raise InputError("--images must be at least 10 (FID and precision/recall need a sample; compare at 1000)")
     if steps is not None and steps < 1:
         raise InputError("--steps must be at least 1")
     if sampler is not None and sampler not in SAMPLERS:

@@ -259,7 +259,9 @@ def open_diffusion(target: str | Path, threads: int | None = None, **options: An
     from edgekit.converters.diffusion.pipeline import is_pipeline
 
     p = library.resolve(target)
-    if p.is_dir() and is_pipeline(p) and not (p / "edgekit.json").exists():
+    if p.is_dir() and is_pipeline(p):  # a pipeline folder (one edgekit evaluated has a manifest to check too)
+        if (p / "edgekit.json").exists():
+            Artifact.open(p).verify()
         return RUNTIMES.get("torch")(p, threads=threads, **options)
     art = Artifact.open(p)
     if art.manifest.get("task") != TASK:

@@ -146,7 +146,7 @@ def distill(src: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     target = copy.deepcopy(teacher)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step, losses, seconds = 0, [], 0.0
+    step, losses, seconds, running = 0, [], 0.0, []
     restored = load_state(state_dir, student, target, opt)
     if restored is not None:
         step, extra = restored
@@ -154,9 +154,10 @@ def distill(src: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig
             raise InputError(f"{state_dir} holds a distillation with other settings; delete it or give the "
                              "same arguments to resume")
         losses, seconds = list(extra.get("losses", [])), float(extra.get("seconds", 0.0))
+        running = list(extra.get("running", []))
     x_all, y_all = _training_images(pipe, teacher, cfg, progress)
     cons = Consistency(pipe.schedule(), cfg)
-    t_start, running = time.monotonic(), []
+    t_start = time.monotonic()
     while step < cfg.iters:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(x_all), (cfg.batch,), generator=g)
@@ -180,7 +181,7 @@ def distill(src: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig
         out_of_time = bool(cfg.minutes) and time.monotonic() - t_start > cfg.minutes * 60
         if step % cfg.save_every == 0 or step == cfg.iters or out_of_time:
             save_state(state_dir, step, student, target, opt,
-                       {"losses": losses, "seconds": elapsed, "config": _resumable(cfg)})
+                       {"losses": losses, "running": running, "seconds": elapsed, "config": _resumable(cfg)})
         if out_of_time and step < cfg.iters:
             return {"finished": False, "step": step, "iters": cfg.iters, "seconds": round(elapsed, 1)}
     student.eval()

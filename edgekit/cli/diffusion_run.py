@@ -124,8 +124,9 @@ def render_inspect(info: dict[str, Any]) -> None:
         say(out, f"  DeepCache: cache = {dc['cache']} {dc.get('cache_shape')}; shallow graph: {', '.join(dc['shallow'])}")
     for key, g in info["graphs"].items():
         io = lambda vs: ", ".join(f"{v['name']} {v['type']}[{','.join(map(str, v['shape']))}]" for v in vs)  # noqa: E731
-        say(out, Text.assemble(("  " + key, "bold"), f"  {g['file']}  {_mb(g['bytes'])}, {g['params']:,} parameters, "
-                               f"{g['ops']} ops, opset {g['opset']}"))
+        data = f" + {', '.join(g['external_data'])}" if g.get("external_data") else ""
+        say(out, Text.assemble(("  " + key, "bold"), f"  {g['file']}{data}  {_mb(g['bytes'])}, {g['params']:,} "
+                               f"parameters, {g['ops']} ops, opset {g['opset']}"))
         say(out, f"    in:  {io(g['inputs'])}")
         say(out, f"    out: {io(g['outputs'])}")
         types = ", ".join(f"{k} {v['params']:,} ({v['tensors']} tensors)" for k, v in sorted(g["initializers"].items()))

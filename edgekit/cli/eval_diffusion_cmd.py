@@ -29,7 +29,7 @@ def diffusion_options(n: int | None, steps: int | None, sampler: str | None, cac
 def refuse_llm_options(target: Path, given: dict[str, Any]) -> None:
     """A language-model eval given a diffusion-only option: say so in one line."""
     if given:
-        flags = ", ".join("-n" if k == "n" else "--" + k.replace("_", "-") for k in given)
+        flags = ", ".join("--images" if k == "n" else "--" + k.replace("_", "-") for k in given)
         raise InputError(f"{flags} {'is' if len(given) == 1 else 'are'} for diffusion models; {target} is a language model: measure it with "
                          f"'edgekit eval {target} --text FILE'")
 
@@ -82,7 +82,8 @@ def check_missing(target: Path) -> None:
 def register_options() -> dict[str, Any]:
     """The typer options ``eval`` takes for diffusion models (all default None: not given)."""
     return {
-        "n": typer.Option(None, "-n", help=N_HELP, show_default=False),
+        # --images, not -n: in edgekit as in llama.cpp, -n is a number of tokens
+        "n": typer.Option(None, "--images", help=N_HELP, show_default=False),
         "steps": typer.Option(None, "--steps", help=STEPS_HELP, show_default=False),
         "sampler": typer.Option(None, "--sampler", help=SAMPLER_HELP, show_default=False),
         "cache_interval": typer.Option(None, "--cache-interval", help=CACHE_HELP, show_default=False),

@@ -147,6 +147,8 @@ def convert(
       edgekit convert ./SmolLM2-135M --method ternary --distill 60m --calib self   # ternary QAT by distillation
       edgekit convert ./bitnet-b1.58-model --type TQ2_0                    # a BitNet b1.58 checkpoint
       edgekit convert ./SmolLM2-135M --bits 4 --sparse-ffn 0.5    # hot/cold FFN: half the neurons skipped
+      edgekit convert ./digits-4step --to onnx --bits 8 --method gptq   # a diffusers pipeline: UNet graphs
+      edgekit convert ./digits-4step --to onnx --bits 4 -O lowrank=16 -O deepcache=false
     """
     from edgekit import api
 
@@ -397,7 +399,7 @@ def eval_cmd(
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --ref ./SmolLM2-135M --chunks 16
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --kv-window 1024 --kv-sinks 4
-      edgekit eval ./digits-unet --steps 4 -n 1000
+      edgekit eval ./digits-unet --steps 4 --images 1000
     """
     from edgekit import api
 

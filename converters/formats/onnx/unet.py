@@ -27,6 +27,7 @@ from edgekit.progress import ProgressFn
 
 GRAPH = "unet.onnx"
 SHALLOW = "unet_shallow.onnx"
+DATA = "unet.onnx.data"  # the weights, read by both graphs when there is a shallow one
 OPSET = 21
 PROTOBUF_LIMIT = (2 << 30) - (64 << 20)
 _DIMS = {"sample": {0: "n"}, "timestep": {0: "n"}, "class_labels": {0: "n"}, "cache": {0: "n"},
@@ -98,10 +99,16 @@ class OnnxUNetExporter:
             from edgekit.converters.formats.onnx.qdq import type_name
 
             storage = dict(Counter(type_name(t.data_type) for t in onnx.load(str(out_dir / GRAPH)).graph.initializer))
+        files = {"model": GRAPH, **({"shallow": SHALLOW} if deepcache else {})}
+        if deepcache:
+            shared = share_weights(onnx, out_dir / GRAPH, out_dir / SHALLOW, DATA)
+            files["data"] = DATA
+            graphs["shallow"]["shared_tensors"] = shared
         for g in graphs.values():
             g["bytes"] = os.path.getsize(out_dir / g["file"])
+        if deepcache:
+            graphs["unet"]["bytes"] += os.path.getsize(out_dir / DATA)
         progress("exported the UNet to ONNX", len(graphs), len(graphs))
-        files = {"model": GRAPH, **({"shallow": SHALLOW} if deepcache else {})}
         return {
             "files": files,
             "graphs": graphs,
@@ -117,6 +124,31 @@ class OnnxUNetExporter:
     def describe(self, art: Any) -> dict[str, Any]:
         """inspect: each graph's inputs, outputs, parameters and bytes, and how its weights are stored."""
         return describe_graphs(art.path, art.manifest)
+
+
+def share_weights(onnx: Any, main: Path, shallow: Path, data: str) -> int:
+    """Move ``main``'s larger tensors into the external file ``data`` and point ``shallow``'s identical tensors
+    at the same bytes, so the weights both graphs use are stored once. Returns how many the shallow graph
+    shares."""
+    from onnx import TensorProto
+
+    model = onnx.load(str(main))
+    raw = {t.name: t.raw_data for t in model.graph.initializer if t.raw_data}
+    onnx.save_model(model, str(main), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024)
+    where = {t.name: list(t.external_data) for t in onnx.load(str(main), load_external_data=False).graph.initializer
+             if t.data_location == TensorProto.EXTERNAL}
+    small = onnx.load(str(shallow))
+    n = 0
+    for t in small.graph.initializer:
+        if t.name in where and t.raw_data and t.raw_data == raw.get(t.name):
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            t.external_data.extend(where[t.name])
+            n += 1
+    onnx.save_model(small, str(shallow))
+    os.chmod(main.parent / data, os.stat(main).st_mode & 0o777)  # onnx creates it private; the graphs are not
+    return n
 
 
 def _param(key: str, floats: dict[str, Any]) -> str:
@@ -144,6 +176,7 @@ def describe_graphs(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     from onnx import TensorProto
 
     graphs = {}
+    counted: set[str] = set()  # external data files already counted (the shallow graph shares the main one's)
     for key, g in (manifest.get("graphs") or {}).items():
         path = folder / str(g.get("file", ""))
         try:
@@ -152,6 +185,9 @@ def describe_graphs(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             raise CorruptFileError(f"{path} is not a readable ONNX graph ({exc}); re-run 'edgekit convert'") from exc
         types: dict[str, dict[str, int]] = {}
         params = 0
+        external = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+        size = path.stat().st_size + sum((folder / f).stat().st_size for f in external if f not in counted)
+        counted.update(external)
         for t in model.graph.initializer:
             n = int(np.prod(t.dims)) if t.dims else 1
             entry = types.setdefault(TensorProto.DataType.Name(t.data_type), {"tensors": 0, "params": 0})
@@ -159,7 +195,7 @@ def describe_graphs(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             entry["params"] += n
             params += n
         graphs[key] = {
-            "file": path.name, "bytes": path.stat().st_size, "params": params,
+            "file": path.name, "bytes": size, "external_data": external, "params": params,
             "inputs": [_io(v) for v in model.graph.input], "outputs": [_io(v) for v in model.graph.output],
             "ops": len(model.graph.node), "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
             "initializers": types,

@@ -19,7 +19,7 @@ from edgekit.converters.diffusion.sampler import SampleConfig, sample  # noqa: E
 from edgekit.errors import InputError, OutputExistsError  # noqa: E402
 from tests.converters.diffusion.tiny import tiny_pipeline  # noqa: E402
 
-FAST = {"iters": 60, "batch": 16, "lr": 1e-3, "save_every": 20, "data": "digits"}
+FAST = {"iters": 100, "batch": 16, "lr": 1e-3, "save_every": 20, "data": "digits"}
 
 
 def _gap(model, cons, teacher, x0, y) -> float:

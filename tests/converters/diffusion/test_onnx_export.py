@@ -64,7 +64,8 @@ def test_float_graph_equals_pytorch_and_shallow_with_fresh_cache_equals_full(tmp
     np.testing.assert_allclose(shallow, full, atol=1e-6)
     # a stale cache changes the output: the shallow graph really reads it
     assert np.abs(_run(out / "unet_shallow.onnx", conditional, cache=cache * 0.5)[0] - full).max() > 1e-3
-    assert fields["files"] == {"model": "unet.onnx", "shallow": "unet_shallow.onnx"}
+    assert fields["files"] == {"model": "unet.onnx", "shallow": "unet_shallow.onnx", "data": "unet.onnx.data"}
+    assert fields["graphs"]["shallow"]["shared_tensors"] > 0  # its weights are the main graph's bytes
     assert fields["deepcache"]["cache_shape"] == list(cache.shape[1:])
     names = [i.name for i in ort.InferenceSession(str(out / "unet.onnx")).get_inputs()]
     assert names == ["sample", "timestep"] + (["class_labels"] if conditional else [])
@@ -111,7 +112,8 @@ def test_convert_pipeline_writes_a_checked_artifact(tmp_path, monkeypatch):
     m = art.manifest
     assert m["task"] == "diffusion" and m["bits"] == 8 and m["preset"] == "w8"
     assert m["sampler"] == {"sampler": "ddim", "steps": 4, "origin_steps": 50}
-    assert set(m["sha256"]) == {"unet.onnx", "unet_shallow.onnx", "scheduler_config.json", "edgekit_diffusion.json"}
+    assert set(m["sha256"]) == {"unet.onnx", "unet.onnx.data", "unet_shallow.onnx", "scheduler_config.json",
+                                "edgekit_diffusion.json"}
     assert json.loads((art.path / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     Artifact.open(art.path, verify=True)
     with pytest.raises(OutputExistsError):
