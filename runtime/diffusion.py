@@ -27,7 +27,8 @@ from edgekit.runtime import hostinfo
 
 TASK = "diffusion"
 DEQUANTIZE = ("load", "step")
-RUNTIMES: Registry[type[DiffusionModel]] = Registry("diffusion runtime", ["edgekit.runtime.diffusion"])
+RUNTIMES: Registry[type[DiffusionModel]] = Registry("diffusion runtime", ["edgekit.runtime.diffusion",
+                                                                         "edgekit.runtime.diffusion_coreml"])
 register_runtime = RUNTIMES.register
 
 
@@ -102,6 +103,24 @@ class DiffusionModel:
             raise InputError(f"--steps: {exc}") from None
         return sample(self, self.schedule, shape, cfg, labels, trace, progress)
 
+    def read_manifest(self, art: Any) -> None:
+        """Shape, schedule and sampling defaults of an artifact (its edgekit.json and scheduler config)."""
+        from edgekit.converters.diffusion.schedule import NoiseSchedule
+
+        m = art.manifest
+        unet = m.get("unet") or {}
+        try:
+            self.num_classes = int(unet.get("num_classes", 0))
+            self.in_channels, self.sample_size = int(unet["in_channels"]), int(unet["sample_size"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFileError(f"{art.path}/edgekit.json lacks the UNet's shape; re-run 'edgekit convert'") from None
+        sched_file = art.path / m["files"].get("scheduler", "scheduler_config.json")
+        try:
+            self.schedule = NoiseSchedule.from_config(json.loads(sched_file.read_text()))
+        except (OSError, ValueError) as exc:
+            raise CorruptFileError(f"{sched_file} is missing or not JSON ({exc}); re-run 'edgekit convert'") from None
+        self.defaults = _defaults(m.get("sampler") or {})
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model."""
 
@@ -133,22 +152,10 @@ class OrtDiffusion(DiffusionModel):
     name = "onnxruntime"
 
     def __init__(self, art: Any, threads: int | None = None, dequantize: str = "load") -> None:
-        from edgekit.converters.diffusion.schedule import NoiseSchedule
 
         ort = require("onnxruntime", "onnx")
         m = art.manifest
-        unet = m.get("unet") or {}
-        try:
-            self.num_classes = int(unet.get("num_classes", 0))
-            self.in_channels, self.sample_size = int(unet["in_channels"]), int(unet["sample_size"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(f"{art.path}/edgekit.json lacks the UNet's shape; re-run 'edgekit convert'") from None
-        sched_file = art.path / m["files"].get("scheduler", "scheduler_config.json")
-        try:
-            self.schedule = NoiseSchedule.from_config(json.loads(sched_file.read_text()))
-        except (OSError, ValueError) as exc:
-            raise CorruptFileError(f"{sched_file} is missing or not JSON ({exc}); re-run 'edgekit convert'") from None
-        self.defaults = _defaults(m.get("sampler") or {})
+        self.read_manifest(art)
         so = ort.SessionOptions()
         so.intra_op_num_threads = hostinfo.thread_count(threads)
         so.inter_op_num_threads = 1

@@ -109,3 +109,25 @@ def test_errors_are_one_line(pipe, tmp_path):
     weights["not_a_layer.weight"] = next(iter(weights.values()))
     with pytest.raises(InputError, match="quantize the same UNet"):
         exporter.export(pipe, unet, weights, tmp_path, {}, lambda *a: None)
+
+
+def test_convert_to_coreml_and_sample_with_the_reference_runtime(pipe, tmp_path):
+    """The product path: convert_pipeline quantizes (GPTQ) and writes the package; the coreml diffusion
+    runtime samples it with the numpy evaluator; one call equals the evaluator's own run."""
+    from edgekit.converters.diffusion.convert import convert_pipeline
+    from edgekit.converters.diffusion.sampler import SampleConfig
+    from edgekit.runtime.coreml_mil import MILEvaluator
+    from edgekit.runtime.diffusion import open_diffusion
+
+    art = convert_pipeline(pipe.path, "coreml", output=tmp_path / "art", bits=4, method="gptq",
+                           options={"calib_images": 4, "lowrank": 2})
+    assert art.manifest["format"] == "coreml" and art.manifest["preset"] == "w4-gptq-lr2"
+    model = open_diffusion(art.path)
+    assert model.name == "coreml-reference" and model.num_classes == 3
+    feeds = _feeds(2)
+    once = model(feeds["sample"], 421, np.array([2, 0]))
+    direct = MILEvaluator(art.model_file).run({**feeds, "timestep": np.array([421, 421], np.int32),
+                                              "class_labels": np.array([2, 0], np.int32)}, {})["out"]
+    assert np.array_equal(once, direct)
+    images = model.generate(2, model.labels(2, 1), SampleConfig(steps=2))
+    assert images.shape == (2, 1, 8, 8) and np.all(np.abs(images) <= 1)
