@@ -128,7 +128,7 @@ class CoreMLBackend(Backend):
 
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, engine: str = "auto",
                  compute_units: str = "all", n_batch: int = 512, n_threads: int | None = None) -> None:
-        from edgekit.runtime.onnx import _Tokenizer  # the same tokenizer files and template rendering
+        from edgekit.runtime.tokenizer import FolderTokenizer
 
         path = Path(model_path)
         if not path.exists():
@@ -149,7 +149,7 @@ class CoreMLBackend(Backend):
         context = int(self.engine.metadata.get("edgekit.context", n_ctx))
         self.window = int(self.engine.metadata.get("edgekit.sliding_window", 0) or 0)
         self.path, self.n_ctx, self.n_batch = path, min(n_ctx, context), n_batch
-        self.tokenizer = _Tokenizer(path.parent)
+        self.tokenizer = FolderTokenizer(path.parent)
         self._eos = _eos_ids(path.parent, self.tokenizer)
         cfg = path.parent / "config.json"
         vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.exists() else None

@@ -282,8 +282,19 @@ class MILEvaluator:
             self.consts[out] = _lut(np.asarray(op.inputs["indices"].val), np.asarray(op.inputs["lut"].val),
                                     None if va is None else va.val).astype(np.float16)
             return
+        if op.op_type == "constexpr_sparse_to_dense":
+            mask = np.asarray(op.inputs["mask"].val) != 0
+            dense = np.zeros(mask.shape, np.asarray(op.inputs["nonzero_data"].val).dtype)
+            dense[mask] = np.asarray(op.inputs["nonzero_data"].val)  # row-major order, as Core ML fills it
+            self.consts[out] = dense
+            return
         args = {k: ([x.name for x in v] if isinstance(v, (list, tuple)) else v.name) for k, v in op.inputs.items()}
         fn = OPS.get(op.op_type)
+        if op.op_type == "add" and args["x"] in self.consts and args["y"] in self.consts:
+            # a dense-and-sparse weight: its palette plus its outliers, summed once as a load would
+            dt = _dtype_of(op.outputs[0])
+            self.consts[out] = np.asarray(fn({"x": self.consts[args["x"]], "y": self.consts[args["y"]]})).astype(dt)
+            return
         self.steps.append((op.op_type, fn, args, [o.name for o in op.outputs], [_dtype_of(o) for o in op.outputs]))
 
     def new_state(self) -> dict[str, np.ndarray]:
@@ -299,6 +310,8 @@ class MILEvaluator:
             a = {k: ([env[x] for x in v] if isinstance(v, list) else env[v]) for k, v in args.items()}
             if op_type == "linear":
                 a["weight"] = weights32(args["weight"], a["weight"])
+            elif op_type == "matmul" and args["y"] in self.consts:  # a linear whose weight is computed (outliers)
+                a["y"] = weights32(args["y"], a["y"])
             elif op_type == "coreml_update_state":
                 states[args["state"]] = a["value"].astype(np.float16)
                 env[args["state"]] = states[args["state"]]

@@ -22,99 +22,11 @@ from edgekit.errors import BackendError, CorruptFileError, InputError, Unsupport
 from edgekit.runtime import hostinfo
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick
+from edgekit.runtime.tokenizer import FolderTokenizer
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 GRAPH_OPT = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
              "none": "ORT_DISABLE_ALL"}
-
-
-class _Tokenizer:
-    """tokenizers' fast tokenizer plus the chat template and special tokens from tokenizer_config.json."""
-
-    def __init__(self, folder: Path) -> None:
-        cfg_file = folder / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-        tj = folder / "tokenizer.json"
-        if tj.exists():
-            tokenizers = require("tokenizers", "onnx")
-            self._tok = tokenizers.Tokenizer.from_file(str(tj))
-            self._hf = None
-        elif (folder / "tokenizer.model").exists():
-            transformers = require("transformers", "torch")
-            self._tok = None
-            self._hf = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        else:
-            raise InputError(f"{folder} has no tokenizer.json or tokenizer.model next to the ONNX graph; "
-                             "re-run 'edgekit convert' (it copies them)")
-        jinja = folder / "chat_template.jinja"
-        tmpl = jinja.read_text() if jinja.exists() else self.config.get("chat_template")
-        if isinstance(tmpl, list):
-            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
-        self.chat_template: str | None = tmpl
-
-    def special(self, key: str) -> str | None:
-        v = self.config.get(key)
-        return v.get("content") if isinstance(v, dict) else v
-
-    def encode(self, text: str, add_special: bool) -> list[int]:
-        if self._hf is not None:
-            return list(self._hf(text, add_special_tokens=add_special)["input_ids"])
-        return self._tok.encode(text, add_special_tokens=add_special).ids
-
-    def encode_text(self, text: str) -> list[int]:
-        """Ids of ``text`` with special-token parsing off: ``<|im_start|>`` in it stays plain text."""
-        if self._hf is not None:
-            return list(self._hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-        self._tok.encode_special_tokens = True
-        try:
-            return self._tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self._tok.encode_special_tokens = False
-
-    def special_tokens(self) -> list[str]:
-        """The added tokens matched as control tokens in text (those ``encode_text`` leaves alone)."""
-        added = self._hf.added_tokens_decoder if self._hf is not None else self._tok.get_added_tokens_decoder()
-        return [t.content for t in added.values() if t.special]
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat template's ids: its own markers as special tokens, the messages' text as plain text."""
-        from edgekit.runtime.chat_tokens import chat_segments, tokenize_segments
-
-        segments = chat_segments(self.render, messages, self.special_tokens())
-        return tokenize_segments(segments, self.encode_text, lambda t: self.encode(t, add_special=False))
-
-    def decode(self, ids: list[int]) -> str:
-        if self._hf is not None:
-            return self._hf.decode(ids, skip_special_tokens=True)
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-    def token_id(self, text: str | None) -> int | None:
-        if text is None:
-            return None
-        if self._hf is not None:
-            return self._hf.convert_tokens_to_ids(text)
-        return self._tok.token_to_id(text)
-
-    def render(self, messages: list[dict[str, str]]) -> str:
-        if not self.chat_template:
-            raise InputError("this model has no chat template; pass raw text (--raw)")
-        from datetime import datetime
-
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=self.special("bos_token") or "",
-                eos_token=self.special("eos_token") or "")
-        except TemplateError as exc:
-            raise InputError(f"the chat template refused these messages: {exc}") from exc
 
 
 @register_backend("onnxruntime")
@@ -193,7 +105,7 @@ class OnnxBackend(Backend):
         self._kv_heads, self._head_dim = _kv_shape(inputs[self._past_names[0]].shape, path.parent)
         self._kv_dtype = _ORT_TYPES.get(inputs[self._past_names[0]].type, np.float32)
         self._out_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past_names]
-        self.tokenizer = _Tokenizer(path.parent)
+        self.tokenizer = FolderTokenizer(path.parent)
         self._n_vocab = int(self.session.get_outputs()[0].shape[-1])
         self._eos = self._eos_ids(path.parent)
         self._bos_in_template = False

@@ -37,9 +37,10 @@ def is_pipeline(path: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return "UNet" in str(json.loads(cfg.read_text()).get("_class_name", ""))
+        data = json.loads(cfg.read_text())
     except (OSError, ValueError):
-        return False
+        return False  # not a diffusers UNet: the checkpoint reader says what is wrong with it
+    return isinstance(data, dict) and "UNet" in str(data.get("_class_name", ""))
 
 
 @dataclass

@@ -93,17 +93,20 @@ class LayerPipeline:
         keep = any(s.needs_samples for s in steps)
         hessians = any(s.needs_hessians for s in steps)  # the costliest part of calibration; skipped if unused
         with torch.inference_mode():
-            hidden, kwargs = self._first_layer_inputs(torch, model, ids)
-            layers = model.model.layers
             t1 = time.perf_counter()
+            hidden, kwargs = self._first_layer_inputs(torch, model, ids)
+            t_forward = time.perf_counter() - t1
+            layers = model.model.layers
             for i, layer in enumerate(layers):
                 progress(f"layer {i + 1}/{len(layers)}: calibrating", i, len(layers))
                 linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
                 stats = _Stats(linears, self.sink_weight, keep_samples=keep, hessians=hessians)
+                t2 = time.perf_counter()
                 try:
                     self._run_layer(layer, hidden, kwargs)
                 finally:
                     stats.close()
+                t_forward += time.perf_counter() - t2
                 st = LayerState(torch, ckpt, plan, i, layer, linears,
                                 {n: ckpt.spec.gguf_name(f"model.layers.{i}.{n}.weight") for n in linears},
                                 stats.H, stats.samples, out)
@@ -111,9 +114,16 @@ class LayerPipeline:
                     r = step.layer(st)
                     if r is not None and step.report_key:
                         report.setdefault(step.report_key, {})[str(i)] = r
+                t2 = time.perf_counter()
                 hidden = self._run_layer(layer, hidden, kwargs)
+                t_forward += time.perf_counter() - t2
             report["layers_s"] = round(time.perf_counter() - t1, 1)
+            t2 = time.perf_counter()
             head = HeadState(torch, ckpt, plan, model, self._head_hessian(model, hidden) if hessians else None, out)
+            t_forward += time.perf_counter() - t2
+            # the model's passes over the calibration data (and the statistics its hooks gather): calibration,
+            # as opposed to what the steps do with the statistics
+            report["forward_s"] = round(t_forward, 1)
             for step in steps:
                 step.head(head)
         progress("calibrated quantization done", len(layers), len(layers))

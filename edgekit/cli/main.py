@@ -508,7 +508,7 @@ def quickstart(
     distill: bool = typer.Option(False, "--distill", help="With --diffusion: distill the student here (about 20 "
                                  "minutes) instead of using the shipped one."),
     as_json: bool = typer.Option(False, "--json", help="With --diffusion: print the figures as JSON."),
-    n_score: int = typer.Option(1000, "-n", help="With --diffusion: images scored per model (FID is biased by "
+    n_score: int = typer.Option(1000, "--images", help="With --diffusion: images scored per model (FID is biased by "
                                 "the sample size: compare at the same n)."),
 ) -> None:
     """The built-in default end to end: get SmolLM2-135M-Instruct, import, convert, evaluate, answer.
@@ -524,7 +524,7 @@ def quickstart(
                                  n=n_score)
         return
     if distill or as_json or n_score != 1000:
-        raise InputError("--distill, --json and -n go with --diffusion")
+        raise InputError("--distill, --json and --images go with --diffusion")
     from edgekit.cli.quickstart_cmd import run_quickstart
 
     run_quickstart(bits=bits, home=home, force=force, threads=threads)

@@ -72,6 +72,13 @@ def _assert_read_back_equals(q, package):
             assert isinstance(want, Palette) and got.bits == want.bits
             np.testing.assert_array_equal(got.indices, want.indices, err_msg=hf)
             np.testing.assert_array_equal(got.lut.view(np.uint16), want.lut.view(np.uint16), err_msg=hf)
+            if want.sparse is None:
+                assert got.sparse is None
+            else:  # the stored outliers are the nonzero corrections, bit for bit
+                assert got.sparse is not None and np.count_nonzero(want.sparse) > 0
+                keep = want.sparse.astype(np.float32) != 0
+                np.testing.assert_array_equal(got.sparse.view(np.uint16), np.where(keep, want.sparse, 0).view(np.uint16),
+                                              err_msg=hf)
         checked += 1
     return checked
 
@@ -89,6 +96,8 @@ _NAMES = {"model.layers.{}.self_attn.q_proj.weight": "attn_q", "model.layers.{}.
     ("gptq", {"palettize": 4, "lut_group": 32}),
     ("rtn", {"palettize": 3, "lut_group": 8}),
     ("rtn", {"palettize": 6, "lut_group": 32}),
+    ("squeezellm", {"palettize": 4, "outliers": 2.0}),
+    ("gptq", {"palettize": 3, "lut_group": 8, "outliers": 1.0}),
 ])
 def test_codes_and_palettes_read_back_equal_the_quantizers(method, extra, tiny_llama, tmp_path):
     q, fields = _convert(tiny_llama, tmp_path / "out", method, **extra)
@@ -146,6 +155,54 @@ def test_cli_converts_and_the_manifest_says_what_it_is(tiny_llama, tmp_path):
     assert r.exit_code == 0 and '"coreml"' in r.output
 
 
+def test_outliers_are_kept_exactly_and_leave_the_tables_to_the_bulk():
+    from edgekit.converters.quantize import palette
+    from edgekit.converters.quantize.grids.coreml import CoreMLPalette
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((32, 128)).astype(np.float32)
+    spikes = rng.random(w.shape) < 0.01
+    w[spikes] *= 25.0  # heavy tails: a few weights far outside the bulk
+    imp = rng.random(128).astype(np.float32) + 0.5
+    mask = palette.outlier_mask(w, 16, 0.02, imp)
+    assert mask.sum() == round(0.02 * w.size)
+    assert spikes[mask].mean() > 0.4  # the spikes are what it picks first
+    plain = CoreMLPalette(3, 16)
+    sparse = CoreMLPalette(3, 16, 0.02)
+    assert sparse.name == "COREML_LUT3_G16_S2"
+    raw, values = sparse.quantize_roundtrip(w, imp)
+    assert raw.shape == (32, sparse.row_bytes(128))
+    np.testing.assert_array_equal(sparse.dequantize(raw), values)
+    # the outliers decode to their fp16 weights (up to the fp16 sum of palette entry and correction)
+    fp16 = w.astype(np.float16).astype(np.float32)
+    assert np.abs(values[mask] - fp16[mask]).max() <= 2 * np.spacing(np.abs(fp16[mask]).astype(np.float16)).max()
+    err = {name: float((((w - v) ** 2) * imp).sum()) for name, v in
+           (("plain", plain.quantize_roundtrip(w, imp)[1]), ("sparse", values))}
+    assert err["sparse"] < 0.5 * err["plain"], err
+    # tables are fitted to the rest: moving the outliers does not change them
+    moved = w.copy()
+    moved[mask] *= 2.0
+    luts_a, _ = palette.fit(w, 3, 16, imp, exclude=mask)
+    luts_b, _ = palette.fit(moved, 3, 16, imp, exclude=mask)
+    np.testing.assert_array_equal(luts_a.view(np.uint16), luts_b.view(np.uint16))
+
+
+def test_gptq_onto_palettes_with_outliers_decodes_what_it_reports():
+    from edgekit.converters.quantize import gptq_kernel
+    from edgekit.converters.quantize.grids.coreml import CoreMLPalette
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    w[rng.random(w.shape) < 0.02] *= 20.0
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    H = (x.T @ x).astype(np.float64)
+    grid = CoreMLPalette(4, 16, 0.03)
+    r = gptq_kernel.gptq(w, H, grid)
+    np.testing.assert_array_equal(grid.dequantize(r.data), r.weight)
+    rtn = gptq_kernel.rtn(w, grid)
+    assert gptq_kernel.hessian_error(w, r.weight, H) < gptq_kernel.hessian_error(w, rtn.weight, H)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--bits", "5"], "--bits 5 is not available for Core ML"),
     (["--palettize", "5"], "--palettize 5"),
@@ -156,6 +213,9 @@ def test_cli_converts_and_the_manifest_says_what_it_is(tiny_llama, tmp_path):
     (["--bits", "4", "--dtype", "fp16"], "--dtype is not an option of --to coreml"),
     (["--bits", "4", "-O", "colour=blue"], "unknown Core ML option"),
     (["--bpw", "4"], "one grid for every matrix"),
+    (["--bits", "4", "-O", "outliers=0.5"], "give --palettize N with it"),
+    (["--palettize", "4", "-O", "outliers=15"], "between 0 and 10%"),
+    (["--palettize", "4", "-O", "outliers=lots"], "give a percent of the weights"),
 ])
 def test_bad_options_are_one_line_errors(args, message, tiny_llama, tmp_path):
     from typer.testing import CliRunner

@@ -18,7 +18,7 @@ runner = CliRunner()
 
 
 def test_quickstart_diffusion_json(tmp_path):
-    res = runner.invoke(app, ["quickstart", "--diffusion", "--json", "-n", "100", "--home", str(tmp_path), "-t", "1"])
+    res = runner.invoke(app, ["quickstart", "--diffusion", "--json", "--images", "100", "--home", str(tmp_path), "-t", "1"])
     assert res.exit_code == 0, res.output
     fig = json.loads(res.output)
     assert set(fig["fid"]) == {"teacher_50", "teacher_4", "teacher_2", "student_4", "student_1"}

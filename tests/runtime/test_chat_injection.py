@@ -100,9 +100,9 @@ def test_llamacpp_benign_chats_tokenize_as_before(llama, real_gguf, messages):
 @pytest.fixture(scope="module")
 def hf_tokenizer(real_hf):
     pytest.importorskip("tokenizers")
-    from edgekit.runtime.onnx import _Tokenizer
+    from edgekit.runtime.tokenizer import FolderTokenizer
 
-    return _Tokenizer(real_hf)
+    return FolderTokenizer(real_hf)
 
 
 def test_onnx_user_text_cannot_open_a_turn(hf_tokenizer):

@@ -138,7 +138,8 @@ def test_engine_coreml_needs_macos(fp16_programs):
         open_backend(fp16_programs["LlamaForCausalLM"].path, engine="coreml")
 
 
-@pytest.mark.parametrize("extra", [{"bits": 4}, {"bits": 8, "symmetric": True}, {"palettize": 3}])
+@pytest.mark.parametrize("extra", [{"bits": 4}, {"bits": 8, "symmetric": True}, {"palettize": 3},
+                                   {"palettize": 3, "outliers": 1.5}])
 def test_evaluator_decodes_constexpr_weights_as_the_quantizer_reports(extra, checkpoints, tmp_path):
     """The program's blockwise and palette weights, run by the evaluator, give the logits of PyTorch holding
     the values the quantizer said it stored (RTN: the grid's own round trip of each matrix)."""

@@ -73,8 +73,8 @@ def stored_form(grid: Any, raw: np.ndarray, shape: tuple[int, ...]) -> Weight:
 
     rows, cols = shape
     if isinstance(grid, CoreMLPalette):
-        luts, idx = grid.unpack(np.asarray(raw).reshape(rows, -1))
-        return Palette(grid.bits, idx.reshape(rows, cols), luts)
+        luts, idx, delta = grid.unpack(np.asarray(raw).reshape(rows, -1))
+        return Palette(grid.bits, idx.reshape(rows, cols), luts, None if delta is None else delta.reshape(rows, cols))
     codes, params = nbits.unpack(grid, np.asarray(raw).reshape(-1, grid.record))
     nb = cols // grid.block
     return Blockwise(grid.bits, codes.reshape(rows, cols), params.d.reshape(rows, nb),

@@ -19,6 +19,8 @@ class CoreMLOptions:
     block_size: weights per scale along the input dimension (16..256, a power of two).
     symmetric: signed data without offsets (default: unsigned data with an offset per block).
     lut_group: output rows sharing one palette (Core ML's per-grouped-channel tables).
+    outliers: percent of the weights kept exactly in fp16 beside the palettes (SqueezeLLM's dense-and-sparse,
+        e.g. 0.45); costs a one-bit mask per weight plus two bytes per outlier.
     context: tokens the KV-cache state holds (the longest prompt plus generation).
     """
 
@@ -27,6 +29,7 @@ class CoreMLOptions:
     block_size: int = 32
     symmetric: bool = False
     lut_group: int = 16
+    outliers: float = 0.0
     context: int = 2048
 
     def __post_init__(self) -> None:
@@ -35,6 +38,8 @@ class CoreMLOptions:
                              "or --palettize 2|3|4|6|8")
         if self.palettize is not None and self.palettize not in (2, 3, 4, 6, 8):
             raise InputError(f"--palettize {self.palettize}: Core ML palettes have 2, 3, 4, 6 or 8 bits")
+        if self.outliers and self.palettize is None:
+            raise InputError("-O outliers keeps a share of the weights beside palettes: give --palettize N with it")
         if self.context < 16 or self.context > 32768:
             raise InputError("-O context must be between 16 and 32768 tokens")
         self.grid  # validates block size and group  # noqa: B018
@@ -51,7 +56,7 @@ class CoreMLOptions:
 
         try:
             if self.palettize is not None:
-                return CoreMLPalette(self.palettize, self.lut_group)
+                return CoreMLPalette(self.palettize, self.lut_group, self.outliers / 100.0)
             if self.bits in (4, 8):
                 return CoreMLBlockwise(self.bits, self.block_size, self.symmetric)
         except UnsupportedError as exc:
@@ -79,4 +84,10 @@ class CoreMLOptions:
                     extra[key] = int(extra[key])
                 except ValueError:
                     raise InputError(f"-O {key}={extra[key]!r}: give a whole number") from None
+        if isinstance(extra.get("outliers"), str):
+            text = extra["outliers"].strip().removesuffix("%")
+            try:
+                extra["outliers"] = float(text)
+            except ValueError:
+                raise InputError(f"-O outliers={extra['outliers']!r}: give a percent of the weights, e.g. 0.45") from None
         return cls(bits=int(recipe.bits or 16), **extra)

@@ -54,11 +54,14 @@ class Blockwise:
 
 @dataclass(frozen=True)
 class Palette:
-    """``constexpr_lut_to_dense``: ``indices`` uint8 ``(out, in)``, ``lut`` fp16 ``(out/group, 2**bits)``."""
+    """``constexpr_lut_to_dense``: ``indices`` uint8 ``(out, in)``, ``lut`` fp16 ``(out/group, 2**bits)``;
+    ``sparse`` (dense-and-sparse outliers): fp16 corrections ``(out, in)``, zero off the outliers, stored by a
+    ``constexpr_sparse_to_dense`` (a one-bit mask and the nonzero values) and added to the palette's values."""
 
     bits: int
     indices: np.ndarray
     lut: np.ndarray
+    sparse: np.ndarray | None = None
 
 
 Weight = Dense | Blockwise | Palette
@@ -66,6 +69,8 @@ Weight = Dense | Blockwise | Palette
 WeightSource = Callable[[str], Weight]
 
 INPUTS = ("input_ids", "causal_mask")
+#: the two halves of a dense-and-sparse weight ``name``: ``name + suffix`` (their sum is the op ``name``)
+SPLIT_SUFFIXES = ("_palette", "_outliers")
 
 
 def _sub_byte(bits: int, signed: bool) -> np.dtype:
@@ -90,7 +95,16 @@ def weight_var(mb, name: str, w: Weight):
         return mb.constexpr_blockwise_shift_scale(data=w.data.astype(dt), scale=w.scale.astype(np.float16),
                                                   offset=w.offset.astype(dt), name=name)
     lut = w.lut.astype(np.float16).reshape(w.lut.shape[0], 1, w.lut.shape[1], 1)
-    return mb.constexpr_lut_to_dense(indices=w.indices.astype(_sub_byte(w.bits, False)), lut=lut, name=name)
+    if w.sparse is None:
+        return mb.constexpr_lut_to_dense(indices=w.indices.astype(_sub_byte(w.bits, False)), lut=lut, name=name)
+    from coremltools.converters.mil.mil import types
+
+    dense = mb.constexpr_lut_to_dense(indices=w.indices.astype(_sub_byte(w.bits, False)), lut=lut,
+                                      name=name + SPLIT_SUFFIXES[0])
+    mask = w.sparse.astype(np.float32) != 0  # a -0.0 correction adds nothing
+    sparse = mb.constexpr_sparse_to_dense(nonzero_data=w.sparse[mask].astype(np.float16),
+                                          mask=mask.astype(types.np_uint1_dtype), name=name + SPLIT_SUFFIXES[1])
+    return mb.add(x=dense, y=sparse, name=name)
 
 
 def rotary_tables(hp: HParams, context: int) -> tuple[np.ndarray, np.ndarray]:

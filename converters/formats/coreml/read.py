@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.converters.formats.base import tensor_summary
-from edgekit.converters.formats.coreml.program import Blockwise, Dense, Palette, Weight
+from edgekit.converters.formats.coreml.program import SPLIT_SUFFIXES, Blockwise, Dense, Palette, Weight
 from edgekit.errors import CorruptFileError
 
 
@@ -69,6 +69,18 @@ def read_weights(path: Path, prog: Any = None) -> dict[str, Weight]:
             lut = np.asarray(op.inputs["lut"].val)
             out[op.outputs[0].name] = Palette(bits, np.asarray(idx).astype(np.uint8),
                                               lut.reshape(lut.shape[0], lut.shape[-2]))
+        elif op.op_type == "constexpr_sparse_to_dense":
+            mask = np.asarray(op.inputs["mask"].val) != 0
+            dense = np.zeros(mask.shape, np.float16)
+            dense[mask] = np.asarray(op.inputs["nonzero_data"].val)
+            out[op.outputs[0].name] = Dense(dense)
+        elif op.op_type == "add" and op.outputs[0].name + SPLIT_SUFFIXES[0] in out:
+            name = op.outputs[0].name
+            pal, sparse = out.pop(name + SPLIT_SUFFIXES[0]), out.pop(name + SPLIT_SUFFIXES[1], None)
+            if not isinstance(pal, Palette) or not isinstance(sparse, Dense):
+                raise CorruptFileError(f"{name} is not a palette plus its outliers; the package was not written by "
+                                       "edgekit: re-run 'edgekit convert'")
+            out[name] = Palette(pal.bits, pal.indices, pal.lut, sparse.value)
         elif op.op_type == "const":
             val = op.outputs[0].val
             # coremltools adds zero biases to bias-free linears: they hold nothing of the model's
@@ -84,7 +96,8 @@ def _grid_name(w: Weight) -> str:
     if isinstance(w, Blockwise):
         block = w.data.shape[-1] // w.scale.shape[-1]
         return f"COREML_{'UINT' if w.offset is not None else 'INT'}{w.bits}_B{block}"
-    return f"COREML_LUT{w.bits}_G{w.indices.shape[0] // w.lut.shape[0]}"
+    sparse = "" if w.sparse is None else f"_S{100 * np.count_nonzero(w.sparse) / w.sparse.size:.2g}"
+    return f"COREML_LUT{w.bits}_G{w.indices.shape[0] // w.lut.shape[0]}{sparse}"
 
 
 def _stored_bytes(w: Weight) -> int:
@@ -92,7 +105,8 @@ def _stored_bytes(w: Weight) -> int:
         return w.value.size * 2
     if isinstance(w, Blockwise):
         return (w.data.size * w.bits + (0 if w.offset is None else w.offset.size * w.bits)) // 8 + 2 * w.scale.size
-    return w.indices.size * w.bits // 8 + 2 * w.lut.size
+    outliers = 0 if w.sparse is None else w.sparse.size // 8 + 2 * np.count_nonzero(w.sparse)  # mask bits, values
+    return w.indices.size * w.bits // 8 + 2 * w.lut.size + outliers
 
 
 def describe_coreml(art: Any, ctx: int = 4096) -> dict[str, Any]:

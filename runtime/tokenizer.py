@@ -1,0 +1,101 @@
+"""The tokenizer and chat template of an artifact folder, without transformers when ``tokenizer.json`` is
+there: the fast tokenizer, special tokens from ``tokenizer_config.json``, and the chat template rendered in a
+sandboxed Jinja environment, as transformers does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import InputError, require
+
+
+class FolderTokenizer:
+    """tokenizers' fast tokenizer plus the chat template and special tokens from tokenizer_config.json: what
+    the ONNX and Core ML backends read from the files ``convert`` copies beside the model."""
+
+    def __init__(self, folder: Path) -> None:
+        cfg_file = folder / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        tj = folder / "tokenizer.json"
+        if tj.exists():
+            tokenizers = require("tokenizers", "onnx")
+            self._tok = tokenizers.Tokenizer.from_file(str(tj))
+            self._hf = None
+        elif (folder / "tokenizer.model").exists():
+            transformers = require("transformers", "torch")
+            self._tok = None
+            self._hf = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        else:
+            raise InputError(f"{folder} has no tokenizer.json or tokenizer.model next to the model; "
+                             "re-run 'edgekit convert' (it copies them)")
+        jinja = folder / "chat_template.jinja"
+        tmpl = jinja.read_text() if jinja.exists() else self.config.get("chat_template")
+        if isinstance(tmpl, list):
+            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
+        self.chat_template: str | None = tmpl
+
+    def special(self, key: str) -> str | None:
+        v = self.config.get(key)
+        return v.get("content") if isinstance(v, dict) else v
+
+    def encode(self, text: str, add_special: bool) -> list[int]:
+        if self._hf is not None:
+            return list(self._hf(text, add_special_tokens=add_special)["input_ids"])
+        return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` with special-token parsing off: ``<|im_start|>`` in it stays plain text."""
+        if self._hf is not None:
+            return list(self._hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        self._tok.encode_special_tokens = True
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = False
+
+    def special_tokens(self) -> list[str]:
+        """The added tokens matched as control tokens in text (those ``encode_text`` leaves alone)."""
+        added = self._hf.added_tokens_decoder if self._hf is not None else self._tok.get_added_tokens_decoder()
+        return [t.content for t in added.values() if t.special]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template's ids: its own markers as special tokens, the messages' text as plain text."""
+        from edgekit.runtime.chat_tokens import chat_segments, tokenize_segments
+
+        segments = chat_segments(self.render, messages, self.special_tokens())
+        return tokenize_segments(segments, self.encode_text, lambda t: self.encode(t, add_special=False))
+
+    def decode(self, ids: list[int]) -> str:
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, text: str | None) -> int | None:
+        if text is None:
+            return None
+        if self._hf is not None:
+            return self._hf.convert_tokens_to_ids(text)
+        return self._tok.token_to_id(text)
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        if not self.chat_template:
+            raise InputError("this model has no chat template; pass raw text (--raw)")
+        from datetime import datetime
+
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=True, bos_token=self.special("bos_token") or "",
+                eos_token=self.special("eos_token") or "")
+        except TemplateError as exc:
+            raise InputError(f"the chat template refused these messages: {exc}") from exc
