@@ -136,3 +136,22 @@ def test_unknown_devices(home):
     assert r.exit_code == 2 and "unknown SSH device 'ssh:nope'" in r.output
     r = runner.invoke(app, ["devices", "show", "bogus:1"])
     assert r.exit_code == 2 and "unknown device" in r.output
+
+
+def test_a_core_ml_package_is_pushed_whole_and_verified(sshd, home, tiny_llama, tmp_path):
+    """A Core ML artifact is a folder whose model is itself a folder (``model.mlpackage``: manifest, program,
+    weight blob): every file of the tree lands verified, and a second push sends nothing."""
+    pytest.importorskip("coremltools")
+    from edgekit import api
+
+    art = api.convert(tiny_llama, "coreml", output=tmp_path / "tiny-coreml", recipe=api.ConvertRecipe(bits=4)).path
+    dev = _add(sshd)
+    dest = tmp_path / "mac"
+    r = runner.invoke(app, ["push", str(art), dev, "--dest", str(dest), "--json"])
+    assert r.exit_code == 0, r.output
+    want = {p.relative_to(art).as_posix(): sha256_file(p) for p in art.rglob("*") if p.is_file()}
+    got = {p.relative_to(dest / art.name).as_posix(): sha256_file(p) for p in (dest / art.name).rglob("*") if p.is_file()}
+    assert got == want and any(k.startswith("model.mlpackage/") and k.endswith("weight.bin") for k in got)
+    r = runner.invoke(app, ["push", str(art), dev, "--dest", str(dest), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["bytes_sent"] == 0
