@@ -182,7 +182,8 @@ class Worker:
             from edgekit.runtime._llamacpp_batch import Batcher
 
             self.batcher = Batcher(llm.model, n_seq=n_seq, n_ctx_seq=n_ctx_seq, n_batch=self.n_batch,
-                                   n_threads=kwargs.get("n_threads"), flash_attn=kwargs.get("flash_attn"))
+                                   n_threads=kwargs.get("n_threads"), flash_attn=kwargs.get("flash_attn"),
+                                   unified=not msg.get("exact_batch"))
         metadata = dict(llm.metadata)
         self.send(
             ev="ready",

@@ -24,6 +24,9 @@ def serve(
                                  "one batch (llama.cpp) or each on its own instance; further requests queue."),
     no_batch: bool = typer.Option(False, "--no-batch", help="Give each of the --parallel generations its own "
                                   "instance and threads instead of one batch (llama.cpp)."),
+    exact_batch: bool = typer.Option(False, "--exact-batch", help="Keep each batched sequence in a KV-cache stream of "
+                                     "its own: a greedy answer is then what it would be alone, at about half the "
+                                     "throughput of the shared cache (llama.cpp)."),
     idle_unload: float = typer.Option(300, "--idle-unload", help="Seconds before an unused model instance is "
                                       "unloaded (0: never)."),
     timeout: float = typer.Option(600, "--timeout", help="Seconds a request may take, queueing included (then 504)."),
@@ -64,6 +67,8 @@ def serve(
         cls = backend_for_format(Artifact.open(path).format, backend)
         if parallel > 1 and not no_batch and "n_seq" in backend_options(cls):
             per_model[mid] = {"n_seq": parallel, "n_threads": threads}  # one instance batches them all
+            if exact_batch:
+                per_model[mid]["exact_batch"] = True
     options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel)}
     if backend:
         options["backend"] = backend

@@ -29,7 +29,7 @@ def gguf(tiny_llama, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def batched(gguf):
-    b = LlamaCppBackend(gguf, n_ctx=256, n_threads=1, n_seq=3)
+    b = LlamaCppBackend(gguf, n_ctx=256, n_threads=1, n_seq=3, exact_batch=True)
     yield b
     b.close()
 
@@ -105,7 +105,7 @@ def test_a_repeated_prompt_reuses_its_cached_cells(batched):
     assert again == first
     assert stats2.extra["batch"]["prompt_cached"] == stats2.prompt_tokens - 1
     assert 0 < stats3.extra["batch"]["prompt_cached"] < stats3.prompt_tokens - 1
-    cold = LlamaCppBackend(batched.model_path, n_ctx=256, n_threads=1, n_seq=3)
+    cold = LlamaCppBackend(batched.model_path, n_ctx=256, n_threads=1, n_seq=3, exact_batch=True)
     try:
         assert _answer(cold, "What is a dog?", sampling)[0] == other
     finally:

@@ -105,9 +105,10 @@ def endless(tiny_llama, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(artifacts) -> Iterator[Served]:
+    # --exact-batch: batched answers must equal the answers alone (test_concurrent_streams_each_get_their_own_answer)
     s = Served([str(artifacts["gguf"]), str(artifacts["onnx"]), str(artifacts["broken"]), "--api-key", KEY, "--parallel", "2",
                 "--max-tokens", str(MAX_TOKENS), "--max-body", str(MAX_BODY), "--idle-unload", "3", "--threads", "2",
-                "--ctx", "512"])
+                "--ctx", "512", "--exact-batch"])
     yield s
     assert s.stop() == 0 and "error:" not in "".join(s.lines), "".join(s.lines)  # Ctrl-C is a normal stop
 
@@ -304,6 +305,27 @@ def test_concurrent_streams_each_get_their_own_answer(client):
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = dict(zip(prompts, pool.map(lambda p: _stream_text(client, p, max_tokens=20)[0], prompts), strict=True))
     assert together == alone
+
+
+def test_the_shared_cache_serves_concurrent_streams(artifacts):
+    """The default batching (one KV pool for the sequences): six concurrent streams on two slots each end
+    with their own length and usage, then a repeat of one prompt alone gives the same answer again."""
+    s = Served([str(artifacts["gguf"]), "--parallel", "2", "--threads", "2", "--ctx", "512"])
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        prompts = ["Tell me about the sea.", "Hello", "What is a cat?", "Count to ten.", "Say something.", "Why?"]
+
+        def ask(p: str) -> tuple[str, int, str]:
+            r = c.chat.completions.create(model="tiny-gguf", messages=[{"role": "user", "content": p}], max_tokens=12,
+                                          temperature=0)
+            return r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(ask, prompts))
+        assert all(n == 12 and reason == "length" and text for text, n, reason in answers), answers
+        assert ask(prompts[0]) == ask(prompts[0])  # alone, with the cached prefix: the same answer twice
+    finally:
+        assert s.stop() == 0
 
 
 def test_onnx_backend_answers_like_its_sdk(client, artifacts):
