@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
               "torch_fp32_ppl": torch_ppl, "rows": rows, "parity": checks, "targets": targets,
               "wall_s": time.perf_counter() - start}
     table = Table(title=f"Core ML weights on SmolLM2-135M-Instruct, coremltools {pkg_version('coremltools')} "
-                        f"(ppl: {args.chunks} x {args.ctx} tokens, numpy evaluator)")
+                        f"(ppl: {args.chunks} x {args.ctx} tokens of the second half of {Path(args.text).name}, "
+                        f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:8]}, numpy evaluator)")
     for col in ("model", "MB", "ppl", "vs fp16", "convert s", "calibration s", "w/o calib s"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, r in rows.items():

@@ -366,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                          "ctx": CTX, "chunks": args.chunks, "kl_chunks": args.kl_chunks, "block": args.block,
                          "reps": args.reps},
               "rows": rows, "checks": checks, "targets": targets, "wall_s": time.perf_counter() - start}
-    table = Table(title=f"ONNX 4-bit on SmolLM2-135M-Instruct (block {args.block}), onnxruntime {pkg_version('onnxruntime')}")
+    table = Table(title=f"ONNX 4-bit on SmolLM2-135M-Instruct (block {args.block}), onnxruntime {pkg_version('onnxruntime')}; "
+                        f"ppl on the second half of {Path(args.text).name}, "
+                        f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:8]}")
     for col in ("model", "MB", "ppl", "vs fp32", "KL", "top-1", "decode tok/s", "prefill tok/s", "convert s"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, r in rows.items():

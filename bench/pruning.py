@@ -159,7 +159,7 @@ def target_lines(report: dict[str, Any]) -> list[str]:
 
 def build_table(report: dict[str, Any]) -> Table:
     t = Table(title=f"Pruning SmolLM2-135M-Instruct: ppl on {report['config']['chunks']} chunks of the second "
-                    f"half, KL/top-1 vs F16 on {report['config']['kl_chunks']}, decode {N_GEN} tokens, "
+                    f"half of {Path(report['config']['text']).name}, KL/top-1 vs F16 on {report['config']['kl_chunks']}, decode {N_GEN} tokens, "
                     f"{N_THREADS} threads")
     for col in ("row", "MB", "ppl", "KL", "top-1", "tok/s", "MB/token", "dropped", "convert s"):
         t.add_column(col, justify="left" if col in ("row", "dropped") else "right")

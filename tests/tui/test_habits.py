@@ -99,3 +99,23 @@ async def test_the_screenshot_is_saved_where_it_says(edgekit_home, tmp_path):
         app.action_screenshot(path=str(blocked / "sub"))  # a folder that cannot be made: said, not silent
         await pilot.pause()
         assert type(app.screen).__name__ == "ErrorPanel"
+
+
+@pytest.mark.parametrize(("budget", "bpw", "size"), [("4.5", 4.5, None), ("90MB", None, 90_000_000),
+                                                     ("512 MiB", None, 512 << 20), ("", None, None)])
+def test_the_convert_form_takes_a_size_as_well_as_bits_per_weight(budget, bpw, size):
+    from edgekit.tui.screens.convert import ConvertForm
+
+    r = ConvertForm(model="./m", bpw=budget).recipe()
+    assert (r.bpw, r.size) == (bpw, size)
+    assert r.bits == (4 if budget == "" else None)
+
+
+def test_a_budget_that_is_neither_is_a_one_line_error():
+    from edgekit.errors import InputError
+    from edgekit.tui.screens.convert import ConvertForm
+
+    with pytest.raises(InputError, match="size like 90MB"):
+        ConvertForm(model="./m", bpw="90 potatoes").recipe()
+    with pytest.raises(InputError, match="bits per weight"):
+        ConvertForm(model="./m", bpw="4.5.1").recipe()

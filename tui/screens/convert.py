@@ -35,7 +35,7 @@ class ConvertForm:
     model: str
     fmt: str = "gguf"
     quant: str = "4"  # bits (2..8) or a preset name (Q4_K_M, Q8_0, F16...)
-    bpw: str = ""
+    bpw: str = ""  # a budget: bits per weight ("4.5") or a file size ("90MB")
     method: str = "rtn"
     calib: str = "self"
     calib_samples: str = "32"
@@ -47,18 +47,25 @@ class ConvertForm:
 
         if not self.model.strip():
             raise InputError("give the model folder (a Hugging Face checkpoint with config.json)")
-        quant, bpw = self.quant.strip(), self.bpw.strip()
+        from edgekit.runtime.sizing import parse_file_size
+
+        quant, budget = self.quant.strip(), self.bpw.strip()
+        size = None
+        if budget and any(c.isalpha() for c in budget):  # a file size (90MB), as convert --size takes
+            size = parse_file_size(budget)
+            budget = ""
         try:
-            bpw_value = float(bpw) if bpw else None
+            bpw_value = float(budget) if budget else None
             samples = int(self.calib_samples)
         except ValueError:
-            raise InputError("bpw must be a number (or empty) and calibration samples a whole number") from None
+            raise InputError("the budget is bits per weight (4.5) or a file size (90MB), and calibration samples "
+                             "a whole number") from None
         bits = int(quant) if quant.isdigit() else None
         preset = None if bits is not None or not quant else quant.upper()
-        calibrated = api.calibration_applies(self.method, bpw_value)
+        calibrated = api.calibration_applies(self.method, bpw_value, size)
         calib = api.CalibConfig(source=self.calib.strip() or "self", samples=samples) if calibrated else None
-        return api.ConvertRecipe(bits=None if preset or bpw_value else (bits or 4), preset=preset,
-                                 bpw=bpw_value, method=self.method, calib=calib)
+        return api.ConvertRecipe(bits=None if preset or bpw_value or size else (bits or 4), preset=preset,
+                                 bpw=bpw_value, size=size, method=self.method, calib=calib)
 
 
 def _names(kind: str) -> list[str]:
@@ -94,8 +101,8 @@ class ConvertScreen(Screen[None]):
                 yield Label("bits or type")
                 yield Input("4", placeholder="2..8 or a type: Q4_K_M, Q8_0, F16", id="cv-quant")
             with Horizontal(classes="field"):
-                yield Label("or bpw budget")
-                yield Input("", placeholder="e.g. 4.5 (types per tensor by sensitivity)", id="cv-bpw", type="number")
+                yield Label("or a budget")
+                yield Input("", placeholder="4.5 bpw or a size, 90MB (types per tensor by sensitivity)", id="cv-bpw")
             with Horizontal(classes="field"):
                 yield Label("method")
                 yield Select([(n, n) for n in _names("methods")], value="rtn", allow_blank=False, id="cv-method")
