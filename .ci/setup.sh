@@ -95,7 +95,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # What edgekit runs with; --tests adds the test tools (pytest, ruff, the openai client...). Each set has its
 # stamp, so the main command after --tests (or the other way round) reinstalls nothing it already has.
-EXTRAS=torch,onnx,tui,devices,serve,coreml,mlc,diffusion
+EXTRAS=torch,onnx,tui,devices,serve,coreml,mlc,diffusion,aqlm
 WANT=$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -c1-16)
 install_edgekit() {  # STAMP EXTRAS WHAT
   if [ "$(cat "$1" 2>/dev/null)" != "$WANT" ] || ! .venv/bin/python -c "import edgekit" 2>/dev/null; then

@@ -91,6 +91,21 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def publish(report: dict[str, Any], table: Table, lines: list[str], out: Path) -> None:
+    """Print ``table`` and ``lines`` (plus the run's time, CPU and load) and write ``out``.json (the report)
+    and ``out``.txt (what was printed)."""
+    console = Console(record=True, width=200)
+    console.print(table)
+    m = report["machine"]
+    for line in [*lines, f"total {report['total_s'] / 60:.1f} min; {m['cpu']}, load average at start "
+                         f"{m['loadavg_start'][0]:.1f}"]:
+        console.print(line, highlight=False, markup=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".txt").write_text(console.export_text())
+    print(f"wrote {out.with_suffix('.json')}, .txt")
+
+
 def pkg_version(name: str) -> str | None:
     try:
         return version(name)

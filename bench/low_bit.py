@@ -1,7 +1,8 @@
 """Below 4 bits: edgekit's i-quant encoders against llama.cpp with its importance matrix, on SmolLM2-135M
 and on its function-identical copy padded to hidden 768 (every row a multiple of 256).
 
-    python bench/low_bit.py [--presets IQ4_XS,IQ3_XXS,IQ2_M] [--edgekit real:IQ4_XS,...] [--chunks 8]
+    python bench/low_bit.py [--presets IQ4_XS,IQ3_XXS,IQ2_M] [--edgekit real:IQ4_XS,padded:IQ3_XXS:gptq,...]
+                            [--chunks 8]
 
 For each model (``real``: SmolLM2-135M-Instruct, 576-wide rows, so llama.cpp falls back to IQ4_NL for all
 but ffn_down; ``padded``: :func:`edgekit.converters.structure.pad.pad_hidden` to 768, checked here to give
@@ -13,7 +14,8 @@ Then, per preset:
   the F32 GGUF with the same importance matrix: how many are byte-identical, and the encode speed;
 * ``edgekit imatrix`` rows (``--edgekit MODEL:PRESET``): ``api.convert(method="imatrix")`` with edgekit's
   own importance matrix from the same first half (its calibration pipeline, first-position weighting),
-  encoded by the same encoders.
+  encoded by the same encoders; ``MODEL:PRESET:gptq`` converts with ``method="gptq"`` instead (GPTQ onto
+  the same grids, the lattice i-quants included), same calibration.
 
 Perplexity on ``--chunks`` chunks of 512 tokens of the SECOND half, KL and top-1 on ``--kl-chunks``.
 Writes ``bench/results/low_bit.{json,txt}``.
@@ -77,7 +79,7 @@ def byte_check(f32: Path, theirs: Path, imatrix: dict[str, np.ndarray], limit: i
 
 
 def one_model(name: str, hf: Path, tmp: Path, text: str, calib_file: Path, args: argparse.Namespace,
-              edgekit_presets: list[str]) -> dict[str, Any]:
+              edgekit_presets: list[tuple[str, str]]) -> dict[str, Any]:
     log(f"{name}: F32 GGUF")
     f32 = api.convert(hf, "gguf", output=tmp / f"{name}-F32", recipe=api.ConvertRecipe(bits=None, preset="F32"),
                       force=True).model_file
@@ -104,22 +106,23 @@ def one_model(name: str, hf: Path, tmp: Path, text: str, calib_file: Path, args:
             row = {"error": f"{type(exc).__name__}: {exc}"}
         dst.unlink(missing_ok=True)
         res["llamacpp"][preset] = row
-    for preset in edgekit_presets:
+    for preset, method in edgekit_presets:
+        key = preset if method == "imatrix" else f"{preset}:{method}"
         try:
-            recipe = api.ConvertRecipe(bits=None, preset=preset, method="imatrix",
+            recipe = api.ConvertRecipe(bits=None, preset=preset, method=method,
                                        calib=api.CalibConfig(source=str(calib_file), samples=args.calib_samples))
-            log(f"{name} edgekit imatrix {preset}: convert")
+            log(f"{name} edgekit {method} {preset}: convert")
             t0 = time.perf_counter()
-            art = api.convert(hf, "gguf", output=tmp / f"{name}-ek-{preset}", recipe=recipe, force=True)
-            row = {"convert_s": time.perf_counter() - t0, "size_bytes": art.manifest["size_bytes"],
+            art = api.convert(hf, "gguf", output=tmp / f"{name}-ek-{preset}-{method}", recipe=recipe, force=True)
+            row = {"method": method, "convert_s": time.perf_counter() - t0, "size_bytes": art.manifest["size_bytes"],
                    "mb": art.manifest["size_bytes"] / 1e6, "bpw": gguf_bpw(art.model_file)}
             row.update(evaluate(art.model_file, text, args.chunks, args.kl_chunks, f32))
             row["increase_pct"] = 100 * (row["ppl"] / f32_ppl - 1)
-            log(f"{name} edgekit imatrix {preset}: ppl {row['ppl']:.4f} ({row['increase_pct']:+.2f}%)")
+            log(f"{name} edgekit {method} {preset}: ppl {row['ppl']:.4f} ({row['increase_pct']:+.2f}%)")
         except Exception as exc:  # noqa: BLE001
-            log(f"{name} edgekit {preset}: FAILED: {exc}")
-            row = {"error": f"{type(exc).__name__}: {exc}"}
-        res["edgekit"][preset] = row
+            log(f"{name} edgekit {method} {preset}: FAILED: {exc}")
+            row = {"method": method, "error": f"{type(exc).__name__}: {exc}"}
+        res["edgekit"][key] = row
     return res
 
 
@@ -135,11 +138,13 @@ def build_table(report: dict[str, Any]) -> Table:
         table.add_row(model, "F32", f"{f['mb']:.1f}", "32", f"{f['ppl']:.4f}", "", "", "", "", "")
         for kind, rows in (("llama.cpp imatrix", res["llamacpp"]), ("edgekit imatrix", res["edgekit"])):
             for preset, r in rows.items():
+                label = f"{kind} {preset}" if r.get("method", "imatrix") == "imatrix" else \
+                    f"edgekit {r['method']} {preset.split(':')[0]}"
                 if "error" in r:
-                    table.add_row(model, f"{kind} {preset}", *[""] * 7, r["error"][:40])
+                    table.add_row(model, label, *[""] * 7, r["error"][:40])
                     continue
                 b = r.get("bytes")
-                table.add_row(model, f"{kind} {preset}", f"{r['mb']:.1f}", f"{r['bpw']:.3f}", f"{r['ppl']:.4f}",
+                table.add_row(model, label, f"{r['mb']:.1f}", f"{r['bpw']:.3f}", f"{r['ppl']:.4f}",
                               f"{r['increase_pct']:+.2f}%", f"{r['kl_mean']:.4f}", f"{r['top1']:.3f}",
                               f"{b['identical']}/{b['checked']}" if b else "",
                               f"{r.get('quantize_s', r.get('convert_s', 0)):.1f}")
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--presets", default="IQ4_XS,IQ3_S,IQ3_XXS,IQ2_M,IQ2_XS,IQ2_XXS")
     ap.add_argument("--edgekit", default="real:IQ4_XS,real:IQ3_XXS,real:IQ2_M,padded:IQ4_XS",
-                    help="MODEL:PRESET rows converted by edgekit with its own imatrix ('' for none)")
+                    help="MODEL:PRESET[:METHOD] rows converted by edgekit (METHOD imatrix, the default, "
+                         "or gptq) with its own calibration ('' for none)")
     ap.add_argument("--models", default="real,padded")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--kl-chunks", type=int, default=4)
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         calib_file.write_text(calib_text, encoding="utf-8")
         for model in models:
             path = hf if model == "real" else pad_hidden(HFCheckpoint.open(hf), PADDED_HIDDEN, tmp / "padded-hf")
-            presets = [p.upper() for m, p in ek if m == model]
+            presets = [(e[1].upper(), e[2].lower() if len(e) > 2 else "imatrix") for e in ek if e[0] == model]
             report["models"][model] = one_model(model, path, tmp, text, calib_file, args, presets)
     report["total_s"] = time.perf_counter() - start
     report["machine"]["loadavg_end"] = os.getloadavg()

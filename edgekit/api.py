@@ -96,6 +96,8 @@ def convert(
     import dataclasses
 
     recipe = recipe or ConvertRecipe()
+    if quantize is None and recipe.method == "rtn" and default_method(to):
+        recipe = dataclasses.replace(recipe, method=default_method(to))  # --to aqlm: its own encoder
     if is_pipeline(Path(model).expanduser()):
         return _convert_pipeline(model, to, output, recipe, quantize, options, force, progress)
     fmt = FORMATS.get(to)()
@@ -214,6 +216,11 @@ def calibration_applies(method: str, bpw: float | None = None, size: int | None 
     ``calib`` field), or a size budget, ``bpw`` or ``size`` (it measures each tensor's sensitivity)."""
     cls = QUANTIZERS.get(method)
     return bpw is not None or size is not None or "calib" in getattr(cls.config_class, "__dataclass_fields__", {})
+
+
+def default_method(to: str) -> str | None:
+    """The method a format encodes with when none is named (``aqlm``: AQLM), or None."""
+    return getattr(FORMATS.get(to), "default_method", None) if to in FORMATS.names() else None
 
 
 def make_quantizer(method: str, calib: CalibConfig | None = None) -> Quantizer:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 BACKENDS: Registry[type[Backend]] = Registry(
     "backend", ["edgekit.runtime.llamacpp", "edgekit.runtime.onnx", "edgekit.runtime.torch_ref", "edgekit.runtime.coreml",
-                "edgekit.runtime.mlc"])
+                "edgekit.runtime.mlc", "edgekit.runtime.aqlm"])
 register_backend = BACKENDS.register
 
 

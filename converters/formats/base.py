@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 FORMATS: Registry[type[Format]] = Registry(
     "format", ["edgekit.converters.formats.gguf", "edgekit.converters.formats.onnx", "edgekit.converters.formats.coreml",
-               "edgekit.converters.formats.mlc"])
+               "edgekit.converters.formats.mlc", "edgekit.converters.formats.aqlm"])
 register_format = FORMATS.register
 
 __all__ = ["FORMATS", "ConvertRecipe", "Format", "ProgressFn", "no_progress", "register_format"]

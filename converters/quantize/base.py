@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 QUANTIZERS: Registry[type[Quantizer]] = Registry(
     "quantization method",
     ["edgekit.converters.quantize.rtn", "edgekit.converters.quantize.gptq", "edgekit.converters.quantize.awq_methods",
-     "edgekit.converters.quantize.squeezellm", "edgekit.converters.quantize.ternary"],
+     "edgekit.converters.quantize.squeezellm", "edgekit.converters.quantize.ternary",
+     "edgekit.converters.quantize.aqlm"],
 )
 register_quantizer = QUANTIZERS.register
 

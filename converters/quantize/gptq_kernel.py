@@ -15,6 +15,11 @@ structure built into the sweep:
   exactly as ggml decodes them), and its error is propagated to the later columns through the upper
   Cholesky factor of ``H^-1`` -- per column to the rest of its lazy batch (``block_cols`` columns, a
   whole number of ggml blocks) and by one matrix product per batch to the rest of the matrix;
+* the lattice i-quants (IQ2_XXS..IQ3_S, IQ1_S, IQ1_M) store a codeword per 8 (or 4) columns of a row,
+  so their sweeps round a group of 8 columns jointly (``group = 8``, one sign byte): the codeword(s) and
+  signs nearest under the fixed scales, weighted by ``diag((U_SS^T U_SS)^-1)``, and the group's error
+  carried forward in GPTQ's block form ``E = (W_S - Q_S) U_SS^-1``, ``W_rest -= E U_{S,rest}`` (GPTVQ's
+  scheme on llama.cpp's fixed codebooks);
 * at the end the codes and parameters are packed with the kernel's ``pack`` and decoded with its
   ``dequantize_codes``, so ``GridResult.weight`` is bit for bit what ``gguf.quants.dequantize`` gives for
   ``GridResult.data``.
@@ -197,36 +202,83 @@ def gptq(
     # the transpose of a one-row matrix is already contiguous (it would be the caller's own array)
     Wt = np.array(w.T, dtype=F32, order="C", copy=True)
     codes_t = np.empty((n_in, n_out), dtype=np.int16)
-    tWt, tU = torch.from_numpy(Wt), torch.from_numpy(U)
-    block_params = []
+    group = getattr(sweep, "group", 1)  # columns rounded jointly
     with np.errstate(divide="ignore", invalid="ignore"):
-        for b0 in range(0, n_in, batch):
-            b1 = min(b0 + batch, n_in)
-            err = np.empty((b1 - b0, n_out), dtype=F32)
-            for k0 in range(b0, b1, bs):
-                k1 = k0 + bs
-                # every earlier column's error is already in Wt[k0:k1]: choose the block's parameters now
-                cols = Wt[k0:k1] if mask_t is None else np.where(mask_t[k0:k1], F32(0), Wt[k0:k1])
-                rounder, params = sweep.block(cols, k0)
-                block_params.append(params)
-                for i in range(k0, k1):
-                    x = Wt[i]
-                    codes_t[i], value = rounder(i - k0, x if mask_t is None else np.where(mask_t[i], F32(0), x))
-                    e = (x - value) / U[i, i]
-                    err[i - b0] = e
-                    # rank-1 update of the rest of the batch: elementwise numpy on one thread; a matrix
-                    # product per ggml block was slower, multithreaded BLAS on small operands thrashing
-                    # the cores the Python loop needs
-                    if i + 1 < b1:
-                        Wt[i + 1 : b1] -= np.multiply.outer(U[i, i + 1 : b1], e)
-            if b1 < n_in:
-                tWt[b1:].addmm_(tU[b0:b1, b1:].T, torch.from_numpy(err), alpha=-1.0)
+        block_params = (_sweep_groups if group > 1 else _sweep_columns)(sweep, group, Wt, U, codes_t, mask_t, bs, batch)
 
     codes = sweep.codes(np.ascontiguousarray(codes_t.T).reshape(-1, bs))
     params = sweep.stack(block_params)
     data = sweep.pack(codes, params).reshape(n_out, -1)
     weight = sweep.dequantize(codes, params).reshape(n_out, n_in)
     return GridResult(_spec(qtype, grid), data, weight, codes.reshape(n_out, n_in), params, ih.damp)
+
+
+def _sweep_columns(sweep: Any, g: int, Wt: np.ndarray, U: np.ndarray, codes_t: np.ndarray,
+                   mask_t: np.ndarray | None, bs: int, batch: int) -> list:
+    """The column-by-column sweep (``Wt`` ``(in, out)`` updated in place, codes into ``codes_t``); returns
+    the per-block parameters."""
+    n_in, n_out = Wt.shape
+    tWt, tU = torch.from_numpy(Wt), torch.from_numpy(U)
+    block_params = []
+    for b0 in range(0, n_in, batch):
+        b1 = min(b0 + batch, n_in)
+        err = np.empty((b1 - b0, n_out), dtype=F32)
+        for k0 in range(b0, b1, bs):
+            k1 = k0 + bs
+            # every earlier column's error is already in Wt[k0:k1]: choose the block's parameters now
+            cols = Wt[k0:k1] if mask_t is None else np.where(mask_t[k0:k1], F32(0), Wt[k0:k1])
+            rounder, params = sweep.block(cols, k0)
+            block_params.append(params)
+            for i in range(k0, k1):
+                x = Wt[i]
+                codes_t[i], value = rounder(i - k0, x if mask_t is None else np.where(mask_t[i], F32(0), x))
+                e = (x - value) / U[i, i]
+                err[i - b0] = e
+                # rank-1 update of the rest of the batch: elementwise numpy on one thread; a matrix
+                # product per ggml block was slower, multithreaded BLAS on small operands thrashing
+                # the cores the Python loop needs
+                if i + 1 < b1:
+                    Wt[i + 1 : b1] -= np.multiply.outer(U[i, i + 1 : b1], e)
+        if b1 < n_in:
+            tWt[b1:].addmm_(tU[b0:b1, b1:].T, torch.from_numpy(err), alpha=-1.0)
+    return block_params
+
+
+def _sweep_groups(sweep: Any, g: int, Wt: np.ndarray, U: np.ndarray, codes_t: np.ndarray, mask_t: np.ndarray | None,
+                  bs: int, batch: int) -> list:
+    """The sweep for grids that round ``g`` columns jointly (the lattice i-quants: a codeword per group).
+
+    GPTQ's block form: for the group ``S``, ``E = (W_S - Q_S) U_SS^-1`` and ``W_rest -= E U_{S,rest}``, the
+    optimal (OBS) update for fixing ``S`` jointly; with ``g = 1`` it is the column update above. The group's
+    values are chosen under the weights ``diag((U_SS^T U_SS)^-1)``: the diagonal of the exact cost
+    ``e^T (U_SS^T U_SS)^-1 e`` of fixing ``S`` while the later columns stay free to compensate (the full
+    form picked no better codewords in trials). The sweep's rounder takes ``(j, columns (g, out), weights
+    (g,))`` for the group starting at column ``j`` of its block.
+    """
+    n_in, n_out = Wt.shape
+    tWt, tU = torch.from_numpy(Wt), torch.from_numpy(U)
+    block_params = []
+    for b0 in range(0, n_in, batch):
+        b1 = min(b0 + batch, n_in)
+        err = np.empty((b1 - b0, n_out), dtype=F32)
+        for k0 in range(b0, b1, bs):
+            cols = Wt[k0 : k0 + bs] if mask_t is None else np.where(mask_t[k0 : k0 + bs], F32(0), Wt[k0 : k0 + bs])
+            rounder, params = sweep.block(cols, k0)
+            block_params.append(params)
+            for i0 in range(k0, k0 + bs, g):
+                i1 = i0 + g
+                x = Wt[i0:i1]
+                Uss = U[i0:i1, i0:i1].astype(np.float64)
+                uinv = np.linalg.inv(Uss)  # upper triangular, g x g
+                wts = np.einsum("ij,ij->i", uinv, uinv).astype(F32)  # diag(uinv uinv^T) = diag((U^T U)^-1)
+                codes_t[i0:i1], value = rounder(i0 - k0, x if mask_t is None else np.where(mask_t[i0:i1], F32(0), x), wts)
+                e = (uinv.T @ (x - value)).astype(F32)  # (g, out): rows of E^T
+                err[i0 - b0 : i1 - b0] = e
+                if i1 < b1:
+                    Wt[i1:b1] -= U[i0:i1, i1:b1].T @ e
+        if b1 < n_in:
+            tWt[b1:].addmm_(tU[b0:b1, b1:].T, torch.from_numpy(err), alpha=-1.0)
+    return block_params
 
 
 def _spec(qtype: Grid | T | int | str, grid: Grid) -> Any:

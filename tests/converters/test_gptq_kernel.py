@@ -228,8 +228,10 @@ def test_bad_input():
         gptq(W, H2, T.Q4_0)
     with pytest.raises(InputError, match="damp"):
         gptq(W, H, T.Q4_0, damp=-1.0)
-    with pytest.raises(UnsupportedError):
+    with pytest.raises(InputError, match="needs an importance matrix"):  # as llama.cpp's scale search
         gptq(W, H, T.IQ2_XS)
+    with pytest.raises(UnsupportedError, match="unknown storage grid"):
+        gptq(W, H, "Q9_Z")
 
 
 def test_hessian_error_is_output_error():

@@ -220,3 +220,77 @@ def _encode_m(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     sc = sc | np.where(empty[:, None], 0, top)
     return np.concatenate([(gi & 0xFF).astype(np.uint8).reshape(nb, 32), qh.astype(np.uint8),
                            sc.astype("<u2").view(np.uint8).reshape(nb, 8)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPTQ onto IQ1: llama.cpp's scales (and IQ1_S's shifts) fixed, one group of 8 weights at a time
+# ----------------------------------------------------------------------------------------------------
+
+SUB: dict[T, int] = {T.IQ1_S: 32, T.IQ1_M: 16}  # weights per sub-block scale
+
+
+def sub_block_scales(qtype: T, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each sub-block's scale ``(n_blocks, 256/SUB)`` exactly as ggml decodes it (a weight is
+    ``scale * (grid value + shift)``) from the bytes :func:`encode` wrote, and for IQ1_S whether each
+    sub-block's shift is negative (IQ1_M's shift is per group of 8, chosen with its codeword)."""
+    nb = raw.shape[0]
+    if qtype == T.IQ1_S:
+        d = raw[:, :2].copy().view(np.float16).astype(F32)
+        qh = raw[:, 34:].copy().view("<u2").astype(np.int64)
+        return d * (F32(2) * ((qh >> 12) & 7).astype(F32) + F32(1)), (qh & 0x8000) != 0
+    sc = raw[:, 48:].copy().view("<u2").astype(np.int64)  # (nb, 4)
+    d16 = sum(((sc[:, j] & 0xF000) >> (12 - 4 * j)) for j in range(4)).astype(np.uint16)
+    d = d16.view(np.float16).astype(F32).reshape(nb, 1)
+    ls = ((sc[:, :, None] >> np.array([0, 3, 6, 9])) & 7).reshape(nb, 16)
+    return d * (F32(2) * ls.astype(F32) + F32(1)), None
+
+
+def round_group(qtype: T, x: np.ndarray, scale: np.ndarray, w: np.ndarray, minus: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The codeword nearest (``w``-weighted) to one group of 8 weights per row, ``x`` ``(R, 8)``, under
+    the fixed ``scale`` ``(R,)``: with IQ1_S's sub-block shift ``minus`` ``(R,)``, or (IQ1_M, ``minus``
+    None) the group's own shift chosen jointly with it. Returns per-weight codes ``(R, 8)`` uint8 (level
+    ``| 4`` when the shift is negative; :func:`patch_codes` reads them) and the values they decode to."""
+    from .lattice import codebook
+
+    vals, lev = codebook(qtype)
+    x = np.asarray(x, dtype=F32)
+    s = np.asarray(scale, dtype=F32)[:, None]
+    w = np.asarray(w, dtype=F32)
+    costs = []
+    for delta in (_DELTA, -_DELTA):
+        v = vals + delta
+        costs.append((s * s) * ((v * v) @ w)[None, :] - F32(2.0) * s * ((x * w) @ v.T))  # (R, n)
+    if minus is None:
+        neg = costs[1].min(axis=1) < costs[0].min(axis=1)
+    else:
+        neg = np.asarray(minus, dtype=bool)
+    idx = np.argmin(np.where(neg[:, None], costs[1], costs[0]), axis=1)
+    delta = np.where(neg, -_DELTA, _DELTA).astype(F32)[:, None]
+    values = s * (vals[idx] + delta)
+    codes = lev[idx] | (neg.astype(np.uint8) << 2)[:, None]
+    return codes.astype(np.uint8), values.astype(F32)
+
+
+def patch_codes(qtype: T, raw: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The bytes :func:`encode` wrote (``(n_blocks, type_size)``: scales kept) with the codebook indices
+    (and IQ1_M's per-group shifts) of the per-weight ``codes`` ``(n_blocks, 256)`` from :func:`round_group`."""
+    tab = tables(qtype)
+    nb = raw.shape[0]
+    c = codes.astype(np.int64).reshape(nb, 32, 8)
+    gi = tab.kmap[((c & 3) << (2 * np.arange(8))).sum(axis=2)]
+    if (gi < 0).any():
+        raise ValueError(f"{qtype.name}: codes off the codebook")
+    out = np.array(raw, dtype=np.uint8, copy=True)
+    if qtype == T.IQ1_S:
+        out[:, 2:34] = gi & 0xFF
+        qh = raw[:, 34:].copy().view("<u2").astype(np.int64) & 0xF000
+        g = gi.reshape(nb, 8, 4)
+        qh |= sum((g[:, :, k] >> 8) << (3 * k) for k in range(4))
+        out[:, 34:] = qh.astype("<u2").view(np.uint8).reshape(nb, 16)
+        return out
+    neg = (c[:, :, 0] >> 2) & 1  # (nb, 32)
+    nib = (gi >> 8) | (neg << 3)
+    out[:, :32] = gi & 0xFF
+    out[:, 32:48] = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return out

@@ -25,7 +25,9 @@ def register_grid(grid: Grid) -> Grid:
 
 class GridSweep(abc.ABC):
     """GPTQ's view of a grid over one matrix ``(out, in)``: parameters are chosen a block of columns at a
-    time (from the columns as GPTQ has updated them), then each column is rounded under them."""
+    time (from the columns as GPTQ has updated them), then each column is rounded under them. Lattice grids
+    (the i-quants) round a group of columns jointly instead (one codeword per 8 or 4 columns): their sweeps
+    say so and GPTQ carries each group's error forward in the block form (``gptq_kernel._sweep_groups``)."""
 
     @abc.abstractmethod
     def block(self, cols: np.ndarray, c0: int) -> tuple[Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]], Any]:

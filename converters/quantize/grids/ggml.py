@@ -1,5 +1,6 @@
 """The ggml block types as grids: byte-identical with llama.cpp's quantisers (the kernels are
-:mod:`edgekit.converters.quantize.ggml`), with GPTQ's sweep onto each family's exact grid."""
+:mod:`edgekit.converters.quantize.ggml`), with GPTQ's sweep onto each family's exact grid (the lattice
+i-quants and IQ1 a group of 8 columns at a time: a codeword per group)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from edgekit.converters.quantize import ggml
-from edgekit.converters.quantize.ggml import iq4nl, iq4xs, kquants, legacy, ternary
+from edgekit.converters.quantize.ggml import iq1, iq4nl, iq4xs, kquants, lattice, legacy, ternary
 from edgekit.converters.quantize.ggml._common import best_index
 from edgekit.converters.quantize.grids.base import (
     F32,
@@ -20,6 +21,7 @@ from edgekit.converters.quantize.grids.base import (
     register_grid,
     scale_rounder,
 )
+from edgekit.errors import InputError
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
@@ -56,6 +58,10 @@ class GGMLGrid(Grid):
             return _IQ4NLSweep(imatrix)
         if self.qtype == T.IQ4_XS:
             return _IQ4XSSweep(imatrix)
+        if self.qtype in lattice.TYPES:
+            return _LatticeSweep(self.qtype, imatrix)
+        if self.qtype in iq1.TYPES:
+            return _IQ1Sweep(self.qtype, imatrix)
         if self.qtype in legacy.TYPES:
             return _LegacySweep(self.qtype, w, imatrix)
         return super().sweep(w, imatrix)
@@ -234,6 +240,82 @@ class _IQ4XSSweep(GridSweep):
 
     def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
         return iq4xs.dequantize_codes(codes, params)
+
+
+class _LatticeSweep(GridSweep):
+    """The lattice i-quants (GPTVQ-style): the super-block's scales chosen by llama.cpp's own search from
+    the columns as GPTQ has updated them, then one group of 8 columns (one sign byte: a codeword of 8, or
+    two of 4) at a time, the codeword(s) and signs nearest to the group under the fixed sub-block scale
+    in the sense the kernel's weights give (:func:`.lattice.round_group`)."""
+
+    group = 8
+
+    def __init__(self, qt: T, im: np.ndarray | None) -> None:
+        _need_imatrix(qt, im)
+        self.qt, self.im, self.sub = qt, im, lattice.SPECS[qt].sub
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple[Any, Any]:
+        blocks = np.ascontiguousarray(cols.T)  # (out, 256)
+        _, p = lattice.encode(self.qt, blocks, importance_block(self.im, c0, blocks.shape))
+        scales = np.ascontiguousarray(lattice.sub_block_scales(self.qt, p).T)  # (n_sub, out)
+
+        def rnd(j: int, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            codes, values = lattice.round_group(self.qt, x.T, scales[j // self.sub], w)
+            return codes.T, values.T
+
+        return rnd, p
+
+    def stack(self, ps: list) -> lattice.LatticeParams:
+        d = np.stack([p.d for p in ps], axis=1).reshape(-1)
+        ls = np.stack([p.ls for p in ps], axis=1).reshape(d.shape[0], -1)
+        return lattice.LatticeParams(d, ls, np.zeros((d.shape[0], 0), np.uint8))  # the signs are in the codes
+
+    def pack(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return lattice.pack(self.qt, *lattice.codes_to_blocks(self.qt, codes, params.d, params.ls))
+
+    def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return lattice.dequantize_codes(self.qt, *lattice.codes_to_blocks(self.qt, codes, params.d, params.ls))
+
+
+class _IQ1Sweep(GridSweep):
+    """IQ1_S / IQ1_M as the lattices: llama.cpp's scales (and IQ1_S's per-32 shifts) from the updated
+    columns, then a codeword per group of 8 (IQ1_M: with its shift) under them (:func:`.iq1.round_group`)."""
+
+    group = 8
+
+    def __init__(self, qt: T, im: np.ndarray | None) -> None:
+        _need_imatrix(qt, im)
+        self.qt, self.im, self.sub = qt, im, iq1.SUB[qt]
+
+    def block(self, cols: np.ndarray, c0: int) -> tuple[Any, Any]:
+        blocks = np.ascontiguousarray(cols.T)  # (out, 256)
+        raw = iq1.encode(self.qt, blocks, importance_block(self.im, c0, blocks.shape))
+        scales, minus = iq1.sub_block_scales(self.qt, raw)
+        scales = np.ascontiguousarray(scales.T)
+        minus = None if minus is None else np.ascontiguousarray(minus.T)
+
+        def rnd(j: int, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            k = j // self.sub
+            codes, values = iq1.round_group(self.qt, x.T, scales[k], w, None if minus is None else minus[k])
+            return codes.T, values.T
+
+        return rnd, raw
+
+    def stack(self, ps: list) -> np.ndarray:
+        """The blocks' bytes as llama.cpp's search wrote them (their scales are kept; the codes replaced)."""
+        return np.stack(ps, axis=1).reshape(-1, ps[0].shape[-1])
+
+    def pack(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return iq1.patch_codes(self.qt, params, codes)
+
+    def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
+        return ggml.dequantize(self.pack(codes, params), self.qt).reshape(codes.shape)
+
+
+def _need_imatrix(qt: T, im: np.ndarray | None) -> None:
+    if im is None and qt in ggml.REQUIRES_IMATRIX:
+        raise InputError(f"GPTQ onto {qt.name} needs an importance matrix for its scales (llama.cpp's "
+                         "search requires one): keep imatrix on")
 
 
 for _t in ggml.SUPPORTED_TYPES:

@@ -27,7 +27,7 @@ STEPS: Registry[type[Step]] = Registry(
     "layer step",
     ["edgekit.converters.quantize.steps.awq_scale", "edgekit.converters.quantize.steps.prune",
      "edgekit.converters.quantize.steps.gptq_round", "edgekit.converters.quantize.steps.rtn_round",
-     "edgekit.converters.quantize.steps.neuron_stats"],
+     "edgekit.converters.quantize.steps.neuron_stats", "edgekit.converters.quantize.steps.aqlm_round"],
 )
 register_step = STEPS.register
 

@@ -1,5 +1,6 @@
-"""Rounding step: GPTQ onto each tensor's grid (column by column, later columns absorb earlier
-columns' errors through the Hessian; :mod:`edgekit.converters.quantize.gptq_kernel`)."""
+"""Rounding step: GPTQ onto each tensor's grid (column by column, or a group of 8 columns at a time for
+the lattice i-quants; later columns absorb earlier columns' errors through the Hessian;
+:mod:`edgekit.converters.quantize.gptq_kernel`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,247 @@
+"""The llama.cpp worker process as :class:`edgekit.runtime.llamacpp.LlamaCppBackend` drives it: starting it
+(retried once in safe CPU mode after a protection fault), the JSON-line pipes and their reader threads,
+routing replies to the request that asked, closing it, and turning its deaths and errors into
+one-line messages. A mixin of the backend: it reads the backend's ``_config``, ``model_path``,
+``safe_cpu``, ``retry_safe``, ``verbose`` and the state ``__init__`` sets up."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import BackendCrashed, BackendError
+from edgekit.runtime import llamacpp_build
+from edgekit.runtime.llamacpp_build import PROTECTION_FAULTS, crash_message, signal_name
+from edgekit.runtime.llamacpp_errors import load_error, log_hint
+
+WORKER = Path(__file__).with_name("_llamacpp_worker.py")
+EOF = object()
+
+
+class WorkerProcess:
+    """Process plumbing of the llama.cpp backend (see the module docstring)."""
+
+    _proc: subprocess.Popen[bytes] | None
+    _config: dict[str, Any]
+    model_path: Path
+    safe_cpu: bool
+    retry_safe: bool
+    verbose: bool
+
+    def close(self) -> None:
+        """Stop the worker (politely: stdin EOF; then by force) and remove temporary files."""
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        self._reap()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        self._gone = self._gone or "it is closed"
+
+    def _reap(self) -> int | None:
+        """Wait for the worker to exit (killing it if it hangs), close its pipes; its exit status."""
+        proc, self._proc = self._proc, None
+        self._active = None
+        if proc is None:
+            return None
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait(timeout=5)
+        for t in self._threads:
+            t.join(timeout=2)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        return rc
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _route(self, rid: int) -> queue.Queue[Any]:
+        route: queue.Queue[Any] = queue.Queue()
+        with self._routes_lock:
+            self._routes[rid] = route
+        return route
+
+    def _recv_route(self, route: queue.Queue[Any], doing: str) -> dict[str, Any]:
+        msg = route.get()
+        if msg is EOF:
+            route.put(EOF)
+            raise self._crashed(doing)
+        return msg
+
+    def _abort_active(self) -> None:
+        """Cancel a generation still streaming (its consumer stopped early) and drain its messages."""
+        rid, self._active = self._active, None
+        if rid is None or self._proc is None:
+            return
+        self._send({"op": "cancel", "id": rid})
+        while True:
+            msg = self._recv("stopping a generation", rid)
+            if msg["ev"] in ("done", "error"):
+                return
+
+    # -- worker plumbing ------------------------------------------------------------------------
+
+    def _start_with_retry(self) -> None:
+        try:
+            self._start(self.safe_cpu)
+        except BackendCrashed as exc:
+            if not self._can_retry_safe(exc):
+                raise
+            self._restart_safe(exc)
+
+    def _can_retry_safe(self, exc: BackendCrashed | None = None) -> bool:
+        if exc is not None and exc.signal not in PROTECTION_FAULTS:
+            return False
+        return self.retry_safe and not self.safe_cpu and not self._decoded
+
+    def _restart_safe(self, exc: BackendCrashed) -> None:
+        self._warn(f"{exc} - retrying once in safe CPU mode (slower)")
+        self.close()
+        self.safe_cpu = True
+        self._start(True)
+
+    def _warn(self, message: str) -> None:
+        if self._on_warning is not None:
+            self._on_warning(message)
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _start(self, safe_cpu: bool) -> None:
+        self._inbox = queue.Queue()
+        self._stderr_tail.clear()
+        self._decoded = False
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._proc = subprocess.Popen(
+            [*llamacpp_build.wrapper_prefix(), sys.executable, str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+        )
+        self._threads = [
+            threading.Thread(target=self._read_stdout, args=(self._proc, self._inbox), daemon=True),
+            threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        t0 = time.perf_counter()
+        self._send({"op": "load", "id": 0, **self._config, "safe_cpu": safe_cpu})
+        msg = self._recv("loading", None)
+        if msg["ev"] == "error":
+            self._reap()
+            raise self._load_error(msg)
+        self._info = msg
+        self._gone = ""
+        self.load_time = time.perf_counter() - t0
+
+    def _read_stdout(self, proc: subprocess.Popen[bytes], inbox: queue.Queue[Any]) -> None:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                with self._routes_lock:
+                    route = self._routes.get(msg.get("id")) if isinstance(msg, dict) else None
+                (route or inbox).put(msg)
+        except (OSError, ValueError):
+            pass
+        with self._routes_lock:
+            for route in self._routes.values():
+                route.put(EOF)
+        inbox.put(EOF)
+
+    def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        try:
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    self._stderr_tail.append(line)
+                if self.verbose:
+                    sys.stderr.write(raw.decode("utf-8", "replace"))
+                    sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            raise BackendError(f"the llama.cpp model is not loaded ({self._gone}); load it again")
+        try:
+            with self._send_lock:  # batched generations send from several threads
+                proc.stdin.write((json.dumps(msg) + "\n").encode("utf-8"))
+                proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the worker died: _recv sees its EOF and reports how
+
+    def _recv(self, doing: str, rid: int | None) -> dict[str, Any]:
+        """The next message of request ``rid`` (stale ones are skipped); a dead worker raises."""
+        while True:
+            msg = self._inbox.get()
+            if msg is EOF:
+                raise self._crashed(doing)
+            if rid is None or msg.get("id") in (rid, None):
+                return msg
+
+    def _call(self, op: str, doing: str, **kwargs: Any) -> Any:
+        self._abort_active()
+        rid = next(self._ids)
+        self._send({"op": op, "id": rid, **kwargs})
+        msg = self._recv(doing, rid)
+        if msg["ev"] == "error":
+            raise self._error_from(msg, doing)
+        return msg.get("value")
+
+    def _tempdir(self) -> str:
+        if self._tmpdir is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="edgekit-llamacpp-")
+        return self._tmpdir
+
+    # -- error messages -------------------------------------------------------------------------
+
+    def _log_hint(self, *needles: str) -> str:
+        return log_hint(self._stderr_tail, *needles)
+
+    def _crashed(self, doing: str) -> BackendCrashed:
+        rc = self._reap()
+        self._gone = "its worker crashed"
+        sig = signal_name(rc)
+        exc = BackendCrashed(crash_message(rc, doing, self.model_path.name, self.safe_cpu,
+                                          self._log_hint("GGML_ASSERT", "error", "failed", "abort")))
+        exc.signal = sig
+        return exc
+
+    def _load_error(self, msg: dict[str, Any]) -> Exception:
+        return load_error(msg, self.model_path, self._stderr_tail)
+
+    def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError:
+        text = str(msg.get("message") or msg.get("type") or "unknown error")
+        return BackendError(f"llama.cpp failed while {doing}: {text}")
