@@ -14,7 +14,8 @@ from edgekit.converters.formats.base import FORMATS
 from edgekit.fsutil import sha256_files
 
 runner = CliRunner()
-ARGS = {"gguf": ["--type", "Q8_0"], "onnx": ["--bits", "8"], "coreml": ["--bits", "16"], "mlc": ["--quant", "q4f16_1"]}
+ARGS = {"gguf": ["--type", "Q8_0"], "onnx": ["--bits", "8"], "coreml": ["--bits", "16"], "mlc": ["--quant", "q4f16_1"],
+        "aqlm": ["-O", "scheme=2x4", "--calib-samples", "4", "--calib-seqlen", "32"]}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,8 @@ def tiny_gguf(tiny_llama, tmp_path_factory):
 def test_every_format_takes_a_gguf(fmt, tiny_gguf, tmp_path):
     if fmt == "coreml":
         pytest.importorskip("coremltools")
+    if fmt == "aqlm":
+        pytest.importorskip("torch")
     out = tmp_path / "out"
     r = runner.invoke(app, ["convert", str(tiny_gguf), "--to", fmt, "-o", str(out), *ARGS[fmt]])
     assert r.exit_code == 0, r.output
