@@ -27,8 +27,8 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+from common import cpu_model, get_model, log, pkg_version, publish  # noqa: E402
 from gguf_quality import halves  # noqa: E402
-from gguf_rtn import cpu_model, get_model, log, pkg_version, publish  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgekit import api  # noqa: E402

@@ -34,8 +34,8 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import llamacpp_imatrix as peer  # noqa: E402
+from common import cpu_model, get_model, log, pkg_version, publish  # noqa: E402
 from gguf_quality import evaluate, gguf_bpw, halves  # noqa: E402
-from gguf_rtn import cpu_model, get_model, log, pkg_version, publish  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgekit import api  # noqa: E402

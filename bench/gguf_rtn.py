@@ -38,7 +38,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +45,13 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+from common import cpu_model, get_model, log, pkg_version, publish  # noqa: E402, F401 - shared by the benchmarks
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgekit.converters.formats.gguf.mixes import preset_from_name  # noqa: E402
 from edgekit.evaluate import EvalConfig, perplexity, read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home, sha256_file  # noqa: E402
-from edgekit.importer import import_gguf  # noqa: E402
-from edgekit.quickstart import fetch_default_gguf  # noqa: E402
-from edgekit.runtime.hostinfo import cpu_name  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,46 +82,6 @@ rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 print(json.dumps({"rc": int(rc), "wall_s": wall, "cpu_s": cpu}))
 """
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def publish(report: dict[str, Any], table: Table, lines: list[str], out: Path) -> None:
-    """Print ``table`` and ``lines`` (plus the run's time, CPU and load) and write ``out``.json (the report)
-    and ``out``.txt (what was printed)."""
-    console = Console(record=True, width=200)
-    console.print(table)
-    m = report["machine"]
-    for line in [*lines, f"total {report['total_s'] / 60:.1f} min; {m['cpu']}, load average at start "
-                         f"{m['loadavg_start'][0]:.1f}"]:
-        console.print(line, highlight=False, markup=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".txt").write_text(console.export_text())
-    print(f"wrote {out.with_suffix('.json')}, .txt")
-
-
-def pkg_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    return cpu_name()
-
-
-def get_model() -> Path:
-    """The imported float checkpoint of SmolLM2-135M-Instruct in edgekit's cache (imported once)."""
-    hf = edgekit_home() / "SmolLM2-135M-Instruct"
-    if not (hf / "edgekit_import.json").exists():
-        src = fetch_default_gguf()
-        log(f"importing {src} -> {hf}")
-        import_gguf(src, hf, force=True)
-    return hf
 
 
 def _child_cpu() -> float:

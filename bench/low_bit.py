@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -39,9 +38,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import gguf  # noqa: E402
 import llamacpp_imatrix as peer  # noqa: E402
 import numpy as np  # noqa: E402
+from common import cpu_model, get_model, log, pkg_version, publish  # noqa: E402
 from gguf_quality import evaluate, gguf_bpw, halves  # noqa: E402
-from gguf_rtn import cpu_model, get_model, log, pkg_version  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgekit import api  # noqa: E402
@@ -198,14 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             report["models"][model] = one_model(model, path, tmp, text, calib_file, args, presets)
     report["total_s"] = time.perf_counter() - start
     report["machine"]["loadavg_end"] = os.getloadavg()
-    console = Console(record=True, width=200)
-    console.print(build_table(report))
-    console.print(f"total {report['total_s'] / 60:.1f} min; {report['machine']['cpu']}, load average at start "
-                  f"{report['machine']['loadavg_start'][0]:.1f}", highlight=False, markup=False)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".txt").write_text(console.export_text())
-    print(f"wrote {args.out.with_suffix('.json')}, .txt")
+    publish(report, build_table(report), [], args.out)
     return 0
 
 
