@@ -44,9 +44,9 @@ def _folder(model_path: str | Path) -> Path:
     return p if p.is_dir() else p.parent
 
 
-def _sizes(folder: Path) -> tuple[dict[str, Any], int, int]:
-    """config.json, bytes the weights take once loaded (codes as stored, floats as float32), bytes read per
-    token (the same)."""
+def _sizes(folder: Path) -> tuple[dict[str, Any], int]:
+    """config.json, and the bytes the weights take once loaded (codes as stored, floats as float32): also what
+    one decoded token reads."""
     from edgekit.converters.formats.aqlm.read import _header, read_config
 
     cfg, _ = read_config(folder)
@@ -54,7 +54,7 @@ def _sizes(folder: Path) -> tuple[dict[str, Any], int, int]:
     for name, info in _header(folder / "model.safetensors").items():
         n = int(info["data_offsets"][1]) - int(info["data_offsets"][0])
         loaded += n if name.endswith(".codes") else n * (4 // {"F16": 2, "BF16": 2}.get(info["dtype"], 4))
-    return cfg, loaded, loaded
+    return cfg, loaded
 
 
 def _kv_bytes(cfg: dict[str, Any], tokens: int) -> int:
@@ -171,7 +171,7 @@ class AQLMBackend(TorchBackend):
     def memory_estimate(cls, model_file: Path, n_ctx: int, n_batch: int = 512) -> AQLMMemoryEstimate:
         """The weights as loaded (codes, float32 codebooks, scales and float tensors), transformers' float32 KV
         cache for ``n_ctx`` tokens, one batch's logits. A model, not a measurement."""
-        cfg, loaded, _ = _sizes(_folder(model_file))
+        cfg, loaded = _sizes(_folder(model_file))
         parts = {"weights": loaded, "kv_cache": _kv_bytes(cfg, n_ctx),
                  "logits": min(n_batch, n_ctx) * int(cfg["vocab_size"]) * 4}
         return AQLMMemoryEstimate(sum(parts.values()), parts, n_ctx)
@@ -179,7 +179,7 @@ class AQLMBackend(TorchBackend):
     @classmethod
     def decode_bytes_per_token(cls, model_file: Path, depth: int, n_ctx: int, type_k: str = "f16",
                                type_v: str = "f16") -> int:
-        cfg, _, per_token = _sizes(_folder(model_file))
+        cfg, per_token = _sizes(_folder(model_file))
         return per_token + _kv_bytes(cfg, min(depth, n_ctx))
 
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,

@@ -75,7 +75,7 @@ class AQLMQuantizer(CalibratedQuantizer):
 
     def __init__(self, config: AQLMConfig | None = None) -> None:
         super().__init__(config)
-        self._tuned: Path | None = None  # the fine-tuned student's weights (norms), with distill
+        self._tuned: dict[str, np.ndarray] = {}  # the fine-tuned norms (HF name -> weights), with distill
         self._names: dict[str, str] = {}  # GGUF name -> HF name
 
     def prepare(self, checkpoint: HFCheckpoint, plan: dict[str, gguf.GGMLQuantizationType],
@@ -174,12 +174,13 @@ class AQLMQuantizer(CalibratedQuantizer):
         info = heal(checkpoint, checkpoint.path, key, cfg.distill, cfg.calib, progress,
                     prepare_student=lambda model: install_codebooks(torch, model, encoded), in_place=False,
                     what="AQLM fine-tuning")
-        self._tuned = Path(info["state"]) / "student.safetensors"
-        with safe_open(str(self._tuned), framework="numpy") as f:
+        with safe_open(str(Path(info["state"]) / "student.safetensors"), framework="numpy") as f:
             for module, t in encoded.items():
                 t.codebooks = np.asarray(f.get_tensor(f"{module}.aqlm_codebooks"), np.float32)
                 t.scales = np.asarray(f.get_tensor(f"{module}.aqlm_scales"), np.float32)
                 to_file_precision(t)
+            self._tuned = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()
+                           if k.endswith("norm.weight")}
         return info
 
     def take(self, name: str) -> object:
@@ -190,12 +191,8 @@ class AQLMQuantizer(CalibratedQuantizer):
     def quantize(self, name: str, weight: np.ndarray, qtype: object) -> np.ndarray:
         if name in self._bytes and not isinstance(self._bytes[name], np.ndarray):
             raise InputError(f"{name} is AQLM-encoded; the AQLM format reads it with take()")
-        if self._tuned is not None and weight.ndim == 1 and name in self._names:  # the fine-tuned norms
-            from safetensors import safe_open
-
-            with safe_open(str(self._tuned), framework="numpy") as f:
-                if self._names[name] in f.keys():
-                    weight = np.asarray(f.get_tensor(self._names[name]), np.float32)
+        if weight.ndim == 1 and self._names.get(name) in self._tuned:  # the fine-tuned norms
+            weight = self._tuned[self._names[name]]
         return super().quantize(name, weight, qtype)  # type: ignore[arg-type]
 
 
