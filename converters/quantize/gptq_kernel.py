@@ -147,6 +147,13 @@ def hessian_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
     return float(((d @ h) * d).sum())
 
 
+def hessian_row_errors(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """:func:`hessian_error` per output row (float64)."""
+    d = torch.from_numpy(np.asarray(W, dtype=np.float64) - np.asarray(Wq, dtype=np.float64))
+    h = torch.from_numpy(np.asarray(H, dtype=np.float64))
+    return ((d @ h) * d).sum(1).numpy()
+
+
 def gptq(
     W: np.ndarray,
     H: np.ndarray | InverseHessian,

@@ -153,6 +153,65 @@ class LayerPipeline:
             out[head] = self._head_hessian(model, hidden)
         return out
 
+    def output_fisher(self, ckpt: HFCheckpoint, progress: Progress | None = None, max_seqs: int = 16,
+                      ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+        """How much the loss cares about each output channel of every linear: the mean over positions of
+        ``(d loss / d y_r)^2`` (the diagonal of the empirical Fisher of the linear's output ``y``, next-token
+        cross-entropy on the calibration sequences), keyed by GGUF name (a tied head under the embedding's).
+        With it, ``sum_r f_r * err_r`` (``err_r``: row ``r``'s Hessian-weighted output error) approximates the
+        loss increase a rounding causes, on one scale for every tensor: the head's logits and the layers'
+        hidden states are otherwise not comparable. Also ``(token ids, per-id summed squared gradients of the
+        embedding's output)`` for the cost of a tied embedding's errors where it is looked up (None if the model
+        has no such table)."""
+        torch = require("torch", "torch")
+        model, ids = self.load(ckpt, progress)
+        ids = ids[:max_seqs]
+        model.requires_grad_(False)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        acc: dict[str, Any] = {}
+
+        def hook(name: str) -> Callable[..., None]:
+            def h(module: Any, grad_input: Any, grad_output: Any) -> None:
+                g = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).double()
+                acc[name] = acc[name] + (g * g).sum(0) if name in acc else (g * g).sum(0)
+
+            return h
+
+        emb: dict[str, Any] = {}
+
+        def catch_embedding(module: Any, args: Any, output: Any) -> Any:
+            out = output.detach().requires_grad_(True)  # gradients flow from here (no weight gradients)
+            emb["out"] = out
+            return out
+
+        handles = [m.register_full_backward_hook(hook(n)) for n, m in linears.items()]
+        handles.append(model.get_input_embeddings().register_forward_hook(catch_embedding))
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        lookup = torch.zeros(len(uniq), model.config.hidden_size, dtype=torch.float64)
+        n_pos = 0
+        try:
+            for b0 in range(0, ids.shape[0], 2):
+                if progress:
+                    progress("measuring output sensitivity", b0, ids.shape[0])
+                batch = ids[b0:b0 + 2]
+                logits = model(batch, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         batch[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
+                g = emb.pop("out").grad.double()
+                lookup.index_add_(0, inverse[b0:b0 + 2].reshape(-1), (g * g).reshape(-1, g.shape[-1]))
+                n_pos += batch.shape[0] * (batch.shape[1] - 1)
+        finally:
+            for h in handles:
+                h.remove()
+        out: dict[str, np.ndarray] = {}
+        head = "output.weight" if "lm_head.weight" in ckpt.tensors and not ckpt.hparams.tie_embeddings \
+            else "token_embd.weight"
+        for n, v in acc.items():
+            key = head if n == "lm_head" else ckpt.spec.gguf_name(f"{n}.weight")
+            out[key] = (v / n_pos).numpy()
+        return out, (uniq.numpy(), (lookup / n_pos).numpy())
+
     @staticmethod
     def _head_hessian(model: Any, hidden: list[Any]) -> np.ndarray:
         x = [model.model.norm(h).reshape(-1, h.shape[-1]) for h in hidden]

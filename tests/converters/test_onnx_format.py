@@ -254,6 +254,7 @@ def test_bpw_budget_allocates_grids_by_sensitivity(tiny_models, tmp_path):
     for bpw, art in arts.items():
         m = art.manifest
         assert m["bpw"] <= bpw and m["budget"]["bpw_planned"] <= bpw and m["preset"] == f"{bpw:g} bpw"
+        assert m["budget"]["sensitivity"] == "fisher"
         grids, errors = m["budget"]["grids"], m["budget"]["errors"]
         assert "blk.0.attn_qkv" in grids and "token_embd.weight" in grids
         t = m["tensors"]
@@ -266,6 +267,31 @@ def test_bpw_budget_allocates_grids_by_sensitivity(tiny_models, tmp_path):
         assert np.abs(got - torch_logits(src, w, TOKENS)).max() < 1e-4 * max(1.0, np.abs(got).max())
     assert err[13.0] < 0.5 * err[10.0]
     assert arts[13.0].manifest["size_bytes"] > arts[10.0].manifest["size_bytes"]
+
+
+def test_output_fisher_is_the_loss_gradient_per_channel(tiny_models):
+    """What the budget weights each row's error with: for the tied head it is E[(softmax - onehot)^2] per
+    vocabulary row from the same logits; every linear gets one non-negative value per output channel; the
+    lookup term sums each token's squared embedding gradients."""
+    import torch
+
+    from edgekit.converters.quantize.pipeline import LayerPipeline
+    from edgekit.model import HFCheckpoint
+
+    ckpt = HFCheckpoint.open(tiny_models["Qwen2ForCausalLM"])
+    pipe = LayerPipeline(CAL)
+    fisher, (ids, g2) = pipe.output_fisher(ckpt)
+    model, tokens = pipe.load(ckpt, None)
+    with torch.no_grad():
+        p = model(tokens, use_cache=False).logits[:, :-1].double().softmax(-1)
+    onehot = torch.nn.functional.one_hot(tokens[:, 1:], p.shape[-1])
+    want = ((p - onehot) ** 2).reshape(-1, p.shape[-1]).mean(0).numpy()
+    np.testing.assert_allclose(fisher["token_embd.weight"], want, rtol=1e-4, atol=1e-12)
+    hp = ckpt.hparams
+    assert len(fisher) == 7 * hp.n_layer + 1 and all((v >= 0).all() and v.any() for v in fisher.values())
+    assert fisher["blk.1.attn_k.weight"].shape == (ckpt.tensors["model.layers.1.self_attn.k_proj.weight"].shape[0],)
+    assert set(ids.tolist()) == set(tokens.unique().tolist()) and g2.shape == (len(ids), model.config.hidden_size)
+    assert (g2 >= 0).all() and g2.sum() > 0
 
 
 def test_tensor_type_overrides_pick_grids(tiny_llama, tmp_path):
@@ -290,7 +316,12 @@ def test_cli_bpw_for_onnx(tiny_llama, tmp_path):
     from edgekit.cli.main import app
 
     r = CliRunner().invoke(app, ["convert", str(tiny_llama), "--to", "onnx", "--bpw", "9", "--calib-samples", "2",
-                                 "--calib-seqlen", "32", "--bpw-types", "UINT4_B32,INT8_B32", "-o", str(tmp_path / "c")])
+                                 "--calib-seqlen", "32", "--bpw-types", "UINT4_B32,INT8_B32", "-O", "sensitivity=hessian",
+                                 "-o", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "c" / "edgekit.json").read_text())
     assert set(m["budget"]["grids"].values()) <= {"UINT4_B32", "INT8_B32"} and m["bpw"] <= 9.0
+    assert m["budget"]["sensitivity"] == "hessian"
+    r = CliRunner().invoke(app, ["convert", str(tiny_llama), "--to", "onnx", "--bpw", "9", "-O", "sensitivity=kl",
+                                 "-o", str(tmp_path / "d")])
+    assert r.exit_code != 0 and "use fisher or hessian" in r.output and not (tmp_path / "d").exists()

@@ -27,6 +27,10 @@ class OnnxOptions:
     accuracy_level: MatMulNBits compute accuracy (4: int8 activations, fastest on CPU; 1: fp32).
     opset: the ai.onnx opset (17..23). external_data: weights in model.onnx.data (False: one file,
     only possible under protobuf's 2 GiB limit).
+    sensitivity: how a size budget (``--bpw``/``--size``) weighs each tensor's rounding error: "fisher" (each
+        output channel's Hessian-weighted error times how much the loss cares about that channel, measured by
+        one backward pass: errors of the head and of every layer on one scale) or "hessian" (the plain
+        Hessian-weighted output error, every tensor alike).
     """
 
     bits: int = 4
@@ -38,6 +42,7 @@ class OnnxOptions:
     accuracy_level: int = 4
     opset: int = 21
     external_data: bool = True
+    sensitivity: str = "fisher"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8, 16, 32):
@@ -52,6 +57,8 @@ class OnnxOptions:
             raise InputError(f"lm_head={self.lm_head!r}: use int8, int4, float or tied")
         if self.lm_head == "tied" and self.embed_mode == "int8":
             raise InputError("lm_head=tied shares the float embedding table; use it with embed=float")
+        if self.sensitivity not in ("fisher", "hessian"):
+            raise InputError(f"sensitivity={self.sensitivity!r}: use fisher or hessian")
         if self.accuracy_level not in range(5):
             raise InputError("accuracy_level must be 0..4")
         if self.quantized:
