@@ -116,5 +116,6 @@ def test_bytes_on_the_real_command_line(tiny_onnx):
                        capture_output=True, timeout=120)
     err = p.stderr.decode()
     assert p.returncode == InputError.exit_code, err
+    err = "\n".join(ln for ln in err.splitlines() if "CPUs are busy with other programs" not in ln)  # a loaded host
     assert err.strip() == ("error: the prompt is not valid UTF-8 (byte 0xff at position 6); give UTF-8 text "
                            "(check the terminal's or the file's encoding)")

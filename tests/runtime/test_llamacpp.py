@@ -287,6 +287,7 @@ def test_crash_while_loading_recovers_in_safe_mode(monkeypatch: pytest.MonkeyPat
     with _open(_real_gguf(), n_ctx=256, on_warning=seen.append) as backend:
         assert backend.safe_cpu is True and backend.info["safe_cpu"] is True
         assert "Paris" in "".join(backend.generate(CAPITAL, GREEDY))
+    seen = [s for s in seen if "CPUs are busy with other programs" not in s]  # a loaded host says so too
     assert len(seen) == 1 and seen[0].startswith("llama.cpp crashed (SIGSEGV) while loading")
 
 
