@@ -105,11 +105,10 @@ def convert_budget(hf: Path, out: Path, limit_bytes: int, dtype: str, samples: i
     n_params = HFCheckpoint.open(hf).n_params
     bpw = round(8 * limit_bytes / n_params - 0.01, 3)
     tag = out / "edgekit.json"
-    if tag.exists() and json.loads(tag.read_text()).get("recipe", {}).get("bpw") == bpw and \
-            json.loads(tag.read_text()).get("onnx", {}).get("dtype") == dtype and \
-            json.loads(tag.read_text()).get("budget", {}).get("sensitivity") == "fisher" and \
-            json.loads(tag.read_text()).get("recipe", {}).get("calib", {}).get("samples") == samples:
-        m = json.loads(tag.read_text())
+    m = json.loads(tag.read_text()) if tag.exists() else {}
+    if m and m.get("recipe", {}).get("bpw") == bpw and m.get("onnx", {}).get("dtype") == dtype and \
+            m.get("budget", {}).get("sensitivity") == "fisher" and \
+            m.get("recipe", {}).get("calib", {}).get("samples") == samples:
         if size_bytes(out / "model.onnx") <= limit_bytes:
             return out / "model.onnx", float(m.get("bench_convert_s", 0.0)), bpw
     t0 = time.perf_counter()

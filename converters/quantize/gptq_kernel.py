@@ -142,9 +142,7 @@ def rtn(W: np.ndarray, qtype: Grid | T | int | str, imatrix: np.ndarray | None =
 def hessian_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
     """``trace((W - Wq) H (W - Wq)^T)``: the layer's summed squared output error over the calibration
     inputs whose ``sum x x^T`` is ``H`` (computed in float64)."""
-    d = torch.from_numpy(np.asarray(W, dtype=np.float64) - np.asarray(Wq, dtype=np.float64))
-    h = torch.from_numpy(np.asarray(H, dtype=np.float64))
-    return float(((d @ h) * d).sum())
+    return float(hessian_row_errors(W, Wq, H).sum())
 
 
 def hessian_row_errors(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> np.ndarray:

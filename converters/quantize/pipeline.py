@@ -148,21 +148,24 @@ class LayerPipeline:
                     stats.close()
                 for n, h in stats.H.items():
                     out[ckpt.spec.gguf_name(f"model.layers.{i}.{n}.weight")] = h.float().numpy()
-            head = "output.weight" if "lm_head.weight" in ckpt.tensors and not ckpt.hparams.tie_embeddings \
-                else "token_embd.weight"
-            out[head] = self._head_hessian(model, hidden)
+            out[self._head_name(ckpt)] = self._head_hessian(model, hidden)
         return out
 
+    @staticmethod
+    def _head_name(ckpt: HFCheckpoint) -> str:
+        """The output head's GGUF name: the embedding's when the head is tied to it."""
+        untied = "lm_head.weight" in ckpt.tensors and not ckpt.hparams.tie_embeddings
+        return "output.weight" if untied else "token_embd.weight"
+
     def output_fisher(self, ckpt: HFCheckpoint, progress: Progress | None = None, max_seqs: int = 16,
-                      ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+                      ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """How much the loss cares about each output channel of every linear: the mean over positions of
         ``(d loss / d y_r)^2`` (the diagonal of the empirical Fisher of the linear's output ``y``, next-token
         cross-entropy on the calibration sequences), keyed by GGUF name (a tied head under the embedding's).
         With it, ``sum_r f_r * err_r`` (``err_r``: row ``r``'s Hessian-weighted output error) approximates the
         loss increase a rounding causes, on one scale for every tensor: the head's logits and the layers'
         hidden states are otherwise not comparable. Also ``(token ids, per-id summed squared gradients of the
-        embedding's output)`` for the cost of a tied embedding's errors where it is looked up (None if the model
-        has no such table)."""
+        embedding's output)`` for the cost of a tied embedding's errors where it is looked up."""
         torch = require("torch", "torch")
         model, ids = self.load(ckpt, progress)
         ids = ids[:max_seqs]
@@ -205,8 +208,7 @@ class LayerPipeline:
             for h in handles:
                 h.remove()
         out: dict[str, np.ndarray] = {}
-        head = "output.weight" if "lm_head.weight" in ckpt.tensors and not ckpt.hparams.tie_embeddings \
-            else "token_embd.weight"
+        head = self._head_name(ckpt)
         for n, v in acc.items():
             key = head if n == "lm_head" else ckpt.spec.gguf_name(f"{n}.weight")
             out[key] = (v / n_pos).numpy()

@@ -174,7 +174,7 @@ def _measure(ckpt: HFCheckpoint, plan: dict[str, _Planned], units: dict[str, lis
     pipe = LayerPipeline(calib)
     hessians = pipe.float_hessians(ckpt, progress)
     head_h = hessians.get("output.weight", hessians.get("token_embd.weight"))
-    fisher, lookup = pipe.output_fisher(ckpt, progress) if weighting == "fisher" else ({}, None)
+    fisher, lookup = pipe.output_fisher(ckpt, progress) if weighting == "fisher" else ({}, (None, None))
     n_tokens = calib.samples * calib.seqlen  # what H sums over; the lookup term is per position
     items = []
     for i, (unit, members) in enumerate(units.items()):
@@ -190,11 +190,9 @@ def _measure(ckpt: HFCheckpoint, plan: dict[str, _Planned], units: dict[str, lis
             f = fisher.get(m)
             for g, acc in options.items():
                 Wq = gptq_kernel.rtn(W, g, imatrix=imatrix).weight
-                if f is None:
-                    acc[1] += gptq_kernel.hessian_error(W, Wq, H)
-                    continue
-                acc[1] += float(f @ gptq_kernel.hessian_row_errors(W, Wq, H))
-                if m == "token_embd.weight" and lookup is not None:  # also looked up: its rows feed layer 0
+                rows = gptq_kernel.hessian_row_errors(W, Wq, H)
+                acc[1] += float(rows.sum() if f is None else f @ rows)
+                if f is not None and m == "token_embd.weight":  # also looked up: its rows feed layer 0
                     ids, g2 = lookup
                     acc[1] += n_tokens * float((g2 * (W[ids] - Wq[ids]) ** 2).sum())
         items.append(Item(unit, [(g, b, e) for g, (b, e) in options.items()]))
