@@ -6,9 +6,12 @@ edgekit's digits-FID (``edgekit.imagemetrics``: features of a digits CNN, the wh
 precision/recall (k-NN manifolds, k=3) and label agreement. Latency per image is timed separately at batch 1
 (median of repeats), and per step.
 
-    python bench/diffusion.py                                   # shipped teacher, students given or distilled
-    python bench/diffusion.py --student /tmp/digits-4step --student-consistency /tmp/digits-4step-cd
-    python bench/diffusion.py --distill-iters 3000              # distil the students in this run first
+    python bench/diffusion.py                                   # shipped teacher and 4-step student
+    python bench/diffusion.py --student-lcm /tmp/digits-4step-lcm --student-consistency /tmp/digits-4step-cd
+    python bench/diffusion.py --distill-iters 3000              # distil the LCM and consistency students here
+
+The targets are checked on ``--student`` (default: the shipped one, a ``trajectory`` student); the other
+students add their own rows (consistency samplers at 4, 2 and 1 steps).
 
 Writes bench/results/diffusion.{txt,json,png}.
 """
@@ -28,10 +31,16 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 
 
-def shipped_teacher() -> Path:
+def shipped(name: str = "digits-unet") -> Path:
     from importlib import resources
 
-    return Path(str(resources.files("edgekit") / "data" / "digits-unet"))
+    return Path(str(resources.files("edgekit") / "data" / name))
+
+
+def method_of(student: Path) -> str:
+    """How a student pipeline was distilled (its ``edgekit_diffusion.json``)."""
+    info = json.loads((student / "edgekit_diffusion.json").read_text())
+    return str(info.get("distilled", {}).get("method", "student"))
 
 
 def convert(src: Path, work: Path, name: str, bits: int, method: str = "rtn", lowrank: int = 0) -> Path:
@@ -106,9 +115,12 @@ def size_of(art: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", type=Path, default=None, help="teacher pipeline (default: the shipped digits UNet)")
-    ap.add_argument("--student", type=Path, default=None, help="a 4-step LCM student pipeline")
+    ap.add_argument("--student", type=Path, default=None,
+                    help="the 4-step student the targets are checked on (default: the shipped one)")
+    ap.add_argument("--student-lcm", type=Path, default=None, help="an LCM-distilled student (more rows)")
     ap.add_argument("--student-consistency", type=Path, default=None, help="a consistency-distilled student")
-    ap.add_argument("--distill-iters", type=int, default=0, help="distil missing students here (0: skip them)")
+    ap.add_argument("--distill-iters", type=int, default=0,
+                    help="distil the missing lcm and consistency students here (0: skip them)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgekit-bench-diffusion"))
     ap.add_argument("-n", type=int, default=1000, help="images per seed and row")
     ap.add_argument("--seeds", type=int, default=3, help="independent sets of n images per row (FID: mean, sd)")
@@ -121,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     n, seeds = (200, 1) if args.quick else (args.n, args.seeds)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    teacher = args.teacher or shipped_teacher()
-    students = {"lcm": args.student, "consistency": args.student_consistency}
+    teacher = args.teacher or shipped()
+    primary = args.student or shipped("digits-unet-4step")
+    lead = method_of(primary)
+    students: dict[str, Path | None] = {lead: primary}
+    for method, path in (("lcm", args.student_lcm), ("consistency", args.student_consistency)):
+        students.setdefault(method, path)
     for method, path in list(students.items()):
         if path is None and args.distill_iters:
             from edgekit.converters.diffusion.distill import DistillConfig, distill
@@ -153,14 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             continue
         s32 = convert(path, work, f"student-{method}-fp32", 32)
-        for s in (4, 2, 1):
+        # a consistency student samples with any step count of its grid; a trajectory student is made for its own
+        for s in (4, 2, 1) if method_sampler(path) == "consistency" else (4,):
             row(f"{method} student {s}-step", s32, s)
-        if method != "lcm":
+        if method != lead:
             continue
         for bits, qm, lr in ((8, "rtn", 0), (8, "gptq", 0), (4, "rtn", 0), (4, "gptq", 0), (4, "gptq", 16)):
             label = f"w{bits}-{qm}" + (f"-lr{lr}" if lr else "")
-            art = convert(path, work, f"student-lcm-{label}", bits, qm, lr)
-            row(f"lcm student 4-step {label}", art, 4)
+            art = convert(path, work, f"student-{lead}-{label}", bits, qm, lr)
+            row(f"{lead} student 4-step {label}", art, 4)
     if not args.quick:
         for bits, qm in ((8, "gptq"), (4, "gptq")):
             art = convert(teacher, work, f"teacher-w{bits}-{qm}", bits, qm)
@@ -169,15 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     lat = {"teacher DDIM 50": latency(t32, 50, threads=args.threads)}
     for ci in (2, 3, 5):
         lat[f"teacher DDIM 50 DeepCache {ci}"] = latency(t32, 50, ci, threads=args.threads)
-    if students["lcm"] is not None:
-        s32 = work / "student-lcm-fp32"
-        for s in (4, 1):
-            lat[f"lcm student {s}-step"] = latency(s32, s, threads=args.threads)
-        lat["lcm student 4-step w8-gptq"] = latency(work / "student-lcm-w8-gptq", 4, threads=args.threads)
+    lat[f"{lead} student 4-step"] = latency(work / f"student-{lead}-fp32", 4, threads=args.threads)
+    lat[f"{lead} student 4-step w8-gptq"] = latency(work / f"student-{lead}-w8-gptq", 4, threads=args.threads)
+    for method in students:
+        if find(rows, f"{method} student 1-step"):
+            lat[f"{method} student 1-step"] = latency(work / f"student-{method}-fp32", 1, threads=args.threads)
     for r in rows:
         if r["row"] in lat:
             r.update({k: round(v, 5) for k, v in lat[r["row"]].items()})
-    report(rows, lat, n, seeds, teacher, students)
+    report(rows, lat, n, seeds, teacher, students, lead)
     return 0
 
 
@@ -185,10 +202,17 @@ def find(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["row"] == name), None)
 
 
-def targets(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]]) -> list[tuple[str, str, bool | None]]:
+def method_sampler(student: Path) -> str:
+    return str(json.loads((student / "edgekit_diffusion.json").read_text()).get("sampler", "ddim"))
+
+
+def targets(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], lead: str
+            ) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
     t50, t4, t2 = find(rows, "teacher DDIM 50"), find(rows, "teacher DDIM 4"), find(rows, "teacher DDIM 2")
-    s4, s1 = find(rows, "lcm student 4-step"), find(rows, "lcm student 1-step")
+    s4 = find(rows, f"{lead} student 4-step")
+    ones = [r for r in rows if r["row"].endswith("student 1-step")]
+    s1 = min(ones, key=lambda r: r["fid"]) if ones else None
     if t50 and s4:
         ratio = s4["fid"] / t50["fid"]
         out.append(("4-step student FID within 10% of the 50-step teacher's",
@@ -197,13 +221,16 @@ def targets(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]]) -> lis
         out.append(("4-step student better than teacher DDIM 4", f"{s4['fid']:.2f} vs {t4['fid']:.2f}",
                     s4["fid"] < t4["fid"]))
     if t2 and s1:
-        out.append(("1-step student better than teacher DDIM 2", f"{s1['fid']:.2f} vs {t2['fid']:.2f}",
-                    s1["fid"] < t2["fid"]))
-    if "teacher DDIM 50" in lat and "lcm student 4-step" in lat:
-        sp = lat["teacher DDIM 50"]["image_s"] / lat["lcm student 4-step"]["image_s"]
+        out.append((f"1-step student better than teacher DDIM 2 ({s1['row'].split()[0]})",
+                    f"{s1['fid']:.2f} vs {t2['fid']:.2f}", s1["fid"] < t2["fid"]))
+    elif t2:
+        out.append(("1-step student better than teacher DDIM 2", "not measured: no student samples in 1 step "
+                    "(give --student-lcm)", None))
+    if "teacher DDIM 50" in lat and f"{lead} student 4-step" in lat:
+        sp = lat["teacher DDIM 50"]["image_s"] / lat[f"{lead} student 4-step"]["image_s"]
         out.append(("4-step student >= 10x faster per image than the 50-step teacher (onnxruntime, batch 1)",
                     f"{sp:.1f}x", sp >= 10))
-    w8, f32 = find(rows, "lcm student 4-step w8-gptq"), s4
+    w8, f32 = find(rows, f"{lead} student 4-step w8-gptq"), s4
     if w8 and f32:
         d = w8["fid"] / f32["fid"] - 1
         out.append(("W8 within 5% FID of fp32 (4-step student)", f"{w8['fid']:.2f} vs {f32['fid']:.2f} ({d:+.1%})",
@@ -213,7 +240,7 @@ def targets(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]]) -> lis
         d = tw8["fid"] / t50["fid"] - 1
         out.append(("W8 within 5% FID of fp32 (teacher, 50 steps)", f"{tw8['fid']:.2f} vs {t50['fid']:.2f} ({d:+.1%})",
                     d <= 0.05))
-    for name in ("lcm student 4-step w4-gptq", "lcm student 4-step w4-gptq-lr16"):
+    for name in (f"{lead} student 4-step w4-gptq", f"{lead} student 4-step w4-gptq-lr16"):
         r = find(rows, name)
         if r and f32:
             out.append((f"{name.split()[-1].upper()} reported", f"FID {r['fid']:.2f} vs fp32 {f32['fid']:.2f}", None))
@@ -221,7 +248,7 @@ def targets(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]]) -> lis
 
 
 def report(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], n: int, seeds: int, teacher: Path,
-           students: dict[str, Path | None]) -> None:
+           students: dict[str, Path | None], lead: str) -> None:
     from edgekit.imagemetrics import FeatureNet
 
     floor = json.loads(FeatureNet.load().meta.get("record", "{}")).get("fid_floor_heldout")
@@ -236,7 +263,7 @@ def report(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], n: int,
                      f"{r['label_agreement']:>6.3f} {r['bytes'] / 1024:>7.0f} {1000 * r['batch_s_per_image']:>11.2f} "
                      + (f"{r['image_s']:>9.4f} {r['step_ms']:>8.2f}" if "image_s" in r else f"{'':>9} {'':>8}"))
     lines += ["", "targets:"]
-    for what, fig, ok in targets(rows, lat):
+    for what, fig, ok in targets(rows, lat, lead):
         lines.append(f"  {'HOLDS ' if ok else 'MISSED' if ok is False else '      '} {what}: {fig}")
     text = "\n".join(lines) + "\n"
     print(text)
@@ -244,11 +271,12 @@ def report(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], n: int,
     (RESULTS / "diffusion.txt").write_text(text)
     clean = [{k: v for k, v in r.items() if k != "images"} for r in rows]
     (RESULTS / "diffusion.json").write_text(json.dumps({"n": n, "seeds": seeds, "rows": clean, "latency": lat,
-                                                        "targets": [list(t) for t in targets(rows, lat)]}, indent=1))
-    plot(rows)
+                                                        "targets": [list(t) for t in targets(rows, lat, lead)]},
+                                                       indent=1))
+    plot(rows, lead)
 
 
-def plot(rows: list[dict[str, Any]]) -> None:
+def plot(rows: list[dict[str, Any]], lead: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,9 +294,9 @@ def plot(rows: list[dict[str, Any]]) -> None:
     ax.set_xlabel("seconds per image (batch 1 where timed, else batch 250)")
     ax.set_ylabel("digits-FID (lower is better)")
     ax.set_title("quality vs speed, onnxruntime on this CPU")
-    picks = [r for r in rows if r["row"] in ("teacher DDIM 50", "teacher DDIM 4", "lcm student 4-step",
-                                             "lcm student 1-step", "lcm student 4-step w8-gptq",
-                                             "lcm student 4-step w4-gptq")]
+    picks = [r for r in rows if r["row"] in ("teacher DDIM 50", "teacher DDIM 4", f"{lead} student 4-step",
+                                             "lcm student 4-step", "lcm student 1-step",
+                                             f"{lead} student 4-step w8-gptq", f"{lead} student 4-step w4-gptq")]
     tiles = [np.concatenate(list(to_uint8(r["images"][:10])[..., 0]), axis=1) for r in picks]
     if tiles:
         ax2.imshow(np.concatenate(tiles, axis=0), cmap="gray")

@@ -212,7 +212,7 @@ def is_diffusion(target: str | Path) -> bool:
     return p.is_dir() and (is_pipeline(p) or _manifest_task(p) == "diffusion")
 
 
-def open_diffusion(target: str | Path) -> DiffusionTarget:
+def open_diffusion(target: str | Path, threads: int | None = None) -> DiffusionTarget:
     """Open what ``evaluate_diffusion`` samples from: a diffusers pipeline folder (its UNet in PyTorch) or a
     diffusion artifact (its graphs in the runtime of its format), through :mod:`edgekit.runtime.diffusion`."""
     from edgekit import library
@@ -230,7 +230,7 @@ def open_diffusion(target: str | Path) -> DiffusionTarget:
     if art is not None and art.manifest.get("task") != "diffusion":
         raise UnsupportedError(f"{art.name} is a {art.format} language model, not a diffusion model: image "
                                f"metrics make no sense for it; measure it with 'edgekit eval {target} --text FILE'")
-    m = open_model(p)
+    m = open_model(p, threads=threads)
     d = m.defaults
     return DiffusionTarget(name=p.name, denoiser=m, schedule=m.schedule, sampler=d.sampler, steps=d.steps,
                            num_classes=m.num_classes, shape=(m.in_channels, m.sample_size, m.sample_size),
@@ -264,16 +264,17 @@ def sample_images(model: DiffusionTarget, n: int, steps: int, sampler: str, cach
 
 def evaluate_diffusion(target: str | Path, n: int = 1000, steps: int | None = None, sampler: str | None = None,
                        cache_interval: int = 1, seed: int = 0, progress: ProgressFn | None = None,
-                       record: bool = True) -> dict[str, Any]:
+                       record: bool = True, threads: int | None = None) -> dict[str, Any]:
     """Sample ``n`` images (classes balanced) from a diffusion pipeline folder or artifact and score them
     against the digits reference set: digits-FID, precision, recall (k=3), label agreement.
 
     ``steps``/``sampler`` default to what the model asks for (50 DDIM steps for a teacher, the distilled
     count for a consistency student); ``cache_interval`` > 1 samples with DeepCache. Compare models at
     the same ``n``: FID is biased by the sample size. ``floor`` is the FID of 1000 real held-out digits.
-    The result is added to an artifact's manifest when ``record``."""
+    The result is added to an artifact's manifest when ``record``. ``threads``: the sampler's (None: the
+    runtime picks them for this machine's load)."""
     check_diffusion_options(n, steps, sampler, cache_interval)
-    model = open_diffusion(target)
+    model = open_diffusion(target, threads=threads)
     result, _ = measure_diffusion(model, n, steps, sampler, cache_interval, seed, progress)
     if record and model.artifact is not None:
         model.artifact.record_eval(result)

@@ -1,4 +1,5 @@
-"""Distillation of a diffusion teacher into a few-step consistency student (LCM / consistency distillation).
+"""Distillation of a diffusion teacher into a few-step student: consistency (LCM / consistency distillation)
+or the teacher's own trajectories.
 
 The student starts as a copy of the teacher and learns ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)``,
 whose value is the same all along one probability-flow trajectory: a teacher DDIM step from ``t`` to
@@ -10,6 +11,15 @@ sampled in 1-4 steps by :func:`edgekit.converters.diffusion.sampler.sample` (``s
 
 Training data: the miniature's digits, a folder of images, or (``data="teacher"``, for a checkpoint whose
 data is not at hand) images the teacher samples itself first.
+
+``trajectory`` needs no data: the teacher solves its probability-flow ODE from noise (DDIM, ``substeps``
+steps between two of the student's timesteps), and the student learns to make each of its ``steps``
+deterministic DDIM steps land where the teacher's solution is at the next of its timesteps (an L2 loss on
+the image at that point; the phases of Phased Consistency Models, learned by regression on the solved
+trajectories as in Luhman & Luhman's direct distillation). It samples with plain DDIM at exactly those
+timesteps (``sampler="ddim"``, trailing spacing), so every step starts where the teacher's ODE would be and
+no noise is re-injected between steps. The solved trajectories are saved with the training state, a chunk
+at a time, so an interrupted run does not solve them again.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ import numpy as np
 from edgekit.errors import InputError
 from edgekit.progress import ProgressFn, no_progress
 
-METHODS = {"lcm": {"origin_steps": 50, "loss": "huber"}, "consistency": {"origin_steps": 100, "loss": "l2"}}
+METHODS = {"lcm": {"origin_steps": 50, "loss": "huber"}, "consistency": {"origin_steps": 100, "loss": "l2"},
+           "trajectory": {"origin_steps": 0, "loss": "l2"}}
+TRAJ_CHUNK = 1000  # trajectories solved (and saved) at a time
 
 
 @dataclass(frozen=True)
@@ -33,19 +45,22 @@ class DistillConfig:
     """A distillation run.
 
     steps: the sampling steps the student is meant for (1-8; it samples with any number up to origin_steps).
-    method: "lcm" or "consistency" (see the module docstring).
+    method: "lcm", "consistency" or "trajectory" (see the module docstring).
     iters: optimizer steps; minutes: stop after this long (0: no limit); either ends the run, and a rerun
         of an unfinished one resumes from its last save.
-    batch, lr: images per step and the learning rate (constant after a short warmup).
+    batch, lr: images per step and the learning rate (after a short warmup: constant for the consistency
+        methods, a cosine decay to the last iteration for ``trajectory``).
     target_ema: how slowly the target network follows the student (LCM: 0.95).
     huber_c: the pseudo-Huber loss's scale (on images in [-1, 1]).
     data: "digits", "teacher" or a folder of images; None: the digits for the built-in miniature, else the
         teacher's own samples.
     teacher_images: how many images the teacher samples for ``data="teacher"`` (DDIM, 25 steps).
+    trajectories, substeps: ``trajectory``: how many ODE solutions the teacher computes, and its DDIM steps
+        between two of the student's timesteps.
     """
 
     steps: int = 4
-    method: str = "lcm"
+    method: str = "trajectory"
     iters: int = 4000
     minutes: float = 0.0
     batch: int = 64
@@ -54,6 +69,8 @@ class DistillConfig:
     huber_c: float = 0.001
     data: str | None = None
     teacher_images: int = 1024
+    trajectories: int = 16000
+    substeps: int = 12
     seed: int = 0
     save_every: int = 100
 
@@ -66,6 +83,10 @@ class DistillConfig:
             raise InputError("iters, batch and lr must be positive")
         if not 0 <= self.target_ema < 1:
             raise InputError("target_ema must be in [0, 1)")
+        if self.trajectories < 1 or self.substeps < 1:
+            raise InputError("trajectories and substeps must be positive")
+        if self.method == "trajectory" and self.data is not None:
+            raise InputError("--method trajectory learns from the teacher's own trajectories: drop --data")
 
     @property
     def origin_steps(self) -> int:
@@ -155,22 +176,25 @@ def distill(src: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig
                              "same arguments to resume")
         losses, seconds = list(extra.get("losses", [])), float(extra.get("seconds", 0.0))
         running = list(extra.get("running", []))
-    x_all, y_all = _training_images(pipe, teacher, cfg, progress)
-    cons = Consistency(pipe.schedule(), cfg)
+    objective: Consistency | Trajectory
+    if cfg.method == "trajectory":
+        objective = Trajectory(pipe.schedule(), cfg, *solve_trajectories(pipe, teacher, cfg, state_dir, progress))
+    else:
+        objective = Consistency(pipe.schedule(), cfg, *_training_images(pipe, teacher, cfg, progress))
     t_start = time.monotonic()
     while step < cfg.iters:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(x_all), (cfg.batch,), generator=g)
-        loss = cons.loss(student, target, teacher, x_all[idx], None if y_all is None else y_all[idx], g)
+        loss = objective.loss(student, target, teacher, g)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / 100)
+            group["lr"] = cfg.lr * objective.lr_factor(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            for pt, ps in zip(target.parameters(), student.parameters(), strict=True):
-                pt.lerp_(ps, 1 - cfg.target_ema)
+        if objective.uses_target:
+            with torch.no_grad():
+                for pt, ps in zip(target.parameters(), student.parameters(), strict=True):
+                    pt.lerp_(ps, 1 - cfg.target_ema)
         step += 1
         running.append(float(loss.detach()))
         if step % 25 == 0:
@@ -185,18 +209,22 @@ def distill(src: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig
         if out_of_time and step < cfg.iters:
             return {"finished": False, "step": step, "iters": cfg.iters, "seconds": round(elapsed, 1)}
     student.eval()
-    record = {"sampler": "consistency", "steps": cfg.steps, "origin_steps": cfg.origin_steps,
-              **({"dataset": pipe.info["dataset"]} if "dataset" in pipe.info else {}),
-              "distilled": {**asdict(cfg), "teacher": str(pipe.path.resolve()),
+    sampling = ({"sampler": "ddim", "steps": cfg.steps, "spacing": "trailing"} if cfg.method == "trajectory" else
+                {"sampler": "consistency", "steps": cfg.steps, "origin_steps": cfg.origin_steps})
+    record = {**sampling, **({"dataset": pipe.info["dataset"]} if "dataset" in pipe.info else {}),
+              "distilled": {**asdict(cfg), "teacher": str(src),  # as given: a shipped record names no machine
                             "teacher_sha256": sha256_files([pipe.weights]),
                             "seconds": round(seconds + time.monotonic() - t_start, 1), "losses": losses,
                             "torch": torch.__version__}}
-    sched_cfg = {**{k: v for k, v in pipe.scheduler_config.items() if not k.startswith("_")},
-                 "_class_name": "LCMScheduler", "original_inference_steps": cfg.origin_steps,
-                 "timestep_scaling": cons.sched.timestep_scaling}
+    base = {k: v for k, v in pipe.scheduler_config.items() if not k.startswith("_")}
+    sched_cfg = ({**base, "_class_name": "DDIMScheduler", "timestep_spacing": "trailing"}
+                 if cfg.method == "trajectory" else
+                 {**base, "_class_name": "LCMScheduler", "original_inference_steps": cfg.origin_steps,
+                  "timestep_scaling": objective.sched.timestep_scaling})
     with atomic_dir(out, force=force) as tmp:
         save_pipeline(tmp, student, sched_cfg, record)
     clear_state(state_dir)
+    clear_trajectories(state_dir)
     if state_dir.is_dir() and not any(state_dir.iterdir()):
         state_dir.rmdir()
     return {"finished": True, **record}
@@ -204,12 +232,15 @@ def distill(src: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig
 
 class Consistency:
     """The consistency-distillation objective on a schedule: the student's ``f`` at ``(x_t, t)`` against the
-    target's at the point a teacher DDIM step from ``t`` reaches (``t - k``)."""
+    target's at the point a teacher DDIM step from ``t`` reaches (``t - k``), on batches of the training
+    images ``x_all`` (labels ``y_all`` or None)."""
 
-    def __init__(self, sched: Any, cfg: DistillConfig) -> None:
+    uses_target = True
+
+    def __init__(self, sched: Any, cfg: DistillConfig, x_all: Any = None, y_all: Any = None) -> None:
         import torch
 
-        self.sched, self.cfg = sched, cfg
+        self.sched, self.cfg, self.x_all, self.y_all = sched, cfg, x_all, y_all
         self.abar = torch.tensor(np.concatenate([[1.0], sched.alphas_cumprod]), dtype=torch.float32)  # [t + 1]
         self.T = sched.num_train_timesteps
         self.k = self.T // cfg.origin_steps
@@ -242,7 +273,18 @@ class Consistency:
             x_s = a_s.sqrt() * x0_t + (1 - a_s).sqrt() * eps_t
         return x_t, t, x_s, s
 
-    def loss(self, student: Any, target: Any, teacher: Any, x0: Any, y: Any, g: Any) -> Any:
+    def lr_factor(self, step: int) -> float:
+        """The learning rate's multiplier: a 100-step warmup, then constant."""
+        return min(1.0, (step + 1) / 100)
+
+    def loss(self, student: Any, target: Any, teacher: Any, g: Any) -> Any:
+        import torch
+
+        idx = torch.randint(0, len(self.x_all), (self.cfg.batch,), generator=g)
+        return self.batch_loss(student, target, teacher, self.x_all[idx],
+                               None if self.y_all is None else self.y_all[idx], g)
+
+    def batch_loss(self, student: Any, target: Any, teacher: Any, x0: Any, y: Any, g: Any) -> Any:
         import torch
 
         x_t, t, x_s, s = self.pair(teacher, x0, y, g)
@@ -253,6 +295,122 @@ class Consistency:
             c = self.cfg.huber_c
             return (((pred - goal) ** 2 + c * c).sqrt() - c).mean()
         return torch.nn.functional.mse_loss(pred, goal)
+
+
+def student_timesteps(sched: Any, steps: int) -> list[int]:
+    """The timesteps a ``trajectory`` student steps from, high to low, then -1 (the clean end)."""
+    return [*sched.timesteps(steps, "trailing"), -1]
+
+
+def _phase_timesteps(t: int, t_next: int, substeps: int) -> list[int]:
+    """The teacher's DDIM timesteps from ``t`` down to ``t_next`` (both included), ``substeps`` steps."""
+    return sorted({int(v) for v in np.round(np.linspace(t, t_next, substeps + 1))}, reverse=True)
+
+
+def solve_trajectories(pipe: Any, teacher: Any, cfg: DistillConfig, state_dir: Path,
+                       progress: ProgressFn = no_progress) -> tuple[Any, Any]:
+    """The teacher's ODE solutions from ``cfg.trajectories`` noises: ``states [n, steps + 1, c, h, w]`` (the
+    noise, then the solution at each of the student's later timesteps; the last is the image) and the class
+    labels (balanced, shuffled; None for an unconditional UNet). Chunks are saved under ``state_dir`` as they
+    are solved and reused by a rerun with the same settings."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from edgekit.converters.diffusion.pipeline import torch_denoiser
+
+    sched, s, c = pipe.schedule(), pipe.sample_size, pipe.in_channels
+    edges = student_timesteps(sched, cfg.steps)
+    model = torch_denoiser(teacher)
+    states, labels = [], []
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for lo in range(0, cfg.trajectories, TRAJ_CHUNK):
+        m = min(TRAJ_CHUNK, cfg.trajectories - lo)
+        f = state_dir / f"trajectories-{cfg.steps}x{cfg.substeps}-{cfg.seed}-{lo:07d}-{m}.safetensors"
+        if f.is_file():
+            try:
+                part = load_file(str(f))
+                states.append(part["states"])
+                labels.append(part["labels"])
+                progress("solving the teacher's trajectories", lo + m, cfg.trajectories)
+                continue
+            except (OSError, ValueError, KeyError, SafetensorError):  # a chunk cut short by a kill: solve it again
+                f.unlink(missing_ok=True)
+        rng = np.random.default_rng([cfg.seed, lo])
+        x = rng.standard_normal((m, c, s, s)).astype(np.float32)
+        y = (rng.permutation(np.arange(lo, lo + m) % pipe.num_classes).astype(np.int64)
+             if pipe.num_classes else None)
+        path = [x]
+        for k in range(cfg.steps):
+            ts = _phase_timesteps(edges[k], edges[k + 1], cfg.substeps)
+            for t, t_prev in zip(ts[:-1], ts[1:], strict=True):
+                x = sched.ddim_step(x, model(x, t, y), t, t_prev).astype(np.float32)
+            path.append(x)
+        part = {"states": torch.from_numpy(np.stack(path, 1)),
+                "labels": torch.from_numpy(y if y is not None else np.zeros(m, dtype=np.int64))}
+        tmp = f.with_name(f.name + ".partial")
+        save_file(part, str(tmp))
+        tmp.replace(f)
+        states.append(part["states"])
+        labels.append(part["labels"])
+        progress("solving the teacher's trajectories", lo + m, cfg.trajectories)
+    return torch.cat(states), (torch.cat(labels) if pipe.num_classes else None)
+
+
+def clear_trajectories(state_dir: Path) -> None:
+    for f in state_dir.glob("trajectories-*.safetensors*"):
+        f.unlink()
+
+
+class Trajectory:
+    """The ``trajectory`` objective: a student DDIM step from one solved point of a trajectory (at the
+    student's timestep ``t_k``) against the teacher's solution at ``t_{k+1}``, mean squared error."""
+
+    uses_target = False
+
+    def __init__(self, sched: Any, cfg: DistillConfig, states: Any, labels: Any) -> None:
+        import torch
+
+        self.sched, self.cfg, self.states, self.labels = sched, cfg, states, labels
+        self.edges = torch.tensor(student_timesteps(sched, cfg.steps))
+        self.abar = torch.tensor(np.concatenate([[sched.alpha(-1)], sched.alphas_cumprod]), dtype=torch.float32)
+
+    def lr_factor(self, step: int) -> float:
+        """A 100-step warmup, then a cosine decay to 0 at the last iteration (the data is fixed: the end of
+        the run settles on it)."""
+        return min(1.0, (step + 1) / 100) * 0.5 * (1 + float(np.cos(np.pi * step / self.cfg.iters)))
+
+    def step(self, model: Any, x: Any, t: Any, t_prev: Any, y: Any) -> Any:
+        """The student's DDIM step from per-item timesteps ``t`` to ``t_prev`` (``-1``: the clean end), as
+        :meth:`NoiseSchedule.ddim_step` computes it, differentiable."""
+        sched = self.sched
+        a = self.abar[t + 1].view(-1, 1, 1, 1)
+        out = model(x, t, class_labels=y).sample
+        x0 = _x0(sched.prediction_type, x, out, a)
+        eps = _eps(sched.prediction_type, x, out, a)
+        if sched.clip_sample:
+            x0 = x0.clamp(-sched.clip_sample_range, sched.clip_sample_range)
+        a_prev = self.abar[t_prev + 1].view(-1, 1, 1, 1)
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+    def loss(self, student: Any, target: Any, teacher: Any, g: Any) -> Any:
+        import torch
+
+        n = self.cfg.batch
+        idx = torch.randint(0, len(self.states), (n,), generator=g)
+        k = torch.randint(0, self.cfg.steps, (n,), generator=g)
+        y = None if self.labels is None else self.labels[idx]
+        pred = self.step(student, self.states[idx, k], self.edges[k], self.edges[k + 1], y)
+        return torch.nn.functional.mse_loss(pred, self.states[idx, k + 1])
+
+
+def _eps(prediction_type: str, x: Any, out: Any, a: Any) -> Any:
+    """The noise a network output stands for (from the unclipped clean image, as the sampler's ``split``)."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "sample":
+        return (x - a.sqrt() * out) / (1 - a).sqrt()
+    return a.sqrt() * out + (1 - a).sqrt() * x
 
 
 def _x0(prediction_type: str, x: Any, out: Any, a: Any) -> Any:

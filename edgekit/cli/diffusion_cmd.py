@@ -1,4 +1,4 @@
-"""``edgekit distill``: a diffusion pipeline distilled into a few-step consistency student."""
+"""``edgekit distill``: a diffusion pipeline distilled into a few-step student."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ def distill_cmd(
     pipeline: Path = typer.Argument(..., help="A diffusers pipeline folder (UNet2DModel; model_index.json, unet/, "
                                     "scheduler/)."),
     steps: int = typer.Option(4, "--steps", help="Sampling steps the student is for (1-8)."),
-    method: str = typer.Option("lcm", "--method", help="lcm (skipping-step solver, pseudo-Huber loss) or "
-                               "consistency (finer grid, L2 loss)."),
+    method: str = typer.Option("trajectory", "--method", help="trajectory (learns the teacher's ODE solutions "
+                               "between its steps, samples with DDIM), lcm (skipping-step consistency, "
+                               "pseudo-Huber loss) or consistency (finer grid, L2 loss)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Student pipeline folder (default "
                                        "PIPELINE-<steps>step beside it)."),
     iters: int = typer.Option(4000, "--iters", help="Optimizer steps."),
@@ -24,27 +25,31 @@ def distill_cmd(
                                   "resumes from (0: no limit)."),
     batch: int = typer.Option(64, "--batch", help="Images per step."),
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate."),
-    data: str | None = typer.Option(None, "--data", help="Training images: 'digits', 'teacher' (sampled by the "
-                                    "teacher first) or a folder of images (default: digits for the built-in "
-                                    "model, else teacher)."),
+    data: str | None = typer.Option(None, "--data", help="lcm/consistency: training images: 'digits', 'teacher' "
+                                    "(sampled by the teacher first) or a folder of images (default: digits for "
+                                    "the built-in model, else teacher)."),
+    trajectories: int = typer.Option(16000, "--trajectories", help="trajectory: ODE solutions the teacher "
+                                     "computes first (saved, so a rerun reuses them)."),
+    substeps: int = typer.Option(12, "--substeps", help="trajectory: the teacher's DDIM steps per student step."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace an existing student edgekit wrote."),
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for PyTorch."),
     as_json: bool = typer.Option(False, "--json", help="Print the distillation record as JSON."),
 ) -> None:
-    """Distill a diffusion pipeline to 1-8 sampling steps (consistency / LCM distillation).
+    """Distill a diffusion pipeline to 1-8 sampling steps (trajectory, LCM or consistency distillation).
 
     Interrupted (Ctrl-C) or stopped by --minutes, a rerun with the same arguments resumes.
 
     Examples:
-      edgekit distill ./digits-unet --steps 4 --method lcm -o ./digits-4step
-      edgekit distill ./my-ddpm --steps 2 --data ./images --minutes 60
+      edgekit distill ./digits-unet --steps 4 -o ./digits-4step
+      edgekit distill ./digits-unet --steps 4 --method lcm -o ./digits-4step-lcm
+      edgekit distill ./my-ddpm --steps 2 --method lcm --data ./images --minutes 60
     """
     from edgekit.converters.diffusion.distill import DistillConfig, distill
     from edgekit.runtime.hostinfo import use_torch_threads
 
     cfg = DistillConfig(steps=steps, method=method, iters=iters, minutes=minutes, batch=batch, lr=lr, data=data,
-                        seed=seed)
+                        trajectories=trajectories, substeps=substeps, seed=seed)
     use_torch_threads(threads)
     dest = output or pipeline.parent / f"{pipeline.name}-{steps}step"
     try:

@@ -94,3 +94,25 @@ def test_bad_inputs_are_one_line_errors(art, tmp_path):
     (corrupt / "unet_shallow.onnx").write_bytes(b"\x00garbage")
     res = cli("run", corrupt, "-o", tmp_path / "g.png", code=3)
     assert len(res.output.strip().splitlines()) == 1 and "unet_shallow.onnx" in res.output
+
+
+def test_distill_writes_a_trajectory_student_that_run_samples_with_ddim(tmp_path):
+    from tests.converters.diffusion.tiny import tiny_pipeline
+
+    src = tiny_pipeline(tmp_path / "teacher")
+    dest = tmp_path / "student"
+    rec = json.loads(cli("distill", src, "--steps", "2", "--iters", "8", "--batch", "8", "--trajectories", "16",
+                         "--substeps", "2", "-o", dest, "--json").stdout)
+    assert rec["finished"] and rec["sampler"] == "ddim" and rec["steps"] == 2
+    assert rec["distilled"]["method"] == "trajectory" and rec["distilled"]["trajectories"] == 16
+    out = json.loads(cli("run", dest, "--class", "3", "-n", "2", "-o", tmp_path / "g.png", "--json").stdout)
+    assert out["steps"] == 2 and (tmp_path / "g.png").is_file()
+
+
+def test_distill_refuses_data_for_the_trajectory_method_in_one_line(tmp_path):
+    from tests.converters.diffusion.tiny import tiny_pipeline
+
+    src = tiny_pipeline(tmp_path / "teacher")
+    r = cli("distill", src, "--data", "digits", "-o", tmp_path / "s", code=2)
+    assert "drop --data" in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()

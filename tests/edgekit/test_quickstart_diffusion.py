@@ -21,7 +21,7 @@ def test_quickstart_diffusion_json(tmp_path):
     res = runner.invoke(app, ["quickstart", "--diffusion", "--json", "--images", "100", "--home", str(tmp_path), "-t", "1"])
     assert res.exit_code == 0, res.output
     fig = json.loads(res.output)
-    assert set(fig["fid"]) == {"teacher_50", "teacher_4", "teacher_2", "student_4", "student_1"}
+    assert set(fig["fid"]) == {"teacher_50", "teacher_4", "teacher_2", "student_4"}  # a DDIM student: its 4 steps
     # the shipped models draw the digits they are asked for, the distilled student in 4 steps too
     assert all(v > 0.8 for v in fig["label_agreement"].values()), fig
     assert fig["fid"]["student_4"] < fig["fid"]["teacher_2"], fig
