@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpw", type=float, default=5.0, help="the unpruned GPTQ budget row (0: leave it out)")
     ap.add_argument("--widths", default="ffn=1152", help="width:SPEC rows, ';'-separated (ffn=1152: 25%% of the FFN)")
     ap.add_argument("--heal-minutes", type=float, default=20.0, help="healing budget of the width rows (0: none)")
+    ap.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default: HealConfig's)")
     ap.add_argument("--skip-unstructured", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "pruning")
     args = ap.parse_args(argv)
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         slug = w.replace("=", "").replace(",", "-")
         for minutes in ([0.0, args.heal_minutes] if args.heal_minutes else [0.0]):
             def narrow(w=w, minutes=minutes, slug=slug):  # noqa: ANN202
-                heal = HealConfig(minutes=minutes, checkpoint_s=300) if minutes else None
+                lr = {"lr": args.heal_lr} if args.heal_lr else {}
+                heal = HealConfig(minutes=minutes, checkpoint_s=300, **lr) if minutes else None
                 path, secs, m = convert(hf, f"width-{slug}-{'healed-' if minutes else ''}Q8_0", api.ConvertRecipe(
                     bits=None, preset="Q8_0", prune=f"width:{w}", heal=heal, calib=width_calib))
                 return path, secs, {"dropped": [], "pruned": m["pruned"], "heal": m["pruned"].get("heal")}
