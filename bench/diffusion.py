@@ -39,8 +39,9 @@ def shipped(name: str = "digits-unet") -> Path:
 
 def method_of(student: Path) -> str:
     """How a student pipeline was distilled (its ``edgekit_diffusion.json``)."""
-    info = json.loads((student / "edgekit_diffusion.json").read_text())
-    return str(info.get("distilled", {}).get("method", "student"))
+    from edgekit.converters.diffusion.pipeline import open_pipeline
+
+    return str(open_pipeline(student).info.get("distilled", {}).get("method", "student"))
 
 
 def convert(src: Path, work: Path, name: str, bits: int, method: str = "rtn", lowrank: int = 0) -> Path:
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer rows, n=200 (a smoke run)")
     args = ap.parse_args(argv)
+    from edgekit.converters.diffusion.pipeline import open_pipeline
     from edgekit.runtime.hostinfo import use_torch_threads
 
     use_torch_threads(args.threads)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         s32 = convert(path, work, f"student-{method}-fp32", 32)
         # a consistency student samples with any step count of its grid; a trajectory student is made for its own
-        for s in (4, 2, 1) if method_sampler(path) == "consistency" else (4,):
+        for s in (4, 2, 1) if open_pipeline(path).sampler == "consistency" else (4,):
             row(f"{method} student {s}-step", s32, s)
         if method != lead:
             continue
@@ -200,10 +202,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def find(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["row"] == name), None)
-
-
-def method_sampler(student: Path) -> str:
-    return str(json.loads((student / "edgekit_diffusion.json").read_text()).get("sampler", "ddim"))
 
 
 def targets(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], lead: str

@@ -327,30 +327,27 @@ def solve_trajectories(pipe: Any, teacher: Any, cfg: DistillConfig, state_dir: P
     for lo in range(0, cfg.trajectories, TRAJ_CHUNK):
         m = min(TRAJ_CHUNK, cfg.trajectories - lo)
         f = state_dir / f"trajectories-{cfg.steps}x{cfg.substeps}-{cfg.seed}-{lo:07d}-{m}.safetensors"
-        if f.is_file():
-            try:
-                part = load_file(str(f))
-                states.append(part["states"])
-                labels.append(part["labels"])
-                progress("solving the teacher's trajectories", lo + m, cfg.trajectories)
-                continue
-            except (OSError, ValueError, KeyError, SafetensorError):  # a chunk cut short by a kill: solve it again
-                f.unlink(missing_ok=True)
-        rng = np.random.default_rng([cfg.seed, lo])
-        x = rng.standard_normal((m, c, s, s)).astype(np.float32)
-        y = (rng.permutation(np.arange(lo, lo + m) % pipe.num_classes).astype(np.int64)
-             if pipe.num_classes else None)
-        path = [x]
-        for k in range(cfg.steps):
-            ts = _phase_timesteps(edges[k], edges[k + 1], cfg.substeps)
-            for t, t_prev in zip(ts[:-1], ts[1:], strict=True):
-                x = sched.ddim_step(x, model(x, t, y), t, t_prev).astype(np.float32)
-            path.append(x)
-        part = {"states": torch.from_numpy(np.stack(path, 1)),
-                "labels": torch.from_numpy(y if y is not None else np.zeros(m, dtype=np.int64))}
-        tmp = f.with_name(f.name + ".partial")
-        save_file(part, str(tmp))
-        tmp.replace(f)
+        part = None
+        try:
+            part = load_file(str(f)) if f.is_file() else None
+        except (OSError, ValueError, SafetensorError):  # unreadable: solve it again
+            f.unlink(missing_ok=True)
+        if part is None:
+            rng = np.random.default_rng([cfg.seed, lo])
+            x = rng.standard_normal((m, c, s, s)).astype(np.float32)
+            y = (rng.permutation(np.arange(lo, lo + m) % pipe.num_classes).astype(np.int64)
+                 if pipe.num_classes else None)
+            path = [x]
+            for k in range(cfg.steps):
+                ts = _phase_timesteps(edges[k], edges[k + 1], cfg.substeps)
+                for t, t_prev in zip(ts[:-1], ts[1:], strict=True):
+                    x = sched.ddim_step(x, model(x, t, y), t, t_prev).astype(np.float32)
+                path.append(x)
+            part = {"states": torch.from_numpy(np.stack(path, 1)),
+                    "labels": torch.from_numpy(y if y is not None else np.zeros(m, dtype=np.int64))}
+            tmp = f.with_name(f.name + ".partial")  # written whole, then renamed: a kill leaves no chunk
+            save_file(part, str(tmp))
+            tmp.replace(f)
         states.append(part["states"])
         labels.append(part["labels"])
         progress("solving the teacher's trajectories", lo + m, cfg.trajectories)
@@ -373,7 +370,6 @@ class Trajectory:
 
         self.sched, self.cfg, self.states, self.labels = sched, cfg, states, labels
         self.edges = torch.tensor(student_timesteps(sched, cfg.steps))
-        self.abar = torch.tensor(np.concatenate([[sched.alpha(-1)], sched.alphas_cumprod]), dtype=torch.float32)
 
     def lr_factor(self, step: int) -> float:
         """A 100-step warmup, then a cosine decay to 0 at the last iteration (the data is fixed: the end of
@@ -381,17 +377,9 @@ class Trajectory:
         return min(1.0, (step + 1) / 100) * 0.5 * (1 + float(np.cos(np.pi * step / self.cfg.iters)))
 
     def step(self, model: Any, x: Any, t: Any, t_prev: Any, y: Any) -> Any:
-        """The student's DDIM step from per-item timesteps ``t`` to ``t_prev`` (``-1``: the clean end), as
-        :meth:`NoiseSchedule.ddim_step` computes it, differentiable."""
-        sched = self.sched
-        a = self.abar[t + 1].view(-1, 1, 1, 1)
-        out = model(x, t, class_labels=y).sample
-        x0 = _x0(sched.prediction_type, x, out, a)
-        eps = _eps(sched.prediction_type, x, out, a)
-        if sched.clip_sample:
-            x0 = x0.clamp(-sched.clip_sample_range, sched.clip_sample_range)
-        a_prev = self.abar[t_prev + 1].view(-1, 1, 1, 1)
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        """The student's DDIM step from per-item timesteps ``t`` to ``t_prev`` (``-1``: the clean end): the
+        sampler's own :meth:`NoiseSchedule.ddim_step`, on tensors (differentiable)."""
+        return self.sched.ddim_step(x, model(x, t, class_labels=y).sample, t, t_prev)
 
     def loss(self, student: Any, target: Any, teacher: Any, g: Any) -> Any:
         import torch
@@ -402,15 +390,6 @@ class Trajectory:
         y = None if self.labels is None else self.labels[idx]
         pred = self.step(student, self.states[idx, k], self.edges[k], self.edges[k + 1], y)
         return torch.nn.functional.mse_loss(pred, self.states[idx, k + 1])
-
-
-def _eps(prediction_type: str, x: Any, out: Any, a: Any) -> Any:
-    """The noise a network output stands for (from the unclipped clean image, as the sampler's ``split``)."""
-    if prediction_type == "epsilon":
-        return out
-    if prediction_type == "sample":
-        return (x - a.sqrt() * out) / (1 - a).sqrt()
-    return a.sqrt() * out + (1 - a).sqrt() * x
 
 
 def _x0(prediction_type: str, x: Any, out: Any, a: Any) -> Any:

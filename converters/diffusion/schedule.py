@@ -101,9 +101,17 @@ class NoiseSchedule:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}")
         return [int(t) for t in ts]
 
-    def split(self, x: Any, out: Any, t: int) -> tuple[Any, Any]:
-        """The clean image and the noise that the network output ``out`` at ``(x, t)`` stands for."""
-        a = self.alpha(t)
+    def alphas(self, t: Any, like: Any) -> Any:
+        """:meth:`alpha` of a scalar ``t``, or of one timestep per batch item (an array/tensor, ``-1`` the
+        clean end) shaped to broadcast against the batch ``like``."""
+        if np.isscalar(t) or getattr(t, "ndim", 1) == 0:
+            return self.alpha(int(t))
+        return _gather(np.concatenate([[self.alpha(-1)], self.alphas_cumprod]), t + 1, like)
+
+    def split(self, x: Any, out: Any, t: Any) -> tuple[Any, Any]:
+        """The clean image and the noise that the network output ``out`` at ``(x, t)`` stands for (``t`` a
+        scalar or one timestep per batch item)."""
+        a = self.alphas(t, x)
         sa, sb = a**0.5, (1 - a) ** 0.5
         if self.prediction_type == "epsilon":
             x0, eps = (x - sb * out) / sa, out
@@ -124,10 +132,11 @@ class NoiseSchedule:
         a = _gather(self.alphas_cumprod, t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise if hasattr(a, "sqrt") else np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
 
-    def ddim_step(self, x: Any, out: Any, t: int, t_prev: int) -> Any:
-        """One deterministic DDIM step (eta 0) from ``t`` to ``t_prev`` (``t_prev < 0``: to the clean end)."""
+    def ddim_step(self, x: Any, out: Any, t: Any, t_prev: Any) -> Any:
+        """One deterministic DDIM step (eta 0) from ``t`` to ``t_prev`` (``t_prev < 0``: to the clean end);
+        scalars, or one timestep per batch item."""
         x0, eps = self.split(x, out, t)
-        a = self.alpha(t_prev)
+        a = self.alphas(t_prev, x)
         return a**0.5 * x0 + (1 - a) ** 0.5 * eps
 
     def boundary(self, t: int) -> tuple[float, float]:

@@ -83,3 +83,17 @@ def test_add_noise_per_item_matches_scalar():
 def test_unsupported_schedules_are_refused(bad, words):
     with pytest.raises(UnsupportedError, match=words):
         NoiseSchedule.from_config(bad)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_a_ddim_step_per_batch_item_equals_the_scalar_steps(prediction_type):
+    """Training takes one DDIM step per item (its own timesteps, -1 the clean end) on tensors; each item must
+    step exactly as the sampler steps it alone with scalar timesteps on numpy."""
+    sched = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                                       "prediction_type": prediction_type, "clip_sample": True})
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(5, 1, 4, 4, generator=g), torch.randn(5, 1, 4, 4, generator=g)
+    t, t_prev = torch.tensor([999, 749, 499, 249, 20]), torch.tensor([749, 499, 249, -1, -1])
+    batch = sched.ddim_step(x, out, t, t_prev)
+    alone = [sched.ddim_step(x[i:i + 1].numpy(), out[i:i + 1].numpy(), int(t[i]), int(t_prev[i])) for i in range(5)]
+    np.testing.assert_allclose(batch.numpy(), np.concatenate(alone), rtol=1e-5, atol=1e-5)
