@@ -14,7 +14,8 @@ Reference: edgekit's F16 GGUF of the float checkpoint (KL and top-1 are against 
   blocks (``depth:layers=...``), which separates the choice of blocks from the tool;
 * ``width:ffn=1152`` (a quarter of every FFN removed by activation importance) at Q8_0, unhealed and
   healed for ``--heal-minutes`` (distilled from the unpruned model on the FIRST half of the text, the
-  half perplexity does not read);
+  half perplexity does not read), and ``width:auto,params=114.6M`` (per-block FFN widths at the same
+  parameter count, a llama.cpp ``deci`` file) the same way; each auto row is printed against the uniform one;
 * unstructured (F16, so only pruning error shows): magnitude, Wanda and SparseGPT at 50% and 2:4.
 
 Per row: file MB, perplexity on the SECOND half of WikiText-2 valid (ctx 512, ``--chunks``), KL and
@@ -51,6 +52,7 @@ from edgekit import api  # noqa: E402
 from edgekit.evaluate import EvalConfig, perplexity, read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
+from edgekit.runtime.memory import read_shape  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
@@ -101,6 +103,7 @@ def measure(path: Path, text: str, ref: Path | None, args: argparse.Namespace) -
         tps = [N_GEN / r["seconds"] for r in reps]
         out.update(tps=statistics.median(tps), tps_all=tps)
     out["bytes_per_token"] = LlamaCppBackend.decode_bytes_per_token(path, 0, CTX)
+    out["n_params"] = read_shape(path).n_params
     return out
 
 
@@ -147,13 +150,23 @@ def target_lines(report: dict[str, Any]) -> list[str]:
                 ok = r["kl"] <= 0.5 * base["kl"]
                 lines.append(f"target: {name} KL {r['kl']:.4f} <= half the unhealed {base['kl']:.4f} "
                              f"({0.5 * base['kl']:.4f}): {'HOLDS' if ok else 'FAILS'}")
+    for name, r in rows.items():  # per-block widths against uniform ones of no fewer parameters
+        auto = (r.get("pruned") or {}).get("ffn_widths")
+        if not auto or " healed " in name:
+            continue
+        for other, u in rows.items():
+            p = u.get("pruned") or {}
+            if u["kind"] == "width" and not p.get("ffn_widths") and " healed " not in other:
+                lines.append(f"{name} ({r['n_params'] / 1e6:.2f}M parameters, FFN {min(auto)}-{max(auto)}): KL "
+                             f"{r['kl']:.4f}, {r['tps']:.1f} tok/s vs {other} ({u['n_params'] / 1e6:.2f}M): KL "
+                             f"{u['kl']:.4f}, {u['tps']:.1f} tok/s")
     for sp in ("0.5", "2:4"):
         mag, wanda, sgpt = (rows.get(f"{m}:{sp} F16") for m in ("magnitude", "wanda", "sparsegpt"))
         if mag and wanda and sgpt:
             ok = max(wanda["ppl"], sgpt["ppl"]) < mag["ppl"]
             lines.append(f"unstructured {sp}: ppl magnitude {mag['ppl']:.2f}, wanda {wanda['ppl']:.2f}, sparsegpt "
-                         f"{sgpt['ppl']:.2f} (both below magnitude: {'HOLDS' if ok else 'FAILS'}); "
-                         "llm-compressor comparison: not measured (not installable offline here)")
+                         f"{sgpt['ppl']:.2f} (both below magnitude: {'HOLDS' if ok else 'FAILS'}); the comparison "
+                         "with llm-compressor: bench/pruning_peer.py")
     return lines
 
 
@@ -209,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kl-chunks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bpw", type=float, default=5.0, help="the unpruned GPTQ budget row (0: leave it out)")
-    ap.add_argument("--widths", default="ffn=1152", help="width:SPEC rows, ';'-separated (ffn=1152: 25%% of the FFN)")
+    ap.add_argument("--widths", default="ffn=1152;auto,params=114.6M",
+                    help="width:SPEC rows, ';'-separated (ffn=1152: 25%% of the FFN; auto,params=114.6M: per-block "
+                         "widths at ffn=1152's parameter count)")
     ap.add_argument("--heal-minutes", type=float, default=20.0, help="healing budget of the width rows (0: none)")
     ap.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default: HealConfig's)")
     ap.add_argument("--skip-unstructured", action="store_true")

@@ -156,6 +156,10 @@ def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertR
 
 def _write(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | None, recipe: ConvertRecipe,
            quantizer: Quantizer, force: bool, notes: list[str], progress: ProgressFn) -> None:
+    per_block = ckpt.hparams.ffn_widths is not None or (recipe.prune or "").startswith("width:auto")
+    if per_block and fmt.name not in ("gguf", "onnx"):
+        raise InputError(f"per-block FFN widths (width:auto) are written to GGUF (llama.cpp's deci) and ONNX; "
+                         f"--to {fmt.name} takes uniform width pruning (width:ffn=N) instead")
     with atomic_dir(out, force=force, replaceable=is_artifact_folder, notes=notes) as tmp:
         source = ckpt
         with _structured(ckpt, recipe, quantizer, out, progress) as (ckpt, pruned):

@@ -186,6 +186,8 @@ class HParams:
     rms_eps: float
     tie_embeddings: bool
     rope_scaling: dict | None
+    # each block's own FFN width (width:auto pruning; the weights are zero-padded to n_ff), else None
+    ffn_widths: tuple[int, ...] | None = None
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "config.json") -> HParams:
@@ -215,6 +217,7 @@ class HParams:
                 rms_eps=float(cfg.get("rms_norm_eps") or 1e-6),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 rope_scaling=scaling,
+                ffn_widths=tuple(cfg["edgekit_ffn_widths"]) if cfg.get("edgekit_ffn_widths") else None,
             )
         except KeyError as exc:
             raise UnsupportedError(f"config.json lacks {exc.args[0]!r}; is this a decoder-only LLM checkpoint?") from exc
@@ -225,7 +228,7 @@ class HParams:
             f"{arch}.block_count": self.n_layer,
             f"{arch}.context_length": self.n_ctx_train,
             f"{arch}.embedding_length": self.n_embd,
-            f"{arch}.feed_forward_length": self.n_ff,
+            f"{arch}.feed_forward_length": list(self.ffn_widths) if self.ffn_widths else self.n_ff,
             f"{arch}.attention.head_count": self.n_head,
             f"{arch}.attention.head_count_kv": self.n_head_kv,
             f"{arch}.rope.freq_base": self.rope_theta,

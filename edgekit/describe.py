@@ -32,7 +32,9 @@ _MANIFEST: dict[str, Any] = {
 }
 _PRUNED = {
     "depth": {"dropped_layers": [_NUM], "n_layer_source": _NUM, "heal": (_OPT, _HEAL)},
-    "width": {"n_ff_source": _NUM, "n_ff": _NUM, "n_head_source": _NUM, "n_head": _NUM, "heal": (_OPT, _HEAL)},
+    "width": {"n_ff_source": _NUM, "n_ff": _NUM, "n_head_source": _NUM, "n_head": _NUM, "heal": (_OPT, _HEAL),
+              "ffn_widths": (_OPT, [_NUM]), "n_params": (_OPT, _NUM), "n_params_source": (_OPT, _NUM),
+              "params_target": (_OPT, _NUM)},
 }
 
 

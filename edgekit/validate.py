@@ -76,6 +76,13 @@ def check_config(cfg: Any, source: str = "config.json") -> None:
                                      for i in ids):
             raise _fail(source, key, f"must be a token id in 0..{(vocab or 2**31) - 1} (or a list of them, or null), "
                                      f"got {v!r:.40}")
+    widths = cfg.get("edgekit_ffn_widths")  # per-block FFN widths written by width:auto pruning
+    if widths is not None:
+        n_ff, n_layer = cfg.get("intermediate_size"), cfg.get("num_hidden_layers")
+        if (not isinstance(widths, list) or len(widths) != n_layer
+                or not all(not isinstance(w, bool) and isinstance(w, int) and 0 < w <= (n_ff or 0) for w in widths)):
+            raise _fail(source, "edgekit_ffn_widths", f"must list num_hidden_layers ({n_layer}) widths in 1.."
+                                                      f"{n_ff}, got {widths!r:.60}")
     tie = cfg.get("tie_word_embeddings")
     if tie is not None and not isinstance(tie, bool):
         raise _fail(source, "tie_word_embeddings", f"must be true or false, got {tie!r:.40}")

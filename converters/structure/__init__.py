@@ -33,8 +33,8 @@ def validate(spec: str) -> None:
     elif kind == "width":
         WidthSpec.parse(rest)
     else:
-        raise InputError(f"structural pruning {spec!r}: use depth:K or width:ffn=N,heads=N (unstructured pruning "
-                         "is a layer step: --prune wanda:0.5)")
+        raise InputError(f"structural pruning {spec!r}: use depth:K or width:ffn=N,heads=N (or width:auto "
+                         "--params N; unstructured pruning is a layer step: --prune wanda:0.5)")
 
 
 def apply(ckpt: HFCheckpoint, spec: str, calib: CalibConfig, out: Path,
@@ -55,11 +55,17 @@ def apply(ckpt: HFCheckpoint, spec: str, calib: CalibConfig, out: Path,
 
     wspec = WidthSpec.parse(rest)
     width.check(wspec, ckpt)
-    keep = width.choose(wspec, ckpt, width.importance(ckpt, calib, progress))
+    scores = width.importance(ckpt, calib, progress)
+    auto: dict[str, Any] = {}
+    if wspec.auto:
+        keep, auto = width.choose_auto(wspec, ckpt, scores)
+    else:
+        keep = width.choose(wspec, ckpt, scores)
     if progress:
         progress("writing the narrowed checkpoint", 0, 1)
     path = prune_width(ckpt, wspec, keep, out)
     hp = ckpt.hparams
-    return path, {"kind": "width", "n_ff": wspec.ffn or hp.n_ff, "n_ff_source": hp.n_ff,
+    n_ff = max(auto["ffn_widths"]) if auto else wspec.ffn or hp.n_ff
+    return path, {"kind": "width", "n_ff": n_ff, "n_ff_source": hp.n_ff,
                   "n_head": wspec.heads or hp.n_head, "n_head_source": hp.n_head, "measure": "activation",
-                  "kept_heads": {str(i): k["heads"] for i, k in keep.items() if "heads" in k}}
+                  "kept_heads": {str(i): k["heads"] for i, k in keep.items() if "heads" in k}, **auto}

@@ -55,6 +55,8 @@ def convert(
                                      "(faster: depth:K:angular, depth:layers=3,7); wanda:0.5, sparsegpt:2:4, "
                                      "magnitude:0.5 prune weights before rounding (quality per parameter; no "
                                      "CPU runtime skips zeros)."),
+    params: str | None = typer.Option(None, "--params", help="With --prune width:auto: the parameter budget (100M, "
+                                      "1.5B); every block gets its own FFN width."),
     heal: str | None = typer.Option(None, "--heal", help="With --prune depth/width: distil the pruned model from "
                                     "the unpruned one for this long (20m, 1h); Ctrl-C and re-run resume it."),
     distill: str | None = typer.Option(None, "--distill", help="With --method ternary: train the ternary model by "
@@ -107,6 +109,7 @@ def convert(
       edgekit convert ./SmolLM2-135M --bits 4 --method gptq --prune sparsegpt:0.5
       edgekit convert ./SmolLM2-135M --bits 4 --prune depth:6               # 6 fewer blocks: faster
       edgekit convert ./SmolLM2-135M --bits 4 --prune width:ffn=1024 --heal 20m
+      edgekit convert ./SmolLM2-135M --bits 4 --prune width:auto --params 100M --heal 30m   # per-block widths
       edgekit convert ./SmolLM2-135M --to onnx --bits 4 --method gptq      # MatMulNBits, block 32
       edgekit convert ./SmolLM2-135M --to onnx --bits 32                   # float graph with KV cache
       edgekit convert ./SmolLM2-135M --to coreml --bits 4 --method gptq    # Core ML, stateful KV cache
@@ -129,6 +132,10 @@ def convert(
     structural = prune if prune and prune.startswith(("depth:", "width:")) else None
     if structural:
         prune = None
+    if params is not None:
+        if not (structural or "").startswith("width:auto"):
+            raise InputError("--params is the budget of --prune width:auto; add it (--prune width:auto --params 100M)")
+        structural = f"{structural},params={params}"
     if method == "rtn" and api.default_method(to):
         method = api.default_method(to)  # --to aqlm encodes with AQLM
     if (step_names or prune) and method == "rtn":

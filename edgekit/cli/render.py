@@ -28,7 +28,10 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
 
     row("file", info["path"])
     row("architecture", f"{info['architecture']}  ({info.get('name') or ''})")
-    row("shape", f"{hp['block_count']} layers, hidden {hp['embedding_length']}, ffn {hp['feed_forward_length']}, "
+    ffn = hp["feed_forward_length"]
+    if isinstance(ffn, list):  # per-block widths (llama.cpp's deci)
+        ffn = f"{min(ffn)}-{max(ffn)} per block (mean {sum(ffn) / max(len(ffn), 1):.0f})"
+    row("shape", f"{hp['block_count']} layers, hidden {hp['embedding_length']}, ffn {ffn}, "
                  f"{hp['attention.head_count']} heads / {hp['attention.head_count_kv']} KV heads, "
                  f"vocab {hp['vocab_size']}, trained ctx {hp['context_length']}")
     row("parameters", f"{info['n_params'] / 1e6:.1f} M")
@@ -91,6 +94,14 @@ def pruning_line(p: dict) -> str:
     if p.get("kind") == "depth":
         why = "as named" if p.get("measure") == "given" else f"by {p.get('measure', '?')}"
         line = f"depth: blocks {', '.join(map(str, p['dropped_layers']))} of {p['n_layer_source']} removed ({why})"
+    elif p.get("ffn_widths"):
+        w = p["ffn_widths"]
+        line = (f"width:auto: FFN {p['n_ff_source']} -> {min(w)}-{max(w)} per block (mean {sum(w) / len(w):.0f}), "
+                f"query heads {p['n_head_source']} -> {p['n_head']}")
+        if all(k in p for k in ("n_params_source", "n_params", "params_target")):
+            line += (f"; {p['n_params_source'] / 1e6:.1f}M -> {p['n_params'] / 1e6:.1f}M parameters (budget "
+                     f"{p['params_target'] / 1e6:.1f}M)")
+        line += " (by activation importance)"
     else:
         line = (f"width: FFN {p['n_ff_source']} -> {p['n_ff']}, query heads {p['n_head_source']} -> {p['n_head']} "
                 "per block (by activation importance)")

@@ -160,6 +160,134 @@ def test_width_pruned_artifacts_run_like_pytorch(four_blocks, tmp_path, to):
             api.convert(four_blocks, to, output=tmp_path / "x", recipe=dataclasses.replace(recipe, prune=bad))
 
 
+@pytest.mark.llamacpp
+def test_width_auto_gives_each_block_its_width_and_llamacpp_runs_it_as_deci(four_blocks, tmp_path):
+    """width:auto to a parameter budget: 32-neuron chunks leave the least important blocks first (the
+    identity block 2 down to the 32 kept), the checkpoint stays a zero-padded Llama that transformers runs,
+    and the GGUF is llama.cpp's deci with per-block widths, whose logits equal PyTorch's, in F32 and through
+    GPTQ onto Q4_0 (the padding cut from the encoded rows)."""
+    import gguf
+
+    from edgekit.converters import structure
+    from edgekit.converters.structure import width
+
+    src = HFCheckpoint.open(four_blocks)
+    budget = width.n_params(src) - 3 * 128 * 300  # 300 FFN neurons fewer -> 10 chunks of 32
+    pruned, info = structure.apply(src, f"width:auto,params={budget}", CAL, tmp_path / "pruned")
+    w = info["ffn_widths"]
+    assert w[2] == 32 and len(set(w)) > 1 and sum(w) == 4 * 256 - 320
+    assert all(x % 32 == 0 and 32 <= x <= 256 for x in w)
+    assert info["n_params"] == width.n_params(HFCheckpoint.open(pruned)) <= budget
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert cfg["edgekit_ffn_widths"] == w and cfg["intermediate_size"] == 256
+    ref = _torch_logits(pruned)
+    f32 = api.convert(pruned, "gguf", output=tmp_path / "f32", recipe=api.ConvertRecipe(bits=None, preset="F32"))
+    reader = gguf.GGUFReader(f32.model_file)
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert reader.fields["deci.feed_forward_length"].contents() == w
+    shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+    assert all(shapes[f"blk.{i}.ffn_down.weight"] == [n, 128] for i, n in enumerate(w))
+    with api.open_backend(f32, n_ctx=128) as be:
+        got = be.logits(TOKENS)
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    # GPTQ runs on the padded PyTorch model; the file holds its weights without the padding
+    from edgekit.converters.formats.gguf.writer import GGUFFormat
+
+    quantizer = api.make_quantizer("gptq", CAL)
+    (tmp_path / "q4").mkdir()
+    GGUFFormat().convert(HFCheckpoint.open(pruned), tmp_path / "q4", api.ConvertRecipe(bits=None, preset="Q4_0"),
+                         quantizer)
+    with api.open_backend(tmp_path / "q4" / "model.gguf", n_ctx=128) as be:
+        got = be.logits(TOKENS)
+    with torch.inference_mode():
+        expected = quantizer.model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.06
+    # the same through the CLI, with the budget as --params, and what inspect and plan say of it
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    run = CliRunner().invoke
+    r = run(app, ["convert", str(four_blocks), "--type", "Q8_0", "--prune", "width:auto", "--params", str(budget),
+                  "--calib-samples", "4", "--calib-seqlen", "32", "-o", str(tmp_path / "cli")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    r = run(app, ["inspect", str(tmp_path / "cli")], terminal_width=200)
+    assert r.exit_code == 0 and "per block" in r.output and "width:auto" in r.output, r.output
+    r = run(app, ["plan", str(tmp_path / "cli")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    for args, msg in ((["--prune", "width:auto"], "--params"), (["--params", "1M"], "width:auto"),
+                      (["--prune", "width:auto", "--params", "10k"], "below what width pruning reaches"),
+                      (["--prune", "width:auto", "--params", "1B"], "nothing to prune"),
+                      (["--prune", "width:auto,ffn=64", "--params", "1M"], "drop ffn")):
+        r = run(app, ["convert", str(four_blocks), *args, "-o", str(tmp_path / "bad")], terminal_width=200)
+        assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_width_auto_onnx_holds_each_blocks_own_width(four_blocks, tmp_path):
+    """The ONNX graph of a per-block-width checkpoint multiplies only the kept neurons: fp32 logits equal
+    PyTorch's, GPTQ's int4 bytes are cut from the padded encoding, read_weights pads them back, and
+    formats without per-block widths refuse it in one line."""
+    from edgekit.converters import structure
+    from edgekit.converters.formats.onnx import read_weights
+    from edgekit.converters.structure import width
+
+    src = HFCheckpoint.open(four_blocks)
+    pruned, info = structure.apply(src, f"width:auto,params={width.n_params(src) - 3 * 128 * 300}", CAL,
+                                   tmp_path / "pruned")
+    w = info["ffn_widths"]
+    ref = _torch_logits(pruned)
+    f32 = api.convert(pruned, "onnx", output=tmp_path / "f32", recipe=api.ConvertRecipe(bits=32))
+    assert [f32.manifest["tensors"][f"model.layers.{i}.mlp.up_proj.weight"]["shape"] for i in range(4)] == \
+        [[n, 128] for n in w]
+    with api.open_backend(f32, n_ctx=128) as be:
+        got = be.logits(TOKENS)
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    q4 = api.convert(pruned, "onnx", output=tmp_path / "q4", recipe=api.ConvertRecipe(bits=4, method="gptq",
+                                                                                        calib=CAL))
+    stored = read_weights(q4.model_file)
+    assert stored["model.layers.0.mlp.down_proj.weight"].shape == (128, 256)
+    assert not stored["model.layers.2.mlp.down_proj.weight"][:, w[2]:].any()
+    model = transformers.AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in stored.items()}, strict=False)
+    with torch.inference_mode():
+        expected = model(torch.tensor([TOKENS])).logits[0].numpy()
+    with api.open_backend(q4, n_ctx=128) as be:
+        got = be.logits(TOKENS)
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.03
+    with pytest.raises(InputError, match="--block-size 32"):
+        api.convert(pruned, "onnx", output=tmp_path / "b", recipe=api.ConvertRecipe(bits=4, extra={"block_size": 128}))
+    with pytest.raises(InputError, match="per-block FFN widths"):
+        api.convert(pruned, "coreml", output=tmp_path / "c", recipe=api.ConvertRecipe(bits=8))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_healing_keeps_the_padding_of_per_block_widths_zero(four_blocks, tmp_path):
+    """The padded neurons of width:auto get no gradient (their inputs and outputs are zero), so healing
+    leaves them at exactly zero and the GGUF still drops them."""
+    from safetensors.numpy import load_file
+
+    from edgekit.converters import structure
+    from edgekit.converters.structure import width
+    from edgekit.converters.structure.heal import HealConfig, heal
+
+    src = HFCheckpoint.open(four_blocks)
+    spec = f"width:auto,params={width.n_params(src) - 3 * 128 * 200}"
+    pruned, info = structure.apply(src, spec, CAL, tmp_path / "a")
+    before = load_file(str(next(pruned.glob("*.safetensors"))))
+    report = heal(src, pruned, spec, HealConfig(minutes=5, max_steps=6, lr=1e-3, batch=2, checkpoint_s=0), CAL,
+                  state_root=tmp_path / "state")
+    assert report["steps"] == 6
+    after = load_file(str(next(pruned.glob("*.safetensors"))))
+    for i, w in enumerate(info["ffn_widths"]):
+        gate, down = after[f"model.layers.{i}.mlp.gate_proj.weight"], after[f"model.layers.{i}.mlp.down_proj.weight"]
+        assert not gate[w:].any() and not down[:, w:].any()
+        assert not np.array_equal(gate[:w], before[f"model.layers.{i}.mlp.gate_proj.weight"][:w])  # it trained
+    art = api.convert(pruned, "gguf", output=tmp_path / "g", recipe=api.ConvertRecipe(bits=None, preset="Q8_0"))
+    assert [sorted(art.manifest["tensors"][f"blk.{i}.ffn_up.weight"]["shape"]) for i in range(4)] == \
+        [sorted([128, w]) for w in info["ffn_widths"]]
+
+
 def test_healing_lowers_kl_and_resumes_after_ctrl_c(four_blocks, tmp_path):
     from edgekit.converters import structure
     from edgekit.converters.structure.heal import HealConfig, heal

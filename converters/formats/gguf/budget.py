@@ -4,6 +4,16 @@ sensitivity, through the format-neutral allocator (:mod:`edgekit.converters.quan
 For every quantizable tensor and every ggml type its rows can hold, the error is measured as the
 Hessian-weighted output error ``trace((W - Q(W)) H (W - Q(W))^T)`` on calibration activations of the
 float model (H from the same hooks the calibrated methods use).
+
+The candidates are every type llama.cpp runs that a tensor's rows can hold: the 32-weight types (Q4_0 ..
+Q8_0 and IQ4_NL) for any row width that is a multiple of 32, and where rows hold whole 256-weight
+super-blocks also the K-quants and the i-quants (IQ1_S .. IQ4_XS). The lattice i-quants' encoders search
+codebooks and cost seconds per million weights, so on a tensor of more than ``2 * SAMPLE_ROWS`` rows they
+are measured on ``SAMPLE_ROWS`` evenly spaced rows, scaled to the whole tensor by the ratio of Q3_K's exact
+error to its error on the same rows (a control variate: rows that round badly on one grid round badly on
+all; on SmolLM2's ffn_down this keeps the estimate within 2.5% of the exact error). Without an importance
+matrix (``imatrix=False``: the method rounds unweighted) the types llama.cpp refuses to write unweighted
+are left out.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
+from edgekit.converters.formats.gguf.mixes import NEEDS_IMATRIX
 from edgekit.converters.quantize.allocate import Item, allocate
 from edgekit.errors import InputError
 
@@ -23,18 +34,29 @@ if TYPE_CHECKING:
     from edgekit.model import HFCheckpoint
 
 T = gguf.GGMLQuantizationType
-# Candidate types, cheapest first; K-quants only where a row holds whole 256-weight super-blocks.
+# Candidate types: 32-weight blocks, and (where a row holds whole 256-weight super-blocks) K- and i-quants.
+_BLOCK32 = (T.Q4_0, T.IQ4_NL, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 _K = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
-_LEGACY = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+_LATTICE = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S)
+_IQ = (*_LATTICE, T.IQ4_XS)
+SAMPLE_ROWS = 128  # rows a lattice type is measured on, on larger tensors (see the module's docstring)
+_REFERENCE = T.Q3_K  # the control variate for those samples
+
+
+def _bpw(t: gguf.GGMLQuantizationType) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    return 8 * size / block
 
 
 def candidates(row_width: int, allowed: frozenset[gguf.GGMLQuantizationType] | None = None,
-               ) -> list[gguf.GGMLQuantizationType]:
-    """Types a row of ``row_width`` weights can hold, restricted to ``allowed`` when given."""
-    out = [t for t in _LEGACY if row_width % 32 == 0]
+               imatrix: bool = True) -> list[gguf.GGMLQuantizationType]:
+    """Types a row of ``row_width`` weights can hold, cheapest first, restricted to ``allowed`` when given;
+    without ``imatrix``, less the types llama.cpp only writes with an importance matrix."""
+    out = [t for t in _BLOCK32 if row_width % 32 == 0]
     if row_width % 256 == 0:
-        out += list(_K)
-    return [t for t in out if allowed is None or t in allowed]
+        out += [*_K, *_IQ]
+    out = [t for t in out if (allowed is None or t in allowed) and (imatrix or t not in NEEDS_IMATRIX)]
+    return sorted(out, key=lambda t: (_bpw(t), out.index(t)))
 
 
 def type_bytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
@@ -42,11 +64,33 @@ def type_bytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1])) * (shape[-1] // block) * size
 
 
+def tensor_errors(W: np.ndarray, H: np.ndarray, types: list[gguf.GGMLQuantizationType]) -> dict[Any, float]:
+    """The Hessian-weighted error of importance-weighted rounding of ``W`` to each of ``types`` (lattice
+    types on a row sample of larger tensors, see the module's docstring)."""
+    from edgekit.converters.quantize import gptq_kernel
+
+    imatrix = np.diag(H).astype(np.float32)
+
+    def err(w: np.ndarray, t: gguf.GGMLQuantizationType) -> float:
+        # importance-weighted RTN: closer to what the calibrated methods will store than plain RTN
+        return gptq_kernel.hessian_error(w, gptq_kernel.rtn(w, t, imatrix=imatrix).weight, H)
+
+    out = {t: err(W, t) for t in types if t not in _LATTICE}
+    lattice = [t for t in types if t in _LATTICE]
+    if lattice and W.shape[0] > 2 * SAMPLE_ROWS:
+        rows = W[np.linspace(0, W.shape[0] - 1, SAMPLE_ROWS).round().astype(np.int64)]
+        full = out[_REFERENCE] if _REFERENCE in out else err(W, _REFERENCE)
+        scale = full / max(err(rows, _REFERENCE), 1e-30)
+        out.update({t: err(rows, t) * scale for t in lattice})
+    else:
+        out.update({t: err(W, t) for t in lattice})
+    return out
+
+
 def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: CalibConfig,
             progress: Callable[[str, int, int], None] | None = None,
-            allowed: frozenset[gguf.GGMLQuantizationType] | None = None) -> list[Item]:
+            allowed: frozenset[gguf.GGMLQuantizationType] | None = None, imatrix: bool = True) -> list[Item]:
     """Errors of every candidate type for every quantizable tensor (GGUF names -> numpy shapes)."""
-    from edgekit.converters.quantize import gptq_kernel
     from edgekit.converters.quantize.pipeline import LayerPipeline
 
     hessians = LayerPipeline(calib).float_hessians(ckpt, progress)
@@ -55,35 +99,36 @@ def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: 
     for i, (name, shape) in enumerate(quantizable.items()):
         if progress:
             progress(f"measuring sensitivity of {name}", i, len(quantizable))
-        H = hessians[name]
-        W = ckpt.load(hf_of[name])
-        imatrix = np.diag(H).astype(np.float32)
-        item = Item(name)
-        for t in candidates(shape[-1], allowed):
-            # importance-weighted RTN: closer to what the calibrated methods will store than plain RTN
-            err = gptq_kernel.hessian_error(W, gptq_kernel.rtn(W, t, imatrix=imatrix).weight, H)
-            item.options.append((t, type_bytes(t, shape), err))
-        items.append(item)
+        types = candidates(shape[-1], allowed, imatrix)
+        W, H = ckpt.load(hf_of[name]), hessians[name]
+        if W.shape != shape:  # per-block FFN widths: the zero padding is not written, so not measured
+            W, H = W[: shape[0], : shape[1]], H[: shape[1], : shape[1]]
+        errors = tensor_errors(np.ascontiguousarray(W), np.ascontiguousarray(H), types)
+        items.append(Item(name, [(t, type_bytes(t, shape), errors[t]) for t in types]))
     return items
 
 
 def assign(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], fixed_bytes: int, n_params: int,
            bpw: float, calib: CalibConfig, progress: Callable[[str, int, int], None] | None = None,
            allowed: frozenset[gguf.GGMLQuantizationType] | None = None, what: str | None = None,
-           metadata_bytes: int = 0) -> tuple[dict[str, gguf.GGMLQuantizationType], dict[str, Any]]:
+           metadata_bytes: int = 0, imatrix: bool = True,
+           ) -> tuple[dict[str, gguf.GGMLQuantizationType], dict[str, Any]]:
     """Types for the quantizable tensors so the whole file lands at ``bpw`` bits per weight. ``what``: the
     option that set the budget, for the error (default ``--bpw X``); ``metadata_bytes``: what the file
-    holds besides tensors, for the smallest file size the error names."""
+    holds besides tensors, for the smallest file size the error names; ``imatrix``: the method rounds
+    with an importance matrix (else the types that need one are not candidates)."""
     budget = int(bpw * n_params / 8) - fixed_bytes
     for name, shape in quantizable.items():
-        if not candidates(shape[-1], allowed):
-            raise InputError(f"none of the allowed types fits {name} (rows of {shape[-1]}); allow more types")
-    floor = fixed_bytes + sum(type_bytes(candidates(s[-1], allowed)[0], s) for s in quantizable.values())
+        if not candidates(shape[-1], allowed, imatrix):
+            why = "" if imatrix or not candidates(shape[-1], allowed) else \
+                " without an importance matrix (use --method imatrix, gptq or awq)"
+            raise InputError(f"none of the allowed types fits {name} (rows of {shape[-1]}){why}; allow more types")
+    floor = fixed_bytes + sum(type_bytes(candidates(s[-1], allowed, imatrix)[0], s) for s in quantizable.values())
     if budget + fixed_bytes < floor:
         raise InputError(f"{what or f'--bpw {bpw:g}'} is below the smallest file possible here "
                          f"({(floor + metadata_bytes) / 1e6:.1f} MB, {8 * floor / n_params:.2f} bpw); raise it or "
                          "allow more types")
-    items = measure(ckpt, quantizable, calib, progress, allowed)
+    items = measure(ckpt, quantizable, calib, progress, allowed, imatrix)
     types = allocate(items, budget)
     spent = sum(type_bytes(types[it.name], quantizable[it.name]) for it in items)
     return types, {"bpw_target": round(bpw, 4), "bpw_planned": round(8 * (spent + fixed_bytes) / n_params, 4),

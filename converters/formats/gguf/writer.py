@@ -33,7 +33,8 @@ from edgekit.converters.formats.base import (
 from edgekit.converters.formats.gguf.options import GGUFOptions
 from edgekit.converters.formats.gguf.vocab import read_vocab
 from edgekit.converters.quantize.base import Quantizer
-from edgekit.errors import DiskFullError
+from edgekit.converters.structure.width import cut_padding, own_shape
+from edgekit.errors import DiskFullError, InputError, UnsupportedError
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
 
@@ -64,6 +65,27 @@ def _order_key(name: str) -> tuple[int, int, str]:
     return (0 if name.startswith("token_embd") else 2, 0, name)
 
 
+def gguf_arch(ckpt: HFCheckpoint) -> str:
+    """llama.cpp's architecture for ``ckpt``: its family's, or ``deci`` (the Llama graph with per-block
+    widths) when width:auto pruning gave its blocks FFN widths of their own."""
+    if ckpt.hparams.ffn_widths is None:
+        return ckpt.spec.gguf_arch
+    if ckpt.spec.gguf_arch != "llama":
+        raise UnsupportedError(f"per-block FFN widths run in llama.cpp's deci architecture, a Llama graph; "
+                               f"{ckpt.spec.gguf_arch} models take uniform width pruning (width:ffn=N) instead")
+    return "deci"
+
+
+def _drop_padding(ckpt: HFCheckpoint, t: PlannedTensor, data: np.ndarray) -> np.ndarray:
+    """A zero-padded FFN tensor's encoded rows (calibrated methods encode the checkpoint's padded
+    weights) cut to ``t``'s own shape; other tensors pass unchanged."""
+    if ckpt.hparams.ffn_widths is None:
+        return data
+    block, size = gguf.GGML_QUANT_SIZES[t.qtype]
+    keep = t.shape[-1] // block * size if data.dtype == np.uint8 else t.shape[-1]
+    return cut_padding(data, int(np.prod(t.shape[:-1], dtype=np.int64)), keep)
+
+
 def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe, has_imatrix: bool = False) -> list[PlannedTensor]:
     """Map every checkpoint tensor to its GGUF name and ggml type (preset mix, overrides, fallbacks);
     ``has_imatrix``: the quantizer weights its rounding by an importance matrix."""
@@ -74,10 +96,10 @@ def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe, has_imatrix: bool = 
             continue
         name = spec.gguf_name(hf_name)
         if name is not None:
-            mapped.append((hf_name, name, ref.shape))
+            mapped.append((hf_name, name, own_shape(hp, name, ref.shape)))
     mapped.sort(key=lambda t: _order_key(t[1]))
     infos = [mixes.TensorInfo(name=name, shape=tuple(reversed(shape))) for _, name, shape in mapped]
-    arch = mixes.ArchInfo(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv, arch=spec.gguf_arch)
+    arch = mixes.ArchInfo(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv, arch=gguf_arch(ckpt))
     opts = GGUFOptions.from_recipe(recipe)
     overrides = [*opts.overrides(hp.tie_embeddings or "lm_head.weight" not in ckpt.tensors), *recipe.tensor_types]
     assignments = mixes.assign_types(infos, _preset_name(recipe), arch, overrides=overrides, has_imatrix=has_imatrix)
@@ -105,10 +127,11 @@ def _preset_name(recipe: ConvertRecipe) -> str:
 
 
 def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertRecipe, calib: CalibConfig,
-                 progress: ProgressFn, metadata_bytes: int = 0) -> dict[str, Any]:
+                 progress: ProgressFn, metadata_bytes: int = 0, imatrix: bool = True) -> dict[str, Any]:
     """Re-type the preset's quantized tensors so the file lands at ``recipe.bpw`` (see budget.py), or at
     ``recipe.size`` bytes: the tensors get what the file's ``metadata_bytes`` (header, vocabulary, tensor
-    table) and the worst-case alignment padding leave."""
+    table) and the worst-case alignment padding leave. ``imatrix``: the method rounds with an importance
+    matrix (else the types llama.cpp refuses to write unweighted are not candidates)."""
     import edgekit.converters.formats.gguf.budget as budget
 
     # An embedding table that is only looked up (the head has its own weight) multiplies no activations,
@@ -124,7 +147,7 @@ def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertR
         bpw, what = 8 * max(tensor_room, 0) / n_params, f"--size {recipe.size / 1e6:.4g}MB"
     assert bpw is not None
     types, report = budget.assign(ckpt, {t.name: t.shape for t in free}, fixed, n_params, bpw, calib,
-                                  progress, allowed, what=what, metadata_bytes=metadata_bytes)
+                                  progress, allowed, what=what, metadata_bytes=metadata_bytes, imatrix=imatrix)
     for t in free:
         t.assignment = mixes.Assignment(type=types[t.name], origin="budget")
     if recipe.size is not None:
@@ -151,7 +174,7 @@ def _add_header(writer: gguf.GGUFWriter, checkpoint: HFCheckpoint, recipe: Conve
 def _new_writer(checkpoint: HFCheckpoint, recipe: ConvertRecipe, vocab: Any, preset: str,
                 plan: list[PlannedTensor]) -> gguf.GGUFWriter:
     """A writer holding the file's metadata and tensor table (nothing written yet)."""
-    arch = checkpoint.spec.gguf_arch
+    arch = gguf_arch(checkpoint)
     writer = gguf.GGUFWriter(path=None, arch=arch)
     kv = {**checkpoint.hparams.gguf_kv(arch), **{f"{arch}.{k}": v for k, v in checkpoint.spec.gguf_extra.items()}}
     _add_header(writer, checkpoint, recipe, vocab, preset, kv)
@@ -185,7 +208,10 @@ def _encode_in_order(
     layout; llama.cpp's row order is applied here, to the encoded rows (each row's blocks stay whole)."""
 
     def encode(t: PlannedTensor) -> np.ndarray:
-        return to_gguf_layout(ckpt, t.name, quantizer.quantize(t.name, ckpt.load(t.hf_name), t.qtype))
+        w = ckpt.load(t.hf_name)
+        if w.shape != t.shape:  # per-block FFN widths: the checkpoint's zero padding is not written
+            w = w[tuple(slice(0, n) for n in t.shape)]
+        return to_gguf_layout(ckpt, t.name, _drop_padding(ckpt, t, quantizer.quantize(t.name, w, t.qtype)))
 
     threads = min(os.cpu_count() or 1, 8) if quantizer.parallel_safe else 1
     if threads == 1:
@@ -208,7 +234,9 @@ def _encode_in_order(
 
 
 def _add_kv(writer: gguf.GGUFWriter, key: str, value: object) -> None:
-    if isinstance(value, bool):
+    if isinstance(value, list):  # per-layer values (deci's feed_forward_length)
+        writer.add_array(key, value)
+    elif isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
         writer.add_uint32(key, value)
@@ -235,13 +263,16 @@ class GGUFFormat(Format):
         progress: ProgressFn = no_progress,
     ) -> dict[str, Any]:
         checkpoint.require_tokenizer()
+        if GGUFOptions.from_recipe(recipe).sparse_ffn is not None and checkpoint.hparams.ffn_widths is not None:
+            raise InputError("--sparse-ffn splits FFNs of one width; this checkpoint has per-block widths "
+                             "(width:auto): convert its unpruned source, or drop --sparse-ffn")
         plan = plan_tensors(checkpoint, recipe, quantizer.uses_imatrix)
         vocab = read_vocab(checkpoint.path, checkpoint.hparams.n_vocab)
         budget_report = None
         if recipe.budgeted:
             calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
             meta = metadata_bytes(checkpoint, recipe, vocab, plan, out_dir) if recipe.size is not None else 0
-            budget_report = apply_budget(checkpoint, plan, recipe, calib, progress, meta)
+            budget_report = apply_budget(checkpoint, plan, recipe, calib, progress, meta, quantizer.uses_imatrix)
         total = sum(t.nbytes for t in plan)
         check_free_space(out_dir, total + (64 << 20), "the GGUF file")
         quantizer.prepare(checkpoint, {t.name: t.qtype for t in plan}, progress)
@@ -275,7 +306,7 @@ class GGUFFormat(Format):
         fields = self._manifest_fields(plan, path, recipe.budget_label() or preset, vocab.pre)
         if budget_report is not None:
             fields["budget"] = {k: v for k, v in budget_report.items() if k != "errors"}
-        if (note := bits_note(recipe, plan, fields)) is not None:
+        if (note := bits_note(recipe, plan, fields, quantizer.uses_imatrix)) is not None:
             fields["notes"] = [note]
         return {**fields, **quantizer_timings(quantizer)}
 
@@ -333,18 +364,19 @@ class GGUFFormat(Format):
 BITS_SLACK = 1.5
 
 
-def bits_note(recipe: ConvertRecipe, plan: list[PlannedTensor], fields: dict[str, Any]) -> str | None:
+def bits_note(recipe: ConvertRecipe, plan: list[PlannedTensor], fields: dict[str, Any],
+              imatrix: bool = False) -> str | None:
     """A warning when ``--bits N`` gave a file far from N bits per weight, saying why and which option
-    would hold it near N (a ``--bpw`` budget, never below the smallest file these rows allow); ``fields``:
-    the manifest fields of the file written."""
+    would hold it near N (a ``--bpw`` budget, never below the smallest file these rows allow with or
+    without an ``imatrix``); ``fields``: the manifest fields of the file written."""
     bpw = fields["bpw"]
     if recipe.bits is None or recipe.preset is not None or recipe.budgeted or bpw - recipe.bits <= BITS_SLACK:
         return None
     import edgekit.converters.formats.gguf.budget as budget
 
     n_params = sum(int(np.prod(t.shape)) for t in plan)
-    floor = sum(budget.type_bytes(budget.candidates(t.shape[-1])[0], t.shape) if t.assignment.origin == "preset"
-                and budget.candidates(t.shape[-1]) else t.nbytes for t in plan)
+    floor = sum(budget.type_bytes(budget.candidates(t.shape[-1], imatrix=imatrix)[0], t.shape)
+                if t.assignment.origin == "preset" and budget.candidates(t.shape[-1]) else t.nbytes for t in plan)
     floor_bpw = 8 * floor / n_params
     fell_back = sum(1 for t in plan if t.assignment.wanted is not None)
     why = f"{fell_back} tensors fell back to wider types (see 'edgekit inspect')" if fell_back else \

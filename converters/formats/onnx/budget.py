@@ -24,6 +24,7 @@ import numpy as np
 
 from edgekit.converters.quantize.allocate import Item, allocate
 from edgekit.converters.quantize.nbits import NBitsType
+from edgekit.converters.structure.width import own_shape
 from edgekit.errors import InputError
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def apply(ckpt: HFCheckpoint, plan: dict[str, _Planned], opts: OnnxOptions, *, b
     quantized = [g for g, p in plan.items() if isinstance(p.qtype, NBitsType)
                  and (g != "token_embd.weight" or opts.embed_mode == "shared")]
     units = groups(quantized)
-    shapes = {g: tuple(ckpt.tensors[plan[g].hf].shape) for g in quantized}
+    shapes = {g: own_shape(ckpt.hparams, g, tuple(ckpt.tensors[plan[g].hf].shape)) for g in quantized}
     fixed_units: dict[str, NBitsType] = {}
     for pattern, grid_name in tensor_types:
         grid = NBitsType.parse(grid_name)
@@ -186,8 +187,12 @@ def _measure(ckpt: HFCheckpoint, plan: dict[str, _Planned], units: dict[str, lis
         for m in members:
             H = hessians.get(m, head_h) if m in ("output.weight", "token_embd.weight") else hessians[m]
             W = ckpt.load(plan[m].hf).astype(np.float32)
-            imatrix = np.diag(H).astype(np.float32)
             f = fisher.get(m)
+            if W.shape != shapes[m]:  # per-block FFN widths: the zero padding is not stored, so not measured
+                r, c = shapes[m]
+                W, H = np.ascontiguousarray(W[:r, :c]), np.ascontiguousarray(H[:c, :c])
+                f = None if f is None else f[:r]
+            imatrix = np.diag(H).astype(np.float32)
             for g, acc in options.items():
                 Wq = gptq_kernel.rtn(W, g, imatrix=imatrix).weight
                 rows = gptq_kernel.hessian_row_errors(W, Wq, H)

@@ -76,6 +76,9 @@ class OnnxFormat(Format):
         if opts.quantized and (hp.n_embd % opts.block_size or hp.n_ff % opts.block_size):
             raise InputError(f"hidden size {hp.n_embd} / FFN size {hp.n_ff} are not multiples of --block-size "
                              f"{opts.block_size}; pick a block size that divides both (e.g. 32)")
+        if opts.quantized and any(w % opts.block_size for w in hp.ffn_widths or ()):
+            raise InputError(f"this checkpoint's per-block FFN widths (width:auto, multiples of 32) are not all "
+                             f"multiples of --block-size {opts.block_size}; use --block-size 32")
         if hp.head_dim % 16:
             raise UnsupportedError(f"head size {hp.head_dim} is not a multiple of 16, which onnxruntime's "
                                    "GroupQueryAttention kernel needs; export this model to GGUF instead")

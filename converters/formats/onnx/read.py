@@ -136,7 +136,8 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
                 continue
             i, kind = base.split(".")[1], base.split(".")[-1]
             r0 = 0
-            for hf, rows in splits[kind]:
+            parts = [(hf, w.shape[0] // 2) for hf, _ in splits[kind]] if kind == "gate_up_proj" else splits[kind]
+            for hf, rows in parts:
                 out[f"model.layers.{i}.{hf}.weight"] = w[r0 : r0 + rows]
                 r0 += rows
         elif node.op_type == "GatherBlockQuantized" and node.input[0] in init:
@@ -145,6 +146,13 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
             out["model.embed_tokens.weight"] = init[node.input[0]].astype(np.float32)
         elif node.op_type == "Gemm" and name.startswith("lm_head"):
             out["lm_head.weight"] = init[node.input[1]].astype(np.float32)
+    if hp.ffn_widths is not None:  # per-block FFN widths: back to the config's zero-padded layout
+        for name, w in out.items():
+            if ".mlp." in name and name.endswith(".weight"):
+                axis = 1 if "down_proj" in name else 0
+                pad = [(0, 0), (0, 0)]
+                pad[axis] = (0, hp.n_ff - w.shape[axis])
+                out[name] = np.pad(w, pad)
     if "model.embed_tokens.weight" not in out:  # embed=shared: the table is the lm_head's tensor
         out["model.embed_tokens.weight"] = out["lm_head.weight"]
     for t_name, arr in init.items():

@@ -15,6 +15,7 @@ from edgekit.converters.formats.base import ProgressFn
 from edgekit.converters.quantize import nbits
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.converters.quantize.nbits import NBitsType
+from edgekit.converters.structure.width import cut_padding, own_shape
 from edgekit.errors import InputError, UnsupportedError
 from edgekit.model import HFCheckpoint
 
@@ -78,11 +79,19 @@ class _Weights:
     def __init__(self, ckpt: HFCheckpoint, quantizer: Quantizer, plan: dict[str, _Planned]) -> None:
         self.ckpt, self.quantizer, self.plan = ckpt, quantizer, plan
 
+    def _load(self, g: str) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The float32 weights of ``g`` without the zero padding of per-block FFN widths, and the shape
+        the checkpoint stores (padding included: what calibrated methods encode)."""
+        w = self.ckpt.load(self.plan[g].hf).astype(np.float32)
+        shape = own_shape(self.ckpt.hparams, g, w.shape)
+        return (w if shape == w.shape else np.ascontiguousarray(w[: shape[0], : shape[-1]])), w.shape
+
     def float(self, g: str) -> np.ndarray:
-        p = self.plan[g]
-        w = self.ckpt.load(p.hf).astype(np.float32)
-        raw = self.quantizer.quantize(g, w, T.F32)
-        return np.frombuffer(raw.tobytes(), np.float32).reshape(w.shape)
+        w, stored = self._load(g)
+        raw = np.frombuffer(self.quantizer.quantize(g, w, T.F32).tobytes(), np.float32)
+        if raw.size != w.size:  # a calibrated method's weights, in the checkpoint's padded shape
+            raw = cut_padding(raw.reshape(stored), w.shape[0], w.shape[-1])
+        return raw.reshape(w.shape)
 
     def embedding(self) -> tuple[Any, np.ndarray]:
         """The token embedding: float32 table, or int8 records by round-to-nearest (a lookup table
@@ -96,9 +105,8 @@ class _Weights:
 
     def quantized(self, g: str, qt: NBitsType) -> tuple[nbits.SplitTensors, np.ndarray]:
         """MatMulNBits tensors of ``g`` on grid ``qt`` and the float32 weights they decode to (HF layout)."""
-        hf = self.plan[g].hf
-        w = self.ckpt.load(hf).astype(np.float32)
-        rec = self.quantizer.quantize(g, w, qt)
+        w, _ = self._load(g)
+        rec = cut_padding(self.quantizer.quantize(g, w, qt), w.shape[0], qt.row_bytes(w.shape[-1]))
         return nbits.split(qt, rec, w.shape[0]), nbits.dequantize(qt, rec)
 
 
@@ -162,7 +170,7 @@ def _build(ckpt: HFCheckpoint, opts: OnnxOptions, gopts, weights: _Weights, data
         x = b.one("Add", [x, b.linear(a, o, f"layers.{i}.attn.o_proj")], f"layers.{i}/residual_attn")
         h = b.rms_norm(x, weights.float(pre + "ffn_norm.weight"), f"layers.{i}.post_attention_layernorm")
         gu = _linear(weights, opts, [pre + "ffn_gate.weight", pre + "ffn_up.weight"], [], record)
-        m = b.swiglu(b.linear(h, gu, f"layers.{i}.mlp.gate_up_proj"), hp.n_ff, f"layers.{i}.mlp")
+        m = b.swiglu(b.linear(h, gu, f"layers.{i}.mlp.gate_up_proj"), gu.n // 2, f"layers.{i}.mlp")
         d = _linear(weights, opts, [pre + "ffn_down.weight"], [], record)
         x = b.one("Add", [x, b.linear(m, d, f"layers.{i}.mlp.down_proj")], f"layers.{i}/residual_mlp")
 
