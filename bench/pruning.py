@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                          "widths at ffn=1152's parameter count)")
     ap.add_argument("--heal-minutes", type=float, default=20.0, help="healing budget of the width rows (0: none)")
     ap.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default: HealConfig's)")
+    ap.add_argument("--heal-seqlen", type=int, default=0,
+                    help="healing trains on random windows of this many tokens (0: whole calibration sequences)")
+    ap.add_argument("--heal-batch", type=int, default=0, help="healing sequences per step (0: HealConfig's)")
     ap.add_argument("--skip-unstructured", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "pruning")
     args = ap.parse_args(argv)
@@ -300,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         for minutes in ([0.0, args.heal_minutes] if args.heal_minutes else [0.0]):
             def narrow(w=w, minutes=minutes, slug=slug):  # noqa: ANN202
                 lr = {"lr": args.heal_lr} if args.heal_lr else {}
+                lr.update({"seqlen": args.heal_seqlen} if args.heal_seqlen else {})
+                lr.update({"batch": args.heal_batch} if args.heal_batch else {})
                 heal = HealConfig(minutes=minutes, checkpoint_s=300, **lr) if minutes else None
                 path, secs, m = convert(hf, f"width-{slug}-{'healed-' if minutes else ''}Q8_0", api.ConvertRecipe(
                     bits=None, preset="Q8_0", prune=f"width:{w}", heal=heal, calib=width_calib))

@@ -40,6 +40,7 @@ class _Stats:
 
     def __init__(self, linears: dict[str, Any], sink_weight: float, keep_samples: bool, hessians: bool = True) -> None:
         self.H: dict[str, Any] = {}
+        self.D: dict[str, Any] = {}  # per-column sums of squared inputs, every position alike
         self._hessians = hessians
         self.samples: dict[str, list[Any]] = {}
         self._last: tuple[Any, Any, Any] | None = None
@@ -51,18 +52,20 @@ class _Stats:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             x = args[0]
             if self._last is not None and self._last[0] is x:
-                h, sub = self._last[1], self._last[2]
+                h, sub, d = self._last[1], self._last[2], self._last[3]
             else:
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                d = (x2 * x2).sum(0).double() if self._hessians else None
                 if self._sink != 1.0 and x.dim() == 3:
                     x2 = x2.reshape(x.shape[0], x.shape[1], -1).clone()
                     x2[:, 0] *= self._sink
                     x2 = x2.reshape(-1, x.shape[-1])
                 h = (x2.T @ x2).double() if self._hessians else None
                 sub = x.detach().reshape(-1, x.shape[-1])[:: max(1, x2.shape[0] // 512)].float()
-                self._last = (x, h, sub)
+                self._last = (x, h, sub, d)
             if h is not None:
                 self.H[name] = self.H[name] + h if name in self.H else h.clone()
+                self.D[name] = self.D[name] + d if name in self.D else d.clone()
             if self._keep:
                 self.samples.setdefault(name, []).append(sub)
 
@@ -109,7 +112,7 @@ class LayerPipeline:
                 t_forward += time.perf_counter() - t2
                 st = LayerState(torch, ckpt, plan, i, layer, linears,
                                 {n: ckpt.spec.gguf_name(f"model.layers.{i}.{n}.weight") for n in linears},
-                                stats.H, stats.samples, out)
+                                stats.H, stats.samples, out, diag=stats.D)
                 for step in steps:
                     r = step.layer(st)
                     if r is not None and step.report_key:

@@ -58,7 +58,10 @@ def apply(ckpt: HFCheckpoint, spec: str, calib: CalibConfig, out: Path,
     scores = width.importance(ckpt, calib, progress)
     auto: dict[str, Any] = {}
     if wspec.auto:
-        keep, auto = width.choose_auto(wspec, ckpt, scores)
+        heads = width.choose(WidthSpec(heads=wspec.heads), ckpt, scores) if wspec.heads else None
+        curves = width.width_sensitivity(ckpt, scores, calib, {i: k["heads"] for i, k in heads.items()}
+                                         if heads else None, progress=progress)
+        keep, auto = width.choose_auto(wspec, ckpt, scores, curves)
     else:
         keep = width.choose(wspec, ckpt, scores)
     if progress:

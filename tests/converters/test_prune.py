@@ -11,15 +11,15 @@ from edgekit.converters.quantize import gptq_kernel, prune
 from edgekit.converters.quantize.prune import Sparsity
 from edgekit.errors import InputError
 
-RNG = np.random.default_rng(0)
 
-
-def _layer(n_out=64, n_in=128, n_tok=2048):
-    """Weights and the Hessian of correlated inputs with a few loud channels (as LLM activations have)."""
-    mix = RNG.normal(size=(n_in, n_in)).astype(np.float32) / np.sqrt(n_in)
-    X = RNG.normal(size=(n_tok, n_in)).astype(np.float32) @ (np.eye(n_in, dtype=np.float32) + 0.5 * mix)
+def _layer(n_out=64, n_in=128, n_tok=2048, seed=0):
+    """Weights and the Hessian of correlated inputs with a few loud channels (as LLM activations have);
+    each call draws from its own seeded generator, so a test's data does not depend on which ran before."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(n_in, n_in)).astype(np.float32) / np.sqrt(n_in)
+    X = rng.normal(size=(n_tok, n_in)).astype(np.float32) @ (np.eye(n_in, dtype=np.float32) + 0.5 * mix)
     X[:, :6] *= 8.0
-    W = RNG.normal(size=(n_out, n_in)).astype(np.float32)
+    W = rng.normal(size=(n_out, n_in)).astype(np.float32)
     return W, (X.T.astype(np.float64) @ X.astype(np.float64))
 
 
@@ -127,3 +127,23 @@ def test_pruned_gguf_holds_the_pattern(tiny_llama, tmp_path):
             assert (w == 0).mean() < 0.52, t.name
     r = CliRunner().invoke(app, ["convert", str(tiny_llama), "--prune", "lottery:0.5", "-o", str(tmp_path / "x")])
     assert r.exit_code != 0 and "wanda:S" in r.output and not (tmp_path / "x").exists()
+
+
+def test_wanda_reads_plain_input_norms_not_the_sink_weighted_hessian():
+    """The pipeline weights each sequence's first position in H (for rounding error); its plain per-column
+    second moments ride along, and Wanda scores with those, as the paper does."""
+    import torch
+
+    from edgekit.converters.quantize.pipeline import _Stats
+    from edgekit.converters.quantize.steps.prune import SparseGPTPrune, WandaPrune
+
+    lin = torch.nn.Linear(4, 3, bias=False)
+    x = torch.randn(2, 5, 4)
+    x[:, 0] *= 30.0  # a loud first position, as the attention sink is
+    stats = _Stats({"l": lin}, sink_weight=10.0, keep_samples=False)
+    lin(x)
+    stats.close()
+    plain = (x.reshape(-1, 4) ** 2).sum(0).double()
+    assert torch.allclose(stats.D["l"], plain)
+    assert torch.allclose(torch.diag(stats.H["l"]), plain + 9 * (x[:, 0] ** 2).sum(0).double(), rtol=1e-5)
+    assert WandaPrune.plain_norms and not SparseGPTPrune.plain_norms

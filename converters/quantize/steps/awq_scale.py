@@ -29,5 +29,7 @@ class AWQScale(Step):
         for name, s in report.input_scales.items():
             s = torch.as_tensor(s, dtype=torch.float64)
             st.H[name] = st.H[name] / torch.outer(s, s)
+            if name in st.diag:
+                st.diag[name] = st.diag[name] / (s * s)
         st.keep_small_tensors()
         return report.to_json()

@@ -70,6 +70,9 @@ class LayerState:
     out: dict[str, np.ndarray] = field(default_factory=dict)
     #: module name -> bool ``(out, in)``, True where a pruning step zeroed the weight (rounding keeps it 0).
     masks: dict[str, np.ndarray] = field(default_factory=dict)
+    #: module name -> float64 per-column sum of squared inputs with every position weighted alike (H's
+    #: diagonal without the attention-sink weighting: Wanda's ||x_j||^2); steps that rescale inputs rescale it.
+    diag: dict[str, Any] = field(default_factory=dict)
 
     def qtype(self, module: str) -> gguf.GGMLQuantizationType:
         return self.plan[self.names[module]]
