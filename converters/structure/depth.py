@@ -96,7 +96,7 @@ def prune_depth(ckpt: HFCheckpoint, drop: list[int], out: Path) -> Path:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = dict(ckpt.config)
     config["num_hidden_layers"] = len(keep)
-    for key in ("layer_types", "sliding_window_layers"):  # per-layer lists follow the kept blocks
+    for key in ("layer_types", "sliding_window_layers", "edgekit_ffn_widths"):  # per-layer lists follow the kept blocks
         if isinstance(config.get(key), list) and len(config[key]) == n:
             config[key] = [config[key][i] for i in keep]
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -101,7 +101,7 @@ def pruning_line(p: dict) -> str:
         if all(k in p for k in ("n_params_source", "n_params", "params_target")):
             line += (f"; {p['n_params_source'] / 1e6:.1f}M -> {p['n_params'] / 1e6:.1f}M parameters (budget "
                      f"{p['params_target'] / 1e6:.1f}M)")
-        line += " (by activation importance)"
+        line += " (widths by measured KL, neurons by activation importance)"
     else:
         line = (f"width: FFN {p['n_ff_source']} -> {p['n_ff']}, query heads {p['n_head_source']} -> {p['n_head']} "
                 "per block (by activation importance)")

@@ -287,6 +287,10 @@ def test_healing_keeps_the_padding_of_per_block_widths_zero(four_blocks, tmp_pat
     art = api.convert(pruned, "gguf", output=tmp_path / "g", recipe=api.ConvertRecipe(bits=None, preset="Q8_0"))
     assert [sorted(art.manifest["tensors"][f"blk.{i}.ffn_up.weight"]["shape"]) for i in range(4)] == \
         [sorted([128, w]) for w in info["ffn_widths"]]
+    # depth pruning afterwards keeps the widths of the blocks it keeps
+    shallow, _ = structure.apply(HFCheckpoint.open(pruned), "depth:layers=1", CAL, tmp_path / "d")
+    assert json.loads((shallow / "config.json").read_text())["edgekit_ffn_widths"] == \
+        [w for i, w in enumerate(info["ffn_widths"]) if i != 1]
 
 
 def test_healing_lowers_kl_and_resumes_after_ctrl_c(four_blocks, tmp_path):
