@@ -92,8 +92,11 @@ def magnitude_mask(W: np.ndarray, sp: Sparsity) -> np.ndarray:
 
 
 def wanda_mask(W: np.ndarray, H: np.ndarray, sp: Sparsity) -> np.ndarray:
+    """Wanda's mask from ``|W_ij| * ||x_j||``; ``H``: the inputs' Hessian proxy, or just its diagonal
+    (the per-column sums of squared inputs)."""
     w = _check(W, sp)
-    norms = np.sqrt(np.maximum(np.diag(np.asarray(H, dtype=np.float64)), 0.0)).astype(np.float32)
+    H = np.asarray(H, dtype=np.float64)
+    norms = np.sqrt(np.maximum(H if H.ndim == 1 else np.diag(H), 0.0)).astype(np.float32)
     return select(np.abs(w) * norms[None, :], sp)
 
 

@@ -147,3 +147,6 @@ def test_wanda_reads_plain_input_norms_not_the_sink_weighted_hessian():
     assert torch.allclose(stats.D["l"], plain)
     assert torch.allclose(torch.diag(stats.H["l"]), plain + 9 * (x[:, 0] ** 2).sum(0).double(), rtol=1e-5)
     assert WandaPrune.plain_norms and not SparseGPTPrune.plain_norms
+    W, H = _layer(n_out=8, n_in=32, n_tok=64)  # the diagonal alone gives Wanda the same mask as the matrix
+    assert np.array_equal(prune.wanda_mask(W, np.diag(H), Sparsity(n=2, m=4)),
+                          prune.wanda_mask(W, H, Sparsity(n=2, m=4)))

@@ -74,7 +74,7 @@ class _Prune(Step):
             W = lin.weight.detach().float().numpy()
             H = st.H[name].numpy()
             if self.plain_norms and name in st.diag:
-                H = np.diag(st.diag[name].numpy())
+                H = st.diag[name].numpy()  # the diagonal alone is all such a score reads
             new, mask = self._prune(W, H)
             if name in st.masks:  # a second pruning step adds to the first
                 mask = mask | st.masks[name]
