@@ -144,10 +144,12 @@ class MemoryConfig:
     n_ctx: KV cache cells. n_kv: the most cells attention reads in one step (default n_ctx: a full
     context; a short run reads fewer). n_batch / n_ubatch: llama.cpp's logical and physical batch.
     type_k / type_v: KV cache types. flash_attn: no attention-score matrix in the compute buffer.
-    n_gpu_layers: the last N blocks go to the GPU (N > n_layer also moves the output layer).
+    n_gpu_layers: llama.cpp's -ngl: the output layer and the last N - 1 blocks go to the GPU (N = n_layer + 1: all).
     offload_kqv: the KV cache of offloaded blocks lives on the GPU. tensor_overrides: (regex, buffer
     type) pairs as llama.cpp's -ot; "CPU" keeps matching tensors in host memory. use_mmap: weights
     are mapped from the file (llama.cpp's default). repack: CPU repacking of REPACK_TYPES is on.
+    gpu_present: the process has a GPU backend; then even -ngl 0 allocates a GPU compute buffer, for the
+    batch ops llama.cpp offloads (op offload) with a copy of the weight they read.
     """
 
     n_ctx: int = 4096
@@ -161,6 +163,7 @@ class MemoryConfig:
     offload_kqv: bool = True
     tensor_overrides: tuple[tuple[str, str], ...] = ()
     repack: bool = True
+    gpu_present: bool = False
 
     def __post_init__(self) -> None:
         if self.n_ctx <= 0 or self.n_batch <= 0 or self.n_ubatch <= 0:
@@ -198,6 +201,18 @@ class MemoryEstimate:
         return d
 
 
+def gpu_blocks(shape: ModelShape, cfg: MemoryConfig) -> int:
+    """Blocks llama.cpp computes on the GPU under ``-ngl N``: it counts the output layer as layer n_layer and
+    offloads the last N of the n_layer + 1, so N <= n_layer means the output layer and the last N - 1 blocks
+    (seen in its buffers on an H200: -ngl 14 of 22 blocks put 13 blocks' KV and the output head on the GPU)."""
+    return max(0, min(cfg.n_gpu_layers, shape.n_layer + 1) - 1)
+
+
+def output_on_gpu(cfg: MemoryConfig) -> bool:
+    """The output layer is the first one ``-ngl`` offloads."""
+    return cfg.n_gpu_layers >= 1
+
+
 def tensor_device(shape: ModelShape, t: TensorInfo, cfg: MemoryConfig) -> str:
     """"gpu" or "cpu": where llama.cpp puts tensor ``t`` under ``cfg`` (overrides win, as with -ot)."""
     for pattern, buft in cfg.tensor_overrides:
@@ -206,8 +221,8 @@ def tensor_device(shape: ModelShape, t: TensorInfo, cfg: MemoryConfig) -> str:
     if t.layer is None:
         if t.name.startswith("token_embd"):
             return "cpu"  # the input layer always stays on the CPU
-        return "gpu" if cfg.n_gpu_layers > shape.n_layer else "cpu"
-    return "gpu" if t.layer >= shape.n_layer - min(cfg.n_gpu_layers, shape.n_layer) else "cpu"
+        return "gpu" if output_on_gpu(cfg) else "cpu"
+    return "gpu" if t.layer >= shape.n_layer - gpu_blocks(shape, cfg) else "cpu"
 
 
 def kv_bytes_per_cell(shape: ModelShape, cfg: MemoryConfig) -> float:
@@ -242,7 +257,9 @@ def estimate_memory(shape: ModelShape, cfg: MemoryConfig | None = None, *, basel
         weights[dev] += t.n_bytes
         if dev == "cpu" and cfg.repack and t.type in REPACK_TYPES and t.rows % 8 == 0 and t.layer is not None:
             repacked += t.n_bytes
-    n_gpu_blocks = min(cfg.n_gpu_layers, shape.n_layer)
+        if t.name.startswith("token_embd") and shape.output_tied and output_on_gpu(cfg):
+            weights["gpu"] += t.n_bytes  # the tied output head: llama.cpp loads a second copy on the GPU
+    n_gpu_blocks = gpu_blocks(shape, cfg)
     cells = _pad(cfg.n_ctx)
     per_layer = kv_bytes_per_cell(shape, cfg) * cells
     kv_gpu = int(per_layer * n_gpu_blocks) if cfg.offload_kqv else 0
@@ -251,6 +268,8 @@ def estimate_memory(shape: ModelShape, cfg: MemoryConfig | None = None, *, basel
     compute_cpu = compute_bytes(shape, cfg)
     # A GPU compute buffer is allocated whole (cudaMalloc), sized for the worst ubatch: all outputs.
     compute_gpu = compute_bytes(shape, cfg, n_outputs=cfg.n_ubatch) if any_gpu else 0
+    if not any_gpu and cfg.gpu_present:  # op offload: the activations and the largest weight an op copies over
+        compute_gpu = compute_bytes(shape, cfg, n_outputs=cfg.n_ubatch) + max((t.n_bytes for t in shape.tensors), default=0)
     output = 4 * shape.n_vocab
     overhead = FIXED_OVERHEAD + VOCAB_BYTES_PER_TOKEN * shape.n_vocab
     parts = {"baseline": int(baseline_bytes), "weights_cpu": weights["cpu"], "weights_repacked": repacked,
@@ -280,12 +299,12 @@ def decode_bytes_per_token(shape: ModelShape, depth: int = 0, cfg: MemoryConfig 
         else:
             read = float(t.n_bytes)
         if t.name.startswith("token_embd") and shape.output_tied:
-            dev = "gpu" if cfg.n_gpu_layers > shape.n_layer else "cpu"  # read by the output matmul
+            dev = "gpu" if output_on_gpu(cfg) else "cpu"  # read by the output matmul
         else:
             dev = tensor_device(shape, t, cfg)
         out[dev] += read
     kv_layer = kv_bytes_per_cell(shape, cfg) * depth
-    n_gpu_blocks = min(cfg.n_gpu_layers, shape.n_layer)
+    n_gpu_blocks = gpu_blocks(shape, cfg)
     out["gpu" if cfg.offload_kqv else "cpu"] += kv_layer * n_gpu_blocks
     out["cpu"] += kv_layer * (shape.n_layer - n_gpu_blocks)
     return out

@@ -4,9 +4,14 @@ The planner enumerates llama.cpp's placements - N GPU layers (``-ngl``), KV cach
 layers on the GPU or not (``--no-kv-offload``), and with all layers offloaded, the FFN (or, for MoE
 models, the expert) tensors of some layers kept on the CPU (``-ot 'blk\\.(..)\\.ffn_.*=CPU'``) -
 predicts each one's memory with :mod:`edgekit.runtime.memory`, drops those over budget, and ranks the
-rest by a decode cost model: bytes read per token on each device over that device's bandwidth,
-plus a fixed cost per CPU<->GPU hand-over in the graph. Decode is memory-bound, so this ranks
-placements well; its absolute tokens/s are a ceiling, not a promise.
+rest by a decode cost model: bytes read per token on each device over that device's bandwidth (the
+CPU's at the share a decode matmul reaches), plus fixed costs per token that bytes miss: each block
+computed on the GPU (kernel launches), each block with work on the CPU (the thread pool's
+synchronisations) and each CPU<->GPU hand-over in the graph. The fixed costs come from measurements
+on an H200 with a 16-core Xeon (``bench/sparse_ffn_gpu.py``: a 1.1B-shaped model all on the GPU decodes
+at 66 us per block although its bytes take 7); with bytes alone the model ranked a layer split of a
+sparse-FFN file above hot-on-GPU/cold-on-CPU, measured 19% faster. Its absolute tokens/s are an
+estimate, not a promise.
 """
 
 from __future__ import annotations
@@ -22,9 +27,16 @@ from edgekit.runtime.memory import (
     ModelShape,
     decode_bytes_per_token,
     estimate_memory,
+    gpu_blocks,
 )
 
-SPLIT_COST_S = 40e-6  # one CPU<->GPU hand-over of activations plus a synchronisation, per token
+# Fixed costs and CPU efficiency, chosen on 68 measured placements of two models under 9 budgets on an H200
+# with a 16-core Xeon (bench/results/sparse_ffn_gpu_cal*.json): following the model's pick loses at most 5% of
+# decode speed against the fastest measured placement in each of 18 (model, budget) groups (noise is 4%).
+SPLIT_COST_S = 20e-6  # one CPU<->GPU hand-over of activations plus a synchronisation, per token
+GPU_BLOCK_S = 40e-6  # one block computed on the GPU, per token, beyond its bytes: its kernel launches
+CPU_BLOCK_S = 15e-6  # one block with work on the CPU, per token, beyond its bytes: thread-pool barriers
+CPU_EFFICIENCY = 0.5  # the share of the host's copy bandwidth a quantized decode matmul reaches
 DEFAULT_GPU_BPS = 300e9  # assumed GPU memory bandwidth when none is given (a mid-range discrete GPU)
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.I)
 
@@ -120,16 +132,31 @@ def _candidates(shape: ModelShape, gpu: bool) -> list[tuple[int, bool, tuple[tup
 def _splits(shape: ModelShape, cfg: MemoryConfig) -> int:
     """CPU<->GPU hand-overs per token: at the layer boundary, around each overridden block part,
     and twice per offloaded layer whose attention runs on the CPU (KV there)."""
-    ngl = min(cfg.n_gpu_layers, shape.n_layer)
-    if ngl == 0:
+    if cfg.n_gpu_layers == 0:
         return 0
-    n = 1 if ngl < shape.n_layer or cfg.n_gpu_layers <= shape.n_layer else 0
+    ngl = gpu_blocks(shape, cfg)
+    n = 1 if ngl < shape.n_layer else 0  # CPU blocks hand over to the GPU's (the output layer is always there)
     overridden = {t.layer for t in shape.tensors if t.layer is not None and any(
         re.search(p, t.name) for p, b in cfg.tensor_overrides if b.upper().startswith("CPU"))}
     n += 2 * len(overridden)
     if not cfg.offload_kqv:
         n += 2 * ngl
     return n
+
+
+def _blocks(shape: ModelShape, cfg: MemoryConfig) -> tuple[int, int]:
+    """(blocks computed on the GPU, blocks with weights read on the CPU) in one decode step."""
+    on_gpu = gpu_blocks(shape, cfg)
+    overridden = {t.layer for t in shape.tensors if t.layer is not None and t.layer < on_gpu and any(
+        re.search(p, t.name) for p, b in cfg.tensor_overrides if b.upper().startswith("CPU"))}
+    return on_gpu, shape.n_layer - on_gpu + len(overridden)
+
+
+def decode_seconds(shape: ModelShape, cfg: MemoryConfig, reads: dict[str, float], bandwidths: Bandwidths) -> float:
+    """Predicted seconds per decoded token of placement ``cfg``, given the bytes it reads on each device."""
+    gpu_blocks, cpu_blocks = _blocks(shape, cfg)
+    return (reads["cpu"] / (CPU_EFFICIENCY * bandwidths.cpu_Bps) + reads["gpu"] / bandwidths.gpu_Bps
+            + GPU_BLOCK_S * gpu_blocks + CPU_BLOCK_S * cpu_blocks + SPLIT_COST_S * _splits(shape, cfg))
 
 
 def plan_offload(
@@ -158,10 +185,10 @@ def plan_offload(
     scored = []
     for ngl, kqv, overrides, label in _candidates(shape, gpu):
         cfg = MemoryConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, type_k=type_k, type_v=type_v,
-                           n_gpu_layers=ngl, offload_kqv=kqv, tensor_overrides=overrides)
+                           n_gpu_layers=ngl, offload_kqv=kqv, tensor_overrides=overrides, gpu_present=gpu)
         est = estimate_memory(shape, cfg, baseline_bytes=baseline_bytes)
         reads = decode_bytes_per_token(shape, depth, cfg)
-        seconds = reads["cpu"] / bandwidths.cpu_Bps + reads["gpu"] / bandwidths.gpu_Bps + SPLIT_COST_S * _splits(shape, cfg)
+        seconds = decode_seconds(shape, cfg, reads, bandwidths)
         fits = est.ram_required_bytes <= budget.ram_bytes and est.vram_bytes <= budget.vram_bytes
         scored.append((fits, 1.0 / seconds, -len(overrides), ngl, kqv, overrides, label, est))
     fitting = [s for s in scored if s[0]]

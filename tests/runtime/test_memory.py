@@ -79,3 +79,33 @@ def test_predicted_peak_matches_measured_rss_tiny(tiny_q8, ctx):
 def test_predicted_peak_matches_measured_rss_real(real_gguf):
     measured, predicted = _measured_vs_predicted(real_gguf, 2048)
     assert predicted == pytest.approx(measured, rel=0.10)
+
+
+def test_ngl_offloads_the_output_layer_first():
+    """llama.cpp's -ngl N offloads the last N of (blocks + output layer): the output layer and N - 1 blocks. The
+    figures are those llama.cpp logged on an H200 (bench/results/sparse_ffn_gpu.json) for a 22-block model with a
+    Q6_K output head: -ngl 14 put 386.09 MiB of weights and 13 blocks' KV cache on the GPU."""
+    from edgekit.runtime.memory import ModelShape, TensorInfo, gpu_blocks
+
+    MiB = 1 << 20
+    block = int(23.64 * MiB)
+    tensors = [TensorInfo("token_embd.weight", "Q4_0", 1, 54 * MiB, 49152, None),
+               TensorInfo("output.weight", "Q6_K", 1, int(78.73 * MiB), 49152, None)]
+    tensors += [TensorInfo(f"blk.{i}.ffn_up.weight", "Q4_0", 1, block, 5632, i) for i in range(22)]
+    shape = ModelShape("llama", 22, 2048, 32, 4, 64, 64, 5632, 49152, 2048, tuple(tensors))
+    kv_block = estimate_memory(shape, MemoryConfig(n_ctx=128)).parts["kv_cpu"] // 22
+    for ngl, blocks in ((0, 0), (1, 0), (14, 13), (22, 21), (23, 22), (99, 22)):
+        cfg = MemoryConfig(n_ctx=128, n_gpu_layers=ngl)
+        est = estimate_memory(shape, cfg)
+        assert gpu_blocks(shape, cfg) == blocks
+        assert est.parts["weights_gpu"] == (blocks * block + int(78.73 * MiB) if ngl else 0)
+        assert est.parts["kv_gpu"] == blocks * kv_block and est.parts["kv_cpu"] == (22 - blocks) * kv_block
+    assert estimate_memory(shape, MemoryConfig(n_ctx=128, n_gpu_layers=14)).parts["weights_gpu"] / MiB \
+        == pytest.approx(386.09, abs=0.05)
+    # A tied output head is a second copy of the embedding on the GPU; -ngl 0 on a GPU host still takes a
+    # compute buffer there (op offload).
+    tied = ModelShape("llama", 22, 2048, 32, 4, 64, 64, 5632, 49152, 2048, (tensors[0], *tensors[2:]))
+    assert tied.output_tied
+    assert estimate_memory(tied, MemoryConfig(n_ctx=128, n_gpu_layers=1)).parts["weights_gpu"] == 54 * MiB
+    assert estimate_memory(shape, MemoryConfig(n_ctx=128)).vram_bytes == 0
+    assert estimate_memory(shape, MemoryConfig(n_ctx=128, gpu_present=True)).vram_bytes > 78 * MiB
