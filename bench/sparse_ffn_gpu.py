@@ -83,18 +83,21 @@ def fill(skel: Path, dest: Path) -> Path:
     header = skel.with_suffix(".header").read_bytes()
     tiles = np.fromfile(skel.with_suffix(".tiles"), dtype=np.uint8)
     tmp = dest.with_suffix(".part")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        for t in info["tensors"]:
-            tile = tiles[t["at"]:t["at"] + t["stored"]]
-            f.seek(info["data_start"] + t["offset"])
-            if t["stored"] == t["n_bytes"]:
-                f.write(tile.tobytes())
-                continue
-            reps = -(-t["n_bytes"] // t["stored"])
-            f.write(np.tile(tile, reps)[:t["n_bytes"]].tobytes())
-        f.truncate(max(info["file_bytes"], info["data_start"] + info["data_bytes"]))
-    tmp.replace(dest)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for t in info["tensors"]:
+                tile = tiles[t["at"]:t["at"] + t["stored"]]
+                f.seek(info["data_start"] + t["offset"])
+                if t["stored"] == t["n_bytes"]:
+                    f.write(tile.tobytes())
+                    continue
+                reps = -(-t["n_bytes"] // t["stored"])
+                f.write(np.tile(tile, reps)[:t["n_bytes"]].tobytes())
+            f.truncate(max(info["file_bytes"], info["data_start"] + info["data_bytes"]))
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted rebuild leaves nothing behind
     return dest
 
 

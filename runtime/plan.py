@@ -147,16 +147,16 @@ def _splits(shape: ModelShape, cfg: MemoryConfig) -> int:
 def _blocks(shape: ModelShape, cfg: MemoryConfig) -> tuple[int, int]:
     """(blocks computed on the GPU, blocks with weights read on the CPU) in one decode step."""
     on_gpu = gpu_blocks(shape, cfg)
-    overridden = {t.layer for t in shape.tensors if t.layer is not None and t.layer < on_gpu and any(
-        re.search(p, t.name) for p, b in cfg.tensor_overrides if b.upper().startswith("CPU"))}
+    overridden = {t.layer for t in shape.tensors if t.layer is not None and t.layer >= shape.n_layer - on_gpu
+                  and any(re.search(p, t.name) for p, b in cfg.tensor_overrides if b.upper().startswith("CPU"))}
     return on_gpu, shape.n_layer - on_gpu + len(overridden)
 
 
 def decode_seconds(shape: ModelShape, cfg: MemoryConfig, reads: dict[str, float], bandwidths: Bandwidths) -> float:
     """Predicted seconds per decoded token of placement ``cfg``, given the bytes it reads on each device."""
-    gpu_blocks, cpu_blocks = _blocks(shape, cfg)
+    n_gpu, n_cpu = _blocks(shape, cfg)
     return (reads["cpu"] / (CPU_EFFICIENCY * bandwidths.cpu_Bps) + reads["gpu"] / bandwidths.gpu_Bps
-            + GPU_BLOCK_S * gpu_blocks + CPU_BLOCK_S * cpu_blocks + SPLIT_COST_S * _splits(shape, cfg))
+            + GPU_BLOCK_S * n_gpu + CPU_BLOCK_S * n_cpu + SPLIT_COST_S * _splits(shape, cfg))
 
 
 def plan_offload(
