@@ -165,20 +165,6 @@ def prepare(args: argparse.Namespace) -> int:
 
 # -- run ---------------------------------------------------------------------------------------------------------
 
-def physical_cores() -> int:
-    seen, phys, core = set(), None, None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-                seen.add((phys, core))
-    except OSError:
-        pass
-    return len(seen) or os.cpu_count() or 1
-
-
 def gpu_bandwidth() -> float | None:
     """Device-to-device copy bandwidth (bytes read + written per second), or None without torch/CUDA."""
     try:
@@ -259,25 +245,24 @@ def configs_for(model: Path, vram: int, bws, n_ctx: int, pick) -> tuple[list[dic
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgekit.runtime.hostinfo import measure_bandwidth
+    from edgekit.runtime import hostinfo
     from edgekit.runtime.plan import DEFAULT_GPU_BPS, Bandwidths, parse_size
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    threads = args.threads or physical_cores()
+    threads = args.threads or hostinfo.physical_cores()
     args.ctx = args.ctx or args.gen  # llama-bench -p 0 -n GEN runs a context of GEN tokens (and ubatches of it)
     env = dict(os.environ)
     gbps = gpu_bandwidth()
-    bws = Bandwidths(cpu_Bps=measure_bandwidth(), gpu_Bps=gbps or DEFAULT_GPU_BPS)
+    bws = Bandwidths(cpu_Bps=hostinfo.measure_bandwidth(), gpu_Bps=gbps or DEFAULT_GPU_BPS)
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()
     except FileNotFoundError:
         smi = "none (no nvidia-smi)"
     report = {"gpu": smi, "threads": threads, "cpu_Bps": bws.cpu_Bps, "gpu_Bps": bws.gpu_Bps,
-              "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                           if ln.startswith("model name")), "?"), "nproc": os.cpu_count(), "models": {}}
+              "cpu": hostinfo.cpu_name(), "nproc": os.cpu_count(), "models": {}}
     print(f"GPU {smi}; {report['cpu']} x{os.cpu_count()} (threads {threads}); bandwidth CPU "
           f"{bws.cpu_Bps / 1e9:.0f} GB/s, GPU {bws.gpu_Bps / 1e9:.0f} GB/s", flush=True)
     lines: list[str] = []

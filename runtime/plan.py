@@ -129,6 +129,13 @@ def _candidates(shape: ModelShape, gpu: bool) -> list[tuple[int, bool, tuple[tup
     return out
 
 
+def _split_blocks(shape: ModelShape, cfg: MemoryConfig) -> set[int]:
+    """Offloaded blocks (the last ``gpu_blocks``) with a part kept on the CPU by a tensor override."""
+    first = shape.n_layer - gpu_blocks(shape, cfg)
+    return {t.layer for t in shape.tensors if t.layer is not None and t.layer >= first and any(
+        re.search(p, t.name) for p, b in cfg.tensor_overrides if b.upper().startswith("CPU"))}
+
+
 def _splits(shape: ModelShape, cfg: MemoryConfig) -> int:
     """CPU<->GPU hand-overs per token: at the layer boundary, around each overridden block part,
     and twice per offloaded layer whose attention runs on the CPU (KV there)."""
@@ -136,9 +143,7 @@ def _splits(shape: ModelShape, cfg: MemoryConfig) -> int:
         return 0
     ngl = gpu_blocks(shape, cfg)
     n = 1 if ngl < shape.n_layer else 0  # CPU blocks hand over to the GPU's (the output layer is always there)
-    overridden = {t.layer for t in shape.tensors if t.layer is not None and any(
-        re.search(p, t.name) for p, b in cfg.tensor_overrides if b.upper().startswith("CPU"))}
-    n += 2 * len(overridden)
+    n += 2 * len(_split_blocks(shape, cfg))
     if not cfg.offload_kqv:
         n += 2 * ngl
     return n
@@ -147,9 +152,7 @@ def _splits(shape: ModelShape, cfg: MemoryConfig) -> int:
 def _blocks(shape: ModelShape, cfg: MemoryConfig) -> tuple[int, int]:
     """(blocks computed on the GPU, blocks with weights read on the CPU) in one decode step."""
     on_gpu = gpu_blocks(shape, cfg)
-    overridden = {t.layer for t in shape.tensors if t.layer is not None and t.layer >= shape.n_layer - on_gpu
-                  and any(re.search(p, t.name) for p, b in cfg.tensor_overrides if b.upper().startswith("CPU"))}
-    return on_gpu, shape.n_layer - on_gpu + len(overridden)
+    return on_gpu, shape.n_layer - on_gpu + len(_split_blocks(shape, cfg))
 
 
 def decode_seconds(shape: ModelShape, cfg: MemoryConfig, reads: dict[str, float], bandwidths: Bandwidths) -> float:
