@@ -14,7 +14,8 @@ Reference: edgekit's F16 GGUF of the float checkpoint (KL and top-1 are against 
   blocks (``depth:layers=...``), which separates the choice of blocks from the tool;
 * ``width:ffn=1152`` (a quarter of every FFN removed by activation importance) at Q8_0, unhealed and
   healed for ``--heal-minutes`` (distilled from the unpruned model on the FIRST half of the text, the
-  half perplexity does not read), and ``width:auto,params=114.6M`` (per-block FFN widths at the same
+  half perplexity does not read; the heal starts with its least-squares refit of the narrowed projections,
+  whose time counts in the budget), and ``width:auto,params=114.6M`` (per-block FFN widths at the same
   parameter count, a llama.cpp ``deci`` file) the same way; each auto row is printed against the uniform one;
 * unstructured (F16, so only pruning error shows): magnitude, Wanda and SparseGPT at 50% and 2:4.
 
@@ -150,6 +151,12 @@ def target_lines(report: dict[str, Any]) -> list[str]:
                 ok = r["kl"] <= 0.5 * base["kl"]
                 lines.append(f"target: {name} KL {r['kl']:.4f} <= half the unhealed {base['kl']:.4f} "
                              f"({0.5 * base['kl']:.4f}): {'HOLDS' if ok else 'FAILS'}")
+                h = r.get("heal") or {}
+                if h:  # the healing's own held-out figures (PyTorch, F32, on calibration text it did not train on)
+                    refit = (f", {h['kl_refit']:.4f} after the least-squares refit ({h['refit_s']:.0f} s"
+                             f"{'' if h.get('refit_kept', True) else ', not kept'})") if "kl_refit" in h else ""
+                    lines.append(f"  {name}: healing's held-out KL {h['kl_before']:.4f} before{refit}, "
+                                 f"{h['kl_after']:.4f} after {h['steps']} distillation steps in {h['minutes']} min")
     for name, r in rows.items():  # per-block widths against uniform ones of no fewer parameters
         auto = (r.get("pruned") or {}).get("ffn_widths")
         if not auto or " healed " in name:
@@ -229,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default: HealConfig's)")
     ap.add_argument("--heal-seqlen", type=int, default=0,
                     help="healing trains on random windows of this many tokens (0: whole calibration sequences)")
+    ap.add_argument("--width-calib-samples", type=int, default=256,
+                    help="512-token sequences of the first half for width pruning's importance and its healing")
     ap.add_argument("--heal-batch", type=int, default=0, help="healing sequences per step (0: HealConfig's)")
     ap.add_argument("--skip-unstructured", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "pruning")
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     text_dir = Path(tempfile.mkdtemp(prefix="edgekit-bench-text-"))
     first_half = text_dir / "first-half.txt"  # width pruning and healing read the half perplexity does not
     first_half.write_text(halves(read_text(args.text))[0], encoding="utf-8")
-    width_calib = api.CalibConfig(source=str(first_half), samples=256, seqlen=512)
+    width_calib = api.CalibConfig(source=str(first_half), samples=args.width_calib_samples, seqlen=512)
     for w in [v for v in args.widths.split(";") if v.strip()]:
         slug = w.replace("=", "").replace(",", "-")
         for minutes in ([0.0, args.heal_minutes] if args.heal_minutes else [0.0]):

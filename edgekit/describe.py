@@ -20,7 +20,8 @@ _NUM = (Real,)
 _OPT = object()  # marks an optional key: {"key": (_OPT, spec)}
 # What each manifest field that inspect reports must look like: a type tuple, a {key: spec} mapping (keys
 # required unless wrapped with _OPT), or [spec] for a list of items.
-_HEAL = {"steps": _NUM, "minutes": _NUM, "kl_before": _NUM, "kl_after": _NUM}
+_HEAL = {"steps": _NUM, "minutes": _NUM, "kl_before": _NUM, "kl_after": _NUM, "kl_refit": (_OPT, _NUM),
+         "refit_kept": (_OPT, bool)}
 _MANIFEST: dict[str, Any] = {
     "tensors": dict,
     "preset": (str, type(None)),

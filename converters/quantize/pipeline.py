@@ -97,7 +97,7 @@ class LayerPipeline:
         hessians = any(s.needs_hessians for s in steps)  # the costliest part of calibration; skipped if unused
         with torch.inference_mode():
             t1 = time.perf_counter()
-            hidden, kwargs = self._first_layer_inputs(torch, model, ids)
+            hidden, kwargs = self.first_layer_inputs(torch, model, ids, self.batch)
             t_forward = time.perf_counter() - t1
             layers = model.model.layers
             for i, layer in enumerate(layers):
@@ -106,7 +106,7 @@ class LayerPipeline:
                 stats = _Stats(linears, self.sink_weight, keep_samples=keep, hessians=hessians)
                 t2 = time.perf_counter()
                 try:
-                    self._run_layer(layer, hidden, kwargs)
+                    self.run_layer(layer, hidden, kwargs)
                 finally:
                     stats.close()
                 t_forward += time.perf_counter() - t2
@@ -118,7 +118,7 @@ class LayerPipeline:
                     if r is not None and step.report_key:
                         report.setdefault(step.report_key, {})[str(i)] = r
                 t2 = time.perf_counter()
-                hidden = self._run_layer(layer, hidden, kwargs)
+                hidden = self.run_layer(layer, hidden, kwargs)
                 t_forward += time.perf_counter() - t2
             report["layers_s"] = round(time.perf_counter() - t1, 1)
             t2 = time.perf_counter()
@@ -139,14 +139,14 @@ class LayerPipeline:
         model, ids = self.load(ckpt, progress)
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
-            hidden, kwargs = self._first_layer_inputs(torch, model, ids)
+            hidden, kwargs = self.first_layer_inputs(torch, model, ids, self.batch)
             for i, layer in enumerate(model.model.layers):
                 if progress:
                     progress(f"layer {i + 1}: activation statistics", i, len(model.model.layers))
                 linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
                 stats = _Stats(linears, self.sink_weight, keep_samples=False)
                 try:
-                    hidden = self._run_layer(layer, hidden, kwargs)
+                    hidden = self.run_layer(layer, hidden, kwargs)
                 finally:
                     stats.close()
                 for n, h in stats.H.items():
@@ -236,8 +236,9 @@ class LayerPipeline:
         key = sha256_files(ckpt.weight_files)
         return model, calibration_tokens(model, tok, self.calib, progress, cache_key=key)
 
-    def _first_layer_inputs(self, torch: Any, model: Any, ids: Any) -> tuple[list[Any], list[dict[str, Any]]]:
-        """Catch what the model passes to its first decoder layer, one entry per batch."""
+    @staticmethod
+    def first_layer_inputs(torch: Any, model: Any, ids: Any, batch: int) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Catch what the model passes to its first decoder layer, one entry per ``batch`` sequences."""
 
         class _Stop(Exception):
             pass
@@ -251,9 +252,9 @@ class LayerPipeline:
 
         handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for b0 in range(0, ids.shape[0], self.batch):
+            for b0 in range(0, ids.shape[0], batch):
                 try:
-                    model(ids[b0:b0 + self.batch], use_cache=False)
+                    model(ids[b0:b0 + batch], use_cache=False)
                 except _Stop:
                     pass
         finally:
@@ -261,7 +262,7 @@ class LayerPipeline:
         return [c[0] for c in caught], [c[1] for c in caught]
 
     @staticmethod
-    def _run_layer(layer: Any, hidden: list[Any], kwargs: list[dict[str, Any]]) -> list[Any]:
+    def run_layer(layer: Any, hidden: list[Any], kwargs: list[dict[str, Any]]) -> list[Any]:
         outs = []
         for h, kw in zip(hidden, kwargs, strict=True):
             out = layer(h, **kw)

@@ -107,7 +107,10 @@ def pruning_line(p: dict) -> str:
                 "per block (by activation importance)")
     h = p.get("heal")
     if h:
-        line += f"; healed {h['steps']} steps in {h['minutes']} min, KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}"
+        refit = (f" (least-squares refit of the narrowed projections: {h['kl_refit']:.4f}"
+                 f"{'' if h.get('refit_kept', True) else ', not kept'})") if "kl_refit" in h else ""
+        line += (f"; healed {h['steps']} steps in {h['minutes']} min, KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}"
+                 + refit)
     return line
 
 
