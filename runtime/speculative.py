@@ -134,16 +134,19 @@ def _one_hot(tok: int) -> tuple[np.ndarray, np.ndarray]:
 class NgramDrafter:
     """Prompt lookup: find the latest earlier occurrence of the text's last n tokens (n from ``max_n``
     down to ``min_n``) and propose what followed it. Free to run; strong when the output copies the input
-    (rewrites, extraction, code edits)."""
+    (rewrites, extraction, code edits). How often a proposal is right depends on how long a suffix it
+    matched (one token matches anywhere; four rarely by chance), so :meth:`match` names the match length
+    and the loop keeps an acceptance rate, and so a draft length, per length (``AdaptiveDraft`` classes)."""
 
     name = "ngram"
     cheap = True
 
-    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
+    def __init__(self, max_n: int = 4, min_n: int = 1) -> None:
         self.max_n, self.min_n = max_n, min_n
 
-    def propose(self, committed: list[int], k: int, sampling: SamplingConfig, rng: np.random.Generator,
-                previous: list[int]) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+    def match(self, committed: list[int], k: int) -> tuple[int, list[int]]:
+        """(the length of the longest suffix of ``committed`` seen earlier in it, up to ``k`` tokens that
+        followed its latest earlier occurrence); (0, []) when nothing matches."""
         arr = np.asarray(committed)
         for n in range(self.max_n, self.min_n - 1, -1):
             if arr.size <= n:
@@ -154,8 +157,13 @@ class NgramDrafter:
                 start = int(hits[-1]) + n
                 cont = [int(t) for t in arr[start : start + k]]
                 if cont:
-                    return cont, [_one_hot(t) for t in cont]
-        return [], []
+                    return n, cont
+        return 0, []
+
+    def propose(self, committed: list[int], k: int, sampling: SamplingConfig, rng: np.random.Generator,
+                previous: list[int]) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+        _, cont = self.match(committed, k)
+        return cont, [_one_hot(t) for t in cont]
 
 
 class ModelDrafter:
@@ -227,25 +235,33 @@ class AdaptiveDraft:
     then a probe of k = 1 after ``probe_every`` plain steps keeps the estimates fresh, the interval
     doubling after each probe that does not change the verdict; past ``max_probe_every`` drafting stops
     for the rest of the generation (a model draft must evaluate what it missed before each probe, so
-    probing a draft that never pays costs time of its own)."""
+    probing a draft that never pays costs time of its own).
+
+    ``cls``: proposals of different kinds (prompt lookup's match lengths) keep acceptance counts of their
+    own, each starting from the counts of all proposals so far."""
 
     def __init__(self, k_max: int = 8, prior: float = 0.6, fixed: int | None = None, probe_every: int = 16,
                  decay: float = 0.9, max_probe_every: int = 64, costs: DraftCosts | None = None) -> None:
         self.k_max, self.fixed, self.decay = k_max, fixed, decay
         self.probe_every, self.min_probe_every, self.max_probe_every = probe_every, probe_every, max_probe_every
         self.acc, self.rej = prior * 4, (1 - prior) * 4
+        self.classes: dict[int, list[float]] = {}  # cls -> [accepted, rejected], decayed
         self.frozen = costs is not None
         self.t1: float | None = costs.step if costs else None  # seconds for a one-token target step
         self.t_extra = costs.extra if costs else 0.0  # seconds per extra token in a verification batch
         self.t_draft = costs.draft if costs else 0.0  # seconds per draft token
         self.idle = 0
 
+    def alpha_of(self, cls: int | None = None) -> float:
+        acc, rej = self.classes.get(cls, (self.acc, self.rej)) if cls is not None else (self.acc, self.rej)
+        return min(acc / max(acc + rej, 1e-9), 0.999)
+
     @property
     def alpha(self) -> float:
-        return min(self.acc / max(self.acc + self.rej, 1e-9), 0.999)
+        return self.alpha_of()
 
-    def expected_rate(self, k: int) -> float:
-        a, t1 = self.alpha, self.t1 or 1.0
+    def expected_rate(self, k: int, cls: int | None = None) -> float:
+        a, t1 = self.alpha_of(cls), self.t1 or 1.0
         tokens = (1 - a ** (k + 1)) / (1 - a)
         return tokens / (t1 + k * (self.t_extra + self.t_draft))
 
@@ -254,14 +270,14 @@ class AdaptiveDraft:
         t1 = self.t1 or 1.0
         return any((k + 1) / (t1 + k * (self.t_extra + self.t_draft)) > 1 / t1 for k in range(1, self.k_max + 1))
 
-    def choose(self) -> int:
+    def choose(self, cls: int | None = None) -> int:
         if self.fixed is not None:
             return self.fixed
         if self.t1 is None:
             return min(4, self.k_max)
         if self.frozen and not self.can_pay():
             return 0  # even a draft that is always right would not be faster: never pay for probes
-        best = max(range(self.k_max + 1), key=self.expected_rate)
+        best = max(range(self.k_max + 1), key=lambda k: self.expected_rate(k, cls))
         if best == 0:
             self.idle += 1
             if self.idle >= self.probe_every <= self.max_probe_every:
@@ -273,10 +289,15 @@ class AdaptiveDraft:
             self.probe_every = self.min_probe_every
         return best
 
-    def update(self, drafted: int, accepted: int, t_target: float, t_draft: float) -> None:
+    def update(self, drafted: int, accepted: int, t_target: float, t_draft: float, cls: int | None = None) -> None:
         if drafted:
+            missed = 1 if accepted < drafted else 0
+            if cls is not None:
+                counts = self.classes.setdefault(cls, [self.acc, self.rej])
+                counts[0] = self.decay * counts[0] + accepted
+                counts[1] = self.decay * counts[1] + missed
             self.acc = self.decay * self.acc + accepted
-            self.rej = self.decay * self.rej + (1 if accepted < drafted else 0)
+            self.rej = self.decay * self.rej + missed
         if self.frozen:
             return
         if drafted:
@@ -307,9 +328,15 @@ def generate_tokens(target: Context, prompt: list[int], sampling: SamplingConfig
     last = prompt[-1]
     while len(generated) < max_new and not cancelled():
         room = max_new - len(generated) - 1
-        k = min(control.choose(), room) if drafter is not None else 0
         t0 = time.perf_counter()
-        drafts, qs = drafter.propose(committed, k, sampling, rng, generated) if k > 0 and drafter else ([], [])
+        cls: int | None = None
+        if isinstance(drafter, NgramDrafter):  # the match first: its length picks the acceptance class
+            cls, cont = drafter.match(committed, min(max(control.k_max, control.fixed or 0), room)) if room > 0 else (0, [])
+            drafts = cont[:control.choose(cls)] if cont else []
+            qs = [_one_hot(t) for t in drafts]
+        else:
+            k = min(control.choose(), room) if drafter is not None else 0
+            drafts, qs = drafter.propose(committed, k, sampling, rng, generated) if k > 0 and drafter else ([], [])
         t1 = time.perf_counter()
         rows = target.extend([last, *drafts], logits="all")
         t2 = time.perf_counter()
@@ -326,7 +353,7 @@ def generate_tokens(target: Context, prompt: list[int], sampling: SamplingConfig
         stats.draft_seconds += t1 - t0
         stats.target_seconds += t2 - t1
         if drafter is not None:
-            control.update(len(drafts), kept, t2 - t1, 0.0 if drafter.cheap else t1 - t0)
+            control.update(len(drafts), kept, t2 - t1, 0.0 if drafter.cheap else t1 - t0, cls)
         for tok in [*drafts[:kept], final]:
             committed.append(tok)
             generated.append(tok)

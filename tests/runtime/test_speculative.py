@@ -8,6 +8,7 @@ import pytest
 from edgekit.runtime.base import SamplingConfig
 from edgekit.runtime.speculative import (
     AdaptiveDraft,
+    DraftCosts,
     ModelDrafter,
     NgramDrafter,
     SpecStats,
@@ -136,6 +137,58 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
     assert d.propose([1, 2, 3], 4, greedy, rng, []) == ([], [])
     # the latest occurrence wins
     assert d.propose([4, 1, 4, 2, 4], 1, greedy, rng, [])[0] == [2]
+    # match names how long a suffix matched: the longest one wins over a later, shorter one
+    assert d.match([5, 6, 7, 8, 9, 7, 2, 5, 6, 7], 2) == (3, [8, 9])
+    assert d.match([3, 7, 1, 7], 5) == (1, [1, 7]) and d.match([1, 2, 3], 4) == (0, [])
+
+
+def test_acceptance_is_kept_per_match_length():
+    """Prompt lookup's one-token matches are often wrong and its long matches often right: a class of its
+    own for each length drafts long after long matches and not at all after short ones."""
+    c = AdaptiveDraft(k_max=8, costs=DraftCosts(step=0.016, extra=0.004, draft=0.0))
+    for _ in range(30):
+        c.update(4, 4, 0.0, 0.0, cls=4)  # long matches: every token right
+        c.update(2, 0, 0.0, 0.0, cls=1)  # one-token matches: wrong at once
+    assert c.choose(4) == 8 and c.choose(1) == 0
+    assert 0.4 < c.alpha < 0.8  # one pooled rate would draft the same length after both
+    fresh = c.choose(3)  # a length not seen yet starts from the pooled counts
+    assert 0 < fresh < 8
+
+
+def test_per_length_classes_speed_up_prompt_lookup_on_a_copying_target():
+    """A target that copies a passage but answers in its own words between copies: the per-length
+    classes draft less after one-token matches, so fewer tokens are verified for the same output."""
+    rng = np.random.default_rng(3)
+    passage = [int(t) for t in rng.integers(10, 200, size=60)]
+    answer = passage[:20] + [int(t) for t in rng.integers(10, 200, size=15)] + passage[30:55]
+    prompt = [1, *passage, 2]
+    vocab = 256
+    full = prompt + answer
+
+    class Replay(TableContext):
+        def extend(self, tokens, logits="all"):
+            rows = []
+            for t in tokens:
+                self.logical.append(t)
+                row = np.full(vocab, -10.0)
+                row[full[len(self.logical)] if len(self.logical) < len(full) else 0] = 10.0
+                rows.append(row)
+            rows = np.stack(rows)
+            return rows if logits == "all" else rows[-1] if logits == "last" else None
+
+    def run(classes):
+        stats = SpecStats()
+        control = AdaptiveDraft(costs=DraftCosts(step=0.016, extra=0.004, draft=0.0))
+        if not classes:  # one pooled rate: every match is the same class
+            control.update = lambda d, a, t1, t2, cls=None, u=control.update: u(d, a, t1, t2, None)
+            control.choose = lambda cls=None, ch=control.choose: ch(None)
+        out = list(generate_tokens(Replay(np.zeros((1, vocab))), prompt, SamplingConfig(temperature=0, max_tokens=60),
+                                   np.random.default_rng(0), len(answer), _never, drafter=NgramDrafter(),
+                                   control=control, stats=stats))
+        assert out == answer
+        return sum(0.016 + 0.004 * k for k in stats.k_history)
+
+    assert run(classes=True) < run(classes=False)
 
 
 def test_ngram_drafting_on_a_repetitive_target_takes_fewer_steps():
@@ -198,8 +251,6 @@ def test_bad_decoding_options_are_one_line_errors(bad):
 
 
 def test_a_draft_that_could_never_pay_is_not_even_probed():
-    from edgekit.runtime.speculative import DraftCosts
-
     dear = AdaptiveDraft(k_max=8, prior=0.99, costs=DraftCosts(step=0.010, extra=0.003, draft=0.009))
     assert not dear.can_pay() and [dear.choose() for _ in range(300)] == [0] * 300
     cheap = AdaptiveDraft(k_max=8, prior=0.9, costs=DraftCosts(step=0.010, extra=0.001, draft=0.001))
