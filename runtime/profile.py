@@ -50,6 +50,8 @@ class ProfileConfig:
     (``Backend.reset``/``decode``, any backend). energy / roofline: add those measurements.
     seed: random prompt tokens. backend_options: more keyword arguments for the backend. backend: the
     registered backend to use (None: the preferred one for each artifact's format).
+    drafters: speculative decoding to measure ("ngram", or draft models' paths): for each, rows of greedy
+    generations of ``gen_tokens`` from ``prompt`` with and without it (:mod:`.profile_drafting`).
     """
 
     tests: tuple[TestSpec, ...] = (TestSpec(n_prompt=512), TestSpec(n_gen=128))
@@ -67,12 +69,17 @@ class ProfileConfig:
     seed: int = 0
     backend_options: tuple[tuple[str, Any], ...] = ()
     backend: str | None = None
+    drafters: tuple[str, ...] = ()
+    prompt: str | None = None
+    gen_tokens: int = 128
 
     def __post_init__(self) -> None:
         if not self.tests:
             raise InputError("give at least one test (e.g. pp512,tg128)")
         if self.reps < 1:
             raise InputError("--reps must be >= 1")
+        if self.gen_tokens < 2:
+            raise InputError("--gen must be at least 2 tokens")
         if self.method not in ("auto", "generic"):
             raise InputError("method must be 'auto' or 'generic'")
         for name in ("threads", "batch", "ctx", "depth", "gpu_layers"):
@@ -144,18 +151,26 @@ def profile(
     returns a run marked "interrupted"; Ctrl-C does the same and raises :class:`ProfileInterrupted`.
     """
     from edgekit.runtime import hostinfo
-    from edgekit.runtime.base import backend_for_format
+    from edgekit.runtime.base import backend_for_format, backend_options
 
     cfg = cfg or ProfileConfig()
     arts = [t if isinstance(t, Artifact) else Artifact.open(t) for t in targets]
     if not arts:
         raise InputError("give at least one artifact to profile")
     for art in arts:
-        backend_for_format(art.format, cfg.backend)  # a missing runtime fails here, before anything runs
+        cls = backend_for_format(art.format, cfg.backend)  # a missing runtime fails here, before anything runs
+        if cfg.drafters and "draft" not in backend_options(cls):
+            raise InputError(f"--draft / --speculative need a GGUF artifact (llama.cpp verifies the drafts); "
+                             f"{art.name} is {art.format}")
+    if cfg.drafters:
+        from edgekit.runtime.profile_drafting import drafter_options
+
+        for d in cfg.drafters:
+            drafter_options(d)  # a missing draft model fails here, before anything runs
     run = ProfileRun(started=now_iso(), host=hostinfo.host_fingerprint())
     ctx = _Context(cfg, run, on_row, cancel)
     combos = cfg.combos()
-    total = len(combos) * len(arts) * len(cfg.tests)
+    total = len(combos) * len(arts) * (len(cfg.tests) + (1 + len(cfg.drafters) if cfg.drafters else 0))
     infos = {id(a): artifact_info(a) for a in arts}
     try:
         for combo in combos:
@@ -288,6 +303,29 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
                 on_progress(label, ctx.done, total)
     finally:
         backend.close()
+    if cfg.drafters and not ctx.cancelled():
+        _profile_drafting(ctx, art, info, options, config, on_progress, total)
+
+
+def _profile_drafting(ctx: _Context, art: Artifact, info: dict[str, Any], options: dict[str, Any],
+                      config: dict[str, Any], on_progress: ProgressFn | None, total: int) -> None:
+    """The plain and drafted generation rows of one artifact and configuration (after its other tests)."""
+    from edgekit.runtime.profile_drafting import DEFAULT_PROMPT, drafting_rows
+
+    cfg = ctx.cfg
+    n_ctx = max(int(options["n_ctx"]), 1024)  # the prompt, its chat template and the generation
+
+    def on_row(row: ProfileRow) -> None:
+        ctx.done += 1
+        ctx.emit(row)
+        if on_progress is not None:
+            on_progress(f"{info['name']} {row.label}", ctx.done, total)
+
+    if on_progress is not None:
+        on_progress(f"{info['name']} gen{cfg.gen_tokens} with and without drafting", ctx.done, total)
+    drafting_rows(art, info, cfg.drafters, options={**options, "n_ctx": n_ctx}, config={**config, "n_ctx": n_ctx},
+                  host=ctx.run.host, prompt=cfg.prompt or DEFAULT_PROMPT, n_gen=cfg.gen_tokens, reps=cfg.reps,
+                  backend_name=cfg.backend, cancelled=ctx.cancelled, on_row=on_row)
 
 
 def _open(art: Artifact, options: dict[str, Any], backend_name: str | None = None) -> tuple[Any, float]:

@@ -87,6 +87,7 @@ class ProfileRow:
     peak_vram_bytes: int | None = None
     energy: dict[str, Any] = field(default_factory=lambda: {"available": False, "reason": "not measured"})
     roofline: dict[str, Any] | None = None
+    speculative: dict[str, Any] | None = None  # drafting rows (runtime/profile_drafting.py)
     schema: str = SCHEMA
 
     @property
@@ -113,6 +114,19 @@ class ProfileRow:
                  ttft_samples_s=list(self.ttft_samples_s))
         return d
 
+    @property
+    def label(self) -> str:
+        """The test as a table shows it: a drafting row adds its acceptance, speed-up and identity."""
+        s = self.speculative
+        if not s:
+            return self.test
+        parts = [f"{100 * s['acceptance']:.0f}% accepted" if s.get("acceptance") is not None else "nothing drafted"]
+        if s.get("speedup") is not None:
+            parts.append(f"{s['speedup']:.2f}x")
+        if s.get("identical") is False:
+            parts.append("output differs")
+        return f"{self.test} ({', '.join(parts)})"
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ProfileRow:
         names = {f.name for f in fields(cls)}
@@ -126,7 +140,7 @@ def summarize(rows: list[ProfileRow]) -> list[dict[str, Any]]:
         mean, std = r.tps
         ttft, _ = mean_std(r.ttft_samples_s)
         out.append({
-            "artifact": r.artifact.get("name", "?"), "test": r.test,
+            "artifact": r.artifact.get("name", "?"), "test": r.label,
             "threads": r.config.get("n_threads"), "batch": r.config.get("n_batch"), "ctx": r.config.get("n_ctx"),
             "ngl": r.config.get("n_gpu_layers"), "tps": mean, "tps_std": std, "reps": r.reps, "ttft_s": ttft,
             "load_s": r.load_s, "peak_rss_bytes": r.peak_rss_bytes,

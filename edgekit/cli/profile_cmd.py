@@ -124,6 +124,12 @@ def profile_cmd(
     steps: int | None = typer.Option(None, "--steps", help="Diffusion: sampling steps (default: the model's)."),
     cache_interval: int | None = typer.Option(None, "--cache-interval", help="Diffusion: also time DeepCache "
                                               "sampling with this interval."),
+    draft: list[Path] = typer.Option(None, "--draft", help="Also time greedy generation with this draft model "
+                                     "(speculative decoding), against the same generation without it."),
+    speculative: str | None = typer.Option(None, "--speculative", help="'ngram': also time prompt-lookup drafting."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="With --draft/--speculative: the prompt to "
+                                      "generate from (default: a built-in rewrite task)."),
+    gen: int = typer.Option(128, "--gen", help="With --draft/--speculative: tokens generated per repetition."),
 ) -> None:
     """Measure prompt processing, generation, TTFT, load time, peak memory; sweep and compare.
 
@@ -133,6 +139,7 @@ def profile_cmd(
       edgekit profile a/ b/ --plot pareto.png
       edgekit profile --compare
       edgekit profile ./model-gguf-q4 --device ssh:jetson
+      edgekit profile ./model-q8_0 --draft ./model-draft --speculative ngram   # tg with and without drafting
       edgekit profile ./pipe-4step-onnx-w8 --images 16 --cache-interval 3   # a diffusion model
     """
     from edgekit.cli import diffusion_run
@@ -160,9 +167,15 @@ def profile_cmd(
             raise InputError("give one or more artifact folders or model files to profile (or --compare)")
         if offload not in ("none", "auto"):
             raise InputError("--offload takes 'auto' or 'none'")
+        if speculative not in (None, "ngram"):
+            raise InputError(f"--speculative takes 'ngram' (got {speculative!r}); a draft model is --draft PATH")
+        drafters = tuple(str(d) for d in draft or ()) + ((speculative,) if speculative else ())
+        if prompt is not None and not drafters:
+            raise InputError("--prompt is the text drafting is timed on: add --draft PATH or --speculative ngram")
         cfg = ProfileConfig(tests=parse_tests(tests), reps=reps, warmup=warmup, threads=_ints(threads, "threads", True),
                             batch=_ints(batch, "batch"), ctx=_ints(ctx, "ctx", True), depth=_ints(depth, "depth"),
-                            gpu_layers=_ints(gpu_layers, "gpu-layers"), offload_auto=offload == "auto", method=method)
+                            gpu_layers=_ints(gpu_layers, "gpu-layers"), offload_auto=offload == "auto", method=method,
+                            drafters=drafters, prompt=prompt, gen_tokens=gen)
         interrupted: ProfileRun | None = None
         with _progress(not (as_json or as_csv)) as progress:
             try:

@@ -140,3 +140,41 @@ def test_both_backends_declare_they_stream_long_text():
     assert "streams-long-text" in capabilities(BACKENDS.get("onnxruntime"))
     if importlib.util.find_spec("llama_cpp") is not None:
         assert "streams-long-text" in capabilities(BACKENDS.get("llamacpp"))
+
+
+@needs_llama
+def test_profile_times_generation_with_and_without_drafting(models, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+    from edgekit.runtime.profile import ProfileConfig, profile
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
+    run = profile([models["target"]], ProfileConfig(reps=2, threads=(2,), drafters=(str(models["draft"]), "ngram"),
+                                                    prompt="hello world, hello world, hello", gen_tokens=24))
+    rows = {r.test: r for r in run.rows}
+    assert set(rows) == {"pp512", "tg128", "gen24", "gen24+draft:d-q8", "gen24+ngram"}
+    plain, draft, ngram = rows["gen24"], rows["gen24+draft:d-q8"], rows["gen24+ngram"]
+    assert plain.speculative is None and plain.config["flash_attn"] and len(plain.samples_s) == 2
+    assert plain.n_gen == 23 and all(s > 0 for s in plain.samples_s)
+    # the Q8_0 copy of the target agrees with it: most drafted tokens are accepted, and the output is the same
+    s = draft.speculative
+    assert s["drafter"] == "draft:d-q8" and s["identical"] and s["drafted"] > 0 and s["acceptance"] > 0.5
+    assert s["speedup"] == pytest.approx(draft.tps[0] / plain.tps[0])
+    assert ngram.speculative["identical"] is True
+    assert "accepted" in draft.label and draft.label.startswith("gen24+draft:d-q8 (")
+    # the CLI: rows in JSON, and one-line errors for what cannot be drafted
+    r = CliRunner().invoke(app, ["profile", str(models["target"]), "--tests", "tg8", "-r", "1", "--speculative",
+                                 "ngram", "--gen", "8", "--json", "--no-history"])
+    assert r.exit_code == 0, r.output
+    tests = [row["test"] for row in json.loads(r.stdout)["rows"]]
+    assert tests == ["tg8", "gen8", "gen8+ngram"]
+    for args, msg in ((["--speculative", "lookup"], "takes 'ngram'"), (["--draft", str(tmp_path / "nope")],
+                      "draft model not found"), (["--prompt", "hi"], "add --draft PATH")):
+        r = CliRunner().invoke(app, ["profile", str(models["target"]), "--no-history", *args])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+    if "one_onnx" in models:
+        r = CliRunner().invoke(app, ["profile", str(models["one_onnx"]), "--speculative", "ngram", "--no-history"])
+        assert r.exit_code == 2 and "need a GGUF artifact" in r.output
