@@ -89,7 +89,7 @@ def drafting_rows(art: Artifact, info: dict[str, Any], drafters: Sequence[str], 
                 spec = st.extra.get("speculative") or {}
                 drafted += int(spec.get("drafted", 0))
                 accepted += int(spec.get("accepted", 0))
-        except BackendError as exc:
+        except (BackendError, InputError) as exc:  # this row fails; the rows measured so far are kept
             row.status, row.error = "error", str(exc)
         finally:
             backend.close()
