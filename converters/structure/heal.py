@@ -149,25 +149,6 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
 
     if "kl_before" not in info:
         info["kl_before"] = held_out_kl()
-    from edgekit.converters.structure.refit import narrowed_parts, refit_narrowed
-
-    narrowed = narrowed_parts(spec) if prepare_student is None and cfg.refit_seqs else None
-    if narrowed and "kl_refit" not in info:
-        t0 = time.monotonic()
-        student.eval()
-        pruned_weights = {k: v.clone() for k, v in student.state_dict().items()}
-        refit_narrowed(teacher, student, train[:cfg.refit_seqs], attn=narrowed[0], ffn=narrowed[1], progress=progress)
-        student.train()
-        info["kl_refit"] = held_out_kl()
-        info["refit_kept"] = info["kl_refit"] < info["kl_before"]
-        if not info["refit_kept"]:  # too little calibration data fits noise: keep the pruned weights
-            student.load_state_dict(pruned_weights)
-        del pruned_weights
-        info["refit_s"] = round(time.monotonic() - t0, 1)
-        info["elapsed_s"] = float(info["elapsed_s"]) + info["refit_s"]
-        save_now = True
-    else:
-        save_now = False
     budget = cfg.minutes * 60.0
 
     def weights() -> dict[str, Any]:
@@ -191,7 +172,25 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
         with atomic_file(info_path) as tmp:
             tmp.write_text(json.dumps(info))
 
-    if save_now:
+    from edgekit.converters.structure.refit import narrowed_parts, refit_narrowed
+
+    narrowed = narrowed_parts(spec) if prepare_student is None and cfg.refit_seqs else None
+    if narrowed and "kl_refit" not in info:
+        t0 = time.monotonic()
+        student.eval()
+        refit = [m for layer in student.model.layers
+                 for m, on in ((layer.self_attn.o_proj, narrowed[0]), (layer.mlp.down_proj, narrowed[1])) if on]
+        pruned_weights = [m.weight.detach().clone() for m in refit]  # all the refit changes
+        refit_narrowed(teacher, student, train[:cfg.refit_seqs], attn=narrowed[0], ffn=narrowed[1], progress=progress)
+        student.train()
+        info["kl_refit"] = held_out_kl()
+        info["refit_kept"] = info["kl_refit"] < info["kl_before"]
+        if not info["refit_kept"]:  # too little calibration data fits noise: keep the pruned weights
+            with torch.no_grad():
+                for m, w in zip(refit, pruned_weights, strict=True):
+                    m.weight.copy_(w)
+        info["refit_s"] = round(time.monotonic() - t0, 1)
+        info["elapsed_s"] = float(info["elapsed_s"]) + info["refit_s"]
         save()  # a run interrupted from here on resumes after the refit
     gen = torch.Generator().manual_seed(cfg.seed + int(info["step"]))
     t_run = time.monotonic()
@@ -245,6 +244,6 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
             "kl_after": round(info["kl_after"], 5), "lr": cfg.lr, "batch": cfg.batch,
             "tokens": info["step"] * cfg.batch * (min(cfg.seqlen, int(ids.shape[1])) or int(ids.shape[1])), "state": str(state),
             "curve": info.get("curve", []),
-            **({k: info[k] for k in ("refit_s", "refit_kept")} if "kl_refit" in info else {}),
-            **({"kl_refit": round(info["kl_refit"], 5)} if "kl_refit" in info else {})}
+            **({"kl_refit": round(info["kl_refit"], 5), "refit_kept": info["refit_kept"], "refit_s": info["refit_s"]}
+               if "kl_refit" in info else {})}
 
