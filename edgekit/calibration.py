@@ -2,7 +2,7 @@
 
 ``self`` (the default) needs no dataset: sequences are sampled from the float model itself, as
 LLM-QAT does, so the statistics describe what the model actually produces. A text file gives
-random windows of its tokens instead.
+windows of its tokens instead, in a random order and overlapping as little as it allows.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class CalibConfig:
     def describe(self) -> dict[str, Any]:
         src = self.source if self.source == "self" else str(Path(self.source).expanduser().resolve())
         return {"source": src, "samples": self.samples, "seqlen": self.seqlen, "seed": self.seed,
-                **({"temperature": self.temperature, "top_k": self.top_k} if self.source == "self" else {})}
+                **({"temperature": self.temperature, "top_k": self.top_k} if self.source == "self"
+                   else {"windows": "tiled"})}
 
 
 def _start_token(tokenizer) -> int:
@@ -90,7 +91,11 @@ def self_generated(model, tokenizer, cfg: CalibConfig, progress=None):
 
 
 def from_text(tokenizer, cfg: CalibConfig):
-    """Random windows of ``cfg.seqlen`` tokens from a text file (seeded)."""
+    """``cfg.samples`` windows of ``cfg.seqlen`` tokens from a text file (seeded), as little overlapped as
+    the text allows: the text is cut into consecutive windows from a random offset and they are taken in a
+    random order; only when more are asked for than it holds does another cut, from another offset, follow.
+    (Independent random windows would cover only about 1 - 1/e of a text they could tile once, repeating
+    the rest: the same number of sequences then carries less of the text.)"""
     import torch
 
     text = Path(cfg.source).expanduser().read_text(encoding="utf-8", errors="replace")
@@ -99,8 +104,12 @@ def from_text(tokenizer, cfg: CalibConfig):
         raise InputError(f"--calib {cfg.source} has {len(ids)} tokens, fewer than --calib-seqlen {cfg.seqlen}")
     ids = torch.tensor(ids)
     gen = torch.Generator().manual_seed(cfg.seed)
-    starts = torch.randint(0, len(ids) - cfg.seqlen, (cfg.samples,), generator=gen)
-    return torch.stack([ids[s:s + cfg.seqlen] for s in starts.tolist()])
+    starts: list[int] = []
+    while len(starts) < cfg.samples:
+        offset = int(torch.randint(0, min(cfg.seqlen, len(ids) - cfg.seqlen + 1), (1,), generator=gen))
+        tiles = range(offset, len(ids) - cfg.seqlen + 1, cfg.seqlen)
+        starts += [tiles[i] for i in torch.randperm(len(tiles), generator=gen).tolist()]
+    return torch.stack([ids[s:s + cfg.seqlen] for s in starts[:cfg.samples]])
 
 
 def calibration_tokens(model, tokenizer, cfg: CalibConfig, progress=None, cache_key: str | None = None):

@@ -24,16 +24,18 @@ if TYPE_CHECKING:
 
 
 def refit_narrowed(teacher: Any, student: Any, ids: Any, *, attn: bool, ffn: bool, ridge: float = 1e-4,
-                   batch: int = 8, progress: Callable[[str, int, int], None] | None = None) -> None:
+                   batch: int = 8, progress: Callable[[str, int, int], None] | None = None) -> Any:
     """Refit the student's ``o_proj`` (``attn``) and ``down_proj`` (``ffn``) of every block in place, from
     the calibration token ids ``ids`` (sequences × tokens). Both models are Hugging Face Llama-family
-    models with the same number of blocks and the same hidden size."""
+    models with the same number of blocks and the same hidden size. Returns the teacher's residual stream
+    after its last block on ``ids`` (sequences × tokens × hidden; None when there was nothing to refit):
+    its logits are ``teacher.lm_head(teacher.model.norm(...))``, which distillation then need not recompute."""
     import torch
 
     from edgekit.converters.quantize.pipeline import LayerPipeline
 
     if not (attn or ffn):
-        return
+        return None
     n = len(student.model.layers)
     with torch.no_grad():
         hs, kws = LayerPipeline.first_layer_inputs(torch, student, ids, batch)
@@ -57,6 +59,7 @@ def refit_narrowed(teacher: Any, student: Any, ids: Any, *, attn: bool, ffn: boo
             ht = out_t
     if progress:
         progress("healing: refitting blocks", n, n)
+    return torch.cat(ht)
 
 
 def _input_of(module: Any, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -76,6 +76,31 @@ def test_calibration_from_a_text_file(tiny_llama, tmp_path):
     assert art.manifest["recipe"]["calib"]["source"].endswith("sample.txt")
 
 
+def test_text_windows_tile_the_text_before_any_repeats(tmp_path):
+    """Windows of a text file are consecutive cuts taken in a random order: as many as the text holds come
+    out disjoint; asking for more adds a cut from another offset; the same seed gives the same windows."""
+    from edgekit.calibration import from_text
+
+    n_tokens, seqlen = 1000, 64
+    (tmp_path / "t.txt").write_text(" ".join(map(str, range(n_tokens))))
+
+    def tok(text, add_special_tokens):  # noqa: ARG001 - the tokenizer's signature
+        return {"input_ids": [int(w) for w in text.split()]}
+
+    def windows(samples, seed=0):
+        return from_text(tok, CalibConfig(source=str(tmp_path / "t.txt"), samples=samples, seqlen=seqlen, seed=seed))
+
+    ids = windows(14)  # a cut from any offset holds at least 14 windows of 64 of these 1000 tokens
+    assert ids.shape == (14, seqlen)
+    assert all((row == row[0] + np.arange(seqlen)).all() for row in ids.numpy())  # each a contiguous span
+    starts = ids[:, 0].numpy()
+    assert (np.diff(np.sort(starts)) >= seqlen).all() and len(set(starts % seqlen)) == 1  # one cut: none overlaps
+    assert not (starts == np.sort(starts)).all()  # taken in a random order
+    more = windows(40)
+    assert more.shape == (40, seqlen) and len(set(more[:, 0].tolist())) >= 28  # further cuts, other offsets
+    assert (windows(14) == ids).all() and not (windows(14, seed=1) == ids).all()
+
+
 def test_sdk_reaches_every_method_setting(tiny_llama, tmp_path):
     """api.convert(quantize=...) takes a method's own config: its settings reach the quantizer and the
     manifest, and its method replaces the recipe's."""

@@ -47,7 +47,10 @@ def test_refit_recovers_the_projections_of_an_unpruned_student(tiny):
             for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.05)
     ids = torch.randint(0, teacher.config.vocab_size, (8, 48), generator=gen)
-    refit_narrowed(teacher, student, ids, attn=True, ffn=True, ridge=1e-9, batch=3)
+    last = refit_narrowed(teacher, student, ids, attn=True, ffn=True, ridge=1e-9, batch=3)
+    with torch.no_grad():  # what it returns is the teacher's last hidden state: its logits are the teacher's
+        want = teacher(ids).logits
+        assert torch.allclose(teacher.lm_head(teacher.model.norm(last)), want, atol=1e-4 * float(want.abs().max()))
     for lt, ls in zip(teacher.model.layers, student.model.layers, strict=True):
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             want, got = lt.get_submodule(name).weight, ls.get_submodule(name).weight
