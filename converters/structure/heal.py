@@ -211,9 +211,10 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
                 g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
             pick = torch.randint(0, train.shape[0], (cfg.batch,), generator=gen)
             batch = train[pick]
-            cached = teacher_last is not None and bool((pick < teacher_last.shape[0]).all())
-            if 0 < cfg.seqlen < batch.shape[1]:
-                cached = False  # a window's logits depend on the context it is cut from
+            windowed = 0 < cfg.seqlen < batch.shape[1]
+            # the refit's teacher states serve whole sequences only: a window's logits depend on its context
+            cached = teacher_last is not None and not windowed and bool((pick < teacher_last.shape[0]).all())
+            if windowed:
                 starts = torch.randint(0, batch.shape[1] - cfg.seqlen + 1, (cfg.batch,), generator=gen).tolist()
                 batch = torch.stack([row[s: s + cfg.seqlen] for row, s in zip(batch, starts, strict=True)])
             with torch.no_grad():
