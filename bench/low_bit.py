@@ -23,13 +23,15 @@ Then, per preset:
   at a file no larger than Q2_K's (IQ2_M's), at most half of its perplexity increase.
 
 Perplexity on ``--chunks`` chunks of 512 tokens of the SECOND half, KL and top-1 on ``--kl-chunks``.
-Writes ``bench/results/low_bit.{json,txt}``.
+Writes ``bench/results/low_bit.{json,txt}``; while it runs, ``OUT.partial.json`` holds every row measured so
+far, and ``--publish-partial`` prints and writes the report from it (a run stopped early keeps its rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -84,12 +86,14 @@ def byte_check(f32: Path, theirs: Path, imatrix: dict[str, np.ndarray], limit: i
 
 
 def one_model(name: str, hf: Path, tmp: Path, text: str, calib_file: Path, args: argparse.Namespace,
-              edgekit_presets: list[tuple[str, str]]) -> dict[str, Any]:
+              edgekit_presets: list[tuple[str, str]], res: dict[str, Any], save) -> dict[str, Any]:
+    """Fill ``res`` with the model's rows, calling ``save()`` after each (a long run keeps what it measured)."""
     log(f"{name}: F32 GGUF")
     f32 = api.convert(hf, "gguf", output=tmp / f"{name}-F32", recipe=api.ConvertRecipe(bits=None, preset="F32"),
                       force=True).model_file
-    res: dict[str, Any] = {"f32": {"mb": f32.stat().st_size / 1e6, **evaluate(f32, text, args.chunks, 0, None)},
-                           "llamacpp": {}, "edgekit": {}}
+    res.update(f32={"mb": f32.stat().st_size / 1e6, **evaluate(f32, text, args.chunks, 0, None)},
+               llamacpp={}, edgekit={})
+    save()
     f32_ppl = res["f32"]["ppl"]
     log(f"{name}: F32 ppl {f32_ppl:.4f}; llama-imatrix on {args.imatrix_chunks} chunks")
     imat = tmp / f"{name}-imatrix.gguf"
@@ -111,6 +115,7 @@ def one_model(name: str, hf: Path, tmp: Path, text: str, calib_file: Path, args:
             row = {"error": f"{type(exc).__name__}: {exc}"}
         dst.unlink(missing_ok=True)
         res["llamacpp"][preset] = row
+        save()
     for preset, method in edgekit_presets:
         key = preset if method == "imatrix" else f"{preset}:{method}"
         try:
@@ -137,6 +142,7 @@ def one_model(name: str, hf: Path, tmp: Path, text: str, calib_file: Path, args:
             log(f"{name} edgekit {method} {preset}: FAILED: {exc}")
             row = {"method": method, "error": f"{type(exc).__name__}: {exc}"}
         res["edgekit"][key] = row
+        save()
     return res
 
 
@@ -148,6 +154,8 @@ def build_table(report: dict[str, Any]) -> Table:
     for col in ("model", "row", "MB", "bpw", "ppl", "vs F32", "KL", "top-1", "bytes = ggml", "time s"):
         table.add_column(col, justify="left" if col in ("model", "row") else "right")
     for model, res in report["models"].items():
+        if "f32" not in res:  # a stopped run's model that had not begun
+            continue
         f = res["f32"]
         table.add_row(model, "F32", f"{f['mb']:.1f}", "32", f"{f['ppl']:.4f}", "", "", "", "", "")
         for kind, rows in (("llama.cpp imatrix", res["llamacpp"]), ("edgekit imatrix", res["edgekit"])):
@@ -220,7 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exclude-types", default="Q4_1",
                     help="types the @PRESET size budgets may not use (default Q4_1: see the module's docstring)")
     ap.add_argument("--out", type=Path, default=RESULTS / "low_bit")
+    ap.add_argument("--publish-partial", action="store_true",
+                    help="print and write the report from OUT.partial.json of a run that was stopped")
     args = ap.parse_args(argv)
+    if args.publish_partial:
+        partial = args.out.with_suffix(".partial.json")
+        if not partial.exists():
+            ap.error(f"no {partial}: nothing to publish")
+        report = json.loads(partial.read_text())
+        report["stopped_early"] = True
+        publish(report, build_table(report), [*targets(report), "stopped early: the rows above are all it measured"],
+                args.out)
+        return 0
     args.presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
     args.exclude_types = {t.strip().upper() for t in args.exclude_types.split(",") if t.strip()}
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -241,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {n: pkg_version(n) for n in ("edgekit", "llama_cpp_python", "gguf", "numpy", "torch")},
         "models": {}}
     hf = get_model()
+    partial = args.out.with_suffix(".partial.json")
+
+    def save() -> None:
+        report["total_s"] = time.perf_counter() - start
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="edgekit-lowbit-") as tmpdir:
         tmp = Path(tmpdir)
         calib_file = tmp / "calib.txt"
@@ -248,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             path = hf if model == "real" else pad_hidden(HFCheckpoint.open(hf), PADDED_HIDDEN, tmp / "padded-hf")
             presets = [(e[1].upper(), e[2].lower() if len(e) > 2 else "imatrix") for e in ek if e[0] == model]
-            report["models"][model] = one_model(model, path, tmp, text, calib_file, args, presets)
+            report["models"][model] = {}
+            one_model(model, path, tmp, text, calib_file, args, presets, report["models"][model], save)
     report["total_s"] = time.perf_counter() - start
     report["machine"]["loadavg_end"] = os.getloadavg()
     publish(report, build_table(report), targets(report), args.out)
+    partial.unlink(missing_ok=True)
     return 0
 
 
