@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def byte_check(f32: Path, theirs: Path, imatrix: dict[str, np.ndarray], limit: i
 
 
 def one_model(name: str, hf: Path, tmp: Path, text: str, calib_file: Path, args: argparse.Namespace,
-              edgekit_presets: list[tuple[str, str]], res: dict[str, Any], save) -> dict[str, Any]:
+              edgekit_presets: list[tuple[str, str]], res: dict[str, Any], save: Callable[[], None]) -> dict[str, Any]:
     """Fill ``res`` with the model's rows, calling ``save()`` after each (a long run keeps what it measured)."""
     log(f"{name}: F32 GGUF")
     f32 = api.convert(hf, "gguf", output=tmp / f"{name}-F32", recipe=api.ConvertRecipe(bits=None, preset="F32"),
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         report["total_s"] = time.perf_counter() - start
         partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(report, indent=2) + "\n")
+        tmp_file = partial.with_suffix(".tmp")  # a run killed mid-write keeps the previous rows whole
+        tmp_file.write_text(json.dumps(report, indent=2) + "\n")
+        tmp_file.replace(partial)
 
     with tempfile.TemporaryDirectory(prefix="edgekit-lowbit-") as tmpdir:
         tmp = Path(tmpdir)

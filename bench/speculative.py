@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                          "change to the derived columns) and rewrite OUT.json/.txt")
     args = ap.parse_args(argv)
     if args.render:
-        render(json.loads(args.out.with_suffix(".json").read_text()), args.out)
+        stored = args.out.with_suffix(".json")
+        if not stored.exists():
+            ap.error(f"no {stored}: run the benchmark first")
+        render(json.loads(stored.read_text()), args.out)
         return 0
 
     hf = get_model()
