@@ -87,7 +87,7 @@ def byte_check(f32: Path, theirs: Path, imatrix: dict[str, np.ndarray], limit: i
 
 
 def one_model(name: str, hf: Path, tmp: Path, text: str, calib_file: Path, args: argparse.Namespace,
-              edgekit_presets: list[tuple[str, str]], res: dict[str, Any], save: Callable[[], None]) -> dict[str, Any]:
+              edgekit_presets: list[tuple[str, str]], res: dict[str, Any], save: Callable[[], None]) -> None:
     """Fill ``res`` with the model's rows, calling ``save()`` after each (a long run keeps what it measured)."""
     log(f"{name}: F32 GGUF")
     f32 = api.convert(hf, "gguf", output=tmp / f"{name}-F32", recipe=api.ConvertRecipe(bits=None, preset="F32"),
@@ -144,7 +144,6 @@ def one_model(name: str, hf: Path, tmp: Path, text: str, calib_file: Path, args:
             row = {"method": method, "error": f"{type(exc).__name__}: {exc}"}
         res["edgekit"][key] = row
         save()
-    return res
 
 
 def build_table(report: dict[str, Any]) -> Table:

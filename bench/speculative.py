@@ -118,21 +118,25 @@ def run_prompts(target: Path, prompts: list[str], max_tokens: int, threads: int,
     return out, info
 
 
-def best_possible(costs: dict[str, float]) -> tuple[float, int]:
-    """The speedup a draft that is always right could give at these measured costs, and its length:
-    (k + 1) tokens per (one target step + k extra verified tokens + k draft steps)."""
+def speedup_at(costs: dict[str, float], a: float, k: int) -> float:
+    """Speed-up over plain decoding of drafting k tokens that are each right with probability ``a``
+    (independently) at these measured costs: (1 + a + .. + a^k) tokens per (one target step + k extra
+    verified tokens + k draft steps)."""
     step, extra, draft = costs["step_ms"], costs["extra_ms"], costs["draft_ms"]
-    return max(((k + 1) * step / (step + k * (extra + draft)), k) for k in range(1, 17))
+    return sum(a ** i for i in range(k + 1)) * step / (step + k * (extra + draft))
+
+
+def best_possible(costs: dict[str, float], k_max: int = 16) -> tuple[float, int]:
+    """The speedup a draft that is always right could give at these measured costs, and its length."""
+    return max((speedup_at(costs, 1.0, k), k) for k in range(1, k_max + 1))
 
 
 def acceptance_needed(costs: dict[str, float], speedup: float, k_max: int = 16) -> float | None:
-    """The least per-token acceptance rate (each drafted token right with probability a, independently) at
-    which some draft length k reaches ``speedup`` at these measured costs: (1 + a + .. + a^k) tokens per
-    (one target step + k extra verified tokens + k draft steps). None when even a = 1 falls short."""
-    step, extra, draft = costs["step_ms"], costs["extra_ms"], costs["draft_ms"]
+    """The least per-token acceptance rate at which some draft length k <= ``k_max`` reaches ``speedup``
+    at these measured costs (:func:`speedup_at`). None when even a = 1 falls short."""
 
     def best(a: float) -> float:
-        return max(sum(a ** i for i in range(k + 1)) * step / (step + k * (extra + draft)) for k in range(1, k_max + 1))
+        return max(speedup_at(costs, a, k) for k in range(1, k_max + 1))
 
     if best(1.0) < speedup:
         return None
