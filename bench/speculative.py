@@ -13,8 +13,8 @@ Targets: edgekit's F16 and Q8_0 GGUFs of the float checkpoint. Drafts (GGUF, sam
 
 Prompts: 10 open chat questions and 10 input-grounded tasks (rewrite, extract, correct) over paragraphs of
 WikiText-2 valid (read from ../shared). Each is generated greedily for ``--max-tokens`` tokens with each
-drafter and without; decode speed is the worker's own (generated - 1) / (time after the first token), so no
-IPC is in it. Lossless: greedy output token-identical to plain decoding, prompt by prompt (where they differ,
+drafter and without (``--rounds N``: every mode N times, interleaved, speeds averaged); decode speed is
+the worker's own (generated - 1) / (time after the first token), so no IPC is in it. Lossless: greedy output token-identical to plain decoding, prompt by prompt (where they differ,
 the script checks whether the target's top-2 logits at the first difference are within the difference its
 own batched and one-at-a-time evaluations show: llama.cpp's CPU kernels round differently by batch size).
 
@@ -59,6 +59,7 @@ from edgekit.evaluate import read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home  # noqa: E402
 from edgekit.runtime.base import GenerationStats, SamplingConfig  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
+from edgekit.runtime.speculative import DraftCosts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
@@ -120,10 +121,11 @@ def run_prompts(target: Path, prompts: list[str], max_tokens: int, threads: int,
 
 def speedup_at(costs: dict[str, float], a: float, k: int) -> float:
     """Speed-up over plain decoding of drafting k tokens that are each right with probability ``a``
-    (independently) at these measured costs: (1 + a + .. + a^k) tokens per (one target step + k extra
-    verified tokens + k draft steps)."""
-    step, extra, draft = costs["step_ms"], costs["extra_ms"], costs["draft_ms"]
-    return sum(a ** i for i in range(k + 1)) * step / (step + k * (extra + draft))
+    (independently) at these measured costs: (1 + a + .. + a^k) tokens per cycle (the target's step over
+    k + 1 tokens, from its measured widths when the run has them, else linear; and k draft steps), the
+    drafting loop's own cost model (``DraftCosts.cycle``)."""
+    c = DraftCosts.from_json(costs)
+    return sum(a ** i for i in range(k + 1)) * c.step / c.cycle(k)
 
 
 def best_possible(costs: dict[str, float], k_max: int = 16) -> tuple[float, int]:
@@ -152,7 +154,7 @@ def lookup_bound(pairs: list[tuple[list[int], list[int]]], costs: dict[str, floa
     at these costs: at every step it drafts from whichever earlier occurrence of the last token agrees
     longest with what the target will say, exactly as many tokens as will be accepted. An oracle (no real
     drafter knows the future), so a bound: if it is under a target, no prompt-lookup drafter reaches it."""
-    step, extra = costs["step_ms"], costs["extra_ms"]
+    c = DraftCosts.from_json(costs)
     plain = spent = 0.0
     for prompt, out in pairs:
         seq = list(prompt)
@@ -165,10 +167,10 @@ def lookup_bound(pairs: list[tuple[list[int], list[int]]], costs: dict[str, floa
                 while n < len(truth) and h + 1 + n < len(seq) and seq[h + 1 + n] == truth[n]:
                     n += 1
                 best = max(best, n)
-            spent += step + best * extra
+            spent += c.verify(best + 1)
             seq += out[pos: pos + best + 1]
             pos += best + 1
-        plain += step * len(out)
+        plain += c.step * len(out)
     return plain / spent if spent else 1.0
 
 
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-heal", default="15m", help="distillation time of the draft-for recipe")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every mode this many times, interleaved, and average the speeds")
     ap.add_argument("--ngram-only", action="store_true", help="prompt lookup only: build and time no draft model")
     ap.add_argument("--out", type=Path, default=RESULTS / "speculative")
     ap.add_argument("--render", action="store_true",
@@ -298,39 +302,40 @@ def main(argv: list[str] | None = None) -> int:
 
     chat, grounded = CHAT, grounded_prompts(args.text)
     rows: list[dict[str, Any]] = []
+    plain_name, nofa_name = "none (plain)", "none (plain, no flash attention)"
     for tname, target in targets.items():
         for kind, prompts in (("chat", chat), ("grounded", grounded)):
-            log(f"{tname} {kind}: plain (flash attention off, llama-cpp-python's default)")
-            plain_nofa, _ = run_prompts(target, prompts, args.max_tokens, args.threads)
-            log(f"{tname} {kind}: plain")
-            plain, _ = run_prompts(target, prompts, args.max_tokens, args.threads, flash_attn=True)
-            base = statistics.mean(r["tok_s"] for r in plain)
-            nofa = statistics.mean(r["tok_s"] for r in plain_nofa)
-            rows.append({"target": tname, "prompts": kind, "drafter": "none (plain, no flash attention)", "tok_s": nofa,
-                         "speedup": nofa / base, "acceptance": None,
-                         "identical": sum(a["text"] == b["text"] for a, b in zip(plain, plain_nofa, strict=True))})
-            rows.append({"target": tname, "prompts": kind, "drafter": "none (plain)", "tok_s": base, "speedup": 1.0,
-                         "acceptance": None, "identical": len(prompts)})
-            modes: list[tuple[str, dict[str, Any]]] = [("ngram", {"speculative": "ngram"})]
+            modes: list[tuple[str, dict[str, Any]]] = [(nofa_name, {}), (plain_name, {"flash_attn": True}),
+                                                       ("ngram", {"speculative": "ngram"})]
             modes += [(f"draft: {n}", {"draft": str(p)}) for n, p in drafts.items()]
-            for name, opts in modes:
-                log(f"{tname} {kind}: {name}")
-                res, info = run_prompts(target, prompts, args.max_tokens, args.threads, **opts)
-                tok_s = statistics.mean(r["tok_s"] for r in res)
-                drafted = sum(r["drafted"] for r in res)
+            runs: dict[str, list[tuple[list[dict[str, Any]], dict[str, Any]]]] = {n: [] for n, _ in modes}
+            for rnd in range(args.rounds):  # every mode once per round: slow spells of a shared machine hit all alike
+                for name, opts in modes:
+                    log(f"{tname} {kind}: {name}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""))
+                    runs[name].append(run_prompts(target, prompts, args.max_tokens, args.threads, **opts))
+            speed = {n: statistics.mean(r["tok_s"] for res, _ in rs for r in res) for n, rs in runs.items()}
+            base = speed[plain_name]
+            plain = runs[plain_name][0][0]
+            for name, _ in modes:
+                res, info = runs[name][0]  # texts, costs and differences from the first round
+                drafted = sum(r["drafted"] for rs, _ in runs[name] for r in rs)
+                accepted = sum(r["accepted"] for rs, _ in runs[name] for r in rs)
                 same = [a["text"] == b["text"] for a, b in zip(plain, res, strict=True)]
-                diffs = [first_difference(target, p, a["text"], b["text"], args.threads)
-                         for p, a, b, s in zip(prompts, plain, res, same, strict=True) if not s]
-                rows.append({"target": tname, "prompts": kind, "drafter": name, "tok_s": tok_s,
-                             "speedup": tok_s / base, "acceptance": sum(r["accepted"] for r in res) / drafted
-                             if drafted else None, "identical": sum(same), "diffs": diffs, "costs": info.get("costs")})
+                row = {"target": tname, "prompts": kind, "drafter": name, "tok_s": speed[name],
+                       "speedup": speed[name] / base, "acceptance": accepted / drafted if drafted else None,
+                       "identical": sum(same)}
+                if name.startswith(("ngram", "draft")):
+                    row["diffs"] = [first_difference(target, p, a["text"], b["text"], args.threads)
+                                    for p, a, b, s in zip(prompts, plain, res, same, strict=True) if not s]
+                    row["costs"] = info.get("costs")
                 if name == "ngram" and info.get("costs"):
                     pairs = tokenized(target, prompts, [r["text"] for r in plain], args.threads)
-                    rows[-1]["lookup_bound"] = lookup_bound(pairs, info["costs"])
+                    row["lookup_bound"] = lookup_bound(pairs, info["costs"])
+                rows.append(row)
 
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(), "machine": platform.machine(),
               "llama_cpp_python": pkg_version("llama_cpp_python"), "max_tokens": args.max_tokens,
-              "threads": args.threads, "draft_build_s": draft_build_s, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "threads": args.threads, "rounds": args.rounds, "draft_build_s": draft_build_s, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "drafts": {k: str(v) for k, v in drafts.items()}, "prompts_per_kind": len(chat), "rows": rows}
     render(report, args.out)
     return 0

@@ -15,6 +15,7 @@ not pay it stops, and probes again now and then.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -199,20 +200,55 @@ class ModelDrafter:
 @dataclass(frozen=True)
 class DraftCosts:
     """Measured once when a drafter is loaded: seconds for a one-token target step, per extra token in a
-    verification batch, per draft token. Freezing them keeps the draft lengths, and so a seeded sampled
-    generation, reproducible (times measured on the fly differ from run to run)."""
+    verification batch, per draft token, and the target step at each measured batch width. Freezing them
+    keeps the draft lengths, and so a seeded sampled generation, reproducible (times measured on the fly
+    differ from run to run).
+
+    ``widths``: ``(n, seconds)`` of a target step over ``n`` tokens, by rising ``n``. A CPU's step is not
+    linear in its width: the second token costs most (the one-token step is a matrix-vector product, a
+    batch takes the matrix-matrix kernels), later ones less, so :meth:`verify` interpolates these rather
+    than adding ``extra`` per token; without them it is ``step + (n - 1) * extra``."""
 
     step: float
     extra: float
     draft: float
+    widths: tuple[tuple[int, float], ...] = ()
 
-    def to_json(self) -> dict[str, float]:
-        return {"step_ms": round(1e3 * self.step, 3), "extra_ms": round(1e3 * self.extra, 3),
-                "draft_ms": round(1e3 * self.draft, 3)}
+    def verify(self, n: int) -> float:
+        """Seconds of one target step over ``n`` tokens (the last sampled one and ``n - 1`` drafts)."""
+        if n <= 1 or len(self.widths) < 2:
+            return self.step + max(n - 1, 0) * self.extra
+        ns = [w for w, _ in self.widths]
+        ts = np.maximum.accumulate([t for _, t in self.widths])  # timing noise must not make a wider step cheaper
+        if n <= ns[-1]:
+            return float(np.interp(n, ns, ts))
+        slope = (ts[-1] - ts[-2]) / (ns[-1] - ns[-2])
+        return float(ts[-1] + (n - ns[-1]) * slope)
+
+    def cycle(self, k: int) -> float:
+        """Seconds of one speculation cycle drafting ``k`` tokens: ``k`` draft steps and the verification."""
+        return self.verify(k + 1) + k * self.draft
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step_ms": round(1e3 * self.step, 3), "extra_ms": round(1e3 * self.extra, 3),
+                               "draft_ms": round(1e3 * self.draft, 3)}
+        if self.widths:
+            out["verify_ms"] = {str(n): round(1e3 * t, 3) for n, t in self.widths}
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DraftCosts:
+        widths = tuple(sorted((int(n), t / 1e3) for n, t in (d.get("verify_ms") or {}).items()))
+        return cls(step=d["step_ms"] / 1e3, extra=d["extra_ms"] / 1e3, draft=d["draft_ms"] / 1e3, widths=widths)
 
 
-def measure_costs(target: Context, draft: Context | None, tokens: list[int], reps: int = 3) -> DraftCosts:
-    """Time a one-token and a five-token target step after ``tokens``, and a one-token draft step."""
+#: target batch widths :func:`measure_costs` times: verifying 0, 1, 4 and 8 drafts (8: AdaptiveDraft's k_max)
+WIDTHS = (1, 2, 5, 9)
+
+
+def measure_costs(target: Context, draft: Context | None, tokens: list[int], reps: int = 3,
+                  widths: tuple[int, ...] = WIDTHS) -> DraftCosts:
+    """Time target steps of each width in ``widths`` after ``tokens``, and a one-token draft step."""
 
     def timed(ctx: Context, width: int) -> float:
         ts = []
@@ -224,8 +260,11 @@ def measure_costs(target: Context, draft: Context | None, tokens: list[int], rep
         ctx.truncate(0)
         return float(np.median(ts))
 
-    one, five = timed(target, 1), timed(target, 5)
-    return DraftCosts(step=one, extra=max(five - one, 0.0) / 4, draft=timed(draft, 1) if draft is not None else 0.0)
+    widths = tuple(sorted({1, *(w for w in widths if w <= len(tokens))}))
+    steps = tuple((w, timed(target, w)) for w in widths)
+    curve = DraftCosts(step=steps[0][1], extra=0.0, draft=0.0, widths=steps if len(steps) > 1 else ())
+    extra = max(curve.verify(5) - curve.step, 0.0) / 4  # the mean extra token up to five, for reports
+    return dataclasses.replace(curve, extra=extra, draft=timed(draft, 1) if draft is not None else 0.0)
 
 
 class AdaptiveDraft:
@@ -247,6 +286,7 @@ class AdaptiveDraft:
         self.acc, self.rej = prior * 4, (1 - prior) * 4
         self.classes: dict[int, list[float]] = {}  # cls -> [accepted, rejected], decayed
         self.frozen = costs is not None
+        self.costs = costs
         self.t1: float | None = costs.step if costs else None  # seconds for a one-token target step
         self.t_extra = costs.extra if costs else 0.0  # seconds per extra token in a verification batch
         self.t_draft = costs.draft if costs else 0.0  # seconds per draft token
@@ -260,15 +300,21 @@ class AdaptiveDraft:
     def alpha(self) -> float:
         return self.alpha_of()
 
+    def cycle_time(self, k: int) -> float:
+        """Seconds of a cycle drafting ``k`` tokens: the measured costs' curve when frozen, else the
+        running estimates (linear in ``k``)."""
+        if self.costs is not None:
+            return self.costs.cycle(k)
+        return (self.t1 or 1.0) + k * (self.t_extra + self.t_draft)
+
     def expected_rate(self, k: int, cls: int | None = None) -> float:
-        a, t1 = self.alpha_of(cls), self.t1 or 1.0
+        a = self.alpha_of(cls)
         tokens = (1 - a ** (k + 1)) / (1 - a)
-        return tokens / (t1 + k * (self.t_extra + self.t_draft))
+        return tokens / self.cycle_time(k)
 
     def can_pay(self) -> bool:
         """Whether some draft length beats plain decoding at these costs when every draft is right."""
-        t1 = self.t1 or 1.0
-        return any((k + 1) / (t1 + k * (self.t_extra + self.t_draft)) > 1 / t1 for k in range(1, self.k_max + 1))
+        return any((k + 1) / self.cycle_time(k) > 1 / self.cycle_time(0) for k in range(1, self.k_max + 1))
 
     def choose(self, cls: int | None = None) -> int:
         if self.fixed is not None:

@@ -15,6 +15,7 @@ from edgekit.runtime.speculative import (
     common_prefix,
     decoding_note,
     generate_tokens,
+    measure_costs,
 )
 
 
@@ -255,3 +256,54 @@ def test_a_draft_that_could_never_pay_is_not_even_probed():
     assert not dear.can_pay() and [dear.choose() for _ in range(300)] == [0] * 300
     cheap = AdaptiveDraft(k_max=8, prior=0.9, costs=DraftCosts(step=0.010, extra=0.001, draft=0.001))
     assert cheap.can_pay() and cheap.choose() >= 4
+
+
+def test_verification_cost_follows_the_measured_widths():
+    """A CPU step over n tokens is not linear in n (the second token costs most): verify() interpolates the
+    measured widths, keeps them rising through timing noise, extends past the widest by its last slope, and
+    without widths is the linear model."""
+    c = DraftCosts(step=0.017, extra=0.0038, draft=0.0,
+                   widths=((1, 0.017), (2, 0.0235), (3, 0.0255), (5, 0.032), (9, 0.040)))
+    assert c.verify(1) == pytest.approx(0.017) and c.verify(2) == pytest.approx(0.0235)
+    assert c.verify(4) == pytest.approx((0.0255 + 0.032) / 2)
+    assert c.verify(13) == pytest.approx(0.040 + 4 * (0.040 - 0.032) / 4)
+    noisy = DraftCosts(step=0.017, extra=0.004, draft=0.0, widths=((1, 0.017), (2, 0.024), (3, 0.022), (5, 0.03)))
+    assert noisy.verify(3) == pytest.approx(0.024)  # a wider step is never cheaper than a narrower one
+    assert DraftCosts(step=0.017, extra=0.004, draft=0.001).cycle(3) == pytest.approx(0.017 + 3 * 0.004 + 3 * 0.001)
+    assert DraftCosts.from_json(c.to_json()) == c
+
+
+def test_draft_length_comes_from_the_measured_curve():
+    """At the same one-token step and the same mean cost per extra token up to five, a curve whose later
+    tokens are cheap makes long drafts pay where the linear model would stop short."""
+    linear = DraftCosts(step=0.017, extra=0.004, draft=0.0)
+    curve = DraftCosts(step=0.017, extra=0.004, draft=0.0,
+                       widths=((1, 0.017), (2, 0.025), (3, 0.028), (5, 0.033), (9, 0.037)))
+    counts = []
+    for costs in (linear, curve):
+        c = AdaptiveDraft(k_max=8, prior=0.5, costs=costs)
+        for _ in range(20):
+            c.update(4, 2, 0.0, 0.0)  # half the drafts right
+        counts.append(c.choose())
+    assert counts[1] > counts[0] >= 1
+
+
+def test_measure_costs_times_each_width():
+    """A target whose step takes 2 ms plus 1 ms per token: the measured widths follow it and give the
+    one-token step and the per-token extra; a probe shorter than a width leaves that width out."""
+    import time
+
+    class Timed(TableContext):
+        def extend(self, tokens, logits="all"):
+            time.sleep(0.002 + 0.001 * len(tokens))
+            return super().extend(tokens, logits)
+
+    table = np.zeros((64, 4))
+    c = measure_costs(Timed(table), Timed(table), list(range(20)))
+    assert [n for n, _ in c.widths] == [1, 2, 5, 9]
+    for n, t in c.widths:
+        assert 0.002 + 0.001 * n <= t < 0.002 + 0.001 * n + 0.010
+    assert c.extra == pytest.approx(0.001, abs=0.0008) and c.draft >= 0.003
+    short = measure_costs(Timed(table), None, list(range(4)))
+    assert [n for n, _ in short.widths] == [1, 2] and short.draft == 0.0
+    assert short.extra == pytest.approx(0.001, abs=0.0008)  # the last slope, extended past the probe

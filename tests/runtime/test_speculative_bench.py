@@ -43,3 +43,18 @@ def test_acceptance_needed_is_the_least_rate_that_reaches_the_speedup(bench):
     top, _ = bench.best_possible(costs)
     assert bench.acceptance_needed(costs, top * 0.999) > 0.99
     assert bench.acceptance_needed({"step_ms": 10.0, "extra_ms": 5.0, "draft_ms": 5.0}, 1.5) is None
+
+
+def test_the_bench_prices_cycles_with_the_measured_widths(bench):
+    """A run that stored the target's step per batch width prices each cycle on that curve (the drafting
+    loop's model); a stored run without it on the linear one."""
+    linear = {"step_ms": 17.0, "extra_ms": 4.0, "draft_ms": 0.0}
+    curve = {**linear, "verify_ms": {"1": 17.0, "2": 25.0, "3": 28.0, "5": 33.0, "9": 37.0}}
+    assert bench.speedup_at(linear, 1.0, 8) == pytest.approx(9 * 17.0 / (17.0 + 8 * 4.0))
+    assert bench.speedup_at(curve, 1.0, 8) == pytest.approx(9 * 17.0 / 37.0)
+    assert bench.speedup_at(curve, 1.0, 1) == pytest.approx(2 * 17.0 / 25.0)
+    # the prompt-lookup bound: an output that copies 8 tokens after a one-token match, twice
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    out = [1, 2, 3, 4, 5, 6, 7, 8, 9, 99, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    pairs = [(prompt, out)]
+    assert bench.lookup_bound(pairs, curve, k_max=8) > bench.lookup_bound(pairs, linear, k_max=8) > 1.0
