@@ -154,8 +154,11 @@ class Worker(MeasureOps):
         if spec.get("mode"):
             # Flash attention when drafting: on CPUs its results for a verification batch of a few tokens
             # equal those of one-token steps (the default attention's differ by up to ~0.5 in a logit for
-            # Q8_0), so the drafted tokens are checked exactly as decoding them one by one would. Plain
-            # decoding with flash_attn=True gives the same tokens.
+            # Q8_0), so the drafted tokens are checked as decoding them one by one would. Bit for bit only
+            # where the matrix kernels are batch-invariant too (Q8_0 and Q4_0 are; F16 is within ~0.1 of a
+            # logit; repacked Q4_K changes kernel from 4 tokens) and while the cache view is under 512
+            # cells (256 tokens with flash attention's padding): from there its one-token kernel splits
+            # the cache across threads and sums in another order.
             kwargs.setdefault("flash_attn", True)
         window = spec.get("kv_window")
         if window:

@@ -4,8 +4,9 @@ generations, the acceptance rate, and whether the drafted output stayed token-id
 llama-bench's ``tg`` tests decode tokens no drafter can predict, so a drafter's worth (which depends on
 the text) is measured here on a prompt (``--prompt``; by default a rewrite task, where prompt lookup has
 something to copy). Each drafter and the plain baseline run in a backend of their own with the same
-options and flash attention on (llama.cpp's batched verification gives bit-identical logits to one-token
-steps only with flash attention on this CPU path; see :mod:`edgekit.runtime.speculative`). Decode speed is
+options and flash attention on (without it llama.cpp's batched verification never gives the logits of
+one-token steps on CPUs; with it, bit for bit for Q8_0 and Q4_0 under 256 cached tokens, within rounding
+elsewhere, so a near-tie can flip a greedy token: the row says "output differs"). Decode speed is
 the worker's own (generated − 1) / (time after the first token), so no pipe traffic is in it.
 """
 

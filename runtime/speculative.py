@@ -242,29 +242,35 @@ class DraftCosts:
         return cls(step=d["step_ms"] / 1e3, extra=d["extra_ms"] / 1e3, draft=d["draft_ms"] / 1e3, widths=widths)
 
 
-#: target batch widths :func:`measure_costs` times: verifying 0, 1, 4 and 8 drafts (8: AdaptiveDraft's k_max)
-WIDTHS = (1, 2, 5, 9)
+#: target batch widths :func:`measure_costs` times: verifying 0, 1, 2, 4 and 8 drafts (8: AdaptiveDraft's k_max).
+#: Widths 2-3 matter: repacked K-quants switch kernels at 4 tokens, so their curve bends there.
+WIDTHS = (1, 2, 3, 5, 9)
 
 
 def measure_costs(target: Context, draft: Context | None, tokens: list[int], reps: int = 3,
                   widths: tuple[int, ...] = WIDTHS) -> DraftCosts:
     """Time target steps of each width in ``widths`` after ``tokens``, and a one-token draft step."""
 
-    def timed(ctx: Context, width: int) -> float:
+    def timed(ctx: Context, width: int, reps: int = reps) -> float:
         ts = []
         for _ in range(reps):
             ctx.sync(tokens)
             t0 = time.perf_counter()
             ctx.extend(tokens[:width], logits="all")
             ts.append(time.perf_counter() - t0)
-        ctx.truncate(0)
         return float(np.median(ts))
 
     widths = tuple(sorted({1, *(w for w in widths if w <= len(tokens))}))
+    for w in widths:  # warm-up, not timed: the first steps after loading run cold (measured 25% slower)
+        timed(target, w, reps=1)
     steps = tuple((w, timed(target, w)) for w in widths)
     curve = DraftCosts(step=steps[0][1], extra=0.0, draft=0.0, widths=steps if len(steps) > 1 else ())
     extra = max(curve.verify(5) - curve.step, 0.0) / 4  # the mean extra token up to five, for reports
-    return dataclasses.replace(curve, extra=extra, draft=timed(draft, 1) if draft is not None else 0.0)
+    costs = dataclasses.replace(curve, extra=extra, draft=timed(draft, 1) if draft is not None else 0.0)
+    for ctx in (target, draft):
+        if ctx is not None:
+            ctx.truncate(0)
+    return costs
 
 
 class AdaptiveDraft:

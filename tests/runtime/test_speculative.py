@@ -300,10 +300,10 @@ def test_measure_costs_times_each_width():
 
     table = np.zeros((64, 4))
     c = measure_costs(Timed(table), Timed(table), list(range(20)))
-    assert [n for n, _ in c.widths] == [1, 2, 5, 9]
+    assert [n for n, _ in c.widths] == [1, 2, 3, 5, 9]
     for n, t in c.widths:
         assert 0.002 + 0.001 * n <= t < 0.002 + 0.001 * n + 0.010
     assert c.extra == pytest.approx(0.001, abs=0.0008) and c.draft >= 0.003
     short = measure_costs(Timed(table), None, list(range(4)))
-    assert [n for n, _ in short.widths] == [1, 2] and short.draft == 0.0
+    assert [n for n, _ in short.widths] == [1, 2, 3] and short.draft == 0.0
     assert short.extra == pytest.approx(0.001, abs=0.0008)  # the last slope, extended past the probe
