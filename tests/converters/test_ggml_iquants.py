@@ -50,6 +50,24 @@ def test_byte_identical_with_ggml_quantize_chunk(qtype: T) -> None:
     assert checked == (6 if qtype in ggml.REQUIRES_IMATRIX else 9)
 
 
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", IQUANTS[1:], ids=lambda t: t.name)
+def test_numpy_fallback_is_byte_identical_with_ggml_too(qtype: T, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The neighbour search runs compiled by numba when it is installed (the default extras) and in numpy
+    without it: with numba hidden, the same rows give ggml's bytes as well (pathological sub-blocks
+    included, whose NaN/inf distances C's strict ``<`` never picks)."""
+    ref = _ggml_quantize_chunk()
+    rng = np.random.default_rng(11)
+    odd = _pathological(512, 3)
+    x = np.concatenate([rng.standard_t(3, odd.shape).astype(np.float32), odd], axis=1)
+    im = _imatrices(1024, rng)[2]
+    compiled = ggml.quantize(x, qtype, im)
+    monkeypatch.setitem(lattice._COMPILED, "fn", None)
+    fallback = ggml.quantize(x, qtype, im)
+    assert np.array_equal(compiled, fallback)
+    assert np.array_equal(fallback.reshape(x.shape[0], -1), ref(x, qtype, im))
+
+
 @pytest.mark.parametrize("qtype", IQUANTS, ids=lambda t: t.name)
 def test_bytes_decode_to_kernel_values_and_error_is_sane(qtype: T) -> None:
     x = np.random.default_rng(3).standard_normal((4, 512)).astype(np.float32)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -185,13 +186,20 @@ def best_neighbour(tab: Tables, u: np.ndarray, xs: np.ndarray, ws: np.ndarray, s
     work follows the lists (a few points on average) rather than the longest one.
     """
     m, dim = xs.shape
+    rows = tab.lookup_row[u]
+    kernel = _compiled_search()
+    if kernel is not None:
+        choice = np.empty(m, dtype=np.int32)
+        lv2 = np.ascontiguousarray(tab.levels[None, :] if levels is None else levels, dtype=F32)
+        kernel(np.ascontiguousarray(xs, dtype=F32), np.ascontiguousarray(ws, dtype=F32),
+               np.ascontiguousarray(sc, dtype=F32), lv2, rows, tab.neighbours_c, tab.count, tab.flat_levels, choice)
+        return choice
     lv = np.broadcast_to(tab.levels if levels is None else levels, (m, tab.levels.shape[0]))
     kmax = lv.shape[1]
     with np.errstate(all="ignore"):
         diff = sc[:, None, None] * lv[:, None, :] - xs[:, :, None]  # (M, dim, kmax)
         terms = (ws[:, :, None] * diff * diff).reshape(m, -1)
     terms = np.where(np.isnan(terms), F32(np.inf), terms)  # C's strict < never picks a NaN
-    rows = tab.lookup_row[u]
     count = tab.count[rows]
     choice = np.empty(m, dtype=np.int32)
     lo = 0
@@ -210,6 +218,53 @@ def best_neighbour(tab: Tables, u: np.ndarray, xs: np.ndarray, ws: np.ndarray, s
         d2[cand < 0] = np.inf
         choice[sel] = cand[np.arange(sel.size), np.argmin(d2, axis=1)]
     return choice
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_search() -> Any:
+    """:func:`best_neighbour` compiled by numba (installed with edgekit's default extras), or None without
+    it: per group the ``dim x kmax`` terms in float32 as C computes them, each listed neighbour's distance
+    summed term by term in coordinate order (C's order, so C's value) and the first least one kept by a
+    strict ``<``, as C does. The numpy path computes the same terms in the same order; the tests hold the
+    two equal."""
+    if "fn" not in _COMPILED:
+        try:
+            import numba
+        except ImportError:
+            _COMPILED["fn"] = None
+            return None
+
+        @numba.njit(cache=False, fastmath=False)
+        def search(xs: Any, ws: Any, sc: Any, lv: Any, rows: Any, lists: Any, count: Any, flat: Any,
+                   out: Any) -> None:  # pragma: no cover - compiled
+            m, dim = xs.shape
+            kmax = lv.shape[1]
+            inf = np.float32(np.inf)
+            terms = np.empty(dim * kmax, np.float32)
+            for j in range(m):
+                lj = j if lv.shape[0] > 1 else 0
+                for i in range(dim):
+                    for k in range(kmax):
+                        diff = sc[j] * lv[lj, k] - xs[j, i]
+                        t = ws[j, i] * diff * diff
+                        terms[i * kmax + k] = inf if np.isnan(t) else t
+                r = rows[j]
+                pick = lists[r, 0]
+                best = inf
+                for c in range(count[r]):
+                    cand = lists[r, c]
+                    d = terms[flat[cand, 0]]
+                    for i in range(1, dim):
+                        d = d + terms[flat[cand, i]]
+                    if d < best:
+                        best = d
+                        pick = cand
+                out[j] = pick
+
+        _COMPILED["fn"] = search
+    return _COMPILED["fn"]
 
 
 def _fit(tab: Tables, gi: np.ndarray, xval: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
