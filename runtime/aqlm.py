@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import BackendError, InputError, quiet_transformers, require
+from edgekit.jit import numba_kernel
 from edgekit.runtime.base import register_backend
 from edgekit.runtime.torch_ref import TorchBackend
 
@@ -75,33 +76,24 @@ def lut_matmul(torch: Any, x: Any, codes: Any, books: Any, scales: Any) -> Any:
     return lut[:, idx].reshape(T, out, groups * M).sum(-1) * scales
 
 
-_NUMBA: dict[str, Any] = {}
-
-
-def numba_gather() -> Any:
+@numba_kernel
+def numba_gather(numba: Any) -> Any:
     """The compiled gather-and-sum ``(lut (T, G, M, K), codes (O, G, M) int8/int16 as stored, scales (O,),
     out (T, O))``, or None without numba. Parallel over output rows; a stored code below 0 is ``code - K``."""
-    if "fn" not in _NUMBA:
-        try:
-            import numba
-        except ImportError:
-            _NUMBA["fn"] = None
-            return None
 
-        @numba.njit(parallel=True, cache=False)
-        def gather(lut: Any, codes: Any, scales: Any, out: Any) -> None:  # pragma: no cover - compiled
-            T, G, M, K = lut.shape
-            for i in numba.prange(codes.shape[0]):
-                for t in range(T):
-                    acc = np.float32(0.0)
-                    for j in range(G):
-                        for m in range(M):
-                            c = np.int64(codes[i, j, m])
-                            acc += lut[t, j, m, c + K if c < 0 else c]
-                    out[t, i] = acc * scales[i]
+    @numba.njit(parallel=True, cache=False)
+    def gather(lut: Any, codes: Any, scales: Any, out: Any) -> None:  # pragma: no cover - compiled
+        T, G, M, K = lut.shape
+        for i in numba.prange(codes.shape[0]):
+            for t in range(T):
+                acc = np.float32(0.0)
+                for j in range(G):
+                    for m in range(M):
+                        c = np.int64(codes[i, j, m])
+                        acc += lut[t, j, m, c + K if c < 0 else c]
+                out[t, i] = acc * scales[i]
 
-        _NUMBA["fn"] = gather
-    return _NUMBA["fn"]
+    return gather
 
 
 def dequantize(torch: Any, codes: Any, books: Any, scales: Any) -> Any:

@@ -30,6 +30,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
+from edgekit.jit import numba_kernel
+
 from ._common import F32, fp16, make_qp_quants, nearest_int, seqsum
 
 QK_K = 256
@@ -220,51 +222,42 @@ def best_neighbour(tab: Tables, u: np.ndarray, xs: np.ndarray, ws: np.ndarray, s
     return choice
 
 
-_COMPILED: dict[str, Any] = {}
-
-
-def _compiled_search() -> Any:
+@numba_kernel
+def _compiled_search(numba: Any) -> Any:
     """:func:`best_neighbour` compiled by numba (installed with edgekit's default extras), or None without
     it: per group the ``dim x kmax`` terms in float32 as C computes them, each listed neighbour's distance
     summed term by term in coordinate order (C's order, so C's value) and the first least one kept by a
     strict ``<``, as C does. The numpy path computes the same terms in the same order; the tests hold the
     two equal."""
-    if "fn" not in _COMPILED:
-        try:
-            import numba
-        except ImportError:
-            _COMPILED["fn"] = None
-            return None
 
-        @numba.njit(cache=False, fastmath=False)
-        def search(xs: Any, ws: Any, sc: Any, lv: Any, rows: Any, lists: Any, count: Any, flat: Any,
-                   out: Any) -> None:  # pragma: no cover - compiled
-            m, dim = xs.shape
-            kmax = lv.shape[1]
-            inf = np.float32(np.inf)
-            terms = np.empty(dim * kmax, np.float32)
-            for j in range(m):
-                lj = j if lv.shape[0] > 1 else 0
-                for i in range(dim):
-                    for k in range(kmax):
-                        diff = sc[j] * lv[lj, k] - xs[j, i]
-                        t = ws[j, i] * diff * diff
-                        terms[i * kmax + k] = inf if np.isnan(t) else t
-                r = rows[j]
-                pick = lists[r, 0]
-                best = inf
-                for c in range(count[r]):
-                    cand = lists[r, c]
-                    d = terms[flat[cand, 0]]
-                    for i in range(1, dim):
-                        d = d + terms[flat[cand, i]]
-                    if d < best:
-                        best = d
-                        pick = cand
-                out[j] = pick
+    @numba.njit(cache=False, fastmath=False)
+    def search(xs: Any, ws: Any, sc: Any, lv: Any, rows: Any, lists: Any, count: Any, flat: Any,
+               out: Any) -> None:  # pragma: no cover - compiled
+        m, dim = xs.shape
+        kmax = lv.shape[1]
+        inf = np.float32(np.inf)
+        terms = np.empty(dim * kmax, np.float32)
+        for j in range(m):
+            lj = j if lv.shape[0] > 1 else 0
+            for i in range(dim):
+                for k in range(kmax):
+                    diff = sc[j] * lv[lj, k] - xs[j, i]
+                    t = ws[j, i] * diff * diff
+                    terms[i * kmax + k] = inf if np.isnan(t) else t
+            r = rows[j]
+            pick = lists[r, 0]
+            best = inf
+            for c in range(count[r]):
+                cand = lists[r, c]
+                d = terms[flat[cand, 0]]
+                for i in range(1, dim):
+                    d = d + terms[flat[cand, i]]
+                if d < best:
+                    best = d
+                    pick = cand
+            out[j] = pick
 
-        _COMPILED["fn"] = search
-    return _COMPILED["fn"]
+    return search
 
 
 def _fit(tab: Tables, gi: np.ndarray, xval: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
