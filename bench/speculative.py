@@ -2,9 +2,10 @@
 against plain decoding, in one run on one machine.
 
     python bench/speculative.py [--targets F16,Q8_0] [--drafts DIR,...] [--max-tokens 128] [--threads 2]
-                                [--ngram-only]
+                                [--ngram-only] [--rounds N]
 
-Targets: edgekit's F16 and Q8_0 GGUFs of the float checkpoint. Drafts (GGUF, same tokenizer), by default:
+Targets: edgekit's F16 and Q8_0 GGUFs of the float checkpoint (``--targets`` takes any preset, e.g.
+Q4_K_M). Drafts (GGUF, same tokenizer), by default:
 
 * ``draft-for``: ``edgekit convert MODEL --draft-for MODEL`` (the draft recipe: depth-pruned to a third of
   the blocks by block influence, distilled from the model, Q4_0), built once and cached;
@@ -14,9 +15,10 @@ Targets: edgekit's F16 and Q8_0 GGUFs of the float checkpoint. Drafts (GGUF, sam
 Prompts: 10 open chat questions and 10 input-grounded tasks (rewrite, extract, correct) over paragraphs of
 WikiText-2 valid (read from ../shared). Each is generated greedily for ``--max-tokens`` tokens with each
 drafter and without (``--rounds N``: every mode N times, interleaved, speeds averaged); decode speed is
-the worker's own (generated - 1) / (time after the first token), so no IPC is in it. Lossless: greedy output token-identical to plain decoding, prompt by prompt (where they differ,
-the script checks whether the target's top-2 logits at the first difference are within the difference its
-own batched and one-at-a-time evaluations show: llama.cpp's CPU kernels round differently by batch size).
+the worker's own (generated - 1) / (time after the first token), so no IPC is in it. Lossless: greedy
+output token-identical to plain decoding, prompt by prompt; where they differ the row keeps the target's
+top-2 logit gap at the first difference (llama.cpp's CPU kernels round differently by batch width for
+some types, and past 256 cached tokens for all: see the README's speculative paragraph).
 
 For prompt lookup the run also prints a bound: the speed-up an oracle lookup drafter would give on the
 plain outputs at the measured costs (it drafts from whichever earlier occurrence agrees longest with what

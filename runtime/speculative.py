@@ -205,9 +205,11 @@ class DraftCosts:
     differ from run to run).
 
     ``widths``: ``(n, seconds)`` of a target step over ``n`` tokens, by rising ``n``. A CPU's step is not
-    linear in its width: the second token costs most (the one-token step is a matrix-vector product, a
-    batch takes the matrix-matrix kernels), later ones less, so :meth:`verify` interpolates these rather
-    than adding ``extra`` per token; without them it is ``step + (n - 1) * extra``."""
+    linear in its width, because llama.cpp's kernels change with it: on F16 the second token costs most
+    (one token is a matrix-vector product, a batch takes llamafile's GEMM) and later ones less; repacked
+    Q4_K verifies up to three tokens for little and switches kernels at four. :meth:`verify` interpolates
+    the measured widths rather than adding ``extra`` per token; without them it is ``step + (n - 1) *
+    extra``."""
 
     step: float
     extra: float
@@ -263,6 +265,8 @@ def measure_costs(target: Context, draft: Context | None, tokens: list[int], rep
     widths = tuple(sorted({1, *(w for w in widths if w <= len(tokens))}))
     for w in widths:  # warm-up, not timed: the first steps after loading run cold (measured 25% slower)
         timed(target, w, reps=1)
+    if draft is not None:
+        timed(draft, 1, reps=1)
     steps = tuple((w, timed(target, w)) for w in widths)
     curve = DraftCosts(step=steps[0][1], extra=0.0, draft=0.0, widths=steps if len(steps) > 1 else ())
     extra = max(curve.verify(5) - curve.step, 0.0) / 4  # the mean extra token up to five, for reports
