@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
 from edgekit.converters.quantize import ggml
-from edgekit.converters.quantize.ggml import lattice
+from edgekit.converters.quantize.ggml import iq1, lattice
 from edgekit.errors import InputError
 
 from .test_ggml_kernels import _ggml_quantize_chunk, _pathological
@@ -53,8 +53,8 @@ def test_byte_identical_with_ggml_quantize_chunk(qtype: T) -> None:
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", IQUANTS[1:], ids=lambda t: t.name)
 def test_numpy_fallback_is_byte_identical_with_ggml_too(qtype: T, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The neighbour search runs compiled by numba when it is installed (the default extras) and in numpy
-    without it: with numba hidden, the same rows give ggml's bytes as well (pathological sub-blocks
+    """The neighbour search (and IQ1's scale scan) run compiled by numba when it is installed (the default
+    extras) and in numpy without it: with numba hidden, the same rows give ggml's bytes as well (pathological sub-blocks
     included, whose NaN/inf distances C's strict ``<`` never picks)."""
     ref = _ggml_quantize_chunk()
     rng = np.random.default_rng(11)
@@ -63,6 +63,7 @@ def test_numpy_fallback_is_byte_identical_with_ggml_too(qtype: T, monkeypatch: p
     im = _imatrices(1024, rng)[2]
     compiled = ggml.quantize(x, qtype, im)
     monkeypatch.setattr(lattice, "_compiled_search", lambda: None)
+    monkeypatch.setattr(iq1, "_compiled_scan", lambda: None)
     fallback = ggml.quantize(x, qtype, im)
     assert np.array_equal(compiled, fallback)
     assert np.array_equal(fallback.reshape(x.shape[0], -1), ref(x, qtype, im))

@@ -15,8 +15,12 @@ neighbour (:func:`.lattice.best_neighbour`), and the scale is refitted.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from gguf import GGMLQuantizationType as T
+
+from edgekit.jit import numba_kernel
 
 from ._common import F32, fp16, nearest_int, seqsum
 from .lattice import best_neighbour, tables
@@ -40,6 +44,11 @@ def _scan(sumqx: np.ndarray, sumq2: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """C's ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best = scale*sumqx;}`` over
     the candidates (axis 1, in C's order) from ``best = -FLT_MAX``: the chosen candidate (-1: none) and scale."""
     nb, nc = sumqx.shape
+    kernel = _compiled_scan()
+    if kernel is not None:
+        pick, scale = np.empty(nb, dtype=np.int64), np.empty(nb, dtype=F32)
+        kernel(np.ascontiguousarray(sumqx, dtype=F32), np.ascontiguousarray(sumq2, dtype=F32), pick, scale)
+        return pick, scale
     best = np.full(nb, -np.finfo(F32).max, dtype=F32)
     scale = np.zeros(nb, dtype=F32)
     pick = np.full(nb, -1, dtype=np.int64)
@@ -53,6 +62,31 @@ def _scan(sumqx: np.ndarray, sumq2: np.ndarray) -> tuple[np.ndarray, np.ndarray]
                 best = np.where(acc, s * qx, best)
                 pick = np.where(acc, c, pick)
     return pick, scale
+
+
+@numba_kernel
+def _compiled_scan(numba: Any) -> Any:
+    """:func:`_scan` compiled by numba (default extras), or None without it: the same float32 products
+    and comparisons per candidate, in C's order, one block at a time (the tests hold both paths to ggml's
+    bytes)."""
+
+    @numba.njit(cache=False, fastmath=False)
+    def scan(sumqx: Any, sumq2: Any, pick: Any, scale: Any) -> None:  # pragma: no cover - compiled
+        nb, nc = sumqx.shape
+        for b in range(nb):
+            best = np.float32(-3.4028234663852886e38)  # -FLT_MAX, float32 throughout as in C
+            s = np.float32(0.0)
+            p = -1
+            for c in range(nc):
+                qx, q2 = sumqx[b, c], sumq2[b, c]
+                if q2 > 0 and qx * qx > best * q2:
+                    s = qx / q2
+                    best = s * qx
+                    p = c
+            pick[b] = p
+            scale[b] = s
+
+    return scan
 
 
 def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
