@@ -64,7 +64,7 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 @dataclass
 class ProfileRow:
-    """One artifact x configuration x test. See /tmp/prompts/profile_api.md for every field."""
+    """One artifact x configuration x test, as ``edgekit profile --json`` writes it and the history keeps it."""
 
     test: str
     n_prompt: int

@@ -45,22 +45,32 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def _table(rows: list[Any], title: str) -> Any:
+    """The rows as a rich table; a measure no row has (RAPL energy on a host without it, the roofline of
+    prompt-only tests, TTFT of llama-bench rows) is left out rather than printed as a column of dashes, so
+    the rest keeps its width in an 80-column terminal."""
     from rich.table import Table
     from rich.text import Text
 
     from edgekit.runtime.profile import summarize
 
-    table = Table(title=Text(title))
-    for col in ("artifact", "test", "config", "tokens/s", "TTFT ms", "load s", "peak RSS", "roofline", "J/tok", "status"):
-        table.add_column(col, justify="left" if col in ("artifact", "test", "config", "status") else "right",
-                         overflow="fold")
+    cols = ("artifact", "test", "config", "tokens/s", "TTFT ms", "load s", "peak RSS", "roofline", "J/tok", "status")
+    optional = {"TTFT ms", "load s", "peak RSS", "roofline", "J/tok"}
+    cells = []
     for s in summarize(rows):
         tps = "-" if s["tps"] is None else f"{s['tps']:.1f}±{s['tps_std']:.1f}"
         config = f"t{s['threads']} b{s['batch']} c{s['ctx']}" + (f" ngl{s['ngl']}" if s["ngl"] else "")
         roof = s["roofline_fraction"]
-        table.add_row(Text(s["artifact"]), s["test"], config, tps, _fmt(None if s["ttft_s"] is None else s["ttft_s"] * 1000, ".0f"),
-                      _fmt(s["load_s"], ".2f"), _mb(s["peak_rss_bytes"]), "-" if roof is None else f"{100 * roof:.0f}%",
-                      _fmt(s["j_per_token"], ".3f"), s["status"])
+        cells.append([Text(s["artifact"]), s["test"], config, tps,
+                      _fmt(None if s["ttft_s"] is None else s["ttft_s"] * 1000, ".0f"), _fmt(s["load_s"], ".2f"),
+                      _mb(s["peak_rss_bytes"]), "-" if roof is None else f"{100 * roof:.0f}%",
+                      _fmt(s["j_per_token"], ".3f"), s["status"]])
+    keep = [i for i, col in enumerate(cols) if col not in optional or any(row[i] != "-" for row in cells)]
+    table = Table(title=Text(title))
+    for i in keep:
+        table.add_column(cols[i], justify="left" if cols[i] in ("artifact", "test", "config", "status") else "right",
+                         overflow="fold")
+    for row in cells:
+        table.add_row(*(row[i] for i in keep))
     return table
 
 

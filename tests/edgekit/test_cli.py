@@ -95,3 +95,27 @@ def test_list(tiny_llama):
     data = json.loads(cli("registry", "--json"))
     assert "gguf" in data["formats"] and "rtn" in data["methods"] and "Q4_K_M" in data["gguf_presets"]
     assert {"llamacpp", "torch"} <= set(data["backends"])
+
+
+def test_profile_table_leaves_out_measures_no_row_has():
+    """A column every row would print as "-" (energy without RAPL, the roofline of prompt tests) is left
+    out; one that some row has stays, with "-" for the others."""
+    from rich.console import Console
+
+    from edgekit.cli.profile_cmd import _table
+    from edgekit.runtime.profile_schema import ProfileRow
+
+    def row(test: str, roofline: dict | None) -> ProfileRow:
+        return ProfileRow(test=test, n_prompt=0, n_gen=16, n_depth=0, artifact={"name": "a-very-long-artifact-name"},
+                          config={"n_threads": 2, "n_batch": 512, "n_ctx": 512}, samples_s=[0.1, 0.11],
+                          load_s=0.5, peak_rss_bytes=200_000_000, roofline=roofline)
+
+    def header(rows: list[ProfileRow]) -> str:
+        console = Console(width=200, record=True)
+        console.print(_table(rows, "t"))
+        return console.export_text().splitlines()[2]
+
+    h = header([row("pp512", None), row("tg128", {"available": True, "fraction": 0.5})])
+    assert "roofline" in h and "J/tok" not in h and "TTFT ms" not in h and "tokens/s" in h and "load s" in h
+    h = header([row("pp512", None)])
+    assert "roofline" not in h and "peak RSS" in h
