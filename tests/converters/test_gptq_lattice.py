@@ -16,7 +16,7 @@ from gguf import quants as gq
 from edgekit import api
 from edgekit.calibration import CalibConfig
 from edgekit.converters.quantize import ggml
-from edgekit.converters.quantize.ggml import iq1, lattice
+from edgekit.converters.quantize.ggml import iq1, lattice, lattice_round
 from edgekit.converters.quantize.gptq import GPTQConfig
 from edgekit.converters.quantize.gptq_kernel import gptq, hessian_error, rtn
 from edgekit.errors import InputError
@@ -51,13 +51,13 @@ def test_group_rounding_is_what_the_bytes_decode_to(qt: T) -> None:
     rng = np.random.default_rng(5)
     x = rng.standard_t(4, (6, 256)).astype(np.float32)
     _, p = lattice.encode(qt, x, rng.random((6, 256)).astype(np.float32) + 0.1)
-    scales = lattice.sub_block_scales(qt, p)
+    scales = lattice_round.sub_block_scales(qt, p)
     sub = lattice.SPECS[qt].sub
     w = rng.random(8).astype(np.float32) + 0.1
     codes, values = np.empty((6, 256), np.uint8), np.empty((6, 256), np.float32)
     for g in range(0, 256, 8):
-        codes[:, g : g + 8], values[:, g : g + 8] = lattice.round_group(qt, x[:, g : g + 8], scales[:, g // sub], w)
-    gi, params = lattice.codes_to_blocks(qt, codes, p.d, p.ls)
+        codes[:, g : g + 8], values[:, g : g + 8] = lattice_round.round_group(qt, x[:, g : g + 8], scales[:, g // sub], w)
+    gi, params = lattice_round.codes_to_blocks(qt, codes, p.d, p.ls)
     assert np.array_equal(lattice.dequantize_codes(qt, gi, params), values)
     if lattice.SPECS[qt].parity:
         assert np.all((codes.reshape(6, 32, 8) >> 3).sum(axis=2) % 2 == 0)
@@ -96,11 +96,11 @@ def test_iq1_group_rounding_is_what_the_bytes_decode_to(qt: T) -> None:
 def test_brute_force_nearest_group(qt: T) -> None:
     """round_group is the exact weighted nearest point of the signed codebook (parity included)."""
     rng = np.random.default_rng(6)
-    vals, _ = lattice.codebook(qt)
+    vals, _ = lattice_round.codebook(qt)
     x = rng.standard_normal((12, 8)).astype(np.float32)
     s = (np.abs(x).mean(axis=1) / vals.mean()).astype(np.float32)
     w = rng.random(8).astype(np.float32) + 0.1
-    _, got = lattice.round_group(qt, x, s, w)
+    _, got = lattice_round.round_group(qt, x, s, w)
     dim, parity = lattice.SPECS[qt].dim, lattice.SPECS[qt].parity
     signs = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)  # every sign pattern of 8
     if parity:

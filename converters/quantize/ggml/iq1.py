@@ -285,7 +285,7 @@ def round_group(qtype: T, x: np.ndarray, scale: np.ndarray, w: np.ndarray, minus
     the fixed ``scale`` ``(R,)``: with IQ1_S's sub-block shift ``minus`` ``(R,)``, or (IQ1_M, ``minus``
     None) the group's own shift chosen jointly with it. Returns per-weight codes ``(R, 8)`` uint8 (level
     ``| 4`` when the shift is negative; :func:`patch_codes` reads them) and the values they decode to."""
-    from .lattice import codebook
+    from .lattice_round import codebook
 
     vals, lev = codebook(qtype)
     x = np.asarray(x, dtype=F32)

@@ -11,7 +11,16 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from edgekit.converters.quantize import ggml
-from edgekit.converters.quantize.ggml import iq1, iq4nl, iq4xs, kquants, lattice, legacy, ternary
+from edgekit.converters.quantize.ggml import (
+    iq1,
+    iq4nl,
+    iq4xs,
+    kquants,
+    lattice,
+    lattice_round,
+    legacy,
+    ternary,
+)
 from edgekit.converters.quantize.ggml._common import best_index
 from edgekit.converters.quantize.grids.base import (
     F32,
@@ -246,7 +255,7 @@ class _LatticeSweep(GridSweep):
     """The lattice i-quants (GPTVQ-style): the super-block's scales chosen by llama.cpp's own search from
     the columns as GPTQ has updated them, then one group of 8 columns (one sign byte: a codeword of 8, or
     two of 4) at a time, the codeword(s) and signs nearest to the group under the fixed sub-block scale
-    in the sense the kernel's weights give (:func:`.lattice.round_group`)."""
+    in the sense the kernel's weights give (:func:`.lattice_round.round_group`)."""
 
     group = 8
 
@@ -257,10 +266,10 @@ class _LatticeSweep(GridSweep):
     def block(self, cols: np.ndarray, c0: int) -> tuple[Any, Any]:
         blocks = np.ascontiguousarray(cols.T)  # (out, 256)
         _, p = lattice.encode(self.qt, blocks, importance_block(self.im, c0, blocks.shape))
-        scales = np.ascontiguousarray(lattice.sub_block_scales(self.qt, p).T)  # (n_sub, out)
+        scales = np.ascontiguousarray(lattice_round.sub_block_scales(self.qt, p).T)  # (n_sub, out)
 
         def rnd(j: int, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            codes, values = lattice.round_group(self.qt, x.T, scales[j // self.sub], w)
+            codes, values = lattice_round.round_group(self.qt, x.T, scales[j // self.sub], w)
             return codes.T, values.T
 
         return rnd, p
@@ -271,10 +280,10 @@ class _LatticeSweep(GridSweep):
         return lattice.LatticeParams(d, ls, np.zeros((d.shape[0], 0), np.uint8))  # the signs are in the codes
 
     def pack(self, codes: np.ndarray, params: Any) -> np.ndarray:
-        return lattice.pack(self.qt, *lattice.codes_to_blocks(self.qt, codes, params.d, params.ls))
+        return lattice.pack(self.qt, *lattice_round.codes_to_blocks(self.qt, codes, params.d, params.ls))
 
     def dequantize(self, codes: np.ndarray, params: Any) -> np.ndarray:
-        return lattice.dequantize_codes(self.qt, *lattice.codes_to_blocks(self.qt, codes, params.d, params.ls))
+        return lattice.dequantize_codes(self.qt, *lattice_round.codes_to_blocks(self.qt, codes, params.d, params.ls))
 
 
 class _IQ1Sweep(GridSweep):
