@@ -56,6 +56,7 @@ from edgekit.converters.formats.gguf.budget import candidates  # noqa: E402
 from edgekit.converters.quantize import ggml  # noqa: E402
 from edgekit.converters.structure.pad import pad_hidden  # noqa: E402
 from edgekit.evaluate import read_text  # noqa: E402
+from edgekit.fsutil import atomic_file  # noqa: E402
 from edgekit.model import HFCheckpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -265,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         report["total_s"] = time.perf_counter() - start
         partial.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = partial.with_suffix(".tmp")  # a run killed mid-write keeps the previous rows whole
-        tmp_file.write_text(json.dumps(report, indent=2) + "\n")
-        tmp_file.replace(partial)
+        with atomic_file(partial) as tmp_file:  # a run killed mid-write keeps the previous rows whole
+            tmp_file.write_text(json.dumps(report, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="edgekit-lowbit-") as tmpdir:
         tmp = Path(tmpdir)

@@ -61,7 +61,7 @@ from edgekit.evaluate import read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home  # noqa: E402
 from edgekit.runtime.base import GenerationStats, SamplingConfig  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
-from edgekit.runtime.speculative import DraftCosts  # noqa: E402
+from edgekit.runtime.speculative import DraftCosts, expected_tokens  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
@@ -127,7 +127,7 @@ def speedup_at(costs: dict[str, float], a: float, k: int) -> float:
     k + 1 tokens, from its measured widths when the run has them, else linear; and k draft steps), the
     drafting loop's own cost model (``DraftCosts.cycle``)."""
     c = DraftCosts.from_json(costs)
-    return sum(a ** i for i in range(k + 1)) * c.step / c.cycle(k)
+    return expected_tokens(a, k) * c.step / c.cycle(k)
 
 
 def best_possible(costs: dict[str, float], k_max: int = 16) -> tuple[float, int]:

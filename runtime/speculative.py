@@ -244,6 +244,12 @@ class DraftCosts:
         return cls(step=d["step_ms"] / 1e3, extra=d["extra_ms"] / 1e3, draft=d["draft_ms"] / 1e3, widths=widths)
 
 
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens one cycle drafting ``k`` yields when each drafted token is right with probability ``a``,
+    independently (the geometric model): ``1 + a + .. + a^k``, the target's own token included."""
+    return sum(a ** i for i in range(k + 1))
+
+
 #: target batch widths :func:`measure_costs` times: verifying 0, 1, 2, 4 and 8 drafts (8: AdaptiveDraft's k_max).
 #: Widths 2-3 matter: repacked K-quants switch kernels at 4 tokens, so their curve bends there.
 WIDTHS = (1, 2, 3, 5, 9)
@@ -318,9 +324,7 @@ class AdaptiveDraft:
         return (self.t1 or 1.0) + k * (self.t_extra + self.t_draft)
 
     def expected_rate(self, k: int, cls: int | None = None) -> float:
-        a = self.alpha_of(cls)
-        tokens = (1 - a ** (k + 1)) / (1 - a)
-        return tokens / self.cycle_time(k)
+        return expected_tokens(self.alpha_of(cls), k) / self.cycle_time(k)
 
     def can_pay(self) -> bool:
         """Whether some draft length beats plain decoding at these costs when every draft is right."""
