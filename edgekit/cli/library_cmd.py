@@ -64,9 +64,10 @@ def ls(
         say(out, f"no artifacts in {library.store_dir(folder)}; 'edgekit convert MODEL' writes one there")
         return
     table = Table(title=Text(f"{library.store_dir(folder)}"), title_justify="left")
-    table.add_column("name", no_wrap=True)
+    # in a narrow terminal a long name folds onto more lines; sizes and dates are never cut short
+    table.add_column("name", overflow="fold")
     for col in ("format", "quant", "MB", "bpw", "created", "perplexity on"):
-        table.add_column(col, justify="right" if col in ("MB", "bpw") else "left")
+        table.add_column(col, justify="right" if col in ("MB", "bpw") else "left", no_wrap=col != "perplexity on")
     for e in found:  # names come from disk: Text, never markup
         table.add_row(Text(e.name), e.format, Text(e.preset), _mb(e.size_bytes), "-" if e.bpw is None else f"{e.bpw:.2f}",
                       e.created[:10], Text(eval_label(e.eval, short=True)))

@@ -65,10 +65,19 @@ def _table(rows: list[Any], title: str) -> Any:
                       _mb(s["peak_rss_bytes"]), "-" if roof is None else f"{100 * roof:.0f}%",
                       _fmt(s["j_per_token"], ".3f"), s["status"]])
     keep = [i for i, col in enumerate(cols) if col not in optional or any(row[i] != "-" for row in cells)]
+    names = {str(row[0]) for row in cells}
+    if len(names) == 1:  # one artifact: its name is the title, not a column squeezed to a few letters a line
+        title = f"{title}: {names.pop()}"
+        keep.remove(0)
+    if all(row[-1] == "ok" for row in cells) and "(ok)" in title:  # the title says so already
+        keep.remove(len(cols) - 1)
     table = Table(title=Text(title))
     for i in keep:
-        table.add_column(cols[i], justify="left" if cols[i] in ("artifact", "test", "config", "status") else "right",
-                         overflow="fold")
+        # measures never wrap or shorten; a long artifact name (several artifacts) folds, a config breaks at spaces
+        name = cols[i]
+        table.add_column(name, justify="left" if name in ("artifact", "test", "config", "status") else "right",
+                         overflow="fold", no_wrap=name not in ("artifact", "config"),
+                         min_width=min(12, max(len(str(row[0])) for row in cells)) if name == "artifact" else None)
     for row in cells:
         table.add_row(*(row[i] for i in keep))
     return table

@@ -119,3 +119,28 @@ def test_profile_table_leaves_out_measures_no_row_has():
     assert "roofline" in h and "J/tok" not in h and "TTFT ms" not in h and "tokens/s" in h and "load s" in h
     h = header([row("pp512", None)])
     assert "roofline" not in h and "peak RSS" in h
+
+
+def test_profile_table_in_80_columns_keeps_every_measure_whole():
+    """One artifact goes to the title; with several, their names fold and the measures still print whole."""
+    from rich.console import Console
+
+    from edgekit.cli.profile_cmd import _table
+    from edgekit.runtime.profile_schema import ProfileRow
+
+    def row(name: str) -> ProfileRow:
+        return ProfileRow(test="tg128", n_prompt=0, n_gen=128, n_depth=0, artifact={"name": name},
+                          config={"n_threads": 2, "n_batch": 512, "n_ctx": 512}, samples_s=[1.6, 1.7],
+                          load_s=0.25, peak_rss_bytes=186_000_000, roofline={"available": True, "fraction": 0.55})
+
+    def text(rows: list[ProfileRow]) -> str:
+        console = Console(width=80, record=True)
+        console.print(_table(rows, "edgekit profile (ok)"))
+        return console.export_text()
+
+    one = text([row("smollm2-135m-instruct-gguf-q4_k_m")])
+    assert "edgekit profile (ok): smollm2-135m-instruct-gguf-q4_k_m" in one and "artifact" not in one
+    assert "t2 b512 c512" in one and "77.6±3.3" in one and "186 MB" in one
+    two = text([row("smollm2-135m-instruct-gguf-q4_k_m"), row("smollm2-135m-instruct-gguf-q8_0")])
+    assert "artifact" in two and "t2 b512" in two and "77.6±3.3" in two and "186 MB" in two and "55%" in two
+    assert max(len(line) for line in two.splitlines()) <= 80
