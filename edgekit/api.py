@@ -15,6 +15,7 @@ from typing import Any
 
 from edgekit import library
 from edgekit.artifact import (
+    MANIFEST_NAME,
     SCHEMA,
     Artifact,
     checksum_files,
@@ -376,7 +377,13 @@ def evaluate_streaming(
 
 
 def inspect(target: str | Path, ctx: int = 4096) -> dict[str, Any]:
-    """Architecture, parameters, per-tensor types, size, bits per weight and memory at ``ctx``."""
-    from edgekit.describe import describe
+    """Architecture, parameters, per-tensor types, size, bits per weight and memory at ``ctx``. A Hugging
+    Face checkpoint folder is described as it stands, with what each ``convert --bits N`` would make of it
+    (``gguf``: tensor bytes, bits per weight and fallbacks of each mix)."""
+    from edgekit.describe import check_ctx, describe, describe_checkpoint
 
+    p = library.resolve(target)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists() and not is_pipeline(p):
+        check_ctx(ctx)
+        return describe_checkpoint(HFCheckpoint.open(p), ctx)
     return describe(Artifact.open(target), ctx)

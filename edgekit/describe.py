@@ -2,6 +2,12 @@
 (``Format.describe``): architecture and hyperparameters, parameter count, per-tensor types (with the
 fallbacks the converter applied), file size, bits per weight, and the memory it needs at a context length.
 
+A Hugging Face checkpoint folder is described before anything is converted (:func:`describe_checkpoint`):
+its shape, parameters, stored dtypes and size, its memory at a context length, and what each ``convert
+--bits N`` would make of it. Those rows are the converter's own plan (llama.cpp's mix rules and its
+fallbacks for rows that do not fit a block), so the sizes are the tensor data the GGUF will hold, exact to
+the byte; the file adds its header and vocabulary.
+
 The report also carries what the manifest says about how the artifact was made (recipe, pruning, sparsity,
 evaluations); those fields are checked against the shapes the report gives them first, so a hand-edited or
 damaged edgekit.json is refused by name instead of failing half-way through the report.
@@ -9,12 +15,14 @@ damaged edgekit.json is refused by name instead of failing half-way through the 
 
 from __future__ import annotations
 
+from collections import Counter
 from numbers import Real
 from typing import Any
 
 from edgekit.artifact import Artifact
 from edgekit.converters.formats.base import FORMATS
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError
+from edgekit.model import HFCheckpoint
 
 _NUM = (Real,)
 _OPT = object()  # marks an optional key: {"key": (_OPT, spec)}
@@ -81,9 +89,13 @@ def check_manifest_report(manifest: dict[str, Any]) -> None:
 MAX_CTX = 1 << 28  # the bound the GGUF and config checks put on a model's context length
 
 
-def describe(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
+def check_ctx(ctx: Any) -> None:
     if isinstance(ctx, bool) or not isinstance(ctx, int) or not 0 < ctx <= MAX_CTX:
         raise InputError(f"--ctx {ctx!r} is out of range; give a context length between 1 and {MAX_CTX}")
+
+
+def describe(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
+    check_ctx(ctx)
     if art.format not in FORMATS:
         raise UnsupportedError(f"inspect reads {', '.join(f.upper() for f in FORMATS.names())} artifacts; "
                                f"this one is {art.format!r}")
@@ -110,3 +122,71 @@ def describe_diffusion(art: Artifact) -> dict[str, Any]:
     reader = getattr(exporter, "describe", None)  # an exporter that cannot read its files back: the manifest's
     return {"path": str(art.path), **{k: m.get(k) for k in keep},
             "graphs": reader(art) if reader is not None else m["graphs"]}
+
+# safetensors dtype -> bytes per element
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+BITS = (8, 6, 5, 4, 3, 2)
+
+
+def kv_cache_f16(n_layer: int, n_head_kv: int, head_dim: int, ctx: int) -> int:
+    """K and V of every block at ``ctx`` cells in llama.cpp's default f16 cache."""
+    return 2 * n_layer * ctx * n_head_kv * head_dim * 2
+
+
+def gguf_options(ckpt: HFCheckpoint, ctx: int) -> list[dict[str, Any]]:
+    """For F16 and each ``--bits`` preset: the tensor bytes, bits per weight and fallbacks of the GGUF
+    that ``edgekit convert --bits N`` writes (from the converter's plan), and its memory at ``ctx``."""
+    from edgekit.converters.formats.base import ConvertRecipe
+    from edgekit.converters.formats.gguf import mixes
+    from edgekit.converters.formats.gguf.writer import plan_tensors
+
+    hp = ckpt.hparams
+    kv = kv_cache_f16(hp.n_layer, hp.n_head_kv, hp.head_dim, ctx)
+    rows = []
+    for bits, preset in [(None, "F16"), *((b, None) for b in BITS)]:
+        plan = plan_tensors(ckpt, ConvertRecipe(bits=bits, preset=preset))
+        infos = {t.name: mixes.TensorInfo(t.name, tuple(reversed(t.shape))) for t in plan}
+        nbytes = sum(mixes.tensor_nbytes(infos[t.name], t.assignment.type) for t in plan)
+        n = sum(infos[t.name].n_elements for t in plan)
+        fallbacks = Counter(f"{t.assignment.wanted.name}->{t.assignment.type.name}" for t in plan
+                            if t.assignment.fell_back)
+        rows.append({"bits": bits, "preset": preset or mixes.preset_for_bits(bits).name, "weight_bytes": nbytes,
+                     "bpw": round(8 * nbytes / n, 4), "fallbacks": sum(fallbacks.values()),
+                     "fallback_summary": dict(fallbacks.most_common()), "memory_total": nbytes + kv})
+    return rows
+
+
+def describe_checkpoint(ckpt: HFCheckpoint, ctx: int) -> dict[str, Any]:
+    """What :func:`edgekit.describe.describe` reports of an artifact, for a checkpoint folder, plus
+    ``gguf``: the rows of :func:`gguf_options`."""
+    hp = ckpt.hparams
+    refs = list(ckpt.tensors.values())
+    tensors = [{"name": r.name, "type": r.dtype, "shape": list(r.shape), "n_elements": r.numel,
+                "bytes": r.numel * _DTYPE_BYTES.get(r.dtype, 4)} for r in refs]
+    n_params = sum(t["n_elements"] for t in tensors)
+    weight_bytes = sum(t["bytes"] for t in tensors)
+    kv = kv_cache_f16(hp.n_layer, hp.n_head_kv, hp.head_dim, ctx)
+    counts = Counter(t["type"] for t in tensors)
+    ffn = list(hp.ffn_widths) if hp.ffn_widths is not None else hp.n_ff
+    return {
+        "path": str(ckpt.path),
+        "format": "hf",
+        "architecture": ckpt.spec.gguf_arch,
+        "name": (ckpt.config.get("architectures") or ["?"])[0],
+        "hparams": {"block_count": hp.n_layer, "embedding_length": hp.n_embd, "feed_forward_length": ffn,
+                    "attention.head_count": hp.n_head, "attention.head_count_kv": hp.n_head_kv,
+                    "context_length": hp.n_ctx_train, "rope.freq_base": hp.rope_theta, "vocab_size": hp.n_vocab,
+                    "tie_word_embeddings": hp.tie_embeddings},
+        "n_params": n_params,
+        "file_bytes": sum(f.stat().st_size for f in ckpt.weight_files),
+        "weight_bytes": weight_bytes,
+        "bpw": round(8 * weight_bytes / n_params, 4) if n_params else 0.0,
+        "type_counts": dict(counts.most_common()),
+        "type_bytes": {k: sum(t["bytes"] for t in tensors if t["type"] == k) for k in counts},
+        "fallbacks": 0,
+        "fallback_summary": {},
+        "memory": {"ctx": ctx, "weights": weight_bytes, "kv_cache_f16": kv, "total": weight_bytes + kv},
+        "gguf": gguf_options(ckpt, ctx),
+        "tensors": tensors,
+    }

@@ -251,7 +251,8 @@ def eval_cmd(
 @app.command("inspect")
 @handle_errors
 def inspect_cmd(
-    artifact: Path = typer.Argument(..., help="Artifact folder or model file."),
+    artifact: Path = typer.Argument(..., help="Artifact folder or model file; or a Hugging Face checkpoint "
+                                    "folder: what each 'convert --bits N' would write."),
     ctx: int = typer.Option(4096, "--ctx", "-c", help="Context length for the memory estimate."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
     as_json: bool = typer.Option(False, "--json"),
@@ -261,6 +262,7 @@ def inspect_cmd(
     Examples:
       edgekit inspect smollm2-135m-gguf-q4_k_m
       edgekit inspect ./model.gguf --tensors --json
+      edgekit inspect ./SmolLM2-135M --ctx 8192     # a checkpoint: each GGUF mix's size, bpw, fallbacks, memory
     """
     from edgekit import api
     from edgekit.cli.render import render_inspect

@@ -73,6 +73,8 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         extra = f", KL {e['kl_mean']:.4f}, top-1 {100 * e['top1_agreement']:.1f}%" if "kl_mean" in e else ""
         row("eval", f"ppl {e['ppl']:.3f} (ctx {e['ctx']}, {e['chunks']} chunks){extra}")
     console.print(head)
+    if info.get("gguf"):
+        _gguf_options(console, info["gguf"], info["memory"]["ctx"])
     types = Table(title="tensor types")
     for col in ("type", "tensors", "size"):
         types.add_column(col, justify="right" if col != "type" else "left")
@@ -87,6 +89,22 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
             note = f"wanted {t['wanted']}" if "wanted" in t else ""
             tt.add_row(Text(t["name"]), Text(t["type"]), "x".join(map(str, t["shape"])), mb(t["bytes"]), note)
         console.print(tt)
+
+
+def _gguf_options(console: Console, rows: list[dict[str, Any]], ctx: int) -> None:
+    """What each 'convert --bits N' makes of a checkpoint: the converter's own type plan, before converting."""
+    table = Table(title=f"edgekit convert MODEL --bits N: each GGUF mix's tensor data, memory at ctx {ctx}")
+    for col in ("--bits", "mix", "MB", "bpw", "memory", "fallbacks"):
+        table.add_column(col, justify="left" if col in ("mix", "fallbacks") else "right", no_wrap=col != "fallbacks")
+    for r in rows:
+        fell = ", ".join(f"{k} x{v}" for k, v in r["fallback_summary"].items()) or "-"
+        table.add_row("-" if r["bits"] is None else str(r["bits"]), r["preset"], f"{r['weight_bytes'] / 1e6:.1f}",
+                      f"{r['bpw']:.2f}", mb(r["memory_total"]), fell)
+    console.print(table)
+    if any(r["fallbacks"] for r in rows):
+        console.print(Text("fallbacks: rows whose width is not a multiple of a type's block (256 for K-quants) "
+                           "take a 32-wide type, as llama.cpp does; 'convert --bpw' or '--size' picks types per "
+                           "tensor to a budget instead", style="dim"))
 
 
 def pruning_line(p: dict) -> str:
