@@ -175,8 +175,8 @@ def run(
 def eval_cmd(
     artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder; or a diffusion "
                                     "pipeline folder or artifact (scored on images it samples)."),
-    text: Path | None = typer.Option(None, "--text", help="Plain-text file to measure on (language models).",
-                                     show_default=False),
+    text: Path | None = typer.Option(None, "--text", help="Plain-text file to measure on (language models; "
+                                     "default: the English sample edgekit ships).", show_default=False),
     ref: Path | None = typer.Option(None, "--ref", help="Reference checkpoint folder: adds KL and top-1."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk (llama-perplexity's -c)."),
     chunks: int | None = typer.Option(None, "--chunks", help="At most this many chunks."),
@@ -211,9 +211,12 @@ def eval_cmd(
         dx.run(artifact, diffusion_opts, record, as_json)
         return
     dx.refuse_llm_options(artifact, diffusion_opts)
-    if text is None:
+    if text is None:  # as quickstart and neurons do: no dataset needed, and the result names the text it used
+        from edgekit.quickstart import sample_text_path
+
         dx.check_missing(artifact)
-        raise InputError("--text is required for a language model: give a plain-text file to measure on")
+        text = sample_text_path()
+        say(err, "on the English sample edgekit ships (12 KB); --text FILE measures on your own text", "note:", "dim")
 
     if kv_window is not None:
         if ref is not None:

@@ -77,7 +77,6 @@ def test_bad_inputs_are_one_line_errors(pipe, llm, tmp_path):
     cases = [
         ((tmp_path / "missing",), "does not exist; give an artifact folder, a model file or a diffusers pipeline"),
         ((llm, "--steps", 4), "--steps is for diffusion models"),
-        ((llm,), "--text is required for a language model"),
         ((pipe, "--text", tmp_path / "t.txt"), "--text is for language models"),
         ((pipe, "--images", 5), "--images must be at least 10"),
         ((pipe, "--sampler", "euler"), "--sampler must be one of ddim, consistency"),
@@ -87,6 +86,8 @@ def test_bad_inputs_are_one_line_errors(pipe, llm, tmp_path):
         assert res.exit_code != 0, args
         assert msg in res.output and "Traceback" not in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1, res.output
+    res = invoke(llm, "--no-record", "--chunks", 2)  # no --text: the sample edgekit ships, and it says so
+    assert res.exit_code == 0 and "sample.txt" in res.stdout and "English sample edgekit ships" in res.stderr, res.output
     with pytest.raises(UnsupportedError, match="language model, not a diffusion model"):
         evaluate_diffusion(llm, n=20)
     with pytest.raises(InputError):
