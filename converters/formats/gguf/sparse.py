@@ -30,6 +30,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+import edgekit.converters.formats.gguf.mix_rules as mix_rules
 import edgekit.converters.formats.gguf.mixes as mixes
 from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import ConvertRecipe, ProgressFn
@@ -64,7 +65,7 @@ class SparseTensor:
 
 def _typed(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
     info = mixes.TensorInfo(name=name, shape=tuple(reversed(shape)))
-    return mixes._fallback(info, wanted)[0]
+    return mix_rules.fallback(info, wanted)[0]
 
 
 def calibrate(ckpt: HFCheckpoint, cfg: SparseFFNConfig, calib: CalibConfig, progress: ProgressFn) -> Any:
