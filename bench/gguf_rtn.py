@@ -174,13 +174,14 @@ def llamacpp_converter() -> tuple[Path | None, dict[str, Any]]:
     return dest, json.loads(info_file.read_text())
 
 
-def llamacpp_convert_f32(peer: Path, hf: Path, out: Path, repeat: int) -> dict[str, Any]:
-    """``convert_hf_to_gguf.py HF --outtype f32 --outfile OUT`` ``repeat`` times (its own gguf-py); best wall time."""
+def llamacpp_convert_f32(peer: Path, hf: Path, out: Path, repeat: int, outtype: str = "f32") -> dict[str, Any]:
+    """``convert_hf_to_gguf.py HF --outtype f32 --outfile OUT`` ``repeat`` times (its own gguf-py); best wall
+    time. ``outtype``: f16 or bf16 instead (what llama.cpp's users quantize a half-precision checkpoint from)."""
     env = dict(os.environ, PYTHONPATH=str(peer / "gguf-py"))
     walls, cpus = [], []
     for _ in range(repeat):
         wall, cpu = timed_child([sys.executable, str(peer / "convert_hf_to_gguf.py"), str(hf),
-                                 "--outtype", "f32", "--outfile", str(out)], "convert_hf_to_gguf.py", env)
+                                 "--outtype", outtype, "--outfile", str(out)], "convert_hf_to_gguf.py", env)
         walls.append(wall)
         cpus.append(cpu)
     if not out.is_file():

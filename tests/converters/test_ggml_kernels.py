@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
 from edgekit.converters.quantize import ggml
-from edgekit.converters.quantize.ggml import iq4nl, kquants, legacy
+from edgekit.converters.quantize.ggml import _common, iq4nl, kquants, legacy
 from edgekit.errors import InputError, UnsupportedError
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
@@ -304,6 +304,33 @@ def test_byte_identical_with_ggml_quantize_chunk(qtype: T) -> None:
             theirs = ref(x, qtype, im)
             same = float(np.mean(ours == theirs))
             assert same == 1.0, f"{qtype.name} imatrix={im is not None}: {same:.6f} of bytes identical"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q5_1], ids=lambda t: t.name)
+def test_numpy_fallback_is_byte_identical_with_ggml_too(qtype: T, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The affine and symmetric scale searches run compiled by numba when it is installed (the default extras)
+    and in numpy without it: with numba hidden, the same rows (pathological ones included) give ggml's bytes
+    as well, with and without an importance matrix. More groups than one compiled block holds, so the
+    blocking is crossed. (A process compiles them only after ``COMPILE_AFTER`` groups, so the other byte tests
+    check the numpy path.)"""
+    ref = _ggml_quantize_chunk()
+    rng = np.random.default_rng(13)
+    x = np.concatenate([rng.standard_t(3, (16, 1024)).astype(np.float32) * 0.05,
+                        np.concatenate([_pathological(512, 4), _pathological(512, 5)], axis=1)])
+    im = (rng.random(1024) ** 4 * 10).astype(np.float32)
+    im[rng.random(1024) < 0.2] = 0.0
+    assert _common._compiled_qkx() is not None and _common._compiled_qx() is not None  # the default extras
+    for imatrix in (None, im):
+        with monkeypatch.context() as m:
+            m.setattr(_common, "COMPILE_AFTER", 0)  # these few groups would otherwise stay in numpy
+            compiled = ggml.quantize(x, qtype, imatrix)
+        with monkeypatch.context() as m:
+            m.setattr(_common, "_compiled_qkx", lambda: None)
+            m.setattr(_common, "_compiled_qx", lambda: None)
+            fallback = ggml.quantize(x, qtype, imatrix)
+        assert np.array_equal(compiled, fallback)
+        assert np.array_equal(fallback.reshape(x.shape[0], -1), ref(x, qtype, imatrix))
 
 
 _N_VOCAB = 300

@@ -16,7 +16,28 @@ short trailing axis is exact too but an order of magnitude slower).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+
+from ._search_kernels import compiled_qkx as _compiled_qkx
+from ._search_kernels import compiled_qx as _compiled_qx
+
+# The numba kernels take over once this many groups have gone through a search in numpy in this process:
+# compiling one costs seconds, once, which a model this size (seconds of numpy) starts to repay, so small
+# models never compile them. Either path gives the same bytes, so when the switch happens does not matter.
+COMPILE_AFTER = 1 << 17
+_searched = {"qx": 0, "qkx": 0}
+
+
+def _kernel(name: str, compiled: Callable[[], Any], groups: int) -> Any:
+    """The compiled search ``name`` once :data:`COMPILE_AFTER` groups have been searched in numpy (None until
+    then, and without numba)."""
+    if _searched[name] < COMPILE_AFTER:
+        _searched[name] += groups
+        return None
+    return compiled()
 
 F32 = np.float32
 EPS = F32(1e-15)  # GROUP_MAX_EPS: below this a group counts as all zero
@@ -126,8 +147,18 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     """Symmetric scale search (``make_qx_quants`` with ``rmse_type == 1``): returns ``(scale, L)``.
 
     ``L`` holds ``l + nmax`` in ``[0, 2*nmax)``; ``w`` is the per-weight importance (``x*x`` when C gets
-    ``qw == NULL``). The scale is the weighted least-squares fit for the best of 19 candidate grids.
+    ``qw == NULL``). The scale is the weighted least-squares fit for the best of 19 candidate grids. Runs
+    compiled by numba where it is installed, once the process has searched :data:`COMPILE_AFTER` groups
+    (:func:`._search_kernels.compiled_qx`), in numpy below otherwise.
     """
+    kernel = _kernel("qx", _compiled_qx, x.size // max(x.shape[0], 1))
+    if kernel is not None:
+        n = x.shape[0]
+        x2 = np.ascontiguousarray(x, dtype=F32).reshape(n, -1)
+        scale = np.empty(x2.shape[1], dtype=F32)
+        L = np.empty(x2.shape, dtype=np.int32)
+        kernel(x2, np.ascontiguousarray(np.broadcast_to(w, x.shape), dtype=F32).reshape(n, -1), nmax, scale, L)
+        return scale.reshape(x.shape[1:]), L.reshape(x.shape)
     mx, amax = first_absmax(x)
     zero = amax < EPS
     div = np.where(zero, F32(1.0), mx)
@@ -205,7 +236,19 @@ def make_qkx_quants(
 
     Returns ``(scale, the_min, L)`` with ``x ~ scale*L - the_min`` and ``L`` in ``[0, nmax]``. The two C
     functions differ only in the ``max == min`` vs ``max <= min`` guard, equivalent once ``min <= 0``.
+    Runs compiled by numba where it is installed, once the process has searched :data:`COMPILE_AFTER` groups
+    (:func:`._search_kernels.compiled_qkx`), in numpy below otherwise.
     """
+    kernel = _kernel("qkx", _compiled_qkx, x.size // max(x.shape[0], 1))
+    if kernel is not None:
+        n = x.shape[0]
+        x2 = np.ascontiguousarray(x, dtype=F32).reshape(n, -1)
+        w2 = np.ascontiguousarray(np.broadcast_to(w, x.shape), dtype=F32).reshape(n, -1)
+        scale = np.empty(x2.shape[1], dtype=F32)
+        mn = np.empty_like(scale)
+        L = np.empty(x2.shape, dtype=np.int32)
+        kernel(x2, w2, nmax, F32(rmin), F32(rdelta), nstep, use_mad, scale, mn, L)
+        return scale.reshape(x.shape[1:]), (-mn).reshape(x.shape[1:]), L.reshape(x.shape)
     mn = first_min(x)
     mx = first_max(x)
     sum_w = seqsum_from_first(w)
