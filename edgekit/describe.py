@@ -21,7 +21,7 @@ from typing import Any
 
 from edgekit.artifact import Artifact
 from edgekit.converters.formats.base import FORMATS
-from edgekit.errors import CorruptFileError, InputError, UnsupportedError
+from edgekit.errors import CorruptFileError, EdgekitError, InputError, UnsupportedError
 from edgekit.model import HFCheckpoint
 
 _NUM = (Real,)
@@ -157,6 +157,13 @@ def gguf_options(ckpt: HFCheckpoint, ctx: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _gguf_rows(ckpt: HFCheckpoint, ctx: int) -> dict[str, Any]:
+    try:
+        return {"gguf": gguf_options(ckpt, ctx)}
+    except EdgekitError as exc:  # a checkpoint GGUF cannot hold: the rest of the report still stands
+        return {"gguf": [], "gguf_error": str(exc)}
+
+
 def describe_checkpoint(ckpt: HFCheckpoint, ctx: int) -> dict[str, Any]:
     """What :func:`edgekit.describe.describe` reports of an artifact, for a checkpoint folder, plus
     ``gguf``: the rows of :func:`gguf_options`."""
@@ -187,6 +194,6 @@ def describe_checkpoint(ckpt: HFCheckpoint, ctx: int) -> dict[str, Any]:
         "fallbacks": 0,
         "fallback_summary": {},
         "memory": {"ctx": ctx, "weights": weight_bytes, "kv_cache_f16": kv, "total": weight_bytes + kv},
-        "gguf": gguf_options(ckpt, ctx),
+        **_gguf_rows(ckpt, ctx),
         "tensors": tensors,
     }

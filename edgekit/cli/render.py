@@ -75,6 +75,8 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
     console.print(head)
     if info.get("gguf"):
         _gguf_options(console, info["gguf"], info["memory"]["ctx"])
+    elif info.get("gguf_error"):
+        console.print(Text(f"convert --to gguf: {info['gguf_error']}", style="yellow"))
     types = Table(title="tensor types")
     for col in ("type", "tensors", "size"):
         types.add_column(col, justify="right" if col != "type" else "left")

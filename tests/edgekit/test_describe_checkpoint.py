@@ -61,3 +61,17 @@ def test_bad_checkpoint_and_ctx_say_the_fix(tmp_path, tiny_models):
     assert result.exit_code != 0 and "config.json is not valid JSON" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["inspect", str(tiny_models["LlamaForCausalLM"]), "--ctx", "0"])
     assert result.exit_code != 0 and "--ctx 0 is out of range" in result.output
+
+
+def test_a_checkpoint_gguf_cannot_plan_still_gets_its_report(tiny_models, monkeypatch):
+    import edgekit.converters.formats.gguf.writer as writer
+    from edgekit.errors import UnsupportedError
+
+    def refuse(*a, **k):
+        raise UnsupportedError("per-block FFN widths run in llama.cpp's deci architecture")
+
+    monkeypatch.setattr(writer, "plan_tensors", refuse)
+    info = api.inspect(tiny_models["LlamaForCausalLM"])
+    assert info["gguf"] == [] and "deci" in info["gguf_error"] and info["n_params"] > 0
+    result = CliRunner().invoke(app, ["inspect", str(tiny_models["LlamaForCausalLM"])])
+    assert result.exit_code == 0 and "convert --to gguf: per-block FFN widths" in result.stdout
