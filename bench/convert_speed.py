@@ -10,8 +10,11 @@ weights and SmolLM2's tokenizer, built once into edgekit's cache (``bench/sparse
 same folder); encoding time does not depend on the values. ``--model`` takes any checkpoint folder.
 
 For each type: ``edgekit convert --type T`` (the CLI, a child process) against llama.cpp's two steps,
-``convert_hf_to_gguf.py --outtype f16`` (once; from the llama-cpp-python sdist, as ``gguf_rtn.py`` fetches
-it) and ``llama_model_quantize`` from that F16 (2 threads). The two files are compared tensor by tensor.
+``convert_hf_to_gguf.py --outtype auto`` (once; the checkpoint's own 16-bit type, so a bf16 model's values
+pass exactly; from the llama-cpp-python sdist, as ``gguf_rtn.py`` fetches it) and ``llama_model_quantize``
+from that file (2 threads). The two files are compared tensor by tensor. (With ``--outtype f16`` a bf16
+checkpoint's values below f16's normal range are rounded on the way, and llama.cpp's K-quants of them then
+differ from edgekit's, which quantizes the checkpoint's exact values, in a few bytes per tensor.)
 ``--numpy-too``: Q4_K_M once more with edgekit's numba kernels hidden (its numpy path, same bytes), to show
 what the compiled scale searches buy. Prints a table and writes ``.json`` and ``.txt``.
 """
@@ -99,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     report["llamacpp_peer"] = {"path": str(peer), **peer_info}
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        f16 = tmp / "llama-F16.gguf"
-        log("llama.cpp: convert_hf_to_gguf.py --outtype f16")
-        conv = llamacpp_convert_f32(peer, hf, f16, args.repeat, outtype="f16")
+        f16 = tmp / "llama-16bit.gguf"
+        log("llama.cpp: convert_hf_to_gguf.py --outtype auto")
+        conv = llamacpp_convert_f32(peer, hf, f16, args.repeat, outtype="auto")
         report["llamacpp_convert_f16_s"] = conv["convert_s"]
         log(f"llama.cpp convert {conv['convert_s']:.1f} s")
         for preset in types:
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["total_s"] = time.perf_counter() - start
 
-    table = Table(title=f"GGUF conversion time: edgekit convert vs llama.cpp convert_hf_to_gguf (f16) + "
+    table = Table(title=f"GGUF conversion time: edgekit convert vs llama.cpp convert_hf_to_gguf (auto) + "
                         f"llama_model_quantize ({N_THREADS} threads), {hf.name}")
     for col in ("type", "identical tensors", "edgekit s", "llama.cpp convert + quantize s", "ratio e/l",
                 "llama.cpp quantize alone s", "ratio e/quantize", "edgekit numpy path s"):
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['ratio_quantize_only']:.2f}",
                       f"{r['edgekit_numpy_s']:.1f}" if "edgekit_numpy_s" in r else "-")
     lines = [f"edgekit: `edgekit convert {hf.name} --type T` (checkpoint straight to the type); llama.cpp: "
-             "convert_hf_to_gguf.py --outtype f16 once, then llama_model_quantize from it. "
+             "convert_hf_to_gguf.py --outtype auto (bf16 here) once, then llama_model_quantize from it. "
              f"Times: {report['timing']}. edgekit {report['versions']['edgekit']}, numba "
              f"{report['versions']['numba']}, llama-cpp-python {report['versions']['llama_cpp_python']}"]
     lines += [f"{r['type']}: numpy path {r['edgekit_numpy_s']:.1f} s -> {r['edgekit']['convert_s']:.1f} s compiled "

@@ -176,7 +176,7 @@ def llamacpp_converter() -> tuple[Path | None, dict[str, Any]]:
 
 def llamacpp_convert_f32(peer: Path, hf: Path, out: Path, repeat: int, outtype: str = "f32") -> dict[str, Any]:
     """``convert_hf_to_gguf.py HF --outtype f32 --outfile OUT`` ``repeat`` times (its own gguf-py); best wall
-    time. ``outtype``: f16 or bf16 instead (what llama.cpp's users quantize a half-precision checkpoint from)."""
+    time. ``outtype``: f16, bf16 or auto instead (what llama.cpp's users quantize a half-precision checkpoint from)."""
     env = dict(os.environ, PYTHONPATH=str(peer / "gguf-py"))
     walls, cpus = [], []
     for _ in range(repeat):

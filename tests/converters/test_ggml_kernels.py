@@ -309,7 +309,7 @@ def test_byte_identical_with_ggml_quantize_chunk(qtype: T) -> None:
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q5_1], ids=lambda t: t.name)
 def test_numpy_fallback_is_byte_identical_with_ggml_too(qtype: T, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The affine and symmetric scale searches run compiled by numba when it is installed (the default extras)
+    """The affine, symmetric and Q3_K scale searches run compiled by numba when it is installed (the default extras)
     and in numpy without it: with numba hidden, the same rows (pathological ones included) give ggml's bytes
     as well, with and without an importance matrix. More groups than one compiled block holds, so the
     blocking is crossed. (A process compiles them only after ``COMPILE_AFTER`` groups, so the other byte tests
@@ -320,14 +320,15 @@ def test_numpy_fallback_is_byte_identical_with_ggml_too(qtype: T, monkeypatch: p
                         np.concatenate([_pathological(512, 4), _pathological(512, 5)], axis=1)])
     im = (rng.random(1024) ** 4 * 10).astype(np.float32)
     im[rng.random(1024) < 0.2] = 0.0
-    assert _common._compiled_qkx() is not None and _common._compiled_qx() is not None  # the default extras
+    kernels = ("_compiled_qkx", "_compiled_qx", "_compiled_q3")
+    assert all(getattr(_common, k)() is not None for k in kernels)  # numba is in the default extras
     for imatrix in (None, im):
         with monkeypatch.context() as m:
             m.setattr(_common, "COMPILE_AFTER", 0)  # these few groups would otherwise stay in numpy
             compiled = ggml.quantize(x, qtype, imatrix)
         with monkeypatch.context() as m:
-            m.setattr(_common, "_compiled_qkx", lambda: None)
-            m.setattr(_common, "_compiled_qx", lambda: None)
+            for k in kernels:
+                m.setattr(_common, k, lambda: None)
             fallback = ggml.quantize(x, qtype, imatrix)
         assert np.array_equal(compiled, fallback)
         assert np.array_equal(fallback.reshape(x.shape[0], -1), ref(x, qtype, imatrix))

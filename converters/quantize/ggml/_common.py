@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ._search_kernels import compiled_q3 as _compiled_q3
 from ._search_kernels import compiled_qkx as _compiled_qkx
 from ._search_kernels import compiled_qx as _compiled_qx
 
@@ -28,7 +29,7 @@ from ._search_kernels import compiled_qx as _compiled_qx
 # compiling one costs seconds, once, which a model this size (seconds of numpy) starts to repay, so small
 # models never compile them. Either path gives the same bytes, so when the switch happens does not matter.
 COMPILE_AFTER = 1 << 17
-_searched = {"qx": 0, "qkx": 0}
+_searched = {"qx": 0, "qkx": 0, "q3": 0}
 
 
 def _kernel(name: str, compiled: Callable[[], Any], groups: int) -> Any:
@@ -143,6 +144,18 @@ def best_index(values: np.ndarray, x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _symmetric(kernel: Any, x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, L)`` of a compiled symmetric search over element-major ``x`` (and weights ``w`` if it takes
+    them), shaped as the numpy path returns them."""
+    n = x.shape[0]
+    flat = [np.ascontiguousarray(np.broadcast_to(a, x.shape), dtype=F32).reshape(n, -1)
+            for a in ((x,) if w is None else (x, w))]
+    scale = np.empty(flat[0].shape[1], dtype=F32)
+    L = np.empty(flat[0].shape, dtype=np.int32)
+    kernel(*flat, nmax, scale, L)
+    return scale.reshape(x.shape[1:]), L.reshape(x.shape)
+
+
 def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric scale search (``make_qx_quants`` with ``rmse_type == 1``): returns ``(scale, L)``.
 
@@ -153,12 +166,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     """
     kernel = _kernel("qx", _compiled_qx, x.size // max(x.shape[0], 1))
     if kernel is not None:
-        n = x.shape[0]
-        x2 = np.ascontiguousarray(x, dtype=F32).reshape(n, -1)
-        scale = np.empty(x2.shape[1], dtype=F32)
-        L = np.empty(x2.shape, dtype=np.int32)
-        kernel(x2, np.ascontiguousarray(np.broadcast_to(w, x.shape), dtype=F32).reshape(n, -1), nmax, scale, L)
-        return scale.reshape(x.shape[1:]), L.reshape(x.shape)
+        return _symmetric(kernel, x, nmax, w)
     mx, amax = first_absmax(x)
     zero = amax < EPS
     div = np.where(zero, F32(1.0), mx)
@@ -198,8 +206,12 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """``make_q3_quants(do_rmse=true)``: x*x-weighted fit refined one weight at a time.
 
     The refinement is sequential within a group (each accepted change updates the running sums the next
-    weight sees), so it loops over the group's weights and vectorises across groups.
+    weight sees), so it loops over the group's weights and vectorises across groups. Compiled by numba once
+    the process has searched :data:`COMPILE_AFTER` groups (:func:`._search_kernels.compiled_q3`).
     """
+    kernel = _kernel("q3", _compiled_q3, x.size // max(x.shape[0], 1))
+    if kernel is not None:
+        return _symmetric(kernel, x, nmax)
     mx, amax = first_absmax(x)
     zero = amax < EPS
     div = np.where(zero, F32(1.0), mx)

@@ -1,5 +1,5 @@
 """The scale searches of :mod:`._common` that dominate K-quant encoding (``make_qx_quants``,
-``make_qkx_quants``), compiled by numba where it is installed (edgekit's default extras). Each keeps C's
+``make_qkx_quants``, ``make_q3_quants``), compiled by numba where it is installed (edgekit's default extras). Each keeps C's
 float32 arithmetic exactly: no fast-math and no FMA contraction, every sum sequential in C's order, every
 expression in C's association, ``nearest_int`` through the same bit trick. What makes them fast is the
 layout: groups side by side in the innermost loops, a cache-sized block of them at a time, so the loops
@@ -23,8 +23,10 @@ from edgekit.jit import numba_kernel
 # the compiled functions, set by _compile(); the functions below call them by these names
 _codes_c: Any = None
 _error_c: Any = None
+_absmax_c: Any = None
 _qx_block_c: Any = None
 _qkx_block_c: Any = None
+_q3_block_c: Any = None
 
 
 def _codes(x: Any, isc: Any, mn: Any, lo: int, hi: int, fb: Any, ib: Any, i: int,
@@ -49,6 +51,17 @@ def _error(x: Any, w: Any, isc: Any, mn: Any, nmax: int, scale: Any, the_min: An
             out[g] += w[i, g] * d
 
 
+def _absmax(x: Any, mx: Any, amax: Any) -> None:  # pragma: no cover - compiled
+    """Per group the signed value of largest magnitude (the first on ties) and its magnitude, scanned as C
+    does from ``amax = 0, max = 0`` (``mx``, ``amax`` start at zero)."""
+    for i in range(x.shape[0]):
+        for g in range(x.shape[1]):
+            a = abs(x[i, g])
+            if a > amax[g]:
+                amax[g] = a
+                mx[g] = x[i, g]
+
+
 def _qx_block(x: Any, w: Any, nmax: int, scale: Any, L: Any) -> None:  # pragma: no cover - compiled
     n, G = x.shape
     zero, fnmax = np.float32(0.0), np.float32(nmax)
@@ -57,12 +70,7 @@ def _qx_block(x: Any, w: Any, nmax: int, scale: Any, L: Any) -> None:  # pragma:
     slx, sl2, nil = np.empty(G, np.float32), np.empty(G, np.float32), np.zeros(G, np.float32)
     fb, q = np.empty(G, np.float32), np.empty(G, np.float32)
     ib = fb.view(np.int32)
-    for i in range(n):
-        for g in range(G):
-            a = abs(x[i, g])
-            if a > amax[g]:
-                amax[g] = a
-                mx[g] = x[i, g]
+    _absmax_c(x, mx, amax)
     for g in range(G):
         div[g] = np.float32(1.0) if amax[g] < np.float32(1e-15) else mx[g]
     for k in range(19):  # the plain max-based trial, then steps -9..-1 and 1..9 as C runs them
@@ -99,6 +107,59 @@ def _qx(x: Any, w: Any, nmax: int, scale: Any, L: Any) -> None:  # pragma: no co
         g1 = min(g0 + 512, x.shape[1])
         lb = np.empty((x.shape[0], g1 - g0), np.int32)
         _qx_block_c(np.ascontiguousarray(x[:, g0:g1]), np.ascontiguousarray(w[:, g0:g1]), nmax, scale[g0:g1], lb)
+        L[:, g0:g1] = lb
+
+
+def _q3_block(x: Any, nmax: int, scale: Any, L: Any) -> None:  # pragma: no cover - compiled
+    n, G = x.shape
+    zero = np.float32(0.0)
+    mx, amax = np.zeros(G, np.float32), np.zeros(G, np.float32)
+    isc, sumlx, suml2 = np.empty(G, np.float32), np.zeros(G, np.float32), np.zeros(G, np.float32)
+    tslx, tsl2, nil = np.empty(G, np.float32), np.empty(G, np.float32), np.zeros(G, np.float32)
+    fb, q = np.empty(G, np.float32), np.empty(G, np.float32)
+    ib = fb.view(np.int32)
+    _absmax_c(x, mx, amax)
+    for g in range(G):
+        isc[g] = np.float32(-nmax) / (np.float32(1.0) if amax[g] < np.float32(1e-15) else mx[g])
+    for i in range(n):
+        _codes_c(x, isc, nil, -nmax, nmax - 1, fb, ib, i, q)
+        for g in range(G):
+            L[i, g] = np.int32(q[g])
+            w = x[i, g] * x[i, g]
+            sumlx[g] += (w * x[i, g]) * q[g]
+            suml2[g] += (w * q[g]) * q[g]
+    for _ in range(5):  # C stops early once a pass changes nothing; the passes after it would change nothing
+        for i in range(n):
+            for g in range(G):
+                w = x[i, g] * x[i, g]
+                li = np.float32(L[i, g])
+                tslx[g] = sumlx[g] - (w * x[i, g]) * li
+                tsl2[g] = suml2[g] - (w * li) * li
+                fb[g] = (x[i, g] * tsl2[g]) / tslx[g] + np.float32(12582912.0)
+            for g in range(G):
+                if tslx[g] > zero:
+                    nl = min(max((ib[g] & 0x007FFFFF) - 0x00400000, -nmax), nmax - 1)
+                    if nl != L[i, g]:
+                        w = x[i, g] * x[i, g]
+                        nf = np.float32(nl)
+                        slx = tslx[g] + (w * x[i, g]) * nf
+                        sl2 = tsl2[g] + (w * nf) * nf
+                        if sl2 > zero and (slx * slx) * suml2[g] > (sumlx[g] * sumlx[g]) * sl2:
+                            L[i, g] = nl
+                            sumlx[g] = slx
+                            suml2[g] = sl2
+    for g in range(G):
+        flat = amax[g] < np.float32(1e-15)
+        scale[g] = zero if flat or not suml2[g] > zero else sumlx[g] / suml2[g]
+        for i in range(n):
+            L[i, g] = 0 if flat else L[i, g] + nmax
+
+
+def _q3(x: Any, nmax: int, scale: Any, L: Any) -> None:  # pragma: no cover - compiled
+    for g0 in range(0, x.shape[1], 512):  # as in _qkx
+        g1 = min(g0 + 512, x.shape[1])
+        lb = np.empty((x.shape[0], g1 - g0), np.int32)
+        _q3_block_c(np.ascontiguousarray(x[:, g0:g1]), nmax, scale[g0:g1], lb)
         L[:, g0:g1] = lb
 
 
@@ -184,18 +245,20 @@ def _qkx(x: Any, w: Any, nmax: int, rmin: Any, rdelta: Any, nstep: int, use_mad:
         L[:, g0:g1] = lb
 
 
-def _compile(numba: Any) -> tuple[Any, Any]:
+def _compile(numba: Any) -> tuple[Any, Any, Any]:
     """Compile the kernels (IEEE float32 in C's order: no fast-math, no FMA contraction; NumPy's division
-    semantics; the GIL released so tensors encode on several threads); returns ``(qx, qkx)``."""
-    global _codes_c, _error_c, _qx_block_c, _qkx_block_c
+    semantics; the GIL released so tensors encode on several threads); returns ``(qx, qkx, q3)``."""
+    global _codes_c, _error_c, _absmax_c, _qx_block_c, _qkx_block_c, _q3_block_c
     jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
     try:
         _codes_c = jit(_codes)
     except RuntimeError:  # nowhere to keep a cache (a read-only install, no writable home): compile each time
         jit = numba.njit(cache=False, fastmath=False, error_model="numpy", nogil=True)
         _codes_c = jit(_codes)
-    _error_c, _qx_block_c, _qkx_block_c = jit(_error), jit(_qx_block), jit(_qkx_block)
-    return jit(_qx), jit(_qkx)
+    _error_c, _absmax_c = jit(_error), jit(_absmax)
+    _qx_block_c, _qkx_block_c = jit(_qx_block), jit(_qkx_block)
+    _q3_block_c = jit(_q3_block)
+    return jit(_qx), jit(_qkx), jit(_q3)
 
 
 @numba_kernel
@@ -216,6 +279,14 @@ def compiled_qkx(numba: Any) -> Any:
     return _compiled(numba)[1]
 
 
+@numba_kernel
+def compiled_q3(numba: Any) -> Any:
+    """:func:`._common.make_q3_quants` compiled by numba, or None without it: its one-weight-at-a-time
+    refinement runs per group in C's order (each accepted change moves the sums the next weight sees), groups
+    side by side as in :func:`compiled_qkx`."""
+    return _compiled(numba)[2]
+
+
 @functools.cache
-def _compiled(numba: Any) -> tuple[Any, Any]:
+def _compiled(numba: Any) -> tuple[Any, Any, Any]:
     return _compile(numba)
