@@ -1,14 +1,16 @@
 """The scale searches of :mod:`._common` that dominate K-quant encoding (``make_qx_quants``,
-``make_qkx_quants``, ``make_q3_quants``), compiled by numba where it is installed (edgekit's default extras). Each keeps C's
-float32 arithmetic exactly: no fast-math and no FMA contraction, every sum sequential in C's order, every
-expression in C's association, ``nearest_int`` through the same bit trick. What makes them fast is the
-layout: groups side by side in the innermost loops, a cache-sized block of them at a time, so the loops
-vectorise across groups while each group's arithmetic stays C's. The tests hold both paths to ggml's bytes.
+``make_qkx_quants``, ``make_q3_quants``), compiled by numba where it is installed (edgekit's default
+extras). Each keeps C's float32 arithmetic exactly: no fast-math and no FMA contraction, every sum
+sequential in C's order, every expression in C's association, ``nearest_int`` through the same bit trick.
+What makes them fast is the layout: groups side by side in the innermost loops, a cache-sized block of them
+at a time, so the loops vectorise across groups while each group's arithmetic stays C's. The tests hold
+both paths to ggml's bytes.
 
-The functions below are plain Python until :func:`compiled_qkx` / :func:`compiled_qx` first compile them
-(``_*_c`` are the compiled ones, which they call by name). numba keeps the machine code in ``__pycache__``,
-keyed by the CPU's name and features, so a later process on the same CPU loads it instead of spending seconds
-compiling, and a different CPU compiles its own.
+The functions below are plain Python until :func:`compiled_qx`, :func:`compiled_qkx` or
+:func:`compiled_q3` first compiles them (``_*_c`` are the compiled ones, which they call by name). numba
+keeps the machine code in ``__pycache__``, keyed by the CPU's name and features, so a later process on the
+same CPU loads it instead of spending seconds compiling, and a different CPU compiles its own. Several
+threads asking at once may compile twice; the results are the same functions.
 """
 
 from __future__ import annotations
