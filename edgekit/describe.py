@@ -15,6 +15,7 @@ damaged edgekit.json is refused by name instead of failing half-way through the 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from numbers import Real
 from typing import Any
@@ -146,9 +147,8 @@ def gguf_options(ckpt: HFCheckpoint, ctx: int) -> list[dict[str, Any]]:
     rows = []
     for bits, preset in [(None, "F16"), *((b, None) for b in BITS)]:
         plan = plan_tensors(ckpt, ConvertRecipe(bits=bits, preset=preset))
-        infos = {t.name: mixes.TensorInfo(t.name, tuple(reversed(t.shape))) for t in plan}
-        nbytes = sum(mixes.tensor_nbytes(infos[t.name], t.assignment.type) for t in plan)
-        n = sum(infos[t.name].n_elements for t in plan)
+        nbytes = sum(t.nbytes for t in plan)
+        n = sum(math.prod(t.shape) for t in plan)
         fallbacks = Counter(f"{t.assignment.wanted.name}->{t.assignment.type.name}" for t in plan
                             if t.assignment.fell_back)
         rows.append({"bits": bits, "preset": preset or mixes.preset_for_bits(bits).name, "weight_bytes": nbytes,
