@@ -1,7 +1,7 @@
 """AQLM near 2 bits: edgekit's AQLM checkpoints against llama.cpp's low-bit mixes made with its importance
 matrix, on SmolLM2-135M-Instruct.
 
-    python bench/aqlm_quality.py [--presets Q2_K,IQ2_M,IQ2_XS,IQ3_XXS] [--aqlm 2x8,2x8+ft,size:Q2_K]
+    python bench/aqlm_quality.py [--presets Q2_K,IQ2_M,...] [--aqlm 2x8,2x8+ft,size:Q2_K,4x8+fp8]
                          [--chunks 8 --kl-chunks 4] [--rounds 3 --beam 4] [--calib-samples 32] [--ft-minutes 15]
 
 The text (WikiText-2 valid) is cut in two: ``llama-imatrix`` and edgekit's calibration read the FIRST half;
@@ -11,7 +11,8 @@ llama.cpp. AQLM rows: ``api.convert(MODEL, "aqlm")`` (``2x8``: two 256-entry cod
 ``size:PRESET``: the most 8-bit codebooks whose checkpoint is no larger than that preset's file), run by
 edgekit's AQLM backend (transformers + the aqlm package's layers, edgekit's kernels). The AQLM checkpoints keep
 the embedding in fp16, as AQLM's format does: on this model the tied 49152 x 576 embedding is 56.6 MB of
-the file, so the linears get what is left of a size budget. A ``+ft`` row adds AQLM's fine-tuning
+the file, so the linears get what is left of a size budget. A ``+fp8`` row stores it as float8 e4m3 instead
+(``-O embedding=fp8``: 28.3 MB; transformers casts it back on load). A ``+ft`` row adds AQLM's fine-tuning
 (``--distill``: codebooks, scales and norms trained against the float model's outputs for ``--ft-minutes``,
 codes fixed) to the same encoding (taken from edgekit's encoding cache, so only the tuning runs again).
 
@@ -49,6 +50,8 @@ from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
 CTX, N_THREADS = 512, 2
+#: Files within this fraction of each other's bytes count as "equal bytes".
+WINDOW = 0.05
 
 
 def eval_aqlm(folder: Path, text: str, chunks: int, kl_chunks: int, f32: Path) -> dict[str, Any]:
@@ -89,12 +92,19 @@ def targets(report: dict[str, Any]) -> list[str]:
     for name, r in report["aqlm"].items():
         if "error" in r:
             continue
-        fits = {k: v for k, v in cpp.items() if v["size_bytes"] >= r["size_bytes"]}
-        if fits:
-            best = min(fits.items(), key=lambda kv: kv[1]["kl_mean"])
+        # "at equal total bytes": against llama.cpp's best mix whose file is within WINDOW of the AQLM file's
+        near = {k: v for k, v in cpp.items() if abs(v["size_bytes"] / r["size_bytes"] - 1) <= WINDOW}
+        if near:
+            best = min(near.items(), key=lambda kv: kv[1]["kl_mean"])
             verdict = "HOLDS" if r["kl_mean"] < best[1]["kl_mean"] else "MISSED"
             lines.append(f"AQLM {name} ({r['mb']:.1f} MB) KL {r['kl_mean']:.4f} vs the best llama.cpp imatrix mix "
-                         f"no smaller, {best[0]} ({best[1]['mb']:.1f} MB) KL {best[1]['kl_mean']:.4f}: {verdict}")
+                         f"within {WINDOW:.0%} of its bytes ({len(near)} of them), {best[0]} ({best[1]['mb']:.1f} MB) "
+                         f"KL {best[1]['kl_mean']:.4f}: {verdict}")
+        elif cpp:
+            small = min(cpp.items(), key=lambda kv: kv[1]["size_bytes"])
+            lines.append(f"AQLM {name} ({r['mb']:.1f} MB): no llama.cpp mix within {WINDOW:.0%} of its bytes; the "
+                         f"smallest, {small[0]} ({small[1]['mb']:.1f} MB), has KL {small[1]['kl_mean']:.4f} against its "
+                         f"{r['kl_mean']:.4f}")
         for ref in ("Q2_K", "IQ2_M"):
             if ref in cpp and r["size_bytes"] <= cpp[ref]["size_bytes"]:
                 ok = r["increase_pct"] <= cpp[ref]["increase_pct"] / 2
@@ -106,9 +116,10 @@ def targets(report: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    ap.add_argument("--presets", default="Q2_K,IQ2_M,IQ2_XS,IQ3_XXS")
-    ap.add_argument("--aqlm", default="2x8,2x8+ft", help="SCHEME (2x8, 1x16...) or size:PRESET rows; +ft: "
-                    "with fine-tuning")
+    ap.add_argument("--presets", default="IQ2_XXS,IQ2_XS,IQ2_S,IQ2_M,IQ3_XXS,IQ3_XS,IQ3_S,IQ3_M,Q3_K_S,Q2_K",
+                    help="llama.cpp presets (with its importance matrix); on SmolLM2 these files are 84-89 MB")
+    ap.add_argument("--aqlm", default="2x8,2x8+ft", help="SCHEME (2x8, 1x16...) or size:PRESET rows; +fp8: "
+                    "the embedding in float8 e4m3; +ft: with fine-tuning (in that order)")
     ap.add_argument("--ft-minutes", type=float, default=15.0)
     ap.add_argument("--ft-lr", type=float, default=2e-4)
     ap.add_argument("--chunks", type=int, default=8)
@@ -167,29 +178,33 @@ def main(argv: list[str] | None = None) -> int:
             report["llamacpp"][preset] = row
         calib = api.CalibConfig(source=str(calib_file), samples=args.calib_samples)
         for spec_ft in rows:
-            spec, ft = spec_ft.removesuffix("+ft"), spec_ft.endswith("+ft")
-            tune = HealConfig(minutes=args.ft_minutes, lr=args.ft_lr, batch=2) if ft else None
+            spec, *flags = spec_ft.split("+")
+            if set(flags) - {"fp8", "ft"}:
+                ap.error(f"--aqlm {spec_ft}: the suffixes are +fp8 and +ft")
+            tune = HealConfig(minutes=args.ft_minutes, lr=args.ft_lr, batch=2) if "ft" in flags else None
             quant = AQLMConfig(calib=calib, rounds=args.rounds, beam=args.beam, distill=tune)
+            extra = {"embedding": "fp8"} if "fp8" in flags else {}
             try:
                 if spec.startswith("size:"):
                     ref = report["llamacpp"][spec.split(":", 1)[1].upper()]
-                    recipe = api.ConvertRecipe(bits=None, size=int(ref["size_bytes"]))
+                    recipe = api.ConvertRecipe(bits=None, size=int(ref["size_bytes"]), extra=extra)
                 else:
-                    recipe = api.ConvertRecipe(bits=2, extra={"scheme": spec}) if "x" in spec \
-                        else api.ConvertRecipe(bits=int(spec))
+                    recipe = api.ConvertRecipe(bits=2, extra={"scheme": spec, **extra}) if "x" in spec \
+                        else api.ConvertRecipe(bits=int(spec), extra=extra)
                 log(f"AQLM {spec_ft}: convert")
                 t0 = time.perf_counter()
                 art = api.convert(hf, "aqlm", output=tmp / f"aqlm-{spec_ft.replace(':', '-')}", recipe=recipe,
                                   quantize=quant, force=True)
                 m = art.manifest
-                row = {"scheme": m["aqlm"]["scheme"], "convert_s": time.perf_counter() - t0,
+                row = {"scheme": m["aqlm"]["scheme"], "embedding": m["aqlm"].get("embedding", "f16"),
+                       "convert_s": time.perf_counter() - t0,
                        "size_bytes": m["size_bytes"], "mb": m["size_bytes"] / 1e6, "bpw": m["bpw"],
                        "layer_s": m["aqlm"]["layer_s"], "mean_rel_error": m["aqlm"]["mean_rel_error"],
                        "quantizer_report": m.get("quantizer_report"), "distill": m["aqlm"].get("distill")}
                 log(f"AQLM {spec} ({row['scheme']}): {row['mb']:.1f} MB in {row['convert_s']:.0f} s; evaluating")
                 row.update(eval_aqlm(art.path, text, args.chunks, args.kl_chunks, f32))
                 row["increase_pct"] = 100 * (row["ppl"] / f32_ppl - 1)
-                log(f"AQLM {spec}: ppl {row['ppl']:.4f} ({row['increase_pct']:+.2f}%) KL {row['kl_mean']:.4f}")
+                log(f"AQLM {spec_ft}: ppl {row['ppl']:.4f} ({row['increase_pct']:+.2f}%) KL {row['kl_mean']:.4f}")
             except Exception as exc:  # noqa: BLE001
                 log(f"AQLM {spec}: FAILED: {exc}")
                 row = {"error": f"{type(exc).__name__}: {exc}"}

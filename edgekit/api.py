@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,22 @@ def calibration_applies(method: str, bpw: float | None = None, size: int | None 
 def default_method(to: str) -> str | None:
     """The method a format encodes with when none is named (``aqlm``: AQLM), or None."""
     return getattr(FORMATS.get(to), "default_method", None) if to in FORMATS.names() else None
+
+
+def format_options(pairs: list[str], **given: Any) -> dict[str, Any]:
+    """Options from ``key=value`` pairs (``-O`` of ``convert`` and ``run``, the TUI's options field; values parsed
+    as JSON scalars where they parse) plus the named options given; the format or backend checks the names."""
+    opts: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"-O {item!r}: expected KEY=VALUE")
+        try:
+            parsed = json.loads(value.strip().lower() if value.strip().lower() in ("true", "false") else value)
+        except json.JSONDecodeError:
+            parsed = value.strip()
+        opts[key.strip().replace("-", "_")] = parsed
+    return opts
 
 
 def make_quantizer(method: str, calib: CalibConfig | None = None) -> Quantizer:

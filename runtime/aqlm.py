@@ -48,14 +48,10 @@ def _folder(model_path: str | Path) -> Path:
 def _sizes(folder: Path) -> tuple[dict[str, Any], int]:
     """config.json, and the bytes the weights take once loaded (codes as stored, floats as float32): also what
     one decoded token reads."""
-    from edgekit.converters.formats.aqlm.read import _header, read_config
+    from edgekit.converters.formats.aqlm.read import loaded_bytes, read_config
 
     cfg, _ = read_config(folder)
-    loaded = 0
-    for name, info in _header(folder / "model.safetensors").items():
-        n = int(info["data_offsets"][1]) - int(info["data_offsets"][0])
-        loaded += n if name.endswith(".codes") else n * (4 // {"F16": 2, "BF16": 2}.get(info["dtype"], 4))
-    return cfg, loaded
+    return cfg, loaded_bytes(folder)
 
 
 def _kv_bytes(cfg: dict[str, Any], tokens: int) -> int:

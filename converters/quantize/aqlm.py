@@ -7,7 +7,8 @@ With ``distill`` (``--distill 20m``), AQLM's fine-tuning follows the layer-wise 
 and every linear's codebooks and row scales, and the norms, are trained together so that the whole quantized
 model matches the float model's next-token distributions (``KL(teacher || student)`` on the calibration
 sequences), by the time-bounded, resumable distillation loop pruning's ``--heal`` uses
-(:func:`edgekit.converters.structure.heal.heal`). The embedding and the head stay as they are."""
+(:func:`edgekit.converters.structure.heal.heal`). The embedding and the head stay as they are (as the file
+stores them: an fp8 embedding in its fp8 values)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ import numpy as np
 from edgekit.converters.quantize.aqlm_kernel import AQLMTensor
 from edgekit.converters.quantize.base import register_quantizer
 from edgekit.converters.quantize.calibrated import CalibratedConfig, CalibratedQuantizer
+from edgekit.converters.quantize.pipeline import round_stored_floats
 from edgekit.converters.quantize.steps import StepConfig
 from edgekit.converters.quantize.steps.aqlm_round import AQLMRoundConfig
+from edgekit.converters.quantize.steps.base import F8_E4M3
 from edgekit.errors import InputError
 
 if TYPE_CHECKING:
@@ -77,6 +80,7 @@ class AQLMQuantizer(CalibratedQuantizer):
         super().__init__(config)
         self._tuned: dict[str, np.ndarray] = {}  # the fine-tuned norms (HF name -> weights), with distill
         self._names: dict[str, str] = {}  # GGUF name -> HF name
+        self._plan: dict[str, Any] = {}
 
     def prepare(self, checkpoint: HFCheckpoint, plan: dict[str, gguf.GGMLQuantizationType],
                 progress: Callable[[str, int, int], None] | None = None) -> None:
@@ -84,6 +88,7 @@ class AQLMQuantizer(CalibratedQuantizer):
         same weights, plan, encoder settings and calibration), then fine-tune with ``distill``."""
         from edgekit.fsutil import edgekit_home
 
+        self._plan = dict(plan)
         cache = edgekit_home() / "aqlm" / self._cache_key(checkpoint, plan)
         if (cache / "report.json").exists():
             self._load(cache)
@@ -170,10 +175,15 @@ class AQLMQuantizer(CalibratedQuantizer):
         for name in sorted(encoded):
             digest.update(encoded[name].codes.astype(np.int32).tobytes())
             digest.update(encoded[name].codebooks.tobytes())
-        key = f"aqlm:{digest.hexdigest()[:16]}"
-        info = heal(checkpoint, checkpoint.path, key, cfg.distill, cfg.calib, progress,
-                    prepare_student=lambda model: install_codebooks(torch, model, encoded), in_place=False,
-                    what="AQLM fine-tuning")
+        fp8 = sorted(g for g, t in self._plan.items() if t == F8_E4M3)  # the student computes with stored values
+        key = f"aqlm:{digest.hexdigest()[:16]}" + "".join(f":fp8:{g}" for g in fp8)
+
+        def student(model: Any) -> int:
+            round_stored_floats(torch, model, self._plan)
+            return install_codebooks(torch, model, encoded)
+
+        info = heal(checkpoint, checkpoint.path, key, cfg.distill, cfg.calib, progress, prepare_student=student,
+                    in_place=False, what="AQLM fine-tuning")
         with safe_open(str(Path(info["state"]) / "student.safetensors"), framework="numpy") as f:
             for module, t in encoded.items():
                 t.codebooks = np.asarray(f.get_tensor(f"{module}.aqlm_codebooks"), np.float32)

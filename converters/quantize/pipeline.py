@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekit.calibration import CalibConfig, calibration_tokens
-from edgekit.converters.quantize.steps.base import HeadState, LayerState, Step
+from edgekit.converters.quantize.steps.base import F8_E4M3, HeadState, LayerState, Step
 from edgekit.errors import quiet_transformers, require
 
 if TYPE_CHECKING:
@@ -32,6 +32,17 @@ if TYPE_CHECKING:
     from edgekit.model import HFCheckpoint
 
 Progress = Callable[[str, int, int], None]
+
+
+def round_stored_floats(torch: Any, model: Any, plan: dict[str, Any]) -> None:
+    """Give ``model`` the values the file stores where ``plan`` keeps the embedding or the output head in float8
+    e4m3, so that calibration, each layer's encoding and any fine-tuning see what the stored model computes with
+    (a tied head is the embedding's own parameter)."""
+    for name, module in (("token_embd.weight", model.get_input_embeddings()),
+                         ("output.weight", model.get_output_embeddings())):
+        if plan.get(name) == F8_E4M3 and module is not None:
+            w = module.weight.data
+            w.copy_(w.to(torch.float8_e4m3fn).to(w.dtype))
 
 
 class _Stats:
@@ -92,6 +103,7 @@ class LayerPipeline:
         progress = progress or (lambda d, a, b: None)
         t0 = time.perf_counter()
         model, ids = self.load(ckpt, progress)
+        round_stored_floats(torch, model, plan)
         t_calib = time.perf_counter() - t0
         keep = any(s.needs_samples for s in steps)
         hessians = any(s.needs_hessians for s in steps)  # the costliest part of calibration; skipped if unused

@@ -79,7 +79,8 @@ def convert(
     option: list[str] = typer.Option([], "--option", "-O", help="Format option KEY=VALUE; repeatable (GGUF: "
                                      "output_type=Q8_0, embed_type=Q6_K, name=...; ONNX: "
                                      "embed=float|int8|shared, lm_head=int4|int8|float|tied, accuracy_level=0..4, "
-                                     "opset=17..23, external_data=true|false)."),
+                                     "opset=17..23, external_data=true|false; AQLM: scheme=2x8|1x16, "
+                                     "embedding=f16|fp8)."),
     draft_for: Path | None = typer.Option(None, "--draft-for", help="Make a speculative-decoding draft for this "
                                           "target (checkpoint or artifact): a third of the blocks, distilled "
                                           "(--heal, default 20m), Q4_0 (--type); use it with run --draft."),
@@ -118,6 +119,7 @@ def convert(
       edgekit convert ./model.Q4_K_M.gguf --to mlc                          # any GGUF in (imported on the way)
       edgekit convert ./SmolLM2-135M --to aqlm --bits 2                    # AQLM 2x8: transformers + aqlm run it
       edgekit convert ./SmolLM2-135M --to aqlm --size 85MB                 # as many 8-bit codebooks as fit
+      edgekit convert ./SmolLM2-135M --to aqlm --size 85MB -O embedding=fp8  # 4x8 in the same 85 MB
       edgekit convert ./SmolLM2-135M --draft-for ./SmolLM2-135M -o ./smol-draft   # then: run --draft ./smol-draft
       edgekit convert ./SmolLM2-135M --method ternary                      # post-hoc ternary (TQ2_0)
       edgekit convert ./SmolLM2-135M --method ternary --distill 60m --calib self   # ternary QAT by distillation
@@ -147,7 +149,7 @@ def convert(
         from edgekit.runtime.hostinfo import use_torch_threads
 
         use_torch_threads(threads)
-    extra = format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
+    extra = api.format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
                             quant=quant, compile=compile_target,
                             sparse_ffn=None if sparse_ffn is None else str(sparse_ffn))
     _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
@@ -212,18 +214,3 @@ def _heal_config(text: str | None) -> Any:
     from edgekit.converters.structure.heal import HealConfig
 
     return HealConfig(minutes=HealConfig.parse_minutes(text))
-
-
-def format_options(pairs: list[str], **given: Any) -> dict[str, Any]:
-    """``-O key=value`` pairs (values parsed as JSON scalars where they parse) plus the named options given."""
-    opts: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"-O {item!r}: expected KEY=VALUE")
-        try:
-            parsed = json.loads(value.strip().lower() if value.strip().lower() in ("true", "false") else value)
-        except json.JSONDecodeError:
-            parsed = value.strip()
-        opts[key.strip().replace("-", "_")] = parsed
-    return opts

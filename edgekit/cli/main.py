@@ -139,7 +139,7 @@ def run(
     if backend:
         placement["backend"] = backend
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
-    placement.update(convert_cmd.format_options(option))
+    placement.update(api.format_options(option))
     if prompt is None and sys.stdin.isatty():
         if as_json:
             raise InputError("--json answers one prompt: give it with -p TEXT (or -p - to read stdin)")

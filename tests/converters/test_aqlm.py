@@ -98,9 +98,9 @@ def test_decode_matches_the_aqlm_package():
 # ---------------------------------------------------------------------------------------------- checkpoint
 
 
-def _convert_tiny(src: Path, out: Path, home: Path, distill: bool = True):
+def _convert_tiny(src: Path, out: Path, home: Path, distill: bool = True, **options: str):
     """The tiny Llama as AQLM 2x6 (64-entry codebooks keep the test quick), one round, then (``distill``)
-    12 steps of fine-tuning; edgekit's caches in ``home``."""
+    12 steps of fine-tuning; edgekit's caches in ``home``; ``options``: more ``-O`` options."""
     import os
 
     from edgekit import api
@@ -112,7 +112,7 @@ def _convert_tiny(src: Path, out: Path, home: Path, distill: bool = True):
     os.environ["EDGEKIT_HOME"] = str(home)
     try:
         tune = HealConfig(minutes=5, max_steps=12, lr=1e-3, batch=2) if distill else None
-        return api.convert(src, "aqlm", output=out, recipe=api.ConvertRecipe(bits=2, extra={"scheme": "2x6"}),
+        return api.convert(src, "aqlm", output=out, recipe=api.ConvertRecipe(bits=2, extra={"scheme": "2x6", **options}),
                            quantize=AQLMConfig(rounds=1, beam=2, cg_iters=10, distill=tune,
                                                calib=CalibConfig(samples=6, seqlen=64)), force=True)
     finally:
@@ -214,6 +214,67 @@ def test_transformers_runs_it_and_equals_edgekits_decode(aqlm_art, tiny_llama):
             b.decode(list(range(b.n_ctx)))
 
 
+def test_fp8_embedding_halves_its_bytes_and_transformers_loads_it(aqlm_art, tiny_llama, aqlm_home, tmp_path):
+    """``-O embedding=fp8``: the embedding and the untied head are stored as float8 e4m3, the checkpoint's own
+    values rounded once (as torch rounds), and the encoding and fine-tuning computed with those values;
+    transformers casts them back exactly, so the AQLM layers' logits equal a plain model holding edgekit's
+    decode; the file is smaller by one byte per value; the manifest says so."""
+    pytest.importorskip("aqlm")
+    from safetensors import safe_open
+
+    from edgekit.model import HFCheckpoint
+    from edgekit.runtime.aqlm import AQLMBackend
+
+    art = _convert_tiny(tiny_llama, tmp_path / "fp8", aqlm_home, embedding="fp8")
+    assert len(list((aqlm_home / "aqlm").iterdir())) == 2  # its own encoding: its layers saw other inputs
+    ckpt = HFCheckpoint.open(tiny_llama)
+    m, p = art.manifest, aqlm_art.manifest
+    floats = [n for n, t in m["tensors"].items() if t["type"] == "F8_E4M3"]
+    assert sorted(floats) == ["lm_head.weight", "model.embed_tokens.weight"]  # the tiny Llama's head is untied
+    with safe_open(art.path / "model.safetensors", framework="pt") as f:
+        for name in floats:
+            stored = f.get_tensor(name)
+            source = torch.from_numpy(ckpt.load(name).astype(np.float32))
+            assert stored.dtype == torch.float8_e4m3fn
+            assert torch.equal(stored.float(), source.to(torch.float8_e4m3fn).float())  # fine-tuning froze it
+    assert m["aqlm"]["embedding"] == "fp8" and p["aqlm"]["embedding"] == "f16"
+    assert sorted(m["aqlm"]["fp8_rel_error"]) == floats and all(0 < e < 0.05 for e in m["aqlm"]["fp8_rel_error"].values())
+    assert m["aqlm"]["distill"]["kl_after"] < m["aqlm"]["distill"]["kl_before"]
+    assert p["size_bytes"] - m["size_bytes"] == sum(np.prod(m["tensors"][n]["shape"]) for n in floats)
+    assert m["size_bytes"] == sum(t["bytes"] for t in m["tensors"].values())
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        want = _decoded_model(tiny_llama, art.path)(torch.tensor([ids])).logits[0].numpy()
+    with AQLMBackend(art.path) as b:
+        assert b.model.get_input_embeddings().weight.dtype == torch.float32
+        np.testing.assert_allclose(b.logits(ids), want, atol=2e-4)
+    # the memory model: loaded, an fp8 embedding is as large as an fp16 one (float32 either way)
+    loaded = [AQLMBackend.memory_estimate(a.path / "model.safetensors", 64).parts["weights"] for a in (art, aqlm_art)]
+    assert loaded[0] == loaded[1]
+    r = runner.invoke(app, ["inspect", str(art.path), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["type_counts"]["F8_E4M3"] == 2 and info["file_bytes"] == m["size_bytes"]
+    assert info["memory"]["weights"] == loaded[0] > m["size_bytes"]  # inspect's memory is the backend's
+
+
+def test_the_pipeline_computes_with_the_stored_fp8_values(tiny_llama):
+    """A plan that stores the embedding (and an untied head) in fp8 gives the calibration model those values; a
+    tied head is the embedding's own parameter."""
+    import transformers
+
+    from edgekit.converters.quantize.pipeline import round_stored_floats
+    from edgekit.converters.quantize.steps.base import F8_E4M3
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    e0, h0 = emb.detach().clone(), head.detach().clone()
+    round_stored_floats(torch, model, {"token_embd.weight": F8_E4M3})
+    assert torch.equal(emb, e0.to(torch.float8_e4m3fn).float()) and torch.equal(head, h0)
+    round_stored_floats(torch, model, {"output.weight": F8_E4M3})
+    assert torch.equal(head, h0.to(torch.float8_e4m3fn).float()) and not torch.equal(head, h0)
+
+
 def test_edgekit_kernels_against_aqlm_numba_kernel_on_one_thread():
     """With 8-bit codebooks the package's CPU kernel is numba; on one thread (its parallel loop races,
     Vahe1994/AQLM#86) it agrees with edgekit's look-up-table kernel."""
@@ -276,6 +337,11 @@ def test_size_budget_picks_the_codebook_count(tiny_llama):
     assert scheme_for_budget(ckpt, three - 1, 8).num_codebooks == 2
     with pytest.raises(InputError, match="at least"):
         scheme_for_budget(ckpt, 1000, 8)
+    # an fp8 embedding frees one byte per embedding value for codebooks
+    n_emb = sum(ckpt.tensors[n].numel for n in ("model.embed_tokens.weight", "lm_head.weight"))  # untied
+    assert checkpoint_bytes(ckpt, AQLMScheme(3, 8, 8), "fp8") == three - n_emb
+    four = checkpoint_bytes(ckpt, AQLMScheme(4, 8, 8), "fp8")
+    assert scheme_for_budget(ckpt, four, 8, "fp8").num_codebooks == 4 and scheme_for_budget(ckpt, four, 8).num_codebooks < 4
 
 
 def _one_line(output: str) -> bool:
@@ -284,7 +350,7 @@ def _one_line(output: str) -> bool:
 
 
 @pytest.mark.parametrize("args", [["--method", "gptq"], ["--type", "Q4_K_M"], ["-O", "scheme=2x99"],
-                                  ["-O", "colour=red"], ["--bits", "5"]])
+                                  ["-O", "colour=red"], ["--bits", "5"], ["-O", "embedding=int4"]])
 def test_bad_requests_get_one_line(tiny_llama, tmp_path, args):
     out = tmp_path / "x"
     r = runner.invoke(app, ["convert", str(tiny_llama), "--to", "aqlm", "-o", str(out), *args])

@@ -98,6 +98,29 @@ async def test_convert_runs_in_the_background_and_the_artifact_appears(models, t
         assert "out-q4_0" in [r.name for r in artifacts.rows]
 
 
+async def test_convert_to_aqlm_with_format_options(models, tiny_llama):
+    """Format options as ``convert -O`` takes them, and the format's own method (AQLM) where the form still says
+    rtn, as the CLI picks it."""
+    pytest.importorskip("aqlm")
+    app = EdgekitApp(folder="models")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f4")
+        screen = app.get_screen("convert")
+        for field, value in (("#cv-model", str(tiny_llama)), ("#cv-format", "aqlm"), ("#cv-quant", "2"),
+                             ("#cv-options", "embedding=fp8 scheme=2x6"), ("#cv-samples", "4"),
+                             ("#cv-output", "out-aqlm")):
+            screen.query_one(field).value = value
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: screen.outcome != "", timeout=120, what="the conversion")
+        assert screen.outcome == "done", "\n".join(str(line) for line in screen.query_one("#cv-log").lines)
+        manifest = json.loads((models.parent / "out-aqlm" / "edgekit.json").read_text())
+        assert manifest["preset"] == "AQLM_2x6" and manifest["aqlm"]["embedding"] == "fp8"
+        assert manifest["recipe"]["method"] == "aqlm"
+        screen.query_one("#cv-options").value = "embedding"  # not KEY=VALUE: the fix, before any work
+        await pilot.press("ctrl+r")
+        assert isinstance(app.screen, ErrorPanel) and "KEY=VALUE" in app.screen.message
+
+
 async def test_convert_cancel_leaves_nothing(models, tiny_llama):
     app = EdgekitApp(folder="models")
     async with app.run_test(size=(100, 30)) as pilot:

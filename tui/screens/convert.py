@@ -41,6 +41,7 @@ class ConvertForm:
     calib_samples: str = "32"
     output: str = ""
     force: bool = False
+    options: str = ""  # the format's options, as convert -O takes them: "embedding=fp8 scheme=2x8"
 
     def recipe(self):  # -> ConvertRecipe (imported lazily: converters pull numpy and more)
         from edgekit import api
@@ -62,10 +63,14 @@ class ConvertForm:
                              "a whole number") from None
         bits = int(quant) if quant.isdigit() else None
         preset = None if bits is not None or not quant else quant.upper()
-        calibrated = api.calibration_applies(self.method, bpw_value, size)
+        method = self.method
+        if method == "rtn" and api.default_method(self.fmt):
+            method = api.default_method(self.fmt)  # as convert does: AQLM encodes with AQLM
+        calibrated = api.calibration_applies(method, bpw_value, size)
         calib = api.CalibConfig(source=self.calib.strip() or "self", samples=samples) if calibrated else None
         return api.ConvertRecipe(bits=None if preset or bpw_value or size else (bits or 4), preset=preset,
-                                 bpw=bpw_value, size=size, method=self.method, calib=calib)
+                                 bpw=bpw_value, size=size, method=method, calib=calib,
+                                 extra=api.format_options(self.options.split()))
 
 
 def _names(kind: str) -> list[str]:
@@ -112,6 +117,10 @@ class ConvertScreen(Screen[None]):
                 yield Label("samples", classes="inline")
                 yield Input("32", id="cv-samples", type="integer", tooltip="calibration samples")
             with Horizontal(classes="field"):
+                yield Label("options")
+                yield Input("", placeholder="format options, as convert -O: embedding=fp8 (AQLM), lm_head=int8 (ONNX)",
+                            id="cv-options")
+            with Horizontal(classes="field"):
                 yield Label("output")
                 yield Input("", placeholder="default: the model library (edgekit ls)", id="cv-output")
                 yield Checkbox("replace", id="cv-force")
@@ -133,7 +142,7 @@ class ConvertScreen(Screen[None]):
             quant=q("#cv-quant", Input).value, bpw=q("#cv-bpw", Input).value,
             method=str(q("#cv-method", Select).value), calib=q("#cv-calib", Input).value,
             calib_samples=q("#cv-samples", Input).value or "32", output=q("#cv-output", Input).value.strip(),
-            force=q("#cv-force", Checkbox).value,
+            force=q("#cv-force", Checkbox).value, options=q("#cv-options", Input).value,
         )
 
     @on(Button.Pressed, "#cv-start")

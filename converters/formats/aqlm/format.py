@@ -5,8 +5,9 @@ package (``AqlmConfig``), encoded by edgekit's AQLM (:mod:`edgekit.converters.qu
 for every decoder linear, ``<name>.codes`` (``(out, in/g, M)``, int8 for 8-bit codebooks with codes of 128
 and more stored as ``code - 256``, as ``aqlm.utils.pack_int_data`` does; int16 up to 16 bits),
 ``<name>.codebooks`` (fp16 ``(M, 2^B, 1, g)``) and ``<name>.scales`` (fp16 ``(out, 1, 1, 1)``); the embedding
-(and an untied head) in fp16, norms in float32; ``config.json`` with its ``quantization_config``, the tokenizer
-files and ``edgekit.json``. A size budget (``--size 85MB``) picks the number of 8-bit codebooks that fits.
+(and an untied head) in fp16, or float8 e4m3 with ``-O embedding=fp8``, norms in float32; ``config.json`` with its
+``quantization_config``, the tokenizer files and ``edgekit.json``. A size budget (``--size 85MB``) picks the number
+of 8-bit codebooks that fits.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from edgekit.converters.formats.base import (
     size_fields,
 )
 from edgekit.converters.quantize.aqlm_kernel import AQLMScheme
+from edgekit.converters.quantize.steps.base import F8_E4M3
 from edgekit.errors import DiskFullError, InputError
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
@@ -48,22 +50,24 @@ def is_linear(ckpt: HFCheckpoint, name: str) -> bool:
     return bool(m) and m.group(1) in ckpt.spec.linear_suffixes
 
 
-def scheme_for_budget(ckpt: HFCheckpoint, budget_bytes: int, in_group: int) -> AQLMScheme:
+def scheme_for_budget(ckpt: HFCheckpoint, budget_bytes: int, in_group: int, embedding: str = "f16") -> AQLMScheme:
     """The most 8-bit codebooks (1-8) whose checkpoint fits ``budget_bytes``."""
     best = None
     for m in range(1, 9):
         s = AQLMScheme(m, 8, in_group)
-        if checkpoint_bytes(ckpt, s) <= budget_bytes:
+        if checkpoint_bytes(ckpt, s, embedding) <= budget_bytes:
             best = s
     if best is None:
-        need = checkpoint_bytes(ckpt, AQLMScheme(1, 8, in_group))
+        need = checkpoint_bytes(ckpt, AQLMScheme(1, 8, in_group), embedding)
+        hint = "" if embedding == "fp8" else ", or store the embedding in 8 bits with -O embedding=fp8"
         raise InputError(f"the smallest AQLM checkpoint of this model (1x8) is {need / 1e6:.1f} MB; "
-                         f"give a budget of at least that")
+                         f"give a budget of at least that{hint}")
     return best
 
 
-def checkpoint_bytes(ckpt: HFCheckpoint, scheme: AQLMScheme) -> int:
-    """Bytes of the tensors the writer stores (linears encoded, embedding fp16, the rest float32)."""
+def checkpoint_bytes(ckpt: HFCheckpoint, scheme: AQLMScheme, embedding: str = "f16") -> int:
+    """Bytes of the tensors the writer stores (linears encoded, embedding and untied head fp16 or fp8, the rest
+    float32)."""
     total = 0
     tied = ckpt.hparams.tie_embeddings
     for name, ref in ckpt.tensors.items():
@@ -72,8 +76,19 @@ def checkpoint_bytes(ckpt: HFCheckpoint, scheme: AQLMScheme) -> int:
         if is_linear(ckpt, name):
             total += scheme.nbytes(ref.shape[0], ref.shape[1])
         else:
-            total += ref.numel * (2 if len(ref.shape) == 2 else 4)
+            total += ref.numel * ((1 if embedding == "fp8" else 2) if len(ref.shape) == 2 else 4)
     return total
+
+
+def to_fp8(weight: np.ndarray) -> tuple[np.ndarray, float]:
+    """``weight`` rounded to float8 e4m3 (nearest, saturating at +-448, as torch casts), as its raw bytes, and
+    the relative RMS error of the rounding."""
+    import torch
+
+    w = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
+    q = w.to(torch.float8_e4m3fn)
+    err = float((q.float() - w).pow(2).sum().sqrt() / w.pow(2).sum().sqrt().clamp_min(1e-30))
+    return q.view(torch.uint8).numpy(), err
 
 
 @register_format("aqlm")
@@ -87,8 +102,9 @@ class AQLMFormat(Format):
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         opts = AQLMOptions.from_recipe(recipe)
-        return f"aqlm-{recipe.budget_label()}" if recipe.budgeted and "scheme" not in recipe.extra \
+        name = f"aqlm-{recipe.budget_label()}" if recipe.budgeted and "scheme" not in recipe.extra \
             else f"aqlm-{opts.scheme}"
+        return name + ("-fp8" if opts.embedding == "fp8" else "")
 
     def describe(self, art: Any, ctx: int = 4096) -> dict[str, Any]:
         from edgekit.converters.formats.aqlm.read import describe_aqlm
@@ -103,14 +119,14 @@ class AQLMFormat(Format):
         checkpoint.require_tokenizer()
         if recipe.budgeted and "scheme" not in recipe.extra:
             budget = recipe.size if recipe.size is not None else int(recipe.bpw * checkpoint.n_params / 8)
-            scheme = scheme_for_budget(checkpoint, budget, opts.in_group)
+            scheme = scheme_for_budget(checkpoint, budget, opts.in_group, opts.embedding)
         else:
             scheme = opts.aqlm
         for name in checkpoint.tensors:
             if is_linear(checkpoint, name) and checkpoint.tensors[name].shape[1] % scheme.in_group:
                 raise InputError(f"{name} has {checkpoint.tensors[name].shape[1]} input columns, not a multiple of "
                                  f"AQLM's group of {scheme.in_group}; give -O in_group=4")
-        est = checkpoint_bytes(checkpoint, scheme)
+        est = checkpoint_bytes(checkpoint, scheme, opts.embedding)
         check_free_space(out_dir, est + (16 << 20), "the AQLM checkpoint")
         tied = checkpoint.hparams.tie_embeddings
         plan: dict[str, Any] = {}
@@ -118,10 +134,12 @@ class AQLMFormat(Format):
             g = checkpoint.spec.gguf_name(name)
             if g is None or (name == "lm_head.weight" and tied):
                 continue
-            plan[g] = scheme if is_linear(checkpoint, name) else (T.F16 if len(ref.shape) == 2 else T.F32)
+            plan[g] = scheme if is_linear(checkpoint, name) else T.F32 if len(ref.shape) != 2 \
+                else F8_E4M3 if opts.embedding == "fp8" else T.F16
         t0 = time.perf_counter()
         quantizer.prepare(checkpoint, plan, progress)
         arrays: dict[str, np.ndarray] = {}
+        fp8: dict[str, float] = {}  # tensors stored as float8 e4m3 (raw bytes in ``arrays``) -> rounding error
         tensors: dict[str, dict[str, Any]] = {}
         for name, ref in checkpoint.tensors.items():
             g = checkpoint.spec.gguf_name(name)
@@ -139,13 +157,18 @@ class AQLMFormat(Format):
                                  "bytes": sum(a.nbytes for a in parts.values())}
                 continue
             w = checkpoint.load(name)
+            if plan[g] == F8_E4M3:
+                arr, fp8[name] = to_fp8(w)  # from the checkpoint's own values: one rounding, not two
+                arrays[name] = arr
+                tensors[name] = {"type": "F8_E4M3", "shape": list(ref.shape), "bytes": arr.nbytes}
+                continue
             raw = np.asarray(quantizer.quantize(g, w, plan[g]))
             dtype = np.float16 if plan[g] == T.F16 else np.float32
             arr = np.frombuffer(raw.tobytes(), dtype).reshape(w.shape)
             arrays[name] = np.ascontiguousarray(arr)
             tensors[name] = {"type": plan[g].name, "shape": list(ref.shape), "bytes": arr.nbytes}
         progress("writing the AQLM checkpoint", 0, 1)
-        _write(out_dir, checkpoint, arrays, scheme)
+        _write(out_dir, checkpoint, arrays, scheme, set(fp8))
         progress("writing the AQLM checkpoint", 1, 1)
         n_params = sum(r.numel for n, r in checkpoint.tensors.items()
                        if checkpoint.spec.gguf_name(n) is not None and not (n == "lm_head.weight" and tied))
@@ -158,6 +181,8 @@ class AQLMFormat(Format):
             "preset": f"AQLM_{scheme.name}",
             "aqlm": {"scheme": scheme.name, "num_codebooks": scheme.num_codebooks, "nbits_per_codebook": scheme.nbits,
                      "in_group_size": scheme.in_group, "code_bits_per_weight": scheme.code_bits_per_weight,
+                     "embedding": opts.embedding,
+                     **({"fp8_rel_error": {k: round(v, 5) for k, v in fp8.items()}} if fp8 else {}),
                      "build_s": round(time.perf_counter() - t0, 1), "layer_s": layer_s,
                      "mean_rel_error": round(float(np.mean(errs)), 5) if errs else None,
                      **({"distill": quantizer.report["distill"]} if "distill" in getattr(quantizer, "report", {})
@@ -166,11 +191,16 @@ class AQLMFormat(Format):
         }
 
 
-def _write(out_dir: Path, ckpt: HFCheckpoint, arrays: dict[str, np.ndarray], scheme: AQLMScheme) -> None:
-    from safetensors.numpy import save_file
+def _write(out_dir: Path, ckpt: HFCheckpoint, arrays: dict[str, np.ndarray], scheme: AQLMScheme,
+           fp8: set[str]) -> None:
+    """model.safetensors (the ``fp8`` names hold float8 e4m3 bytes), config.json and the tokenizer files."""
+    import torch
+    from safetensors.torch import save_file
 
+    stored = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in arrays.items()}
+    stored.update({k: stored[k].view(torch.float8_e4m3fn) for k in fp8})
     try:
-        save_file(arrays, str(out_dir / MODEL_FILE), metadata={"format": "pt"})
+        save_file(stored, str(out_dir / MODEL_FILE), metadata={"format": "pt"})
     except OSError as exc:
         raise DiskFullError(f"cannot write {out_dir / MODEL_FILE}: {exc.strerror or exc}; free space or choose "
                             "another -o") from exc

@@ -11,6 +11,8 @@ from edgekit.errors import InputError
 
 #: ``--bits N``: N codebooks of 256 entries over groups of 8 weights (N bits per weight before scales).
 _BITS = {1: "1x8", 2: "2x8", 3: "3x8", 4: "4x8"}
+#: How the embedding (and an untied head) is stored: fp16 as AQLM's toolkit writes it, or float8 e4m3.
+EMBEDDINGS = ("f16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,19 @@ class AQLMOptions:
         ``1x16``: one 65536-entry codebook, 1 MiB per linear). With ``--size``/``--bpw`` the number of 8-bit
         codebooks is chosen to fit.
     in_group: input columns per code group (8, as AQLM's kernels expect).
+    embedding: ``f16`` (AQLM's own layout) or ``fp8``: the embedding and an untied head stored as float8 e4m3
+        (round to nearest, no scale: transformers casts the stored values exactly to the model's dtype on
+        load), half the bytes of the largest float tensors; a size budget then buys more codebooks.
     """
 
     scheme: str = "2x8"
     in_group: int = 8
+    embedding: str = "f16"
 
     def __post_init__(self) -> None:
         parse_scheme(self.scheme, self.in_group)
+        if self.embedding not in EMBEDDINGS:
+            raise InputError(f"-O embedding={self.embedding}: give {' or '.join(EMBEDDINGS)}")
 
     @property
     def aqlm(self) -> AQLMScheme:

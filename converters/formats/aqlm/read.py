@@ -45,6 +45,20 @@ def _header(path: Path) -> dict[str, Any]:
     return head
 
 
+#: Bytes per stored value of the float dtypes a checkpoint may hold; transformers loads each as float32.
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def loaded_bytes(folder: Path) -> int:
+    """The bytes the weights take once edgekit's AQLM backend has loaded them: codes as stored, every float
+    tensor (codebooks, scales, embedding, norms) as float32."""
+    total = 0
+    for name, info in _header(Path(folder) / MODEL_FILE).items():
+        n = int(info["data_offsets"][1]) - int(info["data_offsets"][0])
+        total += n if name.endswith(".codes") else n * 4 // _ITEMSIZE.get(info["dtype"], 4)
+    return total
+
+
 def describe_aqlm(art: Any, ctx: int = 4096) -> dict[str, Any]:
     """What ``edgekit inspect`` shows: each linear (codes + codebooks + scales as one AQLM tensor) and float
     tensor with its bytes, the bits per weight counting codebooks and scales, memory at ``ctx``."""
@@ -73,6 +87,7 @@ def describe_aqlm(art: Any, ctx: int = 4096) -> dict[str, Any]:
     n_layer, n_kv = int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     kv = 2 * n_layer * n_kv * head_dim * ctx * 4
+    loaded = loaded_bytes(folder)  # in memory the floats are float32
     return {
         "path": str(folder), "format": "aqlm", "architecture": (cfg.get("architectures") or ["?"])[0],
         "name": art.name,
@@ -81,8 +96,8 @@ def describe_aqlm(art: Any, ctx: int = 4096) -> dict[str, Any]:
                     "attention.head_count": cfg.get("num_attention_heads"), "attention.head_count_kv": n_kv,
                     "vocab_size": cfg.get("vocab_size"), "context_length": cfg.get("max_position_embeddings")},
         **tensor_summary(tensors, n_params, size, size),
-        "memory": {"ctx": ctx, "weights": size, "kv_cache": kv, "kv_type": "f32 (transformers' cache on the CPU)",
-                   "total": size + kv},
+        "memory": {"ctx": ctx, "weights": loaded, "kv_cache": kv, "kv_type": "f32 (transformers' cache on the CPU)",
+                   "total": loaded + kv},
         "aqlm": {k: q.get(k) for k in ("num_codebooks", "nbits_per_codebook", "in_group_size", "out_group_size")},
         "preset": art.manifest.get("preset"), "recipe": art.manifest.get("recipe"),
         "eval": art.manifest.get("eval", []), "tensors": tensors,
@@ -91,10 +106,12 @@ def describe_aqlm(art: Any, ctx: int = 4096) -> dict[str, Any]:
 
 def decoded_weights(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of the checkpoint as float32, linears decoded from their codes by edgekit's own decode."""
-    from safetensors.numpy import load_file
+    import torch  # float8 tensors have no numpy dtype
+    from safetensors.torch import load_file
 
     _, q = read_config(folder)
-    raw = load_file(str(Path(folder) / MODEL_FILE))
+    raw = {k: (v.float() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else v).numpy()
+           for k, v in load_file(str(Path(folder) / MODEL_FILE)).items()}
     out: dict[str, np.ndarray] = {}
     for name, arr in raw.items():
         if name.endswith(".codes"):

@@ -10,13 +10,14 @@ embedding, an untied head) are cast as every rounding step casts them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from edgekit.converters.quantize import aqlm_kernel, gptq_kernel
 from edgekit.converters.quantize.steps.base import (
+    F8_E4M3,
     ROUND,
     HeadState,
     LayerState,
@@ -87,5 +88,6 @@ class AQLMRound(Step):
     def head(self, st: HeadState) -> None:
         for name in ("output.weight", "token_embd.weight"):
             if isinstance(st.plan.get(name), aqlm_kernel.AQLMScheme):
-                raise InputError("AQLM keeps the embedding and the output head in fp16; plan them as F16")
-        round_head(st, False, None)
+                raise InputError("AQLM keeps the embedding and the output head in fp16 or fp8; plan them as F16")
+        # an fp8 embedding already holds its stored values (the pipeline rounded it before calibrating)
+        round_head(replace(st, plan={k: v for k, v in st.plan.items() if v != F8_E4M3}), False, None)

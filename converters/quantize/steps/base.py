@@ -90,6 +90,11 @@ class LayerState:
                 self.out[gname] = gptq_kernel.rtn(w.reshape(1, -1), self.plan[gname]).data.reshape(-1)
 
 
+#: A plan's entry for a float tensor that the format stores as float8 e4m3 (AQLM's ``-O embedding=fp8``): the
+#: pipeline's model holds those values from the start (:func:`..pipeline.round_stored_floats`); no step rounds it.
+F8_E4M3 = "F8_E4M3"
+
+
 @dataclass
 class HeadState:
     """The output head after the last layer: ``H`` of the final norm's outputs (numpy float64)."""
