@@ -118,8 +118,8 @@ def convert(
       edgekit convert ./SmolLM2-135M --to mlc --quant q4f16_1 --method gptq   # MLC-LLM weights + chat config
       edgekit convert ./model.Q4_K_M.gguf --to mlc                          # any GGUF in (imported on the way)
       edgekit convert ./SmolLM2-135M --to aqlm --bits 2                    # AQLM 2x8: transformers + aqlm run it
-      edgekit convert ./SmolLM2-135M --to aqlm --size 85MB                 # as many 8-bit codebooks as fit
-      edgekit convert ./SmolLM2-135M --to aqlm --size 85MB -O embedding=fp8  # 4x8 in the same 85 MB
+      edgekit convert ./SmolLM2-135M --to aqlm --size 86MB                 # as many 8-bit codebooks as fit: 2x8
+      edgekit convert ./SmolLM2-135M --to aqlm --size 86MB -O embedding=fp8  # fp8 embedding: 4x8 in the same 86 MB
       edgekit convert ./SmolLM2-135M --draft-for ./SmolLM2-135M -o ./smol-draft   # then: run --draft ./smol-draft
       edgekit convert ./SmolLM2-135M --method ternary                      # post-hoc ternary (TQ2_0)
       edgekit convert ./SmolLM2-135M --method ternary --distill 60m --calib self   # ternary QAT by distillation
