@@ -150,8 +150,8 @@ def convert(
 
         use_torch_threads(threads)
     extra = api.format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
-                            quant=quant, compile=compile_target,
-                            sparse_ffn=None if sparse_ffn is None else str(sparse_ffn))
+                               quant=quant, compile=compile_target,
+                               sparse_ffn=None if sparse_ffn is None else str(sparse_ffn))
     _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
                              "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize),
                              "--quant": ("quant", quant), "--compile": ("compile", compile_target),
