@@ -48,10 +48,11 @@ def _folder(model_path: str | Path) -> Path:
 def _sizes(folder: Path) -> tuple[dict[str, Any], int]:
     """config.json, and the bytes the weights take once loaded (codes as stored, floats as float32): also what
     one decoded token reads."""
-    from edgekit.converters.formats.aqlm.read import loaded_bytes, read_config
+    from edgekit.converters.formats.aqlm.layout import MODEL_FILE
+    from edgekit.converters.formats.aqlm.read import _header, loaded_bytes, read_config
 
     cfg, _ = read_config(folder)
-    return cfg, loaded_bytes(folder)
+    return cfg, loaded_bytes(_header(folder / MODEL_FILE))
 
 
 def _kv_bytes(cfg: dict[str, Any], tokens: int) -> int:

@@ -49,11 +49,11 @@ def _header(path: Path) -> dict[str, Any]:
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def loaded_bytes(folder: Path) -> int:
-    """The bytes the weights take once edgekit's AQLM backend has loaded them: codes as stored, every float
-    tensor (codebooks, scales, embedding, norms) as float32."""
+def loaded_bytes(head: dict[str, Any]) -> int:
+    """The bytes the weights of a checkpoint with safetensors header ``head`` take once edgekit's AQLM backend
+    has loaded them: codes as stored, every float tensor (codebooks, scales, embedding, norms) as float32."""
     total = 0
-    for name, info in _header(Path(folder) / MODEL_FILE).items():
+    for name, info in head.items():
         n = int(info["data_offsets"][1]) - int(info["data_offsets"][0])
         total += n if name.endswith(".codes") else n * 4 // _ITEMSIZE.get(info["dtype"], 4)
     return total
@@ -87,7 +87,7 @@ def describe_aqlm(art: Any, ctx: int = 4096) -> dict[str, Any]:
     n_layer, n_kv = int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     kv = 2 * n_layer * n_kv * head_dim * ctx * 4
-    loaded = loaded_bytes(folder)  # in memory the floats are float32
+    loaded = loaded_bytes(head)  # in memory the floats are float32
     return {
         "path": str(folder), "format": "aqlm", "architecture": (cfg.get("architectures") or ["?"])[0],
         "name": art.name,
