@@ -208,8 +208,8 @@ def test_cli_bad_input(tmp_path, home):
 @needs_llama
 def test_ctrl_c_keeps_marked_partial_results(tiny_ggufs, tmp_path):
     env = {**os.environ, "EDGEKIT_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "edgekit.cli.main", "profile", str(tiny_ggufs["F16"]), "--tests", "tg8,tg256", "-r", "200",
-           "--threads", "1", "--json"]
+    cmd = [sys.executable, "-m", "edgekit.cli.main", "profile", str(tiny_ggufs["F16"]), "--tests", "tg8,tg256",
+           "-r", "100000", "--threads", "1", "--json"]  # more reps than any CPU runs in the 6 s before the Ctrl-C
     # Ctrl-C as a terminal delivers it: a harness started in the background (`cmd &` in a script) runs with
     # SIGINT ignored, and Python then never installs its KeyboardInterrupt handler in the child.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
