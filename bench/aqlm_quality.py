@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import llamacpp_imatrix as peer  # noqa: E402
 from common import cpu_model, get_model, log, pkg_version, publish  # noqa: E402
 from gguf_quality import evaluate, gguf_bpw, halves  # noqa: E402
+from low_bit import PADDED_HIDDEN  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgekit import api  # noqa: E402
@@ -59,8 +60,12 @@ DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/val
 CTX, N_THREADS = 512, 2
 #: Files within this fraction of each other's bytes count as "equal bytes".
 WINDOW = 0.05
-#: The hidden size of the padded copy (``padded:PRESET`` rows).
-PADDED_HIDDEN = 768
+
+
+def preset_name(spec: str) -> str:
+    """``IQ2_M`` or ``padded:IQ1_S`` from a ``--presets`` item or a ``size:`` row's reference, any case."""
+    kind, _, ptype = spec.strip().rpartition(":")
+    return ("padded:" if kind.lower() == "padded" else "") + ptype.upper()
 
 
 def eval_aqlm(folder: Path, text: str, chunks: int, kl_chunks: int, f32: Path) -> dict[str, Any]:
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--out", type=Path, default=RESULTS / "aqlm_quality")
     args = ap.parse_args(argv)
-    presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
+    presets = [preset_name(p) for p in args.presets.split(",") if p.strip()]
     rows = [s.strip() for s in args.aqlm.split(",") if s.strip()]
     if peer.tools() is None:
         ap.error("llama-imatrix / llama-quantize are not built: run bash .ci/setup.sh --bench")
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         imat = tmp / "imatrix.gguf"
         report["imatrix"] = peer.make_imatrix(f32, calib_file, imat, args.imatrix_chunks)
         padded_f32 = padded_imat = None
-        if any(p.startswith("PADDED:") for p in presets):
+        if any(p.startswith("padded:") for p in presets):
             log(f"padding to hidden {PADDED_HIDDEN}: F32 GGUF and llama-imatrix")
             padded_hf = pad_hidden(HFCheckpoint.open(hf), PADDED_HIDDEN, tmp / "padded-hf")
             padded_f32 = api.convert(padded_hf, "gguf", output=tmp / "padded-F32",
@@ -201,10 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"KL to the real F32 {report['padded_f32']['kl_mean']:.2e}")
             padded_imat = tmp / "padded-imatrix.gguf"
             report["padded_imatrix"] = peer.make_imatrix(padded_f32, calib_file, padded_imat, args.imatrix_chunks)
-        for preset in presets:
-            padded = preset.startswith("PADDED:")
-            name = f"padded:{preset.split(':', 1)[1]}" if padded else preset
-            src, src_imat = (padded_f32, padded_imat) if padded else (f32, imat)
+        for name in presets:
+            src, src_imat = (padded_f32, padded_imat) if name.startswith("padded:") else (f32, imat)
             dst = tmp / f"{name.replace(':', '-')}.gguf"
             try:
                 row: dict[str, Any] = peer.quantize(src, dst, name.split(":")[-1], src_imat)
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"embedding": "fp8"} if "fp8" in flags else {}
             try:
                 if spec.startswith("size:"):
-                    ref = report["llamacpp"][spec.split(":", 1)[1].upper().replace("PADDED:", "padded:")]
+                    ref = report["llamacpp"][preset_name(spec.split(":", 1)[1])]
                     recipe = api.ConvertRecipe(bits=None, size=int(ref["size_bytes"]), extra=extra)
                 else:
                     recipe = api.ConvertRecipe(bits=2, extra={"scheme": spec, **extra}) if "x" in spec \
