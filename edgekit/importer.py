@@ -81,11 +81,26 @@ def import_gguf(
 
 @contextlib.contextmanager
 def _no_tqdm() -> Iterator[None]:
+    """Silence the tqdm bar transformers' GGUF reader draws whatever its logging says. tqdm reads
+    ``TQDM_DISABLE`` once, when it is first imported, so the variable alone misses a process that has
+    already imported it (the CLI has, by the time it imports): the reader is handed a disabled bar."""
+    import functools
+    import importlib
+
+    try:
+        reader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        reader = None
+    bar = getattr(reader, "tqdm", None)
     old = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
+    if bar is not None:
+        reader.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
+        if bar is not None:
+            reader.tqdm = bar
         if old is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:

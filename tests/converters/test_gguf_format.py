@@ -211,10 +211,14 @@ def test_manifest_records_source_and_recipe(tiny_llama, tmp_path):
     assert 4.5 <= m["bpw"] < 6.0
 
 
-def test_import_then_convert_round_trip(tiny_llama, tmp_path):
+def test_import_then_convert_round_trip(tiny_llama, tmp_path, capfd):
     """GGUF -> safetensors (edgekit import) -> GGUF F32 gives back exactly the dequantized weights."""
+    import tqdm  # noqa: F401 - imported before, as the CLI has: TQDM_DISABLE alone no longer silences it
+
     q8 = _convert(tiny_llama, tmp_path, "Q8_0")
+    capfd.readouterr()
     hf = api.import_gguf(q8.model_file, tmp_path / "imported")
+    assert "de-quantizing" not in capfd.readouterr().err  # edgekit draws the progress; transformers' bar stays off
     assert (hf / "model.safetensors").exists() and not list(hf.glob("*.bin"))
     cfg = json.loads((hf / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["num_hidden_layers"] == 2
