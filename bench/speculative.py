@@ -5,12 +5,16 @@ against plain decoding, in one run on one machine.
                                 [--ngram-only] [--rounds N]
 
 Targets: edgekit's F16 and Q8_0 GGUFs of the float checkpoint (``--targets`` takes any preset, e.g.
-Q4_K_M). Drafts (GGUF, same tokenizer), by default:
+Q4_K_M, and ``onnx:BITS`` for edgekit's ONNX graph at 16, 32 or 4 bits, run by onnxruntime). Drafts of a GGUF
+target (GGUF, same tokenizer), by default:
 
 * ``draft-for``: ``edgekit convert MODEL --draft-for MODEL`` (the draft recipe: depth-pruned to a third of
   the blocks by block influence, distilled from the model, Q4_0), built once and cached;
 * ``depth:20 Q4_0``: the same pruning without distillation;
 * ``Q4_0``: a low-bit copy at full depth (agrees often, but costs about as much as the target here).
+
+An ONNX target wider than 4 bits is drafted by ``onnx:4``, the 4-bit ONNX copy of the same checkpoint (an
+ONNX target drafts with an ONNX model); ``--drafts`` entries go to the targets of their own format.
 
 Prompts: 10 open chat questions and 10 input-grounded tasks (rewrite, extract, correct) over paragraphs of
 WikiText-2 valid (read from ../shared). Each is generated greedily for ``--max-tokens`` tokens with each
@@ -93,14 +97,26 @@ def grounded_prompts(text: Path, n: int = 10) -> list[str]:
     return [TASKS[i % len(TASKS)].format(p=paras[i * 7]) for i in range(n)]
 
 
-def build(hf: Path, name: str, recipe: ConvertRecipe) -> Path:
+def build(hf: Path, name: str, recipe: ConvertRecipe, fmt: str = "gguf") -> Path:
     out = HOME / name
     if not (out / "edgekit.json").exists():
         log(f"converting {name}")
         t0 = time.perf_counter()
-        api.convert(hf, "gguf", output=out, recipe=recipe, force=True)
+        api.convert(hf, fmt, output=out, recipe=recipe, force=True)
         log(f"  {name}: {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def build_target(hf: Path, spec: str) -> Path:
+    """A ``--targets`` item: a GGUF preset (``Q8_0``) or ``onnx:BITS``."""
+    if spec.lower().startswith("onnx:"):
+        bits = int(spec.split(":", 1)[1])
+        return build(hf, f"onnx-{bits}", ConvertRecipe(bits=bits), fmt="onnx")
+    return build(hf, spec.lower(), ConvertRecipe(preset=spec))
+
+
+def is_onnx(path: Path) -> bool:
+    return Artifact.open(path).format == "onnx"
 
 
 def run_prompts(target: Path, prompts: list[str], max_tokens: int, threads: int,
@@ -113,7 +129,9 @@ def run_prompts(target: Path, prompts: list[str], max_tokens: int, threads: int,
         for p in prompts:
             st = GenerationStats()
             text = "".join(b.generate([{"role": "user", "content": p}], greedy, st))
-            decode = st.extra["worker_total_time"] - st.extra["worker_time_to_first_token"]
+            # llama.cpp: the worker's own clock (no pipe traffic in it); onnxruntime runs in this process
+            decode = (st.extra.get("worker_total_time", st.total_time)
+                      - st.extra.get("worker_time_to_first_token", st.time_to_first_token))
             spec = st.extra.get("speculative") or {}
             out.append({"text": text, "tokens": st.generated_tokens, "decode_s": decode,
                         "tok_s": (st.generated_tokens - 1) / decode if decode > 0 else 0.0,
@@ -176,9 +194,15 @@ def lookup_bound(pairs: list[tuple[list[int], list[int]]], costs: dict[str, floa
     return plain / spent if spent else 1.0
 
 
+def _backend(target: Path, threads: int) -> Any:
+    if is_onnx(target):
+        return api.open_backend(target, n_ctx=2048, n_threads=threads)
+    return LlamaCppBackend(Artifact.open(target).model_file, n_ctx=2048, n_threads=threads)
+
+
 def tokenized(target: Path, prompts: list[str], outputs: list[str], threads: int) -> list[tuple[list[int], list[int]]]:
     """(chat-templated prompt ids, output ids) as the target's tokenizer reads them."""
-    with LlamaCppBackend(Artifact.open(target).model_file, n_ctx=2048, n_threads=threads) as be:
+    with _backend(target, threads) as be:
         return [(be.tokenize(f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n", add_special=False),
                  be.tokenize(o, add_special=False)) for p, o in zip(prompts, outputs, strict=True)]
 
@@ -187,7 +211,7 @@ def first_difference(target: Path, prompt: str, a: str, b: str, threads: int) ->
     """Where two greedy outputs part: the target's top-2 logit gap there."""
     import numpy as np
 
-    with LlamaCppBackend(Artifact.open(target).model_file, n_ctx=2048, n_threads=threads) as be:
+    with _backend(target, threads) as be:
         ta, tb = be.tokenize(a, add_special=False), be.tokenize(b, add_special=False)
         i = next((j for j in range(min(len(ta), len(tb))) if ta[j] != tb[j]), min(len(ta), len(tb)))
         head = be.tokenize(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", add_special=False)
@@ -205,7 +229,8 @@ def render(report: dict[str, Any], out: Path) -> None:
     checks: list[str] = []
     console = Console(record=True, width=175)
     table = Table(title=f"Speculative decoding, SmolLM2-135M-Instruct, greedy, {report['max_tokens']} tokens, "
-                        f"{report['threads']} threads, llama.cpp via llama-cpp-python {report['llama_cpp_python']}")
+                        f"{report['threads']} threads, llama.cpp via llama-cpp-python {report['llama_cpp_python']}"
+                        + (f", onnxruntime {report['onnxruntime']}" if report.get("onnxruntime") else ""))
     for col in ("target", "prompts", "drafter", "tok/s", "speedup", "accepted", "identical", "step/extra/draft ms",
                 "perfect draft", "needs for 1.5x"):
         table.add_column(col, justify="left" if col in ("target", "prompts", "drafter") else "right")
@@ -232,8 +257,10 @@ def render(report: dict[str, Any], out: Path) -> None:
 
     for t in targets:
         for k in ("chat", "grounded") if drafts else ():
-            best = max((r for r in rows if r["target"] == t and r["prompts"] == k and r["drafter"].startswith("draft")),
-                       key=lambda r: r["speedup"])
+            mine = [r for r in rows if r["target"] == t and r["prompts"] == k and r["drafter"].startswith("draft")]
+            if not mine:
+                continue
+            best = max(mine, key=lambda r: r["speedup"])
             ok = best["speedup"] >= 1.5
             need = best.get("acceptance_for_1_5x")
             why = "" if ok or not best.get("costs") else (
@@ -271,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every mode this many times, interleaved, and average the speeds")
     ap.add_argument("--ngram-only", action="store_true", help="prompt lookup only: build and time no draft model")
+    ap.add_argument("--no-gguf-drafts", action="store_true",
+                    help="build and time no GGUF draft model (GGUF targets get prompt lookup; ONNX targets keep theirs)")
     ap.add_argument("--out", type=Path, default=RESULTS / "speculative")
     ap.add_argument("--render", action="store_true",
                     help="measure nothing: print the table and checks of the stored OUT.json again (e.g. after a "
@@ -284,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     hf = get_model()
-    targets = {t: build(hf, t.lower(), ConvertRecipe(preset=t)) for t in args.targets.split(",")}
+    targets = {t: build_target(hf, t) for t in args.targets.split(",")}
     drafts: dict[str, Path] = {}
     draft_build_s = None
-    if not args.ngram_only:
+    if not (args.ngram_only or args.no_gguf_drafts) and not all(is_onnx(t) for t in targets.values()):
         log("building the draft-for draft (cached)")
         t0 = time.perf_counter()
         from edgekit.converters.draft import draft_recipe
@@ -301,15 +330,20 @@ def main(argv: list[str] | None = None) -> int:
     for item in filter(None, args.drafts.split(",")):
         name, _, path = item.partition("=")
         drafts[name] = Path(path)
+    if not args.ngram_only and any(is_onnx(t) for t in targets.values()):
+        drafts["onnx:4 (4-bit ONNX copy)"] = build_target(hf, "onnx:4")
 
     chat, grounded = CHAT, grounded_prompts(args.text)
     rows: list[dict[str, Any]] = []
     plain_name, nofa_name = "none (plain)", "none (plain, no flash attention)"
     for tname, target in targets.items():
         for kind, prompts in (("chat", chat), ("grounded", grounded)):
-            modes: list[tuple[str, dict[str, Any]]] = [(nofa_name, {}), (plain_name, {"flash_attn": True}),
-                                                       ("ngram", {"speculative": "ngram"})]
-            modes += [(f"draft: {n}", {"draft": str(p)}) for n, p in drafts.items()]
+            onnx = is_onnx(target)  # onnxruntime has no flash-attention switch: one plain row
+            modes: list[tuple[str, dict[str, Any]]] = [(plain_name, {})] if onnx else [
+                (nofa_name, {}), (plain_name, {"flash_attn": True})]
+            modes.append(("ngram", {"speculative": "ngram"}))
+            modes += [(f"draft: {n}", {"draft": str(p)}) for n, p in drafts.items()
+                      if is_onnx(p) == onnx and p != target]
             runs: dict[str, list[tuple[list[dict[str, Any]], dict[str, Any]]]] = {n: [] for n, _ in modes}
             for rnd in range(args.rounds):  # every mode once per round: slow spells of a shared machine hit all alike
                 for name, opts in modes:
@@ -337,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(), "machine": platform.machine(),
               "llama_cpp_python": pkg_version("llama_cpp_python"), "max_tokens": args.max_tokens,
+              "onnxruntime": pkg_version("onnxruntime") if any(is_onnx(t) for t in targets.values()) else None,
               "threads": args.threads, "rounds": args.rounds, "draft_build_s": draft_build_s, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "drafts": {k: str(v) for k, v in drafts.items()}, "prompts_per_kind": len(chat), "rows": rows}
     render(report, args.out)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.runtime.speculative import common_prefix
+from edgekit.runtime.speculative import sync_context
 
 
 class ContextFull(ValueError):
@@ -72,17 +72,7 @@ class LlamaContext:
         self.llm.n_tokens = self.cells
 
     def sync(self, tokens: list[int], logits: bool = False) -> np.ndarray | None:
-        p = common_prefix(self.logical, tokens)
-        if logits and p == len(tokens) and p > 0:
-            p -= 1  # the last token must be evaluated to have its logits
-        if self.dropped and p < len(self.logical) and p < self.sinks + self.dropped:
-            self.clear()  # the request diverges inside the evicted part: start again
-            p = 0
-        self.truncate(p)
-        rest = tokens[p:]
-        if not rest:
-            return None
-        return self.extend(rest, "last" if logits else "none")
+        return sync_context(self, tokens, logits, self.sinks + self.dropped if self.dropped else 0)
 
     # -- evaluation -------------------------------------------------------------------------------
 

@@ -13,20 +13,16 @@ from edgekit.errors import InputError
 def decoding_options(draft: str | Path | None, speculative: str | None, n_draft: int | None,
                      kv_window: int | None, kv_sinks: int, kv_evict_step: int | None = None) -> dict[str, Any]:
     """The worker's decoding options, checked here so a bad one is a one-line error before anything loads."""
-    mode = speculative or ("draft" if draft is not None else None)
-    if mode not in (None, "draft", "ngram"):
-        raise InputError(f"--speculative {speculative!r}: use 'ngram' (prompt lookup) or give --draft MODEL")
+    from edgekit.runtime.speculative import drafting_mode
+
+    mode = drafting_mode(draft, speculative, n_draft)
     out: dict[str, Any] = {"mode": mode}
     if mode == "draft":
         if draft is None:
             raise InputError("speculative decoding with a draft model needs --draft MODEL (a smaller GGUF with the "
                              "same tokenizer; make one with: edgekit convert MODEL --draft-for MODEL)")
         out["draft_path"] = str(draft_model_file(draft))
-    elif draft is not None:
-        raise InputError("--draft and --speculative ngram exclude each other: give one")
     if n_draft is not None:
-        if not 1 <= int(n_draft) <= 32:
-            raise InputError("--n-draft must be between 1 and 32")
         out["n_draft"] = int(n_draft)
     if kv_window is not None:
         if int(kv_window) < 64:

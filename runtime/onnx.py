@@ -21,7 +21,7 @@ import numpy as np
 from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError, require
 from edgekit.runtime import hostinfo
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
-from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick
+from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick, stream_tokens
 from edgekit.runtime.tokenizer import FolderTokenizer
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -72,7 +72,8 @@ class OnnxBackend(Backend):
 
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
                  graph_opt: str = "all", n_batch: int = 512, kv_window: int | None = None,
-                 kv_sinks: int = 4, kv_evict_step: int | None = None) -> None:
+                 kv_sinks: int = 4, kv_evict_step: int | None = None, speculative: str | None = None,
+                 draft: str | Path | None = None, n_draft: int | None = None) -> None:
         ort = require("onnxruntime", "onnx")
         path = Path(model_path)
         if not path.exists():
@@ -115,6 +116,7 @@ class OnnxBackend(Backend):
             self.n_ctx = int(kv_window)
             self.n_batch = min(self.n_batch, self.window.size - self.window.sinks)
         self.reset()
+        self._setup_drafting(speculative, draft, n_draft, kv_window, kv_sinks, kv_evict_step, graph_opt)
 
     # -- Backend API ----------------------------------------------------------------------------------
 
@@ -124,8 +126,11 @@ class OnnxBackend(Backend):
 
     @property
     def info(self) -> dict[str, Any]:
-        return {"n_ctx": self.n_ctx, "n_threads": self.n_threads, "load_time_s": self.load_time,
+        info = {"n_ctx": self.n_ctx, "n_threads": self.n_threads, "load_time_s": self.load_time,
                 "kv_dtype": np.dtype(self._kv_dtype).name, "n_layer": len(self._past_names) // 2}
+        if self.spec_info:
+            info["speculative"] = self.spec_info
+        return info
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special)
@@ -169,12 +174,16 @@ class OnnxBackend(Backend):
         t0 = time.perf_counter()
         self.reset()
         logits = None
-        for i in range(0, len(ids), self.n_batch):
-            logits = self._run(ids[i : i + self.n_batch], last_only=True)[-1]
+        if self.drafter is None:  # the drafted loop evaluates the prompt itself
+            for i in range(0, len(ids), self.n_batch):
+                logits = self._run(ids[i : i + self.n_batch], last_only=True)[-1]
         stream = TextStream(self.tokenizer.decode, sampling.stop)
         budget = sampling.max_tokens if self.window else min(sampling.max_tokens, self.n_ctx - len(ids))
-        yield from decode_loop(logits, lambda tok: self._run([tok], last_only=True)[-1],
-                               lambda lg, prev: pick(lg, sampling, rng, prev), self._eos, stream, stats, budget, t0)
+        if self.drafter is not None:
+            yield from self._generate_drafted(ids, sampling, rng, stream, stats, budget, t0)
+        else:
+            yield from decode_loop(logits, lambda tok: self._run([tok], last_only=True)[-1],
+                                   lambda lg, prev: pick(lg, sampling, rng, prev), self._eos, stream, stats, budget, t0)
         stats.total_time = time.perf_counter() - t0
         stats.extra["kv"] = self.kv_state()
 
@@ -206,6 +215,71 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         self._past = []
         self.session = None  # type: ignore[assignment]
+        if self.draft_backend is not None:
+            self.draft_backend.close()
+            self.draft_backend = None
+
+    # -- speculative decoding -------------------------------------------------------------------------
+
+    def _setup_drafting(self, speculative: str | None, draft: str | Path | None, n_draft: int | None,
+                        kv_window: int | None, kv_sinks: int, kv_evict_step: int | None, graph_opt: str) -> None:
+        """Prompt lookup (``speculative="ngram"``) or a draft ONNX model sharing the tokenizer (``draft``):
+        the loop of :mod:`.speculative`, as in the llama.cpp worker. onnxruntime verifies a few tokens for
+        little more than one (its per-call cost dominates a small model's step), so drafting pays more
+        here than on llama.cpp's CPU kernels. The costs are measured once, at load."""
+        from edgekit.runtime.speculative import ModelDrafter, NgramDrafter, drafting_mode
+
+        self.drafter: Any = None
+        self.draft_backend: OnnxBackend | None = None
+        self.spec_info: dict[str, Any] = {}
+        self.costs: Any = None
+        mode = drafting_mode(draft, speculative, n_draft)
+        self.n_draft = int(n_draft) if n_draft is not None else None
+        self._ctx = OnnxContext(self)
+        if mode is None:
+            return
+        if mode == "ngram":
+            self.drafter = NgramDrafter()
+        else:
+            if draft is None:
+                raise InputError("speculative decoding with a draft model needs --draft MODEL (a smaller ONNX "
+                                 "artifact with the same tokenizer)")
+            self.draft_backend = OnnxBackend(_onnx_model_file(draft), n_ctx=self.n_ctx,
+                                             n_threads=self.n_threads, graph_opt=graph_opt, n_batch=self.n_batch,
+                                             kv_window=kv_window, kv_sinks=kv_sinks, kv_evict_step=kv_evict_step)
+            if _vocab_fingerprint(self.draft_backend) != _vocab_fingerprint(self):
+                self.draft_backend.close()
+                raise InputError("the draft model's vocabulary differs from the target's; a draft must share the "
+                                 "target's tokenizer (convert it from the same checkpoint)")
+            self.drafter = ModelDrafter(self.draft_backend._ctx)
+            self.spec_info["draft_path"] = str(draft)
+        from edgekit.runtime.speculative import measure_costs
+
+        rng = np.random.default_rng(0)
+        probe = [int(t) for t in rng.integers(3, self.n_vocab, size=min(256, self.n_ctx // 2))]
+        draft_ctx = self.draft_backend._ctx if self.draft_backend is not None else None
+        self.costs = measure_costs(self._ctx, draft_ctx, probe)
+        self._ctx.clear()
+        if draft_ctx is not None:
+            draft_ctx.clear()
+        self.spec_info.update(mode=self.drafter.name, costs=self.costs.to_json())
+
+    def _generate_drafted(self, ids: list[int], sampling: SamplingConfig, rng: np.random.Generator,
+                          stream: TextStream, stats: GenerationStats, budget: int, t0: float) -> Iterator[str]:
+        from edgekit.runtime.speculative import AdaptiveDraft, SpecStats, generate_tokens
+
+        spec = SpecStats()
+        self._ctx.clear()
+        if self.draft_backend is not None:
+            self.draft_backend._ctx.clear()
+        control = AdaptiveDraft(fixed=self.n_draft, costs=self.costs)
+        gen = generate_tokens(self._ctx, ids, sampling, rng, budget, lambda t: t in self._eos,
+                              drafter=self.drafter, control=control, stats=spec)
+        try:
+            yield from stream_tokens(gen, self._eos, stream, stats, budget, t0)
+        finally:
+            gen.close()
+            stats.extra["speculative"] = spec.to_json()
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -238,6 +312,81 @@ class OnnxBackend(Backend):
         if eos is not None:
             ids.add(eos)
         return ids
+
+
+class OnnxContext:
+    """The speculative loop's view of an :class:`OnnxBackend`'s KV cache (:class:`.speculative.Context`):
+    the tokens it holds, evaluating more, and rewinding (rejected drafts) by slicing the past key/values."""
+
+    def __init__(self, backend: OnnxBackend) -> None:
+        self.backend = backend
+        self.logical: list[int] = []
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.logical
+
+    def _evicted(self) -> tuple[int, int]:
+        w = self.backend.window
+        return (w.evicted, w.sinks) if w is not None else (0, 0)
+
+    def clear(self) -> None:
+        self.backend.reset()
+        self.logical = []
+
+    def truncate(self, n: int) -> None:
+        if n >= len(self.logical):
+            return
+        dropped, sinks = self._evicted()
+        if dropped and n < sinks + dropped:
+            raise InputError("cannot rewind into tokens the KV window has evicted")
+        keep = n - dropped
+        b = self.backend
+        b._past = [p[:, :, :keep] for p in b._past]
+        b._pos = keep
+        self.logical = self.logical[:n]
+
+    def extend(self, tokens: list[int], logits: str = "all") -> np.ndarray | None:
+        b = self.backend
+        if not tokens:
+            return np.zeros((0, b.n_vocab), np.float32) if logits == "all" else None
+        rows = []
+        for i in range(0, len(tokens), b.n_batch):
+            chunk = [int(t) for t in tokens[i : i + b.n_batch]]
+            rows.append(b._run(chunk, last_only=logits != "all"))
+            self.logical.extend(chunk)
+        if logits == "all":
+            return np.concatenate(rows).astype(np.float32, copy=False)
+        return rows[-1][-1].astype(np.float32, copy=False) if logits == "last" else None
+
+    def sync(self, tokens: list[int], logits: bool = False) -> np.ndarray | None:
+        from edgekit.runtime.speculative import sync_context
+
+        dropped, sinks = self._evicted()
+        return sync_context(self, tokens, logits, sinks + dropped if dropped else 0)
+
+
+def _onnx_model_file(path: str | Path) -> Path:
+    """The .onnx graph of an artifact folder (or the file itself)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".onnx":
+            raise InputError(f"the draft {p.name} is not an ONNX graph; an ONNX target drafts with an ONNX model")
+        return p
+    if not p.exists():
+        raise InputError(f"draft model not found: {p}")
+    from edgekit.artifact import Artifact
+
+    art = Artifact.open(p)
+    if art.format != "onnx":
+        raise InputError(f"the draft {p} is a {art.format} artifact; an ONNX target drafts with an ONNX model")
+    return art.model_file
+
+
+def _vocab_fingerprint(b: OnnxBackend, samples: int = 512) -> tuple[int, list[str]]:
+    """(n_vocab, the text of an even sample of tokens): two models can draft for each other only when these agree."""
+    ids = np.linspace(0, b.n_vocab - 1, num=min(samples, b.n_vocab)).astype(int).tolist()
+    return b.n_vocab, [b.tokenizer.decode([i]) for i in ids]
 
 
 class KVWindow:

@@ -160,8 +160,8 @@ def profile(
     for art in arts:
         cls = backend_for_format(art.format, cfg.backend)  # a missing runtime fails here, before anything runs
         if cfg.drafters and "draft" not in backend_options(cls):
-            raise InputError(f"--draft / --speculative need a GGUF artifact (llama.cpp verifies the drafts); "
-                             f"{art.name} is {art.format}")
+            raise InputError(f"--draft / --speculative need a GGUF or ONNX artifact (llama.cpp or onnxruntime "
+                             f"verifies the drafts); {art.name} is {art.format}")
     if cfg.drafters:
         from edgekit.runtime.profile_drafting import drafter_options
 

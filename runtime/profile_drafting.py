@@ -35,7 +35,7 @@ def drafter_options(spec: str) -> tuple[str, dict[str, Any]]:
         return "ngram", {"speculative": "ngram"}
     path = Path(spec).expanduser()
     if not path.exists():
-        raise InputError(f"draft model not found: {spec} (give a GGUF artifact folder or file, or 'ngram')")
+        raise InputError(f"draft model not found: {spec} (give an artifact folder or model file in the target's format, or 'ngram')")
     return f"draft:{path.name if path.is_dir() else path.stem}", {"draft": str(path)}
 
 
@@ -52,16 +52,18 @@ def drafting_rows(art: Artifact, info: dict[str, Any], drafters: Sequence[str], 
     messages = [{"role": "user", "content": prompt}]
     greedy = SamplingConfig(temperature=0, max_tokens=n_gen)
     rows: list[ProfileRow] = []
+    # llama.cpp: flash attention on for every row (see the module's note); onnxruntime has no such option
+    fa = {"flash_attn": True} if art.format == "gguf" else {}
     plain: ProfileRow | None = None
     plain_text: str | None = None
     for name, extra in modes:
         if cancelled():
             break
         row = ProfileRow(test=f"gen{n_gen}" + ("" if name == "plain" else f"+{name}"), n_prompt=0, n_gen=0,
-                         n_depth=0, artifact=info, config={**config, "flash_attn": True}, timestamp=now_iso(),
-                         method="llamacpp-worker", backend=backend_name or "", host=host)
+                         n_depth=0, artifact=info, config={**config, **fa}, timestamp=now_iso(),
+                         method="llamacpp-worker" if fa else "generic", backend=backend_name or "", host=host)
         try:
-            backend = open_backend(art, backend_name, **{**options, "flash_attn": True, **extra})
+            backend = open_backend(art, backend_name, **{**options, **fa, **extra})
         except (BackendError, InputError) as exc:
             row.status, row.error = "error", str(exc)
             rows.append(row)

@@ -103,14 +103,13 @@ class TextStream:
         return piece
 
 
-def decode_loop(logits: Any, step: Callable[[int], Any], choose: Callable[[Any, list[int]], int], eos: set[int],
-                stream: TextStream, stats: Any, budget: int, t0: float) -> Iterator[str]:
-    """The shared generation loop: ``choose`` a token from ``logits``, stop on EOS / a stop string /
-    ``budget`` tokens, else ``step(token)`` for the next logits; text pieces stream out as they are safe.
-    Fills ``stats`` (a GenerationStats): time to first token, generated tokens, stop reason."""
+def stream_tokens(tokens: Iterator[int], eos: set[int], stream: TextStream, stats: Any, budget: int,
+                  t0: float) -> Iterator[str]:
+    """Text pieces of generated token ids as they are safe to show: stop on EOS / a stop string / ``budget``
+    tokens (the next token is not asked for then). Fills ``stats`` (a GenerationStats): time to first
+    token, generated tokens, stop reason."""
     stats.stop_reason = "length"
-    while True:
-        tok = choose(logits, stream.ids)
+    for tok in tokens:
         if not stream.ids:
             stats.time_to_first_token = time.perf_counter() - t0
         if tok in eos:
@@ -125,6 +124,20 @@ def decode_loop(logits: Any, step: Callable[[int], Any], choose: Callable[[Any, 
             break
         if len(stream.ids) >= budget:
             break
-        logits = step(tok)
     if stats.stop_reason != "stop" and (tail := stream.rest()):
         yield tail
+
+
+def decode_loop(logits: Any, step: Callable[[int], Any], choose: Callable[[Any, list[int]], int], eos: set[int],
+                stream: TextStream, stats: Any, budget: int, t0: float) -> Iterator[str]:
+    """The shared generation loop: ``choose`` a token from ``logits``, then ``step(token)`` for the next
+    logits, only while :func:`stream_tokens` asks for more."""
+
+    def tokens() -> Iterator[int]:
+        z = logits
+        while True:
+            tok = choose(z, stream.ids)
+            yield tok
+            z = step(tok)
+
+    yield from stream_tokens(tokens(), eos, stream, stats, budget, t0)

@@ -49,6 +49,38 @@ class Context(Protocol):
         ...
 
 
+def drafting_mode(draft: object | None, speculative: str | None, n_draft: int | None) -> str | None:
+    """``"draft"``, ``"ngram"`` or None (plain decoding) from a backend's decoding options, checked the same
+    way for every backend: a bad combination is a one-line error before anything loads."""
+    from edgekit.errors import InputError
+
+    mode = speculative or ("draft" if draft is not None else None)
+    if mode not in (None, "draft", "ngram"):
+        raise InputError(f"--speculative {speculative!r}: use 'ngram' (prompt lookup) or give --draft MODEL")
+    if mode == "ngram" and draft is not None:
+        raise InputError("--draft and --speculative ngram exclude each other: give one")
+    if n_draft is not None and not 1 <= int(n_draft) <= 32:  # without a drafter it has nothing to fix
+        raise InputError("--n-draft must be between 1 and 32")
+    return mode
+
+
+def sync_context(ctx: Any, tokens: list[int], logits: bool, evicted_end: int) -> np.ndarray | None:
+    """:meth:`Context.sync` for a cache that keeps the logical token list ``ctx.tokens`` and can ``clear``,
+    ``truncate`` and ``extend``: reuse the common prefix, evaluate the rest. ``evicted_end``: the logical
+    index below which a KV window has evicted tokens (0: none); a request that diverges there starts over."""
+    p = common_prefix(ctx.tokens, tokens)
+    if logits and p == len(tokens) and p > 0:
+        p -= 1  # the last token must be evaluated to have its logits
+    if evicted_end and p < len(ctx.tokens) and p < evicted_end:
+        ctx.clear()  # the request diverges inside the evicted part: start again
+        p = 0
+    ctx.truncate(p)
+    rest = tokens[p:]
+    if not rest:
+        return None
+    return ctx.extend(rest, "last" if logits else "none")
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:

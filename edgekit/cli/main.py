@@ -49,7 +49,8 @@ def _app_options(
 convert_cmd.register(app)
 
 
-DRAFT_HELP = "A smaller GGUF with the same tokenizer: speculative decoding (lossless, faster)."
+DRAFT_HELP = ("A smaller model with the same tokenizer, in the target's format (GGUF or ONNX): speculative "
+              "decoding (lossless, faster).")
 SPEC_HELP = "'ngram': draft from the prompt itself (prompt lookup; rewrites, extraction)."
 NDRAFT_HELP = "Fixed draft length (default: adaptive to the measured acceptance)."
 WINDOW_HELP = "Keep at most this many tokens in the KV cache (attention sinks + recent): unbounded text, bounded memory."

@@ -73,8 +73,8 @@ def chat(
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers and overrides from `edgekit plan`."),
-    draft: Path | None = typer.Option(None, "--draft", help="A smaller GGUF with the same tokenizer: speculative "
-                                      "decoding (lossless, faster)."),
+    draft: Path | None = typer.Option(None, "--draft", help="A smaller model with the same tokenizer, in the "
+                                      "target's format (GGUF or ONNX): speculative decoding (lossless, faster)."),
     speculative: str | None = typer.Option(None, "--speculative", help="'ngram': draft from the conversation itself."),
     kv_window: int | None = typer.Option(None, "--kv-window", help="Keep at most this many tokens in the KV cache "
                                          "(attention sinks + recent): an unbounded chat in bounded memory."),

@@ -10,7 +10,6 @@ import pytest
 
 from edgekit import api
 from edgekit.converters.formats.base import ConvertRecipe
-from edgekit.errors import EdgekitError
 from edgekit.runtime.base import GenerationStats, SamplingConfig
 from tests.helpers import build_tiny_model
 
@@ -34,6 +33,9 @@ def models(tmp_path_factory):
         out["one_gguf"] = api.convert(one, "gguf", output=root / "one-f32", recipe=ConvertRecipe(preset="F32")).path
     if importlib.util.find_spec("onnxruntime") is not None:
         out["one_onnx"] = api.convert(one, "onnx", output=root / "one-onnx", recipe=ConvertRecipe(bits=32)).path
+        out["two_onnx"] = api.convert(two, "onnx", output=root / "two-onnx", recipe=ConvertRecipe(bits=32)).path
+        spm = build_tiny_model(root / "spm", "LlamaForCausalLM", hidden=128, ffn=256, layers=1, tokenizer="spm", seed=6)
+        out["other_onnx"] = api.convert(spm, "onnx", output=root / "o-onnx", recipe=ConvertRecipe(bits=32)).path
     return out
 
 
@@ -129,9 +131,93 @@ def test_generation_runs_past_the_window(models):
 
 
 @needs_ort
-def test_onnx_backend_refuses_a_draft_by_name(models):
-    with pytest.raises(EdgekitError, match="no option draft"):
-        _open(models["one_onnx"], draft="x")
+def test_onnx_greedy_output_is_identical_with_ngram_and_with_a_draft(models):
+    greedy = SamplingConfig(temperature=0, max_tokens=40)
+
+    def outputs(**kw):
+        texts, specs = [], []
+        with _open(models["two_onnx"], **kw) as b:
+            for p in PROMPTS:
+                st = GenerationStats()
+                texts.append("".join(b.generate(p, greedy, st)))
+                assert st.generated_tokens == 40 and st.time_to_first_token > 0
+                specs.append(st.extra.get("speculative"))
+            info = b.info
+        return texts, specs, info
+
+    plain, none, _ = outputs()
+    ngram, s_ngram, info = outputs(speculative="ngram")
+    itself, s_self, _ = outputs(draft=str(models["two_onnx"]), n_draft=4)  # the target as its own draft
+    other, s_other, _ = outputs(draft=str(models["one_onnx"]))  # a one-layer model with the same tokenizer
+    assert ngram == plain and itself == plain and other == plain
+    assert none == [None] * len(PROMPTS) and info["speculative"]["mode"] == "ngram"
+    assert set(info["speculative"]["costs"]["verify_ms"]) == {"1", "2", "3", "5", "9"}
+    assert sum(s["accepted"] for s in s_ngram) > 0 and all(s["mode"] == "ngram" for s in s_ngram)
+    # a draft that is the target proposes what the target says: (nearly) every drafted token is kept
+    assert sum(s["accepted"] for s in s_self) >= 0.9 * sum(s["drafted"] for s in s_self) > 0
+    assert all(s["mode"] == "draft" for s in s_other)
+
+
+@needs_ort
+def test_onnx_rewind_equals_a_recomputation(models):
+    """Rejected drafts are cut from the past key/values: what follows must see exactly the kept tokens."""
+    from edgekit.runtime.onnx import OnnxContext
+
+    rng = np.random.default_rng(2)
+    a, b_, c = (list(map(int, rng.integers(3, 300, size=n))) for n in (20, 6, 5))
+    with _open(models["two_onnx"]) as b:
+        ctx = OnnxContext(b)
+        ctx.extend(a + b_, logits="none")
+        ctx.truncate(len(a))
+        assert ctx.tokens == a and b._pos == len(a)
+        got = ctx.extend(c, logits="all")
+        want = b.logits(a + c)[len(a):]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@needs_ort
+def test_onnx_drafting_runs_past_the_window(models):
+    # a fixed draft length: where verification batches cross the window's edge (so what stays cached, and so
+    # the text) then does not depend on the costs measured at load
+    with _open(models["two_onnx"], kv_window=WINDOW, speculative="ngram", n_draft=4) as b:
+        st = GenerationStats()
+        text = "".join(b.generate("hello world, hello", SamplingConfig(temperature=0, max_tokens=200), st))
+    assert text and st.extra["speculative"]["drafted"] > 0 and st.generated_tokens > 2 * WINDOW
+    assert st.generated_tokens == 200 or st.stop_reason == "eos"
+    assert st.extra["kv"]["evicted"] > 0 and st.extra["kv"]["cells"] <= WINDOW
+
+
+@needs_ort
+def test_onnx_refuses_drafts_it_cannot_use(models):
+    from edgekit.errors import InputError
+
+    with pytest.raises(InputError, match="vocabulary"):
+        _open(models["two_onnx"], draft=str(models["other_onnx"]))
+    if "draft" in models:  # a GGUF draft, as its folder or its file
+        from edgekit.artifact import Artifact
+
+        for d in (models["draft"], Artifact.open(models["draft"]).model_file):
+            with pytest.raises(InputError, match="drafts with an ONNX model"):
+                _open(models["two_onnx"], draft=str(d))
+    for kw, msg in (({"speculative": "lookup"}, "use 'ngram'"),
+                    ({"speculative": "ngram", "n_draft": 40}, "between 1 and 32"),
+                    ({"speculative": "ngram", "draft": str(models["one_onnx"])}, "exclude each other")):
+        with pytest.raises(InputError, match=msg):
+            _open(models["two_onnx"], **kw)
+
+
+
+@needs_ort
+def test_onnx_drafting_from_the_cli(models):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    r = CliRunner().invoke(app, ["run", str(models["two_onnx"]), "-p", "hello world, hello world", "-n", "12",
+                                 "--temp", "0", "--speculative", "ngram"])
+    assert r.exit_code == 0 and "12 generated" in r.output and "ngram: " in r.output, r.output
+    r = CliRunner().invoke(app, ["run", str(models["two_onnx"]), "-p", "hi", "--draft", str(models["other_onnx"])])
+    assert r.exit_code == 2 and "vocabulary" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_both_backends_declare_they_stream_long_text():
@@ -178,6 +264,10 @@ def test_profile_times_generation_with_and_without_drafting(models, tmp_path, mo
                       "draft model not found"), (["--prompt", "hi"], "add --draft PATH")):
         r = CliRunner().invoke(app, ["profile", str(models["target"]), "--no-history", *args])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
-    if "one_onnx" in models:
-        r = CliRunner().invoke(app, ["profile", str(models["one_onnx"]), "--speculative", "ngram", "--no-history"])
-        assert r.exit_code == 2 and "need a GGUF artifact" in r.output
+    if "one_onnx" in models:  # onnxruntime verifies drafts too: the same rows
+        r = CliRunner().invoke(app, ["profile", str(models["one_onnx"]), "--tests", "tg8", "-r", "1", "--speculative",
+                                     "ngram", "--gen", "8", "--json", "--no-history"])
+        assert r.exit_code == 0, r.output
+        rows = json.loads(r.stdout)["rows"]
+        assert [row["test"] for row in rows] == ["tg8", "gen8", "gen8+ngram"]
+        assert rows[2]["speculative"]["identical"] is True and "flash_attn" not in rows[1]["config"]
