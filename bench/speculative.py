@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -115,7 +116,9 @@ def build_target(hf: Path, spec: str) -> Path:
     return build(hf, spec.lower(), ConvertRecipe(preset=spec))
 
 
+@functools.cache
 def is_onnx(path: Path) -> bool:
+    """Whether an artifact folder holds an ONNX graph (read once per folder: the loops below ask often)."""
     return Artifact.open(path).format == "onnx"
 
 

@@ -237,7 +237,7 @@ class OnnxBackend(Backend):
         the loop of :mod:`.speculative`, as in the llama.cpp worker. onnxruntime verifies a few tokens for
         little more than one (its per-call cost dominates a small model's step), so drafting pays more
         here than on llama.cpp's CPU kernels. The costs are measured once, at load."""
-        from edgekit.runtime.speculative import ModelDrafter, NgramDrafter, drafting_mode
+        from edgekit.runtime.speculative import ModelDrafter, NgramDrafter, drafting_mode, measure_costs
 
         self.drafter: Any = None
         self.draft_backend: OnnxBackend | None = None
@@ -264,8 +264,6 @@ class OnnxBackend(Backend):
                                  "target's tokenizer (convert it from the same checkpoint)")
             self.drafter = ModelDrafter(self.draft_backend._ctx)
             self.spec_info["draft_path"] = str(draft)
-        from edgekit.runtime.speculative import measure_costs
-
         rng = np.random.default_rng(0)
         probe = [int(t) for t in rng.integers(3, self.n_vocab, size=min(256, self.n_ctx // 2))]
         draft_ctx = self.draft_backend._ctx if self.draft_backend is not None else None
