@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import BackendCrashed, BackendError
+from edgekit.errors import BackendCrashed, BackendError, InputError
 from edgekit.runtime import llamacpp_build
 from edgekit.runtime.llamacpp_build import PROTECTION_FAULTS, crash_message, signal_name
 from edgekit.runtime.llamacpp_errors import load_error, log_hint
@@ -242,6 +242,8 @@ class WorkerProcess:
     def _load_error(self, msg: dict[str, Any]) -> Exception:
         return load_error(msg, self.model_path, self._stderr_tail)
 
-    def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError:
+    def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError | InputError:
         text = str(msg.get("message") or msg.get("type") or "unknown error")
+        if msg.get("type") == "PromptTooLongError":  # the caller's input, not llama.cpp's failure
+            return InputError(text)
         return BackendError(f"llama.cpp failed while {doing}: {text}")

@@ -53,6 +53,10 @@ class DecodingOptionError(ValueError):
     """A draft or KV-window option this model cannot take (the parent reports it as the user's input)."""
 
 
+class PromptTooLongError(ValueError):
+    """A prompt the context cannot hold (the parent reports it as the user's input)."""
+
+
 class Worker(MeasureOps):
     def __init__(self, out: Any) -> None:
         self.out = out
@@ -372,9 +376,9 @@ class Worker(MeasureOps):
             tokens = [bos]
         n_ctx = self.batcher.n_ctx_seq if self.batcher is not None else llm.n_ctx()
         if len(tokens) >= n_ctx and not self.seq.window:
-            raise ValueError(
-                f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
-                "shorten it or load with a larger n_ctx (--ctx)"
+            raise PromptTooLongError(
+                f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; shorten it, raise --ctx, or "
+                "keep a window of the history with --kv-window"
             )
         self.send(ev="start", id=rid, prompt_tokens=len(tokens), template=template)
         if self.batcher is not None:

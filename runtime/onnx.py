@@ -178,7 +178,8 @@ class OnnxBackend(Backend):
         if not ids:
             raise InputError("the prompt is empty")
         if len(ids) >= self.n_ctx and self.window is None:
-            raise InputError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}: raise --ctx")
+            raise InputError(f"the prompt is {len(ids)} tokens but the context holds {self.n_ctx}; shorten it, raise "
+                             "--ctx, or keep a window of the history with --kv-window")
         stats.prompt_tokens = len(ids)
         rng = np.random.default_rng(sampling.seed)
         t0 = time.perf_counter()

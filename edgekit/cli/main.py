@@ -23,7 +23,19 @@ from edgekit.cli import (
 )
 from edgekit.cli import eval_diffusion_cmd as dx
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
-from edgekit.cli.ui import decoding_options, err, handle_errors, out, progress_bar, say
+from edgekit.cli.ui import (
+    DRAFT_HELP,
+    NDRAFT_HELP,
+    SINKS_HELP,
+    SPEC_HELP,
+    WINDOW_HELP,
+    decoding_options,
+    err,
+    handle_errors,
+    out,
+    progress_bar,
+    say,
+)
 from edgekit.errors import InputError
 
 app = typer.Typer(
@@ -49,12 +61,6 @@ def _app_options(
 convert_cmd.register(app)
 
 
-DRAFT_HELP = ("A smaller model with the same tokenizer, in the target's format (GGUF or ONNX): speculative "
-              "decoding (lossless, faster).")
-SPEC_HELP = "'ngram': draft from the prompt itself (prompt lookup; rewrites, extraction)."
-NDRAFT_HELP = "Fixed draft length (default: adaptive to the measured acceptance)."
-WINDOW_HELP = "Keep at most this many tokens in the KV cache (attention sinks + recent): unbounded text, bounded memory."
-SINKS_HELP = "With --kv-window: first tokens always kept (default 4)."
 
 
 def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int,

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import err, handle_errors, say
+from edgekit.cli.ui import (
+    DRAFT_HELP,
+    NDRAFT_HELP,
+    SINKS_HELP,
+    SPEC_HELP,
+    WINDOW_HELP,
+    decoding_options,
+    err,
+    handle_errors,
+    say,
+)
 
 
 @handle_errors
@@ -39,22 +49,30 @@ def serve(
                                        "backend's own default).", show_default=False),
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (default: the preferred one for "
                                        "each artifact's format).", show_default=False),
+    draft: Path | None = typer.Option(None, "--draft", help=DRAFT_HELP + " With one artifact.", show_default=False),
+    speculative: str | None = typer.Option(None, "--speculative", help=SPEC_HELP, show_default=False),
+    n_draft: int | None = typer.Option(None, "--n-draft", help=NDRAFT_HELP, show_default=False),
+    kv_window: int | None = typer.Option(None, "--kv-window", help=WINDOW_HELP + " A conversation may then grow "
+                                         "past --ctx.", show_default=False),
+    kv_sinks: int | None = typer.Option(None, "--kv-sinks", help=SINKS_HELP, show_default=False),
 ) -> None:
     """Serve artifacts over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
-    Models load on the first request that names them and unload after --idle-unload seconds unused.
+    Models load on the first request that names them and unload after --idle-unload seconds unused (with
+    --draft, --speculative or --kv-window they load at start, so a bad pairing is refused before clients come).
     Ctrl-C (or SIGTERM) lets running answers finish for a few seconds, then stops.
 
     Examples:
       edgekit serve smollm2-135m-gguf-q4_k_m
       edgekit serve ./smol-q4 ./smol-onnx --port 8000 --parallel 4 --api-key secret
+      edgekit serve ./smol-q8_0 --draft ./smol-draft --kv-window 1024   # speculative, long chats
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2-135m-gguf-q4_k_m", "messages": [{"role": "user", "content": "Hi"}]}'
     """
     from edgekit import api
     from edgekit.artifact import Artifact
     from edgekit.errors import require
-    from edgekit.runtime.base import backend_for_format, backend_options
+    from edgekit.runtime.base import Backend, backend_for_format, backend_options
     from edgekit.runtime.serve.config import ServeConfig, model_ids
 
     require("starlette", "serve")
@@ -69,7 +87,9 @@ def serve(
             per_model[mid] = {"n_seq": parallel, "n_threads": threads}  # one instance batches them all
             if exact_batch:
                 per_model[mid]["exact_batch"] = True
-    options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel)}
+    decoding = decoding_options(draft, speculative, n_draft, kv_window, kv_sinks)
+    _check_decoding(decoding, models, backend, per_model)
+    options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel), **decoding}
     if backend:
         options["backend"] = backend
     config = ServeConfig(models=models, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
@@ -87,13 +107,54 @@ def serve(
         say(err, f"{url}/v1  ({', '.join(models)}; {parallel} at once per model; Ctrl-C stops)", "serving",
             "green")
 
+    preloaded: dict[str, Backend] = {}
+    try:  # with drafting or a window every model loads now: a bad pairing is refused before clients come
+        for mid, path in models.items() if decoding else ():
+            what = f" with the draft {draft}" if draft else (f" ({speculative} drafting)" if speculative else "")
+            say(err, f"{mid}{what}", "loading")
+            preloaded[mid] = api.open_backend(path, **config.options_for(mid))
+    except BaseException:
+        for instance in preloaded.values():
+            instance.close()
+        raise
     try:
-        run_server(config, api.open_backend, on_ready=ready)
+        run_server(config, api.open_backend, on_ready=ready, preloaded=preloaded)
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C once it has shut down: for a server that is the normal way to stop
     finally:  # also when it re-raises SIGTERM, which exits through main's handler (status 143)
+        for instance in preloaded.values():
+            instance.close()  # already closed by the pool, unless the server never started
         listed.close()
         say(err, "stopped; every model unloaded", "serve", "green")
+
+
+def _check_decoding(decoding: dict[str, object], models: dict[str, Path], backend: str | None,
+                    per_model: dict[str, dict[str, object]]) -> None:
+    """Drafting and KV windows only where every served model's backend takes them, one sequence per
+    instance (a one-line error with the fix before anything loads)."""
+    if not decoding:
+        return
+    from edgekit.artifact import Artifact
+    from edgekit.errors import InputError
+    from edgekit.runtime.base import backend_for_format, backend_options
+    from edgekit.runtime.speculative import drafting_mode
+
+    drafting_mode(decoding.get("draft"), decoding.get("speculative"), decoding.get("n_draft"))  # a bad mode, now
+    flags = "/".join("--" + k.replace("_", "-") for k in decoding)
+    if "draft" in decoding and len(models) > 1:
+        raise InputError("--draft drafts for one model: serve that artifact alone with it (and the others from "
+                         "another edgekit serve)")
+    for mid, path in models.items():
+        if per_model.get(mid, {}).get("n_seq"):
+            raise InputError(f"with {flags} an instance decodes one sequence, and --parallel batches them in one: "
+                             "add --no-batch (an instance per generation) or serve with --parallel 1")
+        hf = path.is_dir() and (path / "config.json").exists() and not (path / "edgekit.json").exists()
+        cls = backend_for_format("hf" if hf else Artifact.open(path).format, backend)
+        missing = [k for k in decoding if k not in backend_options(cls)]
+        if missing:
+            raise InputError(f"{mid} runs on the {cls.name} backend, which has no "
+                             f"{'/'.join('--' + k.replace('_', '-') for k in missing)}; serve it without them, "
+                             "or convert it to GGUF or ONNX (edgekit convert MODEL --to gguf)")
 
 
 def _threads_each(threads: int | None, parallel: int) -> int | None:

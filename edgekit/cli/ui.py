@@ -100,6 +100,14 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
         yield update
 
 
+DRAFT_HELP = ("A smaller model with the same tokenizer, in the target's format (GGUF or ONNX): speculative "
+              "decoding (lossless, faster).")
+SPEC_HELP = "'ngram': draft from the prompt itself (prompt lookup; rewrites, extraction)."
+NDRAFT_HELP = "Fixed draft length (default: adaptive to the measured acceptance)."
+WINDOW_HELP = "Keep at most this many tokens in the KV cache (attention sinks + recent): unbounded text, bounded memory."
+SINKS_HELP = "With --kv-window: first tokens always kept (default 4)."
+
+
 def decoding_options(draft: Path | None, speculative: str | None, n_draft: int | None, kv_window: int | None,
                      kv_sinks: int | None) -> dict[str, Any]:
     """Backend options for speculative decoding and the KV window, only those given (a backend that

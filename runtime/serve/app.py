@@ -65,9 +65,10 @@ class EventStream(StreamingResponse):
 class Server:
     """The app's state: config, model pool, the generations whose threads run (cancelled at shutdown)."""
 
-    def __init__(self, config: ServeConfig, opener: Opener) -> None:
+    def __init__(self, config: ServeConfig, opener: Opener, preloaded: dict[str, Backend] | None = None) -> None:
         self.config = config
         self.opener = opener
+        self.preloaded = dict(preloaded or {})
         self.pool: ModelPool | None = None
         self.running: set[Generation] = set()
         self.stopping = False
@@ -85,7 +86,7 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self.pool = ModelPool(self.config, self.opener)
+        self.pool = ModelPool(self.config, self.opener, self.preloaded)
         try:
             yield
         finally:
@@ -279,9 +280,10 @@ def _error(exc: Exception) -> tuple[dict[str, Any], int]:
     return oai.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500
 
 
-def create_app(config: ServeConfig, opener: Opener) -> Starlette:
-    """The ASGI app; ``opener(path, **options)`` loads a model (``edgekit.api.open_backend``)."""
-    server = Server(config, opener)
+def create_app(config: ServeConfig, opener: Opener, preloaded: dict[str, Backend] | None = None) -> Starlette:
+    """The ASGI app; ``opener(path, **options)`` loads a model (``edgekit.api.open_backend``); ``preloaded``:
+    instances already loaded, by model id (the pool's first, closed with it)."""
+    server = Server(config, opener, preloaded)
 
     async def on_error(request: Request, exc: Exception) -> Response:
         body, status = _error(exc)
@@ -307,8 +309,10 @@ def create_app(config: ServeConfig, opener: Opener) -> Starlette:
     return app
 
 
-def serve(config: ServeConfig, opener: Opener, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the server until SIGINT/SIGTERM (blocking); ``on_ready`` gets its base URL once it listens."""
+def serve(config: ServeConfig, opener: Opener, on_ready: Callable[[str], None] | None = None,
+          preloaded: dict[str, Backend] | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM (blocking); ``on_ready`` gets its base URL once it listens;
+    ``preloaded``: instances loaded before (the caller closes them too when the server never started)."""
     import socket
 
     import uvicorn
@@ -323,7 +327,7 @@ def serve(config: ServeConfig, opener: Opener, on_ready: Callable[[str], None] |
         sock.close()
         raise InputError(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); pick another "
                          "--port, or a --host that is an address of this machine") from None
-    app = create_app(config, opener)
+    app = create_app(config, opener, preloaded)
     uconfig = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=config.shutdown_timeout)
 
     class Uvicorn(uvicorn.Server):

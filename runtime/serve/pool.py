@@ -52,13 +52,17 @@ class _Model:
 class ModelPool:
     """``lease(model_id)`` waits for a free slot (loading an instance if none has one) and returns its
     backend; ``give_back`` returns it from any thread. ``opener(path, **options)`` loads a backend (the CLI
-    passes ``edgekit.api.open_backend``, which checks the artifact's checksums first)."""
+    passes ``edgekit.api.open_backend``, which checks the artifact's checksums first); ``preloaded``: model
+    id -> an instance loaded before the server started, the pool's first (unloaded when idle like any)."""
 
-    def __init__(self, config: ServeConfig, opener: Opener) -> None:
+    def __init__(self, config: ServeConfig, opener: Opener, preloaded: dict[str, Backend] | None = None) -> None:
         self.config = config
         self._opener = opener
         self._models = {mid: _Model(path, config.options_for(mid), asyncio.Semaphore(config.parallel))
                         for mid, path in config.models.items()}
+        for mid, backend in (preloaded or {}).items():  # loaded before the server listened (checked options)
+            m = self._entry(mid)
+            m.instances.append(_Instance(backend, m.slots))
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None

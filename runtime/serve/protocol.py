@@ -167,9 +167,17 @@ def new_id(job: Job) -> str:
     return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + secrets.token_hex(12)
 
 
-def usage(stats: GenerationStats) -> dict[str, int]:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+def usage(stats: GenerationStats) -> dict[str, Any]:
+    """The token counts; with speculative decoding also OpenAI's prediction counts (drafted tokens the model
+    accepted, and those it rejected), as its Predicted Outputs report them."""
+    out: dict[str, Any] = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+                           "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+    spec = stats.extra.get("speculative")
+    if spec:
+        accepted = int(spec.get("accepted", 0))
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": int(spec.get("drafted", 0)) - accepted}
+    return out
 
 
 def finish_reason(stats: GenerationStats) -> str:

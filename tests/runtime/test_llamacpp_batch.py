@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from edgekit.errors import BackendError, InputError  # noqa: E402
+from edgekit.errors import InputError  # noqa: E402
 from edgekit.runtime.base import GenerationStats, SamplingConfig  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 
@@ -83,7 +83,7 @@ def test_a_stream_closed_early_leaves_the_others_untouched(batched):
 
 
 def test_a_prompt_too_long_for_its_sequence_is_a_clear_error(batched):
-    with pytest.raises(BackendError, match="context holds 256"):
+    with pytest.raises(InputError, match="context holds 256"):
         _answer(batched, "word " * 400, SamplingConfig(temperature=0, max_tokens=4))
     assert _answer(batched, "Hello", SamplingConfig(temperature=0, max_tokens=4))[1].generated_tokens > 0
 

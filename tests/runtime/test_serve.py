@@ -223,6 +223,13 @@ def test_bad_requests_get_json_errors(server, body, status, needle):
     assert needle in r.json()["error"]["message"]
 
 
+def test_a_prompt_over_the_context_is_a_400_that_names_the_window(server):
+    body = {"model": "tiny-gguf", "messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 4}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400, r.text
+    assert "context holds 512" in r.json()["error"]["message"] and "--kv-window" in r.json()["error"]["message"]
+
+
 def test_routes_and_methods_answer_in_json(server, client):
     assert client.models.retrieve("tiny-onnx").id == "tiny-onnx"
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -378,6 +385,66 @@ def test_port_in_use_is_one_line(artifacts):
         r = subprocess.run([EDGEKIT, "serve", str(artifacts["gguf"]), "--port",
                             str(port)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+
+
+def test_drafting_serves_the_plain_answers_and_counts_the_predictions(artifacts):
+    """--draft (the model as its own draft: every draft is right) and --speculative ngram: the greedy answers
+    are plain decoding's, and usage says how many drafted tokens were accepted, as OpenAI's Predicted
+    Outputs do."""
+    from edgekit import api
+
+    prompts = ["Hello there", "numbers: one two three one two three one two"]
+    with api.open_backend(artifacts["gguf"], n_ctx=512, flash_attn=True) as local:  # drafting runs flash attention
+        want = [_direct(local, [{"role": "user", "content": p}], 24)[0] for p in prompts]
+    for extra in (["--draft", str(artifacts["gguf"]), "--n-draft", "4"], ["--speculative", "ngram", "--n-draft", "3"]):
+        s = Served([str(artifacts["gguf"]), *extra, "--ctx", "512", "--threads", "2"])
+        try:
+            assert "loading tiny-gguf" in "".join(s.lines)  # loaded (and checked) before it listened
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            got, accepted = [], 0
+            for p in prompts:
+                r = _chat(c, p, max_tokens=24)
+                details = r.usage.completion_tokens_details
+                accepted += details.accepted_prediction_tokens
+                assert details.rejected_prediction_tokens >= 0
+                got.append(r.choices[0].message.content)
+            chunks = list(_chat(c, prompts[0], max_tokens=24, stream=True, stream_options={"include_usage": True}))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want[0]
+            assert chunks[-1].usage.completion_tokens_details is not None
+        finally:
+            assert s.stop() == 0, "".join(s.lines)
+        assert got == want, extra
+        if "--draft" in extra:
+            assert accepted > 0
+
+
+def test_a_kv_window_answers_a_conversation_longer_than_the_context(artifacts):
+    from edgekit import api
+
+    messages = [{"role": "user", "content": "word " * 400}]  # about 400 tokens: over --ctx 256
+    with api.open_backend(artifacts["gguf"], n_ctx=256, kv_window=128) as local:
+        want, st = _direct(local, messages, 16)
+    s = Served([str(artifacts["gguf"]), "--ctx", "256", "--kv-window", "128", "--threads", "2"])
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="tiny-gguf", messages=messages, temperature=0, max_tokens=16)
+    finally:
+        assert s.stop() == 0, "".join(s.lines)
+    assert r.usage.prompt_tokens == st.prompt_tokens > 256
+    assert r.choices[0].message.content == want and r.usage.completion_tokens == st.generated_tokens > 0
+
+
+def test_drafting_and_window_refusals_are_one_line(artifacts, tiny_llama):
+    gguf, onnx = str(artifacts["gguf"]), str(artifacts["onnx"])
+    for args, needle in (([gguf, onnx, "--draft", gguf], "serve that artifact alone"),
+                         ([gguf, "--speculative", "ngram", "--parallel", "2"], "add --no-batch"),
+                         ([str(tiny_llama), "--kv-window", "128"], "torch backend, which has no --kv-window"),
+                         ([gguf, "--speculative", "lookup"], "use 'ngram'"),
+                         ([onnx, "--draft", gguf], "an ONNX target drafts with an ONNX model"),
+                         ([gguf, "--kv-sinks", "4"], "--kv-sinks needs --kv-window")):
+        r = subprocess.run([EDGEKIT, "serve", *args, "--port", "0"], capture_output=True, text=True, timeout=120)
+        lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("loading ")]
+        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
 
 
 @pytest.mark.real

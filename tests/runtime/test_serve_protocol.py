@@ -81,3 +81,11 @@ def test_responses_carry_usage_and_finish_reason(reason, finish):
     event = oai.sse(oai.usage_chunk(job, "chatcmpl-1", st))
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     assert json.loads(event[6:])["usage"]["total_tokens"] == 8
+
+
+def test_drafted_tokens_are_counted_as_predictions():
+    st = GenerationStats(prompt_tokens=5, generated_tokens=9, stop_reason="eos",
+                         extra={"speculative": {"mode": "ngram", "drafted": 7, "accepted": 5}})
+    usage = oai.usage(st)
+    assert usage["completion_tokens_details"] == {"accepted_prediction_tokens": 5, "rejected_prediction_tokens": 2}
+    assert "completion_tokens_details" not in oai.usage(GenerationStats(prompt_tokens=1, generated_tokens=1))
