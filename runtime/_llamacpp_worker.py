@@ -33,7 +33,6 @@ import ctypes  # noqa: E402
 import faulthandler  # noqa: E402
 import json  # noqa: E402
 import queue  # noqa: E402
-import random  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -250,18 +249,23 @@ class Worker(MeasureOps):
             raise DecodingOptionError(f"unknown speculative mode {mode!r}: use draft or ngram")
         self.costs = None
         if self.drafter is not None:
-            from edgekit.runtime.speculative import measure_costs
-
-            rng = random.Random(0)
-            room = (self.seq.window or self.seq.n_ctx) // 2
-            probe = [rng.randrange(3, self.llm.n_vocab()) for _ in range(min(256, room))]
-            draft_seq = getattr(self, "draft_seq", None)
-            self.costs = measure_costs(self.seq, draft_seq, probe)
-            self.seq.clear()
-            if draft_seq is not None:
-                draft_seq.clear()
-            info["costs"] = self.costs.to_json()
+            info["costs"] = self.measure_costs().to_json()
         self.spec_info = info
+
+    def measure_costs(self, prompt: list[int] | None = None) -> Any:
+        """Time the target's steps by width (and the draft model's step): what the adaptive draft length
+        weighs. After ``prompt`` where it fits (left in the cache for its request), else after random ids
+        (the cache is cleared)."""
+        from edgekit.runtime.speculative import measure_costs, probe_for
+
+        probe, kept = probe_for(prompt or [], self.seq.window or self.seq.n_ctx, self.llm.n_vocab())
+        draft_seq = getattr(self, "draft_seq", None)
+        self.costs = measure_costs(self.seq, draft_seq, probe, keep=kept)
+        if not kept:
+            self.seq.clear()
+        if draft_seq is not None:
+            draft_seq.clear()
+        return self.costs
 
     # -- profiling: timing loops run here, next to the model, so no IPC is inside a timed region --
 
@@ -399,7 +403,7 @@ class Worker(MeasureOps):
                 reason = "cancelled" if self.is_cancelled(rid) else "length"
         finally:
             gen.close()
-        out.done(reason, speculative=spec_stats.to_json() if self.drafter is not None else None, kv=self.kv_state())
+        out.done(reason, speculative=spec_stats.to_json() if spec_stats.mode != "none" else None, kv=self.kv_state())
 
     def is_cancelled(self, rid: Any) -> bool:
         return rid in self.cancel_ids
@@ -450,14 +454,18 @@ class Worker(MeasureOps):
         import numpy as np
 
         from edgekit.runtime.base import SamplingConfig
-        from edgekit.runtime.speculative import AdaptiveDraft, SpecStats, generate_tokens
+        from edgekit.runtime.speculative import AdaptiveDraft, SpecStats, for_prediction, generate_tokens
 
         sampling = SamplingConfig(**{**s, "stop": tuple(s.get("stop") or ())})
         stats = SpecStats()
-        control = AdaptiveDraft(fixed=int(self.n_draft) if self.n_draft else None, costs=self.costs)
+        fixed = int(self.n_draft) if self.n_draft else None
+        drafter, control = self.drafter, AdaptiveDraft(fixed=fixed, costs=self.costs)
+        if sampling.prediction:  # drafts from the request's predicted output, whatever the load options
+            predicted = self.llm.tokenize(sampling.prediction.encode("utf-8"), add_bos=False, special=False)
+            drafter, control = for_prediction(predicted, self.costs or self.measure_costs(tokens), fixed)  # once
         gen = generate_tokens(self.seq, tokens, sampling, np.random.default_rng(int(s["seed"]) & 0xFFFFFFFF),
                               max_new, lambda t: bool(llama_cpp.llama_vocab_is_eog(self.vocab, t)),
-                              drafter=self.drafter, control=control, cancelled=lambda: self.is_cancelled(rid),
+                              drafter=drafter, control=control, cancelled=lambda: self.is_cancelled(rid),
                               stats=stats)
         return gen, stats
 

@@ -41,7 +41,10 @@ class SamplingConfig:
 
     temperature: 0 means greedy decoding. top_k / top_p / min_p: the usual truncations (0 / 1 / 0 turn
     them off). repeat_penalty: 1.0 is off. seed: for reproducible sampling. max_tokens: upper bound on
-    generated tokens. stop: strings that end generation (not included in the output).
+    generated tokens. stop: strings that end generation (not included in the output). prediction: text
+    the answer is expected to repeat much of (OpenAI's Predicted Outputs: a file being edited, say); it is
+    drafted from by lookup (speculative decoding), so the answer is the same with it, only sooner where it
+    matches.
     """
 
     temperature: float = 0.7
@@ -52,8 +55,10 @@ class SamplingConfig:
     seed: int = 0
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    prediction: str = ""
 
     def __post_init__(self) -> None:
+        check_text(self.prediction, "the prediction")
         if self.temperature < 0:
             raise InputError("--temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:

@@ -185,12 +185,13 @@ class OnnxBackend(Backend):
         t0 = time.perf_counter()
         self.reset()
         logits = None
-        if self.drafter is None:  # the drafted loop evaluates the prompt itself
+        drafted = self.drafter is not None or bool(sampling.prediction)
+        if not drafted:  # the drafted loop evaluates the prompt itself
             for i in range(0, len(ids), self.n_batch):
                 logits = self._run(ids[i : i + self.n_batch], last_only=True)[-1]
         stream = TextStream(self.tokenizer.decode, sampling.stop)
         budget = sampling.max_tokens if self.window else min(sampling.max_tokens, self.n_ctx - len(ids))
-        if self.drafter is not None:
+        if drafted:
             yield from self._generate_drafted(ids, sampling, rng, stream, stats, budget, t0)
         else:
             yield from decode_loop(logits, lambda tok: self._run([tok], last_only=True)[-1],
@@ -238,7 +239,7 @@ class OnnxBackend(Backend):
         the loop of :mod:`.speculative`, as in the llama.cpp worker. onnxruntime verifies a few tokens for
         little more than one (its per-call cost dominates a small model's step), so drafting pays more
         here than on llama.cpp's CPU kernels. The costs are measured once, at load."""
-        from edgekit.runtime.speculative import ModelDrafter, NgramDrafter, drafting_mode, measure_costs
+        from edgekit.runtime.speculative import ModelDrafter, NgramDrafter, drafting_mode
 
         self.drafter: Any = None
         self.draft_backend: OnnxBackend | None = None
@@ -265,26 +266,36 @@ class OnnxBackend(Backend):
                                  "target's tokenizer (convert it from the same checkpoint)")
             self.drafter = ModelDrafter(self.draft_backend._ctx)
             self.spec_info["draft_path"] = str(draft)
-        rng = np.random.default_rng(0)
-        probe = [int(t) for t in rng.integers(3, self.n_vocab, size=min(256, self.n_ctx // 2))]
+        self.spec_info.update(mode=self.drafter.name, costs=self._measure_costs().to_json())
+
+    def _measure_costs(self, prompt: list[int] | None = None) -> Any:
+        """Time the graph's steps by width (and the draft model's step), for the adaptive draft length:
+        after ``prompt`` where it fits (left in the cache for its request), else after random ids."""
+        from edgekit.runtime.speculative import measure_costs, probe_for
+
+        probe, kept = probe_for(prompt or [], self.window.size if self.window is not None else self.n_ctx, self.n_vocab)
         draft_ctx = self.draft_backend._ctx if self.draft_backend is not None else None
-        self.costs = measure_costs(self._ctx, draft_ctx, probe)
-        self._ctx.clear()
+        self.costs = measure_costs(self._ctx, draft_ctx, probe, keep=kept)
+        if not kept:
+            self._ctx.clear()
         if draft_ctx is not None:
             draft_ctx.clear()
-        self.spec_info.update(mode=self.drafter.name, costs=self.costs.to_json())
+        return self.costs
 
     def _generate_drafted(self, ids: list[int], sampling: SamplingConfig, rng: np.random.Generator,
                           stream: TextStream, stats: GenerationStats, budget: int, t0: float) -> Iterator[str]:
-        from edgekit.runtime.speculative import AdaptiveDraft, SpecStats, generate_tokens
+        from edgekit.runtime.speculative import AdaptiveDraft, SpecStats, for_prediction, generate_tokens
 
         spec = SpecStats()
         self._ctx.clear()
         if self.draft_backend is not None:
             self.draft_backend._ctx.clear()
-        control = AdaptiveDraft(fixed=self.n_draft, costs=self.costs)
+        drafter, control = self.drafter, AdaptiveDraft(fixed=self.n_draft, costs=self.costs)
+        if sampling.prediction:  # drafts from the request's predicted output, whatever the load options
+            drafter, control = for_prediction(self.tokenize(sampling.prediction, add_special=False),
+                                              self.costs or self._measure_costs(ids), self.n_draft)
         gen = generate_tokens(self._ctx, ids, sampling, rng, budget, lambda t: t in self._eos,
-                              drafter=self.drafter, control=control, stats=spec)
+                              drafter=drafter, control=control, stats=spec)
         try:
             yield from stream_tokens(gen, self._eos, stream, stats, budget, t0)
         finally:

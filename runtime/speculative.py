@@ -171,17 +171,32 @@ class NgramDrafter:
     matched (one token matches anywhere; four rarely by chance), so :meth:`match` names the match length
     and the loop keeps an acceptance rate, and so a draft length, per length (``AdaptiveDraft`` classes)."""
 
-    name = "ngram"
     cheap = True
 
-    def __init__(self, max_n: int = 4, min_n: int = 1) -> None:
+    def __init__(self, max_n: int = 4, min_n: int = 1, reference: list[int] | None = None) -> None:
         self.max_n, self.min_n = max_n, min_n
+        # ``reference``: a predicted output (OpenAI's Predicted Outputs): looked up first, from where the
+        # last match in it left off, since an answer that follows a prediction walks through it in order
+        self.reference = np.asarray(reference or [], dtype=np.int64)
+        self.name = "prediction" if self.reference.size else "ngram"
+        self._cursor = 0
 
     def match(self, committed: list[int], k: int) -> tuple[int, list[int]]:
         """(the length of the longest suffix of ``committed`` seen earlier in it, up to ``k`` tokens that
-        followed its latest earlier occurrence); (0, []) when nothing matches."""
+        followed its latest earlier occurrence); (0, []) when nothing matches. A match in the reference
+        wins at equal length and is told apart by its class (``max_n`` + its length)."""
         arr = np.asarray(committed)
+        ref = self.reference
         for n in range(self.max_n, self.min_n - 1, -1):
+            if arr.size < n:
+                continue
+            if ref.size > n:
+                hits = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ref[:-1], n) == arr[-n:]).all(axis=1))
+                if hits.size:
+                    ahead = hits[hits + n > self._cursor]
+                    start = int(ahead[0] if ahead.size else hits[-1]) + n
+                    self._cursor = start
+                    return self.max_n + n, [int(t) for t in ref[start : start + k]]
             if arr.size <= n:
                 continue
             windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
@@ -197,6 +212,17 @@ class NgramDrafter:
                 previous: list[int]) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
         _, cont = self.match(committed, k)
         return cont, [_one_hot(t) for t in cont]
+
+
+PREDICTION_PRIOR = 0.9  # a client sends a prediction because it expects the answer to follow it
+
+
+def for_prediction(predicted: list[int], costs: DraftCosts, fixed: int | None) -> tuple[NgramDrafter, AdaptiveDraft]:
+    """The drafter and draft-length control of one request with a predicted output: lookup in the
+    prediction (and the text so far), free to run, whatever drafter the model loaded with; drafting from
+    the start (a prior acceptance of 0.9), backing off after the first misses where the answer departs."""
+    control = AdaptiveDraft(fixed=fixed, costs=dataclasses.replace(costs, draft=0.0), prior=PREDICTION_PRIOR)
+    return NgramDrafter(reference=predicted), control
 
 
 class ModelDrafter:
@@ -288,8 +314,9 @@ WIDTHS = (1, 2, 3, 5, 9)
 
 
 def measure_costs(target: Context, draft: Context | None, tokens: list[int], reps: int = 3,
-                  widths: tuple[int, ...] = WIDTHS) -> DraftCosts:
-    """Time target steps of each width in ``widths`` after ``tokens``, and a one-token draft step."""
+                  widths: tuple[int, ...] = WIDTHS, keep: bool = False) -> DraftCosts:
+    """Time target steps of each width in ``widths`` after ``tokens``, and a one-token draft step.
+    ``keep``: leave ``tokens`` in the target's cache (a request's own prompt, evaluated once for both)."""
 
     def timed(ctx: Context, width: int, reps: int = reps) -> float:
         ts = []
@@ -311,8 +338,17 @@ def measure_costs(target: Context, draft: Context | None, tokens: list[int], rep
     costs = dataclasses.replace(curve, extra=extra, draft=timed(draft, 1) if draft is not None else 0.0)
     for ctx in (target, draft):
         if ctx is not None:
-            ctx.truncate(0)
+            ctx.truncate(len(tokens) if keep and ctx is target else 0)
     return costs
+
+
+def probe_for(prompt: list[int], room: int, n_vocab: int) -> tuple[list[int], bool]:
+    """The tokens :func:`measure_costs` times after, and whether they are the prompt (kept in the cache
+    for the request): the prompt where it leaves room for the widest step, else 256 seeded random ids."""
+    if prompt and len(prompt) + max(WIDTHS) < room:
+        return prompt, True
+    rng = np.random.default_rng(0)
+    return [int(t) for t in rng.integers(3, n_vocab, size=min(256, room // 2))], False
 
 
 class AdaptiveDraft:

@@ -5,6 +5,7 @@ Every command imports its heavy machinery inside the function body, so ``--help`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -71,6 +72,25 @@ def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat
                           repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, stop=tuple(stop))
 
 
+def _is_gguf(artifact: Path) -> bool:
+    from edgekit.artifact import Artifact
+
+    try:
+        return Artifact.open(artifact).format == "gguf"
+    except Exception:  # noqa: BLE001 - a Hugging Face folder, or a bad path the backend will name
+        return False
+
+
+def _read_prediction(path: Path) -> str:
+    p = path.expanduser()
+    if not p.is_file():
+        raise InputError(f"--prediction {p} does not exist; give the text file the answer is expected to repeat")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--prediction {p} is not UTF-8 text; give a plain-text file") from None
+
+
 @app.command()
 @handle_errors
 def run(
@@ -91,6 +111,9 @@ def run(
     max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Tokens to generate (default 256); "
                                           "images, for a diffusion model.", show_default=False),
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence; repeatable."),
+    prediction: Path | None = typer.Option(None, "--prediction", help="A text file the answer is expected to "
+                                           "repeat much of (the file being edited, say): drafted from, so such an "
+                                           "answer comes sooner; it is the same answer.", show_default=False),
     ctx: int = typer.Option(2048, "--ctx", "-c", help="Context length."),
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers / tensor placement from `edgekit plan`."),
@@ -126,6 +149,7 @@ def run(
       edgekit run ./model.gguf -p "Once upon a time" --raw --temp 0 -n 64
       edgekit run ./smol-q8_0 --draft ./smol-draft -p "..."         # speculative, lossless
       edgekit run ./smol-q8_0 --speculative ngram -p "Rewrite: ..."  # prompt lookup
+      edgekit run ./smol-f16 -p "Fix the typos: $(cat a.txt)" --prediction a.txt   # drafts from a.txt
       edgekit run ./smol-q4 --kv-window 512 -n 4000 -p "..."        # past the context, bounded memory
       edgekit run ./smol-q4-sparse -p "..." --offload auto --vram 2GiB   # hot on the GPU, cold on the CPU
       edgekit run ./pipe-4step-onnx-w8 --class 7 -n 16 -o grid.png      # a diffusion model: images
@@ -142,11 +166,17 @@ def run(
                                                   "--cache-interval": cache_interval})
     max_tokens = 256 if max_tokens is None else max_tokens
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
+    if prediction is not None:
+        if prompt is None and sys.stdin.isatty():
+            raise InputError("--prediction is the expected answer to one prompt: give the prompt with -p TEXT")
+        sampling = dataclasses.replace(sampling, prediction=_read_prediction(prediction))
     placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram)  # a window bounds the KV
     if backend:
         placement["backend"] = backend
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
     placement.update(api.format_options(option))
+    if prediction is not None and not backend and _is_gguf(artifact):
+        placement.setdefault("flash_attn", True)  # drafts checked in batches as one-token steps compute them
     if prompt is None and sys.stdin.isatty():
         if as_json:
             raise InputError("--json answers one prompt: give it with -p TEXT (or -p - to read stdin)")

@@ -87,6 +87,10 @@ def serve(
             per_model[mid] = {"n_seq": parallel, "n_threads": threads}  # one instance batches them all
             if exact_batch:
                 per_model[mid]["exact_batch"] = True
+        elif "n_seq" in backend_options(cls):
+            # one sequence per llama.cpp instance: flash attention (llama.cpp's own default today, as fast
+            # here), so a request's predicted output is verified in batches as one-token steps would decode it
+            per_model[mid] = {"flash_attn": True}
     decoding = decoding_options(draft, speculative, n_draft, kv_window, kv_sinks)
     _check_decoding(decoding, models, backend, per_model)
     options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel), **decoding}

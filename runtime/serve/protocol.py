@@ -119,24 +119,35 @@ def _sampling(body: dict[str, Any], cap: int) -> SamplingConfig:
     # llama-server's extensions, for clients that send them: off unless given
     top_k = _typed(body, "top_k", int, 0)
     min_p = _typed(body, "min_p", (int, float), 0.0)
+    prediction = _prediction(body.get("prediction"))
     try:
         return SamplingConfig(temperature=float(temperature), top_p=float(top_p), top_k=top_k, min_p=float(min_p),
                               seed=secrets.randbelow(1 << 31) if seed is None else seed & 0x7FFFFFFF, max_tokens=limit,
-                              stop=tuple(stops))
+                              stop=tuple(stops), prediction=prediction)
     except InputError as exc:
         raise RequestError(str(exc).replace("--", "").replace("-", "_")) from None
 
 
-def _content(value: Any, where: str) -> str:
+def _prediction(value: Any) -> str:
+    """OpenAI's Predicted Outputs: ``{"type": "content", "content": TEXT or text parts}`` (drafted from)."""
+    if value is None:
+        return ""
+    if not isinstance(value, dict) or value.get("type") != "content":
+        raise RequestError("'prediction' must be {\"type\": \"content\", \"content\": \"the expected answer\"}",
+                           param="prediction")
+    return _content(value.get("content"), "prediction", param="prediction")
+
+
+def _content(value: Any, where: str, param: str = "messages") -> str:
     """A message's content: a string, or OpenAI's list of parts of which only text parts are taken."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
         if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in value):
             raise RequestError(f"{where}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported",
-                               param="messages")
+                               param=param)
         return "".join(p["text"] for p in value)
-    raise RequestError(f"{where}: 'content' must be a string or a list of text parts", param="messages")
+    raise RequestError(f"{where}: 'content' must be a string or a list of text parts", param=param)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:

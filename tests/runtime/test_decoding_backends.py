@@ -299,3 +299,51 @@ def test_profile_times_generation_with_and_without_drafting(models, tmp_path, mo
         rows = json.loads(r.stdout)["rows"]
         assert [row["test"] for row in rows] == ["tg8", "gen8", "gen8+ngram"]
         assert rows[2]["speculative"]["identical"] is True and "flash_attn" not in rows[1]["config"]
+
+
+def _predicted(path, **kw) -> None:
+    """With its own plain answer as the predicted output a model answers the same in fewer target steps;
+    with an unrelated prediction it answers the same too."""
+    import dataclasses
+
+    greedy = SamplingConfig(temperature=0, max_tokens=40)
+    with _open(path, **kw) as b:
+        for p in PROMPTS[:3]:
+            plain = "".join(b.generate(p, greedy, GenerationStats()))
+            for pred in (plain, "zebra quantum marmalade"):
+                st = GenerationStats()
+                assert "".join(b.generate(p, dataclasses.replace(greedy, prediction=pred), st)) == plain
+                spec = st.extra["speculative"]
+                assert spec["mode"] == "prediction"
+                if pred == plain and st.generated_tokens > 4:
+                    assert spec["accepted"] > 0 and spec["cycles"] < st.generated_tokens, (p, spec)
+
+
+@needs_llama
+def test_llamacpp_predicted_output_gives_the_same_answer_sooner(models):
+    _predicted(models["target"], flash_attn=True)
+
+
+@needs_ort
+def test_onnx_predicted_output_gives_the_same_answer_sooner(models):
+    _predicted(models["two_onnx"])
+
+
+@needs_llama
+def test_run_takes_a_prediction_file(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    base = ["run", str(models["target"]), "-p", "numbers: one two three", "-n", "16", "--temp", "0"]
+    plain = CliRunner().invoke(app, base + ["--no-stats"])
+    assert plain.exit_code == 0, plain.output
+    (tmp_path / "expected.txt").write_text(plain.output.strip(), encoding="utf-8")
+    r = CliRunner().invoke(app, base + ["--prediction", str(tmp_path / "expected.txt")])
+    assert r.exit_code == 0 and r.output.startswith(plain.output.strip()) and "prediction: " in r.output, r.output
+    for bad, needle in ((tmp_path / "nope.txt", "does not exist"), (tmp_path, "does not exist")):
+        r = CliRunner().invoke(app, base + ["--prediction", str(bad)])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    r = CliRunner().invoke(app, base + ["--prediction", str(tmp_path / "latin1.txt")])
+    assert r.exit_code == 2 and "not UTF-8" in r.output, r.output

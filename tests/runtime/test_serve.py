@@ -388,33 +388,35 @@ def test_port_in_use_is_one_line(artifacts):
 
 
 def test_drafting_serves_the_plain_answers_and_counts_the_predictions(artifacts):
-    """--draft (the model as its own draft: every draft is right) and --speculative ngram: the greedy answers
-    are plain decoding's, and usage says how many drafted tokens were accepted, as OpenAI's Predicted
-    Outputs do."""
+    """--draft (the model as its own draft: every draft is right), --speculative ngram, and a request's
+    own predicted output (OpenAI's Predicted Outputs) on a plain server: the greedy answers are plain
+    decoding's, and usage says how many drafted tokens were accepted and rejected."""
     from edgekit import api
 
     prompts = ["Hello there", "numbers: one two three one two three one two"]
     with api.open_backend(artifacts["gguf"], n_ctx=512, flash_attn=True) as local:  # drafting runs flash attention
         want = [_direct(local, [{"role": "user", "content": p}], 24)[0] for p in prompts]
-    for extra in (["--draft", str(artifacts["gguf"]), "--n-draft", "4"], ["--speculative", "ngram", "--n-draft", "3"]):
+    for extra in (["--draft", str(artifacts["gguf"]), "--n-draft", "4"], ["--speculative", "ngram", "--n-draft", "3"],
+                  []):  # a plain server: each request carries its predicted output (the answer itself)
         s = Served([str(artifacts["gguf"]), *extra, "--ctx", "512", "--threads", "2"])
         try:
-            assert "loading tiny-gguf" in "".join(s.lines)  # loaded (and checked) before it listened
+            assert ("loading tiny-gguf" in "".join(s.lines)) == bool(extra)  # loaded (and checked) before it listened
             c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
             got, accepted = [], 0
-            for p in prompts:
-                r = _chat(c, p, max_tokens=24)
+            for p, w in zip(prompts, want, strict=True):
+                r = _chat(c, p, max_tokens=24, **({} if extra else {"prediction": {"type": "content", "content": w}}))
                 details = r.usage.completion_tokens_details
                 accepted += details.accepted_prediction_tokens
                 assert details.rejected_prediction_tokens >= 0
                 got.append(r.choices[0].message.content)
-            chunks = list(_chat(c, prompts[0], max_tokens=24, stream=True, stream_options={"include_usage": True}))
+            chunks = list(_chat(c, prompts[0], max_tokens=24, stream=True, stream_options={"include_usage": True},
+                                **({} if extra else {"prediction": {"type": "content", "content": want[0]}})))
             assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want[0]
             assert chunks[-1].usage.completion_tokens_details is not None
         finally:
             assert s.stop() == 0, "".join(s.lines)
         assert got == want, extra
-        if "--draft" in extra:
+        if "--draft" in extra or not extra:
             assert accepted > 0
 
 
@@ -422,7 +424,7 @@ def test_a_kv_window_answers_a_conversation_longer_than_the_context(artifacts):
     from edgekit import api
 
     messages = [{"role": "user", "content": "word " * 400}]  # about 400 tokens: over --ctx 256
-    with api.open_backend(artifacts["gguf"], n_ctx=256, kv_window=128) as local:
+    with api.open_backend(artifacts["gguf"], n_ctx=256, kv_window=128, flash_attn=True) as local:  # as serve loads it
         want, st = _direct(local, messages, 16)
     s = Served([str(artifacts["gguf"]), "--ctx", "256", "--kv-window", "128", "--threads", "2"])
     try:
@@ -460,8 +462,8 @@ def test_real_model_end_to_end(real_gguf):
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         from edgekit import api
 
-        with api.open_backend(real_gguf) as backend:
-            want, st = _direct(backend, messages, 32)  # what `edgekit run --temp 0 -n 32` prints
+        with api.open_backend(real_gguf, flash_attn=True) as backend:  # serve's one-sequence instances use it
+            want, st = _direct(backend, messages, 32)  # what `edgekit run --temp 0 -n 32 -O flash_attn=true` prints
             assert r.usage.prompt_tokens == len(backend.chat_tokens(messages)) == chunks[-1].usage.prompt_tokens
         assert r.choices[0].message.content == text == want and want.strip()
         assert r.usage.completion_tokens == chunks[-1].usage.completion_tokens

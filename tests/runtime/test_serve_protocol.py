@@ -89,3 +89,16 @@ def test_drafted_tokens_are_counted_as_predictions():
     usage = oai.usage(st)
     assert usage["completion_tokens_details"] == {"accepted_prediction_tokens": 5, "rejected_prediction_tokens": 2}
     assert "completion_tokens_details" not in oai.usage(GenerationStats(prompt_tokens=1, generated_tokens=1))
+
+
+def test_a_prediction_is_openais_content_object():
+    job = oai.parse_job("chat", {**CHAT, "prediction": {"type": "content", "content": "abc"}}, 10)
+    assert job.sampling.prediction == "abc"
+    parts = {"type": "content", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    assert oai.parse_job("chat", {**CHAT, "prediction": parts}, 10).sampling.prediction == "ab"
+    assert oai.parse_job("chat", CHAT, 10).sampling.prediction == ""
+    for bad in ("abc", {"type": "text", "content": "abc"}, {"type": "content", "content": 5},
+                {"type": "content", "content": [{"type": "image_url"}]}):
+        with pytest.raises(RequestError, match="prediction") as info:
+            oai.parse_job("chat", {**CHAT, "prediction": bad}, 10)
+        assert info.value.body()["error"]["param"] == "prediction"

@@ -14,6 +14,7 @@ from edgekit.runtime.speculative import (
     SpecStats,
     common_prefix,
     decoding_note,
+    for_prediction,
     generate_tokens,
     measure_costs,
 )
@@ -63,6 +64,24 @@ class ContextLogits(TableContext):
 
 def _never(_: int) -> bool:
     return False
+
+
+def _replay(full: list[int], vocab: int) -> TableContext:
+    """A target whose greedy choice after ``full[:i]`` is ``full[i]`` (then token 0)."""
+
+    class Replay(TableContext):
+        def extend(self, tokens, logits="all"):
+            rows = []
+            for t in tokens:
+                self.logical.append(t)
+                row = np.full(vocab, -10.0)
+                row[full[len(self.logical)] if len(self.logical) < len(full) else 0] = 10.0
+                rows.append(row)
+            rows = np.stack(rows)
+            return rows if logits == "all" else rows[-1] if logits == "last" else None
+
+    return Replay(np.zeros((1, vocab)))
+
 
 
 def test_greedy_is_identical_to_plain_decoding():
@@ -143,6 +162,40 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
     assert d.match([3, 7, 1, 7], 5) == (1, [1, 7]) and d.match([1, 2, 3], 4) == (0, [])
 
 
+def test_a_prediction_is_looked_up_first_and_in_order():
+    d = NgramDrafter(max_n=3, reference=[1, 2, 3, 9, 1, 2, 3, 8, 7])
+    assert d.name == "prediction" and NgramDrafter().name == "ngram"
+    # a match in the reference wins at equal length over one in the text so far, and has a class of its own
+    assert d.match([5, 1, 2, 3, 4, 5, 1, 2, 3], 2) == (3 + 3, [9, 1])
+    # the same n-gram again further on: the occurrence ahead of the last match, not the first one
+    assert d.match([5, 1, 2, 3, 9, 1, 2, 3], 2) == (3 + 3, [8, 7])
+    # a longer match in the text so far beats a shorter one in the reference
+    assert NgramDrafter(max_n=3, reference=[7, 4]).match([6, 5, 7, 6, 5, 7], 2) == (3, [6, 5])
+    # nothing in the reference: plain prompt lookup
+    assert d.match([4, 6, 4], 1) == (1, [6])
+
+
+def test_a_prediction_drafts_from_the_start_and_backs_off_where_the_answer_departs():
+    """The target writes the prediction with one passage of its own in the middle: drafting from the
+    prediction needs few target steps where they agree, and the answer is the target's, token for token."""
+    rng = np.random.default_rng(5)
+    predicted = [int(t) for t in rng.integers(10, 200, size=80)]
+    answer = predicted[:30] + [int(t) for t in rng.integers(10, 200, size=10)] + predicted[40:80]
+    prompt = [1, 2, 3]
+    full = prompt + answer
+    vocab = 256
+
+    costs = DraftCosts(step=0.010, extra=0.002, draft=0.004)
+    drafter, control = for_prediction(predicted, costs, None)
+    assert control.costs.draft == 0.0  # lookup costs nothing, whatever the loaded draft model costs
+    stats = SpecStats()
+    out = list(generate_tokens(_replay(full, vocab), prompt, SamplingConfig(temperature=0, max_tokens=80),
+                               np.random.default_rng(0), len(answer), _never, drafter=drafter, control=control,
+                               stats=stats))
+    assert out == answer and stats.mode == "prediction"
+    assert stats.cycles <= 30 and stats.accepted >= 55  # 80 tokens; plain decoding takes 80 steps
+
+
 def test_acceptance_is_kept_per_match_length():
     """Prompt lookup's one-token matches are often wrong and its long matches often right: a class of its
     own for each length drafts long after long matches and not at all after short ones."""
@@ -166,24 +219,13 @@ def test_per_length_classes_speed_up_prompt_lookup_on_a_copying_target():
     vocab = 256
     full = prompt + answer
 
-    class Replay(TableContext):
-        def extend(self, tokens, logits="all"):
-            rows = []
-            for t in tokens:
-                self.logical.append(t)
-                row = np.full(vocab, -10.0)
-                row[full[len(self.logical)] if len(self.logical) < len(full) else 0] = 10.0
-                rows.append(row)
-            rows = np.stack(rows)
-            return rows if logits == "all" else rows[-1] if logits == "last" else None
-
     def run(classes):
         stats = SpecStats()
         control = AdaptiveDraft(costs=DraftCosts(step=0.016, extra=0.004, draft=0.0))
         if not classes:  # one pooled rate: every match is the same class
             control.update = lambda d, a, t1, t2, cls=None, u=control.update: u(d, a, t1, t2, None)
             control.choose = lambda cls=None, ch=control.choose: ch(None)
-        out = list(generate_tokens(Replay(np.zeros((1, vocab))), prompt, SamplingConfig(temperature=0, max_tokens=60),
+        out = list(generate_tokens(_replay(full, vocab), prompt, SamplingConfig(temperature=0, max_tokens=60),
                                    np.random.default_rng(0), len(answer), _never, drafter=NgramDrafter(),
                                    control=control, stats=stats))
         assert out == answer
