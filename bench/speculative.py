@@ -29,6 +29,9 @@ plain outputs at the measured costs (it drafts from whichever earlier occurrence
 the target will say, exactly as far as it will be accepted), so a target above the bound is out of reach
 for any prompt-lookup drafter on this model and machine. ``--ngram-only`` skips the model drafts.
 
+GGUF targets also run the peer, llama-cpp-python's own prompt-lookup drafting (``LlamaPromptLookupDecoding``,
+10 tokens a draft, its default), against the same ``Llama`` without a draft model (``--no-peer`` skips it).
+
 For each model draft it prints the acceptance rate a draft of that measured cost would need for 1.5x plain
 decode (each drafted token right with that probability, independently, at the best draft length), or
 "unreachable" when even an always-right draft of that cost falls short.
@@ -69,6 +72,7 @@ from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 from edgekit.runtime.speculative import DraftCosts, expected_tokens  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PEER_PLAIN, PEER_LOOKUP = "llama-cpp-python plain", "llama-cpp-python prompt lookup"
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
 HOME = edgekit_home() / "bench-spec"
 
@@ -140,6 +144,51 @@ def run_prompts(target: Path, prompts: list[str], max_tokens: int, threads: int,
                         "tok_s": (st.generated_tokens - 1) / decode if decode > 0 else 0.0,
                         "drafted": spec.get("drafted", 0), "accepted": spec.get("accepted", 0)})
     return out, info
+
+
+def run_peer(target: Path, prompts: list[str], max_tokens: int, threads: int,
+             lookup: bool) -> list[dict[str, Any]]:
+    """:func:`peer_answers` in a child process: llama.cpp's OpenMP threads spin-wait in the process that
+    used them (OMP_WAIT_POLICY=ACTIVE, as in a user's shell), and would slow every later edgekit row."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(peer_answers, (target, prompts, max_tokens, threads, lookup))
+
+
+def peer_answers(target: Path, prompts: list[str], max_tokens: int, threads: int,
+                 lookup: bool) -> list[dict[str, Any]]:
+    """llama-cpp-python as its users run it: ``create_chat_completion``, streamed, greedy; ``lookup``: with its
+    own prompt-lookup drafting (``LlamaPromptLookupDecoding``, ``num_pred_tokens`` 10, its default), the
+    peer of edgekit's ``--speculative ngram``. Decode speed from the stream: (tokens - 1) / (time from the
+    first piece to the last), tokens counted by tokenizing the answer."""
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if lookup else None
+    llm = llama_cpp.Llama(model_path=str(Artifact.open(target).model_file), n_ctx=2048, n_threads=threads,
+                          n_threads_batch=threads, draft_model=draft, verbose=False)
+    out = []
+    try:
+        for prompt in prompts:
+            llm.reset()
+            first = last = None
+            parts = []
+            for chunk in llm.create_chat_completion([{"role": "user", "content": prompt}], temperature=0.0, top_k=1,
+                                                    max_tokens=max_tokens, stream=True):
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    last = time.perf_counter()
+                    first = first or last
+                    parts.append(piece)
+            text = "".join(parts)
+            n = len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+            decode = (last - first) if first and last else 0.0
+            out.append({"text": text, "tokens": n, "decode_s": decode,
+                        "tok_s": (n - 1) / decode if decode > 0 else 0.0})
+    finally:
+        llm.close()
+    return out
 
 
 def speedup_at(costs: dict[str, float], a: float, k: int) -> float:
@@ -278,13 +327,25 @@ def render(report: dict[str, Any], out: Path) -> None:
                       f"{'HOLDS' if g['speedup'] >= 2 else 'MISSED'}{bound}")
         checks.append(f"{t} chat: ngram {c['speedup']:.2f}x (target: at most 5% slower): "
                       f"{'HOLDS' if c['speedup'] >= 0.95 else 'MISSED'}")
-    spec_rows = [r for r in rows if not r["drafter"].startswith("none")]
+        for k in ("grounded", "chat"):
+            peer = [r for r in rows if r["target"] == t and r["prompts"] == k and r["drafter"] == PEER_LOOKUP]
+            if peer:
+                mine = row(t, k, "ngram")
+                checks.append(f"{t} {k}: the peer, {PEER_LOOKUP}, {peer[0]['speedup']:.2f}x its own plain decoding "
+                              f"({peer[0]['tok_s']:.1f} tok/s); edgekit's ngram {mine['speedup']:.2f}x "
+                              f"({mine['tok_s']:.1f} tok/s, {mine['tok_s'] / peer[0]['tok_s']:.2f}x the peer's speed)")
+    spec_rows = [r for r in rows if not r["drafter"].startswith(("none", "llama-cpp-python"))]
     total = sum(r["identical"] for r in spec_rows)
     n = n_prompts * len(spec_rows)
     checks.append(f"lossless: {total}/{n} greedy outputs token-identical to plain decoding")
     for c in checks:
         console.print(c)
     report["checks"] = checks
+    write_report(report, console, out)
+
+
+def write_report(report: dict[str, Any], console: Console, out: Path) -> None:
+    """``out``.json (the report) and ``out``.txt (what ``console`` printed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     out.with_suffix(".txt").write_text(console.export_text())
@@ -303,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ngram-only", action="store_true", help="prompt lookup only: build and time no draft model")
     ap.add_argument("--no-gguf-drafts", action="store_true",
                     help="build and time no GGUF draft model (GGUF targets get prompt lookup; ONNX targets keep theirs)")
+    ap.add_argument("--no-peer", action="store_true",
+                    help="skip llama-cpp-python's own prompt-lookup drafting (run on GGUF targets by default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "speculative")
     ap.add_argument("--render", action="store_true",
                     help="measure nothing: print the table and checks of the stored OUT.json again (e.g. after a "
@@ -345,25 +408,32 @@ def main(argv: list[str] | None = None) -> int:
             modes: list[tuple[str, dict[str, Any]]] = [(plain_name, {})] if onnx else [
                 (nofa_name, {}), (plain_name, {"flash_attn": True})]
             modes.append(("ngram", {"speculative": "ngram"}))
+            if not (onnx or args.no_peer):  # the peer: llama-cpp-python's own prompt lookup, against its own plain
+                modes += [(PEER_PLAIN, {}), (PEER_LOOKUP, {})]
             modes += [(f"draft: {n}", {"draft": str(p)}) for n, p in drafts.items()
                       if is_onnx(p) == onnx and p != target]
             runs: dict[str, list[tuple[list[dict[str, Any]], dict[str, Any]]]] = {n: [] for n, _ in modes}
             for rnd in range(args.rounds):  # every mode once per round: slow spells of a shared machine hit all alike
                 for name, opts in modes:
                     log(f"{tname} {kind}: {name}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""))
-                    runs[name].append(run_prompts(target, prompts, args.max_tokens, args.threads, **opts))
+                    if name in (PEER_PLAIN, PEER_LOOKUP):
+                        runs[name].append((run_peer(target, prompts, args.max_tokens, args.threads,
+                                                    lookup=name == PEER_LOOKUP), {}))
+                    else:
+                        runs[name].append(run_prompts(target, prompts, args.max_tokens, args.threads, **opts))
             speed = {n: statistics.mean(r["tok_s"] for res, _ in rs for r in res) for n, rs in runs.items()}
-            base = speed[plain_name]
-            plain = runs[plain_name][0][0]
             for name, _ in modes:
+                peer = name in (PEER_PLAIN, PEER_LOOKUP)
+                base = speed[PEER_PLAIN if peer else plain_name]
+                plain = runs[PEER_PLAIN if peer else plain_name][0][0]
                 res, info = runs[name][0]  # texts, costs and differences from the first round
-                drafted = sum(r["drafted"] for rs, _ in runs[name] for r in rs)
-                accepted = sum(r["accepted"] for rs, _ in runs[name] for r in rs)
+                drafted = sum(r.get("drafted", 0) for rs, _ in runs[name] for r in rs)
+                accepted = sum(r.get("accepted", 0) for rs, _ in runs[name] for r in rs)
                 same = [a["text"] == b["text"] for a, b in zip(plain, res, strict=True)]
                 row = {"target": tname, "prompts": kind, "drafter": name, "tok_s": speed[name],
                        "speedup": speed[name] / base, "acceptance": accepted / drafted if drafted else None,
                        "identical": sum(same)}
-                if name.startswith(("ngram", "draft")):
+                if name.startswith(("ngram", "draft")) and not peer:
                     row["diffs"] = [first_difference(target, p, a["text"], b["text"], args.threads)
                                     for p, a, b, s in zip(prompts, plain, res, same, strict=True) if not s]
                     row["costs"] = info.get("costs")

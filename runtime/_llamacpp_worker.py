@@ -454,12 +454,12 @@ class Worker(MeasureOps):
         import numpy as np
 
         from edgekit.runtime.base import SamplingConfig
-        from edgekit.runtime.speculative import AdaptiveDraft, SpecStats, for_prediction, generate_tokens
+        from edgekit.runtime.speculative import SpecStats, control_for, for_prediction, generate_tokens
 
         sampling = SamplingConfig(**{**s, "stop": tuple(s.get("stop") or ())})
         stats = SpecStats()
         fixed = int(self.n_draft) if self.n_draft else None
-        drafter, control = self.drafter, AdaptiveDraft(fixed=fixed, costs=self.costs)
+        drafter, control = self.drafter, control_for(self.drafter, self.costs, fixed)
         if sampling.prediction:  # drafts from the request's predicted output, whatever the load options
             predicted = self.llm.tokenize(sampling.prediction.encode("utf-8"), add_bos=False, special=False)
             drafter, control = for_prediction(predicted, self.costs or self.measure_costs(tokens), fixed)  # once

@@ -284,13 +284,13 @@ class OnnxBackend(Backend):
 
     def _generate_drafted(self, ids: list[int], sampling: SamplingConfig, rng: np.random.Generator,
                           stream: TextStream, stats: GenerationStats, budget: int, t0: float) -> Iterator[str]:
-        from edgekit.runtime.speculative import AdaptiveDraft, SpecStats, for_prediction, generate_tokens
+        from edgekit.runtime.speculative import SpecStats, control_for, for_prediction, generate_tokens
 
         spec = SpecStats()
         self._ctx.clear()
         if self.draft_backend is not None:
             self.draft_backend._ctx.clear()
-        drafter, control = self.drafter, AdaptiveDraft(fixed=self.n_draft, costs=self.costs)
+        drafter, control = self.drafter, control_for(self.drafter, self.costs, self.n_draft)
         if sampling.prediction:  # drafts from the request's predicted output, whatever the load options
             drafter, control = for_prediction(self.tokenize(sampling.prediction, add_special=False),
                                               self.costs or self._measure_costs(ids), self.n_draft)

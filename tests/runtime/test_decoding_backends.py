@@ -307,6 +307,7 @@ def _predicted(path, **kw) -> None:
     import dataclasses
 
     greedy = SamplingConfig(temperature=0, max_tokens=40)
+    accepted = cycles = tokens = 0
     with _open(path, **kw) as b:
         for p in PROMPTS[:3]:
             plain = "".join(b.generate(p, greedy, GenerationStats()))
@@ -315,8 +316,9 @@ def _predicted(path, **kw) -> None:
                 assert "".join(b.generate(p, dataclasses.replace(greedy, prediction=pred), st)) == plain
                 spec = st.extra["speculative"]
                 assert spec["mode"] == "prediction"
-                if pred == plain and st.generated_tokens > 4:
-                    assert spec["accepted"] > 0 and spec["cycles"] < st.generated_tokens, (p, spec)
+                if pred == plain:  # over all prompts: a random model's tokens need not re-tokenize the same
+                    accepted, cycles, tokens = accepted + spec["accepted"], cycles + spec["cycles"], tokens + st.generated_tokens
+    assert accepted > 0 and cycles < tokens, (accepted, cycles, tokens)
 
 
 @needs_llama
