@@ -356,8 +356,9 @@ def measure_costs(target: Context, draft: Context | None, tokens: list[int], rep
 
 def probe_for(prompt: list[int], room: int, n_vocab: int) -> tuple[list[int], bool]:
     """The tokens :func:`measure_costs` times after, and whether they are the prompt (kept in the cache
-    for the request): the prompt where it leaves room for the widest step, else 256 seeded random ids."""
-    if prompt and len(prompt) + max(WIDTHS) < room:
+    for the request): the prompt where it is as long as the widest step and leaves room for it, else 256
+    seeded random ids (a short prompt would time only the narrow steps, and the costs stay for the model)."""
+    if len(prompt) >= max(WIDTHS) and len(prompt) + max(WIDTHS) < room:
         return prompt, True
     rng = np.random.default_rng(0)
     return [int(t) for t in rng.integers(3, n_vocab, size=min(256, room // 2))], False

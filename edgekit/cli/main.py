@@ -74,10 +74,11 @@ def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat
 
 def _is_gguf(artifact: Path) -> bool:
     from edgekit.artifact import Artifact
+    from edgekit.errors import EdgekitError
 
     try:
         return Artifact.open(artifact).format == "gguf"
-    except Exception:  # noqa: BLE001 - a Hugging Face folder, or a bad path the backend will name
+    except (EdgekitError, OSError):  # a Hugging Face folder, or a bad path that loading names in its own words
         return False
 
 
