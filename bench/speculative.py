@@ -68,8 +68,8 @@ from edgekit.converters.formats.base import ConvertRecipe  # noqa: E402
 from edgekit.evaluate import read_text  # noqa: E402
 from edgekit.fsutil import edgekit_home  # noqa: E402
 from edgekit.runtime.base import GenerationStats, SamplingConfig  # noqa: E402
+from edgekit.runtime.draft_length import DraftCosts, expected_tokens  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
-from edgekit.runtime.speculative import DraftCosts, expected_tokens  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEER_PLAIN, PEER_LOOKUP = "llama-cpp-python plain", "llama-cpp-python prompt lookup"

@@ -43,7 +43,13 @@ from edgekit.evaluate import (
 from edgekit.fsutil import atomic_dir, check_output, sha256_files, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
-from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, StreamsLongText
+from edgekit.runtime.base import (
+    Backend,
+    GenerationStats,
+    SamplingConfig,
+    StreamsLongText,
+    is_checkpoint_folder,
+)
 from edgekit.runtime.base import open_backend as _open_backend
 from edgekit.runtime.plan import offload_options
 from edgekit.runtime.plan import plan_artifact as plan
@@ -298,7 +304,7 @@ def open_backend(target: str | Path | Artifact, backend: str | None = None, **op
     output. Checksums are remembered by size and mtime, so only a changed file is read twice."""
     if not isinstance(target, Artifact):
         p = Path(target).expanduser()
-        if p.is_dir() and (p / "config.json").exists() and not (p / "edgekit.json").exists():
+        if is_checkpoint_folder(p):
             return _open_backend(p, backend, **options)  # a checkpoint folder: no manifest to check against
         target = Artifact.open(p)
     if target.manifest.get("task") == "diffusion":

@@ -256,15 +256,10 @@ class Worker(MeasureOps):
         """Time the target's steps by width (and the draft model's step): what the adaptive draft length
         weighs. After ``prompt`` where it fits (left in the cache for its request), else after random ids
         (the cache is cleared)."""
-        from edgekit.runtime.speculative import measure_costs, probe_for
+        from edgekit.runtime.draft_length import measure_for
 
-        probe, kept = probe_for(prompt or [], self.seq.window or self.seq.n_ctx, self.llm.n_vocab())
-        draft_seq = getattr(self, "draft_seq", None)
-        self.costs = measure_costs(self.seq, draft_seq, probe, keep=kept)
-        if not kept:
-            self.seq.clear()
-        if draft_seq is not None:
-            draft_seq.clear()
+        self.costs = measure_for(self.seq, getattr(self, "draft_seq", None), prompt or [],
+                                 self.seq.window or self.seq.n_ctx, self.llm.n_vocab())
         return self.costs
 
     # -- profiling: timing loops run here, next to the model, so no IPC is inside a timed region --

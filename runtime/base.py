@@ -290,6 +290,11 @@ def backend_for_format(fmt: str, backend: str | None = None) -> type[Backend]:
 _RUNTIME_HINTS: dict[str, str] = {}
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """A Hugging Face checkpoint folder (run by the PyTorch reference), not an artifact edgekit wrote."""
+    return path.is_dir() and (path / "config.json").exists() and not (path / "edgekit.json").exists()
+
+
 def open_backend(target: str | Path | Artifact, backend: str | None = None, **options: Any) -> Backend:
     """Load an artifact (or a bare model file, or a Hugging Face folder) with ``backend`` (default: the
     preferred one for its format). An option the backend does not take is an error that lists those it
@@ -302,7 +307,7 @@ def open_backend(target: str | Path | Artifact, backend: str | None = None, **op
         fmt = target.format
     else:
         p = Path(target).expanduser()
-        if p.is_dir() and (p / "config.json").exists() and not (p / "edgekit.json").exists():
+        if is_checkpoint_folder(p):
             art, path, fmt = None, p, "hf"
         else:
             art = Artifact.open(p)

@@ -271,15 +271,10 @@ class OnnxBackend(Backend):
     def _measure_costs(self, prompt: list[int] | None = None) -> Any:
         """Time the graph's steps by width (and the draft model's step), for the adaptive draft length:
         after ``prompt`` where it fits (left in the cache for its request), else after random ids."""
-        from edgekit.runtime.speculative import measure_costs, probe_for
+        from edgekit.runtime.draft_length import measure_for
 
-        probe, kept = probe_for(prompt or [], self.window.size if self.window is not None else self.n_ctx, self.n_vocab)
-        draft_ctx = self.draft_backend._ctx if self.draft_backend is not None else None
-        self.costs = measure_costs(self._ctx, draft_ctx, probe, keep=kept)
-        if not kept:
-            self._ctx.clear()
-        if draft_ctx is not None:
-            draft_ctx.clear()
+        self.costs = measure_for(self._ctx, self.draft_backend._ctx if self.draft_backend is not None else None,
+                                 prompt or [], self.window.size if self.window is not None else self.n_ctx, self.n_vocab)
         return self.costs
 
     def _generate_drafted(self, ids: list[int], sampling: SamplingConfig, rng: np.random.Generator,

@@ -72,17 +72,20 @@ def serve(
     from edgekit import api
     from edgekit.artifact import Artifact
     from edgekit.errors import require
-    from edgekit.runtime.base import Backend, backend_for_format, backend_options
+    from edgekit.runtime.base import Backend, backend_for_format, backend_options, is_checkpoint_folder
     from edgekit.runtime.serve.config import ServeConfig, model_ids
 
     require("starlette", "serve")
     require("uvicorn", "serve")
     models = model_ids(artifacts)
     per_model: dict[str, dict[str, object]] = {}
-    for mid, path in models.items():  # a wrong path or an unrunnable format fails now, not on the first request
-        if path.is_dir() and (path / "config.json").exists() and not (path / "edgekit.json").exists():
-            continue  # a Hugging Face folder: the PyTorch reference, one sequence per instance
-        cls = backend_for_format(Artifact.open(path).format, backend)
+    # a wrong path or an unrunnable format fails now, not on the first request; a Hugging Face folder runs on
+    # the PyTorch reference, one sequence per instance
+    formats = {mid: "hf" if is_checkpoint_folder(path) else Artifact.open(path).format for mid, path in models.items()}
+    for mid in models:
+        if formats[mid] == "hf":
+            continue
+        cls = backend_for_format(formats[mid], backend)
         if parallel > 1 and not no_batch and "n_seq" in backend_options(cls):
             per_model[mid] = {"n_seq": parallel, "n_threads": threads}  # one instance batches them all
             if exact_batch:
@@ -92,7 +95,7 @@ def serve(
             # here), so a request's predicted output is verified in batches as one-token steps would decode it
             per_model[mid] = {"flash_attn": True}
     decoding = decoding_options(draft, speculative, n_draft, kv_window, kv_sinks)
-    _check_decoding(decoding, models, backend, per_model)
+    _check_decoding(decoding, formats, backend, per_model)
     options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel), **decoding}
     if backend:
         options["backend"] = backend
@@ -132,28 +135,26 @@ def serve(
         say(err, "stopped; every model unloaded", "serve", "green")
 
 
-def _check_decoding(decoding: dict[str, object], models: dict[str, Path], backend: str | None,
+def _check_decoding(decoding: dict[str, object], formats: dict[str, str], backend: str | None,
                     per_model: dict[str, dict[str, object]]) -> None:
     """Drafting and KV windows only where every served model's backend takes them, one sequence per
     instance (a one-line error with the fix before anything loads)."""
     if not decoding:
         return
-    from edgekit.artifact import Artifact
     from edgekit.errors import InputError
     from edgekit.runtime.base import backend_for_format, backend_options
     from edgekit.runtime.speculative import drafting_mode
 
     drafting_mode(decoding.get("draft"), decoding.get("speculative"), decoding.get("n_draft"))  # a bad mode, now
     flags = "/".join("--" + k.replace("_", "-") for k in decoding)
-    if "draft" in decoding and len(models) > 1:
+    if "draft" in decoding and len(formats) > 1:
         raise InputError("--draft drafts for one model: serve that artifact alone with it (and the others from "
                          "another edgekit serve)")
-    for mid, path in models.items():
+    for mid, fmt in formats.items():
         if per_model.get(mid, {}).get("n_seq"):
             raise InputError(f"with {flags} an instance decodes one sequence, and --parallel batches them in one: "
                              "add --no-batch (an instance per generation) or serve with --parallel 1")
-        hf = path.is_dir() and (path / "config.json").exists() and not (path / "edgekit.json").exists()
-        cls = backend_for_format("hf" if hf else Artifact.open(path).format, backend)
+        cls = backend_for_format(fmt, backend)
         missing = [k for k in decoding if k not in backend_options(cls)]
         if missing:
             raise InputError(f"{mid} runs on the {cls.name} backend, which has no "

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from edgekit.runtime.base import SamplingConfig
+from edgekit.runtime.draft_length import AdaptiveDraft, DraftCosts, measure_costs
 from edgekit.runtime.speculative import (
-    AdaptiveDraft,
-    DraftCosts,
     ModelDrafter,
     NgramDrafter,
     SpecStats,
@@ -16,7 +15,6 @@ from edgekit.runtime.speculative import (
     decoding_note,
     for_prediction,
     generate_tokens,
-    measure_costs,
 )
 
 
