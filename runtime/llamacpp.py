@@ -108,17 +108,18 @@ class LlamaCppBackend(WorkerProcess, Backend):
 
     @classmethod
     def offload_plan(cls, model_file: Path, n_ctx: int, n_batch: int = 512, *, budget: Any = None,
-                     bandwidths: Any = None, cache_type: str = "f16", vram_bytes: int | None = None) -> Any:
+                     bandwidths: Any = None, cache_type: str = "f16", vram_bytes: int | None = None,
+                     draft: Any = None) -> Any:
         """llama.cpp's fastest placement (:mod:`.plan`): for this host when ``budget`` is None (its GPU's
-        free memory, or ``vram_bytes``)."""
+        free memory, or ``vram_bytes``); ``draft`` (a :class:`.plan.DraftMemory`) takes its RAM first."""
         from edgekit.runtime.memory import read_shape
         from edgekit.runtime.plan import auto_plan, plan_offload
 
         if budget is None:
-            return auto_plan(model_file, n_ctx, n_batch=n_batch, vram_bytes=vram_bytes)
+            return auto_plan(model_file, n_ctx, n_batch=n_batch, vram_bytes=vram_bytes, draft=draft)
         return plan_offload(read_shape(model_file), budget, n_ctx, bandwidths, gpu_available=True,
                             baseline_bytes=hostinfo.baseline_rss(strict=False), n_batch=n_batch,
-                            type_k=cache_type, type_v=cache_type)
+                            type_k=cache_type, type_v=cache_type, draft=draft)
 
     def __init__(
         self,

@@ -49,7 +49,7 @@ def draft_model_file(draft: str | Path) -> Path:
 
         art = Artifact.open(p)
         if art.format != "gguf":
-            raise InputError(f"the draft {p} is a {art.format} artifact; llama.cpp drafts are GGUF (convert it "
+            raise InputError(f"the draft {p} holds {art.format.upper()}, not GGUF; llama.cpp drafts are GGUF (convert it "
                              "with: edgekit convert MODEL --draft-for MODEL)")
         return art.model_file.resolve()
     raise InputError(f"draft model not found: {p}")

@@ -6,15 +6,21 @@ What a session holds at its peak, by part (bytes):
   ``Gather`` table (the token embedding) that are never looked up: their pages stay cold;
 * ``weights_prepacked``: ``MatMulNBits`` weights repacked into MLAS's own block layout at load (the
   original initializer stays mapped), so 4/8-bit weights count about twice;
+* ``weights_upcast``: on x86-64 the CPU provider has no float16 ``MatMul`` kernel, so at load it inserts
+  casts and converts a float16 graph's ``MatMul`` weights to float32, dropping the float16 originals: such a
+  weight is held at twice its size in the file (measured: one 50 MB float16 MatMul weight, a 107 MB
+  session; SmolLM2's float16 graph 932 MB at ctx 1024 where the model without this said 519 MB);
 * ``kv``: the past key/values fed in plus the presents returned (edgekit's loop keeps both for one
   step), 2 x layers x ctx x KV heads x head size x element size, twice;
 * ``logits``: the logits of one prefill chunk (``n_batch`` x vocab x 4 bytes), the largest activation;
+  a float16 head upcast as above computes them in float32, casts them to the graph's float16 and back
+  to the float32 output: 10 bytes a logit, all three alive at once;
 * ``activations``: the arena for one chunk's hidden states (hidden, Q/K/V, FFN), a few times over;
 * ``overhead``: onnxruntime's own allocations at load (session, kernels, thread pools): a constant
   measured on this machine, like ``baseline`` (the Python process with onnxruntime imported).
 
 Checked against measured peak RSS in tests/runtime/test_onnx_backend.py (SmolLM2-135M: fp32 and 4-bit
-graphs within about 3% at ctx 512 and 2048 when the constants were measured).
+graphs within about 3% at ctx 512 and 2048 when the constants were measured; fp16 since stop 43).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
 
     model = load_graph(path)
     sizes = {t.name: _nbytes(onnx, t) for t in model.graph.initializer}
+    upcast_names = _upcast_weights(model)
     nbits = cold = 0
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and len(node.input) > 1 and node.input[1] in sizes:
@@ -79,11 +86,14 @@ def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
             break
     data = sum(sizes.values())
     chunk = min(n_batch, n_ctx)
+    upcast = sum(sizes[n] for n in upcast_names if n in sizes)
+    head_upcast = any(_dims_of(model, n)[-1:] == [vocab] for n in upcast_names) if vocab else False
     parts = {
         "weights": data - cold,
         "weights_prepacked": nbits,
+        "weights_upcast": upcast,
         "kv": 2 * 2 * len(past) // 2 * n_ctx * kv_heads * head_dim * elem,
-        "logits": chunk * vocab * 4,
+        "logits": chunk * vocab * (10 if head_upcast else 4),
         "activations": 8 * chunk * hidden * 4,
         "overhead": ORT_OVERHEAD,
         "baseline": baseline_bytes,
@@ -104,7 +114,23 @@ def onnx_decode_bytes_per_token(model_file: str | Path, depth: int) -> int:
     lookup_only = {name for name in lookups & sizes.keys() if name not in others}
     est = estimate_onnx_memory(model_file, max(depth, 1), n_batch=1)
     kv_per_cell = est.parts["kv"] // 2 // max(depth, 1)  # one copy (past), per context cell
-    return sum(v for k, v in sizes.items() if k not in lookup_only) + kv_per_cell * depth
+    upcast = _upcast_weights(model)  # read as the float32 copies the session holds
+    return sum(v * (2 if k in upcast else 1) for k, v in sizes.items() if k not in lookup_only) + kv_per_cell * depth
+
+
+def _upcast_weights(model: Any) -> set[str]:
+    """Initializers onnxruntime's CPU provider converts to float32 at load on this machine: the float16
+    (and bfloat16) right-hand weights of ``MatMul`` on x86-64, which has no such kernel."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return set()  # arm64 builds of MLAS multiply float16 natively
+    half = {t.name for t in model.graph.initializer if t.data_type in (10, 16)}
+    return {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in half}
+
+
+def _dims_of(model: Any, name: str) -> list[int]:
+    return next((list(t.dims) for t in model.graph.initializer if t.name == name), [])
 
 
 def _nbytes(onnx: Any, t: Any) -> int:

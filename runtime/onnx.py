@@ -44,8 +44,9 @@ class OnnxBackend(Backend):
     ``speculative="ngram"`` / ``draft`` (an ONNX artifact with the same tokenizer) / ``n_draft``: speculative
     decoding through :mod:`.speculative`'s loop, lossless as in the llama.cpp backend (a graph with int8
     activations, MatMulNBits accuracy level 4, rounds a batch differently from one row, so a near-tie can
-    go the other way). ``spin``: whether onnxruntime's threads spin between runs (default: yes, unless a
-    draft model's session shares the cores).
+    go the other way). ``spin``: whether onnxruntime's threads spin waiting for work: True between runs,
+    ``"run"`` only within a run, False never (default: True alone, ``"run"`` with a draft model, whose
+    session shares the cores).
     """
 
     name = "onnxruntime"
@@ -78,7 +79,7 @@ class OnnxBackend(Backend):
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
                  graph_opt: str = "all", n_batch: int = 512, kv_window: int | None = None,
                  kv_sinks: int = 4, kv_evict_step: int | None = None, speculative: str | None = None,
-                 draft: str | Path | None = None, n_draft: int | None = None, spin: bool | None = None) -> None:
+                 draft: str | Path | None = None, n_draft: int | None = None, spin: bool | str | None = None) -> None:
         ort = require("onnxruntime", "onnx")
         path = Path(model_path)
         if not path.exists():
@@ -92,11 +93,16 @@ class OnnxBackend(Backend):
         so.intra_op_num_threads = hostinfo.thread_count(n_threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        # onnxruntime's worker threads spin between runs: 5-20% faster one-token steps alone, but with a draft
-        # model's session on the same cores each spins while the other works (measured on 2 cores: a 4-token
-        # verification 49 ms spinning against 28 ms not)
-        if not (spin if spin is not None else draft is None):
+        # onnxruntime's worker threads spin between runs: 3-20% faster one-token steps alone. Beside a draft
+        # model's session each pool spun while the other worked (2 cores: a 4-token verification 49 ms against
+        # 28 ms), and not spinning at all made every run wake its threads for each of its hundreds of parallel
+        # ops; so a pair spins within a run and stops when the run ends (session.force_spinning_stop): a
+        # drafting cycle of 4 draft steps and a 5-token check 57-61 ms against 67-83 ms without spinning.
+        paired = spin == "run" or (spin is None and draft is not None)
+        if spin is False:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif paired:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         t0 = time.perf_counter()
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -256,10 +262,10 @@ class OnnxBackend(Backend):
             if draft is None:
                 raise InputError("speculative decoding with a draft model needs --draft MODEL (a smaller ONNX "
                                  "artifact with the same tokenizer)")
-            self.draft_backend = OnnxBackend(_onnx_model_file(draft), n_ctx=self.n_ctx,
+            self.draft_backend = OnnxBackend(draft_model_file(draft), n_ctx=self.n_ctx,
                                              n_threads=self.n_threads, graph_opt=graph_opt, n_batch=self.n_batch,
                                              kv_window=kv_window, kv_sinks=kv_sinks, kv_evict_step=kv_evict_step,
-                                             spin=False)
+                                             spin="run")
             if _vocab_fingerprint(self.draft_backend) != _vocab_fingerprint(self):
                 self.draft_backend.close()
                 raise InputError("the draft model's vocabulary differs from the target's; a draft must share the "
@@ -382,8 +388,8 @@ class OnnxContext:
         return sync_context(self, tokens, logits, sinks + dropped if dropped else 0)
 
 
-def _onnx_model_file(path: str | Path) -> Path:
-    """The .onnx graph of an artifact folder (or the file itself)."""
+def draft_model_file(path: str | Path) -> Path:
+    """The .onnx graph of a draft given as an artifact folder or the file itself (a one-line error otherwise)."""
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix != ".onnx":
@@ -395,7 +401,7 @@ def _onnx_model_file(path: str | Path) -> Path:
 
     art = Artifact.open(p)
     if art.format != "onnx":
-        raise InputError(f"the draft {p} is a {art.format} artifact; an ONNX target drafts with an ONNX model")
+        raise InputError(f"the draft {p} holds {art.format.upper()}, not ONNX; an ONNX target drafts with an ONNX model")
     return art.model_file
 
 

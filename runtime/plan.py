@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgekit.errors import InputError
@@ -86,6 +87,7 @@ class OffloadPlan:
     reason: str
     fits: bool = True
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    draft: DraftMemory | None = None  # a draft model loaded beside the target (counted in the RAM budget)
 
     def backend_options(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~edgekit.runtime.llamacpp.LlamaCppBackend` / ``api.open_backend``."""
@@ -102,7 +104,61 @@ class OffloadPlan:
                 "predicted_tps": round(self.predicted_tps, 2), "reason": self.reason, "memory": self.memory.to_json(),
                 "backend_options": {k: [list(o) for o in v] if k == "tensor_overrides" else v
                                     for k, v in self.backend_options().items()},
-                "candidates": self.candidates}
+                "candidates": self.candidates,
+                "draft": self.draft.to_json() if self.draft else None,
+                "ram_total_bytes": self.memory.ram_bytes + (self.draft.ram_bytes if self.draft else 0)}
+
+
+@dataclass(frozen=True)
+class DraftMemory:
+    """What a speculative-decoding draft adds to its target's process: its own weights, a KV cache as long
+    as the target's (the window, with one) and its compute buffers, all on the CPU (both backends load the
+    draft in the target's process, and llama.cpp's with no GPU layers: it needs no VRAM)."""
+
+    path: str
+    ram_bytes: int  # peak resident
+    parts: dict[str, int]
+
+    @property
+    def required_bytes(self) -> int:
+        """What must fit in RAM: the peak less the file pages read to repack weights (as for the target)."""
+        return self.ram_bytes - self.parts.get("weights_repacked", 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "ram_bytes": self.ram_bytes, "ram_required_bytes": self.required_bytes,
+                "parts": self.parts}
+
+
+def draft_memory(draft: str | Path, target_format: str, n_ctx: int, n_batch: int = 512) -> DraftMemory:
+    """The memory model of ``draft`` (an artifact folder or model file of the target's format) at ``n_ctx``,
+    less the process baseline the target already counts. A draft of another format is a one-line error."""
+    from edgekit.runtime.base import MemoryModel, backend_for_format
+
+    if target_format == "gguf":
+        from edgekit.runtime.llamacpp_decoding import draft_model_file
+
+        model_file = draft_model_file(draft)
+    elif target_format == "onnx":
+        from edgekit.runtime.onnx import draft_model_file as onnx_draft_file
+
+        model_file = onnx_draft_file(draft)
+    else:
+        raise InputError(f"--draft: {target_format} artifacts do not decode speculatively (GGUF and ONNX do)")
+    cls = backend_for_format(target_format)
+    if not isinstance(cls, MemoryModel):
+        raise InputError(f"--draft: the {cls.name} backend has no memory model to count a draft with")
+    est = cls.memory_estimate(model_file, n_ctx, n_batch)
+    parts = {k: int(v) for k, v in est.parts.items() if k != "baseline" and v}
+    return DraftMemory(path=str(model_file), ram_bytes=sum(parts.values()), parts=parts)
+
+
+def window_context(n_ctx: int, kv_window: int | None) -> int:
+    """The context a backend allocates: with a KV window, the window (both backends size the cache to it)."""
+    if kv_window is None:
+        return n_ctx
+    if kv_window < 64:
+        raise InputError("--kv-window must be at least 64 tokens")
+    return int(kv_window)
 
 
 def _layers_pattern(layers: list[int], what: str) -> str:
@@ -174,17 +230,23 @@ def plan_offload(
     type_k: str = "f16",
     type_v: str = "f16",
     depth: int | None = None,
+    draft: DraftMemory | None = None,
 ) -> OffloadPlan:
     """The fastest placement of ``shape`` at ``n_ctx`` that fits ``budget``.
 
     ``gpu_available`` False (no GPU device, or a budget of 0 VRAM) leaves only the CPU. ``depth``:
-    the context depth decode speed is predicted at (default: half the context). Raises
-    :class:`InputError` when nothing fits.
+    the context depth decode speed is predicted at (default: half the context). ``draft``: a draft model
+    loaded beside the target, whose RAM comes out of the budget first. Raises :class:`InputError` when
+    nothing fits.
     """
     if n_ctx <= 0:
         raise InputError("--ctx must be > 0")
     gpu = gpu_available and budget.vram_bytes > 0
     depth = n_ctx // 2 if depth is None else depth
+    reserved = draft.required_bytes if draft else 0
+    if reserved >= budget.ram_bytes:
+        raise InputError(f"the draft alone needs {_gib(reserved)} RAM at --ctx {n_ctx} of a {_gib(budget.ram_bytes)} "
+                         "budget; use a smaller draft, a KV window (--kv-window) or no draft")
     scored = []
     for ngl, kqv, overrides, label in _candidates(shape, gpu):
         cfg = MemoryConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, type_k=type_k, type_v=type_v,
@@ -192,7 +254,7 @@ def plan_offload(
         est = estimate_memory(shape, cfg, baseline_bytes=baseline_bytes)
         reads = decode_bytes_per_token(shape, depth, cfg)
         seconds = decode_seconds(shape, cfg, reads, bandwidths)
-        fits = est.ram_required_bytes <= budget.ram_bytes and est.vram_bytes <= budget.vram_bytes
+        fits = est.ram_required_bytes + reserved <= budget.ram_bytes and est.vram_bytes <= budget.vram_bytes
         scored.append((fits, 1.0 / seconds, -len(overrides), ngl, kqv, overrides, label, est))
     fitting = [s for s in scored if s[0]]
     summary = [{"label": s[6], "fits": s[0], "predicted_tps": round(s[1], 2), "ram_bytes": s[7].ram_required_bytes,
@@ -200,10 +262,12 @@ def plan_offload(
     if not fitting:
         cpu_only = scored[0][7]
         least_vram = min(scored, key=lambda s: (s[7].ram_required_bytes, s[7].vram_bytes))[7]
-        need = f"at least {_gib(least_vram.ram_required_bytes)} RAM" + (
+        need = f"at least {_gib(least_vram.ram_required_bytes + reserved)} RAM" + (
             f" with {_gib(least_vram.vram_bytes)} VRAM" if least_vram.vram_bytes else "")
+        who = f"this model and its draft ({_gib(reserved)} RAM)" if reserved else "this model"
         raise InputError(
-            f"nothing fits: at --ctx {n_ctx} this model needs {need} (CPU only: {_gib(cpu_only.ram_required_bytes)} RAM); "
+            f"nothing fits: at --ctx {n_ctx} {who} need {need} (CPU only: "
+            f"{_gib(cpu_only.ram_required_bytes + reserved)} RAM); "
             f"the budget is {_gib(budget.ram_bytes)} RAM + {_gib(budget.vram_bytes)} VRAM. Use a smaller --ctx, "
             "a smaller quantization (edgekit convert --bits 3), or a q8_0 KV cache")
     best = max(fitting, key=lambda s: (s[1], s[2]))
@@ -211,13 +275,15 @@ def plan_offload(
     device = "cpu" if ngl == 0 else ("gpu" if est.parts["weights_cpu"] <= _embd_bytes(shape) and kqv else "split")
     if not gpu:
         why = ("no GPU device in this llama.cpp build" if not gpu_available else "no VRAM budget (--vram 0)")
-        reason = f"CPU only: {why}; needs {_gib(est.ram_required_bytes)} RAM of {_gib(budget.ram_bytes)}"
+        reason = f"CPU only: {why}; needs {_gib(est.ram_required_bytes + reserved)} RAM of {_gib(budget.ram_bytes)}"
     else:
         reason = (f"{label}: fastest placement within {_gib(budget.vram_bytes)} VRAM + {_gib(budget.ram_bytes)} RAM "
                   f"(predicted {tps:.1f} tok/s at depth {depth}; uses {_gib(est.vram_bytes)} VRAM, "
-                  f"{_gib(est.ram_bytes)} RAM)")
+                  f"{_gib(est.ram_bytes + (draft.ram_bytes if draft else 0))} RAM)")
+    if draft:
+        reason += f"; {_gib(reserved)} of the RAM is the draft's, on the CPU"
     return OffloadPlan(device=device, n_gpu_layers=ngl, offload_kqv=kqv, tensor_overrides=list(overrides),
-                       n_ctx=n_ctx, memory=est, predicted_tps=tps, reason=reason, candidates=summary)
+                       n_ctx=n_ctx, memory=est, predicted_tps=tps, reason=reason, candidates=summary, draft=draft)
 
 
 def _embd_bytes(shape: ModelShape) -> int:
@@ -240,18 +306,22 @@ class MemoryPlan:
     parts: dict[str, int]
     reason: str
     estimate: dict[str, Any] = field(default_factory=dict)
+    draft: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**self.estimate, "fits": self.fits, "ram_budget": self.ram_budget, "device": "CPU",
-                "runtime": self.runtime, "reason": self.reason}
+                "runtime": self.runtime, "reason": self.reason, "draft": self.draft, "ram_total_bytes": self.ram_bytes}
 
 
 def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0, n_ctx: int = 4096,
                   n_batch: int = 512, cache_type: str = "f16", cpu_Bps: float | None = None,
-                  gpu_Bps: float = DEFAULT_GPU_BPS, backend: str | None = None) -> OffloadPlan | MemoryPlan:
+                  gpu_Bps: float = DEFAULT_GPU_BPS, backend: str | None = None, draft: str | Path | None = None,
+                  kv_window: int | None = None) -> OffloadPlan | MemoryPlan:
     """Does ``art`` fit, and how to split it: an :class:`OffloadPlan` where its runtime plans offloading
     (raises :class:`InputError` when nothing fits), else a :class:`MemoryPlan` from its memory model.
-    ``ram_bytes`` defaults to the memory available now, ``cpu_Bps`` to this host's measured bandwidth."""
+    ``ram_bytes`` defaults to the memory available now, ``cpu_Bps`` to this host's measured bandwidth.
+    ``draft``: a speculative-decoding draft loaded beside the target (its RAM counts); ``kv_window``: the
+    context is the window, as the backends allocate it."""
     import psutil
 
     from edgekit.errors import UnsupportedError
@@ -259,25 +329,35 @@ def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0
     from edgekit.runtime.base import MemoryModel, OffloadPlanner, backend_for_format
 
     cls = backend_for_format(art.format, backend)
+    n_ctx = window_context(n_ctx, kv_window)
+    dm = draft_memory(draft, art.format, n_ctx, n_batch) if draft is not None else None
     ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)
     if isinstance(cls, OffloadPlanner):
         bws = Bandwidths(cpu_Bps=cpu_Bps or hostinfo.memory_bandwidth(), gpu_Bps=gpu_Bps)
         return cls.offload_plan(art.model_file, n_ctx, n_batch, budget=Budget(ram, vram_bytes), bandwidths=bws,
-                                cache_type=cache_type)
+                                cache_type=cache_type, draft=dm)
     if isinstance(cls, MemoryModel):
         est = cls.memory_estimate(art.model_file, n_ctx, n_batch)
         note = (f"{cls.name} runs the whole model in host memory; GPU offload is not planned for "
                 f"{art.format.upper()}" + (" (--vram ignored)" if vram_bytes else ""))
-        return MemoryPlan(fits=est.ram_bytes <= ram, ram_bytes=int(est.ram_bytes), ram_budget=ram, n_ctx=n_ctx,
-                          runtime=cls.name, parts=dict(est.parts), reason=note, estimate=est.to_json())
+        parts = dict(est.parts)
+        total = int(est.ram_bytes)
+        if dm is not None:
+            parts["draft"] = dm.ram_bytes
+            total += dm.ram_bytes  # onnxruntime maps nothing it could drop: the draft's peak is what it needs
+            note += f"; the draft ({_gib(dm.ram_bytes)}) runs in the same process"
+        return MemoryPlan(fits=total <= ram, ram_bytes=total, ram_budget=ram, n_ctx=n_ctx, runtime=cls.name,
+                          parts=parts, reason=note, estimate=est.to_json(),
+                          draft=dm.to_json() if dm is not None else None)
     raise UnsupportedError(f"plan needs a runtime with a memory model; the {cls.name} backend for "
                            f"{art.format!r} artifacts has none")
 
 
-def offload_options(art: Any, offload: str, n_ctx: int, *, vram_bytes: int | None = None
-                    ) -> tuple[dict[str, Any], str | None]:
+def offload_options(art: Any, offload: str, n_ctx: int, *, vram_bytes: int | None = None,
+                    draft: str | Path | None = None) -> tuple[dict[str, Any], str | None]:
     """``--offload auto|none``: the backend options of this host's plan and its reason (None when the
-    artifact's runtime plans no offloading or ``none`` was asked); ``vram_bytes`` caps the GPU budget."""
+    artifact's runtime plans no offloading or ``none`` was asked); ``vram_bytes`` caps the GPU budget;
+    ``draft``: a draft model to load beside the target, whose RAM the plan leaves free."""
     from edgekit.runtime.base import OffloadPlanner, backend_for_format
 
     if offload == "none":
@@ -287,16 +367,17 @@ def offload_options(art: Any, offload: str, n_ctx: int, *, vram_bytes: int | Non
     cls = backend_for_format(art.format)
     if not isinstance(cls, OffloadPlanner):
         return {}, None
-    plan = cls.offload_plan(art.model_file, n_ctx, vram_bytes=vram_bytes)
+    dm = draft_memory(draft, art.format, n_ctx) if draft is not None else None
+    plan = cls.offload_plan(art.model_file, n_ctx, vram_bytes=vram_bytes, draft=dm)
     opts = plan.backend_options()
     opts.pop("n_ctx", None)
     return opts, plan.reason
 
 
 def auto_plan(model_file: Any, n_ctx: int, *, ram_bytes: int | None = None, vram_bytes: int | None = None,
-              n_batch: int = 512) -> OffloadPlan:
+              n_batch: int = 512, draft: DraftMemory | None = None) -> OffloadPlan:
     """``--offload auto``: plan for this host - its GPUs' free memory (or ``vram_bytes``), its available RAM
-    (or ``ram_bytes``), its measured bandwidth and llama.cpp's baseline."""
+    (or ``ram_bytes``) less a ``draft``'s, its measured bandwidth and llama.cpp's baseline."""
     import psutil
 
     from edgekit.runtime import hostinfo
@@ -308,4 +389,4 @@ def auto_plan(model_file: Any, n_ctx: int, *, ram_bytes: int | None = None, vram
     ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)
     return plan_offload(shape, Budget(ram_bytes=ram, vram_bytes=vram), n_ctx,
                         Bandwidths(cpu_Bps=hostinfo.memory_bandwidth()), gpu_available=bool(gpus),
-                        baseline_bytes=hostinfo.baseline_rss(strict=False), n_batch=n_batch)
+                        baseline_bytes=hostinfo.baseline_rss(strict=False), n_batch=n_batch, draft=draft)

@@ -171,7 +171,7 @@ def run(
         if prompt is None and sys.stdin.isatty():
             raise InputError("--prediction is the expected answer to one prompt: give the prompt with -p TEXT")
         sampling = dataclasses.replace(sampling, prediction=_read_prediction(prediction))
-    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram)  # a window bounds the KV
+    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram, draft)  # a window bounds the KV
     if backend:
         placement["backend"] = backend
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))

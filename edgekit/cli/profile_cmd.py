@@ -301,6 +301,10 @@ def plan_cmd(
     gpu_bandwidth: float = typer.Option(300.0, "--gpu-bandwidth", help="GPU memory bandwidth in GB/s (assumed)."),
     cpu_bandwidth: float | None = typer.Option(None, "--cpu-bandwidth", help="Host bandwidth in GB/s "
                                                "(default: measured once on this host)."),
+    draft: Path | None = typer.Option(None, "--draft", help="Count a speculative-decoding draft (run --draft) "
+                                      "loaded beside the model: its weights, KV cache and buffers, on the CPU."),
+    kv_window: int | None = typer.Option(None, "--kv-window", help="Plan for a KV window of this many tokens "
+                                         "(run --kv-window): the cache holds the window, whatever the text's length."),
     as_json: bool = typer.Option(False, "--json", help="The plan as JSON."),
 ) -> None:
     """Does it fit, and how to split it: memory by part and a llama.cpp offload plan.
@@ -308,6 +312,7 @@ def plan_cmd(
     Examples:
       edgekit plan ./model-gguf-q4 --vram 6GiB --ram 8GiB --ctx 8192
       edgekit plan ./model-gguf-q4 --ctx 4096 --json
+      edgekit plan ./model-q8_0 --draft ./model-draft --kv-window 1024   # a drafted chat in a KV window
     """
     from edgekit.artifact import Artifact
     from edgekit.runtime.plan import MemoryPlan, parse_size, plan_artifact
@@ -315,9 +320,9 @@ def plan_cmd(
     art = Artifact.open(artifact)
     p = plan_artifact(art, ram_bytes=parse_size(ram) if ram else None, vram_bytes=parse_size(vram), n_ctx=ctx,
                       n_batch=batch, cache_type=cache_type, cpu_Bps=cpu_bandwidth * 1e9 if cpu_bandwidth else None,
-                      gpu_Bps=gpu_bandwidth * 1e9)
+                      gpu_Bps=gpu_bandwidth * 1e9, draft=draft, kv_window=kv_window)
     if isinstance(p, MemoryPlan):
-        _print_memory_plan(art, p, as_json)
+        _print_memory_plan(art, p, as_json, kv_window)
         return
     if as_json:
         sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")
@@ -325,11 +330,18 @@ def plan_cmd(
     parts = p.memory.parts
     from rich.text import Text
 
-    say(out, Text.assemble((art.name, "bold"), f" at ctx {ctx}: ", ("fits", "green"), f" ({p.device})"))
+    say(out, Text.assemble((art.name, "bold"), f" at {_ctx_words(p.n_ctx, kv_window)}: ", ("fits", "green"),
+                           f" ({p.device})"))
     say(out, f"  {p.reason}")
     say(out, f"  RAM  {_mb(p.memory.ram_bytes)}: weights {_mb(parts['weights_cpu'] + parts['weights_repacked'])}, "
               f"KV {_mb(parts['kv_cpu'])}, compute {_mb(parts['compute_cpu'])}, baseline {_mb(parts['baseline'])}, "
               f"other {_mb(parts['overhead'] + parts['output_cpu'])}")
+    if p.draft is not None:
+        dp = p.draft.parts
+        say(out, f"  draft {_mb(p.draft.ram_bytes)} more RAM (CPU): weights "
+                  f"{_mb(dp.get('weights_cpu', 0) + dp.get('weights_repacked', 0))}, KV {_mb(dp.get('kv_cpu', 0))}, "
+                  f"compute {_mb(dp.get('compute_cpu', 0))}, other {_mb(dp.get('overhead', 0) + dp.get('output_cpu', 0))}"
+                  f"; {_mb(p.memory.ram_bytes + p.draft.ram_bytes)} in all")
     if p.memory.vram_bytes:
         say(out, f"  VRAM {_mb(p.memory.vram_bytes)}: weights {_mb(parts['weights_gpu'])}, KV {_mb(parts['kv_gpu'])}, "
                   f"compute {_mb(parts['compute_gpu'])} (modeled)")
@@ -338,7 +350,11 @@ def plan_cmd(
     say(out, f"  llama.cpp: {' '.join(flags)}    edgekit: run {artifact} --offload auto")
 
 
-def _print_memory_plan(art: Any, p: Any, as_json: bool) -> None:
+def _ctx_words(n_ctx: int, kv_window: int | None) -> str:
+    return f"a KV window of {n_ctx}" if kv_window else f"ctx {n_ctx}"
+
+
+def _print_memory_plan(art: Any, p: Any, as_json: bool, kv_window: int | None = None) -> None:
     """A runtime with a memory model but no offload planner (onnxruntime): memory by part, fits or not."""
     from edgekit.errors import InputError
 
@@ -348,19 +364,21 @@ def _print_memory_plan(art: Any, p: Any, as_json: bool) -> None:
         from rich.text import Text
 
         verdict = ("fits", "green") if p.fits else ("does not fit", "red")
-        say(out, Text.assemble((art.name, "bold"), f" at ctx {p.n_ctx}: ", verdict,
+        say(out, Text.assemble((art.name, "bold"), f" at {_ctx_words(p.n_ctx, kv_window)}: ", verdict,
                                f" in {_mb(p.ram_budget)} RAM ({p.runtime}, CPU)"))
         parts = ", ".join(f"{k.replace('_', ' ')} {_mb(v)}" for k, v in p.parts.items() if v)
         say(out, f"  RAM  {_mb(p.ram_bytes)}: {parts}")
         say(out, f"  {p.reason}")
     if not p.fits:
-        raise InputError(f"{art.name} needs about {_mb(p.ram_bytes)} at ctx {p.n_ctx} but the budget is "
-                         f"{_mb(p.ram_budget)}; lower --ctx or use a smaller artifact")
+        raise InputError(f"{art.name} needs about {_mb(p.ram_bytes)} at ctx {p.n_ctx}"
+                         + (" with its draft" if p.draft else "") + f" but the budget is {_mb(p.ram_budget)}; "
+                         "lower --ctx (or keep a --kv-window) or use a smaller artifact")
 
 
-def offload_options(artifact: Path, offload: str, ctx: int, vram: str | None = None) -> dict[str, Any]:
+def offload_options(artifact: Path, offload: str, ctx: int, vram: str | None = None,
+                    draft: Path | None = None) -> dict[str, Any]:
     """``run --offload auto``: the plan's backend options for this host (with its reason on stderr);
-    ``vram`` caps the GPU budget (default: the GPU's free memory)."""
+    ``vram`` caps the GPU budget (default: the GPU's free memory); a ``draft``'s RAM is left free."""
     from edgekit.artifact import Artifact
     from edgekit.errors import InputError
     from edgekit.runtime.plan import offload_options as plan_options
@@ -371,7 +389,7 @@ def offload_options(artifact: Path, offload: str, ctx: int, vram: str | None = N
             raise InputError("--vram is the budget of --offload auto; add --offload auto")
         return {}
     opts, reason = plan_options(Artifact.open(artifact), offload, ctx,
-                                vram_bytes=None if vram is None else parse_size(vram))
+                                vram_bytes=None if vram is None else parse_size(vram), draft=draft)
     if reason:
         say(err, tagged("offload:", "dim", reason))
     return opts

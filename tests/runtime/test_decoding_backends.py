@@ -170,20 +170,26 @@ def test_onnx_sampled_drafting_is_reproducible(models):
 
 @needs_ort
 def test_onnx_sessions_do_not_spin_beside_a_draft(models):
-    """Two sessions on the same cores: each one's spinning threads would slow the other (measured 1.75x on a
-    4-token verification); one session alone keeps spinning (faster one-token steps)."""
-    key = "session.intra_op.allow_spinning"
+    """Two sessions on the same cores: each one's threads spinning between its runs would slow the other
+    (measured 1.75x on a 4-token verification), so both spin within a run only; one session alone keeps
+    spinning between runs (faster one-token steps)."""
+
+    def entry(session, key, default):
+        try:
+            return session.get_session_options().get_session_config_entry(key)
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own error for an entry never set: the default
+            return default
 
     def spins(session):
-        try:
-            return session.get_session_options().get_session_config_entry(key) != "0"
-        except Exception:  # noqa: BLE001 - onnxruntime raises its own error for an entry never set: the default
-            return True
+        return (entry(session, "session.intra_op.allow_spinning", "1") != "0",
+                entry(session, "session.force_spinning_stop", "0") == "1")
 
     with _open(models["two_onnx"], draft=str(models["one_onnx"])) as b:
-        assert not spins(b.session) and not spins(b.draft_backend.session)
+        assert spins(b.session) == spins(b.draft_backend.session) == (True, True)  # spin in a run, stop after it
     with _open(models["two_onnx"], speculative="ngram") as b:
-        assert spins(b.session)
+        assert spins(b.session) == (True, False)
+    with _open(models["two_onnx"], spin=False) as b:
+        assert spins(b.session)[0] is False
 
 
 @needs_ort

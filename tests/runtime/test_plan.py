@@ -130,3 +130,60 @@ def test_plan_and_run_offload_auto_cli(tiny_gguf, tmp_path, monkeypatch):
     res = runner.invoke(app, ["run", str(tiny_gguf), "-p", "hi", "-n", "4", "--offload", "auto", "--temp", "0"])
     assert res.exit_code == 0, res.output
     assert "offload: CPU only: no GPU device in this llama.cpp build" in res.stderr
+
+
+def test_draft_ram_comes_out_of_the_budget():
+    """A draft loads on the CPU beside the target: a RAM budget the target fits alone refuses the pair, and
+    the refusal counts the draft in what is needed."""
+    from edgekit.runtime.plan import DraftMemory
+
+    shape = _shape(n_layer=16, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, vocab=32000)
+    alone = plan_offload(shape, Budget(ram_bytes=8 * GiB), 4096, BW, gpu_available=False)
+    need = alone.memory.ram_required_bytes
+    draft = DraftMemory("d.gguf", ram_bytes=GiB + 100, parts={"weights_cpu": GiB, "weights_repacked": 100})
+    assert draft.required_bytes == GiB
+    with pytest.raises(InputError, match=r"this model and its draft \(1.00 GiB RAM\) need at least"):
+        plan_offload(shape, Budget(ram_bytes=need + GiB // 2), 4096, BW, gpu_available=False, draft=draft)
+    both = plan_offload(shape, Budget(ram_bytes=need + GiB + 1), 4096, BW, gpu_available=False, draft=draft)
+    assert both.draft is draft and "of the RAM is the draft's" in both.reason
+    data = both.to_json()
+    assert data["ram_total_bytes"] == both.memory.ram_bytes + draft.ram_bytes and data["draft"]["path"] == "d.gguf"
+    with pytest.raises(InputError, match="the draft alone needs"):
+        plan_offload(shape, Budget(ram_bytes=GiB // 2), 4096, BW, gpu_available=False, draft=draft)
+    # with a GPU the draft takes no VRAM: the target's placement is planned within the RAM that is left
+    gpu = plan_offload(shape, Budget(ram_bytes=need + GiB + 1, vram_bytes=8 * GiB), 4096, BW, draft=draft)
+    assert gpu.memory.ram_required_bytes + draft.required_bytes <= need + GiB + 1
+
+
+@needs_llama
+def test_plan_counts_draft_and_kv_window_cli(tiny_gguf, tmp_path, monkeypatch):
+    """``plan --draft D --kv-window W``: the draft's weights, KV and buffers at the window's length, as the
+    worker loads it (a second llama.cpp context beside the target's); a draft of another format is refused."""
+    from edgekit.cli.main import app
+    from edgekit.runtime.memory import MemoryConfig, estimate_memory, read_shape
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    base = ["plan", str(tiny_gguf), "--ram", "4GiB", "--json", "--cpu-bandwidth", "20"]
+    plain = json.loads(runner.invoke(app, base + ["--ctx", "1024"]).stdout)
+    res = runner.invoke(app, base + ["--ctx", "1024", "--draft", str(tiny_gguf), "--kv-window", "256"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["n_ctx"] == 256 and data["memory"]["parts"]["kv_cpu"] == plain["memory"]["parts"]["kv_cpu"] // 4
+    draft = data["draft"]
+    shape = read_shape(next(tiny_gguf.glob("*.gguf")))
+    own = estimate_memory(shape, MemoryConfig(n_ctx=256))
+    assert draft["ram_bytes"] == own.ram_bytes and draft["parts"]["kv_cpu"] == own.parts["kv_cpu"]
+    assert "baseline" not in draft["parts"]  # one process: the target counts it
+    assert data["ram_total_bytes"] == data["memory"]["ram_bytes"] + draft["ram_bytes"]
+    res = runner.invoke(app, ["plan", str(tiny_gguf), "--draft", str(tiny_gguf), "--kv-window", "256",
+                              "--cpu-bandwidth", "20"])
+    assert res.exit_code == 0 and "a KV window of 256" in res.stdout and "draft" in res.stdout, res.output
+    for args, msg in ((["--draft", str(tmp_path / "nope")], "not found"),
+                      (["--kv-window", "16"], "at least 64 tokens")):
+        res = runner.invoke(app, ["plan", str(tiny_gguf), "--cpu-bandwidth", "20", *args])
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
+    res = runner.invoke(app, ["run", str(tiny_gguf), "-p", "hi", "-n", "4", "--offload", "auto", "--temp", "0",
+                              "--draft", str(tiny_gguf)])
+    assert res.exit_code == 0, res.output
+    assert "of the RAM is the draft's" in res.stderr

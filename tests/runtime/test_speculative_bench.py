@@ -58,3 +58,8 @@ def test_the_bench_prices_cycles_with_the_measured_widths(bench):
     out = [1, 2, 3, 4, 5, 6, 7, 8, 9, 99, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     pairs = [(prompt, out)]
     assert bench.lookup_bound(pairs, curve, k_max=8) > bench.lookup_bound(pairs, linear, k_max=8) > 1.0
+    # aggregated as the rows are: the mean over prompts (a short copied answer counts as much as a long one)
+    other = ([5, 6, 7], [8, 9, 10, 11])  # nothing to copy: the oracle decodes as plain decoding does
+    assert bench.lookup_bounds([other], curve, k_max=8) == [pytest.approx(1.0)]
+    both = bench.lookup_bound([*pairs, other], curve, k_max=8)
+    assert both == pytest.approx((bench.lookup_bound(pairs, curve, k_max=8) + 1.0) / 2)
