@@ -33,6 +33,7 @@ def _parse_tensor_types(values: list[str]) -> tuple[tuple[str, str], ...]:
 
 @handle_errors
 def convert(
+    cli: typer.Context,
     model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer), "
                                  "or a .gguf file (imported on the way)."),
     to: str = typer.Option("gguf", "--to", help="Output format."),
@@ -82,8 +83,9 @@ def convert(
                                      "opset=17..23, external_data=true|false; AQLM: scheme=2x8|1x16, "
                                      "embedding=f16|fp8)."),
     draft_for: Path | None = typer.Option(None, "--draft-for", help="Make a speculative-decoding draft for this "
-                                          "target (checkpoint or artifact): a third of the blocks, distilled "
-                                          "(--heal, default 20m), Q4_0 (--type); use it with run --draft."),
+                                          "target (checkpoint or artifact): GGUF, a third of the blocks, distilled "
+                                          "(--heal, default 20m), Q4_0 (--type); ONNX, the whole model at 8 bits "
+                                          "(--bits); use it with run --draft."),
     sparse_ffn: float | None = typer.Option(None, "--sparse-ffn", help="GGUF: skip this share of FFN neurons per "
                                             "token (hot set always, cold clusters picked by a trained router; "
                                             "a Qwen2-MoE file stock llama.cpp runs), e.g. 0.5."),
@@ -121,6 +123,7 @@ def convert(
       edgekit convert ./SmolLM2-135M --to aqlm --size 86MB                 # as many 8-bit codebooks as fit: 2x8
       edgekit convert ./SmolLM2-135M --to aqlm --size 86MB -O embedding=fp8  # fp8 embedding: 4x8 in the same 86 MB
       edgekit convert ./SmolLM2-135M --draft-for ./SmolLM2-135M -o ./smol-draft   # then: run --draft ./smol-draft
+      edgekit convert ./SmolLM2-135M --to onnx --draft-for ./smol-onnx16 -o ./smol-onnx-draft   # 8-bit ONNX draft
       edgekit convert ./SmolLM2-135M --method ternary                      # post-hoc ternary (TQ2_0)
       edgekit convert ./SmolLM2-135M --method ternary --distill 60m --calib self   # ternary QAT by distillation
       edgekit convert ./bitnet-b1.58-model --type TQ2_0                    # a BitNet b1.58 checkpoint
@@ -143,7 +146,8 @@ def convert(
     if (step_names or prune) and method == "rtn":
         method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
     size_bytes, fit_target = size_opts.size_target(model, to, size, fit, ctx, quiet=as_json)
-    calibrated = (api.calibration_applies(method, bpw, size_bytes) or bool(structural) or draft_for is not None
+    calibrated = (api.calibration_applies(method, bpw, size_bytes) or bool(structural)
+                  or (draft_for is not None and to == "gguf")  # the GGUF draft recipe distils
                   or sparse_ffn is not None)
     if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
         from edgekit.runtime.hostinfo import use_torch_threads
@@ -165,12 +169,23 @@ def convert(
                                if calibrated else None, prune=structural,
                                heal=_heal_config(heal) if draft_for is None else None)
     if draft_for is not None:
-        from edgekit.converters.draft import DEFAULT_HEAL, DEFAULT_TYPE, draft_recipe
+        from edgekit.converters.draft import DEFAULT_HEAL, DEFAULT_TYPE, ONNX_DRAFT_BITS, draft_recipe
 
-        if to != "gguf":
-            raise InputError("--draft-for makes GGUF drafts (llama.cpp's speculative decoding); drop --to")
-        recipe = draft_recipe(model, draft_for, recipe, heal=heal or DEFAULT_HEAL,
-                              preset=None if type_ or bpw else DEFAULT_TYPE)
+        if to == "onnx":
+            import dataclasses
+
+            from edgekit.converters.draft import onnx_draft_recipe
+
+            source = cli.get_parameter_source("bits")  # typer's own click: compared by name
+            given = getattr(source, "name", "") == "COMMANDLINE" or bpw or size_bytes
+            recipe = onnx_draft_recipe(model, draft_for, dataclasses.replace(recipe, heal=_heal_config(heal)),
+                                       bits=None if given else ONNX_DRAFT_BITS)
+        elif to != "gguf":
+            raise InputError("--draft-for makes GGUF drafts (llama.cpp) and ONNX drafts (onnxruntime); use --to gguf "
+                             "or --to onnx")
+        else:
+            recipe = draft_recipe(model, draft_for, recipe, heal=heal or DEFAULT_HEAL,
+                                  preset=None if type_ or bpw else DEFAULT_TYPE)
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
     if distill is not None:
         quantize = api.distill_config(quantize or api.method_config(method, recipe.calib), _heal_config(distill))
