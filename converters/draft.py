@@ -22,9 +22,10 @@ DEFAULT_HEAL = "20m"
 DEFAULT_TYPE = "Q4_0"
 KEEP_FRACTION = 1 / 3
 #: An ONNX draft: the whole model at 8 bits (MatMulNBits). On SmolLM2 beside the FP16 graph it is accepted
-#: on 94-99% of its tokens at 0.4-0.5 of a target step; the 4-bit copy on 71-79% at 0.35-0.4, and a
-#: third of the blocks distilled (the GGUF recipe) on 11-30%, which no draft length pays for
-#: (bench/results/speculative_onnx16_s43_d8*.txt, speculative.txt).
+#: on 95-99% of its tokens at 0.4-0.55 of a target step (1.44x on rewrite/extract prompts, 1.14x on chat);
+#: the 4-bit copy on 70-79% at 0.35-0.45 (1.33x, 1.13x), and a third of the blocks distilled (the GGUF
+#: recipe) on 11-30%, which no draft length pays for (bench/results/speculative_onnx16_isolated.txt,
+#: speculative.txt).
 ONNX_DRAFT_BITS = 8
 
 

@@ -173,6 +173,7 @@ def test_onnx_sessions_do_not_spin_beside_a_draft(models):
     """Two sessions on the same cores: each one's threads spinning between its runs would slow the other
     (measured 1.75x on a 4-token verification), so both spin within a run only; one session alone keeps
     spinning between runs (faster one-token steps)."""
+    from edgekit.errors import InputError
 
     def entry(session, key, default):
         try:
@@ -190,6 +191,8 @@ def test_onnx_sessions_do_not_spin_beside_a_draft(models):
         assert spins(b.session) == (True, False)
     with _open(models["two_onnx"], spin=False) as b:
         assert spins(b.session)[0] is False
+    with pytest.raises(InputError, match="spin takes"):
+        _open(models["two_onnx"], spin="sometimes")
 
 
 @needs_ort
