@@ -147,6 +147,14 @@ def run_prompts(target: Path, prompts: list[str], max_tokens: int, threads: int,
     return out, info
 
 
+def in_child(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a spawned child process of its own (see :func:`run_isolated`, :func:`run_peer`)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args, kwargs)
+
+
 def run_isolated(target: Path, prompts: list[str], max_tokens: int, threads: int,
                  **opts: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """:func:`run_prompts` in a child process of its own, as ``serve`` or ``chat`` loads a model once in a
@@ -154,25 +162,14 @@ def run_isolated(target: Path, prompts: list[str], max_tokens: int, threads: int
     processes (onnxruntime sessions made and dropped one after another: on rewrite/extract prompts prompt
     lookup 1.78-1.95x and the 8-bit draft 1.08-1.30x there, against 2.12x and 1.41x for `edgekit run` in a
     process per prompt), so each mode now starts clean."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_run_prompts_kw, (target, prompts, max_tokens, threads, opts))
-
-
-def _run_prompts_kw(target: Path, prompts: list[str], max_tokens: int, threads: int,
-                    opts: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    return run_prompts(target, prompts, max_tokens, threads, **opts)
+    return in_child(run_prompts, target, prompts, max_tokens, threads, **opts)
 
 
 def run_peer(target: Path, prompts: list[str], max_tokens: int, threads: int,
              lookup: bool) -> list[dict[str, Any]]:
     """:func:`peer_answers` in a child process: llama.cpp's OpenMP threads spin-wait in the process that
     used them (OMP_WAIT_POLICY=ACTIVE, as in a user's shell), and would slow every later edgekit row."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(peer_answers, (target, prompts, max_tokens, threads, lookup))
+    return in_child(peer_answers, target, prompts, max_tokens, threads, lookup)
 
 
 def peer_answers(target: Path, prompts: list[str], max_tokens: int, threads: int,
@@ -271,7 +268,11 @@ def lookup_bound(pairs: list[tuple[list[int], list[int]]], costs: dict[str, floa
     of the per-prompt bounds. (Until stop 43 the bound was total plain time over total oracle time, which
     weighs long outputs more and came out 0.1-0.3x under this for the same outputs: not the speed-up the
     rows measure.) If it is under a target, no prompt-lookup drafter reaches that target."""
-    bounds = lookup_bounds(pairs, costs, k_max)
+    return mean_bound(lookup_bounds(pairs, costs, k_max))
+
+
+def mean_bound(bounds: list[float]) -> float:
+    """Per-prompt bounds aggregated as the rows' speed-ups are (see :func:`lookup_bound`)."""
     return sum(bounds) / len(bounds) if bounds else 1.0
 
 
@@ -469,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "ngram" and info.get("costs"):
                     pairs = tokenized(target, prompts, [r["text"] for r in plain], args.threads)
                     row["lookup_bounds"] = lookup_bounds(pairs, info["costs"])
-                    row["lookup_bound"] = sum(row["lookup_bounds"]) / len(row["lookup_bounds"])
+                    row["lookup_bound"] = mean_bound(row["lookup_bounds"])
                 rows.append(row)
 
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(), "machine": platform.machine(),

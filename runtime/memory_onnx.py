@@ -87,7 +87,8 @@ def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
     data = sum(sizes.values())
     chunk = min(n_batch, n_ctx)
     upcast = sum(sizes[n] for n in upcast_names if n in sizes)
-    head_upcast = any(_dims_of(model, n)[-1:] == [vocab] for n in upcast_names) if vocab else False
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    head_upcast = bool(vocab) and any(dims[n][-1:] == [vocab] for n in upcast_names)
     parts = {
         "weights": data - cold,
         "weights_prepacked": nbits,
@@ -127,10 +128,6 @@ def _upcast_weights(model: Any) -> set[str]:
         return set()  # arm64 builds of MLAS multiply float16 natively
     half = {t.name for t in model.graph.initializer if t.data_type in (10, 16)}
     return {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in half}
-
-
-def _dims_of(model: Any, name: str) -> list[int]:
-    return next((list(t.dims) for t in model.graph.initializer if t.name == name), [])
 
 
 def _nbytes(onnx: Any, t: Any) -> int:

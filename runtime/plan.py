@@ -156,8 +156,9 @@ def window_context(n_ctx: int, kv_window: int | None) -> int:
     """The context a backend allocates: with a KV window, the window (both backends size the cache to it)."""
     if kv_window is None:
         return n_ctx
-    if kv_window < 64:
-        raise InputError("--kv-window must be at least 64 tokens")
+    from edgekit.runtime.llamacpp_decoding import decoding_options
+
+    decoding_options(None, None, None, kv_window, 0)  # the window's checks, as run and serve make them
     return int(kv_window)
 
 
