@@ -10,8 +10,9 @@ What a session holds at its peak, by part (bytes):
   casts and converts a float16 graph's ``MatMul`` weights to float32, dropping the float16 originals: such a
   weight is held at twice its size in the file (measured: one 50 MB float16 MatMul weight, a 107 MB
   session; SmolLM2's float16 graph 932 MB at ctx 1024 where the model without this said 519 MB);
-* ``kv``: the past key/values fed in plus the presents returned (edgekit's loop keeps both for one
-  step), 2 x layers x ctx x KV heads x head size x element size, twice;
+* ``kv``: 2 x layers x ctx x KV heads x head size x element size, once where the graph's attention
+  appends to a buffer bound as both past and present (``GroupQueryAttention`` graphs: edgekit's,
+  onnxruntime-genai's; :mod:`._onnx_kv`), else twice: the past fed in and the presents returned;
 * ``logits``: the logits of one prefill chunk (``n_batch`` x vocab x 4 bytes), the largest activation;
   a float16 head upcast as above computes them in float32, casts them to the graph's float16 and back
   to the float32 output: 10 bytes a logit, all three alive at once;
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import CorruptFileError, UnsupportedError, require
+from edgekit.runtime._onnx_kv import kv_in_place
 
 # Measured on x86-64 Linux with onnxruntime 1.31 (SmolLM2-135M, fp32 and 4-bit graphs): RSS after
 # loading a session less the weights it reads and repacks; and a Python process with onnxruntime imported.
@@ -77,6 +79,7 @@ def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
     if not kv_heads or not head_dim:
         raise UnsupportedError(f"{path.name}: symbolic KV shapes; cannot model its KV cache")
     elem = _ELEM.get(tt.elem_type, 4)
+    kv_copies = 1 if kv_in_place(model) else 2
     logits_dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
     vocab = logits_dims[-1] if logits_dims else 0
     hidden = kv_heads * head_dim  # lower bound; refined from an initializer below when available
@@ -93,7 +96,7 @@ def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
         "weights": data - cold,
         "weights_prepacked": nbits,
         "weights_upcast": upcast,
-        "kv": 2 * 2 * len(past) // 2 * n_ctx * kv_heads * head_dim * elem,
+        "kv": kv_copies * len(past) * n_ctx * kv_heads * head_dim * elem,
         "logits": chunk * vocab * (10 if head_upcast else 4),
         "activations": 8 * chunk * hidden * 4,
         "overhead": ORT_OVERHEAD,
@@ -114,7 +117,8 @@ def onnx_decode_bytes_per_token(model_file: str | Path, depth: int) -> int:
     others = {i for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for i in n.input}
     lookup_only = {name for name in lookups & sizes.keys() if name not in others}
     est = estimate_onnx_memory(model_file, max(depth, 1), n_batch=1)
-    kv_per_cell = est.parts["kv"] // 2 // max(depth, 1)  # one copy (past), per context cell
+    copies = 1 if kv_in_place(model) else 2
+    kv_per_cell = est.parts["kv"] // copies // max(depth, 1)  # one copy, per context cell
     upcast = _upcast_weights(model)  # read as the float32 copies the session holds
     return sum(v * (2 if k in upcast else 1) for k, v in sizes.items() if k not in lookup_only) + kv_per_cell * depth
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError, require
 from edgekit.runtime import hostinfo
+from edgekit.runtime._onnx_kv import BoundKV, FedKV, kv_in_place
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick, stream_tokens
 from edgekit.runtime.tokenizer import FolderTokenizer
@@ -123,7 +124,6 @@ class OnnxBackend(Backend):
             raise UnsupportedError(f"{path.name} has no past_key_values inputs; edgekit runs KV-cache decoders")
         self._kv_heads, self._head_dim = _kv_shape(inputs[self._past_names[0]].shape, path.parent)
         self._kv_dtype = _ORT_TYPES.get(inputs[self._past_names[0]].type, np.float32)
-        self._out_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past_names]
         self.tokenizer = FolderTokenizer(path.parent)
         self._n_vocab = int(self.session.get_outputs()[0].shape[-1])
         self._eos = self._eos_ids(path.parent)
@@ -133,6 +133,11 @@ class OnnxBackend(Backend):
             self.window = KVWindow(int(kv_window), int(kv_sinks), *_rotary_tables(path), step=kv_evict_step)
             self.n_ctx = int(kv_window)
             self.n_batch = min(self.n_batch, self.window.size - self.window.sinks)
+        from edgekit.converters.formats.onnx.read import load_graph
+
+        kv_args = (self.session, self._past_names, self._kv_heads, self._head_dim, self._kv_dtype)
+        self._kv: FedKV | BoundKV = (BoundKV(*kv_args, limit=self.n_ctx) if kv_in_place(load_graph(path))
+                                     else FedKV(*kv_args))
         self.reset()
         self._setup_drafting(speculative, draft, n_draft, kv_window, kv_sinks, kv_evict_step, graph_opt)
 
@@ -157,10 +162,12 @@ class OnnxBackend(Backend):
         """The prompt ids ``generate(messages)`` evaluates (special tokens typed in a message stay text)."""
         return self.tokenizer.encode_chat(messages)
 
+    @property
+    def _pos(self) -> int:
+        return self._kv.pos
+
     def reset(self) -> None:
-        empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
-        self._past = [empty] * len(self._past_names)
-        self._pos = 0
+        self._kv.reset()
         if self.window is not None:
             self.window.evicted = 0
 
@@ -233,7 +240,7 @@ class OnnxBackend(Backend):
         return nll, {"peak_cells": peak, "kv": state}
 
     def close(self) -> None:
-        self._past = []
+        self._kv.close()
         self.session = None  # type: ignore[assignment]
         if self.draft_backend is not None:
             self.draft_backend.close()
@@ -310,20 +317,13 @@ class OnnxBackend(Backend):
     def _run(self, tokens: list[int], last_only: bool) -> np.ndarray:
         n = len(tokens)
         if self.window is not None and self._pos + n > self.window.size:
-            self._past = self.window.evict(self._past, self._pos + n - self.window.size)
-            self._pos = int(self._past[0].shape[2])
+            self._kv.replace(self.window.evict(self._kv.views(), self._pos + n - self.window.size))
         if self._pos + n > self.n_ctx:
             raise InputError(f"the context of {self.n_ctx} tokens is full; raise --ctx")
-        feed = {"input_ids": np.asarray([tokens], dtype=np.int64),
-                "attention_mask": np.ones((1, self._pos + n), dtype=np.int64)}
-        feed.update(zip(self._past_names, self._past, strict=True))
         try:
-            outs = self.session.run(self._out_names, feed)
+            logits = self._kv.run(tokens)
         except Exception as exc:
             raise BackendError(f"onnxruntime failed while evaluating {n} tokens: {str(exc).splitlines()[0][:300]}") from exc
-        self._past = outs[1:]
-        self._pos += n
-        logits = outs[0][0]
         return logits[-1:] if last_only else logits
 
     def _eos_ids(self, folder: Path) -> set[int]:
@@ -364,10 +364,7 @@ class OnnxContext:
         dropped, sinks = self._evicted()
         if dropped and n < sinks + dropped:
             raise InputError("cannot rewind into tokens the KV window has evicted")
-        keep = n - dropped
-        b = self.backend
-        b._past = [p[:, :, :keep] for p in b._past]
-        b._pos = keep
+        self.backend._kv.truncate(n - dropped)
         self.logical = self.logical[:n]
 
     def extend(self, tokens: list[int], logits: str = "all") -> np.ndarray | None:
