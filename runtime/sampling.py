@@ -38,6 +38,10 @@ def distribution(logits: np.ndarray, sampling: SamplingConfig, previous: list[in
     """The distribution ``pick`` draws from: (token ids, probabilities summing to 1). Repeat penalty, then
     temperature / top-k / min-p / top-p (llama.cpp's order of truncations); greedy is one token with p=1.
     Speculative decoding's acceptance rule compares these for the target and the draft."""
+    if sampling.temperature == 0 and (sampling.repeat_penalty == 1.0 or not previous):
+        # the argmax of the logits as they are (a float64 copy first: 0.34 ms a call on a 49k vocabulary,
+        # which speculative decoding pays for every draft step and every verified row)
+        return np.array([int(np.argmax(logits))]), np.ones(1)
     z = np.asarray(logits, dtype=np.float64).copy()
     if sampling.repeat_penalty != 1.0 and previous:
         prev = np.unique(np.asarray(previous))

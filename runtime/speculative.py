@@ -238,6 +238,13 @@ def for_prediction(predicted: list[int], costs: DraftCosts, fixed: int | None) -
     return drafter, control_for(drafter, dataclasses.replace(costs, draft=0.0), fixed)
 
 
+def _top_probability(logits: np.ndarray) -> float:
+    """The softmax's largest probability (in the logits' own float32: 40 us on a 49k vocabulary, against
+    0.4 ms through float64, once per draft step)."""
+    z = np.asarray(logits, dtype=np.float32)
+    return float(1.0 / np.exp(z - z.max()).sum(dtype=np.float64))
+
+
 class ModelDrafter:
     """A small model sharing the target's vocabulary proposes tokens one at a time with the target's
     sampling settings; drafting stops early when its top probability falls under ``p_min``."""
@@ -255,9 +262,7 @@ class ModelDrafter:
         qs: list[tuple[np.ndarray, np.ndarray]] = []
         for i in range(k):
             assert logits is not None
-            z = np.asarray(logits, dtype=np.float64)
-            top = float(1.0 / np.exp(z - z.max()).sum())
-            if drafts and top < self.p_min:
+            if drafts and _top_probability(logits) < self.p_min:
                 break
             idx, q = distribution(logits, sampling, previous + drafts)
             d = _draw(idx, q, sampling, rng)
