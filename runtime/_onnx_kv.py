@@ -106,6 +106,9 @@ class BoundKV:
 
     def __init__(self, session: Any, names: list[str], heads: int, dim: int, dtype: Any, limit: int) -> None:
         self.session, self.names, self.limit = session, names, limit
+        out = session.get_outputs()[0]
+        self.vocab = int(out.shape[-1])
+        self.logits_dtype = np.float16 if out.type == "tensor(float16)" else np.float32
         self.shape, self.dtype = (1, heads, 0, dim), dtype
         self.buffers: list[np.ndarray] = []
         self.io: Any = None
@@ -129,7 +132,6 @@ class BoundKV:
                 new[:, :, : self.pos] = old[:, :, : self.pos]
                 self.buffers[i] = new
         io = self.session.io_binding()
-        io.bind_output("logits", "cpu")  # first: get_outputs()[0]
         for name, buf in zip(self.names, self.buffers, strict=True):
             value = OrtValue.ortvalue_from_numpy(buf)  # shares the array's memory
             io.bind_ortvalue_input(name, value)
@@ -145,10 +147,13 @@ class BoundKV:
         self._feed = (np.asarray([tokens], dtype=np.int64), self._mask[:, : self.pos + n])
         self.io.bind_cpu_input("input_ids", self._feed[0])
         self.io.bind_cpu_input("attention_mask", self._feed[1])
-        self.io.bind_output("logits", "cpu")  # unallocated: its shape changes with the run's width
+        # into an array of ours, which the caller then owns: an output onnxruntime allocates stays alive in
+        # the binding until the next run (a 512-token chunk's logits are 100-250 MB), and reading it copies
+        logits = np.empty((1, n, self.vocab), dtype=self.logits_dtype)
+        self.io.bind_output("logits", "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(self.io)
         self.pos += n
-        return self.io.get_outputs()[0].numpy()[0]
+        return logits[0]
 
     def truncate(self, keep: int) -> None:
         self.pos = keep  # rows past it are overwritten by the next run, and never read before
