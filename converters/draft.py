@@ -22,10 +22,10 @@ DEFAULT_HEAL = "20m"
 DEFAULT_TYPE = "Q4_0"
 KEEP_FRACTION = 1 / 3
 #: An ONNX draft: the whole model at 8 bits (MatMulNBits). On SmolLM2 beside the FP16 graph it is accepted
-#: on 95-99% of its tokens at 0.4-0.55 of a target step (1.44x on rewrite/extract prompts, 1.14x on chat);
-#: the 4-bit copy on 70-79% at 0.35-0.45 (1.33x, 1.13x), and a third of the blocks distilled (the GGUF
-#: recipe) on 11-30%, which no draft length pays for (bench/results/speculative_onnx16_isolated.txt,
-#: speculative.txt).
+#: on 94-98% of its tokens at 0.37-0.38 of a target step (8.1 ms against 21-22 ms, the KV caches bound in
+#: place): 1.68x on rewrite/extract prompts, 1.57x on chat; the 4-bit copy on 67-76% at 0.28-0.30 (1.51x,
+#: 1.33x), and a third of the blocks distilled (the GGUF recipe) on 11-30%, which no draft length pays for
+#: (bench/results/speculative_onnx16_bound.txt, speculative.txt).
 ONNX_DRAFT_BITS = 8
 
 
