@@ -13,8 +13,9 @@ target (GGUF, same tokenizer), by default:
 * ``depth:20 Q4_0``: the same pruning without distillation;
 * ``Q4_0``: a low-bit copy at full depth (agrees often, but costs about as much as the target here).
 
-An ONNX target wider than 4 bits is drafted by ``onnx:4``, the 4-bit ONNX copy of the same checkpoint (an
-ONNX target drafts with an ONNX model); ``--drafts`` entries go to the targets of their own format.
+An ONNX target (which drafts with an ONNX model) is drafted by ``draft-for (8-bit ONNX)``, ``edgekit convert
+MODEL --to onnx --draft-for MODEL`` (the whole model at 8 bits), and by ``onnx:4``, the 4-bit ONNX copy;
+``--drafts`` entries go to the targets of their own format.
 
 Prompts: 10 open chat questions and 10 input-grounded tasks (rewrite, extract, correct) over paragraphs of
 WikiText-2 valid (read from ../shared). Each is generated greedily for ``--max-tokens`` tokens with each
@@ -427,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         name, _, path = item.partition("=")
         drafts[name] = Path(path)
     if not args.ngram_only and any(is_onnx(t) for t in targets.values()):
+        from edgekit.converters.draft import onnx_draft_recipe
+
+        drafts["draft-for (8-bit ONNX)"] = build(hf, "onnx-draft-for", onnx_draft_recipe(hf), fmt="onnx")
         drafts["onnx:4 (4-bit ONNX copy)"] = build_target(hf, "onnx:4")
 
     chat, grounded = CHAT, grounded_prompts(args.text)
