@@ -114,6 +114,12 @@ class OnnxBackend(Backend):
             raise CorruptFileError(f"onnxruntime cannot load {path.name}: {first[:300]}; the file is damaged "
                                    "or incomplete: re-run 'edgekit convert'") from exc
         self.load_time = time.perf_counter() - t0
+        from edgekit.converters.formats.onnx.read import load_graph
+
+        graph = load_graph(path)
+        positions = _rotary_positions(graph)
+        if positions and n_ctx > positions:  # GroupQueryAttention refuses positions past its rotary tables
+            n_ctx = positions
         self.path, self.n_ctx, self.n_batch, self.n_threads = path, n_ctx, n_batch, so.intra_op_num_threads
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in inputs or "attention_mask" not in inputs:
@@ -130,14 +136,11 @@ class OnnxBackend(Backend):
         self._bos_in_template = False
         self.window: KVWindow | None = None
         if kv_window is not None:
-            self.window = KVWindow(int(kv_window), int(kv_sinks), *_rotary_tables(path), step=kv_evict_step)
+            self.window = KVWindow(int(kv_window), int(kv_sinks), *_rotary_tables(path, graph), step=kv_evict_step)
             self.n_ctx = int(kv_window)
             self.n_batch = min(self.n_batch, self.window.size - self.window.sinks)
-        from edgekit.converters.formats.onnx.read import load_graph
-
         kv_args = (self.session, self._past_names, self._kv_heads, self._head_dim, self._kv_dtype)
-        self._kv: FedKV | BoundKV = (BoundKV(*kv_args, limit=self.n_ctx) if kv_in_place(load_graph(path))
-                                     else FedKV(*kv_args))
+        self._kv: FedKV | BoundKV = (BoundKV(*kv_args, limit=self.n_ctx) if kv_in_place(graph) else FedKV(*kv_args))
         self.reset()
         self._setup_drafting(speculative, draft, n_draft, kv_window, kv_sinks, kv_evict_step, graph_opt)
 
@@ -445,12 +448,17 @@ class KVWindow:
         return out
 
 
-def _rotary_tables(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The graph's rotary cos/sin caches ((max positions, head_dim/2), from its initializers)."""
-    onnx = require("onnx", "onnx")
+def _rotary_positions(model: Any) -> int:
+    """Positions the graph's rotary cos/sin tables cover (0: it has none)."""
+    dims = [int(t.dims[0]) for t in model.graph.initializer if t.name.endswith("cos_cache") and t.dims]
+    return dims[0] if dims else 0
+
+
+def _rotary_tables(path: Path, model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's rotary cos/sin caches ((max positions, head_dim/2), from the initializers of ``model``, the
+    graph of ``path`` without its external data)."""
     from onnx import numpy_helper
 
-    model = onnx.load(str(path), load_external_data=False)
     found: dict[str, np.ndarray] = {}
     for init in model.graph.initializer:
         for key in ("cos_cache", "sin_cache"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -350,7 +351,23 @@ def serve(config: ServeConfig, opener: Opener, on_ready: Callable[[str], None] |
             on_ready(f"http://{f'[{host}]' if ':' in host else host}:{port}")
 
     server.startup = started  # type: ignore[method-assign]
+    quiet = _ForcedExitFilter()
+    logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
         server.run(sockets=[sock])
     finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
         sock.close()
+
+
+class _ForcedExitFilter(logging.Filter):
+    """Drops the traceback uvicorn logs when a second Ctrl-C forces the exit: it skips the lifespan's
+    shutdown, the lifespan task still waiting for it is cancelled, and Starlette reports that as a failed
+    shutdown whose message is the CancelledError's traceback. A forced exit is what the user asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError):
+            return False
+        text = record.getMessage()
+        return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))

@@ -263,3 +263,17 @@ def test_profile_runs_onnx_artifacts_on_the_generic_path(tiny_onnx):
     data = (tiny_onnx / "model.onnx.data").stat().st_size
     table = 384 * 256 + 384 * 256 // 32 * (4 + 1)  # int8 codes, fp32 scales, zero points
     assert tg.roofline["available"] and 0.7 * (data - table) < tg.roofline["bytes_per_token"] < data - table / 2
+
+
+def test_context_stops_at_the_graphs_rotary_tables(tiny_onnx):
+    """A context asked for beyond the positions the graph's rotary tables cover (the checkpoint's
+    max_position_embeddings, 1024 here) is cut to them: the cache fills and says so, where onnxruntime's
+    GroupQueryAttention would fail mid-answer (a server error in `serve`)."""
+    from edgekit.runtime.onnx import OnnxBackend
+
+    be = OnnxBackend(tiny_onnx / "model.onnx", n_ctx=4096, n_threads=1)
+    assert be.n_ctx == 1024 and be.info["n_ctx"] == 1024
+    be.decode(list(range(3, 3 + 1024)))
+    with pytest.raises(InputError, match="context of 1024 tokens is full"):
+        be.decode([5])
+    be.close()

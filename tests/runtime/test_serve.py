@@ -471,3 +471,24 @@ def test_real_model_end_to_end(real_gguf):
         assert (r.choices[0].finish_reason == "length") == (r.usage.completion_tokens == 32)
     finally:
         s.stop()
+
+
+def test_a_forced_exit_logs_no_traceback():
+    """A second Ctrl-C makes uvicorn skip the lifespan's shutdown; the cancelled lifespan reaches its log as
+    a failed shutdown carrying the CancelledError's traceback, which the server drops; other errors pass."""
+    import asyncio
+    import logging
+
+    from edgekit.runtime.serve.app import _ForcedExitFilter
+
+    def record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:
+        info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, msg, None, info)
+
+    f = _ForcedExitFilter()
+    cancelled = ("Traceback (most recent call last):\n  File \"starlette/routing.py\", line 668, in lifespan\n"
+                 "    await receive()\nasyncio.exceptions.CancelledError\n")
+    assert not f.filter(record(cancelled))
+    assert not f.filter(record("Exception in 'lifespan' protocol\n", asyncio.CancelledError()))
+    assert f.filter(record("Traceback (most recent call last):\nValueError: boom\n"))
+    assert f.filter(record("Exception in 'lifespan' protocol\n", ValueError("boom")))
