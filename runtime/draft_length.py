@@ -137,8 +137,13 @@ class AdaptiveDraft:
     own, each starting from the counts of all proposals so far."""
 
     def __init__(self, k_max: int = 8, prior: float = 0.6, fixed: int | None = None, probe_every: int = 16,
-                 decay: float = 0.9, max_probe_every: int = 64, costs: DraftCosts | None = None) -> None:
+                 decay: float = 0.9, max_probe_every: int = 64, costs: DraftCosts | None = None,
+                 max_break_even: float | None = None) -> None:
         self.k_max, self.fixed, self.decay = k_max, fixed, decay
+        # ``max_break_even``: never draft when, at the frozen costs, a draft would have to be accepted more
+        # often than this to be worth it (a model draft pays for each probe by evaluating what it missed)
+        self.max_break_even = max_break_even
+        self._hopeless: bool | None = None
         self.probe_every, self.min_probe_every, self.max_probe_every = probe_every, probe_every, max_probe_every
         self.acc, self.rej = prior * 4, (1 - prior) * 4
         self.classes: dict[int, list[float]] = {}  # cls -> [accepted, rejected], decayed
@@ -171,13 +176,35 @@ class AdaptiveDraft:
         """Whether some draft length beats plain decoding at these costs when every draft is right."""
         return any((k + 1) / self.cycle_time(k) > 1 / self.cycle_time(0) for k in range(1, self.k_max + 1))
 
+    def break_even(self) -> float:
+        """The acceptance rate from which some draft length beats plain decoding at these costs (1.0: none)."""
+        def pays(a: float) -> bool:
+            return any(expected_tokens(a, k) / self.cycle_time(k) > 1 / self.cycle_time(0)
+                       for k in range(1, self.k_max + 1))
+
+        lo, hi = 0.0, 0.999
+        if not pays(hi):
+            return 1.0
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if pays(mid) else (mid, hi)
+        return hi
+
+    def hopeless(self) -> bool:
+        """Whether drafting can be ruled out at the frozen costs: not even an always-right draft would be
+        faster, or one would have to be accepted more often than ``max_break_even``."""
+        if self._hopeless is None:
+            self._hopeless = self.frozen and (not self.can_pay() or (
+                self.max_break_even is not None and self.break_even() > self.max_break_even))
+        return self._hopeless
+
     def choose(self, cls: int | None = None) -> int:
         if self.fixed is not None:
             return self.fixed
         if self.t1 is None:
             return min(4, self.k_max)
-        if self.frozen and not self.can_pay():
-            return 0  # even a draft that is always right would not be faster: never pay for probes
+        if self.hopeless():
+            return 0  # never pay for probes
         best = max(range(self.k_max + 1), key=lambda k: self.expected_rate(k, cls))
         if best == 0:
             self.idle += 1

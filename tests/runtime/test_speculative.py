@@ -347,3 +347,24 @@ def test_measure_costs_times_each_width():
     short = measure_costs(Timed(table), None, list(range(4)))
     assert [n for n, _ in short.widths] == [1, 2, 3] and short.draft == 0.0
     assert short.extra == pytest.approx(0.001, abs=0.0008)  # the last slope, extended past the probe
+
+
+def test_a_model_draft_that_could_only_pay_near_always_right_is_never_probed():
+    """At an F16 GGUF target's measured costs (two verified tokens cost two steps) a Q4_0 draft breaks even
+    only at 93% acceptance: its control never drafts, not even a probe (each probe first evaluates what the
+    draft missed). A draft at half the cost of the step beside cheap verification (onnxruntime) breaks even
+    near 40% and drafts from the prior."""
+    from edgekit.runtime.speculative import MODEL_BREAK_EVEN_MAX, ModelDrafter, control_for
+
+    gguf = DraftCosts(step=0.011, extra=0.003, draft=0.0062,
+                      widths=((1, 0.011), (2, 0.0181), (3, 0.020), (5, 0.023), (9, 0.0336)))
+    onnx = DraftCosts(step=0.020, extra=0.0005, draft=0.0075,
+                      widths=((1, 0.020), (2, 0.0205), (3, 0.021), (5, 0.023), (9, 0.028)))
+    assert 0.9 < AdaptiveDraft(costs=gguf).break_even() < 0.95
+    assert 0.3 < AdaptiveDraft(costs=onnx).break_even() < 0.5
+    drafter = ModelDrafter(ctx=None)  # type: ignore[arg-type]
+    ctl = control_for(drafter, gguf, None)
+    assert ctl.max_break_even == MODEL_BREAK_EVEN_MAX and ctl.hopeless()
+    assert [ctl.choose() for _ in range(200)] == [0] * 200
+    assert not AdaptiveDraft(costs=gguf).hopeless()  # lookups (no catch-up to pay) still probe
+    assert control_for(drafter, onnx, None).choose() > 0
