@@ -114,6 +114,7 @@ class BoundKV:
         self.io: Any = None
         self.pos = 0
         self._mask = np.ones((1, 0), dtype=np.int64)
+        self._feed: tuple[np.ndarray, np.ndarray] | None = None
 
     def reset(self) -> None:
         self.pos = 0  # the buffers stay: a later request fills them again
@@ -144,9 +145,9 @@ class BoundKV:
         if not self.buffers or self.pos + n > self.buffers[0].shape[2]:
             self._grow(self.pos + n)
         # the bound arrays are kept referenced until the run is over
-        self._feed = (np.asarray([tokens], dtype=np.int64), self._mask[:, : self.pos + n])
-        self.io.bind_cpu_input("input_ids", self._feed[0])
-        self.io.bind_cpu_input("attention_mask", self._feed[1])
+        ids, mask = self._feed = (np.asarray([tokens], dtype=np.int64), self._mask[:, : self.pos + n])
+        self.io.bind_cpu_input("input_ids", ids)
+        self.io.bind_cpu_input("attention_mask", mask)
         # into an array of ours, which the caller then owns: an output onnxruntime allocates stays alive in
         # the binding until the next run (a 512-token chunk's logits are 100-250 MB), and reading it copies
         logits = np.empty((1, n, self.vocab), dtype=self.logits_dtype)

@@ -136,6 +136,9 @@ class OnnxBackend(Backend):
         self._bos_in_template = False
         self.window: KVWindow | None = None
         if kv_window is not None:
+            if positions and int(kv_window) > positions:
+                raise InputError(f"--kv-window {kv_window} is longer than the {positions} positions {path.name} covers; "
+                                 f"use at most {positions}")
             self.window = KVWindow(int(kv_window), int(kv_sinks), *_rotary_tables(path, graph), step=kv_evict_step)
             self.n_ctx = int(kv_window)
             self.n_batch = min(self.n_batch, self.window.size - self.window.sinks)

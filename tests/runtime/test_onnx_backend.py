@@ -277,3 +277,5 @@ def test_context_stops_at_the_graphs_rotary_tables(tiny_onnx):
     with pytest.raises(InputError, match="context of 1024 tokens is full"):
         be.decode([5])
     be.close()
+    with pytest.raises(InputError, match="--kv-window 2048 is longer than the 1024 positions"):
+        OnnxBackend(tiny_onnx / "model.onnx", kv_window=2048)
