@@ -11,8 +11,8 @@ What a session holds at its peak, by part (bytes):
   weight is held at twice its size in the file (measured: one 50 MB float16 MatMul weight, a 107 MB
   session; SmolLM2's float16 graph 932 MB at ctx 1024 where the model without this said 519 MB);
 * ``kv``: 2 x layers x ctx x KV heads x head size x element size, once where the graph's attention
-  appends to a buffer bound as both past and present (``GroupQueryAttention`` graphs: edgekit's,
-  onnxruntime-genai's; :mod:`._onnx_kv`), else twice: the past fed in and the presents returned;
+  appends to a buffer bound as both past and present (``GroupQueryAttention`` graphs such as
+  edgekit's; :mod:`._onnx_kv`), else twice: the past fed in and the presents returned;
 * ``logits``: the logits of one prefill chunk (``n_batch`` x vocab x 4 bytes), the largest activation;
   a float16 head upcast as above computes them in float32, casts them to the graph's float16 and back
   to the float32 output: 10 bytes a logit, all three alive at once;
