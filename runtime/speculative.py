@@ -225,9 +225,9 @@ LOOKUP_PRIOR = 0.9
 #: A model draft is not even probed when, at its measured costs, it would have to be accepted on more than
 #: this share of its tokens just to break even: each probe first evaluates every token the draft missed (the
 #: prompt, at the first). An F16 GGUF target with its Q4_0 copy (break-even 93%: verifying two tokens costs
-#: two steps there) ran rewrite/extract prompts at 0.61-0.83x plain decoding with one or two tokens drafted
-#: in a generation and 0.19-0.24 s spent in the draft. Drafts that pay break even far lower (the 8-bit ONNX
-#: copy of SmolLM2 beside its FP16 graph: 38-44%; llama.cpp drafts in bench/results/speculative.txt 35-73%).
+#: two steps there) ran rewrite/extract prompts at 0.65-0.83x plain decoding with one or two tokens drafted
+#: in a generation and 0.19-0.24 s spent in the draft. Drafts that pay break even far lower (SmolLM2's 8- and
+#: 4-bit ONNX copies beside its FP16 graph: 38-44%; llama.cpp drafts in bench/results/speculative.txt 35-73%).
 MODEL_BREAK_EVEN_MAX = 0.9
 
 
