@@ -109,7 +109,7 @@ class BoundKV:
         out = session.get_outputs()[0]
         self.vocab = int(out.shape[-1])
         self.logits_dtype = np.float16 if out.type == "tensor(float16)" else np.float32
-        self.shape, self.dtype = (1, heads, 0, dim), dtype
+        self.heads, self.dim, self.dtype = heads, dim, dtype
         self.buffers: list[np.ndarray] = []
         self.io: Any = None
         self.pos = 0
@@ -124,12 +124,11 @@ class BoundKV:
 
         cap = capacity_for(n, self.limit)
         self.io = None  # its values hold the old buffers; dropped first, each buffer is freed as it is replaced
-        heads, dim = self.shape[1], self.shape[3]
         if not self.buffers:
-            self.buffers = [np.zeros((1, heads, cap, dim), dtype=self.dtype) for _ in self.names]
+            self.buffers = [np.zeros((1, self.heads, cap, self.dim), dtype=self.dtype) for _ in self.names]
         for i, old in enumerate(self.buffers):
             if old.shape[2] < cap:  # one at a time: each old buffer is freed as its copy is made
-                new = np.zeros((1, heads, cap, dim), dtype=self.dtype)
+                new = np.zeros((1, self.heads, cap, self.dim), dtype=self.dtype)
                 new[:, :, : self.pos] = old[:, :, : self.pos]
                 self.buffers[i] = new
         io = self.session.io_binding()
@@ -160,8 +159,7 @@ class BoundKV:
         self.pos = keep  # rows past it are overwritten by the next run, and never read before
 
     def views(self) -> list[np.ndarray]:
-        return [b[:, :, : self.pos] for b in self.buffers] if self.buffers else [
-            np.zeros(self.shape, dtype=self.dtype)] * len(self.names)
+        return [b[:, :, : self.pos] for b in self.buffers]
 
     def replace(self, arrays: list[np.ndarray]) -> None:
         """Hold ``arrays`` (new arrays, e.g. a KV window's kept rows) as the cache's first positions."""

@@ -174,20 +174,20 @@ class AdaptiveDraft:
 
     def can_pay(self) -> bool:
         """Whether some draft length beats plain decoding at these costs when every draft is right."""
-        return any((k + 1) / self.cycle_time(k) > 1 / self.cycle_time(0) for k in range(1, self.k_max + 1))
+        return self._pays(1.0)
+
+    def _pays(self, a: float) -> bool:
+        """Whether some draft length beats plain decoding at these costs at acceptance rate ``a``."""
+        return any(expected_tokens(a, k) / self.cycle_time(k) > 1 / self.cycle_time(0) for k in range(1, self.k_max + 1))
 
     def break_even(self) -> float:
         """The acceptance rate from which some draft length beats plain decoding at these costs (1.0: none)."""
-        def pays(a: float) -> bool:
-            return any(expected_tokens(a, k) / self.cycle_time(k) > 1 / self.cycle_time(0)
-                       for k in range(1, self.k_max + 1))
-
         lo, hi = 0.0, 0.999
-        if not pays(hi):
+        if not self._pays(hi):
             return 1.0
         for _ in range(20):
             mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if pays(mid) else (mid, hi)
+            lo, hi = (lo, mid) if self._pays(mid) else (mid, hi)
         return hi
 
     def hopeless(self) -> bool:

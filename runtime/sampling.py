@@ -70,8 +70,6 @@ def distribution(logits: np.ndarray, sampling: SamplingConfig, previous: list[in
 
 def pick(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator, previous: list[int]) -> int:
     """The next token from ``logits`` (float, (n_vocab,)): greedy, or a draw from :func:`distribution`."""
-    if sampling.temperature == 0 and sampling.repeat_penalty == 1.0:
-        return int(np.argmax(logits))
     idx, p = distribution(logits, sampling, previous)
     return int(idx[0]) if sampling.temperature == 0 else int(rng.choice(idx, p=p))
 
