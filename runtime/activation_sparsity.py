@@ -8,20 +8,32 @@ measured through the PyTorch reference (perplexity, and KL divergence from the d
 * TEAL: zero the FFN's input entries and intermediate activations whose magnitude is below the layer's
   threshold (the share ``s`` of calibration entries below it);
 * CATS: zero the neurons whose gate activation ``|silu(gate x)|`` is below the layer's threshold.
+
+Two bounds say what a runtime that skips neurons could reach at best (both pick with the true activations,
+which a real predictor only estimates):
+
+* top-k: each token keeps the share ``1 - s`` of its neurons that move its output most,
+  ``|a_n| * ||down[:, n]||``: the best any neuron-granular skip can do;
+* clusters: the layout ``convert --sparse-ffn`` writes (the hot set always computed, the cold neurons in
+  clusters of co-active neurons), each token running the clusters that move its output most: the routed
+  file with a perfect router. The gap between the two rows is what the cluster granularity costs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekit.calibration import CalibConfig
+from edgekit.converters.sparse_ffn.config import SparseFFNConfig
+from edgekit.errors import InputError
 from edgekit.model import HFCheckpoint
 
-METHODS = ("teal", "cats")
+METHODS = ("teal", "cats", "topk", "clusters")
+LABELS = {"teal": "TEAL", "cats": "CATS", "topk": "top-k (bound)", "clusters": "clusters (bound)"}
 
 
 @dataclass
@@ -30,25 +42,32 @@ class NeuronReport:
     quality: list[dict[str, Any]]
     dense_ppl: float
     freq: dict[int, list[float]] = field(default_factory=dict)  # sorted frequencies of a few layers, for the plot
+    layout: dict[str, Any] | None = None  # the cluster layout the "clusters" rows measured, or why there is none
 
     def to_json(self) -> dict[str, Any]:
         fits = [x for x in self.layers]
-        return {"layers": fits, "dense_ppl": self.dense_ppl, "quality": self.quality,
+        return {"layers": fits, "dense_ppl": self.dense_ppl, "quality": self.quality, "layout": self.layout,
                 "summary": {k: float(np.mean([f[k] for f in fits])) for k in ("slope", "r2", "top20_share")}}
 
 
 class _Sparsified:
-    """The torch reference with each MLP's forward replaced by a sparsified one while ``mode`` is set."""
+    """The torch reference with each MLP's forward replaced by a sparsified one while ``mode`` is set:
+    ``(method, s)`` with ``s`` a sparsity, or for "clusters" the number of clusters each token runs."""
 
-    def __init__(self, backend: Any, thresholds: dict[int, dict[str, dict[float, float]]]) -> None:
+    def __init__(self, backend: Any, thresholds: dict[int, dict[str, dict[float, float]]],
+                 layouts: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.inner, self.mode = backend, None
         self._cache: dict[tuple[int, ...], np.ndarray] = {}
         torch = backend._torch
         for i, layer in enumerate(backend.model.model.layers):
-            layer.mlp.forward = self._forward(torch, layer.mlp, thresholds[i])
+            layer.mlp.forward = self._forward(torch, layer.mlp, thresholds[i], (layouts or {}).get(i))
 
-    def _forward(self, torch: Any, mlp: Any, th: dict[str, dict[float, float]]) -> Any:
+    def _forward(self, torch: Any, mlp: Any, th: dict[str, dict[float, float]],
+                 layout: tuple[np.ndarray, np.ndarray] | None) -> Any:
         orig = mlp.forward
+        down = mlp.down_proj.weight.detach()
+        norms = down.norm(dim=0)
+        hot, clusters = (torch.as_tensor(v) for v in layout) if layout is not None else (None, None)
 
         def forward(x: Any) -> Any:
             if self.mode is None:
@@ -58,8 +77,20 @@ class _Sparsified:
                 x = x * (x.abs() > th["teal_in"][s])
                 a = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
                 return mlp.down_proj(a * (a.abs() > th["teal_act"][s]))
-            g = mlp.act_fn(mlp.gate_proj(x))
-            return mlp.down_proj(g * (g.abs() > th["cats"][s]) * mlp.up_proj(x))
+            if kind == "cats":
+                g = mlp.act_fn(mlp.gate_proj(x))
+                return mlp.down_proj(g * (g.abs() > th["cats"][s]) * mlp.up_proj(x))
+            a = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+            mask = torch.zeros_like(a)
+            if kind == "topk":
+                keep = int(round(a.shape[-1] * (1 - s)))
+                mask.scatter_(-1, (a.abs() * norms).topk(keep, dim=-1).indices, 1.0)
+            else:  # clusters: each cluster's contribution ||down[:, c] @ a_c||, the best s run
+                scores = torch.einsum("...es,hes->...eh", a[..., clusters], down[:, clusters]).norm(dim=-1)
+                chosen = torch.zeros_like(scores).scatter_(-1, scores.topk(s, dim=-1).indices, 1.0)
+                mask[..., hot] = 1.0
+                mask[..., clusters.reshape(-1)] = chosen.repeat_interleave(clusters.shape[1], dim=-1)
+            return mlp.down_proj(a * mask)
 
         return forward
 
@@ -111,36 +142,59 @@ def chunks_of(tokens: list[int], ctx: int, n: int, bos: int | None) -> list[list
     return [[bos, *c[1:]] if bos is not None else c for c in out]
 
 
+def _cluster_rows(cfg: SparseFFNConfig, n_ff: int, sparsities: tuple[float, ...]) -> list[tuple[float, int]]:
+    """(sparsity reached, clusters run) of the layout nearest each asked sparsity that it can reach."""
+    rows: dict[int, float] = {}
+    for s in sparsities:
+        try:
+            k = replace(cfg, sparsity=s).shape(n_ff)[2]
+        except InputError:  # more than the cold share: the layout cannot skip that much
+            continue
+        rows[k] = cfg.achieved(n_ff, k)
+    return sorted((s, k) for k, s in rows.items())
+
+
 def analyze(model: str | Path, text: str, *, sparsities: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6),
-            calib: CalibConfig | None = None, ctx: int = 512, chunks: int = 8,
+            calib: CalibConfig | None = None, ctx: int = 512, chunks: int = 8, clusters: int = 16,
             progress: Any = None) -> NeuronReport:
-    """Neuron statistics of every FFN of ``model`` and the TEAL/CATS quality table on ``text``."""
+    """Neuron statistics of every FFN of ``model`` and the quality table on ``text``: TEAL, CATS, the top-k
+    bound, and the ``--sparse-ffn`` layout with ``clusters`` cold clusters and a perfect router."""
     from edgekit.converters.quantize.pipeline import LayerPipeline
     from edgekit.converters.quantize.steps.neuron_stats import NeuronStatsConfig, NeuronStatsStep
     from edgekit.runtime.torch_ref import TorchBackend
 
     ckpt = HFCheckpoint.open(model)
-    step = NeuronStatsStep(NeuronStatsConfig(sparsities=tuple(sparsities)))
+    n_ff = int(ckpt.config.get("intermediate_size") or 0)
+    layout: SparseFFNConfig | None = SparseFFNConfig(clusters=clusters)
+    try:
+        layout.shape(n_ff)
+        about: dict[str, Any] = {"clusters": clusters, "hot_fraction": round(layout.hot_fraction, 4),
+                                 "neurons_per_cluster": layout.shape(n_ff)[1]}
+    except InputError as e:  # too narrow an FFN (or per-block widths): the other rows still stand
+        layout, about = None, {"clusters": clusters, "skipped": str(e)}
+    step = NeuronStatsStep(NeuronStatsConfig(sparsities=tuple(sparsities), layout=layout))
     report: dict[str, Any] = {}
     LayerPipeline(calib or CalibConfig()).run(ckpt, {}, [step], {}, report, progress)
     layers = [{"layer": i, **{k: round(v, 4) for k, v in s.power_law().items()},
                "mean_abs": round(float(s.mean_abs.mean()), 5)} for i, s in sorted(step.stats.items())]
     n = len(step.stats)
     freq = {i: np.sort(step.stats[i].freq)[::-1].round(5).tolist() for i in sorted({0, n // 2, n - 1})}
-    sparse = _Sparsified(TorchBackend(ckpt.path), step.thresholds)
+    sparse = _Sparsified(TorchBackend(ckpt.path), step.thresholds, step.layouts)
     tok = sparse.inner.tokenizer
     pieces = chunks_of(sparse.tokenize(text), ctx, chunks, tok.bos_token_id)
     dense = _score(sparse, pieces, None)
+    runs = [(m, s, s) for m in METHODS[:3] for s in sparsities]
+    runs += [("clusters", s, k) for s, k in (_cluster_rows(layout, n_ff, sparsities) if layout else [])]
     quality = []
-    for method in METHODS:
-        for s in sparsities:
-            if progress:
-                progress(f"{method.upper()} at {s:.0%} sparsity", len(quality), len(METHODS) * len(sparsities))
-            r = _score(sparse, pieces, (method, s))
-            quality.append({"method": method, "sparsity": s, "ppl": round(r["ppl"], 4),
-                            "ppl_increase": round(r["ppl"] / dense["ppl"] - 1, 4), "kl_mean": round(r["kl_mean"], 5),
-                            "top1_agreement": round(r["top1_agreement"], 4)})
-    return NeuronReport(layers=layers, quality=quality, dense_ppl=round(dense["ppl"], 4), freq=freq)
+    for method, s, arg in runs:
+        if progress:
+            progress(f"{LABELS[method]} at {s:.0%} sparsity", len(quality), len(runs))
+        r = _score(sparse, pieces, (method, arg))
+        quality.append({"method": method, "sparsity": round(s, 4), "ppl": round(r["ppl"], 4),
+                        "ppl_increase": round(r["ppl"] / dense["ppl"] - 1, 4), "kl_mean": round(r["kl_mean"], 5),
+                        "top1_agreement": round(r["top1_agreement"], 4),
+                        **({"clusters_run": arg} if method == "clusters" else {})})
+    return NeuronReport(layers=layers, quality=quality, dense_ppl=round(dense["ppl"], 4), freq=freq, layout=about)
 
 
 def plot(rep: NeuronReport, path: Path) -> None:
@@ -160,9 +214,10 @@ def plot(rep: NeuronReport, path: Path) -> None:
     a.legend()
     for method in METHODS:
         rows = [q for q in rep.quality if q["method"] == method]
-        b.plot([q["sparsity"] for q in rows], [100 * q["ppl_increase"] for q in rows], marker="o",
-               label=method.upper())
-    b.set(xlabel="activation sparsity", ylabel="perplexity increase (%)", title="quality cost")
+        if rows:
+            b.plot([q["sparsity"] for q in rows], [100 * q["ppl_increase"] for q in rows], marker="o",
+                   label=LABELS[method])
+    b.set(xlabel="activation sparsity", ylabel="perplexity increase (%)", title="quality cost", yscale="symlog")
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,5 +1,6 @@
 """``edgekit neurons``: hot/cold neuron statistics of a SwiGLU checkpoint and the quality cost of activation
-sparsity (TEAL, CATS), as a table, a JSON file and a plot."""
+sparsity (TEAL, CATS, and the bounds of neuron- and cluster-granular skipping), as a table, a JSON file
+and a plot."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def neurons_cmd(
                                      "text edgekit ships)."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.6", "--sparsity", help="Activation sparsities to measure."),
     chunks: int = typer.Option(8, "--chunks", help="512-token chunks of --text to measure on."),
+    clusters: int = typer.Option(16, "--clusters", help="Cold clusters of the --sparse-ffn layout whose "
+                                 "perfect-router quality is measured (as convert's -O sparse_clusters)."),
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence."),
@@ -27,6 +30,10 @@ def neurons_cmd(
     threads: int | None = typer.Option(None, "--threads", "-t", help="CPU threads for PyTorch."),
 ) -> None:
     """Which FFN neurons are hot, is it a power law, and what TEAL/CATS sparsity costs.
+
+    Two more rows bound what skipping neurons can reach: "top-k" keeps each token's most useful neurons
+    (the best any neuron-level skip can do), "clusters" runs each token's best clusters of the layout that
+    convert --sparse-ffn writes (that file with a perfect router).
 
     Examples:
       edgekit neurons ./SmolLM2-135M
@@ -51,7 +58,7 @@ def neurons_cmd(
     body = read_text(text or sample_text_path())
     with progress_bar(not as_json) as progress:
         rep = neurons.analyze(model, body, sparsities=levels, calib=CalibConfig(source=calib, samples=calib_samples,
-                              seqlen=calib_seqlen), chunks=chunks, progress=progress)
+                              seqlen=calib_seqlen), chunks=chunks, clusters=clusters, progress=progress)
     folder = output or model.parent / f"{model.name}-neurons"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "neurons.json").write_text(json.dumps(rep.to_json(), indent=1))
@@ -64,9 +71,14 @@ def neurons_cmd(
              f"R^2 {s['r2']:.3f}; the hottest 20% of neurons carry {s['top20_share']:.0%} of activations")
     t = Table("method", "sparsity", "ppl", "ppl +%", "KL", "top-1", title=f"dense ppl {rep.dense_ppl:.3f}")
     for q in rep.quality:
-        t.add_row(q["method"].upper(), f"{q['sparsity']:.0%}", f"{q['ppl']:.3f}", f"{100 * q['ppl_increase']:+.1f}",
+        label = neurons.LABELS[q["method"]]
+        if "clusters_run" in q:
+            label += f" {q['clusters_run']}/{rep.layout['clusters']}"
+        t.add_row(label, f"{q['sparsity']:.0%}", f"{q['ppl']:.3f}", f"{100 * q['ppl_increase']:+.1f}",
                   f"{q['kl_mean']:.4f}", f"{q['top1_agreement']:.3f}")
     out.print(t)
+    if rep.layout and "skipped" in rep.layout:
+        say(out, f"no clusters rows: {rep.layout['skipped']}", "note", "yellow")
     say(out, f"{folder / 'neurons.json'}, {folder / 'neurons.png'}", "wrote", "green")
 
 

@@ -24,12 +24,14 @@ FFN_IN, FFN_ACT = "mlp.gate_proj", "mlp.down_proj"
 class NeuronStatsConfig(StepConfig):
     """sparsities: activation sparsities whose TEAL (FFN input and intermediate magnitudes) and CATS (gate
     activation magnitude) thresholds are recorded. split: also cut each FFN into hot set and routed cold
-    clusters as this config says (None: statistics only)."""
+    clusters as this config says (None: statistics only). layout: with statistics only, the hot set and
+    clusters (no router) of this split, for measuring what that layout costs with a perfect router."""
 
     step: ClassVar[str] = "neurons"
     stage: ClassVar[int] = RESHAPE
     sparsities: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6)
     split: SparseFFNConfig | None = None
+    layout: SparseFFNConfig | None = None
 
 
 @dataclass
@@ -57,6 +59,7 @@ class NeuronStatsStep(Step):
         self.stats: dict[int, kernels.NeuronStats] = {}
         self.thresholds: dict[int, dict[str, dict[float, float]]] = {}
         self.splits: dict[int, LayerSplit] = {}
+        self.layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (hot, clusters), original indices
 
     def layer(self, st: LayerState) -> dict[str, Any]:
         c = self.config
@@ -75,6 +78,8 @@ class NeuronStatsStep(Step):
                 "teal_act": {s: kernels.layer_threshold(a, s) for s in c.sparsities},
                 "cats": {s: kernels.layer_threshold(silu, s) for s in c.sparsities},
             }
+            if c.layout is not None:
+                self.layouts[st.index] = self._layout(c.layout, a, down)
         report: dict[str, Any] = {k: round(v, 4) for k, v in stats.power_law().items()}
         if c.split is not None:
             split = self._split(c.split, x, a, down)
@@ -83,13 +88,18 @@ class NeuronStatsStep(Step):
         return report
 
     @staticmethod
-    def _split(cfg: SparseFFNConfig, x: np.ndarray, a: np.ndarray, down: np.ndarray) -> LayerSplit:
-        n_ff = a.shape[1]
-        hot_n, _, k = cfg.shape(n_ff)
+    def _layout(cfg: SparseFFNConfig, a: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The hot set (the most important neurons) and the cold clusters of co-active neurons."""
+        hot_n = cfg.shape(a.shape[1])[0]
         order = kernels.hot_first_order(kernels.neuron_stats(a, down).importance)
         hot, cold = np.sort(order[:hot_n]), order[hot_n:]
         contrib = kernels.contributions(a[:, cold], down[:, cold])
-        clusters = cold[kernels.balanced_clusters(contrib.T, cfg.clusters, seed=cfg.seed)]
+        return hot, cold[kernels.balanced_clusters(contrib.T, cfg.clusters, seed=cfg.seed)]
+
+    @classmethod
+    def _split(cls, cfg: SparseFFNConfig, x: np.ndarray, a: np.ndarray, down: np.ndarray) -> LayerSplit:
+        k = cfg.shape(a.shape[1])[2]
+        hot, clusters = cls._layout(cfg, a, down)
         scores = kernels.cluster_scores(a, down, clusters)
         n_train = int(0.8 * x.shape[0])
         router = kernels.train_router(x[:n_train], scores[:n_train], k, steps=cfg.router_steps, seed=cfg.seed)
