@@ -31,9 +31,9 @@ def neurons_cmd(
 ) -> None:
     """Which FFN neurons are hot, is it a power law, and what TEAL/CATS sparsity costs.
 
-    Two more rows bound what skipping neurons can reach: "top-k" keeps each token's most useful neurons
-    (the best any neuron-level skip can do), "clusters" runs each token's best clusters of the layout that
-    convert --sparse-ffn writes (that file with a perfect router).
+    Two bounds, picked with the true activations:
+      top-k: each token keeps its most useful neurons (best neuron-level skip)
+      clusters: each token runs its best --sparse-ffn clusters (perfect router)
 
     Examples:
       edgekit neurons ./SmolLM2-135M
