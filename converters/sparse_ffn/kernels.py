@@ -105,6 +105,22 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def cluster_mask(hot: np.ndarray, clusters: np.ndarray, chosen: np.ndarray, n_ff: int) -> np.ndarray:
+    """Which neurons each token computes (tokens x n_ff): the hot set and its ``chosen`` clusters
+    (tokens x clusters, boolean)."""
+    mask = np.zeros((chosen.shape[0], n_ff), dtype=bool)
+    mask[:, hot] = True
+    mask[:, clusters.reshape(-1)] = np.repeat(chosen, clusters.shape[1], axis=1)
+    return mask
+
+
+def output_error(acts: np.ndarray, down: np.ndarray, keep: np.ndarray) -> float:
+    """How far the FFN output moves when each token computes only its ``keep`` neurons:
+    ``||down @ (a * ~keep)|| / ||down @ a||`` over all tokens (Frobenius norms)."""
+    lost = np.linalg.norm(np.where(keep, 0, acts) @ down.T)
+    return float(lost / max(float(np.linalg.norm(acts @ down.T)), 1e-30))
+
+
 def recall(pred_scores: np.ndarray, true_scores: np.ndarray, k: int) -> float:
     """Share of each token's ``k`` truly largest clusters that the predictor's top ``k`` also picks."""
     return float((top_k_mask(pred_scores, k) & top_k_mask(true_scores, k)).sum() / (true_scores.shape[0] * k))

@@ -60,6 +60,8 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
                         f"({', '.join(sp['steps'])}); no CPU runtime skips zeros, so no speed-up")
     if info.get("ternary"):
         row("ternary", ternary_line(info["ternary"]))
+    if info.get("sparse_ffn"):
+        row("sparse FFN", sparse_ffn_line(info["sparse_ffn"]))
     if info["fallbacks"]:
         summary = ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items())
         row("fallbacks", f"{info['fallbacks']} tensors ({summary}): row width not a multiple of the "
@@ -91,6 +93,17 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
             note = f"wanted {t['wanted']}" if "wanted" in t else ""
             tt.add_row(Text(t["name"]), Text(t["type"]), "x".join(map(str, t["shape"])), mb(t["bytes"]), note)
         console.print(tt)
+
+
+def sparse_ffn_line(sp: dict[str, Any]) -> str:
+    """The hot/cold split of a ``convert --sparse-ffn`` file and what it costs the FFN's output."""
+    line = (f"{sp['hot']} hot neurons + {sp['clusters']} clusters of {sp['cluster_size']}, {sp['used']} run per "
+            f"token ({100 * sp['sparsity']:.0f}% of each FFN skipped); the router finds "
+            f"{100 * sp['recall_mean']:.0f}% of each token's best clusters")
+    if e := sp.get("ffn_output_error"):
+        line += (f"; FFN output off by {100 * e['router']:.0f}% (perfect router {100 * e['perfect_router']:.0f}%, "
+                 f"as many single neurons {100 * e['top_k']:.0f}%)")
+    return line
 
 
 def _gguf_options(console: Console, rows: list[dict[str, Any]], ctx: int) -> None:

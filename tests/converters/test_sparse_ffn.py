@@ -58,6 +58,30 @@ def test_router_recall_on_a_constructed_case():
     assert kernels.recall(x[2400:] @ shuffled.T, scores[2400:], k) < 0.45
 
 
+def test_output_error_tells_clustered_activity_from_scattered():
+    """The split's FFN-output errors: when each token's active neurons are one cluster, a perfect router loses
+    what skipping as many single neurons loses (nothing); when they scatter, the layout loses most of the
+    output and the converter warns."""
+    from edgekit.converters.formats.gguf.sparse import quality_note
+
+    rng = np.random.default_rng(3)
+    n_tok, n, d = 600, 32, 16
+    down = rng.standard_normal((d, n))
+    clusters, hot = np.arange(n).reshape(4, 8), np.array([], dtype=np.int64)
+    clustered, scattered = np.zeros((n_tok, n)), np.zeros((n_tok, n))
+    for t in range(n_tok):
+        clustered[t, clusters[rng.integers(0, 4)]] = 1 + rng.random(8)
+        scattered[t, rng.choice(n, 8, replace=False)] = 1 + rng.random(8)
+    for acts, scatters in ((clustered, False), (scattered, True)):
+        best = kernels.top_k_mask(kernels.cluster_scores(acts, down, clusters), 1)
+        perfect = kernels.output_error(acts, down, kernels.cluster_mask(hot, clusters, best, n))
+        top_k = kernels.output_error(acts, down, kernels.top_k_mask(kernels.contributions(acts, down), 8))
+        assert top_k < 1e-12 and (perfect > 0.5) == scatters
+        note = quality_note({"recall_mean": 1.0, "ffn_output_error": {"router": perfect, "perfect_router": perfect,
+                                                                      "top_k": top_k}})
+        assert note.startswith("warning: ") == scatters and "with a perfect router" in note
+
+
 def test_power_law_fit_tells_a_power_law_from_a_flat_profile():
     ranks = np.arange(1, 1001)
     stats = kernels.NeuronStats(freq=0.9 * ranks ** -0.8, mean_abs=np.ones(1000), importance=np.ones(1000))
@@ -90,6 +114,16 @@ def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
     info = sparse.manifest["sparse_ffn"]
     assert (info["architecture"], info["hot"], info["clusters"], info["cluster_size"], info["used"]) == \
         ("qwen2moe", 256, 4, 64, 2)
+    err = info["ffn_output_error"]  # and the converter says what the split costs the FFN's output
+    assert set(err) == {"router", "perfect_router", "top_k"} and all(0 < v < 1.5 for v in err.values())
+    assert any("with a perfect router" in note for note in sparse.notes)
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(sparse.path)])
+    assert shown.exit_code == 0
+    assert "256 hot neurons + 4 clusters of 64, 2 run per token" in " ".join(shown.stdout.split())
     tokens = list(range(3, 50))
     with LlamaCppBackend(dense.model_file, n_ctx=64, n_threads=1) as b:
         ref = b.logits(tokens)

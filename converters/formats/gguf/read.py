@@ -89,6 +89,7 @@ def describe_gguf(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         "recipe": art.manifest.get("recipe"),
         "pruned": art.manifest.get("pruned"),
         "sparsity": art.manifest.get("sparsity"),
+        "sparse_ffn": art.manifest.get("sparse_ffn"),
         "eval": art.manifest.get("eval", []),
         "tensors": tensors,
     }

@@ -329,6 +329,7 @@ class GGUFFormat(Format):
                    for t in tensors]
         fields = GGUFFormat._manifest_fields(planned, path, f"{preset}+sparse", pre)
         fields["sparse_ffn"] = sparse.sparse_fields(cfg, checkpoint, step)
+        fields["notes"] = [sparse.quality_note(fields["sparse_ffn"])]
         return fields
 
     def describe(self, art: Any, ctx: int = 4096) -> dict[str, Any]:

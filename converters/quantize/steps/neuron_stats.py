@@ -37,7 +37,10 @@ class NeuronStatsConfig(StepConfig):
 @dataclass
 class LayerSplit:
     """One layer's hot/cold split: ``hot`` and ``clusters`` index the original neurons; ``router`` is
-    (clusters x hidden) over the FFN's normalised input; recall on held-out calibration tokens."""
+    (clusters x hidden) over the FFN's normalised input; recall on held-out calibration tokens. ``errors``:
+    on those tokens, the relative error of the FFN output (:func:`kernels.output_error`) with the router's
+    clusters ("router"), each token's best clusters ("perfect_router"), and as many of each token's most
+    useful neurons, unclustered ("top_k")."""
 
     hot: np.ndarray
     clusters: np.ndarray
@@ -45,6 +48,7 @@ class LayerSplit:
     recall: float
     static_recall: float
     router_max_logit: float
+    errors: dict[str, float]
 
 
 @register_step("neurons")
@@ -84,7 +88,8 @@ class NeuronStatsStep(Step):
         if c.split is not None:
             split = self._split(c.split, x, a, down)
             self.splits[st.index] = split
-            report.update(recall=round(split.recall, 4), static_recall=round(split.static_recall, 4))
+            report.update(recall=round(split.recall, 4), static_recall=round(split.static_recall, 4),
+                          **{f"error_{name}": round(e, 4) for name, e in split.errors.items()})
         return report
 
     @staticmethod
@@ -103,9 +108,14 @@ class NeuronStatsStep(Step):
         scores = kernels.cluster_scores(a, down, clusters)
         n_train = int(0.8 * x.shape[0])
         router = kernels.train_router(x[:n_train], scores[:n_train], k, steps=cfg.router_steps, seed=cfg.seed)
-        held_x, held_s = x[n_train:], scores[n_train:]
+        held_x, held_s, held_a = x[n_train:], scores[n_train:], a[n_train:]
         static = np.broadcast_to(kernels.top_k_mask(scores[:n_train], k).mean(0), held_s.shape)
+        n_ff, kept = a.shape[1], hot.size + k * clusters.shape[1]
+        masks = {"router": kernels.cluster_mask(hot, clusters, kernels.top_k_mask(held_x @ router.T, k), n_ff),
+                 "perfect_router": kernels.cluster_mask(hot, clusters, kernels.top_k_mask(held_s, k), n_ff),
+                 "top_k": kernels.top_k_mask(kernels.contributions(held_a, down), kept)}
         return LayerSplit(hot=hot, clusters=clusters, router=router,
                           recall=kernels.recall(held_x @ router.T, held_s, k),
                           static_recall=kernels.recall(np.ascontiguousarray(static), held_s, k),
-                          router_max_logit=float(np.abs(x @ router.T).max()))
+                          router_max_logit=float(np.abs(x @ router.T).max()),
+                          errors={name: kernels.output_error(held_a, down, m) for name, m in masks.items()})
