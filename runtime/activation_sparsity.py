@@ -164,13 +164,14 @@ def analyze(model: str | Path, text: str, *, sparsities: tuple[float, ...] = (0.
     from edgekit.runtime.torch_ref import TorchBackend
 
     ckpt = HFCheckpoint.open(model)
-    n_ff = int(ckpt.config.get("intermediate_size") or 0)
+    n_ff = ckpt.hparams.n_ff
     layout: SparseFFNConfig | None = SparseFFNConfig(clusters=clusters)
     try:
-        layout.shape(n_ff)
+        if ckpt.hparams.ffn_widths is not None:
+            raise InputError("--sparse-ffn splits FFNs of one width; this checkpoint has per-block widths")
         about: dict[str, Any] = {"clusters": clusters, "hot_fraction": round(layout.hot_fraction, 4),
                                  "neurons_per_cluster": layout.shape(n_ff)[1]}
-    except InputError as e:  # too narrow an FFN (or per-block widths): the other rows still stand
+    except InputError as e:  # too narrow an FFN, or per-block widths: the other rows still stand
         layout, about = None, {"clusters": clusters, "skipped": str(e)}
     step = NeuronStatsStep(NeuronStatsConfig(sparsities=tuple(sparsities), layout=layout))
     report: dict[str, Any] = {}
