@@ -54,6 +54,8 @@ def neurons_cmd(
         raise InputError("--sparsity takes comma-separated fractions, e.g. 0.25,0.5") from None
     if not levels or not all(0 < s < 1 for s in levels):
         raise InputError("--sparsity takes fractions between 0 and 1, e.g. 0.25,0.5")
+    if clusters < 2 or clusters & (clusters - 1):
+        raise InputError(f"--clusters {clusters}: give a power of two >= 2 (e.g. 16), as convert's -O sparse_clusters")
     use_torch_threads(threads)
     body = read_text(text or sample_text_path())
     with progress_bar(not as_json) as progress:

@@ -40,6 +40,23 @@ def test_neurons_without_room_for_the_clusters_still_measures_the_rest(tiny_llam
     assert "16 cold clusters" in rep["layout"]["skipped"] and "no clusters rows" in r.stdout
 
 
+def test_neurons_on_per_block_widths_skips_the_clusters_rows_with_the_reason(tiny_llama, tmp_path):
+    import shutil
+
+    folder = tmp_path / "widths"
+    shutil.copytree(tiny_llama, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["edgekit_ffn_widths"] = [512, 512]  # as width:auto writes it (here every block keeps its width)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(app, ["neurons", str(folder), "--calib-samples", "2", "--calib-seqlen", "32",
+                                 "--chunks", "1", "--sparsity", "0.5", "--clusters", "4", "-o", str(tmp_path / "n"),
+                                 "-t", "1"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "n" / "neurons.json").read_text())
+    assert {q["method"] for q in rep["quality"]} == {"teal", "cats", "topk"}
+    assert "per-block widths" in rep["layout"]["skipped"]
+
+
 def _silu(g: np.ndarray) -> np.ndarray:
     return g / (1 + np.exp(-g))
 
