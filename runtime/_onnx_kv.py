@@ -6,8 +6,8 @@ graph through one.
   (the graph concatenates past and new into fresh presents) and converts ~60 inputs and outputs.
 * :class:`BoundKV`: for graphs whose ``GroupQueryAttention`` nodes take the past inputs directly
   (edgekit's; onnxruntime-genai's builder writes the same pattern, not checked here). One preallocated
-  buffer per key/value serves as both past and present (I/O binding): the kernel appends the new rows in place (onnxruntime's past/present buffer sharing,
-  chosen when both point at the same memory), so a step costs the same at any depth and rejecting
+  buffer per key/value serves as both past and present (I/O binding): the kernel appends the new rows in
+  place (onnxruntime's past/present buffer sharing, chosen when both point at the same memory), so a step costs the same at any depth and rejecting
   drafts is moving the position back. Measured on SmolLM2-135M (2 threads, AMD EPYC): the 8-bit graph's
   step 10.5 -> 7.8 ms at 300 cached tokens and 17.7 -> 9.9 ms at 1,000; the float16 graph's 21.7 ->
   19.9 ms at 300. Capacity grows by doubling (from 256, up to the context), one buffer at a time, so

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.calibration import CalibConfig
+from edgekit.converters.sparse_ffn import kernels
 from edgekit.converters.sparse_ffn.config import SparseFFNConfig
 from edgekit.errors import InputError
 from edgekit.model import HFCheckpoint
@@ -65,9 +66,7 @@ class _Sparsified:
     def _forward(self, torch: Any, mlp: Any, th: dict[str, dict[float, float]],
                  layout: tuple[np.ndarray, np.ndarray] | None) -> Any:
         orig = mlp.forward
-        down = mlp.down_proj.weight.detach()
-        norms = down.norm(dim=0)
-        hot, clusters = (torch.as_tensor(v) for v in layout) if layout is not None else (None, None)
+        down = mlp.down_proj.weight.detach().float().numpy()
 
         def forward(x: Any) -> Any:
             if self.mode is None:
@@ -81,16 +80,14 @@ class _Sparsified:
                 g = mlp.act_fn(mlp.gate_proj(x))
                 return mlp.down_proj(g * (g.abs() > th["cats"][s]) * mlp.up_proj(x))
             a = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-            mask = torch.zeros_like(a)
-            if kind == "topk":
-                keep = int(round(a.shape[-1] * (1 - s)))
-                mask.scatter_(-1, (a.abs() * norms).topk(keep, dim=-1).indices, 1.0)
-            else:  # clusters: each cluster's contribution ||down[:, c] @ a_c||, the best s run
-                scores = torch.einsum("...es,hes->...eh", a[..., clusters], down[:, clusters]).norm(dim=-1)
-                chosen = torch.zeros_like(scores).scatter_(-1, scores.topk(s, dim=-1).indices, 1.0)
-                mask[..., hot] = 1.0
-                mask[..., clusters.reshape(-1)] = chosen.repeat_interleave(clusters.shape[1], dim=-1)
-            return mlp.down_proj(a * mask)
+            rows = a.reshape(-1, a.shape[-1]).float().numpy()
+            if kind == "topk":  # the converter's definitions, as its split measures them
+                keep = kernels.top_k_mask(kernels.contributions(rows, down), int(round(a.shape[-1] * (1 - s))))
+            else:  # clusters: the hot set and the s clusters with the largest ||down[:, c] @ a_c||
+                hot, clusters = layout
+                best = kernels.top_k_mask(kernels.cluster_scores(rows, down, clusters), s)
+                keep = kernels.cluster_mask(hot, clusters, best, a.shape[-1])
+            return mlp.down_proj(a * torch.from_numpy(keep).reshape(a.shape).to(a.dtype))
 
         return forward
 

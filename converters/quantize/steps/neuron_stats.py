@@ -110,12 +110,11 @@ class NeuronStatsStep(Step):
         router = kernels.train_router(x[:n_train], scores[:n_train], k, steps=cfg.router_steps, seed=cfg.seed)
         held_x, held_s, held_a = x[n_train:], scores[n_train:], a[n_train:]
         static = np.broadcast_to(kernels.top_k_mask(scores[:n_train], k).mean(0), held_s.shape)
-        n_ff, kept = a.shape[1], hot.size + k * clusters.shape[1]
-        masks = {"router": kernels.cluster_mask(hot, clusters, kernels.top_k_mask(held_x @ router.T, k), n_ff),
+        n_ff, kept, pred = a.shape[1], hot.size + k * clusters.shape[1], held_x @ router.T
+        masks = {"router": kernels.cluster_mask(hot, clusters, kernels.top_k_mask(pred, k), n_ff),
                  "perfect_router": kernels.cluster_mask(hot, clusters, kernels.top_k_mask(held_s, k), n_ff),
                  "top_k": kernels.top_k_mask(kernels.contributions(held_a, down), kept)}
-        return LayerSplit(hot=hot, clusters=clusters, router=router,
-                          recall=kernels.recall(held_x @ router.T, held_s, k),
+        return LayerSplit(hot=hot, clusters=clusters, router=router, recall=kernels.recall(pred, held_s, k),
                           static_recall=kernels.recall(np.ascontiguousarray(static), held_s, k),
                           router_max_logit=float(np.abs(x @ router.T).max()),
                           errors={name: kernels.output_error(held_a, down, m) for name, m in masks.items()})
