@@ -12,7 +12,11 @@ the two usual ways to guess, each keeping the same number of neurons per token a
     ``|silu(g_n)| * ||down[:, n]|| * mean|up_n|`` (the mean over calibration tokens), compute up and down for
     the kept ones;
   * a predictor (Deja Vu-style): a two-layer MLP of rank ``--rank`` per layer from the FFN input to each
-    neuron's odds of being in the token's top set, trained on calibration tokens, run before the FFN.
+    neuron's odds of being in the token's top set, trained on calibration tokens, run before the FFN;
+  * per sequence (Griffin-style "flocking"): the prompt (each window's first half, run dense) picks one set
+    of neurons per layer, those whose unit-normalised activations are largest over the prompt's tokens, and
+    the continuation runs on that narrower FFN. A runtime would gather the kept rows once per prompt and
+    decode on a dense, smaller FFN: no predictor and no per-token gather.
 
 Calibration is the last ``--calib-chunks`` 512-token windows of WikiText-2 valid, perplexity the first
 ``--chunks`` (disjoint). "FFN work" is the share of the dense FFN's multiply-adds a token costs. Writes
@@ -44,7 +48,7 @@ WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sparsity", default="0.4,0.5", help="Shares of each token's neurons skipped.")
+    p.add_argument("--sparsity", default="0.25,0.4,0.5", help="Shares of each token's neurons skipped.")
     p.add_argument("--train-sparsity", type=float, default=0.5, help="The top set the predictors learn.")
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--steps", type=int, default=400, help="Adam steps per layer's predictor (batches of 1024).")
@@ -150,9 +154,17 @@ def main() -> int:
             kind, s = mode[0]
             g = mlp.act_fn(mlp.gate_proj(x))
             a = g * mlp.up_proj(x)
+            keep = int(round(n_ff * (1 - s)))
+            if kind == "per sequence":
+                half = x.shape[1] // 2  # the prompt: its own FFN stays dense
+                z = a[:, :half]
+                chosen = (z / z.norm(dim=-1, keepdim=True).clamp_min(1e-9)).norm(dim=1)  # (batch, n_ff)
+                m = torch.zeros_like(chosen).scatter_(-1, chosen.topk(keep, -1).indices, 1.0)
+                m = m[:, None, :].expand(-1, a.shape[1], -1).clone()
+                m[:, :half] = 1.0
+                return mlp.down_proj(a * m)
             score = {"top-k (bound)": lambda: a.abs() * norms, "gate first": lambda: g.abs() * gate_scale[i],
                      "predictor": lambda: preds[i][0](x / preds[i][1])}[kind]()
-            keep = int(round(n_ff * (1 - s)))
             return mlp.down_proj(a * torch.zeros_like(a).scatter_(-1, score.topk(keep, -1).indices, 1.0))
 
         mlp.forward = forward
@@ -176,7 +188,8 @@ def main() -> int:
 
     dense = ppl(ref)
     work = {"top-k (bound)": lambda s: 1.0, "gate first": lambda s: 1 / 3 + 2 / 3 * (1 - s),
-            "predictor": lambda s: args.rank * (hidden + n_ff) / (3 * hidden * n_ff) + (1 - s)}
+            "predictor": lambda s: args.rank * (hidden + n_ff) / (3 * hidden * n_ff) + (1 - s),
+            "per sequence": lambda s: 1 - s}
     for kind in work:
         for s in levels:
             lps, _ = score((kind, s))
