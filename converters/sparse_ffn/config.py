@@ -47,11 +47,13 @@ class SparseFFNConfig:
         unit = self.clusters * self.block
         cold = int((n_ff * (1 - self.hot_fraction)) // unit) * unit
         if cold == 0:
+            fits = 1 << max(0, (int(n_ff * (1 - self.hot_fraction)) // self.block).bit_length() - 1)
+            fix = f"use -O sparse_clusters={fits}" if fits >= 2 else "this model is too narrow for a sparse FFN"
             raise InputError(f"an FFN of {n_ff} neurons cannot hold {self.clusters} cold clusters of "
-                             f"{self.block}-neuron blocks; use fewer clusters")
+                             f"{self.block}-neuron blocks; {fix}")
         if self.sparsity > cold / n_ff:
-            raise InputError(f"--sparse-ffn {self.sparsity}: at most {cold / n_ff:.2f} of this FFN is cold "
-                             "(lower the sparsity or the hot fraction)")
+            raise InputError(f"--sparse-ffn {self.sparsity}: at most {cold / n_ff:.2f} of this FFN is cold; "
+                             f"use --sparse-ffn {int(cold / n_ff * 100) / 100:g} or less")
         k = round(self.clusters * (1 - self.sparsity * n_ff / cold))
         return n_ff - cold, cold // self.clusters, max(1, min(self.clusters, k))
 

@@ -97,8 +97,15 @@ def test_config_shapes_and_refusals():
     assert cfg.achieved(1536) == pytest.approx(0.5)
     with pytest.raises(InputError, match="power of two"):
         SparseFFNConfig(clusters=12)
-    with pytest.raises(InputError, match="at most"):
+    with pytest.raises(InputError, match=r"at most 0.67 .*use --sparse-ffn 0.66 or less"):
         SparseFFNConfig(sparsity=0.9).shape(1536)
+    assert SparseFFNConfig(sparsity=0.66).shape(1536)[2] >= 1  # the value the refusal offers is taken
+    # too many clusters for the width: the refusal names the most that fit, and that many do fit
+    with pytest.raises(InputError, match="use -O sparse_clusters=8"):
+        SparseFFNConfig(sparsity=0.25).shape(512)
+    assert SparseFFNConfig(sparsity=0.25, clusters=8).shape(512) == (256, 32, 4)
+    with pytest.raises(InputError, match="too narrow"):
+        SparseFFNConfig(clusters=2).shape(64)
 
 
 @pytest.mark.llamacpp
