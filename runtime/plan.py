@@ -265,9 +265,15 @@ def plan_offload(
         least_vram = min(scored, key=lambda s: (s[7].ram_required_bytes, s[7].vram_bytes))[7]
         need = f"at least {_gib(least_vram.ram_required_bytes + reserved)} RAM" + (
             f" with {_gib(least_vram.vram_bytes)} VRAM" if least_vram.vram_bytes else "")
-        who = f"this model and its draft ({_gib(reserved)} RAM)" if reserved else "this model"
+        who = f"this model and its draft ({_gib(reserved)} RAM) need" if reserved else "this model needs"
+        if gpu and cpu_only.ram_required_bytes + reserved <= budget.ram_bytes:  # only the GPU's own buffer is short
+            raise InputError(
+                f"nothing fits {_gib(budget.vram_bytes)} VRAM: a GPU build of llama.cpp takes "
+                f"{_gib(cpu_only.vram_bytes)} VRAM even at -ngl 0 (its compute buffer), while the CPU alone needs "
+                f"{_gib(cpu_only.ram_required_bytes + reserved)} of the {_gib(budget.ram_bytes)} RAM; "
+                "free some VRAM, or give --vram 0 to plan for a CPU-only build")
         raise InputError(
-            f"nothing fits: at --ctx {n_ctx} {who} need {need} (CPU only: "
+            f"nothing fits: at --ctx {n_ctx} {who} {need} (CPU only: "
             f"{_gib(cpu_only.ram_required_bytes + reserved)} RAM); "
             f"the budget is {_gib(budget.ram_bytes)} RAM + {_gib(budget.vram_bytes)} VRAM. Use a smaller --ctx, "
             "a smaller quantization (edgekit convert --bits 3), or a q8_0 KV cache")

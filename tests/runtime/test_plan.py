@@ -66,6 +66,18 @@ def test_70b_does_not_fit_32gib_ram_and_6gib_vram():
         plan_offload(_shape(), Budget(ram_bytes=32 * GiB, vram_bytes=6 * GiB), 8192, BW)
 
 
+def test_a_vram_budget_below_the_gpu_compute_buffer_says_so():
+    # A GPU build allocates its compute buffer even at -ngl 0; when only that is short, the refusal says so and
+    # names --vram 0 (a CPU-only build's plan), which then fits.
+    shape = _shape(n_layer=4, n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, vocab=32000)
+    with pytest.raises(InputError, match=r"even at -ngl 0 .* give --vram 0") as exc:
+        plan_offload(shape, Budget(ram_bytes=64 * GiB, vram_bytes=1 << 20), 4096, BW)
+    assert "smaller quantization" not in str(exc.value)
+    assert plan_offload(shape, Budget(ram_bytes=64 * GiB, vram_bytes=0), 4096, BW).device == "cpu"
+    with pytest.raises(InputError, match="this model needs at least"):  # RAM short too: the general refusal
+        plan_offload(shape, Budget(ram_bytes=1 << 20, vram_bytes=1 << 20), 4096, BW)
+
+
 def test_cpu_only_host_says_why():
     plan = plan_offload(_shape(n_layer=8), Budget(ram_bytes=64 * GiB, vram_bytes=6 * GiB), 4096, BW, gpu_available=False)
     assert plan.device == "cpu" and plan.n_gpu_layers == 0 and "no GPU" in plan.reason
