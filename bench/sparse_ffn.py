@@ -86,9 +86,10 @@ def build_float(args: argparse.Namespace) -> tuple[object, object]:
 
 def backend(path: Path, threads: int, used: int | None = None, **opts: object) -> object:
     from edgekit.runtime.llamacpp import LlamaCppBackend
+    from edgekit.runtime.llamacpp_decoding import experts_options
 
-    if used is not None:
-        opts["kv_overrides"] = {"qwen2moe.expert_used_count": used}
+    if used is not None:  # as run/eval/profile --experts
+        opts.update(experts_options(path, used))
     return LlamaCppBackend(path, n_ctx=1024, n_threads=threads, **opts)
 
 

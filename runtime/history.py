@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 CREATE INDEX IF NOT EXISTS rows_key ON rows(host_fingerprint, artifact_name, test, config_key);
 """
-_CONFIG_KEYS = ("n_threads", "n_batch", "n_ctx", "n_gpu_layers", "type_k", "type_v", "offload_kqv", "tensor_overrides")
+_CONFIG_KEYS = ("n_threads", "n_batch", "n_ctx", "n_gpu_layers", "type_k", "type_v", "offload_kqv", "tensor_overrides",
+                "n_expert_used")
 
 
 def config_key(config: dict[str, Any]) -> str:

@@ -53,3 +53,38 @@ def draft_model_file(draft: str | Path) -> Path:
                              "with: edgekit convert MODEL --draft-for MODEL)")
         return art.model_file.resolve()
     raise InputError(f"draft model not found: {p}")
+
+
+def experts_options(model: str | Path, experts: str | int) -> dict[str, Any]:
+    """``--experts K``: llama.cpp runs ``K`` of a mixture-of-experts GGUF's experts per token instead of the
+    count the file names (``kv_overrides`` of ``ARCH.expert_used_count``). In a ``convert --sparse-ffn`` file
+    the experts are the cold clusters beside the always-run hot set, so one file gives the whole speed and
+    quality curve, and 'all' is the dense model. ``model``: an artifact folder, its name or a GGUF file."""
+    from edgekit.artifact import Artifact
+    from edgekit.errors import EdgekitError
+    from edgekit.runtime.memory import read_shape
+
+    try:
+        art = Artifact.open(model)
+    except EdgekitError:
+        art = None
+    if art is None or art.format != "gguf":
+        raise InputError(f"--experts sets how many experts a mixture-of-experts GGUF runs per token; {model} is not "
+                         "a GGUF artifact or file (a hot/cold one: edgekit convert MODEL --sparse-ffn 0.5)")
+    shape = read_shape(art.model_file)
+    if shape.n_expert <= 0:
+        raise InputError(f"--experts: {art.model_file.name} ({shape.architecture}) has no experts; drop --experts (a "
+                         "hot/cold file: edgekit convert MODEL --sparse-ffn 0.5)")
+    text = str(experts).strip().lower()
+    k = shape.n_expert if text == "all" else int(text) if text.isdigit() else 0
+    if not 1 <= k <= shape.n_expert:
+        raise InputError(f"--experts takes 1 to {shape.n_expert} (this file's experts) or 'all', not {experts!r}")
+    return {"kv_overrides": {f"{shape.architecture}.expert_used_count": k}}
+
+
+def experts_used(options: dict[str, Any]) -> int | None:
+    """The expert count an ``experts_options`` override sets (None: the file's own)."""
+    for key, value in (options.get("kv_overrides") or {}).items():
+        if str(key).endswith(".expert_used_count"):
+            return int(value)
+    return None

@@ -52,6 +52,8 @@ class ProfileConfig:
     registered backend to use (None: the preferred one for each artifact's format).
     drafters: speculative decoding to measure ("ngram", or draft models' paths): for each, rows of greedy
     generations of ``gen_tokens`` from ``prompt`` with and without it (:mod:`.profile_drafting`).
+    experts: values to sweep of the experts a mixture-of-experts GGUF runs per token (a count, "all", or None
+    for the file's own; :func:`.llamacpp_decoding.experts_options`): a ``--sparse-ffn`` file's speed curve.
     """
 
     tests: tuple[TestSpec, ...] = (TestSpec(n_prompt=512), TestSpec(n_gen=128))
@@ -72,6 +74,7 @@ class ProfileConfig:
     drafters: tuple[str, ...] = ()
     prompt: str | None = None
     gen_tokens: int = 128
+    experts: tuple[str | None, ...] = (None,)
 
     def __post_init__(self) -> None:
         if not self.tests:
@@ -91,8 +94,9 @@ class ProfileConfig:
 
     def combos(self) -> list[dict[str, Any]]:
         """Every configuration of the sweep, in a stable order."""
-        return [{"n_threads": t, "n_batch": b, "n_ctx": c, "depth": d, "n_gpu_layers": g}
-                for t, b, c, d, g in itertools.product(self.threads, self.batch, self.ctx, self.depth, self.gpu_layers)]
+        return [{"n_threads": t, "n_batch": b, "n_ctx": c, "depth": d, "n_gpu_layers": g, "experts": e}
+                for t, b, c, d, g, e in itertools.product(self.threads, self.batch, self.ctx, self.depth,
+                                                          self.gpu_layers, self.experts or (None,))]
 
 
 @dataclass
@@ -169,15 +173,16 @@ def profile(
             drafter_options(d)  # a missing draft model fails here, before anything runs
     run = ProfileRun(started=now_iso(), host=hostinfo.host_fingerprint())
     ctx = _Context(cfg, run, on_row, cancel)
-    combos = cfg.combos()
-    total = len(combos) * len(arts) * (len(cfg.tests) + (1 + len(cfg.drafters) if cfg.drafters else 0))
+    pairs = [(combo, art) for combo in cfg.combos() for art in arts]
+    if cfg.experts != (None,):  # every file and value checked before anything is timed
+        pairs = _experts_pairs(pairs, arts, cfg.experts)
+    total = len(pairs) * (len(cfg.tests) + (1 + len(cfg.drafters) if cfg.drafters else 0))
     infos = {id(a): artifact_info(a) for a in arts}
     try:
-        for combo in combos:
-            for art in arts:
-                if ctx.cancelled():
-                    break
-                _profile_one(ctx, art, infos[id(art)], combo, on_progress, total)
+        for combo, art in pairs:
+            if ctx.cancelled():
+                break
+            _profile_one(ctx, art, infos[id(art)], combo, on_progress, total)
     except KeyboardInterrupt:
         ctx.flush_partial()
         run.status = "interrupted"
@@ -185,6 +190,24 @@ def profile(
     if ctx.cancelled():
         run.status = "interrupted"
     return run
+
+
+def _experts_pairs(pairs: list[tuple[dict[str, Any], Artifact]], arts: list[Artifact],
+                   experts: tuple[str | None, ...]) -> list[tuple[dict[str, Any], Artifact]]:
+    """An experts sweep over several files: each mixture-of-experts file runs every value (checked here); a
+    file without experts (the dense baseline beside a --sparse-ffn file) runs once, with its own FFN."""
+    from edgekit.runtime.llamacpp_decoding import experts_options
+    from edgekit.runtime.memory import read_shape
+
+    moe = {id(a): a.format == "gguf" and read_shape(a.model_file).n_expert > 0 for a in arts}
+    if not any(moe.values()):
+        experts_options(arts[0].bare_file or arts[0].path, experts[0] or "all")  # raises: says why
+    for a in arts:
+        for v in experts:
+            if moe[id(a)] and v is not None:
+                experts_options(a.bare_file or a.path, v)
+    return [({**c, "experts": None}, a) if not moe[id(a)] else (c, a) for c, a in pairs
+            if moe[id(a)] or c["experts"] == experts[0]]
 
 
 class _Context:
@@ -250,6 +273,10 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
     if combo["n_gpu_layers"] or "n_gpu_layers" in backend_options(backend_cls):
         options["n_gpu_layers"] = combo["n_gpu_layers"]
     plan_note = None
+    if combo.get("experts") is not None:
+        from edgekit.runtime.llamacpp_decoding import experts_options
+
+        options.update(experts_options(art.bare_file or art.path, combo["experts"]))
     if cfg.offload_auto and isinstance(backend_cls, OffloadPlanner):
         plan = backend_cls.offload_plan(art.model_file, n_ctx, n_batch=combo["n_batch"])
         options.update(plan.backend_options())
@@ -258,6 +285,10 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
               "n_ctx": n_ctx, "n_gpu_layers": options.get("n_gpu_layers", 0), "type_k": options.get("type_k", "f16"),
               "type_v": options.get("type_v", "f16"), "offload_kqv": options.get("offload_kqv", True),
               "tensor_overrides": [list(o) for o in options.get("tensor_overrides", ())], "plan": plan_note}
+    from edgekit.runtime.llamacpp_decoding import experts_used
+
+    if experts_used(options) is not None:
+        config["n_expert_used"] = experts_used(options)
     use_worker = cfg.method == "auto" and isinstance(backend_cls, InProcessBench)
 
     def row_for(test: TestSpec, backend_name: str, runtime: dict[str, Any], load_s: float | None) -> ProfileRow:
@@ -456,6 +487,15 @@ def _finish(ctx: _Context, art: Artifact, row: ProfileRow, test: TestSpec) -> No
     per_token = backend_cls.decode_bytes_per_token(art.model_file, test.n_depth + test.n_gen // 2,
                                                    row.config["n_ctx"], row.config.get("type_k", "f16"),
                                                    row.config.get("type_v", "f16"))
+    if row.config.get("n_expert_used") is not None:  # --experts: the experts read are the ones run, not the file's
+        import dataclasses
+
+        from edgekit.runtime.memory import MemoryConfig, decode_bytes_per_token, read_shape
+
+        shape = dataclasses.replace(read_shape(art.model_file), n_expert_used=int(row.config["n_expert_used"]))
+        reads = decode_bytes_per_token(shape, test.n_depth + test.n_gen // 2, MemoryConfig(
+            n_ctx=row.config["n_ctx"], type_k=row.config.get("type_k", "f16"), type_v=row.config.get("type_v", "f16")))
+        per_token = int(reads["cpu"] + reads["gpu"])
     bw = ctx.bandwidth()
     ceiling = bw / per_token
     tps, _ = row.tps

@@ -142,7 +142,7 @@ def summarize(rows: list[ProfileRow]) -> list[dict[str, Any]]:
         out.append({
             "artifact": r.artifact.get("name", "?"), "test": r.label,
             "threads": r.config.get("n_threads"), "batch": r.config.get("n_batch"), "ctx": r.config.get("n_ctx"),
-            "ngl": r.config.get("n_gpu_layers"), "tps": mean, "tps_std": std, "reps": r.reps, "ttft_s": ttft,
+            "ngl": r.config.get("n_gpu_layers"), "experts": r.config.get("n_expert_used"), "tps": mean, "tps_std": std, "reps": r.reps, "ttft_s": ttft,
             "load_s": r.load_s, "peak_rss_bytes": r.peak_rss_bytes,
             "roofline_fraction": (r.roofline or {}).get("fraction"),
             "j_per_token": r.energy.get("joules_per_token") if r.energy.get("available") else None,

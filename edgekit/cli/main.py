@@ -26,6 +26,7 @@ from edgekit.cli import eval_diffusion_cmd as dx
 from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
 from edgekit.cli.ui import (
     DRAFT_HELP,
+    EXPERTS_HELP,
     NDRAFT_HELP,
     SINKS_HELP,
     SPEC_HELP,
@@ -128,6 +129,7 @@ def run(
     n_draft: int | None = typer.Option(None, "--n-draft", help=NDRAFT_HELP),
     kv_window: int | None = typer.Option(None, "--kv-window", help=WINDOW_HELP),
     kv_sinks: int | None = typer.Option(None, "--kv-sinks", help=SINKS_HELP),
+    experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP, show_default=False, metavar="N"),
     option: list[str] = typer.Option([], "--option", "-O", help="Runtime option KEY=VALUE; repeatable (llama.cpp: "
                                      "flash_attn=true, type_k=8, ...; a misspelt one is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when done (text, token counts, "
@@ -153,6 +155,7 @@ def run(
       edgekit run ./smol-f16 -p "Fix the typos: $(cat a.txt)" --prediction a.txt   # drafts from a.txt
       edgekit run ./smol-q4 --kv-window 512 -n 4000 -p "..."        # past the context, bounded memory
       edgekit run ./smol-q4-sparse -p "..." --offload auto --vram 2GiB   # hot on the GPU, cold on the CPU
+      edgekit run ./smol-q4-sparse -p "..." --experts 8                  # 8 cold clusters a token, not 4
       edgekit run ./pipe-4step-onnx-w8 --class 7 -n 16 -o grid.png      # a diffusion model: images
     """
     from edgekit import api
@@ -160,6 +163,8 @@ def run(
     from edgekit.runtime.base import GenerationStats
 
     if diffusion_run.is_diffusion(artifact):
+        if experts is not None:
+            raise InputError("--experts is for a mixture-of-experts language model; drop it for a diffusion model")
         diffusion_run.run_images(artifact, cls=class_, n=max_tokens, output=image_out, steps=steps, seed=seed,
                                  cache_interval=cache_interval, threads=threads, as_json=as_json)
         return
@@ -175,6 +180,10 @@ def run(
     if backend:
         placement["backend"] = backend
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
+    if experts is not None:
+        from edgekit.runtime.llamacpp_decoding import experts_options
+
+        placement.update(experts_options(artifact, experts))
     placement.update(api.format_options(option))
     if prediction is not None and not backend and _is_gguf(artifact):
         placement.setdefault("flash_attn", True)  # drafts checked in batches as one-token steps compute them
@@ -226,6 +235,8 @@ def eval_cmd(
                                          "this many tokens instead (how a long chat sees its history)."),
     kv_sinks: int = typer.Option(4, "--kv-sinks", help="With --kv-window: first tokens always kept."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="With --kv-window: stream at most this many tokens."),
+    experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP + " Not recorded in the manifest.",
+                                       show_default=False, metavar="N"),
     n: int | None = dx.register_options()["n"],
     steps: int | None = dx.register_options()["steps"],
     sampler: str | None = dx.register_options()["sampler"],
@@ -239,16 +250,27 @@ def eval_cmd(
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --ref ./SmolLM2-135M --chunks 16
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt --kv-window 1024 --kv-sinks 4
+      edgekit eval ./smol-q4-sparse --text valid.txt --experts all   # a hot/cold file run dense
       edgekit eval ./digits-unet --steps 4 --images 1000
     """
     from edgekit import api
 
     diffusion_opts = dx.diffusion_options(n, steps, sampler, cache_interval, seed)
     if api.is_diffusion(artifact):
+        if experts is not None:
+            raise InputError("--experts is for a mixture-of-experts language model; drop it for a diffusion model")
         dx.refuse_text_options(artifact, text, ref, kv_window)
         dx.run(artifact, diffusion_opts, record, as_json)
         return
     dx.refuse_llm_options(artifact, diffusion_opts)
+    options: dict = {"backend": backend} if backend else {}
+    if experts is not None:
+        from edgekit.runtime.llamacpp_decoding import experts_options
+
+        options.update(experts_options(artifact, experts))
+        if record and not as_json:
+            say(err, "--experts measures another model than the file's own: not recorded in its manifest", "note:", "dim")
+        record = False
     if text is None:  # as quickstart and neurons do: no dataset needed, and the result names the text it used
         from edgekit.quickstart import sample_text_path
 
@@ -261,8 +283,7 @@ def eval_cmd(
             raise InputError("--kv-window measures perplexity alone; drop --ref")
         with progress_bar(not as_json) as progress:
             res_s = api.evaluate_streaming(artifact, text, kv_window, kv_sinks, max_tokens=max_tokens,
-                                           progress=progress, n_threads=threads,
-                                           **({"backend": backend} if backend else {}))
+                                           progress=progress, n_threads=threads, **options)
         if as_json:
             out.print_json(json.dumps(res_s))
         else:
@@ -273,7 +294,7 @@ def eval_cmd(
 
     with progress_bar(not as_json) as progress:
         res = api.evaluate(artifact, text, api.EvalConfig(ctx=ctx, chunks=chunks), ref=ref, progress=progress,
-                           record=record, n_threads=threads, **({"backend": backend} if backend else {}))
+                           record=record, n_threads=threads, **options)
     if as_json:
         out.print_json(json.dumps(res.to_json()))
         return

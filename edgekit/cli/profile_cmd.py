@@ -58,7 +58,8 @@ def _table(rows: list[Any], title: str) -> Any:
     cells = []
     for s in summarize(rows):
         tps = "-" if s["tps"] is None else f"{s['tps']:.1f}±{s['tps_std']:.1f}"
-        config = f"t{s['threads']} b{s['batch']} c{s['ctx']}" + (f" ngl{s['ngl']}" if s["ngl"] else "")
+        config = (f"t{s['threads']} b{s['batch']} c{s['ctx']}" + (f" ngl{s['ngl']}" if s["ngl"] else "")
+                  + (f" e{s['experts']}" if s.get("experts") is not None else ""))
         roof = s["roofline_fraction"]
         cells.append([Text(s["artifact"]), s["test"], config, tps,
                       _fmt(None if s["ttft_s"] is None else s["ttft_s"] * 1000, ".0f"), _fmt(s["load_s"], ".2f"),
@@ -126,6 +127,9 @@ def profile_cmd(
     depth: str = typer.Option("0", "--depth", "-d", help="Sweep of context depth added to every test."),
     gpu_layers: str = typer.Option("0", "--gpu-layers", "--ngl", help="Sweep of n_gpu_layers."),
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers and overrides from `edgekit plan`."),
+    experts: str | None = typer.Option(None, "--experts", help="Sweep of the experts a mixture-of-experts GGUF runs "
+                                       "per token, e.g. 2,4,8,all (a --sparse-ffn file: its cold clusters; config "
+                                       "column eN).", show_default=False, metavar="N,..."),
     method: str = typer.Option("auto", "--method", help="auto (llama.cpp in-worker loop) or generic."),
     as_json: bool = typer.Option(False, "--json", help="All rows as JSON (schema edgekit.profile/1)."),
     as_csv: bool = typer.Option(False, "--csv", help="The table as CSV."),
@@ -159,13 +163,19 @@ def profile_cmd(
       edgekit profile --compare
       edgekit profile ./model-gguf-q4 --device ssh:jetson
       edgekit profile ./model-q8_0 --draft ./model-draft --speculative ngram   # tg with and without drafting
+      edgekit profile ./model-q4-sparse --experts 2,4,8,all   # a hot/cold file's speed curve
       edgekit profile ./pipe-4step-onnx-w8 --images 16 --cache-interval 3   # a diffusion model
     """
     from edgekit.cli import diffusion_run
     from edgekit.errors import InputError
     from edgekit.runtime.profile import ProfileConfig, ProfileInterrupted, ProfileRun, parse_tests, profile
 
+    if experts is not None and (llama_bench is not None or device is not None or compare):
+        raise InputError("--experts sweeps a profile run on this host; drop it with --from-llama-bench, --device "
+                         "or --compare")
     kinds = {diffusion_run.is_diffusion(a) for a in artifacts or []}
+    if experts is not None and True in kinds:
+        raise InputError("--experts is for a mixture-of-experts language model; drop it for a diffusion model")
     if kinds == {True} and not compare and device is None:
         diffusion_run.profile_images(artifacts, reps=reps, steps=steps, images=images, cache_interval=cache_interval,
                                      threads=threads, as_json=as_json)
@@ -194,7 +204,7 @@ def profile_cmd(
         cfg = ProfileConfig(tests=parse_tests(tests), reps=reps, warmup=warmup, threads=_ints(threads, "threads", True),
                             batch=_ints(batch, "batch"), ctx=_ints(ctx, "ctx", True), depth=_ints(depth, "depth"),
                             gpu_layers=_ints(gpu_layers, "gpu-layers"), offload_auto=offload == "auto", method=method,
-                            drafters=drafters, prompt=prompt, gen_tokens=gen)
+                            drafters=drafters, prompt=prompt, gen_tokens=gen, experts=_experts(experts))
         interrupted: ProfileRun | None = None
         with _progress(not (as_json or as_csv)) as progress:
             try:
@@ -215,6 +225,18 @@ def profile_cmd(
     if errors:
         say(err, str(errors[0].error), "error:", "bold red")
         raise typer.Exit(6)
+
+
+def _experts(text: str | None) -> tuple[str | None, ...]:
+    """``--experts 2,4,all``: the values, checked against each file when it is profiled."""
+    from edgekit.errors import InputError
+
+    if text is None:
+        return (None,)
+    values = tuple(v.strip().lower() for v in text.split(","))
+    if not all(v == "all" or v.isdigit() and int(v) > 0 for v in values):
+        raise InputError(f"--experts takes counts and 'all', e.g. 2,4,8,all (got {text!r})")
+    return values
 
 
 def _progress(enabled: bool) -> Any:

@@ -106,6 +106,8 @@ SPEC_HELP = "'ngram': draft from the prompt itself (prompt lookup; rewrites, ext
 NDRAFT_HELP = "Fixed draft length (default: adaptive to the measured acceptance)."
 WINDOW_HELP = "Keep at most this many tokens in the KV cache (attention sinks + recent): unbounded text, bounded memory."
 SINKS_HELP = "With --kv-window: first tokens always kept (default 4)."
+EXPERTS_HELP = ("Experts run per token by a mixture-of-experts GGUF (default: the file's count; 'all': every "
+                "one). A --sparse-ffn file's experts are its cold clusters: fewer is faster, 'all' is the dense model.")
 
 
 def decoding_options(draft: Path | None, speculative: str | None, n_draft: int | None, kv_window: int | None,

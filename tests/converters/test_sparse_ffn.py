@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -134,13 +136,42 @@ def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
     tokens = list(range(3, 50))
     with LlamaCppBackend(dense.model_file, n_ctx=64, n_threads=1) as b:
         ref = b.logits(tokens)
-    with LlamaCppBackend(sparse.model_file, n_ctx=64, n_threads=1,
-                         kv_overrides={"qwen2moe.expert_used_count": 4}) as b:
+    from edgekit.runtime.llamacpp_decoding import experts_options
+
+    assert experts_options(sparse.path, "all") == {"kv_overrides": {"qwen2moe.expert_used_count": 4}}
+    with LlamaCppBackend(sparse.model_file, n_ctx=64, n_threads=1, **experts_options(sparse.path, "all")) as b:
         full = b.logits(tokens)
     with LlamaCppBackend(sparse.model_file, n_ctx=64, n_threads=1) as b:
         routed = b.logits(tokens)
     assert np.abs(full - ref).max() < 2e-3 * np.abs(ref).max()
     assert np.abs(routed - ref).max() > 1e-2 * np.abs(ref).max()  # 2 of 4 clusters: a different model
+
+    # --experts: one file, the whole curve. 'all' is the dense model's perplexity; not recorded in the manifest.
+    runner = CliRunner()
+    ppl = {}
+    for name, path, extra in (("dense", dense.path, []), ("all", sparse.path, ["--experts", "all"]),
+                              ("1", sparse.path, ["--experts", "1"])):
+        r = runner.invoke(app, ["eval", str(path), "--ctx", "64", "--chunks", "2", "-t", "1", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        ppl[name] = json.loads(r.stdout)["ppl"]
+    assert ppl["all"] == pytest.approx(ppl["dense"], rel=1e-3) and abs(ppl["1"] / ppl["dense"] - 1) > 1e-2
+    assert len(api.Artifact.open(sparse.path).manifest.get("eval") or []) == 0
+    r = runner.invoke(app, ["profile", str(sparse.path), str(dense.path), "--experts", "1,all", "--tests", "tg8",
+                            "-r", "1", "-t", "1", "--no-warmup", "--no-history", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]  # the dense file beside it: timed once, as the baseline
+    assert [(row["artifact"]["name"], row["config"].get("n_expert_used")) for row in rows] == [
+        ("sparse", 1), ("dense", None), ("sparse", 4)]
+    reads = [row["roofline"]["bytes_per_token"] for row in rows if row["artifact"]["name"] == "sparse"]
+    assert reads[1] > reads[0]  # the roofline counts the experts run, not the file's 2
+    for args, says in ((["run", str(sparse.path), "-p", "hi", "--experts", "5"], "1 to 4 (this file's experts)"),
+                       (["run", str(dense.path), "-p", "hi", "--experts", "2"], "has no experts"),
+                       (["eval", str(tiny_llama), "--experts", "2"], "not a GGUF"),
+                       (["profile", str(dense.path), "--experts", "2"], "has no experts"),
+                       (["profile", str(dense.path), str(sparse.path), "--experts", "8"], "1 to 4"),
+                       (["profile", str(sparse.path), "--experts", "0"], "counts and 'all'")):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, (args, r.output)
 
 
 def test_planner_puts_cold_clusters_on_the_cpu_as_the_budget_dictates():

@@ -207,8 +207,9 @@ def quality_note(fields: dict[str, Any]) -> str:
             f"with a perfect router, {e['top_k']:.0%} skipping as many single neurons")
     if e["perfect_router"] > max(2 * e["top_k"], CLUSTERS_POOR):
         return ("warning: " + text + "; this model's active neurons do not cluster, so expect a large quality loss "
-                "(edgekit neurons MODEL measures it; a lower --sparse-ffn loses less)")
-    return text
+                "(edgekit neurons MODEL measures it; run, eval and profile --experts N run more clusters, 'all' "
+                "the dense model)")
+    return text + "; run, eval and profile --experts N trade speed for quality with this one file"
 
 
 def ffn_norm_loader(ckpt: HFCheckpoint) -> Callable[[int], np.ndarray]:
