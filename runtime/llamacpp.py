@@ -71,6 +71,8 @@ class LlamaCppBackend(WorkerProcess, Backend):
     ``exact_batch``: each sequence in a KV stream of its own, so that with flash attention a batched greedy
     answer is the answer decoded alone (bit for bit where the weights' kernels allow); about half the speed
     of the default shared (unified) cache once sequences come and go, as a server's do.
+    ``experts``: experts run per token by a mixture-of-experts file (a count or ``"all"``; a ``--sparse-ffn``
+    file's cold clusters), instead of the file's own count (:func:`.llamacpp_decoding.experts_options`).
     Other keyword arguments go to ``llama_cpp.Llama`` unchanged (JSON-serialisable values only).
     """
 
@@ -142,6 +144,7 @@ class LlamaCppBackend(WorkerProcess, Backend):
         kv_evict_step: int | None = None,
         n_seq: int = 1,
         exact_batch: bool = False,
+        experts: int | str | None = None,
         **extra: Any,
     ) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -156,6 +159,11 @@ class LlamaCppBackend(WorkerProcess, Backend):
             raise InputError(f"expected a .gguf file, got a directory: {self.model_path}")
         if n_ctx <= 0 or n_batch <= 0 or n_seq <= 0:
             raise InputError("n_ctx, n_batch and n_seq must be > 0")
+        if experts is not None:  # -O experts=8 / the TUI's options: as run --experts
+            from edgekit.runtime.llamacpp_decoding import experts_options
+
+            over = experts_options(self.model_path, experts)["kv_overrides"]
+            extra = {**extra, "kv_overrides": {**(extra.get("kv_overrides") or {}), **over}}
         try:
             json.dumps(extra)
         except TypeError as exc:

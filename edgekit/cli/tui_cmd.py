@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from edgekit.cli.flags import THREADS_HELP
-from edgekit.cli.ui import decoding_options, handle_errors
+from edgekit.cli.ui import EXPERTS_HELP, decoding_options, handle_errors
 
 
 def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int, threads: int | None,
@@ -79,6 +79,7 @@ def chat(
     kv_window: int | None = typer.Option(None, "--kv-window", help="Keep at most this many tokens in the KV cache "
                                          "(attention sinks + recent): an unbounded chat in bounded memory."),
     kv_sinks: int | None = typer.Option(None, "--kv-sinks", help="With --kv-window: first tokens always kept (4)."),
+    experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP, show_default=False, metavar="N"),
 ) -> None:
     """Chat with an artifact in the terminal app (streaming, Esc stops, history kept per artifact).
 
@@ -86,8 +87,15 @@ def chat(
       edgekit chat smollm2-135m-gguf-q4_k_m
       edgekit chat ./smol-q8_0 --draft ./smol-draft              # speculative decoding
       edgekit chat ./smol-q4 --kv-window 1024 --kv-sinks 4       # unbounded chat in bounded memory
+      edgekit chat ./smol-q4-sparse --experts 8                  # 8 cold clusters a token
     """
-    _run_app(folder, artifact, "chat", ctx, threads, offload, decoding_options(draft, speculative, None, kv_window, kv_sinks))
+    decoding = decoding_options(draft, speculative, None, kv_window, kv_sinks)
+    if experts is not None:
+        from edgekit.runtime.llamacpp_decoding import experts_options
+
+        experts_options(artifact, experts)  # a bad value or a file without experts: one line, before the screen
+        decoding["experts"] = experts
+    _run_app(folder, artifact, "chat", ctx, threads, offload, decoding)
 
 
 def register(app: typer.Typer) -> None:

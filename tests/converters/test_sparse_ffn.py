@@ -143,6 +143,8 @@ def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
         full = b.logits(tokens)
     with LlamaCppBackend(sparse.model_file, n_ctx=64, n_threads=1) as b:
         routed = b.logits(tokens)
+    with LlamaCppBackend(sparse.model_file, n_ctx=64, n_threads=1, experts="all") as b:  # as -O experts=all
+        assert np.array_equal(b.logits(tokens), full)
     assert np.abs(full - ref).max() < 2e-3 * np.abs(ref).max()
     assert np.abs(routed - ref).max() > 1e-2 * np.abs(ref).max()  # 2 of 4 clusters: a different model
 
@@ -165,6 +167,7 @@ def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
     reads = [row["roofline"]["bytes_per_token"] for row in rows if row["artifact"]["name"] == "sparse"]
     assert reads[1] > reads[0]  # the roofline counts the experts run, not the file's 2
     for args, says in ((["run", str(sparse.path), "-p", "hi", "--experts", "5"], "1 to 4 (this file's experts)"),
+                       (["run", str(sparse.path), "-p", "hi", "-O", "experts=5"], "1 to 4 (this file's experts)"),
                        (["run", str(dense.path), "-p", "hi", "--experts", "2"], "has no experts"),
                        (["eval", str(tiny_llama), "--experts", "2"], "not a GGUF"),
                        (["profile", str(dense.path), "--experts", "2"], "has no experts"),

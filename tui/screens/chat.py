@@ -139,6 +139,8 @@ class ChatScreen(Screen[None]):
             spec = f" · drafting with {Path(str(opts['draft'])).name}"
         elif opts.get("speculative"):
             spec = f" · {opts['speculative']} drafting"
+        if opts.get("experts") is not None:
+            spec += f" · experts {opts['experts']} a token"
         self._set_status(f"ready · {room}{spec}{offload}")
         inp.disabled = False
         inp.focus()
