@@ -168,6 +168,7 @@ def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
     assert reads[1] > reads[0]  # the roofline counts the experts run, not the file's 2
     for args, says in ((["run", str(sparse.path), "-p", "hi", "--experts", "5"], "1 to 4 (this file's experts)"),
                        (["run", str(sparse.path), "-p", "hi", "-O", "experts=5"], "1 to 4 (this file's experts)"),
+                       (["chat", str(sparse.path), "--experts", "9"], "1 to 4 (this file's experts)"),
                        (["run", str(dense.path), "-p", "hi", "--experts", "2"], "has no experts"),
                        (["eval", str(tiny_llama), "--experts", "2"], "not a GGUF"),
                        (["profile", str(dense.path), "--experts", "2"], "has no experts"),
