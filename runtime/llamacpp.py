@@ -159,7 +159,7 @@ class LlamaCppBackend(WorkerProcess, Backend):
             raise InputError(f"expected a .gguf file, got a directory: {self.model_path}")
         if n_ctx <= 0 or n_batch <= 0 or n_seq <= 0:
             raise InputError("n_ctx, n_batch and n_seq must be > 0")
-        if experts is not None:  # -O experts=8 / the TUI's options: as run --experts
+        if experts is not None:  # run -O experts=8, edgekit chat --experts: as run --experts
             from edgekit.runtime.llamacpp_decoding import experts_options
 
             over = experts_options(self.model_path, experts)["kv_overrides"]
