@@ -129,7 +129,7 @@ def run(
     n_draft: int | None = typer.Option(None, "--n-draft", help=NDRAFT_HELP),
     kv_window: int | None = typer.Option(None, "--kv-window", help=WINDOW_HELP),
     kv_sinks: int | None = typer.Option(None, "--kv-sinks", help=SINKS_HELP),
-    experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP, show_default=False, metavar="N"),
+    experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP, show_default=False, metavar="<n|all>"),
     option: list[str] = typer.Option([], "--option", "-O", help="Runtime option KEY=VALUE; repeatable (llama.cpp: "
                                      "flash_attn=true, type_k=8, ...; a misspelt one is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when done (text, token counts, "
@@ -236,7 +236,7 @@ def eval_cmd(
     kv_sinks: int = typer.Option(4, "--kv-sinks", help="With --kv-window: first tokens always kept."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="With --kv-window: stream at most this many tokens."),
     experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP + " Not recorded in the manifest.",
-                                       show_default=False, metavar="N"),
+                                       show_default=False, metavar="<n|all>"),
     n: int | None = dx.register_options()["n"],
     steps: int | None = dx.register_options()["steps"],
     sampler: str | None = dx.register_options()["sampler"],

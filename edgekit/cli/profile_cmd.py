@@ -129,7 +129,7 @@ def profile_cmd(
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers and overrides from `edgekit plan`."),
     experts: str | None = typer.Option(None, "--experts", help="Sweep of the experts a mixture-of-experts GGUF runs "
                                        "per token, e.g. 2,4,8,all (a --sparse-ffn file: its cold clusters; config "
-                                       "column eN).", show_default=False, metavar="N,..."),
+                                       "column eN).", show_default=False, metavar="<n,...|all>"),
     method: str = typer.Option("auto", "--method", help="auto (llama.cpp in-worker loop) or generic."),
     as_json: bool = typer.Option(False, "--json", help="All rows as JSON (schema edgekit.profile/1)."),
     as_csv: bool = typer.Option(False, "--csv", help="The table as CSV."),

@@ -79,7 +79,7 @@ def chat(
     kv_window: int | None = typer.Option(None, "--kv-window", help="Keep at most this many tokens in the KV cache "
                                          "(attention sinks + recent): an unbounded chat in bounded memory."),
     kv_sinks: int | None = typer.Option(None, "--kv-sinks", help="With --kv-window: first tokens always kept (4)."),
-    experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP, show_default=False, metavar="N"),
+    experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP, show_default=False, metavar="<n|all>"),
 ) -> None:
     """Chat with an artifact in the terminal app (streaming, Esc stops, history kept per artifact).
 
