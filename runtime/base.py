@@ -219,12 +219,13 @@ class SizesWeights(Protocol):
 class OffloadPlanner(Protocol):
     """Plans a CPU/GPU split (an ``OffloadPlan``): for this host's GPUs, free RAM and measured bandwidth
     when ``budget`` is None (``run --offload auto``), else for that budget (``plan``); a ``draft``'s memory
-    (``DraftMemory``) comes out of the RAM first."""
+    (``DraftMemory``) comes out of the RAM first; ``n_expert_used``: the experts run per token when
+    ``--experts`` overrides the file's count (they set the bytes each token reads)."""
 
     @classmethod
     def offload_plan(cls, model_file: Path, n_ctx: int, n_batch: int = 512, *, budget: Any = None,
                      bandwidths: Any = None, cache_type: str = "f16", vram_bytes: int | None = None,
-                     draft: Any = None) -> Any: ...
+                     draft: Any = None, n_expert_used: int | None = None) -> Any: ...
 
 
 @runtime_checkable

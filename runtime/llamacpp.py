@@ -16,6 +16,7 @@ Not thread-safe: one call at a time per backend.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -111,15 +112,20 @@ class LlamaCppBackend(WorkerProcess, Backend):
     @classmethod
     def offload_plan(cls, model_file: Path, n_ctx: int, n_batch: int = 512, *, budget: Any = None,
                      bandwidths: Any = None, cache_type: str = "f16", vram_bytes: int | None = None,
-                     draft: Any = None) -> Any:
+                     draft: Any = None, n_expert_used: int | None = None) -> Any:
         """llama.cpp's fastest placement (:mod:`.plan`): for this host when ``budget`` is None (its GPU's
-        free memory, or ``vram_bytes``); ``draft`` (a :class:`.plan.DraftMemory`) takes its RAM first."""
+        free memory, or ``vram_bytes``); ``draft`` (a :class:`.plan.DraftMemory`) takes its RAM first;
+        ``n_expert_used``: experts run per token, when ``--experts`` overrides the file's count."""
         from edgekit.runtime.memory import read_shape
         from edgekit.runtime.plan import auto_plan, plan_offload
 
         if budget is None:
-            return auto_plan(model_file, n_ctx, n_batch=n_batch, vram_bytes=vram_bytes, draft=draft)
-        return plan_offload(read_shape(model_file), budget, n_ctx, bandwidths, gpu_available=True,
+            return auto_plan(model_file, n_ctx, n_batch=n_batch, vram_bytes=vram_bytes, draft=draft,
+                             n_expert_used=n_expert_used)
+        shape = read_shape(model_file)
+        if n_expert_used is not None:
+            shape = dataclasses.replace(shape, n_expert_used=int(n_expert_used))
+        return plan_offload(shape, budget, n_ctx, bandwidths, gpu_available=True,
                             baseline_bytes=hostinfo.baseline_rss(strict=False), n_batch=n_batch,
                             type_k=cache_type, type_v=cache_type, draft=draft)
 

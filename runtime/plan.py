@@ -293,6 +293,15 @@ def plan_offload(
                        n_ctx=n_ctx, memory=est, predicted_tps=tps, reason=reason, candidates=summary, draft=draft)
 
 
+def _experts_used(art: Any, experts: str | int | None) -> int | None:
+    """``--experts`` as the count it runs (checked against the file), or None for the file's own."""
+    if experts is None:
+        return None
+    from edgekit.runtime.llamacpp_decoding import experts_options, experts_used
+
+    return experts_used(experts_options(art.bare_file or art.path, experts))
+
+
 def _embd_bytes(shape: ModelShape) -> int:
     return sum(t.n_bytes for t in shape.tensors if t.name.startswith("token_embd"))
 
@@ -323,12 +332,13 @@ class MemoryPlan:
 def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0, n_ctx: int = 4096,
                   n_batch: int = 512, cache_type: str = "f16", cpu_Bps: float | None = None,
                   gpu_Bps: float = DEFAULT_GPU_BPS, backend: str | None = None, draft: str | Path | None = None,
-                  kv_window: int | None = None) -> OffloadPlan | MemoryPlan:
+                  kv_window: int | None = None, experts: str | int | None = None) -> OffloadPlan | MemoryPlan:
     """Does ``art`` fit, and how to split it: an :class:`OffloadPlan` where its runtime plans offloading
     (raises :class:`InputError` when nothing fits), else a :class:`MemoryPlan` from its memory model.
     ``ram_bytes`` defaults to the memory available now, ``cpu_Bps`` to this host's measured bandwidth.
     ``draft``: a speculative-decoding draft loaded beside the target (its RAM counts); ``kv_window``: the
-    context is the window, as the backends allocate it."""
+    context is the window, as the backends allocate it; ``experts``: ``--experts`` (a mixture-of-experts GGUF's
+    experts run per token: the bytes each token reads)."""
     import psutil
 
     from edgekit.errors import UnsupportedError
@@ -342,7 +352,7 @@ def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0
     if isinstance(cls, OffloadPlanner):
         bws = Bandwidths(cpu_Bps=cpu_Bps or hostinfo.memory_bandwidth(), gpu_Bps=gpu_Bps)
         return cls.offload_plan(art.model_file, n_ctx, n_batch, budget=Budget(ram, vram_bytes), bandwidths=bws,
-                                cache_type=cache_type, draft=dm)
+                                cache_type=cache_type, draft=dm, n_expert_used=_experts_used(art, experts))
     if isinstance(cls, MemoryModel):
         est = cls.memory_estimate(art.model_file, n_ctx, n_batch)
         note = (f"{cls.name} runs the whole model in host memory; GPU offload is not planned for "
@@ -361,10 +371,12 @@ def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0
 
 
 def offload_options(art: Any, offload: str, n_ctx: int, *, vram_bytes: int | None = None,
-                    draft: str | Path | None = None) -> tuple[dict[str, Any], str | None]:
+                    draft: str | Path | None = None, experts: str | int | None = None
+                    ) -> tuple[dict[str, Any], str | None]:
     """``--offload auto|none``: the backend options of this host's plan and its reason (None when the
     artifact's runtime plans no offloading or ``none`` was asked); ``vram_bytes`` caps the GPU budget;
-    ``draft``: a draft model to load beside the target, whose RAM the plan leaves free."""
+    ``draft``: a draft model to load beside the target, whose RAM the plan leaves free; ``experts``: as
+    ``run --experts`` (the experts each token reads)."""
     from edgekit.runtime.base import OffloadPlanner, backend_for_format
 
     if offload == "none":
@@ -375,14 +387,15 @@ def offload_options(art: Any, offload: str, n_ctx: int, *, vram_bytes: int | Non
     if not isinstance(cls, OffloadPlanner):
         return {}, None
     dm = draft_memory(draft, art.format, n_ctx) if draft is not None else None
-    plan = cls.offload_plan(art.model_file, n_ctx, vram_bytes=vram_bytes, draft=dm)
+    plan = cls.offload_plan(art.model_file, n_ctx, vram_bytes=vram_bytes, draft=dm,
+                            n_expert_used=_experts_used(art, experts))
     opts = plan.backend_options()
     opts.pop("n_ctx", None)
     return opts, plan.reason
 
 
 def auto_plan(model_file: Any, n_ctx: int, *, ram_bytes: int | None = None, vram_bytes: int | None = None,
-              n_batch: int = 512, draft: DraftMemory | None = None) -> OffloadPlan:
+              n_batch: int = 512, draft: DraftMemory | None = None, n_expert_used: int | None = None) -> OffloadPlan:
     """``--offload auto``: plan for this host - its GPUs' free memory (or ``vram_bytes``), its available RAM
     (or ``ram_bytes``) less a ``draft``'s, its measured bandwidth and llama.cpp's baseline."""
     import psutil
@@ -391,6 +404,10 @@ def auto_plan(model_file: Any, n_ctx: int, *, ram_bytes: int | None = None, vram
     from edgekit.runtime.memory import read_shape
 
     shape = read_shape(model_file)
+    if n_expert_used is not None:  # --experts: the experts each token reads
+        import dataclasses
+
+        shape = dataclasses.replace(shape, n_expert_used=int(n_expert_used))
     gpus = hostinfo.gpu_devices(strict=False)
     vram = vram_bytes if vram_bytes is not None else sum(int(g["free_bytes"]) for g in gpus[:1])
     ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)

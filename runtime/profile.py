@@ -278,7 +278,9 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
 
         options.update(experts_options(art.bare_file or art.path, combo["experts"]))
     if cfg.offload_auto and isinstance(backend_cls, OffloadPlanner):
-        plan = backend_cls.offload_plan(art.model_file, n_ctx, n_batch=combo["n_batch"])
+        from edgekit.runtime.llamacpp_decoding import experts_used as used
+
+        plan = backend_cls.offload_plan(art.model_file, n_ctx, n_batch=combo["n_batch"], n_expert_used=used(options))
         options.update(plan.backend_options())
         plan_note = plan.reason
     config = {"n_threads": threads, "n_batch": combo["n_batch"], "n_ubatch": combo["n_batch"],

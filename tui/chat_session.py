@@ -131,7 +131,7 @@ class ChatSession:
             offload = opts.pop("offload", None) or "none"
             n_ctx = int(opts.get("kv_window") or opts.get("n_ctx") or 4096)  # a KV window bounds the cache
             planned, self.offload_reason = api.offload_options(self.artifact, offload, n_ctx,
-                                                               draft=opts.get("draft"))
+                                                               draft=opts.get("draft"), experts=opts.get("experts"))
             self.backend = api.open_backend(self.artifact, **opts, **planned)
         return self.backend
 

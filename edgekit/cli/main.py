@@ -176,14 +176,17 @@ def run(
         if prompt is None and sys.stdin.isatty():
             raise InputError("--prediction is the expected answer to one prompt: give the prompt with -p TEXT")
         sampling = dataclasses.replace(sampling, prediction=_read_prediction(prediction))
-    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram, draft)  # a window bounds the KV
+    chosen: dict = {}
+    if experts is not None:  # checked before the plan, which counts the experts each token reads
+        from edgekit.runtime.llamacpp_decoding import experts_options
+
+        chosen = experts_options(artifact, experts)
+    placement = profile_cmd.offload_options(artifact, offload, kv_window or ctx, vram, draft,  # a window bounds the KV
+                                            experts)
     if backend:
         placement["backend"] = backend
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
-    if experts is not None:
-        from edgekit.runtime.llamacpp_decoding import experts_options
-
-        placement.update(experts_options(artifact, experts))
+    placement.update(chosen)
     placement.update(api.format_options(option))
     if prediction is not None and not backend and _is_gguf(artifact):
         placement.setdefault("flash_attn", True)  # drafts checked in batches as one-token steps compute them

@@ -327,6 +327,9 @@ def plan_cmd(
                                       "loaded beside the model: its weights, KV cache and buffers, on the CPU."),
     kv_window: int | None = typer.Option(None, "--kv-window", help="Plan for a KV window of this many tokens "
                                          "(run --kv-window): the cache holds the window, whatever the text's length."),
+    experts: str | None = typer.Option(None, "--experts", help="Plan for run --experts N: the experts a "
+                                       "mixture-of-experts GGUF runs per token (the bytes each token reads).",
+                                       show_default=False, metavar="<n|all>"),
     as_json: bool = typer.Option(False, "--json", help="The plan as JSON."),
 ) -> None:
     """Does it fit, and how to split it: memory by part and a llama.cpp offload plan.
@@ -342,7 +345,7 @@ def plan_cmd(
     art = Artifact.open(artifact)
     p = plan_artifact(art, ram_bytes=parse_size(ram) if ram else None, vram_bytes=parse_size(vram), n_ctx=ctx,
                       n_batch=batch, cache_type=cache_type, cpu_Bps=cpu_bandwidth * 1e9 if cpu_bandwidth else None,
-                      gpu_Bps=gpu_bandwidth * 1e9, draft=draft, kv_window=kv_window)
+                      gpu_Bps=gpu_bandwidth * 1e9, draft=draft, kv_window=kv_window, experts=experts)
     if isinstance(p, MemoryPlan):
         _print_memory_plan(art, p, as_json, kv_window)
         return
@@ -369,7 +372,14 @@ def plan_cmd(
                   f"compute {_mb(parts['compute_gpu'])} (modeled)")
     flags = [f"-ngl {p.n_gpu_layers}"] + ([] if p.offload_kqv or not p.n_gpu_layers else ["--no-kv-offload"])
     flags += [f"-ot '{pat}={buft}'" for pat, buft in p.tensor_overrides]
-    say(out, f"  llama.cpp: {' '.join(flags)}    edgekit: run {artifact} --offload auto")
+    ours = f"run {artifact} --offload auto"
+    if experts is not None:
+        from edgekit.runtime.llamacpp_decoding import experts_options
+
+        ((key, k),) = experts_options(art.bare_file or art.path, experts)["kv_overrides"].items()
+        flags.append(f"--override-kv {key}=int:{k}")
+        ours += f" --experts {experts}"
+    say(out, f"  llama.cpp: {' '.join(flags)}    edgekit: {ours}")
 
 
 def _ctx_words(n_ctx: int, kv_window: int | None) -> str:
@@ -398,7 +408,7 @@ def _print_memory_plan(art: Any, p: Any, as_json: bool, kv_window: int | None = 
 
 
 def offload_options(artifact: Path, offload: str, ctx: int, vram: str | None = None,
-                    draft: Path | None = None) -> dict[str, Any]:
+                    draft: Path | None = None, experts: str | None = None) -> dict[str, Any]:
     """``run --offload auto``: the plan's backend options for this host (with its reason on stderr);
     ``vram`` caps the GPU budget (default: the GPU's free memory); a ``draft``'s RAM is left free."""
     from edgekit.artifact import Artifact
@@ -411,7 +421,7 @@ def offload_options(artifact: Path, offload: str, ctx: int, vram: str | None = N
             raise InputError("--vram is the budget of --offload auto; add --offload auto")
         return {}
     opts, reason = plan_options(Artifact.open(artifact), offload, ctx,
-                                vram_bytes=None if vram is None else parse_size(vram), draft=draft)
+                                vram_bytes=None if vram is None else parse_size(vram), draft=draft, experts=experts)
     if reason:
         say(err, tagged("offload:", "dim", reason))
     return opts

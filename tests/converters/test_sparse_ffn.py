@@ -166,7 +166,18 @@ def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
         ("sparse", 1), ("dense", None), ("sparse", 4)]
     reads = [row["roofline"]["bytes_per_token"] for row in rows if row["artifact"]["name"] == "sparse"]
     assert reads[1] > reads[0]  # the roofline counts the experts run, not the file's 2
+    tps = {}
+    for e in ("1", "all"):  # the planner counts the experts each token reads
+        r = runner.invoke(app, ["plan", str(sparse.path), "--ctx", "256", "--cpu-bandwidth", "20", "--json",
+                                "--experts", e])
+        assert r.exit_code == 0, r.output
+        tps[e] = json.loads(r.stdout)["predicted_tps"]
+    assert tps["1"] > tps["all"]
+    shown = runner.invoke(app, ["plan", str(sparse.path), "--ctx", "256", "--cpu-bandwidth", "20", "--experts", "all"])
+    assert "--override-kv qwen2moe.expert_used_count=int:4" in shown.stdout and "--experts all" in shown.stdout
     for args, says in ((["run", str(sparse.path), "-p", "hi", "--experts", "5"], "1 to 4 (this file's experts)"),
+                       (["plan", str(sparse.path), "--experts", "5"], "1 to 4 (this file's experts)"),
+                       (["run", str(sparse.path), "-p", "hi", "--offload", "auto", "--experts", "5"], "1 to 4"),
                        (["run", str(sparse.path), "-p", "hi", "-O", "experts=5"], "1 to 4 (this file's experts)"),
                        (["chat", str(sparse.path), "--experts", "9"], "1 to 4 (this file's experts)"),
                        (["run", str(dense.path), "-p", "hi", "--experts", "2"], "has no experts"),
