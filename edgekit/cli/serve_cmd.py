@@ -8,6 +8,7 @@ import typer
 
 from edgekit.cli.ui import (
     DRAFT_HELP,
+    EXPERTS_HELP,
     NDRAFT_HELP,
     SINKS_HELP,
     SPEC_HELP,
@@ -55,6 +56,9 @@ def serve(
     kv_window: int | None = typer.Option(None, "--kv-window", help=WINDOW_HELP + " A conversation may then grow "
                                          "past --ctx.", show_default=False),
     kv_sinks: int | None = typer.Option(None, "--kv-sinks", help=SINKS_HELP, show_default=False),
+    experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP + " The served mixture-of-experts "
+                                       "files run this many; the others as they are.", show_default=False,
+                                       metavar="<n|all>"),
 ) -> None:
     """Serve artifacts over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -66,6 +70,7 @@ def serve(
       edgekit serve smollm2-135m-gguf-q4_k_m
       edgekit serve ./smol-q4 ./smol-onnx --port 8000 --parallel 4 --api-key secret
       edgekit serve ./smol-q8_0 --draft ./smol-draft --kv-window 1024   # speculative, long chats
+      edgekit serve ./smol-q4-sparse --experts 8                      # a hot/cold file, 8 clusters a token
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2-135m-gguf-q4_k_m", "messages": [{"role": "user", "content": "Hi"}]}'
     """
@@ -94,6 +99,15 @@ def serve(
             # one sequence per llama.cpp instance: flash attention (llama.cpp's own default today, as fast
             # here), so a request's predicted output is verified in batches as one-token steps would decode it
             per_model[mid] = {"flash_attn": True}
+    if experts is not None:  # checked now, for each mixture-of-experts file served; the others are left as they are
+        from edgekit.runtime.llamacpp_decoding import experts_options
+        from edgekit.runtime.memory import read_shape
+
+        moe = [m for m in models if formats[m] == "gguf" and read_shape(Artifact.open(models[m]).model_file).n_expert]
+        if not moe:
+            experts_options(next(iter(models.values())), experts)  # raises, saying why
+        for mid in moe:
+            per_model.setdefault(mid, {}).update(experts_options(models[mid], experts))
     decoding = decoding_options(draft, speculative, n_draft, kv_window, kv_sinks)
     _check_decoding(decoding, formats, backend, per_model)
     options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel), **decoding}

@@ -111,7 +111,7 @@ def test_config_shapes_and_refusals():
 
 
 @pytest.mark.llamacpp
-def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
+def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama, monkeypatch):
     from edgekit import api
     from edgekit.runtime.llamacpp import LlamaCppBackend
 
@@ -166,6 +166,14 @@ def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
         ("sparse", 1), ("dense", None), ("sparse", 4)]
     reads = [row["roofline"]["bytes_per_token"] for row in rows if row["artifact"]["name"] == "sparse"]
     assert reads[1] > reads[0]  # the roofline counts the experts run, not the file's 2
+    import edgekit.runtime.serve.app as serve_app
+
+    seen = {}  # serve: the mixture-of-experts file runs --experts, the dense one beside it as it is
+    monkeypatch.setattr(serve_app, "serve", lambda config, *a, **k: seen.update(
+        {m: config.options_for(m).get("kv_overrides") for m in config.models}))
+    r = runner.invoke(app, ["serve", str(sparse.path), str(dense.path), "--experts", "all", "--port", "0"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"sparse": {"qwen2moe.expert_used_count": 4}, "dense": None}
     tps = {}
     for e in ("1", "all"):  # the planner counts the experts each token reads
         r = runner.invoke(app, ["plan", str(sparse.path), "--ctx", "256", "--cpu-bandwidth", "20", "--json",
@@ -177,6 +185,8 @@ def test_all_clusters_selected_equals_dense_in_llamacpp(tmp_path, tiny_llama):
     assert "--override-kv qwen2moe.expert_used_count=int:4" in shown.stdout and "--experts all" in shown.stdout
     for args, says in ((["run", str(sparse.path), "-p", "hi", "--experts", "5"], "1 to 4 (this file's experts)"),
                        (["plan", str(sparse.path), "--experts", "5"], "1 to 4 (this file's experts)"),
+                       (["serve", str(sparse.path), "--experts", "5"], "1 to 4 (this file's experts)"),
+                       (["serve", str(dense.path), "--experts", "2"], "has no experts"),
                        (["run", str(sparse.path), "-p", "hi", "--offload", "auto", "--experts", "5"], "1 to 4"),
                        (["run", str(sparse.path), "-p", "hi", "-O", "experts=5"], "1 to 4 (this file's experts)"),
                        (["chat", str(sparse.path), "--experts", "9"], "1 to 4 (this file's experts)"),
