@@ -88,8 +88,9 @@ class ModelShape:
         return not any(t.name == "output.weight" for t in self.tensors)
 
 
-def read_shape(path: str | Path) -> ModelShape:
-    """The :class:`ModelShape` of a GGUF file (header only)."""
+def read_shape(path: str | Path, n_expert_used: int | None = None) -> ModelShape:
+    """The :class:`ModelShape` of a GGUF file (header only); ``n_expert_used``: the experts run per token when
+    ``--experts`` overrides the file's count (the bytes each token reads)."""
     from edgekit.converters.formats.gguf.read import read_gguf_header
 
     p = Path(path)
@@ -125,7 +126,8 @@ def read_shape(path: str | Path) -> ModelShape:
         architecture=str(arch), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
         head_dim_k=head_k, head_dim_v=head_v, n_ff=_scalar(kv(f"{arch}.feed_forward_length", 4 * n_embd)),
         n_vocab=int(vocab), n_ctx_train=int(kv(f"{arch}.context_length", 0) or 0), tensors=tuple(tensors),
-        n_expert=int(kv(f"{arch}.expert_count", 0) or 0), n_expert_used=int(kv(f"{arch}.expert_used_count", 0) or 0),
+        n_expert=int(kv(f"{arch}.expert_count", 0) or 0),
+        n_expert_used=int(n_expert_used if n_expert_used is not None else kv(f"{arch}.expert_used_count", 0) or 0),
         file_bytes=p.stat().st_size,
     )
 

@@ -403,11 +403,7 @@ def auto_plan(model_file: Any, n_ctx: int, *, ram_bytes: int | None = None, vram
     from edgekit.runtime import hostinfo
     from edgekit.runtime.memory import read_shape
 
-    shape = read_shape(model_file)
-    if n_expert_used is not None:  # --experts: the experts each token reads
-        import dataclasses
-
-        shape = dataclasses.replace(shape, n_expert_used=int(n_expert_used))
+    shape = read_shape(model_file, n_expert_used)
     gpus = hostinfo.gpu_devices(strict=False)
     vram = vram_bytes if vram_bytes is not None else sum(int(g["free_bytes"]) for g in gpus[:1])
     ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)
