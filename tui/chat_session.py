@@ -149,31 +149,37 @@ class ChatSession:
     ) -> LiveStats:
         """Add ``user_text``, stream the reply to ``on_text(chunk, stats)`` (chunks batched every
         ``flush_every`` seconds) until done or ``cancel`` is set; the reply (even partial) joins the
-        history. Errors propagate; a crashed backend is dropped so the next call reloads it."""
+        history. Errors propagate; a crashed backend is dropped so the next call reloads it. A turn that
+        fails before any reply (a prompt past the context...) leaves the history as it was, so the next
+        message is not refused for the same reason."""
         self.messages.append({"role": "user", "content": user_text})
         self.save()
         with self._lock:
             live = LiveStats()
-            reply = ""
+            text: list[str] = []
             try:
                 backend = self.ensure_loaded()
                 live.n_ctx = self.n_ctx
                 stats = GenerationStats()
-                reply = self._stream(backend.generate(self.prompt_messages(), sampling, stats),
-                                     stats, live, cancel, on_text, flush_every)
+                self._stream(backend.generate(self.prompt_messages(), sampling, stats),
+                             stats, live, cancel, on_text, flush_every, text)
                 live.stop_reason = "cancelled" if cancel.is_set() else stats.stop_reason
-            except BackendCrashed:
-                self._drop_backend()
+            except BaseException as exc:
+                if isinstance(exc, BackendCrashed):
+                    self._drop_backend()
+                if not text and self.messages[-1:] == [{"role": "user", "content": user_text}]:
+                    self.messages.pop()
+                    self.save()
                 raise
             finally:
-                if reply:
-                    self.messages.append({"role": "assistant", "content": reply})
+                if text:
+                    self.messages.append({"role": "assistant", "content": "".join(text)})
                     self.save()
             return live
 
     def _stream(self, gen: Iterator[str], stats: GenerationStats, live: LiveStats, cancel: threading.Event,
-                on_text: Callable[[str, LiveStats], None], flush_every: float) -> str:
-        text: list[str] = []
+                on_text: Callable[[str, LiveStats], None], flush_every: float, text: list[str]) -> None:
+        """Stream ``gen`` into ``text`` (kept by the caller: a failure mid-reply keeps what came)."""
         pending: list[str] = []
         t_first = last_flush = 0.0
         with contextlib.closing(gen):  # closing stops the generation in the backend
@@ -200,7 +206,6 @@ class ChatSession:
         if stats.tokens_per_second:
             live.tokens_per_second = stats.tokens_per_second
         on_text("".join(pending), live)
-        return "".join(text)
 
     def _drop_backend(self) -> None:
         backend, self.backend = self.backend, None

@@ -116,6 +116,30 @@ async def test_a_crashed_runtime_shows_the_error_panel_and_chat_recovers(real_gg
         assert chat.last_stats.generated_tokens > 0 and chat.session.backend is not None
 
 
+async def test_a_message_past_the_context_comes_back_and_the_chat_goes_on(models):
+    """A prompt longer than the context is refused before any reply: the history forgets it (the next
+    message is not refused for it), the log drops it and the input gets its text back to shorten."""
+    app = EdgekitApp(folder="models", chat=models / "tiny-q8", backend_options={"n_ctx": 256, "n_threads": 2})
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        long = "word " * 200
+        chat.query_one("#chat-input").value = long
+        chat.query_one("#chat-input").focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorPanel), what="the error panel")
+        assert "context holds 256" in app.screen.message
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not chat.busy, what="the turn to end")
+        assert chat.session.messages == [] and ChatSession.open(models / "tiny-q8").messages == []
+        assert list(chat.query(ChatMessage)) == []
+        assert chat.query_one("#chat-input").value == long.strip()
+        assert "back in the input" in str(chat.query_one("#chat-stats").content)
+        chat.query_one("#chat-input").value = ""
+        await _send(pilot, chat, "hi", max_tokens=4)
+        await wait_for(pilot, lambda: not chat.busy and len(chat.session.messages) == 2, what="a reply")
+        assert chat.session.messages[0] == {"role": "user", "content": "hi"}
+
+
 def _notes(app) -> list[tuple[str, str]]:
     """The toasts the app is showing, oldest first, as (message, severity)."""
     return [(n.message, n.severity) for n in app._notifications]

@@ -59,6 +59,8 @@ class ChatScreen(Screen[None]):
         self.busy = False
         self._cancel = threading.Event()
         self._reply: ChatMessage | None = None
+        #: the message being answered: its widget and text (given back to the input if the turn fails)
+        self._asked: tuple[ChatMessage, str, int] | None = None
         self.last_stats: LiveStats | None = None
 
     def compose(self) -> ComposeResult:
@@ -178,7 +180,9 @@ class ChatScreen(Screen[None]):
         event.input.disabled = True
         log = self.query_one("#chat-log", VerticalScroll)
         self._reply = ChatMessage("assistant")
-        await log.mount_all([ChatMessage("user", text), self._reply])
+        asked = ChatMessage("user", text)
+        self._asked = (asked, text, len(self.session.messages))
+        await log.mount_all([asked, self._reply])
         log.scroll_end(animate=False)
         self.busy = True
         self._cancel.clear()
@@ -206,7 +210,7 @@ class ChatScreen(Screen[None]):
         self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
         self._set_status(describe_stats(live, "stopping..." if self._cancel.is_set() else "generating... (Esc stops)"))
 
-    def _on_done(self, session: ChatSession, live: LiveStats | None, exc: BaseException | None) -> None:
+    async def _on_done(self, session: ChatSession, live: LiveStats | None, exc: BaseException | None) -> None:
         if session is not self.session:
             return
         self.busy = False
@@ -214,10 +218,22 @@ class ChatScreen(Screen[None]):
         inp.disabled = False
         inp.focus()
         reply, self._reply = self._reply, None
+        asked, self._asked = self._asked, None
         if exc is not None:
-            if reply is not None:
-                reply.mark("failed")
-            self._set_status("the generation failed; send again to retry (the model reloads if it crashed)")
+            if asked is not None and len(session.messages) == asked[2]:
+                # Nothing came back and the session forgot the message: so does the log, and the text
+                # returns to the input to be shortened or sent again.
+                if reply is not None:
+                    await reply.remove()
+                await asked[0].remove()
+                if not inp.value:
+                    inp.value = asked[1]
+                    inp.cursor_position = len(asked[1])
+                self._set_status("not sent: the message is back in the input (the model reloads if it crashed)")
+            else:
+                if reply is not None:
+                    reply.mark("failed")
+                self._set_status("the generation failed; send again to retry (the model reloads if it crashed)")
             self.app.show_error(exc)  # type: ignore[attr-defined]
             return
         assert live is not None
