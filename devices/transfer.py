@@ -21,6 +21,7 @@ from edgekit.devices.base import (
     Cancel,
     Device,
     InsufficientMemoryError,
+    PushCancelled,
     PushCancelledCheck,
     VerificationError,
 )
@@ -256,25 +257,37 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
             return result
         done = 0
         progress(f"push to {device.id}", 0, to_send)
-        for local, remote, fp in plan:
-            if fp.skipped:
-                continue
-            if posixpath.dirname(remote) != remote_dir:
-                device.makedirs(posixpath.dirname(remote))
-            tmp = partial_name(remote, fp.sha256)
-            if fp.resumed_from == 0:
+        tmp, renamed = "", False
+        try:
+            for local, remote, fp in plan:
+                if fp.skipped:
+                    continue
+                sub = posixpath.dirname(remote)
+                if sub != remote_dir:
+                    created[:0] = [d for d in _missing_dirs(device, sub) if d not in created]
+                    device.makedirs(sub)
+                tmp = partial_name(remote, fp.sha256)
+                if fp.resumed_from == 0:
+                    device.remove(tmp)
+
+                def on_bytes(n: int, _name: str = fp.name) -> None:
+                    nonlocal done
+                    done += n
+                    result.bytes_sent += n
+                    progress(f"{_name} -> {device.id}", done, to_send)
+
+                PushCancelledCheck(cancel)
+                device.append_from(local, tmp, fp.resumed_from, on_bytes, cancel)
+                _verify(device, tmp, fp)
+                device.rename(tmp, remote)
+                renamed = True
+        except PushCancelled:
+            if result.bytes_sent or renamed or any(fp.resumed_from for _, _, fp in plan):
+                raise
+            if tmp:  # opened but never written: nothing to resume
                 device.remove(tmp)
-
-            def on_bytes(n: int, _name: str = fp.name) -> None:
-                nonlocal done
-                done += n
-                result.bytes_sent += n
-                progress(f"{_name} -> {device.id}", done, to_send)
-
-            PushCancelledCheck(cancel)
-            device.append_from(local, tmp, fp.resumed_from, on_bytes, cancel)
-            _verify(device, tmp, fp)
-            device.rename(tmp, remote)
+            _remove_empty(device, created)
+            raise PushCancelled("push cancelled before any byte was sent; the device is as it was") from None
     result.seconds = time.perf_counter() - start
     return result
 

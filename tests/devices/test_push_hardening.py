@@ -86,3 +86,29 @@ class _Liar(HostDevice):
 def test_device_answer_outside_a_folder_is_refused(home, art):
     with pytest.raises(VerificationError, match="not an absolute folder"):
         push(art, _Liar(), PushConfig(dest="~/models"))
+
+
+def test_a_push_cancelled_before_any_byte_leaves_the_device_as_it_was(home, art, tmp_path):
+    import threading
+
+    from edgekit.devices.base import PushCancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    (tmp_path / "board").mkdir()
+    with open_device("host") as dev, pytest.raises(PushCancelled, match="before any byte was sent"):
+        push(art, dev, PushConfig(dest=str(tmp_path / "board" / "models" / "new")), cancel=cancel)
+    assert list((tmp_path / "board").iterdir()) == []  # no folders, no empty partial file
+
+    cancel.clear()
+    seen = []
+
+    def stop_midway(desc: str, done: int, total: int) -> None:
+        seen.append(done)
+        if done:
+            cancel.set()  # the first block is on the device: the partial file stays to be resumed
+
+    dest = tmp_path / "board" / "models"
+    with open_device("host") as dev, pytest.raises(PushCancelled, match="next push resumes it"):
+        push(art, dev, PushConfig(dest=str(dest)), progress=stop_midway, cancel=cancel)
+    assert any(p.name.endswith(".partial") or "partial" in p.name for p in dest.rglob("*")), list(dest.rglob("*"))

@@ -78,6 +78,8 @@ async def test_missing_artifact_shows_the_error_panel(models):
         assert "does not exist" in app.screen.message
         await pilot.press("escape")
         assert screen.outcome == "failed" and screen.cancel_event is None
+        bar = screen.query_one("#pf-progress")
+        assert (bar.total, bar.progress) == (1, 0)  # not left spinning as if the job still ran
 
 
 async def test_offload_field_reaches_the_profiler(models):

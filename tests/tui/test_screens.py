@@ -88,6 +88,7 @@ async def test_convert_runs_in_the_background_and_the_artifact_appears(models, t
         screen = await _convert(pilot, app, tiny_llama, "Q4_0", "out-q4_0")
         await wait_for(pilot, lambda: screen.outcome != "", timeout=60, what="the conversion")
         assert screen.outcome == "done" and screen.last_output.name == "out-q4_0"
+        assert screen.query_one("#cv-progress").percentage == 1
         manifest = json.loads((models.parent / "out-q4_0" / "edgekit.json").read_text())
         assert manifest["preset"] == "Q4_0"
         log = "\n".join(str(line) for line in screen.query_one("#cv-log").lines)
@@ -141,6 +142,8 @@ async def test_convert_bad_form_shows_the_fix(models, tmp_path):
         screen = await _convert(pilot, app, tmp_path / "missing", "4", "")
         await wait_for(pilot, lambda: screen.outcome == "failed", what="the failure")
         assert isinstance(app.screen, ErrorPanel) and "missing" in app.screen.message
+        bar = screen.query_one("#cv-progress")
+        assert (bar.total, bar.progress) == (1, 0)  # not left spinning as if the job still ran
         await pilot.press("escape")
         screen.query_one("#cv-model").value = ""
         await pilot.press("ctrl+r")

@@ -26,6 +26,7 @@ from textual.widgets import (
 
 from edgekit.errors import EdgekitError, InputError
 from edgekit.tui.jobs import CancellableProgress, Cancelled
+from edgekit.tui.widgets.progress import settle
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ class ConvertScreen(Screen[None]):
         self.query_one("#cv-start", Button).disabled = False
         self.query_one("#cv-cancel", Button).disabled = True
         log = self.query_one("#cv-log", RichLog)
+        settle(self.query_one("#cv-progress", ProgressBar), exc is None)
         if isinstance(exc, Cancelled):
             self.outcome = "cancelled"
             self._set_step("cancelled: nothing was written")

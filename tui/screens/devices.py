@@ -17,6 +17,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar
 
 from edgekit.errors import EdgekitError, InputError
 from edgekit.tui.catalog import human_bytes
+from edgekit.tui.widgets.progress import settle
 
 COLUMNS = ("device", "name", "state", "os", "arch", "cores", "RAM", "free storage", "GPUs")
 
@@ -203,6 +204,7 @@ class DevicesScreen(Screen[None]):
 
     def _pushed(self, result: Any) -> None:
         self.cancel_event = None
+        settle(self.query_one("#dev-progress", ProgressBar), True)
         self.outcome = "pushed"
         self.last_result = result
         resumed = sum(1 for f in result.files if f.resumed_from)
@@ -212,9 +214,10 @@ class DevicesScreen(Screen[None]):
 
     def _push_failed(self, exc: BaseException) -> None:
         self.cancel_event = None
+        settle(self.query_one("#dev-progress", ProgressBar), False)
         if type(exc).__name__ == "PushCancelled":
             self.outcome = "cancelled"
-            self._status(f"push cancelled: {exc}")
+            self._status(str(exc))
             return
         self.outcome = "failed"
         self._failed(exc)

@@ -20,6 +20,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar
 from edgekit.errors import EdgekitError, InputError
 from edgekit.fsutil import atomic_file
 from edgekit.tui.catalog import human_bytes
+from edgekit.tui.widgets.progress import settle
 
 COLUMNS = ("artifact", "test", "threads", "tok/s", "±", "TTFT ms", "load s", "peak RSS", "vs earlier", "status")
 
@@ -231,6 +232,7 @@ class ProfileScreen(Screen[None]):
     def _finished(self, status: str, exc: BaseException | None) -> None:
         self.cancel_event = None
         self.outcome = status
+        settle(self.query_one("#pf-progress", ProgressBar), exc is None and status != "interrupted")
         if exc is not None:
             self._status(f"failed after {len(self.rows)} row(s); see the error")
             self.app.show_error(exc)  # type: ignore[attr-defined]
