@@ -140,6 +140,26 @@ async def test_a_message_past_the_context_comes_back_and_the_chat_goes_on(models
         assert chat.session.messages[0] == {"role": "user", "content": "hi"}
 
 
+async def test_the_settings_pane_follows_the_window_width_until_ctrl_s(models):
+    app = _app(models / "tiny-q8")
+    async with app.run_test(size=(140, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        pane = chat.query_one("#chat-settings")
+        assert pane.display
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause()
+        assert not pane.display  # the chat gets the whole width back
+        await pilot.press("f3")  # resized while another screen shows
+        await pilot.resize_terminal(140, 30)
+        await pilot.press("f2")
+        await pilot.pause()
+        assert pane.display
+        await pilot.press("ctrl+s")  # the user's choice wins over the width from now on
+        await pilot.resize_terminal(150, 30)
+        await pilot.pause()
+        assert not pane.display
+
+
 def _notes(app) -> list[tuple[str, str]]:
     """The toasts the app is showing, oldest first, as (message, severity)."""
     return [(n.message, n.severity) for n in app._notifications]

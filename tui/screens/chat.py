@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -28,6 +28,8 @@ SAMPLING_FIELDS = (
     ("seed", "seed", "integer"),
 )
 NO_ARTIFACT = "No artifact open: pick one on the Artifacts screen (F3, then c) or run `edgekit chat PATH`."
+#: the settings pane shows when the window is at least this wide (the chat keeps room beside it)
+SETTINGS_MIN_WIDTH = 110
 
 
 def describe_stats(live: LiveStats, state: str = "") -> str:
@@ -61,6 +63,8 @@ class ChatScreen(Screen[None]):
         self._reply: ChatMessage | None = None
         #: the message being answered: its widget and text (given back to the input if the turn fails)
         self._asked: tuple[ChatMessage, str, int] | None = None
+        #: the settings pane as Ctrl+S left it (None: shown when the window is wide enough)
+        self._settings_shown: bool | None = None
         self.last_stats: LiveStats | None = None
 
     def compose(self) -> ComposeResult:
@@ -82,7 +86,15 @@ class ChatScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#chat-settings").display = self.app.size.width >= 110
+        self._fit_settings(self.app.size.width)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit_settings(event.size.width)
+
+    def _fit_settings(self, width: int) -> None:
+        """The settings pane shows at 110 columns or more, as the window changes, until Ctrl+S decides."""
+        if self._settings_shown is None:
+            self.query_one("#chat-settings").display = width >= SETTINGS_MIN_WIDTH
 
     # -- opening an artifact ------------------------------------------------------------------
 
@@ -265,7 +277,7 @@ class ChatScreen(Screen[None]):
 
     def action_toggle_settings(self) -> None:
         pane = self.query_one("#chat-settings")
-        pane.display = not pane.display
+        pane.display = self._settings_shown = not pane.display
 
     async def action_clear_history(self) -> None:
         if self.session is None or self.busy:
