@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from textual import events
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -23,6 +24,7 @@ from edgekit.tui.screens.convert import ConvertScreen
 from edgekit.tui.screens.devices import DevicesScreen
 from edgekit.tui.screens.dialogs import ErrorPanel, HelpScreen, error_text, error_title
 from edgekit.tui.screens.profile import ProfileScreen
+from edgekit.tui.widgets.footer import SCREENS_HINT, narrow
 
 SCREEN_KEYS = {"chat": "f2", "artifacts": "f3", "convert": "f4", "profile": "f5", "devices": "f6"}
 
@@ -52,9 +54,18 @@ class EdgekitApp(App[None]):
         self.backend_options = dict(backend_options or {})
 
     async def on_mount(self) -> None:
+        self._fit_footer()
         await self.switch_mode(self.start)
         if self.chat_target is not None:
             await self.open_in_chat(self.chat_target)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit_footer()
+        self.refresh_bindings()  # the footer lays its keys out again for the new width
+
+    def _fit_footer(self) -> None:
+        """A narrow footer leaves the screen keys out (widgets/footer.py): the header names them."""
+        self.sub_title = SCREENS_HINT if narrow(self.size.width) else ""
 
     # -- navigation ---------------------------------------------------------------------------
 

@@ -54,6 +54,11 @@ async def test_short_profile_fills_table_charts_history_and_exports(models, tmp_
         data = json.loads((tmp_path / "runs.json").read_text())
         assert data["rows"][0]["test"] == "tg16" and data["rows"][0]["artifact"]["name"] == "tiny-q8"
         assert (tmp_path / "runs.png").read_bytes()[:4] == b"\x89PNG"
+        table = screen.query_one("#pf-table")
+        assert screen.query_one("#pf-charts").display and table.size.height >= 8
+        await pilot.resize_terminal(80, 24)  # the charts give their room to the rows
+        await pilot.pause()
+        assert not screen.query_one("#pf-charts").display and table.size.height >= 5
 
 
 async def test_cancel_keeps_the_finished_rows(models):

@@ -12,11 +12,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, Static
+from textual.widgets import DataTable, Header, Input, Label, Static
 
 from edgekit.evaluate import provenance_label
 from edgekit.tui.catalog import ArtifactRow, delete_artifact, find_artifacts, human_bytes, row_for
 from edgekit.tui.screens.dialogs import Confirm
+from edgekit.tui.widgets.footer import KeysFooter
 
 COLUMNS = ("name", "format", "method", "quant", "size", "bpw", "ppl", "KL")
 
@@ -48,7 +49,7 @@ class ArtifactsScreen(Screen[None]):
         table.add_columns(*COLUMNS)
         yield table
         yield Static("", id="artifacts-status", markup=False)
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.rescan()

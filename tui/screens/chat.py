@@ -10,12 +10,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, Static, TextArea
+from textual.widgets import Header, Input, Label, Static, TextArea
 
 from edgekit.errors import EdgekitError
 from edgekit.runtime.base import SamplingConfig
 from edgekit.tui.chat_session import ChatSession, LiveStats
 from edgekit.tui.widgets.chat import ChatMessage
+from edgekit.tui.widgets.footer import KeysFooter
 
 # Sampling fields shown in the settings pane: (SamplingConfig field, label, Input type).
 SAMPLING_FIELDS = (
@@ -83,7 +84,7 @@ class ChatScreen(Screen[None]):
                 for name, label, kind in SAMPLING_FIELDS:
                     yield Label(label)
                     yield Input(str(getattr(defaults, name)), id=f"s-{name}", type=kind, classes="sampling")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self._fit_settings(self.app.size.width)

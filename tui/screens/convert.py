@@ -14,7 +14,6 @@ from textual.screen import Screen
 from textual.widgets import (
     Button,
     Checkbox,
-    Footer,
     Header,
     Input,
     Label,
@@ -26,6 +25,7 @@ from textual.widgets import (
 
 from edgekit.errors import EdgekitError, InputError
 from edgekit.tui.jobs import CancellableProgress, Cancelled
+from edgekit.tui.widgets.footer import KeysFooter
 from edgekit.tui.widgets.progress import settle
 
 
@@ -131,7 +131,7 @@ class ConvertScreen(Screen[None]):
         yield Static("", id="cv-step", markup=False)
         yield ProgressBar(total=1, id="cv-progress", show_eta=False)
         yield RichLog(id="cv-log", max_lines=200, wrap=True, markup=False)
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.query_one("#cv-model", Input).focus()

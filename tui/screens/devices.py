@@ -13,10 +13,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import DataTable, Header, Input, Label, ProgressBar, Static
 
 from edgekit.errors import EdgekitError, InputError
 from edgekit.tui.catalog import human_bytes
+from edgekit.tui.widgets.footer import KeysFooter
 from edgekit.tui.widgets.progress import settle
 
 COLUMNS = ("device", "name", "state", "os", "arch", "cores", "RAM", "free storage", "GPUs")
@@ -70,7 +71,7 @@ class DevicesScreen(Screen[None]):
             yield Input("4096", id="dev-ctx", type="integer", tooltip="context length the RAM check assumes")
         yield Static("", id="dev-status", markup=False)
         yield ProgressBar(total=1, id="dev-progress", show_eta=False)
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.action_rescan()

@@ -10,18 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
+from textual.widgets import DataTable, Header, Input, Label, ProgressBar, Select, Static
 
 from edgekit.errors import EdgekitError, InputError
 from edgekit.fsutil import atomic_file
 from edgekit.tui.catalog import human_bytes
+from edgekit.tui.widgets.footer import KeysFooter
 from edgekit.tui.widgets.progress import settle
 
+#: the window height from which the two charts show above the results table
+CHARTS_MIN_HEIGHT = 32
 COLUMNS = ("artifact", "test", "threads", "tok/s", "±", "TTFT ms", "load s", "peak RSS", "vs earlier", "status")
 
 
@@ -142,13 +145,17 @@ class ProfileScreen(Screen[None]):
             yield Input("profile.json", id="pf-export", tooltip=".json or .png; Ctrl+O writes it")
         yield Static("", id="pf-status", markup=False)
         yield ProgressBar(total=1, id="pf-progress", show_eta=False)
-        yield Footer()
+        yield KeysFooter()
 
     @staticmethod
     def _plot(ident: str) -> Any:
         from textual_plotext import PlotextPlot
 
         return PlotextPlot(id=ident, classes="chart")
+
+    def on_resize(self, event: events.Resize) -> None:
+        # Below this height the charts would leave the results table a single row: the rows matter more.
+        self.query_one("#pf-charts").display = event.size.height >= CHARTS_MIN_HEIGHT
 
     def on_mount(self) -> None:
         try:
