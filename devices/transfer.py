@@ -144,15 +144,11 @@ def artifact_files(art: Artifact, scratch: Path) -> list[tuple[Path, str]]:
 def ram_needed(art: Artifact, ctx: int) -> int | None:
     """Memory to run the artifact at ``ctx``: its backend's memory model when it declares one, else the
     size of its model files."""
-    from edgekit.errors import UnsupportedError
-    from edgekit.runtime.base import MemoryModel, backend_for_format
+    from edgekit.runtime.base import memory_to_run
 
-    try:
-        backend = backend_for_format(art.format)
-    except UnsupportedError:
-        backend = None
-    if isinstance(backend, MemoryModel):
-        return int(backend.memory_estimate(art.model_file, ctx).ram_bytes)
+    modelled = memory_to_run(art.format, art.model_file, ctx)
+    if modelled is not None:
+        return modelled[1]
     return sum(f.stat().st_size for f in art.path.glob(art.model_file.name + "*"))
 
 

@@ -409,4 +409,12 @@ def inspect(target: str | Path, ctx: int = 4096) -> dict[str, Any]:
     if p.is_dir() and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists() and not is_pipeline(p):
         check_ctx(ctx)
         return describe_checkpoint(HFCheckpoint.open(p), ctx)
-    return describe(Artifact.open(target), ctx)
+    art = Artifact.open(target)
+    info = describe(art, ctx)
+    if "memory" in info:  # what the runtime's memory model predicts, beside the weights + KV cache count
+        from edgekit.runtime.base import memory_to_run
+
+        modelled = memory_to_run(art.format, art.model_file, ctx)
+        if modelled is not None:
+            info["memory"]["to_run"] = {"runtime": modelled[0], "bytes": modelled[1]}
+    return info

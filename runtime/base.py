@@ -289,6 +289,19 @@ def backend_for_format(fmt: str, backend: str | None = None) -> type[Backend]:
     raise UnsupportedError(f"no runtime for {fmt!r} artifacts in this edgekit ({hint}); it runs: {have}")
 
 
+def memory_to_run(fmt: str, model_file: Path, ctx: int) -> tuple[str, int] | None:
+    """(backend name, predicted peak resident bytes at ``ctx`` on the CPU) from the memory model of the
+    backend that runs format ``fmt``: weights, KV cache, compute buffers and the runtime's own. None when
+    no backend here runs the format or its backend declares no memory model."""
+    try:
+        backend = backend_for_format(fmt)
+    except UnsupportedError:
+        return None
+    if not isinstance(backend, MemoryModel):
+        return None
+    return backend.name, int(backend.memory_estimate(model_file, ctx).ram_bytes)
+
+
 # What a user can do about a format edgekit writes or knows but cannot run here.
 _RUNTIME_HINTS: dict[str, str] = {}
 

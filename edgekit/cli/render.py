@@ -38,8 +38,11 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
     row("size", f"{mb(info['file_bytes'])} file, {mb(info['weight_bytes'])} weights, {info['bpw']:.3f} bits/weight")
     mem = info["memory"]
     kv, kv_type = (mem["kv_cache_f16"], "f16") if "kv_cache_f16" in mem else (mem["kv_cache"], mem["kv_type"])
+    run = mem.get("to_run")
+    rest = (f"; {mb(run['bytes'])} at peak to run on {run['runtime']} (with its compute buffers)" if run
+            else ", plus compute buffers")
     row(f"memory @ ctx {mem['ctx']}", f"{mb(mem['total'])} = {mb(mem['weights'])} weights + "
-                                      f"{mb(kv)} KV cache ({kv_type}), plus compute buffers")
+                                      f"{mb(kv)} KV cache ({kv_type}){rest}")
     if info.get("onnx"):
         o = info["onnx"]
         row("onnx", f"opset {o['opset']}, IR {o['ir_version']}; ops "

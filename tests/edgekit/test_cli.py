@@ -51,7 +51,15 @@ def test_convert_then_inspect(tiny_q4):
     assert info["architecture"] == "llama" and info["hparams"]["block_count"] == 2
     assert {t["name"] for t in info["tensors"]} == set(manifest["tensors"])
     assert info["memory"]["kv_cache_f16"] == 2 * 2 * 1024 * 2 * 64 * 2  # K+V, layers, ctx, kv heads x dim, f16
-    assert "tensor types" in cli("inspect", tiny_q4)
+    # the peak to run is the figure `push` checks a device's RAM against: one memory model, not two
+    from edgekit.artifact import Artifact
+    from edgekit.devices.transfer import ram_needed
+
+    run = info["memory"]["to_run"]
+    assert run["runtime"] == "llamacpp" and run["bytes"] == ram_needed(Artifact.open(tiny_q4), 1024)
+    assert run["bytes"] > info["memory"]["total"]  # compute buffers and the runtime's own on top
+    text = cli("inspect", tiny_q4)
+    assert "tensor types" in text and "at peak to run on llamacpp" in " ".join(text.split())
 
 
 @pytest.mark.llamacpp

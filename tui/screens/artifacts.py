@@ -198,7 +198,9 @@ class InspectScreen(ModalScreen[None]):
             f"{hp['embedding_length']}, vocab {hp['vocab_size']}",
             f"{info['n_params'] / 1e6:.2f} M parameters  ·  {human_bytes(info['file_bytes'])}  ·  "
             f"{info['bpw']:.3f} bits/weight  ·  memory at ctx {info['memory']['ctx']}: "
-            f"{human_bytes(info['memory']['total'])} (weights + KV cache)",
+            f"{human_bytes(info['memory']['total'])} (weights + KV cache)" + (
+                f", {human_bytes(run['bytes'])} at peak to run on {run['runtime']}"
+                if (run := info["memory"].get("to_run")) else ""),
             f"types: {types}",
         ]
         if info["fallbacks"]:
