@@ -66,12 +66,21 @@ __all__ = [
 def default_output(model: Path, fmt: str, recipe: ConvertRecipe) -> Path:
     """Where ``convert`` writes without ``output``: the model library (:mod:`edgekit.library`), under the
     name ``<model>-<format>-<quantization>`` in lower case: ``./SmolLM2-135M`` + gguf, 4 bits ->
-    ``<store>/smollm2-135m-gguf-q4_k_m``."""
+    ``<store>/smollm2-135m-gguf-q4_k_m``. What else tells two conversions of one model apart follows:
+    a method other than the format's default (``-gptq``, ``-awq+gptq``), per-tensor overrides
+    (``-custom``) and a sparse FFN (``-sparse``); so converting again by another method does not
+    collide with the first."""
     pruned = ""
     if recipe.prune:
         kind, _, rest = recipe.prune.partition(":")
         pruned = f"d{rest}" if kind == "depth" and rest.isdigit() else kind
-    return library.store_dir(create=True) / library.artifact_name(model.name, pruned, default_output_suffix(fmt, recipe))
+    tags = [recipe.method] if recipe.method not in ("rtn", default_method(fmt)) else []
+    if recipe.tensor_types:
+        tags.append("custom")
+    if recipe.extra.get("sparse_ffn") is not None or recipe.extra.get("sparse_clusters") is not None:
+        tags.append("sparse")
+    return library.store_dir(create=True) / library.artifact_name(model.name, pruned, default_output_suffix(fmt, recipe),
+                                                                  *tags)
 
 
 def default_output_suffix(fmt: str, recipe: ConvertRecipe) -> str:

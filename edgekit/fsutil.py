@@ -169,7 +169,8 @@ def _check_dest(dest: Path, force: bool, replaceable: Callable[[Path], bool], ag
         raise OutputExistsError(f"{dest} exists and is not an edgekit artifact; --force only replaces those, so "
                                 "nothing was touched: choose another -o")
     if not force:
-        raise OutputExistsError(f"{dest} already exists; pass --force to replace it or choose another -o")
+        raise OutputExistsError(f"{dest} already exists; pass --force (SDK: force=True) to replace it or choose "
+                                "another -o (output=)")
 
 
 def _lock(fd: int) -> bool:

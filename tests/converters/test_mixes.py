@@ -529,3 +529,14 @@ def test_iquant_fallbacks_on_smollm2():
     assert mix["token_embd.weight"].type == T.Q8_0
     plain = assign_types(SMOL, "IQ3_XXS", SMOL_ARCH)
     assert types(plain, "ffn_down", 30) == [T.Q4_K] * 3 + [T.Q3_K] * 27
+
+
+def test_every_type_tensor_type_accepts_has_an_encoder():
+    """--tensor-type refuses up front what the writer could not write (MXFP4, NVFP4, Q1_0 had passed the
+    name check and then failed as an 'unknown storage grid' with a list of ~120 other formats' grids)."""
+    from edgekit.converters.formats.gguf.mixes import WRITABLE_TYPES, parse_override
+    from edgekit.converters.quantize.grids.base import GRIDS
+
+    assert {t.lower() for t in WRITABLE_TYPES} <= set(GRIDS.names())
+    with pytest.raises(UnsupportedError, match="unknown tensor type .MXFP4.; valid: F32"):
+        parse_override("ffn_down=MXFP4")

@@ -35,6 +35,13 @@ def store(tmp_path, monkeypatch) -> Path:
     ("onnx", api.ConvertRecipe(bits=32), "onnx-fp32"),
     ("onnx", api.ConvertRecipe(bits=None, size=50_000_000), "onnx-50mb"),
     ("coreml", api.ConvertRecipe(bits=16), "coreml-fp16"),
+    # what tells two conversions of one model apart: another method, per-tensor overrides, a sparse FFN
+    ("gguf", api.ConvertRecipe(bits=4, method="gptq"), "gguf-q4_k_m-gptq"),
+    ("gguf", api.ConvertRecipe(bits=4, method="awq+gptq"), "gguf-q4_k_m-awq+gptq"),
+    ("onnx", api.ConvertRecipe(bits=4, method="gptq"), "onnx-uint4_b32-gptq"),
+    ("gguf", api.ConvertRecipe(bits=None, preset="Q4_0", tensor_types=(("ffn_down", "Q6_K"),)), "gguf-q4_0-custom"),
+    ("gguf", api.ConvertRecipe(bits=4, extra={"sparse_ffn": "0.5"}), "gguf-q4_k_m-sparse"),
+    ("aqlm", api.ConvertRecipe(bits=2, method="aqlm"), "aqlm-2x8"),  # its own method is its default
 ])
 def test_one_naming_scheme_for_every_format(store, fmt, recipe, suffix):
     out = api.default_output(Path("/models/SmolLM2-135M-Instruct"), fmt, recipe)

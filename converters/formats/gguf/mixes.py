@@ -88,8 +88,10 @@ PRESET_ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q
 BITS_TO_PRESET: dict[int, str] = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
 
 # Types a tensor can be written as (and named in --tensor-type). The integer types, F64 and the
-# Q8_1/Q8_K intermediates are not storage types for weights.
-_NOT_WRITABLE = {T.I8, T.I16, T.I32, T.I64, T.F64, T.Q8_1, T.Q8_K}
+# Q8_1/Q8_K intermediates are not storage types for weights; MXFP4, NVFP4 and Q1_0, which the gguf
+# library names, have no encoder in edgekit (no grid in converters/quantize/grids/ggml.py).
+_NOT_WRITABLE = {T.I8, T.I16, T.I32, T.I64, T.F64, T.Q8_1, T.Q8_K,
+                 *(getattr(T, n) for n in ("MXFP4", "NVFP4", "Q1_0") if hasattr(T, n))}
 WRITABLE_TYPES: dict[str, GGMLQuantizationType] = {t.name: t for t in T if t not in _NOT_WRITABLE}
 
 _FLOAT_TYPES = {T.F32, T.F16, T.BF16}
