@@ -96,6 +96,20 @@ class ArchSpec:
     packing: Packing | None = None
     gguf_extra: dict[str, object] = field(default_factory=dict)
 
+    def check_config(self, cfg: dict, source: str) -> None:
+        """What the runtimes' graphs fix whatever config.json says: a packed family checks its own
+        (:mod:`edgekit.packing`); the others compute SiLU-gated FFNs (llama.cpp's llama and qwen2 graphs,
+        edgekit's ONNX and Core ML graphs), so another activation would convert into a different model."""
+        if self.packing is not None:
+            self.packing.check_config(cfg, source)
+            return
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedError(
+                f"{source}: hidden_act is {act!r}, but the {self.gguf_arch} graphs edgekit writes compute SiLU "
+                "in the FFN, so the converted model would give different answers; edgekit converts SiLU "
+                "(SwiGLU) checkpoints of this family")
+
     @property
     def linear_suffixes(self) -> tuple[str, ...]:
         """Per-layer suffixes of the decoder's 2-D linear weights (what ternary and QAT methods replace)."""

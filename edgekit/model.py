@@ -156,8 +156,7 @@ class HFCheckpoint:
         check_config(config, source)
         spec = spec_for(config.get("architectures"))
         hparams = HParams.from_config(config, source)
-        if spec.packing is not None:
-            spec.packing.check_config(config, source)
+        spec.check_config(config, source)
         files = cls._weight_files(p)
         tensors: dict[str, TensorRef] = {}
         for f in files:

@@ -78,6 +78,22 @@ def test_unsupported_architecture_lists_supported(tiny_llama, tmp_path):
     assert_clean_error(*run_cli("convert", m), "GPTNeoXForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
+def test_an_activation_the_graphs_do_not_compute_is_refused(tiny_llama, tmp_path):
+    """llama.cpp's llama graph computes SiLU whatever config.json says: a GELU Llama would convert into
+    another model, silently."""
+    m = copy_model(tiny_llama, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["hidden_act"] = "gelu_new"
+    (m / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(*run_cli("convert", m, "-o", tmp_path / "out"), "hidden_act is 'gelu_new'", "SiLU")
+    assert not (tmp_path / "out").exists()
+    cfg["hidden_act"] = "silu"
+    (m / "config.json").write_text(json.dumps(cfg))
+    from edgekit.model import HFCheckpoint
+
+    assert HFCheckpoint.open(m).spec.gguf_arch == "llama"
+
+
 def test_missing_tokenizer(tiny_llama, tmp_path):
     m = copy_model(tiny_llama, tmp_path / "m")
     (m / "tokenizer.json").unlink()
