@@ -408,11 +408,21 @@ neurons_cmd.register(app)
 diffusion_cmd.register(app)
 
 
-def main() -> None:
+def unwind_on_signals() -> None:
+    """`kill` (SIGTERM) and a closed terminal or SSH session (SIGHUP) unwind like Ctrl-C, so temporary
+    outputs are removed instead of left behind. A SIGHUP ignored on purpose (``nohup``) stays ignored."""
     import signal
 
-    # `kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed instead of left behind.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    def leave(signum: int, frame: object) -> None:
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, leave)
+
+
+def main() -> None:
+    unwind_on_signals()
     app()
 
 

@@ -206,9 +206,10 @@ def test_artifact_with_broken_manifest(tmp_path):
 
 
 def test_killed_writer_leaves_nothing_and_is_swept(tmp_path):
-    """A conversion killed with SIGTERM removes its temporary folder; one left by a SIGKILLed writer
-    (its pid gone) is swept by the next write of the same output."""
+    """A conversion killed with SIGTERM, or whose terminal closed (SIGHUP), removes its temporary folder; one
+    left by a SIGKILLed writer (its pid gone) is swept by the next write of the same output."""
     import os
+    import signal
     import subprocess
     import sys
     import time
@@ -219,13 +220,23 @@ def test_killed_writer_leaves_nothing_and_is_swept(tmp_path):
     code = ("import time, sys\nfrom pathlib import Path\nfrom edgekit.fsutil import atomic_dir\n"
             f"with atomic_dir(Path({str(dest)!r})) as t:\n    (t / 'x').write_text('1')\n    print('ready', flush=True)\n"
             "    time.sleep(60)\n")
-    # the CLI's SIGTERM handler turns the signal into an exit that unwinds atomic_dir
-    wrapper = f"import signal, sys\nsignal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))\n{code}"
-    p = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, text=True)
+    # the CLI's handlers turn SIGTERM (kill) and SIGHUP (the terminal closed) into an exit that unwinds atomic_dir
+    wrapper = f"from edgekit.cli.main import unwind_on_signals\nunwind_on_signals()\n{code}"
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        p = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(sig)
+        assert p.wait(30) == 128 + sig
+        assert list(tmp_path.iterdir()) == []
+    # under nohup (SIGHUP ignored) the hangup is ignored as the user asked
+    nohup = f"import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n{wrapper}"
+    p = subprocess.Popen([sys.executable, "-c", nohup], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert p.poll() is None
     p.terminate()
-    assert p.wait(30) == 143
-    assert list(tmp_path.iterdir()) == []
+    assert p.wait(30) == 143 and list(tmp_path.iterdir()) == []
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     p.kill()
