@@ -251,7 +251,7 @@ class StreamsLongText(Protocol):
 
 
 def capabilities(cls: type[Backend]) -> list[str]:
-    """The capabilities a backend declares, by name (what ``edgekit list`` shows)."""
+    """The capabilities a backend declares, by name (what ``edgekit registry`` shows)."""
     caps = [name for name, proto in (("memory-model", MemoryModel), ("sizes-weights", SizesWeights),
                                      ("offload-plan", OffloadPlanner),
                                      ("in-process-bench", InProcessBench), ("reports-memory", ReportsMemory),

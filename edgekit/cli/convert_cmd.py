@@ -64,7 +64,7 @@ def convert(
                                        "distillation from the float one for this long (60m, 2h); Ctrl-C and re-run "
                                        "resume it."),
     steps: str = typer.Option("", "--steps", help="More layer steps by name, comma-separated (see 'edgekit "
-                              "list'), run with the method's in stage order; e.g. --method imatrix --steps awq."),
+                              "registry'), run with the method's in stage order; e.g. --method imatrix --steps awq."),
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence."),
@@ -205,8 +205,9 @@ def convert(
         out.print_json(json.dumps(m))
         return
     fallbacks = sum(1 for t in m.get("tensors", {}).values() if "wanted" in t)
-    say(out, f"{art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, {m['preset']}, "
-             f"{fallbacks} tensors fell back: see 'edgekit inspect')", "wrote", "green")
+    fell = (f", {fallbacks} tensor{'s' if fallbacks != 1 else ''} fell back to another type: see 'edgekit inspect'"
+            if fallbacks else "")
+    say(out, f"{art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, {m['preset']}{fell})", "wrote", "green")
 
 
 def _check_format_flags(to: str, flags: dict[str, tuple[str, Any]]) -> None:

@@ -102,8 +102,9 @@ def show(
             ("size", f"{_mb(library.folder_bytes(art.path))} MB, {m.get('bpw', '-')} bpw, "
                      f"{m.get('n_params', 0):,} parameters"),
             ("source", f"{src.get('path', '-')} ({src.get('architecture', '?')}, sha256 {str(src.get('sha256', ''))[:12]})"),
-            ("recipe", ", ".join(f"{k} {v}" for k, v in recipe.items() if k in ("method", "bits", "preset", "bpw", "size",
-                                                                              "prune") and v not in (None, [], ""))),
+            ("recipe", ", ".join([f"{k} {v}" for k, v in recipe.items() if k in ("method", "bits", "preset", "bpw", "size",
+                                                                               "prune") and v not in (None, [], "")]
+                                 + [f"--tensor-type {p}={t}" for p, t in recipe.get("tensor_types") or ()])),
             ("created", f"{m.get('created', '-')} by edgekit {(m.get('tools') or {}).get('edgekit', '?')}")]
     if isinstance(m.get("budget"), dict):
         b = m["budget"]

@@ -121,7 +121,7 @@ def run(
     offload: str = typer.Option("none", "--offload", help="'auto': GPU layers / tensor placement from `edgekit plan`."),
     vram: str | None = typer.Option(None, "--vram", help="With --offload auto: the GPU memory budget, e.g. 2GiB "
                                     "(default: the GPU's free memory)."),
-    backend: str | None = typer.Option(None, "--backend", help="Runtime to use (see `edgekit list`; default: the "
+    backend: str | None = typer.Option(None, "--backend", help="Runtime to use (see `edgekit registry`; default: the "
                                        "preferred one for the artifact's format)."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tokens/s on stderr at the end."),
     draft: Path | None = typer.Option(None, "--draft", help=DRAFT_HELP),

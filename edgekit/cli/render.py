@@ -54,7 +54,8 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
     if info.get("recipe"):
         r = info["recipe"]
         row("recipe", f"method {r.get('method')}, preset {info.get('preset') or r.get('preset')}"
-                       + (f" (--bits {r['bits']})" if r.get("bits") else ""))
+                       + (f" (--bits {r['bits']})" if r.get("bits") else "")
+                       + "".join(f", --tensor-type {p}={t}" for p, t in r.get("tensor_types") or ()))
     if info.get("pruned"):
         row("pruned", pruning_line(info["pruned"]))
     if info.get("sparsity"):
@@ -67,7 +68,8 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         row("sparse FFN", sparse_ffn_line(info["sparse_ffn"]))
     if info["fallbacks"]:
         summary = ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items())
-        row("fallbacks", f"{info['fallbacks']} tensors ({summary}): row width not a multiple of the "
+        n = info["fallbacks"]
+        row("fallbacks", f"{n} tensor{'s' if n != 1 else ''} ({summary}): row width not a multiple of the "
                          "K-quant super-block (256), same rule as llama.cpp")
     for e in info.get("eval", [])[-3:]:
         if "fid" in e:  # a diffusion model's images

@@ -135,3 +135,14 @@ def test_ps_finds_a_llama_cpp_worker_and_its_model(store, tiny_llama):
         assert backend.name == "llamacpp"
         pid = backend.pid
     assert not [w for w in processes.workers() if w.pid == pid]
+
+
+def test_a_tensor_type_override_is_named_and_shown(store, tiny_llama):
+    """`--tensor-type` gets its own name (beside the plain conversion, not over it), and show/inspect say it."""
+    r = cli("convert", tiny_llama, "--type", "Q8_0", "--tensor-type", "ffn_down=Q4_0")
+    assert r.exit_code == 0, r.output
+    assert "fell back" not in r.stdout  # nothing fell back: no pointer to inspect
+    name = "llama-gguf-q8_0-custom"
+    assert (store / name / "edgekit.json").is_file()
+    assert "--tensor-type ffn_down=Q4_0" in cli("show", name).stdout
+    assert "--tensor-type ffn_down=Q4_0" in " ".join(cli("inspect", name).stdout.split())
