@@ -167,8 +167,9 @@ def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertR
     except OSError as exc:
         raise InputError(f"cannot create {out.parent}: {exc.strerror or exc}; choose a writable -o") from exc
     scratch = stack.enter_context(temp_dir(out.parent, out.name, "import"))
-    import_gguf(src, scratch / "model", progress=progress)
-    return HFCheckpoint.open(scratch / "model"), out, src
+    # the folder's name is the model's in what it converts to (GGUF's general.name): the file's, not "model"
+    import_gguf(src, scratch / src.stem, progress=progress)
+    return HFCheckpoint.open(scratch / src.stem), out, src
 
 
 def _write(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | None, recipe: ConvertRecipe,
@@ -224,7 +225,7 @@ def _structured(ckpt: HFCheckpoint, recipe: ConvertRecipe, quantizer: Quantizer,
 
     calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
     with temp_dir(out.parent, out.name, "prune") as scratch:
-        path, info = structure.apply(ckpt, recipe.prune, calib, scratch / "model", progress)
+        path, info = structure.apply(ckpt, recipe.prune, calib, scratch / ckpt.path.name, progress)  # keeps its name
         if recipe.heal is not None:
             from edgekit.converters.structure.heal import heal
 

@@ -66,6 +66,7 @@ def test_depth_pruned_gguf_runs_like_the_pruned_pytorch_model(four_blocks, tmp_p
     assert p["dropped_layers"] == [2] and p["n_layer"] == 3 and p["n_layer_source"] == 4
     assert art.manifest["source"]["path"] == str(four_blocks.resolve())
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")], "the scratch checkpoint was left behind"
+    assert api.inspect(art.path)["name"] == four_blocks.name  # the model's name, not the scratch folder's
     with api.open_backend(art, n_ctx=128) as be:
         got = be.logits(TOKENS)
     ref = _torch_logits(four_blocks, drop=(2,))

@@ -40,6 +40,10 @@ def test_every_format_takes_a_gguf(fmt, tiny_gguf, tmp_path):
     assert m["format"] == fmt and m["source"]["imported_from"] == "gguf"
     assert m["source"]["path"] == str(tiny_gguf.resolve()) and m["source"]["sha256"] == sha256_files([tiny_gguf])
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no scratch import left beside it
+    if fmt == "gguf":  # the model keeps a name: the file's, not the scratch folder's ("model")
+        from edgekit import api
+
+        assert api.inspect(out)["name"] == "tiny.F16"
 
 
 def test_a_refused_option_stops_before_the_import(tiny_gguf, tmp_path, monkeypatch):
