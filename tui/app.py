@@ -24,7 +24,6 @@ from edgekit.tui.screens.convert import ConvertScreen
 from edgekit.tui.screens.devices import DevicesScreen
 from edgekit.tui.screens.dialogs import ErrorPanel, HelpScreen, error_text, error_title
 from edgekit.tui.screens.profile import ProfileScreen
-from edgekit.tui.widgets.footer import SCREENS_HINT, narrow
 
 SCREEN_KEYS = {"chat": "f2", "artifacts": "f3", "convert": "f4", "profile": "f5", "devices": "f6"}
 
@@ -54,18 +53,12 @@ class EdgekitApp(App[None]):
         self.backend_options = dict(backend_options or {})
 
     async def on_mount(self) -> None:
-        self._fit_footer()
         await self.switch_mode(self.start)
         if self.chat_target is not None:
             await self.open_in_chat(self.chat_target)
 
     def on_resize(self, event: events.Resize) -> None:
-        self._fit_footer()
-        self.refresh_bindings()  # the footer lays its keys out again for the new width
-
-    def _fit_footer(self) -> None:
-        """A narrow footer leaves the screen keys out (widgets/footer.py): the header names them."""
-        self.sub_title = SCREENS_HINT if narrow(self.size.width) else ""
+        self.refresh_bindings()  # the footer lays its keys out again for the new width (widgets/footer.py)
 
     # -- navigation ---------------------------------------------------------------------------
 
@@ -95,6 +88,18 @@ class EdgekitApp(App[None]):
         profile = self.get_screen("profile")
         assert isinstance(profile, ProfileScreen)
         profile.set_targets(paths)
+
+    async def open_in_devices(self, path: Path) -> None:
+        await self.switch_mode("devices")
+        devices = self.get_screen("devices")
+        assert isinstance(devices, DevicesScreen)
+        devices.set_artifact(path)
+
+    def artifact_deleted(self, path: Path) -> None:
+        """An artifact was deleted: the chat open on it closes and its history goes with it."""
+        chat = self.get_screen("chat")
+        assert isinstance(chat, ChatScreen)
+        self.call_later(chat.forget, path)
 
     def artifact_added(self, path: Path) -> None:
         """A conversion finished: the artifacts list shows it (even outside the scanned folder)."""

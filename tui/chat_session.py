@@ -80,6 +80,8 @@ class ChatSession:
     #: Why the offload planner split the model as it did (``offload="auto"``), once loaded.
     offload_reason: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: False once the artifact is deleted: nothing is written for it any more (a reply ending later included)
+    keep_history: bool = True
 
     @classmethod
     def open(cls, target: str | Path, **options: Any) -> ChatSession:
@@ -106,6 +108,8 @@ class ChatSession:
 
     def save(self) -> None:
         """Write the history atomically (a read-only cache only loses the history)."""
+        if not self.keep_history:
+            return
         with contextlib.suppress(OSError):
             dest = history_path(self.key_path)
             with atomic_file(dest) as tmp:

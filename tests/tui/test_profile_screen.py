@@ -100,3 +100,12 @@ async def test_offload_field_reaches_the_profiler(models):
         screen.query_one("#pf-offload").value = "none"
         _, cfg = screen.config()
         assert cfg.offload_auto is False
+
+
+def test_one_timing_has_no_spread():
+    from edgekit.tui.screens.profile import row_cells
+
+    row = {"artifact": {"name": "a"}, "test": "tg16", "config": {"n_threads": 1}, "tps_mean": 10.0,
+           "tps_stddev": 0.0, "reps": 1, "status": "ok"}
+    assert row_cells(row, None)[4] == "-"
+    assert row_cells({**row, "reps": 3, "tps_stddev": 0.25}, None)[4] == "0.2"

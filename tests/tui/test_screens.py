@@ -57,6 +57,29 @@ async def test_artifacts_open_in_chat_and_profile(models):
         assert app.current_mode == "chat"
         await wait_for(pilot, lambda: chat.session is not None and not chat.busy, what="the chat to open")
         assert chat.session.artifact.name == "tiny-q8"  # the screen kept its cursor on the second row
+        await pilot.press("f3", "u")  # to the devices screen, the artifact filled in for a fit check or push
+        assert app.current_mode == "devices"
+        assert app.screen.query_one("#dev-artifact").value.endswith("tiny-q8")
+
+
+async def test_deleting_the_artifact_open_in_chat_closes_it_and_its_history(models):
+    from edgekit.tui.chat_session import ChatSession, history_path
+
+    session = ChatSession.open(models / "tiny-q8")
+    session.messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    session.save()
+    assert history_path(models / "tiny-q8").exists()
+    app = EdgekitApp(folder="models", chat=models / "tiny-q8", backend_options={"n_ctx": 512, "n_threads": 2})
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = app.get_screen("chat")
+        await wait_for(pilot, lambda: chat.session is not None and not chat.busy, what="the chat to open")
+        await pilot.press("f3")
+        await _artifacts(pilot, app, 2)
+        await pilot.press("down", "d", "y")
+        await _artifacts(pilot, app, 1)
+        await wait_for(pilot, lambda: chat.session is None, what="the chat to close")
+        assert chat.query_one("#chat-input").disabled and "was deleted" in str(chat.query_one("#chat-stats").render())
+        assert not history_path(models / "tiny-q8").exists()
 
 
 async def test_folder_without_artifacts_says_what_to_do(tmp_path):

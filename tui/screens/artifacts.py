@@ -31,6 +31,9 @@ class ArtifactsScreen(Screen[None]):
         Binding("enter,i", "inspect", "Inspect"),
         Binding("c", "chat", "Chat"),
         Binding("p", "profile", "Profile"),
+        # Not in the footer, which has no room for it at 120 columns beside every screen key: F1 lists it,
+        # and the devices screen names it when no artifact is given.
+        Binding("u", "push", "Push", show=False),
         Binding("d", "delete", "Delete"),
         Binding("r", "rescan", "Rescan"),
     ]
@@ -136,6 +139,11 @@ class ArtifactsScreen(Screen[None]):
         if row is not None:
             await self.app.open_in_profile([row.path])  # type: ignore[attr-defined]
 
+    async def action_push(self) -> None:
+        row = self.selected()
+        if row is not None:
+            await self.app.open_in_devices(row.path)  # type: ignore[attr-defined]
+
     def action_delete(self) -> None:
         row = self.selected()
         if row is None:
@@ -150,6 +158,7 @@ class ArtifactsScreen(Screen[None]):
                 self.app.show_error(exc)  # type: ignore[attr-defined]
                 return
             self.notify(f"deleted {row.path}", markup=False)
+            self.app.artifact_deleted(row.path)  # type: ignore[attr-defined]
             self.rescan()
 
         what = "the model file" if row.bare else "the folder"

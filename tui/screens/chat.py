@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from textual.widgets import Header, Input, Label, Static, TextArea
 
 from edgekit.errors import EdgekitError
 from edgekit.runtime.base import SamplingConfig
-from edgekit.tui.chat_session import ChatSession, LiveStats
+from edgekit.tui.chat_session import ChatSession, LiveStats, history_path
 from edgekit.tui.widgets.chat import ChatMessage
 from edgekit.tui.widgets.footer import KeysFooter
 
@@ -160,6 +161,28 @@ class ChatScreen(Screen[None]):
         inp.disabled = False
         inp.focus()
 
+    async def forget(self, path: Path) -> None:
+        """``path`` (an artifact folder or model file) was deleted: its history goes, and the chat with it
+        closes if it is the one open (its model stays mapped until closed, so it would go on answering)."""
+        session = self.session
+        if session is not None and Path(path).resolve() in (session.artifact.path.resolve(),
+                                                            session.key_path.resolve()):
+            session.keep_history = False
+        else:
+            session = None
+        with contextlib.suppress(OSError):
+            history_path(path).unlink(missing_ok=True)
+        if session is None:
+            return
+        self.action_stop()
+        self.session = None
+        self.busy = False
+        self._close_session(session)
+        await self.query_one("#chat-log", VerticalScroll).remove_children()
+        self.query_one("#chat-title", Static).update(NO_ARTIFACT)
+        self.query_one("#chat-input", Input).disabled = True
+        self._set_status(f"{session.artifact.name} was deleted")
+
     @work(thread=True, group="chat-close")
     def _close_session(self, session: ChatSession) -> None:
         session.close()
@@ -255,7 +278,8 @@ class ChatScreen(Screen[None]):
             reply.mark("stopped")
         if live.template:
             art = session.artifact
-            self.query_one("#chat-title", Static).update(f"{art.name} ({art.format}) · chat template: {live.template}")
+            template = "the file's own" if live.template == "gguf" else live.template
+            self.query_one("#chat-title", Static).update(f"{art.name} ({art.format}) · chat template: {template}")
         self._set_status(describe_stats(live))
 
     def _set_status(self, text: str) -> None:
@@ -281,7 +305,10 @@ class ChatScreen(Screen[None]):
         pane.display = self._settings_shown = not pane.display
 
     async def action_clear_history(self) -> None:
-        if self.session is None or self.busy:
+        if self.session is None:
+            return
+        if self.busy:
+            self.notify("a reply is on its way: Esc stops it, then Ctrl+L clears", severity="warning")
             return
         self.session.clear()
         await self.query_one("#chat-log", VerticalScroll).remove_children()

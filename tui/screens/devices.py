@@ -132,7 +132,7 @@ class DevicesScreen(Screen[None]):
 
     # -- fit check and push -------------------------------------------------------------------
 
-    def _request(self) -> tuple[Any, str, str | None, int] | None:
+    def _request(self, what: str) -> tuple[Any, str, str | None, int] | None:
         d = self.selected()
         if d is None:
             return None
@@ -140,7 +140,8 @@ class DevicesScreen(Screen[None]):
         dest = self.query_one("#dev-dest", Input).value.strip() or None
         try:
             if not artifact:
-                raise InputError("give the artifact to push (a folder made by 'edgekit convert' or a .gguf)")
+                raise InputError(f"give the artifact to {what} (a folder made by 'edgekit convert' or a .gguf; "
+                                 "on Artifacts, u brings the selected one here)")
             ctx = int(self.query_one("#dev-ctx", Input).value or "4096")
         except (EdgekitError, ValueError) as exc:
             self.app.show_error(exc if isinstance(exc, EdgekitError) else InputError("context must be a number"))  # type: ignore[attr-defined]
@@ -148,7 +149,7 @@ class DevicesScreen(Screen[None]):
         return d, artifact, dest, ctx
 
     def action_fit(self) -> None:
-        req = self._request()
+        req = self._request("check")
         if req is not None:
             self._status(f"checking whether {req[1]} fits {req[0].id}...")
             self._fit(*req)
@@ -175,7 +176,7 @@ class DevicesScreen(Screen[None]):
         if self.cancel_event is not None:
             self.notify("a push is running (Esc cancels it)", severity="warning")
             return
-        req = self._request()
+        req = self._request("push")
         if req is None:
             return
         self.cancel_event = threading.Event()

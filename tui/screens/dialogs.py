@@ -108,7 +108,7 @@ Keyboard first: the footer shows the keys of the screen you are on; **Ctrl+P** o
 | Ctrl+S | chat | show or hide settings (system prompt, sampling) |
 | Ctrl+L | chat | clear this artifact's history |
 | Enter / i | artifacts | inspect: per-tensor types |
-| c / p | artifacts | open in chat / profile |
+| c / p / u | artifacts | open in chat / profile / devices (to push) |
 | d | artifacts | delete (asks first) |
 | r | artifacts, devices | rescan |
 | Ctrl+R | convert, profile, devices | start (devices: push) |
@@ -116,7 +116,7 @@ Keyboard first: the footer shows the keys of the screen you are on; **Ctrl+P** o
 | Ctrl+O | profile | export the rows (.json or .png) |
 | f | devices | fit check of the artifact on the selected device |
 
-Histories are kept per artifact under `~/.cache/edgekit/chats` (`EDGEKIT_HOME` moves it).
+Esc, F1 or q closes this help. Histories are kept per artifact under `~/.cache/edgekit/chats` (`EDGEKIT_HOME` moves it).
 """
 
 

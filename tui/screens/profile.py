@@ -74,7 +74,8 @@ def row_cells(row: dict[str, Any], before: float | None) -> tuple[str, ...]:
     vs = "-" if before is None or not tps else f"{100 * (tps / before - 1):+.1f}%"
     return (
         row["artifact"]["name"], row["test"], str(row["config"].get("n_threads") or "-"),
-        "-" if tps is None else f"{tps:.1f}", "-" if sd is None else f"{sd:.1f}",
+        "-" if tps is None else f"{tps:.1f}",
+        "-" if sd is None or (row.get("reps") or 0) < 2 else f"{sd:.1f}",  # one timing has no spread
         "-" if ttft is None else f"{1000 * ttft:.0f}", "-" if row.get("load_s") is None else f"{row['load_s']:.2f}",
         "-" if row.get("peak_rss_bytes") is None else human_bytes(row["peak_rss_bytes"]), vs,
         row["status"] if not row.get("error") else f"error: {row['error']}",
@@ -277,7 +278,7 @@ class ProfileScreen(Screen[None]):
         if not self.rows:
             self.notify("nothing to export yet: run a profile first", severity="warning")
             return
-        path = Path(self.query_one("#pf-export", Input).value.strip() or "profile.json").expanduser()
+        path = Path(self.query_one("#pf-export", Input).value.strip() or "profile.json").expanduser().absolute()
         try:
             if path.suffix.lower() == ".png":
                 write_png(self.rows, path)
