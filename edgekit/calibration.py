@@ -112,11 +112,29 @@ def from_text(tokenizer, cfg: CalibConfig):
     return torch.stack([ids[s:s + cfg.seqlen] for s in starts[:cfg.samples]])
 
 
+def _read_cached(path: Path, cfg: CalibConfig, n_vocab: int):
+    """The cached token ids at ``path`` as an int64 array, or None when the file cannot be read or does not
+    hold ``cfg.samples`` x ``cfg.seqlen`` ids below ``n_vocab`` (damaged: a cache miss, rewritten after)."""
+    import numpy as np
+
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # garbage, empty, truncated, or an object (pickle) array
+        return None
+    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu" or ids.shape != (cfg.samples, cfg.seqlen):
+        return None
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_vocab):
+        return None
+    return np.ascontiguousarray(ids, dtype=np.int64)
+
+
 def calibration_tokens(model, tokenizer, cfg: CalibConfig, progress=None, cache_key: str | None = None):
     """(samples, seqlen) token ids for calibration.
 
     Self-generated data is kept in edgekit's cache under ``cache_key`` (the source weights' hash):
-    the same model and settings give the same tokens, and sampling them is the slow part.
+    the same model and settings give the same tokens, and sampling them is the slow part. An entry that
+    cannot be read, or holds the wrong shape or ids outside the model's vocabulary, is a cache miss: it is
+    sampled again and replaced (atomically).
     """
     import numpy as np
     import torch
@@ -130,7 +148,9 @@ def calibration_tokens(model, tokenizer, cfg: CalibConfig, progress=None, cache_
         tag = hashlib.sha256(json.dumps([cache_key, cfg.describe(), _VERSION]).encode()).hexdigest()[:24]
         path = edgekit_home() / "calib" / f"{tag}.npy"
         if path.exists():
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+            cached = _read_cached(path, cfg, model.get_input_embeddings().num_embeddings)
+            if cached is not None:
+                return torch.from_numpy(cached)
     ids = self_generated(model, tokenizer, cfg, progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,33 @@ from edgekit.errors import CorruptFileError, InputError
 from edgekit.validate import check_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A tokenizer's JSON files that converters (and the gguf package, transformers) parse.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FIX = "re-download the tokenizer files of the model"
 # safetensors dtype name -> bytes per element, to validate headers without loading data.
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_json_object(path: Path, fix: str = TOKENIZER_FIX) -> dict:
+    """The JSON object in ``path``; :class:`CorruptFileError` naming the file and ``fix`` when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from exc
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"{path} is not UTF-8 text; {fix}") from exc
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path} does not hold a JSON object; {fix}")
+    return data
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Raise :class:`CorruptFileError` for a tokenizer JSON file in ``folder`` that does not parse, before
+    any work that needs the tokenizer (missing files are the caller's to judge)."""
+    for name in TOKENIZER_JSON_FILES:
+        if (folder / name).is_file():
+            read_json_object(folder / name)
 
 
 @dataclass
@@ -239,14 +263,16 @@ class HFCheckpoint:
     @cached_property
     def tokenizer_config(self) -> dict:
         f = self.path / "tokenizer_config.json"
-        return json.loads(f.read_text()) if f.exists() else {}
+        return read_json_object(f) if f.exists() else {}
 
     def require_tokenizer(self) -> None:
+        """Raise unless the folder has a tokenizer, and one whose JSON files parse."""
         if not (self.path / "tokenizer.json").exists() and not (self.path / "tokenizer.model").exists():
             raise InputError(
                 f"{self.path} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files "
                 "from the original model into the folder"
             )
+        check_tokenizer_files(self.path)
 
     def chat_template(self) -> str | None:
         jinja = self.path / "chat_template.jinja"

@@ -90,8 +90,7 @@ class AQLMQuantizer(CalibratedQuantizer):
 
         self._plan = dict(plan)
         cache = edgekit_home() / "aqlm" / self._cache_key(checkpoint, plan)
-        if (cache / "report.json").exists():
-            self._load(cache)
+        if (cache / "report.json").exists() and self._load_cached(cache):
             if progress:
                 progress(f"AQLM encoding reused from {cache}", 1, 1)
         else:
@@ -143,6 +142,26 @@ class AQLMQuantizer(CalibratedQuantizer):
             os.replace(tmp, cache)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # a cache that cannot be written is only a lost shortcut
+
+    def _load_cached(self, cache: Path) -> bool:
+        """Take the encoding cached in ``cache``; False (with a warning, and the entry removed) when it cannot
+        be read: it is then encoded again, as on a miss."""
+        import shutil
+        import warnings
+
+        from safetensors import SafetensorError
+
+        try:
+            self._load(cache)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as exc:
+            self._bytes.clear()
+            self.report = {}
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            warnings.warn(f"the AQLM encoding cached in {cache} could not be read ({reason}); discarded it: "
+                          "encoding again", stacklevel=3)
+            shutil.rmtree(cache, ignore_errors=True)
+            return False
+        return True
 
     def _load(self, cache: Path) -> None:
         from safetensors.numpy import load_file

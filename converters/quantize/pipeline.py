@@ -236,9 +236,12 @@ class LayerPipeline:
 
     def load(self, ckpt: HFCheckpoint, progress: Progress | None) -> tuple[Any, Any]:
         """The float model (safetensors only, no remote code) and the calibration token ids."""
+        from edgekit.model import check_tokenizer_files
+
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
         quiet_transformers(transformers)
+        check_tokenizer_files(ckpt.path)  # a damaged file: its name and the fix, not the tokenizer library's error
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(ckpt.path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True).eval()
         tok = transformers.AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=False)

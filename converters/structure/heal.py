@@ -14,8 +14,10 @@ or the user's text), with AdamW. Work is bounded by ``minutes`` of wall time (an
 progress, and is resumable: every ``checkpoint_s`` seconds, and on Ctrl-C, the student's weights, the
 optimizer's moments and the step count are written (safetensors and JSON, no pickles) under
 ``~/.cache/edgekit/heal/<key>``, where the key hashes the source weights, the pruning, the data and the
-settings. Running the same conversion again continues from there with the time already spent counted;
-a finished heal is reused as is.
+settings; they are written as one set (a scratch folder beside it, renamed into place). Running the same
+conversion again continues from there with the time already spent counted; a finished heal is reused as
+is. A checkpoint that cannot be read back (damaged, incomplete, or not matching the student) is discarded
+with a warning, and training starts over.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +93,82 @@ def _key(ckpt: HFCheckpoint, spec: str, cfg: HealConfig, calib: CalibConfig) -> 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+_STATE_FILES = ("state.json", "student.safetensors", "optim.safetensors")
+
+
+class _Unreadable(Exception):
+    """A saved checkpoint that cannot be resumed from; the message says what is wrong."""
+
+
+def _check_info(info: Any) -> dict[str, Any]:
+    """``state.json``'s content, checked for what the training loop relies on."""
+    if not isinstance(info, dict):
+        raise _Unreadable("state.json is not a JSON object")
+    step, elapsed = info.get("step"), info.get("elapsed_s")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise _Unreadable("state.json has no valid step count")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed) \
+            or elapsed < 0:
+        raise _Unreadable("state.json has no valid elapsed time")
+    if not isinstance(info.get("losses"), list) or not isinstance(info.get("done"), bool):
+        raise _Unreadable("state.json lacks its losses or done flag")
+    for k in ("kl_before", "kl_refit", "kl_after", "refit_s"):
+        if k in info and (isinstance(info[k], bool) or not isinstance(info[k], (int, float))):
+            raise _Unreadable(f"state.json has a malformed {k}")
+    if "kl_refit" in info and not {"refit_kept", "refit_s"} <= info.keys():
+        raise _Unreadable("state.json has an incomplete refit record")
+    for k in ("snaps", "curve"):
+        if k in info and not isinstance(info[k], list):
+            raise _Unreadable(f"state.json has a malformed {k}")
+    return info
+
+
+def _read_checkpoint(state: Path, expected: dict[str, Any], params: dict[str, Any]
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(info, weights, moments)`` of the checkpoint in ``state``, checked against the student (``expected``:
+    its tensors by name; ``params``: its trained parameters) before anything is loaded into it; raises
+    :class:`_Unreadable` (or what a damaged file raises while it is read)."""
+    from safetensors.torch import load_file
+
+    missing = [n for n in _STATE_FILES[:2] if not (state / n).is_file()]
+    if missing:
+        raise _Unreadable(f"{missing[0]} is missing")
+    try:
+        info = json.loads((state / "state.json").read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise _Unreadable(f"state.json is not valid JSON: {exc}") from exc
+    info = _check_info(info)
+    weights = load_file(str(state / "student.safetensors"))
+    if weights.keys() != expected.keys():
+        odd = sorted(weights.keys() ^ expected.keys())
+        raise _Unreadable(f"student.safetensors does not match the student (tensor {odd[0]!r})")
+    for name, t in weights.items():
+        if t.shape != expected[name].shape or t.dtype != expected[name].dtype:
+            raise _Unreadable(f"student.safetensors has {name!r} of shape {tuple(t.shape)} ({t.dtype}); the student's "
+                              f"is {tuple(expected[name].shape)} ({expected[name].dtype})")
+    moments: dict[str, Any] = {}
+    if (state / "optim.safetensors").is_file():
+        moments = load_file(str(state / "optim.safetensors"))
+    elif info["step"] > 0:
+        raise _Unreadable("optim.safetensors is missing")
+    for key, t in moments.items():
+        kind, _, name = key.partition(".")
+        p = params.get(name)
+        if kind not in ("exp_avg", "exp_avg_sq") or p is None or t.shape != p.shape or t.dtype != p.dtype:
+            raise _Unreadable(f"optim.safetensors does not match the student (tensor {key!r})")
+        if f"exp_avg.{name}" not in moments or f"exp_avg_sq.{name}" not in moments:
+            raise _Unreadable(f"optim.safetensors lacks a moment of {name!r}")
+    return info, weights, moments
+
+
+def _keep(src: Path, dst: Path) -> None:
+    """``src`` also at ``dst`` (a hard link where the file system allows, else a copy)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def kl_loss(torch: Any, teacher_logits: Any, student_logits: Any) -> Any:
     """Mean over positions of ``KL(teacher || student)`` (natural log)."""
     t = torch.log_softmax(teacher_logits.float(), dim=-1)
@@ -105,16 +186,16 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
     ``what`` leads the progress line."""
     import torch
     import transformers
-    from safetensors.torch import load_file, save_file
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     from edgekit.converters.quantize.pipeline import LayerPipeline
     from edgekit.errors import quiet_transformers
-    from edgekit.fsutil import atomic_file, edgekit_home
+    from edgekit.fsutil import atomic_dir, atomic_file, edgekit_home
 
     quiet_transformers(transformers)
     progress = progress or (lambda d, a, b: None)
     state = (state_root or edgekit_home() / "heal") / _key(source, spec, cfg, calib)
-    state.mkdir(parents=True, exist_ok=True)
     teacher, ids = LayerPipeline(calib).load(source, progress)
     teacher.requires_grad_(False)
     student = transformers.AutoModelForCausalLM.from_pretrained(
@@ -124,19 +205,32 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
     student.train()
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    info_path = state / "state.json"
+
+    def weights() -> dict[str, Any]:
+        out = {n: p.detach().contiguous() for n, p in student.state_dict().items()}
+        if student.config.tie_word_embeddings:
+            out.pop("lm_head.weight", None)  # the embedding's own tensor; safetensors refuses shared ones
+        return out
+
     info: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "losses": [], "done": False}
-    if info_path.exists() and (state / "student.safetensors").exists():
-        info = json.loads(info_path.read_text())
-        weights = load_file(str(state / "student.safetensors"))
-        student.load_state_dict(weights, strict=False)
-        if (state / "optim.safetensors").exists():
-            moments = load_file(str(state / "optim.safetensors"))
+    if any((state / n).exists() for n in _STATE_FILES):
+        try:  # everything is read and checked before the student or the optimizer takes any of it
+            info, saved, moments = _read_checkpoint(state, weights(), params)
+        except (_Unreadable, OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+            reason = str(exc) if isinstance(exc, _Unreadable) else f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"the saved {what} progress in {state} could not be read ({reason.splitlines()[0]}); "
+                          f"discarded it: {what} starts over", stacklevel=2)
+            shutil.rmtree(state, ignore_errors=True)
+            info = {"step": 0, "elapsed_s": 0.0, "losses": [], "done": False}
+        else:
+            with torch.no_grad():
+                student.load_state_dict(saved, strict=False)  # only a tied lm_head is absent (checked above)
             for name, p in params.items():
                 if f"exp_avg.{name}" in moments:
                     opt.state[p] = {"step": torch.tensor(float(info["step"])),
                                     "exp_avg": moments[f"exp_avg.{name}"],
                                     "exp_avg_sq": moments[f"exp_avg_sq.{name}"]}
+    state.mkdir(parents=True, exist_ok=True)  # snapshots go here between checkpoints
     n_eval = min(cfg.eval_seqs, max(1, ids.shape[0] // 4))
     held, train = ids[:n_eval], ids[n_eval:]
     if train.shape[0] < 1:
@@ -153,26 +247,23 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
         info["kl_before"] = held_out_kl()
     budget = cfg.minutes * 60.0
 
-    def weights() -> dict[str, Any]:
-        out = {n: p.detach().contiguous() for n, p in student.state_dict().items()}
-        if student.config.tie_word_embeddings:
-            out.pop("lm_head.weight", None)  # the embedding's own tensor; safetensors refuses shared ones
-        return out
-
     def save() -> None:
-        with atomic_file(state / "student.safetensors") as tmp:
-            save_file(weights(), str(tmp))
+        """The checkpoint as a set: written into a scratch folder beside ``state`` that then replaces it in one
+        rename, so an interruption between files never pairs a new student with an old step count."""
         moments = {}
         for name, p in params.items():
             st = opt.state.get(p)
             if st:
                 moments[f"exp_avg.{name}"] = st["exp_avg"].contiguous()
                 moments[f"exp_avg_sq.{name}"] = st["exp_avg_sq"].contiguous()
-        if moments:
-            with atomic_file(state / "optim.safetensors") as tmp:
-                save_file(moments, str(tmp))
-        with atomic_file(info_path) as tmp:
-            tmp.write_text(json.dumps(info))
+        with atomic_dir(state, force=True, replaceable=lambda p: p.is_dir() and not p.is_symlink(),
+                        notes=[]) as tmp:
+            save_file(weights(), str(tmp / "student.safetensors"))
+            if moments:
+                save_file(moments, str(tmp / "optim.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(info))
+            for snap in sorted(state.glob("snapshot_*m.safetensors")):  # the quality-vs-time curve's weights
+                _keep(snap, tmp / snap.name)
 
     from edgekit.converters.structure.refit import narrowed_parts, refit_narrowed
 

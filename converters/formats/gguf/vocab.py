@@ -6,14 +6,14 @@ Special tokens, merges, add-BOS/EOS flags and the chat template are read with gg
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
-from edgekit.errors import InputError, UnsupportedError
+from edgekit.errors import CorruptFileError, InputError, UnsupportedError
+from edgekit.model import TOKENIZER_FIX, check_tokenizer_files, read_json_object
 
 _T = gguf.TokenType
 
@@ -100,15 +100,26 @@ class GGUFVocab:
 
 
 def _bpe_vocab(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int], str]:
-    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    path = folder / "tokenizer.json"
+    tj = read_json_object(path)
     model = tj.get("model", {})
+    if not isinstance(model, dict):
+        raise CorruptFileError(f"{path} has a malformed 'model' entry; {TOKENIZER_FIX}")
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise UnsupportedError(
             f"{folder / 'tokenizer.json'} is not a byte-level BPE tokenizer and the folder has no tokenizer.model; "
             "edgekit converts byte-level BPE (GPT-2/Llama-3/Qwen2 style) and SentencePiece tokenizers"
         )
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    vocab, added_list = model.get("vocab"), tj.get("added_tokens", [])
+    if not isinstance(vocab, dict) or not vocab or not all(
+            isinstance(t, str) and isinstance(i, int) and i >= 0 for t, i in vocab.items()):
+        raise CorruptFileError(f"{path} has no valid BPE vocabulary (model.vocab); {TOKENIZER_FIX}")
+    if not isinstance(added_list, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("id"), int) and a["id"] >= 0 and isinstance(a.get("content"), str)
+            for a in added_list):
+        raise CorruptFileError(f"{path} has malformed added_tokens; {TOKENIZER_FIX}")
+    by_id: dict[int, str] = {i: t for t, i in vocab.items()}
+    added = {a["id"]: a for a in added_list}
     for i, a in added.items():
         by_id[i] = a["content"]
     size = max(n_vocab, max(by_id) + 1)
@@ -146,6 +157,7 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     has_json = (folder / "tokenizer.json").exists()
     if not (has_spm or has_json):
         raise InputError(f"{folder} has no tokenizer.json or tokenizer.model; copy the tokenizer files into it")
+    check_tokenizer_files(folder)  # the gguf package parses them too (SpecialVocab)
     if has_spm:
         tokens, scores, types = _spm_vocab(folder, n_vocab)
         kind, pre = "llama", None

@@ -1,0 +1,159 @@
+"""Healing's resumable checkpoint (also ternary distillation's and AQLM fine-tuning's): one that cannot be
+read is discarded with a one-line warning and training starts over; it is written as one set."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+
+from edgekit.calibration import CalibConfig
+from edgekit.errors import DiskFullError
+from edgekit.model import HFCheckpoint
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+SPEC = "depth:1"
+CALIB = CalibConfig(samples=6, seqlen=16)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny 2-block Llama, its depth-pruned copy, and a finished 2-step heal's state root to copy from."""
+    from edgekit.converters import structure
+    from edgekit.converters.structure.heal import HealConfig, heal
+    from tests.helpers import build_tiny_model
+
+    root = tmp_path_factory.mktemp("healck")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEKIT_HOME", str(root / "home"))  # the calibration cache
+    try:
+        src = build_tiny_model(root / "llama", "LlamaForCausalLM", hidden=64, ffn=128, layers=2)
+        ckpt = HFCheckpoint.open(src)
+        pruned, _ = structure.apply(ckpt, SPEC, CALIB, root / "pruned")
+        cfg = HealConfig(minutes=5, max_steps=2, lr=1e-3, batch=2, checkpoint_s=0, eval_seqs=1)
+        heal(ckpt, pruned, SPEC, cfg, CALIB, state_root=root / "state", in_place=False)
+        yield ckpt, pruned, cfg, root / "state"
+    finally:
+        mp.undo()
+
+
+def _run(setup, state_root):
+    from edgekit.converters.structure.heal import heal
+
+    ckpt, pruned, cfg, _ = setup
+    seen: list[str] = []
+    report = heal(ckpt, pruned, SPEC, cfg, CALIB, lambda d, a, b: seen.append(d), state_root=state_root,
+                  in_place=False)
+    return report, [d for d in seen if d.startswith("healing: step")]
+
+
+def _state(tmp_path, setup):
+    root = tmp_path / "state"
+    shutil.copytree(setup[3], root)
+    (folder,) = root.iterdir()
+    return root, folder
+
+
+def _bad_student(folder):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(folder / "student.safetensors"))
+    name = next(n for n, t in sd.items() if t.ndim == 2)
+    sd[name] = torch.zeros(3, 5)
+    save_file(sd, str(folder / "student.safetensors"))
+
+
+DAMAGE = {
+    "state.json garbage": lambda f: (f / "state.json").write_text('{"step": "abc"'),
+    "state.json wrong types": lambda f: (f / "state.json").write_text('{"step": "abc", "elapsed_s": 1}'),
+    "student truncated": lambda f: f.joinpath("student.safetensors").write_bytes(
+        f.joinpath("student.safetensors").read_bytes()[:1000]),
+    "student garbage": lambda f: (f / "student.safetensors").write_bytes(b"\x00garbage" * 10),
+    "student missing": lambda f: (f / "student.safetensors").unlink(),
+    "state.json missing": lambda f: (f / "state.json").unlink(),
+    "optim missing": lambda f: (f / "optim.safetensors").unlink(),
+    "optim truncated": lambda f: f.joinpath("optim.safetensors").write_bytes(
+        f.joinpath("optim.safetensors").read_bytes()[:-100]),
+    "student shape mismatch": _bad_student,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_unreadable_heal_checkpoint_is_discarded_and_training_starts_over(setup, tmp_path, damage):
+    root, folder = _state(tmp_path, setup)
+    report, steps = _run(setup, root)
+    assert steps == [] and report["steps"] == 2  # intact and finished: reused as is
+    DAMAGE[damage](folder)
+    with pytest.warns(UserWarning) as rec:
+        report, steps = _run(setup, root)
+    lines = [str(w.message) for w in rec if "could not be read" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0], [str(w.message) for w in rec]
+    assert str(folder) in lines[0] and "starts over" in lines[0]
+    assert steps[0].startswith("healing: step 1") and report["steps"] == 2  # trained afresh
+    info = json.loads((folder / "state.json").read_text())
+    assert info["step"] == 2 and info["done"]
+    assert sorted(p.name for p in root.iterdir()) == [folder.name]  # no scratch folders left
+    report, steps = _run(setup, root)  # and what it wrote resumes
+    assert steps == [] and report["steps"] == 2
+
+
+def test_heal_checkpoint_is_written_as_one_set(setup, tmp_path, monkeypatch):
+    """A save that fails between its files (here a full disk at the optimizer's) leaves the previous
+    checkpoint whole: never a new student beside an old step count."""
+    import safetensors.torch
+
+    from edgekit.converters.structure.heal import HealConfig, heal
+
+    ckpt, pruned, _, _ = setup
+    cfg = HealConfig(minutes=5, max_steps=6, lr=1e-3, batch=2, checkpoint_s=0, eval_seqs=1)
+    root = tmp_path / "state"
+    real_save = safetensors.torch.save_file
+    full = {"on": False}
+    kept: dict[str, bytes] = {}
+
+    def save_file(tensors, filename, *a, **k):
+        if full["on"] and str(filename).endswith("optim.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real_save(tensors, filename, *a, **k)
+
+    def progress(desc, done, total):
+        if desc.startswith("healing: step 3,"):  # the checkpoint of step 2 is on disk; step 3's save is next
+            (folder,) = root.iterdir()
+            kept.update({p.name: p.read_bytes() for p in folder.iterdir()})
+            full["on"] = True
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(DiskFullError):
+        heal(ckpt, pruned, SPEC, cfg, CALIB, progress, state_root=root, in_place=False)
+    (folder,) = root.iterdir()  # no scratch folder left beside it
+    assert json.loads(kept["state.json"])["step"] == 2
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept
+    full["on"] = False
+    seen: list[str] = []
+    report = heal(ckpt, pruned, SPEC, cfg, CALIB, lambda d, a, b: seen.append(d), state_root=root, in_place=False)
+    assert seen[0].startswith("healing: step 3,") and report["steps"] == 6  # resumed from the intact checkpoint
+
+
+def test_cli_convert_with_a_damaged_heal_checkpoint(setup, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
+    args = ["convert", str(setup[0].path), "--bits", "8", "--prune", SPEC, "--heal", "1s", "-t", "1",
+            "--calib-samples", "6", "--calib-seqlen", "16"]
+    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    (folder,) = (tmp_path / "home" / "heal").iterdir()
+    (folder / "state.json").write_text('{"step": "abc"')
+    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert "internal error" not in r.output and "Traceback" not in r.output
+    warned = [ln for ln in r.output.splitlines() if "could not be read" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning: the saved healing progress in"), r.output
+    assert (tmp_path / "b" / "edgekit.json").is_file()
+    assert json.loads((folder / "state.json").read_text())["done"]
