@@ -89,11 +89,13 @@ class RemoteProfileConfig:
     ctx: int = 4096
 
     def __post_init__(self) -> None:
+        from edgekit.runtime.hostinfo import check_threads
         from edgekit.runtime.profile_schema import parse_tests
 
         parse_tests(self.tests)
         if self.reps < 1:
             raise InputError("--reps must be >= 1")
+        check_threads(self.threads)
 
 
 def remote_profile(device: Device, artifact: str | Path | Artifact, config: RemoteProfileConfig | None = None,

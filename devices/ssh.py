@@ -7,6 +7,9 @@ host seen for the first time is remembered in edgekit's known_hosts (trust on fi
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import posixpath
 import shlex
 import socket
 from pathlib import Path
@@ -214,6 +217,11 @@ class SSHDevice(Device):
             transport = self._client.get_transport() if self._client is not None else None
             if isinstance(exc, (socket.timeout, ConnectionError)) or transport is None or not transport.is_active():
                 raise self._dropped(exc) from exc
+            free = None
+            with contextlib.suppress(Exception):  # SFTP v3 has no "disk full" status: sftp-server says "Failure"
+                free = self.free_bytes(posixpath.dirname(remote))
+            if free is not None and free < BLOCK:
+                raise OSError(errno.ENOSPC, "No space left on device", remote) from exc
             raise DeviceError(f"{self.id} could not write {remote}: {exc} (is its disk full?)") from exc
         except (paramiko.SSHException, EOFError) as exc:
             raise self._dropped(exc) from exc

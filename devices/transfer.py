@@ -8,6 +8,7 @@ real name. The manifest goes last, so a folder with ``edgekit.json`` on the devi
 
 from __future__ import annotations
 
+import errno
 import json
 import posixpath
 import shlex
@@ -20,6 +21,7 @@ from edgekit.artifact import MANIFEST_NAME, Artifact
 from edgekit.devices.base import (
     Cancel,
     Device,
+    DeviceError,
     InsufficientMemoryError,
     PushCancelled,
     PushCancelledCheck,
@@ -273,7 +275,16 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
                     progress(f"{_name} -> {device.id}", done, to_send)
 
                 PushCancelledCheck(cancel)
-                device.append_from(local, tmp, fp.resumed_from, on_bytes, cancel)
+                try:
+                    device.append_from(local, tmp, fp.resumed_from, on_bytes, cancel)
+                except (OSError, DeviceError) as exc:
+                    if not storage_full(exc):
+                        raise
+                    left = max(0, to_send - done)
+                    raise DiskFullError(
+                        f"{device.id}'s storage filled up at {remote_dir} while pushing {fp.name}; free "
+                        f"{max(1, round(left / 1e6))} MB there and push again: it resumes from the partial file"
+                    ) from exc
                 _verify(device, tmp, fp)
                 device.rename(tmp, remote)
                 renamed = True
@@ -286,6 +297,15 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
             raise PushCancelled("push cancelled before any byte was sent; the device is as it was") from None
     result.seconds = time.perf_counter() - start
     return result
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether a failed write to a device means its storage is full: ENOSPC/EDQUOT on this host, or the
+    device's own words (adb's sync reply, a shell's stderr) in a :class:`DeviceError`."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, DeviceError) and ("no space left on device" in text or "disk quota exceeded" in text)
 
 
 def _missing_dirs(device: Device, remote_dir: str) -> list[str]:

@@ -123,6 +123,14 @@ def chunk_tokens(tokens: list[int], cfg: EvalConfig) -> list[list[int]]:
     return [tokens[i * cfg.ctx:(i + 1) * cfg.ctx] for i in range(n)]
 
 
+def check_same_vocab(backend: Backend, ref: Backend) -> None:
+    """KL and top-1 agreement compare the two models token by token: their vocabularies must be one."""
+    n, n_ref = backend.n_vocab, ref.n_vocab
+    if n != n_ref:
+        raise InputError(f"--ref has a {n_ref}-token vocabulary but the model has {n}: they cannot be compared token "
+                         "by token; give as --ref the float checkpoint this artifact was converted from")
+
+
 def perplexity(
     backend: Backend,
     text: str,
@@ -131,6 +139,8 @@ def perplexity(
     progress: ProgressFn | None = None,
 ) -> EvalResult:
     """Evaluate ``backend`` on ``text``; with ``ref``, also KL divergence and top-1 agreement."""
+    if ref is not None:
+        check_same_vocab(backend, ref)
     tokens = backend.tokenize(text, add_special=True)
     bos = bos_id(backend)
     chunks = chunk_tokens(tokens, cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from edgekit.errors import CorruptFileError
+from edgekit.errors import CorruptFileError, InputError
 
 # Upper bounds far above any released model: a value past them is a typo or a corrupted file, and
 # taking it at face value would size a KV cache or a loop from it.
@@ -91,6 +91,30 @@ def check_config(cfg: Any, source: str = "config.json") -> None:
 
 # Special token ids: gguf's SpecialVocab reads them from config.json and the writer refuses bad ones mid-way.
 _TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id")
+
+
+def check_number(value: Any, flag: str, *, above: float | None = None, at_least: float | None = None,
+                 below: float | None = None, at_most: float | None = None, note: str = "") -> float:
+    """``value`` when it is a finite number within the bounds given, else an :class:`InputError` naming
+    ``flag``, the range and the value. NaN fails every comparison and infinity passes ``x > 0``, so both
+    slip past checks such as ``x < 0``; every numeric option goes through here instead. ``note``: a few
+    words after the range, e.g. ``" (0 is greedy)"``."""
+    lo = f"({above}" if above is not None else f"[{at_least}" if at_least is not None else None
+    hi = f"{below})" if below is not None else f"{at_most}]" if at_most is not None else None
+    if lo and hi:
+        rng = f"in {lo}, {hi}"
+    elif lo:
+        rng = f"{'>' if above is not None else '>='} {lo[1:]}"
+    elif hi:
+        rng = f"{'<' if below is not None else '<='} {hi[:-1]}"
+    else:
+        rng = ""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    ok = ok and (below is None or value < below) and (at_most is None or value <= at_most)
+    if not ok:
+        raise InputError(f"{flag} must be a finite number {rng}{note}, got {value}".replace("number  ", "number "))
+    return float(value)
 
 
 def _positive(x: Any, hi: float) -> bool:

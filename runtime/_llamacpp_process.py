@@ -240,7 +240,7 @@ class WorkerProcess:
         return exc
 
     def _load_error(self, msg: dict[str, Any]) -> Exception:
-        return load_error(msg, self.model_path, self._stderr_tail)
+        return load_error(msg, self.model_path, self._stderr_tail, self._config.get("n_ctx"))
 
     def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError | InputError:
         text = str(msg.get("message") or msg.get("type") or "unknown error")

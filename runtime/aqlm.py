@@ -184,7 +184,7 @@ class AQLMBackend(TorchBackend):
 
         folder = _folder(model_path)
         read_config(folder)  # an AQLM checkpoint, or a one-line error
-        torch.set_num_threads(n_threads or hostinfo.physical_cores())
+        torch.set_num_threads(hostinfo.check_threads(n_threads) or hostinfo.physical_cores())
         self._torch, self.n_ctx, self.kernel, self.folder = torch, n_ctx, kernel, folder
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

@@ -58,15 +58,18 @@ class SamplingConfig:
     prediction: str = ""
 
     def __post_init__(self) -> None:
+        from edgekit.validate import check_number
+
         check_text(self.prediction, "the prediction")
-        if self.temperature < 0:
-            raise InputError("--temperature must be >= 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            raise InputError("--top-p must be in (0, 1]")
-        if self.top_k < 0 or self.max_tokens <= 0:
-            raise InputError("--top-k must be >= 0 and --max-tokens > 0")
-        if not 0 <= self.min_p < 1:
-            raise InputError("--min-p must be in [0, 1)")
+        # check_number refuses NaN and infinities, which slip past comparisons such as `x < 0`
+        check_number(self.temperature, "--temperature", at_least=0, note=" (0 is greedy)")
+        check_number(self.top_p, "--top-p", above=0, at_most=1, note=" (1 is off)")
+        check_number(self.min_p, "--min-p", at_least=0, below=1, note=" (0 is off)")
+        check_number(self.repeat_penalty, "--repeat-penalty", above=0, note=" (1.0 is off)")
+        if self.top_k < 0:
+            raise InputError(f"--top-k must be >= 0 (0 is off), got {self.top_k}")
+        if self.max_tokens <= 0:
+            raise InputError(f"--max-tokens must be > 0, got {self.max_tokens}")
 
 
 @dataclass

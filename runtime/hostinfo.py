@@ -28,7 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import BackendCrashed, BackendError
+from edgekit.errors import BackendCrashed, BackendError, InputError
 from edgekit.fsutil import atomic_file, edgekit_home
 
 RAPL_ROOT = Path("/sys/class/powercap")
@@ -331,10 +331,27 @@ def _say_once(note: str, warn: Callable[[str], None] | None) -> None:
         warnings.warn(note, RuntimeWarning, stacklevel=4)
 
 
+# More threads than this is a typo, not a machine: -t 100000 exhausted the host's thread limit and crashed
+# OpenBLAS. Not tied to this host's cores, since profile --device runs threads on another machine.
+MAX_THREADS = 1024
+
+
+def check_threads(requested: int | None, flag: str = "--threads") -> int | None:
+    """``requested`` when it is None (the default: the physical cores) or a whole number in
+    1..:data:`MAX_THREADS`; else an :class:`InputError` that gives the range."""
+    if requested is None:
+        return None
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= MAX_THREADS:
+        raise InputError(f"{flag} must be a whole number from 1 to {MAX_THREADS} (this machine has "
+                         f"{os.cpu_count() or '?'} CPUs), got {requested!r}; leave it out for the physical cores")
+    return requested
+
+
 def thread_count(requested: int | None, warn: Callable[[str], None] | None = None, *, adapt: bool = True) -> int:
     """:func:`pick_threads` for a backend about to start: its note goes to ``warn`` (default: a
     RuntimeWarning), once per process; a measurement is reused for 10 seconds, so a profile sweep that
     opens one backend after another measures once (and never its own workers)."""
+    check_threads(requested)
     if (requested or physical_cores()) <= 1:
         return 1
     choice = pick_threads(requested, adapt=adapt, busy=_busy_now())
@@ -349,6 +366,7 @@ def use_torch_threads(requested: int | None = None) -> int:
     does (GPTQ of SmolLM2-135M with 8x128 calibration tokens on a 2-core machine that other programs
     kept busy: 2 threads 93 s, 1 thread 107 s); the note only says it will take longer. Imports torch:
     call only where PyTorch work follows."""
+    check_threads(requested)
     import torch
 
     n = requested or physical_cores()

@@ -21,11 +21,15 @@ def log_hint(tail: Iterable[str], *needles: str) -> str:
     return ""
 
 
-def load_error(msg: dict[str, Any], model_path: Path, tail: Iterable[str]) -> Exception:
+def load_error(msg: dict[str, Any], model_path: Path, tail: Iterable[str], n_ctx: int | None = None) -> Exception:
     """The error a failed load means for the user: a bad option, a broken install, a file that is not GGUF,
-    an unknown architecture or a damaged file, from the worker's message and llama.cpp's log tail."""
+    an unknown architecture, a context too large to allocate or a damaged file, from the worker's message
+    and llama.cpp's log tail. ``n_ctx``: the context the load asked for."""
     tail = list(tail)
     name = model_path.name
+    # llama-cpp-python's "Failed to create llama_context": the model itself loaded, the context did not
+    if "llama_context" in str(msg.get("message", "")) or log_hint(tail, "failed to create llama_context"):
+        return context_error(name, tail, n_ctx)
     if msg.get("type") == "DecodingOptionError" or str(msg.get("message", "")).startswith(
             ("unknown buffer type", "unknown llama.cpp option")):
         return InputError(str(msg["message"]))
@@ -61,3 +65,16 @@ def load_error(msg: dict[str, Any], model_path: Path, tail: Iterable[str]) -> Ex
         f"llama.cpp could not load {name} ({detail}); the file may be truncated or corrupt: "
         "convert or download it again"
     )
+
+
+def context_error(name: str, tail: list[str], n_ctx: int | None) -> InputError:
+    """The model loaded (so the file is sound) but its context could not be made: almost always a context
+    whose KV cache and buffers do not fit in memory."""
+    import re
+
+    trained = next((m[1] for line in reversed(tail) if (m := re.search(r"n_ctx_train\s*=\s*(\d+)", line))), None)
+    asked = f"a context of {n_ctx} tokens" if n_ctx else "the context"
+    of = f" ({name} was trained for {trained})" if trained else ""
+    return InputError(f"llama.cpp loaded {name} but could not allocate {asked}{of}: the context is too large "
+                      "for this machine's memory; lower --ctx (profile: --ctx and the sizes in --tests; "
+                      "`edgekit plan` says what fits)")

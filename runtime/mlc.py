@@ -115,7 +115,7 @@ class MLCBackend(TorchBackend):
                 raise UnsupportedError("reader=tvm needs apache-tvm: pip install 'edgekit[mlc]'") from None
         cfg, weights, self.reader = load_weights(folder, None if reader == "auto" else reader == "tvm")
         self.chat_config = cfg
-        torch.set_num_threads(n_threads or hostinfo.physical_cores())
+        torch.set_num_threads(hostinfo.check_threads(n_threads) or hostinfo.physical_cores())
         self._torch = torch
         hf = layout.hf_config(cfg["model_type"], cfg["model_config"])
         try:

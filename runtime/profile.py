@@ -92,6 +92,10 @@ class ProfileConfig:
                 raise InputError(f"--{name} needs at least one value")
             if any(v is not None and v < 0 for v in values) or (name in ("threads", "batch", "ctx") and 0 in values):
                 raise InputError(f"--{name} values must be positive")
+        from edgekit.runtime.hostinfo import check_threads
+
+        for t in self.threads:
+            check_threads(t)
 
     def combos(self) -> list[dict[str, Any]]:
         """Every configuration of the sweep, in a stable order."""

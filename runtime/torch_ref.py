@@ -35,7 +35,8 @@ class TorchBackend(Backend):
         ckpt.require_tokenizer()
         from edgekit.runtime import hostinfo
 
-        torch.set_num_threads(n_threads or hostinfo.physical_cores())  # process-wide: torch has one pool
+        # process-wide: torch has one pool
+        torch.set_num_threads(hostinfo.check_threads(n_threads) or hostinfo.physical_cores())
         self._torch = torch
         self.n_ctx = n_ctx
         try:

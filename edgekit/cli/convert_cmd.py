@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from edgekit.cli import size_opts
+from edgekit.cli.flags import check_calib_seqlen
 from edgekit.cli.ui import err, handle_errors, out, progress_bar, say
 from edgekit.errors import InputError
 
@@ -132,7 +133,10 @@ def convert(
       edgekit convert ./digits-4step --to onnx --bits 4 -O lowrank=16 -O deepcache=false
     """
     from edgekit import api
+    from edgekit.runtime.hostinfo import check_threads
 
+    check_threads(threads)  # before any work, whether or not PyTorch runs
+    check_calib_seqlen(calib_seqlen)  # and the model's trained context once calibration is known to run
     step_names = tuple(n.strip() for n in steps.split(",") if n.strip())
     structural = prune if prune and prune.startswith(("depth:", "width:")) else None
     if structural:
@@ -150,6 +154,7 @@ def convert(
                   or (draft_for is not None and to == "gguf")  # the GGUF draft recipe distils
                   or sparse_ffn is not None)
     if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
+        check_calib_seqlen(calib_seqlen, model)
         from edgekit.runtime.hostinfo import use_torch_threads
 
         use_torch_threads(threads)

@@ -8,6 +8,7 @@ edgekit's short flags mean what they mean in llama.cpp (``-t`` threads, ``-c`` c
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -95,3 +96,38 @@ def flags_take_no_value() -> None:
 
     display_type_rich._edgekit = True  # type: ignore[attr-defined]
     TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+# Calibration sequences longer than this are a typo: --calib-seqlen 1000000000 asked PyTorch for 256 GB.
+MAX_CALIB_SEQLEN = 65536
+DEFAULT_CALIB_SEQLEN = 512
+
+
+def trained_context(model: str | Path) -> int | None:
+    """The context a Hugging Face folder's model was trained for (config.json's max_position_embeddings,
+    or its text_config's), or None where it is not a readable checkpoint folder (a GGUF, a library name)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        n = c.get("max_position_embeddings") if isinstance(c, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def check_calib_seqlen(seqlen: int, model: str | Path | None = None) -> None:
+    """--calib-seqlen, checked before any work: at most :data:`MAX_CALIB_SEQLEN` tokens and, given the
+    ``model``, at most its trained context (calibrating past it measures activations the model never sees)."""
+    from edgekit.errors import InputError
+
+    if seqlen > MAX_CALIB_SEQLEN:
+        raise InputError(f"--calib-seqlen {seqlen} is too long (at most {MAX_CALIB_SEQLEN} tokens); the default 512 "
+                         "is enough for calibration")
+    trained = None if model is None else trained_context(model)
+    if trained is not None and seqlen > trained and seqlen != DEFAULT_CALIB_SEQLEN:  # the default is not the user's
+        raise InputError(f"--calib-seqlen {seqlen} is beyond the {trained} tokens {Path(model).name} was trained for "
+                         f"(max_position_embeddings in its config.json); give --calib-seqlen {min(trained, 512)}")

@@ -42,6 +42,7 @@ def neurons_cmd(
     from rich.table import Table
 
     from edgekit.calibration import CalibConfig
+    from edgekit.cli.flags import check_calib_seqlen
     from edgekit.errors import InputError
     from edgekit.evaluate import read_text
     from edgekit.quickstart import sample_text_path
@@ -56,6 +57,7 @@ def neurons_cmd(
         raise InputError("--sparsity takes fractions between 0 and 1, e.g. 0.25,0.5")
     if clusters < 2 or clusters & (clusters - 1):
         raise InputError(f"--clusters {clusters}: give a power of two >= 2 (e.g. 16), as convert's -O sparse_clusters")
+    check_calib_seqlen(calib_seqlen, model)
     use_torch_threads(threads)
     body = read_text(text or sample_text_path())
     with progress_bar(not as_json) as progress:

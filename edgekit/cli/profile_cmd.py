@@ -341,7 +341,11 @@ def plan_cmd(
     """
     from edgekit.artifact import Artifact
     from edgekit.runtime.plan import MemoryPlan, parse_size, plan_artifact
+    from edgekit.validate import check_number
 
+    check_number(gpu_bandwidth, "--gpu-bandwidth", above=0, note=" GB/s")
+    if cpu_bandwidth is not None:
+        check_number(cpu_bandwidth, "--cpu-bandwidth", above=0, note=" GB/s (leave it out to measure this host's)")
     art = Artifact.open(artifact)
     p = plan_artifact(art, ram_bytes=parse_size(ram) if ram else None, vram_bytes=parse_size(vram), n_ctx=ctx,
                       n_batch=batch, cache_type=cache_type, cpu_Bps=cpu_bandwidth * 1e9 if cpu_bandwidth else None,

@@ -78,8 +78,10 @@ def serve(
     from edgekit.artifact import Artifact
     from edgekit.errors import require
     from edgekit.runtime.base import Backend, backend_for_format, backend_options, is_checkpoint_folder
+    from edgekit.runtime.hostinfo import check_threads
     from edgekit.runtime.serve.config import ServeConfig, model_ids
 
+    check_threads(threads)  # instances load on the first request: a bad -t would fail there, not now
     require("starlette", "serve")
     require("uvicorn", "serve")
     models = model_ids(artifacts)

@@ -8,6 +8,7 @@ cannot raise MarkupError; only the fixed tag before them is styled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import sys
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from edgekit.errors import EdgekitError, InputError
+from edgekit.errors import DiskFullError, EdgekitError, InputError
 
 out = Console()
 err = Console(stderr=True)
@@ -51,6 +52,17 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     say(err, str(message), "warning:", "yellow")
 
 
+def os_error_line(exc: OSError) -> tuple[str, int]:
+    """The one line and exit code for an OSError no edgekit code turned into its own error: the reason and,
+    when the error names one, the path (never an empty "()"); a full disk is exit 4 with its fix."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename if exc.filename not in (None, "") else None
+    line = f"{what} ({where})" if where is not None and str(where) not in what else what
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk filled up: {line}; free some space and retry", DiskFullError.exit_code
+    return line, 1
+
+
 def handle_errors(fn: F) -> F:
     """Turn edgekit errors into one line on stderr and a non-zero exit; never a traceback."""
 
@@ -69,7 +81,7 @@ def handle_errors(fn: F) -> F:
         except OSError as exc:
             if os.environ.get("EDGEKIT_DEBUG"):
                 raise
-            raise fail(f"{exc.strerror or exc} ({exc.filename or ''})".strip(), 1) from None
+            raise fail(*os_error_line(exc)) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug: still one line, with a way to see more

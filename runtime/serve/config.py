@@ -50,8 +50,14 @@ class ServeConfig:
             raise InputError(f"--port {self.port} is not a TCP port; use 1..65535, or 0 for any free one")
         if self.max_tokens <= 0 or self.parallel <= 0:
             raise InputError("--max-tokens and --parallel must be > 0")
-        if self.idle_unload < 0 or self.shutdown_timeout < 0 or self.timeout <= 0 or self.max_body <= 0:
-            raise InputError("--idle-unload and --grace must be >= 0, --timeout and --max-body > 0")
+        from edgekit.validate import check_number
+
+        # seconds: NaN and infinities slip past `x <= 0` and then every request times out at once (or never)
+        check_number(self.timeout, "--timeout", above=0, note=" (seconds a request may take)")
+        check_number(self.idle_unload, "--idle-unload", at_least=0, note=" (seconds; 0 never unloads)")
+        check_number(self.shutdown_timeout, "--grace", at_least=0, note=" (seconds)")
+        if self.max_body <= 0:
+            raise InputError(f"--max-body must be > 0, got {self.max_body}")
         if self.api_key is not None and not self.api_key.strip():
             raise InputError("--api-key is empty; give a secret, or drop the option to serve without one")
 

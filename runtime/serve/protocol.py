@@ -9,6 +9,7 @@ follows OpenAI's defaults (temperature 1, top_p 1, no top-k or min-p), not ``edg
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ def _sampling(body: dict[str, Any], cap: int) -> SamplingConfig:
                               seed=secrets.randbelow(1 << 31) if seed is None else seed & 0x7FFFFFFF, max_tokens=limit,
                               stop=tuple(stops), prediction=prediction)
     except InputError as exc:
-        raise RequestError(str(exc).replace("--", "").replace("-", "_")) from None
+        # the CLI's --flag-name is the request's field_name; a negative value keeps its minus sign
+        raise RequestError(re.sub(r"--([a-z][a-z-]*)", lambda m: m[1].replace("-", "_"), str(exc))) from None
 
 
 def _prediction(value: Any) -> str:

@@ -112,3 +112,43 @@ def test_a_push_cancelled_before_any_byte_leaves_the_device_as_it_was(home, art,
     with open_device("host") as dev, pytest.raises(PushCancelled, match="next push resumes it"):
         push(art, dev, PushConfig(dest=str(dest)), progress=stop_midway, cancel=cancel)
     assert any(p.name.endswith(".partial") or "partial" in p.name for p in dest.rglob("*")), list(dest.rglob("*"))
+
+
+def test_a_device_that_fills_up_says_so_and_the_next_push_resumes(home, art, tmp_path, monkeypatch):
+    """ENOSPC mid-transfer (QA s47 M5): the disk-full exit code and a line that says where, what to free and
+    that pushing again resumes, not "No space left on device ()" with exit 1."""
+    import errno
+    import os
+
+    def fill_up(self, local, remote, offset, on_bytes, cancel):
+        with open(local, "rb") as src, open(remote, "ab") as dst:
+            src.seek(offset)
+            half = src.read(max(1, (local.stat().st_size - offset) // 2))
+            dst.write(half)
+            on_bytes(len(half))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    dest = tmp_path / "board"
+    with monkeypatch.context() as mp:
+        mp.setattr(HostDevice, "append_from", fill_up)
+        r = runner.invoke(app, ["push", str(art), "host", "--dest", str(dest)])
+    assert r.exit_code == 4, r.output
+    assert r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
+    assert "Traceback" not in r.output and "()" not in r.output
+    text = " ".join(r.output.split())
+    assert f"host's storage filled up at {dest / art.name}" in text, text
+    assert "push again: it resumes from the partial file" in text and "MB there" in text, text
+    with open_device("host") as dev:
+        result = push(art, dev, PushConfig(dest=str(dest)))
+    assert any(fp.resumed_from for fp in result.files), result.files
+    assert (dest / art.name / "edgekit.json").exists()
+
+
+def test_a_phone_that_fills_up_mid_push_says_so(phone, tiny_artifact):
+    """adb's sync reply "No space left on device" (the storage check switched off, so the bytes go)."""
+    from edgekit.errors import DiskFullError
+
+    standin, dev_id = phone
+    standin.set_capacity(512 << 10)
+    with open_device(dev_id) as dev, pytest.raises(DiskFullError, match="storage filled up at .*push again"):
+        push(tiny_artifact, dev, PushConfig(check_storage=False, check_ram=False))

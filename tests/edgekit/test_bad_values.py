@@ -1,0 +1,192 @@
+"""Bad option values and a disk that fills mid-write (QA s47: M4, M5's message, M7, M9, L1, L2, L3, L5):
+one line that says the fix, the right exit code, no traceback, no "internal error", nothing half-written."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from edgekit.errors import DiskFullError, InputError
+from tests.edgekit.test_bad_input import assert_clean_error, no_leftovers, run_cli
+
+NAN, INF = float("nan"), float("inf")
+
+
+def clean(code: int, out: str, exit_code: int, *fragments: str) -> None:
+    assert code == exit_code, out
+    assert "internal error" not in out, out
+    assert_clean_error(code, out, *fragments)
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "edgekit-home"
+    monkeypatch.setenv("EDGEKIT_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
+    from edgekit import api
+
+    out = tmp_path_factory.mktemp("vals") / "tiny-q8"
+    return api.convert(tiny_llama, "gguf", output=out, recipe=api.ConvertRecipe(bits=8)).model_file
+
+
+# -- M4: the disk fills while import writes the safetensors ------------------------------------------------
+
+def test_import_disk_fills_mid_write_is_a_disk_full_error(tiny_gguf, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as SafetensorError (not an OSError): still the disk-full line, rc 4."""
+    import safetensors
+    import transformers
+
+    def full(self, *a, **kw):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    out = tmp_path / "out" / "hf"
+    code, text = run_cli("import", tiny_gguf, "-o", out)
+    clean(code, text, DiskFullError.exit_code, "the disk filled up while writing", str(out), "Free some space")
+    assert not out.exists()
+    no_leftovers(out.parent)
+
+
+# -- M5: an OSError no code mapped: never "()" -----------------------------------------------------------
+
+def test_generic_os_error_line_has_no_empty_parentheses():
+    from edgekit.cli.ui import os_error_line
+
+    assert os_error_line(OSError(errno.EIO, "Input/output error")) == ("Input/output error", 1)
+    assert os_error_line(FileExistsError(errno.EEXIST, "File exists", "/x/afile")) == ("File exists (/x/afile)", 1)
+    line, code = os_error_line(OSError(errno.ENOSPC, "No space left on device"))
+    assert code == 4 and "()" not in line and "free some space" in line
+
+
+# -- M7: eval --ref with another vocabulary -------------------------------------------------------------
+
+def test_eval_ref_with_another_vocabulary_is_refused(tiny_llama, tmp_path):
+    from tests.helpers import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", "LlamaForCausalLM", hidden=64, ffn=128, layers=1, vocab_size=320)
+    n_other = json.loads((other / "config.json").read_text())["vocab_size"]
+    n = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    assert n != n_other
+    from edgekit.quickstart import sample_text_path
+
+    code, text = run_cli("eval", tiny_llama, "--ref", other, "--text", sample_text_path(), "--chunks", "1",
+                         "--ctx", "64", "-t", "1")
+    clean(code, text, InputError.exit_code, f"--ref has a {n_other}-token vocabulary but the model has {n}",
+          "the float checkpoint this artifact was converted from")
+
+
+# -- M9: sampling and serve values: NaN, infinities, out of range -----------------------------------------
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--temp", "nan", "--temperature must be a finite number >= 0 (0 is greedy), got nan"),
+    ("--temp", "inf", "--temperature must be a finite number >= 0"),
+    ("--repeat-penalty", "0", "--repeat-penalty must be a finite number > 0 (1.0 is off), got 0.0"),
+    ("--repeat-penalty", "-1", "--repeat-penalty must be a finite number > 0"),
+    ("--repeat-penalty", "nan", "--repeat-penalty must be a finite number > 0"),
+    ("--top-p", "nan", "--top-p must be a finite number in (0, 1]"),
+    ("--min-p", "nan", "--min-p must be a finite number in [0, 1)"),
+    ("--top-k", "-5", "--top-k must be >= 0"),
+    ("-n", "-1", "--max-tokens must be > 0"),
+])
+def test_run_sampling_values_are_checked_up_front(tiny_llama, flag, value, says):
+    code, text = run_cli("run", tiny_llama, "-p", "hi", flag, value)
+    clean(code, text, InputError.exit_code, says)
+
+
+def test_serve_request_keeps_field_names_and_signs():
+    from edgekit.runtime.serve.protocol import RequestError, parse_job
+
+    with pytest.raises(RequestError, match=r"'?min_p'? must be a finite number in \[0, 1\).*got -0.5"):
+        parse_job("text", {"model": "m", "prompt": "hi", "min_p": -0.5}, 64)
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("timeout", NAN, "--timeout must be a finite number > 0"),
+    ("timeout", INF, "--timeout must be a finite number > 0"),
+    ("timeout", 0, "--timeout must be a finite number > 0"),
+    ("idle_unload", NAN, "--idle-unload must be a finite number >= 0"),
+    ("shutdown_timeout", -1, "--grace must be a finite number >= 0"),
+])
+def test_serve_config_times_are_finite(field, value, says):
+    from edgekit.runtime.serve.config import ServeConfig
+
+    with pytest.raises(InputError, match=says.replace("(", r"\(")):
+        ServeConfig(models={"m": Path("m")}, **{field: value})
+
+
+def test_serve_timeout_nan_on_the_command_line(tiny_gguf):
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    code, text = run_cli("serve", tiny_gguf.parent, "--timeout", "nan", "--port", "0")
+    clean(code, text, InputError.exit_code, "--timeout must be a finite number > 0", "got nan")
+
+
+# -- L1: --threads --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", ["0", "-3", "100000"])
+def test_convert_threads_out_of_range(tiny_llama, tmp_path, threads):
+    for extra in ([], ["--method", "gptq", "--calib-samples", "2", "--calib-seqlen", "32"]):
+        code, text = run_cli("convert", tiny_llama, "-o", tmp_path / "out", "-t", threads, *extra)
+        clean(code, text, InputError.exit_code, "--threads must be a whole number from 1 to 1024", f"got {threads}",
+              "leave it out for the physical cores")
+        assert not (tmp_path / "out").exists()
+        no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_run_threads_out_of_range(tiny_llama, threads):
+    code, text = run_cli("run", tiny_llama, "-p", "hi", "-n", "2", "-t", threads)
+    clean(code, text, InputError.exit_code, "--threads must be a whole number from 1 to 1024")
+
+
+def test_profile_threads_capped():
+    from edgekit.runtime.profile import ProfileConfig
+    from edgekit.runtime.profile_schema import parse_tests
+
+    with pytest.raises(InputError, match="from 1 to 1024"):
+        ProfileConfig(tests=parse_tests("pp16"), threads=(1, 100000))
+
+
+# -- L2: --calib-seqlen ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("seqlen", "says"), [
+    ("1000000000", "--calib-seqlen 1000000000 is too long (at most 65536 tokens)"),
+    ("4096", "--calib-seqlen 4096 is beyond the 1024 tokens llama was trained for"),
+])
+def test_calib_seqlen_is_bounded(tiny_llama, tmp_path, seqlen, says):
+    code, text = run_cli("convert", tiny_llama, "-o", tmp_path / "out", "-t", "1", "--method", "gptq",
+                         "--calib-samples", "2", "--calib-seqlen", seqlen)
+    clean(code, text, InputError.exit_code, says)
+    assert not (tmp_path / "out").exists()
+
+
+# -- L5: plan bandwidths --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--gpu-bandwidth", "0"), ("--gpu-bandwidth", "-5"), ("--gpu-bandwidth", "nan"),
+    ("--cpu-bandwidth", "0"), ("--cpu-bandwidth", "-1"), ("--cpu-bandwidth", "inf"),
+])
+def test_plan_bandwidths_are_finite_and_positive(tiny_gguf, flag, value):
+    code, text = run_cli("plan", tiny_gguf.parent, "--vram", "1GiB", flag, value)
+    clean(code, text, InputError.exit_code, f"{flag} must be a finite number > 0", f"got {float(value)}")
+
+
+# -- L3: a context that cannot be allocated is not a corrupt file --------------------------------------
+
+def test_context_allocation_failure_says_lower_ctx(tiny_gguf):
+    from edgekit.runtime.llamacpp_errors import load_error
+
+    tail = ["print_info: n_ctx_train      = 1024", "llama_init_from_model: failed to allocate buffer"]
+    exc = load_error({"type": "ValueError", "message": "Failed to create llama_context"}, tiny_gguf, tail,
+                     n_ctx=999999999)
+    assert isinstance(exc, InputError), exc
+    text = str(exc)
+    assert "a context of 999999999 tokens" in text and "trained for 1024" in text and "lower --ctx" in text
+    assert "corrupt" not in text
