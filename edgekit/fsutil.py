@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -348,6 +349,7 @@ def atomic_dir(dest: Path, force: bool = False, *, replaceable: Callable[[Path],
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact should not be
         yield tmp
+        _share_private_files(tmp)
         try:
             rename_noreplace(tmp, dest)
         except FileExistsError:
@@ -365,6 +367,20 @@ def atomic_dir(dest: Path, force: bool = False, *, replaceable: Callable[[Path],
         raise
     finally:
         os.close(fd)
+
+
+def _share_private_files(folder: Path) -> None:
+    """Give the files under ``folder`` that a writer made private (safetensors' writer and mkstemp create
+    them 0600) the modes the umask gives new files, as every other file of an output has."""
+    mask = _umask()
+    if not 0o077 & ~mask:
+        return  # the umask keeps new files private too
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and not st.st_mode & 0o077:
+                os.chmod(path, (0o777 if st.st_mode & 0o100 else 0o666) & ~mask)
 
 
 _FILE_FIX = "retry in another folder"

@@ -376,7 +376,13 @@ def plan_cmd(
                   f"compute {_mb(parts['compute_gpu'])} (modeled)")
     flags = [f"-ngl {p.n_gpu_layers}"] + ([] if p.offload_kqv or not p.n_gpu_layers else ["--no-kv-offload"])
     flags += [f"-ot '{pat}={buft}'" for pat, buft in p.tensor_overrides]
-    ours = f"run {artifact} --offload auto"
+    # the run that uses this plan: the same budget and context (run's own defaults differ: the GPU's free
+    # memory, 2048 tokens), drafting and KV window
+    ours = f"run {artifact} --offload auto --vram {vram} -c {ctx}"
+    if kv_window:
+        ours += f" --kv-window {kv_window}"
+    if draft is not None:
+        ours += f" --draft {draft}"
     if experts is not None:
         from edgekit.runtime.llamacpp_decoding import experts_options
 

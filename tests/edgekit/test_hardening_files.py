@@ -422,3 +422,24 @@ def test_force_without_kernel_exchange_swaps_through_an_old_folder(tmp_path, mon
     assert notes == [f"replaced {tmp_path / 'out'} (an earlier edgekit output)"]
     assert json.loads((tmp_path / "out" / "edgekit_import.json").read_text()) == {"tag": "second"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_is_readable_as_the_umask_says_even_what_a_writer_made_private(tmp_path):
+    """safetensors' writer (and mkstemp) create files 0600: an imported model.safetensors was unreadable to
+    the other users of a shared machine while every other file was 0644."""
+    import os
+    import stat
+
+    from edgekit.fsutil import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as t:
+            (t / "private.bin").write_bytes(b"x")
+            (t / "private.bin").chmod(0o600)
+            (t / "tool").write_bytes(b"#!/bin/sh\n")
+            (t / "tool").chmod(0o700)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == {"private.bin": 0o644, "tool": 0o755}

@@ -191,6 +191,9 @@ def test_plan_counts_draft_and_kv_window_cli(tiny_gguf, tmp_path, monkeypatch):
     res = runner.invoke(app, ["plan", str(tiny_gguf), "--draft", str(tiny_gguf), "--kv-window", "256",
                               "--cpu-bandwidth", "20"])
     assert res.exit_code == 0 and "a KV window of 256" in res.stdout and "draft" in res.stdout, res.output
+    # the run it suggests is the one planned: budget, context, window and draft (run's defaults differ)
+    said = " ".join(res.stdout.split())
+    assert f"--offload auto --vram 0 -c 4096 --kv-window 256 --draft {tiny_gguf}" in said, res.stdout
     for args, msg in ((["--draft", str(tmp_path / "nope")], "not found"),
                       (["--kv-window", "16"], "at least 64 tokens")):
         res = runner.invoke(app, ["plan", str(tiny_gguf), "--cpu-bandwidth", "20", *args])
