@@ -40,7 +40,7 @@ from edgekit.evaluate import (
     read_text,
     text_identity,
 )
-from edgekit.fsutil import atomic_dir, check_output, sha256_files, temp_dir
+from edgekit.fsutil import atomic_dir, check_not_inside, check_output, sha256_files, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
 from edgekit.runtime.base import (
@@ -159,8 +159,11 @@ def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertR
     ``stack`` closes whatever happens."""
     if not (src.is_file() and src.suffix.lower() == ".gguf"):
         ckpt = HFCheckpoint.open(src)
-        return ckpt, Path(output).expanduser() if output else default_output(ckpt.path, to, recipe), None
+        out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe)
+        check_not_inside(ckpt.path, out)
+        return ckpt, out, None
     out = Path(output).expanduser() if output else default_output(src.with_suffix(""), to, recipe)
+    check_not_inside(src, out)
     check_output(out, force, is_artifact_folder)  # before the import, which takes a while
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,14 @@ def check_output(dest: Path, force: bool, replaceable: Callable[[Path], bool]) -
     _check_dest(Path(dest), force, replaceable)
 
 
+def check_not_inside(source: Path, dest: Path) -> None:
+    """Refuse an output that would replace the input it is made from: ``source`` at or under ``dest``
+    (``import art/model.gguf -o art --force`` deleted the GGUF it read)."""
+    src, out = Path(source).expanduser().resolve(), Path(dest).expanduser().resolve()
+    if src == out or out in src.parents:
+        raise InputError(f"{dest} holds {source}, the input: writing there would replace it; choose another -o")
+
+
 def _check_dest(dest: Path, force: bool, replaceable: Callable[[Path], bool], again: bool = False) -> None:
     """Refuse to replace ``dest`` unless ``force`` and it is something edgekit wrote; ``again``: it appeared
     while this run was writing."""

@@ -19,7 +19,7 @@ from edgekit.converters.formats.base import ProgressFn, no_progress
 from edgekit.converters.formats.gguf.check import check_gguf
 from edgekit.converters.formats.gguf.read import read_gguf_header
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError, quiet_transformers, require
-from edgekit.fsutil import atomic_dir, check_free_space, sha256_file, write_error
+from edgekit.fsutil import atomic_dir, check_free_space, check_not_inside, sha256_file, write_error
 
 
 def _field(reader, key: str):
@@ -46,6 +46,7 @@ def import_gguf(
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     del reader
     out = Path(output).expanduser()
+    check_not_inside(src, out)
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), n_params * 4 + (64 << 20), "the checkpoint")
 
     torch = require("torch", "torch")

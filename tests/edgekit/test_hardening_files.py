@@ -443,3 +443,22 @@ def test_an_output_is_readable_as_the_umask_says_even_what_a_writer_made_private
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
     assert modes == {"private.bin": 0o644, "tool": 0o755}
+
+
+def test_an_output_that_holds_the_input_is_refused(tiny_llama, tmp_path):
+    """`import art/model.gguf -o art --force` replaced the folder and with it the GGUF it read; convert of
+    a GGUF into the artifact that holds it would do the same."""
+    from typer.testing import CliRunner
+
+    from edgekit import api
+    from edgekit.cli.main import app
+
+    art = api.convert(tiny_llama, "gguf", output=tmp_path / "art", recipe=api.ConvertRecipe(bits=8)).path
+    before = (art / "model.gguf").read_bytes()
+    runner = CliRunner()
+    for args in (["import", str(art / "model.gguf"), "-o", str(art), "--force"],
+                 ["convert", str(art / "model.gguf"), "--type", "Q4_0", "-o", str(art), "--force"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "holds" in r.output and "the input" in r.output, r.output
+        assert "Traceback" not in r.output
+        assert (art / "model.gguf").read_bytes() == before
