@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from edgekit.errors import CorruptFileError
 from edgekit.fsutil import edgekit_home
 from edgekit.runtime.profile_schema import ProfileRow
 
@@ -57,7 +58,12 @@ class History:
         self.path = Path(path) if path else edgekit_home() / "profile.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path)
-        self._db.executescript(_DDL)
+        try:
+            self._db.executescript(_DDL)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise CorruptFileError(f"{self.path} is not a readable profile history ({exc}); move it away to start "
+                                   "a new one (or pass --no-history)") from exc
 
     def close(self) -> None:
         self._db.close()

@@ -214,10 +214,14 @@ def profile_cmd(
         if interrupted is not None:
             say(err, "partial results below are marked 'interrupted'", "interrupted:", "yellow")
     if history and run.rows:
+        from edgekit.errors import CorruptFileError
         from edgekit.runtime.history import History
 
-        with History() as h:
-            h.save(run.rows, started=run.started, status=run.status, host=run.host)
+        try:
+            with History() as h:
+                h.save(run.rows, started=run.started, status=run.status, host=run.host)
+        except CorruptFileError as exc:  # what was measured is still shown
+            say(err, f"{exc}; this run was not recorded", "warning:", "yellow")
     _emit(run, as_json, as_csv, plot, terminal_plot)
     if run.status == "interrupted":
         raise typer.Exit(130)

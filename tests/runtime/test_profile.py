@@ -194,6 +194,20 @@ def test_cli_json_csv_history_compare(tiny_ggufs, home):
     assert res.exit_code == 0 and "tiny-F16" in res.stdout
 
 
+def test_a_damaged_history_still_shows_what_was_measured(tiny_ggufs, home):
+    from edgekit.cli.main import app
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "profile.sqlite").write_bytes(b"garbage, not a database" * 100)
+    runner = CliRunner()
+    res = runner.invoke(app, ["profile", str(tiny_ggufs["F16"]), "--tests", "tg4", "-r", "1", "--csv"])
+    assert res.exit_code == 0, res.output
+    assert len(res.stdout.strip().splitlines()) == 2  # the row measured
+    assert "not a readable profile history" in res.stderr and "not recorded" in res.stderr
+    res = runner.invoke(app, ["profile", "--compare"])
+    assert res.exit_code == 3 and "move it away" in res.output and "Traceback" not in res.output
+
+
 def test_cli_bad_input(tmp_path, home):
     from edgekit.cli.main import app
 

@@ -222,7 +222,11 @@ class ProfileScreen(Screen[None]):
 
         try:
             run = mod.profile(targets, cfg, on_row=on_row, on_progress=on_progress, cancel=cancel)
-            save_history(run)
+            try:
+                save_history(run)
+            except EdgekitError as exc:  # a damaged history: the rows measured still count
+                self.app.call_from_thread(self.notify, f"{exc}; this run was not recorded", severity="warning",
+                                          markup=False)
         except BaseException as exc:  # noqa: BLE001 - error panel; finished rows stay on screen
             self.app.call_from_thread(self._finished, "failed", exc)
             return
