@@ -30,7 +30,7 @@ from edgekit.calibration import CalibConfig
 from edgekit.converters.diffusion.pipeline import is_pipeline
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
-from edgekit.errors import InputError
+from edgekit.errors import DiskFullError, InputError
 from edgekit.evaluate import (
     EvalConfig,
     EvalResult,
@@ -372,12 +372,18 @@ def evaluate(
     result.text_name, result.text_sha256 = text_name, text_sha
     result.ref = str(Path(ref).resolve()) if ref is not None else None
     record_as = {**result.to_json(), "text": str(Path(text_file).expanduser().resolve())}
-    if record and not isinstance(target, Artifact):
-        p = library.resolve(target)
-        if (p / "edgekit.json").exists():
-            Artifact.open(p).record_eval(record_as)
-    elif record and isinstance(target, Artifact):
-        target.record_eval(record_as)
+    try:
+        if record and not isinstance(target, Artifact):
+            p = library.resolve(target)
+            if (p / "edgekit.json").exists():
+                Artifact.open(p).record_eval(record_as)
+        elif record and isinstance(target, Artifact):
+            target.record_eval(record_as)
+    except (InputError, DiskFullError, OSError) as exc:  # a read-only artifact: the measurement still counts
+        import warnings
+
+        warnings.warn(f"{exc}; the result was not recorded in its manifest (--no-record skips recording)",
+                      stacklevel=2)
     return result
 
 

@@ -91,6 +91,20 @@ def test_eval_with_reference_is_recorded(tiny_q4, tiny_llama):
     assert recorded["ppl"] == pytest.approx(res["ppl"]) and recorded["ref"]
 
 
+def test_eval_of_a_read_only_artifact_still_prints_its_result(tiny_q4, monkeypatch):
+    """The perplexity was computed, then lost to a manifest that could not be written (a read-only copy)."""
+    from edgekit.artifact import Artifact
+    from edgekit.errors import InputError
+
+    def read_only(self, entry):
+        raise InputError(f"cannot write {self.path}/edgekit.json: Read-only file system; make it writable")
+
+    monkeypatch.setattr(Artifact, "record_eval", read_only)
+    r = runner.invoke(app, ["eval", str(tiny_q4), "--text", str(sample_text_path()), "--ctx", "64", "--chunks", "2"])
+    assert r.exit_code == 0, r.output
+    assert "perplexity" in r.stdout and "not recorded" in r.stderr and "--no-record" in r.stderr
+
+
 def test_eval_of_pytorch_reference_equals_itself(tiny_llama):
     """KL of a model against itself is zero and top-1 agreement is total: the metric plumbing is sound."""
     res = json.loads(cli("eval", tiny_llama, "--text", sample_text_path(), "--ctx", "64", "--chunks", "2",
