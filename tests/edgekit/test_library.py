@@ -146,3 +146,11 @@ def test_a_tensor_type_override_is_named_and_shown(store, tiny_llama):
     assert (store / name / "edgekit.json").is_file()
     assert "--tensor-type ffn_down=Q4_0" in cli("show", name).stdout
     assert "--tensor-type ffn_down=Q4_0" in " ".join(cli("inspect", name).stdout.split())
+
+
+def test_a_tensor_type_that_matches_nothing_is_said(store, tiny_llama, tmp_path):
+    r = cli("convert", tiny_llama, "--type", "Q8_0", "--tensor-type", "ffn_dwn=Q4_0", "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert "--tensor-type 'ffn_dwn' matches no tensor" in " ".join(r.stderr.split())
+    r = cli("convert", tiny_llama, "--type", "Q8_0", "--tensor-type", "ffn_down=Q4_0", "-o", tmp_path / "p")
+    assert r.exit_code == 0 and "matches no tensor" not in r.stderr

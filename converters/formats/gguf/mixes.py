@@ -19,6 +19,7 @@ Not covered: the Q2_K_S and MXFP4 presets, and llama.cpp's per-architecture exce
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from math import prod
 from typing import TypeVar
@@ -184,6 +185,11 @@ def assign_types(
     if len({t.name for t in tensors}) != len(tensors):
         raise InputError("tensor names must be unique")
     patterns = _compile_overrides(overrides)
+    for pattern, regex, _ in patterns:  # a typo would otherwise change nothing, silently
+        if not any(regex.search(t.name) for t in tensors):
+            warnings.warn(f"--tensor-type {pattern!r} matches no tensor of this model, so it changes nothing; the "
+                          "names are GGUF's (blk.0.ffn_down.weight...): 'edgekit inspect ARTIFACT --tensors' lists them",
+                          stacklevel=2)
     state = MixState(preset, arch, tensors, has_imatrix)
     chosen = {t.name: _assign_one(t, preset, state, patterns) for t in llama_order(tensors)}
     if not has_imatrix:
