@@ -288,12 +288,16 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
                 _verify(device, tmp, fp)
                 device.rename(tmp, remote)
                 renamed = True
-        except PushCancelled:
+        except (PushCancelled, KeyboardInterrupt) as exc:  # the TUI's cancel, the CLI's Ctrl-C
             if result.bytes_sent or renamed or any(fp.resumed_from for _, _, fp in plan):
+                if isinstance(exc, KeyboardInterrupt):
+                    exc.add_note("the partial file stays on the device: pushing again resumes it")
                 raise
             if tmp:  # opened but never written: nothing to resume
                 device.remove(tmp)
             _remove_empty(device, created)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             raise PushCancelled("push cancelled before any byte was sent; the device is as it was") from None
     result.seconds = time.perf_counter() - start
     return result

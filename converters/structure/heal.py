@@ -332,6 +332,9 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
                 save()
                 last_save = time.monotonic()
         info["done"] = True
+    except KeyboardInterrupt as exc:  # said on the "interrupted" line: the work is kept, not lost
+        exc.add_note(f"{what} progress is saved at step {info['step']}: the same command resumes it")
+        raise
     finally:
         info["elapsed_s"] = spent0 + time.monotonic() - t_run
         save()  # Ctrl-C lands here too: the next run resumes from this step

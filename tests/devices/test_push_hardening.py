@@ -152,3 +152,16 @@ def test_a_phone_that_fills_up_mid_push_says_so(phone, tiny_artifact):
     standin.set_capacity(512 << 10)
     with open_device(dev_id) as dev, pytest.raises(DiskFullError, match="storage filled up at .*push again"):
         push(tiny_artifact, dev, PushConfig(check_storage=False, check_ram=False))
+
+
+def test_ctrl_c_mid_push_says_the_partial_file_resumes(home, art, tmp_path):
+    def interrupt_midway(desc: str, done: int, total: int) -> None:
+        if done:
+            raise KeyboardInterrupt
+
+    with open_device("host") as dev, pytest.raises(KeyboardInterrupt) as stopped:
+        push(art, dev, PushConfig(dest=str(tmp_path / "board")), progress=interrupt_midway)
+    assert stopped.value.__notes__ == ["the partial file stays on the device: pushing again resumes it"]
+    with open_device("host") as dev:  # and it does
+        result = push(art, dev, PushConfig(dest=str(tmp_path / "board")))
+    assert any(f.resumed_from for f in result.files)

@@ -252,6 +252,10 @@ def test_onnx_corrupt_graph(tiny_onnx, tmp_path):
     code, out = run_cli("inspect", art)
     assert_clean_error(code, out, "model.onnx is not a readable ONNX graph (DecodeError)", "re-run 'edgekit convert'")
     assert code == CorruptFileError.exit_code
+    (art / "model.onnx").write_bytes(b"")  # an empty file parses as an empty graph: inspect described it
+    code, out = run_cli("inspect", art)
+    assert_clean_error(code, out, "model.onnx holds no ONNX graph (empty or truncated)")
+    assert code == CorruptFileError.exit_code
 
 
 def test_onnx_missing_or_short_external_data(tiny_onnx, tmp_path):

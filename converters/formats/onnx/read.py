@@ -33,6 +33,8 @@ def load_graph(model_path: str | Path) -> Any:
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors
         raise CorruptFileError(f"{path} is not a readable ONNX graph ({type(exc).__name__}); "
                                "re-run 'edgekit convert'") from exc
+    if not model.ir_version or not model.graph.node:  # an empty file parses as an empty ModelProto
+        raise CorruptFileError(f"{path} holds no ONNX graph (empty or truncated); re-run 'edgekit convert'")
     check_external_data(model, path)
     return model
 
