@@ -95,9 +95,14 @@ def handle_errors(fn: F) -> F:
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
-    """A ProgressFn drawing one rich bar per step description prefix (on stderr)."""
-    if not enabled or not sys.stderr.isatty() and not os.environ.get("EDGEKIT_PROGRESS"):
+    """A ProgressFn drawing one rich bar per step description prefix (on stderr). Where stderr is not a
+    terminal (a log, CI) a job that runs past :data:`LOG_QUIET_S` prints plain lines instead: each new
+    phase, and the current step every :data:`LOG_EVERY_S`, so a long conversion shows it is alive."""
+    if not enabled:
         yield lambda desc, done, total: None
+        return
+    if not sys.stderr.isatty() and not os.environ.get("EDGEKIT_PROGRESS"):
+        yield _progress_lines()
         return
     bar = Progress(TextColumn("{task.description:<48.48}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=err, transient=False)
@@ -111,6 +116,28 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
 
     with bar:
         yield update
+
+
+LOG_QUIET_S = 10.0
+LOG_EVERY_S = 30.0
+
+
+def _progress_lines() -> Callable[[str, int, int], None]:
+    import time
+
+    start = time.monotonic()
+    last, phase = 0.0, None
+
+    def update(desc: str, done: int, total: int) -> None:
+        nonlocal last, phase
+        now = time.monotonic()
+        head = desc.split(":")[0]
+        if now - start < LOG_QUIET_S or (head == phase and now - last < LOG_EVERY_S):
+            return
+        last, phase = now, head
+        err.print(Text(f"{desc} ({done}/{total}, {now - start:.0f} s)", style="dim"), soft_wrap=True)
+
+    return update
 
 
 DRAFT_HELP = ("A smaller model with the same tokenizer, in the target's format (GGUF or ONNX): speculative "
