@@ -22,7 +22,7 @@ from edgekit.tui.screens.artifacts import ArtifactsScreen
 from edgekit.tui.screens.chat import ChatScreen
 from edgekit.tui.screens.convert import ConvertScreen
 from edgekit.tui.screens.devices import DevicesScreen
-from edgekit.tui.screens.dialogs import ErrorPanel, HelpScreen, error_text, error_title
+from edgekit.tui.screens.dialogs import Confirm, ErrorPanel, HelpScreen, error_text, error_title
 from edgekit.tui.screens.profile import ProfileScreen
 
 SCREEN_KEYS = {"chat": "f2", "artifacts": "f3", "convert": "f4", "profile": "f5", "devices": "f6"}
@@ -56,6 +56,32 @@ class EdgekitApp(App[None]):
         await self.switch_mode(self.start)
         if self.chat_target is not None:
             await self.open_in_chat(self.chat_target)
+
+    def running_work(self) -> list[str]:
+        """What quitting now would throw away: a conversion, a profile or a push under way."""
+        jobs = (("convert", "job", "a conversion"), ("profile", "cancel_event", "a profile"),
+                ("devices", "cancel_event", "a push"))
+        return [what for name, attr, what in jobs if getattr(self.get_screen(name), attr, None) is not None]
+
+    async def action_quit(self) -> None:
+        """Ctrl+Q: asks first while work is under way (its partial output is removed, the work lost)."""
+        running = self.running_work()
+        if not running or isinstance(self.screen, Confirm):
+            self._leave()
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._leave()
+
+        self.push_screen(Confirm(f"{' and '.join(running).capitalize()} is under way: quit and stop it?\n"
+                                 "What it wrote so far is removed."), answered)
+
+    def _leave(self) -> None:
+        chat = self.get_screen("chat")
+        if isinstance(chat, ChatScreen):
+            chat.shutdown()
+        self.exit()
 
     def on_resize(self, event: events.Resize) -> None:
         self.refresh_bindings()  # the footer lays its keys out again for the new width (widgets/footer.py)
@@ -132,9 +158,3 @@ class EdgekitApp(App[None]):
             self.show_error(f"the screenshot was not saved: {exc.strerror or exc} ({folder})", "Screenshot")
             return
         self.notify(f"saved to {saved}", title="Screenshot")
-
-    async def action_quit(self) -> None:
-        chat = self.get_screen("chat")
-        if isinstance(chat, ChatScreen):
-            chat.shutdown()
-        self.exit()

@@ -159,6 +159,21 @@ async def test_convert_cancel_leaves_nothing(models, tiny_llama):
         assert not screen.query_one("#cv-start").disabled  # ready for another run
 
 
+async def test_quitting_during_a_conversion_asks_first(models, tiny_llama):
+    app = EdgekitApp(folder="models")
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await _convert(pilot, app, tiny_llama, "4", "out-gptq", method="gptq")
+        await wait_for(pilot, lambda: screen._step != "", timeout=60, what="the first progress report")
+        await pilot.press("ctrl+q")
+        assert isinstance(app.screen, Confirm) and "A conversion is under way" in app.screen.question
+        await pilot.press("n")  # no: the conversion goes on
+        assert app.is_running and screen.job is not None
+        await pilot.press("escape")  # cancel it; with nothing running, Ctrl+Q quits at once
+        await wait_for(pilot, lambda: screen.outcome != "", timeout=60, what="the cancel")
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: not app.is_running, what="the app to quit")
+
+
 async def test_convert_bad_form_shows_the_fix(models, tmp_path):
     app = EdgekitApp(folder="models")
     async with app.run_test(size=(80, 24)) as pilot:

@@ -101,7 +101,7 @@ Keyboard first: the footer shows the keys of the screen you are on; **Ctrl+P** o
 |---|---|---|
 | F1 | everywhere | this help |
 | F2 .. F6 | everywhere | Chat, Artifacts, Convert, Profile, Devices |
-| Ctrl+Q | everywhere | quit |
+| Ctrl+Q | everywhere | quit (asks first while a conversion, profile or push runs) |
 | Enter | chat | send the message |
 | Esc | chat | stop the generation |
 | Ctrl+Y | chat | copy the last reply |
