@@ -127,6 +127,9 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
             json.dumps(extra)
         except TypeError as exc:
             raise InputError(f"llama.cpp options must be plain values: {exc}") from None
+        from edgekit.runtime.llamacpp_decoding import check_llama_options
+
+        extra = check_llama_options(extra)
         self._on_warning = on_warning
         self._config = {
             "model_path": str(self.model_path.resolve()),

@@ -88,3 +88,31 @@ def experts_used(options: dict[str, Any]) -> int | None:
         if str(key).endswith(".expert_used_count"):
             return int(value)
     return None
+
+
+# The KV cache types llama.cpp takes for type_k / type_v (-O type_k=q8_0 or its ggml number, 8).
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+_BOOL_OPTIONS = ("flash_attn", "use_mmap", "use_mlock", "offload_kqv", "op_offload", "swa_full", "embedding",
+                 "logits_all", "no_perf", "vocab_only", "spm_infill")
+
+
+def check_llama_options(extra: dict[str, Any]) -> dict[str, Any]:
+    """``-O`` values llama.cpp would take badly, refused by name before it loads: a KV cache type it
+    has no kernel for (type_k=99 aborted the process) or a word where a switch goes (flash_attn=maybe
+    passed as true). Cache types may be given by name; they go to llama.cpp as their numbers."""
+    out = dict(extra)
+    for key in ("type_k", "type_v"):
+        if key not in out or out[key] is None:
+            continue
+        value = out[key]
+        by_number = {v: k for k, v in KV_CACHE_TYPES.items()}
+        if isinstance(value, str) and value.lower() in KV_CACHE_TYPES:
+            out[key] = KV_CACHE_TYPES[value.lower()]
+        elif isinstance(value, bool) or value not in by_number:
+            raise InputError(f"-O {key}={value}: llama.cpp's KV cache takes "
+                             + ", ".join(f"{k} ({v})" for k, v in KV_CACHE_TYPES.items()))
+    for key in _BOOL_OPTIONS:
+        if key in out and out[key] is not None and not isinstance(out[key], bool):
+            raise InputError(f"-O {key}={out[key]}: give true or false")
+    return out
+

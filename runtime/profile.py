@@ -289,8 +289,8 @@ def _profile_one(ctx: _Context, art: Artifact, info: dict[str, Any], combo: dict
         options.update(plan.backend_options())
         plan_note = plan.reason
     config = {"n_threads": threads, "n_batch": combo["n_batch"], "n_ubatch": combo["n_batch"],
-              "n_ctx": n_ctx, "n_gpu_layers": options.get("n_gpu_layers", 0), "type_k": options.get("type_k", "f16"),
-              "type_v": options.get("type_v", "f16"), "offload_kqv": options.get("offload_kqv", True),
+              "n_ctx": n_ctx, "n_gpu_layers": options.get("n_gpu_layers", 0), "type_k": _cache_name(options, "type_k"),
+              "type_v": _cache_name(options, "type_v"), "offload_kqv": options.get("offload_kqv", True),
               "tensor_overrides": [list(o) for o in options.get("tensor_overrides", ())], "plan": plan_note}
     from edgekit.runtime.llamacpp_decoding import experts_used
 
@@ -379,3 +379,13 @@ def _runtime_info(backend: Any) -> dict[str, Any]:
     info = getattr(backend, "info", None) or {}
     return {"llama_cpp_python": info.get("llama_cpp_version"), "system_info": info.get("system_info"),
             "safe_cpu": info.get("safe_cpu")} if info else {}
+
+
+def _cache_name(options: dict[str, Any], key: str) -> str:
+    """A KV cache type as the memory model names it (``-O type_k=8`` is ``q8_0``)."""
+    from edgekit.runtime.llamacpp_decoding import KV_CACHE_TYPES
+
+    value = options.get(key, "f16")
+    return next((name for name, n in KV_CACHE_TYPES.items() if n == value and not isinstance(value, bool)),
+                str(value).lower())
+

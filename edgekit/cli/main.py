@@ -131,7 +131,7 @@ def run(
     kv_sinks: int | None = typer.Option(None, "--kv-sinks", help=SINKS_HELP),
     experts: str | None = typer.Option(None, "--experts", help=EXPERTS_HELP, show_default=False, metavar="<n|all>"),
     option: list[str] = typer.Option([], "--option", "-O", help="Runtime option KEY=VALUE; repeatable (llama.cpp: "
-                                     "flash_attn=true, type_k=8, ...; a misspelt one is refused)."),
+                                     "flash_attn=true, type_k=q8_0, ...; a misspelt one is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when done (text, token counts, "
                                  "timings, stop reason) instead of streaming."),
     class_: int | None = typer.Option(None, "--class", help="Diffusion: the class of every image (default: one of "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,6 +74,20 @@ def test_registered_for_gguf():
 def test_missing_file_is_input_error(tmp_path: Path):
     with pytest.raises(InputError, match="not found"):
         LlamaCppBackend(tmp_path / "nope.gguf")
+
+
+def test_runtime_options_llama_cpp_would_take_badly_are_refused_by_name(junk_file: Path):
+    """-O type_k=99 aborted llama.cpp (SIGABRT); flash_attn=maybe went through as true. Refused before any
+    process starts (the junk file is never read); a cache type may be named."""
+    from edgekit.runtime.llamacpp_decoding import check_llama_options
+
+    for opts, says in (({"type_k": 99}, "-O type_k=99: llama.cpp's KV cache takes f32 (0), f16 (1)"),
+                       ({"type_v": "q9"}, "-O type_v=q9"), ({"type_k": True}, "-O type_k=True"),
+                       ({"flash_attn": "maybe"}, "-O flash_attn=maybe: give true or false")):
+        with pytest.raises(InputError, match=re.escape(says)):
+            LlamaCppBackend(junk_file, **opts)
+    assert check_llama_options({"type_k": "Q8_0", "type_v": 1, "flash_attn": True}) == {
+        "type_k": 8, "type_v": 1, "flash_attn": True}
 
 
 # -- real model ----------------------------------------------------------------------------------
