@@ -32,6 +32,9 @@ def store_dir(folder: str | Path | None = None, create: bool = False) -> Path:
     if folder is None and os.environ.get("EDGEKIT_MODELS"):
         folder = os.environ["EDGEKIT_MODELS"]
     path = Path(folder).expanduser() if folder is not None else edgekit_home() / "models"
+    if path.exists() and not path.is_dir():
+        what = "EDGEKIT_MODELS" if folder == os.environ.get("EDGEKIT_MODELS") else "the library"
+        raise InputError(f"{what} is {path}, a file, not a folder; point EDGEKIT_MODELS at a folder (or move the file)")
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path

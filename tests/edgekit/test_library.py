@@ -154,3 +154,12 @@ def test_a_tensor_type_that_matches_nothing_is_said(store, tiny_llama, tmp_path)
     assert "--tensor-type 'ffn_dwn' matches no tensor" in " ".join(r.stderr.split())
     r = cli("convert", tiny_llama, "--type", "Q8_0", "--tensor-type", "ffn_down=Q4_0", "-o", tmp_path / "p")
     assert r.exit_code == 0 and "matches no tensor" not in r.stderr
+
+
+def test_a_library_path_that_is_a_file_says_so(tmp_path, monkeypatch, tiny_llama):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("EDGEKIT_MODELS", str(tmp_path / "afile"))
+    for args in (("ls",), ("convert", tiny_llama, "--type", "Q8_0")):
+        r = cli(*args)
+        assert r.exit_code == 2 and "is" in r.output and "a file, not a folder" in r.output, r.output
+        assert "Traceback" not in r.output
