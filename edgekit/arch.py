@@ -234,7 +234,7 @@ class HParams:
                 ffn_widths=tuple(cfg["edgekit_ffn_widths"]) if cfg.get("edgekit_ffn_widths") else None,
             )
         except KeyError as exc:
-            raise UnsupportedError(f"config.json lacks {exc.args[0]!r}; is this a decoder-only LLM checkpoint?") from exc
+            raise UnsupportedError(f"{source} lacks {exc.args[0]!r}; is this a decoder-only LLM checkpoint?") from exc
 
     def gguf_kv(self, arch: str) -> dict[str, object]:
         """``{key: value}`` for the GGUF architecture block (keys as llama.cpp reads them)."""

@@ -105,7 +105,7 @@ def bos_id(backend: Backend) -> int | None:
 def read_text(path: str | Path) -> str:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise InputError(f"{p} does not exist; give a plain-text file with --text")
+        raise InputError(f"{p} {'is a folder' if p.is_dir() else 'does not exist'}; give a plain-text file with --text")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

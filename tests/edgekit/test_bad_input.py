@@ -94,6 +94,22 @@ def test_an_activation_the_graphs_do_not_compute_is_refused(tiny_llama, tmp_path
     assert HFCheckpoint.open(m).spec.gguf_arch == "llama"
 
 
+def test_a_weight_with_nan_is_named(tiny_llama, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    m = copy_model(tiny_llama, tmp_path / "m")
+    weights = load_file(str(m / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name] = weights[name].copy()
+    weights[name].flat[7] = float("nan")
+    save_file(weights, str(m / "model.safetensors"), metadata={"format": "pt"})
+    for args in (("--type", "Q4_0"), ("--type", "F16")):
+        code, out = run_cli("convert", m, *args, "-o", tmp_path / "out")
+        assert_clean_error(code, out, f"tensor {name} holds NaN or infinite values", "re-download")
+        assert code == 3
+        no_leftovers(tmp_path)
+
+
 def test_missing_tokenizer(tiny_llama, tmp_path):
     m = copy_model(tiny_llama, tmp_path / "m")
     (m / "tokenizer.json").unlink()
@@ -247,3 +263,12 @@ def test_killed_writer_leaves_nothing_and_is_swept(tmp_path):
         (t / "y").write_text("2")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]
     assert os.listdir(dest) == ["y"]
+
+
+def test_a_folder_where_a_file_goes_is_called_a_folder(tiny_llama, tmp_path):
+    (tmp_path / "d.gguf").mkdir()
+    code, out = run_cli("import", tmp_path / "d.gguf", "-o", tmp_path / "o")
+    assert_clean_error(code, out, "d.gguf is a folder; give a .gguf file")
+    code, out = run_cli("eval", tiny_llama, "--text", tmp_path, "--no-record")
+    assert_clean_error(code, out, "is a folder; give a plain-text file with --text")
+

@@ -20,7 +20,7 @@ def read_gguf_header(path: Path, *, check: bool = True):
     import gguf
 
     if not path.is_file():
-        raise InputError(f"{path} does not exist; give a .gguf file")
+        raise InputError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}; give a .gguf file")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on bad files

@@ -34,7 +34,7 @@ from edgekit.converters.formats.gguf.options import GGUFOptions
 from edgekit.converters.formats.gguf.vocab import read_vocab
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.converters.structure.width import cut_padding, own_shape
-from edgekit.errors import DiskFullError, InputError, UnsupportedError
+from edgekit.errors import CorruptFileError, DiskFullError, InputError, UnsupportedError
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
 
@@ -211,6 +211,9 @@ def _encode_in_order(
         w = ckpt.load(t.hf_name)
         if w.shape != t.shape:  # per-block FFN widths: the checkpoint's zero padding is not written
             w = w[tuple(slice(0, n) for n in t.shape)]
+        if w.dtype.kind == "f" and not np.isfinite(w).all():  # the kernels' own check cannot say which tensor
+            raise CorruptFileError(f"{ckpt.path}: tensor {t.hf_name} holds NaN or infinite values; re-download the "
+                                   "model (or fix the training run that wrote it)")
         return to_gguf_layout(ckpt, t.name, _drop_padding(ckpt, t, quantizer.quantize(t.name, w, t.qtype)))
 
     threads = min(os.cpu_count() or 1, 8) if quantizer.parallel_safe else 1
