@@ -98,9 +98,12 @@ def show(
         return
     src = m.get("source") or {}
     recipe = m.get("recipe") or {}
+    on_disk = library.folder_bytes(art.path)
     rows = [("path", str(art.path.resolve())), ("format", f"{m.get('format')} ({m.get('preset', '-')})"),
-            ("size", f"{_mb(library.folder_bytes(art.path))} MB, {m.get('bpw', '-')} bpw, "
-                     f"{m.get('n_params', 0):,} parameters"),
+            ("size", f"{_mb(on_disk)} MB on disk"
+                     + (f" ({_mb(model)} MB of model files, which bpw counts; the rest: tokenizer, manifest)"
+                        if isinstance(model := m.get("size_bytes"), int) and on_disk > 1.005 * model else "")
+                     + f", {m.get('bpw', '-')} bpw, {m.get('n_params', 0):,} parameters"),
             ("source", f"{src.get('path', '-')} ({src.get('architecture', '?')}, sha256 {str(src.get('sha256', ''))[:12]})"),
             ("recipe", ", ".join([f"{k} {v}" for k, v in recipe.items() if k in ("method", "bits", "preset", "bpw", "size",
                                                                                "prune") and v not in (None, [], "")]

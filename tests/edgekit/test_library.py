@@ -163,3 +163,11 @@ def test_a_library_path_that_is_a_file_says_so(tmp_path, monkeypatch, tiny_llama
         r = cli(*args)
         assert r.exit_code == 2 and "is" in r.output and "a file, not a folder" in r.output, r.output
         assert "Traceback" not in r.output
+
+
+def test_show_tells_the_folder_from_the_model_files(store, tiny_llama):
+    """ls/show count the folder (an ONNX artifact carries its tokenizer), convert and bpw the model files."""
+    r = cli("convert", tiny_llama, "--to", "onnx", "--bits", "4")
+    assert r.exit_code == 0, r.output
+    shown = " ".join(cli("show", "llama-onnx-uint4_b32").stdout.split())
+    assert "MB on disk (" in shown and "MB of model files, which bpw counts" in shown
