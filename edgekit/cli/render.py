@@ -17,6 +17,14 @@ def mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def tensor_type_flags(recipe: Any) -> list[str]:
+    """A manifest recipe's per-tensor overrides as the flags that made them (what is not a list of
+    pattern/type pairs, in a hand-edited manifest, is left out)."""
+    pairs = recipe.get("tensor_types") if isinstance(recipe, dict) else None
+    return [f"--tensor-type {p[0]}={p[1]}" for p in pairs or () if isinstance(p, (list, tuple)) and len(p) == 2] \
+        if isinstance(pairs, list) else []
+
+
 def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = False) -> None:
     hp = info["hparams"]
     head = Table.grid(padding=(0, 2))
@@ -55,7 +63,7 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         r = info["recipe"]
         row("recipe", f"method {r.get('method')}, preset {info.get('preset') or r.get('preset')}"
                        + (f" (--bits {r['bits']})" if r.get("bits") else "")
-                       + "".join(f", --tensor-type {p}={t}" for p, t in r.get("tensor_types") or ()))
+                       + "".join(f", {flag}" for flag in tensor_type_flags(r)))
     if info.get("pruned"):
         row("pruned", pruning_line(info["pruned"]))
     if info.get("sparsity"):

@@ -237,7 +237,9 @@ def test_killed_writer_leaves_nothing_and_is_swept(tmp_path):
             f"with atomic_dir(Path({str(dest)!r})) as t:\n    (t / 'x').write_text('1')\n    print('ready', flush=True)\n"
             "    time.sleep(60)\n")
     # the CLI's handlers turn SIGTERM (kill) and SIGHUP (the terminal closed) into an exit that unwinds atomic_dir
-    wrapper = f"from edgekit.cli.main import unwind_on_signals\nunwind_on_signals()\n{code}"
+    # a terminal's session, whatever this test runs under (a nohup'd CI run ignores SIGHUP, and children inherit it)
+    unwinding = f"from edgekit.cli.main import unwind_on_signals\nunwind_on_signals()\n{code}"
+    wrapper = f"import signal\nsignal.signal(signal.SIGHUP, signal.SIG_DFL)\n{unwinding}"
     for sig in (signal.SIGTERM, signal.SIGHUP):
         p = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "ready"
@@ -245,7 +247,7 @@ def test_killed_writer_leaves_nothing_and_is_swept(tmp_path):
         assert p.wait(30) == 128 + sig
         assert list(tmp_path.iterdir()) == []
     # under nohup (SIGHUP ignored) the hangup is ignored as the user asked
-    nohup = f"import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n{wrapper}"
+    nohup = f"import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n{unwinding}"
     p = subprocess.Popen([sys.executable, "-c", nohup], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGHUP)
