@@ -43,6 +43,7 @@ async def test_artifacts_list_inspect_and_delete(models):
         await pilot.press("d", "y")
         await _artifacts(pilot, app, 1)
         assert not (models / "tiny-f16").exists() and (models / "tiny-q8").exists()
+        assert "1 artifact under models" in str(screen.query_one("#artifacts-status").render())
 
 
 async def test_artifacts_open_in_chat_and_profile(models):

@@ -95,7 +95,7 @@ class ArtifactsScreen(Screen[None]):
             table.add_row(*map(escape, c), key=str(r.path))  # str cells are markup; names are data
         total = sum(r.size_bytes for r in rows)
         self.query_one("#artifacts-status", Static).update(
-            f"{len(rows)} artifacts under {folder} ({human_bytes(total)})" if rows else
+            f"{len(rows)} artifact{'s' if len(rows) != 1 else ''} under {folder} ({human_bytes(total)})" if rows else
             f"no artifacts under {folder}: convert one on the Convert screen (F4) or type another folder above")
 
     def add_extra(self, path: Path) -> None:
