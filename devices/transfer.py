@@ -8,7 +8,6 @@ real name. The manifest goes last, so a folder with ``edgekit.json`` on the devi
 
 from __future__ import annotations
 
-import errno
 import json
 import posixpath
 import shlex
@@ -28,7 +27,7 @@ from edgekit.devices.base import (
     VerificationError,
 )
 from edgekit.errors import DiskFullError, InputError
-from edgekit.fsutil import sha256_file_cached
+from edgekit.fsutil import is_disk_full, sha256_file_cached
 from edgekit.progress import ProgressFn
 
 
@@ -278,7 +277,7 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
                 try:
                     device.append_from(local, tmp, fp.resumed_from, on_bytes, cancel)
                 except (OSError, DeviceError) as exc:
-                    if not storage_full(exc):
+                    if not is_disk_full(exc):
                         raise
                     left = max(0, to_send - done)
                     raise DiskFullError(
@@ -301,15 +300,6 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
             raise PushCancelled("push cancelled before any byte was sent; the device is as it was") from None
     result.seconds = time.perf_counter() - start
     return result
-
-
-def storage_full(exc: BaseException) -> bool:
-    """Whether a failed write to a device means its storage is full: ENOSPC/EDQUOT on this host, or the
-    device's own words (adb's sync reply, a shell's stderr) in a :class:`DeviceError`."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, DeviceError) and ("no space left on device" in text or "disk quota exceeded" in text)
 
 
 def _missing_dirs(device: Device, remote_dir: str) -> list[str]:

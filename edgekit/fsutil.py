@@ -127,6 +127,18 @@ def check_free_space(folder: Path, needed_bytes: int, what: str = "the output") 
         )
 
 
+_FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk (or quota) is full: ENOSPC/EDQUOT, or the words a writer that gives no
+    errno uses (safetensors' Rust writer: "... (os error 28)"; adb and device shells)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in _FULL_WORDS)
+
+
 def write_error(exc: OSError, dest: Path, elsewhere: str = "choose another output folder with -o"
                 ) -> EdgekitError | None:
     """The one-line error for an OSError met while writing ``dest``: a full disk or a read-only target.

@@ -19,7 +19,14 @@ from edgekit.converters.formats.base import ProgressFn, no_progress
 from edgekit.converters.formats.gguf.check import check_gguf
 from edgekit.converters.formats.gguf.read import read_gguf_header
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError, quiet_transformers, require
-from edgekit.fsutil import atomic_dir, check_free_space, check_not_inside, sha256_file, write_error
+from edgekit.fsutil import (
+    atomic_dir,
+    check_free_space,
+    check_not_inside,
+    is_disk_full,
+    sha256_file,
+    write_error,
+)
 
 
 def _field(reader, key: str):
@@ -76,7 +83,7 @@ def import_gguf(
         except OSError:
             raise  # atomic_dir removes the partial folder and names a full or read-only disk
         except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError, no errno
-            if not _disk_full(exc):
+            if not is_disk_full(exc):
                 raise
             raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), out) from exc  # type: ignore[misc]
         tok.save_pretrained(tmp)
@@ -86,13 +93,6 @@ def import_gguf(
             {"source": str(src.resolve()), "sha256": sha256_file(src), "architecture": arch,
              "tokenizer_pre": pre}, indent=2) + "\n")
     return out
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """Whether a non-OSError (safetensors' Rust writer: "I/O error: No space left on device (os error 28)")
-    reports a full disk or an exhausted quota."""
-    text = str(exc)
-    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"))
 
 
 @contextlib.contextmanager

@@ -80,6 +80,14 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def private_home(tmp_path, monkeypatch) -> Path:
+    """A private EDGEKIT_HOME (caches, histories, device configs): a test neither reads nor writes the user's."""
+    home = tmp_path / "edgekit-home"
+    monkeypatch.setenv("EDGEKIT_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama with hidden 256 (K-quant friendly rows), GQA, byte-level BPE tokenizer."""

@@ -8,7 +8,6 @@ cannot raise MarkupError; only the fixed tag before them is styled.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import sys
@@ -55,10 +54,12 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 def os_error_line(exc: OSError) -> tuple[str, int]:
     """The one line and exit code for an OSError no edgekit code turned into its own error: the reason and,
     when the error names one, the path (never an empty "()"); a full disk is exit 4 with its fix."""
+    from edgekit.fsutil import is_disk_full  # not at start-up: only an error needs it
+
     what = exc.strerror or str(exc) or type(exc).__name__
     where = exc.filename if exc.filename not in (None, "") else None
     line = f"{what} ({where})" if where is not None and str(where) not in what else what
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return f"the disk filled up: {line}; free some space and retry", DiskFullError.exit_code
     return line, 1
 

@@ -73,11 +73,9 @@ LogLevel ERROR
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
+def home(private_home) -> Path:
     """A private EDGEKIT_HOME, so device configs and known_hosts do not touch the user's."""
-    h = tmp_path / "edgekit-home"
-    monkeypatch.setenv("EDGEKIT_HOME", str(h))
-    return h
+    return private_home
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,7 @@ def clean(code: int, out: str, exit_code: int, *fragments: str) -> None:
     assert_clean_error(code, out, *fragments)
 
 
-@pytest.fixture(autouse=True)
-def private_home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "edgekit-home"
-    monkeypatch.setenv("EDGEKIT_HOME", str(home))
-    return home
+pytestmark = pytest.mark.usefixtures("private_home")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,8 @@ from edgekit.errors import CorruptFileError, OutputExistsError
 from edgekit.fsutil import atomic_dir, atomic_file
 from tests.edgekit.test_bad_input import assert_clean_error, no_leftovers, run_cli
 
-
-@pytest.fixture(autouse=True)
-def private_home(tmp_path, monkeypatch) -> Path:
-    """A private EDGEKIT_HOME, so the sha256 cache these tests count starts empty and is theirs."""
-    home = tmp_path / "edgekit-home"
-    monkeypatch.setenv("EDGEKIT_HOME", str(home))
-    return home
+# a private EDGEKIT_HOME, so the sha256 cache these tests count starts empty and is theirs
+pytestmark = pytest.mark.usefixtures("private_home")
 
 
 @pytest.fixture(scope="module")

@@ -40,9 +40,8 @@ def tiny_ggufs(tiny_llama, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture()
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+def home(private_home) -> Path:
+    return private_home
 
 
 def test_parse_tests_and_names():

@@ -146,13 +146,23 @@ async def test_convert_to_aqlm_with_format_options(models, tiny_llama):
         assert isinstance(app.screen, ErrorPanel) and "KEY=VALUE" in app.screen.message
 
 
+async def _gptq_under_way(pilot, app, tiny_llama):
+    """A GPTQ conversion of the tiny model, past its first progress report (calibrating: seconds to go)."""
+    screen = await _convert(pilot, app, tiny_llama, "4", "out-gptq", method="gptq")
+    await wait_for(pilot, lambda: screen._step != "", timeout=60, what="the first progress report")
+    return screen
+
+
+async def _cancel(pilot, screen) -> None:
+    await pilot.press("escape")
+    await wait_for(pilot, lambda: screen.outcome != "", timeout=60, what="the cancel")
+
+
 async def test_convert_cancel_leaves_nothing(models, tiny_llama):
     app = EdgekitApp(folder="models")
     async with app.run_test(size=(100, 30)) as pilot:
-        screen = await _convert(pilot, app, tiny_llama, "4", "out-gptq", method="gptq")
-        await wait_for(pilot, lambda: screen._step != "", timeout=60, what="the first progress report")
-        await pilot.press("escape")
-        await wait_for(pilot, lambda: screen.outcome != "", timeout=60, what="the cancel")
+        screen = await _gptq_under_way(pilot, app, tiny_llama)
+        await _cancel(pilot, screen)
         assert screen.outcome == "cancelled"
         assert "cancelled: nothing was written" in str(screen.query_one("#cv-step").render())
         leftovers = [p.name for p in models.parent.iterdir() if p.name.startswith((".out-gptq", "out-gptq"))]
@@ -163,14 +173,12 @@ async def test_convert_cancel_leaves_nothing(models, tiny_llama):
 async def test_quitting_during_a_conversion_asks_first(models, tiny_llama):
     app = EdgekitApp(folder="models")
     async with app.run_test(size=(100, 30)) as pilot:
-        screen = await _convert(pilot, app, tiny_llama, "4", "out-gptq", method="gptq")
-        await wait_for(pilot, lambda: screen._step != "", timeout=60, what="the first progress report")
+        screen = await _gptq_under_way(pilot, app, tiny_llama)
         await pilot.press("ctrl+q")
         assert isinstance(app.screen, Confirm) and "A conversion is under way" in app.screen.question
         await pilot.press("n")  # no: the app and the conversion go on
         assert app.is_running and not isinstance(app.screen, Confirm)
-        await pilot.press("escape")  # cancel it (unless it finished); with nothing running, Ctrl+Q quits at once
-        await wait_for(pilot, lambda: screen.outcome != "", timeout=60, what="the cancel")
+        await _cancel(pilot, screen)  # (unless it finished); with nothing running, Ctrl+Q quits at once
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: not app.is_running, what="the app to quit")
 
