@@ -53,6 +53,7 @@ from edgekit.runtime.base import (
 from edgekit.runtime.base import open_backend as _open_backend
 from edgekit.runtime.plan import offload_options
 from edgekit.runtime.plan import plan_artifact as plan
+from edgekit.validate import check_stream_tokens
 
 __all__ = [
     "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
@@ -402,6 +403,7 @@ def evaluate_streaming(
     tokens scored, the most cache cells held and the tokens evicted."""
     import math
 
+    check_stream_tokens(max_tokens)
     text = read_text(text_file)
     with open_backend(target, kv_window=kv_window, kv_sinks=kv_sinks, **options) as backend:
         if not isinstance(backend, StreamsLongText):

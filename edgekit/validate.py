@@ -136,3 +136,9 @@ def _check_head_layout(cfg: dict, source: str) -> None:
         head_dim = hidden // heads
     if head_dim % 2:  # rotary embeddings rotate pairs of dimensions
         raise _fail(source, "head_dim", f"is {head_dim}; rotary attention needs an even head size")
+
+
+def check_stream_tokens(max_tokens: int | None) -> None:
+    """``--max-tokens`` of a KV-window perplexity run: None (the whole text) or at least 2 tokens."""
+    if max_tokens is not None and max_tokens < 2:
+        raise InputError(f"--max-tokens must be at least 2 (a token is scored from the ones before it), got {max_tokens}")

@@ -23,13 +23,16 @@ class ContextFull(ValueError):
 
 
 class LlamaContext:
-    def __init__(self, llm: Any, window: int | None = None, sinks: int = 4, evict_step: int | None = None) -> None:
+    def __init__(self, llm: Any, window: int | None = None, sinks: int = 4, evict_step: int | None = None,
+                 n_ctx: int | None = None) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
         self.lib = llama_cpp
         self.llm, self.ctx = llm, llm.ctx
         self.n_vocab, self.n_ctx, self.n_batch = llm.n_vocab(), llm.n_ctx(), llm.n_batch
+        if n_ctx is not None:  # llama.cpp rounds a small context up (to 256); the one asked for is the limit
+            self.n_ctx = min(self.n_ctx, int(n_ctx))
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         if window is not None:
             if window > self.n_ctx:

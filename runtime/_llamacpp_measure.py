@@ -19,6 +19,7 @@ class MeasureOps:
     vocab: Any
     n_batch: int
     cancel_ids: set[Any]
+    seq: Any
 
     def op_bench(self, msg: dict[str, Any]) -> None:
         """llama-bench's tests: ``pp N`` (N prompt tokens in n_batch chunks on an empty cache), ``tg N``
@@ -35,9 +36,9 @@ class MeasureOps:
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         bos = llama_cpp.llama_vocab_bos(self.vocab)
         n_prompt, n_gen, n_depth = int(msg.get("n_prompt", 0)), int(msg.get("n_gen", 0)), int(msg.get("n_depth", 0))
-        if n_depth + n_prompt + n_gen > llm.n_ctx():
+        if n_depth + n_prompt + n_gen > self.seq.n_ctx:
             raise ValueError(f"depth {n_depth} + {n_prompt} prompt + {n_gen} generated tokens do not fit the "
-                             f"context of {llm.n_ctx()}; load with a larger n_ctx")
+                             f"context of {self.seq.n_ctx}; load with a larger n_ctx")
         rng = random.Random(int(msg.get("seed", 0)))
         rapl = [(str(p), int(m)) for p, m in msg.get("rapl") or ()]
         token_buf = (llama_cpp.llama_token * max(self.n_batch, 1))()
@@ -143,7 +144,7 @@ class MeasureOps:
 
         llm = self.llm
         tokens = [int(t) for t in msg["tokens"]]
-        n, n_vocab, n_ctx = len(tokens), llm.n_vocab(), llm.n_ctx()
+        n, n_vocab, n_ctx = len(tokens), llm.n_vocab(), self.seq.n_ctx
         if n == 0:
             raise ValueError("no tokens to evaluate")
         if n > n_ctx:

@@ -182,7 +182,7 @@ class Worker(MeasureOps):
         llm = self.llm
         self.vocab = llm._model.vocab
         self.n_batch = llm.n_batch
-        self.setup_decoding(llama_cpp, kwargs, spec)
+        self.setup_decoding(llama_cpp, kwargs, spec, n_ctx_seq)
         if n_seq > 1:
             from edgekit.runtime._llamacpp_batch import Batcher
 
@@ -194,7 +194,7 @@ class Worker(MeasureOps):
             ev="ready",
             id=msg.get("id"),
             n_vocab=llm.n_vocab(),
-            n_ctx=self.batcher.n_ctx_seq if self.batcher is not None else llm.n_ctx(),
+            n_ctx=self.batcher.n_ctx_seq if self.batcher is not None else self.seq.n_ctx,
             n_seq=n_seq,
             n_batch=llm.n_batch,
             add_bos=bool(llm._model.add_bos_token()),
@@ -213,7 +213,7 @@ class Worker(MeasureOps):
             speculative=self.spec_info,
         )
 
-    def setup_decoding(self, llama_cpp: Any, kwargs: dict[str, Any], spec: dict[str, Any]) -> None:
+    def setup_decoding(self, llama_cpp: Any, kwargs: dict[str, Any], spec: dict[str, Any], n_ctx: int) -> None:
         """The target's KV context (with its window) and the drafter ``spec`` asks for."""
         from edgekit.runtime._llamacpp_context import LlamaContext, vocab_fingerprint
         from edgekit.runtime.speculative import ModelDrafter, NgramDrafter
@@ -221,7 +221,8 @@ class Worker(MeasureOps):
         window, sinks = spec.get("kv_window"), int(spec.get("kv_sinks", 4))
         step = spec.get("kv_evict_step")
         try:
-            self.seq = LlamaContext(self.llm, window=int(window) if window else None, sinks=sinks, evict_step=step)
+            self.seq = LlamaContext(self.llm, window=int(window) if window else None, sinks=sinks, evict_step=step,
+                                    n_ctx=n_ctx)
         except ValueError as exc:
             raise DecodingOptionError(str(exc)) from None
         self.drafter: Any = None
@@ -273,8 +274,8 @@ class Worker(MeasureOps):
         import llama_cpp
 
         tokens = [int(t) for t in msg["tokens"]]
-        if self.seq.window is None and self.seq.cells + len(tokens) > self.llm.n_ctx():
-            raise ValueError(f"{self.seq.cells + len(tokens)} tokens do not fit the context of {self.llm.n_ctx()}")
+        if self.seq.window is None and self.seq.cells + len(tokens) > self.seq.n_ctx:
+            raise ValueError(f"{self.seq.cells + len(tokens)} tokens do not fit the context of {self.seq.n_ctx}")
         self.seq.extend(tokens, "none")
         llama_cpp.llama_synchronize(self.llm.ctx)
         self.send(ev="result", id=msg.get("id"), value={"peak_rss": peak_rss_bytes()})
@@ -373,7 +374,7 @@ class Worker(MeasureOps):
             if bos < 0:
                 raise ValueError("the prompt is empty")
             tokens = [bos]
-        n_ctx = self.batcher.n_ctx_seq if self.batcher is not None else llm.n_ctx()
+        n_ctx = self.batcher.n_ctx_seq if self.batcher is not None else self.seq.n_ctx
         if len(tokens) >= n_ctx and not self.seq.window:
             raise PromptTooLongError(
                 f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; shorten it, raise --ctx, or "

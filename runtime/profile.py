@@ -90,8 +90,19 @@ class ProfileConfig:
             values = getattr(self, name)
             if not values:
                 raise InputError(f"--{name} needs at least one value")
-            if any(v is not None and v < 0 for v in values) or (name in ("threads", "batch", "ctx") and 0 in values):
-                raise InputError(f"--{name} values must be positive")
+            flag = "--gpu-layers" if name == "gpu_layers" else f"--{name}"
+            if name in ("threads", "batch", "ctx") and any(v is not None and v < 1 for v in values):
+                raise InputError(f"{flag} values must be at least 1")
+            if any(v is not None and v < 0 for v in values):
+                raise InputError(f"{flag} values must be 0 or more")
+        for c in self.ctx:
+            for d in self.depth:
+                test = max(self.tests, key=lambda t: t.n_depth + d + t.n_tokens)
+                need = test.n_depth + d + test.n_tokens
+                if c is not None and c < need:
+                    at = f" at depth {d}" if d else ""
+                    raise InputError(f"--ctx {c} cannot hold {test.name}{at} ({need} tokens); raise --ctx to "
+                                     f"{need} or more, or leave it out to size it to the tests")
         from edgekit.runtime.hostinfo import check_threads
 
         for t in self.threads:

@@ -21,7 +21,12 @@ class FolderTokenizer:
         tj = folder / "tokenizer.json"
         if tj.exists():
             tokenizers = require("tokenizers", "onnx")
-            self._tok = tokenizers.Tokenizer.from_file(str(tj))
+            try:
+                self._tok = tokenizers.Tokenizer.from_file(str(tj))
+            except Exception as exc:  # a bare Exception with serde's message
+                from edgekit.model import unreadable_tokenizer
+
+                raise unreadable_tokenizer(tj, exc, "re-run 'edgekit convert' (it copies the model's tokenizer)") from exc
             self._hf = None
         elif (folder / "tokenizer.model").exists():
             transformers = require("transformers", "torch")

@@ -16,6 +16,7 @@ share of tokens; leaving it out of H is catastrophic and weighting it ~10x helps
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -113,27 +114,32 @@ class LayerPipeline:
             t_forward = time.perf_counter() - t1
             layers = model.model.layers
             for i, layer in enumerate(layers):
-                progress(f"layer {i + 1}/{len(layers)}: calibrating", i, len(layers))
+                def calibrating(i: int = i) -> None:
+                    progress(f"layer {i + 1}/{len(layers)}: calibrating", i, len(layers))
+
                 linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
                 stats = _Stats(linears, self.sink_weight, keep_samples=keep, hessians=hessians)
                 t2 = time.perf_counter()
                 try:
-                    self.run_layer(layer, hidden, kwargs)
+                    self.run_layer(layer, hidden, kwargs, each=calibrating)
                 finally:
                     stats.close()
                 t_forward += time.perf_counter() - t2
                 st = LayerState(torch, ckpt, plan, i, layer, linears,
                                 {n: ckpt.spec.gguf_name(f"model.layers.{i}.{n}.weight") for n in linears},
-                                stats.H, stats.samples, out, diag=stats.D)
+                                stats.H, stats.samples, out, diag=stats.D,
+                                tick=lambda what, i=i: progress(f"layer {i + 1}/{len(layers)}: {what}", i, len(layers)))
                 for step in steps:
                     r = step.layer(st)
                     if r is not None and step.report_key:
                         report.setdefault(step.report_key, {})[str(i)] = r
                 t2 = time.perf_counter()
-                hidden = self.run_layer(layer, hidden, kwargs)
+                hidden = self.run_layer(layer, hidden, kwargs,
+                                        each=functools.partial(st.tick, "inputs of the next layer"))
                 t_forward += time.perf_counter() - t2
             report["layers_s"] = round(time.perf_counter() - t1, 1)
             t2 = time.perf_counter()
+            progress("output head", len(layers), len(layers))
             head = HeadState(torch, ckpt, plan, model, self._head_hessian(model, hidden) if hessians else None, out)
             t_forward += time.perf_counter() - t2
             # the model's passes over the calibration data (and the statistics its hooks gather): calibration,
@@ -277,9 +283,14 @@ class LayerPipeline:
         return [c[0] for c in caught], [c[1] for c in caught]
 
     @staticmethod
-    def run_layer(layer: Any, hidden: list[Any], kwargs: list[dict[str, Any]]) -> list[Any]:
+    def run_layer(layer: Any, hidden: list[Any], kwargs: list[dict[str, Any]],
+                  each: Callable[[], None] | None = None) -> list[Any]:
+        """The layer's outputs for each batch of ``hidden``; ``each()`` before every batch (a progress
+        report, where a cancel takes effect)."""
         outs = []
         for h, kw in zip(hidden, kwargs, strict=True):
+            if each is not None:
+                each()
             out = layer(h, **kw)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return outs

@@ -5,6 +5,7 @@ imports stay inside the function."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import typer
 
 from edgekit.cli import size_opts
 from edgekit.cli.flags import check_calib_seqlen
-from edgekit.cli.ui import err, handle_errors, out, progress_bar, say
+from edgekit.cli.ui import err, handle_errors, out, progress_bar, say, shown_when_started
 from edgekit.errors import InputError
 
 
@@ -155,9 +156,6 @@ def convert(
                   or sparse_ffn is not None)
     if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
         check_calib_seqlen(calib_seqlen, model)
-        from edgekit.runtime.hostinfo import use_torch_threads
-
-        use_torch_threads(threads)
     extra = api.format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
                                quant=quant, compile=compile_target,
                                sparse_ffn=None if sparse_ffn is None else str(sparse_ffn))
@@ -194,7 +192,15 @@ def convert(
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
     if distill is not None:
         quantize = api.distill_config(quantize or api.method_config(method, recipe.calib), _heal_config(distill))
+    held: list[warnings.WarningMessage] = []
+    if calibrated:  # its note on the CPUs' load waits for the job to start: a refused flag comes alone
+        from edgekit.runtime.hostinfo import use_torch_threads
+
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            use_torch_threads(threads)
     with progress_bar(not as_json) as progress, size_opts.explain_fit(fit_target):
+        progress = shown_when_started(progress, held)
         art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
     for note in art.notes:  # on stderr, so --json output stays a manifest
         warn = note.startswith("warning: ")

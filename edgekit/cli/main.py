@@ -39,6 +39,7 @@ from edgekit.cli.ui import (
     say,
 )
 from edgekit.errors import InputError
+from edgekit.validate import check_stream_tokens
 
 app = typer.Typer(
     name="edgekit",
@@ -258,6 +259,9 @@ def eval_cmd(
     """
     from edgekit import api
 
+    if kv_window is None and max_tokens is not None:
+        raise InputError("--max-tokens is for --kv-window; --chunks limits a plain perplexity run")
+    check_stream_tokens(max_tokens)
     diffusion_opts = dx.diffusion_options(n, steps, sampler, cache_interval, seed)
     if api.is_diffusion(artifact):
         if experts is not None:

@@ -94,6 +94,21 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def shown_when_started(progress: Callable[[str, int, int], None],
+                       held: list[warnings.WarningMessage]) -> Callable[[str, int, int], None]:
+    """``progress`` that first shows the warnings ``held`` back (a note on the CPUs' load): said once the
+    job reports its first step, so a flag the job refuses is not preceded by a note about the work."""
+    if not held:
+        return progress
+
+    def report(desc: str, done: int, total: int) -> None:
+        while held:
+            w = held.pop(0)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        progress(desc, done, total)
+    return report
+
+
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
     """A ProgressFn drawing one rich bar per step description prefix (on stderr). Where stderr is not a

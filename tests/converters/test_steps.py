@@ -136,3 +136,27 @@ def test_cli_steps_flag_builds_the_recipe(tiny_llama, tmp_path):
     r = cli("convert", str(tiny_llama), "--type", "Q4_0", "--steps", "nope", "-o", str(tmp_path / "b"))
     assert r.exit_code != 0 and "unknown layer step 'nope'" in r.output and "awq" in r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_a_layer_reports_progress_between_its_slow_parts_so_a_cancel_is_prompt(tiny_llama, tmp_path):
+    """A cancel takes effect at a progress report; GPTQ used to report once per layer (about 5 s of
+    SmolLM2's calibration on 2 cores, 7 s on busy ones). Now: each calibration batch and each linear."""
+
+    class Stop(Exception):
+        pass
+
+    seen: list[str] = []
+
+    def progress(desc: str, done: int, total: int) -> None:
+        seen.append(desc)
+        if desc == "layer 1/2: rounding self_attn.k_proj":
+            raise Stop
+
+    with pytest.raises(Stop):
+        api.convert(tiny_llama, "gguf", output=tmp_path / "out", recipe=api.ConvertRecipe(bits=None, preset="Q4_0"),
+                    quantize=GPTQConfig(calib=CALIB), progress=progress)
+    layer1 = [d for d in seen if d.startswith("layer 1/2: ")]
+    assert layer1[0] == "layer 1/2: calibrating" and layer1[-2:] == ["layer 1/2: rounding self_attn.q_proj",
+                                                                        "layer 1/2: rounding self_attn.k_proj"]
+    assert not any(d.startswith("layer 2/2") for d in seen)
+    assert not (tmp_path / "out").exists()

@@ -186,3 +186,57 @@ def test_context_allocation_failure_says_lower_ctx(tiny_gguf):
     text = str(exc)
     assert "a context of 999999999 tokens" in text and "trained for 1024" in text and "lower --ctx" in text
     assert "corrupt" not in text
+
+
+# -- QA s47 leftovers: limits that llama.cpp or a later step used to bend ------------------------------
+
+def test_run_keeps_the_context_it_was_given(tiny_gguf):
+    """llama.cpp rounds a context up to 256 cells; --ctx 8 is still a context of 8 tokens."""
+    from edgekit import api
+
+    code, text = run_cli("run", tiny_gguf.parent, "-p", "one two three four five six seven eight nine ten",
+                         "-n", "2", "--ctx", "8", "-t", "1")
+    clean(code, text, InputError.exit_code, "but the context holds 8", "raise --ctx")
+    with api.open_backend(tiny_gguf.parent, n_ctx=12, n_threads=1) as backend:
+        assert backend.n_ctx == 12
+        from edgekit.runtime.base import GenerationStats
+
+        stats = GenerationStats()
+        "".join(backend.generate("one two three", api.SamplingConfig(temperature=0.0, max_tokens=500), stats))
+        assert stats.prompt_tokens + stats.generated_tokens == 12 and stats.stop_reason == "length", stats
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("-c", "4", "--tests", "pp16"), "--ctx 4 cannot hold pp16 (16 tokens); raise --ctx to 16 or more"),
+    (("-c", "64", "-d", "60", "--tests", "pp16"), "--ctx 64 cannot hold pp16 at depth 60 (76 tokens)"),
+    (("--ngl", "-1",), "--gpu-layers values must be 0 or more"),
+    (("-d", "-1",), "--depth values must be 0 or more"),
+    (("-b", "0",), "--batch values must be at least 1"),
+])
+def test_profile_sweep_values_are_checked_up_front(tiny_gguf, args, says):
+    code, text = run_cli("profile", tiny_gguf.parent, "-r", "1", *args)
+    clean(code, text, InputError.exit_code, says)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--kv-window", "64", "--max-tokens", "-3"), "--max-tokens must be at least 2"),
+    (("--kv-window", "64", "--max-tokens", "0"), "--max-tokens must be at least 2"),
+    (("--max-tokens", "100"), "--max-tokens is for --kv-window"),
+])
+def test_eval_max_tokens_is_checked(tiny_gguf, args, says):
+    code, text = run_cli("eval", tiny_gguf.parent, "-t", "1", "--no-record", *args)
+    clean(code, text, InputError.exit_code, says)
+
+
+def test_a_busy_machine_note_does_not_come_before_a_refused_flag(tiny_llama, tmp_path, monkeypatch):
+    from edgekit.runtime import hostinfo
+
+    monkeypatch.setattr(hostinfo, "_busy_now", lambda: 64.0)
+    monkeypatch.setattr(hostinfo, "_said", set())
+    code, text = run_cli("convert", tiny_llama, "-o", tmp_path / "a", "-t", "1", "--prune", "depth:100")
+    clean(code, text, InputError.exit_code, "depth pruning can drop at most")
+    assert "busy" not in text
+    monkeypatch.setattr(hostinfo, "_said", set())  # a note is said once per process
+    code, text = run_cli("convert", tiny_llama, "-o", tmp_path / "b", "-t", "1", "--method", "gptq",
+                         "--calib-samples", "2", "--calib-seqlen", "16")
+    assert code == 0 and "CPUs are busy with other programs" in text, text

@@ -58,7 +58,7 @@ def test_tokenizer_json_without_a_vocabulary(model_copy, tmp_path):
     del tj["model"]["vocab"]
     (model_copy / "tokenizer.json").write_text(json.dumps(tj))
     r = _convert(model_copy, tmp_path / "out")
-    _assert_one_line(r, "has no valid BPE vocabulary")
+    _assert_one_line(r, "tokenizer.json is not a tokenizer the tokenizers library can read (Missing vocab")
     assert not (tmp_path / "out").exists()
 
 
@@ -69,3 +69,24 @@ def test_sdk_require_tokenizer_and_tokenizer_config(model_copy):
         ckpt.require_tokenizer()
     with pytest.raises(CorruptFileError, match="re-download the tokenizer files"):
         _ = ckpt.tokenizer_config
+
+
+@pytest.mark.parametrize("extra", [(), ("--to", "onnx")], ids=["gguf", "onnx"])
+def test_tokenizer_json_that_is_json_but_not_a_tokenizer(model_copy, tmp_path, extra):
+    # an onnx convert copied it beside the model, and run then failed inside the tokenizers library
+    (model_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    r = _convert(model_copy, tmp_path / "out", *extra)
+    _assert_one_line(r, f"{model_copy / 'tokenizer.json'} is not a tokenizer the tokenizers library can read")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_tokenizer_that_the_library_refuses_is_a_corrupt_file_error(tiny_llama, tmp_path):
+    # what an artifact converted before convert checked its tokenizer holds (its sha256 matches)
+    from edgekit.runtime.tokenizer import FolderTokenizer
+
+    folder = tmp_path / "art"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordPiece"}}')
+    with pytest.raises(CorruptFileError, match=r"tokenizer.json is not a tokenizer the tokenizers library can read "
+                                               r"\(.*\); re-run 'edgekit convert'"):
+        FolderTokenizer(folder)

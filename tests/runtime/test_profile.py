@@ -65,7 +65,9 @@ def test_config_validation():
         ProfileConfig(reps=0)
     with pytest.raises(InputError):
         ProfileConfig(threads=(0,))
-    assert len(ProfileConfig(threads=(1, 2), ctx=(256, 512), depth=(0, 8)).combos()) == 8
+    assert len(ProfileConfig(threads=(1, 2), ctx=(1024, 2048), depth=(0, 8)).combos()) == 8
+    with pytest.raises(InputError, match="--ctx 512 cannot hold pp512 at depth 8"):
+        ProfileConfig(ctx=(1024, 512), depth=(0, 8))
 
 
 @needs_llama

@@ -65,6 +65,7 @@ class AQLMRound(Step):
         cfg: AQLMRoundConfig = self.config  # type: ignore[assignment]
         report: dict[str, Any] = {}
         for name, lin in st.linears.items():
+            st.tick(f"encoding {name}")
             scheme = st.qtype(name)
             W = lin.weight.detach().float().numpy()
             if not isinstance(scheme, aqlm_kernel.AQLMScheme):

@@ -11,6 +11,7 @@ produces the next layer's inputs. A step is one file: a frozen config dataclass 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -73,6 +74,9 @@ class LayerState:
     #: module name -> float64 per-column sum of squared inputs with every position weighted alike (H's
     #: diagonal without the attention-sink weighting: Wanda's ||x_j||^2); steps that rescale inputs rescale it.
     diag: dict[str, Any] = field(default_factory=dict)
+    #: called with what comes next ("rounding mlp.down_proj") between the slow parts of a layer: the
+    #: pipeline reports it as progress, where a cancel (Ctrl-C in the TUI, Esc) takes effect.
+    tick: Callable[[str], None] = field(default=lambda what: None)
 
     def qtype(self, module: str) -> gguf.GGMLQuantizationType:
         return self.plan[self.names[module]]

@@ -71,6 +71,7 @@ class _Prune(Step):
     def layer(self, st: LayerState) -> dict[str, Any]:
         report = {}
         for name, lin in st.linears.items():
+            st.tick(f"pruning {name}")
             W = lin.weight.detach().float().numpy()
             H = st.H[name].numpy()
             if self.plain_norms and name in st.diag:

@@ -44,6 +44,7 @@ def round_layer(st: LayerState, imatrix_on: bool, round_fn: RoundFn, masked: boo
     pruned weight's target stays 0). Returns each linear's Hessian-weighted error."""
     report = {}
     for name, lin in st.linears.items():
+        st.tick(f"rounding {name}")
         qtype = st.qtype(name)
         W = lin.weight.detach().float().numpy()
         H = st.H[name].numpy()
