@@ -94,7 +94,7 @@ def read_shape(path: str | Path, n_expert_used: int | None = None) -> ModelShape
     from edgekit.converters.formats.gguf.read import read_gguf_header
 
     p = Path(path)
-    reader = read_gguf_header(p)
+    reader = read_gguf_header(p, vocab=False)
 
     def kv(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
