@@ -53,7 +53,7 @@ from edgekit.runtime.base import (
 from edgekit.runtime.base import open_backend as _open_backend
 from edgekit.runtime.plan import offload_options
 from edgekit.runtime.plan import plan_artifact as plan
-from edgekit.validate import check_stream_tokens
+from edgekit.validate import check_path, check_stream_tokens, check_type
 
 __all__ = [
     "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
@@ -113,7 +113,17 @@ def convert(
     """
     import dataclasses
 
+    check_path(model, "the model")
+    if output is not None:
+        check_path(output, "output")
+    check_type(to, str, "to", 'a format name such as "gguf" or "onnx"')
     recipe = recipe or ConvertRecipe()
+    check_type(recipe, ConvertRecipe, "recipe", "a ConvertRecipe (e.g. ConvertRecipe(bits=4))")
+    if quantize is not None:
+        check_type(quantize, QuantizeConfig, "quantize", "a method's config such as GPTQConfig()")
+    progress = progress or no_progress
+    if not callable(progress):
+        raise InputError(f"progress must be a function (description, done, total), got {type(progress).__name__}")
     if quantize is None and recipe.method == "rtn" and default_method(to):
         recipe = dataclasses.replace(recipe, method=default_method(to))  # --to aqlm: its own encoder
     if is_pipeline(Path(model).expanduser()):
@@ -317,6 +327,7 @@ def open_backend(target: str | Path | Artifact, backend: str | None = None, **op
     recorded: a file corrupted or edited since convert is a one-line :class:`CorruptFileError`, not garbage
     output. Checksums are remembered by size and mtime, so only a changed file is read twice."""
     if not isinstance(target, Artifact):
+        check_path(target)
         p = Path(target).expanduser()
         if is_checkpoint_folder(p):
             return _open_backend(p, backend, **options)  # a checkpoint folder: no manifest to check against
@@ -357,6 +368,8 @@ def evaluate(
     The result is added to the artifact's manifest when ``record`` and the target is an artifact folder.
     """
     cfg = cfg or EvalConfig()
+    check_type(cfg, EvalConfig, "cfg", "an EvalConfig (e.g. EvalConfig(ctx=512))")
+    check_path(text_file, "the text file")
     text = read_text(text_file)
     text_name, text_sha = text_identity(text_file)
     options.setdefault("n_ctx", cfg.ctx)

@@ -31,6 +31,9 @@ class EvalConfig:
     chunks: int | None = None
 
     def __post_init__(self) -> None:
+        for name, v in (("--ctx", self.ctx), ("--chunks", self.chunks)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise InputError(f"{name} must be a whole number, got {v!r}")
         if self.ctx < 8 or self.ctx % 2:
             raise InputError("--ctx must be an even number >= 8")
         if self.chunks is not None and self.chunks < 1:

@@ -56,6 +56,9 @@ def is_name(ref: str | Path) -> bool:
 def resolve(ref: str | Path, folder: str | Path | None = None) -> Path:
     """The path ``ref`` stands for: itself when it exists (a folder or file given by path wins), else the
     artifact of that name in the store; a name found nowhere comes back unchanged for the caller's error."""
+    from edgekit.validate import check_path
+
+    check_path(ref)
     p = Path(ref).expanduser()
     if p.exists() or not is_name(ref):
         return p

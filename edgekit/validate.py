@@ -142,3 +142,18 @@ def check_stream_tokens(max_tokens: int | None) -> None:
     """``--max-tokens`` of a KV-window perplexity run: None (the whole text) or at least 2 tokens."""
     if max_tokens is not None and max_tokens < 2:
         raise InputError(f"--max-tokens must be at least 2 (a token is scored from the ones before it), got {max_tokens}")
+
+
+def check_path(value: Any, what: str = "the target") -> None:
+    """``value`` is a path (str or os.PathLike); else an :class:`InputError` naming ``what`` (the SDK's
+    arguments, so that ``convert(5)`` is not pathlib's TypeError)."""
+    import os
+
+    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
+        raise InputError(f"{what} must be a path or a library name (str or pathlib.Path), got {type(value).__name__}")
+
+
+def check_type(value: Any, cls: type | tuple[type, ...], what: str, example: str) -> None:
+    """``value`` is an instance of ``cls``; else an :class:`InputError` with an ``example`` of one."""
+    if not isinstance(value, cls):
+        raise InputError(f"{what} must be {example}, got {type(value).__name__}")

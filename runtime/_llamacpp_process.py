@@ -93,7 +93,14 @@ class WorkerProcess:
         return msg
 
     def _abort_active(self) -> None:
-        """Cancel a generation still streaming (its consumer stopped early) and drain its messages."""
+        """Cancel a generation still streaming (its consumer stopped early, or this thread starts another
+        call) and drain its messages. One streaming in another thread that is still running is not taken
+        over: both would read one queue of replies (one hung, the other cut short)."""
+        owner = getattr(self, "_active_owner", None)
+        if (self._active is not None and owner is not None and owner is not threading.current_thread()
+                and owner.is_alive()):
+            raise BackendError("this backend is generating text in another thread; give each thread its own "
+                               "backend, or load it with n_seq=N to run N generations at once")
         rid, self._active = self._active, None
         if rid is None or self._proc is None:
             return

@@ -66,10 +66,17 @@ class SamplingConfig:
         check_number(self.top_p, "--top-p", above=0, at_most=1, note=" (1 is off)")
         check_number(self.min_p, "--min-p", at_least=0, below=1, note=" (0 is off)")
         check_number(self.repeat_penalty, "--repeat-penalty", above=0, note=" (1.0 is off)")
+        for name, value in (("top_k", self.top_k), ("max_tokens", self.max_tokens), ("seed", self.seed)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InputError(f"--{name.replace('_', '-')} must be a whole number, got {value!r}")
         if self.top_k < 0:
             raise InputError(f"--top-k must be >= 0 (0 is off), got {self.top_k}")
         if self.max_tokens <= 0:
             raise InputError(f"--max-tokens must be > 0, got {self.max_tokens}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # one string is one stop string
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(x, str) and x for x in stop):
+            raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r:.60}")
+        object.__setattr__(self, "stop", tuple(stop))
 
 
 @dataclass
@@ -115,6 +122,8 @@ def check_prompt(prompt: Any) -> None:
     if not isinstance(prompt, (list, tuple)):
         raise InputError(f"the prompt must be text or a list of {{'role', 'content'}} messages, "
                          f"got {type(prompt).__name__}")
+    if not prompt:
+        raise InputError("the list of messages is empty; give at least one {'role': 'user', 'content': ...}")
     for i, msg in enumerate(prompt):
         if not isinstance(msg, Mapping) or "content" not in msg or "role" not in msg:
             raise InputError(f"message {i} of the prompt must be a {{'role': ..., 'content': ...}} mapping")
@@ -122,10 +131,36 @@ def check_prompt(prompt: Any) -> None:
         check_text(msg["content"], f"message {i} ({msg['role']})" if len(prompt) > 1 else "the prompt")
 
 
+def token_ids(tokens: Any, n_vocab: int | None = None) -> list[int]:
+    """``tokens`` as a list of ids, each a whole number below ``n_vocab``; else an :class:`InputError`
+    (text is tokenized with ``tokenize`` first)."""
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple, np.ndarray)):
+        raise InputError(f"expected a list of token ids, got {type(tokens).__name__}; tokenize text first")
+    out = []
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise InputError(f"token ids are whole numbers, got {t!r:.40}")
+        if t < 0 or (n_vocab is not None and t >= n_vocab):
+            raise InputError(f"token id {t} is outside the vocabulary (0..{(n_vocab or 1) - 1})")
+        out.append(int(t))
+    return out
+
+
+def check_generate_args(sampling: Any = None, stats: Any = None) -> None:
+    """``generate``'s other arguments are what they say (a dict is not a SamplingConfig)."""
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise InputError(f"sampling must be a SamplingConfig (e.g. SamplingConfig(max_tokens=64)), "
+                         f"got {type(sampling).__name__}")
+    if stats is not None and not isinstance(stats, GenerationStats):
+        raise InputError(f"stats must be a GenerationStats to fill in, got {type(stats).__name__}")
+
+
 def _checking(fn: Any, check: Any) -> Any:
     @functools.wraps(fn)
     def wrapper(self: Backend, text: Any, *args: Any, **kwargs: Any) -> Any:
         check(text)
+        if fn.__name__ == "generate":
+            check_generate_args(*args[:2], **{k: v for k, v in kwargs.items() if k in ("sampling", "stats")})
         return fn(self, text, *args, **kwargs)
 
     wrapper._checks_text = True  # type: ignore[attr-defined]

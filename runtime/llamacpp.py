@@ -39,7 +39,7 @@ from edgekit.errors import (
 from edgekit.runtime import hostinfo, llamacpp_build
 from edgekit.runtime._llamacpp_process import EOF as _EOF
 from edgekit.runtime._llamacpp_process import WorkerProcess
-from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
+from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend, token_ids
 from edgekit.runtime.llamacpp_build import LOG_ENV
 from edgekit.runtime.llamacpp_decoding import decoding_options
 from edgekit.runtime.llamacpp_memory import LlamaCppMemory
@@ -158,6 +158,7 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         self._threads: list[threading.Thread] = []
         self._ids = itertools.count(1)
         self._active: int | None = None  # id of the generation now streaming
+        self._active_owner: threading.Thread | None = None  # the thread consuming it
         self._decoded = False  # a decode has succeeded in this worker (no more safe-mode retries)
         self._tmpdir: str | None = None
         self._info: dict[str, Any] = {}
@@ -270,10 +271,10 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
 
     def detokenize(self, tokens: list[int], special: bool = False) -> str:
         """Text of ``tokens``; ``special`` also renders control tokens such as ``<|im_end|>``."""
-        return str(self._call("detokenize", "detokenizing", tokens=[int(t) for t in tokens], special=special))
+        return str(self._call("detokenize", "detokenizing", tokens=token_ids(tokens, self.n_vocab), special=special))
 
     def logits(self, tokens: list[int]) -> np.ndarray:
-        tokens = [int(t) for t in tokens]
+        tokens = token_ids(tokens, self.n_vocab)
         if not tokens:
             raise InputError("logits() needs at least one token")
         if len(tokens) > self.n_ctx:
@@ -333,7 +334,9 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         """Stream text pieces; a list of messages goes through the GGUF's own chat template.
 
         Nothing runs until the first piece is asked for. Closing the iterator early stops the
-        generation in the worker, which is then ready for the next call.
+        generation in the worker, which is then ready for the next call. With ``n_seq`` 1 a backend runs
+        one call at a time: another call from the same thread ends a generation still streaming (its
+        ``stats.stop_reason`` is ``"cancelled"``); one from another thread raises :class:`BackendError`.
         """
         if isinstance(prompt, str):
             request: dict[str, Any] = {"prompt": prompt}
@@ -371,7 +374,7 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         rid = next(self._ids)
         t0 = time.perf_counter()
         self._send({"op": "generate", "id": rid, **request})
-        self._active = rid
+        self._active, self._active_owner = rid, threading.current_thread()
         finished = False
         try:
             while True:

@@ -341,10 +341,17 @@ def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0
     experts run per token: the bytes each token reads)."""
     import psutil
 
+    from edgekit.artifact import Artifact
     from edgekit.errors import UnsupportedError
     from edgekit.runtime import hostinfo
     from edgekit.runtime.base import MemoryModel, OffloadPlanner, backend_for_format
+    from edgekit.validate import check_number
 
+    if not isinstance(art, Artifact):
+        art = Artifact.open(art)  # a library name or a path, as every other SDK entry takes
+    check_number(vram_bytes, "--vram", at_least=0)
+    if ram_bytes is not None:
+        check_number(ram_bytes, "--ram", above=0)
     cls = backend_for_format(art.format, backend)
     n_ctx = window_context(n_ctx, kv_window)
     dm = draft_memory(draft, art.format, n_ctx, n_batch) if draft is not None else None

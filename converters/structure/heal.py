@@ -333,7 +333,8 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
                 last_save = time.monotonic()
         info["done"] = True
     except KeyboardInterrupt as exc:  # said on the "interrupted" line: the work is kept, not lost
-        exc.add_note(f"{what} progress is saved at step {info['step']}: the same command resumes it")
+        exc.add_note(f"no half-written model was kept; {what} progress is saved at step {info['step']}: the same "
+                     "command resumes it")
         raise
     finally:
         info["elapsed_s"] = spent0 + time.monotonic() - t_run

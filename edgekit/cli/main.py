@@ -161,7 +161,7 @@ def run(
     """
     from edgekit import api
     from edgekit.cli import diffusion_run, repl
-    from edgekit.runtime.base import GenerationStats
+    from edgekit.runtime.base import GenerationStats, check_prompt
 
     if diffusion_run.is_diffusion(artifact):
         if experts is not None:
@@ -207,6 +207,7 @@ def run(
         message: str | list[dict[str, str]] = prompt
     else:
         message = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    check_prompt(message)  # before the model loads: a bad prompt's error comes alone, and at once
     st = GenerationStats()
     pieces = api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads, **placement)
     text, stopped = repl.stream(pieces, None if as_json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))

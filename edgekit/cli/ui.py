@@ -76,8 +76,8 @@ def handle_errors(fn: F) -> F:
         except EdgekitError as exc:
             raise fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt as exc:  # a note says what was kept on purpose (training progress...)
-            kept = "; ".join(getattr(exc, "__notes__", ()))
-            raise fail(f"interrupted; nothing half-written was kept{'; ' + kept if kept else ''}", 130) from None
+            kept = "; ".join(getattr(exc, "__notes__", ()))  # what stays on purpose, said instead
+            raise fail(f"interrupted; {kept or 'nothing half-written was kept'}", 130) from None
         except MemoryError:
             raise fail("out of memory; close other programs or use a smaller model / --ctx", 137) from None
         except OSError as exc:

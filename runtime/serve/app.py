@@ -124,7 +124,13 @@ class Server:
 
     async def _complete(self, request: Request, kind: str) -> Response:
         self._authorize(request)
-        job = oai.parse_job(kind, oai.parse_body(await self._body(request)), self.config.max_tokens)
+        from starlette.requests import ClientDisconnect
+
+        try:
+            raw = await self._body(request)
+        except ClientDisconnect:  # the client left before its body arrived: nobody to answer
+            return Response(status_code=499)
+        job = oai.parse_job(kind, oai.parse_body(raw), self.config.max_tokens)
         pool = self._pool()
         pool.path(job.model)  # an unknown model is a 404 before anything waits
         deadline = asyncio.get_running_loop().time() + self.config.timeout
@@ -132,6 +138,14 @@ class Server:
             backend = await self._lease(request, job.model, deadline)
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; uvicorn drops it
+        except RequestError:
+            raise
+        except EdgekitError as exc:  # the server's options, not the request: a 500 the operator must fix
+            raise RequestError(f"the server could not load {job.model}: {exc}", status=500,
+                               code="model_load_failed") from exc
+        if self.stopping:  # a request that waited for an instance while the server began to stop
+            pool.give_back(job.model, backend)
+            raise _stopped()
         loop = asyncio.get_running_loop()
 
         def done(failure: BaseException | None) -> None:  # in the generation's thread, once the backend is free

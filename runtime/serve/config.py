@@ -56,6 +56,9 @@ class ServeConfig:
         check_number(self.timeout, "--timeout", above=0, note=" (seconds a request may take)")
         check_number(self.idle_unload, "--idle-unload", at_least=0, note=" (seconds; 0 never unloads)")
         check_number(self.shutdown_timeout, "--grace", at_least=0, note=" (seconds)")
+        ctx = self.backend_options.get("n_ctx")
+        if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+            raise InputError(f"--ctx must be a whole number of tokens >= 1, got {ctx!r}")
         if self.max_body <= 0:
             raise InputError(f"--max-body must be > 0, got {self.max_body}")
         if self.api_key is not None and not self.api_key.strip():

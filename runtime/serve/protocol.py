@@ -58,6 +58,8 @@ class Job:
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise RequestError("the request body nests JSON too deeply; send a flat JSON object") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON ({exc}); send a JSON object with "
                            "Content-Type: application/json") from None

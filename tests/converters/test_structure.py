@@ -314,7 +314,8 @@ def test_healing_lowers_kl_and_resumes_after_ctrl_c(four_blocks, tmp_path):
     with pytest.raises(KeyboardInterrupt) as stopped:
         heal(src, pruned, spec, cfg, calib, stop_at_5, state_root=tmp_path / "state")
     # the CLI's "interrupted" line says the progress is kept (edgekit.cli.ui reads the note)
-    assert stopped.value.__notes__ == ["healing progress is saved at step 5: the same command resumes it"]
+    assert stopped.value.__notes__ == ["no half-written model was kept; healing progress is saved at step 5: the same "
+                                       "command resumes it"]
     state = json.loads(next((tmp_path / "state").glob("*/state.json")).read_text())
     assert state["step"] == 5 and not state["done"]
     seen.clear()

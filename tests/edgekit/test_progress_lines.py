@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from edgekit.cli import ui
 
 
@@ -25,3 +27,26 @@ def test_a_short_job_prints_nothing(capsys):
         for i in range(100):
             progress("step", i, 100)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("notes", "line"), [
+    ((), "error: interrupted; nothing half-written was kept"),
+    (("the partial file stays on the device: pushing again resumes it",),
+     "error: interrupted; the partial file stays on the device: pushing again resumes it"),
+])
+def test_ctrl_c_says_what_was_kept_without_contradicting_itself(capsys, notes, line):
+    import typer
+
+    from edgekit.cli.ui import handle_errors
+
+    @handle_errors
+    def job() -> None:
+        exc = KeyboardInterrupt()
+        for n in notes:
+            exc.add_note(n)
+        raise exc
+
+    with pytest.raises(typer.Exit) as stopped:
+        job()
+    assert stopped.value.exit_code == 130
+    assert " ".join(capsys.readouterr().err.split()) == line

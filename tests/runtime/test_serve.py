@@ -492,3 +492,39 @@ def test_a_forced_exit_logs_no_traceback():
     assert not f.filter(record("Exception in 'lifespan' protocol\n", asyncio.CancelledError()))
     assert f.filter(record("Traceback (most recent call last):\nValueError: boom\n"))
     assert f.filter(record("Exception in 'lifespan' protocol\n", ValueError("boom")))
+
+
+def test_a_request_waiting_for_an_instance_at_sigterm_gets_the_shutdown_error(endless):
+    """--parallel 1: the second stream waits for the first's instance; at SIGTERM the waiting one gets the
+    JSON 503 (or an error event), never uvicorn's plain-text 500 or a stream cut without an event."""
+    s = Served([str(endless), *LONG, "--grace", "2"])
+    results: dict[str, object] = {}
+
+    def waiting() -> None:
+        body = {"model": "endless", "prompt": "b", "max_tokens": 30000, "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+                results["status"] = r.status_code
+                results["lines"] = [line for line in r.iter_lines() if line]
+        except httpx.HTTPError as exc:
+            results["error"] = repr(exc)
+
+    try:
+        body = {"model": "endless", "prompt": "a", "max_tokens": 30000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert next(lines).startswith("data: {")
+            second = threading.Thread(target=waiting)
+            second.start()
+            time.sleep(0.5)  # queued behind the first
+            s.proc.send_signal(signal.SIGTERM)
+            list(lines)
+        second.join(60)
+        assert "error" not in results, results
+        last = results["lines"][-1]  # type: ignore[index]
+        if results["status"] == 200:
+            last = last.removeprefix("data: ")
+        assert json.loads(last)["error"]["code"] == "server_shutting_down", results
+        assert s.proc.wait(30) in (143, -signal.SIGTERM)
+    finally:
+        s.stop(signal.SIGKILL)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from edgekit.errors import InputError
 from edgekit.runtime.base import GenerationStats
 from edgekit.runtime.serve import protocol as oai
 from edgekit.runtime.serve.protocol import RequestError
@@ -102,3 +103,16 @@ def test_a_prediction_is_openais_content_object():
         with pytest.raises(RequestError, match="prediction") as info:
             oai.parse_job("chat", {**CHAT, "prediction": bad}, 10)
         assert info.value.body()["error"]["param"] == "prediction"
+
+
+def test_deeply_nested_json_is_a_400_not_a_recursion_error():
+    with pytest.raises(RequestError, match="nests JSON too deeply"):
+        oai.parse_body(b"[" * 100000 + b"]" * 100000)
+
+
+@pytest.mark.parametrize("ctx", [0, -5, "512", True])
+def test_serve_refuses_a_context_no_request_could_use(ctx, tmp_path):
+    from edgekit.runtime.serve.config import ServeConfig
+
+    with pytest.raises(InputError, match="--ctx must be a whole number of tokens >= 1"):
+        ServeConfig(models={"m": tmp_path}, backend_options={"n_ctx": ctx})

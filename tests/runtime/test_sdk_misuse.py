@@ -1,0 +1,112 @@
+"""The SDK used wrongly (QA s48): edgekit's own one-line errors, never pathlib's TypeError or a hang; a
+backend shared by two threads refuses the second instead of mixing their replies."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from edgekit import api
+from edgekit.errors import BackendError, InputError
+from edgekit.runtime.base import GenerationStats, SamplingConfig
+
+pytestmark = pytest.mark.llamacpp
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tiny_llama, tmp_path_factory) -> Path:
+    return api.convert(tiny_llama, "gguf", output=tmp_path_factory.mktemp("sdk") / "q8",
+                       recipe=api.ConvertRecipe(bits=None, preset="Q8_0")).path
+
+
+def test_a_backend_generating_in_one_thread_refuses_another_thread(tiny_q8):
+    with api.open_backend(tiny_q8, n_threads=1) as b:
+        first = b.generate("one two three", SamplingConfig(temperature=0, max_tokens=24))
+        next(first)  # streaming, paused, owned by this thread
+        seen: dict[str, BaseException] = {}
+
+        def other() -> None:
+            try:
+                "".join(b.generate("hi", SamplingConfig(max_tokens=4)))
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                seen["exc"] = exc
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+        assert isinstance(seen.get("exc"), BackendError) and "another thread" in str(seen["exc"])
+        assert "".join(first)  # the first goes on undisturbed
+        # once it has ended, another thread may use the backend
+        t = threading.Thread(target=lambda: seen.update(text="".join(b.generate("hi", SamplingConfig(max_tokens=3)))))
+        t.start()
+        t.join(30)
+        assert isinstance(seen.get("text"), str)
+
+
+def test_stop_as_one_string_is_one_stop_string():
+    assert SamplingConfig(stop="Blue").stop == ("Blue",)
+    assert SamplingConfig(stop=["a", "b"]).stop == ("a", "b")
+    for bad in [(5,), ("",), 7]:
+        with pytest.raises(InputError, match="stop must be a string or a list of non-empty strings"):
+            SamplingConfig(stop=bad)
+
+
+@pytest.mark.parametrize(("field", "value"), [("top_k", "5"), ("max_tokens", 2.5), ("seed", "1"), ("max_tokens", True)])
+def test_whole_number_fields_must_be_whole_numbers(field, value):
+    with pytest.raises(InputError, match="must be a whole number"):
+        SamplingConfig(**{field: value})
+
+
+def test_generate_arguments_are_checked(tiny_q8):
+    with api.open_backend(tiny_q8, n_threads=1) as b:
+        with pytest.raises(InputError, match="the list of messages is empty"):
+            "".join(b.generate([], SamplingConfig(max_tokens=2)))
+        with pytest.raises(InputError, match="sampling must be a SamplingConfig"):
+            "".join(b.generate("hi", {"max_tokens": 3}))
+        with pytest.raises(InputError, match="stats must be a GenerationStats"):
+            "".join(b.generate("hi", SamplingConfig(max_tokens=2), "x"))
+        with pytest.raises(InputError, match="expected a list of token ids, got str"):
+            b.logits("hi")
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            b.logits([10**9])
+        stats = GenerationStats()
+        assert "".join(b.generate("hi", SamplingConfig(max_tokens=2, temperature=0), stats)) is not None
+        assert stats.generated_tokens >= 1
+
+
+@pytest.mark.parametrize("target", [5, None, b"/tmp/x"])
+def test_a_target_that_is_not_a_path_is_an_input_error(target, tiny_llama, tmp_path):
+    for call in (lambda: api.open_backend(target), lambda: api.inspect(target),
+                 lambda: api.Artifact.open(target), lambda: api.convert(target, "gguf", output=tmp_path / "o"),
+                 lambda: "".join(api.generate(target, "hi"))):
+        with pytest.raises(InputError, match="must be a path or a library name"):
+            call()
+    with pytest.raises(InputError, match="output must be a path"):
+        api.convert(tiny_llama, "gguf", output=5)
+
+
+def test_convert_and_evaluate_arguments_are_checked(tiny_llama, tiny_q8, tmp_path):
+    with pytest.raises(InputError, match="to must be a format name"):
+        api.convert(tiny_llama, None, output=tmp_path / "a")
+    with pytest.raises(InputError, match="recipe must be a ConvertRecipe"):
+        api.convert(tiny_llama, "gguf", output=tmp_path / "b", recipe={"bits": 4})
+    with pytest.raises(InputError, match="quantize must be a method's config"):
+        api.convert(tiny_llama, "gguf", output=tmp_path / "c", quantize="gptq")
+    art = api.convert(tiny_llama, "gguf", output=tmp_path / "d", recipe=api.ConvertRecipe(bits=8), progress=None)
+    assert art.model_file.is_file()
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    with pytest.raises(InputError, match="cfg must be an EvalConfig"):
+        api.evaluate(tiny_q8, text, {"ctx": 64})
+    with pytest.raises(InputError, match="--ctx must be a whole number"):
+        api.EvalConfig(ctx="64")
+
+
+def test_plan_takes_a_name_or_path_and_refuses_nan(tiny_q8):
+    plan = api.plan(str(tiny_q8), vram_bytes=0, n_ctx=256)
+    assert plan is not None
+    with pytest.raises(InputError, match="--vram must be a finite number"):
+        api.plan(api.Artifact.open(tiny_q8), vram_bytes=float("nan"))
