@@ -109,7 +109,7 @@ class AndroidDevice(Device):
         return RunResult(r.returncode, r.output)
 
     def _dropped(self, exc: BaseException) -> DeviceDisconnected:
-        return DeviceDisconnected(f"lost android:{self.ident} ({exc or type(exc).__name__}); reconnect it and run the "
+        return DeviceDisconnected(f"lost android:{self.ident} ({str(exc) or type(exc).__name__}); reconnect it and run the "
                                   "same push again to resume")
 
     def info(self) -> DeviceInfo:

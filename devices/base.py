@@ -166,8 +166,17 @@ class Device(ABC):
     def makedirs(self, path: str) -> None:
         self._check(self.run(f"mkdir -p {shlex.quote(path)}"), f"create {path}")
 
+    def is_dir(self, path: str) -> bool:
+        return self.run(f"test -d {shlex.quote(path)}").rc == 0
+
     def rename(self, src: str, dst: str) -> None:
-        self._check(self.run(f"mv -f {shlex.quote(src)} {shlex.quote(dst)}"), f"rename {src} to {dst}")
+        """Put ``src`` in place of the file ``dst``; a folder at ``dst`` is refused (``mv`` would move ``src``
+        into it)."""
+        q = shlex.quote
+        r = self.run(f"if [ -d {q(dst)} ]; then exit {_FOLDER_RC}; fi; mv -f {q(src)} {q(dst)}")
+        if r.rc == _FOLDER_RC:
+            raise DeviceError(folder_in_the_way(self.id, dst))
+        self._check(r, f"rename {src} to {dst}")
 
     def remove(self, path: str) -> None:
         self.run(f"rm -f {shlex.quote(path)}")
@@ -195,6 +204,14 @@ class Device(ABC):
                 f"{self.id} refused to {what}: {msg}; choose a destination the device lets you write "
                 f"with --dest (default {self.default_dest()})")
         raise DeviceError(f"{self.id} could not {what}: {msg}")
+
+
+_FOLDER_RC = 21  # the shell's answer "the target is a folder" in rename
+
+
+def folder_in_the_way(device_id: str, path: str) -> str:
+    return (f"{path} is a folder on {device_id}, where a file of the artifact goes; remove that folder there, or "
+            "push with --name (or --dest) to put the artifact somewhere else")
 
 
 class Platform(ABC):

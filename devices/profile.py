@@ -26,6 +26,8 @@ ELF_MACHINES = {0x03: "x86", 0x28: "armv7", 0x3E: "x86_64", 0xB7: "aarch64", 0xF
 
 def elf_arch(path: Path) -> str:
     """The architecture an ELF executable is built for; InputError when it is not an ELF file."""
+    if not path.exists():
+        raise InputError(f"runner {path} does not exist; give the path of a llama-bench built for the device")
     head = path.read_bytes()[:20] if path.is_file() else b""
     if len(head) < 20 or head[:4] != b"\x7fELF":
         raise InputError(f"runner {path} is not an ELF executable; give a llama-bench binary built for the device")
@@ -111,25 +113,35 @@ def remote_profile(device: Device, artifact: str | Path | Artifact, config: Remo
     elif device.platform == "android":
         raise UnsupportedError(f"{device.id}: Android runs llama.cpp, not edgekit; give --runner with a llama-bench "
                                f"built for {info.abi or 'the phone'}")
+    py = _remote_python(device, config) if config.runner is None else []  # before minutes of pushing
     pushed = push(art, device, PushConfig(dest=config.dest, ctx=config.ctx), progress=progress)
     remote_model = posixpath.join(pushed.remote_dir, art.model_file.name)
     if config.runner is not None:
         return _run_llama_bench(device, Path(config.runner), remote_model, pushed.remote_dir, art, config)
-    return _run_edgekit(device, pushed.remote_dir, config)
+    return _run_edgekit(device, py, pushed.remote_dir, config)
 
 
-def _run_edgekit(device: Device, remote_dir: str, config: RemoteProfileConfig) -> list[dict[str, Any]]:
+def _remote_python(device: Device, config: RemoteProfileConfig) -> list[str]:
+    """The interpreter (and its arguments) behind the edgekit script on the device (its shebang), checked to
+    import edgekit's profiler; DeviceError saying what to install otherwise."""
     exe = config.remote_edgekit or getattr(getattr(device, "host", None), "remote_edgekit", None) or "edgekit"
-    # The interpreter behind the edgekit script (its shebang) runs edgekit's profiler module directly.
-    find = f"head -1 \"$(command -v {shlex.quote(exe)})\" | sed 's/^#!//'"
-    py = device.run(find).stdout.strip()
+    find = (f"p=$(command -v {shlex.quote(exe)}) || exit 3; py=$(head -1 \"$p\" | sed -n 's/^#!//p'); "
+            "[ -n \"$py\" ] || exit 4; $py -c 'import edgekit.devices.remote_main' || exit 5; echo \"$py\"")
+    r = device.run(find)
+    py = shlex.split(r.stdout.strip().splitlines()[-1]) if r.rc == 0 and r.stdout.strip() else []
     if not py:
-        raise DeviceError(f"edgekit is not installed on {device.id} ({exe} not found); install it there or give "
-                          "--runner with a llama-bench built for the device")
+        why = {3: f"{exe} not found", 4: f"{exe} is not a Python script"}.get(
+            r.rc, f"its Python cannot import edgekit: {r.output.splitlines()[-1] if r.output else r.rc}")
+        raise DeviceError(f"edgekit is not usable on {device.id} ({why}); install it there (or give its path with "
+                          "--remote-edgekit), or give --runner with a llama-bench built for the device")
+    return py
+
+
+def _run_edgekit(device: Device, py: list[str], remote_dir: str, config: RemoteProfileConfig) -> list[dict[str, Any]]:
     args = ["-m", "edgekit.devices.remote_main", remote_dir, "--tests", config.tests, "--reps", str(config.reps)]
     if config.threads:
         args += ["--threads", str(config.threads)]
-    r = device.run(" ".join(shlex.quote(a) for a in [py, *args]), timeout=None)
+    r = device.run(" ".join(shlex.quote(a) for a in [*py, *args]), timeout=None)
     if r.rc != 0:
         raise DeviceError(f"profiling on {device.id} failed: {r.output.splitlines()[-1] if r.output else r.rc}")
     return json.loads(r.stdout)["rows"]
@@ -156,18 +168,36 @@ def _run_llama_bench(device: Device, runner: Path, model: str, remote_dir: str, 
     from edgekit.runtime.profile import artifact_info
     from edgekit.runtime.profile_schema import from_llama_bench
 
-    remote_runner = posixpath.join(posixpath.dirname(remote_dir), "bin", runner.name)
-    device.makedirs(posixpath.dirname(remote_runner))
-    device.remove(remote_runner)
-    device.append_from(runner, remote_runner, 0, lambda n: None, None)
-    device.run(f"chmod 755 {shlex.quote(remote_runner)}")
+    remote_runner = upload_runner(device, runner, posixpath.join(posixpath.dirname(remote_dir), "bin"))
     cmd = " ".join(shlex.quote(a) for a in [remote_runner, "-m", model,
                                             *_llama_bench_args(config.tests, config.reps, config.threads)])
     r = device.run(cmd, timeout=None)
     if r.rc != 0:
         raise DeviceError(f"{runner.name} failed on {device.id}: {r.output.splitlines()[-1] if r.output else r.rc}")
-    rows = from_llama_bench(json.loads(r.stdout), artifact_info(art))
-    return [row.to_json() for row in rows]
+    rows = [row.to_json() for row in from_llama_bench(json.loads(r.stdout), artifact_info(art))]
+    for row in rows:  # llama-bench sizes each test's context to fit it exactly
+        if row["config"].get("n_ctx") is None:
+            row["config"]["n_ctx"] = row["n_prompt"] + row["n_gen"] + row["n_depth"]
+    return rows
 
 
-__all__ = ["RemoteProfileConfig", "check_runner_abi", "elf_arch", "normalize_arch", "remote_profile"]
+def upload_runner(device: Device, runner: Path, folder: str) -> str:
+    """``runner`` in ``folder`` on the device, executable, sha256-verified; not sent again when the same
+    file (size and sha256) is there already. Returns its path on the device."""
+    from edgekit.devices.transfer import FilePush, _verify, partial_name
+    from edgekit.fsutil import sha256_file_cached
+
+    remote = posixpath.join(folder, runner.name)
+    size, sha = runner.stat().st_size, sha256_file_cached(runner)
+    if device.file_size(remote) != size or device.sha256(remote) != sha:
+        device.makedirs(folder)
+        tmp = partial_name(remote, sha)
+        device.remove(tmp)
+        device.append_from(runner, tmp, 0, lambda n: None, None)
+        _verify(device, tmp, FilePush(runner.name, size, sha))
+        device.rename(tmp, remote)
+    device.run(f"chmod 755 {shlex.quote(remote)}")
+    return remote
+
+
+__all__ = ["RemoteProfileConfig", "check_runner_abi", "elf_arch", "normalize_arch", "remote_profile", "upload_runner"]

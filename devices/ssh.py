@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import posixpath
 import shlex
-import socket
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,16 @@ from edgekit.devices.base import (
     parse_meminfo,
     register_platform,
 )
-from edgekit.devices.config import SSHHost, get_ssh_host, load_ssh_hosts
+from edgekit.devices.config import SSHHost, get_ssh_host, ssh_entries
 from edgekit.devices.host import cpu_from_proc
-from edgekit.errors import require
+from edgekit.errors import EdgekitError, InputError, require
 from edgekit.fsutil import edgekit_home
 
 BLOCK = 1 << 18
+SFTP_TIMEOUT_S = 60.0  # no answer to a transfer for this long: the board froze or left the network
+KEEPALIVE_S = 15       # keepalive packets on an idle link (NAT boxes forget quiet connections)
+PROBE_WORKERS = 8      # boards `edgekit devices` probes at once
+_KNOWN_HOSTS_LOCK = threading.Lock()
 _SECTIONS = ("uname", "cpuinfo", "meminfo", "board", "df", "nproc", "gpus", "os")
 
 
@@ -52,6 +58,24 @@ def _info_script(dest: str) -> str:
         "os": ". /etc/os-release 2>/dev/null && echo \"$PRETTY_NAME\"",
     }
     return "; ".join(f"echo '==ek:{k}=='; {parts[k]}" for k in _SECTIONS)
+
+
+def _why(exc: BaseException, timeout: float | None = None) -> str:
+    """A short reason for a failed connection, without paramiko's "[Errno None]" or "No existing session"."""
+    errors = getattr(exc, "errors", None)  # paramiko's NoValidConnectionsError: one OSError per address tried
+    if isinstance(errors, dict) and errors:
+        inner = list(errors.values())
+        if all(isinstance(e, ConnectionRefusedError) for e in inner):
+            return "connection refused (nothing listens on that port)"
+        return "; ".join(_why(e) for e in inner)
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s" if timeout else "timed out"
+    text = str(exc)
+    if timeout and ("banner" in text or "No existing session" in text):
+        return f"it accepted the connection but did not answer as an SSH server within {timeout:g} s"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return text.strip().rstrip(".") or type(exc).__name__
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -81,34 +105,57 @@ class SSHDevice(Device):
         if self._client is not None:
             return self._client
         paramiko = require("paramiko", "devices")
+        quiet = logging.getLogger("paramiko")  # its "Socket exception: ..." lines: edgekit says what happened
+        if not quiet.handlers:
+            quiet.addHandler(logging.NullHandler())
+        h = self.host
+        key = Path(h.key).expanduser() if h.key else None
+        if key is not None and not key.is_file():
+            user = f" --user {h.user}" if h.user else ""
+            raise InputError(f"the key file {key} of {self.id} does not exist; fix it with 'edgekit devices add "
+                             f"{self.id} --host {h.host} --port {h.port}{user} --key KEYFILE'")
         client = paramiko.SSHClient()
         client.load_system_host_keys()
         known = edgekit_home() / "known_hosts"
         known.touch(exist_ok=True)
         client.load_host_keys(str(known))
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # saved to edgekit's known_hosts
-        h = self.host
         try:
-            client.connect(h.host, port=h.port, username=h.user,
-                           key_filename=str(Path(h.key).expanduser()) if h.key else None,
-                           timeout=h.connect_timeout, banner_timeout=h.connect_timeout,
-                           auth_timeout=h.connect_timeout, look_for_keys=h.key is None)
+            try:
+                client.connect(h.host, port=h.port, username=h.user, key_filename=str(key) if key else None,
+                               timeout=h.connect_timeout, banner_timeout=h.connect_timeout,
+                               auth_timeout=h.connect_timeout, look_for_keys=key is None)
+            except BaseException:
+                client.close()
+                raise
         except paramiko.BadHostKeyException as exc:
             raise DeviceError(f"the host key of {self.id} ({h.host}:{h.port}) changed; if that is expected, "
                               f"remove its line from {known} or ~/.ssh/known_hosts") from exc
         except paramiko.AuthenticationException as exc:
-            raise DeviceError(f"{self.id} refused the login as {h.user or 'the current user'}: {exc}; check "
-                              "--user and --key ('edgekit devices add' updates them)") from exc
+            raise DeviceError(f"{self.id} refused the login as {h.user or 'the current user'} "
+                              f"({str(exc).rstrip('.') or 'authentication failed'}); check --user and --key "
+                              "('edgekit devices add' updates them)") from exc
         except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise DeviceDisconnected(f"cannot reach {self.id} at {h.host}:{h.port}: {exc}; is it on and is sshd "
-                                     "running?") from exc
-        client.save_host_keys(str(known))
+            raise DeviceDisconnected(f"cannot reach {self.id} at {h.host}:{h.port}: {_why(exc, h.connect_timeout)}; "
+                                     "is it on and is sshd running?") from exc
+        with _KNOWN_HOSTS_LOCK:  # boards are probed in parallel: merge what the others saved meanwhile
+            client.load_host_keys(str(known))
+            client.save_host_keys(str(known))
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(KEEPALIVE_S)
         self._client = client
         return client
 
     def _sftp_client(self) -> Any:
         if self._sftp is None:
-            self._sftp = self._connect().open_sftp()
+            import paramiko
+
+            try:
+                self._sftp = self._connect().open_sftp()
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                raise self._dropped(exc) from exc
+            self._sftp.get_channel().settimeout(SFTP_TIMEOUT_S)  # a board that stops answering is lost, not waited on
         return self._sftp
 
     def close(self) -> None:
@@ -120,10 +167,23 @@ class SSHDevice(Device):
                     pass
         self._sftp = self._client = None
 
-    def _dropped(self, exc: BaseException) -> DeviceDisconnected:
-        self.close()
-        return DeviceDisconnected(f"the connection to {self.id} dropped ({exc or type(exc).__name__}); run the "
-                                  "same push again to resume from what arrived")
+    def _abort(self) -> None:
+        """Drop the link without a word to the board (it may be frozen, or a packet half sent)."""
+        client, sftp = self._client, self._sftp
+        self._sftp = self._client = None
+        for obj in (client, sftp):
+            if obj is not None:
+                with contextlib.suppress(Exception):
+                    obj.close()
+
+    def _dropped(self, exc: BaseException, seconds: float | None = None) -> DeviceDisconnected:
+        self._abort()
+        if isinstance(exc, TimeoutError):
+            return DeviceDisconnected(
+                f"no answer from {self.id} for {seconds or SFTP_TIMEOUT_S:g} s (it froze or left the network); "
+                "run the same push again to resume from what arrived")
+        return DeviceDisconnected(f"the connection to {self.id} dropped ({_why(exc)}); run the same push again "
+                                  "to resume from what arrived")
 
     # -- Device -------------------------------------------------------------------------------------
     def default_dest(self) -> str:
@@ -132,30 +192,45 @@ class SSHDevice(Device):
     def resolve(self, path: str) -> str:
         if path == "~" or path.startswith("~/"):
             if self._home is None:
-                self._home = self._sftp_client().normalize(".")
+                self._home = self._sftp_call(lambda sftp: sftp.normalize("."))
             return self._home.rstrip("/") + path[1:] if path != "~" else self._home
         return path
 
-    # SFTP requests ride the open session; each exec costs a new sshd session (slow on small boards).
-    def file_size(self, path: str) -> int | None:
+    def _sftp_call(self, fn: Any) -> Any:
+        """``fn(sftp)``; a link that dropped or stopped answering is DeviceDisconnected."""
+        import paramiko
+
         try:
-            return int(self._sftp_client().stat(path).st_size)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
+            return fn(self._sftp_client())
+        except (TimeoutError, ConnectionError, paramiko.SSHException, EOFError) as exc:
+            raise self._dropped(exc) from exc
+
+    # SFTP requests ride the open session; each exec costs a new sshd session (slow on small boards).
+    def _stat(self, path: str) -> Any:
+        try:
+            return self._sftp_call(lambda sftp: sftp.stat(path))
+        except OSError as exc:  # no such file, no permission, a path through a file
             if exc.errno:
                 return None
             raise self._dropped(exc) from exc
 
+    def file_size(self, path: str) -> int | None:
+        st = self._stat(path)
+        return None if st is None else int(st.st_size)
+
+    def is_dir(self, path: str) -> bool:
+        st = self._stat(path)
+        return st is not None and stat.S_ISDIR(st.st_mode or 0)
+
     def rename(self, src: str, dst: str) -> None:
-        try:
-            self._sftp_client().posix_rename(src, dst)
+        try:  # rename(2) refuses to put a file onto a folder (EISDIR)
+            self._sftp_call(lambda sftp: sftp.posix_rename(src, dst))
         except OSError:
-            super().rename(src, dst)
+            super().rename(src, dst)  # says why, in the shell's words
 
     def remove(self, path: str) -> None:
         try:
-            self._sftp_client().remove(path)
+            self._sftp_call(lambda sftp: sftp.remove(path))
         except OSError:
             pass
 
@@ -169,7 +244,7 @@ class SSHDevice(Device):
             err = stderr.read().decode(errors="replace")
             rc = stdout.channel.recv_exit_status()
         except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise self._dropped(exc) from exc
+            raise self._dropped(exc, timeout) from exc
         return RunResult(rc, out, err)
 
     def info(self) -> DeviceInfo:
@@ -197,34 +272,79 @@ class SSHDevice(Device):
             storage_path=dest, storage_total=st_total, storage_free=st_free, gpus=tuple(gpus))
 
     def append_from(self, local: Path, remote: str, offset: int, on_bytes: BytesFn, cancel: Cancel | None) -> None:
-        import paramiko
-
         sftp = self._sftp_client()
+        dst = None
         try:
-            with open(local, "rb") as src, sftp.open(remote, "r+b" if offset else "wb") as dst:
-                dst.set_pipelined(True)
-                dst.seek(offset)
+            dst = sftp.open(remote, "r+b" if offset else "wb")
+            dst.set_pipelined(True)
+            dst.seek(offset)
+            with open(local, "rb") as src:
                 src.seek(offset)
                 while block := src.read(BLOCK):
                     PushCancelledCheck(cancel)
                     dst.write(block)
                     on_bytes(len(block))
-        except PermissionError as exc:
-            raise DevicePermissionError(f"{self.id} refused to write {remote}: permission denied; choose a "
-                                        f"destination you can write with --dest (default {self.default_dest()})"
-                                        ) from exc
-        except OSError as exc:
-            transport = self._client.get_transport() if self._client is not None else None
-            if isinstance(exc, (socket.timeout, ConnectionError)) or transport is None or not transport.is_active():
-                raise self._dropped(exc) from exc
-            free = None
-            with contextlib.suppress(Exception):  # SFTP v3 has no "disk full" status: sftp-server says "Failure"
-                free = self.free_bytes(posixpath.dirname(remote))
-            if free is not None and free < BLOCK:
-                raise OSError(errno.ENOSPC, "No space left on device", remote) from exc
-            raise DeviceError(f"{self.id} could not write {remote}: {exc} (is its disk full?)") from exc
-        except (paramiko.SSHException, EOFError) as exc:
-            raise self._dropped(exc) from exc
+            f, dst = dst, None
+            f.close()  # waits until the board has acknowledged every write
+        except BaseException as exc:
+            if dst is not None:
+                self._discard(dst, exc)
+            elif not isinstance(exc, Exception):  # a signal in the open or the last acknowledgements
+                self._abort()
+            translated = self._write_error(exc, remote) if isinstance(exc, Exception) else None
+            if translated is None:
+                raise
+            raise translated from exc
+
+    def _discard(self, f: Any, exc: BaseException) -> None:
+        """Close the remote file after ``exc``, never replacing ``exc``. A cancel between blocks, or a write
+        the board refused, leaves a healthy link: the file is closed properly. Anything else (a link that
+        dropped or froze, a signal's SystemExit or a Ctrl-C that may have struck mid-packet) drops the
+        link instead of waiting on the board; what it wrote stays in the partial file for the next push."""
+        transport = self._client.get_transport() if self._client is not None else None
+        alive = transport is not None and transport.is_active()
+        clean = isinstance(exc, EdgekitError) or (isinstance(exc, OSError) and not isinstance(
+            exc, (TimeoutError, ConnectionError)))
+        if alive and clean:
+            with contextlib.suppress(Exception):
+                f.close()
+        else:
+            self._abort()
+
+    def _write_error(self, exc: Exception, remote: str) -> Exception | None:
+        """The error to raise for ``exc`` from writing ``remote`` (None: ``exc`` itself)."""
+        import paramiko
+
+        if isinstance(exc, PermissionError):
+            return DevicePermissionError(f"{self.id} refused to write {remote}: permission denied; choose a "
+                                         f"destination you can write with --dest (default {self.default_dest()})")
+        if isinstance(exc, (paramiko.SSHException, EOFError)):
+            return self._dropped(exc)
+        if not isinstance(exc, OSError):
+            return None
+        transport = self._client.get_transport() if self._client is not None else None
+        if isinstance(exc, (TimeoutError, ConnectionError)) or transport is None or not transport.is_active():
+            return self._dropped(exc)
+        free = None
+        with contextlib.suppress(Exception):  # SFTP v3 has no "disk full" status: sftp-server says "Failure"
+            free = self.free_bytes(posixpath.dirname(remote))
+        if free is not None and free < BLOCK:
+            return OSError(errno.ENOSPC, "No space left on device", remote)
+        return DeviceError(f"{self.id} could not write {remote}: {exc} (is its disk full?)")
+
+
+def _probe(entry: tuple[str, SSHHost | str]) -> DeviceInfo:
+    name, host = entry
+    if isinstance(host, str):  # a damaged entry of devices.json: listed with its fix, the others still work
+        return DeviceInfo(id=f"ssh:{name}", platform="ssh", name=name, state="invalid", detail=host)
+    dev = SSHDevice(host)
+    try:
+        return dev.info()
+    except EdgekitError as exc:
+        state = "unreachable" if isinstance(exc, DeviceError) else "error"
+        return DeviceInfo(id=dev.id, platform="ssh", name=host.name, state=state, detail=str(exc))
+    finally:
+        dev.close()
 
 
 @register_platform("ssh")
@@ -232,20 +352,13 @@ class SSHPlatform(Platform):
     name = "ssh"
 
     def discover(self) -> tuple[list[DeviceInfo], str | None]:
-        hosts = load_ssh_hosts()
-        if not hosts:
+        from concurrent.futures import ThreadPoolExecutor
+
+        entries = ssh_entries()
+        if not entries:
             return [], "no SSH boards configured; add one with 'edgekit devices add ssh:NAME --host HOST --user USER'"
-        found = []
-        for host in hosts.values():
-            dev = SSHDevice(host)
-            try:
-                found.append(dev.info())
-            except DeviceError as exc:
-                found.append(DeviceInfo(id=dev.id, platform="ssh", name=host.name, state="unreachable",
-                                        detail=str(exc)))
-            finally:
-                dev.close()
-        return found, None
+        with ThreadPoolExecutor(max_workers=min(PROBE_WORKERS, len(entries))) as pool:  # each waits on its board
+            return list(pool.map(_probe, entries)), None
 
     def open(self, ident: str) -> Device:
         return SSHDevice(get_ssh_host(ident))

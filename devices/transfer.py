@@ -3,7 +3,9 @@
 Per file: hash it locally; if the device already holds it under the real name with the same sha256,
 skip it. Otherwise append to ``.NAME.<sha12>.partial`` from the size that temp file already has (an
 interrupted push resumes there), hash the temp file on the device, and only then rename it onto the
-real name. The manifest goes last, so a folder with ``edgekit.json`` on the device is complete.
+real name. The manifest goes last, so a folder with ``edgekit.json`` on the device is complete; a push that
+updates an artifact already there removes the old manifest before it renames the first file into place.
+A folder on the device where a file goes, or a file where a folder goes, is refused before any byte.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from edgekit.devices.base import (
     PushCancelled,
     PushCancelledCheck,
     VerificationError,
+    folder_in_the_way,
 )
 from edgekit.errors import DiskFullError, InputError
 from edgekit.fsutil import is_disk_full, sha256_file_cached
@@ -182,20 +185,45 @@ def partial_name(remote: str, sha: str) -> str:
     return posixpath.join(folder, f".{base}.{sha[:12]}.partial")
 
 
-def _plan(device: Device, files: list[tuple[Path, str]], remote_dir: str) -> list[tuple[Path, str, FilePush]]:
-    plan = []
+def _plan(device: Device, files: list[tuple[Path, str]], remote_dir: str
+          ) -> tuple[list[tuple[Path, str, FilePush]], str | None]:
+    """What to send of each file, and the manifest already on the device that must go before the first file
+    of this push replaces anything (None: none there, or nothing to replace)."""
+    plan: list[tuple[Path, str, FilePush]] = []
+    checked = {remote_dir}
+    old_manifest = None
     for local, rel in files:
         size = local.stat().st_size
         sha = sha256_file_cached(local)
         remote = posixpath.join(remote_dir, rel)
+        sub = posixpath.dirname(remote)
+        if sub not in checked:  # a file where a sub-folder of the artifact goes
+            _check_folder(device, sub)
+            checked.add(sub)
         fp = FilePush(rel, size, sha)
-        if device.file_size(remote) == size and device.sha256(remote) == sha:
+        there = device.file_size(remote)
+        if there is not None and device.is_dir(remote):  # mv would put the file inside it
+            raise DeviceError(folder_in_the_way(device.id, remote))
+        if rel == MANIFEST_NAME and there is not None and any(not p.skipped for _, _, p in plan):
+            old_manifest = remote  # updating an artifact: its old manifest goes first and the new one comes last
+        elif there == size and device.sha256(remote) == sha:
             fp.skipped = True
-        else:
+        if not fp.skipped:
             have = device.file_size(partial_name(remote, sha)) or 0
             fp.resumed_from = have if have <= size else 0
         plan.append((local, remote, fp))
-    return plan
+    return plan, old_manifest
+
+
+def _check_folder(device: Device, folder: str) -> list[str]:
+    """The folders ``makedirs(folder)`` will create (deepest first); a file where one of them (or ``folder``
+    itself) goes is refused, as creating it would be."""
+    missing = _missing_dirs(device, folder)
+    existing = posixpath.dirname(missing[-1]) if missing else folder
+    if existing not in ("", "/") and not device.is_dir(existing):
+        raise DeviceError(f"{device.id} could not create {folder}: {existing} is a file there, not a folder; "
+                          "choose another --dest (or --name)")
+    return missing
 
 
 def check_fit(device: Device, artifact: str | Path | Artifact, ctx: int = 4096, dest: str | None = None,
@@ -232,12 +260,13 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
     with tempfile.TemporaryDirectory(prefix="edgekit-push-") as scratch:
         files = artifact_files(art, Path(scratch))
         remote_dir = remote_dir_for(device, art, config)
+        missing = _check_folder(device, remote_dir)  # a file in the way: refused by a dry run too
         created: list[str] = []
         if not config.dry_run:  # a destination we may not write fails here, before any checks or bytes
-            created = _missing_dirs(device, remote_dir)
+            created = missing
             device.makedirs(remote_dir)
         try:
-            plan = _plan(device, files, remote_dir)
+            plan, old_manifest = _plan(device, files, remote_dir)
             to_send = sum(fp.size - fp.resumed_from for _, _, fp in plan if not fp.skipped)
             fit = check_fit(device, art, config.ctx, config.dest, storage_needed=to_send)
             storage_bad = [r for r in fit.reasons if "storage" in r]
@@ -285,17 +314,20 @@ def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | N
                         f"{max(1, round(left / 1e6))} MB there and push again: it resumes from the partial file"
                     ) from exc
                 _verify(device, tmp, fp)
+                if old_manifest is not None:  # an interrupted update leaves no old manifest beside new files
+                    device.remove(old_manifest)
+                    old_manifest = None
                 device.rename(tmp, remote)
                 renamed = True
-        except (PushCancelled, KeyboardInterrupt) as exc:  # the TUI's cancel, the CLI's Ctrl-C
+        except (PushCancelled, KeyboardInterrupt, SystemExit) as exc:  # the TUI's cancel, Ctrl-C, kill / hang-up
             if result.bytes_sent or renamed or any(fp.resumed_from for _, _, fp in plan):
-                if isinstance(exc, KeyboardInterrupt):
+                if not isinstance(exc, PushCancelled):
                     exc.add_note("the partial file stays on the device: pushing again resumes it")
                 raise
             if tmp:  # opened but never written: nothing to resume
                 device.remove(tmp)
             _remove_empty(device, created)
-            if isinstance(exc, KeyboardInterrupt):
+            if not isinstance(exc, PushCancelled):
                 raise
             raise PushCancelled("push cancelled before any byte was sent; the device is as it was") from None
     result.seconds = time.perf_counter() - start
@@ -319,9 +351,13 @@ def _remove_empty(device: Device, folders: list[str]) -> None:
 
 def _verify(device: Device, tmp: str, fp: FilePush) -> None:
     got_size = device.file_size(tmp)
+    if got_size is None:
+        raise VerificationError(f"the partial copy of {fp.name} vanished from {device.id} while it was sent ({tmp}); "
+                                "is another push to the same folder running? Let it finish, then push again")
     got = device.sha256(tmp) if got_size == fp.size else None
     if got != fp.sha256:
         device.remove(tmp)
-        what = f"size {got_size} instead of {fp.size}" if got is None else f"sha256 {got[:12]}… instead of {fp.sha256[:12]}…"
+        what = (f"size {got_size} instead of {fp.size}" if got is None
+                else f"sha256 {got[:12]}… instead of {fp.sha256[:12]}…")
         raise VerificationError(f"{fp.name} arrived on {device.id} with {what}; the partial copy was removed, "
-                                "push again to send it afresh")
+                                "push again to send it afresh (one push at a time to the same folder)")

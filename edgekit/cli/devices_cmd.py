@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import handle_errors, out, progress_bar, say
+from edgekit.cli.ui import err, handle_errors, out, progress_bar, say
 
 devices_app = typer.Typer(help="This host, Android phones (adb), iPhones (usbmuxd) and SSH boards.",
                           invoke_without_command=True, no_args_is_help=False)
@@ -26,14 +26,21 @@ def _render(found) -> None:
 
     table = Table(title="devices")
     for col in ("id", "state", "model", "os", "arch", "cores", "RAM GiB", "free GiB", "GPUs"):
-        table.add_column(col, justify="right" if col in ("cores", "RAM GiB", "free GiB") else "left")
+        table.add_column(col, justify="right" if col in ("cores", "RAM GiB", "free GiB") else "left",
+                         no_wrap=col == "id")
     for d in found.devices:
         gpus = ", ".join(f"{g.name} ({_gb(g.vram_total)} GiB)" for g in d.gpus) or "-"
         # what devices report about themselves is data: Text cells, never markup
         table.add_row(Text(d.id), Text(d.state, style="" if d.state == "ready" else "yellow"), Text(d.model or "-"),
                       Text(" ".join(filter(None, (d.os, d.os_version))) or "-"), Text(d.abi or d.arch or "-"),
                       str(d.cores or "-"), _gb(d.ram_total), _gb(d.storage_free), Text(gpus))
-    out.print(table)
+    if out.is_terminal:
+        out.print(table)
+    else:  # piped, the table keeps its natural width: ids cut to "ssh:S…" could not be copied from it
+        from rich.console import Console
+
+        natural = out.measure(table, options=out.options.update_width(4000)).maximum
+        Console(file=out.file, width=max(out.width, natural)).print(table)
     for d in found.devices:
         if d.detail:
             say(out, str(d.detail), f"{d.id}:", "yellow")
@@ -87,9 +94,22 @@ def add(
         raise InputError(f"{device!r}: only SSH boards are added by hand, as ssh:NAME (adb and usbmuxd find the rest)")
     if dest is not None:
         check_dest(dest)
-    add_ssh_host(SSHHost(name=name, host=host, port=port, user=user, key=key, remote_edgekit=remote_edgekit,
-                         dest=dest))
-    say(out, f"ssh:{name} ({user + '@' if user else ''}{host}:{port}) to {config_path()}", "added", "green")
+    if key is not None:
+        key_path = Path(key).expanduser()
+        if not key_path.is_file():
+            raise InputError(f"--key {key}: no such file here; give the private key file this machine logs in with "
+                             "(e.g. ~/.ssh/id_ed25519), or leave --key out to use the SSH agent and ~/.ssh")
+        key = str(key_path.absolute())  # the same file whatever folder later commands run in
+    board = SSHHost(name=name, host=host, port=port, user=user, key=key, remote_edgekit=remote_edgekit, dest=dest)
+    old = add_ssh_host(board)
+    if old is None:
+        say(out, f"ssh:{name} ({_login(board)}) to {config_path()}", "added", "green")
+    else:
+        say(out, f"ssh:{name} to {_login(board)} (was {_login(old)}) in {config_path()}", "updated", "green")
+
+
+def _login(h) -> str:
+    return h.login() + (f", key {h.key}" if h.key else "")
 
 
 @devices_app.command("remove")
@@ -97,9 +117,16 @@ def add(
 def remove(device: str = typer.Argument(..., help="ssh:NAME")) -> None:
     """Forget an SSH board."""
     from edgekit.devices.config import remove_ssh_host
+    from edgekit.errors import InputError
 
-    remove_ssh_host(device.removeprefix("ssh:"))
-    say(out, f"removed {device}")
+    kind, sep, name = device.partition(":")
+    if not sep:
+        kind, name = "ssh", device
+    if kind != "ssh" or not name:
+        raise InputError(f"{device!r}: only SSH boards (ssh:NAME) are removed by hand; Android phones and iPhones "
+                         "leave the list when they are unplugged (or 'adb disconnect HOST:PORT')")
+    remove_ssh_host(name)
+    say(out, f"ssh:{name}", "removed", "green")
 
 
 @devices_app.command("show")
@@ -129,15 +156,22 @@ def push(
 
     Examples:
       edgekit push ./model-gguf-q4 android:R58M12345
-      edgekit push ./model-gguf-q4 ssh:jetson --dest ~/models
+      edgekit push ./model-gguf-q4 ssh:jetson --dest '~/models'
       edgekit push ./model-gguf-q4 ssh:jetson --dry-run
     """
     from edgekit.devices import PushConfig, open_device
     from edgekit.devices import push as do_push
 
     cfg = PushConfig(dest=dest, name=name, ctx=ctx, check_ram=ram_check, dry_run=dry_run)
-    with open_device(device) as dev, progress_bar(not as_json and not dry_run) as progress:
-        res = do_push(artifact, dev, cfg, progress=progress)
+    _note_local_home(device, dest)
+    try:
+        with open_device(device) as dev, progress_bar(not as_json and not dry_run) as progress:
+            res = do_push(artifact, dev, cfg, progress=progress)
+    except SystemExit as exc:  # `kill` or a closed terminal (exit 143 / 129): say what was kept
+        if exc.code in (129, 143):
+            kept = "; ".join(getattr(exc, "__notes__", ())) or "the device is as it was"
+            say(err, f"{'terminated' if exc.code == 143 else 'hung up'}; {kept}", "error:", "bold red")
+        raise
     if as_json:
         out.print_json(json.dumps(res.to_json()))
         return
@@ -153,6 +187,15 @@ def push(
     speed = f" in {res.seconds:.1f} s ({res.bytes_sent / 1e6 / res.seconds:.1f} MB/s)" if res.seconds > 0 else ""
     say(out, f"{sent / 1e6:.1f} MB to {res.device_id}:{res.remote_dir}{speed}{ram}"
         + ("" if res.dry_run else "; sha256 verified on the device"), verb, "green")
+
+
+def _note_local_home(device: str, dest: str | None) -> None:
+    """`--dest ~/models` unquoted: the shell put this machine's home there, which the board does not have."""
+    home = str(Path.home()).rstrip("/")
+    if dest and home and device.split(":")[0].lower() != "host" and dest.startswith(home + "/"):
+        rest = dest[len(home) + 1:]
+        say(err, f"--dest {dest} is under this machine's home folder: your shell expanded ~ here; for the "
+                 f"board's home quote it: --dest '~/{rest}'", "note:", "yellow")
 
 
 def register(app: typer.Typer) -> None:

@@ -96,13 +96,14 @@ def _csv(rows: list[Any]) -> str:
     return buf.getvalue()
 
 
-def _emit(run: Any, as_json: bool, as_csv: bool, plot: Path | None, terminal_plot: bool) -> None:
+def _emit(run: Any, as_json: bool, as_csv: bool, plot: Path | None, terminal_plot: bool,
+          device: str | None = None) -> None:
     if as_json:
         sys.stdout.write(json.dumps(run.to_json(), indent=1) + "\n")
     elif as_csv:
         sys.stdout.write(_csv(run.rows))
     else:
-        out.print(_table(run.rows, f"edgekit profile ({run.status})"))
+        out.print(_table(run.rows, f"edgekit profile ({run.status})" + (f" on {device}" if device else "")))
     if plot is not None and run.rows:
         from edgekit.runtime.profile_plot import pareto_png
 
@@ -222,7 +223,7 @@ def profile_cmd(
                 h.save(run.rows, started=run.started, status=run.status, host=run.host)
         except CorruptFileError as exc:  # what was measured is still shown
             say(err, f"{exc}; this run was not recorded", "warning:", "yellow")
-    _emit(run, as_json, as_csv, plot, terminal_plot)
+    _emit(run, as_json, as_csv, plot, terminal_plot, device)
     if run.status == "interrupted":
         raise typer.Exit(130)
     errors = [r for r in run.rows if r.status == "error"]

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class CuttingProxy:
     """Forwards 127.0.0.1:``port`` to ``target``; after ``cut_after`` client->server bytes it closes both sides.
 
-    ``cut_after=None`` forwards everything. Each accepted connection counts its own bytes.
+    ``cut_after=None`` forwards everything. Each accepted connection counts its own bytes. ``rate`` (bytes
+    per second, None: no limit) slows the client->server direction down, like a slow link.
     """
 
-    def __init__(self, target: tuple[str, int], cut_after: int | None = None) -> None:
+    def __init__(self, target: tuple[str, int], cut_after: int | None = None, rate: float | None = None) -> None:
         self.target = target
         self.cut_after = cut_after
+        self.rate = rate
         self.cuts = 0
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -45,6 +48,8 @@ class CuttingProxy:
                         break
                     budget[0] -= len(data)
                 dst.sendall(data)
+                if budget is not None and self.rate:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         for s in (src, dst):

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 from edgekit.devices import open_device
+from edgekit.devices.base import DeviceError
 from edgekit.devices.config import SSHHost, add_ssh_host
-from edgekit.devices.profile import RemoteProfileConfig, _llama_bench_args, elf_arch, remote_profile
+from edgekit.devices.profile import (
+    RemoteProfileConfig,
+    _llama_bench_args,
+    elf_arch,
+    remote_profile,
+    upload_runner,
+)
 from edgekit.errors import InputError, UnsupportedError
 
 EDGEKIT = Path(sys.executable).with_name("edgekit")
@@ -48,6 +55,41 @@ def test_android_needs_a_runner_and_runner_must_be_elf(phone, tiny_artifact, tmp
         script.write_text("#!/bin/sh\n")
         with pytest.raises(InputError, match="not an ELF executable"):
             remote_profile(dev, tiny_artifact, RemoteProfileConfig(runner=script))
+
+
+def test_a_runner_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(InputError, match="runner .*nope does not exist"):
+        elf_arch(tmp_path / "nope")
+
+
+def test_edgekit_missing_on_the_board_is_found_before_pushing(sshd, home, tiny_artifact, tmp_path):
+    """QA s48: the whole artifact went up before edgekit was looked for on the board."""
+    add_ssh_host(SSHHost(name="bare", host=sshd["host"], port=sshd["port"], user=sshd["user"], key=sshd["key"],
+                         remote_edgekit="/nonexistent/edgekit"))
+    with open_device("ssh:bare") as dev, pytest.raises(DeviceError) as e:
+        remote_profile(dev, tiny_artifact, RemoteProfileConfig(dest=str(tmp_path / "board")))
+    assert not (tmp_path / "board").exists()  # refused before the artifact went up
+    assert "edgekit is not usable on ssh:bare (/nonexistent/edgekit not found)" in str(e.value), str(e.value)
+    assert "--runner" in str(e.value)
+
+
+def test_the_runner_is_not_sent_again_when_the_board_has_it(sshd, home, tmp_path):
+    """Same size and sha256 on the board: no upload (it was 11.5 MB on every run); a changed one is
+    replaced, verified."""
+    add_ssh_host(SSHHost(name="rb", host=sshd["host"], port=sshd["port"], user=sshd["user"], key=sshd["key"]))
+    bench = tmp_path / "llama-bench"
+    bench.write_bytes(_elf(0x3E) + bytes(4096))
+    folder = tmp_path / "board" / "bin"
+    with open_device("ssh:rb") as dev:
+        remote = upload_runner(dev, bench, str(folder))
+        first = Path(remote).stat()
+        assert upload_runner(dev, bench, str(folder)) == remote
+        again = Path(remote).stat()
+        assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+        bench.write_bytes(_elf(0x3E) + bytes(8192))
+        upload_runner(dev, bench, str(folder))
+    assert Path(remote).read_bytes() == bench.read_bytes() and Path(remote).stat().st_mode & 0o111
+    assert sorted(p.name for p in folder.iterdir()) == ["llama-bench"]  # no partial left
 
 
 def _elf(machine: int, little: bool = True) -> bytes:
@@ -119,6 +161,7 @@ def _llama_bench() -> Path:
 
 def _check_llama_bench_rows(rows: list[dict], board_dir: str) -> None:
     assert [r["test"] for r in rows] == ["pp16", "tg8"]
+    assert [r["config"]["n_ctx"] for r in rows] == [16, 8]  # llama-bench's context per test, not "cNone"
     for r in rows:
         assert r["schema"] == "edgekit.profile/1" and r["source"] == "llama-bench" and r["status"] == "ok"
         assert r["reps"] == 2 and len(r["samples_s"]) == 2 and r["tps_mean"] > 0
@@ -134,7 +177,13 @@ def test_real_llama_bench_runner_over_ssh(sshd, home, tiny_artifact, tmp_path):
         rows = remote_profile(dev, tiny_artifact, RemoteProfileConfig(tests="pp16,tg8", reps=2, threads=1,
                                                                       runner=bench, dest=str(tmp_path / "board")))
     _check_llama_bench_rows(rows, str(tmp_path / "board"))
-    assert (tmp_path / "board" / "bin" / bench.name).is_file()  # pushed beside the artifact folder
+    pushed = tmp_path / "board" / "bin" / bench.name
+    assert pushed.is_file()  # pushed beside the artifact folder
+    first = pushed.stat()
+    with open_device("ssh:lb") as dev:  # the same runner is there already: not sent again
+        remote_profile(dev, tiny_artifact, RemoteProfileConfig(tests="pp16", reps=1, threads=1, runner=bench,
+                                                               dest=str(tmp_path / "board")))
+    assert (pushed.stat().st_ino, pushed.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
 
 
 def test_real_llama_bench_runner_on_an_android_standin(adb_server, home, tiny_artifact):
