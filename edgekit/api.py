@@ -64,18 +64,26 @@ __all__ = [
 ]
 
 
-def default_output(model: Path, fmt: str, recipe: ConvertRecipe) -> Path:
+def default_output(model: Path, fmt: str, recipe: ConvertRecipe, quantize: QuantizeConfig | None = None) -> Path:
     """Where ``convert`` writes without ``output``: the model library (:mod:`edgekit.library`), under the
     name ``<model>-<format>-<quantization>`` in lower case: ``./SmolLM2-135M`` + gguf, 4 bits ->
     ``<store>/smollm2-135m-gguf-q4_k_m``. What else tells two conversions of one model apart follows:
     a method other than the format's default (``-gptq``, ``-awq+gptq``), per-tensor overrides
-    (``-custom``) and a sparse FFN (``-sparse``); so converting again by another method does not
-    collide with the first."""
+    (``-custom``), a sparse FFN (``-sparse``) and pruning: structural before the format (``-d4``,
+    ``-widthffn1024``), of weights after it (``-wanda50``, ``-sparsegpt2_4``); so converting again by
+    another method, or pruning otherwise, does not collide with the first."""
+    import re
+
     pruned = ""
     if recipe.prune:
         kind, _, rest = recipe.prune.partition(":")
-        pruned = f"d{rest}" if kind == "depth" and rest.isdigit() else kind
+        pruned = f"d{rest}" if kind == "depth" and rest.isdigit() else kind + re.sub(r"[^a-z0-9.]+", "", rest.lower())
     tags = [recipe.method] if recipe.method not in ("rtn", default_method(fmt)) else []
+    for step in getattr(quantize, "extra_steps", ()):
+        sparsity = getattr(step, "sparsity", None)  # a weight-pruning step (wanda, sparsegpt, magnitude)
+        if isinstance(sparsity, str):
+            amount = sparsity.replace(":", "_") if ":" in sparsity else f"{round(float(sparsity) * 100):d}"
+            tags.append(f"{type(step).step}{amount}")
     if recipe.tensor_types:
         tags.append("custom")
     if recipe.extra.get("sparse_ffn") is not None or recipe.extra.get("sparse_clusters") is not None:
@@ -129,6 +137,14 @@ def convert(
     if is_pipeline(Path(model).expanduser()):
         return _convert_pipeline(model, to, output, recipe, quantize, options, force, progress)
     fmt = FORMATS.get(to)()
+    method = quantize.method if quantize is not None else recipe.method
+    if default_preset(method) and to.lower() != "gguf":  # ternary: TQ1_0/TQ2_0 exist in GGUF alone
+        raise InputError(f"--method {method} writes GGUF's {default_preset(method)}; use --to gguf")
+    if default_preset(method) and recipe.budgeted:  # a budget would store the trits in Q2_K/IQ3_S: lossy, bigger
+        raise InputError(f"--method {method} stores -1/0/+1 exactly in TQ2_0 (the default) or TQ1_0 (smaller, "
+                         "slower); choose with --type, not --bpw or --size")
+    if getattr(QUANTIZERS.get(method), "palette_only", False) and to.lower() != "coreml":
+        raise InputError(f"--method {method} fits palettes, which only Core ML stores: use --to coreml --palettize 4")
     if options is not None:
         if not dataclasses.is_dataclass(options) or type(options) is not getattr(fmt, "options_class", None):
             want = getattr(getattr(fmt, "options_class", None), "__name__", None)
@@ -143,7 +159,8 @@ def convert(
     fmt.default_output_suffix(recipe)  # the format's options are checked before any work (an import, say)
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
-        ckpt, out, gguf_src = _open_source(Path(model).expanduser(), output, to, recipe, force, stack, progress)
+        ckpt, out, gguf_src = _open_source(Path(model).expanduser(), output, to, recipe, force, stack, progress,
+                                           quantize)
         _write(fmt, ckpt, out, gguf_src, recipe, quantizer, force, notes, progress)
     art = Artifact.open(out, verify=False)
     remember_checksums(art)
@@ -164,16 +181,17 @@ def _convert_pipeline(model: str | Path, to: str, output: str | Path | None, rec
 
 
 def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertRecipe, force: bool,
-                 stack: contextlib.ExitStack, progress: ProgressFn) -> tuple[HFCheckpoint, Path, Path | None]:
+                 stack: contextlib.ExitStack, progress: ProgressFn,
+                 quantize: QuantizeConfig | None = None) -> tuple[HFCheckpoint, Path, Path | None]:
     """The checkpoint to convert, the output folder, and the GGUF it was imported from: a ``.gguf`` input
     is imported (dequantized, :func:`import_gguf`) into a scratch folder beside the output, removed when
     ``stack`` closes whatever happens."""
     if not (src.is_file() and src.suffix.lower() == ".gguf"):
         ckpt = HFCheckpoint.open(src)
-        out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe)
+        out = Path(output).expanduser() if output else default_output(ckpt.path, to, recipe, quantize)
         check_not_inside(ckpt.path, out)
         return ckpt, out, None
-    out = Path(output).expanduser() if output else default_output(src.with_suffix(""), to, recipe)
+    out = Path(output).expanduser() if output else default_output(src.with_suffix(""), to, recipe, quantize)
     check_not_inside(src, out)
     check_output(out, force, is_artifact_folder)  # before the import, which takes a while
     try:
@@ -290,7 +308,8 @@ def distill_config(config: QuantizeConfig, heal: Any) -> QuantizeConfig:
     import dataclasses
 
     if "distill" not in getattr(config, "__dataclass_fields__", {}):
-        raise InputError(f"--distill trains a ternary student: use it with --method ternary, not {config.method}")
+        raise InputError(f"--distill trains the student of --method ternary or of --to aqlm (AQLM's fine-tuning); "
+                         f"{config.method} has none")
     return dataclasses.replace(config, distill=heal)
 
 

@@ -30,7 +30,7 @@ _OPT = object()  # marks an optional key: {"key": (_OPT, spec)}
 # What each manifest field that inspect reports must look like: a type tuple, a {key: spec} mapping (keys
 # required unless wrapped with _OPT), or [spec] for a list of items.
 _HEAL = {"steps": _NUM, "minutes": _NUM, "kl_before": _NUM, "kl_after": _NUM, "kl_refit": (_OPT, _NUM),
-         "refit_kept": (_OPT, bool)}
+         "refit_kept": (_OPT, bool), "kept": (_OPT, bool), "kl_trained": (_OPT, _NUM)}
 _MANIFEST: dict[str, Any] = {
     "tensors": dict,
     "preset": (str, type(None)),
@@ -38,6 +38,7 @@ _MANIFEST: dict[str, Any] = {
     "sparsity": (_OPT, {"mean": _NUM, "linears": _NUM, "steps": [str]}),
     "ternary": (_OPT, {"share": _NUM, "linears": _NUM, "group": _NUM, "scale": str, "stored_as": dict,
                        "distill": (_OPT, _HEAL)}),
+    "aqlm": (_OPT, {"distill": (_OPT, _HEAL)}),
     "eval": [{"ppl": _NUM, "ctx": _NUM, "chunks": _NUM, "kl_mean": (_OPT, _NUM), "top1_agreement": (_OPT, _NUM)}],
 }
 _PRUNED = {
@@ -106,6 +107,9 @@ def describe(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     info = FORMATS.get(art.format)().describe(art, ctx)
     if art.manifest.get("ternary"):
         info["ternary"] = art.manifest["ternary"]
+    aqlm = art.manifest.get("aqlm")
+    if isinstance(aqlm, dict) and isinstance(aqlm.get("distill"), dict):
+        info["distill"] = aqlm["distill"]
     return info
 
 

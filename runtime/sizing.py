@@ -53,8 +53,8 @@ def fit_size(hparams: Any, n_params: int, fmt: str, info: Any, n_ctx: int, backe
         raise InputError("--ctx must be > 0")
     runtime = backend_for_format(fmt, backend)
     if not isinstance(runtime, SizesWeights):
-        raise UnsupportedError(f"the {runtime.name} runtime has no memory model to size {fmt} artifacts by; give "
-                               "--size instead of --fit")
+        raise UnsupportedError(f"--fit picks a size for GGUF, ONNX or AQLM artifacts; {fmt} artifacts take one "
+                               "quantization for every matrix: give --bits (or the format's --quant/-O) instead")
     ram, kind = (info.ram_available, "available") if info.ram_available else (info.ram_total, "total")
     if not ram:
         raise InputError(f"{info.id} does not report its RAM; give --size instead of --fit")

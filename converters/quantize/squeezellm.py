@@ -32,3 +32,4 @@ class SqueezeLLMConfig(CalibratedConfig):
 @register_quantizer("squeezellm")
 class SqueezeLLMQuantizer(CalibratedQuantizer):
     config_class = SqueezeLLMConfig
+    palette_only = True  # only Core ML stores palettes (api.convert refuses the other formats)

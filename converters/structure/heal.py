@@ -73,16 +73,17 @@ class HealConfig:
             raise InputError("healing needs a positive time budget, learning rate and batch")
 
     @staticmethod
-    def parse_minutes(text: str) -> float:
-        """``"20m"``, ``"90s"``, ``"1.5h"`` or plain minutes."""
+    def parse_minutes(text: str, flag: str = "--heal") -> float:
+        """``"20m"``, ``"90s"``, ``"1.5h"`` or plain minutes; ``flag`` names the option in errors."""
         t = str(text).strip().lower()
         scale = {"s": 1 / 60, "m": 1.0, "h": 60.0}
         try:
-            if t and t[-1] in scale:
-                return float(t[:-1]) * scale[t[-1]]
-            return float(t)
+            minutes = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
         except ValueError:
-            raise InputError(f"--heal {text!r}: give a duration like 20m, 90s or 1h") from None
+            raise InputError(f"{flag} {text!r}: give a duration like 20m, 90s or 1h") from None
+        if not math.isfinite(minutes) or minutes <= 0:
+            raise InputError(f"{flag} {text!r}: give a positive duration like 20m, 90s or 1h")
+        return minutes
 
 
 def _key(ckpt: HFCheckpoint, spec: str, cfg: HealConfig, calib: CalibConfig) -> str:
@@ -288,6 +289,9 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
         info["elapsed_s"] = float(info["elapsed_s"]) + info["refit_s"]
         save()  # a run interrupted from here on resumes after the refit
     gen = torch.Generator().manual_seed(cfg.seed + int(info["step"]))
+    # the weights training starts from, to fall back on if it ends worse on the held-out sequences (too
+    # little calibration data overfits); a resumed run started from them in an earlier process
+    start = {n: p.detach().clone() for n, p in params.items()} if info["step"] == 0 and not info["done"] else None
     t_run = time.monotonic()
     spent0 = float(info["elapsed_s"])
     last_save = time.monotonic()
@@ -340,6 +344,18 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
         info["elapsed_s"] = spent0 + time.monotonic() - t_run
         save()  # Ctrl-C lands here too: the next run resumes from this step
     info["kl_after"] = held_out_kl()
+    baseline = info["kl_refit"] if info.get("refit_kept") else info["kl_before"]
+    if info["kl_after"] > baseline:
+        info["kept"] = False
+        if start is not None:  # trained from here in this run: go back to where it started
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(start[n])
+            info["kl_trained"], info["kl_after"] = info["kl_after"], held_out_kl()
+        warnings.warn(f"{what} made the held-out KL worse ({baseline:.4f} -> {info.get('kl_trained', info['kl_after']):.4f}): "
+                      + ("kept the weights it started from; " if start is not None else "")
+                      + "more calibration data (--calib-samples, --calib FILE) or a shorter budget fits less noise",
+                      stacklevel=2)
     save()
     student.eval()
     if in_place:
@@ -348,6 +364,8 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
             "kl_after": round(info["kl_after"], 5), "lr": cfg.lr, "batch": cfg.batch,
             "tokens": info["step"] * cfg.batch * (min(cfg.seqlen, int(ids.shape[1])) or int(ids.shape[1])), "state": str(state),
             "curve": info.get("curve", []),
+            **({"kept": False, **({"kl_trained": round(info["kl_trained"], 5)} if "kl_trained" in info else {})}
+               if info.get("kept") is False else {}),
             **({"kl_refit": round(info["kl_refit"], 5), "refit_kept": info["refit_kept"], "refit_s": info["refit_s"]}
                if "kl_refit" in info else {})}
 

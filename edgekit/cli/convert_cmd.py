@@ -156,6 +156,8 @@ def convert(
                   or sparse_ffn is not None)
     if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
         check_calib_seqlen(calib_seqlen, model)
+    if palettize is not None and getattr(cli.get_parameter_source("bits"), "name", "") == "COMMANDLINE":
+        raise InputError(f"--palettize {palettize} sets the bits (palettes of 2^{palettize} values); drop --bits")
     extra = api.format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
                                quant=quant, compile=compile_target,
                                sparse_ffn=None if sparse_ffn is None else str(sparse_ffn))
@@ -191,7 +193,8 @@ def convert(
                                   preset=None if type_ or bpw else DEFAULT_TYPE)
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
     if distill is not None:
-        quantize = api.distill_config(quantize or api.method_config(method, recipe.calib), _heal_config(distill))
+        quantize = api.distill_config(quantize or api.method_config(method, recipe.calib),
+                                      _heal_config(distill, "--distill"))
     held: list[warnings.WarningMessage] = []
     if calibrated:  # its note on the CPUs' load waits for the job to start: a refused flag comes alone
         from edgekit.runtime.hostinfo import use_torch_threads
@@ -235,9 +238,9 @@ def _check_format_flags(to: str, flags: dict[str, tuple[str, Any]]) -> None:
                          f"--to {to}; drop {'it' if len(bad) == 1 else 'them'}")
 
 
-def _heal_config(text: str | None) -> Any:
+def _heal_config(text: str | None, flag: str = "--heal") -> Any:
     if text is None:
         return None
     from edgekit.converters.structure.heal import HealConfig
 
-    return HealConfig(minutes=HealConfig.parse_minutes(text))
+    return HealConfig(minutes=HealConfig.parse_minutes(text, flag))

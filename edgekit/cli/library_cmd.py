@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edgekit.cli.render import tensor_type_flags
+from edgekit.cli.render import tensor_type_flags, training_notes
 from edgekit.cli.ui import err, handle_errors, out, say, tagged
 
 DIR_HELP = "Model library folder (default: $EDGEKIT_MODELS, else models/ in edgekit's home)."
@@ -108,7 +108,7 @@ def show(
             ("source", f"{src.get('path', '-')} ({src.get('architecture', '?')}, sha256 {str(src.get('sha256', ''))[:12]})"),
             ("recipe", ", ".join([f"{k} {v}" for k, v in recipe.items() if k in ("method", "bits", "preset", "bpw", "size",
                                                                                "prune") and v not in (None, [], "")]
-                                 + tensor_type_flags(recipe))),
+                                 + tensor_type_flags(recipe) + training_notes(m))),
             ("created", f"{m.get('created', '-')} by edgekit {(m.get('tools') or {}).get('edgekit', '?')}")]
     if isinstance(m.get("budget"), dict):
         b = m["budget"]

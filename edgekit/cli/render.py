@@ -6,6 +6,7 @@ names are data that may hold brackets.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from rich.console import Console
@@ -74,6 +75,9 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         row("ternary", ternary_line(info["ternary"]))
     if info.get("sparse_ffn"):
         row("sparse FFN", sparse_ffn_line(info["sparse_ffn"]))
+    if info.get("distill"):
+        d = info["distill"]
+        row("fine-tuned", f"distilled from the float model {d['steps']} steps in {d['minutes']} min, {trained_kl(d)}")
     if info["fallbacks"]:
         summary = ", ".join(f"{k} x{v}" for k, v in info["fallback_summary"].items())
         n = info["fallbacks"]
@@ -155,9 +159,32 @@ def pruning_line(p: dict) -> str:
     if h:
         refit = (f" (least-squares refit of the narrowed projections: {h['kl_refit']:.4f}"
                  f"{'' if h.get('refit_kept', True) else ', not kept'})") if "kl_refit" in h else ""
-        line += (f"; healed {h['steps']} steps in {h['minutes']} min, KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}"
-                 + refit)
+        line += f"; healed {h['steps']} steps in {h['minutes']} min, {trained_kl(h)}" + refit
     return line
+
+
+def training_notes(m: dict) -> list[str]:
+    """What a manifest says was done beyond rounding (weight pruning, a distillation), for ``show``'s recipe
+    line: two artifacts made with and without it must not read alike. Defensive: a hand-edited manifest."""
+    notes = []
+    sp = m.get("sparsity")
+    if isinstance(sp, dict) and isinstance(sp.get("steps"), list) and isinstance(sp.get("mean"), (int, float)):
+        notes.append(f"pruned {'+'.join(map(str, sp['steps']))} ({100 * sp['mean']:.0f}% zeros)")
+    for key in ("ternary", "aqlm"):
+        d = m.get(key, {}).get("distill") if isinstance(m.get(key), dict) else None
+        if isinstance(d, dict) and {"steps", "kl_before", "kl_after"} <= d.keys():
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                notes.append(f"distilled {int(d['steps'])} steps ({trained_kl(d)})")
+    return notes
+
+
+def trained_kl(h: dict) -> str:
+    """Held-out KL before and after a heal or distillation; one that ended worse was not kept."""
+    if h.get("kept") is False:
+        if "kl_trained" in h:
+            return f"KL {h['kl_before']:.4f} -> {h['kl_trained']:.4f}, worse: not kept"
+        return f"KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}, worse"
+    return f"KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}"
 
 
 def ternary_line(t: dict) -> str:
@@ -167,5 +194,5 @@ def ternary_line(t: dict) -> str:
             f"{t['group']} weights, 256 in TQ types ({t['scale']} scale); stored as {stored}")
     d = t.get("distill")
     if d:
-        line += f"; distilled {d['steps']} steps in {d['minutes']} min, KL {d['kl_before']:.4f} -> {d['kl_after']:.4f}"
+        line += f"; distilled {d['steps']} steps in {d['minutes']} min, {trained_kl(d)}"
     return line

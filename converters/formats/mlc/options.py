@@ -101,7 +101,13 @@ class MLCOptions:
         unknown = sorted(set(extra) - known)
         if unknown:
             raise InputError(f"unknown MLC option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if recipe.size is not None:
+            raise InputError("MLC artifacts use one quantization mode for every matrix, so there is no size to "
+                             "fit: give --quant q4f16_1 (or --bits 4|3|16|32), not --size or --fit")
         if recipe.preset is not None:
+            if recipe.preset.lower() not in QUANTS and "quant" not in extra:
+                raise InputError(f"--type {recipe.preset} is not an MLC mode; MLC takes --quant "
+                                 f"{'|'.join(sorted(QUANTS))} (or --bits 4|3|16|32)")
             extra.setdefault("quant", recipe.preset.lower())
         elif "quant" not in extra:
             if recipe.bits not in _BITS:
