@@ -436,6 +436,8 @@ def evaluate_streaming(
     import math
 
     check_stream_tokens(max_tokens)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InputError(f"chunk must be a whole number of tokens >= 1, got {chunk!r}")
     text = read_text(text_file)
     with open_backend(target, kv_window=kv_window, kv_sinks=kv_sinks, **options) as backend:
         if not isinstance(backend, StreamsLongText):

@@ -82,6 +82,9 @@ def serve(
     from edgekit.runtime.serve.config import ServeConfig, model_ids
 
     check_threads(threads)  # instances load on the first request: a bad -t would fail there, not now
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        say(err, f"--host {host} serves beyond this machine with no --api-key: anyone who reaches the port can "
+                 "use the models; give --api-key (or EDGEKIT_API_KEY)", "warning:", "yellow")
     require("starlette", "serve")
     require("uvicorn", "serve")
     models = model_ids(artifacts)

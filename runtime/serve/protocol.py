@@ -71,7 +71,10 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 def parse_job(kind: str, body: dict[str, Any], max_tokens_cap: int) -> Job:
     """Validate a ``/v1/chat/completions`` (kind ``chat``) or ``/v1/completions`` (``text``) body."""
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if model is not None and not isinstance(model, str):
+        raise RequestError(f"'model' must be a string, got {type(model).__name__}: one of the ids GET /v1/models "
+                           "lists", param="model")
+    if not model:
         raise RequestError("'model' is required: one of the ids GET /v1/models lists", param="model")
     prompt = _messages(body.get("messages")) if kind == "chat" else _prompt(body.get("prompt"))
     n = body.get("n", 1)

@@ -110,3 +110,20 @@ def test_plan_takes_a_name_or_path_and_refuses_nan(tiny_q8):
     assert plan is not None
     with pytest.raises(InputError, match="--vram must be a finite number"):
         api.plan(api.Artifact.open(tiny_q8), vram_bytes=float("nan"))
+
+
+def test_streaming_eval_chunk_must_be_positive(tiny_q8, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    with pytest.raises(InputError, match="chunk must be a whole number of tokens >= 1"):
+        api.evaluate_streaming(tiny_q8, text, kv_window=64, chunk=0)
+
+
+def test_serving_beyond_loopback_without_a_key_is_warned(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    r = CliRunner().invoke(app, ["serve", str(tmp_path / "nope"), "--host", "0.0.0.0"],
+                           env={"EDGEKIT_API_KEY": ""})
+    assert r.exit_code != 0 and "serves beyond this machine with no --api-key" in " ".join(r.output.split())

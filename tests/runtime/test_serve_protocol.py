@@ -116,3 +116,8 @@ def test_serve_refuses_a_context_no_request_could_use(ctx, tmp_path):
 
     with pytest.raises(InputError, match="--ctx must be a whole number of tokens >= 1"):
         ServeConfig(models={"m": tmp_path}, backend_options={"n_ctx": ctx})
+
+
+def test_a_model_that_is_not_a_string_says_so():
+    with pytest.raises(RequestError, match="'model' must be a string, got int"):
+        oai.parse_job("text", {"model": 5, "prompt": "hi"}, 10)
