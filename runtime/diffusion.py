@@ -45,6 +45,8 @@ class DiffusionModel:
     sample_size: int
     load_time: float = 0.0
     threads: int | None = None
+    # why ``--cache-interval`` cannot work here (a model without ``full``/``shallow``), and its fix
+    no_cache = "this UNet has fewer than two up blocks, too shallow for DeepCache: drop --cache-interval"
 
     def __call__(self, x: np.ndarray, t: int, labels: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
@@ -83,9 +85,11 @@ class DiffusionModel:
 
     def config(self, steps: int | None = None, seed: int = 0, cache_interval: int = 1) -> SampleConfig:
         """The model's sampling defaults with the given overrides, checked."""
+        if steps is not None and steps < 1:
+            raise InputError(f"--steps {steps}: give at least 1 sampling step (or leave it out for the model's "
+                             f"{self.defaults.steps})")
         if cache_interval > 1 and not self.caches:
-            raise InputError("--cache-interval needs DeepCache graphs; this artifact was converted without them "
-                             "(convert again without -O deepcache=false)")
+            raise InputError(f"--cache-interval needs DeepCache graphs; {self.no_cache}")
         try:
             return replace(self.defaults, steps=steps or self.defaults.steps, seed=seed, cache_interval=cache_interval)
         except ValueError as exc:
@@ -169,6 +173,8 @@ class OrtDiffusion(DiffusionModel):
         self.session = _session(ort, art.model_file, so)
         self._names = {i.name for i in self.session.get_inputs()}
         self._outs = [o.name for o in self.session.get_outputs()]
+        if ((m.get("recipe") or {}).get("options") or {}).get("deepcache") is False:
+            self.no_cache = "this artifact was converted with -O deepcache=false: convert again without it"
         shallow = m["files"].get("shallow")
         if shallow:
             self.shallow_session = _session(ort, art.path / shallow, so)
@@ -262,6 +268,7 @@ def open_diffusion(target: str | Path, threads: int | None = None, **options: An
     if p.is_dir() and is_pipeline(p):  # a pipeline folder (one edgekit evaluated has a manifest to check too)
         if (p / "edgekit.json").exists():
             Artifact.open(p).verify()
+        _check_options(RUNTIMES.get("torch"), options)
         return RUNTIMES.get("torch")(p, threads=threads, **options)
     art = Artifact.open(p)
     if art.manifest.get("task") != TASK:
@@ -271,7 +278,19 @@ def open_diffusion(target: str | Path, threads: int | None = None, **options: An
     if art.format not in RUNTIMES:
         raise UnsupportedError(f"no diffusion runtime for {art.format!r} artifacts here; runtimes: "
                                f"{', '.join(RUNTIMES.names())}")
+    _check_options(RUNTIMES.get(art.format), options)
     return RUNTIMES.get(art.format)(art, threads=threads, **options)
+
+
+def _check_options(runtime: type[DiffusionModel], options: dict[str, Any]) -> None:
+    """``-O`` keys a runtime does not take are refused by name, with the ones it does."""
+    import inspect
+
+    takes = [k for k in list(inspect.signature(runtime.__init__).parameters)[2:] if k != "threads"]
+    bad = sorted(set(options) - set(takes))
+    if bad:
+        its = f"its options: {', '.join(takes)}" if takes else "it takes none"
+        raise InputError(f"-O {bad[0]} is not an option of the {runtime.name} diffusion runtime; {its}")
 
 
 def open_denoiser(target: str | Path) -> DiffusionModel:

@@ -7,6 +7,7 @@ check of the package, not a fast path (numpy convolutions); Core ML itself runs 
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -18,13 +19,21 @@ from edgekit.runtime.diffusion import DiffusionModel, register_runtime
 
 @register_runtime("coreml")
 class CoreMLReferenceDiffusion(DiffusionModel):
-    """An artifact's Core ML UNet run by the numpy MIL evaluator (``threads`` is numpy's: not set here)."""
+    """An artifact's Core ML UNet run by the numpy MIL evaluator (``threads`` is numpy's: not set here).
+    ``engine``: auto or numpy (the LLM backend's option; Core ML's own engine is not used for diffusion)."""
 
     name = "coreml-reference"
+    no_cache = "--to coreml makes no DeepCache graph: drop --cache-interval, or convert with --to onnx for it"
 
-    def __init__(self, art: Any, threads: int | None = None) -> None:
+    def __init__(self, art: Any, threads: int | None = None, engine: str = "auto") -> None:
         from edgekit.runtime.coreml_mil import MILEvaluator
 
+        if engine not in ("auto", "numpy", "coreml"):
+            raise InputError(f"-O engine={engine}: give auto, numpy or coreml")
+        if engine == "coreml":
+            raise InputError("engine=coreml needs macOS 15+ (Core ML); on this system use engine=numpy"
+                             if sys.platform != "darwin" else
+                             "engine=coreml does not run diffusion artifacts yet: use engine=numpy (edgekit's evaluator)")
         self.read_manifest(art)
         t0 = time.perf_counter()
         self.evaluator = MILEvaluator(art.model_file)

@@ -18,7 +18,7 @@ deterministic DDIM steps land where the teacher's solution is at the next of its
 the image at that point; the phases of Phased Consistency Models, learned by regression on the solved
 trajectories as in Luhman & Luhman's direct distillation). It samples with plain DDIM at exactly those
 timesteps (``sampler="ddim"``, trailing spacing), so every step starts where the teacher's ODE would be and
-no noise is re-injected between steps. The solved trajectories are saved with the training state, a chunk
+no noise is re-injected between steps. The solved trajectories are saved with the training state, a piece
 at a time, so an interrupted run does not solve them again.
 """
 
@@ -37,7 +37,8 @@ from edgekit.progress import ProgressFn, no_progress
 
 METHODS = {"lcm": {"origin_steps": 50, "loss": "huber"}, "consistency": {"origin_steps": 100, "loss": "l2"},
            "trajectory": {"origin_steps": 0, "loss": "l2"}}
-TRAJ_CHUNK = 1000  # trajectories solved (and saved) at a time
+TRAJ_CHUNK = 1000  # trajectories whose noises and labels come from one random stream
+TRAJ_PIECE = 250  # trajectories solved and saved at a time: what a Ctrl-C can lose
 
 
 @dataclass(frozen=True)
@@ -153,16 +154,50 @@ def distill(src: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig
     time-bounded run picks up where it stopped when run again with the same arguments. Returns the
     distillation record (also in the student's ``edgekit_diffusion.json``); ``{"finished": False}`` when
     ``minutes`` ran out first (the state is kept, nothing written to ``out``)."""
-    import torch
-
-    from edgekit.converters.diffusion.pipeline import open_pipeline, save_pipeline
-    from edgekit.converters.diffusion.trainstate import clear_state, load_state, save_state
-    from edgekit.fsutil import atomic_dir, check_output, is_edgekit_output, sha256_files
+    from edgekit.converters.diffusion.pipeline import open_pipeline
+    from edgekit.fsutil import check_output, is_edgekit_output
 
     pipe = open_pipeline(src)
     out = Path(out).expanduser()
     check_output(out, force, is_edgekit_output)
     state_dir = out.with_name(out.name + ".distill")
+    try:
+        return _distill(pipe, src, out, state_dir, cfg, force, progress)
+    except KeyboardInterrupt as exc:  # said on the "interrupted" line: what was kept, truthfully
+        exc.add_note(f"{out.name} was not written; {kept(state_dir, cfg)}")
+        raise
+
+
+def kept(state_dir: Path, cfg: DistillConfig) -> str:
+    """What an interrupted distillation left for a rerun to resume from, in words (an empty ``state_dir``
+    is removed: nothing half-written stays)."""
+    from edgekit.converters.diffusion.trainstate import saved_step
+
+    for half in state_dir.glob("*.partial"):  # cut short while being written
+        half.unlink(missing_ok=True)
+    parts = []
+    solved = sum(_piece_count(f) for f in state_dir.glob(_trajectory_glob(cfg)))
+    if cfg.method == "trajectory" and solved:
+        parts.append(f"{min(solved, cfg.trajectories)} of {cfg.trajectories} solved trajectories")
+    step = saved_step(state_dir)
+    if step is not None:
+        parts.append(f"the training state at step {step}/{cfg.iters}")
+    if not parts:
+        if state_dir.is_dir() and not any(state_dir.iterdir()):
+            state_dir.rmdir()
+        first = f"{TRAJ_PIECE} trajectories" if cfg.method == "trajectory" else f"step {cfg.save_every}"
+        return f"nothing was saved yet (the first save is after {first}): the same command starts over"
+    return f"kept {' and '.join(parts)} in {state_dir}: the same command resumes from there"
+
+
+def _distill(pipe: Any, src: str | Path, out: Path, state_dir: Path, cfg: DistillConfig, force: bool,
+             progress: ProgressFn) -> dict[str, Any]:
+    import torch
+
+    from edgekit.converters.diffusion.pipeline import save_pipeline
+    from edgekit.converters.diffusion.trainstate import clear_state, load_state, save_state
+    from edgekit.fsutil import atomic_dir, sha256_files
+
     teacher = pipe.load_unet().requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     target = copy.deepcopy(teacher)
@@ -311,8 +346,9 @@ def solve_trajectories(pipe: Any, teacher: Any, cfg: DistillConfig, state_dir: P
                        progress: ProgressFn = no_progress) -> tuple[Any, Any]:
     """The teacher's ODE solutions from ``cfg.trajectories`` noises: ``states [n, steps + 1, c, h, w]`` (the
     noise, then the solution at each of the student's later timesteps; the last is the image) and the class
-    labels (balanced, shuffled; None for an unconditional UNet). Chunks are saved under ``state_dir`` as they
-    are solved and reused by a rerun with the same settings."""
+    labels (balanced, shuffled; None for an unconditional UNet). Pieces of :data:`TRAJ_PIECE` are saved under
+    ``state_dir`` as they are solved and reused by a rerun with the same settings; progress is reported at
+    every teacher step."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
@@ -321,37 +357,71 @@ def solve_trajectories(pipe: Any, teacher: Any, cfg: DistillConfig, state_dir: P
 
     sched, s, c = pipe.schedule(), pipe.sample_size, pipe.in_channels
     edges = student_timesteps(sched, cfg.steps)
+    phases = [_phase_timesteps(edges[k], edges[k + 1], cfg.substeps) for k in range(cfg.steps)]
+    n_sub = sum(len(ts) - 1 for ts in phases)
     model = torch_denoiser(teacher)
+    what = "solving the teacher's trajectories"
     states, labels = [], []
     state_dir.mkdir(parents=True, exist_ok=True)
-    for lo in range(0, cfg.trajectories, TRAJ_CHUNK):
-        m = min(TRAJ_CHUNK, cfg.trajectories - lo)
-        f = state_dir / f"trajectories-{cfg.steps}x{cfg.substeps}-{cfg.seed}-{lo:07d}-{m}.safetensors"
-        part = None
+
+    def load(f: Path) -> dict[str, Any] | None:
         try:
-            part = load_file(str(f)) if f.is_file() else None
+            return load_file(str(f)) if f.is_file() else None
         except (OSError, ValueError, SafetensorError):  # unreadable: solve it again
             f.unlink(missing_ok=True)
-        if part is None:
-            rng = np.random.default_rng([cfg.seed, lo])
-            x = rng.standard_normal((m, c, s, s)).astype(np.float32)
-            y = (rng.permutation(np.arange(lo, lo + m) % pipe.num_classes).astype(np.int64)
+            return None
+
+    for lo in range(0, cfg.trajectories, TRAJ_CHUNK):
+        m = min(TRAJ_CHUNK, cfg.trajectories - lo)
+        whole = load(_trajectory_file(state_dir, cfg, lo, m))  # saved whole by an earlier version
+        if whole is not None:
+            states.append(whole["states"])
+            labels.append(whole["labels"])
+            progress(what, lo + m, cfg.trajectories)
+            continue
+        rng = np.random.default_rng([cfg.seed, lo])
+        x_all = rng.standard_normal((m, c, s, s)).astype(np.float32)
+        y_all = (rng.permutation(np.arange(lo, lo + m) % pipe.num_classes).astype(np.int64)
                  if pipe.num_classes else None)
-            path = [x]
-            for k in range(cfg.steps):
-                ts = _phase_timesteps(edges[k], edges[k + 1], cfg.substeps)
-                for t, t_prev in zip(ts[:-1], ts[1:], strict=True):
-                    x = sched.ddim_step(x, model(x, t, y), t, t_prev).astype(np.float32)
-                path.append(x)
-            part = {"states": torch.from_numpy(np.stack(path, 1)),
-                    "labels": torch.from_numpy(y if y is not None else np.zeros(m, dtype=np.int64))}
-            tmp = f.with_name(f.name + ".partial")  # written whole, then renamed: a kill leaves no chunk
-            save_file(part, str(tmp))
-            tmp.replace(f)
-        states.append(part["states"])
-        labels.append(part["labels"])
-        progress("solving the teacher's trajectories", lo + m, cfg.trajectories)
+        for p0 in range(0, m, TRAJ_PIECE):
+            pm = min(TRAJ_PIECE, m - p0)
+            f = _trajectory_file(state_dir, cfg, lo + p0, pm)
+            part = load(f)
+            if part is None:
+                x = x_all[p0:p0 + pm]
+                y = None if y_all is None else y_all[p0:p0 + pm]
+                path, done = [x], 0
+                for ts in phases:
+                    for t, t_prev in zip(ts[:-1], ts[1:], strict=True):
+                        x = sched.ddim_step(x, model(x, t, y), t, t_prev).astype(np.float32)
+                        done += 1
+                        progress(what, lo + p0 + pm * done // (n_sub + 1), cfg.trajectories)
+                    path.append(x)
+                part = {"states": torch.from_numpy(np.stack(path, 1)),
+                        "labels": torch.from_numpy(y if y is not None else np.zeros(pm, dtype=np.int64))}
+                tmp = f.with_name(f.name + ".partial")  # written whole, then renamed: a kill leaves no piece
+                save_file(part, str(tmp))
+                tmp.replace(f)
+            states.append(part["states"])
+            labels.append(part["labels"])
+            progress(what, lo + p0 + pm, cfg.trajectories)
     return torch.cat(states), (torch.cat(labels) if pipe.num_classes else None)
+
+
+def _trajectory_glob(cfg: DistillConfig) -> str:
+    return f"trajectories-{cfg.steps}x{cfg.substeps}-{cfg.seed}-*.safetensors"
+
+
+def _trajectory_file(state_dir: Path, cfg: DistillConfig, start: int, count: int) -> Path:
+    """The file of ``count`` solved trajectories from the ``start``-th (its name says which)."""
+    return state_dir / _trajectory_glob(cfg).replace("*", f"{start:07d}-{count}")
+
+
+def _piece_count(f: Path) -> int:
+    try:
+        return int(f.name.removesuffix(".safetensors").rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
 
 
 def clear_trajectories(state_dir: Path) -> None:

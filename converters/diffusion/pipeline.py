@@ -26,6 +26,24 @@ SUPPORTED_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2
 CONSISTENCY_SCHEDULERS = ("LCMScheduler",)
 EDGEKIT_FILE = "edgekit_diffusion.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Pipelines shipped in edgekit/data, taken by name where no folder of that name exists: the digits teacher and
+# its distilled 4-step student (what ``quickstart --diffusion`` runs).
+BUILTIN = ("digits-unet", "digits-unet-4step")
+
+
+def builtin_pipeline(name: str) -> Path:
+    """The folder of the pipeline edgekit ships as ``name`` (one of :data:`BUILTIN`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("edgekit") / "data" / name))
+
+
+def resolve_pipeline(path: str | Path) -> Path:
+    """``path`` itself, or the shipped pipeline when it is a built-in name and no such folder exists here."""
+    p = Path(path).expanduser()
+    if not p.exists() and str(path) in BUILTIN:
+        return builtin_pipeline(str(path))
+    return p
 
 
 def is_pipeline(path: Path) -> bool:
@@ -103,10 +121,12 @@ class Pipeline:
 
 
 def open_pipeline(path: str | Path) -> Pipeline:
-    """Read a pipeline (or bare UNet) folder; what edgekit cannot handle is refused in one line."""
-    p = Path(path).expanduser()
+    """Read a pipeline (or bare UNet) folder, or a built-in one by name (:data:`BUILTIN`); what edgekit cannot
+    handle is refused in one line."""
+    p = resolve_pipeline(path)
     if not p.exists():
-        raise InputError(f"{p} does not exist; give a diffusers pipeline folder (model_index.json, unet/, scheduler/)")
+        raise InputError(f"{p} does not exist; give a diffusers pipeline folder (model_index.json, unet/, scheduler/) "
+                         f"or a built-in one: {', '.join(BUILTIN)}")
     if not p.is_dir():
         raise InputError(f"{p} is a file; give a diffusers pipeline folder (model_index.json, unet/, scheduler/)")
     index = _read_json(p / "model_index.json") if (p / "model_index.json").is_file() else None

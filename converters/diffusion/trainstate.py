@@ -107,6 +107,19 @@ def load_state(folder: Path, model: Any, ema: Any, opt: Any) -> tuple[int, dict[
     return int(meta["step"]), dict(meta.get("extra") or {})
 
 
+def saved_step(folder: Path) -> int | None:
+    """The step of the state saved in ``folder``, read from its header alone; None when there is none (or
+    it cannot be read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(folder / STATE), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[_META_KEY])
+        return int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+
+
 def clear_state(folder: Path) -> None:
     for name in (STATE, OLD_META, STATE + ".partial"):
         (folder / name).unlink(missing_ok=True)

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from edgekit.errors import InputError
+
+# How a fix names the cluster count: the flag of the command that is running (convert's -O by default).
+_CLUSTERS_FLAG: ContextVar[str] = ContextVar("sparse_clusters_flag", default="-O sparse_clusters={}")
+
+
+@contextmanager
+def clusters_flag(template: str) -> Iterator[None]:
+    """Within the block, fixes name the cluster count as ``template`` (``"--clusters {}"`` for neurons)."""
+    token = _CLUSTERS_FLAG.set(template)
+    try:
+        yield
+    finally:
+        _CLUSTERS_FLAG.reset(token)
 
 
 @dataclass(frozen=True)
@@ -48,7 +64,7 @@ class SparseFFNConfig:
         cold = int((n_ff * (1 - self.hot_fraction)) // unit) * unit
         if cold == 0:
             fits = 1 << max(0, (int(n_ff * (1 - self.hot_fraction)) // self.block).bit_length() - 1)
-            fix = f"use -O sparse_clusters={fits}" if fits >= 2 else "this model is too narrow for a sparse FFN"
+            fix = f"use {_CLUSTERS_FLAG.get().format(fits)}" if fits >= 2 else "this model is too narrow for a sparse FFN"
             raise InputError(f"an FFN of {n_ff} neurons cannot hold {self.clusters} cold clusters of "
                              f"{self.block}-neuron blocks; {fix}")
         if self.sparsity > cold / n_ff:

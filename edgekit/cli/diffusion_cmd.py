@@ -13,7 +13,7 @@ from edgekit.cli.ui import handle_errors, out, progress_bar, say
 @handle_errors
 def distill_cmd(
     pipeline: Path = typer.Argument(..., help="A diffusers pipeline folder (UNet2DModel; model_index.json, unet/, "
-                                    "scheduler/)."),
+                                    "scheduler/), or digits-unet: the built-in teacher."),
     steps: int = typer.Option(4, "--steps", help="Sampling steps the student is for (1-8)."),
     method: str = typer.Option("trajectory", "--method", help="trajectory (learns the teacher's ODE solutions "
                                "between its steps, samples with DDIM), lcm (skipping-step consistency, "
@@ -41,8 +41,8 @@ def distill_cmd(
     Interrupted (Ctrl-C) or stopped by --minutes, a rerun with the same arguments resumes.
 
     Examples:
-      edgekit distill ./digits-unet --steps 4 -o ./digits-4step
-      edgekit distill ./digits-unet --steps 4 --method lcm -o ./digits-4step-lcm
+      edgekit distill digits-unet --steps 4 -o ./digits-4step
+      edgekit distill digits-unet --steps 4 --method lcm -o ./digits-4step-lcm
       edgekit distill ./my-ddpm --steps 2 --method lcm --data ./images --minutes 60
     """
     from edgekit.converters.diffusion.distill import DistillConfig, distill
@@ -52,13 +52,8 @@ def distill_cmd(
                         trajectories=trajectories, substeps=substeps, seed=seed)
     use_torch_threads(threads)
     dest = output or pipeline.parent / f"{pipeline.name}-{steps}step"
-    try:
-        with progress_bar(not as_json) as progress:
-            rec = distill(pipeline, dest, cfg, force=force, progress=progress)
-    except KeyboardInterrupt:
-        say(out, f"interrupted; {dest.name} was not written. Run the same command again to resume from the last "
-                 "save", "stopped", "yellow")
-        raise typer.Exit(130) from None
+    with progress_bar(not as_json) as progress:  # Ctrl-C: one "interrupted" line says what was kept (exit 130)
+        rec = distill(pipeline, dest, cfg, force=force, progress=progress)
     if as_json:
         out.print_json(json.dumps(rec))
         return

@@ -37,20 +37,52 @@ def refuse_image_options(target: Path, given: dict[str, Any]) -> None:
                          f"language model: drop {'it' if len(bad) == 1 else 'them'}")
 
 
+# ``run``'s parameters that a diffusion model uses; any other one given on the command line is refused.
+IMAGE_RUN_PARAMS = ("artifact", "seed", "max_tokens", "threads", "stats", "option", "as_json", "class_", "image_out",
+                    "steps", "cache_interval")
+
+
+def _command_line() -> tuple[list[str], list[str]]:
+    """The language-model flags given to the running ``run`` command, and its ``-O`` pairs (empty outside a
+    command, as when called from Python)."""
+    try:  # recent typer carries its own copy of click
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - older typer
+        from click import get_current_context  # type: ignore[no-redef]
+
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return [], []
+    given = [p for p in ctx.command.params if p.name not in IMAGE_RUN_PARAMS and p.name is not None
+             and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
+    flags = ["/".join(p.opts) for p in given]
+    return flags, list(ctx.params.get("option") or [])
+
+
 def run_images(target: Path, *, cls: int | None, n: int | None, output: Path | None, steps: int | None, seed: int,
                cache_interval: int | None, threads: int | None, as_json: bool) -> None:
     """``edgekit run ART --class 7 -n 16 -o grid.png``: sample a PNG grid and say what it cost."""
+    from edgekit.api import format_options
     from edgekit.converters.diffusion.sampler import SampleTrace, grid_png
     from edgekit.fsutil import atomic_file
     from edgekit.runtime.diffusion import open_diffusion
 
+    text_flags, pairs = _command_line()
+    if text_flags:
+        one = len(text_flags) == 1
+        raise InputError(f"{', '.join(text_flags)} {'is' if one else 'are'} for language models; {target} is a "
+                         f"diffusion model: drop {'it' if one else 'them'} (it samples images: --class N, -n IMAGES)")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps {steps}: give at least 1 sampling step (or leave it out for the model's own)")
+    if cache_interval is not None and cache_interval < 1:
+        raise InputError(f"--cache-interval {cache_interval}: give 1 (DeepCache off) or more")
     n = 16 if n is None else n
     output = output or Path("grid.png")
     if output.is_dir() or output.suffix.lower() != ".png":
         raise InputError(f"-o {output}: give a PNG file name such as grid.png")
     if not output.parent.exists():
         raise InputError(f"-o {output}: the folder {output.parent} does not exist")
-    with open_diffusion(target, threads=threads) as model:
+    with open_diffusion(target, threads=threads, **format_options(pairs)) as model:
         labels = model.labels(n, cls)
         cfg = model.config(steps, seed, cache_interval or 1)
         trace = SampleTrace()
@@ -97,7 +129,8 @@ def profile_images(targets: list[Path], *, reps: int, steps: int | None, images:
         sys.stdout.write(json.dumps(results if len(results) > 1 else results[0], indent=1) + "\n")
         return
     for r in results:
-        table = Table(title=Text(f"{r['artifact']}: {r['runtime']}, {r['threads']} threads, load {r['load_s']:.2f} s, "
+        threads = f"{r['threads']} threads" if r.get("threads") else "numpy's own threads"  # the Core ML evaluator's
+        table = Table(title=Text(f"{r['artifact']}: {r['runtime']}, {threads}, load {r['load_s']:.2f} s, "
                                  f"peak RSS {_mb(r['peak_rss_bytes'])}"))
         for col in ("batch", "cache", "steps", "s/image", "ms/step", "full ms", "shallow ms", "images/s"):
             table.add_column(col, justify="right")

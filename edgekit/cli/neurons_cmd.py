@@ -43,6 +43,7 @@ def neurons_cmd(
 
     from edgekit.calibration import CalibConfig
     from edgekit.cli.flags import check_calib_seqlen
+    from edgekit.converters.sparse_ffn.config import clusters_flag
     from edgekit.errors import InputError
     from edgekit.evaluate import read_text
     from edgekit.quickstart import sample_text_path
@@ -57,10 +58,11 @@ def neurons_cmd(
         raise InputError("--sparsity takes fractions between 0 and 1, e.g. 0.25,0.5")
     if clusters < 2 or clusters & (clusters - 1):
         raise InputError(f"--clusters {clusters}: give a power of two >= 2 (e.g. 16), as convert's -O sparse_clusters")
+    refuse_artifact(model)
     check_calib_seqlen(calib_seqlen, model)
     use_torch_threads(threads)
     body = read_text(text or sample_text_path())
-    with progress_bar(not as_json) as progress:
+    with progress_bar(not as_json) as progress, clusters_flag("--clusters {}"):  # fixes name neurons' flag
         rep = neurons.analyze(model, body, sparsities=levels, calib=CalibConfig(source=calib, samples=calib_samples,
                               seqlen=calib_seqlen), chunks=chunks, clusters=clusters, progress=progress)
     folder = output or model.parent / f"{model.name}-neurons"
@@ -84,6 +86,26 @@ def neurons_cmd(
     if rep.layout and "skipped" in rep.layout:
         say(out, f"no clusters rows: {rep.layout['skipped']}", "note", "yellow")
     say(out, f"{folder / 'neurons.json'}, {folder / 'neurons.png'}", "wrote", "green")
+
+
+def refuse_artifact(model: Path) -> None:
+    """An edgekit artifact (a folder or a library name) is not a checkpoint: name the one it was made from."""
+    from edgekit import library
+    from edgekit.artifact import MANIFEST_NAME
+    from edgekit.errors import InputError
+
+    if (model / "config.json").is_file():
+        return
+    p = library.resolve(model)
+    if not (p / MANIFEST_NAME).is_file():
+        return  # not an artifact: the checkpoint reader says what is wrong
+    try:
+        source = json.loads((p / MANIFEST_NAME).read_text())["source"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = None
+    fix = f": edgekit neurons {source}" if isinstance(source, str) and source else ""
+    raise InputError(f"{model} is an edgekit artifact ({p}), not a Hugging Face checkpoint folder; neurons reads "
+                     f"the checkpoint it was converted from{fix}")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,16 @@ from edgekit.fsutil import edgekit_home
 TEACHER = "digits-unet"
 STUDENT = "digits-unet-4step"
 N_SCORE = 1000
-# how the shipped student was made: 'edgekit distill edgekit/data/digits-unet --steps 4 --iters 2000 --batch 128
+# how the shipped student was made: 'edgekit distill digits-unet --steps 4 --iters 2000 --batch 128
 # --lr 1e-4' (the trajectory method's 16,000 solved trajectories, 12 teacher steps per student step)
 SHIPPED_DISTILL_ARGS = {"steps": 4, "method": "trajectory", "iters": 2000, "batch": 128, "lr": 1e-4}
 
 
 def shipped(name: str) -> Path:
-    return Path(str(resources.files("edgekit") / "data" / name))
+    """A pipeline shipped in edgekit/data (``distill`` takes these names too)."""
+    from edgekit.converters.diffusion.pipeline import builtin_pipeline
+
+    return builtin_pipeline(name)
 
 
 def run_quickstart_diffusion(home: Path | None = None, force: bool = False, distill_again: bool = False,

@@ -116,3 +116,81 @@ def test_distill_refuses_data_for_the_trajectory_method_in_one_line(tmp_path):
     r = cli("distill", src, "--data", "digits", "-o", tmp_path / "s", code=2)
     assert "drop --data" in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_run_refuses_language_model_flags_and_bad_steps_instead_of_ignoring_them(art, tmp_path):
+    png = tmp_path / "g.png"
+    for args, words in ((["-p", "hello"], "--prompt/-p is for language models"),
+                        (["--temp", "0", "--system", "hi"], "are for language models"),
+                        (["--steps", "0"], "--steps 0: give at least 1"),
+                        (["--cache-interval", "0"], "--cache-interval 0"),
+                        (["-O", "engine=numpy"], "-O engine is not an option of the onnxruntime diffusion runtime")):
+        r = cli("run", art, "-o", png, *args, code=2)
+        assert words in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)
+        assert "Traceback" not in r.output and not png.exists()
+    assert "--class N, -n IMAGES" in cli("run", art, "-p", "hello", "-o", png, code=2).output
+    ok = json.loads(cli("run", art, "-n", "1", "--steps", "1", "-O", "dequantize=step", "-o", png, "--json").stdout)
+    assert ok["steps"] == 1 and png.is_file()
+
+
+def test_deepcache_refusals_blame_what_the_artifact_really_lacks(tmp_path, monkeypatch):
+    install_rtn_quantizer(monkeypatch)
+    src = pipeline16(tmp_path / "pipe")
+    cli("convert", src, "--to", "onnx", "--bits", "4", "-O", "deepcache=false", "-o", tmp_path / "flat")
+    r = cli("run", tmp_path / "flat", "--cache-interval", "2", "-o", tmp_path / "g.png", code=2)
+    assert "converted with -O deepcache=false" in r.output
+
+
+def test_coreml_diffusion_engine_cache_and_profile_say_what_runs(tmp_path):
+    import sys
+
+    pytest.importorskip("coremltools")
+    src = pipeline16(tmp_path / "pipe")
+    cml = tmp_path / "cml"
+    cli("convert", src, "--to", "coreml", "--bits", "16", "-o", cml)
+    png = tmp_path / "g.png"
+    if sys.platform != "darwin":
+        r = cli("run", cml, "-O", "engine=coreml", "-o", png, code=2)
+        assert "engine=coreml needs macOS 15+" in r.output and "engine=numpy" in r.output and not png.exists()
+    r = cli("run", cml, "--cache-interval", "2", "-o", png, code=2)
+    assert "--to coreml makes no DeepCache graph" in r.output and "deepcache=false" not in r.output
+    assert "coreml-reference" in cli("run", cml, "-O", "engine=numpy", "-n", "1", "--steps", "1", "-o", png).output
+    prof = cli("profile", cml, "--reps", "1", "--images", "1", "--steps", "1", "--no-history").output
+    assert "None threads" not in prof and "coreml-reference, numpy's own threads" in prof
+
+
+def test_distill_takes_the_built_in_teacher_by_name_as_the_readme_does(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from edgekit.converters.diffusion.pipeline import BUILTIN, builtin_pipeline
+
+    monkeypatch.chdir(tmp_path)  # a fresh directory: no ./digits-unet here
+    rec = json.loads(cli("distill", "digits-unet", "--steps", "2", "--iters", "1", "--batch", "2", "--trajectories",
+                         "2", "--substeps", "1", "-o", "./d2", "--json").stdout)
+    assert rec["finished"] and (tmp_path / "d2" / "model_index.json").is_file()
+    assert rec["distilled"]["teacher"] == "digits-unet"
+    # the README distills built-in models by name, and converts the folders its distill lines write
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    made = set(re.findall(r"edgekit distill \S+ [^\n`]*?-o (\S+)", readme))
+    sources = re.findall(r"edgekit distill (\S+)", readme)
+    assert sources and all(src in BUILTIN for src in sources), sources
+    for src in re.findall(r"edgekit convert (\./digits\S*)", readme):
+        assert src in made, src
+    assert all(builtin_pipeline(name).is_dir() for name in BUILTIN)
+
+
+def test_distill_interrupted_says_what_was_kept(tmp_path, monkeypatch):
+    from edgekit.converters.diffusion import distill as mod
+    from tests.converters.diffusion.tiny import tiny_pipeline
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "solve_trajectories", stop)
+    src = tiny_pipeline(tmp_path / "teacher")
+    r = cli("distill", src, "--steps", "2", "-o", tmp_path / "s", code=130)
+    assert "interrupted; s was not written; nothing was saved yet" in r.output and "the same command starts over" \
+        in r.output
+    assert "stopped" not in r.output and "last save" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.distill").exists()

@@ -38,6 +38,8 @@ def test_neurons_without_room_for_the_clusters_still_measures_the_rest(tiny_llam
     rep = json.loads((tmp_path / "n" / "neurons.json").read_text())
     assert {q["method"] for q in rep["quality"]} == {"teal", "cats", "topk"}
     assert "16 cold clusters" in rep["layout"]["skipped"] and "no clusters rows" in r.stdout
+    # the fix names neurons' own flag (it has no -O), and that flag then gives the clusters rows
+    assert "use --clusters 8" in rep["layout"]["skipped"] and "sparse_clusters" not in r.stdout
 
 
 def test_neurons_on_per_block_widths_skips_the_clusters_rows_with_the_reason(tiny_llama, tmp_path):
@@ -106,3 +108,18 @@ def test_the_bounds_skip_exactly_the_neurons_and_clusters_they_say(tiny_llama):
 def test_neurons_refuses_a_cluster_count_the_converter_would_refuse(tiny_llama, tmp_path, bad):
     r = CliRunner().invoke(app, ["neurons", str(tiny_llama), "--clusters", bad, "-o", str(tmp_path / "n")])
     assert r.exit_code == 2 and "power of two" in r.output and "Traceback" not in r.output
+
+
+def test_neurons_on_an_artifact_names_the_checkpoint_it_was_converted_from(tmp_path, monkeypatch):
+    store = tmp_path / "lib"
+    art = store / "tiny-coreml-fp16"
+    art.mkdir(parents=True)
+    (art / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "coreml",
+                                                  "source": {"path": "/models/tiny"}, "files": {}}))
+    monkeypatch.setenv("EDGEKIT_MODELS", str(store))
+    for ref in ("tiny-coreml-fp16", str(art)):  # a library name and a path
+        r = CliRunner().invoke(app, ["neurons", ref, "-o", str(tmp_path / "n")])
+        assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+        assert "is an edgekit artifact" in r.output and "not a Hugging Face checkpoint folder" in r.output
+        assert "edgekit neurons /models/tiny" in r.output and "does not exist" not in r.output
+    assert not (tmp_path / "n").exists()

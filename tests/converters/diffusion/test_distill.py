@@ -135,3 +135,56 @@ def test_a_trajectory_student_steps_closer_to_the_teachers_solution(tmp_path):
 def test_bad_settings_say_which(kw, words):
     with pytest.raises(InputError, match=words):
         DistillConfig(**kw)
+
+
+def test_trajectories_are_saved_in_pieces_with_progress_at_every_teacher_step(tmp_path, monkeypatch):
+    import edgekit.converters.diffusion.distill as mod
+
+    src = tiny_pipeline(tmp_path / "teacher")
+    pipe = open_pipeline(src)
+    cfg = DistillConfig(**{**TRAJ, "trajectories": 20, "substeps": 2})
+    whole, whole_labels = solve_trajectories(pipe, pipe.load_unet(), cfg, tmp_path / "whole")
+    monkeypatch.setattr(mod, "TRAJ_PIECE", 8)
+    calls = []
+    states, labels = solve_trajectories(pipe, pipe.load_unet(), cfg, tmp_path / "state",
+                                        lambda d, done, total: calls.append(done))
+    # the same noises and labels whatever the piece size; 20 = 8 + 8 + 4, each saved as it is solved
+    torch.testing.assert_close(states, whole, atol=1e-5, rtol=0)
+    assert torch.equal(labels, whole_labels)
+    assert sorted(f.name.split("-")[-1] for f in (tmp_path / "state").glob("trajectories-*")) == \
+        ["4.safetensors", "8.safetensors", "8.safetensors"]
+    assert len(calls) > 3 * 8 and calls == sorted(calls) and calls[-1] == 20 and calls[0] < 8
+
+
+def test_an_interrupted_distillation_says_truthfully_what_it_kept(tmp_path, monkeypatch):
+    import edgekit.converters.diffusion.distill as mod
+
+    monkeypatch.setattr(mod, "TRAJ_PIECE", 8)
+    src = tiny_pipeline(tmp_path / "teacher")
+    cfg = DistillConfig(**{**TRAJ, "trajectories": 20, "substeps": 1, "iters": 30, "save_every": 10})
+
+    def stop_at(n):
+        def progress(desc, done, total):
+            if done >= n:
+                raise KeyboardInterrupt
+        return progress
+
+    with pytest.raises(KeyboardInterrupt) as exc:  # inside the first piece: nothing is kept, nothing left behind
+        distill(src, tmp_path / "s", cfg, progress=stop_at(1))
+    assert "nothing was saved yet" in exc.value.__notes__[0] and not (tmp_path / "s.distill").exists()
+    with pytest.raises(KeyboardInterrupt) as exc:
+        distill(src, tmp_path / "s", cfg, progress=stop_at(9))
+    assert "kept 8 of 20 solved trajectories in" in exc.value.__notes__[0]
+    seen = []
+
+    def in_training(desc, done, total):
+        seen.append(desc)
+        if desc.startswith("distilling") and done == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as exc:
+        distill(src, tmp_path / "s", cfg, progress=in_training)
+    assert "kept 20 of 20 solved trajectories and the training state at step 10/30" in exc.value.__notes__[0]
+    assert not (tmp_path / "s").exists()
+    # the rerun reads the trajectories back, resumes training at step 10 and finishes
+    assert distill(src, tmp_path / "s", cfg)["finished"] and not (tmp_path / "s.distill").exists()
