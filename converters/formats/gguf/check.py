@@ -36,7 +36,7 @@ _BLK_RE = re.compile(r"^blk\.(\d+)\.")
 
 
 def _corrupt(path: Path, what: str) -> CorruptFileError:
-    return CorruptFileError(f"{path} is corrupt: {what}; re-download or re-convert it")
+    return CorruptFileError(f"{path} is a corrupt GGUF file: {what}; re-download or re-convert it")
 
 
 def _ints(path: Path, key: str, value: Any) -> list[int]:
