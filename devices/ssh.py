@@ -159,25 +159,17 @@ class SSHDevice(Device):
         return self._sftp
 
     def close(self) -> None:
-        for obj in (self._sftp, self._client):
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception:  # noqa: BLE001 - closing a dead link
-                    pass
-        self._sftp = self._client = None
-
-    def _abort(self) -> None:
-        """Drop the link without a word to the board (it may be frozen, or a packet half sent)."""
+        """Drop the link: the transport first, so nothing waits on a board that may be frozen (or a packet
+        half sent); its channels, the SFTP session's among them, close with it."""
         client, sftp = self._client, self._sftp
         self._sftp = self._client = None
         for obj in (client, sftp):
             if obj is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # closing a dead link
                     obj.close()
 
     def _dropped(self, exc: BaseException, seconds: float | None = None) -> DeviceDisconnected:
-        self._abort()
+        self.close()
         if isinstance(exc, TimeoutError):
             return DeviceDisconnected(
                 f"no answer from {self.id} for {seconds or SFTP_TIMEOUT_S:g} s (it froze or left the network); "
@@ -290,7 +282,7 @@ class SSHDevice(Device):
             if dst is not None:
                 self._discard(dst, exc)
             elif not isinstance(exc, Exception):  # a signal in the open or the last acknowledgements
-                self._abort()
+                self.close()
             translated = self._write_error(exc, remote) if isinstance(exc, Exception) else None
             if translated is None:
                 raise
@@ -309,7 +301,7 @@ class SSHDevice(Device):
             with contextlib.suppress(Exception):
                 f.close()
         else:
-            self._abort()
+            self.close()
 
     def _write_error(self, exc: Exception, remote: str) -> Exception | None:
         """The error to raise for ``exc`` from writing ``remote`` (None: ``exc`` itself)."""

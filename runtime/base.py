@@ -146,8 +146,10 @@ def token_ids(tokens: Any, n_vocab: int | None = None) -> list[int]:
     return out
 
 
-def check_generate_args(sampling: Any = None, stats: Any = None) -> None:
-    """``generate``'s other arguments are what they say (a dict is not a SamplingConfig)."""
+def check_generate_args(prompt: Any, sampling: Any = None, stats: Any = None) -> None:
+    """``generate``'s arguments are what they say: a prompt (:func:`check_prompt`), and a dict is not a
+    SamplingConfig."""
+    check_prompt(prompt)
     if sampling is not None and not isinstance(sampling, SamplingConfig):
         raise InputError(f"sampling must be a SamplingConfig (e.g. SamplingConfig(max_tokens=64)), "
                          f"got {type(sampling).__name__}")
@@ -158,9 +160,7 @@ def check_generate_args(sampling: Any = None, stats: Any = None) -> None:
 def _checking(fn: Any, check: Any) -> Any:
     @functools.wraps(fn)
     def wrapper(self: Backend, text: Any, *args: Any, **kwargs: Any) -> Any:
-        check(text)
-        if fn.__name__ == "generate":
-            check_generate_args(*args[:2], **{k: v for k, v in kwargs.items() if k in ("sampling", "stats")})
+        check(text, *args, **kwargs)
         return fn(self, text, *args, **kwargs)
 
     wrapper._checks_text = True  # type: ignore[attr-defined]
@@ -219,7 +219,8 @@ class Backend(abc.ABC):
         # Every backend's public entries check their text here, so none can forget it or word it its own
         # way; the backends' own code then only ever sees valid UTF-8.
         super().__init_subclass__(**kwargs)
-        for name, check in (("generate", check_prompt), ("tokenize", lambda t: check_text(t, "the text"))):
+        for name, check in (("generate", check_generate_args),
+                            ("tokenize", lambda t, *_a, **_k: check_text(t, "the text"))):
             fn = cls.__dict__.get(name)
             if fn is not None and not getattr(fn, "_checks_text", False) and not getattr(fn, "__isabstractmethod__", False):
                 setattr(cls, name, _checking(fn, check))

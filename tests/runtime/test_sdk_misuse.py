@@ -72,8 +72,8 @@ def test_generate_arguments_are_checked(tiny_q8):
             b.logits("hi")
         with pytest.raises(InputError, match="outside the vocabulary"):
             b.logits([10**9])
-        stats = GenerationStats()
-        assert "".join(b.generate("hi", SamplingConfig(max_tokens=2, temperature=0), stats)) is not None
+        stats = GenerationStats()  # the same arguments, of the right types, are taken
+        "".join(b.generate("hi", SamplingConfig(max_tokens=2, temperature=0), stats))
         assert stats.generated_tokens >= 1
 
 
@@ -106,8 +106,8 @@ def test_convert_and_evaluate_arguments_are_checked(tiny_llama, tiny_q8, tmp_pat
 
 
 def test_plan_takes_a_name_or_path_and_refuses_nan(tiny_q8):
-    plan = api.plan(str(tiny_q8), vram_bytes=0, n_ctx=256)
-    assert plan is not None
+    by_path = api.plan(str(tiny_q8), ram_bytes=1 << 30, vram_bytes=0, n_ctx=256, cpu_Bps=1e10)
+    assert by_path == api.plan(api.Artifact.open(tiny_q8), ram_bytes=1 << 30, vram_bytes=0, n_ctx=256, cpu_Bps=1e10)
     with pytest.raises(InputError, match="--vram must be a finite number"):
         api.plan(api.Artifact.open(tiny_q8), vram_bytes=float("nan"))
 

@@ -1,106 +1,26 @@
-"""`edgekit serve` as a client sees it: the real server in a subprocess on a free loopback port, tiny GGUF
-and ONNX artifacts built here, the real `openai` client (and httpx where the client hides the status)."""
+"""`edgekit serve` as a client sees it: what it answers (chat, text, streams, stop strings, seeds, errors,
+concurrent and drafted answers, the ONNX backend, a KV window), from the real server in a subprocess on a
+free loopback port, tiny GGUF and ONNX artifacts built here (conftest.py), the real `openai` client (and
+httpx where the client hides the status). Its lifecycle (disconnects, timeouts, signals) is in
+test_serve_lifecycle.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import psutil
 import pytest
+
+from tests.runtime.served import EDGEKIT, KEY, MAX_BODY, MAX_TOKENS, Served, health
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
 pytestmark = pytest.mark.llamacpp
-
-EDGEKIT = str(Path(sys.executable).with_name("edgekit"))  # the installed command, as users run it
-KEY = "test-key"
-MAX_TOKENS = 48
-MAX_BODY = 8192
-
-
-class Served:
-    """A running `edgekit serve`: its process, base URL and the lines it wrote on stderr."""
-
-    def __init__(self, args: list[str], timeout: float = 120) -> None:
-        self.proc = subprocess.Popen([EDGEKIT, "serve", *args, "--port", "0"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "EDGEKIT_API_KEY": ""})
-        self.lines: list[str] = []
-        self.url = ""
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if line.startswith("serving http://"):
-                    self.url = line.split()[1].removesuffix("/v1")
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(timeout) or not self.url:
-            self.stop()
-            raise AssertionError("the server did not start:\n" + "".join(self.lines))
-
-    def stop(self, sig: int = signal.SIGINT) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_llama, tmp_path_factory) -> dict[str, Path]:
-    import shutil
-
-    from edgekit import api
-    from edgekit.converters.formats.base import ConvertRecipe
-
-    root = tmp_path_factory.mktemp("serve")
-    gguf = api.convert(tiny_llama, "gguf", output=root / "tiny-gguf", recipe=ConvertRecipe(preset="Q8_0")).path
-    broken = shutil.copytree(gguf, root / "tiny-broken")
-    with open(broken / "model.gguf", "r+b") as fh:  # one byte of a weight changed after convert
-        fh.seek(-100, 2)
-        byte = fh.read(1)
-        fh.seek(-100, 2)
-        fh.write(bytes([byte[0] ^ 0xFF]))
-    return {"gguf": gguf, "broken": broken,
-            "onnx": api.convert(tiny_llama, "onnx", output=root / "tiny-onnx", recipe=ConvertRecipe(bits=32)).path}
-
-
-@pytest.fixture(scope="module")
-def endless(tiny_llama, tmp_path_factory) -> Path:
-    """The tiny model with its special tokens' output rows zeroed: their logits are exactly 0 where some other
-    token's is positive, so it never ends by itself and a stream runs as long as a test needs."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from edgekit import api
-    from edgekit.converters.formats.base import ConvertRecipe
-
-    root = tmp_path_factory.mktemp("endless")
-    ckpt = shutil.copytree(tiny_llama, root / "ckpt")
-    weights = next(ckpt.glob("*.safetensors"))
-    tensors = load_file(weights)
-    tensors["lm_head.weight"][:3] = 0  # <|endoftext|>, <|im_start|>, <|im_end|>
-    save_file(tensors, weights, metadata={"format": "pt"})
-    return api.convert(ckpt, "gguf", output=root / "endless", recipe=ConvertRecipe(preset="Q8_0")).path
 
 
 @pytest.fixture(scope="module")
@@ -242,68 +162,13 @@ def test_routes_and_methods_answer_in_json(server, client):
 def test_a_model_that_fails_its_checksum_is_a_500_that_says_so(server, client):
     with pytest.raises(openai.InternalServerError, match="changed since it was converted"):
         client.chat.completions.create(model="tiny-broken", messages=[{"role": "user", "content": "hi"}])
-    assert _health(server)["models"]["tiny-broken"] == {"loaded": 0, "busy": 0, "loading": 0, "waiting": 0}
+    assert health(server)["models"]["tiny-broken"] == {"loaded": 0, "busy": 0, "loading": 0, "waiting": 0}
     assert _chat(client, "Hello", max_tokens=3).usage.completion_tokens == 3  # the others still answer
 
 
 def test_unknown_model_through_the_client(client):
     with pytest.raises(openai.NotFoundError, match="tiny-gguf"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
-
-
-def _health(server, key: str = KEY) -> dict:
-    return httpx.get(server.url + "/health", headers={"Authorization": f"Bearer {key}"} if key else {}).json()
-
-
-def _wait_idle(server, model: str = "tiny-gguf", key: str = KEY, timeout: float = 30) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        h = _health(server, key)
-        if h["models"][model]["busy"] == 0 and h["generations"] == 0:
-            return h
-        time.sleep(0.1)
-    raise AssertionError(f"still busy: {h}")
-
-
-LONG = ["--max-tokens", "30000", "--ctx", "32768", "--threads", "1", "--grace", "1"]
-
-
-@pytest.fixture(scope="module")
-def long_server(endless) -> Iterator[Served]:
-    s = Served([str(endless), *LONG, "--timeout", "3"])
-    yield s
-    s.stop(signal.SIGKILL)
-
-
-def test_disconnect_mid_stream_cancels_and_the_server_goes_on(long_server):
-    s = long_server
-    body = {"model": "endless", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 30000,
-            "temperature": 0, "stream": True}
-    for _ in range(2):  # twice: the instance given back after a cancel serves the next stream as well
-        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
-            lines = (line for line in r.iter_lines() if line)
-            assert all(next(lines).startswith("data: {") for _ in range(20))
-            assert _health(s, "")["models"]["endless"]["busy"] == 1
-        t0 = time.monotonic()
-        h = _wait_idle(s, "endless", "")
-        assert time.monotonic() - t0 < 2.5 and h["models"]["endless"]["loaded"] == 1  # cancelled, not timed out
-        assert len(psutil.Process(s.proc.pid).children()) == 1  # one llama.cpp worker, the same as before
-    c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    # greedy: the endless model's special tokens only have logit 0, which sampling could still pick
-    r = c.chat.completions.create(model="endless", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
-                                  temperature=0)
-    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
-
-
-def test_request_timeout_is_a_504_or_an_error_event(long_server):
-    s = long_server
-    body = {"model": "endless", "prompt": "a", "max_tokens": 30000, "temperature": 0}
-    r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
-    assert r.status_code == 504 and "--timeout" in r.json()["error"]["message"]
-    with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
-        last = [line for line in r.iter_lines() if line][-1]
-    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "timeout"
-    assert _wait_idle(s, "endless", "")["models"]["endless"]["loaded"] == 1
 
 
 def test_concurrent_streams_each_get_their_own_answer(client):
@@ -350,41 +215,12 @@ def test_onnx_backend_answers_like_its_sdk(client, artifacts):
 
 def test_idle_models_unload(server, client):
     _chat(client, "Hello", max_tokens=2)
-    assert _health(server)["models"]["tiny-gguf"]["loaded"] >= 1
+    assert health(server)["models"]["tiny-gguf"]["loaded"] >= 1
     end = time.monotonic() + 30
-    while _health(server)["models"]["tiny-gguf"]["loaded"] and time.monotonic() < end:
+    while health(server)["models"]["tiny-gguf"]["loaded"] and time.monotonic() < end:
         time.sleep(0.2)
-    assert _health(server)["models"]["tiny-gguf"]["loaded"] == 0
+    assert health(server)["models"]["tiny-gguf"]["loaded"] == 0
     assert _chat(client, "Hello", max_tokens=2).usage.completion_tokens == 2  # loads again on demand
-
-
-def test_sigterm_ends_a_running_stream_with_an_error_event(endless):
-    s = Served([str(endless), *LONG])
-    try:
-        body = {"model": "endless", "prompt": "a", "max_tokens": 30000, "temperature": 0, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-            lines = (line for line in r.iter_lines() if line)
-            assert next(lines).startswith("data: {")
-            s.proc.send_signal(signal.SIGTERM)
-            rest = list(lines)
-        event = json.loads(rest[-1].removeprefix("data: "))
-        assert event["error"]["code"] == "server_shutting_down", rest[-3:]
-        assert s.proc.wait(30) in (143, -signal.SIGTERM)
-        assert "stopped; every model unloaded" in "".join(s.lines)
-    finally:
-        s.stop(signal.SIGKILL)
-
-
-def test_port_in_use_is_one_line(artifacts):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        port = sock.getsockname()[1]
-        r = subprocess.run([EDGEKIT, "serve", str(artifacts["gguf"]), "--port",
-                            str(port)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
 
 
 def test_drafting_serves_the_plain_answers_and_counts_the_predictions(artifacts):
@@ -472,59 +308,3 @@ def test_real_model_end_to_end(real_gguf):
     finally:
         s.stop()
 
-
-def test_a_forced_exit_logs_no_traceback():
-    """A second Ctrl-C makes uvicorn skip the lifespan's shutdown; the cancelled lifespan reaches its log as
-    a failed shutdown carrying the CancelledError's traceback, which the server drops; other errors pass."""
-    import asyncio
-    import logging
-
-    from edgekit.runtime.serve.app import _ForcedExitFilter
-
-    def record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:
-        info = (type(exc), exc, None) if exc else None
-        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, msg, None, info)
-
-    f = _ForcedExitFilter()
-    cancelled = ("Traceback (most recent call last):\n  File \"starlette/routing.py\", line 668, in lifespan\n"
-                 "    await receive()\nasyncio.exceptions.CancelledError\n")
-    assert not f.filter(record(cancelled))
-    assert not f.filter(record("Exception in 'lifespan' protocol\n", asyncio.CancelledError()))
-    assert f.filter(record("Traceback (most recent call last):\nValueError: boom\n"))
-    assert f.filter(record("Exception in 'lifespan' protocol\n", ValueError("boom")))
-
-
-def test_a_request_waiting_for_an_instance_at_sigterm_gets_the_shutdown_error(endless):
-    """--parallel 1: the second stream waits for the first's instance; at SIGTERM the waiting one gets the
-    JSON 503 (or an error event), never uvicorn's plain-text 500 or a stream cut without an event."""
-    s = Served([str(endless), *LONG, "--grace", "2"])
-    results: dict[str, object] = {}
-
-    def waiting() -> None:
-        body = {"model": "endless", "prompt": "b", "max_tokens": 30000, "temperature": 0, "stream": True}
-        try:
-            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-                results["status"] = r.status_code
-                results["lines"] = [line for line in r.iter_lines() if line]
-        except httpx.HTTPError as exc:
-            results["error"] = repr(exc)
-
-    try:
-        body = {"model": "endless", "prompt": "a", "max_tokens": 30000, "temperature": 0, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-            lines = (line for line in r.iter_lines() if line)
-            assert next(lines).startswith("data: {")
-            second = threading.Thread(target=waiting)
-            second.start()
-            time.sleep(0.5)  # queued behind the first
-            s.proc.send_signal(signal.SIGTERM)
-            list(lines)
-        second.join(60)
-        assert "error" not in results, results
-        last = results["lines"][-1]  # type: ignore[index]
-        if results["status"] == 200:
-            last = last.removeprefix("data: ")
-        assert json.loads(last)["error"]["code"] == "server_shutting_down", results
-        assert s.proc.wait(30) in (143, -signal.SIGTERM)
-    finally:
-        s.stop(signal.SIGKILL)
