@@ -113,7 +113,9 @@ def check_number(value: Any, flag: str, *, above: float | None = None, at_least:
     ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
     ok = ok and (below is None or value < below) and (at_most is None or value <= at_most)
     if not ok:
-        raise InputError(f"{flag} must be a finite number {rng}{note}, got {value}".replace("number  ", "number "))
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        got = value if number else f"{value!r}, a {type(value).__name__}"  # '0.5' the string read as 0.5
+        raise InputError(f"{flag} must be a finite number {rng}{note}, got {got}".replace("number  ", "number "))
     return float(value)
 
 

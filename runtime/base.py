@@ -226,10 +226,15 @@ class Backend(abc.ABC):
                 setattr(cls, name, _checking(fn, check))
 
     def __enter__(self) -> Backend:
+        """``with backend:`` closes it at the end of the outermost block: a nested ``with`` on the same backend
+        (a helper that takes a loaded backend and uses it as a context) leaves it loaded for the outer one."""
+        self._with_depth = getattr(self, "_with_depth", 0) + 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._with_depth = max(0, getattr(self, "_with_depth", 1) - 1)
+        if not self._with_depth:
+            self.close()
 
 
 @runtime_checkable
@@ -372,9 +377,33 @@ def open_backend(target: str | Path | Artifact, backend: str | None = None, **op
     if not _takes_any(cls):
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise InputError(f"the {cls.name} backend has no option {', '.join(unknown)}; "
-                             f"its options: {', '.join(known)}")
+            raise InputError(_no_option(cls, unknown, known))
     return cls(path, **options)
+
+
+def _no_option(cls: type[Backend], unknown: list[str], known: list[str]) -> str:
+    """What a backend refusing ``unknown`` options says: for an option other backends take (``draft`` on Core
+    ML), the formats that have it, which is the fix; for a misspelling, the options this one takes."""
+    elsewhere = {}
+    for name in unknown:
+        takers = [BACKENDS.get(n) for n in BACKENDS.names() if n != cls.name]
+        formats = sorted({f.upper() for c in takers if name in backend_options(c) for f in c.formats})
+        if formats:
+            elsewhere[name] = formats
+    if elsewhere and len(elsewhere) == len(unknown):
+        what = "; ".join(f"{_as_flags(name)} works with {' and '.join(fmts)} artifacts"
+                         for name, fmts in elsewhere.items())
+        return f"the {cls.name} backend ({', '.join(cls.formats)} artifacts) cannot do that: {what}"
+    return f"the {cls.name} backend has no option {', '.join(unknown)}; its options: {', '.join(known)}"
+
+
+#: backend options whose CLI flag is not ``--`` plus the name with dashes
+_FLAGS = {"n_ctx": "--ctx", "n_threads": "--threads", "n_gpu_layers": "--gpu-layers", "n_batch": "--batch"}
+
+
+def _as_flags(option: str) -> str:
+    """An option as the SDK keyword and the CLI flag that set it: ``draft= (--draft)``."""
+    return f"{option}= ({_FLAGS.get(option, '--' + option.replace('_', '-'))})"
 
 
 def _takes_any(cls: type[Backend]) -> bool:

@@ -59,6 +59,12 @@ class ConvertRecipe:
     def __post_init__(self) -> None:
         if self.preset is None and self.bits is None and self.bpw is None and self.size is None:
             raise InputError("give --bits, --type, --bpw or --size")
+        from numbers import Integral, Real
+
+        for name, value, kind in (("bits", self.bits, Integral), ("bpw", self.bpw, Real), ("size", self.size, Real)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise InputError(f"--{name} ({name}=) must be a {'whole ' if kind is Integral else ''}number, "
+                                 f"got {value!r}, a {type(value).__name__}")
         if self.size is not None and (self.bpw is not None or self.preset is not None):
             raise InputError("--size is a budget of its own: drop --bpw and --type")
         if self.size is not None and self.size <= 0:

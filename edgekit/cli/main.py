@@ -323,7 +323,9 @@ def eval_cmd(
 def inspect_cmd(
     artifact: Path = typer.Argument(..., help="Artifact folder or model file; or a Hugging Face checkpoint "
                                     "folder: what each 'convert --bits N' would write."),
-    ctx: int = typer.Option(4096, "--ctx", "-c", help="Context length for the memory estimate."),
+    ctx: int | None = typer.Option(None, "--ctx", "-c", metavar="<tokens>", show_default=False,
+                                   help="Context length for the memory estimate (default 4096, or the "
+                                        "trained context if shorter)."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:

@@ -50,8 +50,10 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
     run = mem.get("to_run")
     rest = (f"; {mb(run['bytes'])} at peak to run on {run['runtime']} (with its compute buffers)" if run
             else ", plus compute buffers")
+    beyond = (f" (beyond the trained context of {mem['beyond_trained']}: the model may not keep its quality "
+              "there)" if mem.get("beyond_trained") else "")
     row(f"memory @ ctx {mem['ctx']}", f"{mb(mem['total'])} = {mb(mem['weights'])} weights + "
-                                      f"{mb(kv)} KV cache ({kv_type}){rest}")
+                                      f"{mb(kv)} KV cache ({kv_type}){rest}{beyond}")
     if info.get("onnx"):
         o = info["onnx"]
         row("onnx", f"opset {o['opset']}, IR {o['ir_version']}; ops "

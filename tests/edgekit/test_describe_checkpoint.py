@@ -75,3 +75,19 @@ def test_a_checkpoint_gguf_cannot_plan_still_gets_its_report(tiny_models, monkey
     assert info["gguf"] == [] and "deci" in info["gguf_error"] and info["n_params"] > 0
     result = CliRunner().invoke(app, ["inspect", str(tiny_models["LlamaForCausalLM"])])
     assert result.exit_code == 0 and "convert --to gguf: per-block FFN widths" in result.stdout
+
+
+def test_memory_is_counted_at_the_trained_context_unless_asked(tiny_models, tmp_path):
+    """A model trained for fewer than 4096 tokens gets its memory at its own context by default (it used to
+    say 'memory @ ctx 4096' for a 1024-token model); a longer --ctx is honoured and marked."""
+    model = tiny_models["LlamaForCausalLM"]
+    trained = api.inspect(model, ctx=512)["hparams"]["context_length"]
+    assert trained < 4096
+    art = api.convert(model, "gguf", recipe=ConvertRecipe(bits=8), output=tmp_path / "q8")
+    for target in (model, art.path):
+        info = api.inspect(target)
+        assert info["memory"]["ctx"] == trained and "beyond_trained" not in info["memory"]
+        asked = api.inspect(target, ctx=4 * trained)
+        assert asked["memory"]["ctx"] == 4 * trained and asked["memory"]["beyond_trained"] == trained
+    result = CliRunner().invoke(app, ["inspect", str(art.path), "--ctx", str(4 * trained)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0 and f"beyond the trained context of {trained}" in result.stdout

@@ -46,6 +46,16 @@ def test_a_backend_generating_in_one_thread_refuses_another_thread(tiny_q8):
         assert isinstance(seen.get("text"), str)
 
 
+def test_a_nested_with_leaves_the_backend_loaded_for_the_outer_block(tiny_q8):
+    greedy = SamplingConfig(temperature=0, max_tokens=4)
+    with api.open_backend(tiny_q8, n_threads=1) as b:
+        with b:
+            inner = "".join(b.generate("one two", greedy))
+        assert "".join(b.generate("one two", greedy)) == inner  # was: "model is not loaded (it is closed)"
+    with pytest.raises(BackendError, match="not loaded"):
+        "".join(b.generate("one two", greedy))
+
+
 def test_stop_as_one_string_is_one_stop_string():
     assert SamplingConfig(stop="Blue").stop == ("Blue",)
     assert SamplingConfig(stop=["a", "b"]).stop == ("a", "b")
@@ -103,6 +113,11 @@ def test_convert_and_evaluate_arguments_are_checked(tiny_llama, tiny_q8, tmp_pat
         api.evaluate(tiny_q8, text, {"ctx": 64})
     with pytest.raises(InputError, match="--ctx must be a whole number"):
         api.EvalConfig(ctx="64")
+    # a string that reads as a valid value named that value as invalid ("--bits 4 is not supported; valid: ... 4")
+    with pytest.raises(InputError, match=r"--bits \(bits=\) must be a whole number, got '4', a str"):
+        api.ConvertRecipe(bits="4")
+    with pytest.raises(InputError, match=r"must be a finite number >= 0 \(0 is greedy\), got '0.5', a str"):
+        SamplingConfig(temperature="0.5")
 
 
 def test_plan_takes_a_name_or_path_and_refuses_nan(tiny_q8):
@@ -127,3 +142,17 @@ def test_serving_beyond_loopback_without_a_key_is_warned(tmp_path):
     r = CliRunner().invoke(app, ["serve", str(tmp_path / "nope"), "--host", "0.0.0.0"],
                            env={"EDGEKIT_API_KEY": ""})
     assert r.exit_code != 0 and "serves beyond this machine with no --api-key" in " ".join(r.output.split())
+
+
+def test_an_option_of_other_backends_names_the_formats_that_take_it(tiny_llama):
+    """--draft on a Core ML model named an internal option list; it now says where speculative decoding works.
+    A misspelt option still lists the options the backend takes."""
+    from edgekit.runtime.base import BACKENDS, _no_option, backend_options
+
+    coreml = BACKENDS.get("coreml")
+    line = _no_option(coreml, ["draft"], backend_options(coreml))
+    assert "draft= (--draft) works with GGUF and ONNX artifacts" in line and "its options" not in line
+    with pytest.raises(InputError, match=r"torch backend \(hf artifacts\) cannot do that: kv_window= \(--kv-window\)"):
+        api.open_backend(tiny_llama, kv_window=64)
+    with pytest.raises(InputError, match="has no option bogus; its options: n_ctx, n_threads"):
+        api.open_backend(tiny_llama, bogus=1)
