@@ -16,7 +16,6 @@ from typing import Any
 
 from edgekit import library
 from edgekit.artifact import (
-    MANIFEST_NAME,
     SCHEMA,
     Artifact,
     checksum_files,
@@ -454,50 +453,11 @@ def evaluate_streaming(
             "chunk": chunk, "peak_cells": int(info["peak_cells"]), "evicted": int(info["kv"]["evicted"])}
 
 
-INSPECT_CTX = 4096
-
-
 def inspect(target: str | Path, ctx: int | None = None) -> dict[str, Any]:
     """Architecture, parameters, per-tensor types, size, bits per weight and memory at ``ctx`` (by default
     4096 tokens, or the model's trained context where that is shorter). A Hugging Face checkpoint folder is
     described as it stands, with what each ``convert --bits N`` would make of it (``gguf``: tensor bytes,
     bits per weight and fallbacks of each mix)."""
-    from edgekit.describe import check_ctx, describe, describe_checkpoint
+    from edgekit.describe import inspect_target
 
-    if ctx is not None:
-        check_ctx(ctx)
-    p = library.resolve(target)
-    if p.is_dir() and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists() and not is_pipeline(p):
-        ckpt = HFCheckpoint.open(p)
-        trained = ckpt.hparams.n_ctx_train
-        info = describe_checkpoint(ckpt, ctx or _default_ctx(trained))
-        return _note_ctx(info, trained, ctx)
-    art = Artifact.open(target)
-    info = describe(art, ctx or INSPECT_CTX)
-    trained = (info.get("hparams") or {}).get("context_length")
-    if ctx is None and "memory" in info and _default_ctx(trained) != INSPECT_CTX:  # a short-context model
-        info = describe(art, _default_ctx(trained))
-    _note_ctx(info, trained, ctx)
-    if "memory" in info:  # what the runtime's memory model predicts, beside the weights + KV cache count
-        from edgekit.runtime.base import memory_to_run
-
-        modelled = memory_to_run(art.format, art.model_file, info["memory"]["ctx"])
-        if modelled is not None:
-            info["memory"]["to_run"] = {"runtime": modelled[0], "bytes": modelled[1]}
-    return info
-
-
-def _default_ctx(trained: Any) -> int:
-    """The context inspect counts memory at when none is asked: 4096 tokens, or the trained context when that
-    is shorter (memory at a context the model never saw is not what it will use)."""
-    return min(INSPECT_CTX, trained) if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0 \
-        else INSPECT_CTX
-
-
-def _note_ctx(info: dict[str, Any], trained: Any, asked: int | None) -> dict[str, Any]:
-    """Marks a memory figure asked at a context longer than the model was trained for (``memory.beyond_trained``
-    holds the trained context)."""
-    mem = info.get("memory")
-    if asked is not None and isinstance(mem, dict) and isinstance(trained, int) and asked > trained:
-        mem["beyond_trained"] = trained
-    return info
+    return inspect_target(target, ctx)

@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
-from edgekit.artifact import Artifact
+from edgekit import library
+from edgekit.artifact import MANIFEST_NAME, Artifact
+from edgekit.converters.diffusion.pipeline import is_pipeline
 from edgekit.converters.formats.base import FORMATS
 from edgekit.errors import CorruptFileError, EdgekitError, InputError, UnsupportedError
 from edgekit.model import HFCheckpoint
@@ -94,6 +97,51 @@ MAX_CTX = 1 << 28  # the bound the GGUF and config checks put on a model's conte
 def check_ctx(ctx: Any) -> None:
     if isinstance(ctx, bool) or not isinstance(ctx, int) or not 0 < ctx <= MAX_CTX:
         raise InputError(f"--ctx {ctx!r} is out of range; give a context length between 1 and {MAX_CTX}")
+
+
+#: the context ``inspect`` counts memory at unless asked (or the trained one where that is shorter)
+INSPECT_CTX = 4096
+
+
+def inspect_target(target: str | Path, ctx: int | None = None) -> dict[str, Any]:
+    """:func:`edgekit.api.inspect`: an artifact by name or path, or a checkpoint folder before converting."""
+    if ctx is not None:
+        check_ctx(ctx)
+    p = library.resolve(target)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists() and not is_pipeline(p):
+        ckpt = HFCheckpoint.open(p)
+        trained = ckpt.hparams.n_ctx_train
+        return _note_ctx(describe_checkpoint(ckpt, ctx or _default_ctx(trained)), trained, ctx)
+    art = Artifact.open(target)
+    info = describe(art, ctx or INSPECT_CTX)
+    trained = (info.get("hparams") or {}).get("context_length")
+    if ctx is None and "memory" in info and _default_ctx(trained) != INSPECT_CTX:  # a short-context model
+        info = describe(art, _default_ctx(trained))
+    _note_ctx(info, trained, ctx)
+    if "memory" in info:  # what the runtime's memory model predicts, beside the weights + KV cache count
+        from edgekit.runtime.base import memory_to_run
+
+        modelled = memory_to_run(art.format, art.model_file, info["memory"]["ctx"])
+        if modelled is not None:
+            info["memory"]["to_run"] = {"runtime": modelled[0], "bytes": modelled[1]}
+    return info
+
+
+def _default_ctx(trained: Any) -> int:
+    """The context inspect counts memory at when none is asked: 4096 tokens, or the trained context when that
+    is shorter (memory at a context the model never saw is not what it will use)."""
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0:
+        return min(INSPECT_CTX, trained)
+    return INSPECT_CTX
+
+
+def _note_ctx(info: dict[str, Any], trained: Any, asked: int | None) -> dict[str, Any]:
+    """Marks a memory figure asked at a context longer than the model was trained for (``memory.beyond_trained``
+    holds the trained context)."""
+    mem = info.get("memory")
+    if asked is not None and isinstance(mem, dict) and isinstance(trained, int) and asked > trained:
+        mem["beyond_trained"] = trained
+    return info
 
 
 def describe(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
