@@ -22,14 +22,15 @@ from edgekit.devices.base import (
     Discovery,
     InsufficientMemoryError,
     PushCancelled,
+    PushInProgress,
     VerificationError,
     split_device_id,
 )
 from edgekit.devices.transfer import FitReport, PushConfig, PushResult, check_fit, push
 
 __all__ = ["Device", "DeviceDisconnected", "DeviceError", "DeviceInfo", "DevicePermissionError", "Discovery",
-           "FitReport", "InsufficientMemoryError", "PushCancelled", "PushConfig", "PushResult",
-           "VerificationError", "check_fit", "list_devices", "open_device", "push"]
+           "FitReport", "InsufficientMemoryError", "PushCancelled", "PushConfig", "PushInProgress",
+           "PushResult", "VerificationError", "check_fit", "list_devices", "open_device", "push"]
 
 ORDER = ("host", "android", "ios", "ssh")
 

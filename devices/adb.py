@@ -3,11 +3,13 @@
 edgekit talks to the adb server on ``$ANDROID_ADB_SERVER_PORT`` (5037 by default) and starts it with
 the ``adb`` executable when it is not running. adb's sync protocol cannot append, so a file goes up in
 chunks: each chunk is sent to ``TMP.chunk`` with SEND and appended to the temp file on the device with
-``cat``. An interrupted push resumes from the temp file's size.
+``cat``. An interrupted push resumes from the temp file's size; a push stopped on purpose (Ctrl-C, a
+signal, a cancel) removes the chunk it was at.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -27,6 +29,7 @@ from edgekit.devices.base import (
     DeviceInfo,
     DevicePermissionError,
     Platform,
+    PushCancelled,
     PushCancelledCheck,
     RunResult,
     normalize_arch,
@@ -40,6 +43,7 @@ from edgekit.errors import InputError, MissingDependencyError, require
 DEFAULT_DEST = "/data/local/tmp/edgekit"
 CHUNK = 8 << 20          # bytes per SEND; the resume granularity
 SYNC_DATA_MAX = 64 << 10  # adb's SYNC_DATA_MAX
+CLEANUP_TIMEOUT_S = 10    # removing a chunk after Ctrl-C: a phone that does not answer is not waited on
 STATES = {"device": "ready", "unauthorized": "unauthorized", "offline": "offline", "no permissions": "error"}
 
 
@@ -164,20 +168,29 @@ class AndroidDevice(Device):
             raise self._dropped(exc) from exc
 
     def append_from(self, local: Path, remote: str, offset: int, on_bytes: BytesFn, cancel: Cancel | None) -> None:
+        """Whole chunks of CHUNK bytes: each is sent beside ``remote`` and appended to it, so the temp file
+        only ever grows by a whole, complete chunk."""
         size = local.stat().st_size
         pos = offset
         chunk_path = remote + ".chunk"
-        while pos < size or (pos == 0 and size == 0):
-            n = min(CHUNK, size - pos)
-            if pos == 0:  # the first chunk becomes the temp file itself
-                self.send(local, remote, 0, n, on_bytes, cancel)
-            else:
-                self.send(local, chunk_path, pos, n, on_bytes, cancel)
-                self._check(self.run(f"cat {shlex.quote(chunk_path)} >> {shlex.quote(remote)} && "
-                                     f"rm -f {shlex.quote(chunk_path)}"), f"append to {remote}")
-            pos += n
-            if n == 0:
-                break
+        try:
+            while pos < size or (pos == 0 and size == 0):
+                n = min(CHUNK, size - pos)
+                if pos == 0:  # the first chunk becomes the temp file itself
+                    self.send(local, remote, 0, n, on_bytes, cancel)
+                else:
+                    self.send(local, chunk_path, pos, n, on_bytes, cancel)
+                    self._check(self.run(f"cat {shlex.quote(chunk_path)} >> {shlex.quote(remote)} && "
+                                         f"rm -f {shlex.quote(chunk_path)}"), f"append to {remote}")
+                pos += n
+                if n == 0:
+                    break
+        except (PushCancelled, KeyboardInterrupt, SystemExit):
+            # Stopped on purpose, the phone still answers: the chunk goes, the temp file stays for resuming.
+            # (A push that is never resumed would otherwise leave it beside the temp file.)
+            with contextlib.suppress(Exception):
+                self.run(f"rm -f {shlex.quote(chunk_path)}", timeout=CLEANUP_TIMEOUT_S)
+            raise
 
 
 @register_platform("android")

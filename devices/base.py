@@ -54,6 +54,10 @@ class InsufficientMemoryError(DeviceError):
     """The artifact would not fit the device's RAM at the chosen context."""
 
 
+class PushInProgress(DeviceError):
+    """Another push into the same folder of the device holds its lock (see pushlock.py)."""
+
+
 class PushCancelled(DeviceError):
     """The caller cancelled a push; the partial file stays on the device for resuming."""
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from edgekit.artifact import Artifact
 from edgekit.devices.base import Device, DeviceError, normalize_arch
-from edgekit.devices.transfer import ProgressFn, PushConfig, push
+from edgekit.devices.transfer import ProgressFn, PushConfig, default_name, push
 from edgekit.errors import InputError, UnsupportedError
 
 # ELF e_machine -> normalized arch (the values of the ELF spec's EM_* constants).
@@ -114,7 +114,8 @@ def remote_profile(device: Device, artifact: str | Path | Artifact, config: Remo
         raise UnsupportedError(f"{device.id}: Android runs llama.cpp, not edgekit; give --runner with a llama-bench "
                                f"built for {info.abi or 'the phone'}")
     py = _remote_python(device, config) if config.runner is None else []  # before minutes of pushing
-    pushed = push(art, device, PushConfig(dest=config.dest, ctx=config.ctx), progress=progress)
+    name = default_name(artifact, art)  # the folder's name, as push gives it
+    pushed = push(art, device, PushConfig(dest=config.dest, name=name, ctx=config.ctx), progress=progress)
     remote_model = posixpath.join(pushed.remote_dir, art.model_file.name)
     if config.runner is not None:
         return _run_llama_bench(device, Path(config.runner), remote_model, pushed.remote_dir, art, config)

@@ -14,6 +14,7 @@ import posixpath
 import shlex
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from edgekit.fsutil import edgekit_home
 
 BLOCK = 1 << 18
 SFTP_TIMEOUT_S = 60.0  # no answer to a transfer for this long: the board froze or left the network
+EXEC_STALL_S = 60.0    # a command's board silent this long (its sshd answers no probe): it froze or left
 KEEPALIVE_S = 15       # keepalive packets on an idle link (NAT boxes forget quiet connections)
 PROBE_WORKERS = 8      # boards `edgekit devices` probes at once
 _KNOWN_HOSTS_LOCK = threading.Lock()
@@ -172,7 +174,7 @@ class SSHDevice(Device):
         self.close()
         if isinstance(exc, TimeoutError):
             return DeviceDisconnected(
-                f"no answer from {self.id} for {seconds or SFTP_TIMEOUT_S:g} s (it froze or left the network); "
+                f"lost {self.id} (no answer for {seconds or SFTP_TIMEOUT_S:g} s: it froze or left the network); "
                 "run the same push again to resume from what arrived")
         return DeviceDisconnected(f"the connection to {self.id} dropped ({_why(exc)}); run the same push again "
                                   "to resume from what arrived")
@@ -227,16 +229,24 @@ class SSHDevice(Device):
             pass
 
     def run(self, command: str, timeout: float | None = 600) -> RunResult:
+        """Run ``command`` in an exec channel. ``timeout``: seconds without output before giving up (None:
+        the command may stay quiet as long as it needs, as sha256sum of a large file does). Either way a
+        board that stops answering is given up after EXEC_STALL_S (see :class:`_Watch`)."""
         client = self._connect()
         import paramiko
 
-        try:
-            _, stdout, stderr = client.exec_command(command, timeout=timeout)
-            out = stdout.read().decode(errors="replace")
-            err = stderr.read().decode(errors="replace")
-            rc = stdout.channel.recv_exit_status()
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise self._dropped(exc, timeout) from exc
+        with _Watch(self, EXEC_STALL_S) as watch:
+            try:
+                _, stdout, stderr = client.exec_command(command, timeout=timeout)
+                out = stdout.read().decode(errors="replace")
+                err = stderr.read().decode(errors="replace")
+                rc = stdout.channel.recv_exit_status()
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                if watch.lost:
+                    raise self._dropped(TimeoutError(), watch.stall) from exc
+                raise self._dropped(exc, timeout) from exc
+        if watch.lost:  # the dropped link ended the reads early: what came back is not the command's answer
+            raise self._dropped(TimeoutError(), watch.stall)
         return RunResult(rc, out, err)
 
     def info(self) -> DeviceInfo:
@@ -323,6 +333,56 @@ class SSHDevice(Device):
         if free is not None and free < BLOCK:
             return OSError(errno.ENOSPC, "No space left on device", remote)
         return DeviceError(f"{self.id} could not write {remote}: {exc} (is its disk full?)")
+
+
+class _Watch:
+    """Whether the board still answers while a command runs on it.
+
+    A command's silence says nothing: ``sha256sum`` of a multi-GB model prints nothing for minutes on a
+    healthy board. So, like ``ssh -o ServerAliveInterval``, the watch asks the board's sshd itself: every
+    few seconds a ``keepalive@openssh.com`` request, which an SSH server answers (with a refusal) however
+    busy its command is. No answer for ``stall`` seconds means the board froze or left the network, and
+    no TCP timeout would say so for a quarter of an hour (a frozen board's kernel still acknowledges
+    packets). The watch then drops the link, which ends every wait of the command at once, and sets
+    ``lost``."""
+
+    def __init__(self, device: SSHDevice, stall: float) -> None:
+        self.device = device
+        self.stall = stall
+        self.lost = False
+        self._done = threading.Event()
+        transport = device._client.get_transport() if device._client is not None else None
+        self._transport = transport
+        self._thread = threading.Thread(target=self._watch, name=f"edgekit-watch-{device.ident}", daemon=True)
+
+    def __enter__(self) -> _Watch:
+        if self._transport is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        interval = min(KEEPALIVE_S, self.stall / 2)
+        while not self._done.wait(interval):
+            if not self._answers() and not self._done.is_set():
+                self.lost = True
+                self.device.close()
+                return
+
+    def _answers(self) -> bool:
+        """Whether the board answers a probe within ``stall`` seconds (a probe that the link's end cut short
+        counts as answered: the command's own reads report that)."""
+        start = time.monotonic()
+        probe = threading.Thread(target=self._transport.global_request, args=("keepalive@openssh.com",),
+                                 kwargs={"wait": True}, daemon=True)  # returns once answered or the link closed
+        probe.start()
+        while probe.is_alive() and not self._done.is_set():
+            probe.join(min(0.1, max(0.0, start + self.stall - time.monotonic())))
+            if time.monotonic() - start >= self.stall:
+                break
+        return not probe.is_alive() or self._done.is_set()
 
 
 def _probe(entry: tuple[str, SSHHost | str]) -> DeviceInfo:

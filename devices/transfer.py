@@ -5,7 +5,8 @@ skip it. Otherwise append to ``.NAME.<sha12>.partial`` from the size that temp f
 interrupted push resumes there), hash the temp file on the device, and only then rename it onto the
 real name. The manifest goes last, so a folder with ``edgekit.json`` on the device is complete; a push that
 updates an artifact already there removes the old manifest before it renames the first file into place.
-A folder on the device where a file goes, or a file where a folder goes, is refused before any byte.
+A folder on the device where a file goes, or a file where a folder goes, is refused before any byte, and
+so is a second push into a folder while another one works there (its lock on the device: pushlock.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from edgekit.artifact import MANIFEST_NAME, Artifact
 from edgekit.devices.base import (
     Cancel,
     Device,
+    DeviceDisconnected,
     DeviceError,
     InsufficientMemoryError,
     PushCancelled,
@@ -29,6 +31,7 @@ from edgekit.devices.base import (
     VerificationError,
     folder_in_the_way,
 )
+from edgekit.devices.pushlock import PushLock
 from edgekit.errors import DiskFullError, InputError
 from edgekit.fsutil import is_disk_full, sha256_file_cached
 from edgekit.progress import ProgressFn
@@ -60,7 +63,8 @@ class PushConfig:
     """How to push.
 
     dest: folder on the device (None: the device's default, e.g. /data/local/tmp/edgekit on Android).
-    name: folder name for the artifact under dest (None: the artifact folder's name, or a bare file's stem).
+    name: folder name for the artifact under dest (None: the name of the folder given, also of a folder holding
+    just a model file; for a model file given alone, its stem).
     ctx: context length the RAM check assumes. check_ram: refuse when the model cannot run in the device's
     RAM at ctx. check_storage: refuse when the device lacks free storage. dry_run: check and plan only.
     """
@@ -174,10 +178,24 @@ def format_dest(device: Device, art: Artifact) -> str | None:
     return FORMATS.get(art.format)().push_dest(device.platform) if art.format in FORMATS else None
 
 
-def remote_dir_for(device: Device, art: Artifact, config: PushConfig) -> str:
+def default_name(artifact: str | Path | Artifact, art: Artifact) -> str:
+    """The folder an artifact goes to under --dest when no --name is given: the folder the user named (an
+    artifact folder, or a folder holding just a model file, which opens as that file), else a model file's
+    stem. ``artifact`` is what the user gave, ``art`` what it opened as."""
+    if not isinstance(artifact, Artifact):
+        from edgekit import library
+
+        given = library.resolve(artifact)
+        if given.is_dir():
+            return given.resolve().name
+    return art.bare_file.stem if art.bare_file is not None else art.path.resolve().name
+
+
+def remote_dir_for(device: Device, art: Artifact, config: PushConfig, name: str | None = None) -> str:
+    """Where on the device the artifact goes: --dest (or the format's or device's default) / --name (or
+    ``name``, else :func:`default_name` of ``art``)."""
     dest = resolved_dest(device, config.dest or format_dest(device, art) or device.default_dest())
-    name = config.name or (art.bare_file.stem if art.bare_file is not None else art.path.resolve().name)
-    return posixpath.join(dest, check_remote_name(name))
+    return posixpath.join(dest, check_remote_name(config.name or name or default_name(art, art)))
 
 
 def partial_name(remote: str, sha: str) -> str:
@@ -251,87 +269,120 @@ def check_fit(device: Device, artifact: str | Path | Artifact, ctx: int = 4096, 
 
 def push(artifact: str | Path | Artifact, device: Device, config: PushConfig | None = None,
          progress: ProgressFn | None = None, cancel: Cancel | None = None) -> PushResult:
-    """Push ``artifact`` to ``device``: fit check, resumable transfer, sha256 on the device, rename."""
+    """Push ``artifact`` to ``device``: lock, fit check, resumable transfer, sha256 on the device, rename."""
     config = config or PushConfig()
     art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact, verify=False)
     art.verify()  # a file changed since convert would be sent, and verified on the device, as it is now
-    progress = progress or (lambda desc, done, total: None)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgekit-push-") as scratch:
         files = artifact_files(art, Path(scratch))
-        remote_dir = remote_dir_for(device, art, config)
+        remote_dir = remote_dir_for(device, art, config, default_name(artifact, art))
         missing = _check_folder(device, remote_dir)  # a file in the way: refused by a dry run too
+        lock = PushLock(device, remote_dir)
         created: list[str] = []
-        if not config.dry_run:  # a destination we may not write fails here, before any checks or bytes
+        if config.dry_run:
+            lock.check()  # a push running there would refuse this one, so its dry run says so too
+        else:  # a destination we may not write fails here, before any checks or bytes
             created = missing
             device.makedirs(remote_dir)
+            try:
+                lock.acquire()
+            except BaseException:
+                _remove_empty(device, created)
+                raise
         try:
-            plan, old_manifest = _plan(device, files, remote_dir)
-            to_send = sum(fp.size - fp.resumed_from for _, _, fp in plan if not fp.skipped)
-            fit = check_fit(device, art, config.ctx, config.dest, storage_needed=to_send)
-            storage_bad = [r for r in fit.reasons if "storage" in r]
-            ram_bad = [r for r in fit.reasons if "RAM" in r]
-            if config.check_storage and storage_bad:
-                raise DiskFullError(f"not pushing to {device.id}: {storage_bad[0]}")
-            if config.check_ram and ram_bad:
-                raise InsufficientMemoryError(f"not pushing to {device.id}: {ram_bad[0]}")
-        except BaseException:
-            _remove_empty(device, created)  # a refused push leaves the device as it was
+            result = _push_locked(device, art, files, remote_dir, config, progress, cancel, lock, created)
+        except DeviceDisconnected:
+            lock.abandon()  # no link to remove it with; see pushlock.py for when it counts as stale
             raise
-        result = PushResult(device.id, remote_dir, [fp for _, _, fp in plan], dry_run=config.dry_run, fit=fit)
-        if config.dry_run:
-            return result
-        done = 0
-        progress(f"push to {device.id}", 0, to_send)
-        tmp, renamed = "", False
-        try:
-            for local, remote, fp in plan:
-                if fp.skipped:
-                    continue
-                sub = posixpath.dirname(remote)
-                if sub != remote_dir:
-                    created[:0] = [d for d in _missing_dirs(device, sub) if d not in created]
-                    device.makedirs(sub)
-                tmp = partial_name(remote, fp.sha256)
-                if fp.resumed_from == 0:
-                    device.remove(tmp)
-
-                def on_bytes(n: int, _name: str = fp.name) -> None:
-                    nonlocal done
-                    done += n
-                    result.bytes_sent += n
-                    progress(f"{_name} -> {device.id}", done, to_send)
-
-                PushCancelledCheck(cancel)
-                try:
-                    device.append_from(local, tmp, fp.resumed_from, on_bytes, cancel)
-                except (OSError, DeviceError) as exc:
-                    if not is_disk_full(exc):
-                        raise
-                    left = max(0, to_send - done)
-                    raise DiskFullError(
-                        f"{device.id}'s storage filled up at {remote_dir} while pushing {fp.name}; free "
-                        f"{max(1, round(left / 1e6))} MB there and push again: it resumes from the partial file"
-                    ) from exc
-                _verify(device, tmp, fp)
-                if old_manifest is not None:  # an interrupted update leaves no old manifest beside new files
-                    device.remove(old_manifest)
-                    old_manifest = None
-                device.rename(tmp, remote)
-                renamed = True
-        except (PushCancelled, KeyboardInterrupt, SystemExit) as exc:  # the TUI's cancel, Ctrl-C, kill / hang-up
-            if result.bytes_sent or renamed or any(fp.resumed_from for _, _, fp in plan):
-                if not isinstance(exc, PushCancelled):
-                    exc.add_note("the partial file stays on the device: pushing again resumes it")
-                raise
-            if tmp:  # opened but never written: nothing to resume
-                device.remove(tmp)
-            _remove_empty(device, created)
-            if not isinstance(exc, PushCancelled):
-                raise
-            raise PushCancelled("push cancelled before any byte was sent; the device is as it was") from None
-    result.seconds = time.perf_counter() - start
+        finally:
+            lock.release()
+    if not result.dry_run:
+        result.seconds = time.perf_counter() - start
     return result
+
+
+def _push_locked(device: Device, art: Artifact, files: list[tuple[Path, str]], remote_dir: str, config: PushConfig,
+                 progress: ProgressFn | None, cancel: Cancel | None, lock: PushLock, created: list[str]) -> PushResult:
+    """The push once it holds ``lock``: plan and fit checks, then each file sent, verified and renamed."""
+    progress = progress or (lambda desc, done, total: None)
+    try:
+        plan, old_manifest = _plan(device, files, remote_dir)
+        to_send = sum(fp.size - fp.resumed_from for _, _, fp in plan if not fp.skipped)
+        fit = check_fit(device, art, config.ctx, config.dest, storage_needed=to_send)
+        storage_bad = [r for r in fit.reasons if "storage" in r]
+        ram_bad = [r for r in fit.reasons if "RAM" in r]
+        if config.check_storage and storage_bad:
+            raise DiskFullError(f"not pushing to {device.id}: {storage_bad[0]}")
+        if config.check_ram and ram_bad:
+            raise InsufficientMemoryError(f"not pushing to {device.id}: {ram_bad[0]}")
+    except BaseException as exc:
+        _leave_as_it_was(device, lock, created, exc)  # a refused push leaves the device as it was
+        raise
+    result = PushResult(device.id, remote_dir, [fp for _, _, fp in plan], dry_run=config.dry_run, fit=fit)
+    if config.dry_run:
+        return result
+    done = 0
+    progress(f"push to {device.id}", 0, to_send)
+    tmp, renamed = "", False
+    try:
+        for local, remote, fp in plan:
+            if fp.skipped:
+                continue
+            sub = posixpath.dirname(remote)
+            if sub != remote_dir:
+                created[:0] = [d for d in _missing_dirs(device, sub) if d not in created]
+                device.makedirs(sub)
+            tmp = partial_name(remote, fp.sha256)
+            if fp.resumed_from == 0:
+                device.remove(tmp)
+
+            def on_bytes(n: int, _name: str = fp.name) -> None:
+                nonlocal done
+                done += n
+                result.bytes_sent += n
+                lock.refresh()
+                progress(f"{_name} -> {device.id}", done, to_send)
+
+            PushCancelledCheck(cancel)
+            try:
+                device.append_from(local, tmp, fp.resumed_from, on_bytes, cancel)
+            except (OSError, DeviceError) as exc:
+                if not is_disk_full(exc):
+                    raise
+                left = max(0, to_send - done)
+                raise DiskFullError(
+                    f"{device.id}'s storage filled up at {remote_dir} while pushing {fp.name}; free "
+                    f"{max(1, round(left / 1e6))} MB there and push again: it resumes from the partial file"
+                ) from exc
+            lock.refresh(now=True)  # hashing a large file on the device takes minutes
+            _verify(device, tmp, fp)
+            if old_manifest is not None:  # an interrupted update leaves no old manifest beside new files
+                device.remove(old_manifest)
+                old_manifest = None
+            device.rename(tmp, remote)
+            renamed = True
+    except (PushCancelled, KeyboardInterrupt, SystemExit) as exc:  # the TUI's cancel, Ctrl-C, kill / hang-up
+        if result.bytes_sent or renamed or any(fp.resumed_from for _, _, fp in plan):
+            if not isinstance(exc, PushCancelled):
+                exc.add_note("the partial file stays on the device: pushing again resumes it")
+            raise
+        if tmp:  # opened but never written: nothing to resume
+            device.remove(tmp)
+        _leave_as_it_was(device, lock, created, exc)
+        if not isinstance(exc, PushCancelled):
+            raise
+        raise PushCancelled("push cancelled before any byte was sent; the device is as it was") from None
+    return result
+
+
+def _leave_as_it_was(device: Device, lock: PushLock, created: list[str], exc: BaseException) -> None:
+    """Undo what a push that sent nothing did: its lock, and the folders it created."""
+    if isinstance(exc, DeviceDisconnected):
+        lock.abandon()
+    else:
+        lock.release()  # before the folders: it lies in the deepest
+    _remove_empty(device, created)
 
 
 def _missing_dirs(device: Device, remote_dir: str) -> list[str]:

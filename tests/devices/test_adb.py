@@ -93,3 +93,35 @@ def test_unknown_android_device(phone):
     r = runner.invoke(app, ["push", ".", "android:R58M12345"])
     assert r.exit_code == 2
     assert "unknown Android device 'android:R58M12345'" in r.output and dev_id in r.output
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: SystemExit(143)], ids=["ctrl-c", "sigterm"])
+def test_a_push_stopped_on_purpose_leaves_no_chunk_beside_the_partial(phone, big_artifact, monkeypatch, stop):
+    """QA: Ctrl-C (or `kill`) with a chunk on the phone not yet appended left `.NAME.<sha>.partial.chunk`
+    there for good unless the push was resumed. The chunk goes; the partial file stays and resumes."""
+    from edgekit.devices import adb
+
+    monkeypatch.setattr(adb, "CHUNK", 1 << 20)
+    standin, dev_id = phone
+    shell = adb.AndroidDevice.run
+    appends: list[str] = []
+
+    def stopped_at_the_third_append(self, command: str, timeout: float | None = 600):
+        if command.startswith("cat ") and ".chunk" in command:
+            appends.append(command)
+            if len(appends) == 3:  # the fourth 1 MiB chunk of extra.bin is on the phone, not appended
+                raise stop()
+        return shell(self, command, timeout)
+
+    monkeypatch.setattr(adb.AndroidDevice, "run", stopped_at_the_third_append)
+    with open_device(dev_id) as dev, pytest.raises((KeyboardInterrupt, SystemExit)) as e:
+        push(big_artifact, dev, PushConfig())
+    assert e.value.__notes__ == ["the partial file stays on the device: pushing again resumes it"]
+    remote = standin.host_path("/data/local/tmp/edgekit/padded")
+    partial = Path(partial_name(str(remote / "extra.bin"), sha256_file(big_artifact / "extra.bin")))
+    assert sorted(p.name for p in remote.iterdir()) == [partial.name]  # no chunk, no lock
+    assert partial.stat().st_size == 3 << 20
+    with open_device(dev_id) as dev:
+        res = push(big_artifact, dev, PushConfig())
+    assert {f.name: f.resumed_from for f in res.files}["extra.bin"] == 3 << 20
+    assert _files(remote) == _files(big_artifact)

@@ -211,3 +211,18 @@ def test_real_llama_bench_runner_on_an_android_standin(adb_server, home, tiny_ar
         _adb(adb_server, "disconnect", serial)
         dev.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_profile_table_names_the_device(sshd, home, tiny_artifact, tmp_path):
+    """QA: `profile --device` printed the table of a local profile, with nothing saying where it ran."""
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+
+    bench = _llama_bench()
+    add_ssh_host(SSHHost(name="lbt", host=sshd["host"], port=sshd["port"], user=sshd["user"], key=sshd["key"],
+                         dest=str(tmp_path / "board")))
+    r = CliRunner().invoke(app, ["profile", str(tiny_artifact), "--device", "ssh:lbt", "--runner", str(bench),
+                                 "--tests", "tg8", "-r", "1", "--threads", "1", "--no-history"])
+    assert r.exit_code == 0, r.output
+    assert "edgekit profile (ok) on ssh:lbt: tiny-q8" in " ".join(r.output.split()), r.output

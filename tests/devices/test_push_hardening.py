@@ -165,3 +165,23 @@ def test_ctrl_c_mid_push_says_the_partial_file_resumes(home, art, tmp_path):
     with open_device("host") as dev:  # and it does
         result = push(art, dev, PushConfig(dest=str(tmp_path / "board")))
     assert any(f.resumed_from for f in result.files)
+
+
+def test_a_folder_without_a_manifest_goes_under_the_folders_name(home, tiny_artifact, tmp_path):
+    """QA: `push t4g/` (a folder holding just model.gguf) landed in .../model, the file's stem; it goes
+    where the user named it, and the dry run says so. A model file given alone keeps its stem."""
+    import json
+
+    bare = tmp_path / "t4g"
+    bare.mkdir()
+    shutil.copy(tiny_artifact / "model.gguf", bare / "model.gguf")
+    dest = tmp_path / "board"
+    r = runner.invoke(app, ["push", f"{bare}/", "host", "--dest", str(dest), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "wouldsend" in "".join(r.output.split()) and f"host:{dest}/t4g" in "".join(r.output.split()), r.output
+    r = runner.invoke(app, ["push", str(bare), "host", "--dest", str(dest), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["remote_dir"] == str(dest / "t4g"), r.output
+    assert sorted(p.name for p in (dest / "t4g").iterdir()) == ["edgekit.json", "model.gguf"]
+    assert not (dest / "model").exists()
+    r = runner.invoke(app, ["push", str(bare / "model.gguf"), "host", "--dest", str(dest), "--dry-run", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["remote_dir"] == str(dest / "model"), r.output

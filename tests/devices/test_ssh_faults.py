@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -63,7 +64,7 @@ def test_a_board_that_stops_answering_mid_push_is_given_up(sshd, home, big_artif
         resume()
     assert stopped, "no sshd session process to stop"
     text = str(e.value)
-    assert f"no answer from {dev_id} for 1 s" in text and "run the same push again to resume" in text, text
+    assert f"lost {dev_id} (no answer for 1 s" in text and "run the same push again to resume" in text, text
     assert waited < 6, waited
     with open_device(dev_id) as dev:
         res = push(big_artifact, dev, cfg)
@@ -160,3 +161,85 @@ def test_silent_boards_are_probed_at_once_in_the_config_order(sshd, home):
                                                      ("ssh:c-silent", "unreachable")]
     assert "did not answer as an SSH server within 3 s" in devs[0]["detail"], devs[0]["detail"]
     assert took < 5.5, took  # one after another: over 6 s
+
+
+@contextlib.contextmanager
+def _frozen(sshd, after: float = 0.0):
+    """The board freezes ``after`` seconds in (its sshd sessions and their commands stopped, the TCP link
+    still open); yields the list holding when it froze. Everything resumes at the end, or after 20 s."""
+    stopped: list[psutil.Process] = []
+    at: list[float] = []
+
+    def freeze() -> None:
+        stopped.extend(_sessions(sshd))
+        for p in stopped:
+            p.send_signal(signal.SIGSTOP)
+        at.append(time.monotonic())
+
+    def resume() -> None:
+        for p in stopped:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
+
+    timer = threading.Timer(after, freeze)
+    watchdog = threading.Timer(20, resume)  # code that waits on forever fails the test, not the suite
+    timer.start()
+    watchdog.start()
+    try:
+        yield at
+    finally:
+        timer.cancel()
+        watchdog.cancel()
+        resume()
+
+
+def test_a_board_that_freezes_mid_command_is_given_up(sshd, home, monkeypatch):
+    """QA: a command (sha256 verification, mv, df, any run) waited on a frozen board until TCP gave up
+    (~15 min). A command that is only quiet is not given up: its sshd answers the keepalive probes while
+    sha256sum of a large file prints nothing for minutes."""
+    monkeypatch.setattr(ssh_mod, "EXEC_STALL_S", 1.0)
+    dev_id = _add(sshd)
+    with open_device(dev_id) as dev:
+        start = time.monotonic()
+        assert dev.run("sleep 3; echo done", timeout=None).stdout == "done\n"  # quiet for 3 stalls
+        assert time.monotonic() - start >= 3
+        with _frozen(sshd, after=0.5) as at, pytest.raises(DeviceDisconnected) as e:
+            dev.run("sleep 30; echo late", timeout=None)
+        waited = time.monotonic() - at[0]
+    assert str(e.value) == (f"lost {dev_id} (no answer for 1 s: it froze or left the network); run the same push "
+                            "again to resume from what arrived")
+    assert waited < 5, waited
+    with open_device(dev_id) as dev:  # the board is back: a new link works
+        assert dev.run("echo back").stdout == "back\n"
+
+
+def test_a_board_that_freezes_while_it_verifies_is_given_up_and_the_push_resumes(sshd, home, big_artifact,
+                                                                                   tmp_path, monkeypatch):
+    """The sha256 on the board ran without any limit: a board frozen then kept the push waiting for good.
+    Now it is one line and exit 8 within seconds, and pushing again finishes from the complete partial."""
+    monkeypatch.setattr(ssh_mod, "EXEC_STALL_S", 1.0)
+    dev_id = _add(sshd)
+    dest = tmp_path / "board"
+    hashing = ssh_mod.SSHDevice.sha256
+    froze: list = []
+
+    def freeze_then_hash(self, path: str) -> str:
+        if path.endswith(".partial") and not froze:
+            froze.append(stack.enter_context(_frozen(sshd)))
+            while not froze[0]:
+                time.sleep(0.01)
+        return hashing(self, path)
+
+    monkeypatch.setattr(ssh_mod.SSHDevice, "sha256", freeze_then_hash)
+    with contextlib.ExitStack() as stack:
+        r = runner.invoke(app, ["push", str(big_artifact), dev_id, "--dest", str(dest)])
+        waited = time.monotonic() - froze[0][0]
+    assert waited < 5, waited
+    assert r.exit_code == 8 and r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"lost {dev_id} (no answer for 1 s" in r.output and "Traceback" not in r.output, r.output
+    with open_device(dev_id) as dev:
+        res = push(big_artifact, dev, PushConfig(dest=str(dest)))
+    first = res.files[0]
+    assert first.resumed_from == first.size, res.files  # it had all arrived: nothing sent again
+    assert _files(dest / big_artifact.name) == _files(big_artifact)
+    assert not [p for p in (dest / big_artifact.name).iterdir() if p.name.startswith(".")]  # no partial, no lock
