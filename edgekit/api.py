@@ -276,6 +276,11 @@ def default_method(to: str) -> str | None:
     return getattr(FORMATS.get(to), "default_method", None) if to in FORMATS.names() else None
 
 
+def default_bits(to: str) -> int:
+    """The ``--bits`` a format is converted at when none is given: 4, or the format's own (``aqlm``: 2)."""
+    return getattr(FORMATS.get(to), "default_bits", 4) if to in FORMATS.names() else 4
+
+
 def format_options(pairs: list[str], **given: Any) -> dict[str, Any]:
     """Options from ``key=value`` pairs (``-O`` of ``convert`` and ``run``, the TUI's options field; values parsed
     as JSON scalars where they parse) plus the named options given; the format or backend checks the names."""

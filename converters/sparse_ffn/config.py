@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -49,8 +50,8 @@ class SparseFFNConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.sparsity < 1:
-            raise InputError("--sparse-ffn takes the share of FFN neurons to skip, 0 <= S < 1 (e.g. 0.5)")
+        if not 0 < self.sparsity < 1:  # at 0 every cluster runs: the router has nothing to learn
+            raise InputError("--sparse-ffn takes the share of FFN neurons to skip, 0 < S < 1 (e.g. 0.5)")
         if self.clusters < 2 or self.clusters & (self.clusters - 1):
             raise InputError("sparse FFN clusters must be a power of two >= 2 (e.g. 16)")
         if not 0 <= self.hot_fraction < 1 or self.block < 1 or self.router_steps < 1:
@@ -71,7 +72,12 @@ class SparseFFNConfig:
             raise InputError(f"--sparse-ffn {self.sparsity}: at most {cold / n_ff:.2f} of this FFN is cold; "
                              f"use --sparse-ffn {int(cold / n_ff * 100) / 100:g} or less")
         k = round(self.clusters * (1 - self.sparsity * n_ff / cold))
-        return n_ff - cold, cold // self.clusters, max(1, min(self.clusters, k))
+        if k >= self.clusters:  # skips less than half a cluster: the dense model in a slower layout
+            one = math.ceil(cold / self.clusters / n_ff * 100) / 100
+            raise InputError(f"--sparse-ffn {self.sparsity:g} skips no cold cluster of this FFN ({self.clusters} "
+                             f"clusters of {cold // self.clusters} neurons in {n_ff}); use --sparse-ffn {one:g} or "
+                             "more to skip at least one")
+        return n_ff - cold, cold // self.clusters, max(1, k)
 
     def achieved(self, n_ff: int, k: int | None = None) -> float:
         """The sparsity actually reached with ``k`` clusters run (default: this config's)."""

@@ -15,13 +15,16 @@ progress, and is resumable: every ``checkpoint_s`` seconds, and on Ctrl-C, the s
 optimizer's moments and the step count are written (safetensors and JSON, no pickles) under
 ``~/.cache/edgekit/heal/<key>``, where the key hashes the source weights, the pruning, the data and the
 settings; they are written as one set (a scratch folder beside it, renamed into place). Running the same
-conversion again continues from there with the time already spent counted; a finished heal is reused as
-is. A checkpoint that cannot be read back (damaged, incomplete, or not matching the student) is discarded
-with a warning, and training starts over.
+conversion again continues from there with the time already spent counted, and says so once (a ``note:``
+progress line, which the CLI prints as a line of its own). A finished heal keeps only the trained
+parameters and the record, no optimizer moments, and is reused as is. A checkpoint that cannot be read
+back (damaged, incomplete, or not matching the student) is discarded with a warning, and training starts
+over. ``edgekit cache`` shows what these states take and clears them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -71,19 +74,34 @@ class HealConfig:
         if self.minutes <= 0 or self.lr <= 0 or self.batch < 1 or self.max_steps < 0 or self.eval_seqs < 1 \
                 or self.seqlen < 0 or self.refit_seqs < 0:
             raise InputError("healing needs a positive time budget, learning rate and batch")
+        if self.minutes > MAX_MINUTES:
+            raise InputError(_too_long(f"a time budget of {self.minutes:g} minutes"))
 
     @staticmethod
     def parse_minutes(text: str, flag: str = "--heal") -> float:
-        """``"20m"``, ``"90s"``, ``"1.5h"`` or plain minutes; ``flag`` names the option in errors."""
+        """``"20m"``, ``"90s"``, ``"1.5h"``, ``"2d"`` or plain minutes, at most :data:`MAX_MINUTES`; ``flag``
+        names the option in errors."""
         t = str(text).strip().lower()
-        scale = {"s": 1 / 60, "m": 1.0, "h": 60.0}
+        scale = {"s": 1 / 60, "m": 1.0, "h": 60.0, "d": 1440.0}
         try:
             minutes = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
         except ValueError:
             raise InputError(f"{flag} {text!r}: give a duration like 20m, 90s or 1h") from None
         if not math.isfinite(minutes) or minutes <= 0:
             raise InputError(f"{flag} {text!r}: give a positive duration like 20m, 90s or 1h")
+        if minutes > MAX_MINUTES:
+            raise InputError(_too_long(f"{flag} {text}"))
         return minutes
+
+
+#: The longest time budget a heal or distillation takes (7 days). The learning rate decays over the whole
+#: budget, so a budget far beyond what the run will get (99999h) trains at full rate until it is stopped.
+MAX_MINUTES = 7 * 24 * 60.0
+
+
+def _too_long(what: str) -> str:
+    return (f"{what} is more than the {MAX_MINUTES / 1440:g} days a training may take: the learning rate decays "
+            "over the whole budget, so give the time you mean to let it run (e.g. 30m, 2h, 1d)")
 
 
 def _key(ckpt: HFCheckpoint, spec: str, cfg: HealConfig, calib: CalibConfig) -> str:
@@ -127,8 +145,10 @@ def _check_info(info: Any) -> dict[str, Any]:
 def _read_checkpoint(state: Path, expected: dict[str, Any], params: dict[str, Any]
                      ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """``(info, weights, moments)`` of the checkpoint in ``state``, checked against the student (``expected``:
-    its tensors by name; ``params``: its trained parameters) before anything is loaded into it; raises
-    :class:`_Unreadable` (or what a damaged file raises while it is read)."""
+    its tensors by name; ``params``: its trained parameters, which the checkpoint holds, with any others of
+    ``expected`` that an earlier version also saved) before anything is loaded into it; raises
+    :class:`_Unreadable` (or what a damaged file raises while it is read). A finished checkpoint has no
+    moments: nothing resumes from it."""
     from safetensors.torch import load_file
 
     missing = [n for n in _STATE_FILES[:2] if not (state / n).is_file()]
@@ -140,17 +160,17 @@ def _read_checkpoint(state: Path, expected: dict[str, Any], params: dict[str, An
         raise _Unreadable(f"state.json is not valid JSON: {exc}") from exc
     info = _check_info(info)
     weights = load_file(str(state / "student.safetensors"))
-    if weights.keys() != expected.keys():
-        odd = sorted(weights.keys() ^ expected.keys())
+    if not params.keys() <= weights.keys() <= expected.keys():
+        odd = sorted((params.keys() - weights.keys()) | (weights.keys() - expected.keys()))
         raise _Unreadable(f"student.safetensors does not match the student (tensor {odd[0]!r})")
     for name, t in weights.items():
         if t.shape != expected[name].shape or t.dtype != expected[name].dtype:
             raise _Unreadable(f"student.safetensors has {name!r} of shape {tuple(t.shape)} ({t.dtype}); the student's "
                               f"is {tuple(expected[name].shape)} ({expected[name].dtype})")
     moments: dict[str, Any] = {}
-    if (state / "optim.safetensors").is_file():
+    if (state / "optim.safetensors").is_file() and not info["done"]:  # an earlier version kept them
         moments = load_file(str(state / "optim.safetensors"))
-    elif info["step"] > 0:
+    elif info["step"] > 0 and not info["done"]:
         raise _Unreadable("optim.safetensors is missing")
     for key, t in moments.items():
         kind, _, name = key.partition(".")
@@ -168,6 +188,27 @@ def _keep(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def resume_note(what: str, info: dict[str, Any], state: Path, minutes: float) -> str:
+    """The one line a run says when it takes up saved progress (a ``note:`` progress line): from which step,
+    saved when and how that run ended, how much of the budget is spent; or that a finished run is reused."""
+    when = info.get("saved")
+    if not isinstance(when, str):  # written by an earlier version: the record's own time
+        with contextlib.suppress(OSError):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime((state / "state.json").stat().st_mtime))
+    if info["done"]:
+        return (f"note: {what} finished earlier ({info['step']} steps, {info.get('finished') or when or 'earlier'}): "
+                f"reusing it from {state}")
+    how = {"Ctrl-C": "stopped by Ctrl-C", "a signal": "stopped by a signal"}.get(str(info.get("stopped")),
+                                                                            "that did not finish")
+    return (f"note: {what} resumes from step {info['step']}, saved {when or 'earlier'} by a run {how} "
+            f"({_span(float(info['elapsed_s']))} of {_span(minutes * 60)} spent)")
 
 
 def kl_loss(torch: Any, teacher_logits: Any, student_logits: Any) -> Any:
@@ -225,12 +266,14 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
             info = {"step": 0, "elapsed_s": 0.0, "losses": [], "done": False}
         else:
             with torch.no_grad():
-                student.load_state_dict(saved, strict=False)  # only a tied lm_head is absent (checked above)
+                student.load_state_dict(saved, strict=False)  # the trained parameters (checked above)
             for name, p in params.items():
                 if f"exp_avg.{name}" in moments:
                     opt.state[p] = {"step": torch.tensor(float(info["step"])),
                                     "exp_avg": moments[f"exp_avg.{name}"],
                                     "exp_avg_sq": moments[f"exp_avg_sq.{name}"]}
+            progress(resume_note(what, info, state, cfg.minutes), int(info["elapsed_s"]), int(cfg.minutes * 60))
+            info.pop("stopped", None)  # said once: the next save records how this run ends
     state.mkdir(parents=True, exist_ok=True)  # snapshots go here between checkpoints
     n_eval = min(cfg.eval_seqs, max(1, ids.shape[0] // 4))
     held, train = ids[:n_eval], ids[n_eval:]
@@ -250,16 +293,21 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
 
     def save() -> None:
         """The checkpoint as a set: written into a scratch folder beside ``state`` that then replaces it in one
-        rename, so an interruption between files never pairs a new student with an old step count."""
+        rename, so an interruption between files never pairs a new student with an old step count. Only the
+        trained parameters are kept (the frozen ones come from the checkpoint and ``prepare_student``), and a
+        finished run keeps no optimizer moments: only a resume needs them, and they are twice the student."""
         moments = {}
         for name, p in params.items():
             st = opt.state.get(p)
-            if st:
+            if st and not info["done"]:
                 moments[f"exp_avg.{name}"] = st["exp_avg"].contiguous()
                 moments[f"exp_avg_sq.{name}"] = st["exp_avg_sq"].contiguous()
+        info["saved"] = time.strftime("%Y-%m-%d %H:%M")
+        if info["done"]:
+            info.setdefault("finished", info["saved"])  # a reuse saves again; the note names the first finish
         with atomic_dir(state, force=True, replaceable=lambda p: p.is_dir() and not p.is_symlink(),
                         notes=[]) as tmp:
-            save_file(weights(), str(tmp / "student.safetensors"))
+            save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "student.safetensors"))
             if moments:
                 save_file(moments, str(tmp / "optim.safetensors"))
             (tmp / "state.json").write_text(json.dumps(info))
@@ -337,8 +385,12 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
                 last_save = time.monotonic()
         info["done"] = True
     except KeyboardInterrupt as exc:  # said on the "interrupted" line: the work is kept, not lost
+        info["stopped"] = "Ctrl-C"
         exc.add_note(f"no half-written model was kept; {what} progress is saved at step {info['step']}: the same "
                      "command resumes it")
+        raise
+    except SystemExit:  # kill or a closed terminal (edgekit's CLI turns SIGTERM and SIGHUP into an exit)
+        info["stopped"] = "a signal"
         raise
     finally:
         info["elapsed_s"] = spent0 + time.monotonic() - t_run

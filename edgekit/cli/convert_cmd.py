@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def convert(
                                  "or a .gguf file (imported on the way)."),
     to: str = typer.Option("gguf", "--to", help="Output format."),
     bits: int | None = typer.Option(4, "--bits", help="GGUF: 2, 3, 4, 5, 6 or 8 (a llama.cpp-style _M mix); "
-                                    "ONNX: 4 or 8 (MatMulNBits), 16 or 32 (float); Core ML: 4 or 8 (blockwise), 16 (fp16); AQLM: 2 (2x8 codebooks), 1, 3, 4."),
+                                    "ONNX: 4 or 8 (MatMulNBits), 16 or 32 (float); Core ML: 4 or 8 (blockwise), "
+                                    "16 (fp16); AQLM: 2 (2x8 codebooks, its default), 1, 3, 4."),
     type_: str | None = typer.Option(None, "--type", help="A preset by name (Q4_K_M, Q4_0, Q8_0, F16...)."),
     bpw: float | None = typer.Option(None, "--bpw", help="Size budget in bits per weight: types per tensor by "
                                      "measured sensitivity."),
@@ -61,10 +63,11 @@ def convert(
     params: str | None = typer.Option(None, "--params", help="With --prune width:auto: the parameter budget (100M, "
                                       "1.5B); every block gets its own FFN width."),
     heal: str | None = typer.Option(None, "--heal", help="With --prune depth/width: distil the pruned model from "
-                                    "the unpruned one for this long (20m, 1h); Ctrl-C and re-run resume it."),
+                                    "the unpruned one for this long (20m, 1h; at most 7d); Ctrl-C and re-run "
+                                    "resume it."),
     distill: str | None = typer.Option(None, "--distill", help="With --method ternary: train the ternary model by "
-                                       "distillation from the float one for this long (60m, 2h); Ctrl-C and re-run "
-                                       "resume it."),
+                                       "distillation from the float one for this long (60m, 2h; at most 7d); "
+                                       "Ctrl-C and re-run resume it."),
     steps: str = typer.Option("", "--steps", help="More layer steps by name, comma-separated (see 'edgekit "
                               "registry'), run with the method's in stage order; e.g. --method imatrix --steps awq."),
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
@@ -89,8 +92,8 @@ def convert(
                                           "(--heal, default 20m), Q4_0 (--type); ONNX, the whole model at 8 bits "
                                           "(--bits); use it with run --draft."),
     sparse_ffn: float | None = typer.Option(None, "--sparse-ffn", help="GGUF: skip this share of FFN neurons per "
-                                            "token (hot set always, cold clusters picked by a trained router; "
-                                            "a Qwen2-MoE file stock llama.cpp runs), e.g. 0.5."),
+                                            "token, 0 < S < 1 (hot set always, cold clusters picked by a trained "
+                                            "router; a Qwen2-MoE file stock llama.cpp runs), e.g. 0.5."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Artifact folder (default: MODEL-FORMAT-QUANT "
                                        "in the model library, see 'edgekit ls')."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
@@ -148,6 +151,8 @@ def convert(
         structural = f"{structural},params={params}"
     if method == "rtn" and api.default_method(to):
         method = api.default_method(to)  # --to aqlm encodes with AQLM
+    if getattr(cli.get_parameter_source("bits"), "name", "") != "COMMANDLINE":
+        bits = api.default_bits(to)  # AQLM's is 2 (2x8), the others' 4
     if (step_names or prune) and method == "rtn":
         method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
     size_bytes, fit_target = size_opts.size_target(model, to, size, fit, ctx, quiet=as_json)
@@ -161,6 +166,8 @@ def convert(
     extra = api.format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
                                quant=quant, compile=compile_target,
                                sparse_ffn=None if sparse_ffn is None else str(sparse_ffn))
+    _check_sparse_ffn(extra.get("sparse_ffn"), f"--sparse-ffn {sparse_ffn:g}" if sparse_ffn is not None
+                      else f"-O sparse_ffn={extra.get('sparse_ffn')}")
     _check_format_flags(to, {"--block-size": ("block_size", block_size), "--sym/--asym": ("symmetric", sym),
                              "--dtype": ("dtype", dtype), "--palettize": ("palettize", palettize),
                              "--quant": ("quant", quant), "--compile": ("compile", compile_target),
@@ -203,7 +210,7 @@ def convert(
             warnings.simplefilter("always")
             use_torch_threads(threads)
     with progress_bar(not as_json) as progress, size_opts.explain_fit(fit_target):
-        progress = shown_when_started(progress, held)
+        progress = shown_when_started(said_once(progress), held)
         art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
     for note in art.notes:  # on stderr, so --json output stays a manifest
         warn = note.startswith("warning: ")
@@ -222,6 +229,36 @@ def convert(
     fell = (f", {fallbacks} tensor{'s' if fallbacks != 1 else ''} fell back to another type: see 'edgekit inspect'"
             if fallbacks else "")
     say(out, f"{art.path}  ({m['size_bytes'] / 1e6:.1f} MB, {m['bpw']:.2f} bpw, {m['preset']}{fell})", "wrote", "green")
+
+
+def said_once(progress: Callable[[str, int, int], None]) -> Callable[[str, int, int], None]:
+    """``progress`` where a ``note: ...`` description (a resumed training, a reused one) is said once as a line
+    of its own on stderr (with --json too, as the other notes) instead of a bar's label, which the next step
+    would overwrite at once."""
+    said: set[str] = set()
+
+    def report(desc: str, done: int, total: int) -> None:
+        if not desc.startswith("note: "):
+            progress(desc, done, total)
+        elif desc not in said:
+            said.add(desc)
+            say(err, desc.removeprefix("note: "), "note:", "dim")
+    return report
+
+
+def _check_sparse_ffn(value: Any, given: str) -> None:
+    """The share of FFN neurons to skip is above 0. At 0 every cluster runs: the router has nothing to learn
+    to pick (its --experts N would choose blindly) and the file is the dense model in a slower layout."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        return  # not given, or not a number: the format's options say what is wrong
+    if share == 0:
+        raise InputError(f"{given} would skip no FFN neuron: every cluster runs, the router learns nothing, and the "
+                         "file is the dense model in a slower layout; give the share to skip, 0 < S < 1 (e.g. 0.5), "
+                         "or drop it for a dense file")
+    if share < 0:
+        raise InputError(f"{given}: give the share of FFN neurons to skip per token, 0 < S < 1 (e.g. 0.5)")
 
 
 def _check_format_flags(to: str, flags: dict[str, tuple[str, Any]]) -> None:

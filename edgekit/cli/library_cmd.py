@@ -1,4 +1,5 @@
-"""The model library on the command line: ``ls``, ``show``, ``rm``, ``ps``; ``registry`` (what ``list`` was).
+"""The model library on the command line: ``ls``, ``show``, ``rm``, ``ps``; ``registry`` (what ``list`` was);
+``cache`` (what edgekit keeps to go faster next time, and ``cache clear``).
 
 Artifacts are named ``<model>-<format>-<quantization>`` in the store (see :mod:`edgekit.library`); every
 command that takes an artifact takes such a name as well as a path.
@@ -233,6 +234,134 @@ def list_alias(as_json: bool = typer.Option(False, "--json")) -> None:
     registry(as_json=as_json)
 
 
+# What edgekit keeps in its home only to go faster next time: kind, where under the home, what it holds. Never
+# listed here: the library (models/, 'edgekit rm'), devices.json, known_hosts, chats/, the profile history,
+# the quickstart's model, the llama.cpp builds.
+CACHES = (
+    ("heal", "heal", "--heal/--distill training: a stopped run resumes, a finished one is reused"),
+    ("aqlm", "aqlm", "AQLM layer encodings: the same recipe skips encoding"),
+    ("calib", "calib", "calibration text sampled from models, --calib self"),
+    ("hashes", "sha256-cache.json", "sha256 of source weights, by path, size and time"),
+)
+KINDS = tuple(kind for kind, _, _ in CACHES)
+
+cache_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)  # its help: cache's docstring
+
+
+def _caches() -> list[dict[str, Any]]:
+    """Each cache kind: its path, bytes and entries (files or folders in it)."""
+    from edgekit import library
+    from edgekit.fsutil import edgekit_home
+
+    home = edgekit_home()
+    rows = []
+    for kind, rel, holds in CACHES:
+        path = home / rel
+        if path.is_dir() and not path.is_symlink():
+            size, n = library.folder_bytes(path), sum(1 for c in path.iterdir() if not c.name.startswith("."))
+        else:
+            size, n = (path.stat().st_size, 1) if path.is_file() and not path.is_symlink() else (0, 0)
+        rows.append({"kind": kind, "path": str(path), "bytes": size, "entries": n, "holds": holds})
+    return rows
+
+
+def _clear(path: Path) -> None:
+    """Empty a cache: a file goes; a folder keeps itself (a running conversion writes beside its entries) and
+    what a live edgekit is writing there (hidden temporary names), and loses the rest."""
+    import shutil
+
+    from edgekit.fsutil import sweep_stale
+
+    if path.is_symlink() or not path.exists():
+        return
+    if path.is_file():
+        path.unlink()
+        return
+    sweep_stale(path)  # what killed writers left
+    for child in path.iterdir():
+        if child.name.startswith("."):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+@cache_app.callback()
+@handle_errors
+def cache(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the caches as JSON."),
+) -> None:
+    """What edgekit keeps to go faster next time: each kind, its size and path.
+
+    Clearing one costs a rerun the time to redo it (train, encode, sample), never a model:
+    the library ('edgekit rm'), devices, known_hosts and chats are not touched.
+
+    Examples:
+      edgekit cache
+      edgekit cache clear heal
+      edgekit cache clear -y
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgekit.fsutil import edgekit_home
+
+    rows = _caches()
+    if as_json:
+        out.print_json(json.dumps({"home": str(edgekit_home()), "caches": rows}))
+        return
+    width = max(len(_mb(r["bytes"])) for r in rows)
+    for r in rows:  # one line each, so a path is never folded and can be copied
+        n = r["entries"]
+        say(out, tagged(f"{r['kind']:<6}", "bold", f"{_mb(r['bytes']):>{width}} MB  {n:>4} {'entry' if n == 1 else 'entries':<7}"
+                                                    f"  {r['path']}  {r['holds']}"))
+    say(out, f"{_mb(sum(r['bytes'] for r in rows))} MB in all; 'edgekit cache clear [KIND]' deletes them (the "
+             "model library, devices and chats are not caches: never touched)")
+
+
+@cache_app.command("clear")
+@handle_errors
+def cache_clear(
+    kinds: list[str] = typer.Argument(None, metavar="KIND...", help=f"Which: {', '.join(KINDS)} "
+                                      "(default: all of them).", show_default=False),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+) -> None:
+    """Delete cached work: a rerun then redoes it (trains, encodes, samples again).
+
+    A stopped --heal/--distill run's saved progress goes with 'heal'.
+
+    Examples:
+      edgekit cache clear heal aqlm
+      edgekit cache clear -y
+    """
+    import sys
+
+    from edgekit.errors import InputError
+
+    bad = [k for k in kinds or () if k not in KINDS]
+    if bad:
+        raise InputError(f"no cache kind {bad[0]!r}; give {', '.join(KINDS)} (or none: all of them)")
+    rows = [r for r in _caches() if not kinds or r["kind"] in kinds]
+    rows = [r for r in rows if r["entries"] or r["bytes"]]
+    if not rows:
+        say(out, "nothing to clear")
+        return
+    what = ", ".join(f"{r['kind']} ({_mb(r['bytes'])} MB)" for r in rows)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InputError("cache clear asks before deleting, and stdin is not a terminal: pass -y to clear "
+                             "without asking")
+        if not typer.confirm(f"delete the caches {what}?", default=False, err=True):
+            say(err, "kept them")
+            return
+    for r in rows:
+        _clear(Path(r["path"]))
+    left = {r["kind"]: r["bytes"] for r in _caches()}  # a live writer's temporary files stay
+    say(out, f"{', '.join(r['kind'] for r in rows)}: {_mb(sum(r['bytes'] - left[r['kind']] for r in rows))} MB "
+             "freed", "cleared", "green")
+
+
 def register(app: typer.Typer) -> None:
     app.command("ls")(ls)
     app.command("show")(show)
@@ -240,3 +369,4 @@ def register(app: typer.Typer) -> None:
     app.command("ps")(ps)
     app.command("registry")(registry)
     app.command("list", hidden=True)(list_alias)
+    app.add_typer(cache_app, name="cache")

@@ -149,6 +149,23 @@ def test_a_second_conversion_reuses_the_encoding(aqlm_art, tiny_llama, aqlm_home
     assert not np.array_equal(a[f"{name}.codebooks"], b[f"{name}.codebooks"])  # only tuning moved the books
 
 
+def test_the_finished_fine_tuning_keeps_only_what_it_trained(aqlm_art, aqlm_home):
+    """The student's float weights are frozen (its codes select from the codebooks) and the embedding and head
+    too: a finished fine-tuning's state holds the codebooks, scales and norms it trained, and no optimizer
+    moments (only a resume needs them); reused as is, it is a few hundred KB, not the whole model twice."""
+    from safetensors import safe_open
+
+    assert aqlm_art.manifest["aqlm"]["distill"]["steps"] == 12
+    states = list((aqlm_home / "heal").iterdir())
+    assert states
+    for state in states:
+        assert sorted(p.name for p in state.iterdir()) == ["state.json", "student.safetensors"]
+        with safe_open(str(state / "student.safetensors"), framework="numpy") as f:
+            keys = set(f.keys())
+        assert sum(k.endswith(".aqlm_codebooks") for k in keys) == 14 == sum(k.endswith(".aqlm_scales") for k in keys)
+        assert all(k.endswith((".aqlm_codebooks", ".aqlm_scales", "norm.weight")) for k in keys), sorted(keys)
+
+
 def _decoded_model(src: Path, art_path: Path):
     import transformers
 

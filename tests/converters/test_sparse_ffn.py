@@ -108,6 +108,12 @@ def test_config_shapes_and_refusals():
     assert SparseFFNConfig(sparsity=0.25, clusters=8).shape(512) == (256, 32, 4)
     with pytest.raises(InputError, match="too narrow"):
         SparseFFNConfig(clusters=2).shape(64)
+    # a share that skips nothing (0, or under half a cold cluster) is the dense model in a slower layout
+    with pytest.raises(InputError, match="0 < S < 1"):
+        SparseFFNConfig(sparsity=0.0)
+    with pytest.raises(InputError, match=r"--sparse-ffn 0.01 skips no cold cluster.*use --sparse-ffn 0.05 or more"):
+        SparseFFNConfig(sparsity=0.01).shape(1536)
+    assert SparseFFNConfig(sparsity=0.05).shape(1536)[2] == 15  # the value the refusal offers skips one
 
 
 @pytest.mark.llamacpp
@@ -236,7 +242,7 @@ def test_cli_refuses_bad_sparse_ffn_and_vram_without_offload(tiny_llama, tmp_pat
     r = runner.invoke(app, ["convert", str(tiny_llama), "--to", "onnx", "--sparse-ffn", "0.5", "-o", str(tmp_path / "x")])
     assert r.exit_code != 0 and "--sparse-ffn is not an option of --to onnx" in r.output
     r = runner.invoke(app, ["convert", str(tiny_llama), "--sparse-ffn", "1.5", "-o", str(tmp_path / "y")])
-    assert r.exit_code != 0 and "0 <= S < 1" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and "0 < S < 1" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "y").exists()
     r = runner.invoke(app, ["run", str(tmp_path / "none"), "-p", "hi", "--vram", "2GiB"])
     assert r.exit_code != 0 and "--vram is the budget of --offload auto" in r.output

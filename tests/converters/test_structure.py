@@ -327,7 +327,10 @@ def test_healing_lowers_kl_and_resumes_after_ctrl_c(four_blocks, tmp_path):
     assert state["step"] == 5 and not state["done"]
     seen.clear()
     report = heal(src, pruned, spec, cfg, calib, lambda d, a, b: seen.append(d), state_root=tmp_path / "state")
-    assert report["steps"] == 40 and seen[0].startswith("healing: step 6")  # continued, not restarted
+    # continued, not restarted, and it says so once
+    assert seen[0].startswith("note: healing resumes from step 5,") and "stopped by Ctrl-C" in seen[0]
+    assert report["steps"] == 40 and seen[1].startswith("healing: step 6")
+    assert sum(d.startswith("note:") for d in seen) == 1
     losses = json.loads(next((tmp_path / "state").glob("*/state.json")).read_text())["losses"]
     # the distillation KL falls on the data it trains on (a random tiny teacher has nothing to generalize;
     # bench/pruning.py measures held-out KL on the real model)

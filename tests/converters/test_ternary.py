@@ -103,7 +103,8 @@ def test_distillation_lowers_kl_and_resumes_after_ctrl_c(narrow, tmp_path, monke
     seen.clear()
     q = TernaryQuantizer(cfg)
     q.prepare(ckpt, plan, lambda d, a, b: seen.append(d))
-    assert seen[0].startswith("ternary distillation: step 5")  # continued, not restarted
+    assert seen[0].startswith("note: ternary distillation resumes from step 4,")  # said once, then continued
+    assert seen[1].startswith("ternary distillation: step 5") and sum(d.startswith("note:") for d in seen) == 1
     report = q.report["ternary"]["distill"]
     assert report["steps"] == 16
     losses = json.loads(next((tmp_path / "home" / "heal").glob("*/state.json")).read_text())["losses"]

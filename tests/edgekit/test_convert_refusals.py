@@ -25,6 +25,13 @@ from edgekit.errors import InputError
     (["--to", "aqlm", "--distill", "abc"], "--distill 'abc': give a duration"),
     (["--to", "aqlm", "--distill", "0m"], "--distill '0m': give a positive duration"),
     (["--to", "mlc", "--distill", "1m"], "--distill trains the student of --method ternary or of --to aqlm"),
+    # a budget no run will reach: the learning rate decays over it, so it would train at full rate to the end
+    (["--to", "aqlm", "--distill", "99999h"], "--distill 99999h is more than the 7 days a training may take"),
+    (["--prune", "depth:1", "--heal", "8d"], "--heal 8d is more than the 7 days a training may take"),
+    # 0 skips nothing: every cluster runs and the router learns nothing
+    (["--sparse-ffn", "0"], "--sparse-ffn 0 would skip no FFN neuron"),
+    (["-O", "sparse_ffn=0"], "-O sparse_ffn=0 would skip no FFN neuron"),
+    (["--sparse-ffn", "-0.5"], "--sparse-ffn -0.5: give the share of FFN neurons to skip per token, 0 < S < 1"),
 ])
 def test_refused_up_front_naming_the_flags_given(tiny_llama, tmp_path, args, says):
     r = CliRunner().invoke(app, ["convert", str(tiny_llama), "-o", str(tmp_path / "out"), "-t", "1", *args])
@@ -56,3 +63,37 @@ def test_show_says_what_training_and_pruning_did():
     assert training_notes(m) == ["pruned sparsegpt:2:4 (50% zeros)",
                                  "distilled 189 steps (KL 0.3753 -> 0.3944, worse: not kept)"]
     assert training_notes({"aqlm": {"distill": "x"}, "sparsity": [1]}) == []  # a hand-edited manifest
+
+
+def test_durations_take_days_up_to_a_week():
+    from edgekit.converters.structure.heal import MAX_MINUTES, HealConfig
+
+    assert HealConfig.parse_minutes("1d") == 1440 and HealConfig.parse_minutes("7d") == MAX_MINUTES == 7 * 1440
+    with pytest.raises(InputError, match=r"^--distill 169h is more than the 7 days a training may take: the learning "
+                                         r"rate decays over the whole budget"):
+        HealConfig.parse_minutes("169h", "--distill")
+    with pytest.raises(InputError, match="a time budget of 1e\\+06 minutes is more than the 7 days"):
+        HealConfig(minutes=1e6)  # the SDK's config, not only the flag
+
+
+@pytest.mark.parametrize(("args", "scheme", "suffix"), [
+    ([], "2x8", "aqlm-2x8"),  # AQLM's own default: 2 bits, as the README's commands
+    (["--bits", "4"], "4x8", "aqlm-4x8"),  # given: as given
+])
+def test_aqlm_defaults_to_2_bits_and_other_formats_keep_4(tiny_llama, tmp_path, monkeypatch, args, scheme, suffix):
+    from edgekit.converters.formats.aqlm.options import AQLMOptions
+
+    seen = []
+
+    def convert(model, to, *, recipe, **kw):
+        seen.append((to, recipe))
+        raise InputError("stopped before converting")
+
+    monkeypatch.setattr(api, "convert", convert)
+    r = CliRunner().invoke(app, ["convert", str(tiny_llama), "--to", "aqlm", *args])
+    assert r.exit_code == InputError.exit_code and "stopped before converting" in r.output, r.output
+    (to, recipe), = seen
+    assert AQLMOptions.from_recipe(recipe).scheme == scheme and api.default_output_suffix(to, recipe) == suffix
+    seen.clear()
+    r = CliRunner().invoke(app, ["convert", str(tiny_llama)])
+    assert seen[0][1].bits == 4 and api.default_output_suffix("gguf", seen[0][1]) == "gguf-q4_k_m"

@@ -99,6 +99,7 @@ class AQLMFormat(Format):
     options_class = AQLMOptions
     model_filename = MODEL_FILE
     default_method = "aqlm"
+    default_bits = 2  # AQLM's canonical 2x8: two 256-entry codebooks per 8 weights
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
         opts = AQLMOptions.from_recipe(recipe)
