@@ -39,6 +39,22 @@ def decoding_options(draft: str | Path | None, speculative: str | None, n_draft:
     return out
 
 
+def interactive_defaults(artifact: str | Path) -> dict[str, Any]:
+    """Options `run`, `chat` and `serve` decode a GGUF artifact with unless told otherwise: flash attention,
+    as llama.cpp's own CLI and server default to (``-fa auto``), which llama-cpp-python leaves off. It is as
+    fast here (SmolLM2 Q8_0, 200 tokens, 1 thread: 78-80 tok/s with or without it), and it is the attention
+    drafting and ``--prediction`` verify with, so ``--draft``/``--speculative`` give plain decoding's greedy
+    text. ``-O flash_attn=false`` turns it off. Empty for other formats, or a path that is no artifact."""
+    from edgekit.artifact import Artifact
+    from edgekit.errors import EdgekitError
+
+    try:
+        fmt = artifact.format if isinstance(artifact, Artifact) else Artifact.open(artifact).format
+    except (EdgekitError, OSError):  # a Hugging Face folder, or a bad path that loading names in its own words
+        return {}
+    return {"flash_attn": True} if fmt == "gguf" else {}
+
+
 def draft_model_file(draft: str | Path) -> Path:
     """The GGUF file of a draft given as an artifact folder or a file (a one-line error otherwise)."""
     p = Path(draft).expanduser()

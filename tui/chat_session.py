@@ -136,7 +136,9 @@ class ChatSession:
             n_ctx = int(opts.get("kv_window") or opts.get("n_ctx") or 4096)  # a KV window bounds the cache
             planned, self.offload_reason = api.offload_options(self.artifact, offload, n_ctx,
                                                                draft=opts.get("draft"), experts=opts.get("experts"))
-            self.backend = api.open_backend(self.artifact, **opts, **planned)
+            from edgekit.runtime.llamacpp_decoding import interactive_defaults
+
+            self.backend = api.open_backend(self.artifact, **{**interactive_defaults(self.artifact), **opts, **planned})
         return self.backend
 
     @property

@@ -74,16 +74,6 @@ def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat
                           repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, stop=tuple(stop))
 
 
-def _is_gguf(artifact: Path) -> bool:
-    from edgekit.artifact import Artifact
-    from edgekit.errors import EdgekitError
-
-    try:
-        return Artifact.open(artifact).format == "gguf"
-    except (EdgekitError, OSError):  # a Hugging Face folder, or a bad path that loading names in its own words
-        return False
-
-
 def _read_prediction(path: Path) -> str:
     p = path.expanduser()
     if not p.is_file():
@@ -189,8 +179,10 @@ def run(
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
     placement.update(chosen)
     placement.update(api.format_options(option))
-    if prediction is not None and not backend and _is_gguf(artifact):
-        placement.setdefault("flash_attn", True)  # drafts checked in batches as one-token steps compute them
+    if not backend:
+        from edgekit.runtime.llamacpp_decoding import interactive_defaults
+
+        placement = {**interactive_defaults(artifact), **placement}  # GGUF: flash attention, as drafting verifies
     if prompt is None and sys.stdin.isatty():
         if as_json:
             raise InputError("--json answers one prompt: give it with -p TEXT (or -p - to read stdin)")
