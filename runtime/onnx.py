@@ -219,6 +219,8 @@ class OnnxBackend(Backend):
                                    lambda lg, prev: pick(lg, sampling, rng, prev), self._eos, stream, stats, budget, t0)
         stats.total_time = time.perf_counter() - t0
         stats.extra["kv"] = self.kv_state()
+        if stats.stop_reason == "length" and budget < sampling.max_tokens:  # the context, not max_tokens, cut it
+            stats.extra["context_full"] = True
 
     def kv_state(self) -> dict[str, Any]:
         w = self.window

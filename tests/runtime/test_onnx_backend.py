@@ -86,6 +86,18 @@ def test_context_overflow_is_an_input_error(tiny_onnx):
         be.logits(list(range(20)))
 
 
+def test_a_reply_the_context_cut_says_so_as_llamacpp_does(tiny_onnx):
+    """run --json's context_full and chat's 'the conversation fills the context' note read this (QA s49: ONNX
+    never set it, so a reply cut by --ctx looked like one cut by -n)."""
+    with api.open_backend(tiny_onnx, n_ctx=24) as be:
+        cut = GenerationStats()
+        "".join(be.generate("one two three", SamplingConfig(temperature=0, max_tokens=200), cut))
+        short = GenerationStats()
+        "".join(be.generate("one two three", SamplingConfig(temperature=0, max_tokens=3), short))
+    assert cut.stop_reason == "length" and cut.extra.get("context_full") is True
+    assert short.stop_reason == "length" and "context_full" not in short.extra
+
+
 def test_sampler_truncations():
     from edgekit.runtime.sampling import pick
 
