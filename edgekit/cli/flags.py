@@ -119,6 +119,26 @@ def trained_context(model: str | Path) -> int | None:
     return None
 
 
+def artifact_trained_context(target: str | Path) -> int | None:
+    """:func:`trained_context` of a checkpoint or an artifact: its folder's config.json, else a GGUF's own
+    ``context_length`` (a header read); None where neither says."""
+    n = trained_context(target)
+    if n is not None:
+        return n
+    from edgekit.artifact import Artifact
+    from edgekit.errors import EdgekitError
+
+    try:
+        art = Artifact.open(target)
+        if art.format != "gguf":
+            return trained_context(art.path)
+        from edgekit.runtime.memory import read_shape
+
+        return read_shape(art.model_file).n_ctx_train or None
+    except (EdgekitError, OSError, ValueError):
+        return None
+
+
 def check_calib_seqlen(seqlen: int, model: str | Path | None = None) -> None:
     """--calib-seqlen, checked before any work: at most :data:`MAX_CALIB_SEQLEN` tokens and, given the
     ``model``, at most its trained context (calibrating past it measures activations the model never sees)."""

@@ -23,7 +23,14 @@ from edgekit.cli import (
     tui_cmd,
 )
 from edgekit.cli import eval_diffusion_cmd as dx
-from edgekit.cli.flags import CONTEXT_SETTINGS, THREADS_HELP, EdgekitGroup, flags_take_no_value, show_version
+from edgekit.cli.flags import (
+    CONTEXT_SETTINGS,
+    THREADS_HELP,
+    EdgekitGroup,
+    artifact_trained_context,
+    flags_take_no_value,
+    show_version,
+)
 from edgekit.cli.ui import (
     DRAFT_HELP,
     EXPERTS_HELP,
@@ -217,6 +224,7 @@ def run(
 @app.command("eval")
 @handle_errors
 def eval_cmd(
+    cli: typer.Context,
     artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder; or a diffusion "
                                     "pipeline folder or artifact (scored on images it samples)."),
     text: Path | None = typer.Option(None, "--text", help="Plain-text file to measure on (language models; "
@@ -254,6 +262,16 @@ def eval_cmd(
 
     if kv_window is None and max_tokens is not None:
         raise InputError("--max-tokens is for --kv-window; --chunks limits a plain perplexity run")
+    typed = {n for n in ("ctx", "chunks", "kv_sinks", "record")
+             if getattr(cli.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+    if kv_window is None and "kv_sinks" in typed:
+        raise InputError("--kv-sinks is for --kv-window: give the window too, or drop it")
+    if kv_window is not None and typed & {"ctx", "chunks"}:
+        raise InputError(f"--kv-window streams the whole text through the window: drop --{sorted(typed & {'ctx', 'chunks'})[0]} "
+                         "(--max-tokens limits the tokens streamed, the window is the context)")
+    if kv_window is not None and record and "record" in typed:
+        raise InputError("a KV-window perplexity measures the window, not the model: it is not recorded in the "
+                         "manifest; drop --record")
     check_stream_tokens(max_tokens)
     diffusion_opts = dx.diffusion_options(n, steps, sampler, cache_interval, seed)
     if api.is_diffusion(artifact):
@@ -287,11 +305,18 @@ def eval_cmd(
         if as_json:
             out.print_json(json.dumps(res_s))
         else:
+            if record:
+                say(err, "a KV-window perplexity is not recorded in the manifest (it measures the window, not the "
+                         "model)", "note:", "dim")
             say(out, f"perplexity {res_s['ppl']:.4f} on {res_s['text_name']} (sha256:{res_s['text_sha256'][:8]}), "
                  f"{res_s['tokens_scored']:,} tokens streamed through a KV window of {kv_window} ({kv_sinks} sinks): "
                  f"at most {res_s['peak_cells']} cells held, {res_s['evicted']:,} evicted")
         return
 
+    trained = artifact_trained_context(artifact) if "ctx" in typed else None
+    if trained is not None and ctx > trained:
+        say(err, f"--ctx {ctx} is beyond the {trained} tokens the model was trained for: the perplexity measures how "
+                 "it copes past it", "note:", "dim")
     with progress_bar(not as_json) as progress:
         res = api.evaluate(artifact, text, api.EvalConfig(ctx=ctx, chunks=chunks), ref=ref, progress=progress,
                            record=record, n_threads=threads, **options)

@@ -88,6 +88,23 @@ def test_run_and_eval_past_a_kv_window(target):
 
 
 @pytest.mark.parametrize("args, message", [
+    (["--kv-window", "64", "--chunks", "2"], "--kv-window streams the whole text through the window: drop --chunks"),
+    (["--kv-window", "64", "--ctx", "32"], "drop --ctx"),
+    (["--kv-sinks", "8"], "--kv-sinks is for --kv-window"),
+    (["--kv-window", "64", "--record"], "it is not recorded in the manifest; drop --record"),
+])
+def test_eval_flags_a_kv_window_would_ignore_are_refused(target, args, message):
+    """QA s49: these were accepted and silently did nothing."""
+    out = cli("eval", target, "--text", sample_text_path(), *args, fails=True)
+    assert message in out and "Traceback" not in out
+
+
+def test_eval_past_the_trained_context_says_so(target):
+    out = cli("eval", target, "--text", sample_text_path(), "--ctx", "2048", "--chunks", "1", "--no-record")
+    assert "--ctx 2048 is beyond the 1024 tokens the model was trained for" in out
+
+
+@pytest.mark.parametrize("args, message", [
     (["--draft", "/no/such/draft"], "draft model not found"),
     (["--speculative", "medusa"], "--speculative"),
     (["--kv-sinks", "4"], "--kv-sinks needs --kv-window"),
