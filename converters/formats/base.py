@@ -66,7 +66,8 @@ class ConvertRecipe:
                 raise InputError(f"--{name} ({name}=) must be a {'whole ' if kind is Integral else ''}number, "
                                  f"got {value!r}, a {type(value).__name__}")
         if self.size is not None and (self.bpw is not None or self.preset is not None):
-            raise InputError("--size is a budget of its own: drop --bpw and --type")
+            given = " and ".join(f for f, v in (("--bpw", self.bpw), ("--type", self.preset)) if v is not None)
+            raise InputError(f"--size is a budget of its own: drop {given}")
         if self.size is not None and self.size <= 0:
             raise InputError("--size must be more than 0 bytes, e.g. --size 90MB")
         if self.bpw is not None and not 1.5 <= self.bpw <= 16:

@@ -151,7 +151,9 @@ def convert(
         structural = f"{structural},params={params}"
     if method == "rtn" and api.default_method(to):
         method = api.default_method(to)  # --to aqlm encodes with AQLM
-    if getattr(cli.get_parameter_source("bits"), "name", "") != "COMMANDLINE":
+    typed = _typed(cli, "bits", "ctx", "calib", "calib_samples", "calib_seqlen")
+    _check_ignored_flags(typed, bits, type_, bpw, size, fit, bpw_types)
+    if "bits" not in typed:
         bits = api.default_bits(to)  # AQLM's is 2 (2x8), the others' 4
     if (step_names or prune) and method == "rtn":
         method = "imatrix"  # steps run in the calibrated pipeline; its default rounding is imatrix RTN
@@ -161,6 +163,10 @@ def convert(
                   or sparse_ffn is not None)
     if calibrated:  # only calibration, pruning and healing run PyTorch; importing torch costs seconds
         check_calib_seqlen(calib_seqlen, model)
+    elif typed & {"calib", "calib_samples", "calib_seqlen"} and not as_json:
+        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(typed & {"calib", "calib_samples", "calib_seqlen"}))
+        say(err, f"{flags}: --method {method} rounds without calibration data: no effect (calibrated: "
+                 "--method gptq, awq or imatrix, or --bpw/--size)", "note:", "dim")
     if palettize is not None and getattr(cli.get_parameter_source("bits"), "name", "") == "COMMANDLINE":
         raise InputError(f"--palettize {palettize} sets the bits (palettes of 2^{palettize} values); drop --bits")
     extra = api.format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
@@ -259,6 +265,28 @@ def _check_sparse_ffn(value: Any, given: str) -> None:
                          "or drop it for a dense file")
     if share < 0:
         raise InputError(f"{given}: give the share of FFN neurons to skip per token, 0 < S < 1 (e.g. 0.5)")
+
+
+def _typed(cli: typer.Context, *names: str) -> set[str]:
+    """Which of ``names`` the user typed (not defaults): typer's own click, compared by name."""
+    return {n for n in names if getattr(cli.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+
+
+def _check_ignored_flags(typed: set[str], bits: int | None, type_: str | None, bpw: float | None, size: str | None,
+                         fit: str | None, bpw_types: str) -> None:
+    """Flags another flag overrides are refused, not dropped: --bits beside a preset or a budget, --bpw-types
+    without a budget, --ctx without --fit."""
+    if "bits" in typed:
+        other = next((f"{f} {v:g}" if isinstance(v, float) else f"{f} {v}"
+                      for f, v in (("--type", type_), ("--bpw", bpw), ("--size", size), ("--fit", fit)) if v), None)
+        if other:
+            raise InputError(f"--bits {bits} and {other} both choose the types; give one of them")
+    if bpw_types.strip() and bpw is None and size is None and fit is None:
+        raise InputError("--bpw-types lists the types a --bpw or --size budget may choose from; add the budget, or "
+                         "drop it")
+    if "ctx" in typed and fit is None:
+        raise InputError("--ctx is the context --fit sizes the model for; add --fit DEVICE, or drop it "
+                         "(run, eval and plan take their own --ctx)")
 
 
 def _check_format_flags(to: str, flags: dict[str, tuple[str, Any]]) -> None:

@@ -32,6 +32,12 @@ from edgekit.errors import InputError
     (["--sparse-ffn", "0"], "--sparse-ffn 0 would skip no FFN neuron"),
     (["-O", "sparse_ffn=0"], "-O sparse_ffn=0 would skip no FFN neuron"),
     (["--sparse-ffn", "-0.5"], "--sparse-ffn -0.5: give the share of FFN neurons to skip per token, 0 < S < 1"),
+    # flags another flag overrode were dropped without a word (QA s49)
+    (["--bits", "2", "--type", "Q8_0"], "--bits 2 and --type Q8_0 both choose the types; give one of them"),
+    (["--bpw", "4", "--bits", "2"], "--bits 2 and --bpw 4 both choose the types"),
+    (["--bits", "4", "--bpw-types", "Q4_0"], "--bpw-types lists the types a --bpw or --size budget may choose from"),
+    (["--bits", "4", "--ctx", "100"], "--ctx is the context --fit sizes the model for"),
+    (["--size", "1MB", "--bpw", "4"], "--size is a budget of its own: drop --bpw"),
 ])
 def test_refused_up_front_naming_the_flags_given(tiny_llama, tmp_path, args, says):
     r = CliRunner().invoke(app, ["convert", str(tiny_llama), "-o", str(tmp_path / "out"), "-t", "1", *args])
@@ -97,3 +103,10 @@ def test_aqlm_defaults_to_2_bits_and_other_formats_keep_4(tiny_llama, tmp_path, 
     seen.clear()
     r = CliRunner().invoke(app, ["convert", str(tiny_llama)])
     assert seen[0][1].bits == 4 and api.default_output_suffix("gguf", seen[0][1]) == "gguf-q4_k_m"
+
+
+def test_calibration_flags_a_method_does_not_use_are_noted(tiny_llama, tmp_path):
+    r = CliRunner().invoke(app, ["convert", str(tiny_llama), "-o", str(tmp_path / "q8"), "--type", "Q8_0",
+                                 "--calib-samples", "4"])
+    assert r.exit_code == 0, r.output
+    assert "--calib-samples: --method rtn rounds without calibration data: no effect" in " ".join(r.stderr.split())
