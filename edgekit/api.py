@@ -16,6 +16,7 @@ from typing import Any
 
 from edgekit import library
 from edgekit.artifact import (
+    MANIFEST_NAME,
     SCHEMA,
     Artifact,
     checksum_files,
@@ -29,7 +30,7 @@ from edgekit.calibration import CalibConfig
 from edgekit.converters.diffusion.pipeline import is_pipeline
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
-from edgekit.errors import DiskFullError, InputError
+from edgekit.errors import DiskFullError, InputError, OutputExistsError
 from edgekit.evaluate import (
     EvalConfig,
     EvalResult,
@@ -83,8 +84,8 @@ def default_output(model: Path, fmt: str, recipe: ConvertRecipe, quantize: Quant
         if isinstance(sparsity, str):
             amount = sparsity.replace(":", "_") if ":" in sparsity else f"{round(float(sparsity) * 100):d}"
             tags.append(f"{type(step).step}{amount}")
-    if recipe.tensor_types:
-        tags.append("custom")
+    if recipe.tensor_types or any(recipe.extra.get(k) is not None for k in ("output_type", "embed_type")):
+        tags.append("custom")  # types chosen per tensor, by --tensor-type or -O output_type/embed_type
     if recipe.extra.get("sparse_ffn") is not None or recipe.extra.get("sparse_clusters") is not None:
         tags.append("sparse")
     return library.store_dir(create=True) / library.artifact_name(model.name, pruned, default_output_suffix(fmt, recipe),
@@ -160,6 +161,7 @@ def convert(
     with contextlib.ExitStack() as stack:
         ckpt, out, gguf_src = _open_source(Path(model).expanduser(), output, to, recipe, force, stack, progress,
                                            quantize)
+        _check_same_source(out, gguf_src or ckpt.path, force, notes)
         _write(fmt, ckpt, out, gguf_src, recipe, quantizer, force, notes, progress)
     art = Artifact.open(out, verify=False)
     remember_checksums(art)
@@ -177,6 +179,21 @@ def _convert_pipeline(model: str | Path, to: str, output: str | Path | None, rec
                          "block_size); drop --type/--bpw/--size/--prune and method configs")
     return convert_pipeline(model, to, output=output, bits=recipe.bits, method=recipe.method, options=recipe.extra,
                             force=force, progress=progress)
+
+
+def _check_same_source(out: Path, source: Path, force: bool, notes: list[str]) -> None:
+    """An existing artifact at ``out`` converted from another source (two models in folders of one name share
+    a default name) is named as such: refused without ``force``, and its replacement said with it."""
+    try:
+        made_from = json.loads((out / MANIFEST_NAME).read_text())["source"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not isinstance(made_from, str) or made_from == str(source.resolve()):
+        return
+    if not force:
+        raise OutputExistsError(f"{out} already exists and holds a conversion of {made_from}, not of {source}; "
+                                "choose another -o (output=), or pass --force (force=True) to replace it")
+    notes.append(f"the artifact replaced at {out} was a conversion of {made_from}")
 
 
 def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertRecipe, force: bool,

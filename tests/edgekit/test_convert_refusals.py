@@ -110,3 +110,25 @@ def test_calibration_flags_a_method_does_not_use_are_noted(tiny_llama, tmp_path)
                                  "--calib-samples", "4"])
     assert r.exit_code == 0, r.output
     assert "--calib-samples: --method rtn rounds without calibration data: no effect" in " ".join(r.stderr.split())
+
+
+def test_a_default_name_another_model_holds_is_named_before_it_is_replaced(tiny_models, tmp_path, monkeypatch):
+    """Two models in folders of one name share a default name; --force replaced the other model's artifact
+    and its evaluations without a word (QA s49). -O output_type is a per-tensor choice, named -custom."""
+    import shutil
+
+    from edgekit.errors import OutputExistsError
+
+    monkeypatch.setenv("EDGEKIT_MODELS", str(tmp_path / "lib"))
+    mine, other = tmp_path / "tiny", tmp_path / "other" / "tiny"
+    shutil.copytree(tiny_models["LlamaForCausalLM"], mine)
+    shutil.copytree(tiny_models["MistralForCausalLM"], other)
+    first = api.convert(mine, "gguf", recipe=api.ConvertRecipe(bits=8))
+    with pytest.raises(OutputExistsError, match=f"holds a conversion of {mine}, not of {other}"):
+        api.convert(other, "gguf", recipe=api.ConvertRecipe(bits=8))
+    again = api.convert(other, "gguf", recipe=api.ConvertRecipe(bits=8), force=True)
+    assert again.path == first.path and f"was a conversion of {mine}" in " ".join(again.notes)
+    assert api.convert(other, "gguf", recipe=api.ConvertRecipe(bits=8), force=True).notes == [
+        f"replaced {first.path} (an earlier edgekit output)"]  # its own: replaced as before, nothing more said
+    custom = api.convert(mine, "gguf", recipe=api.ConvertRecipe(bits=8, extra={"output_type": "Q8_0"}))
+    assert custom.path.name == first.path.name + "-custom"
