@@ -42,6 +42,13 @@ def import_gguf(
 ) -> Path:
     """Write a transformers-loadable safetensors checkpoint (with tokenizer) from ``gguf_path``."""
     src = Path(gguf_path).expanduser()
+    if src.is_dir() and (src / "edgekit.json").is_file():  # a GGUF artifact folder, as run and eval take it
+        from edgekit.artifact import Artifact
+
+        art = Artifact.open(src)
+        if art.format != "gguf":
+            raise InputError(f"{src} is a {art.format} artifact; import takes a GGUF file or a GGUF artifact")
+        src = art.model_file
     reader = read_gguf_header(src, check=False)
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str) or arch not in GGUF_TO_HF:

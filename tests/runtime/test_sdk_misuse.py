@@ -59,9 +59,12 @@ def test_a_nested_with_leaves_the_backend_loaded_for_the_outer_block(tiny_q8):
 def test_stop_as_one_string_is_one_stop_string():
     assert SamplingConfig(stop="Blue").stop == ("Blue",)
     assert SamplingConfig(stop=["a", "b"]).stop == ("a", "b")
-    for bad in [(5,), ("",), 7]:
+    for bad in [(5,), 7]:
         with pytest.raises(InputError, match="stop must be a string or a list of non-empty strings"):
             SamplingConfig(stop=bad)
+    for empty in ["", ("a", "")]:  # run --stop "" showed a Python tuple (QA s49)
+        with pytest.raises(InputError, match=r"--stop \(stop=\) takes non-empty text: .* drop it$"):
+            SamplingConfig(stop=empty)
 
 
 @pytest.mark.parametrize(("field", "value"), [("top_k", "5"), ("max_tokens", 2.5), ("seed", "1"), ("max_tokens", True)])
