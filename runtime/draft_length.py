@@ -198,6 +198,18 @@ class AdaptiveDraft:
                 self.max_break_even is not None and self.break_even() > self.max_break_even))
         return self._hopeless
 
+    def why_not(self) -> str:
+        """Why a :meth:`hopeless` draft is never probed, in the measured figures ("" when it is not)."""
+        if self.fixed is not None or not self.hopeless() or self.costs is None:
+            return ""
+        c = self.costs
+        costs = (f"a step {1e3 * c.step:.1f} ms, verifying 2 tokens {1e3 * c.verify(2):.1f} ms, "
+                 f"a draft token {1e3 * c.draft:.1f} ms")
+        if not self.can_pay():
+            return f"even an always-right draft would be slower ({costs})"
+        return (f"it would have to be accepted on {100 * self.break_even():.0f}% of its tokens to pay ({costs}); "
+                f"not probed above {100 * (self.max_break_even or 0):.0f}%")
+
     def choose(self, cls: int | None = None) -> int:
         if self.fixed is not None:
             return self.fixed

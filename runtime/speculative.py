@@ -103,6 +103,7 @@ class SpecStats:
     target_seconds: float = 0.0
     draft_seconds: float = 0.0
     k_history: list[int] = field(default_factory=list)
+    why_not: str = ""  # why nothing was drafted, when the measured costs ruled drafting out
 
     @property
     def acceptance(self) -> float | None:
@@ -112,7 +113,8 @@ class SpecStats:
         ks = [k for k in self.k_history if k]
         return {"mode": self.mode, "drafted": self.drafted, "accepted": self.accepted, "cycles": self.cycles,
                 "acceptance": self.acceptance, "mean_draft_len": float(np.mean(ks)) if ks else 0.0,
-                "target_seconds": round(self.target_seconds, 4), "draft_seconds": round(self.draft_seconds, 4)}
+                "target_seconds": round(self.target_seconds, 4), "draft_seconds": round(self.draft_seconds, 4),
+                **({"why_not": self.why_not} if self.why_not else {})}
 
 
 def _draw(idx: np.ndarray, p: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> int:
@@ -300,6 +302,8 @@ def generate_tokens(target: Context, prompt: list[int], sampling: SamplingConfig
     stats = stats if stats is not None else SpecStats()
     stats.mode = drafter.name if drafter is not None else "none"
     control = control or AdaptiveDraft()
+    if drafter is not None:
+        stats.why_not = control.why_not()
     target.sync(prompt[:-1])
     committed = list(prompt)
     generated: list[int] = []
@@ -348,8 +352,9 @@ def decoding_note(extra: dict[str, Any]) -> str:
     spec = extra.get("speculative") or {}
     if spec.get("mode") not in (None, "none"):
         acc = spec.get("acceptance")
+        why = f": {spec['why_not']}; --n-draft N drafts anyway" if spec.get("why_not") else ""
         parts.append(f"{spec['mode']}: " + (f"{100 * acc:.0f}% of {spec['drafted']} drafted accepted"
-                                            if acc is not None else "nothing drafted"))
+                                            if acc is not None else f"nothing drafted{why}"))
     kv = extra.get("kv") or {}
     if kv.get("window"):
         parts.append(f"KV window {kv['window']} ({kv['sinks']} sinks): {kv['cells']} held, {kv['evicted']:,} evicted")

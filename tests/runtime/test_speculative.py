@@ -368,3 +368,11 @@ def test_a_model_draft_that_could_only_pay_near_always_right_is_never_probed():
     assert [ctl.choose() for _ in range(200)] == [0] * 200
     assert not AdaptiveDraft(costs=gguf).hopeless()  # lookups (no catch-up to pay) still probe
     assert control_for(drafter, onnx, None).choose() > 0
+    # and the run's stats line says why nothing was drafted (QA s49: "draft: nothing drafted", no reason)
+    why = ctl.why_not()
+    assert why.startswith("it would have to be accepted on 9") and "a step 11.0 ms" in why and "not probed above 90%" in why
+    assert control_for(drafter, onnx, None).why_not() == "" and control_for(drafter, gguf, 3).why_not() == ""
+    never = AdaptiveDraft(costs=DraftCosts(step=0.010, extra=0.003, draft=0.009)).why_not()
+    assert never.startswith("even an always-right draft would be slower")
+    note = decoding_note({"speculative": {"mode": "draft", "acceptance": None, "drafted": 0, "why_not": why}})
+    assert f"nothing drafted: {why}; --n-draft N drafts anyway" in note
