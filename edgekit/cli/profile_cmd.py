@@ -84,6 +84,19 @@ def _table(rows: list[Any], title: str) -> Any:
     return table
 
 
+#: a row whose repetitions' standard deviation exceeds this share of their mean is not a figure to compare
+NOISY_CV = 0.3
+
+
+def noisy_rows(rows: list[Any]) -> list[str]:
+    """``"artifact test"`` of each summarized row whose tokens/s spread more than :data:`NOISY_CV` (QA s49: a
+    tg32 of 7.3±7.3 tok/s on a busy 2-core machine, 83.4 with -t 1, was printed as a result)."""
+    from edgekit.runtime.profile import summarize
+
+    return [f"{s['artifact']} {s['test']}" for s in summarize(rows)
+            if s["tps"] and s.get("tps_std") is not None and s["tps_std"] > NOISY_CV * s["tps"]]
+
+
 def _csv(rows: list[Any]) -> str:
     from edgekit.runtime.profile import summarize
 
@@ -104,6 +117,10 @@ def _emit(run: Any, as_json: bool, as_csv: bool, plot: Path | None, terminal_plo
         sys.stdout.write(_csv(run.rows))
     else:
         out.print(_table(run.rows, f"edgekit profile ({run.status})" + (f" on {device}" if device else "")))
+        noisy = noisy_rows(run.rows)
+        if noisy:
+            say(err, f"{', '.join(noisy)}: tokens/s varied by more than {100 * NOISY_CV:.0f}% between repetitions "
+                     "(a busy CPU?); a figure to compare wants a quiet machine, -t 1, or more -r", "note:", "dim")
     if plot is not None and run.rows:
         from edgekit.runtime.profile_plot import pareto_png
 

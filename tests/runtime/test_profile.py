@@ -173,6 +173,17 @@ def test_from_llama_bench_record():
         from_llama_bench({"n_prompt": 0, "n_gen": 0})
 
 
+def test_rows_whose_repetitions_spread_are_flagged():
+    from edgekit.cli.profile_cmd import noisy_rows
+
+    def rec(samples):
+        return {"model_filename": "/m/smol.gguf", "n_prompt": 0, "n_gen": 32, "n_threads": 2, "n_batch": 512,
+                "samples_ns": [32 / ts * 1e9 for ts in samples]}
+
+    steady, stalled = from_llama_bench([rec([83.0, 84.0, 82.5]), rec([14.6, 0.4, 7.0])])
+    assert noisy_rows([steady]) == [] and noisy_rows([steady, stalled]) == ["smol.gguf tg32"]
+
+
 @needs_llama
 def test_cli_json_csv_history_compare(tiny_ggufs, home):
     from edgekit.cli.main import app
