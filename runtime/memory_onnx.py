@@ -59,7 +59,7 @@ def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
     from edgekit.converters.formats.onnx.read import load_graph
 
     model = load_graph(path)
-    sizes = {t.name: _nbytes(onnx, t) for t in model.graph.initializer}
+    sizes = _held_sizes(onnx, model)
     upcast_names = _upcast_weights(model)
     nbits = cold = 0
     for node in model.graph.node:
@@ -91,6 +91,7 @@ def estimate_onnx_memory(model_file: str | Path, n_ctx: int, n_batch: int = 512,
     chunk = min(n_batch, n_ctx)
     upcast = sum(sizes[n] for n in upcast_names if n in sizes)
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    dims.update({out: dims[src][::-1] for out, src in _folded(model).items()})
     head_upcast = bool(vocab) and any(dims[n][-1:] == [vocab] for n in upcast_names)
     parts = {
         "weights": data - cold,
@@ -112,9 +113,11 @@ def onnx_decode_bytes_per_token(model_file: str | Path, depth: int) -> int:
     from edgekit.converters.formats.onnx.read import load_graph
 
     model = load_graph(model_file)
-    sizes = {t.name: _nbytes(onnx, t) for t in model.graph.initializer}
+    sizes = _held_sizes(onnx, model)
+    folded = _folded(model)
     lookups = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
-    others = {i for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for i in n.input}
+    others = {i for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized")
+              and not (n.output and n.output[0] in folded) for i in n.input}
     lookup_only = {name for name in lookups & sizes.keys() if name not in others}
     est = estimate_onnx_memory(model_file, max(depth, 1), n_batch=1)
     copies = 1 if kv_in_place(model) else 2
@@ -131,7 +134,23 @@ def _upcast_weights(model: Any) -> set[str]:
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return set()  # arm64 builds of MLAS multiply float16 natively
     half = {t.name for t in model.graph.initializer if t.data_type in (10, 16)}
+    half |= {out for out, src in _folded(model).items() if src in half}
     return {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in half}
+
+
+def _folded(model: Any) -> dict[str, str]:
+    """Outputs of a ``Transpose`` of an initializer (a tied head reading the embedding table) -> that
+    initializer: onnxruntime folds them at load into constants of their own, so the session holds the
+    table twice, as a graph storing the head apart does (measured on SmolLM2: the same peak RSS)."""
+    inits = {t.name for t in model.graph.initializer}
+    return {n.output[0]: n.input[0] for n in model.graph.node
+            if n.op_type == "Transpose" and n.input and n.input[0] in inits and n.output}
+
+
+def _held_sizes(onnx: Any, model: Any) -> dict[str, int]:
+    """Bytes of every constant the session holds after load: the initializers and the folded transposes."""
+    sizes = {t.name: _nbytes(onnx, t) for t in model.graph.initializer}
+    return {**sizes, **{out: sizes[src] for out, src in _folded(model).items()}}
 
 
 def _nbytes(onnx: Any, t: Any) -> int:

@@ -52,6 +52,9 @@ def test_candidates_follow_row_width():
     assert T.Q4_K in candidates(1536) and T.Q4_K not in candidates(576)
     assert candidates(576, frozenset({T.Q4_0, T.Q8_0})) == [T.Q4_0, T.Q8_0]
     assert type_bytes(T.Q4_0, (10, 64)) == 10 * 2 * 18
+    # rows no block holds are F16, as llama.cpp's fallback writes them, whatever --bpw-types allows
+    assert candidates(200) == candidates(200, frozenset({T.Q4_0}), imatrix=False) == [T.F16]
+    assert type_bytes(T.F16, (10, 200)) == 10 * 200 * 2
 
 
 def test_candidates_hold_the_i_quants_cheapest_first():

@@ -93,11 +93,15 @@ def test_quantized_graph_equals_pytorch_with_the_same_weights(tiny_models, tmp_p
     from edgekit.converters.formats.onnx import read_weights
 
     src = tiny_models[arch]
-    hidden = json.loads((src / "config.json").read_text())["hidden_size"]
-    if hidden % opts.get("block_size", 32):
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg["hidden_size"] % opts.get("block_size", 32):
         with pytest.raises(InputError, match="--block-size"):
             convert(src, tmp_path / "q", **opts)
         assert not (tmp_path / "q").exists()
+        return
+    if opts.get("lm_head") == "tied" and not cfg.get("tie_word_embeddings"):
+        with pytest.raises(InputError, match="lm_head weights of its own; drop lm_head=tied"):
+            convert(src, tmp_path / "q", **opts)  # it used to run the embedding as the head: another model
         return
     art = convert(src, tmp_path / "q", accuracy_level=0, **opts)
     weights = read_weights(art.model_file)
@@ -133,6 +137,40 @@ def test_shared_embedding_for_tied_checkpoints(tiny_models, tmp_path):
     assert np.abs(got - torch_logits(src, w, TOKENS)).max() < 1e-4 * max(1.0, np.abs(got).max())
     with pytest.raises(InputError, match="tied embeddings"):
         convert(tiny_models["LlamaForCausalLM"], tmp_path / "x", embed="shared")
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_float_graph_of_a_tied_checkpoint_stores_the_table_once(tiny_models, tmp_path, bits):
+    """A tied checkpoint's float graph reads its head from the embedding table (lm_head=tied), the table
+    stored once; a second copy (lm_head=float) costs its bytes and changes no logit (onnxruntime folds the
+    head's Transpose at load into the weight the copy stores), and inspect counts both tables of the copy."""
+    from edgekit.converters.formats.onnx import read_weights
+
+    src = tiny_models["Qwen2ForCausalLM"]  # tied, hidden 128, vocab 384
+    one = convert(src, tmp_path / "one", bits=bits)
+    two = convert(src, tmp_path / "two", bits=bits, lm_head="float")
+    assert one.manifest["onnx"]["lm_head"] == "tied" and two.manifest["onnx"]["lm_head"] == "float"
+    table = 384 * 128 * bits // 8
+    graph = onnx.load(str(one.model_file), load_external_data=False).graph
+    assert [list(t.dims) for t in graph.initializer if 384 in t.dims] == [[384, 128]]
+    assert two.manifest["size_bytes"] - one.manifest["size_bytes"] > 0.95 * table  # the graphs differ a little too
+    w = read_weights(one.model_file)
+    np.testing.assert_array_equal(w["lm_head.weight"], w["model.embed_tokens.weight"])
+    logits = []
+    for art in (one, two):
+        with api.open_backend(art) as be:
+            logits.append(be.logits(TOKENS))
+    np.testing.assert_array_equal(logits[0], logits[1])  # so greedy decoding is the same
+    kind = "FP16" if bits == 16 else "FP32"
+    a, b = api.inspect(one.path), api.inspect(two.path)
+    assert b["type_bytes"][kind] - a["type_bytes"][kind] == table and b["type_counts"][kind] == a["type_counts"][kind] + 1
+    assert a["n_params"] == b["n_params"] == one.manifest["n_params"] == two.manifest["n_params"]
+    # an artifact of an earlier version did not list the copy in its manifest: inspect finds it in the graph
+    manifest = json.loads((two.path / "edgekit.json").read_text())
+    del manifest["tensors"]["lm_head.weight"]
+    (two.path / "edgekit.json").write_text(json.dumps(manifest))
+    old = api.inspect(two.path)
+    assert old["type_bytes"] == b["type_bytes"] and old["n_params"] == b["n_params"]
 
 
 def test_int8_activation_kernels_stay_close(tiny_models, tmp_path):

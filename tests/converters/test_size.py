@@ -166,6 +166,68 @@ def test_bits_far_from_its_bpw_warns_with_the_option_that_holds_it(tiny_models, 
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "b" / "edgekit.json").read_text())
     assert m["bpw"] > 3.5
-    assert "warning: --bits 2 gave" in r.stderr and "--bpw" in r.stderr and "--size" in r.stderr
+    assert "warning: --bits 2 gave" in r.stderr and len(_advice(r.stderr)) == 2
+    for i, opt in enumerate(_advice(r.stderr)):  # what it advises runs
+        assert cli("convert", tiny_models["MistralForCausalLM"], *opt, *CALIB, "-o", tmp_path / f"a{i}").exit_code == 0
     r = cli("convert", tiny_models["LlamaForCausalLM"], "--bits", "4", "-o", tmp_path / "k")
     assert r.exit_code == 0 and "warning" not in r.stderr  # rows of 256: Q4_K_M is near 4 bits
+
+
+@pytest.fixture(scope="module")
+def odd_rows(tmp_path_factory) -> dict[str, Path]:
+    """Rows no K-quant holds: ``some`` (hidden 96: 32-wide types fit; ffn 200: nothing fits ffn_down) and
+    ``none`` (hidden 200, ffn 344: no quantized type fits any row)."""
+    from tests.helpers import build_tiny_model
+
+    root = tmp_path_factory.mktemp("odd")
+    return {"some": build_tiny_model(root / "some", "LlamaForCausalLM", hidden=96, ffn=200, heads=3, kv_heads=3),
+            "none": build_tiny_model(root / "none", "LlamaForCausalLM", hidden=200, ffn=344)}
+
+
+def _advice(stderr: str) -> list[list[str]]:
+    import re
+
+    return [opt.split() for opt in re.findall(r"--bpw [\d.]+|--size [\d.]+MB", stderr.split("warning:")[-1])]
+
+
+@pytest.mark.parametrize("flag", [("--bits", "4"), ("--type", "Q4_0")])
+def test_the_budget_the_bits_warning_advises_runs_and_is_smaller(odd_rows, tmp_path, flag):
+    """ffn_down's rows of 200 hold no quantized type: --bits and --type write them F16, and so does the
+    budget, so the --bpw and --size the warning names run and give a smaller file than the one warned of."""
+    r = cli("convert", odd_rows["some"], *flag, "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    written = json.loads((tmp_path / "p" / "edgekit.json").read_text())
+    advice = _advice(r.stderr)
+    assert f"warning: {' '.join(flag)} gave" in r.stderr and len(advice) == 2, r.stderr
+    for i, opt in enumerate(advice):
+        r = cli("convert", odd_rows["some"], *opt, *CALIB, "-o", tmp_path / f"b{i}")
+        assert r.exit_code == 0, (opt, r.output)
+        m = json.loads((tmp_path / f"b{i}" / "edgekit.json").read_text())
+        assert m["size_bytes"] < written["size_bytes"] and m["bpw"] < written["bpw"]
+        assert m["tensors"]["blk.0.ffn_down.weight"]["type"] == "F16"
+        assert m["tensors"]["blk.0.ffn_down.weight"]["wanted"]  # the fallback still says why
+
+
+def test_bits_on_rows_no_type_holds_advises_no_budget(odd_rows, tmp_path):
+    r = cli("convert", odd_rows["none"], "--bits", "4", "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    assert "no --bpw or --size makes a smaller file: rows of 200, 344 weights hold no quantized type" in r.stderr
+    assert not _advice(r.stderr)
+    written = (tmp_path / "p" / "model.gguf").stat().st_size
+    # the budget places what --bits placed: every tensor F16
+    r = cli("convert", odd_rows["none"], "--size", f"{written + 100_000}B", "-o", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "model.gguf").stat().st_size == written
+    r = cli("convert", odd_rows["none"], "--bpw", "16", "-o", tmp_path / "b")
+    assert r.exit_code != 0 and "--bpw stops at 16: give --size instead" in r.output
+
+
+def test_more_types_are_asked_for_only_when_bpw_types_named_them(odd_rows, tmp_path):
+    r = cli("convert", odd_rows["some"], "--bpw", "2", "-o", tmp_path / "a")
+    assert r.exit_code != 0 and "is below the smallest file possible here" in r.output
+    assert "raise it" in r.output and "types" not in r.output
+    r = cli("convert", odd_rows["some"], "--bpw", "2", "--bpw-types", "q4_0,q8_0", "-o", tmp_path / "b")
+    assert r.exit_code != 0 and "raise it or allow more types in --bpw-types" in r.output
+    r = cli("convert", odd_rows["some"], "--bpw", "8", "--bpw-types", "q4_k", "-o", tmp_path / "c")
+    assert r.exit_code != 0 and "none of the allowed types fits blk.0.attn_k.weight (rows of 96)" in r.output
+    assert "allow more types in --bpw-types" in r.output

@@ -7,7 +7,9 @@ float model (H from the same hooks the calibrated methods use).
 
 The candidates are every type llama.cpp runs that a tensor's rows can hold: the 32-weight types (Q4_0 ..
 Q8_0 and IQ4_NL) for any row width that is a multiple of 32, and where rows hold whole 256-weight
-super-blocks also the K-quants and the i-quants (IQ1_S .. IQ4_XS). The lattice i-quants' encoders search
+super-blocks also the K-quants and the i-quants (IQ1_S .. IQ4_XS). Rows that hold no block at all (a width
+that is not a multiple of 32) are written F16, as llama.cpp's fallback writes them under any preset: that
+is their only candidate, and its bytes count in the budget. The lattice i-quants' encoders search
 codebooks and cost seconds per million weights, so on a tensor of more than ``2 * SAMPLE_ROWS`` rows they
 are measured on ``SAMPLE_ROWS`` evenly spaced rows, scaled to the whole tensor by the ratio of Q3_K's exact
 error to its error on the same rows (a control variate: rows that round badly on one grid round badly on
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
+from edgekit.converters.formats.gguf.mix_rules import LAST_RESORT
 from edgekit.converters.formats.gguf.mixes import NEEDS_IMATRIX
 from edgekit.converters.quantize.allocate import Item, allocate
 from edgekit.errors import InputError
@@ -39,11 +42,13 @@ _BLOCK32 = (T.Q4_0, T.IQ4_NL, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 _K = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 _LATTICE = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S)
 _IQ = (*_LATTICE, T.IQ4_XS)
+MAX_BPW = 16  # the largest --bpw (ConvertRecipe's check)
 SAMPLE_ROWS = 128  # rows a lattice type is measured on, on larger tensors (see the module's docstring)
 _REFERENCE = T.Q3_K  # the control variate for those samples
 
 
-def _bpw(t: gguf.GGMLQuantizationType) -> float:
+def type_bpw(t: gguf.GGMLQuantizationType) -> float:
+    """Bits per weight of ``t``'s blocks."""
     block, size = gguf.GGML_QUANT_SIZES[t]
     return 8 * size / block
 
@@ -51,12 +56,15 @@ def _bpw(t: gguf.GGMLQuantizationType) -> float:
 def candidates(row_width: int, allowed: frozenset[gguf.GGMLQuantizationType] | None = None,
                imatrix: bool = True) -> list[gguf.GGMLQuantizationType]:
     """Types a row of ``row_width`` weights can hold, cheapest first, restricted to ``allowed`` when given;
-    without ``imatrix``, less the types llama.cpp only writes with an importance matrix."""
-    out = [t for t in _BLOCK32 if row_width % 32 == 0]
+    without ``imatrix``, less the types llama.cpp only writes with an importance matrix. A row no block type
+    holds has one candidate whatever is allowed: F16, the type ``--bits`` and ``--type`` fall back to."""
+    if row_width % 32:
+        return [LAST_RESORT]
+    out = list(_BLOCK32)
     if row_width % 256 == 0:
         out += [*_K, *_IQ]
     out = [t for t in out if (allowed is None or t in allowed) and (imatrix or t not in NEEDS_IMATRIX)]
-    return sorted(out, key=lambda t: (_bpw(t), out.index(t)))
+    return sorted(out, key=lambda t: (type_bpw(t), out.index(t)))
 
 
 def type_bytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
@@ -90,22 +98,41 @@ def tensor_errors(W: np.ndarray, H: np.ndarray, types: list[gguf.GGMLQuantizatio
 def measure(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], calib: CalibConfig,
             progress: Callable[[str, int, int], None] | None = None,
             allowed: frozenset[gguf.GGMLQuantizationType] | None = None, imatrix: bool = True) -> list[Item]:
-    """Errors of every candidate type for every quantizable tensor (GGUF names -> numpy shapes)."""
+    """Errors of every candidate type for every quantizable tensor (GGUF names -> numpy shapes); a tensor
+    with one candidate (rows only F16 holds) has nothing to choose, so its error is not measured (0)."""
     from edgekit.converters.quantize.pipeline import LayerPipeline
 
+    types_of = {name: candidates(shape[-1], allowed, imatrix) for name, shape in quantizable.items()}
+    items = [Item(name, [(types_of[name][0], type_bytes(types_of[name][0], shape), 0.0)])
+             for name, shape in quantizable.items() if len(types_of[name]) == 1]
+    chosen = {name: shape for name, shape in quantizable.items() if len(types_of[name]) > 1}
+    if not chosen:
+        return items
     hessians = LayerPipeline(calib).float_hessians(ckpt, progress)
     hf_of = {ckpt.spec.gguf_name(h): h for h in ckpt.tensors}
-    items = []
-    for i, (name, shape) in enumerate(quantizable.items()):
+    for i, (name, shape) in enumerate(chosen.items()):
         if progress:
-            progress(f"measuring sensitivity of {name}", i, len(quantizable))
-        types = candidates(shape[-1], allowed, imatrix)
+            progress(f"measuring sensitivity of {name}", i, len(chosen))
+        types = types_of[name]
         W, H = ckpt.load(hf_of[name]), hessians[name]
         if W.shape != shape:  # per-block FFN widths: the zero padding is not written, so not measured
             W, H = W[: shape[0], : shape[1]], H[: shape[1], : shape[1]]
         errors = tensor_errors(np.ascontiguousarray(W), np.ascontiguousarray(H), types)
         items.append(Item(name, [(t, type_bytes(t, shape), errors[t]) for t in types]))
     return items
+
+
+def floor_bytes(quantizable: dict[str, tuple[int, ...]], fixed_bytes: int,
+                allowed: frozenset[gguf.GGMLQuantizationType] | None = None, imatrix: bool = True) -> int:
+    """Tensor bytes of the smallest file a budget can write: ``fixed_bytes`` plus each quantizable tensor in
+    its cheapest candidate (a tensor without one raises, naming what would give it one)."""
+    for name, shape in quantizable.items():
+        if not candidates(shape[-1], allowed, imatrix):
+            why = " without an importance matrix (use --method imatrix, gptq or awq)" \
+                if candidates(shape[-1], allowed) else ""
+            more = " or allow more types in --bpw-types" if why else "; allow more types in --bpw-types"
+            raise InputError(f"none of the allowed types fits {name} (rows of {shape[-1]}){why}{more}")
+    return fixed_bytes + sum(type_bytes(candidates(s[-1], allowed, imatrix)[0], s) for s in quantizable.values())
 
 
 def assign(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], fixed_bytes: int, n_params: int,
@@ -118,18 +145,16 @@ def assign(ckpt: HFCheckpoint, quantizable: dict[str, tuple[int, ...]], fixed_by
     holds besides tensors, for the smallest file size the error names; ``imatrix``: the method rounds
     with an importance matrix (else the types that need one are not candidates)."""
     budget = int(bpw * n_params / 8) - fixed_bytes
-    for name, shape in quantizable.items():
-        if not candidates(shape[-1], allowed, imatrix):
-            why = "" if imatrix or not candidates(shape[-1], allowed) else \
-                " without an importance matrix (use --method imatrix, gptq or awq)"
-            raise InputError(f"none of the allowed types fits {name} (rows of {shape[-1]}){why}; allow more types")
-    floor = fixed_bytes + sum(type_bytes(candidates(s[-1], allowed, imatrix)[0], s) for s in quantizable.values())
+    floor = floor_bytes(quantizable, fixed_bytes, allowed, imatrix)
     if budget + fixed_bytes < floor:
+        floor_bpw = 8 * floor / n_params
+        fix = "raise it" if what is not None or floor_bpw <= MAX_BPW else \
+            f"--bpw stops at {MAX_BPW:g}: give --size instead"
         raise InputError(f"{what or f'--bpw {bpw:g}'} is below the smallest file possible here "
-                         f"({(floor + metadata_bytes) / 1e6:.1f} MB, {8 * floor / n_params:.2f} bpw); raise it or "
-                         "allow more types")
+                         f"({(floor + metadata_bytes) / 1e6:.1f} MB, {floor_bpw:.2f} bpw); {fix}"
+                         f"{' or allow more types in --bpw-types' if allowed is not None else ''}")
     items = measure(ckpt, quantizable, calib, progress, allowed, imatrix)
     types = allocate(items, budget)
     spent = sum(type_bytes(types[it.name], quantizable[it.name]) for it in items)
     return types, {"bpw_target": round(bpw, 4), "bpw_planned": round(8 * (spent + fixed_bytes) / n_params, 4),
-                   "errors": {it.name: {t.name: e for t, _, e in it.options} for it in items}}
+                   "errors": {it.name: {t.name: e for t, _, e in it.options} for it in items if len(it.options) > 1}}

@@ -308,8 +308,9 @@ _FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
     T.Q5_K: T.Q5_1,
     T.Q6_K: T.Q8_0,
 }
-# When even the fallback's block does not divide the row (width not a multiple of 32).
-_LAST_RESORT = T.F16
+# When even the fallback's block does not divide the row (width not a multiple of 32); a --bpw budget
+# writes such rows in it too (budget.candidates).
+LAST_RESORT = T.F16
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
@@ -332,7 +333,7 @@ def fallback(info: TensorInfo, wanted: GGMLQuantizationType) -> tuple[GGMLQuanti
         raise UnsupportedError(f"{info.name}: {reason}, and llama.cpp defines no fallback for {wanted.name}")
     if ncols % block_size(chosen) != 0:
         reason += f", nor of {block_size(chosen)}" if chosen != wanted else ""
-        chosen = _LAST_RESORT
+        chosen = LAST_RESORT
     return chosen, reason
 
 # --------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ llama's rope) and written before the next is read, so memory stays at about one 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,16 @@ def _preset_name(recipe: ConvertRecipe) -> str:
     return mixes.preset_for_bits(recipe.bits).name if not recipe.budgeted else "Q4_K_M"
 
 
+def _budget_split(plan: list[PlannedTensor]) -> tuple[list[PlannedTensor], int]:
+    """The tensors a budget re-types (those the preset's rules typed) and the bytes of the others, which
+    keep their types."""
+    # An embedding table that is only looked up (the head has its own weight) multiplies no activations,
+    # so there is no Hessian to weigh its error by: it keeps the preset's type, counted as fixed.
+    tied = not any(t.name == "output.weight" for t in plan)
+    free = [t for t in plan if t.assignment.origin == "preset" and (tied or t.name != "token_embd.weight")]
+    return free, sum(t.nbytes for t in plan) - sum(t.nbytes for t in free)
+
+
 def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertRecipe, calib: CalibConfig,
                  progress: ProgressFn, metadata_bytes: int = 0, imatrix: bool = True) -> dict[str, Any]:
     """Re-type the preset's quantized tensors so the file lands at ``recipe.bpw`` (see budget.py), or at
@@ -134,11 +145,7 @@ def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertR
     matrix (else the types llama.cpp refuses to write unweighted are not candidates)."""
     import edgekit.converters.formats.gguf.budget as budget
 
-    # An embedding table that is only looked up (the head has its own weight) multiplies no activations,
-    # so there is no Hessian to weigh its error by: it keeps the preset's type, counted as fixed.
-    tied = not any(t.name == "output.weight" for t in plan)
-    free = [t for t in plan if t.assignment.origin == "preset" and (tied or t.name != "token_embd.weight")]
-    fixed = sum(t.nbytes for t in plan) - sum(t.nbytes for t in free)
+    free, fixed = _budget_split(plan)
     n_params = sum(int(np.prod(t.shape)) for t in plan)
     allowed = frozenset(mixes.type_from_name(n) for n in recipe.bpw_types) or None
     bpw, what = recipe.bpw, None
@@ -149,7 +156,9 @@ def apply_budget(ckpt: HFCheckpoint, plan: list[PlannedTensor], recipe: ConvertR
     types, report = budget.assign(ckpt, {t.name: t.shape for t in free}, fixed, n_params, bpw, calib,
                                   progress, allowed, what=what, metadata_bytes=metadata_bytes, imatrix=imatrix)
     for t in free:
-        t.assignment = mixes.Assignment(type=types[t.name], origin="budget")
+        # rows no block type holds stay F16 as under the preset: the fallback it recorded still says why
+        was = t.assignment if t.shape[-1] % 32 else mixes.Assignment(type=types[t.name], origin="budget")
+        t.assignment = mixes.Assignment(type=types[t.name], origin="budget", wanted=was.wanted, reason=was.reason)
     if recipe.size is not None:
         report.update(size_target=recipe.size, metadata_bytes=metadata_bytes)
     return report
@@ -310,7 +319,7 @@ class GGUFFormat(Format):
         fields = self._manifest_fields(plan, path, recipe.budget_label() or preset, vocab.pre)
         if budget_report is not None:
             fields["budget"] = {k: v for k, v in budget_report.items() if k != "errors"}
-        if (note := bits_note(recipe, plan, fields, quantizer.uses_imatrix)) is not None:
+        if (note := bits_note(recipe, plan, fields, quantizer.uses_imatrix, checkpoint)) is not None:
             fields["notes"] = [note]
         return {**fields, **quantizer_timings(quantizer)}
 
@@ -364,30 +373,69 @@ class GGUFFormat(Format):
         }
 
 
-# How far above --bits N a preset's file may land before the user is told (Q4_K_M is about 4.9 bpw on
-# models whose rows hold whole K-quant blocks; rows of 576 weights fall back to wider legacy types).
+# How far above --bits N (or a --type's own type) a file may land before the user is told (Q4_K_M is about
+# 4.9 bpw on models whose rows hold whole K-quant blocks; rows of 576 weights fall back to wider legacy types).
 BITS_SLACK = 1.5
 
 
-def bits_note(recipe: ConvertRecipe, plan: list[PlannedTensor], fields: dict[str, Any],
-              imatrix: bool = False) -> str | None:
-    """A warning when ``--bits N`` gave a file far from N bits per weight, saying why and which option
-    would hold it near N (a ``--bpw`` budget, never below the smallest file these rows allow with or
-    without an ``imatrix``); ``fields``: the manifest fields of the file written."""
-    bpw = fields["bpw"]
-    if recipe.bits is None or recipe.preset is not None or recipe.budgeted or bpw - recipe.bits <= BITS_SLACK:
-        return None
+def _budget_floor(checkpoint: HFCheckpoint, recipe: ConvertRecipe, imatrix: bool) -> tuple[int, list[PlannedTensor]]:
+    """Tensor bytes of the smallest file a ``--bpw``/``--size`` budget can write of ``checkpoint`` with the
+    method's ``imatrix`` (from Q4_K_M's structure, as apply_budget starts), and the tensors it re-types."""
     import edgekit.converters.formats.gguf.budget as budget
 
+    plan = plan_tensors(checkpoint, replace(recipe, bits=None, preset=None, bpw=budget.MAX_BPW), imatrix)
+    free, fixed = _budget_split(plan)
+    return budget.floor_bytes({t.name: t.shape for t in free}, fixed, imatrix=imatrix), free
+
+
+def bits_note(recipe: ConvertRecipe, plan: list[PlannedTensor], fields: dict[str, Any], imatrix: bool,
+              checkpoint: HFCheckpoint) -> str | None:
+    """A warning when ``--bits N`` (or ``--type T``) gave a file far from N (T's) bits per weight, saying why
+    and, where one makes a smaller file, the ``--bpw``/``--size`` budget that holds it nearest: never below
+    the smallest file a budget can write of ``checkpoint`` (its rows, the method's ``imatrix``), never above
+    the --bpw limit or the file just written. ``fields``: the manifest fields of that file."""
+    import edgekit.converters.formats.gguf.budget as budget
+
+    if recipe.budgeted:
+        return None
+    if recipe.preset is not None:
+        base = mixes.preset_from_name(recipe.preset).base
+        if base not in budget.candidates(256):
+            return None  # float and ternary presets: no budget type stands for them
+        nominal, asked = round(budget.type_bpw(base), 2), f"--type {recipe.preset}"
+    elif recipe.bits is not None:
+        nominal, asked = recipe.bits, f"--bits {recipe.bits}"
+    else:
+        return None
+    bpw = fields["bpw"]
+    if bpw - nominal <= BITS_SLACK:
+        return None
     n_params = sum(int(np.prod(t.shape)) for t in plan)
-    floor = sum(budget.type_bytes(budget.candidates(t.shape[-1], imatrix=imatrix)[0], t.shape)
-                if t.assignment.origin == "preset" and budget.candidates(t.shape[-1]) else t.nbytes for t in plan)
-    floor_bpw = 8 * floor / n_params
     fell_back = sum(1 for t in plan if t.assignment.wanted is not None)
     why = f"{fell_back} tensors fell back to wider types (see 'edgekit inspect')" if fell_back else \
         "the preset keeps some tensors wide"
-    target = max(recipe.bits + 0.5, -(-floor_bpw * 10 // 1) / 10)
-    mb = (target * n_params / 8 + fields["size_bytes"] - fields["tensor_bytes"]) / 1e6  # + metadata
-    return (f"warning: --bits {recipe.bits} gave {bpw:.2f} bits per weight: {why}. For a file near "
-            f"{recipe.bits} bits use --bpw {target:g} or --size {-(-mb // 1):.0f}MB (the smallest these rows allow "
-            f"is {floor_bpw:.2f} bpw)")
+    head = f"warning: {asked} gave {bpw:.2f} bits per weight: {why}"
+    floor, free = _budget_floor(checkpoint, recipe, imatrix)
+    floor_bpw = 8 * floor / n_params
+    target = max(nominal + 0.5, math.ceil(floor_bpw * 10) / 10)
+    while int(target * n_params / 8) < floor:  # the budget's own rounding, to the byte
+        target = round(target + 0.1, 1)
+    # --size leaves room for the metadata and each tensor's worst-case alignment padding (apply_budget)
+    size_mb = _ceil_mb(target * n_params / 8 + fields["size_bytes"] - fields["tensor_bytes"] + _ALIGN * len(plan))
+    advice = [f"--bpw {target:g}"] if target <= budget.MAX_BPW and target < bpw else []
+    advice += [f"--size {size_mb:g}MB"] if size_mb * 1e6 < fields["size_bytes"] else []
+    if not advice:
+        narrow = sorted({t.shape[-1] for t in free if t.shape[-1] % 32})
+        rows = f": rows of {', '.join(map(str, narrow))} weights hold no quantized type (a multiple of 32 is " \
+            "needed), so they stay F16" if narrow else f" (the smallest these rows allow is {floor_bpw:.2f} bpw)"
+        return f"{head}; no --bpw or --size makes a smaller file{rows}"
+    if target <= nominal + 0.5:
+        return (f"{head}. For a file near {nominal:g} bits use {' or '.join(advice)} (the smallest these rows "
+                f"allow is {floor_bpw:.2f} bpw)")
+    return f"{head}. These rows allow no file below {floor_bpw:.2f} bpw: for the smallest, use {' or '.join(advice)}"
+
+
+def _ceil_mb(n_bytes: float) -> float:
+    """``n_bytes`` in MB rounded up to 3 significant digits (what a --size of that many MB holds)."""
+    step = 10.0 ** (math.floor(math.log10(n_bytes / 1e6)) - 2)
+    return round(math.ceil((n_bytes + 1) / 1e6 / step) * step, 6)

@@ -141,7 +141,7 @@ def _manifest_fields(opts: OnnxOptions, model, tensors: dict, model_path: Path, 
     from edgekit.converters.formats.onnx.graph import ops_used
 
     size = model_path.stat().st_size + (data_path.stat().st_size if data_path else 0)
-    n_params = sum(int(np.prod(t["shape"])) for t in tensors.values())
+    n_params = sum(int(np.prod(t["shape"])) for t in tensors.values() if "tied_to" not in t)  # see _lm_head
     files = {"model": model_path.name}
     if data_path:
         files["data"] = data_path.name

@@ -12,7 +12,8 @@ at load), one fused Q/K/V projection, ``GroupQueryAttention`` (com.microsoft: ro
 cache append and causal attention in one kernel), the output projection, RMSNorm, one fused gate/up
 projection, SiLU, the down projection. Projections are ``MatMulNBits`` (com.microsoft) when quantized,
 ``MatMul`` against a transposed float initializer otherwise. The embedding is a ``Gather`` or a
-``GatherBlockQuantized``; the lm_head a projection or (``tied``) a ``Gemm`` sharing the embedding table.
+``GatherBlockQuantized``; the lm_head a projection or (``tied``) a ``MatMul`` on the embedding table
+transposed (one stored copy; onnxruntime folds the ``Transpose`` at load).
 
 Weights never sit in the protobuf: :class:`ExternalData` streams each initializer to the ``.data`` file
 as it is produced and leaves a reference in the graph, so a model of any size serialises.

@@ -21,9 +21,11 @@ class OnnxOptions:
     dtype: "fp32" or "fp16" activations and float weights (bits 16 implies fp16).
     embed: "float", "int8" (GatherBlockQuantized), or "shared": the embedding reads the quantized lm_head's
         own tensors (one copy; checkpoints with tied embeddings; the default for them when quantized).
-    lm_head: "int8", "int4", "float", or "tied" (a Gemm reading the float embedding table: one copy);
-        default: the body's bit width (int4 for 4-bit, as onnxruntime's tools do: the head is read for every
-        token, so an 8-bit head costs about 15% of decode speed on SmolLM2; ``int8`` buys back quality).
+    lm_head: "int8", "int4", "float", or "tied" (a MatMul reading the float embedding table: one copy;
+        checkpoints with tied embeddings); default: the body's bit width (int4 for 4-bit, as onnxruntime's
+        tools do: the head is read for every token, so an 8-bit head costs about 15% of decode speed on
+        SmolLM2; ``int8`` buys back quality), and for a float graph "tied" where the checkpoint ties its
+        head to the embedding, else "float" (a second table only where the checkpoint has one).
     accuracy_level: MatMulNBits compute accuracy (4: int8 activations, fastest on CPU; 1: fp32).
     opset: the ai.onnx opset (17..23). external_data: weights in model.onnx.data (False: one file,
     only possible under protobuf's 2 GiB limit).
@@ -82,7 +84,9 @@ class OnnxOptions:
         return self.embed or ("int8" if self.quantized else "float")
 
     def resolve(self, tied: bool) -> OnnxOptions:
-        """Fill in the embedding default for this checkpoint and check the head/embedding pairing."""
+        """Fill in the embedding and head defaults for this checkpoint and check their pairing: a tied
+        checkpoint stores one table, shared by a quantized head (``embed=shared``) or read by a float one
+        (``lm_head=tied``, as fast as a second copy: measured on SmolLM2, see :func:`.weights._lm_head`)."""
         from dataclasses import replace
 
         embed = self.embed
@@ -92,7 +96,13 @@ class OnnxOptions:
         if embed == "shared" and not (tied and head_quantized):
             raise InputError("embed=shared needs a checkpoint with tied embeddings and a quantized lm_head "
                              "(lm_head=int8 or int4)")
-        return replace(self, embed=embed, lm_head=self.lm_head_mode)
+        lm_head = self.lm_head_mode
+        if self.lm_head is None and tied and not head_quantized and embed == "float":
+            lm_head = "tied"
+        if lm_head == "tied" and not tied:
+            raise InputError("lm_head=tied reads the head from the embedding table, but this checkpoint has "
+                             "lm_head weights of its own; drop lm_head=tied")
+        return replace(self, embed=embed, lm_head=lm_head)
 
     @property
     def lm_head_mode(self) -> str:

@@ -128,11 +128,18 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
     splits = {"qkv_proj": [("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)],
               "gate_up_proj": [("mlp.gate_proj", hp.n_ff), ("mlp.up_proj", hp.n_ff)],
               "o_proj": [("self_attn.o_proj", hp.n_embd)], "down_proj": [("mlp.down_proj", hp.n_embd)]}
+    # a tied head's MatMul reads the embedding table through a Transpose: the table is its weight as stored
+    transposed = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in init}
     for node in model.graph.node:
         name = node.name
         if node.op_type in ("MatMulNBits", "MatMul") and "/" in name:
             base = name.split("/")[0]  # layers.{i}.attn.qkv_proj or lm_head
-            w = decode(node) if node.op_type == "MatMulNBits" else init[node.input[1]].T.astype(np.float32)
+            if node.op_type == "MatMulNBits":
+                w = decode(node)
+            elif node.input[1] in transposed:
+                w = init[transposed[node.input[1]]].astype(np.float32)
+            else:
+                w = init[node.input[1]].T.astype(np.float32)
             if base == "lm_head":
                 out["lm_head.weight"] = w
                 continue
@@ -146,7 +153,7 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
             out["model.embed_tokens.weight"] = decode(node)
         elif node.op_type == "Gather" and node.input[0] in init and init[node.input[0]].ndim == 2:
             out["model.embed_tokens.weight"] = init[node.input[0]].astype(np.float32)
-        elif node.op_type == "Gemm" and name.startswith("lm_head"):
+        elif node.op_type == "Gemm" and name.startswith("lm_head"):  # tied heads of earlier edgekit versions
             out["lm_head.weight"] = init[node.input[1]].astype(np.float32)
     if hp.ffn_widths is not None:  # per-block FFN widths: back to the config's zero-padded layout
         for name, w in out.items():
@@ -213,8 +220,12 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
             return 2 * n
         return int(n * NBitsType.parse(t["type"]).bits_per_weight / 8)
 
-    tensors = [{**t, "name": n, "bytes": nbytes(n, t)} for n, t in art.manifest.get("tensors", {}).items()]
-    n_params = sum(int(np.prod(t["shape"], dtype=object)) for t in tensors)
+    listed = {**art.manifest.get("tensors", {}), **_unlisted_head(model, art.manifest.get("tensors", {}))}
+    tensors = [{**t, "name": n, "bytes": nbytes(n, t)} for n, t in listed.items()]
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" in listed:  # a second table of the same parameters
+        tensors = [{**t, "tied_to": t.get("tied_to", "model.embed_tokens.weight")} if t["name"] == "lm_head.weight"
+                   else t for t in tensors]
+    n_params = sum(int(np.prod(t["shape"], dtype=object)) for t in tensors if "tied_to" not in t)
     return {
         "path": str(art.model_file),
         "format": art.format,
@@ -237,6 +248,23 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         "eval": art.manifest.get("eval", []),
         "tensors": tensors,
     }
+
+
+def _unlisted_head(model: Any, listed: dict[str, Any]) -> dict[str, Any]:
+    """A float head the graph stores that the manifest does not list: earlier edgekit versions recorded a
+    tied checkpoint's second float table under the embedding's name, so inspect left its bytes out."""
+    if "lm_head.weight" in listed:
+        return {}
+    init = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.name.startswith("lm_head/") and node.input[1:2] and node.input[1] in init:
+            t = init[node.input[1]]
+            kind = {1: "FP32", 10: "FP16"}.get(t.data_type)
+            embed = next((n for n in listed if n.endswith("embed_tokens.weight")), None)
+            if kind is None or embed is None or len(t.dims) != 2:
+                return {}
+            return {"lm_head.weight": {"type": kind, "shape": [int(t.dims[1]), int(t.dims[0])], "tied_to": embed}}
+    return {}
 
 
 def _read_config(cfg_file: Path) -> dict[str, Any]:

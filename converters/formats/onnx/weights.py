@@ -120,9 +120,9 @@ def _build(ckpt: HFCheckpoint, opts: OnnxOptions, gopts, weights: _Weights, data
     step = 0
     total = hp.n_layer + 2
 
-    def record(hf_names: list[str], qt: Any, shape: tuple[int, ...]) -> None:
+    def record(hf_names: list[str], qt: Any, shape: tuple[int, ...], **extra: Any) -> None:
         for n in hf_names:
-            tensors[n] = {"type": qt.name if hasattr(qt, "name") else str(qt), "shape": list(shape)}
+            tensors[n] = {"type": qt.name if hasattr(qt, "name") else str(qt), "shape": list(shape), **extra}
 
     # embedding
     progress("embedding", step, total)
@@ -222,25 +222,26 @@ def _lm_head(b, weights: _Weights, opts: OnnxOptions, h: str, embed_float: np.nd
     hp = weights.ckpt.hparams
     tied = hp.tie_embeddings
     mode = opts.lm_head_mode
-    name = "lm_head.weight" if not tied else weights.plan["token_embd.weight"].hf
+    # a tied checkpoint's head stored apart is a second table of the embedding's parameters: listed (its
+    # bytes are in the file) and marked, so the parameter count takes it once
+    copy = {"tied_to": weights.plan["token_embd.weight"].hf} if tied else {}
     if mode == "tied":
         if embed_float is None:
             raise InputError("lm_head=tied needs embed=float")
-        # Gemm(transB=1) reads the (vocab, hidden) embedding table as is: no second copy
-        flat = b.one("Reshape", [h, b.const("lm_head/flat", np.array([-1, hp.n_embd], np.int64))], "lm_head/flat")
-        y = b.one("Gemm", [flat, "embed_tokens.weight"], "lm_head/Gemm", transB=1)
-        shape = b.one("Concat", [b.one("Shape", ["input_ids"], "lm_head/ids_shape"),
-                                 b.const("lm_head/vocab", np.array([hp.n_vocab], np.int64))], "lm_head/shape", axis=0)
-        return b.one("Reshape", [y, shape], "lm_head/unflat")
+        # The file holds the table once; onnxruntime folds the Transpose at load into the weight a separate
+        # head stores, so the session runs the same MatMul (same speed, same logits). A Gemm(transB=1) left a
+        # Reshape between head and output: on x86 the fp16 graph then rounded the logits to fp16.
+        t = b.one("Transpose", ["embed_tokens.weight"], "lm_head/Transpose", perm=[1, 0])
+        return b.one("MatMul", [h, t], "lm_head/MatMul")
     head = weights.plan.get("output.weight")
     grid = head.qtype if head is not None and isinstance(head.qtype, NBitsType) else None
     if grid is not None:
         q, _ = weights.quantized("output.weight", grid)
-        record(["lm_head.weight"], grid, (hp.n_vocab, hp.n_embd))
+        record(["lm_head.weight"], grid, (hp.n_vocab, hp.n_embd), **copy)
         return b.linear(h, Linear(hp.n_vocab, hp.n_embd, q=q, qtype=grid), "lm_head")
     w = embed_float if (tied and embed_float is not None) else weights.float("output.weight" if not tied else
                                                                                "token_embd.weight")
-    record([name], opts.graph_dtype.upper(), w.shape)
+    record(["lm_head.weight"], opts.graph_dtype.upper(), w.shape, **copy)
     return b.linear(h, Linear(hp.n_vocab, hp.n_embd, float_w=w), "lm_head")
 
 
