@@ -289,3 +289,9 @@ def test_gguf_options_are_checked(tiny_llama, tmp_path):
     with pytest.raises(InputError, match="unknown GGUF option.*known: embed_type, name, output_type"):
         api.convert(tiny_llama, "gguf", output=tmp_path / "a", recipe=api.ConvertRecipe(extra={"colour": "red"}))
     assert not (tmp_path / "a").exists()
+
+
+def test_a_preset_is_recorded_as_llama_quantize_names_it(tiny_llama, tmp_path):
+    """--type bf16 / q4_k were recorded as typed, so `ls` showed 'bf16' beside 'Q4_K_M' (QA s49)."""
+    assert _convert(tiny_llama, tmp_path, "bf16").manifest["preset"] == "BF16"
+    assert _convert(tiny_llama, tmp_path, "q4_k").manifest["preset"] == "Q4_K_M"  # llama-quantize's alias

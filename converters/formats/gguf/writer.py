@@ -35,7 +35,7 @@ from edgekit.converters.formats.gguf.options import GGUFOptions
 from edgekit.converters.formats.gguf.vocab import read_vocab
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.converters.structure.width import cut_padding, own_shape
-from edgekit.errors import CorruptFileError, DiskFullError, InputError, UnsupportedError
+from edgekit.errors import CorruptFileError, DiskFullError, EdgekitError, InputError, UnsupportedError
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
 
@@ -122,8 +122,11 @@ def to_gguf_layout(ckpt: HFCheckpoint, gguf_name: str, rows: np.ndarray) -> np.n
 
 def _preset_name(recipe: ConvertRecipe) -> str:
     """The preset whose rules shape the file; a --bpw budget starts from Q4_K_M's structure."""
-    if recipe.preset:
-        return recipe.preset
+    if recipe.preset:  # as llama-quantize names it, however it was typed (bf16 -> BF16, q4_k -> Q4_K_M)
+        try:
+            return mixes.preset_from_name(recipe.preset).name
+        except EdgekitError:
+            return recipe.preset.strip().upper()
     return mixes.preset_for_bits(recipe.bits).name if not recipe.budgeted else "Q4_K_M"
 
 
