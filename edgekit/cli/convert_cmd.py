@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from edgekit.cli import size_opts
-from edgekit.cli.flags import check_calib_seqlen
+from edgekit.cli.flags import check_calib_seqlen, typed_flags
 from edgekit.cli.ui import err, handle_errors, out, progress_bar, say, shown_when_started
 from edgekit.errors import InputError
 
@@ -151,7 +151,7 @@ def convert(
         structural = f"{structural},params={params}"
     if method == "rtn" and api.default_method(to):
         method = api.default_method(to)  # --to aqlm encodes with AQLM
-    typed = _typed(cli, "bits", "ctx", "calib", "calib_samples", "calib_seqlen")
+    typed = typed_flags(cli, "bits", "ctx", "calib", "calib_samples", "calib_seqlen")
     _check_ignored_flags(typed, bits, type_, bpw, size, fit, bpw_types)
     if "bits" not in typed:
         bits = api.default_bits(to)  # AQLM's is 2 (2x8), the others' 4
@@ -167,7 +167,7 @@ def convert(
         flags = ", ".join("--" + n.replace("_", "-") for n in sorted(typed & {"calib", "calib_samples", "calib_seqlen"}))
         say(err, f"{flags}: --method {method} rounds without calibration data: no effect (calibrated: "
                  "--method gptq, awq or imatrix, or --bpw/--size)", "note:", "dim")
-    if palettize is not None and getattr(cli.get_parameter_source("bits"), "name", "") == "COMMANDLINE":
+    if palettize is not None and "bits" in typed:
         raise InputError(f"--palettize {palettize} sets the bits (palettes of 2^{palettize} values); drop --bits")
     extra = api.format_options(option, block_size=block_size, symmetric=sym, dtype=dtype, palettize=palettize,
                                quant=quant, compile=compile_target,
@@ -194,8 +194,7 @@ def convert(
 
             from edgekit.converters.draft import onnx_draft_recipe
 
-            source = cli.get_parameter_source("bits")  # typer's own click: compared by name
-            given = getattr(source, "name", "") == "COMMANDLINE" or bpw or size_bytes
+            given = "bits" in typed or bpw or size_bytes
             recipe = onnx_draft_recipe(model, draft_for, dataclasses.replace(recipe, heal=_heal_config(heal)),
                                        bits=None if given else ONNX_DRAFT_BITS)
         elif to != "gguf":
@@ -265,11 +264,6 @@ def _check_sparse_ffn(value: Any, given: str) -> None:
                          "or drop it for a dense file")
     if share < 0:
         raise InputError(f"{given}: give the share of FFN neurons to skip per token, 0 < S < 1 (e.g. 0.5)")
-
-
-def _typed(cli: typer.Context, *names: str) -> set[str]:
-    """Which of ``names`` the user typed (not defaults): typer's own click, compared by name."""
-    return {n for n in names if getattr(cli.get_parameter_source(n), "name", "") == "COMMANDLINE"}
 
 
 def _check_ignored_flags(typed: set[str], bits: int | None, type_: str | None, bpw: float | None, size: str | None,

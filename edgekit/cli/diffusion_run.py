@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgekit.cli.flags import typed_flags
 from edgekit.cli.ui import out, progress_bar, say
 from edgekit.errors import InputError
 
@@ -53,8 +54,8 @@ def _command_line() -> tuple[list[str], list[str]]:
     ctx = get_current_context(silent=True)
     if ctx is None:
         return [], []
-    given = [p for p in ctx.command.params if p.name not in IMAGE_RUN_PARAMS and p.name is not None
-             and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
+    typed = typed_flags(ctx, *(p.name for p in ctx.command.params if p.name not in IMAGE_RUN_PARAMS and p.name))
+    given = [p for p in ctx.command.params if p.name in typed]
     flags = ["/".join(p.opts) for p in given]
     return flags, list(ctx.params.get("option") or [])
 

@@ -103,6 +103,12 @@ MAX_CALIB_SEQLEN = 65536
 DEFAULT_CALIB_SEQLEN = 512
 
 
+def typed_flags(ctx: Any, *names: str) -> set[str]:
+    """Which of the parameters ``names`` the user typed on the command line (not defaults). Typer vendors
+    click, so its ParameterSource is compared by name."""
+    return {n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+
+
 def trained_context(model: str | Path) -> int | None:
     """The context a Hugging Face folder's model was trained for (config.json's max_position_embeddings,
     or its text_config's), or None where it is not a readable checkpoint folder (a GGUF, a library name)."""

@@ -30,6 +30,7 @@ from edgekit.cli.flags import (
     artifact_trained_context,
     flags_take_no_value,
     show_version,
+    typed_flags,
 )
 from edgekit.cli.ui import (
     DRAFT_HELP,
@@ -262,8 +263,7 @@ def eval_cmd(
 
     if kv_window is None and max_tokens is not None:
         raise InputError("--max-tokens is for --kv-window; --chunks limits a plain perplexity run")
-    typed = {n for n in ("ctx", "chunks", "kv_sinks", "record")
-             if getattr(cli.get_parameter_source(n), "name", "") == "COMMANDLINE"}
+    typed = typed_flags(cli, "ctx", "chunks", "kv_sinks", "record")
     if kv_window is None and "kv_sinks" in typed:
         raise InputError("--kv-sinks is for --kv-window: give the window too, or drop it")
     if kv_window is not None and typed & {"ctx", "chunks"}:

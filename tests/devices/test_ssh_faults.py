@@ -33,36 +33,53 @@ def _sessions(sshd) -> list[psutil.Process]:
     return psutil.Process(sshd["pid"]).children(recursive=True)
 
 
+class _Freezer:
+    """Freezes the board: its sshd sessions and their commands stopped, the TCP link still open (``at``: when).
+    ``close`` resumes them, as the watchdog does after ``watchdog`` s (code that waits on forever fails the
+    test, not the suite)."""
+
+    def __init__(self, sshd, watchdog: float = 20.0) -> None:
+        self.sshd = sshd
+        self.stopped: list[psutil.Process] = []
+        self.at: list[float] = []
+        self._watchdog = threading.Timer(watchdog, self.resume)
+        self._watchdog.start()
+
+    def freeze(self) -> None:
+        self.stopped.extend(_sessions(self.sshd))
+        for p in self.stopped:
+            p.send_signal(signal.SIGSTOP)
+        self.at.append(time.monotonic())
+
+    def resume(self) -> None:
+        for p in self.stopped:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        self.resume()
+
+
 def test_a_board_that_stops_answering_mid_push_is_given_up(sshd, home, big_artifact, tmp_path, monkeypatch):
     """A frozen board (its sshd stopped, the TCP link still open) fails the push after SFTP_TIMEOUT_S with
     a line that says so, instead of waiting for TCP to give up (~15 minutes); pushing again resumes."""
     monkeypatch.setattr(ssh_mod, "SFTP_TIMEOUT_S", 1.0)
     dev_id = _add(sshd)
     cfg = PushConfig(dest=str(tmp_path / "board"))
-    stopped: list[psutil.Process] = []
-    at: list[float] = []
+    board = _Freezer(sshd, watchdog=30)
 
     def freeze_once_bytes_flow(desc: str, done: int, total: int) -> None:
-        if done and not stopped:
-            stopped.extend(_sessions(sshd))
-            for p in stopped:
-                p.send_signal(signal.SIGSTOP)
-            at.append(time.monotonic())
+        if done and not board.stopped:
+            board.freeze()
 
-    def resume() -> None:
-        for p in stopped:
-            p.send_signal(signal.SIGCONT)
-
-    watchdog = threading.Timer(30, resume)  # a push that waits on forever fails the test, not the suite
-    watchdog.start()
     try:
         with open_device(dev_id) as dev, pytest.raises(DeviceDisconnected) as e:
             push(big_artifact, dev, cfg, progress=freeze_once_bytes_flow)
-        waited = time.monotonic() - at[0]
+        waited = time.monotonic() - board.at[0]
     finally:
-        watchdog.cancel()
-        resume()
-    assert stopped, "no sshd session process to stop"
+        board.close()
+    assert board.stopped, "no sshd session process to stop"
     text = str(e.value)
     assert f"lost {dev_id} (no answer for 1 s" in text and "run the same push again to resume" in text, text
     assert waited < 6, waited
@@ -167,30 +184,14 @@ def test_silent_boards_are_probed_at_once_in_the_config_order(sshd, home):
 def _frozen(sshd, after: float = 0.0):
     """The board freezes ``after`` seconds in (its sshd sessions and their commands stopped, the TCP link
     still open); yields the list holding when it froze. Everything resumes at the end, or after 20 s."""
-    stopped: list[psutil.Process] = []
-    at: list[float] = []
-
-    def freeze() -> None:
-        stopped.extend(_sessions(sshd))
-        for p in stopped:
-            p.send_signal(signal.SIGSTOP)
-        at.append(time.monotonic())
-
-    def resume() -> None:
-        for p in stopped:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGCONT)
-
-    timer = threading.Timer(after, freeze)
-    watchdog = threading.Timer(20, resume)  # code that waits on forever fails the test, not the suite
+    board = _Freezer(sshd)
+    timer = threading.Timer(after, board.freeze)
     timer.start()
-    watchdog.start()
     try:
-        yield at
+        yield board.at
     finally:
         timer.cancel()
-        watchdog.cancel()
-        resume()
+        board.close()
 
 
 def test_a_board_that_freezes_mid_command_is_given_up(sshd, home, monkeypatch):
