@@ -92,9 +92,16 @@ class ConvertRecipe:
         return self.bpw is not None or self.size is not None
 
     def budget_label(self) -> str | None:
-        """The budget as an artifact name part: ``90mb``, ``3.5bpw``; None without one."""
+        """The budget as an artifact name part: ``90mb``, ``1.5gb``, ``512mib``, ``3.5bpw``; None without one.
+        A size names the unit it was most likely given in (``--size 1GB`` is ``1gb``, not ``1000mb``)."""
         if self.size is not None:
-            return f"{self.size / 1e6:.4g}mb"
+            decimal = f"{self.size / 1e9:.4g}gb" if self.size >= 1e9 else f"{self.size / 1e6:.4g}mb"
+            if self.size % 100_000 == 0:  # 90MB, 72.5MB, 1GB
+                return decimal
+            for unit, scale in (("gib", 1 << 30), ("mib", 1 << 20)):
+                if self.size >= scale and self.size % (scale >> 10) == 0:  # 512MiB, 1.5GiB
+                    return f"{self.size / scale:.4g}{unit}"
+            return decimal
         return None if self.bpw is None else f"{self.bpw:g}bpw"
 
     def to_json(self) -> dict[str, Any]:

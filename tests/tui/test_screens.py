@@ -136,7 +136,7 @@ async def test_convert_to_aqlm_with_format_options(models, tiny_llama):
                              ("#cv-output", "out-aqlm")):
             screen.query_one(field).value = value
         await pilot.press("ctrl+r")
-        await wait_for(pilot, lambda: screen.outcome != "", timeout=120, what="the conversion")
+        await wait_for(pilot, lambda: screen.outcome != "", timeout=300, what="the conversion")
         assert screen.outcome == "done", "\n".join(str(line) for line in screen.query_one("#cv-log").lines)
         manifest = json.loads((models.parent / "out-aqlm" / "edgekit.json").read_text())
         assert manifest["preset"] == "AQLM_2x6" and manifest["aqlm"]["embedding"] == "fp8"
@@ -144,6 +144,30 @@ async def test_convert_to_aqlm_with_format_options(models, tiny_llama):
         screen.query_one("#cv-options").value = "embedding"  # not KEY=VALUE: the fix, before any work
         await pilot.press("ctrl+r")
         assert isinstance(app.screen, ErrorPanel) and "KEY=VALUE" in app.screen.message
+
+
+async def test_convert_bits_follow_the_format_default(models):
+    """The bits field starts at the format's default (AQLM: 2, as ``convert --to aqlm`` without --bits) while the
+    user has not typed bits of their own; typed bits stay."""
+    app = EdgekitApp(folder="models")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f4")
+        screen = app.get_screen("convert")
+        quant, fmt = screen.query_one("#cv-quant"), screen.query_one("#cv-format")
+        assert quant.value == "4"
+        screen.query_one("#cv-model").value = "./model"
+        fmt.value = "aqlm"
+        await wait_for(pilot, lambda: quant.value == "2", what="AQLM's default bits")
+        assert screen.form().recipe().bits == 2
+        fmt.value = "onnx"
+        await wait_for(pilot, lambda: quant.value == "4", what="ONNX's default bits")
+        quant.value = "8"
+        fmt.value = "aqlm"
+        await pilot.pause()
+        await pilot.pause()
+        assert quant.value == "8"
+        quant.value = ""  # an empty field converts at the format's default
+        assert screen.form().recipe().bits == 2
 
 
 async def _gptq_under_way(pilot, app, tiny_llama):

@@ -64,12 +64,13 @@ class ConvertForm:
                              "a whole number") from None
         bits = int(quant) if quant.isdigit() else None
         preset = None if bits is not None or not quant else quant.upper()
+        default = api.default_bits(self.fmt)
         method = self.method
         if method == "rtn" and api.default_method(self.fmt):
             method = api.default_method(self.fmt)  # as convert does: AQLM encodes with AQLM
         calibrated = api.calibration_applies(method, bpw_value, size)
         calib = api.CalibConfig(source=self.calib.strip() or "self", samples=samples) if calibrated else None
-        return api.ConvertRecipe(bits=None if preset or bpw_value or size else (bits or 4), preset=preset,
+        return api.ConvertRecipe(bits=None if preset or bpw_value or size else (bits or default), preset=preset,
                                  bpw=bpw_value, size=size, method=method, calib=calib,
                                  extra=api.format_options(self.options.split()))
 
@@ -93,6 +94,7 @@ class ConvertScreen(Screen[None]):
         self.last_output: Path | None = None
         self.outcome = ""  # "done", "cancelled" or "failed" once a run ends
         self._step = ""
+        self._bits_default = "4"  # the bits field's default for the selected format
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -135,6 +137,17 @@ class ConvertScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#cv-model", Input).focus()
+
+    @on(Select.Changed, "#cv-format")
+    def _format_changed(self, event: Select.Changed) -> None:
+        """An untouched bits field follows the format's default (AQLM: 2, the others: 4), as ``convert`` does."""
+        from edgekit import api
+
+        quant = self.query_one("#cv-quant", Input)
+        new = str(api.default_bits(str(event.value)))
+        if quant.value.strip() in ("", self._bits_default):
+            quant.value = new
+        self._bits_default = new
 
     def form(self) -> ConvertForm:
         q = self.query_one
