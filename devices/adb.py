@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import shlex
 import shutil
 import socket
@@ -44,6 +45,9 @@ DEFAULT_DEST = "/data/local/tmp/edgekit"
 CHUNK = 8 << 20          # bytes per SEND; the resume granularity
 SYNC_DATA_MAX = 64 << 10  # adb's SYNC_DATA_MAX
 CLEANUP_TIMEOUT_S = 10    # removing a chunk after Ctrl-C: a phone that does not answer is not waited on
+STALL_S = 60.0            # a phone that answers nothing this long (a quick command, or a poll) froze or left
+JOBS_DIR = "/data/local/tmp"  # where a long command keeps its pid, output and exit code (the shell user may write)
+POLL_S = 2.0              # how often a long command (sha256sum of a model, a profile) is asked whether it ended
 STATES = {"device": "ready", "unauthorized": "unauthorized", "offline": "offline", "no permissions": "error"}
 
 
@@ -102,6 +106,14 @@ class AndroidDevice(Device):
         return DEFAULT_DEST
 
     def run(self, command: str, timeout: float | None = 600) -> RunResult:
+        """``command`` in the phone's shell. With a ``timeout`` it is a quick one: the phone must answer within
+        STALL_S (or ``timeout`` if shorter). With ``timeout=None`` it may run quietly for as long as it needs,
+        in the background on the phone, polled (see the module's note); Ctrl-C stops it there too."""
+        if timeout is None:
+            return self._run_polled(command)
+        return self._shell(command, min(timeout, STALL_S))
+
+    def _shell(self, command: str, timeout: float) -> RunResult:
         import adbutils
 
         try:
@@ -111,6 +123,35 @@ class AndroidDevice(Device):
         if r.stdout or r.stderr:
             return RunResult(r.returncode, r.stdout, r.stderr)
         return RunResult(r.returncode, r.output)
+
+    def _run_polled(self, command: str) -> RunResult:
+        import secrets
+
+        q = shlex.quote
+        job = q(posixpath.join(JOBS_DIR, f".edgekit-run-{secrets.token_hex(6)}"))
+        inner = f"echo $$ > pid; exec sh -c {q(command)}"
+        self._check(self._shell(f"mkdir -p {job} && cd {job} && (sh -c {q(inner)} > out 2> err < /dev/null; "
+                                "echo $? > rc.tmp && mv rc.tmp rc) > /dev/null 2>&1 < /dev/null &", STALL_S),
+                    f"start a command in {JOBS_DIR}")
+        # 0: ended (rc follows); 1: running or starting; 7: its folder is gone; 8: its process is gone, no rc
+        poll = (f"cd {job} 2>/dev/null || exit 7; [ -f rc ] && cat rc && exit 0; [ -f pid ] || exit 1; "
+                "kill -0 $(cat pid) 2>/dev/null && exit 1; sleep 1; [ -f rc ] && cat rc && exit 0; exit 8")
+        try:
+            while (r := self._shell(poll, STALL_S)).rc == 1:
+                time.sleep(POLL_S)
+            if r.rc != 0 or not r.stdout.strip().isdigit():
+                raise DeviceError(f"android:{self.ident} lost a command it was running ({'its folder' if r.rc == 7 else 'its process'} "
+                                  "went: did the phone restart?); run it again")
+            out = self._shell(f"cat {job}/out", STALL_S).stdout
+            err = self._shell(f"cat {job}/err", STALL_S).stdout
+            with contextlib.suppress(DeviceDisconnected):
+                self._shell(f"rm -rf {job}", CLEANUP_TIMEOUT_S)
+            return RunResult(int(r.stdout.strip()), out, err)
+        except (KeyboardInterrupt, SystemExit, PushCancelled):
+            with contextlib.suppress(Exception):  # stopped here: stopped on the phone too
+                self._shell(f"p=$(cat {job}/pid 2>/dev/null) && {{ pkill -P $p; kill $p; }}; rm -rf {job}",
+                            CLEANUP_TIMEOUT_S)
+            raise
 
     def _dropped(self, exc: BaseException) -> DeviceDisconnected:
         return DeviceDisconnected(f"lost android:{self.ident} ({str(exc) or type(exc).__name__}); reconnect it and run the "

@@ -11,16 +11,19 @@ import json
 import posixpath
 import shlex
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgekit.artifact import Artifact
-from edgekit.devices.base import Device, DeviceError, normalize_arch
+from edgekit.devices.base import Device, DeviceError, PushInProgress, normalize_arch
+from edgekit.devices.pushlock import PushLock
 from edgekit.devices.transfer import ProgressFn, PushConfig, default_name, push
 from edgekit.errors import InputError, UnsupportedError
 
 # ELF e_machine -> normalized arch (the values of the ELF spec's EM_* constants).
+RUNNER_WAIT_S = 120.0  # how long a profile waits for another one uploading the runner into the same folder
 ELF_MACHINES = {0x03: "x86", 0x28: "armv7", 0x3E: "x86_64", 0xB7: "aarch64", 0xF3: "riscv64"}
 
 
@@ -182,21 +185,40 @@ def _run_llama_bench(device: Device, runner: Path, model: str, remote_dir: str, 
     return rows
 
 
-def upload_runner(device: Device, runner: Path, folder: str) -> str:
+def upload_runner(device: Device, runner: Path, folder: str, wait_s: float = RUNNER_WAIT_S) -> str:
     """``runner`` in ``folder`` on the device, executable, sha256-verified; not sent again when the same
-    file (size and sha256) is there already. Returns its path on the device."""
+    file (size and sha256) is there already. Returns its path on the device. Two profiles uploading into one
+    folder take turns (the push lock, pushlock.py): the second waits up to ``wait_s`` for the first, then finds
+    the runner there; a lock still held after that is refused, naming who holds it."""
     from edgekit.devices.transfer import FilePush, _verify, partial_name
     from edgekit.fsutil import sha256_file_cached
 
     remote = posixpath.join(folder, runner.name)
     size, sha = runner.stat().st_size, sha256_file_cached(runner)
-    if device.file_size(remote) != size or device.sha256(remote) != sha:
+
+    def there() -> bool:
+        return device.file_size(remote) == size and device.sha256(remote) == sha
+
+    if not there():
         device.makedirs(folder)
-        tmp = partial_name(remote, sha)
-        device.remove(tmp)
-        device.append_from(runner, tmp, 0, lambda n: None, None)
-        _verify(device, tmp, FilePush(runner.name, size, sha))
-        device.rename(tmp, remote)
+        lock, deadline = PushLock(device, folder), time.monotonic() + wait_s
+        while True:
+            try:
+                lock.acquire()
+                break
+            except PushInProgress:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+        try:
+            if not there():  # the upload we waited for may have sent this very runner
+                tmp = partial_name(remote, sha)
+                device.remove(tmp)
+                device.append_from(runner, tmp, 0, lambda n: None, None)
+                _verify(device, tmp, FilePush(runner.name, size, sha))
+                device.rename(tmp, remote)
+        finally:
+            lock.release()
     device.run(f"chmod 755 {shlex.quote(remote)}")
     return remote
 

@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class AdbdStandin:
         self.bin = self.root.parent / (self.root.name + "-bin")
         self.props = dict(DEFAULT_PROPS, **(props or {}))
         self.drop_after: int | None = None
+        self.frozen = False  # a hung phone: while set, nothing is read or answered (the link stays up)
         self.received = 0
         self.drops = 0
         for d in ("data/local/tmp", "sdcard", "system/bin", "vendor"):
@@ -175,9 +177,14 @@ class _Connection:
         self.alive = True
 
     def send(self, cmd: int, a0: int, a1: int, data: bytes = b"") -> None:
+        self.hold()
         hdr = struct.pack("<6I", cmd, a0, a1, len(data), sum(data) & 0xFFFFFFFF, cmd ^ 0xFFFFFFFF)
         with self.lock:
             self.sock.sendall(hdr + data)
+
+    def hold(self) -> None:
+        while self.dev.frozen and not self.dev._closed:
+            time.sleep(0.05)
 
     def recv_exact(self, n: int) -> bytes:
         buf = b""
@@ -193,6 +200,7 @@ class _Connection:
             while True:
                 cmd, a0, a1, length, _, _ = struct.unpack("<6I", self.recv_exact(24))
                 data = self.recv_exact(length) if length else b""
+                self.hold()
                 self.dispatch(cmd, a0, a1, data)
         except (EOFError, OSError):
             pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,71 @@ def test_a_push_stopped_on_purpose_leaves_no_chunk_beside_the_partial(phone, big
         res = push(big_artifact, dev, PushConfig())
     assert {f.name: f.resumed_from for f in res.files}["extra.bin"] == 3 << 20
     assert _files(remote) == _files(big_artifact)
+
+
+def test_a_long_quiet_command_runs_in_the_background_and_is_polled(phone, monkeypatch):
+    """sha256sum of a model or a profile run says nothing for minutes: it runs detached on the phone and is
+    polled, with its exit code, stdout and stderr as a direct command's, and nothing left behind."""
+    import edgekit.devices.adb as adb
+
+    standin, dev_id = phone
+    monkeypatch.setattr(adb, "POLL_S", 0.2)
+    with open_device(dev_id) as dev:
+        r = dev.run("sleep 2; echo out; echo err >&2; exit 3", timeout=None)
+        assert (r.rc, r.stdout, r.stderr) == (3, "out\n", "err\n")
+        assert dev.run("echo '/data/local/tmp'", timeout=None).stdout == "/data/local/tmp\n"
+    assert not list(standin.host_path("/data/local/tmp").glob(".edgekit-run-*"))
+
+
+def test_a_frozen_phone_is_given_up_while_a_long_command_runs(phone, monkeypatch):
+    """A phone that stops answering (hung, or out of reach of adb connect) kept sha256sum's wait open for good:
+    now a poll that gets no answer within STALL_S ends it with the one-line 'lost' error."""
+    import threading
+    import time
+
+    import edgekit.devices.adb as adb
+
+    standin, dev_id = phone
+    monkeypatch.setattr(adb, "POLL_S", 0.2)
+    monkeypatch.setattr(adb, "STALL_S", 3.0)
+    with open_device(dev_id) as dev:
+        threading.Timer(1.0, lambda: setattr(standin, "frozen", True)).start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(DeviceDisconnected, match=f"lost {dev_id}"):
+                dev.run("sleep 60", timeout=None)
+            assert time.monotonic() - t0 < 20
+            with pytest.raises(DeviceDisconnected):  # a quick command does not wait for good either
+                dev.run("true")
+        finally:
+            standin.frozen = False
+
+
+def test_ctrl_c_stops_a_long_command_on_the_phone_too(phone, monkeypatch):
+    import psutil
+
+    import edgekit.devices.adb as adb
+
+    standin, dev_id = phone
+    monkeypatch.setattr(adb, "POLL_S", 0.2)
+    shell, calls = adb.AndroidDevice._shell, []
+
+    def interrupted(self, command, timeout):  # Ctrl-C at the third poll
+        calls.append(command)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return shell(self, command, timeout)
+
+    monkeypatch.setattr(adb.AndroidDevice, "_shell", interrupted)
+    with open_device(dev_id) as dev, pytest.raises(KeyboardInterrupt):
+        dev.run("sleep 37; echo never", timeout=None)
+
+    def left() -> list:
+        return [p for p in psutil.process_iter(["cmdline"]) if "sleep 37" in " ".join(p.info["cmdline"] or [])
+                or (p.info["cmdline"] or [])[-2:] == ["sleep", "37"]]
+
+    deadline = time.monotonic() + 5
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left()
+    assert not list(standin.host_path("/data/local/tmp").glob(".edgekit-run-*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,38 @@ def test_the_runner_is_not_sent_again_when_the_board_has_it(sshd, home, tmp_path
         upload_runner(dev, bench, str(folder))
     assert Path(remote).read_bytes() == bench.read_bytes() and Path(remote).stat().st_mode & 0o111
     assert sorted(p.name for p in folder.iterdir()) == ["llama-bench"]  # no partial left
+
+
+def test_two_profiles_upload_one_runner_in_turn(home, tmp_path):
+    """Two profiles sending the runner into one folder wrote the same partial file; the second now waits for the
+    first's lock and finds the runner there, or, still held after its wait, says who holds it."""
+    import threading
+
+    from edgekit.devices.base import PushInProgress
+    from edgekit.devices.host import HostDevice
+    from edgekit.devices.pushlock import LOCK_NAME, PushLock
+
+    bench = tmp_path / "llama-bench"
+    bench.write_bytes(_elf(0x3E) + bytes(4096))
+    folder = tmp_path / "board" / "bin"
+    folder.mkdir(parents=True)
+    dev = HostDevice()
+    held = PushLock(dev, str(folder))
+    held.acquire()
+    try:
+        with pytest.raises(PushInProgress, match="pid"):
+            upload_runner(dev, bench, str(folder), wait_s=0.3)
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]  # nothing sent while the other held it
+        result: list[str] = []
+        second = threading.Thread(target=lambda: result.append(upload_runner(dev, bench, str(folder), wait_s=30)))
+        second.start()
+        time.sleep(1.0)
+        assert second.is_alive()  # waiting for its turn
+    finally:
+        held.release()
+    second.join(30)
+    assert result == [str(folder / "llama-bench")] and (folder / "llama-bench").read_bytes() == bench.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == ["llama-bench"]
 
 
 def _elf(machine: int, little: bool = True) -> bytes:
