@@ -140,6 +140,7 @@ def add_ssh_host(host: SSHHost) -> SSHHost | None:
         except InputError:
             old = None
     data["ssh"][host.name] = {k: v for k, v in asdict(host).items() if k != "name"}
+    edgekit_home(create=True)
     with atomic_file(config_path()) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     return old
@@ -150,5 +151,6 @@ def remove_ssh_host(name: str) -> None:
     if name not in data["ssh"]:
         raise InputError(f"no SSH device 'ssh:{name}' to remove; 'edgekit devices' lists them")
     del data["ssh"][name]
+    edgekit_home(create=True)
     with atomic_file(config_path()) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))

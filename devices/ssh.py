@@ -118,7 +118,7 @@ class SSHDevice(Device):
                              f"{self.id} --host {h.host} --port {h.port}{user} --key KEYFILE'")
         client = paramiko.SSHClient()
         client.load_system_host_keys()
-        known = edgekit_home() / "known_hosts"
+        known = edgekit_home(create=True) / "known_hosts"
         known.touch(exist_ok=True)
         client.load_host_keys(str(known))
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # saved to edgekit's known_hosts

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import InputError
+from edgekit.errors import EdgekitError, InputError
 
 _VERSION = 3  # bump when the sampling procedure changes, so cached data is not reused
 
@@ -153,8 +153,16 @@ def calibration_tokens(model, tokenizer, cfg: CalibConfig, progress=None, cache_
                 return torch.from_numpy(cached)
     ids = self_generated(model, tokenizer, cfg, progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, ids.numpy(), allow_pickle=False)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, ids.numpy(), allow_pickle=False)
+        except (OSError, EdgekitError) as exc:  # a full or read-only cache only costs the sampling next time
+            import warnings
+
+            cause = exc.__cause__ or exc  # the OSError behind atomic_file's one line
+            reason = getattr(cause, "strerror", None) or str(cause)
+            warnings.warn(f"the calibration tokens could not be cached in {path.parent} ({reason}); going on "
+                          "without: free some space there, or set EDGEKIT_HOME to another folder", stacklevel=2)
     return ids

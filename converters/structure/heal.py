@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgekit.errors import InputError
+from edgekit.errors import EdgekitError, InputError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -314,6 +314,19 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
             for snap in sorted(state.glob("snapshot_*m.safetensors")):  # the quality-vs-time curve's weights
                 _keep(snap, tmp / snap.name)
 
+    def _snapshot(path: Path) -> None:
+        with atomic_file(path) as tmp:
+            save_file(weights(), str(tmp))
+
+    def best_effort(write: Callable[[], None], lost: str) -> None:
+        """A write that only saves work later (a resume point between checkpoints, a curve's snapshot): on a
+        full or read-only disk it is a warning and training goes on; only the final save must succeed."""
+        try:
+            write()
+        except (OSError, EdgekitError, SafetensorError) as exc:
+            warnings.warn(f"{lost}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; {what} goes on",
+                          stacklevel=2)
+
     from edgekit.converters.structure.refit import narrowed_parts, refit_narrowed
 
     narrowed = narrowed_parts(spec) if prepare_student is None and cfg.refit_seqs else None
@@ -376,12 +389,12 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
                      int(budget))
             due = [m for m in cfg.snapshots if info["elapsed_s"] >= m * 60 and f"{m:g}" not in info.get("snaps", [])]
             for m in due:
-                with atomic_file(state / f"snapshot_{m:g}m.safetensors") as tmp:
-                    save_file(weights(), str(tmp))
+                best_effort(lambda m=m: _snapshot(state / f"snapshot_{m:g}m.safetensors"),
+                            f"the {m:g}-minute snapshot's weights were not kept")
                 info.setdefault("snaps", []).append(f"{m:g}")
                 info.setdefault("curve", []).append({"minutes": m, "step": info["step"], "kl": round(held_out_kl(), 5)})
             if time.monotonic() - last_save >= cfg.checkpoint_s:
-                save()
+                best_effort(save, f"{what} progress could not be saved (a resume starts from the last save)")
                 last_save = time.monotonic()
         info["done"] = True
     except KeyboardInterrupt as exc:  # said on the "interrupted" line: the work is kept, not lost

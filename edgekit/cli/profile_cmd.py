@@ -231,16 +231,16 @@ def profile_cmd(
                 interrupted = run = exc.run
         if interrupted is not None:
             say(err, "partial results below are marked 'interrupted'", "interrupted:", "yellow")
+    _emit(run, as_json, as_csv, plot, terminal_plot, device)
     if history and run.rows:
-        from edgekit.errors import CorruptFileError
+        from edgekit.errors import EdgekitError
         from edgekit.runtime.history import History
 
         try:
             with History() as h:
                 h.save(run.rows, started=run.started, status=run.status, host=run.host)
-        except CorruptFileError as exc:  # what was measured is still shown
-            say(err, f"{exc}; this run was not recorded", "warning:", "yellow")
-    _emit(run, as_json, as_csv, plot, terminal_plot, device)
+        except EdgekitError as exc:  # a damaged, full or read-only history: what was measured is shown above
+            say(err, f"{exc}; this run was not recorded in the profile history", "warning:", "yellow")
     if run.status == "interrupted":
         raise typer.Exit(130)
     errors = [r for r in run.rows if r.status == "error"]

@@ -24,7 +24,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False,
     from edgekit import api
     from edgekit.cli.ui import err, out, progress_bar, say
 
-    base = edgekit_home(home)
+    base = edgekit_home(home, create=True)
     figures: dict = {}
 
     def step(title: str, estimate: str) -> float:

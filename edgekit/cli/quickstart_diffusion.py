@@ -42,7 +42,7 @@ def run_quickstart_diffusion(home: Path | None = None, force: bool = False, dist
     from edgekit.library import artifact_name, store_dir
     from edgekit.runtime.diffusion import open_diffusion
 
-    base = edgekit_home(home)
+    base = edgekit_home(home, create=True)
     figures: dict[str, Any] = {"fid": {}, "label_agreement": {}}
     quiet = as_json
 

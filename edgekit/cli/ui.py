@@ -58,6 +58,9 @@ def os_error_line(exc: OSError) -> tuple[str, int]:
 
     what = exc.strerror or str(exc) or type(exc).__name__
     where = exc.filename if exc.filename not in (None, "") else None
+    copies = exc.args[0] if exc.args and isinstance(exc.args[0], list) else None  # shutil.Error: (src, dst, why)s
+    if copies and isinstance(copies[0], tuple) and len(copies[0]) == 3:
+        what, where = str(copies[0][2]), copies[0][1]
     line = f"{what} ({where})" if where is not None and str(where) not in what else what
     if is_disk_full(exc):
         return f"the disk filled up: {line}; free some space and retry", DiskFullError.exit_code
@@ -89,6 +92,11 @@ def handle_errors(fn: F) -> F:
         except Exception as exc:  # a bug: still one line, with a way to see more
             if os.environ.get("EDGEKIT_DEBUG"):
                 raise
+            from edgekit.fsutil import is_disk_full
+
+            if is_disk_full(exc):  # a writer that reports ENOSPC without an OSError (safetensors)
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise fail(f"the disk filled up ({reason}); free some space and retry", DiskFullError.exit_code) from None
             raise fail(f"internal error: {type(exc).__name__}: {exc} (set EDGEKIT_DEBUG=1 for the traceback)", 1) from None
 
     return wrapper  # type: ignore[return-value]

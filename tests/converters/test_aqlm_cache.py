@@ -61,3 +61,33 @@ def test_convert_with_a_damaged_aqlm_cache_encodes_again(encoded, tiny_llama, tm
     assert a.keys() == b.keys()
     load_file(str(cache / "encoded.safetensors"))  # rewritten whole
     assert (cache / "report.json").is_file()
+
+
+@pytest.mark.parametrize("failure", ["safetensors full disk", "read-only home"])
+def test_an_encoding_that_cannot_be_cached_is_a_warning_and_leaves_nothing(tmp_path, monkeypatch, failure):
+    """safetensors reports a full disk as SafetensorError (no OSError): still only a lost shortcut."""
+    import errno
+
+    import numpy as np
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    from edgekit.converters.quantize.aqlm import AQLMQuantizer
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    if failure == "read-only home":
+        monkeypatch.setattr("tempfile.mkdtemp", read_only)
+    q = AQLMQuantizer()
+    q._bytes, q.report = {"token_embd.weight": np.zeros((4, 8), np.float32)}, {}
+    cache = tmp_path / "aqlm" / "0123abcd"
+    with pytest.warns(UserWarning, match="could not be cached") as rec:
+        q._save(cache)
+    line = next(str(w.message) for w in rec if "could not be cached" in str(w.message))
+    assert "EDGEKIT_HOME" in line and "\n" not in line
+    assert list((tmp_path / "aqlm").iterdir()) == []  # no .KEY-xxxx folder left behind

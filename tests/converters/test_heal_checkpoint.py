@@ -176,7 +176,8 @@ def test_a_heal_stopped_by_a_signal_says_so_when_it_resumes(setup, tmp_path):
 
 def test_heal_checkpoint_is_written_as_one_set(setup, tmp_path, monkeypatch):
     """A save that fails between its files (here a full disk at the optimizer's) leaves the previous
-    checkpoint whole: never a new student beside an old step count."""
+    checkpoint whole: never a new student beside an old step count. (Training warns and goes on past a failed
+    save between checkpoints; the save when it stops, here at a Ctrl-C, is the one that fails the run.)"""
     import safetensors.torch
 
     from edgekit.converters.structure.heal import HealConfig, heal
@@ -198,9 +199,11 @@ def test_heal_checkpoint_is_written_as_one_set(setup, tmp_path, monkeypatch):
             (folder,) = root.iterdir()
             kept.update({p.name: p.read_bytes() for p in folder.iterdir()})
             full["on"] = True
+        if desc.startswith("healing: step 5,"):
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    with pytest.raises(DiskFullError):
+    with pytest.raises(DiskFullError), pytest.warns(UserWarning, match="progress could not be saved"):
         heal(ckpt, pruned, SPEC, cfg, CALIB, progress, state_root=root, in_place=False)
     (folder,) = root.iterdir()  # no scratch folder left beside it
     assert json.loads(kept["state.json"])["step"] == 2
@@ -210,6 +213,45 @@ def test_heal_checkpoint_is_written_as_one_set(setup, tmp_path, monkeypatch):
     report = heal(ckpt, pruned, SPEC, cfg, CALIB, lambda d, a, b: seen.append(d), state_root=root, in_place=False)
     assert seen[0].startswith("note: healing resumes from step 2,") and "by a run that did not finish" in seen[0]
     assert seen[1].startswith("healing: step 3,") and report["steps"] == 6  # resumed from the intact checkpoint
+
+
+def test_a_snapshot_or_checkpoint_that_cannot_be_written_only_warns(setup, tmp_path, monkeypatch):
+    """A curve's snapshot and the resume point between checkpoints only save work later: on a full disk
+    (safetensors says so with SafetensorError, not OSError) training warns and goes on to the end."""
+    import os
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from edgekit.converters.structure.heal import HealConfig, heal
+
+    ckpt, pruned = setup[:2]
+    cfg = HealConfig(minutes=5, max_steps=4, lr=1e-3, batch=2, checkpoint_s=0, eval_seqs=1, snapshots=(0,))
+    root = tmp_path / "state"
+    real_save = safetensors.torch.save_file
+    step = {"n": 0}
+
+    def save_file(tensors, filename, *a, **k):
+        name = os.path.basename(filename)
+        if name.startswith(".snapshot_") or (step["n"] == 2 and name == "optim.safetensors"):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *a, **k)
+
+    def progress(desc, done, total):
+        if desc.startswith("healing: step "):
+            step["n"] = int(desc.split()[2].rstrip(","))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.warns(UserWarning) as rec:
+        report = heal(ckpt, pruned, SPEC, cfg, CALIB, progress, state_root=root, in_place=False)
+    said = [str(w.message) for w in rec]
+    assert any(m.startswith("the 0-minute snapshot's weights were not kept: the disk filled up") for m in said), said
+    assert any(m.startswith("healing progress could not be saved (a resume starts from the last save)")
+               for m in said), said
+    assert report["steps"] == 4 and len(report["curve"]) == 1
+    (folder,) = root.iterdir()  # no scratch folder left beside it, and no half-written snapshot in it
+    assert json.loads((folder / "state.json").read_text())["done"]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith((".", "snapshot_"))]
 
 
 def test_cli_convert_with_a_damaged_heal_checkpoint(setup, tmp_path, monkeypatch):

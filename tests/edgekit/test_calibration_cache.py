@@ -71,3 +71,22 @@ def test_cli_convert_with_a_damaged_calibration_cache(tiny_llama, tmp_path, monk
     assert "internal error" not in r.output and "Traceback" not in r.output
     assert (tmp_path / "b" / "edgekit.json").is_file()
     assert np.load(entry, allow_pickle=False).shape == (2, 16)
+
+
+def test_a_calibration_cache_that_cannot_be_written_is_a_warning(model_and_tok, tmp_path, monkeypatch):
+    """A full (or read-only) EDGEKIT_HOME must not stop a calibrated convert whose output has room."""
+    import errno
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path))
+    model, tok = model_and_tok
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.warns(UserWarning, match="could not be cached") as rec:
+        ids = calibration_tokens(model, tok, CFG, cache_key="k")
+    assert ids.shape == (CFG.samples, CFG.seqlen)
+    (line,) = [str(w.message) for w in rec if "could not be cached" in str(w.message)]
+    assert "No space left on device" in line and "EDGEKIT_HOME" in line
+    assert list((tmp_path / "calib").iterdir()) == []

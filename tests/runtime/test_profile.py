@@ -248,3 +248,22 @@ def test_ctrl_c_keeps_marked_partial_results(tiny_ggufs, tmp_path):
     assert data["status"] == "interrupted"
     assert data["rows"] and data["rows"][-1]["status"] == "interrupted" and data["rows"][-1]["reps"] >= 1
     assert b"Traceback" not in errs
+
+
+@needs_llama
+def test_a_history_on_a_full_disk_prints_the_results_then_warns(tiny_ggufs, home, monkeypatch):
+    import sqlite3
+
+    from edgekit.cli.main import app
+    from edgekit.runtime.history import History
+
+    def full(self, *a, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(History, "_save", full)
+    res = CliRunner().invoke(app, ["profile", str(tiny_ggufs["F16"]), "--tests", "tg4", "-r", "1"])
+    assert res.exit_code == 0, res.output
+    assert "internal error" not in res.output and "Traceback" not in res.output
+    table, warning = res.output.find("tg4"), res.output.find("warning: the disk filled up while writing")
+    assert 0 <= table < warning, res.output  # what was measured first, then why it was not kept
+    assert "not recorded" in res.output and "--no-history" in res.output

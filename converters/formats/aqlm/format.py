@@ -128,7 +128,7 @@ class AQLMFormat(Format):
                 raise InputError(f"{name} has {checkpoint.tensors[name].shape[1]} input columns, not a multiple of "
                                  f"AQLM's group of {scheme.in_group}; give -O in_group=4")
         est = checkpoint_bytes(checkpoint, scheme, opts.embedding)
-        check_free_space(out_dir, est + (16 << 20), "the AQLM checkpoint")
+        check_free_space(out_dir, est, "the AQLM checkpoint", headroom=16 << 20)
         tied = checkpoint.hparams.tie_embeddings
         plan: dict[str, Any] = {}
         for name, ref in checkpoint.tensors.items():

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.converters.diffusion.export import register_exporter
-from edgekit.converters.formats.coreml.package import coremltools, package_bytes
+from edgekit.converters.formats.coreml.package import coremltools, package_bytes, scratch_in
 from edgekit.converters.formats.coreml.program import Blockwise, weight_var
 from edgekit.errors import InputError, UnsupportedError
 from edgekit.progress import ProgressFn
@@ -301,15 +301,17 @@ class CoreMLUNetExporter:
         if unet.class_embedding is not None:
             inputs.append(ct.TensorType("class_labels", shape=(batch,), dtype=np.int32))
         progress("writing the ML program (coremltools)", 1, 1)
-        with contextlib.redirect_stderr(io.StringIO()):  # coremltools' pass pipelines draw tqdm bars
+        path = out_dir / PACKAGE
+        # coremltools' pass pipelines draw tqdm bars; its temporary package lives in the output (scratch_in)
+        with scratch_in(out_dir), contextlib.redirect_stderr(io.StringIO()):
             model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                                compute_precision=ct.precision.FLOAT16, skip_model_load=True, inputs=inputs,
                                outputs=[ct.TensorType("out", dtype=np.float32)])
-        model.user_defined_metadata.update({"edgekit.task": "diffusion", "edgekit.source": pipe.path.name,
-                                            "edgekit.num_train_timesteps": str(pipe.schedule().num_train_timesteps)})
-        model.short_description = f"{pipe.path.name} UNet for Core ML (edgekit)"
-        path = out_dir / PACKAGE
-        model.save(str(path))
+            model.user_defined_metadata.update({
+                "edgekit.task": "diffusion", "edgekit.source": pipe.path.name,
+                "edgekit.num_train_timesteps": str(pipe.schedule().num_train_timesteps)})
+            model.short_description = f"{pipe.path.name} UNet for Core ML (edgekit)"
+            model.save(str(path))
         names = [i.name for i in inputs]
         ops = sorted({op.op_type for op in prog.functions["main"].operations})
         return {

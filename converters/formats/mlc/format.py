@@ -82,7 +82,7 @@ class MLCFormat(Format):
         params = layout.params(arch, hp)
         plan = _plan(checkpoint, params, grid, opts.mode.dtype)
         est = sum(r.numel for r in checkpoint.tensors.values()) * (2 if grid is None else 1)
-        check_free_space(out_dir, est + (64 << 20), "the MLC weights")
+        check_free_space(out_dir, est, "the MLC weights", headroom=64 << 20)
         context = opts.context_window_size or hp.n_ctx_train
         prefill = min(opts.prefill_chunk_size or min(context, 8192), context)
         t0 = time.perf_counter()
