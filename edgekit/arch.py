@@ -6,6 +6,7 @@ Adding a Llama-like family is one more :class:`ArchSpec` in ``ARCHITECTURES``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -124,6 +125,13 @@ class ArchSpec:
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
         if m and m.group(2) in self.layer_tensors:
             return f"blk.{m.group(1)}.{self.layer_tensors[m.group(2)]}"
+        part = m.group(2).split(".")[0] if m and m.group(2).endswith(".bias") else ""
+        if part in ("self_attn", "mlp"):  # Llama's attention_bias / mlp_bias switches
+            field = "attention_bias" if part == "self_attn" else "mlp_bias"
+            raise UnsupportedError(
+                f"config.json sets {field}: true (tensor {hf_name!r}): edgekit converts the {self.gguf_arch} family "
+                "without those biases in every format, so not this checkpoint yet; run the folder itself "
+                "(edgekit run FOLDER) or use a checkpoint without them")
         raise UnsupportedError(
             f"tensor {hf_name!r} is not part of the {self.gguf_arch} layout edgekit knows; "
             "the checkpoint may be a variant edgekit does not support yet"
@@ -184,6 +192,23 @@ def unpermute_for_rope(w, n_head: int):
 
 # ---- GGUF hyperparameter keys, filled from config.json -------------------------------------
 
+def _sliding_window(cfg: dict) -> int | None:
+    """The window of the layers that attend to recent tokens only, as transformers decides which do: by
+    ``layer_types`` where the config lists them, else ``use_sliding_window`` (Qwen2; absent for Mistral)
+    and ``max_window_layers`` (Qwen2's layers from that index on slide). None when no layer slides."""
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if isinstance(cfg.get("layer_types"), list):
+        return window if "sliding_attention" in cfg["layer_types"] else None
+    if cfg.get("use_sliding_window") is False:
+        return None
+    first = cfg.get("max_window_layers")
+    if "use_sliding_window" in cfg and isinstance(first, int) and first >= int(cfg.get("num_hidden_layers", 0)):
+        return None
+    return window
+
+
 @dataclass(frozen=True)
 class HParams:
     """The hyperparameters every supported family shares, read from config.json."""
@@ -202,6 +227,9 @@ class HParams:
     rope_scaling: dict | None
     # each block's own FFN width (width:auto pruning; the weights are zero-padded to n_ff), else None
     ffn_widths: tuple[int, ...] | None = None
+    # attention window in tokens when some layer attends only to that many past tokens (Mistral's
+    # sliding_window, Qwen2's with use_sliding_window), else None
+    sliding_window: int | None = None
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "config.json") -> HParams:
@@ -232,15 +260,60 @@ class HParams:
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 rope_scaling=scaling,
                 ffn_widths=tuple(cfg["edgekit_ffn_widths"]) if cfg.get("edgekit_ffn_widths") else None,
+                sliding_window=_sliding_window(cfg),
             )
         except KeyError as exc:
             raise UnsupportedError(f"{source} lacks {exc.args[0]!r}; is this a decoder-only LLM checkpoint?") from exc
+
+    @property
+    def usable_context(self) -> int:
+        """The context a llama.cpp file of this model computes it exactly for: the trained context, or the
+        sliding window when that is shorter (llama.cpp's llama and qwen2 graphs attend to every past token)."""
+        if self.sliding_window is not None:
+            return min(self.n_ctx_train, self.sliding_window)
+        return self.n_ctx_train
+
+    @property
+    def rope_kind(self) -> str | None:
+        """The rope scaling's type as config.json names it (None when there is none)."""
+        if not self.rope_scaling:
+            return None
+        return self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
+
+    def rope_freq_factors(self):
+        """Llama 3's rope scaling as llama.cpp's ``rope_freqs.weight``: one float32 per rotary pair, the
+        number each base frequency is divided by (1 for short wavelengths, ``factor`` for long ones, a smooth
+        blend between), so that base / factors equals transformers' llama3 inverse frequencies. None for the
+        other scalings."""
+        if self.rope_kind != "llama3":
+            return None
+        import numpy as np
+
+        rs = self.rope_scaling
+        try:
+            factor, low, high = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+            old_ctx = float(rs.get("original_max_position_embeddings") or self.n_ctx_train)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFileError(f"config.json: llama3 rope scaling lacks a numeric {exc.args[0]!r}; add it "
+                                   "(Llama 3.1 uses factor 8, low_freq_factor 1, high_freq_factor 4, "
+                                   "original_max_position_embeddings 8192)") from exc
+        if factor <= 0 or high <= low:
+            raise CorruptFileError("config.json: llama3 rope scaling needs factor > 0 and high_freq_factor > "
+                                   "low_freq_factor; fix rope_scaling")
+        # transformers computes the base frequencies in float32; so does this, for the same wavelengths
+        inv_freq = 1.0 / (np.float32(self.rope_theta) ** (np.arange(0, self.head_dim, 2, dtype=np.float32)
+                                                          / np.float32(self.head_dim)))
+        wavelen = 2 * math.pi / inv_freq.astype(np.float64)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        factors = np.where(wavelen < old_ctx / high, 1.0,
+                           np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        return factors.astype(np.float32)
 
     def gguf_kv(self, arch: str) -> dict[str, object]:
         """``{key: value}`` for the GGUF architecture block (keys as llama.cpp reads them)."""
         kv: dict[str, object] = {
             f"{arch}.block_count": self.n_layer,
-            f"{arch}.context_length": self.n_ctx_train,
+            f"{arch}.context_length": self.usable_context,
             f"{arch}.embedding_length": self.n_embd,
             f"{arch}.feed_forward_length": list(self.ffn_widths) if self.ffn_widths else self.n_ff,
             f"{arch}.attention.head_count": self.n_head,
@@ -252,19 +325,28 @@ class HParams:
         }
         kv[f"{arch}.attention.key_length"] = self.head_dim  # written always, as llama.cpp's converter does
         kv[f"{arch}.attention.value_length"] = self.head_dim
-        if self.rope_scaling:
-            kind = self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
-            if kind == "linear":
-                kv[f"{arch}.rope.scaling.type"] = "linear"
-                if self.rope_scaling.get("factor") is None:
-                    raise CorruptFileError("config.json: linear rope scaling has no 'factor'; add it or remove "
-                                           "rope_scaling")
-                kv[f"{arch}.rope.scaling.factor"] = float(self.rope_scaling["factor"])
-            elif kind not in (None, "default"):
-                raise UnsupportedError(
-                    f"rope scaling {kind!r} is not supported yet (edgekit handles none and 'linear')"
-                )
+        kind = self.rope_kind
+        if kind == "linear":
+            kv[f"{arch}.rope.scaling.type"] = "linear"
+            if self.rope_scaling.get("factor") is None:
+                raise CorruptFileError("config.json: linear rope scaling has no 'factor'; add it or remove "
+                                       "rope_scaling")
+            kv[f"{arch}.rope.scaling.factor"] = float(self.rope_scaling["factor"])
+        elif kind == "llama3":
+            if arch not in ROPE_FREQS_ARCHS:
+                raise UnsupportedError(f"rope scaling 'llama3' has no form in llama.cpp's {arch} architecture; "
+                                       "convert this model with --to onnx instead")
+            # no keys: the per-frequency factors go in the rope_freqs.weight tensor (rope_freq_factors)
+        elif kind not in (None, "default"):
+            raise UnsupportedError(
+                f"rope scaling {kind!r} has no exact form in GGUF (edgekit writes none, 'linear' and 'llama3'); "
+                "no edgekit format converts it yet"
+            )
         return kv
+
+
+# llama.cpp architectures whose graphs read a rope_freqs.weight tensor (Llama 3's rope scaling)
+ROPE_FREQS_ARCHS = ("llama", "deci")
 
 
 # ---- AWQ scaling groups of one decoder layer ------------------------------------------------

@@ -56,3 +56,14 @@ def test_hparams_from_config_and_gguf_keys():
     kv = hp.gguf_kv("llama")
     assert kv["llama.block_count"] == 30 and kv["llama.attention.head_count_kv"] == 3
     assert kv["llama.embedding_length"] == 576 and kv["llama.rope.freq_base"] == 100000.0
+
+
+@pytest.mark.parametrize("tensor, field", [("self_attn.q_proj.bias", "attention_bias"),
+                                           ("self_attn.o_proj.bias", "attention_bias"),
+                                           ("mlp.down_proj.bias", "mlp_bias")])
+def test_llama_biases_name_the_config_switch(tensor, field):
+    """QA s50: the refusal named a tensor but not the config field that put it there, nor a way on."""
+    from edgekit.arch import ARCHITECTURES
+
+    with pytest.raises(UnsupportedError, match=f"config.json sets {field}: true .*edgekit run FOLDER"):
+        ARCHITECTURES["LlamaForCausalLM"].gguf_name(f"model.layers.3.{tensor}")

@@ -363,7 +363,7 @@ def test_hparams_error_paths():
     with pytest.raises(CorruptFileError, match="linear rope scaling has no 'factor'"):
         hp.gguf_kv("llama")
     hp = HParams.from_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(UnsupportedError, match="rope scaling 'yarn' is not supported yet"):
+    with pytest.raises(UnsupportedError, match="rope scaling 'yarn' has no exact form in GGUF"):
         hp.gguf_kv("llama")
     with pytest.raises(UnsupportedError, match="AWQ does not know the decoder layer of 'gpt2'"):
         awq_layout("gpt2")

@@ -138,17 +138,59 @@ def _bpe_vocab(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], li
 
 
 def _spm_vocab(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+    """tokenizer.model's pieces (user-defined symbols typed USER_DEFINED, as SentencePiece matches them
+    whole), then the tokens the Hugging Face files add on top, each with its text and type (CONTROL when
+    special), as llama.cpp's converter writes them; ids nothing names are padding."""
     sp = gguf.vocab.SentencePieceVocab(folder)
     tokens, scores, types = [], [], []
     for text, score, ttype in sp.all_tokens():
         tokens.append(text)
         scores.append(float(score))
         types.append(int(ttype))
-    for i in range(len(tokens), n_vocab):  # the embedding can be larger than the vocabulary
+    for i in _spm_user_defined(folder / "tokenizer.model"):
+        if i < len(types) and types[i] == _T.NORMAL:
+            types[i] = int(_T.USER_DEFINED)
+    added = _hf_added_tokens(folder)
+    for i in range(len(tokens), max(n_vocab, max(added, default=-1) + 1)):  # the embedding can be larger
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(int(_T.UNUSED))
+    for i, (content, special) in added.items():
+        if types[i] not in (_T.NORMAL, _T.USER_DEFINED, _T.UNUSED):
+            continue  # SentencePiece's own <unk>, <s>, </s> and byte pieces keep their types
+        if not special:  # SentencePiece's word-boundary mark, as llama.cpp's converter stores it
+            content = content.replace("\u2581", " ")
+        tokens[i], scores[i] = content.encode("utf-8"), -1000.0
+        types[i] = int(_T.CONTROL if special else _T.USER_DEFINED)
     return tokens, scores, types
+
+
+def _spm_user_defined(path: Path) -> list[int]:
+    """Ids of a SentencePiece model's user-defined symbols (ChatML markers and the like)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as exc:  # protobuf's DecodeError, whose module path varies by version
+        raise CorruptFileError(f"{path} is not a SentencePiece model; {TOKENIZER_FIX}") from exc
+    return [i for i, piece in enumerate(proto.pieces) if piece.type == pb.ModelProto.SentencePiece.USER_DEFINED]
+
+
+def _hf_added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
+    """``{id: (text, special)}`` of the tokens tokenizer.json's ``added_tokens`` and tokenizer_config.json's
+    ``added_tokens_decoder`` name (the latter wins, as in transformers)."""
+    out: dict[int, tuple[str, bool]] = {}
+    if (folder / "tokenizer.json").is_file():
+        for a in read_json_object(folder / "tokenizer.json").get("added_tokens") or []:
+            if isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str):
+                out[a["id"]] = (a["content"], bool(a.get("special")))
+    if (folder / "tokenizer_config.json").is_file():
+        decoder = read_json_object(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        for key, a in decoder.items() if isinstance(decoder, dict) else ():
+            if str(key).isdigit() and isinstance(a, dict) and isinstance(a.get("content"), str):
+                out[int(key)] = (a["content"], bool(a.get("special")))
+    return {i: v for i, v in out.items() if i >= 0}
 
 
 def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
@@ -168,4 +210,40 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
         special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
         if not special.merges:
             raise InputError(f"{folder / 'tokenizer.json'} has no BPE merges; the tokenizer file is incomplete")
+    _add_stop_ids(special, folder, len(tokens))
     return GGUFVocab(model=kind, tokens=tokens, scores=scores, types=types, pre=pre, special=special)
+
+
+# llama.cpp's end-of-generation ids beyond the EOS: its vocabulary reads these keys into special_eog_ids
+_EXTRA_STOP_SLOTS = ("eot", "eom")
+
+
+def stop_ids(folder: Path) -> list[int]:
+    """The ids generation stops on, as transformers reads them: generation_config.json's ``eos_token_id``
+    (one id or a list), else config.json's; [] where neither has one."""
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        value = read_json_object(path).get("eos_token_id")
+        ids = value if isinstance(value, list) else [value]
+        ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+        if ids:
+            return list(dict.fromkeys(ids))
+    return []
+
+
+def _add_stop_ids(special: gguf.SpecialVocab, folder: Path, n_vocab: int) -> None:
+    """Every stop id of the checkpoint as a llama.cpp end-of-generation token: GGUF keeps one EOS, so the
+    others go in the EOT and EOM slots (llama.cpp stops on all three). More than fit: a warning naming them."""
+    ids = special.special_token_ids
+    wanted = [i for i in stop_ids(folder) if i < n_vocab]
+    if wanted and "eos" not in ids:
+        ids["eos"] = wanted[0]
+    extra = [i for i in wanted if i not in {ids.get(k) for k in ("eos", *_EXTRA_STOP_SLOTS)}]
+    for slot in _EXTRA_STOP_SLOTS:
+        if extra and slot not in ids:
+            ids[slot] = extra.pop(0)
+    if extra:
+        warnings.warn(f"generation stops on token ids {', '.join(map(str, extra))} as well, but a GGUF holds three "
+                      "end-of-generation ids (EOS, EOT, EOM): llama.cpp may generate past them", stacklevel=2)

@@ -104,7 +104,15 @@ def plan_tensors(ckpt: HFCheckpoint, recipe: ConvertRecipe, has_imatrix: bool = 
     opts = GGUFOptions.from_recipe(recipe)
     overrides = [*opts.overrides(hp.tie_embeddings or "lm_head.weight" not in ckpt.tensors), *recipe.tensor_types]
     assignments = mixes.assign_types(infos, _preset_name(recipe), arch, overrides=overrides, has_imatrix=has_imatrix)
-    return [PlannedTensor(hf, name, shape, assignments[name]) for hf, name, shape in mapped]
+    plan = [PlannedTensor(hf, name, shape, assignments[name]) for hf, name, shape in mapped]
+    if (factors := hp.rope_freq_factors()) is not None:  # computed, not read: no checkpoint tensor (hf_name "")
+        plan.insert(0, PlannedTensor("", ROPE_FREQS, factors.shape,
+                                     mixes.Assignment(type=gguf.GGMLQuantizationType.F32, origin="kept")))
+    return plan
+
+
+# Llama 3's rope scaling: one F32 divisor per rotary frequency, which llama.cpp applies in every layer
+ROPE_FREQS = "rope_freqs.weight"
 
 
 def to_gguf_layout(ckpt: HFCheckpoint, gguf_name: str, rows: np.ndarray) -> np.ndarray:
@@ -128,6 +136,28 @@ def _preset_name(recipe: ConvertRecipe) -> str:
         except EdgekitError:
             return recipe.preset.strip().upper()
     return mixes.preset_for_bits(recipe.bits).name if not recipe.budgeted else "Q4_K_M"
+
+
+def _written_preset(preset: str, plan: list[PlannedTensor], recipe: ConvertRecipe) -> str:
+    """The preset that names the file: the one asked for, or F16 when no tensor could take a quantized
+    type (every row too narrow for its blocks), so that the label says what the file holds."""
+    if recipe.budgeted or mixes.preset_from_name(preset).base in mixes._FLOAT_TYPES:
+        return preset
+    if all(t.qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32) for t in plan):
+        return "F16"
+    return preset
+
+
+def window_note(checkpoint: HFCheckpoint) -> str | None:
+    """A warning when the model's attention slides over fewer tokens than its trained context: llama.cpp's
+    llama and qwen2 graphs attend to every past token, so the file matches the model only up to the window
+    (written as its context_length, which the beyond-the-trained-context notes read)."""
+    hp = checkpoint.hparams
+    if hp.sliding_window is None or hp.sliding_window >= hp.n_ctx_train:
+        return None
+    return (f"warning: this model attends to the last {hp.sliding_window} tokens only (sliding_window), which "
+            f"llama.cpp does not apply: the GGUF matches it up to {hp.sliding_window} tokens of context, recorded "
+            "as its context length; for longer contexts convert with --to onnx")
 
 
 def _budget_split(plan: list[PlannedTensor]) -> tuple[list[PlannedTensor], int]:
@@ -220,6 +250,8 @@ def _encode_in_order(
     layout; llama.cpp's row order is applied here, to the encoded rows (each row's blocks stay whole)."""
 
     def encode(t: PlannedTensor) -> np.ndarray:
+        if t.name == ROPE_FREQS:
+            return ckpt.hparams.rope_freq_factors()
         w = ckpt.load(t.hf_name)
         if w.shape != t.shape:  # per-block FFN widths: the checkpoint's zero padding is not written
             w = w[tuple(slice(0, n) for n in t.shape)]
@@ -282,6 +314,9 @@ class GGUFFormat(Format):
         if GGUFOptions.from_recipe(recipe).sparse_ffn is not None and checkpoint.hparams.ffn_widths is not None:
             raise InputError("--sparse-ffn splits FFNs of one width; this checkpoint has per-block widths "
                              "(width:auto): convert its unpruned source, or drop --sparse-ffn")
+        if GGUFOptions.from_recipe(recipe).sparse_ffn is not None and checkpoint.hparams.rope_kind == "llama3":
+            raise UnsupportedError("--sparse-ffn writes a Qwen2-MoE file, which has no place for Llama 3's rope "
+                                   "scaling; drop --sparse-ffn")
         plan = plan_tensors(checkpoint, recipe, quantizer.uses_imatrix)
         vocab = read_vocab(checkpoint.path, checkpoint.hparams.n_vocab)
         budget_report = None
@@ -290,10 +325,10 @@ class GGUFFormat(Format):
             meta = metadata_bytes(checkpoint, recipe, vocab, plan, out_dir) if recipe.size is not None else 0
             budget_report = apply_budget(checkpoint, plan, recipe, calib, progress, meta, quantizer.uses_imatrix)
         total = sum(t.nbytes for t in plan)
-        check_free_space(out_dir, total + (64 << 20), "the GGUF file")
+        check_free_space(out_dir, total, "the GGUF file", headroom=64 << 20)
         quantizer.prepare(checkpoint, {t.name: t.qtype for t in plan}, progress)
 
-        preset = _preset_name(recipe)
+        preset = _written_preset(_preset_name(recipe), plan, recipe)
         path = out_dir / self.model_filename
         opts = GGUFOptions.from_recipe(recipe)
         if opts.sparse_ffn is not None:
@@ -322,8 +357,9 @@ class GGUFFormat(Format):
         fields = self._manifest_fields(plan, path, recipe.budget_label() or preset, vocab.pre)
         if budget_report is not None:
             fields["budget"] = {k: v for k, v in budget_report.items() if k != "errors"}
-        if (note := bits_note(recipe, plan, fields, quantizer.uses_imatrix, checkpoint)) is not None:
-            fields["notes"] = [note]
+        notes = [bits_note(recipe, plan, fields, quantizer.uses_imatrix, checkpoint), window_note(checkpoint)]
+        if any(notes):
+            fields["notes"] = [n for n in notes if n]
         return {**fields, **quantizer_timings(quantizer)}
 
     def default_output_suffix(self, recipe: ConvertRecipe) -> str:
