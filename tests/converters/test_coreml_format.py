@@ -253,3 +253,141 @@ def test_missing_coremltools_names_the_extra(monkeypatch, tiny_llama, tmp_path):
     with pytest.raises(MissingDependencyError, match=r"pip install 'edgekit\[coreml\]'"):
         api.convert(tiny_llama, "coreml", output=tmp_path / "x", recipe=api.ConvertRecipe(bits=16))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("ending", ["written", "interrupted", "disk full"])
+def test_coremltools_leaves_nothing_in_the_temp_folder(ending, tiny_llama, tmp_path, monkeypatch):
+    """coremltools builds the whole package in $TMPDIR and deletes it only at exit: it must live in the
+    output's temporary folder instead, so Ctrl-C (or kill -9, through the sweep) leaves nothing there."""
+    import shutil
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+    from edgekit.converters.formats.coreml.package import coremltools
+
+    tmpd = tmp_path / "tmpd"
+    tmpd.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpd))
+    MLModel = coremltools().models.MLModel
+    save = MLModel.save
+
+    def failing_save(self, path):
+        assert ".out.partial-" in str(self.package_path)  # inside the output's temporary folder
+        if ending == "interrupted":
+            raise KeyboardInterrupt
+        src = f"{self.package_path}/Data/com.apple.CoreML/weights/weight.bin"
+        raise shutil.Error([(src, f"{path}/weight.bin", f"[Errno 28] No space left on device: '{src}'")])
+
+    monkeypatch.setattr(MLModel, "save", save if ending == "written" else failing_save)
+    out = tmp_path / "cm" / "out"
+    r = CliRunner().invoke(app, ["convert", str(tiny_llama), "--to", "coreml", "--bits", "8", "-o", str(out)])
+    assert r.exit_code == {"written": 0, "interrupted": 130, "disk full": 4}[ending], r.output
+    assert list(tmpd.iterdir()) == []
+    if ending == "written":
+        assert sorted(p.name for p in (tmp_path / "cm").iterdir()) == ["out"]
+        assert not any(p.name.startswith(".") for p in out.iterdir())
+    else:
+        assert list((tmp_path / "cm").iterdir()) == []
+    if ending == "disk full":
+        assert f"the disk filled up while writing {out}; nothing was kept" in r.output and "[(" not in r.output
+
+
+# (arch, config changes, each layer's window as transformers builds it)
+_WINDOWS = {
+    "qwen2-window-off": ("Qwen2ForCausalLM", dict(sliding_window=8, use_sliding_window=False), [0, 0]),
+    "qwen2-last-layer": ("Qwen2ForCausalLM", dict(sliding_window=8, use_sliding_window=True, max_window_layers=1),
+                         [0, 8]),
+    "mistral-every-layer": ("MistralForCausalLM", dict(sliding_window=8), [8, 8]),
+}
+_TOKENS = list(range(5, 35))
+
+
+def _variant(tmp_path, arch, changes):
+    """A tiny ``arch`` checkpoint whose config.json has ``changes`` (transformers' own layer_types removed, so
+    use_sliding_window and max_window_layers decide)."""
+    import json
+
+    from tests.helpers import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "src", arch, layers=2)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    cfg.update(changes)
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def _torch_logits(src, tokens):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("case", list(_WINDOWS))
+def test_sliding_windows_follow_transformers_per_layer(case, tmp_path):
+    from edgekit import api
+
+    arch, changes, windows = _WINDOWS[case]
+    src = _variant(tmp_path, arch, changes)
+    ref = _torch_logits(src, _TOKENS)  # 30 tokens: well past the window of 8
+    art = api.convert(src, "coreml", output=tmp_path / "cml", recipe=api.ConvertRecipe(bits=16))
+    meta = art.manifest["coreml"]
+    # the runtime's mask windows every layer by edgekit.sliding_window: set only when all layers share it
+    assert meta["sliding_window"] == (windows[0] if len(set(windows)) == 1 and windows[0] else None)
+    assert meta.get("layer_windows", [0, 0]) == windows
+    with api.open_backend(art) as be:
+        got = be.logits(_TOKENS)
+    assert np.abs(got - ref).max() < 4e-3 * np.abs(ref).max() + 2e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_llama3_rope_tables_are_transformers_own(tmp_path):
+    """Llama 3.1/3.2's rope scaling: the program's cos/sin tables are those of transformers' ROPE_INIT_FUNCTIONS
+    frequencies, and the converted program computes the model."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from edgekit import api
+    from edgekit.converters.formats.coreml.program import rotary_tables
+    from edgekit.model import HFCheckpoint
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    src = _variant(tmp_path, "LlamaForCausalLM", {"rope_parameters": scaling, "rope_scaling": scaling})
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    inv, attn_scale = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))
+    assert attn_scale == 1.0
+    ang = np.outer(np.arange(512, dtype=np.float64), inv.double().numpy())
+    ang = np.concatenate([ang, ang], axis=1)
+    cos, sin = rotary_tables(HFCheckpoint.open(src).hparams, 512)
+    default = np.cos(np.outer(np.arange(512), 1.0 / 10000.0 ** (np.arange(0, 64, 2) / 64)))
+    assert np.abs(np.concatenate([default, default], 1) - cos.astype(np.float64)).max() > 0.5  # scaling matters
+    # float32 frequencies (transformers) against float64 (the program), then fp16: within fp16's rounding
+    assert np.abs(cos.astype(np.float64) - np.cos(ang)).max() < 2e-3
+    assert np.abs(sin.astype(np.float64) - np.sin(ang)).max() < 2e-3
+    tokens = list(range(5, 105))  # past original_max_position_embeddings
+    ref = _torch_logits(src, tokens)
+    art = api.convert(src, "coreml", output=tmp_path / "cml", recipe=api.ConvertRecipe(bits=16))
+    with api.open_backend(art) as be:
+        got = be.logits(tokens)
+    assert np.abs(got - ref).max() < 4e-3 * np.abs(ref).max() + 2e-3
+
+
+def test_block_size_error_names_a_fix_that_exists(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+    from tests.helpers import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "h200", "LlamaForCausalLM", hidden=200, ffn=400, heads=4, kv_heads=2)
+    r = CliRunner().invoke(app, ["convert", str(src), "--to", "coreml", "--bits", "4", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2, r.output
+    assert "no block size" in r.output and "use --bits 16" in r.output and "e.g. 32" not in r.output
+    assert "-O lut_group=4" in r.output  # k/v rows: 100
+    assert not (tmp_path / "x").exists()

@@ -363,3 +363,65 @@ def test_cli_bpw_for_onnx(tiny_llama, tmp_path):
     r = CliRunner().invoke(app, ["convert", str(tiny_llama), "--to", "onnx", "--bpw", "9", "-O", "sensitivity=kl",
                                  "-o", str(tmp_path / "d")])
     assert r.exit_code != 0 and "use fisher or hessian" in r.output and not (tmp_path / "d").exists()
+
+
+def _with_config(src, dst, **changes):
+    """A copy of checkpoint ``src`` whose config.json has ``changes`` (None removes a key)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return dst
+
+
+# (arch, config changes, each layer's window as transformers builds it)
+WINDOWS = {
+    "qwen2-window-off": ("Qwen2ForCausalLM", dict(sliding_window=8, use_sliding_window=False), [0, 0]),
+    "qwen2-last-layer": ("Qwen2ForCausalLM", dict(sliding_window=8, use_sliding_window=True, max_window_layers=1,
+                                                  layer_types=None), [0, 8]),
+    "qwen2-layer-types": ("Qwen2ForCausalLM", dict(sliding_window=8, use_sliding_window=True, max_window_layers=5,
+                                                   layer_types=["sliding_attention", "full_attention"]), [8, 0]),
+    "mistral-every-layer": ("MistralForCausalLM", dict(sliding_window=8), [8, 8]),
+}
+
+
+@pytest.fixture(scope="module")
+def window_models(tmp_path_factory):
+    from tests.helpers import build_tiny_model
+
+    root = tmp_path_factory.mktemp("windows")
+    return {arch: build_tiny_model(root / arch, arch) for arch in ("Qwen2ForCausalLM", "MistralForCausalLM")}
+
+
+@pytest.mark.parametrize("case", list(WINDOWS))
+def test_sliding_windows_follow_transformers_per_layer(window_models, tmp_path, case):
+    from edgekit.converters.formats.attention import layer_windows
+
+    arch, changes, want = WINDOWS[case]
+    src = _with_config(window_models[arch], tmp_path / "src", **changes)
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    got = layer_windows(json.loads((src / "config.json").read_text()), 2)
+    assert got == want
+    if arch == "Qwen2ForCausalLM":  # what transformers' own config says
+        assert [cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types] == \
+            [w or None for w in want]
+    ref = torch_logits(src, None, TOKENS)  # 40 tokens: well past the window of 8
+    art = convert(src, tmp_path / "f32", bits=32)
+    gqa = [n for n in onnx.load(str(art.model_file), load_external_data=False).graph.node
+           if n.op_type == "GroupQueryAttention"]
+    assert [next(a.i for a in n.attribute if a.name == "local_window_size") for n in gqa] == [w or -1 for w in want]
+    with api.open_backend(art) as be:
+        assert np.abs(be.logits(TOKENS) - ref).max() < 1e-4
+
+
+def test_block_size_error_names_a_fix_that_exists(tmp_path):
+    from tests.helpers import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "h200", "LlamaForCausalLM", hidden=200, ffn=400, heads=4, kv_heads=2)
+    with pytest.raises(InputError, match=r"no block size .* divides 200 and 400: export it in float \(--bits 16 or 32\)"):
+        convert(src, tmp_path / "a", bits=4)
+    wide = build_tiny_model(tmp_path / "h192", "LlamaForCausalLM", hidden=192, ffn=384, heads=4, kv_heads=2)
+    with pytest.raises(InputError, match="use --block-size 64, which divides both"):
+        convert(wide, tmp_path / "a", bits=4, block_size=128)

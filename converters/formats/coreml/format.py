@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from edgekit.converters.formats.attention import layer_windows, uniform_window
 from edgekit.converters.formats.base import (
     ConvertRecipe,
     Format,
@@ -31,13 +32,14 @@ from edgekit.converters.formats.base import (
     size_fields,
 )
 from edgekit.converters.formats.coreml.options import CoreMLOptions
-from edgekit.converters.formats.coreml.package import MODEL_NAME, coremltools, package_bytes
+from edgekit.converters.formats.coreml.package import MODEL_NAME, coremltools, package_bytes, scratch_in
 from edgekit.converters.formats.coreml.program import Blockwise, Dense, Palette, Weight
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.errors import InputError
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
 
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # constexpr_blockwise_shift_scale blocks edgekit's grids take
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 _PALETTE_METHODS = {"squeezellm"}
@@ -115,15 +117,16 @@ class CoreMLFormat(Format):
             _check_shapes(checkpoint, opts, grid)
         plan = _plan(checkpoint, grid)
         est = sum(checkpoint.tensors[h].numel for h in checkpoint.tensors) * (2 if grid is None else 1)
-        check_free_space(out_dir, est + (64 << 20), "the Core ML package")
+        check_free_space(out_dir, est, "the Core ML package", headroom=64 << 20)
         quantizer.prepare(checkpoint, plan, progress)
         source = _Source(checkpoint, quantizer, plan)
         t0 = time.perf_counter()
-        prog = build(hp, opts.context, source, progress)
+        windows = layer_windows(checkpoint.config, hp.n_layer)
+        prog = build(hp, opts.context, source, progress, windows)
         progress("writing the ML program (coremltools)", hp.n_layer + 2, hp.n_layer + 2)
         C = opts.context
         # coremltools draws tqdm bars for its pass pipelines; edgekit shows its own progress
-        with contextlib.redirect_stderr(io.StringIO()):
+        with scratch_in(out_dir), contextlib.redirect_stderr(io.StringIO()):
             model = ct.convert(
                 prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                 compute_precision=ct.precision.FLOAT16, skip_model_load=True,
@@ -131,17 +134,20 @@ class CoreMLFormat(Format):
                         ct.TensorType("causal_mask", shape=(1, 1, ct.RangeDim(1, C), ct.RangeDim(1, C)),
                                       dtype=np.float16)],
                 outputs=[ct.TensorType("logits", dtype=np.float32)])
-        window = checkpoint.config.get("sliding_window")
-        model.user_defined_metadata.update({
-            "edgekit.context": str(C), "edgekit.n_layer": str(hp.n_layer),
-            "edgekit.sliding_window": str(window or 0), "edgekit.source": checkpoint.path.name})
-        model.short_description = f"{checkpoint.path.name} for Core ML (edgekit, {opts.label})"
-        model.save(str(out_dir / MODEL_NAME))
+            # the program masks each sliding layer itself; edgekit.sliding_window is the window the runtime's
+            # causal_mask applies to every layer, so it is set only when every layer has that window
+            window = uniform_window(windows)
+            model.user_defined_metadata.update({
+                "edgekit.context": str(C), "edgekit.n_layer": str(hp.n_layer),
+                "edgekit.sliding_window": str(window), "edgekit.layer_windows": ",".join(map(str, windows)),
+                "edgekit.source": checkpoint.path.name})
+            model.short_description = f"{checkpoint.path.name} for Core ML (edgekit, {opts.label})"
+            model.save(str(out_dir / MODEL_NAME))
         build_s = time.perf_counter() - t0
         for name in SIDE_FILES:
             if (checkpoint.path / name).exists():
                 shutil.copy2(checkpoint.path / name, out_dir / name)
-        return _manifest_fields(opts, out_dir / MODEL_NAME, source.tensors, quantizer, build_s, window, prog)
+        return _manifest_fields(opts, out_dir / MODEL_NAME, source.tensors, quantizer, build_s, windows, prog)
 
 
 def _plan(ckpt: HFCheckpoint, grid: Any) -> dict[str, Any]:
@@ -158,20 +164,25 @@ def _plan(ckpt: HFCheckpoint, grid: Any) -> dict[str, Any]:
 
 
 def _check_shapes(ckpt: HFCheckpoint, opts: CoreMLOptions, grid: Any) -> None:
-    for hf, ref in ckpt.tensors.items():
-        if len(ref.shape) != 2:
-            continue
-        rows, cols = ref.shape
+    from edgekit.converters.quantize.grids.coreml import LUT_GROUPS
+
+    matrices = {hf: ref.shape for hf, ref in ckpt.tensors.items() if len(ref.shape) == 2}
+    groups = [g for g in LUT_GROUPS if all(rows % g == 0 for rows, _ in matrices.values())]
+    blocks = [b for b in BLOCK_SIZES if all(cols % b == 0 for _, cols in matrices.values())]
+    for hf, (rows, cols) in matrices.items():
         if opts.palettize is not None and rows % opts.lut_group:
-            raise InputError(f"{hf} has {rows} rows, not a multiple of -O lut_group={opts.lut_group}; pick a group "
-                             "that divides every matrix's output size")
+            raise InputError(f"{hf} has {rows} rows, not a multiple of -O lut_group={opts.lut_group}; use "
+                             f"-O lut_group={groups[-1]}, which divides every matrix's output size")
         if opts.palettize is None and cols % opts.block_size:
+            fix = (f"use --block-size {blocks[-1]}, which divides every matrix's rows" if blocks else
+                   f"no block size ({', '.join(map(str, BLOCK_SIZES))}) divides every matrix's rows: use --bits 16, "
+                   f"--palettize N (palettes take any row length; with -O lut_group={groups[-1]}), or convert to GGUF")
             raise InputError(f"{hf} has rows of {cols} weights, not a multiple of --block-size {opts.block_size}; "
-                             "pick a block size that divides them (e.g. 32)")
+                             + fix)
 
 
 def _manifest_fields(opts: CoreMLOptions, path: Path, tensors: dict[str, dict[str, Any]], quantizer: Quantizer,
-                     build_s: float, window: int | None, prog: Any) -> dict[str, Any]:
+                     build_s: float, windows: list[int], prog: Any) -> dict[str, Any]:
     size = package_bytes(path)
     n_params = sum(int(np.prod(t["shape"])) for t in tensors.values())
     ops = sorted({op.op_type for op in prog.functions["main"].operations})
@@ -182,7 +193,9 @@ def _manifest_fields(opts: CoreMLOptions, path: Path, tensors: dict[str, dict[st
                    "grid": opts.grid.name if opts.grid is not None else "F16",
                    "deployment_target": "iOS18", "compute_precision": "fp16",
                    "inputs": ["input_ids", "causal_mask"], "states": "k_cache_{i}, v_cache_{i}",
-                   "sliding_window": window, "ops": ops, "build_s": round(build_s, 1)},
+                   "sliding_window": uniform_window(windows) or None, "ops": ops, "build_s": round(build_s, 1)},
         **size_fields(n_params, size, tensors, quantizer),
     }
+    if any(windows):
+        fields_["coreml"]["layer_windows"] = windows
     return fields_

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekit.arch import HParams
-from edgekit.errors import UnsupportedError
+from edgekit.converters.formats.attention import inv_freq
 
 
 @dataclass(frozen=True)
@@ -108,16 +108,9 @@ def weight_var(mb, name: str, w: Weight):
 
 
 def rotary_tables(hp: HParams, context: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin ``(context, head_dim)`` (rotate-half layout), float64 then fp16."""
-    factor = 1.0
-    if hp.rope_scaling:
-        kind = hp.rope_scaling.get("rope_type") or hp.rope_scaling.get("type")
-        if kind == "linear":
-            factor = float(hp.rope_scaling["factor"])
-        elif kind not in (None, "default"):
-            raise UnsupportedError(f"rope scaling {kind!r} is not supported for Core ML yet (none and 'linear' are)")
-    inv = 1.0 / (hp.rope_theta ** (np.arange(0, hp.head_dim, 2, dtype=np.float64) / hp.head_dim))
-    ang = np.outer(np.arange(context, dtype=np.float64) / factor, inv)
+    """cos and sin ``(context, head_dim)`` (rotate-half layout), float64 then fp16, with the rope scalings
+    :func:`..attention.inv_freq` takes (default, linear, llama3)."""
+    ang = np.outer(np.arange(context, dtype=np.float64), inv_freq(hp, np.float64))
     ang = np.concatenate([ang, ang], axis=1)
     return np.cos(ang).astype(np.float16), np.sin(ang).astype(np.float16)
 
@@ -212,9 +205,22 @@ class _Layers:
         return hf in self.w.names  # type: ignore[attr-defined]
 
 
-def build(hp: HParams, context: int, weights: WeightSource, progress: Callable[[str, int, int], None]):
+def windowed(mb, mask, begin, end, window: int, context: int):
+    """``mask`` with the keys more than ``window - 1`` positions behind each query masked too (transformers'
+    sliding window: query ``q`` sees keys ``q - window < k <= q``), for the layers that slide."""
+    pos = mb.const(val=np.arange(context, dtype=np.int32), name=f"positions_w{window}")
+    keys = mb.slice_by_index(x=pos, begin=np.array([0], np.int32), end=end)  # (E,)
+    queries = mb.reshape(x=mb.slice_by_index(x=pos, begin=begin, end=end), shape=[-1, 1])  # (L, 1)
+    far = mb.greater_equal(x=mb.sub(x=queries, y=keys), y=np.int32(window))  # (L, E)
+    return mb.select(cond=far, a=np.float16(-np.inf), b=mask, name=f"causal_mask_w{window}")
+
+
+def build(hp: HParams, context: int, weights: WeightSource, progress: Callable[[str, int, int], None],
+          windows: list[int] | None = None):
     """The MIL program (``coremltools.converters.mil.Program``) of the decoder whose weights ``weights`` gives
-    by Hugging Face name (it also has ``names``, the set of names present, and ``tied``)."""
+    by Hugging Face name (it also has ``names``, the set of names present, and ``tied``). ``windows``: each
+    layer's sliding window (0 or absent: full causal attention), applied inside the program on top of the
+    ``causal_mask`` input, so layers may differ."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
@@ -239,11 +245,16 @@ def build(hp: HParams, context: int, weights: WeightSource, progress: Callable[[
         progress("embedding", 0, hp.n_layer + 2)
         table = weight_var(mb, "model_embed_tokens_weight", weights("model.embed_tokens.weight"))
         x = mb.gather(x=table, indices=ids, axis=0)  # (1, L, D)
+        masks = {0: mask}
+        for w in sorted(set(windows or ()) - {0}):
+            if w < context:  # a window the context never exceeds masks nothing
+                masks[w] = windowed(mb, mask, begin, end, w, context)
         for i in range(hp.n_layer):
             progress(f"layer {i + 1}/{hp.n_layer}", i + 1, hp.n_layer + 2)
             p = f"model.layers.{i}."
             h = lay.rms_norm(x, p + "input_layernorm.weight")
-            x = mb.add(x=x, y=lay.attention(h, i, cos, sin, mask, begin, end, fn.inputs[f"k_cache_{i}"],
+            m = masks.get(windows[i] if windows and i < len(windows) else 0, mask)
+            x = mb.add(x=x, y=lay.attention(h, i, cos, sin, m, begin, end, fn.inputs[f"k_cache_{i}"],
                                             fn.inputs[f"v_cache_{i}"]))
             x = mb.add(x=x, y=lay.mlp(lay.rms_norm(x, p + "post_attention_layernorm.weight"), i))
         progress("lm_head", hp.n_layer + 1, hp.n_layer + 2)

@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from edgekit.calibration import CalibConfig
+from edgekit.converters.formats.attention import layer_windows
 from edgekit.converters.formats.base import (
     ConvertRecipe,
     Format,
@@ -37,6 +38,7 @@ from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
 
 # Files a runtime needs beside the graph (tokenizer, chat template, generation defaults).
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes onnxruntime runs
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 PROTOBUF_LIMIT = 2 << 30
@@ -75,7 +77,7 @@ class OnnxFormat(Format):
             raise InputError(f"--method {quantizer.config.method} quantizes weights; give --bits 4 or 8 for ONNX")
         if opts.quantized and (hp.n_embd % opts.block_size or hp.n_ff % opts.block_size):
             raise InputError(f"hidden size {hp.n_embd} / FFN size {hp.n_ff} are not multiples of --block-size "
-                             f"{opts.block_size}; pick a block size that divides both (e.g. 32)")
+                             f"{opts.block_size}; {_block_fix((hp.n_embd, hp.n_ff))}")
         if opts.quantized and any(w % opts.block_size for w in hp.ffn_widths or ()):
             raise InputError(f"this checkpoint's per-block FFN widths (width:auto, multiples of 32) are not all "
                              f"multiples of --block-size {opts.block_size}; use --block-size 32")
@@ -92,7 +94,7 @@ class OnnxFormat(Format):
                                          grids=recipe.bpw_types,
                                          tensor_types=recipe.tensor_types, calib=calib, progress=progress)
         est = sum(checkpoint.tensors[p.hf].numel * (4 if p.qtype == T.F32 else 1) for p in plan.values())
-        check_free_space(out_dir, est + (64 << 20), "the ONNX files")
+        check_free_space(out_dir, est, "the ONNX files", headroom=64 << 20)
         if not opts.external_data and est > PROTOBUF_LIMIT - (64 << 20):
             raise InputError(f"about {est / 2**30:.1f} GiB of weights cannot fit one protobuf file (2 GiB limit); "
                              "drop -O external_data=false (weights then go to model.onnx.data)")
@@ -101,7 +103,7 @@ class OnnxFormat(Format):
                           progress)
 
         graph_opts = og.GraphOptions(dtype=opts.graph_dtype, opset=opts.opset, accuracy_level=opts.accuracy_level,
-                                     sliding_window=checkpoint.config.get("sliding_window"))
+                                     windows=tuple(layer_windows(checkpoint.config, hp.n_layer)))
         model_path = out_dir / self.model_filename
         data_path = out_dir / (self.model_filename + ".data")
         try:
@@ -134,6 +136,15 @@ class OnnxFormat(Format):
                 fields_["preset"] = f"{recipe.bpw:g} bpw" if recipe.bpw is not None else \
                     f"{recipe.size / 1e6:.4g} MB"
         return fields_
+
+
+def _block_fix(sizes: tuple[int, ...]) -> str:
+    """The fix for widths no --block-size divides: a block size that divides them all, when one exists."""
+    fits = [b for b in BLOCK_SIZES if all(n % b == 0 for n in sizes)]
+    if fits:
+        return f"use --block-size {fits[-1]}, which divides both"
+    return (f"no block size ({', '.join(map(str, BLOCK_SIZES))}) divides {' and '.join(map(str, sizes))}: "
+            "export it in float (--bits 16 or 32), or convert to GGUF")
 
 
 def _manifest_fields(opts: OnnxOptions, model, tensors: dict, model_path: Path, data_path: Path | None,

@@ -32,8 +32,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.arch import HParams
+from edgekit.converters.formats.attention import inv_freq
 from edgekit.converters.quantize.nbits import NBitsType, SplitTensors
-from edgekit.errors import UnsupportedError
 
 MS = "com.microsoft"
 _ALIGN = 4096  # external tensors start on page boundaries so onnxruntime can map them
@@ -75,12 +75,13 @@ class ExternalData:
 class GraphOptions:
     """dtype: activations and float weights, "fp32" or "fp16". opset: the ai.onnx opset (17..23).
     accuracy_level: MatMulNBits' minimum compute accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
-    activations: fastest on CPUs). sliding_window: attention window (Mistral) or None."""
+    activations: fastest on CPUs). windows: each layer's attention window, 0 for full attention
+    (:func:`..attention.layer_windows`); a layer past the end has none."""
 
     dtype: str = "fp32"
     opset: int = 21
     accuracy_level: int = 4
-    sliding_window: int | None = None
+    windows: tuple[int, ...] = ()
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -182,11 +183,14 @@ class GraphBuilder:
             [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *caches],
             3, f"layers.{i}.attn/GroupQueryAttention", domain=MS,
             num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, scale=1.0 / math.sqrt(hp.head_dim),
-            do_rotary=1, rotary_interleaved=0, local_window_size=self.opts.sliding_window or -1,
+            do_rotary=1, rotary_interleaved=0, local_window_size=self.window(i) or -1,
         )
         self.nodes.append(helper.make_node("Identity", [pk], [f"present.{i}.key"], name=f"present.{i}.key"))
         self.nodes.append(helper.make_node("Identity", [pv], [f"present.{i}.value"], name=f"present.{i}.value"))
         return out
+
+    def window(self, layer: int) -> int:
+        return self.opts.windows[layer] if layer < len(self.opts.windows) else 0
 
     def mask_inputs(self) -> tuple[str, str]:
         """``seqlens_k`` (int32 [batch], valid tokens - 1) and ``total_sequence_length`` (int32 scalar)."""
@@ -234,32 +238,14 @@ class GraphBuilder:
 
 def rotary_tables(hp: HParams) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches ``(max_positions, head_dim / 2)`` for HF's non-interleaved rotary embedding, with
-    the rope scalings Llama-family checkpoints use (linear, llama3).
+    the rope scalings Llama-family checkpoints use (linear, llama3: :func:`..attention.inv_freq`).
 
     Computed in float32 the way transformers computes them (inverse frequencies, then position times
     frequency, then cos/sin, all float32), not more precisely: the graph should reproduce the reference
     model, and at position p the float32 angle is off by up to p * 2**-24 relative."""
-    dim = hp.head_dim
     f32 = np.float32
-    inv = (f32(1.0) / (f32(hp.rope_theta) ** (np.arange(0, dim, 2).astype(f32) / f32(dim)))).astype(f32)
-    n_pos = hp.n_ctx_train
-    sc = hp.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
-    if kind == "linear":
-        inv = (inv / f32(sc["factor"])).astype(f32)
-    elif kind == "llama3":
-        factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
-        old = float(sc["original_max_position_embeddings"])
-        inv64 = inv.astype(np.float64)
-        wavelen = 2 * math.pi / inv64
-        smooth = (old / wavelen - lo) / (hi - lo)
-        scaled = np.where(wavelen > old / lo, inv64 / factor, inv64)
-        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-        inv = np.where(mid, (1 - smooth) * inv64 / factor + smooth * inv64, scaled).astype(f32)
-    elif kind != "default":
-        raise UnsupportedError(f"rope scaling {kind!r} is not supported by the ONNX exporter yet "
-                               "(supported: default, linear, llama3)")
-    freqs = np.arange(n_pos, dtype=f32)[:, None] * inv[None, :]
+    inv = inv_freq(hp, f32)
+    freqs = np.arange(hp.n_ctx_train, dtype=f32)[:, None] * inv[None, :]
     return np.cos(freqs).astype(f32), np.sin(freqs).astype(f32)
 
 
