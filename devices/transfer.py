@@ -87,11 +87,15 @@ class PushConfig:
 
 @dataclass
 class FilePush:
+    """One file of a push. ``made``: not a file of the artifact but written for the push (the manifest a bare
+    model file gets), so a dry run says it will be created rather than list it as one that exists."""
+
     name: str
     size: int
     sha256: str
     resumed_from: int = 0
     skipped: bool = False
+    made: bool = False
 
 
 @dataclass
@@ -319,6 +323,8 @@ def _push_locked(device: Device, art: Artifact, files: list[tuple[Path, str]], r
     except BaseException as exc:
         _leave_as_it_was(device, lock, created, exc)  # a refused push leaves the device as it was
         raise
+    for _, _, fp in plan:
+        fp.made = art.bare_file is not None and fp.name == MANIFEST_NAME  # see artifact_files
     result = PushResult(device.id, remote_dir, [fp for _, _, fp in plan], dry_run=config.dry_run, fit=fit)
     if config.dry_run:
         return result

@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import InputError
-from edgekit.fsutil import edgekit_home, is_edgekit_output
+from edgekit.errors import EdgekitError, InputError
+from edgekit.fsutil import edgekit_home, is_edgekit_output, make_dir, rename_noreplace
 
 MANIFEST = "edgekit.json"
 _UNSAFE = re.compile(r"[^a-z0-9._+-]+")
+BROKEN = f"unreadable {MANIFEST}: rm it, or re-convert with --force"
 
 
 def store_dir(folder: str | Path | None = None, create: bool = False) -> Path:
-    """The library folder: ``folder`` when given, else ``$EDGEKIT_MODELS``, else ``<home>/models``."""
+    """The library folder: ``folder`` when given, else ``$EDGEKIT_MODELS``, else ``<home>/models``; made only
+    when ``create`` (``ls`` of a library that does not exist, or cannot be made, finds it empty)."""
     if folder is None and os.environ.get("EDGEKIT_MODELS"):
         folder = os.environ["EDGEKIT_MODELS"]
     path = Path(folder).expanduser() if folder is not None else edgekit_home() / "models"
@@ -36,14 +40,16 @@ def store_dir(folder: str | Path | None = None, create: bool = False) -> Path:
         what = "EDGEKIT_MODELS" if folder == os.environ.get("EDGEKIT_MODELS") else "the library"
         raise InputError(f"{what} is {path}, a file, not a folder; point EDGEKIT_MODELS at a folder (or move the file)")
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dir(path, "set EDGEKIT_MODELS to another folder (or give -o)")
     return path
 
 
 def artifact_name(model: str, *parts: str) -> str:
     """``("SmolLM2-135M-Instruct", "gguf-Q4_K_M")`` -> ``smollm2-135m-instruct-gguf-q4_k_m``: lower case,
-    anything but letters, digits, ``.``, ``_``, ``+`` and ``-`` made a dash."""
+    accents dropped (``mödel`` -> ``model``), anything else but letters, digits, ``.``, ``_``, ``+`` and ``-``
+    made a dash."""
     text = "-".join(p for p in (model, *parts) if p)
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     return re.sub(r"-{2,}", "-", _UNSAFE.sub("-", text.lower())).strip("-.") or "model"
 
 
@@ -80,7 +86,9 @@ def not_found_hint(ref: str | Path, folder: str | Path | None = None) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One artifact of the store, from its manifest (``eval``: the latest recorded evaluation, if any)."""
+    """One artifact of the store, from its manifest (``eval``: the latest recorded evaluation, if any).
+    ``problem``: what is wrong with it and the fix (its manifest or files damaged), else empty; ``link``: the
+    folder a symbolic link in the store leads to, else empty."""
 
     name: str
     path: Path
@@ -91,11 +99,13 @@ class Entry:
     source: str
     created: str
     eval: dict[str, Any] | None
+    problem: str = ""
+    link: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "format": self.format, "preset": self.preset,
                 "size_bytes": self.size_bytes, "bpw": self.bpw, "source": self.source, "created": self.created,
-                "eval": self.eval}
+                "eval": self.eval, "problem": self.problem or None, "link": self.link or None}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -108,13 +118,42 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+def damage(folder: Path, manifest: dict[str, Any]) -> str:
+    """What is wrong with an artifact's files, from their sizes alone (nothing is hashed, so ``ls`` stays
+    fast): a file its manifest names that is missing, or files smaller than the model size it recorded;
+    empty when nothing is. ``run`` and ``push`` check the sha256 of each file besides."""
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    sums = manifest.get("sha256") if isinstance(manifest.get("sha256"), dict) else {}
+    names = [n for n in dict.fromkeys(n for n in [*files.values(), *sums] if isinstance(n, str))
+             if n and not Path(n).is_absolute() and ".." not in Path(n).parts]  # data from disk: stay inside
+    for name in names:
+        if not (folder / name).exists():
+            return f"{name} is missing: re-convert with --force"
+    total = 0
+    for name in [n for n in names if n in sums] or names:  # every file written, when the manifest lists them
+        p = folder / name
+        with contextlib.suppress(OSError):
+            total += folder_bytes(p) if p.is_dir() else p.stat().st_size
+    recorded = manifest.get("size_bytes")
+    if names and isinstance(recorded, int) and total < recorded:
+        return f"model file truncated ({total / 1e6:.1f} of {recorded / 1e6:.1f} MB): re-convert with --force"
+    return ""
+
+
 def read_entry(folder: Path) -> Entry | None:
-    """The store entry for ``folder``, or None when it holds no readable edgekit manifest."""
+    """The store entry for ``folder``, or None when it holds no edgekit manifest; a manifest there that cannot
+    be read gives an entry with ``problem`` set (listed, so it can be seen and removed)."""
+    link = str(folder.resolve()) if folder.is_symlink() else ""
     try:
         m = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(m, dict) or not str(m.get("schema", "")).startswith("edgekit.artifact/"):
+        m = None
+    if not isinstance(m, dict):
+        if not (folder / MANIFEST).is_file():
+            return None
+        return Entry(name=folder.name, path=folder, format="?", preset="-", size_bytes=folder_bytes(folder),
+                     bpw=None, source="-", created="", eval=None, problem=BROKEN, link=link)
+    if not str(m.get("schema", "")).startswith("edgekit.artifact/"):
         return None
     src = m.get("source") if isinstance(m.get("source"), dict) else {}
     evals = [e for e in m.get("eval") or [] if isinstance(e, dict)]
@@ -122,17 +161,18 @@ def read_entry(folder: Path) -> Entry | None:
     return Entry(name=folder.name, path=folder, format=str(m.get("format", "?")), preset=str(m.get("preset") or "-"),
                  size_bytes=folder_bytes(folder), bpw=float(bpw) if isinstance(bpw, (int, float)) else None,
                  source=Path(str(src.get("path", ""))).name or "-", created=str(m.get("created", ""))[:19],
-                 eval=evals[-1] if evals else None)
+                 eval=evals[-1] if evals else None, problem=damage(folder, m), link=link)
 
 
 def entries(folder: str | Path | None = None) -> list[Entry]:
-    """Every artifact in the store, by name (hidden and temporary folders left out)."""
+    """Every artifact in the store, by name (hidden and temporary folders left out; a symbolic link to an
+    artifact folder is listed with ``link`` set)."""
     root = store_dir(folder)
     if not root.is_dir():
         return []
     found = []
     for child in sorted(root.iterdir()):
-        if child.name.startswith(".") or child.is_symlink() or not child.is_dir():
+        if child.name.startswith(".") or not child.is_dir():
             continue
         entry = read_entry(child)
         if entry is not None:
@@ -140,15 +180,67 @@ def entries(folder: str | Path | None = None) -> list[Entry]:
     return found
 
 
-def remove(path: Path) -> int:
-    """Delete an artifact folder (or a checkpoint edgekit imported); returns the bytes freed. Anything
-    else is refused untouched. The folder is first renamed to a hidden temporary name, so an interrupted
-    removal leaves no half artifact under the real name (the next write into the store sweeps it)."""
-    if path.is_symlink() or not path.is_dir() or not is_edgekit_output(path):
+def chat_file(artifact: Path) -> Path:
+    """Where ``edgekit chat`` keeps the conversation with ``artifact`` (a folder or model file): one file per
+    resolved path, under ``<home>/chats``."""
+    key = hashlib.sha1(str(Path(artifact).resolve()).encode()).hexdigest()[:16]
+    return edgekit_home() / "chats" / f"{key}.json"
+
+
+def forget_chat(artifact: Path) -> None:
+    """Delete the conversation kept with ``artifact``, which was deleted: an artifact written at its path later
+    starts afresh. The CLI's ``rm`` and the TUI's delete both come here."""
+    with contextlib.suppress(OSError, EdgekitError):  # no home, or none that can be used: no chat kept there
+        chat_file(artifact).unlink(missing_ok=True)
+
+
+def check_removable(path: Path) -> None:
+    """Refuse what ``rm`` must not delete: anything but a folder edgekit wrote (its ``edgekit.json``, even
+    damaged, is edgekit's mark) or a symbolic link to an artifact (the link alone goes)."""
+    if path.is_symlink():
+        if path.is_dir() and read_entry(path) is not None:
+            return
+        raise InputError(f"{path} is a symbolic link to {path.resolve()}, not to an edgekit artifact; rm only "
+                         "deletes what edgekit wrote, so nothing was deleted (remove the link itself with rm(1))")
+    if not path.is_dir() or not (is_edgekit_output(path) or (path / MANIFEST).is_file()):
         raise InputError(f"{path} is not an edgekit artifact (no {MANIFEST}); rm only deletes what edgekit "
-                         "wrote, so nothing was touched")
-    size = folder_bytes(path)
+                         "wrote, so nothing was deleted")
+
+
+def stamp(path: Path) -> tuple[int, int, str]:
+    """What tells the artifact at ``path`` from one written there later: its folder's device and inode, and
+    the time its manifest says it was created (a link: the link's own, and where it leads)."""
+    st = path.lstat()
+    if path.is_symlink():
+        return st.st_dev, st.st_ino, os.readlink(path)
+    try:
+        created = str(json.loads((path / MANIFEST).read_text()).get("created", ""))
+    except (OSError, ValueError, AttributeError):
+        created = ""
+    return st.st_dev, st.st_ino, created
+
+
+def remove(path: Path, expect: tuple[int, int, str] | None = None) -> int:
+    """Delete an artifact folder (or a checkpoint edgekit imported) and the chat kept with it; returns the bytes
+    freed. A symbolic link to an artifact loses the link only, never what it leads to. Anything else is
+    refused untouched, and so is an artifact whose :func:`stamp` is no longer ``expect`` (what the user
+    confirmed was replaced meanwhile). The folder is first renamed to a hidden temporary name, so an
+    interrupted removal leaves no half artifact under the real name (the next write into the store sweeps it)."""
+    check_removable(path)
+    link = path.is_symlink()
+    size = 0 if link else folder_bytes(path)
     tmp = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
     path.rename(tmp)
+    if expect is not None and stamp(tmp) != expect:  # checked once moved aside: nothing can swap it now
+        try:
+            rename_noreplace(tmp, path)
+        except OSError:
+            raise InputError(f"{path} was replaced by another edgekit while you confirmed, and another one appeared "
+                             f"there since; nothing was deleted: the replacement is at {tmp}, move it back") from None
+        raise InputError(f"{path} was replaced by another edgekit while you confirmed; nothing was deleted")
+    if link:
+        tmp.unlink()
+        return 0
     shutil.rmtree(tmp)
+    forget_chat(path)
     return size

@@ -8,8 +8,9 @@ drops the backend and the next message loads it again.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,21 +19,61 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.artifact import Artifact
-from edgekit.errors import BackendCrashed
-from edgekit.fsutil import atomic_file, edgekit_home
+from edgekit.errors import BackendCrashed, DiskFullError, EdgekitError
+from edgekit.fsutil import atomic_file, is_disk_full
+from edgekit.library import chat_file
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: saves are not serialized
+    fcntl = None  # type: ignore[assignment]
 
 # Empty: the model's chat template then puts in its own default system prompt (SmolLM2 names itself),
 # which a pre-filled one silently replaced.
 DEFAULT_SYSTEM = ""
+#: conversations kept per artifact besides the newest: those of other chats with it that went their own way
+KEEP_OTHERS = 8
 
 
 def history_path(artifact: Path) -> Path:
     """Where the conversation with ``artifact`` is kept: one JSON file per artifact path."""
-    key = hashlib.sha1(str(artifact.resolve()).encode()).hexdigest()[:16]
-    folder = edgekit_home() / "chats"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{key}.json"
+    path = chat_file(artifact)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the chats folder's lock: two chats saving at once then each see what the other wrote."""
+    fd = -1
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # closing lets go of the lock
+
+
+def _merged(data: Any, mine: dict[str, Any]) -> dict[str, Any]:
+    """The history file after ``mine`` (one chat's conversation, with its ``session``) is saved into ``data``
+    (what the file held): ``mine`` at the top, which the next chat opens with; under ``others`` the
+    conversations other chats with the artifact saved meanwhile, newest first, less those ``mine`` continues
+    (its messages start with all of theirs)."""
+    data = data if isinstance(data, dict) else {}
+    found = [data, *(o for o in data.get("others") or [] if isinstance(o, dict))]
+    others = []
+    for conv in found:
+        msgs = conv.get("messages")
+        if conv.get("session") == mine["session"] or not isinstance(msgs, list):
+            continue
+        if mine["messages"][:len(msgs)] == msgs:
+            continue  # nothing in it that mine lacks
+        others.append({k: conv.get(k) for k in ("session", "system", "messages")})
+    return {**mine, "others": others[:KEEP_OTHERS]}
 
 
 @dataclass
@@ -82,6 +123,11 @@ class ChatSession:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: False once the artifact is deleted: nothing is written for it any more (a reply ending later included)
     keep_history: bool = True
+    #: why the history could not be saved (a full or read-only home): the chat goes on without it
+    history_error: str = ""
+    _history_told: bool = field(default=False, repr=False)
+    #: tells this chat's conversation in the history file from another chat's with the same artifact
+    _session: str = field(default_factory=lambda: secrets.token_hex(6), repr=False)
 
     @classmethod
     def open(cls, target: str | Path, **options: Any) -> ChatSession:
@@ -107,14 +153,36 @@ class ChatSession:
                          if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
 
     def save(self) -> None:
-        """Write the history atomically (a read-only cache only loses the history)."""
+        """Write the history atomically, keeping what another chat with the same artifact saved (see
+        :func:`_merged`). A full or read-only home only loses the history: the reason is kept in
+        ``history_error`` (for :meth:`history_notice`), and the chat goes on."""
         if not self.keep_history:
             return
-        with contextlib.suppress(OSError):
+        mine = {"artifact": str(self.key_path.resolve()), "session": self._session, "system": self.system,
+                "messages": self.messages}
+        try:
             dest = history_path(self.key_path)
-            with atomic_file(dest) as tmp:
-                tmp.write_text(json.dumps({"artifact": str(self.key_path.resolve()), "system": self.system,
-                                           "messages": self.messages}, indent=1))
+            with _locked(dest.parent):
+                try:
+                    data = json.loads(dest.read_text())
+                except (OSError, ValueError):
+                    data = {}
+                with atomic_file(dest) as tmp:
+                    tmp.write_text(json.dumps(_merged(data, mine), indent=1))
+        except (OSError, EdgekitError) as exc:
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            full = isinstance(exc, DiskFullError) or is_disk_full(exc)
+            why = "the disk is full" if full else getattr(cause, "strerror", None) or str(exc)
+            self.history_error = (f"the chat history is not being saved ({why}); the chat goes on without it: free "
+                                  "space in edgekit's home, or set EDGEKIT_HOME to a writable folder")
+
+    def history_notice(self) -> str:
+        """Why the history is not being saved, the first time it is asked after a failed save; then empty (the
+        chat says it once, not at every message)."""
+        if not self.history_error or self._history_told:
+            return ""
+        self._history_told = True
+        return self.history_error
 
     def clear(self) -> None:
         self.messages = []

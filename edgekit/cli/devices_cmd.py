@@ -178,7 +178,8 @@ def push(
     verb = "would send" if res.dry_run else "sent"
     for f in res.files:
         state = ("already there (sha256 matches)" if f.skipped else
-                 f"resumed at {f.resumed_from / 1e6:.1f} MB" if f.resumed_from else "new")
+                 f"resumed at {f.resumed_from / 1e6:.1f} MB" if f.resumed_from else
+                 "new, made by the push (no edgekit.json beside the model here)" if f.made else "new")
         say(out, f"  {f.name:<32} {f.size / 1e6:9.1f} MB  {state}")
     fit = res.fit
     ram = f", needs ~{fit.ram_needed / 1e6:.0f} MB RAM at ctx {fit.ctx} of {_gb(fit.ram_total)} GiB" \

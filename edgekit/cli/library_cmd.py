@@ -71,9 +71,15 @@ def ls(
     for col in ("format", "quant", "MB", "bpw", "created", "perplexity on"):
         table.add_column(col, justify="right" if col in ("MB", "bpw") else "left", no_wrap=col != "perplexity on")
     for e in found:  # names come from disk: Text, never markup
-        table.add_row(Text(e.name), e.format, Text(e.preset), _mb(e.size_bytes), "-" if e.bpw is None else f"{e.bpw:.2f}",
+        name = Text(e.name + (f" -> {e.link}" if e.link else ""))
+        if e.problem:
+            name.append(" (damaged)", "bold red")
+        table.add_row(name, e.format, Text(e.preset), _mb(e.size_bytes), "-" if e.bpw is None else f"{e.bpw:.2f}",
                       e.created[:10], Text(eval_label(e.eval, short=True)))
     out.print(table)
+    for e in found:
+        if e.problem:
+            say(err, f"{e.name}: {e.problem}", "warning:", "yellow")
 
 
 @handle_errors
@@ -117,6 +123,8 @@ def show(
     for name in sorted((m.get("files") or {}).values()):
         f = art.path / name
         rows.append(("file", f"{name} ({_mb(f.stat().st_size) if f.exists() else 'missing'} MB)"))
+    if problem := library.damage(art.path, m):
+        rows.append(("damaged", problem))
     for e in m.get("eval") or []:
         if isinstance(e, dict):
             rows.append(("eval", eval_label(e) + (f", measured {e['measured']}" if e.get("measured") else "")))
@@ -146,23 +154,24 @@ def rm(
     paths = []
     for a in artifacts:
         p = library.resolve(a, folder)
-        if not p.exists():
+        if not (p.exists() or p.is_symlink()):
             raise InputError(f"{p} does not exist{library.not_found_hint(a, folder)}; nothing was deleted")
-        if p.is_symlink() or not p.is_dir() or not library.is_edgekit_output(p):
-            raise InputError(f"{p} is not an edgekit artifact (no edgekit.json); rm only deletes what edgekit wrote, "
-                             "so nothing was deleted")
+        library.check_removable(p)
         paths.append(p)
     for p in paths:
-        size = library.folder_bytes(p)
+        seen = library.stamp(p)  # what the question describes: a folder put there meanwhile is not deleted
+        link = p.is_symlink()
+        size = 0 if link else library.folder_bytes(p)
+        what = f"the link {p} (to {p.resolve()}, which is kept)" if link else f"{p} ({_mb(size)} MB)"
         if not yes:
             if not sys.stdin.isatty():
                 raise InputError(f"rm asks before deleting {p}, and stdin is not a terminal: pass -y to delete "
                                  "without asking")
-            if not typer.confirm(f"delete {p} ({_mb(size)} MB)?", default=False, err=True):
+            if not typer.confirm(f"delete {what}?", default=False, err=True):
                 say(err, f"kept {p}")
                 continue
-        library.remove(p)
-        say(out, f"{p} ({_mb(size)} MB freed)", "deleted", "green")
+        library.remove(p, expect=seen)
+        say(out, what if link else f"{p} ({_mb(size)} MB freed)", "deleted", "green")
 
 
 @handle_errors

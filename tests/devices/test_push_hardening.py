@@ -185,3 +185,17 @@ def test_a_folder_without_a_manifest_goes_under_the_folders_name(home, tiny_arti
     assert not (dest / "model").exists()
     r = runner.invoke(app, ["push", str(bare / "model.gguf"), "host", "--dest", str(dest), "--dry-run", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["remote_dir"] == str(dest / "model"), r.output
+
+
+def test_a_dry_run_says_the_manifest_of_a_bare_model_is_made_by_the_push(home, tiny_artifact, tmp_path):
+    """QA: `push --dry-run` of a folder without edgekit.json listed an edgekit.json that is not there; the push
+    writes one on the device, so the dry run says it will be made."""
+    bare = tmp_path / "t4g"
+    bare.mkdir()
+    shutil.copy(tiny_artifact / "model.gguf", bare / "model.gguf")
+    r = runner.invoke(app, ["push", str(bare), "host", "--dest", str(tmp_path / "board"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = {ln.split()[0]: ln for ln in r.output.splitlines() if ln.startswith("  ")}
+    assert "made by the push" in lines["edgekit.json"] and lines["model.gguf"].rstrip().endswith("new")
+    r = runner.invoke(app, ["push", str(tiny_artifact), "host", "--dest", str(tmp_path / "board"), "--dry-run"])
+    assert "made by the push" not in r.output  # an artifact's own manifest exists

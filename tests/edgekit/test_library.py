@@ -177,3 +177,113 @@ def test_show_tells_the_folder_from_the_model_files(store, tiny_llama):
     assert r.exit_code == 0, r.output
     shown = " ".join(cli("show", "llama-onnx-uint4_b32").stdout.split())
     assert "MB on disk (" in shown and "MB of model files, which bpw counts" in shown
+
+
+def test_accented_model_names_keep_their_letters():
+    """QA: `mödel é` became `m-del`, and Mödel/Modèl/Model collided with other names."""
+    assert library.artifact_name("mödel é", "gguf-Q8_0") == "model-e-gguf-q8_0"
+    assert library.artifact_name("Modèl", "x") == "model-x"
+
+
+def _damaged_manifest(art: Path) -> None:
+    text = (art / "edgekit.json").read_text()
+    (art / "edgekit.json").write_text(text[:len(text) // 3])  # truncated mid-way
+
+
+def test_ls_lists_an_artifact_with_a_damaged_manifest_and_rm_removes_it(store, tiny_llama):
+    """QA: `ls` hid it and `rm` refused it with a false "no edgekit.json": a dead end from the CLI."""
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    _damaged_manifest(store / "llama-gguf-q8_0")
+    r = cli("ls")
+    assert r.exit_code == 0 and "llama-gguf-q8_0" in r.stdout and "(damaged)" in r.stdout, r.output
+    assert "unreadable edgekit.json: rm it, or re-convert with --force" in " ".join(r.stderr.split())
+    listed = json.loads(cli("ls", "--json").stdout)["artifacts"]
+    assert listed[0]["problem"] == library.BROKEN and listed[0]["size_bytes"] > 0
+    r = cli("rm", "llama-gguf-q8_0", "-y")
+    assert r.exit_code == 0 and "deleted" in r.output and not (store / "llama-gguf-q8_0").exists(), r.output
+
+
+def test_ls_and_show_flag_a_truncated_or_missing_model_file(store, tiny_llama):
+    """QA: a model file cut short was listed as if whole; ls compares sizes only (no hashing)."""
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    model = store / "llama-gguf-q8_0" / "model.gguf"
+    model.write_bytes(model.read_bytes()[:300_000])
+    r = cli("ls")
+    assert "(damaged)" in r.stdout and "model file truncated" in r.stderr and "re-convert" in r.stderr, r.output
+    shown = " ".join(cli("show", "llama-gguf-q8_0").stdout.split())
+    assert "damaged model file truncated (0.3 of" in shown, shown
+    model.unlink()
+    assert "model.gguf is missing: re-convert with --force" in " ".join(cli("ls").stderr.split())
+    assert library.entries()[0].problem
+
+
+def test_a_whole_artifact_is_not_flagged(store, tiny_llama):
+    assert cli("convert", tiny_llama, "--to", "onnx", "--bits", "4").exit_code == 0
+    r = cli("ls")
+    assert "damaged" not in r.stdout and not r.stderr and [e.problem for e in library.entries()] == [""]
+
+
+def test_a_linked_artifact_is_listed_and_rm_removes_only_the_link(store, tiny_llama, tmp_path):
+    """QA: `ls` hid a symbolic link to an artifact, `show` used it and `rm` said "no edgekit.json"."""
+    target = tmp_path / "elsewhere-q8"
+    assert cli("convert", tiny_llama, "--type", "Q8_0", "-o", target).exit_code == 0
+    store.mkdir(exist_ok=True)
+    (store / "linked-art").symlink_to(target)
+    (store / "to-nothing").symlink_to(tmp_path)  # a link to a folder that is no artifact: not listed
+    r = cli("ls")
+    assert r.exit_code == 0 and "linked-art ->" in r.stdout, r.output  # its target beside it (a narrow table folds it)
+    assert [(a["name"], a["link"]) for a in json.loads(cli("ls", "--json").stdout)["artifacts"]] == [
+        ("linked-art", str(target))]
+    r = cli("rm", "to-nothing", "-y")
+    assert r.exit_code == 2 and "is a symbolic link" in r.output and (store / "to-nothing").is_symlink()
+    r = cli("rm", "linked-art", "-y")
+    assert r.exit_code == 0 and "the link" in r.output, r.output
+    assert not (store / "linked-art").is_symlink() and (target / "model.gguf").is_file()
+
+
+def test_rm_deletes_the_chat_kept_with_the_artifact(store, tiny_llama, private_home):
+    """QA: `rm` left the chat history, and an artifact converted again at the same path inherited it."""
+    from edgekit.tui.chat_session import ChatSession
+
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    art = store / "llama-gguf-q8_0"
+    session = ChatSession.open(art)
+    session.messages.append({"role": "user", "content": "old secret conversation"})
+    session.save()
+    assert library.chat_file(art).is_file()
+    assert cli("rm", "llama-gguf-q8_0", "-y").exit_code == 0
+    assert not library.chat_file(art).exists()
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    assert ChatSession.open(art).messages == []
+
+
+def test_rm_keeps_an_artifact_replaced_while_it_asked(store, tiny_llama, monkeypatch):
+    """QA: `rm` asked about one artifact and deleted the one a `convert --force` wrote meanwhile."""
+    import click.testing
+    import typer
+    import typer.testing
+
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    art = store / "llama-gguf-q8_0"
+
+    def confirm(question, **kwargs):  # the user reads the question while another edgekit replaces the artifact
+        assert api.convert(tiny_llama, "gguf", output=art, recipe=api.ConvertRecipe(bits=8), force=True)
+        return True
+
+    for runner_io in (click.testing, typer.testing):  # a terminal to ask on (which CliRunner's stdin is not)
+        if hasattr(runner_io, "_NamedTextIOWrapper"):
+            monkeypatch.setattr(runner_io._NamedTextIOWrapper, "isatty", lambda self: True)
+    monkeypatch.setattr(typer, "confirm", confirm)
+    r = cli("rm", "llama-gguf-q8_0")
+    assert r.exit_code == 2 and "was replaced by another edgekit while you confirmed; nothing was deleted" in r.output
+    assert (art / "model.gguf").is_file() and not [p for p in store.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(typer, "confirm", lambda question, **kwargs: True)  # asked again: this one goes
+    assert cli("rm", "llama-gguf-q8_0").exit_code == 0 and not art.exists()
+
+
+def test_ls_where_the_home_cannot_be_made_is_an_empty_library(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.delenv("EDGEKIT_MODELS", raising=False)
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "afile" / "home"))  # cannot be created, even by root
+    r = cli("ls")
+    assert r.exit_code == 0 and "no artifacts in" in r.stdout and "Traceback" not in r.output, r.output

@@ -258,3 +258,29 @@ async def test_a_long_chat_runs_past_a_kv_window_with_drafting_shown(real_gguf, 
         assert live is not None and live.kv_window == 256 and live.kv_evicted > 0 and live.kv_cells <= 256
         assert "KV window" in status and "evicted" in status and "draft" in status
         assert len(chat.session.messages) == 6
+
+
+async def test_a_full_home_keeps_the_chat_going_and_says_so_once(models, monkeypatch):
+    """QA: with a full EDGEKIT_HOME every message failed (the history could not be written) and Ctrl+L crashed
+    the app with a traceback; the chat goes on, only the history is lost, and that is said once."""
+    import errno
+
+    from edgekit import fsutil
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsutil, "_make_temp", full)  # every file written in the home fails as on a full disk
+    app = _app(models / "tiny-q8")
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        for n, text in enumerate(("hello", "again"), 1):
+            await _send(pilot, chat, text, max_tokens=4)
+            await wait_for(pilot, lambda n=n: not chat.busy and len(chat.session.messages) == 2 * n, what="a reply")
+        assert not isinstance(app.screen, ErrorPanel)
+        warned = [m for m, severity in _notes(app) if severity == "warning"]
+        assert len(warned) == 1 and "the chat history is not being saved" in warned[0]
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert app.is_running and list(chat.query(ChatMessage)) == []
+        assert "history cleared" in str(chat.query_one("#chat-stats").render())

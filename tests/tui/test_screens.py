@@ -83,6 +83,27 @@ async def test_deleting_the_artifact_open_in_chat_closes_it_and_its_history(mode
         assert not history_path(models / "tiny-q8").exists()
 
 
+async def test_damaged_artifacts_are_marked_and_their_delete_says_their_size(models):
+    """QA: the delete dialog of an artifact with an unreadable manifest said (0 B) for a folder holding the
+    model, and a model file cut short was listed as if whole."""
+    text = (models / "tiny-f16" / "edgekit.json").read_text()
+    (models / "tiny-f16" / "edgekit.json").write_text(text[:200])
+    model = models / "tiny-q8" / "model.gguf"
+    model.write_bytes(model.read_bytes()[:100_000])
+    app = EdgekitApp(folder="models")
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await _artifacts(pilot, app, 2)
+        table = screen.query_one("#artifacts-table")
+        assert [table.get_row_at(i)[0] for i in range(2)] == ["tiny-f16 (unreadable)", "tiny-q8 (damaged)"]
+        await pilot.press("d")
+        assert isinstance(app.screen, Confirm)
+        size = sum(f.stat().st_size for f in (models / "tiny-f16").iterdir()) / 1e6
+        assert f"({size:.1f} MB) is removed" in app.screen.question, app.screen.question
+        await pilot.press("n", "down", "enter")  # the damaged one says what is wrong
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorPanel), what="the error panel")
+        assert "model file truncated" in app.screen.message and "re-convert" in app.screen.message
+
+
 async def test_folder_without_artifacts_says_what_to_do(tmp_path):
     app = EdgekitApp(folder=tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:

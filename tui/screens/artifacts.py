@@ -3,6 +3,7 @@ model (a pipeline folder or a diffusion artifact) is inspected as a grid of imag
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Header, Input, Label, Static
 
 from edgekit.evaluate import provenance_label
+from edgekit.library import MANIFEST, damage, folder_bytes
 from edgekit.tui.catalog import ArtifactRow, delete_artifact, find_artifacts, human_bytes, row_for
 from edgekit.tui.screens.dialogs import Confirm
 from edgekit.tui.widgets.footer import KeysFooter
@@ -24,6 +26,17 @@ COLUMNS = ("name", "format", "method", "quant", "size", "bpw", "ppl", "KL")
 
 def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _damage(row: ArtifactRow) -> str:
+    """A readable artifact folder's missing or truncated files (sizes only: see :func:`library.damage`)."""
+    if row.problem or row.bare or not (row.path / MANIFEST).is_file():
+        return ""
+    try:
+        manifest = json.loads((row.path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return ""
+    return damage(row.path, manifest) if isinstance(manifest, dict) else ""
 
 
 class ArtifactsScreen(Screen[None]):
@@ -41,6 +54,7 @@ class ArtifactsScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__(id="artifacts")
         self.rows: list[ArtifactRow] = []
+        self.damaged: dict[Path, str] = {}  # artifacts whose files are missing or truncated: what to say
         self.extra: list[Path] = []  # artifacts made in this session outside the scanned folder
 
     def compose(self) -> ComposeResult:
@@ -77,12 +91,15 @@ class ArtifactsScreen(Screen[None]):
             rows = []
         seen = {r.path.resolve() for r in rows}
         rows += [row_for(p) for p in self.extra if p.exists() and p.resolve() not in seen]
-        self.app.call_from_thread(self._show, rows, folder)
+        damaged = {r.path: problem for r in rows if (problem := _damage(r))}
+        self.app.call_from_thread(self._show, rows, folder, damaged)
 
-    def _show(self, rows: list[ArtifactRow], folder: Path) -> None:
+    def _show(self, rows: list[ArtifactRow], folder: Path, damaged: dict[Path, str] | None = None) -> None:
         self.rows = rows
+        self.damaged = damaged or {}
         table = self.query_one(DataTable)
-        cells = [(r.name if not r.problem else f"{r.name} (unreadable)", r.format, r.method, r.quant,
+        cells = [(f"{r.name} (unreadable)" if r.problem else f"{r.name} (damaged)" if r.path in self.damaged else r.name,
+                  r.format, r.method, r.quant,
                   r.size_text if r.size_bytes else "-", _num(r.bpw, ".2f"),
                   _num(r.ppl, ".3f") + (f" on {r.ppl_text}" if r.ppl_text else ""), _num(r.kl, ".4f"))
                  for r in rows]
@@ -127,6 +144,9 @@ class ArtifactsScreen(Screen[None]):
             if row.problem:
                 self.app.show_error(row.problem, "Unreadable artifact")  # type: ignore[attr-defined]
                 return
+            if row.path in self.damaged:
+                self.app.show_error(f"{row.path}: {self.damaged[row.path]}", "Damaged artifact")  # type: ignore[attr-defined]
+                return
             self.app.push_screen(SamplesScreen(row) if row.task == "diffusion" else InspectScreen(row))
 
     async def action_chat(self) -> None:
@@ -162,7 +182,9 @@ class ArtifactsScreen(Screen[None]):
             self.rescan()
 
         what = "the model file" if row.bare else "the folder"
-        self.app.push_screen(Confirm(f"Delete {row.name}?\n{what} {row.path} ({row.size_text}) is removed."), answered)
+        # an unreadable manifest records no size: the folder's files say what goes
+        size = human_bytes(folder_bytes(row.path)) if row.problem and row.path.is_dir() else row.size_text
+        self.app.push_screen(Confirm(f"Delete {row.name}?\n{what} {row.path} ({size}) is removed."), answered)
 
 
 class InspectScreen(ModalScreen[None]):

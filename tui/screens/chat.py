@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from textual.screen import Screen
 from textual.widgets import Header, Input, Label, Static, TextArea
 
 from edgekit.errors import EdgekitError
+from edgekit.library import forget_chat
 from edgekit.runtime.base import SamplingConfig
-from edgekit.tui.chat_session import ChatSession, LiveStats, history_path
+from edgekit.tui.chat_session import ChatSession, LiveStats
 from edgekit.tui.widgets.chat import ChatMessage
 from edgekit.tui.widgets.footer import KeysFooter
 
@@ -170,8 +170,7 @@ class ChatScreen(Screen[None]):
             session.keep_history = False
         else:
             session = None
-        with contextlib.suppress(OSError):
-            history_path(path).unlink(missing_ok=True)
+        forget_chat(path)
         if session is None:
             return
         self.action_stop()
@@ -255,6 +254,7 @@ class ChatScreen(Screen[None]):
         inp.focus()
         reply, self._reply = self._reply, None
         asked, self._asked = self._asked, None
+        self._tell_history(session)
         if exc is not None:
             if asked is not None and len(session.messages) == asked[2]:
                 # Nothing came back and the session forgot the message: so does the log, and the text
@@ -285,6 +285,11 @@ class ChatScreen(Screen[None]):
     def _set_status(self, text: str) -> None:
         self.query_one("#chat-stats", Static).update(text)
 
+    def _tell_history(self, session: ChatSession) -> None:
+        """Say once that the history is not being saved (a full or read-only home); the chat goes on."""
+        if notice := session.history_notice():
+            self.notify(notice, severity="warning", markup=False, timeout=10)
+
     # -- actions ------------------------------------------------------------------------------
 
     def action_stop(self) -> None:
@@ -313,6 +318,7 @@ class ChatScreen(Screen[None]):
         self.session.clear()
         await self.query_one("#chat-log", VerticalScroll).remove_children()
         self._set_status("history cleared")
+        self._tell_history(self.session)
 
     def shutdown(self) -> None:
         """Stop a generation and free the model (the app is closing). Closing waits for the generation
