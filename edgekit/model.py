@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import struct
 from collections.abc import Iterator
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.arch import ArchSpec, HParams, spec_for
-from edgekit.errors import CorruptFileError, InputError
+from edgekit.arch import ARCHITECTURES, ArchSpec, HParams, spec_for, supported_list
+from edgekit.errors import CorruptFileError, InputError, UnsupportedError
 from edgekit.validate import check_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -27,6 +28,18 @@ TOKENIZER_FIX = "re-download the tokenizer files of the model"
 # safetensors dtype name -> bytes per element, to validate headers without loading data.
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _pair_separator_noise(record: logging.LogRecord) -> bool:
+    """gguf's SpecialVocab warns when a tokenizer's two-sequence template (``<s> A <s> B``: Llama and Mistral
+    SentencePiece tokenizers) uses a separator it does not model; edgekit never tokenizes sequence pairs, so
+    the line only puzzles (it is printed mid-convert). Every other warning of gguf's still shows."""
+    msg = record.getMessage()
+    return not (msg.startswith(("Unknown separator token", "Unknown second separator token"))
+                and msg.endswith("in TemplateProcessing<pair>"))
+
+
+logging.getLogger("gguf.vocab").addFilter(_pair_separator_noise)
 
 
 def read_json_object(path: Path, fix: str = TOKENIZER_FIX) -> dict:
@@ -180,6 +193,26 @@ def check_shapes(spec: ArchSpec, hp: HParams, tensors: dict[str, TensorRef], sou
         raise CorruptFileError(f"{source}: tensor 'model.embed_tokens.weight' is missing; give the complete checkpoint")
 
 
+def check_architectures(config: dict, source: str) -> None:
+    """A config.json without ``architectures`` (older exports, hand-written configs) is refused with the line
+    to add, the class named from ``model_type`` where that is a family edgekit converts."""
+    if config.get("architectures"):
+        return  # a malformed or unsupported list is spec_for's to refuse
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise CorruptFileError(f"{source} names no model class (no 'architectures', no 'model_type'); add "
+                               f'"architectures": ["<Family>ForCausalLM"] for the model; edgekit converts: '
+                               f"{supported_list()}")
+    # transformers names a family's causal LM class after its model_type: llama -> LlamaForCausalLM
+    want = model_type.replace("_", "").lower() + "forcausallm"
+    cls = next((c for c in ARCHITECTURES if c.lower() == want), None)
+    if cls is None:
+        raise UnsupportedError(f"{source} has no 'architectures', and its model_type {model_type!r} is not a family "
+                               f"edgekit converts ({supported_list()})")
+    raise CorruptFileError(f'{source} has no \'architectures\'; its model_type {model_type!r} is {cls}: add '
+                           f'"architectures": ["{cls}"] to it')
+
+
 @dataclass
 class HFCheckpoint:
     """A validated Hugging Face checkpoint folder."""
@@ -205,6 +238,7 @@ class HFCheckpoint:
             raise CorruptFileError(f"{p / 'config.json'} is not valid JSON ({exc}); fix or re-download it") from exc
         source = str(p / "config.json")
         check_config(config, source)
+        check_architectures(config, source)
         spec = spec_for(config.get("architectures"))
         hparams = HParams.from_config(config, source)
         spec.check_config(config, source)

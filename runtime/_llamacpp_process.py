@@ -251,6 +251,6 @@ class WorkerProcess:
 
     def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError | InputError:
         text = str(msg.get("message") or msg.get("type") or "unknown error")
-        if msg.get("type") == "PromptTooLongError":  # the caller's input, not llama.cpp's failure
+        if msg.get("type") in ("PromptTooLongError", "NoChatTemplateError"):  # the caller's input, not llama.cpp's
             return InputError(text)
         return BackendError(f"llama.cpp failed while {doing}: {text}")

@@ -56,6 +56,10 @@ class PromptTooLongError(ValueError):
     """A prompt the context cannot hold (the parent reports it as the user's input)."""
 
 
+class NoChatTemplateError(ValueError):
+    """Chat messages for a GGUF without ``tokenizer.chat_template`` (the parent reports it as the user's input)."""
+
+
 class Worker(MeasureOps):
     def __init__(self, out: Any) -> None:
         self.out = out
@@ -318,12 +322,10 @@ class Worker(MeasureOps):
 
         llm = self.llm
         template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            def chatml(messages: list[dict[str, str]]) -> str:
-                text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-                return text + "<|im_start|>assistant\n"
+        if not template:  # not llama.cpp's ChatML fallback: a format the model never saw
+            from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE
 
-            return chatml, "chatml (the GGUF has no chat template)"
+            raise NoChatTemplateError(NO_CHAT_TEMPLATE)
 
         def token_text(tok: int) -> str:
             return llm._model.token_get_text(tok) if tok >= 0 else ""

@@ -20,6 +20,9 @@ import secrets
 from collections.abc import Callable, Iterable
 
 Render = Callable[[list[dict[str, str]]], str]
+# Every backend refuses chat messages with this line when the model ships no chat template: a guessed
+# format (llama.cpp falls back to ChatML) would prompt the model in a way it was never trained on.
+NO_CHAT_TEMPLATE = "this model has no chat template; pass raw text (--raw)"
 # (text, special): special is True only for one of the template's own special tokens
 Segment = tuple[str, bool]
 

@@ -148,7 +148,19 @@ class MLCBackend(TorchBackend):
             raise UnsupportedError("engine=mlc needs a compiled model library: convert with --compile TARGET")
         import mlc_llm
 
+        from edgekit.converters.formats.mlc.read import read_chat_config
+
+        self.chat_config = read_chat_config(folder)
         self._mlc = mlc_llm.MLCEngine(str(folder), model_lib=str(folder / lib))
+
+    def _check_template(self) -> None:
+        """Refuse chat messages for an artifact whose checkpoint had no chat template: convert writes MLC's
+        plain ``LM`` conversation then, which would pass the message on as raw text."""
+        from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE
+
+        conv = self.chat_config.get("conv_template")
+        if isinstance(conv, dict) and conv.get("name") == "LM":
+            raise InputError(NO_CHAT_TEMPLATE)
 
     def _prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
         if isinstance(prompt, str):
@@ -156,6 +168,7 @@ class MLCBackend(TorchBackend):
         from edgekit.converters.formats.mlc.chat_config import render
         from edgekit.runtime.chat_tokens import chat_segments, tokenize_segments
 
+        self._check_template()
         conv = self.chat_config["conv_template"]
         specials = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
 
@@ -168,6 +181,8 @@ class MLCBackend(TorchBackend):
     def generate(self, prompt: str | list[dict[str, str]], sampling: SamplingConfig,
                  stats: GenerationStats | None = None) -> Iterator[str]:
         if self.engine == "mlc":
+            if isinstance(prompt, list):
+                self._check_template()
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             for chunk in self._mlc.chat.completions.create(messages=messages, stream=True,
                                                            temperature=sampling.temperature, top_p=sampling.top_p,

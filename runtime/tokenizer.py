@@ -85,8 +85,10 @@ class FolderTokenizer:
         return self._tok.token_to_id(text)
 
     def render(self, messages: list[dict[str, str]]) -> str:
+        from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE
+
         if not self.chat_template:
-            raise InputError("this model has no chat template; pass raw text (--raw)")
+            raise InputError(NO_CHAT_TEMPLATE)
         from datetime import datetime
 
         from jinja2.exceptions import TemplateError

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import BackendError, quiet_transformers, require
+from edgekit.errors import BackendError, InputError, quiet_transformers, require
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 from edgekit.runtime.sampling import TextStream, decode_loop
 
@@ -118,7 +118,10 @@ class TorchBackend(Backend):
 def hf_chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """A transformers tokenizer's chat-template ids with the messages' text never parsed for special tokens
     (``apply_chat_template(tokenize=True)`` would read ``<|im_start|>`` typed in a message as a turn)."""
-    from edgekit.runtime.chat_tokens import chat_segments, tokenize_segments
+    from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE, chat_segments, tokenize_segments
+
+    if not tokenizer.chat_template:  # transformers would raise a ValueError that reads as edgekit's own failure
+        raise InputError(NO_CHAT_TEMPLATE)
 
     def render(msgs: list[dict[str, str]]) -> str:
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
