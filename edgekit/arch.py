@@ -6,7 +6,6 @@ Adding a Llama-like family is one more :class:`ArchSpec` in ``ARCHITECTURES``.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -193,20 +192,12 @@ def unpermute_for_rope(w, n_head: int):
 # ---- GGUF hyperparameter keys, filled from config.json -------------------------------------
 
 def _sliding_window(cfg: dict) -> int | None:
-    """The window of the layers that attend to recent tokens only, as transformers decides which do: by
-    ``layer_types`` where the config lists them, else ``use_sliding_window`` (Qwen2; absent for Mistral)
-    and ``max_window_layers`` (Qwen2's layers from that index on slide). None when no layer slides."""
-    window = cfg.get("sliding_window")
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        return None
-    if isinstance(cfg.get("layer_types"), list):
-        return window if "sliding_attention" in cfg["layer_types"] else None
-    if cfg.get("use_sliding_window") is False:
-        return None
-    first = cfg.get("max_window_layers")
-    if "use_sliding_window" in cfg and isinstance(first, int) and first >= int(cfg.get("num_hidden_layers", 0)):
-        return None
-    return window
+    """The window of the layers that attend to recent tokens only, as transformers decides which do (see
+    :func:`edgekit.attention.layer_windows`); None when no layer slides."""
+    from edgekit.attention import layer_windows
+
+    windows = [w for w in layer_windows(cfg, int(cfg.get("num_hidden_layers") or 0)) if w > 0]
+    return max(windows) if windows else None
 
 
 @dataclass(frozen=True)
@@ -287,12 +278,10 @@ class HParams:
         other scalings."""
         if self.rope_kind != "llama3":
             return None
-        import numpy as np
-
         rs = self.rope_scaling
         try:
             factor, low, high = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
-            old_ctx = float(rs.get("original_max_position_embeddings") or self.n_ctx_train)
+            float(rs["original_max_position_embeddings"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptFileError(f"config.json: llama3 rope scaling lacks a numeric {exc.args[0]!r}; add it "
                                    "(Llama 3.1 uses factor 8, low_freq_factor 1, high_freq_factor 4, "
@@ -300,14 +289,14 @@ class HParams:
         if factor <= 0 or high <= low:
             raise CorruptFileError("config.json: llama3 rope scaling needs factor > 0 and high_freq_factor > "
                                    "low_freq_factor; fix rope_scaling")
-        # transformers computes the base frequencies in float32; so does this, for the same wavelengths
-        inv_freq = 1.0 / (np.float32(self.rope_theta) ** (np.arange(0, self.head_dim, 2, dtype=np.float32)
-                                                          / np.float32(self.head_dim)))
-        wavelen = 2 * math.pi / inv_freq.astype(np.float64)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        factors = np.where(wavelen < old_ctx / high, 1.0,
-                           np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
-        return factors.astype(np.float32)
+        import dataclasses
+
+        import numpy as np
+
+        from edgekit.attention import inv_freq
+
+        base = inv_freq(dataclasses.replace(self, rope_scaling=None), np.float32).astype(np.float64)
+        return (base / inv_freq(self, np.float32).astype(np.float64)).astype(np.float32)
 
     def gguf_kv(self, arch: str) -> dict[str, object]:
         """``{key: value}`` for the GGUF architecture block (keys as llama.cpp reads them)."""

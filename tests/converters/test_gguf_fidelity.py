@@ -94,13 +94,18 @@ def test_sliding_window_is_read_as_transformers_reads_it():
     base = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
             "vocab_size": 100, "max_position_embeddings": 1024}
     window = lambda **kw: HParams.from_config({**base, **kw}).sliding_window  # noqa: E731
-    assert window(sliding_window=16) == 16  # Mistral
-    assert window(sliding_window=16, use_sliding_window=False) is None  # Qwen2.5's shipped configs
-    assert window(sliding_window=16, use_sliding_window=True, max_window_layers=1) == 16
-    assert window(sliding_window=16, use_sliding_window=True, max_window_layers=2) is None
-    assert window(sliding_window=16, layer_types=["full_attention"] * 2) is None
-    assert HParams.from_config({**base, "sliding_window": 16}).gguf_kv("llama")["llama.context_length"] == 16
-    assert HParams.from_config({**base, "sliding_window": 4096}).gguf_kv("llama")["llama.context_length"] == 1024
+    assert window(model_type="mistral", sliding_window=16) == 16  # every Mistral layer slides
+    assert window(model_type="mistral", sliding_window=None) is None
+    assert window(model_type="qwen2", sliding_window=16) is None  # Qwen2's use_sliding_window defaults to off
+    assert window(model_type="qwen2", sliding_window=16, use_sliding_window=False) is None  # Qwen2.5's shipped configs
+    assert window(model_type="qwen2", sliding_window=16, use_sliding_window=True, max_window_layers=1) == 16
+    assert window(model_type="qwen2", sliding_window=16, use_sliding_window=True, max_window_layers=2) is None
+    assert window(model_type="qwen2", sliding_window=16, use_sliding_window=True,
+                  layer_types=["full_attention"] * 2) is None
+    assert window(model_type="llama", sliding_window=16) is None  # Llama has no window
+    mistral = {**base, "model_type": "mistral"}
+    assert HParams.from_config({**mistral, "sliding_window": 16}).gguf_kv("llama")["llama.context_length"] == 16
+    assert HParams.from_config({**mistral, "sliding_window": 4096}).gguf_kv("llama")["llama.context_length"] == 1024
 
 
 @pytest.mark.llamacpp

@@ -397,7 +397,7 @@ def window_models(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(WINDOWS))
 def test_sliding_windows_follow_transformers_per_layer(window_models, tmp_path, case):
-    from edgekit.converters.formats.attention import layer_windows
+    from edgekit.attention import layer_windows
 
     arch, changes, want = WINDOWS[case]
     src = _with_config(window_models[arch], tmp_path / "src", **changes)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from edgekit.converters.formats.attention import layer_windows, uniform_window
+from edgekit.attention import layer_windows, uniform_window
 from edgekit.converters.formats.base import (
     ConvertRecipe,
     Format,

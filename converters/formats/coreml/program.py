@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekit.arch import HParams
-from edgekit.converters.formats.attention import inv_freq
+from edgekit.attention import inv_freq
 
 
 @dataclass(frozen=True)

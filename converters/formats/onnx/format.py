@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from edgekit.attention import layer_windows
 from edgekit.calibration import CalibConfig
-from edgekit.converters.formats.attention import layer_windows
 from edgekit.converters.formats.base import (
     ConvertRecipe,
     Format,

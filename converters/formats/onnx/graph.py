@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.arch import HParams
-from edgekit.converters.formats.attention import inv_freq
+from edgekit.attention import inv_freq
 from edgekit.converters.quantize.nbits import NBitsType, SplitTensors
 
 MS = "com.microsoft"

@@ -1,5 +1,6 @@
-"""What transformers computes around attention that the ONNX and Core ML graphs reproduce themselves: which
-layers attend through a sliding window (and how wide), and the rotary inverse frequencies.
+"""What transformers computes around attention that edgekit's formats reproduce: which layers attend through a
+sliding window (and how wide), and the rotary inverse frequencies. The ONNX and Core ML graphs build both
+themselves; GGUF stores llama3's frequencies as factors and can only warn about a window (edgekit.arch).
 
 Both follow the installed transformers' configuration and modeling code, not the raw config keys:
 
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import math
 from typing import Any
-
-import numpy as np
 
 from edgekit.errors import UnsupportedError
 
@@ -54,15 +53,17 @@ def uniform_window(windows: list[int]) -> int:
     return windows[0] if windows and len(set(windows)) == 1 else 0
 
 
-def inv_freq(hp: Any, dtype: Any = np.float64) -> np.ndarray:
+def inv_freq(hp: Any, dtype: Any = None) -> Any:
     """Rotary inverse frequencies ``(head_dim / 2,)`` with the rope scalings Llama-family checkpoints use, as
     transformers' ``ROPE_INIT_FUNCTIONS`` computes them: default, linear (positions / factor, folded into
     the frequencies) and llama3 (low frequencies divided by ``factor``, high ones kept, smooth between).
 
     ``dtype`` float32 repeats transformers' arithmetic (base frequencies in float32); float64 gives the exact
     values for tables stored in fp16."""
+    import numpy as np
+
     dim = hp.head_dim
-    f = np.dtype(dtype).type
+    f = np.dtype(dtype or np.float64).type
     inv = (f(1.0) / (f(hp.rope_theta) ** (np.arange(0, dim, 2).astype(f) / f(dim)))).astype(f)
     sc = hp.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
