@@ -55,6 +55,21 @@ def read_json_object(path: Path, fix: str = TOKENIZER_FIX) -> dict:
     return data
 
 
+def stop_ids(folder: Path) -> list[int]:
+    """The ids generation stops on, as transformers reads them: generation_config.json's ``eos_token_id``
+    (one id or a list), else config.json's; [] where neither has one."""
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        value = read_json_object(path).get("eos_token_id")
+        ids = value if isinstance(value, list) else [value]
+        ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+        if ids:
+            return list(dict.fromkeys(ids))
+    return []
+
+
 def check_tokenizer_files(folder: Path) -> None:
     """Raise :class:`CorruptFileError` for a tokenizer JSON file in ``folder`` that does not parse, before
     any work that needs the tokenizer (missing files are the caller's to judge)."""

@@ -128,7 +128,7 @@ class CoreMLBackend(Backend):
 
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, engine: str = "auto",
                  compute_units: str = "all", n_batch: int = 512, n_threads: int | None = None) -> None:
-        from edgekit.runtime.tokenizer import FolderTokenizer
+        from edgekit.runtime.tokenizer import FolderTokenizer, eos_ids
 
         path = Path(model_path)
         if not path.exists():
@@ -150,7 +150,7 @@ class CoreMLBackend(Backend):
         self.window = int(self.engine.metadata.get("edgekit.sliding_window", 0) or 0)
         self.path, self.n_ctx, self.n_batch = path, min(n_ctx, context), n_batch
         self.tokenizer = FolderTokenizer(path.parent)
-        self._eos = _eos_ids(path.parent, self.tokenizer)
+        self._eos = eos_ids(path.parent, self.tokenizer)
         cfg = path.parent / "config.json"
         vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.exists() else None
         self._n_vocab: int | None = int(vocab) if vocab else None
@@ -259,13 +259,3 @@ def _read_shapes(model_file: Path) -> tuple[dict[str, str], dict[str, Any]]:
         "states": states, "vocab": int(cfg.get("vocab_size", 0)), "hidden": int(cfg.get("hidden_size", 0))}
 
 
-def _eos_ids(folder: Path, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    gen = folder / "generation_config.json"
-    if gen.exists():
-        v = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(v if isinstance(v, list) else [v] if v is not None else [])
-    eos = tokenizer.token_id(tokenizer.special("eos_token"))
-    if eos is not None:
-        ids.add(eos)
-    return ids

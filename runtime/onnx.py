@@ -23,7 +23,7 @@ from edgekit.runtime import hostinfo
 from edgekit.runtime._onnx_kv import BoundKV, FedKV, kv_in_place
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
 from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick, stream_tokens
-from edgekit.runtime.tokenizer import FolderTokenizer
+from edgekit.runtime.tokenizer import FolderTokenizer, eos_ids
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 GRAPH_OPT = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
@@ -335,15 +335,7 @@ class OnnxBackend(Backend):
         return logits[-1:] if last_only else logits
 
     def _eos_ids(self, folder: Path) -> set[int]:
-        ids: set[int] = set()
-        gen = folder / "generation_config.json"
-        if gen.exists():
-            v = json.loads(gen.read_text()).get("eos_token_id")
-            ids.update(v if isinstance(v, list) else [v] if v is not None else [])
-        eos = self.tokenizer.token_id(self.tokenizer.special("eos_token"))
-        if eos is not None:
-            ids.add(eos)
-        return ids
+        return eos_ids(folder, self.tokenizer)
 
 
 class OnnxContext:

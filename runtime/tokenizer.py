@@ -106,3 +106,15 @@ class FolderTokenizer:
                 eos_token=self.special("eos_token") or "")
         except TemplateError as exc:
             raise InputError(f"the chat template refused these messages: {exc}") from exc
+
+
+def eos_ids(folder: Path, tokenizer: FolderTokenizer) -> set[int]:
+    """The ids generation stops on for an artifact folder: its checkpoint's (edgekit.model.stop_ids) and the
+    tokenizer's eos_token."""
+    from edgekit.model import stop_ids
+
+    ids = set(stop_ids(folder))
+    eos = tokenizer.token_id(tokenizer.special("eos_token"))
+    if eos is not None:
+        ids.add(eos)
+    return ids

@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError
-from edgekit.model import TOKENIZER_FIX, check_tokenizer_files, read_json_object
+from edgekit.model import TOKENIZER_FIX, check_tokenizer_files, read_json_object, stop_ids
 
 _T = gguf.TokenType
 
@@ -216,21 +216,6 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
 
 # llama.cpp's end-of-generation ids beyond the EOS: its vocabulary reads these keys into special_eog_ids
 _EXTRA_STOP_SLOTS = ("eot", "eom")
-
-
-def stop_ids(folder: Path) -> list[int]:
-    """The ids generation stops on, as transformers reads them: generation_config.json's ``eos_token_id``
-    (one id or a list), else config.json's; [] where neither has one."""
-    for name in ("generation_config.json", "config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        value = read_json_object(path).get("eos_token_id")
-        ids = value if isinstance(value, list) else [value]
-        ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
-        if ids:
-            return list(dict.fromkeys(ids))
-    return []
 
 
 def _add_stop_ids(special: gguf.SpecialVocab, folder: Path, n_vocab: int) -> None:

@@ -174,10 +174,11 @@ def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: d
     """Write mlc-chat-config.json and copy the tokenizer files into ``out_dir``; returns the config."""
     import shutil
 
+    from edgekit.model import stop_ids as read_stop_ids
+
     gen_file = ckpt.path / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-    eos = gen.get("eos_token_id", ckpt.config.get("eos_token_id"))
-    stop_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
+    stop_ids = read_stop_ids(ckpt.path)
     tc = ckpt.tokenizer_config
     template = ckpt.chat_template()
     if template:
