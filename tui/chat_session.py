@@ -76,6 +76,12 @@ def _merged(data: Any, mine: dict[str, Any]) -> dict[str, Any]:
     return {**mine, "others": others[:KEEP_OTHERS]}
 
 
+def _turns(messages: Any) -> list[dict[str, str]]:
+    """The user and assistant turns of a saved conversation (anything else in the file is left out)."""
+    return [{"role": m["role"], "content": str(m.get("content", ""))} for m in messages or []
+            if isinstance(m, dict) and m.get("role") in ("user", "assistant")] if isinstance(messages, list) else []
+
+
 @dataclass
 class LiveStats:
     """What the screen shows while tokens stream: counts, tokens/s so far, context use."""
@@ -143,14 +149,38 @@ class ChatSession:
 
     # -- history ------------------------------------------------------------------------------
 
-    def _load_history(self) -> None:
+    def _read_history(self) -> dict[str, Any]:
         try:
             data = json.loads(history_path(self.key_path).read_text())
         except (OSError, ValueError):
-            return
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _load_history(self) -> None:
+        data = self._read_history()
         self.system = str(data.get("system", self.system))
-        self.messages = [m for m in data.get("messages", [])
-                         if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+        self.messages = _turns(data.get("messages"))
+
+    def conversations(self) -> list[dict[str, Any]]:
+        """The other conversations kept with this artifact, newest first: those other chats with it saved and
+        those this chat left (:meth:`switch_to`), less any this one continues. Each is a dict with ``system``
+        and ``messages`` (user and assistant turns), to give to :meth:`switch_to`."""
+        mine = {"session": self._session, "system": self.system, "messages": self.messages}
+        return [{"session": c.get("session"), "system": str(c.get("system") or ""), "messages": _turns(c["messages"])}
+                for c in _merged(self._read_history(), mine)["others"] if _turns(c["messages"])]
+
+    def switch_to(self, conversation: dict[str, Any] | None) -> None:
+        """Keep this conversation among the others and go on with ``conversation`` (one of
+        :meth:`conversations`), or with a new, empty one (None; the system prompt stays). The conversation
+        taken up is not kept twice: saved under a new session, it continues the kept copy, which goes."""
+        self.save()
+        self._session = secrets.token_hex(6)
+        if conversation is None:
+            self.messages = []
+        else:
+            self.system = str(conversation.get("system") or "")
+            self.messages = _turns(conversation.get("messages"))
+        self.save()
 
     def save(self) -> None:
         """Write the history atomically, keeping what another chat with the same artifact saved (see

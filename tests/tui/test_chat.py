@@ -284,3 +284,36 @@ async def test_a_full_home_keeps_the_chat_going_and_says_so_once(models, monkeyp
         await pilot.pause()
         assert app.is_running and list(chat.query(ChatMessage)) == []
         assert "history cleared" in str(chat.query_one("#chat-stats").render())
+
+
+async def test_ctrl_o_lists_the_kept_conversations_and_takes_one_up(models):
+    other = ChatSession.open(models / "tiny-q8")
+    other.messages = [{"role": "user", "content": "an older question"}, {"role": "assistant", "content": "its answer"}]
+    other.save()
+    mine = ChatSession.open(models / "tiny-q8")
+    mine.switch_to(None)  # the newest is an empty conversation: the chat opens on it
+    mine.messages = [{"role": "user", "content": "the newest"}]
+    mine.save()
+    app = _app(models / "tiny-q8")
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await _ready(pilot, app)
+        assert [m.content for m in chat.query(ChatMessage)] == ["the newest"]
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: app.screen.id != "chat" and app.screen.query("#conversation-list"),
+                       what="the conversations dialog")
+        lines = [str(o.prompt) for o in app.screen.query_one("#conversation-list").options]
+        assert lines == ["+ new conversation (this one is kept)", "2 messages · an older question"]
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: app.screen is chat and len(chat.query(ChatMessage)) == 2,
+                       what="the older conversation on screen")
+        assert [m.content for m in chat.query(ChatMessage)] == ["an older question", "its answer"]
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: app.screen.query("#conversation-list"), what="the dialog again")
+        lines = [str(o.prompt) for o in app.screen.query_one("#conversation-list").options]
+        assert lines[1:] == ["1 message · the newest"]  # the one left is kept, the one taken up not listed
+        await pilot.press("enter")  # a new conversation
+        await wait_for(pilot, lambda: app.screen is chat and not chat.query(ChatMessage), what="an empty chat")
+        assert len(chat.session.conversations()) == 2
+        await pilot.press("ctrl+o", "escape")  # Esc keeps the chat as it is
+        await pilot.pause()
+        assert app.screen is chat and not chat.query(ChatMessage)

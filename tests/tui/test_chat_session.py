@@ -70,3 +70,31 @@ def test_a_history_an_earlier_edgekit_saved_opens(models):
     session.save()
     saved = json.loads(history_path(models / "tiny-q8").read_text())
     assert saved["messages"] == [_user("old"), _user("new")] and saved["others"] == []
+
+
+def test_a_chat_goes_back_to_a_kept_conversation_and_keeps_the_one_it_left(models):
+    """Stop 50 kept other chats' conversations under ``others`` but nothing showed them: ``conversations``
+    lists them and ``switch_to`` takes one up, keeping the one left, and neither is kept twice."""
+    a, b = ChatSession.open(models / "tiny-q8"), ChatSession.open(models / "tiny-q8")
+    a.system = "Be brief."
+    a.messages += [_user("from A"), {"role": "assistant", "content": "reply A"}]
+    a.save()
+    b.messages.append(_user("from B"))
+    b.save()
+    assert [[m["content"] for m in c["messages"]] for c in b.conversations()] == [["from A", "reply A"]]
+    b.switch_to(b.conversations()[0])
+    assert b.system == "Be brief." and [m["content"] for m in b.messages] == ["from A", "reply A"]
+    kept = b.conversations()
+    assert [[m["content"] for m in c["messages"]] for c in kept] == [["from B"]]  # A's copy is not listed too
+    b.messages.append(_user("B goes on with A's"))
+    b.save()
+    saved = json.loads(history_path(models / "tiny-q8").read_text())
+    assert [m["content"] for m in saved["messages"]] == ["from A", "reply A", "B goes on with A's"]
+    assert [[m["content"] for m in o["messages"]] for o in saved["others"]] == [["from B"]]
+    b.switch_to(None)  # a new conversation: empty, the system prompt stays, the last one kept
+    assert b.messages == [] and b.system == "Be brief."
+    assert [[m["content"] for m in c["messages"]] for c in b.conversations()] == [
+        ["from A", "reply A", "B goes on with A's"], ["from B"]]
+    assert ChatSession.open(models / "tiny-q8").messages == []  # the next chat opens the newest: the empty one
+    b.switch_to(None)  # an empty conversation left is not kept
+    assert len(b.conversations()) == 2

@@ -16,6 +16,7 @@ from edgekit.errors import EdgekitError
 from edgekit.library import forget_chat
 from edgekit.runtime.base import SamplingConfig
 from edgekit.tui.chat_session import ChatSession, LiveStats
+from edgekit.tui.screens.dialogs import Conversations
 from edgekit.tui.widgets.chat import ChatMessage
 from edgekit.tui.widgets.footer import KeysFooter
 
@@ -54,7 +55,10 @@ class ChatScreen(Screen[None]):
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+y", "copy_reply", "Copy reply"),
         Binding("ctrl+s", "toggle_settings", "Settings"),
-        Binding("ctrl+l", "clear_history", "Clear"),
+        Binding("ctrl+o", "conversations", "Chats"),
+        # in F1's help and the palette: the footer has no room for it at 120 columns beside the screen keys,
+        # and Ctrl+O's new conversation keeps the old one instead of deleting it
+        Binding("ctrl+l", "clear_history", "Clear", show=False),
     ]
 
     def __init__(self) -> None:
@@ -113,6 +117,13 @@ class ChatScreen(Screen[None]):
             return
         self.session = session
         self.query_one("#chat-title", Static).update(f"{session.artifact.name} ({session.artifact.format})")
+        await self._show_conversation(session)
+        self._set_status("loading the model..." if session.backend is None else "ready")
+        self.busy = True
+        self._load(session)
+
+    async def _show_conversation(self, session: ChatSession) -> None:
+        """The log and the system prompt of ``session``'s conversation."""
         self.query_one("#system-prompt", TextArea).text = session.system
         log = self.query_one("#chat-log", VerticalScroll)
         await log.remove_children()
@@ -121,9 +132,6 @@ class ChatScreen(Screen[None]):
         # end of a log still empty (the chat reopened at its top); anchored, it follows them down.
         log.anchor()
         log.scroll_end(animate=False)
-        self._set_status("loading the model..." if session.backend is None else "ready")
-        self.busy = True
-        self._load(session)
 
     @work(thread=True, group="chat-load")
     def _load(self, session: ChatSession) -> None:
@@ -319,6 +327,30 @@ class ChatScreen(Screen[None]):
         await self.query_one("#chat-log", VerticalScroll).remove_children()
         self._set_status("history cleared")
         self._tell_history(self.session)
+
+    def action_conversations(self) -> None:
+        """Pick another conversation kept with this artifact, or start a new one; the one on screen is kept."""
+        session = self.session
+        if session is None:
+            self.notify("no artifact open: pick one on the Artifacts screen (F3, then c)", severity="warning")
+            return
+        if self._reply is not None:
+            self.notify("a reply is on its way: Esc stops it, then Ctrl+O", severity="warning")
+            return
+        session.system = self.query_one("#system-prompt", TextArea).text
+        kept = session.conversations()
+
+        async def chosen(choice: int | None) -> None:
+            if choice is None or session is not self.session or self._reply is not None:
+                return
+            session.switch_to(None if choice < 0 else kept[choice])
+            await self._show_conversation(session)
+            turns = len(session.messages)
+            self._set_status("a new conversation (the last one is kept: Ctrl+O)" if choice < 0 else
+                             f"went back to a kept conversation of {turns} message{'s' * (turns != 1)}")
+            self._tell_history(session)
+
+        self.app.push_screen(Conversations(kept), chosen)
 
     def shutdown(self) -> None:
         """Stop a generation and free the model (the app is closing). Closing waits for the generation

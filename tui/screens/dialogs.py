@@ -1,4 +1,4 @@
-"""Modal dialogs: the error panel, a yes/no confirmation and the help screen."""
+"""Modal dialogs: the error panel, a yes/no confirmation, the kept conversations and the help screen."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Markdown, Static
+from textual.widgets import Button, Label, Markdown, OptionList, Static
+from textual.widgets.option_list import Option
 
 from edgekit.errors import (
     BackendCrashed,
@@ -92,6 +93,43 @@ class Confirm(ModalScreen[bool]):
         self.dismiss(yes)
 
 
+def conversation_line(conversation: dict) -> str:
+    """One kept conversation in a line: how many turns, and its first question."""
+    turns = conversation.get("messages") or []
+    first = next((m["content"] for m in turns if m["role"] == "user"), "")
+    first = " ".join(first.split())
+    first = first if len(first) <= 36 else first[:35] + "…"
+    return f"{len(turns)} message{'s' * (len(turns) != 1)} · {first}"
+
+
+class Conversations(ModalScreen[int | None]):
+    """The conversations kept with the open artifact besides the one on screen: Enter takes one up
+    (its index), the first line starts a new one (-1); Esc keeps the chat as it is (None)."""
+
+    BINDINGS = [Binding("escape", "close", "Close")]
+
+    def __init__(self, kept: list[dict]) -> None:
+        super().__init__()
+        self.kept = kept
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="conversations"):
+            yield Label("Kept conversations (Enter opens one, Esc closes)")
+            yield OptionList(Option("+ new conversation (this one is kept)", id="new"),
+                             *(Option(conversation_line(c), id=str(i)) for i, c in enumerate(self.kept)),
+                             id="conversation-list", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.dismiss(-1 if event.option.id == "new" else int(event.option.id or 0))
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
 HELP = """\
 # edgekit
 
@@ -106,7 +144,8 @@ Keyboard first: the footer shows the keys of the screen you are on; **Ctrl+P** o
 | Esc | chat | stop the generation |
 | Ctrl+Y | chat | copy the last reply |
 | Ctrl+S | chat | show or hide settings (system prompt, sampling) |
-| Ctrl+L | chat | clear this artifact's history |
+| Ctrl+L | chat | clear this conversation |
+| Ctrl+O | chat | the other conversations kept with this artifact, or a new one |
 | Enter / i | artifacts | inspect: per-tensor types |
 | c / p / u | artifacts | open in chat / profile / devices (to push) |
 | d | artifacts | delete (asks first) |
@@ -116,7 +155,7 @@ Keyboard first: the footer shows the keys of the screen you are on; **Ctrl+P** o
 | Ctrl+O | profile | export the rows (.json or .png) |
 | f | devices | fit check of the artifact on the selected device |
 
-Esc, F1 or q closes this help. Histories are kept per artifact under `~/.cache/edgekit/chats` (`EDGEKIT_HOME` moves it).
+Esc, F1 or q closes this help. Conversations are kept per artifact (the newest and up to 8 others) under `~/.cache/edgekit/chats` (`EDGEKIT_HOME` moves it).
 """
 
 
