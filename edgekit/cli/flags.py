@@ -145,6 +145,15 @@ def artifact_trained_context(target: str | Path) -> int | None:
         return None
 
 
+def beyond_trained_note(target: str | Path, ctx: int, after: str) -> str | None:
+    """The note ``--ctx`` gets when it is longer than ``target``'s trained context (for a GGUF of a sliding-window
+    model, the window it was written with), ``after`` saying what that means for the command; None otherwise."""
+    trained = artifact_trained_context(target)
+    if trained is None or ctx <= trained:
+        return None
+    return f"--ctx {ctx} is beyond the {trained} tokens the model was trained for: {after}"
+
+
 def check_calib_seqlen(seqlen: int, model: str | Path | None = None) -> None:
     """--calib-seqlen, checked before any work: at most :data:`MAX_CALIB_SEQLEN` tokens and, given the
     ``model``, at most its trained context (calibrating past it measures activations the model never sees)."""

@@ -27,7 +27,7 @@ from edgekit.cli.flags import (
     CONTEXT_SETTINGS,
     THREADS_HELP,
     EdgekitGroup,
-    artifact_trained_context,
+    beyond_trained_note,
     flags_take_no_value,
     show_version,
     typed_flags,
@@ -95,6 +95,7 @@ def _read_prediction(path: Path) -> str:
 @app.command()
 @handle_errors
 def run(
+    cli: typer.Context,
     artifact: Path = typer.Argument(..., help="Artifact folder, model file, or Hugging Face folder."),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The user message (or raw text with --raw); "
                                       "'-' reads it from stdin. Without -p: a chat in the terminal, or all "
@@ -191,6 +192,9 @@ def run(
         from edgekit.runtime.llamacpp_decoding import interactive_defaults
 
         placement = {**interactive_defaults(artifact), **placement}  # GGUF: flash attention, as drafting verifies
+    if "ctx" in typed_flags(cli, "ctx") and not kv_window and (
+            note := beyond_trained_note(artifact, ctx, "replies that reach past it may lose coherence")):
+        say(err, note, "note:", "dim")
     if prompt is None and sys.stdin.isatty():
         if as_json:
             raise InputError("--json answers one prompt: give it with -p TEXT (or -p - to read stdin)")
@@ -313,10 +317,8 @@ def eval_cmd(
                  f"at most {res_s['peak_cells']} cells held, {res_s['evicted']:,} evicted")
         return
 
-    trained = artifact_trained_context(artifact) if "ctx" in typed else None
-    if trained is not None and ctx > trained:
-        say(err, f"--ctx {ctx} is beyond the {trained} tokens the model was trained for: the perplexity measures how "
-                 "it copes past it", "note:", "dim")
+    if "ctx" in typed and (note := beyond_trained_note(artifact, ctx, "the perplexity measures how it copes past it")):
+        say(err, note, "note:", "dim")
     with progress_bar(not as_json) as progress:
         res = api.evaluate(artifact, text, api.EvalConfig(ctx=ctx, chunks=chunks), ref=ref, progress=progress,
                            record=record, n_threads=threads, **options)

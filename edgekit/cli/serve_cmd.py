@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from edgekit.cli.flags import beyond_trained_note, typed_flags
 from edgekit.cli.ui import (
     DRAFT_HELP,
     EXPERTS_HELP,
@@ -22,6 +23,7 @@ from edgekit.cli.ui import (
 
 @handle_errors
 def serve(
+    cli: typer.Context,
     artifacts: list[Path] = typer.Argument(..., metavar="ART...", help="Artifact folders (or model files) to serve; clients pick one "
                                            "by folder name as 'model'.", show_default=False),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; only "
@@ -93,6 +95,9 @@ def serve(
     # the PyTorch reference, one sequence per instance
     formats = {mid: "hf" if is_checkpoint_folder(path) else Artifact.open(path).format for mid, path in models.items()}
     for mid in models:
+        if "ctx" in typed_flags(cli, "ctx") and not kv_window and (
+                note := beyond_trained_note(models[mid], ctx, "replies that reach past it may lose coherence")):
+            say(err, f"{mid}: {note}", "note:", "dim")
         if formats[mid] == "hf":
             continue
         cls = backend_for_format(formats[mid], backend)

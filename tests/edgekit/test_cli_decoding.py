@@ -104,6 +104,25 @@ def test_eval_past_the_trained_context_says_so(target):
     assert "--ctx 2048 is beyond the 1024 tokens the model was trained for" in out
 
 
+def test_run_past_the_trained_context_says_so(target):
+    """Stop 50 left it to eval: run --ctx past the trained context (a sliding-window model's GGUF: its window)
+    said nothing. A context within it, the default and a KV window (which bounds the cache) say nothing."""
+    note = "--ctx 2048 is beyond the 1024 tokens the model was trained for: replies that reach past it"
+    assert note in cli("run", target, "--raw", "-p", "a b", "-n", "2", "--ctx", "2048")
+    for args in (["--ctx", "1024"], [], ["--ctx", "2048", "--kv-window", "64"]):
+        assert "beyond the" not in cli("run", target, "--raw", "-p", "a b", "-n", "2", *args)
+
+
+
+def test_serve_past_the_trained_context_says_so(target, monkeypatch):
+    import edgekit.runtime.serve.app as serve_app
+
+    monkeypatch.setattr(serve_app, "serve", lambda config, *a, **k: None)  # the notes, not the server
+    out = cli("serve", target, "--ctx", "4096", "--port", "0")
+    assert "--ctx 4096 is beyond the 1024 tokens the model was trained for" in out
+    assert "beyond the" not in cli("serve", target, "--port", "0")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--draft", "/no/such/draft"], "draft model not found"),
     (["--speculative", "medusa"], "--speculative"),
