@@ -97,6 +97,12 @@ class LlamaContext:
         self.dropped += n
         self.evictions += 1
 
+    def room(self) -> int | None:
+        if self.window is None:
+            return None
+        left = self.window - self.cells
+        return left if left > 0 else max(1, min(self.evict_step, self.cells - self.sinks))
+
     def extend(self, tokens: list[int], logits: str = "all") -> np.ndarray | None:
         if not tokens:
             return np.zeros((0, self.n_vocab), np.float32) if logits == "all" else None

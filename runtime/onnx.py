@@ -367,6 +367,14 @@ class OnnxContext:
         self.backend._kv.truncate(n - dropped)
         self.logical = self.logical[:n]
 
+    def room(self) -> int | None:
+        w = self.backend.window
+        if w is None:
+            return None
+        cells = len(self.logical) - w.evicted
+        left = w.size - cells
+        return left if left > 0 else max(1, min(w.step, cells - w.sinks))
+
     def extend(self, tokens: list[int], logits: str = "all") -> np.ndarray | None:
         b = self.backend
         if not tokens:

@@ -49,6 +49,11 @@ class Context(Protocol):
         """Make the cache hold ``tokens`` (reusing the common prefix); the last token's logits if asked."""
         ...
 
+    def room(self) -> int | None:
+        """Tokens one batch may hold with a KV window (None: no window) so that it evicts only what one-token
+        steps would: those left before the window is full, or when it is full the step its next token evicts."""
+        ...
+
 
 def drafting_mode(draft: object | None, speculative: str | None, n_draft: int | None) -> str | None:
     """``"draft"``, ``"ngram"`` or None (plain decoding) from a backend's decoding options, checked the same
@@ -310,6 +315,10 @@ def generate_tokens(target: Context, prompt: list[int], sampling: SamplingConfig
     last = prompt[-1]
     while len(generated) < max_new and not cancelled():
         room = max_new - len(generated) - 1
+        # A batch that crosses the window's edge would evict before its later tokens are seen, and a rejected
+        # draft cannot bring evicted tokens back: drafts stop at the edge, so the text stays plain decoding's.
+        if (fits := target.room()) is not None:
+            room = min(room, fits - 1)
         t0 = time.perf_counter()
         cls: int | None = None
         if isinstance(drafter, NgramDrafter):  # the match first: its length picks the acceptance class

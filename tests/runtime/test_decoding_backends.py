@@ -3,6 +3,7 @@ checkpoints built here: greedy identity, vocabulary checks, positions after evic
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -119,6 +120,22 @@ def test_onnx_and_llamacpp_windows_agree(models):
     with _open(models["one_gguf"]) as b:
         full, _ = b.stream_nll(tokens, chunk=16)
     assert np.abs(full - a).max() > 1e-2
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("draft", marks=needs_llama), pytest.param("two_onnx", marks=needs_ort)])
+def test_drafting_past_the_window_is_plain_decoding_token_for_token(models, fmt):
+    """QA s51: with a KV window, a verification batch that crossed the window's edge evicted before its later
+    tokens were seen, and a rejected draft could not bring them back: the text left plain decoding's after an
+    eviction (GGUF and ONNX). Drafts now stop at the edge. Drafted from plain decoding's own text (a predicted
+    output), the batches are long and cross the edge often; the GGUF target is Q8_0, whose batched kernels
+    round as its one-token ones do."""
+    greedy = SamplingConfig(temperature=0, max_tokens=240)
+    with _open(models[fmt], kv_window=WINDOW) as b:
+        for p in ("the quick brown fox", PROMPTS[3]):
+            plain = "".join(b.generate(p, greedy, GenerationStats()))
+            st = GenerationStats()
+            assert "".join(b.generate(p, dataclasses.replace(greedy, prediction=plain), st)) == plain
+            assert st.extra["speculative"]["accepted"] > 10 and st.extra["kv"]["evicted"] > 0
 
 
 @needs_llama

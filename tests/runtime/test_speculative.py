@@ -40,6 +40,9 @@ class TableContext:
     def truncate(self, n):
         self.logical = self.logical[:n]
 
+    def room(self):
+        return None
+
     def sync(self, tokens, logits=False):
         p = common_prefix(self.logical, tokens)
         if logits and p == len(tokens):
