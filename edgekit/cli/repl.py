@@ -21,12 +21,16 @@ EXIT = ("/exit", "/quit", "/bye")
 HELP = "a line is a message; /clear forgets the conversation; /exit or Ctrl-D ends; Ctrl-C stops a reply"
 
 
-def stats_line(st: GenerationStats) -> str:
+def stats_line(st: GenerationStats, chat: bool = False) -> str:
+    """The line after a reply. A reply cut where the context ran out (not at -n) says so where the stop is
+    named, unless it is a ``chat``'s, whose own note says it."""
     from edgekit.runtime.speculative import decoding_note
 
+    full = (" (the context is full: a larger --ctx, or --kv-window to go on)"
+            if st.extra.get("context_full") and not chat else "")
     return (f"{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated, "
             f"TTFT {st.time_to_first_token * 1000:.0f} ms, {st.tokens_per_second:.1f} tok/s, "
-            f"stop: {st.stop_reason}{decoding_note(st.extra)}")
+            f"stop: {st.stop_reason}{full}{decoding_note(st.extra)}")
 
 
 def as_json(text: str, st: GenerationStats, artifact: str) -> dict[str, Any]:
@@ -114,7 +118,7 @@ def chat_repl(open_backend: Callable[[], Backend], sampling: SamplingConfig, *, 
             if stopped:
                 say(err, dim("stopped"))
             elif show_stats:
-                say(err, dim(stats_line(st)))
+                say(err, dim(stats_line(st, chat=True)))
             if st.extra.get("context_full"):
                 say(err, "the conversation fills the context: /clear to start over, or a larger --ctx",
                     "note:", "yellow")
