@@ -55,6 +55,24 @@ def read_json_object(path: Path, fix: str = TOKENIZER_FIX) -> dict:
     return data
 
 
+def special_token(folder: Path, key: str, tokenizer_config: dict | None = None) -> str | None:
+    """The text of the special token ``key`` (``bos_token``, ``eos_token``...) in the tokenizer files of
+    ``folder``, as transformers reads it: tokenizer_config.json's (``tokenizer_config`` when already read),
+    overridden by special_tokens_map.json unless the config has ``added_tokens_decoder`` (transformers then
+    leaves that file alone); None where neither names one."""
+    tc = tokenizer_config
+    if tc is None:
+        path = folder / "tokenizer_config.json"
+        tc = read_json_object(path) if path.is_file() else {}
+    value = tc.get(key)
+    stm = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in tc and stm.is_file():
+        value = read_json_object(stm).get(key, value)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 def stop_ids(folder: Path) -> list[int]:
     """The ids generation stops on, as transformers reads them: generation_config.json's ``eos_token_id``
     (one id or a list), else config.json's; [] where neither has one."""

@@ -251,6 +251,7 @@ class WorkerProcess:
 
     def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError | InputError:
         text = str(msg.get("message") or msg.get("type") or "unknown error")
-        if msg.get("type") in ("PromptTooLongError", "NoChatTemplateError"):  # the caller's input, not llama.cpp's
+        # the caller's input, not llama.cpp's (InputError: the chat template refused or could not render it)
+        if msg.get("type") in ("PromptTooLongError", "NoChatTemplateError", "InputError"):
             return InputError(text)
         return BackendError(f"llama.cpp failed while {doing}: {text}")

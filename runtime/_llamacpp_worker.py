@@ -318,22 +318,21 @@ class Worker(MeasureOps):
         return self._renderer
 
     def _make_renderer(self) -> tuple[Any, str]:
-        from llama_cpp import llama_chat_format
+        from edgekit.chat_template import NO_CHAT_TEMPLATE, make_renderer
 
         llm = self.llm
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:  # not llama.cpp's ChatML fallback: a format the model never saw
-            from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE
-
             raise NoChatTemplateError(NO_CHAT_TEMPLATE)
 
-        def token_text(tok: int) -> str:
-            return llm._model.token_get_text(tok) if tok >= 0 else ""
+        def token_text(tok: int) -> str | None:
+            return llm._model.token_get_text(tok) if tok >= 0 else None
 
-        formatter = llama_chat_format.Jinja2ChatFormatter(
-            template=template, eos_token=token_text(llm.token_eos()), bos_token=token_text(llm.token_bos())
-        )
-        return (lambda messages: formatter(messages=messages).prompt), "gguf"
+        # transformers' environment (edgekit's, shared with every backend), not llama-cpp-python's: one
+        # template gives the same text on every format
+        render = make_renderer(template, {"bos_token": token_text(llm.token_bos()),
+                                          "eos_token": token_text(llm.token_eos())})
+        return render, "gguf"
 
     def control_tokens(self) -> list[str]:
         """The texts llama.cpp reads as control tokens when parsing specials (what ``special=False`` skips)."""
@@ -356,12 +355,12 @@ class Worker(MeasureOps):
         llm = self.llm
         render, template = self.chat_renderer()
         segments = chat_segments(render, messages, self.control_tokens())
-        bos_text = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
-        text = "".join(t for t, _ in segments)
-        add_bos = bool(llm._model.add_bos_token()) and not (bos_text and text.startswith(bos_text))
+        # No BOS beyond the template's own, whatever tokenizer.ggml.add_bos_token says: transformers'
+        # apply_chat_template(tokenize=True) (edgekit's reference) and llama-cpp-python's chat formatter tokenize
+        # the rendered text without special tokens; a template that wants BOS writes {{ bos_token }}.
         ids = tokenize_segments(segments, lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False),
                                 lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=True))
-        return ([llm.token_bos()] if add_bos else []) + ids, template
+        return ids, template
 
     def op_generate(self, msg: dict[str, Any]) -> None:
         llm, rid = self.llm, msg["id"]

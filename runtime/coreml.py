@@ -169,6 +169,15 @@ class CoreMLBackend(Backend):
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special)
 
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt ids ``generate(messages)`` evaluates, as the ONNX backend makes them (special tokens
+        typed in a message stay text)."""
+        return self.tokenizer.encode_chat(messages)
+
+    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """What ``generate`` feeds the program: raw text with the tokenizer's specials, or the chat's ids."""
+        return self.tokenize(prompt) if isinstance(prompt, str) else self.chat_tokens(prompt)
+
     def reset(self) -> None:
         self.engine.reset()
         self._pos = 0
@@ -205,10 +214,7 @@ class CoreMLBackend(Backend):
     def generate(self, prompt: str | list[dict[str, str]], sampling: SamplingConfig,
                  stats: GenerationStats | None = None) -> Iterator[str]:
         stats = stats if stats is not None else GenerationStats()
-        if isinstance(prompt, str):
-            ids = self.tokenize(prompt)
-        else:
-            ids = self.tokenize(self.tokenizer.render(prompt), add_special=False)
+        ids = self.prompt_ids(prompt)
         if not ids:
             raise InputError("the prompt is empty")
         if len(ids) >= self.n_ctx:

@@ -156,7 +156,7 @@ class MLCBackend(TorchBackend):
     def _check_template(self) -> None:
         """Refuse chat messages for an artifact whose checkpoint had no chat template: convert writes MLC's
         plain ``LM`` conversation then, which would pass the message on as raw text."""
-        from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE
+        from edgekit.chat_template import NO_CHAT_TEMPLATE
 
         conv = self.chat_config.get("conv_template")
         if isinstance(conv, dict) and conv.get("name") == "LM":

@@ -1,10 +1,11 @@
 """The tokenizer and chat template of an artifact folder, without transformers when ``tokenizer.json`` is
-there: the fast tokenizer, special tokens from ``tokenizer_config.json``, and the chat template rendered in a
-sandboxed Jinja environment, as transformers does."""
+there: the fast tokenizer, special tokens from ``tokenizer_config.json`` and ``special_tokens_map.json``, and
+the chat template rendered in transformers' Jinja environment (:func:`edgekit.chat_template.make_renderer`)."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,15 @@ class FolderTokenizer:
     """tokenizers' fast tokenizer plus the chat template and special tokens from tokenizer_config.json: what
     the ONNX and Core ML backends read from the files ``convert`` copies beside the model."""
 
+    # the special tokens transformers passes to a chat template by name (SPECIAL_TOKENS_ATTRIBUTES)
+    TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
     def __init__(self, folder: Path) -> None:
         cfg_file = folder / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        self.folder = folder
+        # encode_text flips a flag of the shared tokenizer: no other encode may run meanwhile
+        self._lock = threading.Lock()
         tj = folder / "tokenizer.json"
         if tj.exists():
             tokenizers = require("tokenizers", "onnx")
@@ -42,23 +49,29 @@ class FolderTokenizer:
         self.chat_template: str | None = tmpl
 
     def special(self, key: str) -> str | None:
-        v = self.config.get(key)
-        return v.get("content") if isinstance(v, dict) else v
+        """A special token's text, from tokenizer_config.json and special_tokens_map.json as transformers
+        merges them (:func:`edgekit.model.special_token`)."""
+        from edgekit.model import special_token
+
+        return special_token(self.folder, key, self.config)
 
     def encode(self, text: str, add_special: bool) -> list[int]:
-        if self._hf is not None:
-            return list(self._hf(text, add_special_tokens=add_special)["input_ids"])
-        return self._tok.encode(text, add_special_tokens=add_special).ids
+        with self._lock:
+            if self._hf is not None:
+                return list(self._hf(text, add_special_tokens=add_special)["input_ids"])
+            return self._tok.encode(text, add_special_tokens=add_special).ids
 
     def encode_text(self, text: str) -> list[int]:
-        """Ids of ``text`` with special-token parsing off: ``<|im_start|>`` in it stays plain text."""
-        if self._hf is not None:
-            return list(self._hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-        self._tok.encode_special_tokens = True
-        try:
-            return self._tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self._tok.encode_special_tokens = False
+        """Ids of ``text`` with special-token parsing off: ``<|im_start|>`` in it stays plain text. Safe to
+        call from several threads with :meth:`encode` (both take the tokenizer's lock)."""
+        with self._lock:
+            if self._hf is not None:  # transformers flips the same flag on its backend tokenizer
+                return list(self._hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            self._tok.encode_special_tokens = True
+            try:
+                return self._tok.encode(text, add_special_tokens=False).ids
+            finally:
+                self._tok.encode_special_tokens = False
 
     def special_tokens(self) -> list[str]:
         """The added tokens matched as control tokens in text (those ``encode_text`` leaves alone)."""
@@ -85,27 +98,12 @@ class FolderTokenizer:
         return self._tok.token_to_id(text)
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE
+        """The chat template's text for ``messages`` with the generation prompt, as ``apply_chat_template``
+        renders it (InputError when there is no template, it cannot be read or it refuses the messages)."""
+        from edgekit.chat_template import make_renderer
 
-        if not self.chat_template:
-            raise InputError(NO_CHAT_TEMPLATE)
-        from datetime import datetime
-
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=self.special("bos_token") or "",
-                eos_token=self.special("eos_token") or "")
-        except TemplateError as exc:
-            raise InputError(f"the chat template refused these messages: {exc}") from exc
+        tokens = {k: self.special(k) for k in self.TEMPLATE_TOKENS}
+        return make_renderer(self.chat_template, tokens)(messages)
 
 
 def eos_ids(folder: Path, tokenizer: FolderTokenizer) -> set[int]:

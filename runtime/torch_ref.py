@@ -86,6 +86,8 @@ class TorchBackend(Backend):
         torch = self._torch
         stats = stats if stats is not None else GenerationStats()
         ids = self._prompt_ids(prompt)
+        if not ids:  # the model cannot predict from nothing (torch fails on an empty float tensor)
+            raise InputError("the prompt is empty")
         stats.prompt_tokens = len(ids)
         gen = torch.Generator().manual_seed(sampling.seed)
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -118,13 +120,25 @@ class TorchBackend(Backend):
 def hf_chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """A transformers tokenizer's chat-template ids with the messages' text never parsed for special tokens
     (``apply_chat_template(tokenize=True)`` would read ``<|im_start|>`` typed in a message as a turn)."""
-    from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE, chat_segments, tokenize_segments
+    from edgekit.chat_template import NO_CHAT_TEMPLATE
+    from edgekit.runtime.chat_tokens import chat_segments, tokenize_segments
 
     if not tokenizer.chat_template:  # transformers would raise a ValueError that reads as edgekit's own failure
         raise InputError(NO_CHAT_TEMPLATE)
 
     def render(msgs: list[dict[str, str]]) -> str:
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+        try:
+            return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except TemplateSyntaxError as exc:
+            raise InputError(f"the chat template could not be read ({exc.message}, line {exc.lineno}); fix the "
+                             "model's chat template or pass raw text (--raw)") from exc
+        except TemplateError as exc:
+            if type(exc) is TemplateError:  # what transformers' raise_exception raises
+                raise InputError(f"the chat template refused these messages: {exc}") from exc
+            raise InputError(f"the chat template could not render these messages ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); fix the model's chat template or pass raw text (--raw)") from exc
 
     def encode(text: str, split: bool) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"])

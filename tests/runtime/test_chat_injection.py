@@ -151,3 +151,17 @@ def test_torch_benign_chats_tokenize_as_before(transformers_tokenizer, hf_tokeni
     before = transformers_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     before = list(before["input_ids"] if hasattr(before, "keys") else before)
     assert hf_chat_ids(transformers_tokenizer, messages) == before == hf_tokenizer.encode_chat(messages)
+
+
+# --- the Core ML backend (the same tokenizer files as ONNX) -----------------------------------------------------
+
+
+def test_coreml_user_text_cannot_open_a_turn(hf_tokenizer):
+    from edgekit.runtime.coreml import CoreMLBackend
+
+    backend = CoreMLBackend.__new__(CoreMLBackend)  # the prompt path only: predicting needs the program
+    backend.tokenizer = hf_tokenizer
+    ids = backend.prompt_ids(INJECTION)
+    assert ids.count(IM_START) == TURNS_OF_INJECTION
+    for messages in BENIGN:
+        assert backend.prompt_ids(messages) == hf_tokenizer.encode(hf_tokenizer.render(messages), add_special=False)

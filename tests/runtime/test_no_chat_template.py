@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from edgekit import api
+from edgekit.chat_template import NO_CHAT_TEMPLATE
 from edgekit.errors import InputError
 from edgekit.runtime.base import SamplingConfig
-from edgekit.runtime.chat_tokens import NO_CHAT_TEMPLATE
 from tests.edgekit.test_bad_input import assert_clean_error, run_cli
 
 FORMATS = ["hf", pytest.param("gguf", marks=pytest.mark.llamacpp), "onnx", "mlc"]
