@@ -199,6 +199,107 @@ def test_a_template_mlc_cannot_express_is_refused():
         derive(odd)
 
 
+PLAIN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_loop_controls_render_as_in_transformers():
+    from edgekit.converters.formats.mlc.chat_config import derive, jinja_render, render
+
+    skip_empty = PLAIN_CHATML.replace("{% for message in messages %}", "{% for message in messages %}"
+                                      "{% if not message['content'] %}{% continue %}{% endif %}")
+    conv = derive(skip_empty)
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}]
+    assert render(conv, msgs) == jinja_render(skip_empty, msgs) == jinja_render(PLAIN_CHATML, msgs)
+
+
+def test_a_template_that_refuses_mlcs_conversation_is_not_blamed():
+    from edgekit.converters.formats.mlc.chat_config import derive
+    from edgekit.errors import InputError
+
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}" + PLAIN_CHATML)
+    with pytest.raises(InputError, match="which this chat template refuses .System role not supported.; convert "
+                                         "--to gguf or --to onnx") as e:
+        derive(no_system)
+    assert "fix" not in str(e.value)
+    with pytest.raises(InputError, match="does not parse .* fix it in"):
+        derive("{% for m in messages %}{{ m['content'] }")
+
+
+DATED = ("{{ '<|im_start|>system\nToday: ' + strftime_now('%Y-%m-%d') + '\n' }}{% if messages[0]['role'] == "
+         "'system' %}{{ messages[0]['content'] }}{% set msgs = messages[1:] %}{% else %}{% set msgs = messages %}"
+         "{% endif %}{{ '<|im_end|>\n' }}{% for message in msgs %}{{ '<|im_start|>' + message['role'] + '\n' + "
+         "message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+         "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, bos, warned", [
+    (CHATML, "", []),
+    (PLAIN_CHATML, "", ["chats without a system message start '<|im_start|>system\\n<|im_end|>\\n' where the chat "
+                        "template writes ''"]),
+    (LLAMA3, "<B>", ["chats without a system message start '<B><|start_header_id|>system<|end_header_id|>\\n\\n"
+                     "<|eot_id|>' where the chat template writes '<B>'", "trims whitespace around each message"]),
+    (DATED, "", ["holds the date of this conversion, {today}, in every chat"]),
+], ids=["default-system", "no-default-system", "trim", "date"])
+def test_chats_the_conversation_template_cannot_reproduce_are_named(template, bos, warned):
+    from datetime import date
+
+    from edgekit.converters.formats.mlc.chat_config import Clock, derive, differences, jinja_render, render
+
+    clock = Clock()
+    conv = derive(template, bos, "", [7], clock)
+    notes = differences(conv, template, bos, "", clock)
+    assert len(notes) == len(warned) and all(n.startswith("warning: ") for n in notes), notes
+    for note, want in zip(notes, warned, strict=True):
+        assert want.format(today=date.today().isoformat()) in note, note
+    chats = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": " s "}, {"role": "user", "content": "\thi "}]]
+    for chat, named in zip(chats, ("without a system message", "whitespace"), strict=True):
+        if not any(named in n for n in notes):  # whatever is not warned about renders as the template does
+            assert render(conv, chat) == jinja_render(template, chat, bos, clock=clock)
+
+
+def test_tokenizer_info_follows_mlc_llms_rules(tmp_path):
+    from edgekit.converters.formats.mlc.chat_config import _tokenizer_info
+
+    def info(normalizer, decoder):
+        (tmp_path / "tokenizer.json").write_text(json.dumps({"normalizer": normalizer, "decoder": decoder}))
+        return tuple(_tokenizer_info(tmp_path).values())
+
+    llama2_norm = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                       {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    llama2_dec = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                   {"type": "ByteFallback"}, {"type": "Fuse"},
+                                                   {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    assert info(llama2_norm, llama2_dec) == ("byte_fallback", True, True)
+    assert info({"type": "Prepend", "prepend": "\u2581"}, {"type": "ByteLevel"}) == ("byte_level", True, False)
+    assert info({"type": "Prepend", "prepend": "_"}, {"type": "Strip", "content": " ", "start": 0, "stop": 1}) == \
+        ("byte_fallback", False, False)
+    assert info(None, {"type": "Metaspace"}) == ("byte_fallback", False, False)
+    (tmp_path / "tokenizer.json").unlink()
+    assert tuple(_tokenizer_info(tmp_path).values()) == ("byte_fallback", False, False)
+
+
+def test_special_tokens_map_bos_and_unquantized_bits_reach_the_artifact(tmp_path):
+    """bos_token declared only in special_tokens_map.json (transformers reads it there), a chat_template.jinja
+    beside tokenizer_config.json's template, and a q0f16 recipe's bits."""
+    from edgekit import api
+    from tests.helpers import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "src", "Qwen2ForCausalLM", hidden=64, ffn=128, layers=1, heads=2, kv_heads=1)
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    tc.pop("bos_token")
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    (src / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}))
+    (src / "chat_template.jinja").write_text("{{ bos_token }}" + CHATML)
+    art = api.convert(src, "mlc", output=tmp_path / "mlc", recipe=api.ConvertRecipe(preset="q0f16"))
+    conv = json.loads((art.path / "mlc-chat-config.json").read_text())["conv_template"]
+    assert conv["system_template"].startswith("<|endoftext|><|im_start|>system\n")
+    assert art.manifest["recipe"]["bits"] == 16 and not art.notes
+    r = runner.invoke(app, ["inspect", str(art.path)])
+    assert r.exit_code == 0 and "(--bits 16)" in r.output and "--bits 4" not in r.output, r.output
+
+
 def test_chat_config_fields_are_present_and_typed(q4_rtn, tiny_llama):
     cfg = json.loads((q4_rtn / "mlc-chat-config.json").read_text())
     types = {"version": str, "model_type": str, "quantization": str, "model_config": dict, "vocab_size": int,

@@ -87,6 +87,27 @@ class GGUFVocab:
     types: list[int]
     pre: str | None
     special: gguf.SpecialVocab = field(repr=False)
+    # SentencePiece: how transformers starts a text with '▁' (see _spm_prefix); None for BPE
+    prefix: str | None = None
+
+    def set_chat_template(self, template: str | None) -> None:
+        """Carry ``template`` (the checkpoint's, by transformers' rule: chat_template.jinja first) where
+        SpecialVocab read tokenizer_config.json's; named templates keep their others."""
+        current = self.special.chat_template
+        if isinstance(current, list):
+            self.special.chat_template = [{**t, "template": template} if t.get("name") == "default" else t
+                                          for t in current]
+        else:
+            self.special.chat_template = template
+
+    def note(self) -> str | None:
+        """A warning when llama.cpp tokenizes text starting with whitespace differently from transformers."""
+        if self.prefix != "first":
+            return None
+        return ("warning: llama.cpp starts every SentencePiece text with '\u2581', also one that starts with a "
+                "space, where transformers adds none then: in the GGUF such text (every WikiText line) gets one "
+                "extra '\u2581' token, so its eval perplexities differ from ONNX and Core ML, which follow "
+                "transformers")
 
     def add_to(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
@@ -95,6 +116,8 @@ class GGUFVocab:
         writer.add_token_list(self.tokens)
         if self.model == "llama":  # SentencePiece merges by score; byte-level BPE by its merge list
             writer.add_token_scores(self.scores)
+        if self.prefix == "never":  # llama.cpp's default (a '▁' before every text) is the other cases' nearest
+            writer.add_add_space_prefix(False)
         writer.add_token_types(self.types)
         self.special.add_to_gguf(writer, quiet=True)
 
@@ -193,6 +216,32 @@ def _hf_added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
     return {i: v for i, v in out.items() if i >= 0}
 
 
+def _spm_prefix(folder: Path) -> str | None:
+    """How transformers starts a SentencePiece text with '▁' (the dummy prefix): "always" (a Prepend("▁")
+    normalizer, Llama 2's tokenizer.json: what llama.cpp does), "first" (a Metaspace pre-tokenizer, also
+    the one transformers builds from tokenizer.model alone: a '▁' unless the text starts with one),
+    "never", or None when tokenizer.json does neither."""
+    tc = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    if not (folder / "tokenizer.json").is_file():
+        return "never" if tc.get("add_prefix_space") is False else "first"
+    tj = read_json_object(folder / "tokenizer.json")
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in _steps(tj.get("normalizer"))):
+        return "always"
+    for p in _steps(tj.get("pre_tokenizer")):
+        if p.get("type") == "Metaspace":  # "always" too skips a text that starts with '▁' (tokenizers' rule)
+            scheme = p.get("prepend_scheme") or ("always" if p.get("add_prefix_space", True) else "never")
+            return "never" if scheme == "never" else "first"
+    return None
+
+
+def _steps(step: object) -> list[dict]:
+    """A tokenizer.json normalizer or pre-tokenizer as a list: a Sequence's members, else the step itself."""
+    if not isinstance(step, dict):
+        return []
+    parts = step.get("normalizers", step.get("pretokenizers")) if step.get("type") == "Sequence" else [step]
+    return [p for p in parts or [] if isinstance(p, dict)]
+
+
 def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     """Read a checkpoint folder's tokenizer into GGUF form; missing files raise with the fix."""
     has_spm = (folder / "tokenizer.model").exists()
@@ -211,7 +260,8 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
         if not special.merges:
             raise InputError(f"{folder / 'tokenizer.json'} has no BPE merges; the tokenizer file is incomplete")
     _add_stop_ids(special, folder, len(tokens))
-    return GGUFVocab(model=kind, tokens=tokens, scores=scores, types=types, pre=pre, special=special)
+    return GGUFVocab(model=kind, tokens=tokens, scores=scores, types=types, pre=pre, special=special,
+                     prefix=_spm_prefix(folder) if has_spm else None)
 
 
 # llama.cpp's end-of-generation ids beyond the EOS: its vocabulary reads these keys into special_eog_ids

@@ -208,9 +208,8 @@ def _add_header(writer: gguf.GGUFWriter, checkpoint: HFCheckpoint, recipe: Conve
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in kv.items():
         _add_kv(writer, key, value)
+    vocab.set_chat_template(checkpoint.chat_template())
     vocab.add_to(writer)
-    if vocab.special.chat_template is None and (tmpl := checkpoint.chat_template()):
-        writer.add_chat_template(tmpl)
 
 
 def _new_writer(checkpoint: HFCheckpoint, recipe: ConvertRecipe, vocab: Any, preset: str,
@@ -336,7 +335,7 @@ class GGUFFormat(Format):
                 _add_header(w, checkpoint, recipe, vocab, preset, kv)
 
             return self._convert_sparse(checkpoint, path, recipe, quantizer, opts, plan, progress, header, preset,
-                                        vocab.pre)
+                                        vocab.pre, vocab.note())
         writer = _new_writer(checkpoint, recipe, vocab, preset, plan)
         try:
             writer.write_header_to_file(path)
@@ -357,7 +356,8 @@ class GGUFFormat(Format):
         fields = self._manifest_fields(plan, path, recipe.budget_label() or preset, vocab.pre)
         if budget_report is not None:
             fields["budget"] = {k: v for k, v in budget_report.items() if k != "errors"}
-        notes = [bits_note(recipe, plan, fields, quantizer.uses_imatrix, checkpoint), window_note(checkpoint)]
+        notes = [bits_note(recipe, plan, fields, quantizer.uses_imatrix, checkpoint), window_note(checkpoint),
+                 vocab.note()]
         if any(notes):
             fields["notes"] = [n for n in notes if n]
         return {**fields, **quantizer_timings(quantizer)}
@@ -369,7 +369,7 @@ class GGUFFormat(Format):
     @staticmethod
     def _convert_sparse(checkpoint: HFCheckpoint, path: Path, recipe: ConvertRecipe, quantizer: Quantizer,
                         opts: GGUFOptions, plan: list[PlannedTensor], progress: ProgressFn, header: Any, preset: str,
-                        pre: str | None) -> dict[str, Any]:
+                        pre: str | None, vocab_note: str | None = None) -> dict[str, Any]:
         """``--sparse-ffn S``: the hot/cold FFN as a Qwen2-MoE file (see :mod:`.sparse`)."""
         import edgekit.converters.formats.gguf.sparse as sparse
 
@@ -381,7 +381,7 @@ class GGUFFormat(Format):
                    for t in tensors]
         fields = GGUFFormat._manifest_fields(planned, path, f"{preset}+sparse", pre)
         fields["sparse_ffn"] = sparse.sparse_fields(cfg, checkpoint, step)
-        fields["notes"] = [sparse.quality_note(fields["sparse_ffn"])]
+        fields["notes"] = [n for n in (sparse.quality_note(fields["sparse_ffn"]), vocab_note) if n]
         return fields
 
     def describe(self, art: Any, ctx: int = 4096) -> dict[str, Any]:

@@ -11,7 +11,9 @@ model_task.
 seps, role_content_sep, role_empty_sep, stop_str, stop_token_ids), derived here from the checkpoint's
 own Jinja chat template: the template is rendered on marker messages and the text between the markers
 is cut into MLC's pieces; :func:`render` (MLC's prompt assembly) must then reproduce the template's own
-output on a test conversation, or the derivation is refused.
+output on a conversation with a system message, or the derivation is refused. What MLC's protocol cannot
+say (no system turn without a system message, ``| trim``, today's date) is named by :func:`differences`,
+which convert prints as warnings.
 """
 
 from __future__ import annotations
@@ -32,19 +34,30 @@ _M = {k: f"EdgekitMark{k.upper()}Q" for k in ("sys", "u1", "a1", "u2")}
 _SPECIAL_TAIL = re.compile(r"(<\|?[^<>\s]{1,40}?\|?>|\[[A-Z_/]{2,20}\])$")
 
 
+class Clock:
+    """``strftime_now`` for rendering at convert time: one fixed moment, and the dates the template asked for
+    (an MLC conversation template is text, so a date in it is the conversion's)."""
+
+    def __init__(self) -> None:
+        from datetime import datetime
+
+        self.now = datetime.now()
+        self.dates: list[str] = []
+
+    def __call__(self, fmt: str) -> str:
+        text = self.now.strftime(fmt)
+        if text not in self.dates:
+            self.dates.append(text)
+        return text
+
+
 def jinja_render(template: str, messages: list[dict[str, str]], bos: str = "", eos: str = "",
-                 generation: bool = True) -> str:
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+                 clock: Clock | None = None) -> str:
+    """``template``'s prompt for ``messages`` as the runtimes render it (transformers' environment), the date
+    being ``clock``'s. InputError when it cannot; its ``__cause__`` is the template's own error."""
+    from edgekit.chat_template import make_renderer
 
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: "26 Jul 2024"
-    return env.from_string(template).render(messages=messages, add_generation_prompt=generation,
-                                            bos_token=bos, eos_token=eos)
+    return make_renderer(template, {"bos_token": bos, "eos_token": eos}, strftime_now=clock or Clock())(messages)
 
 
 def _common_suffix(a: str, b: str) -> str:
@@ -73,16 +86,26 @@ def _split_sep(common: str) -> tuple[str, str]:
     return common, ""
 
 
-def derive(template: str, bos: str = "", eos: str = "", stop_ids: list[int] | None = None) -> dict[str, Any]:
+def derive(template: str, bos: str = "", eos: str = "", stop_ids: list[int] | None = None,
+           clock: Clock | None = None) -> dict[str, Any]:
     """MLC's conversation template of a Jinja chat ``template`` (see the module doc)."""
+    from jinja2.exceptions import TemplateSyntaxError
+
+    clock = clock or Clock()
     msgs = [{"role": "system", "content": _M["sys"]}, {"role": "user", "content": _M["u1"]},
             {"role": "assistant", "content": _M["a1"]}, {"role": "user", "content": _M["u2"]}]
     try:
-        text = jinja_render(template, msgs, bos, eos)
-        bare = jinja_render(template, [{"role": "user", "content": _M["u1"]}], bos, eos)
-    except Exception as exc:  # noqa: BLE001 - a template that cannot render these messages
-        raise InputError(f"the chat template cannot be turned into an MLC conversation template ({exc}); "
-                         "fix the template in tokenizer_config.json / chat_template.jinja") from exc
+        text = jinja_render(template, msgs, bos, eos, clock=clock)
+        bare = jinja_render(template, [{"role": "user", "content": _M["u1"]}], bos, eos, clock=clock)
+    except InputError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, TemplateSyntaxError):
+            raise InputError(f"the chat template does not parse ({cause.message}, line {cause.lineno}); fix it in "
+                             "tokenizer_config.json / chat_template.jinja") from cause
+        # a valid template may refuse what MLC needs (Mistral's rejects system messages): nothing to fix in it
+        raise InputError(f"MLC's conversation protocol is built from a system message followed by user and "
+                         f"assistant turns, which this chat template refuses ({cause or exc}); convert --to gguf "
+                         "or --to onnx, which apply the chat template itself") from cause
     parts = re.split("|".join(re.escape(m) for m in _M.values()), text)
     if len(parts) != 5 or any(m not in text for m in _M.values()):
         raise InputError("the chat template does not place system, user and assistant messages in order; "
@@ -126,34 +149,82 @@ def derive(template: str, bos: str = "", eos: str = "", stop_ids: list[int] | No
         "use_function_calling": False,
     }
     del role_head
-    check_against_template(conv, template, bos, eos)
+    check_against_template(conv, template, bos, eos, clock)
     return conv
 
 
 def render(conv: dict[str, Any], messages: list[dict[str, str]]) -> str:
     """MLC's prompt for ``messages`` under ``conv`` (its ``Conversation.as_prompt`` rules: system prompt,
-    then ``role + role_content_sep + content + sep`` per message, then the assistant role and
-    ``role_empty_sep``)."""
+    then ``role + role_content_sep + content + sep`` per message, ``seps[1]`` after assistant messages when
+    there are two, then the assistant role and ``role_empty_sep``)."""
     msgs = list(messages)
     system = conv["system_message"]
     if msgs and msgs[0]["role"] == "system":
         system = msgs.pop(0)["content"]
     out = conv["system_template"].replace("{system_message}", system)
     seps = conv["seps"]
-    for i, m in enumerate(msgs):
+    for m in msgs:
         role = conv["roles"][m["role"]]
-        out += role + conv["role_content_sep"] + m["content"] + seps[i % len(seps)]
+        out += role + conv["role_content_sep"] + m["content"] + seps[(m["role"] == "assistant") % len(seps)]
     return out + conv["roles"]["assistant"] + conv["role_empty_sep"]
 
 
-def check_against_template(conv: dict[str, Any], template: str, bos: str = "", eos: str = "") -> None:
+_CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "What is 2+2?"}]
+_SPACED = [{"role": "system", "content": "  Be brief. \n"}, {"role": "user", "content": "\tHi there  \n"},
+           {"role": "assistant", "content": " Hello.\n"}, {"role": "user", "content": "  What is 2+2? "}]
+
+
+def check_against_template(conv: dict[str, Any], template: str, bos: str = "", eos: str = "",
+                           clock: Clock | None = None) -> None:
     """Refuse a derived template whose prompts differ from the Jinja template's own."""
-    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2+2?"}]
-    want = jinja_render(template, msgs, bos, eos)
+    msgs = [{"role": "system", "content": "You are terse."}, *_CHAT]
+    want = jinja_render(template, msgs, bos, eos, clock=clock)
     if render(conv, msgs) != want:
         raise InputError("the chat template has a structure MLC's conversation protocol cannot express "
                          "(the derived template renders differently); the artifact would prompt the model wrongly")
+
+
+def differences(conv: dict[str, Any], template: str, bos: str = "", eos: str = "",
+                clock: Clock | None = None) -> list[str]:
+    """One warning for each kind of chat whose MLC prompt differs from the Jinja template's, where MLC's
+    protocol has no way to say it: chats without a system message (its system turn is written whatever the
+    message), messages with surrounding whitespace (no ``| trim``), and a date (``strftime_now``), fixed at
+    ``clock``'s moment. :func:`derive` has already checked a chat with a system message."""
+    clock = clock or Clock()
+    notes = []
+    try:
+        want: str | None = jinja_render(template, _CHAT, bos, eos, clock=clock)
+    except InputError:  # a template that demands a system message: no such chat to compare
+        want = None
+    got = render(conv, _CHAT)
+    if want is not None and got != want:
+        head = conv["system_template"].replace("{system_message}", conv["system_message"])
+        rest = got[len(head):]
+        if want.endswith(rest):
+            notes.append(f"warning: MLC's conversation protocol writes the system turn whatever the chat: in the "
+                         f"MLC artifact, chats without a system message start {head!r} where the chat template "
+                         f"writes {want[: len(want) - len(rest)]!r}; give a system message (run --system) for the "
+                         "template's own prompt")
+        else:
+            notes.append("warning: in the MLC artifact, chats without a system message prompt differently from "
+                         "the chat template (MLC's conversation protocol cannot express it); give a system message")
+    try:
+        want = jinja_render(template, _SPACED, bos, eos, clock=clock)
+    except InputError:  # a template that refuses such messages: MLC's prompt is all there is
+        want = None
+    if want is not None and render(conv, _SPACED) != want:
+        trimmed = [{**m, "content": m["content"].strip()} for m in _SPACED]
+        notes.append("warning: the chat template trims whitespace around each message (| trim), which MLC's "
+                     "conversation protocol cannot: in the MLC artifact, messages that start or end with whitespace "
+                     "keep it" if render(conv, trimmed) == want else
+                     "warning: in the MLC artifact, messages that start or end with whitespace prompt differently "
+                     "from the chat template (MLC's conversation protocol cannot express it)")
+    baked = [d for d in clock.dates if d in json.dumps(conv, ensure_ascii=False)]
+    if baked:
+        notes.append(f"warning: the chat template writes the current date (strftime_now); MLC's conversation "
+                     f"template holds the date of this conversion, {', '.join(baked)}, in every chat")
+    return notes
 
 
 def plain_template(stop_ids: list[int]) -> dict[str, Any]:
@@ -165,15 +236,13 @@ def plain_template(stop_ids: list[int]) -> dict[str, Any]:
             "stop_token_ids": list(stop_ids), "function_string": "", "use_function_calling": False}
 
 
-def _token_str(tc: dict[str, Any], key: str) -> str:
-    v = tc.get(key)
-    return v.get("content", "") if isinstance(v, dict) else (v or "")
-
-
-def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: dict[str, Any]) -> dict[str, Any]:
-    """Write mlc-chat-config.json and copy the tokenizer files into ``out_dir``; returns the config."""
+def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: dict[str, Any],
+          notes: list[str] | None = None) -> dict[str, Any]:
+    """Write mlc-chat-config.json and copy the tokenizer files into ``out_dir``; returns the config. What the
+    conversation template cannot reproduce of the chat template is added to ``notes`` as warnings."""
     import shutil
 
+    from edgekit.model import special_token
     from edgekit.model import stop_ids as read_stop_ids
 
     gen_file = ckpt.path / "generation_config.json"
@@ -182,7 +251,11 @@ def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: d
     tc = ckpt.tokenizer_config
     template = ckpt.chat_template()
     if template:
-        conv = derive(template, _token_str(tc, "bos_token"), _token_str(tc, "eos_token"), stop_ids)
+        bos, eos = (special_token(ckpt.path, k, tc) or "" for k in ("bos_token", "eos_token"))
+        clock = Clock()
+        conv = derive(template, bos, eos, stop_ids, clock)
+        if notes is not None:
+            notes.extend(differences(conv, template, bos, eos, clock))
     else:
         conv = plain_template(stop_ids)
     files = []
@@ -190,8 +263,9 @@ def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: d
         if (ckpt.path / name).exists():
             shutil.copy2(ckpt.path / name, out_dir / name)
             files.append(name)
-    if (ckpt.path / "chat_template.jinja").exists():  # transformers reads the template from here
-        shutil.copy2(ckpt.path / "chat_template.jinja", out_dir / "chat_template.jinja")
+    for name in ("chat_template.jinja", "special_tokens_map.json"):  # transformers reads these too
+        if (ckpt.path / name).exists():
+            shutil.copy2(ckpt.path / name, out_dir / name)
     cfg: dict[str, Any] = {
         "version": VERSION,
         "model_type": model_type,
@@ -237,15 +311,32 @@ def _active_vocab(folder: Path, vocab: int) -> int:
 
 
 def _tokenizer_info(folder: Path) -> dict[str, Any]:
-    """MLC's TokenizerInfo: how token strings decode (byte-level BPE: ``byte_level``; SentencePiece byte
-    fallback: ``byte_fallback``) and whether a leading space is stripped."""
+    """MLC's TokenizerInfo, by mlc_llm's rules (``Tokenizer::DetectTokenizerInfo``) on tokenizer.json: how
+    token strings decode (a ByteLevel decoder, or one in a Sequence: ``byte_level``; else ``byte_fallback``),
+    whether encoding prepends a space (a ``Prepend("▁")`` normalizer, or one in a Sequence: Llama 2, Mistral)
+    and whether decoding strips the first one (a ``Strip(" ", 1, 0)`` decoder). Without tokenizer.json
+    mlc_llm uses its defaults, written here."""
+    info: dict[str, Any] = {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
+                            "strip_space_in_decode": False}
     tj = folder / "tokenizer.json"
     if not tj.exists():
-        return {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
-                "strip_space_in_decode": False}
+        return info
     data = json.loads(tj.read_text(encoding="utf-8"))
-    decoder = json.dumps(data.get("decoder") or {})
-    byte_level = "ByteLevel" in decoder
-    return {"token_postproc_method": "byte_level" if byte_level else "byte_fallback",
-            "prepend_space_in_encode": False,
-            "strip_space_in_decode": (not byte_level) and "Strip" in decoder}
+    decoders = _members(data.get("decoder"), "decoders")
+    for d in decoders:  # the last ByteLevel/ByteFallback one decides, as in mlc_llm
+        if d.get("type") in ("ByteLevel", "ByteFallback"):
+            info["token_postproc_method"] = "byte_level" if d["type"] == "ByteLevel" else "byte_fallback"
+    info["prepend_space_in_encode"] = any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581"
+                                          for n in _members(data.get("normalizer"), "normalizers"))
+    info["strip_space_in_decode"] = any(d.get("type") == "Strip" and d.get("content") == " " and d.get("start") == 1
+                                        and d.get("stop") == 0 for d in decoders)
+    return info
+
+
+def _members(step: Any, key: str) -> list[dict[str, Any]]:
+    """A tokenizer.json normalizer or decoder as the list mlc_llm looks through: a Sequence's members (one
+    level), else the step itself."""
+    if not isinstance(step, dict):
+        return []
+    parts = step.get(key) if step.get("type") == "Sequence" else [step]
+    return [p for p in parts or [] if isinstance(p, dict)]

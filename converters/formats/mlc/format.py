@@ -98,7 +98,8 @@ class MLCFormat(Format):
         cache = writer.finish(n_params)
         progress(f"writing {opts.quant} weights", len(params), len(params))
         mc = layout.model_config(arch, checkpoint.config, hp, context, prefill)
-        chat = chat_config.build(checkpoint, out_dir, arch.model_type, opts.quant, mc)
+        notes: list[str] = []
+        chat = chat_config.build(checkpoint, out_dir, arch.model_type, opts.quant, mc, notes)
         lib = _compile(out_dir, opts.compile, progress) if opts.compile else None
         size = sum(s["nbytes"] for s in cache["records"])
         fields: dict[str, Any] = {
@@ -111,7 +112,11 @@ class MLCFormat(Format):
                     "prefill_chunk_size": chat["prefill_chunk_size"], "build_s": round(time.perf_counter() - t0, 1),
                     "library": lib},
             **size_fields(n_params, size, tensors, quantizer),
+            # the recipe as run: --quant picks the mode, so --bits' default (4) says nothing about q0f16
+            "recipe": {**recipe.to_json(), "bits": opts.mode.bits, "quantizer": quantizer.config.to_json()},
         }
+        if notes:
+            fields["notes"] = notes
         return fields
 
 

@@ -20,6 +20,11 @@ class MLCQuant:
     dtype: str
     layout: str = "NK"
 
+    @property
+    def bits(self) -> int:
+        """Bits per stored weight of the quantized matrices: the grid's (4, 3), else the dtype's (16, 32)."""
+        return int(self.name[1]) if self.grid is not None else (16 if self.dtype == "float16" else 32)
+
 
 # mlc-llm's python/mlc_llm/quantization/quantization.py (the group-quant and no-quant modes).
 QUANTS = {q.name: q for q in (

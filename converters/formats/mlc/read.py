@@ -131,7 +131,8 @@ def describe_mlc(art: Any, ctx: int = 4096) -> dict[str, Any]:
                 else cfg.get("conv_template"), "tokenizer_files": cfg.get("tokenizer_files", []),
                 "library": (art.manifest.get("files") or {}).get("library")},
         "preset": art.manifest.get("preset"),
-        "recipe": art.manifest.get("recipe"),
+        # artifacts written before the recipe recorded the mode's bits say --bits' default (4) for q0 modes too
+        "recipe": {**recipe, "bits": mode.bits} if isinstance(recipe := art.manifest.get("recipe"), dict) else recipe,
         "pruned": art.manifest.get("pruned"),
         "sparsity": art.manifest.get("sparsity"),
         "eval": art.manifest.get("eval", []),
