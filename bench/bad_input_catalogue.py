@@ -1,6 +1,6 @@
 """The bad-input catalogue of the hardening issue, re-run as a user would: every case through the CLI.
 
-    python bench/bad_input_catalogue.py [--only NAME,...]
+    python bench/bad_input_catalogue.py [--only NAME,...] [--out PATH]
 
 Each case builds its bad input in a scratch folder (tiny random checkpoints for converts, copies of the
 real SmolLM2-135M-Instruct for run/inspect/import), runs ``edgekit`` as a child process and checks what a
@@ -11,7 +11,8 @@ user would check:
 * what was expected: the message says the thing (``expect``), and nothing leaks (``forbid``);
 * nothing lost or left behind: the user's files are intact, no hidden ``.partial`` folders remain.
 
-Writes ``bench/results/bad_input_catalogue.json`` and ``.txt``. Needs root (or user namespaces) for the
+Writes ``bench/results/bad_input_catalogue.json`` and ``.txt`` (``--out PATH``: ``PATH.json``/``.txt``; a run
+with ``--only`` writes nothing unless ``--out`` is given). Needs root (or user namespaces) for the
 full-disk and read-only mounts; without them those cases say "skipped".
 """
 
@@ -420,6 +421,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated case names: " + ", ".join(CASES))
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="writes OUT.json and OUT.txt (default: bench/results/bad_input_catalogue, and only for "
+                         "a full run; with --out, also for --only)")
     opts = ap.parse_args()
     names = [n for n in opts.only.split(",") if n] or list(CASES)
     scratch = Path(tempfile.mkdtemp(prefix="edgekit-catalogue-"))
@@ -446,12 +450,14 @@ def main() -> int:
     console.print(table)
     n_ok = sum(o.passed for o in outcomes)
     console.print(f"{n_ok}/{len(outcomes)} cases pass")
-    if not opts.only:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "bad_input_catalogue.json").write_text(json.dumps({
+    if opts.out is not None or not opts.only:
+        out = opts.out if opts.out is not None else RESULTS / "bad_input_catalogue"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({
             "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "passed": n_ok, "cases": len(outcomes), "outcomes": [asdict(o) for o in outcomes]}, indent=2) + "\n")
-        (RESULTS / "bad_input_catalogue.txt").write_text(console.export_text())
+        out.with_suffix(".txt").write_text(console.export_text())
+        print(f"wrote {out.with_suffix('.json')}, .txt")
     return 0 if n_ok == len(outcomes) else 1
 
 

@@ -7,7 +7,11 @@ SmolLM2's 576-wide rows make most K-quant tensors fall back to 32-wide types (``
 those); a model with 256-aligned rows is where the K-quant scale searches do the work. The default model is
 a TinyLlama-shaped Llama (hidden 2048, FFN 5632, 22 layers, 32/4 heads, 1.1B parameters, bf16) with random
 weights and SmolLM2's tokenizer, built once into edgekit's cache (``bench/sparse_ffn_gpu.py``'s builder,
-same folder); encoding time does not depend on the values. ``--model`` takes any checkpoint folder.
+same folder); encoding time does not depend on the values. ``--model`` takes any checkpoint folder, but the
+time ratio compares like with like only when every tensor comes out identical: ``--outtype auto`` writes a
+bf16 checkpoint as BF16 and a float16 or float32 one as F16 (llama.cpp 0.3.36's heuristic), so a float32
+checkpoint's values are rounded to F16 on llama.cpp's side only. The caption names the checkpoint's dtype and the intermediate's type, and a
+row whose tensors differ is marked ``*`` with a line saying so.
 
 For each type: ``edgekit convert --type T`` (the CLI, a child process) against llama.cpp's two steps,
 ``convert_hf_to_gguf.py --outtype auto`` (once; the checkpoint's own 16-bit type, so a bf16 model's values
@@ -73,6 +77,27 @@ def resolve_model(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
+def checkpoint_dtype(hf: Path) -> str:
+    """The checkpoint's dtype as its config.json states it (``torch_dtype``, or ``dtype`` in newer ones)."""
+    import json
+
+    try:
+        cfg = json.loads((hf / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unknown"
+    return str(cfg.get("torch_dtype") or cfg.get("dtype") or "unknown")
+
+
+def gguf_main_type(path: Path) -> str:
+    """The type most of a GGUF's matrices are stored in (what ``--outtype auto`` chose)."""
+    from collections import Counter
+
+    import gguf
+
+    types = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1)
+    return types.most_common(1)[0][0] if types else "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, or synthetic:SPEC (default: the "
@@ -106,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         log("llama.cpp: convert_hf_to_gguf.py --outtype auto")
         conv = llamacpp_convert_f32(peer, hf, f16, args.repeat, outtype="auto")
         report["llamacpp_convert_f16_s"] = conv["convert_s"]
+        report["checkpoint_dtype"] = checkpoint_dtype(hf)
+        report["llamacpp_outtype"] = gguf_main_type(f16)
         log(f"llama.cpp convert {conv['convert_s']:.1f} s")
         for preset in types:
             log(f"{preset}: edgekit convert")
@@ -137,18 +164,27 @@ def main(argv: list[str] | None = None) -> int:
                 "llama.cpp quantize alone s", "ratio e/quantize", "edgekit numpy path s"):
         table.add_column(col, justify="left" if col == "type" else "right")
     for r in report["rows"]:
+        r["like_for_like"] = r["identical"] == r["total"]
+        star = "" if r["like_for_like"] else " *"
         table.add_row(r["type"], f"{r['identical']}/{r['total']}", f"{r['edgekit']['convert_s']:.1f}",
                       f"{r['llamacpp']['convert_f16_s']:.1f} + {r['llamacpp']['quantize_s']:.1f}",
-                      f"{r['ratio_two_steps']:.2f}", f"{r['llamacpp']['quantize_s']:.1f}",
-                      f"{r['ratio_quantize_only']:.2f}",
+                      f"{r['ratio_two_steps']:.2f}{star}", f"{r['llamacpp']['quantize_s']:.1f}",
+                      f"{r['ratio_quantize_only']:.2f}{star}",
                       f"{r['edgekit_numpy_s']:.1f}" if "edgekit_numpy_s" in r else "-")
     lines = [f"edgekit: `edgekit convert {hf.name} --type T` (checkpoint straight to the type); llama.cpp: "
-             "convert_hf_to_gguf.py --outtype auto (bf16 here) once, then llama_model_quantize from it. "
+             f"convert_hf_to_gguf.py --outtype auto ({report['llamacpp_outtype']} here, from a "
+             f"{report['checkpoint_dtype']} checkpoint) once, then llama_model_quantize from it. "
              f"Times: {report['timing']}. edgekit {report['versions']['edgekit']}, numba "
              f"{report['versions']['numba']}, llama-cpp-python {report['versions']['llama_cpp_python']}"]
     lines += [f"{r['type']}: numpy path {r['edgekit_numpy_s']:.1f} s -> {r['edgekit']['convert_s']:.1f} s compiled "
               f"({r['edgekit_numpy_s'] / r['edgekit']['convert_s']:.1f}x), {r['numpy_identical']}/{r['total']} tensors "
               "identical between the two" for r in report["rows"] if "edgekit_numpy_s" in r]
+    rounded = report["llamacpp_outtype"].lower() not in report["checkpoint_dtype"].lower().replace("float", "f")
+    why = (f"llama.cpp quantized the values its {report['llamacpp_outtype']} intermediate rounded, edgekit the "
+           f"checkpoint's {report['checkpoint_dtype']} values" if rounded else "see \"differ\" in the JSON")
+    lines += [f"* {r['type']}: only {r['identical']}/{r['total']} tensors identical, so the two sides did NOT do the "
+              f"same work ({why}): the time ratios of this row are not a like-for-like comparison"
+              for r in report["rows"] if not r["like_for_like"]]
     publish(report, table, lines, args.out)
     return 0
 

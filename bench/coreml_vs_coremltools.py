@@ -164,7 +164,7 @@ def evaluate(path: Path, text: str, cfg: EvalConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=256)

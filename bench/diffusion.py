@@ -13,7 +13,7 @@ precision/recall (k-NN manifolds, k=3) and label agreement. Latency per image is
 The targets are checked on ``--student`` (default: the shipped one, a ``trajectory`` student); the other
 students add their own rows (consistency samplers at 4, 2 and 1 steps).
 
-Writes bench/results/diffusion.{txt,json,png}.
+Writes bench/results/diffusion.{txt,json,png} (``--out PATH``: ``PATH.txt``, ``.json``, ``.png``).
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="independent sets of n images per row (FID: mean, sd)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer rows, n=200 (a smoke run)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "diffusion",
+                    help="writes OUT.txt, OUT.json and OUT.png (default: bench/results/diffusion)")
     args = ap.parse_args(argv)
     from edgekit.converters.diffusion.pipeline import open_pipeline
     from edgekit.runtime.hostinfo import use_torch_threads
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["row"] in lat:
             r.update({k: round(v, 5) for k, v in lat[r["row"]].items()})
-    report(rows, lat, n, seeds, teacher, students, lead)
+    report(rows, lat, n, seeds, teacher, students, lead, args.out)
     return 0
 
 
@@ -246,7 +248,7 @@ def targets(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], lead: 
 
 
 def report(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], n: int, seeds: int, teacher: Path,
-           students: dict[str, Path | None], lead: str) -> None:
+           students: dict[str, Path | None], lead: str, out: Path = RESULTS / "diffusion") -> None:
     from edgekit.imagemetrics import FeatureNet
 
     floor = json.loads(FeatureNet.load().meta.get("record", "{}")).get("fid_floor_heldout")
@@ -260,21 +262,44 @@ def report(rows: list[dict[str, Any]], lat: dict[str, dict[str, float]], n: int,
         lines.append(f"{r['row']:<36} {r['steps']:>5} {r['fid']:>8.2f} {r['fid_sd']:>5.2f} {r['precision']:>6.3f} {r['recall']:>6.3f} "
                      f"{r['label_agreement']:>6.3f} {r['bytes'] / 1024:>7.0f} {1000 * r['batch_s_per_image']:>11.2f} "
                      + (f"{r['image_s']:>9.4f} {r['step_ms']:>8.2f}" if "image_s" in r else f"{'':>9} {'':>8}"))
+    lines += noise_notes(rows, lead, seeds, n)
     lines += ["", "targets:"]
     for what, fig, ok in targets(rows, lat, lead):
         lines.append(f"  {'HOLDS ' if ok else 'MISSED' if ok is False else '      '} {what}: {fig}")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "diffusion.txt").write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".txt").write_text(text)
     clean = [{k: v for k, v in r.items() if k != "images"} for r in rows]
-    (RESULTS / "diffusion.json").write_text(json.dumps({"n": n, "seeds": seeds, "rows": clean, "latency": lat,
+    out.with_suffix(".json").write_text(json.dumps({"n": n, "seeds": seeds, "rows": clean, "latency": lat,
                                                         "targets": [list(t) for t in targets(rows, lat, lead)]},
                                                        indent=1))
-    plot(rows, lead)
+    plot(rows, lead, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.txt')}, .json, .png")
 
 
-def plot(rows: list[dict[str, Any]], lead: str) -> None:
+def noise_notes(rows: list[dict[str, Any]], lead: str, seeds: int, n: int) -> list[str]:
+    """How far apart the seeds put one row's FID, and every quantized row of the lead student that scores
+    below its fp32 row: FID compares the samples' feature distribution with real digits, not the samples
+    with fp32's, so a quantizer can lower it by moving the samples, not by being closer to the model."""
+    sds = [r["fid_sd"] for r in rows if r.get("fid_sd")]
+    out = [""]
+    if sds and seeds > 1:
+        out.append(f"noise: FID sd over the {seeds} seeds of {n} images is {min(sds):.2f}-{max(sds):.2f} per row; every "
+                   "row uses the same seeds, so compare rows seed by seed (the 'fids' lists in the JSON)")
+    f32 = find(rows, f"{lead} student 4-step")
+    for r in rows:
+        if not r["row"].startswith(f"{lead} student 4-step w") or not f32 or r["fid"] >= f32["fid"]:
+            continue
+        pairs = list(zip(r.get("fids", []), f32.get("fids", []), strict=False))
+        below = sum(a < b for a, b in pairs)
+        out.append(f"NOTE {r['row']}: FID {r['fid']:.2f} below fp32's {f32['fid']:.2f} (in {below} of {len(pairs)} "
+                   "seeds): a lower FID than the unquantized model is not a quality gain; judge a quantizer by its "
+                   "output error against fp32 (bench/diffusion_quant.py)")
+    return out
+
+
+def plot(rows: list[dict[str, Any]], lead: str, png: Path = RESULTS / "diffusion.png") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +327,7 @@ def plot(rows: list[dict[str, Any]], lead: str) -> None:
         ax2.set_xticks([])
         ax2.set_title("samples, classes 0-9")
     fig.tight_layout()
-    fig.savefig(RESULTS / "diffusion.png", dpi=130)
+    fig.savefig(png, dpi=130)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -37,9 +38,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from rich.console import Console
-from rich.table import Table
+# coremltools draws a tqdm progress bar per compression and MIL pass, hundreds of lines in a log: off by default
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.converters.diffusion.calibrate import calibrate, quantizable_layers
     from edgekit.converters.diffusion.quantize import DiffusionQuantConfig, measure, quantize_with
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--pipe", type=Path)
     ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--timesteps", type=int, default=8)

@@ -3,10 +3,11 @@ step counts, all at the same N against the same reference (the feature network's
 
 Rows: the held-out real digits (1000, 100 per class: the FID floor), the same blurred (3x3 box filter),
 uniform noise, 200 of the held-out digits (how FID's bias grows at a smaller N), then the model sampled with DDIM at each ``--steps`` (N images, classes balanced, batch 250).
-Writes ``results/digits_metrics.{txt,json,png}`` (the png: the first 40 samples of each model row).
+Writes ``bench/results/digits_metrics.{txt,json,png}`` (the png: the first 40 samples of each model row;
+``--out PATH``: ``PATH.txt``, ``.json``, ``.png``).
 
     .venv/bin/python bench/digits_metrics.py --pipeline edgekit/data/digits-unet --steps 50,4,2
-    .venv/bin/python bench/digits_metrics.py --pipeline ./tiny-pipe --steps 4 -n 200   # a quick check
+    .venv/bin/python bench/digits_metrics.py --pipeline ./tiny-pipe --steps 4 -n 200 --out /tmp/dm   # a quick check
 """
 
 from __future__ import annotations
@@ -70,13 +71,16 @@ def write_png(grids: list[tuple[str, np.ndarray]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--pipeline", type=Path, help="diffusion pipeline folder (or artifact) to sample")
     ap.add_argument("--steps", default="50,4,2", help="DDIM step counts, comma-separated")
     ap.add_argument("-n", type=int, default=1000, help="images per model row (classes balanced)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default="digits_metrics", help="results/NAME.{txt,json,png}")
+    ap.add_argument("--name", default="digits_metrics", help="bench/results/NAME.{txt,json,png} (without --out)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="writes OUT.txt, OUT.json and OUT.png (default: bench/results/NAME)")
     args = ap.parse_args(argv)
+    out = args.out if args.out is not None else RESULTS / args.name
     net = im.FeatureNet.load()
     record = json.loads(net.meta["record"])
     rows = real_rows(net)
@@ -100,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"{la:>7} {secs:>8} {ips:>7}")
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.txt").write_text(text + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".txt").write_text(text + "\n")
     meta = {"machine": platform.machine(), "python": platform.python_version(), "network": record,
             "pipeline": str(args.pipeline) if args.pipeline else None, "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                               time.gmtime())}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     if grids:
-        write_png(grids, RESULTS / f"{args.name}.png")
+        write_png(grids, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.txt')}, .json" + (", .png" if grids else ""))
     return 0
 
 

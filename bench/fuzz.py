@@ -1,6 +1,7 @@
 """Fuzzing edgekit's readers as a user (or an attacker) would hit them: mutated files through the CLI.
 
     python bench/fuzz.py [--cases 1000] [--seed 0] [--jobs 2] [--timeout 60] [--targets gguf-real,onnx-graph,...]
+                         [--out PATH]
 
 Each case mutates one file of a model (tests/fuzzing.py: GGUF header fields, bits and lengths; JSON
 values; ONNX protobuf bytes; truncations), then runs the command a user would run on it in a fresh
@@ -18,7 +19,8 @@ Manifest mutations reach every key; ``--past-open`` leaves those Artifact.open r
 
 Outcomes: ``accepted`` (exit 0), ``refused`` (one ``error:`` line, exit 2-6), ``crash`` (a traceback, an
 "internal error", a signal or another exit code) and ``hang`` (past the timeout). The target is no crash and
-no hang. Writes ``bench/results/fuzz.json`` (every crash and hang with its seed and mutation) and ``fuzz.md``.
+no hang. Writes ``bench/results/fuzz.json`` (every crash and hang with its seed and mutation) and ``fuzz.md``
+(``--out PATH``: ``PATH.json`` and ``PATH.md``).
 """
 
 from __future__ import annotations
@@ -154,7 +156,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as a hang")
     ap.add_argument("--targets", default=",".join(TARGETS))
-    ap.add_argument("--name", default="fuzz", help="results file name: bench/results/NAME.json and NAME.md")
+    ap.add_argument("--name", default="fuzz", help="results file name: bench/results/NAME.json and NAME.md "
+                    "(without --out)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="writes OUT.json and OUT.md (default: bench/results/NAME)")
     ap.add_argument("--past-open", dest="artifact_keys", action="store_false",
                     help="leave the manifest keys Artifact.open reads (schema, format, files) intact")
     a = ap.parse_args()
@@ -210,8 +215,9 @@ def report(rows: list[dict], a: argparse.Namespace, wall: float) -> None:
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
             "artifact_keys": a.artifact_keys,
             "cases": len(rows), "seed": a.seed, "timeout_s": a.timeout, "jobs": a.jobs, "wall_s": round(wall, 1)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.name}.json").write_text(json.dumps({**meta, "totals": {o: total[o] for o in outcomes},
+    out = a.out if a.out is not None else RESULTS / a.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({**meta, "totals": {o: total[o] for o in outcomes},
                                                     "by_target": {t: dict(c) for t, c in by_target.items()},
                                                     "by_command": by_command,
                                                     "failures": bad}, indent=2) + "\n")
@@ -219,8 +225,8 @@ def report(rows: list[dict], a: argparse.Namespace, wall: float) -> None:
           f"{meta['date']}, {meta['cpu']}, seed {a.seed}, timeout {a.timeout:g} s per case, {a.jobs} jobs, "
           f"{wall:.0f} s wall. Replay with `python bench/fuzz.py --cases {len(rows)} --seed {a.seed} --targets {a.targets}`.", "", *lines, ""]
     md += [f"- {r['outcome']}: case {r['case']} ({r['target']}, {r['mutation']}): `{r['last_line']}`" for r in bad]
-    (RESULTS / f"{a.name}.md").write_text("\n".join(md) + "\n")
-    print(f"crashes {total['crash']}, hangs {total['hang']}; wrote {RESULTS / a.name}.json and .md")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"crashes {total['crash']}, hangs {total['hang']}; wrote {out.with_suffix('.json')} and .md")
 
 
 if __name__ == "__main__":

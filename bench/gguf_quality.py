@@ -160,6 +160,12 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         frac, strict = TARGETS[ref]
         if lref is None or "error" in lref:
             continue
+        if lref["increase_pct"] <= 0:  # quantized better than F32: the evaluation is too short to tell them apart
+            report["targets"][ref + kind] = {"ok": None, "limit_pct": None, "best": None}
+            lines.append(f"target: file <= llama.cpp{kind} {ref} ({lref['mb']:.2f} MB): NOT JUDGED: llama.cpp's "
+                         f"{ref} measured {lref['increase_pct']:+.2f}% against F32, no increase to take a fraction "
+                         f"of (perplexity on {report['config']['chunks']} chunk(s) is too noisy; use more --chunks)")
+            continue
         fits = [r for r in rows if r["size_bytes"] <= lref["size_bytes"]]
         limit = frac * lref["increase_pct"]
         want = f"{'<' if strict else '<='} {frac:.3g} x llama.cpp's {lref['increase_pct']:+.2f}% = {limit:+.2f}%"
@@ -169,6 +175,9 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         report["targets"][ref + kind] = {"ok": ok, "limit_pct": limit, "best": best["label"] if best else None}
         lines.append(f"target: file <= llama.cpp{kind} {ref} ({lref['mb']:.2f} MB), increase {want}: "
                      f"{'HOLDS' if ok else 'FAILS'} ({got})")
+    if report["config"]["chunks"] < 4:
+        lines.append(f"note: perplexity on {report['config']['chunks']} chunk(s) of {CTX} tokens: differences of a few "
+                     "percent are noise at this length, so these targets say little (the default is 16 chunks)")
     gptq = [r for r in rows if "gptq" in r["method"]]
     if gptq:
         worst = max(gptq, key=lambda r: r["convert_s"])

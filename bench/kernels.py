@@ -11,7 +11,7 @@ matrix products use torch's threads):
 2. ``gptq`` with ``imatrix = diag(H)`` (as the converter calls it) per type.
 
     .venv/bin/python bench/kernels.py               # writes bench/results/kernels.{json,txt}
-    .venv/bin/python bench/kernels.py --reps 1 --no-gptq
+    .venv/bin/python bench/kernels.py --reps 1 --no-gptq --out /tmp/kernels   # a quick check elsewhere
 """
 
 from __future__ import annotations
@@ -130,20 +130,23 @@ def _table(kernels: list[dict], sweeps: list[dict], reps: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-gptq", action="store_true", help="the round-to-nearest kernels only")
+    ap.add_argument("--out", type=Path, default=RESULTS / "kernels",
+                    help="writes OUT.json and OUT.txt (default: bench/results/kernels)")
     args = ap.parse_args()
     kernels = kernel_rows(args.reps)
     sweeps = [] if args.no_gptq else gptq_rows(args.reps)
     text = _table(kernels, sweeps, args.reps)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kernels.txt").write_text(text + "\n")
-    (RESULTS / "kernels.json").write_text(json.dumps(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".txt").write_text(text + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(
         {"reps": args.reps, "machine": platform.machine(), "numpy": np.__version__, "quantize": kernels,
          "gptq": sweeps, "target": {"type": TARGET[0], "shape": list(TARGET[1]), "max_s": TARGET[2]}},
         indent=1) + "\n")
+    print(f"wrote {args.out.with_suffix('.json')}, .txt")
 
 
 if __name__ == "__main__":

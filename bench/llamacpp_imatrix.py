@@ -79,3 +79,14 @@ def load_imatrix(path: Path) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
             out[name] = np.where(c[:, None] > 0, per / c[:, None], np.float32(1.0)).astype(np.float32).reshape(-1)
     return out
+
+
+if __name__ == "__main__":  # a helper module: --help says what it is; a bare run says where the tools are
+    import argparse
+
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run on its own it only reports whether llama-imatrix and llama-quantize are built.").parse_args()
+    found = tools()
+    print(f"llama-imatrix: {found[0]}\nllama-quantize: {found[1]}" if found else
+          "llama-imatrix / llama-quantize: not built for this CPU (run .ci/setup.sh --bench)")

@@ -129,7 +129,7 @@ def build_table(report: dict[str, Any]) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text; its second half is evaluated")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--kl-chunks", type=int, default=4)
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".txt").write_text(console.export_text())
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out.with_suffix('.json')}, .txt")
     return 0
 
 

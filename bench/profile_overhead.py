@@ -9,7 +9,7 @@
    SmolLM2-135M-Instruct in Q8_0, Q4_K_M, Q4_0 and Q4_1 at ctx 512 and 4096. Target: within 10%.
 
     .venv/bin/python bench/profile_overhead.py            # writes bench/results/profile_overhead.{json,txt}
-    .venv/bin/python bench/profile_overhead.py --rounds 3 --quick
+    .venv/bin/python bench/profile_overhead.py --rounds 3 --quick --out /tmp/profile_overhead
 """
 
 from __future__ import annotations
@@ -134,11 +134,13 @@ def main() -> None:
         m, n_p, n_g, reps, threads, n_ctx = sys.argv[2], *map(int, sys.argv[3:8])
         print(json.dumps(bare_loop(m, n_p, n_g, reps, threads, n_ctx)))
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="one converted type only")
+    ap.add_argument("--out", type=Path, default=RESULTS / "profile_overhead",
+                    help="writes OUT.json and OUT.txt (default: bench/results/profile_overhead)")
     args = ap.parse_args()
     from edgekit.runtime import hostinfo
 
@@ -162,11 +164,12 @@ def main() -> None:
     lines += ["", "No GPU on this host: the --offload auto target (>= 90% of the best -ngl sweep) was not measured."]
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "profile_overhead.txt").write_text(text + "\n")
-    (RESULTS / "profile_overhead.json").write_text(json.dumps(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".txt").write_text(text + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(
         {"host": host, "threads": args.threads, "overhead": over, "memory": mem,
          "baseline_rss": hostinfo.baseline_rss()}, indent=1) + "\n")
+    print(f"wrote {args.out.with_suffix('.json')}, .txt")
 
 
 if __name__ == "__main__":

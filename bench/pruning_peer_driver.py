@@ -4,6 +4,10 @@ its transformers), never imports edgekit, and writes the pruned checkpoint (dens
 zeros, config and tokenizer copied) plus ``peer.json`` (versions, time, sparsity) into a new folder.
 
     python pruning_peer_driver.py MODEL_DIR IDS.npy {wanda|sparsegpt} {0:0|2:4} SPARSITY OUT_DIR
+
+Not a benchmark to run by hand: ``bench/pruning_peer.py`` makes that venv and runs this driver in it. Its
+imports (datasets, llmcompressor, torch, transformers) are loaded only when it runs, so ``--help`` works in
+edgekit's own venv too.
 """
 
 from __future__ import annotations
@@ -18,19 +22,19 @@ from pathlib import Path
 # bench/ holds scripts named like packages transformers probes for (kernels.py): keep it off the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from llmcompressor import oneshot  # noqa: E402
-from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
 SIDE = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "chat_template.jinja")
 
 
 def main(model_dir: str, ids_file: str, method: str, structure: str, sparsity: str, out_dir: str) -> int:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
     src, out = Path(model_dir), Path(out_dir)
     ids = np.load(ids_file, allow_pickle=False)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
@@ -62,4 +66,7 @@ def main(model_dir: str, ids_file: str, method: str, structure: str, sparsity: s
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 7 or any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__.strip())
+        sys.exit(0 if any(a in ("-h", "--help") for a in sys.argv[1:]) else 2)
     sys.exit(main(*sys.argv[1:]))

@@ -76,9 +76,15 @@ def default_model() -> Path:
 
 
 def default_peer() -> Path:
+    """llama-server built for this CPU: under ``bin/`` of edgekit's home (``$EDGEKIT_HOME``, else
+    ``~/.cache/edgekit``), else where setup's builds go (``$EDGEKIT_CACHE``, else ``~/.cache/edgekit``); the first
+    that exists, else the home's path (for the message that says it is missing)."""
+    from edgekit.fsutil import edgekit_home
     from edgekit.runtime import llamacpp_build as lb
 
-    return lb.cache_dir() / "bin" / f"llama-server-{lb_version()}-{lb.key(lb.resolve())}"
+    name = f"llama-server-{lb_version()}-{lb.key(lb.resolve())}"
+    candidates = [edgekit_home(create=False) / "bin" / name, lb.cache_dir() / "bin" / name]
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def lb_version() -> str:
@@ -245,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048, help="per sequence")
-    ap.add_argument("--peer", type=Path, default=None, help="llama-server binary (default: edgekit's cache)")
+    ap.add_argument("--peer", type=Path, default=None, help="llama-server binary (default: bin/ under $EDGEKIT_HOME "
+                    "or ~/.cache/edgekit, else under $EDGEKIT_CACHE)")
     ap.add_argument("--edgekit-parallel", type=int, default=None, help="edgekit's --parallel (default: --clients)")
     ap.add_argument("--edgekit-no-batch", action="store_true", help="also measure edgekit serve --no-batch")
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds the requests are split into, so "
@@ -355,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
               "checks": checks}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     args.out.with_suffix(".txt").write_text(console.export_text())
+    print(f"wrote {args.out.with_suffix('.json')}, .txt")
     return 0
 
 

@@ -11,6 +11,7 @@ llama.cpp, in one run.
 
     python bench/sparse_ffn.py                                  # SmolLM2-135M-Instruct, Q4_0, S=0.5
     python bench/sparse_ffn.py --model ./big-model --vram 2GiB --threads 8      # on a GPU machine
+    python bench/sparse_ffn.py --out /tmp/sparse_ffn            # anywhere else than bench/results/sparse_ffn.*
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--vram", default="0", help="GPU budget for the placement comparison, e.g. 2GiB.")
     p.add_argument("--work", type=Path, default=Path.home() / ".cache/edgekit/bench-sparse-ffn")
-    p.add_argument("--name", default="sparse_ffn")
-    return p.parse_args()
+    p.add_argument("--name", default="sparse_ffn", help="bench/results/NAME.{txt,json,png} (without --out).")
+    p.add_argument("--out", type=Path, default=None,
+                   help="Writes OUT.txt, OUT.json and OUT.png (default: bench/results/NAME).")
+    args = p.parse_args()
+    if args.out is None:
+        args.out = RESULTS / args.name
+    return args
 
 
 def build(args: argparse.Namespace) -> tuple[object, object, float]:
@@ -293,13 +299,14 @@ def main() -> int:
               f"placement at --vram {args.vram}: " + json.dumps(place), f"total {time.perf_counter() - t0:.0f} s"]
     text_out = "\n".join(lines)
     print(text_out)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.txt").write_text(text_out + "\n")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".txt").write_text(text_out + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(
         {"model": str(args.model), "type": args.type, "sparse_ffn": info, "exactness": exact, "exactness_f16": exact_f16, "speed": spd,
          "ppl": {str(k): v for k, v in q.items()}, "curve": curve, "placement": place, "target_holds": holds,
          "threads": args.threads, "seconds": time.perf_counter() - t0}, indent=1))
-    plot(curve, RESULTS / f"{args.name}.png")
+    plot(curve, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.txt')}, .json, .png")
     return 0
 
 

@@ -39,7 +39,7 @@ def convert(
     cli: typer.Context,
     model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer), "
                                  "or a .gguf file (imported on the way)."),
-    to: str = typer.Option("gguf", "--to", help="Output format."),
+    to: str = typer.Option("gguf", "--to", help="Output format: gguf, onnx, coreml, mlc or aqlm."),
     bits: int | None = typer.Option(4, "--bits", help="GGUF: 2, 3, 4, 5, 6 or 8 (a llama.cpp-style _M mix); "
                                     "ONNX: 4 or 8 (MatMulNBits), 16 or 32 (float); Core ML: 4 or 8 (blockwise), "
                                     "16 (fp16); AQLM: 2 (2x8 codebooks, its default), 1, 3, 4."),

@@ -150,7 +150,7 @@ def push(
     ram_check: bool = typer.Option(True, "--ram-check/--no-ram-check", help="Refuse if it cannot run in the "
                                    "device's RAM at --ctx."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check fit and show the plan; send nothing."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (files, bytes sent, fit) as JSON."),
 ) -> None:
     """Copy an artifact to a device: checks fit, resumes, verifies sha256 there, never leaves half files.
 

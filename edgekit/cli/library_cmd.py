@@ -209,7 +209,7 @@ def ps(as_json: bool = typer.Option(False, "--json", help="Print the processes a
 
 
 @handle_errors
-def registry(as_json: bool = typer.Option(False, "--json")) -> None:
+def registry(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
     """What edgekit has: formats, methods, layer steps, grids, runtimes, GGUF presets.
 
     Runtimes are listed with what each can do. For your artifacts: 'edgekit ls'."""
@@ -231,11 +231,13 @@ def registry(as_json: bool = typer.Option(False, "--json")) -> None:
         for k, v in data.items():
             if k == "backends":
                 v = ", ".join(f"{n} ({'/'.join(b['formats'])}: {', '.join(b['can']) or 'run'})" for n, b in v.items())
+            elif k == "bits":  # --bits N -> the GGUF preset it picks
+                v = ", ".join(f"{n} -> {preset}" for n, preset in v.items())
             say(out, tagged(f"{k}:", "bold", ", ".join(map(str, v)) if isinstance(v, list) else str(v)))
 
 
 @handle_errors
-def list_alias(as_json: bool = typer.Option(False, "--json")) -> None:
+def list_alias(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
     """Old name of 'edgekit registry'."""
     if not as_json:
         say(err, "'edgekit list' is 'edgekit registry' now (formats, methods, runtimes); your artifacts: "

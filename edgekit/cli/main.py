@@ -142,8 +142,7 @@ def run(
     cache_interval: int | None = typer.Option(None, "--cache-interval", help="Diffusion: DeepCache, the whole "
                                               "UNet every K steps, its outer level in between."),
 ) -> None:
-    """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal. A diffusion
-    model (artifact or diffusers pipeline folder) samples a PNG grid instead.
+    """Generate a reply, streaming tokens as they come; without a prompt, chat in the terminal. A diffusion model (artifact or diffusers pipeline folder) samples a PNG grid instead.
 
     Examples:
       edgekit run smollm2-135m-gguf-q4_k_m -p "What is the capital of France?"
@@ -240,7 +239,7 @@ def eval_cmd(
     threads: int | None = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     backend: str | None = typer.Option(None, "--backend", help="Runtime to use (default: the preferred one)."),
     record: bool = typer.Option(True, "--record/--no-record", help="Store the result in the manifest."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     kv_window: int | None = typer.Option(None, "--kv-window", help="Stream the whole text through a KV window of "
                                          "this many tokens instead (how a long chat sees its history)."),
     kv_sinks: int = typer.Option(4, "--kv-sinks", help="With --kv-window: first tokens always kept."),
@@ -253,8 +252,7 @@ def eval_cmd(
     cache_interval: int | None = dx.register_options()["cache_interval"],
     seed: int | None = dx.register_options()["seed"],
 ) -> None:
-    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement. A diffusion
-    model: digits-FID, precision/recall and label agreement of images it samples.
+    """Perplexity (llama-perplexity's protocol); with --ref, KL divergence and top-1 agreement. A diffusion model: digits-FID, precision/recall and label agreement of images it samples.
 
     Examples:
       edgekit eval smollm2-135m-gguf-q4_k_m --text valid.txt
@@ -346,7 +344,7 @@ def inspect_cmd(
                                    help="Context length for the memory estimate (default 4096, or the "
                                         "trained context if shorter)."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
 ) -> None:
     """Architecture, parameters, per-tensor types, size, bits per weight, memory at a context length.
 

@@ -166,7 +166,8 @@ def profile_cmd(
     cache_interval: int | None = typer.Option(None, "--cache-interval", help="Diffusion: also time DeepCache "
                                               "sampling with this interval."),
     draft: list[Path] = typer.Option(None, "--draft", help="Also time greedy generation with this draft model "
-                                     "(speculative decoding), against the same generation without it."),
+                                     "(speculative decoding), against the same generation without it.",
+                                     metavar="<path>"),
     speculative: str | None = typer.Option(None, "--speculative", help="'ngram': also time prompt-lookup drafting."),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="With --draft/--speculative: the prompt to "
                                       "generate from (default: a built-in rewrite task)."),
