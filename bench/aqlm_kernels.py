@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# OMP_WAIT_POLICY is PASSIVE unless set (gguf_quality, imported below, sets that default); the package's
+# kernel collapses with spinning OpenMP threads (ACTIVE), so bench/README runs the script under both and
+# the policy is recorded.
 import numpy as np  # noqa: E402
 from common import cpu_model, get_model, log, pkg_version, publish  # noqa: E402
 from gguf_quality import halves  # noqa: E402
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "aqlm_kernels", "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_start": os.getloadavg()},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset",
         "versions": {n: pkg_version(n) for n in ("edgekit", "aqlm", "numba", "torch", "transformers")}, "rows": []}
     with tempfile.TemporaryDirectory(prefix="edgekit-aqlmk-") as tmpdir:
         log("AQLM 2x8 (the encoding from the cache when there)")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                "top1": float((e.argmax(-1) == a.argmax(-1)).mean())}
     report["total_s"] = time.perf_counter() - start
     table = Table(title="AQLM 2x8 SmolLM2-135M on the CPU: edgekit's kernels vs the aqlm package's (numba), "
-                        "same transformers model")
+                        f"same transformers model, OMP_WAIT_POLICY {report['omp_wait_policy']}")
     for col in ("kernel", "threads", "decode tok/s", "prefill tok/s", "run-to-run max |dlogit|"):
         table.add_column(col, justify="left" if col == "kernel" else "right")
     for r in report["rows"]:

@@ -4,7 +4,7 @@ transformers builds the model with ``aqlm.QuantizedLinear`` layers from the chec
 (no remote code, safetensors only); the codes stay codes in memory. The matrix products are edgekit's
 (``kernel="edgekit"``, the default): for a few tokens a look-up table per input group (``x_group .
 codeword`` for every codeword, one matrix product), then a gather-and-sum over the codes compiled by numba
-with the output rows split between threads (each thread owns its outputs: no race), or in PyTorch where
+with blocks of output rows split between threads (each thread owns its outputs: no race), or in PyTorch where
 numba is missing; for longer inputs the weights are decoded into a temporary for one matrix product. ``kernel="aqlm"`` keeps the package's own CPU kernel
 (numba), whose parallel loop adds into shared outputs without atomics (Vahe1994/AQLM#86): with more than
 one thread its results vary from run to run; edgekit's are deterministic.
@@ -73,24 +73,66 @@ def lut_matmul(torch: Any, x: Any, codes: Any, books: Any, scales: Any) -> Any:
     return lut[:, idx].reshape(T, out, groups * M).sum(-1) * scales
 
 
+#: output rows each thread sums at a time in the compiled kernel: their running sums stay in registers and
+#: L1 while one input group's table (M x K floats) is read for all of them
+ROW_BLOCK = 64
+
+
 @numba_kernel
 def numba_gather(numba: Any) -> Any:
-    """The compiled gather-and-sum ``(lut (T, G, M, K), codes (O, G, M) int8/int16 as stored, scales (O,),
-    out (T, O))``, or None without numba. Parallel over output rows; a stored code below 0 is ``code - K``."""
+    """The compiled gather-and-sum ``(lut (T, G, M, K), codes (B, G, ROW_BLOCK, M) as :func:`block_codes` lays
+    them out, scales (O,), out (T, O))``, or None without numba. Blocks of output rows are split between
+    threads (each owns its outputs: no race); within a block the input groups go outermost, so a group's
+    table stays in L1 while every row of the block reads it (row-outermost swept the whole table, hundreds
+    of KB, for each row). Each row still sums group by group, codebook by codebook: the same floats in the
+    same order, so the result is bit-identical to the row-by-row loop."""
 
     @numba.njit(parallel=True, cache=False)
     def gather(lut: Any, codes: Any, scales: Any, out: Any) -> None:  # pragma: no cover - compiled
         T, G, M, K = lut.shape
-        for i in numba.prange(codes.shape[0]):
+        n_rows = out.shape[1]
+        for b in numba.prange(codes.shape[0]):
+            lo = b * ROW_BLOCK
+            n = min(ROW_BLOCK, n_rows - lo)
+            acc = np.empty(ROW_BLOCK, np.float32)
             for t in range(T):
-                acc = np.float32(0.0)
-                for j in range(G):
-                    for m in range(M):
-                        c = np.int64(codes[i, j, m])
-                        acc += lut[t, j, m, c + K if c < 0 else c]
-                out[t, i] = acc * scales[i]
+                acc[:] = 0
+                if M == 2:  # 2x8, the common AQLM shape: the two tables as flat rows, no inner loop
+                    for j in range(G):
+                        t0, t1, cj = lut[t, j, 0], lut[t, j, 1], codes[b, j]
+                        for r in range(n):
+                            acc[r] = acc[r] + t0[cj[r, 0]] + t1[cj[r, 1]]
+                else:
+                    for j in range(G):
+                        table, cj = lut[t, j], codes[b, j]
+                        for r in range(n):
+                            s = acc[r]
+                            for m in range(M):
+                                s += table[m, cj[r, m]]
+                            acc[r] = s
+                for r in range(n):
+                    out[t, lo + r] = acc[r] * scales[lo + r]
 
     return gather
+
+
+def block_codes(stored: np.ndarray, K: int) -> np.ndarray:
+    """Codes ``(O, G, M)`` as the checkpoint stores them (int8/int16, a code of K/2 or more as ``code - K``)
+    laid out for :func:`numba_gather`: unsigned, in blocks of :data:`ROW_BLOCK` rows, group-major within a
+    block ``(O / ROW_BLOCK, G, ROW_BLOCK, M)`` (the last block padded with code 0)."""
+    n_rows, G, M = stored.shape
+    codes = stored.astype(np.int64)
+    codes = np.where(codes < 0, codes + K, codes).astype(np.uint8 if K <= 256 else np.uint16)
+    n_blocks = -(-n_rows // ROW_BLOCK)
+    padded = np.zeros((n_blocks * ROW_BLOCK, G, M), codes.dtype)
+    padded[:n_rows] = codes
+    return np.ascontiguousarray(padded.reshape(n_blocks, ROW_BLOCK, G, M).transpose(0, 2, 1, 3))
+
+
+def unblock_codes(blocked: np.ndarray, n_rows: int) -> np.ndarray:
+    """:func:`block_codes` undone: unsigned codes ``(O, G, M)``."""
+    n_blocks, G, _, M = blocked.shape
+    return blocked.transpose(0, 2, 1, 3).reshape(n_blocks * ROW_BLOCK, G, M)[:n_rows]
 
 
 def dequantize(torch: Any, codes: Any, books: Any, scales: Any) -> Any:
@@ -105,18 +147,19 @@ def _edgekit_ops(torch: Any, module: Any) -> None:
     """Install edgekit's kernels on one ``aqlm.QuantizedLinear`` (before its first forward, so the package
     never re-lays its codes out for its own kernel)."""
     K = module.codebooks.shape[1]
-    nbits = K.bit_length() - 1
+    M = module.codebooks.shape[0]
+    n_rows = module.codes.shape[0]
+    # the one copy of the codes the layer keeps, in the compiled kernel's layout (module.codes holds it)
+    blocked = block_codes(module.codes.detach().numpy(), K)
+    module.codes.data = torch.from_numpy(blocked)
 
     def operands() -> tuple[Any, Any, Any]:
-        c = module.codes
-        codes = c.view(torch.uint8).long() if nbits == 8 else c.long() % K
+        codes = torch.from_numpy(unblock_codes(blocked, n_rows)).long()
         return codes, module.codebooks[:, :, 0, :], module.scales.reshape(-1)
 
     gather = numba_gather()
     books2d = module.codebooks.detach()[:, :, 0, :].reshape(-1, module.codebooks.shape[-1])  # (M*K, g)
-    M = module.codebooks.shape[0]
     scales = module.scales.detach().reshape(-1).contiguous().numpy()
-    stored = module.codes.detach().numpy()  # int8 / int16, as the checkpoint stores them
 
     def gemv(x: Any, *_: Any) -> Any:
         shape = x.shape
@@ -124,10 +167,10 @@ def _edgekit_ops(torch: Any, module: Any) -> None:
         if gather is None:
             y = lut_matmul(torch, x2, *operands())
         else:
-            T, groups = x2.shape[0], stored.shape[1]
+            T, groups = x2.shape[0], blocked.shape[1]
             lut = (x2.detach().reshape(T, groups, -1) @ books2d.T).reshape(T, groups, M, K)
-            y = torch.empty(T, stored.shape[0])
-            gather(lut.contiguous().numpy(), stored, scales, y.numpy())
+            y = torch.empty(T, n_rows)
+            gather(lut.contiguous().numpy(), blocked, scales, y.numpy())
         y = y + module.bias if module.bias is not None else y
         return y.reshape(*shape[:-1], -1)
 

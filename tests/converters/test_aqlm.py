@@ -299,7 +299,7 @@ def test_edgekit_kernels_against_aqlm_numba_kernel_on_one_thread():
     aqlm = pytest.importorskip("aqlm")
     import numba
 
-    from edgekit.runtime.aqlm import _edgekit_ops, dequantize
+    from edgekit.runtime.aqlm import _edgekit_ops, dequantize, unblock_codes
 
     rng = np.random.default_rng(5)
     mod = aqlm.QuantizedLinear(64, 32, 8, 1, 2, 8, bias=False)
@@ -317,10 +317,39 @@ def test_edgekit_kernels_against_aqlm_numba_kernel_on_one_thread():
             theirs, mine = mod(x), ours(x)
     finally:
         numba.set_num_threads(threads)
-    codes = torch.from_numpy(unpack_codes(ours.codes.numpy(), 8))
+    codes = torch.from_numpy(unblock_codes(ours.codes.numpy(), 32)).long()  # the layer keeps them blocked
     W = dequantize(torch, codes, ours.codebooks[:, :, 0, :], ours.scales.reshape(-1))
     np.testing.assert_allclose(mine.numpy(), (x @ W.T).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(theirs.numpy(), mine.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nbits, dtype, M", [(8, np.int8, 2), (12, np.int16, 2), (8, np.int8, 3)])
+def test_the_blocked_gather_is_the_row_by_row_sum(nbits, dtype, M):
+    """The compiled kernel sums blocks of rows group by group (for cache locality): each row's floats in the
+    same order as a plain loop over its groups and codebooks, bit for bit, rows past the last full block and
+    stored codes of K/2 or more (negative as stored) included."""
+    pytest.importorskip("numba")
+    from edgekit.runtime.aqlm import ROW_BLOCK, block_codes, numba_gather, unblock_codes
+
+    rng = np.random.default_rng(7)
+    K, n_rows, G = 1 << nbits, 2 * ROW_BLOCK + 22, 9
+    codes = rng.integers(0, K, (n_rows, G, M))
+    stored = np.where(codes >= K // 2, codes - K, codes).astype(dtype)  # as checkpoints store them
+    lut = rng.standard_normal((2, G, M, K)).astype(np.float32)
+    scales = rng.random(n_rows).astype(np.float32)
+    blocked = block_codes(stored, K)
+    assert np.array_equal(unblock_codes(blocked, n_rows), codes)
+    out = np.empty((2, n_rows), np.float32)
+    numba_gather()(lut, blocked, scales, out)
+    want = np.empty_like(out)
+    for t in range(2):
+        for i in range(n_rows):
+            acc = np.float32(0)
+            for j in range(G):
+                for m in range(M):
+                    acc = np.float32(acc + lut[t, j, m, codes[i, j, m]])
+            want[t, i] = acc * scales[i]
+    assert np.array_equal(out, want)
 
 
 def test_cli_inspect_run_eval_profile(aqlm_art, tmp_path):
