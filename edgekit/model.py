@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +72,24 @@ def special_token(folder: Path, key: str, tokenizer_config: dict | None = None) 
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def tokenizer_steps(step: Any) -> list[dict]:
+    """A tokenizer.json normalizer, pre-tokenizer or decoder as the list of its steps: a Sequence's members
+    (one level, as transformers and mlc_llm look), else the step itself."""
+    if not isinstance(step, dict):
+        return []
+    if step.get("type") != "Sequence":
+        return [step]
+    parts = next((step[k] for k in ("normalizers", "pretokenizers", "decoders") if isinstance(step.get(k), list)), [])
+    return [p for p in parts if isinstance(p, dict)]
+
+
+def prepends_space(tokenizer_json: dict) -> bool:
+    """Whether a tokenizer.json normalizes every text to start with '▁' (a ``Prepend`` normalizer: Llama 2's,
+    Mistral's), as llama.cpp's SentencePiece tokenizer always does."""
+    return any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581"
+               for n in tokenizer_steps(tokenizer_json.get("normalizer")))
 
 
 def stop_ids(folder: Path) -> list[int]:

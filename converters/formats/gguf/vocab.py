@@ -13,7 +13,14 @@ from pathlib import Path
 import gguf
 
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError
-from edgekit.model import TOKENIZER_FIX, check_tokenizer_files, read_json_object, stop_ids
+from edgekit.model import (
+    TOKENIZER_FIX,
+    check_tokenizer_files,
+    prepends_space,
+    read_json_object,
+    stop_ids,
+    tokenizer_steps,
+)
 
 _T = gguf.TokenType
 
@@ -225,21 +232,13 @@ def _spm_prefix(folder: Path) -> str | None:
     if not (folder / "tokenizer.json").is_file():
         return "never" if tc.get("add_prefix_space") is False else "first"
     tj = read_json_object(folder / "tokenizer.json")
-    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in _steps(tj.get("normalizer"))):
+    if prepends_space(tj):
         return "always"
-    for p in _steps(tj.get("pre_tokenizer")):
+    for p in tokenizer_steps(tj.get("pre_tokenizer")):
         if p.get("type") == "Metaspace":  # "always" too skips a text that starts with '▁' (tokenizers' rule)
             scheme = p.get("prepend_scheme") or ("always" if p.get("add_prefix_space", True) else "never")
             return "never" if scheme == "never" else "first"
     return None
-
-
-def _steps(step: object) -> list[dict]:
-    """A tokenizer.json normalizer or pre-tokenizer as a list: a Sequence's members, else the step itself."""
-    if not isinstance(step, dict):
-        return []
-    parts = step.get("normalizers", step.get("pretokenizers")) if step.get("type") == "Sequence" else [step]
-    return [p for p in parts or [] if isinstance(p, dict)]
 
 
 def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:

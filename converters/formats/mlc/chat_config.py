@@ -318,25 +318,17 @@ def _tokenizer_info(folder: Path) -> dict[str, Any]:
     mlc_llm uses its defaults, written here."""
     info: dict[str, Any] = {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
                             "strip_space_in_decode": False}
+    from edgekit.model import prepends_space, tokenizer_steps
+
     tj = folder / "tokenizer.json"
     if not tj.exists():
         return info
     data = json.loads(tj.read_text(encoding="utf-8"))
-    decoders = _members(data.get("decoder"), "decoders")
+    decoders = tokenizer_steps(data.get("decoder"))
     for d in decoders:  # the last ByteLevel/ByteFallback one decides, as in mlc_llm
         if d.get("type") in ("ByteLevel", "ByteFallback"):
             info["token_postproc_method"] = "byte_level" if d["type"] == "ByteLevel" else "byte_fallback"
-    info["prepend_space_in_encode"] = any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581"
-                                          for n in _members(data.get("normalizer"), "normalizers"))
+    info["prepend_space_in_encode"] = prepends_space(data)
     info["strip_space_in_decode"] = any(d.get("type") == "Strip" and d.get("content") == " " and d.get("start") == 1
                                         and d.get("stop") == 0 for d in decoders)
     return info
-
-
-def _members(step: Any, key: str) -> list[dict[str, Any]]:
-    """A tokenizer.json normalizer or decoder as the list mlc_llm looks through: a Sequence's members (one
-    level), else the step itself."""
-    if not isinstance(step, dict):
-        return []
-    parts = step.get(key) if step.get("type") == "Sequence" else [step]
-    return [p for p in parts or [] if isinstance(p, dict)]
