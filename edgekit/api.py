@@ -242,6 +242,8 @@ def _write(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | None, recip
         ternary = getattr(quantizer, "report", {}).get("ternary")
         if ternary:
             fields["ternary"] = ternary
+        # a format corrects the recipe where its options decide (MLC's --quant picks the bits)
+        corrections = fields.pop("recipe", {})
         manifest: dict[str, Any] = {
             "schema": SCHEMA,
             "format": fmt.name,
@@ -253,7 +255,7 @@ def _write(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | None, recip
                 "architecture": (source.config.get("architectures") or ["?"])[0],
                 "n_params": source.n_params,
             },
-            "recipe": {**recipe.to_json(), "quantizer": quantizer.config.to_json()},
+            "recipe": {**recipe.to_json(), "quantizer": quantizer.config.to_json(), **corrections},
             "tools": tool_versions("gguf", "numpy", "safetensors", "torch", "transformers"),
             **fields,
         }

@@ -139,7 +139,9 @@ class Format(abc.ABC):
         quantizer: Quantizer,
         progress: ProgressFn = no_progress,
     ) -> dict[str, Any]:
-        """Write the model file into ``out_dir`` (a fresh temporary folder); return manifest fields."""
+        """Write the model file into ``out_dir`` (a fresh temporary folder); return manifest fields. A
+        ``"recipe"`` field holds corrections merged into the recipe the core records (MLC's ``--quant``
+        decides the bits), ``"notes"`` the warnings convert prints."""
 
     @abc.abstractmethod
     def describe(self, art: Artifact, ctx: int = 4096) -> dict[str, Any]:

@@ -113,7 +113,7 @@ class MLCFormat(Format):
                     "library": lib},
             **size_fields(n_params, size, tensors, quantizer),
             # the recipe as run: --quant picks the mode, so --bits' default (4) says nothing about q0f16
-            "recipe": {**recipe.to_json(), "bits": opts.mode.bits, "quantizer": quantizer.config.to_json()},
+            "recipe": {"bits": opts.mode.bits},  # merged into the recipe the core writes
         }
         if notes:
             fields["notes"] = notes
