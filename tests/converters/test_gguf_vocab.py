@@ -76,3 +76,30 @@ def test_byte_level_vocabularies_get_no_prefix_warning(tmp_path):
     art = _convert(_tiny(tmp_path / "src", "Qwen2ForCausalLM", "bpe"), tmp_path / "gguf")
     assert not any("SentencePiece" in n for n in art.notes)
     assert _field(art.model_file, "tokenizer.ggml.add_space_prefix") is None
+
+
+def test_special_tokens_are_the_ones_transformers_names(tmp_path):
+    """A BOS named only in special_tokens_map.json (gguf's SpecialVocab reads tokenizer_config.json alone and
+    fell back to config.json's bos_token_id) and a SentencePiece <s> of the vocabulary proper."""
+    import transformers
+
+    src = _tiny(tmp_path / "src", "Qwen2ForCausalLM", "bpe")
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    tc.pop("bos_token", None)
+    tc.pop("added_tokens_decoder", None)  # else transformers leaves special_tokens_map.json alone
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    (src / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|im_end|>"}))
+    hf = transformers.AutoTokenizer.from_pretrained(src)
+    assert hf.bos_token == "<|im_end|>"
+    assert json.loads((src / "config.json").read_text()).get("bos_token_id") != hf.bos_token_id
+    art = _convert(src, tmp_path / "bpe")
+    assert _field(art.model_file, "tokenizer.ggml.bos_token_id") == hf.bos_token_id
+    assert _field(art.model_file, "tokenizer.ggml.eos_token_id") == hf.eos_token_id
+
+    src = _tiny(tmp_path / "spm", "LlamaForCausalLM", "spm")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "bos_token_id": 5, "eos_token_id": 6}))  # stale ids
+    hf = transformers.AutoTokenizer.from_pretrained(src)
+    art = _convert(src, tmp_path / "spm-gguf")
+    got = (_field(art.model_file, "tokenizer.ggml.bos_token_id"), _field(art.model_file, "tokenizer.ggml.eos_token_id"))
+    assert got == (hf.bos_token_id, hf.eos_token_id) != (5, 6)

@@ -18,6 +18,7 @@ from edgekit.model import (
     check_tokenizer_files,
     prepends_space,
     read_json_object,
+    special_token,
     stop_ids,
     tokenizer_steps,
 )
@@ -258,9 +259,24 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
         special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
         if not special.merges:
             raise InputError(f"{folder / 'tokenizer.json'} has no BPE merges; the tokenizer file is incomplete")
+    _name_specials(special, folder, tokens)
     _add_stop_ids(special, folder, len(tokens))
     return GGUFVocab(model=kind, tokens=tokens, scores=scores, types=types, pre=pre, special=special,
                      prefix=_spm_prefix(folder) if has_spm else None)
+
+
+def _name_specials(special: gguf.SpecialVocab, folder: Path, tokens: list[bytes]) -> None:
+    """The special tokens transformers names, by its rule (special_tokens_map.json too, see
+    :func:`edgekit.model.special_token`), over SpecialVocab's: it reads tokenizer_config.json alone and finds
+    names among the added tokens only, so a BOS named in special_tokens_map.json, or a SentencePiece
+    ``<s>`` of the vocabulary proper, fell back to config.json's ``bos_token_id``."""
+    index: dict[bytes, int] = {}
+    for i, tok in enumerate(tokens):
+        index.setdefault(tok, i)
+    for typ in ("bos", "eos", "unk", "sep", "pad"):
+        name = special_token(folder, f"{typ}_token")
+        if name is not None and (tid := index.get(name.encode("utf-8"))) is not None:
+            special.special_token_ids[typ] = tid
 
 
 # llama.cpp's end-of-generation ids beyond the EOS: its vocabulary reads these keys into special_eog_ids
