@@ -46,11 +46,23 @@ def store_dir(folder: str | Path | None = None, create: bool = False) -> Path:
 
 def artifact_name(model: str, *parts: str) -> str:
     """``("SmolLM2-135M-Instruct", "gguf-Q4_K_M")`` -> ``smollm2-135m-instruct-gguf-q4_k_m``: lower case,
-    accents dropped (``mödel`` -> ``model``), anything else but letters, digits, ``.``, ``_``, ``+`` and ``-``
-    made a dash."""
+    accents dropped where that leaves ASCII (``mödel`` -> ``model``), the letters and digits of other scripts
+    kept as they are (``日本`` -> ``日本-gguf-q8_0``, so two such models do not get the same name), anything else
+    but letters, digits, ``.``, ``_``, ``+`` and ``-`` made a dash."""
     text = "-".join(p for p in (model, *parts) if p)
-    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
-    return re.sub(r"-{2,}", "-", _UNSAFE.sub("-", text.lower())).strip("-.") or "model"
+    kept: list[str] = []
+    for c in unicodedata.normalize("NFKC", text):
+        plain = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
+        if plain.isascii():
+            kept.append(plain.lower())
+        elif c.isalnum():
+            kept.append(c.lower())
+        elif unicodedata.category(c).startswith("M") and kept and not kept[-1][-1:].isascii():
+            kept.append(c)  # a vowel sign or other mark of the letter before it (हिंदी), not an accent
+        else:
+            kept.append("-")
+    text = "".join(ch if not ch.isascii() else _UNSAFE.sub("-", ch) for ch in "".join(kept))
+    return re.sub(r"-{2,}", "-", text).strip("-.") or "model"
 
 
 def is_name(ref: str | Path) -> bool:
@@ -165,11 +177,12 @@ def read_entry(folder: Path) -> Entry | None:
 
 
 def entries(folder: str | Path | None = None) -> list[Entry]:
-    """Every artifact in the store, by name (hidden and temporary folders left out; a symbolic link to an
-    artifact folder is listed with ``link`` set)."""
+    """Every artifact in the store, by name, each at its absolute path (hidden and temporary folders left out;
+    a symbolic link to an artifact folder is listed with ``link`` set)."""
     root = store_dir(folder)
     if not root.is_dir():
         return []
+    root = Path(os.path.abspath(root))  # absolute paths, which a script can reuse from any folder (links kept)
     found = []
     for child in sorted(root.iterdir()):
         if child.name.startswith(".") or not child.is_dir():

@@ -4,7 +4,6 @@ imports stay inside the function."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ import typer
 
 from edgekit.cli import size_opts
 from edgekit.cli.flags import check_calib_seqlen, typed_flags
-from edgekit.cli.ui import err, handle_errors, out, progress_bar, say, shown_when_started
+from edgekit.cli.ui import err, handle_errors, out, print_json, progress_bar, say, shown_when_started
 from edgekit.errors import InputError
 
 
@@ -228,7 +227,7 @@ def convert(
     if fit_target is not None:
         size_opts.report_fit(art, fit_target)
     if as_json:
-        out.print_json(json.dumps(m))
+        print_json(m)
         return
     fallbacks = sum(1 for t in m.get("tensors", {}).values() if "wanted" in t)
     fell = (f", {fallbacks} tensor{'s' if fallbacks != 1 else ''} fell back to another type: see 'edgekit inspect'"

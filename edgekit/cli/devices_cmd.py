@@ -5,12 +5,11 @@ The device layer (adbutils, paramiko, pymobiledevice3) is imported inside the co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import err, handle_errors, out, progress_bar, say
+from edgekit.cli.ui import Terminated, err, handle_errors, out, print_json, progress_bar, say
 
 devices_app = typer.Typer(help="This host, Android phones (adb), iPhones (usbmuxd) and SSH boards.",
                           invoke_without_command=True, no_args_is_help=False)
@@ -68,7 +67,7 @@ def devices(
 
     found = list_devices(platform or None)
     if as_json:
-        out.print_json(json.dumps(found.to_json()))
+        print_json(found.to_json())
     else:
         _render(found)
 
@@ -136,7 +135,7 @@ def show(device: str = typer.Argument(..., help="host, android:SERIAL, ios:UDID 
     from edgekit.devices import open_device
 
     with open_device(device) as dev:
-        out.print_json(json.dumps(dev.info().to_json()))
+        print_json(dev.info().to_json())
 
 
 @handle_errors
@@ -167,13 +166,12 @@ def push(
     try:
         with open_device(device) as dev, progress_bar(not as_json and not dry_run) as progress:
             res = do_push(artifact, dev, cfg, progress=progress)
-    except SystemExit as exc:  # `kill` or a closed terminal (exit 143 / 129): say what was kept
-        if exc.code in (129, 143):
-            kept = "; ".join(getattr(exc, "__notes__", ())) or "the device is as it was"
-            say(err, f"{'terminated' if exc.code == 143 else 'hung up'}; {kept}", "error:", "bold red")
+    except Terminated as exc:  # `kill` or a closed terminal (exit 143 / 129): handle_errors says what was kept
+        if not getattr(exc, "__notes__", None):
+            exc.add_note("the device is as it was")
         raise
     if as_json:
-        out.print_json(json.dumps(res.to_json()))
+        print_json(res.to_json())
         return
     verb = "would send" if res.dry_run else "sent"
     for f in res.files:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import handle_errors, out, progress_bar, say
+from edgekit.cli.ui import handle_errors, out, print_json, progress_bar, say
 
 
 @handle_errors
@@ -55,7 +54,7 @@ def distill_cmd(
     with progress_bar(not as_json) as progress:  # Ctrl-C: one "interrupted" line says what was kept (exit 130)
         rec = distill(pipeline, dest, cfg, force=force, progress=progress)
     if as_json:
-        out.print_json(json.dumps(rec))
+        print_json(rec)
         return
     if not rec["finished"]:
         say(out, f"stopped at step {rec['step']}/{rec['iters']} after {rec['seconds']:.0f} s (--minutes); run the "

@@ -6,14 +6,12 @@ artifact (or a diffusers pipeline folder) to the functions here; heavy imports s
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from edgekit.cli.flags import typed_flags
-from edgekit.cli.ui import out, progress_bar, say
+from edgekit.cli.ui import out, print_json, progress_bar, say
 from edgekit.errors import InputError
 
 IMAGE_OPTIONS = ("--class", "--output/-o", "--steps", "--cache-interval")
@@ -102,7 +100,7 @@ def run_images(target: Path, *, cls: int | None, n: int | None, output: Path | N
               "ms_full_step": round(1000 * sum(full) / len(full), 3) if full else None,
               "ms_shallow_step": round(1000 * sum(shallow) / len(shallow), 3) if shallow else None}
     if as_json:
-        sys.stdout.write(json.dumps(report) + "\n")
+        print_json(report, indent=None)
         return
     what = f"class {cls}" if cls is not None else ("one of each class" if labels is not None else "unconditional")
     cache = f", DeepCache every {cfg.cache_interval} steps" if cfg.cache_interval > 1 else ""
@@ -127,7 +125,7 @@ def profile_images(targets: list[Path], *, reps: int, steps: int | None, images:
             results.append(profile_diffusion(target, batches=batches, reps=reps, steps=steps,
                                              cache_intervals=intervals, threads=t, progress=progress))
     if as_json:
-        sys.stdout.write(json.dumps(results if len(results) > 1 else results[0], indent=1) + "\n")
+        print_json(results if len(results) > 1 else results[0], indent=1)
         return
     for r in results:
         threads = f"{r['threads']} threads" if r.get("threads") else "numpy's own threads"  # the Core ML evaluator's

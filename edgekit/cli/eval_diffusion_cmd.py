@@ -4,7 +4,6 @@ is a diffusion model; the language-model path stays there."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,13 @@ def refuse_text_options(target: Path, text: Path | None, ref: Path | None, kv_wi
 
 
 def run(target: Path, options: dict[str, Any], record: bool, as_json: bool) -> None:
-    from edgekit.cli.ui import out, progress_bar
+    from edgekit.cli.ui import out, print_json, progress_bar
     from edgekit.evaluate import evaluate_diffusion
 
     with progress_bar(not as_json) as progress:
         res = evaluate_diffusion(target, progress=progress, record=record, **options)
     if as_json:
-        out.print_json(json.dumps(res))
+        print_json(res)
         return
     out.print(table(str(target), res))
 

@@ -7,14 +7,13 @@ command that takes an artifact takes such a name as well as a path.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from edgekit.cli.render import tensor_type_flags, training_notes
-from edgekit.cli.ui import err, handle_errors, out, say, tagged
+from edgekit.cli.ui import err, handle_errors, out, print_json, print_table, say, stdin_is_tty, tagged
 
 DIR_HELP = "Model library folder (default: $EDGEKIT_MODELS, else models/ in edgekit's home)."
 
@@ -58,25 +57,31 @@ def ls(
 
     from edgekit import library
 
-    found = library.entries(folder)
+    found = library.entries(folder)  # their paths absolute, as the folder's below: a script can reuse them
     if as_json:
-        out.print_json(json.dumps({"dir": str(library.store_dir(folder)), "artifacts": [e.to_json() for e in found]}))
+        print_json({"dir": str(library.store_dir(folder).resolve()), "artifacts": [e.to_json() for e in found]})
         return
     if not found:
         say(out, f"no artifacts in {library.store_dir(folder)}; 'edgekit convert MODEL' writes one there")
         return
     table = Table(title=Text(f"{library.store_dir(folder)}"), title_justify="left")
-    # in a narrow terminal a long name folds onto more lines; sizes and dates are never cut short
-    table.add_column("name", overflow="fold")
-    for col in ("format", "quant", "MB", "bpw", "created", "perplexity on"):
-        table.add_column(col, justify="right" if col in ("MB", "bpw") else "left", no_wrap=col != "perplexity on")
+    rows = []
     for e in found:  # names come from disk: Text, never markup
         name = Text(e.name + (f" -> {e.link}" if e.link else ""))
         if e.problem:
             name.append(" (damaged)", "bold red")
-        table.add_row(name, e.format, Text(e.preset), _mb(e.size_bytes), "-" if e.bpw is None else f"{e.bpw:.2f}",
-                      e.created[:10], Text(eval_label(e.eval, short=True)))
-    out.print(table)
+        rows.append((name, Text(e.format), Text(e.preset), Text(_mb(e.size_bytes)),
+                     Text("-" if e.bpw is None else f"{e.bpw:.2f}"), Text(e.created[:10]),
+                     Text(eval_label(e.eval, short=True))))
+    # names, sizes and dates are never cut short, nor folded (even in a narrow terminal: the table is wider
+    # then); only the last column wraps
+    for i, col in enumerate(("name", "format", "quant", "MB", "bpw", "created", "perplexity on")):
+        last = col == "perplexity on"
+        table.add_column(col, justify="right" if col in ("MB", "bpw") else "left", no_wrap=not last,
+                         min_width=None if last else max(r[i].cell_len for r in rows))
+    for row in rows:
+        table.add_row(*row)
+    print_table(out, table)
     for e in found:
         if e.problem:
             say(err, f"{e.name}: {e.problem}", "warning:", "yellow")
@@ -102,7 +107,7 @@ def show(
     art = Artifact.open(library.resolve(artifact, folder))
     m = art.manifest
     if as_json:
-        out.print_json(json.dumps({"path": str(art.path.resolve()), **m}))
+        print_json({"path": str(art.path.resolve()), **m})
         return
     src = m.get("source") or {}
     recipe = m.get("recipe") or {}
@@ -146,7 +151,6 @@ def rm(
       edgekit rm smollm2-135m-instruct-gguf-q4_k_m
       edgekit rm old-a old-b -y
     """
-    import sys
 
     from edgekit import library
     from edgekit.errors import InputError
@@ -164,7 +168,7 @@ def rm(
         size = 0 if link else library.folder_bytes(p)
         what = f"the link {p} (to {p.resolve()}, which is kept)" if link else f"{p} ({_mb(size)} MB)"
         if not yes:
-            if not sys.stdin.isatty():
+            if not stdin_is_tty():
                 raise InputError(f"rm asks before deleting {p}, and stdin is not a terminal: pass -y to delete "
                                  "without asking")
             if not typer.confirm(f"delete {what}?", default=False, err=True):
@@ -189,7 +193,7 @@ def ps(as_json: bool = typer.Option(False, "--json", help="Print the processes a
 
     procs = running()
     if as_json:
-        out.print_json(json.dumps([p.to_json() for p in procs]))
+        print_json([p.to_json() for p in procs])
         return
     if not procs:
         say(out, "no edgekit servers or llama.cpp workers are running")
@@ -205,7 +209,7 @@ def ps(as_json: bool = typer.Option(False, "--json", help="Print the processes a
     for p in procs:
         by = "-" if p.kind == "server" else f"server {p.parent}" if p.parent in servers else p.owner or "-"
         table.add_row(p.kind, str(p.pid), Text(", ".join(p.models) or "-"), str(p.port or "-"), _mb(p.rss), Text(by))
-    out.print(table)
+    print_table(out, table)
 
 
 @handle_errors
@@ -226,7 +230,7 @@ def registry(as_json: bool = typer.Option(False, "--json", help="Print the regis
                          for n in BACKENDS.names()},
             "gguf_presets": list(mixes.PRESETS), "bits": {str(k): v for k, v in mixes.BITS_TO_PRESET.items()}}
     if as_json:
-        out.print_json(json.dumps(data))
+        print_json(data)
     else:
         for k, v in data.items():
             if k == "backends":
@@ -320,7 +324,7 @@ def cache(
 
     rows = _caches()
     if as_json:
-        out.print_json(json.dumps({"home": str(edgekit_home()), "caches": rows}))
+        print_json({"home": str(edgekit_home()), "caches": rows})
         return
     width = max(len(_mb(r["bytes"])) for r in rows)
     for r in rows:  # one line each, so a path is never folded and can be copied
@@ -346,7 +350,6 @@ def cache_clear(
       edgekit cache clear heal aqlm
       edgekit cache clear -y
     """
-    import sys
 
     from edgekit.errors import InputError
 
@@ -360,7 +363,7 @@ def cache_clear(
         return
     what = ", ".join(f"{r['kind']} ({_mb(r['bytes'])} MB)" for r in rows)
     if not yes:
-        if not sys.stdin.isatty():
+        if not stdin_is_tty():
             raise InputError("cache clear asks before deleting, and stdin is not a terminal: pass -y to clear "
                              "without asking")
         if not typer.confirm(f"delete the caches {what}?", default=False, err=True):

@@ -5,8 +5,9 @@ Every command imports its heavy machinery inside the function body, so ``--help`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,8 +44,13 @@ from edgekit.cli.ui import (
     err,
     handle_errors,
     out,
+    print_json,
+    print_table,
     progress_bar,
+    read_stdin,
     say,
+    stdin_is_tty,
+    write_stdout,
 )
 from edgekit.errors import InputError
 from edgekit.validate import check_stream_tokens
@@ -172,7 +178,7 @@ def run(
     max_tokens = 256 if max_tokens is None else max_tokens
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     if prediction is not None:
-        if prompt is None and sys.stdin.isatty():
+        if prompt is None and stdin_is_tty():
             raise InputError("--prediction is the expected answer to one prompt: give the prompt with -p TEXT")
         sampling = dataclasses.replace(sampling, prediction=_read_prediction(prediction))
     chosen: dict = {}
@@ -194,14 +200,14 @@ def run(
     if "ctx" in typed_flags(cli, "ctx") and not kv_window and (
             note := beyond_trained_note(artifact, ctx, "replies that reach past it may lose coherence")):
         say(err, note, "note:", "dim")
-    if prompt is None and sys.stdin.isatty():
+    if prompt is None and stdin_is_tty():
         if as_json:
             raise InputError("--json answers one prompt: give it with -p TEXT (or -p - to read stdin)")
         repl.chat_repl(lambda: api.open_backend(artifact, n_ctx=ctx, n_threads=threads, **placement), sampling,
                        system=system, raw=raw, show_stats=stats)
         return
     if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin()  # a closed stdin reads as empty
         if not raw:  # the newline that ends a piped line is not part of the message; raw text is kept as is
             prompt = prompt.rstrip("\n")
         if not prompt.strip():
@@ -213,14 +219,15 @@ def run(
     check_prompt(message)  # before the model loads: a bad prompt's error comes alone, and at once
     st = GenerationStats()
     pieces = api.generate(artifact, message, sampling, st, raw=raw, n_ctx=ctx, n_threads=threads, **placement)
-    text, stopped = repl.stream(pieces, None if as_json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    text, stopped = repl.stream(pieces, None if as_json else write_stdout)
     if stopped:
         raise KeyboardInterrupt
     if as_json:
-        sys.stdout.write(json.dumps(repl.as_json(text, st, str(artifact)), ensure_ascii=False) + "\n")
+        from edgekit import library
+
+        print_json(repl.as_json(text, st, str(library.resolve(artifact).resolve())), indent=None)
         return
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    write_stdout("\n")
     if stats:
         say(err, repl.dim(repl.stats_line(st)))
 
@@ -305,7 +312,7 @@ def eval_cmd(
             res_s = api.evaluate_streaming(artifact, text, kv_window, kv_sinks, max_tokens=max_tokens,
                                            progress=progress, n_threads=threads, **options)
         if as_json:
-            out.print_json(json.dumps(res_s))
+            print_json(res_s)
         else:
             if record:
                 say(err, "a KV-window perplexity is not recorded in the manifest (it measures the window, not the "
@@ -321,18 +328,24 @@ def eval_cmd(
         res = api.evaluate(artifact, text, api.EvalConfig(ctx=ctx, chunks=chunks), ref=ref, progress=progress,
                            record=record, n_threads=threads, **options)
     if as_json:
-        out.print_json(json.dumps(res.to_json()))
+        print_json(res.to_json())
         return
+    print_table(out, eval_table(artifact, res))
+
+
+def eval_table(artifact: Path, res) -> object:
+    """``eval``'s result as a table: its figures are never cut short (no wrap, and as wide as they are)."""
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"{artifact} on {res.provenance()} ({res.tokens_scored} tokens scored)"))
-    for col in ("perplexity", "±", "ref perplexity", "KL mean", "KL p99", "top-1"):
-        table.add_column(col, justify="right")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    table.add_row(f"{res.ppl:.4f}", f"{res.ppl_stderr:.4f}", fmt(res.ref_ppl, ".4f"), fmt(res.kl_mean, ".5f"),
-                  fmt(res.kl_p99, ".4f"), fmt(None if res.top1_agreement is None else 100 * res.top1_agreement, ".2f"))
-    out.print(table)
+    cells = [f"{res.ppl:.4f}", f"{res.ppl_stderr:.4f}", fmt(res.ref_ppl, ".4f"), fmt(res.kl_mean, ".5f"),
+             fmt(res.kl_p99, ".4f"), fmt(None if res.top1_agreement is None else 100 * res.top1_agreement, ".2f")]
+    table = Table(title=Text(f"{artifact} on {res.provenance()} ({res.tokens_scored} tokens scored)"))
+    for col, cell in zip(("perplexity", "±", "ref perplexity", "KL mean", "KL p99", "top-1"), cells, strict=True):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(cell))
+    table.add_row(*cells)
+    return table
 
 
 @app.command("inspect")
@@ -365,7 +378,7 @@ def inspect_cmd(
     if as_json:
         if not tensors:
             info = {k: v for k, v in info.items() if k != "tensors"}
-        out.print_json(json.dumps(info))
+        print_json(info)
     else:
         render_inspect(out, info, tensors)
 
@@ -437,17 +450,80 @@ def unwind_on_signals() -> None:
     outputs are removed instead of left behind. A SIGHUP ignored on purpose (``nohup``) stays ignored."""
     import signal
 
+    from edgekit.cli.ui import Terminated
+
     def leave(signum: int, frame: object) -> None:
-        sys.exit(128 + signum)
+        raise Terminated(signum)  # a SystemExit: exits 128 + signum; handle_errors says which signal
 
     signal.signal(signal.SIGTERM, leave)
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, leave)
 
 
+def std_streams_for_scripts() -> None:
+    """What a script or CI job may hand edgekit: a closed stdin reads as empty (``run`` says so, exit 2); to a
+    closed stdout every write fails with one line on stderr (exit 1) instead of output silently dropped; and a
+    reader of stdout that goes away (``| head``) ends edgekit quietly with status 141, for rich's output (tables,
+    ``--help``) as for the rest."""
+    from rich.console import Console
+
+    from edgekit.cli.ui import CLOSED_STDOUT, leave_quietly_on_broken_pipe
+
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # for the whole run; takes fd 0 again
+    if sys.stdout is None:
+        import errno
+        import io
+
+        class ClosedStdout(io.TextIOBase):
+            def write(self, s: str) -> int:
+                raise OSError(errno.EBADF, CLOSED_STDOUT)
+
+        os.open(os.devnull, os.O_WRONLY)  # fd 1 again: the next file opened (a model) does not become stdout
+        sys.stdout = ClosedStdout()
+
+    def on_broken_pipe(self: Console) -> None:
+        self.quiet = True
+        leave_quietly_on_broken_pipe()
+
+    Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]  # Typer's help consoles too
+
+
+def flush_stdout() -> None:
+    """Write what is still buffered for stdout now, where a failure can be said: its reader gone, quietly
+    (141); any other error (a full disk) in one line, exit 1. Either way Python's own flush at exit then has
+    nothing left to fail on (no "Exception ignored" message)."""
+    from edgekit.cli.ui import fail, leave_quietly_on_broken_pipe, os_error_line, stdout_reader_gone
+
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) or stdout_reader_gone():
+            leave_quietly_on_broken_pipe()
+        line, code = os_error_line(exc)
+        fail(f"writing stdout: {line}", code)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(code) from None
+
+
 def main() -> None:
+    import errno
+
+    from edgekit.cli.ui import fail, leave_quietly_on_broken_pipe, os_error_line, stdout_reader_gone
+
     unwind_on_signals()
-    app()
+    std_streams_for_scripts()
+    try:
+        app()
+    except OSError as exc:  # met outside a command (--help to a closed stdout): one line too, never a traceback
+        if exc.errno == errno.EPIPE and stdout_reader_gone():
+            leave_quietly_on_broken_pipe()
+        line, code = os_error_line(exc)
+        fail(line, code)
+        raise SystemExit(code) from None
+    finally:
+        flush_stdout()
 
 
 if __name__ == "__main__":

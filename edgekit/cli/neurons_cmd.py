@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import handle_errors, out, progress_bar, say
+from edgekit.cli.ui import handle_errors, out, print_json, progress_bar, say
 
 
 @handle_errors
@@ -70,7 +70,7 @@ def neurons_cmd(
     (folder / "neurons.json").write_text(json.dumps(rep.to_json(), indent=1))
     neurons.plot(rep, folder / "neurons.png")
     if as_json:
-        out.print_json(json.dumps(rep.to_json()))
+        print_json(rep.to_json())
         return
     s = rep.to_json()["summary"]
     say(out, f"neuron frequency vs rank, log-log fit over {len(rep.layers)} layers: slope {s['slope']:.2f}, "

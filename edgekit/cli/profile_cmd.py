@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from edgekit.cli.ui import err, handle_errors, out, say, tagged
+from edgekit.cli.ui import err, handle_errors, out, print_json, say, tagged, write_stdout
 
 
 def _ints(text: str, name: str, allow_none: bool = False) -> tuple[Any, ...]:
@@ -112,9 +112,9 @@ def _csv(rows: list[Any]) -> str:
 def _emit(run: Any, as_json: bool, as_csv: bool, plot: Path | None, terminal_plot: bool,
           device: str | None = None) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(run.to_json(), indent=1) + "\n")
+        print_json(run.to_json(), indent=1)
     elif as_csv:
-        sys.stdout.write(_csv(run.rows))
+        write_stdout(_csv(run.rows))
     else:
         out.print(_table(run.rows, f"edgekit profile ({run.status})" + (f" on {device}" if device else "")))
         noisy = noisy_rows(run.rows)
@@ -318,7 +318,7 @@ def _show_compare(artifacts: list[Path] | None, as_json: bool) -> None:
     with History() as h:
         data = [c for n in names for c in h.compare(n)]
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=1) + "\n")
+        print_json(data, indent=1)
         return
     if not data:
         out.print("no profile history yet: run `edgekit profile ARTIFACT` first")
@@ -377,7 +377,7 @@ def plan_cmd(
         _print_memory_plan(art, p, as_json, kv_window)
         return
     if as_json:
-        sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")
+        print_json(p.to_json(), indent=1)
         return
     parts = p.memory.parts
     from rich.text import Text
@@ -424,7 +424,7 @@ def _print_memory_plan(art: Any, p: Any, as_json: bool, kv_window: int | None = 
     from edgekit.errors import InputError
 
     if as_json:
-        sys.stdout.write(json.dumps(p.to_json(), indent=1) + "\n")
+        print_json(p.to_json(), indent=1)
     else:
         from rich.text import Text
 

@@ -35,7 +35,7 @@ def run_quickstart_diffusion(home: Path | None = None, force: bool = False, dist
                              threads: int | None = None, as_json: bool = False, n: int = N_SCORE) -> dict[str, Any]:
     """Every step, printed as it goes (unless ``as_json``); returns the figures."""
     from edgekit import api
-    from edgekit.cli.ui import out, progress_bar, say
+    from edgekit.cli.ui import out, print_json, progress_bar, say
     from edgekit.converters.diffusion.pipeline import open_pipeline
     from edgekit.converters.diffusion.sampler import SampleTrace, grid_png
     from edgekit.fsutil import atomic_file
@@ -128,7 +128,7 @@ def run_quickstart_diffusion(home: Path | None = None, force: bool = False, dist
     figures["fid_floor"] = r.get("floor")
     figures["grid"] = str(grid)
     if as_json:
-        out.print_json(json.dumps(figures))
+        print_json(figures)
         return figures
     from rich.table import Table
 

@@ -14,6 +14,7 @@ from edgekit.cli.ui import (
     SINKS_HELP,
     SPEC_HELP,
     WINDOW_HELP,
+    Terminated,
     decoding_options,
     err,
     handle_errors,
@@ -152,6 +153,9 @@ def serve(
         run_server(config, api.open_backend, on_ready=ready, preloaded=preloaded)
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C once it has shut down: for a server that is the normal way to stop
+    except Terminated as exc:  # SIGTERM / SIGHUP, re-raised by uvicorn once it has shut down: exits 143 / 129,
+        exc.said = True  # and "stopped; every model unloaded" below is the last line, as for Ctrl-C
+        raise
     finally:  # also when it re-raises SIGTERM, which exits through main's handler (status 143)
         for instance in preloaded.values():
             instance.close()  # already closed by the pool, unless the server never started

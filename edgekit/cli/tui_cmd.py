@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from edgekit.cli.flags import THREADS_HELP
-from edgekit.cli.ui import EXPERTS_HELP, decoding_options, handle_errors
+from edgekit.cli.ui import EXPERTS_HELP, decoding_options, handle_errors, refuse_without_terminal
 
 
 def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int, threads: int | None,
@@ -30,6 +30,8 @@ def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int
         folder = library.store_dir(create=True)
     if not folder.expanduser().is_dir():
         raise InputError(f"--dir {folder} is not a folder; give the folder that holds your artifacts")
+    # without a terminal (a script, a CI job) the app would wait for keys forever: one line instead
+    refuse_without_terminal("the terminal app", str(chat) if chat is not None else "ARTIFACT")
     from edgekit.tui.app import EdgekitApp
 
     options = {"n_ctx": ctx, "n_threads": threads, "offload": offload, **(decoding or {})}

@@ -8,7 +8,9 @@ cannot raise MarkupError; only the fixed tag before them is styled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import json
 import os
 import sys
 import warnings
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -26,6 +28,124 @@ from edgekit.errors import DiskFullError, EdgekitError, InputError
 out = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+CLOSED_STDOUT = "stdout is closed, so nothing could be written; run edgekit with stdout open (a file or a pipe)"
+
+
+class Terminated(SystemExit):
+    """SIGTERM (``kill``) or SIGHUP (the terminal closed), raised by the CLI's signal handler: it unwinds like
+    Ctrl-C (temporary outputs removed) and exits 128 + the signal's number. :func:`handle_errors` says so in
+    one line, with what was kept from its notes (as for Ctrl-C), unless ``said``: a command that printed its own
+    last line (``serve``'s "stopped; every model unloaded")."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(128 + signum)
+        self.signame = signal.Signals(signum).name
+        self.said = False
+
+
+def leave_quietly_on_broken_pipe() -> None:
+    """stdout's reader went away (``| head``): nothing is wrong and nothing more is said. Exit 141 (128 +
+    SIGPIPE, what a shell reports for ``cat`` or ``grep`` there) with stdout pointed at /dev/null, so that
+    Python's last flush of it does not print an "Exception ignored ... BrokenPipeError" at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    raise SystemExit(141)
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader closed it (a broken pipe that is stdout's, not a
+    worker's or a device's)."""
+    try:
+        import select
+
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def stdin_is_tty() -> bool:
+    """Whether stdin is a terminal (a closed stdin is not: it reads as empty)."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def read_stdin() -> str:
+    """All of stdin; a closed one reads as empty."""
+    return "" if sys.stdin is None else sys.stdin.read()
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` to stdout as UTF-8 and flush. A character that cannot be encoded (an undecodable byte
+    of a path, kept by Python as a lone surrogate) is written as its escape ``\\udcXX``: inside a JSON string
+    that is the JSON escape, which ``json.loads`` reads back to the same str (``os.fsencode`` of it gives the
+    real bytes), instead of U+FFFD."""
+    stream = sys.stdout
+    if stream is None:
+        raise OSError(errno.EBADF, CLOSED_STDOUT)
+    data = text.encode("utf-8", "backslashreplace")
+    buffer = getattr(stream, "buffer", None)
+    stream.flush()
+    if buffer is None:
+        stream.write(data.decode("utf-8"))
+        stream.flush()
+    else:
+        buffer.write(data)
+        buffer.flush()
+
+
+def print_json(data: Any, indent: int | None = 2) -> None:
+    """Every ``--json`` document goes out here: plain JSON text and a newline, whatever FORCE_COLOR or
+    TTY_COMPATIBLE say (never through rich, which would colour it and turn undecodable path bytes into
+    U+FFFD)."""
+    write_stdout(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+def print_table(console: Console, table: RenderableType) -> None:
+    """A table that never cuts a cell short. In a terminal rich fits it to the width, wrapping only the
+    columns allowed to wrap; where even that is too wide (a narrow terminal) it is printed as narrow as it can
+    be and the terminal wraps its lines, rather than cropped. Anywhere else (a pipe, a file, a CI log) it is
+    printed at its natural width, so ``edgekit ls | grep NAME`` finds a long name on its one line. Printed
+    either of those two ways, its title is a line of its own (not padded with spaces to the table's width)."""
+    from rich.measure import Measurement
+    from rich.segment import Segments
+    from rich.table import Table
+
+    natural = Measurement.get(console, console.options.update_width(100_000), table)
+    terminal = is_terminal(console)
+    if terminal and natural.minimum <= console.width:
+        console.print(table)
+        return
+    if isinstance(table, Table) and table.title:
+        title, table.title = table.title, None
+        say(console, title if isinstance(title, Text) else Text(str(title)))
+    width = natural.minimum if terminal else natural.maximum
+    console.print(Segments(console.render(table, console.options.update(width=width))), crop=False)
+
+
+def is_terminal(console: Console) -> bool:
+    """Whether the console writes to a real terminal (not what FORCE_COLOR or TTY_COMPATIBLE claim)."""
+    try:
+        return bool(console.file.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def refuse_without_terminal(what: str, artifact: str = "ARTIFACT") -> None:
+    """The terminal apps (``tui``, ``chat``) need a terminal on both stdin and stdout: without one (a script,
+    a CI job) they would take over no screen and wait forever for keys; one line and exit 2 instead."""
+    stdout_tty = sys.stdout is not None and sys.stdout.isatty()
+    if not (stdin_is_tty() and stdout_tty):
+        which = "stdin and stdout are" if not stdin_is_tty() and not stdout_tty else \
+            "stdin is" if not stdin_is_tty() else "stdout is"
+        raise InputError(f"{what} needs a terminal, and {which} not one; in a script use `edgekit run {artifact} "
+                         "-p TEXT` (or -p - to read the prompt from stdin)")
 
 
 def tagged(tag: str, style: str, message: str) -> Text:
@@ -81,9 +201,18 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt as exc:  # a note says what was kept on purpose (training progress...)
             kept = "; ".join(getattr(exc, "__notes__", ()))  # what stays on purpose, said instead
             raise fail(f"interrupted; {kept or 'nothing half-written was kept'}", 130) from None
+        except Terminated as exc:  # `kill` or a closed terminal: unwound like Ctrl-C, and said like it
+            if not exc.said:
+                exc.said = True
+                kept = "; ".join(getattr(exc, "__notes__", ()))
+                what = "hung up" if exc.signame == "SIGHUP" else "terminated"
+                say(err, f"{what} ({exc.signame}); {kept or 'nothing half-written was kept'}", "error:", "bold red")
+            raise
         except MemoryError:
             raise fail("out of memory; close other programs or use a smaller model / --ctx", 137) from None
         except OSError as exc:
+            if exc.errno == errno.EPIPE and stdout_reader_gone():  # `| head`: not an error
+                leave_quietly_on_broken_pipe()
             if os.environ.get("EDGEKIT_DEBUG"):
                 raise
             raise fail(*os_error_line(exc)) from None
