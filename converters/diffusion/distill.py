@@ -163,7 +163,7 @@ def distill(src: str | Path, out: str | Path, cfg: DistillConfig = DistillConfig
     state_dir = out.with_name(out.name + ".distill")
     try:
         return _distill(pipe, src, out, state_dir, cfg, force, progress)
-    except KeyboardInterrupt as exc:  # said on the "interrupted" line: what was kept, truthfully
+    except (KeyboardInterrupt, SystemExit) as exc:  # said on the "interrupted"/"terminated" line: what was kept
         exc.add_note(f"{out.name} was not written; {kept(state_dir, cfg)}")
         raise
 

@@ -402,8 +402,10 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
         exc.add_note(f"no half-written model was kept; {what} progress is saved at step {info['step']}: the same "
                      "command resumes it")
         raise
-    except SystemExit:  # kill or a closed terminal (edgekit's CLI turns SIGTERM and SIGHUP into an exit)
+    except SystemExit as exc:  # kill or a closed terminal (edgekit's CLI turns SIGTERM and SIGHUP into an exit)
         info["stopped"] = "a signal"
+        exc.add_note(f"no half-written model was kept; {what} progress is saved at step {info['step']}: the same "
+                     "command resumes it")
         raise
     finally:
         info["elapsed_s"] = spent0 + time.monotonic() - t_run
