@@ -152,8 +152,8 @@ class RawLlama:
 
         self.llm = llama_cpp.Llama(str(path), n_ctx=CTX, n_threads=N_THREADS, logits_all=True, verbose=False)
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=add_special, special=False)
+    def tokenize(self, text: str, add_special: bool = True, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=add_special, special=special)
 
     def logits(self, tokens: list[int]) -> Any:
         import numpy as np

@@ -465,7 +465,7 @@ def evaluate_streaming(
     with open_backend(target, kv_window=kv_window, kv_sinks=kv_sinks, **options) as backend:
         if not isinstance(backend, StreamsLongText):
             raise InputError(f"the {backend.name} backend cannot stream a text through a KV window")
-        tokens = backend.tokenize(text)[: max_tokens or None]
+        tokens = backend.tokenize(text, special=False)[: max_tokens or None]  # plain text, as eval reads it
         if len(tokens) < 2:
             raise InputError(f"{text_file} has fewer than 2 tokens")
         report = (lambda done, total: progress("streaming", done, total)) if progress else None

@@ -183,8 +183,11 @@ BITS = (8, 6, 5, 4, 3, 2)
 
 
 def kv_cache_f16(n_layer: int, n_head_kv: int, head_dim: int, ctx: int) -> int:
-    """K and V of every block at ``ctx`` cells in llama.cpp's default f16 cache."""
-    return 2 * n_layer * ctx * n_head_kv * head_dim * 2
+    """K and V of every block in llama.cpp's default f16 cache at ``ctx``, for the cells it allocates there
+    (rounded up to 256, as ``inspect`` of a GGUF and ``plan`` count them)."""
+    from edgekit.converters.formats.gguf.read import kv_cells
+
+    return 2 * n_layer * kv_cells(ctx) * n_head_kv * head_dim * 2
 
 
 def gguf_options(ckpt: HFCheckpoint, ctx: int) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Quality measurement: perplexity under llama-perplexity's protocol, and agreement with a reference.
 
-Protocol (as llama.cpp's ``llama-perplexity``): the text is tokenized once; it is cut into
+Protocol (as llama.cpp's ``llama-perplexity``): the text is tokenized once, as plain text (special-token
+text such as ``<unk>`` in WikiText is not parsed into control tokens: ``parse_special=false``); it is cut into
 non-overlapping chunks of ``ctx`` tokens; each chunk is evaluated from an empty context (its first
 token replaced by BOS when the vocabulary adds one) and only the second half is scored, so every
 scored token sees at least ``ctx/2`` tokens of context. With a reference model, the same token ids
@@ -87,7 +88,8 @@ def provenance_label(e: dict[str, Any]) -> str:
     if e.get("kv_window"):
         shape = f"{e.get('tokens_scored', '?')} tokens through a KV window of {e['kv_window']}"
     else:
-        shape = f"{e.get('chunks', '?')} chunks x {e.get('ctx', '?')}"
+        n = e.get("chunks", "?")
+        shape = f"{n} chunk{'' if n == 1 else 's'} x {e.get('ctx', '?')}"
     ref = f", ref {Path(str(e['ref'])).name}" if e.get("ref") else ""
     return f"{name} {sha}, {shape}{ref}"
 
@@ -144,7 +146,8 @@ def perplexity(
     """Evaluate ``backend`` on ``text``; with ``ref``, also KL divergence and top-1 agreement."""
     if ref is not None:
         check_same_vocab(backend, ref)
-    tokens = backend.tokenize(text, add_special=True)
+    # special=False as llama-perplexity (parse_special=false): "<unk>" typed in WikiText stays text
+    tokens = backend.tokenize(text, add_special=True, special=False)
     bos = bos_id(backend)
     chunks = chunk_tokens(tokens, cfg)
     first = cfg.ctx // 2

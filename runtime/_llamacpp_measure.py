@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edgekit.runtime._llamacpp_native import peak_rss_bytes, rapl_joules, read_rapl
+from edgekit.runtime._llamacpp_native import peak_rss_bytes, rapl_joules, read_rapl, reset_peak_rss
 
 
 class MeasureOps:
@@ -70,6 +70,8 @@ class MeasureOps:
                 llama_cpp.llama_synchronize(ctx)
                 tok = rng.randrange(n_vocab)
 
+        # each test's peak is its own, not an earlier test's in this worker (where the kernel allows a reset)
+        reset_peak_rss()
         if msg.get("warmup", True):
             self.clear_kv()
             if n_prompt:

@@ -66,8 +66,21 @@ def rss_bytes() -> int:
     return value
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident set size over from its current RSS (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM), so that the next :func:`peak_rss_bytes` is the peak since now.
+    False where it cannot be reset (no /proc, or a kernel that refuses): the peak stays the process's
+    lifetime peak there, which is what a row measured after a bigger test then reports."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size since it started."""
+    """This process's peak resident set size since it started, or since the last :func:`reset_peak_rss`."""
     value = _status_kb("VmHWM")
     if value is None:
         import resource

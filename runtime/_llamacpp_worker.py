@@ -288,8 +288,8 @@ class Worker(MeasureOps):
         self.send(ev="result", id=msg.get("id"), value={"rss": rss_bytes(), "peak_rss": peak_rss_bytes()})
 
     def op_tokenize(self, msg: dict[str, Any]) -> None:
-        add = bool(msg.get("add_special", True))
-        tokens = self.llm.tokenize(msg["text"].encode("utf-8"), add_bos=add, special=True)
+        add, special = bool(msg.get("add_special", True)), bool(msg.get("special", True))
+        tokens = self.llm.tokenize(msg["text"].encode("utf-8"), add_bos=add, special=special)
         self.send(ev="result", id=msg.get("id"), value=list(tokens))
 
     def op_chat_tokens(self, msg: dict[str, Any]) -> None:

@@ -91,8 +91,8 @@ class _Sparsified:
 
         return forward
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.inner.tokenize(text, add_special)
+    def tokenize(self, text: str, add_special: bool = True, special: bool = True) -> list[int]:
+        return self.inner.tokenize(text, add_special, special)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         key = tuple(tokens)
@@ -179,7 +179,7 @@ def analyze(model: str | Path, text: str, *, sparsities: tuple[float, ...] = (0.
     freq = {i: np.sort(step.stats[i].freq)[::-1].round(5).tolist() for i in sorted({0, n // 2, n - 1})}
     sparse = _Sparsified(TorchBackend(ckpt.path), step.thresholds, step.layouts)
     tok = sparse.inner.tokenizer
-    pieces = chunks_of(sparse.tokenize(text), ctx, chunks, tok.bos_token_id)
+    pieces = chunks_of(sparse.tokenize(text, special=False), ctx, chunks, tok.bos_token_id)
     dense = _score(sparse, pieces, None)
     runs = [(m, s, s) for m in METHODS[:3] for s in sparsities]
     runs += [("clusters", s, k) for s, k in (_cluster_rows(layout, n_ff, sparsities) if layout else [])]

@@ -184,8 +184,10 @@ class Backend(abc.ABC):
     incremental: bool = False
 
     @abc.abstractmethod
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of ``text``; ``add_special`` adds BOS when the model's vocabulary asks for it."""
+    def tokenize(self, text: str, add_special: bool = True, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS when the model's vocabulary asks for it. ``special``:
+        typed special-token text (``<|im_end|>``, ``<unk>``) becomes control tokens; False keeps it plain text,
+        as llama-perplexity tokenizes (``parse_special=false``). Every backend gives the same ids either way."""
 
     @abc.abstractmethod
     def generate(

@@ -166,8 +166,8 @@ class CoreMLBackend(Backend):
     def info(self) -> dict[str, Any]:
         return {"n_ctx": self.n_ctx, "engine": self.engine_name, "load_time_s": self.load_time}
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special)
+    def tokenize(self, text: str, add_special: bool = True, special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special, special)
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt ids ``generate(messages)`` evaluates, as the ONNX backend makes them (special tokens

@@ -191,7 +191,8 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         return self._proc.pid if self._proc is not None else None
 
     def memory(self) -> dict[str, int]:
-        """The worker's resident set size now and its peak since it started (bytes)."""
+        """The worker's resident set size now and its peak (bytes) since it started or, where the kernel allows
+        it, since its last ``bench`` began (each test's peak is its own)."""
         return dict(self._call("memory", "reading memory use"))
 
     def reset(self) -> None:
@@ -260,8 +261,8 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         """The GGUF metadata as llama.cpp reads it (values as strings; arrays summarised)."""
         return dict(self._info.get("metadata", {}))
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return list(self._call("tokenize", "tokenizing", text=text, add_special=add_special))
+    def tokenize(self, text: str, add_special: bool = True, special: bool = True) -> list[int]:
+        return list(self._call("tokenize", "tokenizing", text=text, add_special=add_special, special=special))
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt ids ``generate(messages)`` evaluates: the GGUF's chat template with its own markers

@@ -23,10 +23,14 @@ class LlamaCppMemory:
 
     @classmethod
     def memory_estimate(cls, model_file: Path, n_ctx: int, n_batch: int = 512) -> Any:
-        """Weights, repacked copies, KV cache and compute buffers at ``n_ctx`` (:mod:`.memory`)."""
+        """Weights, repacked copies, KV cache and compute buffers at ``n_ctx`` (:mod:`.memory`), plus the llama.cpp
+        worker's measured baseline (a typical one where llama.cpp cannot start here), as ``plan`` counts it and as
+        the ONNX backend's estimate includes its own: the figure is the process's peak, not its model's share."""
+        from edgekit.runtime.hostinfo import baseline_rss
         from edgekit.runtime.memory import MemoryConfig, estimate_memory, read_shape
 
-        return estimate_memory(read_shape(model_file), MemoryConfig(n_ctx=n_ctx, n_batch=n_batch))
+        return estimate_memory(read_shape(model_file), MemoryConfig(n_ctx=n_ctx, n_batch=n_batch),
+                               baseline_bytes=baseline_rss(strict=False))
 
     @classmethod
     def decode_bytes_per_token(cls, model_file: Path, depth: int, n_ctx: int, type_k: str = "f16",

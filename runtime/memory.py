@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekit.converters.formats.gguf.read import kv_cells
 from edgekit.errors import InputError, UnsupportedError
 
 # Bytes per element of KV cache types (ggml block sizes: q8_0 = 34 bytes / 32, q4_0 = 18 / 32 ...).
@@ -33,7 +34,6 @@ CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1"
 # Tensor types llama.cpp's CPU backend repacks into interleaved layouts on x86 with AVX2 (its
 # "CPU_REPACK" buffer), when the row count is a multiple of 8.
 REPACK_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
-KV_PAD = 256  # llama.cpp rounds the KV cache size up to this many cells
 # Memory besides the buffers llama.cpp logs: vocabulary tables, thread pools, allocator slack.
 # Fitted on SmolLM2-135M (Q4_1/Q8_0/Q4_0, ctx 512-4096) against measured peak RSS.
 VOCAB_BYTES_PER_TOKEN = 96
@@ -236,16 +236,12 @@ def kv_bytes_per_cell(shape: ModelShape, cfg: MemoryConfig) -> float:
 def compute_bytes(shape: ModelShape, cfg: MemoryConfig, n_outputs: int = 1) -> int:
     """Peak live activations of one ubatch: attention scores, FFN and hidden states, logits."""
     t = min(cfg.n_ubatch, cfg.n_batch)
-    n_kv = min(_pad(cfg.n_kv or cfg.n_ctx), _pad(cfg.n_ctx))
+    n_kv = min(kv_cells(cfg.n_kv or cfg.n_ctx), kv_cells(cfg.n_ctx))
     # KQ and the part of its softmax that cannot reuse it in place (1.5x: fitted to measured RSS).
     scores = 0 if cfg.flash_attn else 3 * shape.n_head * n_kv * t // 2
     ffn = 3 * shape.n_ff * t
     hidden = 6 * shape.n_embd * t
     return 4 * (scores + ffn + hidden + n_outputs * shape.n_vocab)
-
-
-def _pad(n: int) -> int:
-    return -(-n // KV_PAD) * KV_PAD
 
 
 def estimate_memory(shape: ModelShape, cfg: MemoryConfig | None = None, *, baseline_bytes: int = 0) -> MemoryEstimate:
@@ -262,7 +258,7 @@ def estimate_memory(shape: ModelShape, cfg: MemoryConfig | None = None, *, basel
         if t.name.startswith("token_embd") and shape.output_tied and output_on_gpu(cfg):
             weights["gpu"] += t.n_bytes  # the tied output head: llama.cpp loads a second copy on the GPU
     n_gpu_blocks = gpu_blocks(shape, cfg)
-    cells = _pad(cfg.n_ctx)
+    cells = kv_cells(cfg.n_ctx)  # the rule inspect counts too
     per_layer = kv_bytes_per_cell(shape, cfg) * cells
     kv_gpu = int(per_layer * n_gpu_blocks) if cfg.offload_kqv else 0
     kv_cpu = int(per_layer * shape.n_layer) - kv_gpu

@@ -161,8 +161,8 @@ class OnnxBackend(Backend):
             info["speculative"] = self.spec_info
         return info
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special)
+    def tokenize(self, text: str, add_special: bool = True, special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special, special)
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt ids ``generate(messages)`` evaluates (special tokens typed in a message stay text)."""

@@ -52,6 +52,11 @@ def run_generic_test(ctx: Any, backend: Any, test: TestSpec, row: ProfileRow) ->
     def toks(n: int) -> list[int]:
         return [rng.randrange(n_vocab) for _ in range(n)]
 
+    in_process = _in_this_process(backend)
+    if in_process:  # this row's peak, not an earlier test's (the llama.cpp worker resets its own in ``bench``)
+        from edgekit.runtime._llamacpp_native import reset_peak_rss
+
+        reset_peak_rss()
     if cfg.warmup:
         backend.reset()
         if test.n_prompt:
@@ -84,8 +89,19 @@ def run_generic_test(ctx: Any, backend: Any, test: TestSpec, row: ProfileRow) ->
         row.energy = {"available": False, "reason": "energy is measured on the llama.cpp worker path only"}
 
 
+def _in_this_process(backend: Any) -> bool:
+    """The backend computes in this process (no worker of its own whose memory it reports)."""
+    from edgekit.runtime.base import ReportsMemory
+
+    return not isinstance(backend, ReportsMemory) and not getattr(backend, "pid", None)
+
+
 def _peak_rss(backend: Any) -> int | None:
-    """Peak RSS of the process holding the model: the backend's worker if it has one, else this one."""
+    """Peak RSS of the process holding the model: the backend's worker if it has one, else this one. Both
+    reset the peak before each test (Linux's /proc/self/clear_refs), so a row's peak is reached during its
+    own test; memory an earlier test made resident and the runtime keeps (llama.cpp's compute buffer,
+    onnxruntime's arena, both allocated once per context) is still resident then, so it counts. Where the
+    peak cannot be reset (not Linux), it is the process's peak so far."""
     from edgekit.runtime.base import ReportsMemory
 
     if isinstance(backend, ReportsMemory):

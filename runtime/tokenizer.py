@@ -55,23 +55,21 @@ class FolderTokenizer:
 
         return special_token(self.folder, key, self.config)
 
-    def encode(self, text: str, add_special: bool) -> list[int]:
-        with self._lock:
-            if self._hf is not None:
-                return list(self._hf(text, add_special_tokens=add_special)["input_ids"])
-            return self._tok.encode(text, add_special_tokens=add_special).ids
-
-    def encode_text(self, text: str) -> list[int]:
-        """Ids of ``text`` with special-token parsing off: ``<|im_start|>`` in it stays plain text. Safe to
-        call from several threads with :meth:`encode` (both take the tokenizer's lock)."""
+    def encode(self, text: str, add_special: bool, special: bool = True) -> list[int]:
+        """Ids of ``text``; ``special=False`` turns special-token parsing off (``<|im_start|>`` in it stays plain
+        text, as llama.cpp's ``parse_special=false``). Thread-safe: the flag is flipped under the lock."""
         with self._lock:
             if self._hf is not None:  # transformers flips the same flag on its backend tokenizer
-                return list(self._hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-            self._tok.encode_special_tokens = True
+                return list(self._hf(text, add_special_tokens=add_special, split_special_tokens=not special)["input_ids"])
+            self._tok.encode_special_tokens = not special
             try:
-                return self._tok.encode(text, add_special_tokens=False).ids
+                return self._tok.encode(text, add_special_tokens=add_special).ids
             finally:
                 self._tok.encode_special_tokens = False
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` with special-token parsing off and no BOS: ``<|im_start|>`` in it stays plain text."""
+        return self.encode(text, False, special=False)
 
     def special_tokens(self) -> list[str]:
         """The added tokens matched as control tokens in text (those ``encode_text`` leaves alone)."""

@@ -51,8 +51,8 @@ class TorchBackend(Backend):
     def n_vocab(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    def tokenize(self, text: str, add_special: bool = True, special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special, split_special_tokens=not special)["input_ids"])
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         torch = self._torch

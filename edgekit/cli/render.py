@@ -48,7 +48,7 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
     mem = info["memory"]
     kv, kv_type = (mem["kv_cache_f16"], "f16") if "kv_cache_f16" in mem else (mem["kv_cache"], mem["kv_type"])
     run = mem.get("to_run")
-    rest = (f"; {mb(run['bytes'])} at peak to run on {run['runtime']} (with its compute buffers)" if run
+    rest = (f"; {mb(run['bytes'])} at peak to run on {run['runtime']} (with its compute buffers and the process's own memory)" if run
             else ", plus compute buffers")
     beyond = (f" (beyond the trained context of {mem['beyond_trained']}: the model may not keep its quality "
               "there)" if mem.get("beyond_trained") else "")

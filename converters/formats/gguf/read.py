@@ -13,6 +13,14 @@ from edgekit.artifact import Artifact
 from edgekit.converters.formats.gguf.check import check_gguf
 from edgekit.errors import CorruptFileError, InputError
 
+KV_PAD = 256  # llama.cpp rounds the KV cache size up to this many cells
+
+
+def kv_cells(n_ctx: int) -> int:
+    """The KV cache cells llama.cpp allocates for a context of ``n_ctx``: rounded up to :data:`KV_PAD` (its log
+    at n_ctx 1000: ``n_ctx = 1024``, ``1024 cells``). ``inspect`` and the runtime's memory model both count these."""
+    return -(-n_ctx // KV_PAD) * KV_PAD
+
 
 def read_gguf_header(path: Path, *, check: bool = True, vocab: bool = True):
     """Open a GGUF with gguf-py and check its header (:func:`check_gguf`); a corrupt or truncated file, or
@@ -76,7 +84,8 @@ def describe_gguf(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     n_head = _largest(hp["attention.head_count"]) or 1
     n_head_kv = _largest(hp["attention.head_count_kv"]) or n_head
     head_dim = _largest(_kv(reader, f"{arch}.attention.key_length")) or _largest(hp["embedding_length"]) // n_head
-    kv_bytes = 2 * n_layer * ctx * n_head_kv * head_dim * 2  # K and V, f16 cache (llama.cpp's default)
+    # K and V, f16 cache (llama.cpp's default), for the cells llama.cpp allocates at ctx
+    kv_bytes = 2 * n_layer * kv_cells(ctx) * n_head_kv * head_dim * 2
     counts = Counter(t["type"] for t in tensors)
     fallbacks = [t for t in tensors if "wanted" in t]
     return {

@@ -40,16 +40,22 @@ DEFAULT_GRIDS = ("UINT4_B32", "UINT4_B64", "UINT4_B128", "INT4_B32", "INT4_B64",
 _FUSED = (re.compile(r"^(blk\.\d+\.)attn_[qkv]\.weight$"), re.compile(r"^(blk\.\d+\.)ffn_(gate|up)\.weight$"))
 
 
-def grid_bytes(grid: NBitsType, shape: tuple[int, ...], scale_bytes: int = 4, explicit_zp: bool = False) -> int:
-    """Bytes of a ``(rows, cols)`` weight on ``grid`` in the file (scales as float32 in an fp32 graph),
-    each of its tensors (codes, scales, zero points) padded as the external data file aligns it.
-    ``explicit_zp``: zero points are stored even for a symmetric grid (GatherBlockQuantized needs them)."""
+def grid_parts(grid: NBitsType, shape: tuple[int, ...], scale_bytes: int = 4, explicit_zp: bool = False) -> list[int]:
+    """Bytes of the tensors a ``(rows, cols)`` weight on ``grid`` is stored as: packed codes, scales
+    (``scale_bytes`` each: 4 in an fp32 graph, 2 in an fp16 one) and, for an asymmetric grid or with
+    ``explicit_zp`` (GatherBlockQuantized needs them even for a symmetric grid), packed zero points."""
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
     nb = cols // grid.block
     parts = [rows * nb * grid.blob, rows * nb * scale_bytes]
     if not grid.symmetric or explicit_zp:
         parts.append(rows * (-(-nb * grid.bits // 8)))
-    return sum(_stored(p) for p in parts)
+    return parts
+
+
+def grid_bytes(grid: NBitsType, shape: tuple[int, ...], scale_bytes: int = 4, explicit_zp: bool = False) -> int:
+    """Bytes of a ``(rows, cols)`` weight on ``grid`` in the file (:func:`grid_parts`), each of its tensors
+    padded as the external data file aligns it."""
+    return sum(_stored(p) for p in grid_parts(grid, shape, scale_bytes, explicit_zp))
 
 
 def _stored(nbytes: int) -> int:

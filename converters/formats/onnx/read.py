@@ -178,7 +178,8 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
 
 def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     """``edgekit inspect``'s report for an ONNX artifact: graph facts from the model file (opset, operators, I/O),
-    tensor types from the manifest, memory = weight bytes + the KV cache in the graph's dtype."""
+    tensor types from the manifest, weights as the bytes the file stores for them (bits per weight = those over the
+    parameters, norms included, as for GGUF), memory = weight bytes + the KV cache in the graph's dtype."""
 
     from edgekit.errors import MissingDependencyError
 
@@ -192,7 +193,7 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     # The graph and the external data files it names (the manifest's file list is not trusted for sizes).
     data_files = {art.model_file.parent / e.value for t in model.graph.initializer for e in t.external_data
                   if e.key == "location"}
-    weight_bytes = sum(f.stat().st_size for f in {art.model_file, *data_files})
+    file_bytes = sum(f.stat().st_size for f in {art.model_file, *data_files})
     cfg = _read_config(art.path / "config.json")
     past = next((i for i in model.graph.input if i.name.startswith("past_key_values.")), None)
     try:
@@ -205,27 +206,10 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     n_head_kv = cfg.get("num_key_value_heads") or n_head
     head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // n_head
     kv_bytes = 2 * n_layer * ctx * n_head_kv * head_dim * elem
-    from edgekit.converters.quantize.nbits import NBitsType
-
-    def nbytes(name: str, t: dict[str, Any]) -> int:
-        shape, kind = t.get("shape"), t.get("type")
-        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 32 for d in shape) \
-                or not isinstance(kind, str):
-            raise CorruptFileError(f"{art.path / 'edgekit.json'}: tensor {name!r} needs a shape (whole numbers) "
-                                   "and a type name; re-run 'edgekit convert' to rebuild it")
-        n = int(np.prod(shape, dtype=object))
-        if t["type"] in ("FP32", "F32"):
-            return 4 * n
-        if t["type"] in ("FP16", "F16"):
-            return 2 * n
-        return int(n * NBitsType.parse(t["type"]).bits_per_weight / 8)
-
-    listed = {**art.manifest.get("tensors", {}), **_unlisted_head(model, art.manifest.get("tensors", {}))}
-    tensors = [{**t, "name": n, "bytes": nbytes(n, t)} for n, t in listed.items()]
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" in listed:  # a second table of the same parameters
-        tensors = [{**t, "tied_to": t.get("tied_to", "model.embed_tokens.weight")} if t["name"] == "lm_head.weight"
-                   else t for t in tensors]
+    tensors = _weight_tensors(onnx, model, art)
+    # tensor bytes over parameters (norms included), as GGUF's bpw; the file also holds the graph and rotary tables
     n_params = sum(int(np.prod(t["shape"], dtype=object)) for t in tensors if "tied_to" not in t)
+    weight_bytes = sum(t["bytes"] for t in tensors)
     return {
         "path": str(art.model_file),
         "format": art.format,
@@ -235,7 +219,8 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
                     "feed_forward_length": cfg.get("intermediate_size"), "attention.head_count": n_head,
                     "attention.head_count_kv": n_head_kv, "vocab_size": cfg.get("vocab_size"),
                     "context_length": cfg.get("max_position_embeddings")},
-        **tensor_summary(tensors, n_params, weight_bytes, weight_bytes),
+        **tensor_summary(tensors, n_params, file_bytes, weight_bytes),
+        "bpw": round(8 * weight_bytes / n_params, 4) if n_params else 0.0,
         "memory": {"ctx": ctx, "weights": weight_bytes, "kv_cache": kv_bytes, "kv_type": "f16" if elem == 2 else "f32",
                    "total": weight_bytes + kv_bytes},
         "onnx": {"opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
@@ -248,6 +233,48 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
         "eval": art.manifest.get("eval", []),
         "tensors": tensors,
     }
+
+
+def _weight_tensors(onnx: Any, model: Any, art: Artifact) -> list[dict[str, Any]]:
+    """The model's weights with the bytes the file stores for each: the manifest's tensors (a quantized one as
+    its codes, scales in the graph's float type and zero points where the graph has them, the layout
+    :func:`.budget.grid_parts` sizes) and the norms and biases the manifest does not list, from the graph."""
+    from edgekit.converters.formats.onnx.budget import grid_parts
+
+    init = {t.name: t for t in model.graph.initializer}
+    quantized = [n for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    scales = next((init[n.input[2]] for n in quantized if len(n.input) > 2 and n.input[2] in init), None)
+    scale_bytes = onnx.helper.tensor_dtype_to_np_dtype(scales.data_type).itemsize if scales is not None else 4
+    lookup_zp = any(n.op_type == "GatherBlockQuantized" and len(n.input) > 3 and n.input[3] for n in quantized)
+
+    def nbytes(name: str, t: dict[str, Any]) -> int:
+        shape, kind = t.get("shape"), t.get("type")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 32 for d in shape) \
+                or not isinstance(kind, str):
+            raise CorruptFileError(f"{art.path / 'edgekit.json'}: tensor {name!r} needs a shape (whole numbers) "
+                                   "and a type name; re-run 'edgekit convert' to rebuild it")
+        n = int(np.prod(shape, dtype=object))
+        if kind.upper() in ("FP32", "F32"):
+            return 4 * n
+        if kind.upper() in ("FP16", "F16", "BF16"):
+            return 2 * n
+        # the looked-up table (GatherBlockQuantized) stores zero points even on a symmetric grid
+        explicit = lookup_zp and name.endswith("embed_tokens.weight")
+        return sum(grid_parts(NBitsType.parse(kind), tuple(shape), scale_bytes, explicit))
+
+    listed = {**art.manifest.get("tensors", {}), **_unlisted_head(model, art.manifest.get("tensors", {}))}
+    cfg = _read_config(art.path / "config.json")
+    tensors = [{**t, "name": n, "bytes": nbytes(n, t)} for n, t in listed.items()]
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" in listed:  # a second table of the same parameters
+        tensors = [{**t, "tied_to": t.get("tied_to", "model.embed_tokens.weight")} if t["name"] == "lm_head.weight"
+                   else t for t in tensors]
+    for name, t in init.items():  # norms and biases: float, in the graph only
+        if (name.endswith("norm.weight") or name.endswith(".bias")) and t.data_type in (1, 10, 16) and t.dims:
+            kind = {1: "FP32", 10: "FP16", 16: "BF16"}[t.data_type]
+            shape = [int(d) for d in t.dims]
+            tensors.append({"type": kind, "shape": shape, "name": "model." + name,
+                            "bytes": nbytes(name, {"type": kind, "shape": shape})})
+    return tensors
 
 
 def _unlisted_head(model: Any, listed: dict[str, Any]) -> dict[str, Any]:
