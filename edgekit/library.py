@@ -28,6 +28,7 @@ from edgekit.fsutil import edgekit_home, is_edgekit_output, make_dir, rename_nor
 MANIFEST = "edgekit.json"
 _UNSAFE = re.compile(r"[^a-z0-9._+-]+")
 BROKEN = f"unreadable {MANIFEST}: rm it, or re-convert with --force"
+NEWER = "written by a newer edgekit"  # how damage() starts for a manifest of a later schema
 
 
 def store_dir(folder: str | Path | None = None, create: bool = False) -> Path:
@@ -131,9 +132,15 @@ def folder_bytes(folder: Path) -> int:
 
 
 def damage(folder: Path, manifest: dict[str, Any]) -> str:
-    """What is wrong with an artifact's files, from their sizes alone (nothing is hashed, so ``ls`` stays
-    fast): a file its manifest names that is missing, or files smaller than the model size it recorded;
+    """What is wrong with an artifact, from its manifest's schema and its files' sizes alone (nothing is
+    hashed, so ``ls`` stays fast): written by a newer edgekit, a file its manifest names that is missing, or files smaller than the model size it recorded;
     empty when nothing is. ``run`` and ``push`` check the sha256 of each file besides."""
+    from edgekit.artifact import SCHEMA
+
+    schema = str(manifest.get("schema", ""))
+    version, current = schema.rsplit("/", 1)[-1], SCHEMA.rsplit("/", 1)[1]
+    if version.isdigit() and int(version) > int(current):
+        return f"{NEWER} ({schema}): upgrade edgekit to use it"
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     sums = manifest.get("sha256") if isinstance(manifest.get("sha256"), dict) else {}
     names = [n for n in dict.fromkeys(n for n in [*files.values(), *sums] if isinstance(n, str))

@@ -22,7 +22,7 @@ from typing import Any
 from edgekit.errors import BackendCrashed, BackendError, InputError
 from edgekit.runtime import llamacpp_build
 from edgekit.runtime.llamacpp_build import PROTECTION_FAULTS, crash_message, signal_name
-from edgekit.runtime.llamacpp_errors import load_error, log_hint
+from edgekit.runtime.llamacpp_errors import load_error, log_hint, shown_name
 
 WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 EOF = object()
@@ -241,7 +241,7 @@ class WorkerProcess:
         rc = self._reap()
         self._gone = "its worker crashed"
         sig = signal_name(rc)
-        exc = BackendCrashed(crash_message(rc, doing, self.model_path.name, self.safe_cpu,
+        exc = BackendCrashed(crash_message(rc, doing, shown_name(self.model_path), self.safe_cpu,
                                           self._log_hint("GGML_ASSERT", "error", "failed", "abort")))
         exc.signal = sig
         return exc

@@ -21,12 +21,18 @@ def log_hint(tail: Iterable[str], *needles: str) -> str:
     return ""
 
 
+def shown_name(model_path: Path) -> str:
+    """The model as an error names it: an artifact's ``model.gguf`` with its folder (every artifact's file has
+    that name, the folder says which), any other file by its name."""
+    return f"{model_path.parent.name}/{model_path.name}" if model_path.name == "model.gguf" else model_path.name
+
+
 def load_error(msg: dict[str, Any], model_path: Path, tail: Iterable[str], n_ctx: int | None = None) -> Exception:
     """The error a failed load means for the user: a bad option, a broken install, a file that is not GGUF,
     an unknown architecture, a context too large to allocate or a damaged file, from the worker's message
     and llama.cpp's log tail. ``n_ctx``: the context the load asked for."""
     tail = list(tail)
-    name = model_path.name
+    name = shown_name(model_path)
     # llama-cpp-python's "Failed to create llama_context": the model itself loaded, the context did not
     if "llama_context" in str(msg.get("message", "")) or log_hint(tail, "failed to create llama_context"):
         return context_error(name, tail, n_ctx)

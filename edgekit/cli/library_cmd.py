@@ -69,7 +69,7 @@ def ls(
     for e in found:  # names come from disk: Text, never markup
         name = Text(e.name + (f" -> {e.link}" if e.link else ""))
         if e.problem:
-            name.append(" (damaged)", "bold red")
+            name.append(" (newer edgekit)" if e.problem.startswith(library.NEWER) else " (damaged)", "bold red")
         rows.append((name, Text(e.format), Text(e.preset), Text(_mb(e.size_bytes)),
                      Text("-" if e.bpw is None else f"{e.bpw:.2f}"), Text(e.created[:10]),
                      Text(eval_label(e.eval, short=True))))

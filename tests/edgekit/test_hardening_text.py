@@ -91,9 +91,10 @@ def test_a_crashed_worker_is_one_warning_and_one_error_line(tiny_gguf: Path):
                  env={llamacpp_build.WRAPPER_ENV: "sh -c 'kill -SEGV $$' --", llamacpp_build.CPUINFO_ENV: str(data)})
     assert r.returncode == 7, r.stderr
     warning, error = r.stderr.splitlines()
-    assert warning.startswith("warning: llama.cpp crashed (SIGSEGV) while loading (model.gguf); ")
+    shown = f"{tiny_gguf.name}/model.gguf"  # the artifact's folder says which one (every file is model.gguf)
+    assert warning.startswith(f"warning: llama.cpp crashed (SIGSEGV) while loading ({shown}); ")
     assert warning.endswith("retrying once in safe CPU mode (slower)")
-    assert error.startswith("error: llama.cpp crashed (SIGSEGV) while loading (model.gguf) (also in safe CPU mode); ")
+    assert error.startswith(f"error: llama.cpp crashed (SIGSEGV) while loading ({shown}) (also in safe CPU mode); ")
     for line in (warning, error):
         assert "EDGEKIT_LLAMACPP_LOG=1" in line and "--rebuild-llama" in line and "--safe-cpu" not in line
 

@@ -287,3 +287,15 @@ def test_ls_where_the_home_cannot_be_made_is_an_empty_library(tmp_path, monkeypa
     monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "afile" / "home"))  # cannot be created, even by root
     r = cli("ls")
     assert r.exit_code == 0 and "no artifacts in" in r.stdout and "Traceback" not in r.output, r.output
+
+
+def test_ls_marks_an_artifact_a_newer_edgekit_wrote(store, tiny_llama):
+    """QA s52: ls listed it as an ordinary row while show, inspect and run refused it."""
+    assert cli("convert", tiny_llama, "--type", "Q8_0").exit_code == 0
+    mpath = store / "llama-gguf-q8_0" / "edgekit.json"
+    mpath.write_text(mpath.read_text().replace('"edgekit.artifact/1"', '"edgekit.artifact/2"'))
+    r = cli("ls")
+    assert r.exit_code == 0 and "(newer edgekit)" in r.stdout, r.output
+    assert "written by a newer edgekit (edgekit.artifact/2): upgrade edgekit" in " ".join(r.stderr.split())
+    listed = json.loads(cli("ls", "--json").stdout)["artifacts"]
+    assert listed[0]["problem"].startswith(library.NEWER)
