@@ -18,9 +18,9 @@ from typing import Any
 
 from edgekit.errors import CorruptFileError, InputError
 from edgekit.fsutil import atomic_file, remember_sha256, sha256_file, sha256_file_cached
+from edgekit.library import SCHEMA
 
 MANIFEST_NAME = "edgekit.json"
-SCHEMA = "edgekit.artifact/1"
 
 # File suffix -> artifact format, for model files given without a manifest.
 FORMAT_SUFFIXES = {".gguf": "gguf", ".onnx": "onnx", ".mlpackage": "coreml"}

@@ -26,6 +26,7 @@ from edgekit.errors import EdgekitError, InputError
 from edgekit.fsutil import edgekit_home, is_edgekit_output, make_dir, rename_noreplace
 
 MANIFEST = "edgekit.json"
+SCHEMA = "edgekit.artifact/1"  # the manifest schema this edgekit writes (edgekit.artifact uses it from here)
 _UNSAFE = re.compile(r"[^a-z0-9._+-]+")
 BROKEN = f"unreadable {MANIFEST}: rm it, or re-convert with --force"
 NEWER = "written by a newer edgekit"  # how damage() starts for a manifest of a later schema
@@ -135,8 +136,6 @@ def damage(folder: Path, manifest: dict[str, Any]) -> str:
     """What is wrong with an artifact, from its manifest's schema and its files' sizes alone (nothing is
     hashed, so ``ls`` stays fast): written by a newer edgekit, a file its manifest names that is missing, or files smaller than the model size it recorded;
     empty when nothing is. ``run`` and ``push`` check the sha256 of each file besides."""
-    from edgekit.artifact import SCHEMA
-
     schema = str(manifest.get("schema", ""))
     version, current = schema.rsplit("/", 1)[-1], SCHEMA.rsplit("/", 1)[1]
     if version.isdigit() and int(version) > int(current):
