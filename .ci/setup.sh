@@ -16,8 +16,11 @@
 #   bash .ci/setup.sh --bench               # plus llama-imatrix/llama-quantize for the benchmarks' peer rows
 #   bash .ci/setup.sh --rebuild-llama       # rebuild llama.cpp for this CPU
 #   bash .ci/setup.sh --rebuild-llama --cpu x86-64-v3   # ... for a level (auto, x86-64[-v2|-v3|-v4])
+# The level --cpu names (or the safer one setup falls back to when the smoke decode crashes) is remembered
+# for this .venv: later runs keep it until --cpu auto (everything this CPU has) or another --cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd -P)
 PY=${PYTHON:-python3}
 CACHE=${EDGEKIT_CACHE:-$HOME/.cache/edgekit}
 WHEELHOUSE=${EDGEKIT_WHEELHOUSE:-$CACHE/wheels}
@@ -25,7 +28,7 @@ LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==//p' .ci/constraints.txt)
 BUILD_PY=runtime/llamacpp_build.py
 export PIP_DISABLE_PIP_VERSION_CHECK=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
-TESTS=0 BENCH=0 REBUILD=0 CPU=${EDGEKIT_LLAMA_CPU:-auto}
+TESTS=0 BENCH=0 REBUILD=0 CPU=${EDGEKIT_LLAMA_CPU:-}
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) TESTS=1 ;;
@@ -41,7 +44,13 @@ T0=$SECONDS
 say() { printf '[setup %3ds] %s\n' $((SECONDS - T0)) "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 
-[ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"; "$PY" -m venv .venv
+elif ! .venv/bin/python -c "import pip" >/dev/null 2>&1; then
+  # What an interrupted `python -m venv` leaves: an interpreter without pip.
+  say "repairing .venv: it has no pip (an interrupted creation?)"
+  .venv/bin/python -m ensurepip >/dev/null 2>&1 || { say "recreating .venv"; rm -rf .venv; "$PY" -m venv .venv; }
+fi
 # pip configs that name absent local indexes make pip warn once per package: keep the output readable.
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 pip=(quiet .venv/bin/python -m pip install -q -c .ci/constraints.txt)
@@ -76,10 +85,15 @@ build_wheel() {
 install_wheel() {
   local dir; dir=$(wheel_dir "$1")
   quiet .venv/bin/python -m pip install -q --no-index --no-deps --force-reinstall --find-links "$dir" \
-    "llama-cpp-python==$LLAMA_VERSION"
+    "llama-cpp-python==$LLAMA_VERSION" || die "llama-cpp-python $LLAMA_VERSION did not install from $dir (above); rerun with --rebuild-llama"
   .venv/bin/python $BUILD_PY install-record "$dir" >/dev/null
 }
 
+# No --cpu: the level setup chose for this .venv before (an earlier --cpu, or a crash's fallback), else auto.
+if [ -z "$CPU" ]; then
+  CPU=$(.venv/bin/python $BUILD_PY remembered)
+  [ "$CPU" = auto ] || say "llama.cpp: using $CPU, the CPU level chosen earlier for this .venv (--cpu auto goes back to all this CPU has)"
+fi
 KEY=$(.venv/bin/python $BUILD_PY key --cpu "$CPU")
 WHEEL=$(wheel_dir "$CPU")
 [ "$REBUILD" = 1 ] && rm -rf "$WHEEL"
@@ -97,8 +111,14 @@ fi
 # stamp, so the main command after --tests (or the other way round) reinstalls nothing it already has.
 EXTRAS=torch,onnx,tui,devices,serve,coreml,mlc,diffusion,aqlm
 WANT=$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -c1-16)
+# Installed means importable from elsewhere (-I, from /: not the checkout's folder on sys.path), from this checkout.
+edgekit_installed() {
+  [ -x .venv/bin/edgekit ] && (cd / && "$ROOT/.venv/bin/python" -I -c \
+    "import edgekit, os, sys; sys.exit(not os.path.realpath(edgekit.__file__).startswith(sys.argv[1] + os.sep))" \
+    "$ROOT") >/dev/null 2>&1
+}
 install_edgekit() {  # STAMP EXTRAS WHAT
-  if [ "$(cat "$1" 2>/dev/null)" != "$WANT" ] || ! .venv/bin/python -c "import edgekit" 2>/dev/null; then
+  if [ "$(cat "$1" 2>/dev/null)" != "$WANT" ] || ! edgekit_installed; then
     say "installing $3: about 2 minutes"
     "${pip[@]}" numpy typing-extensions diskcache jinja2
     "${pip[@]}" -e ".[$2]"
@@ -113,9 +133,12 @@ if [ -n "$BUILD_PID" ]; then
   wait "$BUILD_PID" || die "llama-cpp-python $LLAMA_VERSION did not build (log above); check that cmake and g++ are installed"
   say "llama.cpp built"
 fi
-installed=$(.venv/bin/python -c "import json,sys; r=json.load(open(sys.prefix+'/share/edgekit/llama-build.json')); print(r['key'], r.get('cpu_library_sha256',''))" 2>/dev/null || true)
-if [ -z "$installed" ] || [ "${installed%% *}" != "$KEY" ] || [ -n "$BUILD_PID" ] \
-   || ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llama_cpp')" 2>/dev/null; then
+# Reinstalled when the installed build is not this one: another key, another version than the pinned one
+# (a pull that moved the pin, with that wheel already cached), a changed library, or a fresh build.
+if [ -n "$BUILD_PID" ]; then
+  install_wheel "$CPU"
+elif ! why=$(.venv/bin/python $BUILD_PY installed --cpu "$CPU" --version "$LLAMA_VERSION"); then
+  say "installing llama-cpp-python $LLAMA_VERSION ($KEY): $why"
   install_wheel "$CPU"
 fi
 
@@ -133,12 +156,14 @@ if [ "$(cat $SMOKE 2>/dev/null)" != "$LIBSHA" ]; then
       say "rebuilding llama.cpp for $SAFE: about 4 minutes"
       build_wheel "$SAFE" || die "llama-cpp-python did not build for $SAFE"
     fi
-    install_wheel "$SAFE"; KEY=$SAFE
+    install_wheel "$SAFE"; KEY=$SAFE CPU=$SAFE
+    say "llama.cpp now runs the $SAFE build; later runs keep it (--cpu auto tries all this CPU has again)"
     .venv/bin/python $BUILD_PY check || die "llama.cpp does not run on this CPU even at $SAFE (see above)"
     LIBSHA=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.prefix+'/share/edgekit/llama-build.json')).get('cpu_library_sha256',''))")
   fi
   echo "$LIBSHA" >$SMOKE
 fi
+.venv/bin/python $BUILD_PY remember "$CPU"
 
 if [ "$TESTS" = 1 ]; then
   # Device tests run the real adb server and a real OpenSSH server on loopback; the portability test
@@ -187,7 +212,7 @@ if [ "$BENCH" = 1 ]; then
     if tar xzf "$(sdist)" -C "$src" \
        && cmake -S "$src"/llama_cpp_python-*/vendor/llama.cpp -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
             -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-            -DLLAMA_BUILD_SERVER=OFF $(.venv/bin/python $BUILD_PY cmake-args) >/dev/null 2>&1 \
+            -DLLAMA_BUILD_SERVER=OFF $(.venv/bin/python $BUILD_PY cmake-args --cpu "$CPU") >/dev/null 2>&1 \
        && cmake --build "$src/build" --target llama-imatrix llama-quantize -j"$(nproc)" >/dev/null 2>&1; then
       mkdir -p "$(dirname "$IMATRIX_BIN")"
       cp "$src/build/bin/llama-quantize" "$CACHE/bin/llama-quantize-$LLAMA_VERSION-$KEY"
@@ -198,4 +223,5 @@ if [ "$BENCH" = 1 ]; then
     rm -rf "$src"
   fi
 fi
-say "edgekit is set up: $(.venv/bin/edgekit --help >/dev/null && echo ok) (.venv/bin/edgekit; llama.cpp built for $KEY)"
+.venv/bin/edgekit --help >/dev/null || die "edgekit does not start (.venv/bin/edgekit --help failed, above); rerun this script"
+say "edgekit is set up: ok (.venv/bin/edgekit; llama.cpp built for $KEY)"

@@ -25,9 +25,12 @@ N_THREADS = 2
 
 
 def tools() -> tuple[Path, Path] | None:
-    """``(llama-imatrix, llama-quantize)`` built for this CPU, or None when setup could not build them."""
+    """``(llama-imatrix, llama-quantize)`` built for this CPU, or None when setup could not build them.
+
+    Setup builds them for the CPU level it chose for this venv (``--cpu``, or the safer level it fell back
+    to after a crash), so they are looked up under that level's key."""
     ver = version("llama_cpp_python")
-    tag = f"{ver}-{build.key(build.resolve())}"
+    tag = f"{ver}-{build.key(build.resolve(build.remembered_level()))}"
     paths = (build.cache_dir() / "bin" / f"llama-imatrix-{tag}", build.cache_dir() / "bin" / f"llama-quantize-{tag}")
     return paths if all(p.is_file() for p in paths) else None
 

@@ -28,7 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import BackendCrashed, BackendError, EdgekitError, InputError
+from edgekit.errors import BackendCrashed, BackendError, EdgekitError, InputError, require
 from edgekit.fsutil import atomic_file, edgekit_home
 
 RAPL_ROOT = Path("/sys/class/powercap")
@@ -368,7 +368,7 @@ def use_torch_threads(requested: int | None = None) -> int:
     kept busy: 2 threads 93 s, 1 thread 107 s); the note only says it will take longer. Imports torch:
     call only where PyTorch work follows."""
     check_threads(requested)
-    import torch
+    torch = require("torch", "torch")
 
     n = requested or physical_cores()
     torch.set_num_threads(n)

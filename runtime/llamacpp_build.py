@@ -15,6 +15,9 @@ Standard library only: ``.ci/setup.sh`` runs this file before edgekit is install
     python runtime/llamacpp_build.py cmake-args [--cpu LEVEL]   # CMAKE_ARGS for that build
     python runtime/llamacpp_build.py record OUT.json [--cpu LEVEL] [--version V]
     python runtime/llamacpp_build.py install-record WHEEL_DIR   # after install: record beside the venv
+    python runtime/llamacpp_build.py installed --cpu LEVEL --version V  # exit 1 (and why) if not that build
+    python runtime/llamacpp_build.py remembered                # the level setup chose for this venv
+    python runtime/llamacpp_build.py remember LEVEL            # ... set it (auto forgets it)
     python runtime/llamacpp_build.py check                     # smoke decode in a child process
 
 ``LEVEL`` (or ``EDGEKIT_LLAMA_CPU``): ``auto`` (default: what this CPU reports), ``x86-64``,
@@ -250,6 +253,61 @@ def installed_record() -> dict | None:
     return record
 
 
+def installed_mismatch(options: list[str] | tuple[str, ...], version: str) -> str | None:
+    """Why the installed llama-cpp-python is not the build for ``options`` at ``version`` (None: it is):
+    setup reinstalls when the key, the pinned version or the library differs from its record."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    if installed_lib_dir() is None:
+        return "llama-cpp-python is not installed"
+    try:
+        record = json.loads(installed_record_path().read_text())
+    except (OSError, ValueError):
+        return "it has no edgekit build record"
+    try:
+        have = pkg_version("llama-cpp-python")
+    except PackageNotFoundError:
+        have = "?"
+    if have != version or record.get("llama_cpp_python") != version:
+        return f"{have} is installed, {version} is pinned"
+    if record.get("key") != key(options):
+        return f"the installed build is for {record.get('key', '?')}"
+    if record.get("cpu_library_sha256") and installed_record() is None:
+        return "its library changed since setup installed it"
+    return None
+
+
+# The CPU level setup chose for an environment (``--cpu LEVEL``, or the safer level it fell back to when
+# the smoke decode crashed), so that a later plain ``setup.sh`` keeps it; ``--cpu auto`` forgets it.
+LEVEL_NAME = "llama-cpu"
+
+
+def remembered_level_path() -> Path:
+    return Path(sys.prefix) / "share" / "edgekit" / LEVEL_NAME
+
+
+def remembered_level() -> str | None:
+    """The level setup last chose for this environment, or None (auto)."""
+    try:
+        level = remembered_level_path().read_text().strip()
+    except OSError:
+        return None
+    return None if level in ("", "auto") else level
+
+
+def remember_level(level: str) -> None:
+    """Keep ``level`` for this environment's later setup runs; ``auto`` forgets any."""
+    path = remembered_level_path()
+    if level.strip() in ("", "auto"):
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(level.strip() + "\n")
+    os.replace(tmp, path)
+
+
 def cache_dir() -> Path:
     """Where setup keeps builds: ``EDGEKIT_CACHE`` or ``~/.cache/edgekit`` (wheels/, bin/, src/)."""
     return Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
@@ -269,12 +327,25 @@ def runner_path(version: str | None = None) -> Path:
     return cache_dir() / "bin" / f"llama-bench-{version}-{key(options)}"
 
 
+def in_checkout_venv(root: Path | None = None) -> bool:
+    """Whether this interpreter runs from the checkout's own ``.venv`` (the one its setup script builds)."""
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        return Path(sys.prefix).resolve() == (root / ".venv").resolve()
+    except OSError:
+        return False
+
+
 def rebuild_command(level: str = "auto") -> str:
-    """The command that rebuilds llama-cpp-python for this CPU (or ``level``): edgekit's setup script in
-    a checkout, else pip with the matching CMAKE_ARGS."""
-    setup = Path(__file__).resolve().parents[1] / ".ci" / "setup.sh"
+    """The command that rebuilds llama-cpp-python for this CPU (or ``level``): edgekit's setup script when
+    this interpreter is the checkout's ``.venv``, else pip of this interpreter with the matching CMAKE_ARGS
+    (the setup script would install into that ``.venv``, not into the environment that runs)."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    setup = root / ".ci" / "setup.sh"
     cpu = "" if level == "auto" else f" --cpu {level}"
-    if setup.is_file():
+    if setup.is_file() and in_checkout_venv(root):
         try:
             where = setup.relative_to(Path.cwd())
         except ValueError:
@@ -286,8 +357,8 @@ def rebuild_command(level: str = "auto") -> str:
         ver = f"=={version('llama-cpp-python')}"
     except PackageNotFoundError:
         ver = ""
-    return (f'CMAKE_ARGS="{cmake_args(resolve(level))}" pip install --force-reinstall --no-cache-dir --no-deps '
-            f'"llama-cpp-python{ver}"')
+    return (f'CMAKE_ARGS="{cmake_args(resolve(level))}" {shlex.quote(sys.executable)} -m pip install '
+            f'--force-reinstall --no-cache-dir --no-deps "llama-cpp-python{ver}"')
 
 
 def explain_sigill(record: dict | None = None, cpuinfo: str | None = None) -> str:
@@ -465,12 +536,23 @@ def main(argv: list[str]) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="llamacpp_build.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["key", "cmake-args", "options", "record", "install-record", "check", "explain"])
+    ap.add_argument("what", choices=["key", "cmake-args", "options", "record", "install-record", "installed",
+                                     "remembered", "remember", "check", "explain"])
     ap.add_argument("path", nargs="?")
     ap.add_argument("--cpu", default=None, help="auto, a level name, or a comma list of ggml options")
     ap.add_argument("--version", default="")
     a = ap.parse_args(argv)
+    if a.what == "remembered":
+        print(remembered_level() or "auto")
+        return 0
+    if a.what == "remember":
+        remember_level(a.path or "auto")
+        return 0
     options = resolve(a.cpu) if is_x86() else []
+    if a.what == "installed":
+        why = installed_mismatch(options, a.version)
+        print(why or "ok")
+        return 1 if why else 0
     if a.what == "key":
         print(key(options))
     elif a.what == "options":

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from edgekit.errors import InputError
+from edgekit.errors import InputError, require
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AQLMScheme", "AQLMTensor", "decode", "encode", "hessian_error", "parse_scheme"]
 
@@ -111,6 +114,7 @@ def decode(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray) -> np.n
 
 
 def hessian_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
+    torch = require("torch", "torch")
     E = torch.from_numpy(np.asarray(W, np.float32) - np.asarray(Wq, np.float32))
     return float(((E @ torch.from_numpy(np.asarray(H, np.float32))) * E).sum())
 
@@ -137,6 +141,7 @@ class _State:
 def _kmeans(X: torch.Tensor, wt: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
     """Importance-weighted k-means of the rows of ``X`` (each coordinate weighted by ``wt``, same shape);
     starts from ``k`` rows drawn with probability by weighted norm (k-means++-lite)."""
+    torch = require("torch", "torch")
     n = X.shape[0]
     p = (wt * X * X).sum(1) + 1e-12
     idx = torch.multinomial(p / p.sum(), k, replacement=n < k, generator=gen)
@@ -158,6 +163,7 @@ def _kmeans(X: torch.Tensor, wt: torch.Tensor, k: int, iters: int, gen: torch.Ge
 
 
 def _init(st: _State, gen: torch.Generator, kmeans_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch = require("torch", "torch")
     s = st.s
     scales = st.W.pow(2).mean(1).sqrt().clamp_min(1e-8)
     Wn = st.W / scales[:, None]
@@ -182,6 +188,7 @@ def _init(st: _State, gen: torch.Generator, kmeans_iters: int) -> tuple[torch.Te
 
 def _codes_pass(st: _State, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, beam: int) -> None:
     """One sweep over the groups, changing codes in place (see the module docstring)."""
+    torch = require("torch", "torch")
     g, M = st.s.in_group, st.s.num_codebooks
     E = st.W - st.weight(codes, books, scales)
     G = E @ st.H
@@ -234,6 +241,7 @@ def _codebook_update(st: _State, codes: torch.Tensor, books: torch.Tensor, scale
                      iters: int) -> torch.Tensor:
     """The codebooks minimising the objective for fixed codes and scales: conjugate gradients on the
     normal equations ``A^T (A C) H = A^T W H`` (``A``: codebooks -> weights, linear)."""
+    torch = require("torch", "torch")
     M, K, g = books.shape
     flat = (codes + torch.arange(M) * K).reshape(-1, M)  # (out*groups, M) rows of the stacked books
 
@@ -271,6 +279,7 @@ def _codebook_update(st: _State, codes: torch.Tensor, books: torch.Tensor, scale
 
 
 def _scale_update(st: _State, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    torch = require("torch", "torch")
     U = st.weight(codes, books, torch.ones_like(scales))
     UH = U @ st.H
     num, den = (st.W * UH).sum(1), (U * UH).sum(1)
@@ -284,6 +293,7 @@ def encode(W: np.ndarray, H: np.ndarray, scheme: AQLMScheme, *, rounds: int = 3,
     of codes / codebooks / scales (see the module docstring). ``damp``: times the mean diagonal added to
     ``H``'s diagonal (and a dead column, ``H[i, i] == 0``, gets the mean), so every column counts a little.
     ``progress(done, total)`` after each phase."""
+    torch = require("torch", "torch")
     W = np.asarray(W, np.float32)
     out, inp = W.shape
     if inp % scheme.in_group:

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gguf
 import numpy as np
-import torch
 
 from edgekit.arch import AWQLayout, ScaleGroup, awq_layout
 from edgekit.converters.quantize.grids import as_grid
 from edgekit.converters.quantize.steps.base import RESHAPE, StepConfig
-from edgekit.errors import InputError
+from edgekit.errors import InputError, require
+
+if TYPE_CHECKING:
+    import torch
 
 QType = gguf.GGMLQuantizationType | int | str
 #: Maps a linear's module name inside the layer (``"mlp.down_proj"``) to its target ggml type.
@@ -176,6 +178,7 @@ class _Stats:
 
 
 def _stats(x: torch.Tensor, config: AWQConfig, width: int, what: str) -> _Stats:
+    torch = require("torch", "torch")
     if x.shape[-1] != width:
         raise InputError(f"captured inputs of {what} have {x.shape[-1]} channels; the layer expects {width}")
     x = x.detach().cpu().reshape(-1, width)
@@ -216,6 +219,7 @@ def output_error(weight: np.ndarray, effective: np.ndarray, inputs: torch.Tensor
 
 
 def _candidate_scales(mean_abs: np.ndarray, alpha: float) -> torch.Tensor:
+    torch = require("torch", "torch")
     if alpha == 0.0:
         return torch.ones(mean_abs.shape, dtype=torch.float32)  # exactly 1, so alpha = 0 is RTN bit for bit
     s = np.maximum(mean_abs, _MIN_STAT) ** alpha
@@ -250,6 +254,7 @@ def _search(group: ScaleGroup, layer: torch.nn.Module, stats: _Stats, qtype_of: 
 
 
 def _skip_reason(group: ScaleGroup, layer: torch.nn.Module) -> str | None:
+    torch = require("torch", "torch")
     prev = layer.get_submodule(group.prev)
     width = prev.out_features if isinstance(prev, torch.nn.Linear) else prev.weight.shape[0]
     for name in group.linears:
@@ -275,31 +280,32 @@ def search_scales(group: ScaleGroup, layer: torch.nn.Module, inputs: torch.Tenso
     return _search(group, layer, _stats(inputs, config, width, group.linears[0]), qtype_of, config)
 
 
-@torch.no_grad()
 def apply_scales(group: ScaleGroup, layer: torch.nn.Module, s: torch.Tensor) -> None:
     """Scale the group's linears' input columns by ``s`` and divide ``prev`` by ``s``, in place.
 
     ``prev`` is an RMSNorm (its weight is divided) or a Linear (its output rows and bias are divided).
     The float layer computes the same function afterwards, up to float32 rounding.
     """
-    reason = _skip_reason(group, layer)
-    if reason:
-        raise InputError(f"cannot apply AWQ scales: {reason}")
-    s = s.detach().float().cpu()
-    if s.ndim != 1 or not bool(torch.all(s > 0)) or not bool(torch.all(torch.isfinite(s))):
-        raise InputError("AWQ scales must be a 1-D tensor of finite positive values, one per channel")
-    prev = layer.get_submodule(group.prev)
-    if isinstance(prev, torch.nn.Linear):
-        _set(prev.weight, prev.weight.float() / s[:, None])
-        if prev.bias is not None:
-            _set(prev.bias, prev.bias.float() / s)
-    else:
-        if getattr(prev, "weight", None) is None or prev.weight.ndim != 1:
-            raise InputError(f"{group.prev} has no per-channel weight to absorb AWQ scales")
-        _set(prev.weight, prev.weight.float() / s)
-    for name in group.linears:
-        lin = layer.get_submodule(name)
-        _set(lin.weight, lin.weight.float() * s[None, :])
+    torch = require("torch", "torch")
+    with torch.no_grad():
+        reason = _skip_reason(group, layer)
+        if reason:
+            raise InputError(f"cannot apply AWQ scales: {reason}")
+        s = s.detach().float().cpu()
+        if s.ndim != 1 or not bool(torch.all(s > 0)) or not bool(torch.all(torch.isfinite(s))):
+            raise InputError("AWQ scales must be a 1-D tensor of finite positive values, one per channel")
+        prev = layer.get_submodule(group.prev)
+        if isinstance(prev, torch.nn.Linear):
+            _set(prev.weight, prev.weight.float() / s[:, None])
+            if prev.bias is not None:
+                _set(prev.bias, prev.bias.float() / s)
+        else:
+            if getattr(prev, "weight", None) is None or prev.weight.ndim != 1:
+                raise InputError(f"{group.prev} has no per-channel weight to absorb AWQ scales")
+            _set(prev.weight, prev.weight.float() / s)
+        for name in group.linears:
+            lin = layer.get_submodule(name)
+            _set(lin.weight, lin.weight.float() * s[None, :])
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -311,6 +317,7 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def _clip(linear: torch.nn.Module, stats: _Stats, qtype: QType, config: AWQConfig,
           name: str = "") -> ClipResult:
+    torch = require("torch", "torch")
     w = _weight(linear)
     rows, width = w.shape
     bs = as_grid(qtype).block

@@ -50,11 +50,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as T
 
 from edgekit.converters.quantize.grids import Grid, as_grid
-from edgekit.errors import InputError
+from edgekit.errors import InputError, require
 
 __all__ = ["GridResult", "InverseHessian", "gptq", "hessian_error", "inverse_hessian", "rtn"]
 
@@ -147,6 +146,7 @@ def hessian_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> float:
 
 def hessian_row_errors(W: np.ndarray, Wq: np.ndarray, H: np.ndarray) -> np.ndarray:
     """:func:`hessian_error` per output row (float64)."""
+    torch = require("torch", "torch")
     d = torch.from_numpy(np.asarray(W, dtype=np.float64) - np.asarray(Wq, dtype=np.float64))
     h = torch.from_numpy(np.asarray(H, dtype=np.float64))
     return ((d @ h) * d).sum(1).numpy()
@@ -222,6 +222,7 @@ def _sweep_columns(sweep: Any, g: int, Wt: np.ndarray, U: np.ndarray, codes_t: n
                    mask_t: np.ndarray | None, bs: int, batch: int) -> list:
     """The column-by-column sweep (``Wt`` ``(in, out)`` updated in place, codes into ``codes_t``); returns
     the per-block parameters."""
+    torch = require("torch", "torch")
     n_in, n_out = Wt.shape
     tWt, tU = torch.from_numpy(Wt), torch.from_numpy(U)
     block_params = []
@@ -260,6 +261,7 @@ def _sweep_groups(sweep: Any, g: int, Wt: np.ndarray, U: np.ndarray, codes_t: np
     form picked no better codewords in trials). The sweep's rounder takes ``(j, columns (g, out), weights
     (g,))`` for the group starting at column ``j`` of its block.
     """
+    torch = require("torch", "torch")
     n_in, n_out = Wt.shape
     tWt, tU = torch.from_numpy(Wt), torch.from_numpy(U)
     block_params = []
@@ -305,6 +307,7 @@ def inverse_hessian(H: np.ndarray, damp: float = 0.01) -> InverseHessian:
     with a positive diagonal and ``U^T U = J (J H J)^-1 J = H^-1``: one Cholesky and one triangular inverse
     instead of GPTQ's usual Cholesky, ``cholesky_inverse`` and second Cholesky (about half the time).
     """
+    torch = require("torch", "torch")
     H = np.asarray(H)
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise InputError(f"H must be a square matrix; got shape {H.shape}")

@@ -22,9 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from edgekit.errors import InputError
+from edgekit.errors import InputError, require
 
 
 @dataclass(frozen=True)
@@ -103,6 +102,7 @@ def wanda_mask(W: np.ndarray, H: np.ndarray, sp: Sparsity) -> np.ndarray:
 def sparsegpt(W: np.ndarray, H: np.ndarray, sp: Sparsity, *, damp: float = 0.01,
               block_cols: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """SparseGPT: ``(pruned and updated weights, mask)``."""
+    torch = require("torch", "torch")
     from edgekit.converters.quantize.gptq_kernel import inverse_hessian
 
     w = _check(W, sp).copy()
