@@ -9,10 +9,13 @@ What is modeled and what is measured:
   * weights repacked for the CPU (llama.cpp's CPU_REPACK buffers: Q4_0, Q4_K, IQ4_NL on x86 with
     AVX2, when rows come in multiples of 8) are counted twice: the repacked copy plus the mapped
     file pages read to make it;
-  * compute buffers are a formula over the graph's largest live tensors for one ubatch (attention
-    scores n_head x n_kv x n_ubatch unless flash attention, FFN and hidden activations) plus the
-    output logits; its constants were fitted to llama.cpp's logged buffer sizes and measured RSS
-    (bench/profile_overhead.py checks the result against measured peak RSS);
+  * the compute buffer is sized as llama.cpp sizes it (:func:`compute_bytes`): the graph of its worst-case
+    ubatch, the larger of the attention phase (KQ scores n_head x n_kv x n_ubatch f32 and the mask, unless
+    flash attention) and the output phase (logits of every row of the ubatch); it matches the buffer
+    llama.cpp logs to within ~1%. A run that asks for the last row's logits (generation, a prompt) never
+    touches the output phase's pages, so the resident part counts ``MemoryConfig.n_outputs`` rows;
+  * the CPU backend's work buffer (:func:`work_bytes`), which llama.cpp does not log: the softmaxed KQ
+    converted to the V cache's type for the KQ x V product, half the size of KQ again;
   * the baseline (Python + llama.cpp libraries, before a model is loaded) is measured once per host
     by :func:`edgekit.runtime.hostinfo.baseline_rss` and cached, or passed in.
 VRAM parts are modeled the same way but have not been measured (no GPU was available).
@@ -34,10 +37,17 @@ CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1"
 # Tensor types llama.cpp's CPU backend repacks into interleaved layouts on x86 with AVX2 (its
 # "CPU_REPACK" buffer), when the row count is a multiple of 8.
 REPACK_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
-# Memory besides the buffers llama.cpp logs: vocabulary tables, thread pools, allocator slack.
-# Fitted on SmolLM2-135M (Q4_1/Q8_0/Q4_0, ctx 512-4096) against measured peak RSS.
-VOCAB_BYTES_PER_TOKEN = 96
-FIXED_OVERHEAD = 8 << 20
+# llama-cpp-python's n_ubatch when none is given (edgekit's worker gives none): the physical batch
+LLAMA_CPP_UBATCH = 512
+# Memory besides the buffers and weights above: the vocabulary (the GGUF's token and merge arrays,
+# llama.cpp's token maps and BPE ranks), the KV cache's per-cell bookkeeping (positions, sequence sets and
+# maps), the context, thread pools and allocator slack. Fitted to measured peak RSS (edgekit profile ppN
+# --ctx N: the worker's VmHWM) less every other part, at -t 1 with llama-cpp-python 0.3.36 on x86-64: a
+# tiny Llama (384 tokens) left 8.1, 9.2, 9.4, 11.1 MB at ctx 512, 1024, 4096, 16384; SmolLM2-135M Q4_1
+# (49152 tokens) 23.3, 24.4, 24.3, 24.1, 24.9, 26.7 MB at ctx 512, 1024, 2048, 4096, 8192, 16384.
+VOCAB_BYTES_PER_TOKEN = 320
+KV_CELL_BYTES = 128
+FIXED_OVERHEAD = 9 << 20
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
@@ -152,12 +162,15 @@ class MemoryConfig:
     are mapped from the file (llama.cpp's default). repack: CPU repacking of REPACK_TYPES is on.
     gpu_present: the process has a GPU backend; then even -ngl 0 allocates a GPU compute buffer, for the
     batch ops llama.cpp offloads (op offload) with a copy of the weight they read.
+    n_outputs: rows of logits a step computes: 1 when generating or reading a prompt, n_batch when
+    every position's logits are wanted (perplexity); the host output buffer and the resident part of
+    the compute buffer hold that many.
     """
 
     n_ctx: int = 4096
     n_kv: int | None = None
     n_batch: int = 512
-    n_ubatch: int = 512
+    n_ubatch: int = LLAMA_CPP_UBATCH
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: bool = False
@@ -166,10 +179,11 @@ class MemoryConfig:
     tensor_overrides: tuple[tuple[str, str], ...] = ()
     repack: bool = True
     gpu_present: bool = False
+    n_outputs: int = 1
 
     def __post_init__(self) -> None:
-        if self.n_ctx <= 0 or self.n_batch <= 0 or self.n_ubatch <= 0:
-            raise InputError("context and batch sizes must be > 0")
+        if self.n_ctx <= 0 or self.n_batch <= 0 or self.n_ubatch <= 0 or self.n_outputs <= 0:
+            raise InputError("context, batch and output sizes must be > 0")
         for t in (self.type_k, self.type_v):
             if t not in CACHE_TYPE_BYTES:
                 raise InputError(f"unknown KV cache type {t!r}; use one of {', '.join(CACHE_TYPE_BYTES)}")
@@ -233,15 +247,52 @@ def kv_bytes_per_cell(shape: ModelShape, cfg: MemoryConfig) -> float:
                               + shape.head_dim_v * CACHE_TYPE_BYTES[cfg.type_v])
 
 
-def compute_bytes(shape: ModelShape, cfg: MemoryConfig, n_outputs: int = 1) -> int:
-    """Peak live activations of one ubatch: attention scores, FFN and hidden states, logits."""
-    t = min(cfg.n_ubatch, cfg.n_batch)
+def ubatch_tokens(cfg: MemoryConfig) -> int:
+    """Tokens in llama.cpp's worst-case ubatch, for which it reserves its graph: n_batch is capped at the
+    context (causal models) and n_ubatch at n_batch (llama_context's constructor)."""
+    return min(cfg.n_ubatch, cfg.n_batch, kv_cells(cfg.n_ctx))
+
+
+def compute_bytes(shape: ModelShape, cfg: MemoryConfig, n_outputs: int | None = None) -> int:
+    """llama.cpp's compute buffer: what ggml's allocator needs for the graph of one worst-case ubatch of
+    ``t`` tokens reading ``n_kv`` cells, the larger of two phases (tensors are freed after their last use):
+
+    * attention: KQ (n_head x n_kv x t f32, softmaxed in place) and the mask (n_kv x t f32) alive together,
+      besides 5 hidden-size activations, V's row indices (int64, one per V element written, while V is
+      stored transposed) and the int32/int64 inputs (token, position, output and K row ids: 20 bytes a
+      token). With flash attention there is no KQ, and the mask is float16;
+    * output: the logits of ``n_outputs`` rows (default ``t``: the reserve counts every row an output)
+      and 3 hidden-size activations.
+
+    Checked against llama.cpp's logged "CPU compute buffer size" (llama-cpp-python 0.3.36,
+    tests/runtime/test_memory.py): a tiny Llama (4 heads, 256 wide, 384 tokens) and SmolLM2-135M
+    (9 heads, 576 wide, 49152 tokens) at ctx 512-16384 and n_ubatch 128-2048, to within 1.2%.
+    ``cfg.n_kv`` < n_ctx gives the part a run reading fewer cells touches."""
+    t = ubatch_tokens(cfg)
     n_kv = min(kv_cells(cfg.n_kv or cfg.n_ctx), kv_cells(cfg.n_ctx))
-    # KQ and the part of its softmax that cannot reuse it in place (1.5x: fitted to measured RSS).
-    scores = 0 if cfg.flash_attn else 3 * shape.n_head * n_kv * t // 2
-    ffn = 3 * shape.n_ff * t
-    hidden = 6 * shape.n_embd * t
-    return 4 * (scores + ffn + hidden + n_outputs * shape.n_vocab)
+    rows = t if n_outputs is None else min(n_outputs, t)
+    n_embd_v = shape.n_head_kv * shape.head_dim_v
+    if cfg.flash_attn:
+        attention = 2 * n_kv * t + 4 * 8 * shape.n_embd * t
+    else:
+        attention = 4 * t * (n_kv * (shape.n_head + 1) + 5 * shape.n_embd + 2 * n_embd_v)
+    output = 4 * (rows * shape.n_vocab + 3 * shape.n_embd * t)
+    return max(attention, output) + 20 * t
+
+
+def work_bytes(shape: ModelShape, cfg: MemoryConfig) -> int:
+    """The CPU backend's work buffer (ggml's cplan, allocated on the heap per graph and kept): its largest
+    is the softmaxed KQ converted to the V cache's type for the KQ x V product (n_head x n_kv x t, 2 bytes
+    an element for an f16 cache), without flash attention; else the activations a weight product
+    quantizes (at most 2 bytes an element of the widest). Not in llama.cpp's log: measured as the part of
+    peak RSS that grows with n_head x n_kv x t beyond the logged buffers (a tiny Llama at ctx 16384:
+    67 MB)."""
+    t = ubatch_tokens(cfg)
+    n_kv = min(kv_cells(cfg.n_kv or cfg.n_ctx), kv_cells(cfg.n_ctx))
+    activations = 2 * t * max(shape.n_ff, shape.n_embd)
+    if cfg.flash_attn or cfg.type_v == "f32":
+        return activations
+    return max(activations, int(shape.n_head * n_kv * t * CACHE_TYPE_BYTES[cfg.type_v]))
 
 
 def estimate_memory(shape: ModelShape, cfg: MemoryConfig | None = None, *, baseline_bytes: int = 0) -> MemoryEstimate:
@@ -263,23 +314,33 @@ def estimate_memory(shape: ModelShape, cfg: MemoryConfig | None = None, *, basel
     kv_gpu = int(per_layer * n_gpu_blocks) if cfg.offload_kqv else 0
     kv_cpu = int(per_layer * shape.n_layer) - kv_gpu
     any_gpu = weights["gpu"] > 0 or kv_gpu > 0
-    compute_cpu = compute_bytes(shape, cfg)
+    # The host compute buffer is malloc'd at llama.cpp's size, but only the pages a run's graphs write
+    # become resident: with n_outputs rows of logits, not the reserve's every row.
+    compute_cpu = compute_bytes(shape, cfg, n_outputs=cfg.n_outputs)
+    # The CPU backend's work buffer, where attention runs on the CPU.
+    attn_cpu = kv_cpu > 0 or not cfg.offload_kqv
+    work_cpu = work_bytes(shape, cfg) if attn_cpu else 0
     # A GPU compute buffer is allocated whole (cudaMalloc), sized for the worst ubatch: all outputs.
-    compute_gpu = compute_bytes(shape, cfg, n_outputs=cfg.n_ubatch) if any_gpu else 0
+    compute_gpu = compute_bytes(shape, cfg) if any_gpu else 0
     if not any_gpu and cfg.gpu_present:  # op offload: the activations and the largest weight an op copies over
-        compute_gpu = compute_bytes(shape, cfg, n_outputs=cfg.n_ubatch) + max((t.n_bytes for t in shape.tensors), default=0)
-    output = 4 * shape.n_vocab
-    overhead = FIXED_OVERHEAD + VOCAB_BYTES_PER_TOKEN * shape.n_vocab
+        compute_gpu = compute_bytes(shape, cfg) + max((t.n_bytes for t in shape.tensors), default=0)
+    # llama.cpp's host output buffer: logits of the rows a batch outputs (its log: 0.19 MiB for 49152 tokens)
+    output = 4 * shape.n_vocab * min(cfg.n_outputs, cfg.n_batch)
+    overhead = FIXED_OVERHEAD + VOCAB_BYTES_PER_TOKEN * shape.n_vocab + KV_CELL_BYTES * cells
     parts = {"baseline": int(baseline_bytes), "weights_cpu": weights["cpu"], "weights_repacked": repacked,
              "weights_gpu": weights["gpu"], "kv_cpu": kv_cpu, "kv_gpu": kv_gpu, "compute_cpu": compute_cpu,
-             "compute_gpu": compute_gpu, "output_cpu": output, "overhead": overhead}
-    ram = baseline_bytes + weights["cpu"] + repacked + kv_cpu + compute_cpu + output + overhead
+             "work_cpu": work_cpu, "compute_gpu": compute_gpu, "output_cpu": output, "overhead": overhead}
+    ram = baseline_bytes + weights["cpu"] + repacked + kv_cpu + compute_cpu + work_cpu + output + overhead
     vram = weights["gpu"] + kv_gpu + compute_gpu
     notes = []
     if not baseline_bytes:
         notes.append("process baseline not included")
     if any_gpu:
         notes.append("VRAM figures are modeled, not measured")
+    reserved = compute_bytes(shape, cfg)
+    if reserved > 1.05 * compute_cpu:
+        notes.append(f"llama.cpp allocates a {reserved / 2**20:.2f} MiB CPU compute buffer (for every row's logits); "
+                     f"{compute_cpu / 2**20:.2f} MiB of it is written when {cfg.n_outputs} row(s) of logits are computed")
     return MemoryEstimate(ram_bytes=int(ram), vram_bytes=int(vram), parts=parts, n_ctx=cfg.n_ctx, notes=tuple(notes))
 
 

@@ -18,7 +18,7 @@ What a session holds at its peak, by part (bytes):
   to the float32 output: 10 bytes a logit, all three alive at once;
 * ``activations``: the arena for one chunk's hidden states (hidden, Q/K/V, FFN), a few times over;
 * ``overhead``: onnxruntime's own allocations at load (session, kernels, thread pools): a constant
-  measured on this machine, like ``baseline`` (the Python process with onnxruntime imported).
+  measured on this machine, like ``baseline`` (the edgekit CLI process before it creates the session).
 
 Checked against measured peak RSS in tests/runtime/test_onnx_backend.py (SmolLM2-135M: fp32 and 4-bit
 graphs within about 3% at ctx 512 and 2048 when the constants were measured; fp16 since stop 43).
@@ -34,9 +34,17 @@ from edgekit.errors import CorruptFileError, UnsupportedError, require
 from edgekit.runtime._onnx_kv import kv_in_place
 
 # Measured on x86-64 Linux with onnxruntime 1.31 (SmolLM2-135M, fp32 and 4-bit graphs): RSS after
-# loading a session less the weights it reads and repacks; and a Python process with onnxruntime imported.
+# loading a session less the weights it reads and repacks.
 ORT_OVERHEAD = 40 << 20
-BASELINE = 47 << 20
+# The process a session runs in: the edgekit CLI (its imports: onnx, numpy, tokenizers, the CLI) before it
+# creates the session. Measured (onnxruntime 1.31, Python 3.11, x86-64 Linux) as VmRSS at the
+# InferenceSession call of `edgekit run <tiny 4-bit ONNX> -c 1024`: 77,540 kB (the same with SmolLM2's
+# 4-bit graph); a bare Python with onnxruntime imported is 44.4 MiB, what this was before (47 MiB), and
+# the plan fell short: tiny 4-bit ONNX at ctx 1024, plan 100.1 MB where `edgekit run -p hello -n 16`
+# peaked at 117.4 MB and `profile --tests pp1000 --ctx 1024` at 127.2 MB; SmolLM2 4-bit, plan 404.1 MB
+# where profile pp1000 peaked at 443.5 MB and the SDK (OnnxBackend, 1024 tokens) at 432.5 MB. With this
+# baseline: 130.6 MB (+11% over the short run, +2.6% over profile) and 434.6 MB (-2.0%, +0.5%).
+BASELINE = 76 << 20
 _ELEM = {1: 4, 10: 2, 16: 2}  # ONNX FLOAT, FLOAT16, BFLOAT16
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from edgekit.errors import InputError
 from edgekit.runtime.memory import (
+    LLAMA_CPP_UBATCH,
     MemoryConfig,
     MemoryEstimate,
     ModelShape,
@@ -250,7 +251,7 @@ def plan_offload(
                          "budget; use a smaller draft, a KV window (--kv-window) or no draft")
     scored = []
     for ngl, kqv, overrides, label in _candidates(shape, gpu):
-        cfg = MemoryConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, type_k=type_k, type_v=type_v,
+        cfg = MemoryConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, LLAMA_CPP_UBATCH), type_k=type_k, type_v=type_v,
                            n_gpu_layers=ngl, offload_kqv=kqv, tensor_overrides=overrides, gpu_present=gpu)
         est = estimate_memory(shape, cfg, baseline_bytes=baseline_bytes)
         reads = decode_bytes_per_token(shape, depth, cfg)

@@ -386,13 +386,13 @@ def plan_cmd(
                            f" ({p.device})"))
     say(out, f"  {p.reason}")
     say(out, f"  RAM  {_mb(p.memory.ram_bytes)}: weights {_mb(parts['weights_cpu'] + parts['weights_repacked'])}, "
-              f"KV {_mb(parts['kv_cpu'])}, compute {_mb(parts['compute_cpu'])}, baseline {_mb(parts['baseline'])}, "
+              f"KV {_mb(parts['kv_cpu'])}, compute {_mb(parts['compute_cpu'] + parts.get('work_cpu', 0))}, baseline {_mb(parts['baseline'])}, "
               f"other {_mb(parts['overhead'] + parts['output_cpu'])}")
     if p.draft is not None:
         dp = p.draft.parts
         say(out, f"  draft {_mb(p.draft.ram_bytes)} more RAM (CPU): weights "
                   f"{_mb(dp.get('weights_cpu', 0) + dp.get('weights_repacked', 0))}, KV {_mb(dp.get('kv_cpu', 0))}, "
-                  f"compute {_mb(dp.get('compute_cpu', 0))}, other {_mb(dp.get('overhead', 0) + dp.get('output_cpu', 0))}"
+                  f"compute {_mb(dp.get('compute_cpu', 0) + dp.get('work_cpu', 0))}, other {_mb(dp.get('overhead', 0) + dp.get('output_cpu', 0))}"
                   f"; {_mb(p.memory.ram_bytes + p.draft.ram_bytes)} in all")
     if p.memory.vram_bytes:
         say(out, f"  VRAM {_mb(p.memory.vram_bytes)}: weights {_mb(parts['weights_gpu'])}, KV {_mb(parts['kv_gpu'])}, "
