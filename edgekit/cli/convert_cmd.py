@@ -13,7 +13,16 @@ import typer
 
 from edgekit.cli import size_opts
 from edgekit.cli.flags import check_calib_seqlen, typed_flags
-from edgekit.cli.ui import err, handle_errors, out, print_json, progress_bar, say, shown_when_started
+from edgekit.cli.ui import (
+    err,
+    handle_errors,
+    out,
+    print_json,
+    progress_bar,
+    progress_unless_piped,
+    say,
+    shown_when_started,
+)
 from edgekit.errors import InputError
 
 
@@ -213,7 +222,7 @@ def convert(
         with warnings.catch_warnings(record=True) as held:
             warnings.simplefilter("always")
             use_torch_threads(threads)
-    with progress_bar(not as_json) as progress, size_opts.explain_fit(fit_target):
+    with progress_bar(progress_unless_piped(as_json)) as progress, size_opts.explain_fit(fit_target):
         progress = shown_when_started(said_once(progress), held)
         art = api.convert(model, to, output=output, recipe=recipe, quantize=quantize, force=force, progress=progress)
     for note in art.notes:  # on stderr, so --json output stays a manifest

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import Terminated, err, handle_errors, out, print_json, progress_bar, say
+from edgekit.cli.ui import (
+    Terminated,
+    err,
+    handle_errors,
+    out,
+    print_json,
+    progress_bar,
+    progress_unless_piped,
+    say,
+)
 
 devices_app = typer.Typer(help="This host, Android phones (adb), iPhones (usbmuxd) and SSH boards.",
                           invoke_without_command=True, no_args_is_help=False)
@@ -164,7 +173,7 @@ def push(
     cfg = PushConfig(dest=dest, name=name, ctx=ctx, check_ram=ram_check, dry_run=dry_run)
     _note_local_home(device, dest)
     try:
-        with open_device(device) as dev, progress_bar(not as_json and not dry_run) as progress:
+        with open_device(device) as dev, progress_bar(progress_unless_piped(as_json) and not dry_run) as progress:
             res = do_push(artifact, dev, cfg, progress=progress)
     except Terminated as exc:  # `kill` or a closed terminal (exit 143 / 129): handle_errors says what was kept
         if not getattr(exc, "__notes__", None):

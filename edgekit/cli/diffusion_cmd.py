@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import handle_errors, out, print_json, progress_bar, say
+from edgekit.cli.ui import handle_errors, out, print_json, progress_bar, progress_unless_piped, say
 
 
 @handle_errors
@@ -51,7 +51,7 @@ def distill_cmd(
                         trajectories=trajectories, substeps=substeps, seed=seed)
     use_torch_threads(threads)
     dest = output or pipeline.parent / f"{pipeline.name}-{steps}step"
-    with progress_bar(not as_json) as progress:  # Ctrl-C: one "interrupted" line says what was kept (exit 130)
+    with progress_bar(progress_unless_piped(as_json)) as progress:  # Ctrl-C: one "interrupted" line says what was kept (exit 130)
         rec = distill(pipeline, dest, cfg, force=force, progress=progress)
     if as_json:
         print_json(rec)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.cli.flags import typed_flags
-from edgekit.cli.ui import out, print_json, progress_bar, say
+from edgekit.cli.ui import out, print_json, progress_bar, progress_unless_piped, say
 from edgekit.errors import InputError
 
 IMAGE_OPTIONS = ("--class", "--output/-o", "--steps", "--cache-interval")
@@ -85,7 +85,7 @@ def run_images(target: Path, *, cls: int | None, n: int | None, output: Path | N
         labels = model.labels(n, cls)
         cfg = model.config(steps, seed, cache_interval or 1)
         trace = SampleTrace()
-        with progress_bar(not as_json) as progress:
+        with progress_bar(progress_unless_piped(as_json)) as progress:
             t0 = time.perf_counter()
             images = model.generate(n, labels, cfg, trace, lambda i, total: progress("sampling", i, total))
             seconds = time.perf_counter() - t0
@@ -120,7 +120,7 @@ def profile_images(targets: list[Path], *, reps: int, steps: int | None, images:
     intervals = (1,) if not cache_interval or cache_interval == 1 else (1, cache_interval)
     batches = (1,) if images == 1 else (1, images)
     results = []
-    with progress_bar(not as_json) as progress:
+    with progress_bar(progress_unless_piped(as_json)) as progress:
         for target in targets:
             results.append(profile_diffusion(target, batches=batches, reps=reps, steps=steps,
                                              cache_intervals=intervals, threads=t, progress=progress))

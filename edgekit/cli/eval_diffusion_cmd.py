@@ -41,10 +41,10 @@ def refuse_text_options(target: Path, text: Path | None, ref: Path | None, kv_wi
 
 
 def run(target: Path, options: dict[str, Any], record: bool, as_json: bool) -> None:
-    from edgekit.cli.ui import out, print_json, progress_bar
+    from edgekit.cli.ui import out, print_json, progress_bar, progress_unless_piped
     from edgekit.evaluate import evaluate_diffusion
 
-    with progress_bar(not as_json) as progress:
+    with progress_bar(progress_unless_piped(as_json)) as progress:
         res = evaluate_diffusion(target, progress=progress, record=record, **options)
     if as_json:
         print_json(res)

@@ -47,6 +47,7 @@ from edgekit.cli.ui import (
     print_json,
     print_table,
     progress_bar,
+    progress_unless_piped,
     read_stdin,
     say,
     stdin_is_tty,
@@ -308,7 +309,7 @@ def eval_cmd(
     if kv_window is not None:
         if ref is not None:
             raise InputError("--kv-window measures perplexity alone; drop --ref")
-        with progress_bar(not as_json) as progress:
+        with progress_bar(progress_unless_piped(as_json)) as progress:
             res_s = api.evaluate_streaming(artifact, text, kv_window, kv_sinks, max_tokens=max_tokens,
                                            progress=progress, n_threads=threads, **options)
         if as_json:
@@ -324,7 +325,7 @@ def eval_cmd(
 
     if "ctx" in typed and (note := beyond_trained_note(artifact, ctx, "the perplexity measures how it copes past it")):
         say(err, note, "note:", "dim")
-    with progress_bar(not as_json) as progress:
+    with progress_bar(progress_unless_piped(as_json)) as progress:
         res = api.evaluate(artifact, text, api.EvalConfig(ctx=ctx, chunks=chunks), ref=ref, progress=progress,
                            record=record, n_threads=threads, **options)
     if as_json:

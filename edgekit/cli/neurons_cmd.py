@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from edgekit.cli.ui import handle_errors, out, print_json, progress_bar, say
+from edgekit.cli.ui import handle_errors, out, print_json, progress_bar, progress_unless_piped, say
 
 
 @handle_errors
@@ -62,7 +62,7 @@ def neurons_cmd(
     check_calib_seqlen(calib_seqlen, model)
     use_torch_threads(threads)
     body = read_text(text or sample_text_path())
-    with progress_bar(not as_json) as progress, clusters_flag("--clusters {}"):  # fixes name neurons' flag
+    with progress_bar(progress_unless_piped(as_json)) as progress, clusters_flag("--clusters {}"):  # fixes name neurons' flag
         rep = neurons.analyze(model, body, sparsities=levels, calib=CalibConfig(source=calib, samples=calib_samples,
                               seqlen=calib_seqlen), chunks=chunks, clusters=clusters, progress=progress)
     folder = output or model.parent / f"{model.name}-neurons"

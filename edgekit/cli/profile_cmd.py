@@ -225,7 +225,7 @@ def profile_cmd(
                             gpu_layers=_ints(gpu_layers, "gpu-layers"), offload_auto=offload == "auto", method=method,
                             drafters=drafters, prompt=prompt, gen_tokens=gen, experts=_experts(experts))
         interrupted: ProfileRun | None = None
-        with _progress(not (as_json or as_csv)) as progress:
+        with _progress(not (as_json or as_csv), json_like=True) as progress:
             try:
                 run = profile(artifacts, cfg, on_progress=progress)
             except ProfileInterrupted as exc:
@@ -262,10 +262,12 @@ def _experts(text: str | None) -> tuple[str | None, ...]:
     return values
 
 
-def _progress(enabled: bool) -> Any:
-    from edgekit.cli.ui import progress_bar
+def _progress(enabled: bool, json_like: bool = False) -> Any:
+    """The progress bar; ``json_like``: ``enabled`` False means --json/--csv output, whose progress still shows
+    where stderr is a terminal (:func:`progress_unless_piped`)."""
+    from edgekit.cli.ui import progress_bar, progress_unless_piped
 
-    return progress_bar(enabled)
+    return progress_bar(progress_unless_piped(not enabled) if json_like else enabled)
 
 
 def _profile_on_device(device_id: str, artifacts: list[Path] | None, tests: str, reps: int, threads: str,

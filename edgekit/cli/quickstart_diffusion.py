@@ -35,7 +35,7 @@ def run_quickstart_diffusion(home: Path | None = None, force: bool = False, dist
                              threads: int | None = None, as_json: bool = False, n: int = N_SCORE) -> dict[str, Any]:
     """Every step, printed as it goes (unless ``as_json``); returns the figures."""
     from edgekit import api
-    from edgekit.cli.ui import out, print_json, progress_bar, say
+    from edgekit.cli.ui import out, print_json, progress_bar, progress_unless_piped, say
     from edgekit.converters.diffusion.pipeline import open_pipeline
     from edgekit.converters.diffusion.sampler import SampleTrace, grid_png
     from edgekit.fsutil import atomic_file
@@ -70,7 +70,7 @@ def run_quickstart_diffusion(home: Path | None = None, force: bool = False, dist
         t = step("2/5 distill to 4 steps (the teacher's trajectories)",
                  "about 30 minutes on 2 cores; Ctrl-C and rerun resumes")
         if force or not (student_dir / "model_index.json").exists():
-            with progress_bar(not quiet) as progress:
+            with progress_bar(progress_unless_piped(quiet)) as progress:
                 distill(teacher.path, student_dir, DistillConfig(**SHIPPED_DISTILL_ARGS), force=True,
                         progress=progress)
         figures["distill_s"] = round(time.perf_counter() - t, 1)
@@ -87,7 +87,7 @@ def run_quickstart_diffusion(home: Path | None = None, force: bool = False, dist
     for name, src in (("teacher", teacher.path), ("student", student.path)):
         dest = store / artifact_name(src.name, "onnx", "w8-gptq")
         if force or not (dest / "edgekit.json").exists():
-            with progress_bar(not quiet) as progress:
+            with progress_bar(progress_unless_piped(quiet)) as progress:
                 api.convert(src, "onnx", output=dest, recipe=api.ConvertRecipe(bits=8, method="gptq"), force=True,
                             progress=progress)
         arts[name] = dest
@@ -120,7 +120,7 @@ def run_quickstart_diffusion(home: Path | None = None, force: bool = False, dist
             (f"student_{student.default_steps}", arts["student"], student.default_steps),
             # a consistency student also samples in one step; a trajectory student is made for its own steps
             *((("student_1", arts["student"], 1),) if student.sampler == "consistency" else ()))
-    with progress_bar(not quiet) as progress:
+    with progress_bar(progress_unless_piped(quiet)) as progress:
         for key, art, steps in rows:
             r = api.evaluate_diffusion(art, n=n, steps=steps, progress=progress, record=False, threads=threads)
             figures["fid"][key] = round(r["fid"], 3)

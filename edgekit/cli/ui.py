@@ -246,6 +246,13 @@ def shown_when_started(progress: Callable[[str, int, int], None],
     return report
 
 
+def progress_unless_piped(as_json: bool) -> bool:
+    """Whether a command that may print ``--json`` draws its progress (always on stderr): without ``--json``
+    always; with it where stderr is a terminal (a person waiting minutes for one JSON document), never into a
+    script's pipe or log."""
+    return not as_json or bool(sys.stderr is not None and sys.stderr.isatty())
+
+
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
     """A ProgressFn drawing one rich bar per step description prefix (on stderr). Where stderr is not a

@@ -352,3 +352,19 @@ def test_serve_stopped_by_sigterm_says_stopped_once_and_nothing_else(tiny_gguf):
         p.kill()
         p.wait()
     assert rest.count("stopped; every model unloaded") == 1 and "terminated" not in rest, rest
+
+
+def test_json_commands_show_progress_to_a_person_not_to_a_script(monkeypatch):
+    """QA s52: `quickstart --diffusion --json` sat silent for minutes in a terminal; in a pipe it stays quiet."""
+    import io
+
+    from edgekit.cli import ui
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert ui.progress_unless_piped(True) and ui.progress_unless_piped(False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not ui.progress_unless_piped(True) and ui.progress_unless_piped(False)
