@@ -281,7 +281,8 @@ def test_drafting_and_window_refusals_are_one_line(artifacts, tiny_llama):
                          ([onnx, "--draft", gguf], "an ONNX target drafts with an ONNX model"),
                          ([gguf, "--kv-sinks", "4"], "--kv-sinks needs --kv-window")):
         r = subprocess.run([EDGEKIT, "serve", *args, "--port", "0"], capture_output=True, text=True, timeout=120)
-        lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("loading ")]
+        lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("loading ")
+                 and "CPUs are busy with other programs" not in ln]  # a loaded host says so too
         assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
 
 
