@@ -26,6 +26,13 @@ from edgekit.tui.screens.dialogs import Confirm, ErrorPanel, HelpScreen, error_t
 from edgekit.tui.screens.profile import ProfileScreen
 
 SCREEN_KEYS = {"chat": "f2", "artifacts": "f3", "convert": "f4", "profile": "f5", "devices": "f6"}
+#: what quitting does to each kind of work under way, as the confirmation says it
+QUIT_LOSES = {
+    "a conversion": "The conversion stops and what it wrote so far is removed.",
+    "a profile": "The rows measured so far are lost: n, then Esc stops the profile and keeps them "
+                 "(Ctrl+O exports them).",
+    "a push": "The push stops; the partial file stays on the device and the next push resumes it.",
+}
 
 
 class EdgekitApp(App[None]):
@@ -64,7 +71,7 @@ class EdgekitApp(App[None]):
         return [what for name, attr, what in jobs if getattr(self.get_screen(name), attr, None) is not None]
 
     async def action_quit(self) -> None:
-        """Ctrl+Q: asks first while work is under way (its partial output is removed, the work lost)."""
+        """Ctrl+Q: asks first while work is under way, saying what quitting does to each (QUIT_LOSES)."""
         running = self.running_work()
         if not running or isinstance(self.screen, Confirm):
             self._leave()
@@ -74,8 +81,8 @@ class EdgekitApp(App[None]):
             if yes:
                 self._leave()
 
-        self.push_screen(Confirm(f"{' and '.join(running).capitalize()} is under way: quit and stop it?\n"
-                                 "What it wrote so far is removed."), answered)
+        self.push_screen(Confirm("\n".join([f"{' and '.join(running).capitalize()} is under way: quit and stop it?",
+                                            *(QUIT_LOSES[what] for what in running)])), answered)
 
     def _leave(self) -> None:
         chat = self.get_screen("chat")

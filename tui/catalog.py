@@ -54,6 +54,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def middle_ellipsis(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters: its start and its end kept, a ``…`` between them
+    (artifact names differ at their end as often as at their start: ``-q4``, ``-q8``)."""
+    if len(text) <= width:
+        return text
+    head = width // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
 def _quant(manifest: dict[str, Any]) -> str:
     recipe = manifest.get("recipe") or {}
     if manifest.get("preset"):

@@ -66,7 +66,12 @@ def test_convert_screen(snap_compare, models, size):
     assert snap_compare(EdgekitApp(folder="models", start="convert"), terminal_size=size)
 
 
-def test_inspect_dialog(snap_compare, models):
+def test_inspect_dialog(snap_compare, models, monkeypatch):
+    from edgekit.runtime import hostinfo
+
+    # "at peak to run" counts the worker's baseline, measured per host: a fixed one keeps the picture fixed
+    monkeypatch.setattr(hostinfo, "baseline_rss", lambda refresh=False, strict=True: hostinfo.TYPICAL_BASELINE_RSS)
+
     async def inspect(pilot) -> None:
         await _artifacts_ready(pilot)
         await pilot.press("down", "enter")

@@ -17,11 +17,21 @@ from textual.widgets import DataTable, Header, Input, Label, Static
 
 from edgekit.evaluate import provenance_label
 from edgekit.library import MANIFEST, damage, folder_bytes
-from edgekit.tui.catalog import ArtifactRow, delete_artifact, find_artifacts, human_bytes, row_for
+from edgekit.tui.catalog import (
+    ArtifactRow,
+    delete_artifact,
+    find_artifacts,
+    human_bytes,
+    middle_ellipsis,
+    row_for,
+)
 from edgekit.tui.screens.dialogs import Confirm
 from edgekit.tui.widgets.footer import KeysFooter
 
 COLUMNS = ("name", "format", "method", "quant", "size", "bpw", "ppl", "KL")
+#: the name column's widest: a longer name is shortened in its middle (the status line under the table
+#: and the Inspect dialog show it whole), so the other columns stay on screen at 80 columns
+NAME_WIDTH = 32
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -44,8 +54,8 @@ class ArtifactsScreen(Screen[None]):
         Binding("enter,i", "inspect", "Inspect"),
         Binding("c", "chat", "Chat"),
         Binding("p", "profile", "Profile"),
-        # Not in the footer, which has no room for it at 120 columns beside every screen key: F1 lists it,
-        # and the devices screen names it when no artifact is given.
+        # In the footer only where it has room (compact at 80 columns, not beside every screen key at 120:
+        # widgets/footer.py SPARE_ACTIONS); F1 lists it, and the devices screen names it.
         Binding("u", "push", "Push", show=False),
         Binding("d", "delete", "Delete"),
         Binding("r", "rescan", "Rescan"),
@@ -56,6 +66,7 @@ class ArtifactsScreen(Screen[None]):
         self.rows: list[ArtifactRow] = []
         self.damaged: dict[Path, str] = {}  # artifacts whose files are missing or truncated: what to say
         self.extra: list[Path] = []  # artifacts made in this session outside the scanned folder
+        self.summary = ""  # the status line: how many artifacts under which folder
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -98,7 +109,8 @@ class ArtifactsScreen(Screen[None]):
         self.rows = rows
         self.damaged = damaged or {}
         table = self.query_one(DataTable)
-        cells = [(f"{r.name} (unreadable)" if r.problem else f"{r.name} (damaged)" if r.path in self.damaged else r.name,
+        cells = [(middle_ellipsis(r.name, NAME_WIDTH)
+                  + (" (unreadable)" if r.problem else " (damaged)" if r.path in self.damaged else ""),
                   r.format, r.method, r.quant,
                   r.size_text if r.size_bytes else "-", _num(r.bpw, ".2f"),
                   _num(r.ppl, ".3f") + (f" on {r.ppl_text}" if r.ppl_text else ""), _num(r.kl, ".4f"))
@@ -111,9 +123,19 @@ class ArtifactsScreen(Screen[None]):
         for r, c in zip(rows, cells, strict=True):
             table.add_row(*map(escape, c), key=str(r.path))  # str cells are markup; names are data
         total = sum(r.size_bytes for r in rows)
-        self.query_one("#artifacts-status", Static).update(
+        self.summary = (
             f"{len(rows)} artifact{'s' if len(rows) != 1 else ''} under {folder} ({human_bytes(total)})" if rows else
             f"no artifacts under {folder}: convert one on the Convert screen (F4) or type another folder above")
+        self._show_status()
+
+    @on(DataTable.RowHighlighted, "#artifacts-table")
+    def _show_status(self) -> None:
+        """The summary, and the selected artifact's whole name when the table shortens it."""
+        table = self.query_one(DataTable)
+        row = self.rows[table.cursor_row] if self.rows and 0 <= table.cursor_row < len(self.rows) else None
+        cut = row is not None and len(row.name) > NAME_WIDTH
+        self.query_one("#artifacts-status", Static).update(
+            f"{self.summary}\nselected: {row.name}" if cut and row is not None else self.summary)
 
     def add_extra(self, path: Path) -> None:
         if path not in self.extra:

@@ -15,6 +15,7 @@ from textual.widgets import Header, Input, Label, Static, TextArea
 from edgekit.errors import EdgekitError
 from edgekit.library import forget_chat
 from edgekit.runtime.base import SamplingConfig
+from edgekit.tui.catalog import middle_ellipsis
 from edgekit.tui.chat_session import ChatSession, LiveStats
 from edgekit.tui.screens.dialogs import Conversations
 from edgekit.tui.widgets.chat import ChatMessage
@@ -30,9 +31,19 @@ SAMPLING_FIELDS = (
     ("max_tokens", "max new tokens", "integer"),
     ("seed", "seed", "integer"),
 )
-NO_ARTIFACT = "No artifact open: pick one on the Artifacts screen (F3, then c) or run `edgekit chat PATH`."
+NO_ARTIFACT = "No artifact open: pick one on Artifacts (F3, then c), or run edgekit chat PATH"
 #: the settings pane shows when the window is at least this wide (the chat keeps room beside it)
 SETTINGS_MIN_WIDTH = 110
+#: below this width the settings pane hides as the window shrinks, even after Ctrl+S showed it
+SETTINGS_HIDE_WIDTH = 70
+#: the longest artifact name the title shows whole (longer ones keep their start and end)
+TITLE_NAME_WIDTH = 40
+
+
+def chat_title(name: str, fmt: str, template: str = "") -> str:
+    """The title line: the artifact (a long name shortened in its middle), its format, its chat template."""
+    title = f"{middle_ellipsis(name, TITLE_NAME_WIDTH)} ({fmt})"
+    return f"{title} · chat template: {template}" if template else title
 
 
 def describe_stats(live: LiveStats, state: str = "") -> str:
@@ -56,9 +67,14 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+y", "copy_reply", "Copy reply"),
         Binding("ctrl+s", "toggle_settings", "Settings"),
         Binding("ctrl+o", "conversations", "Chats"),
-        # in F1's help and the palette: the footer has no room for it at 120 columns beside the screen keys,
-        # and Ctrl+O's new conversation keeps the old one instead of deleting it
+        # in F1's help and the palette; the footer shows it only where it has room (not at 120 columns beside
+        # the screen keys: widgets/footer.py SPARE_ACTIONS). Ctrl+O's new conversation keeps the old one.
         Binding("ctrl+l", "clear_history", "Clear", show=False),
+        # the conversation scrolls from the input (the log is one Tab stop; focused, it scrolls with its own keys)
+        Binding("pageup", "scroll_log('page_up')", "Scroll up", show=False),
+        Binding("pagedown", "scroll_log('page_down')", "Scroll down", show=False),
+        Binding("ctrl+home", "scroll_log('home')", "Start of the chat", show=False),
+        Binding("ctrl+end", "scroll_log('end')", "End of the chat", show=False),
     ]
 
     def __init__(self) -> None:
@@ -98,9 +114,14 @@ class ChatScreen(Screen[None]):
         self._fit_settings(event.size.width)
 
     def _fit_settings(self, width: int) -> None:
-        """The settings pane shows at 110 columns or more, as the window changes, until Ctrl+S decides."""
+        """The settings pane shows at 110 columns or more, as the window changes, until Ctrl+S decides; a window
+        narrowed below 70 columns hides it all the same (the chat would be left a sliver), and the pane
+        follows the width again from there. Ctrl+S still shows it at any width (then 40% of it, app.tcss)."""
+        pane = self.query_one("#chat-settings")
+        if self._settings_shown and width < SETTINGS_HIDE_WIDTH:
+            self._settings_shown = None
         if self._settings_shown is None:
-            self.query_one("#chat-settings").display = width >= SETTINGS_MIN_WIDTH
+            pane.display = width >= SETTINGS_MIN_WIDTH
 
     # -- opening an artifact ------------------------------------------------------------------
 
@@ -116,7 +137,7 @@ class ChatScreen(Screen[None]):
             self.app.show_error(exc)  # type: ignore[attr-defined]
             return
         self.session = session
-        self.query_one("#chat-title", Static).update(f"{session.artifact.name} ({session.artifact.format})")
+        self.query_one("#chat-title", Static).update(chat_title(session.artifact.name, session.artifact.format))
         await self._show_conversation(session)
         self._set_status("loading the model..." if session.backend is None else "ready")
         self.busy = True
@@ -287,7 +308,7 @@ class ChatScreen(Screen[None]):
         if live.template:
             art = session.artifact
             template = "the file's own" if live.template == "gguf" else live.template
-            self.query_one("#chat-title", Static).update(f"{art.name} ({art.format}) · chat template: {template}")
+            self.query_one("#chat-title", Static).update(chat_title(art.name, art.format, template))
         self._set_status(describe_stats(live))
 
     def _set_status(self, text: str) -> None:
@@ -312,6 +333,18 @@ class ChatScreen(Screen[None]):
             return
         self.app.copy_to_clipboard(replies[-1]["content"])
         self.notify(f"copied the last reply ({len(replies[-1]['content'])} characters)")
+
+    def action_scroll_log(self, where: str) -> None:
+        """PageUp/PageDown, Ctrl+Home/Ctrl+End: scroll the conversation, wherever the focus is."""
+        log = self.query_one("#chat-log", VerticalScroll)
+        if where == "page_up":
+            log.scroll_page_up(animate=False)
+        elif where == "page_down":
+            log.scroll_page_down(animate=False)
+        elif where == "home":
+            log.scroll_home(animate=False)
+        else:
+            log.scroll_end(animate=False)
 
     def action_toggle_settings(self) -> None:
         pane = self.query_one("#chat-settings")

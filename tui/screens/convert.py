@@ -101,7 +101,8 @@ class ConvertScreen(Screen[None]):
         with VerticalScroll(id="convert-form"):
             with Horizontal(classes="field"):
                 yield Label("model folder")
-                yield Input(placeholder="./SmolLM2-135M (config.json + safetensors)", id="cv-model")
+                yield Input(placeholder="./SmolLM2-135M (a Hugging Face folder)", id="cv-model",
+                            tooltip="a folder with config.json and safetensors")
             with Horizontal(classes="field"):
                 yield Label("format")
                 yield Select([(n, n) for n in _names("formats")], value="gguf", allow_blank=False, id="cv-format")
@@ -110,7 +111,8 @@ class ConvertScreen(Screen[None]):
                 yield Input("4", placeholder="2..8 or a type: Q4_K_M, Q8_0, F16", id="cv-quant")
             with Horizontal(classes="field"):
                 yield Label("or a budget")
-                yield Input("", placeholder="4.5 bpw or a size, 90MB (types per tensor by sensitivity)", id="cv-bpw")
+                yield Input("", placeholder="4.5 (bits a weight) or a size: 90MB", id="cv-bpw",
+                            tooltip="a type per tensor, chosen by sensitivity to fit the budget")
             with Horizontal(classes="field"):
                 yield Label("method")
                 yield Select([(n, n) for n in _names("methods")], value="rtn", allow_blank=False, id="cv-method")
@@ -121,8 +123,8 @@ class ConvertScreen(Screen[None]):
                 yield Input("32", id="cv-samples", type="integer", tooltip="calibration samples")
             with Horizontal(classes="field"):
                 yield Label("options")
-                yield Input("", placeholder="format options, as convert -O: embedding=fp8 (AQLM), lm_head=int8 (ONNX)",
-                            id="cv-options")
+                yield Input("", placeholder="as convert -O, e.g. lm_head=int8 (ONNX)", id="cv-options",
+                            tooltip="format options, as convert -O: embedding=fp8 (AQLM), lm_head=int8 (ONNX)")
             with Horizontal(classes="field"):
                 yield Label("output")
                 yield Input("", placeholder="default: the model library (edgekit ls)", id="cv-output")

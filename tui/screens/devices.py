@@ -66,7 +66,8 @@ class DevicesScreen(Screen[None]):
             yield Input(placeholder="artifact folder or .gguf to push", id="dev-artifact")
         with Horizontal(classes="field"):
             yield Label("destination")
-            yield Input(placeholder="default: the device's (e.g. /data/local/tmp/edgekit)", id="dev-dest")
+            yield Input(placeholder="empty: the device's default folder", id="dev-dest",
+                        tooltip="empty: Android /data/local/tmp/edgekit, SSH ~/edgekit")
             yield Label("ctx", classes="inline")
             yield Input("4096", id="dev-ctx", type="integer", tooltip="context length the RAM check assumes")
         yield Static("", id="dev-status", markup=False)

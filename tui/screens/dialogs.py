@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich import box
+from rich.table import Table
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -114,7 +116,7 @@ class Conversations(ModalScreen[int | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="conversations"):
-            yield Label("Kept conversations (Enter opens one, Esc closes)")
+            yield Static("Kept conversations: Enter opens one, Esc closes", markup=False)  # wraps when narrow
             yield OptionList(Option("+ new conversation (this one is kept)", id="new"),
                              *(Option(conversation_line(c), id=str(i)) for i, c in enumerate(self.kept)),
                              id="conversation-list", markup=False)
@@ -130,33 +132,55 @@ class Conversations(ModalScreen[int | None]):
         self.dismiss(None)
 
 
-HELP = """\
+HELP_INTRO = """\
 # edgekit
 
 Keyboard first: the footer shows the keys of the screen you are on; **Ctrl+P** opens the command palette.
-
-| key | where | does |
-|---|---|---|
-| F1 | everywhere | this help |
-| F2 .. F6 | everywhere | Chat, Artifacts, Convert, Profile, Devices |
-| Ctrl+Q | everywhere | quit (asks first while a conversion, profile or push runs) |
-| Enter | chat | send the message |
-| Esc | chat | stop the generation |
-| Ctrl+Y | chat | copy the last reply |
-| Ctrl+S | chat | show or hide settings (system prompt, sampling) |
-| Ctrl+L | chat | clear this conversation |
-| Ctrl+O | chat | the other conversations kept with this artifact, or a new one |
-| Enter / i | artifacts | inspect: per-tensor types |
-| c / p / u | artifacts | open in chat / profile / devices (to push) |
-| d | artifacts | delete (asks first) |
-| r | artifacts, devices | rescan |
-| Ctrl+R | convert, profile, devices | start (devices: push) |
-| Esc | convert, profile, devices | cancel the run or push |
-| Ctrl+O | profile | export the rows (.json or .png) |
-| f | devices | fit check of the artifact on the selected device |
-
-Esc, F1 or q closes this help. Conversations are kept per artifact (the newest and up to 8 others) under `~/.cache/edgekit/chats` (`EDGEKIT_HOME` moves it).
 """
+
+#: (key, where, does): a table whose key column never shrinks (the other two wrap), down to 60 columns
+HELP_KEYS = (
+    ("F1", "everywhere", "this help"),
+    ("F2 .. F6", "everywhere", "Chat, Artifacts, Convert, Profile, Devices"),
+    ("Ctrl+Q", "everywhere", "quit (asks first while a conversion, profile or push runs)"),
+    ("Tab", "everywhere", "the next box, list or button"),
+    ("Enter", "chat", "send the message"),
+    ("PgUp / PgDn", "chat", "scroll the conversation (Ctrl+Home / Ctrl+End: its start / end)"),
+    ("Esc", "chat", "stop the generation"),
+    ("Ctrl+Y", "chat", "copy the last reply"),
+    ("Ctrl+S", "chat", "show or hide settings (system prompt, sampling)"),
+    ("Ctrl+L", "chat", "clear this conversation"),
+    ("Ctrl+O", "chat", "the other conversations kept with this artifact, or a new one"),
+    ("Enter / i", "artifacts", "inspect: per-tensor types"),
+    ("c / p / u", "artifacts", "open in chat / profile / devices (to push)"),
+    ("d", "artifacts", "delete (asks first)"),
+    ("r", "artifacts & devices", "rescan"),
+    ("Ctrl+R", "convert, profile, devices", "start (devices: push)"),
+    ("Esc", "convert, profile, devices", "cancel the run or push"),
+    ("Ctrl+O", "profile", "export the rows (.json or .png)"),
+    ("f", "devices", "fit check of the artifact on the selected device"),
+)
+
+HELP_OUTRO = """\
+Esc, F1 or q closes this help. Conversations are kept per artifact (the newest and up to 8 others) under \
+`~/.cache/edgekit/chats` (`EDGEKIT_HOME` moves it).
+"""
+
+#: the whole help as Markdown (for reading outside the app)
+HELP = "\n".join([HELP_INTRO, "| key | where | does |", "|---|---|---|",
+                  *(f"| {k} | {w} | {d} |" for k, w, d in HELP_KEYS), "", HELP_OUTRO])
+
+
+def help_table() -> Table:
+    """The keys as a table whose key column keeps its width: the other two share what is left and wrap."""
+    table = Table(box=box.SIMPLE_HEAD, expand=True, show_edge=False, padding=(0, 2, 0, 0), pad_edge=False,
+                  header_style="bold")
+    table.add_column("key", no_wrap=True, style="bold")
+    table.add_column("where", ratio=1, width=10)  # the longest words: "everywhere", "conversations"
+    table.add_column("does", ratio=3, width=13)
+    for row in HELP_KEYS:
+        table.add_row(*row)
+    return table
 
 
 class HelpScreen(ModalScreen[None]):
@@ -164,7 +188,9 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog", id="help"):
-            yield Markdown(HELP)
+            yield Markdown(HELP_INTRO)
+            yield Static(help_table(), id="help-keys")
+            yield Markdown(HELP_OUTRO)
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -9,9 +9,10 @@ from textual.widgets import Label, Markdown, Static
 
 
 class ChatMessage(Vertical):
-    """One message. Assistant replies render Markdown (code blocks highlighted); ``append`` streams."""
+    """One message. Assistant replies render Markdown (code blocks highlighted); ``append`` streams.
 
-    can_focus = True
+    Not a Tab stop of its own: the log around it is one (PageUp/PageDown scroll it from the input too).
+    Ctrl+Y copies the last reply; any text selected with the mouse copies with Ctrl+C."""
 
     def __init__(self, role: str, content: str = "") -> None:
         super().__init__(classes=f"message {role}")
