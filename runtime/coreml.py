@@ -226,7 +226,7 @@ class CoreMLBackend(Backend):
         self.reset()
         logits = None
         for i in range(0, len(ids), self.n_batch):
-            logits = self._run(ids[i: i + self.n_batch])[-1]
+            logits = self._run(ids[i: i + self.n_batch])[-1].copy()  # not a view that keeps the chunk's logits
         stream = TextStream(self.tokenizer.decode, sampling.stop)
         budget = min(sampling.max_tokens, self.n_ctx - len(ids))
         yield from decode_loop(logits, lambda tok: self._run([tok])[-1],

@@ -332,7 +332,9 @@ class OnnxBackend(Backend):
             logits = self._kv.run(tokens)
         except Exception as exc:
             raise BackendError(f"onnxruntime failed while evaluating {n} tokens: {str(exc).splitlines()[0][:300]}") from exc
-        return logits[-1:] if last_only else logits
+        # a copy: a view of the last row would keep the whole chunk's logits (n_batch x vocab floats, 100 MB for
+        # SmolLM2 at 512) alive while the next chunk computes its own
+        return logits[-1:].copy() if last_only else logits
 
     def _eos_ids(self, folder: Path) -> set[int]:
         return eos_ids(folder, self.tokenizer)

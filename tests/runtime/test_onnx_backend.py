@@ -291,3 +291,18 @@ def test_context_stops_at_the_graphs_rotary_tables(tiny_onnx):
     be.close()
     with pytest.raises(InputError, match="--kv-window 2048 is longer than the 1024 positions"):
         OnnxBackend(tiny_onnx / "model.onnx", kv_window=2048)
+
+
+def test_a_prompt_chunk_keeps_only_its_last_logits_row(tiny_onnx):
+    """A view of the last row kept a chunk's whole n_batch x vocab logits alive while the next chunk ran: an
+    801-token prompt on SmolLM2's 4-bit graph peaked at 484 MB (plan 435); with a copy, 412 MB."""
+    from edgekit.runtime.onnx import OnnxBackend
+
+    be = OnnxBackend(tiny_onnx / "model.onnx", n_ctx=256, n_batch=32)
+    try:
+        last = be._run(list(range(10, 42)), last_only=True)
+        assert last.shape == (1, be.n_vocab) and last.base is None  # owns one row, not the chunk's array
+        every = be.logits(list(range(10, 42)))
+        np.testing.assert_array_equal(last[0], every[-1])
+    finally:
+        be.close()
