@@ -21,8 +21,14 @@ from typing import Any
 
 from edgekit.errors import BackendCrashed, BackendError, InputError
 from edgekit.runtime import llamacpp_build
-from edgekit.runtime.llamacpp_build import PROTECTION_FAULTS, crash_message, signal_name
-from edgekit.runtime.llamacpp_errors import load_error, log_hint, shown_name
+from edgekit.runtime.llamacpp_errors import (
+    PROTECTION_FAULTS,
+    crash_message,
+    load_error,
+    log_hint,
+    shown_name,
+    signal_name,
+)
 
 WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 EOF = object()

@@ -83,7 +83,7 @@ def _save_cache(key: str, value: Any) -> None:
 
 def _probe() -> dict[str, Any]:
     """Ask a fresh llama.cpp worker for its devices and its resident memory before any model."""
-    from edgekit.runtime import llamacpp_build
+    from edgekit.runtime import llamacpp_build, llamacpp_errors
 
     try:
         res = subprocess.run([*llamacpp_build.wrapper_prefix(), sys.executable, str(_WORKER), "--devices"],
@@ -91,7 +91,7 @@ def _probe() -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise BackendError(f"could not start a llama.cpp worker to list devices: {exc}") from exc
     if res.returncode < 0:
-        raise BackendCrashed(llamacpp_build.crash_message(res.returncode, "listing its devices", ""))
+        raise BackendCrashed(llamacpp_errors.crash_message(res.returncode, "listing its devices", ""))
     if res.returncode != 0:
         tail = res.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
         raise BackendError(f"llama.cpp could not list its devices ({tail[0][:200]}); "

@@ -40,8 +40,8 @@ from edgekit.runtime import hostinfo, llamacpp_build
 from edgekit.runtime._llamacpp_process import EOF as _EOF
 from edgekit.runtime._llamacpp_process import WorkerProcess
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend, token_ids
-from edgekit.runtime.llamacpp_build import LOG_ENV
 from edgekit.runtime.llamacpp_decoding import decoding_options
+from edgekit.runtime.llamacpp_errors import LOG_ENV
 from edgekit.runtime.llamacpp_memory import LlamaCppMemory
 
 

@@ -1,8 +1,9 @@
-"""What a failed llama.cpp load means, said in one line the user can act on (from the worker's error and
-the tail of llama.cpp's log)."""
+"""What a failed llama.cpp load or a crashed worker means, said in one line the user can act on (from the
+worker's error or exit signal and the tail of llama.cpp's log)."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,52 @@ def context_error(name: str, tail: list[str], n_ctx: int | None) -> InputError:
     return InputError(f"llama.cpp loaded {name} but could not allocate {asked}{of}: the context is too large "
                       "for this machine's memory; lower --ctx (profile: --ctx and the sizes in --tests; "
                       "`edgekit plan` says what fits)")
+
+
+# -- crash messages (the worker died) -------------------------------------------------------------------------------
+
+# Protection faults: what a CPU feature the OS does not enable (AMX on some VMs) raises; safe CPU mode
+# (no repacked weight buffers) avoids those code paths. SIGILL (an instruction the CPU lacks) it cannot.
+PROTECTION_FAULTS = {"SIGSEGV", "SIGBUS"}
+LOG_ENV = "EDGEKIT_LLAMACPP_LOG"
+LOG_HINT = f"rerun with {LOG_ENV}=1 to see llama.cpp's log"
+
+
+def signal_name(rc: int | None) -> str | None:
+    if rc is None or rc >= 0:
+        return None
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def crash_message(rc: int | None, doing: str, name: str, safe_cpu: bool = False, hint: str = "") -> str:
+    """One line that says how llama.cpp died while ``doing`` (on model ``name``) and the fix.
+
+    SIGILL: the build uses instructions this CPU lacks - which ones, and the rebuild command. A
+    protection fault on a CPU that reports AMX: the native-flags/AMX fault safe CPU mode was made for.
+    SIGKILL: the kernel's OOM killer. Anything else: the signal, llama.cpp's last telling log line."""
+    sig = signal_name(rc)
+    where = f"while {doing}" + (f" ({name})" if name else "")
+    if sig == "SIGILL":
+        return f"llama.cpp crashed (SIGILL) {where}: {llamacpp_build.explain_sigill()}"
+    if sig in PROTECTION_FAULTS:
+        record = llamacpp_build.installed_record()
+        amx_host = "amx_tile" in llamacpp_build.cpu_flags()
+        if amx_host and (record is None or any(o.startswith("AMX") for o in record.get("options", []))):
+            mode = " (already in safe CPU mode)" if safe_cpu else ""
+            return (f"llama.cpp crashed ({sig}) {where}{mode}: this CPU reports AMX, which VMs often do not "
+                    f"enable, and this llama-cpp-python build may use it; rebuild it without AMX with "
+                    f"`{llamacpp_build.rebuild_command()}`")
+        mode = " (also in safe CPU mode)" if safe_cpu else ""
+        return (f"llama.cpp crashed ({sig}) {where}{mode}" + (f": {hint}" if hint else "")
+                + f"; {LOG_HINT}, and if the model file is sound, rebuild llama-cpp-python with "
+                  f"`{llamacpp_build.rebuild_command()}`")
+    if sig == "SIGKILL":
+        return (f"llama.cpp was killed (SIGKILL) {where}, most likely out of memory: use a smaller context "
+                "(--ctx) or a smaller model")
+    if sig is not None:
+        return f"llama.cpp died ({sig}) {where}" + (f": {hint}" if hint else "") + f"; {LOG_HINT}"
+    return (f"the llama.cpp worker exited unexpectedly (exit code {rc}) {where}" + (f": {hint}" if hint else "")
+            + f"; {LOG_HINT}")

@@ -5,10 +5,7 @@ Every command imports its heavy machinery inside the function body, so ``--help`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import sys
 from pathlib import Path
 
 import typer
@@ -331,22 +328,9 @@ def eval_cmd(
     if as_json:
         print_json(res.to_json())
         return
+    from edgekit.cli.render import eval_table
+
     print_table(out, eval_table(artifact, res))
-
-
-def eval_table(artifact: Path, res) -> object:
-    """``eval``'s result as a table: its figures are never cut short (no wrap, and as wide as they are)."""
-    from rich.table import Table
-    from rich.text import Text
-
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    cells = [f"{res.ppl:.4f}", f"{res.ppl_stderr:.4f}", fmt(res.ref_ppl, ".4f"), fmt(res.kl_mean, ".5f"),
-             fmt(res.kl_p99, ".4f"), fmt(None if res.top1_agreement is None else 100 * res.top1_agreement, ".2f")]
-    table = Table(title=Text(f"{artifact} on {res.provenance()} ({res.tokens_scored} tokens scored)"))
-    for col, cell in zip(("perplexity", "±", "ref perplexity", "KL mean", "KL p99", "top-1"), cells, strict=True):
-        table.add_column(col, justify="right", no_wrap=True, min_width=len(cell))
-    table.add_row(*cells)
-    return table
 
 
 @app.command("inspect")
@@ -446,85 +430,10 @@ neurons_cmd.register(app)
 diffusion_cmd.register(app)
 
 
-def unwind_on_signals() -> None:
-    """`kill` (SIGTERM) and a closed terminal or SSH session (SIGHUP) unwind like Ctrl-C, so temporary
-    outputs are removed instead of left behind. A SIGHUP ignored on purpose (``nohup``) stays ignored."""
-    import signal
-
-    from edgekit.cli.ui import Terminated
-
-    def leave(signum: int, frame: object) -> None:
-        raise Terminated(signum)  # a SystemExit: exits 128 + signum; handle_errors says which signal
-
-    signal.signal(signal.SIGTERM, leave)
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, leave)
-
-
-def std_streams_for_scripts() -> None:
-    """What a script or CI job may hand edgekit: a closed stdin reads as empty (``run`` says so, exit 2); to a
-    closed stdout every write fails with one line on stderr (exit 1) instead of output silently dropped; and a
-    reader of stdout that goes away (``| head``) ends edgekit quietly with status 141, for rich's output (tables,
-    ``--help``) as for the rest."""
-    from rich.console import Console
-
-    from edgekit.cli.ui import CLOSED_STDOUT, leave_quietly_on_broken_pipe
-
-    if sys.stdin is None:
-        sys.stdin = open(os.devnull, encoding="utf-8")  # for the whole run; takes fd 0 again
-    if sys.stdout is None:
-        import errno
-        import io
-
-        class ClosedStdout(io.TextIOBase):
-            def write(self, s: str) -> int:
-                raise OSError(errno.EBADF, CLOSED_STDOUT)
-
-        os.open(os.devnull, os.O_WRONLY)  # fd 1 again: the next file opened (a model) does not become stdout
-        sys.stdout = ClosedStdout()
-
-    def on_broken_pipe(self: Console) -> None:
-        self.quiet = True
-        leave_quietly_on_broken_pipe()
-
-    Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]  # Typer's help consoles too
-
-
-def flush_stdout() -> None:
-    """Write what is still buffered for stdout now, where a failure can be said: its reader gone, quietly
-    (141); any other error (a full disk) in one line, exit 1. Either way Python's own flush at exit then has
-    nothing left to fail on (no "Exception ignored" message)."""
-    from edgekit.cli.ui import fail, leave_quietly_on_broken_pipe, os_error_line, stdout_reader_gone
-
-    try:
-        sys.stdout.flush()
-    except OSError as exc:
-        if isinstance(exc, BrokenPipeError) or stdout_reader_gone():
-            leave_quietly_on_broken_pipe()
-        line, code = os_error_line(exc)
-        fail(f"writing stdout: {line}", code)
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(code) from None
-
-
 def main() -> None:
-    import errno
+    from edgekit.cli import process
 
-    from edgekit.cli.ui import fail, leave_quietly_on_broken_pipe, os_error_line, stdout_reader_gone
-
-    unwind_on_signals()
-    std_streams_for_scripts()
-    try:
-        app()
-    except OSError as exc:  # met outside a command (--help to a closed stdout): one line too, never a traceback
-        if exc.errno == errno.EPIPE and stdout_reader_gone():
-            leave_quietly_on_broken_pipe()
-        line, code = os_error_line(exc)
-        fail(line, code)
-        raise SystemExit(code) from None
-    finally:
-        flush_stdout()
+    process.run(app)
 
 
 if __name__ == "__main__":

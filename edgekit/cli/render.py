@@ -7,6 +7,7 @@ names are data that may hold brackets.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -198,3 +199,15 @@ def ternary_line(t: dict) -> str:
     if d:
         line += f"; distilled {d['steps']} steps in {d['minutes']} min, {trained_kl(d)}"
     return line
+
+
+def eval_table(artifact: Path, res: Any) -> Table:
+    """``eval``'s result as a table: its figures are never cut short (no wrap, and as wide as they are)."""
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    cells = [f"{res.ppl:.4f}", f"{res.ppl_stderr:.4f}", fmt(res.ref_ppl, ".4f"), fmt(res.kl_mean, ".5f"),
+             fmt(res.kl_p99, ".4f"), fmt(None if res.top1_agreement is None else 100 * res.top1_agreement, ".2f")]
+    table = Table(title=Text(f"{artifact} on {res.provenance()} ({res.tokens_scored} tokens scored)"))
+    for col, cell in zip(("perplexity", "±", "ref perplexity", "KL mean", "KL p99", "top-1"), cells, strict=True):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(cell))
+    table.add_row(*cells)
+    return table

@@ -238,7 +238,7 @@ def test_killed_writer_leaves_nothing_and_is_swept(tmp_path):
             "    time.sleep(60)\n")
     # the CLI's handlers turn SIGTERM (kill) and SIGHUP (the terminal closed) into an exit that unwinds atomic_dir
     # a terminal's session, whatever this test runs under (a nohup'd CI run ignores SIGHUP, and children inherit it)
-    unwinding = f"from edgekit.cli.main import unwind_on_signals\nunwind_on_signals()\n{code}"
+    unwinding = f"from edgekit.cli.process import unwind_on_signals\nunwind_on_signals()\n{code}"
     wrapper = f"import signal\nsignal.signal(signal.SIGHUP, signal.SIG_DFL)\n{unwinding}"
     for sig in (signal.SIGTERM, signal.SIGHUP):
         p = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, text=True)

@@ -164,7 +164,7 @@ def fake_eval():
 def test_eval_table_keeps_its_figures_whole_at_50_columns(console_file):
     from rich.console import Console
 
-    from edgekit.cli.main import eval_table
+    from edgekit.cli.render import eval_table
     from edgekit.cli.ui import print_table
 
     console = Console(file=console_file(), width=50, color_system=None)
@@ -241,7 +241,7 @@ def test_a_closed_stdout_is_one_error_line(library, args):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_ends_a_command_with_one_line_like_ctrl_c(sig):
     code = ("import signal, time\nsignal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
-            "from edgekit.cli.main import unwind_on_signals\nunwind_on_signals()\n"
+            "from edgekit.cli.process import unwind_on_signals\nunwind_on_signals()\n"
             "from edgekit.cli.ui import handle_errors\n"
             "@handle_errors\ndef job():\n    print('ready', flush=True)\n    time.sleep(60)\njob()\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -322,19 +322,19 @@ def test_sigill_is_explained_not_retried(junk_file: Path, monkeypatch: pytest.Mo
 
 
 def test_amx_fault_message_only_where_amx_can_be_the_cause(monkeypatch: pytest.MonkeyPatch):
-    from edgekit.runtime import llamacpp_build
+    from edgekit.runtime import llamacpp_build, llamacpp_errors
 
     data = Path(__file__).with_name("data")
     monkeypatch.setenv(llamacpp_build.CPUINFO_ENV, str(data / "cpuinfo-xeon-amx.txt"))
     monkeypatch.setattr(llamacpp_build, "installed_record", lambda: None)  # a build edgekit did not make
-    msg = llamacpp_build.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
+    msg = llamacpp_errors.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
     assert "reports AMX" in msg and "--rebuild-llama" in msg
     monkeypatch.setattr(llamacpp_build, "installed_record", lambda: {"options": ["AVX2"], "key": "x86-64-v3"})
-    assert "AMX" not in llamacpp_build.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
+    assert "AMX" not in llamacpp_errors.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
     monkeypatch.setenv(llamacpp_build.CPUINFO_ENV, str(data / "cpuinfo-epyc-avx2.txt"))
     monkeypatch.setattr(llamacpp_build, "installed_record", lambda: None)
-    assert "AMX" not in llamacpp_build.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
-    assert "out of memory" in llamacpp_build.crash_message(-signal.SIGKILL, "loading", "m.gguf")
+    assert "AMX" not in llamacpp_errors.crash_message(-signal.SIGSEGV, "loading", "m.gguf")
+    assert "out of memory" in llamacpp_errors.crash_message(-signal.SIGKILL, "loading", "m.gguf")
 
 
 @needs_real

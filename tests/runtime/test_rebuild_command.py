@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from edgekit.runtime import llamacpp_build as lb
+from edgekit.runtime import llamacpp_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 EPYC = ROOT / "tests/runtime/data/cpuinfo-epyc-avx2.txt"
@@ -37,9 +38,9 @@ def test_crash_messages_follow_the_running_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(lb, "installed_record", lambda: None)
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "plain"))
     for sig in (signal.SIGILL, signal.SIGSEGV):
-        msg = lb.crash_message(-sig, "loading", "m.gguf")
+        msg = llamacpp_errors.crash_message(-sig, "loading", "m.gguf")
         assert f"{sys.executable} -m pip install" in msg and "setup.sh" not in msg, msg
     monkeypatch.setattr(sys, "prefix", str(ROOT / ".venv"))
     monkeypatch.chdir(ROOT)
     for sig in (signal.SIGILL, signal.SIGSEGV):
-        assert "`bash .ci/setup.sh --rebuild-llama`" in lb.crash_message(-sig, "loading", "m.gguf")
+        assert "`bash .ci/setup.sh --rebuild-llama`" in llamacpp_errors.crash_message(-sig, "loading", "m.gguf")
