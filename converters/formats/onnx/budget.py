@@ -52,17 +52,18 @@ def grid_parts(grid: NBitsType, shape: tuple[int, ...], scale_bytes: int = 4, ex
     return parts
 
 
-def grid_bytes(grid: NBitsType, shape: tuple[int, ...], scale_bytes: int = 4, explicit_zp: bool = False) -> int:
+def grid_bytes(grid: NBitsType, shape: tuple[int, ...], scale_bytes: int = 4, explicit_zp: bool = False,
+               padded: bool = True) -> int:
     """Bytes of a ``(rows, cols)`` weight on ``grid`` in the file (:func:`grid_parts`), each of its tensors
-    padded as the external data file aligns it."""
-    return sum(_stored(p) for p in grid_parts(grid, shape, scale_bytes, explicit_zp))
+    padded as the external data file aligns it (``padded=False``: the tensors' own bytes, as bpw counts)."""
+    return sum(_stored(p, padded) for p in grid_parts(grid, shape, scale_bytes, explicit_zp))
 
 
-def _stored(nbytes: int) -> int:
+def _stored(nbytes: int, padded: bool = True) -> int:
     """Bytes one initializer takes: inline in the graph when small, else page-aligned in the data file."""
     from edgekit.converters.formats.onnx.graph import _ALIGN, _INLINE_MAX
 
-    return nbytes if nbytes <= _INLINE_MAX else -(-nbytes // _ALIGN) * _ALIGN
+    return nbytes if nbytes <= _INLINE_MAX or not padded else -(-nbytes // _ALIGN) * _ALIGN
 
 
 def groups(names: list[str]) -> dict[str, list[str]]:
@@ -86,8 +87,9 @@ def apply(ckpt: HFCheckpoint, plan: dict[str, _Planned], opts: OnnxOptions, *, b
           size: int | None = None, grids: tuple[str, ...], tensor_types: tuple[tuple[str, str], ...], calib: CalibConfig,
           progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Re-grid the plan's MatMulNBits tensors: overrides first, then (with ``bpw``) the allocator on the
-    rest so the whole file lands at ``bpw`` bits per weight, or at ``size`` bytes (the graph and its data
-    file together: their sum is what ``bpw`` counts). Returns a report for the manifest."""
+    rest so the weights land at ``bpw`` bits per weight (their stored bytes over all parameters, as inspect
+    and GGUF count), or the files at ``size`` bytes (the graph and its data file together, rotary tables
+    included). Returns a report for the manifest."""
     scale_bytes = 4 if opts.graph_dtype == "fp32" else 2
     # what MatMulNBits reads (a lookup-only embedding table keeps its int8 grid: no activations to weigh)
     quantized = [g for g, p in plan.items() if isinstance(p.qtype, NBitsType)
@@ -111,11 +113,15 @@ def apply(ckpt: HFCheckpoint, plan: dict[str, _Planned], opts: OnnxOptions, *, b
         allowed = parse_grids(grids or DEFAULT_GRIDS)
         n_params = sum(int(np.prod(ckpt.tensors[p.hf].shape)) for p in plan.values()
                        if p.gguf != "output.weight" or not ckpt.hparams.tie_embeddings)
-        fixed = _fixed_bytes(ckpt, plan, quantized, scale_bytes) + sum(
-            grid_bytes(fixed_units[u], _stacked(shapes, units[u]), scale_bytes, u == "token_embd.weight")
+        # --bpw counts the weights' own bytes (as inspect's bpw and GGUF's); --size the whole files: the
+        # data file's alignment, the rotary tables and the graph too
+        padded = size is not None
+        fixed = _fixed_bytes(ckpt, plan, quantized, scale_bytes, padded) + sum(
+            grid_bytes(fixed_units[u], _stacked(shapes, units[u]), scale_bytes, u == "token_embd.weight", padded)
             for u in fixed_units)
+        extra = _graph_bytes(ckpt, scale_bytes) if padded else 0
         if size is not None:
-            bpw = 8 * size / n_params
+            bpw = 8 * (size - extra) / n_params
         budget_bytes = int(bpw * n_params / 8) - fixed
         floor = 0
         for u, members in free.items():
@@ -123,13 +129,14 @@ def apply(ckpt: HFCheckpoint, plan: dict[str, _Planned], opts: OnnxOptions, *, b
             if not fits:
                 raise InputError(f"none of the allowed grids fits {u} (rows of {shapes[members[0]][-1]}); "
                                  "allow grids with smaller blocks")
-            floor += min(grid_bytes(g, _stacked(shapes, members), scale_bytes, u == "token_embd.weight")
+            floor += min(grid_bytes(g, _stacked(shapes, members), scale_bytes, u == "token_embd.weight", padded)
                          for g in fits)
         if floor > budget_bytes:
             what = f"--size {size / 1e6:.4g}MB" if size is not None else f"--bpw {bpw}"
-            raise InputError(f"{what} is below the smallest file possible here ({(floor + fixed) / 1e6:.1f} MB, "
+            raise InputError(f"{what} is below the smallest file possible here ({(floor + fixed + extra) / 1e6:.1f} MB, "
                              f"{8 * (floor + fixed) / n_params:.2f} bpw); raise it or allow smaller grids")
-        items = _measure(ckpt, plan, free, shapes, allowed, scale_bytes, calib, progress, weighting=opts.sensitivity)
+        items = _measure(ckpt, plan, free, shapes, allowed, scale_bytes, calib, progress, weighting=opts.sensitivity,
+                         padded=padded)
         picked = allocate(items, budget_bytes)
         chosen.update(picked)
         spent = sum(o[1] for it in items for o in it.options if o[0] == picked[it.name])
@@ -155,26 +162,33 @@ def _check_fits(grid: NBitsType, unit: str, members: list[str], shapes: dict[str
                              f"{grid.block}; pick a block that divides it")
 
 
-def _fixed_bytes(ckpt: HFCheckpoint, plan: dict[str, _Planned], quantized: list[str], scale_bytes: int) -> int:
-    """What the budget does not choose: float tensors, a float or int8 embedding table, rotary caches."""
-    from edgekit.converters.formats.onnx.graph import rotary_tables
-
+def _fixed_bytes(ckpt: HFCheckpoint, plan: dict[str, _Planned], quantized: list[str], scale_bytes: int,
+                 padded: bool = True) -> int:
+    """The weights the budget does not choose: float tensors, a float or int8 embedding table."""
     total = 0
     for g, p in plan.items():
         if g in quantized:
             continue
         shape = ckpt.tensors[p.hf].shape
         if isinstance(p.qtype, NBitsType):  # the int8 lookup table, with explicit zero points
-            total += grid_bytes(p.qtype, tuple(shape), scale_bytes) + _stored(int(np.prod(shape)) // p.qtype.block)
+            total += grid_bytes(p.qtype, tuple(shape), scale_bytes, padded=padded) + \
+                _stored(int(np.prod(shape)) // p.qtype.block, padded)
         else:
-            total += _stored(int(np.prod(shape)) * scale_bytes)
-    cos, sin = rotary_tables(ckpt.hparams)
-    return total + 2 * _stored(cos.size * scale_bytes) + (8192 + 6144 * ckpt.hparams.n_layer)  # + the graph
+            total += _stored(int(np.prod(shape)) * scale_bytes, padded)
+    return total
+
+
+def _graph_bytes(ckpt: HFCheckpoint, scale_bytes: int) -> int:
+    """What the files hold besides weights: the rotary caches and the graph itself."""
+    from edgekit.converters.formats.onnx.graph import rotary_tables
+
+    cos, _ = rotary_tables(ckpt.hparams)
+    return 2 * _stored(cos.size * scale_bytes) + (8192 + 6144 * ckpt.hparams.n_layer)
 
 
 def _measure(ckpt: HFCheckpoint, plan: dict[str, _Planned], units: dict[str, list[str]],
              shapes: dict[str, tuple[int, ...]], allowed: list[NBitsType], scale_bytes: int, calib: CalibConfig,
-             progress: Callable[[str, int, int], None] | None, weighting: str = "fisher") -> list[Item]:
+             progress: Callable[[str, int, int], None] | None, weighting: str = "fisher", padded: bool = True) -> list[Item]:
     from edgekit.converters.quantize import gptq_kernel
     from edgekit.converters.quantize.pipeline import LayerPipeline
 
@@ -189,7 +203,7 @@ def _measure(ckpt: HFCheckpoint, plan: dict[str, _Planned], units: dict[str, lis
             progress(f"measuring sensitivity of {unit}", i, len(units))
         options = {g: [0, 0.0] for g in allowed if all(shapes[m][-1] % g.block == 0 for m in members)}
         for g, acc in options.items():
-            acc[0] = grid_bytes(g, _stacked(shapes, members), scale_bytes, unit == "token_embd.weight")
+            acc[0] = grid_bytes(g, _stacked(shapes, members), scale_bytes, unit == "token_embd.weight", padded)
         for m in members:
             H = hessians.get(m, head_h) if m in ("output.weight", "token_embd.weight") else hessians[m]
             W = ckpt.load(plan[m].hf).astype(np.float32)

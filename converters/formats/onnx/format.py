@@ -129,7 +129,7 @@ class OnnxFormat(Format):
             if (checkpoint.path / name).exists():
                 shutil.copy2(checkpoint.path / name, out_dir / name)
         fields_ = _manifest_fields(opts, model, tensors, model_path, data_path if opts.external_data else None,
-                                   quantizer)
+                                   quantizer, tied=hp.tie_embeddings)
         if budget_report is not None:
             fields_["budget"] = budget_report
             if recipe.budgeted:
@@ -148,11 +148,16 @@ def _block_fix(sizes: tuple[int, ...]) -> str:
 
 
 def _manifest_fields(opts: OnnxOptions, model, tensors: dict, model_path: Path, data_path: Path | None,
-                     quantizer: Quantizer) -> dict[str, Any]:
+                     quantizer: Quantizer, *, tied: bool) -> dict[str, Any]:
     from edgekit.converters.formats.onnx.graph import ops_used
+    from edgekit.converters.formats.onnx.read import weight_tensors
 
     size = model_path.stat().st_size + (data_path.stat().st_size if data_path else 0)
-    n_params = sum(int(np.prod(t["shape"])) for t in tensors.values() if "tied_to" not in t)  # see _lm_head
+    # parameters and bits per weight as inspect counts them (and GGUF's manifest): the weights' stored bytes,
+    # norms included, over all parameters; size_bytes stays the files' (graph and rotary tables too)
+    weights = weight_tensors(model, tensors, tied, model_path.parent / "edgekit.json")
+    n_params = sum(int(np.prod(t["shape"], dtype=object)) for t in weights if "tied_to" not in t)
+    weight_bytes = sum(t["bytes"] for t in weights)
     files = {"model": model_path.name}
     if data_path:
         files["data"] = data_path.name
@@ -170,4 +175,5 @@ def _manifest_fields(opts: OnnxOptions, model, tensors: dict, model_path: Path, 
         },
         **size_fields(n_params, size, tensors, quantizer),
     }
+    fields_["bpw"] = round(8 * weight_bytes / n_params, 4) if n_params else 0.0
     return fields_

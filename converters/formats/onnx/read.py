@@ -206,7 +206,7 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     n_head_kv = cfg.get("num_key_value_heads") or n_head
     head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // n_head
     kv_bytes = 2 * n_layer * ctx * n_head_kv * head_dim * elem
-    tensors = _weight_tensors(onnx, model, art)
+    tensors = _weight_tensors(model, art)
     # tensor bytes over parameters (norms included), as GGUF's bpw; the file also holds the graph and rotary tables
     n_params = sum(int(np.prod(t["shape"], dtype=object)) for t in tensors if "tied_to" not in t)
     weight_bytes = sum(t["bytes"] for t in tensors)
@@ -235,10 +235,20 @@ def describe_onnx(art: Artifact, ctx: int = 4096) -> dict[str, Any]:
     }
 
 
-def _weight_tensors(onnx: Any, model: Any, art: Artifact) -> list[dict[str, Any]]:
+def _weight_tensors(model: Any, art: Artifact) -> list[dict[str, Any]]:
+    cfg = _read_config(art.path / "config.json")
+    return weight_tensors(model, art.manifest.get("tensors", {}), bool(cfg.get("tie_word_embeddings")),
+                          art.path / "edgekit.json")
+
+
+def weight_tensors(model: Any, manifest_tensors: dict[str, Any], tied: bool, where: Path) -> list[dict[str, Any]]:
     """The model's weights with the bytes the file stores for each: the manifest's tensors (a quantized one as
     its codes, scales in the graph's float type and zero points where the graph has them, the layout
-    :func:`.budget.grid_parts` sizes) and the norms and biases the manifest does not list, from the graph."""
+    :func:`.budget.grid_parts` sizes) and the norms and biases the manifest does not list, from the graph.
+    ``tied``: the checkpoint ties its head to the embedding; ``where``: the manifest, for errors. A tied head's
+    table carries ``tied_to`` (its parameters are the embedding's)."""
+    import onnx
+
     from edgekit.converters.formats.onnx.budget import grid_parts
 
     init = {t.name: t for t in model.graph.initializer}
@@ -251,7 +261,7 @@ def _weight_tensors(onnx: Any, model: Any, art: Artifact) -> list[dict[str, Any]
         shape, kind = t.get("shape"), t.get("type")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 32 for d in shape) \
                 or not isinstance(kind, str):
-            raise CorruptFileError(f"{art.path / 'edgekit.json'}: tensor {name!r} needs a shape (whole numbers) "
+            raise CorruptFileError(f"{where}: tensor {name!r} needs a shape (whole numbers) "
                                    "and a type name; re-run 'edgekit convert' to rebuild it")
         n = int(np.prod(shape, dtype=object))
         if kind.upper() in ("FP32", "F32"):
@@ -262,10 +272,9 @@ def _weight_tensors(onnx: Any, model: Any, art: Artifact) -> list[dict[str, Any]
         explicit = lookup_zp and name.endswith("embed_tokens.weight")
         return sum(grid_parts(NBitsType.parse(kind), tuple(shape), scale_bytes, explicit))
 
-    listed = {**art.manifest.get("tensors", {}), **_unlisted_head(model, art.manifest.get("tensors", {}))}
-    cfg = _read_config(art.path / "config.json")
+    listed = {**manifest_tensors, **_unlisted_head(model, manifest_tensors)}
     tensors = [{**t, "name": n, "bytes": nbytes(n, t)} for n, t in listed.items()]
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" in listed:  # a second table of the same parameters
+    if tied and "lm_head.weight" in listed:  # a second table of the same parameters
         tensors = [{**t, "tied_to": t.get("tied_to", "model.embed_tokens.weight")} if t["name"] == "lm_head.weight"
                    else t for t in tensors]
     for name, t in init.items():  # norms and biases: float, in the graph only
