@@ -411,3 +411,24 @@ def test_a_damaged_cache_is_named(q4_rtn, tmp_path):
         load_cache(art)
     r = runner.invoke(app, ["eval", str(art), "--text", str(art / "tokenizer.json"), "--chunks", "1"])
     assert r.exit_code != 0 and "changed since it was converted" in r.output
+
+
+def test_sentencepiece_only_checkpoint_gets_the_tokenizer_json_mlc_reads(tmp_path):
+    """A checkpoint with only tokenizer.model: the artifact gets transformers' tokenizer.json (as mlc_llm's
+    gen_config makes it), listed in tokenizer_files and read for tokenizer_info. Without it MLC's runtime
+    encodes with the bare SentencePiece model: a leading '▁' and '\\n' as '▁' on this vocabulary."""
+    import tokenizers
+    import transformers
+
+    from tests.helpers import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "spm", "LlamaForCausalLM", hidden=128, ffn=256, layers=1, tokenizer="spm")
+    assert not (src / "tokenizer.json").exists() and (src / "tokenizer.model").exists()
+    out = _mlc(src, tmp_path / "mlc", "--quant", "q0f16")
+    cfg = json.loads((out / "mlc-chat-config.json").read_text())
+    assert cfg["tokenizer_files"][:2] == ["tokenizer.model", "tokenizer.json"]
+    assert all((out / f).is_file() for f in cfg["tokenizer_files"]) and not list(out.glob("*.part"))
+    text = "<|im_start|>user\nHi there<|im_end|>\n"
+    want = transformers.AutoTokenizer.from_pretrained(str(src))(text, add_special_tokens=False)["input_ids"]
+    assert tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).encode(text, add_special_tokens=False).ids == want
+    assert cfg["tokenizer_info"]["token_postproc_method"] == "byte_fallback"

@@ -266,6 +266,9 @@ def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: d
     for name in ("chat_template.jinja", "special_tokens_map.json"):  # transformers reads these too
         if (ckpt.path / name).exists():
             shutil.copy2(ckpt.path / name, out_dir / name)
+    if "tokenizer.model" in files and "tokenizer.json" not in files:
+        _write_tokenizer_json(ckpt.path, out_dir)
+        files.insert(files.index("tokenizer.model") + 1, "tokenizer.json")
     cfg: dict[str, Any] = {
         "version": VERSION,
         "model_type": model_type,
@@ -299,6 +302,27 @@ def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: d
     return cfg
 
 
+def _write_tokenizer_json(src: Path, out_dir: Path) -> None:
+    """A SentencePiece-only checkpoint's tokenizer.json, as mlc_llm's gen_config makes it: transformers'
+    fast tokenizer of the folder, saved. Without it MLC's runtime falls back to the bare SentencePiece model,
+    which knows no added tokens (chat markers) and normalizes text as the .model file says, not as
+    transformers (and edgekit's own MLC backend) do."""
+    from edgekit.errors import require
+
+    transformers = require("transformers", "torch")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError("transformers has no fast tokenizer for it")
+        tmp = out_dir / "tokenizer.json.part"
+        backend.save(str(tmp))
+        tmp.replace(out_dir / "tokenizer.json")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{src / 'tokenizer.model'}: transformers could not make the tokenizer.json MLC reads "
+                         f"({exc}); add a tokenizer.json to the checkpoint") from exc
+
+
 def _active_vocab(folder: Path, vocab: int) -> int:
     """Tokens the tokenizer knows (base vocabulary plus added tokens), as len(tokenizer) counts them."""
     tj = folder / "tokenizer.json"
@@ -315,7 +339,7 @@ def _tokenizer_info(folder: Path) -> dict[str, Any]:
     token strings decode (a ByteLevel decoder, or one in a Sequence: ``byte_level``; else ``byte_fallback``),
     whether encoding prepends a space (a ``Prepend("▁")`` normalizer, or one in a Sequence: Llama 2, Mistral)
     and whether decoding strips the first one (a ``Strip(" ", 1, 0)`` decoder). Without tokenizer.json
-    mlc_llm uses its defaults, written here."""
+    (:func:`build` makes one from tokenizer.model) mlc_llm uses its defaults, written here."""
     info: dict[str, Any] = {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
                             "strip_space_in_decode": False}
     from edgekit.model import prepends_space, tokenizer_steps
