@@ -324,16 +324,27 @@ def _clip(linear: torch.nn.Module, stats: _Stats, qtype: QType, config: AWQConfi
     if bs == 1:  # float types: nothing to clip
         err = float(_row_errors(w.astype(np.float64) - _quantized(w, qtype), stats.gram).sum())
         return ClipResult(name, err, err, np.ones((rows, 0)))
-    nb = width // bs
+    nb = -(-width // bs)  # a grid that pads a row's last block (MLC's groups) clips that block's real weights
+    wide = nb * bs
     idx = np.arange(nb)
+
+    def widen(a: np.ndarray) -> np.ndarray:  # zero padding: no error, no say in a block's max
+        if wide == width:
+            return a
+        out = np.zeros((a.shape[0], wide), dtype=a.dtype)
+        out[:, :width] = a
+        return out
+
+    gram = widen(widen(stats.gram).T).T if wide != width else stats.gram
     # A block's own output error ignores cross-block terms (AWQ's per-group loss); diag blocks of G.
-    g_blocks = stats.gram.reshape(nb, bs, nb, bs)[idx, :, idx, :]  # (nb, bs, bs)
-    blocks = w.reshape(rows, nb, bs)
+    g_blocks = gram.reshape(nb, bs, nb, bs)[idx, :, idx, :]  # (nb, bs, bs)
+    blocks = widen(w).reshape(rows, nb, bs)
     amax = np.abs(blocks).max(-1, keepdims=True)
     w64 = w.astype(np.float64)
+    wide64 = widen(w64)
 
     def block_errors(q: np.ndarray) -> np.ndarray:
-        d = (w64 - q).reshape(rows, nb, bs).transpose(1, 0, 2)  # (nb, rows, bs)
+        d = (wide64 - widen(q)).reshape(rows, nb, bs).transpose(1, 0, 2)  # (nb, rows, bs)
         return ((d @ g_blocks) * d).sum(-1).T  # (rows, nb)
 
     best = block_errors(_quantized(w, qtype))
@@ -342,7 +353,7 @@ def _clip(linear: torch.nn.Module, stats: _Stats, qtype: QType, config: AWQConfi
     for r in config.clip_ratios[1:]:
         lim = amax * np.float32(r)
         cand = np.clip(blocks, -lim, lim)
-        err = block_errors(_quantized(cand.reshape(rows, width), qtype))
+        err = block_errors(_quantized(cand.reshape(rows, wide)[:, :width], qtype))
         better = err < best
         best = np.where(better, err, best)
         best_w[better] = cand[better]
@@ -350,7 +361,7 @@ def _clip(linear: torch.nn.Module, stats: _Stats, qtype: QType, config: AWQConfi
 
     # Blocks quantize independently, but cross-block terms of the output error do not vanish: keep a
     # row's clipping only where its full error drops, so clipping never hurts on the sample.
-    clipped = best_w.reshape(rows, width)
+    clipped = np.ascontiguousarray(best_w.reshape(rows, wide)[:, :width])
     before = _row_errors(w64 - _quantized(w, qtype), stats.gram)
     after = _row_errors(w64 - _quantized(clipped, qtype), stats.gram)
     keep = after < before

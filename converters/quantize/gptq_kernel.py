@@ -181,6 +181,8 @@ def gptq(
     if grid.is_float:
         return rtn(w, qtype)
     bs = grid.block
+    if n_in % bs and grid.pads_last_block:
+        return _gptq_padded(w, H, qtype, grid, damp, block_cols, imatrix, mask)
     if n_in % bs:
         raise InputError(
             f"rows of {n_in} weights cannot be stored as {grid.name}: the row length must be a multiple of {bs}"
@@ -216,6 +218,47 @@ def gptq(
     data = sweep.pack(codes, params).reshape(n_out, -1)
     weight = sweep.dequantize(codes, params).reshape(n_out, n_in)
     return GridResult(_spec(qtype, grid), data, weight, codes.reshape(n_out, n_in), params, ih.damp)
+
+
+def _gptq_padded(w: np.ndarray, H: Any, qtype: Any, grid: Grid, damp: float, block_cols: int,
+                 imatrix: np.ndarray | None, mask: np.ndarray | None) -> GridResult:
+    """GPTQ onto a grid that pads a row's last partial block (MLC's groups): the matrix is widened with zero
+    columns that are masked (no say in their block's scale) and decoupled from the real ones in ``H`` (no
+    error passes to or from them), so the real columns get exactly what GPTQ gives them; the padding is
+    stored as the format stores it (code 0) and cut from ``weight`` and ``codes``."""
+    n_out, n_in = w.shape
+    pad = -n_in % grid.block
+    wide = n_in + pad
+    wp = np.zeros((n_out, wide), dtype=F32)
+    wp[:, :n_in] = w
+    if isinstance(H, InverseHessian):
+        if H.U.shape != (n_in, n_in):
+            raise InputError(f"the inverse Hessian has shape {H.U.shape}; expected ({n_in}, {n_in})")
+        U = np.zeros((wide, wide), dtype=F32)
+        U[:n_in, :n_in] = H.U
+        U[n_in:, n_in:] = np.eye(pad, dtype=F32)
+        hp: Any = InverseHessian(U, H.damp)
+    else:
+        if np.shape(H) != (n_in, n_in):
+            raise InputError(f"H has shape {np.shape(H)}; expected ({n_in}, {n_in})")
+        hm = np.asarray(H, dtype=np.float64)
+        hp = np.zeros((wide, wide), dtype=np.float64)
+        hp[:n_in, :n_in] = hm
+        hp[np.arange(n_in, wide), np.arange(n_in, wide)] = max(float(np.mean(np.diag(hm))), 1e-8) \
+            if np.all(np.isfinite(np.diag(hm))) else 1.0
+    im = None if imatrix is None else np.concatenate([_importance(imatrix, n_in), np.zeros(pad, dtype=F32)])
+    mk = np.zeros((n_out, wide), dtype=bool)
+    mk[:, n_in:] = True
+    if mask is not None:
+        if np.shape(mask) != (n_out, n_in):
+            raise InputError(f"the pruning mask has shape {np.shape(mask)}; expected ({n_out}, {n_in})")
+        mk[:, :n_in] = np.asarray(mask, dtype=bool)
+    res = gptq(wp, hp, qtype, damp=damp, block_cols=block_cols, imatrix=im, mask=mk)
+    codes = np.array(res.codes, copy=True)
+    codes[:, n_in:] = 0
+    data = grid.sweep(wp, None).pack(codes.reshape(-1, grid.block), res.params).reshape(n_out, -1)
+    return GridResult(res.qtype, data, np.ascontiguousarray(res.weight[:, :n_in]),
+                      np.ascontiguousarray(codes[:, :n_in]), res.params, res.damp)
 
 
 def _sweep_columns(sweep: Any, g: int, Wt: np.ndarray, U: np.ndarray, codes_t: np.ndarray,

@@ -45,6 +45,7 @@ class MLCGroup(Grid):
     group: int
     dtype: str = "float16"
     is_float = False
+    pads_last_block = True  # a row's last partial group is zero-padded (MLC's ceildiv); see Grid
 
     def __post_init__(self) -> None:
         if self.bits not in (3, 4):

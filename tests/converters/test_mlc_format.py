@@ -432,3 +432,38 @@ def test_sentencepiece_only_checkpoint_gets_the_tokenizer_json_mlc_reads(tmp_pat
     want = transformers.AutoTokenizer.from_pretrained(str(src))(text, add_special_tokens=False)["input_ids"]
     assert tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).encode(text, add_special_tokens=False).ids == want
     assert cfg["tokenizer_info"]["token_postproc_method"] == "byte_fallback"
+
+
+def test_gptq_and_awq_clip_onto_a_padded_group():
+    """Rows that are not a multiple of the group (int3's 40: SmolLM2's 576, 256, 4096 are not) are padded as
+    MLC pads them: GPTQ and AWQ's clipping work on the real weights, the padding stored as code 0, and both
+    beat MLC's own round-to-nearest on the sample they were fitted to."""
+    import torch
+
+    from edgekit.converters.quantize import awq, gptq_kernel
+
+    g = as_grid("MLC_INT3_G40_F16")
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (512, 96)).astype(np.float32) @ rng.normal(0, 1, (96, 96)).astype(np.float32)
+    w = rng.normal(0, 0.1, (24, 96)).astype(np.float32)
+    H = x.T.astype(np.float64) @ x / len(x)
+
+    def err(q: np.ndarray) -> float:
+        d = (w - q).astype(np.float64)
+        return float(np.trace(d @ H @ d.T))
+
+    raw, rtn = g.quantize_roundtrip(w)
+    res = gptq_kernel.gptq(w, H, g)
+    assert res.data.shape == raw.shape == (24, g.row_bytes(96)) and res.weight.shape == (24, 96)
+    codes, _ = mlcgroup.unpack(g, res.data.reshape(-1, g.record))
+    assert not codes.reshape(24, -1)[:, 96:].any()  # the padding, as MLC stores it
+    np.testing.assert_array_equal(g.dequantize(res.data)[:, :96], res.weight)
+    assert err(res.weight) < 0.8 * err(rtn)
+
+    lin = torch.nn.Linear(96, 24, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+    clip = awq.search_clip(lin, torch.from_numpy(x), g)
+    w1 = lin.weight.detach().numpy()
+    assert clip.error_after <= clip.error_before and np.all(np.abs(w1) <= np.abs(w))
+    assert clip.error_before == pytest.approx(awq.output_error(w, rtn, torch.from_numpy(x)), rel=1e-9)

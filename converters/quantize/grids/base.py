@@ -57,6 +57,9 @@ class Grid(abc.ABC):
     name: str
     block: int
     is_float: bool = False
+    # a row whose length is not a multiple of ``block`` is stored with its last block zero-padded (MLC's
+    # groups); other grids need whole blocks
+    pads_last_block: bool = False
 
     @property
     @abc.abstractmethod
