@@ -33,7 +33,8 @@ from edgekit.devices.base import (
 )
 from edgekit.devices.pushlock import PushLock
 from edgekit.errors import DiskFullError, InputError
-from edgekit.fsutil import is_disk_full, sha256_file_cached
+from edgekit.fslimits import is_disk_full
+from edgekit.fsutil import sha256_file_cached
 from edgekit.progress import ProgressFn
 
 

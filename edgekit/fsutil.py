@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import DiskFullError, EdgekitError, InputError, OutputExistsError
+from edgekit.fslimits import OUTPUT_FIX, check_name_length, deletion_blocker, write_error
 
 try:
     import fcntl
@@ -32,9 +33,6 @@ except ImportError:  # pragma: no cover - Windows: no locks, the pid in the name
 
 # .NAME.KIND-PID-RANDOM: what atomic_dir, atomic_file and api's pruning scratch create.
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|prune)-(?P<pid>\d+)-[^/]*$")
-# numpy's tofile reports a short write (a full disk) as an OSError with no errno.
-# numpy reports a full disk without an errno: a short write in tofile(), or its fallocate() pre-check
-_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|Not enough free space to write \d+ bytes")
 # Folders holding one of these were written by edgekit, so --force may replace them.
 OUTPUT_MARKERS = ("edgekit.json", "edgekit_import.json", "edgekit_diffusion.json")
 
@@ -58,6 +56,8 @@ def edgekit_home(home: Path | None = None, create: bool | None = None) -> Path:
     be, so a command that only reads works where it cannot (a writer's own write then says why)."""
     env = os.environ.get("EDGEKIT_HOME", "")
     if home is None and env:
+        if not env.strip():  # a folder named " " in every working directory
+            raise InputError(f"EDGEKIT_HOME is {env!r}, blank; set it to an absolute folder, or unset it")
         base = Path(env).expanduser()
         if not base.is_absolute():  # a different home in every working directory: never what was meant
             raise InputError(f"EDGEKIT_HOME is {env!r}, a relative path; set it to an absolute one "
@@ -65,11 +65,39 @@ def edgekit_home(home: Path | None = None, create: bool | None = None) -> Path:
     else:
         base = Path(home).expanduser().absolute() if home else Path.home() / ".cache" / "edgekit"
     if create:
+        if problem := home_problem(base):
+            raise InputError(problem)
         make_dir(base, HOME_ELSEWHERE)
     elif create is None:
         with contextlib.suppress(OSError):
             base.mkdir(parents=True, exist_ok=True)
     return base
+
+
+def folder_problem(path: Path) -> str:
+    """Why ``path`` can be no folder: it, or the nearest of its parents that exists, is a file or a broken
+    symbolic link (said as "X is a file, not a folder"); empty when neither."""
+    for p in (path, *path.parents):
+        try:
+            if p.is_symlink() and not p.exists():
+                return f"{p} is a broken symbolic link (to {os.readlink(p)})"
+            if p.exists():
+                return "" if p.is_dir() else f"{p} is a file, not a folder"
+        except OSError:  # not ours to see: the write's own error says so
+            return ""
+    return ""
+
+
+def home_problem(base: Path | None = None) -> str:
+    """The one line that says edgekit's home (``base``, else :func:`edgekit_home`'s) can be no folder, and the fix;
+    empty when it can. Writers raise it; commands that only read warn with it and go on."""
+    base = edgekit_home(create=False) if base is None else base
+    if not (problem := folder_problem(base)):
+        return ""
+    what = f"EDGEKIT_HOME is {base}" if os.environ.get("EDGEKIT_HOME") else f"edgekit's home is {base}"
+    itself = f"{base} is "
+    detail = problem[len(itself):] if problem.startswith(itself) else f"but {problem}"
+    return f"{what}, {detail}; point EDGEKIT_HOME at a folder (or move what is in the way)"
 
 
 def make_dir(path: Path, elsewhere: str) -> Path:
@@ -78,6 +106,8 @@ def make_dir(path: Path, elsewhere: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if problem := folder_problem(path):  # mkdir's "File exists" / "Not a directory" say neither what nor where
+            raise InputError(f"cannot create {path}: {problem}; move it or {elsewhere}") from exc
         raise write_error(exc, path, elsewhere) or InputError(
             f"cannot create {path}: {exc.strerror or exc}; make it writable or {elsewhere}") from exc
     return path
@@ -90,7 +120,10 @@ def _cache_key(path: Path) -> tuple[str, str]:
 
 
 def _update_sha_cache(where: str, key: str, digest: str | None) -> str:
-    cache_path = edgekit_home() / "sha256-cache.json"
+    try:
+        cache_path = edgekit_home() / "sha256-cache.json"
+    except EdgekitError:  # a home set wrong only costs the hashing: a command that needs the home says why
+        return digest if digest is not None else sha256_file(where)
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
@@ -158,43 +191,12 @@ def check_free_space(folder: Path, needed_bytes: int, what: str = "the output", 
         )
 
 
-_FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` says a disk (or quota) is full: ENOSPC/EDQUOT, or the words a writer that gives no
-    errno uses (safetensors' Rust writer: "... (os error 28)"; adb and device shells)."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc).lower()
-    return any(w in text for w in _FULL_WORDS)
-
-
-_OUTPUT_FIX = "choose another output folder with -o"
-
-
-def write_error(exc: BaseException, dest: Path, elsewhere: str = _OUTPUT_FIX) -> EdgekitError | None:
-    """The one-line error for an exception met while writing ``dest``: a full disk or a read-only target.
-    ``elsewhere`` is the other way out the message offers. Writers that give no errno count too:
-    safetensors' SafetensorError ("os error 28"), numpy's short write, shutil.Error's list of ENOSPC copies."""
-    if isinstance(exc, EdgekitError) or not isinstance(exc, Exception):
-        return None  # already one line (or Ctrl-C)
-    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
-    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (
-            code is None and (_SHORT_WRITE.search(str(exc)) or is_disk_full(exc))):
-        return DiskFullError(f"the disk filled up while writing {dest}; nothing was kept. Free some space or "
-                             f"{elsewhere}")
-    if isinstance(exc, OSError) and code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return InputError(f"cannot write {dest}: {exc.strerror or exc}; make it writable or {elsewhere}")
-    return None
-
-
 def _named(dest: Path) -> tuple[Path, str]:
     """What a write error about ``dest`` names, and the fix it offers: the real output for a file inside an
     output's temporary folder (never its ``.NAME.partial-PID-*`` name), the home's fix for edgekit's caches."""
     for folder in (dest, *dest.parents):
         if (m := _TEMP_RE.match(folder.name)) and m["kind"] == "partial":
-            return folder.parent / m["name"], _OUTPUT_FIX
+            return folder.parent / m["name"], OUTPUT_FIX
     return dest, HOME_ELSEWHERE if _in_home(dest) else _FILE_FIX
 
 
@@ -229,8 +231,9 @@ def check_not_inside(source: Path, dest: Path) -> None:
 
 
 def _check_dest(dest: Path, force: bool, replaceable: Callable[[Path], bool], again: bool = False) -> None:
-    """Refuse to replace ``dest`` unless ``force`` and it is something edgekit wrote; ``again``: it appeared
-    while this run was writing."""
+    """Refuse to replace ``dest`` unless ``force`` and it is something edgekit wrote (and this process may delete
+    it); ``again``: it appeared while this run was writing."""
+    check_name_length(dest)
     if not (dest.exists() or dest.is_symlink()):
         return
     if again and not force:
@@ -242,6 +245,9 @@ def _check_dest(dest: Path, force: bool, replaceable: Callable[[Path], bool], ag
     if not force:
         raise OutputExistsError(f"{dest} already exists; pass --force (SDK: force=True) to replace it or choose "
                                 "another -o (output=)")
+    if why := deletion_blocker(dest):  # found before the work: replacing it would leave the old one behind
+        raise OutputExistsError(f"cannot replace {dest}: {why}; nothing was written: ask its owner to remove it "
+                                "(or to fix its permissions), or choose another -o")
 
 
 def _lock(fd: int) -> bool:
@@ -252,6 +258,18 @@ def _lock(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def hold_lock(path: Path) -> int | None:
+    """An fd holding the lock on folder ``path`` by which :func:`sweep_stale` tells a live edgekit's hidden
+    folder from a killed one's (the pid in its name alone cannot across machines or pid namespaces); close it
+    when done. None where it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    _lock(fd)
+    return fd
 
 
 def _make_temp(parent: Path, name: str, kind: str, directory: bool) -> tuple[Path, int]:
@@ -409,7 +427,7 @@ def atomic_dir(dest: Path, force: bool = False, *, replaceable: Callable[[Path],
     notes = notes if notes is not None else []
     _check_dest(dest, force, replaceable)
     parent = dest.parent
-    elsewhere = HOME_ELSEWHERE if _in_home(dest) else _OUTPUT_FIX  # a cache's way out, or an output's
+    elsewhere = HOME_ELSEWHERE if _in_home(dest) else OUTPUT_FIX  # a cache's way out, or an output's
     try:
         parent.mkdir(parents=True, exist_ok=True)
         notes.extend(sweep_stale(parent))
@@ -425,8 +443,14 @@ def atomic_dir(dest: Path, force: bool = False, *, replaceable: Callable[[Path],
             rename_noreplace(tmp, dest)
         except FileExistsError:
             _check_dest(dest, force, replaceable, again=True)
-            shutil.rmtree(_swap_in(tmp, dest), ignore_errors=True)
-            notes.append(f"replaced {dest} (an earlier edgekit output)")
+            old = _swap_in(tmp, dest)
+            try:
+                shutil.rmtree(old)
+            except OSError as exc:  # checked before, so rare (an immutable file): said, never silent
+                notes.append(f"replaced {dest}, but the earlier one could not be deleted ({exc.strerror or exc}): "
+                             f"what is left of it is at {old}; delete it")
+            else:
+                notes.append(f"replaced {dest} (an earlier edgekit output)")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         mapped = write_error(exc, dest, elsewhere)
@@ -459,6 +483,7 @@ def atomic_file(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; renamed onto ``dest`` on success, removed on error."""
     dest = Path(dest)
     named, fix = _named(dest)
+    check_name_length(dest)
     try:
         tmp, fd = _make_temp(dest.parent, dest.name, "partial", directory=False)
     except OSError as exc:

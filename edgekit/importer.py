@@ -19,14 +19,8 @@ from edgekit.converters.formats.base import ProgressFn, no_progress
 from edgekit.converters.formats.gguf.check import check_gguf
 from edgekit.converters.formats.gguf.read import read_gguf_header
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError, quiet_transformers, require
-from edgekit.fsutil import (
-    atomic_dir,
-    check_free_space,
-    check_not_inside,
-    is_disk_full,
-    sha256_file,
-    write_error,
-)
+from edgekit.fslimits import is_disk_full, write_error
+from edgekit.fsutil import atomic_dir, check_free_space, check_not_inside, sha256_file
 
 
 def _field(reader, key: str):

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError, InputError
-from edgekit.fsutil import edgekit_home, is_edgekit_output, make_dir, rename_noreplace
+from edgekit.fslimits import NAME_MAX, deletion_blocker
+from edgekit.fsutil import (
+    OUTPUT_MARKERS,
+    edgekit_home,
+    hold_lock,
+    home_problem,
+    is_edgekit_output,
+    make_dir,
+    rename_noreplace,
+)
 
 MANIFEST = "edgekit.json"
 SCHEMA = "edgekit.artifact/1"  # the manifest schema this edgekit writes (edgekit.artifact uses it from here)
@@ -34,13 +43,30 @@ NEWER = "written by a newer edgekit"  # how damage() starts for a manifest of a 
 
 def store_dir(folder: str | Path | None = None, create: bool = False) -> Path:
     """The library folder: ``folder`` when given, else ``$EDGEKIT_MODELS``, else ``<home>/models``; made only
-    when ``create`` (``ls`` of a library that does not exist, or cannot be made, finds it empty)."""
-    if folder is None and os.environ.get("EDGEKIT_MODELS"):
-        folder = os.environ["EDGEKIT_MODELS"]
-    path = Path(folder).expanduser() if folder is not None else edgekit_home() / "models"
+    when ``create`` (``ls`` of a library that does not exist, or cannot be made, finds it empty, and leaves the
+    home unmade). A library that can be no folder (a file, a broken link) is the one-line error either way."""
+    env = os.environ.get("EDGEKIT_MODELS", "")
+    if folder is None and env:
+        if not env.strip():  # a folder named " " in every working directory
+            raise InputError(f"EDGEKIT_MODELS is {env!r}, blank; set it to an absolute folder, or unset it "
+                             "(the library is then models/ in edgekit's home)")
+        path, what = Path(env).expanduser(), "EDGEKIT_MODELS"
+        if not path.is_absolute():  # a library that moves with the working directory: never what was meant
+            raise InputError(f"EDGEKIT_MODELS is {env!r}, a relative path; set it to an absolute one "
+                             f"(e.g. {path.absolute()})")
+        fix = "point EDGEKIT_MODELS at a folder"
+    elif folder is not None:
+        path, what, fix = Path(folder).expanduser(), "the library", "choose another folder"
+    else:
+        home = edgekit_home(create=False)
+        if create and (problem := home_problem(home)):
+            raise InputError(problem)
+        path, what, fix = home / "models", "the library", "set EDGEKIT_MODELS to a folder"
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{what} is {path}, a broken symbolic link (to {os.readlink(path)}); make the folder it "
+                         f"leads to, remove the link, or {fix}")
     if path.exists() and not path.is_dir():
-        what = "EDGEKIT_MODELS" if folder == os.environ.get("EDGEKIT_MODELS") else "the library"
-        raise InputError(f"{what} is {path}, a file, not a folder; point EDGEKIT_MODELS at a folder (or move the file)")
+        raise InputError(f"{what} is {path}, a file, not a folder; {fix} (or move the file)")
     if create:
         make_dir(path, "set EDGEKIT_MODELS to another folder (or give -o)")
     return path
@@ -199,18 +225,18 @@ def entries(folder: str | Path | None = None) -> list[Entry]:
     return found
 
 
-def chat_file(artifact: Path) -> Path:
+def chat_file(artifact: Path, create_home: bool | None = None) -> Path:
     """Where ``edgekit chat`` keeps the conversation with ``artifact`` (a folder or model file): one file per
-    resolved path, under ``<home>/chats``."""
+    resolved path, under ``<home>/chats`` (``create_home``: as :func:`edgekit_home`'s ``create``)."""
     key = hashlib.sha1(str(Path(artifact).resolve()).encode()).hexdigest()[:16]
-    return edgekit_home() / "chats" / f"{key}.json"
+    return edgekit_home(create=create_home) / "chats" / f"{key}.json"
 
 
 def forget_chat(artifact: Path) -> None:
     """Delete the conversation kept with ``artifact``, which was deleted: an artifact written at its path later
     starts afresh. The CLI's ``rm`` and the TUI's delete both come here."""
     with contextlib.suppress(OSError, EdgekitError):  # no home, or none that can be used: no chat kept there
-        chat_file(artifact).unlink(missing_ok=True)
+        chat_file(artifact, create_home=False).unlink(missing_ok=True)
 
 
 def check_removable(path: Path) -> None:
@@ -239,27 +265,85 @@ def stamp(path: Path) -> tuple[int, int, str]:
     return st.st_dev, st.st_ino, created
 
 
+def _aside(path: Path) -> Path:
+    """The hidden ``.NAME.old-PID-*`` name ``remove`` moves ``path`` to (a hash for a name too long to carry)."""
+    name = path.name
+    if len(os.fsencode(name)) > NAME_MAX - len("..old--") - 7 - 8:
+        name = hashlib.sha1(os.fsencode(name)).hexdigest()[:16]
+    return path.parent / f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _put_back(tmp: Path, path: Path) -> Path:
+    """Move what ``remove`` set aside at ``tmp`` back to ``path``; where that name was taken meanwhile, to a
+    visible ``NAME.kept-*`` beside it, never left under the hidden name that a later write sweeps as a killed
+    edgekit's. Returns where it is now."""
+    name = path.name if len(os.fsencode(path.name)) <= 200 else hashlib.sha1(os.fsencode(path.name)).hexdigest()[:16]
+    for dest in (path, path.parent / f"{name}.kept-{secrets.token_hex(4)}"):
+        with contextlib.suppress(OSError):
+            rename_noreplace(tmp, dest)
+            return dest
+    return tmp
+
+
 def remove(path: Path, expect: tuple[int, int, str] | None = None) -> int:
     """Delete an artifact folder (or a checkpoint edgekit imported) and the chat kept with it; returns the bytes
     freed. A symbolic link to an artifact loses the link only, never what it leads to. Anything else is
     refused untouched, and so is an artifact whose :func:`stamp` is no longer ``expect`` (what the user
-    confirmed was replaced meanwhile). The folder is first renamed to a hidden temporary name, so an
-    interrupted removal leaves no half artifact under the real name (the next write into the store sweeps it)."""
+    confirmed was replaced meanwhile), and one this process may not delete (another user's): checked first,
+    so nothing is touched. The folder is renamed to a hidden temporary name before its files go, so an
+    interrupted removal leaves no half artifact under the real name (the next write into the store sweeps it);
+    a removal that fails puts it back under its name and says so."""
     check_removable(path)
+    if why := deletion_blocker(path):
+        raise InputError(f"cannot delete {path}: {why}; nothing was deleted: ask its owner to delete it (or to "
+                         "fix its permissions)")
     link = path.is_symlink()
     size = 0 if link else folder_bytes(path)
-    tmp = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = _aside(path)
     path.rename(tmp)
-    if expect is not None and stamp(tmp) != expect:  # checked once moved aside: nothing can swap it now
+    fd = None if link else hold_lock(tmp)
+    try:
+        if expect is not None and stamp(tmp) != expect:  # checked once moved aside: nothing can swap it now
+            if (back := _put_back(tmp, path)) != path:
+                raise InputError(f"{path} was replaced by another edgekit while you confirmed, and another one "
+                                 f"appeared there since; nothing was deleted: the replacement is at {back}, move it "
+                                 "back")
+            raise InputError(f"{path} was replaced by another edgekit while you confirmed; nothing was deleted")
+        if link:
+            tmp.unlink()
+            return 0
+        files = _count_files(tmp)
         try:
-            rename_noreplace(tmp, path)
-        except OSError:
-            raise InputError(f"{path} was replaced by another edgekit while you confirmed, and another one appeared "
-                             f"there since; nothing was deleted: the replacement is at {tmp}, move it back") from None
-        raise InputError(f"{path} was replaced by another edgekit while you confirmed; nothing was deleted")
-    if link:
-        tmp.unlink()
-        return 0
-    shutil.rmtree(tmp)
+            _delete(tmp)
+        except OSError as exc:  # what the check could not foresee (an immutable file, a race): undone
+            back = _put_back(tmp, path)
+            where = "" if back == path else f" (now at {back}: another one took its name, move it back)"
+            left = _count_files(back)
+            done = (f"{files - left} of its {files} files were deleted, so it is damaged{where}: once that is fixed, "
+                    "rm it again") if left < files else f"nothing was deleted{where}: fix that, then retry"
+            raise InputError(f"cannot delete {path}: {exc.strerror or exc} ({exc.filename}); {done}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
     forget_chat(path)
     return size
+
+
+def _delete(folder: Path) -> None:
+    """``folder`` and all it holds, its manifest last: a removal that stops part-way leaves an artifact that
+    ``ls`` lists as damaged and ``rm`` takes, not a folder nothing of edgekit's recognises."""
+    markers = []
+    for child in sorted(folder.iterdir()):  # in one order, so what a failure leaves can be said
+        if child.name in OUTPUT_MARKERS:
+            markers.append(child)
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    for marker in markers:
+        marker.unlink()
+    folder.rmdir()
+
+
+def _count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))

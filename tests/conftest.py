@@ -95,6 +95,15 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama as a Q8_0 GGUF artifact (its folder), shared: a test that changes it makes its own."""
+    from edgekit import api
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-gguf-q8_0"
+    return api.convert(tiny_llama, "gguf", output=out, recipe=api.ConvertRecipe(bits=8)).path
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny checkpoint per supported architecture, with different tokenizers and row widths."""
     root = tmp_path_factory.mktemp("tiny-all")

@@ -9,7 +9,6 @@ folders of a conversion still running never show up.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,4 +147,6 @@ def delete_artifact(row: ArtifactRow) -> None:
         return
     if not (row.path / MANIFEST_NAME).exists():
         raise InputError(f"{row.path} has no {MANIFEST_NAME}; edgekit only deletes folders it made")
-    shutil.rmtree(row.path)
+    from edgekit.library import remove
+
+    remove(row.path)  # rm's checks: another user's artifact is refused untouched, a failed delete put back

@@ -20,7 +20,8 @@ from typing import Any
 
 from edgekit.artifact import Artifact
 from edgekit.errors import BackendCrashed, DiskFullError, EdgekitError
-from edgekit.fsutil import atomic_file, is_disk_full
+from edgekit.fslimits import is_disk_full
+from edgekit.fsutil import atomic_file
 from edgekit.library import chat_file
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig
 

@@ -38,7 +38,7 @@ def quant_label(bits: int, method: str, lowrank: int) -> str:
 
 def default_output(src: Path, to: str, bits: int, method: str, lowrank: int) -> Path:
     """``./pipe-4step`` + onnx, 8 bits -> ``<library>/pipe-4step-onnx-w8``."""
-    return library.store_dir(create=True) / library.artifact_name(src.name, to, quant_label(bits, method, lowrank))
+    return library.store_dir(create=True) / library.artifact_name(Path(src).absolute().resolve().name, to, quant_label(bits, method, lowrank))
 
 
 def convert_pipeline(src: str | Path, to: str = "onnx", *, output: str | Path | None = None, bits: int | None = 8,

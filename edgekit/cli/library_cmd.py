@@ -7,6 +7,8 @@ command that takes an artifact takes such a name as well as a path.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,8 @@ def ls(
     from edgekit import library
 
     found = library.entries(folder)  # their paths absolute, as the folder's below: a script can reuse them
+    if folder is None and not os.environ.get("EDGEKIT_MODELS"):  # the library is in the home
+        _warn_about_home()
     if as_json:
         print_json({"dir": str(library.store_dir(folder).resolve()), "artifacts": [e.to_json() for e in found]})
         return
@@ -259,30 +263,61 @@ CACHES = (
     ("hashes", "sha256-cache.json", "sha256 of source weights, by path, size and time"),
 )
 KINDS = tuple(kind for kind, _, _ in CACHES)
+# What edgekit writes in each cache folder, by name: a folder named by a hex key (heal's training state, an
+# AQLM encoding), a file <hex key>.npy (calibration tokens). Anything else there is someone else's: kept.
+_ENTRY = {"heal": (re.compile(r"[0-9a-f]+"), True), "aqlm": (re.compile(r"[0-9a-f]+"), True),
+          "calib": (re.compile(r"[0-9a-f]+\.npy"), False)}
 
 cache_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)  # its help: cache's docstring
 
 
+def _ours(kind: str, child: Path) -> bool:
+    """Whether ``child`` of ``kind``'s cache folder is one of the entries edgekit writes there."""
+    pattern, folder = _ENTRY[kind]
+    if child.is_symlink() or not pattern.fullmatch(child.name):
+        return False
+    return child.is_dir() if folder else child.is_file()
+
+
+def _entries(kind: str, path: Path) -> tuple[list[Path], list[Path]]:
+    """The entries of one cache folder edgekit wrote, and the other things in it (never cleared); hidden
+    temporary names (a live writer's, or a killed one's, which the clear sweeps) are neither."""
+    ours: list[Path] = []
+    others: list[Path] = []
+    if path.is_symlink() or not path.is_dir():
+        return ours, others
+    for child in sorted(path.iterdir()):
+        if not child.name.startswith("."):
+            (ours if _ours(kind, child) else others).append(child)
+    return ours, others
+
+
 def _caches() -> list[dict[str, Any]]:
-    """Each cache kind: its path, bytes and entries (files or folders in it)."""
+    """Each cache kind: its path, the bytes and number of its entries edgekit wrote, and ``others``: what else
+    is there (someone else's, which ``cache clear`` keeps)."""
     from edgekit import library
     from edgekit.fsutil import edgekit_home
 
-    home = edgekit_home()
+    home = edgekit_home(create=False)  # only read: never made here
     rows = []
     for kind, rel, holds in CACHES:
         path = home / rel
-        if path.is_dir() and not path.is_symlink():
-            size, n = library.folder_bytes(path), sum(1 for c in path.iterdir() if not c.name.startswith("."))
+        if kind in _ENTRY:
+            ours, others = _entries(kind, path)
+            size = sum(library.folder_bytes(p) if p.is_dir() else p.stat().st_size for p in ours)
+            n = len(ours)
         else:
             size, n = (path.stat().st_size, 1) if path.is_file() and not path.is_symlink() else (0, 0)
-        rows.append({"kind": kind, "path": str(path), "bytes": size, "entries": n, "holds": holds})
+            others = []
+        rows.append({"kind": kind, "path": str(path), "bytes": size, "entries": n, "holds": holds,
+                     "others": [str(p) for p in others]})
     return rows
 
 
-def _clear(path: Path) -> None:
-    """Empty a cache: a file goes; a folder keeps itself (a running conversion writes beside its entries) and
-    what a live edgekit is writing there (hidden temporary names), and loses the rest."""
+def _clear(kind: str, path: Path) -> None:
+    """Empty a cache: a file goes; a folder keeps itself (a running conversion writes beside its entries), what
+    a live edgekit is writing there (hidden temporary names) and what edgekit did not write, and loses its
+    entries."""
     import shutil
 
     from edgekit.fsutil import sweep_stale
@@ -293,13 +328,19 @@ def _clear(path: Path) -> None:
         path.unlink()
         return
     sweep_stale(path)  # what killed writers left
-    for child in path.iterdir():
-        if child.name.startswith("."):
-            continue
-        if child.is_dir() and not child.is_symlink():
+    for child in _entries(kind, path)[0]:
+        if child.is_dir():
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _warn_about_home() -> None:
+    """A home that can be no folder (EDGEKIT_HOME set to a file): said, where a command that only reads goes on."""
+    from edgekit.fsutil import home_problem
+
+    if problem := home_problem():
+        say(err, problem, "warning:", "yellow")
 
 
 @cache_app.callback()
@@ -322,15 +363,17 @@ def cache(
         return
     from edgekit.fsutil import edgekit_home
 
+    _warn_about_home()
     rows = _caches()
     if as_json:
-        print_json({"home": str(edgekit_home()), "caches": rows})
+        print_json({"home": str(edgekit_home(create=False)), "caches": rows})
         return
     width = max(len(_mb(r["bytes"])) for r in rows)
     for r in rows:  # one line each, so a path is never folded and can be copied
         n = r["entries"]
+        theirs = f" (and {len(r['others'])} not edgekit's, never cleared)" if r["others"] else ""
         say(out, tagged(f"{r['kind']:<6}", "bold", f"{_mb(r['bytes']):>{width}} MB  {n:>4} {'entry' if n == 1 else 'entries':<7}"
-                                                    f"  {r['path']}  {r['holds']}"))
+                                                    f"  {r['path']}  {r['holds']}{theirs}"))
     say(out, f"{_mb(sum(r['bytes'] for r in rows))} MB in all; 'edgekit cache clear [KIND]' deletes them (the "
              "model library, devices and chats are not caches: never touched)")
 
@@ -356,10 +399,12 @@ def cache_clear(
     bad = [k for k in kinds or () if k not in KINDS]
     if bad:
         raise InputError(f"no cache kind {bad[0]!r}; give {', '.join(KINDS)} (or none: all of them)")
-    rows = [r for r in _caches() if not kinds or r["kind"] in kinds]
-    rows = [r for r in rows if r["entries"] or r["bytes"]]
+    _warn_about_home()
+    chosen = [r for r in _caches() if not kinds or r["kind"] in kinds]
+    rows = [r for r in chosen if r["entries"] or r["bytes"]]
     if not rows:
         say(out, "nothing to clear")
+        _say_kept(chosen)
         return
     what = ", ".join(f"{r['kind']} ({_mb(r['bytes'])} MB)" for r in rows)
     if not yes:
@@ -370,10 +415,17 @@ def cache_clear(
             say(err, "kept them")
             return
     for r in rows:
-        _clear(Path(r["path"]))
+        _clear(r["kind"], Path(r["path"]))
     left = {r["kind"]: r["bytes"] for r in _caches()}  # a live writer's temporary files stay
     say(out, f"{', '.join(r['kind'] for r in rows)}: {_mb(sum(r['bytes'] - left[r['kind']] for r in rows))} MB "
              "freed", "cleared", "green")
+    _say_kept(chosen)
+
+
+def _say_kept(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        for other in r["others"]:
+            say(err, f"kept {other}: edgekit did not write it (delete it yourself if it should go)")
 
 
 def register(app: typer.Typer) -> None:

@@ -338,7 +338,7 @@ def test_short_write_is_a_full_disk(tmp_path, message):
     """numpy reports a full disk without an errno (a short write in tofile(), or its fallocate() check);
     it is still a full disk."""
     from edgekit.errors import DiskFullError
-    from edgekit.fsutil import write_error
+    from edgekit.fslimits import write_error
 
     err = write_error(OSError(message), tmp_path / "x")
     assert isinstance(err, DiskFullError) and "disk filled up" in str(err)

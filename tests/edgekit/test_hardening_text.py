@@ -37,14 +37,6 @@ def _one_error_line(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
-    from edgekit import api
-
-    out = tmp_path_factory.mktemp("hardening") / "tiny-q8"
-    return api.convert(tiny_llama, "gguf", output=out, recipe=api.ConvertRecipe(bits=8)).path
-
-
 def test_fail_prints_brackets_on_one_line(monkeypatch: pytest.MonkeyPatch):
     buf = io.StringIO()
     monkeypatch.setattr(ui, "err", Console(file=buf, width=40))

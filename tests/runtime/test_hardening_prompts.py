@@ -83,12 +83,6 @@ def tiny_onnx(tiny_llama, tmp_path_factory) -> Path:
     return api.convert(tiny_llama, "onnx", output=out, recipe=api.ConvertRecipe(bits=4)).path
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("prompt-gguf") / "tiny-q8"
-    return api.convert(tiny_llama, "gguf", output=out, recipe=api.ConvertRecipe(bits=8)).path
-
-
 def test_onnx_run_refuses_bad_utf8(tiny_onnx):
     for extra in ((), ("--raw",)):
         code, out = run_cli("run", tiny_onnx, "-p", "hi \udcff", "-n", "2", *extra)
