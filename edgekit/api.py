@@ -30,7 +30,7 @@ from edgekit.calibration import CalibConfig
 from edgekit.converters.diffusion.pipeline import is_pipeline
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
-from edgekit.errors import DiskFullError, InputError, OutputExistsError
+from edgekit.errors import DiskFullError, InputError, OutputExistsError, notice
 from edgekit.evaluate import (
     EvalConfig,
     EvalResult,
@@ -88,7 +88,8 @@ def default_output(model: Path, fmt: str, recipe: ConvertRecipe, quantize: Quant
         tags.append("custom")  # types chosen per tensor, by --tensor-type or -O output_type/embed_type
     if recipe.extra.get("sparse_ffn") is not None or recipe.extra.get("sparse_clusters") is not None:
         tags.append("sparse")
-    return library.store_dir(create=True) / library.artifact_name(model.name, pruned, default_output_suffix(fmt, recipe),
+    # a model given as '.' or './' is named by its folder (Path('.').name is empty)
+    return library.store_dir(create=True) / library.artifact_name(model.absolute().resolve().name, pruned, default_output_suffix(fmt, recipe),
                                                                   *tags)
 
 
@@ -436,10 +437,7 @@ def evaluate(
         elif record and isinstance(target, Artifact):
             target.record_eval(record_as)
     except (InputError, DiskFullError, OSError) as exc:  # a read-only artifact: the measurement still counts
-        import warnings
-
-        warnings.warn(f"{exc}; the result was not recorded in its manifest (--no-record skips recording)",
-                      stacklevel=2)
+        notice(f"{exc}; the result was not recorded in its manifest (--no-record skips recording)", stacklevel=2)
     return result
 
 

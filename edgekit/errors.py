@@ -5,6 +5,9 @@ Only the CLI turns these into exit codes; the SDK raises them.
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 
 class EdgekitError(Exception):
     """Base of every error edgekit raises on purpose. ``str(err)`` is a one-line message with the fix."""
@@ -61,6 +64,28 @@ class BackendCrashed(BackendError):
 
     exit_code = 7
     signal: str | None = None
+
+
+class EdgekitWarning(UserWarning, RuntimeWarning):
+    """A notice edgekit gives the user (the CPUs are busy, a result was not recorded): shown like any warning
+    and silenced by an ``ignore`` filter, but never raised by an ``error`` one (``python -W error``,
+    ``PYTHONWARNINGS=error``, pytest's ``-W error``): a note about the work must not abort the work. A
+    UserWarning and a RuntimeWarning, as these notes were before, so filters that name either still apply."""
+
+
+def notice(message: str, stacklevel: int = 1) -> None:
+    """Warn the user with ``message``, an :class:`EdgekitWarning` attributed ``stacklevel`` frames up (1: the
+    caller). Where the warning filters would raise it, it is shown instead (through ``warnings.showwarning``,
+    which the CLI prints as one line)."""
+    try:
+        warnings.warn(message, EdgekitWarning, stacklevel=stacklevel + 1)
+    except EdgekitWarning:
+        try:
+            frame = sys._getframe(stacklevel)
+            where, line = frame.f_code.co_filename, frame.f_lineno
+        except ValueError:  # fewer frames than stacklevel: as warnings.warn does
+            where, line = "sys", 1
+        warnings.showwarning(EdgekitWarning(message), EdgekitWarning, where, line)
 
 
 def require(module: str, extra: str) -> object:

@@ -21,14 +21,13 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import BackendCrashed, BackendError, EdgekitError, InputError, require
+from edgekit.errors import BackendCrashed, BackendError, EdgekitError, InputError, notice, require
 from edgekit.fsutil import atomic_file, edgekit_home
 
 RAPL_ROOT = Path("/sys/class/powercap")
@@ -327,9 +326,12 @@ def _say_once(note: str, warn: Callable[[str], None] | None) -> None:
         return
     _said.add(note)
     if warn is not None:
-        warn(note)
+        try:
+            warn(note)
+        except Warning:  # ``warn`` went through the warning filters and an `error` one raised it: still a note
+            notice(note, stacklevel=4)
     else:
-        warnings.warn(note, RuntimeWarning, stacklevel=4)
+        notice(note, stacklevel=4)
 
 
 # More threads than this is a typo, not a machine: -t 100000 exhausted the host's thread limit and crashed
@@ -349,9 +351,10 @@ def check_threads(requested: int | None, flag: str = "--threads") -> int | None:
 
 
 def thread_count(requested: int | None, warn: Callable[[str], None] | None = None, *, adapt: bool = True) -> int:
-    """:func:`pick_threads` for a backend about to start: its note goes to ``warn`` (default: a
-    RuntimeWarning), once per process; a measurement is reused for 10 seconds, so a profile sweep that
-    opens one backend after another measures once (and never its own workers)."""
+    """:func:`pick_threads` for a backend about to start: its note goes to ``warn`` (default: an
+    :class:`~edgekit.errors.EdgekitWarning`, never raised as an error), once per process; a measurement is
+    reused for 10 seconds, so a profile sweep that opens one backend after another measures once (and never
+    its own workers)."""
     check_threads(requested)
     if (requested or physical_cores()) <= 1:
         return 1

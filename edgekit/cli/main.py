@@ -6,6 +6,7 @@ Every command imports its heavy machinery inside the function body, so ``--help`
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import typer
@@ -430,9 +431,44 @@ neurons_cmd.register(app)
 diffusion_cmd.register(app)
 
 
+def restore_docstrings(typer_app: typer.Typer) -> None:
+    """Under ``python -OO`` docstrings are stripped, and with them the help of every command (Typer reads a
+    command's help from its docstring): read them back from the source, where it is there to read."""
+    import ast
+    import inspect
+
+    trees: dict[str, ast.Module | None] = {}
+
+    def restore(fn: object) -> None:
+        real = inspect.unwrap(fn) if callable(fn) else None
+        code = getattr(real, "__code__", None)
+        if code is None or getattr(fn, "__doc__", None):
+            return
+        if code.co_filename not in trees:
+            try:
+                trees[code.co_filename] = ast.parse(Path(code.co_filename).read_bytes())
+            except (OSError, SyntaxError, ValueError):  # installed without its source
+                trees[code.co_filename] = None
+        for node in ast.walk(trees[code.co_filename] or ast.Module(body=[], type_ignores=[])):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == code.co_name
+                    and min([node.lineno, *(d.lineno for d in node.decorator_list)]) == code.co_firstlineno):
+                fn.__doc__ = real.__doc__ = ast.get_docstring(node)  # type: ignore[union-attr]
+                return
+
+    for info in typer_app.registered_commands:
+        restore(info.callback)
+    restore(typer_app.registered_callback.callback if typer_app.registered_callback else None)
+    for group in typer_app.registered_groups:
+        restore(group.callback)
+        if group.typer_instance is not None:
+            restore_docstrings(group.typer_instance)
+
+
 def main() -> None:
     from edgekit.cli import process
 
+    if sys.flags.optimize >= 2:
+        restore_docstrings(app)
     process.run(app)
 
 

@@ -1,6 +1,8 @@
 """The CLI as a process: what ``edgekit`` does around its commands so that a user's terminal and a script's
 pipes get the same care. SIGTERM and SIGHUP unwind like Ctrl-C; a closed stdin reads as empty, a closed
-stdout is one error line, and a reader that goes away (``| head``) ends it quietly with status 141."""
+stdout is one error line, and a reader that goes away (``| head``) ends it quietly with status 141. Whatever
+the locale says, it runs in Python's UTF-8 mode and its output never fails on a character the terminal's
+encoding cannot show; started in a folder that was deleted, it says so before anything else."""
 
 from __future__ import annotations
 
@@ -8,6 +10,71 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+
+GONE_CWD = "the current folder no longer exists (it was deleted or moved); cd to one that does and run edgekit again"
+_UTF8_REEXEC = "EDGEKIT_UTF8_REEXEC"  # set for the one re-execution in UTF-8 mode: never a second
+
+
+def refuse_deleted_working_folder() -> None:
+    """A shell left in a folder that was then deleted: relative paths, ``--dir .``, and libraries that look up
+    their own files from it (torch's oneMKL aborts the process) would each fail their own way, later. One
+    line and exit 2 first."""
+    from edgekit.cli.ui import fail
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        fail(GONE_CWD, 2)
+        raise SystemExit(2) from None
+
+
+def _is_utf8(encoding: str | None) -> bool:
+    import codecs
+
+    try:
+        return codecs.lookup(encoding or "ascii").name == "utf-8"
+    except LookupError:
+        return False
+
+
+def ensure_utf8_mode() -> None:
+    """Start again, once, in Python's UTF-8 mode (``-X utf8``, the default from Python 3.15 on, PEP 686) where
+    the locale is not UTF-8 (``LC_ALL=C PYTHONUTF8=0``, ``en_US.ISO-8859-1``): model files, tokenizer JSON,
+    paths and prompts are UTF-8 whatever the locale, and in a locale's encoding a path or prompt with a
+    character it cannot hold (日本 in ISO-8859-1) is unreadable, or read as other text. The command line is
+    started again as given (``sys.orig_argv``: the interpreter's own options, ``-m edgekit`` or the script),
+    its bytes unchanged; PYTHONUTF8=1 puts the processes edgekit starts (its model workers) in UTF-8 mode too.
+    Where it cannot be started again (Windows, no interpreter path), it goes on as it is."""
+    if os.environ.pop(_UTF8_REEXEC, None) is not None or sys.flags.utf8_mode or os.name == "nt":
+        return
+    import locale
+
+    if _is_utf8(sys.getfilesystemencoding()) and _is_utf8(locale.getpreferredencoding(False)):
+        return
+    argv = getattr(sys, "orig_argv", None)
+    if not sys.executable or not argv:
+        return
+    env = {**os.environ, "PYTHONUTF8": "1", _UTF8_REEXEC: "1"}  # -X utf8 too: -E and -I ignore PYTHONUTF8
+    with contextlib.suppress(OSError):  # could not start it: go on in the locale's encoding
+        os.execve(sys.executable, [argv[0], "-X", "utf8", *argv[1:]], env)
+
+
+def text_streams_for_any_text() -> None:
+    """stdout and stderr write any text, whatever encoding the locale or PYTHONIOENCODING gives them: a
+    character the encoding cannot hold (± in ASCII, an undecodable byte of a path) is written as its escape
+    (``\\xb1``), instead of failing the command at its last line with its results. stdin is read as UTF-8;
+    bytes that are not UTF-8 are kept (as surrogates) for the prompt check to name."""
+    forgiving = {"backslashreplace", "replace", "namereplace", "xmlcharrefreplace", "ignore"}
+    for stream in (sys.stdout, sys.stderr):
+        errors = getattr(stream, "errors", None)
+        if errors in forgiving or (errors == "surrogateescape" and _is_utf8(getattr(stream, "encoding", None))):
+            continue  # UTF-8 with surrogateescape (UTF-8 mode) holds every character and keeps a path's bytes
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    stdin = sys.stdin
+    if not (_is_utf8(getattr(stdin, "encoding", None)) and getattr(stdin, "errors", None) == "surrogateescape"):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # nothing read yet, so it can change
+            stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # type: ignore[union-attr]
 
 
 def unwind_on_signals() -> None:
@@ -78,15 +145,26 @@ def run(app: Callable[[], object]) -> None:
     stdout) is one line too, never a traceback."""
     import errno
 
-    from edgekit.cli.ui import fail, leave_quietly_on_broken_pipe, os_error_line, stdout_reader_gone
+    from edgekit.cli.ui import (
+        debugging,
+        fail,
+        leave_quietly_on_broken_pipe,
+        os_error_line,
+        stdout_reader_gone,
+    )
 
+    refuse_deleted_working_folder()
+    ensure_utf8_mode()
     unwind_on_signals()
     std_streams_for_scripts()
+    text_streams_for_any_text()
     try:
         app()
     except OSError as exc:
         if exc.errno == errno.EPIPE and stdout_reader_gone():
             leave_quietly_on_broken_pipe()
+        if debugging():  # EDGEKIT_DEBUG: the traceback handle_errors let through
+            raise
         line, code = os_error_line(exc)
         fail(line, code)
         raise SystemExit(code) from None

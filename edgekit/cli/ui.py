@@ -164,6 +164,32 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def debugging() -> bool:
+    """Whether EDGEKIT_DEBUG asks for tracebacks: set to anything but empty, 0, false, no or off."""
+    return os.environ.get("EDGEKIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_OURS = r"edgekit(\.|$)"
+
+
+def notes_stay_notes() -> None:
+    """Where the warning filters turn warnings into errors (``python -W error``, ``PYTHONWARNINGS=error``), a
+    note edgekit's own code gives (the CPUs are busy, a cache could not be written) is still only shown: it
+    must not abort the work it is about. A filter that shows the UserWarnings and RuntimeWarnings of edgekit's
+    modules goes just before the first ``error`` filter, so the filters before it (an ``ignore``) still apply
+    and other packages' warnings follow the filters as given. Call it where the filters were just copied
+    (``catch_warnings``), which resets the registries of warnings already shown."""
+    import re
+
+    first = next((i for i, f in enumerate(warnings.filters) if f[0] == "error"), None)
+    if first is None:
+        return
+    for category in (RuntimeWarning, UserWarning):  # EdgekitWarning is both
+        entry = ("default", None, category, re.compile(_OURS), 0)
+        if entry not in warnings.filters[:first]:
+            warnings.filters.insert(first, entry)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     # A warning is a message to the user (a crash retried in safe mode, a slow path taken): one line,
@@ -174,7 +200,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 def os_error_line(exc: OSError) -> tuple[str, int]:
     """The one line and exit code for an OSError no edgekit code turned into its own error: the reason and,
     when the error names one, the path (never an empty "()"); a full disk is exit 4 with its fix."""
-    from edgekit.fsutil import is_disk_full  # not at start-up: only an error needs it
+    from edgekit.fslimits import is_disk_full  # not at start-up: only an error needs it
 
     what = exc.strerror or str(exc) or type(exc).__name__
     where = exc.filename if exc.filename not in (None, "") else None
@@ -182,9 +208,41 @@ def os_error_line(exc: OSError) -> tuple[str, int]:
     if copies and isinstance(copies[0], tuple) and len(copies[0]) == 3:
         what, where = str(copies[0][2]), copies[0][1]
     line = f"{what} ({where})" if where is not None and str(where) not in what else what
+    if exc.errno == errno.EFBIG:  # a file size limit (ulimit -f) or the file system's, not a full disk
+        from edgekit.fslimits import write_error
+
+        mapped = write_error(exc, Path(where if where is not None else "the output"))
+        if mapped is not None:
+            return str(mapped), mapped.exit_code
     if is_disk_full(exc):
         return f"the disk filled up: {line}; free some space and retry", DiskFullError.exit_code
     return line, 1
+
+
+THREAD_LIMIT = ("the limit on processes and threads{limit} stopped edgekit: it could not start a thread; raise "
+                "the limit (ulimit -u) or end other programs of this user, then retry")
+
+
+def thread_limit_line(known: bool = False) -> str | None:
+    """The line to say when no thread can be started (the per-user process limit, ``ulimit -u``, or a
+    container's): why a library gave up (OpenBLAS raises SIGINT, a fork fails with EAGAIN). Unless ``known``
+    (Python's own "can't start new thread"), None when a thread starts now."""
+    import threading
+
+    if not known:
+        try:
+            threading.Thread(target=lambda: None, daemon=True).start()
+        except RuntimeError:
+            pass
+        else:
+            return None
+    limit = ""
+    with contextlib.suppress(ImportError, AttributeError, OSError, ValueError):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        limit = "" if soft == resource.RLIM_INFINITY else f" (ulimit -u {soft})"
+    return THREAD_LIMIT.format(limit=limit)
 
 
 def handle_errors(fn: F) -> F:
@@ -195,10 +253,13 @@ def handle_errors(fn: F) -> F:
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
+                notes_stay_notes()
                 return fn(*args, **kwargs)
         except EdgekitError as exc:
             raise fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt as exc:  # a note says what was kept on purpose (training progress...)
+            if (line := thread_limit_line()) is not None:  # OpenBLAS raises SIGINT when it cannot start threads
+                raise fail(line) from None
             kept = "; ".join(getattr(exc, "__notes__", ()))  # what stays on purpose, said instead
             raise fail(f"interrupted; {kept or 'nothing half-written was kept'}", 130) from None
         except Terminated as exc:  # `kill` or a closed terminal: unwound like Ctrl-C, and said like it
@@ -213,19 +274,26 @@ def handle_errors(fn: F) -> F:
         except OSError as exc:
             if exc.errno == errno.EPIPE and stdout_reader_gone():  # `| head`: not an error
                 leave_quietly_on_broken_pipe()
-            if os.environ.get("EDGEKIT_DEBUG"):
+            if debugging():
                 raise
+            if exc.errno == errno.EAGAIN and (line := thread_limit_line()) is not None:  # fork() at the limit
+                raise fail(line) from None
             raise fail(*os_error_line(exc)) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug: still one line, with a way to see more
-            if os.environ.get("EDGEKIT_DEBUG"):
+            if debugging():
                 raise
-            from edgekit.fsutil import is_disk_full
+            from edgekit.fslimits import is_disk_full
 
             if is_disk_full(exc):  # a writer that reports ENOSPC without an OSError (safetensors)
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise fail(f"the disk filled up ({reason}); free some space and retry", DiskFullError.exit_code) from None
+            if isinstance(exc, RuntimeError) and "start new thread" in str(exc):
+                raise fail(str(thread_limit_line(known=True))) from None
+            if isinstance(exc, Warning):  # another package's warning, which -W error / PYTHONWARNINGS made fatal
+                raise fail(f"{type(exc).__name__}: {exc} (a warning, made an error by the warning filters: "
+                           "-W error or PYTHONWARNINGS)") from None
             raise fail(f"internal error: {type(exc).__name__}: {exc} (set EDGEKIT_DEBUG=1 for the traceback)", 1) from None
 
     return wrapper  # type: ignore[return-value]
