@@ -66,6 +66,14 @@ def nvidia_gpus() -> tuple[GpuInfo, ...]:
     return tuple(gpus)
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest parent that exists: the file system a folder not made yet will be on."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
 class HostDevice(Device):
     platform = "host"
 
@@ -84,7 +92,7 @@ class HostDevice(Device):
             model, flags = _platform.processor() or None, ()
         vm = psutil.virtual_memory()
         dest = Path(self.default_dest())
-        disk = shutil.disk_usage(dest if dest.exists() else edgekit_home())
+        disk = shutil.disk_usage(nearest_existing(dest))  # a home whose cache is not made yet (or cannot be)
         uname = _platform.uname()
         board = None
         dt = Path("/proc/device-tree/model")
@@ -104,10 +112,7 @@ class HostDevice(Device):
         return str(Path(path).expanduser())
 
     def free_bytes(self, path: str) -> int | None:
-        probe = Path(path)
-        while not probe.exists():
-            probe = probe.parent
-        return shutil.disk_usage(probe).free
+        return shutil.disk_usage(nearest_existing(Path(path))).free
 
     def append_from(self, local: Path, remote: str, offset: int, on_bytes: BytesFn, cancel: Cancel | None) -> None:
         with open(local, "rb") as src, open(remote, "ab") as dst:

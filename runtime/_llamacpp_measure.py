@@ -6,10 +6,78 @@ Imported by the worker script, so it imports only light modules."""
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from typing import Any
 
 from edgekit.runtime._llamacpp_native import peak_rss_bytes, rapl_joules, read_rapl, reset_peak_rss
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+class TempSpaceError(OSError):
+    """The temporary folder has no room for an array the parent asked for (the parent reports it as a full
+    disk, not a crash)."""
+
+
+def open_npy(path: str, shape: tuple[int, ...], what: str) -> Any:
+    """A float32 ``.npy`` memory map at ``path`` with its blocks reserved up front. A sparse file on a full
+    tmpfs faults (SIGBUS) on the first page the filesystem cannot back, which reads as a llama.cpp crash;
+    reserving first turns that into a :class:`TempSpaceError` that names the folder and the fix."""
+    import numpy as np
+
+    try:
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        _reserve(path)
+        return arr
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise TempSpaceError(no_room_message(path, shape, what)) from None
+
+
+def _reserve(path: str) -> None:
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in NO_ROOM:
+            raise
+        # a filesystem that cannot preallocate (EOPNOTSUPP, EINVAL): the map is filled as before
+    finally:
+        os.close(fd)
+
+
+def no_room_message(path: str, shape: tuple[int, ...], what: str) -> str:
+    """One line: which temporary folder is full, what did not fit, and the fix."""
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # above the edgekit-llamacpp-* folder
+    need = 4
+    for n in shape:
+        need *= int(n)
+    try:
+        st = os.statvfs(folder)
+        free = f", {_size(st.f_bavail * st.f_frsize)} free"
+    except OSError:
+        free = ""
+    return (f"the temporary folder {folder} is full: no room for the {_size(need)} of {what}{free}; "
+            "free space there or set TMPDIR to a folder with room")
+
+
+def _size(n: int) -> str:
+    value, unit = float(n), "bytes"
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            break
+        value /= 1000
+    return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
 
 
 class MeasureOps:
@@ -109,15 +177,13 @@ class MeasureOps:
     def op_stream_nll(self, msg: dict[str, Any]) -> None:
         """Negative log-likelihood of each token of a long text evaluated in ``chunk``-token steps through the
         loaded KV window (or the plain context): how a long chat sees its history. Written to ``path``."""
-        import numpy as np
-
         from edgekit.runtime.sampling import next_token_nll
 
         tokens = [int(t) for t in msg["tokens"]]
         chunk = max(1, int(msg.get("chunk", 64)))
         rid = msg.get("id")
         self.seq.clear()
-        nll = np.lib.format.open_memmap(msg["path"], mode="w+", dtype=np.float32, shape=(max(len(tokens) - 1, 0),))
+        nll = open_npy(msg["path"], (max(len(tokens) - 1, 0),), "per-token losses")
         peak_cells = 0
         try:
             for i in range(0, len(tokens) - 1, chunk):
@@ -152,7 +218,7 @@ class MeasureOps:
         if n > n_ctx:
             raise ValueError(f"{n} tokens do not fit the context of {n_ctx}; load with a larger n_ctx")
         self.clear_kv()
-        out = np.lib.format.open_memmap(msg["path"], mode="w+", dtype=np.float32, shape=(n, n_vocab))
+        out = open_npy(msg["path"], (n, n_vocab), "logits")
         batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         try:
             for i in range(0, n, self.n_batch):

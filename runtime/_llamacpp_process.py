@@ -6,6 +6,7 @@ one-line messages. A mixin of the backend: it reads the backend's ``_config``, `
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -15,11 +16,10 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import BackendCrashed, BackendError, InputError
+from edgekit.errors import BackendCrashed, BackendError, DiskFullError, EdgekitError, InputError, notice
 from edgekit.runtime import llamacpp_build
 from edgekit.runtime.llamacpp_errors import (
     PROTECTION_FAULTS,
@@ -32,6 +32,8 @@ from edgekit.runtime.llamacpp_errors import (
 
 WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 EOF = object()
+# what Python, libgomp and OpenBLAS print when the system refuses a thread (the per-user process limit)
+THREAD_LIMIT = ("can't start new thread", "Thread creation failed", "pthread_create failed")
 
 
 class WorkerProcess:
@@ -70,7 +72,8 @@ class WorkerProcess:
             proc.kill()
             rc = proc.wait(timeout=5)
         for t in self._threads:
-            t.join(timeout=2)
+            if t.ident is not None:  # a start that failed (the thread limit) leaves one never started
+                t.join(timeout=2)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             try:
                 if stream is not None:
@@ -141,28 +144,37 @@ class WorkerProcess:
         if self._on_warning is not None:
             self._on_warning(message)
         else:
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            notice(message, stacklevel=4)  # a note to the user: never raised by an error filter
 
     def _start(self, safe_cpu: bool) -> None:
         self._inbox = queue.Queue()
         self._stderr_tail.clear()
         self._decoded = False
+        self._threads = []
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self._proc = subprocess.Popen(
-            [*llamacpp_build.wrapper_prefix(), sys.executable, str(WORKER)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            close_fds=True,
-        )
+        prefix = wrapper_command()
+        try:
+            self._proc = subprocess.Popen(
+                [*prefix, sys.executable, str(WORKER)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise start_error(exc, prefix) from None
         self._threads = [
             threading.Thread(target=self._read_stdout, args=(self._proc, self._inbox), daemon=True),
             threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True),
         ]
-        for t in self._threads:
-            t.start()
+        try:
+            for t in self._threads:
+                t.start()
+        except RuntimeError:  # "can't start new thread": the per-user process/thread limit
+            self._proc.kill()
+            raise BackendError(limit_message("could not start the llama.cpp worker's reader threads")) from None
         t0 = time.perf_counter()
         self._send({"op": "load", "id": 0, **self._config, "safe_cpu": safe_cpu})
         msg = self._recv("loading", None)
@@ -234,8 +246,17 @@ class WorkerProcess:
         return msg.get("value")
 
     def _tempdir(self) -> str:
+        """The folder the worker writes arrays (logits) into, made on first use under ``TMPDIR``."""
         if self._tmpdir is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="edgekit-llamacpp-")
+            try:
+                self._tmpdir = tempfile.mkdtemp(prefix="edgekit-llamacpp-")
+            except OSError as exc:
+                folder = tempfile.gettempdir()
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(f"the temporary folder {folder} is full; free space there or set "
+                                        "TMPDIR to a folder with room") from None
+                raise InputError(f"cannot make a folder in the temporary folder {folder} "
+                                 f"({exc.strerror or exc}); set TMPDIR to a writable folder") from None
         return self._tmpdir
 
     # -- error messages -------------------------------------------------------------------------
@@ -243,21 +264,81 @@ class WorkerProcess:
     def _log_hint(self, *needles: str) -> str:
         return log_hint(self._stderr_tail, *needles)
 
-    def _crashed(self, doing: str) -> BackendCrashed:
+    def _crashed(self, doing: str) -> BackendError:
         rc = self._reap()
         self._gone = "its worker crashed"
         sig = signal_name(rc)
+        if self._log_hint(*THREAD_LIMIT):  # the worker could not start a thread: not a crash, a limit
+            return BackendError(limit_message(f"the llama.cpp worker could not start a thread while {doing}"))
+        if sig == "SIGBUS" and self._temp_full():
+            # a memory-mapped array on a full tmpfs faults on its first unbacked page: not llama.cpp's fault
+            return DiskFullError(f"the temporary folder {os.path.dirname(self._tmpdir or '')} filled up while "
+                                 f"{doing}; free space there or set TMPDIR to a folder with room")
         exc = BackendCrashed(crash_message(rc, doing, shown_name(self.model_path), self.safe_cpu,
                                           self._log_hint("GGML_ASSERT", "error", "failed", "abort")))
         exc.signal = sig
         return exc
 
+    def _temp_full(self, room: int = 1 << 20) -> bool:
+        """Whether the filesystem of the temporary folder has less than ``room`` bytes free."""
+        if not self._tmpdir:
+            return False
+        try:
+            return shutil.disk_usage(self._tmpdir).free < room
+        except OSError:
+            return False
+
     def _load_error(self, msg: dict[str, Any]) -> Exception:
         return load_error(msg, self.model_path, self._stderr_tail, self._config.get("n_ctx"))
 
-    def _error_from(self, msg: dict[str, Any], doing: str) -> BackendError | InputError:
+    def _error_from(self, msg: dict[str, Any], doing: str) -> EdgekitError:
         text = str(msg.get("message") or msg.get("type") or "unknown error")
         # the caller's input, not llama.cpp's (InputError: the chat template refused or could not render it)
         if msg.get("type") in ("PromptTooLongError", "NoChatTemplateError", "InputError"):
             return InputError(text)
+        if msg.get("type") == "TempSpaceError":  # the worker's message names the folder and the fix
+            return DiskFullError(text)
         return BackendError(f"llama.cpp failed while {doing}: {text}")
+
+
+# -- starting the worker ------------------------------------------------------------------------------------------
+
+
+def wrapper_command() -> list[str]:
+    """``EDGEKIT_LLAMACPP_WRAPPER`` as a command prefix; one that is not a command line says so."""
+    try:
+        return llamacpp_build.wrapper_prefix()
+    except ValueError as exc:
+        value = os.environ.get(llamacpp_build.WRAPPER_ENV, "")
+        raise InputError(f"{llamacpp_build.WRAPPER_ENV}={value!r} is not a command line ({str(exc).lower()}); "
+                         "fix its quoting or unset it") from None
+
+
+def start_error(exc: OSError, prefix: list[str]) -> EdgekitError:
+    """What a worker that could not be started means: a wrapper that is not a program, or a system limit."""
+    if exc.errno == errno.EAGAIN:
+        return BackendError(limit_message("could not start the llama.cpp worker process"))
+    if exc.errno == errno.ENOMEM:
+        return BackendError("could not start the llama.cpp worker process: out of memory; close other programs")
+    if prefix and isinstance(exc, (FileNotFoundError, PermissionError)):
+        how = "is not found" if isinstance(exc, FileNotFoundError) else "cannot be run (permission denied)"
+        return InputError(f"{llamacpp_build.WRAPPER_ENV}: the program {prefix[0]!r} {how}; "
+                          "fix or unset it")
+    return BackendError(f"could not start the llama.cpp worker ({exc.strerror or exc}: {sys.executable}); "
+                        "check that this Python can still be run")
+
+
+def limit_message(what: str) -> str:
+    """``what`` failed because the system would not create a process or thread: almost always the per-user
+    process limit, which counts threads too."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    except (ImportError, OSError, ValueError):
+        soft = None
+    if soft is None or soft == resource.RLIM_INFINITY:
+        return (f"{what}: the system refused a new process or thread (its process limit: a container's "
+                "pids.max or kernel.threads-max); stop other processes or raise that limit")
+    return (f"{what}: the system refused a new process or thread; this user's process/thread limit "
+            f"(ulimit -u, now {soft}) is likely reached: raise it or stop other processes")

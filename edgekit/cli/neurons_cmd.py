@@ -5,6 +5,7 @@ and a plot."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -46,6 +47,7 @@ def neurons_cmd(
     from edgekit.converters.sparse_ffn.config import clusters_flag
     from edgekit.errors import InputError
     from edgekit.evaluate import read_text
+    from edgekit.fsutil import atomic_file, make_dir
     from edgekit.quickstart import sample_text_path
     from edgekit.runtime import activation_sparsity as neurons
     from edgekit.runtime.hostinfo import use_torch_threads
@@ -60,14 +62,17 @@ def neurons_cmd(
         raise InputError(f"--clusters {clusters}: give a power of two >= 2 (e.g. 16), as convert's -O sparse_clusters")
     refuse_artifact(model)
     check_calib_seqlen(calib_seqlen, model)
+    folder = output or model.parent / f"{model.name}-neurons"
+    check_writable(folder, f"-o {folder}" if output is not None else
+                   f"the output folder {folder} (by default beside the model)")
     use_torch_threads(threads)
     body = read_text(text or sample_text_path())
     with progress_bar(progress_unless_piped(as_json)) as progress, clusters_flag("--clusters {}"):  # fixes name neurons' flag
         rep = neurons.analyze(model, body, sparsities=levels, calib=CalibConfig(source=calib, samples=calib_samples,
                               seqlen=calib_seqlen), chunks=chunks, clusters=clusters, progress=progress)
-    folder = output or model.parent / f"{model.name}-neurons"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "neurons.json").write_text(json.dumps(rep.to_json(), indent=1))
+    make_dir(folder, "choose another folder with -o")
+    with atomic_file(folder / "neurons.json") as tmp:
+        tmp.write_text(json.dumps(rep.to_json(), indent=1))
     neurons.plot(rep, folder / "neurons.png")
     if as_json:
         print_json(rep.to_json())
@@ -86,6 +91,20 @@ def neurons_cmd(
     if rep.layout and "skipped" in rep.layout:
         say(out, f"no clusters rows: {rep.layout['skipped']}", "note", "yellow")
     say(out, f"{folder / 'neurons.json'}, {folder / 'neurons.png'}", "wrote", "green")
+
+
+def check_writable(folder: Path, named: str) -> None:
+    """Refuse, before minutes of measuring, an output folder that cannot be made or written: the nearest folder
+    that exists must be a writable folder. ``named``: how the message names ``folder``."""
+    from edgekit.errors import InputError
+
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot write {named}: {probe} is a file; choose another folder with -o")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {named}: {probe} is not writable; choose another folder with -o")
 
 
 def refuse_artifact(model: Path) -> None:

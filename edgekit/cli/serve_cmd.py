@@ -84,6 +84,7 @@ def serve(
     from edgekit.runtime.hostinfo import check_threads
     from edgekit.runtime.serve.config import ServeConfig, model_ids
 
+    _check_env_key(cli)
     check_threads(threads)  # instances load on the first request: a bad -t would fail there, not now
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         say(err, f"--host {host} serves beyond this machine with no --api-key: anyone who reaches the port can "
@@ -161,6 +162,19 @@ def serve(
             instance.close()  # already closed by the pool, unless the server never started
         listed.close()
         say(err, "stopped; every model unloaded", "serve", "green")
+
+
+def _check_env_key(cli: typer.Context) -> None:
+    """An EDGEKIT_API_KEY that is set but blank (a script's unset ``$SECRET``) is refused as ``--api-key ""`` is:
+    Click reads an empty variable as no key at all, which would serve with no key."""
+    import os
+
+    from edgekit.errors import InputError
+
+    key = os.environ.get("EDGEKIT_API_KEY")
+    given = getattr(cli.get_parameter_source("api_key"), "name", "") == "COMMANDLINE"  # Typer vendors Click's enum
+    if key is not None and not key.strip() and not given:
+        raise InputError("EDGEKIT_API_KEY is set but empty; set it to a secret, or unset it to serve without one")
 
 
 def _check_decoding(decoding: dict[str, object], formats: dict[str, str], backend: str | None,

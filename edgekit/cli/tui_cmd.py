@@ -20,14 +20,15 @@ def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int
 
     require("textual", "tui")
     require("textual_plotext", "tui")
+    art = None
     if chat is not None:
         from edgekit.artifact import Artifact
 
-        Artifact.open(chat)  # a wrong path fails here, as one line, before the screen is taken over
+        art = Artifact.open(chat)  # a wrong path fails here, as one line, before the screen is taken over
     if folder is None:
-        from edgekit import library
-
-        folder = library.store_dir(create=True)
+        # the folder that holds the artifact (a bare model file's own folder)
+        beside = None if art is None else art.path if art.bare_file is not None else art.path.parent
+        folder = _library_folder(beside)
     if not folder.expanduser().is_dir():
         raise InputError(f"--dir {folder} is not a folder; give the folder that holds your artifacts")
     # without a terminal (a script, a CI job) the app would wait for keys forever: one line instead
@@ -36,6 +37,23 @@ def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int
 
     options = {"n_ctx": ctx, "n_threads": threads, "offload": offload, **(decoding or {})}
     EdgekitApp(folder=folder, chat=chat, start=start, backend_options=options).run()
+
+
+def _library_folder(beside: Path | None) -> Path:
+    """The folder the Artifacts screen lists by default: the model library, made if need be. Chat with an
+    artifact given by path needs no library: where that cannot be made, the screen lists the artifact's own
+    folder instead of refusing to chat."""
+    from edgekit import library
+    from edgekit.errors import EdgekitError
+    from edgekit.fsutil import make_dir
+
+    try:
+        path = library.store_dir()
+        return path if path.is_dir() else make_dir(path, "set EDGEKIT_MODELS to another folder (or give --dir)")
+    except EdgekitError:
+        if beside is None:
+            raise
+        return beside
 
 
 @handle_errors

@@ -25,7 +25,7 @@ class Served:
     def __init__(self, args: list[str], timeout: float = 120) -> None:
         self.proc = subprocess.Popen([EDGEKIT, "serve", *args, "--port", "0"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "EDGEKIT_API_KEY": ""})
+                                     env={k: v for k, v in os.environ.items() if k != "EDGEKIT_API_KEY"})
         self.lines: list[str] = []
         self.url = ""
         ready = threading.Event()

@@ -143,7 +143,7 @@ def test_serving_beyond_loopback_without_a_key_is_warned(tmp_path):
     from edgekit.cli.main import app
 
     r = CliRunner().invoke(app, ["serve", str(tmp_path / "nope"), "--host", "0.0.0.0"],
-                           env={"EDGEKIT_API_KEY": ""})
+                           env={"EDGEKIT_API_KEY": None})  # unset (an empty one is refused)
     assert r.exit_code != 0 and "serves beyond this machine with no --api-key" in " ".join(r.output.split())
 
 
