@@ -240,6 +240,12 @@ def _write(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | None, recip
             values = [v for layer in sparsity.values() for v in layer.values()]
             fields["sparsity"] = {"steps": [f"{c.step}:{c.sparsity}" for c in steps],
                                   "mean": round(sum(values) / len(values), 4), "linears": len(values)}
+            kept = getattr(quantizer, "report", {}).get("zeros_kept", {})
+            pruned = {(i, n): v for i, layer in sparsity.items() for n, v in layer.items()}
+            stored = [pruned[i, n] * kept.get(i, {}).get(n, 1.0) for i, n in pruned]  # unrounded (float): all kept
+            # the share of weights the file stores as exact zeros: below "mean" where a grid with a minimum
+            # (Q4_1, Q4_K, Q5_K, Q2_K) rounds a pruned weight to its nearest value, within half a step of 0
+            fields["sparsity"]["stored"] = round(sum(stored) / len(stored), 4)
         ternary = getattr(quantizer, "report", {}).get("ternary")
         if ternary:
             fields["ternary"] = ternary

@@ -133,6 +133,8 @@ class LayerPipeline:
                     r = step.layer(st)
                     if r is not None and step.report_key:
                         report.setdefault(step.report_key, {})[str(i)] = r
+                if st.zeros_kept:  # what the file keeps of a pruning: its zeros as stored
+                    report.setdefault("zeros_kept", {})[str(i)] = dict(st.zeros_kept)
                 t2 = time.perf_counter()
                 hidden = self.run_layer(layer, hidden, kwargs,
                                         each=functools.partial(st.tick, "inputs of the next layer"))

@@ -72,7 +72,11 @@ def render_inspect(console: Console, info: dict[str, Any], show_tensors: bool = 
         row("pruned", pruning_line(info["pruned"]))
     if info.get("sparsity"):
         sp = info["sparsity"]
-        row("sparsity", f"{100 * sp['mean']:.1f}% of the weights of {sp['linears']} linears are zero "
+        stored = sp.get("stored", sp["mean"])
+        kept = "are zero" if round(1000 * stored) == round(1000 * sp["mean"]) else \
+            (f"were pruned, {100 * stored:.1f}% are stored as exact zeros (a grid with a minimum stores a pruned "
+             "weight as its nearest value, within half a step of 0)")
+        row("sparsity", f"{100 * sp['mean']:.1f}% of the weights of {sp['linears']} linears {kept} "
                         f"({', '.join(sp['steps'])}); no CPU runtime skips zeros, so no speed-up")
     if info.get("ternary"):
         row("ternary", ternary_line(info["ternary"]))
@@ -172,7 +176,10 @@ def training_notes(m: dict) -> list[str]:
     notes = []
     sp = m.get("sparsity")
     if isinstance(sp, dict) and isinstance(sp.get("steps"), list) and isinstance(sp.get("mean"), (int, float)):
-        notes.append(f"pruned {'+'.join(map(str, sp['steps']))} ({100 * sp['mean']:.0f}% zeros)")
+        stored = sp.get("stored", sp["mean"])
+        kept = "zeros" if round(100 * stored) == round(100 * sp["mean"]) else \
+            f"pruned, {100 * stored:.0f}% stored as exact zeros: the grid's minimum keeps the rest near 0"
+        notes.append(f"pruned {'+'.join(map(str, sp['steps']))} ({100 * sp['mean']:.0f}% {kept})")
     for key in ("ternary", "aqlm"):
         d = m.get(key, {}).get("distill") if isinstance(m.get(key), dict) else None
         if isinstance(d, dict) and {"steps", "kl_before", "kl_after"} <= d.keys():

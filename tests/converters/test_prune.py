@@ -150,3 +150,30 @@ def test_wanda_reads_plain_input_norms_not_the_sink_weighted_hessian():
     W, H = _layer(n_out=8, n_in=32, n_tok=64)  # the diagonal alone gives Wanda the same mask as the matrix
     assert np.array_equal(prune.wanda_mask(W, np.diag(H), Sparsity(n=2, m=4)),
                           prune.wanda_mask(W, H, Sparsity(n=2, m=4)))
+
+
+@pytest.mark.parametrize("qtype, exact", [("Q8_0", True), ("Q4_K", False)])
+def test_the_manifest_says_how_many_pruned_weights_the_file_stores_as_zeros(tiny_llama, tmp_path, qtype, exact):
+    """A grid without a minimum (Q8_0) stores every pruned weight as 0; Q4_K's minimum stores most of them as
+    the block's nearest value. The manifest's ``stored`` is what the file holds (counted here by decoding
+    it), ``mean`` what was pruned; show says both when they differ."""
+    from typer.testing import CliRunner
+
+    from edgekit.artifact import Artifact
+    from edgekit.cli.main import app
+
+    out = tmp_path / "p"
+    r = CliRunner().invoke(app, ["convert", str(tiny_llama), "--type", qtype, "--method", "gptq", "--prune",
+                                 "wanda:0.5", "--calib-samples", "4", "--calib-seqlen", "32", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    sp = Artifact.open(out).manifest["sparsity"]
+    zeros = total = 0
+    for t in gguf.GGUFReader(out / "model.gguf").tensors:
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name:
+            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            zeros, total = zeros + int((w == 0).sum()), total + w.size
+    assert sp["mean"] == pytest.approx(0.5, abs=0.01)
+    assert sp["stored"] == pytest.approx(zeros / total, abs=0.002)
+    assert (sp["stored"] == sp["mean"]) if exact else sp["stored"] < 0.5 * sp["mean"]
+    shown = CliRunner().invoke(app, ["show", str(out)]).output
+    assert ("stored as exact zeros" in shown) != exact, shown

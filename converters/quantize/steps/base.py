@@ -69,8 +69,11 @@ class LayerState:
     H: dict[str, Any]
     samples: dict[str, Any] = field(default_factory=dict)
     out: dict[str, np.ndarray] = field(default_factory=dict)
-    #: module name -> bool ``(out, in)``, True where a pruning step zeroed the weight (rounding keeps it 0).
+    #: module name -> bool ``(out, in)``, True where a pruning step zeroed the weight (GPTQ aims it at 0; a
+    #: grid with a minimum, Q4_1 or the K-quants but Q3_K/Q6_K, stores the nearest value it has, rarely 0).
     masks: dict[str, np.ndarray] = field(default_factory=dict)
+    #: module name -> the fraction of its pruned weights the file stores as exactly 0 (the rounding step's).
+    zeros_kept: dict[str, float] = field(default_factory=dict)
     #: module name -> float64 per-column sum of squared inputs with every position weighted alike (H's
     #: diagonal without the attention-sink weighting: Wanda's ||x_j||^2); steps that rescale inputs rescale it.
     diag: dict[str, Any] = field(default_factory=dict)

@@ -1,8 +1,9 @@
 """Pruning steps: magnitude, Wanda and SparseGPT, unstructured or N:M (:mod:`..prune` holds the maths).
 
 Each prunes every linear of the layer to the same sparsity, zeroes the pruned weights in the model and
-records the masks, so the rounding step after it keeps them at zero (GPTQ then treats a pruned weight's
-whole value as error to compensate: SparseGPT's joint sparsify-and-quantize). The Hessians stay valid:
+records the masks, so the rounding step after it aims them at zero (GPTQ then treats a pruned weight's
+whole value as error to compensate: SparseGPT's joint sparsify-and-quantize) and reports how many it stores
+as exact zeros (all on a grid without a minimum; on Q4_1 or most K-quants, the nearest value the block has). The Hessians stay valid:
 pruning changes weights, not the layer's inputs. None of llama.cpp's or onnxruntime's CPU kernels skip
 zeros, so these steps buy quality-per-parameter, not speed; structured pruning (fewer layers, narrower
 layers) is what makes a model faster on the device.

@@ -57,6 +57,8 @@ def round_layer(st: LayerState, imatrix_on: bool, round_fn: RoundFn, masked: boo
         else:
             res = round_fn(W, H, qtype, imatrix)
         report[name] = round(gptq_kernel.hessian_error(W, res.weight, H), 4)
+        if (pruned := st.masks.get(name)) is not None and pruned.any():
+            st.zeros_kept[name] = round(float((res.weight[pruned] == 0).mean()), 4)
         lin.weight.data = st.torch.from_numpy(np.ascontiguousarray(res.weight))
         st.out[st.names[name]] = res.data
     return report
