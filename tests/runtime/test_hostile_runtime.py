@@ -155,10 +155,11 @@ def test_a_refused_reader_thread_is_the_process_limit_and_leaves_no_worker(tiny_
             super().start()
 
     fake = types.SimpleNamespace(**{**vars(threading), "Thread": LimitedThread})
+    before = set(_workers_left())  # other tests' backends this process still holds are not this call's
     monkeypatch.setattr(_llamacpp_process, "threading", fake)
     with pytest.raises(BackendError, match=r"reader threads: the system refused a new process or thread.*ulimit -u"):
         _open(tiny_gguf)
-    assert _workers_left() == []
+    assert set(_workers_left()) <= before
 
 
 def test_a_refused_fork_is_the_process_limit(tiny_gguf, monkeypatch):
