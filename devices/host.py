@@ -25,6 +25,7 @@ from edgekit.devices.base import (
     normalize_arch,
     register_platform,
 )
+from edgekit.fslimits import nearest_existing
 from edgekit.fsutil import edgekit_home
 
 # ISA flags that decide which kernels llama.cpp and onnxruntime can use.
@@ -64,14 +65,6 @@ def nvidia_gpus() -> tuple[GpuInfo, ...]:
             mib = [int(p) * (1 << 20) if p.isdigit() else None for p in parts[1:]]
             gpus.append(GpuInfo(parts[0], mib[0], mib[1]))
     return tuple(gpus)
-
-
-def nearest_existing(path: Path) -> Path:
-    """``path`` or its nearest parent that exists: the file system a folder not made yet will be on."""
-    probe = path.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return probe
 
 
 class HostDevice(Device):

@@ -69,12 +69,18 @@ def _size_limited(dest: Path) -> bool:
     disk: a limit is set and the disk still has room (Python ignores SIGXFSZ, so the write comes back short)."""
     if _file_size_limit() is None:
         return False
-    probe = Path(dest)
     with contextlib.suppress(OSError):
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        return shutil.disk_usage(probe).free > 1 << 20
+        return shutil.disk_usage(nearest_existing(Path(dest))).free > 1 << 20
     return True
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` (made absolute) or its nearest parent that exists: the file system, and the folder whose
+    permissions decide, for an output not made yet."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
 
 
 # The longest name a file system takes (NAME_MAX on Linux, macOS and Windows alike), and what the temporary

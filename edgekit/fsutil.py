@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import DiskFullError, EdgekitError, InputError, OutputExistsError
-from edgekit.fslimits import OUTPUT_FIX, check_name_length, deletion_blocker, write_error
+from edgekit.fslimits import OUTPUT_FIX, check_name_length, deletion_blocker, nearest_existing, write_error
 
 try:
     import fcntl
@@ -177,9 +177,7 @@ def _umask() -> int:
 def check_free_space(folder: Path, needed_bytes: int, what: str = "the output", headroom: int = 0) -> None:
     """Raise :class:`DiskFullError` when ``folder``'s file system has less than ``needed_bytes`` plus
     ``headroom`` (a safety margin, named apart so a small output does not read as a big one) free."""
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
+    probe = nearest_existing(folder)
     free = shutil.disk_usage(probe).free
     if _TEMP_RE.match(probe.name):  # the user chose its folder, not our temporary name
         probe = probe.parent

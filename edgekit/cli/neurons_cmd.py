@@ -97,10 +97,9 @@ def check_writable(folder: Path, named: str) -> None:
     """Refuse, before minutes of measuring, an output folder that cannot be made or written: the nearest folder
     that exists must be a writable folder. ``named``: how the message names ``folder``."""
     from edgekit.errors import InputError
+    from edgekit.fslimits import nearest_existing
 
-    probe = folder.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(folder)
     if not probe.is_dir():
         raise InputError(f"cannot write {named}: {probe} is a file; choose another folder with -o")
     if not os.access(probe, os.W_OK | os.X_OK):
