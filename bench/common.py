@@ -4,6 +4,7 @@ into edgekit's cache), versions and CPU for the report, and printing the table a
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -36,6 +37,25 @@ def publish(report: dict[str, Any], table: Table, lines: list[str], out: Path) -
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".txt").write_text(console.export_text())
     print(f"wrote {out.with_suffix('.json')}, .txt")
+
+
+#: repeated measurements of one configuration further apart than this, relative to their mean, are noisy
+NOISY_SPREAD = 0.05
+
+
+def noise_flag(speeds: list[float], loads: list[float], cores: int, limit: float = NOISY_SPREAD) -> str:
+    """Why one configuration's timings are noisy, or "" when nothing says so: a 1-minute load average above
+    the ``cores`` while it ran (``loads``: sampled after each measurement; more runnable threads than cores,
+    so other programs took CPU time from it), or its repeated measurements ``speeds`` (one per round)
+    further apart than ``limit`` of their mean."""
+    why = []
+    top = max(loads, default=0.0)
+    if top > cores:
+        why.append(f"load {top:.1f} > {cores} cores")
+    mean = statistics.mean(speeds) if speeds else 0.0
+    if len(speeds) > 1 and mean > 0 and (spread := (max(speeds) - min(speeds)) / mean) > limit:
+        why.append(f"rounds {100 * spread:.0f}% apart")
+    return "; ".join(why)
 
 
 def pkg_version(name: str) -> str | None:

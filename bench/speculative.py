@@ -38,6 +38,10 @@ For each model draft it prints the acceptance rate a draft of that measured cost
 decode (each drafted token right with that probability, independently, at the best draft length), or
 "unreachable" when even an always-right draft of that cost falls short.
 
+The ``noisy`` column flags a row measured while the 1-minute load average was above the core count (other
+programs took CPU time from it) or whose rounds' speeds are more than 5% apart (``common.noise_flag``); a
+line under the table counts them.
+
 Writes ``bench/results/speculative.json`` and ``.txt``; ``--render`` measures nothing and prints and rewrites
 them from the stored JSON (after a change to the derived columns).
 """
@@ -60,6 +64,7 @@ from typing import Any
 # for shared CI cores, which adds a wake-up to every op of a one-token step: about 3x its time here)
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 
+from common import NOISY_SPREAD, noise_flag  # noqa: E402
 from gguf_rtn import cpu_model, get_model, log, pkg_version  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -320,26 +325,31 @@ def render(report: dict[str, Any], out: Path) -> None:
     table = Table(title=f"Speculative decoding, SmolLM2-135M-Instruct, greedy, {report['max_tokens']} tokens, "
                         f"{report['threads']} threads, llama.cpp via llama-cpp-python {report['llama_cpp_python']}"
                         + (f", onnxruntime {report['onnxruntime']}" if report.get("onnxruntime") else ""))
+    cores = report.get("cores")  # absent from reports written before the noise column
     for col in ("target", "prompts", "drafter", "tok/s", "speedup", "accepted", "identical", "step/extra/draft ms",
-                "perfect draft", "needs for 1.5x"):
+                "perfect draft", "needs for 1.5x", "noisy"):
         table.add_column(col, justify="left" if col in ("target", "prompts", "drafter") else "right")
     for r in rows:
         c = r.get("costs")
         perfect = best_possible(c) if c else None
         need = acceptance_needed(c, 1.5) if c and r["drafter"].startswith("draft") else None
         r["acceptance_for_1_5x"] = need
+        r["noisy"] = noise_flag(r.get("round_tok_s", []), r.get("loadavg", []), cores) if cores else None
         table.add_row(r["target"], r["prompts"], r["drafter"], f"{r['tok_s']:.1f}", f"{r['speedup']:.2f}x",
                       "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
                       f"{r['identical']}/{n_prompts}",
                       f"{c['step_ms']:.1f}/{c['extra_ms']:.1f}/{c['draft_ms']:.1f}" if c else "-",
                       f"{perfect[0]:.2f}x (k={perfect[1]})" if perfect else "-",
                       "-" if not (c and r["drafter"].startswith("draft")) else
-                      "unreachable" if need is None else f"{100 * need:.0f}% accepted")
+                      "unreachable" if need is None else f"{100 * need:.0f}% accepted",
+                      "?" if r["noisy"] is None else r["noisy"] or "-")
     console.print(table)
     console.print("step: one-token target step; extra: each further token verified in the same batch; draft: one "
                   "draft step (measured when the drafter loads). perfect draft: the speedup a draft that is always "
                   "right would give at those costs. needs for 1.5x: the acceptance rate (per drafted token, independent) at "
                   "which a draft of that measured cost would reach 1.5x plain decode at the best draft length.")
+    for line in noise_lines(report):
+        console.print(line, soft_wrap=True, highlight=False)
 
     def row(t: str, k: str, d: str) -> dict[str, Any]:
         return next(r for r in rows if r["target"] == t and r["prompts"] == k and r["drafter"] == d)
@@ -379,6 +389,28 @@ def render(report: dict[str, Any], out: Path) -> None:
         console.print(c, soft_wrap=True, highlight=False)
     report["checks"] = checks
     write_report(report, console, out)
+
+
+def noise_lines(report: dict[str, Any]) -> list[str]:
+    """What the table's noisy column adds up to: how many rows ran on a busy machine or had rounds that
+    disagree, and what then to do (after :func:`render` has flagged each row)."""
+    rows, cores = report["rows"], report.get("cores")
+    if not cores:
+        return ["noisy: ? (this report predates the load and round checks)"]
+    noisy = [r for r in rows if r.get("noisy")]
+    start, end = report.get("loadavg_start"), report.get("loadavg_end")
+    load = f"load average {start:.1f} at start, {end:.1f} at end on {cores} cores" if start is not None else ""
+    out = []
+    if noisy:
+        out.append(f"noisy: {len(noisy)} of {len(rows)} rows (noisy column) ran with the load average above the "
+                   f"{cores} cores or had rounds more than {100 * NOISY_SPREAD:.0f}% apart; their speeds and speed-ups "
+                   f"are uncertain: rerun them on an idle machine ({load})")
+    else:
+        out.append(f"noisy: no row (load average at most the {cores} cores while each ran"
+                   + (f", rounds within {100 * NOISY_SPREAD:.0f}%" if report.get("rounds", 1) > 1 else "") + f"; {load})")
+    if report.get("rounds", 1) < 2:
+        out.append("one round: no repeated measurement to compare (--rounds 3 also flags rows whose rounds disagree)")
+    return out
 
 
 def write_report(report: dict[str, Any], console: Console, out: Path) -> None:
@@ -444,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     n_kind = max(1, min(args.prompts, len(CHAT), 10))
     chat, grounded = CHAT[:n_kind], grounded_prompts(args.text)[:n_kind]
     rows: list[dict[str, Any]] = []
+    loadavg_start = os.getloadavg()[0]
     plain_name, nofa_name = "none (plain)", "none (plain, no flash attention)"
     for tname, target in targets.items():
         for kind, prompts in (("chat", chat), ("grounded", grounded)):
@@ -456,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             modes += [(f"draft: {n}", {"draft": str(p)}) for n, p in drafts.items()
                       if is_onnx(p) == onnx and p != target]
             runs: dict[str, list[tuple[list[dict[str, Any]], dict[str, Any]]]] = {n: [] for n, _ in modes}
+            loads: dict[str, list[float]] = {n: [] for n, _ in modes}  # 1-minute load average after each run
             for rnd in range(args.rounds):  # every mode once per round: slow spells of a shared machine hit all alike
                 for name, opts in modes:
                     log(f"{tname} {kind}: {name}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""))
@@ -464,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     lookup=name == PEER_LOOKUP), {}))
                     else:
                         runs[name].append(run_isolated(target, prompts, args.max_tokens, args.threads, **opts))
+                    loads[name].append(os.getloadavg()[0])
             speed = {n: statistics.mean(r["tok_s"] for res, _ in rs for r in res) for n, rs in runs.items()}
             for name, _ in modes:
                 peer = name in (PEER_PLAIN, PEER_LOOKUP)
@@ -475,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                 same = [a["text"] == b["text"] for a, b in zip(plain, res, strict=True)]
                 row = {"target": tname, "prompts": kind, "drafter": name, "tok_s": speed[name],
                        "speedup": speed[name] / base, "acceptance": accepted / drafted if drafted else None,
-                       "identical": sum(same)}
+                       "identical": sum(same), "loadavg": loads[name],
+                       "round_tok_s": [statistics.mean(r["tok_s"] for r in res) for res, _ in runs[name]]}
                 if name.startswith(("ngram", "draft")) and not peer:
                     row["diffs"] = [first_difference(target, p, a["text"], b["text"], args.threads)
                                     for p, a, b, s in zip(prompts, plain, res, same, strict=True) if not s]
@@ -490,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
               "llama_cpp_python": pkg_version("llama_cpp_python"), "max_tokens": args.max_tokens,
               "onnxruntime": pkg_version("onnxruntime") if any(is_onnx(t) for t in targets.values()) else None,
               "threads": args.threads, "rounds": args.rounds, "draft_build_s": draft_build_s, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-              "drafts": {k: str(v) for k, v in drafts.items()}, "prompts_per_kind": len(chat), "rows": rows}
+              "drafts": {k: str(v) for k, v in drafts.items()}, "prompts_per_kind": len(chat), "rows": rows,
+              "cores": os.cpu_count(), "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0]}
     render(report, args.out)
     return 0
 

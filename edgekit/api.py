@@ -395,10 +395,16 @@ def generate(
     stats: GenerationStats | None = None,
     **options: Any,
 ) -> Iterator[str]:
-    """Stream text from ``target``. A str prompt is sent as one user message through the chat template
-    unless ``raw=True`` is in ``options``."""
+    """Stream text from ``target``, as ``edgekit run`` does. A str prompt is sent as one user message through
+    the chat template unless ``raw=True`` is in ``options``. A GGUF artifact decodes with ``edgekit run``'s
+    defaults (flash attention, which drafting verifies with: greedy text is the same with ``draft=`` or
+    ``speculative="ngram"`` as without; ``flash_attn=False`` turns it off)."""
+    from edgekit.runtime.llamacpp_decoding import interactive_defaults
+
     raw = options.pop("raw", False)
     messages = prompt if raw or not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+    if isinstance(target, (str, Path, Artifact)):  # anything else is open_backend's one-line error
+        options = {**interactive_defaults(target), **options}
     with open_backend(target, **options) as backend:
         yield from backend.generate(messages, sampling or SamplingConfig(), stats)
 

@@ -45,6 +45,7 @@ class LlamaContext:
         self.evict_step = max(1, evict_step if evict_step is not None else (window or 0) // 32)
         self.batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self.logical: list[int] = []
+        self.reused = 0  # the prefix the last sync kept
         self.dropped = 0  # tokens evicted from just after the sinks
         self.evictions = 0
 

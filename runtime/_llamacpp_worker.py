@@ -400,7 +400,8 @@ class Worker(MeasureOps):
                 reason = "cancelled" if self.is_cancelled(rid) else "length"
         finally:
             gen.close()
-        out.done(reason, speculative=spec_stats.to_json() if spec_stats.mode != "none" else None, kv=self.kv_state())
+        out.done(reason, speculative=spec_stats.to_json() if spec_stats.mode != "none" else None, kv=self.kv_state(),
+                 prompt_cached=spec_stats.prompt_cached)
 
     def is_cancelled(self, rid: Any) -> bool:
         return rid in self.cancel_ids

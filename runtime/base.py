@@ -383,7 +383,50 @@ def open_backend(target: str | Path | Artifact, backend: str | None = None, **op
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise InputError(_no_option(cls, unknown, known))
+    check_whole_numbers(options)
     return cls(path, **options)
+
+
+#: backend options that count something (tokens, threads, layers): whole numbers, whichever backend takes them
+WHOLE_NUMBER_OPTIONS = ("n_ctx", "n_batch", "n_threads", "n_gpu_layers", "n_seq", "n_draft", "kv_window", "kv_sinks",
+                        "kv_evict_step")
+
+
+def check_whole_numbers(options: Mapping[str, Any]) -> None:
+    """Refuse a counting option given as anything but a whole number (``kv_window="abc"`` from the SDK or
+    ``-O kv_window=abc``), in the words of its flag, before a backend turns it into a bare ValueError."""
+    for name in WHOLE_NUMBER_OPTIONS:
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise InputError(f"{_as_flags(name)} must be a whole number, got {value!r:.40}, a {type(value).__name__}")
+
+
+#: how to make a draft for a target of each format that decodes speculatively
+_DRAFT_RECIPES = {"gguf": "edgekit convert MODEL --draft-for MODEL",
+                  "onnx": "edgekit convert MODEL --to onnx --draft-for MODEL"}
+
+
+def draft_model_file(draft: str | Path, fmt: str) -> Path:
+    """The model file of the speculative-decoding ``draft`` (an artifact folder or a model file) of a target of
+    format ``fmt``. An artifact folder's files are checked against the sha256 its manifest recorded, as the
+    target's are: verification rejects what a corrupted draft drafts, so at best it would run slower, silently.
+    A bare model file has nothing to check against. A draft of another format is a one-line error saying
+    that a draft is of the target's format."""
+    from edgekit.artifact import FORMAT_SUFFIXES, Artifact
+
+    p = Path(draft).expanduser()
+    if not p.exists():
+        raise InputError(f"draft model not found: {p}")
+    want = fmt.upper()
+    fix = (f"a draft must be {want} like the target, with the same tokenizer (make one with: "
+           f"{_DRAFT_RECIPES.get(fmt, 'edgekit convert MODEL --draft-for MODEL')})")
+    if p.is_file() and p.suffix.lower() not in FORMAT_SUFFIXES:
+        raise InputError(f"the draft {p.name} is not a {want} model file; {fix}")
+    art = Artifact.open(p)
+    if art.format != fmt:
+        raise InputError(f"the draft {p} is {art.format.upper()}, not {want}; {fix}")
+    art.verify()
+    return art.model_file.resolve()
 
 
 def _no_option(cls: type[Backend], unknown: list[str], known: list[str]) -> str:

@@ -39,8 +39,15 @@ from edgekit.errors import (
 from edgekit.runtime import hostinfo, llamacpp_build
 from edgekit.runtime._llamacpp_process import EOF as _EOF
 from edgekit.runtime._llamacpp_process import WorkerProcess
-from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend, token_ids
-from edgekit.runtime.llamacpp_decoding import decoding_options
+from edgekit.runtime.base import (
+    Backend,
+    GenerationStats,
+    SamplingConfig,
+    check_whole_numbers,
+    register_backend,
+    token_ids,
+)
+from edgekit.runtime.llamacpp_decoding import check_window_trained, decoding_options
 from edgekit.runtime.llamacpp_errors import LOG_ENV
 from edgekit.runtime.llamacpp_memory import LlamaCppMemory
 
@@ -111,6 +118,9 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
                 "llama-cpp-python is not installed (needed to run GGUF files); "
                 f"install it with: {llamacpp_build.rebuild_command()}"
             )
+        check_whole_numbers({"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "n_batch": n_batch,
+                             "n_draft": n_draft, "kv_window": kv_window, "kv_sinks": kv_sinks,
+                             "kv_evict_step": kv_evict_step, "n_seq": n_seq})
         self.model_path = Path(model_path)
         if not self.model_path.exists():
             raise InputError(f"model file not found: {self.model_path}")
@@ -145,6 +155,9 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
             "n_seq": int(n_seq),
             "exact_batch": bool(exact_batch),
         }
+        spec = self._config["speculative"]
+        check_window_trained([self.model_path, *([Path(spec["draft_path"])] if "draft_path" in spec else [])],
+                             kv_window)
         self.slots = int(n_seq)  # generations this instance decodes at once
         self._routes: dict[int, queue.Queue[Any]] = {}  # n_seq > 1: each generation's own messages
         self._routes_lock = threading.Lock()
@@ -454,6 +467,8 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
             for key in ("speculative", "kv", "batch"):
                 if msg.get(key):
                     stats.extra[key] = msg[key]
+            if "prompt_cached" in msg:
+                stats.extra["prompt_cached"] = int(msg["prompt_cached"])
             if msg.get("context_full"):
                 stats.extra["context_full"] = True
         return ev in ("done", "error")

@@ -56,19 +56,31 @@ def interactive_defaults(artifact: str | Path) -> dict[str, Any]:
 
 
 def draft_model_file(draft: str | Path) -> Path:
-    """The GGUF file of a draft given as an artifact folder or a file (a one-line error otherwise)."""
-    p = Path(draft).expanduser()
-    if p.is_file():
-        return p.resolve()
-    if p.is_dir():
-        from edgekit.artifact import Artifact
+    """The GGUF file of a draft given as an artifact folder (checked against its manifest's sha256, as the
+    target is) or a file (a one-line error otherwise: :func:`.base.draft_model_file`)."""
+    from edgekit.runtime.base import draft_model_file as checked_draft
 
-        art = Artifact.open(p)
-        if art.format != "gguf":
-            raise InputError(f"the draft {p} holds {art.format.upper()}, not GGUF; llama.cpp drafts are GGUF (convert it "
-                             "with: edgekit convert MODEL --draft-for MODEL)")
-        return art.model_file.resolve()
-    raise InputError(f"draft model not found: {p}")
+    return checked_draft(draft, "gguf")
+
+
+def check_window_trained(models: list[Path], kv_window: int | None) -> None:
+    """Refuse a ``--kv-window`` longer than the context a GGUF (the target, or its draft, which keeps the
+    same window) was trained for, from its header's ``context_length``, as the ONNX backend refuses a window
+    past its rotary tables: the window's positions would run past any the model has seen. A file whose
+    header does not say (or does not read: llama.cpp names that when it loads) is not checked."""
+    if kv_window is None:
+        return
+    from edgekit.errors import EdgekitError
+    from edgekit.runtime.memory import read_shape
+
+    for model in models:
+        try:
+            trained = read_shape(model).n_ctx_train
+        except (EdgekitError, OSError, ValueError):
+            continue
+        if trained and int(kv_window) > trained:
+            raise InputError(f"--kv-window {kv_window} is longer than the {trained} positions {model.name} was "
+                             f"trained for; use at most {trained}")
 
 
 def experts_options(model: str | Path, experts: str | int) -> dict[str, Any]:

@@ -21,8 +21,14 @@ import numpy as np
 from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError, require
 from edgekit.runtime import hostinfo
 from edgekit.runtime._onnx_kv import BoundKV, FedKV, kv_in_place
-from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
-from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick, stream_tokens
+from edgekit.runtime.base import (
+    Backend,
+    GenerationStats,
+    SamplingConfig,
+    check_whole_numbers,
+    register_backend,
+)
+from edgekit.runtime.sampling import TextStream, next_token_nll, stream_tokens
 from edgekit.runtime.tokenizer import FolderTokenizer, eos_ids
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -81,6 +87,8 @@ class OnnxBackend(Backend):
                  graph_opt: str = "all", n_batch: int = 512, kv_window: int | None = None,
                  kv_sinks: int = 4, kv_evict_step: int | None = None, speculative: str | None = None,
                  draft: str | Path | None = None, n_draft: int | None = None, spin: bool | str | None = None) -> None:
+        check_whole_numbers({"n_ctx": n_ctx, "n_threads": n_threads, "n_batch": n_batch, "n_draft": n_draft,
+                             "kv_window": kv_window, "kv_sinks": kv_sinks, "kv_evict_step": kv_evict_step})
         ort = require("onnxruntime", "onnx")
         path = Path(model_path)
         if not path.exists():
@@ -176,10 +184,11 @@ class OnnxBackend(Backend):
         self._kv.reset()
         if self.window is not None:
             self.window.evicted = 0
+        if hasattr(self, "_ctx"):  # the cache is empty: a next request has no prefix to reuse
+            self._ctx.logical = []
 
     def decode(self, tokens: list[int]) -> None:
-        for i in range(0, len(tokens), self.n_batch):
-            self._run(tokens[i : i + self.n_batch], last_only=True)
+        self._ctx.extend(list(tokens), logits="none")
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         if len(tokens) > self.n_ctx:
@@ -204,19 +213,9 @@ class OnnxBackend(Backend):
         stats.prompt_tokens = len(ids)
         rng = np.random.default_rng(sampling.seed)
         t0 = time.perf_counter()
-        self.reset()
-        logits = None
-        drafted = self.drafter is not None or bool(sampling.prediction)
-        if not drafted:  # the drafted loop evaluates the prompt itself
-            for i in range(0, len(ids), self.n_batch):
-                logits = self._run(ids[i : i + self.n_batch], last_only=True)[-1]
         stream = TextStream(self.tokenizer.decode, sampling.stop)
         budget = sampling.max_tokens if self.window else min(sampling.max_tokens, self.n_ctx - len(ids))
-        if drafted:
-            yield from self._generate_drafted(ids, sampling, rng, stream, stats, budget, t0)
-        else:
-            yield from decode_loop(logits, lambda tok: self._run([tok], last_only=True)[-1],
-                                   lambda lg, prev: pick(lg, sampling, rng, prev), self._eos, stream, stats, budget, t0)
+        yield from self._generate_tokens(ids, sampling, rng, stream, stats, budget, t0)
         stats.total_time = time.perf_counter() - t0
         stats.extra["kv"] = self.kv_state()
         if stats.stop_reason == "length" and budget < sampling.max_tokens:  # the context, not max_tokens, cut it
@@ -300,14 +299,15 @@ class OnnxBackend(Backend):
                                  prompt or [], self.window.size if self.window is not None else self.n_ctx, self.n_vocab)
         return self.costs
 
-    def _generate_drafted(self, ids: list[int], sampling: SamplingConfig, rng: np.random.Generator,
-                          stream: TextStream, stats: GenerationStats, budget: int, t0: float) -> Iterator[str]:
+    def _generate_tokens(self, ids: list[int], sampling: SamplingConfig, rng: np.random.Generator,
+                         stream: TextStream, stats: GenerationStats, budget: int, t0: float) -> Iterator[str]:
+        """The token loop of :mod:`.speculative` over the cache, as the llama.cpp worker runs it: one target step
+        per token, or drafted; the cache keeps what the last request evaluated, so a chat turn whose prompt
+        repeats the history evaluates only the new message. Plain and drafted decoding fill and evict the KV
+        window at the same points, so with a window too drafting gives plain decoding's greedy text."""
         from edgekit.runtime.speculative import SpecStats, control_for, for_prediction, generate_tokens
 
         spec = SpecStats()
-        self._ctx.clear()
-        if self.draft_backend is not None:
-            self.draft_backend._ctx.clear()
         drafter, control = self.drafter, control_for(self.drafter, self.costs, self.n_draft)
         if sampling.prediction:  # drafts from the request's predicted output, whatever the load options
             drafter, control = for_prediction(self.tokenize(sampling.prediction, add_special=False),
@@ -318,7 +318,9 @@ class OnnxBackend(Backend):
             yield from stream_tokens(gen, self._eos, stream, stats, budget, t0)
         finally:
             gen.close()
-            stats.extra["speculative"] = spec.to_json()
+            stats.extra["prompt_cached"] = spec.prompt_cached
+            if spec.mode != "none":
+                stats.extra["speculative"] = spec.to_json()
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -347,6 +349,7 @@ class OnnxContext:
     def __init__(self, backend: OnnxBackend) -> None:
         self.backend = backend
         self.logical: list[int] = []
+        self.reused = 0  # the prefix the last sync kept
 
     @property
     def tokens(self) -> list[int]:
@@ -398,20 +401,10 @@ class OnnxContext:
 
 
 def draft_model_file(path: str | Path) -> Path:
-    """The .onnx graph of a draft given as an artifact folder or the file itself (a one-line error otherwise)."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        if p.suffix != ".onnx":
-            raise InputError(f"the draft {p.name} is not an ONNX graph; an ONNX target drafts with an ONNX model")
-        return p
-    if not p.exists():
-        raise InputError(f"draft model not found: {p}")
-    from edgekit.artifact import Artifact
+    """The .onnx graph of a draft: an artifact folder (checked against its manifest's sha256) or the file itself."""
+    from edgekit.runtime.base import draft_model_file as checked_draft
 
-    art = Artifact.open(p)
-    if art.format != "onnx":
-        raise InputError(f"the draft {p} holds {art.format.upper()}, not ONNX; an ONNX target drafts with an ONNX model")
-    return art.model_file
+    return checked_draft(path, "onnx")
 
 
 def _vocab_fingerprint(b: OnnxBackend, samples: int = 512) -> tuple[int, list[str]]:

@@ -73,7 +73,8 @@ def drafting_mode(draft: object | None, speculative: str | None, n_draft: int | 
 def sync_context(ctx: Any, tokens: list[int], logits: bool, evicted_end: int) -> np.ndarray | None:
     """:meth:`Context.sync` for a cache that keeps the logical token list ``ctx.tokens`` and can ``clear``,
     ``truncate`` and ``extend``: reuse the common prefix, evaluate the rest. ``evicted_end``: the logical
-    index below which a KV window has evicted tokens (0: none); a request that diverges there starts over."""
+    index below which a KV window has evicted tokens (0: none); a request that diverges there starts over.
+    Sets ``ctx.reused``: the tokens of the prefix kept."""
     p = common_prefix(ctx.tokens, tokens)
     if logits and p == len(tokens) and p > 0:
         p -= 1  # the last token must be evaluated to have its logits
@@ -81,6 +82,7 @@ def sync_context(ctx: Any, tokens: list[int], logits: bool, evicted_end: int) ->
         ctx.clear()  # the request diverges inside the evicted part: start again
         p = 0
     ctx.truncate(p)
+    ctx.reused = p  # what the request did not evaluate again (SpecStats.prompt_cached)
     rest = tokens[p:]
     if not rest:
         return None
@@ -109,6 +111,7 @@ class SpecStats:
     draft_seconds: float = 0.0
     k_history: list[int] = field(default_factory=list)
     why_not: str = ""  # why nothing was drafted, when the measured costs ruled drafting out
+    prompt_cached: int = 0  # prompt tokens the cache held from the request before (not evaluated again)
 
     @property
     def acceptance(self) -> float | None:
@@ -310,6 +313,7 @@ def generate_tokens(target: Context, prompt: list[int], sampling: SamplingConfig
     if drafter is not None:
         stats.why_not = control.why_not()
     target.sync(prompt[:-1])
+    stats.prompt_cached = int(getattr(target, "reused", 0))
     committed = list(prompt)
     generated: list[int] = []
     last = prompt[-1]
@@ -328,6 +332,9 @@ def generate_tokens(target: Context, prompt: list[int], sampling: SamplingConfig
         else:
             k = min(control.choose(), room) if drafter is not None else 0
             drafts, qs = drafter.propose(committed, k, sampling, rng, generated) if k > 0 and drafter else ([], [])
+        eos_at = next((i for i, d in enumerate(drafts) if is_eos(d)), None)
+        if eos_at is not None:  # nothing follows the end of the text: the tokens drafted after it go unverified
+            drafts, qs = drafts[: eos_at + 1], qs[: eos_at + 1]
         t1 = time.perf_counter()
         rows = target.extend([last, *drafts], logits="all")
         t2 = time.perf_counter()
@@ -337,20 +344,27 @@ def generate_tokens(target: Context, prompt: list[int], sampling: SamplingConfig
             target.truncate(len(committed) + kept)
         stats.cycles += 1
         stats.k_history.append(len(drafts))
-        if drafts:
-            stats.draft_cycles += 1
-            stats.drafted += len(drafts)
-            stats.accepted += kept
         stats.draft_seconds += t1 - t0
         stats.target_seconds += t2 - t1
         if drafter is not None:
             control.update(len(drafts), kept, t2 - t1, 0.0 if drafter.cheap else t1 - t0, cls)
-        for tok in [*drafts[:kept], final]:
-            committed.append(tok)
-            generated.append(tok)
-            yield tok
-            if is_eos(tok) or len(generated) >= max_new:
-                return
+        reached = 0  # the cycle's tokens the text took: it ends at an EOS, max_new, or a stop string downstream
+        try:
+            for tok in [*drafts[:kept], final]:
+                committed.append(tok)
+                generated.append(tok)
+                reached += 1
+                yield tok
+                if is_eos(tok) or len(generated) >= max_new:
+                    return
+        finally:
+            # Only the drafts the text reached count: the kept ones it took and, when it took the target's own
+            # token, the draft that token replaced; drafts past the end of the text were neither used nor wrong.
+            seen = min(len(drafts), reached)
+            if seen:
+                stats.draft_cycles += 1
+                stats.drafted += seen
+                stats.accepted += min(kept, seen)
         last = final
 
 

@@ -97,6 +97,11 @@ class HealConfig:
 #: The longest time budget a heal or distillation takes (7 days). The learning rate decays over the whole
 #: budget, so a budget far beyond what the run will get (99999h) trains at full rate until it is stopped.
 MAX_MINUTES = 7 * 24 * 60.0
+#: A training that the time budget ended under this many steps is named as barely trained. SmolLM2's draft
+#: recipe (a third of its 30 blocks distilled from the whole model) takes 12-24 s a step on 2 cores at a load
+#: of 2-4 (about 50-100 steps in its default 20 minutes); on a machine busy with other work QA's run made 10
+#: steps (held-out KL 8.8 -> 5.1) and wrote a draft its target accepted almost never, without a word.
+FEW_STEPS = 50
 
 
 def _too_long(what: str) -> str:
@@ -422,6 +427,11 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
         warnings.warn(f"{what} made the held-out KL worse ({baseline:.4f} -> {info.get('kl_trained', info['kl_after']):.4f}): "
                       + ("kept the weights it started from; " if start is not None else "")
                       + "more calibration data (--calib-samples, --calib FILE) or a shorter budget fits less noise",
+                      stacklevel=2)
+    if info["step"] < FEW_STEPS and budget >= 60 and not (cfg.max_steps and info["step"] >= cfg.max_steps):
+        warnings.warn(f"{what} made only {info['step']} steps in {_span(float(info['elapsed_s']))} (held-out KL "
+                      f"{info['kl_before']:.3f} -> {info['kl_after']:.3f}): the model is barely trained; give it more "
+                      "time, on a quieter machine if this one is busy (a longer budget trains again from the start)",
                       stacklevel=2)
     save()
     student.eval()

@@ -138,7 +138,8 @@ def run(
     option: list[str] = typer.Option([], "--option", "-O", help="Runtime option KEY=VALUE; repeatable (llama.cpp: "
                                      "flash_attn=true, type_k=q8_0, ...; a misspelt one is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object when done (text, token counts, "
-                                 "timings, stop reason) instead of streaming."),
+                                 "timings, stop reason; speculative and kv_window stats when used) instead of "
+                                 "streaming."),
     class_: int | None = typer.Option(None, "--class", help="Diffusion: the class of every image (default: one of "
                                       "each class in turn)."),
     image_out: Path | None = typer.Option(None, "--output", "-o", help="Diffusion: the PNG grid to write "
@@ -192,6 +193,10 @@ def run(
     placement.update(decoding_options(draft, speculative, n_draft, kv_window, kv_sinks))
     placement.update(chosen)
     placement.update(api.format_options(option))
+    if placement.get("n_draft") is not None and not (placement.get("draft") or placement.get("speculative")
+                                                     or sampling.prediction):
+        raise InputError("--n-draft is how many tokens a drafter proposes at a time: give one with it (--draft MODEL, "
+                         "--speculative ngram or --prediction FILE), or drop it")
     if not backend:
         from edgekit.runtime.llamacpp_decoding import interactive_defaults
 

@@ -39,7 +39,18 @@ def as_json(text: str, st: GenerationStats, artifact: str) -> dict[str, Any]:
             "prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
             "time_to_first_token_s": round(st.time_to_first_token, 6), "total_s": round(st.total_time, 6),
             "tokens_per_second": round(st.tokens_per_second, 3), "context_full": bool(st.extra.get("context_full")),
-            **({"speculative": st.extra["speculative"]} if st.extra.get("speculative") else {})}
+            **({"speculative": st.extra["speculative"]} if st.extra.get("speculative") else {}),
+            **kv_window_json(st.extra.get("kv") or {})}
+
+
+def kv_window_json(kv: dict[str, Any]) -> dict[str, Any]:
+    """``run --json``'s ``kv_window`` (what the text output's "KV window 1024 (4 sinks): N held, M evicted"
+    says): its size, the sinks it always keeps, the tokens held at the end and those evicted; empty without
+    a window."""
+    if not kv.get("window"):
+        return {}
+    return {"kv_window": {"size": kv["window"], "sinks": kv.get("sinks"), "held": kv.get("cells"),
+                          "evicted": kv.get("evicted", 0)}}
 
 
 def stream(pieces: Iterator[str], write: Callable[[str], Any] | None) -> tuple[str, bool]:

@@ -423,3 +423,31 @@ def test_a_heal_that_ends_worse_on_held_out_data_is_not_kept(four_blocks, tmp_pa
     from edgekit.cli.render import trained_kl
 
     assert trained_kl(report).endswith("worse: not kept")
+
+
+def test_a_training_the_clock_cut_short_says_the_model_is_barely_trained(four_blocks, tmp_path, monkeypatch):
+    """QA s53: `convert --draft-for` on a busy machine made 10 distillation steps in its 20 minutes and wrote a
+    draft its target almost never accepted, without a word. A budget that ends a training under FEW_STEPS steps
+    now says so (a step cap the user set does not: that is what was asked)."""
+    import itertools
+
+    from edgekit.converters import structure
+    from edgekit.converters.structure import heal as heal_mod
+    from edgekit.converters.structure.heal import FEW_STEPS, HealConfig, heal
+
+    src = HFCheckpoint.open(four_blocks)
+    pruned, _ = structure.apply(src, "depth:layers=1", CAL, tmp_path / "a")
+    clock = itertools.count()
+    monkeypatch.setattr(heal_mod.time, "monotonic", lambda: 7.0 * next(clock))  # a slow machine: seconds fly
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = heal(src, pruned, "depth:layers=1", HealConfig(minutes=1, lr=1e-3, batch=2, checkpoint_s=0), CAL,
+                      state_root=tmp_path / "state")
+    said = [str(w.message) for w in caught if "barely trained" in str(w.message)]
+    assert 0 < report["steps"] < FEW_STEPS and len(said) == 1 and f"only {report['steps']} steps" in said[0]
+    monkeypatch.undo()  # the real clock: three steps take seconds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        heal(src, pruned, "depth:layers=1", HealConfig(minutes=1, max_steps=3, lr=1e-3, batch=2, checkpoint_s=0), CAL,
+             state_root=tmp_path / "state2")
+    assert not [w for w in caught if "barely trained" in str(w.message)]

@@ -132,6 +132,7 @@ def test_serve_past_the_trained_context_says_so(target, monkeypatch):
     (["--speculative", "medusa"], "--speculative"),
     (["--kv-sinks", "4"], "--kv-sinks needs --kv-window"),
     (["--kv-window", "8"], "at least 64"),
+    (["--n-draft", "4"], "--n-draft is how many tokens a drafter proposes"),  # QA s53: was silently ignored
 ])
 def test_bad_decoding_options_are_one_line_errors(target, args, message):
     out = cli("run", target, "-p", "hi", *args, fails=True)

@@ -69,6 +69,16 @@ def test_greedy_output_is_identical_with_a_draft_and_with_ngram(models):
 
 
 @needs_llama
+def test_the_sdks_generate_gives_drafted_greedy_text(models):
+    """QA s53: the SDK's generate decoded a GGUF without flash attention, drafting with it, so its greedy text
+    changed when a drafter was added (`edgekit run` was right: it decodes with flash attention)."""
+    greedy = SamplingConfig(temperature=0, max_tokens=40)
+    for p in PROMPTS:
+        plain = "".join(api.generate(models["target"], p, greedy, n_ctx=512, n_threads=2))
+        assert "".join(api.generate(models["target"], p, greedy, n_ctx=512, n_threads=2, speculative="ngram")) == plain
+
+
+@needs_llama
 def test_sampled_speculative_generation_is_reproducible(models):
     s = SamplingConfig(temperature=0.8, seed=7, max_tokens=24)
     with _open(models["target"], draft=str(models["draft"])) as b:
@@ -136,6 +146,44 @@ def test_drafting_past_the_window_is_plain_decoding_token_for_token(models, fmt)
             st = GenerationStats()
             assert "".join(b.generate(p, dataclasses.replace(greedy, prediction=plain), st)) == plain
             assert st.extra["speculative"]["accepted"] > 10 and st.extra["kv"]["evicted"] > 0
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("draft", marks=needs_llama), pytest.param("two_onnx", marks=needs_ort)])
+def test_a_prompt_longer_than_the_window_drafts_plain_decodings_text(models, fmt):
+    """QA s53: an ONNX prompt longer than the window was evaluated in other chunks by plain decoding (n_batch at
+    a time) than by the drafting loop (the prompt less its last token, then that token), so the two evicted at
+    other points and their greedy texts parted. Both now run the same loop."""
+    greedy = SamplingConfig(temperature=0, max_tokens=60)
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+    fa = {"flash_attn": True} if fmt == "draft" else {}  # as drafting verifies (run's default)
+    with _open(models[fmt], kv_window=WINDOW, **fa) as b:
+        assert len(b.tokenize(prompt)) > 4 * WINDOW
+        plain = "".join(b.generate(prompt, greedy, GenerationStats()))
+    with _open(models[fmt], kv_window=WINDOW, speculative="ngram", n_draft=4) as b:
+        st = GenerationStats()
+        assert "".join(b.generate(prompt, greedy, st)) == plain
+    assert st.extra["speculative"]["drafted"] > 0 and st.extra["kv"]["evicted"] > 4 * WINDOW
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("target", marks=needs_llama), pytest.param("two_onnx", marks=needs_ort)])
+def test_a_chat_turn_evaluates_only_the_new_message(models, fmt):
+    """QA s53: an ONNX chat read the whole history again every turn (3.7 s to a first token against 0.1 s on
+    GGUF for a long chat). The cache now keeps what the last request evaluated, as llama.cpp's does: the next
+    turn evaluates the new message only, and answers as a fresh backend would."""
+    greedy = SamplingConfig(temperature=0, max_tokens=12)
+    chat = [{"role": "user", "content": "tell me about the quick brown fox"}]
+    with _open(models[fmt]) as b:
+        first = GenerationStats()
+        answer = "".join(b.generate(chat, greedy, first))
+        chat += [{"role": "assistant", "content": answer}, {"role": "user", "content": "and the lazy dog?"}]
+        second = GenerationStats()
+        again = "".join(b.generate(chat, greedy, second))
+    assert first.extra["prompt_cached"] == 0
+    # the first prompt is held, and the reply as far as the template renders it as generated
+    assert second.extra["prompt_cached"] >= first.prompt_tokens
+    with _open(models[fmt]) as fresh:
+        st = GenerationStats()
+        assert "".join(fresh.generate(chat, greedy, st)) == again and st.extra["prompt_cached"] == 0
 
 
 @needs_llama
@@ -251,7 +299,7 @@ def test_onnx_refuses_drafts_it_cannot_use(models):
         from edgekit.artifact import Artifact
 
         for d in (models["draft"], Artifact.open(models["draft"]).model_file):
-            with pytest.raises(InputError, match="drafts with an ONNX model"):
+            with pytest.raises(InputError, match="GGUF, not ONNX; a draft must be ONNX like the target"):
                 _open(models["two_onnx"], draft=str(d))
     for kw, msg in (({"speculative": "lookup"}, "use 'ngram'"),
                     ({"speculative": "ngram", "n_draft": 40}, "between 1 and 32"),

@@ -42,16 +42,17 @@ def test_greedy_decoding_is_argmax_of_full_sequence_logits(tiny_onnx, monkeypatc
     """Each greedy token of the KV-cached loop is the argmax of the logits of the whole sequence so
     far, recomputed from scratch; the text is those tokens decoded. (The tiny model's tokens are mostly
     single bytes that print as U+FFFD, so the ids are compared, not the text.)"""
-    import edgekit.runtime.onnx as onnx_backend
+    import edgekit.runtime.speculative as spec
 
     chosen: list[int] = []
-    real_pick = onnx_backend.pick
+    real_accept = spec.accept
 
     def spy(*args, **kwargs):
-        chosen.append(real_pick(*args, **kwargs))
-        return chosen[-1]
+        kept, final = real_accept(*args, **kwargs)
+        chosen.append(final)  # no drafts: the target's own token each step
+        return kept, final
 
-    monkeypatch.setattr(onnx_backend, "pick", spy)
+    monkeypatch.setattr(spec, "accept", spy)
     with api.open_backend(tiny_onnx, n_ctx=256) as be:
         prompt = be.tokenizer.render([{"role": "user", "content": "hello"}])
         st = GenerationStats()

@@ -278,7 +278,7 @@ def test_drafting_and_window_refusals_are_one_line(artifacts, tiny_llama):
                          ([gguf, "--speculative", "ngram", "--parallel", "2"], "add --no-batch"),
                          ([str(tiny_llama), "--kv-window", "128"], "torch backend, which has no --kv-window"),
                          ([gguf, "--speculative", "lookup"], "use 'ngram'"),
-                         ([onnx, "--draft", gguf], "an ONNX target drafts with an ONNX model"),
+                         ([onnx, "--draft", gguf], "a draft must be ONNX like the target"),
                          ([gguf, "--kv-sinks", "4"], "--kv-sinks needs --kv-window")):
         r = subprocess.run([EDGEKIT, "serve", *args, "--port", "0"], capture_output=True, text=True, timeout=120)
         lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("loading ")

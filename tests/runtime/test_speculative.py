@@ -276,6 +276,31 @@ def test_end_of_generation_inside_accepted_drafts_stops_there():
     assert out == [2, 3, 4]
 
 
+def test_drafts_past_the_end_of_the_text_are_not_counted():
+    """QA s53: tokens drafted after an EOS, or after the token where a stop string ended the text, were counted
+    as drafted and accepted (and verified for nothing): acceptance read higher than the text's."""
+    vocab = 6
+    t = np.full((vocab, vocab), -5.0)
+    for a in range(vocab):
+        t[a, min(a + 1, 5)] = 5.0
+    greedy = SamplingConfig(temperature=0, max_tokens=20)
+    ctx = ContextLogits(t)
+    stats = SpecStats()
+    out = list(generate_tokens(ctx, [0, 1, 2, 3, 4, 5, 0, 1], greedy, np.random.default_rng(0), 20,
+                               lambda tok: tok == 3, drafter=NgramDrafter(), control=AdaptiveDraft(fixed=4),
+                               stats=stats))
+    assert out == [2, 3]
+    # drafted [2, 3, (4, 5)]: the two after the EOS are neither verified nor counted
+    assert stats.drafted == stats.accepted == 2 and len(ctx.tokens) == 7 + 3
+    # a stop string after the first token: the consumer closes the loop there
+    stats = SpecStats()
+    gen = generate_tokens(ContextLogits(t), [0, 1, 2, 3, 4, 5, 0, 1], greedy, np.random.default_rng(0), 20,
+                          _never, drafter=NgramDrafter(), control=AdaptiveDraft(fixed=4), stats=stats)
+    assert next(gen) == 2
+    gen.close()
+    assert stats.drafted == stats.accepted == 1
+
+
 def test_decoding_note():
     assert decoding_note({}) == ""
     note = decoding_note({"speculative": {"mode": "draft", "acceptance": 0.5, "drafted": 10},
