@@ -72,7 +72,13 @@ class TextOut:
         return "cancelled" if w.is_cancelled(self.rid) else None
 
     def done(self, reason: str, **extra: Any) -> None:
-        tail = "" if reason == "stop" else self.stopper.feed(self.decoder.decode(b"", final=True))[0] + self.stopper.flush()
+        if reason in ("length", "cancelled"):
+            # cut short, maybe inside a character: its first bytes are dropped, not shown as U+FFFD (bytes
+            # the model ended with at its own end of sequence are its answer, replacement and all)
+            self.decoder.reset()
+            tail = self.stopper.flush()
+        else:
+            tail = "" if reason == "stop" else self.stopper.feed(self.decoder.decode(b"", final=True))[0] + self.stopper.flush()
         self.worker.send(ev="done", id=self.rid, t=tail, n=self.n, stop_reason=reason,
                          context_full=reason == "length" and self.max_new < self.max_tokens,
                          time_to_first_token=self.t_first, total_time=time.perf_counter() - self.t0, **extra)

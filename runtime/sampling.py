@@ -98,11 +98,13 @@ class TextStream:
             return piece, False
         return "", False
 
-    def rest(self) -> str:
-        """What is still held back, once generation ended without a stop string."""
+    def rest(self, cut: bool = False) -> str:
+        """What is still held back, once generation ended without a stop string. ``cut``: it was cut short
+        (max_tokens), maybe inside a character, whose first bytes decode to a trailing U+FFFD: that is
+        dropped, not shown (a U+FFFD followed by more text, the model's own, stays)."""
         text = self.decode(self.ids)
         piece, self.emitted = text[self.emitted :], max(self.emitted, len(text))
-        return piece
+        return piece.rstrip("\ufffd") if cut else piece
 
 
 def stream_tokens(tokens: Iterator[int], eos: set[int], stream: TextStream, stats: Any, budget: int,
@@ -126,7 +128,7 @@ def stream_tokens(tokens: Iterator[int], eos: set[int], stream: TextStream, stat
             break
         if len(stream.ids) >= budget:
             break
-    if stats.stop_reason != "stop" and (tail := stream.rest()):
+    if stats.stop_reason != "stop" and (tail := stream.rest(cut=stats.stop_reason == "length")):
         yield tail
 
 

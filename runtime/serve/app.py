@@ -2,8 +2,9 @@
 
 Every refusal is an OpenAI-style JSON error (``{"error": {"message", "type", "param", "code"}}``) with
 its HTTP status, so clients show the message. A request first waits for a free instance of its model
-(while waiting, a client that hangs up leaves the queue); a streamed one then answers with server-sent
-events, and a client that disconnects mid-stream cancels its generation at the next token. SIGINT and
+(while waiting, a client that hangs up leaves the queue); a streamed one then waits for its first token
+(so that a prompt the backend refuses is a 400 too) and answers with server-sent events, and a client that
+disconnects mid-stream cancels its generation at the next token. SIGINT and
 SIGTERM stop accepting connections, give running streams ``shutdown_timeout`` seconds to finish, cancel
 the rest, then unload every model.
 """
@@ -157,7 +158,13 @@ class Server:
         self.running.add(gen)
         rid = oai.new_id(job)
         if job.stream:
-            return EventStream(self._events(job, rid, gen, deadline), lambda: self._finish(gen))
+            try:
+                pieces, first = await self._first(request, gen, deadline)
+            except _ClientGone:
+                return Response(status_code=499)
+            if self.stopping and gen.cancelled:  # stopped by SIGTERM before its first token: a JSON 503
+                raise _stopped()
+            return EventStream(self._events(job, rid, gen, pieces, first, deadline), lambda: self._finish(gen))
         try:
             text = await self._collect(request, gen, deadline)
         finally:
@@ -206,22 +213,49 @@ class Server:
         task.cancel()
         if gone in done:
             return ""  # the client left; nobody reads the answer
-        raise RequestError(f"the answer took longer than the request timeout ({self.config.timeout:g} s); ask "
-                           "for fewer tokens, or start the server with a larger --timeout", status=504,
-                           code="timeout")
+        raise self._too_slow()
 
-    async def _events(self, job: Job, rid: str, gen: Generation, deadline: float) -> AsyncIterator[bytes]:
+    def _too_slow(self) -> RequestError:
+        return RequestError(f"the answer took longer than the request timeout ({self.config.timeout:g} s); ask "
+                            "for fewer tokens, or start the server with a larger --timeout", status=504,
+                            code="timeout")
+
+    async def _first(self, request: Request, gen: Generation, deadline: float) -> tuple[AsyncIterator[str], str | None]:
+        """The generation's pieces and its first one (None: it ended without text), awaited before a stream's
+        status line goes out: a prompt the backend refuses (longer than the context, say) is then a 400, as
+        it is unstreamed, not an error event after a 200 that clients report as a generic failure. The first
+        text chunk goes out no later than before; only the role chunk waits for it. Raises
+        :class:`_ClientGone` if the client hangs up meanwhile, a 504 at the deadline; the generation is
+        cancelled then (its stream never starts)."""
+        pieces = aiter(gen)
+        first = asyncio.ensure_future(anext(pieces, None))
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({first, gone}, timeout=_left(deadline), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if first in done:
+            try:
+                return pieces, first.result()
+            except BaseException:
+                self._finish(gen)
+                raise
+        first.cancel()
+        self._finish(gen)
+        if gone in done:
+            raise _ClientGone
+        raise self._too_slow()
+
+    async def _events(self, job: Job, rid: str, gen: Generation, pieces: AsyncIterator[str], first: str | None,
+                      deadline: float) -> AsyncIterator[bytes]:
         try:
             if job.kind == "chat":  # the role comes first, as OpenAI's streams do
                 yield oai.sse(oai.chunk(job, rid, None, first=True))
-            pieces = aiter(gen)
-            while True:
-                try:
-                    piece = await asyncio.wait_for(anext(pieces), _left(deadline))
-                except StopAsyncIteration:
-                    break
+            piece = first
+            while piece is not None:
                 if piece:
                     yield oai.sse(oai.chunk(job, rid, piece))
+                piece = await asyncio.wait_for(anext(pieces, None), _left(deadline))
             if self.stopping and gen.cancelled:
                 raise _stopped()
             yield oai.sse(oai.chunk(job, rid, None, reason=oai.finish_reason(gen.stats)))

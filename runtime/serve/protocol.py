@@ -3,7 +3,10 @@
 A request body becomes a :class:`Job` (prompt, :class:`SamplingConfig`, streaming options), or raises
 :class:`RequestError` with the HTTP status and a message that names the field and what it accepts.
 Results become ``chat.completion`` / ``text_completion`` bodies and their streamed chunks. Sampling
-follows OpenAI's defaults (temperature 1, top_p 1, no top-k or min-p), not ``edgekit run``'s.
+follows OpenAI's defaults (temperature 1, top_p 1, no top-k or min-p), not ``edgekit run``'s. A field
+that asks for what the server cannot do (tools, JSON mode, log-probabilities, OpenAI's penalties) is a 400
+that says what works instead, never ignored; its neutral value (``tool_choice: "none"``, ``logprobs:
+false``, a penalty of 0) is accepted.
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ def parse_job(kind: str, body: dict[str, Any], max_tokens_cap: int) -> Job:
     if not model:
         raise RequestError("'model' is required: one of the ids GET /v1/models lists", param="model")
     prompt = _messages(body.get("messages")) if kind == "chat" else _prompt(body.get("prompt"))
-    n = body.get("n", 1)
-    if n != 1:
+    _refuse_unsupported(kind, body)
+    n = body.get("n")
+    if n is not None and (n != 1 or isinstance(n, bool)):
         raise RequestError("'n' must be 1: this server returns one choice per request", param="n")
     stream = _typed(body, "stream", bool, False)
     options = body.get("stream_options") or {}
@@ -87,6 +91,58 @@ def parse_job(kind: str, body: dict[str, Any], max_tokens_cap: int) -> Job:
                            param="stream_options")
     include_usage = bool(options.get("include_usage", False))
     return Job(kind, model, prompt, _sampling(body, max_tokens_cap), stream, include_usage)
+
+
+_NO_TOOLS = ("edgekit serve has no tool (function) calling; leave it out, or describe the tools in a system "
+             "message and parse the reply yourself")
+_NO_JSON = ("edgekit serve has no constrained (JSON) decoding; leave it out or send {\"type\": \"text\"}, and ask "
+            "for JSON in the prompt (the reply may then not parse)")
+_NO_LOGPROBS = ("this server returns no log-probabilities; leave it out, or score text with `edgekit eval` "
+                "(perplexity)")
+_PENALTY = ("this server has llama.cpp's repeat penalty instead, so send 'repeat_penalty' (e.g. 1.1; 1.0 is "
+            "off) as llama-server takes it, and leave this out (or 0)")
+
+# Fields that ask for something this server cannot do, per endpoint: (is this value the neutral default,
+# what works instead). They are refused rather than ignored, since a client would take the answer for what
+# it asked (an agent reads prose as its final answer, a scorer reads no log-probabilities as a score).
+_UNSUPPORTED: dict[str, dict[str, tuple[Any, str]]] = {
+    "chat": {
+        "tools": (lambda v: v == [], _NO_TOOLS),
+        "tool_choice": (lambda v: v == "none", _NO_TOOLS),
+        "functions": (lambda v: v == [], _NO_TOOLS),
+        "function_call": (lambda v: v == "none", _NO_TOOLS),
+        "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text", _NO_JSON),
+        "logprobs": (lambda v: v is False, _NO_LOGPROBS),
+        "top_logprobs": (lambda v: v == 0 and not isinstance(v, bool), _NO_LOGPROBS),
+    },
+    "text": {
+        "logprobs": (lambda v: v is False, _NO_LOGPROBS),
+        "echo": (lambda v: v is False, "the reply is the generated text only; leave it out (or false) and "
+                                       "prepend the prompt yourself; to score text use `edgekit eval`"),
+        "suffix": (lambda v: v == "", "there is no fill-in-the-middle; leave it out and put all the text before "
+                                      "the gap in 'prompt'"),
+        "best_of": (lambda v: v == 1 and not isinstance(v, bool), "one answer is generated per request; leave it "
+                                                                  "out (or 1), or send several requests with "
+                                                                  "different seeds and choose yourself"),
+    },
+}
+for _fields in _UNSUPPORTED.values():
+    _fields.update({
+        "presence_penalty": (lambda v: v == 0 and not isinstance(v, bool), _PENALTY),
+        "frequency_penalty": (lambda v: v == 0 and not isinstance(v, bool), _PENALTY),
+        "logit_bias": (lambda v: v == {}, "token biases are not applied; leave it out (or send {})"),
+    })
+
+
+def _refuse_unsupported(kind: str, body: dict[str, Any]) -> None:
+    """A 400 for the first field that asks for something this server cannot do (null is always the default)."""
+    for name, (neutral, instead) in _UNSUPPORTED[kind].items():
+        value = body.get(name)
+        if value is not None and not neutral(value):
+            shown = json.dumps(value)
+            shown = f" {shown}" if len(shown) <= 50 else ""  # a tool list would drown the message
+            raise RequestError(f"'{name}'{shown} is not supported: {instead}", param=name,
+                               code="unsupported_parameter")
 
 
 def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -125,14 +181,18 @@ def _sampling(body: dict[str, Any], cap: int) -> SamplingConfig:
     # llama-server's extensions, for clients that send them: off unless given
     top_k = _typed(body, "top_k", int, 0)
     min_p = _typed(body, "min_p", (int, float), 0.0)
+    repeat_penalty = _typed(body, "repeat_penalty", (int, float), 1.0)
     prediction = _prediction(body.get("prediction"))
     try:
         return SamplingConfig(temperature=float(temperature), top_p=float(top_p), top_k=top_k, min_p=float(min_p),
+                              repeat_penalty=float(repeat_penalty),
                               seed=secrets.randbelow(1 << 31) if seed is None else seed & 0x7FFFFFFF, max_tokens=limit,
                               stop=tuple(stops), prediction=prediction)
     except InputError as exc:
         # the CLI's --flag-name is the request's field_name; a negative value keeps its minus sign
-        raise RequestError(re.sub(r"--([a-z][a-z-]*)", lambda m: m[1].replace("-", "_"), str(exc))) from None
+        flag = re.search(r"--([a-z][a-z-]*)", str(exc))
+        raise RequestError(re.sub(r"--([a-z][a-z-]*)", lambda m: m[1].replace("-", "_"), str(exc)),
+                           param=flag[1].replace("-", "_") if flag else None) from None
 
 
 def _prediction(value: Any) -> str:
@@ -162,6 +222,12 @@ def _messages(value: Any) -> list[dict[str, str]]:
         raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
     out = []
     for i, m in enumerate(value):
+        if isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls")
+                                    or m.get("function_call")):
+            what = f"a tool result (role '{m['role']}')" if m.get("role") in ("tool", "function") else \
+                "a message with tool calls"
+            raise RequestError(f"messages[{i}] is {what}, which is not supported: {_NO_TOOLS}", param="messages",
+                               code="unsupported_parameter")
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise RequestError(f"messages[{i}]: 'role' must be system, developer, user or assistant",
                                param="messages")

@@ -150,6 +150,55 @@ def test_a_prompt_over_the_context_is_a_400_that_names_the_window(server):
     assert "context holds 512" in r.json()["error"]["message"] and "--kv-window" in r.json()["error"]["message"]
 
 
+def test_a_streamed_prompt_over_the_context_is_a_400_too(server, client):
+    """QA 54: a stream used to start (200, a role chunk) and then carry the overflow as an error event,
+    which the client raises as a generic APIError; the status line now waits for the backend's verdict."""
+    long = "word " * 600
+    with pytest.raises(openai.BadRequestError, match="context holds 512") as info:
+        _chat(client, long, max_tokens=4, stream=True)
+    assert info.value.status_code == 400
+    with pytest.raises(openai.BadRequestError, match="context holds 512"):
+        client.completions.create(model="tiny-gguf", prompt=long, max_tokens=4, stream=True)
+    body = {"model": "tiny-gguf", "messages": [{"role": "user", "content": long}], "max_tokens": 4, "stream": True}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json", r.text
+    text, chunks = _stream_text(client, "Hello", max_tokens=3)  # a prompt that fits streams as before
+    assert chunks[0].choices[0].delta.role == "assistant" and text
+
+
+def test_what_the_server_cannot_do_is_a_400_the_client_raises(server, client):
+    """QA 54: tools, JSON mode and log-probabilities were ignored with a 200, so an agent took prose for its
+    final answer and `parse` failed on it; now the client raises BadRequestError naming the field."""
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    refused = [
+        ("tools", lambda: _chat(client, "Weather in Paris?", tools=tools, max_tokens=2)),
+        ("tools", lambda: _chat(client, "Weather in Paris?", tools=tools, max_tokens=2, stream=True)),
+        ("response_format", lambda: client.chat.completions.parse(
+            model="tiny-gguf", messages=[{"role": "user", "content": "Alice"}], response_format=Person, max_tokens=2)),
+        ("logprobs", lambda: _chat(client, "Hi", logprobs=True, top_logprobs=2, max_tokens=2)),
+        ("presence_penalty", lambda: _chat(client, "Hi", presence_penalty=2.0, max_tokens=2)),
+        ("logit_bias", lambda: _chat(client, "Hi", logit_bias={"198": -100}, max_tokens=2)),
+        ("echo", lambda: client.completions.create(model="tiny-gguf", prompt="The sky is", echo=True, max_tokens=1)),
+        ("best_of", lambda: client.completions.create(model="tiny-gguf", prompt="The sky is", best_of=3,
+                                                      max_tokens=1)),
+        ("messages", lambda: client.chat.completions.create(model="tiny-gguf", max_tokens=2, messages=[
+            {"role": "user", "content": "Weather?"}, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])),
+    ]
+    for param, call in refused:
+        with pytest.raises(openai.BadRequestError, match="not supported") as info:
+            call()
+        assert info.value.body["param"] == param and info.value.body["code"] == "unsupported_parameter", param
+    # their neutral values, n null and llama-server's repeat_penalty are answered
+    r = _chat(client, "Hi", max_tokens=2, tool_choice="none", response_format={"type": "text"}, logprobs=False,
+              presence_penalty=0, frequency_penalty=0, logit_bias={}, extra_body={"repeat_penalty": 1.1, "n": None})
+    assert r.usage.completion_tokens == 2
+
+
 def test_routes_and_methods_answer_in_json(server, client):
     assert client.models.retrieve("tiny-onnx").id == "tiny-onnx"
     auth = {"Authorization": f"Bearer {KEY}"}

@@ -121,3 +121,84 @@ def test_serve_refuses_a_context_no_request_could_use(ctx, tmp_path):
 def test_a_model_that_is_not_a_string_says_so():
     with pytest.raises(RequestError, match="'model' must be a string, got int"):
         oai.parse_job("text", {"model": 5, "prompt": "hi"}, 10)
+
+
+TEXT = {"model": "m", "prompt": "once"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("kind, change, needle", [
+    ("chat", {"tools": TOOLS}, "no tool (function) calling"),
+    ("chat", {"tool_choice": "required"}, "no tool (function) calling"),
+    ("chat", {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool"),
+    ("chat", {"functions": [{"name": "get_weather"}]}, "no tool (function) calling"),
+    ("chat", {"function_call": "auto"}, "no tool (function) calling"),
+    ("chat", {"response_format": {"type": "json_object"}}, "no constrained (JSON) decoding"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "JSON"),
+    ("chat", {"logprobs": True}, "no log-probabilities"),
+    ("chat", {"top_logprobs": 3}, "no log-probabilities"),
+    ("text", {"logprobs": 1}, "no log-probabilities"),
+    ("text", {"logprobs": 0}, "no log-probabilities"),  # 0 still asks for the chosen token's
+    ("text", {"echo": True}, "prepend the prompt yourself"),
+    ("text", {"suffix": " today."}, "no fill-in-the-middle"),
+    ("text", {"best_of": 3}, "one answer is generated per request"),
+    ("chat", {"presence_penalty": 2.0}, "'repeat_penalty'"),
+    ("chat", {"frequency_penalty": -0.5}, "'repeat_penalty'"),
+    ("text", {"presence_penalty": 5.0}, "'repeat_penalty'"),  # out of OpenAI's range: refused all the same
+    ("chat", {"logit_bias": {"198": -100}}, "token biases are not applied"),
+])
+def test_a_field_the_server_cannot_honour_is_refused_not_ignored(kind, change, needle):
+    """QA 54: these were accepted and ignored with a 200 (prose where a tool call or JSON was asked for,
+    no log-probabilities where a scorer wanted them); each is a 400 that names the field and the way out."""
+    [(param, _)] = change.items()
+    with pytest.raises(RequestError) as info:
+        oai.parse_job(kind, {**(CHAT if kind == "chat" else TEXT), **change}, 10)
+    error = info.value.body()["error"]
+    assert info.value.status == 400 and error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["code"] == "unsupported_parameter"
+    assert f"'{param}'" in error["message"] and needle in error["message"]
+
+
+@pytest.mark.parametrize("kind, neutral", [
+    ("chat", {"tool_choice": "none", "tools": [], "response_format": {"type": "text"}, "logprobs": False,
+              "top_logprobs": None, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+              "n": None, "parallel_tool_calls": False}),
+    ("text", {"logprobs": None, "echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0.0,
+              "logit_bias": None, "n": None}),
+])
+def test_the_neutral_values_of_those_fields_are_accepted(kind, neutral):
+    job = oai.parse_job(kind, {**(CHAT if kind == "chat" else TEXT), **neutral}, 10)
+    assert job.sampling.repeat_penalty == 1.0 and job.sampling.max_tokens == 10
+
+
+def test_n_null_means_the_default():
+    assert oai.parse_job("chat", {**CHAT, "n": None}, 10).kind == "chat"
+    for bad in (0, 2, True, "1"):
+        with pytest.raises(RequestError, match="'n' must be 1"):
+            oai.parse_job("chat", {**CHAT, "n": bad}, 10)
+
+
+@pytest.mark.parametrize("message, what", [
+    ({"role": "tool", "tool_call_id": "c1", "content": "sunny"}, "a tool result (role 'tool')"),
+    ({"role": "function", "name": "get_weather", "content": "sunny"}, "a tool result (role 'function')"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+      "function": {"name": "get_weather", "arguments": "{}"}}]}, "a message with tool calls"),
+])
+def test_a_tool_round_trip_says_tools_are_unsupported(message, what):
+    """Not the generic 'role must be ...' / 'content must be a string' errors: the client learns why."""
+    body = {**CHAT, "messages": [{"role": "user", "content": "Weather?"}, message]}
+    with pytest.raises(RequestError) as info:
+        oai.parse_job("chat", body, 10)
+    assert str(info.value).startswith(f"messages[1] is {what}, which is not supported")
+    assert "no tool (function) calling" in str(info.value) and info.value.param == "messages"
+
+
+def test_repeat_penalty_is_read_and_checked_as_the_cli_checks_it():
+    """llama-server's extension, like top_k and min_p: what a client sends instead of OpenAI's penalties."""
+    assert oai.parse_job("chat", {**CHAT, "repeat_penalty": 1.3}, 10).sampling.repeat_penalty == 1.3
+    assert oai.parse_job("text", {**TEXT, "repeat_penalty": 1}, 10).sampling.repeat_penalty == 1.0
+    for bad, needle in ((0, "repeat_penalty must be a finite number > 0"), (-1.1, "> 0"),
+                        ("1.1", "'repeat_penalty' must be a number"), (True, "must be a number")):
+        with pytest.raises(RequestError, match=needle) as info:
+            oai.parse_job("chat", {**CHAT, "repeat_penalty": bad}, 10)
+        assert info.value.param == "repeat_penalty" and "--" not in str(info.value)
