@@ -5,7 +5,8 @@ calibration text; ``llama-quantize --imatrix imatrix.gguf`` (which calls ``llama
 it) then quantizes. Both tools are built from the same llama.cpp sources as the llama-cpp-python wheel
 by ``.ci/setup.sh --bench`` and cached in ``~/.cache/edgekit/bin/``; :func:`tools` finds them.
 
-Used by ``bench/gguf_quality.py`` (its ``imatrix`` rows) and ``bench/low_bit.py``.
+Used by ``bench/gguf_quality.py`` (its ``imatrix`` rows), ``bench/low_bit.py`` and ``bench/imatrix_vs_llamacpp.py``
+(which also writes edgekit's importances in llama-imatrix's format, :func:`save_imatrix`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,25 @@ def load_imatrix(path: Path) -> dict[str, np.ndarray]:
             out[name] = np.where(c[:, None] > 0, per / c[:, None], np.float32(1.0)).astype(np.float32).reshape(-1)
     return out
 
+
+
+def save_imatrix(path: Path, means: dict[str, np.ndarray], count: float, chunk_size: int, dataset: str) -> None:
+    """Write per-column importances (one expert per tensor) as llama-imatrix's GGUF file, which
+    ``llama-quantize --imatrix`` reads: ``NAME.in_sum2`` = ``means * count`` and ``NAME.counts`` = ``count``,
+    plus the three ``imatrix.*`` keys it requires. (The importances reach the quantizer as ``in_sum2 / counts``;
+    its searches do not depend on their overall scale.)"""
+    writer = gguf.GGUFWriter(path, arch="imatrix")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", [dataset])
+    writer.add_uint32("imatrix.chunk_count", max(1, int(round(count / chunk_size))))
+    writer.add_uint32("imatrix.chunk_size", chunk_size)
+    for name, m in sorted(means.items()):
+        writer.add_tensor(f"{name}.in_sum2", (np.asarray(m, np.float64) * count).astype(np.float32).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.full((1, 1), count, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 if __name__ == "__main__":  # a helper module: --help says what it is; a bare run says where the tools are
     import argparse
