@@ -98,7 +98,7 @@ class FedKV:
         self.pos = int(arrays[0].shape[2])
 
     def close(self) -> None:
-        self.past = []
+        self.past, self.session = [], None
 
 
 class BoundKV:
@@ -169,4 +169,4 @@ class BoundKV:
         self.pos = n
 
     def close(self) -> None:
-        self.buffers, self.io = [], None
+        self.buffers, self.io, self.session = [], None, None

@@ -10,7 +10,9 @@ does. Sampling is numpy (:mod:`.sampling`): no torch at run time.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +152,13 @@ class OnnxBackend(Backend):
             self.window = KVWindow(int(kv_window), int(kv_sinks), *_rotary_tables(path, graph), step=kv_evict_step)
             self.n_ctx = int(kv_window)
             self.n_batch = min(self.n_batch, self.window.size - self.window.sinks)
+        # One sequence: a step runs under the lock, and a request that starts (generate, logits, stream_nll)
+        # takes the cache over; the generation it replaces ends at its next step (stop_reason "cancelled"), or
+        # raises BackendError when another thread replaced it. Two threads on one backend crashed onnxruntime.
+        self._lock = threading.Lock()
+        self._turn = 0  # bumped by every request that takes the cache over
+        self._turn_thread = 0
+        self._closed = False
         kv_args = (self.session, self._past_names, self._kv_heads, self._head_dim, self._kv_dtype)
         self._kv: FedKV | BoundKV = (BoundKV(*kv_args, limit=self.n_ctx) if kv_in_place(graph) else FedKV(*kv_args))
         self.reset()
@@ -188,14 +197,16 @@ class OnnxBackend(Backend):
             self._ctx.logical = []
 
     def decode(self, tokens: list[int]) -> None:
-        self._ctx.extend(list(tokens), logits="none")
+        with self._use():
+            self._ctx.extend(list(tokens), logits="none")
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         if len(tokens) > self.n_ctx:
             raise InputError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}; load with a larger n_ctx")
-        self.reset()
-        parts = [self._run(tokens[i : i + self.n_batch], last_only=False) for i in range(0, len(tokens), self.n_batch)]
-        self.reset()
+        with self._use():
+            self.reset()
+            parts = [self._run(tokens[i : i + self.n_batch], last_only=False) for i in range(0, len(tokens), self.n_batch)]
+            self.reset()
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def generate(self, prompt: str | list[dict[str, str]], sampling: SamplingConfig,
@@ -230,28 +241,68 @@ class OnnxBackend(Backend):
                    progress: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Per-token negative log-likelihood of a long sequence fed ``chunk`` tokens at a time (through the
         KV window when there is one), as :meth:`LlamaCppBackend.stream_nll`."""
-        self.reset()
-        nll = np.zeros(max(len(tokens) - 1, 0), np.float32)
-        peak = 0
-        for i in range(0, len(tokens) - 1, chunk):
-            part = tokens[i : i + chunk]
-            z = np.concatenate([self._run(part[j : j + self.n_batch], last_only=False)
-                                for j in range(0, len(part), self.n_batch)])
-            peak = max(peak, self._pos)
-            nxt = tokens[i + 1 : i + 1 + len(part)]
-            nll[i : i + len(nxt)] = next_token_nll(z, nxt)
-            if progress is not None:
-                progress(i + len(nxt), len(tokens) - 1)
-        state = self.kv_state()
-        self.reset()
+        with self._use():
+            self.reset()
+            nll = np.zeros(max(len(tokens) - 1, 0), np.float32)
+            peak = 0
+            for i in range(0, len(tokens) - 1, chunk):
+                part = tokens[i : i + chunk]
+                z = np.concatenate([self._run(part[j : j + self.n_batch], last_only=False)
+                                    for j in range(0, len(part), self.n_batch)])
+                peak = max(peak, self._pos)
+                nxt = tokens[i + 1 : i + 1 + len(part)]
+                nll[i : i + len(nxt)] = next_token_nll(z, nxt)
+                if progress is not None:
+                    progress(i + len(nxt), len(tokens) - 1)
+            state = self.kv_state()
+            self.reset()
         return nll, {"peak_cells": peak, "kv": state}
 
     def close(self) -> None:
-        self._kv.close()
-        self.session = None  # type: ignore[assignment]
-        if self.draft_backend is not None:
-            self.draft_backend.close()
-            self.draft_backend = None
+        """Free the session and the cache (a generation still open ends with a BackendError at its next step)."""
+        with self._lock:
+            self._closed = True
+            self._turn += 1
+            self._kv.close()
+            self.session = None  # type: ignore[assignment]
+            if self.draft_backend is not None:
+                self.draft_backend.close()
+                self.draft_backend = None
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[None]:
+        """Run a request that takes the cache over (logits, stream_nll, decode), one at a time."""
+        with self._lock:
+            self._take_over()
+            yield
+
+    def _take_over(self) -> int:
+        """(Under the lock.) The cache is this request's now: the turn it holds."""
+        if self._closed:
+            raise BackendError(f"{self.path.name} is closed; open it again (api.open_backend) to use it")
+        self._turn += 1
+        self._turn_thread = threading.get_ident()
+        return self._turn
+
+    def _steps(self, gen: Iterator[int], turn: int, ended: list[str]) -> Iterator[int]:
+        """``gen``'s tokens, each step run under the lock while ``turn`` still holds the cache: a request that
+        took it over ends this one (``ended``: "cancelled"), with a BackendError when another thread took it."""
+        while True:
+            with self._lock:
+                if self._turn != turn:
+                    if self._closed:
+                        raise BackendError(f"{self.path.name} was closed while it was generating text")
+                    if self._turn_thread != threading.get_ident():
+                        raise BackendError("another thread started a request on this backend, which ended this "
+                                           "generation: a backend decodes one sequence at a time; give each thread "
+                                           "its own backend")
+                    ended.append("cancelled")
+                    return
+                try:
+                    tok = next(gen)
+                except StopIteration:
+                    return
+            yield tok
 
     # -- speculative decoding -------------------------------------------------------------------------
 
@@ -309,15 +360,20 @@ class OnnxBackend(Backend):
 
         spec = SpecStats()
         drafter, control = self.drafter, control_for(self.drafter, self.costs, self.n_draft)
-        if sampling.prediction:  # drafts from the request's predicted output, whatever the load options
-            drafter, control = for_prediction(self.tokenize(sampling.prediction, add_special=False),
-                                              self.costs or self._measure_costs(ids), self.n_draft)
+        with self._lock:
+            turn = self._take_over()
+            if sampling.prediction:  # drafts from the request's predicted output, whatever the load options
+                drafter, control = for_prediction(self.tokenize(sampling.prediction, add_special=False),
+                                                  self.costs or self._measure_costs(ids), self.n_draft)
         gen = generate_tokens(self._ctx, ids, sampling, rng, budget, lambda t: t in self._eos,
                               drafter=drafter, control=control, stats=spec)
+        ended: list[str] = []
         try:
-            yield from stream_tokens(gen, self._eos, stream, stats, budget, t0)
+            yield from stream_tokens(self._steps(gen, turn, ended), self._eos, stream, stats, budget, t0)
         finally:
             gen.close()
+            if ended:
+                stats.stop_reason = ended[0]
             stats.extra["prompt_cached"] = spec.prompt_cached
             if spec.mode != "none":
                 stats.extra["speculative"] = spec.to_json()
