@@ -6,6 +6,8 @@ one-line messages. A mixin of the backend: it reads the backend's ``_config``, `
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +76,9 @@ class WorkerProcess:
             proc.kill()
             rc = proc.wait(timeout=5)
         for t in self._threads:
-            if t.ident is not None:  # a start that failed (the thread limit) leaves one never started
+            # a start that failed (the thread limit) leaves one never started; a collection of the backend
+            # that a reader thread happened to trigger runs there
+            if t.ident is not None and t is not threading.current_thread():
                 t.join(timeout=2)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             try:
@@ -83,6 +89,14 @@ class WorkerProcess:
         return rc
 
     def __del__(self) -> None:
+        # The reader threads hold no reference to the backend, so one nobody holds is collected and its worker
+        # stopped here; as an unclosed file does, it says so (a ResourceWarning: shown with -X dev or -W).
+        if getattr(self, "_proc", None) is not None:
+            try:
+                warnings.warn(f"unclosed llama.cpp backend {shown_name(self.model_path)} (pid {self._proc.pid}); "
+                              "close() it or use it in a with block", ResourceWarning, stacklevel=2, source=self)
+            except Exception:  # noqa: BLE001 - a filter that raises, or interpreter shutdown
+                pass
         try:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
@@ -101,16 +115,27 @@ class WorkerProcess:
             raise self._crashed(doing)
         return msg
 
-    def _abort_active(self) -> None:
-        """Cancel a generation still streaming (its consumer stopped early, or this thread starts another
-        call) and drain its messages. One streaming in another thread that is still running is not taken
-        over: both would read one queue of replies (one hung, the other cut short)."""
-        owner = getattr(self, "_active_owner", None)
-        if (self._active is not None and owner is not None and owner is not threading.current_thread()
-                and owner.is_alive()):
-            raise BackendError("this backend is generating text in another thread; give each thread its own "
-                               "backend, or load it with n_seq=N to run N generations at once")
-        rid, self._active = self._active, None
+    # -- one user at a time -----------------------------------------------------------------------
+    # ``_busy`` is the thread inside a call right now (for a generation: its consumer while in ``next()``),
+    # ``_active`` the generation still streaming, paused or not; ``_claim_lock`` makes checking and taking
+    # them one step, so of two threads that start a call at once exactly one runs.
+
+    def _take_over(self, rid: int | None = None) -> None:
+        """Make this thread the one using the worker. Another thread inside a call right now is refused: both
+        would read one queue of replies (one hung, the other cut short). A generation still streaming whose
+        consumer is not pulling it (it stopped early, or this or another thread starts another call) is
+        cancelled and its messages drained; its iterator then ends as cancelled. With ``rid``: only that
+        generation (its own iterator closing early), and nothing if another call has already ended it."""
+        me = threading.current_thread()
+        with self._claim_lock:
+            if rid is not None and self._active != rid:
+                return
+            if self._busy is not None and self._busy is not me:
+                raise BackendError("this backend is in use in another thread (generating text, or another call); "
+                                   "give each thread its own backend, or load it with n_seq=N to run N generations "
+                                   "at once")
+            rid, self._active = self._active, None
+            self._busy = me
         if rid is None or self._proc is None:
             return
         self._send({"op": "cancel", "id": rid})
@@ -118,6 +143,31 @@ class WorkerProcess:
             msg = self._recv("stopping a generation", rid)
             if msg["ev"] in ("done", "error"):
                 return
+
+    def _resume(self, rid: int) -> bool:
+        """A paused generation's consumer pulls again: this thread uses the worker again, unless another
+        call has taken it (False: the generation was cancelled)."""
+        with self._claim_lock:
+            if self._active != rid:
+                return False
+            self._busy = threading.current_thread()
+            return True
+
+    def _release(self) -> None:
+        with self._claim_lock:
+            if self._busy is threading.current_thread():
+                self._busy = None
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One call using the worker (:meth:`_take_over`), which is free again when it returns."""
+        nested = self._busy is threading.current_thread()
+        try:
+            self._take_over()
+            yield
+        finally:
+            if not nested:
+                self._release()
 
     # -- worker plumbing ------------------------------------------------------------------------
 
@@ -136,9 +186,10 @@ class WorkerProcess:
 
     def _restart_safe(self, exc: BackendCrashed) -> None:
         self._warn(f"{exc} - retrying once in safe CPU mode (slower)")
-        self.close()
-        self.safe_cpu = True
-        self._start(True)
+        with self._exclusive():
+            self.close()
+            self.safe_cpu = True
+            self._start(True)
 
     def _warn(self, message: str) -> None:
         if self._on_warning is not None:
@@ -165,9 +216,12 @@ class WorkerProcess:
             )
         except OSError as exc:
             raise start_error(exc, prefix) from None
+        # plain functions, not bound methods: a thread holding the backend would keep it from ever being
+        # collected (and its worker from being stopped) when its user drops it without close()
         self._threads = [
-            threading.Thread(target=self._read_stdout, args=(self._proc, self._inbox), daemon=True),
-            threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True),
+            threading.Thread(target=read_stdout, args=(self._proc, self._inbox, self._routes, self._routes_lock),
+                             daemon=True),
+            threading.Thread(target=read_stderr, args=(self._proc, self._stderr_tail, self.verbose), daemon=True),
         ]
         try:
             for t in self._threads:
@@ -184,37 +238,6 @@ class WorkerProcess:
         self._info = msg
         self._gone = ""
         self.load_time = time.perf_counter() - t0
-
-    def _read_stdout(self, proc: subprocess.Popen[bytes], inbox: queue.Queue[Any]) -> None:
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
-                with self._routes_lock:
-                    route = self._routes.get(msg.get("id")) if isinstance(msg, dict) else None
-                (route or inbox).put(msg)
-        except (OSError, ValueError):
-            pass
-        with self._routes_lock:
-            for route in self._routes.values():
-                route.put(EOF)
-        inbox.put(EOF)
-
-    def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
-        try:
-            for raw in proc.stderr:
-                line = raw.decode("utf-8", "replace").rstrip()
-                if line:
-                    self._stderr_tail.append(line)
-                if self.verbose:
-                    sys.stderr.write(raw.decode("utf-8", "replace"))
-                    sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
 
     def _send(self, msg: dict[str, Any]) -> None:
         proc = self._proc
@@ -237,10 +260,10 @@ class WorkerProcess:
                 return msg
 
     def _call(self, op: str, doing: str, **kwargs: Any) -> Any:
-        self._abort_active()
-        rid = next(self._ids)
-        self._send({"op": op, "id": rid, **kwargs})
-        msg = self._recv(doing, rid)
+        with self._exclusive():
+            rid = next(self._ids)
+            self._send({"op": op, "id": rid, **kwargs})
+            msg = self._recv(doing, rid)
         if msg["ev"] == "error":
             raise self._error_from(msg, doing)
         return msg.get("value")
@@ -299,6 +322,45 @@ class WorkerProcess:
         if msg.get("type") == "TempSpaceError":  # the worker's message names the folder and the fix
             return DiskFullError(text)
         return BackendError(f"llama.cpp failed while {doing}: {text}")
+
+
+# -- the reader threads -------------------------------------------------------------------------------------------
+
+
+def read_stdout(proc: subprocess.Popen[bytes], inbox: queue.Queue[Any], routes: dict[int, queue.Queue[Any]],
+                routes_lock: threading.Lock) -> None:
+    """Route the worker's JSON lines: to the generation's own queue (``n_seq`` > 1) or to ``inbox``; EOF to all."""
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            with routes_lock:
+                route = routes.get(msg.get("id")) if isinstance(msg, dict) else None
+            (route or inbox).put(msg)
+    except (OSError, ValueError):
+        pass
+    with routes_lock:
+        for route in routes.values():
+            route.put(EOF)
+    inbox.put(EOF)
+
+
+def read_stderr(proc: subprocess.Popen[bytes], tail: collections.deque[str], verbose: bool) -> None:
+    """Keep the worker's last log lines in ``tail`` (for error messages); ``verbose`` also shows them."""
+    assert proc.stderr is not None
+    try:
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                tail.append(line)
+            if verbose:
+                sys.stderr.write(raw.decode("utf-8", "replace"))
+                sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 # -- starting the worker ------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ the first decode is retried once in safe CPU mode (no repacked/AMX weight buffer
 ``EDGEKIT_LLAMACPP_LOG=1`` shows llama.cpp's log; ``EDGEKIT_LLAMACPP_WRAPPER`` runs the worker under
 another program (``qemu-x86_64 -cpu Haswell``, ``valgrind``).
 
-Not thread-safe: one call at a time per backend.
+One call at a time per backend (with ``n_seq`` > 1, that many generations): a call from another thread while
+one is running raises :class:`BackendError`.
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=60)
         self._threads: list[threading.Thread] = []
         self._ids = itertools.count(1)
-        self._active: int | None = None  # id of the generation now streaming
-        self._active_owner: threading.Thread | None = None  # the thread consuming it
+        self._active: int | None = None  # id of the generation now streaming (paused or not)
+        self._busy: threading.Thread | None = None  # the thread inside a call (or a generation's next()) now
+        self._claim_lock = threading.Lock()  # checks and sets the two above in one step
         self._decoded = False  # a decode has succeeded in this worker (no more safe-mode retries)
         self._tmpdir: str | None = None
         self._info: dict[str, Any] = {}
@@ -234,7 +236,12 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         "peak_rss": int}``; ``on_rep`` sees each repetition as it ends; ``cancel()`` returning True
         stops the worker within one decode.
         """
-        self._abort_active()
+        with self._exclusive():
+            return self._bench(n_prompt, n_gen, n_depth, reps, warmup, seed, rapl, on_rep, cancel)
+
+    def _bench(self, n_prompt: int, n_gen: int, n_depth: int, reps: int, warmup: bool, seed: int,
+               rapl: Sequence[tuple[str, int]], on_rep: Callable[[dict[str, Any]], None] | None,
+               cancel: Callable[[], bool] | None) -> dict[str, Any]:
         rid = next(self._ids)
         self._send({"op": "bench", "id": rid, "n_prompt": int(n_prompt), "n_gen": int(n_gen),
                     "n_depth": int(n_depth), "reps": int(reps), "warmup": bool(warmup), "seed": int(seed),
@@ -315,7 +322,11 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         """Per-token negative log-likelihood of a long token sequence fed ``chunk`` tokens at a time through
         this backend's KV cache (with ``kv_window``, the window evicts as it goes): (nll of tokens 1..n-1,
         {peak_cells, kv, peak_rss})."""
-        self._abort_active()
+        with self._exclusive():
+            return self._stream_nll(tokens, chunk, progress)
+
+    def _stream_nll(self, tokens: list[int], chunk: int,
+                    progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, dict[str, Any]]:
         path = os.path.join(self._tempdir(), f"nll-{next(self._ids)}.npy")
         rid = next(self._ids)
         self._send({"op": "stream_nll", "id": rid, "tokens": [int(t) for t in tokens], "chunk": int(chunk),
@@ -349,8 +360,10 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
 
         Nothing runs until the first piece is asked for. Closing the iterator early stops the
         generation in the worker, which is then ready for the next call. With ``n_seq`` 1 a backend runs
-        one call at a time: another call from the same thread ends a generation still streaming (its
-        ``stats.stop_reason`` is ``"cancelled"``); one from another thread raises :class:`BackendError`.
+        one call at a time: another call, from any thread, ends a generation still streaming whose consumer is
+        not pulling it (paused or abandoned; its ``stats.stop_reason`` is ``"cancelled"`` and its next
+        ``next()`` ends it); a call from another thread while a call runs, or while a consumer is inside
+        ``next()``, raises :class:`BackendError`.
         """
         if isinstance(prompt, str):
             request: dict[str, Any] = {"prompt": prompt}
@@ -384,13 +397,13 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
         if self.slots > 1:
             yield from self._generate_batched(request, stats)
             return
-        self._abort_active()
-        rid = next(self._ids)
-        t0 = time.perf_counter()
-        self._send({"op": "generate", "id": rid, **request})
-        self._active, self._active_owner = rid, threading.current_thread()
+        rid, t0 = 0, 0.0
         finished = False
         try:
+            self._take_over()  # this thread is busy until the yield: another one is refused meanwhile
+            rid, t0 = next(self._ids), time.perf_counter()
+            self._send({"op": "generate", "id": rid, **request})
+            self._active = rid
             while True:
                 msg = self._recv("generating text", rid)
                 finished = self._on_event(msg, stats, t0)
@@ -399,21 +412,25 @@ class LlamaCppBackend(WorkerProcess, LlamaCppMemory, Backend):
                 if msg["ev"] == "error":
                     raise self._error_from(msg, "generating text")
                 if msg["ev"] in ("token", "done") and msg["t"]:
+                    self._release()  # paused: a call from any thread may now cancel this generation
                     yield msg["t"]
-                    if not finished and self._active != rid:  # another call took the worker while we were paused
+                    if finished:
+                        return
+                    if not self._resume(rid):  # another call took the worker while we were paused
                         stats.stop_reason = stats.stop_reason or "cancelled"
                         finished = True
                         return
                 if finished:
                     return
         finally:
-            if not finished and self._active == rid:
+            if not finished and rid and self._active == rid:
                 stats.total_time = time.perf_counter() - t0
                 stats.stop_reason = stats.stop_reason or "cancelled"
                 try:
-                    self._abort_active()
+                    self._take_over(rid)
                 except BackendCrashed:
                     pass  # reported by the next call; do not mask the consumer's own exit
+            self._release()
 
     def _generate_batched(self, request: dict[str, Any], stats: GenerationStats) -> Iterator[str]:
         """One of several concurrent generations: its messages come through its own route."""

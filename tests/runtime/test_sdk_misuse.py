@@ -22,23 +22,31 @@ def tiny_q8(tiny_llama, tmp_path_factory) -> Path:
 
 
 def test_a_backend_generating_in_one_thread_refuses_another_thread(tiny_q8):
+    """While a consumer is inside ``next()`` (here held there, waiting for its first piece), another thread's
+    call is refused. (One paused between pieces is not: the next call cancels it; test_llamacpp_lifecycle.)"""
     with api.open_backend(tiny_q8, n_threads=1) as b:
-        first = b.generate("one two three", SamplingConfig(temperature=0, max_tokens=24))
-        next(first)  # streaming, paused, owned by this thread
-        seen: dict[str, BaseException] = {}
+        recv = b._recv
+        inside, release = threading.Event(), threading.Event()
 
-        def other() -> None:
-            try:
-                "".join(b.generate("hi", SamplingConfig(max_tokens=4)))
-            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
-                seen["exc"] = exc
+        def held_recv(doing: str, rid: int | None) -> dict:
+            if doing == "generating text" and threading.current_thread().name == "consumer":
+                inside.set()
+                release.wait(30)
+            return recv(doing, rid)
 
-        t = threading.Thread(target=other)
-        t.start()
-        t.join(30)
-        assert not t.is_alive()
-        assert isinstance(seen.get("exc"), BackendError) and "another thread" in str(seen["exc"])
-        assert "".join(first)  # the first goes on undisturbed
+        b._recv = held_recv
+        seen: dict[str, object] = {}
+        consumer = threading.Thread(name="consumer", target=lambda: seen.update(
+            first="".join(b.generate("one two three", SamplingConfig(temperature=0, max_tokens=24)))))
+        consumer.start()
+        assert inside.wait(30)
+        for call in (lambda: "".join(b.generate("hi", SamplingConfig(max_tokens=4))), lambda: b.tokenize("hi")):
+            with pytest.raises(BackendError, match="another thread"):
+                call()
+        release.set()
+        consumer.join(30)
+        del b._recv
+        assert not consumer.is_alive() and seen.get("first")  # the first goes on undisturbed
         # once it has ended, another thread may use the backend
         t = threading.Thread(target=lambda: seen.update(text="".join(b.generate("hi", SamplingConfig(max_tokens=3)))))
         t.start()
