@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 
-def default_output(model: Path, fmt: str, recipe: ConvertRecipe, quantize: QuantizeConfig | None = None) -> Path:
+def default_output(model: str | Path, fmt: str, recipe: ConvertRecipe, quantize: QuantizeConfig | None = None) -> Path:
     """Where ``convert`` writes without ``output``: the model library (:mod:`edgekit.library`), under the
     name ``<model>-<format>-<quantization>`` in lower case: ``./SmolLM2-135M`` + gguf, 4 bits ->
     ``<store>/smollm2-135m-gguf-q4_k_m``. What else tells two conversions of one model apart follows:
@@ -89,7 +89,7 @@ def default_output(model: Path, fmt: str, recipe: ConvertRecipe, quantize: Quant
     if recipe.extra.get("sparse_ffn") is not None or recipe.extra.get("sparse_clusters") is not None:
         tags.append("sparse")
     # a model given as '.' or './' is named by its folder (Path('.').name is empty)
-    return library.store_dir(create=True) / library.artifact_name(model.absolute().resolve().name, pruned, default_output_suffix(fmt, recipe),
+    return library.store_dir(create=True) / library.artifact_name(Path(model).absolute().resolve().name, pruned, default_output_suffix(fmt, recipe),
                                                                   *tags)
 
 

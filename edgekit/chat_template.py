@@ -16,7 +16,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from edgekit.errors import InputError
+from edgekit.errors import InputError, require
 
 Render = Callable[[list[dict[str, Any]]], str]
 # Every backend refuses chat messages with this line when the model ships no chat template: a guessed
@@ -96,7 +96,7 @@ def make_renderer(template: str | None, special_tokens: dict[str, str | None],
     ``raise_exception`` is a refusal of the messages, and its ``__cause__`` is the template's error)."""
     if not template:
         raise InputError(NO_CHAT_TEMPLATE)
-    import jinja2
+    jinja2: Any = require("jinja2", "onnx")  # the extra that lists it (llama-cpp-python brings its own)
 
     compiled, refusal = _compile(template)
     tokens: dict[str, Any] = {k: v for k, v in special_tokens.items() if v is not None}

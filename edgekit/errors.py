@@ -100,8 +100,41 @@ def require(module: str, extra: str) -> object:
         ) from exc
 
 
-def quiet_transformers(transformers: object) -> None:
-    """transformers prints its own tqdm bars and advice; edgekit shows its own progress instead."""
-    utils = transformers.utils.logging  # type: ignore[attr-defined]
-    utils.disable_progress_bar()
-    utils.set_verbosity_error()
+class quiet_transformers:  # lower-case: used as a function is, ``with quiet_transformers(transformers):``
+    """Within the block, transformers logs only errors and neither it nor huggingface_hub draws a progress
+    bar: edgekit shows its own progress. Both libraries' settings are process-wide, so the caller's (a host
+    application's own logging and bars) come back when the block ends. A class, not a generator: contextlib
+    would weigh on ``import edgekit``."""
+
+    def __init__(self, transformers: object) -> None:
+        self._utils = transformers.utils.logging  # type: ignore[attr-defined]
+
+    def __enter__(self) -> None:
+        import logging
+
+        self._logger = logging.getLogger("transformers")  # the library's root logger: what set_verbosity sets
+        self._level, self._bars = self._logger.level, self._utils.is_progress_bar_enabled()
+        self._hub = _hub_bar_states()
+        self._saved_hub = dict(self._hub) if self._hub is not None else {}
+        self._utils.disable_progress_bar()
+        self._utils.set_verbosity_error()
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.setLevel(self._level)
+        if self._bars:
+            self._utils.enable_progress_bar()
+        if self._hub is not None:  # the hub's switches, global and by group, as they were
+            self._hub.clear()
+            self._hub.update(self._saved_hub)
+
+
+def _hub_bar_states() -> dict[str, bool] | None:
+    """huggingface_hub's progress-bar switches (global and by group), or None where it keeps none."""
+    import importlib
+
+    try:  # the module: the package's ``tqdm`` attribute is its tqdm class
+        hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    except ImportError:
+        return None
+    states = getattr(hub_tqdm, "progress_bar_states", None)
+    return states if isinstance(states, dict) else None

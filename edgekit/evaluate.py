@@ -290,8 +290,8 @@ def evaluate_diffusion(target: str | Path, n: int = 1000, steps: int | None = No
     The result is added to an artifact's manifest when ``record``. ``threads``: the sampler's (None: the
     runtime picks them for this machine's load)."""
     check_diffusion_options(n, steps, sampler, cache_interval)
-    model = open_diffusion(target, threads=threads)
-    result, _ = measure_diffusion(model, n, steps, sampler, cache_interval, seed, progress)
+    with open_diffusion(target, threads=threads) as model:  # closing it gives the caller's torch threads back
+        result, _ = measure_diffusion(model, n, steps, sampler, cache_interval, seed, progress)
     if record and model.artifact is not None:
         model.artifact.record_eval(result)
     return result

@@ -59,14 +59,14 @@ def import_gguf(
 
     torch = require("torch", "torch")
     transformers = require("transformers", "torch")
-    quiet_transformers(transformers)
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force) as tmp, quiet_transformers(transformers):
         progress("reading GGUF (dequantizing)", 0, 3)
         try:
             with _no_tqdm():  # transformers' GGUF reader draws its own bar whatever its logging says
-                tok = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+                tok = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                                 local_files_only=True)
                 model = transformers.AutoModelForCausalLM.from_pretrained(
-                    str(src.parent), gguf_file=src.name, dtype=torch.float32
+                    str(src.parent), gguf_file=src.name, dtype=torch.float32, local_files_only=True
                 )
         except MemoryError:
             raise
@@ -98,9 +98,9 @@ def import_gguf(
 
 @contextlib.contextmanager
 def _no_tqdm() -> Iterator[None]:
-    """Silence the tqdm bar transformers' GGUF reader draws whatever its logging says. tqdm reads
-    ``TQDM_DISABLE`` once, when it is first imported, so the variable alone misses a process that has
-    already imported it (the CLI has, by the time it imports): the reader is handed a disabled bar."""
+    """Silence the tqdm bar transformers' GGUF reader draws whatever its logging says: the reader is handed
+    a disabled bar. Not ``TQDM_DISABLE``: tqdm reads it once, when it is first imported (the reader has
+    imported it by now), and the environment is the whole process's, other threads' bars included."""
     import functools
     import importlib
 
@@ -109,8 +109,6 @@ def _no_tqdm() -> Iterator[None]:
     except ImportError:
         reader = None
     bar = getattr(reader, "tqdm", None)
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
     if bar is not None:
         reader.tqdm = functools.partial(bar, disable=True)
     try:
@@ -118,10 +116,6 @@ def _no_tqdm() -> Iterator[None]:
     finally:
         if bar is not None:
             reader.tqdm = bar
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
 
 
 def _restore_pre_tokenizer(folder: Path, pre: str | None) -> None:

@@ -177,21 +177,22 @@ def analyze(model: str | Path, text: str, *, sparsities: tuple[float, ...] = (0.
                "mean_abs": round(float(s.mean_abs.mean()), 5)} for i, s in sorted(step.stats.items())]
     n = len(step.stats)
     freq = {i: np.sort(step.stats[i].freq)[::-1].round(5).tolist() for i in sorted({0, n // 2, n - 1})}
-    sparse = _Sparsified(TorchBackend(ckpt.path), step.thresholds, step.layouts)
-    tok = sparse.inner.tokenizer
-    pieces = chunks_of(sparse.tokenize(text, special=False), ctx, chunks, tok.bos_token_id)
-    dense = _score(sparse, pieces, None)
-    runs = [(m, s, s) for m in METHODS[:3] for s in sparsities]
-    runs += [("clusters", s, k) for s, k in (_cluster_rows(layout, n_ff, sparsities) if layout else [])]
-    quality = []
-    for method, s, arg in runs:
-        if progress:
-            progress(f"{LABELS[method]} at {s:.0%} sparsity", len(quality), len(runs))
-        r = _score(sparse, pieces, (method, arg))
-        quality.append({"method": method, "sparsity": round(s, 4), "ppl": round(r["ppl"], 4),
-                        "ppl_increase": round(r["ppl"] / dense["ppl"] - 1, 4), "kl_mean": round(r["kl_mean"], 5),
-                        "top1_agreement": round(r["top1_agreement"], 4),
-                        **({"clusters_run": arg} if method == "clusters" else {})})
+    with TorchBackend(ckpt.path) as inner:  # closing it gives the caller's torch threads back
+        sparse = _Sparsified(inner, step.thresholds, step.layouts)
+        tok = sparse.inner.tokenizer
+        pieces = chunks_of(sparse.tokenize(text, special=False), ctx, chunks, tok.bos_token_id)
+        dense = _score(sparse, pieces, None)
+        runs = [(m, s, s) for m in METHODS[:3] for s in sparsities]
+        runs += [("clusters", s, k) for s, k in (_cluster_rows(layout, n_ff, sparsities) if layout else [])]
+        quality = []
+        for method, s, arg in runs:
+            if progress:
+                progress(f"{LABELS[method]} at {s:.0%} sparsity", len(quality), len(runs))
+            r = _score(sparse, pieces, (method, arg))
+            quality.append({"method": method, "sparsity": round(s, 4), "ppl": round(r["ppl"], 4),
+                            "ppl_increase": round(r["ppl"] / dense["ppl"] - 1, 4), "kl_mean": round(r["kl_mean"], 5),
+                            "top1_agreement": round(r["top1_agreement"], 4),
+                            **({"clusters_run": arg} if method == "clusters" else {})})
     return NeuronReport(layers=layers, quality=quality, dense_ppl=round(dense["ppl"], 4), freq=freq, layout=about)
 
 

@@ -12,6 +12,7 @@ one thread its results vary from run to run; edgekit's are deterministic.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,18 +222,30 @@ class AQLMBackend(TorchBackend):
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
         require("aqlm", "aqlm")
-        quiet_transformers(transformers)
         from edgekit.converters.formats.aqlm.read import read_config
         from edgekit.runtime import hostinfo
 
         folder = _folder(model_path)
         read_config(folder)  # an AQLM checkpoint, or a one-line error
-        torch.set_num_threads(hostinfo.check_threads(n_threads) or hostinfo.physical_cores())
         self._torch, self.n_ctx, self.kernel, self.folder = torch, n_ctx, kernel, folder
+        # process-wide settings (transformers' logging, torch's thread pool): close() gives the caller's back
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(quiet_transformers(transformers))
+            scope.enter_context(hostinfo.torch_threads(torch, hostinfo.check_threads(n_threads)
+                                                       or hostinfo.physical_cores()))
+            self._load(transformers, folder, kernel)
+            self._restore = scope.pop_all()
+        self._past: Any = None
+        self._pos = 0
+
+    def _load(self, transformers: Any, folder: Path, kernel: str) -> None:
+        torch = self._torch
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False,
+                                                                        local_files_only=True)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=torch.float32, trust_remote_code=False, use_safetensors=True).eval()
+                str(folder), dtype=torch.float32, trust_remote_code=False, use_safetensors=True,
+                local_files_only=True).eval()
         except (OSError, ValueError, RuntimeError) as exc:
             raise BackendError(f"transformers could not load the AQLM checkpoint {folder}: {str(exc)[:300]}") from exc
         from aqlm import QuantizedLinear
@@ -245,8 +258,6 @@ class AQLMBackend(TorchBackend):
                     _edgekit_ops(torch, module)
         if not self.n_quantized:
             raise BackendError(f"{folder}: transformers built no AQLM layers; is the aqlm package current?")
-        self._past: Any = None
-        self._pos = 0
 
     def reset(self) -> None:
         self._past, self._pos = None, 0

@@ -12,6 +12,7 @@ generates text, and a diffusion model has no place in the LLM commands (they ref
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -224,23 +225,31 @@ class TorchDiffusion(DiffusionModel):
         # Sampling is many small ops: unlike calibration, PyTorch's pool does stall on a busy machine
         # (digits UNet, batch 4, 2 busy cores: 1 thread 16 ms per step, 2 threads 68 ms), so adapt.
         self.threads = hostinfo.thread_count(threads)
-        torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
         pipe = open_pipeline(path)
-        self.unet = pipe.load_unet()
-        self.load_time = time.perf_counter() - t0
-        self.schedule, self.num_classes = pipe.schedule(), pipe.num_classes
-        self.in_channels, self.sample_size = pipe.in_channels, pipe.sample_size
-        self.defaults = SampleConfig(sampler=pipe.sampler, steps=pipe.default_steps,
-                                     origin_steps=pipe.origin_steps)
-        self._model = torch_denoiser(self.unet)
-        self._torch = torch
-        if deepcache_default(self.unet):
-            self._full_m, self._shallow_m = split_modules(self.unet, True)
-            self.full, self.shallow = self._full, self._shallow
+        with contextlib.ExitStack() as scope:  # torch's pool is process-wide: close() gives the caller's back
+            scope.enter_context(hostinfo.torch_threads(torch, self.threads))
+            self.unet = pipe.load_unet()
+            self.load_time = time.perf_counter() - t0
+            self.schedule, self.num_classes = pipe.schedule(), pipe.num_classes
+            self.in_channels, self.sample_size = pipe.in_channels, pipe.sample_size
+            self.defaults = SampleConfig(sampler=pipe.sampler, steps=pipe.default_steps,
+                                         origin_steps=pipe.origin_steps)
+            self._model = torch_denoiser(self.unet)
+            self._torch = torch
+            if deepcache_default(self.unet):
+                self._full_m, self._shallow_m = split_modules(self.unet, True)
+                self.full, self.shallow = self._full, self._shallow
+            self._restore = scope.pop_all()
 
     def __call__(self, x: np.ndarray, t: int, labels: np.ndarray | None) -> np.ndarray:
         return self._model(x, t, labels)
+
+    def close(self) -> None:
+        """Give the caller's PyTorch thread count back."""
+        restore = getattr(self, "_restore", None)
+        if restore is not None:
+            restore.close()
 
     def _args(self, x: np.ndarray, t: int, labels: np.ndarray | None) -> tuple[Any, ...]:
         torch = self._torch

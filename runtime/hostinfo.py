@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -362,6 +363,18 @@ def thread_count(requested: int | None, warn: Callable[[str], None] | None = Non
     if choice.note:
         _say_once(choice.note, warn)
     return choice.threads
+
+
+@contextlib.contextmanager
+def torch_threads(torch: Any, n: int) -> Iterator[int]:
+    """PyTorch's intra-op pool (one per process) sized to ``n`` within the block, then the caller's size
+    again: an SDK call or a backend's lifetime must not leave a host application's setting changed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def use_torch_threads(requested: int | None = None) -> int:

@@ -15,6 +15,7 @@ install on this machine). Without mlc_llm the engine is refused with how to get 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,8 +104,6 @@ class MLCBackend(TorchBackend):
             return
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
-        quiet_transformers(transformers)
-        import edgekit.converters.formats.mlc.layout as layout
         from edgekit.converters.formats.mlc.read import load_weights
         from edgekit.runtime import hostinfo
 
@@ -115,8 +114,23 @@ class MLCBackend(TorchBackend):
                 raise UnsupportedError("reader=tvm needs apache-tvm: pip install 'edgekit[mlc]'") from None
         cfg, weights, self.reader = load_weights(folder, None if reader == "auto" else reader == "tvm")
         self.chat_config = cfg
-        torch.set_num_threads(hostinfo.check_threads(n_threads) or hostinfo.physical_cores())
         self._torch = torch
+        # process-wide settings (transformers' logging, torch's thread pool): close() gives the caller's back
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(quiet_transformers(transformers))
+            scope.enter_context(hostinfo.torch_threads(torch, hostinfo.check_threads(n_threads)
+                                                       or hostinfo.physical_cores()))
+            self._build(transformers, folder, cfg, weights)
+            self._restore = scope.pop_all()
+        gen = self.model.generation_config
+        stops = cfg.get("conv_template", {}).get("stop_token_ids") or []
+        if stops:
+            gen.eos_token_id = list(stops)
+
+    def _build(self, transformers: Any, folder: Path, cfg: dict[str, Any], weights: dict[str, Any]) -> None:
+        import edgekit.converters.formats.mlc.layout as layout
+
+        torch = self._torch
         hf = layout.hf_config(cfg["model_type"], cfg["model_config"])
         try:
             config = transformers.AutoConfig.for_model(**hf)
@@ -129,13 +143,10 @@ class MLCBackend(TorchBackend):
             if hf["tie_word_embeddings"]:
                 model.tie_weights()
             self.model = model.eval()
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False,
+                                                                        local_files_only=True)
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot build the reference model of {folder}: {exc}") from exc
-        gen = self.model.generation_config
-        stops = cfg.get("conv_template", {}).get("stop_token_ids") or []
-        if stops:
-            gen.eos_token_id = list(stops)
 
     def _open_mlc_engine(self, folder: Path) -> None:
         from edgekit.converters.formats.mlc.options import MLC_INSTALL, mlc_llm_available
@@ -196,3 +207,4 @@ class MLCBackend(TorchBackend):
     def close(self) -> None:
         if getattr(self, "_mlc", None) is not None:
             self._mlc.terminate()
+        super().close()

@@ -384,13 +384,16 @@ def offload_options(art: Any, offload: str, n_ctx: int, *, vram_bytes: int | Non
     """``--offload auto|none``: the backend options of this host's plan and its reason (None when the
     artifact's runtime plans no offloading or ``none`` was asked); ``vram_bytes`` caps the GPU budget;
     ``draft``: a draft model to load beside the target, whose RAM the plan leaves free; ``experts``: as
-    ``run --experts`` (the experts each token reads)."""
+    ``run --experts`` (the experts each token reads). ``art``: an Artifact, a library name or a path."""
+    from edgekit.artifact import Artifact
     from edgekit.runtime.base import OffloadPlanner, backend_for_format
 
     if offload == "none":
         return {}, None
     if offload != "auto":
         raise InputError("--offload takes 'auto' or 'none'")
+    if not isinstance(art, Artifact):
+        art = Artifact.open(art)  # as plan_artifact and every other SDK entry take it
     cls = backend_for_format(art.format)
     if not isinstance(cls, OffloadPlanner):
         return {}, None

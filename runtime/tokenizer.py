@@ -38,7 +38,8 @@ class FolderTokenizer:
         elif (folder / "tokenizer.model").exists():
             transformers = require("transformers", "torch")
             self._tok = None
-            self._hf = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            self._hf = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False,
+                                                              local_files_only=True)
         else:
             raise InputError(f"{folder} has no tokenizer.json or tokenizer.model next to the model; "
                              "re-run 'edgekit convert' (it copies them)")

@@ -6,6 +6,7 @@ source checkpoints directly. No remote code, safetensors only.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,24 +29,35 @@ class TorchBackend(Backend):
     def __init__(self, model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None):
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
-        quiet_transformers(transformers)
         from edgekit.model import HFCheckpoint
 
         ckpt = HFCheckpoint.open(model_path)  # validates: safetensors only, supported architecture
         ckpt.require_tokenizer()
         from edgekit.runtime import hostinfo
 
-        # process-wide: torch has one pool
-        torch.set_num_threads(hostinfo.check_threads(n_threads) or hostinfo.physical_cores())
         self._torch = torch
         self.n_ctx = n_ctx
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=False)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(ckpt.path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True
-            ).eval()
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"transformers could not load {ckpt.path}: {exc}") from exc
+        # transformers' logging and torch's one thread pool are process-wide: the caller's come back on close
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(quiet_transformers(transformers))
+            scope.enter_context(hostinfo.torch_threads(torch, hostinfo.check_threads(n_threads)
+                                                       or hostinfo.physical_cores()))
+            try:
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    str(ckpt.path), trust_remote_code=False, local_files_only=True)
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(ckpt.path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True,
+                    local_files_only=True).eval()
+            except (OSError, ValueError) as exc:
+                raise BackendError(f"transformers could not load {ckpt.path}: {exc}") from exc
+            self._restore = scope.pop_all()
+
+    def close(self) -> None:
+        """Give the caller's transformers logging and PyTorch thread count back (the model goes with the
+        object)."""
+        restore = getattr(self, "_restore", None)
+        if restore is not None:
+            restore.close()
 
     @property
     def n_vocab(self) -> int:

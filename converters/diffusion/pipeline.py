@@ -13,7 +13,6 @@ A bare UNet folder (``config.json`` + safetensors) is read too, with a default D
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +191,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def require_diffusers() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+    # Nothing here reaches for the hub (UNets are built from their config, weights read from local
+    # safetensors), so the process's own HF_HUB_OFFLINE, which a host application may rely on, is left alone.
     try:
         import diffusers
     except ImportError as exc:

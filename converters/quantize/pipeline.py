@@ -248,16 +248,18 @@ class LayerPipeline:
 
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
-        quiet_transformers(transformers)
         check_tokenizer_files(ckpt.path)  # a damaged file: its name and the fix, not the tokenizer library's error
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(ckpt.path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True).eval()
-        tok = transformers.AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=False)
-        torch.manual_seed(self.calib.seed)
         from edgekit.fsutil import sha256_files
 
-        key = sha256_files(ckpt.weight_files)
-        return model, calibration_tokens(model, tok, self.calib, progress, cache_key=key)
+        with quiet_transformers(transformers):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(ckpt.path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True,
+                local_files_only=True).eval()
+            tok = transformers.AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=False,
+                                                             local_files_only=True)
+            torch.manual_seed(self.calib.seed)
+            key = sha256_files(ckpt.weight_files)
+            return model, calibration_tokens(model, tok, self.calib, progress, cache_key=key)
 
     @staticmethod
     def first_layer_inputs(torch: Any, model: Any, ids: Any, batch: int) -> tuple[list[Any], list[dict[str, Any]]]:

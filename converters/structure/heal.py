@@ -240,13 +240,13 @@ def heal(source: HFCheckpoint, pruned: Path, spec: str, cfg: HealConfig, calib: 
     from edgekit.errors import quiet_transformers
     from edgekit.fsutil import atomic_dir, atomic_file, edgekit_home
 
-    quiet_transformers(transformers)
     progress = progress or (lambda d, a, b: None)
     state = (state_root or edgekit_home() / "heal") / _key(source, spec, cfg, calib)
     teacher, ids = LayerPipeline(calib).load(source, progress)
     teacher.requires_grad_(False)
-    student = transformers.AutoModelForCausalLM.from_pretrained(
-        str(pruned), dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+    with quiet_transformers(transformers):
+        student = transformers.AutoModelForCausalLM.from_pretrained(
+            str(pruned), dtype=torch.float32, trust_remote_code=False, use_safetensors=True, local_files_only=True)
     if prepare_student is not None:
         prepare_student(student)
     student.train()

@@ -55,6 +55,13 @@ def test_one_naming_scheme_for_every_format(store, fmt, recipe, suffix):
     assert out.name == out.name.lower()
 
 
+def test_default_output_takes_a_str_path(store):
+    """QA s54: ``default_output("./model", ...)`` (public, in ``api.__all__``) failed with AttributeError."""
+    recipe = api.ConvertRecipe(bits=4)
+    assert api.default_output("/models/SmolLM2-135M-Instruct", "gguf", recipe) == api.default_output(
+        Path("/models/SmolLM2-135M-Instruct"), "gguf", recipe)
+
+
 def test_names_are_made_safe():
     assert library.artifact_name("My Model (v2)", "gguf-Q4_0") == "my-model-v2-gguf-q4_0"
     assert library.artifact_name("../..", "x") == "x"

@@ -243,3 +243,18 @@ def test_gguf_template_refusal_is_an_input_error(spm_gguf):
         list(llama.generate([{"role": "boss", "content": "x"}], SamplingConfig(temperature=0, max_tokens=1)))
     # the backend is still usable
     assert list(llama.generate([{"role": "user", "content": "hi"}], SamplingConfig(temperature=0, max_tokens=1)))
+
+
+def test_without_jinja2_the_error_says_what_to_install(monkeypatch):
+    """QA s54: a bare ModuleNotFoundError reached the user; the fix is an extra that lists jinja2."""
+    import sys
+
+    import tomllib
+
+    from edgekit.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if it were not installed
+    with pytest.raises(MissingDependencyError, match=r"jinja2 is not installed .*pip install 'edgekit\[onnx\]'"):
+        make_renderer(CHATML_TOJSON, {})
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("jinja2") for dep in extras["onnx"])

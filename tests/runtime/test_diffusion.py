@@ -46,6 +46,16 @@ def test_onnxruntime_samples_what_pytorch_samples(pipe_and_art):
         assert a.shape == (4, 1, 16, 16) and a.min() >= -1 and a.max() <= 1
 
 
+def test_a_pytorch_pipeline_gives_the_callers_thread_count_back(pipe_and_art):
+    """PyTorch's pool is the process's: sized for sampling while the model is open, the caller's after."""
+    import torch
+
+    torch.set_num_threads(1)
+    with open_diffusion(pipe_and_art[0], threads=2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 1
+
+
 def test_bad_requests_are_one_line_errors(pipe_and_art, tmp_path):
     _, art = pipe_and_art
     with open_diffusion(art, threads=1) as model:

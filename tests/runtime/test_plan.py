@@ -202,3 +202,16 @@ def test_plan_counts_draft_and_kv_window_cli(tiny_gguf, tmp_path, monkeypatch):
                               "--draft", str(tiny_gguf)])
     assert res.exit_code == 0, res.output
     assert "of the RAM is the draft's" in res.stderr
+
+
+@needs_llama
+def test_offload_options_takes_a_path_as_plan_does(tiny_gguf):
+    """QA s54: a str path reached ``art.format`` (str.format) and failed as "no runtime for <built-in method>"."""
+    from edgekit.artifact import Artifact
+    from edgekit.runtime.plan import offload_options
+
+    by_artifact = offload_options(Artifact.open(tiny_gguf), "auto", 512, vram_bytes=0)
+    assert offload_options(str(tiny_gguf), "auto", 512, vram_bytes=0) == by_artifact
+    assert offload_options(tiny_gguf, "auto", 512, vram_bytes=0) == by_artifact
+    with pytest.raises(InputError):
+        offload_options(str(tiny_gguf) + "-missing", "auto", 512)

@@ -311,7 +311,7 @@ def _write_tokenizer_json(src: Path, out_dir: Path) -> None:
 
     transformers = require("transformers", "torch")
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+        tok = transformers.AutoTokenizer.from_pretrained(str(src), trust_remote_code=False, local_files_only=True)
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is None:
             raise ValueError("transformers has no fast tokenizer for it")
