@@ -355,6 +355,10 @@ def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0
         check_number(ram_bytes, "--ram", above=0)
     cls = backend_for_format(art.format, backend)
     n_ctx = window_context(n_ctx, kv_window)
+    if kv_window is not None and art.format == "gguf":  # as run and serve refuse it, before any plan
+        from edgekit.runtime.llamacpp_decoding import check_window_trained
+
+        check_window_trained([art.model_file], kv_window)
     dm = draft_memory(draft, art.format, n_ctx, n_batch) if draft is not None else None
     ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)
     if isinstance(cls, OffloadPlanner):

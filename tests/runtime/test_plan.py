@@ -215,3 +215,16 @@ def test_offload_options_takes_a_path_as_plan_does(tiny_gguf):
     assert offload_options(tiny_gguf, "auto", 512, vram_bytes=0) == by_artifact
     with pytest.raises(InputError):
         offload_options(str(tiny_gguf) + "-missing", "auto", 512)
+
+
+@needs_llama
+def test_plan_refuses_a_window_past_the_trained_context_as_run_does(tiny_gguf):
+    """QA s54: run and serve refuse --kv-window past the positions a GGUF was trained for; plan planned it."""
+    from edgekit.api import plan
+    from edgekit.artifact import Artifact
+    from edgekit.runtime.memory import read_shape
+
+    trained = read_shape(Artifact.open(tiny_gguf).model_file).n_ctx_train
+    with pytest.raises(InputError, match=f"longer than the {trained} positions"):
+        plan(tiny_gguf, kv_window=trained * 2, ram_bytes=8 << 30)
+    plan(tiny_gguf, kv_window=trained, ram_bytes=8 << 30)
