@@ -15,15 +15,18 @@ from edgekit.converters.quantize.steps.gptq_round import GPTQRoundConfig
 class GPTQConfig(CalibratedConfig):
     """GPTQ with an importance matrix. damp: Hessian dampening (fraction of its mean diagonal);
     imatrix: weight block scales by activation second moments; tied_head: GPTQ a head tied to the
-    embedding too (see :class:`GPTQRoundConfig`). Shared fields: :class:`CalibratedConfig`."""
+    embedding too; act_order: sweep each matrix's blocks by decreasing input second moments (see
+    :class:`GPTQRoundConfig`). Shared fields: :class:`CalibratedConfig`."""
 
     method: str = "gptq"
     damp: float = 0.01
     imatrix: bool = True
     tied_head: bool = False
+    act_order: bool = False
 
     def method_steps(self) -> tuple[StepConfig, ...]:
-        return (GPTQRoundConfig(damp=self.damp, imatrix=self.imatrix, tied_head=self.tied_head),)
+        return (GPTQRoundConfig(damp=self.damp, imatrix=self.imatrix, tied_head=self.tied_head,
+                                act_order=self.act_order),)
 
 
 @register_quantizer("gptq")

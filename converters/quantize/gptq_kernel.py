@@ -161,6 +161,7 @@ def gptq(
     block_cols: int = 128,
     imatrix: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    act_order: bool = False,
 ) -> GridResult:
     """GPTQ of ``W`` ``(out, in)`` against ``H`` ``(in, in)`` onto the grid of ``qtype``.
 
@@ -174,6 +175,12 @@ def gptq(
     normally pass ``diag(H)``). ``H`` may be an :class:`InverseHessian` (then ``damp`` is its own). Raises
     InputError for bad shapes, non-finite values, an H that no dampening up to its mean diagonal makes
     positive definite, or a row length that is not a multiple of the type's block size.
+
+    ``act_order``: GPTQ's activation order at the grain a ggml grid allows, whole blocks (a block's scale is
+    chosen when the sweep enters it, so its columns stay together): the blocks are swept in decreasing order
+    of their share of ``diag(H)``, so the columns whose inputs are largest are rounded while the most
+    columns are left to absorb their errors. The stored bytes are in the file's own column order. Needs
+    ``H`` itself (its permutation is factored here), and a ggml grid.
     """
     grid = _qtype(qtype)
     w = _matrix(W)
@@ -181,6 +188,8 @@ def gptq(
     if grid.is_float:
         return rtn(w, qtype)
     bs = grid.block
+    if act_order and n_in // bs > 1:
+        return _gptq_act_order(w, H, qtype, grid, damp, block_cols, imatrix, mask)
     if n_in % bs and grid.pads_last_block:
         return _gptq_padded(w, H, qtype, grid, damp, block_cols, imatrix, mask)
     if n_in % bs:
@@ -218,6 +227,62 @@ def gptq(
     data = sweep.pack(codes, params).reshape(n_out, -1)
     weight = sweep.dequantize(codes, params).reshape(n_out, n_in)
     return GridResult(_spec(qtype, grid), data, weight, codes.reshape(n_out, n_in), params, ih.damp)
+
+
+def permutes_blocks(qtype: Grid | T | int | str) -> bool:
+    """Whether act-order can reorder ``qtype``'s blocks (a ggml grid; MLC's, ONNX's and Core ML's sweep in the
+    file's order)."""
+    from edgekit.converters.quantize.grids.ggml import GGMLGrid
+
+    return isinstance(_qtype(qtype), GGMLGrid)
+
+
+def _gptq_act_order(w: np.ndarray, H: Any, qtype: Any, grid: Grid, damp: float, block_cols: int,
+                    imatrix: np.ndarray | None, mask: np.ndarray | None) -> GridResult:
+    """:func:`gptq` with ``act_order``: sweep the blocks by decreasing ``diag(H)`` mass, then put the codes,
+    the per-block parameters and so the stored bytes back in the file's column order."""
+    from edgekit.converters.quantize.grids.ggml import GGMLGrid
+
+    n_out, n_in = w.shape
+    bs = grid.block
+    if not isinstance(grid, GGMLGrid):
+        raise InputError(f"GPTQ's act-order permutes whole ggml blocks; the {grid.name} grid is not one")
+    if isinstance(H, InverseHessian):
+        raise InputError("act-order permutes H before factoring it: pass H, not an InverseHessian")
+    if n_in % bs:
+        raise InputError(f"rows of {n_in} weights cannot be stored as {grid.name}: the row length must be a multiple "
+                         f"of {bs}")
+    if np.shape(H) != (n_in, n_in):
+        raise InputError(f"H has shape {np.shape(H)}; expected ({n_in}, {n_in})")
+    h = np.asarray(H, dtype=np.float64)
+    nb = n_in // bs
+    order = np.argsort(-np.diag(h).reshape(nb, bs).sum(1), kind="stable")
+    perm = (order[:, None] * bs + np.arange(bs)).ravel()
+    im = _importance(imatrix, n_in)
+    if mask is not None and np.shape(mask) != (n_out, n_in):
+        raise InputError(f"the pruning mask has shape {np.shape(mask)}; expected ({n_out}, {n_in})")
+    res = gptq(w[:, perm], h[np.ix_(perm, perm)], qtype, damp=damp, block_cols=block_cols,
+               imatrix=None if im is None else im[perm], mask=None if mask is None else np.asarray(mask, bool)[:, perm])
+    back, back_blocks = np.argsort(perm), np.argsort(order)
+    codes = np.ascontiguousarray(res.codes[:, back])
+    params = _reorder_blocks(res.params, n_out, nb, back_blocks)
+    data = grid.sweep(w, im).pack(codes.reshape(-1, bs), params).reshape(n_out, -1)
+    return GridResult(res.qtype, data, np.ascontiguousarray(res.weight[:, back]), codes, params, res.damp)
+
+
+def _reorder_blocks(params: Any, n_out: int, nb: int, order: np.ndarray) -> Any:
+    """A sweep's stacked per-block parameters (a dataclass of arrays, first axis the ``n_out * nb`` blocks in
+    row-major order) with each row's blocks taken in ``order``."""
+    import dataclasses
+
+    def take(v: Any) -> Any:
+        if isinstance(v, np.ndarray) and v.ndim and v.shape[0] == n_out * nb:
+            return np.ascontiguousarray(v.reshape(n_out, nb, *v.shape[1:])[:, order].reshape(v.shape))
+        return v
+
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        return dataclasses.replace(params, **{f.name: take(getattr(params, f.name)) for f in dataclasses.fields(params)})
+    return take(params)
 
 
 def _gptq_padded(w: np.ndarray, H: Any, qtype: Any, grid: Grid, damp: float, block_cols: int,

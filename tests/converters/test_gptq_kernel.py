@@ -269,3 +269,32 @@ def test_the_callers_matrix_is_never_updated_in_place():
         keep = w.copy()
         gptq(w, x.T @ x, T.Q8_0)
         assert np.array_equal(w, keep)
+
+
+@pytest.mark.parametrize("qt", [*QUANTIZED, T.IQ4_XS, T.IQ2_XS, T.IQ3_S], ids=lambda t: t.name)
+def test_act_order_stores_the_files_column_order_and_cuts_the_error(qt):
+    """Act-order sweeps whole blocks, those with the largest inputs first: the bytes are still in the file's
+    order (they decode to the returned weights, the codes and parameters check out), and with the outlier
+    inputs in late blocks it ends with a lower Hessian-weighted error than the left-to-right sweep."""
+    shape = (64, 512)
+    rng = np.random.default_rng(7)
+    X = _activations(shape[1], seed=3)
+    X[:, 448:480] *= 6.0  # the loudest inputs in the last blocks: left to right rounds them with nothing after
+    W = (rng.standard_t(5, shape) * 0.02).astype(np.float32)
+    H = X.T @ X
+    im = np.diag(H).astype(np.float32)
+    plain = gptq(W, H, qt, imatrix=im)
+    ordered = gptq(W, H, qt, imatrix=im, act_order=True)
+    if qt in (T.IQ4_XS, T.IQ2_XS, T.IQ3_S):  # no _round_to_grid here: the bytes decode to the weights
+        assert np.array_equal(gq.dequantize(ordered.data, qt).reshape(shape), ordered.weight)
+    else:
+        _check_exact(ordered, qt, shape)
+    assert hessian_error(W, ordered.weight, H) < 0.97 * hessian_error(W, plain.weight, H)
+
+
+def test_act_order_needs_a_ggml_grid_and_h_itself():
+    W, H = _problem(16, 64)
+    with pytest.raises(InputError, match="pass H, not an InverseHessian"):
+        gptq(W, inverse_hessian(H), T.Q4_0, act_order=True)
+    res = gptq(W[:, :32], H[:32, :32], T.Q4_0, act_order=True)  # one block: nothing to order
+    assert np.array_equal(res.weight, gptq(W[:, :32], H[:32, :32], T.Q4_0).weight)

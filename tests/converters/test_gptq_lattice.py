@@ -158,3 +158,22 @@ def test_convert_with_gptq_onto_a_lattice_preset(tiny_llama, tmp_path) -> None:
     types = {t.tensor_type for t in gguf.GGUFReader(out / "model.gguf").tensors}
     assert {T.IQ3_XXS, T.IQ2_S} <= types  # the preset's body and its attn_q/attn_k
     assert_gguf_holds_model(tiny_llama, out / "model.gguf", q.model)
+
+
+def test_convert_with_gptq_act_order(tiny_llama, tmp_path) -> None:
+    """GPTQConfig(act_order=True) end to end: the file holds the weights the model was left with (the
+    permuted sweep's bytes are back in the file's column order), and they differ from the plain sweep's."""
+    from edgekit.converters.formats.gguf import GGUFFormat
+    from edgekit.converters.quantize.base import QUANTIZERS
+    from edgekit.model import HFCheckpoint
+    from tests.helpers import assert_gguf_holds_model
+
+    files = {}
+    for ao in (False, True):
+        q = QUANTIZERS.get("gptq")(GPTQConfig(calib=CalibConfig(samples=4, seqlen=48), act_order=ao))
+        out = tmp_path / f"q4-{ao}"
+        out.mkdir()
+        GGUFFormat().convert(HFCheckpoint.open(tiny_llama), out, api.ConvertRecipe(bits=None, preset="Q4_0"), q)
+        assert_gguf_holds_model(tiny_llama, out / "model.gguf", q.model)
+        files[ao] = {t.name: bytes(t.data) for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert files[True]["blk.0.ffn_down.weight"] != files[False]["blk.0.ffn_down.weight"]

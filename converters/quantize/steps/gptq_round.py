@@ -22,13 +22,16 @@ class GPTQRoundConfig(StepConfig):
     """damp: dampening added to the Hessian diagonal, as a fraction of its mean.
     imatrix: weight each block's scale/min choice by activation second moments.
     tied_head: GPTQ also for a head tied to the token embedding (fits the head's outputs at some cost to
-        the table's lookups; default: importance-weighted RTN of the shared tensor)."""
+        the table's lookups; default: importance-weighted RTN of the shared tensor).
+    act_order: sweep each matrix's ggml blocks in decreasing order of their inputs' second moments
+        (GPTQ's activation order, by whole blocks: :func:`.gptq_kernel.gptq`)."""
 
     step: ClassVar[str] = "gptq"
     stage: ClassVar[int] = ROUND
     damp: float = 0.01
     imatrix: bool = True
     tied_head: bool = False
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp < 1:
@@ -42,4 +45,5 @@ class GPTQRound(RoundStep):
 
     def _round(self, W, H, qtype, imatrix, mask=None):  # noqa: ANN001, ANN202 - a RoundFn
         assert isinstance(self.config, GPTQRoundConfig)
-        return gptq_kernel.gptq(W, H, qtype, damp=self.config.damp, imatrix=imatrix, mask=mask)
+        return gptq_kernel.gptq(W, H, qtype, damp=self.config.damp, imatrix=imatrix, mask=mask,
+                                act_order=self.config.act_order and gptq_kernel.permutes_blocks(qtype))
