@@ -32,6 +32,11 @@ def serve(
     port: int = typer.Option(8080, "--port", help="TCP port (0: any free one, printed at start)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="EDGEKIT_API_KEY", show_default=False,
                                        help="Require 'Authorization: Bearer KEY' on every request."),
+    cors: list[str] | None = typer.Option(None, "--cors", metavar="ORIGIN", show_default=False,
+                                          help="Let web pages from ORIGIN (e.g. http://localhost:3000; repeatable; "
+                                          "'*': any site) call the server from a browser: CORS preflights are "
+                                          "answered and answers carry Access-Control-Allow-Origin. Off by default, "
+                                          "so no website you visit can use the server; --api-key still applies."),
     max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens one request may generate (and the "
                                    "default when it asks for none)."),
     parallel: int = typer.Option(1, "--parallel", "-np", help="Generations at once per model, decoded together in "
@@ -74,6 +79,7 @@ def serve(
       edgekit serve ./smol-q4 ./smol-onnx --port 8000 --parallel 4 --api-key secret
       edgekit serve ./smol-q8_0 --draft ./smol-draft --kv-window 1024   # speculative, long chats
       edgekit serve ./smol-q4-sparse --experts 8                      # a hot/cold file, 8 clusters a token
+      edgekit serve ./smol-q4 --api-key secret --cors http://localhost:3000  # a web UI's origin
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2-135m-gguf-q4_k_m", "messages": [{"role": "user", "content": "Hi"}]}'
     """
@@ -127,7 +133,8 @@ def serve(
         options["backend"] = backend
     config = ServeConfig(models=models, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
                          parallel=parallel, idle_unload=idle_unload, timeout=timeout, max_body=max_body,
-                         shutdown_timeout=grace, backend_options=options, model_options=per_model)
+                         shutdown_timeout=grace, backend_options=options, model_options=per_model,
+                         cors=tuple(cors or ()))
     from contextlib import ExitStack
 
     from edgekit.runtime.processes import announce_server

@@ -6,7 +6,8 @@ its HTTP status, so clients show the message. A request first waits for a free i
 (so that a prompt the backend refuses is a 400 too) and answers with server-sent events, and a client that
 disconnects mid-stream cancels its generation at the next token. SIGINT and
 SIGTERM stop accepting connections, give running streams ``shutdown_timeout`` seconds to finish, cancel
-the rest, then unload every model.
+the rest, then unload every model. Browser pages from other origins may call it only where ``--cors`` names
+their origin (:class:`_CORS`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from typing import Any
 
 import anyio
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -280,8 +284,11 @@ class Server:
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            # RFC 6750: a 401 names the scheme, and says invalid_token where a token came and was wrong
+            challenge = 'Bearer error="invalid_token"' if given else "Bearer"
             raise RequestError("missing or wrong API key: send the key the server was started with (--api-key) "
-                               "as 'Authorization: Bearer KEY'", status=401, code="invalid_api_key")
+                               "as 'Authorization: Bearer KEY'", status=401, code="invalid_api_key",
+                               headers={"WWW-Authenticate": challenge})
 
     async def _body(self, request: Request) -> bytes:
         limit = self.config.max_body
@@ -329,6 +336,27 @@ def _error(exc: Exception) -> tuple[dict[str, Any], int]:
     return oai.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500
 
 
+class _CORS(CORSMiddleware):
+    """Starlette's CORS middleware for ``--cors``, which answers preflights before any route (a browser sends
+    them without the API key; the request that follows still needs it) and adds Access-Control-Allow-Origin
+    and ``Vary: Origin`` to every answer to an allowed origin, streams included. The requested headers of an
+    allowed origin are allowed (the openai JS client sends x-stainless-*), and so is Chrome's request to reach
+    a private address from a public page: the origin list is the gate. Unlike Starlette's, a preflight it
+    refuses carries no CORS headers at all and is an OpenAI-style JSON error, as every refusal here is."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        origin = request_headers["origin"]
+        fix = f"restart the server with --cors {origin} to let this page call it" if "origin" in refused else \
+            "pages may send GET and POST"
+        message = f"CORS preflight from {origin} refused ({refused} not allowed): {fix}"
+        return JSONResponse(oai.error_body(message, "invalid_request_error", code="cors_refused"),
+                            status_code=response.status_code, headers={"Vary": response.headers["vary"]})
+
+
 def create_app(config: ServeConfig, opener: Opener, preloaded: dict[str, Backend] | None = None) -> Starlette:
     """The ASGI app; ``opener(path, **options)`` loads a model (``edgekit.api.open_backend``); ``preloaded``:
     instances already loaded, by model id (the pool's first, closed with it)."""
@@ -336,7 +364,7 @@ def create_app(config: ServeConfig, opener: Opener, preloaded: dict[str, Backend
 
     async def on_error(request: Request, exc: Exception) -> Response:
         body, status = _error(exc)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=exc.headers if isinstance(exc, RequestError) else None)
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -352,7 +380,10 @@ def create_app(config: ServeConfig, opener: Opener, preloaded: dict[str, Backend
         Route("/v1/completions", server.text, methods=["POST"]),
         Route("/health", server.health, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=server.lifespan,
+    # CORS only for the origins the operator named: by default no web page the user visits can call a local server
+    middleware = [Middleware(_CORS, allow_origins=config.cors, allow_methods=("GET", "POST", "OPTIONS"),
+                             allow_headers=("*",), allow_private_network=True, max_age=600)] if config.cors else []
+    app = Starlette(routes=routes, lifespan=server.lifespan, middleware=middleware,
                     exception_handlers={HTTPException: on_http, EdgekitError: on_error, Exception: on_error})
     app.state.server = server
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ class ServeConfig:
     backend_options: passed to every backend as it loads (n_ctx, n_threads, ...).
     model_options: per model id, options over ``backend_options`` (``n_seq``: sequences one instance
     batches, so it takes that many generations at once).
+    cors: origins (``scheme://host[:port]``, or ``*`` for any) whose browser pages may call the server; none by
+    default, so that no website the user visits can use a server on their machine.
     """
 
     models: dict[str, Path] = field(default_factory=dict)
@@ -40,6 +43,7 @@ class ServeConfig:
     shutdown_timeout: float = 10.0
     backend_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cors: tuple[str, ...] = ()
 
     def options_for(self, model_id: str) -> dict[str, Any]:
         return {**self.backend_options, **self.model_options.get(model_id, {})}
@@ -63,6 +67,21 @@ class ServeConfig:
             raise InputError(f"--max-body must be > 0, got {self.max_body}")
         if self.api_key is not None and not self.api_key.strip():
             raise InputError("--api-key is empty; give a secret, or drop the option to serve without one")
+        # browsers send the scheme and host in lower case
+        object.__setattr__(self, "cors", tuple(origin.lower() for origin in self.cors))
+        for origin in self.cors:
+            _check_origin(origin)
+
+
+def _check_origin(origin: str) -> None:
+    """A browser sends its page's origin as ``scheme://host[:port]``, nothing after: one written with a path or
+    a trailing slash would never match, and the pages it was meant for would fail with no hint why."""
+    if origin == "*" or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", origin):
+        return
+    head = re.match(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", origin)
+    fix = f"--cors {head[0]}" if head else "--cors http://localhost:3000 (the page's scheme, host and port)"
+    raise InputError(f"--cors {origin!r} is not an origin as browsers send it (scheme://host[:port], no path or "
+                     f"trailing slash); give {fix}, or --cors '*' for any page")
 
 
 def model_ids(paths: list[Path]) -> dict[str, Path]:

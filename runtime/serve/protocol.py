@@ -28,17 +28,21 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 class RequestError(InputError):
-    """A request the server refuses: ``status`` is the HTTP status, ``param`` the offending field."""
+    """A request the server refuses: ``status`` is the HTTP status, ``param`` the offending field, ``headers``
+    what the response carries besides (a 401's ``WWW-Authenticate``)."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-                504: "timeout_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        # a 401 is an invalid_request_error with code invalid_api_key, as OpenAI's own is
+        kind = {404: "not_found_error", 504: "timeout_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return error_body(str(self), kind, self.param, self.code)
 
 
@@ -175,8 +179,14 @@ def _sampling(body: dict[str, Any], cap: int) -> SamplingConfig:
     top_p = _typed(body, "top_p", (int, float), 1.0)
     if not 0 <= temperature <= 2:
         raise RequestError(f"'temperature' must be in [0, 2] (0 is greedy), got {temperature}", param="temperature")
-    if not 0 < top_p <= 1:
-        raise RequestError(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    if not 0 <= top_p <= 1:
+        raise RequestError(f"'top_p' must be in [0, 1] (0 keeps only the most probable token), got {top_p}",
+                           param="top_p")
+    if top_p == 0:
+        # OpenAI takes 0, the limit in which only the most probable token is left; SamplingConfig refuses it
+        # (0 would keep nothing), so it is sent as its equivalent, greedy decoding. Temperature 0 rather than
+        # top_k 1: every backend honours it, MLC's engine included, which takes no top_k.
+        temperature, top_p = 0.0, 1.0
     seed = _typed(body, "seed", int, None)
     # llama-server's extensions, for clients that send them: off unless given
     top_k = _typed(body, "top_k", int, 0)

@@ -22,13 +22,15 @@ pytest.importorskip("starlette")
 
 pytestmark = pytest.mark.llamacpp
 
+ORIGIN = "http://ui.example:3000"  # the one page origin the server lets call it (--cors)
+
 
 @pytest.fixture(scope="module")
 def server(artifacts) -> Iterator[Served]:
     # --exact-batch: batched answers must equal the answers alone (test_concurrent_streams_each_get_their_own_answer)
     s = Served([str(artifacts["gguf"]), str(artifacts["onnx"]), str(artifacts["broken"]), "--api-key", KEY, "--parallel", "2",
                 "--max-tokens", str(MAX_TOKENS), "--max-body", str(MAX_BODY), "--idle-unload", "3", "--threads", "2",
-                "--ctx", "512", "--exact-batch"])
+                "--ctx", "512", "--exact-batch", "--cors", ORIGIN])
     yield s
     assert s.stop() == 0 and "error:" not in "".join(s.lines), "".join(s.lines)  # Ctrl-C is a normal stop
 
@@ -72,6 +74,20 @@ def test_models_lists_every_artifact_and_needs_the_key(server, client):
         wrong.models.list()
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny-gguf"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_401_is_openais_with_a_bearer_challenge(server):
+    """QA 54: the 401 said type authentication_error, where OpenAI's says invalid_request_error (code
+    invalid_api_key), and carried no WWW-Authenticate (RFC 6750)."""
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        _chat(wrong, "Hi", max_tokens=2)
+    assert info.value.body == {"message": info.value.body["message"], "type": "invalid_request_error", "param": None,
+                               "code": "invalid_api_key"}
+    assert info.value.response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    r = httpx.get(server.url + "/v1/models")  # no key at all: the bare challenge
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_chat_matches_the_sdk_with_usage_and_length(client, local):
@@ -124,6 +140,63 @@ def test_seeded_sampling_repeats(client):
     b = client.chat.completions.create(model="tiny-gguf", messages=[{"role": "user", "content": "Hello"}],
                                        max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
     assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_top_p_0_keeps_only_the_most_probable_token(client, local):
+    """QA 54: top_p 0 was a 400, where OpenAI takes 0..1; it is now the limit it stands for, greedy decoding,
+    whatever the temperature and seed."""
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    want, _ = _direct(local, messages, 12)
+    for seed in (1, 2):
+        r = client.chat.completions.create(model="tiny-gguf", messages=messages, max_tokens=12, temperature=1.5,
+                                           top_p=0, seed=seed)
+        assert r.choices[0].message.content == want
+    r = client.completions.create(model="tiny-gguf", prompt="The weather today", max_tokens=10, top_p=0, seed=3)
+    assert r.choices[0].text == _direct(local, "The weather today", 10)[0]
+
+
+def _preflight(server, origin: str, headers: str = "authorization, content-type") -> httpx.Response:
+    return httpx.options(server.url + "/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": headers})
+
+
+def test_cors_preflight_needs_no_key_and_answers_only_the_named_origin(server):
+    """QA 54: OPTIONS was a 405 with no CORS headers, so a browser chat UI from another origin could not call
+    the server. With --cors ORIGIN its preflight is answered (browsers send it without the key)."""
+    asked = "authorization, content-type, x-stainless-arch, x-stainless-lang, x-stainless-retry-count"
+    r = _preflight(server, ORIGIN, asked)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    assert {m.strip() for m in r.headers["access-control-allow-methods"].split(",")} == {"GET", "POST", "OPTIONS"}
+    assert r.headers["access-control-allow-headers"] == asked and int(r.headers["access-control-max-age"]) > 0
+    # another page (a site the user happens to visit) gets no CORS header, so its browser refuses
+    for other in ("http://evil.example", "http://ui.example:3001", "https://ui.example:3000"):
+        r = _preflight(server, other)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "cors_refused", other
+        assert not [h for h in r.headers if h.startswith("access-control-")], (other, r.headers)
+
+
+def test_cors_answers_to_the_named_origin_carry_its_header(server):
+    """Every answer to an allowed origin carries Access-Control-Allow-Origin and Vary: Origin: a stream, an
+    answer, a 401 (its page can show why), an error; a request still needs the key."""
+    body = {"model": "tiny-gguf", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+    auth = {"Authorization": f"Bearer {KEY}", "Origin": ORIGIN}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, headers=auth,
+                      timeout=60) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]"
+        assert r.headers["access-control-allow-origin"] == ORIGIN and "Origin" in r.headers["vary"]
+    answers = [httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth, timeout=60),
+               httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Origin": ORIGIN}),
+               httpx.post(server.url + "/v1/chat/completions", json={**body, "model": "nope"}, headers=auth),
+               httpx.get(server.url + "/v1/models", headers=auth)]
+    assert [r.status_code for r in answers] == [200, 401, 404, 200]
+    for r in answers:
+        assert r.headers["access-control-allow-origin"] == ORIGIN and "Origin" in r.headers["vary"], r.request
+    r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}", "Origin": "http://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})  # no Origin: not a browser
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 @pytest.mark.parametrize("body, status, needle", [

@@ -42,7 +42,8 @@ def test_fields_map_onto_sampling():
     ({"max_tokens": True}, "max_tokens"),
     ({"temperature": 3}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
-    ({"top_p": 0}, "top_p"),
+    ({"top_p": -0.1}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": [""]}, "stop"),
     ({"n": 2}, "n"),
@@ -54,6 +55,23 @@ def test_bad_fields_name_the_field(change, param):
         oai.parse_job("chat", {**CHAT, **change}, max_tokens_cap=100)
     assert info.value.status == 400 and info.value.param == param
     assert info.value.body()["error"]["param"] == param
+
+
+def test_top_p_0_is_greedy():
+    """OpenAI takes top_p 0 (only the most probable token is left in the limit); SamplingConfig refuses 0, so
+    it is sent as greedy decoding, whatever the temperature. Above 0 it passes as it is."""
+    s = oai.parse_job("chat", {**CHAT, "top_p": 0, "temperature": 1.5, "top_k": 40}, 100).sampling
+    assert (s.temperature, s.top_p) == (0.0, 1.0)
+    assert oai.parse_job("chat", {**CHAT, "top_p": 0.01, "temperature": 1.5}, 100).sampling.top_p == 0.01
+    with pytest.raises(RequestError, match="temperature"):  # a bad temperature is still refused
+        oai.parse_job("chat", {**CHAT, "top_p": 0, "temperature": 3}, 100)
+
+
+def test_a_401_is_an_invalid_request_error_with_openais_code():
+    exc = RequestError("wrong key", status=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    assert exc.body() == {"error": {"message": "wrong key", "type": "invalid_request_error", "param": None,
+                                    "code": "invalid_api_key"}}
+    assert exc.headers == {"WWW-Authenticate": "Bearer"}
 
 
 def test_prompt_must_be_one_string():
