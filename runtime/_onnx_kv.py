@@ -14,13 +14,19 @@ graph through one.
   the cache holds at most the context once.
 
 Both hold ``pos`` cached positions and give the same logits (the GQA kernel computes the same sums).
+:class:`KVWindow` evicts from either (an attention-sink window); :func:`kv_shape` and the rotary-table readers
+give what the cache and the window need from the graph.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgekit.errors import InputError, UnsupportedError
 
 #: positions a bound cache starts with (it doubles from there, up to the context)
 FIRST_CAPACITY = 256
@@ -170,3 +176,80 @@ class BoundKV:
 
     def close(self) -> None:
         self.buffers, self.io, self.session = [], None, None
+
+
+class KVWindow:
+    """Attention-sink eviction over ONNX past key/values (keys were stored rotated: the kept ones after the
+    gap are rotated back by the gap, ``cos``/``sin`` being the graph's tables, row = position offset)."""
+
+    def __init__(self, size: int, sinks: int, cos: np.ndarray, sin: np.ndarray, step: int | None = None) -> None:
+        if size < 64:
+            raise InputError("--kv-window must be at least 64 tokens")
+        if not 0 <= sinks < size // 2:
+            raise InputError("--kv-sinks must be >= 0 and under half the window")
+        self.size, self.sinks, self.cos, self.sin = size, sinks, cos, sin
+        self.step = max(1, step if step is not None else size // 32)
+        self.evicted = 0
+
+    def evict(self, past: list[np.ndarray], over: int) -> list[np.ndarray]:
+        """``past`` (key, value per layer, (1, heads, len, dim)) with at least ``over`` tokens removed."""
+        length = int(past[0].shape[2])
+        n = min(length - self.sinks, max(over, self.step))
+        if n < over:
+            raise InputError(f"a batch does not fit a KV window of {self.size} with {self.sinks} sinks")
+        if n >= self.cos.shape[0]:
+            raise InputError("the KV window is larger than the model's rotary table")
+        s = self.sinks
+        cos, sin = self.cos[n].astype(np.float32), self.sin[n].astype(np.float32)
+        out = []
+        for j, arr in enumerate(past):
+            rest = arr[:, :, s + n :]
+            if j % 2 == 0:  # keys: rotate by -n (non-interleaved halves)
+                half = rest.shape[-1] // 2
+                x1, x2 = rest[..., :half].astype(np.float32), rest[..., half:].astype(np.float32)
+                rest = np.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1).astype(arr.dtype)
+            out.append(np.concatenate([arr[:, :, :s], rest], axis=2))
+        self.evicted += n
+        return out
+
+
+def rotary_positions(model: Any) -> int:
+    """Positions the graph's rotary cos/sin tables cover (0: it has none)."""
+    dims = [int(t.dims[0]) for t in model.graph.initializer if t.name.endswith("cos_cache") and t.dims]
+    return dims[0] if dims else 0
+
+
+def rotary_tables(path: Path, model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's rotary cos/sin caches ((max positions, head_dim/2), from the initializers of ``model``, the
+    graph of ``path`` without its external data)."""
+    from onnx import numpy_helper
+
+    found: dict[str, np.ndarray] = {}
+    for init in model.graph.initializer:
+        for key in ("cos_cache", "sin_cache"):
+            if init.name.endswith(key) and key not in found:
+                found[key] = numpy_helper.to_array(init, base_dir=str(path.parent))
+    if len(found) != 2:
+        raise UnsupportedError(f"{path.name} has no rotary cos/sin tables; a KV window needs a graph that applies "
+                               "rotary embeddings from tables (edgekit's or onnxruntime-genai's)")
+    return found["cos_cache"].astype(np.float32), found["sin_cache"].astype(np.float32)
+
+
+def kv_shape(shape: list, folder: Path) -> tuple[int, int]:
+    """(kv heads, head dim) of the past inputs; symbolic dims are read from config.json."""
+    heads, dim = shape[1], shape[3]
+    if isinstance(heads, int) and isinstance(dim, int):
+        return heads, dim
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    gcfg_file = folder / "genai_config.json"
+    dec = json.loads(gcfg_file.read_text()).get("model", {}).get("decoder", {}) if gcfg_file.exists() else {}
+    n_head = cfg.get("num_attention_heads") or dec.get("num_attention_heads")
+    heads = heads if isinstance(heads, int) else cfg.get("num_key_value_heads") or dec.get("num_key_value_heads") or n_head
+    if not isinstance(dim, int):
+        dim = cfg.get("head_dim") or dec.get("head_size") or (cfg.get("hidden_size", 0) // (n_head or 1))
+    if not heads or not dim:
+        raise UnsupportedError("the past key/value inputs have symbolic shapes and no config.json says the "
+                               "KV heads and head size")
+    return int(heads), int(dim)
+

@@ -140,12 +140,14 @@ def test_drafting_past_the_window_is_plain_decoding_token_for_token(models, fmt)
     output), the batches are long and cross the edge often; the GGUF target is Q8_0, whose batched kernels
     round as its one-token ones do."""
     greedy = SamplingConfig(temperature=0, max_tokens=240)
-    with _open(models[fmt], kv_window=WINDOW) as b:
+    # a fixed draft length: how much an adaptive one drafts follows the step costs measured at load, which a
+    # loaded machine makes noisy (it drafted 1 token in a generation once), and this test is about the edge
+    with _open(models[fmt], kv_window=WINDOW, n_draft=4) as b:
         for p in ("the quick brown fox", PROMPTS[3]):
             plain = "".join(b.generate(p, greedy, GenerationStats()))
             st = GenerationStats()
             assert "".join(b.generate(p, dataclasses.replace(greedy, prediction=plain), st)) == plain
-            assert st.extra["speculative"]["accepted"] > 10 and st.extra["kv"]["evicted"] > 0
+            assert st.extra["speculative"]["accepted"] > 10 and st.extra["kv"]["evicted"] > 0, (p, st.extra)
 
 
 @pytest.mark.parametrize("fmt", [pytest.param("draft", marks=needs_llama), pytest.param("two_onnx", marks=needs_ort)])
