@@ -205,6 +205,18 @@ class DiffusionTarget:
     origin_steps: int = 50
     artifact: Any = None  # the Artifact whose manifest records the result (None for a pipeline folder)
 
+    def close(self) -> None:
+        """Free the denoiser (a PyTorch one gives the caller's torch thread count back)."""
+        close = getattr(self.denoiser, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> DiffusionTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _manifest_task(path: Path) -> str | None:
     import json
