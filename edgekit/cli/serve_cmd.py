@@ -32,8 +32,8 @@ def serve(
     port: int = typer.Option(8080, "--port", help="TCP port (0: any free one, printed at start)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="EDGEKIT_API_KEY", show_default=False,
                                        help="Require 'Authorization: Bearer KEY' on every request."),
-    cors: list[str] | None = typer.Option(None, "--cors", metavar="ORIGIN", show_default=False,
-                                          help="Let web pages from ORIGIN (e.g. http://localhost:3000; repeatable; "
+    cors: list[str] | None = typer.Option(None, "--cors", metavar="<origin>", show_default=False,
+                                          help="Let web pages from this origin (e.g. http://localhost:3000; repeatable; "
                                           "'*': any site) call the server from a browser: CORS preflights are "
                                           "answered and answers carry Access-Control-Allow-Origin. Off by default, "
                                           "so no website you visit can use the server; --api-key still applies."),
