@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -206,16 +206,10 @@ class Server:
         async def read() -> str:
             return "".join([piece async for piece in gen])
 
-        task = asyncio.ensure_future(read())
-        gone = asyncio.ensure_future(_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({task, gone}, timeout=_left(deadline), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if task in done:
+        task, how = await _race(request, read(), deadline)
+        if how == "done":
             return task.result()
-        task.cancel()
-        if gone in done:
+        if how == "gone":
             return ""  # the client left; nobody reads the answer
         raise self._too_slow()
 
@@ -232,21 +226,15 @@ class Server:
         :class:`_ClientGone` if the client hangs up meanwhile, a 504 at the deadline; the generation is
         cancelled then (its stream never starts)."""
         pieces = aiter(gen)
-        first = asyncio.ensure_future(anext(pieces, None))
-        gone = asyncio.ensure_future(_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({first, gone}, timeout=_left(deadline), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if first in done:
+        first, how = await _race(request, anext(pieces, None), deadline)
+        if how == "done":
             try:
                 return pieces, first.result()
             except BaseException:
                 self._finish(gen)
                 raise
-        first.cancel()
         self._finish(gen)
-        if gone in done:
+        if how == "gone":
             raise _ClientGone
         raise self._too_slow()
 
@@ -324,6 +312,21 @@ async def _disconnect(request: Request) -> None:
     """Returns when the client hangs up (its body has been read, so the next ASGI message is that)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _race(request: Request, work: Awaitable[Any], deadline: float) -> tuple[asyncio.Future, str]:
+    """Run ``work`` until it ends, the client hangs up or ``deadline`` passes: (its task, ``"done"``, ``"gone"``
+    or ``"late"``); unless done, the task is cancelled."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=_left(deadline), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task in done:
+        return task, "done"
+    task.cancel()
+    return task, "gone" if gone in done else "late"
 
 
 def _error(exc: Exception) -> tuple[dict[str, Any], int]:

@@ -1,4 +1,4 @@
-"""bench/speculative.py's cost model: the acceptance rate a draft of a measured cost needs for a speed-up
+"""bench/speculative.py's cost model (bench/speculative_bounds.py): the acceptance rate a draft of a measured cost needs for a speed-up
 (what its table reports beside each draft row, and what the note on a missed target rests on)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ BENCH = Path(__file__).parents[2] / "bench"
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("speculative_bench", BENCH / "speculative.py")
+        spec = importlib.util.spec_from_file_location("speculative_bounds", BENCH / "speculative_bounds.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
