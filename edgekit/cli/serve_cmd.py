@@ -38,7 +38,8 @@ def serve(
                                           "answered and answers carry Access-Control-Allow-Origin. Off by default, "
                                           "so no website you visit can use the server; --api-key still applies."),
     max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens one request may generate (and the "
-                                   "default when it asks for none)."),
+                                   "default when it asks for none); at most --ctx, which it defaults to where "
+                                   "smaller."),
     parallel: int = typer.Option(1, "--parallel", "-np", help="Generations at once per model, decoded together in "
                                  "one batch (llama.cpp) or each on its own instance; further requests queue."),
     no_batch: bool = typer.Option(False, "--no-batch", help="Give each of the --parallel generations its own "
@@ -128,6 +129,8 @@ def serve(
             per_model.setdefault(mid, {}).update(experts_options(models[mid], experts))
     decoding = decoding_options(draft, speculative, n_draft, kv_window, kv_sinks)
     _check_decoding(decoding, formats, backend, per_model)
+    if "max_tokens" not in typed_flags(cli, "max_tokens") and not kv_window and ctx > 0:
+        max_tokens = min(max_tokens, ctx)  # the default fits a small --ctx; a typed one above it is refused
     options: dict[str, object] = {"n_ctx": ctx, "n_threads": _threads_each(threads, parallel), **decoding}
     if backend:
         options["backend"] = backend

@@ -7,7 +7,8 @@ its HTTP status, so clients show the message. A request first waits for a free i
 disconnects mid-stream cancels its generation at the next token. SIGINT and
 SIGTERM stop accepting connections, give running streams ``shutdown_timeout`` seconds to finish, cancel
 the rest, then unload every model. Browser pages from other origins may call it only where ``--cors`` names
-their origin (:class:`_CORS`).
+their origin (:class:`CORS`); every error answer to such a page carries the CORS headers, an unexpected
+exception's 500 included (:class:`ServerErrors`), so the page can read why.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from typing import Any
 
 import anyio
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -34,6 +33,8 @@ from edgekit.runtime.base import Backend
 from edgekit.runtime.serve import protocol as oai
 from edgekit.runtime.serve.config import ServeConfig
 from edgekit.runtime.serve.generation import Generation
+from edgekit.runtime.serve.middleware import CORS, ServerErrors, error_answer
+from edgekit.runtime.serve.middleware import log as _log
 from edgekit.runtime.serve.pool import ModelPool, Opener, describe
 from edgekit.runtime.serve.protocol import Job, RequestError
 
@@ -254,12 +255,14 @@ class Server:
             if job.include_usage:
                 yield oai.sse(oai.usage_chunk(job, rid, gen.stats))
             yield oai.sse("[DONE]")
-        except (asyncio.TimeoutError, EdgekitError) as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the client, and logged when unexpected
             # the status line has gone out: the error travels as an event, which clients raise
             if isinstance(exc, asyncio.TimeoutError):
                 exc = RequestError(f"the answer took longer than the request timeout ({self.config.timeout:g} s)",
                                    status=504, code="timeout")
-            yield oai.sse(_error(exc)[0])
+            elif not isinstance(exc, EdgekitError):
+                _log.error("a streamed answer failed (its client got a server_error event)", exc_info=exc)
+            yield oai.sse(error_answer(exc)[0])
         finally:
             self._finish(gen)
 
@@ -329,44 +332,13 @@ async def _race(request: Request, work: Awaitable[Any], deadline: float) -> tupl
     return task, "gone" if gone in done else "late"
 
 
-def _error(exc: Exception) -> tuple[dict[str, Any], int]:
-    if isinstance(exc, RequestError):
-        return exc.body(), exc.status
-    if isinstance(exc, InputError):  # a prompt that does not fit the context, say
-        return oai.error_body(str(exc), "invalid_request_error"), 400
-    if isinstance(exc, EdgekitError):
-        return oai.error_body(str(exc), "server_error"), 500
-    return oai.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500
-
-
-class _CORS(CORSMiddleware):
-    """Starlette's CORS middleware for ``--cors``, which answers preflights before any route (a browser sends
-    them without the API key; the request that follows still needs it) and adds Access-Control-Allow-Origin
-    and ``Vary: Origin`` to every answer to an allowed origin, streams included. The requested headers of an
-    allowed origin are allowed (the openai JS client sends x-stainless-*), and so is Chrome's request to reach
-    a private address from a public page: the origin list is the gate. Unlike Starlette's, a preflight it
-    refuses carries no CORS headers at all and is an OpenAI-style JSON error, as every refusal here is."""
-
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
-        if response.status_code < 400:
-            return response
-        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
-        origin = request_headers["origin"]
-        fix = f"restart the server with --cors {origin} to let this page call it" if "origin" in refused else \
-            "pages may send GET and POST"
-        message = f"CORS preflight from {origin} refused ({refused} not allowed): {fix}"
-        return JSONResponse(oai.error_body(message, "invalid_request_error", code="cors_refused"),
-                            status_code=response.status_code, headers={"Vary": response.headers["vary"]})
-
-
 def create_app(config: ServeConfig, opener: Opener, preloaded: dict[str, Backend] | None = None) -> Starlette:
     """The ASGI app; ``opener(path, **options)`` loads a model (``edgekit.api.open_backend``); ``preloaded``:
     instances already loaded, by model id (the pool's first, closed with it)."""
     server = Server(config, opener, preloaded)
 
     async def on_error(request: Request, exc: Exception) -> Response:
-        body, status = _error(exc)
+        body, status = error_answer(exc)
         return JSONResponse(body, status_code=status, headers=exc.headers if isinstance(exc, RequestError) else None)
 
     async def on_http(request: Request, exc: Exception) -> Response:
@@ -384,8 +356,10 @@ def create_app(config: ServeConfig, opener: Opener, preloaded: dict[str, Backend
         Route("/health", server.health, methods=["GET"]),
     ]
     # CORS only for the origins the operator named: by default no web page the user visits can call a local server
-    middleware = [Middleware(_CORS, allow_origins=config.cors, allow_methods=("GET", "POST", "OPTIONS"),
+    middleware = [Middleware(CORS, allow_origins=config.cors, allow_methods=("GET", "POST", "OPTIONS"),
                              allow_headers=("*",), allow_private_network=True, max_age=600)] if config.cors else []
+    middleware.append(Middleware(ServerErrors))  # inside CORS: an unexpected exception's 500 carries its headers
+    # `Exception: on_error` is Starlette's outermost 500, for an exception in the CORS middleware itself
     app = Starlette(routes=routes, lifespan=server.lifespan, middleware=middleware,
                     exception_handlers={HTTPException: on_http, EdgekitError: on_error, Exception: on_error})
     app.state.server = server

@@ -17,7 +17,9 @@ class ServeConfig:
     models: model id -> artifact path (the id is the artifact folder's name; clients send it as ``model``).
     host / port: where to listen; loopback by default, so nothing outside this machine can reach it.
     api_key: when set, every request needs ``Authorization: Bearer <api_key>`` (else 401).
-    max_tokens: the most tokens one request may generate, and the default when a request names none.
+    max_tokens: the most tokens one request may generate, and the default when a request names none; at most
+    the context (``backend_options``' ``n_ctx``) unless a KV window lets answers run past it. A request whose
+    prompt leaves less room than it asks for is answered up to the context's end (finish_reason ``length``).
     parallel: generations that run at once per model (decoded in one batch where the backend batches
     sequences, else each on its own loaded instance); more requests wait in a queue, first come first served.
     idle_unload: seconds an instance may sit unused before it is unloaded (0: never).
@@ -63,6 +65,7 @@ class ServeConfig:
         ctx = self.backend_options.get("n_ctx")
         if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
             raise InputError(f"--ctx must be a whole number of tokens >= 1, got {ctx!r}")
+        self._check_max_tokens()
         if self.max_body <= 0:
             raise InputError(f"--max-body must be > 0, got {self.max_body}")
         if self.api_key is not None and not self.api_key.strip():
@@ -71,6 +74,18 @@ class ServeConfig:
         object.__setattr__(self, "cors", tuple(origin.lower() for origin in self.cors))
         for origin in self.cors:
             _check_origin(origin)
+
+    def _check_max_tokens(self) -> None:
+        """A limit above the context can never be reached: the prompt and the answer share it. One equal to it
+        (the defaults, 2048 each) is let through: a request whose prompt leaves less room is cut at the
+        context's end, with finish_reason "length", as one cut at its own max_tokens is."""
+        for mid in self.models:
+            options = self.options_for(mid)
+            ctx = options.get("n_ctx")
+            if isinstance(ctx, int) and not options.get("kv_window") and self.max_tokens > ctx:
+                raise InputError(f"--max-tokens {self.max_tokens} can never be reached with --ctx {ctx}, which holds "
+                                 f"the prompt and the answer together; give --max-tokens {ctx} or less, a larger "
+                                 "--ctx, or --kv-window to let answers run past the context")
 
 
 def _check_origin(origin: str) -> None:
