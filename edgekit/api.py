@@ -16,21 +16,16 @@ from typing import Any
 
 from edgekit import library
 from edgekit.artifact import (
-    MANIFEST_NAME,
-    SCHEMA,
     Artifact,
-    checksum_files,
     is_artifact_folder,
-    now_iso,
     remember_checksums,
-    tool_versions,
-    write_manifest,
 )
 from edgekit.calibration import CalibConfig
+from edgekit.converters.artifact_write import check_same_source, write_artifact
 from edgekit.converters.diffusion.pipeline import is_pipeline
 from edgekit.converters.formats.base import FORMATS, ConvertRecipe, ProgressFn, no_progress
 from edgekit.converters.quantize.base import QUANTIZERS, QuantizeConfig, Quantizer
-from edgekit.errors import DiskFullError, InputError, OutputExistsError, notice
+from edgekit.errors import DiskFullError, InputError, notice
 from edgekit.evaluate import (
     EvalConfig,
     EvalResult,
@@ -40,7 +35,7 @@ from edgekit.evaluate import (
     read_text,
     text_identity,
 )
-from edgekit.fsutil import atomic_dir, check_not_inside, check_output, sha256_files, temp_dir
+from edgekit.fsutil import check_not_inside, check_output, temp_dir
 from edgekit.importer import import_gguf
 from edgekit.model import HFCheckpoint
 from edgekit.runtime.base import (
@@ -48,12 +43,13 @@ from edgekit.runtime.base import (
     GenerationStats,
     SamplingConfig,
     StreamsLongText,
+    check_generate_args,
     is_checkpoint_folder,
 )
 from edgekit.runtime.base import open_backend as _open_backend
 from edgekit.runtime.plan import offload_options
 from edgekit.runtime.plan import plan_artifact as plan
-from edgekit.validate import check_path, check_stream_tokens, check_type
+from edgekit.validate import check_path, check_type
 
 __all__ = [
     "Artifact", "CalibConfig", "ConvertRecipe", "EvalConfig", "EvalResult", "GenerationStats", "SamplingConfig",
@@ -140,12 +136,14 @@ def convert(
     fmt = FORMATS.get(to)()
     method = quantize.method if quantize is not None else recipe.method
     if default_preset(method) and to.lower() != "gguf":  # ternary: TQ1_0/TQ2_0 exist in GGUF alone
-        raise InputError(f"--method {method} writes GGUF's {default_preset(method)}; use --to gguf")
+        raise InputError(f"--method {method} writes GGUF's {default_preset(method)}; use --to gguf (to=\"gguf\")")
     if default_preset(method) and recipe.budgeted:  # a budget would store the trits in Q2_K/IQ3_S: lossy, bigger
         raise InputError(f"--method {method} stores -1/0/+1 exactly in TQ2_0 (the default) or TQ1_0 (smaller, "
-                         "slower); choose with --type, not --bpw or --size")
+                         "slower); choose with --type, not --bpw or --size (ConvertRecipe's preset=, not bpw= or "
+                         "size=)")
     if getattr(QUANTIZERS.get(method), "palette_only", False) and to.lower() != "coreml":
-        raise InputError(f"--method {method} fits palettes, which only Core ML stores: use --to coreml --palettize 4")
+        raise InputError(f"--method {method} fits palettes, which only Core ML stores: use --to coreml --palettize 4 "
+                         "(to=\"coreml\", options=CoreMLOptions(palettize=4))")
     if options is not None:
         if not dataclasses.is_dataclass(options) or type(options) is not getattr(fmt, "options_class", None):
             want = getattr(getattr(fmt, "options_class", None), "__name__", None)
@@ -162,8 +160,8 @@ def convert(
     with contextlib.ExitStack() as stack:
         ckpt, out, gguf_src = _open_source(Path(model).expanduser(), output, to, recipe, force, stack, progress,
                                            quantize)
-        _check_same_source(out, gguf_src or ckpt.path, force, notes)
-        _write(fmt, ckpt, out, gguf_src, recipe, quantizer, force, notes, progress)
+        check_same_source(out, gguf_src or ckpt.path, force, notes)
+        write_artifact(fmt, ckpt, out, gguf_src, recipe, quantizer, force, notes, progress)
     art = Artifact.open(out, verify=False)
     remember_checksums(art)
     art.notes = notes
@@ -177,24 +175,10 @@ def _convert_pipeline(model: str | Path, to: str, output: str | Path | None, rec
 
     if quantize is not None or options is not None or recipe.preset or recipe.bpw or recipe.size or recipe.prune:
         raise InputError("a diffusion pipeline takes --bits, --method and -O options (deepcache, lowrank, "
-                         "block_size); drop --type/--bpw/--size/--prune and method configs")
+                         "block_size); drop --type/--bpw/--size/--prune and method configs (ConvertRecipe's bits=, "
+                         "method= and extra= only; no quantize= or options=)")
     return convert_pipeline(model, to, output=output, bits=recipe.bits, method=recipe.method, options=recipe.extra,
                             force=force, progress=progress)
-
-
-def _check_same_source(out: Path, source: Path, force: bool, notes: list[str]) -> None:
-    """An existing artifact at ``out`` converted from another source (two models in folders of one name share
-    a default name) is named as such: refused without ``force``, and its replacement said with it."""
-    try:
-        made_from = json.loads((out / MANIFEST_NAME).read_text())["source"]["path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if not isinstance(made_from, str) or made_from == str(source.resolve()):
-        return
-    if not force:
-        raise OutputExistsError(f"{out} already exists and holds a conversion of {made_from}, not of {source}; "
-                                "choose another -o (output=), or pass --force (force=True) to replace it")
-    notes.append(f"the artifact replaced at {out} was a conversion of {made_from}")
 
 
 def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertRecipe, force: bool,
@@ -219,75 +203,6 @@ def _open_source(src: Path, output: str | Path | None, to: str, recipe: ConvertR
     # the folder's name is the model's in what it converts to (GGUF's general.name): the file's, not "model"
     import_gguf(src, scratch / src.stem, progress=progress)
     return HFCheckpoint.open(scratch / src.stem), out, src
-
-
-def _write(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | None, recipe: ConvertRecipe,
-           quantizer: Quantizer, force: bool, notes: list[str], progress: ProgressFn) -> None:
-    per_block = ckpt.hparams.ffn_widths is not None or (recipe.prune or "").startswith("width:auto")
-    if per_block and fmt.name not in ("gguf", "onnx"):
-        raise InputError(f"per-block FFN widths (width:auto) are written to GGUF (llama.cpp's deci) and ONNX; "
-                         f"--to {fmt.name} takes uniform width pruning (width:ffn=N) instead")
-    with atomic_dir(out, force=force, replaceable=is_artifact_folder, notes=notes) as tmp:
-        source = ckpt
-        with _structured(ckpt, recipe, quantizer, out, progress) as (ckpt, pruned):
-            fields = fmt.convert(ckpt, tmp, recipe, quantizer, progress)
-        notes.extend(fields.pop("notes", []))  # what the format warns about (--bits far from its bpw)
-        if pruned:
-            fields["pruned"] = pruned
-        sparsity = getattr(quantizer, "report", {}).get("sparsity")
-        if sparsity:
-            steps = [c for c in quantizer.config.steps() if hasattr(c, "sparsity")]  # type: ignore[attr-defined]
-            values = [v for layer in sparsity.values() for v in layer.values()]
-            fields["sparsity"] = {"steps": [f"{c.step}:{c.sparsity}" for c in steps],
-                                  "mean": round(sum(values) / len(values), 4), "linears": len(values)}
-            kept = getattr(quantizer, "report", {}).get("zeros_kept", {})
-            pruned = {(i, n): v for i, layer in sparsity.items() for n, v in layer.items()}
-            stored = [pruned[i, n] * kept.get(i, {}).get(n, 1.0) for i, n in pruned]  # unrounded (float): all kept
-            # the share of weights the file stores as exact zeros: below "mean" where a grid with a minimum
-            # (Q4_1, Q4_K, Q5_K, Q2_K) rounds a pruned weight to its nearest value, within half a step of 0
-            fields["sparsity"]["stored"] = round(sum(stored) / len(stored), 4)
-        ternary = getattr(quantizer, "report", {}).get("ternary")
-        if ternary:
-            fields["ternary"] = ternary
-        # a format corrects the recipe where its options decide (MLC's --quant picks the bits)
-        corrections = fields.pop("recipe", {})
-        manifest: dict[str, Any] = {
-            "schema": SCHEMA,
-            "format": fmt.name,
-            "created": now_iso(),
-            "source": {
-                "path": str((gguf_src or source.path).resolve()),
-                "sha256": sha256_files([gguf_src] if gguf_src else source.weight_files),
-                **({"imported_from": "gguf"} if gguf_src else {}),
-                "architecture": (source.config.get("architectures") or ["?"])[0],
-                "n_params": source.n_params,
-            },
-            "recipe": {**recipe.to_json(), "quantizer": quantizer.config.to_json(), **corrections},
-            "tools": tool_versions("gguf", "numpy", "safetensors", "torch", "transformers"),
-            **fields,
-        }
-        manifest["sha256"] = checksum_files(tmp)  # checked before each use: a changed file is caught
-        write_manifest(tmp, manifest)
-
-
-@contextlib.contextmanager
-def _structured(ckpt: HFCheckpoint, recipe: ConvertRecipe, quantizer: Quantizer, out: Path,
-                progress: ProgressFn) -> Iterator[tuple[HFCheckpoint, dict[str, Any] | None]]:
-    """The checkpoint to convert: ``ckpt`` itself, or (``recipe.prune``) a pruned copy in a scratch folder
-    beside the output, removed afterwards whatever happens."""
-    if not recipe.prune:
-        yield ckpt, None
-        return
-    from edgekit.converters import structure
-
-    calib = recipe.calib or getattr(quantizer.config, "calib", None) or CalibConfig()
-    with temp_dir(out.parent, out.name, "prune") as scratch:
-        path, info = structure.apply(ckpt, recipe.prune, calib, scratch / ckpt.path.name, progress)  # keeps its name
-        if recipe.heal is not None:
-            from edgekit.converters.structure.heal import heal
-
-            info["heal"] = heal(ckpt, path, recipe.prune, recipe.heal, calib, progress)
-        yield HFCheckpoint.open(path), info
 
 
 def calibration_applies(method: str, bpw: float | None = None, size: int | None = None) -> bool:
@@ -339,7 +254,7 @@ def distill_config(config: QuantizeConfig, heal: Any) -> QuantizeConfig:
 
     if "distill" not in getattr(config, "__dataclass_fields__", {}):
         raise InputError(f"--distill trains the student of --method ternary or of --to aqlm (AQLM's fine-tuning); "
-                         f"{config.method} has none")
+                         f"{config.method} has none (distill= is a field of TernaryConfig and AQLMConfig)")
     return dataclasses.replace(config, distill=heal)
 
 
@@ -355,8 +270,8 @@ def method_config(method: str, calib: CalibConfig | None = None, steps: tuple[st
     fields = getattr(cls.config_class, "__dataclass_fields__", {})
     if "calib" not in fields:
         if steps or prune:
-            raise InputError(f"--steps and --prune need a calibrated method (imatrix, gptq, awq...); {method} "
-                             "has no layer steps")
+            raise InputError(f"--steps and --prune (steps=, prune=) need a calibrated method (imatrix, gptq, "
+                             f"awq...); {method} has no layer steps")
         return cls.config_class()
     extra = tuple(STEPS.get(n.strip()).config_class() for n in steps if n.strip())
     if prune:
@@ -365,7 +280,8 @@ def method_config(method: str, calib: CalibConfig | None = None, steps: tuple[st
         extra += (from_spec(prune),)
     if "extra_steps" not in fields:
         if extra:
-            raise InputError(f"--steps and --prune run in the layer pipeline; {method} does not use it")
+            raise InputError(f"--steps and --prune (steps=, prune=) run in the layer pipeline; {method} does not "
+                             "use it")
         return cls.config_class(calib=calib or CalibConfig())
     return cls.config_class(calib=calib or CalibConfig(), extra_steps=extra)
 
@@ -375,6 +291,9 @@ def open_backend(target: str | Path | Artifact, backend: str | None = None, **op
     preferred one for its format), after checking the artifact's files against the sha256 its manifest
     recorded: a file corrupted or edited since convert is a one-line :class:`CorruptFileError`, not garbage
     output. Checksums are remembered by size and mtime, so only a changed file is read twice."""
+    from edgekit.runtime.hostinfo import check_threads
+
+    check_threads(options.get("n_threads"), "n_threads=")  # in the SDK's words (the CLI checks its -t first)
     if not isinstance(target, Artifact):
         check_path(target)
         p = Path(target).expanduser()
@@ -398,15 +317,73 @@ def generate(
     """Stream text from ``target``, as ``edgekit run`` does. A str prompt is sent as one user message through
     the chat template unless ``raw=True`` is in ``options``. A GGUF artifact decodes with ``edgekit run``'s
     defaults (flash attention, which drafting verifies with: greedy text is the same with ``draft=`` or
-    ``speculative="ngram"`` as without; ``flash_attn=False`` turns it off)."""
+    ``speculative="ngram"`` as without; ``flash_attn=False`` turns it off).
+
+    The model loads at the call, so a missing or corrupt artifact, a bad option or prompt raises here (an
+    :class:`~edgekit.errors.EdgekitError`), not at the first piece. The pieces come as they are decoded; the
+    model is freed when they run out, on ``close()`` (or leaving a ``with`` block on the result), or when the
+    result is dropped. Each call loads the model again: to ask it more than once, keep it loaded with
+    :func:`open_backend` and call its ``generate`` with messages::
+
+        with api.open_backend(art, flash_attn=True) as backend:   # flash_attn=True: as generate decodes GGUF
+            for q in questions:
+                answer = "".join(backend.generate([{"role": "user", "content": q}], api.SamplingConfig()))
+    """
     from edgekit.runtime.llamacpp_decoding import interactive_defaults
 
     raw = options.pop("raw", False)
     messages = prompt if raw or not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+    check_generate_args(messages, sampling, stats)  # before a load is spent on them
     if isinstance(target, (str, Path, Artifact)):  # anything else is open_backend's one-line error
         options = {**interactive_defaults(target), **options}
-    with open_backend(target, **options) as backend:
-        yield from backend.generate(messages, sampling or SamplingConfig(), stats)
+    backend = open_backend(target, **options)
+    try:
+        pieces = backend.generate(messages, sampling or SamplingConfig(), stats)
+    except BaseException:
+        backend.close()
+        raise
+    return _Reply(backend, pieces)
+
+
+class _Reply(Iterator[str]):
+    """What :func:`generate` returns: the text pieces of one generation, and the backend loaded for it, closed
+    when they run out, on :meth:`close` (a ``with`` block's end) or when this is dropped unfinished."""
+
+    def __init__(self, backend: Backend, pieces: Iterator[str]) -> None:
+        self._backend: Backend | None = backend
+        self._pieces = pieces
+
+    def __iter__(self) -> _Reply:
+        return self
+
+    def __next__(self) -> str:
+        if self._backend is None:
+            raise StopIteration
+        try:
+            return next(self._pieces)
+        except BaseException:  # the end, an error or Ctrl-C: the model is freed at once, as a with block would
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the generation (the backend cancels it) and free the model; closing again does nothing."""
+        backend, self._backend = self._backend, None
+        if backend is None:
+            return
+        try:
+            getattr(self._pieces, "close", lambda: None)()
+        finally:
+            backend.close()
+
+    def __enter__(self) -> _Reply:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
 
 
 def evaluate(
@@ -449,7 +426,8 @@ def evaluate(
         elif record and isinstance(target, Artifact):
             target.record_eval(record_as)
     except (InputError, DiskFullError, OSError) as exc:  # a read-only artifact: the measurement still counts
-        notice(f"{exc}; the result was not recorded in its manifest (--no-record skips recording)", stacklevel=2)
+        notice(f"{exc}; the result was not recorded in its manifest (record=False, --no-record, skips recording)",
+               stacklevel=2)
     return result
 
 
@@ -468,7 +446,10 @@ def evaluate_streaming(
     tokens scored, the most cache cells held and the tokens evicted."""
     import math
 
-    check_stream_tokens(max_tokens)
+    # in the SDK's words: `eval --max-tokens` checks its flag before it calls this
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
+        raise InputError(f"max_tokens= must be None (the whole text) or a whole number >= 2 (a token is scored from "
+                         f"the ones before it), got {max_tokens!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise InputError(f"chunk must be a whole number of tokens >= 1, got {chunk!r}")
     text = read_text(text_file)

@@ -10,10 +10,13 @@ A manifest is data from disk, perhaps from someone else: every name in it must s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from edgekit.errors import CorruptFileError, InputError
@@ -108,6 +111,16 @@ class Artifact:
                 raise CorruptFileError(f"{f} changed since it was converted (its sha256 no longer matches "
                                        f"{MANIFEST_NAME}): it is corrupt or was edited; {_RECONVERT}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The artifact as plain JSON types (``json.dumps`` takes it as is): ``name``, ``format``, ``path`` (its
+        folder) and ``model_file`` as str, ``bare_file`` (the model file given without a manifest, or None),
+        the ``manifest`` (see :func:`plain_json`) and the ``notes``."""
+        files = self.manifest.get("files")
+        model = self.model_file if self.bare_file or (isinstance(files, dict) and "model" in files) else None
+        return plain_json({"name": self.name, "format": self.manifest.get("format"), "path": self.path,
+                           "model_file": model, "bare_file": self.bare_file, "manifest": self.manifest,
+                           "notes": self.notes})
+
     @property
     def format(self) -> str:
         return str(self.manifest["format"])
@@ -133,6 +146,35 @@ class Artifact:
         evals = self.manifest.setdefault("eval", [])
         evals.append({**results, "measured": now_iso()})
         self.save_manifest()
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` in JSON's own types, for ``to_dict`` methods: mappings as dicts with str keys, dataclasses as
+    dicts (by their own ``to_dict`` or ``to_json`` where they have one), tuples, lists and sets as lists, paths
+    as str, numpy scalars and arrays (anything with ``dtype`` and ``tolist``) as Python numbers and lists. A
+    NaN or an infinity, which JSON cannot hold, is None; anything else is its ``str``."""
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):  # numpy (and torch) without importing them
+        value = value.tolist()
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)  # an IntEnum, say, as the number
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        own = getattr(value, "to_dict", None) or getattr(value, "to_json", None)
+        if callable(own):
+            return plain_json(own())
+        return {f.name: plain_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain_json(v) for v in value), key=str)
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    return str(value)
 
 
 def check_manifest(manifest: Any, mpath: Path) -> None:

@@ -17,12 +17,13 @@ import abc
 import functools
 import inspect
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from edgekit.artifact import plain_json
 from edgekit.errors import InputError, UnsupportedError
 from edgekit.registry import Registry
 
@@ -97,6 +98,12 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         decode = self.total_time - self.time_to_first_token
         return (self.generated_tokens - 1) / decode if self.generated_tokens > 1 and decode > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stats as plain JSON types (``json.dumps`` takes it as is): each field, ``tokens_per_second``, and
+        ``extra`` as the backend filled it (``speculative``, ``kv``...) with numpy numbers as Python's."""
+        return plain_json({**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"},
+                           "tokens_per_second": self.tokens_per_second, "extra": self.extra})
 
 
 def check_text(text: Any, what: str = "the prompt") -> None:

@@ -166,7 +166,9 @@ def run(
     from edgekit import api
     from edgekit.cli import diffusion_run, repl
     from edgekit.runtime.base import GenerationStats, check_prompt
+    from edgekit.runtime.hostinfo import check_threads
 
+    check_threads(threads)  # in the flag's words, before any work (the SDK names its keyword)
     if diffusion_run.is_diffusion(artifact):
         if experts is not None:
             raise InputError("--experts is for a mixture-of-experts language model; drop it for a diffusion model")
@@ -175,6 +177,10 @@ def run(
         return
     diffusion_run.refuse_image_options(artifact, {"--class": class_, "--output": image_out, "--steps": steps,
                                                   "--cache-interval": cache_interval})
+    if max_tokens is not None and not kv_window and 0 < ctx < max_tokens:
+        raise InputError(f"-n {max_tokens} can never be reached with --ctx {ctx}, which holds the prompt and the "
+                         f"answer together; give -n {ctx} or less, a larger --ctx, or --kv-window N to go past the "
+                         "context")
     max_tokens = 256 if max_tokens is None else max_tokens
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stop)
     if prediction is not None:
@@ -273,6 +279,9 @@ def eval_cmd(
       edgekit eval ./digits-unet --steps 4 --images 1000
     """
     from edgekit import api
+    from edgekit.runtime.hostinfo import check_threads
+
+    check_threads(threads)
 
     if kv_window is None and max_tokens is not None:
         raise InputError("--max-tokens is for --kv-window; --chunks limits a plain perplexity run")
@@ -414,6 +423,9 @@ def quickstart(
       edgekit quickstart
       edgekit quickstart --diffusion --json
     """
+    from edgekit.runtime.hostinfo import check_threads
+
+    check_threads(threads)
     if diffusion:
         from edgekit.cli.quickstart_diffusion import run_quickstart_diffusion
 

@@ -14,7 +14,9 @@ from edgekit.cli.ui import EXPERTS_HELP, decoding_options, handle_errors, refuse
 def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int, threads: int | None,
              offload: str = "none", decoding: dict[str, Any] | None = None) -> None:
     from edgekit.errors import InputError, require
+    from edgekit.runtime.hostinfo import check_threads
 
+    check_threads(threads)  # in the flag's words, before the app starts
     if offload not in ("none", "auto"):
         raise InputError("--offload takes 'auto' or 'none'")
 

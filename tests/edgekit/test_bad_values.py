@@ -142,6 +142,26 @@ def test_run_threads_out_of_range(tiny_llama, threads):
     clean(code, text, InputError.exit_code, "--threads must be a whole number from 1 to 1024")
 
 
+@pytest.mark.parametrize("cmd", [["eval", "--text", "t.txt"], ["chat"], ["run", "-p", "hi"]])
+def test_threads_checked_in_the_flags_words_before_any_work(tiny_gguf, cmd):
+    code, text = run_cli(cmd[0], tiny_gguf, *cmd[1:], "-t", "0")
+    clean(code, text, InputError.exit_code, "--threads must be a whole number from 1 to 1024")
+
+
+def test_sdk_threads_in_the_keywords_words(tiny_gguf):
+    from edgekit import api
+
+    with pytest.raises(InputError, match=r"^n_threads= must be a whole number from 1 to 1024"):
+        api.open_backend(tiny_gguf, n_threads=0)
+
+
+def test_run_max_tokens_beyond_the_context_is_refused(tiny_gguf):
+    code, text = run_cli("run", tiny_gguf, "-p", "hi", "-n", "100", "--ctx", "32")
+    clean(code, text, InputError.exit_code, "-n 100 can never be reached with --ctx 32", "--kv-window")
+    code, text = run_cli("run", tiny_gguf, "-p", "hi", "-n", "100", "--ctx", "64", "--kv-window", "64", "-t", "1")
+    assert code == 0, text
+
+
 def test_profile_threads_capped():
     from edgekit.runtime.profile import ProfileConfig
     from edgekit.runtime.profile_schema import parse_tests

@@ -81,7 +81,7 @@ def test_run_is_greedy_llama_cpp_completion(tiny_q4):
     assert f"{len(prompt)} prompt tokens, 8 generated" in result.stderr and "stop: length" in result.stderr
     assert "the context is full" not in result.stderr  # -n stopped it
     # QA s51: stopped by the context, the line said "stop: length" as if -n had (only --json told them apart)
-    result = runner.invoke(app, ["run", str(tiny_q4), "-p", "The river", "--raw", "--temp", "0", "-n", "100",
+    result = runner.invoke(app, ["run", str(tiny_q4), "-p", "The river", "--raw", "--temp", "0", "-n", "32",
                                  "--ctx", "32"])
     assert result.exit_code == 0, result.output
     assert "generated" in result.stderr and "the context is full: a larger --ctx" in result.stderr
