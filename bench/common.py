@@ -4,6 +4,8 @@ into edgekit's cache), versions and CPU for the report, and printing the table a
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -67,6 +69,12 @@ def pkg_version(name: str) -> str | None:
 
 def cpu_model() -> str:
     return cpu_name()
+
+
+def machine_info() -> dict[str, Any]:
+    """The report's ``machine``: CPU, cores, platform, Python and the load average at the start."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
 
 
 def get_model() -> Path:

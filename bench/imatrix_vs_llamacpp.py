@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-chunks", type=int, default=16, help="perplexity chunks of the text's second half")
     ap.add_argument("--out", type=Path, default=RESULTS / "imatrix_vs_llamacpp", help="results path without suffix")
     args = ap.parse_args(argv)
-    if peer.tools() is None:
-        print("llama-imatrix / llama-quantize are not built for this CPU: run bash .ci/setup.sh --bench",
-              file=sys.stderr)
+    if not peer.have_tools():
         return 1
     start = time.perf_counter()
     layers = [int(x) for x in args.layers.split(",") if x.strip()]

@@ -12,14 +12,15 @@ Used by ``bench/gguf_quality.py`` (its ``imatrix`` rows), ``bench/low_bit.py`` a
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from edgekit.converters.formats.gguf.mixes import preset_from_name
+from edgekit.converters.quantize.imatrix_file import read_imatrix, write_imatrix
 from edgekit.runtime import llamacpp_build as build
 
 N_THREADS = 2
@@ -34,6 +35,14 @@ def tools() -> tuple[Path, Path] | None:
     tag = f"{ver}-{build.key(build.resolve(build.remembered_level()))}"
     paths = (build.cache_dir() / "bin" / f"llama-imatrix-{tag}", build.cache_dir() / "bin" / f"llama-quantize-{tag}")
     return paths if all(p.is_file() for p in paths) else None
+
+
+def have_tools() -> bool:
+    """Whether :func:`tools` finds both; if not, says on stderr how to build them."""
+    if tools() is not None:
+        return True
+    print("llama-imatrix / llama-quantize are not built for this CPU: run bash .ci/setup.sh --bench", file=sys.stderr)
+    return False
 
 
 def _run(cmd: list[str], what: str) -> float:
@@ -67,42 +76,14 @@ def quantize(src: Path, dst: Path, preset: str, imatrix: Path | None) -> dict[st
 
 
 def load_imatrix(path: Path) -> dict[str, np.ndarray]:
-    """The per-column importances llama-quantize derives from an imatrix GGUF: ``in_sum2 / counts`` per
-    expert (1 where a tensor saw no tokens), keyed by tensor name."""
-    reader = gguf.GGUFReader(path)
-    sums, counts = {}, {}
-    for t in reader.tensors:
-        if t.name.endswith(".in_sum2"):
-            sums[t.name[: -len(".in_sum2")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        elif t.name.endswith(".counts"):
-            counts[t.name[: -len(".counts")]] = np.round(np.asarray(t.data, dtype=np.float32).reshape(-1))
-    out = {}
-    for name, s in sums.items():
-        c = counts[name].astype(np.float32)
-        per = s.reshape(c.shape[0], -1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[name] = np.where(c[:, None] > 0, per / c[:, None], np.float32(1.0)).astype(np.float32).reshape(-1)
-    return out
+    """The per-column importances llama-quantize derives from an imatrix file (``in_sum2 / counts`` per expert,
+    1 where a tensor saw no tokens), keyed by tensor name, flat: edgekit's reader (``--imatrix FILE``)."""
+    return {name: im.reshape(-1) for name, im in read_imatrix(path).importances.items()}
 
 
+# edgekit's importances written as llama-imatrix's GGUF file, which llama-quantize --imatrix reads
+save_imatrix = write_imatrix
 
-def save_imatrix(path: Path, means: dict[str, np.ndarray], count: float, chunk_size: int, dataset: str) -> None:
-    """Write per-column importances (one expert per tensor) as llama-imatrix's GGUF file, which
-    ``llama-quantize --imatrix`` reads: ``NAME.in_sum2`` = ``means * count`` and ``NAME.counts`` = ``count``,
-    plus the three ``imatrix.*`` keys it requires. (The importances reach the quantizer as ``in_sum2 / counts``;
-    its searches do not depend on their overall scale.)"""
-    writer = gguf.GGUFWriter(path, arch="imatrix")
-    writer.add_type("imatrix")
-    writer.add_array("imatrix.datasets", [dataset])
-    writer.add_uint32("imatrix.chunk_count", max(1, int(round(count / chunk_size))))
-    writer.add_uint32("imatrix.chunk_size", chunk_size)
-    for name, m in sorted(means.items()):
-        writer.add_tensor(f"{name}.in_sum2", (np.asarray(m, np.float64) * count).astype(np.float32).reshape(1, -1))
-        writer.add_tensor(f"{name}.counts", np.full((1, 1), count, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 if __name__ == "__main__":  # a helper module: --help says what it is; a bare run says where the tools are
     import argparse

@@ -25,7 +25,7 @@ QUANTIZERS: Registry[type[Quantizer]] = Registry(
     "quantization method",
     ["edgekit.converters.quantize.rtn", "edgekit.converters.quantize.gptq", "edgekit.converters.quantize.awq_methods",
      "edgekit.converters.quantize.squeezellm", "edgekit.converters.quantize.ternary",
-     "edgekit.converters.quantize.aqlm"],
+     "edgekit.converters.quantize.aqlm", "edgekit.converters.quantize.imatrix_file"],
 )
 register_quantizer = QUANTIZERS.register
 

@@ -78,6 +78,9 @@ def convert(
                                        "Ctrl-C and re-run resume it."),
     steps: str = typer.Option("", "--steps", help="More layer steps by name, comma-separated (see 'edgekit "
                               "registry'), run with the method's in stage order; e.g. --method imatrix --steps awq."),
+    imatrix: Path | None = typer.Option(None, "--imatrix", help="A llama.cpp importance matrix (llama-imatrix's "
+                                        ".gguf or legacy .dat) to round with instead of calibrating: "
+                                        "llama-quantize --imatrix's rounding, for any --to."),
     calib: str = typer.Option("self", "--calib", help="Calibration data: 'self' (sampled from the model) or a text file."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence."),
@@ -117,6 +120,7 @@ def convert(
       edgekit convert ./SmolLM2-135M --fit android:R58M12345 --ctx 4096   # the best that fits the phone
       edgekit convert ./SmolLM2-135M --type Q4_0 -o ./smol-q4_0
       edgekit convert ./SmolLM2-135M --bits 4 --method gptq -t 1        # one thread on a busy machine
+      edgekit convert ./SmolLM2-135M --bits 4 --imatrix imatrix.gguf   # from llama-imatrix
       edgekit convert ./SmolLM2-135M --bits 4 --tensor-type 'ffn_down=Q6_K'
       edgekit convert ./SmolLM2-135M --bits 4 --method gptq                # calibrates on its own samples
       edgekit convert ./SmolLM2-135M --bits 4 --method awq+gptq --calib corpus.txt
@@ -157,6 +161,8 @@ def convert(
         if not (structural or "").startswith("width:auto"):
             raise InputError("--params is the budget of --prune width:auto; add it (--prune width:auto --params 100M)")
         structural = f"{structural},params={params}"
+    if imatrix is not None:
+        method = _imatrix_method(imatrix, method, step_names, prune, structural, sparse_ffn, draft_for, distill)
     if method == "rtn" and api.default_method(to):
         method = api.default_method(to)  # --to aqlm encodes with AQLM
     typed = typed_flags(cli, "bits", "ctx", "calib", "calib_samples", "calib_seqlen")
@@ -212,6 +218,10 @@ def convert(
             recipe = draft_recipe(model, draft_for, recipe, heal=heal or DEFAULT_HEAL,
                                   preset=None if type_ or bpw else DEFAULT_TYPE)
     quantize = api.method_config(method, recipe.calib, step_names, prune) if step_names or prune else None
+    if imatrix is not None:
+        from edgekit.converters.quantize.imatrix_file import ImatrixFileConfig
+
+        quantize = ImatrixFileConfig(file=str(imatrix))
     if distill is not None:
         quantize = api.distill_config(quantize or api.method_config(method, recipe.calib),
                                       _heal_config(distill, "--distill"))
@@ -257,6 +267,25 @@ def said_once(progress: Callable[[str, int, int], None]) -> Callable[[str, int, 
             said.add(desc)
             say(err, desc.removeprefix("note: "), "note:", "dim")
     return report
+
+
+def _imatrix_method(path: Path, method: str, steps: tuple[str, ...], prune: str | None, structural: str | None,
+                    sparse_ffn: float | None, draft_for: Path | None, distill: str | None) -> str:
+    """``--imatrix FILE``: the method that rounds with it, after reading the file (a wrong one fails before any
+    work) and refusing what it cannot go with."""
+    from edgekit.converters.quantize.imatrix_file import read_imatrix
+
+    if method not in ("rtn", "imatrix"):
+        raise InputError(f"--imatrix FILE weights round-to-nearest as llama-quantize does; --method {method} does not "
+                         "use it: drop one of them")
+    other = next((flag for flag, given in (("--steps", steps), ("--prune", prune or structural),
+                                           ("--sparse-ffn", sparse_ffn is not None), ("--draft-for", draft_for),
+                                           ("--distill", distill)) if given), None)
+    if other:
+        raise InputError(f"{other} runs edgekit's calibration, which measures its own importances; drop --imatrix "
+                         "FILE (or the other flag)")
+    read_imatrix(path)
+    return "imatrix-file"
 
 
 def _check_sparse_ffn(value: Any, given: str) -> None:
