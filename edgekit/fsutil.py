@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - Windows: no locks, the pid in the name
     fcntl = None  # type: ignore[assignment]
 
 # .NAME.KIND-PID-RANDOM: what atomic_dir, atomic_file and api's pruning scratch create.
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|prune)-(?P<pid>\d+)-[^/]*$")
+TEMP_NAME_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|prune)-(?P<pid>\d+)-[^/]*$")
 # Folders holding one of these were written by edgekit, so --force may replace them.
 OUTPUT_MARKERS = ("edgekit.json", "edgekit_import.json", "edgekit_diffusion.json")
 
@@ -179,7 +179,7 @@ def check_free_space(folder: Path, needed_bytes: int, what: str = "the output", 
     ``headroom`` (a safety margin, named apart so a small output does not read as a big one) free."""
     probe = nearest_existing(folder)
     free = shutil.disk_usage(probe).free
-    if _TEMP_RE.match(probe.name):  # the user chose its folder, not our temporary name
+    if TEMP_NAME_RE.match(probe.name):  # the user chose its folder, not our temporary name
         probe = probe.parent
     if free < needed_bytes + headroom:
         margin = f" plus {headroom / 1e6:.0f} MB headroom" if headroom else ""
@@ -193,7 +193,7 @@ def _named(dest: Path) -> tuple[Path, str]:
     """What a write error about ``dest`` names, and the fix it offers: the real output for a file inside an
     output's temporary folder (never its ``.NAME.partial-PID-*`` name), the home's fix for edgekit's caches."""
     for folder in (dest, *dest.parents):
-        if (m := _TEMP_RE.match(folder.name)) and m["kind"] == "partial":
+        if (m := TEMP_NAME_RE.match(folder.name)) and m["kind"] == "partial":
             return folder.parent / m["name"], OUTPUT_FIX
     return dest, HOME_ELSEWHERE if _in_home(dest) else _FILE_FIX
 
@@ -309,9 +309,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _abandoned(path: Path) -> bool:
+def abandoned(path: Path) -> bool:
     """No live writer: its pid is gone (a reused pid keeps it, the safe side) and nobody holds its lock."""
-    m = _TEMP_RE.match(path.name)
+    m = TEMP_NAME_RE.match(path.name)
     if not m or path.is_symlink() or _pid_alive(int(m["pid"])):
         return False
     try:
@@ -338,7 +338,7 @@ def sweep_stale(parent: Path) -> list[str]:
         return []
     removed = []
     for p in entries:
-        if not _abandoned(p):
+        if not abandoned(p):
             continue
         with contextlib.suppress(OSError):
             size = _size(p)
@@ -347,7 +347,7 @@ def sweep_stale(parent: Path) -> list[str]:
             else:
                 p.unlink()
             removed.append(f"removed {p} ({size / 1e6:.1f} MB), left by an edgekit that was killed "
-                           f"(pid {_TEMP_RE.match(p.name)['pid']})")  # type: ignore[index]
+                           f"(pid {TEMP_NAME_RE.match(p.name)['pid']})")  # type: ignore[index]
     return removed
 
 

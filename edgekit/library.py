@@ -26,6 +26,8 @@ from edgekit.errors import EdgekitError, InputError
 from edgekit.fslimits import NAME_MAX, deletion_blocker
 from edgekit.fsutil import (
     OUTPUT_MARKERS,
+    TEMP_NAME_RE,
+    abandoned,
     edgekit_home,
     hold_lock,
     home_problem,
@@ -222,6 +224,36 @@ def entries(folder: str | Path | None = None) -> list[Entry]:
         entry = read_entry(child)
         if entry is not None:
             found.append(entry)
+    return found
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What a killed edgekit left in the store: a hidden ``.NAME.partial-PID-*`` folder (a conversion's output
+    before its rename), or a ``.NAME.old-PID-*`` one (an artifact ``rm`` or ``--force`` was deleting)."""
+
+    path: Path
+    size_bytes: int
+    pid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "size_bytes": self.size_bytes, "pid": self.pid}
+
+
+def leftovers(folder: str | Path | None = None) -> list[Leftover]:
+    """The leftovers of killed edgekit runs in the store: its hidden temporary names whose writer is gone (its
+    pid not running and nobody holding the lock on it), the ones a write into the store sweeps
+    (:func:`edgekit.fsutil.sweep_stale`, which removes them). A running conversion's folder is not one."""
+    root = store_dir(folder)
+    if not root.is_dir():
+        return []
+    root = Path(os.path.abspath(root))
+    found = []
+    for child in sorted(root.iterdir()):
+        if (m := TEMP_NAME_RE.match(child.name)) and abandoned(child):
+            with contextlib.suppress(OSError):  # gone meanwhile (a sweep, another ls --clean)
+                size = folder_bytes(child) if child.is_dir() else child.stat().st_size
+                found.append(Leftover(path=child, size_bytes=size, pid=int(m["pid"])))
     return found
 
 

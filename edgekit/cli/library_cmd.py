@@ -44,29 +44,39 @@ def eval_label(e: dict[str, Any] | None, short: bool = False) -> str:
 def ls(
     folder: Path | None = typer.Option(None, "--dir", help=DIR_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the artifacts as JSON."),
+    clean: bool = typer.Option(False, "--clean", help="First delete what killed edgekit runs left in the library "
+                               "(hidden .NAME.partial-PID-* folders whose process is gone; a running conversion's "
+                               "is kept)."),
 ) -> None:
     """The artifacts in the model library: size, bits per weight, latest perplexity.
 
     Each row: name, format, quantization, size, bits per weight, source, and the latest perplexity with
-    what it was measured on.
+    what it was measured on. What killed conversions left (hidden, often large) is counted after the
+    table; --clean deletes it.
 
     Examples:
       edgekit ls
       edgekit ls --dir ./models --json
+      edgekit ls --clean
     """
     from rich.table import Table
     from rich.text import Text
 
     from edgekit import library
 
+    if clean:
+        _clean(folder)
     found = library.entries(folder)  # their paths absolute, as the folder's below: a script can reuse them
+    left = library.leftovers(folder)
     if folder is None and not os.environ.get("EDGEKIT_MODELS"):  # the library is in the home
         _warn_about_home()
     if as_json:
-        print_json({"dir": str(library.store_dir(folder).resolve()), "artifacts": [e.to_json() for e in found]})
+        print_json({"dir": str(library.store_dir(folder).resolve()), "artifacts": [e.to_json() for e in found],
+                    "leftovers": [x.to_json() for x in left]})
         return
     if not found:
         say(out, f"no artifacts in {library.store_dir(folder)}; 'edgekit convert MODEL' writes one there")
+        _say_leftovers(left, cleaned=clean)
         return
     table = Table(title=Text(f"{library.store_dir(folder)}"), title_justify="left")
     rows = []
@@ -89,6 +99,37 @@ def ls(
     for e in found:
         if e.problem:
             say(err, f"{e.name}: {e.problem}", "warning:", "yellow")
+    _say_leftovers(left, cleaned=clean)
+
+
+def _say_leftovers(left: list[Any], cleaned: bool = False) -> None:
+    """The note after ``ls``'s table: how many leftovers of killed edgekit runs the library holds, their size,
+    and what deletes them (they are hidden, and a killed conversion's can be gigabytes); ``cleaned``: those
+    that ``--clean`` could not delete."""
+    if not left:
+        return
+    one = len(left) == 1
+    names = ", ".join(x.path.name for x in left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+    what = (f"{'a leftover of a killed edgekit run' if one else f'{len(left)} leftovers of killed edgekit runs'} "
+            f"({_mb(sum(x.size_bytes for x in left))} MB) in {left[0].path.parent}: {names}")
+    if cleaned:
+        say(err, f"{what} could not be deleted; delete {'it' if one else 'them'} yourself (or ask the owner to)",
+            "warning:", "yellow")
+    else:
+        say(err, f"{what}; 'edgekit ls --clean' deletes {'it' if one else 'them'} (so does the next convert into "
+                 "this library)", "note:", "dim")
+
+
+def _clean(folder: Path | None) -> None:
+    """``ls --clean``: delete the leftovers of killed edgekit runs in the library, saying each (on stderr, which
+    a --json document never holds); a running edgekit's temporary folder is kept."""
+    from edgekit import library
+    from edgekit.fsutil import sweep_stale
+
+    root = library.store_dir(folder)
+    if root.is_dir():
+        for line in sweep_stale(root):
+            say(err, line)
 
 
 @handle_errors

@@ -387,8 +387,10 @@ def plan_cmd(
     say(out, Text.assemble((art.name, "bold"), f" at {_ctx_words(p.n_ctx, kv_window)}: ", ("fits", "green"),
                            f" ({p.device})"))
     say(out, f"  {p.reason}")
-    say(out, f"  RAM  {_mb(p.memory.ram_bytes)}: weights {_mb(parts['weights_cpu'] + parts['weights_repacked'])}, "
-              f"KV {_mb(parts['kv_cpu'])}, compute {_mb(parts['compute_cpu'] + parts.get('work_cpu', 0))}, baseline {_mb(parts['baseline'])}, "
+    repacked = (f" ({_mb(parts['weights_cpu'])} mapped from the file + a {_mb(parts['weights_repacked'])} copy repacked "
+                "for the CPU)") if parts["weights_repacked"] else ""
+    say(out, f"  RAM  {_mb(p.memory.ram_bytes)} at peak: weights {_mb(parts['weights_cpu'] + parts['weights_repacked'])}"
+              f"{repacked}, KV {_mb(parts['kv_cpu'])}, compute {_mb(parts['compute_cpu'] + parts.get('work_cpu', 0))}, baseline {_mb(parts['baseline'])}, "
               f"other {_mb(parts['overhead'] + parts['output_cpu'])}")
     if p.draft is not None:
         dp = p.draft.parts
@@ -396,6 +398,7 @@ def plan_cmd(
                   f"{_mb(dp.get('weights_cpu', 0) + dp.get('weights_repacked', 0))}, KV {_mb(dp.get('kv_cpu', 0))}, "
                   f"compute {_mb(dp.get('compute_cpu', 0) + dp.get('work_cpu', 0))}, other {_mb(dp.get('overhead', 0) + dp.get('output_cpu', 0))}"
                   f"; {_mb(p.memory.ram_bytes + p.draft.ram_bytes)} in all")
+    _say_required(p)
     if p.memory.vram_bytes:
         say(out, f"  VRAM {_mb(p.memory.vram_bytes)}: weights {_mb(parts['weights_gpu'])}, KV {_mb(parts['kv_gpu'])}, "
                   f"compute {_mb(parts['compute_gpu'])} (modeled)")
@@ -415,6 +418,16 @@ def plan_cmd(
         flags.append(f"--override-kv {key}=int:{k}")
         ours += f" --experts {experts}"
     say(out, f"  llama.cpp: {' '.join(flags)}    edgekit: {ours}")
+
+
+def _say_required(p: Any) -> None:
+    """Why the RAM a plan fits in (its reason's "needs") is less than the peak printed beside it: the file pages
+    llama.cpp reads to repack weights for the CPU are page cache the kernel drops once the copy is made."""
+    need = p.memory.ram_required_bytes + (p.draft.required_bytes if p.draft else 0)
+    dropped = p.memory.ram_bytes + (p.draft.ram_bytes if p.draft else 0) - need
+    if dropped > 0:
+        say(out, f"  fits in {_mb(need)} ({need / (1 << 30):.2f} GiB) of free RAM, less than the peak: the other "
+                 f"{_mb(dropped)} are file pages read once to make the repacked copy, which the kernel can drop")
 
 
 def _ctx_words(n_ctx: int, kv_window: int | None) -> str:

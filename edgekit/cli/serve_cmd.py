@@ -144,8 +144,10 @@ def serve(
     from edgekit.runtime.serve.app import serve as run_server
 
     listed = ExitStack()  # `edgekit ps` lists the server while it listens
+    started: list[str] = []  # the server listened: only then is "stopped" said (a port in use stops nothing)
 
     def ready(url: str) -> None:
+        started.append(url)
         listed.enter_context(announce_server(url, {m: str(p) for m, p in models.items()}))
         say(err, f"{url}/v1  ({', '.join(models)}; {parallel} at once per model; Ctrl-C stops)", "serving",
             "green")
@@ -165,13 +167,14 @@ def serve(
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C once it has shut down: for a server that is the normal way to stop
     except Terminated as exc:  # SIGTERM / SIGHUP, re-raised by uvicorn once it has shut down: exits 143 / 129,
-        exc.said = True  # and "stopped; every model unloaded" below is the last line, as for Ctrl-C
+        exc.said = bool(started)  # and "stopped; every model unloaded" below is the last line, as for Ctrl-C
         raise
     finally:  # also when it re-raises SIGTERM, which exits through main's handler (status 143)
         for instance in preloaded.values():
             instance.close()  # already closed by the pool, unless the server never started
         listed.close()
-        say(err, "stopped; every model unloaded", "serve", "green")
+        if started:
+            say(err, "stopped; every model unloaded", "serve", "green")
 
 
 def _check_env_key(cli: typer.Context) -> None:

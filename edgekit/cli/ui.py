@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -350,6 +351,18 @@ LOG_QUIET_S = 10.0
 LOG_EVERY_S = 30.0
 
 
+# A word naming the item a step works on, not its phase: a tensor (blk.3.attn_q.weight), a count (3/30), a
+# type (Q4_K), a path or a label with digits (gen128, q4f16_1).
+_ITEM = re.compile(r"\S*[\d./_]\S*")
+
+
+def _phase(desc: str) -> str:
+    """The phase a progress description belongs to: what comes before its first colon (after it, the step's
+    detail), without the words that name the item (``encoding blk.3.attn_q.weight as Q4_K`` and ``layer 7/30``
+    are one phase each, whatever the tensor or the layer)."""
+    return _ITEM.sub("#", desc.split(":")[0])
+
+
 def _progress_lines() -> Callable[[str, int, int], None]:
     import time
 
@@ -359,7 +372,7 @@ def _progress_lines() -> Callable[[str, int, int], None]:
     def update(desc: str, done: int, total: int) -> None:
         nonlocal last, phase
         now = time.monotonic()
-        head = desc.split(":")[0]
+        head = _phase(desc)  # per phase, not per tensor: a 70B GGUF would print a line for each of 700
         if now - start < LOG_QUIET_S or (head == phase and now - last < LOG_EVERY_S):
             return
         last, phase = now, head
