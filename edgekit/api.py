@@ -19,6 +19,7 @@ from edgekit.artifact import (
     Artifact,
     is_artifact_folder,
     remember_checksums,
+    while_not_replaced,
 )
 from edgekit.calibration import CalibConfig
 from edgekit.converters.artifact_write import check_same_source, write_artifact
@@ -290,21 +291,36 @@ def open_backend(target: str | Path | Artifact, backend: str | None = None, **op
     """Load an artifact (or a bare model file, or a Hugging Face folder) with ``backend`` (default: the
     preferred one for its format), after checking the artifact's files against the sha256 its manifest
     recorded: a file corrupted or edited since convert is a one-line :class:`CorruptFileError`, not garbage
-    output. Checksums are remembered by size and mtime, so only a changed file is read twice."""
+    output. Checksums are remembered by size and mtime, so only a changed file is read twice. An artifact
+    that another ``convert --force`` replaces while it loads is loaded again, as it now is."""
+    return _load(target, backend, options)[1]
+
+
+def _load(target: str | Path | Artifact, backend: str | None, options: dict[str, Any]) -> tuple[Artifact | None,
+                                                                                                  Backend]:
+    """:func:`open_backend`, and the artifact it loaded (None for a checkpoint folder)."""
     from edgekit.runtime.hostinfo import check_threads
 
     check_threads(options.get("n_threads"), "n_threads=")  # in the SDK's words (the CLI checks its -t first)
-    if not isinstance(target, Artifact):
+    if isinstance(target, Artifact):
+        where = target.bare_file or target.path
+    else:
         check_path(target)
         p = Path(target).expanduser()
         if is_checkpoint_folder(p):
-            return _open_backend(p, backend, **options)  # a checkpoint folder: no manifest to check against
-        target = Artifact.open(p)
-    if target.manifest.get("task") == "diffusion":
-        raise InputError(f"{target.name} is a diffusion model (it makes images, not text): sample it with "
-                         f"'edgekit run {target.name} --class 7 -n 16 -o grid.png' (SDK: edgekit.runtime.diffusion)")
-    target.verify()
-    return _open_backend(target, backend, **options)
+            return None, _open_backend(p, backend, **options)  # a checkpoint folder: no manifest to check against
+        where = library.resolve(p)
+
+    def attempt(again: bool) -> tuple[Artifact, Backend]:
+        # an Artifact given is used as it is unless its folder holds another conversion by now
+        art = target if isinstance(target, Artifact) and not again and target.on_disk() else Artifact.open(where)
+        if art.manifest.get("task") == "diffusion":
+            raise InputError(f"{art.name} is a diffusion model (it makes images, not text): sample it with "
+                             f"'edgekit run {art.name} --class 7 -n 16 -o grid.png' (SDK: edgekit.runtime.diffusion)")
+        art.verify()
+        return art, _open_backend(art, backend, **options)
+
+    return while_not_replaced(where, attempt)
 
 
 def generate(
@@ -409,7 +425,8 @@ def evaluate(
         ref = library.resolve(ref)
     if ref is not None and is_artifact_folder(ref):
         Artifact.open(ref).verify()  # a corrupt reference is refused before the target spends a load
-    with open_backend(target, **options) as backend:
+    measured, loaded = _load(target, options.pop("backend", None), options)
+    with loaded as backend:
         if ref is None:
             result = perplexity(backend, text, cfg, progress=progress)
         else:
@@ -419,12 +436,8 @@ def evaluate(
     result.ref = str(Path(ref).resolve()) if ref is not None else None
     record_as = {**result.to_json(), "text": str(Path(text_file).expanduser().resolve())}
     try:
-        if record and not isinstance(target, Artifact):
-            p = library.resolve(target)
-            if (p / "edgekit.json").exists():
-                Artifact.open(p).record_eval(record_as)
-        elif record and isinstance(target, Artifact):
-            target.record_eval(record_as)
+        if record and measured is not None:  # the artifact measured, if its folder still holds it
+            measured.record_eval(record_as)
     except (InputError, DiskFullError, OSError) as exc:  # a read-only artifact: the measurement still counts
         notice(f"{exc}; the result was not recorded in its manifest (record=False, --no-record, skips recording)",
                stacklevel=2)
@@ -475,4 +488,6 @@ def inspect(target: str | Path, ctx: int | None = None) -> dict[str, Any]:
     bits per weight and fallbacks of each mix)."""
     from edgekit.describe import inspect_target
 
-    return inspect_target(target, ctx)
+    check_path(target)
+    # read again where another convert --force swapped the folder mid-read (two artifacts' files look corrupt)
+    return while_not_replaced(library.resolve(target), lambda _again: inspect_target(target, ctx))

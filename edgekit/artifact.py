@@ -14,14 +14,17 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, TypeVar
 
 from edgekit.errors import CorruptFileError, InputError
 from edgekit.fsutil import atomic_file, remember_sha256, sha256_file, sha256_file_cached
 from edgekit.library import SCHEMA
+
+T = TypeVar("T")
 
 MANIFEST_NAME = "edgekit.json"
 
@@ -142,10 +145,74 @@ class Artifact:
         write_manifest(self.path, self.manifest)
 
     def record_eval(self, results: dict[str, Any]) -> None:
-        """Add evaluation results to the manifest, keyed by what was measured."""
-        evals = self.manifest.setdefault("eval", [])
-        evals.append({**results, "measured": now_iso()})
-        self.save_manifest()
+        """Add evaluation results to the manifest on disk, keyed by what was measured, under a lock on the
+        folder (evaluations that end at once all land). The folder must still hold this artifact: one that
+        another ``convert --force`` replaced since this was opened is an :class:`ArtifactReplaced` (a result of
+        the earlier model must not be written into the later one's manifest)."""
+        if self.bare_file is not None:
+            return
+        import fcntl
+
+        mpath = self.path / MANIFEST_NAME
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = json.loads(mpath.read_text())
+            except (OSError, ValueError) as exc:
+                raise ArtifactReplaced(f"{self.path} changed while it was measured ({exc})") from exc
+            if not self.same_build(current):
+                raise ArtifactReplaced(f"{self.path} was replaced by another conversion while it was measured (the "
+                                       "result is of the model it held before)")
+            current.setdefault("eval", []).append({**results, "measured": now_iso()})
+            write_manifest(self.path, current)
+            self.manifest = current
+        finally:
+            os.close(fd)  # and the lock with it
+
+    def on_disk(self) -> bool:
+        """Whether the folder still holds this artifact (see :meth:`same_build`); a bare file always does."""
+        if self.bare_file is not None:
+            return True
+        try:
+            return self.same_build(json.loads((self.path / MANIFEST_NAME).read_text()))
+        except (OSError, ValueError):
+            return False
+
+    def same_build(self, manifest: Any) -> bool:
+        """Whether ``manifest`` (read from disk again) describes the artifact this one was opened as: the same
+        files, written at the same time (evaluations recorded since do not count)."""
+        return (isinstance(manifest, dict) and manifest.get("sha256") == self.manifest.get("sha256")
+                and manifest.get("created") == self.manifest.get("created"))
+
+
+class ArtifactReplaced(InputError):
+    """The folder now holds another artifact than the one opened (``convert --force`` replaced it)."""
+
+
+def folder_identity(path: Path) -> tuple[int, int] | None:
+    """What tells one folder at ``path`` from the next: ``convert --force`` renames a new folder into place."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def while_not_replaced(path: Path, attempt: Callable[[bool], T], tries: int = 3) -> T:
+    """``attempt(again)``, run again on the folder's new contents when it fails with a
+    :class:`CorruptFileError` because another ``edgekit convert --force`` replaced the folder at ``path`` while
+    it read it (files of two artifacts read as one look corrupt); ``again`` is True on such a rerun. A folder
+    replaced ``tries`` times running is a one-line error that says to wait for the writer."""
+    for i in range(tries):
+        before = folder_identity(path)
+        try:
+            return attempt(i > 0)
+        except CorruptFileError:
+            if folder_identity(path) == before:
+                raise
+    raise CorruptFileError(f"{path} was replaced {tries} times while it was read: another 'edgekit convert "
+                           "--force' keeps writing it; retry when that has finished")
 
 
 def plain_json(value: Any) -> Any:
