@@ -32,7 +32,14 @@ from edgekit.converters.formats.base import (
     size_fields,
 )
 from edgekit.converters.formats.coreml.options import CoreMLOptions
-from edgekit.converters.formats.coreml.package import MODEL_NAME, coremltools, package_bytes, scratch_in
+from edgekit.converters.formats.coreml.package import (
+    MODEL_NAME,
+    coremltools,
+    interruptible,
+    package_bytes,
+    save_package,
+    scratch_in,
+)
 from edgekit.converters.formats.coreml.program import Blockwise, Dense, Palette, Weight
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.errors import InputError
@@ -122,13 +129,13 @@ class CoreMLFormat(Format):
         source = _Source(checkpoint, quantizer, plan)
         t0 = time.perf_counter()
         windows = layer_windows(checkpoint.config, hp.n_layer)
-        prog = build(hp, opts.context, source, progress, windows)
+        prog = interruptible(build, hp, opts.context, source, progress, windows)  # coremltools' MIL builder
         progress("writing the ML program (coremltools)", hp.n_layer + 2, hp.n_layer + 2)
         C = opts.context
         # coremltools draws tqdm bars for its pass pipelines; edgekit shows its own progress
         with scratch_in(out_dir), contextlib.redirect_stderr(io.StringIO()):
-            model = ct.convert(
-                prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+            model = interruptible(
+                ct.convert, prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                 compute_precision=ct.precision.FLOAT16, skip_model_load=True,
                 inputs=[ct.TensorType("input_ids", shape=(1, ct.RangeDim(1, C)), dtype=np.int32),
                         ct.TensorType("causal_mask", shape=(1, 1, ct.RangeDim(1, C), ct.RangeDim(1, C)),
@@ -142,7 +149,7 @@ class CoreMLFormat(Format):
                 "edgekit.sliding_window": str(window), "edgekit.layer_windows": ",".join(map(str, windows)),
                 "edgekit.source": checkpoint.path.name})
             model.short_description = f"{checkpoint.path.name} for Core ML (edgekit, {opts.label})"
-            model.save(str(out_dir / MODEL_NAME))
+            interruptible(save_package, model, out_dir / MODEL_NAME)
         build_s = time.perf_counter() - t0
         for name in SIDE_FILES:
             if (checkpoint.path / name).exists():

@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from edgekit.converters.diffusion.export import register_exporter
-from edgekit.converters.formats.coreml.package import coremltools, package_bytes, scratch_in
+from edgekit.converters.formats.coreml.package import (
+    coremltools,
+    interruptible,
+    package_bytes,
+    save_package,
+    scratch_in,
+)
 from edgekit.converters.formats.coreml.program import Blockwise, weight_var
 from edgekit.errors import InputError, UnsupportedError
 from edgekit.progress import ProgressFn
@@ -293,7 +299,7 @@ class CoreMLUNetExporter:
             raise InputError(f"-O {sorted(options)[0]} is not an option of diffusion Core ML export (it has none)")
         ct = coremltools()
         t0 = time.perf_counter()
-        prog = build(pipe, unet, weights, progress)
+        prog = interruptible(build, pipe, unet, weights, progress)  # coremltools' MIL builder
         c, s = pipe.in_channels, pipe.sample_size
         batch = ct.RangeDim(1, MAX_BATCH)
         inputs = [ct.TensorType("sample", shape=(batch, c, s, s), dtype=np.float32),
@@ -304,14 +310,14 @@ class CoreMLUNetExporter:
         path = out_dir / PACKAGE
         # coremltools' pass pipelines draw tqdm bars; its temporary package lives in the output (scratch_in)
         with scratch_in(out_dir), contextlib.redirect_stderr(io.StringIO()):
-            model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                               compute_precision=ct.precision.FLOAT16, skip_model_load=True, inputs=inputs,
-                               outputs=[ct.TensorType("out", dtype=np.float32)])
+            model = interruptible(ct.convert, prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                                  compute_precision=ct.precision.FLOAT16, skip_model_load=True, inputs=inputs,
+                                  outputs=[ct.TensorType("out", dtype=np.float32)])
             model.user_defined_metadata.update({
                 "edgekit.task": "diffusion", "edgekit.source": pipe.path.name,
                 "edgekit.num_train_timesteps": str(pipe.schedule().num_train_timesteps)})
             model.short_description = f"{pipe.path.name} UNet for Core ML (edgekit)"
-            model.save(str(path))
+            interruptible(save_package, model, path)
         names = [i.name for i in inputs]
         ops = sorted({op.op_type for op in prog.functions["main"].operations})
         return {
