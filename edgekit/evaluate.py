@@ -112,9 +112,20 @@ def read_text(path: str | Path) -> str:
     if not p.is_file():
         raise InputError(f"{p} {'is a folder' if p.is_dir() else 'does not exist'}; give a plain-text file with --text")
     try:
-        return p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+                      (b"\xfe\xff", "UTF-16")):
+        if raw.startswith(bom):
+            raise InputError(f"{p} is {name} text (its byte-order mark says so); give it as UTF-8: iconv -f {name} "
+                             f"-t UTF-8 {p.name} > {p.stem}.utf8.txt")
+    try:
+        # as its bytes say, as llama-perplexity reads them: CRLF kept; a UTF-8 byte-order mark is not text
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{p} is not UTF-8 text; give a plain-text file") from exc
+        raise InputError(f"{p} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); give a "
+                         "plain-text file in UTF-8") from exc
 
 
 def chunk_tokens(tokens: list[int], cfg: EvalConfig) -> list[list[int]]:
