@@ -65,7 +65,7 @@ def test_manifest_records_method_and_calibration(tiny_llama, tmp_path):
     art = api.convert(tiny_llama, "gguf", output=tmp_path / "a", recipe=recipe)
     r = art.manifest["recipe"]
     assert r["method"] == "gptq" and r["calib"]["source"] == "self" and r["calib"]["samples"] == 6
-    assert r["quantizer"]["sink_weight"] == 10.0 and r["quantizer"]["steps"] == [{"step": "gptq", "damp": 0.01, "imatrix": True, "tied_head": False, "act_order": False}]
+    assert r["quantizer"]["sink_weight"] == 10.0 and r["quantizer"]["steps"] == [{"step": "gptq", "damp": 0.01, "imatrix": True, "tied_head": False, "act_order": True}]
     assert art.manifest["quantizer_report"]["total_s"] > 0
 
 
