@@ -259,8 +259,9 @@ def leftovers(folder: str | Path | None = None) -> list[Leftover]:
 
 def chat_file(artifact: Path, create_home: bool | None = None) -> Path:
     """Where ``edgekit chat`` keeps the conversation with ``artifact`` (a folder or model file): one file per
-    resolved path, under ``<home>/chats`` (``create_home``: as :func:`edgekit_home`'s ``create``)."""
-    key = hashlib.sha1(str(Path(artifact).resolve()).encode()).hexdigest()[:16]
+    resolved path, under ``<home>/chats`` (``create_home``: as :func:`edgekit_home`'s ``create``). The key is the
+    path's bytes as the file system holds them: a name that is not UTF-8 (Python's lone surrogates) has one too."""
+    key = hashlib.sha1(os.fsencode(Path(artifact).resolve())).hexdigest()[:16]
     return edgekit_home(create=create_home) / "chats" / f"{key}.json"
 
 

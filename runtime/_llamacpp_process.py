@@ -33,6 +33,7 @@ from edgekit.runtime.llamacpp_errors import (
     shown_name,
     signal_name,
 )
+from edgekit.runtime.native_path import utf8_path
 
 WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 EOF = object()
@@ -197,7 +198,17 @@ class WorkerProcess:
         else:
             notice(message, stacklevel=4)  # a note to the user: never raised by an error filter
 
+    def _load_request(self) -> dict[str, Any]:
+        """The config with its model paths as llama.cpp can open them: a name that is not UTF-8 through a link
+        in the temporary folder (:func:`.native_path.utf8_path`), which ``close`` removes and each start makes."""
+        cfg = dict(self._config, model_path=utf8_path(self._config["model_path"], "llama.cpp", self._tempdir))
+        spec = cfg["speculative"]
+        if "draft_path" in spec:
+            cfg["speculative"] = dict(spec, draft_path=utf8_path(spec["draft_path"], "llama.cpp", self._tempdir))
+        return cfg
+
     def _start(self, safe_cpu: bool) -> None:
+        load = self._load_request()  # first: a path no link can help is refused before a worker starts
         self._inbox = queue.Queue()
         self._stderr_tail.clear()
         self._decoded = False
@@ -230,11 +241,13 @@ class WorkerProcess:
             self._proc.kill()
             raise BackendError(limit_message("could not start the llama.cpp worker's reader threads")) from None
         t0 = time.perf_counter()
-        self._send({"op": "load", "id": 0, **self._config, "safe_cpu": safe_cpu})
+        self._send({"op": "load", "id": 0, **load, "safe_cpu": safe_cpu})
         msg = self._recv("loading", None)
         if msg["ev"] == "error":
             self._reap()
             raise self._load_error(msg)
+        if "draft_path" in (msg.get("speculative") or {}):  # the user's path, not the link it was loaded through
+            msg["speculative"]["draft_path"] = self._config["speculative"]["draft_path"]
         self._info = msg
         self._gone = ""
         self.load_time = time.perf_counter() - t0

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgekit.errors import BackendError, InputError
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
+from edgekit.runtime.native_path import check_utf8_path
 from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick
 
 ENGINES = ("auto", "numpy", "coreml")
@@ -65,6 +66,7 @@ class _CoreMLEngine:
         ct = coremltools()
         units = {"all": ct.ComputeUnit.ALL, "cpu": ct.ComputeUnit.CPU_ONLY,
                  "gpu": ct.ComputeUnit.CPU_AND_GPU, "ane": ct.ComputeUnit.CPU_AND_NE}[compute_units]
+        check_utf8_path(path, "Core ML")  # it keeps the path and reads the package again after loading
         try:
             self.model = ct.models.MLModel(str(path), compute_units=units)
         except Exception as exc:  # Core ML's errors are its own types

@@ -25,6 +25,7 @@ from edgekit.converters.diffusion.sampler import SampleConfig, SampleTrace, samp
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError, require
 from edgekit.registry import Registry
 from edgekit.runtime import hostinfo
+from edgekit.runtime.native_path import utf8_path_to_load
 
 TASK = "diffusion"
 DEQUANTIZE = ("load", "step")
@@ -202,12 +203,13 @@ class OrtDiffusion(DiffusionModel):
 
 
 def _session(ort: Any, path: Path, so: Any) -> Any:
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own pybind exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CorruptFileError(f"onnxruntime cannot load {path.name}: {first[:200]}; the file is damaged or "
-                               "incomplete: re-run 'edgekit convert'") from None
+    with utf8_path_to_load(path, "onnxruntime") as native:
+        try:
+            return ort.InferenceSession(native, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptFileError(f"onnxruntime cannot load {path.name}: {first[:200]}; the file is damaged or "
+                                   "incomplete: re-run 'edgekit convert'") from None
 
 
 @register_runtime("torch")

@@ -26,6 +26,7 @@ import numpy as np
 
 from edgekit.errors import BackendError, InputError, UnsupportedError, quiet_transformers, require
 from edgekit.runtime.base import GenerationStats, SamplingConfig, register_backend
+from edgekit.runtime.native_path import check_utf8_path
 from edgekit.runtime.torch_ref import TorchBackend
 
 ENGINES = ("reference", "mlc")
@@ -162,6 +163,7 @@ class MLCBackend(TorchBackend):
         from edgekit.converters.formats.mlc.read import read_chat_config
 
         self.chat_config = read_chat_config(folder)
+        check_utf8_path(folder / lib, "MLC's engine")  # it reads the folder from its own threads, as it goes
         self._mlc = mlc_llm.MLCEngine(str(folder), model_lib=str(folder / lib))
 
     def _check_template(self) -> None:

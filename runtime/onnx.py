@@ -37,6 +37,7 @@ from edgekit.runtime.base import (
     check_whole_numbers,
     register_backend,
 )
+from edgekit.runtime.native_path import utf8_path_to_load
 from edgekit.runtime.sampling import TextStream, next_token_nll, stream_tokens
 from edgekit.runtime.tokenizer import FolderTokenizer, eos_ids
 
@@ -124,12 +125,13 @@ class OnnxBackend(Backend):
         elif paired:
             so.add_session_config_entry("session.force_spinning_stop", "1")
         t0 = time.perf_counter()
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own pybind exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CorruptFileError(f"onnxruntime cannot load {path.name}: {first[:300]}; the file is damaged "
-                                   "or incomplete: re-run 'edgekit convert'") from exc
+        with utf8_path_to_load(path, "onnxruntime") as native:
+            try:
+                self.session = ort.InferenceSession(native, so, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own pybind exception types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CorruptFileError(f"onnxruntime cannot load {path.name}: {first[:300]}; the file is damaged "
+                                       "or incomplete: re-run 'edgekit convert'") from exc
         self.load_time = time.perf_counter() - t0
         from edgekit.converters.formats.onnx.read import load_graph
 

@@ -29,7 +29,8 @@ class FolderTokenizer:
         if tj.exists():
             tokenizers = require("tokenizers", "onnx")
             try:
-                self._tok = tokenizers.Tokenizer.from_file(str(tj))
+                # read here, not by from_file: tokenizers takes a path as strict UTF-8, and Linux names need not be
+                self._tok = tokenizers.Tokenizer.from_str(tj.read_text(encoding="utf-8"))
             except Exception as exc:  # a bare Exception with serde's message
                 from edgekit.model import unreadable_tokenizer
 
