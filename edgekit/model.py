@@ -136,7 +136,8 @@ def _fast_tokenizer_problem(path: str, size: int, mtime_ns: int) -> str | None:
     except ImportError:  # the converters that need it say so themselves
         return None
     try:
-        tokenizers.Tokenizer.from_file(path)
+        # read here, not by from_file: tokenizers takes a path as strict UTF-8, and a Linux name need not be
+        tokenizers.Tokenizer.from_str(Path(path).read_text(encoding="utf-8"))
     except Exception as exc:  # the library raises a bare Exception with serde's message
         return str(exc) or type(exc).__name__
     return None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import BackendCrashed, BackendError, DiskFullError, EdgekitError, InputError, notice
+from edgekit.native_path import utf8_path
 from edgekit.runtime import llamacpp_build
 from edgekit.runtime.llamacpp_errors import (
     PROTECTION_FAULTS,
@@ -33,7 +34,6 @@ from edgekit.runtime.llamacpp_errors import (
     shown_name,
     signal_name,
 )
-from edgekit.runtime.native_path import utf8_path
 
 WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 EOF = object()
@@ -200,7 +200,7 @@ class WorkerProcess:
 
     def _load_request(self) -> dict[str, Any]:
         """The config with its model paths as llama.cpp can open them: a name that is not UTF-8 through a link
-        in the temporary folder (:func:`.native_path.utf8_path`), which ``close`` removes and each start makes."""
+        in the temporary folder (:func:`edgekit.native_path.utf8_path`), which ``close`` removes and each start makes."""
         cfg = dict(self._config, model_path=utf8_path(self._config["model_path"], "llama.cpp", self._tempdir))
         spec = cfg["speculative"]
         if "draft_path" in spec:

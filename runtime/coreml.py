@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import BackendError, InputError
+from edgekit.native_path import check_utf8_path
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig, register_backend
-from edgekit.runtime.native_path import check_utf8_path
 from edgekit.runtime.sampling import TextStream, decode_loop, next_token_nll, pick
 
 ENGINES = ("auto", "numpy", "coreml")

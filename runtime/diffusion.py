@@ -23,9 +23,9 @@ import numpy as np
 
 from edgekit.converters.diffusion.sampler import SampleConfig, SampleTrace, sample
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError, require
+from edgekit.native_path import utf8_path_to_load
 from edgekit.registry import Registry
 from edgekit.runtime import hostinfo
-from edgekit.runtime.native_path import utf8_path_to_load
 
 TASK = "diffusion"
 DEQUANTIZE = ("load", "step")

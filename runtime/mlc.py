@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import BackendError, InputError, UnsupportedError, quiet_transformers, require
+from edgekit.native_path import check_utf8_path
 from edgekit.runtime.base import GenerationStats, SamplingConfig, register_backend
-from edgekit.runtime.native_path import check_utf8_path
 from edgekit.runtime.torch_ref import TorchBackend
 
 ENGINES = ("reference", "mlc")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import BackendError, CorruptFileError, InputError, UnsupportedError, require
+from edgekit.native_path import utf8_path_to_load
 from edgekit.runtime import hostinfo
 from edgekit.runtime._onnx_kv import (
     BoundKV,
@@ -37,7 +38,6 @@ from edgekit.runtime.base import (
     check_whole_numbers,
     register_backend,
 )
-from edgekit.runtime.native_path import utf8_path_to_load
 from edgekit.runtime.sampling import TextStream, next_token_nll, stream_tokens
 from edgekit.runtime.tokenizer import FolderTokenizer, eos_ids
 

@@ -15,8 +15,8 @@ import pytest
 from edgekit import api, library
 from edgekit.converters.formats.base import ConvertRecipe
 from edgekit.errors import InputError
+from edgekit.native_path import utf8_path, utf8_path_to_load
 from edgekit.runtime.base import SamplingConfig
-from edgekit.runtime.native_path import utf8_path, utf8_path_to_load
 
 LATIN = os.fsdecode(b"lat\xe9n")  # "latén" in Latin-1: byte 0xe9 is no UTF-8
 GREEDY = SamplingConfig(temperature=0, max_tokens=6)
@@ -120,3 +120,12 @@ def test_the_chat_of_a_utf8_path_keeps_its_file(private_home):
 
     path = Path("/tmp/sm\u00f6l").resolve()
     assert library.chat_file(path).stem == hashlib.sha1(str(path).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize(("to", "recipe"), [("gguf", ConvertRecipe(preset="Q8_0")), ("onnx", ConvertRecipe(bits=8))])
+def test_convert_from_and_into_such_a_folder(tiny_llama, tmp_path, to, recipe):
+    """The checkpoint's tokenizer.json is read by edgekit (tokenizers' from_file takes strict UTF-8) and ONNX's
+    checker gets the graph through a link: both used to fail on the folder's name."""
+    src = Path(shutil.copytree(tiny_llama, tmp_path / LATIN / "ckpt"))
+    art = api.convert(src, to, output=tmp_path / LATIN / "out", recipe=recipe)
+    assert art.model_file.is_file() and answer(art.path)

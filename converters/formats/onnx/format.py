@@ -36,6 +36,7 @@ from edgekit.converters.quantize.base import Quantizer
 from edgekit.errors import DiskFullError, InputError, UnsupportedError, require
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
+from edgekit.native_path import utf8_path_to_load
 
 # Files a runtime needs beside the graph (tokenizer, chat template, generation defaults).
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes onnxruntime runs
@@ -124,7 +125,8 @@ class OnnxFormat(Format):
                 raise InputError("the graph exceeds protobuf's 2 GiB limit; keep the default external data") from exc
             raise
         progress("checking the graph (onnx.checker)", 0, 1)
-        onnx.checker.check_model(str(model_path))
+        with utf8_path_to_load(model_path, "onnx's checker") as native:  # it takes the path as strict UTF-8
+            onnx.checker.check_model(native)
         for name in SIDE_FILES:
             if (checkpoint.path / name).exists():
                 shutil.copy2(checkpoint.path / name, out_dir / name)
