@@ -19,6 +19,7 @@ from edgekit.tui.catalog import middle_ellipsis
 from edgekit.tui.chat_session import ChatSession, LiveStats
 from edgekit.tui.screens.dialogs import Conversations
 from edgekit.tui.widgets.chat import ChatMessage
+from edgekit.tui.widgets.chat_input import ChatInput
 from edgekit.tui.widgets.footer import KeysFooter
 
 # Sampling fields shown in the settings pane: (SamplingConfig field, label, Input type).
@@ -96,7 +97,7 @@ class ChatScreen(Screen[None]):
                 yield Static(NO_ARTIFACT, id="chat-title", markup=False)
                 yield VerticalScroll(id="chat-log")
                 yield Static("", id="chat-stats", markup=False)
-                yield Input(placeholder="Type a message, Enter to send", id="chat-input", disabled=True)
+                yield ChatInput(placeholder="Type a message, Enter to send", id="chat-input", disabled=True)
             with VerticalScroll(id="chat-settings"):
                 yield Label("system prompt")
                 yield TextArea("", id="system-prompt", soft_wrap=True, show_line_numbers=False,

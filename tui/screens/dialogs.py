@@ -145,6 +145,7 @@ HELP_KEYS = (
     ("Ctrl+Q", "everywhere", "quit (asks first while a conversion, profile or push runs)"),
     ("Tab", "everywhere", "the next box, list or button"),
     ("Enter", "chat", "send the message"),
+    ("Ctrl+J", "chat", "a new line in the message (shown as ⏎; a paste keeps its lines)"),
     ("PgUp / PgDn", "chat", "scroll the conversation (Ctrl+Home / Ctrl+End: its start / end)"),
     ("Esc", "chat", "stop the generation"),
     ("Ctrl+Y", "chat", "copy the last reply"),
