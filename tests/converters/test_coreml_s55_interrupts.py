@@ -13,6 +13,15 @@ import pytest
 pytest.importorskip("coremltools")
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises():
+    """Python's own Ctrl-C handler for each test: a suite started in the background (``cmd &``, nohup) inherits
+    SIGINT ignored, and an ignored signal is one edgekit rightly leaves alone."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _resenders() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "edgekit-coreml-interrupt"]
 
