@@ -19,6 +19,7 @@ with its importances, exactly as the calibrated ``imatrix`` method does with the
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,10 +91,18 @@ def read_imatrix(path: str | Path) -> ImatrixFile:
         raise InputError(f"imatrix file {p} not found{' (it is a folder)' if p.is_dir() else ''}; give the .gguf "
                          "or .dat file llama-imatrix wrote")
     try:
+        st = p.stat()
         with p.open("rb") as f:
             magic = f.read(4)
     except OSError as exc:
         raise InputError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    return _read_checked(p, magic, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_checked(p: Path, magic: bytes, size: int, mtime_ns: int) -> ImatrixFile:
+    """:func:`read_imatrix` once per file version: convert checks the file before any work and its quantizer
+    reads it again (a 70B model's file is hundreds of MB)."""
     out = _read_gguf(p) if magic == b"GGUF" else _read_legacy(p)
     if not out.importances:
         raise CorruptFileError(f"{p} holds no importances; {_MAKE_ONE}")
@@ -248,7 +257,6 @@ class ImatrixFileQuantizer(Quantizer):
         super().__init__(config)
         self._file: ImatrixFile | None = None
         self.notes: list[str] = []
-        self.report: dict[str, Any] = {}
 
     @property
     def cfg(self) -> ImatrixFileConfig:
@@ -287,7 +295,6 @@ class ImatrixFileQuantizer(Quantizer):
             raise InputError(f"{im.path} has no importances for {needy[0]}, which {getattr(plan[needy[0]], 'name', plan[needy[0]])} needs (llama.cpp "
                              f"refuses it without); {_MAKE_ONE}, or choose a type of 3 bits or more")
         missed = [n for n in without if n not in _NOT_COLLECTED]
-        self.report["imatrix_file"] = {"tensors": len(have), "without": without}
         note = f"importances from {im.path.name} ({im.describe()}) for {len(have)} of {len(rounded)} rounded tensors"
         if missed:
             note += (f"; without: {', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''} (the file has no "
