@@ -29,15 +29,16 @@ SCREEN_KEYS = {"chat": "f2", "artifacts": "f3", "convert": "f4", "profile": "f5"
 #: what quitting does to each kind of work under way, as the confirmation says it
 QUIT_LOSES = {
     "a conversion": "The conversion stops and what it wrote so far is removed.",
-    "a profile": "The rows measured so far are lost: n, then Esc stops the profile and keeps them "
-                 "(Ctrl+O exports them).",
+    "a profile": "The test under way stops; the rows measured so far are kept in the profile history, as "
+                 "`edgekit profile` keeps them on Ctrl-C.",
     "a push": "The push stops; the partial file stays on the device and the next push resumes it.",
 }
 
 
-class EdgekitApp(App[None]):
+class EdgekitApp(App[str | None]):
     """``folder``: where the artifacts screen looks. ``chat``: an artifact to open in chat at start.
-    ``start``: the first screen. ``backend_options``: passed to the runtime (n_ctx, n_threads...)."""
+    ``start``: the first screen. ``backend_options``: passed to the runtime (n_ctx, n_threads...).
+    ``run()`` returns a line on what became of work stopped by quitting (a profile's rows), or None."""
 
     CSS_PATH = "app.tcss"
     TITLE = "edgekit"
@@ -72,6 +73,10 @@ class EdgekitApp(App[None]):
 
     async def action_quit(self) -> None:
         """Ctrl+Q: asks first while work is under way, saying what quitting does to each (QUIT_LOSES)."""
+        profile = self.get_screen("profile")
+        if isinstance(profile, ProfileScreen) and profile.quitting:
+            self.notify("quitting once the profile has stopped and its rows are saved", markup=False)
+            return
         running = self.running_work()
         if not running or isinstance(self.screen, Confirm):
             self._leave()
@@ -85,10 +90,17 @@ class EdgekitApp(App[None]):
                                             *(QUIT_LOSES[what] for what in running)])), answered)
 
     def _leave(self) -> None:
+        profile = self.get_screen("profile")
+        if not (isinstance(profile, ProfileScreen) and profile.stop_then(self._exit_saying)):
+            self._exit_saying(None)
+
+    def _exit_saying(self, note: str | None) -> None:
+        """Exit; ``note`` (what became of a profile stopped to quit) is what ``run()`` returns, for ``edgekit tui``
+        to print once the screen is gone."""
         chat = self.get_screen("chat")
         if isinstance(chat, ChatScreen):
             chat.shutdown()
-        self.exit()
+        self.exit(result=note)
 
     def on_resize(self, event: events.Resize) -> None:
         self.refresh_bindings()  # the footer lays its keys out again for the new width (widgets/footer.py)

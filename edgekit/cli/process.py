@@ -79,13 +79,26 @@ def text_streams_for_any_text() -> None:
 
 def unwind_on_signals() -> None:
     """`kill` (SIGTERM) and a closed terminal or SSH session (SIGHUP) unwind like Ctrl-C, so temporary
-    outputs are removed instead of left behind. A SIGHUP ignored on purpose (``nohup``) stays ignored."""
+    outputs are removed instead of left behind. A SIGHUP ignored on purpose (``nohup``) stays ignored.
+
+    Once the command has finished (:func:`~edgekit.cli.ui.finished_status`) there is nothing left to unwind:
+    its outputs are whole, and the status it chose (0: the artifact asked for exists) is what the script that
+    sent the signal reads, as it would had the signal come a moment later and found the process gone. A
+    silent 143 there would say "interrupted" about a complete artifact. A second signal means the process is
+    not leaving (a thread it waits for): it leaves at once, with the same status."""
     import signal
 
-    from edgekit.cli.ui import Terminated
+    from edgekit.cli.ui import Terminated, finished_status
+
+    late: list[int] = []
 
     def leave(signum: int, frame: object) -> None:
-        raise Terminated(signum)  # a SystemExit: exits 128 + signum; handle_errors says which signal
+        status = finished_status()
+        if status is None:
+            raise Terminated(signum)  # a SystemExit: exits 128 + signum; handle_errors says which signal
+        if late:
+            raise SystemExit(status)
+        late.append(signum)  # absorbed: a raise here, in an atexit callback, would print a traceback
 
     signal.signal(signal.SIGTERM, leave)
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
@@ -146,10 +159,12 @@ def run(app: Callable[[], object]) -> None:
     import errno
 
     from edgekit.cli.ui import (
+        Terminated,
         debugging,
         fail,
         leave_quietly_on_broken_pipe,
         os_error_line,
+        say_terminated,
         stdout_reader_gone,
     )
 
@@ -160,6 +175,9 @@ def run(app: Callable[[], object]) -> None:
     text_streams_for_any_text()
     try:
         app()
+    except Terminated as exc:  # before a command started (or as it returned): said here, never a silent 143
+        say_terminated(exc)
+        raise
     except OSError as exc:
         if exc.errno == errno.EPIPE and stdout_reader_gone():
             leave_quietly_on_broken_pipe()

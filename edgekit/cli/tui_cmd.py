@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from edgekit.cli.flags import THREADS_HELP
-from edgekit.cli.ui import EXPERTS_HELP, decoding_options, handle_errors, refuse_without_terminal
+from edgekit.cli.ui import EXPERTS_HELP, decoding_options, err, handle_errors, refuse_without_terminal, say
 
 
 def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int, threads: int | None,
@@ -38,7 +38,9 @@ def _run_app(folder: Path | None, chat: Path | None, start: str | None, ctx: int
     from edgekit.tui.app import EdgekitApp
 
     options = {"n_ctx": ctx, "n_threads": threads, "offload": offload, **(decoding or {})}
-    EdgekitApp(folder=folder, chat=chat, start=start, backend_options=options).run()
+    note = EdgekitApp(folder=folder, chat=chat, start=start, backend_options=options).run()
+    if note:  # a profile stopped by quitting: where its rows went, left on the terminal
+        say(err, note, "note:", "yellow")
 
 
 def _library_folder(beside: Path | None) -> Path:

@@ -246,58 +246,115 @@ def thread_limit_line(known: bool = False) -> str | None:
     return THREAD_LIMIT.format(limit=limit)
 
 
+class _Command:
+    """The command :func:`handle_errors` runs outermost (a decorated function it calls is part of it): ``depth``
+    of that nesting, and ``status``, the exit status it chose once it has finished (None until then)."""
+
+    depth = 0
+    status: int | None = None
+
+
+def finished_status() -> int | None:
+    """The exit status of the command once it has finished: 0 when it returned, else the one it chose after
+    saying its last line (an error's code, 130, 143). None before it starts and while it runs. Its outputs are
+    whole by then, so a SIGTERM or SIGHUP that lands afterwards changes nothing (see
+    :func:`edgekit.cli.process.unwind_on_signals`)."""
+    return _Command.status
+
+
+def _exit_status(exc: BaseException) -> int:
+    """The status a process ends with when ``exc`` leaves the command (typer.Exit, SystemExit, or an error)."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return int(getattr(exc, "exit_code", 1))  # typer.Exit; typer.Abort and an error let through: 1
+
+
+def say_terminated(exc: Terminated) -> None:
+    """The one line of a SIGTERM or SIGHUP, with what a command kept from its notes (as for Ctrl-C); once."""
+    if not exc.said:
+        exc.said = True
+        kept = "; ".join(getattr(exc, "__notes__", ()))
+        what = "hung up" if exc.signame == "SIGHUP" else "terminated"
+        say(err, f"{what} ({exc.signame}); {kept or 'nothing half-written was kept'}", "error:", "bold red")
+
+
 def handle_errors(fn: F) -> F:
-    """Turn edgekit errors into one line on stderr and a non-zero exit; never a traceback."""
+    """Turn edgekit errors into one line on stderr and a non-zero exit; never a traceback. The outermost one
+    also records when its command has finished, and with which status (:func:`finished_status`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        outermost = _Command.depth == 0
+        if outermost:
+            _Command.status = None
+        _Command.depth += 1
         try:
-            with warnings.catch_warnings():
-                warnings.showwarning = _show_warning
-                notes_stay_notes()
-                return fn(*args, **kwargs)
-        except EdgekitError as exc:
-            raise fail(str(exc), exc.exit_code) from None
-        except KeyboardInterrupt as exc:  # a note says what was kept on purpose (training progress...)
-            if (line := thread_limit_line()) is not None:  # OpenBLAS raises SIGINT when it cannot start threads
-                raise fail(line) from None
-            kept = "; ".join(getattr(exc, "__notes__", ()))  # what stays on purpose, said instead
-            raise fail(f"interrupted; {kept or 'nothing half-written was kept'}", 130) from None
-        except Terminated as exc:  # `kill` or a closed terminal: unwound like Ctrl-C, and said like it
-            if not exc.said:
-                exc.said = True
-                kept = "; ".join(getattr(exc, "__notes__", ()))
-                what = "hung up" if exc.signame == "SIGHUP" else "terminated"
-                say(err, f"{what} ({exc.signame}); {kept or 'nothing half-written was kept'}", "error:", "bold red")
+            result = _one_line_errors(fn, args, kwargs)
+        except BaseException as exc:
+            if outermost:
+                _Command.status = _exit_status(exc)
             raise
-        except MemoryError:
-            raise fail("out of memory; close other programs or use a smaller model / --ctx", 137) from None
-        except OSError as exc:
-            if exc.errno == errno.EPIPE and stdout_reader_gone():  # `| head`: not an error
-                leave_quietly_on_broken_pipe()
-            if debugging():
-                raise
-            if exc.errno == errno.EAGAIN and (line := thread_limit_line()) is not None:  # fork() at the limit
-                raise fail(line) from None
-            raise fail(*os_error_line(exc)) from None
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except Exception as exc:  # a bug: still one line, with a way to see more
-            if debugging():
-                raise
-            from edgekit.fslimits import is_disk_full
-
-            if is_disk_full(exc):  # a writer that reports ENOSPC without an OSError (safetensors)
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise fail(f"the disk filled up ({reason}); free some space and retry", DiskFullError.exit_code) from None
-            if isinstance(exc, RuntimeError) and "start new thread" in str(exc):
-                raise fail(str(thread_limit_line(known=True))) from None
-            if isinstance(exc, Warning):  # another package's warning, which -W error / PYTHONWARNINGS made fatal
-                raise fail(f"{type(exc).__name__}: {exc} (a warning, made an error by the warning filters: "
-                           "-W error or PYTHONWARNINGS)") from None
-            raise fail(f"internal error: {type(exc).__name__}: {exc} (set EDGEKIT_DEBUG=1 for the traceback)", 1) from None
+        finally:
+            _Command.depth -= 1
+        if outermost and not _subcommand_follows():
+            _Command.status = 0
+        return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _subcommand_follows() -> bool:
+    """Whether the function that returned is a command group's callback (``edgekit cache``), its subcommand
+    still to run: the command has not finished."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and getattr(ctx, "invoked_subcommand", None) is not None
+
+
+def _one_line_errors(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)`` with its errors said in one line (:func:`handle_errors`)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            notes_stay_notes()
+            return fn(*args, **kwargs)
+    except EdgekitError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    except KeyboardInterrupt as exc:  # a note says what was kept on purpose (training progress...)
+        if (line := thread_limit_line()) is not None:  # OpenBLAS raises SIGINT when it cannot start threads
+            raise fail(line) from None
+        kept = "; ".join(getattr(exc, "__notes__", ()))  # what stays on purpose, said instead
+        raise fail(f"interrupted; {kept or 'nothing half-written was kept'}", 130) from None
+    except Terminated as exc:  # `kill` or a closed terminal: unwound like Ctrl-C, and said like it
+        say_terminated(exc)
+        raise
+    except MemoryError:
+        raise fail("out of memory; close other programs or use a smaller model / --ctx", 137) from None
+    except OSError as exc:
+        if exc.errno == errno.EPIPE and stdout_reader_gone():  # `| head`: not an error
+            leave_quietly_on_broken_pipe()
+        if debugging():
+            raise
+        if exc.errno == errno.EAGAIN and (line := thread_limit_line()) is not None:  # fork() at the limit
+            raise fail(line) from None
+        raise fail(*os_error_line(exc)) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # a bug: still one line, with a way to see more
+        if debugging():
+            raise
+        from edgekit.fslimits import is_disk_full
+
+        if is_disk_full(exc):  # a writer that reports ENOSPC without an OSError (safetensors)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise fail(f"the disk filled up ({reason}); free some space and retry", DiskFullError.exit_code) from None
+        if isinstance(exc, RuntimeError) and "start new thread" in str(exc):
+            raise fail(str(thread_limit_line(known=True))) from None
+        if isinstance(exc, Warning):  # another package's warning, which -W error / PYTHONWARNINGS made fatal
+            raise fail(f"{type(exc).__name__}: {exc} (a warning, made an error by the warning filters: "
+                       "-W error or PYTHONWARNINGS)") from None
+        raise fail(f"internal error: {type(exc).__name__}: {exc} (set EDGEKIT_DEBUG=1 for the traceback)", 1) from None
 
 
 def shown_when_started(progress: Callable[[str, int, int], None],

@@ -32,3 +32,18 @@ def test_tui_refuses_a_bad_folder_and_screen(tmp_path):
     assert result.exit_code == 2 and "is not a folder" in result.output
     result = runner.invoke(app, ["tui", "--screen", "settings"])
     assert result.exit_code == 2 and "choose chat, artifacts" in result.output
+
+
+def test_tui_prints_where_a_profile_stopped_by_quitting_left_its_rows(tmp_path, monkeypatch, capsys):
+    """The app's screen is gone when the note would matter: `edgekit tui` prints it, one line on stderr."""
+    from edgekit.cli import tui_cmd
+    from edgekit.tui.app import EdgekitApp
+
+    note = "the profile stopped; its 2 row(s) are kept in the profile history, the run marked 'interrupted'"
+    monkeypatch.setattr(tui_cmd, "refuse_without_terminal", lambda *a: None)
+    monkeypatch.setattr(EdgekitApp, "run", lambda self: note)
+    tui_cmd._run_app(tmp_path, None, "profile", 2048, None)
+    assert capsys.readouterr().err == f"note: {note}\n"
+    monkeypatch.setattr(EdgekitApp, "run", lambda self: None)  # nothing stopped: nothing said
+    tui_cmd._run_app(tmp_path, None, "profile", 2048, None)
+    assert capsys.readouterr().err == ""

@@ -215,7 +215,8 @@ async def test_the_quit_question_during_a_profile_says_what_happens_to_its_rows(
         await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="the quit question")
         question = app.screen.question
         assert question.startswith("A profile is under way")
-        assert "removed" not in question and "rows measured so far" in question and "Esc" in question
+        assert "removed" not in question and "lost" not in question
+        assert "rows measured so far are kept in the profile history" in question
         await pilot.press("n")
         await pilot.pause()
         profile.cancel_event = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,12 @@ class ProfileScreen(Screen[None]):
         self.rows: list[dict[str, Any]] = []
         self.cancel_event: threading.Event | None = None
         self.outcome = ""  # "ok", "interrupted" or "failed" once a run ends
+        self.after_stop: Callable[[str], None] | None = None  # quitting: called once the profile has stopped
+
+    @property
+    def quitting(self) -> bool:
+        """Whether the app is waiting for this profile to stop before it quits."""
+        return self.after_stop is not None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -222,15 +229,17 @@ class ProfileScreen(Screen[None]):
 
         try:
             run = mod.profile(targets, cfg, on_row=on_row, on_progress=on_progress, cancel=cancel)
+            unrecorded = None
             try:
                 save_history(run)
             except EdgekitError as exc:  # a damaged history: the rows measured still count
+                unrecorded = str(exc)
                 self.app.call_from_thread(self.notify, f"{exc}; this run was not recorded", severity="warning",
                                           markup=False)
         except BaseException as exc:  # noqa: BLE001 - error panel; finished rows stay on screen
             self.app.call_from_thread(self._finished, "failed", exc)
             return
-        self.app.call_from_thread(self._finished, run.status, None)
+        self.app.call_from_thread(self._finished, run.status, None, unrecorded)
 
     def _add_row(self, row: dict[str, Any], before: float | None) -> None:
         self.rows.append(row)
@@ -241,16 +250,46 @@ class ProfileScreen(Screen[None]):
         self.query_one("#pf-progress", ProgressBar).update(total=max(total, 1), progress=done)
         self._status(f"{label} ({done}/{total})")
 
-    def _finished(self, status: str, exc: BaseException | None) -> None:
+    def _finished(self, status: str, exc: BaseException | None, unrecorded: str | None = None) -> None:
         self.cancel_event = None
         self.outcome = status
         settle(self.query_one("#pf-progress", ProgressBar), exc is None and status != "interrupted")
         if exc is not None:
             self._status(f"failed after {len(self.rows)} row(s); see the error")
             self.app.show_error(exc)  # type: ignore[attr-defined]
-            return
-        note = " (stopped: the rows so far are kept)" if status == "interrupted" else ""
-        self._status(f"{len(self.rows)} row(s){note}. Ctrl+O exports them.")
+        else:
+            note = " (stopped: the rows so far are kept)" if status == "interrupted" else ""
+            self._status(f"{len(self.rows)} row(s){note}. Ctrl+O exports them.")
+        if self.after_stop is not None:
+            after_stop, self.after_stop = self.after_stop, None
+            after_stop(self._kept(exc, unrecorded))
+
+    def _kept(self, exc: BaseException | None, unrecorded: str | None) -> str:
+        """What became of the rows of a profile stopped to quit, for the line the app leaves on exit."""
+        from edgekit.tui.screens.dialogs import error_text
+
+        if exc is not None:
+            return f"the profile failed, and nothing of it was recorded: {error_text(exc)}"
+        ended = "stopped" if self.outcome == "interrupted" else "finished"  # it may end before it sees the stop
+        if not self.rows:
+            return f"the profile {ended} before its first row; nothing was measured to keep"
+        if unrecorded is not None:
+            return f"the profile {ended}; its {len(self.rows)} row(s) were not recorded: {unrecorded}"
+        marked = ", the run marked 'interrupted'" if ended == "stopped" else ""
+        return (f"the profile {ended}; its {len(self.rows)} row(s) are kept in the profile history{marked} "
+                "(edgekit profile --compare shows them)")
+
+    def stop_then(self, then: Callable[[str], None]) -> bool:
+        """Quitting while a profile runs: stop it as Esc does (the test under way ends within one token or batch
+        and its model's worker process is closed), keep the rows in the profile history as ``edgekit profile``
+        does on Ctrl-C (the run marked interrupted, a test timed in part as an 'interrupted' row), then call
+        ``then`` with a line that says so. False, and ``then`` is not called, when no profile runs."""
+        if self.cancel_event is None:
+            return False
+        self.after_stop = then
+        self.action_cancel()
+        self._status(f"stopping to quit; keeping the {len(self.rows)} row(s) measured so far...")
+        return True
 
     def action_cancel(self) -> None:
         if self.cancel_event is not None:
