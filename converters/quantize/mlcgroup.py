@@ -33,6 +33,7 @@ from edgekit.converters.quantize.grids.base import F32, Grid, GridSweep, importa
 from edgekit.errors import InputError, UnsupportedError
 
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+_CHUNK = 1 << 18  # weights quantized at a time (rows are independent): 1 MB float32 temporaries
 _SHRINK = np.linspace(1.0, 0.70, 16, dtype=F32)
 
 
@@ -101,6 +102,15 @@ class MLCGroup(Grid):
         ``imatrix``-weighted scale search with it."""
         a = np.asarray(x, dtype=F32)
         rows = a.reshape(-1, a.shape[-1])
+        step = max(1, _CHUNK // rows.shape[1])
+        if rows.shape[0] > step:  # rows are independent: a chunk at a time keeps the float temporaries small
+            raw = np.empty((rows.shape[0], self.row_bytes(rows.shape[1])), dtype=np.uint8)
+            values = np.empty_like(rows) if want_values else None
+            for r0 in range(0, rows.shape[0], step):
+                raw[r0:r0 + step], v = self.quantize_roundtrip(rows[r0:r0 + step], imatrix, want_values=want_values)
+                if values is not None:
+                    values[r0:r0 + step] = v
+            return raw.reshape(*a.shape[:-1], -1), (None if values is None else values.reshape(a.shape))
         if not np.all(np.isfinite(rows)):
             raise InputError(f"cannot quantize to {self.name}: the weights contain NaN or infinite values")
         n = rows.shape[1]

@@ -242,8 +242,6 @@ def quantize_rows(t: NBitsType, rows: np.ndarray, imatrix: np.ndarray | None,
     r, n = x.shape
     if n % t.block:
         raise InputError(f"rows of {n} weights cannot use {t.name}: the row length must be a multiple of {t.block}")
-    if not np.all(np.isfinite(x)):
-        raise InputError(f"cannot quantize to {t.name}: the weights contain NaN or infinite values")
     blocks = x.reshape(-1, t.block)
     qw = None
     if imatrix is not None:
@@ -256,6 +254,8 @@ def quantize_rows(t: NBitsType, rows: np.ndarray, imatrix: np.ndarray | None,
     step = max(1, (1 << 16) // n)
     for r0 in range(0, r, step):
         r1 = min(r0 + step, r)
+        if not np.all(np.isfinite(x[r0:r1])):  # a chunk at a time: a whole-matrix mask is 1 byte a weight
+            raise InputError(f"cannot quantize to {t.name}: the weights contain NaN or infinite values")
         sl = slice(r0 * n // t.block, r1 * n // t.block)
         codes, params = encode(t, blocks[sl], None if qw is None else qw[sl])
         out[r0:r1] = pack(t, codes, params).reshape(r1 - r0, -1)

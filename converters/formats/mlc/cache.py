@@ -81,7 +81,8 @@ class TensorCacheWriter:
         a = np.ascontiguousarray(array)
         dtype = _DTYPE_NAMES[a.dtype]
         self.param_bytes += a.nbytes
-        raw = (f32_to_bf16(a) if dtype == "float32" else a.astype(a.dtype.newbyteorder("<"))).tobytes()
+        le = f32_to_bf16(a) if dtype == "float32" else np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        raw = memoryview(le.reshape(-1)).cast("B")  # the array's own bytes: no copy of a large tensor
         rec = {"name": name, "shape": list(a.shape), "dtype": dtype, "format": ENCODING, "nbytes": len(raw)}
         if len(self.data) + len(raw) >= self.cap:
             if 2 * len(raw) >= self.cap:

@@ -150,10 +150,12 @@ def _encode(ckpt: HFCheckpoint, quantizer: Quantizer, plan: dict[str, Any], p: l
     rows, width = [], None
     for src in p.sources:
         w = ckpt.load(src)
-        width = w.shape[1]
+        width, n_rows = w.shape[1], w.shape[0]
         raw = quantizer.quantize(ckpt.spec.gguf_name(src), w, plan[ckpt.spec.gguf_name(src)])
-        rows.append(np.asarray(raw, dtype=np.uint8).reshape(w.shape[0], -1))
-    records = np.concatenate(rows, axis=0)
+        del w  # a vocabulary table's float32 copy is hundreds of MB: gone before the next one loads
+        rows.append(np.asarray(raw, dtype=np.uint8).reshape(n_rows, -1))
+    records = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+    del rows
     if records.shape[1] != grid.row_bytes(width):
         raise BackendError(f"the quantizer returned {records.shape[1]} bytes per row of {p.name}; "
                            f"{grid.name} needs {grid.row_bytes(width)}")

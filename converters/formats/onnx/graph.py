@@ -57,7 +57,7 @@ class ExternalData:
         if pad:
             self.f.write(b"\0" * pad)
             self.offset += pad
-        self.f.write(arr.tobytes())
+        self.f.write(memoryview(arr.reshape(-1)).cast("B"))  # no second copy of a large tensor
         t = TensorProto()
         t.name = name
         t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)

@@ -82,32 +82,33 @@ class _Weights:
     def _load(self, g: str) -> tuple[np.ndarray, tuple[int, ...]]:
         """The float32 weights of ``g`` without the zero padding of per-block FFN widths, and the shape
         the checkpoint stores (padding included: what calibrated methods encode)."""
-        w = self.ckpt.load(self.plan[g].hf).astype(np.float32)
+        w = self.ckpt.load(self.plan[g].hf).astype(np.float32, copy=False)
         shape = own_shape(self.ckpt.hparams, g, w.shape)
         return (w if shape == w.shape else np.ascontiguousarray(w[: shape[0], : shape[-1]])), w.shape
 
     def float(self, g: str) -> np.ndarray:
         w, stored = self._load(g)
-        raw = np.frombuffer(self.quantizer.quantize(g, w, T.F32).tobytes(), np.float32)
+        raw = np.ascontiguousarray(self.quantizer.quantize(g, w, T.F32)).reshape(-1).view(np.float32)
         if raw.size != w.size:  # a calibrated method's weights, in the checkpoint's padded shape
             raw = cut_padding(raw.reshape(stored), w.shape[0], w.shape[-1])
         return raw.reshape(w.shape)
 
-    def embedding(self) -> tuple[Any, np.ndarray]:
-        """The token embedding: float32 table, or int8 records by round-to-nearest (a lookup table
-        has no activations to calibrate against)."""
+    def embedding(self) -> tuple[Any, np.ndarray | None]:
+        """The token embedding: ``(None, float32 table)``, or ``(int8 records, None)`` by round-to-nearest
+        (a lookup table has no activations to calibrate against). The float table of a quantized embedding
+        is not handed back: a large vocabulary's is hundreds of MB, held through every layer."""
         p = self.plan["token_embd.weight"]
-        w = self.ckpt.load(p.hf).astype(np.float32)
+        w = self.ckpt.load(p.hf).astype(np.float32, copy=False)
         if p.qtype == T.F32:
             return None, w
-        rec = p.qtype.quantize(w)
-        return nbits.split(p.qtype, rec, w.shape[0]), w
+        return nbits.split(p.qtype, p.qtype.quantize(w), w.shape[0]), None
 
-    def quantized(self, g: str, qt: NBitsType) -> tuple[nbits.SplitTensors, np.ndarray]:
-        """MatMulNBits tensors of ``g`` on grid ``qt`` and the float32 weights they decode to (HF layout)."""
+    def quantized(self, g: str, qt: NBitsType) -> nbits.SplitTensors:
+        """MatMulNBits tensors of ``g`` on grid ``qt`` (HF layout)."""
         w, _ = self._load(g)
         rec = cut_padding(self.quantizer.quantize(g, w, qt), w.shape[0], qt.row_bytes(w.shape[-1]))
-        return nbits.split(qt, rec, w.shape[0]), nbits.dequantize(qt, rec)
+        del w
+        return nbits.split(qt, rec, rec.shape[0])
 
 
 def _build(ckpt: HFCheckpoint, opts: OnnxOptions, gopts, weights: _Weights, data, progress: ProgressFn):
@@ -130,7 +131,7 @@ def _build(ckpt: HFCheckpoint, opts: OnnxOptions, gopts, weights: _Weights, data
     embed_float = None
     if opts.embed_mode == "shared":
         qt = weights.plan["token_embd.weight"].qtype
-        q, _ = weights.quantized("token_embd.weight", qt)
+        q = weights.quantized("token_embd.weight", qt)
         names = [b.const("lm_head.qweight", q.B), b.const("lm_head.scales", q.scales.astype(dt))]
         zp = q.zero_points if q.zero_points is not None else _default_zero_points(qt, q.scales.shape)
         b.const("lm_head.qzeros", zp)
@@ -150,6 +151,7 @@ def _build(ckpt: HFCheckpoint, opts: OnnxOptions, gopts, weights: _Weights, data
             "embed_tokens/GatherBlockQuantized", domain=og.MS, bits=8, block_size=qt.block, gather_axis=0,
             quantize_axis=1)
         record([emb_name], qt, (hp.n_vocab, hp.n_embd))
+        q = emb = None  # the records are in the data file now; a large vocabulary's are 100s of MB
     else:
         embed_float, shared_head = emb[1], None
         table = b.const("embed_tokens.weight", embed_float.astype(dt))
@@ -199,7 +201,7 @@ def _linear(weights: _Weights, opts: OnnxOptions, names: list[str], bias_names: 
     bias = np.concatenate(biases) if biases else None
     qt = plan[names[0]].qtype
     if isinstance(qt, NBitsType):
-        parts = [weights.quantized(n, qt)[0] for n in names]
+        parts = [weights.quantized(n, qt) for n in names]
         n_rows = sum(p.B.shape[0] for p in parts)
         k = parts[0].B.shape[1] * qt.block
         zps = [p.zero_points for p in parts]
@@ -236,7 +238,7 @@ def _lm_head(b, weights: _Weights, opts: OnnxOptions, h: str, embed_float: np.nd
     head = weights.plan.get("output.weight")
     grid = head.qtype if head is not None and isinstance(head.qtype, NBitsType) else None
     if grid is not None:
-        q, _ = weights.quantized("output.weight", grid)
+        q = weights.quantized("output.weight", grid)
         record(["lm_head.weight"], grid, (hp.n_vocab, hp.n_embd), **copy)
         return b.linear(h, Linear(hp.n_vocab, hp.n_embd, q=q, qtype=grid), "lm_head")
     w = embed_float if (tied and embed_float is not None) else weights.float("output.weight" if not tied else
