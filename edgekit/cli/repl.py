@@ -1,14 +1,27 @@
-"""``edgekit run`` without a prompt: a chat in the terminal, one line a turn, the conversation kept
+"""``edgekit run`` without a prompt: a chat in the terminal, one message a turn, the conversation kept
 for the session (as ``llama-cli`` and ``ollama run`` do); and ``run``'s one-shot reply and ``--json``.
+
+A message is what Enter sends: a line as typed, or a paste whole, its newlines included (the terminal's
+bracketed paste, through GNU readline: the paste lands in the line being edited, and Enter sends it). A
+message of several lines can also be typed: a line starting with \""" opens it and a line ending with \"""
+closes it (as in ``ollama run``), or a line ending with a backslash goes on to the next (as in
+``llama-cli``); the prompt is then ``... ``. These two apply to typed lines only: a paste is sent as it is,
+quotes and backslashes included. Without GNU readline (libedit, or no readline at all) a paste arrives as
+typed lines, one message each, as before; \""" works everywhere. ``run`` with stdin not a terminal never
+chats: all of stdin is one prompt.
 
 The model is loaded once and every turn sends the whole conversation through its chat template. Ctrl-C
 stops the reply being written (what was written stays in the conversation); at the prompt it only says
-how to leave. ``/exit`` or Ctrl-D ends; ``/clear`` forgets the conversation.
+how to leave, and drops a message of several lines being typed. ``/exit`` or Ctrl-D ends; ``/clear`` forgets
+the conversation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
@@ -18,7 +31,10 @@ from edgekit.errors import BackendCrashed, EdgekitError
 from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig
 
 EXIT = ("/exit", "/quit", "/bye")
-HELP = "a line is a message; /clear forgets the conversation; /exit or Ctrl-D ends; Ctrl-C stops a reply"
+PROMPT, MORE = ">>> ", "... "  # MORE: inside a message of several lines
+FENCE = '"""'
+HELP = ('Enter sends a message{paste}; """ opens and closes one of several lines, and a \\ ending a line '
+        "goes on to the next; /clear forgets the conversation; /exit or Ctrl-D ends; Ctrl-C stops a reply")
 
 
 def stats_line(st: GenerationStats, chat: bool = False) -> str:
@@ -68,26 +84,89 @@ def stream(pieces: Iterator[str], write: Callable[[str], Any] | None) -> tuple[s
 
 
 def read_line(prompt: str) -> str:
-    """``input`` with line editing and history where readline exists (a TTY on Linux and macOS)."""
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401 - importing it is what turns line editing on for input()
+    """``input`` with line editing and history where readline exists (a TTY on Linux and macOS); with GNU
+    readline a paste comes back whole, its newlines included (see ``whole_pastes``)."""
+    whole_pastes()
     return input(prompt)
+
+
+@functools.cache
+def whole_pastes() -> bool:
+    """Import readline (which turns line editing on for ``input``) and, where it is GNU readline, turn its
+    bracketed paste on: while it reads, readline asks the terminal to mark a paste (ESC[?2004h; ESC[?2004l
+    when it returns, on Enter, Ctrl-C, Ctrl-D or a signal's exception) and puts what is between the marks in
+    the line being edited, newlines and all; Enter then sends it. CPython turns the setting off (bpo-42819:
+    its own REPL runs a line at a time); libedit has none. Returns whether a paste is one message: only when
+    input() uses readline, that is when stdin and stdout are both terminals."""
+    try:
+        import readline
+    except ImportError:
+        return False
+    gnu = getattr(readline, "backend", "editline" if "libedit" in (readline.__doc__ or "") else "readline")
+    if gnu != "readline" or getattr(readline, "_READLINE_VERSION", 0) < 0x0700:  # the setting came in 7.0
+        return False
+    # a dumb terminal (Emacs' M-x shell) would print the codes; readline's own check for it ran at its start
+    if os.environ.get("TERM", "dumb") in ("", "dumb"):
+        return False
+    readline.parse_and_bind("set enable-bracketed-paste on")
+    return sys.stdin is not None and sys.stdout is not None and sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def read_message(read: Callable[[str], str]) -> str:
+    """One message, from ``read`` (a line at a time, after its prompt; a paste may come as one "line" with
+    newlines in it): a line; or, typed, a block from a line starting with \""" to one ending with \"""; or
+    lines joined while they end with a backslash. Prompts with ``PROMPT``, then ``MORE``. A paste is taken as
+    it is, never as opening, closing or going on, so a pasted Python file that starts with its docstring, or
+    a shell line cut after a backslash, is sent as pasted. EOFError and KeyboardInterrupt come from ``read``
+    (what was typed of the message is dropped)."""
+    line = _newlines(read(PROMPT))
+    if "\n" in line:
+        return line
+    if line.strip().startswith(FENCE):
+        rest = line.strip()[len(FENCE):]
+        block: list[str] = []
+        while "\n" in rest or not rest.rstrip().endswith(FENCE):
+            block.append(rest)
+            rest = _newlines(read(MORE))
+        return "\n".join([*block, rest.rstrip()[:-len(FENCE)]])
+    lines = [line]
+    # as llama-cli: the newline stays, the backslash goes
+    while "\n" not in lines[-1] and lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(_newlines(read(MORE)))
+    return "\n".join(lines)
+
+
+def _newlines(text: str) -> str:
+    # a terminal sends a pasted newline as CR; GNU readline 8 turns it into LF, but not every reader does
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def tidy(message: str) -> str:
+    """What is sent of a message: without the spaces and blank lines around it, but with its first line's
+    indent when it has more lines (a pasted block of code keeps its shape)."""
+    text = message.rstrip()
+    if lead := re.match(r"\s*\n", text):  # the blank lines before the first line with text
+        text = text[lead.end():]
+    return text if "\n" in text else text.strip()
 
 
 def chat_repl(open_backend: Callable[[], Backend], sampling: SamplingConfig, *, system: str | None = None,
               raw: bool = False, show_stats: bool = True, read: Callable[[str], str] = read_line,
               out: TextIO | None = None) -> list[dict[str, str]]:
-    """Chat until ``/exit`` or end of input; returns the conversation. With ``raw`` each line is completed
-    as plain text on its own (no template, so no conversation to keep)."""
+    """Chat until ``/exit`` or end of input; returns the conversation. ``read`` gives a line after a prompt
+    (``read_message`` makes the messages). With ``raw`` each message is completed as plain text on its own
+    (no template, so no conversation to keep)."""
     out = out or sys.stdout
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     first = len(messages)
     backend = open_backend()
-    say(err, dim(HELP))
+    help_text = HELP.format(paste=" (a paste is one)" if read is read_line and whole_pastes() else "")
+    say(err, dim(help_text))
     try:
         while True:
             try:
-                line = read(">>> ")
+                text = tidy(read_message(read))
             except EOFError:  # Ctrl-D, or the end of piped input
                 out.write("\n")
                 break
@@ -95,7 +174,6 @@ def chat_repl(open_backend: Callable[[], Backend], sampling: SamplingConfig, *, 
                 out.write("\n")
                 say(err, dim("(/exit or Ctrl-D to leave)"))
                 continue
-            text = line.strip()
             if not text:
                 continue
             if text in EXIT:
@@ -105,7 +183,7 @@ def chat_repl(open_backend: Callable[[], Backend], sampling: SamplingConfig, *, 
                 say(err, dim("conversation cleared"))
                 continue
             if text in ("/help", "/?"):
-                say(err, dim(HELP))
+                say(err, dim(help_text))
                 continue
             if not raw:
                 messages.append({"role": "user", "content": text})
