@@ -113,7 +113,9 @@ def make_dir(path: Path, elsewhere: str) -> Path:
     return path
 
 
-SHA_CACHE_ENTRIES = 2048  # files whose sha256 is remembered (a checkpoint shard or artifact file each)
+#: files whose sha256 is remembered: deleted temporary folders' files piled up for ever (24k, 4 MB read and
+#: rewritten whole for each file hashed)
+SHA_CACHE_ENTRIES = 2048
 
 
 def _cache_key(path: Path) -> tuple[str, str]:
@@ -137,13 +139,10 @@ def _update_sha_cache(where: str, key: str, digest: str | None) -> str:
         return cache[key]
     if digest is None:
         digest = sha256_file(where)
-    # Entries for earlier sizes/mtimes of the same file can never match again; the newest come last, and
-    # only the newest SHA_CACHE_ENTRIES stay (temporary folders' files would otherwise pile up for ever, and
-    # the whole file is read and rewritten for each file hashed: 24k entries were 4 MB, per write)
+    # Entries for earlier sizes/mtimes of the same file can never match again; the newest SHA_CACHE_ENTRIES stay
     cache = {k: v for k, v in cache.items() if k.rsplit("|", 2)[0] != where}
     cache[key] = digest
-    if len(cache) > SHA_CACHE_ENTRIES:
-        cache = dict(list(cache.items())[-SHA_CACHE_ENTRIES:])
+    cache = dict(list(cache.items())[-SHA_CACHE_ENTRIES:])
     with contextlib.suppress(OSError, EdgekitError):  # a read-only or full cache only costs time
         edgekit_home(create=True)
         with atomic_file(cache_path) as tmp:
