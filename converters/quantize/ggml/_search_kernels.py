@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.jit import numba_kernel
+from edgekit.jit import compile_kernels, numba_kernel
 
 # the compiled functions, set by _compile(); the functions below call them by these names
 _codes_c: Any = None
@@ -248,19 +248,12 @@ def _qkx(x: Any, w: Any, nmax: int, rmin: Any, rdelta: Any, nstep: int, use_mad:
 
 
 def _compile(numba: Any) -> tuple[Any, Any, Any]:
-    """Compile the kernels (IEEE float32 in C's order: no fast-math, no FMA contraction; NumPy's division
-    semantics; the GIL released so tensors encode on several threads); returns ``(qx, qkx, q3)``."""
+    """Compile the kernels (:func:`edgekit.jit.compile_kernels`: IEEE float32 in C's order, the GIL released
+    so tensors encode on several threads); returns ``(qx, qkx, q3)``."""
     global _codes_c, _error_c, _absmax_c, _qx_block_c, _qkx_block_c, _q3_block_c
-    jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
-    try:
-        _codes_c = jit(_codes)
-    except RuntimeError:  # nowhere to keep a cache (a read-only install, no writable home): compile each time
-        jit = numba.njit(cache=False, fastmath=False, error_model="numpy", nogil=True)
-        _codes_c = jit(_codes)
-    _error_c, _absmax_c = jit(_error), jit(_absmax)
-    _qx_block_c, _qkx_block_c = jit(_qx_block), jit(_qkx_block)
-    _q3_block_c = jit(_q3_block)
-    return jit(_qx), jit(_qkx), jit(_q3)
+    (_codes_c, _error_c, _absmax_c, _qx_block_c, _qkx_block_c, _q3_block_c, qx, qkx, q3) = compile_kernels(
+        numba, _codes, _error, _absmax, _qx_block, _qkx_block, _q3_block, _qx, _qkx, _q3)
+    return qx, qkx, q3
 
 
 @numba_kernel
