@@ -45,7 +45,8 @@ from edgekit.calibration import _VERSION as CALIB_VERSION  # noqa: E402
 from edgekit.converters.formats.gguf.mixes import preset_from_name  # noqa: E402
 from edgekit.converters.quantize.base import QUANTIZERS  # noqa: E402
 from edgekit.evaluate import EvalConfig, perplexity, read_text  # noqa: E402
-from edgekit.fsutil import edgekit_home, sha256_files  # noqa: E402
+from edgekit.fsutil import edgekit_home  # noqa: E402
+from edgekit.hashing import sha256_files  # noqa: E402
 from edgekit.model import HFCheckpoint  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 

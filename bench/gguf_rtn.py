@@ -51,7 +51,8 @@ from rich.table import Table  # noqa: E402
 
 from edgekit.converters.formats.gguf.mixes import preset_from_name  # noqa: E402
 from edgekit.evaluate import EvalConfig, perplexity, read_text  # noqa: E402
-from edgekit.fsutil import edgekit_home, sha256_file  # noqa: E402
+from edgekit.fsutil import edgekit_home  # noqa: E402
+from edgekit.hashing import sha256_file  # noqa: E402
 from edgekit.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

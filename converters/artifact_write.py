@@ -23,7 +23,8 @@ from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import ConvertRecipe, ProgressFn
 from edgekit.converters.quantize.base import Quantizer
 from edgekit.errors import InputError, OutputExistsError
-from edgekit.fsutil import atomic_dir, sha256_files, temp_dir
+from edgekit.fsutil import atomic_dir, temp_dir
+from edgekit.hashing import sha256_files
 from edgekit.model import HFCheckpoint
 
 

@@ -191,7 +191,7 @@ def upload_runner(device: Device, runner: Path, folder: str, wait_s: float = RUN
     folder take turns (the push lock, pushlock.py): the second waits up to ``wait_s`` for the first, then finds
     the runner there; a lock still held after that is refused, naming who holds it."""
     from edgekit.devices.transfer import FilePush, _verify, partial_name
-    from edgekit.fsutil import sha256_file_cached
+    from edgekit.hashing import sha256_file_cached
 
     remote = posixpath.join(folder, runner.name)
     size, sha = runner.stat().st_size, sha256_file_cached(runner)

@@ -34,7 +34,7 @@ from edgekit.devices.base import (
 from edgekit.devices.pushlock import PushLock
 from edgekit.errors import DiskFullError, InputError
 from edgekit.fslimits import is_disk_full
-from edgekit.fsutil import sha256_file_cached
+from edgekit.hashing import sha256_file_cached
 from edgekit.progress import ProgressFn
 
 

@@ -21,7 +21,8 @@ from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 from edgekit.errors import CorruptFileError, InputError
-from edgekit.fsutil import atomic_file, remember_sha256, sha256_file, sha256_file_cached
+from edgekit.fsutil import atomic_file
+from edgekit.hashing import remember_sha256, sha256_file, sha256_file_cached
 from edgekit.library import SCHEMA
 
 T = TypeVar("T")

@@ -69,7 +69,7 @@ class EvalResult:
 
 def text_identity(path: str | Path) -> tuple[str, str]:
     """A text file's name and sha256, recorded with every evaluation so a figure names what it measured."""
-    from edgekit.fsutil import sha256_file
+    from edgekit.hashing import sha256_file
 
     p = Path(path).expanduser()
     return p.name, sha256_file(p)

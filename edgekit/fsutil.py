@@ -1,4 +1,4 @@
-"""Atomic outputs, free-space checks and hashing.
+"""Atomic outputs, free-space checks and edgekit's home (hashing: :mod:`edgekit.hashing`).
 
 Every artifact is written into a hidden temporary sibling folder and renamed into place at the
 end, so a failed or interrupted write leaves nothing under the real name. Temporary names carry the
@@ -12,8 +12,6 @@ import contextlib
 import ctypes
 import errno
 import functools
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -35,15 +33,6 @@ except ImportError:  # pragma: no cover - Windows: no locks, the pid in the name
 TEMP_NAME_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|prune)-(?P<pid>\d+)-[^/]*$")
 # Folders holding one of these were written by edgekit, so --force may replace them.
 OUTPUT_MARKERS = ("edgekit.json", "edgekit_import.json", "edgekit_diffusion.json")
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # The way out of a write error in edgekit's home (its caches, histories, device list).
@@ -111,64 +100,6 @@ def make_dir(path: Path, elsewhere: str) -> Path:
         raise write_error(exc, path, elsewhere) or InputError(
             f"cannot create {path}: {exc.strerror or exc}; make it writable or {elsewhere}") from exc
     return path
-
-
-#: files whose sha256 is remembered: deleted temporary folders' files piled up for ever (24k, 4 MB read and
-#: rewritten whole for each file hashed)
-SHA_CACHE_ENTRIES = 2048
-
-
-def _cache_key(path: Path) -> tuple[str, str]:
-    st = path.stat()
-    where = str(path.resolve())
-    return where, f"{where}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def _update_sha_cache(where: str, key: str, digest: str | None) -> str:
-    try:
-        cache_path = edgekit_home() / "sha256-cache.json"
-    except EdgekitError:  # a home set wrong only costs the hashing: a command that needs the home says why
-        return digest if digest is not None else sha256_file(where)
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if not isinstance(cache, dict):
-        cache = {}
-    if digest is None and isinstance(cache.get(key), str):
-        return cache[key]
-    if digest is None:
-        digest = sha256_file(where)
-    # Entries for earlier sizes/mtimes of the same file can never match again; the newest SHA_CACHE_ENTRIES stay
-    cache = {k: v for k, v in cache.items() if k.rsplit("|", 2)[0] != where}
-    cache[key] = digest
-    cache = dict(list(cache.items())[-SHA_CACHE_ENTRIES:])
-    with contextlib.suppress(OSError, EdgekitError):  # a read-only or full cache only costs time
-        edgekit_home(create=True)
-        with atomic_file(cache_path) as tmp:
-            tmp.write_text(json.dumps(cache))
-    return digest
-
-
-def sha256_file_cached(path: Path) -> str:
-    """sha256 of ``path``, remembered by (path, size, mtime) so re-converting a source does not rehash it."""
-    where, key = _cache_key(Path(path))
-    return _update_sha_cache(where, key, None)
-
-
-def remember_sha256(path: Path, digest: str) -> None:
-    """Record ``digest`` as ``path``'s sha256 (just written, so hashed already) for :func:`sha256_file_cached`."""
-    where, key = _cache_key(Path(path))
-    _update_sha_cache(where, key, digest)
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """One sha256 over several files (sorted by name), for sharded checkpoints."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda p: p.name):
-        h.update(p.name.encode())
-        h.update(sha256_file_cached(p).encode())
-    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -20,7 +20,8 @@ from edgekit.converters.formats.gguf.check import check_gguf
 from edgekit.converters.formats.gguf.read import read_gguf_header
 from edgekit.errors import CorruptFileError, InputError, UnsupportedError, quiet_transformers, require
 from edgekit.fslimits import is_disk_full, write_error
-from edgekit.fsutil import atomic_dir, check_free_space, check_not_inside, sha256_file
+from edgekit.fsutil import atomic_dir, check_free_space, check_not_inside
+from edgekit.hashing import sha256_file
 
 
 def _field(reader, key: str):

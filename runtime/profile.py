@@ -141,7 +141,7 @@ class ProfileInterrupted(EdgekitError):
 
 def artifact_info(art: Artifact) -> dict[str, Any]:
     """The row's ``artifact`` block: identity (path, sha256, size) and what the manifest says about it."""
-    from edgekit.fsutil import sha256_file_cached
+    from edgekit.hashing import sha256_file_cached
 
     m = art.manifest
     ppl = None

@@ -20,7 +20,8 @@ from edgekit.artifact import Artifact, is_artifact_folder
 from edgekit.converters.diffusion.export import EXPORTERS
 from edgekit.converters.diffusion.pipeline import EDGEKIT_FILE, Pipeline, open_pipeline
 from edgekit.errors import InputError, UnsupportedError
-from edgekit.fsutil import atomic_dir, check_output, sha256_files
+from edgekit.fsutil import atomic_dir, check_output
+from edgekit.hashing import sha256_files
 from edgekit.progress import ProgressFn, no_progress
 
 TASK = "diffusion"

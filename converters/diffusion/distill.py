@@ -196,7 +196,8 @@ def _distill(pipe: Any, src: str | Path, out: Path, state_dir: Path, cfg: Distil
 
     from edgekit.converters.diffusion.pipeline import save_pipeline
     from edgekit.converters.diffusion.trainstate import clear_state, load_state, save_state
-    from edgekit.fsutil import atomic_dir, sha256_files
+    from edgekit.fsutil import atomic_dir
+    from edgekit.hashing import sha256_files
 
     teacher = pipe.load_unet().requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True).train()

@@ -102,7 +102,7 @@ class AQLMQuantizer(CalibratedQuantizer):
             self.report["distill"] = self._finetune(checkpoint, progress)
 
     def _cache_key(self, checkpoint: HFCheckpoint, plan: dict[str, Any]) -> str:
-        from edgekit.fsutil import sha256_file, sha256_files
+        from edgekit.hashing import sha256_file, sha256_files
 
         cfg: AQLMConfig = self.config  # type: ignore[assignment]
         calib = cfg.calib.describe()

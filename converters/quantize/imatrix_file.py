@@ -235,7 +235,7 @@ class ImatrixFileConfig(QuantizeConfig):
     file: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        from edgekit.fsutil import sha256_file
+        from edgekit.hashing import sha256_file
 
         p = Path(self.file).expanduser()
         try:

@@ -249,7 +249,7 @@ class LayerPipeline:
         torch = require("torch", "torch")
         transformers = require("transformers", "torch")
         check_tokenizer_files(ckpt.path)  # a damaged file: its name and the fix, not the tokenizer library's error
-        from edgekit.fsutil import sha256_files
+        from edgekit.hashing import sha256_files
 
         with quiet_transformers(transformers):
             model = transformers.AutoModelForCausalLM.from_pretrained(

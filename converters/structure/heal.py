@@ -110,7 +110,7 @@ def _too_long(what: str) -> str:
 
 
 def _key(ckpt: HFCheckpoint, spec: str, cfg: HealConfig, calib: CalibConfig) -> str:
-    from edgekit.fsutil import sha256_files
+    from edgekit.hashing import sha256_files
 
     blob = json.dumps({"src": sha256_files(ckpt.weight_files), "prune": spec, "heal": asdict(cfg),
                        "calib": calib.describe()}, sort_keys=True)

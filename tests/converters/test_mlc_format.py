@@ -344,7 +344,7 @@ def test_manifest_inspect_and_plan_know_the_format(q4_rtn):
 
 def test_a_gguf_converts_to_mlc_in_one_command(tiny_llama, tmp_path):
     from edgekit import api
-    from edgekit.fsutil import sha256_files
+    from edgekit.hashing import sha256_files
 
     gguf_art = api.convert(tiny_llama, "gguf", output=tmp_path / "g", recipe=api.ConvertRecipe(preset="Q8_0"))
     gguf_file = tmp_path / "tiny.Q8_0.gguf"

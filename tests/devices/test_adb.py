@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from edgekit.cli.main import app
 from edgekit.devices import DeviceDisconnected, PushConfig, open_device, push
 from edgekit.devices.transfer import partial_name
-from edgekit.fsutil import sha256_file
+from edgekit.hashing import sha256_file
 from tests.devices.conftest import reconnect
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from edgekit.cli.main import app
 from edgekit.devices import PushConfig, open_device, push
 from edgekit.devices.base import DeviceError, VerificationError
-from edgekit.fsutil import sha256_file
+from edgekit.hashing import sha256_file
 from tests.devices.adbd_standin import SHELL_UID
 from tests.devices.test_ssh import _add, _files
 

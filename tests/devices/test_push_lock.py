@@ -19,7 +19,7 @@ from edgekit.cli.main import app
 from edgekit.devices import PushConfig, PushInProgress, open_device, push
 from edgekit.devices.pushlock import LOCK_NAME, LOCK_STALE_S
 from edgekit.devices.transfer import partial_name
-from edgekit.fsutil import sha256_file
+from edgekit.hashing import sha256_file
 from tests.devices.adbd_standin import SHELL_UID
 from tests.devices.netfault import CuttingProxy
 from tests.devices.test_ssh import _add, _files

@@ -13,7 +13,7 @@ from edgekit.devices import DeviceDisconnected, PushConfig, open_device, push
 from edgekit.devices.base import DevicePermissionError, InsufficientMemoryError, VerificationError
 from edgekit.devices.config import SSHHost, add_ssh_host
 from edgekit.devices.transfer import partial_name
-from edgekit.fsutil import sha256_file
+from edgekit.hashing import sha256_file
 from tests.devices.netfault import CuttingProxy
 
 runner = CliRunner()

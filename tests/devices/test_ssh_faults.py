@@ -20,7 +20,7 @@ from edgekit.devices import DeviceDisconnected, PushConfig, open_device, push
 from edgekit.devices import ssh as ssh_mod
 from edgekit.devices.config import SSHHost, add_ssh_host
 from edgekit.devices.transfer import partial_name
-from edgekit.fsutil import sha256_file
+from edgekit.hashing import sha256_file
 from tests.devices.conftest import _free_port
 from tests.devices.netfault import CuttingProxy
 from tests.devices.test_ssh import _add, _files

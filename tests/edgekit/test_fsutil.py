@@ -165,17 +165,17 @@ def test_the_sha256_cache_keeps_only_its_newest_entries(tmp_path, monkeypatch):
     cache is read and rewritten for each file hashed, and 24k entries had made it 4 MB."""
     import json
 
-    from edgekit import fsutil
+    from edgekit import fsutil, hashing
 
-    monkeypatch.setattr(fsutil, "SHA_CACHE_ENTRIES", 8)
+    monkeypatch.setattr(hashing, "SHA_CACHE_ENTRIES", 8)
     files = []
     for i in range(12):
         f = tmp_path / f"f{i}.bin"
         f.write_bytes(bytes([i]) * 10)
         files.append(f)
-        fsutil.remember_sha256(f, f"{i:064x}")
+        hashing.remember_sha256(f, f"{i:064x}")
     cache = json.loads((fsutil.edgekit_home() / "sha256-cache.json").read_text())
     assert len(cache) == 8
     assert [k.rsplit("|", 2)[0] for k in cache] == [str(f.resolve()) for f in files[-8:]]
-    assert fsutil.sha256_file_cached(files[-1]) == f"{11:064x}"  # remembered, not rehashed
-    assert fsutil.sha256_file_cached(files[0]) == fsutil.sha256_file(files[0])  # forgotten: hashed again
+    assert hashing.sha256_file_cached(files[-1]) == f"{11:064x}"  # remembered, not rehashed
+    assert hashing.sha256_file_cached(files[0]) == hashing.sha256_file(files[0])  # forgotten: hashed again

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from edgekit.cli.main import app
 from edgekit.converters.formats.base import FORMATS
-from edgekit.fsutil import sha256_files
+from edgekit.hashing import sha256_files
 
 runner = CliRunner()
 ARGS = {"gguf": ["--type", "Q8_0"], "onnx": ["--bits", "8"], "coreml": ["--bits", "16"], "mlc": ["--quant", "q4f16_1"],

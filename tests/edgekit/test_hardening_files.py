@@ -104,16 +104,16 @@ def test_manifest_shape_is_checked_on_open(tmp_path, manifest, match):
 # -- checksums -------------------------------------------------------------------------------------
 
 def _count_hashes(monkeypatch) -> list[str]:
-    import edgekit.fsutil as fsutil
+    import edgekit.hashing as hashing
 
     seen: list[str] = []
-    real = fsutil.sha256_file
+    real = hashing.sha256_file
 
     def counting(path, *a, **kw):
         seen.append(str(path))
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(fsutil, "sha256_file", counting)
+    monkeypatch.setattr(hashing, "sha256_file", counting)
     return seen
 
 
