@@ -22,7 +22,7 @@ from edgekit.artifact import (
 from edgekit.calibration import CalibConfig
 from edgekit.converters.formats.base import ConvertRecipe, ProgressFn
 from edgekit.converters.quantize.base import Quantizer
-from edgekit.errors import InputError, OutputExistsError
+from edgekit.errors import InputError, OutputExistsError, UnsupportedError
 from edgekit.fsutil import atomic_dir, temp_dir
 from edgekit.hashing import sha256_files
 from edgekit.model import HFCheckpoint
@@ -43,11 +43,31 @@ def check_same_source(out: Path, source: Path, force: bool, notes: list[str]) ->
     notes.append(f"the artifact replaced at {out} was a conversion of {made_from}")
 
 
+def check_arch(fmt: Any, ckpt: HFCheckpoint) -> None:
+    """A format whose graphs compute only some families refuses the others before any work, naming what
+    converts them (its graph would leave out what it does not know: BitNet's sub-norms, say)."""
+    archs = getattr(fmt, "archs", None)
+    if archs is None or set(ckpt.spec.hf_classes) & set(archs):
+        return
+    others = [f"--to {name}" for name in ("gguf", "onnx", "coreml", "mlc") if name != fmt.name
+              and _takes(name, ckpt.spec.hf_classes)]
+    raise UnsupportedError(f"--to {fmt.name} writes {', '.join(archs)} checkpoints; this one is "
+                           f"{ckpt.spec.hf_classes[0]}: convert it with {' or '.join(others)}")
+
+
+def _takes(name: str, classes: tuple[str, ...]) -> bool:
+    from edgekit.converters.formats.base import FORMATS
+
+    archs = getattr(FORMATS.get(name), "archs", None)
+    return archs is None or bool(set(classes) & set(archs))
+
+
 def write_artifact(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | None, recipe: ConvertRecipe,
                    quantizer: Quantizer, force: bool, notes: list[str], progress: ProgressFn) -> None:
     """Convert ``ckpt`` (pruned first where the recipe says) with ``fmt`` into the folder ``out``, all at once or
     not at all, with its manifest: the source and its sha256, the recipe, what the format and the method
     report, and the files' sha256. ``notes`` gets what the format and the method say."""
+    check_arch(fmt, ckpt)
     per_block = ckpt.hparams.ffn_widths is not None or (recipe.prune or "").startswith("width:auto")
     if per_block and fmt.name not in ("gguf", "onnx"):
         raise InputError(f"per-block FFN widths (width:auto) are written to GGUF (llama.cpp's deci) and ONNX; "

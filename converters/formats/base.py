@@ -124,11 +124,13 @@ class ConvertRecipe:
 class Format(abc.ABC):
     """Writes artifacts of one format from a checkpoint. ``options_class``: the frozen dataclass of its
     typed options (the SDK passes an instance to ``api.convert(options=...)``, the CLI builds it from
-    ``-O key=value``), or None when it has none."""
+    ``-O key=value``), or None when it has none. ``archs``: the Hugging Face classes whose layers the format's own
+    graphs compute, or None where the runtime builds the model from its config (every family edgekit reads)."""
 
     name: str = ""
     model_filename: str = ""
     options_class: type | None = None
+    archs: tuple[str, ...] | None = None
 
     @abc.abstractmethod
     def convert(

@@ -156,3 +156,15 @@ def test_relu2_checkpoints_are_refused_with_the_reason(tmp_path):
     folder = build_bitnet(tmp_path / "r", hidden_act="relu2")
     with pytest.raises(UnsupportedError, match="computes SiLU"):
         HFCheckpoint.open(folder)
+
+
+@pytest.mark.parametrize("to", ["onnx", "coreml", "mlc"])
+def test_formats_whose_graphs_lack_bitnet_refuse_it_before_any_work(bitnet, tmp_path, to):
+    """ONNX's and Core ML's graphs have no sub-norms or weight scales: they wrote a wrong model, exit 0."""
+    from tests.edgekit.test_bad_input import assert_clean_error, no_leftovers, run_cli
+
+    code, out = run_cli("convert", bitnet, "--to", to, "-o", tmp_path / "out")
+    assert code == 2
+    assert_clean_error(code, out, f"--to {to} writes", "this one is BitNetForCausalLM", "convert it with --to gguf")
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)

@@ -54,6 +54,7 @@ class MLCFormat(Format):
     """MLC-LLM: group-quantized (or fp16/fp32) weights in MLC's tensor cache plus its chat config."""
 
     name = "mlc"
+    archs = tuple(layout.ARCHS)
     options_class = MLCOptions
     model_filename = MODEL_FILE
 

@@ -50,6 +50,7 @@ class OnnxFormat(Format):
     """onnxruntime's format: decoder graph with KV cache, MatMulNBits weights, external data."""
 
     name = "onnx"
+    archs = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
     options_class = OnnxOptions
     model_filename = "model.onnx"
 
