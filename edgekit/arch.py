@@ -29,6 +29,12 @@ _QKV_BIASES = {
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
 }
+# Qwen3: Llama's layout (no q/k/v biases) plus an RMSNorm over each head's dimensions of the queries and keys
+# (one weight of head_dim shared by the heads), applied before rotary position (llama.cpp's qwen3 graph)
+_QK_NORMS = {
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
 _GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -53,6 +59,7 @@ _LLAMA_SHAPES: dict[str, tuple[str, ...]] = {
     "model.norm.weight": ("embd",),
     "lm_head.weight": ("vocab", "embd"),
 }
+_QWEN3_SHAPES = {**_LLAMA_SHAPES, "self_attn.q_norm.weight": ("head",), "self_attn.k_norm.weight": ("head",)}
 # BitNet b1.58: Llama's layout plus an RMSNorm before o_proj and before down_proj, and per-tensor scales
 # that llama.cpp's bitnet architecture multiplies after each linear ("blk.N.attn_q.scale").
 _BITNET_LINEARS = {k: v for k, v in _LLAMA_LAYER_TENSORS.items() if k.endswith("_proj.weight")}
@@ -143,6 +150,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec(("LlamaForCausalLM",), "llama", _LLAMA_LAYER_TENSORS, permute_qk=True),
         ArchSpec(("MistralForCausalLM",), "llama", _LLAMA_LAYER_TENSORS, permute_qk=True),
         ArchSpec(("Qwen2ForCausalLM",), "qwen2", {**_LLAMA_LAYER_TENSORS, **_QKV_BIASES}, permute_qk=False),
+        ArchSpec(("Qwen3ForCausalLM",), "qwen3", {**_LLAMA_LAYER_TENSORS, **_QK_NORMS}, permute_qk=False,
+                 tensor_shapes=_QWEN3_SHAPES, optional_layer_tensors=()),
         # llama.cpp runs bitnet with NEOX rope (HF's rotate-half): no Q/K permutation. Its converter writes a
         # linear rope scaling of factor 1.
         ArchSpec(("BitNetForCausalLM", "BitnetForCausalLM"), "bitnet", _BITNET_LAYER_TENSORS, permute_qk=False,
@@ -153,7 +162,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 # GGUF architecture -> Hugging Face class, for `edgekit import`.
-GGUF_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # bitnet: no importer yet
+GGUF_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # bitnet: no importer yet
 
 
 def supported_list() -> str:
@@ -393,7 +402,8 @@ _LLAMA_AWQ = AWQLayout(
 # GGUF architecture -> AWQ layout; every ArchSpec.gguf_arch in ARCHITECTURES has an entry.
 # Qwen2's q/k/v biases need no entry: input-channel scaling leaves them alone, and v_proj's bias is
 # divided with v_proj's output rows when v_proj is a group's ``prev``.
-AWQ_LAYOUTS: dict[str, AWQLayout] = {"llama": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ}
+# Qwen3's q/k norms act per head after q_proj/k_proj, on their outputs: input-channel scaling leaves them alone.
+AWQ_LAYOUTS: dict[str, AWQLayout] = {"llama": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ, "qwen3": _LLAMA_AWQ}
 
 
 def awq_layout(arch: str) -> AWQLayout:

@@ -9,6 +9,7 @@ Both follow the installed transformers' configuration and modeling code, not the
 * Qwen2 (``Qwen2Config``): ``sliding_window`` counts only with ``use_sliding_window`` (default false, and
   released Qwen2/2.5 configs carry ``sliding_window`` 32768 or 131072 with it off). Which layers slide is
   ``layer_types`` when the config has it, else layers ``i >= max_window_layers`` (default 28).
+* Qwen3 (``Qwen3Config``): Qwen2's rule, with no default ``sliding_window``.
 * Llama: no window.
 """
 
@@ -23,6 +24,7 @@ from edgekit.errors import UnsupportedError
 _WINDOW_RULES: dict[str, tuple[str, int | None]] = {
     "mistral": ("every_layer", 4096),
     "qwen2": ("qwen2", 4096),
+    "qwen3": ("qwen2", None),  # Qwen3Config: Qwen2's rule, no default window
 }
 
 

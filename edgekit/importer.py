@@ -53,6 +53,10 @@ def import_gguf(
         raise InputError(f"{src} holds no tensors (a vocabulary-only GGUF?); import a GGUF with the model's weights")
     pre = _field(reader, "tokenizer.ggml.pre")
     n_params = sum(int(t.n_elements) for t in reader.tensors)
+    # what transformers' GGUF config reader leaves at its defaults: heads wider than hidden / heads (Qwen3's
+    # key_length) and a head tied to the embedding (no output.weight)
+    head_dim = _field(reader, f"{arch}.attention.key_length")
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
     del reader
     out = Path(output).expanduser()
     check_not_inside(src, out)
@@ -66,8 +70,13 @@ def import_gguf(
             with _no_tqdm():  # transformers' GGUF reader draws its own bar whatever its logging says
                 tok = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name,
                                                                  local_files_only=True)
+                config = transformers.AutoConfig.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                                 local_files_only=True)
+                if isinstance(head_dim, int) and hasattr(config, "head_dim"):
+                    config.head_dim = head_dim
+                config.tie_word_embeddings = tied
                 model = transformers.AutoModelForCausalLM.from_pretrained(
-                    str(src.parent), gguf_file=src.name, dtype=torch.float32, local_files_only=True
+                    str(src.parent), gguf_file=src.name, config=config, dtype=torch.float32, local_files_only=True
                 )
         except MemoryError:
             raise

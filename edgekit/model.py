@@ -206,7 +206,7 @@ def check_shapes(spec: ArchSpec, hp: HParams, tensors: dict[str, TensorRef], sou
     """Check every tensor the architecture knows against the shape config.json implies, and that each of
     the ``num_hidden_layers`` layers is present with nothing beyond them."""
     dims = {"embd": hp.n_embd, "q": hp.n_head * hp.head_dim, "kv": hp.n_head_kv * hp.head_dim,
-            "ff": hp.n_ff, "vocab": hp.n_vocab}
+            "ff": hp.n_ff, "vocab": hp.n_vocab, "head": hp.head_dim}
     layers: dict[int, set[str]] = {}
     table = list(spec.tensor_shapes)
 

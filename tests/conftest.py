@@ -112,6 +112,9 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         "MistralForCausalLM": build_tiny_model(root / "mistral", "MistralForCausalLM", hidden=96, ffn=256,
                                                tokenizer="spm", tie=False),
         "Qwen2ForCausalLM": build_tiny_model(root / "qwen2", "Qwen2ForCausalLM", hidden=128, ffn=256, tie=True),
+        # heads of 48 x 4 = 192 wider than the hidden 128, as Qwen3's are (0.6B: 16 x 128 over 1024)
+        "Qwen3ForCausalLM": build_tiny_model(root / "qwen3", "Qwen3ForCausalLM", hidden=128, ffn=256, head_dim=48,
+                                             tie=True),
     }
 
 

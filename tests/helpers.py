@@ -57,8 +57,10 @@ def _spm_tokenizer(folder: Path, vocab_size: int) -> int:
 
 def build_tiny_model(folder: Path, arch: str, *, hidden: int = 256, ffn: int = 512, layers: int = 2,
                      heads: int = 4, kv_heads: int = 2, tokenizer: str = "bpe", vocab_size: int = 384,
-                     tie: bool = False, seed: int = 0) -> Path:
-    """Write a random ``arch`` checkpoint with a trained tokenizer into ``folder``."""
+                     tie: bool = False, seed: int = 0, head_dim: int | None = None) -> Path:
+    """Write a random ``arch`` checkpoint with a trained tokenizer into ``folder`` (``head_dim``: heads wider or
+    narrower than ``hidden / heads``, as Qwen3's are). Qwen3's per-head q/k norm weights are random too (their
+    default, all ones, would hide a norm applied to the wrong axis or left out)."""
     import torch
     import transformers
 
@@ -69,6 +71,7 @@ def build_tiny_model(folder: Path, arch: str, *, hidden: int = 256, ffn: int = 5
         vocab_size=n_vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
         rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(cfg).eval()
@@ -76,6 +79,9 @@ def build_tiny_model(folder: Path, arch: str, *, hidden: int = 256, ffn: int = 5
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.08)
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -101,7 +101,7 @@ _RTN_PRESETS = [p for p in mixes.PRESETS
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
 # TQ1_0/TQ2_0: edgekit's grids take the least-squares ternary scale, not llama.cpp's absmax (which zeroes most
 # of a Gaussian block); test_ternary_kernels.py holds the absmax encoder byte-identical with ggml, and
 # both rules give the same bytes on genuinely ternary weights (a BitNet checkpoint).
@@ -161,7 +161,7 @@ def _reference_tokens(model) -> list[int]:
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
 def test_llamacpp_f32_logits_match_pytorch(tiny_models, tmp_path, arch):
     """Names, Q/K permutation, hyperparameters and tokenizer all have to be right for this to hold."""
     from edgekit.runtime.llamacpp import LlamaCppBackend
@@ -231,6 +231,23 @@ def test_import_then_convert_round_trip(tiny_llama, tmp_path, capfd):
         s = src[t.name]
         expected = gguf.quants.dequantize(np.asarray(s.data), s.tensor_type)
         np.testing.assert_array_equal(np.asarray(t.data).reshape(expected.shape), expected, err_msg=t.name)
+
+
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "Qwen2ForCausalLM"])
+def test_import_keeps_wide_heads_and_tied_embeddings(tiny_models, tmp_path, arch):
+    """transformers' GGUF reader takes head_dim as hidden / heads and an untied head whatever the file says:
+    Qwen3's wider heads did not load at all, and a tied file got a head of its own. The import reads both from
+    the GGUF and gives back the source model's logits."""
+    from edgekit.runtime.torch_ref import TorchBackend
+
+    src = tiny_models[arch]
+    f32 = _convert(src, tmp_path, "F32")
+    hf = api.import_gguf(f32.model_file, tmp_path / "imported")
+    cfg = json.loads((hf / "config.json").read_text())
+    want = json.loads((src / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is True and cfg.get("head_dim", 32) == want.get("head_dim", 32)
+    tokens = [5, 9, 17, 33, 2, 64]
+    np.testing.assert_allclose(TorchBackend(hf).logits(tokens), TorchBackend(src).logits(tokens), atol=1e-5)
 
 
 def test_sharded_checkpoint_gives_the_same_file(tiny_llama, tmp_path):
