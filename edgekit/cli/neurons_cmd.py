@@ -15,7 +15,7 @@ from edgekit.cli.ui import handle_errors, out, print_json, progress_bar, progres
 
 @handle_errors
 def neurons_cmd(
-    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (a SwiGLU model: Llama, Mistral, Qwen2)."),
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder (a SwiGLU model: Llama, Mistral, Qwen2, Qwen3)."),
     text: Path | None = typer.Option(None, "--text", help="Plain-text file for perplexity/KL (default: the sample "
                                      "text edgekit ships)."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.6", "--sparsity", help="Activation sparsities to measure."),
