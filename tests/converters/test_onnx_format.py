@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
 TOKENS = list(range(5, 45))
 
 
@@ -83,7 +83,7 @@ OPTIONS = [
     dict(bits=4, block_size=128 // 4, embed="float", lm_head="tied"),
     dict(bits=8),
     dict(bits=8, symmetric=False, block_size=16, lm_head="float"),
-    dict(bits=4, block_size=128),                               # Llama only (hidden 256)
+    dict(bits=4, block_size=128),                               # Llama only (hidden 256; Qwen3's heads 192)
 ]
 
 
@@ -94,7 +94,8 @@ def test_quantized_graph_equals_pytorch_with_the_same_weights(tiny_models, tmp_p
 
     src = tiny_models[arch]
     cfg = json.loads((src / "config.json").read_text())
-    if cfg["hidden_size"] % opts.get("block_size", 32):
+    heads = cfg["num_attention_heads"] * (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    if cfg["hidden_size"] % opts.get("block_size", 32) or heads % opts.get("block_size", 32):
         with pytest.raises(InputError, match="--block-size"):
             convert(src, tmp_path / "q", **opts)
         assert not (tmp_path / "q").exists()
@@ -118,6 +119,33 @@ def test_quantized_graph_equals_pytorch_with_the_same_weights(tiny_models, tmp_p
     info = art.manifest["onnx"]
     assert info["block_size"] == opts.get("block_size", 32) and info["accuracy_level"] == 0
     assert "com.microsoft::MatMulNBits" in info["ops"]
+
+
+def test_qwen3_per_head_q_k_norms(tiny_models, tmp_path):
+    """Qwen3 normalises each head's queries and keys (one head_dim weight shared by the heads) before the
+    rotary embedding: the graph carries both norms per layer, reads them back under their HF names, and
+    leaving them out (all-ones weights) would change the logits (the fixture's weights are random). Heads of
+    48 x 4 = 192 are wider than the hidden 128: a block size that does not divide them is refused in one line."""
+    from edgekit.converters.formats.onnx import read_weights
+
+    src = tiny_models["Qwen3ForCausalLM"]
+    art = convert(src, tmp_path / "f32", bits=32)
+    graph = onnx.load(str(art.model_file), load_external_data=False).graph
+    norms = {t.name: list(t.dims) for t in graph.initializer if t.name.endswith(("q_norm.weight", "k_norm.weight"))}
+    assert norms == {f"layers.{i}.self_attn.{w}_norm.weight": [48] for i in range(2) for w in "qk"}
+    w = read_weights(art.model_file)
+    src_w = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
+    for name in ("model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"):
+        np.testing.assert_array_equal(w[name], src_w[name].numpy())
+    with api.open_backend(art) as be:
+        got = be.logits(TOKENS)
+    ref = torch_logits(src, w, TOKENS)
+    assert np.abs(got - ref).max() < 1e-4
+    plain = {k: (np.ones_like(v) if k.endswith(("q_norm.weight", "k_norm.weight")) else v) for k, v in w.items()}
+    assert np.abs(got - torch_logits(src, plain, TOKENS)).max() > 100 * np.abs(got - ref).max()
+    with pytest.raises(InputError, match=r"attention width 192 \(4 heads of 48\).*--block-size 64"):
+        convert(src, tmp_path / "b128", bits=4, block_size=128)
+    assert not (tmp_path / "b128").exists()
 
 
 def test_shared_embedding_for_tied_checkpoints(tiny_models, tmp_path):

@@ -134,6 +134,29 @@ def test_cli_convert_run_eval_inspect(tiny_llama, tmp_path):
     assert r.exit_code != 0 and "re-run 'edgekit convert'" in r.output and "Traceback" not in r.output
 
 
+def test_cli_converts_and_runs_a_4bit_qwen3(tiny_models, tmp_path):
+    """Qwen3 (per-head q/k norms, heads wider than hidden / heads) converts to a 4-bit graph that the CLI
+    runs, and each greedy token of the KV-cached loop is the argmax of the whole sequence's logits."""
+    src = tiny_models["Qwen3ForCausalLM"]
+    out = tmp_path / "qwen3-q4"
+    runner = CliRunner()
+    r = runner.invoke(app, ["convert", str(src), "--to", "onnx", "--bits", "4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "UINT4_B32" in r.output
+    r = runner.invoke(app, ["run", str(out), "-p", "hi", "-n", "8", "--temp", "0"])
+    assert r.exit_code == 0 and "8 generated" in r.output, r.output
+    with api.open_backend(out, n_ctx=256) as be:
+        prompt = be.tokenizer.render([{"role": "user", "content": "hello"}])
+        st = GenerationStats()
+        text = "".join(be.generate(prompt, SamplingConfig(temperature=0, max_tokens=8), st))
+        assert st.stop_reason == "length" and st.generated_tokens == 8
+        ids = be.tokenize(prompt, add_special=False)
+        expected: list[int] = []
+        for _ in range(8):
+            expected.append(int(be.logits(ids + expected)[-1].argmax()))
+        assert text == be.tokenizer.decode(expected)
+
+
 # --- the real model -----------------------------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ class OnnxFormat(Format):
     """onnxruntime's format: decoder graph with KV cache, MatMulNBits weights, external data."""
 
     name = "onnx"
-    archs = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    archs = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
     options_class = OnnxOptions
     model_filename = "model.onnx"
 
@@ -80,6 +80,10 @@ class OnnxFormat(Format):
         if opts.quantized and (hp.n_embd % opts.block_size or hp.n_ff % opts.block_size):
             raise InputError(f"hidden size {hp.n_embd} / FFN size {hp.n_ff} are not multiples of --block-size "
                              f"{opts.block_size}; {_block_fix((hp.n_embd, hp.n_ff))}")
+        attn_w = hp.n_head * hp.head_dim  # the output projection's input width (Qwen3's exceeds the hidden size)
+        if opts.quantized and attn_w != hp.n_embd and attn_w % opts.block_size:
+            raise InputError(f"attention width {attn_w} ({hp.n_head} heads of {hp.head_dim}) is not a multiple of "
+                             f"--block-size {opts.block_size}; {_block_fix((hp.n_embd, hp.n_ff, attn_w))}")
         if opts.quantized and any(w % opts.block_size for w in hp.ffn_widths or ()):
             raise InputError(f"this checkpoint's per-block FFN widths (width:auto, multiples of 32) are not all "
                              f"multiples of --block-size {opts.block_size}; use --block-size 32")
@@ -145,7 +149,7 @@ def _block_fix(sizes: tuple[int, ...]) -> str:
     """The fix for widths no --block-size divides: a block size that divides them all, when one exists."""
     fits = [b for b in BLOCK_SIZES if all(n % b == 0 for n in sizes)]
     if fits:
-        return f"use --block-size {fits[-1]}, which divides both"
+        return f"use --block-size {fits[-1]}, which divides {'both' if len(sizes) == 2 else 'all of them'}"
     return (f"no block size ({', '.join(map(str, BLOCK_SIZES))}) divides {' and '.join(map(str, sizes))}: "
             "export it in float (--bits 16 or 32), or convert to GGUF")
 

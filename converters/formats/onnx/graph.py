@@ -10,8 +10,9 @@ the ONNX LLM ecosystem uses (Optimum, onnxruntime-genai):
 Per layer: RMSNorm written as plain ONNX ops (onnxruntime fuses it into SimplifiedLayerNormalization
 at load), one fused Q/K/V projection, ``GroupQueryAttention`` (com.microsoft: rotary embedding, the KV
 cache append and causal attention in one kernel), the output projection, RMSNorm, one fused gate/up
-projection, SiLU, the down projection. Projections are ``MatMulNBits`` (com.microsoft) when quantized,
-``MatMul`` against a transposed float initializer otherwise. The embedding is a ``Gather`` or a
+projection, SiLU, the down projection. Qwen3 adds per-head RMSNorms of the queries and keys between the
+projection and the attention (:meth:`GraphBuilder.qk_norms`). Projections are ``MatMulNBits``
+(com.microsoft) when quantized, ``MatMul`` against a transposed float initializer otherwise. The embedding is a ``Gather`` or a
 ``GatherBlockQuantized``; the lm_head a projection or (``tied``) a ``MatMul`` on the embedding table
 transposed (one stored copy; onnxruntime folds the ``Transpose`` at load).
 
@@ -176,11 +177,30 @@ class GraphBuilder:
         dt = self.opts.np_dtype
         return self.const("rotary.cos_cache", cos.astype(dt)), self.const("rotary.sin_cache", sin.astype(dt))
 
-    def attention(self, qkv: str, i: int, seqlens_k: str, total_len: str, caches: tuple[str, str]) -> str:
+    def qk_norms(self, qkv: str, q_gamma: np.ndarray, k_gamma: np.ndarray, name: str) -> tuple[str, str, str]:
+        """Qwen3's per-head RMSNorms of the queries and keys (one weight of head_dim shared by the heads),
+        before the rotary embedding GroupQueryAttention applies: the fused projection split into q, k, v,
+        q and k viewed as (batch, seq, heads, head_dim) around :meth:`rms_norm` (last axis), and back."""
+        hp = self.hp
+        q_w, kv_w = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        split = self.const(f"{name}/qkv_split", np.array([q_w, kv_w, kv_w], np.int64))
+        q, k, v = self.node("Split", [qkv, split], 3, f"{name}/qkv_Split", axis=-1)
+        flat = self.const("qk_norm/flat_shape", np.array([0, 0, -1], np.int64))
+        normed = []
+        for x, heads, gamma, which in ((q, hp.n_head, q_gamma, "q_norm"), (k, hp.n_head_kv, k_gamma, "k_norm")):
+            shape = self.const(f"qk_norm/{which}_shape", np.array([0, 0, heads, hp.head_dim], np.int64))
+            x = self.one("Reshape", [x, shape], f"{name}.{which}/heads")
+            x = self.rms_norm(x, gamma, f"{name}.{which}")
+            normed.append(self.one("Reshape", [x, flat], f"{name}.{which}/flat"))
+        return normed[0], normed[1], v
+
+    def attention(self, qkv: str, i: int, seqlens_k: str, total_len: str, caches: tuple[str, str],
+                  kv: tuple[str, str] = ("", "")) -> str:
+        """``qkv``: the packed projection, or the queries alone with ``kv`` the keys and values."""
         hp = self.hp
         out, pk, pv = self.node(
             "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *caches],
+            [qkv, *kv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *caches],
             3, f"layers.{i}.attn/GroupQueryAttention", domain=MS,
             num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, scale=1.0 / math.sqrt(hp.head_dim),
             do_rotary=1, rotary_interleaved=0, local_window_size=self.window(i) or -1,

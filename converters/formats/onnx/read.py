@@ -165,7 +165,7 @@ def read_weights(model_path: str | Path) -> dict[str, np.ndarray]:
     if "model.embed_tokens.weight" not in out:  # embed=shared: the table is the lm_head's tensor
         out["model.embed_tokens.weight"] = out["lm_head.weight"]
     for t_name, arr in init.items():
-        if t_name.endswith("layernorm.weight") or t_name == "norm.weight":
+        if t_name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or t_name == "norm.weight":
             out["model." + t_name] = arr.astype(np.float32)
         elif t_name.endswith(".bias") and ".attn.qkv_proj" in t_name:
             i = t_name.split(".")[1]

@@ -167,7 +167,13 @@ def _build(ckpt: HFCheckpoint, opts: OnnxOptions, gopts, weights: _Weights, data
         h = b.rms_norm(x, weights.float(pre + "attn_norm.weight"), f"layers.{i}.input_layernorm")
         qkv = _linear(weights, opts, [pre + "attn_q.weight", pre + "attn_k.weight", pre + "attn_v.weight"],
                       [pre + "attn_q.bias", pre + "attn_k.bias", pre + "attn_v.bias"], record)
-        a = b.attention(b.linear(h, qkv, f"layers.{i}.attn.qkv_proj"), i, seqlens, total_len, caches)
+        qkv_out = b.linear(h, qkv, f"layers.{i}.attn.qkv_proj")
+        if pre + "attn_q_norm.weight" in weights.plan:  # Qwen3: per-head q/k RMSNorms before the rotary
+            q, k, v = b.qk_norms(qkv_out, weights.float(pre + "attn_q_norm.weight"),
+                                 weights.float(pre + "attn_k_norm.weight"), f"layers.{i}.self_attn")
+            a = b.attention(q, i, seqlens, total_len, caches, kv=(k, v))
+        else:
+            a = b.attention(qkv_out, i, seqlens, total_len, caches)
         o = _linear(weights, opts, [pre + "attn_output.weight"], [], record)
         x = b.one("Add", [x, b.linear(a, o, f"layers.{i}.attn.o_proj")], f"layers.{i}/residual_attn")
         h = b.rms_norm(x, weights.float(pre + "ffn_norm.weight"), f"layers.{i}.post_attention_layernorm")
