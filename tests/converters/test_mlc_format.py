@@ -325,6 +325,40 @@ def test_chat_config_fields_are_present_and_typed(q4_rtn, tiny_llama):
     assert conv["stop_token_ids"] == [src["eos_token_id"]]
 
 
+def test_qwen3_writes_the_parameters_and_config_mlc_llms_qwen3_reads(tiny_models, tmp_path):
+    """mlc-llm's model/qwen3: Q/K/V fused as ``c_attn`` without a bias, the per-head RMSNorms as
+    ``self_attn.q_norm`` / ``k_norm`` (declared after ``o_proj``) in the model dtype, no ``lm_head`` when tied;
+    Qwen3Config needs ``attention_bias`` (no default) and ``head_dim`` (not derived, and here 48 x 4 heads are
+    wider than the hidden 128)."""
+    src = tiny_models["Qwen3ForCausalLM"]
+    art = _mlc(src, tmp_path / "q3", "--quant", "q4f16_1")
+    hf = json.loads((src / "config.json").read_text())
+    cfg = json.loads((art / "mlc-chat-config.json").read_text())
+    assert cfg["model_type"] == "qwen3"
+    mc = cfg["model_config"]
+    assert (mc["head_dim"], mc["num_attention_heads"], mc["hidden_size"]) == (48, 4, 128) == (
+        hf["head_dim"], hf["num_attention_heads"], hf["hidden_size"])
+    assert mc["attention_bias"] is False and mc["tie_word_embeddings"] is True and mc["weight_block_size"] is None
+    assert mc["rope_theta"] == (hf.get("rope_parameters") or hf)["rope_theta"] and mc["hidden_act"] == "silu" and mc["dtype"] == "float32"
+    assert "attention_bias" not in mc["kwargs"] and "head_dim" not in mc["kwargs"]
+    shards = json.loads((art / "tensor-cache.json").read_text())["records"]
+    recs = {r["name"]: r for s in shards for r in s["records"]}
+    names = [r["name"] for s in shards for r in s["records"]]
+    layer = [n.removeprefix("model.layers.0.") for n in names if n.startswith("model.layers.0.")]
+    assert layer == ["self_attn.c_attn.q_weight", "self_attn.c_attn.q_scale", "self_attn.o_proj.q_weight",
+                     "self_attn.o_proj.q_scale", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+                     "mlp.gate_up_proj.q_weight", "mlp.gate_up_proj.q_scale", "mlp.down_proj.q_weight",
+                     "mlp.down_proj.q_scale", "input_layernorm.weight", "post_attention_layernorm.weight"]
+    assert recs["model.layers.0.self_attn.c_attn.q_weight"]["shape"][0] == (4 + 2 * 2) * 48
+    assert recs["model.layers.0.self_attn.o_proj.q_weight"]["shape"] == [128, 4 * 48 // 8]
+    for n in ("q_norm", "k_norm"):
+        r = recs[f"model.layers.1.self_attn.{n}.weight"]
+        assert (r["shape"], r["dtype"]) == ([48], "float16")
+    assert not any(n.startswith("lm_head") for n in names)
+    r = runner.invoke(app, ["inspect", str(art)])
+    assert r.exit_code == 0 and "Qwen3ForCausalLM" in r.output, r.output
+
+
 def test_manifest_inspect_and_plan_know_the_format(q4_rtn):
     m = json.loads((q4_rtn / "edgekit.json").read_text())
     assert m["format"] == "mlc" and m["files"]["model"] == "mlc-chat-config.json" and m["preset"] == "q4f16_1"
@@ -389,7 +423,7 @@ def test_compile_without_mlc_llm_says_how_to_get_it(tiny_llama, tmp_path):
 
 def test_bad_inputs_are_one_line_errors(tiny_models, tmp_path):
     r = runner.invoke(app, ["convert", str(tiny_models["MistralForCausalLM"]), "--to", "mlc", "-o", str(tmp_path / "m")])
-    assert r.exit_code != 0 and "--to mlc writes LlamaForCausalLM, Qwen2ForCausalLM" in r.output and _one_line(r.output)
+    assert r.exit_code != 0 and "--to mlc writes LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM checkpoints" in r.output and _one_line(r.output)
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a gguf at all" * 10)
     r = runner.invoke(app, ["convert", str(fake), "--to", "mlc"])

@@ -57,23 +57,41 @@ def _reference_model(src, seen):
 
 @pytest.mark.parametrize("quant", ["q4f16_1", "q4f16_0", "q3f16_1", "q0f16"])
 def test_artifact_decodes_to_pytorch_on_the_same_quantized_weights(quant, tiny_llama, tmp_path, monkeypatch):
+    _decodes_to_pytorch(tiny_llama, quant, tmp_path)
+
+
+@pytest.mark.parametrize("quant", ["q4f16_1", "q4f16_0", "q3f16_1", "q0f16", "q0f32"])
+def test_qwen3_artifact_decodes_to_pytorch_on_the_same_quantized_weights(quant, tiny_models, tmp_path):
+    """Qwen3 (heads of 48 x 4 wider than the hidden 128, random q/k norms, tied head): the q/k norms travel
+    as MLC's self_attn.q_norm / k_norm and the reference backend applies them, as PyTorch does."""
+    _decodes_to_pytorch(tiny_models["Qwen3ForCausalLM"], quant, tmp_path)
+
+
+def _decodes_to_pytorch(src, quant, tmp_path):
+    """``src`` as an MLC ``quant`` artifact, read back by the reference backend (each reader): its state dict
+    equals PyTorch's on the quantized weights the quantizer chose, tensor for tensor, and so do its logits."""
     import torch
 
     from edgekit import api
     from edgekit.converters.formats.mlc.format import MLCFormat
+    from edgekit.converters.quantize.grids import as_grid
     from edgekit.converters.quantize.rtn import RTNQuantizer
     from edgekit.model import HFCheckpoint
 
     rec = _Recording(RTNQuantizer())
     out = tmp_path / "art"
     out.mkdir()
-    fields = MLCFormat().convert(HFCheckpoint.open(tiny_llama), out, api.ConvertRecipe(extra={"quant": quant}), rec)
+    fields = MLCFormat().convert(HFCheckpoint.open(src), out, api.ConvertRecipe(extra={"quant": quant}), rec)
     (out / "edgekit.json").write_text(json.dumps({"schema": "edgekit.artifact/1", "format": "mlc", **fields}))
-    ref, _ = _reference_model(tiny_llama, rec.seen)
-    if quant == "q0f16":  # stored in fp16: the reference is the checkpoint rounded to fp16
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.copy_(p.half().float())
+    ref, ck = _reference_model(src, rec.seen)
+    # what is not quantized (q0: everything, else the norms) is stored in the model dtype: fp16, or float32 as
+    # bfloat16 (the tensor cache's f32-to-bf16 encoding)
+    stored = torch.float16 if "f16" in quant else torch.bfloat16
+    quantized = {n for n in ck.tensors if not as_grid(rec.seen[ck.spec.gguf_name(n)][0]).is_float}
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name not in quantized:
+                p.copy_(p.to(stored).float())
     readers = ["numpy", "tvm"] if _have_tvm() else ["numpy"]
     tokens = [1, 5, 9, 33, 77, 120, 3, 250, 17]
     with torch.inference_mode():

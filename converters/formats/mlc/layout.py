@@ -1,11 +1,17 @@
 """MLC-LLM's parameter names and model configs, per architecture, as data.
 
-Facts from mlc-llm's model definitions (``model/llama``, ``model/qwen2``) and its standard Hugging Face
-loader: Q, K and V are one fused projection (rows concatenated in that order; ``qkv_proj`` for Llama,
-``c_attn`` with a fused bias for Qwen2), gate and up are one ``gate_up_proj`` (gate rows first), every
-other tensor keeps its Hugging Face name; rotary rows are not permuted (MLC's KV cache rotates halves as
-transformers does). A quantized tensor ``X.weight`` becomes ``X.q_weight`` and ``X.q_scale``. The order
-is the model's own parameter order (embedding, then per layer attention, MLP, norms; final norm, head).
+Facts from mlc-llm's model definitions (``model/llama``, ``model/qwen2``, ``model/qwen3``) and its standard
+Hugging Face loaders: Q, K and V are one fused projection (rows concatenated in that order; ``qkv_proj`` for
+Llama, ``c_attn`` with a fused bias for Qwen2, ``c_attn`` without one for Qwen3, whose ``attention_bias``
+is false), gate and up are one ``gate_up_proj`` (gate rows first), every other tensor keeps its Hugging
+Face name (Qwen3's per-head RMSNorms ``self_attn.q_norm`` / ``self_attn.k_norm``, weights of ``head_dim``,
+declared after ``o_proj``); rotary rows are not permuted (MLC's KV cache rotates halves as transformers
+does). A quantized tensor ``X.weight`` becomes ``X.q_weight`` and ``X.q_scale``. The order is the model's
+own parameter order (embedding, then per layer attention, MLP, norms; final norm, head).
+
+Qwen3's ``Qwen3Config`` has no default for ``attention_bias`` and, unlike Qwen2's, does not derive
+``head_dim`` from hidden / heads (its heads may be wider: Qwen3-0.6B has 16 of 128 over 1024): both are
+written.
 """
 
 from __future__ import annotations
@@ -20,17 +26,20 @@ from edgekit.errors import UnsupportedError
 @dataclass(frozen=True)
 class MLCArch:
     """One architecture: ``model_type`` (MLC's model name), ``qkv`` (its fused attention projection),
-    ``qkv_bias`` (Q/K/V carry biases), ``theta_key`` (the config field MLC reads rope theta from)."""
+    ``qkv_bias`` (Q/K/V carry biases), ``theta_key`` (the config field MLC reads rope theta from),
+    ``qk_norm`` (an RMSNorm over each head of the queries and of the keys, Qwen3's)."""
 
     model_type: str
     qkv: str
     qkv_bias: bool
     theta_key: str
+    qk_norm: bool = False
 
 
 ARCHS = {
     "LlamaForCausalLM": MLCArch("llama", "qkv_proj", False, "position_embedding_base"),
     "Qwen2ForCausalLM": MLCArch("qwen2", "c_attn", True, "rope_theta"),
+    "Qwen3ForCausalLM": MLCArch("qwen3", "c_attn", False, "rope_theta", qk_norm=True),
 }
 BY_MODEL_TYPE = {a.model_type: (hf, a) for hf, a in ARCHS.items()}
 
@@ -63,8 +72,11 @@ def params(arch: MLCArch, hp: HParams) -> list[Param]:
         out.append(Param(f"{mlc}.self_attn.{arch.qkv}.weight", tuple(f"{s}.weight" for s in qkv), "linear"))
         if arch.qkv_bias:
             out.append(Param(f"{mlc}.self_attn.{arch.qkv}.bias", tuple(f"{s}.bias" for s in qkv), "float"))
+        out.append(Param(f"{mlc}.self_attn.o_proj.weight", (f"{hf}.self_attn.o_proj.weight",), "linear"))
+        if arch.qk_norm:
+            out += [Param(f"{mlc}.self_attn.{n}.weight", (f"{hf}.self_attn.{n}.weight",), "float")
+                    for n in ("q_norm", "k_norm")]
         out += [
-            Param(f"{mlc}.self_attn.o_proj.weight", (f"{hf}.self_attn.o_proj.weight",), "linear"),
             Param(f"{mlc}.mlp.gate_up_proj.weight", (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"), "linear"),
             Param(f"{mlc}.mlp.down_proj.weight", (f"{hf}.mlp.down_proj.weight",), "linear"),
             Param(f"{mlc}.input_layernorm.weight", (f"{hf}.input_layernorm.weight",), "float"),
@@ -99,6 +111,8 @@ def model_config(arch: MLCArch, config: dict[str, Any], hp: HParams, context: in
         mine.update(rope_scaling=scaling, pipeline_parallel_stages=1, disaggregation=False)
     else:
         mine.update(hidden_act=config.get("hidden_act", "silu"), dtype="float32")
+    if arch.model_type == "qwen3":  # Qwen3Config: attention_bias has no default; weight_block_size is fp8's
+        mine.update(attention_bias=False, weight_block_size=None)
     used = {"max_position_embeddings", "rope_theta", "rope_parameters", "architectures"} | set(mine)
     mine["kwargs"] = {k: v for k, v in config.items() if k not in used}
     return mine
@@ -123,8 +137,13 @@ def hf_config(model_type: str, mc: dict[str, Any]) -> dict[str, Any]:
     })
     if mc.get("rope_scaling"):
         cfg["rope_scaling"] = mc["rope_scaling"]
-    if arch.qkv_bias:
+    if arch.model_type != "llama":
         cfg.setdefault("hidden_act", mc.get("hidden_act", "silu"))
+    if arch.model_type == "qwen3":
+        if mc.get("attention_bias"):
+            raise UnsupportedError("this MLC Qwen3 model has attention biases (attention_bias: true); the MLC "
+                                   "reference backend runs Qwen3 without them, as edgekit writes it")
+        cfg["attention_bias"] = False
     return cfg
 
 
