@@ -391,3 +391,42 @@ def test_block_size_error_names_a_fix_that_exists(tmp_path):
     assert "no block size" in r.output and "use --bits 16" in r.output and "e.g. 32" not in r.output
     assert "-O lut_group=4" in r.output  # k/v rows: 100
     assert not (tmp_path / "x").exists()
+
+
+def test_qwen3_q_k_norms_are_per_head_fp16_vectors(tiny_models, tmp_path):
+    """Qwen3 (heads of 48 x 4 = 192, wider than the hidden 128; a per-head RMSNorm of the queries and keys with
+    one head_dim weight shared by the heads; tied head) converts at 4 bits: every matrix's codes read back as
+    the quantizer's, each layer's q/k norm weight is the checkpoint's as an fp16 vector of head_dim, normalising
+    each head's 48 values (a layer_norm over [x, -x]: 96 wide). The CLI converts and inspects it, and a block
+    size that does not divide the heads' 192 is refused naming one that does."""
+    from safetensors.numpy import load_file
+    from typer.testing import CliRunner
+
+    from edgekit.cli.main import app
+    from edgekit.converters.formats.coreml.program import Dense
+    from edgekit.converters.formats.coreml.read import load_program, read_weights
+
+    src = tiny_models["Qwen3ForCausalLM"]
+    q, fields = _convert(src, tmp_path / "out", "rtn", bits=4)
+    package = tmp_path / "out" / "model.mlpackage"
+    assert _assert_read_back_equals(q, package) == 2 * 7 + 1  # every linear and the (tied) embedding
+    stored, ckpt = read_weights(package), load_file(src / "model.safetensors")
+    for i in range(2):
+        for w in ("q", "k"):
+            hf = f"model.layers.{i}.self_attn.{w}_norm.weight"
+            got = stored[hf.replace(".", "_")]
+            assert isinstance(got, Dense) and got.value.shape == (48,)
+            np.testing.assert_array_equal(got.value.view(np.uint16), ckpt[hf].astype(np.float16).view(np.uint16))
+            assert fields["tensors"][hf] == {"type": "F16", "shape": [48]}
+    prog, _ = load_program(package)
+    widths = [op.inputs["x"].shape[-1] for op in prog.functions["main"].operations if op.op_type == "layer_norm"]
+    assert sorted(widths) == [96] * 4 + [256] * 5  # q and k in each layer; the hidden norms
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["convert", str(src), "--to", "coreml", "--bits", "4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "Qwen3ForCausalLM" in r.output, r.output
+    r = CliRunner().invoke(app, ["convert", str(src), "--to", "coreml", "--bits", "4", "--block-size", "128",
+                                 "-o", str(tmp_path / "b128")])
+    assert r.exit_code == 2 and "rows of 192 weights" in r.output and "use --block-size 64" in r.output, r.output
+    assert not (tmp_path / "b128").exists()

@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("coremltools")
 torch = pytest.importorskip("torch")
 
-ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+# Qwen3: per-head q/k RMSNorms (random weights) before rotary, heads of 48 x 4 = 192 wider than the hidden 128
+ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
 PROMPT = [3, 17, 5, 60, 11, 42, 8, 99, 23, 7, 31, 2]
 DECODE = [14, 77, 5, 90, 33, 12, 64, 3, 28, 50]
 
@@ -138,9 +139,12 @@ def test_engine_coreml_needs_macos(fp16_programs):
         open_backend(fp16_programs["LlamaForCausalLM"].path, engine="coreml")
 
 
-@pytest.mark.parametrize("extra", [{"bits": 4}, {"bits": 8, "symmetric": True}, {"palettize": 3},
-                                   {"palettize": 3, "outliers": 1.5}])
-def test_evaluator_decodes_constexpr_weights_as_the_quantizer_reports(extra, checkpoints, tmp_path):
+@pytest.mark.parametrize(("arch", "extra"), [
+    ("LlamaForCausalLM", {"bits": 4}), ("LlamaForCausalLM", {"bits": 8, "symmetric": True}),
+    ("LlamaForCausalLM", {"palettize": 3}), ("LlamaForCausalLM", {"palettize": 3, "outliers": 1.5}),
+    ("Qwen3ForCausalLM", {"bits": 4}), ("Qwen3ForCausalLM", {"palettize": 3, "outliers": 1.5}),
+])
+def test_evaluator_decodes_constexpr_weights_as_the_quantizer_reports(arch, extra, checkpoints, tmp_path):
     """The program's blockwise and palette weights, run by the evaluator, give the logits of PyTorch holding
     the values the quantizer said it stored (RTN: the grid's own round trip of each matrix)."""
     import transformers
@@ -150,7 +154,8 @@ def test_evaluator_decodes_constexpr_weights_as_the_quantizer_reports(extra, che
     from edgekit.runtime.coreml import causal_mask
     from edgekit.runtime.coreml_mil import MILEvaluator
 
-    src = checkpoints["LlamaForCausalLM"]
+    src = checkpoints[arch]
+    extra = dict(extra)
     bits = extra.pop("bits", 16)
     art = api.convert(src, "coreml", output=tmp_path / "q", recipe=api.ConvertRecipe(bits=bits, extra=extra))
     grid = CoreMLOptions(bits=bits, **extra).grid

@@ -95,7 +95,7 @@ class CoreMLFormat(Format):
     """Apple's Core ML: an ML program with the KV cache as state, fp16, blockwise or palettized weights."""
 
     name = "coreml"
-    archs = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    archs = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
     options_class = CoreMLOptions
     model_filename = MODEL_NAME
 

@@ -21,6 +21,8 @@ Numerics: fp16 throughout, as Core ML runs it on the GPU and Neural Engine. RMSN
 ``layer_norm`` of ``[x, -x]`` (mean 0, so it divides by the root mean square) because squaring the
 residual stream in fp16 overflows at values the real model reaches; queries are scaled before ``Q K^T``
 for the same reason. Rotary tables are computed in float64 and stored in fp16, so position ``p`` is exact.
+Qwen3's per-head query and key norms (one ``head_dim`` weight shared by the heads, before rotary) are the
+same ``layer_norm`` of ``[x, -x]`` over each head's values.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 
 from edgekit.arch import HParams
 from edgekit.attention import inv_freq
+from edgekit.converters.formats.coreml.package import fresh_op_names
 
 
 @dataclass(frozen=True)
@@ -121,12 +124,14 @@ class _Layers:
     def __init__(self, mb, hp: HParams, weights: WeightSource) -> None:
         self.mb, self.hp, self.w = mb, hp, weights
 
-    def rms_norm(self, x, name: str):
+    def rms_norm(self, x, name: str, width: int | None = None):
+        """RMSNorm over the last axis (``width`` values: the hidden size unless given) times the weight ``name``."""
         mb = self.mb
+        rank = x.rank
         both = mb.concat(values=[x, mb.mul(x=x, y=np.float16(-1))], axis=-1)
         n = mb.layer_norm(x=both, axes=[-1], epsilon=np.float16(max(self.hp.rms_eps, 1e-7)))
-        half = mb.slice_by_index(x=n, begin=[0, 0, 0], end=[0, 0, self.hp.n_embd],
-                                 begin_mask=[True, True, True], end_mask=[True, True, False])
+        half = mb.slice_by_index(x=n, begin=[0] * rank, end=[0] * (rank - 1) + [width or self.hp.n_embd],
+                                 begin_mask=[True] * rank, end_mask=[True] * (rank - 1) + [False])
         return mb.mul(x=half, y=self.vec(name), name=name.replace(".", "_") + "_out")
 
     def vec(self, hf: str):
@@ -145,6 +150,12 @@ class _Layers:
         """``(1, L, n*hd)`` -> ``(1, n, L, hd)``."""
         mb = self.mb
         return mb.transpose(x=mb.reshape(x=x, shape=[1, -1, n, self.hp.head_dim]), perm=[0, 2, 1, 3])
+
+    def qk_heads(self, x, n: int, norm: str):
+        """Queries or keys split into ``n`` heads; Qwen3's RMSNorm over each head's ``head_dim`` values (one
+        weight shared by the heads) when the checkpoint has ``norm``, before rotary as transformers applies it."""
+        x = self.heads(x, n)
+        return self.rms_norm(x, norm, self.hp.head_dim) if self.has(norm) else x
 
     def rope(self, x, cos, sin):
         mb = self.mb
@@ -176,8 +187,9 @@ class _Layers:
         q = self.linear(h, p + "q_proj.weight", p + "q_proj.bias" if has_bias else None)
         k = self.linear(h, p + "k_proj.weight", p + "k_proj.bias" if has_bias else None)
         v = self.linear(h, p + "v_proj.weight", p + "v_proj.bias" if has_bias else None)
-        q = mb.mul(x=self.rope(self.heads(q, hp.n_head), cos, sin), y=np.float16(hp.head_dim ** -0.5))
-        k = self.rope(self.heads(k, hp.n_head_kv), cos, sin)
+        q = mb.mul(x=self.rope(self.qk_heads(q, hp.n_head, p + "q_norm.weight"), cos, sin),
+                   y=np.float16(hp.head_dim ** -0.5))
+        k = self.rope(self.qk_heads(k, hp.n_head_kv, p + "k_norm.weight"), cos, sin)
         keys = self.cache_write(k_state, k, begin, end)
         values = self.cache_write(v_state, self.heads(v, hp.n_head_kv), begin, end)
         # query heads j*rep .. j*rep+rep-1 share kv head j (transformers' repeat_kv): group them by kv head
@@ -225,6 +237,7 @@ def build(hp: HParams, context: int, weights: WeightSource, progress: Callable[[
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
 
+    fresh_op_names(mb)
     L, E = get_new_symbol(), get_new_symbol()
     specs = {"input_ids": mb.TensorSpec((1, L), dtype=types.int32),
              "causal_mask": mb.TensorSpec((1, 1, L, E), dtype=types.fp16)}
