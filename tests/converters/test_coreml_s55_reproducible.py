@@ -70,3 +70,13 @@ def test_the_package_still_loads_and_reading_it_changes_nothing(two_builds):
     raw = (pkg / "Data" / items[root]["path"]).read_bytes()
     assert raw == spec.SerializeToString(deterministic=True)  # maps in sorted order, whatever the process
     assert _digests(pkg) == before
+
+
+def test_a_second_conversion_in_one_process_writes_the_same_bytes(two_builds, tmp_path):
+    """coremltools numbers op names from one counter per process: the SDK's second conversion (a test's, a
+    script's loop) named its ops on from the first and wrote other bytes than a conversion in a new process."""
+    from edgekit import api
+
+    src = two_builds[0].parent / "src"
+    api.convert(src, "coreml", output=tmp_path / "c", recipe=api.ConvertRecipe(bits=4, extra={"block_size": 32}))
+    assert _digests(tmp_path / "c") == _digests(two_builds[1])  # b: converted in a fresh process

@@ -38,6 +38,15 @@ def coremltools() -> Any:
         return require("coremltools", "coreml")
 
 
+def fresh_op_names(mb: Any) -> None:
+    """Start the MIL builder's op names afresh (``add_0``, ``add_1``, ...): coremltools numbers them from one
+    counter per process, so a second conversion in a process (the SDK's, a test's) named its ops on from the
+    first one's and wrote other bytes than the same conversion in a new process."""
+    counts = getattr(mb, "name_count", None)
+    if isinstance(counts, dict):
+        counts.clear()
+
+
 def package_bytes(path: Path) -> int:
     """Bytes of every file in a package folder."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -34,6 +34,7 @@ import numpy as np
 from edgekit.converters.diffusion.export import register_exporter
 from edgekit.converters.formats.coreml.package import (
     coremltools,
+    fresh_op_names,
     interruptible,
     package_bytes,
     save_package,
@@ -218,6 +219,7 @@ def build(pipe: Any, unet: Any, weights: dict[str, Any] | None, progress: Progre
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
 
+    fresh_op_names(mb)
     cfg = unet.config
     c, s = int(cfg.in_channels), pipe.sample_size
     n = get_new_symbol()
