@@ -93,6 +93,8 @@ def unwind_on_signals() -> None:
     late: list[int] = []
 
     def leave(signum: int, frame: object) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            streams_of_a_closed_terminal_to_devnull()
         status = finished_status()
         if status is None:
             raise Terminated(signum)  # a SystemExit: exits 128 + signum; handle_errors says which signal
@@ -103,6 +105,49 @@ def unwind_on_signals() -> None:
     signal.signal(signal.SIGTERM, leave)
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, leave)
+    if not _ignored_at_exit:
+        import atexit
+
+        _ignored_at_exit.append(True)
+        atexit.register(ignore_signals_while_exiting)  # registered first, so it runs last
+
+
+_ignored_at_exit: list[bool] = []
+
+
+def ignore_signals_while_exiting() -> None:
+    """The last step before the interpreter's own teardown: the exit status is chosen, every output whole or
+    removed. Python then puts its signal handlers back to the default, which kills: a SIGTERM, SIGHUP or Ctrl-C in
+    those last milliseconds would end a finished conversion "killed by SIGTERM" (-15) instead of with its status.
+    From here on they are ignored (a handler set to ignore is left so)."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def streams_of_a_closed_terminal_to_devnull() -> None:
+    """A SIGHUP from a terminal that closed (a terminal window, an SSH session): stdout and stderr, where they
+    were that terminal, now fail every write (EIO), so the hangup's own line, Python's last flush and anything
+    said while unwinding would end the process with "lost sys.stderr" (exit 1) instead of 129. They go to
+    /dev/null instead: nobody is there to read them. A stream that is a file, a pipe with its reader, or a
+    terminal still open (``kill -HUP``) is kept: the line is said there."""
+    import select
+
+    for fd in (1, 2):
+        try:
+            poll = select.poll()
+            poll.register(fd, select.POLLOUT)
+            if not any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poll.poll(0)):
+                continue
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, fd)
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError):
+            continue
 
 
 def std_streams_for_scripts() -> None:

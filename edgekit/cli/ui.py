@@ -285,6 +285,7 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         outermost = _Command.depth == 0
+        group = outermost and _subcommand_follows()  # known before it runs: nothing slow once it returned
         if outermost:
             _Command.status = None
         _Command.depth += 1
@@ -296,7 +297,7 @@ def handle_errors(fn: F) -> F:
             raise
         finally:
             _Command.depth -= 1
-        if outermost and not _subcommand_follows():
+        if outermost and not group:
             _Command.status = 0
         return result
 
@@ -304,11 +305,15 @@ def handle_errors(fn: F) -> F:
 
 
 def _subcommand_follows() -> bool:
-    """Whether the function that returned is a command group's callback (``edgekit cache``), its subcommand
-    still to run: the command has not finished."""
-    import click
+    """Whether the function about to run is a command group's callback (``edgekit cache``), its subcommand
+    still to run once it returns: the command has not finished then. Typer's own click (it vendors one) holds
+    the context; the click package, where installed, is another module and never had one."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # typer before it vendored click
+        from click import get_current_context  # type: ignore[no-redef]
 
-    ctx = click.get_current_context(silent=True)
+    ctx = get_current_context(silent=True)
     return ctx is not None and getattr(ctx, "invoked_subcommand", None) is not None
 
 
