@@ -330,7 +330,27 @@ class MemoryPlan:
                 "runtime": self.runtime, "reason": self.reason, "draft": self.draft, "ram_total_bytes": self.ram_bytes}
 
 
-def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0, n_ctx: int = 4096,
+DEFAULT_PLAN_CTX = 4096
+
+# formats whose artifact fixes its context at conversion: the -O option that sets it and its largest value
+_FIXED_CONTEXT = {"mlc": ("context_window_size", 1 << 20), "coreml": ("context", 32768)}
+
+
+def _refuse_context(art: Any, asked: int, holds: int, kv_window: int | None) -> None:
+    """An MLC or Core ML artifact holds at most ``holds`` tokens (fixed when it was converted): refuse a plan
+    at a longer context in one line, naming how to get one."""
+    flag = f"--kv-window {asked}" if kv_window is not None else f"--ctx {asked}"
+    fix = ""
+    if art.format in _FIXED_CONTEXT:
+        key, most = _FIXED_CONTEXT[art.format]
+        fmt = "Core ML" if art.format == "coreml" else art.format.upper()
+        fix = (f", or re-convert it with -O {key}={asked}" if asked <= most else
+               f", or re-convert it with -O {key}={most}, the most a {fmt} artifact holds")
+    raise InputError(f"{art.name} holds at most {holds} tokens (its context, fixed when it was converted), so "
+                     f"{flag} does not fit: plan at --ctx {holds} or less{fix}")
+
+
+def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0, n_ctx: int | None = None,
                   n_batch: int = 512, cache_type: str = "f16", cpu_Bps: float | None = None,
                   gpu_Bps: float = DEFAULT_GPU_BPS, backend: str | None = None, draft: str | Path | None = None,
                   kv_window: int | None = None, experts: str | int | None = None) -> OffloadPlan | MemoryPlan:
@@ -339,7 +359,8 @@ def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0
     ``ram_bytes`` defaults to the memory available now, ``cpu_Bps`` to this host's measured bandwidth.
     ``draft``: a speculative-decoding draft loaded beside the target (its RAM counts); ``kv_window``: the
     context is the window, as the backends allocate it; ``experts``: ``--experts`` (a mixture-of-experts GGUF's
-    experts run per token: the bytes each token reads)."""
+    experts run per token: the bytes each token reads). ``n_ctx`` defaults to 4096, or to the artifact's own
+    context where it holds fewer (MLC, Core ML); a longer ``n_ctx`` than an artifact holds raises InputError."""
     import psutil
 
     from edgekit.artifact import Artifact
@@ -354,19 +375,26 @@ def plan_artifact(art: Any, *, ram_bytes: int | None = None, vram_bytes: int = 0
     if ram_bytes is not None:
         check_number(ram_bytes, "--ram", above=0)
     cls = backend_for_format(art.format, backend)
-    n_ctx = window_context(n_ctx, kv_window)
+    asked = n_ctx is not None or kv_window is not None
+    n_ctx = window_context(DEFAULT_PLAN_CTX if n_ctx is None else n_ctx, kv_window)
     if kv_window is not None and art.format == "gguf":  # as run and serve refuse it, before any plan
         from edgekit.runtime.llamacpp_decoding import check_window_trained
 
         check_window_trained([art.model_file], kv_window)
-    dm = draft_memory(draft, art.format, n_ctx, n_batch) if draft is not None else None
     ram = ram_bytes if ram_bytes is not None else int(psutil.virtual_memory().available)
     if isinstance(cls, OffloadPlanner):
+        dm = draft_memory(draft, art.format, n_ctx, n_batch) if draft is not None else None
         bws = Bandwidths(cpu_Bps=cpu_Bps or hostinfo.memory_bandwidth(), gpu_Bps=gpu_Bps)
         return cls.offload_plan(art.model_file, n_ctx, n_batch, budget=Budget(ram, vram_bytes), bandwidths=bws,
                                 cache_type=cache_type, draft=dm, n_expert_used=_experts_used(art, experts))
     if isinstance(cls, MemoryModel):
         est = cls.memory_estimate(art.model_file, n_ctx, n_batch)
+        holds = int(getattr(est, "n_ctx", 0) or n_ctx)
+        if holds < n_ctx:  # the artifact's context is fixed (MLC's context window, Core ML's state)
+            if asked:
+                _refuse_context(art, n_ctx, holds, kv_window)
+            n_ctx = holds  # the default context, where the artifact holds fewer: plan at what it holds
+        dm = draft_memory(draft, art.format, n_ctx, n_batch) if draft is not None else None
         note = (f"{cls.name} runs the whole model in host memory; GPU offload is not planned for "
                 f"{art.format.upper()}" + (" (--vram ignored)" if vram_bytes else ""))
         parts = dict(est.parts)

@@ -342,7 +342,9 @@ def plan_cmd(
     artifact: Path = typer.Argument(..., help="Artifact folder or GGUF file."),
     vram: str = typer.Option("0", "--vram", help="GPU memory budget, e.g. 6GiB (0: no GPU)."),
     ram: str | None = typer.Option(None, "--ram", help="Host memory budget, e.g. 8GiB (default: available now)."),
-    ctx: int = typer.Option(4096, "--ctx", "-c", help="Context length to plan for."),
+    ctx: int | None = typer.Option(None, "--ctx", "-c", help="Context length to plan for (default: 4096, or the "
+                                   "artifact's own context where it holds fewer, as MLC and Core ML may).",
+                                   show_default=False),
     batch: int = typer.Option(512, "--batch", "-b", help="n_batch / n_ubatch."),
     cache_type: str = typer.Option("f16", "--cache-type", help="KV cache type (f16, q8_0, q4_0...)."),
     gpu_bandwidth: float = typer.Option(300.0, "--gpu-bandwidth", help="GPU memory bandwidth in GB/s (assumed)."),
@@ -365,7 +367,7 @@ def plan_cmd(
       edgekit plan ./model-q8_0 --draft ./model-draft --kv-window 1024   # a drafted chat in a KV window
     """
     from edgekit.artifact import Artifact
-    from edgekit.runtime.plan import MemoryPlan, parse_size, plan_artifact
+    from edgekit.runtime.plan import DEFAULT_PLAN_CTX, MemoryPlan, parse_size, plan_artifact
     from edgekit.validate import check_number
 
     check_number(gpu_bandwidth, "--gpu-bandwidth", above=0, note=" GB/s")
@@ -406,7 +408,7 @@ def plan_cmd(
     flags += [f"-ot '{pat}={buft}'" for pat, buft in p.tensor_overrides]
     # the run that uses this plan: the same budget and context (run's own defaults differ: the GPU's free
     # memory, 2048 tokens), drafting and KV window
-    ours = f"run {artifact} --offload auto --vram {vram} -c {ctx}"
+    ours = f"run {artifact} --offload auto --vram {vram} -c {ctx if ctx is not None else DEFAULT_PLAN_CTX}"
     if kv_window:
         ours += f" --kv-window {kv_window}"
     if draft is not None:
