@@ -64,6 +64,9 @@ def load_error(msg: dict[str, Any], model_path: Path, tail: Iterable[str], n_ctx
         gguf = log_hint(tail, "gguf_init_from", "invalid", "failed to read")
         reason = gguf.split(": ", 1)[-1] if gguf else reason
     if "unknown model architecture" in reason:
+        imatrix = _imatrix_error(model_path)
+        if imatrix is not None:
+            return imatrix
         return UnsupportedError(
             f"llama.cpp cannot run {name}: {reason}; update llama-cpp-python or use another runtime"
         )
@@ -72,6 +75,21 @@ def load_error(msg: dict[str, Any], model_path: Path, tail: Iterable[str], n_ctx
         f"llama.cpp could not load {name} ({detail}); the file may be truncated or corrupt: "
         "convert or download it again"
     )
+
+
+def _imatrix_error(model_path: Path) -> Exception | None:
+    """An importance matrix (llama-imatrix's GGUF, which llama.cpp reads as a model of no architecture)
+    given where a model goes: the one-line error that says what it is and where it goes, else None."""
+    from edgekit.converters.formats.gguf.header import GGUFHeader
+    from edgekit.converters.formats.gguf.read import refuse_imatrix
+
+    try:
+        refuse_imatrix(GGUFHeader(Path(model_path)), Path(model_path))
+    except InputError as exc:  # as Unsupported, which a profile reports once rather than per test
+        return UnsupportedError(str(exc))
+    except Exception:  # noqa: BLE001 - a header the fast reader does not cover: the generic message stands
+        return None
+    return None
 
 
 def context_error(name: str, tail: list[str], n_ctx: int | None) -> InputError:

@@ -75,3 +75,9 @@ class Quantizer(abc.ABC):
         checkpoint's own layout: a format's writer applies its own row order to the encoded rows) as
         ``qtype``. ``name`` is the GGUF tensor name, for methods that keep per-tensor state.
         """
+
+
+def method_flag(method: str) -> str:
+    """How the user asked for ``method`` on the command line: ``--imatrix FILE`` for the importances of a file
+    (its method's name, ``imatrix-file``, is internal), ``--method NAME`` otherwise."""
+    return "--imatrix FILE" if method == "imatrix-file" else f"--method {method}"

@@ -179,7 +179,9 @@ def convert(
         check_calib_seqlen(calib_seqlen, model)
     elif typed & {"calib", "calib_samples", "calib_seqlen"} and not as_json:
         flags = ", ".join("--" + n.replace("_", "-") for n in sorted(typed & {"calib", "calib_samples", "calib_seqlen"}))
-        say(err, f"{flags}: --method {method} rounds without calibration data: no effect (calibrated: "
+        how = ("--imatrix FILE takes its importances from the file, not from calibration data"  # the flag given
+               if method == "imatrix-file" else f"--method {method} rounds without calibration data")
+        say(err, f"{flags}: {how}: no effect (calibrated: "
                  "--method gptq, awq or imatrix, or --bpw/--size)", "note:", "dim")
     if palettize is not None and "bits" in typed:
         raise InputError(f"--palettize {palettize} sets the bits (palettes of 2^{palettize} values); drop --bits")

@@ -33,6 +33,7 @@ from edgekit.converters.formats.base import (
     size_fields,
 )
 from edgekit.converters.quantize.aqlm_kernel import AQLMScheme
+from edgekit.converters.quantize.base import method_flag
 from edgekit.converters.quantize.steps.base import F8_E4M3
 from edgekit.errors import DiskFullError, InputError
 from edgekit.fsutil import check_free_space
@@ -116,7 +117,7 @@ class AQLMFormat(Format):
                 progress: ProgressFn = no_progress) -> dict[str, Any]:
         opts = AQLMOptions.from_recipe(recipe)
         if quantizer.config.method != "aqlm":
-            raise InputError(f"--to aqlm encodes with --method aqlm; drop --method {quantizer.config.method}")
+            raise InputError(f"--to aqlm encodes with --method aqlm; drop {method_flag(quantizer.config.method)}")
         checkpoint.require_tokenizer()
         if recipe.budgeted and "scheme" not in recipe.extra:
             budget = recipe.size if recipe.size is not None else int(recipe.bpw * checkpoint.n_params / 8)

@@ -41,7 +41,7 @@ from edgekit.converters.formats.coreml.package import (
     scratch_in,
 )
 from edgekit.converters.formats.coreml.program import Blockwise, Dense, Palette, Weight
-from edgekit.converters.quantize.base import Quantizer
+from edgekit.converters.quantize.base import Quantizer, method_flag
 from edgekit.errors import InputError
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
@@ -117,7 +117,7 @@ class CoreMLFormat(Format):
         opts = CoreMLOptions.from_recipe(recipe)
         method = quantizer.config.method
         if not opts.quantized and method != "rtn":
-            raise InputError(f"--method {method} quantizes weights; give --bits 4|8 or --palettize N for Core ML")
+            raise InputError(f"{method_flag(method)} quantizes weights; give --bits 4|8 or --palettize N for Core ML")
         if method in _PALETTE_METHODS and opts.palettize is None:
             raise InputError(f"--method {method} fits palettes; give --palettize 2|3|4|6|8 with it")
         grid = opts.grid

@@ -43,9 +43,30 @@ def read_gguf_header(path: Path, *, check: bool = True, vocab: bool = True):
     except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on bad files
         detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise CorruptFileError(f"{path} is not a readable GGUF file ({detail}); re-download or re-convert it") from exc
+    refuse_imatrix(reader, path)
     if check:
         check_gguf(reader, path)
     return reader
+
+
+def is_imatrix(reader: Any) -> bool:
+    """Whether a GGUF is an importance matrix (llama-imatrix's output: ``general.type`` imatrix, or no
+    architecture and only ``*.in_sum2`` / ``*.counts`` tensors), not a model."""
+    with contextlib.suppress(Exception):  # a field gguf-py cannot decode: check_gguf names it
+        f = reader.fields.get("general.type")
+        if f is not None and f.contents() == "imatrix":
+            return True
+        if reader.fields.get("general.architecture") is None and reader.tensors and all(
+                t.name.endswith((".in_sum2", ".counts")) for t in reader.tensors):
+            return True
+    return False
+
+
+def refuse_imatrix(reader: Any, path: Path) -> None:
+    """An importance matrix given where a model goes: say what it is and where it goes, in one line."""
+    if is_imatrix(reader):
+        raise InputError(f"{path} is an importance matrix (llama-imatrix's output), not a model; give it to "
+                         f"convert with the model it was made for: edgekit convert MODEL --imatrix {path}")
 
 
 def _kv(reader, key: str, default: Any = None) -> Any:

@@ -38,7 +38,7 @@ from edgekit.converters.formats.base import (
 from edgekit.converters.formats.mlc.cache import TensorCacheWriter
 from edgekit.converters.formats.mlc.options import MLCOptions
 from edgekit.converters.quantize import mlcgroup
-from edgekit.converters.quantize.base import Quantizer
+from edgekit.converters.quantize.base import Quantizer, method_flag
 from edgekit.errors import BackendError, InputError
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
@@ -78,7 +78,7 @@ class MLCFormat(Format):
         grid = opts.grid
         method = quantizer.config.method
         if grid is None and method != "rtn":
-            raise InputError(f"--method {method} quantizes weights; {opts.quant} stores them unquantized: "
+            raise InputError(f"{method_flag(method)} quantizes weights; {opts.quant} stores them unquantized: "
                              "give --quant q4f16_1 (or another q3/q4 mode)")
         params = layout.params(arch, hp)
         plan = _plan(checkpoint, params, grid, opts.mode.dtype)

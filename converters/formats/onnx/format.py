@@ -32,7 +32,7 @@ from edgekit.converters.formats.base import (
 )
 from edgekit.converters.formats.onnx.options import OnnxOptions
 from edgekit.converters.formats.onnx.weights import _build, _plan, _Weights
-from edgekit.converters.quantize.base import Quantizer
+from edgekit.converters.quantize.base import Quantizer, method_flag
 from edgekit.errors import DiskFullError, InputError, UnsupportedError, require
 from edgekit.fsutil import check_free_space
 from edgekit.model import HFCheckpoint
@@ -76,7 +76,7 @@ class OnnxFormat(Format):
         hp = checkpoint.hparams
         opts = OnnxOptions.from_recipe(recipe).resolve(hp.tie_embeddings)
         if not opts.quantized and quantizer.config.method != "rtn":
-            raise InputError(f"--method {quantizer.config.method} quantizes weights; give --bits 4 or 8 for ONNX")
+            raise InputError(f"{method_flag(quantizer.config.method)} quantizes weights; give --bits 4 or 8 for ONNX")
         if opts.quantized and (hp.n_embd % opts.block_size or hp.n_ff % opts.block_size):
             raise InputError(f"hidden size {hp.n_embd} / FFN size {hp.n_ff} are not multiples of --block-size "
                              f"{opts.block_size}; {_block_fix((hp.n_embd, hp.n_ff))}")
