@@ -33,8 +33,9 @@ from edgekit.runtime.base import Backend, GenerationStats, SamplingConfig
 EXIT = ("/exit", "/quit", "/bye")
 PROMPT, MORE = ">>> ", "... "  # MORE: inside a message of several lines
 FENCE = '"""'
-HELP = ('Enter sends a message{paste}; """ opens and closes one of several lines, and a \\ ending a line '
-        "goes on to the next; /clear forgets the conversation; /exit or Ctrl-D ends; Ctrl-C stops a reply")
+HELP = ('Enter sends a message{paste}; """ opens and closes one of several lines (or Ctrl-D ends it), and a \\ '
+        "ending a line goes on to the next; /clear forgets the conversation; /exit or Ctrl-D ends; Ctrl-C stops a "
+        "reply")
 
 
 def stats_line(st: GenerationStats, chat: bool = False) -> str:
@@ -117,8 +118,10 @@ def read_message(read: Callable[[str], str]) -> str:
     newlines in it): a line; or, typed, a block from a line starting with \""" to one ending with \"""; or
     lines joined while they end with a backslash. Prompts with ``PROMPT``, then ``MORE``. A paste is taken as
     it is, never as opening, closing or going on, so a pasted Python file that starts with its docstring, or
-    a shell line cut after a backslash, is sent as pasted. EOFError and KeyboardInterrupt come from ``read``
-    (what was typed of the message is dropped)."""
+    a shell line cut after a backslash, is sent as pasted. Ctrl-D (EOFError) inside a block or after a
+    backslash ends the message there, as a closing \""" would: it is sent, and Ctrl-D at the next prompt ends
+    the chat. EOFError at the first prompt and KeyboardInterrupt anywhere come from ``read`` (Ctrl-C drops what
+    was typed of the message)."""
     line = _newlines(read(PROMPT))
     if "\n" in line:
         return line
@@ -127,13 +130,19 @@ def read_message(read: Callable[[str], str]) -> str:
         block: list[str] = []
         while "\n" in rest or not rest.rstrip().endswith(FENCE):
             block.append(rest)
-            rest = _newlines(read(MORE))
+            try:
+                rest = _newlines(read(MORE))
+            except EOFError:  # Ctrl-D ends the block: what was typed is the message
+                return "\n".join(block)
         return "\n".join([*block, rest.rstrip()[:-len(FENCE)]])
     lines = [line]
     # as llama-cli: the newline stays, the backslash goes
     while "\n" not in lines[-1] and lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(_newlines(read(MORE)))
+        try:
+            lines.append(_newlines(read(MORE)))
+        except EOFError:  # Ctrl-D after a backslash: the message ends there
+            break
     return "\n".join(lines)
 
 

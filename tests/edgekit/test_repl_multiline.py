@@ -90,9 +90,9 @@ def test_a_paste_keeps_its_shape_and_a_line_is_stripped_as_before():
     assert sent == ["    indented first\n\n  second", "plain", "a\nb\nc"]
 
 
-def test_ctrl_c_drops_the_block_being_typed_and_ctrl_d_ends_without_sending_it():
-    sent, prompts = _chat(['"""', "half", KeyboardInterrupt, "whole", '"""', "never sent"])
-    assert sent == ["whole"] and prompts[-1] == "... "
+def test_ctrl_c_drops_the_block_being_typed():
+    sent, prompts = _chat(['"""', "half", KeyboardInterrupt, "whole"])
+    assert sent == ["whole"] and prompts == [">>> ", "... ", "... ", ">>> ", ">>> "]
 
 
 def test_raw_completes_a_block_as_one_text():
@@ -319,3 +319,18 @@ def test_piped_stdin_is_still_one_prompt_not_a_chat(tiny_gguf):
     assert run("--json", stdin="hi\n")["prompt_tokens"] < piped["prompt_tokens"]  # both lines: one prompt
     plain = run(stdin="hi\nthere\n")  # printf 'hi\nthere\n' | edgekit run ART: one reply, one stats line
     assert plain.stdout == given["text"] + "\n" and plain.stderr.count("prompt tokens") == 1, plain.stderr
+
+
+def test_ctrl_d_inside_a_block_or_after_a_backslash_sends_what_was_typed():
+    """QA s57: Ctrl-D in an open \""" block ended the whole chat and dropped the message without a word; many
+    press Ctrl-D to finish input. It ends the message instead (as the closing \""" would); Ctrl-D at the next
+    prompt ends the chat."""
+    sent, prompts = _chat(['"""', "abc", "def", EOFError, "after"])
+    assert sent == ["abc\ndef", "after"]
+    assert prompts == [">>> ", "... ", "... ", "... ", ">>> ", ">>> "]
+    sent, _ = _chat(["one \\", "two \\", EOFError, EOFError, "never read"])
+    assert sent == ["one \ntwo"]
+    sent, _ = _chat(['"""', EOFError, "next"])  # an empty block sends nothing
+    assert sent == ["next"]
+    sent, _ = _chat(['"""', "kept", KeyboardInterrupt, "next"])  # Ctrl-C still drops it
+    assert sent == ["next"]
