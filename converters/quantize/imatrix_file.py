@@ -20,6 +20,7 @@ with its importances, exactly as the calibrated ``imatrix`` method does with the
 from __future__ import annotations
 
 import functools
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,9 @@ import gguf
 import numpy as np
 
 from edgekit.converters.quantize import gptq_kernel
-from edgekit.converters.quantize.base import QuantizeConfig, Quantizer, register_quantizer
+from edgekit.converters.quantize.base import QuantizeConfig, Quantizer, method_flag, register_quantizer
 from edgekit.converters.quantize.grids import as_grid
-from edgekit.errors import CorruptFileError, InputError
+from edgekit.errors import CorruptFileError, EdgekitError, InputError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -225,6 +226,70 @@ def write_imatrix(path: str | Path, means: dict[str, np.ndarray], count: float, 
     writer.close()
 
 
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+_LISTED = 4  # names listed before "..." (all of them when one more would be all)
+
+
+def _names(names: list[str]) -> str:
+    """``a, b, c``, or the first few and ``...`` (the count is said with it)."""
+    return ", ".join(names) if len(names) <= _LISTED + 1 else f"{', '.join(names[:_LISTED])}, ..."
+
+
+def _without(without: list[str]) -> str:
+    """The summary's ``without:`` part: every rounded tensor that gets no importances, and why (the file has
+    no entry for it; the embedding, which llama-imatrix never collects), each rounded to nearest as
+    llama-quantize does."""
+    missed = [n for n in without if n not in _NOT_COLLECTED]
+    never = [n for n in without if n in _NOT_COLLECTED]
+    parts = []
+    if len(missed) == 1:
+        parts.append(f"{missed[0]} (the file has no entry for it)")
+    elif len(missed) <= _LISTED + 1 and missed:
+        parts.append(f"{_names(missed)} (the file has no entries for them)")
+    elif missed:
+        parts.append(f"{len(missed)} tensors the file has no entries for ({_names(missed)})")
+    if never:
+        parts.append(f"{_names(never)} (llama-imatrix never collects the embedding, a row lookup)")
+    return f"without: {' and '.join(parts)}: plain round-to-nearest, as llama-quantize does"
+
+
+def _check_model(im: ImatrixFile, checkpoint: HFCheckpoint, plan: dict[str, Any]) -> None:
+    """Refuse a file with entries for tensors this model does not have. Blocks beyond the model's last mean a
+    deeper model's file, or this model's before ``--prune depth``: the shapes match, but block numbers shift,
+    so the importances would land on other blocks than they were measured on. (Entries merely missing are
+    fine: those tensors are rounded without importances, and the summary names them.)"""
+    blocks = [int(m.group(1)) for n in im.importances if (m := _BLOCK.match(n))]
+    hp = getattr(checkpoint, "hparams", None)
+    n_layer = getattr(hp, "n_layer", None)
+    if not isinstance(n_layer, int):
+        n_layer = 1 + max((int(m.group(1)) for n in plan if (m := _BLOCK.match(n))), default=-1)
+    if blocks and max(blocks) >= n_layer:
+        n_file = max(blocks) + 1
+        raise InputError(f"{im.path} was made for a model with {n_file} blocks (it has importances for "
+                         f"blk.{n_file - 1}) and this one has {n_layer} (blk.0-blk.{n_layer - 1}); a file for a "
+                         "deeper model, or for this one before --prune depth, puts importances on the wrong blocks: "
+                         "make one for this model (llama-imatrix, or --method imatrix with calibration data)")
+    known = set(plan) | set(_NOT_COLLECTED) | {"output.weight"}
+    spec = getattr(checkpoint, "spec", None)
+    for hf in getattr(checkpoint, "tensors", {}) if spec is not None else ():
+        try:
+            g = spec.gguf_name(hf)
+        except EdgekitError:
+            continue
+        if g:
+            known.add(g)
+    lacks = sorted((n for n in im.importances if n not in known), key=_tensor_order)
+    if lacks:
+        raise InputError(f"{im.path} has importances for {len(lacks)} tensor{'s' if len(lacks) > 1 else ''} this "
+                         f"model does not have ({_names(lacks)}): it was made for another model; make one for this "
+                         "model (llama-imatrix, or --method imatrix with calibration data)")
+
+
+def _tensor_order(name: str) -> tuple[int, str]:
+    m = _BLOCK.match(name)
+    return (int(m.group(1)) if m else -1, name)
+
+
 @dataclass(frozen=True)
 class ImatrixFileConfig(QuantizeConfig):
     """Round-to-nearest weighted by a llama.cpp importance-matrix file (``llama-imatrix`` output, GGUF or
@@ -278,28 +343,32 @@ class ImatrixFileQuantizer(Quantizer):
 
     def prepare(self, checkpoint: HFCheckpoint, plan: dict[str, Any],
                 progress: Callable[[str, int, int], None] | None = None) -> None:
-        """Read the file and check it against the model before any tensor is written: a file for another
-        model names none of its tensors; a type llama.cpp will not write without importances needs them."""
+        """Read the file and check it against the model before any tensor is written: a plan that rounds
+        nothing has no use for it; a file for another model names none of its tensors, or tensors it lacks
+        (blocks beyond its last: a deeper model's, or this one's before --prune depth, whose importances would
+        land on the wrong blocks); a type llama.cpp will not write without importances needs them."""
         from edgekit.converters.formats.gguf.mixes import NEEDS_IMATRIX
 
         im = self.file
         rounded = [n for n, t in plan.items() if not _is_float(t)]
+        if not rounded:  # e.g. GGUF --type F16: as ONNX --bits 16, MLC q0f16 and Core ML in float refuse it
+            kinds = "/".join(sorted({getattr(t, "name", str(t)) for t in plan.values()}))
+            raise InputError(f"{method_flag(self.cfg.method)} quantizes weights; this conversion keeps every tensor "
+                             f"in float ({kinds}): give a quantized --type (e.g. Q4_K_M) for GGUF")
         have = [n for n in rounded if n in im.importances]
-        if rounded and not have:
+        if not have:
             sample = ", ".join(sorted(im.importances)[:2])
             raise InputError(f"{im.path} has importances for none of this model's tensors (it names {sample}, ...): it "
                              f"was made for another model; {_MAKE_ONE}")
+        _check_model(im, checkpoint, plan)
         without = [n for n in rounded if n not in im.importances]
         needy = [n for n in without if plan[n] in NEEDS_IMATRIX and n not in (*_NOT_COLLECTED, "output.weight")]
         if needy:
             raise InputError(f"{im.path} has no importances for {needy[0]}, which {getattr(plan[needy[0]], 'name', plan[needy[0]])} needs (llama.cpp "
                              f"refuses it without); {_MAKE_ONE}, or choose a type of 3 bits or more")
-        missed = [n for n in without if n not in _NOT_COLLECTED]
         note = f"importances from {im.path.name} ({im.describe()}) for {len(have)} of {len(rounded)} rounded tensors"
-        if missed:
-            note += (f"; without: {', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''} (the file has no "
-                     f"entr{'y' if len(missed) == 1 else 'ies'} for {'it' if len(missed) == 1 else 'them'}: plain "
-                     "round-to-nearest, as llama-quantize does)")
+        if without:
+            note += f"; {_without(without)}"
         self.notes.append(note)
 
     def quantize(self, name: str, weight: np.ndarray, qtype: Any) -> np.ndarray:
