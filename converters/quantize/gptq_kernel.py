@@ -176,11 +176,12 @@ def gptq(
     InputError for bad shapes, non-finite values, an H that no dampening up to its mean diagonal makes
     positive definite, or a row length that is not a multiple of the type's block size.
 
-    ``act_order``: GPTQ's activation order at the grain a ggml grid allows, whole blocks (a block's scale is
+    ``act_order``: GPTQ's activation order at the grain a block grid allows, whole blocks (a block's scale is
     chosen when the sweep enters it, so its columns stay together): the blocks are swept in decreasing order
     of their share of ``diag(H)``, so the columns whose inputs are largest are rounded while the most
     columns are left to absorb their errors. The stored bytes are in the file's own column order. Needs
-    ``H`` itself (its permutation is factored here), and a ggml grid.
+    ``H`` itself (its permutation is factored here), and a grid whose parameters belong to one block each
+    (:func:`permutes_blocks`: ggml's, ONNX's MatMulNBits and Core ML's blockwise, MLC's groups).
     """
     grid = _qtype(qtype)
     w = _matrix(W)
@@ -188,10 +189,10 @@ def gptq(
     if grid.is_float:
         return rtn(w, qtype)
     bs = grid.block
+    if n_in % bs and grid.pads_last_block:
+        return _gptq_padded(w, H, qtype, grid, damp, block_cols, imatrix, mask, act_order)
     if act_order and n_in // bs > 1:
         return _gptq_act_order(w, H, qtype, grid, damp, block_cols, imatrix, mask)
-    if n_in % bs and grid.pads_last_block:
-        return _gptq_padded(w, H, qtype, grid, damp, block_cols, imatrix, mask)
     if n_in % bs:
         raise InputError(
             f"rows of {n_in} weights cannot be stored as {grid.name}: the row length must be a multiple of {bs}"
@@ -230,23 +231,26 @@ def gptq(
 
 
 def permutes_blocks(qtype: Grid | T | int | str) -> bool:
-    """Whether act-order can reorder ``qtype``'s blocks (a ggml grid; MLC's, ONNX's and Core ML's sweep in the
-    file's order)."""
+    """Whether act-order can reorder ``qtype``'s blocks: a grid whose parameters belong to one block of a row
+    each and whose sweep reads nothing but the block it is given (ggml's, ONNX's MatMulNBits and Core ML's
+    blockwise, MLC's groups); Core ML's palettes (a table spans rows and columns) sweep in the file's order."""
     from edgekit.converters.quantize.grids.ggml import GGMLGrid
+    from edgekit.converters.quantize.mlcgroup import MLCGroup
+    from edgekit.converters.quantize.nbits import NBitsType
 
-    return isinstance(_qtype(qtype), GGMLGrid)
+    return isinstance(_qtype(qtype), (GGMLGrid, NBitsType, MLCGroup))
 
 
 def _gptq_act_order(w: np.ndarray, H: Any, qtype: Any, grid: Grid, damp: float, block_cols: int,
-                    imatrix: np.ndarray | None, mask: np.ndarray | None) -> GridResult:
-    """:func:`gptq` with ``act_order``: sweep the blocks by decreasing ``diag(H)`` mass, then put the codes,
-    the per-block parameters and so the stored bytes back in the file's column order."""
-    from edgekit.converters.quantize.grids.ggml import GGMLGrid
-
+                    imatrix: np.ndarray | None, mask: np.ndarray | None,
+                    mass: np.ndarray | None = None) -> GridResult:
+    """:func:`gptq` with ``act_order``: sweep the blocks by decreasing ``diag(H)`` mass (or ``mass``, one
+    value per column, where given), then put the codes, the per-block parameters and so the stored bytes back
+    in the file's column order."""
     n_out, n_in = w.shape
     bs = grid.block
-    if not isinstance(grid, GGMLGrid):
-        raise InputError(f"GPTQ's act-order permutes whole ggml blocks; the {grid.name} grid is not one")
+    if not permutes_blocks(grid):
+        raise InputError(f"GPTQ's act-order permutes whole blocks of a row; the {grid.name} grid has none")
     if isinstance(H, InverseHessian):
         raise InputError("act-order permutes H before factoring it: pass H, not an InverseHessian")
     if n_in % bs:
@@ -256,7 +260,7 @@ def _gptq_act_order(w: np.ndarray, H: Any, qtype: Any, grid: Grid, damp: float, 
         raise InputError(f"H has shape {np.shape(H)}; expected ({n_in}, {n_in})")
     h = np.asarray(H, dtype=np.float64)
     nb = n_in // bs
-    order = np.argsort(-np.diag(h).reshape(nb, bs).sum(1), kind="stable")
+    order = np.argsort(-(np.diag(h) if mass is None else mass).reshape(nb, bs).sum(1), kind="stable")
     perm = (order[:, None] * bs + np.arange(bs)).ravel()
     im = _importance(imatrix, n_in)
     if mask is not None and np.shape(mask) != (n_out, n_in):
@@ -286,11 +290,12 @@ def _reorder_blocks(params: Any, n_out: int, nb: int, order: np.ndarray) -> Any:
 
 
 def _gptq_padded(w: np.ndarray, H: Any, qtype: Any, grid: Grid, damp: float, block_cols: int,
-                 imatrix: np.ndarray | None, mask: np.ndarray | None) -> GridResult:
+                 imatrix: np.ndarray | None, mask: np.ndarray | None, act_order: bool = False) -> GridResult:
     """GPTQ onto a grid that pads a row's last partial block (MLC's groups): the matrix is widened with zero
     columns that are masked (no say in their block's scale) and decoupled from the real ones in ``H`` (no
     error passes to or from them), so the real columns get exactly what GPTQ gives them; the padding is
-    stored as the format stores it (code 0) and cut from ``weight`` and ``codes``."""
+    stored as the format stores it (code 0) and cut from ``weight`` and ``codes``. With ``act_order`` the
+    blocks are ordered by the real columns' ``diag(H)`` alone."""
     n_out, n_in = w.shape
     pad = -n_in % grid.block
     wide = n_in + pad
@@ -318,7 +323,13 @@ def _gptq_padded(w: np.ndarray, H: Any, qtype: Any, grid: Grid, damp: float, blo
         if np.shape(mask) != (n_out, n_in):
             raise InputError(f"the pruning mask has shape {np.shape(mask)}; expected ({n_out}, {n_in})")
         mk[:, :n_in] = np.asarray(mask, dtype=bool)
-    res = gptq(wp, hp, qtype, damp=damp, block_cols=block_cols, imatrix=im, mask=mk)
+    if act_order and wide // grid.block > 1:
+        if isinstance(H, InverseHessian):
+            raise InputError("act-order permutes H before factoring it: pass H, not an InverseHessian")
+        mass = np.concatenate([np.diag(np.asarray(H, dtype=np.float64)), np.zeros(pad)])
+        res = _gptq_act_order(wp, hp, qtype, grid, damp, block_cols, im, mk, mass)
+    else:
+        res = gptq(wp, hp, qtype, damp=damp, block_cols=block_cols, imatrix=im, mask=mk)
     codes = np.array(res.codes, copy=True)
     codes[:, n_in:] = 0
     data = grid.sweep(wp, None).pack(codes.reshape(-1, grid.block), res.params).reshape(n_out, -1)

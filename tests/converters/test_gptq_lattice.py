@@ -177,3 +177,28 @@ def test_convert_with_gptq_act_order(tiny_llama, tmp_path) -> None:
         assert_gguf_holds_model(tiny_llama, out / "model.gguf", q.model)
         files[ao] = {t.name: bytes(t.data) for t in gguf.GGUFReader(out / "model.gguf").tensors}
     assert files[True]["blk.0.ffn_down.weight"] != files[False]["blk.0.ffn_down.weight"]
+
+
+@pytest.mark.parametrize("to,recipe", [("onnx", {"bits": 4}), ("mlc", {"bits": None, "preset": "q4f16_1"})])
+def test_act_order_reaches_onnx_and_mlc_files(tiny_llama, tmp_path, to, recipe) -> None:
+    """GPTQConfig(act_order=True) changes what an ONNX (MatMulNBits) or MLC (q4f16_1) file stores; it used to
+    give the same bytes as act_order=False while the manifest recorded act_order: true."""
+    files = {}
+    for ao in (False, True):
+        q = GPTQConfig(calib=CalibConfig(samples=4, seqlen=48), act_order=ao)
+        art = api.convert(tiny_llama, to, output=tmp_path / f"{to}-{ao}", recipe=api.ConvertRecipe(**recipe), quantize=q)
+        assert art.manifest["recipe"]["quantizer"]["steps"][0]["act_order"] is ao
+        files[ao] = {p.name: p.read_bytes() for p in art.path.iterdir()
+                     if p.name.startswith(("model.onnx.data", "params_shard_"))}
+    assert files[True] and files[True].keys() == files[False].keys()
+    assert files[True] != files[False]
+
+
+def test_act_order_is_recorded_off_where_no_grid_has_blocks(tiny_llama, tmp_path) -> None:
+    """Core ML's palettes have no blocks along a row to reorder (one table spans every column): GPTQ sweeps
+    them in the file's order, and the manifest says act_order: false rather than the true asked for."""
+    q = GPTQConfig(calib=CalibConfig(samples=4, seqlen=48), act_order=True)
+    art = api.convert(tiny_llama, "coreml", output=tmp_path / "pal", quantize=q,
+                      recipe=api.ConvertRecipe(bits=16, extra={"palettize": 4, "lut_group": 32}))
+    rec = art.manifest["recipe"]["quantizer"]
+    assert rec["act_order"] is False and rec["steps"][0]["act_order"] is False

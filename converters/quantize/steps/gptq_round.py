@@ -23,8 +23,9 @@ class GPTQRoundConfig(StepConfig):
     imatrix: weight each block's scale/min choice by activation second moments.
     tied_head: GPTQ also for a head tied to the token embedding (fits the head's outputs at some cost to
         the table's lookups; default: importance-weighted RTN of the shared tensor).
-    act_order: sweep each matrix's ggml blocks in decreasing order of their inputs' second moments
-        (GPTQ's activation order, by whole blocks: :func:`.gptq_kernel.gptq`)."""
+    act_order: sweep each matrix's blocks (ggml's, MatMulNBits', Core ML's blockwise, MLC's groups) in
+        decreasing order of their inputs' second moments (GPTQ's activation order, by whole blocks:
+        :func:`.gptq_kernel.gptq`); Core ML's palettes are swept in the file's order."""
 
     step: ClassVar[str] = "gptq"
     stage: ClassVar[int] = ROUND
