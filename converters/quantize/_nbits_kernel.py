@@ -63,7 +63,8 @@ def _inverse(d: Any, inv: Any) -> None:  # pragma: no cover - compiled
 def _search_batch(x: Any, w: Any, weighted: bool, symmetric: bool, levels: int, shrinks: Any,
                   out_d: Any, out_zp: Any) -> None:  # pragma: no cover - compiled
     """The search for the blocks of ``x`` float32 ``(block, G)`` (``w`` alike, read when ``weighted``):
-    writes each block's fp16-rounded scale (as float32) and zero point (as float32)."""
+    writes each block's fp16-rounded scale (as float32) and zero point (as float32). ``block`` is a multiple
+    of 8 up to 128, or 256: the widths whose pairwise sums these loops reproduce."""
     n, G = x.shape
     seg = n if n <= 128 else 128
     top = np.float32(levels - 1)

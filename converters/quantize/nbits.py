@@ -38,7 +38,12 @@ COMPILE_AFTER = 1 << 17
 _searched = [0]
 
 
-def _compiled_search(n_blocks: int) -> object | None:
+def _compiled_search(n_blocks: int, block: int) -> object | None:
+    # the kernel sums a block as numpy does for the widths the grids register (multiples of 8 up to 128, and
+    # 256 as two halves of 128); a per-row grid's other widths (rows of 9, 144, 288 ...) stay in numpy, whose
+    # pairwise summation splits them otherwise
+    if block % 8 or (block > 128 and block != 256):
+        return None
     if _searched[0] < COMPILE_AFTER:
         _searched[0] += n_blocks
         return None
@@ -135,7 +140,7 @@ def choose_params(t: NBitsType, blocks: np.ndarray, qw: np.ndarray | None = None
     ``qw``-weighted squared error over a small search of range shrinks, each refit by least squares."""
     x = np.ascontiguousarray(blocks, dtype=F32)
     n = x.shape[0]
-    kernel = _compiled_search(n)
+    kernel = _compiled_search(n, x.shape[1])
     if kernel is not None:
         d, zp = np.empty(n, F32), np.empty(n, F32)
         kernel(x, x if qw is None else np.ascontiguousarray(qw, dtype=F32), qw is not None, t.symmetric, t.levels,

@@ -27,12 +27,20 @@ def _peak(fn) -> tuple[object, int]:
         tracemalloc.stop()
 
 
-def test_nbits_rows_make_no_whole_matrix_mask():
-    """MatMulNBits encoding checks for NaN a chunk at a time: a whole-matrix mask was 1 byte a weight."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "numba"])
+def test_nbits_rows_make_no_whole_matrix_mask(compiled, monkeypatch):
+    """MatMulNBits encoding checks for NaN a chunk at a time: a whole-matrix mask was 1 byte a weight. Both
+    search paths work a chunk at a time (the compiled one warmed first: numba's compilation is Python objects
+    too, once per process, not the encoder's memory)."""
     from edgekit.converters.quantize import nbits
 
     t = nbits.NBitsType(4, 32, True)
     x = np.random.default_rng(0).standard_normal((2048, 4096)).astype(np.float32)
+    if compiled:
+        monkeypatch.setattr(nbits, "COMPILE_AFTER", 0)
+        nbits.quantize_rows(t, x[:8], None, want_values=False)
+    else:
+        monkeypatch.setattr(nbits, "compiled_search", lambda: None)
     (raw, _), peak = _peak(lambda: nbits.quantize_rows(t, x, None, want_values=False))
     assert peak < raw.nbytes + x.size // 4, (peak, raw.nbytes)
 

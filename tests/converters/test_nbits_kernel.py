@@ -104,3 +104,17 @@ def test_kernels_compile_where_numba_cannot_cache_them() -> None:
     (half,) = compile_kernels(numba, scope["half"])
     with np.errstate(divide="ignore"):
         assert half(np.float32(1.0)) == np.inf  # NumPy's division semantics: no ZeroDivisionError
+
+
+@pytest.mark.parametrize("width", [9, 27, 100, 144, 288, 576])
+def test_per_row_grids_of_any_width_give_numpys_bytes(width, monkeypatch):
+    """A per-row grid's block is the row (a conv's 9, 144, 288 weights): numpy's pairwise summation splits such
+    widths otherwise than the kernel's loops, which read past a 144-weight block; those stay in numpy."""
+    from edgekit.converters.quantize.grids.rowwise import rowwise
+
+    x = _rows(8, seed=width)[:, :1].repeat(width, axis=1) * np.random.default_rng(width).standard_normal(width)
+    x = x.astype(np.float32)
+    for t in (rowwise(4, width, False), rowwise(8, width, True)):
+        ours = _search(t, x, None, True, monkeypatch)
+        ref = _search(t, x, None, False, monkeypatch)
+        assert np.array_equal(ours.d.view(np.uint16), ref.d.view(np.uint16)) and np.array_equal(ours.zp, ref.zp)
