@@ -29,6 +29,13 @@ def _env(tmp_path: Path) -> dict[str, str]:
             "TERM": "xterm"}
 
 
+def _signals_by_default() -> None:
+    """The child's signals as a terminal's login gives them: a suite run under nohup (or in the background)
+    hands its children SIGHUP (SIGINT) ignored, which edgekit rightly keeps ignoring."""
+    for name in ("SIGHUP", "SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
 def _chat_then_close_the_terminal(tmp_path: Path, artifact: Path) -> int:
     """``edgekit run ARTIFACT`` on a pty; once it prompts, the terminal closes. Its exit status."""
     import pty
@@ -37,6 +44,7 @@ def _chat_then_close_the_terminal(tmp_path: Path, artifact: Path) -> int:
     if pid == 0:  # the child: a session of its own with the pty as its terminal (an SSH login, a window)
         try:
             os.chdir(tmp_path)
+            _signals_by_default()
             os.execve(sys.executable, [sys.executable, "-m", "edgekit.cli", "run", str(artifact), "-n", "4",
                                        "--temp", "0"], _env(tmp_path))
         finally:
@@ -85,7 +93,7 @@ def test_kill_hup_with_the_terminal_open_still_says_its_line(tmp_path):
             "info = m.app.registered_callback; fn = info.callback\n"
             "info.callback = functools.wraps(fn)(lambda *a, **k: (os.kill(os.getpid(), signal.SIGHUP), fn(*a, **k)))\n"
             "sys.argv = ['edgekit', 'ls']; m.main()")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(tmp_path),
+    res = subprocess.run([sys.executable, "-c", code], preexec_fn=_signals_by_default, capture_output=True, text=True, env=_env(tmp_path),
                          timeout=120, cwd=tmp_path)
     assert res.returncode == 129
     assert res.stderr == "error: hung up (SIGHUP); nothing half-written was kept\n", res.stderr
@@ -119,7 +127,7 @@ def test_a_signal_after_convert_said_wrote_keeps_status_0(tiny_llama, tmp_path, 
     out = tmp_path / "tiny-q8"
     res = subprocess.run([sys.executable, "-c", SIGNAL_ON_THE_FIRST_IMPORT_AFTER_WROTE.format(sig=sig), "convert",
                           str(tiny_llama), "--to", "gguf", "--bits", "8", "-o", str(out)],
-                         capture_output=True, text=True, env=_env(tmp_path), timeout=300, cwd=tmp_path)
+                         preexec_fn=_signals_by_default, capture_output=True, text=True, env=_env(tmp_path), timeout=300, cwd=tmp_path)
     assert res.returncode == 0, (res.returncode, res.stderr)
     assert res.stdout.startswith(f"wrote {out}"), res.stdout
     assert "nothing half-written was kept" not in res.stderr and "interrupted" not in res.stderr, res.stderr
@@ -176,5 +184,5 @@ m.main()
 @pytest.mark.parametrize("sig", ["TERM", "HUP", "INT"])
 def test_a_signal_in_the_last_milliseconds_of_the_exit_keeps_the_status(tmp_path, sig):
     res = subprocess.run([sys.executable, "-c", SIGNAL_IN_THE_INTERPRETERS_TEARDOWN.format(sig=sig), "ls"],
-                         capture_output=True, text=True, env=_env(tmp_path), timeout=120, cwd=tmp_path)
+                         preexec_fn=_signals_by_default, capture_output=True, text=True, env=_env(tmp_path), timeout=120, cwd=tmp_path)
     assert res.returncode == 0, (res.returncode, res.stderr)  # not -15 / -1 / -2: killed by it
