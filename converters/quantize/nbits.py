@@ -143,8 +143,8 @@ def choose_params(t: NBitsType, blocks: np.ndarray, qw: np.ndarray | None = None
     kernel = _compiled_search(n, x.shape[1])
     if kernel is not None:
         d, zp = np.empty(n, F32), np.empty(n, F32)
-        kernel(x, x if qw is None else np.ascontiguousarray(qw, dtype=F32), qw is not None, t.symmetric, t.levels,
-               _SHRINK[t.bits], d, zp)
+        w = x if qw is None else np.ascontiguousarray(np.broadcast_to(np.asarray(qw, dtype=F32), x.shape))
+        kernel(x, w, qw is not None, t.symmetric, t.levels, _SHRINK[t.bits], d, zp)  # same shapes: numba checks no bounds
         return NBitsParams(d.astype(np.float16), zp.astype(np.uint8))
     w = np.ones_like(x) if qw is None else np.asarray(qw, dtype=F32)
     best_err = np.full(n, np.inf, dtype=np.float64)

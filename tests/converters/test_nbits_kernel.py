@@ -118,3 +118,13 @@ def test_per_row_grids_of_any_width_give_numpys_bytes(width, monkeypatch):
         ours = _search(t, x, None, True, monkeypatch)
         ref = _search(t, x, None, False, monkeypatch)
         assert np.array_equal(ours.d.view(np.uint16), ref.d.view(np.uint16)) and np.array_equal(ours.zp, ref.zp)
+
+
+def test_a_broadcast_importance_row_gives_numpys_bytes(monkeypatch):
+    """numpy broadcasts an importance of one row over the blocks; the kernel, which checks no bounds, is handed it
+    at the blocks' shape."""
+    t = NBitsType(4, 32, False)
+    x = _rows(32, seed=5)
+    qw = np.random.default_rng(2).random((1, 32)).astype(np.float32)
+    ours, ref = (_search(t, x, qw, c, monkeypatch) for c in (True, False))
+    assert np.array_equal(ours.d.view(np.uint16), ref.d.view(np.uint16)) and np.array_equal(ours.zp, ref.zp)
