@@ -21,6 +21,11 @@ MAX_USEFUL_BPW = 9.0
 MB = 1e6
 
 
+def _mb(size: int) -> str:
+    """``--size``'s number of MB: whole MB, or 4 significant digits under 10 MB (a tiny model's 0.1386, not 0)."""
+    return f"{size / MB:.0f}" if size >= 10 * MB else f"{size / MB:.4g}"
+
+
 @dataclass(frozen=True)
 class FitTarget:
     """A size budget for one device: ``size`` bytes of model files, and how it was found."""
@@ -40,7 +45,7 @@ class FitTarget:
         disk = f", {self.storage_free / MB:,.0f} MB free storage" if self.storage_free is not None else ""
         return (f"{self.device}: {self.ram_bytes / MB:,.0f} MB RAM {self.ram_kind}{disk}; at context {self.n_ctx} "
                 f"the KV cache, buffers and runtime take {others / MB:,.0f} MB, leaving {self.weight_room / MB:,.0f} "
-                f"MB for weights -> --size {self.size / MB:.0f}MB (limited by {self.limited_by})")
+                f"MB for weights -> --size {_mb(self.size)}MB (limited by {self.limited_by})")
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "parts": dict(self.parts)}

@@ -232,3 +232,15 @@ def test_more_types_are_asked_for_only_when_bpw_types_named_them(odd_rows, tmp_p
     r = cli("convert", odd_rows["some"], "--bpw", "8", "--bpw-types", "q4_k", "-o", tmp_path / "c")
     assert r.exit_code != 0 and "none of the allowed types fits blk.0.attn_k.weight (rows of 96)" in r.output
     assert "allow more types in --bpw-types" in r.output
+
+
+def test_fit_says_a_size_under_a_megabyte_as_it_is():
+    """A tiny model's --fit said "-> --size 0MB" (whole MB) while its label said 0.1386mb."""
+    from edgekit.runtime.sizing import FitTarget
+
+    t = FitTarget(device="host", size=138_600, n_ctx=256, ram_bytes=1 << 30, ram_kind="available",
+                  weight_room=1 << 29, storage_free=None, limited_by="the model")
+    assert "-> --size 0.1386MB (limited by the model)" in t.describe()
+    big = FitTarget(device="host", size=812_400_000, n_ctx=256, ram_bytes=1 << 30, ram_kind="available",
+                    weight_room=1 << 29, storage_free=None, limited_by="RAM")
+    assert "-> --size 812MB" in big.describe()
