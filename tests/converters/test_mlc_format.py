@@ -501,3 +501,17 @@ def test_gptq_and_awq_clip_onto_a_padded_group():
     w1 = lin.weight.detach().numpy()
     assert clip.error_after <= clip.error_before and np.all(np.abs(w1) <= np.abs(w))
     assert clip.error_before == pytest.approx(awq.output_error(w, rtn, torch.from_numpy(x)), rel=1e-9)
+
+
+def test_a_reasoning_template_is_refused_with_the_formats_that_take_it():
+    """Qwen3-style templates write an (empty) think block into past assistant turns but not into the reply
+    they ask for: MLC's protocol has one assistant role for both. Refused in words that say so and what
+    converts it (it said "the generation prompt differs from its assistant turns")."""
+    from edgekit.converters.formats.mlc.chat_config import derive
+    from edgekit.errors import InputError
+
+    thinking = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                "{% if m.role == 'assistant' %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(InputError, match=r"past assistant turns otherwise.*think block.*--to gguf or --to onnx"):
+        derive(thinking)

@@ -125,7 +125,10 @@ def derive(template: str, bos: str = "", eos: str = "", stop_ids: list[int] | No
         raise InputError("the chat template's generation prompt does not follow its user turns")
     role_empty_sep = p4[len(sep_u) + len(assistant):]
     if p4[len(sep_u): len(sep_u) + len(assistant)] != assistant:
-        raise InputError("the chat template's generation prompt differs from its assistant turns")
+        raise InputError("the chat template writes past assistant turns otherwise than the reply it asks for "
+                         f"({p4[len(sep_u):]!r} opens a reply, {assistant!r} a past one: a reasoning model's think "
+                         "block, say), which MLC's conversation protocol cannot express; convert --to gguf or "
+                         "--to onnx, which apply the chat template itself")
     default_system = ""
     head, _, tail = system_template.partition("{system_message}")
     bare_head = bare.split(_M["u1"])[0]
