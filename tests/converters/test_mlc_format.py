@@ -503,15 +503,59 @@ def test_gptq_and_awq_clip_onto_a_padded_group():
     assert clip.error_before == pytest.approx(awq.output_error(w, rtn, torch.from_numpy(x)), rel=1e-9)
 
 
-def test_a_reasoning_template_is_refused_with_the_formats_that_take_it():
-    """Qwen3-style templates write an (empty) think block into past assistant turns but not into the reply
-    they ask for: MLC's protocol has one assistant role for both. Refused in words that say so and what
-    converts it (it said "the generation prompt differs from its assistant turns")."""
-    from edgekit.converters.formats.mlc.chat_config import derive
+# a reasoning template as Qwen3's behaves: a past reply re-rendered with its think block (an empty one if it had
+# none), the reply's own block left to the model
+THINKING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+            "{% set c = m.content.split('</think>')[-1].lstrip('\\n') %}"
+            "{% set r = m.content.split('</think>')[0].split('<think>')[-1].strip('\\n') "
+            "if '</think>' in m.content else '' %}<think>\n{{ r }}\n</think>\n\n{{ c }}"
+            "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_reasoning_template_becomes_chatml_with_replies_as_written():
+    """Qwen3-style templates write an (empty) think block into past replies but leave the reply's to the model;
+    MLC has one assistant role for both. It was refused ("the generation prompt differs from its assistant
+    turns"); the conversation template is now the plain one (what mlc_llm ships for Qwen3), which renders as the
+    template does once past replies hold the think block the model wrote, and a note says so."""
+    from edgekit.converters.formats.mlc.chat_config import (
+        REPLY_PREFIX,
+        derive,
+        differences,
+        jinja_render,
+        render,
+    )
     from edgekit.errors import InputError
 
-    thinking = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
-                "{% if m.role == 'assistant' %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
-                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    with pytest.raises(InputError, match=r"past assistant turns otherwise.*think block.*--to gguf or --to onnx"):
-        derive(thinking)
+    thinking = THINKING
+    conv = derive(thinking)
+    assert conv["roles"]["assistant"] == "<|im_start|>assistant" and conv["role_empty_sep"] == "\n"
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think>\nweighing it\n</think>\n\nHello."},
+            {"role": "user", "content": "Again"}]
+    assert render(conv, chat) == jinja_render(thinking, chat)
+    notes = differences(conv, thinking)
+    assert any("think block" in n for n in notes), notes
+    assert conv[REPLY_PREFIX] == "<think>\n\n</think>\n\n"
+    bot = ("{% for m in messages %}<|im_start|>{{ 'bot' if m.role == 'assistant' else m.role }}\n{{ m.content }}"
+           "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(InputError, match=r"past assistant turns otherwise.*--to gguf or --to onnx"):
+        derive(bot)
+
+
+def test_a_qwen3_with_a_reasoning_template_converts_and_runs(tiny_models, tmp_path):
+    import shutil
+
+    src = tmp_path / "q3"
+    shutil.copytree(tiny_models["Qwen3ForCausalLM"], src)
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = THINKING
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["convert", str(src), "--to", "mlc", "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert "think block" in r.output
+    conv = json.loads((tmp_path / "m" / "mlc-chat-config.json").read_text())["conv_template"]
+    assert conv["roles"]["assistant"] == "<|im_start|>assistant" and "edgekit_reply_prefix" not in conv
+    r = runner.invoke(app, ["run", str(tmp_path / "m"), "-p", "hi", "-n", "3", "--temp", "0"])
+    assert r.exit_code == 0, r.output

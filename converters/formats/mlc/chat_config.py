@@ -31,6 +31,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.tx
 SYSTEM_DEFAULTS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "temperature": 1.0,
                    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "top_p": 1.0}
 _M = {k: f"EdgekitMark{k.upper()}Q" for k in ("sys", "u1", "a1", "u2")}
+REPLY_PREFIX = "edgekit_reply_prefix"  # derive()'s think block of a reasoning template (kept out of the file)
 _SPECIAL_TAIL = re.compile(r"(<\|?[^<>\s]{1,40}?\|?>|\[[A-Z_/]{2,20}\])$")
 
 
@@ -123,12 +124,21 @@ def derive(template: str, bos: str = "", eos: str = "", stop_ids: list[int] | No
     system_template = p0 + "{system_message}" + p1[: len(p1) - len(user) - len(role_content_sep)]
     if not p4.startswith(sep_u):
         raise InputError("the chat template's generation prompt does not follow its user turns")
-    role_empty_sep = p4[len(sep_u) + len(assistant):]
-    if p4[len(sep_u): len(sep_u) + len(assistant)] != assistant:
-        raise InputError("the chat template writes past assistant turns otherwise than the reply it asks for "
-                         f"({p4[len(sep_u):]!r} opens a reply, {assistant!r} a past one: a reasoning model's think "
-                         "block, say), which MLC's conversation protocol cannot express; convert --to gguf or "
-                         "--to onnx, which apply the chat template itself")
+    reply_prefix = ""
+    if p4[len(sep_u): len(sep_u) + len(assistant)] == assistant:
+        role_empty_sep = p4[len(sep_u) + len(assistant):]
+    else:
+        gen, past = p4[len(sep_u):], assistant + role_content_sep
+        if not (role_content_sep and gen.endswith(role_content_sep) and len(past) > len(gen)
+                and past.startswith(gen)):
+            raise InputError("the chat template writes past assistant turns otherwise than the reply it asks for "
+                             f"({gen!r} opens a reply, {assistant!r} a past one), which MLC's conversation protocol "
+                             "cannot express; convert --to gguf or --to onnx, which apply the chat template itself")
+        # a reasoning template (Qwen3's): a past reply is re-rendered with a think block the reply prompt leaves
+        # to the model. MLC keeps a reply as the model wrote it, think block included, which renders the same
+        # (checked below with replies that carry one)
+        reply_prefix = past[len(gen):]
+        assistant, role_empty_sep = gen[: len(gen) - len(role_content_sep)], role_content_sep
     default_system = ""
     head, _, tail = system_template.partition("{system_message}")
     bare_head = bare.split(_M["u1"])[0]
@@ -152,7 +162,9 @@ def derive(template: str, bos: str = "", eos: str = "", stop_ids: list[int] | No
         "use_function_calling": False,
     }
     del role_head
-    check_against_template(conv, template, bos, eos, clock)
+    check_against_template(conv, template, bos, eos, clock, reply_prefix)
+    if reply_prefix:
+        conv[REPLY_PREFIX] = reply_prefix  # for differences() and build()'s note; not written
     return conv
 
 
@@ -178,10 +190,15 @@ _SPACED = [{"role": "system", "content": "  Be brief. \n"}, {"role": "user", "co
            {"role": "assistant", "content": " Hello.\n"}, {"role": "user", "content": "  What is 2+2? "}]
 
 
+def _as_written(messages: list[dict[str, str]], reply_prefix: str) -> list[dict[str, str]]:
+    """The chat with each past reply as a reasoning model wrote it (``reply_prefix``: its think block)."""
+    return [{**m, "content": reply_prefix + m["content"]} if m["role"] == "assistant" else m for m in messages]
+
+
 def check_against_template(conv: dict[str, Any], template: str, bos: str = "", eos: str = "",
-                           clock: Clock | None = None) -> None:
+                           clock: Clock | None = None, reply_prefix: str = "") -> None:
     """Refuse a derived template whose prompts differ from the Jinja template's own."""
-    msgs = [{"role": "system", "content": "You are terse."}, *_CHAT]
+    msgs = _as_written([{"role": "system", "content": "You are terse."}, *_CHAT], reply_prefix)
     want = jinja_render(template, msgs, bos, eos, clock=clock)
     if render(conv, msgs) != want:
         raise InputError("the chat template has a structure MLC's conversation protocol cannot express "
@@ -196,11 +213,17 @@ def differences(conv: dict[str, Any], template: str, bos: str = "", eos: str = "
     ``clock``'s moment. :func:`derive` has already checked a chat with a system message."""
     clock = clock or Clock()
     notes = []
+    prefix = conv.get(REPLY_PREFIX, "")
+    chat, spaced = _as_written(_CHAT, prefix), _as_written(_SPACED, prefix)
+    if prefix:
+        notes.append(f"note: the chat template writes a think block ({prefix!r}) into past replies; MLC sends a "
+                     "past reply as the model wrote it, the same prompt where the reply holds its think block (a "
+                     "reasoning model's do), and without one where it does not")
     try:
-        want: str | None = jinja_render(template, _CHAT, bos, eos, clock=clock)
+        want: str | None = jinja_render(template, chat, bos, eos, clock=clock)
     except InputError:  # a template that demands a system message: no such chat to compare
         want = None
-    got = render(conv, _CHAT)
+    got = render(conv, chat)
     if want is not None and got != want:
         head = conv["system_template"].replace("{system_message}", conv["system_message"])
         rest = got[len(head):]
@@ -213,11 +236,11 @@ def differences(conv: dict[str, Any], template: str, bos: str = "", eos: str = "
             notes.append("warning: in the MLC artifact, chats without a system message prompt differently from "
                          "the chat template (MLC's conversation protocol cannot express it); give a system message")
     try:
-        want = jinja_render(template, _SPACED, bos, eos, clock=clock)
+        want = jinja_render(template, spaced, bos, eos, clock=clock)
     except InputError:  # a template that refuses such messages: MLC's prompt is all there is
         want = None
-    if want is not None and render(conv, _SPACED) != want:
-        trimmed = [{**m, "content": m["content"].strip()} for m in _SPACED]
+    if want is not None and render(conv, spaced) != want:
+        trimmed = [{**m, "content": m["content"].strip()} for m in spaced]
         notes.append("warning: the chat template trims whitespace around each message (| trim), which MLC's "
                      "conversation protocol cannot: in the MLC artifact, messages that start or end with whitespace "
                      "keep it" if render(conv, trimmed) == want else
@@ -259,6 +282,7 @@ def build(ckpt: Any, out_dir: Path, model_type: str, quant: str, model_config: d
         conv = derive(template, bos, eos, stop_ids, clock)
         if notes is not None:
             notes.extend(differences(conv, template, bos, eos, clock))
+        conv.pop(REPLY_PREFIX, None)
     else:
         conv = plain_template(stop_ids)
     files = []
