@@ -137,36 +137,6 @@ def test_a_signal_after_convert_said_wrote_keeps_status_0(tiny_llama, tmp_path, 
     assert Artifact.open(out).model_file.stat().st_size > 0
 
 
-def test_a_group_callback_returning_is_not_the_end_of_the_command():
-    """Typer vendors its click: the group's context is found there (the click package never had it), so between
-    ``edgekit cache`` returning and its subcommand the command is not finished, and a signal still unwinds."""
-    import typer
-    from typer.testing import CliRunner
-
-    from edgekit.cli import ui
-    from edgekit.cli.ui import handle_errors
-
-    app = typer.Typer()
-    seen = []
-
-    @app.callback()
-    @handle_errors
-    def group() -> None:
-        pass
-
-    @app.command()
-    def clear() -> None:  # not wrapped: what it sees is what the group's callback left
-        seen.append(ui.finished_status())
-
-    @app.command()
-    def other() -> None:
-        pass
-
-    result = CliRunner().invoke(app, ["clear"])
-    assert result.exit_code == 0, result.output
-    assert seen == [None]
-
-
 SIGNAL_IN_THE_INTERPRETERS_TEARDOWN = """
 import os, signal, sys
 from edgekit.cli import main as m
