@@ -39,6 +39,15 @@ def _nothing_written(out: Path) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
+def _refused(model: Path, out: Path, *args: str) -> str:
+    """``convert MODEL -o OUT ARGS`` refused: exit 2, nothing written; its one error line."""
+    r = _convert(model, out, *args)
+    assert r.exit_code == 2, (model, r.output)
+    line = _one_error_line(r)
+    _nothing_written(out)
+    return line
+
+
 # ----------------------------------------------------------------------------------------- R3: another model's
 
 
@@ -49,12 +58,9 @@ def test_a_deeper_models_file_is_refused(tiny_llama, tmp_path):
     means |= {n.replace("blk.1.", f"blk.{i}."): m for n, m in means.items() if n.startswith("blk.1.") for i in (2, 3)}
     write_imatrix(tmp_path / "deeper.gguf", means, count=64, chunk_size=64, dataset="c")
     out = tmp_path / "out"
-    r = _convert(tiny_llama, out, "--type", "Q4_0", "--imatrix", str(tmp_path / "deeper.gguf"))
-    assert r.exit_code == 2, r.output
-    line = _one_error_line(r)
+    line = _refused(tiny_llama, out, "--type", "Q4_0", "--imatrix", str(tmp_path / "deeper.gguf"))
     assert "made for a model with 4 blocks" in line and "this one has 2" in line, line
     assert "llama-imatrix" in line and "--method imatrix" in line, line
-    _nothing_written(out)
 
 
 def test_a_depth_pruned_checkpoint_refuses_its_sources_file(tmp_path):
@@ -68,11 +74,8 @@ def test_a_depth_pruned_checkpoint_refuses_its_sources_file(tmp_path):
     assert r.exit_code == 0, r.output
     for model in (tmp_path / "pruned_hf", tmp_path / "pruned" / "model.gguf"):
         out = tmp_path / "out"
-        r = _convert(model, out, "--type", "Q4_0", "--imatrix", str(im))
-        assert r.exit_code == 2, (model, r.output)
-        line = _one_error_line(r)
+        line = _refused(model, out, "--type", "Q4_0", "--imatrix", str(im))
         assert "made for a model with 4 blocks" in line and "this one has 2" in line, line
-        _nothing_written(out)
 
 
 def test_depth_pruning_with_a_file_is_refused(tiny_llama, tmp_path):
@@ -89,11 +92,8 @@ def test_entries_for_tensors_the_model_lacks_are_refused(tiny_llama, tmp_path):
     means["blk.0.attn_qkv.weight"] = np.ones(256, np.float32)  # a fused-attention model's
     write_imatrix(tmp_path / "other.gguf", means, count=64, chunk_size=64, dataset="c")
     out = tmp_path / "out"
-    r = _convert(tiny_llama, out, "--type", "Q4_0", "--imatrix", str(tmp_path / "other.gguf"))
-    assert r.exit_code == 2, r.output
-    line = _one_error_line(r)
+    line = _refused(tiny_llama, out, "--type", "Q4_0", "--imatrix", str(tmp_path / "other.gguf"))
     assert "1 tensor this model does not have (blk.0.attn_qkv.weight)" in line and "another model" in line, line
-    _nothing_written(out)
 
 
 def test_entries_merely_missing_are_rounded_without_and_named(tiny_llama, tmp_path):
@@ -113,11 +113,8 @@ def test_entries_merely_missing_are_rounded_without_and_named(tiny_llama, tmp_pa
 def test_a_float_gguf_refuses_the_file_as_onnx_does(qtype, tiny_llama, tmp_path):
     im = _ok_imatrix(tiny_llama, tmp_path / "ok.gguf")
     out = tmp_path / "out"
-    r = _convert(tiny_llama, out, "--type", qtype, "--imatrix", str(im))
-    assert r.exit_code == 2, r.output
-    line = _one_error_line(r)
+    line = _refused(tiny_llama, out, "--type", qtype, "--imatrix", str(im))
     assert line.startswith("error: --imatrix FILE quantizes weights; ") and "give a quantized --type" in line, line
-    _nothing_written(out)
     onnx = _convert(tiny_llama, out, "--to", "onnx", "--bits", "16", "--imatrix", str(im))
     assert onnx.exit_code == 2 and _one_error_line(onnx).startswith("error: --imatrix FILE quantizes weights; ")
 
