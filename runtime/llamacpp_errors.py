@@ -79,17 +79,16 @@ def load_error(msg: dict[str, Any], model_path: Path, tail: Iterable[str], n_ctx
 
 def _imatrix_error(model_path: Path) -> Exception | None:
     """An importance matrix (llama-imatrix's GGUF, which llama.cpp reads as a model of no architecture)
-    given where a model goes: the one-line error that says what it is and where it goes, else None."""
+    given where a model goes: the one-line error that says what it is and where it goes (as Unsupported, which
+    a profile reports once rather than per test), else None."""
     from edgekit.converters.formats.gguf.header import GGUFHeader
-    from edgekit.converters.formats.gguf.read import refuse_imatrix
+    from edgekit.converters.formats.gguf.read import imatrix_given, is_imatrix
 
     try:
-        refuse_imatrix(GGUFHeader(Path(model_path)), Path(model_path))
-    except InputError as exc:  # as Unsupported, which a profile reports once rather than per test
-        return UnsupportedError(str(exc))
+        found = is_imatrix(GGUFHeader(Path(model_path)))
     except Exception:  # noqa: BLE001 - a header the fast reader does not cover: the generic message stands
         return None
-    return None
+    return UnsupportedError(imatrix_given(Path(model_path))) if found else None
 
 
 def context_error(name: str, tail: list[str], n_ctx: int | None) -> InputError:

@@ -62,11 +62,15 @@ def is_imatrix(reader: Any) -> bool:
     return False
 
 
+def imatrix_given(path: Path) -> str:
+    """The line for an importance matrix given where a model goes: what it is and where it goes."""
+    return (f"{path} is an importance matrix (llama-imatrix's output), not a model; give it to convert with the "
+            f"model it was made for: edgekit convert MODEL --imatrix {path}")
+
+
 def refuse_imatrix(reader: Any, path: Path) -> None:
-    """An importance matrix given where a model goes: say what it is and where it goes, in one line."""
     if is_imatrix(reader):
-        raise InputError(f"{path} is an importance matrix (llama-imatrix's output), not a model; give it to "
-                         f"convert with the model it was made for: edgekit convert MODEL --imatrix {path}")
+        raise InputError(imatrix_given(path))
 
 
 def _kv(reader, key: str, default: Any = None) -> Any:
