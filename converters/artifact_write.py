@@ -55,30 +55,6 @@ def check_arch(fmt: Any, ckpt: HFCheckpoint) -> None:
                            f"{ckpt.spec.hf_classes[0]}: convert it with {' or '.join(others)}")
 
 
-def check_importances(fmt: Any, ckpt: HFCheckpoint, recipe: ConvertRecipe, quantizer: Quantizer) -> None:
-    """GGUF types llama.cpp will not write without an importance matrix (IQ1/IQ2 lattices, and what IQ3_XXS and
-    IQ2 mixes put on some tensors), asked for with a method that computes none: refused before any work, naming
-    the type the user asked for (``--type`` or a ``--tensor-type``) and both ways to give importances."""
-    if fmt.name != "gguf" or quantizer.uses_imatrix or recipe.budgeted:
-        return  # a --bpw/--size budget leaves those types out without importances
-    from edgekit.converters.formats.gguf.mix_rules import tensor_category
-    from edgekit.converters.formats.gguf.mixes import NEEDS_IMATRIX
-    from edgekit.converters.formats.gguf.writer import _preset_name, plan_tensors
-
-    needy = [t for t in plan_tensors(ckpt, recipe, True)
-             if t.qtype in NEEDS_IMATRIX and tensor_category(t.name) not in ("token_embd", "output")]
-    if not needy:
-        return
-    first = needy[0]
-    asked = (f"--tensor-type {first.assignment.pattern}={first.qtype.name}" if first.assignment.origin == "override"
-             else f"--type {_preset_name(recipe)}")
-    what = (f"{first.qtype.name} ({first.name}, ...)" if asked.endswith(first.qtype.name)
-            else f"the {first.qtype.name} its mix puts on {first.name}")
-    raise InputError(f"{asked} needs an importance matrix: llama.cpp will not write {what} without one; give one "
-                     "with --imatrix FILE (llama-imatrix's output), or have convert compute one from calibration "
-                     "data with --method imatrix (or gptq/awq)")
-
-
 def _takes(name: str, classes: tuple[str, ...]) -> bool:
     from edgekit.converters.formats.base import FORMATS
 
@@ -99,7 +75,6 @@ def write_artifact(fmt: Any, ckpt: HFCheckpoint, out: Path, gguf_src: Path | Non
     with atomic_dir(out, force=force, replaceable=is_artifact_folder, notes=notes) as tmp:
         source = ckpt
         with _structured(ckpt, recipe, quantizer, out, progress) as (ckpt, pruned):
-            check_importances(fmt, ckpt, recipe, quantizer)
             fields = fmt.convert(ckpt, tmp, recipe, quantizer, progress)
         notes.extend(fields.pop("notes", []))  # what the format warns about (--bits far from its bpw)
         notes.extend(getattr(quantizer, "notes", []))  # what the method says of its inputs (an imatrix file's)

@@ -193,17 +193,24 @@ def assign_types(
     state = MixState(preset, arch, tensors, has_imatrix)
     chosen = {t.name: _assign_one(t, preset, state, patterns) for t in llama_order(tensors)}
     if not has_imatrix:
-        _require_imatrix(chosen)
+        _require_imatrix(chosen, preset)
     return {t.name: chosen[t.name] for t in tensors}
 
 
-def _require_imatrix(chosen: Mapping[str, Assignment]) -> None:
+def _require_imatrix(chosen: Mapping[str, Assignment], preset: Preset) -> None:
+    """Types llama.cpp will not write without an importance matrix (IQ1/IQ2 lattices, and what IQ3_XXS and IQ2 mixes
+    put on some tensors): refused, naming what the user asked for (``--type`` or a ``--tensor-type``) and both
+    ways to give importances."""
     needy = [n for n, a in chosen.items()
              if a.type in NEEDS_IMATRIX and tensor_category(n) not in ("token_embd", "output")]
-    if needy:
-        qtype = chosen[needy[0]].type.name
-        raise InputError(f"{qtype} needs an importance matrix ({needy[0]}, as llama.cpp refuses it without one): "
-                         "use --method imatrix (or gptq/awq) with calibration data")
+    if not needy:
+        return
+    name, a = needy[0], chosen[needy[0]]
+    asked = f"--tensor-type {a.pattern}={a.type.name}" if a.origin == "override" else f"--type {preset.name}"
+    what = f"{a.type.name} ({name}, ...)" if asked.endswith(a.type.name) else f"the {a.type.name} its mix puts on {name}"
+    raise InputError(f"{asked} needs an importance matrix: llama.cpp will not write {what} without one; give one "
+                     "with --imatrix FILE (llama-imatrix's output), or have convert compute one from calibration "
+                     "data with --method imatrix (or gptq/awq)")
 
 
 def _assign_one(
